@@ -1,0 +1,34 @@
+"""What every loader returns: arguments, weights in HF names, tokenizer and template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pensieve.loaders.tokenizer import TextTokenizer
+from pensieve.models.args import ModelArgs
+
+
+class CheckpointError(ValueError):
+    """A model file or folder that cannot be loaded (unsupported, truncated, malformed)."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model source.
+
+    ``weights`` use Hugging Face Llama names (``model.embed_tokens.weight``,
+    ``model.layers.{i}.self_attn.q_proj.weight``, ``model.norm.weight``,
+    ``lm_head.weight`` unless tied) and are already dequantised to ``dtype``; Q/K
+    projections are in HF (rotate-half) row order whatever the source.
+    """
+
+    name: str  # served model id, e.g. "SmolLM2-135M-Instruct"
+    path: Path
+    args: ModelArgs
+    weights: dict[str, torch.Tensor]
+    tokenizer: TextTokenizer
+    chat_template: str | None
+    context_length: int
