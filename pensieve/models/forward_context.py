@@ -1,0 +1,84 @@
+"""Per-forward state handed to a model: where each token's KV goes and what each sequence sees.
+
+The engine owns the KV cache (a pool of fixed-size blocks per layer); a model only reads and
+writes it through this context. Tokens of all sequences in a step are flattened into one
+[T] batch (prefill chunks and single decode tokens side by side).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SequenceSlice:
+    """One sequence's part of a flattened batch."""
+
+    query_start: int  # index of its first token in the flattened batch
+    query_len: int  # tokens of it in this step
+    context_len: int  # tokens it attends to after this step (cached + new)
+    block_table: torch.Tensor  # [num_blocks] int64, the blocks holding its KV, in order
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """What one forward pass needs beyond token ids and positions."""
+
+    k_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, kv_heads, head_dim]
+    v_caches: list[torch.Tensor]
+    slot_mapping: torch.Tensor  # [T] int64: flat slot (block * block_size + offset) per token
+    sequences: list[SequenceSlice]
+    logits_indices: torch.Tensor  # [S'] rows of the hidden states to turn into logits
+
+    @property
+    def block_size(self) -> int:
+        return self.k_caches[0].shape[1]
+
+
+def paged_attention(
+    layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext
+) -> torch.Tensor:
+    """Store this step's K/V, then attend each sequence over its whole cached context.
+
+    q: [T, Hq, D]; k, v: [T, Hk, D]. Returns [T, Hq, D]. Causal within the new tokens: the
+    i-th new token of a sequence sees keys up to ``context_len - query_len + i``.
+    """
+    k_cache, v_cache = ctx.k_caches[layer], ctx.v_caches[layer]
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
+    groups = q.shape[1] // kv_heads
+    out = torch.empty_like(q)
+    for seq in ctx.sequences:
+        qs = q[seq.query_start : seq.query_start + seq.query_len].transpose(0, 1)
+        keys = _gather(k_cache, seq).transpose(0, 1)
+        values = _gather(v_cache, seq).transpose(0, 1)
+        mask = _causal_mask(seq, q.device)
+        attn = F.scaled_dot_product_attention(
+            qs.unsqueeze(0),
+            keys.unsqueeze(0).to(q.dtype),
+            values.unsqueeze(0).to(q.dtype),
+            attn_mask=mask,
+            is_causal=mask is None and seq.query_len > 1,
+            enable_gqa=groups > 1,
+        )
+        out[seq.query_start : seq.query_start + seq.query_len] = attn[0].transpose(0, 1)
+    return out
+
+
+def _gather(cache: torch.Tensor, seq: SequenceSlice) -> torch.Tensor:
+    blocks = cache.index_select(0, seq.block_table)
+    return blocks.view(-1, cache.shape[2], cache.shape[3])[: seq.context_len]
+
+
+def _causal_mask(seq: SequenceSlice, device: torch.device) -> torch.Tensor | None:
+    """None when SDPA's own flags suffice (decode, or a prefill with nothing cached)."""
+    if seq.query_len == 1 or seq.query_len == seq.context_len:
+        return None
+    offset = seq.context_len - seq.query_len
+    rows = torch.arange(seq.query_len, device=device).unsqueeze(1) + offset
+    cols = torch.arange(seq.context_len, device=device).unsqueeze(0)
+    return cols <= rows

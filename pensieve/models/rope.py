@@ -1,0 +1,93 @@
+"""Rotary position embeddings, with the HF ``rope_scaling`` variants Llama-family models use."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+class RopeConfigError(ValueError):
+    """A ``rope_scaling`` block this implementation does not understand."""
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
+    factor = float(cfg["factor"])
+    low = float(cfg.get("low_freq_factor", 1.0))
+    high = float(cfg.get("high_freq_factor", 4.0))
+    old_ctx = float(cfg["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_mid, mid, scaled)
+
+
+def _yarn_inv_freq(
+    inv_freq: torch.Tensor, cfg: dict[str, Any], base: float, dim: int
+) -> tuple[torch.Tensor, float]:
+    factor = float(cfg["factor"])
+    old_ctx = float(cfg["original_max_position_embeddings"])
+    beta_fast = float(cfg.get("beta_fast", 32.0))
+    beta_slow = float(cfg.get("beta_slow", 1.0))
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(old_ctx / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)
+    extrapolation = 1 - ramp.clamp(0, 1)
+    new = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
+    attention_factor = cfg.get("attention_factor") or (0.1 * math.log(factor) + 1.0)
+    return new, float(attention_factor)
+
+
+def rope_inv_freq(
+    head_dim: int, base: float, scaling: dict[str, Any] | None
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the attention (magnitude) factor for a scaling config."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if not scaling:
+        return inv_freq, 1.0
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"]), 1.0
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling), 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(inv_freq, scaling, base, head_dim)
+    raise RopeConfigError(f"unsupported rope_scaling type {kind!r}")
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """cos/sin tables for every position, looked up by absolute position."""
+
+    def __init__(
+        self, head_dim: int, max_positions: int, base: float, scaling: dict[str, Any] | None
+    ) -> None:
+        super().__init__()
+        inv_freq, attn_factor = rope_inv_freq(head_dim, base, scaling)
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * attn_factor, persistent=False)
+        self.register_buffer("sin", emb.sin() * attn_factor, persistent=False)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q`` [T, Hq, D] and ``k`` [T, Hk, D] (rotate-half layout)."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
