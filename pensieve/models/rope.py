@@ -72,12 +72,17 @@ class RotaryEmbedding(torch.nn.Module):
         self, head_dim: int, max_positions: int, base: float, scaling: dict[str, Any] | None
     ) -> None:
         super().__init__()
+        self._spec = (head_dim, max_positions, base, scaling)
+        self.materialize()
+
+    def materialize(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the tables, e.g. after the module was built on the meta device."""
+        head_dim, max_positions, base, scaling = self._spec
         inv_freq, attn_factor = rope_inv_freq(head_dim, base, scaling)
         t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * attn_factor, persistent=False)
-        self.register_buffer("sin", emb.sin() * attn_factor, persistent=False)
+        emb = torch.outer(t, inv_freq).repeat(1, 2)
+        self.register_buffer("cos", (emb.cos() * attn_factor).to(device), persistent=False)
+        self.register_buffer("sin", (emb.sin() * attn_factor).to(device), persistent=False)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor

@@ -1,0 +1,26 @@
+"""Engine settings, built once by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    context_length: int = 8192  # max prompt + output tokens of one request
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # None → enough for max_num_seqs full contexts, capped
+    kv_cache_bytes: int = 1 << 30  # cap used when num_kv_blocks is None
+    max_num_seqs: int = 8  # requests decoding in one step
+    max_num_batched_tokens: int = 512  # token budget of one step (prefill is chunked to fit)
+    max_waiting: int = 256  # queued requests before new ones get "overloaded"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("context_length", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")

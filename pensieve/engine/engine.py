@@ -1,0 +1,150 @@
+"""The synchronous engine: ``step()`` schedules, runs the model, samples and post-processes."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from pensieve.engine.block_pool import BlockPool
+from pensieve.engine.config import EngineConfig
+from pensieve.engine.detokenizer import IncrementalDetokenizer
+from pensieve.engine.errors import PromptTooLongError
+from pensieve.engine.model_runner import ModelRunner
+from pensieve.engine.request import Request, RequestStatus
+from pensieve.engine.sampler import make_generator, sample
+from pensieve.engine.scheduler import ScheduledChunk, Scheduler
+from pensieve.engine.stop_checker import StopChecker
+from pensieve.engine.types import FinishReason, GenerationDelta, SamplingParams
+from pensieve.models.args import ModelArgs
+
+if TYPE_CHECKING:
+    from pensieve.loaders.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Not thread-safe: one thread calls ``add_request``/``abort``/``step``."""
+
+    def __init__(
+        self, model: nn.Module, args: ModelArgs, tokenizer: "TextTokenizer", config: EngineConfig
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(model, args, config)
+        self.pool = BlockPool(self.runner.num_blocks)
+        self.scheduler = Scheduler(
+            self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self._requests: dict[str, Request] = {}
+
+    @property
+    def context_length(self) -> int:
+        return self.config.context_length
+
+    def check_prompt(self, num_prompt_tokens: int) -> None:
+        """Raise PromptTooLongError unless the prompt leaves room for one output token."""
+        if num_prompt_tokens >= self.context_length:
+            raise PromptTooLongError(num_prompt_tokens, self.context_length - 1)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.check_prompt(len(prompt_ids))
+        if not prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        if request_id in self._requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        eos = frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
+        req = Request(
+            request_id=request_id,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, eos),
+            stop_checker=StopChecker(params.stop_sequences),
+            generator=make_generator(params.seed, self.config.device),
+        )
+        self._requests[request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> GenerationDelta | None:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req)
+        req.finish(FinishReason.ABORTED)
+        return self._delta(req, "")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def step(self) -> list[GenerationDelta]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        sampled = [c.request for c in chunks if c.completes]
+        logits = self.runner.run(chunks)
+        for chunk in chunks:
+            chunk.request.num_computed_tokens += chunk.num_tokens
+        tokens = sample(
+            logits, [r.params for r in sampled], [r.generator for r in sampled]
+        )
+        return [self._append(req, tok) for req, tok in zip(sampled, tokens)]
+
+    def _append(self, req: Request, token: int) -> GenerationDelta:
+        req.output_ids.append(token)
+        if token in self.tokenizer.eos_token_ids and not req.params.ignore_eos:
+            return self._finish(req, FinishReason.EOS, self._flush(req))
+        text = req.stop_checker.feed(req.detokenizer.add(token))
+        if req.stop_checker.matched is not None:
+            return self._finish(req, FinishReason.STOP_SEQUENCE, text, req.stop_checker.matched)
+        if len(req.output_ids) >= req.params.max_tokens:
+            return self._finish(req, FinishReason.MAX_TOKENS, text + self._flush(req))
+        if req.num_tokens >= self.context_length:
+            return self._finish(req, FinishReason.CONTEXT, text + self._flush(req))
+        return self._delta(req, text, [token])
+
+    def _flush(self, req: Request) -> str:
+        tail = req.stop_checker.feed(req.detokenizer.flush())
+        if req.stop_checker.matched is None:
+            tail += req.stop_checker.flush()
+        return tail
+
+    def _finish(
+        self, req: Request, reason: FinishReason, text: str, stop: str | None = None
+    ) -> GenerationDelta:
+        self.scheduler.finish(req)
+        self._requests.pop(req.request_id, None)
+        req.finish(reason, stop)
+        return self._delta(req, text, [req.output_ids[-1]])
+
+    def _delta(self, req: Request, text: str, token_ids: list[int] | None = None) -> GenerationDelta:
+        return GenerationDelta(
+            request_id=req.request_id,
+            text=text,
+            token_ids=token_ids or [],
+            finish_reason=req.finish_reason,
+            stop_sequence=req.stop_sequence,
+            num_prompt_tokens=len(req.prompt_ids),
+            num_cached_tokens=req.num_cached_tokens,
+            num_output_tokens=len(req.output_ids),
+        )
+
+    def fail_all(self, message: str) -> list[GenerationDelta]:
+        """After an unexpected error in ``step``: end every request with an error delta."""
+        deltas = []
+        for req in list(self._requests.values()):
+            self.scheduler.finish(req)
+            req.finish(FinishReason.ERROR)
+            req.error = message
+            d = self._delta(req, "")
+            d.error = message
+            deltas.append(d)
+        self._requests.clear()
+        return deltas
+
+

@@ -1,0 +1,103 @@
+"""Which requests run in the next step, and how many of their tokens.
+
+Running requests go first (decodes, then the rest of chunked prefills), then waiting ones in
+FIFO order, all under one token budget. When KV blocks run out the newest running request is
+preempted: its blocks are freed and it waits to be recomputed from its tokens so far.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from pensieve.engine.block_pool import BlockPool
+from pensieve.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    request: Request
+    num_tokens: int  # tokens of it to run this step, from request.num_computed_tokens
+
+    @property
+    def completes(self) -> bool:
+        """After this chunk every known token is cached, so the step samples the next one."""
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+
+
+class Scheduler:
+    def __init__(
+        self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        for req in sorted(self.running, key=lambda r: r.num_pending_tokens > 1):
+            if req.status is not RequestStatus.RUNNING or budget == 0:
+                continue  # preempted below by an earlier request of this loop
+            n = min(req.num_pending_tokens, budget)
+            if not self._reserve_or_preempt(req, n):
+                continue
+            chunks.append(ScheduledChunk(req, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_pending_tokens, budget)
+            if not self._reserve(req, n):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            chunks.append(ScheduledChunk(req, n))
+            budget -= n
+        return chunks
+
+    def finish(self, request: Request) -> None:
+        """Drop a finished or aborted request and free its KV."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._free(request)
+
+    def _reserve_or_preempt(self, req: Request, n: int) -> bool:
+        while not self._reserve(req, n):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _reserve(self, req: Request, n: int) -> bool:
+        """Make sure ``req`` has blocks for its next ``n`` tokens."""
+        needed = -(-(req.num_computed_tokens + n) // self.block_size) - len(req.block_ids)
+        if needed <= 0:
+            return True
+        if needed > self.pool.num_free:
+            return False
+        req.block_ids.extend(self.pool.allocate(needed))
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    def _free(self, req: Request) -> None:
+        self.pool.release(req.block_ids)
+        req.block_ids = []
