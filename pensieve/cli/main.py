@@ -1,0 +1,30 @@
+"""`pensieve` console script: sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pensieve.cli import serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pensieve", description="Local LLM server speaking the Anthropic Messages API"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (serve.StartupError, ValueError) as exc:
+        print(f"pensieve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
