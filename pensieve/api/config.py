@@ -1,0 +1,51 @@
+"""What the HTTP layer needs to know, built once by the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiConfig:
+    """``model_id`` is the served model's name; a request may name it, one of
+    ``model_aliases`` (alias → model_id) or, with ``accept_any_claude_model``, any ``claude-*``
+    name (Claude Code asks for its own models). ``api_keys`` empty → no authentication.
+    ``context_length`` bounds prompt + output tokens of one request.
+    """
+
+    model_id: str
+    context_length: int
+    api_keys: tuple[str, ...] = ()
+    model_aliases: Mapping[str, str] = field(default_factory=dict)
+    accept_any_claude_model: bool = True
+    ping_interval_s: float = 10.0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        if not self.model_id:
+            raise ValueError("ApiConfig.model_id must not be empty")
+        if self.context_length < 2:
+            raise ValueError(f"ApiConfig.context_length must be at least 2, got {self.context_length}")
+        if self.ping_interval_s <= 0:
+            raise ValueError(f"ApiConfig.ping_interval_s must be positive, got {self.ping_interval_s}")
+        if self.max_body_bytes <= 0:
+            raise ValueError(f"ApiConfig.max_body_bytes must be positive, got {self.max_body_bytes}")
+        if any(not key for key in self.api_keys):
+            raise ValueError("ApiConfig.api_keys must not contain an empty key")
+        unknown = {a: t for a, t in self.model_aliases.items() if t != self.model_id}
+        if unknown:
+            raise ValueError(f"model aliases {unknown} point to models other than {self.model_id!r}")
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        object.__setattr__(self, "model_aliases", MappingProxyType(dict(self.model_aliases)))
+
+    def resolve_model(self, name: str) -> str | None:
+        """The served model id that ``name`` refers to, or None if it names no model here."""
+        if name == self.model_id or name in self.model_aliases:
+            return self.model_id
+        if self.accept_any_claude_model and name.startswith("claude-"):
+            return self.model_id
+        return None

@@ -1,0 +1,163 @@
+"""Every failure leaves as the API's envelope ``{"type":"error","error":{type,message}}``.
+
+``api_error_for`` is the one table from exceptions to (status, type, message); HTTP error
+responses and mid-stream ``error`` events both use it. Tracebacks go to the log, never to
+the client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pensieve.chat import ChatTemplateError, GenerationFailed
+from pensieve.engine.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError
+from pensieve.protocol import ErrorObject, ErrorResponse, ErrorType
+
+log = logging.getLogger(__name__)
+
+STATUS_ERROR_TYPES: dict[int, ErrorType] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+ERROR_TYPE_STATUS: dict[str, int] = {t: s for s, t in STATUS_ERROR_TYPES.items() if s != 405}
+
+MAX_REPORTED_ERRORS = 5
+
+
+@dataclass
+class ApiError(Exception):
+    """An error to report to the client as is."""
+
+    status: int
+    type: ErrorType
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.type}: {self.message}"
+
+
+def invalid_request(message: str) -> ApiError:
+    return ApiError(400, "invalid_request_error", message)
+
+
+def prompt_too_long(num_tokens: int, max_tokens: int) -> ApiError:
+    # Claude Code parses this exact sentence to decide to compact the conversation.
+    return invalid_request(f"prompt is too long: {num_tokens} tokens > {max_tokens} maximum")
+
+
+def api_error_for(exc: BaseException) -> ApiError:
+    """The client-facing error for any exception (unknown ones become a bare 500)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, PromptTooLongError):
+        return prompt_too_long(exc.num_tokens, exc.max_tokens)
+    if isinstance(exc, EngineOverloadedError):
+        return ApiError(529, "overloaded_error", str(exc) or "Overloaded")
+    if isinstance(exc, EngineDeadError):
+        return ApiError(500, "api_error", "the inference engine stopped; restart the server")
+    if isinstance(exc, ChatTemplateError):
+        return invalid_request(f"the conversation cannot be rendered for this model: {exc}")
+    if isinstance(exc, GenerationFailed):
+        return ApiError(ERROR_TYPE_STATUS.get(exc.error.type, 500), exc.error.type, exc.error.message)
+    if isinstance(exc, ValidationError):
+        return invalid_request(validation_message(exc.errors(include_url=False)))
+    return ApiError(500, "api_error", "Internal server error")
+
+
+def error_body(error: ApiError, request_id: str | None) -> dict[str, Any]:
+    envelope = ErrorResponse(error=ErrorObject(type=error.type, message=error.message), request_id=request_id)
+    return envelope.model_dump(mode="json")
+
+
+def error_response(error: ApiError, request_id: str | None) -> Response:
+    return JSONResponse(error_body(error, request_id), status_code=error.status, headers=error.headers)
+
+
+def validation_message(errors: Sequence[Any], body: Any = None) -> str:
+    """Pydantic errors as one sentence per problem, naming the field: ``messages.0.content: Field required``.
+
+    ``body`` (the parsed JSON) lets union member names that pydantic puts into ``loc``
+    (``user``, ``text``, ``list[…]``) be told from real field names and left out.
+    """
+    parts = []
+    for err in errors[:MAX_REPORTED_ERRORS]:
+        loc = _readable_loc(tuple(err.get("loc", ())), body)
+        msg = err.get("msg", "invalid value")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    if len(errors) > MAX_REPORTED_ERRORS:
+        parts.append(f"and {len(errors) - MAX_REPORTED_ERRORS} more errors")
+    return "; ".join(parts)
+
+
+def _readable_loc(loc: tuple[Any, ...], body: Any) -> str:
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
+    kept: list[str] = []
+    node = body
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif body is not None and not last:
+            continue  # a union tag or member, not a key of the input
+        elif isinstance(part, str) and "[" in part:
+            continue
+        kept.append(str(part))
+    return ".".join(kept)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Envelope for our errors, FastAPI's validation errors and Starlette's HTTP errors.
+
+    Exceptions nobody handles are turned into a 500 by ``RequestIdMiddleware``.
+    """
+
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        error = api_error_for(exc)
+        if error.status >= 500:
+            log.error("request %s failed: %s", _request_id(request), exc)
+        return error_response(error, _request_id(request))
+
+    async def on_request_validation(request: Request, exc: RequestValidationError) -> Response:
+        error = invalid_request(validation_message(exc.errors()))
+        return error_response(error, _request_id(request))
+
+    async def on_http_exception(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = STATUS_ERROR_TYPES.get(exc.status_code, "api_error" if exc.status_code >= 500 else "invalid_request_error")
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"Not found: {request.method} {request.url.path}"
+        headers = dict(exc.headers or {})
+        return error_response(ApiError(exc.status_code, kind, message, headers), _request_id(request))
+
+    for exc_type in (ApiError, PromptTooLongError, EngineOverloadedError, EngineDeadError,
+                     ChatTemplateError, GenerationFailed, ValidationError):
+        app.add_exception_handler(exc_type, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_request_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http_exception)  # type: ignore[arg-type]
+
+
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)

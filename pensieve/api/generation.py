@@ -1,0 +1,118 @@
+"""From a validated request to a running generation: model check, prompt, limits, engine.
+
+The HTTP routes stay thin: they read the body, call ``prepare_generation`` and
+``start_deltas``, and choose between streaming the events and collecting them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.concurrency import run_in_threadpool
+
+from pensieve.api.config import ApiConfig
+from pensieve.api.errors import ApiError, prompt_too_long
+from pensieve.api.state import GenerationClient, Services
+from pensieve.chat import MessageEventBuilder, RenderedPrompt
+from pensieve.chat.stream import close_iterator
+from pensieve.engine.types import FinishReason, GenerationDelta, SamplingParams
+from pensieve.protocol import ConversationParams, MessageCreateParams
+
+# How long to wait for the engine's first answer before committing to a 200 stream: errors
+# the engine raises at once (overloaded, prompt too long) then still get their HTTP status.
+FIRST_DELTA_WAIT_S = 0.2
+
+
+@dataclass(frozen=True)
+class PreparedGeneration:
+    request_id: str
+    message_id: str
+    model: str  # the name the client asked for; echoed in the response
+    prompt: RenderedPrompt
+    params: SamplingParams
+
+    def event_builder(self) -> MessageEventBuilder:
+        return MessageEventBuilder(message_id=self.message_id, model=self.model, input_tokens=self.prompt.num_tokens)
+
+
+def new_message_id() -> str:
+    return "msg_" + secrets.token_hex(12)
+
+
+def check_model(config: ApiConfig, name: str) -> str:
+    """The served model id for ``name``; 404 ``not_found_error`` when it names none."""
+    served = config.resolve_model(name)
+    if served is None:
+        raise ApiError(404, "not_found_error", f"model: {name} (this server serves {config.model_id})")
+    return served
+
+
+async def render_prompt(services: Services, request: ConversationParams) -> RenderedPrompt:
+    check_model(services.config, request.model)
+    # Rendering a 20k-token conversation takes milliseconds of CPU: keep the loop free.
+    return await run_in_threadpool(services.renderer.render, request)
+
+
+async def prepare_generation(services: Services, request: MessageCreateParams, request_id: str) -> PreparedGeneration:
+    prompt = await render_prompt(services, request)
+    context = services.config.context_length
+    if prompt.num_tokens >= context:
+        raise prompt_too_long(prompt.num_tokens, context)
+    params = SamplingParams(
+        # Claude Code asks for 32000+; what does not fit in the context is clamped, not refused.
+        max_tokens=min(request.max_tokens, context - prompt.num_tokens),
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=request.top_k or 0,
+        stop_sequences=tuple(s for s in request.stop_sequences or () if s),
+    )
+    return PreparedGeneration(request_id, new_message_id(), request.model, prompt, params)
+
+
+async def start_deltas(engine: GenerationClient, prepared: PreparedGeneration) -> AsyncIterator[GenerationDelta]:
+    """The engine's deltas for ``prepared``, started: errors the engine raises before its
+    first delta (within ``FIRST_DELTA_WAIT_S``) are raised here, not mid-stream."""
+    if prepared.params.max_tokens == 0:
+        return _nothing_generated(prepared)
+    stream = engine.generate(prepared.prompt.token_ids, prepared.params, prepared.request_id)
+    first: asyncio.Future[GenerationDelta] = asyncio.ensure_future(anext(stream))
+    try:
+        await asyncio.wait({first}, timeout=FIRST_DELTA_WAIT_S)
+    except BaseException:
+        first.cancel()
+        raise
+    if first.done() and not first.cancelled():
+        exc = first.exception()
+        if exc is not None and not isinstance(exc, StopAsyncIteration):
+            raise exc
+    return _resume(first, stream)
+
+
+async def _resume(
+    first: asyncio.Future[GenerationDelta], stream: AsyncIterator[GenerationDelta]
+) -> AsyncIterator[GenerationDelta]:
+    try:
+        try:
+            delta = await first
+        except StopAsyncIteration:
+            return
+        yield delta
+        async for delta in stream:
+            yield delta
+    finally:
+        if first.done():
+            await close_iterator(stream)
+        else:  # the stream runs inside ``first``: cancelling it unwinds (aborts) the stream
+            first.cancel()
+
+
+async def _nothing_generated(prepared: PreparedGeneration) -> AsyncIterator[GenerationDelta]:
+    """``max_tokens: 0`` (cache warm-up in the API): a finished message with no content."""
+    yield GenerationDelta(
+        request_id=prepared.request_id,
+        finish_reason=FinishReason.MAX_TOKENS,
+        num_prompt_tokens=prepared.prompt.num_tokens,
+    )

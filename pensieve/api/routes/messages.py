@@ -1,0 +1,79 @@
+"""``POST /v1/messages`` (streaming and not) and ``POST /v1/messages/count_tokens``.
+
+``?beta=true`` and ``anthropic-beta`` headers are accepted and ignored: the body decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from pensieve.api.auth import require_api_key
+from pensieve.api.body import parse_body, read_body
+from pensieve.api.generation import prepare_generation, render_prompt, start_deltas
+from pensieve.api.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_stream, with_pings
+from pensieve.api.state import services_of
+from pensieve.chat import collect_message, message_events
+from pensieve.protocol import MessageCountTokensParams, MessageCreateParams, MessageTokensCount
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+T = TypeVar("T")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
+
+
+@router.post("/v1/messages")
+async def create_message(request: Request) -> Response:
+    services = services_of(request)
+    body = parse_body(MessageCreateParams, await read_body(request, services.config.max_body_bytes))
+    request_id: str = request.state.request_id
+    prepared = await prepare_generation(services, body, request_id)
+    log.debug("%s: %d prompt tokens, max_tokens %d, stream=%s",
+              request_id, prepared.prompt.num_tokens, prepared.params.max_tokens, bool(body.stream))
+    deltas = await start_deltas(services.engine, prepared)
+    events = message_events(deltas, prepared.event_builder())
+    if body.stream:
+        stream = sse_stream(with_pings(events, services.config.ping_interval_s), request_id)
+        return StreamingResponse(stream, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+    message = await _unless_disconnected(request, collect_message(events))
+    if message is None:
+        log.info("%s: client disconnected; generation aborted", request_id)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return JSONResponse(message.model_dump(mode="json"))
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(request: Request) -> Response:
+    services = services_of(request)
+    body = parse_body(MessageCountTokensParams, await read_body(request, services.config.max_body_bytes))
+    prompt = await render_prompt(services, body)
+    return JSONResponse(MessageTokensCount(input_tokens=prompt.num_tokens).model_dump(mode="json"))
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None after cancelling it when the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        return None
+    finally:
+        for pending in (task, watcher):
+            pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read, so the next ASGI message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,91 @@
+"""Content blocks a request may carry, named as the anthropic SDK names them (``…Param``).
+
+``ContentBlockParam`` is keyed on ``type``; a block type we do not model (``search_result``,
+``server_tool_use``, ``container_upload``, anything newer) validates into
+``UnknownBlockParam`` and is ignored later, never refused.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Discriminator, Tag
+
+from pensieve.protocol.base import UNKNOWN_TAG, RequestModel, tag_of
+
+
+class CacheControlEphemeralParam(RequestModel):
+    type: Literal["ephemeral"] = "ephemeral"
+    ttl: str | None = None
+
+
+class TextBlockParam(RequestModel):
+    type: Literal["text"]
+    text: str
+    cache_control: CacheControlEphemeralParam | None = None
+    citations: list[dict[str, Any]] | None = None
+
+
+class ImageBlockParam(RequestModel):
+    type: Literal["image"]
+    source: dict[str, Any]
+
+
+class DocumentBlockParam(RequestModel):
+    type: Literal["document"]
+    source: dict[str, Any]
+    title: str | None = None
+    context: str | None = None
+
+
+class ThinkingBlockParam(RequestModel):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str = ""  # the API requires it; we accept its absence (we never verify it)
+
+
+class RedactedThinkingBlockParam(RequestModel):
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+class ToolUseBlockParam(RequestModel):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class UnknownBlockParam(RequestModel):
+    """Any block type we do not model; kept whole, ignored when rendering."""
+
+    type: str
+
+
+class ToolResultBlockParam(RequestModel):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[ContentBlockParam] | None = None
+    is_error: bool | None = None
+
+
+_BLOCK_TYPES = ("text", "image", "document", "thinking", "redacted_thinking", "tool_use", "tool_result")
+
+ContentBlockParam = Annotated[
+    Union[
+        Annotated[TextBlockParam, Tag("text")],
+        Annotated[ImageBlockParam, Tag("image")],
+        Annotated[DocumentBlockParam, Tag("document")],
+        Annotated[ThinkingBlockParam, Tag("thinking")],
+        Annotated[RedactedThinkingBlockParam, Tag("redacted_thinking")],
+        Annotated[ToolUseBlockParam, Tag("tool_use")],
+        Annotated[ToolResultBlockParam, Tag("tool_result")],
+        Annotated[UnknownBlockParam, Tag(UNKNOWN_TAG)],
+    ],
+    Discriminator(tag_of(_BLOCK_TYPES)),
+]
+
+ToolResultBlockParam.model_rebuild()
+
+# What ``content`` of a message may be: a string is shorthand for one text block.
+MessageContentParam = Union[str, list[ContentBlockParam]]
