@@ -12,8 +12,9 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 @dataclass(frozen=True, kw_only=True)
 class ApiConfig:
     """``model_id`` is the served model's name; a request may name it, one of
-    ``model_aliases`` (alias → model_id) or, with ``accept_any_claude_model``, any ``claude-*``
-    name (Claude Code asks for its own models). ``api_keys`` empty → no authentication.
+    ``model_aliases`` (alias → model) or, with ``accept_any_claude_model``, any ``claude-*``
+    name (Claude Code asks for its own models). One model is served, so every alias resolves
+    to it whatever its target says. ``api_keys`` empty → no authentication.
     ``context_length`` bounds prompt + output tokens of one request.
     """
 
@@ -36,9 +37,6 @@ class ApiConfig:
             raise ValueError(f"ApiConfig.max_body_bytes must be positive, got {self.max_body_bytes}")
         if any(not key for key in self.api_keys):
             raise ValueError("ApiConfig.api_keys must not contain an empty key")
-        unknown = {a: t for a, t in self.model_aliases.items() if t != self.model_id}
-        if unknown:
-            raise ValueError(f"model aliases {unknown} point to models other than {self.model_id!r}")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
         object.__setattr__(self, "model_aliases", MappingProxyType(dict(self.model_aliases)))
 
