@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from pensieve.models.args import ModelArgs
 from pensieve.models.forward_context import ForwardContext, paged_attention
-from pensieve.models.rope import RotaryEmbedding
+from pensieve.models.rope import RotaryEmbedding, apply_rope
+
+CosSin = tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -26,7 +28,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, rope: RotaryEmbedding) -> None:
+    def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -39,16 +41,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
         self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=bias)
-        self.rope = [rope]  # shared module, kept out of this module's state dict
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rope[0](q, k, positions)
+        q, k = apply_rope(q, k, cos_sin)
         out = paged_attention(self.layer, q, k, v, ctx)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -66,17 +65,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, rope: RotaryEmbedding) -> None:
+    def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
-        self.self_attn = Attention(args, layer, rope)
+        self.self_attn = Attention(args, layer)
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, ctx)
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -90,7 +87,7 @@ class LlamaBody(nn.Module):
         )
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(args, i, self.rotary) for i in range(args.num_layers)
+            DecoderLayer(args, i) for i in range(args.num_layers)
         )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -111,7 +108,8 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns float32 logits [len(ctx.logits_indices), V]."""
         x = self.model.embed_tokens(input_ids)
+        cos_sin = tuple(t.to(x.dtype) for t in self.model.rotary.lookup(positions))
         for layer in self.model.layers:
-            x = layer(x, positions, ctx)
+            x = layer(x, cos_sin, ctx)
         x = self.model.norm(x[ctx.logits_indices])
         return self.lm_head(x).float()
