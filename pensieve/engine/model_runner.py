@@ -32,11 +32,13 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_blocks = plan_num_blocks(args, config)
         shape = (self.num_blocks, config.block_size, args.num_kv_heads, args.head_dim)
+        # empty, not zeros: a slot is always written before it is read, and untouched pages
+        # of a CPU cache then cost no resident memory
         self.k_caches = [
-            torch.zeros(shape, dtype=config.dtype, device=self.device)
+            torch.empty(shape, dtype=config.dtype, device=self.device)
             for _ in range(args.num_layers)
         ]
-        self.v_caches = [torch.zeros_like(k) for k in self.k_caches]
+        self.v_caches = [torch.empty_like(k) for k in self.k_caches]
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
