@@ -1,0 +1,188 @@
+"""Build a ``tokenizers.Tokenizer`` from a GGUF file's ``tokenizer.ggml.*`` metadata.
+
+Two vocab kinds, as llama.cpp names them in ``tokenizer.ggml.model``:
+
+- ``gpt2``: byte-level BPE from ``tokens`` + ``merges``; ``tokenizer.ggml.pre`` names the
+  pre-tokenizer split (``PRE_TOKENIZERS`` below, the regexes llama.cpp uses).
+- ``llama``: SentencePiece BPE (Llama 2, Mistral, TinyLlama …) from ``tokens`` +
+  ``scores``: a piece merges whenever it is in the vocab, higher score first, with
+  ``▁`` for spaces and ``<0xNN>`` byte fallback. The merge list is derived from the
+  vocab: every split of a piece into two vocab pieces, ordered by the piece's score.
+
+CONTROL and UNKNOWN tokens become special added tokens and USER_DEFINED ones plain added
+tokens, so both are matched whole when written in text.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gguf import TokenType
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+from tokenizers import pre_tokenizers as pre
+
+from pensieve.loaders.checkpoint import CheckpointError
+
+log = logging.getLogger(__name__)
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass(frozen=True)
+class PreTokenizerSpec:
+    """How a byte-level vocab splits text before BPE.
+
+    ``split``: a regex whose matches are the words (None: GPT-2's built-in regex);
+    ``digits``: split every digit on its own first; ``ignore_merges``: a word that is
+    already a vocab entry is emitted whole (llama.cpp does this for Llama 3).
+    """
+
+    split: str | None = None
+    digits: bool = False
+    ignore_merges: bool = False
+
+
+PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
+    "default": PreTokenizerSpec(),
+    "gpt2": PreTokenizerSpec(),
+    "smollm": PreTokenizerSpec(digits=True),
+    "starcoder": PreTokenizerSpec(digits=True),
+    "refact": PreTokenizerSpec(digits=True),
+    "llama-bpe": PreTokenizerSpec(split=_LLAMA3_SPLIT, ignore_merges=True),
+    "llama3": PreTokenizerSpec(split=_LLAMA3_SPLIT, ignore_merges=True),
+    "qwen2": PreTokenizerSpec(split=_QWEN2_SPLIT),
+}
+
+
+@dataclass(frozen=True)
+class GGUFVocab:
+    """A built tokenizer plus the BOS/EOS facts the GGUF declares."""
+
+    tokenizer: Tokenizer
+    bos_token: str | None
+    eos_token: str | None
+    add_bos: bool
+    extra_eos_ids: tuple[int, ...]
+
+
+def build_gguf_vocab(meta: Mapping[str, Any]) -> GGUFVocab:
+    """Turn ``tokenizer.ggml.*`` metadata into a tokenizer; CheckpointError if unusable."""
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise CheckpointError("GGUF has no tokenizer.ggml.tokens: cannot build a tokenizer")
+    types = meta.get("tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise CheckpointError("GGUF token_type and tokens have different lengths")
+    if kind == "gpt2":
+        tok = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges") or [],
+                              str(meta.get("tokenizer.ggml.pre", "default")))
+    elif kind == "llama":
+        tok = _sentencepiece_bpe(tokens, types, meta)
+    else:
+        raise CheckpointError(
+            f"unsupported GGUF tokenizer model {kind!r}; supported: 'gpt2' (BPE), 'llama' (SPM)"
+        )
+    _add_special_tokens(tok, tokens, types)
+
+    def token_at(key: str) -> str | None:
+        idx = meta.get(key)
+        return tokens[idx] if isinstance(idx, int) and 0 <= idx < len(tokens) else None
+
+    extra = tuple(meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+                  if isinstance(meta.get(k), int))
+    return GGUFVocab(
+        tokenizer=tok,
+        bos_token=token_at("tokenizer.ggml.bos_token_id"),
+        eos_token=token_at("tokenizer.ggml.eos_token_id"),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+        extra_eos_ids=extra,
+    )
+
+
+def _vocab_dict(tokens: list[str]) -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    for i, piece in enumerate(tokens):
+        vocab.setdefault(piece, i)  # first id wins if a GGUF repeats a piece
+    return vocab
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str], pre_name: str) -> Tokenizer:
+    spec = PRE_TOKENIZERS.get(pre_name)
+    if spec is None:
+        log.warning("unknown tokenizer.ggml.pre %r: using GPT-2 byte-level splitting", pre_name)
+        spec = PRE_TOKENIZERS["default"]
+    pairs = []
+    for m in merges:
+        left, sep, right = m.partition(" ")
+        if not sep:
+            raise CheckpointError(f"malformed GGUF merge {m!r} (expected 'left right')")
+        pairs.append((left, right))
+    tok = Tokenizer(models.BPE(_vocab_dict(tokens), pairs, ignore_merges=spec.ignore_merges))
+    steps: list[Any] = []
+    if spec.digits:
+        steps.append(pre.Digits(individual_digits=True))
+    if spec.split is not None:
+        steps.append(pre.Split(Regex(spec.split), behavior="isolated", invert=False))
+    steps.append(pre.ByteLevel(add_prefix_space=False, use_regex=spec.split is None))
+    tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sentencepiece_bpe(tokens: list[str], types: list[int], meta: Mapping[str, Any]) -> Tokenizer:
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise CheckpointError("SentencePiece GGUF vocab needs one tokenizer.ggml.scores per token")
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
+    merges = _spm_merges(tokens, types, scores)
+    tok = Tokenizer(models.BPE(_vocab_dict(tokens), merges, unk_token=unk,
+                               fuse_unk=True, byte_fallback=True))
+    space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    # llama.cpp prefixes a space to every text fragment that follows a special token
+    # or starts the prompt; normalizing per fragment does exactly that
+    norm = [normalizers.Replace(" ", "▁")]
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if space_prefix:
+        norm.insert(0, normalizers.Prepend("▁"))
+        dec.append(decoders.Strip(" ", 1, 0))
+    tok.normalizer = normalizers.Sequence(norm)
+    tok.decoder = decoders.Sequence(dec)
+    return tok
+
+
+def _spm_merges(tokens: list[str], types: list[int], scores: list[float]) -> list[tuple[str, str]]:
+    """Every (left, right) whose concatenation is a normal piece, best-scored piece first."""
+    normal = {p: i for i, p in enumerate(tokens) if types[i] == TokenType.NORMAL}
+    found: list[tuple[float, int, int, str, str]] = []
+    for piece, i in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            li, ri = normal.get(left), normal.get(right)
+            if li is not None and ri is not None:
+                found.append((-scores[i], li, ri, left, right))
+    found.sort()
+    return [(left, right) for *_, left, right in found]
+
+
+def _add_special_tokens(tok: Tokenizer, tokens: list[str], types: list[int]) -> None:
+    special = [AddedToken(tokens[i], special=True, normalized=False)
+               for i, t in enumerate(types)
+               if t in (TokenType.CONTROL, TokenType.UNKNOWN) and tokens[i]]
+    user = [AddedToken(tokens[i], special=False, normalized=False)
+            for i, t in enumerate(types) if t == TokenType.USER_DEFINED and tokens[i]]
+    if special:
+        tok.add_special_tokens(special)
+    if user:
+        tok.add_tokens(user)

@@ -1,0 +1,156 @@
+"""Load a Hugging Face model folder (config.json + *.safetensors + tokenizer.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from pensieve.loaders.architectures import spec_for_hf, validate_shapes
+from pensieve.loaders.checkpoint import Checkpoint, CheckpointError
+from pensieve.loaders.tokenizer import TextTokenizer
+from pensieve.models.args import ModelArgs
+
+INDEX_FILE = "model.safetensors.index.json"
+# buffers some exporters save alongside the weights; recomputed by the model
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: malformed JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
+    """Read an HF folder; CheckpointError if it is unsupported, incomplete or damaged."""
+    path = Path(path)
+    config = _read_json(path / "config.json")
+    spec = spec_for_hf(str(config.get("model_type")))
+    args = hf_model_args(config, spec.name)
+    files = weight_files(path)
+    shapes = _tensor_shapes(files, args.tie_word_embeddings)
+    validate_shapes(args, shapes, str(path))
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        with _open(file) as st:
+            for name in st.keys():
+                if name in shapes:
+                    weights[name] = st.get_tensor(name).to(dtype)
+    try:
+        tokenizer = TextTokenizer.from_tokenizer_json(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot load tokenizer ({exc})") from exc
+    return Checkpoint(
+        name=path.resolve().name,
+        path=path,
+        args=args,
+        weights=weights,
+        tokenizer=tokenizer,
+        chat_template=read_chat_template(path),
+        context_length=args.max_position_embeddings,
+    )
+
+
+def hf_model_args(config: dict[str, Any], architecture: str) -> ModelArgs:
+    """ModelArgs from config.json (transformers 4 ``rope_theta``/``rope_scaling`` or 5 ``rope_parameters``)."""
+    try:
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        theta, scaling = _rope(config)
+        return ModelArgs(
+            architecture=architecture,
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"config.json lacks {exc.args[0]!r}") from exc
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"config.json has a malformed value ({exc})") from exc
+
+
+def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling in ``{"rope_type": ...}`` shape or None)."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", None) or config.get("rope_theta") or 10000.0)
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")  # transformers < 4.45 spelling
+    params.pop("type", None)
+    if params.get("rope_type", "default") == "default":
+        return theta, None
+    return theta, params
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The folder's safetensors files: from the shard index, else every *.safetensors."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map")
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: shard(s) listed in {INDEX_FILE} missing: {missing}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        if any(path.glob("*.bin")) or any(path.glob("*.pth")):
+            raise CheckpointError(f"{path}: only pickle weights (.bin/.pth); convert to safetensors")
+        raise CheckpointError(f"{path}: no *.safetensors weights")
+    return files
+
+
+def _open(file: Path) -> Any:
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{file}: truncated or malformed safetensors file ({exc})") from exc
+
+
+def _tensor_shapes(files: list[Path], tied: bool) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every weight the model uses (read from headers, no data)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with _open(file) as st:
+            for name in st.keys():
+                if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                    continue
+                shapes[name] = tuple(st.get_slice(name).get_shape())
+    return shapes
+
+
+def read_chat_template(path: Path) -> str | None:
+    """The default chat template: chat_template.jinja, tokenizer_config.json, chat_template.json."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        if (path / name).is_file():
+            template = _read_json(path / name).get("chat_template")
+            if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+                named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+                template = named.get("default") or next(iter(named.values()), None)
+            if isinstance(template, str):
+                return template
+    return None
