@@ -94,19 +94,37 @@ def error_response(error: ApiError, request_id: str | None) -> Response:
 
 
 def validation_message(errors: Sequence[Any], body: Any = None) -> str:
-    """Pydantic errors as one sentence per problem, naming the field: ``messages.0.content: Field required``.
+    """Pydantic errors as one clause per problem, naming the field: ``messages.0.content: Field required``.
 
     ``body`` (the parsed JSON) lets union member names that pydantic puts into ``loc``
-    (``user``, ``text``, ``list[…]``) be told from real field names and left out.
+    (``user``, ``text``, ``list[…]``) be told from real field names and left out. Of a
+    union's alternatives, only those the input could have meant are reported.
     """
-    parts = []
-    for err in errors[:MAX_REPORTED_ERRORS]:
-        loc = _readable_loc(tuple(err.get("loc", ())), body)
-        msg = err.get("msg", "invalid value")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    if len(errors) > MAX_REPORTED_ERRORS:
-        parts.append(f"and {len(errors) - MAX_REPORTED_ERRORS} more errors")
+    located = [(_readable_loc(tuple(err.get("loc", ())), body), err) for err in errors]
+    located = [
+        (loc, err) for loc, err in located
+        # "should be a valid string" is noise when the input was a list whose items are wrong.
+        if not (err.get("type") in _TYPE_ERRORS and any(o.startswith(loc + ".") or not loc for o, _ in located if o != loc))
+    ]
+    messages: dict[str, list[str]] = {}
+    for loc, err in located:
+        messages.setdefault(loc, []).append(str(err.get("msg", "invalid value")))
+    parts = [f"{loc}: {_either(msgs)}" if loc else _either(msgs) for loc, msgs in messages.items()]
+    if len(parts) > MAX_REPORTED_ERRORS:
+        parts = parts[:MAX_REPORTED_ERRORS] + [f"and {len(parts) - MAX_REPORTED_ERRORS} more errors"]
     return "; ".join(parts)
+
+
+_TYPE_ERRORS = frozenset({"string_type", "list_type", "dict_type", "model_type", "model_attributes_type"})
+_MEMBER_NAMES = frozenset({"str", "int", "float", "bool", "none"})
+_SHOULD_BE = "Input should be "
+
+
+def _either(messages: list[str]) -> str:
+    """``Input should be a valid string`` + ``… a valid array`` → ``… a valid string or a valid array``."""
+    if len(messages) > 1 and all(m.startswith(_SHOULD_BE) for m in messages):
+        return _SHOULD_BE + " or ".join(m[len(_SHOULD_BE):] for m in messages)
+    return "; ".join(dict.fromkeys(messages))
 
 
 def _readable_loc(loc: tuple[Any, ...], body: Any) -> str:
@@ -120,10 +138,10 @@ def _readable_loc(loc: tuple[Any, ...], body: Any) -> str:
             node = node[part]
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
+        elif isinstance(part, str) and ("[" in part or part in _MEMBER_NAMES):
+            continue  # a union member's type name
         elif body is not None and not last:
-            continue  # a union tag or member, not a key of the input
-        elif isinstance(part, str) and "[" in part:
-            continue
+            continue  # a union tag, not a key of the input
         kept.append(str(part))
     return ".".join(kept)
 
@@ -149,6 +167,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = f"Not found: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed for {request.url.path}"
         headers = dict(exc.headers or {})
         return error_response(ApiError(exc.status_code, kind, message, headers), _request_id(request))
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from pensieve.engine.types import FinishReason, GenerationDelta, SamplingParams
 
@@ -103,3 +105,22 @@ class ScriptedEngine:
         finally:
             if not call.finished:
                 call.aborted.set()
+
+
+@contextmanager
+def fake_server(engine: ScriptedEngine, *, template: str | None = None, add_bos: bool = False,
+                **config: Any) -> Iterator[str]:
+    """The real app over ``engine`` and a ``CharTokenizer``, on uvicorn; yields the base URL.
+
+    ``config`` overrides ``ApiConfig`` fields (model_id defaults to ``tiny-model``,
+    context_length to 4096).
+    """
+    from pensieve.api import ApiConfig, create_app
+    from pensieve.chat import PromptRenderer
+    from tests.helpers.server import serve_app_in_thread
+
+    config.setdefault("model_id", "tiny-model")
+    config.setdefault("context_length", 4096)
+    app = create_app(ApiConfig(**config), engine, PromptRenderer(CharTokenizer(add_bos=add_bos), template))
+    with serve_app_in_thread(app) as base_url:
+        yield base_url
