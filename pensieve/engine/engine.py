@@ -47,7 +47,7 @@ class Engine:
     def check_prompt(self, num_prompt_tokens: int) -> None:
         """Raise PromptTooLongError unless the prompt leaves room for one output token."""
         if num_prompt_tokens >= self.context_length:
-            raise PromptTooLongError(num_prompt_tokens, self.context_length - 1)
+            raise PromptTooLongError(num_prompt_tokens, self.context_length)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self.check_prompt(len(prompt_ids))

@@ -118,7 +118,7 @@ def test_errors_are_anthropic_shaped_and_server_keeps_serving(client, base_url):
     with pytest.raises(anthropic.BadRequestError) as too_long:
         client.messages.create(model="claude-sonnet-5", max_tokens=5,
                                messages=[{"role": "user", "content": "word " * 9000}])
-    assert re.search(r"prompt is too long: \d+ tokens > 8191 maximum", str(too_long.value))
+    assert re.search(r"prompt is too long: \d+ tokens > 8192 maximum", str(too_long.value))
     r = httpx.post(f"{base_url}/v1/messages", json={"model": "claude-sonnet-5", "max_tokens": 5})
     assert r.status_code == 400 and r.json()["type"] == "error"
     assert r.json()["error"]["type"] == "invalid_request_error" and r.headers.get("request-id")

@@ -82,7 +82,7 @@ def test_context_full_finishes_with_context_reason():
 
 def test_prompt_too_long_message():
     engine = tiny_engine(context_length=16)
-    with pytest.raises(PromptTooLongError, match=r"prompt is too long: 20 tokens > 15 maximum"):
+    with pytest.raises(PromptTooLongError, match=r"prompt is too long: 20 tokens > 16 maximum"):
         engine.add_request("big", list(range(20)), GREEDY)
 
 
