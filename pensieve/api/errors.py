@@ -20,7 +20,11 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pensieve.chat import ChatTemplateError, GenerationFailed
-from pensieve.engine.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError
+from pensieve.engine.errors import (
+    EngineDeadError,
+    EngineOverloadedError,
+    PromptTooLongError,
+)
 from pensieve.protocol import ErrorObject, ErrorResponse, ErrorType
 
 log = logging.getLogger(__name__)
@@ -101,11 +105,9 @@ def validation_message(errors: Sequence[Any], body: Any = None) -> str:
     union's alternatives, only those the input could have meant are reported.
     """
     located = [(_readable_loc(tuple(err.get("loc", ())), body), err) for err in errors]
-    located = [
-        (loc, err) for loc, err in located
-        # "should be a valid string" is noise when the input was a list whose items are wrong.
-        if not (err.get("type") in _TYPE_ERRORS and any(o.startswith(loc + ".") or not loc for o, _ in located if o != loc))
-    ]
+    locs = [loc for loc, _ in located]
+    # "should be a valid string" is noise when the input was a list whose items are wrong.
+    located = [(loc, err) for loc, err in located if not (err.get("type") in _TYPE_ERRORS and _has_deeper(loc, locs))]
     messages: dict[str, list[str]] = {}
     for loc, err in located:
         messages.setdefault(loc, []).append(str(err.get("msg", "invalid value")))
@@ -113,6 +115,10 @@ def validation_message(errors: Sequence[Any], body: Any = None) -> str:
     if len(parts) > MAX_REPORTED_ERRORS:
         parts = parts[:MAX_REPORTED_ERRORS] + [f"and {len(parts) - MAX_REPORTED_ERRORS} more errors"]
     return "; ".join(parts)
+
+
+def _has_deeper(loc: str, locs: list[str]) -> bool:
+    return any(other != loc and (not loc or other.startswith(loc + ".")) for other in locs)
 
 
 _TYPE_ERRORS = frozenset({"string_type", "list_type", "dict_type", "model_type", "model_attributes_type"})
@@ -163,7 +169,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(error, _request_id(request))
 
     async def on_http_exception(request: Request, exc: StarletteHTTPException) -> Response:
-        kind = STATUS_ERROR_TYPES.get(exc.status_code, "api_error" if exc.status_code >= 500 else "invalid_request_error")
+        fallback: ErrorType = "api_error" if exc.status_code >= 500 else "invalid_request_error"
+        kind = STATUS_ERROR_TYPES.get(exc.status_code, fallback)
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = f"Not found: {request.method} {request.url.path}"

@@ -14,7 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pensieve.chat.messages import TemplateMessage, conversation_messages, fit_roles, template_tools
+from pensieve.chat.messages import (
+    TemplateMessage,
+    conversation_messages,
+    fit_roles,
+    template_tools,
+)
 from pensieve.chat.template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError
 from pensieve.protocol import ConversationParams
 

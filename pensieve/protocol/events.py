@@ -14,7 +14,12 @@ from pydantic import Field
 
 from pensieve.protocol.base import ResponseModel
 from pensieve.protocol.errors import ErrorObject
-from pensieve.protocol.responses import ContentBlock, Message, MessageDeltaUsage, StopReason
+from pensieve.protocol.responses import (
+    ContentBlock,
+    Message,
+    MessageDeltaUsage,
+    StopReason,
+)
 
 
 class TextDelta(ResponseModel):

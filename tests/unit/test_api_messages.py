@@ -12,7 +12,12 @@ import pytest
 
 from pensieve.engine.errors import EngineOverloadedError, PromptTooLongError
 from pensieve.engine.types import FinishReason, GenerationDelta
-from tests.helpers.api_fakes import CharTokenizer, ScriptedEngine, fake_server, text_script
+from tests.helpers.api_fakes import (
+    CharTokenizer,
+    ScriptedEngine,
+    fake_server,
+    text_script,
+)
 
 MODEL = "claude-sonnet-5"
 HI = [{"role": "user", "content": "hi"}]

@@ -9,7 +9,12 @@ import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 from pydantic import TypeAdapter
 
-from pensieve.chat import GenerationFailed, MessageEventBuilder, collect_message, message_events
+from pensieve.chat import (
+    GenerationFailed,
+    MessageEventBuilder,
+    collect_message,
+    message_events,
+)
 from pensieve.engine.types import FinishReason, GenerationDelta
 from pensieve.protocol import StreamEvent
 

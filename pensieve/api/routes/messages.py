@@ -11,15 +11,20 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from pensieve.api.auth import require_api_key
 from pensieve.api.body import parse_body, read_body
 from pensieve.api.generation import prepare_generation, render_prompt, start_deltas
+from pensieve.api.responses import json_response
 from pensieve.api.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_stream, with_pings
 from pensieve.api.state import services_of
 from pensieve.chat import collect_message, message_events
-from pensieve.protocol import MessageCountTokensParams, MessageCreateParams, MessageTokensCount
+from pensieve.protocol import (
+    MessageCountTokensParams,
+    MessageCreateParams,
+    MessageTokensCount,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +52,7 @@ async def create_message(request: Request) -> Response:
     if message is None:
         log.info("%s: client disconnected; generation aborted", request_id)
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return JSONResponse(message.model_dump(mode="json"))
+    return json_response(message)
 
 
 @router.post("/v1/messages/count_tokens")
@@ -55,7 +60,7 @@ async def count_tokens(request: Request) -> Response:
     services = services_of(request)
     body = parse_body(MessageCountTokensParams, await read_body(request, services.config.max_body_bytes))
     prompt = await render_prompt(services, body)
-    return JSONResponse(MessageTokensCount(input_tokens=prompt.num_tokens).model_dump(mode="json"))
+    return json_response(MessageTokensCount(input_tokens=prompt.num_tokens))
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from pensieve.api.auth import require_api_key
 from pensieve.api.config import ApiConfig
 from pensieve.api.generation import check_model
+from pensieve.api.responses import json_response
 from pensieve.api.state import services_of
 from pensieve.protocol import ModelInfo, ModelListResponse
 
@@ -30,16 +31,16 @@ def model_info(config: ApiConfig, model_id: str) -> ModelInfo:
 
 
 @router.get("/v1/models")
-async def list_models(request: Request) -> JSONResponse:
+async def list_models(request: Request) -> Response:
     config = services_of(request).config
     info = model_info(config, config.model_id)
     page = ModelListResponse(data=[info], has_more=False, first_id=info.id, last_id=info.id)
-    return JSONResponse(page.model_dump(mode="json"))
+    return json_response(page)
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
+async def retrieve_model(model_id: str, request: Request) -> Response:
     """Any name the server answers to (alias, ``claude-*``) resolves, under the asked id."""
     config = services_of(request).config
     check_model(config, model_id)
-    return JSONResponse(model_info(config, model_id).model_dump(mode="json"))
+    return json_response(model_info(config, model_id))
