@@ -39,12 +39,7 @@ def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
     files = weight_files(path)
     shapes = _tensor_shapes(files, args.tie_word_embeddings)
     validate_shapes(args, shapes, str(path))
-    weights: dict[str, torch.Tensor] = {}
-    for file in files:
-        with _open(file) as st:
-            for name in st.keys():
-                if name in shapes:
-                    weights[name] = st.get_tensor(name).to(dtype)
+    weights = _read_weights(files, set(shapes), dtype)
     try:
         tokenizer = TextTokenizer.from_tokenizer_json(path)
     except (FileNotFoundError, ValueError) as exc:
@@ -126,6 +121,19 @@ def _open(file: Path) -> Any:
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{file}: truncated or malformed safetensors file ({exc})") from exc
+
+
+def _read_weights(files: list[Path], wanted: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        with _open(file) as st:
+            try:
+                for name in st.keys():
+                    if name in wanted:
+                        weights[name] = st.get_tensor(name).to(dtype)
+            except SafetensorError as exc:
+                raise CheckpointError(f"{file}: unreadable tensor data ({exc})") from exc
+    return weights
 
 
 def _tensor_shapes(files: list[Path], tied: bool) -> dict[str, tuple[int, ...]]:
