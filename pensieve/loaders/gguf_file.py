@@ -32,6 +32,7 @@ _SCALARS: dict[GGUFValueType, str] = {
     GGUFValueType.BOOL: "?",
 }
 _MAX_DIMS = 8
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,31 @@ class _Cursor:
         except UnicodeDecodeError as exc:
             raise CheckpointError(f"{self.path}: {what} is not valid UTF-8 ({exc})") from exc
 
+    def _strings(self, count: int, what: str) -> list[str]:
+        """``count`` length-prefixed strings: the vocab's ~100k entries, so a tight loop
+        with one bounds check at the end (a slice past the end just comes back short)."""
+        self.need(count * 8, what)
+        buf, pos, out = self.buf, self.pos, []
+        length_at = _U64.unpack_from
+        try:
+            for _ in range(count):
+                (n,) = length_at(buf, pos)
+                out.append(buf[pos + 8:pos + 8 + n].decode("utf-8"))
+                pos += 8 + n
+        except struct.error:
+            pos = self.size + 1  # a length prefix past the end: reported below
+        except UnicodeDecodeError as exc:
+            if pos + 8 + n <= self.size:
+                raise CheckpointError(f"{self.path}: {what} holds invalid UTF-8 ({exc})") from exc
+            pos = self.size + 1  # the file ends inside this string
+        if pos > self.size:
+            raise CheckpointError(
+                f"{self.path}: GGUF file is truncated or malformed (string array {what} "
+                f"runs past the end of the file, {self.size} bytes)"
+            )
+        self.pos = pos
+        return out
+
     def value(self, vtype: int, what: str) -> Any:
         if vtype == GGUFValueType.STRING:
             return self.string(what)
@@ -90,7 +116,7 @@ class _Cursor:
         etype = self.unpack("I", what)
         count = self.unpack("Q", what)
         if etype == GGUFValueType.STRING:
-            return [self.string(what) for _ in range(count)]
+            return self._strings(count, what)
         if etype == GGUFValueType.ARRAY:
             return [self.array(what) for _ in range(count)]
         try:

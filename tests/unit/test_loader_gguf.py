@@ -195,3 +195,15 @@ def test_reader_matches_gguf_reader(tmp_path, model, tok):
         assert info.shape == tuple(int(x) for x in reversed(t.shape))
         assert np.array_equal(ours.raw(t.name).numpy(), t.data.reshape(-1).view(np.uint8))
     assert ours.metadata["tokenizer.ggml.merges"] == ref.fields["tokenizer.ggml.merges"].contents()
+
+
+def test_cut_inside_the_vocab_and_bad_utf8(tmp_path, model, tok):
+    path = write_tiny_gguf(tmp_path / "m.gguf", model, tokenizer=tok)
+    data = path.read_bytes()
+    cut = data.index(b"tokenizer.ggml.tokens") + 200
+    path.write_bytes(data[:cut])
+    with pytest.raises(CheckpointError, match="truncated.*tokenizer.ggml.tokens"):
+        load_checkpoint(path)
+    path.write_bytes(data.replace(b"<|endoftext|>", b"\xff" * 13))
+    with pytest.raises(CheckpointError, match="invalid UTF-8"):
+        load_checkpoint(path)

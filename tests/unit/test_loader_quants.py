@@ -13,20 +13,22 @@ from pensieve.loaders.checkpoint import CheckpointError
 from pensieve.loaders.quants import SUPPORTED_TYPES, dequantize, reference_dequantize
 from tests.unit.loader_fixtures import Q, random_block_bytes
 
-FAST = [Q.Q8_0, Q.Q4_0, Q.Q4_1]
+QUANTISABLE = [Q.Q8_0, Q.Q4_0, Q.Q4_1]  # gguf.quants can produce these from floats
+FAST = QUANTISABLE + [Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
 
 @pytest.mark.parametrize("qtype", FAST, ids=lambda q: q.name)
 def test_fast_path_equals_gguf_on_random_blocks(qtype):
-    rows, cols = 48, 256
-    data = random_block_bytes(qtype, rows * cols // 32, seed=7)
+    rows, cols = 48, 512
+    block, _ = GGML_QUANT_SIZES[qtype]
+    data = random_block_bytes(qtype, rows * cols // block, seed=7)
     got = dequantize(torch.from_numpy(data.copy()), qtype, (rows, cols))
     ref = gguf_dequantize(data.reshape(rows, -1), qtype)
     assert got.shape == (rows, cols) and got.dtype == torch.float32
     assert torch.equal(got, torch.from_numpy(ref))
 
 
-@pytest.mark.parametrize("qtype", FAST, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", QUANTISABLE, ids=lambda q: q.name)
 def test_fast_path_on_quantised_floats(qtype):
     src = np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32)
     raw = torch.from_numpy(quantize(src, qtype).reshape(-1).copy())
