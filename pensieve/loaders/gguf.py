@@ -10,7 +10,6 @@ Three llama.cpp conventions are undone here:
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +24,6 @@ from pensieve.loaders.gguf_file import GGUFFile
 from pensieve.loaders.quants import dequantize
 from pensieve.loaders.tokenizer import TextTokenizer
 from pensieve.models.args import ModelArgs
-
-log = logging.getLogger(__name__)
 
 GLOBAL_NAMES: dict[str, str] = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -63,7 +60,10 @@ def hf_name(gguf_name: str) -> str | None:
 
 
 def model_name(path: Path) -> str:
-    """Served id from the file name: ``SmolLM2-135M-Instruct.Q4_1.gguf`` → ``SmolLM2-135M-Instruct``."""
+    """Served id from the file name, quant suffix dropped.
+
+    ``SmolLM2-135M-Instruct.Q4_1.gguf`` → ``SmolLM2-135M-Instruct``.
+    """
     return _QUANT_SUFFIX.sub("", path.stem) or path.stem
 
 

@@ -56,7 +56,10 @@ def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
 
 
 def hf_model_args(config: dict[str, Any], architecture: str) -> ModelArgs:
-    """ModelArgs from config.json (transformers 4 ``rope_theta``/``rope_scaling`` or 5 ``rope_parameters``)."""
+    """ModelArgs from config.json.
+
+    RoPE comes as transformers 4's ``rope_theta`` + ``rope_scaling`` or 5's ``rope_parameters``.
+    """
     try:
         hidden = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
@@ -111,7 +114,9 @@ def weight_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         if any(path.glob("*.bin")) or any(path.glob("*.pth")):
-            raise CheckpointError(f"{path}: only pickle weights (.bin/.pth); convert to safetensors")
+            raise CheckpointError(
+                f"{path}: only pickle weights (.bin/.pth); convert them to safetensors"
+            )
         raise CheckpointError(f"{path}: no *.safetensors weights")
     return files
 
@@ -123,7 +128,9 @@ def _open(file: Path) -> Any:
         raise CheckpointError(f"{file}: truncated or malformed safetensors file ({exc})") from exc
 
 
-def _read_weights(files: list[Path], wanted: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read_weights(
+    files: list[Path], wanted: set[str], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
     for file in files:
         with _open(file) as st:

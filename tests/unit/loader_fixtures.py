@@ -204,10 +204,3 @@ def _add_bpe_vocab(w: GGUFWriter, tok: Tokenizer) -> None:
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
-
-
-def gguf_tensor_shape(path: Path, name: str) -> tuple[int, ...]:
-    from gguf import GGUFReader
-
-    t = next(t for t in GGUFReader(str(path)).tensors if t.name == name)
-    return tuple(int(x) for x in t.shape)
