@@ -17,6 +17,7 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30  # cap used when num_kv_blocks is None
     max_num_seqs: int = 8  # requests decoding in one step
     max_num_batched_tokens: int = 512  # token budget of one step (prefill is chunked to fit)
+    enable_prefix_cache: bool = True
     max_waiting: int = 256  # queued requests before new ones get "overloaded"
     seed: int = 0
 

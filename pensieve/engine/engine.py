@@ -11,6 +11,7 @@ from pensieve.engine.block_pool import BlockPool
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.engine.errors import PromptTooLongError
+from pensieve.engine.kv_manager import KVCacheManager
 from pensieve.engine.model_runner import ModelRunner
 from pensieve.engine.request import Request, RequestStatus
 from pensieve.engine.sampler import make_generator, sample
@@ -34,10 +35,15 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.runner = ModelRunner(model, args, config)
+        capacity = self.runner.num_blocks * config.block_size
+        if capacity < config.context_length:
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens, less than one context of "
+                f"{config.context_length}: raise num_kv_blocks or lower context_length"
+            )
         self.pool = BlockPool(self.runner.num_blocks)
-        self.scheduler = Scheduler(
-            self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens
-        )
+        self.kv = KVCacheManager(self.pool, config.block_size, config.enable_prefix_cache)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self._requests: dict[str, Request] = {}
 
     @property
@@ -90,12 +96,17 @@ class Engine:
         logits = self.runner.run(chunks)
         for chunk in chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
+            self.kv.commit(chunk.request)
         tokens = sample(
             logits, [r.params for r in sampled], [r.generator for r in sampled]
         )
         return [self._append(req, tok) for req, tok in zip(sampled, tokens)]
 
     def _append(self, req: Request, token: int) -> GenerationDelta:
+        if not req.output_ids:  # prefill done: what it added to the prefix cache
+            prompt_blocks = min(len(req.block_hashes), len(req.prompt_ids) // self.config.block_size)
+            cached_now = prompt_blocks * self.config.block_size
+            req.num_new_cached_tokens = max(0, cached_now - req.num_cached_tokens)
         req.output_ids.append(token)
         if token in self.tokenizer.eos_token_ids and not req.params.ignore_eos:
             return self._finish(req, FinishReason.EOS, self._flush(req))
@@ -131,6 +142,7 @@ class Engine:
             stop_sequence=req.stop_sequence,
             num_prompt_tokens=len(req.prompt_ids),
             num_cached_tokens=req.num_cached_tokens,
+            num_new_cached_tokens=req.num_new_cached_tokens,
             num_output_tokens=len(req.output_ids),
         )
 

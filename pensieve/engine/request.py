@@ -29,8 +29,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full, cached blocks
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_new_cached_tokens: int = 0  # prompt tokens this request added to the prefix cache
     finish_reason: FinishReason | None = None
     stop_sequence: str | None = None
     error: str | None = None

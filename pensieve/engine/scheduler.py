@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from pensieve.engine.block_pool import BlockPool
+from pensieve.engine.kv_manager import KVCacheManager
 from pensieve.engine.request import Request, RequestStatus
 
 
@@ -27,10 +27,9 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(
-        self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int
+        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int
     ) -> None:
-        self.pool = pool
-        self.block_size = block_size
+        self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -55,8 +54,10 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            self.kv.match_prefix(req)
             n = min(req.num_pending_tokens, budget)
-            if not self._reserve(req, n):
+            if not self.kv.reserve(req, n):
+                self._free(req)  # give back the prefix hits too; retry next step
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
@@ -74,30 +75,19 @@ class Scheduler:
         self._free(request)
 
     def _reserve_or_preempt(self, req: Request, n: int) -> bool:
-        while not self._reserve(req, n):
+        while not self.kv.reserve(req, n):
             victim = self.running[-1]
             self._preempt(victim)
             if victim is req:
                 return False
         return True
 
-    def _reserve(self, req: Request, n: int) -> bool:
-        """Make sure ``req`` has blocks for its next ``n`` tokens."""
-        needed = -(-(req.num_computed_tokens + n) // self.block_size) - len(req.block_ids)
-        if needed <= 0:
-            return True
-        if needed > self.pool.num_free:
-            return False
-        req.block_ids.extend(self.pool.allocate(needed))
-        return True
-
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self._free(req)
-        req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 
     def _free(self, req: Request) -> None:
-        self.pool.release(req.block_ids)
-        req.block_ids = []
+        self.kv.free(req)
+        req.num_computed_tokens = 0

@@ -26,6 +26,7 @@ class SamplingParams:
     seed: int | None = None
     stop_sequences: tuple[str, ...] = ()
     ignore_eos: bool = False
+    retain_prefix: bool = False  # the client asked for caching: evict this prefix last
 
 
 @dataclass
@@ -43,5 +44,6 @@ class GenerationDelta:
     stop_sequence: str | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens read from the prefix cache
+    num_new_cached_tokens: int = 0  # prompt tokens written to the prefix cache
     num_output_tokens: int = 0

@@ -48,7 +48,7 @@ def test_chunked_prefill_equals_whole_prefill():
 def test_preemption_keeps_outputs_and_frees_blocks():
     prompts = {f"p{i}": f"request {i} with some text" for i in range(4)}
     reference, _ = run_all(tiny_engine(), prompts)
-    engine = tiny_engine(num_kv_blocks=24)  # too few for all four at once: forces preemption
+    engine = tiny_engine(num_kv_blocks=24, context_length=96)  # too few for all four at once: forces preemption
     squeezed, final = run_all(engine, prompts)
     assert squeezed == reference
     assert all(f.finish_reason is FinishReason.MAX_TOKENS for f in final.values())
@@ -96,7 +96,7 @@ def test_seeded_sampling_is_reproducible_and_varies_with_seed():
 
 def test_random_requests_never_leak_blocks():
     rng = random.Random(7)
-    engine = tiny_engine(num_kv_blocks=40, max_num_batched_tokens=32)
+    engine = tiny_engine(num_kv_blocks=40, context_length=160, max_num_batched_tokens=32)
     tok, live, n_done = ByteTokenizer(), set(), 0
     for i in range(300):
         rid = f"q{i}"
