@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pensieve.api.config import ApiConfig
 from pensieve.api.errors import ApiError, prompt_too_long
+from pensieve.chat.caching import wants_prompt_cache
 from pensieve.api.state import GenerationClient, Services
 from pensieve.chat import MessageEventBuilder, RenderedPrompt
 from pensieve.chat.stream import close_iterator
@@ -68,6 +69,7 @@ async def prepare_generation(services: Services, request: MessageCreateParams, r
         top_p=1.0 if request.top_p is None else request.top_p,
         top_k=request.top_k or 0,
         stop_sequences=tuple(s for s in request.stop_sequences or () if s),
+        retain_prefix=wants_prompt_cache(request),
     )
     return PreparedGeneration(request_id, new_message_id(), request.model, prompt, params)
 

@@ -112,14 +112,15 @@ class MessageEventBuilder:
         return events
 
     def _final_usage(self, delta: GenerationDelta) -> MessageDeltaUsage:
-        # As in the API, input_tokens excludes what was read from the cache; the three add
-        # up to the prompt length that message_start (and count_tokens) reported.
+        # As in the API, input_tokens excludes what was read from or written to the cache;
+        # the three add up to the prompt length that message_start (and count_tokens) reported.
         prompt = delta.num_prompt_tokens or self.input_tokens
         cached = min(delta.num_cached_tokens, prompt)
+        created = min(delta.num_new_cached_tokens, prompt - cached)
         return MessageDeltaUsage(
             output_tokens=self.output_tokens,
-            input_tokens=prompt - cached,
-            cache_creation_input_tokens=0,
+            input_tokens=prompt - cached - created,
+            cache_creation_input_tokens=created,
             cache_read_input_tokens=cached,
         )
 

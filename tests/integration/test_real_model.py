@@ -137,3 +137,20 @@ def test_client_disconnect_mid_stream_then_serves(client, base_url):
     assert health
     assert client.messages.create(model="claude-sonnet-5", max_tokens=8, messages=QUESTION,
                                   extra_body=GREEDY).content[0].text
+
+
+def test_follow_up_turn_reads_the_shared_prefix_from_cache(client):
+    system = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.3.a1f;"},
+              {"type": "text", "text": "You are a geography tutor. " * 40,
+               "cache_control": {"type": "ephemeral"}}]
+    first = dict(model="claude-sonnet-5", system=system, messages=QUESTION)
+    system2 = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.3.b7c;"}, system[1]]
+    second = dict(model="claude-sonnet-5", system=system2,
+                  messages=QUESTION + [{"role": "assistant", "content": "Paris."},
+                                       {"role": "user", "content": "And of Spain?"}])
+    a = client.messages.create(max_tokens=4, extra_body=GREEDY, **first)
+    b = client.messages.create(max_tokens=4, extra_body=GREEDY, **second)
+    total = client.messages.count_tokens(**second).input_tokens
+    assert a.usage.cache_creation_input_tokens > 0
+    assert b.usage.cache_read_input_tokens >= total - 40  # all but the new turn, despite the header
+    assert b.usage.input_tokens + b.usage.cache_read_input_tokens + b.usage.cache_creation_input_tokens == total
