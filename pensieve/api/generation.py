@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.concurrency import run_in_threadpool
 
@@ -34,9 +34,17 @@ class PreparedGeneration:
     model: str  # the name the client asked for; echoed in the response
     prompt: RenderedPrompt
     params: SamplingParams
+    thinking_key: bytes | None = field(default=None, repr=False)  # the renderer's signing key
 
     def event_builder(self) -> MessageEventBuilder:
-        return MessageEventBuilder(message_id=self.message_id, model=self.model, input_tokens=self.prompt.num_tokens)
+        return MessageEventBuilder(
+            message_id=self.message_id,
+            model=self.model,
+            input_tokens=self.prompt.num_tokens,
+            tools=self.prompt.tools,
+            thinking=self.prompt.thinking,
+            thinking_key=self.thinking_key,
+        )
 
 
 def new_message_id() -> str:
@@ -70,8 +78,12 @@ async def prepare_generation(services: Services, request: MessageCreateParams, r
         top_k=request.top_k or 0,
         stop_sequences=tuple(s for s in request.stop_sequences or () if s),
         retain_prefix=wants_prompt_cache(request),
+        # TODO(grammar): pass prompt.thinking (budget_tokens, close_marker) as
+        # SamplingParams.thinking_budget / thinking_end, and prompt.tools (format, tools,
+        # choice, forced_name) as SamplingParams.tool_grammar, once those fields exist.
     )
-    return PreparedGeneration(request_id, new_message_id(), request.model, prompt, params)
+    return PreparedGeneration(request_id, new_message_id(), request.model, prompt, params,
+                              services.renderer.thinking_key)
 
 
 async def start_deltas(engine: GenerationClient, prepared: PreparedGeneration) -> AsyncIterator[GenerationDelta]:

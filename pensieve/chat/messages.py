@@ -1,27 +1,39 @@
-"""Anthropic conversation → the ``{"role", "content"}`` dicts a chat template renders.
+"""Anthropic conversation → the message dicts a chat template renders.
 
-Text blocks are joined; thinking blocks of past turns are dropped (templates re-render
-history without them); images and documents become a short placeholder; ``tool_use`` and
-``tool_result`` become plain text through ``tool_use_text``/``tool_result_text`` — the seam
-where a model's native tool-call format will plug in. The volatile billing header Claude
-Code puts first in ``system`` is dropped, so the prompt prefix stays stable across turns.
+Text blocks are joined; images and documents become a short placeholder. Tool calls and
+results render the way the template expects (``HistoryStyle``):
+
+- native: an assistant ``tool_use`` becomes an entry of the message's ``tool_calls``
+  (``{"id", "type": "function", "function": {"name", "arguments": {…}}}``), a
+  ``tool_result`` a ``{"role": "tool", "tool_call_id", "name", "content"}`` message;
+- built-in (the Hermes format of Pensieve's tool prompt): ``<tool_call>`` blocks inside the
+  assistant's text, ``<tool_response>`` blocks inside the user's.
+
+Tool inputs are re-serialised byte-stably (fixed separators, keys in the order sent) so a
+resent history renders to the same tokens. Thinking blocks render back only when their
+signature verifies (``ThinkingHistory``); redacted thinking never does. The volatile
+billing header Claude Code puts first in ``system`` is dropped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from pensieve.chat.thinking import ThinkingHistory
 from pensieve.protocol import (
     ContentBlockParam,
     ConversationParams,
     DocumentBlockParam,
     ImageBlockParam,
     MessageContentParam,
+    MessageParam,
     TextBlockParam,
-    ToolParam,
+    ThinkingBlockParam,
     ToolResultBlockParam,
     ToolUseBlockParam,
 )
@@ -30,24 +42,42 @@ log = logging.getLogger(__name__)
 
 BLOCK_SEPARATOR = "\n\n"
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
+ERROR_PREFIX = "Error: "
 
 TemplateMessage = dict[str, Any]
 
 
-def tool_use_text(block: ToolUseBlockParam) -> str:
-    """A past tool call, as plain text (until tool calls render natively)."""
-    arguments = json.dumps(block.input, ensure_ascii=False)
-    return f'<tool_use id="{block.id}" name="{block.name}">{arguments}</tool_use>'
+@dataclass(frozen=True)
+class HistoryStyle:
+    """How tool calls and thinking of past turns render for one template."""
+
+    native_tools: bool = False  # tool_calls / "tool" messages (else Hermes text)
+    short_tool_ids: bool = False  # Mistral templates insist on 9-character call ids
+    thinking: ThinkingHistory | None = None  # None: past thinking is dropped
 
 
-def tool_result_text(block: ToolResultBlockParam) -> str:
-    """A tool's result, as plain text (until tool results render natively)."""
+def canonical_json(value: Any) -> str:
+    """JSON text that is the same for the same value, every time (tool inputs)."""
+    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+
+
+def tool_call_text(block: ToolUseBlockParam) -> str:
+    """A past tool call in the Hermes format of the built-in tool prompt."""
+    call = f'{{"name": {canonical_json(block.name)}, "arguments": {canonical_json(block.input)}}}'
+    return f"<tool_call>\n{call}\n</tool_call>"
+
+
+def tool_result_body(block: ToolResultBlockParam) -> str:
     if isinstance(block.content, str) or block.content is None:
         body = block.content or ""
     else:
         body = join_blocks(block.content)
-    error = ' is_error="true"' if block.is_error else ""
-    return f'<tool_result tool_use_id="{block.tool_use_id}"{error}>{body}</tool_result>'
+    return ERROR_PREFIX + body if block.is_error else body
+
+
+def tool_response_text(block: ToolResultBlockParam) -> str:
+    """A tool's result in the Hermes format (errors start with ``Error: ``)."""
+    return f"<tool_response>\n{tool_result_body(block)}\n</tool_response>"
 
 
 def block_text(block: ContentBlockParam) -> str | None:
@@ -55,9 +85,9 @@ def block_text(block: ContentBlockParam) -> str | None:
     if isinstance(block, TextBlockParam):
         return block.text
     if isinstance(block, ToolUseBlockParam):
-        return tool_use_text(block)
+        return tool_call_text(block)
     if isinstance(block, ToolResultBlockParam):
-        return tool_result_text(block)
+        return tool_response_text(block)
     if isinstance(block, ImageBlockParam):
         return "[image]"
     if isinstance(block, DocumentBlockParam):
@@ -96,33 +126,100 @@ def system_text(system: str | Sequence[ContentBlockParam] | None) -> str:
     return join_blocks(kept)
 
 
-def conversation_messages(request: ConversationParams) -> list[TemplateMessage]:
-    """One dict per entry: the system prompt first (if any), then ``messages`` in order.
+def short_tool_id(tool_use_id: str) -> str:
+    """A stable 9-character alphanumeric id for templates that demand one."""
+    return hashlib.sha256(tool_use_id.encode("utf-8")).hexdigest()[:9]
+
+
+def conversation_messages(
+    request: ConversationParams, style: HistoryStyle = HistoryStyle(), *, system_suffix: str = ""
+) -> list[TemplateMessage]:
+    """One dict per entry (tool results may add ``tool`` messages): the system prompt first
+    (``system_suffix``, e.g. the built-in tool prompt, joined to it), then ``messages``.
 
     Roles are left as sent (``system`` may appear mid-conversation); fitting them to what
     a template accepts is ``fit_roles``'s job.
     """
     out: list[TemplateMessage] = []
-    system = system_text(request.system)
+    system = _merge(system_text(request.system), system_suffix)
     if system:
         out.append({"role": "system", "content": system})
+    names: dict[str, str] = {}  # tool_use id → tool name, for "tool" messages
     for message in request.messages:
-        out.append({"role": message.role, "content": content_text(message.content)})
+        if isinstance(message.content, str):
+            out.append({"role": message.role, "content": message.content})
+        elif message.role == "assistant":
+            out.append(_assistant_message(message.content, style, names))
+        else:
+            out.extend(_user_messages(message, style, names))
     return out
 
 
-def template_tools(request: ConversationParams) -> list[dict[str, Any]] | None:
-    """Client tools in the shape Hugging Face templates expect, or None when there are none."""
-    tools = [t for t in request.tools or () if isinstance(t, ToolParam)]
-    if not tools:
-        return None
-    return [
-        {
-            "type": "function",
-            "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema},
-        }
-        for t in tools
-    ]
+def _assistant_message(
+    blocks: Sequence[ContentBlockParam], style: HistoryStyle, names: dict[str, str]
+) -> TemplateMessage:
+    parts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    thoughts: list[str] = []
+    for block in blocks:
+        if isinstance(block, ToolUseBlockParam):
+            names[block.id] = block.name
+            if style.native_tools:
+                calls.append(_template_call(block, style))
+            else:
+                parts.append(tool_call_text(block))
+        elif isinstance(block, ThinkingBlockParam):
+            thought = style.thinking.verified(block) if style.thinking else None
+            if thought is not None:
+                thoughts.append(thought)
+        else:
+            text = block_text(block)
+            if text is not None:
+                parts.append(text)
+    message: TemplateMessage = {"role": "assistant", "content": BLOCK_SEPARATOR.join(parts)}
+    if thoughts and style.thinking is not None:
+        thinking = BLOCK_SEPARATOR.join(thoughts)
+        if style.thinking.as_field:
+            message["reasoning_content"] = thinking
+        else:
+            message["content"] = style.thinking.wrap(thinking, message["content"])
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _template_call(block: ToolUseBlockParam, style: HistoryStyle) -> dict[str, Any]:
+    call_id = short_tool_id(block.id) if style.short_tool_ids else block.id
+    return {"id": call_id, "type": "function", "function": {"name": block.name, "arguments": block.input}}
+
+
+def _user_messages(message: MessageParam, style: HistoryStyle, names: dict[str, str]) -> list[TemplateMessage]:
+    """A user (or system) message; with native tools its results become ``tool`` messages."""
+    out: list[TemplateMessage] = []
+    parts: list[str] = []
+    for block in message.content:
+        if style.native_tools and isinstance(block, ToolResultBlockParam):
+            if parts:
+                out.append({"role": message.role, "content": BLOCK_SEPARATOR.join(parts)})
+                parts = []
+            out.append(_tool_message(block, style, names))
+        else:
+            text = block_text(block)
+            if text is not None:
+                parts.append(text)
+    if parts or not out:
+        out.append({"role": message.role, "content": BLOCK_SEPARATOR.join(parts)})
+    return out
+
+
+def _tool_message(block: ToolResultBlockParam, style: HistoryStyle, names: dict[str, str]) -> TemplateMessage:
+    call_id = short_tool_id(block.tool_use_id) if style.short_tool_ids else block.tool_use_id
+    return {
+        "role": "tool",
+        "tool_call_id": call_id,
+        "name": names.get(block.tool_use_id, ""),
+        "content": tool_result_body(block),
+    }
 
 
 def fit_roles(
@@ -132,7 +229,8 @@ def fit_roles(
 
     A system message the template cannot place (not first, or no system role at all)
     becomes user text; then consecutive same-role messages merge (the API merges
-    consecutive turns too, and many templates insist on alternation).
+    consecutive turns too, and many templates insist on alternation) — except ``tool``
+    messages, one per result.
     """
     shaped: list[TemplateMessage] = []
     for i, message in enumerate(messages):
@@ -140,11 +238,23 @@ def fit_roles(
         if role == "system":
             allowed = system_anywhere or (system_first and i == 0)
             role = "system" if allowed else "user"
-        if shaped and shaped[-1]["role"] == role:
-            shaped[-1] = {"role": role, "content": _merge(shaped[-1]["content"], message["content"])}
+        message = {**message, "role": role}
+        if shaped and shaped[-1]["role"] == role and role != "tool":
+            shaped[-1] = _merge_messages(shaped[-1], message)
         else:
-            shaped.append({"role": role, "content": message["content"]})
+            shaped.append(message)
     return shaped
+
+
+def _merge_messages(first: TemplateMessage, second: TemplateMessage) -> TemplateMessage:
+    merged = {**first, **second, "content": _merge(first["content"], second["content"])}
+    calls = first.get("tool_calls", []) + second.get("tool_calls", [])
+    if calls:
+        merged["tool_calls"] = calls
+    reasoning = _merge(first.get("reasoning_content", ""), second.get("reasoning_content", ""))
+    if reasoning:
+        merged["reasoning_content"] = reasoning
+    return merged
 
 
 def _merge(first: str, second: str) -> str:

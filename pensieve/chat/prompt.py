@@ -11,22 +11,41 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from pensieve.chat.messages import (
-    TemplateMessage,
-    conversation_messages,
-    fit_roles,
+from pensieve.chat.messages import HistoryStyle, TemplateMessage, conversation_messages, fit_roles
+from pensieve.chat.segmenter import ThinkingMarkers
+from pensieve.chat.template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError
+from pensieve.chat.thinking import (
+    ThinkingHistory,
+    ThinkingPlan,
+    ThinkingSigner,
+    detect_thinking_markers,
+    plan_thinking,
+    prompt_opens_thinking,
+    thinking_key_from_env,
+)
+from pensieve.chat.tool_parsers import DEFAULT_TOOL_FORMAT, detect_tool_format
+from pensieve.chat.tools_prompt import (
+    ToolsPlan,
+    builtin_tool_prompt,
+    native_choice_note,
+    plan_tools,
     template_tools,
 )
-from pensieve.chat.template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError
 from pensieve.protocol import ConversationParams
 
 log = logging.getLogger(__name__)
 
 _PROBE_SYSTEM = "PENSIEVE-PROBE-SYSTEM"
 _PROBE_MID_SYSTEM = "PENSIEVE-PROBE-MID-SYSTEM"
+_PROBE_TOOL = "pensieve_probe_tool"
+_PROBE_TOOL_DESC = "PENSIEVE-PROBE-TOOL-DESCRIPTION"
+_PROBE_ARG = "pensieve_probe_argument"
+_PROBE_RESULT = "PENSIEVE-PROBE-TOOL-RESULT"
+_PROBE_CALL_ID = "probe0001"  # 9 characters: Mistral templates check the length
+_PROBE_ERRORS = (ChatTemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError)
 
 
 class PromptTokenizer(Protocol):
@@ -42,9 +61,18 @@ class PromptTokenizer(Protocol):
 
 @dataclass(frozen=True)
 class RenderedPrompt:
+    """A request's prompt, and what the output side (and the engine) must know of it.
+
+    ``tools``: the tools offered and the call format to parse (None: no tools offered, no
+    tool parsing). ``thinking``: whether the request thinks, the model's markers, the
+    budget, and whether the prompt already opened a thinking section.
+    """
+
     text: str  # what the template produced (without a BOS the renderer prepended as an id)
     token_ids: list[int]
     prefill: str = ""  # the assistant text the model continues, "" when none
+    tools: ToolsPlan | None = None
+    thinking: ThinkingPlan = field(default_factory=ThinkingPlan)
 
     @property
     def num_tokens(self) -> int:
@@ -53,17 +81,23 @@ class RenderedPrompt:
 
 @dataclass(frozen=True)
 class TemplateCaps:
-    """Where the template lets a system message go (found by rendering probes)."""
+    """What the template can do (found by reading it and rendering probes)."""
 
     system_first: bool
     system_anywhere: bool
+    native_tools: bool = False  # renders tools, assistant tool_calls and "tool" messages
+    tool_format: str = DEFAULT_TOOL_FORMAT  # the call format to parse
+    thinking_markers: ThinkingMarkers | None = None
+    reads_enable_thinking: bool = False
+    reads_reasoning_content: bool = False
 
 
 class PromptRenderer:
     """Renders requests for one model: its tokenizer and its chat template.
 
     ``chat_template`` None or empty → ChatML. ``template_kwargs`` are passed to every render
-    (e.g. ``{"enable_thinking": False}`` for templates that read it).
+    (e.g. ``{"enable_thinking": False}`` as the default for requests that do not say).
+    ``thinking_key`` signs thinking blocks (default: ``PENSIEVE_THINKING_KEY`` or random).
     """
 
     def __init__(
@@ -72,36 +106,65 @@ class PromptRenderer:
         chat_template: str | None,
         *,
         template_kwargs: Mapping[str, Any] | None = None,
+        thinking_key: bytes | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.template = ChatTemplate(chat_template or CHATML_TEMPLATE)
         self.template_kwargs = dict(template_kwargs or {})
+        self.thinking_key = thinking_key or thinking_key_from_env()
+        self.signer = ThinkingSigner(self.thinking_key)
         self.caps = self._probe_caps()
+        markers = self.caps.thinking_markers
+        self.history_style = HistoryStyle(
+            native_tools=self.caps.native_tools,
+            short_tool_ids=self.caps.native_tools and self.caps.tool_format == "mistral",
+            thinking=ThinkingHistory(self.signer, markers, self.caps.reads_reasoning_content) if markers else None,
+        )
 
     def render(self, request: ConversationParams) -> RenderedPrompt:
         """Prompt for ``request``. Raises ``ChatTemplateError`` if the template refuses it."""
+        caps = self.caps
+        tools = plan_tools(request, tool_format=caps.tool_format, native=caps.native_tools)
+        thinking = plan_thinking(request, caps.thinking_markers)
         messages = fit_roles(
-            conversation_messages(request),
-            system_first=self.caps.system_first,
-            system_anywhere=self.caps.system_anywhere,
+            conversation_messages(request, self.history_style, system_suffix=self._tools_system(tools)),
+            system_first=caps.system_first,
+            system_anywhere=caps.system_anywhere,
         )
-        tools = template_tools(request)
+        hf_tools = template_tools(tools) if tools and caps.native_tools else None
+        kwargs = self._kwargs(request, thinking)
         prefill = ""
-        if messages and messages[-1]["role"] == "assistant":
-            prefill = messages[-1]["content"]
+        last = messages[-1] if messages else {}
+        if last.get("role") == "assistant" and not last.get("tool_calls"):
+            prefill = last["content"]
             if not prefill.strip():  # an empty prefill is no prefill
                 messages, prefill = messages[:-1], ""
         if prefill:
-            text = self._render_continuation(messages, tools, prefill)
+            text = self._render_continuation(messages, hf_tools, prefill, kwargs)
         else:
-            text = self._render(messages, tools, add_generation_prompt=True)
-        return RenderedPrompt(text=text, token_ids=self._encode(text), prefill=prefill)
+            text = self._render(messages, hf_tools, add_generation_prompt=True, **kwargs)
+        thinking = replace(thinking, starts_open=prompt_opens_thinking(text, caps.thinking_markers))
+        return RenderedPrompt(text, self._encode(text), prefill, tools, thinking)
 
     def count_tokens(self, request: ConversationParams) -> int:
         return self.render(request).num_tokens
 
+    def _tools_system(self, tools: ToolsPlan | None) -> str:
+        """What the tools add to the system prompt: the built-in section, or for templates
+        that list tools themselves only a non-default tool_choice."""
+        if tools is None:
+            return ""
+        return native_choice_note(tools) if tools.native else builtin_tool_prompt(tools)
+
+    def _kwargs(self, request: ConversationParams, thinking: ThinkingPlan) -> dict[str, Any]:
+        kwargs = dict(self.template_kwargs)
+        if self.caps.reads_enable_thinking and (request.thinking is not None or "enable_thinking" not in kwargs):
+            kwargs["enable_thinking"] = thinking.requested
+        return kwargs
+
     def _render(
-        self, messages: list[TemplateMessage], tools: list[dict[str, Any]] | None, *, add_generation_prompt: bool
+        self, messages: list[TemplateMessage], tools: list[dict[str, Any]] | None, *,
+        add_generation_prompt: bool, **kwargs: Any,
     ) -> str:
         return self.template.render(
             messages,
@@ -109,21 +172,22 @@ class PromptRenderer:
             add_generation_prompt=add_generation_prompt,
             bos_token=self.tokenizer.bos_token or "",
             eos_token=self.tokenizer.eos_token or "",
-            **self.template_kwargs,
+            **(kwargs or self.template_kwargs),
         )
 
     def _render_continuation(
-        self, messages: list[TemplateMessage], tools: list[dict[str, Any]] | None, prefill: str
+        self, messages: list[TemplateMessage], tools: list[dict[str, Any]] | None, prefill: str,
+        kwargs: dict[str, Any],
     ) -> str:
         """The conversation ending inside the last (assistant) message, right after its text."""
-        full = self._render(messages, tools, add_generation_prompt=False)
+        full = self._render(messages, tools, add_generation_prompt=False, **kwargs)
         # Templates may trim the content: look for it without surrounding whitespace.
         needle = prefill.strip()
         at = full.rfind(needle)
         if at >= 0:
             return full[: at + len(needle)]
         log.debug("prefill not found in the rendered template; appending it to a generation prompt")
-        return self._render(messages[:-1], tools, add_generation_prompt=True) + prefill.rstrip()
+        return self._render(messages[:-1], tools, add_generation_prompt=True, **kwargs) + prefill.rstrip()
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text)
@@ -141,9 +205,16 @@ class PromptRenderer:
             {"role": "system", "content": _PROBE_MID_SYSTEM},
             {"role": "user", "content": "bye"},
         ]
+        source = self.template.source
+        native = self._renders_tools()
         caps = TemplateCaps(
             system_first=self._renders(first, _PROBE_SYSTEM),
             system_anywhere=self._renders(mid, _PROBE_MID_SYSTEM),
+            native_tools=native,
+            tool_format=detect_tool_format(source) if native else DEFAULT_TOOL_FORMAT,
+            thinking_markers=detect_thinking_markers(source),
+            reads_enable_thinking="enable_thinking" in source,
+            reads_reasoning_content="reasoning_content" in source,
         )
         log.debug("chat template caps: %s", caps)
         return caps
@@ -151,5 +222,23 @@ class PromptRenderer:
     def _renders(self, messages: list[TemplateMessage], marker: str) -> bool:
         try:
             return marker in self._render(messages, None, add_generation_prompt=True)
-        except (ChatTemplateError, TypeError, ValueError, KeyError, IndexError):
+        except _PROBE_ERRORS:
             return False
+
+    def _renders_tools(self) -> bool:
+        """Does the template list tools, and render a tool call and its result?"""
+        schema = {"type": "object", "properties": {_PROBE_ARG: {"type": "string"}}}
+        tool = {"type": "function",
+                "function": {"name": _PROBE_TOOL, "description": _PROBE_TOOL_DESC, "parameters": schema}}
+        call = {"id": _PROBE_CALL_ID, "type": "function",
+                "function": {"name": _PROBE_TOOL, "arguments": {_PROBE_ARG: "x"}}}
+        messages = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": _PROBE_CALL_ID, "name": _PROBE_TOOL, "content": _PROBE_RESULT},
+        ]
+        try:
+            text = self._render(messages, [tool], add_generation_prompt=True)
+        except _PROBE_ERRORS:
+            return False
+        return all(marker in text for marker in (_PROBE_TOOL_DESC, _PROBE_ARG, _PROBE_RESULT))

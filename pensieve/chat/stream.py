@@ -1,20 +1,44 @@
 """Engine deltas → Anthropic stream events, and events → a complete ``Message``.
 
 There is one path: ``message_events`` produces the events; a streaming response sends
-them, a non-streaming one is ``collect_message`` over the same events. For now the answer
-is one text block, opened with its first text (an empty answer has no block).
+them, a non-streaming one is ``collect_message`` over the same events. The generated text
+goes through a ``Segmenter`` (text | thinking | tool calls, per the prompt's plans); each
+segment kind is a content block, opened at its first segment and closed when another kind
+starts. A thinking block ends with a ``signature_delta`` (HMAC of its text); a tool call is a
+``tool_use`` block whose arguments stream as ``input_json_delta``s.
+
+``stop_reason`` is ``tool_use`` when the turn ended (end of turn, or the segmenter ending it
+after the last call allowed) with at least one complete call in it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import secrets
+import string
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
+from pensieve.chat.segmenter import Segmenter
+from pensieve.chat.segments import (
+    Segment,
+    TextSegment,
+    ThinkingSegment,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
+from pensieve.chat.thinking import ThinkingPlan, ThinkingSigner
+from pensieve.chat.tool_parsers import make_tool_parser
+from pensieve.chat.tools_prompt import ToolsPlan
 from pensieve.engine.types import FinishReason, GenerationDelta
 from pensieve.protocol import (
+    ContentBlock,
     ErrorEvent,
     ErrorObject,
     ErrorType,
+    InputJSONDelta,
     Message,
     MessageDelta,
     MessageDeltaUsage,
@@ -24,12 +48,18 @@ from pensieve.protocol import (
     RawMessageDeltaEvent,
     RawMessageStartEvent,
     RawMessageStopEvent,
+    SignatureDelta,
     StopReason,
     StreamEvent,
     TextBlock,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
+    ToolUseBlock,
     Usage,
 )
+
+log = logging.getLogger(__name__)
 
 STOP_REASONS: dict[FinishReason, StopReason] = {
     FinishReason.EOS: "end_turn",
@@ -37,6 +67,23 @@ STOP_REASONS: dict[FinishReason, StopReason] = {
     FinishReason.MAX_TOKENS: "max_tokens",
     FinishReason.CONTEXT: "model_context_window_exceeded",
 }
+TOOL_USE_ID_PREFIX = "toolu_"
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_tool_use_id() -> str:
+    return TOOL_USE_ID_PREFIX + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
+
+
+def make_segmenter(tools: ToolsPlan | None, thinking: ThinkingPlan | None) -> Segmenter:
+    """The segmenter for a prompt's plans: no tools offered → no tool parsing at all."""
+    parser = make_tool_parser(tools.format, tools.schemas()) if tools else None
+    return Segmenter(
+        tool_parser=parser,
+        thinking=thinking.markers if thinking else None,
+        start_in_thinking=bool(thinking and thinking.starts_open),
+        max_calls=tools.max_calls if tools else None,
+    )
 
 
 class GenerationFailed(Exception):
@@ -48,15 +95,34 @@ class GenerationFailed(Exception):
 
 
 class MessageEventBuilder:
-    """The state of one message being streamed: which block is open, counts so far."""
+    """The state of one message being streamed: the segmenter, the open block, counts.
 
-    def __init__(self, *, message_id: str, model: str, input_tokens: int) -> None:
+    ``tools``/``thinking`` come from the ``RenderedPrompt``; ``thinking_key`` is the
+    renderer's (so signatures verify when the thinking comes back).
+    """
+
+    def __init__(
+        self,
+        *,
+        message_id: str,
+        model: str,
+        input_tokens: int,
+        tools: ToolsPlan | None = None,
+        thinking: ThinkingPlan | None = None,
+        thinking_key: bytes | None = None,
+    ) -> None:
         self.message_id = message_id
         self.model = model
         self.input_tokens = input_tokens
         self.output_tokens = 0
-        self._open_index: int | None = None
+        self.tools = tools
+        self.segmenter = make_segmenter(tools, thinking)
+        self._signer = ThinkingSigner(thinking_key or secrets.token_bytes(32))
+        self._open: str | None = None  # the open block's type
+        self._open_index = 0
         self._num_blocks = 0
+        self._thinking: list[str] = []  # the open thinking block's text
+        self.tool_calls = 0  # complete tool_use blocks
         self.finished = False
 
     def start(self) -> RawMessageStartEvent:
@@ -69,12 +135,17 @@ class MessageEventBuilder:
         return RawMessageStartEvent(message=message)
 
     def on_delta(self, delta: GenerationDelta) -> list[StreamEvent]:
-        """Events for one engine delta; after a final delta the builder is ``finished``."""
+        """Events for one engine delta; after a final delta the builder is ``finished`` (also
+        when the segmenter ended the turn early: the caller then stops the generation)."""
         events: list[StreamEvent] = []
         self.output_tokens = max(self.output_tokens, delta.num_output_tokens)
         if delta.text:
-            events.extend(self._text(delta.text))
+            events.extend(self._segments(self.segmenter.feed(delta.text)))
         if delta.finish_reason is not None:
+            if delta.finish_reason in STOP_REASONS:
+                events.extend(self._segments(self.segmenter.finish()))
+            events.extend(self._finish(delta))
+        elif self.segmenter.done:
             events.extend(self._finish(delta))
         return events
 
@@ -82,28 +153,68 @@ class MessageEventBuilder:
         self.finished = True
         return ErrorEvent(error=ErrorObject(type=error_type, message=message))
 
-    def _text(self, text: str) -> list[StreamEvent]:
+    # -- blocks ---------------------------------------------------------------------------
+
+    def _segments(self, segments: list[Segment]) -> list[StreamEvent]:
         events: list[StreamEvent] = []
-        if self._open_index is None:
-            self._open_index = self._num_blocks
-            self._num_blocks += 1
-            events.append(RawContentBlockStartEvent(index=self._open_index, content_block=TextBlock(text="")))
-        events.append(RawContentBlockDeltaEvent(index=self._open_index, delta=TextDelta(text=text)))
+        for segment in segments:
+            if isinstance(segment, TextSegment):
+                if self._open != "text":
+                    events += self._start_block(TextBlock(text=""))
+                events.append(self._delta(TextDelta(text=segment.text)))
+            elif isinstance(segment, ThinkingSegment):
+                if self._open != "thinking":
+                    events += self._start_block(ThinkingBlock(thinking="", signature=""))
+                self._thinking.append(segment.text)
+                events.append(self._delta(ThinkingDelta(thinking=segment.text)))
+            elif isinstance(segment, ToolCallStart):
+                events += self._start_block(self._tool_use_block(segment.name))
+            elif isinstance(segment, ToolCallDelta) and self._open == "tool_use":
+                events.append(self._delta(InputJSONDelta(partial_json=segment.partial_json)))
+            elif isinstance(segment, ToolCallEnd) and self._open == "tool_use":
+                self.tool_calls += segment.complete
+                events += self._close_block()
+        return events
+
+    def _tool_use_block(self, name: str) -> ToolUseBlock:
+        if self.tools is not None and name not in self.tools.names:
+            log.warning("the model called %r, which the request did not offer", name)
+        return ToolUseBlock(id=new_tool_use_id(), name=name, input={})
+
+    def _start_block(self, block: ContentBlock) -> list[StreamEvent]:
+        events = self._close_block()
+        self._open, self._open_index = block.type, self._num_blocks
+        self._num_blocks += 1
+        events.append(RawContentBlockStartEvent(index=self._open_index, content_block=block))
+        return events
+
+    def _delta(self, delta: Any) -> RawContentBlockDeltaEvent:
+        return RawContentBlockDeltaEvent(index=self._open_index, delta=delta)
+
+    def _close_block(self) -> list[StreamEvent]:
+        if self._open is None:
+            return []
+        events: list[StreamEvent] = []
+        if self._open == "thinking":
+            signature = self._signer.sign("".join(self._thinking))
+            events.append(self._delta(SignatureDelta(signature=signature)))
+            self._thinking = []
+        events.append(RawContentBlockStopEvent(index=self._open_index))
+        self._open = None
         return events
 
     def _finish(self, delta: GenerationDelta) -> list[StreamEvent]:
         reason = delta.finish_reason
-        if reason not in STOP_REASONS:  # ERROR, ABORTED
-            detail = delta.error or f"generation ended: {reason.value if reason else 'unknown'}"
+        if reason is not None and reason not in STOP_REASONS:  # ERROR, ABORTED
+            detail = delta.error or f"generation ended: {reason.value}"
             return [self.fail("api_error", detail)]
-        events: list[StreamEvent] = []
-        if self._open_index is not None:
-            events.append(RawContentBlockStopEvent(index=self._open_index))
-            self._open_index = None
+        events = self._close_block()
+        ended_turn = reason in (None, FinishReason.EOS)  # None: the segmenter ended it
+        stop_reason: StopReason = "tool_use" if ended_turn and self.tool_calls else STOP_REASONS[reason or FinishReason.EOS]
         stop_sequence = delta.stop_sequence if reason is FinishReason.STOP_SEQUENCE else None
         events.append(
             RawMessageDeltaEvent(
-                delta=MessageDelta(stop_reason=STOP_REASONS[reason], stop_sequence=stop_sequence),
+                delta=MessageDelta(stop_reason=stop_reason, stop_sequence=stop_sequence),
                 usage=self._final_usage(delta),
             )
         )
@@ -160,7 +271,7 @@ async def collect_message(events: AsyncIterable[StreamEvent]) -> Message:
     Raises ``GenerationFailed`` on an ``error`` event.
     """
     message: Message | None = None
-    texts: dict[int, list[str]] = {}
+    parts: dict[int, list[str]] = {}
     try:
         async for event in events:
             if isinstance(event, ErrorEvent):
@@ -171,20 +282,35 @@ async def collect_message(events: AsyncIterable[StreamEvent]) -> Message:
                 raise RuntimeError(f"{event.type} before message_start")
             elif isinstance(event, RawContentBlockStartEvent):
                 message.content.append(event.content_block.model_copy(deep=True))
-                texts[event.index] = []
-            elif isinstance(event, RawContentBlockDeltaEvent) and isinstance(event.delta, TextDelta):
-                texts[event.index].append(event.delta.text)
+                parts[event.index] = []
+            elif isinstance(event, RawContentBlockDeltaEvent):
+                _apply_block_delta(message.content[event.index], parts[event.index], event.delta)
             elif isinstance(event, RawMessageDeltaEvent):
                 _apply_message_delta(message, event)
     finally:
         await close_iterator(events)
     if message is None:
         raise RuntimeError("no message_start event")
-    for index, parts in texts.items():
-        block = message.content[index]
-        if isinstance(block, TextBlock):
-            block.text += "".join(parts)
+    for index, pieces in parts.items():
+        _complete_block(message.content[index], "".join(pieces))
     return message
+
+
+def _apply_block_delta(block: ContentBlock, pieces: list[str], delta: Any) -> None:
+    if isinstance(delta, (TextDelta, ThinkingDelta, InputJSONDelta)):
+        pieces.append(delta.text if isinstance(delta, TextDelta) else
+                      delta.thinking if isinstance(delta, ThinkingDelta) else delta.partial_json)
+    elif isinstance(delta, SignatureDelta) and isinstance(block, ThinkingBlock):
+        block.signature = delta.signature
+
+
+def _complete_block(block: ContentBlock, joined: str) -> None:
+    if isinstance(block, TextBlock):
+        block.text += joined
+    elif isinstance(block, ThinkingBlock):
+        block.thinking += joined
+    elif isinstance(block, ToolUseBlock) and joined:
+        block.input = json.loads(joined)
 
 
 def _apply_message_delta(message: Message, event: RawMessageDeltaEvent) -> None:

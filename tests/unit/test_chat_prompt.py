@@ -149,7 +149,7 @@ def test_bos_is_prepended_only_when_the_template_did_not_write_it() -> None:
     assert renderer().render(req).token_ids[0] != 0
 
 
-def test_tool_blocks_render_as_text_and_thinking_and_images_do_not_break_anything() -> None:
+def test_tool_blocks_render_in_hermes_format_and_thinking_and_images_do_not_break_anything() -> None:
     req = request([
         {"role": "user", "content": [{"type": "text", "text": "look"},
                                      {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]},
@@ -168,19 +168,23 @@ def test_tool_blocks_render_as_text_and_thinking_and_images_do_not_break_anythin
     text = renderer().render(req).text
     assert "look\n\n[image]" in text
     assert "SECRET THOUGHT" not in text
-    assert 'Running it.\n\n<tool_use id="toolu_1" name="Bash">{"command": "ls"}</tool_use>' in text
-    assert '<tool_result tool_use_id="toolu_1" is_error="true">no such dir</tool_result>' in text
+    assert 'Running it.\n\n<tool_call>\n{"name": "Bash", "arguments": {"command": "ls"}}\n</tool_call>' in text
+    assert "<tool_response>\nError: no such dir\n</tool_response>" in text
     assert "DOC BODY" in text
 
 
-def test_client_tools_reach_the_template_and_server_tools_do_not() -> None:
+def test_client_tools_are_offered_and_server_tools_are_not() -> None:
     req = request([{"role": "user", "content": "hi"}], tools=[
         {"name": "Bash", "description": "run", "input_schema": {"type": "object"}},
         {"type": "web_search_20250305", "name": "web_search"},
     ])
-    text = renderer(TOOLS_TEMPLATE).render(req).text
-    assert text.startswith("TOOLS: Bash") and "web_search" not in text
-    assert "TOOLS" not in renderer(TOOLS_TEMPLATE).render(request([{"role": "user", "content": "hi"}])).text
+    # This template lists tools but cannot render tool calls: the built-in tool prompt is used.
+    r = renderer(TOOLS_TEMPLATE)
+    assert not r.caps.native_tools
+    text = r.render(req).text
+    assert text.startswith("system: # Tools") and '{"name":"Bash","description":"run"' in text
+    assert "web_search" not in text and "TOOLS:" not in text
+    assert "Tools" not in r.render(request([{"role": "user", "content": "hi"}])).text
 
 
 def test_count_tokens_equals_the_rendered_prompt_length() -> None:
