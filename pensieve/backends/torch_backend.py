@@ -10,6 +10,8 @@ from torch import nn
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.engine import Engine
 from pensieve.loaders.checkpoint import Checkpoint
+from pensieve.backends.quantize import int8_lm_head, plan_int4, swap_in
+from pensieve.models.packing import pack_weights
 from pensieve.models.registry import model_class
 
 log = logging.getLogger(__name__)
@@ -20,13 +22,27 @@ def build_model(checkpoint: Checkpoint, config: EngineConfig) -> nn.Module:
     args = checkpoint.args
     with torch.device("meta"):
         model = model_class(args)(args, max_positions=config.context_length)
-    weights = dict(checkpoint.weights)
+    packed = getattr(model, "PACKED", {})
+    int4_modules, int4_floats = plan_int4(checkpoint.int4, packed)
+    weights = pack_weights({**checkpoint.weights, **int4_floats}, packed)
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-    model.load_state_dict(weights, strict=not args.tie_word_embeddings, assign=True)
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    swapped = {f"{path}.weight" for path in int4_modules}
+    if args.tie_word_embeddings:
+        swapped.add("lm_head.weight")
+    missing = [k for k in missing if k not in swapped]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not fit {args.architecture}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary.materialize("cpu")  # its tables were made on meta too
+    swap_in(model, int4_modules)
+    if config.int8_lm_head:
+        int8_lm_head(model)
     return model.to(device=config.device, dtype=config.dtype).eval()
 
 

@@ -18,6 +18,7 @@ class EngineConfig:
     max_num_seqs: int = 8  # requests decoding in one step
     max_num_batched_tokens: int = 512  # token budget of one step (prefill is chunked to fit)
     enable_prefix_cache: bool = True
+    int8_lm_head: bool = False  # weight-only int8 output projection (CPU decode speed)
     max_waiting: int = 256  # queued requests before new ones get "overloaded"
     seed: int = 0
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pensieve.loaders.tokenizer import TextTokenizer
 from pensieve.models.args import ModelArgs
+from pensieve.models.quant_linear import Int4Groups
 
 
 class CheckpointError(ValueError):
@@ -32,3 +33,6 @@ class Checkpoint:
     tokenizer: TextTokenizer
     chat_template: str | None
     context_length: int
+    # linear weights kept as exact 4-bit codes (only when the loader was asked to); such a
+    # name is in ``int4`` instead of ``weights``
+    int4: dict[str, Int4Groups] = field(default_factory=dict)

@@ -21,7 +21,9 @@ import torch
 from pensieve.loaders.architectures import ArchitectureSpec, spec_for_gguf, validate_shapes
 from pensieve.loaders.checkpoint import Checkpoint, CheckpointError
 from pensieve.loaders.gguf_file import GGUFFile
+from pensieve.loaders.int4_codes import int4_groups
 from pensieve.loaders.quants import dequantize
+from pensieve.models.quant_linear import Int4Groups
 from pensieve.loaders.tokenizer import TextTokenizer
 from pensieve.models.args import ModelArgs
 
@@ -67,8 +69,14 @@ def model_name(path: Path) -> str:
     return _QUANT_SUFFIX.sub("", path.stem) or path.stem
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Read ``path`` (a .gguf file); CheckpointError if it is unsupported or damaged."""
+def load_gguf(
+    path: str | Path, dtype: torch.dtype = torch.float32, *, keep_int4: bool = False
+) -> Checkpoint:
+    """Read ``path`` (a .gguf file); CheckpointError if it is unsupported or damaged.
+
+    With ``keep_int4``, 4-bit linear weights (Q4_0/Q4_1/Q4_K) go to ``Checkpoint.int4`` as
+    exact codes instead of being dequantised into ``weights``.
+    """
     path = Path(path)
     gf = GGUFFile(path)
     arch = gf.get("general.architecture")
@@ -79,8 +87,17 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
     args = gguf_model_args(gf, arch, has_lm_head="lm_head.weight" in names.values())
     validate_shapes(args, {hf: gf.tensors[g].shape for g, hf in names.items()}, str(path))
     tokenizer = TextTokenizer.from_gguf_metadata(gf.metadata)
+    int4: dict[str, Int4Groups] = {}
+    weights: dict[str, torch.Tensor] = {}
     with _single_threaded():
-        weights = {hf: _read_tensor(gf, g, hf, args, spec, dtype) for g, hf in names.items()}
+        for g, hf in names.items():
+            raw = _raw_hf_order(gf, g, hf, args, spec)
+            info = gf.tensors[g]
+            groups = int4_groups(raw, info.ggml_type, info.shape) if keep_int4 else None
+            if groups is not None and hf.endswith("_proj.weight"):
+                int4[hf] = groups
+            else:
+                weights[hf] = dequantize(raw, info.ggml_type, info.shape, dtype, name=g)
     template = gf.get("tokenizer.chat_template")
     return Checkpoint(
         name=model_name(path),
@@ -90,6 +107,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
         tokenizer=tokenizer,
         chat_template=template if isinstance(template, str) else None,
         context_length=args.max_position_embeddings,
+        int4=int4,
     )
 
 
@@ -167,8 +185,9 @@ def _rope_scaling(gf: GGUFFile, arch: str) -> dict[str, Any] | None:
     return scaling
 
 
-def _read_tensor(gf: GGUFFile, g: str, hf: str, args: ModelArgs, spec: ArchitectureSpec,
-                 dtype: torch.dtype) -> torch.Tensor:
+def _raw_hf_order(gf: GGUFFile, g: str, hf: str, args: ModelArgs, spec: ArchitectureSpec
+                  ) -> torch.Tensor:
+    """The tensor's bytes, with Q/K rows in HF order."""
     info = gf.tensors[g]
     raw = gf.raw(g)
     heads = _qk_heads(hf, args) if spec.permute_qk else None
@@ -176,7 +195,7 @@ def _read_tensor(gf: GGUFFile, g: str, hf: str, args: ModelArgs, spec: Architect
         # rows are whole quant blocks, so un-permute the bytes before dequantising
         rows = info.shape[0]
         raw = unpermute_rows(raw.reshape(rows, -1), heads).reshape(-1)
-    return dequantize(raw, info.ggml_type, info.shape, dtype, name=g)
+    return raw
 
 
 def _qk_heads(hf: str, args: ModelArgs) -> int | None:

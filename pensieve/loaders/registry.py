@@ -34,7 +34,9 @@ def checkpoint_format(path: Path) -> str:
     )
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
+def load_checkpoint(
+    path: str | Path, dtype: torch.dtype = torch.float32, *, keep_int4: bool = False
+) -> Checkpoint:
     """Load ``path`` with weights in HF names, dequantised/cast to ``dtype``.
 
     Raises CheckpointError with the reason for a missing path, an unknown format, an
@@ -42,5 +44,5 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
     """
     path = Path(path).expanduser()
     if checkpoint_format(path) == "gguf":
-        return load_gguf(path, dtype)
+        return load_gguf(path, dtype, keep_int4=keep_int4)
     return load_hf_folder(path, dtype)

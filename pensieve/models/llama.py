@@ -37,16 +37,18 @@ class Attention(nn.Module):
             args.head_dim,
         )
         bias = args.attention_bias
-        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
-        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
-        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=bias)
+        self.q_size = args.num_heads * args.head_dim
+        self.kv_size = args.num_kv_heads * args.head_dim
+        # q, k and v in one matmul (HF's q_proj/k_proj/v_proj rows, concatenated)
+        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, cos_sin: CosSin, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, k, cos_sin)
         out = paged_attention(self.layer, q, k, v, ctx)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
@@ -56,12 +58,12 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         bias = args.mlp_bias
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=bias)
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -94,6 +96,12 @@ class LlamaBody(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Token ids in, logits for the rows the engine asks for out."""
+
+    # our fused parameter ← the HF parameters whose rows it concatenates, in order
+    PACKED = {
+        "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    }
 
     def __init__(self, args: ModelArgs, max_positions: int | None = None) -> None:
         super().__init__()

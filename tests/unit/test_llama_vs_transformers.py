@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 from pensieve.models.args import ModelArgs
 from pensieve.models.forward_context import ForwardContext, SequenceSlice
 from pensieve.models.llama import LlamaForCausalLM
+from pensieve.models.packing import pack_weights
 
 BLOCK = 4
 
@@ -29,7 +30,8 @@ def _tiny(rope_scaling=None, tie=False):
         tie_word_embeddings=tie,
     )
     ours = LlamaForCausalLM(args).eval()
-    missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=False)
+    packed = pack_weights(ref.state_dict(), LlamaForCausalLM.PACKED)
+    missing, unexpected = ours.load_state_dict(packed, strict=False)
     assert not unexpected and all("lm_head" in m for m in missing) == tie or not missing
     return ref, ours, args
 

@@ -1,0 +1,43 @@
+"""GGUF 4-bit blocks → ``Int4Groups`` (codes + per-32 scale/offset), exactly, no dequantising.
+
+Q4_0 (``d·(q−8)``), Q4_1 (``d·q + m``) and Q4_K (``d·sc·q − dmin·m`` per 32-weight sub-block)
+are all 4-bit codes with one affine map per 32 weights, which is what PyTorch's int4
+weight-only matmul takes. Other types return None and are dequantised as usual.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from pensieve.loaders.quants import _k_scales, _nibbles, _scale
+from pensieve.models.quant_linear import Int4Groups
+
+Q = GGMLQuantizationType
+GROUP = 32
+INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
+
+
+def int4_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int4Groups | None:
+    """The exact int4 form of a 2-D tensor of ``shape`` [N, K] stored as ``ggml_type``."""
+    if ggml_type not in INT4_TYPES or len(shape) != 2:
+        return None
+    rows, cols = shape
+    blocks = raw.reshape(-1, GGML_QUANT_SIZES[ggml_type][1])
+    if ggml_type is Q.Q4_K:
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
+        codes = torch.cat((qs & 15, qs >> 4), dim=2).reshape(-1, 8, 32)
+        sc, mins = _k_scales(blocks[:, 4:16])
+        scales = _scale(blocks, 0) * sc  # [n, 8]
+        offsets = -(_scale(blocks, 2) * mins)
+    else:
+        data_at = 2 if ggml_type is Q.Q4_0 else 4
+        codes = _nibbles(blocks[:, data_at:])
+        scales = _scale(blocks, 0)
+        offsets = -8.0 * scales if ggml_type is Q.Q4_0 else _scale(blocks, 2)
+    return Int4Groups(
+        codes=codes.reshape(rows, cols).contiguous(),
+        scales=scales.reshape(rows, cols // GROUP).contiguous(),
+        offsets=offsets.reshape(rows, cols // GROUP).contiguous(),
+        group_size=GROUP,
+    )

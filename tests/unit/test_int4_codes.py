@@ -1,0 +1,54 @@
+"""GGUF 4-bit blocks → exact int4 codes, and the int4/int8 linear layers built from them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+from pensieve.loaders.int4_codes import int4_groups
+from pensieve.loaders.quants import dequantize
+from pensieve.models.quant_linear import Int4Linear, Int8Linear, int4_supported
+
+
+def random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Random bytes with sane float16 scales where the block keeps them."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    scale_bytes = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2)}[qtype]
+    for at in scale_bytes:
+        raw[:, at:at + 2] = rng.uniform(0.001, 0.05, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
+    return torch.from_numpy(raw.reshape(-1))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_int4_codes_are_exactly_the_dequantised_weights(qtype):
+    rows, cols = 8, 512
+    raw = random_blocks(qtype, rows, cols)
+    groups = int4_groups(raw, qtype, (rows, cols))
+    expected = dequantize(raw, qtype, (rows, cols))
+    assert groups is not None and int(groups.codes.max()) <= 15
+    torch.testing.assert_close(groups.dequantize(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_other_types_have_no_int4_form():
+    assert int4_groups(torch.zeros(34 * 4, dtype=torch.uint8), Q.Q8_0, (4, 32)) is None
+
+
+@pytest.mark.skipif(not int4_supported(32, 512), reason="no CPU int4 kernel in this torch")
+def test_int4_linear_matches_float_matmul():
+    raw = random_blocks(Q.Q4_1, 64, 512, seed=1)
+    groups = int4_groups(raw, Q.Q4_1, (64, 512))
+    layer = Int4Linear(groups)
+    x = torch.randn(3, 512)
+    torch.testing.assert_close(layer(x), x @ groups.dequantize().T, atol=1e-3, rtol=1e-4)
+
+
+def test_int8_linear_is_close_to_float():
+    w = torch.randn(96, 64)
+    x = torch.randn(5, 64)
+    ref = x @ w.T
+    err = (Int8Linear(w)(x) - ref).abs().max() / ref.abs().max()
+    assert err < 0.02
