@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Sequence
 
 import anthropic.types as sdk
@@ -16,7 +17,10 @@ from pensieve.chat import (
     message_events,
 )
 from pensieve.engine.types import FinishReason, GenerationDelta
-from pensieve.protocol import StreamEvent
+from pensieve.chat.segmenter import ThinkingMarkers
+from pensieve.chat.thinking import ThinkingPlan, ThinkingSigner
+from pensieve.chat.tools_prompt import ToolsPlan
+from pensieve.protocol import StreamEvent, ToolParam
 
 RID = "req_1"
 
@@ -30,8 +34,8 @@ async def deltas_of(items: Sequence[GenerationDelta]) -> AsyncIterator[Generatio
         yield item
 
 
-def builder() -> MessageEventBuilder:
-    return MessageEventBuilder(message_id="msg_1", model="claude-x", input_tokens=7)
+def builder(**kw: object) -> MessageEventBuilder:
+    return MessageEventBuilder(message_id="msg_1", model="claude-x", input_tokens=7, **kw)  # type: ignore[arg-type]
 
 
 async def events_of(items: Sequence[GenerationDelta]) -> list[StreamEvent]:
@@ -41,9 +45,10 @@ async def events_of(items: Sequence[GenerationDelta]) -> list[StreamEvent]:
 def sdk_accumulate(events: Sequence[StreamEvent]) -> sdk.Message:
     adapter = TypeAdapter(sdk.RawMessageStreamEvent)
     snapshot = None
+    json_bufs: dict[int, bytes] = {}
     for event in events:
         snapshot = accumulate_event(event=adapter.validate_python(event.model_dump(mode="json")),
-                                    current_snapshot=snapshot, json_bufs={})
+                                    current_snapshot=snapshot, json_bufs=json_bufs)
     assert snapshot is not None
     return snapshot
 
@@ -124,3 +129,109 @@ async def test_message_events_closes_the_delta_stream_when_closed_early() -> Non
     assert (await anext(events)).type == "content_block_start"
     await events.aclose()
     assert closed == [True]
+
+
+# -- tool calls and thinking ---------------------------------------------------------------
+
+BASH = ToolParam(name="Bash", input_schema={"type": "object", "properties": {"command": {"type": "string"}}})
+TOOLS = ToolsPlan("hermes", (BASH,))
+THINKING = ThinkingPlan(requested=True, markers=ThinkingMarkers())
+KEY = b"stream-key"
+TOOL_ID = re.compile(r"toolu_[A-Za-z0-9]{24}")
+
+
+def pieces(text: str, size: int = 3) -> list[GenerationDelta]:
+    chunks = [text[i:i + size] for i in range(0, len(text), size)]
+    return [delta(c, n) for n, c in enumerate(chunks, start=1)]
+
+
+async def run_both(items: list[GenerationDelta], **kw: object) -> tuple[list[StreamEvent], sdk.Message]:
+    """The events, and the collected message, which must equal the SDK's accumulation."""
+    events = [e async for e in message_events(deltas_of(items), builder(**kw))]
+    message = await collect_message(message_events(deltas_of(items), builder(**kw)))
+    oracle = sdk_accumulate(events)
+    assert oracle.stop_reason == message.stop_reason
+    got = [b.model_dump() for b in message.content]
+    want = [b.model_dump(exclude_none=True) for b in oracle.content]
+    for g, w in zip(got, want):  # ids are random per run
+        g.pop("id", None), w.pop("id", None)
+    assert got == want
+    return events, oracle
+
+
+async def test_tool_call_becomes_a_tool_use_block_with_streamed_input() -> None:
+    text = 'Checking.\n<tool_call>\n{"name": "Bash", "arguments": {"command": "ls -la /tmp"}}\n</tool_call>'
+    events, message = await run_both([*pieces(text), delta("", 99, FinishReason.EOS)], tools=TOOLS)
+    assert [b.type for b in message.content] == ["text", "tool_use"]
+    assert message.content[0].text == "Checking."
+    call = message.content[1]
+    assert TOOL_ID.fullmatch(call.id) and call.name == "Bash" and call.input == {"command": "ls -la /tmp"}
+    assert message.stop_reason == "tool_use"
+    json_deltas = [e.delta.partial_json for e in events
+                   if e.type == "content_block_delta" and e.delta.type == "input_json_delta"]
+    assert len(json_deltas) > 3 and "".join(json_deltas) == '{"command": "ls -la /tmp"}'
+
+
+async def test_parallel_calls_are_several_blocks() -> None:
+    one = '<tool_call>\n{"name": "Bash", "arguments": {"command": "%s"}}\n</tool_call>\n'
+    _, message = await run_both([*pieces(one % "a" + one % "b", 5), delta("", 9, FinishReason.EOS)], tools=TOOLS)
+    assert [(b.type, b.input) for b in message.content] == [("tool_use", {"command": "a"}), ("tool_use", {"command": "b"})]
+    assert len({b.id for b in message.content}) == 2 and message.stop_reason == "tool_use"
+
+
+async def test_disable_parallel_ends_the_turn_after_the_first_call() -> None:
+    one = '<tool_call>{"name": "Bash", "arguments": {"command": "a"}}</tool_call>'
+    closed = []
+
+    async def endless() -> AsyncIterator[GenerationDelta]:
+        try:
+            for n, d in enumerate(pieces(one + one + "never ends " * 100), start=1):
+                yield d
+        finally:
+            closed.append(True)
+
+    plan = ToolsPlan("hermes", (BASH,), parallel=False)
+    message = await collect_message(message_events(endless(), builder(tools=plan)))
+    assert [b.type for b in message.content] == ["tool_use"] and message.stop_reason == "tool_use"
+    assert closed == [True]
+
+
+async def test_call_cut_by_max_tokens_is_repaired_and_says_max_tokens() -> None:
+    text = '<tool_call>{"name": "Bash", "arguments": {"command": "echo hel'
+    _, message = await run_both([*pieces(text), delta("", 9, FinishReason.MAX_TOKENS)], tools=TOOLS)
+    assert message.content[0].input == {"command": "echo hel"} and message.stop_reason == "max_tokens"
+
+
+async def test_unknown_tool_is_still_a_tool_use(caplog: pytest.LogCaptureFixture) -> None:
+    text = '<tool_call>{"name": "Nope", "arguments": {}}</tool_call>'
+    _, message = await run_both([*pieces(text), delta("", 9, FinishReason.EOS)], tools=TOOLS)
+    assert message.content[0].name == "Nope" and message.stop_reason == "tool_use"
+    assert "did not offer" in caplog.text
+
+
+async def test_malformed_call_and_unoffered_tools_come_back_as_text() -> None:
+    bad = "<tool_call>{not json}</tool_call>"
+    _, message = await run_both([*pieces(bad), delta("", 9, FinishReason.EOS)], tools=TOOLS)
+    assert [(b.type, b.text) for b in message.content] == [("text", bad)] and message.stop_reason == "end_turn"
+    good = '<tool_call>{"name": "Bash", "arguments": {}}</tool_call>'
+    _, message = await run_both([*pieces(good), delta("", 9, FinishReason.EOS)])  # no tools offered
+    assert [(b.type, b.text) for b in message.content] == [("text", good)]
+
+
+async def test_thinking_block_is_signed_and_the_signature_verifies() -> None:
+    text = "<think>\nFirst, 2+2.\n</think>\n\nIt is 4."
+    events, message = await run_both([*pieces(text, 4), delta("", 9, FinishReason.EOS)],
+                                     thinking=THINKING, thinking_key=KEY)
+    assert [b.type for b in message.content] == ["thinking", "text"]
+    thinking = message.content[0]
+    assert thinking.thinking == "First, 2+2." and ThinkingSigner(KEY).verify(thinking.thinking, thinking.signature)
+    kinds = [e.delta.type for e in events if e.type == "content_block_delta" and e.index == 0]
+    assert kinds[-1] == "signature_delta" and set(kinds[:-1]) == {"thinking_delta"}
+
+
+async def test_thinking_then_call_interleaved() -> None:
+    plan = ThinkingPlan(requested=True, markers=ThinkingMarkers(), starts_open=True)
+    text = 'plan it</think><tool_call>{"name": "Bash", "arguments": {"command": "x"}}</tool_call>'
+    _, message = await run_both([*pieces(text), delta("", 9, FinishReason.EOS)], tools=TOOLS, thinking=plan,
+                                thinking_key=KEY)
+    assert [b.type for b in message.content] == ["thinking", "tool_use"] and message.stop_reason == "tool_use"
