@@ -80,6 +80,7 @@ CASES = [
     ("hermes", '<think>plan</think>Running.<tool_call>{"arguments": {"b": 2}, "name": "Bash"}</tool_call>'),
     ("hermes", "a < b and <tool is not a marker; <thinking> neither"),
     ("hermes", 'Bad: <tool_call>{"name": Bash}</tool_call> then text'),
+    ("hermes", 'Bad: <tool_call>{"name": "Bash", "arguments": {"a": "b", "c": [1, oops]}}</tool_call> then'),
     ("llama3", '{"name": "Bash", "parameters": {"command": "ls"}}; {"name": "Read", "parameters": {"path": "/x"}}'),
     ("llama3", '<|python_tag|>{"name": "Bash", "parameters": {"command": "echo \\"hi\\""}}'),
     ("llama3", '{"answer": 42}'),
@@ -144,6 +145,19 @@ def test_malformed_call_comes_back_as_text_whole() -> None:
     text = 'Look: <tool_call>\n{"name": "Bash", "arguments": [1, 2]}\n</tool_call> done'
     out, seg = run([text])
     assert blocks(out) == [("text", text)] and seg.calls == 0
+
+
+def test_call_broken_mid_arguments_is_closed_and_comes_back_as_text() -> None:
+    text = '<tool_call>{"name": "Bash", "arguments": {"command": "ls", "x": [1, oops]}}</tool_call> after'
+    out, seg = run([text])
+    assert blocks(out) == [("tool", "Bash", '{"command": "ls", "x": [1]}', False),
+                           ("text", text)]
+    assert seg.calls == 0
+
+
+def test_invalid_escapes_in_strings_are_read_literally() -> None:
+    out, _ = run(['<tool_call>{"name": "Bash", "arguments": {"command": "grep \\d+ \\u12G4"}}</tool_call>'])
+    assert json.loads(blocks(out)[0][2]) == {"command": "grep \\d+ \\u12G4"}
 
 
 def test_call_cut_short_by_max_tokens_is_closed_by_repair() -> None:

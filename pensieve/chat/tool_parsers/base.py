@@ -84,8 +84,9 @@ class JsonObjectsSection(ToolSection):
     """Call objects read by ``JsonCallReader`` one after another: each may be followed by an
     end marker (``</tool_call>``), a list end (``]``) or a separator and the next call.
 
-    Subclasses set ``end_marker``, ``list_end`` and ``separators``. A malformed call that
-    had not started comes back as text, marker included (through its end marker, if any).
+    Subclasses set ``end_marker``, ``list_end`` and ``separators``. A malformed call comes
+    back as text, marker included (through its end marker, if any); if it had started, its
+    tool call is first closed by repair (``ToolCallEnd(complete=False)``).
     ``marker_is_content``: the marker is the call's own first character (a bare ``{``).
     """
 
@@ -140,11 +141,10 @@ class JsonObjectsSection(ToolSection):
         # A bare JSON object that does not start with "name" is an answer, not a bad call.
         level = logging.DEBUG if self.name_first and not self._reader.started else logging.WARNING
         log.log(level, "not a tool call (%s); kept as text", exc)
-        if self._reader.started:
+        if self._reader.started:  # close what streamed; the whole call also comes back as text
+            out.extend(exc.segments)
             out.extend(self._reader.finish())
-            self._raw = ""
-        else:
-            self._raw += text[: exc.consumed]
+        self._raw += text[: exc.consumed]
         self._reader, self._broken = None, True
         return text[exc.consumed:]
 

@@ -29,11 +29,12 @@ _OPEN, _KEY_OR_END, _KEY, _COLON, _VALUE, _IN_KEY, _IN_VALUE, _AFTER, _DONE = ra
 
 class CallReadError(ValueError):
     """The object is not a tool call (or not valid JSON); ``consumed`` characters of the
-    last ``feed`` were read before the problem."""
+    last ``feed`` were read before the problem, making ``segments``."""
 
-    def __init__(self, message: str, consumed: int) -> None:
+    def __init__(self, message: str, consumed: int, segments: list[Segment] | None = None) -> None:
         super().__init__(message)
         self.consumed = consumed
+        self.segments = segments or []
 
 
 class JsonCallReader:
@@ -55,15 +56,14 @@ class JsonCallReader:
 
     def feed(self, text: str) -> tuple[list[Segment], int]:
         """Segments for ``text`` and how many characters it used (all of them unless the
-        object ended). Raises ``CallReadError``; segments already made are then lost only
-        if the call had not started."""
+        object ended). Raises ``CallReadError``, which carries the segments made before."""
         out: list[Segment] = []
         i = 0
         while i < len(text) and not self.done:
             try:
                 i += self._step(text, i, out)
             except (JsonSyntaxError, CallReadError) as exc:
-                raise CallReadError(str(exc), i + exc.consumed) from None
+                raise CallReadError(str(exc), i + exc.consumed, out) from None
         return out, i
 
     def finish(self) -> list[Segment]:

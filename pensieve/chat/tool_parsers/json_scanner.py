@@ -8,7 +8,9 @@ concatenation is the final arguments, parseable as a prefix at every step):
   starts, so a cut never leaves a dangling ``,`` or ``"key":``;
 - escape sequences are held back until complete, and a UTF-16 surrogate escape until its
   pair arrives (a lone one becomes ``\\ufffd``, which strict parsers accept);
-- a raw control character inside a string (models write literal newlines) is escaped.
+- a raw control character inside a string (models write literal newlines) is escaped, and
+  an invalid escape (``\\x``, ``\\u12G4``) is read as a literal backslash: a string can only end
+  at its closing quote, so a value that streamed is never cut short by a syntax error.
 """
 
 from __future__ import annotations
@@ -213,17 +215,27 @@ class JsonScanner:
         if len(self._escape) == 2:
             if ch == "u":
                 return
-            if ch not in _SIMPLE_ESCAPES:
-                raise JsonSyntaxError(f"invalid escape {self._escape!r}", 0)
             self._flush_high()
-            self._emit(self._escape)
-            self._escape = ""
+            if ch in _SIMPLE_ESCAPES:
+                self._emit(self._escape)
+                self._escape = ""
+            else:
+                self._invalid_escape()
             return
         if ch not in _HEX:
-            raise JsonSyntaxError(f"invalid escape {self._escape!r}", 0)
+            self._flush_high()
+            self._invalid_escape()
+            return
         if len(self._escape) == 6:
             escape, self._escape = self._escape, ""
             self._unicode_escape(escape)
+
+    def _invalid_escape(self) -> None:
+        """``\\`` + what followed it, read as text: a backslash, then the characters again."""
+        rest, self._escape = self._escape[1:], ""
+        self._emit("\\\\")
+        for ch in rest:
+            self._string_char(ch)
 
     def _unicode_escape(self, escape: str) -> None:
         code = int(escape[2:], 16)
