@@ -2,7 +2,9 @@
 
 The engine runs in its own thread, stepping while it has work. ``generate`` hands a request
 to that thread and yields its deltas; leaving the loop early (client disconnect, cancel)
-aborts the request, which frees its KV within one step.
+aborts the request, which frees its KV within one step. A request identical to one still
+running (same prompt and sampling: a client resending after a timeout) attaches to it and
+gets the whole stream from the start instead of starting a second generation.
 """
 
 from __future__ import annotations
@@ -33,6 +35,17 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Generation:
+    """One engine request and the callers watching it."""
+
+    request_id: str
+    key: tuple | None
+    watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]]
+    history: list[GenerationDelta]
+    finished: bool = False
+
+
 class EngineClient:
     def __init__(self, engine: Engine, model_name: str, max_waiting: int = 256) -> None:
         self.engine = engine
@@ -40,7 +53,8 @@ class EngineClient:
         self.max_waiting = max_waiting
         self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._generations: dict[str, _Generation] = {}  # engine request id → generation
+        self._by_key: dict[tuple, _Generation] = {}  # running generations, for attaching
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -73,25 +87,51 @@ class EngineClient:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
         self.engine.check_prompt(len(prompt_ids))
-        with self._lock:
-            if len(self._streams) >= self.max_waiting + self.engine.config.max_num_seqs:
-                raise EngineOverloadedError("too many requests in flight; retry later")
-            stream: asyncio.Queue[GenerationDelta] = asyncio.Queue()
-            self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._send(_Add(request_id, list(prompt_ids), params))
+        stream: asyncio.Queue[GenerationDelta] = asyncio.Queue()
+        watcher = (asyncio.get_running_loop(), stream)
+        gen, is_new = self._watch(_key(prompt_ids, params), request_id, watcher)
+        if is_new:
+            self._send(_Add(request_id, list(prompt_ids), params))
         finished = False
         try:
-            while True:
+            while not finished:
                 delta = await stream.get()
                 finished = delta.finish_reason is not None
                 yield delta
-                if finished:
-                    return
         finally:
-            with self._lock:
-                self._streams.pop(request_id, None)
-            if not finished:
-                self._send(_Abort(request_id))
+            self._unwatch(gen, watcher, finished)
+
+    def _watch(self, key: tuple | None, request_id: str, watcher: tuple) -> tuple[_Generation, bool]:
+        with self._lock:
+            gen = self._by_key.get(key) if key is not None else None
+            if gen is not None:
+                log.info("request %s attaches to identical running %s", request_id, gen.request_id)
+                for delta in gen.history:
+                    watcher[1].put_nowait(delta)
+                gen.watchers.append(watcher)
+                return gen, False
+            if len(self._generations) >= self.max_waiting + self.engine.config.max_num_seqs:
+                raise EngineOverloadedError("too many requests in flight; retry later")
+            gen = _Generation(request_id, key, [watcher], [])
+            self._generations[request_id] = gen
+            if key is not None:
+                self._by_key[key] = gen
+            return gen, True
+
+    def _unwatch(self, gen: _Generation, watcher: tuple, finished: bool) -> None:
+        with self._lock:
+            if watcher in gen.watchers:
+                gen.watchers.remove(watcher)
+            abandon = not gen.watchers and not gen.finished
+            if abandon or gen.finished and not gen.watchers:
+                self._forget(gen)
+        if abandon and not finished:
+            self._send(_Abort(gen.request_id))
+
+    def _forget(self, gen: _Generation) -> None:
+        self._generations.pop(gen.request_id, None)
+        if gen.key is not None and self._by_key.get(gen.key) is gen:
+            del self._by_key[gen.key]
 
     def _send(self, msg: _Add | _Abort) -> None:
         self._inbox.put(msg)
@@ -128,13 +168,30 @@ class EngineClient:
 
     def _dispatch(self, delta: GenerationDelta) -> None:
         with self._lock:
-            target = self._streams.get(delta.request_id)
-        if target is not None:
-            loop, stream = target
+            gen = self._generations.get(delta.request_id)
+            if gen is None:
+                return
+            gen.history.append(delta)
+            if delta.finish_reason is not None:
+                gen.finished = True
+                if gen.key is not None and self._by_key.get(gen.key) is gen:
+                    del self._by_key[gen.key]  # later identical requests start afresh
+            watchers = list(gen.watchers)
+        for loop, stream in watchers:
             try:
                 loop.call_soon_threadsafe(stream.put_nowait, delta)
-            except RuntimeError:  # the caller's event loop is gone; nobody is listening
-                self._send(_Abort(delta.request_id))
+            except RuntimeError:  # that caller's event loop is gone
+                pass
+
+
+def _key(prompt_ids: list[int], params: SamplingParams) -> tuple | None:
+    """What makes two requests the same generation; None when params are not hashable."""
+    key = (tuple(prompt_ids), params)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _error_delta(request_id: str, message: str) -> GenerationDelta:

@@ -1,7 +1,8 @@
 """Which requests run in the next step, and how many of their tokens.
 
-Running requests go first (decodes, then the rest of chunked prefills), then waiting ones in
-FIFO order, all under one token budget. When KV blocks run out the newest running request is
+Running requests go first (decodes, then the rest of chunked prefills), then waiting ones:
+requests of a session that asked to keep its prefix (``retain_prefix``) before side requests,
+FIFO within each, all under one token budget. When KV blocks run out the newest running request is
 preempted: its blocks are freed and it waits to be recomputed from its tokens so far.
 """
 
@@ -53,18 +54,22 @@ class Scheduler:
             chunks.append(ScheduledChunk(req, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+            req = self._next_waiting()
             self.kv.match_prefix(req)
             n = min(req.num_pending_tokens, budget)
             if not self.kv.reserve(req, n):
                 self._free(req)  # give back the prefix hits too; retry next step
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             chunks.append(ScheduledChunk(req, n))
             budget -= n
         return chunks
+
+    def _next_waiting(self) -> Request:
+        """The oldest session request, else the oldest request (preempted ones are in front)."""
+        return next((r for r in self.waiting if r.params.retain_prefix), self.waiting[0])
 
     def finish(self, request: Request) -> None:
         """Drop a finished or aborted request and free its KV."""

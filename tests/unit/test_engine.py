@@ -113,3 +113,18 @@ def test_random_requests_never_leak_blocks():
         engine.step()
     assert engine.pool.num_free == engine.pool.num_blocks
     assert n_done > 100
+
+
+def test_session_requests_are_admitted_before_side_requests():
+    engine = tiny_engine(max_num_seqs=1)
+    tok = ByteTokenizer()
+    side = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    main = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, retain_prefix=True)
+    engine.add_request("side", tok.encode("side request"), side)
+    engine.add_request("main", tok.encode("main session turn"), main)
+    engine.step()
+    assert [r.request_id for r in engine.scheduler.running] == ["main"]
+    finished = []
+    while engine.has_work():
+        finished += [d.request_id for d in engine.step() if d.finish_reason]
+    assert finished == ["main", "side"]
