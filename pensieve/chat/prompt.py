@@ -122,16 +122,31 @@ class PromptRenderer:
         )
 
     def render(self, request: ConversationParams) -> RenderedPrompt:
-        """Prompt for ``request``. Raises ``ChatTemplateError`` if the template refuses it."""
+        """Prompt for ``request``. Raises ``ChatTemplateError`` if the template refuses it.
+
+        A template that renders tools natively but refuses this history (Llama 3.1's allows
+        one call per turn) gets the built-in tool rendering instead, rather than an error.
+        """
+        if not self.caps.native_tools:
+            return self._render_request(request, native=False)
+        try:
+            return self._render_request(request, native=True)
+        except ChatTemplateError as exc:
+            log.warning("chat template refused native tool rendering (%s); using the built-in tool prompt", exc)
+            return self._render_request(request, native=False)
+
+    def _render_request(self, request: ConversationParams, *, native: bool) -> RenderedPrompt:
         caps = self.caps
-        tools = plan_tools(request, tool_format=caps.tool_format, native=caps.native_tools)
+        tool_format = caps.tool_format if native else DEFAULT_TOOL_FORMAT
+        tools = plan_tools(request, tool_format=tool_format, native=native)
         thinking = plan_thinking(request, caps.thinking_markers)
+        style = self.history_style if native else replace(self.history_style, native_tools=False)
         messages = fit_roles(
-            conversation_messages(request, self.history_style, system_suffix=self._tools_system(tools)),
+            conversation_messages(request, style, system_suffix=self._tools_system(tools)),
             system_first=caps.system_first,
             system_anywhere=caps.system_anywhere,
         )
-        hf_tools = template_tools(tools) if tools and caps.native_tools else None
+        hf_tools = template_tools(tools) if tools and native else None
         kwargs = self._kwargs(request, thinking)
         prefill = ""
         last = messages[-1] if messages else {}

@@ -210,7 +210,9 @@ class MessageEventBuilder:
             return [self.fail("api_error", detail)]
         events = self._close_block()
         ended_turn = reason in (None, FinishReason.EOS)  # None: the segmenter ended it
-        stop_reason: StopReason = "tool_use" if ended_turn and self.tool_calls else STOP_REASONS[reason or FinishReason.EOS]
+        stop_reason = STOP_REASONS[reason or FinishReason.EOS]
+        if ended_turn and self.tool_calls:
+            stop_reason = "tool_use"
         stop_sequence = delta.stop_sequence if reason is FinishReason.STOP_SEQUENCE else None
         events.append(
             RawMessageDeltaEvent(
@@ -297,9 +299,12 @@ async def collect_message(events: AsyncIterable[StreamEvent]) -> Message:
 
 
 def _apply_block_delta(block: ContentBlock, pieces: list[str], delta: Any) -> None:
-    if isinstance(delta, (TextDelta, ThinkingDelta, InputJSONDelta)):
-        pieces.append(delta.text if isinstance(delta, TextDelta) else
-                      delta.thinking if isinstance(delta, ThinkingDelta) else delta.partial_json)
+    if isinstance(delta, TextDelta):
+        pieces.append(delta.text)
+    elif isinstance(delta, ThinkingDelta):
+        pieces.append(delta.thinking)
+    elif isinstance(delta, InputJSONDelta):
+        pieces.append(delta.partial_json)
     elif isinstance(delta, SignatureDelta) and isinstance(block, ThinkingBlock):
         block.signature = delta.signature
 

@@ -209,3 +209,16 @@ def test_consecutive_claude_code_turns_share_tokens_with_the_real_tokenizer() ->
     one, two = r.render(turn1), r.render(turn2)
     assert one.num_tokens > 15000
     assert two.token_ids[: one.num_tokens] == one.token_ids
+
+
+def test_native_template_that_refuses_the_history_falls_back_to_the_builtin_prompt() -> None:
+    one_call_only = HERMES_TEMPLATE.replace(
+        "{% for call in message.tool_calls or [] %}",
+        "{% if (message.tool_calls or []) | length > 1 %}{{ raise_exception('one call at a time') }}{% endif %}"
+        "{% for call in message.tool_calls or [] %}")
+    r = renderer(one_call_only)
+    assert r.caps.native_tools
+    prompt = r.render(request(HISTORY, tools=[BASH, READ]))  # two calls in one turn
+    assert not prompt.tools.native and prompt.tools.format == "hermes"
+    assert "# Tools\n\nYou can call tools" in prompt.text
+    assert '<tool_call>\n{"name": "Read", "arguments": {"path": "/x"}}\n</tool_call>' in prompt.text
