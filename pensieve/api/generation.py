@@ -78,9 +78,9 @@ async def prepare_generation(services: Services, request: MessageCreateParams, r
         top_k=request.top_k or 0,
         stop_sequences=tuple(s for s in request.stop_sequences or () if s),
         retain_prefix=wants_prompt_cache(request),
-        # TODO(grammar): pass prompt.thinking (budget_tokens, close_marker) as
-        # SamplingParams.thinking_budget / thinking_end, and prompt.tools (format, tools,
-        # choice, forced_name) as SamplingParams.tool_grammar, once those fields exist.
+        # TODO(grammar): SamplingParams.grammar from prompt.tools (format, tools, choice,
+        # forced_name, parallel) and SamplingParams.thinking_budget from prompt.thinking
+        # (close_marker, budget_tokens, open_marker, starts_open), via chat/tool_grammar.py.
     )
     return PreparedGeneration(request_id, new_message_id(), request.model, prompt, params,
                               services.renderer.thinking_key)
