@@ -164,7 +164,7 @@ class Segmenter:
 
     def _boundary(self, mode: str) -> None:
         self._mode = mode
-        self._space = ""
+        self._space = self._dropped = ""
         self._strip_lead = True
         self._run_empty = True
 

@@ -151,6 +151,11 @@ def test_hermes_call_without_end_tag_before_the_next() -> None:
     assert calls_of("hermes", text) == ([("A", {}, True), ("B", {"q": 1}, True)], "")
 
 
+def test_hermes_stray_closing_brace_before_the_end_tag() -> None:
+    text = '<tool_call>\n{"name": "A", "arguments": {"x": 1}}}\n</tool_call>'
+    assert calls_of("hermes", text) == ([("A", {"x": 1}, True)], "")
+
+
 def test_llama3_builtin_python_call_is_text() -> None:
     text = '<|python_tag|>brave_search.call(query="weather")'
     assert calls_of("llama3", text) == ([], text)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from pensieve.chat.segments import Segment, TextSegment
 from pensieve.chat.tool_parsers.json_call import CallReadError, JsonCallReader
+from pensieve.chat.tool_parsers.json_scanner import WHITESPACE
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,8 @@ class JsonObjectsSection(ToolSection):
     def _after_call(self, text: str) -> str:
         """After a call: its end marker or the list end, a separator, or something else."""
         self._tail += text
-        tail = self._tail.lstrip()
+        # Stray closing braces before the end marker are a common slip: skip them.
+        tail = self._tail.lstrip(WHITESPACE + "}" if self.end_marker else WHITESPACE)
         if not tail:
             return ""
         ends = [t for t in (self.end_marker, self.list_end) if t]

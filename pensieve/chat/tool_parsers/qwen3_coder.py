@@ -107,8 +107,10 @@ class Qwen3CoderSection(ToolSection):
             self._buf, self._state, self._value_begun = body[close + 1:], _VALUE, False
             self._start_value(out)
             return True
-        if not body or any(m.startswith(body) for m in (FUNCTION_END, PARAMETER)) or body.startswith(PARAMETER):
+        if not body or any(m.startswith(body) for m in (FUNCTION_END, PARAMETER)):
             return False
+        if body.startswith(PARAMETER) and len(body) <= _MAX_NAME:
+            return False  # the parameter's name is still coming
         log.warning("unexpected text in a qwen3-coder tool call; the call ends there")
         out += [ToolCallDelta("}"), ToolCallEnd(complete=False)]
         self.done, self.rest = True, body
