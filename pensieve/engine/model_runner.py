@@ -1,6 +1,15 @@
-"""Owns the tensors: the KV cache, the batch's input tensors, the model call."""
+"""Owns the tensors: the KV cache, the batch's input tensors, the model call.
+
+On CPU each step runs the model eagerly with the per-sequence attention loop. On CUDA the
+batch is built with batched attention metadata (``cuda_batch.py``), and decode-only steps
+replay CUDA graphs (``cuda_graph_runner.py``); the caches then hold one extra scratch block,
+past the ones the block pool hands out, where the graphs' padding rows write.
+"""
 
 from __future__ import annotations
+
+import logging
+import time
 
 import torch
 from torch import nn
@@ -10,6 +19,9 @@ from pensieve.engine.scheduler import ScheduledChunk
 from pensieve.models.args import ModelArgs
 from pensieve.models.forward_context import ForwardContext, SequenceSlice
 
+log = logging.getLogger(__name__)
+_CUDA_HEADROOM = 4 << 30  # bytes left free for activations and graphs when sizing the cache
+
 
 def kv_block_bytes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
     per_token = 2 * args.num_layers * args.num_kv_heads * args.head_dim
@@ -17,21 +29,32 @@ def kv_block_bytes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
 
 
 def plan_num_blocks(args: ModelArgs, config: EngineConfig) -> int:
-    """Enough blocks for one full context at least; more up to the memory cap."""
+    """Enough blocks for one full context at least; more up to the memory cap.
+
+    On CUDA the cap is at least 60% of the memory still free after the weights (less a
+    headroom), as a GPU server has nothing else to spend it on.
+    """
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     per_seq = -(-config.context_length // config.block_size)
-    by_bytes = config.kv_cache_bytes // kv_block_bytes(args, config.block_size, config.dtype)
+    budget = config.kv_cache_bytes
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = max(budget, int(0.6 * (free - _CUDA_HEADROOM)))
+    by_bytes = budget // kv_block_bytes(args, config.block_size, config.dtype)
     return max(per_seq, min(by_bytes, per_seq * config.max_num_seqs))
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, args: ModelArgs, config: EngineConfig) -> None:
+    def __init__(self, model: nn.Module, args: ModelArgs, config: EngineConfig,
+                 cuda_graphs: bool = True) -> None:
         self.model = model
         self.device = torch.device(config.device)
         self.block_size = config.block_size
         self.num_blocks = plan_num_blocks(args, config)
-        shape = (self.num_blocks, config.block_size, args.num_kv_heads, args.head_dim)
+        on_cuda = self.device.type == "cuda"
+        shape = (self.num_blocks + on_cuda, config.block_size, args.num_kv_heads, args.head_dim)
         # empty, not zeros: a slot is always written before it is read, and untouched pages
         # of a CPU cache then cost no resident memory
         self.k_caches = [
@@ -39,10 +62,40 @@ class ModelRunner:
             for _ in range(args.num_layers)
         ]
         self.v_caches = [torch.empty_like(k) for k in self.k_caches]
+        self.cuda_batches = self.graphs = None
+        if on_cuda:
+            self._init_cuda(args, config, cuda_graphs)
+
+    def _init_cuda(self, args: ModelArgs, config: EngineConfig, cuda_graphs: bool) -> None:
+        from pensieve.engine.cuda_batch import CudaBatchBuilder
+        from pensieve.engine.cuda_graph_runner import CudaGraphRunner
+
+        self.cuda_batches = CudaBatchBuilder(config.block_size, args.num_kv_heads, self.device)
+        if not cuda_graphs:
+            return
+        started = time.perf_counter()
+        self.graphs = CudaGraphRunner(
+            self.model, self.k_caches, self.v_caches, max_batch=config.max_num_seqs,
+            max_blocks=-(-config.context_length // config.block_size),
+            scratch_block=self.num_blocks,
+        )
+        self.graphs.capture()
+        log.info("captured CUDA graphs for decode batches %s in %.1f s",
+                 self.graphs.buckets, time.perf_counter() - started)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run one step; logits [S, V] for the chunks that complete, in their order."""
+        if self.graphs is not None and self.graphs.can_run(chunks):
+            return self.graphs.run(chunks)
+        if self.cuda_batches is not None:
+            batch = self.cuda_batches.build(chunks)
+            ctx = ForwardContext(
+                k_caches=self.k_caches, v_caches=self.v_caches,
+                slot_mapping=batch.slot_mapping, sequences=[],
+                logits_indices=batch.logits_indices, attention=batch.attention,
+            )
+            return self.model(batch.input_ids, batch.positions, ctx)
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []

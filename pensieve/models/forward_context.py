@@ -8,6 +8,7 @@ writes it through this context. Tokens of all sequences in a step are flattened 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,14 @@ class SequenceSlice:
     block_table: torch.Tensor  # [num_blocks] int64, the blocks holding its KV, in order
 
 
+class AttentionBackend(Protocol):
+    """Stores one layer's new K/V and attends over the paged cache, from batched metadata the
+    model runner prepared for this step (e.g. ``backends/cuda_attention.CudaPagedAttention``)."""
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 ctx: "ForwardContext") -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class ForwardContext:
     """What one forward pass needs beyond token ids and positions."""
@@ -30,8 +39,9 @@ class ForwardContext:
     k_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, kv_heads, head_dim]
     v_caches: list[torch.Tensor]
     slot_mapping: torch.Tensor  # [T] int64: flat slot (block * block_size + offset) per token
-    sequences: list[SequenceSlice]
+    sequences: list[SequenceSlice]  # read by the per-sequence path below
     logits_indices: torch.Tensor  # [S'] rows of the hidden states to turn into logits
+    attention: AttentionBackend | None = None  # None → the per-sequence SDPA loop below
 
     @property
     def block_size(self) -> int:
@@ -46,6 +56,8 @@ def paged_attention(
     q: [T, Hq, D]; k, v: [T, Hk, D]. Returns [T, Hq, D]. Causal within the new tokens: the
     i-th new token of a sequence sees keys up to ``context_len - query_len + i``.
     """
+    if ctx.attention is not None:
+        return ctx.attention(layer, q, k, v, ctx)
     k_cache, v_cache = ctx.k_caches[layer], ctx.v_caches[layer]
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))

@@ -1,0 +1,210 @@
+"""GPU benchmark: a random-weight 8B Llama-shape GGUF served by Pensieve over /v1/messages.
+
+Writes the GGUF (``bench/make_random_gguf.py``) unless it exists, starts
+``pensieve serve --device cuda --dtype bfloat16``, and measures with ``bench/client.py``'s
+scenarios, as a client sees them:
+
+* decode b=1 tok/s (256 tokens after a short prompt);
+* aggregate output tok/s of 8 and 32 parallel streams;
+* cold prefill of a ~12k-token prompt (TTFT, tok/s);
+* warm follow-up TTFT: the same ~12k-token system prompt, another question.
+
+Then, with ``--hf``, HF transformers (eager attention, bf16, the same shape with random
+weights) at b=1 and b=16 in the same process run. Prints a markdown table and writes JSON
+and the server log under ``--out``.
+
+    python -m bench.gpu_bench --gguf /tmp/llama8b.gguf --tokenizer-from .gpu/tokenizer.gguf \\
+        --out "$OUT" --hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.client import (
+    Client,
+    Guard,
+    Metric,
+    markdown_table,
+    scenario_concurrency,
+    scenario_decode,
+    scenario_followup,
+    scenario_prefill,
+    warmup,
+)
+
+WORDS_12K = 9500  # filler words ≈ 12k SmolLM2 tokens (1.26 tokens a word)
+LLAMA_CPP = {"decode b=1": 162.0, "b=8 aggregate": 759.0, "cold 12k TTFT": 759.0,
+             "warm TTFT": 73.5, "ceiling b=1": 203.0}
+
+
+def make_gguf(a: argparse.Namespace) -> float:
+    started = time.perf_counter()
+    cmd = [sys.executable, "-m", "bench.make_random_gguf", a.gguf]
+    if a.tokenizer_from:
+        cmd += ["--tokenizer-from", a.tokenizer_from]
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - started
+
+
+def start_server(a: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, float]:
+    cmd = [sys.executable, "-m", "pensieve.cli.main", "serve", "--model", a.gguf,
+           "--device", "cuda", "--dtype", "bfloat16", "--port", str(a.port),
+           "--max-num-seqs", str(a.max_num_seqs), *a.serve_args.split()]
+    print("server:", " ".join(cmd), flush=True)
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{a.port}/health"
+    while time.perf_counter() - started < a.ready_timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return proc, time.perf_counter() - started
+        except OSError:
+            pass
+        time.sleep(1.0)
+    proc.kill()
+    raise SystemExit(f"server not ready in {a.ready_timeout} s; see {log_path}")
+
+
+async def pensieve_scenarios(a: argparse.Namespace, server_pid: int) -> list[Metric]:
+    c = Client(f"http://127.0.0.1:{a.port}", temperature=0.0, timeout=900)
+    g = Guard(server_pid=server_pid)
+    out: list[Metric] = []
+    try:
+        await c.resolve_model()
+        for _ in range(2):
+            await warmup(c)
+        await c.stream("warm the prefill kernels " * 700, 4)  # ~2 chunks of prefill shapes
+        steps = [
+            ("decode", lambda: scenario_decode(c, g, a.repeat, a.decode_tokens)),
+            ("x8", lambda: scenario_concurrency(c, g, a.repeat, 8, a.decode_tokens)),
+            ("x32", lambda: scenario_concurrency(c, g, a.repeat, 32, a.decode_tokens)),
+            ("prefill", lambda: scenario_prefill(c, g, a.repeat, a.prefill_words)),
+            ("followup", lambda: scenario_followup(c, g, a.repeat, a.prefill_words)),
+        ]
+        for name, fn in steps:
+            if name not in a.scenarios:
+                continue
+            t0 = time.perf_counter()
+            try:
+                got = await fn()
+            except RuntimeError as exc:
+                got = [Metric(f"{name} FAILED", "", note=str(exc)[:300])]
+            out += got
+            print(f"{name} ({time.perf_counter() - t0:.1f} s)\n{markdown_table(got)}", flush=True)
+    finally:
+        await c.aclose()
+    return out
+
+
+def hf_baseline(a: argparse.Namespace) -> list[Metric]:
+    """transformers LlamaForCausalLM, eager attention, bf16, random weights, greedy."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      max_position_embeddings=16384, rope_theta=500000.0)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    out = []
+    n_new = a.hf_tokens
+    for batch in (1, 16):
+        ids = torch.randint(100, 40000, (batch, 32), device="cuda")
+        kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+        model.generate(ids, **dict(kw, max_new_tokens=4, min_new_tokens=4))  # warm up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        res = model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        made = (res.shape[1] - ids.shape[1]) * batch
+        out.append(Metric(f"HF transformers eager b={batch}: aggregate output", "tok/s",
+                          [made / dt], note=f"{made} tokens in {dt:.1f} s, incl. a 32-token prefill"))
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def gpu_name() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                               "--format=csv,noheader"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_bench",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--gguf", default="/tmp/llama8b-random-f16.gguf")
+    p.add_argument("--tokenizer-from", default=None, help="for writing the GGUF (see make_random_gguf)")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--port", type=int, default=7799)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--serve-args", default="", help="extra flags for pensieve serve")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=256)
+    p.add_argument("--prefill-words", type=int, default=WORDS_12K)
+    p.add_argument("--scenarios", default="decode,x8,x32,prefill,followup")
+    p.add_argument("--ready-timeout", type=float, default=600)
+    p.add_argument("--hf", action="store_true", help="also run the HF transformers baseline")
+    p.add_argument("--hf-tokens", type=int, default=64)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info: dict = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(),
+                  "argv": sys.argv[1:]}
+    if not Path(a.gguf).exists():
+        info["gguf_write_s"] = make_gguf(a)
+    info["gguf_bytes"] = Path(a.gguf).stat().st_size
+    proc, info["server_ready_s"] = start_server(a, out / "server.log")
+    print(f"server ready in {info['server_ready_s']:.1f} s", flush=True)
+    try:
+        metrics = asyncio.run(pensieve_scenarios(a, proc.pid))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if a.hf:
+        try:
+            metrics += hf_baseline(a)
+        except Exception as exc:  # the baseline is a bonus: keep Pensieve's numbers
+            metrics.append(Metric("HF baseline FAILED", "", note=f"{type(exc).__name__}: {exc}"[:300]))
+    table = markdown_table(metrics)
+    (out / "gpu_bench.md").write_text(f"{info}\n\n{table}\n")
+    (out / "gpu_bench.json").write_text(json.dumps(
+        {"info": info, "metrics": [m.row() for m in metrics]}, indent=2))
+    print(json.dumps(info))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

