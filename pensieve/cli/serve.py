@@ -7,10 +7,17 @@ import ipaddress
 import logging
 import os
 import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from pensieve.cli.settings import ServeSettings, settings_from_args
+
+if TYPE_CHECKING:
+    from pensieve.engine.config import EngineConfig
+    from pensieve.loaders.checkpoint import Checkpoint
+    from pensieve.models.args import ModelArgs
 
 log = logging.getLogger("pensieve")
 
@@ -32,7 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--context-length", type=int, default=None,
-                   help="max tokens per request (default: the model's own)")
+                   help="max tokens per request (default: the model's own); above the trained "
+                        "length RoPE scaling is applied (docs/context.md)")
+    p.add_argument("--rope-scale", type=float, default=None, metavar="FACTOR",
+                   help="extend the context FACTOR times the trained length by RoPE scaling")
+    p.add_argument("--rope-type", default="yarn", choices=["yarn", "linear"],
+                   help="RoPE scaling method when the context is extended (default: yarn)")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--log-level", default="info")
@@ -85,7 +97,7 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
         ckpt = load_checkpoint(settings.model_path, dtype=settings.engine.dtype)
     except CheckpointError as exc:
         raise StartupError(str(exc)) from exc
-    engine_cfg = settings.engine_for(ckpt.context_length)
+    ckpt, engine_cfg = _fit_context(settings, ckpt)
     engine = build_engine(ckpt, engine_cfg)
     name = settings.served_name or ckpt.name
     client = EngineClient(engine, name, max_waiting=engine_cfg.max_waiting)
@@ -98,3 +110,24 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
     )
     renderer = PromptRenderer(ckpt.tokenizer, ckpt.chat_template)
     return create_app(api_cfg, client, renderer), client
+
+
+def _fit_context(settings: ServeSettings, ckpt: Checkpoint) -> tuple[Checkpoint, EngineConfig]:
+    """The checkpoint with any RoPE scaling the context needs, and the engine config."""
+    try:
+        plan = settings.context_plan(ckpt.args)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
+    if plan.note:
+        log.warning("%s", plan.note)
+        ckpt = replace(ckpt, args=plan.apply(ckpt.args), context_length=plan.context_length)
+    engine_cfg = replace(settings.engine, context_length=plan.context_length)
+    per_token = kv_bytes_per_token(ckpt.args, engine_cfg.dtype)
+    log.info("context %d tokens; KV cache %.1f KiB/token, %.2f GiB for one full context",
+             plan.context_length, per_token / 1024, per_token * plan.context_length / 2**30)
+    return ckpt, engine_cfg
+
+
+def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
+    """Keys and values of every layer for one token."""
+    return 2 * args.num_layers * args.num_kv_heads * args.head_dim * dtype.itemsize

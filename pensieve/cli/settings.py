@@ -6,10 +6,12 @@ import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pensieve.engine.config import EngineConfig
+from pensieve.models.args import ModelArgs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,12 +25,84 @@ class ServeSettings:
     served_name: str | None
     aliases: Mapping[str, str]
     engine: EngineConfig
-    context_length: int | None  # None → the model's own
+    context_length: int | None  # None → the model's own (or trained × rope_scale)
     threads: int | None = None
+    rope_scale: float | None = None  # None → scale only if context_length needs it
+    rope_type: str = "yarn"
 
-    def engine_for(self, model_context: int) -> EngineConfig:
-        ctx = self.context_length or model_context
-        return replace(self.engine, context_length=ctx)
+    def context_plan(self, args: ModelArgs) -> ContextPlan:
+        return plan_context(args, self.context_length, self.rope_scale, self.rope_type)
+
+
+# Architectures whose RoPE (pensieve/models/rope.py) takes an HF ``rope_scaling`` override.
+ROPE_SCALABLE = frozenset({"llama"})
+ROPE_TYPES = ("yarn", "linear")
+
+
+@dataclass(frozen=True)
+class ContextPlan:
+    """The context a server runs with and the RoPE scaling that reaches it.
+
+    ``rope_scaling`` None → the model's own RoPE, unchanged; otherwise the HF-shaped block to
+    put on ``ModelArgs`` before the model is built. ``note`` says what was extended, for the log.
+    """
+
+    context_length: int
+    rope_scaling: dict[str, Any] | None = None
+    note: str | None = None
+
+    def apply(self, args: ModelArgs) -> ModelArgs:
+        if self.rope_scaling is None:
+            return args
+        return replace(args, rope_scaling=dict(self.rope_scaling),
+                       max_position_embeddings=self.context_length)
+
+
+def plan_context(args: ModelArgs, requested: int | None, rope_scale: float | None,
+                 rope_type: str = "yarn") -> ContextPlan:
+    """Context length and RoPE scaling for ``--context-length`` / ``--rope-scale``.
+
+    Up to the trained length nothing changes. Beyond it RoPE scaling is applied
+    (``rope_scale`` given, or the factor ``requested / trained`` — a warning, not a refusal);
+    the new context is ``requested`` or ``trained × rope_scale``.
+    """
+    trained = args.max_position_embeddings
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"--rope-type must be one of {', '.join(ROPE_TYPES)}, got {rope_type!r}")
+    if rope_scale is not None and rope_scale < 1:
+        raise ValueError(f"--rope-scale must be at least 1, got {rope_scale}")
+    if rope_scale is None or rope_scale == 1:
+        if requested is None or requested <= trained:
+            return ContextPlan(requested or trained)
+        factor = requested / trained
+        reason = f"--context-length {requested} exceeds the trained {trained}"
+    else:
+        factor = rope_scale
+        reason = f"--rope-scale {rope_scale:g}"
+        if requested is not None and requested > trained * factor:
+            raise ValueError(
+                f"--context-length {requested} exceeds {trained} × --rope-scale {factor:g}: "
+                f"raise --rope-scale to {requested / trained:g} or leave it out"
+            )
+    _check_scalable(args)
+    context = requested or int(trained * factor)
+    scaling = {"rope_type": rope_type, "factor": float(factor),
+               "original_max_position_embeddings": trained}
+    note = (f"{reason}: {rope_type} RoPE scaling x{factor:g}, context {trained} -> {context} "
+            "tokens (long-range quality may degrade; see docs/context.md)")
+    return ContextPlan(context, scaling, note)
+
+
+def _check_scalable(args: ModelArgs) -> None:
+    if args.architecture not in ROPE_SCALABLE:
+        raise ValueError(f"RoPE scaling is not supported for architecture {args.architecture!r}; "
+                         f"keep --context-length at most {args.max_position_embeddings}")
+    if args.rope_scaling or "rope_freq_factors" in args.extra:
+        kind = (args.rope_scaling or {}).get("rope_type", "frequency-factor")
+        raise ValueError(
+            f"the model already uses {kind} RoPE scaling to reach {args.max_position_embeddings} "
+            "tokens; scaling it further is not supported"
+        )
 
 
 def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeSettings:
@@ -52,7 +126,11 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
     )
     if ns.context_length is not None and ns.context_length < 16:
         raise ValueError("--context-length must be at least 16")
+    rope_scale = getattr(ns, "rope_scale", None)
+    if rope_scale is not None and rope_scale < 1:
+        raise ValueError(f"--rope-scale must be at least 1, got {rope_scale:g}")
     return ServeSettings(
         model_path=model, host=ns.host, port=ns.port, api_keys=keys, served_name=ns.served_name,
         aliases=aliases, engine=engine, context_length=ns.context_length, threads=ns.threads,
+        rope_scale=rope_scale, rope_type=getattr(ns, "rope_type", None) or "yarn",
     )
