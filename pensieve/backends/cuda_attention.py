@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +59,14 @@ class CudaPagedAttention:
         self.prefill = prefill
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 ctx) -> torch.Tensor:  # noqa: ANN001 - ForwardContext (a lower layer's type)
+                 ctx, cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,  # noqa: ANN001
+                 ) -> torch.Tensor:
+        """q/k before RoPE when ``cos_sin`` is given: rotated and stored in one kernel."""
         k_cache, v_cache = ctx.k_caches[layer], ctx.v_caches[layer]
-        store_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
+        if cos_sin is None:
+            store_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
+        else:
+            q = rope_and_store(q, k, v, cos_sin, ctx.slot_mapping, k_cache, v_cache)
         nd = self.num_decodes
         if self.prefill is None:
             return paged_decode(q, k_cache, v_cache, self.decode)
@@ -78,6 +82,33 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     heads, dim = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, heads, dim).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, heads, dim).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   cos_sin: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """RoPE (rotate-half) on q and k, k and v into their cache slots; returns rotated q.
+
+    One launch instead of ~12 small ones (the elementwise RoPE ops and two index copies);
+    q/k/v may be strided views of the fused qkv projection. Arithmetic in float32.
+    """
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    cos, sin = (x.reshape(t, d) for x in cos_sin)
+    out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
+    if t == 0:
+        return out
+    for x in (q, k, v, k_cache):
+        if x.stride(-1) != 1:
+            raise ValueError("rope_and_store needs unit stride along head_dim")
+    _kernels().rope[(t,)](
+        q, k, v, cos, sin, slots, out, k_cache, v_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), sin.stride(0), k_cache.stride(1), k_cache.stride(2),
+        HQ=hq, HK=hk, HQ_PAD=_pow2(hq), HK_PAD=_pow2(hk), HALF=d // 2, HALF_PAD=_pow2(d // 2),
+        num_warps=4,
+    )
+    return out
 
 
 # --------------------------------------------------------------------------- decode
@@ -127,89 +158,11 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-@dataclass(frozen=True)
-class _Kernels:
-    partial: object
-    merge: object
+def _kernels():  # noqa: ANN202 - the module of Triton kernels
+    """The Triton kernels, imported on first use (so this module imports without Triton)."""
+    from pensieve.backends import cuda_kernels
 
-
-@lru_cache(maxsize=1)
-def _kernels() -> _Kernels:
-    """Define the Triton kernels on first use (Triton is imported only then)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def partial(Q, K, V, BT, CL, M, L, ACC, scale, num_splits,
-                sq_b, sq_h, sk_blk, sk_tok, sk_head, sbt,
-                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                IEEE: tl.constexpr):
-        b = tl.program_id(0)
-        kh = tl.program_id(1)
-        s = tl.program_id(2)
-        ctx = tl.load(CL + b)
-        pages = tl.cdiv(ctx, PAGE)
-        per_split = tl.cdiv(pages, num_splits) * PAGE
-        start = s * per_split
-        end = tl.minimum(start + per_split, ctx)
-        g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, D_PAD)
-        heads = kh * GROUP + g
-        gmask = g < GROUP
-        dmask = d < D
-        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :],
-                    mask=gmask[:, None] & dmask[None, :], other=0.0)
-        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            valid = offs < end
-            page = tl.load(BT + b * sbt + offs // PAGE, mask=valid, other=0).to(tl.int64)
-            base = page * sk_blk + (offs % PAGE) * sk_tok + kh * sk_head
-            kv_mask = valid[:, None] & dmask[None, :]
-            k = tl.load(K + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            qk = tl.where(valid[None, :], qk * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-        row = (b * (tl.num_programs(1) * GROUP) + heads) * num_splits + s
-        tl.store(M + row, m_i, mask=gmask)
-        tl.store(L + row, l_i, mask=gmask)
-        tl.store(ACC + row[:, None] * D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
-
-    @triton.jit
-    def merge(M, L, ACC, O, num_splits, so_b, so_h,
-              D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        s = tl.arange(0, S_PAD)
-        d = tl.arange(0, D_PAD)
-        smask = s < num_splits
-        row = (b * tl.num_programs(1) + h) * num_splits + s
-        m = tl.load(M + row, mask=smask, other=float("-inf"))
-        l = tl.load(L + row, mask=smask, other=0.0)
-        m_max = tl.max(m, 0)
-        w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
-        acc = tl.load(ACC + row[:, None] * D + d[None, :],
-                      mask=smask[:, None] & (d < D)[None, :], other=0.0)
-        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-        tl.store(O + b * so_b + h * so_h + d, out.to(O.dtype.element_ty), mask=d < D)
-
-    return _Kernels(partial, merge)
+    return cuda_kernels
 
 
 # --------------------------------------------------------------------------- prefill

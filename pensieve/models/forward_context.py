@@ -13,6 +13,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from pensieve.models.rope import apply_rope
+
 
 @dataclass(frozen=True)
 class SequenceSlice:
@@ -29,7 +31,8 @@ class AttentionBackend(Protocol):
     model runner prepared for this step (e.g. ``backends/cuda_attention.CudaPagedAttention``)."""
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 ctx: "ForwardContext") -> torch.Tensor: ...
+                 ctx: "ForwardContext",
+                 cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -49,15 +52,20 @@ class ForwardContext:
 
 
 def paged_attention(
-    layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext
+    layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Store this step's K/V, then attend each sequence over its whole cached context.
+    """Apply RoPE (when ``cos_sin`` is given), store this step's K/V, then attend each
+    sequence over its whole cached context.
 
     q: [T, Hq, D]; k, v: [T, Hk, D]. Returns [T, Hq, D]. Causal within the new tokens: the
-    i-th new token of a sequence sees keys up to ``context_len - query_len + i``.
+    i-th new token of a sequence sees keys up to ``context_len - query_len + i``. A backend
+    in ``ctx.attention`` may fuse RoPE with the cache writes.
     """
     if ctx.attention is not None:
-        return ctx.attention(layer, q, k, v, ctx)
+        return ctx.attention(layer, q, k, v, ctx, cos_sin)
+    if cos_sin is not None:
+        q, k = apply_rope(q, k, cos_sin)
     k_cache, v_cache = ctx.k_caches[layer], ctx.v_caches[layer]
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))

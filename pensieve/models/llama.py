@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pensieve.models.args import ModelArgs
 from pensieve.models.forward_context import ForwardContext, paged_attention
-from pensieve.models.rope import RotaryEmbedding, apply_rope
+from pensieve.models.rope import RotaryEmbedding
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -49,8 +49,7 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, k, cos_sin)
-        out = paged_attention(self.layer, q, k, v, ctx)
+        out = paged_attention(self.layer, q, k, v, ctx, cos_sin)  # applies RoPE to q and k
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
