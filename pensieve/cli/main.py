@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pensieve.cli import serve
+from pensieve.cli import claude, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,10 +14,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve.add_parser(sub)
+    claude.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["claude"]:  # its arguments mostly belong to Claude Code: no argparse here
+        return claude.run(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
