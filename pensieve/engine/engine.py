@@ -11,7 +11,9 @@ from pensieve.engine.block_pool import BlockPool
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.engine.errors import PromptTooLongError
+from pensieve.engine.grammar import GrammarCompiler
 from pensieve.engine.kv_manager import KVCacheManager
+from pensieve.engine.logits_processors import LogitsProcessor, ThinkingBudgetProcessor, accept_token
 from pensieve.engine.model_runner import ModelRunner
 from pensieve.engine.request import Request, RequestStatus
 from pensieve.engine.sampler import make_generator, sample
@@ -45,6 +47,9 @@ class Engine:
         self.kv = KVCacheManager(self.pool, config.block_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self._requests: dict[str, Request] = {}
+        self._vocab_size = args.vocab_size
+        self._grammars: GrammarCompiler | None = None  # built by the first constrained request
+        self._processors: dict[str, list[LogitsProcessor]] = {}  # request id → its processors
 
     @property
     def context_length(self) -> int:
@@ -61,6 +66,7 @@ class Engine:
             raise ValueError("the prompt has no tokens")
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id!r}")
+        processors = self._logits_processors(params)
         eos = frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
         req = Request(
             request_id=request_id,
@@ -71,12 +77,26 @@ class Engine:
             generator=make_generator(params.seed, self.config.device),
         )
         self._requests[request_id] = req
+        if processors:
+            self._processors[request_id] = processors
         self.scheduler.add(req)
+
+    def _logits_processors(self, params: SamplingParams) -> list[LogitsProcessor]:
+        """Thinking budget first: while thinking is open it pauses the grammar after it."""
+        processors: list[LogitsProcessor] = []
+        if params.thinking_budget is not None:
+            processors.append(ThinkingBudgetProcessor(params.thinking_budget))
+        if params.grammar is not None:
+            if self._grammars is None:  # raises GrammarUnavailableError without xgrammar
+                self._grammars = GrammarCompiler(self.tokenizer, self._vocab_size)
+            processors.append(self._grammars.constraint(params.grammar))
+        return processors
 
     def abort(self, request_id: str) -> GenerationDelta | None:
         req = self._requests.pop(request_id, None)
         if req is None:
             return None
+        self._processors.pop(request_id, None)
         self.scheduler.finish(req)
         req.finish(FinishReason.ABORTED)
         return self._delta(req, "")
@@ -98,7 +118,8 @@ class Engine:
             chunk.request.num_computed_tokens += chunk.num_tokens
             self.kv.commit(chunk.request)
         tokens = sample(
-            logits, [r.params for r in sampled], [r.generator for r in sampled]
+            logits, [r.params for r in sampled], [r.generator for r in sampled],
+            [self._processors.get(r.request_id) for r in sampled],
         )
         return [self._append(req, tok) for req, tok in zip(sampled, tokens)]
 
@@ -108,11 +129,15 @@ class Engine:
             cached_now = prompt_blocks * self.config.block_size
             req.num_new_cached_tokens = max(0, cached_now - req.num_cached_tokens)
         req.output_ids.append(token)
+        processors = self._processors.get(req.request_id)
+        constraint_done = processors is not None and accept_token(processors, token)
         if token in self.tokenizer.eos_token_ids and not req.params.ignore_eos:
             return self._finish(req, FinishReason.EOS, self._flush(req))
         text = req.stop_checker.feed(req.detokenizer.add(token))
         if req.stop_checker.matched is not None:
             return self._finish(req, FinishReason.STOP_SEQUENCE, text, req.stop_checker.matched)
+        if constraint_done:  # the grammar allows nothing but the end of the turn
+            return self._finish(req, FinishReason.EOS, text + self._flush(req))
         if len(req.output_ids) >= req.params.max_tokens:
             return self._finish(req, FinishReason.MAX_TOKENS, text + self._flush(req))
         if req.num_tokens >= self.context_length:
@@ -130,6 +155,7 @@ class Engine:
     ) -> GenerationDelta:
         self.scheduler.finish(req)
         self._requests.pop(req.request_id, None)
+        self._processors.pop(req.request_id, None)
         req.finish(reason, stop)
         return self._delta(req, text, [req.output_ids[-1]])
 
@@ -157,6 +183,7 @@ class Engine:
             d.error = message
             deltas.append(d)
         self._requests.clear()
+        self._processors.clear()
         return deltas
 
 

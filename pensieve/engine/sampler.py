@@ -1,9 +1,16 @@
-"""Logits → next token ids: greedy at temperature 0, else temperature, top-k, top-p, seeded."""
+"""Logits → next token ids: greedy at temperature 0, else temperature, top-k, top-p, seeded.
+
+Rows with logits processors (grammar masks, a forced end of thinking) are masked in place
+first, so every sampling mode only ever picks an allowed token.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from pensieve.engine.logits_processors import LogitsProcessor, apply_processors
 from pensieve.engine.types import SamplingParams
 
 
@@ -11,8 +18,13 @@ def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    processors: Sequence[Sequence[LogitsProcessor] | None] | None = None,
 ) -> list[int]:
-    """One token per row of ``logits`` [N, V] (float32)."""
+    """One token per row of ``logits`` [N, V] (float32); ``processors[i]`` masks row i."""
+    with torch.inference_mode():  # the model's logits are inference tensors: mask in place
+        for i, procs in enumerate(processors or ()):
+            if procs:
+                apply_processors(procs, logits[i])
     greedy = logits.argmax(dim=-1).tolist()
     out: list[int] = []
     for i, p in enumerate(params):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 class FinishReason(enum.Enum):
@@ -13,6 +14,49 @@ class FinishReason(enum.Enum):
     CONTEXT = "context"  # the context window is full
     ABORTED = "aborted"  # the client went away or the request was cancelled
     ERROR = "error"  # generation failed; GenerationDelta.error says why
+
+
+GrammarKind = Literal["structural_tag", "json_schema", "ebnf"]
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A constraint on the generated text; ``pensieve.engine.grammar`` compiles it (cached).
+
+    ``payload`` is, by ``kind``: an xgrammar structural tag as JSON, a JSON schema as JSON
+    (output in one canonical form: ``{"a": 1, "b": [2, 3]}``), or EBNF with a ``root`` rule.
+    Once the grammar is complete and nothing but an end of turn may follow, the request
+    finishes as if the model had sampled EOS. ``label`` only names it in logs.
+    """
+
+    kind: GrammarKind
+    payload: str
+    label: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("structural_tag", "json_schema", "ebnf"):
+            raise ValueError(f"unknown grammar kind {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class ThinkingBudget:
+    """At most ``budget_tokens`` tokens of thinking, then the close marker is forced.
+
+    Thinking is open from the first output token when ``starts_open`` (the prompt opened it),
+    and whenever the model writes ``open_ids``; it closes when the model writes ``close_ids``.
+    The budget counts every token generated while thinking is open, over the whole answer.
+    """
+
+    close_ids: tuple[int, ...]
+    budget_tokens: int
+    open_ids: tuple[int, ...] = ()
+    starts_open: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.close_ids:
+            raise ValueError("a thinking budget needs the close marker's token ids")
+        if self.budget_tokens < 0:
+            raise ValueError(f"budget_tokens must be ≥ 0, got {self.budget_tokens}")
 
 
 @dataclass(frozen=True)
@@ -27,6 +71,8 @@ class SamplingParams:
     stop_sequences: tuple[str, ...] = ()
     ignore_eos: bool = False
     retain_prefix: bool = False  # the client asked for caching: evict this prefix last
+    grammar: GrammarSpec | None = None  # constrained decoding (tool calls, JSON output)
+    thinking_budget: ThinkingBudget | None = None  # force the end of thinking after N tokens
 
 
 @dataclass

@@ -1,0 +1,253 @@
+"""tool_choice → the grammar that makes the model's tool calls well-formed and schema-valid
+(and a thinking budget's markers → the token ids the engine forces).
+
+``tool_call_grammar(tools, choice=…, tool_format=…)`` builds an xgrammar structural tag:
+
+- ``any``: the answer is one or more calls (exactly one with ``disable_parallel_tool_use``)
+  of the offered tools, nothing else; ``tool``: the same, of the named tool only;
+- ``auto`` (also when ``tool_choice`` is absent): free text, but once the model opens a call
+  (``<tool_call>`` in Hermes) the name must be an offered tool's and the arguments must match
+  its ``input_schema``; with ``disable_parallel_tool_use`` the turn ends after one call;
+- ``none``, no tools, or a format without a grammar here: no grammar.
+
+Arguments come out in one canonical layout (``{"command": "ls", "timeout": 5}``). Each
+tool's schema is vetted by xgrammar first; keywords it cannot compile are dropped (logged
+once per schema), stage by stage, until it compiles — a schema never fails a request.
+
+Formats register in ``TOOL_CALL_FORMATS``; the built-in (and Qwen/Hermes) one is ``hermes``:
+``<tool_call>\\n{"name": "Bash", "arguments": {"command": "ls"}}\\n</tool_call>``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pensieve.engine.grammar import GrammarError, GrammarUnavailableError, grammar_available, json_schema_ebnf
+from pensieve.engine.types import GrammarSpec, ThinkingBudget
+from pensieve.protocol import ConversationParams, ToolParam
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TagToolCallFormat:
+    """A format whose calls are ``begin(name) + arguments JSON + end``, one after another."""
+
+    name: str
+    trigger: str  # the text that opens a call under ``auto``; every call begins with it
+    separator: str  # between parallel calls
+    begin: Callable[[str], str]  # the call's text up to its arguments, for a tool name
+    end: str  # the call's text after its arguments
+
+    def tag(self, tool_name: str, arguments_ebnf: str) -> dict[str, Any]:
+        return {"type": "tag", "begin": self.begin(tool_name),
+                "content": {"type": "grammar", "grammar": arguments_ebnf}, "end": self.end}
+
+    def forced(self, tags: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+        return {"type": "tags_with_separator", "tags": tags, "separator": self.separator,
+                "at_least_one": True, "stop_after_first": not parallel}
+
+    def auto(self, tags: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+        return {"type": "triggered_tags", "triggers": [self.trigger], "tags": tags,
+                "at_least_one": False, "stop_after_first": not parallel}
+
+
+HERMES = TagToolCallFormat(
+    name="hermes",
+    trigger="<tool_call>",
+    separator="\n",
+    begin=lambda tool: '<tool_call>\n{"name": ' + json.dumps(tool) + ', "arguments": ',
+    end="}\n</tool_call>",
+)
+
+TOOL_CALL_FORMATS: dict[str, TagToolCallFormat] = {HERMES.name: HERMES}
+
+
+def tool_call_grammar(
+    tools: Sequence[ToolParam],
+    *,
+    choice: str = "auto",
+    forced_name: str | None = None,
+    parallel: bool = True,
+    tool_format: str | None = "hermes",
+) -> GrammarSpec | None:
+    """The grammar for calls of ``tools``, or None when nothing is constrained.
+
+    ``choice`` is ``auto``/``any``/``tool`` (``forced_name`` then names the tool) or ``none``.
+    Raises GrammarUnavailableError when a call is forced and xgrammar is not installed;
+    ``auto`` then runs unconstrained (with a warning).
+    """
+    tools = [t for t in tools if isinstance(t, ToolParam)]
+    if not tools or choice == "none":
+        return None
+    if choice not in ("auto", "any", "tool"):
+        choice = "auto"  # a tool_choice newer than us: the API's default
+    fmt = TOOL_CALL_FORMATS.get(tool_format or "")
+    if fmt is None:
+        log.warning("no tool-call grammar for format %r: tool calls are not constrained", tool_format)
+        return None
+    if choice == "tool":
+        named = [t for t in tools if t.name == forced_name]
+        if not named:
+            log.warning("tool_choice names %r, which is not offered: any tool is allowed", forced_name)
+        tools, choice = (named, "tool") if named else (tools, "any")
+    if not grammar_available():
+        if choice == "auto":
+            log.warning("xgrammar is not installed: tool calls under tool_choice auto are not constrained")
+            return None
+        raise GrammarUnavailableError()
+    arguments = [arguments_ebnf(t.input_schema) for t in tools]
+    if None in arguments:
+        log.warning("xgrammar compiles no JSON object grammar: tool calls are not constrained")
+        return None
+    tags = [fmt.tag(t.name, ebnf) for t, ebnf in zip(tools, arguments)]
+    body = fmt.auto(tags, parallel) if choice == "auto" else fmt.forced(tags, parallel)
+    payload = json.dumps({"type": "structural_tag", "format": body})
+    return GrammarSpec("structural_tag", payload, label=f"{fmt.name} tool_choice={choice} over {len(tools)} tool(s)")
+
+
+def request_tool_grammar(request: ConversationParams, tool_format: str | None = "hermes") -> GrammarSpec | None:
+    """``tool_call_grammar`` for a request's ``tools`` and ``tool_choice`` (absent → auto)."""
+    choice = request.tool_choice
+    return tool_call_grammar(
+        request.tools or (),
+        choice=getattr(choice, "type", None) or "auto",
+        forced_name=getattr(choice, "name", None),
+        parallel=not getattr(choice, "disable_parallel_tool_use", None),
+        tool_format=tool_format,
+    )
+
+
+def thinking_budget(
+    close_marker: str | None, budget_tokens: int | None, tokenizer: Any, *,
+    open_marker: str | None = None, starts_open: bool = False,
+) -> ThinkingBudget | None:
+    """The engine's ``ThinkingBudget`` for a model's markers (None: no budget to enforce)."""
+    if not close_marker or budget_tokens is None:
+        return None
+    return ThinkingBudget(
+        close_ids=tuple(tokenizer.encode(close_marker)),
+        budget_tokens=max(0, budget_tokens),
+        open_ids=tuple(tokenizer.encode(open_marker)) if open_marker else (),
+        starts_open=starts_open,
+    )
+
+
+def arguments_ebnf(schema: Mapping[str, Any] | bool) -> str | None:
+    """EBNF of a tool's arguments; ``schema`` degraded as needed (None: not even an object)."""
+    return _arguments_ebnf(json.dumps(schema))  # key order kept: properties come out in it
+
+
+@functools.lru_cache(maxsize=1024)
+def _arguments_ebnf(schema_json: str) -> str | None:
+    schema = json.loads(schema_json)
+    usable, dropped = degrade_schema(schema, _compiles)
+    if usable is None:
+        return None
+    if dropped:
+        title = schema.get("title", "") if isinstance(schema, dict) else ""
+        log.warning("tool schema %s: dropped %s, which xgrammar cannot compile",
+                    title or schema_json[:80], ", ".join(dropped))
+    return json_schema_ebnf(usable)
+
+
+def _compiles(schema: Any) -> bool:
+    try:
+        json_schema_ebnf(schema)
+    except GrammarError as exc:
+        log.debug("schema does not compile: %s", exc)
+        return False
+    return True
+
+
+# What to drop, in order, when a schema does not compile: first the keywords that least change
+# what a valid value looks like. Within a stage each keyword alone is tried before all of them.
+DROP_STAGES: tuple[tuple[str, ...], ...] = (
+    ("pattern", "format", "patternProperties", "propertyNames"),
+    ("$ref",),
+    ("not", "if", "then", "else", "dependentSchemas", "dependentRequired", "dependencies",
+     "contains", "minContains", "maxContains", "unevaluatedProperties", "unevaluatedItems",
+     "uniqueItems"),
+    ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
+     "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"),
+    ("additionalProperties", "additionalItems", "prefixItems", "items"),
+    ("allOf", "anyOf", "oneOf", "enum", "const", "type", "required"),
+)
+FALLBACK_SCHEMA: dict[str, Any] = {"type": "object"}
+
+
+def degrade_schema(schema: Any, compiles: Callable[[Any], bool]) -> tuple[Any | None, tuple[str, ...]]:
+    """``schema`` itself if it compiles, else with keywords dropped until it does.
+
+    Returns the usable schema (``{"type": "object"}`` as a last resort, None if even that
+    fails) and the keywords dropped.
+    """
+    if compiles(schema):
+        return schema, ()
+    current, dropped = schema, []
+    for stage in DROP_STAGES:
+        present = [k for k in stage if k in schema_keywords(current)]
+        for keyword in present:
+            candidate = drop_keywords(current, {keyword})
+            if compiles(candidate):
+                return candidate, (*dropped, keyword)
+        if present:
+            current = drop_keywords(current, set(present))
+            dropped += present
+            if compiles(current):
+                return current, tuple(dropped)
+    if compiles(FALLBACK_SCHEMA):
+        return FALLBACK_SCHEMA, ("everything but type: object",)
+    return None, ("everything",)
+
+
+# Where JSON Schema nests subschemas (everything else — enum, const, default — is data).
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_SCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
+_SCHEMA_VALUES = frozenset({"items", "additionalProperties", "additionalItems", "contains", "not",
+                            "if", "then", "else", "propertyNames", "unevaluatedProperties",
+                            "unevaluatedItems"})
+
+
+def _subschemas(key: str, value: Any) -> Iterable[Any]:
+    if key in _SCHEMA_MAPS and isinstance(value, dict):
+        return value.values()
+    if (key in _SCHEMA_LISTS or key == "items") and isinstance(value, list):
+        return value
+    if key in _SCHEMA_VALUES:
+        return (value,)
+    return ()
+
+
+def schema_keywords(schema: Any) -> set[str]:
+    """Every keyword used anywhere in ``schema`` (property names are not keywords)."""
+    if not isinstance(schema, dict):
+        return set()
+    found = set(schema)
+    for key, value in schema.items():
+        for sub in _subschemas(key, value):
+            found |= schema_keywords(sub)
+    return found
+
+
+def drop_keywords(schema: Any, names: set[str]) -> Any:
+    """``schema`` without the keywords ``names``, at every depth."""
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in names:
+            continue
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            value = {n: drop_keywords(s, names) for n, s in value.items()}
+        elif (key in _SCHEMA_LISTS or key == "items") and isinstance(value, list):
+            value = [drop_keywords(s, names) for s in value]
+        elif key in _SCHEMA_VALUES:
+            value = drop_keywords(value, names)
+        out[key] = value
+    return out

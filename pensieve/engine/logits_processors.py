@@ -1,0 +1,113 @@
+"""Per-request logits processors: stateful objects that shape one row of logits before sampling
+and see the token that was sampled.
+
+A request carries an ordered list of them (thinking budget first, then a grammar). While a
+processor ``holds`` (thinking is open), the processors after it are paused: they neither mask
+the row nor see the tokens, so a tool-call grammar applies to the answer, not to the thinking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pensieve.engine.types import ThinkingBudget
+
+
+class LogitsProcessor:
+    """The interface. ``apply`` runs once per sampled token, before sampling; ``accept`` once
+    after, with the token chosen (also when an earlier processor forced it)."""
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Mask ``logits`` (one row [V], float) in place: -inf for forbidden tokens."""
+
+    def accept(self, token_id: int) -> None:
+        """Advance the state past ``token_id``."""
+
+    @property
+    def holds(self) -> bool:
+        """While True, the processors after this one are paused."""
+        return False
+
+    @property
+    def done(self) -> bool:
+        """True when nothing but the end of the turn may follow: the engine stops the request."""
+        return False
+
+
+def apply_processors(processors: Sequence[LogitsProcessor], logits: torch.Tensor) -> None:
+    for proc in processors:
+        proc.apply(logits)
+        if proc.holds:
+            return
+
+
+def accept_token(processors: Sequence[LogitsProcessor], token_id: int) -> bool:
+    """Feed ``token_id`` to every processor not paused; True when one says the turn is done."""
+    for proc in processors:
+        was_holding = proc.holds  # the token that ends a hold still belongs to the hold
+        proc.accept(token_id)
+        if was_holding:
+            return False
+        if proc.done:
+            return True
+    return False
+
+
+def force_token(logits: torch.Tensor, token_id: int) -> None:
+    """Leave ``token_id`` as the only finite logit of the row."""
+    logits.fill_(float("-inf"))
+    logits[token_id] = 0.0
+
+
+class ThinkingBudgetProcessor(LogitsProcessor):
+    """Counts thinking tokens; once the budget is spent, forces the close marker token by token.
+
+    If the model was already part-way through writing the close marker when the budget ran
+    out, forcing continues from where it stopped (no doubled ``</``).
+    """
+
+    def __init__(self, budget: ThinkingBudget) -> None:
+        self.budget = budget
+        self.is_open = budget.starts_open
+        self.num_thinking_tokens = 0
+        self._recent: list[int] = []  # the last few tokens, to spot markers
+        self._keep = max(len(budget.close_ids), len(budget.open_ids))
+        self._forcing: int | None = None  # index into close_ids of the next forced token
+
+    @property
+    def holds(self) -> bool:
+        return self.is_open
+
+    def apply(self, logits: torch.Tensor) -> None:
+        if not self.is_open:
+            return
+        if self._forcing is None and self.num_thinking_tokens >= self.budget.budget_tokens:
+            self._forcing = self._close_prefix_written()
+        if self._forcing is not None:
+            force_token(logits, self.budget.close_ids[self._forcing])
+
+    def accept(self, token_id: int) -> None:
+        self._recent = (self._recent + [token_id])[-self._keep :]
+        if self.is_open:
+            self.num_thinking_tokens += 1
+            if self._forcing is not None:
+                self._forcing += 1
+            if self._ends_with(self.budget.close_ids) or self._forcing == len(self.budget.close_ids):
+                self.is_open = False
+                self._forcing = None
+        elif self.budget.open_ids and self._ends_with(self.budget.open_ids):
+            self.is_open = True
+
+    def _ends_with(self, marker: tuple[int, ...]) -> bool:
+        n = len(marker)
+        return len(self._recent) >= n and tuple(self._recent[-n:]) == marker
+
+    def _close_prefix_written(self) -> int:
+        """How many leading tokens of the close marker the output already ends with."""
+        close = self.budget.close_ids
+        for n in range(min(len(close) - 1, len(self._recent)), 0, -1):
+            if tuple(self._recent[-n:]) == close[:n]:
+                return n
+        return 0
