@@ -19,6 +19,8 @@ from pensieve.chat.caching import wants_prompt_cache
 from pensieve.api.state import GenerationClient, Services
 from pensieve.chat import MessageEventBuilder, RenderedPrompt
 from pensieve.chat.stream import close_iterator
+from pensieve.chat.tool_grammar import decoding_constraints
+from pensieve.engine.grammar import GrammarUnavailableError
 from pensieve.engine.types import FinishReason, GenerationDelta, SamplingParams
 from pensieve.protocol import ConversationParams, MessageCreateParams
 
@@ -70,6 +72,10 @@ async def prepare_generation(services: Services, request: MessageCreateParams, r
     context = services.config.context_length
     if prompt.num_tokens >= context:
         raise prompt_too_long(prompt.num_tokens, context)
+    try:
+        grammar, thinking_budget = decoding_constraints(prompt, services.renderer.tokenizer)
+    except GrammarUnavailableError as exc:  # a forced tool call, and xgrammar not installed
+        raise ApiError(500, "api_error", str(exc)) from exc
     params = SamplingParams(
         # Claude Code asks for 32000+; what does not fit in the context is clamped, not refused.
         max_tokens=min(request.max_tokens, context - prompt.num_tokens),
@@ -78,9 +84,8 @@ async def prepare_generation(services: Services, request: MessageCreateParams, r
         top_k=request.top_k or 0,
         stop_sequences=tuple(s for s in request.stop_sequences or () if s),
         retain_prefix=wants_prompt_cache(request),
-        # TODO(grammar): SamplingParams.grammar from prompt.tools (format, tools, choice,
-        # forced_name, parallel) and SamplingParams.thinking_budget from prompt.thinking
-        # (close_marker, budget_tokens, open_marker, starts_open), via chat/tool_grammar.py.
+        grammar=grammar,
+        thinking_budget=thinking_budget,
     )
     return PreparedGeneration(request_id, new_message_id(), request.model, prompt, params,
                               services.renderer.thinking_key)

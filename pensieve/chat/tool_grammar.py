@@ -25,11 +25,14 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pensieve.engine.grammar import GrammarError, GrammarUnavailableError, grammar_available, json_schema_ebnf
 from pensieve.engine.types import GrammarSpec, ThinkingBudget
 from pensieve.protocol import ConversationParams, ToolParam
+
+if TYPE_CHECKING:
+    from pensieve.chat.prompt import RenderedPrompt
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +130,33 @@ def thinking_budget(
     close_marker: str | None, budget_tokens: int | None, tokenizer: Any, *,
     open_marker: str | None = None, starts_open: bool = False,
 ) -> ThinkingBudget | None:
-    """The engine's ``ThinkingBudget`` for a model's markers (None: no budget to enforce)."""
-    if not close_marker or budget_tokens is None:
+    """The engine's ``ThinkingBudget`` for a model's markers (None without a close marker).
+    ``budget_tokens`` None: nothing is forced, thinking is only tracked."""
+    if not close_marker:
         return None
     return ThinkingBudget(
         close_ids=tuple(tokenizer.encode(close_marker)),
-        budget_tokens=max(0, budget_tokens),
+        budget_tokens=None if budget_tokens is None else max(0, budget_tokens),
         open_ids=tuple(tokenizer.encode(open_marker)) if open_marker else (),
         starts_open=starts_open,
     )
+
+
+def decoding_constraints(prompt: RenderedPrompt, tokenizer: Any) -> tuple[GrammarSpec | None, ThinkingBudget | None]:
+    """What the engine enforces for ``prompt``: the grammar of its tool calls (none when the
+    model continues a prefill: the grammar describes a whole answer) and its thinking budget
+    (also without a budget while a grammar is in force, so the grammar waits for thinking)."""
+    plan = prompt.tools
+    grammar = None
+    if plan is not None and not prompt.prefill:
+        grammar = tool_call_grammar(plan.tools, choice=plan.choice, forced_name=plan.forced_name,
+                                    parallel=plan.parallel, tool_format=plan.format)
+    thinking = prompt.thinking
+    budget = thinking.budget_tokens if thinking.enabled else None
+    if thinking.markers is None or (budget is None and grammar is None):
+        return grammar, None
+    return grammar, thinking_budget(thinking.close_marker, budget, tokenizer,
+                                    open_marker=thinking.open_marker, starts_open=thinking.starts_open)
 
 
 def arguments_ebnf(schema: Mapping[str, Any] | bool) -> str | None:

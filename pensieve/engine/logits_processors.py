@@ -83,7 +83,8 @@ class ThinkingBudgetProcessor(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> None:
         if not self.is_open:
             return
-        if self._forcing is None and self.num_thinking_tokens >= self.budget.budget_tokens:
+        limit = self.budget.budget_tokens
+        if self._forcing is None and limit is not None and self.num_thinking_tokens >= limit:
             self._forcing = self._close_prefix_written()
         if self._forcing is not None:
             force_token(logits, self.budget.close_ids[self._forcing])

@@ -45,17 +45,19 @@ class ThinkingBudget:
     Thinking is open from the first output token when ``starts_open`` (the prompt opened it),
     and whenever the model writes ``open_ids``; it closes when the model writes ``close_ids``.
     The budget counts every token generated while thinking is open, over the whole answer.
+    ``budget_tokens`` None forces nothing: thinking is only tracked, so that a grammar waits
+    until it closes.
     """
 
     close_ids: tuple[int, ...]
-    budget_tokens: int
+    budget_tokens: int | None
     open_ids: tuple[int, ...] = ()
     starts_open: bool = False
 
     def __post_init__(self) -> None:
         if not self.close_ids:
             raise ValueError("a thinking budget needs the close marker's token ids")
-        if self.budget_tokens < 0:
+        if self.budget_tokens is not None and self.budget_tokens < 0:
             raise ValueError(f"budget_tokens must be ≥ 0, got {self.budget_tokens}")
 
 

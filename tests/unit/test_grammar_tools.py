@@ -197,5 +197,40 @@ def test_thinking_budget_from_markers():
     budget = thinking_budget("</t>", 64, Tok(), open_marker="<t>", starts_open=True)
     assert budget.close_ids == (60, 47, 116, 62) and budget.open_ids == (60, 116, 62)
     assert budget.budget_tokens == 64 and budget.starts_open
-    assert thinking_budget("</t>", None, Tok()) is None
+    assert thinking_budget("</t>", None, Tok()).budget_tokens is None  # tracked, never forced
     assert thinking_budget(None, 10, Tok()) is None
+
+
+class CharTok:
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
+def rendered(tools=None, thinking=None, prefill=""):
+    from pensieve.chat.prompt import RenderedPrompt
+    from pensieve.chat.thinking import ThinkingPlan
+
+    return RenderedPrompt("", [1], prefill, tools, thinking or ThinkingPlan())
+
+
+def test_decoding_constraints_from_the_prompt_plans():
+    from pensieve.chat.segmenter import ThinkingMarkers
+    from pensieve.chat.thinking import ThinkingPlan
+    from pensieve.chat.tools_prompt import ToolsPlan
+
+    plan = ToolsPlan("hermes", (BASH, READ), "tool", "Read", parallel=False)
+    grammar, budget = tg.decoding_constraints(rendered(plan), CharTok())
+    assert grammar == tool_call_grammar([BASH, READ], choice="tool", forced_name="Read", parallel=False)
+    assert budget is None  # no reasoning markers
+    assert tg.decoding_constraints(rendered(plan, prefill="Sure"), CharTok()) == (None, None)
+    assert tg.decoding_constraints(rendered(), CharTok()) == (None, None)
+
+    thinks = ThinkingPlan(requested=True, markers=ThinkingMarkers(), budget_tokens=100, starts_open=True)
+    grammar, budget = tg.decoding_constraints(rendered(None, thinks), CharTok())
+    assert grammar is None and budget.budget_tokens == 100 and budget.starts_open
+    assert budget.close_ids == tuple(map(ord, "</think>")) and budget.open_ids == tuple(map(ord, "<think>"))
+    # markers without a requested budget: tracked only while a grammar is in force
+    quiet = ThinkingPlan(requested=False, markers=ThinkingMarkers())
+    assert tg.decoding_constraints(rendered(None, quiet), CharTok()) == (None, None)
+    grammar, budget = tg.decoding_constraints(rendered(plan, quiet), CharTok())
+    assert grammar is not None and budget.budget_tokens is None

@@ -82,6 +82,13 @@ def test_open_marker_starts_counting_and_the_budget_spans_the_answer():
     assert run([proc], [5, 6, 1, 1]) == [5, 6, 7, 8]
 
 
+def test_no_budget_tracks_thinking_without_forcing():
+    proc = ThinkingBudgetProcessor(ThinkingBudget(close_ids=CLOSE, budget_tokens=None, starts_open=True))
+    rec = Recorder()
+    assert run([proc, rec], [1] * 20 + [7, 8, 9, 2]) == [1] * 20 + [7, 8, 9, 2]
+    assert rec.seen == [2]
+
+
 def test_a_holding_processor_pauses_the_ones_after_it():
     thinking = ThinkingBudgetProcessor(ThinkingBudget(close_ids=CLOSE, budget_tokens=2, starts_open=True))
     rec = Recorder()
