@@ -24,6 +24,7 @@ import asyncio
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -31,11 +32,13 @@ import urllib.request
 from pathlib import Path
 
 from bench.client import (
+    DECODE_PROMPT,
     Client,
     Guard,
     Metric,
+    filler_text,
     markdown_table,
-    scenario_concurrency,
+    nonce,
     scenario_decode,
     scenario_followup,
     scenario_prefill,
@@ -78,6 +81,52 @@ def start_server(a: argparse.Namespace, log_path: Path) -> tuple[subprocess.Pope
     raise SystemExit(f"server not ready in {a.ready_timeout} s; see {log_path}")
 
 
+async def scenario_parallel(c: Client, repeat: int, n: int, max_tokens: int) -> list[Metric]:
+    """n parallel streams with *different* prompts (identical ones would be served by one
+    generation: the engine attaches identical in-flight requests to each other)."""
+    agg = Metric(f"x{n} parallel streams: aggregate output", "tok/s")
+    per = Metric(f"x{n} parallel streams: per-stream decode", "tok/s")
+    ttft = Metric(f"x{n} parallel streams: TTFT (median)", "ms")
+    for _ in range(repeat):
+        tag = nonce()
+        t0 = time.perf_counter()
+        rs = await asyncio.gather(*(c.stream(f"Stream {i} of {tag}. {DECODE_PROMPT}", max_tokens)
+                                    for i in range(n)))
+        wall = time.perf_counter() - t0
+        bad = [r.error for r in rs if not r.ok]
+        if bad:
+            raise RuntimeError(f"parallel stream failed: {bad[0]}")
+        agg.values.append(sum(r.output_tokens or 0 for r in rs) / wall)
+        per.values.append(statistics.median(r.decode_tps or 0.0 for r in rs))
+        ttft.values.append(statistics.median(r.ttft * 1e3 for r in rs))
+    return [agg, per, ttft]
+
+
+async def scenario_ttft(c: Client, repeat: int, words: int) -> list[Metric]:
+    """Cold then warm TTFT with max_tokens=1: the one token is sent when it is sampled.
+
+    With max_tokens > 1 a random-weight model's first token may be held back by the
+    streaming segmenter (text that could open a tool call or thinking block, a partial
+    UTF-8 character) until a later step, which adds decode steps to a "TTFT"."""
+    cold = Metric("cold ~12k prompt, max_tokens=1: TTFT", "ms")
+    rate = Metric("cold ~12k prompt, max_tokens=1: prefill", "tok/s")
+    warm = Metric("warm follow-up on that prefix, max_tokens=1: TTFT", "ms")
+    for i in range(repeat):
+        tag = nonce()
+        system = f"[{tag}] You are a careful assistant. Here are the notes:\n\n" + filler_text(words, tag)
+        r1 = await c.stream(f"Question {i}: which object is mentioned first?", 1, system=system)
+        r2 = await c.stream(f"Question {i}: name any colour in the notes.", 1, system=system)
+        for r in (r1, r2):
+            if not r.ok and r.error != "no content delta received":
+                raise RuntimeError(f"ttft request failed: {r.error}")
+        t1 = ((r1.t_first or r1.t_end) - r1.t_send)
+        cold.values.append(t1 * 1e3)
+        if r1.input_tokens:
+            rate.values.append(r1.input_tokens / t1)
+        warm.values.append(((r2.t_first or r2.t_end) - r2.t_send) * 1e3)
+    return [cold, rate, warm]
+
+
 async def pensieve_scenarios(a: argparse.Namespace, server_pid: int) -> list[Metric]:
     c = Client(f"http://127.0.0.1:{a.port}", temperature=0.0, timeout=900)
     g = Guard(server_pid=server_pid)
@@ -89,10 +138,11 @@ async def pensieve_scenarios(a: argparse.Namespace, server_pid: int) -> list[Met
         await c.stream("warm the prefill kernels " * 700, 4)  # ~2 chunks of prefill shapes
         steps = [
             ("decode", lambda: scenario_decode(c, g, a.repeat, a.decode_tokens)),
-            ("x8", lambda: scenario_concurrency(c, g, a.repeat, 8, a.decode_tokens)),
-            ("x32", lambda: scenario_concurrency(c, g, a.repeat, 32, a.decode_tokens)),
+            ("x8", lambda: scenario_parallel(c, a.repeat, 8, a.decode_tokens)),
+            ("x32", lambda: scenario_parallel(c, a.repeat, 32, a.decode_tokens)),
             ("prefill", lambda: scenario_prefill(c, g, a.repeat, a.prefill_words)),
             ("followup", lambda: scenario_followup(c, g, a.repeat, a.prefill_words)),
+            ("ttft1", lambda: scenario_ttft(c, max(a.repeat, 5), a.prefill_words)),
         ]
         for name, fn in steps:
             if name not in a.scenarios:
@@ -166,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--decode-tokens", type=int, default=256)
     p.add_argument("--prefill-words", type=int, default=WORDS_12K)
-    p.add_argument("--scenarios", default="decode,x8,x32,prefill,followup")
+    p.add_argument("--scenarios", default="decode,x8,x32,prefill,followup,ttft1")
     p.add_argument("--ready-timeout", type=float, default=600)
     p.add_argument("--hf", action="store_true", help="also run the HF transformers baseline")
     p.add_argument("--hf-tokens", type=int, default=64)

@@ -99,7 +99,75 @@ def prefill_chunks(runner, total: int, chunk: int, start_block: int, computed: i
         req.num_computed_tokens += n
 
 
-def model_table(max_num_seqs: int) -> dict:
+def gemv_table() -> list[dict]:
+    """F.linear at the 8B shapes, batch 1 and 8: achieved weight bandwidth (cuBLAS), and a
+    plain Triton GEMV for batch 1 (several weight copies rotate so L2 cannot hold them)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv(X, W, Y, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(X + k).to(tl.float32)
+            w = tl.load(W + n[:, None] * K + k[None, :], mask=n[:, None] < N, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], 1)
+        tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=n < N)
+
+    rows = []
+    shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+              "down": (4096, 14336), "lm_head": (49152, 4096)}
+    for name, (n, k) in shapes.items():
+        copies = max(2, -(-400_000_000 // (n * k * 2)))
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        nbytes = n * k * 2
+        row = {"shape": name, "N": n, "K": k}
+        for m in (1, 8):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            it = iter(range(10**9))
+            ms = _time(lambda: F.linear(x, ws[next(it) % copies]), 30)
+            row[f"cublas_m{m}_GBps"] = nbytes / ms / 1e6
+        x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+        y = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+        best = None
+        for bn, bk, warps in ((8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (4, 1024, 4)):
+            it = iter(range(10**9))
+            fn = lambda: gemv[(triton.cdiv(n, bn),)](x, ws[next(it) % copies], y, n, k,  # noqa: E731
+                                                     BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+            ms = _time(fn, 30)
+            if best is None or ms < best[0]:
+                best = (ms, f"{bn}x{bk}w{warps}")
+        ref = F.linear(x[None], ws[0])[0]
+        gemv[(triton.cdiv(n, 16),)](x, ws[0], y, n, k, BLOCK_N=16, BLOCK_K=256, num_warps=4)
+        row["triton_m1_GBps"] = nbytes / best[0] / 1e6
+        row["triton_best"] = best[1]
+        row["triton_rel_err"] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del ws
+    return rows
+
+
+def profile_step(runner, chunks, label: str, out_dir: str) -> None:
+    """GPU time per kernel of one eager step (graphs hide kernels from the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs, runner.graphs = runner.graphs, None
+    for _ in range(2):
+        runner.run(chunks)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            runner.run(chunks)
+        torch.cuda.synchronize()
+    runner.graphs = graphs
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70)
+    print(f"--- profile {label} (3 steps)\n{table}", flush=True)
+
+
+def model_table(max_num_seqs: int, out_dir: str = ".") -> dict:
     from pensieve.engine.config import EngineConfig
     from pensieve.engine.model_runner import ModelRunner
     from pensieve.models.args import ModelArgs
@@ -136,9 +204,20 @@ def model_table(max_num_seqs: int) -> dict:
                        "graph_tok_s": b * 1000 / t_graph,
                        "weights_GBps": weight_bytes / t_graph / 1e6})
     res["decode_ctx512"] = decode
+    for b in (1, 8):
+        chunks = fake_chunks(runner, b, 512, 0)
+        runner.run(chunks)
+        bucket = next(x for x in runner.graphs.buckets if x >= b)
+        graph = runner.graphs._graphs[bucket]
+        res[f"replay_only_b{b}_ms"] = _time(graph.replay, 20)
+        profile_step(runner, chunks, f"eager_decode_b{b}", out_dir)
     prefill = []
     base = 4096
-    for chunk in (2048, 8192):
+    for c in prefill_chunks(runner, 4096, 2048, base):  # warm up the prefill shapes
+        runner.run([c])
+    profile_step(runner, [next(prefill_chunks(runner, 12288, 2048, base, computed=10240))],
+                 "eager_prefill_2048_after_10k", out_dir)
+    for chunk in (2048, 4096, 8192):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for c in prefill_chunks(runner, 12288, chunk, base):
@@ -147,16 +226,43 @@ def model_table(max_num_seqs: int) -> dict:
         dt = time.perf_counter() - t0
         prefill.append({"chunk": chunk, "tokens": 12288, "ms": dt * 1e3,
                         "tok_s": 12288 / dt})
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for c in prefill_chunks(runner, 12288 + 32, 64, base, computed=12288):
-        runner.run([c])
-    torch.cuda.synchronize()
-    prefill.append({"followup_32_tokens_over_12k_ms": (time.perf_counter() - t0) * 1e3})
+    for label in ("graph", "eager"):
+        saved = runner.chunk_graphs
+        if label == "eager":
+            runner.chunk_graphs = None
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for c in prefill_chunks(runner, 12288 + 32, 64, base, computed=12288):
+                runner.run([c])
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        runner.chunk_graphs = saved
+        prefill.append({f"followup_32_tokens_over_12k_{label}_ms": sorted(times)[2]})
     res["prefill"] = prefill
     del runner, model
     torch.cuda.empty_cache()
     return res
+
+
+def tokenizer_timing() -> dict:
+    """CPU time to encode the 12k-token benchmark prompt (part of every TTFT)."""
+    from bench.client import filler_text
+    from pensieve.loaders.gguf_file import GGUFFile
+    from pensieve.loaders.tokenizer import TextTokenizer
+
+    path = Path(".gpu/tokenizer.gguf")
+    if not path.exists():
+        return {}
+    tok = TextTokenizer.from_gguf_metadata(GGUFFile(path).metadata)
+    text = filler_text(9500, "x")
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        n = len(tok.encode(text))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"encode_tokens": n, "encode_ms_median": sorted(times)[2]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,13 +270,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--gemv", action="store_true", help="also time GEMV kernels")
     a = p.parse_args(argv)
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    result["tokenizer"] = tokenizer_timing()
+    print(json.dumps(result["tokenizer"]), flush=True)
     result["attention"] = attention_table()
     for r in result["attention"]:
         print(json.dumps(r), flush=True)
+    if a.gemv:
+        result["gemv"] = gemv_table()
     if not a.skip_model:
-        result["model"] = model_table(a.max_num_seqs)
+        result["model"] = model_table(a.max_num_seqs, a.out)
         print(json.dumps(result["model"], indent=1), flush=True)
     Path(a.out, "gpu_kernels.json").write_text(json.dumps(result, indent=2))
     return 0

@@ -9,6 +9,10 @@ prefill chunks, one sequence after another.
   slice of one sequence's pages for one KV head and all of its query heads, then a second
   small kernel merges the slices). Its grid depends only on the batch size, so a CUDA graph
   replays it whatever the context lengths are.
+- **Short chunk** (one sequence, a few new tokens after a cached prefix — an agent's
+  follow-up turn): a variant of the decode kernel that packs 16 // group query tokens of
+  the chunk with their query heads into one program's rows, causal per row, reading the
+  pages directly; its grid depends only on the chunk's token bucket, for CUDA graphs.
 - **Prefill** (chunks with or without a cached prefix): the sequences' K/V are gathered from
   their pages into one contiguous varlen batch, then FlashAttention-2's varlen kernel (in
   PyTorch) runs causal attention aligned bottom-right — the i-th new token sees the cached
@@ -49,14 +53,25 @@ class DecodeBatch:
     num_splits: int  # slices of each sequence's context read in parallel
 
 
+@dataclass(frozen=True)
+class ChunkBatch:
+    """One sequence's short chunk: every row of the batch is one of its new tokens."""
+
+    block_table: torch.Tensor  # [max_blocks] int32, the sequence's pages
+    start: torch.Tensor  # [1] int32, position of the chunk's first token
+    num_tokens: torch.Tensor  # [1] int32, real rows (rows past it are padding)
+    num_splits: int
+
+
 class CudaPagedAttention:
     """Per-step attention metadata plus the code that uses it; see the module docstring."""
 
     def __init__(self, num_decodes: int, decode: DecodeBatch | None,
-                 prefill: PrefillBatch | None) -> None:
+                 prefill: PrefillBatch | None, chunk: ChunkBatch | None = None) -> None:
         self.num_decodes = num_decodes
         self.decode = decode
         self.prefill = prefill
+        self.chunk = chunk
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  ctx, cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,  # noqa: ANN001
@@ -67,6 +82,8 @@ class CudaPagedAttention:
             store_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
         else:
             q = rope_and_store(q, k, v, cos_sin, ctx.slot_mapping, k_cache, v_cache)
+        if self.chunk is not None:
+            return paged_chunk(q, k_cache, v_cache, self.chunk)
         nd = self.num_decodes
         if self.prefill is None:
             return paged_decode(q, k_cache, v_cache, self.decode)
@@ -154,6 +171,39 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return out
 
 
+def paged_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: ChunkBatch) -> torch.Tensor:
+    """q [T, Hq, D], rows = one sequence's new tokens (first ``meta.num_tokens`` real) →
+    [T, Hq, D]; row i sees the cached prefix and new tokens up to itself."""
+    kernels = _kernels()
+    t, hq, d = q.shape
+    hk = k_cache.shape[2]
+    group = hq // hk
+    group_p2 = _pow2(group)
+    if group_p2 > _PAD_GROUP:
+        raise ValueError(f"{group} query heads per KV head; the chunk kernel takes ≤ {_PAD_GROUP}")
+    tok = _PAD_GROUP // group_p2
+    s = meta.num_splits
+    q = q.contiguous()
+    m = torch.empty((t, hq, s), dtype=torch.float32, device=q.device)
+    lse = torch.empty_like(m)
+    acc = torch.empty((t, hq, s, d), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    kernels.chunk_partial[(-(-t // tok), hk, s)](
+        q, k_cache, v_cache, meta.block_table, meta.start, meta.num_tokens, m, lse, acc,
+        1.0 / math.sqrt(d), s, hq,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, GROUP_P2=group_p2, TOK=tok, D=d, D_PAD=_pow2(d), PAGE=k_cache.shape[1],
+        BLOCK_N=_BLOCK_N, IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=2,
+    )
+    kernels.merge[(t, hq)](
+        m, lse, acc, out, s, out.stride(0), out.stride(1),
+        D=d, D_PAD=_pow2(d), S_PAD=_pow2(s), num_warps=4,
+    )
+    return out
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -174,7 +224,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     hk, d = k_cache.shape[2], k_cache.shape[3]
     keys = k_cache.view(-1, hk, d).index_select(0, meta.kv_slots)
     values = v_cache.view(-1, hk, d).index_select(0, meta.kv_slots)
-    if q.dtype in (torch.float16, torch.bfloat16) and _flash_varlen_works():
+    if flash_varlen_available(q.dtype):
         out = torch.ops.aten._flash_attention_forward(
             q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_q, meta.max_k,
             0.0, True, False, scale=1.0 / math.sqrt(d),
@@ -184,6 +234,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 
 _FLASH_STATE: dict[str, bool] = {}
+
+
+def flash_varlen_available(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16) and _flash_varlen_works()
 
 
 def _flash_varlen_works() -> bool:

@@ -66,6 +66,69 @@ def partial(Q, K, V, BT, CL, M, L, ACC, scale, num_splits,
     tl.store(ACC + row[:, None] * D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
 
 @triton.jit
+def chunk_partial(Q, K, V, BT, START, NQ, M, L, ACC, scale, num_splits, num_heads,
+                  sq_t, sq_h, sk_blk, sk_tok, sk_head,
+                  GROUP: tl.constexpr, GROUP_P2: tl.constexpr, TOK: tl.constexpr,
+                  D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """``partial`` for TOK consecutive new tokens of one sequence: rows are (token, head)."""
+    tile = tl.program_id(0)
+    kh = tl.program_id(1)
+    s = tl.program_id(2)
+    n = tl.load(NQ)
+    start = tl.load(START)
+    first = tile * TOK
+    last = tl.minimum(first + TOK, n) - 1
+    ctx = start + last + 1  # keys the tile's last real row sees
+    pages = tl.cdiv(ctx, PAGE)
+    per_split = tl.cdiv(pages, num_splits) * PAGE
+    lo = s * per_split
+    hi = tl.where(first < n, tl.minimum(lo + per_split, ctx), lo)
+    r = tl.arange(0, TOK * GROUP_P2)
+    row = first + r // GROUP_P2
+    g = r % GROUP_P2
+    head = kh * GROUP + g
+    valid = (g < GROUP) & (row < n)
+    row_ctx = start + row + 1
+    d = tl.arange(0, D_PAD)
+    dmask = d < D
+    q = tl.load(Q + row[:, None] * sq_t + head[:, None] * sq_h + d[None, :],
+                mask=valid[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full([TOK * GROUP_P2], float("-inf"), tl.float32)
+    l_i = tl.zeros([TOK * GROUP_P2], tl.float32)
+    acc = tl.zeros([TOK * GROUP_P2, D_PAD], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        kv_valid = offs < hi
+        page = tl.load(BT + offs // PAGE, mask=kv_valid, other=0).to(tl.int64)
+        base = page * sk_blk + (offs % PAGE) * sk_tok + kh * sk_head
+        kv_mask = kv_valid[:, None] & dmask[None, :]
+        k = tl.load(K + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        seen = kv_valid[None, :] & (offs[None, :] < row_ctx[:, None])
+        qk = tl.where(seen, qk * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    out = (row * num_heads + head) * num_splits + s
+    tl.store(M + out, m_i, mask=valid)
+    tl.store(L + out, l_i, mask=valid)
+    tl.store(ACC + out[:, None] * D + d[None, :], acc, mask=valid[:, None] & dmask[None, :])
+
+
+@triton.jit
 def merge(M, L, ACC, O, num_splits, so_b, so_h,
           D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
     b = tl.program_id(0)

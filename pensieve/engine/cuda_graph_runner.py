@@ -74,14 +74,13 @@ class CudaGraphRunner:
         )
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, pool) -> None:  # noqa: ANN001 - a CUDA graph memory pool handle
         """Capture every bucket, largest first (later ones reuse its pool blocks)."""
         n = self.max_batch
         self._i64.zero_()
         self._i64[2 * n:].fill_(self.scratch_slot)
         self._i32.fill_(self.scratch_block)
         self._i32[:n].fill_(1)
-        pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):
             ctx = self._context(b)
             ids, pos = self._i64[:b], self._i64[n:n + b]

@@ -54,7 +54,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_blocks = plan_num_blocks(args, config)
         on_cuda = self.device.type == "cuda"
-        shape = (self.num_blocks + on_cuda, config.block_size, args.num_kv_heads, args.head_dim)
+        scratch = 1 if on_cuda else 0  # a block past the pool's, for graph padding rows
+        shape = (self.num_blocks + scratch, config.block_size, args.num_kv_heads, args.head_dim)
         # empty, not zeros: a slot is always written before it is read, and untouched pages
         # of a CPU cache then cost no resident memory
         self.k_caches = [
@@ -62,32 +63,42 @@ class ModelRunner:
             for _ in range(args.num_layers)
         ]
         self.v_caches = [torch.empty_like(k) for k in self.k_caches]
-        self.cuda_batches = self.graphs = None
+        self.cuda_batches = self.graphs = self.chunk_graphs = None
         if on_cuda:
             self._init_cuda(args, config, cuda_graphs)
 
     def _init_cuda(self, args: ModelArgs, config: EngineConfig, cuda_graphs: bool) -> None:
         from pensieve.engine.cuda_batch import CudaBatchBuilder
+        from pensieve.engine.cuda_chunk_graphs import CudaChunkGraphs
         from pensieve.engine.cuda_graph_runner import CudaGraphRunner
 
         self.cuda_batches = CudaBatchBuilder(config.block_size, args.num_kv_heads, self.device)
         if not cuda_graphs:
             return
         started = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
         self.graphs = CudaGraphRunner(
             self.model, self.k_caches, self.v_caches, max_batch=config.max_num_seqs,
             max_blocks=-(-config.context_length // config.block_size),
             scratch_block=self.num_blocks,
         )
-        self.graphs.capture()
-        log.info("captured CUDA graphs for decode batches %s in %.1f s",
-                 self.graphs.buckets, time.perf_counter() - started)
+        self.graphs.capture(pool)
+        self.chunk_graphs = CudaChunkGraphs(
+            self.model, self.k_caches, self.v_caches, max_context=config.context_length,
+            scratch_block=self.num_blocks, max_tokens=min(64, config.max_num_batched_tokens),
+        )
+        self.chunk_graphs.capture(pool)
+        log.info("captured CUDA graphs for decode batches %s and prefill chunks %s in %.1f s",
+                 self.graphs.buckets, self.chunk_graphs.buckets if self.chunk_graphs else [],
+                 time.perf_counter() - started)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run one step; logits [S, V] for the chunks that complete, in their order."""
         if self.graphs is not None and self.graphs.can_run(chunks):
             return self.graphs.run(chunks)
+        if self.chunk_graphs is not None and self.chunk_graphs.can_run(chunks):
+            return self.chunk_graphs.run(chunks)
         if self.cuda_batches is not None:
             batch = self.cuda_batches.build(chunks)
             ctx = ForwardContext(
