@@ -52,10 +52,13 @@ def test_stream_and_create_agree_and_usage_adds_up(url: str) -> None:
     assert [b.model_dump() for b in final.content] == [b.model_dump() for b in plain.content]
     assert final.stop_reason == plain.stop_reason and final.stop_reason in ("end_turn", "max_tokens")
     assert 0 < final.usage.output_tokens <= 12
-    # input_tokens excludes cached tokens: the second identical prompt hits the prefix cache.
+    # input_tokens excludes tokens read from or written to the cache; the three add up to the
+    # prompt, and the second identical prompt reads from the prefix cache what the first wrote.
     for message in (plain, final):
         usage = message.usage
-        assert usage.input_tokens + (usage.cache_read_input_tokens or 0) == counted
+        total = usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
+        assert total == counted
+    assert plain.usage.cache_creation_input_tokens > 0 and final.usage.cache_read_input_tokens > 0
 
 
 async def test_concurrent_streams_all_finish(url: str) -> None:
