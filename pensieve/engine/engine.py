@@ -66,7 +66,6 @@ class Engine:
             raise ValueError("the prompt has no tokens")
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id!r}")
-        processors = self._logits_processors(params)
         eos = frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
         req = Request(
             request_id=request_id,
@@ -76,21 +75,27 @@ class Engine:
             stop_checker=StopChecker(params.stop_sequences),
             generator=make_generator(params.seed, self.config.device),
         )
+        processors = self._logits_processors(req)
         self._requests[request_id] = req
         if processors:
             self._processors[request_id] = processors
         self.scheduler.add(req)
 
-    def _logits_processors(self, params: SamplingParams) -> list[LogitsProcessor]:
+    def _logits_processors(self, req: Request) -> list[LogitsProcessor]:
         """Thinking budget first: while thinking is open it pauses the grammar after it."""
         processors: list[LogitsProcessor] = []
+        params = req.params
         if params.thinking_budget is not None:
             processors.append(ThinkingBudgetProcessor(params.thinking_budget))
         if params.grammar is not None:
             if self._grammars is None:  # raises GrammarUnavailableError without xgrammar
                 self._grammars = GrammarCompiler(self.tokenizer, self._vocab_size)
-            processors.append(self._grammars.constraint(params.grammar))
+            processors.append(self._grammars.constraint(params.grammar, lambda: self._tokens_left(req)))
         return processors
+
+    def _tokens_left(self, req: Request) -> int:
+        """Tokens ``req`` may still generate, counting the one about to be sampled."""
+        return min(req.params.max_tokens - len(req.output_ids), self.context_length - req.num_tokens)
 
     def abort(self, request_id: str) -> GenerationDelta | None:
         req = self._requests.pop(request_id, None)

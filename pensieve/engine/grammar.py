@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -166,7 +166,10 @@ class GrammarCompiler:
         self._xgr_compiler: Any = None  # built on the compile thread by the first job
         self.masks = BitmaskApplier(vocab_size)
         stops = frozenset(tokenizer.eos_token_ids)
+        self.stop_bits = _token_bits(stops, vocab_size)
         self.non_stop_bits = _token_bits(frozenset(range(vocab_size)) - stops, vocab_size)
+        # set from the tokenizer info by the first compile (see GrammarConstraint, closing)
+        self.close_string_bits = self.close_bracket_bits = self.letter_bits = self.stop_bits
 
     def submit(self, spec: GrammarSpec) -> Future:
         """The compiled grammar of ``spec``, from the cache or compiling now in the background."""
@@ -185,12 +188,20 @@ class GrammarCompiler:
         """Blocking ``submit``: the ``xgrammar.CompiledGrammar`` (GrammarError if it fails)."""
         return self.submit(spec).result()
 
-    def constraint(self, spec: GrammarSpec) -> GrammarConstraint:
-        return GrammarConstraint(spec, self.submit(spec), self)
+    def constraint(self, spec: GrammarSpec, tokens_left: Callable[[], int] | None = None) -> GrammarConstraint:
+        return GrammarConstraint(spec, self.submit(spec), self, tokens_left)
+
+    def _set_closing_tokens(self, vocab: list[bytes]) -> None:
+        closers = [i for i, piece in enumerate(vocab) if piece and not piece.strip(b'"]}')]
+        self.close_string_bits = _token_bits(frozenset(i for i in closers if vocab[i][:1] == b'"'), self.vocab_size)
+        self.close_bracket_bits = _token_bits(frozenset(i for i in closers if vocab[i][:1] != b'"'), self.vocab_size)
+        letters = {bytes([c]) for c in b"abcdfghijklmnopqrstuvwxyzABCDFGHIJKLMNOPQRSTUVWXYZ"}  # no e/E: numbers
+        self.letter_bits = _token_bits(frozenset(i for i, piece in enumerate(vocab) if piece in letters), self.vocab_size)
 
     def _compile(self, spec: GrammarSpec) -> Any:
         if self._xgr_compiler is None:
             info = build_tokenizer_info(self._tokenizer, self.vocab_size)
+            self._set_closing_tokens(info.decoded_vocab)
             threads = max(1, min(8, os.cpu_count() or 1))
             self._xgr_compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
         comp = self._xgr_compiler
@@ -211,15 +222,29 @@ class GrammarCompiler:
 class GrammarConstraint(LogitsProcessor):
     """One request's matcher. Waits for its compile at the first ``apply`` (after prefill).
 
+    Closing: when ``tokens_left()`` falls to the last quarter of the request's budget (at most
+    ``CLOSING_RESERVE`` tokens) inside a structure (an end of turn is not allowed yet), the
+    tokens that close — made only of ``"``, ``]`` and ``}`` — are preferred whenever the
+    grammar allows one: inside a string (where any letter is allowed) those starting with
+    ``"``, elsewhere those starting with ``]`` or ``}``. A call that would be cut by max_tokens
+    (a small model looping inside a string) is closed while it is still valid.
+
     A grammar that failed to compile, or a token the matcher refuses (which masking makes
     impossible unless another processor forced it), leaves the request unconstrained with a
     warning rather than failing it.
     """
 
-    def __init__(self, spec: GrammarSpec, compiled: Future, compiler: GrammarCompiler) -> None:
+    CLOSING_RESERVE = 64
+
+    def __init__(
+        self, spec: GrammarSpec, compiled: Future, compiler: GrammarCompiler,
+        tokens_left: Callable[[], int] | None = None,
+    ) -> None:
         self.spec = spec
         self._compiled = compiled
         self._compiler = compiler
+        self._tokens_left = tokens_left
+        self._reserve: int | None = None  # fixed at the first apply, from the budget then
         self._matcher: Any = None
         self._broken = False
         self._bitmask = torch.empty(0)
@@ -237,7 +262,26 @@ class GrammarConstraint(LogitsProcessor):
         if not self._filled and not matcher.fill_next_token_bitmask(self._bitmask):
             return  # everything allowed
         self._filled = False
-        self._compiler.masks.apply(logits, self._bitmask[0])
+        mask = self._bitmask[0]
+        if self._closing():
+            mask = self._closing_mask(mask)
+        self._compiler.masks.apply(logits, mask)
+
+    def _closing_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        comp = self._compiler
+        if (mask & comp.stop_bits).any():
+            return mask  # not inside a structure: nothing to close
+        in_string = bool((mask & comp.letter_bits).any())
+        closers = mask & (comp.close_string_bits if in_string else comp.close_bracket_bits)
+        return closers if closers.any() else mask
+
+    def _closing(self) -> bool:
+        if self._tokens_left is None:
+            return False
+        left = self._tokens_left()
+        if self._reserve is None:
+            self._reserve = min(self.CLOSING_RESERVE, left // 4)
+        return left <= self._reserve
 
     def accept(self, token_id: int) -> None:
         matcher = self._ready_matcher()

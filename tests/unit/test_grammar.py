@@ -214,3 +214,43 @@ def test_length_bounded_strings_stay_json_strings(compiler):
     for bad in ('{"s": "a\tb', '{"s": "abcde'):
         matcher.reset()
         assert not matcher.accept_string(bad)
+
+
+@pytest.mark.parametrize("max_tokens", [40, 64])
+def test_a_call_about_to_hit_max_tokens_is_closed_while_still_valid(bpe, max_tokens):
+    schema = {"type": "object", "properties": {
+        "items": {"type": "array", "items": {"type": "object", "properties": {"s": {"type": "string"}},
+                                             "required": ["s"]}},
+        "done": {"type": "boolean"}}, "required": ["items", "done"], "additionalProperties": False}
+    spec = GrammarSpec("json_schema", json.dumps(schema))
+    params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=3, grammar=spec)
+    out, final = run(bpe_engine(bpe), {"g": (bpe.encode("hello"), params)})
+    value = json.loads(bpe.decode(out["g"]))
+    assert set(value) == {"items", "done"} and all(isinstance(i["s"], str) for i in value["items"])
+    assert final["g"].finish_reason is FinishReason.EOS and len(out["g"]) <= max_tokens
+
+
+def test_closing_never_cuts_free_text_short(compiler, bpe):
+    """Outside a structure (an end of turn allowed) the closing reserve changes nothing."""
+    spec = GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": {
+        "type": "triggered_tags", "triggers": ["<tool_call>"], "tags": [
+            {"type": "tag", "begin": "<tool_call>", "content": {"type": "json_schema", "json_schema": {}},
+             "end": "</tool_call>"}]}}))
+    constraint = compiler.constraint(spec, tokens_left=lambda: 1)
+    logits = torch.zeros(bpe.vocab_size)
+    constraint.apply(logits)
+    assert not torch.isinf(logits[bpe.encode("hello")]).any()
+
+
+def test_closing_inside_a_string_closes_the_string_not_a_bracket(compiler, bpe):
+    schema = {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}
+    left = [100]
+    constraint = compiler.constraint(GrammarSpec("json_schema", json.dumps(schema)), tokens_left=lambda: left[0])
+    for token in bpe.encode('{"s": "abc'):
+        constraint.apply(torch.zeros(bpe.vocab_size))  # budget 100: closing from 25 left
+        constraint.accept(token)
+    left[0] = 2
+    logits = torch.zeros(bpe.vocab_size)
+    logits[bpe.encode("]")[0]] = 10.0  # the model would write "]" inside the string
+    constraint.apply(logits)
+    assert bpe.decode([int(logits.argmax())]).startswith('"')
