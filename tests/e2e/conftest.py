@@ -16,6 +16,7 @@ from pensieve.loaders.gguf_file import GGUFFile
 from pensieve.loaders.tokenizer import TextTokenizer
 from tests.e2e.claude_cli import install_claude_code
 from tests.e2e.scripted import RecordingApp, ScriptedTokenEngine
+from tests.helpers.real_server import pensieve_server
 from tests.helpers.server import serve_app_in_thread
 
 SERVED_ID = "SmolLM2-135M-Instruct"
@@ -25,6 +26,13 @@ SERVED_ID = "SmolLM2-135M-Instruct"
 def claude_bin() -> Path:
     """The real ``claude`` executable (npm install into .cache/claude-code on first use)."""
     return install_claude_code()
+
+
+@pytest.fixture(scope="session")
+def default_server_url() -> Iterator[str]:
+    """The real `pensieve serve` with the default model and its trained 8k context."""
+    with pensieve_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

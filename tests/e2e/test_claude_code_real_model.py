@@ -1,0 +1,60 @@
+"""The real Claude Code CLI, started by `pensieve claude`, against the real `pensieve serve`
+with the default model (SmolLM2-135M-Instruct, its trained 8k context).
+
+Claude Code's default tool set renders to more than 8k tokens, so the session keeps to
+``--tools Bash,Read`` (~4k tokens). Claude Code sends no temperature, so the server samples at
+the API default of 1.0, and a 135M model under a 4k-token agent prompt often does not end its
+turn early: Claude Code caps each turn at CLAUDE_CODE_MAX_OUTPUT_TOKENS and, when a turn hits
+it, asks the model to resume (three times) before giving up with a `max_output_tokens` error.
+That outcome is the model's sampling, not the server's doing: the protocol checks still run
+(every model turn streamed and accepted, the launcher's model mapping used) and the test is
+then an expected failure; any other failure is a failure.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import httpx
+import pytest
+
+from tests.e2e.claude_cli import claude_env, headless_args, run_headless
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MAX_OUTPUT_TOKENS = 64
+RUN_TIMEOUT_S = 300
+
+
+def launcher_session(claude_bin, url: str, home, work):
+    cmd = [sys.executable, "-m", "pensieve.cli.main", "claude", "--url", url,
+           "--claude-bin", str(claude_bin), "--config-dir", str(home / "config"), "--",
+           *headless_args("Say hi.", "--tools", "Bash,Read")]
+    env = claude_env(home, url, PENSIEVE_HOME=str(home / ".pensieve"),
+                     CLAUDE_CODE_MAX_OUTPUT_TOKENS=str(MAX_OUTPUT_TOKENS))
+    del env["ANTHROPIC_BASE_URL"], env["ANTHROPIC_API_KEY"]  # the launcher sets them
+    return run_headless(cmd, env, work, RUN_TIMEOUT_S)
+
+
+def test_claude_p_with_the_default_model_completes(claude_bin, default_server_url, tmp_path):
+    served = httpx.get(f"{default_server_url}/v1/models").json()["data"][0]
+    assert served["max_input_tokens"] == 8192
+    run = launcher_session(claude_bin, default_server_url, tmp_path / "home", tmp_path / "work")
+    result = run.result
+    # the launcher's model mapping: Claude Code asked for the served model by its id
+    usage = result["modelUsage"]
+    assert list(usage) == [served["id"]], usage
+    prompt_tokens = sum(usage[served["id"]].get(k, 0) for k in
+                        ("inputTokens", "cacheReadInputTokens", "cacheCreationInputTokens"))
+    assert prompt_tokens > 1000, usage  # the real system prompt and tools went through
+    model_turns = [e["message"] for e in run.events if e.get("type") == "assistant"
+                   and e["message"].get("model") == served["id"]]
+    assert model_turns and all(m["content"] for m in model_turns)
+    if run.returncode != 0 and result.get("api_error") == "max_output_tokens":
+        pytest.xfail(f"SmolLM2 sampled at temperature 1 did not end a turn within "
+                     f"{MAX_OUTPUT_TOKENS} tokens in {len(model_turns)} tries")
+    assert run.returncode == 0, run.describe()
+    assert result["subtype"] == "success" and not result["is_error"]
+    assert result["result"].strip()
+    final_texts = [b["text"] for b in model_turns[-1]["content"] if b.get("type") == "text"]
+    assert final_texts and final_texts[-1].strip() == result["result"].strip()
