@@ -49,6 +49,7 @@ DROPPED_ENV = (
     "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX",
     "CLAUDE_CODE_USE_FOUNDRY", "ANTHROPIC_CUSTOM_HEADERS",
 )
+CLAUDE_CODE_DEFAULT_PROMPT_TOKENS = 20000  # its default request, measured (docs/context.md)
 LONG_REQUEST_TIMEOUT_MS = "3600000"  # CPU prefill of a 20k-token prompt takes minutes
 
 
@@ -134,9 +135,10 @@ class LaunchSettings:
 
 
 def settings_from(ns: argparse.Namespace, env: Mapping[str, str]) -> LaunchSettings:
-    home = Path(env.get("PENSIEVE_HOME") or Path.home() / ".pensieve").expanduser()
+    user_home = Path(env.get("HOME") or Path.home())
+    home = Path(env.get("PENSIEVE_HOME") or user_home / ".pensieve").expanduser()
     config_dir = Path(ns.config_dir or home / "claude-config").expanduser().resolve()
-    if config_dir == (Path.home() / ".claude").resolve():
+    if config_dir == (user_home / ".claude").resolve():
         raise LaunchError(f"refusing to use {config_dir}: that is your own Claude Code config", 2)
     serve_args: list[str] = []
     for flag in ("model", "context_length", "rope_scale"):
@@ -315,6 +317,7 @@ def launch(settings: LaunchSettings, claude_args: Sequence[str], env: Mapping[st
         model = served_model(settings.url, settings.api_key)
         _note(f"Claude Code → {settings.url} ({model.get('id')}, "
               f"context {model.get('max_input_tokens', '?')} tokens)")
+        _warn_small_context(model.get("max_input_tokens"))
         key = settings.api_key or PLACEHOLDER_KEY
         prepare_config_dir(settings.config_dir, key)
         child_env = claude_env(env, settings.url, key, str(model["id"]), settings.config_dir)
@@ -336,6 +339,13 @@ def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     except LaunchError as exc:
         print(f"pensieve claude: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def _warn_small_context(context: object) -> None:
+    if isinstance(context, int) and context < CLAUDE_CODE_DEFAULT_PROMPT_TOKENS:
+        _note(f"Claude Code's default tool set alone takes ~12-20k tokens, more than this "
+              f"server's {context}: serve with --context-length 32768 (RoPE-scaled, see "
+              "docs/context.md) or give Claude Code fewer tools (--tools Bash,Read)")
 
 
 def _is_loopback(host: str) -> bool:

@@ -89,7 +89,9 @@ def test_runs_claude_against_a_running_server(server_url, env, home, capsys):
     state = json.loads((config_dir / ".claude.json").read_text())
     assert state["customApiKeyResponses"]["approved"] == [launcher.PLACEHOLDER_KEY[-20:]]
     assert state["hasCompletedOnboarding"] is True
-    assert "tiny-model, context 4096 tokens" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "tiny-model, context 4096 tokens" in err
+    assert "--context-length 32768" in err  # Claude Code's default request would not fit
 
 
 def test_exit_code_propagates_and_config_state_is_kept(server_url, env, tmp_path):
