@@ -223,11 +223,12 @@ class GrammarConstraint(LogitsProcessor):
     """One request's matcher. Waits for its compile at the first ``apply`` (after prefill).
 
     Closing: when ``tokens_left()`` falls to the last quarter of the request's budget (at most
-    ``CLOSING_RESERVE`` tokens) inside a structure (an end of turn is not allowed yet), the
+    ``CLOSING_RESERVE`` tokens), the answer is steered to its end. Inside a structure the
     tokens that close — made only of ``"``, ``]`` and ``}`` — are preferred whenever the
     grammar allows one: inside a string (where any letter is allowed) those starting with
-    ``"``, elsewhere those starting with ``]`` or ``}``. A call that would be cut by max_tokens
-    (a small model looping inside a string) is closed while it is still valid.
+    ``"``, elsewhere those starting with ``]`` or ``}``; between calls, the end of turn rather
+    than another call. Free text is left alone. A call that would be cut by max_tokens (a
+    small model looping inside a string, or calling again and again) ends valid instead.
 
     A grammar that failed to compile, or a token the matcher refuses (which masking makes
     impossible unless another processor forced it), leaves the request unconstrained with a
@@ -269,10 +270,10 @@ class GrammarConstraint(LogitsProcessor):
 
     def _closing_mask(self, mask: torch.Tensor) -> torch.Tensor:
         comp = self._compiler
-        if (mask & comp.stop_bits).any():
-            return mask  # not inside a structure: nothing to close
-        in_string = bool((mask & comp.letter_bits).any())
-        closers = mask & (comp.close_string_bits if in_string else comp.close_bracket_bits)
+        in_text = bool((mask & comp.letter_bits).any())  # inside a string, or free text
+        if (mask & comp.stop_bits).any():  # the grammar may end here
+            return mask if in_text else mask & comp.stop_bits  # free text runs on; calls stop
+        closers = mask & (comp.close_string_bits if in_text else comp.close_bracket_bits)
         return closers if closers.any() else mask
 
     def _closing(self) -> bool:

@@ -254,3 +254,23 @@ def test_closing_inside_a_string_closes_the_string_not_a_bracket(compiler, bpe):
     logits[bpe.encode("]")[0]] = 10.0  # the model would write "]" inside the string
     constraint.apply(logits)
     assert bpe.decode([int(logits.argmax())]).startswith('"')
+
+
+def test_closing_between_forced_calls_ends_the_turn(compiler, bpe):
+    call = {"type": "tag", "begin": "<c>", "content": {"type": "json_schema", "json_schema": {"type": "integer"}},
+            "end": "</c>"}
+    spec = GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": {
+        "type": "tags_with_separator", "tags": [call], "separator": "\n", "at_least_one": True}}))
+    left = [100]
+    constraint = compiler.constraint(spec, tokens_left=lambda: left[0])
+    for token in bpe.encode("<c>1</c>"):
+        constraint.apply(torch.zeros(bpe.vocab_size))
+        constraint.accept(token)
+    logits = torch.zeros(bpe.vocab_size)
+    logits[bpe.encode("\n")[0]] = 10.0  # the model would start another call
+    early = logits.clone()
+    constraint.apply(early)
+    assert int(early.argmax()) == bpe.encode("\n")[0]  # early in the budget: another call may follow
+    left[0] = 3
+    constraint.apply(logits)
+    assert int(logits.argmax()) in bpe.eos_token_ids
