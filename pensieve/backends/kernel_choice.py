@@ -1,7 +1,15 @@
-"""Pick weight-only int4/int8 kernels only where they beat float on this machine.
+"""Resolve ``--weights auto|float|int4`` for the CPU: which weight-only kernels win here.
 
-PyTorch's CPU int4/int8 weight-only matmuls are fast with AVX-512 but can be ten times
-slower than float32 on AVX2-only CPUs; a 1-row matmul timed at start-up decides.
+Decode is memory-bound, so 4-bit/8-bit weights win wherever a kernel reads them at memory
+speed: the compiled AVX2 kernels of ``backends/cpu_quant`` do on any x86-64 with AVX2;
+PyTorch's own int4/int8 ops do with AVX-512 but are ~10× slower than float32 on AVX2-only
+CPUs. ``choose`` builds (or loads the cached) kernels and times a 1-row matmul of each kind
+against float32 at start-up (tens of milliseconds), per shape class: the 4-bit linear layers
+and the int8 output projection.
+
+    choice = choose(settings.weights, device=settings.device)
+    ckpt = load_checkpoint(path, keep_int4=choice.keep_int4)
+    engine = build_engine(ckpt, EngineConfig(..., int8_lm_head=choice.int8_lm_head))
 """
 
 from __future__ import annotations
@@ -9,40 +17,102 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
+from pensieve.backends.cpu_quant import Kernels, Q4Linear, Q8Linear, load_kernels, pack_q8
 from pensieve.models.quant_linear import Int4Groups, Int4Linear, Int8Linear, int4_supported
 
 log = logging.getLogger(__name__)
 
+WEIGHTS = ("auto", "float", "int4")
+WIN = 0.9  # a quantised kernel must take at most this fraction of float32's time
+
+
+@dataclass(frozen=True)
+class WeightChoice:
+    """What ``--weights`` resolved to, and the timings (µs per 1-row matmul) that decided it."""
+
+    keep_int4: bool  # load 4-bit GGUF linear weights as codes: load_checkpoint(keep_int4=...)
+    int8_lm_head: bool  # EngineConfig(int8_lm_head=...)
+    kernel: str  # what the 4-bit layers run on: "cpu_quant" | "aten" | "float"
+    timings_us: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        times = ", ".join(f"{k} {v:.0f} µs" for k, v in self.timings_us.items())
+        head = "int8" if self.int8_lm_head else "float"
+        return f"linear weights: {self.kernel}, lm_head: {head}" + (f" ({times})" if times else "")
+
 
 def _time(fn: Callable[[], torch.Tensor], reps: int = 20) -> float:
+    """Median µs of `reps` calls (the median shrugs off a descheduled call on a busy box)."""
     fn()
-    start = time.perf_counter()
+    samples = []
     for _ in range(reps):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / reps
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[len(samples) // 2] * 1e6
 
 
-def quantized_kernels_win(out_features: int = 1536, in_features: int = 576) -> tuple[bool, bool]:
-    """(int4 wins, int8 wins) for a decode-sized matmul against float32."""
-    if not int4_supported(32, in_features):
-        return False, False
+def _random_groups(n: int, k: int) -> Int4Groups:
     gen = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=gen)
-    groups = Int4Groups(
-        codes,
-        torch.rand(out_features, in_features // 32, generator=gen) * 0.01,
-        torch.zeros(out_features, in_features // 32),
+    return Int4Groups(
+        torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen),
+        torch.rand(n, k // 32, generator=gen) * 0.01,
+        torch.rand(n, k // 32, generator=gen) * -0.05,
         32,
     )
+
+
+def time_kernels(kernels: Kernels | None, aten: bool, hidden: int = 576,
+                 inner: int = 1536, vocab: int = 8192) -> dict[str, float]:
+    """µs per 1-row matmul: float32 vs each available kernel, for both shape classes."""
+    groups = _random_groups(inner, hidden)
     weight = groups.dequantize()
-    int4, int8 = Int4Linear(groups), Int8Linear(weight)
-    x = torch.randn(1, in_features, generator=gen)
+    head = torch.randn(vocab, hidden) * 0.05
+    x = torch.randn(1, hidden)
+    out: dict[str, float] = {}
     with torch.inference_mode():
-        t_float = _time(lambda: x @ weight.T)
-        t_int4, t_int8 = _time(lambda: int4(x)), _time(lambda: int8(x))
-    log.info("1-row matmul %dx%d: float32 %.0f µs, int4 %.0f µs, int8 %.0f µs",
-             out_features, in_features, t_float * 1e6, t_int4 * 1e6, t_int8 * 1e6)
-    return t_int4 < 0.8 * t_float, t_int8 < 0.8 * t_float
+        out["float32 linear"] = _time(lambda: F.linear(x, weight))
+        out["float32 head"] = _time(lambda: F.linear(x, head))
+        if kernels is not None:
+            q4, q8 = Q4Linear(kernels, groups), Q8Linear(kernels, *pack_q8(kernels, head))
+            out["q4 linear"], out["q8 head"] = _time(lambda: q4(x)), _time(lambda: q8(x))
+        if aten and int4_supported(32, hidden):
+            int4, int8 = Int4Linear(groups), Int8Linear(head)
+            out["aten int4 linear"] = _time(lambda: int4(x), reps=5)
+            out["aten int8 head"] = _time(lambda: int8(x), reps=5)
+    return out
+
+
+def choose(weights: str = "auto", *, device: str = "cpu") -> WeightChoice:
+    """Resolve a ``--weights`` value for a CPU model.
+
+    ``float``: float weights, nothing built. ``int4``: 4-bit layers and an int8 head on the
+    best kernel available, even where it is slower. ``auto``: each only where it is at least
+    10% faster than float32 here. Other devices get float (their kernels are not these).
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if weights == "float" or device != "cpu":
+        return WeightChoice(False, False, "float")
+    kernels = load_kernels()
+    times = time_kernels(kernels, aten=kernels is None)
+    if kernels is not None:
+        kernel, linear, head = "cpu_quant", times["q4 linear"], times["q8 head"]
+    elif "aten int4 linear" in times:
+        kernel, linear, head = "aten", times["aten int4 linear"], times["aten int8 head"]
+    else:
+        log.warning("no weight-only kernel on this machine: float weights")
+        return WeightChoice(False, False, "float", times)
+    if weights == "int4":
+        choice = WeightChoice(True, True, kernel, times)
+    else:
+        int4 = linear < WIN * times["float32 linear"]
+        int8 = head < WIN * times["float32 head"]
+        choice = WeightChoice(int4, int8, kernel if int4 else "float", times)
+    log.info("%s", choice.describe())
+    return choice

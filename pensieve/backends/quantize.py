@@ -1,4 +1,15 @@
-"""Swap a loaded model's linear layers for weight-only quantised ones (CPU decode speed)."""
+"""Swap a loaded model's linear layers for weight-only quantised ones (CPU decode speed).
+
+Which module a 4-bit weight becomes (``kernel``):
+
+* ``"cpu_quant"`` — ``Q4Linear`` over the compiled AVX2 kernels of ``backends/cpu_quant``;
+* ``"aten"`` — ``Int4Linear`` over PyTorch's own int4 op (fast only with AVX-512);
+* ``"float"`` — a plain ``nn.Linear`` holding the dequantised weight;
+* ``"auto"`` — ``cpu_quant`` where it compiles and fits the shape, else ``aten``.
+
+``kernel_choice.choose`` decides whether quantised weights are worth it at all; this module
+only carries the decision out.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +19,14 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from pensieve.backends.cpu_quant import (
+    Kernels, Q4Linear, Q8Embedding, Q8Linear, kernel_fits, load_kernels, pack_q8,
+)
 from pensieve.models.quant_linear import Int4Groups, Int4Linear, Int8Linear, int4_supported
 
 log = logging.getLogger(__name__)
+
+KERNELS = ("auto", "cpu_quant", "aten", "float")
 
 
 def concat_groups(parts: list[Int4Groups]) -> Int4Groups:
@@ -48,18 +64,66 @@ def plan_int4(
     return modules, floats
 
 
-def swap_in(model: nn.Module, modules: Mapping[str, Int4Groups]) -> None:
+def _float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return layer
+
+
+def _int4_module(groups: Int4Groups, bias: torch.Tensor | None, kernel: str,
+                 kernels: Kernels | None) -> nn.Module:
+    k = groups.codes.shape[1]
+    if kernel in ("auto", "cpu_quant") and kernels is not None and kernel_fits(k, groups.group_size):
+        return Q4Linear(kernels, groups, bias)
+    if kernel in ("auto", "aten") and int4_supported(groups.group_size, k):
+        return Int4Linear(groups, bias)
+    if kernel != "float":
+        log.warning("no %s int4 kernel for K=%d, group %d: float weights", kernel, k,
+                    groups.group_size)
+    return _float_linear(groups.dequantize(), bias)
+
+
+def swap_in(model: nn.Module, modules: Mapping[str, Int4Groups], kernel: str = "auto") -> None:
+    """Replace each named module (an ``nn.Linear`` on meta) by its 4-bit form."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    kernels = load_kernels() if modules and kernel in ("auto", "cpu_quant") else None
+    kinds: dict[str, int] = {}
     for path, groups in modules.items():
         parent_path, _, attr = path.rpartition(".")
         old = model.get_submodule(path)
-        if not int4_supported(groups.group_size, groups.codes.shape[1]):
-            raise ValueError(f"{path}: no int4 kernel for group size {groups.group_size}")
         bias = old.bias if isinstance(old, nn.Linear) and old.bias is not None else None
-        setattr(model.get_submodule(parent_path), attr, Int4Linear(groups, bias))
+        new = _int4_module(groups, bias, kernel, kernels)
+        kinds[type(new).__name__] = kinds.get(type(new).__name__, 0) + 1
+        setattr(model.get_submodule(parent_path), attr, new)
+    if kinds:
+        log.info("4-bit layers: %s", ", ".join(f"{n} {c}" for n, c in sorted(kinds.items())))
 
 
-def int8_lm_head(model: nn.Module) -> None:
-    """The output projection as int8: the largest single read of a small model's decode."""
+def int8_lm_head(model: nn.Module, kernel: str = "auto") -> None:
+    """The output projection as int8: the largest single read of a small model's decode.
+
+    With the compiled kernels it becomes ``Q8Linear`` (Q8_0 blocks, exact for a Q8_0 GGUF
+    tensor), and a tied input embedding reads its rows from the same codes, so the float
+    matrix is dropped from memory. Without them, PyTorch's per-row int8 op (``"aten"``).
+    """
     head = model.lm_head
-    model.lm_head = Int8Linear(head.weight.detach(), None)
+    weight = head.weight.detach()
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    tied = isinstance(embed, nn.Embedding) and embed.weight is head.weight
+    kernels = load_kernels() if kernel in ("auto", "cpu_quant") else None
+    if kernels is not None and kernel_fits(head.in_features):
+        codes, scales = pack_q8(kernels, weight)
+        bias = head.bias.detach() if head.bias is not None else None
+        model.lm_head = Q8Linear(kernels, codes, scales, bias)
+        if tied:
+            model.model.embed_tokens = Q8Embedding(kernels, codes, scales)
+        log.info("lm_head as q8 (%d×%d)%s", head.out_features, head.in_features,
+                 ", embedding shares it" if tied else "")
+        return
+    if kernel == "cpu_quant":
+        log.warning("no q8 kernel for lm_head: PyTorch's int8 op")
+    model.lm_head = Int8Linear(weight, None)
     log.info("lm_head as int8 (%d×%d)", head.out_features, head.in_features)

@@ -1,0 +1,194 @@
+"""CPU weight-only kernels: per-shape matmul timings and end-to-end decode of the default model.
+
+    .venv/bin/python -m bench.cpu_kernels                 # kernels + decode
+    .venv/bin/python -m bench.cpu_kernels --only kernels --rows 1 4 16 64 512
+    .venv/bin/python -m bench.cpu_kernels --only decode --repeats 5 --tokens 128
+
+Kernels: x[M, K] @ W.T for the SmolLM2-135M shapes, float32 (PyTorch/MKL) against the q4
+(group-32 affine, the Q4_1 layers) and q8 (Q8_0, the tied output projection) kernels of
+``pensieve.backends.cpu_quant`` and, with ``--aten``, PyTorch's own int4/int8 weight-only ops.
+Each figure is the median over ``--repeats`` rounds of the mean of a timed loop.
+
+Decode: the real default model loaded with ``keep_int4`` and built by ``build_engine``; one
+greedy request of ``--tokens`` tokens per round, float weights vs quantised weights, medians
+over rounds. The machine is shared: the load average is printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {  # name: (in_features K, out_features N)
+    "o_proj": (576, 576),
+    "qkv_proj": (576, 576 + 2 * 192),
+    "gate_up_proj": (576, 2 * 1536),
+    "down_proj": (1536, 576),
+    "lm_head": (576, 49152),
+}
+
+
+def timed(fns: list[Callable[[], object]], repeats: int, budget_s: float = 0.05) -> tuple[float, float]:
+    """(wall, thread CPU) seconds per call, medians over rounds; each round calls every fn
+    (copies of one matmul with their own weights) in turn, ≈ budget_s long."""
+    for fn in fns:
+        fn()
+    start = time.perf_counter()
+    for fn in fns:
+        fn()
+    once = max((time.perf_counter() - start) / len(fns), 1e-7)
+    loops = max(len(fns), int(budget_s / once))
+    walls, cpus = [], []
+    for _ in range(repeats):
+        start, cpu = time.perf_counter(), time.thread_time()
+        for i in range(loops):
+            fns[i % len(fns)]()
+        walls.append((time.perf_counter() - start) / loops)
+        cpus.append((time.thread_time() - cpu) / loops)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def random_groups(n: int, k: int, seed: int = 0):
+    from pensieve.models.quant_linear import Int4Groups
+
+    gen = torch.Generator().manual_seed(seed)
+    return Int4Groups(
+        torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen),
+        (torch.rand(n, k // 32, generator=gen) * 0.02).half().float(),
+        (torch.randn(n, k // 32, generator=gen) * 0.1).half().float(),
+        32,
+    )
+
+
+def _copies(make: Callable[[], Callable[[torch.Tensor], torch.Tensor]], nbytes: int,
+            cold_bytes: int) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """Enough copies of a layer that cycling through them reads from memory, not cache."""
+    return [make() for _ in range(max(1, min(256, -(-cold_bytes // nbytes))))]
+
+
+def bench_kernels(rows: list[int], repeats: int, aten: bool, cold_bytes: int) -> list[dict]:
+    from pensieve.backends.cpu_quant import Q4Linear, Q8Linear, load_kernels, pack_q8
+    from pensieve.models.quant_linear import Int4Linear, Int8Linear
+
+    kernels = load_kernels()
+    results = []
+    for name, (k, n) in SHAPES.items():
+        groups = random_groups(n, k)
+        weight = groups.dequantize()
+        makers: dict[str, tuple[Callable, int]] = {
+            "fp32": (lambda: (lambda x, w=weight.clone(): F.linear(x, w)), n * k * 4)}
+        if kernels is not None:
+            codes, scales = pack_q8(kernels, weight)
+            makers["q4"] = (lambda: Q4Linear(kernels, groups, dense_from=1 << 30), n * k * 5 // 8)
+            makers["q8"] = (lambda: Q8Linear(kernels, codes.clone(), scales.clone(),
+                                             dense_from=1 << 30), n * k * 17 // 16)
+            makers["q4 dequant+fp32"] = (lambda: Q4Linear(kernels, groups, dense_from=1), n * k)
+        if aten:
+            makers["aten int4"] = (lambda: Int4Linear(groups), n * k // 2)
+            makers["aten int8"] = (lambda: Int8Linear(weight), n * k)
+        impls = {impl: _copies(make, nbytes, cold_bytes) for impl, (make, nbytes) in makers.items()}
+        for m in rows:
+            x = torch.randn(m, k)
+            row = {"shape": name, "K": k, "N": n, "M": m}
+            with torch.inference_mode():
+                for impl, layers in impls.items():
+                    wall, cpu = timed([lambda f=f: f(x) for f in layers], repeats)
+                    row[impl], row[f"{impl} cpu"] = wall * 1e6, cpu * 1e6
+            results.append(row)
+            print(fmt_row(row), flush=True)
+        del impls
+    return results
+
+
+def fmt_row(row: dict) -> str:
+    cells = [f"{row['shape']:<13} {row['K']:>5}×{row['N']:<6} M={row['M']:<4}"]
+    for key, value in row.items():
+        if key not in ("shape", "K", "N", "M") and not key.endswith(" cpu"):
+            cells.append(f"{key} {value:8.1f} µs (cpu {row[key + ' cpu']:8.1f})")
+    if "q4" in row:
+        cells.append(f"fp32/q4 {row['fp32'] / row['q4']:.2f}× (cpu {row['fp32 cpu'] / row['q4 cpu']:.2f}×)")
+    return " | ".join(cells)
+
+
+LONG_PROMPT = (
+    "Summarise the following notes for a new colleague. " + " ".join(
+        f"Note {i}: the build step {i} compiles module {i} and caches it under key {i * 7}; "
+        "if it fails, the server falls back to float weights and logs a warning." for i in range(24)
+    )
+)
+
+
+def decode_rounds(quantised: bool, tokens: int, repeats: int, prompt: str) -> dict:
+    from pensieve.backends.torch_backend import build_engine
+    from pensieve.engine.config import EngineConfig
+    from pensieve.engine.types import SamplingParams
+    from pensieve.loaders.default_model import default_model_path
+    from pensieve.loaders.registry import load_checkpoint
+
+    start = time.perf_counter()
+    ckpt = load_checkpoint(default_model_path(), keep_int4=quantised)
+    engine = build_engine(ckpt, EngineConfig(context_length=8192, int8_lm_head=quantised))
+    built = time.perf_counter() - start
+    greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    rates, cpu_ms, prefill, text = [], [], [], ""
+    for r in range(repeats + 1):  # round 0 warms up
+        engine.add_request(f"d{r}", ckpt.tokenizer.encode(prompt), greedy)
+        pieces = [d.text for d in engine.step()]
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
+        while engine.has_work():
+            pieces += [d.text for d in engine.step()]
+            n += 1
+        if r:
+            rates.append(n / (time.perf_counter() - t0))
+            cpu_ms.append((time.process_time() - c0) / n * 1e3)
+        text = "".join(pieces)
+        long_ids = ckpt.tokenizer.encode(f"[{r}] {LONG_PROMPT}")  # new first block: no cache hit
+        engine.add_request(f"p{r}", long_ids, SamplingParams(max_tokens=1, temperature=0.0))
+        t0 = time.perf_counter()
+        while engine.has_work():
+            engine.step()
+        if r:
+            prefill.append(len(long_ids) / (time.perf_counter() - t0))
+    return {"weights": "int4+int8 head" if quantised else "float32", "built_s": built,
+            "decode_tok_s": statistics.median(rates), "decode_all": rates,
+            "cpu_ms_per_token": statistics.median(cpu_ms), "prefill_tok_s": statistics.median(prefill),
+            "prefill_tokens": len(long_ids), "text": text}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", choices=("kernels", "decode"))
+    ap.add_argument("--rows", type=int, nargs="+", default=[1])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--aten", action="store_true", help="also time PyTorch's int4/int8 ops")
+    ap.add_argument("--cold-mb", type=int, default=64,
+                    help="cycle through this many MB of weight copies (0: cache-resident)")
+    ap.add_argument("--prompt", default="What is the capital of France?")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()}")
+    if args.only in (None, "kernels"):
+        bench_kernels(args.rows, args.repeats, args.aten, args.cold_mb << 20)
+    if args.only in (None, "decode"):
+        for quantised in (False, True):
+            res = decode_rounds(quantised, args.tokens, args.repeats, args.prompt)
+            print(f"{res['weights']:<15} decode {res['decode_tok_s']:6.1f} tok/s (median of "
+                  f"{' '.join(f'{r:.1f}' for r in res['decode_all'])}; "
+                  f"{res['cpu_ms_per_token']:.1f} ms CPU/token), prefill of "
+                  f"{res['prefill_tokens']} tokens {res['prefill_tok_s']:.0f} tok/s, "
+                  f"load+build {res['built_s']:.1f} s; {res['text'][:50]!r}", flush=True)
+        print(f"load average {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

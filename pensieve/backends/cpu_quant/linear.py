@@ -1,0 +1,198 @@
+"""Linear and embedding modules over the compiled q4/q8 kernels (CPU, float32 activations).
+
+Weights are packed once at load into the kernels' layout (see ``source.py``). Scales are kept
+as float16 *bit patterns* in int16 buffers, so ``model.to(dtype)`` leaves them alone. Calls of
+fewer than ``dense_from`` rows (decode, small batches) run the integer GEMV/GEMM; larger ones
+(prefill, compute-bound) dequantise the weight into a float matrix and use PyTorch's GEMM, so
+prefill is never slower than the float path. Inputs in another dtype are computed in float32
+and converted back. The modules run on the CPU only (``swap_in`` never puts them elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from pensieve.backends.cpu_quant.build import Kernels
+from pensieve.models.quant_linear import Int4Groups
+
+GROUP = 32
+DENSE_FROM = 48  # rows from which dequantise + float GEMM wins (bench/cpu_kernels.py)
+
+
+def kernel_fits(in_features: int, group_size: int = GROUP) -> bool:
+    """Whether the kernels take this shape: groups of 32 along K."""
+    return group_size == GROUP and in_features % GROUP == 0 and in_features > 0
+
+
+def _halves(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).contiguous().view(torch.int16)
+
+
+def pack_q4(kernels: Kernels, groups: Int4Groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Int4Groups → (nibble codes [N, K/2] uint8, scales, mins [N, K/32] as float16 bits).
+
+    Q4_0/Q4_1 scales and offsets are float16 in the file, so this is exact for them; Q4_K's
+    (d·sc, a float16 times a 6-bit integer) round to float16 (relative error ≤ 2⁻¹¹).
+    """
+    n, k = groups.codes.shape
+    if not kernel_fits(k, groups.group_size):
+        raise ValueError(f"q4 kernel needs groups of {GROUP} and K % {GROUP} == 0, got "
+                         f"{groups.group_size}, {k}")
+    codes = groups.codes.contiguous()
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    kernels.pq4_pack(codes.data_ptr(), n, k, packed.data_ptr())
+    return packed, _halves(groups.scales), _halves(groups.offsets)
+
+
+def pack_q8(kernels: Kernels, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float [N, K] → (int8 codes [N, K], scales [N, K/32] as float16 bits).
+
+    Symmetric per 32 values (GGUF's Q8_0): scale = max|w| / 127 in float16, code =
+    round(w / scale); a weight dequantised from Q8_0 round-trips exactly.
+    """
+    n, k = weight.shape
+    if not kernel_fits(k):
+        raise ValueError(f"q8 kernel needs K % {GROUP} == 0, got {k}")
+    w = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    codes = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, k // GROUP, dtype=torch.int16)
+    kernels.pq8_pack(w.data_ptr(), n, k, codes.data_ptr(), scales.data_ptr())
+    return codes, scales
+
+
+class _Quantised(nn.Module):
+    """Shared plumbing: raw pointers cached per placement, refreshed whenever it changes."""
+
+    kernels: Kernels
+
+    def _apply(self, fn, recurse=True):  # .to()/.cpu()/.float() may move the buffers
+        out = super()._apply(fn, recurse)
+        self._refresh()
+        return out
+
+    def _refresh(self) -> None:
+        raise NotImplementedError
+
+    def _check_cpu(self) -> None:
+        if self.codes.device.type != "cpu":
+            raise RuntimeError(f"{type(self).__name__} runs on the CPU only")
+
+
+class Q4Linear(_Quantised):
+    """y = x @ W.T (+ b) with W as 4-bit group-32 affine codes (w = code·scale + min)."""
+
+    def __init__(self, kernels: Kernels, groups: Int4Groups, bias: torch.Tensor | None = None,
+                 dense_from: int = DENSE_FROM, threads: int | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = groups.codes.shape
+        codes, scales, mins = pack_q4(kernels, groups)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.kernels, self.dense_from = kernels, dense_from
+        self.threads = threads or torch.get_num_threads()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._bias = None if self.bias is None else self.bias.detach().float().contiguous()
+        self._args = (self.codes.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(),
+                      self.out_features, None if self._bias is None else self._bias.data_ptr())
+
+    def dequantize(self) -> torch.Tensor:
+        self._check_cpu()
+        out = torch.empty(self.out_features, self.in_features)
+        self.kernels.pq4_dequant(*self._args[:3], self.out_features, self.in_features,
+                                 out.data_ptr(), self.threads)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            return self(x.float()).to(x.dtype)
+        self._check_cpu()
+        rows = x.reshape(-1, self.in_features).contiguous()
+        if rows.shape[0] >= self.dense_from:
+            return F.linear(x, self.dequantize(), self._bias)
+        y = torch.empty(x.shape[:-1] + (self.out_features,))
+        self.kernels.pq4_linear(rows.data_ptr(), rows.shape[0], self.in_features, *self._args,
+                                y.data_ptr(), self.threads)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, q4 group 32"
+
+
+class Q8Linear(_Quantised):
+    """y = x @ W.T (+ b) with W as int8 per 32-block (Q8_0); the output projection's form."""
+
+    def __init__(self, kernels: Kernels, codes: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None = None, dense_from: int = DENSE_FROM,
+                 threads: int | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.kernels, self.dense_from = kernels, dense_from
+        self.threads = threads or torch.get_num_threads()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._bias = None if self.bias is None else self.bias.detach().float().contiguous()
+        self._args = (self.codes.data_ptr(), self.scales.data_ptr(), self.out_features,
+                      None if self._bias is None else self._bias.data_ptr())
+
+    def dequantize(self) -> torch.Tensor:
+        self._check_cpu()
+        out = torch.empty(self.out_features, self.in_features)
+        self.kernels.pq8_dequant(*self._args[:2], self.out_features, self.in_features,
+                                 out.data_ptr(), self.threads)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            return self(x.float()).to(x.dtype)
+        self._check_cpu()
+        rows = x.reshape(-1, self.in_features).contiguous()
+        if rows.shape[0] >= self.dense_from:
+            return F.linear(x, self.dequantize(), self._bias)
+        y = torch.empty(x.shape[:-1] + (self.out_features,))
+        self.kernels.pq8_linear(rows.data_ptr(), rows.shape[0], self.in_features, *self._args,
+                                y.data_ptr(), self.threads)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, q8 group 32"
+
+
+class Q8Embedding(_Quantised):
+    """Embedding lookup from q8 rows — shares a tied output projection's codes."""
+
+    def __init__(self, kernels: Kernels, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = codes.shape
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        # an empty float buffer that model.to(dtype) converts: the dtype to hand out
+        self.register_buffer("dtype_probe", torch.empty(0), persistent=False)
+        self.kernels = kernels
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._args = (self.codes.data_ptr(), self.scales.data_ptr(), self.num_embeddings)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self._check_cpu()
+        flat = ids.reshape(-1).to(torch.int64).contiguous()
+        out = torch.empty(flat.shape[0], self.embedding_dim)
+        bad = self.kernels.pq8_rows(*self._args, flat.data_ptr(), flat.shape[0],
+                                    self.embedding_dim, out.data_ptr())
+        if bad >= 0:
+            raise IndexError(f"token id {int(flat[bad])} out of range [0, {self.num_embeddings})")
+        out = out.view(*ids.shape, self.embedding_dim)
+        return out if self.dtype_probe.dtype == torch.float32 else out.to(self.dtype_probe.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, q8 group 32"

