@@ -24,6 +24,9 @@ class ApiConfig:
     model_aliases: Mapping[str, str] = field(default_factory=dict)
     accept_any_claude_model: bool = True
     ping_interval_s: float = 10.0
+    # temperature for requests that send none (the API's own default is 1.0; Claude Code
+    # never sends one, and small local models loop at 1.0)
+    default_temperature: float = 1.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def __post_init__(self) -> None:
@@ -31,6 +34,8 @@ class ApiConfig:
             raise ValueError("ApiConfig.model_id must not be empty")
         if self.context_length < 2:
             raise ValueError(f"ApiConfig.context_length must be at least 2, got {self.context_length}")
+        if not 0.0 <= self.default_temperature <= 2.0:
+            raise ValueError(f"default temperature must be in [0, 2], got {self.default_temperature}")
         if self.ping_interval_s <= 0:
             raise ValueError(f"ApiConfig.ping_interval_s must be positive, got {self.ping_interval_s}")
         if self.max_body_bytes <= 0:

@@ -79,7 +79,8 @@ async def prepare_generation(services: Services, request: MessageCreateParams, r
     params = SamplingParams(
         # Claude Code asks for 32000+; what does not fit in the context is clamped, not refused.
         max_tokens=min(request.max_tokens, context - prompt.num_tokens),
-        temperature=1.0 if request.temperature is None else request.temperature,
+        temperature=(services.config.default_temperature if request.temperature is None
+                     else request.temperature),
         top_p=1.0 if request.top_p is None else request.top_p,
         top_k=request.top_k or 0,
         stop_sequences=tuple(s for s in request.stop_sequences or () if s),

@@ -45,6 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="extend the context FACTOR times the trained length by RoPE scaling")
     p.add_argument("--rope-type", default="yarn", choices=["yarn", "linear"],
                    help="RoPE scaling method when the context is extended (default: yarn)")
+    p.add_argument("--default-temperature", type=float, default=1.0,
+                   help="temperature for requests that send none (Claude Code never does)")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--log-level", default="info")
@@ -107,6 +109,7 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
         model_id=name,
         model_aliases=settings.aliases,
         context_length=engine_cfg.context_length,
+        default_temperature=settings.default_temperature,
     )
     renderer = PromptRenderer(ckpt.tokenizer, ckpt.chat_template)
     return create_app(api_cfg, client, renderer), client

@@ -29,6 +29,7 @@ class ServeSettings:
     threads: int | None = None
     rope_scale: float | None = None  # None → scale only if context_length needs it
     rope_type: str = "yarn"
+    default_temperature: float = 1.0
 
     def context_plan(self, args: ModelArgs) -> ContextPlan:
         return plan_context(args, self.context_length, self.rope_scale, self.rope_type)
@@ -133,4 +134,5 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
         model_path=model, host=ns.host, port=ns.port, api_keys=keys, served_name=ns.served_name,
         aliases=aliases, engine=engine, context_length=ns.context_length, threads=ns.threads,
         rope_scale=rope_scale, rope_type=getattr(ns, "rope_type", None) or "yarn",
+        default_temperature=getattr(ns, "default_temperature", 1.0),
     )

@@ -30,8 +30,9 @@ def claude_bin() -> Path:
 
 @pytest.fixture(scope="session")
 def default_server_url() -> Iterator[str]:
-    """The real `pensieve serve` with the default model and its trained 8k context."""
-    with pensieve_server() as url:
+    """The real `pensieve serve` with the default model and its trained 8k context, greedy
+    for requests that send no temperature (Claude Code sends none)."""
+    with pensieve_server("--default-temperature", "0") as url:
         yield url
 
 

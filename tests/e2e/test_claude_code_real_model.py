@@ -2,9 +2,9 @@
 with the default model (SmolLM2-135M-Instruct, its trained 8k context).
 
 Claude Code's default tool set renders to more than 8k tokens, so the session keeps to
-``--tools Bash,Read`` (~4k tokens). Claude Code sends no temperature, so the server samples at
-the API default of 1.0, and a 135M model under a 4k-token agent prompt often does not end its
-turn early: Claude Code caps each turn at CLAUDE_CODE_MAX_OUTPUT_TOKENS and, when a turn hits
+``--tools Bash,Read`` (~4k tokens). Claude Code sends no temperature; the server here runs
+greedy for such requests (``--default-temperature 0``), and still a 135M model under a
+4k-token agent prompt often does not end its turn early: Claude Code caps each turn at CLAUDE_CODE_MAX_OUTPUT_TOKENS and, when a turn hits
 it, asks the model to resume (three times) before giving up with a `max_output_tokens` error.
 That outcome is the model's sampling, not the server's doing: the protocol checks still run
 (every model turn streamed and accepted, the launcher's model mapping used) and the test is
@@ -22,7 +22,7 @@ from tests.e2e.claude_cli import claude_env, headless_args, run_headless
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-MAX_OUTPUT_TOKENS = 64
+MAX_OUTPUT_TOKENS = 128
 RUN_TIMEOUT_S = 300
 
 
@@ -51,7 +51,7 @@ def test_claude_p_with_the_default_model_completes(claude_bin, default_server_ur
                    and e["message"].get("model") == served["id"]]
     assert model_turns and all(m["content"] for m in model_turns)
     if run.returncode != 0 and result.get("api_error") == "max_output_tokens":
-        pytest.xfail(f"SmolLM2 sampled at temperature 1 did not end a turn within "
+        pytest.xfail(f"SmolLM2 (greedy) did not end a turn within "
                      f"{MAX_OUTPUT_TOKENS} tokens in {len(model_turns)} tries")
     assert run.returncode == 0, run.describe()
     assert result["subtype"] == "success" and not result["is_error"]

@@ -208,6 +208,14 @@ def test_sampling_parameters_pass_through_the_body() -> None:
     assert (default.temperature, default.top_p, default.top_k, default.stop_sequences) == (1.0, 1.0, 0, ())
 
 
+def test_server_default_temperature_applies_only_when_none_is_sent() -> None:
+    engine = ScriptedEngine(text_script("ok"))
+    with fake_server(engine, default_temperature=0.0) as url:
+        client(url).messages.create(model=MODEL, max_tokens=7, messages=HI)
+        client(url).messages.create(model=MODEL, max_tokens=7, messages=HI, extra_body={"temperature": 0.7})
+    assert [c.params.temperature for c in engine.calls] == [0.0, 0.7]
+
+
 @pytest.mark.parametrize(("extra", "field"), [({"temperature": 1.5}, "temperature"), ({"top_p": 2}, "top_p"),
                                               ({"top_k": -1}, "top_k"), ({"max_tokens": -5}, "max_tokens")])
 def test_out_of_range_parameters_are_400_naming_the_field(extra: dict, field: str) -> None:
