@@ -105,3 +105,21 @@ def test_kv_bytes_per_token_of_smollm2():
     # 2 (K and V) × 30 layers × 3 KV heads × 64 dims × 4 bytes = 45 KiB per token in fp32
     assert kv_bytes_per_token(SMOL, torch.float32) == 46080
     assert kv_bytes_per_token(SMOL, torch.bfloat16) == 23040
+
+
+@pytest.mark.parametrize("context, rope_type", [(32768, "yarn"), (20000, "yarn"), (16384, "linear")])
+def test_planned_scaling_matches_transformers(context, rope_type):
+    """transformers as the oracle: the HF-shaped block the plan writes means the same
+    frequencies and attention factor there as in pensieve/models/rope.py."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    plan = plan_context(SMOL, context, None if rope_type == "yarn" else context / 8192, rope_type)
+    config = transformers.LlamaConfig(
+        hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+        max_position_embeddings=plan.context_length, rope_theta=SMOL.rope_theta,
+        rope_scaling=dict(plan.rope_scaling))
+    theirs, their_factor = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    ours, our_factor = rope_inv_freq(64, SMOL.rope_theta, plan.rope_scaling)
+    assert torch.allclose(ours, theirs.float(), rtol=1e-6, atol=0)
+    assert our_factor == pytest.approx(their_factor)
