@@ -3,10 +3,12 @@ with the default model (SmolLM2-135M-Instruct, its trained 8k context).
 
 Claude Code's default tool set renders to more than 8k tokens, so the session keeps to
 ``--tools Bash,Read`` (~4k tokens). Claude Code sends no temperature; the server here runs
-greedy for such requests (``--default-temperature 0``), and still a 135M model under a
-4k-token agent prompt often does not end its turn early: Claude Code caps each turn at CLAUDE_CODE_MAX_OUTPUT_TOKENS and, when a turn hits
-it, asks the model to resume (three times) before giving up with a `max_output_tokens` error.
-That outcome is the model's sampling, not the server's doing: the protocol checks still run
+greedy for such requests (``--default-temperature 0``). A 135M model under a 4k-token agent
+prompt still often fails to end its turn: greedy, it falls into a repetition loop (measured:
+"User's own instructions are not allowed." repeated to the limit); sampled at 1.0, it
+rambles. Claude Code caps each turn at CLAUDE_CODE_MAX_OUTPUT_TOKENS and, when a turn hits it,
+asks the model to resume (three times) before giving up with a `max_output_tokens` error.
+That outcome is the model's decoding, not the server's doing: the protocol checks still run
 (every model turn streamed and accepted, the launcher's model mapping used) and the test is
 then an expected failure; any other failure is a failure.
 """
