@@ -7,6 +7,9 @@ Which module a 4-bit weight becomes (``kernel``):
 * ``"float"`` — a plain ``nn.Linear`` holding the dequantised weight;
 * ``"auto"`` — ``cpu_quant`` where it compiles and fits the shape, else ``aten``.
 
+With ``cpu_quant``, a Llama MLP whose two projections both became ``Q4Linear`` is itself
+replaced by ``Q4MLP`` (same children, same state dict), which runs it in one kernel call.
+
 ``kernel_choice.choose`` decides whether quantised weights are worth it at all; this module
 only carries the decision out.
 """
@@ -14,7 +17,7 @@ only carries the decision out.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,14 +25,17 @@ from torch import nn
 from pensieve.backends.cpu_quant import (
     Kernels, Q4Linear, Q8Embedding, Q8Linear, kernel_fits, load_kernels, pack_q8,
 )
+from pensieve.backends.cpu_quant.mlp import Q4MLP
+from pensieve.models.llama import MLP
 from pensieve.models.quant_linear import Int4Groups, Int4Linear, Int8Linear, int4_supported
 
 log = logging.getLogger(__name__)
 
 KERNELS = ("auto", "cpu_quant", "aten", "float")
+Parts = tuple[Int4Groups, ...]  # a weight, or the row blocks of a fused one (q, k, v), in order
 
 
-def concat_groups(parts: list[Int4Groups]) -> Int4Groups:
+def concat_groups(parts: Sequence[Int4Groups]) -> Int4Groups:
     return Int4Groups(
         codes=torch.cat([p.codes for p in parts]),
         scales=torch.cat([p.scales for p in parts]),
@@ -40,13 +46,16 @@ def concat_groups(parts: list[Int4Groups]) -> Int4Groups:
 
 def plan_int4(
     int4: Mapping[str, Int4Groups], packed: Mapping[str, tuple[str, ...]]
-) -> tuple[dict[str, Int4Groups], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, Parts], dict[str, torch.Tensor]]:
     """Map HF-named int4 weights onto the model's (possibly fused) modules.
 
-    Returns (module path → groups) for modules that can be int4 whole, and HF name → float
-    weight for the rest (a fused module whose parts are not all int4 with one group size).
+    Returns (module path → its parts, stacked along the output rows when it is built) for
+    modules that can be int4 whole, and HF name → float weight for the rest (a fused module
+    whose parts are not all int4 with one group size). The parts are not concatenated here:
+    the q4 kernel packs them straight into place (a concatenation costs seconds of start-up
+    on a busy 2-core machine).
     """
-    modules: dict[str, Int4Groups] = {}
+    modules: dict[str, Parts] = {}
     leftovers = dict(int4)
     for fused, parts in packed.items():
         for name in [n for n in int4 if n.endswith(f".{parts[0]}.weight")]:
@@ -54,12 +63,12 @@ def plan_int4(
             keys = [f"{prefix}{p}.weight" for p in parts]
             groups = [int4.get(k) for k in keys]
             if all(g is not None for g in groups) and len({g.group_size for g in groups}) == 1:
-                modules[f"{prefix}{fused}"] = concat_groups(groups)
+                modules[f"{prefix}{fused}"] = tuple(groups)
                 for k in keys:
                     leftovers.pop(k)
     for name in list(leftovers):
         if not any(name.endswith(f".{p}.weight") for parts in packed.values() for p in parts):
-            modules[name[: -len(".weight")]] = leftovers.pop(name)
+            modules[name[: -len(".weight")]] = (leftovers.pop(name),)
     floats = {name: g.dequantize() for name, g in leftovers.items()}
     return modules, floats
 
@@ -72,21 +81,22 @@ def _float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return layer
 
 
-def _int4_module(groups: Int4Groups, bias: torch.Tensor | None, kernel: str,
+def _int4_module(parts: Parts, bias: torch.Tensor | None, kernel: str,
                  kernels: Kernels | None) -> nn.Module:
-    k = groups.codes.shape[1]
-    if kernel in ("auto", "cpu_quant") and kernels is not None and kernel_fits(k, groups.group_size):
-        return Q4Linear(kernels, groups, bias)
-    if kernel in ("auto", "aten") and int4_supported(groups.group_size, k):
-        return Int4Linear(groups, bias)
+    k, group = parts[0].codes.shape[1], parts[0].group_size
+    if kernel in ("auto", "cpu_quant") and kernels is not None and kernel_fits(k, group):
+        return Q4Linear(kernels, parts, bias)
+    if kernel in ("auto", "aten") and int4_supported(group, k):
+        return Int4Linear(concat_groups(parts), bias)
     if kernel != "float":
-        log.warning("no %s int4 kernel for K=%d, group %d: float weights", kernel, k,
-                    groups.group_size)
-    return _float_linear(groups.dequantize(), bias)
+        log.warning("no %s int4 kernel for K=%d, group %d: float weights", kernel, k, group)
+    return _float_linear(concat_groups(parts).dequantize(), bias)
 
 
-def swap_in(model: nn.Module, modules: Mapping[str, Int4Groups], kernel: str = "auto") -> None:
-    """Replace each named module (an ``nn.Linear`` on meta) by its 4-bit form."""
+def swap_in(model: nn.Module, modules: Mapping[str, Int4Groups | Sequence[Int4Groups]],
+            kernel: str = "auto") -> None:
+    """Replace each named module (an ``nn.Linear`` on meta) by its 4-bit form, built from
+    one ``Int4Groups`` or the parts ``plan_int4`` gives for it."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     kernels = load_kernels() if modules and kernel in ("auto", "cpu_quant") else None
@@ -95,11 +105,25 @@ def swap_in(model: nn.Module, modules: Mapping[str, Int4Groups], kernel: str = "
         parent_path, _, attr = path.rpartition(".")
         old = model.get_submodule(path)
         bias = old.bias if isinstance(old, nn.Linear) and old.bias is not None else None
-        new = _int4_module(groups, bias, kernel, kernels)
+        parts = (groups,) if isinstance(groups, Int4Groups) else tuple(groups)
+        new = _int4_module(parts, bias, kernel, kernels)
         kinds[type(new).__name__] = kinds.get(type(new).__name__, 0) + 1
         setattr(model.get_submodule(parent_path), attr, new)
+    fused = fuse_mlps(model)
     if kinds:
-        log.info("4-bit layers: %s", ", ".join(f"{n} {c}" for n, c in sorted(kinds.items())))
+        log.info("4-bit layers: %s; %d fused MLPs",
+                 ", ".join(f"{n} {c}" for n, c in sorted(kinds.items())), fused)
+
+
+def fuse_mlps(model: nn.Module) -> int:
+    """Replace each ``models.llama.MLP`` with two ``Q4Linear`` children by ``Q4MLP``."""
+    targets = [name for name, m in model.named_modules() if type(m) is MLP
+               and isinstance(m.gate_up_proj, Q4Linear) and isinstance(m.down_proj, Q4Linear)]
+    for name in targets:
+        parent, _, attr = name.rpartition(".")
+        mlp = model.get_submodule(name)
+        setattr(model.get_submodule(parent), attr, Q4MLP(mlp.gate_up_proj, mlp.down_proj))
+    return len(targets)
 
 
 def int8_lm_head(model: nn.Module, kernel: str = "auto") -> None:

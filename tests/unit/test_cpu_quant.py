@@ -131,6 +131,7 @@ def test_swap_in_and_int8_head_keep_the_model_output():
     swap_in(model, int4)
     int8_lm_head(model)
     assert all(isinstance(model.get_submodule(p), Q4Linear) for p in paths)
+    assert all(type(layer.mlp).__name__ == "Q4MLP" for layer in model.model.layers)
     assert isinstance(model.lm_head, Q8Linear)
     assert isinstance(model.model.embed_tokens, Q8Embedding)  # tied: shares the head's codes
     for m in model.modules():  # one row at a time: the integer path, as in decode
@@ -171,3 +172,18 @@ def test_build_is_cached_and_a_broken_compiler_is_an_error(tmp_path):
     first = build_kernels(cache=tmp_path)
     again = build_kernels(cache=tmp_path)
     assert first.build_seconds > 0 and again.build_seconds == 0 and again.path == first.path
+
+
+@needs_kernels
+def test_fused_mlp_matches_the_modules():
+    from pensieve.backends.cpu_quant.mlp import Q4MLP
+
+    gate_up, down = Q4Linear(KERNELS, groups(192, 64, seed=1)), Q4Linear(KERNELS, groups(64, 96, seed=2))
+    mlp = Q4MLP(gate_up, down)
+    for m in (1, 3, 5, 60):  # fused below dense_from, module by module above
+        x = torch.randn(m, 64)
+        g, u = (x @ gate_up.dequantize().T).chunk(2, dim=-1)
+        expected = (torch.nn.functional.silu(g) * u) @ down.dequantize().T
+        assert rel_err(mlp(x), expected) < 1e-4, m
+    assert set(mlp.state_dict()) == {f"{p}.{b}" for p in ("gate_up_proj", "down_proj")
+                                     for b in ("codes", "scales", "mins")}

@@ -29,7 +29,7 @@ from pensieve.backends.cpu_quant.source import KERNEL_SOURCE
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 5
+ABI_VERSION = 7
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++20", "-pthread")
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -39,8 +39,9 @@ SIGNATURES = {
     "pq4_dequant": (_P, _P, _P, _I64, _I64, _P, _INT),
     "pq8_dequant": (_P, _P, _I64, _I64, _P, _INT),
     "pq8_rows": (_P, _P, _I64, _P, _I64, _I64, _P),
-    "pq4_pack": (_P, _I64, _I64, _P),
+    "pq4_pack": (_P, _P, _P, _I64, _I64, _P, _P, _P),
     "pq8_pack": (_P, _I64, _I64, _P, _P),
+    "pq4_mlp": (_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT),
 }
 RESTYPES = {"pq8_rows": _I64}
 

@@ -16,9 +16,9 @@ results match float32 matmuls to ~2e-5 (int8: ~5e-3, 93% top-1 agreement with fl
 the default model), for ~10% of decode matmul time (decode is memory-bound; on AVX2 without
 VNNI the int8 path needs ``maddubs`` + ``madd`` + sign tricks, not much cheaper).
 
-Threads: a small work-sharing pool of its own (no OpenMP), which never waits for a worker
-that has not started — on a loaded 2-core machine an OpenMP barrier per matmul costs a
-scheduler time slice and made 2-thread decode ten times slower than 1-thread.
+Threads: a small work-sharing pool of its own (``pool_source.py``, no OpenMP), which never
+waits for a worker that has not started — on a loaded 2-core machine (load average 7) an
+OpenMP region per matmul cost a scheduler time slice, ~15 ms per call.
 
 Kept as a string (as ``torch.utils.cpp_extension.load_inline`` would) so that a wheel carries
 it without package-data configuration; ``build.py`` compiles it once per source/compiler and
@@ -26,131 +26,12 @@ caches the library. It has a plain C ABI and no PyTorch headers: it compiles in 
 loaded 2-core machine, where an extension including ``torch/extension.h`` takes a minute.
 """
 
-KERNEL_SOURCE = r"""
-#include <immintrin.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <atomic>
-#include <chrono>
-#include <mutex>
-#include <thread>
-#include <vector>
+from pensieve.backends.cpu_quant.pool_source import POOL_SOURCE
 
-namespace {
-
+KERNEL_SOURCE = POOL_SOURCE + r"""
 constexpr int64_t QK = 32;      // values per block
-constexpr int64_t NB = 16;      // weight rows per sub-tile (their codes stay in L1 across M tiles)
 constexpr int MR = 4;           // activation rows per inner kernel when M >= 4
 constexpr int64_t PF_ROWS = 8;  // software prefetch distance, in weight rows
-
-// ------------------------------------------------------------------------- thread pool
-//
-// Work sharing that never waits for a thread that has not started: the caller claims tiles
-// too, from one atomic counter tagged with a job number, and afterwards waits only for tiles
-// a worker actually claimed. On a loaded machine a descheduled worker therefore costs
-// nothing (the caller does all the tiles) instead of a scheduler time slice per call, which
-// is what an OpenMP barrier costs there. Idle workers spin ~0.2 ms, then sleep on a futex.
-
-class Pool {
- public:
-  using Fn = void (*)(void*, int64_t);
-
-  ~Pool() {
-    stop_.store(true);
-    wake_.fetch_add(1);
-    wake_.notify_all();
-    for (auto& t : threads_) t.join();
-  }
-
-  void run(int64_t tiles, Fn fn, void* ctx, int threads) {
-    if (threads <= 1 || tiles <= 1 || !busy_.try_lock()) {
-      for (int64_t t = 0; t < tiles; ++t) fn(ctx, t);
-      return;
-    }
-    while ((int)threads_.size() < threads - 1) threads_.emplace_back([this] { work(); });
-    fn_.store(fn, std::memory_order_relaxed);
-    ctx_.store(ctx, std::memory_order_relaxed);
-    tiles_.store(tiles, std::memory_order_relaxed);
-    done_.store(0, std::memory_order_relaxed);
-    const uint64_t job = ++job_;
-    next_.store(job << 32);  // publishes the fields above (seq_cst, pairs with sleepers_)
-    if (sleepers_.load() > 0) {
-      wake_.fetch_add(1);
-      wake_.notify_all();
-    }
-    int64_t mine = 0;
-    for (int64_t t; (t = claim(job)) >= 0; ++mine) fn(ctx, t);
-    while (done_.load(std::memory_order_acquire) != tiles - mine) _mm_pause();
-    busy_.unlock();
-  }
-
- private:
-  // The next tile of `job`, or -1 once the job changed or has no tiles left.
-  int64_t claim(uint64_t job) {
-    uint64_t v = next_.load(std::memory_order_acquire);
-    for (;;) {
-      if ((v >> 32) != job) return -1;
-      const int64_t t = (int64_t)(v & 0xffffffffu);
-      if (t >= tiles_.load(std::memory_order_relaxed)) return -1;
-      if (next_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) return t;
-    }
-  }
-
-  void work() {
-    uint64_t seen = next_.load() >> 32;
-    for (;;) {
-      uint64_t job;
-      auto since = std::chrono::steady_clock::now();
-      for (int spin = 0; (job = next_.load(std::memory_order_acquire) >> 32) == seen; ++spin) {
-        if (stop_.load(std::memory_order_relaxed)) return;
-        _mm_pause();
-        if ((spin & 63) != 63) continue;
-        if (std::chrono::steady_clock::now() - since < std::chrono::microseconds(200)) continue;
-        const int w = wake_.load();
-        sleepers_.fetch_add(1);
-        if ((next_.load() >> 32) == seen && !stop_.load()) wake_.wait(w);
-        sleepers_.fetch_sub(1);
-        since = std::chrono::steady_clock::now();
-      }
-      seen = job;
-      // Fields read here may belong to a later job; a claim only succeeds while `job` is
-      // current and unfinished, and then they are the ones published with it.
-      const Fn fn = fn_.load(std::memory_order_relaxed);
-      void* const ctx = ctx_.load(std::memory_order_relaxed);
-      for (int64_t t; (t = claim(job)) >= 0;) {
-        fn(ctx, t);
-        done_.fetch_add(1, std::memory_order_release);
-      }
-    }
-  }
-
-  std::mutex busy_;
-  std::vector<std::thread> threads_;
-  std::atomic<uint64_t> next_{0};  // job << 32 | next tile
-  std::atomic<Fn> fn_{nullptr};
-  std::atomic<void*> ctx_{nullptr};
-  std::atomic<int64_t> tiles_{0}, done_{0};
-  std::atomic<int> sleepers_{0}, wake_{0};
-  std::atomic<bool> stop_{false};
-  uint64_t job_ = 0;
-};
-
-Pool& pool() {
-  static Pool p;
-  return p;
-}
-
-// Run tile(n0, n1) over [0, N) in row ranges of a multiple of NB, on up to `threads` threads.
-template <class F>
-void over_rows(int64_t N, int threads, F tile) {
-  // ~16 ranges per thread: balance without a claim per 16 rows on a 50k-row matrix
-  const int64_t per =
-      threads > 1 ? ((N + 16 * threads - 1) / (16 * threads) + NB - 1) / NB * NB : N;
-  const int64_t tiles = (N + per - 1) / per;
-  auto body = [&](int64_t t) { tile(t * per, t * per + per < N ? t * per + per : N); };
-  using Body = decltype(body);
-  pool().run(tiles, [](void* c, int64_t t) { (*(Body*)c)(t); }, &body, threads);
-}
 
 // ------------------------------------------------------------------------- activations
 
@@ -334,6 +215,41 @@ void linear(const float* x, int64_t M, const Weights& W, float* y, int threads) 
   });
 }
 
+// ------------------------------------------------------------------------- SwiGLU MLP
+
+// e^x for |x| <= 88 (clamped outside): 2^n * e^r with |r| <= ln2/2 and a degree-6 Taylor
+// polynomial, relative error ~1e-7.
+inline __m256 exp_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);  // ln2 in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// a[i] = silu(g[i]) * u[i] = g[i] / (1 + e^-g[i]) * u[i]
+void silu_mul(const float* g, const float* u, int64_t n, float* a) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    const __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+    _mm256_storeu_ps(a + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) a[i] = g[i] / (1.0f + __builtin_expf(-g[i])) * u[i];
+}
+
+thread_local std::vector<float> mlp_scratch;
+
 // ------------------------------------------------------------------------- (de)quantising
 
 inline void store_scaled(const uint8_t* p, __m256 s, __m256 m, float* o, bool u4) {
@@ -374,7 +290,7 @@ void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
 
 extern "C" {
 
-int pq_abi_version() { return 5; }
+int pq_abi_version() { return 7; }
 
 // y[M, N] = x[M, K] @ W.T (+ bias) for q4 weights. K % 32 == 0; bias may be null.
 void pq4_linear(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
@@ -386,6 +302,20 @@ void pq4_linear(const float* x, int64_t M, int64_t K, const uint8_t* codes, cons
 void pq8_linear(const float* x, int64_t M, int64_t K, const int8_t* codes, const uint16_t* scales,
                 int64_t N, const float* bias, float* y, int threads) {
   linear<true>(x, M, Weights{(const uint8_t*)codes, scales, nullptr, bias, K, N}, y, threads);
+}
+
+// y[M, H] = down(silu(gate) * up) with [gate | up] = x[M, H] @ gate_up.T: a Llama MLP in one
+// call, both weights q4 (gate_up [2I, H], down [H, I]).
+void pq4_mlp(const float* x, int64_t M, int64_t H, int64_t I, const uint8_t* gu_codes,
+             const uint16_t* gu_scales, const uint16_t* gu_mins, const float* gu_bias,
+             const uint8_t* d_codes, const uint16_t* d_scales, const uint16_t* d_mins,
+             const float* d_bias, float* y, int threads) {
+  mlp_scratch.resize(M * 3 * I);
+  float* h = mlp_scratch.data();
+  float* a = h + M * 2 * I;
+  linear<false>(x, M, Weights{gu_codes, gu_scales, gu_mins, gu_bias, H, 2 * I}, h, threads);
+  for (int64_t m = 0; m < M; ++m) silu_mul(h + m * 2 * I, h + m * 2 * I + I, I, a + m * I);
+  linear<false>(a, M, Weights{d_codes, d_scales, d_mins, d_bias, I, H}, y, threads);
 }
 
 // out[N, K] = the float weights (for large-M calls, which are compute-bound: a float GEMM).
@@ -417,30 +347,41 @@ int64_t pq8_rows(const int8_t* codes, const uint16_t* scales, int64_t N, const i
   return bad;
 }
 
-// Packing at load. q4: codes [N, K] (0..15, one per byte) -> nibbles [N, K/2], GGUF order.
-void pq4_pack(const uint8_t* codes, int64_t N, int64_t K, uint8_t* out) {
+// Packing at load. q4: codes [N, K] (0..15, one per byte) -> nibbles [N, K/2] in GGUF order;
+// float scales and mins [N, K/32] -> float16 (round to nearest even, as torch's .half()).
+void pq4_pack(const uint8_t* codes, const float* scales, const float* mins, int64_t N, int64_t K,
+              uint8_t* out, uint16_t* out_scales, uint16_t* out_mins) {
   const __m128i m4 = _mm_set1_epi8(0x0F);
   for (int64_t i = 0; i < N * K / QK; ++i) {
     const __m128i lo = _mm_and_si128(_mm_loadu_si128((const __m128i*)(codes + i * QK)), m4);
     const __m128i hi = _mm_and_si128(_mm_loadu_si128((const __m128i*)(codes + i * QK + 16)), m4);
     _mm_storeu_si128((__m128i*)(out + i * 16), _mm_or_si128(lo, _mm_slli_epi16(hi, 4)));
+    out_scales[i] = _cvtss_sh(scales[i], _MM_FROUND_TO_NEAREST_INT);
+    out_mins[i] = _cvtss_sh(mins[i], _MM_FROUND_TO_NEAREST_INT);
   }
 }
 
 // q8: float w [N, K] -> codes [N, K] and float16 scales [N, K/32]: per block
 // scale = fp16(max|w| / 127), code = round(w / scale) (exact for weights that were Q8_0).
 void pq8_pack(const float* w, int64_t N, int64_t K, int8_t* codes, uint16_t* scales) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t i = 0; i < N * K / QK; ++i) {
     const float* b = w + i * QK;
-    float amax = 0.0f;
-    for (int j = 0; j < QK; ++j) amax = b[j] > amax ? b[j] : (-b[j] > amax ? -b[j] : amax);
+    __m256 v[4];
+    for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(b + 8 * j);
+    const float amax = hmax(_mm256_max_ps(
+        _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+        _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]))));
     const uint16_t h = _cvtss_sh(amax / 127.0f, _MM_FROUND_TO_NEAREST_INT);
     const float d = _cvtsh_ss(h);
     scales[i] = h;
-    for (int j = 0; j < QK; ++j) {
-      float q = d > 0.0f ? __builtin_nearbyintf(b[j] / d) : 0.0f;
-      codes[i * QK + j] = (int8_t)(q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q));
-    }
+    const __m256 dd = _mm256_set1_ps(d > 0.0f ? d : 1.0f);
+    __m256i q[4];  // w / d (exact division, as the reference), rounded half to even
+    for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_div_ps(d > 0.0f ? v[j] : _mm256_setzero_ps(), dd));
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    p = _mm256_max_epi8(_mm256_permutevar8x32_epi32(p, order), _mm256_set1_epi8(-127));
+    _mm256_storeu_si256((__m256i*)(codes + i * QK), p);
   }
 }
 
