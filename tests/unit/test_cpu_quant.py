@@ -187,3 +187,18 @@ def test_fused_mlp_matches_the_modules():
         assert rel_err(mlp(x), expected) < 1e-4, m
     assert set(mlp.state_dict()) == {f"{p}.{b}" for p in ("gate_up_proj", "down_proj")
                                      for b in ("codes", "scales", "mins")}
+
+
+@needs_kernels
+def test_concurrent_callers_share_the_pool_safely():
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = groups(512, 256, seed=5)
+    layer, weight = Q4Linear(KERNELS, g, threads=2), g.dequantize()
+    xs = [torch.randn(1 + i % 3, 256) for i in range(64)]
+
+    def check(x: torch.Tensor) -> float:
+        return rel_err(layer(x), x @ weight.T)
+
+    with ThreadPoolExecutor(4) as pool:  # ctypes drops the GIL: the calls really overlap
+        assert max(pool.map(check, xs)) < 1e-4

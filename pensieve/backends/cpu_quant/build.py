@@ -30,7 +30,7 @@ from pensieve.backends.cpu_quant.source import KERNEL_SOURCE
 log = logging.getLogger(__name__)
 
 ABI_VERSION = 7
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++20", "-pthread")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++17", "-pthread")
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {

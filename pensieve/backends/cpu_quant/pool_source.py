@@ -4,7 +4,7 @@ Work sharing that never waits for a thread that has not started: the caller clai
 too, from one atomic counter tagged with a job number, and afterwards waits only for tiles
 a worker actually claimed. A descheduled worker on a loaded machine therefore costs nothing
 (the caller does all the tiles) instead of a scheduler time slice per call, which is what
-an OpenMP barrier costs there. Idle workers spin ~0.2 ms, then sleep on a futex.
+an OpenMP barrier costs there. Idle workers spin ~0.2 ms, then sleep on a condition variable.
 """
 
 POOL_SOURCE = r"""
@@ -13,6 +13,7 @@ POOL_SOURCE = r"""
 #include <stdlib.h>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -27,7 +28,7 @@ constexpr int64_t NB = 16;  // weight rows per sub-tile (their codes stay in L1 
 // too, from one atomic counter tagged with a job number, and afterwards waits only for tiles
 // a worker actually claimed. On a loaded machine a descheduled worker therefore costs
 // nothing (the caller does all the tiles) instead of a scheduler time slice per call, which
-// is what an OpenMP barrier costs there. Idle workers spin ~0.2 ms, then sleep on a futex.
+// is what an OpenMP barrier costs there. Idle workers spin ~0.2 ms, then sleep.
 
 class Pool {
  public:
@@ -35,8 +36,10 @@ class Pool {
 
   ~Pool() {
     stop_.store(true);
-    wake_.fetch_add(1);
-    wake_.notify_all();
+    {
+      std::lock_guard<std::mutex> lock(sleep_mu_);
+      sleep_cv_.notify_all();
+    }
     for (auto& t : threads_) t.join();
   }
 
@@ -53,8 +56,8 @@ class Pool {
     const uint64_t job = ++job_;
     next_.store(job << 32);  // publishes the fields above (seq_cst, pairs with sleepers_)
     if (sleepers_.load() > 0) {
-      wake_.fetch_add(1);
-      wake_.notify_all();
+      std::lock_guard<std::mutex> lock(sleep_mu_);
+      sleep_cv_.notify_all();
     }
     int64_t mine = 0;
     for (int64_t t; (t = claim(job)) >= 0; ++mine) fn(ctx, t);
@@ -84,9 +87,9 @@ class Pool {
         _mm_pause();
         if ((spin & 63) != 63) continue;
         if (std::chrono::steady_clock::now() - since < std::chrono::microseconds(200)) continue;
-        const int w = wake_.load();
-        sleepers_.fetch_add(1);
-        if ((next_.load() >> 32) == seen && !stop_.load()) wake_.wait(w);
+        std::unique_lock<std::mutex> lock(sleep_mu_);
+        sleepers_.fetch_add(1);  // seq_cst with run()'s store of next_ then load of sleepers_
+        sleep_cv_.wait(lock, [&] { return (next_.load() >> 32) != seen || stop_.load(); });
         sleepers_.fetch_sub(1);
         since = std::chrono::steady_clock::now();
       }
@@ -108,7 +111,9 @@ class Pool {
   std::atomic<Fn> fn_{nullptr};
   std::atomic<void*> ctx_{nullptr};
   std::atomic<int64_t> tiles_{0}, done_{0};
-  std::atomic<int> sleepers_{0}, wake_{0};
+  std::atomic<int> sleepers_{0};
+  std::mutex sleep_mu_;
+  std::condition_variable sleep_cv_;
   std::atomic<bool> stop_{false};
   uint64_t job_ = 0;
 };
