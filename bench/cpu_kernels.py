@@ -1,17 +1,22 @@
 """CPU weight-only kernels: per-shape matmul timings and end-to-end decode of the default model.
 
-    .venv/bin/python -m bench.cpu_kernels                 # kernels + decode
-    .venv/bin/python -m bench.cpu_kernels --only kernels --rows 1 4 16 64 512
+    .venv/bin/python -m bench.cpu_kernels --threads 1                # kernels + decode
+    .venv/bin/python -m bench.cpu_kernels --only kernels --rows 1 4 16 64 --aten
     .venv/bin/python -m bench.cpu_kernels --only decode --repeats 5 --tokens 128
 
 Kernels: x[M, K] @ W.T for the SmolLM2-135M shapes, float32 (PyTorch/MKL) against the q4
 (group-32 affine, the Q4_1 layers) and q8 (Q8_0, the tied output projection) kernels of
-``pensieve.backends.cpu_quant`` and, with ``--aten``, PyTorch's own int4/int8 weight-only ops.
-Each figure is the median over ``--repeats`` rounds of the mean of a timed loop.
+``pensieve.backends.cpu_quant`` (forced onto the integer path at every M), q4 dequantised to
+float32 per call (its path from 48 rows) and, with ``--aten``, PyTorch's own int4/int8 ops.
+Each implementation cycles through copies of its weights totalling ``--cold-mb`` (64 MB: more
+than the L3), so weights come from memory as they do in decode. Figures are µs per call, the
+median over ``--repeats`` rounds, wall clock and the calling thread's CPU time (which a busy
+machine's preemptions do not inflate; with more threads it misses the workers' share).
 
 Decode: the real default model loaded with ``keep_int4`` and built by ``build_engine``; one
 greedy request of ``--tokens`` tokens per round, float weights vs quantised weights, medians
-over rounds. The machine is shared: the load average is printed with the results.
+over rounds, with CPU ms per token (all threads); then a ~1k-token prefill. The machine is
+shared: the load average is printed with the results.
 """
 
 from __future__ import annotations
