@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-ctx", type=int, default=8192)
     p.add_argument("--llama-python", default=str(ROOT / ".bench-venv" / "bin" / "python"))
     p.add_argument("--llama-port", type=int, default=18081)
+    p.add_argument("--llama-args", default="", help="extra llama_cpp.server args, e.g. '--flash_attn True'")
     p.add_argument("--pensieve-port", type=int, default=18082)
     p.add_argument("--pensieve-cmd", default=str(ROOT / ".venv" / "bin" / "pensieve") + " serve",
                    help="command before --host/--port are appended")
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
              "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
              # default True: a new request aborts the stream in flight, which breaks the
              # concurrency scenario; False makes it queue requests instead.
-             "--interrupt_requests", "False"],
+             "--interrupt_requests", "False", *shlex.split(args.llama_args)],
             f"http://127.0.0.1:{port}", "openai", "/v1/models",
         ))
     if args.only in (None, "pensieve"):
