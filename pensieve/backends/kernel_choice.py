@@ -92,8 +92,10 @@ def choose(weights: str = "auto", *, device: str = "cpu") -> WeightChoice:
     """Resolve a ``--weights`` value for a CPU model.
 
     ``float``: float weights, nothing built. ``int4``: 4-bit layers and an int8 head on the
-    best kernel available, even where it is slower. ``auto``: each only where it is at least
-    10% faster than float32 here. Other devices get float (their kernels are not these).
+    compiled kernels, even where they time slower. ``auto``: each only where it is at least
+    10% faster than float32 here. PyTorch's own int4 op (the fallback when the kernels cannot
+    be built) is used only where it wins, whatever was asked: on AVX2-only CPUs it is ~10×
+    slower than float32. Other devices get float (their kernels are not these).
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
@@ -102,17 +104,17 @@ def choose(weights: str = "auto", *, device: str = "cpu") -> WeightChoice:
     kernels = load_kernels()
     times = time_kernels(kernels, aten=kernels is None)
     if kernels is not None:
+        if weights == "int4":
+            return WeightChoice(True, True, "cpu_quant", times)
         kernel, linear, head = "cpu_quant", times["q4 linear"], times["q8 head"]
     elif "aten int4 linear" in times:
         kernel, linear, head = "aten", times["aten int4 linear"], times["aten int8 head"]
     else:
         log.warning("no weight-only kernel on this machine: float weights")
         return WeightChoice(False, False, "float", times)
-    if weights == "int4":
-        choice = WeightChoice(True, True, kernel, times)
-    else:
-        int4 = linear < WIN * times["float32 linear"]
-        int8 = head < WIN * times["float32 head"]
-        choice = WeightChoice(int4, int8, kernel if int4 else "float", times)
-    log.info("%s", choice.describe())
-    return choice
+    int4 = linear < WIN * times["float32 linear"]
+    int8 = head < WIN * times["float32 head"]
+    if weights == "int4" and not int4:
+        log.warning("--weights int4: the compiled kernels are unavailable and PyTorch's int4 "
+                    "op is slower than float32 here: float weights")
+    return WeightChoice(int4, int8, kernel if int4 else "float", times)

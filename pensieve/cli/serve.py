@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pensieve.cli.settings import ServeSettings, settings_from_args
+from pensieve.cli.settings import WEIGHTS, ServeSettings, settings_from_args
 
 if TYPE_CHECKING:
+    from pensieve.backends.kernel_choice import WeightChoice
     from pensieve.engine.config import EngineConfig
     from pensieve.loaders.checkpoint import Checkpoint
     from pensieve.models.args import ModelArgs
@@ -49,6 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="temperature for requests that send none (Claude Code never does)")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--weights", default=None, choices=WEIGHTS,
+                   help="CPU weights of a 4-bit GGUF: int4 (own AVX2 kernels, int8 output "
+                        "layer), float (dequantised), or auto: int4 where it times faster here "
+                        "(default; also PENSIEVE_WEIGHTS)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
 
@@ -95,11 +100,14 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    choice = choose_weights(settings)
     try:
-        ckpt = load_checkpoint(settings.model_path, dtype=settings.engine.dtype)
+        ckpt = load_checkpoint(settings.model_path, dtype=settings.engine.dtype,
+                               keep_int4=choice.keep_int4)
     except CheckpointError as exc:
         raise StartupError(str(exc)) from exc
     ckpt, engine_cfg = _fit_context(settings, ckpt)
+    engine_cfg = replace(engine_cfg, int8_lm_head=_int8_head(settings, choice, ckpt))
     engine = build_engine(ckpt, engine_cfg)
     name = settings.served_name or ckpt.name
     client = EngineClient(engine, name, max_waiting=engine_cfg.max_waiting)
@@ -113,6 +121,28 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
     )
     renderer = PromptRenderer(ckpt.tokenizer, ckpt.chat_template)
     return create_app(api_cfg, client, renderer), client
+
+
+def choose_weights(settings: ServeSettings) -> WeightChoice:
+    """``--weights`` resolved for this device (kernels built or loaded, timed); never raises
+    for a missing compiler or CPU feature: that resolves to float weights, with the reason
+    logged by the kernel loader."""
+    from pensieve.backends.kernel_choice import choose
+
+    started = time.perf_counter()
+    choice = choose(settings.weights, device=settings.engine.device)
+    log.info("--weights %s → %s [%.0f ms]", settings.weights, choice.describe(),
+             (time.perf_counter() - started) * 1e3)
+    return choice
+
+
+def _int8_head(settings: ServeSettings, choice: WeightChoice, ckpt: Checkpoint) -> bool:
+    """int8 output layer where chosen; under ``auto`` only for a model that came quantised
+    (a float checkpoint keeps its float head unless ``--weights int4`` asks otherwise)."""
+    if choice.int8_lm_head and settings.weights == "auto" and not ckpt.int4:
+        log.info("float checkpoint: lm_head stays float under --weights auto")
+        return False
+    return choice.int8_lm_head
 
 
 def _fit_context(settings: ServeSettings, ckpt: Checkpoint) -> tuple[Checkpoint, EngineConfig]:

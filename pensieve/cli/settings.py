@@ -14,6 +14,7 @@ from pensieve.engine.config import EngineConfig
 from pensieve.models.args import ModelArgs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHTS = ("auto", "float", "int4")  # --weights: backends/kernel_choice.choose resolves it
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class ServeSettings:
     rope_scale: float | None = None  # None → scale only if context_length needs it
     rope_type: str = "yarn"
     default_temperature: float = 1.0
+    weights: str = "auto"  # "auto" | "float" | "int4" (4-bit GGUF weights on the CPU kernels)
 
     def context_plan(self, args: ModelArgs) -> ContextPlan:
         return plan_context(args, self.context_length, self.rope_scale, self.rope_type)
@@ -128,11 +130,15 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
     if ns.context_length is not None and ns.context_length < 16:
         raise ValueError("--context-length must be at least 16")
     rope_scale = getattr(ns, "rope_scale", None)
+    weights = getattr(ns, "weights", None) or env.get("PENSIEVE_WEIGHTS") or "auto"
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights / PENSIEVE_WEIGHTS must be one of {', '.join(WEIGHTS)}, "
+                         f"got {weights!r}")
     if rope_scale is not None and rope_scale < 1:
         raise ValueError(f"--rope-scale must be at least 1, got {rope_scale:g}")
     return ServeSettings(
         model_path=model, host=ns.host, port=ns.port, api_keys=keys, served_name=ns.served_name,
         aliases=aliases, engine=engine, context_length=ns.context_length, threads=ns.threads,
         rope_scale=rope_scale, rope_type=getattr(ns, "rope_type", None) or "yarn",
-        default_temperature=getattr(ns, "default_temperature", 1.0),
+        default_temperature=getattr(ns, "default_temperature", 1.0), weights=weights,
     )
