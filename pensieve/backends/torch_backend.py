@@ -39,7 +39,6 @@ def build_model(checkpoint: Checkpoint, config: EngineConfig) -> nn.Module:
         )
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary.materialize("cpu")  # its tables were made on meta too
     swap_in(model, int4_modules)
     if config.int8_lm_head:
         int8_lm_head(model)

@@ -98,6 +98,11 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
     from pensieve.loaders.checkpoint import CheckpointError
     from pensieve.loaders.registry import load_checkpoint
 
+    from pensieve.backends.cpu_memory import bound_heap, release_free_memory
+
+    on_cpu = torch.device(settings.engine.device).type == "cpu"
+    if on_cpu:
+        bound_heap()  # before loading: see backends/cpu_memory.py
     if settings.threads:
         torch.set_num_threads(settings.threads)
     choice = choose_weights(settings)
@@ -109,6 +114,9 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
     ckpt, engine_cfg = _fit_context(settings, ckpt)
     engine_cfg = replace(engine_cfg, int8_lm_head=_int8_head(settings, choice, ckpt))
     engine = build_engine(ckpt, engine_cfg)
+    ckpt = replace(ckpt, weights={}, int4={})  # the model holds what it needs of them
+    if on_cpu:
+        release_free_memory()
     name = settings.served_name or ckpt.name
     client = EngineClient(engine, name, max_waiting=engine_cfg.max_waiting)
     client.start()

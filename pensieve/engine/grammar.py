@@ -11,8 +11,9 @@ sampling it advances the matcher. When the grammar is complete and only an end-o
 token could follow, ``done`` turns True and the engine finishes the request as EOS without
 spending a forward pass on sampling that token.
 
-xgrammar is optional at import time: without it unconstrained requests work and building a
-constraint raises ``GrammarUnavailableError``.
+xgrammar is optional, and imported on first use (it imports transformers and torch._dynamo:
+~1.5 s of a server's start-up otherwise): without it unconstrained requests work and building
+a constraint raises ``GrammarUnavailableError``.
 """
 
 from __future__ import annotations
@@ -34,10 +35,8 @@ from pensieve.engine.errors import EngineError
 from pensieve.engine.logits_processors import LogitsProcessor
 from pensieve.engine.types import GrammarSpec
 
-try:
-    import xgrammar as xgr
-except ImportError:  # optional: only constrained requests need it
-    xgr = None
+_NOT_IMPORTED: Any = object()
+xgr: Any = _NOT_IMPORTED  # the xgrammar module once _xgrammar() ran; None when not installed
 
 if TYPE_CHECKING:
     from pensieve.loaders.tokenizer import TextTokenizer
@@ -60,8 +59,20 @@ class GrammarError(ValueError):
     """xgrammar could not turn a schema or grammar into a grammar."""
 
 
+def _xgrammar() -> Any:
+    """The xgrammar module (imported now if it was not yet), or None without it."""
+    global xgr
+    if xgr is _NOT_IMPORTED:
+        try:
+            import xgrammar
+        except ImportError:  # optional: only constrained requests need it
+            xgrammar = None
+        xgr = xgrammar
+    return xgr
+
+
 def grammar_available() -> bool:
-    return xgr is not None
+    return _xgrammar() is not None
 
 
 # xgrammar 0.2.8 writes the characters of a string with minLength/maxLength as [^"\\\r\n]:
@@ -75,7 +86,7 @@ _JSON_STRING_CHARACTER = r' ::= (([^\0-\x1f\"\\]) | ("\\" basic_escape))'
 def json_schema_ebnf(schema: Mapping[str, Any] | bool) -> str:
     """The EBNF (root rule ``root``) of ``schema`` in the canonical layout; GrammarError if
     xgrammar cannot convert it. Needs no tokenizer: milliseconds, usable to vet schemas."""
-    if xgr is None:
+    if _xgrammar() is None:
         raise GrammarUnavailableError()
     try:
         grammar = xgr.Grammar.from_json_schema(
@@ -102,7 +113,7 @@ def build_tokenizer_info(tokenizer: "TextTokenizer", vocab_size: int) -> Any:
     Equivalent to ``xgrammar.TokenizerInfo.from_huggingface`` on the same tokenizer, without
     importing transformers. ``vocab_size`` is the model's logits width (may exceed the vocab).
     """
-    if xgr is None:
+    if _xgrammar() is None:
         raise GrammarUnavailableError()
     backend = tokenizer.backend
     vocab = backend.get_vocab(with_added_tokens=True)
@@ -155,7 +166,7 @@ class GrammarCompiler:
     """Compiles specs for one tokenizer on a background thread; caches the results (LRU)."""
 
     def __init__(self, tokenizer: "TextTokenizer", vocab_size: int, max_cached: int = 64) -> None:
-        if xgr is None:
+        if _xgrammar() is None:
             raise GrammarUnavailableError()
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size

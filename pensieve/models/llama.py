@@ -86,7 +86,12 @@ class LlamaBody(nn.Module):
         self.rotary = RotaryEmbedding(
             args.head_dim, max_positions, args.rope_theta, args.rope_scaling
         )
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # nn.Embedding's own init, except on the meta device (a checkpoint's model), where
+        # normal_ would import torch._dynamo: ~2.5 s of a server's start-up
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
+                                         _weight=torch.empty(args.vocab_size, args.hidden_size))
+        if not self.embed_tokens.weight.is_meta:
+            nn.init.normal_(self.embed_tokens.weight)
         self.layers = nn.ModuleList(
             DecoderLayer(args, i) for i in range(args.num_layers)
         )

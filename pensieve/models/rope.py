@@ -39,7 +39,7 @@ def _yarn_inv_freq(
 
     low = max(math.floor(correction_dim(beta_fast)), 0)
     high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
-    ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)
+    ramp = (torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / max(high - low, 1e-3)
     extrapolation = 1 - ramp.clamp(0, 1)
     new = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
     attention_factor = cfg.get("attention_factor") or (0.1 * math.log(factor) + 1.0)
@@ -49,8 +49,13 @@ def _yarn_inv_freq(
 def rope_inv_freq(
     head_dim: int, base: float, scaling: dict[str, Any] | None
 ) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and the attention (magnitude) factor for a scaling config."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    """Inverse frequencies and the attention (magnitude) factor for a scaling config.
+
+    Always computed on the CPU, also under ``with torch.device("meta")``: ``arange`` on meta
+    goes through PyTorch's reference implementation, which imports sympy (~2 s of start-up).
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu")
+                               / head_dim))
     if not scaling:
         return inv_freq, 1.0
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -76,10 +81,10 @@ class RotaryEmbedding(torch.nn.Module):
         self.materialize()
 
     def materialize(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute the tables, e.g. after the module was built on the meta device."""
+        """(Re)compute the tables on ``device`` (None: the CPU, whatever the default device)."""
         head_dim, max_positions, base, scaling = self._spec
         inv_freq, attn_factor = rope_inv_freq(head_dim, base, scaling)
-        t = torch.arange(max_positions, dtype=torch.float32)
+        t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
         emb = torch.outer(t, inv_freq).repeat(1, 2)
         self.register_buffer("cos", (emb.cos() * attn_factor).to(device), persistent=False)
         self.register_buffer("sin", (emb.sin() * attn_factor).to(device), persistent=False)
