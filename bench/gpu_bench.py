@@ -52,7 +52,7 @@ LLAMA_CPP = {"decode b=1": 162.0, "b=8 aggregate": 759.0, "cold 12k TTFT": 759.0
 
 def make_gguf(a: argparse.Namespace) -> float:
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "bench.make_random_gguf", a.gguf]
+    cmd = [sys.executable, "-m", "bench.make_random_gguf", a.gguf, "--dtype", a.gguf_dtype]
     if a.tokenizer_from:
         cmd += ["--tokenizer-from", a.tokenizer_from]
     subprocess.run(cmd, check=True)
@@ -209,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", default="/tmp/llama8b-random-f16.gguf")
     p.add_argument("--tokenizer-from", default=None, help="for writing the GGUF (see make_random_gguf)")
+    p.add_argument("--gguf-dtype", default="f16", help="for writing the GGUF: f16, q4_0, q4_k")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--port", type=int, default=7799)
     p.add_argument("--max-num-seqs", type=int, default=32)

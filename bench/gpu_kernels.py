@@ -2,7 +2,8 @@
 
 1. Decode attention over the paged cache: the Triton split-K kernel against SDPA over a
    padded gather of each sequence's pages, for batch × context sizes.
-2. The 8B Llama shape (random bf16 weights built in place) through ``ModelRunner``:
+2. The 8B Llama shape (random bf16 weights built in place; ``--int4``: the projections as
+   ``CudaInt4Linear`` with random codes) through ``ModelRunner``:
    a decode step per CUDA-graph bucket, the same step eager, and a 12k-token cold prefill
    in chunks of 2048 and 8192 tokens, then a 32-token follow-up over the cached 12k.
 
@@ -167,7 +168,25 @@ def profile_step(runner, chunks, label: str, out_dir: str) -> None:
     print(f"--- profile {label} (3 steps)\n{table}", flush=True)
 
 
-def model_table(max_num_seqs: int, out_dir: str = ".") -> dict:
+def int4_layers(model) -> None:
+    """Replace the projections by ``CudaInt4Linear`` with random codes (built on the GPU)."""
+    from pensieve.backends.cuda_int4 import CudaInt4Linear
+    from pensieve.models.quant_linear import Int4Groups
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for layer in model.model.layers:
+        for parent, attr in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                             (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+            n, k = getattr(parent, attr).weight.shape
+            scales = torch.rand(n, k // 32, device="cuda", generator=gen) * 0.004 + 0.001
+            groups = Int4Groups(
+                torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda", generator=gen),
+                scales, -8 * scales, 32)
+            setattr(parent, attr, CudaInt4Linear([groups]))
+    torch.cuda.empty_cache()
+
+
+def model_table(max_num_seqs: int, out_dir: str = ".", int4: bool = False) -> dict:
     from pensieve.engine.config import EngineConfig
     from pensieve.engine.model_runner import ModelRunner
     from pensieve.models.args import ModelArgs
@@ -183,13 +202,16 @@ def model_table(max_num_seqs: int, out_dir: str = ".") -> dict:
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     model.model.rotary.materialize("cuda")
+    if int4:
+        int4_layers(model)
     model.eval()
     cfg = EngineConfig(device="cuda", dtype=torch.bfloat16, context_length=16384,
                        max_num_seqs=max_num_seqs, max_num_batched_tokens=2048)
     t0 = time.perf_counter()
     runner = ModelRunner(model, args, cfg)
     res: dict = {"capture_s": time.perf_counter() - t0, "num_blocks": runner.num_blocks}
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size()
+                       for p in [*model.parameters(), *model.buffers()])
     res["weight_GB"] = weight_bytes / 1e9
     decode = []
     for b in (1, 2, 4, 8, 16, 32):
@@ -271,17 +293,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--gemv", action="store_true", help="also time GEMV kernels")
+    p.add_argument("--int4", action="store_true",
+                   help="the model's projections as CUDA int4 layers (random codes)")
+    p.add_argument("--skip-attention", action="store_true")
     a = p.parse_args(argv)
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     result["tokenizer"] = tokenizer_timing()
     print(json.dumps(result["tokenizer"]), flush=True)
-    result["attention"] = attention_table()
-    for r in result["attention"]:
-        print(json.dumps(r), flush=True)
+    if not a.skip_attention:
+        result["attention"] = attention_table()
+        for r in result["attention"]:
+            print(json.dumps(r), flush=True)
     if a.gemv:
         result["gemv"] = gemv_table()
     if not a.skip_model:
-        result["model"] = model_table(a.max_num_seqs, a.out)
+        result["model"] = model_table(a.max_num_seqs, a.out, int4=a.int4)
         print(json.dumps(result["model"], indent=1), flush=True)
     Path(a.out, "gpu_kernels.json").write_text(json.dumps(result, indent=2))
     return 0

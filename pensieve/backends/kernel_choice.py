@@ -95,12 +95,15 @@ def choose(weights: str = "auto", *, device: str = "cpu") -> WeightChoice:
     compiled kernels, even where they time slower. ``auto``: each only where it is at least
     10% faster than float32 here. PyTorch's own int4 op (the fallback when the kernels cannot
     be built) is used only where it wins, whatever was asked: on AVX2-only CPUs it is ~10×
-    slower than float32. Other devices get float (their kernels are not these).
+    slower than float32. CUDA: see ``_choose_cuda``; other devices get float.
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    if weights == "float" or device != "cpu":
+    kind = torch.device(device).type
+    if weights == "float" or kind not in ("cpu", "cuda"):
         return WeightChoice(False, False, "float")
+    if kind == "cuda":
+        return _choose_cuda()
     kernels = load_kernels()
     times = time_kernels(kernels, aten=kernels is None)
     if kernels is not None:
@@ -118,3 +121,16 @@ def choose(weights: str = "auto", *, device: str = "cpu") -> WeightChoice:
         log.warning("--weights int4: the compiled kernels are unavailable and PyTorch's int4 "
                     "op is slower than float32 here: float weights")
     return WeightChoice(int4, int8, kernel if int4 else "float", times)
+
+
+def _choose_cuda() -> WeightChoice:
+    """On CUDA, 4-bit GGUF weights stay 4-bit under ``auto`` and ``int4``: the Triton kernels
+    of ``backends/cuda_int4`` read them at decode, where the bytes of weights read per token
+    decide the speed, and prefill dequantises them per layer for cuBLAS (measured on an H100:
+    BENCHMARKS.md). The output layer stays float: it is one matrix, and int8 would round it."""
+    from pensieve.backends.cuda_int4 import cuda_int4_available
+
+    if not cuda_int4_available():
+        log.warning("no Triton for the CUDA int4 kernels: float weights")
+        return WeightChoice(False, False, "float")
+    return WeightChoice(True, False, "cuda_int4")

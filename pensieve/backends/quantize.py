@@ -4,6 +4,8 @@ Which module a 4-bit weight becomes (``kernel``):
 
 * ``"cpu_quant"`` — ``Q4Linear`` over the compiled AVX2 kernels of ``backends/cpu_quant``;
 * ``"aten"`` — ``Int4Linear`` over PyTorch's own int4 op (fast only with AVX-512);
+* ``"cuda_int4"`` — ``CudaInt4Linear`` over the Triton kernels of ``backends/cuda_int4``
+  (the model is moved to the GPU afterwards);
 * ``"float"`` — a plain ``nn.Linear`` holding the dequantised weight;
 * ``"auto"`` — ``cpu_quant`` where it compiles and fits the shape, else ``aten``.
 
@@ -26,12 +28,13 @@ from pensieve.backends.cpu_quant import (
     Kernels, Q4Linear, Q8Embedding, Q8Linear, kernel_fits, load_kernels, pack_q8,
 )
 from pensieve.backends.cpu_quant.mlp import Q4MLP
+from pensieve.backends.cuda_int4 import CudaInt4Linear
 from pensieve.models.llama import MLP
 from pensieve.models.quant_linear import Int4Groups, Int4Linear, Int8Linear, int4_supported
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "cpu_quant", "aten", "float")
+KERNELS = ("auto", "cpu_quant", "aten", "cuda_int4", "float")
 Parts = tuple[Int4Groups, ...]  # a weight, or the row blocks of a fused one (q, k, v), in order
 
 
@@ -84,6 +87,8 @@ def _float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 def _int4_module(parts: Parts, bias: torch.Tensor | None, kernel: str,
                  kernels: Kernels | None) -> nn.Module:
     k, group = parts[0].codes.shape[1], parts[0].group_size
+    if kernel == "cuda_int4" and group == 32:
+        return CudaInt4Linear(parts, bias)
     if kernel in ("auto", "cpu_quant") and kernels is not None and kernel_fits(k, group):
         return Q4Linear(kernels, parts, bias)
     if kernel in ("auto", "aten") and int4_supported(group, k):

@@ -39,7 +39,8 @@ def build_model(checkpoint: Checkpoint, config: EngineConfig) -> nn.Module:
         )
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    swap_in(model, int4_modules)
+    on_cuda = torch.device(config.device).type == "cuda"
+    swap_in(model, int4_modules, kernel="cuda_int4" if on_cuda else "auto")
     if config.int8_lm_head:
         int8_lm_head(model)
     return model.to(device=config.device, dtype=config.dtype).eval()

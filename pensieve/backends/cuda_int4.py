@@ -1,0 +1,179 @@
+"""Weight-only int4 linear layers on CUDA, from exact GGUF 4-bit codes (Q4_0/Q4_1/Q4_K).
+
+Decode at small batch is memory-bound: a bf16 8B model reads 14.8 GB a token, its 4-bit form
+~4 GB. ``CudaInt4Linear`` keeps the codes packed two to a byte in GGUF's in-group order and
+one (float16 scale, float16 offset) pair per 32 weights, packed into an int32 — so
+``model.to(dtype=...)`` leaves them alone and a kernel reads both with one load. The codes
+are the file's own; the pair is exact for Q4_0 and Q4_1 (float16 in the file) and rounded to
+float16 for Q4_K (``d · sc`` needs up to 17 bits).
+
+Which kernel runs (``cuda_int4_kernels.py``) depends on the rows of x:
+
+* 1 row: ``gemv`` (float32 FMAs);
+* up to ``MATMUL_MAX_ROWS`` (decode batches, short prefill chunks): ``matmul``, the weight
+  dequantised in registers and multiplied on the tensor cores;
+* more (prefill): the weight dequantised to a temporary float matrix, then cuBLAS — the
+  GEMM is compute-bound there and cuBLAS is faster than a Triton GEMM with dequantisation.
+
+All three take fixed grids for fixed shapes, so CUDA graphs capture them. Importing this
+module needs neither a GPU nor Triton; the kernels are imported on first use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pensieve.models.quant_linear import Int4Groups
+
+GROUP = 32
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One kernel launch's tile sizes (``BLOCK_G`` groups of 32 input columns per step)."""
+
+    block_m: int
+    block_n: int
+    block_g: int
+    num_warps: int
+    num_stages: int
+
+
+# From bench/gpu_int4.py's sweep on an H100 at the 8B shapes (BENCHMARKS.md).
+GEMV = Tiles(1, 4, 16, 4, 3)
+MATMUL = Tiles(16, 64, 2, 4, 3)
+DEQUANT = Tiles(1, 16, 8, 4, 1)
+GEMV_MAX_ROWS = 1
+MATMUL_MAX_ROWS = 64
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] (0..15) → uint8 [N, K/2]: byte i of group g holds column 32g+i in
+    its low nibble and 32g+16+i in its high nibble."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def pack_scale_offset(scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """float scales/offsets [N, K/32] → int32 [N, K/32]: float16 scale low, offset high."""
+    pair = torch.stack([scales.to(torch.float16), offsets.to(torch.float16)], dim=-1)
+    return pair.contiguous().view(torch.int32).squeeze(-1)
+
+
+def unpack(packed: torch.Tensor, scale_offset: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [N, K] that a packed pair stands for (reference and fallback)."""
+    n, half = packed.shape
+    b = packed.view(n, half // 16, 1, 16)
+    codes = torch.cat([b & 15, b >> 4], dim=2).reshape(n, half // 16, GROUP).float()
+    pair = scale_offset.unsqueeze(-1).view(torch.float16).float()  # [N, G, 2]
+    return (codes * pair[..., :1] + pair[..., 1:]).reshape(n, half * 2)
+
+
+def _kernels() -> ModuleType:
+    from pensieve.backends import cuda_int4_kernels
+
+    return cuda_int4_kernels
+
+
+def _block_g(groups: int, want: int) -> int:
+    """The largest power of two ≤ want that divides the number of groups."""
+    g = want
+    while groups % g:
+        g //= 2
+    return g
+
+
+def gemv(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Tiles = GEMV) -> torch.Tensor:
+    m, k = x.shape
+    n = packed.shape[0]
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    grid = (m, triton_cdiv(n, t.block_n))
+    _kernels().gemv[grid](x, packed, so, y, n, k, k // GROUP, x.stride(0), y.stride(0),
+                          BLOCK_N=t.block_n, BLOCK_G=_block_g(k // GROUP, t.block_g),
+                          num_warps=t.num_warps, num_stages=t.num_stages)
+    return y
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Tiles,
+           kernel: str = "matmul") -> torch.Tensor:
+    m, k = x.shape
+    n = packed.shape[0]
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    grid = (triton_cdiv(n, t.block_n), triton_cdiv(m, t.block_m))
+    launch = getattr(_kernels(), kernel)[grid]
+    launch(x, packed, so, y, m, n, k, k // GROUP, x.stride(0), y.stride(0),
+           BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_G=_block_g(k // GROUP, t.block_g),
+           num_warps=t.num_warps, num_stages=t.num_stages)
+    return y
+
+
+def dequantize(packed: torch.Tensor, so: torch.Tensor, dtype: torch.dtype,
+               t: Tiles = DEQUANT) -> torch.Tensor:
+    n, k = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty(n, k, device=packed.device, dtype=dtype)
+    bg = _block_g(k // GROUP, t.block_g)
+    grid = (triton_cdiv(n, t.block_n), k // GROUP // bg)
+    _kernels().dequantize[grid](packed, so, out, n, k, k // GROUP, BLOCK_N=t.block_n, BLOCK_G=bg,
+                                num_warps=t.num_warps, num_stages=t.num_stages)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (bf16/fp16, contiguous rows) @ w.T by the kernel that suits M."""
+    m = x.shape[0]
+    if m <= GEMV_MAX_ROWS:
+        return gemv(x, packed, so)
+    if m <= MATMUL_MAX_ROWS:
+        return matmul(x, packed, so, MATMUL)
+    return F.linear(x, dequantize(packed, so, x.dtype))
+
+
+def cuda_int4_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class CudaInt4Linear(nn.Module):
+    """y = x @ W.T (+ b) with W as packed 4-bit codes; built from one ``Int4Groups`` or the
+    row blocks of a fused weight (q, k, v / gate, up), in order."""
+
+    def __init__(self, parts: Sequence[Int4Groups], bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if any(p.group_size != GROUP for p in parts):
+            raise ValueError(f"CudaInt4Linear needs groups of {GROUP}")
+        self.in_features = parts[0].codes.shape[1]
+        self.out_features = sum(p.codes.shape[0] for p in parts)
+        self.register_buffer("packed", torch.cat([pack_codes(p.codes) for p in parts]))
+        self.register_buffer("scale_offset", torch.cat(
+            [pack_scale_offset(p.scales, p.offsets) for p in parts]))
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.is_cuda:
+            y = int4_linear(x2.contiguous(), self.packed, self.scale_offset)
+        else:  # CPU (tests, a model not yet moved): the reference dequantisation
+            y = F.linear(x2, unpack(self.packed, self.scale_offset).to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP}"

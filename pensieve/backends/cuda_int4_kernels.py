@@ -1,0 +1,167 @@
+"""Triton kernels for weight-only int4 linear layers (see ``cuda_int4.py`` for the layout).
+
+A weight [N, K] is held as ``packed`` uint8 [N, K/2] and ``scale_offset`` int32 [N, K/32]:
+byte ``i`` (0..15) of group ``g`` holds the code of column ``32g + i`` in its low nibble and
+of ``32g + 16 + i`` in its high nibble (GGUF's own Q4_0 order), and each group's int32 is
+its float16 scale (low half) and float16 offset (high half): ``w = code · scale + offset``.
+
+Both products factor each group's affine map out of the inner sum,
+``Σ x·(c·s + o) = s·Σ x·c + o·Σ x``, and turn codes into floats without a conversion
+instruction (those run at a quarter of the FMA rate and bounded the first version): OR-ing a
+code into the mantissa of a "magic" float gives ``magic + code`` exactly (2²³ + c in float32,
+128 + c in bfloat16, 1024 + c in float16), and the magic is subtracted once per group.
+
+* ``gemv`` — few activation rows (decode at batch 1): float32 FMAs, one program per (row,
+  BLOCK_N outputs).
+* ``matmul`` — several rows (decode batches, short prefill chunks): per group, two ``tl.dot``
+  of 16 columns on the tensor cores (low nibbles against x[32g : 32g+16], high against the
+  rest) on ``magic + code`` in x's dtype, then the group's scale and offset in float32.
+* ``matmul_dequant`` — the first version, kept for the benchmark: the tile dequantised in
+  registers (two conversions a weight) and one ``tl.dot``.
+* ``dequantize`` — the float weight, for large prefill GEMMs on cuBLAS and for checks.
+
+Every kernel needs the number of groups (``GROUPS = K // 32``) to be a multiple of its
+``BLOCK_G`` (the launcher picks one); rows past N and M are clamped on load and masked on store.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _scale_offset(so):
+    """int32 pairs → (scale, offset) as float32."""
+    s = (so & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    o = (so >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return s, o
+
+
+@triton.jit
+def gemv(X, W, SO, Y, N, K, GROUPS, stride_x, stride_y,
+         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """y[row, n] = Σ_k x[row, k] · w[n, k]; grid (rows, cdiv(N, BLOCK_N)): the rows of one
+    weight tile run side by side, so a tile comes from memory once and from L2 after."""
+    row = tl.program_id(0)
+    pid = tl.program_id(1)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    n = tl.where(nmask, n, 0).to(tl.int64)
+    gi = tl.arange(0, BLOCK_G)
+    i = tl.arange(0, 16)
+    w_rows = W + n[:, None, None] * (K // 2) + gi[None, :, None] * 16 + i[None, None, :]
+    so_rows = SO + n[:, None] * GROUPS + gi[None, :]
+    x_cols = X + row * stride_x + gi[:, None] * 32 + i[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    for g0 in range(0, GROUPS, BLOCK_G):
+        b = tl.load(w_rows + g0 * 16).to(tl.int32)
+        so = tl.load(so_rows + g0)
+        xlo = tl.load(x_cols + g0 * 32).to(tl.float32)
+        xhi = tl.load(x_cols + g0 * 32 + 16).to(tl.float32)
+        lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + code
+        hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True)
+        part = tl.sum((lo - 8388608.0) * xlo[None, :, :] + (hi - 8388608.0) * xhi[None, :, :], 2)
+        s, o = _scale_offset(so)
+        acc += part * s + o * tl.sum(xlo + xhi, 1)[None, :]
+    y = tl.sum(acc, 1)
+    tl.store(Y + row * stride_y + n, y.to(Y.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def matmul(X, W, SO, Y, M, N, K, GROUPS, stride_x, stride_y,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """y = x @ w.T for x [M, K]; grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)); BLOCK_G groups
+    a loop step, unrolled, so that their loads are in flight together."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = m < M
+    m = tl.where(mmask, m, 0).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    n_safe = tl.where(nmask, n, 0).to(tl.int64)
+    i = tl.arange(0, 16)
+    w_rows = W + n_safe[:, None] * (K // 2) + i[None, :]
+    so_rows = SO + n_safe * GROUPS
+    x_rows = X + m[:, None] * stride_x + i[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for g0 in range(0, GROUPS, BLOCK_G):
+        for j in tl.static_range(BLOCK_G):
+            g = g0 + j
+            b = tl.load(w_rows + g * 16).to(tl.int16)
+            xlo = tl.load(x_rows + g * 32)
+            xhi = tl.load(x_rows + g * 32 + 16)
+            if X.dtype.element_ty == tl.bfloat16:
+                magic = 128.0
+                lo = ((b & 15) | 0x4300).to(tl.bfloat16, bitcast=True)
+                hi = ((b >> 4) | 0x4300).to(tl.bfloat16, bitcast=True)
+            elif X.dtype.element_ty == tl.float16:
+                magic = 1024.0
+                lo = ((b & 15) | 0x6400).to(tl.float16, bitcast=True)
+                hi = ((b >> 4) | 0x6400).to(tl.float16, bitcast=True)
+            else:  # float32 x (tests): plain conversions
+                magic = 0.0
+                lo = (b & 15).to(X.dtype.element_ty)
+                hi = (b >> 4).to(X.dtype.element_ty)
+            d = tl.dot(xlo, tl.trans(lo))
+            d = tl.dot(xhi, tl.trans(hi), d)
+            xs = tl.sum(xlo.to(tl.float32), 1) + tl.sum(xhi.to(tl.float32), 1)
+            s, o = _scale_offset(tl.load(so_rows + g))
+            acc += (d - magic * xs[:, None]) * s[None, :] + xs[:, None] * o[None, :]
+    out = Y + m[:, None] * stride_y + n[None, :]
+    tl.store(out, acc.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def matmul_dequant(X, W, SO, Y, M, N, K, GROUPS, stride_x, stride_y,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """``matmul``'s first version: dequantise the tile to x's dtype, one ``tl.dot``."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = m < M
+    m = tl.where(mmask, m, 0).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    n_safe = tl.where(nmask, n, 0).to(tl.int64)
+    gi = tl.arange(0, BLOCK_G)
+    i = tl.arange(0, 16)
+    w_rows = W + n_safe[:, None, None] * (K // 2) + gi[None, :, None] * 16 + i[None, None, :]
+    so_rows = SO + n_safe[:, None] * GROUPS + gi[None, :]
+    k_lo = tl.reshape(gi[:, None] * 32 + i[None, :], [BLOCK_G * 16])
+    x_rows = X + m[:, None] * stride_x + k_lo[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for g0 in range(0, GROUPS, BLOCK_G):
+        b = tl.load(w_rows + g0 * 16)
+        s, o = _scale_offset(tl.load(so_rows + g0))
+        s = s[:, :, None]
+        o = o[:, :, None]
+        lo = ((b & 15).to(tl.float32) * s + o).to(X.dtype.element_ty)
+        hi = ((b >> 4).to(tl.float32) * s + o).to(X.dtype.element_ty)
+        lo = tl.reshape(lo, [BLOCK_N, BLOCK_G * 16])
+        hi = tl.reshape(hi, [BLOCK_N, BLOCK_G * 16])
+        acc = tl.dot(tl.load(x_rows + g0 * 32), tl.trans(lo), acc)
+        acc = tl.dot(tl.load(x_rows + g0 * 32 + 16), tl.trans(hi), acc)
+    out = Y + m[:, None] * stride_y + n[None, :]
+    tl.store(out, acc.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def dequantize(W, SO, OUT, N, K, GROUPS, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """out[n, k] = w[n, k] in OUT's dtype; grid (cdiv(N, BLOCK_N), K // (32 · BLOCK_G))."""
+    pid_n = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    n_safe = tl.where(nmask, n, 0).to(tl.int64)
+    g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    i = tl.arange(0, 16)
+    b = tl.load(W + n_safe[:, None, None] * (K // 2) + g[None, :, None] * 16 + i[None, None, :])
+    s, o = _scale_offset(tl.load(SO + n_safe[:, None] * GROUPS + g[None, :]))
+    lo = (b & 15).to(tl.float32) * s[:, :, None] + o[:, :, None]
+    hi = (b >> 4).to(tl.float32) * s[:, :, None] + o[:, :, None]
+    out = OUT + n_safe[:, None, None] * K + g[None, :, None] * 32 + i[None, None, :]
+    mask = nmask[:, None, None]
+    tl.store(out, lo.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out + 16, hi.to(OUT.dtype.element_ty), mask=mask)
