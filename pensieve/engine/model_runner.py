@@ -1,6 +1,7 @@
 """Owns the tensors: the KV cache, the batch's input tensors, the model call.
 
-On CPU each step runs the model eagerly with the per-sequence attention loop. On CUDA the
+On CPU each step runs the model eagerly; with the compiled kernels (``backends/cpu_quant``)
+RMSNorm and attention run on them (``cpu_quant/layers.py``), else the per-sequence SDPA loop. On CUDA the
 batch is built with batched attention metadata (``cuda_batch.py``), and decode-only steps
 replay CUDA graphs (``cuda_graph_runner.py``); the caches then hold one extra scratch block,
 past the ones the block pool hands out, where the graphs' padding rows write.
@@ -63,9 +64,22 @@ class ModelRunner:
             for _ in range(args.num_layers)
         ]
         self.v_caches = [torch.empty_like(k) for k in self.k_caches]
-        self.cuda_batches = self.graphs = self.chunk_graphs = None
+        self.cuda_batches = self.graphs = self.chunk_graphs = self.cpu_attention = None
         if on_cuda:
             self._init_cuda(args, config, cuda_graphs)
+        elif self.device.type == "cpu":
+            self._init_cpu(config)
+
+    def _init_cpu(self, config: EngineConfig) -> None:
+        """RMSNorm and attention on the compiled CPU kernels where they build and fit."""
+        from pensieve.backends.cpu_quant import load_kernels
+        from pensieve.backends.cpu_quant.layers import CpuAttention, swap_norms
+
+        kernels = load_kernels()
+        if kernels is None or not CpuAttention.fits(self.k_caches, config.dtype):
+            return
+        self.cpu_attention = CpuAttention(kernels)
+        swap_norms(self.model, kernels)
 
     def _init_cuda(self, args: ModelArgs, config: EngineConfig, cuda_graphs: bool) -> None:
         from pensieve.engine.cuda_batch import CudaBatchBuilder
@@ -130,6 +144,7 @@ class ModelRunner:
             slot_mapping=self._tensor(slots),
             sequences=sequences,
             logits_indices=self._tensor(rows),
+            attention=self.cpu_attention.step(sequences) if self.cpu_attention else None,
         )
         return self.model(self._tensor(ids), self._tensor(positions), ctx)
 

@@ -70,23 +70,29 @@ def paged_attention(
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
-    groups = q.shape[1] // kv_heads
     out = torch.empty_like(q)
     for seq in ctx.sequences:
-        qs = q[seq.query_start : seq.query_start + seq.query_len].transpose(0, 1)
-        keys = _gather(k_cache, seq).transpose(0, 1)
-        values = _gather(v_cache, seq).transpose(0, 1)
-        mask = _causal_mask(seq, q.device)
-        attn = F.scaled_dot_product_attention(
-            qs.unsqueeze(0),
-            keys.unsqueeze(0).to(q.dtype),
-            values.unsqueeze(0).to(q.dtype),
-            attn_mask=mask,
-            is_causal=mask is None and seq.query_len > 1,
-            enable_gqa=groups > 1,
-        )
-        out[seq.query_start : seq.query_start + seq.query_len] = attn[0].transpose(0, 1)
+        attend_cached(q, k_cache, v_cache, seq, out)
     return out
+
+
+def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  seq: SequenceSlice, out: torch.Tensor) -> None:
+    """``out``'s rows of ``seq`` = its (rotated) queries in ``q`` [T, Hq, D] attending over its
+    context, already in the cache; causal within the new tokens."""
+    qs = q[seq.query_start : seq.query_start + seq.query_len].transpose(0, 1)
+    keys = _gather(k_cache, seq).transpose(0, 1)
+    values = _gather(v_cache, seq).transpose(0, 1)
+    mask = _causal_mask(seq, q.device)
+    attn = F.scaled_dot_product_attention(
+        qs.unsqueeze(0),
+        keys.unsqueeze(0).to(q.dtype),
+        values.unsqueeze(0).to(q.dtype),
+        attn_mask=mask,
+        is_causal=mask is None and seq.query_len > 1,
+        enable_gqa=q.shape[1] > k_cache.shape[2],
+    )
+    out[seq.query_start : seq.query_start + seq.query_len] = attn[0].transpose(0, 1)
 
 
 def _gather(cache: torch.Tensor, seq: SequenceSlice) -> torch.Tensor:

@@ -1,0 +1,148 @@
+"""The C++ of a decoder layer's glue on the CPU: RMSNorm, RoPE + paged KV store, decode attention.
+
+At one token a layer's float work is tiny (576 values through a norm, 9 heads over a few
+hundred cached keys) and PyTorch spends its time in dispatch instead: RMSNorm decomposes into
+~8 ops (~50 µs a call), and the paged attention loop gathers blocks, transposes, concatenates
+for RoPE and calls SDPA (~7 ms a token over 30 layers). These functions do the same in one
+call each (appended to ``source.KERNEL_SOURCE``; float32, AVX2 + FMA):
+
+* ``pq_rmsnorm``: ``y = x / sqrt(mean(x²) + eps) · w`` per row.
+* ``pq_rope_store``: rotate-half RoPE of q (in place) and k, and k/v written to their cache
+  slots; q/k/v may be strided row views of the fused qkv output.
+* ``pq_paged_decode``: one query token per sequence attending over its whole cached context
+  (GQA: each KV head's keys read once for its group of query heads), softmax in float32 with
+  the running maximum subtracted; threads over (sequence, KV head).
+"""
+
+LAYER_SOURCE = r"""
+namespace {
+
+inline void rope_row(float* x, const float* cos, const float* sin, int64_t D) {
+  // rotate-half: x' = x * cos + (-x[D/2:], x[:D/2]) * sin
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; i += 8) {
+    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + h + i);
+    const __m256 ra = _mm256_fnmadd_ps(b, _mm256_loadu_ps(sin + i), _mm256_mul_ps(a, _mm256_loadu_ps(cos + i)));
+    const __m256 rb = _mm256_fmadd_ps(a, _mm256_loadu_ps(sin + h + i), _mm256_mul_ps(b, _mm256_loadu_ps(cos + h + i)));
+    _mm256_storeu_ps(x + i, ra);
+    _mm256_storeu_ps(x + h + i, rb);
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  return hsum(acc);
+}
+
+thread_local std::vector<float> attn_scores;
+
+struct DecodeArgs {
+  const float* q; int64_t q_stride;
+  const int64_t* tokens; const int64_t* lens; const int64_t* table_offsets; const int64_t* tables;
+  int64_t Hq, Hk, D;
+  const float* k_cache; const float* v_cache; int64_t block_size;
+  float scale; float* out; int64_t out_stride;
+};
+
+// One (sequence, KV head): its G = Hq / Hk query heads over the sequence's L cached tokens.
+void decode_item(const DecodeArgs& a, int64_t s, int64_t h) {
+  const int64_t G = a.Hq / a.Hk, D = a.D, L = a.lens[s], bs = a.block_size;
+  const int64_t* table = a.tables + a.table_offsets[s];
+  const float* q = a.q + a.tokens[s] * a.q_stride + h * G * D;
+  float* out = a.out + a.tokens[s] * a.out_stride + h * G * D;
+  attn_scores.resize(G * L);
+  float* sc = attn_scores.data();
+  const int64_t row = a.Hk * D;  // floats per cache slot
+  for (int64_t j = 0; j < L; ++j) {
+    const float* k = a.k_cache + (table[j / bs] * bs + j % bs) * row + h * D;
+    for (int64_t g = 0; g < G; ++g) sc[g * L + j] = dot(q + g * D, k, D) * a.scale;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* p = sc + g * L;
+    float m = p[0];
+    for (int64_t j = 1; j < L; ++j) m = p[j] > m ? p[j] : m;
+    float sum = 0.0f;
+    for (int64_t j = 0; j < L; ++j) {
+      p[j] = __builtin_expf(p[j] - m);
+      sum += p[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < L; ++j) p[j] *= inv;
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = 0.0f;
+  for (int64_t j = 0; j < L; ++j) {
+    const float* v = a.v_cache + (table[j / bs] * bs + j % bs) * row + h * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 p = _mm256_set1_ps(sc[g * L + j]);
+      float* o = out + g * D;
+      for (int64_t d = 0; d < D; d += 8)
+        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// y[M, H] = x / sqrt(mean(x^2) + eps) * w, row by row (x rows x_stride apart).
+void pq_rmsnorm(const float* x, int64_t x_stride, int64_t M, int64_t H, const float* w, float eps,
+                float* y) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * x_stride;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= H; i += 8) {
+      const __m256 v = _mm256_loadu_ps(r + i);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float ss = hsum(acc);
+    for (; i < H; ++i) ss += r[i] * r[i];
+    const float inv = 1.0f / __builtin_sqrtf(ss / (float)H + eps);
+    const __m256 vi = _mm256_set1_ps(inv);
+    float* o = y + m * H;
+    for (i = 0; i + 8 <= H; i += 8)
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(r + i), vi), _mm256_loadu_ps(w + i)));
+    for (; i < H; ++i) o[i] = r[i] * inv * w[i];
+  }
+}
+
+// For each of T tokens: RoPE on its Hq query heads (in place) and Hk key heads, then keys
+// and values stored at cache slot slots[t] (caches [slots, Hk, D]). D % 16 == 0.
+void pq_rope_store(float* q, int64_t q_stride, float* k, int64_t k_stride, const float* v,
+                   int64_t v_stride, int64_t T, int64_t Hq, int64_t Hk, int64_t D,
+                   const float* cos, const float* sin, const int64_t* slots, float* k_cache,
+                   float* v_cache) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* c = cos + t * D;
+    const float* s = sin + t * D;
+    for (int64_t h = 0; h < Hq; ++h) rope_row(q + t * q_stride + h * D, c, s, D);
+    float* kc = k_cache + slots[t] * Hk * D;
+    float* vc = v_cache + slots[t] * Hk * D;
+    for (int64_t i = 0; i < Hk * D; ++i) {
+      kc[i] = k[t * k_stride + i];
+      vc[i] = v[t * v_stride + i];
+    }
+    for (int64_t h = 0; h < Hk; ++h) rope_row(kc + h * D, c, s, D);
+  }
+}
+
+// out[tokens[s]] = attention of query row tokens[s] over sequence s's lens[s] cached tokens,
+// whose blocks are tables[table_offsets[s]:]; for S sequences of one new token each.
+void pq_paged_decode(const float* q, int64_t q_stride, int64_t S, const int64_t* tokens,
+                     const int64_t* lens, const int64_t* table_offsets, const int64_t* tables,
+                     int64_t Hq, int64_t Hk, int64_t D, const float* k_cache,
+                     const float* v_cache, int64_t block_size, float scale, float* out,
+                     int64_t out_stride, int threads) {
+  const DecodeArgs a{q, q_stride, tokens, lens, table_offsets, tables, Hq, Hk, D,
+                     k_cache, v_cache, block_size, scale, out, out_stride};
+  const int64_t items = S * Hk;
+  auto body = [&](int64_t i) { decode_item(a, i / Hk, i % Hk); };
+  using Body = decltype(body);
+  pool().run(items, [](void* c, int64_t i) { (*(Body*)c)(i); }, &body, threads);
+}
+
+}  // extern "C"
+"""

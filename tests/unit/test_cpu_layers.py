@@ -1,0 +1,85 @@
+"""RMSNorm and paged attention on the compiled CPU kernels against the PyTorch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pensieve.backends.cpu_quant import load_kernels
+from pensieve.backends.cpu_quant.layers import CpuAttention, CpuRMSNorm, swap_norms
+from pensieve.models.forward_context import ForwardContext, SequenceSlice, paged_attention
+from pensieve.models.llama import RMSNorm
+from pensieve.models.rope import RotaryEmbedding
+
+KERNELS = load_kernels()
+pytestmark = pytest.mark.skipif(KERNELS is None, reason="CPU kernels cannot build here")
+
+
+def test_rmsnorm_matches_pytorch_on_rows_views_and_batches():
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data = torch.randn(576)
+    fast = CpuRMSNorm(KERNELS, norm)
+    x = torch.randn(7, 3 * 576) * 3
+    for inp in (x[:, :576], x[:1, 576:1152], x.view(7, 3, 576)):  # strided rows, one row, 3-D
+        want = F.rms_norm(inp, (576,), norm.weight, 1e-5)
+        torch.testing.assert_close(fast(inp), want, rtol=1e-5, atol=1e-6)
+    assert fast(x[:, :576].double()).dtype == torch.float64  # other dtypes: PyTorch's op
+
+
+def test_swap_norms_keeps_the_weights():
+    model = torch.nn.Sequential(RMSNorm(64, 1e-6), torch.nn.Linear(64, 64), RMSNorm(64, 1e-6))
+    first = model[0].weight
+    assert swap_norms(model, KERNELS) == 2 and type(model[0]) is CpuRMSNorm
+    assert model[0].weight is first
+
+
+def _batch(hq: int, hk: int, d: int, block: int, gen: torch.Generator):
+    """A step of two decoding sequences and one prefill chunk over a cached prefix, with
+    the caches already holding the earlier tokens (scattered, non-contiguous blocks)."""
+    num_blocks = 64
+    k_cache = torch.randn(num_blocks, block, hk, d, generator=gen)
+    v_cache = torch.randn(num_blocks, block, hk, d, generator=gen)
+    perm = torch.randperm(num_blocks, generator=gen)
+    specs = [(1, 23), (5, 37), (1, 1)]  # (new tokens, context after this step)
+    sequences, slots, positions, start, used = [], [], [], 0, 0
+    for new, ctx_len in specs:
+        n = -(-ctx_len // block)
+        table = perm[used : used + n]
+        used += n
+        sequences.append(SequenceSlice(start, new, ctx_len, table))
+        for p in range(ctx_len - new, ctx_len):
+            slots.append(int(table[p // block]) * block + p % block)
+            positions.append(p)
+        start += new
+    t = start
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen)  # views of a fused output, as the model has
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    rotary = RotaryEmbedding(d, 128, 10000.0, None)
+    cos_sin = rotary.lookup(torch.tensor(positions))
+    ctx = ForwardContext([k_cache], [v_cache], torch.tensor(slots), sequences, torch.tensor([0]))
+    return q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d), ctx, cos_sin
+
+
+@pytest.mark.parametrize("hq,hk,d,block,threads", [(9, 3, 64, 16, 1), (6, 2, 32, 4, 2), (4, 4, 128, 8, 1)])
+def test_attention_matches_the_pytorch_path(hq, hk, d, block, threads):
+    gen = torch.Generator().manual_seed(hq * d)
+    q, k, v, ctx, cos_sin = _batch(hq, hk, d, block, gen)
+    ref_caches = ([ctx.k_caches[0].clone()], [ctx.v_caches[0].clone()])
+    want = paged_attention(0, q.clone(), k.clone(), v.clone(),
+                           ForwardContext(*ref_caches, ctx.slot_mapping, ctx.sequences, ctx.logits_indices),
+                           cos_sin)
+    step = CpuAttention(KERNELS, threads).step(ctx.sequences)
+    assert step.num_decode == 2 and len(step.longer) == 1
+    got = step(0, q, k, v, ctx, cos_sin)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ctx.k_caches[0], ref_caches[0][0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(ctx.v_caches[0], ref_caches[1][0])
+
+
+def test_attention_fits_only_float32_caches_with_head_size_a_multiple_of_16():
+    cache = torch.empty(4, 16, 3, 64)
+    assert CpuAttention.fits([cache], torch.float32)
+    assert not CpuAttention.fits([cache.half()], torch.float32)
+    assert not CpuAttention.fits([cache], torch.bfloat16)
+    assert not CpuAttention.fits([torch.empty(4, 16, 3, 40)], torch.float32)
