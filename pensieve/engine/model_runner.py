@@ -1,7 +1,9 @@
 """Owns the tensors: the KV cache, the batch's input tensors, the model call.
 
 On CPU each step runs the model eagerly; with the compiled kernels (``backends/cpu_quant``)
-RMSNorm and attention run on them (``cpu_quant/layers.py``), else the per-sequence SDPA loop. On CUDA the
+RMSNorm and attention run on them (``cpu_quant/layers.py``), and a decode-only step of a q4
+model runs all its layers in one call (``cpu_quant/decoder.py``); else the per-sequence SDPA
+loop. On CUDA the
 batch is built with batched attention metadata (``cuda_batch.py``), and decode-only steps
 replay CUDA graphs (``cuda_graph_runner.py``); the caches then hold one extra scratch block,
 past the ones the block pool hands out, where the graphs' padding rows write.
@@ -64,7 +66,8 @@ class ModelRunner:
             for _ in range(args.num_layers)
         ]
         self.v_caches = [torch.empty_like(k) for k in self.k_caches]
-        self.cuda_batches = self.graphs = self.chunk_graphs = self.cpu_attention = None
+        self.cuda_batches = self.graphs = self.chunk_graphs = None
+        self.cpu_attention = self.cpu_decoder = None
         if on_cuda:
             self._init_cuda(args, config, cuda_graphs)
         elif self.device.type == "cpu":
@@ -73,6 +76,7 @@ class ModelRunner:
     def _init_cpu(self, config: EngineConfig) -> None:
         """RMSNorm and attention on the compiled CPU kernels where they build and fit."""
         from pensieve.backends.cpu_quant import load_kernels
+        from pensieve.backends.cpu_quant.decoder import CpuDecoder
         from pensieve.backends.cpu_quant.layers import CpuAttention, swap_norms
 
         kernels = load_kernels()
@@ -80,6 +84,8 @@ class ModelRunner:
             return
         self.cpu_attention = CpuAttention(kernels)
         swap_norms(self.model, kernels)
+        if CpuDecoder.fits(self.model):
+            self.cpu_decoder = CpuDecoder(kernels, self.model, self.k_caches, self.v_caches)
 
     def _init_cuda(self, args: ModelArgs, config: EngineConfig, cuda_graphs: bool) -> None:
         from pensieve.engine.cuda_batch import CudaBatchBuilder
@@ -138,13 +144,17 @@ class ModelRunner:
             sequences.append(SequenceSlice(q_start, chunk.num_tokens, end, table))
             if chunk.completes:
                 rows.append(len(ids) - 1)
+        step = self.cpu_attention.step(sequences) if self.cpu_attention else None
+        if self.cpu_decoder and len(rows) == len(ids) and self.cpu_decoder.can_run(len(ids), step):
+            return self.cpu_decoder(self._tensor(ids), self._tensor(positions),
+                                    self._tensor(slots), step, bs)
         ctx = ForwardContext(
             k_caches=self.k_caches,
             v_caches=self.v_caches,
             slot_mapping=self._tensor(slots),
             sequences=sequences,
             logits_indices=self._tensor(rows),
-            attention=self.cpu_attention.step(sequences) if self.cpu_attention else None,
+            attention=step,
         )
         return self.model(self._tensor(ids), self._tensor(positions), ctx)
 

@@ -83,3 +83,54 @@ def test_attention_fits_only_float32_caches_with_head_size_a_multiple_of_16():
     assert not CpuAttention.fits([cache.half()], torch.float32)
     assert not CpuAttention.fits([cache], torch.bfloat16)
     assert not CpuAttention.fits([torch.empty(4, 16, 3, 40)], torch.float32)
+
+
+def _q4_tiny_engine(decoder: bool):
+    """The tiny engine's model with every linear weight q4 (and a q8 head), as a Q4 GGUF's."""
+    from pensieve.backends.quantize import int8_lm_head, swap_in
+    from pensieve.engine.config import EngineConfig
+    from pensieve.engine.engine import Engine
+    from pensieve.models.quant_linear import Int4Groups
+    from tests.helpers.tiny_engine import ByteTokenizer, tiny_args, tiny_model
+
+    model, gen = tiny_model(), torch.Generator().manual_seed(1)
+    int4 = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            n, k = m.weight.shape
+            int4[name] = Int4Groups(torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen),
+                                    torch.rand(n, k // 32, generator=gen) * 0.05,
+                                    torch.rand(n, k // 32, generator=gen) * -0.4, 32)
+    swap_in(model, int4)
+    int8_lm_head(model)
+    cfg = EngineConfig(context_length=512, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
+    engine = Engine(model, tiny_args(), ByteTokenizer(), cfg)
+    assert engine.runner.cpu_decoder is not None
+    if not decoder:
+        engine.runner.cpu_decoder = None
+    return engine
+
+
+def test_one_call_decoder_gives_the_module_path_tokens():
+    """Three sequences decoding side by side (prefills of different lengths first, then
+    decode-only steps through ``pq_decode_layers``): the same tokens, step for step."""
+    from pensieve.engine.types import SamplingParams
+
+    outputs = []
+    for decoder in (True, False):
+        engine = _q4_tiny_engine(decoder)
+        calls = []
+        if decoder:  # count the kernel calls
+            dec = engine.runner.cpu_decoder
+            fn = dec._fn
+            dec._fn = lambda *a: calls.append(1) or fn(*a)
+        params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+        for i, prompt in enumerate(["hello there", "a", "the quick brown fox jumps over"]):
+            engine.add_request(str(i), list(prompt.encode()), params)
+        tokens: dict[str, list[int]] = {}
+        while engine.has_work():
+            for d in engine.step():
+                tokens.setdefault(d.request_id, []).extend(d.token_ids)
+        outputs.append(tokens)
+        assert not decoder or len(calls) > 30
+    assert outputs[0] == outputs[1] and all(len(t) == 40 for t in outputs[0].values())

@@ -12,6 +12,8 @@ call each (appended to ``source.KERNEL_SOURCE``; float32, AVX2 + FMA):
 * ``pq_paged_decode``: one query token per sequence attending over its whole cached context
   (GQA: each KV head's keys read once for its group of query heads), softmax in float32 with
   the running maximum subtracted; threads over (sequence, KV head).
+* ``pq_decode_layers``: a decode step's every Llama layer (all linear weights q4) in one
+  call, out of the pieces above and ``linear``/``silu_mul``: no Python between layers.
 """
 
 LAYER_SOURCE = r"""
@@ -142,6 +144,57 @@ void pq_paged_decode(const float* q, int64_t q_stride, int64_t S, const int64_t*
   auto body = [&](int64_t i) { decode_item(a, i / Hk, i % Hk); };
   using Body = decltype(body);
   pool().run(items, [](void* c, int64_t i) { (*(Body*)c)(i); }, &body, threads);
+}
+
+
+// One decoder layer's weights and caches (a ctypes.Structure mirrors it: cpu_quant/decoder.py).
+struct LayerWeights {
+  const float* in_norm;
+  const float* post_norm;
+  const uint8_t* codes[4];  // qkv, o, gate_up, down (q4)
+  const uint16_t* scales[4];
+  const uint16_t* mins[4];
+  const float* bias[4];
+  float* k_cache;
+  float* v_cache;
+};
+
+// x[M, H] (the residual stream of M decoding sequences, one token each; row m is sequence m)
+// through n_layers Llama layers: x += attn(norm(x)); x += mlp(norm(x)).
+void pq_decode_layers(float* x, int64_t M, int64_t H, int64_t I, int64_t n_layers,
+                      const LayerWeights* layers, float eps, int64_t Hq, int64_t Hk, int64_t D,
+                      const float* cos, const float* sin, const int64_t* slots,
+                      const int64_t* lens, const int64_t* table_offsets, const int64_t* tables,
+                      int64_t block_size, int threads) {
+  const int64_t QKV = (Hq + 2 * Hk) * D, QD = Hq * D;
+  static thread_local std::vector<float> scratch;
+  static thread_local std::vector<int64_t> rows;
+  scratch.resize(M * (H + QKV + QD + H + 3 * I));
+  rows.resize(M);
+  for (int64_t m = 0; m < M; ++m) rows[m] = m;
+  float* h = scratch.data();
+  float* qkv = h + M * H;
+  float* att = qkv + M * QKV;
+  float* o = att + M * QD;
+  float* gu = o + M * H;
+  float* a = gu + M * 2 * I;
+  const float scale = 1.0f / __builtin_sqrtf((float)D);
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const LayerWeights& w = layers[l];
+    pq_rmsnorm(x, H, M, H, w.in_norm, eps, h);
+    linear<false>(h, M, Weights{w.codes[0], w.scales[0], w.mins[0], w.bias[0], H, QKV}, qkv, threads);
+    pq_rope_store(qkv, QKV, qkv + QD, QKV, qkv + QD + Hk * D, QKV, M, Hq, Hk, D, cos, sin, slots,
+                  w.k_cache, w.v_cache);
+    pq_paged_decode(qkv, QKV, M, rows.data(), lens, table_offsets, tables, Hq, Hk, D, w.k_cache,
+                    w.v_cache, block_size, scale, att, QD, threads);
+    linear<false>(att, M, Weights{w.codes[1], w.scales[1], w.mins[1], w.bias[1], QD, H}, o, threads);
+    for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
+    pq_rmsnorm(x, H, M, H, w.post_norm, eps, h);
+    linear<false>(h, M, Weights{w.codes[2], w.scales[2], w.mins[2], w.bias[2], H, 2 * I}, gu, threads);
+    for (int64_t m = 0; m < M; ++m) silu_mul(gu + m * 2 * I, gu + m * 2 * I + I, I, a + m * I);
+    linear<false>(a, M, Weights{w.codes[3], w.scales[3], w.mins[3], w.bias[3], I, H}, o, threads);
+    for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
+  }
 }
 
 }  // extern "C"

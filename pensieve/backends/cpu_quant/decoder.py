@@ -1,0 +1,101 @@
+"""A decode step's decoder layers in one kernel call (``pq_decode_layers``), for q4 Llama models.
+
+At one token per sequence a 135M model's layer is ~0.3 ms of kernels and, as PyTorch modules,
+~0.15 ms of Python between them (module calls, views, adds, argument marshalling): a third
+of the step. ``CpuDecoder`` runs the embedding, final norm and output layer as modules and
+everything between them in C. It applies only where every layer is exactly what the kernel
+does — RMSNorm, fused qkv and o as ``Q4Linear``, ``Q4MLP`` — and to steps whose sequences
+all decode one token; the model runner uses the module path otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from pensieve.backends.cpu_quant.build import Kernels
+from pensieve.backends.cpu_quant.layers import CpuAttentionStep, CpuRMSNorm
+from pensieve.backends.cpu_quant.linear import Q4Linear
+from pensieve.backends.cpu_quant.mlp import Q4MLP
+from pensieve.models.llama import RMSNorm
+
+_P4 = ctypes.c_void_p * 4
+
+
+class LayerWeights(ctypes.Structure):
+    """Mirror of the C ``LayerWeights`` (layer_source.py)."""
+
+    _fields_ = [("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("codes", _P4), ("scales", _P4), ("mins", _P4), ("bias", _P4),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class CpuDecoder:
+    def __init__(self, kernels: Kernels, model: nn.Module, k_caches: list[torch.Tensor],
+                 v_caches: list[torch.Tensor], threads: int | None = None) -> None:
+        self.model = model
+        body = model.model
+        layers = list(body.layers)
+        first = layers[0]
+        self.eps = first.input_layernorm.eps
+        attn = first.self_attn
+        self.hq, self.hk, self.d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.hidden, self.inner = first.mlp.hidden, first.mlp.inner
+        self.max_rows = min(first.mlp.gate_up_proj.dense_from, attn.qkv_proj.dense_from)
+        self.threads = threads or torch.get_num_threads()
+        self._fn = kernels.lib.pq_decode_layers
+        self._keep = []  # float32 copies the structs point into (biases), kept alive
+        self._layers = (LayerWeights * len(layers))(
+            *(self._layer(layer, k, v) for layer, k, v in zip(layers, k_caches, v_caches)))
+
+    @staticmethod
+    def fits(model: nn.Module) -> bool:
+        """Every layer: RMSNorms of one eps, ``Q4Linear`` qkv/o, ``Q4MLP``; float32 on the CPU."""
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if not layers:
+            return False
+        eps = {layer.input_layernorm.eps for layer in layers} | {
+            layer.post_attention_layernorm.eps for layer in layers}
+        norms = (RMSNorm, CpuRMSNorm)
+        return len(eps) == 1 and all(
+            isinstance(layer.input_layernorm, norms)
+            and isinstance(layer.post_attention_layernorm, norms)
+            and isinstance(layer.self_attn.qkv_proj, Q4Linear)
+            and isinstance(layer.self_attn.o_proj, Q4Linear)
+            and type(layer.mlp) is Q4MLP
+            and layer.input_layernorm.weight.dtype == torch.float32
+            and layer.self_attn.qkv_proj.codes.device.type == "cpu"
+            for layer in layers)
+
+    def _layer(self, layer: nn.Module, k_cache: torch.Tensor, v_cache: torch.Tensor) -> LayerWeights:
+        linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                   layer.mlp.down_proj)
+        biases = [q._bias for q in linears]
+        self._keep.extend(b for b in biases if b is not None)
+        return LayerWeights(
+            layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+            _P4(*(q.codes.data_ptr() for q in linears)), _P4(*(q.scales.data_ptr() for q in linears)),
+            _P4(*(q.mins.data_ptr() for q in linears)), _P4(*(_ptr(b) for b in biases)),
+            k_cache.data_ptr(), v_cache.data_ptr())
+
+    def can_run(self, num_rows: int, step: CpuAttentionStep) -> bool:
+        return not step.longer and step.num_decode == num_rows < self.max_rows
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 step: CpuAttentionStep, block_size: int) -> torch.Tensor:
+        """Logits [M, V] for M sequences decoding the tokens ``input_ids`` [M] (in ``step``'s order)."""
+        body = self.model.model
+        x = body.embed_tokens(input_ids).float().contiguous()
+        cos, sin = (t.contiguous() for t in body.rotary.lookup(positions))
+        m = step.meta
+        self._fn(x.data_ptr(), x.shape[0], self.hidden, self.inner, len(self._layers),
+                 self._layers, self.eps, self.hq, self.hk, self.d, cos.data_ptr(), sin.data_ptr(),
+                 slots.data_ptr(), m[1].data_ptr(), m[2].data_ptr(), step.tables.data_ptr(),
+                 block_size, self.threads)
+        return self.model.lm_head(body.norm(x)).float()
