@@ -186,7 +186,8 @@ def int4_layers(model) -> None:
     torch.cuda.empty_cache()
 
 
-def model_table(max_num_seqs: int, out_dir: str = ".", int4: bool = False) -> dict:
+def model_table(max_num_seqs: int, out_dir: str = ".", int4: bool = False,
+                dense: bool = False) -> dict:
     from pensieve.engine.config import EngineConfig
     from pensieve.engine.model_runner import ModelRunner
     from pensieve.models.args import ModelArgs
@@ -204,6 +205,10 @@ def model_table(max_num_seqs: int, out_dir: str = ".", int4: bool = False) -> di
     model.model.rotary.materialize("cuda")
     if int4:
         int4_layers(model)
+        if dense:
+            from pensieve.backends.cuda_int4 import prepare_for_cuda
+
+            prepare_for_cuda(model, torch.bfloat16)
     model.eval()
     cfg = EngineConfig(device="cuda", dtype=torch.bfloat16, context_length=16384,
                        max_num_seqs=max_num_seqs, max_num_batched_tokens=2048)
@@ -295,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemv", action="store_true", help="also time GEMV kernels")
     p.add_argument("--int4", action="store_true",
                    help="the model's projections as CUDA int4 layers (random codes)")
+    p.add_argument("--dense", action="store_true", help="with --int4: prepare_for_cuda (tinygemm + dense copies)")
     p.add_argument("--skip-attention", action="store_true")
     a = p.parse_args(argv)
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
@@ -307,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.gemv:
         result["gemv"] = gemv_table()
     if not a.skip_model:
-        result["model"] = model_table(a.max_num_seqs, a.out, int4=a.int4)
+        result["model"] = model_table(a.max_num_seqs, a.out, int4=a.int4, dense=a.dense)
         print(json.dumps(result["model"], indent=1), flush=True)
     Path(a.out, "gpu_kernels.json").write_text(json.dumps(result, indent=2))
     return 0

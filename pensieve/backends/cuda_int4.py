@@ -7,13 +7,16 @@ one (float16 scale, float16 offset) pair per 32 weights, packed into an int32 �
 are the file's own; the pair is exact for Q4_0 and Q4_1 (float16 in the file) and rounded to
 float16 for Q4_K (``d · sc`` needs up to 17 bits).
 
-Which kernel runs (``cuda_int4_kernels.py``) depends on the rows of x:
+Which kernel runs (``cuda_int4_kernels.py``) depends on the rows of x (measured on an H100
+at the 8B shapes by bench/gpu_int4.py, BENCHMARKS.md):
 
-* 1 row: ``gemv`` (float32 FMAs);
-* up to ``MATMUL_MAX_ROWS`` (decode batches, short prefill chunks): ``matmul``, the weight
-  dequantised in registers and multiplied on the tensor cores;
-* more (prefill): the weight dequantised to a temporary float matrix, then cuBLAS — the
-  GEMM is compute-bound there and cuBLAS is faster than a Triton GEMM with dequantisation.
+* 1 row (decode at batch 1): ``gemv``, as fast as PyTorch's tinygemm and exact in scales;
+* 2 to ``TINYGEMM_MAX_ROWS``: PyTorch's tinygemm on a second copy of the codes
+  (``tinygemm.py``) where ``prepare_for_cuda`` made one — faster than our ``matmul``;
+* more (larger batches, prefill): cuBLAS on a dense copy in the activations' dtype where
+  ``prepare_for_cuda`` kept one (GPU memory to spare); else Triton ``matmul`` up to
+  ``MATMUL_MAX_ROWS``, then the weight dequantised into a temporary for the call (~10%
+  over cuBLAS alone at 2048 rows). There the product is compute-bound and cuBLAS wins.
 
 All three take fixed grids for fixed shapes, so CUDA graphs capture them. Importing this
 module needs neither a GPU nor Triton; the kernels are imported on first use.
@@ -21,6 +24,7 @@ module needs neither a GPU nor Triton; the kernels are imported on first use.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -29,7 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pensieve.backends import tinygemm
+from pensieve.backends.tinygemm import TinyGemm
 from pensieve.models.quant_linear import Int4Groups
+
+log = logging.getLogger(__name__)
 
 GROUP = 32
 
@@ -46,11 +54,12 @@ class Tiles:
 
 
 # From bench/gpu_int4.py's sweep on an H100 at the 8B shapes (BENCHMARKS.md).
-GEMV = Tiles(1, 4, 16, 4, 3)
-MATMUL = Tiles(16, 64, 2, 4, 3)
+GEMV = Tiles(1, 2, 32, 2, 3)
+MATMUL = Tiles(16, 32, 2, 4, 3)
 DEQUANT = Tiles(1, 16, 8, 4, 1)
 GEMV_MAX_ROWS = 1
-MATMUL_MAX_ROWS = 64
+TINYGEMM_MAX_ROWS = 8
+MATMUL_MAX_ROWS = 64  # without dense copies: Triton matmul up to here, then dequantise
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -129,14 +138,53 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
+                dense: torch.Tensor | None = None, tiny: TinyGemm | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16, contiguous rows) @ w.T by the kernel that suits M."""
     m = x.shape[0]
     if m <= GEMV_MAX_ROWS:
         return gemv(x, packed, so)
+    if tiny is not None and m <= TINYGEMM_MAX_ROWS:
+        return tiny(x)
+    if dense is not None:
+        return F.linear(x, dense)
     if m <= MATMUL_MAX_ROWS:
         return matmul(x, packed, so, MATMUL)
     return F.linear(x, dequantize(packed, so, x.dtype))
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] back from ``pack_codes``' layout."""
+    n, half = packed.shape
+    b = packed.view(n, half // 16, 1, 16)
+    return torch.cat([b & 15, b >> 4], dim=2).reshape(n, half * 2)
+
+
+def prepare_for_cuda(model: nn.Module, dtype: torch.dtype, max_fraction: float = 0.4) -> None:
+    """After the model is on the GPU: tinygemm copies of the codes (2–8 rows, bfloat16 only,
+    where the op is there and passes ``tinygemm.works``), and dense copies for more rows if
+    all of them fit in ``max_fraction`` of the GPU memory still free (the KV cache is sized
+    after this)."""
+    layers = [m for m in model.modules() if isinstance(m, CudaInt4Linear)]
+    if not layers:
+        return
+    device = layers[0].packed.device
+    if dtype == torch.bfloat16 and tinygemm.works(str(device)):
+        for m in layers:
+            if tinygemm.supported(m.in_features):
+                pair = m.scale_offset.unsqueeze(-1).view(torch.float16)
+                m.tiny = tinygemm.pack(unpack_codes(m.packed), pair[..., 0], pair[..., 1])
+    need = sum(m.in_features * m.out_features for m in layers) * dtype.itemsize
+    free, _ = torch.cuda.mem_get_info(device)
+    dense = need <= max_fraction * free
+    if dense:
+        for m in layers:
+            m.dense = dequantize(m.packed, m.scale_offset, dtype)
+    log.info("int4 layers: Triton gemv for 1 row, %s for 2-%d, %s beyond (dense copies: "
+             "%.1f GB, %.1f GB free before)", "tinygemm" if layers[0].tiny else "as beyond",
+             TINYGEMM_MAX_ROWS, "cuBLAS on dense copies" if dense else
+             f"Triton matmul to {MATMUL_MAX_ROWS}, then dequantise + cuBLAS",
+             need / 1e9 if dense else 0.0, free / 1e9)
 
 
 def cuda_int4_available() -> bool:
@@ -163,12 +211,16 @@ class CudaInt4Linear(nn.Module):
         self.register_buffer("scale_offset", torch.cat(
             [pack_scale_offset(p.scales, p.offsets) for p in parts]))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # prepare_for_cuda's extra copies; plain attributes: never saved or cast
+        self.dense: torch.Tensor | None = None
+        self.tiny: TinyGemm | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.is_cuda:
-            y = int4_linear(x2.contiguous(), self.packed, self.scale_offset)
+            y = int4_linear(x2.contiguous(), self.packed, self.scale_offset, self.dense,
+                            self.tiny)
         else:  # CPU (tests, a model not yet moved): the reference dequantisation
             y = F.linear(x2, unpack(self.packed, self.scale_offset).to(x.dtype))
         if self.bias is not None:

