@@ -14,6 +14,9 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from pensieve.loaders.prefix_encoder import MIN_CHARS as PREFIX_MIN_CHARS
+from pensieve.loaders.prefix_encoder import PrefixEncoder, eligible as prefix_eligible
+
 # End-of-turn markers of common chat formats: generation stops on any that the vocab has.
 END_OF_TURN_TOKENS: tuple[str, ...] = (
     "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
@@ -53,6 +56,10 @@ class TextTokenizer:
         self._special_ids = frozenset(
             i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special
         )
+        self._prefix: PrefixEncoder | None = None
+        if prefix_eligible(tokenizer):
+            prefix = PrefixEncoder(self._encode_plain)
+            self._prefix = prefix if prefix.works() else None
 
     @property
     def backend(self) -> Tokenizer:
@@ -60,7 +67,13 @@ class TextTokenizer:
         return self._tok
 
     def encode(self, text: str) -> list[int]:
-        """Ids of ``text``; specials written in it are parsed; no BOS is added."""
+        """Ids of ``text``; specials written in it are parsed; no BOS is added. A long text
+        that starts like a recent one reuses that one's ids (``prefix_encoder.py``)."""
+        if self._prefix is not None and len(text) >= PREFIX_MIN_CHARS:
+            return self._prefix.encode(text)
+        return self._encode_plain(text)
+
+    def _encode_plain(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
