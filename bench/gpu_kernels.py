@@ -187,7 +187,7 @@ def int4_layers(model) -> None:
 
 
 def model_table(max_num_seqs: int, out_dir: str = ".", int4: bool = False,
-                dense: bool = False) -> dict:
+                dense: bool = False, fuse: bool = True) -> dict:
     from pensieve.engine.config import EngineConfig
     from pensieve.engine.model_runner import ModelRunner
     from pensieve.models.args import ModelArgs
@@ -203,6 +203,10 @@ def model_table(max_num_seqs: int, out_dir: str = ".", int4: bool = False,
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     model.model.rotary.materialize("cuda")
+    if fuse:  # as torch_backend.build_model does on CUDA
+        from pensieve.backends.cuda_layers import fuse_cuda_layers
+
+        fuse_cuda_layers(model)
     if int4:
         int4_layers(model)
         if dense:
@@ -302,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the model's projections as CUDA int4 layers (random codes)")
     p.add_argument("--dense", action="store_true", help="with --int4: prepare_for_cuda (tinygemm + dense copies)")
     p.add_argument("--skip-attention", action="store_true")
+    p.add_argument("--unfused", action="store_true", help="without backends/cuda_layers fusion")
     a = p.parse_args(argv)
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     result["tokenizer"] = tokenizer_timing()
@@ -313,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.gemv:
         result["gemv"] = gemv_table()
     if not a.skip_model:
-        result["model"] = model_table(a.max_num_seqs, a.out, int4=a.int4, dense=a.dense)
+        result["model"] = model_table(a.max_num_seqs, a.out, int4=a.int4, dense=a.dense,
+                                      fuse=not a.unfused)
         print(json.dumps(result["model"], indent=1), flush=True)
     Path(a.out, "gpu_kernels.json").write_text(json.dumps(result, indent=2))
     return 0

@@ -11,6 +11,7 @@ from pensieve.engine.config import EngineConfig
 from pensieve.engine.engine import Engine
 from pensieve.loaders.checkpoint import Checkpoint
 from pensieve.backends.cuda_int4 import prepare_for_cuda
+from pensieve.backends.cuda_layers import fuse_cuda_layers
 from pensieve.backends.quantize import int8_lm_head, plan_int4, swap_in
 from pensieve.models.packing import pack_weights
 from pensieve.models.registry import model_class
@@ -45,8 +46,10 @@ def build_model(checkpoint: Checkpoint, config: EngineConfig) -> nn.Module:
     if config.int8_lm_head:
         int8_lm_head(model)
     model = model.to(device=config.device, dtype=config.dtype).eval()
-    if on_cuda and int4_modules:
-        prepare_for_cuda(model, config.dtype)
+    if on_cuda:
+        fuse_cuda_layers(model)
+        if int4_modules:
+            prepare_for_cuda(model, config.dtype)
     return model
 
 

@@ -85,8 +85,10 @@ def _common_prefix(a: str, b: str) -> int:
 class PrefixEncoder:
     """``encode(text)`` through a small cache of recent long texts (thread-safe)."""
 
-    def __init__(self, encode: Callable[[str], list[int]], size: int = 4) -> None:
+    def __init__(self, encode: Callable[[str], list[int]], size: int = 4,
+                 encode_batch: Callable[[list[str]], list[list[int]]] | None = None) -> None:
         self._encode = encode
+        self._encode_batch = encode_batch or (lambda texts: [encode(t) for t in texts])
         self._size = size
         self._entries: list[_Entry] = []
         self._lock = threading.Lock()
@@ -117,15 +119,18 @@ class PrefixEncoder:
             if usable[-1][1]:
                 ids, checkpoints = best.ids[: usable[-1][1]], usable
                 self.hits += 1
-        pos = checkpoints[-1][0]
-        while pos < len(text):
-            end = split_point(text, pos + PIECE)
-            ids += self._encode(text[pos:end])
-            if end is None:
-                break
-            pos = end
-            checkpoints.append((pos, len(ids)))
+        start = pos = checkpoints[-1][0]
+        cuts = []  # split points after start, every PIECE characters or so
+        while (pos := split_point(text, pos + PIECE)) is not None:
+            cuts.append(pos)
+        bounds = [start, *cuts, len(text)]
+        pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+        for cut, piece_ids in zip([*cuts, None], self._encode_batch(pieces)):  # in parallel
+            ids += piece_ids
+            if cut is not None:
+                checkpoints.append((cut, len(ids)))
         with self._lock:
-            self._entries = [e for e in self._entries if e.text != text][-(self._size - 1):]
-            self._entries.append(_Entry(text, ids, checkpoints))
+            others = [e for e in self._entries if e.text != text]
+            keep = others[len(others) - self._size + 1:] if self._size > 1 else []
+            self._entries = [*keep, _Entry(text, ids, checkpoints)]
         return list(ids)

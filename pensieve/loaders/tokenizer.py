@@ -58,7 +58,7 @@ class TextTokenizer:
         )
         self._prefix: PrefixEncoder | None = None
         if prefix_eligible(tokenizer):
-            prefix = PrefixEncoder(self._encode_plain)
+            prefix = PrefixEncoder(self._encode_plain, encode_batch=self._encode_pieces)
             self._prefix = prefix if prefix.works() else None
 
     @property
@@ -75,6 +75,10 @@ class TextTokenizer:
 
     def _encode_plain(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def _encode_pieces(self, texts: list[str]) -> list[list[int]]:
+        """Several texts at once: ``tokenizers`` encodes a batch on all cores."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` with special tokens kept."""

@@ -1,0 +1,34 @@
+"""Triton kernels behind ``cuda_layers.py``: SiLU·mul and residual add + RMSNorm."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def silu_mul(GU, OUT, INNER, stride_gu, BLOCK: tl.constexpr):
+    """out[t, c] = silu(gu[t, c]) · gu[t, INNER + c]; grid (T, cdiv(INNER, BLOCK))."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < INNER
+    gate = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(GU + row * stride_gu + INNER + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (gate * tl.sigmoid(gate)).to(OUT.dtype.element_ty).to(tl.float32)  # as F.silu rounds
+    tl.store(OUT + row * INNER + cols, (act * up).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def add_rms_norm(X, Y, W, SUM, OUT, H, eps, BLOCK: tl.constexpr):
+    """sum = x + y (rounded to x's dtype); out = sum · rsqrt(mean(sum²) + eps) · w; grid (T,)."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(X + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+    s = (x + y).to(SUM.dtype.element_ty)
+    tl.store(SUM + row * H + cols, s, mask=mask)
+    sf = s.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(sf * sf, 0) / H + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + row * H + cols, (sf * rstd * w).to(OUT.dtype.element_ty), mask=mask)
