@@ -134,3 +134,20 @@ def test_one_call_decoder_gives_the_module_path_tokens():
         outputs.append(tokens)
         assert not decoder or len(calls) > 30
     assert outputs[0] == outputs[1] and all(len(t) == 40 for t in outputs[0].values())
+
+
+def test_thread_tuner_follows_the_faster_setting_and_keeps_exploring():
+    from pensieve.backends.cpu_quant.decoder import ThreadTuner
+
+    tuner = ThreadTuner(2, explore=4, alpha=0.5)
+    cost = {1: 0.010, 2: 0.006}  # a quiet machine: 2 threads faster
+    picks = []
+    for _ in range(40):
+        t = tuner.pick()
+        picks.append(t)
+        tuner.record(t, cost[t] * 3, tokens=3)
+    assert picks[:2] == [1, 2] and picks[10:].count(2) == 22 and picks[10:].count(1) == 8
+    cost = {1: 0.010, 2: 0.030}  # another job takes a core: 2 threads now slower
+    picks = [t for t in (tuner.pick() for _ in range(40)) if tuner.record(t, cost[t], 1) or True]
+    assert picks[-20:].count(1) == 15
+    assert ThreadTuner(1).options == [1]

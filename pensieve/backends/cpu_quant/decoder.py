@@ -5,12 +5,14 @@ At one token per sequence a 135M model's layer is ~0.3 ms of kernels and, as PyT
 of the step. ``CpuDecoder`` runs the embedding, final norm and output layer as modules and
 everything between them in C. It applies only where every layer is exactly what the kernel
 does — RMSNorm, fused qkv and o as ``Q4Linear``, ``Q4MLP`` — and to steps whose sequences
-all decode one token; the model runner uses the module path otherwise.
+all decode one token; the model runner uses the module path otherwise. How many threads a
+step uses follows the machine's load (``ThreadTuner``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import time
 
 import torch
 from torch import nn
@@ -36,6 +38,38 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+class ThreadTuner:
+    """Threads for the next decode step, by timing: 1 or all, whichever has been faster lately.
+
+    On a quiet machine all cores read weights faster than one; on a busy one (another job on
+    the other core) a worker preempted mid-tile makes the step wait a scheduler slice, and
+    one thread measured 1.6× faster. Every ``explore``-th step runs the other setting so the
+    choice follows the load; per-token times are smoothed (EMA), so one slow step decides
+    nothing.
+    """
+
+    def __init__(self, max_threads: int, explore: int = 32, alpha: float = 0.25) -> None:
+        self.options = sorted({1, max(1, max_threads)})
+        self.explore, self.alpha = explore, alpha
+        self.per_token: dict[int, float] = {}
+        self._steps = 0
+
+    def pick(self) -> int:
+        self._steps += 1
+        untried = [t for t in self.options if t not in self.per_token]
+        if untried:
+            return untried[0]
+        best = min(self.options, key=self.per_token.__getitem__)
+        if len(self.options) > 1 and self._steps % self.explore == 0:
+            return next(t for t in self.options if t != best)
+        return best
+
+    def record(self, threads: int, seconds: float, tokens: int) -> None:
+        value = seconds / max(tokens, 1)
+        old = self.per_token.get(threads)
+        self.per_token[threads] = value if old is None else old + self.alpha * (value - old)
+
+
 class CpuDecoder:
     def __init__(self, kernels: Kernels, model: nn.Module, k_caches: list[torch.Tensor],
                  v_caches: list[torch.Tensor], threads: int | None = None) -> None:
@@ -48,7 +82,7 @@ class CpuDecoder:
         self.hq, self.hk, self.d = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.hidden, self.inner = first.mlp.hidden, first.mlp.inner
         self.max_rows = min(first.mlp.gate_up_proj.dense_from, attn.qkv_proj.dense_from)
-        self.threads = threads or torch.get_num_threads()
+        self.tuner = ThreadTuner(threads or torch.get_num_threads())
         self._fn = kernels.lib.pq_decode_layers
         self._keep = []  # float32 copies the structs point into (biases), kept alive
         self._layers = (LayerWeights * len(layers))(
@@ -90,12 +124,18 @@ class CpuDecoder:
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  step: CpuAttentionStep, block_size: int) -> torch.Tensor:
         """Logits [M, V] for M sequences decoding the tokens ``input_ids`` [M] (in ``step``'s order)."""
-        body = self.model.model
+        started = time.perf_counter()
+        threads = self.tuner.pick()
+        body, head = self.model.model, self.model.lm_head
         x = body.embed_tokens(input_ids).float().contiguous()
         cos, sin = (t.contiguous() for t in body.rotary.lookup(positions))
         m = step.meta
         self._fn(x.data_ptr(), x.shape[0], self.hidden, self.inner, len(self._layers),
                  self._layers, self.eps, self.hq, self.hk, self.d, cos.data_ptr(), sin.data_ptr(),
                  slots.data_ptr(), m[1].data_ptr(), m[2].data_ptr(), step.tables.data_ptr(),
-                 block_size, self.threads)
-        return self.model.lm_head(body.norm(x)).float()
+                 block_size, threads)
+        if hasattr(head, "threads"):  # Q8Linear: the step's other big read
+            head.threads = threads
+        logits = head(body.norm(x)).float()
+        self.tuner.record(threads, time.perf_counter() - started, x.shape[0])
+        return logits
