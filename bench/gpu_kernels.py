@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemv", action="store_true", help="also time GEMV kernels")
     p.add_argument("--int4", action="store_true",
                    help="the model's projections as CUDA int4 layers (random codes)")
-    p.add_argument("--dense", action="store_true", help="with --int4: prepare_for_cuda (tinygemm + dense copies)")
+    p.add_argument("--dense", action="store_true",
+                   help="with --int4: prepare_for_cuda (tinygemm + dense copies)")
     p.add_argument("--skip-attention", action="store_true")
     p.add_argument("--unfused", action="store_true", help="without backends/cuda_layers fusion")
     a = p.parse_args(argv)

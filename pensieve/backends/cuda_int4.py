@@ -10,7 +10,8 @@ float16 for Q4_K (``d · sc`` needs up to 17 bits).
 Which kernel runs (``cuda_int4_kernels.py``) depends on the rows of x (measured on an H100
 at the 8B shapes by bench/gpu_int4.py, BENCHMARKS.md):
 
-* 1 row (decode at batch 1): ``gemv``, as fast as PyTorch's tinygemm and exact in scales;
+* 1 row (decode at batch 1): ``gemv``, exact in scales, within a few percent of PyTorch's
+  tinygemm — ``prepare_for_cuda`` times both per weight shape and keeps the faster;
 * 2 to ``TINYGEMM_MAX_ROWS``: PyTorch's tinygemm on a second copy of the codes
   (``tinygemm.py``) where ``prepare_for_cuda`` made one — faster than our ``matmul``;
 * more (larger batches, prefill): cuBLAS on a dense copy in the activations' dtype where
@@ -139,10 +140,11 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
-                dense: torch.Tensor | None = None, tiny: TinyGemm | None = None) -> torch.Tensor:
+                dense: torch.Tensor | None = None, tiny: TinyGemm | None = None,
+                gemv_rows: int = GEMV_MAX_ROWS) -> torch.Tensor:
     """x [M, K] (bf16/fp16, contiguous rows) @ w.T by the kernel that suits M."""
     m = x.shape[0]
-    if m <= GEMV_MAX_ROWS:
+    if m <= gemv_rows:
         return gemv(x, packed, so)
     if tiny is not None and m <= TINYGEMM_MAX_ROWS:
         return tiny(x)
@@ -174,17 +176,54 @@ def prepare_for_cuda(model: nn.Module, dtype: torch.dtype, max_fraction: float =
             if tinygemm.supported(m.in_features):
                 pair = m.scale_offset.unsqueeze(-1).view(torch.float16)
                 m.tiny = tinygemm.pack(unpack_codes(m.packed), pair[..., 0], pair[..., 1])
+    one_row = _one_row_kernels(layers)
     need = sum(m.in_features * m.out_features for m in layers) * dtype.itemsize
     free, _ = torch.cuda.mem_get_info(device)
     dense = need <= max_fraction * free
     if dense:
         for m in layers:
             m.dense = dequantize(m.packed, m.scale_offset, dtype)
-    log.info("int4 layers: Triton gemv for 1 row, %s for 2-%d, %s beyond (dense copies: "
-             "%.1f GB, %.1f GB free before)", "tinygemm" if layers[0].tiny else "as beyond",
+    log.info("int4 layers: 1 row: %s; %s for 2-%d, %s beyond (dense copies: %.1f GB, %.1f GB "
+             "free before)", one_row, "tinygemm" if layers[0].tiny else "as beyond",
              TINYGEMM_MAX_ROWS, "cuBLAS on dense copies" if dense else
              f"Triton matmul to {MATMUL_MAX_ROWS}, then dequantise + cuBLAS",
              need / 1e9 if dense else 0.0, free / 1e9)
+
+
+def _one_row_kernels(layers: list[CudaInt4Linear], reps: int = 30) -> str:
+    """Per weight shape, Triton gemv or tinygemm for one row: whichever times faster here
+    (median of ``reps`` back-to-back calls cycling through up to 8 layers of the shape, as a
+    decode step runs them). They are within a few percent of each other on an H100."""
+    by_shape: dict[tuple[int, int], list[CudaInt4Linear]] = {}
+    for m in layers:
+        if m.tiny is not None:
+            by_shape.setdefault((m.out_features, m.in_features), []).append(m)
+    chosen = []
+    for (n, k), group in by_shape.items():
+        x = torch.randn(1, k, device=group[0].packed.device, dtype=torch.bfloat16)
+        sample = group[:8]
+        times = {}
+        for name, run in (("gemv", lambda m: gemv(x, m.packed, m.scale_offset)),
+                          ("tinygemm", lambda m: m.tiny(x))):
+            for m in sample:  # compile, warm up
+                run(m)
+            samples = []
+            for i in range(reps):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                for m in sample:
+                    run(m)
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / len(sample))
+            times[name] = sorted(samples)[reps // 2] * 1e3
+        use_tiny = times["tinygemm"] < 0.97 * times["gemv"]
+        for m in group:
+            m.gemv_rows = 0 if use_tiny else GEMV_MAX_ROWS
+        chosen.append(f"{n}x{k} {'tinygemm' if use_tiny else 'gemv'} (gemv {times['gemv']:.1f} "
+                      f"µs, tinygemm {times['tinygemm']:.1f} µs)")
+    return "; ".join(chosen) or "Triton gemv"
 
 
 def cuda_int4_available() -> bool:
@@ -214,13 +253,14 @@ class CudaInt4Linear(nn.Module):
         # prepare_for_cuda's extra copies; plain attributes: never saved or cast
         self.dense: torch.Tensor | None = None
         self.tiny: TinyGemm | None = None
+        self.gemv_rows = GEMV_MAX_ROWS  # 0: one row goes to tinygemm (prepare_for_cuda timed it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.is_cuda:
             y = int4_linear(x2.contiguous(), self.packed, self.scale_offset, self.dense,
-                            self.tiny)
+                            self.tiny, self.gemv_rows)
         else:  # CPU (tests, a model not yet moved): the reference dequantisation
             y = F.linear(x2, unpack(self.packed, self.scale_offset).to(x.dtype))
         if self.bias is not None:

@@ -28,8 +28,8 @@ PIECE = 2048  # characters between checkpoints
 MIN_CHARS = 4096  # shorter texts are encoded directly
 _PRETOKENIZERS = {"Sequence", "ByteLevel", "Digits", "Split"}
 _PROBE = ("Hello  world!!\n\n ok 😀 x 12345 <|im_start|>user\nfoo   bar\t baz's it's "
-          "\"quoted\" (paren) a.b,c;d  \n  indented   line\r\n tabs\t\tthere ÄÖü ß 日本語 テキスト "
-          "emoji👍🏽 end.  \n")
+          "\"quoted\" (paren) a.b,c;d  \n  indented   line\r\n tabs\t\tthere ÄÖü ß "
+          "日本語 テキスト emoji👍🏽 end.  \n")
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,8 @@ def interpreter_check(k: int) -> None:
         for name, y in (("gemv 1 row", cuda_int4.gemv(x[:1], packed, so, tiles)),
                         ("gemv", cuda_int4.gemv(x, packed, so, tiles)),
                         ("matmul", cuda_int4.matmul(x, packed, so, tiles)),
-                        ("matmul_dequant", cuda_int4.matmul(x, packed, so, tiles, "matmul_dequant"))):
+                        ("matmul_dequant",
+                         cuda_int4.matmul(x, packed, so, tiles, "matmul_dequant"))):
             r = ref[: y.shape[0]]
             rel = ((y.double() - r).norm() / r.norm()).item()
             assert rel < tol, (dtype, name, rel)

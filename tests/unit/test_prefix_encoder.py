@@ -12,8 +12,8 @@ from pensieve.loaders.gguf_file import GGUFFile
 from pensieve.loaders.prefix_encoder import PrefixEncoder, eligible, split_point
 from pensieve.loaders.tokenizer import TextTokenizer
 
-WORDS = ["alpha", "beta", "  gamma", "δέλτα", "日本語", "emoji👍🏽", "x1234", "it's", "\n\n", "\t",
-         "<|im_start|>", "<|im_end|>", "a.b", "(paren)", "   ", "\r\n", "end.", "'quoted'", "ß"]
+WORDS = ["alpha", "beta", "  gamma", "δέλτα", "日本語", "emoji👍🏽", "x1234", "it's", "\n\n",
+         "\t", "<|im_start|>", "<|im_end|>", "a.b", "(paren)", "   ", "\r\n", "end.", "'quoted'", "ß"]
 
 
 @pytest.fixture(scope="module")
