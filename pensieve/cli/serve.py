@@ -39,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="extra model name that maps to the served model (repeatable)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="KV cache element type (default: float16 on the CPU, else --dtype)")
     p.add_argument("--context-length", type=int, default=None,
                    help="max tokens per request (default: the model's own); above the trained "
                         "length RoPE scaling is applied (docs/context.md)")
@@ -163,7 +165,7 @@ def _fit_context(settings: ServeSettings, ckpt: Checkpoint) -> tuple[Checkpoint,
         log.warning("%s", plan.note)
         ckpt = replace(ckpt, args=plan.apply(ckpt.args), context_length=plan.context_length)
     engine_cfg = replace(settings.engine, context_length=plan.context_length)
-    per_token = kv_bytes_per_token(ckpt.args, engine_cfg.dtype)
+    per_token = kv_bytes_per_token(ckpt.args, engine_cfg.kv_dtype or engine_cfg.dtype)
     log.info("context %d tokens; KV cache %.1f KiB/token, %.2f GiB for one full context",
              plan.context_length, per_token / 1024, per_token * plan.context_length / 2**30)
     return ckpt, engine_cfg

@@ -121,9 +121,11 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
         if not sep or not name:
             raise ValueError(f"--alias wants NAME=MODEL, got {item!r}")
         aliases[name] = target
+    kv_name = getattr(ns, "kv_dtype", None) or ("float16" if device == "cpu" else dtype_name)
     engine = EngineConfig(
         device=device,
         dtype=DTYPES[dtype_name],
+        kv_dtype=DTYPES[kv_name],  # CPU: float16 halves the cache's memory and bytes read
         max_num_seqs=ns.max_num_seqs or 8,
         max_num_batched_tokens=2048 if device == "cuda" else 512,
     )

@@ -11,6 +11,7 @@ import torch
 class EngineConfig:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    kv_dtype: torch.dtype | None = None  # the KV cache's element type; None → dtype
     context_length: int = 8192  # max prompt + output tokens of one request
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None → enough for max_num_seqs full contexts, capped

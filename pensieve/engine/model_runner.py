@@ -45,7 +45,7 @@ def plan_num_blocks(args: ModelArgs, config: EngineConfig) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = max(budget, int(0.6 * (free - _CUDA_HEADROOM)))
-    by_bytes = budget // kv_block_bytes(args, config.block_size, config.dtype)
+    by_bytes = budget // kv_block_bytes(args, config.block_size, config.kv_dtype or config.dtype)
     return max(per_seq, min(by_bytes, per_seq * config.max_num_seqs))
 
 
@@ -62,7 +62,7 @@ class ModelRunner:
         # empty, not zeros: a slot is always written before it is read, and untouched pages
         # of a CPU cache then cost no resident memory
         self.k_caches = [
-            torch.empty(shape, dtype=config.dtype, device=self.device)
+            torch.empty(shape, dtype=config.kv_dtype or config.dtype, device=self.device)
             for _ in range(args.num_layers)
         ]
         self.v_caches = [torch.empty_like(k) for k in self.k_caches]

@@ -7,6 +7,7 @@ import importlib.util
 import logging
 
 import pytest
+import torch
 
 from pensieve.backends.cpu_quant import Q4Linear, Q8Linear, build, load_kernels
 from pensieve.backends.cpu_quant.mlp import Q4MLP
@@ -76,3 +77,8 @@ def test_no_compiler_falls_back_without_crashing(weights, monkeypatch, tmp_path,
     assert "--weights " + weights in caplog.text
     assert not {Q4Linear, Q4MLP, Q8Linear} & set(kinds)
     assert "Paris" in text
+
+
+def test_kv_cache_is_float16_on_the_cpu_unless_asked():
+    assert _settings().engine.kv_dtype == torch.float16
+    assert _settings("--kv-dtype", "float32").engine.kv_dtype == torch.float32

@@ -34,12 +34,12 @@ def test_swap_norms_keeps_the_weights():
     assert model[0].weight is first
 
 
-def _batch(hq: int, hk: int, d: int, block: int, gen: torch.Generator):
+def _batch(hq: int, hk: int, d: int, block: int, gen: torch.Generator, kv_dtype: torch.dtype):
     """A step of two decoding sequences and one prefill chunk over a cached prefix, with
     the caches already holding the earlier tokens (scattered, non-contiguous blocks)."""
     num_blocks = 64
-    k_cache = torch.randn(num_blocks, block, hk, d, generator=gen)
-    v_cache = torch.randn(num_blocks, block, hk, d, generator=gen)
+    k_cache = torch.randn(num_blocks, block, hk, d, generator=gen).to(kv_dtype)
+    v_cache = torch.randn(num_blocks, block, hk, d, generator=gen).to(kv_dtype)
     perm = torch.randperm(num_blocks, generator=gen)
     specs = [(1, 23), (5, 37), (1, 1)]  # (new tokens, context after this step)
     sequences, slots, positions, start, used = [], [], [], 0, 0
@@ -61,10 +61,11 @@ def _batch(hq: int, hk: int, d: int, block: int, gen: torch.Generator):
     return q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d), ctx, cos_sin
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hq,hk,d,block,threads", [(9, 3, 64, 16, 1), (6, 2, 32, 4, 2), (4, 4, 128, 8, 1)])
-def test_attention_matches_the_pytorch_path(hq, hk, d, block, threads):
+def test_attention_matches_the_pytorch_path(hq, hk, d, block, threads, kv_dtype):
     gen = torch.Generator().manual_seed(hq * d)
-    q, k, v, ctx, cos_sin = _batch(hq, hk, d, block, gen)
+    q, k, v, ctx, cos_sin = _batch(hq, hk, d, block, gen, kv_dtype)
     ref_caches = ([ctx.k_caches[0].clone()], [ctx.v_caches[0].clone()])
     want = paged_attention(0, q.clone(), k.clone(), v.clone(),
                            ForwardContext(*ref_caches, ctx.slot_mapping, ctx.sequences, ctx.logits_indices),
@@ -73,19 +74,20 @@ def test_attention_matches_the_pytorch_path(hq, hk, d, block, threads):
     assert step.num_decode == 2 and len(step.longer) == 1
     got = step(0, q, k, v, ctx, cos_sin)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
-    torch.testing.assert_close(ctx.k_caches[0], ref_caches[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ctx.k_caches[0], ref_caches[0][0], rtol=1e-6, atol=1e-6)  # fp16: ≤ 1 ulp
     assert torch.equal(ctx.v_caches[0], ref_caches[1][0])
 
 
 def test_attention_fits_only_float32_caches_with_head_size_a_multiple_of_16():
     cache = torch.empty(4, 16, 3, 64)
     assert CpuAttention.fits([cache], torch.float32)
-    assert not CpuAttention.fits([cache.half()], torch.float32)
+    assert CpuAttention.fits([cache.half()], torch.float32)
+    assert not CpuAttention.fits([cache.bfloat16()], torch.float32)
     assert not CpuAttention.fits([cache], torch.bfloat16)
     assert not CpuAttention.fits([torch.empty(4, 16, 3, 40)], torch.float32)
 
 
-def _q4_tiny_engine(decoder: bool):
+def _q4_tiny_engine(decoder: bool, kv_dtype: torch.dtype | None = None):
     """The tiny engine's model with every linear weight q4 (and a q8 head), as a Q4 GGUF's."""
     from pensieve.backends.quantize import int8_lm_head, swap_in
     from pensieve.engine.config import EngineConfig
@@ -103,7 +105,8 @@ def _q4_tiny_engine(decoder: bool):
                                     torch.rand(n, k // 32, generator=gen) * -0.4, 32)
     swap_in(model, int4)
     int8_lm_head(model)
-    cfg = EngineConfig(context_length=512, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
+    cfg = EngineConfig(context_length=512, block_size=4, max_num_seqs=4, max_num_batched_tokens=64,
+                       kv_dtype=kv_dtype)
     engine = Engine(model, tiny_args(), ByteTokenizer(), cfg)
     assert engine.runner.cpu_decoder is not None
     if not decoder:
@@ -111,14 +114,16 @@ def _q4_tiny_engine(decoder: bool):
     return engine
 
 
-def test_one_call_decoder_gives_the_module_path_tokens():
+@pytest.mark.parametrize("kv_dtype", [None, torch.float16])
+def test_one_call_decoder_gives_the_module_path_tokens(kv_dtype):
     """Three sequences decoding side by side (prefills of different lengths first, then
     decode-only steps through ``pq_decode_layers``): the same tokens, step for step."""
     from pensieve.engine.types import SamplingParams
 
     outputs = []
     for decoder in (True, False):
-        engine = _q4_tiny_engine(decoder)
+        engine = _q4_tiny_engine(decoder, kv_dtype)
+        assert engine.runner.k_caches[0].dtype == (kv_dtype or torch.float32)
         calls = []
         if decoder:  # count the kernel calls
             dec = engine.runner.cpu_decoder

@@ -29,7 +29,7 @@ from pensieve.backends.cpu_quant.source import KERNEL_SOURCE
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++17", "-pthread")
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -43,11 +43,12 @@ SIGNATURES = {
     "pq8_pack": (_P, _I64, _I64, _P, _P),
     "pq4_mlp": (_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT),
     "pq_rmsnorm": (_P, _I64, _I64, _I64, _P, _F, _P),
-    "pq_rope_store": (_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P),
+    "pq_rope_store": (_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P,
+                      _INT),
     "pq_paged_decode": (_P, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _F, _P,
-                        _I64, _INT),
+                        _I64, _INT, _INT),
     "pq_decode_layers": (_P, _I64, _I64, _I64, _I64, _P, _F, _I64, _I64, _I64, _P, _P, _P, _P, _P,
-                         _P, _I64, _INT),
+                         _P, _I64, _INT, _INT),
 }
 RESTYPES = {"pq8_rows": _I64}
 

@@ -83,6 +83,7 @@ class CpuDecoder:
         self.hidden, self.inner = first.mlp.hidden, first.mlp.inner
         self.max_rows = min(first.mlp.gate_up_proj.dense_from, attn.qkv_proj.dense_from)
         self.tuner = ThreadTuner(threads or torch.get_num_threads())
+        self.kv_half = int(k_caches[0].dtype == torch.float16)
         self._fn = kernels.lib.pq_decode_layers
         self._keep = []  # float32 copies the structs point into (biases), kept alive
         self._layers = (LayerWeights * len(layers))(
@@ -133,7 +134,7 @@ class CpuDecoder:
         self._fn(x.data_ptr(), x.shape[0], self.hidden, self.inner, len(self._layers),
                  self._layers, self.eps, self.hq, self.hk, self.d, cos.data_ptr(), sin.data_ptr(),
                  slots.data_ptr(), m[1].data_ptr(), m[2].data_ptr(), step.tables.data_ptr(),
-                 block_size, threads)
+                 block_size, threads, self.kv_half)
         if hasattr(head, "threads"):  # Q8Linear: the step's other big read
             head.threads = threads
         logits = head(body.norm(x)).float()

@@ -9,6 +9,9 @@ call each (appended to ``source.KERNEL_SOURCE``; float32, AVX2 + FMA):
 * ``pq_rmsnorm``: ``y = x / sqrt(mean(x²) + eps) · w`` per row.
 * ``pq_rope_store``: rotate-half RoPE of q (in place) and k, and k/v written to their cache
   slots; q/k/v may be strided row views of the fused qkv output.
+
+The KV cache may hold float32 or float16 (half the memory and the bytes read per decoded
+token at long contexts; converted with F16C, rounding to nearest even as ``tensor.half()``).
 * ``pq_paged_decode``: one query token per sequence attending over its whole cached context
   (GQA: each KV head's keys read once for its group of query heads), softmax in float32 with
   the running maximum subtracted; threads over (sequence, KV head).
@@ -31,9 +34,18 @@ inline void rope_row(float* x, const float* cos, const float* sin, int64_t D) {
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t D) {
+// The KV cache holds float32 (T = float) or float16 bits (T = uint16_t).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(uint16_t* p, __m256 v) {
+  _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t D) {
   __m256 acc = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(b + d), acc);
   return hsum(acc);
 }
 
@@ -43,11 +55,12 @@ struct DecodeArgs {
   const float* q; int64_t q_stride;
   const int64_t* tokens; const int64_t* lens; const int64_t* table_offsets; const int64_t* tables;
   int64_t Hq, Hk, D;
-  const float* k_cache; const float* v_cache; int64_t block_size;
+  const void* k_cache; const void* v_cache; int64_t block_size;
   float scale; float* out; int64_t out_stride;
 };
 
 // One (sequence, KV head): its G = Hq / Hk query heads over the sequence's L cached tokens.
+template <typename T>
 void decode_item(const DecodeArgs& a, int64_t s, int64_t h) {
   const int64_t G = a.Hq / a.Hk, D = a.D, L = a.lens[s], bs = a.block_size;
   const int64_t* table = a.tables + a.table_offsets[s];
@@ -57,7 +70,7 @@ void decode_item(const DecodeArgs& a, int64_t s, int64_t h) {
   float* sc = attn_scores.data();
   const int64_t row = a.Hk * D;  // floats per cache slot
   for (int64_t j = 0; j < L; ++j) {
-    const float* k = a.k_cache + (table[j / bs] * bs + j % bs) * row + h * D;
+    const T* k = (const T*)a.k_cache + (table[j / bs] * bs + j % bs) * row + h * D;
     for (int64_t g = 0; g < G; ++g) sc[g * L + j] = dot(q + g * D, k, D) * a.scale;
   }
   for (int64_t g = 0; g < G; ++g) {
@@ -75,12 +88,35 @@ void decode_item(const DecodeArgs& a, int64_t s, int64_t h) {
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = 0.0f;
   for (int64_t j = 0; j < L; ++j) {
-    const float* v = a.v_cache + (table[j / bs] * bs + j % bs) * row + h * D;
+    const T* v = (const T*)a.v_cache + (table[j / bs] * bs + j % bs) * row + h * D;
     for (int64_t g = 0; g < G; ++g) {
       const __m256 p = _mm256_set1_ps(sc[g * L + j]);
       float* o = out + g * D;
       for (int64_t d = 0; d < D; d += 8)
-        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, load8(v + d), _mm256_loadu_ps(o + d)));
+    }
+  }
+}
+
+template <typename T>
+void rope_store(float* q, int64_t q_stride, const float* k, int64_t k_stride, const float* v,
+                int64_t v_stride, int64_t T_, int64_t Hq, int64_t Hk, int64_t D,
+                const float* cos, const float* sin, const int64_t* slots, T* k_cache,
+                T* v_cache) {
+  float kr[1024];  // one rotated key head (D <= 1024)
+  for (int64_t t = 0; t < T_; ++t) {
+    const float* c = cos + t * D;
+    const float* s = sin + t * D;
+    for (int64_t h = 0; h < Hq; ++h) rope_row(q + t * q_stride + h * D, c, s, D);
+    T* kc = k_cache + slots[t] * Hk * D;
+    T* vc = v_cache + slots[t] * Hk * D;
+    for (int64_t h = 0; h < Hk; ++h) {
+      for (int64_t i = 0; i < D; i += 8) _mm256_storeu_ps(kr + i, _mm256_loadu_ps(k + t * k_stride + h * D + i));
+      rope_row(kr, c, s, D);
+      for (int64_t i = 0; i < D; i += 8) {
+        store8(kc + h * D + i, _mm256_loadu_ps(kr + i));
+        store8(vc + h * D + i, _mm256_loadu_ps(v + t * v_stride + h * D + i));
+      }
     }
   }
 }
@@ -112,36 +148,34 @@ void pq_rmsnorm(const float* x, int64_t x_stride, int64_t M, int64_t H, const fl
 }
 
 // For each of T tokens: RoPE on its Hq query heads (in place) and Hk key heads, then keys
-// and values stored at cache slot slots[t] (caches [slots, Hk, D]). D % 16 == 0.
-void pq_rope_store(float* q, int64_t q_stride, float* k, int64_t k_stride, const float* v,
+// and values stored at cache slot slots[t] (caches [slots, Hk, D], float16 if kv_half).
+// D % 16 == 0, D <= 1024.
+void pq_rope_store(float* q, int64_t q_stride, const float* k, int64_t k_stride, const float* v,
                    int64_t v_stride, int64_t T, int64_t Hq, int64_t Hk, int64_t D,
-                   const float* cos, const float* sin, const int64_t* slots, float* k_cache,
-                   float* v_cache) {
-  for (int64_t t = 0; t < T; ++t) {
-    const float* c = cos + t * D;
-    const float* s = sin + t * D;
-    for (int64_t h = 0; h < Hq; ++h) rope_row(q + t * q_stride + h * D, c, s, D);
-    float* kc = k_cache + slots[t] * Hk * D;
-    float* vc = v_cache + slots[t] * Hk * D;
-    for (int64_t i = 0; i < Hk * D; ++i) {
-      kc[i] = k[t * k_stride + i];
-      vc[i] = v[t * v_stride + i];
-    }
-    for (int64_t h = 0; h < Hk; ++h) rope_row(kc + h * D, c, s, D);
-  }
+                   const float* cos, const float* sin, const int64_t* slots, void* k_cache,
+                   void* v_cache, int kv_half) {
+  if (kv_half)
+    rope_store(q, q_stride, k, k_stride, v, v_stride, T, Hq, Hk, D, cos, sin, slots,
+               (uint16_t*)k_cache, (uint16_t*)v_cache);
+  else
+    rope_store(q, q_stride, k, k_stride, v, v_stride, T, Hq, Hk, D, cos, sin, slots,
+               (float*)k_cache, (float*)v_cache);
 }
 
 // out[tokens[s]] = attention of query row tokens[s] over sequence s's lens[s] cached tokens,
 // whose blocks are tables[table_offsets[s]:]; for S sequences of one new token each.
 void pq_paged_decode(const float* q, int64_t q_stride, int64_t S, const int64_t* tokens,
                      const int64_t* lens, const int64_t* table_offsets, const int64_t* tables,
-                     int64_t Hq, int64_t Hk, int64_t D, const float* k_cache,
-                     const float* v_cache, int64_t block_size, float scale, float* out,
-                     int64_t out_stride, int threads) {
+                     int64_t Hq, int64_t Hk, int64_t D, const void* k_cache,
+                     const void* v_cache, int64_t block_size, float scale, float* out,
+                     int64_t out_stride, int threads, int kv_half) {
   const DecodeArgs a{q, q_stride, tokens, lens, table_offsets, tables, Hq, Hk, D,
                      k_cache, v_cache, block_size, scale, out, out_stride};
   const int64_t items = S * Hk;
-  auto body = [&](int64_t i) { decode_item(a, i / Hk, i % Hk); };
+  auto body = [&](int64_t i) {
+    if (kv_half) decode_item<uint16_t>(a, i / Hk, i % Hk);
+    else decode_item<float>(a, i / Hk, i % Hk);
+  };
   using Body = decltype(body);
   pool().run(items, [](void* c, int64_t i) { (*(Body*)c)(i); }, &body, threads);
 }
@@ -155,8 +189,8 @@ struct LayerWeights {
   const uint16_t* scales[4];
   const uint16_t* mins[4];
   const float* bias[4];
-  float* k_cache;
-  float* v_cache;
+  void* k_cache;
+  void* v_cache;
 };
 
 // x[M, H] (the residual stream of M decoding sequences, one token each; row m is sequence m)
@@ -165,7 +199,7 @@ void pq_decode_layers(float* x, int64_t M, int64_t H, int64_t I, int64_t n_layer
                       const LayerWeights* layers, float eps, int64_t Hq, int64_t Hk, int64_t D,
                       const float* cos, const float* sin, const int64_t* slots,
                       const int64_t* lens, const int64_t* table_offsets, const int64_t* tables,
-                      int64_t block_size, int threads) {
+                      int64_t block_size, int threads, int kv_half) {
   const int64_t QKV = (Hq + 2 * Hk) * D, QD = Hq * D;
   static thread_local std::vector<float> scratch;
   static thread_local std::vector<int64_t> rows;
@@ -184,9 +218,9 @@ void pq_decode_layers(float* x, int64_t M, int64_t H, int64_t I, int64_t n_layer
     pq_rmsnorm(x, H, M, H, w.in_norm, eps, h);
     linear<false>(h, M, Weights{w.codes[0], w.scales[0], w.mins[0], w.bias[0], H, QKV}, qkv, threads);
     pq_rope_store(qkv, QKV, qkv + QD, QKV, qkv + QD + Hk * D, QKV, M, Hq, Hk, D, cos, sin, slots,
-                  w.k_cache, w.v_cache);
+                  w.k_cache, w.v_cache, kv_half);
     pq_paged_decode(qkv, QKV, M, rows.data(), lens, table_offsets, tables, Hq, Hk, D, w.k_cache,
-                    w.v_cache, block_size, scale, att, QD, threads);
+                    w.v_cache, block_size, scale, att, QD, threads, kv_half);
     linear<false>(att, M, Weights{w.codes[1], w.scales[1], w.mins[1], w.bias[1], QD, H}, o, threads);
     for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
     pq_rmsnorm(x, H, M, H, w.post_norm, eps, h);

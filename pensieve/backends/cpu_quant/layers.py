@@ -58,10 +58,11 @@ class CpuAttention:
 
     @staticmethod
     def fits(caches: list[torch.Tensor], dtype: torch.dtype) -> bool:
-        """float32 model and caches, head size a multiple of 16."""
+        """float32 model, float32 or float16 caches, head size a multiple of 16 (≤ 1024)."""
         c = caches[0]
-        return (dtype == torch.float32 and c.dtype == torch.float32 and c.device.type == "cpu"
-                and c.shape[-1] % 16 == 0 and c.is_contiguous())
+        return (dtype == torch.float32 and c.dtype in (torch.float32, torch.float16)
+                and c.device.type == "cpu" and c.shape[-1] % 16 == 0 and c.shape[-1] <= 1024
+                and c.is_contiguous())
 
     def step(self, sequences: list[SequenceSlice]) -> CpuAttentionStep:
         decode = [s for s in sequences if s.query_len == 1]
@@ -97,17 +98,19 @@ class CpuAttentionStep:
             return paged_attention(layer, q, k, v, replace(ctx, attention=None), cos_sin)
         lib = self.owner.kernels.lib
         k_cache, v_cache = ctx.k_caches[layer], ctx.v_caches[layer]
+        half = int(k_cache.dtype == torch.float16)
         cos, sin = (c.contiguous() for c in cos_sin)
         lib.pq_rope_store(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(),
                           v.stride(0), t, hq, hk, d, cos.data_ptr(), sin.data_ptr(),
-                          ctx.slot_mapping.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr())
+                          ctx.slot_mapping.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                          half)
         out = torch.empty(t, hq, d)
         if self.num_decode:
             m = self.meta
             lib.pq_paged_decode(q.data_ptr(), q.stride(0), self.num_decode, m[0].data_ptr(),
                                 m[1].data_ptr(), m[2].data_ptr(), self.tables.data_ptr(), hq, hk,
                                 d, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1],
-                                d ** -0.5, out.data_ptr(), hq * d, self.owner.threads)
+                                d ** -0.5, out.data_ptr(), hq * d, self.owner.threads, half)
         for seq in self.longer:
             attend_cached(q, k_cache, v_cache, seq, out)
         return out

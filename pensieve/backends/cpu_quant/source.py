@@ -291,7 +291,7 @@ void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
 
 extern "C" {
 
-int pq_abi_version() { return 9; }
+int pq_abi_version() { return 10; }
 
 // y[M, N] = x[M, K] @ W.T (+ bias) for q4 weights. K % 32 == 0; bias may be null.
 void pq4_linear(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
