@@ -10,13 +10,13 @@ float16 for Q4_K (``d · sc`` needs up to 17 bits).
 Which kernel runs (``cuda_int4_kernels.py``) depends on the rows of x (measured on an H100
 at the 8B shapes by bench/gpu_int4.py, BENCHMARKS.md):
 
-* 1 row (decode at batch 1): ``gemv``, exact in scales, within a few percent of PyTorch's
-  tinygemm — ``prepare_for_cuda`` times both per weight shape and keeps the faster;
+* 1 row (decode at batch 1): ``gemv`` (exact float16 scales) or PyTorch's tinygemm, per
+  weight shape whichever ``prepare_for_cuda`` times faster (tinygemm, by 4-18%, on an H100);
 * 2 to ``TINYGEMM_MAX_ROWS``: PyTorch's tinygemm on a second copy of the codes
   (``tinygemm.py``) where ``prepare_for_cuda`` made one — faster than our ``matmul``;
 * more (larger batches, prefill): cuBLAS on a dense copy in the activations' dtype where
   ``prepare_for_cuda`` kept one (GPU memory to spare); else Triton ``matmul`` up to
-  ``MATMUL_MAX_ROWS``, then the weight dequantised into a temporary for the call (~10%
+  ``MATMUL_MAX_ROWS``, then the weight dequantised into a temporary for the call (11-20%
   over cuBLAS alone at 2048 rows). There the product is compute-bound and cuBLAS wins.
 
 All three take fixed grids for fixed shapes, so CUDA graphs capture them. Importing this
@@ -193,7 +193,10 @@ def prepare_for_cuda(model: nn.Module, dtype: torch.dtype, max_fraction: float =
 def _one_row_kernels(layers: list[CudaInt4Linear], reps: int = 30) -> str:
     """Per weight shape, Triton gemv or tinygemm for one row: whichever times faster here
     (median of ``reps`` back-to-back calls cycling through up to 8 layers of the shape, as a
-    decode step runs them). They are within a few percent of each other on an H100."""
+    decode step runs them). GPU time only: the calls are queued behind a sleeping kernel, so
+    the launch cost from Python (a Triton launch costs more than an aten one) stays out, as
+    it does in a CUDA graph. On an H100 at the 8B shapes tinygemm wins by 4-18% (per layer
+    13.1/8.8/42.4/22.5 µs against 13.7/10.1/46.8/27.4 µs for qkv/o/gate_up/down)."""
     by_shape: dict[tuple[int, int], list[CudaInt4Linear]] = {}
     for m in layers:
         if m.tiny is not None:
@@ -211,6 +214,7 @@ def _one_row_kernels(layers: list[CudaInt4Linear], reps: int = 30) -> str:
             for i in range(reps):
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
+                torch.cuda._sleep(1_000_000)  # ~0.5 ms: the launches below queue up meanwhile
                 start.record()
                 for m in sample:
                     run(m)
