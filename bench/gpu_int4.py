@@ -37,12 +37,18 @@ MATMUL_TILES = [Tiles(bm, bn, bg, w, st) for bm in (16,) for bn, bg, w, st in (
 OLD_TILES = [Tiles(16, 32, 8, 4, 3), Tiles(16, 64, 4, 4, 3), Tiles(16, 128, 4, 8, 3)]
 CHUNK_TILES = [Tiles(32, 64, 2, 4, 3), Tiles(64, 64, 2, 4, 3), Tiles(64, 128, 2, 8, 3),
                Tiles(32, 128, 2, 4, 3)]
+ROWS_TILES = [Tiles(8, bn, bg, w, st) for bn, bg, w, st in (
+    (2, 8, 4, 3), (4, 8, 4, 3), (2, 16, 4, 2), (4, 4, 4, 3), (8, 4, 4, 3), (1, 16, 2, 3),
+    (2, 8, 2, 3), (1, 8, 2, 4), (4, 16, 8, 2))]
 CANDIDATES = {
     1: [("gemv", t) for t in GEMV_TILES] + [("matmul", t) for t in MATMUL_TILES[2:4]],
-    2: [("gemv", t) for t in GEMV_TILES[:2]] + [("matmul", t) for t in MATMUL_TILES],
-    4: [("gemv", t) for t in GEMV_TILES[:1]] + [("matmul", t) for t in MATMUL_TILES],
-    8: [("matmul", t) for t in MATMUL_TILES] + [("matmul_dequant", t) for t in OLD_TILES],
-    16: [("matmul", t) for t in MATMUL_TILES] + [("matmul_dequant", t) for t in OLD_TILES],
+    2: [("gemv", t) for t in GEMV_TILES[:2]] + [("gemv_rows", t) for t in ROWS_TILES],
+    4: [("gemv_rows", t) for t in ROWS_TILES] + [("matmul", t) for t in MATMUL_TILES[:2]],
+    8: [("gemv_rows", t) for t in ROWS_TILES] + [("matmul", t) for t in MATMUL_TILES[:2]],
+    16: [("gemv_rows", t) for t in ROWS_TILES[:5]]
+        + [("gemv_rows", Tiles(16, bn, bg, w, st)) for bn, bg, w, st in (
+            (2, 8, 4, 3), (1, 8, 4, 3), (2, 4, 4, 3), (1, 16, 4, 2))]
+        + [("matmul", t) for t in MATMUL_TILES[:2]],
     32: [("matmul", t) for t in MATMUL_TILES + CHUNK_TILES[:1]]
         + [("matmul_dequant", t) for t in OLD_TILES[1:2]],
     64: [("matmul", t) for t in CHUNK_TILES],
@@ -53,6 +59,8 @@ CANDIDATES = {
 def run_kernel(kind: str, x, packed, so, t: Tiles):
     if kind == "gemv":
         return cuda_int4.gemv(x, packed, so, t)
+    if kind == "gemv_rows":
+        return cuda_int4.gemv_rows(x, packed, so, t)
     return cuda_int4.matmul(x, packed, so, t, kind)
 
 
@@ -81,7 +89,8 @@ def tinygemm(n: int, k: int, gen: torch.Generator):
         return None
 
 
-def one_shape(name: str, n: int, k: int, gen: torch.Generator) -> list[dict]:
+def one_shape(name: str, n: int, k: int, gen: torch.Generator,
+              rows: tuple[int, ...] = ()) -> list[dict]:
     packed, so = random_weight(n, k, gen)
     weight = cuda_int4.unpack(packed, so)  # float32 on the GPU
     dense = weight.to(torch.bfloat16)
@@ -89,6 +98,8 @@ def one_shape(name: str, n: int, k: int, gen: torch.Generator) -> list[dict]:
     tg = tinygemm(n, k, gen)
     rows_out = []
     for m, candidates in CANDIDATES.items():
+        if rows and m not in rows:
+            continue
         x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
         ref = x.double() @ weight.double().T
         y = cuda_int4.int4_linear(x, packed, so)
@@ -144,11 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_int4")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--rows", default="", help="only these row counts (comma-separated)")
     a = p.parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for name in a.shapes.split(","):
-        rows += one_shape(name, *SHAPES[name], gen)
+        rows += one_shape(name, *SHAPES[name], gen,
+                          tuple(int(r) for r in a.rows.split(",")) if a.rows else ())
         torch.cuda.empty_cache()
     Path(a.out, "gpu_int4.json").write_text(json.dumps(rows, indent=1))
     print(table(rows))

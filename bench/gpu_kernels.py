@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -309,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-attention", action="store_true")
     p.add_argument("--unfused", action="store_true", help="without backends/cuda_layers fusion")
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     result["tokenizer"] = tokenizer_timing()
     print(json.dumps(result["tokenizer"]), flush=True)

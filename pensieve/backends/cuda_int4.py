@@ -7,26 +7,28 @@ one (float16 scale, float16 offset) pair per 32 weights, packed into an int32 �
 are the file's own; the pair is exact for Q4_0 and Q4_1 (float16 in the file) and rounded to
 float16 for Q4_K (``d · sc`` needs up to 17 bits).
 
-Which kernel runs (``cuda_int4_kernels.py``) depends on the rows of x (measured on an H100
-at the 8B shapes by bench/gpu_int4.py, BENCHMARKS.md):
+Which kernel runs depends on the rows of x. ``prepare_for_cuda`` (after the move to the GPU)
+adds a copy of the codes in the layout of PyTorch's int4 matmul ("tinygemm", ``tinygemm.py``)
+and, where GPU memory allows, dense copies; then, per weight shape, it times the kernels that
+apply for 1, 8 and 16 rows and routes each bucket to the fastest (``route``):
 
-* 1 row (decode at batch 1): ``gemv`` (exact float16 scales) or PyTorch's tinygemm, per
-  weight shape whichever ``prepare_for_cuda`` times faster (tinygemm, by 4-18%, on an H100);
-* 2 to ``TINYGEMM_MAX_ROWS``: PyTorch's tinygemm on a second copy of the codes
-  (``tinygemm.py``) where ``prepare_for_cuda`` made one — faster than our ``matmul``;
-* more (larger batches, prefill): cuBLAS on a dense copy in the activations' dtype where
-  ``prepare_for_cuda`` kept one (GPU memory to spare); else Triton ``matmul`` up to
-  ``MATMUL_MAX_ROWS``, then the weight dequantised into a temporary for the call (11-20%
-  over cuBLAS alone at 2048 rows). There the product is compute-bound and cuBLAS wins.
+* ``gemv`` (1 row) / ``gemv_rows`` (up to 16) — our Triton kernels (``cuda_int4_kernels.py``),
+  exact float16 scales;
+* ``tinygemm`` (up to 8 rows) — bfloat16 scales;
+* ``dense`` — cuBLAS on the dense copy.
 
-All three take fixed grids for fixed shapes, so CUDA graphs capture them. Importing this
+Beyond 16 rows (larger batches, prefill) the product is compute-bound: cuBLAS on the dense
+copy; without one, Triton ``matmul`` up to ``MATMUL_MAX_ROWS``, then the weight dequantised
+into a temporary for the call (11-20% over cuBLAS alone at 2048 rows; bench/gpu_int4.py).
+
+All of them take fixed grids for fixed shapes, so CUDA graphs capture them. Importing this
 module needs neither a GPU nor Triton; the kernels are imported on first use.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -57,9 +59,9 @@ class Tiles:
 # From bench/gpu_int4.py's sweep on an H100 at the 8B shapes (BENCHMARKS.md).
 GEMV = Tiles(1, 2, 32, 2, 3)
 MATMUL = Tiles(16, 32, 2, 4, 3)
+GEMV_ROWS = Tiles(16, 2, 8, 4, 3)  # up to 16 rows a program
 DEQUANT = Tiles(1, 16, 8, 4, 1)
-GEMV_MAX_ROWS = 1
-TINYGEMM_MAX_ROWS = 8
+ROUTE_BUCKETS = (1, 8, 16)  # row counts up to which prepare_for_cuda times a choice
 MATMUL_MAX_ROWS = 64  # without dense copies: Triton matmul up to here, then dequantise
 
 
@@ -111,6 +113,21 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Tiles = GEM
     return y
 
 
+def gemv_rows(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
+              t: Tiles = GEMV_ROWS) -> torch.Tensor:
+    """``gemv`` with ``t.block_m`` rows a program (a power of two)."""
+    m, k = x.shape
+    n = packed.shape[0]
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    rows = min(t.block_m, 1 << (m - 1).bit_length())
+    grid = (triton_cdiv(m, rows), triton_cdiv(n, t.block_n))
+    _kernels().gemv_rows[grid](x, packed, so, y, m, n, k, k // GROUP, x.stride(0), y.stride(0),
+                               ROWS=rows, BLOCK_N=t.block_n,
+                               BLOCK_G=_block_g(k // GROUP, t.block_g),
+                               num_warps=t.num_warps, num_stages=t.num_stages)
+    return y
+
+
 def matmul(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Tiles,
            kernel: str = "matmul") -> torch.Tensor:
     m, k = x.shape
@@ -139,14 +156,25 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def default_route(dense: torch.Tensor | None, tiny: TinyGemm | None) -> dict[int, str]:
+    """Kernel for each row bucket before ``prepare_for_cuda`` has timed any."""
+    few = "tinygemm" if tiny is not None else "gemv_rows"
+    return {1: "gemv", 8: few, 16: "dense" if dense is not None else "gemv_rows"}
+
+
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
                 dense: torch.Tensor | None = None, tiny: TinyGemm | None = None,
-                gemv_rows: int = GEMV_MAX_ROWS) -> torch.Tensor:
-    """x [M, K] (bf16/fp16, contiguous rows) @ w.T by the kernel that suits M."""
+                route: Mapping[int, str] | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16, contiguous rows) @ w.T by the kernel ``route`` names for the
+    first bucket (1, 8, 16 rows) that holds M; beyond: dense, Triton matmul, dequantise."""
     m = x.shape[0]
-    if m <= gemv_rows:
+    route = route or default_route(dense, tiny)
+    kind = next((route[b] for b in ROUTE_BUCKETS if m <= b), "dense")
+    if kind == "gemv":
         return gemv(x, packed, so)
-    if tiny is not None and m <= TINYGEMM_MAX_ROWS:
+    if kind == "gemv_rows":
+        return gemv_rows(x, packed, so)
+    if kind == "tinygemm" and tiny is not None:
         return tiny(x)
     if dense is not None:
         return F.linear(x, dense)
@@ -176,58 +204,66 @@ def prepare_for_cuda(model: nn.Module, dtype: torch.dtype, max_fraction: float =
             if tinygemm.supported(m.in_features):
                 pair = m.scale_offset.unsqueeze(-1).view(torch.float16)
                 m.tiny = tinygemm.pack(unpack_codes(m.packed), pair[..., 0], pair[..., 1])
-    one_row = _one_row_kernels(layers)
     need = sum(m.in_features * m.out_features for m in layers) * dtype.itemsize
     free, _ = torch.cuda.mem_get_info(device)
     dense = need <= max_fraction * free
     if dense:
         for m in layers:
             m.dense = dequantize(m.packed, m.scale_offset, dtype)
-    log.info("int4 layers: 1 row: %s; %s for 2-%d, %s beyond (dense copies: %.1f GB, %.1f GB "
-             "free before)", one_row, "tinygemm" if layers[0].tiny else "as beyond",
-             TINYGEMM_MAX_ROWS, "cuBLAS on dense copies" if dense else
+    routes = _choose_routes(layers, dtype)
+    log.info("int4 layers: %s; beyond 16 rows: %s (dense copies: %.1f GB, %.1f GB free before)",
+             routes, "cuBLAS on dense copies" if dense else
              f"Triton matmul to {MATMUL_MAX_ROWS}, then dequantise + cuBLAS",
              need / 1e9 if dense else 0.0, free / 1e9)
 
 
-def _one_row_kernels(layers: list[CudaInt4Linear], reps: int = 30) -> str:
-    """Per weight shape, Triton gemv or tinygemm for one row: whichever times faster here
-    (median of ``reps`` back-to-back calls cycling through up to 8 layers of the shape, as a
-    decode step runs them). GPU time only: the calls are queued behind a sleeping kernel, so
-    the launch cost from Python (a Triton launch costs more than an aten one) stays out, as
-    it does in a CUDA graph. On an H100 at the 8B shapes tinygemm wins by 4-18% (per layer
-    13.1/8.8/42.4/22.5 µs against 13.7/10.1/46.8/27.4 µs for qkv/o/gate_up/down)."""
+def _gpu_us(run, layers: list[CudaInt4Linear], reps: int) -> float:
+    """Median GPU µs of ``run(layer)`` cycling through ``layers``, launches queued behind a
+    sleeping kernel so that Python's launch cost (a Triton launch costs more than an aten
+    one) stays out, as it does in a CUDA graph."""
+    for m in layers:  # compile, warm up
+        run(m)
+    samples = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)  # ~0.5 ms: the launches below queue up meanwhile
+        start.record()
+        for m in layers:
+            run(m)
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / len(layers))
+    return sorted(samples)[reps // 2] * 1e3
+
+
+def _choose_routes(layers: list[CudaInt4Linear], dtype: torch.dtype, reps: int = 20) -> str:
+    """Per weight shape and row bucket (1, 8, 16), the fastest of the kernels that apply,
+    timed here on up to 8 layers of the shape (as a decode step runs them back to back).
+    On an H100 at the 8B shapes, 1 row: tinygemm beat our gemv by 4-18%."""
     by_shape: dict[tuple[int, int], list[CudaInt4Linear]] = {}
     for m in layers:
-        if m.tiny is not None:
-            by_shape.setdefault((m.out_features, m.in_features), []).append(m)
-    chosen = []
+        by_shape.setdefault((m.out_features, m.in_features), []).append(m)
+    notes = []
     for (n, k), group in by_shape.items():
-        x = torch.randn(1, k, device=group[0].packed.device, dtype=torch.bfloat16)
-        sample = group[:8]
-        times = {}
-        for name, run in (("gemv", lambda m: gemv(x, m.packed, m.scale_offset)),
-                          ("tinygemm", lambda m: m.tiny(x))):
-            for m in sample:  # compile, warm up
-                run(m)
-            samples = []
-            for i in range(reps):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                torch.cuda._sleep(1_000_000)  # ~0.5 ms: the launches below queue up meanwhile
-                start.record()
-                for m in sample:
-                    run(m)
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end) / len(sample))
-            times[name] = sorted(samples)[reps // 2] * 1e3
-        use_tiny = times["tinygemm"] < 0.97 * times["gemv"]
+        sample, first = group[:8], group[0]
+        route = {}
+        for rows in ROUTE_BUCKETS:
+            x = torch.randn(rows, k, device=first.packed.device, dtype=dtype)
+            runs = {"gemv" if rows == 1 else "gemv_rows":
+                    (lambda m, x=x: gemv(x, m.packed, m.scale_offset)) if rows == 1 else
+                    (lambda m, x=x: gemv_rows(x, m.packed, m.scale_offset))}
+            if first.tiny is not None and rows <= 8:
+                runs["tinygemm"] = lambda m, x=x: m.tiny(x)
+            if first.dense is not None and rows > 1:
+                runs["dense"] = lambda m, x=x: F.linear(x, m.dense)
+            times = {name: _gpu_us(run, sample, reps) for name, run in runs.items()}
+            route[rows] = min(times, key=times.get)
+            notes.append(f"{n}x{k} ≤{rows}: " + ", ".join(
+                f"{name} {t:.1f}" for name, t in sorted(times.items(), key=lambda kv: kv[1])))
         for m in group:
-            m.gemv_rows = 0 if use_tiny else GEMV_MAX_ROWS
-        chosen.append(f"{n}x{k} {'tinygemm' if use_tiny else 'gemv'} (gemv {times['gemv']:.1f} "
-                      f"µs, tinygemm {times['tinygemm']:.1f} µs)")
-    return "; ".join(chosen) or "Triton gemv"
+            m.route = route
+    return "µs per call, fastest first: " + "; ".join(notes)
 
 
 def cuda_int4_available() -> bool:
@@ -257,14 +293,14 @@ class CudaInt4Linear(nn.Module):
         # prepare_for_cuda's extra copies; plain attributes: never saved or cast
         self.dense: torch.Tensor | None = None
         self.tiny: TinyGemm | None = None
-        self.gemv_rows = GEMV_MAX_ROWS  # 0: one row goes to tinygemm (prepare_for_cuda timed it)
+        self.route: dict[int, str] | None = None  # prepare_for_cuda's timed choice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.is_cuda:
             y = int4_linear(x2.contiguous(), self.packed, self.scale_offset, self.dense,
-                            self.tiny, self.gemv_rows)
+                            self.tiny, self.route)
         else:  # CPU (tests, a model not yet moved): the reference dequantisation
             y = F.linear(x2, unpack(self.packed, self.scale_offset).to(x.dtype))
         if self.bias is not None:
