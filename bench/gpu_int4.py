@@ -37,18 +37,12 @@ MATMUL_TILES = [Tiles(bm, bn, bg, w, st) for bm in (16,) for bn, bg, w, st in (
 OLD_TILES = [Tiles(16, 32, 8, 4, 3), Tiles(16, 64, 4, 4, 3), Tiles(16, 128, 4, 8, 3)]
 CHUNK_TILES = [Tiles(32, 64, 2, 4, 3), Tiles(64, 64, 2, 4, 3), Tiles(64, 128, 2, 8, 3),
                Tiles(32, 128, 2, 4, 3)]
-ROWS_TILES = [Tiles(8, bn, bg, w, st) for bn, bg, w, st in (
-    (2, 8, 4, 3), (4, 8, 4, 3), (2, 16, 4, 2), (4, 4, 4, 3), (8, 4, 4, 3), (1, 16, 2, 3),
-    (2, 8, 2, 3), (1, 8, 2, 4), (4, 16, 8, 2))]
 CANDIDATES = {
     1: [("gemv", t) for t in GEMV_TILES] + [("matmul", t) for t in MATMUL_TILES[2:4]],
-    2: [("gemv", t) for t in GEMV_TILES[:2]] + [("gemv_rows", t) for t in ROWS_TILES],
-    4: [("gemv_rows", t) for t in ROWS_TILES] + [("matmul", t) for t in MATMUL_TILES[:2]],
-    8: [("gemv_rows", t) for t in ROWS_TILES] + [("matmul", t) for t in MATMUL_TILES[:2]],
-    16: [("gemv_rows", t) for t in ROWS_TILES[:5]]
-        + [("gemv_rows", Tiles(16, bn, bg, w, st)) for bn, bg, w, st in (
-            (2, 8, 4, 3), (1, 8, 4, 3), (2, 4, 4, 3), (1, 16, 4, 2))]
-        + [("matmul", t) for t in MATMUL_TILES[:2]],
+    2: [("gemv", t) for t in GEMV_TILES[:2]] + [("matmul", t) for t in MATMUL_TILES],
+    4: [("gemv", t) for t in GEMV_TILES[:1]] + [("matmul", t) for t in MATMUL_TILES],
+    8: [("matmul", t) for t in MATMUL_TILES] + [("matmul_dequant", t) for t in OLD_TILES],
+    16: [("matmul", t) for t in MATMUL_TILES] + [("matmul_dequant", t) for t in OLD_TILES],
     32: [("matmul", t) for t in MATMUL_TILES + CHUNK_TILES[:1]]
         + [("matmul_dequant", t) for t in OLD_TILES[1:2]],
     64: [("matmul", t) for t in CHUNK_TILES],
@@ -59,8 +53,6 @@ CANDIDATES = {
 def run_kernel(kind: str, x, packed, so, t: Tiles):
     if kind == "gemv":
         return cuda_int4.gemv(x, packed, so, t)
-    if kind == "gemv_rows":
-        return cuda_int4.gemv_rows(x, packed, so, t)
     return cuda_int4.matmul(x, packed, so, t, kind)
 
 

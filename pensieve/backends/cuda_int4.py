@@ -10,16 +10,14 @@ float16 for Q4_K (``d · sc`` needs up to 17 bits).
 Which kernel runs depends on the rows of x. ``prepare_for_cuda`` (after the move to the GPU)
 adds a copy of the codes in the layout of PyTorch's int4 matmul ("tinygemm", ``tinygemm.py``)
 and, where GPU memory allows, dense copies; then, per weight shape, it times the kernels that
-apply for 1, 8 and 16 rows and routes each bucket to the fastest (``route``):
+apply for 1, 2, 4 and 8 rows and routes each bucket to the fastest (``route``): our Triton
+``gemv`` (1 row, exact float16 scales, ``cuda_int4_kernels.py``), tinygemm (bfloat16 scales)
+or cuBLAS on the dense copy.
 
-* ``gemv`` (1 row) / ``gemv_rows`` (up to 16) — our Triton kernels (``cuda_int4_kernels.py``),
-  exact float16 scales;
-* ``tinygemm`` (up to 8 rows) — bfloat16 scales;
-* ``dense`` — cuBLAS on the dense copy.
-
-Beyond 16 rows (larger batches, prefill) the product is compute-bound: cuBLAS on the dense
-copy; without one, Triton ``matmul`` up to ``MATMUL_MAX_ROWS``, then the weight dequantised
-into a temporary for the call (11-20% over cuBLAS alone at 2048 rows; bench/gpu_int4.py).
+Beyond 8 rows (larger batches, prefill) cuBLAS on the dense copy wins (the product turns
+compute-bound); without one, Triton ``matmul`` up to ``MATMUL_MAX_ROWS``, then the weight
+dequantised into a temporary for the call (11-20% over cuBLAS alone at 2048 rows;
+bench/gpu_int4.py).
 
 All of them take fixed grids for fixed shapes, so CUDA graphs capture them. Importing this
 module needs neither a GPU nor Triton; the kernels are imported on first use.
@@ -59,9 +57,8 @@ class Tiles:
 # From bench/gpu_int4.py's sweep on an H100 at the 8B shapes (BENCHMARKS.md).
 GEMV = Tiles(1, 2, 32, 2, 3)
 MATMUL = Tiles(16, 32, 2, 4, 3)
-GEMV_ROWS = Tiles(16, 2, 8, 4, 3)  # up to 16 rows a program
 DEQUANT = Tiles(1, 16, 8, 4, 1)
-ROUTE_BUCKETS = (1, 8, 16)  # row counts up to which prepare_for_cuda times a choice
+ROUTE_BUCKETS = (1, 2, 4, 8)  # row counts up to which prepare_for_cuda times a choice
 MATMUL_MAX_ROWS = 64  # without dense copies: Triton matmul up to here, then dequantise
 
 
@@ -113,21 +110,6 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Tiles = GEM
     return y
 
 
-def gemv_rows(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
-              t: Tiles = GEMV_ROWS) -> torch.Tensor:
-    """``gemv`` with ``t.block_m`` rows a program (a power of two)."""
-    m, k = x.shape
-    n = packed.shape[0]
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    rows = min(t.block_m, 1 << (m - 1).bit_length())
-    grid = (triton_cdiv(m, rows), triton_cdiv(n, t.block_n))
-    _kernels().gemv_rows[grid](x, packed, so, y, m, n, k, k // GROUP, x.stride(0), y.stride(0),
-                               ROWS=rows, BLOCK_N=t.block_n,
-                               BLOCK_G=_block_g(k // GROUP, t.block_g),
-                               num_warps=t.num_warps, num_stages=t.num_stages)
-    return y
-
-
 def matmul(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Tiles,
            kernel: str = "matmul") -> torch.Tensor:
     m, k = x.shape
@@ -158,25 +140,23 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def default_route(dense: torch.Tensor | None, tiny: TinyGemm | None) -> dict[int, str]:
     """Kernel for each row bucket before ``prepare_for_cuda`` has timed any."""
-    few = "tinygemm" if tiny is not None else "gemv_rows"
-    return {1: "gemv", 8: few, 16: "dense" if dense is not None else "gemv_rows"}
+    few = "tinygemm" if tiny is not None else "dense" if dense is not None else "matmul"
+    return {1: "gemv", 2: few, 4: few, 8: few}
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
                 dense: torch.Tensor | None = None, tiny: TinyGemm | None = None,
                 route: Mapping[int, str] | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16, contiguous rows) @ w.T by the kernel ``route`` names for the
-    first bucket (1, 8, 16 rows) that holds M; beyond: dense, Triton matmul, dequantise."""
+    first bucket (1, 2, 4, 8 rows) that holds M; beyond: dense, Triton matmul, dequantise."""
     m = x.shape[0]
     route = route or default_route(dense, tiny)
     kind = next((route[b] for b in ROUTE_BUCKETS if m <= b), "dense")
     if kind == "gemv":
         return gemv(x, packed, so)
-    if kind == "gemv_rows":
-        return gemv_rows(x, packed, so)
     if kind == "tinygemm" and tiny is not None:
         return tiny(x)
-    if dense is not None:
+    if kind == "dense" and dense is not None:
         return F.linear(x, dense)
     if m <= MATMUL_MAX_ROWS:
         return matmul(x, packed, so, MATMUL)
@@ -238,32 +218,35 @@ def _gpu_us(run, layers: list[CudaInt4Linear], reps: int) -> float:
 
 
 def _choose_routes(layers: list[CudaInt4Linear], dtype: torch.dtype, reps: int = 20) -> str:
-    """Per weight shape and row bucket (1, 8, 16), the fastest of the kernels that apply,
+    """Per weight shape and row bucket (1, 2, 4, 8), the fastest of the kernels that apply,
     timed here on up to 8 layers of the shape (as a decode step runs them back to back).
-    On an H100 at the 8B shapes, 1 row: tinygemm beat our gemv by 4-18%."""
+    On an H100 at the 8B shapes: tinygemm for 1 row (4-18% ahead of our gemv), tinygemm or
+    cuBLAS on the dense copy for 2-8 (within ~15% of each other, depending on the shape)."""
     by_shape: dict[tuple[int, int], list[CudaInt4Linear]] = {}
     for m in layers:
         by_shape.setdefault((m.out_features, m.in_features), []).append(m)
     notes = []
     for (n, k), group in by_shape.items():
         sample, first = group[:8], group[0]
-        route = {}
+        route = default_route(first.dense, first.tiny)
         for rows in ROUTE_BUCKETS:
             x = torch.randn(rows, k, device=first.packed.device, dtype=dtype)
-            runs = {"gemv" if rows == 1 else "gemv_rows":
-                    (lambda m, x=x: gemv(x, m.packed, m.scale_offset)) if rows == 1 else
-                    (lambda m, x=x: gemv_rows(x, m.packed, m.scale_offset))}
-            if first.tiny is not None and rows <= 8:
+            runs = {}
+            if rows == 1:
+                runs["gemv"] = lambda m, x=x: gemv(x, m.packed, m.scale_offset)
+            if first.tiny is not None:
                 runs["tinygemm"] = lambda m, x=x: m.tiny(x)
             if first.dense is not None and rows > 1:
                 runs["dense"] = lambda m, x=x: F.linear(x, m.dense)
+            if len(runs) < 2:
+                continue
             times = {name: _gpu_us(run, sample, reps) for name, run in runs.items()}
             route[rows] = min(times, key=times.get)
-            notes.append(f"{n}x{k} ≤{rows}: " + ", ".join(
+            notes.append(f"{n}x{k} ×{rows}: " + ", ".join(
                 f"{name} {t:.1f}" for name, t in sorted(times.items(), key=lambda kv: kv[1])))
         for m in group:
             m.route = route
-    return "µs per call, fastest first: " + "; ".join(notes)
+    return "µs per call, fastest first: " + ("; ".join(notes) or "not timed")
 
 
 def cuda_int4_available() -> bool:

@@ -13,8 +13,6 @@ code into the mantissa of a "magic" float gives ``magic + code`` exactly (2²³ 
 
 * ``gemv`` — few activation rows (decode at batch 1): float32 FMAs, one program per (row,
   BLOCK_N outputs).
-* ``gemv_rows`` — ``gemv`` for a few rows at once (decode batches of 2–16): the codes are
-  unpacked once per program for all of its rows.
 * ``matmul`` — several rows (decode batches, short prefill chunks): per group, two ``tl.dot``
   of 16 columns on the tensor cores (low nibbles against x[32g : 32g+16], high against the
   rest) on ``magic + code`` in x's dtype, then the group's scale and offset in float32.
@@ -68,41 +66,6 @@ def gemv(X, W, SO, Y, N, K, GROUPS, stride_x, stride_y,
         acc += part * s + o * tl.sum(xlo + xhi, 1)[None, :]
     y = tl.sum(acc, 1)
     tl.store(Y + row * stride_y + n, y.to(Y.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
-def gemv_rows(X, W, SO, Y, M, N, K, GROUPS, stride_x, stride_y,
-              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    """``gemv`` for up to ROWS rows per program (decode batches): each weight tile is
-    unpacked once and meets every row in float32 FMAs; grid (cdiv(M, ROWS), cdiv(N, BLOCK_N))."""
-    pid_m = tl.program_id(0)
-    pid = tl.program_id(1)
-    r = pid_m * ROWS + tl.arange(0, ROWS)
-    rmask = r < M
-    r = tl.where(rmask, r, 0).to(tl.int64)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    n_safe = tl.where(nmask, n, 0).to(tl.int64)
-    gi = tl.arange(0, BLOCK_G)
-    i = tl.arange(0, 16)
-    w_rows = W + n_safe[:, None, None] * (K // 2) + gi[None, :, None] * 16 + i[None, None, :]
-    so_rows = SO + n_safe[:, None] * GROUPS + gi[None, :]
-    x_cols = X + r[:, None, None] * stride_x + gi[None, :, None] * 32 + i[None, None, :]
-    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_G], tl.float32)
-    for g0 in range(0, GROUPS, BLOCK_G):
-        b = tl.load(w_rows + g0 * 16).to(tl.int32)
-        so = tl.load(so_rows + g0)
-        xlo = tl.load(x_cols + g0 * 32).to(tl.float32)  # [ROWS, BLOCK_G, 16]
-        xhi = tl.load(x_cols + g0 * 32 + 16).to(tl.float32)
-        lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        part = tl.sum(lo[None, :, :, :] * xlo[:, None, :, :]
-                      + hi[None, :, :, :] * xhi[:, None, :, :], 3)  # [ROWS, BLOCK_N, BLOCK_G]
-        s, o = _scale_offset(so)
-        acc += part * s[None, :, :] + o[None, :, :] * tl.sum(xlo + xhi, 2)[:, None, :]
-    y = tl.sum(acc, 2)
-    out = Y + r[:, None] * stride_y + n[None, :]
-    tl.store(out, y.to(Y.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit

@@ -89,8 +89,6 @@ def interpreter_check(k: int) -> None:
         ref = x.double() @ weight.double().T
         for name, y in (("gemv 1 row", cuda_int4.gemv(x[:1], packed, so, tiles)),
                         ("gemv", cuda_int4.gemv(x, packed, so, tiles)),
-                        ("gemv_rows", cuda_int4.gemv_rows(x, packed, so,
-                                                          cuda_int4.Tiles(4, 2, 4, 4, 1))),
                         ("matmul", cuda_int4.matmul(x, packed, so, tiles)),
                         ("matmul_dequant",
                          cuda_int4.matmul(x, packed, so, tiles, "matmul_dequant"))):
@@ -120,8 +118,8 @@ def test_kernels_in_the_triton_interpreter():
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (96, 4096)])
 @pytest.mark.parametrize("copies", [False, True])
 def test_cuda_kernels_against_float64(rows, n, k, copies):
-    """Every route of int4_linear: without copies (gemv, gemv_rows, Triton matmul, dequantise
-    + cuBLAS) and with the tinygemm and dense copies prepare_for_cuda makes."""
+    """Every route of int4_linear: without copies (gemv, Triton matmul, dequantise + cuBLAS)
+    and with the tinygemm and dense copies prepare_for_cuda makes."""
     from pensieve.backends import tinygemm
 
     gen = torch.Generator().manual_seed(rows + n)
