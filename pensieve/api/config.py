@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from pensieve.engine.types import DryParams
+
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
@@ -28,6 +30,8 @@ class ApiConfig:
     # never sends one, and small local models loop at 1.0)
     default_temperature: float = 1.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # the loop guard applied to every request (the API has no such knob); None → off
+    dry: DryParams | None = None
 
     def __post_init__(self) -> None:
         if not self.model_id:

@@ -87,6 +87,7 @@ async def prepare_generation(services: Services, request: MessageCreateParams, r
         retain_prefix=wants_prompt_cache(request),
         grammar=grammar,
         thinking_budget=thinking_budget,
+        dry=services.config.dry,
     )
     return PreparedGeneration(request_id, new_message_id(), request.model, prompt, params,
                               services.renderer.thinking_key)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pensieve.cli.settings import WEIGHTS, ServeSettings, settings_from_args
+from pensieve.engine.types import DEFAULT_DRY
 
 if TYPE_CHECKING:
     from pensieve.backends.kernel_choice import WeightChoice
@@ -50,6 +51,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="RoPE scaling method when the context is extended (default: yarn)")
     p.add_argument("--default-temperature", type=float, default=1.0,
                    help="temperature for requests that send none (Claude Code never does)")
+    p.add_argument("--dry-multiplier", type=float, default=None, metavar="M",
+                   help="loop guard (off by default; try 0.8 for very small models): a token "
+                        "that would extend a sequence the answer already repeated loses "
+                        "M·1.75^(n-allowed) logits (docs/sampling.md)")
+    p.add_argument("--dry-allowed-length", type=int, default=None, metavar="N",
+                   help=f"repeats shorter than N tokens cost nothing (default {DEFAULT_DRY.allowed_length})")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--weights", default=None, choices=WEIGHTS,
@@ -128,6 +135,7 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
         model_aliases=settings.aliases,
         context_length=engine_cfg.context_length,
         default_temperature=settings.default_temperature,
+        dry=settings.dry,
     )
     renderer = PromptRenderer(ckpt.tokenizer, ckpt.chat_template)
     return create_app(api_cfg, client, renderer), client

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from pensieve.engine.config import EngineConfig
+from pensieve.engine.types import DEFAULT_DRY, DryParams
 from pensieve.models.args import ModelArgs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,6 +33,7 @@ class ServeSettings:
     rope_type: str = "yarn"
     default_temperature: float = 1.0
     weights: str = "auto"  # "auto" | "float" | "int4" (4-bit GGUF weights on the CPU kernels)
+    dry: DryParams | None = None  # the loop guard of every request; None → off
 
     def context_plan(self, args: ModelArgs) -> ContextPlan:
         return plan_context(args, self.context_length, self.rope_scale, self.rope_type)
@@ -138,9 +140,25 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
                          f"got {weights!r}")
     if rope_scale is not None and rope_scale < 1:
         raise ValueError(f"--rope-scale must be at least 1, got {rope_scale:g}")
+    dry = dry_params(getattr(ns, "dry_multiplier", None), getattr(ns, "dry_allowed_length", None))
     return ServeSettings(
         model_path=model, host=ns.host, port=ns.port, api_keys=keys, served_name=ns.served_name,
         aliases=aliases, engine=engine, context_length=ns.context_length, threads=ns.threads,
         rope_scale=rope_scale, rope_type=getattr(ns, "rope_type", None) or "yarn",
-        default_temperature=getattr(ns, "default_temperature", 1.0), weights=weights,
+        default_temperature=getattr(ns, "default_temperature", 1.0), weights=weights, dry=dry,
     )
+
+
+def dry_params(multiplier: float | None, allowed_length: int | None) -> DryParams | None:
+    """The loop guard ``--dry-multiplier`` / ``--dry-allowed-length`` ask for; None (off) by
+    default: it also penalises legitimately repeated text, such as similar lines of code."""
+    if multiplier is not None and multiplier < 0:
+        raise ValueError(f"--dry-multiplier must be ≥ 0, got {multiplier:g}")
+    if allowed_length is not None and allowed_length < 1:
+        raise ValueError(f"--dry-allowed-length must be ≥ 1, got {allowed_length}")
+    if not multiplier:
+        if allowed_length is not None:
+            raise ValueError("--dry-allowed-length needs --dry-multiplier above 0")
+        return None
+    return replace(DEFAULT_DRY, multiplier=multiplier,
+                   allowed_length=allowed_length or DEFAULT_DRY.allowed_length)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from pensieve.engine.block_pool import BlockPool
@@ -15,6 +16,7 @@ from pensieve.engine.grammar import GrammarCompiler
 from pensieve.engine.kv_manager import KVCacheManager
 from pensieve.engine.logits_processors import LogitsProcessor, ThinkingBudgetProcessor, accept_token
 from pensieve.engine.model_runner import ModelRunner
+from pensieve.engine.repetition import DryProcessor, breaker_ids
 from pensieve.engine.request import Request, RequestStatus
 from pensieve.engine.sampler import make_generator, sample
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
@@ -50,6 +52,7 @@ class Engine:
         self._vocab_size = args.vocab_size
         self._grammars: GrammarCompiler | None = None  # built by the first constrained request
         self._processors: dict[str, list[LogitsProcessor]] = {}  # request id → its processors
+        self._dry_breakers: torch.Tensor | None = None  # built by the first loop-guarded request
 
     @property
     def context_length(self) -> int:
@@ -82,9 +85,14 @@ class Engine:
         self.scheduler.add(req)
 
     def _logits_processors(self, req: Request) -> list[LogitsProcessor]:
-        """Thinking budget first: while thinking is open it pauses the grammar after it."""
+        """The loop guard first (it sees every token, thinking included), then the thinking
+        budget: while thinking is open it pauses the grammar after it."""
         processors: list[LogitsProcessor] = []
         params = req.params
+        if params.dry is not None and params.dry.multiplier > 0:
+            if self._dry_breakers is None:
+                self._dry_breakers = breaker_ids(lambda i: self.tokenizer.decode([i]), self._vocab_size)
+            processors.append(DryProcessor(params.dry, self._dry_breakers))
         if params.thinking_budget is not None:
             processors.append(ThinkingBudgetProcessor(params.thinking_budget))
         if params.grammar is not None:

@@ -39,6 +39,24 @@ class GrammarSpec:
 
 
 @dataclass(frozen=True)
+class DryParams:
+    """The DRY loop guard (``pensieve.engine.repetition``): a token that would extend a
+    sequence of ``n ≥ allowed_length`` tokens already repeated in the output loses
+    ``multiplier · base^(n - allowed_length)`` from its logit."""
+
+    multiplier: float = 0.8
+    base: float = 1.75
+    allowed_length: int = 2
+
+    def __post_init__(self) -> None:
+        if self.multiplier < 0 or self.base < 1 or self.allowed_length < 1:
+            raise ValueError(f"invalid DRY parameters {self}")
+
+
+DEFAULT_DRY = DryParams()  # what --dry-multiplier M switches on (the server default is off)
+
+
+@dataclass(frozen=True)
 class ThinkingBudget:
     """At most ``budget_tokens`` tokens of thinking, then the close marker is forced.
 
@@ -75,6 +93,7 @@ class SamplingParams:
     retain_prefix: bool = False  # the client asked for caching: evict this prefix last
     grammar: GrammarSpec | None = None  # constrained decoding (tool calls, JSON output)
     thinking_budget: ThinkingBudget | None = None  # force the end of thinking after N tokens
+    dry: DryParams | None = None  # loop guard: penalise repeating the output's own sequences
 
 
 @dataclass
