@@ -227,23 +227,46 @@ def fit_roles(
 ) -> list[TemplateMessage]:
     """Reshape ``messages`` for a template, never dropping text.
 
-    A system message the template cannot place (not first, or no system role at all)
-    becomes user text; then consecutive same-role messages merge (the API merges
-    consecutive turns too, and many templates insist on alternation) — except ``tool``
-    messages, one per result.
+    A leading system message stays one where the template has a system role. A later one
+    (the mid-conversation-system beta: Claude Code sends its environment block this way,
+    after the user's prompt) joins the user turn it is next to — the one it follows, else
+    the one it precedes — ahead of that turn's own words, so the user's request stays last
+    before the reply: rendered as a turn of its own after the prompt, small models answer
+    the system text instead of the user. Each message's place depends only on its
+    neighbours, so a resent history renders the same and the prefix cache keeps hitting.
+    A system message with no user turn next to it keeps its own turn (user text where the
+    template cannot place a system turn there). Then consecutive same-role messages merge
+    (the API merges consecutive turns too, and many templates insist on alternation) —
+    except ``tool`` messages, one per result.
     """
     shaped: list[TemplateMessage] = []
+    leads: list[list[str]] = []  # per shaped message: system texts that go before its own
+    waiting: list[str] = []  # system texts for the next user turn
     for i, message in enumerate(messages):
         role = message["role"]
-        if role == "system":
-            allowed = system_anywhere or (system_first and i == 0)
-            role = "system" if allowed else "user"
+        leading = system_first and all(m["role"] == "system" for m in messages[:i])
+        if role == "system" and not leading:
+            following = messages[i + 1]["role"] if i + 1 < len(messages) else None
+            if shaped and shaped[-1]["role"] == "user":
+                leads[-1].append(message["content"])
+                continue
+            if following == "user":
+                waiting.append(message["content"])
+                continue
+            role = "system" if system_anywhere else "user"
         message = {**message, "role": role}
         if shaped and shaped[-1]["role"] == role and role != "tool":
             shaped[-1] = _merge_messages(shaped[-1], message)
         else:
             shaped.append(message)
-    return shaped
+            leads.append([])
+        if role == "user" and waiting:
+            leads[-1] += waiting
+            waiting = []
+    return [
+        {**m, "content": _merge(BLOCK_SEPARATOR.join(t for t in lead if t), m["content"])} if lead else m
+        for m, lead in zip(shaped, leads)
+    ]
 
 
 def _merge_messages(first: TemplateMessage, second: TemplateMessage) -> TemplateMessage:

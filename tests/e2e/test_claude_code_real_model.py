@@ -1,16 +1,15 @@
 """The real Claude Code CLI, started by `pensieve claude`, against the real `pensieve serve`
-with the default model (SmolLM2-135M-Instruct, its trained 8k context).
+with the default model (SmolLM2-135M-Instruct, its trained 8k context, default weights).
 
 Claude Code's default tool set renders to more than 8k tokens, so the session keeps to
-``--tools Bash,Read`` (~4k tokens). Claude Code sends no temperature; the server here runs
-greedy for such requests (``--default-temperature 0``). A 135M model under a 4k-token agent
-prompt still often fails to end its turn: greedy, it falls into a repetition loop (measured:
-"User's own instructions are not allowed." repeated to the limit); sampled at 1.0, it
-rambles. Claude Code caps each turn at CLAUDE_CODE_MAX_OUTPUT_TOKENS and, when a turn hits it,
-asks the model to resume (three times) before giving up with a `max_output_tokens` error.
-That outcome is the model's decoding, not the server's doing: the protocol checks still run
-(every model turn streamed and accepted, the launcher's model mapping used) and the test is
-then an expected failure; any other failure is a failure.
+``--tools Bash,Read`` (~4k tokens of system prompt and tools). Claude Code sends no
+temperature; the server here runs greedy for such requests (``--default-temperature 0``).
+The question has one short right answer: a 135M model under a 4k-token agent prompt answers
+it and ends its turn, where an open prompt ("Say hi.") sets it rambling past Claude Code's
+per-turn cap (measured: 0 of 8 prompt variants ended within 512 tokens greedy; 2 of 8 with
+the DRY loop guard at allowed length 3). Claude Code sends its environment block as a system message *after*
+the user's prompt; the renderer puts it ahead of the prompt's words (chat/messages.py) —
+rendered in place, the model answered the environment block instead of the question.
 """
 
 from __future__ import annotations
@@ -25,13 +24,14 @@ from tests.e2e.claude_cli import claude_env, headless_args, run_headless
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MAX_OUTPUT_TOKENS = 128
+PROMPT = "What is the capital of France?"
 RUN_TIMEOUT_S = 300
 
 
 def launcher_session(claude_bin, url: str, home, work):
     cmd = [sys.executable, "-m", "pensieve.cli.main", "claude", "--url", url,
            "--claude-bin", str(claude_bin), "--config-dir", str(home / "config"), "--",
-           *headless_args("Say hi.", "--tools", "Bash,Read")]
+           *headless_args(PROMPT, "--tools", "Bash,Read")]
     env = claude_env(home, url, PENSIEVE_HOME=str(home / ".pensieve"),
                      CLAUDE_CODE_MAX_OUTPUT_TOKENS=str(MAX_OUTPUT_TOKENS))
     del env["ANTHROPIC_BASE_URL"], env["ANTHROPIC_API_KEY"]  # the launcher sets them
@@ -52,11 +52,9 @@ def test_claude_p_with_the_default_model_completes(claude_bin, default_server_ur
     model_turns = [e["message"] for e in run.events if e.get("type") == "assistant"
                    and e["message"].get("model") == served["id"]]
     assert model_turns and all(m["content"] for m in model_turns)
-    if run.returncode != 0 and result.get("api_error") == "max_output_tokens":
-        pytest.xfail(f"SmolLM2 (greedy) did not end a turn within "
-                     f"{MAX_OUTPUT_TOKENS} tokens in {len(model_turns)} tries")
     assert run.returncode == 0, run.describe()
     assert result["subtype"] == "success" and not result["is_error"]
     assert result["result"].strip()
     final_texts = [b["text"] for b in model_turns[-1]["content"] if b.get("type") == "text"]
     assert final_texts and final_texts[-1].strip() == result["result"].strip()
+    assert "paris" in result["result"].lower(), result["result"]

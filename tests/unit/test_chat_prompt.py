@@ -79,7 +79,7 @@ def test_billing_header_does_not_change_the_prompt() -> None:
     assert r.render(with_header("a1b")).token_ids == r.render(with_header("c2d")).token_ids
 
 
-def test_mid_conversation_system_is_rendered_in_place_when_the_template_allows() -> None:
+def test_mid_conversation_system_joins_the_user_turn_it_precedes() -> None:
     req = request([
         {"role": "user", "content": "one"},
         {"role": "assistant", "content": "two"},
@@ -87,8 +87,40 @@ def test_mid_conversation_system_is_rendered_in_place_when_the_template_allows()
         {"role": "user", "content": "three"},
     ])
     text = renderer(SMOL_TEMPLATE).render(req).text
-    assert "<|im_start|>assistant\ntwo<|im_end|>\n<|im_start|>system\nNOTE<|im_end|>\n<|im_start|>user\nthree" in text
+    assert "<|im_start|>assistant\ntwo<|im_end|>\n<|im_start|>user\nNOTE\n\nthree<|im_end|>" in text
     assert text.startswith("<|im_start|>system\nYou are SmolLM.")
+    assert text.count("<|im_start|>system") == 1
+
+
+def test_system_after_the_prompt_goes_before_the_users_words() -> None:
+    """Claude Code's shape: the environment as a system message after the user's prompt.
+    The request stays the last thing before the reply, and the next turn (history resent
+    with more appended) renders the same prefix."""
+    turn1 = [
+        {"role": "user", "content": [{"type": "text", "text": "<reminder>"}, {"type": "text", "text": "Say hi."}]},
+        {"role": "system", "content": "# Environment"},
+    ]
+    r = renderer(SMOL_TEMPLATE)
+    first = r.render(request(turn1, system="SYS"))
+    assert first.text.endswith(
+        "<|im_start|>user\n# Environment\n\n<reminder>\n\nSay hi.<|im_end|>\n<|im_start|>assistant\n")
+    turn2 = [*turn1, {"role": "assistant", "content": "Hi!"},
+             {"role": "user", "content": "Bye."}, {"role": "system", "content": "later"}]
+    second = r.render(request(turn2, system="SYS"))
+    cut = first.text.rindex("<|im_start|>assistant")
+    assert second.text.startswith(first.text[:cut])
+    assert second.text.endswith("<|im_start|>user\nlater\n\nBye.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_system_with_no_user_turn_beside_it_keeps_its_own_turn() -> None:
+    req = request([
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "two"},
+        {"role": "system", "content": "NOTE"},
+        {"role": "assistant", "content": "three"},
+    ])
+    text = renderer(SMOL_TEMPLATE).render(req).text
+    assert "two<|im_end|>\n<|im_start|>system\nNOTE<|im_end|>\n<|im_start|>assistant\nthree" in text
 
 
 def test_system_is_merged_into_user_turns_when_the_template_has_no_system_role() -> None:
