@@ -86,7 +86,7 @@ def _float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 def _int4_module(parts: Parts, bias: torch.Tensor | None, kernel: str,
                  kernels: Kernels | None) -> nn.Module:
-    k, group = parts[0].codes.shape[1], parts[0].group_size
+    k, group = parts[0].shape[1], parts[0].group_size
     if kernel == "cuda_int4" and group == 32:
         return CudaInt4Linear(parts, bias)
     if kernel in ("auto", "cpu_quant") and kernels is not None and kernel_fits(k, group):

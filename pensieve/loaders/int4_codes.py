@@ -2,7 +2,8 @@
 
 Q4_0 (``d·(q−8)``), Q4_1 (``d·q + m``) and Q4_K (``d·sc·q − dmin·m`` per 32-weight sub-block)
 are all 4-bit codes with one affine map per 32 weights, which is what PyTorch's int4
-weight-only matmul takes. Other types return None and are dequantised as usual.
+weight-only matmul takes. Q4_0/Q4_1 keep their packed bytes (``Int4Groups.from_nibbles``).
+Other types return None and are dequantised as usual.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def int4_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int4
         scales = _scale(blocks, 0) * sc  # [n, 8]
         offsets = -(_scale(blocks, 2) * mins)
     else:
+        packed = _packed(blocks, ggml_type, rows, cols)
+        if packed is not None:
+            return packed
         data_at = 2 if ggml_type is Q.Q4_0 else 4
         codes = _nibbles(blocks[:, data_at:])
         scales = _scale(blocks, 0)
@@ -41,3 +45,21 @@ def int4_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int4
         offsets=offsets.reshape(rows, cols // GROUP).contiguous(),
         group_size=GROUP,
     )
+
+
+def _packed(blocks: torch.Tensor, ggml_type: Q, rows: int, cols: int) -> Int4Groups | None:
+    """Q4_0/Q4_1 blocks as they are: their bytes already hold two codes each in the order
+    ``Int4Groups.from_nibbles`` takes; only the float16 parameters move. None if a Q4_0
+    offset (−8·d) does not fit float16."""
+    g = cols // GROUP
+    halves = lambda at: blocks[:, at:at + 2].contiguous().view(torch.float16).reshape(rows, g)
+    scales = halves(0)
+    if ggml_type is Q.Q4_0:
+        offsets = (scales.float() * -8.0).half()
+        if not torch.isfinite(offsets).all():
+            return None
+        data_at = 2
+    else:
+        offsets, data_at = halves(2), 4
+    nibbles = blocks[:, data_at:].contiguous().reshape(rows, cols // 2)
+    return Int4Groups.from_nibbles(nibbles, scales, offsets, GROUP)

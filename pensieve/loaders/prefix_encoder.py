@@ -47,18 +47,21 @@ def _walk(spec: dict | None) -> list[dict]:
 
 
 def eligible(tokenizer: Tokenizer) -> bool:
-    """A byte-level BPE with regex pre-tokenisation and plain added tokens."""
-    spec = json.loads(tokenizer.to_str())
-    if spec.get("normalizer") is not None:
+    """A byte-level BPE with regex pre-tokenisation and plain added tokens.
+
+    Reads the parts it needs, not ``tokenizer.to_str()``: serialising and parsing a 49k
+    vocabulary with its merges cost ~0.15 s of a server's start-up.
+    """
+    if tokenizer.normalizer is not None:
         return False
-    parts = _walk(spec.get("pre_tokenizer"))
+    pre = tokenizer.pre_tokenizer
+    parts = _walk(json.loads(pre.__getstate__()) if pre is not None else None)
     if not parts or any(p.get("type") not in _PRETOKENIZERS for p in parts):
         return False
     if not any(p.get("type") == "ByteLevel" for p in parts):
         return False
-    for tok in spec.get("added_tokens", []):
-        content = tok.get("content", "")
-        if tok.get("lstrip") or tok.get("rstrip") or any(c.isspace() for c in content):
+    for tok in tokenizer.get_added_tokens_decoder().values():
+        if tok.lstrip or tok.rstrip or any(c.isspace() for c in tok.content):
             return False
     return True
 

@@ -8,23 +8,76 @@ of input channels: ``w = (code - 8) * scale + zero``. GGUF Q4_0 (``w = (q - 8)·
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 
-@dataclass(frozen=True)
 class Int4Groups:
-    """A weight [N, K] as 4-bit codes (0..15) with per-group affine parameters."""
+    """A weight [N, K] as 4-bit codes (0..15) with per-group affine parameters:
+    ``w = code · scale + offset`` for each run of ``group_size`` values along K.
 
-    codes: torch.Tensor  # [N, K] uint8 in 0..15
-    scales: torch.Tensor  # [N, K // group] float32
-    offsets: torch.Tensor  # [N, K // group] float32: w = code * scale + offset
-    group_size: int
+    Built from unpacked codes (``Int4Groups(codes, scales, offsets, group_size)``), or by
+    ``from_nibbles`` from a GGUF Q4_0/Q4_1 tensor's own layout: two codes a byte (value ``j``
+    of a block of 32 in the low nibble of byte ``j``, value ``j + 16`` in the high one) and
+    float16 scales and offsets. Each form is derived from the other only when asked for
+    (``codes`` / ``nibbles``): the CPU kernels take the packed one, so loading a Q4 GGUF for
+    them never unpacks 100M codes into bytes only to pack them again.
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                 group_size: int) -> None:
+        self._codes = codes  # [N, K] uint8 in 0..15
+        self._scales, self._offsets = scales, offsets  # [N, K // group] float32
+        self._nibbles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.group_size = group_size
+
+    @classmethod
+    def from_nibbles(cls, nibbles: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                     group_size: int = 32) -> Int4Groups:
+        """nibbles [N, K/2] uint8 in GGUF block order; scales/offsets [N, K/32] float16."""
+        if group_size != 32 or scales.dtype != torch.float16 or offsets.dtype != torch.float16:
+            raise ValueError("packed 4-bit groups are blocks of 32 with float16 parameters")
+        groups = cls.__new__(cls)
+        groups._codes = groups._scales = groups._offsets = None
+        groups._nibbles = (nibbles, scales, offsets)
+        groups.group_size = group_size
+        return groups
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self._codes is not None:
+            return tuple(self._codes.shape)
+        n, half = self._nibbles[0].shape
+        return n, 2 * half
+
+    @property
+    def nibbles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(nibbles, float16 scales, float16 offsets) where built from them, else None."""
+        return self._nibbles
+
+    @property
+    def codes(self) -> torch.Tensor:
+        if self._codes is None:
+            packed = self._nibbles[0]
+            n, k = self.shape
+            b = packed.view(n, k // 32, 16)
+            self._codes = torch.cat((b & 0x0F, b >> 4), dim=2).view(n, k)
+        return self._codes
+
+    @property
+    def scales(self) -> torch.Tensor:
+        if self._scales is None:
+            self._scales = self._nibbles[1].float()
+        return self._scales
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        if self._offsets is None:
+            self._offsets = self._nibbles[2].float()
+        return self._offsets
 
     def dequantize(self) -> torch.Tensor:
-        n, k = self.codes.shape
+        n, k = self.shape
         g = self.codes.view(n, k // self.group_size, self.group_size).float()
         return (g * self.scales[..., None] + self.offsets[..., None]).view(n, k)
 

@@ -202,3 +202,20 @@ def test_concurrent_callers_share_the_pool_safely():
 
     with ThreadPoolExecutor(4) as pool:  # ctypes drops the GIL: the calls really overlap
         assert max(pool.map(check, xs)) < 1e-4
+
+
+@needs_kernels
+def test_packed_q4_groups_pack_as_their_unpacked_codes():
+    """A Q4_1 GGUF's bytes (Int4Groups.from_nibbles) give the kernels the same buffers as
+    the same weights as unpacked codes, also stacked as a fused projection's parts."""
+    from pensieve.backends.cpu_quant import pack_q4
+
+    parts = []
+    for seed in (0, 1):
+        g = groups(64, 96, seed)
+        packed, s16, m16 = pack_q4(KERNELS, g)
+        parts.append((g, Int4Groups.from_nibbles(packed, s16.view(torch.float16),
+                                                 m16.view(torch.float16))))
+    plain, fast = pack_q4(KERNELS, [p[0] for p in parts]), pack_q4(KERNELS, [p[1] for p in parts])
+    assert all(torch.equal(a, b) for a, b in zip(plain, fast))
+    assert torch.equal(parts[0][1].codes, parts[0][0].codes)

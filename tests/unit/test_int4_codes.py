@@ -52,3 +52,18 @@ def test_int8_linear_is_close_to_float():
     ref = x @ w.T
     err = (Int8Linear(w)(x) - ref).abs().max() / ref.abs().max()
     assert err < 0.02
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+def test_q4_0_and_q4_1_stay_packed_and_unpack_to_the_same_codes(qtype):
+    from pensieve.models.quant_linear import Int4Groups
+
+    rows, cols = 8, 512
+    raw = random_blocks(qtype, rows, cols, seed=3)
+    groups = int4_groups(raw, qtype, (rows, cols))
+    assert groups.nibbles is not None and groups.shape == (rows, cols)
+    blocks = raw.reshape(-1, GGML_QUANT_SIZES[qtype][1])[:, 2 if qtype is Q.Q4_0 else 4:]
+    assert torch.equal(groups.codes, torch.cat((blocks & 15, blocks >> 4), 1).reshape(rows, cols))
+    unpacked = Int4Groups(groups.codes, groups.scales, groups.offsets, 32)
+    assert unpacked.nibbles is None and unpacked.shape == groups.shape
+    assert torch.equal(unpacked.dequantize(), groups.dequantize())

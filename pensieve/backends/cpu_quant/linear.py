@@ -10,6 +10,7 @@ and converted back. The modules run on the CPU only (``swap_in`` never puts them
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 
 import torch
@@ -37,10 +38,12 @@ def pack_q4(kernels: Kernels, groups: Int4Groups | Sequence[Int4Groups],
     (d·sc, a float16 times a 6-bit integer) round to float16 (relative error ≤ 2⁻¹¹).
     """
     parts = [groups] if isinstance(groups, Int4Groups) else list(groups)
-    k = parts[0].codes.shape[1]
-    if any(not kernel_fits(p.codes.shape[1], p.group_size) or p.codes.shape[1] != k for p in parts):
+    k = parts[0].shape[1]
+    if any(not kernel_fits(p.shape[1], p.group_size) or p.shape[1] != k for p in parts):
         raise ValueError(f"q4 kernel needs groups of {GROUP} along one K % {GROUP} == 0")
-    n = sum(p.codes.shape[0] for p in parts)
+    if all(p.nibbles is not None for p in parts):  # a Q4_0/Q4_1 GGUF's bytes: already packed
+        return tuple(_stack_rows([p.nibbles[i] for p in parts]) for i in range(3))
+    n = sum(p.shape[0] for p in parts)
     codes = torch.empty(n, k // 2, dtype=torch.uint8)
     scales = torch.empty(n, k // GROUP, dtype=torch.int16)
     mins = torch.empty(n, k // GROUP, dtype=torch.int16)
@@ -53,6 +56,20 @@ def pack_q4(kernels: Kernels, groups: Int4Groups | Sequence[Int4Groups],
                          codes[row].data_ptr(), scales[row].data_ptr(), mins[row].data_ptr())
         row += rows
     return codes, scales, mins
+
+
+def _stack_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` along rows as plain memory copies (float16 → int16 bits): torch's own
+    copy runs on its OpenMP pool, which on a busy 2-core machine costs ~6 ms a call."""
+    dtype = torch.int16 if parts[0].dtype == torch.float16 else parts[0].dtype
+    out = torch.empty(sum(p.shape[0] for p in parts), *parts[0].shape[1:], dtype=dtype)
+    at = out.data_ptr()
+    for p in parts:
+        p = p.contiguous()
+        nbytes = p.numel() * p.element_size()
+        ctypes.memmove(at, p.data_ptr(), nbytes)
+        at += nbytes
+    return out
 
 
 def pack_q8(kernels: Kernels, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
