@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
@@ -94,14 +95,27 @@ def test_seeded_sampling_is_reproducible_and_varies_with_seed():
     assert a == b and a != c
 
 
+def _check_block_accounting(engine) -> None:
+    """Every block's ref count is the number of live requests holding it; free = unheld."""
+    held = Counter(b for req in engine._requests.values() for b in req.block_ids)
+    pool = engine.pool
+    assert all(pool.ref_count(b) == held.get(b, 0) for b in range(pool.num_blocks)), held
+    assert pool.num_free == pool.num_blocks - len(held)
+
+
 def test_random_requests_never_leak_blocks():
+    """1000 random requests (shared prefixes, session hints, aborts, preemption under a small
+    pool): the accounting holds after every step, and everything is free at the end."""
     rng = random.Random(7)
     engine = tiny_engine(num_kv_blocks=40, context_length=160, max_num_batched_tokens=32)
     tok, live, n_done = ByteTokenizer(), set(), 0
-    for i in range(300):
+    stems = ["shared system prompt one ", "another shared stem ", ""]
+    for i in range(1000):
         rid = f"q{i}"
-        text = "".join(rng.choice("abcdef ") for _ in range(rng.randint(1, 40)))
-        engine.add_request(rid, tok.encode(text), SamplingParams(max_tokens=rng.randint(1, 8), temperature=0))
+        text = rng.choice(stems) + "".join(rng.choice("abcdef ") for _ in range(rng.randint(1, 40)))
+        params = SamplingParams(max_tokens=rng.randint(1, 8), temperature=0,
+                                retain_prefix=rng.random() < 0.3)
+        engine.add_request(rid, tok.encode(text), params)
         live.add(rid)
         if rng.random() < 0.2 and live:
             engine.abort(rng.choice(sorted(live)))
@@ -109,10 +123,12 @@ def test_random_requests_never_leak_blocks():
             if d.finish_reason:
                 live.discard(d.request_id)
                 n_done += 1
+        _check_block_accounting(engine)
     while engine.has_work():
         engine.step()
+        _check_block_accounting(engine)
     assert engine.pool.num_free == engine.pool.num_blocks
-    assert n_done > 100
+    assert n_done > 400
 
 
 def test_session_requests_are_admitted_before_side_requests():
