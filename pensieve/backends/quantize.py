@@ -131,20 +131,40 @@ def fuse_mlps(model: nn.Module) -> int:
     return len(targets)
 
 
-def int8_lm_head(model: nn.Module, kernel: str = "auto") -> None:
+Q8 = tuple[torch.Tensor, torch.Tensor]  # Q8_0 codes int8 [N, K], float16 scales [N, K/32]
+
+
+def plan_q8(int8: Mapping[str, Q8], tied: bool, int8_head: bool) -> tuple[Q8 | None, dict[str, torch.Tensor]]:
+    """A checkpoint's kept Q8_0 matrices: the tied embedding's codes when the output layer
+    goes int8 on the compiled kernels (``int8_lm_head(model, q8=...)`` takes them as they
+    are), and every other one dequantised (HF name → float32)."""
+    head = None
+    name = "model.embed_tokens.weight"
+    if int8_head and tied and name in int8 and kernel_fits(int8[name][0].shape[1]) and (
+            load_kernels() is not None):
+        head = int8[name]
+    floats = {n: (c.float().view(c.shape[0], -1, 32) * s.float()[..., None]).view(c.shape)
+              for n, (c, s) in int8.items() if not (head is not None and n == name)}
+    return head, floats
+
+
+def int8_lm_head(model: nn.Module, kernel: str = "auto", q8: Q8 | None = None) -> None:
     """The output projection as int8: the largest single read of a small model's decode.
 
     With the compiled kernels it becomes ``Q8Linear`` (Q8_0 blocks, exact for a Q8_0 GGUF
-    tensor), and a tied input embedding reads its rows from the same codes, so the float
-    matrix is dropped from memory. Without them, PyTorch's per-row int8 op (``"aten"``).
+    tensor; ``q8``: a tied head's codes straight from the file, with its weight never loaded),
+    and a tied input embedding reads its rows from the same codes, so the float matrix is
+    dropped from memory. Without them, PyTorch's per-row int8 op (``"aten"``).
     """
     head = model.lm_head
-    weight = head.weight.detach()
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     tied = isinstance(embed, nn.Embedding) and embed.weight is head.weight
     kernels = load_kernels() if kernel in ("auto", "cpu_quant") else None
+    if q8 is not None and (kernels is None or not tied):
+        raise ValueError("Q8_0 codes need the compiled kernels and a tied embedding")
+    weight = None if q8 is not None else head.weight.detach()
     if kernels is not None and kernel_fits(head.in_features):
-        codes, scales = pack_q8(kernels, weight)
+        codes, scales = (q8[0], q8[1].view(torch.int16)) if q8 is not None else pack_q8(kernels, weight)
         bias = head.bias.detach() if head.bias is not None else None
         model.lm_head = Q8Linear(kernels, codes, scales, bias)
         if tied:

@@ -12,7 +12,7 @@ from pensieve.engine.engine import Engine
 from pensieve.loaders.checkpoint import Checkpoint
 from pensieve.backends.cuda_int4 import prepare_for_cuda
 from pensieve.backends.cuda_layers import fuse_cuda_layers
-from pensieve.backends.quantize import int8_lm_head, plan_int4, swap_in
+from pensieve.backends.quantize import int8_lm_head, plan_int4, plan_q8, swap_in
 from pensieve.models.packing import pack_weights
 from pensieve.models.registry import model_class
 
@@ -25,14 +25,19 @@ def build_model(checkpoint: Checkpoint, config: EngineConfig) -> nn.Module:
     with torch.device("meta"):
         model = model_class(args)(args, max_positions=config.context_length)
     packed = getattr(model, "PACKED", {})
+    on_cuda = torch.device(config.device).type == "cuda"
     int4_modules, int4_floats = plan_int4(checkpoint.int4, packed)
-    weights = pack_weights({**checkpoint.weights, **int4_floats}, packed)
+    head_q8, q8_floats = plan_q8(checkpoint.int8, args.tie_word_embeddings,
+                                 config.int8_lm_head and not on_cuda)
+    weights = pack_weights({**checkpoint.weights, **int4_floats, **q8_floats}, packed)
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     swapped = {f"{path}.weight" for path in int4_modules}
     if args.tie_word_embeddings:
         swapped.add("lm_head.weight")
+    if head_q8 is not None:  # the int8 output layer and embedding are built from its codes
+        swapped.add("model.embed_tokens.weight")
     missing = [k for k in missing if k not in swapped]
     if missing or unexpected:
         raise ValueError(
@@ -41,10 +46,9 @@ def build_model(checkpoint: Checkpoint, config: EngineConfig) -> nn.Module:
         )
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    on_cuda = torch.device(config.device).type == "cuda"
     swap_in(model, int4_modules, kernel="cuda_int4" if on_cuda else "auto")
     if config.int8_lm_head:
-        int8_lm_head(model)
+        int8_lm_head(model, q8=head_q8)
     model = model.to(device=config.device, dtype=config.dtype).eval()
     if on_cuda:
         fuse_cuda_layers(model)

@@ -36,3 +36,6 @@ class Checkpoint:
     # linear weights kept as exact 4-bit codes (only when the loader was asked to); such a
     # name is in ``int4`` instead of ``weights``
     int4: dict[str, Int4Groups] = field(default_factory=dict)
+    # Q8_0 embedding/output matrices kept as (int8 codes [N, K], float16 scales [N, K/32])
+    # under the same request; such a name is in ``int8`` instead of ``weights``
+    int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)

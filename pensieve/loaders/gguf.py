@@ -21,7 +21,7 @@ import torch
 from pensieve.loaders.architectures import ArchitectureSpec, spec_for_gguf, validate_shapes
 from pensieve.loaders.checkpoint import Checkpoint, CheckpointError
 from pensieve.loaders.gguf_file import GGUFFile
-from pensieve.loaders.int4_codes import int4_groups
+from pensieve.loaders.int4_codes import Q8_NAMES, int4_groups, q8_0_codes
 from pensieve.loaders.quants import dequantize
 from pensieve.models.quant_linear import Int4Groups
 from pensieve.loaders.tokenizer import TextTokenizer
@@ -75,7 +75,8 @@ def load_gguf(
     """Read ``path`` (a .gguf file); CheckpointError if it is unsupported or damaged.
 
     With ``keep_int4``, 4-bit linear weights (Q4_0/Q4_1/Q4_K) go to ``Checkpoint.int4`` as
-    exact codes instead of being dequantised into ``weights``.
+    exact codes instead of being dequantised into ``weights``, and a Q8_0 embedding or output
+    matrix to ``Checkpoint.int8`` (the int8 output layer takes its codes as they are).
     """
     path = Path(path)
     gf = GGUFFile(path)
@@ -88,14 +89,18 @@ def load_gguf(
     validate_shapes(args, {hf: gf.tensors[g].shape for g, hf in names.items()}, str(path))
     tokenizer = TextTokenizer.from_gguf_metadata(gf.metadata)
     int4: dict[str, Int4Groups] = {}
+    int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     weights: dict[str, torch.Tensor] = {}
     with _single_threaded():
         for g, hf in names.items():
             raw = _raw_hf_order(gf, g, hf, args, spec)
             info = gf.tensors[g]
             groups = int4_groups(raw, info.ggml_type, info.shape) if keep_int4 else None
+            q8 = q8_0_codes(raw, info.ggml_type, info.shape) if keep_int4 and hf in Q8_NAMES else None
             if groups is not None and hf.endswith("_proj.weight"):
                 int4[hf] = groups
+            elif q8 is not None:
+                int8[hf] = q8
             else:
                 weights[hf] = dequantize(raw, info.ggml_type, info.shape, dtype, name=g)
     template = gf.get("tokenizer.chat_template")
@@ -108,6 +113,7 @@ def load_gguf(
         chat_template=template if isinstance(template, str) else None,
         context_length=args.max_position_embeddings,
         int4=int4,
+        int8=int8,
     )
 
 

@@ -47,6 +47,21 @@ def int4_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int4
     )
 
 
+Q8_NAMES = frozenset({"model.embed_tokens.weight", "lm_head.weight"})
+
+
+def q8_0_codes(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A 2-D Q8_0 tensor's own codes and scales: (int8 [N, K], float16 [N, K/32]), exactly;
+    None for other types (``w = code · scale``, as the CPU kernels' q8 format)."""
+    if ggml_type is not Q.Q8_0 or len(shape) != 2:
+        return None
+    rows, cols = shape
+    blocks = raw.reshape(-1, GGML_QUANT_SIZES[Q.Q8_0][1])
+    scales = blocks[:, :2].contiguous().view(torch.float16).reshape(rows, cols // GROUP)
+    return blocks[:, 2:].contiguous().view(torch.int8).reshape(rows, cols), scales
+
+
 def _packed(blocks: torch.Tensor, ggml_type: Q, rows: int, cols: int) -> Int4Groups | None:
     """Q4_0/Q4_1 blocks as they are: their bytes already hold two codes each in the order
     ``Int4Groups.from_nibbles`` takes; only the float16 parameters move. None if a Q4_0

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from pensieve.backends.cpu_quant import Q4Linear, Q8Linear, load_kernels
+from pensieve.backends.cpu_quant import Q4Linear, Q8Linear, load_kernels, pack_q8
 from pensieve.backends.torch_backend import build_engine, build_model
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.types import SamplingParams
@@ -68,3 +68,17 @@ def test_greedy_answer_is_unchanged(checkpoints):
     while engine.has_work():
         text += "".join(d.text for d in engine.step())
     assert "Paris" in text, text
+
+
+def test_q8_0_embedding_is_taken_as_it_is_in_the_file(checkpoints):
+    """The tied Q8_0 embedding stays codes from the file to the int8 output layer: the same
+    codes and scales as packing its dequantised floats, and no float copy in between."""
+    floats, quantised = checkpoints
+    assert "model.embed_tokens.weight" in quantised.int8
+    assert "model.embed_tokens.weight" not in quantised.weights
+    model = build_model(quantised, EngineConfig(context_length=1024, int8_lm_head=True))
+    codes, scales = pack_q8(load_kernels(), floats.weights["model.embed_tokens.weight"])
+    assert torch.equal(model.lm_head.codes, codes) and torch.equal(model.lm_head.scales, scales)
+    assert model.model.embed_tokens.codes is model.lm_head.codes
+    head_float = build_model(quantised, EngineConfig(context_length=1024)).lm_head.weight
+    torch.testing.assert_close(head_float, floats.weights["model.embed_tokens.weight"])
