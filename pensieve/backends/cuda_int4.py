@@ -9,12 +9,15 @@ float16 for Q4_K (``d · sc`` needs up to 17 bits).
 
 Which kernel runs depends on the rows of x. ``prepare_for_cuda`` (after the move to the GPU)
 adds a copy of the codes in the layout of PyTorch's int4 matmul ("tinygemm", ``tinygemm.py``)
-and, where GPU memory allows, dense copies; then, per weight shape, it times the kernels that
-apply for 1, 2, 4 and 8 rows and routes each bucket to the fastest (``route``): our Triton
-``gemv`` (1 row, exact float16 scales, ``cuda_int4_kernels.py``), tinygemm (bfloat16 scales)
-or cuBLAS on the dense copy.
+and, where GPU memory allows, dense copies; then, per weight shape, it picks the fastest tile
+of the ``skinny`` kernel and times the kernels that apply for 1, 2, 4, 8 and 16 rows and routes
+each bucket to the fastest (``route``): our Triton ``gemv`` (1 row, exact float16 scales,
+``cuda_int4_kernels.py``), ``skinny`` (2-16 rows on the tensor cores, split-K in one launch;
+it casts x to float16, so activations must stay below 65504), tinygemm (bfloat16 scales) or
+cuBLAS on the dense copy. On an H100 at the 8B shapes: tinygemm for 1-4 rows, skinny for 8
+and 16 (BENCHMARKS.md).
 
-Beyond 8 rows (larger batches, prefill) cuBLAS on the dense copy wins (the product turns
+Beyond 16 rows (larger batches, prefill) cuBLAS on the dense copy wins (the product turns
 compute-bound); without one, Triton ``matmul`` up to ``MATMUL_MAX_ROWS``, then the weight
 dequantised into a temporary for the call (11-20% over cuBLAS alone at 2048 rows;
 bench/gpu_int4.py).
@@ -58,8 +61,67 @@ class Tiles:
 GEMV = Tiles(1, 2, 32, 2, 3)
 MATMUL = Tiles(16, 32, 2, 4, 3)
 DEQUANT = Tiles(1, 16, 8, 4, 1)
-ROUTE_BUCKETS = (1, 2, 4, 8)  # row counts up to which prepare_for_cuda times a choice
+ROUTE_BUCKETS = (1, 2, 4, 8, 16)  # row counts up to which prepare_for_cuda times a choice
+SKINNY_MAX_ROWS = 16  # the skinny kernel pads x to 16 rows
 MATMUL_MAX_ROWS = 64  # without dense copies: Triton matmul up to here, then dequantise
+
+
+@dataclass(frozen=True)
+class Skinny:
+    """One launch of the ``skinny`` kernel (2-16 rows on the tensor cores): BLOCK_N weight rows
+    and BLOCK_G groups of 32 columns a step, the columns split over SPLIT_K programs."""
+
+    block_n: int
+    block_g: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+    def fits(self, k: int) -> bool:
+        return (k // GROUP) % (self.block_g * self.split_k) == 0
+
+
+# prepare_for_cuda times these per weight shape and keeps the fastest (bench/gpu_skinny.py
+# sweeps a larger set; these were the best there at the 8B shapes on an H100).
+SKINNY_CANDIDATES = (
+    Skinny(64, 4, 4, 4, 3), Skinny(64, 4, 8, 4, 3), Skinny(128, 4, 8, 4, 3),
+    Skinny(64, 2, 8, 4, 3), Skinny(128, 4, 1, 4, 3), Skinny(128, 2, 2, 4, 3),
+)
+SKINNY_SWEEP = tuple(
+    Skinny(bn, bg, sk, nw, ns) for bn in (64, 128) for bg in (2, 4, 8) for sk in (1, 2, 4, 8)
+    for nw in (4, 8) for ns in (3, 4))
+
+_skinny_ws: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def skinny_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K partials (float32 [8, 16, N]) and per-tile counters (int32, zero between
+    calls: the kernel resets them) for weights with N outputs; one pair per (device, N),
+    shared by the layers of that shape (their launches are serial on one stream). Made before
+    graph capture (``prepare_for_cuda``) so that graphs keep using the same memory."""
+    key = (str(device), n)
+    if key not in _skinny_ws:
+        _skinny_ws[key] = (torch.empty(8, 16, n, device=device, dtype=torch.float32),
+                           torch.zeros(triton_cdiv(n, 16), device=device, dtype=torch.int32))
+    return _skinny_ws[key]
+
+
+def skinny(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, cfg: Skinny) -> torch.Tensor:
+    """x [M ≤ 16, K] @ w.T by the tensor-core ``skinny`` kernel."""
+    m, k = x.shape
+    n = packed.shape[0]
+    if m > SKINNY_MAX_ROWS or not cfg.fits(k) or cfg.split_k > 8:
+        raise ValueError(f"skinny: {m} rows, K={k} with {cfg}")
+    if cfg.block_n < 16:
+        raise ValueError("skinny: BLOCK_N of at least 16 (the MMA and the counters)")
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    ws, cnt = skinny_workspace(x.device, n)
+    grid = (triton_cdiv(n, cfg.block_n), cfg.split_k)
+    _kernels().skinny[grid](x, packed, so, y, ws, cnt, m, n, k, k // GROUP, x.stride(0),
+                            y.stride(0), BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g,
+                            SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages)
+    return y
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -141,19 +203,23 @@ def triton_cdiv(a: int, b: int) -> int:
 def default_route(dense: torch.Tensor | None, tiny: TinyGemm | None) -> dict[int, str]:
     """Kernel for each row bucket before ``prepare_for_cuda`` has timed any."""
     few = "tinygemm" if tiny is not None else "dense" if dense is not None else "matmul"
-    return {1: "gemv", 2: few, 4: few, 8: few}
+    return {1: "gemv", 2: few, 4: few, 8: few, 16: "dense"}
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
                 dense: torch.Tensor | None = None, tiny: TinyGemm | None = None,
-                route: Mapping[int, str] | None = None) -> torch.Tensor:
+                route: Mapping[int, str] | None = None,
+                skinny_cfg: Skinny | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16, contiguous rows) @ w.T by the kernel ``route`` names for the
-    first bucket (1, 2, 4, 8 rows) that holds M; beyond: dense, Triton matmul, dequantise."""
+    first bucket (1, 2, 4, 8, 16 rows) that holds M; beyond: dense, Triton matmul,
+    dequantise."""
     m = x.shape[0]
     route = route or default_route(dense, tiny)
-    kind = next((route[b] for b in ROUTE_BUCKETS if m <= b), "dense")
+    kind = next((route.get(b, "dense") for b in ROUTE_BUCKETS if m <= b), "dense")
     if kind == "gemv":
         return gemv(x, packed, so)
+    if kind == "skinny" and skinny_cfg is not None:
+        return skinny(x, packed, so, skinny_cfg)
     if kind == "tinygemm" and tiny is not None:
         return tiny(x)
     if kind == "dense" and dense is not None:
@@ -190,6 +256,8 @@ def prepare_for_cuda(model: nn.Module, dtype: torch.dtype, max_fraction: float =
     if dense:
         for m in layers:
             m.dense = dequantize(m.packed, m.scale_offset, dtype)
+    for m in layers:
+        skinny_workspace(device, m.out_features)
     routes = _choose_routes(layers, dtype)
     log.info("int4 layers: %s; beyond 16 rows: %s (dense copies: %.1f GB, %.1f GB free before)",
              routes, "cuBLAS on dense copies" if dense else
@@ -207,7 +275,7 @@ def _gpu_us(run, layers: list[CudaInt4Linear], reps: int) -> float:
     for _ in range(reps):
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(1_000_000)  # ~0.5 ms: the launches below queue up meanwhile
+        torch.cuda._sleep(3_000_000)  # ~1.5 ms: the launches below queue up meanwhile
         start.record()
         for m in layers:
             run(m)
@@ -218,10 +286,10 @@ def _gpu_us(run, layers: list[CudaInt4Linear], reps: int) -> float:
 
 
 def _choose_routes(layers: list[CudaInt4Linear], dtype: torch.dtype, reps: int = 20) -> str:
-    """Per weight shape and row bucket (1, 2, 4, 8), the fastest of the kernels that apply,
-    timed here on up to 8 layers of the shape (as a decode step runs them back to back).
-    On an H100 at the 8B shapes: tinygemm for 1 row (4-18% ahead of our gemv), tinygemm or
-    cuBLAS on the dense copy for 2-8 (within ~15% of each other, depending on the shape)."""
+    """Per weight shape and row bucket (1, 2, 4, 8, 16), the fastest of the kernels that
+    apply, timed here on up to 8 layers of the shape (as a decode step runs them back to back).
+    On an H100 at the 8B shapes: tinygemm for 1 row (4-18% ahead of our gemv) and 2-4 rows,
+    skinny for 8 and 16 (3-22% ahead of cuBLAS on the dense copy)."""
     by_shape: dict[tuple[int, int], list[CudaInt4Linear]] = {}
     for m in layers:
         by_shape.setdefault((m.out_features, m.in_features), []).append(m)
@@ -229,6 +297,11 @@ def _choose_routes(layers: list[CudaInt4Linear], dtype: torch.dtype, reps: int =
     for (n, k), group in by_shape.items():
         sample, first = group[:8], group[0]
         route = default_route(first.dense, first.tiny)
+        cfg = _choose_skinny(sample, dtype, reps)
+        for m in group:
+            m.skinny_cfg = cfg
+        if cfg is not None:
+            notes.append(f"{n}x{k} skinny {cfg}")
         for rows in ROUTE_BUCKETS:
             x = torch.randn(rows, k, device=first.packed.device, dtype=dtype)
             runs = {}
@@ -238,6 +311,8 @@ def _choose_routes(layers: list[CudaInt4Linear], dtype: torch.dtype, reps: int =
                 runs["tinygemm"] = lambda m, x=x: m.tiny(x)
             if first.dense is not None and rows > 1:
                 runs["dense"] = lambda m, x=x: F.linear(x, m.dense)
+            if cfg is not None and rows > 1:
+                runs["skinny"] = lambda m, x=x: skinny(x, m.packed, m.scale_offset, cfg)
             if len(runs) < 2:
                 continue
             times = {name: _gpu_us(run, sample, reps) for name, run in runs.items()}
@@ -247,6 +322,24 @@ def _choose_routes(layers: list[CudaInt4Linear], dtype: torch.dtype, reps: int =
         for m in group:
             m.route = route
     return "µs per call, fastest first: " + ("; ".join(notes) or "not timed")
+
+
+def _choose_skinny(sample: list[CudaInt4Linear], dtype: torch.dtype,
+                   reps: int) -> Skinny | None:
+    """The fastest of ``SKINNY_CANDIDATES`` that fit K, timed at 8 rows (the kernel pads to 16,
+    so its time hardly depends on the rows); None where none fits or the kernel fails."""
+    first = sample[0]
+    x = torch.randn(8, first.in_features, device=first.packed.device, dtype=dtype)
+    times = {}
+    for cfg in SKINNY_CANDIDATES:
+        if not cfg.fits(first.in_features):
+            continue
+        try:
+            times[cfg] = _gpu_us(lambda m, c=cfg: skinny(x, m.packed, m.scale_offset, c),
+                                 sample, reps)
+        except Exception as e:  # a Triton that cannot build it: leave it out
+            log.warning("skinny %s failed: %s", cfg, e)
+    return min(times, key=times.get) if times else None
 
 
 def cuda_int4_available() -> bool:
@@ -277,13 +370,14 @@ class CudaInt4Linear(nn.Module):
         self.dense: torch.Tensor | None = None
         self.tiny: TinyGemm | None = None
         self.route: dict[int, str] | None = None  # prepare_for_cuda's timed choice
+        self.skinny_cfg: Skinny | None = None  # its tile choice for the skinny kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.is_cuda:
             y = int4_linear(x2.contiguous(), self.packed, self.scale_offset, self.dense,
-                            self.tiny, self.route)
+                            self.tiny, self.route, self.skinny_cfg)
         else:  # CPU (tests, a model not yet moved): the reference dequantisation
             y = F.linear(x2, unpack(self.packed, self.scale_offset).to(x.dtype))
         if self.bias is not None:

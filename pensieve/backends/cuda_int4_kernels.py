@@ -165,3 +165,71 @@ def dequantize(W, SO, OUT, N, K, GROUPS, BLOCK_N: tl.constexpr, BLOCK_G: tl.cons
     mask = nmask[:, None, None]
     tl.store(out, lo.to(OUT.dtype.element_ty), mask=mask)
     tl.store(out + 16, hi.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def skinny(X, W, SO, Y, WS, CNT, M, N, K, GROUPS, stride_x, stride_y,
+           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr):
+    """y = x @ w.T for up to 16 rows of x on the tensor cores, the weight as the left operand
+    ("swap AB": the product is computed as w @ x.T, [BLOCK_N, 16]), x's rows padded to 16
+    (masked loads).
+
+    Grid (cdiv(N, BLOCK_N), SPLIT_K): program (n, s) reads groups [s·G/SPLIT_K, (s+1)·G/SPLIT_K)
+    of its rows, BLOCK_G groups (32·BLOCK_G columns) a step. The codes dequantise to float16
+    exactly (``1024 + code`` by OR-ing into the mantissa, minus 1024), then ``code·scale +
+    offset`` in float16 (the stored pair is float16): one rounding a weight, finer than the
+    bfloat16 dense copy's. Low nibbles (columns 32g + i) and high nibbles (32g + 16 + i) are
+    two products against x's matching columns. x is cast to float16 for the product (its
+    values must stay below 65504), the sum is float32.
+
+    SPLIT_K > 1: each program writes its float32 partial to WS[s] and bumps CNT[n]; the last
+    of the SPLIT_K sums the partials in a fixed order (deterministic), writes y and resets the
+    counter to 0 for the next call, so one launch does it all and CUDA graphs capture it
+    (WS and CNT persist; CNT starts zeroed)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    n_safe = tl.where(nmask, n, 0).to(tl.int64)
+    m = tl.arange(0, 16)
+    mmask = m < M
+    m_safe = tl.where(mmask, m, 0)
+    gi = tl.arange(0, BLOCK_G)
+    i = tl.arange(0, 16)
+    g_per = GROUPS // SPLIT_K
+    g_start = pid_k * g_per
+    w_ptrs = (W + n_safe[:, None, None] * (K // 2) + (g_start + gi[None, :, None]) * 16
+              + i[None, None, :])
+    so_ptrs = SO + n_safe[:, None] * GROUPS + g_start + gi[None, :]
+    k_lo = tl.reshape(gi[:, None] * 32 + i[None, :], [BLOCK_G * 16])
+    x_ptrs = X + m_safe[None, :] * stride_x + g_start * 32 + k_lo[:, None]
+    acc = tl.zeros([BLOCK_N, 16], tl.float32)
+    for _ in range(0, g_per, BLOCK_G):
+        b = tl.load(w_ptrs).to(tl.int16)
+        so = tl.load(so_ptrs)
+        s = (so & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)[:, :, None]
+        o = (so >> 16).to(tl.int16).to(tl.float16, bitcast=True)[:, :, None]
+        lo = (((b & 15) | 0x6400).to(tl.float16, bitcast=True) - 1024.0) * s + o
+        hi = (((b >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1024.0) * s + o
+        xlo = tl.load(x_ptrs, mask=mmask[None, :], other=0.0).to(tl.float16)
+        xhi = tl.load(x_ptrs + 16, mask=mmask[None, :], other=0.0).to(tl.float16)
+        acc = tl.dot(tl.reshape(lo, [BLOCK_N, BLOCK_G * 16]), xlo, acc)
+        acc = tl.dot(tl.reshape(hi, [BLOCK_N, BLOCK_G * 16]), xhi, acc)
+        w_ptrs += BLOCK_G * 16
+        so_ptrs += BLOCK_G
+        x_ptrs += BLOCK_G * 32
+    out = Y + m_safe[None, :] * stride_y + n_safe[:, None]
+    omask = nmask[:, None] & mmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(Y.dtype.element_ty), mask=omask)
+    else:
+        ws = WS + m[None, :] * N + n_safe[:, None]
+        tl.store(ws + pid_k * 16 * N, acc, mask=omask)
+        tl.debug_barrier()  # all of this program's partial stored before the release below
+        done = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_N, 16], tl.float32)
+            for s_ in range(SPLIT_K):  # fixed order; .cg: from L2, never a stale L1 line
+                total += tl.load(ws + s_ * 16 * N, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(out, total.to(Y.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")

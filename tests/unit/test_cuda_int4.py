@@ -96,6 +96,18 @@ def interpreter_check(k: int) -> None:
             rel = ((y.double() - r).norm() / r.norm()).item()
             assert rel < tol, (dtype, name, rel)
     torch.testing.assert_close(cuda_int4.dequantize(packed, so, torch.float32, tiles), weight)
+    groups, weight = _groups(Q.Q4_1, 40, 256, seed=4)
+    packed = pack_codes(groups.codes)
+    so = pack_scale_offset(groups.scales, groups.offsets)
+    for cfg in (cuda_int4.Skinny(16, 4, 1, 4, 1), cuda_int4.Skinny(32, 4, 2, 4, 1)):
+        for rows in (1, 5):
+            k = 256
+            x = torch.randn(rows, k)
+            ref = x.double() @ weight.double().T
+            for _ in range(2):  # the second call needs the counters the first one reset
+                y = cuda_int4.skinny(x, packed, so, cfg)
+                rel = ((y.double() - ref).norm() / ref.norm()).item()
+                assert rel < 2e-3, ("skinny", cfg, rows, rel)
 
 
 def test_kernels_in_the_triton_interpreter():
@@ -142,6 +154,55 @@ def test_cuda_kernels_against_float64(rows, n, k, copies):
     assert not torch.isnan(y).any() and rel < 1e-2, rel
 
 
+def test_skinny_configs_fit_the_8b_shapes():
+    """Every shape of the 8B model has candidates that fit (else it would keep bf16 speed)."""
+    for k in (4096, 14336):
+        assert any(c.fits(k) for c in cuda_int4.SKINNY_CANDIDATES)
+        assert all(c.split_k <= 8 for c in cuda_int4.SKINNY_SWEEP)
+    assert not cuda_int4.Skinny(64, 8, 8, 4, 3).fits(32 * 96)  # 96 groups: not a multiple of 64
+    # rows past 16 are not the kernel's
+    with pytest.raises(ValueError):
+        cuda_int4.skinny(torch.zeros(17, 64), torch.zeros(4, 32, dtype=torch.uint8),
+                         torch.zeros(4, 2, dtype=torch.int32), cuda_int4.Skinny(64, 2, 1, 4, 3))
+
+
+@needs_cuda
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (96, 4096)])
+def test_skinny_against_float64_and_in_a_graph(n, k):
+    """The tensor-core skinny kernel, every sweep config that fits, 1-16 rows, bf16 x,
+    twice in a row (split-K counters reset) and replayed from a CUDA graph."""
+    gen = torch.Generator().manual_seed(n + k)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(n, k // 32, generator=gen) * 0.01
+    offsets = -8 * scales + torch.randn(n, k // 32, generator=gen) * 1e-3
+    packed = pack_codes(codes).cuda()
+    so = pack_scale_offset(scales, offsets).cuda()
+    weight = unpack(packed.cpu(), so.cpu()).double()
+    cfgs = [c for c in cuda_int4.SKINNY_SWEEP
+            if c.fits(k) and c.num_stages == 3 and c.num_warps == 4]
+    for rows in (2, 8, 16):
+        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+        ref = x.double() @ weight.T
+        xc = x.cuda()
+        for cfg in cfgs if rows == 8 else cfgs[::7]:
+            for _ in range(2):
+                y = cuda_int4.skinny(xc, packed, so, cfg)
+                rel = ((y.double().cpu() - ref).norm() / ref.norm()).item()
+                assert rel < 4e-3, (cfg, rows, rel)
+    cfg = next(c for c in cfgs if c.split_k > 1)
+    x = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
+    cuda_int4.skinny(x, packed, so, cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = cuda_int4.skinny(x, packed, so, cfg)
+    for _ in range(3):
+        x.normal_()
+        graph.replay()
+        ref = x.double().cpu() @ weight.T
+        rel = ((y.double().cpu() - ref).norm() / ref.norm()).item()
+        assert rel < 4e-3, rel
+
+
 def quantize_4bit(weight: torch.Tensor) -> Int4Groups:
     """Asymmetric 4-bit codes per 32 columns (min/max), as a GGUF Q4_1 file would hold."""
     n, k = weight.shape
@@ -163,8 +224,9 @@ def int4_tiny_model(device: str, dtype: torch.dtype) -> torch.nn.Module:
 
 
 @needs_cuda
-@pytest.mark.parametrize("graphs,dense", [(True, False), (False, False), (True, True)])
-def test_tiny_int4_model_on_cuda_matches_cpu(graphs, dense):
+@pytest.mark.parametrize("graphs,dense,force", [(True, False, None), (False, False, None),
+                                                (True, True, None), (True, True, "skinny")])
+def test_tiny_int4_model_on_cuda_matches_cpu(graphs, dense, force):
     """Greedy tokens of the int4 model: CUDA bf16 (graphs: gemv and matmul; eager prefill:
     dequantise + cuBLAS; or tinygemm + the dense copies) against the same codes on CPU in
     float32."""
@@ -178,6 +240,10 @@ def test_tiny_int4_model_on_cuda_matches_cpu(graphs, dense):
         model = int4_tiny_model(device, dtype)
         if device == "cuda" and dense:
             prepare_for_cuda(model, dtype)
+            if force:  # every layer's 2-16 row buckets on one kernel
+                for m in model.modules():
+                    if isinstance(m, CudaInt4Linear) and m.skinny_cfg is not None:
+                        m.route = {**m.route, **{b: force for b in (2, 4, 8, 16)}}
         eng = Engine(model, tiny_args(), ByteTokenizer(), cfg)
         if device == "cuda" and not graphs:
             eng.runner.graphs = eng.runner.chunk_graphs = None
