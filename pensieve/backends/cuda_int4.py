@@ -76,6 +76,7 @@ class Skinny:
     split_k: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # a register cap per thread (more programs per SM), or none
 
     def fits(self, k: int) -> bool:
         return (k // GROUP) % (self.block_g * self.split_k) == 0
@@ -84,8 +85,8 @@ class Skinny:
 # prepare_for_cuda times these per weight shape and keeps the fastest (bench/gpu_skinny.py
 # sweeps a larger set; these were the best there at the 8B shapes on an H100).
 SKINNY_CANDIDATES = (
-    Skinny(64, 4, 4, 4, 3), Skinny(64, 4, 8, 4, 3), Skinny(128, 4, 8, 4, 3),
-    Skinny(64, 2, 8, 4, 3), Skinny(128, 4, 1, 4, 3), Skinny(128, 2, 2, 4, 3),
+    Skinny(64, 4, 4, 4, 3), Skinny(64, 4, 8, 4, 3), Skinny(64, 2, 4, 4, 3),
+    Skinny(64, 4, 2, 4, 3), Skinny(64, 2, 8, 4, 3), Skinny(128, 4, 1, 4, 3),
 )
 SKINNY_SWEEP = tuple(
     Skinny(bn, bg, sk, nw, ns) for bn in (64, 128) for bg in (2, 4, 8) for sk in (1, 2, 4, 8)
@@ -118,9 +119,10 @@ def skinny(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, cfg: Skinny)
     ws, cnt = skinny_workspace(x.device, n)
     grid = (triton_cdiv(n, cfg.block_n), cfg.split_k)
     _kernels().skinny[grid](x, packed, so, y, ws, cnt, m, n, k, k // GROUP, x.stride(0),
-                            y.stride(0), BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g,
+                            y.stride(0), packed.stride(0), BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g,
                             SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages)
+                            num_stages=cfg.num_stages,
+                            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return y
 
 

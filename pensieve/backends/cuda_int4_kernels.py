@@ -168,7 +168,7 @@ def dequantize(W, SO, OUT, N, K, GROUPS, BLOCK_N: tl.constexpr, BLOCK_G: tl.cons
 
 
 @triton.jit
-def skinny(X, W, SO, Y, WS, CNT, M, N, K, GROUPS, stride_x, stride_y,
+def skinny(X, W, SO, Y, WS, CNT, M, N, K, GROUPS, stride_x, stride_y, stride_w,
            BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr):
     """y = x @ w.T for up to 16 rows of x on the tensor cores, the weight as the left operand
     ("swap AB": the product is computed as w @ x.T, [BLOCK_N, 16]), x's rows padded to 16
@@ -198,7 +198,9 @@ def skinny(X, W, SO, Y, WS, CNT, M, N, K, GROUPS, stride_x, stride_y,
     i = tl.arange(0, 16)
     g_per = GROUPS // SPLIT_K
     g_start = pid_k * g_per
-    w_ptrs = (W + n_safe[:, None, None] * (K // 2) + (g_start + gi[None, :, None]) * 16
+    # stride_w = K // 2 as an argument: Triton then knows it is a multiple of 16 (K // 2
+    # computed here would only be known as a multiple of 8) and copies 16-byte pieces
+    w_ptrs = (W + n_safe[:, None, None] * stride_w + (g_start + gi[None, :, None]) * 16
               + i[None, None, :])
     so_ptrs = SO + n_safe[:, None] * GROUPS + g_start + gi[None, :]
     k_lo = tl.reshape(gi[:, None] * 32 + i[None, :], [BLOCK_G * 16])
