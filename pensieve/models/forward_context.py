@@ -7,6 +7,7 @@ writes it through this context. Tokens of all sequences in a step are flattened 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,8 +73,27 @@ def paged_attention(
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
     out = torch.empty_like(q)
     for seq in ctx.sequences:
-        attend_cached(q, k_cache, v_cache, seq, out)
+        if seq.query_len > 1 and seq.query_len == seq.context_len:
+            attend_fresh(q, k, v, k_cache.dtype, seq, out)
+        else:
+            attend_cached(q, k_cache, v_cache, seq, out)
     return out
+
+
+def attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_dtype: torch.dtype,
+                 seq: SequenceSlice, out: torch.Tensor) -> None:
+    """``attend_cached`` for a sequence with nothing cached before this step: its keys and
+    values are this step's own rows, so they are not gathered back out of the pages. Rounded
+    through the cache's dtype, they are exactly what a later step reads from the cache."""
+    rows = slice(seq.query_start, seq.query_start + seq.query_len)
+    keys, values = k[rows], v[rows]
+    if cache_dtype != k.dtype:
+        keys, values = keys.to(cache_dtype).to(q.dtype), values.to(cache_dtype).to(q.dtype)
+    attn = F.scaled_dot_product_attention(
+        q[rows].transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
+        values.transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=q.shape[1] > k.shape[1],
+    )
+    out[rows] = attn[0].transpose(0, 1)
 
 
 def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -83,7 +103,7 @@ def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     qs = q[seq.query_start : seq.query_start + seq.query_len].transpose(0, 1)
     keys = _gather(k_cache, seq).transpose(0, 1)
     values = _gather(v_cache, seq).transpose(0, 1)
-    mask = _causal_mask(seq, q.device)
+    mask = _causal_mask(seq, q.device, q.dtype)
     attn = F.scaled_dot_product_attention(
         qs.unsqueeze(0),
         keys.unsqueeze(0).to(q.dtype),
@@ -100,11 +120,19 @@ def _gather(cache: torch.Tensor, seq: SequenceSlice) -> torch.Tensor:
     return blocks.view(-1, cache.shape[2], cache.shape[3])[: seq.context_len]
 
 
-def _causal_mask(seq: SequenceSlice, device: torch.device) -> torch.Tensor | None:
+def _causal_mask(seq: SequenceSlice, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
     """None when SDPA's own flags suffice (decode, or a prefill with nothing cached)."""
     if seq.query_len == 1 or seq.query_len == seq.context_len:
         return None
-    offset = seq.context_len - seq.query_len
-    rows = torch.arange(seq.query_len, device=device).unsqueeze(1) + offset
-    cols = torch.arange(seq.context_len, device=device).unsqueeze(0)
-    return cols <= rows
+    return _offset_causal_mask(seq.query_len, seq.context_len, str(device), dtype)
+
+
+@functools.lru_cache(maxsize=4)
+def _offset_causal_mask(query_len: int, context_len: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """Additive float mask: the i-th new token sees keys up to ``context_len - query_len + i``.
+    Cached: every layer of a step asks for the same one (building it per layer, and SDPA
+    turning a boolean mask into a float one per call, cost ~6% of a CPU prefill)."""
+    offset = context_len - query_len
+    rows = torch.arange(query_len, device=device).unsqueeze(1) + offset
+    cols = torch.arange(context_len, device=device).unsqueeze(0)
+    return torch.zeros(query_len, context_len, device=device, dtype=dtype).masked_fill_(cols > rows, float("-inf"))
