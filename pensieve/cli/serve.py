@@ -57,7 +57,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "M·1.75^(n-allowed) logits (docs/sampling.md)")
     p.add_argument("--dry-allowed-length", type=int, default=None, metavar="N",
                    help=f"repeats shorter than N tokens cost nothing (default {DEFAULT_DRY.allowed_length})")
-    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="requests decoding together in one step (default 8)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                   help="tokens one engine step may process: long prompts are prefilled in "
+                        "chunks of up to N tokens while other requests keep decoding between "
+                        "chunks (default 2048; smaller keeps their streams smoother during a "
+                        "long prefill, larger prefills faster)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--weights", default=None, choices=WEIGHTS,
                    help="CPU weights of a 4-bit GGUF: int4 (own AVX2 kernels, int8 output "

