@@ -131,8 +131,8 @@ def test_step_token_budget_flag_default_and_bad_values() -> None:
     def settings(*flags: str):
         return settings_from_args(build_parser().parse_args(["serve", "--device", "cpu", *flags]), {})
 
-    assert settings().engine.max_num_batched_tokens == 2048
-    assert settings("--max-num-batched-tokens", "512").engine.max_num_batched_tokens == 512
+    assert settings().engine.max_num_batched_tokens == 512  # CPU
+    assert settings("--max-num-batched-tokens", "2048").engine.max_num_batched_tokens == 2048
     assert settings("--max-num-seqs", "3").engine.max_num_seqs == 3
     for flags in (("--max-num-batched-tokens", "0"), ("--max-num-seqs", "0")):
         with pytest.raises(ValueError, match="must be at least 1"):
