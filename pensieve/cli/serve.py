@@ -62,8 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
                    help="tokens one engine step may process: long prompts are prefilled in "
                         "chunks of up to N tokens while other requests keep decoding between "
-                        "chunks (default 2048; smaller keeps their streams smoother during a "
-                        "long prefill, larger prefills faster)")
+                        "chunks (default 2048 on CUDA, 512 on the CPU; smaller keeps their "
+                        "streams smoother during a long prefill)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--weights", default=None, choices=WEIGHTS,
                    help="CPU weights of a 4-bit GGUF: int4 (own AVX2 kernels, int8 output "
