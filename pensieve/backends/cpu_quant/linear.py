@@ -106,8 +106,59 @@ class _Quantised(nn.Module):
             raise RuntimeError(f"{type(self).__name__} runs on the CPU only")
 
 
-class Q4Linear(_Quantised):
+class _QuantisedLinear(_Quantised):
+    """y = x @ W.T (+ b) on a compiled kernel: subclasses set ``_weights`` (pointers of the
+    weight's buffers), ``_fn`` (the matmul) and ``_dequant`` in ``_refresh``."""
+
+    KIND = ""
+    out_features: int
+    in_features: int
+    dense_from: int
+    threads: int
+
+    def _init_common(self, kernels: Kernels, bias: torch.Tensor | None, dense_from: int,
+                     threads: int | None) -> None:
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.kernels, self.dense_from = kernels, dense_from
+        self.threads = threads or torch.get_num_threads()
+        self._refresh()
+
+    def _set_pointers(self, weights: tuple[int, ...], fn, dequant) -> None:  # noqa: ANN001 - ctypes functions
+        self._bias = None if self.bias is None else self.bias.detach().float().contiguous()
+        self._on_cpu = self.codes.device.type == "cpu"
+        self._weights, self._fn, self._dequant = weights, fn, dequant
+        self._args = (*weights, self.out_features, None if self._bias is None else self._bias.data_ptr())
+
+    def dequantize(self) -> torch.Tensor:
+        self._check_cpu()
+        out = torch.empty(self.out_features, self.in_features)
+        self._dequant(*self._weights, self.out_features, self.in_features, out.data_ptr(), self.threads)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the hot path of decode: every line here costs ~1 µs, ~120 calls per token
+        if x.dtype is not torch.float32:
+            return self(x.float()).to(x.dtype)
+        if not self._on_cpu:
+            self._check_cpu()
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        m = rows.shape[0]
+        if m >= self.dense_from:
+            return F.linear(x, self.dequantize(), self._bias)
+        y = torch.empty(m, self.out_features)
+        self._fn(rows.data_ptr(), m, self.in_features, *self._args, y.data_ptr(), self.threads)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.KIND} group 32"
+
+
+class Q4Linear(_QuantisedLinear):
     """y = x @ W.T (+ b) with W as 4-bit group-32 affine codes (w = code·scale + min)."""
+
+    KIND = "q4"
 
     def __init__(self, kernels: Kernels, groups: Int4Groups | Sequence[Int4Groups],
                  bias: torch.Tensor | None = None, dense_from: int = DENSE_FROM,
@@ -119,47 +170,17 @@ class Q4Linear(_Quantised):
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("mins", mins)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-        self.kernels, self.dense_from = kernels, dense_from
-        self.threads = threads or torch.get_num_threads()
-        self._refresh()
+        self._init_common(kernels, bias, dense_from, threads)
 
     def _refresh(self) -> None:
-        self._bias = None if self.bias is None else self.bias.detach().float().contiguous()
-        self._on_cpu = self.codes.device.type == "cpu"
-        self._fn = self.kernels.lib.pq4_linear
-        self._args = (self.codes.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(),
-                      self.out_features, None if self._bias is None else self._bias.data_ptr())
-
-    def dequantize(self) -> torch.Tensor:
-        self._check_cpu()
-        out = torch.empty(self.out_features, self.in_features)
-        self.kernels.pq4_dequant(*self._args[:3], self.out_features, self.in_features,
-                                 out.data_ptr(), self.threads)
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the hot path of decode: every line here costs ~1 µs, ~120 calls per token
-        if x.dtype is not torch.float32:
-            return self(x.float()).to(x.dtype)
-        if not self._on_cpu:
-            self._check_cpu()
-        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
-        m = rows.shape[0]
-        if m >= self.dense_from:
-            return F.linear(x, self.dequantize(), self._bias)
-        y = torch.empty(m, self.out_features)
-        self._fn(rows.data_ptr(), m, self.in_features, *self._args, y.data_ptr(), self.threads)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, q4 group 32"
+        self._set_pointers((self.codes.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr()),
+                           self.kernels.lib.pq4_linear, self.kernels.pq4_dequant)
 
 
-class Q8Linear(_Quantised):
+class Q8Linear(_QuantisedLinear):
     """y = x @ W.T (+ b) with W as int8 per 32-block (Q8_0); the output projection's form."""
+
+    KIND = "q8"
 
     def __init__(self, kernels: Kernels, codes: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None = None, dense_from: int = DENSE_FROM,
@@ -168,43 +189,11 @@ class Q8Linear(_Quantised):
         self.out_features, self.in_features = codes.shape
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-        self.kernels, self.dense_from = kernels, dense_from
-        self.threads = threads or torch.get_num_threads()
-        self._refresh()
+        self._init_common(kernels, bias, dense_from, threads)
 
     def _refresh(self) -> None:
-        self._bias = None if self.bias is None else self.bias.detach().float().contiguous()
-        self._on_cpu = self.codes.device.type == "cpu"
-        self._fn = self.kernels.lib.pq8_linear
-        self._args = (self.codes.data_ptr(), self.scales.data_ptr(), self.out_features,
-                      None if self._bias is None else self._bias.data_ptr())
-
-    def dequantize(self) -> torch.Tensor:
-        self._check_cpu()
-        out = torch.empty(self.out_features, self.in_features)
-        self.kernels.pq8_dequant(*self._args[:2], self.out_features, self.in_features,
-                                 out.data_ptr(), self.threads)
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the hot path of decode: every line here costs ~1 µs, ~120 calls per token
-        if x.dtype is not torch.float32:
-            return self(x.float()).to(x.dtype)
-        if not self._on_cpu:
-            self._check_cpu()
-        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
-        m = rows.shape[0]
-        if m >= self.dense_from:
-            return F.linear(x, self.dequantize(), self._bias)
-        y = torch.empty(m, self.out_features)
-        self._fn(rows.data_ptr(), m, self.in_features, *self._args, y.data_ptr(), self.threads)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, q8 group 32"
+        self._set_pointers((self.codes.data_ptr(), self.scales.data_ptr()),
+                           self.kernels.lib.pq8_linear, self.kernels.pq8_dequant)
 
 
 class Q8Embedding(_Quantised):

@@ -38,6 +38,6 @@ class Q4MLP(nn.Module):
         if not rows.is_contiguous():
             rows = rows.contiguous()
         y = torch.empty(rows.shape[0], self.hidden)
-        self._fn(rows.data_ptr(), rows.shape[0], self.hidden, self.inner, *gu._args[:3],
-                 gu._args[4], *down._args[:3], down._args[4], y.data_ptr(), gu.threads)
+        self._fn(rows.data_ptr(), rows.shape[0], self.hidden, self.inner, *gu._weights,
+                 gu._args[-1], *down._weights, down._args[-1], y.data_ptr(), gu.threads)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.hidden)
