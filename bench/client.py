@@ -123,7 +123,8 @@ class StreamResult:
     t_first: float | None = None  # first content delta
     t_last: float | None = None  # last content delta
     t_end: float | None = None  # stream closed
-    input_tokens: int | None = None
+    input_tokens: int | None = None  # the whole prompt, cached or not
+    cache_read_tokens: int = 0  # of which read from the prefix cache (the final Anthropic usage)
     output_tokens: int | None = None
     n_deltas: int = 0
     stop_reason: str | None = None
@@ -244,6 +245,10 @@ class Client:
             body["system"] = system
         if self.temperature is not None:
             body["temperature"] = self.temperature
+        return await self.stream_message(body)
+
+    async def stream_message(self, body: dict[str, Any]) -> StreamResult:
+        """POST a whole Anthropic ``/v1/messages`` body (``stream`` true) and time its events."""
         r = StreamResult()
         parts: list[str] = []
         r.t_send = time.perf_counter()
@@ -271,14 +276,18 @@ class Client:
                     elif typ == "message_start":
                         u = ev.get("message", {}).get("usage", {}) or {}
                         if u.get("input_tokens") is not None:
-                            r.input_tokens = int(u["input_tokens"]) + int(
-                                u.get("cache_read_input_tokens") or 0
-                            ) + int(u.get("cache_creation_input_tokens") or 0)
+                            r.cache_read_tokens = int(u.get("cache_read_input_tokens") or 0)
+                            r.input_tokens = int(u["input_tokens"]) + r.cache_read_tokens + int(
+                                u.get("cache_creation_input_tokens") or 0)
                     elif typ == "message_delta":
                         u = ev.get("usage", {}) or {}
                         if u.get("output_tokens") is not None:
                             r.output_tokens = int(u["output_tokens"])
-                        if u.get("input_tokens") is not None and r.input_tokens is None:
+                        if "cache_read_input_tokens" in u:  # final usage: where the prompt came from
+                            r.cache_read_tokens = int(u["cache_read_input_tokens"] or 0)
+                            r.input_tokens = int(u.get("input_tokens") or 0) + r.cache_read_tokens + int(
+                                u.get("cache_creation_input_tokens") or 0)
+                        elif u.get("input_tokens") is not None and r.input_tokens is None:
                             r.input_tokens = int(u["input_tokens"])
                         r.stop_reason = (ev.get("delta") or {}).get("stop_reason", r.stop_reason)
                     elif typ == "error":

@@ -23,14 +23,11 @@ import copy
 import json
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from bench.client import _sse_events
+from bench.client import Client
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "claude_code_request.json"
 BILLING = "x-anthropic-billing-header:"
@@ -83,51 +80,33 @@ def side_request(model: str, k: int) -> dict[str, Any]:
     }
 
 
-async def send(http: httpx.AsyncClient, url: str, body: dict[str, Any], label: str) -> TurnResult:
-    usage: dict[str, int] = {}
-    first: float | None = None
-    output, stop = 0, None
-    start = time.perf_counter()
-    async with http.stream("POST", f"{url}/v1/messages", json=body) as resp:
-        if resp.status_code != 200:
-            raise SystemExit(f"{label}: HTTP {resp.status_code}: {(await resp.aread())[:500]!r}")
-        async for _event, data in _sse_events(resp):
-            if not data:
-                continue
-            ev = json.loads(data)
-            kind = ev.get("type")
-            if kind == "message_start":
-                usage.update({k: v for k, v in ev["message"].get("usage", {}).items() if isinstance(v, int)})
-            elif kind == "content_block_delta" and first is None:
-                first = time.perf_counter()
-            elif kind == "message_delta":
-                usage.update({k: v for k, v in (ev.get("usage") or {}).items() if isinstance(v, int)})
-                output = usage.get("output_tokens", output)
-                stop = (ev.get("delta") or {}).get("stop_reason")
-            elif kind == "error":
-                raise SystemExit(f"{label}: {data[:500]}")
-    read = usage.get("cache_read_input_tokens", 0)
-    total = usage.get("input_tokens", 0) + read + usage.get("cache_creation_input_tokens", 0)
-    ttft = ((first or time.perf_counter()) - start) * 1e3
-    return TurnResult(label, total, None, total - read, read, ttft, output, stop)
+async def send(client: Client, body: dict[str, Any], label: str) -> TurnResult:
+    r = await client.stream_message(body)
+    if not r.ok or r.input_tokens is None or r.ttft is None:
+        raise SystemExit(f"{label}: {r.error or 'no usage in the stream'}")
+    return TurnResult(label, r.input_tokens, None, r.input_tokens - r.cache_read_tokens,
+                      r.cache_read_tokens, r.ttft * 1e3, r.output_tokens or 0, r.stop_reason)
 
 
 async def replay(url: str, turns: int, max_tokens: int, side: bool, seed: int) -> list[TurnResult]:
     rng = random.Random(seed)
     first = json.loads(FIXTURE.read_text())
-    async with httpx.AsyncClient(timeout=3600, headers={"x-api-key": "bench", "anthropic-version": "2023-06-01"}) as http:
+    client = Client(url, api_key="bench", temperature=0.0, timeout=3600)
+    try:
         model = first["model"]
         results: list[TurnResult] = []
         previous: int | None = None
         for k in range(turns):
-            result = await send(http, url, main_turn(first, k, rng, max_tokens), f"turn {k + 1}")
+            result = await send(client, main_turn(first, k, rng, max_tokens), f"turn {k + 1}")
             result.new_tokens = None if previous is None else result.prompt_tokens - previous
             previous = result.prompt_tokens
             results.append(result)
             print(table_row(result), file=sys.stderr, flush=True)
             if side and k + 1 < turns:
-                results.append(await send(http, url, side_request(model, k), f"side {k + 1}"))
+                results.append(await send(client, side_request(model, k), f"side {k + 1}"))
                 print(table_row(results[-1]), file=sys.stderr, flush=True)
+    finally:
+        await client.aclose()
     return results
 
 
