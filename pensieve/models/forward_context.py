@@ -73,46 +73,25 @@ def paged_attention(
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
     out = torch.empty_like(q)
     for seq in ctx.sequences:
-        if seq.query_len > 1 and seq.query_len == seq.context_len:
-            attend_fresh(q, k, v, k_cache.dtype, seq, out)
-        else:
-            attend_cached(q, k_cache, v_cache, seq, out)
+        attend_cached(q, k_cache, v_cache, seq, out)
     return out
-
-
-def attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_dtype: torch.dtype,
-                 seq: SequenceSlice, out: torch.Tensor) -> None:
-    """``attend_cached`` for a sequence with nothing cached before this step: its keys and
-    values are this step's own rows, so they are not gathered back out of the pages. Rounded
-    through the cache's dtype, they are exactly what a later step reads from the cache."""
-    rows = slice(seq.query_start, seq.query_start + seq.query_len)
-    keys, values = k[rows], v[rows]
-    if cache_dtype != k.dtype:
-        keys, values = keys.to(cache_dtype).to(q.dtype), values.to(cache_dtype).to(q.dtype)
-    attn = F.scaled_dot_product_attention(
-        q[rows].transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
-        values.transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=q.shape[1] > k.shape[1],
-    )
-    out[rows] = attn[0].transpose(0, 1)
 
 
 def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   seq: SequenceSlice, out: torch.Tensor) -> None:
     """``out``'s rows of ``seq`` = its (rotated) queries in ``q`` [T, Hq, D] attending over its
     context, already in the cache; causal within the new tokens."""
-    qs = q[seq.query_start : seq.query_start + seq.query_len].transpose(0, 1)
-    keys = _gather(k_cache, seq).transpose(0, 1)
-    values = _gather(v_cache, seq).transpose(0, 1)
+    rows = slice(seq.query_start, seq.query_start + seq.query_len)
     mask = _causal_mask(seq, q.device, q.dtype)
     attn = F.scaled_dot_product_attention(
-        qs.unsqueeze(0),
-        keys.unsqueeze(0).to(q.dtype),
-        values.unsqueeze(0).to(q.dtype),
+        q[rows].transpose(0, 1).unsqueeze(0),
+        _gather(k_cache, seq).transpose(0, 1).unsqueeze(0).to(q.dtype),
+        _gather(v_cache, seq).transpose(0, 1).unsqueeze(0).to(q.dtype),
         attn_mask=mask,
         is_causal=mask is None and seq.query_len > 1,
         enable_gqa=q.shape[1] > k_cache.shape[2],
     )
-    out[seq.query_start : seq.query_start + seq.query_len] = attn[0].transpose(0, 1)
+    out[rows] = attn[0].transpose(0, 1)
 
 
 def _gather(cache: torch.Tensor, seq: SequenceSlice) -> torch.Tensor:

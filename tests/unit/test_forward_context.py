@@ -1,6 +1,6 @@
-"""The CPU attention path over the paged cache: a sequence with nothing cached attends over its
-own fresh keys (not gathered back from the pages) exactly as a later read of the cache would,
-and a prefill split in chunks (offset causal mask) matches the same prefill in one piece."""
+"""The CPU attention path over the paged cache: a prefill stores its K/V in scattered pages
+(in the cache's dtype) and attends as a later read of those pages does, and a prefill split in
+chunks (the cached offset causal mask) matches the same prefill in one piece."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def context(n_tokens: int, query_start_pos: int, dtype: torch.dtype, caches=None
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_fresh_sequence_attends_as_a_later_cache_read_would(cache_dtype: torch.dtype) -> None:
+def test_prefill_attends_as_a_later_cache_read_would(cache_dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     q, k, v = torch.randn(10, HQ, D), torch.randn(10, HK, D), torch.randn(10, HK, D)
     ctx = context(10, 0, cache_dtype)
