@@ -67,7 +67,7 @@ class DryProcessor(LogitsProcessor):
         worst.scatter_reduce_(0, candidates, repeat, reduce="amax")
         penalised = torch.nonzero(worst).flatten()
         exponent = (worst[penalised] - p.allowed_length).clamp(max=MAX_EXPONENT).to(torch.float32)
-        penalty = p.multiplier * torch.pow(torch.tensor(p.base), exponent)
+        penalty = p.multiplier * p.base ** exponent
         logits[penalised] -= penalty.to(logits.device, logits.dtype)
 
     def accept(self, token_id: int) -> None:
