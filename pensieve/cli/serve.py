@@ -64,6 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "chunks of up to N tokens while other requests keep decoding between "
                         "chunks (default 2048 on CUDA, 512 on the CPU; smaller keeps their "
                         "streams smoother during a long prefill)")
+    p.add_argument("--async-scheduling", default="auto", choices=("auto", "on", "off"),
+                   help="launch each decode step before the previous step's tokens are read, so "
+                        "detokenising and streaming overlap the GPU's work (auto: on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--weights", default=None, choices=WEIGHTS,
                    help="CPU weights of a 4-bit GGUF: int4 (own AVX2 kernels, int8 output "

@@ -136,6 +136,7 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
         # CPU: 512 keeps other streams decoding every ~1.7 s during a long prefill; served
         # 1.5k-token prefill measured no faster at 2048 (243–292 tok/s both, run to run)
         max_num_batched_tokens=batched or (2048 if device == "cuda" else 512),
+        async_scheduling={"on": True, "off": False}.get(getattr(ns, "async_scheduling", "auto")),
     )
     if ns.context_length is not None and ns.context_length < 16:
         raise ValueError("--context-length must be at least 16")

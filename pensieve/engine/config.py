@@ -21,7 +21,15 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     int8_lm_head: bool = False  # weight-only int8 output projection (CPU decode speed)
     max_waiting: int = 256  # queued requests before new ones get "overloaded"
+    async_scheduling: bool | None = None  # launch a decode step before the last one's ids are read; None → on CUDA
     seed: int = 0
+
+    @property
+    def overlap_steps(self) -> bool:
+        """Whether async scheduling is on (by default where the device runs apart from the host)."""
+        if self.async_scheduling is None:
+            return torch.device(self.device).type == "cuda"
+        return self.async_scheduling
 
     def __post_init__(self) -> None:
         for name in ("context_length", "block_size", "max_num_seqs", "max_num_batched_tokens"):

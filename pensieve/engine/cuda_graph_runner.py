@@ -5,7 +5,8 @@ than the GPU time at small batch. Captured once at start, a step is then one ``r
 Graphs read fixed addresses, so every input lives in static device buffers: token ids,
 positions, KV slots (int64) and context lengths + block tables padded to the longest context
 (int32). Each step fills two pinned host buffers and copies them up in two non-blocking
-copies; rows past the real batch write their K/V to a scratch block nobody reads and attend
+copies; under async scheduling a row's token id may instead come from the previous step's
+sampled ids, still on the device (one gather before the replay); rows past the real batch write their K/V to a scratch block nobody reads and attend
 to one token of it. All buckets share one memory pool (they never run at once); each keeps
 its own output, which ``run`` copies out before the next step can overwrite it.
 """
@@ -13,6 +14,7 @@ its own output, which ``run`` copies out before the next step can overwrite it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -45,10 +47,10 @@ class CudaGraphRunner:
         self.scratch_slot = scratch_block * self.block_size
         self.scratch_block = scratch_block
         n, w = self.max_batch, max_blocks
-        # int64: ids | positions | slots; int32: context lens | block tables [n, w]
-        self._i64 = torch.zeros(3 * n, dtype=torch.int64, device=self.device)
+        # int64: ids | positions | slots | carried rows; int32: context lens | block tables [n, w]
+        self._i64 = torch.zeros(4 * n, dtype=torch.int64, device=self.device)
         self._i32 = torch.zeros(n + n * w, dtype=torch.int32, device=self.device)
-        self._h64 = torch.zeros(3 * n, dtype=torch.int64).pin_memory()
+        self._h64 = torch.zeros(4 * n, dtype=torch.int64).pin_memory()
         self._h32 = torch.zeros(n + n * w, dtype=torch.int32).pin_memory()
         self._n64, self._n32 = self._h64.numpy(), self._h32.numpy()
         self._copied = torch.cuda.Event()
@@ -78,7 +80,7 @@ class CudaGraphRunner:
         """Capture every bucket, largest first (later ones reuse its pool blocks)."""
         n = self.max_batch
         self._i64.zero_()
-        self._i64[2 * n:].fill_(self.scratch_slot)
+        self._i64[2 * n:3 * n].fill_(self.scratch_slot)
         self._i32.fill_(self.scratch_block)
         self._i32[:n].fill_(1)
         for b in reversed(self.buckets):
@@ -104,18 +106,24 @@ class CudaGraphRunner:
         )
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Logits [len(chunks), V] for a decode-only step."""
+    def run(self, chunks: list[ScheduledChunk], carried: torch.Tensor | None = None,
+            carried_rows: Sequence[int] = ()) -> torch.Tensor:
+        """Logits [len(chunks), V] for a decode-only step; row ``i`` decodes
+        ``carried[carried_rows[i]]`` where that is ≥ 0 (see ``ModelRunner.run``)."""
         b = len(chunks)
         bucket = next(s for s in self.buckets if s >= b)
         n, w, bs = self.max_batch, self.max_blocks, self.block_size
         self._copied.synchronize()  # the last upload has left the pinned buffers
         h64, h32 = self._n64, self._n32
         tables = h32[n:].reshape(n, w)
+        carry = carried is not None
         for i, c in enumerate(chunks):
             req, p = c.request, c.request.num_computed_tokens
             blocks = req.block_ids[: p // bs + 1]
-            h64[i], h64[n + i] = token_at(req, p), p
+            from_device = carry and carried_rows[i] >= 0
+            h64[i] = 0 if from_device else token_at(req, p)
+            h64[n + i] = p
+            h64[3 * n + i] = carried_rows[i] if from_device else -1
             h64[2 * n + i] = blocks[-1] * bs + p % bs
             h32[i] = p + 1
             tables[i, : len(blocks)] = blocks
@@ -127,6 +135,9 @@ class CudaGraphRunner:
         self._i64.copy_(self._h64, non_blocking=True)
         self._i32.copy_(self._h32, non_blocking=True)
         self._copied.record()
+        if carry:
+            ids, rows = self._i64[:b], self._i64[3 * n:3 * n + b]
+            ids.copy_(torch.where(rows >= 0, carried[rows.clamp(min=0)], ids))
         self._graphs[bucket].replay()
         self.replays += 1
         return self._outputs[bucket][:b].clone()

@@ -1,8 +1,19 @@
-"""The synchronous engine: ``step()`` schedules, runs the model, samples and post-processes."""
+"""The engine: ``step()`` schedules, runs the model, samples and post-processes.
+
+Async scheduling (``EngineConfig.async_scheduling``, on by default on CUDA): while every
+running request is decoding with nothing that needs its last token on the host (grammar,
+loop guard, thinking budget), a step is launched with the previous step's sampled ids still
+on the device, and the previous step's tokens are read and post-processed (detokenise, stop
+checks, streaming) while the GPU runs the new one. A request that ends on the token read late
+wastes one step's row; the ids its extra row computed are dropped. Whenever that condition
+fails (a new request waits, KV is short, a request is one token from its limit) the step in
+flight lands first and the step runs synchronously.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +29,7 @@ from pensieve.engine.logits_processors import LogitsProcessor, ThinkingBudgetPro
 from pensieve.engine.model_runner import ModelRunner
 from pensieve.engine.repetition import DryProcessor, breaker_ids
 from pensieve.engine.request import Request, RequestStatus
-from pensieve.engine.sampler import make_generator, sample
+from pensieve.engine.sampler import make_generator, sample, sample_ids
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
 from pensieve.engine.stop_checker import StopChecker
 from pensieve.engine.types import FinishReason, GenerationDelta, SamplingParams
@@ -28,6 +39,16 @@ if TYPE_CHECKING:
     from pensieve.loaders.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose sampled ids the host has not read yet."""
+
+    requests: list[Request]  # the requests it samples for, in row order
+    ids: torch.Tensor  # [S] int64 on the device: the next step's input
+    host: torch.Tensor  # [S] int64, filled by a non-blocking copy (pinned on CUDA)
+    ready: torch.cuda.Event | None  # recorded after that copy; None on CPU
 
 
 class Engine:
@@ -53,6 +74,8 @@ class Engine:
         self._grammars: GrammarCompiler | None = None  # built by the first constrained request
         self._processors: dict[str, list[LogitsProcessor]] = {}  # request id → its processors
         self._dry_breakers: torch.Tensor | None = None  # built by the first loop-guarded request
+        self._overlap = config.overlap_steps
+        self._inflight: _InFlight | None = None
 
     @property
     def context_length(self) -> int:
@@ -112,29 +135,92 @@ class Engine:
         self._processors.pop(request_id, None)
         self.scheduler.finish(req)
         req.finish(FinishReason.ABORTED)
+        if self._inflight is not None and all(r.is_finished for r in self._inflight.requests):
+            self._inflight = None  # nothing left to read from it (its pinned copy stays valid)
         return self._delta(req, "")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
     def step(self) -> list[GenerationDelta]:
+        deltas = self._land() if self._inflight is not None and not self._can_chain() else []
         chunks = self.scheduler.schedule()
         if not chunks:
-            return []
+            return deltas + self._land()
         sampled = [c.request for c in chunks if c.completes]
-        logits = self.runner.run(chunks)
+        chain = (self._overlap and self.runner.can_carry(chunks)
+                 and not any(self._processors.get(r.request_id) for r in sampled))
+        if not chain and self._inflight is not None:  # scheduled on ids still in flight: read them
+            deltas += self._land()
+            chunks = [c for c in chunks if not c.request.is_finished]
+            sampled = [c.request for c in chunks if c.completes]
+            if not chunks:
+                return deltas
+        previous = self._inflight
+        if previous is not None:
+            rows = {id(r): i for i, r in enumerate(previous.requests)}
+            carried_rows = [rows[id(c.request)] if c.request.num_inflight else -1 for c in chunks]
+            logits = self.runner.run(chunks, previous.ids, carried_rows)
+        else:
+            logits = self.runner.run(chunks)
         for chunk in chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
             self.kv.commit(chunk.request)
-        tokens = sample(
-            logits, [r.params for r in sampled], [r.generator for r in sampled],
-            [self._processors.get(r.request_id) for r in sampled],
+        params, generators = [r.params for r in sampled], [r.generator for r in sampled]
+        if not chain:
+            tokens = sample(logits, params, generators,
+                            [self._processors.get(r.request_id) for r in sampled])
+            return deltas + [self._append(req, tok) for req, tok in zip(sampled, tokens)]
+        self._inflight = self._launch(sampled, sample_ids(logits, params, generators))
+        return deltas + (self._read(previous) if previous is not None else [])
+
+    def _can_chain(self) -> bool:
+        """Whether the next step may start before the step in flight lands: every running
+        request is decoding on an id in flight, none has processors or is one token from its
+        limit, no waiting request could be admitted, and KV has a block for each."""
+        s = self.scheduler
+        if s.waiting and len(s.running) < s.max_num_seqs or self.pool.num_free < len(s.running):
+            return False
+        return all(
+            r.num_inflight and r.request_id not in self._processors
+            and len(r.output_ids) + r.num_inflight < r.params.max_tokens
+            and r.num_tokens < self.context_length
+            for r in s.running
         )
-        return [self._append(req, tok) for req, tok in zip(sampled, tokens)]
+
+    def _launch(self, sampled: list[Request], ids: torch.Tensor) -> _InFlight:
+        for req in sampled:
+            req.num_inflight += 1
+        if ids.device.type != "cuda":
+            return _InFlight(sampled, ids, ids, None)
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        host.copy_(ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _InFlight(sampled, ids, host, ready)
+
+    def _land(self) -> list[GenerationDelta]:
+        """Wait for the step in flight, if any, and post-process its tokens."""
+        flight, self._inflight = self._inflight, None
+        return self._read(flight) if flight is not None else []
+
+    def _read(self, flight: _InFlight) -> list[GenerationDelta]:
+        """Read a launched step's sampled ids and post-process them."""
+        if flight.ready is not None:
+            flight.ready.synchronize()
+        deltas = []
+        for req, token in zip(flight.requests, flight.host.tolist()):
+            req.num_inflight -= 1
+            if req.is_finished:  # aborted, or ended on an earlier token: a wasted row
+                continue
+            deltas.append(self._append(req, token))
+            if not req.is_finished:  # its blocks that this token completes join the prefix cache
+                self.kv.commit(req)
+        return deltas
 
     def _append(self, req: Request, token: int) -> GenerationDelta:
         if not req.output_ids:  # prefill done: what it added to the prefix cache
@@ -153,7 +239,7 @@ class Engine:
             return self._finish(req, FinishReason.EOS, text + self._flush(req))
         if len(req.output_ids) >= req.params.max_tokens:
             return self._finish(req, FinishReason.MAX_TOKENS, text + self._flush(req))
-        if req.num_tokens >= self.context_length:
+        if req.num_known_tokens >= self.context_length:
             return self._finish(req, FinishReason.CONTEXT, text + self._flush(req))
         return self._delta(req, text, [token])
 
@@ -197,6 +283,7 @@ class Engine:
             deltas.append(d)
         self._requests.clear()
         self._processors.clear()
+        self._inflight = None
         return deltas
 
 

@@ -65,7 +65,8 @@ class KVCacheManager:
         if not self.enable_prefix_cache:
             return
         bs, ids = self.block_size, None
-        num_full = req.num_computed_tokens // bs
+        # a step in flight has computed tokens the host cannot hash yet: they wait for the next commit
+        num_full = min(req.num_computed_tokens, req.num_known_tokens) // bs
         for i in range(len(req.block_hashes), num_full):
             ids = ids or req.all_ids
             parent = req.block_hashes[-1] if req.block_hashes else b""

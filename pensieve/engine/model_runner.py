@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -112,11 +113,24 @@ class ModelRunner:
                  self.graphs.buckets, self.chunk_graphs.buckets if self.chunk_graphs else [],
                  time.perf_counter() - started)
 
+    def can_carry(self, chunks: list[ScheduledChunk]) -> bool:
+        """Whether ``run`` can take these chunks' input tokens from a device tensor (a decode
+        step as a CUDA graph, or any CPU step): what async scheduling needs."""
+        if self.graphs is not None:
+            return self.graphs.can_run(chunks)
+        return self.cuda_batches is None
+
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Run one step; logits [S, V] for the chunks that complete, in their order."""
+    def run(self, chunks: list[ScheduledChunk], carried: torch.Tensor | None = None,
+            carried_rows: Sequence[int] = ()) -> torch.Tensor:
+        """Run one step; logits [S, V] for the chunks that complete, in their order.
+
+        With ``carried`` (the previous step's sampled ids, still on the device), chunk ``i``
+        whose ``carried_rows[i] >= 0`` is a one-token decode of ``carried[carried_rows[i]]``,
+        a token the host has not read yet (only where ``can_carry``).
+        """
         if self.graphs is not None and self.graphs.can_run(chunks):
-            return self.graphs.run(chunks)
+            return self.graphs.run(chunks, carried, carried_rows)
         if self.chunk_graphs is not None and self.chunk_graphs.can_run(chunks):
             return self.chunk_graphs.run(chunks)
         if self.cuda_batches is not None:
@@ -132,21 +146,31 @@ class ModelRunner:
         slots: list[int] = []
         sequences: list[SequenceSlice] = []
         rows: list[int] = []
+        fill_at: list[int] = []  # rows of ids that take a carried token
+        fill_from: list[int] = []
         bs = self.block_size
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
             req, start = chunk.request, chunk.request.num_computed_tokens
             end = start + chunk.num_tokens
             q_start = len(ids)
-            ids.extend(req.all_ids[start:end])
+            if carried is not None and carried_rows[i] >= 0:
+                fill_at.append(len(ids))
+                fill_from.append(carried_rows[i])
+                ids.append(0)
+            else:
+                ids.extend(req.all_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(req.block_ids[p // bs] * bs + p % bs for p in range(start, end))
             table = torch.tensor(req.block_ids[: -(-end // bs)], device=self.device)
             sequences.append(SequenceSlice(q_start, chunk.num_tokens, end, table))
             if chunk.completes:
                 rows.append(len(ids) - 1)
+        input_ids = self._tensor(ids)
+        if fill_at:
+            input_ids[self._tensor(fill_at)] = carried[self._tensor(fill_from)]
         step = self.cpu_attention.step(sequences) if self.cpu_attention else None
         if self.cpu_decoder and len(rows) == len(ids) and self.cpu_decoder.can_run(len(ids), step):
-            return self.cpu_decoder(self._tensor(ids), self._tensor(positions),
+            return self.cpu_decoder(input_ids, self._tensor(positions),
                                     self._tensor(slots), step, bs)
         ctx = ForwardContext(
             k_caches=self.k_caches,
@@ -156,7 +180,7 @@ class ModelRunner:
             logits_indices=self._tensor(rows),
             attention=step,
         )
-        return self.model(self._tensor(ids), self._tensor(positions), ctx)
+        return self.model(input_ids, self._tensor(positions), ctx)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

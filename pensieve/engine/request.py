@@ -33,6 +33,7 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_new_cached_tokens: int = 0  # prompt tokens this request added to the prefix cache
+    num_inflight: int = 0  # tokens sampled on the device whose ids the host has not read yet
     finish_reason: FinishReason | None = None
     stop_sequence: str | None = None
     error: str | None = None
@@ -42,8 +43,14 @@ class Request:
         return self.prompt_ids + self.output_ids
 
     @property
-    def num_tokens(self) -> int:
+    def num_known_tokens(self) -> int:
+        """Prompt and output tokens whose ids the host has."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Known tokens plus those sampled by a step still in flight (async scheduling)."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_inflight
 
     @property
     def num_pending_tokens(self) -> int:

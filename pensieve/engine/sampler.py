@@ -25,17 +25,23 @@ def sample(
         for i, procs in enumerate(processors or ()):
             if procs:
                 apply_processors(procs, logits[i])
-    greedy = logits.argmax(dim=-1).tolist()
-    out: list[int] = []
-    for i, p in enumerate(params):
-        if p.temperature <= 0.0:
-            out.append(greedy[i])
-        else:
-            out.append(_sample_row(logits[i], p, generators[i]))
-    return out
+    return sample_ids(logits, params, generators).tolist()
 
 
-def _sample_row(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+def sample_ids(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """The tokens as an int64 tensor on the logits' device, without waiting for the device:
+    async scheduling feeds them to the next step before the host reads them."""
+    with torch.inference_mode():
+        ids = logits.argmax(dim=-1)
+        for i, p in enumerate(params):
+            if p.temperature > 0.0:
+                ids[i] = _sample_row(logits[i], p, generators[i])
+    return ids
+
+
+def _sample_row(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
     row = row / p.temperature
     if 0 < p.top_k < row.shape[-1]:
         kth = torch.topk(row, p.top_k).values[-1]
@@ -43,7 +49,7 @@ def _sample_row(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | Non
     if p.top_p < 1.0:
         row = _top_p_filter(row, p.top_p)
     probs = torch.softmax(row, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+    return torch.multinomial(probs, 1, generator=gen)[0]
 
 
 def _top_p_filter(row: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -137,3 +137,16 @@ def test_step_token_budget_flag_default_and_bad_values() -> None:
     for flags in (("--max-num-batched-tokens", "0"), ("--max-num-seqs", "0")):
         with pytest.raises(ValueError, match="must be at least 1"):
             settings(*flags)
+
+
+def test_async_scheduling_flag() -> None:
+    from pensieve.cli.main import build_parser
+
+    def engine(*flags: str):
+        return settings_from_args(build_parser().parse_args(["serve", "--device", "cpu", *flags]), {}).engine
+
+    assert engine().async_scheduling is None and not engine().overlap_steps  # auto: off on the CPU
+    assert engine("--async-scheduling", "on").overlap_steps
+    assert not engine("--async-scheduling", "off").overlap_steps
+    with pytest.raises(SystemExit):
+        engine("--async-scheduling", "maybe")
