@@ -122,7 +122,7 @@ def _run(engine, prompts, staggered):
     tok, params = ByteTokenizer(), SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     logits, out = [], {rid: [] for rid in prompts}
     inner = engine.runner.run
-    engine.runner.run = lambda chunks: logits.append(inner(chunks).float().cpu()) or logits[-1]
+    engine.runner.run = lambda chunks, *carry: logits.append(inner(chunks, *carry).float().cpu()) or logits[-1]
     pending = list(prompts.items())
     step = 0
     while pending or engine.has_work():
@@ -152,12 +152,20 @@ def _engine(device, dtype, graphs=True, **overrides):
 @pytest.mark.parametrize("staggered", [False, True])
 @pytest.mark.parametrize("budget", [64, 7])
 @pytest.mark.parametrize("graphs", [True, False])
-def test_cuda_engine_matches_cpu(staggered, budget, graphs):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_cuda_engine_matches_cpu(staggered, budget, graphs, overlap):
+    """CPU synchronous steps against CUDA steps with async scheduling on (the CUDA default:
+    decode graphs take their ids from the previous step's device tensor) and off."""
     prompts = {f"r{i}": PREFIX + f"question {i} " * (i + 1) for i in range(6)}
     cpu_tokens, cpu_logits = _run(_engine("cpu", torch.float32, max_num_batched_tokens=budget),
                                   prompts, staggered)
-    gpu = _engine("cuda", torch.float32, graphs, max_num_batched_tokens=budget)
+    gpu = _engine("cuda", torch.float32, graphs, max_num_batched_tokens=budget,
+                  async_scheduling=overlap)
+    carried = []
+    inner = gpu.runner.run
+    gpu.runner.run = lambda chunks, *carry: carried.append(bool(carry)) or inner(chunks, *carry)
     gpu_tokens, gpu_logits = _run(gpu, prompts, staggered)
+    assert any(carried) == (overlap and graphs)
     assert gpu_tokens == cpu_tokens
     assert len(gpu_logits) == len(cpu_logits)
     for a, b in zip(cpu_logits, gpu_logits):
