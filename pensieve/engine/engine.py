@@ -4,10 +4,11 @@ Async scheduling (``EngineConfig.async_scheduling``, on by default on CUDA): whi
 running request is decoding with nothing that needs its last token on the host (grammar,
 loop guard, thinking budget), a step is launched with the previous step's sampled ids still
 on the device, and the previous step's tokens are read and post-processed (detokenise, stop
-checks, streaming) while the GPU runs the new one. A request that ends on the token read late
+checks, streaming) while the GPU runs the new one; new requests join such steps where the
+runner can mix them in (short prompts on CUDA). A request that ends on the token read late
 wastes one step's row; the ids its extra row computed are dropped. Whenever that condition
-fails (a new request waits, KV is short, a request is one token from its limit) the step in
-flight lands first and the step runs synchronously.
+fails (KV is short, a request is one token from its limit, a step the runner cannot feed from
+the device) the step in flight lands first and the step runs synchronously.
 """
 
 from __future__ import annotations
@@ -179,11 +180,12 @@ class Engine:
         return deltas + (self._read(previous) if previous is not None else [])
 
     def _can_chain(self) -> bool:
-        """Whether the next step may start before the step in flight lands: every running
-        request is decoding on an id in flight, none has processors or is one token from its
-        limit, no waiting request could be admitted, and KV has a block for each."""
+        """Whether the next step may be scheduled before the step in flight lands: every
+        running request is decoding on an id in flight, none has processors or is one token
+        from its limit, and KV has a block for each (so scheduling preempts nobody; waiting
+        requests are admitted only into free blocks)."""
         s = self.scheduler
-        if s.waiting and len(s.running) < s.max_num_seqs or self.pool.num_free < len(s.running):
+        if self.pool.num_free < len(s.running):
             return False
         return all(
             r.num_inflight and r.request_id not in self._processors
