@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.cpu_kernels --threads 1                # kernels + decode
     .venv/bin/python -m bench.cpu_kernels --only kernels --rows 1 4 16 64 --aten
     .venv/bin/python -m bench.cpu_kernels --only decode --repeats 5 --tokens 128
+    .venv/bin/python -m bench.cpu_kernels --only profile --repeats 3   # where prefill goes
 
 Kernels: x[M, K] @ W.T for the SmolLM2-135M shapes, float32 (PyTorch/MKL) against the q4
 (group-32 affine, the Q4_1 layers) and q8 (Q8_0, the tied output projection) kernels of
@@ -166,9 +167,95 @@ def decode_rounds(quantised: bool, tokens: int, repeats: int, prompt: str) -> di
             "prefill_tokens": len(long_ids), "text": text}
 
 
+PROFILED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "embed_tokens",
+            "input_layernorm", "post_attention_layernorm", "norm", "self_attn", "mlp")
+
+
+def profile_prefill(repeats: int, chunk: int, tokens: int) -> dict[str, float]:
+    """Seconds per prefill of ``tokens`` tokens of LONG_PROMPT repeated (median round; 1.58k:
+    bench.compare_cpu's prefill prompt), split by module: forward hooks time
+    every linear, norm, attention and MLP module of the q4 default model in-process; the
+    attention core (RoPE, KV store, SDPA) is ``self_attn`` less its two projections, the MLP
+    glue (SiLU·up) ``mlp`` less its two, and ``dequantize`` the linears' weight unpacking."""
+    from pensieve.backends.cpu_quant.linear import _QuantisedLinear
+    from pensieve.backends.torch_backend import build_engine
+    from pensieve.engine.config import EngineConfig
+    from pensieve.engine.types import SamplingParams
+    from pensieve.loaders.default_model import default_model_path
+    from pensieve.loaders.registry import load_checkpoint
+
+    ckpt = load_checkpoint(default_model_path(), keep_int4=True)
+    engine = build_engine(ckpt, EngineConfig(context_length=8192, int8_lm_head=True,
+                                             max_num_batched_tokens=chunk))
+    spent: dict[str, float] = {}
+    started: dict[int, float] = {}
+
+    def pre(module, _args) -> None:  # noqa: ANN001 - hook signature
+        started[id(module)] = time.perf_counter()
+
+    def post(kind: str):
+        def hook(module, _args, _out) -> None:  # noqa: ANN001
+            spent[kind] = spent.get(kind, 0.0) + time.perf_counter() - started.pop(id(module))
+        return hook
+
+    for name, module in engine.runner.model.named_modules():
+        kind = name.rpartition(".")[2]
+        if kind in PROFILED:
+            module.register_forward_pre_hook(pre)
+            module.register_forward_hook(post(kind))
+    dequantize = _QuantisedLinear.dequantize
+
+    def timed_dequantize(self):  # noqa: ANN001, ANN202
+        t0 = time.perf_counter()
+        out = dequantize(self)
+        spent["dequantize"] = spent.get("dequantize", 0.0) + time.perf_counter() - t0
+        return out
+
+    _QuantisedLinear.dequantize = timed_dequantize
+    rounds = []
+    try:
+        for r in range(repeats + 1):  # round 0 warms up
+            ids = ckpt.tokenizer.encode(f"[{r}] {LONG_PROMPT} {LONG_PROMPT}")[:tokens]
+            spent.clear()
+            engine.add_request(f"p{r}", ids, SamplingParams(max_tokens=1, temperature=0.0))
+            t0 = time.perf_counter()
+            while engine.has_work():
+                engine.step()
+            if r:
+                rounds.append({**spent, "total": time.perf_counter() - t0, "tokens": len(ids)})
+    finally:
+        _QuantisedLinear.dequantize = dequantize
+    best = sorted(rounds, key=lambda r: r["total"])[len(rounds) // 2]
+    best["attention core"] = best["self_attn"] - best["qkv_proj"] - best["o_proj"]
+    if "gate_up_proj" in best:  # else the fused MLP ran as one kernel call
+        best["mlp glue"] = best["mlp"] - best["gate_up_proj"] - best["down_proj"]
+    return best
+
+
+def print_profile(res: dict[str, float]) -> None:
+    total = res["total"]
+    print(f"prefill of {res['tokens']} tokens: {total * 1e3:.0f} ms, "
+          f"{res['tokens'] / total:.0f} tok/s")
+    linear = sum(res.get(k, 0.0) for k in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    if "gate_up_proj" not in res:  # fused MLP: its projections and SiLU in one call
+        linear += res["mlp"]
+    parts = {"linears (q4; fused MLP incl. SiLU)": linear, **{k: res[k] for k in (
+        "qkv_proj", "o_proj", "gate_up_proj", "down_proj", "dequantize", "attention core",
+        "mlp", "mlp glue", "input_layernorm", "post_attention_layernorm", "lm_head", "embed_tokens",
+        "norm") if k in res}}
+    layers = sum(res.get(k, 0.0) for k in ("self_attn", "mlp", "input_layernorm",
+                                           "post_attention_layernorm"))
+    parts["rest (adds, python, lm_head rows...)"] = total - layers - sum(
+        res.get(k, 0.0) for k in ("lm_head", "embed_tokens", "norm"))
+    for k, v in parts.items():
+        print(f"  {k:<38} {v * 1e3:8.1f} ms  {100 * v / total:5.1f}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", choices=("kernels", "decode"))
+    ap.add_argument("--only", choices=("kernels", "decode", "profile"))
+    ap.add_argument("--chunk", type=int, default=512, help="profile: prefill chunk (tokens)")
+    ap.add_argument("--prefill-tokens", type=int, default=1580, help="profile: prompt tokens")
     ap.add_argument("--rows", type=int, nargs="+", default=[1])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
@@ -184,6 +271,8 @@ def main() -> None:
           f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()}")
     if args.only in (None, "kernels"):
         bench_kernels(args.rows, args.repeats, args.aten, args.cold_mb << 20)
+    if args.only == "profile":
+        print_profile(profile_prefill(args.repeats, args.chunk, args.prefill_tokens))
     if args.only in (None, "decode"):
         for quantised in (False, True):
             res = decode_rounds(quantised, args.tokens, args.repeats, args.prompt)

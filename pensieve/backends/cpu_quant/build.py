@@ -29,13 +29,17 @@ from pensieve.backends.cpu_quant.source import KERNEL_SOURCE
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 10
+ABI_VERSION = 11
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++17", "-pthread")
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "pq4_linear": (_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _INT),
     "pq8_linear": (_P, _I64, _I64, _P, _P, _I64, _P, _P, _INT),
+    "pq4_small": (_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _INT),
+    "pq4_gemm": (_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _INT),
+    "pq8_small": (_P, _I64, _I64, _P, _P, _I64, _P, _P, _INT),
+    "pq8_gemm": (_P, _I64, _I64, _P, _P, _I64, _P, _P, _INT),
     "pq4_dequant": (_P, _P, _P, _I64, _I64, _P, _INT),
     "pq8_dequant": (_P, _P, _I64, _I64, _P, _INT),
     "pq8_rows": (_P, _P, _I64, _P, _I64, _I64, _P),

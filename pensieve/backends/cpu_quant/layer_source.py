@@ -225,7 +225,7 @@ void pq_decode_layers(float* x, int64_t M, int64_t H, int64_t I, int64_t n_layer
     for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
     pq_rmsnorm(x, H, M, H, w.post_norm, eps, h);
     linear<false>(h, M, Weights{w.codes[2], w.scales[2], w.mins[2], w.bias[2], H, 2 * I}, gu, threads);
-    for (int64_t m = 0; m < M; ++m) silu_mul(gu + m * 2 * I, gu + m * 2 * I + I, I, a + m * I);
+    silu_rows(gu, M, I, a, threads);
     linear<false>(a, M, Weights{w.codes[3], w.scales[3], w.mins[3], w.bias[3], I, H}, o, threads);
     for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
   }

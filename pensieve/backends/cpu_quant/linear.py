@@ -1,16 +1,19 @@
 """Linear and embedding modules over the compiled q4/q8 kernels (CPU, float32 activations).
 
 Weights are packed once at load into the kernels' layout (see ``source.py``). Scales are kept
-as float16 *bit patterns* in int16 buffers, so ``model.to(dtype)`` leaves them alone. Calls of
-fewer than ``dense_from`` rows (decode, small batches) run the integer GEMV/GEMM; larger ones
-(prefill, compute-bound) dequantise the weight into a float matrix and use PyTorch's GEMM, so
-prefill is never slower than the float path. Inputs in another dtype are computed in float32
-and converted back. The modules run on the CPU only (``swap_in`` never puts them elsewhere).
+as float16 *bit patterns* in int16 buffers, so ``model.to(dtype)`` leaves them alone. Every
+call runs the integer kernels: a few rows (decode) the row-tile kernel, from ``GEMM_FROM``
+rows (in C) the panel GEMM of ``gemm_source.py``, which beats dequantising the weight for
+PyTorch's float GEMM at every row count measured (1.3–1.5× at 512 rows on 2 Zen 3 cores,
+2–3× at 48; ``bench/cpu_kernels.py``). ``dense_from`` keeps that float path for calls of at
+least that many rows, off by default. Inputs in another dtype are computed in float32 and
+converted back. The modules run on the CPU only (``swap_in`` never puts them elsewhere).
 """
 
 from __future__ import annotations
 
 import ctypes
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +24,7 @@ from pensieve.backends.cpu_quant.build import Kernels
 from pensieve.models.quant_linear import Int4Groups
 
 GROUP = 32
-DENSE_FROM = 48  # rows from which dequantise + float GEMM wins (bench/cpu_kernels.py)
+DENSE_FROM = sys.maxsize  # rows from which to dequantise for a float GEMM: never (see above)
 
 
 def kernel_fits(in_features: int, group_size: int = GROUP) -> bool:

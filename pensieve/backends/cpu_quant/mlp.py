@@ -3,8 +3,8 @@
 ``down(silu(gate) * up)`` with ``[gate | up] = gate_up(x)`` is what ``models/llama.MLP``
 computes; as four PyTorch ops plus two kernel calls it spends more time in dispatch than in
 arithmetic at one token. This module keeps the two ``Q4Linear`` children (same parameter
-names, same state dict) and, below their ``dense_from`` rows, runs the whole MLP in C:
-both matmuls, and SiLU·up in between (float32, relative error ~1e-7).
+names, same state dict) and, below their ``dense_from`` rows (by default always), runs the
+whole MLP in C: both matmuls, and SiLU·up in between (float32, relative error ~1e-7).
 """
 
 from __future__ import annotations

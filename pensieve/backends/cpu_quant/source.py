@@ -26,6 +26,7 @@ caches the library. It has a plain C ABI and no PyTorch headers: it compiles in 
 loaded 2-core machine, where an extension including ``torch/extension.h`` takes a minute.
 """
 
+from pensieve.backends.cpu_quant.gemm_source import GEMM_SOURCE
 from pensieve.backends.cpu_quant.layer_source import LAYER_SOURCE
 from pensieve.backends.cpu_quant.pool_source import POOL_SOURCE
 
@@ -190,8 +191,10 @@ void dot_tile(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0, flo
       y[r * ldy + j] = hsum(acc[j][r]) + mterm[j][r] + (W.bias ? W.bias[n0 + j] : 0.0f);
 }
 
+""" + GEMM_SOURCE + r"""
+// Few rows: dot_tile over MR-row tiles (weights streamed from memory once per call).
 template <bool Q8>
-void linear(const float* x, int64_t M, const Weights& W, float* y, int threads) {
+void small_linear(const float* x, int64_t M, const Weights& W, float* y, int threads) {
   const Quantised& xq = quantise(x, M, W.K);
   const int64_t N = W.N;
   over_rows(N, threads, [&](int64_t n0, int64_t n1) {
@@ -214,6 +217,12 @@ void linear(const float* x, int64_t M, const Weights& W, float* y, int threads) 
       }
     }
   });
+}
+
+template <bool Q8>
+void linear(const float* x, int64_t M, const Weights& W, float* y, int threads) {
+  if (M >= GEMM_FROM) gemm<Q8>(x, M, W, y, threads);
+  else small_linear<Q8>(x, M, W, y, threads);
 }
 
 // ------------------------------------------------------------------------- SwiGLU MLP
@@ -247,6 +256,14 @@ void silu_mul(const float* g, const float* u, int64_t n, float* a) {
     _mm256_storeu_ps(a + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
   }
   for (; i < n; ++i) a[i] = g[i] / (1.0f + __builtin_expf(-g[i])) * u[i];
+}
+
+// a[m] = silu_mul of h[m]'s two halves ([gate | up], 2I values) for M rows.
+void silu_rows(const float* h, int64_t M, int64_t I, float* a, int threads) {
+  if (M < GEMM_FROM) threads = 1;
+  over_rows(M, threads, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) silu_mul(h + m * 2 * I, h + m * 2 * I + I, I, a + m * I);
+  });
 }
 
 thread_local std::vector<float> mlp_scratch;
@@ -291,7 +308,7 @@ void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
 
 extern "C" {
 
-int pq_abi_version() { return 10; }
+int pq_abi_version() { return 11; }
 
 // y[M, N] = x[M, K] @ W.T (+ bias) for q4 weights. K % 32 == 0; bias may be null.
 void pq4_linear(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
@@ -305,6 +322,28 @@ void pq8_linear(const float* x, int64_t M, int64_t K, const int8_t* codes, const
   linear<true>(x, M, Weights{(const uint8_t*)codes, scales, nullptr, bias, K, N}, y, threads);
 }
 
+// The same with the row-tile kernel (pq*_small) or the panel GEMM (pq*_gemm) whatever M is:
+// pq*_linear picks by M; these are for tests and benchmarks.
+void pq4_small(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
+               const uint16_t* mins, int64_t N, const float* bias, float* y, int threads) {
+  small_linear<false>(x, M, Weights{codes, scales, mins, bias, K, N}, y, threads);
+}
+
+void pq4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
+              const uint16_t* mins, int64_t N, const float* bias, float* y, int threads) {
+  gemm<false>(x, M, Weights{codes, scales, mins, bias, K, N}, y, threads);
+}
+
+void pq8_small(const float* x, int64_t M, int64_t K, const int8_t* codes, const uint16_t* scales,
+               int64_t N, const float* bias, float* y, int threads) {
+  small_linear<true>(x, M, Weights{(const uint8_t*)codes, scales, nullptr, bias, K, N}, y, threads);
+}
+
+void pq8_gemm(const float* x, int64_t M, int64_t K, const int8_t* codes, const uint16_t* scales,
+              int64_t N, const float* bias, float* y, int threads) {
+  gemm<true>(x, M, Weights{(const uint8_t*)codes, scales, nullptr, bias, K, N}, y, threads);
+}
+
 // y[M, H] = down(silu(gate) * up) with [gate | up] = x[M, H] @ gate_up.T: a Llama MLP in one
 // call, both weights q4 (gate_up [2I, H], down [H, I]).
 void pq4_mlp(const float* x, int64_t M, int64_t H, int64_t I, const uint8_t* gu_codes,
@@ -315,7 +354,7 @@ void pq4_mlp(const float* x, int64_t M, int64_t H, int64_t I, const uint8_t* gu_
   float* h = mlp_scratch.data();
   float* a = h + M * 2 * I;
   linear<false>(x, M, Weights{gu_codes, gu_scales, gu_mins, gu_bias, H, 2 * I}, h, threads);
-  for (int64_t m = 0; m < M; ++m) silu_mul(h + m * 2 * I, h + m * 2 * I + I, I, a + m * I);
+  silu_rows(h, M, I, a, threads);
   linear<false>(a, M, Weights{d_codes, d_scales, d_mins, d_bias, I, H}, y, threads);
 }
 
