@@ -133,6 +133,11 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
     engine_cfg = replace(engine_cfg, int8_lm_head=_int8_head(settings, choice, ckpt))
     engine = build_engine(ckpt, engine_cfg)
     ckpt = replace(ckpt, weights={}, int4={})  # the model holds what it needs of them
+    if torch.device(engine_cfg.device).type == "cuda":  # CPU start-up time matters more
+        from pensieve.engine.warm_up import warm_up
+
+        steps, seconds = warm_up(engine)
+        log.info("warmed up the step shapes that compile kernels: %d steps in %.1f s", steps, seconds)
     if on_cpu:
         release_free_memory()
     name = settings.served_name or ckpt.name

@@ -74,6 +74,11 @@ class BlockPool:
                 queue = self._retained if retain and self._hash[b] is not None else self._ordinary
                 queue[b] = None
 
+    def forget_free(self) -> None:
+        """Drop the cached content of every free block (after a warm-up's synthetic requests)."""
+        for block in [*self._ordinary, *self._retained]:
+            self._forget(block)
+
     def ref_count(self, block: int) -> int:
         return self._refs[block]
 

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from pensieve.engine.errors import EngineDeadError, EngineOverloadedError
 from pensieve.engine.types import FinishReason, GenerationDelta, SamplingParams
 
 log = logging.getLogger(__name__)
+SLOW_STEP_S = 0.25  # engine steps longer than this are logged
 
 
 @dataclass
@@ -144,11 +146,16 @@ class EngineClient:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
+            started = time.perf_counter()
             try:
                 deltas = self.engine.step()
             except Exception as exc:  # keep serving: fail what was running, go on
                 log.exception("engine step failed")
                 deltas = self.engine.fail_all(f"generation failed: {type(exc).__name__}: {exc}")
+            took = time.perf_counter() - started
+            if took > SLOW_STEP_S:  # a first-use kernel compile, a long prefill chunk, a stall
+                log.info("slow engine step: %.0f ms (%d running, %d waiting)", took * 1e3,
+                         len(self.engine.scheduler.running), self.engine.num_waiting)
             for delta in deltas:
                 self._dispatch(delta)
 

@@ -82,6 +82,10 @@ class Engine:
     def context_length(self) -> int:
         return self.config.context_length
 
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
     def check_prompt(self, num_prompt_tokens: int) -> None:
         """Raise PromptTooLongError unless the prompt leaves room for one output token."""
         if num_prompt_tokens >= self.context_length:

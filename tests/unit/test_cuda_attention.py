@@ -122,7 +122,13 @@ def _run(engine, prompts, staggered):
     tok, params = ByteTokenizer(), SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     logits, out = [], {rid: [] for rid in prompts}
     inner = engine.runner.run
-    engine.runner.run = lambda chunks, *carry: logits.append(inner(chunks, *carry).float().cpu()) or logits[-1]
+
+    def run(chunks, *carry):  # keep the logits on the device: async steps sample there
+        result = inner(chunks, *carry)
+        logits.append(result.float().cpu())
+        return result
+
+    engine.runner.run = run
     pending = list(prompts.items())
     step = 0
     while pending or engine.has_work():
