@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -22,7 +23,8 @@ from pensieve.engine.errors import EngineDeadError, EngineOverloadedError
 from pensieve.engine.types import FinishReason, GenerationDelta, SamplingParams
 
 log = logging.getLogger(__name__)
-SLOW_STEP_S = 0.25  # engine steps longer than this are logged
+# engine steps longer than this are logged (0 logs every step: a timeline for diagnosis)
+SLOW_STEP_S = float(os.environ.get("PENSIEVE_LOG_STEPS_OVER_MS", "250")) / 1e3
 
 
 @dataclass
@@ -153,8 +155,9 @@ class EngineClient:
                 log.exception("engine step failed")
                 deltas = self.engine.fail_all(f"generation failed: {type(exc).__name__}: {exc}")
             took = time.perf_counter() - started
-            if took > SLOW_STEP_S:  # a first-use kernel compile, a long prefill chunk, a stall
-                log.info("slow engine step: %.0f ms (%d running, %d waiting)", took * 1e3,
+            if took >= SLOW_STEP_S:  # a first-use kernel compile, a long prefill chunk, a stall
+                log.info("engine step: %.1f ms, %d tokens run, %d deltas (%d running, %d waiting)",
+                         took * 1e3, self.engine.last_step_tokens, len(deltas),
                          len(self.engine.scheduler.running), self.engine.num_waiting)
             for delta in deltas:
                 self._dispatch(delta)
@@ -168,6 +171,8 @@ class EngineClient:
             if isinstance(msg, _Abort):
                 self.engine.abort(msg.request_id)
                 continue
+            if SLOW_STEP_S == 0:
+                log.info("engine takes request %s (%d prompt tokens)", msg.request_id, len(msg.prompt_ids))
             try:
                 self.engine.add_request(msg.request_id, msg.prompt_ids, msg.params)
             except Exception as exc:

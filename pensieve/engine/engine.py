@@ -76,6 +76,7 @@ class Engine:
         self._processors: dict[str, list[LogitsProcessor]] = {}  # request id → its processors
         self._dry_breakers: torch.Tensor | None = None  # built by the first loop-guarded request
         self._overlap = config.overlap_steps
+        self.last_step_tokens = 0  # tokens the last step ran through the model (for logs)
         self._inflight: _InFlight | None = None
 
     @property
@@ -154,6 +155,7 @@ class Engine:
     def step(self) -> list[GenerationDelta]:
         deltas = self._land() if self._inflight is not None and not self._can_chain() else []
         chunks = self.scheduler.schedule()
+        self.last_step_tokens = sum(c.num_tokens for c in chunks)
         if not chunks:
             return deltas + self._land()
         sampled = [c.request for c in chunks if c.completes]
