@@ -36,12 +36,13 @@ from pensieve.engine.scheduler import ScheduledChunk
 from pensieve.models.forward_context import ForwardContext
 
 log = logging.getLogger(__name__)
-PREFILL_ROWS = 64  # rows beyond max_num_seqs that the buckets leave for short prefills
+PREFILL_ROWS = 1024  # rows beyond max_num_seqs for short prefills (a burst of new prompts)
 MAX_PREFILL_CONTEXT = 256  # a prefill chunk joins a graph step only if it ends by this position
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
-    sizes = [b for b in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256) if b < max_batch]
+    sizes = [b for b in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+             if b < max_batch]
     return sizes + [max_batch]
 
 
@@ -56,6 +57,7 @@ class CudaGraphRunner:
         self.device = k_caches[0].device
         self.buckets = bucket_sizes(max_batch + prefill_rows)
         self.max_batch = self.buckets[-1]  # rows of the largest graph
+        self.max_seqs = max_batch  # sequences of a step: logits rows at most
         self.max_blocks = max_blocks
         self.scratch_slot = scratch_block * self.block_size
         self.scratch_block = scratch_block
@@ -86,7 +88,8 @@ class CudaGraphRunner:
         return ForwardContext(
             k_caches=self.k_caches, v_caches=self.v_caches,
             slot_mapping=self._i64[2 * n:2 * n + b], sequences=[],
-            logits_indices=self._i64[4 * n:4 * n + b], attention=CudaPagedAttention(b, decode, None),
+            logits_indices=self._i64[4 * n:4 * n + min(b, self.max_seqs)],
+            attention=CudaPagedAttention(b, decode, None),
         )
 
     @torch.inference_mode()
@@ -116,6 +119,8 @@ class CudaGraphRunner:
 
     def can_run(self, chunks: list[ScheduledChunk]) -> bool:
         """Decodes, plus prefill chunks that end by ``MAX_PREFILL_CONTEXT``, in ≤ max rows."""
+        if len(chunks) > self.max_seqs:
+            return False
         rows = 0
         for c in chunks:
             if c.num_tokens > 1 and c.request.num_computed_tokens + c.num_tokens > MAX_PREFILL_CONTEXT:
@@ -162,7 +167,7 @@ class CudaGraphRunner:
         h64[r:bucket] = 0
         h64[n + r:n + bucket] = 0
         h64[2 * n + r:2 * n + bucket] = self.scratch_slot
-        h64[4 * n + s:4 * n + bucket] = 0
+        h64[4 * n + s:4 * n + min(bucket, self.max_seqs)] = 0
         h32[r:bucket] = 1
         tables[r:bucket, 0] = self.scratch_block
         self._i64.copy_(self._h64, non_blocking=True)

@@ -91,7 +91,7 @@ class ModelRunner:
     def _init_cuda(self, args: ModelArgs, config: EngineConfig, cuda_graphs: bool) -> None:
         from pensieve.engine.cuda_batch import CudaBatchBuilder
         from pensieve.engine.cuda_chunk_graphs import CudaChunkGraphs
-        from pensieve.engine.cuda_graph_runner import CudaGraphRunner
+        from pensieve.engine.cuda_graph_runner import PREFILL_ROWS, CudaGraphRunner
 
         self.cuda_batches = CudaBatchBuilder(config.block_size, args.num_kv_heads, self.device)
         if not cuda_graphs:
@@ -102,6 +102,7 @@ class ModelRunner:
             self.model, self.k_caches, self.v_caches, max_batch=config.max_num_seqs,
             max_blocks=-(-config.context_length // config.block_size),
             scratch_block=self.num_blocks,
+            prefill_rows=min(PREFILL_ROWS, config.max_num_batched_tokens),
         )
         self.graphs.capture(pool)
         self.chunk_graphs = CudaChunkGraphs(

@@ -26,6 +26,7 @@ WAVES: tuple[tuple[tuple[int, int, int], ...], ...] = (
     ((0, 320, 0),),  # … a multiple of 16
     ((0, 17, 0), (0, 33, 0), (0, 300, 0)),  # several prompts in one eager step
     ((0, 40, 0), (1, 24, 0), (1, 16, 0), (2, 270, 0)),  # short prompts joining decodes, then a long one
+    ((0, 40, 0), (0, 33, 0), (2, 260, 0), (2, 90, 0)),  # a long and a short prompt beside two decodes
     ((0, 300, 0), (2, 308, 288), (3, 319, 288), (4, 304, 288)),  # chunks over a cached prefix beside a decode
 )
 
