@@ -51,7 +51,7 @@ class Pool {
     while ((int)threads_.size() < threads - 1) threads_.emplace_back([this] { work(); });
     fn_.store(fn, std::memory_order_relaxed);
     ctx_.store(ctx, std::memory_order_relaxed);
-    tiles_.store(tiles, std::memory_order_relaxed);
+    tiles_.store(tiles, std::memory_order_release);  // after the last job's close (below)
     done_.store(0, std::memory_order_relaxed);
     const uint64_t job = ++job_;
     next_.store(job << 32);  // publishes the fields above (seq_cst, pairs with sleepers_)
@@ -62,6 +62,11 @@ class Pool {
     int64_t mine = 0;
     for (int64_t t; (t = claim(job)) >= 0; ++mine) fn(ctx, t);
     while (done_.load(std::memory_order_acquire) != tiles - mine) _mm_pause();
+    // Close the job before the next one changes tiles_: a worker still in claim() with this
+    // job's exhausted counter and the next job's larger tile count would otherwise claim a
+    // tile that does not exist (running a finished job's function, and counting it towards
+    // the next job's done_, whose wait then never ends). Its compare-exchange now fails.
+    next_.store((job << 32) | 0xffffffffu);
     busy_.unlock();
   }
 
@@ -72,7 +77,7 @@ class Pool {
     for (;;) {
       if ((v >> 32) != job) return -1;
       const int64_t t = (int64_t)(v & 0xffffffffu);
-      if (t >= tiles_.load(std::memory_order_relaxed)) return -1;
+      if (t >= tiles_.load(std::memory_order_acquire)) return -1;
       if (next_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) return t;
     }
   }
