@@ -7,8 +7,12 @@
 
 Kernels: x[M, K] @ W.T for the SmolLM2-135M shapes, float32 (PyTorch/MKL) against the q4
 (group-32 affine, the Q4_1 layers) and q8 (Q8_0, the tied output projection) kernels of
-``pensieve.backends.cpu_quant`` (forced onto the integer path at every M), q4 dequantised to
-float32 per call (its path from 48 rows) and, with ``--aten``, PyTorch's own int4/int8 ops.
+``pensieve.backends.cpu_quant`` as the modules run them (the row-tile kernel for a few rows,
+the panel GEMM from ``GEMM_FROM``), q4 forced onto either kernel at every M ("q4 tiles",
+"q4 gemm"), q4 dequantised to float32 per call for PyTorch's GEMM (the path prefill took
+before the panel GEMM) and, with ``--aten``, PyTorch's own int4/int8 ops. Prefill shapes:
+``--only kernels --rows 8 48 128 512 --cold-mb 0 --shapes o_proj qkv_proj gate_up_proj
+down_proj``.
 Each implementation cycles through copies of its weights totalling ``--cold-mb`` (64 MB: more
 than the L3), so weights come from memory as they do in decode. Figures are µs per call, the
 median over ``--repeats`` rounds, wall clock and the calling thread's CPU time (which a busy
@@ -78,13 +82,26 @@ def _copies(make: Callable[[], Callable[[torch.Tensor], torch.Tensor]], nbytes: 
     return [make() for _ in range(max(1, min(256, -(-cold_bytes // nbytes))))]
 
 
-def bench_kernels(rows: list[int], repeats: int, aten: bool, cold_bytes: int) -> list[dict]:
+def _forced(layer, fn_name: str) -> Callable[[torch.Tensor], torch.Tensor]:  # noqa: ANN001
+    """``layer`` (a Q4Linear) through one C entry point whatever the row count."""
+    fn = getattr(layer.kernels.lib, fn_name)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], layer.out_features)
+        fn(x.data_ptr(), x.shape[0], layer.in_features, *layer._args, y.data_ptr(), layer.threads)
+        return y
+    return call
+
+
+def bench_kernels(rows: list[int], repeats: int, aten: bool, cold_bytes: int,
+                  shapes: list[str]) -> list[dict]:
     from pensieve.backends.cpu_quant import Q4Linear, Q8Linear, load_kernels, pack_q8
     from pensieve.models.quant_linear import Int4Linear, Int8Linear
 
     kernels = load_kernels()
     results = []
-    for name, (k, n) in SHAPES.items():
+    for name in shapes:
+        k, n = SHAPES[name]
         groups = random_groups(n, k)
         weight = groups.dequantize()
         makers: dict[str, tuple[Callable, int]] = {
@@ -94,6 +111,8 @@ def bench_kernels(rows: list[int], repeats: int, aten: bool, cold_bytes: int) ->
             makers["q4"] = (lambda: Q4Linear(kernels, groups, dense_from=1 << 30), n * k * 5 // 8)
             makers["q8"] = (lambda: Q8Linear(kernels, codes.clone(), scales.clone(),
                                              dense_from=1 << 30), n * k * 17 // 16)
+            makers["q4 tiles"] = (lambda: _forced(Q4Linear(kernels, groups), "pq4_small"), n * k * 5 // 8)
+            makers["q4 gemm"] = (lambda: _forced(Q4Linear(kernels, groups), "pq4_gemm"), n * k * 5 // 8)
             makers["q4 dequant+fp32"] = (lambda: Q4Linear(kernels, groups, dense_from=1), n * k)
         if aten:
             makers["aten int4"] = (lambda: Int4Linear(groups), n * k // 2)
@@ -119,6 +138,7 @@ def fmt_row(row: dict) -> str:
             cells.append(f"{key} {value:8.1f} µs (cpu {row[key + ' cpu']:8.1f})")
     if "q4" in row:
         cells.append(f"fp32/q4 {row['fp32'] / row['q4']:.2f}× (cpu {row['fp32 cpu'] / row['q4 cpu']:.2f}×)")
+        cells.append(f"dequant+fp32/q4 {row['q4 dequant+fp32'] / row['q4']:.2f}×")
     return " | ".join(cells)
 
 
@@ -257,6 +277,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512, help="profile: prefill chunk (tokens)")
     ap.add_argument("--prefill-tokens", type=int, default=1580, help="profile: prompt tokens")
     ap.add_argument("--rows", type=int, nargs="+", default=[1])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
@@ -270,7 +291,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()}")
     if args.only in (None, "kernels"):
-        bench_kernels(args.rows, args.repeats, args.aten, args.cold_mb << 20)
+        bench_kernels(args.rows, args.repeats, args.aten, args.cold_mb << 20, args.shapes)
     if args.only == "profile":
         print_profile(profile_prefill(args.repeats, args.chunk, args.prefill_tokens))
     if args.only in (None, "decode"):
