@@ -6,10 +6,12 @@ for every call; at prefill's hundreds of rows that repeated unpacking, and a flo
 thread unpacks a *panel* of ``GNR`` weight rows to int16 once, pair-interleaved so that one
 ``madd_epi16`` multiplies a broadcast pair of activations (values 2p, 2p+1 of a block) with
 the same pair of 8 outputs, and then runs every activation row against it in ``GMR``×``GNR``
-register tiles: 16 ``madd`` + ``add`` per block give an int32 block sum per output (exact:
-|Σ| ≤ 32·15·32767 < 2²⁴ for q4), then one float FMA with ``scale·d`` and one with
-``min·Σx`` (q4) per block and output. int16 multiply-adds run at twice the products per
-cycle of float FMAs on AVX2 cores, which is where the gain over the float GEMM comes from.
+register tiles: 16 ``madd`` + ``add`` per block give an int32 block sum per output (exact,
+and exactly converted to float for q4: |Σ| ≤ 32·15·32767 < 2²⁴; q8's may round, 2⁻²⁴
+relative), then one float FMA with ``scale·d`` and one with ``min·Σx`` (q4) per block and
+output. A ``madd`` + ``add`` pair sustains ~1.5 per cycle on a Zen 3 core, 24 products
+against 16 for float FMAs: that, and no float weight matrix to write and read, is the gain
+over dequantise + float GEMM (1.3–1.8× at 512 rows, ~2–3× at 48, on 2 cores).
 
 The numerics are the other kernels': the same int16 activation blocks and scales, the same
 weight values; only the float accumulation order differs (per block instead of per lane),
@@ -22,9 +24,11 @@ with it (bitwise).
 def _block_sums_asm() -> str:
     """One block of a 4-row × 16-output tile as GCC extended asm (AT&T): per value pair, two
     weight loads, four activation-pair broadcasts, eight ``vpmaddwd`` + ``vpaddd``. Written
-    out because GCC, given the same loop as intrinsics, reassociates the sums, keeps the
-    float accumulators in registers and spills an int32 sum (or moves registers around):
-    ~48 GMAC/s on one Zen 3 core, against ~70 for this sequence."""
+    out because GCC, given the same loop as intrinsics, reassociates the sums (computing
+    every product first), or spills an int32 sum and shuffles registers: ~38 GMAC/s on one
+    Zen 3 core against ~58 with this sequence (the bare sequence peaks at ~73). It reads
+    only the panel and the activations, which nothing writes while a tile runs (hence no
+    memory clobber; ``gemm`` puts a compiler barrier after packing a panel)."""
     lines = []
     for p in range(16):
         lines += [f"vmovdqa {p * 64}(%[w]), %t[w0]", f"vmovdqa {p * 64 + 32}(%[w]), %t[w1]"]
@@ -214,3 +218,32 @@ void gemm(const float* x, int64_t M, const Weights& W, float* y, int threads) {
 }
 
 """.replace("@BLOCK_SUMS@", _block_sums_asm())
+
+# Appended after everything else (``small_linear`` is defined in source.py).
+GEMM_ENTRY_POINTS = r"""
+extern "C" {
+
+// The same with the row-tile kernel (pq*_small) or the panel GEMM (pq*_gemm) whatever M is:
+// pq*_linear picks by M; these are for tests and benchmarks.
+void pq4_small(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
+               const uint16_t* mins, int64_t N, const float* bias, float* y, int threads) {
+  small_linear<false>(x, M, Weights{codes, scales, mins, bias, K, N}, y, threads);
+}
+
+void pq4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
+              const uint16_t* mins, int64_t N, const float* bias, float* y, int threads) {
+  gemm<false>(x, M, Weights{codes, scales, mins, bias, K, N}, y, threads);
+}
+
+void pq8_small(const float* x, int64_t M, int64_t K, const int8_t* codes, const uint16_t* scales,
+               int64_t N, const float* bias, float* y, int threads) {
+  small_linear<true>(x, M, Weights{(const uint8_t*)codes, scales, nullptr, bias, K, N}, y, threads);
+}
+
+void pq8_gemm(const float* x, int64_t M, int64_t K, const int8_t* codes, const uint16_t* scales,
+              int64_t N, const float* bias, float* y, int threads) {
+  gemm<true>(x, M, Weights{(const uint8_t*)codes, scales, nullptr, bias, K, N}, y, threads);
+}
+
+}  // extern "C"
+"""

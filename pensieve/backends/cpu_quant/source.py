@@ -26,7 +26,7 @@ caches the library. It has a plain C ABI and no PyTorch headers: it compiles in 
 loaded 2-core machine, where an extension including ``torch/extension.h`` takes a minute.
 """
 
-from pensieve.backends.cpu_quant.gemm_source import GEMM_SOURCE
+from pensieve.backends.cpu_quant.gemm_source import GEMM_ENTRY_POINTS, GEMM_SOURCE
 from pensieve.backends.cpu_quant.layer_source import LAYER_SOURCE
 from pensieve.backends.cpu_quant.pool_source import POOL_SOURCE
 
@@ -322,28 +322,6 @@ void pq8_linear(const float* x, int64_t M, int64_t K, const int8_t* codes, const
   linear<true>(x, M, Weights{(const uint8_t*)codes, scales, nullptr, bias, K, N}, y, threads);
 }
 
-// The same with the row-tile kernel (pq*_small) or the panel GEMM (pq*_gemm) whatever M is:
-// pq*_linear picks by M; these are for tests and benchmarks.
-void pq4_small(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
-               const uint16_t* mins, int64_t N, const float* bias, float* y, int threads) {
-  small_linear<false>(x, M, Weights{codes, scales, mins, bias, K, N}, y, threads);
-}
-
-void pq4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
-              const uint16_t* mins, int64_t N, const float* bias, float* y, int threads) {
-  gemm<false>(x, M, Weights{codes, scales, mins, bias, K, N}, y, threads);
-}
-
-void pq8_small(const float* x, int64_t M, int64_t K, const int8_t* codes, const uint16_t* scales,
-               int64_t N, const float* bias, float* y, int threads) {
-  small_linear<true>(x, M, Weights{(const uint8_t*)codes, scales, nullptr, bias, K, N}, y, threads);
-}
-
-void pq8_gemm(const float* x, int64_t M, int64_t K, const int8_t* codes, const uint16_t* scales,
-              int64_t N, const float* bias, float* y, int threads) {
-  gemm<true>(x, M, Weights{(const uint8_t*)codes, scales, nullptr, bias, K, N}, y, threads);
-}
-
 // y[M, H] = down(silu(gate) * up) with [gate | up] = x[M, H] @ gate_up.T: a Llama MLP in one
 // call, both weights q4 (gate_up [2I, H], down [H, I]).
 void pq4_mlp(const float* x, int64_t M, int64_t H, int64_t I, const uint8_t* gu_codes,
@@ -426,4 +404,4 @@ void pq8_pack(const float* w, int64_t N, int64_t K, int8_t* codes, uint16_t* sca
 }
 
 }  // extern "C"
-""" + LAYER_SOURCE
+""" + LAYER_SOURCE + GEMM_ENTRY_POINTS
