@@ -11,7 +11,7 @@ and exactly converted to float for q4: |Σ| ≤ 32·15·32767 < 2²⁴; q8's may
 relative), then one float FMA with ``scale·d`` and one with ``min·Σx`` (q4) per block and
 output. A ``madd`` + ``add`` pair sustains ~1.5 per cycle on a Zen 3 core, 24 products
 against 16 for float FMAs: that, and no float weight matrix to write and read, is the gain
-over dequantise + float GEMM (1.3–1.8× at 512 rows, ~2–3× at 48, on 2 cores).
+over dequantise + float GEMM (1.3–1.6× at 512 rows, ~2–3× at 48, on 2 cores).
 
 The numerics are the other kernels': the same int16 activation blocks and scales, the same
 weight values; only the float accumulation order differs (per block instead of per lane),
