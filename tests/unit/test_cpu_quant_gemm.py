@@ -103,3 +103,11 @@ def test_modules_take_the_gemm_from_a_few_rows():
         ref_g, ref_u = (x @ gate_up.dequantize().T).chunk(2, dim=-1)
         ref = (torch.nn.functional.silu(ref_g) * ref_u) @ down.dequantize().T + down.bias
         assert rel_err(mlp(x), ref) < 3e-4, m  # two int16-quantised matmuls in a row
+
+
+def test_a_long_k_keeps_the_row_tiles_below_16_rows():
+    """down_proj's K = 1536: the row-tile kernel is faster there up to 15 rows."""
+    down = Q4Linear(KERNELS, groups(64, 1536, seed=3))
+    for m, kernel in ((8, "pq4_small"), (15, "pq4_small"), (16, "pq4_gemm")):
+        x = activations(m, 1536, seed=m)
+        assert torch.equal(down(x), run(kernel, down, x, down.threads)), m

@@ -221,7 +221,8 @@ void small_linear(const float* x, int64_t M, const Weights& W, float* y, int thr
 
 template <bool Q8>
 void linear(const float* x, int64_t M, const Weights& W, float* y, int threads) {
-  if (M >= GEMM_FROM) gemm<Q8>(x, M, W, y, threads);
+  // a long K (down_proj, 1536) keeps the row tiles up to 15 rows: 111 vs 153 us at 8 rows
+  if (M >= GEMM_FROM && (W.K <= 1024 || M >= 2 * GEMM_FROM)) gemm<Q8>(x, M, W, y, threads);
   else small_linear<Q8>(x, M, W, y, threads);
 }
 
