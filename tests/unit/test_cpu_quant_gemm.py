@@ -7,7 +7,7 @@ import torch
 
 from pensieve.backends.cpu_quant import Q4Linear, Q8Linear, load_kernels, pack_q8
 from pensieve.backends.cpu_quant.mlp import Q4MLP
-from pensieve.models.quant_linear import Int4Groups
+from tests.unit.test_cpu_quant import groups, rel_err
 
 KERNELS = load_kernels()
 pytestmark = pytest.mark.skipif(KERNELS is None, reason="CPU kernels cannot build here")
@@ -15,25 +15,10 @@ pytestmark = pytest.mark.skipif(KERNELS is None, reason="CPU kernels cannot buil
 ROWS = (1, 7, 47, 48, 49, 300, 513)  # every remainder of the 4-row tile, and chunk sizes
 
 
-def groups(n: int, k: int, seed: int = 0) -> Int4Groups:
-    """Random Q4_1-like groups: float16-exact scales and offsets."""
-    gen = torch.Generator().manual_seed(seed)
-    return Int4Groups(
-        torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen),
-        (torch.rand(n, k // 32, generator=gen) * 0.02 + 1e-3).half().float(),
-        (torch.randn(n, k // 32, generator=gen) * 0.1).half().float(),
-        32,
-    )
-
-
 def activations(m: int, k: int, seed: int = 0) -> torch.Tensor:
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
     x[:, 3] *= 40  # an outlier channel, as RMSNorm outputs have
     return x
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y - ref).norm() / ref.norm()).item()
 
 
 def run(fn_name: str, layer: Q4Linear | Q8Linear, x: torch.Tensor, threads: int) -> torch.Tensor:
