@@ -27,6 +27,21 @@ log = logging.getLogger(__name__)
 _CUDA_HEADROOM = 4 << 30  # bytes left free for activations and graphs when sizing the cache
 
 
+# A CPU step of at most this many tokens, none attending to more than ROW_CONTEXT, runs on the
+# one-call C decoder with each new token as a row (its own context length: causal by
+# construction; every row's K/V is stored before any row attends). A short prompt or a
+# follow-up's few new tokens then skip ~30 layers of PyTorch module calls: an 8-token chunk
+# took 33 ms on the module path against 8.8 ms for a 1-token decode step.
+ROWS_AS_DECODE = 64
+ROW_CONTEXT = 2048
+
+
+def as_rows(sequences: Sequence[SequenceSlice]) -> list[SequenceSlice]:
+    """Each new token of each sequence as a one-token sequence attending up to itself."""
+    return [SequenceSlice(s.query_start + j, 1, s.context_len - s.query_len + j + 1, s.block_table)
+            for s in sequences for j in range(s.query_len)]
+
+
 def kv_block_bytes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
     per_token = 2 * args.num_layers * args.num_kv_heads * args.head_dim
     return per_token * block_size * torch.empty((), dtype=dtype).element_size()
@@ -173,6 +188,12 @@ class ModelRunner:
         if self.cpu_decoder and len(rows) == len(ids) and self.cpu_decoder.can_run(len(ids), step):
             return self.cpu_decoder(input_ids, self._tensor(positions),
                                     self._tensor(slots), step, bs)
+        if (self.cpu_decoder and len(ids) <= ROWS_AS_DECODE
+                and max(s.context_len for s in sequences) <= ROW_CONTEXT):
+            row_step = self.cpu_attention.step(as_rows(sequences))
+            if self.cpu_decoder.can_run(len(ids), row_step):
+                return self.cpu_decoder(input_ids, self._tensor(positions), self._tensor(slots),
+                                        row_step, bs, logits_rows=self._tensor(rows))
         ctx = ForwardContext(
             k_caches=self.k_caches,
             v_caches=self.v_caches,

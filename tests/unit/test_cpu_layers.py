@@ -156,3 +156,41 @@ def test_thread_tuner_follows_the_faster_setting_and_keeps_exploring():
     picks = [t for t in (tuner.pick() for _ in range(40)) if tuner.record(t, cost[t], 1) or True]
     assert picks[-20:].count(1) == 15
     assert ThreadTuner(1).options == [1]
+
+
+def test_short_prefills_run_as_decoder_rows_with_the_module_path_logits():
+    """A step of short prompts (and a chunk over a cached prefix) runs on the one-call decoder
+    as one row per new token; its logits match the PyTorch module path's."""
+    from pensieve.engine.model_runner import ROWS_AS_DECODE
+    from pensieve.engine.types import SamplingParams
+
+    results = []
+    for decoder in (True, False):
+        engine = _q4_tiny_engine(decoder)
+        rows_seen, logits = [], []
+        if decoder:
+            dec = engine.runner.cpu_decoder
+            call = dec.__call__
+            engine.runner.cpu_decoder = lambda ids, *a, **k: rows_seen.append(
+                (ids.shape[0], "logits_rows" in k)) or call(ids, *a, **k)
+            engine.runner.cpu_decoder.can_run = dec.can_run
+        run = engine.runner.run
+        engine.runner.run = lambda chunks, *c: logits.append(run(chunks, *c)) or logits[-1]
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        prompts = ["hello there", "the quick brown fox", "hello there, again"]
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), list(prompt.encode()), params)
+        while engine.has_work():
+            engine.step()
+        engine.add_request("later", list(b"hello there, again and again"), params)  # a cached prefix
+        while engine.has_work():
+            engine.step()
+        results.append(logits)
+        if decoder:  # the first step: the three prompts as rows; the follow-up's new tokens too
+            n = sum(len(p) for p in prompts)
+            assert rows_seen[0] == (n, True) and n <= ROWS_AS_DECODE
+            assert sum(1 for r, as_rows in rows_seen if as_rows) == 2
+    assert len(results[0]) == len(results[1])
+    for a, b in zip(*results):
+        assert a.shape == b.shape and ((a - b).norm() / b.norm()).item() < 1e-3
+        assert torch.equal(a.argmax(-1), b.argmax(-1))

@@ -4,8 +4,8 @@ At one token per sequence a 135M model's layer is ~0.3 ms of kernels and, as PyT
 ~0.15 ms of Python between them (module calls, views, adds, argument marshalling): a third
 of the step. ``CpuDecoder`` runs the embedding, final norm and output layer as modules and
 everything between them in C. It applies only where every layer is exactly what the kernel
-does — RMSNorm, fused qkv and o as ``Q4Linear``, ``Q4MLP`` — and to steps whose sequences
-all decode one token; the model runner uses the module path otherwise. How many threads a
+does — RMSNorm, fused qkv and o as ``Q4Linear``, ``Q4MLP`` — and to steps of one-token rows:
+decodes, and (model runner) short prefills as one row per new token; the module path otherwise. How many threads a
 step uses follows the machine's load (``ThreadTuner``).
 """
 
@@ -123,8 +123,11 @@ class CpuDecoder:
         return not step.longer and step.num_decode == num_rows < self.max_rows
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                 step: CpuAttentionStep, block_size: int) -> torch.Tensor:
-        """Logits [M, V] for M sequences decoding the tokens ``input_ids`` [M] (in ``step``'s order)."""
+                 step: CpuAttentionStep, block_size: int,
+                 logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [M, V] for M one-token rows ``input_ids`` [M] (in ``step``'s order), or for the
+        rows ``logits_rows`` only. Rows may be several new tokens of one sequence, each with its
+        own context length in ``step`` (all rows' K/V are stored before any row attends)."""
         started = time.perf_counter()
         threads = self.tuner.pick()
         body, head = self.model.model, self.model.lm_head
@@ -137,6 +140,8 @@ class CpuDecoder:
                  block_size, threads, self.kv_half)
         if hasattr(head, "threads"):  # Q8Linear: the step's other big read
             head.threads = threads
+        if logits_rows is not None:
+            x = x[logits_rows]
         logits = head(body.norm(x)).float()
-        self.tuner.record(threads, time.perf_counter() - started, x.shape[0])
+        self.tuner.record(threads, time.perf_counter() - started, input_ids.shape[0])
         return logits
