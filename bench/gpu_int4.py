@@ -34,17 +34,15 @@ GEMV_TILES = [Tiles(1, bn, bg, w, st) for bn, bg, w, st in (
 MATMUL_TILES = [Tiles(bm, bn, bg, w, st) for bm in (16,) for bn, bg, w, st in (
     (32, 2, 4, 3), (32, 4, 4, 3), (64, 2, 4, 3), (64, 4, 4, 3), (128, 2, 4, 3), (128, 4, 8, 3),
     (64, 2, 4, 4), (32, 8, 4, 2))]
-OLD_TILES = [Tiles(16, 32, 8, 4, 3), Tiles(16, 64, 4, 4, 3), Tiles(16, 128, 4, 8, 3)]
 CHUNK_TILES = [Tiles(32, 64, 2, 4, 3), Tiles(64, 64, 2, 4, 3), Tiles(64, 128, 2, 8, 3),
                Tiles(32, 128, 2, 4, 3)]
 CANDIDATES = {
     1: [("gemv", t) for t in GEMV_TILES] + [("matmul", t) for t in MATMUL_TILES[2:4]],
     2: [("gemv", t) for t in GEMV_TILES[:2]] + [("matmul", t) for t in MATMUL_TILES],
     4: [("gemv", t) for t in GEMV_TILES[:1]] + [("matmul", t) for t in MATMUL_TILES],
-    8: [("matmul", t) for t in MATMUL_TILES] + [("matmul_dequant", t) for t in OLD_TILES],
-    16: [("matmul", t) for t in MATMUL_TILES] + [("matmul_dequant", t) for t in OLD_TILES],
-    32: [("matmul", t) for t in MATMUL_TILES + CHUNK_TILES[:1]]
-        + [("matmul_dequant", t) for t in OLD_TILES[1:2]],
+    8: [("matmul", t) for t in MATMUL_TILES],
+    16: [("matmul", t) for t in MATMUL_TILES],
+    32: [("matmul", t) for t in MATMUL_TILES + CHUNK_TILES[:1]],
     64: [("matmul", t) for t in CHUNK_TILES],
     2048: [],
 }
@@ -53,7 +51,7 @@ CANDIDATES = {
 def run_kernel(kind: str, x, packed, so, t: Tiles):
     if kind == "gemv":
         return cuda_int4.gemv(x, packed, so, t)
-    return cuda_int4.matmul(x, packed, so, t, kind)
+    return cuda_int4.matmul(x, packed, so, t)
 
 
 def bench(fn) -> float:

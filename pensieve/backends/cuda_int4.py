@@ -174,16 +174,15 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Tiles = GEM
     return y
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Tiles,
-           kernel: str = "matmul") -> torch.Tensor:
+def matmul(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Tiles) -> torch.Tensor:
     m, k = x.shape
     n = packed.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     grid = (triton_cdiv(n, t.block_n), triton_cdiv(m, t.block_m))
-    launch = getattr(_kernels(), kernel)[grid]
-    launch(x, packed, so, y, m, n, k, k // GROUP, x.stride(0), y.stride(0),
-           BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_G=_block_g(k // GROUP, t.block_g),
-           num_warps=t.num_warps, num_stages=t.num_stages)
+    _kernels().matmul[grid](x, packed, so, y, m, n, k, k // GROUP, x.stride(0), y.stride(0),
+                            BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                            BLOCK_G=_block_g(k // GROUP, t.block_g),
+                            num_warps=t.num_warps, num_stages=t.num_stages)
     return y
 
 

@@ -16,8 +16,6 @@ code into the mantissa of a "magic" float gives ``magic + code`` exactly (2²³ 
 * ``matmul`` — several rows (decode batches, short prefill chunks): per group, two ``tl.dot``
   of 16 columns on the tensor cores (low nibbles against x[32g : 32g+16], high against the
   rest) on ``magic + code`` in x's dtype, then the group's scale and offset in float32.
-* ``matmul_dequant`` — the first version, kept for the benchmark: the tile dequantised in
-  registers (two conversions a weight) and one ``tl.dot``.
 * ``dequantize`` — the float weight, for large prefill GEMMs on cuBLAS and for checks.
 
 Every kernel needs the number of groups (``GROUPS = K // 32``) to be a multiple of its
@@ -109,40 +107,6 @@ def matmul(X, W, SO, Y, M, N, K, GROUPS, stride_x, stride_y,
             xs = tl.sum(xlo.to(tl.float32), 1) + tl.sum(xhi.to(tl.float32), 1)
             s, o = _scale_offset(tl.load(so_rows + g))
             acc += (d - magic * xs[:, None]) * s[None, :] + xs[:, None] * o[None, :]
-    out = Y + m[:, None] * stride_y + n[None, :]
-    tl.store(out, acc.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
-
-
-@triton.jit
-def matmul_dequant(X, W, SO, Y, M, N, K, GROUPS, stride_x, stride_y,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    """``matmul``'s first version: dequantise the tile to x's dtype, one ``tl.dot``."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = m < M
-    m = tl.where(mmask, m, 0).to(tl.int64)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    n_safe = tl.where(nmask, n, 0).to(tl.int64)
-    gi = tl.arange(0, BLOCK_G)
-    i = tl.arange(0, 16)
-    w_rows = W + n_safe[:, None, None] * (K // 2) + gi[None, :, None] * 16 + i[None, None, :]
-    so_rows = SO + n_safe[:, None] * GROUPS + gi[None, :]
-    k_lo = tl.reshape(gi[:, None] * 32 + i[None, :], [BLOCK_G * 16])
-    x_rows = X + m[:, None] * stride_x + k_lo[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for g0 in range(0, GROUPS, BLOCK_G):
-        b = tl.load(w_rows + g0 * 16)
-        s, o = _scale_offset(tl.load(so_rows + g0))
-        s = s[:, :, None]
-        o = o[:, :, None]
-        lo = ((b & 15).to(tl.float32) * s + o).to(X.dtype.element_ty)
-        hi = ((b >> 4).to(tl.float32) * s + o).to(X.dtype.element_ty)
-        lo = tl.reshape(lo, [BLOCK_N, BLOCK_G * 16])
-        hi = tl.reshape(hi, [BLOCK_N, BLOCK_G * 16])
-        acc = tl.dot(tl.load(x_rows + g0 * 32), tl.trans(lo), acc)
-        acc = tl.dot(tl.load(x_rows + g0 * 32 + 16), tl.trans(hi), acc)
     out = Y + m[:, None] * stride_y + n[None, :]
     tl.store(out, acc.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 

@@ -9,10 +9,6 @@ model on CPU.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -26,10 +22,21 @@ from pensieve.engine.engine import Engine
 from pensieve.loaders.quants import dequantize
 from pensieve.models.quant_linear import Int4Groups
 from tests.helpers.tiny_engine import ByteTokenizer, tiny_args, tiny_model
+from tests.helpers.triton_interpreter import run_in_triton_interpreter
 from tests.unit.test_int4_codes import random_blocks
 from gguf import GGMLQuantizationType as Q
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _random_cuda_weight(n: int, k: int, gen: torch.Generator):
+    """Random codes, scales and offsets around Q4_0's; their packed GPU form; the float64 weight."""
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(n, k // 32, generator=gen) * 0.01
+    offsets = -8 * scales + torch.randn(n, k // 32, generator=gen) * 1e-3
+    packed = pack_codes(codes).cuda()
+    so = pack_scale_offset(scales, offsets).cuda()
+    return codes, scales, offsets, packed, so, unpack(packed.cpu(), so.cpu()).double()
 
 
 def _groups(qtype: Q, rows: int, cols: int, seed: int = 0):
@@ -89,9 +96,7 @@ def interpreter_check(k: int) -> None:
         ref = x.double() @ weight.double().T
         for name, y in (("gemv 1 row", cuda_int4.gemv(x[:1], packed, so, tiles)),
                         ("gemv", cuda_int4.gemv(x, packed, so, tiles)),
-                        ("matmul", cuda_int4.matmul(x, packed, so, tiles)),
-                        ("matmul_dequant",
-                         cuda_int4.matmul(x, packed, so, tiles, "matmul_dequant"))):
+                        ("matmul", cuda_int4.matmul(x, packed, so, tiles))):
             r = ref[: y.shape[0]]
             rel = ((y.double() - r).norm() / r.norm()).item()
             assert rel < tol, (dtype, name, rel)
@@ -113,16 +118,8 @@ def interpreter_check(k: int) -> None:
 def test_kernels_in_the_triton_interpreter():
     """K of 128 and 448 (14 groups: not a power of two). A fresh process, because the
     interpreter is chosen when the kernels are decorated."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():  # and Triton 3.6's interpreter cannot loop to an int argument
-        pytest.skip("the compiled kernels are checked on this GPU")
-    code = ("from tests.unit.test_cuda_int4 import interpreter_check as c; "
-            "c(128); c(448); print('ok')")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    run_in_triton_interpreter("from tests.unit.test_cuda_int4 import interpreter_check as c; "
+                              "c(128); c(448); print('ok')")
 
 
 @needs_cuda
@@ -135,12 +132,7 @@ def test_cuda_kernels_against_float64(rows, n, k, copies):
     from pensieve.backends import tinygemm
 
     gen = torch.Generator().manual_seed(rows + n)
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
-    scales = torch.rand(n, k // 32, generator=gen) * 0.01
-    offsets = -8 * scales + torch.randn(n, k // 32, generator=gen) * 1e-3
-    packed = pack_codes(codes).cuda()
-    so = pack_scale_offset(scales, offsets).cuda()
-    weight = unpack(packed.cpu(), so.cpu()).double()
+    codes, scales, offsets, packed, so, weight = _random_cuda_weight(n, k, gen)
     x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
     ref = x.double() @ weight.T
     y = torch.full((rows, n), float("nan"), device="cuda", dtype=torch.bfloat16)
@@ -172,12 +164,7 @@ def test_skinny_against_float64_and_in_a_graph(n, k):
     """The tensor-core skinny kernel, every sweep config that fits, 1-16 rows, bf16 x,
     twice in a row (split-K counters reset) and replayed from a CUDA graph."""
     gen = torch.Generator().manual_seed(n + k)
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
-    scales = torch.rand(n, k // 32, generator=gen) * 0.01
-    offsets = -8 * scales + torch.randn(n, k // 32, generator=gen) * 1e-3
-    packed = pack_codes(codes).cuda()
-    so = pack_scale_offset(scales, offsets).cuda()
-    weight = unpack(packed.cpu(), so.cpu()).double()
+    _, _, _, packed, so, weight = _random_cuda_weight(n, k, gen)
     cfgs = [c for c in cuda_int4.SKINNY_SWEEP
             if c.fits(k) and c.num_stages == 3 and c.num_warps == 4]
     for rows in (2, 8, 16):
