@@ -7,15 +7,12 @@ unfused model's logits through the CUDA engine path.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pensieve.backends import cuda_layers
+from tests.helpers.triton_interpreter import run_in_triton_interpreter
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -36,16 +33,8 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
 
 
 def test_kernels_in_the_triton_interpreter():
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("the compiled kernels are checked on this GPU")
-    code = ("import torch; from tests.unit.test_cuda_layers import check; "
-            "check('cpu', torch.float32, 1e-5); print('ok')")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    run_in_triton_interpreter("import torch; from tests.unit.test_cuda_layers import check; "
+                              "check('cpu', torch.float32, 1e-5); print('ok')")
 
 
 def test_fusing_keeps_children_and_state_dict():
