@@ -50,7 +50,7 @@ class Request:
     @property
     def num_tokens(self) -> int:
         """Known tokens plus those sampled by a step still in flight (async scheduling)."""
-        return len(self.prompt_ids) + len(self.output_ids) + self.num_inflight
+        return self.num_known_tokens + self.num_inflight
 
     @property
     def num_pending_tokens(self) -> int:

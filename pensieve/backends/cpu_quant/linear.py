@@ -3,7 +3,7 @@
 Weights are packed once at load into the kernels' layout (see ``source.py``). Scales are kept
 as float16 *bit patterns* in int16 buffers, so ``model.to(dtype)`` leaves them alone. Every
 call runs the integer kernels: a few rows (decode) the row-tile kernel, from ``GEMM_FROM``
-rows (in C) the panel GEMM of ``gemm_source.py``, which beats dequantising the weight for
+rows (in C; 16 where K > 1024) the panel GEMM of ``gemm_source.py``, which beats dequantising the weight for
 PyTorch's float GEMM at every row count measured (1.3–1.6× at 512 rows on 2 Zen 3 cores,
 2–3× at 48; ``bench/cpu_kernels.py``). ``dense_from`` keeps that float path for calls of at
 least that many rows, off by default. Inputs in another dtype are computed in float32 and
