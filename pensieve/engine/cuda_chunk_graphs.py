@@ -18,6 +18,7 @@ from torch import nn
 
 from pensieve.backends.cuda_attention import ChunkBatch, CudaPagedAttention, choose_num_splits
 from pensieve.engine.cuda_batch import block_slots
+from pensieve.engine.cuda_capture import capture_graph
 from pensieve.engine.scheduler import ScheduledChunk
 from pensieve.models.forward_context import ForwardContext
 
@@ -78,16 +79,8 @@ class CudaChunkGraphs:
         for bucket in reversed(self.buckets):
             ids, pos = self._i64[:bucket], self._i64[q:q + bucket]
             ctx = self._context(bucket)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.model(ids, pos, ctx)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._outputs[bucket] = self.model(ids, pos, ctx)
-            self._graphs[bucket] = graph
+            self._graphs[bucket], self._outputs[bucket] = capture_graph(
+                lambda: self.model(ids, pos, ctx), pool)
         torch.cuda.synchronize()
 
     def can_run(self, chunks: list[ScheduledChunk]) -> bool:

@@ -32,6 +32,7 @@ from torch import nn
 
 from pensieve.backends.cuda_attention import CudaPagedAttention, DecodeBatch, choose_num_splits
 from pensieve.engine.cuda_batch import token_at
+from pensieve.engine.cuda_capture import capture_graph
 from pensieve.engine.scheduler import ScheduledChunk
 from pensieve.models.forward_context import ForwardContext
 
@@ -103,16 +104,7 @@ class CudaGraphRunner:
         for b in reversed(self.buckets):
             ctx = self._context(b)
             ids, pos = self._i64[:b], self._i64[n:n + b]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compile Triton kernels, pick cuBLAS algorithms
-                    self.model(ids, pos, ctx)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._outputs[b] = self.model(ids, pos, ctx)
-            self._graphs[b] = graph
+            self._graphs[b], self._outputs[b] = capture_graph(lambda: self.model(ids, pos, ctx), pool)
         torch.cuda.synchronize()
 
     # ------------------------------------------------------------------ replay

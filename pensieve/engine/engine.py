@@ -78,6 +78,13 @@ class Engine:
         self._overlap = config.overlap_steps
         self.last_step_tokens = 0  # tokens the last step ran through the model (for logs)
         self._inflight: _InFlight | None = None
+        # CUDA: two pinned buffers and events, alternating between the step in flight and the
+        # one being read (allocated once: no pinned allocation or free per step)
+        self._landing: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        if self._overlap and torch.device(config.device).type == "cuda":
+            self._landing = [(torch.empty(config.max_num_seqs, dtype=torch.long, pin_memory=True),
+                              torch.cuda.Event()) for _ in range(2)]
+        self._steps_launched = 0
 
     @property
     def context_length(self) -> int:
@@ -205,9 +212,10 @@ class Engine:
             req.num_inflight += 1
         if ids.device.type != "cuda":
             return _InFlight(sampled, ids, ids, None)
-        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        host, ready = self._landing[self._steps_launched % 2]
+        self._steps_launched += 1
+        host = host[: ids.shape[0]]
         host.copy_(ids, non_blocking=True)
-        ready = torch.cuda.Event()
         ready.record()
         return _InFlight(sampled, ids, host, ready)
 
