@@ -190,7 +190,7 @@ def int4_layers(model) -> None:
 def model_table(max_num_seqs: int, out_dir: str = ".", int4: bool = False,
                 dense: bool = False, fuse: bool = True) -> dict:
     from pensieve.engine.config import EngineConfig
-    from pensieve.engine.model_runner import ModelRunner
+    from pensieve.backends.model_runner import ModelRunner
     from pensieve.models.args import ModelArgs
     from pensieve.models.llama import LlamaForCausalLM
 

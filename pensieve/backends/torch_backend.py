@@ -9,7 +9,10 @@ from torch import nn
 
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.engine import Engine
+from pensieve.backends.model_runner import ModelRunner
 from pensieve.loaders.checkpoint import Checkpoint
+from pensieve.loaders.tokenizer import TextTokenizer
+from pensieve.models.args import ModelArgs
 from pensieve.backends.cuda_int4 import prepare_for_cuda
 from pensieve.backends.cuda_layers import fuse_cuda_layers
 from pensieve.backends.quantize import int8_lm_head, plan_int4, plan_q8, swap_in
@@ -57,6 +60,12 @@ def build_model(checkpoint: Checkpoint, config: EngineConfig) -> nn.Module:
     return model
 
 
+def torch_engine(model: nn.Module, args: ModelArgs, tokenizer: TextTokenizer,
+                 config: EngineConfig) -> Engine:
+    """An engine over a built model: the PyTorch runner composed with the engine."""
+    return Engine(ModelRunner(model, args, config), tokenizer, config, args.vocab_size)
+
+
 def build_engine(checkpoint: Checkpoint, config: EngineConfig) -> Engine:
     model = build_model(checkpoint, config)
-    return Engine(model, checkpoint.args, checkpoint.tokenizer, config)
+    return torch_engine(model, checkpoint.args, checkpoint.tokenizer, config)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from pensieve.engine.block_pool import BlockPool
 from pensieve.engine.config import EngineConfig
@@ -27,14 +26,14 @@ from pensieve.engine.errors import PromptTooLongError
 from pensieve.engine.grammar import GrammarCompiler
 from pensieve.engine.kv_manager import KVCacheManager
 from pensieve.engine.logits_processors import LogitsProcessor, ThinkingBudgetProcessor, accept_token
-from pensieve.engine.model_runner import ModelRunner
+from pensieve.backends.model_runner import ModelRunner
 from pensieve.engine.repetition import DryProcessor, breaker_ids
 from pensieve.engine.request import Request, RequestStatus
+from pensieve.engine.runner import Runner
 from pensieve.engine.sampler import make_generator, sample, sample_ids
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
 from pensieve.engine.stop_checker import StopChecker
 from pensieve.engine.types import FinishReason, GenerationDelta, SamplingParams
-from pensieve.models.args import ModelArgs
 
 if TYPE_CHECKING:
     from pensieve.loaders.tokenizer import TextTokenizer
@@ -55,12 +54,11 @@ class _InFlight:
 class Engine:
     """Not thread-safe: one thread calls ``add_request``/``abort``/``step``."""
 
-    def __init__(
-        self, model: nn.Module, args: ModelArgs, tokenizer: "TextTokenizer", config: EngineConfig
-    ) -> None:
+    def __init__(self, runner: Runner, tokenizer: "TextTokenizer", config: EngineConfig,
+                 vocab_size: int) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model, args, config)
+        self.runner = runner
         capacity = self.runner.num_blocks * config.block_size
         if capacity < config.context_length:
             raise ValueError(
@@ -71,7 +69,7 @@ class Engine:
         self.kv = KVCacheManager(self.pool, config.block_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self._requests: dict[str, Request] = {}
-        self._vocab_size = args.vocab_size
+        self._vocab_size = vocab_size
         self._grammars: GrammarCompiler | None = None  # built by the first constrained request
         self._processors: dict[str, list[LogitsProcessor]] = {}  # request id → its processors
         self._dry_breakers: torch.Tensor | None = None  # built by the first loop-guarded request

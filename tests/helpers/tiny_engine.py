@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from pensieve.engine.config import EngineConfig
+from pensieve.backends.torch_backend import torch_engine
 from pensieve.engine.engine import Engine
 from pensieve.models.args import ModelArgs
 from pensieve.models.llama import LlamaForCausalLM
@@ -55,4 +56,4 @@ def tiny_model(seed: int = 0) -> LlamaForCausalLM:
 def tiny_engine(**overrides) -> Engine:
     cfg = dict(context_length=512, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
     cfg.update(overrides)
-    return Engine(tiny_model(), tiny_args(), ByteTokenizer(), EngineConfig(**cfg))
+    return torch_engine(tiny_model(), tiny_args(), ByteTokenizer(), EngineConfig(**cfg))

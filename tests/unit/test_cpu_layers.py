@@ -91,7 +91,7 @@ def _q4_tiny_engine(decoder: bool, kv_dtype: torch.dtype | None = None):
     """The tiny engine's model with every linear weight q4 (and a q8 head), as a Q4 GGUF's."""
     from pensieve.backends.quantize import int8_lm_head, swap_in
     from pensieve.engine.config import EngineConfig
-    from pensieve.engine.engine import Engine
+    from pensieve.backends.torch_backend import torch_engine
     from pensieve.models.quant_linear import Int4Groups
     from tests.helpers.tiny_engine import ByteTokenizer, tiny_args, tiny_model
 
@@ -107,7 +107,7 @@ def _q4_tiny_engine(decoder: bool, kv_dtype: torch.dtype | None = None):
     int8_lm_head(model)
     cfg = EngineConfig(context_length=512, block_size=4, max_num_seqs=4, max_num_batched_tokens=64,
                        kv_dtype=kv_dtype)
-    engine = Engine(model, tiny_args(), ByteTokenizer(), cfg)
+    engine = torch_engine(model, tiny_args(), ByteTokenizer(), cfg)
     assert engine.runner.cpu_decoder is not None
     if not decoder:
         engine.runner.cpu_decoder = None
@@ -161,7 +161,7 @@ def test_thread_tuner_follows_the_faster_setting_and_keeps_exploring():
 def test_short_prefills_run_as_decoder_rows_with_the_module_path_logits():
     """A step of short prompts (and a chunk over a cached prefix) runs on the one-call decoder
     as one row per new token; its logits match the PyTorch module path's."""
-    from pensieve.engine.model_runner import ROWS_AS_DECODE
+    from pensieve.backends.model_runner import ROWS_AS_DECODE
     from pensieve.engine.types import SamplingParams
 
     results = []

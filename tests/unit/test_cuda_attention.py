@@ -81,7 +81,7 @@ def test_decode_kernel_matches_reference(dtype, tol, hq, hk, d, bs):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_prefill_with_cached_prefix_matches_reference(dtype, tol):
     from pensieve.backends.cuda_attention import PrefillBatch, prefill_attention
-    from pensieve.engine.cuda_batch import block_slots
+    from pensieve.backends.cuda_batch import block_slots
 
     hq, hk, d, bs = 32, 8, 128, 16
     q_lens, k_lens = [5, 300, 64, 1000], [5, 333, 1000, 1000]  # cold, cached prefix, both
@@ -226,7 +226,7 @@ def test_short_chunk_graphs_match_eager_bf16():
 
 
 def test_graph_buckets_cover_max_num_seqs():
-    from pensieve.engine.cuda_graph_runner import bucket_sizes
+    from pensieve.backends.cuda_graph_runner import bucket_sizes
 
     assert bucket_sizes(1) == [1]
     assert bucket_sizes(8) == [1, 2, 4, 8]

@@ -18,7 +18,7 @@ from pensieve.backends.cuda_int4 import (
 )
 from pensieve.loaders.int4_codes import int4_groups
 from pensieve.engine.config import EngineConfig
-from pensieve.engine.engine import Engine
+from pensieve.backends.torch_backend import torch_engine
 from pensieve.loaders.quants import dequantize
 from pensieve.models.quant_linear import Int4Groups
 from tests.helpers.tiny_engine import ByteTokenizer, tiny_args, tiny_model
@@ -231,7 +231,7 @@ def test_tiny_int4_model_on_cuda_matches_cpu(graphs, dense, force):
                 for m in model.modules():
                     if isinstance(m, CudaInt4Linear) and m.skinny_cfg is not None:
                         m.route = {**m.route, **{b: force for b in (2, 4, 8, 16)}}
-        eng = Engine(model, tiny_args(), ByteTokenizer(), cfg)
+        eng = torch_engine(model, tiny_args(), ByteTokenizer(), cfg)
         if device == "cuda" and not graphs:
             eng.runner.graphs = eng.runner.chunk_graphs = None
         return eng

@@ -57,7 +57,7 @@ def test_compiled_kernels_bf16():
 @needs_cuda
 def test_fused_tiny_model_matches_unfused_on_cuda():
     from pensieve.engine.config import EngineConfig
-    from pensieve.engine.engine import Engine
+    from pensieve.backends.torch_backend import torch_engine
     from tests.helpers.tiny_engine import ByteTokenizer, tiny_args, tiny_model
     from tests.unit.test_cuda_attention import PREFIX, _run
 
@@ -67,7 +67,7 @@ def test_fused_tiny_model_matches_unfused_on_cuda():
             cuda_layers.fuse_cuda_layers(model)
         cfg = EngineConfig(context_length=512, block_size=4, max_num_seqs=4,
                            max_num_batched_tokens=64, device="cuda", dtype=torch.bfloat16)
-        return Engine(model, tiny_args(), ByteTokenizer(), cfg)
+        return torch_engine(model, tiny_args(), ByteTokenizer(), cfg)
 
     prompts = {f"r{i}": PREFIX + f"q{i}" for i in range(3)}
     _, plain = _run(engine(False), prompts, False)

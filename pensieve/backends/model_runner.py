@@ -111,9 +111,9 @@ class ModelRunner:
             self.cpu_decoder = CpuDecoder(kernels, self.model, self.k_caches, self.v_caches)
 
     def _init_cuda(self, args: ModelArgs, config: EngineConfig, cuda_graphs: bool) -> None:
-        from pensieve.engine.cuda_batch import CudaBatchBuilder
-        from pensieve.engine.cuda_chunk_graphs import CudaChunkGraphs
-        from pensieve.engine.cuda_graph_runner import PREFILL_ROWS, CudaGraphRunner
+        from pensieve.backends.cuda_batch import CudaBatchBuilder
+        from pensieve.backends.cuda_chunk_graphs import CudaChunkGraphs
+        from pensieve.backends.cuda_graph_runner import PREFILL_ROWS, CudaGraphRunner
 
         self.cuda_batches = CudaBatchBuilder(config.block_size, args.num_kv_heads, self.device)
         if not cuda_graphs:

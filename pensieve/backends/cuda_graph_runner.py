@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from pensieve.backends.cuda_attention import CudaPagedAttention, DecodeBatch, choose_num_splits
-from pensieve.engine.cuda_batch import token_at
-from pensieve.engine.cuda_capture import capture_graph
+from pensieve.backends.cuda_batch import token_at
+from pensieve.backends.cuda_capture import capture_graph
 from pensieve.engine.scheduler import ScheduledChunk
 from pensieve.models.forward_context import ForwardContext
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from pensieve.backends.cuda_attention import ChunkBatch, CudaPagedAttention, choose_num_splits
-from pensieve.engine.cuda_batch import block_slots
-from pensieve.engine.cuda_capture import capture_graph
+from pensieve.backends.cuda_batch import block_slots
+from pensieve.backends.cuda_capture import capture_graph
 from pensieve.engine.scheduler import ScheduledChunk
 from pensieve.models.forward_context import ForwardContext
 
