@@ -26,7 +26,6 @@ from pensieve.engine.errors import PromptTooLongError
 from pensieve.engine.grammar import GrammarCompiler
 from pensieve.engine.kv_manager import KVCacheManager
 from pensieve.engine.logits_processors import LogitsProcessor, ThinkingBudgetProcessor, accept_token
-from pensieve.backends.model_runner import ModelRunner
 from pensieve.engine.repetition import DryProcessor, breaker_ids
 from pensieve.engine.request import Request, RequestStatus
 from pensieve.engine.runner import Runner
