@@ -29,7 +29,7 @@ from pensieve.engine.logits_processors import LogitsProcessor, ThinkingBudgetPro
 from pensieve.engine.repetition import DryProcessor, breaker_ids
 from pensieve.engine.request import Request, RequestStatus
 from pensieve.engine.runner import Runner
-from pensieve.engine.sampler import make_generator, sample, sample_ids
+from pensieve.engine.sampler import NON_FINITE, make_generator, sample_ids, sample_rows
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
 from pensieve.engine.stop_checker import StopChecker
 from pensieve.engine.types import FinishReason, GenerationDelta, SamplingParams
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from pensieve.loaders.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
+
+FAILED_ROW = -1  # the host's id for a row the sampler could not sample
 
 
 @dataclass
@@ -183,10 +185,11 @@ class Engine:
             self.kv.commit(chunk.request)
         params, generators = [r.params for r in sampled], [r.generator for r in sampled]
         if not chain:
-            tokens = sample(logits, params, generators,
-                            [self._processors.get(r.request_id) for r in sampled])
-            return deltas + [self._append(req, tok) for req, tok in zip(sampled, tokens)]
-        self._inflight = self._launch(sampled, sample_ids(logits, params, generators))
+            rows = sample_rows(logits, params, generators,
+                               [self._processors.get(r.request_id) for r in sampled])
+            return deltas + [self._fail(req, rows.failed[i]) if i in rows.failed else self._post(req, tok)
+                             for i, (req, tok) in enumerate(zip(sampled, rows.ids))]
+        self._inflight = self._launch(sampled, *sample_ids(logits, params, generators))
         return deltas + (self._read(previous) if previous is not None else [])
 
     def _can_chain(self) -> bool:
@@ -204,15 +207,17 @@ class Engine:
             for r in s.running
         )
 
-    def _launch(self, sampled: list[Request], ids: torch.Tensor) -> _InFlight:
+    def _launch(self, sampled: list[Request], ids: torch.Tensor, bad: torch.Tensor) -> _InFlight:
+        """``bad`` rows (not sampleable) feed id 0 to the next step and read back as -1."""
         for req in sampled:
             req.num_inflight += 1
+        marked = ids.masked_fill(bad, FAILED_ROW)
         if ids.device.type != "cuda":
-            return _InFlight(sampled, ids, ids, None)
+            return _InFlight(sampled, ids, marked, None)
         host, ready = self._landing[self._steps_launched % 2]
         self._steps_launched += 1
         host = host[: ids.shape[0]]
-        host.copy_(ids, non_blocking=True)
+        host.copy_(marked, non_blocking=True)
         ready.record()
         return _InFlight(sampled, ids, host, ready)
 
@@ -230,10 +235,22 @@ class Engine:
             req.num_inflight -= 1
             if req.is_finished:  # aborted, or ended on an earlier token: a wasted row
                 continue
-            deltas.append(self._append(req, token))
+            if token == FAILED_ROW:
+                deltas.append(self._fail(req, NON_FINITE))
+                continue
+            deltas.append(self._post(req, token))
             if not req.is_finished:  # its blocks that this token completes join the prefix cache
                 self.kv.commit(req)
         return deltas
+
+    def _post(self, req: Request, token: int) -> GenerationDelta:
+        """``_append``, with a failure there (grammar, detokenizer, stop check) ending only
+        ``req``."""
+        try:
+            return self._append(req, token)
+        except Exception as exc:
+            log.exception("request %s failed after token %d", req.request_id, token)
+            return self._fail(req, f"generation failed: {type(exc).__name__}: {exc}")
 
     def _append(self, req: Request, token: int) -> GenerationDelta:
         if not req.output_ids:  # prefill done: what it added to the prefix cache
@@ -284,18 +301,20 @@ class Engine:
             num_output_tokens=len(req.output_ids),
         )
 
+    def _fail(self, req: Request, message: str) -> GenerationDelta:
+        """End ``req`` alone with an error delta; the others keep running."""
+        self.scheduler.finish(req)
+        self._requests.pop(req.request_id, None)
+        self._processors.pop(req.request_id, None)
+        req.finish(FinishReason.ERROR)
+        req.error = message
+        delta = self._delta(req, "")
+        delta.error = message
+        return delta
+
     def fail_all(self, message: str) -> list[GenerationDelta]:
         """After an unexpected error in ``step``: end every request with an error delta."""
-        deltas = []
-        for req in list(self._requests.values()):
-            self.scheduler.finish(req)
-            req.finish(FinishReason.ERROR)
-            req.error = message
-            d = self._delta(req, "")
-            d.error = message
-            deltas.append(d)
-        self._requests.clear()
-        self._processors.clear()
+        deltas = [self._fail(req, message) for req in list(self._requests.values())]
         self._inflight = None
         return deltas
 
