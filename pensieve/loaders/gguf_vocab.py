@@ -1,9 +1,11 @@
 """Build a ``tokenizers.Tokenizer`` from a GGUF file's ``tokenizer.ggml.*`` metadata.
 
-Two vocab kinds, as llama.cpp names them in ``tokenizer.ggml.model``:
+Three vocab kinds, as llama.cpp names them in ``tokenizer.ggml.model``:
 
 - ``gpt2``: byte-level BPE from ``tokens`` + ``merges``; ``tokenizer.ggml.pre`` names the
   pre-tokenizer split (``PRE_TOKENIZERS`` below, the regexes llama.cpp uses).
+- ``gemma4``: BPE from ``tokens`` + ``merges`` over raw UTF-8 with ``▁`` for spaces and
+  ``<0xNN>`` byte fallback.
 - ``llama``: SentencePiece BPE (Llama 2, Mistral, TinyLlama …) from ``tokens`` +
   ``scores``: a piece merges whenever it is in the vocab, higher score first, with
   ``▁`` for spaces and ``<0xNN>`` byte fallback. The merge list is derived from the
@@ -11,6 +13,7 @@ Two vocab kinds, as llama.cpp names them in ``tokenizer.ggml.model``:
 
 CONTROL and UNKNOWN tokens become special added tokens and USER_DEFINED ones plain added
 tokens, so both are matched whole when written in text.
+``tests/unit/test_tokenizer_vectors.py`` checks every kind against llama.cpp's vectors.
 """
 
 from __future__ import annotations
@@ -28,39 +31,82 @@ from pensieve.loaders.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
+# Pre-tokenizer regexes as llama.cpp applies them (llama-vocab.cpp, per ``pre`` name).
+# Case-insensitive contractions are spelled out because llama.cpp's regex engine lacks (?i:).
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen3.5 keeps combining marks (\p{M}) inside words: Khmer, Devanagari … split less
+_QWEN35_SPLIT = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+_DEEPSEEK_CODER_SPLITS = ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}")
+# DeepSeek-LLM's letter class is the cased letters (upper, lower, title) of its vocab's
+# scripts; its punctuation class is ASCII and full-width punctuation plus CJK quotes.
+_DEEPSEEK_LLM_SPLITS = (
+    "[\r\n]",
+    r"\s?[\p{Lu}\p{Ll}\p{Lt}]+",
+    "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+    r"\s+$",
+    _CJK,
+    r"\p{N}+",
+)
+_FALCON_SPLITS = (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_SPLIT, "[0-9][0-9][0-9]")
+# Gemma 4's BPE runs on raw UTF-8 with spaces as ▁; only newline runs are cut apart
+_GEMMA4_SPLIT = r"[^\n]+|[\n]+"
 
 
 @dataclass(frozen=True)
 class PreTokenizerSpec:
     """How a byte-level vocab splits text before BPE.
 
-    ``split``: a regex whose matches are the words (None: GPT-2's built-in regex);
-    ``digits``: split every digit on its own first; ``ignore_merges``: a word that is
-    already a vocab entry is emitted whole (llama.cpp does this for Llama 3).
+    ``splits``: regexes applied one after another, each to every piece the previous ones
+    left; matches and the gaps between them both become pieces (llama.cpp's
+    ``unicode_regex_split``). Empty: GPT-2's built-in regex. ``digits``: split every digit
+    on its own first; ``ignore_merges``: a word that is already a vocab entry is emitted
+    whole (llama.cpp does this for Llama 3).
     """
 
-    split: str | None = None
+    splits: tuple[str, ...] = ()
     digits: bool = False
     ignore_merges: bool = False
 
 
+_LLAMA3 = PreTokenizerSpec(splits=(_LLAMA3_SPLIT,), ignore_merges=True)
+_QWEN2 = PreTokenizerSpec(splits=(_QWEN2_SPLIT,))
+_DIGITS_THEN_GPT2 = PreTokenizerSpec(digits=True)
 PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
     "default": PreTokenizerSpec(),
     "gpt2": PreTokenizerSpec(),
-    "smollm": PreTokenizerSpec(digits=True),
-    "starcoder": PreTokenizerSpec(digits=True),
-    "refact": PreTokenizerSpec(digits=True),
-    "llama-bpe": PreTokenizerSpec(split=_LLAMA3_SPLIT, ignore_merges=True),
-    "llama3": PreTokenizerSpec(split=_LLAMA3_SPLIT, ignore_merges=True),
-    "qwen2": PreTokenizerSpec(split=_QWEN2_SPLIT),
+    "gpt-2": PreTokenizerSpec(),
+    "mpt": PreTokenizerSpec(),
+    "olmo": PreTokenizerSpec(),
+    "phi-2": PreTokenizerSpec(),
+    "smollm": _DIGITS_THEN_GPT2,
+    "starcoder": _DIGITS_THEN_GPT2,
+    "refact": _DIGITS_THEN_GPT2,
+    "command-r": _DIGITS_THEN_GPT2,
+    "llama-bpe": _LLAMA3,
+    "llama3": _LLAMA3,
+    "llama-v3": _LLAMA3,
+    "falcon3": _LLAMA3,
+    "pixtral": _LLAMA3,
+    "qwen2": _QWEN2,
+    "deepseek-r1-qwen": _QWEN2,
+    "stablelm2": _QWEN2,
+    "qwen35": PreTokenizerSpec(splits=(_QWEN35_SPLIT,)),
+    "deepseek-coder": PreTokenizerSpec(splits=_DEEPSEEK_CODER_SPLITS),
+    "deepseek-llm": PreTokenizerSpec(splits=_DEEPSEEK_LLM_SPLITS),
+    "falcon": PreTokenizerSpec(splits=_FALCON_SPLITS),
 }
 
 
@@ -89,9 +135,12 @@ def build_gguf_vocab(meta: Mapping[str, Any]) -> GGUFVocab:
                               str(meta.get("tokenizer.ggml.pre", "default")))
     elif kind == "llama":
         tok = _sentencepiece_bpe(tokens, types, meta)
+    elif kind == "gemma4":
+        tok = _escaped_space_bpe(tokens, meta.get("tokenizer.ggml.merges") or [])
     else:
         raise CheckpointError(
-            f"unsupported GGUF tokenizer model {kind!r}; supported: 'gpt2' (BPE), 'llama' (SPM)"
+            f"unsupported GGUF tokenizer model {kind!r}; supported: 'gpt2' (BPE), "
+            "'llama' (SPM), 'gemma4' (BPE over ▁-escaped text)"
         )
     _add_special_tokens(tok, tokens, types)
 
@@ -105,7 +154,9 @@ def build_gguf_vocab(meta: Mapping[str, Any]) -> GGUFVocab:
         tokenizer=tok,
         bos_token=token_at("tokenizer.ggml.bos_token_id"),
         eos_token=token_at("tokenizer.ggml.eos_token_id"),
-        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+        # llama.cpp forces BOS on for Gemma 4 whatever the file says
+        add_bos=kind == "gemma4" or bool(meta.get("tokenizer.ggml.add_bos_token",
+                                                  kind == "llama")),
         extra_eos_ids=extra,
     )
 
@@ -117,26 +168,43 @@ def _vocab_dict(tokens: list[str]) -> dict[str, int]:
     return vocab
 
 
+def _merge_pairs(merges: list[str]) -> list[tuple[str, str]]:
+    """``"left right"`` strings → pairs; the cut is the first space after the first
+    character, so a left part that is itself a space survives (as llama.cpp reads them)."""
+    pairs = []
+    for m in merges:
+        cut = m.find(" ", 1)
+        if cut < 0:
+            raise CheckpointError(f"malformed GGUF merge {m!r} (expected 'left right')")
+        pairs.append((m[:cut], m[cut + 1:]))
+    return pairs
+
+
 def _byte_level_bpe(tokens: list[str], merges: list[str], pre_name: str) -> Tokenizer:
     spec = PRE_TOKENIZERS.get(pre_name)
     if spec is None:
         log.warning("unknown tokenizer.ggml.pre %r: using GPT-2 byte-level splitting", pre_name)
         spec = PRE_TOKENIZERS["default"]
-    pairs = []
-    for m in merges:
-        left, sep, right = m.partition(" ")
-        if not sep:
-            raise CheckpointError(f"malformed GGUF merge {m!r} (expected 'left right')")
-        pairs.append((left, right))
-    tok = Tokenizer(models.BPE(_vocab_dict(tokens), pairs, ignore_merges=spec.ignore_merges))
+    tok = Tokenizer(models.BPE(_vocab_dict(tokens), _merge_pairs(merges),
+                               ignore_merges=spec.ignore_merges))
     steps: list[Any] = []
     if spec.digits:
         steps.append(pre.Digits(individual_digits=True))
-    if spec.split is not None:
-        steps.append(pre.Split(Regex(spec.split), behavior="isolated", invert=False))
-    steps.append(pre.ByteLevel(add_prefix_space=False, use_regex=spec.split is None))
+    steps += [pre.Split(Regex(r), behavior="isolated", invert=False) for r in spec.splits]
+    steps.append(pre.ByteLevel(add_prefix_space=False, use_regex=not spec.splits))
     tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _escaped_space_bpe(tokens: list[str], merges: list[str]) -> Tokenizer:
+    """Gemma 4: BPE with merges over raw UTF-8 where spaces are ``▁``, ``<0xNN>`` byte
+    fallback, no space prefix; newline runs are pieces of their own."""
+    tok = Tokenizer(models.BPE(_vocab_dict(tokens), _merge_pairs(merges), byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre.Split(Regex(_GEMMA4_SPLIT), behavior="isolated", invert=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return tok
 
 

