@@ -41,6 +41,15 @@ SHAPES = {  # name: (in_features K, out_features N)
     "gate_up_proj": (576, 2 * 1536),
     "down_proj": (1536, 576),
     "lm_head": (576, 49152),
+    # Qwen2.5-Coder-1.5B (hidden 1536, intermediate 8960, 12/2 heads of 128)
+    "1.5b_qkv": (1536, 2048),
+    "1.5b_o": (1536, 1536),
+    "1.5b_gate_up": (1536, 2 * 8960),
+    "1.5b_up": (1536, 8960),
+    "1.5b_down": (8960, 1536),
+    # Qwen2.5-Coder-0.5B (hidden 896: not a multiple of 256)
+    "0.5b_qkv": (896, 1152),
+    "0.5b_down": (4864, 896),
 }
 
 

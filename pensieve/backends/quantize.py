@@ -1,16 +1,20 @@
 """Swap a loaded model's linear layers for weight-only quantised ones (CPU decode speed).
 
-Which module a 4-bit weight becomes (``kernel``):
+Which module a kept weight becomes (``kernel``); its parts are ``Int4Groups`` (Q4_0/Q4_1/Q4_K)
+or ``Int8Groups`` (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, IQ4_NL, IQ4_XS), see ``loaders/int4_codes.py``:
 
-* ``"cpu_quant"`` — ``Q4Linear`` over the compiled AVX2 kernels of ``backends/cpu_quant``;
+* ``"cpu_quant"`` — over the compiled kernels of ``backends/cpu_quant``: ``Q4Linear`` where every
+  part is 4-bit, else ``CodesLinear`` (row blocks each in its own code format);
 * ``"aten"`` — ``Int4Linear`` over PyTorch's own int4 op (fast only with AVX-512);
 * ``"cuda_int4"`` — ``CudaInt4Linear`` over the Triton kernels of ``backends/cuda_int4``
   (the model is moved to the GPU afterwards);
 * ``"float"`` — a plain ``nn.Linear`` holding the dequantised weight;
 * ``"auto"`` — ``cpu_quant`` where it compiles and fits the shape, else ``aten``.
 
-With ``cpu_quant``, a Llama MLP whose two projections both became ``Q4Linear`` is itself
-replaced by ``Q4MLP`` (same children, same state dict), which runs it in one kernel call.
+Where no kernel takes a weight (``aten``/``cuda_int4`` given int8 codes, or an odd shape) it is
+dequantised into a plain ``nn.Linear``. With ``cpu_quant``, a Llama MLP whose two projections
+both run on the kernels is itself replaced by ``Q4MLP`` (same children, same state dict), which
+runs it in one kernel call.
 
 ``kernel_choice.choose`` decides whether quantised weights are worth it at all; this module
 only carries the decision out.
@@ -27,15 +31,18 @@ from torch import nn
 from pensieve.backends.cpu_quant import (
     Kernels, Q4Linear, Q8Embedding, Q8Linear, kernel_fits, load_kernels, pack_q8,
 )
+from pensieve.backends.cpu_quant.codes_linear import CodesLinear, blocks_fit, proj_of
 from pensieve.backends.cpu_quant.mlp import Q4MLP
 from pensieve.backends.cuda_int4 import CudaInt4Linear
 from pensieve.models.llama import MLP
+from pensieve.loaders.int4_codes import Int8Groups
 from pensieve.models.quant_linear import Int4Groups, Int4Linear, Int8Linear, int4_supported
 
 log = logging.getLogger(__name__)
 
 KERNELS = ("auto", "cpu_quant", "aten", "cuda_int4", "float")
-Parts = tuple[Int4Groups, ...]  # a weight, or the row blocks of a fused one (q, k, v), in order
+Codes = Int4Groups | Int8Groups
+Parts = tuple[Codes, ...]  # a weight, or the row blocks of a fused one (q, k, v), in order
 
 
 def concat_groups(parts: Sequence[Int4Groups]) -> Int4Groups:
@@ -47,14 +54,18 @@ def concat_groups(parts: Sequence[Int4Groups]) -> Int4Groups:
     )
 
 
+def _dequantize(parts: Sequence[Codes]) -> torch.Tensor:
+    return torch.cat([p.dequantize() for p in parts]) if len(parts) > 1 else parts[0].dequantize()
+
+
 def plan_int4(
-    int4: Mapping[str, Int4Groups], packed: Mapping[str, tuple[str, ...]]
+    int4: Mapping[str, Codes], packed: Mapping[str, tuple[str, ...]]
 ) -> tuple[dict[str, Parts], dict[str, torch.Tensor]]:
-    """Map HF-named int4 weights onto the model's (possibly fused) modules.
+    """Map HF-named kept weights (codes) onto the model's (possibly fused) modules.
 
     Returns (module path → its parts, stacked along the output rows when it is built) for
-    modules that can be int4 whole, and HF name → float weight for the rest (a fused module
-    whose parts are not all int4 with one group size). The parts are not concatenated here:
+    modules whose every part was kept as codes, and HF name → float weight for the rest (a
+    fused module with a part that was not). The parts are not concatenated here:
     the q4 kernel packs them straight into place (a concatenation costs seconds of start-up
     on a busy 2-core machine).
     """
@@ -65,7 +76,7 @@ def plan_int4(
             prefix = name[: -len(f"{parts[0]}.weight")]
             keys = [f"{prefix}{p}.weight" for p in parts]
             groups = [int4.get(k) for k in keys]
-            if all(g is not None for g in groups) and len({g.group_size for g in groups}) == 1:
+            if all(g is not None for g in groups):
                 modules[f"{prefix}{fused}"] = tuple(groups)
                 for k in keys:
                     leftovers.pop(k)
@@ -87,21 +98,26 @@ def _float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 def _int4_module(parts: Parts, bias: torch.Tensor | None, kernel: str,
                  kernels: Kernels | None) -> nn.Module:
     k, group = parts[0].shape[1], parts[0].group_size
-    if kernel == "cuda_int4" and group == 32:
+    int4 = all(isinstance(p, Int4Groups) for p in parts) and len({p.group_size for p in parts}) == 1
+    if kernel == "cuda_int4" and int4 and group == 32:
         return CudaInt4Linear(parts, bias)
-    if kernel in ("auto", "cpu_quant") and kernels is not None and kernel_fits(k, group):
-        return Q4Linear(kernels, parts, bias)
-    if kernel in ("auto", "aten") and int4_supported(group, k):
+    if kernel in ("auto", "cpu_quant") and kernels is not None:
+        if int4 and kernel_fits(k, group):
+            return Q4Linear(kernels, parts, bias)
+        if blocks_fit(parts):
+            return CodesLinear(kernels, parts, bias)
+    if kernel in ("auto", "aten") and int4 and int4_supported(group, k):
         return Int4Linear(concat_groups(parts), bias)
-    if kernel != "float":
-        log.warning("no %s int4 kernel for K=%d, group %d: float weights", kernel, k, group)
-    return _float_linear(concat_groups(parts).dequantize(), bias)
+    if kernel not in ("float", "cuda_int4") or int4:
+        kinds = sorted({getattr(p, "ggml_type", "") or "4-bit" for p in parts})
+        log.warning("no %s kernel for %s K=%d: float weights", kernel, "+".join(kinds), k)
+    return _float_linear(_dequantize(parts), bias)
 
 
-def swap_in(model: nn.Module, modules: Mapping[str, Int4Groups | Sequence[Int4Groups]],
+def swap_in(model: nn.Module, modules: Mapping[str, Codes | Sequence[Codes]],
             kernel: str = "auto") -> None:
-    """Replace each named module (an ``nn.Linear`` on meta) by its 4-bit form, built from
-    one ``Int4Groups`` or the parts ``plan_int4`` gives for it."""
+    """Replace each named module (an ``nn.Linear`` on meta) by its quantised form, built from
+    one ``Int4Groups``/``Int8Groups`` or the parts ``plan_int4`` gives for it."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     kernels = load_kernels() if modules and kernel in ("auto", "cpu_quant") else None
@@ -110,20 +126,25 @@ def swap_in(model: nn.Module, modules: Mapping[str, Int4Groups | Sequence[Int4Gr
         parent_path, _, attr = path.rpartition(".")
         old = model.get_submodule(path)
         bias = old.bias if isinstance(old, nn.Linear) and old.bias is not None else None
-        parts = (groups,) if isinstance(groups, Int4Groups) else tuple(groups)
+        parts = (groups,) if isinstance(groups, (Int4Groups, Int8Groups)) else tuple(groups)
         new = _int4_module(parts, bias, kernel, kernels)
         kinds[type(new).__name__] = kinds.get(type(new).__name__, 0) + 1
         setattr(model.get_submodule(parent_path), attr, new)
     fused = fuse_mlps(model)
     if kinds:
-        log.info("4-bit layers: %s; %d fused MLPs",
+        log.info("quantised layers: %s; %d fused MLPs",
                  ", ".join(f"{n} {c}" for n, c in sorted(kinds.items())), fused)
 
 
 def fuse_mlps(model: nn.Module) -> int:
-    """Replace each ``models.llama.MLP`` with two ``Q4Linear`` children by ``Q4MLP``."""
+    """Replace each ``models.llama.MLP`` with two children on the compiled kernels (``Q4Linear``,
+    ``CodesLinear``...) by ``Q4MLP``, where
+    the model declared the fused SiLU MLP (``fast_paths.cpu_fused_mlp``)."""
+    fast = getattr(model, "fast_paths", None)
+    if fast is None or not fast.cpu_fused_mlp:
+        return 0
     targets = [name for name, m in model.named_modules() if type(m) is MLP
-               and isinstance(m.gate_up_proj, Q4Linear) and isinstance(m.down_proj, Q4Linear)]
+               and proj_of(m.gate_up_proj) is not None and proj_of(m.down_proj) is not None]
     for name in targets:
         parent, _, attr = name.rpartition(".")
         mlp = model.get_submodule(name)

@@ -1,25 +1,129 @@
-"""GGUF 4-bit blocks → ``Int4Groups`` (codes + per-32 scale/offset), exactly, no dequantising.
+"""GGUF blocks → integer codes with per-group scales, exactly, no dequantising.
 
-Q4_0 (``d·(q−8)``), Q4_1 (``d·q + m``) and Q4_K (``d·sc·q − dmin·m`` per 32-weight sub-block)
-are all 4-bit codes with one affine map per 32 weights, which is what PyTorch's int4
-weight-only matmul takes. Q4_0/Q4_1 keep their packed bytes (``Int4Groups.from_nibbles``).
-Other types return None and are dequantised as usual.
+4-bit types become ``Int4Groups`` (codes + per-32 scale/offset): Q4_0 (``d·(q−8)``), Q4_1
+(``d·q + m``) and Q4_K (``d·sc·q − dmin·m`` per 32-weight sub-block) are all 4-bit codes with
+one affine map per 32 weights, which is what PyTorch's int4 weight-only matmul takes. Q4_0/Q4_1
+keep their packed bytes (``Int4Groups.from_nibbles``).
+
+The other common types become ``Int8Groups`` (int8 codes, a float16 scale per 16 or 32 values,
+optionally a float16 offset per 32), the CPU kernels' int8 formats:
+
+=========  ====================================  =====  ===========  ======
+type       value                                 code   scale        offset
+=========  ====================================  =====  ===========  ======
+Q8_0       d·q                                   q      d /32        —
+Q5_0       d·(q − 16)                            q−16   d /32        —
+Q5_1       d·q + m                               q      d /32        m
+Q5_K       d·sc·q − dmin·m  (per 32)             q      d·sc /32     −dmin·m
+Q6_K       d·sc·(q − 32)   (per 16)              q−32   d·sc /16     —
+IQ4_NL     d·T[q]  (T: a fixed int8 table)       T[q]   d /32        —
+IQ4_XS     d·(ls − 32)·T[q]  (per 32)            T[q]   d·(ls−32)    —
+=========  ====================================  =====  ===========  ======
+
+Scales that are products (``d·sc``) are rounded to float16 (relative error ≤ 2⁻¹¹, as Q4_K's
+in ``Int4Groups``); the rest are the file's own float16 values, so those types are exact. A
+tensor whose products overflow float16 returns None (it is dequantised as usual), as do
+other types.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from pensieve.loaders.quants import _k_scales, _nibbles, _scale
+from pensieve.loaders.quants import (
+    _iq4_nl_codes, _iq4_xs_codes, _iq4_xs_steps, _k_scales, _nibbles, _q5_codes, _q5_k_codes,
+    _q6_k_codes, _q6_k_steps, _scale,
+)
 from pensieve.models.quant_linear import Int4Groups
 
 Q = GGMLQuantizationType
 GROUP = 32
 INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
+INT8_TYPES = frozenset({Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS})
 
 
-def int4_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int4Groups | None:
+@dataclass(frozen=True)
+class Int8Groups:
+    """A weight [N, K] as int8 codes with ``w = code · scale (+ offset)`` per group along K.
+
+    ``scales`` [N, K / group_size] float16 (group 16 or 32); ``offsets`` [N, K / 32] float16 or
+    None; ``ggml_type`` names the source (for logs).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None
+    group_size: int
+    ggml_type: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.shape
+        g = self.group_size
+        w = (self.codes.view(n, k // g, g).float() * self.scales.float()[..., None]).view(n, k)
+        if self.offsets is not None:
+            w = (w.view(n, k // GROUP, GROUP) + self.offsets.float()[..., None]).view(n, k)
+        return w
+
+
+def quant_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]
+                 ) -> Int4Groups | Int8Groups | None:
+    """The exact code form of a 2-D tensor of ``shape`` [N, K] stored as ``ggml_type``:
+    ``Int4Groups`` for 4-bit types, ``Int8Groups`` for the others above, else None."""
+    if len(shape) != 2:
+        return None
+    if ggml_type in INT8_TYPES:
+        return int8_groups(raw, ggml_type, shape)
+    return _int4_groups(raw, ggml_type, shape)
+
+
+# The loader's name for it (``load_gguf(keep_int4=True)`` keeps every type above as codes).
+int4_groups = quant_groups
+
+
+def int8_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int8Groups | None:
+    """The int8 form of a 2-D tensor of ``shape`` [N, K] stored as one of ``INT8_TYPES``."""
+    if ggml_type not in INT8_TYPES or len(shape) != 2:
+        return None
+    rows, cols = shape
+    blocks = raw.reshape(-1, GGML_QUANT_SIZES[ggml_type][1])
+    offsets, group = None, GROUP
+    if ggml_type is Q.Q8_0:
+        codes, scales = blocks[:, 2:].contiguous().view(torch.int8), _half(blocks, 0)
+    elif ggml_type is Q.Q5_0:
+        codes, scales = (_q5_codes(blocks, 6).view(torch.int8) - 16), _half(blocks, 0)
+    elif ggml_type is Q.Q5_1:
+        codes, scales, offsets = _q5_codes(blocks, 8).view(torch.int8), _half(blocks, 0), _half(blocks, 2)
+    elif ggml_type is Q.Q5_K:
+        sc, mins = _k_scales(blocks[:, 4:16])
+        codes = _q5_k_codes(blocks).view(torch.int8)
+        scales, offsets = (_scale(blocks, 0) * sc).half(), (-(_scale(blocks, 2) * mins)).half()
+    elif ggml_type is Q.Q6_K:
+        codes, scales, group = _q6_k_codes(blocks), _q6_k_steps(blocks).half(), 16
+    elif ggml_type is Q.IQ4_NL:
+        codes, scales = _iq4_nl_codes(blocks[:, 2:]), _half(blocks, 0)
+    else:  # IQ4_XS
+        codes, scales = _iq4_xs_codes(blocks), _iq4_xs_steps(blocks).half()
+    if not torch.isfinite(scales).all() or (offsets is not None and not torch.isfinite(offsets).all()):
+        return None
+    return Int8Groups(
+        codes=codes.reshape(rows, cols).contiguous(),
+        scales=scales.reshape(rows, cols // group).contiguous(),
+        offsets=None if offsets is None else offsets.reshape(rows, cols // GROUP).contiguous(),
+        group_size=group, ggml_type=ggml_type.name)
+
+
+def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    return blocks[:, at:at + 2].contiguous().view(torch.float16)
+
+
+def _int4_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int4Groups | None:
     """The exact int4 form of a 2-D tensor of ``shape`` [N, K] stored as ``ggml_type``."""
     if ggml_type not in INT4_TYPES or len(shape) != 2:
         return None

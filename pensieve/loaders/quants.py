@@ -1,10 +1,11 @@
 """GGML tensor bytes → dense torch tensors.
 
-Float types and the common block types (Q8_0, Q4_0, Q4_1; Q4_K, Q5_K, Q6_K of the
-``Q4_K_M``/``Q5_K_M`` files) dequantise with vectorised torch ops, 3-10× faster than
-``gguf.quants`` (which matters for the ready-in-3-s target); the rarer Q5_0, Q5_1, Q2_K
-and Q3_K use ``gguf.quants.dequantize``, the reference implementation, which every fast
-path is tested against bit for bit.
+Float types (F32, F16, BF16) and the common block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; Q4_K,
+Q5_K, Q6_K of the ``Q4_K_M``/``Q5_K_M`` files; IQ4_NL, IQ4_XS) dequantise with vectorised
+torch ops, 3-10× faster than ``gguf.quants`` (which matters for the ready-in-3-s target); the
+rarer Q2_K and Q3_K use ``gguf.quants.dequantize``, the reference implementation, which every
+fast path is tested against bit for bit. The ``_*_codes`` helpers give the integer codes the
+CPU kernels keep (``int4_codes.py``).
 
 Block layouts (all little-endian, ``d``/``m`` are float16):
 Q8_0 = d, 32 × int8                 → d·q
@@ -77,13 +78,18 @@ def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
     return _k_affine(torch.cat((qs & 15, qs >> 4), dim=2).reshape(-1, 8, 32), blocks)
 
 
-def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
-    """As Q4_K, plus 32 bytes before the nibbles whose bit j is sub-block j's fifth bit."""
+def _q5_k_codes(blocks: torch.Tensor) -> torch.Tensor:
+    """Q5_K's codes (0..31) as (n, 8, 32) uint8: Q4_K's nibbles plus 32 bytes before them
+    whose bit j is sub-block j's fifth bit."""
     qh = blocks[:, 16:48].reshape(-1, 1, 32)
     qs = blocks[:, 48:].reshape(-1, 4, 1, 32)
     low = torch.cat((qs & 15, qs >> 4), dim=2).reshape(-1, 8, 32)
     high = torch.cat([(qh >> bit) & 1 for bit in range(8)], dim=1)
-    return _k_affine(low | (high << 4), blocks)
+    return low | (high << 4)
+
+
+def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    return _k_affine(_q5_k_codes(blocks), blocks)
 
 
 def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -92,13 +98,73 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     Per 128-weight half: groups of 32 take (ql[0:32] low, ql[32:64] low, ql[0:32] high,
     ql[32:64] high) nibbles, and bits (0-1, 2-3, 4-5, 6-7) of the half's 32 qh bytes.
     """
+    q = _q6_k_codes(blocks).to(torch.float32).reshape(-1, 16, 16)
+    return q.mul_(_q6_k_steps(blocks).unsqueeze(2)).reshape(-1, 256)
+
+
+def _q6_k_codes(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K's signed codes (q − 32, in −32..31) as (n, 256) int8, in value order."""
     ql = blocks[:, :128].reshape(-1, 2, 64)
     qh = blocks[:, 128:192].reshape(-1, 2, 1, 32)
     low = torch.cat((ql & 15, ql >> 4), dim=2).reshape(-1, 2, 4, 32)
     high = torch.cat([(qh >> shift) & 3 for shift in (0, 2, 4, 6)], dim=2)
-    q = (low | (high << 4)).to(torch.float32).sub_(32.0).reshape(-1, 16, 16)
-    step = _scale(blocks, 208) * blocks[:, 192:208].view(torch.int8).to(torch.float32)
-    return q.mul_(step.unsqueeze(2)).reshape(-1, 256)
+    return ((low | (high << 4)).view(torch.int8) - 32).reshape(-1, 256)
+
+
+def _q6_k_steps(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K's (n, 16) float32 steps d·scale, one per 16 values."""
+    return _scale(blocks, 208) * blocks[:, 192:208].view(torch.int8).to(torch.float32)
+
+
+def _q5_codes(blocks: torch.Tensor, data_at: int) -> torch.Tensor:
+    """Q5_0/Q5_1's codes (0..31) as (n, 32) uint8: nibbles as Q4_0, and the fifth bit of value
+    j in bit j of the little-endian uint32 before them."""
+    low = _nibbles(blocks[:, data_at:])
+    qh = blocks[:, data_at - 4:data_at].to(torch.int64)
+    bits = qh[:, 0] | (qh[:, 1] << 8) | (qh[:, 2] << 16) | (qh[:, 3] << 24)
+    high = (bits[:, None] >> torch.arange(32)) & 1
+    return low | (high.to(torch.uint8) << 4)
+
+
+def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    return _q5_codes(blocks, 6).to(torch.float32).sub_(16.0).mul_(_scale(blocks, 0))
+
+
+def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    return _q5_codes(blocks, 8).to(torch.float32).mul_(_scale(blocks, 0)).add_(_scale(blocks, 2))
+
+
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _iq4_nl_codes(qs: torch.Tensor) -> torch.Tensor:
+    """(n, 16) IQ4 nibble bytes → (n, 32) int8 table values (low nibbles, then high)."""
+    table = torch.tensor(IQ4_VALUES, dtype=torch.int8)
+    return table[_nibbles(qs).to(torch.int64)]
+
+
+def _iq4_nl(blocks: torch.Tensor) -> torch.Tensor:
+    """d, 16 bytes of nibbles indexing a fixed non-linear table: d·table[q]."""
+    return _iq4_nl_codes(blocks[:, 2:]).to(torch.float32).mul_(_scale(blocks, 0))
+
+
+def _iq4_xs_steps(blocks: torch.Tensor) -> torch.Tensor:
+    """IQ4_XS's (n, 8) float32 steps d·(ls − 32), one per 32 values: ls is a 6-bit scale, low
+    4 bits in the nibbles of bytes 4..7, high 2 bits in the uint16 at byte 2."""
+    low = torch.stack((blocks[:, 4:8] & 15, blocks[:, 4:8] >> 4), dim=2).reshape(-1, 8)
+    high_bits = blocks[:, 2].to(torch.int64) | (blocks[:, 3].to(torch.int64) << 8)
+    high = (high_bits[:, None] >> (2 * torch.arange(8))) & 3
+    ls = low.to(torch.int64) | (high << 4)
+    return _scale(blocks, 0) * (ls - 32).to(torch.float32)
+
+
+def _iq4_xs_codes(blocks: torch.Tensor) -> torch.Tensor:
+    return _iq4_nl_codes(blocks[:, 8:].reshape(-1, 16)).reshape(-1, 256)
+
+
+def _iq4_xs(blocks: torch.Tensor) -> torch.Tensor:
+    q = _iq4_xs_codes(blocks).to(torch.float32).reshape(-1, 8, 32)
+    return q.mul_(_iq4_xs_steps(blocks).unsqueeze(2)).reshape(-1, 256)
 
 
 _TORCH_BLOCKS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -108,11 +174,15 @@ _TORCH_BLOCKS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]
     Q.Q4_K: _q4_k,
     Q.Q5_K: _q5_k,
     Q.Q6_K: _q6_k,
+    Q.Q5_0: _q5_0,
+    Q.Q5_1: _q5_1,
+    Q.IQ4_NL: _iq4_nl,
+    Q.IQ4_XS: _iq4_xs,
 }
 _FLOATS: dict[GGMLQuantizationType, torch.dtype] = {
     Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16,
 }
-_REFERENCE = frozenset({Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K})
+_REFERENCE = frozenset({Q.Q2_K, Q.Q3_K})
 
 SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(
     {*_FLOATS, *_TORCH_BLOCKS, *_REFERENCE}

@@ -33,8 +33,20 @@ def test_int4_codes_are_exactly_the_dequantised_weights(qtype):
     torch.testing.assert_close(groups.dequantize(), expected, atol=1e-6, rtol=1e-5)
 
 
-def test_other_types_have_no_int4_form():
-    assert int4_groups(torch.zeros(34 * 4, dtype=torch.uint8), Q.Q8_0, (4, 32)) is None
+def test_other_types_have_no_code_form():
+    assert int4_groups(torch.zeros(84 * 4, dtype=torch.uint8), Q.Q2_K, (4, 256)) is None
+    assert int4_groups(torch.zeros(34 * 4, dtype=torch.uint8), Q.Q8_0, (4, 8, 4)) is None
+
+
+def test_8_bit_types_keep_int8_codes():
+    """Q8_0 (and Q5_0, Q6_K... see test_cpu_quant_codes.py) come back as ``Int8Groups``."""
+    from pensieve.loaders.int4_codes import Int8Groups
+
+    raw = torch.zeros(34 * 4, dtype=torch.uint8)
+    raw.view(4, 34)[:, 2:] = 3
+    groups = int4_groups(raw, Q.Q8_0, (4, 32))
+    assert isinstance(groups, Int8Groups) and groups.group_size == 32
+    assert torch.equal(groups.dequantize(), torch.zeros(4, 32))
 
 
 @pytest.mark.skipif(not int4_supported(32, 512), reason="no CPU int4 kernel in this torch")

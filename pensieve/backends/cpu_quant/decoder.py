@@ -1,10 +1,12 @@
-"""A decode step's decoder layers in one kernel call (``pq_decode_layers``), for q4 Llama models.
+"""A decode step's decoder layers in one kernel call (``pq_decode_layers``), for quantised Llama-shaped models.
 
 At one token per sequence a 135M model's layer is ~0.3 ms of kernels and, as PyTorch modules,
 ~0.15 ms of Python between them (module calls, views, adds, argument marshalling): a third
 of the step. ``CpuDecoder`` runs the embedding, final norm and output layer as modules and
 everything between them in C. It applies only where every layer is exactly what the kernel
-does — RMSNorm, fused qkv and o as ``Q4Linear``, ``Q4MLP`` — and to steps of one-token rows:
+does — RMSNorm, fused qkv and o on the compiled kernels (``Q4Linear``, ``Q8Linear`` or
+``CodesLinear``: each projection a ``Proj`` of row blocks in their own code formats, so a
+Q4_K_M file's Q4_K, Q6_K, Q5_0 and Q8_0 tensors mix in one call), ``Q4MLP`` — and to steps of one-token rows:
 decodes, and (model runner) short prefills as one row per new token; the module path otherwise. How many threads a
 step uses follows the machine's load (``ThreadTuner``).
 """
@@ -18,24 +20,17 @@ import torch
 from torch import nn
 
 from pensieve.backends.cpu_quant.build import Kernels
+from pensieve.backends.cpu_quant.codes_linear import Proj, proj_of
 from pensieve.backends.cpu_quant.layers import CpuAttentionStep, CpuRMSNorm
-from pensieve.backends.cpu_quant.linear import Q4Linear
 from pensieve.backends.cpu_quant.mlp import Q4MLP
 from pensieve.models.llama import RMSNorm
-
-_P4 = ctypes.c_void_p * 4
 
 
 class LayerWeights(ctypes.Structure):
     """Mirror of the C ``LayerWeights`` (layer_source.py)."""
 
     _fields_ = [("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
-                ("codes", _P4), ("scales", _P4), ("mins", _P4), ("bias", _P4),
-                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+                ("proj", Proj * 4), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
 
 
 class ThreadTuner:
@@ -91,7 +86,8 @@ class CpuDecoder:
 
     @staticmethod
     def fits(model: nn.Module) -> bool:
-        """Every layer: RMSNorms of one eps, ``Q4Linear`` qkv/o, ``Q4MLP``; float32 on the CPU."""
+        """Every layer: RMSNorms of one eps, qkv/o on the kernels (any code formats), ``Q4MLP``;
+        float32 on the CPU."""
         layers = getattr(getattr(model, "model", None), "layers", None)
         if not layers:
             return False
@@ -101,8 +97,8 @@ class CpuDecoder:
         return len(eps) == 1 and all(
             isinstance(layer.input_layernorm, norms)
             and isinstance(layer.post_attention_layernorm, norms)
-            and isinstance(layer.self_attn.qkv_proj, Q4Linear)
-            and isinstance(layer.self_attn.o_proj, Q4Linear)
+            and proj_of(layer.self_attn.qkv_proj) is not None
+            and proj_of(layer.self_attn.o_proj) is not None
             and type(layer.mlp) is Q4MLP
             and layer.input_layernorm.weight.dtype == torch.float32
             and layer.self_attn.qkv_proj.codes.device.type == "cpu"
@@ -111,13 +107,10 @@ class CpuDecoder:
     def _layer(self, layer: nn.Module, k_cache: torch.Tensor, v_cache: torch.Tensor) -> LayerWeights:
         linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                    layer.mlp.down_proj)
-        biases = [q._bias for q in linears]
-        self._keep.extend(b for b in biases if b is not None)
+        self._keep.extend(q._bias for q in linears if q._bias is not None)  # what biases point into
         return LayerWeights(
             layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-            _P4(*(q.codes.data_ptr() for q in linears)), _P4(*(q.scales.data_ptr() for q in linears)),
-            _P4(*(q.mins.data_ptr() for q in linears)), _P4(*(_ptr(b) for b in biases)),
-            k_cache.data_ptr(), v_cache.data_ptr())
+            (Proj * 4)(*(proj_of(q) for q in linears)), k_cache.data_ptr(), v_cache.data_ptr())
 
     def can_run(self, num_rows: int, step: CpuAttentionStep) -> bool:
         return not step.longer and step.num_decode == num_rows < self.max_rows

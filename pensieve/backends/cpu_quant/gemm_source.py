@@ -21,7 +21,7 @@ with it (bitwise).
 """
 
 
-def _block_sums_asm() -> str:
+def _block_sums_asm(pairs: int = 16) -> str:
     """One block of a 4-row × 16-output tile as GCC extended asm (AT&T): per value pair, two
     weight loads, four activation-pair broadcasts, eight ``vpmaddwd`` + ``vpaddd``. Written
     out because GCC, given the same loop as intrinsics, reassociates the sums (computing
@@ -30,7 +30,7 @@ def _block_sums_asm() -> str:
     only the panel and the activations, which nothing writes while a tile runs (hence no
     memory clobber; ``gemm`` puts a compiler barrier after packing a panel)."""
     lines = []
-    for p in range(16):
+    for p in range(pairs):
         lines += [f"vmovdqa {p * 64}(%[w]), %t[w0]", f"vmovdqa {p * 64 + 32}(%[w]), %t[w1]"]
         for r in range(4):
             lines += [f"vpbroadcastd {p * 4}(%[x{r}]), %t[xb]",
@@ -48,7 +48,8 @@ constexpr int GMR = 4;             // activation rows per register tile
 constexpr int64_t GEMM_FROM = 8;   // rows from which gemm beats dot_tile (bench/cpu_kernels.py)
 
 // GNR weight rows as int16 pairs: block g, pair p (values 2p, 2p+1), output i of the panel at
-// int32 index (g * 16 + p) * GNR + i; float scales and mins (q4) at [g * GNR + i].
+// int32 index (g * 16 + p) * GNR + i; float scales at [(g * SPB + h) * GNR + i] (SPB scales
+// per block: 2 for group-16 formats), mins at [g * GNR + i] (zero where there are none).
 struct Panel {
   int32_t* w = nullptr;
   float* sc = nullptr;
@@ -59,23 +60,25 @@ struct Panel {
     free(w); free(sc); free(mn);
     cap = G;
     w = (int32_t*)aligned_alloc(64, sizeof(int32_t) * 16 * GNR * G);
-    sc = (float*)aligned_alloc(64, sizeof(float) * GNR * G);
+    sc = (float*)aligned_alloc(64, sizeof(float) * 2 * GNR * G);
     mn = (float*)aligned_alloc(64, sizeof(float) * GNR * G);
   }
 };
 thread_local Panel panel_buf;
 
 // Unpack weight rows [n0, n0 + GNR) (rows from `end` on as zeros) into P.
-template <bool Q8>
+template <int F>
 void pack_panel(const Weights& W, int64_t n0, int64_t end, Panel& P) {
-  const int64_t K = W.K, G = K / QK, row_bytes = Q8 ? K : K / 2;
+  constexpr bool Q8 = F != F_Q4;
+  constexpr int SPB = scales_per_block(F);
+  const int64_t K = W.K, G = K / QK, row_bytes = Q8 ? K : K / 2, SG = G * SPB;
   const __m256i m4 = _mm256_set1_epi16(0x0F);
   alignas(32) int32_t t[GNR][16];  // one block of each row: 16 pairs
   for (int64_t g = 0; g < G; ++g) {
     for (int i = 0; i < GNR; ++i) {
       const int64_t n = n0 + i;
       __m256i lo = _mm256_setzero_si256(), hi = lo;
-      float s = 0.0f, m = 0.0f;
+      float s = 0.0f, s1 = 0.0f, m = 0.0f;
       if (n < end) {
         const uint8_t* c = W.codes + n * row_bytes;
         if (Q8) {
@@ -85,13 +88,15 @@ void pack_panel(const Weights& W, int64_t n0, int64_t end, Panel& P) {
           const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(c + g * 16)));
           lo = _mm256_and_si256(b, m4);
           hi = _mm256_srli_epi16(b, 4);
-          m = _cvtsh_ss(W.mins[n * G + g]);
         }
-        s = _cvtsh_ss(W.scales[n * G + g]);
+        if (W.mins) m = _cvtsh_ss(W.mins[n * G + g]);
+        s = _cvtsh_ss(W.scales[n * SG + g * SPB]);
+        if (SPB == 2) s1 = _cvtsh_ss(W.scales[n * SG + g * SPB + 1]);
       }
       _mm256_store_si256((__m256i*)t[i], lo);
       _mm256_store_si256((__m256i*)(t[i] + 8), hi);
-      P.sc[g * GNR + i] = s;
+      P.sc[g * SPB * GNR + i] = s;
+      if (SPB == 2) P.sc[(g * SPB + 1) * GNR + i] = s1;
       P.mn[g * GNR + i] = m;
     }
     int32_t* dst = P.w + g * 16 * GNR;
@@ -113,30 +118,28 @@ struct TileArgs {
   int64_t K;
 };
 
-// y[r * ldy + i] for R activation rows from m0 and the panel's first `cols` outputs. The float
-// accumulators live in memory (a.acc): they change once per block, and in registers they
-// would crowd out the int32 block sums (GCC then spills one of those: half the speed).
-template <int R, bool MIN>
-void gemm_tile(const TileArgs& a, int64_t m0, const float* bias, float* y, int64_t ldy, int cols) {
-  const int64_t K = a.K, G = K / QK;
-  float* const acc = a.acc;
-  for (int i = 0; i < R * GNR; i += 8) _mm256_store_ps(acc + i, _mm256_setzero_ps());
-  for (int64_t g = 0; g < G; ++g) {
-    __m256i s[R][GJ];
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < GJ; ++j) s[r][j] = _mm256_setzero_si256();
-    const int32_t* w = a.w + g * 16 * GNR;
-    const int16_t* x = a.q + m0 * K + g * QK;
-    if constexpr (R == 4 && GJ == 2) {  // the hot case, written out (see _block_sums_asm)
-      __m256i w0, w1, xb, t0, t1;
+// The int32 sums s[r][j] += pairs [0, PAIRS) of block weights w times activations x (rows K
+// apart): per pair one madd per 8 outputs against a broadcast activation pair.
+template <int R, int PAIRS>
+__attribute__((always_inline)) inline void block_sums(const int32_t* w, const int16_t* x, int64_t K,
+                                                      __m256i (&s)[R][GJ]) {
+  if constexpr (R == 4 && GJ == 2) {  // the hot case, written out (see _block_sums_asm)
+    __m256i w0, w1, xb, t0, t1;
+    if constexpr (PAIRS == 16)
       asm("@BLOCK_SUMS@"
           : [s00] "+x"(s[0][0]), [s01] "+x"(s[0][1]), [s10] "+x"(s[1][0]), [s11] "+x"(s[1][1]),
             [s20] "+x"(s[2][0]), [s21] "+x"(s[2][1]), [s30] "+x"(s[3][0]), [s31] "+x"(s[3][1]),
             [w0] "=&x"(w0), [w1] "=&x"(w1), [xb] "=&x"(xb), [t0] "=&x"(t0), [t1] "=&x"(t1)
           : [w] "r"(w), [x0] "r"(x), [x1] "r"(x + K), [x2] "r"(x + 2 * K), [x3] "r"(x + 3 * K));
-    } else
+    else
+      asm("@BLOCK_SUMS8@"
+          : [s00] "+x"(s[0][0]), [s01] "+x"(s[0][1]), [s10] "+x"(s[1][0]), [s11] "+x"(s[1][1]),
+            [s20] "+x"(s[2][0]), [s21] "+x"(s[2][1]), [s30] "+x"(s[3][0]), [s31] "+x"(s[3][1]),
+            [w0] "=&x"(w0), [w1] "=&x"(w1), [xb] "=&x"(xb), [t0] "=&x"(t0), [t1] "=&x"(t1)
+          : [w] "r"(w), [x0] "r"(x), [x1] "r"(x + K), [x2] "r"(x + 2 * K), [x3] "r"(x + 3 * K));
+  } else {
 #pragma GCC unroll 4
-    for (int p = 0; p < 16; ++p) {
+    for (int p = 0; p < PAIRS; ++p) {
       __m256i wv[GJ];
       for (int j = 0; j < GJ; ++j) wv[j] = _mm256_load_si256((const __m256i*)(w + p * GNR + 8 * j));
       for (int r = 0; r < R; ++r) {
@@ -146,16 +149,46 @@ void gemm_tile(const TileArgs& a, int64_t m0, const float* bias, float* y, int64
         for (int j = 0; j < GJ; ++j) s[r][j] = _mm256_add_epi32(s[r][j], _mm256_madd_epi16(wv[j], xv));
       }
     }
-    for (int r = 0; r < R; ++r) {
-      const __m256 d = _mm256_set1_ps(a.d[(m0 + r) * G + g]);
-      const __m256 xs = _mm256_set1_ps(a.s[(m0 + r) * G + g]);
-      for (int j = 0; j < GJ; ++j) {
-        float* t = acc + r * GNR + 8 * j;
-        const __m256 prod = _mm256_mul_ps(_mm256_load_ps(a.sc + g * GNR + 8 * j), d);
-        __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r][j]), prod, _mm256_load_ps(t));
-        if (MIN) v = _mm256_fmadd_ps(_mm256_load_ps(a.mn + g * GNR + 8 * j), xs, v);
-        _mm256_store_ps(t, v);
-      }
+  }
+}
+
+// acc += float(s) * scale * d (+ min * block sum when MIN), per row and output.
+template <int R, bool MIN>
+__attribute__((always_inline)) inline void flush(const TileArgs& a, int64_t m0, int64_t g,
+                                                 const float* sc, __m256i (&s)[R][GJ]) {
+  const int64_t G = a.K / QK;
+  for (int r = 0; r < R; ++r) {
+    const __m256 d = _mm256_set1_ps(a.d[(m0 + r) * G + g]);
+    const __m256 xs = _mm256_set1_ps(a.s[(m0 + r) * G + g]);
+    for (int j = 0; j < GJ; ++j) {
+      float* t = a.acc + r * GNR + 8 * j;
+      const __m256 prod = _mm256_mul_ps(_mm256_load_ps(sc + 8 * j), d);
+      __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r][j]), prod, _mm256_load_ps(t));
+      if (MIN) v = _mm256_fmadd_ps(_mm256_load_ps(a.mn + g * GNR + 8 * j), xs, v);
+      _mm256_store_ps(t, v);
+    }
+  }
+}
+
+// y[r * ldy + i] for R activation rows from m0 and the panel's first `cols` outputs. The float
+// accumulators live in memory (a.acc): they change once per block, and in registers they
+// would crowd out the int32 block sums (GCC then spills one of those: half the speed).
+// SPB == 2 (group-16 scales): each half block's sums are scaled on their own.
+template <int R, bool MIN, int SPB>
+void gemm_tile(const TileArgs& a, int64_t m0, const float* bias, float* y, int64_t ldy, int cols) {
+  const int64_t K = a.K, G = K / QK;
+  float* const acc = a.acc;
+  for (int i = 0; i < R * GNR; i += 8) _mm256_store_ps(acc + i, _mm256_setzero_ps());
+  for (int64_t g = 0; g < G; ++g) {
+    const int32_t* w = a.w + g * 16 * GNR;
+    const int16_t* x = a.q + m0 * K + g * QK;
+    for (int h = 0; h < SPB; ++h) {
+      __m256i s[R][GJ];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < GJ; ++j) s[r][j] = _mm256_setzero_si256();
+      if (SPB == 1) block_sums<R, 16>(w, x, K, s);
+      else block_sums<R, 8>(w + h * 8 * GNR, x + h * 16, K, s);
+      flush<R, MIN && SPB == 1>(a, m0, g, a.sc + (g * SPB + h) * GNR, s);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -184,18 +217,27 @@ const Quantised& quantise_rows(const float* x, int64_t M, int64_t K, int threads
   return q;
 }
 
-template <bool Q8>
+template <int R, int F>
+inline void gemm_tile_for(const TileArgs& a, bool min, int64_t m0, const float* bias, float* y,
+                          int64_t ldy, int cols) {
+  constexpr int SPB = scales_per_block(F);
+  if (min) gemm_tile<R, true, SPB>(a, m0, bias, y, ldy, cols);
+  else gemm_tile<R, false, SPB>(a, m0, bias, y, ldy, cols);
+}
+
+template <int F>
 void gemm(const float* x, int64_t M, const Weights& W, float* y, int threads) {
   const Quantised& xq = quantise_rows(x, M, W.K, threads);
-  const int64_t N = W.N, K = W.K;
-  over_rows(N, threads, [&](int64_t n0, int64_t n1) {
+  const int64_t N = W.ld(), K = W.K;
+  const bool min = W.mins != nullptr;
+  over_rows(W.N, threads, [&](int64_t n0, int64_t n1) {
     Panel& P = panel_buf;
     P.reserve(K / QK);
     alignas(32) float zero_bias[GNR] = {};
     alignas(32) float acc[GMR * GNR];
     const TileArgs a{xq.q, xq.d, xq.s, P.w, P.sc, P.mn, acc, K};
     for (int64_t p0 = n0; p0 < n1; p0 += GNR) {
-      pack_panel<Q8>(W, p0, n1, P);
+      pack_panel<F>(W, p0, n1, P);
       asm volatile("" ::: "memory");  // the panel is written before the block-sum asm reads it
       const int cols = (int)(n1 - p0 < GNR ? n1 - p0 : GNR);
       const float* bias = nullptr;
@@ -205,19 +247,19 @@ void gemm(const float* x, int64_t M, const Weights& W, float* y, int threads) {
         bias = zero_bias;
       }
       int64_t m = 0;
-      for (; m + GMR <= M; m += GMR) gemm_tile<GMR, !Q8>(a, m, bias, y + m * N + p0, N, cols);
+      for (; m + GMR <= M; m += GMR) gemm_tile_for<GMR, F>(a, min, m, bias, y + m * N + p0, N, cols);
       float* out = y + m * N + p0;
       switch (M - m) {
-        case 3: gemm_tile<3, !Q8>(a, m, bias, out, N, cols); break;
-        case 2: gemm_tile<2, !Q8>(a, m, bias, out, N, cols); break;
-        case 1: gemm_tile<1, !Q8>(a, m, bias, out, N, cols); break;
+        case 3: gemm_tile_for<3, F>(a, min, m, bias, out, N, cols); break;
+        case 2: gemm_tile_for<2, F>(a, min, m, bias, out, N, cols); break;
+        case 1: gemm_tile_for<1, F>(a, min, m, bias, out, N, cols); break;
         default: break;
       }
     }
   });
 }
 
-""".replace("@BLOCK_SUMS@", _block_sums_asm())
+""".replace("@BLOCK_SUMS8@", _block_sums_asm(8)).replace("@BLOCK_SUMS@", _block_sums_asm())
 
 # Appended after everything else (``small_linear`` is defined in source.py).
 GEMM_ENTRY_POINTS = r"""
@@ -227,22 +269,22 @@ extern "C" {
 // pq*_linear picks by M; these are for tests and benchmarks.
 void pq4_small(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
                const uint16_t* mins, int64_t N, const float* bias, float* y, int threads) {
-  small_linear<false>(x, M, Weights{codes, scales, mins, bias, K, N}, y, threads);
+  small_linear<F_Q4>(x, M, Weights{codes, scales, mins, bias, K, N}, y, threads);
 }
 
 void pq4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
               const uint16_t* mins, int64_t N, const float* bias, float* y, int threads) {
-  gemm<false>(x, M, Weights{codes, scales, mins, bias, K, N}, y, threads);
+  gemm<F_Q4>(x, M, Weights{codes, scales, mins, bias, K, N}, y, threads);
 }
 
 void pq8_small(const float* x, int64_t M, int64_t K, const int8_t* codes, const uint16_t* scales,
                int64_t N, const float* bias, float* y, int threads) {
-  small_linear<true>(x, M, Weights{(const uint8_t*)codes, scales, nullptr, bias, K, N}, y, threads);
+  small_linear<F_Q8>(x, M, Weights{(const uint8_t*)codes, scales, nullptr, bias, K, N}, y, threads);
 }
 
 void pq8_gemm(const float* x, int64_t M, int64_t K, const int8_t* codes, const uint16_t* scales,
               int64_t N, const float* bias, float* y, int threads) {
-  gemm<true>(x, M, Weights{(const uint8_t*)codes, scales, nullptr, bias, K, N}, y, threads);
+  gemm<F_Q8>(x, M, Weights{(const uint8_t*)codes, scales, nullptr, bias, K, N}, y, threads);
 }
 
 }  // extern "C"

@@ -15,8 +15,8 @@ token at long contexts; converted with F16C, rounding to nearest even as ``tenso
 * ``pq_paged_decode``: one query token per sequence attending over its whole cached context
   (GQA: each KV head's keys read once for its group of query heads), softmax in float32 with
   the running maximum subtracted; threads over (sequence, KV head).
-* ``pq_decode_layers``: a decode step's every Llama layer (all linear weights q4) in one
-  call, out of the pieces above and ``linear``/``silu_mul``: no Python between layers.
+* ``pq_decode_layers``: a decode step's every Llama layer in one call (each projection a
+  ``Proj``: row blocks in any of the code formats, so Q4_K and Q6_K layers mix), out of the pieces above and ``linear``/``silu_mul``: no Python between layers.
 """
 
 LAYER_SOURCE = r"""
@@ -185,10 +185,7 @@ void pq_paged_decode(const float* q, int64_t q_stride, int64_t S, const int64_t*
 struct LayerWeights {
   const float* in_norm;
   const float* post_norm;
-  const uint8_t* codes[4];  // qkv, o, gate_up, down (q4)
-  const uint16_t* scales[4];
-  const uint16_t* mins[4];
-  const float* bias[4];
+  Proj proj[4];  // qkv, o, gate_up, down: each of row blocks in their own code formats
   void* k_cache;
   void* v_cache;
 };
@@ -216,17 +213,17 @@ void pq_decode_layers(float* x, int64_t M, int64_t H, int64_t I, int64_t n_layer
   for (int64_t l = 0; l < n_layers; ++l) {
     const LayerWeights& w = layers[l];
     pq_rmsnorm(x, H, M, H, w.in_norm, eps, h);
-    linear<false>(h, M, Weights{w.codes[0], w.scales[0], w.mins[0], w.bias[0], H, QKV}, qkv, threads);
+    proj_linear(h, M, w.proj[0], qkv, threads);
     pq_rope_store(qkv, QKV, qkv + QD, QKV, qkv + QD + Hk * D, QKV, M, Hq, Hk, D, cos, sin, slots,
                   w.k_cache, w.v_cache, kv_half);
     pq_paged_decode(qkv, QKV, M, rows.data(), lens, table_offsets, tables, Hq, Hk, D, w.k_cache,
                     w.v_cache, block_size, scale, att, QD, threads, kv_half);
-    linear<false>(att, M, Weights{w.codes[1], w.scales[1], w.mins[1], w.bias[1], QD, H}, o, threads);
+    proj_linear(att, M, w.proj[1], o, threads);
     for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
     pq_rmsnorm(x, H, M, H, w.post_norm, eps, h);
-    linear<false>(h, M, Weights{w.codes[2], w.scales[2], w.mins[2], w.bias[2], H, 2 * I}, gu, threads);
+    proj_linear(h, M, w.proj[2], gu, threads);
     silu_rows(gu, M, I, a, threads);
-    linear<false>(a, M, Weights{w.codes[3], w.scales[3], w.mins[3], w.bias[3], I, H}, o, threads);
+    proj_linear(a, M, w.proj[3], o, threads);
     for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
   }
 }

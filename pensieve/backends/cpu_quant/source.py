@@ -105,13 +105,21 @@ const Quantised& quantise(const float* x, int64_t M, int64_t K) {
 
 // ------------------------------------------------------------------------- matmul
 
+// Code formats (``Part::fmt``): q4 nibbles with scales and mins per 32; int8 codes with a
+// scale (and optionally a min) per 32; int8 codes with a scale per 16 and no mins.
+enum : int { F_Q4 = 0, F_Q8 = 1, F_Q8G16 = 2 };
+
 struct Weights {
   const uint8_t* codes;    // q4: [N, K/2] nibbles; q8: [N, K] int8
-  const uint16_t* scales;  // [N, G] float16
-  const uint16_t* mins;    // [N, G] float16 (q4 only)
+  const uint16_t* scales;  // [N, G] float16 ([N, 2G] for F_Q8G16)
+  const uint16_t* mins;    // [N, G] float16, or null (q4 always has them)
   const float* bias;       // [N] or null
   int64_t K, N;
+  int64_t ldy = 0;         // output row stride (0: N)
+  int64_t ld() const { return ldy ? ldy : N; }
 };
+
+constexpr int scales_per_block(int F) { return F == F_Q8G16 ? 2 : 1; }
 
 // prod[g] = weight scale[g] * activation scale[g]; returns (for q4, wm != null) the min term
 // sum_g min[g] * activation block sum[g].
@@ -135,29 +143,55 @@ inline float prepare(const uint16_t* ws, const uint16_t* wm, const float* xd, co
   return mterm;
 }
 
-// y[r * ldy + j] for NR weight rows n0.. and R activation rows m0.. (Q8: int8 weights, else
-// q4). Per block: codes widened to int16, two madd_epi16 against the int16 activations (no
-// overflow: |sum| <= 4 * 127 * 32767 < 2^24, so the float conversion is exact too), one FMA.
-template <int NR, int R, bool Q8>
+// Group-16 scales (two per 32-block, no mins): prod[2g + h] = scale[2g + h] * activation scale[g].
+inline void prepare16(const uint16_t* ws, const float* xd, int64_t G, float* prod) {
+  const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) {
+    const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(ws + 2 * g)));
+    const __m256 d = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(xd + g)), dup);
+    _mm256_storeu_ps(prod + 2 * g, _mm256_mul_ps(sc, d));
+  }
+  for (; g < G; ++g) {
+    prod[2 * g] = _cvtsh_ss(ws[2 * g]) * xd[g];
+    prod[2 * g + 1] = _cvtsh_ss(ws[2 * g + 1]) * xd[g];
+  }
+}
+
+// y[r * ldy + j] for NR weight rows n0.. and R activation rows m0.. in format F. Per block:
+// codes widened to int16, two madd_epi16 against the int16 activations (int32 lanes of at
+// most 4 * 127 * 32767 < 2^24: the float conversion is exact), one FMA per scale group.
+template <int NR, int R, int F>
 void dot_tile(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0, float* y,
               int64_t ldy) {
-  const int64_t K = W.K, G = K / QK, row_bytes = Q8 ? K : K / 2;
+  constexpr bool Q8 = F != F_Q4;
+  constexpr int SPB = scales_per_block(F);
+  const int64_t K = W.K, G = K / QK, row_bytes = Q8 ? K : K / 2, SG = G * SPB;
+  const bool has_min = W.mins != nullptr;
   // each row is its own stream (plus its scales), more than the hardware prefetcher follows
   // well: prefetching PF_ROWS ahead is worth ~30% of decode matmul time
   if (n0 + PF_ROWS + NR <= W.N) {
     const char* ahead = (const char*)(W.codes + (n0 + PF_ROWS) * row_bytes);
     for (int64_t b = 0; b < NR * row_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
-    for (int64_t b = 0; b < NR * G * 2; b += 64) {
-      _mm_prefetch((const char*)(W.scales + (n0 + PF_ROWS) * G) + b, _MM_HINT_T0);
-      if (!Q8) _mm_prefetch((const char*)(W.mins + (n0 + PF_ROWS) * G) + b, _MM_HINT_T0);
-    }
+    for (int64_t b = 0; b < NR * SG * 2; b += 64)
+      _mm_prefetch((const char*)(W.scales + (n0 + PF_ROWS) * SG) + b, _MM_HINT_T0);
+    if (has_min)
+      for (int64_t b = 0; b < NR * G * 2; b += 64)
+        _mm_prefetch((const char*)(W.mins + (n0 + PF_ROWS) * G) + b, _MM_HINT_T0);
   }
-  float* prod = (float*)__builtin_alloca(sizeof(float) * NR * R * G);
+  float* prod = (float*)__builtin_alloca(sizeof(float) * NR * R * SG);
   float mterm[NR][R];
   for (int j = 0; j < NR; ++j)
-    for (int r = 0; r < R; ++r)
-      mterm[j][r] = prepare(W.scales + (n0 + j) * G, Q8 ? nullptr : W.mins + (n0 + j) * G,
-                            xq.d + (m0 + r) * G, xq.s + (m0 + r) * G, G, prod + (j * R + r) * G);
+    for (int r = 0; r < R; ++r) {
+      float* p = prod + (j * R + r) * SG;
+      if (SPB == 2) {
+        prepare16(W.scales + (n0 + j) * SG, xq.d + (m0 + r) * G, G, p);
+        mterm[j][r] = 0.0f;
+      } else {
+        mterm[j][r] = prepare(W.scales + (n0 + j) * G, has_min ? W.mins + (n0 + j) * G : nullptr,
+                              xq.d + (m0 + r) * G, xq.s + (m0 + r) * G, G, p);
+      }
+    }
   __m256 acc[NR][R];
   for (int j = 0; j < NR; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
@@ -180,9 +214,16 @@ void dot_tile(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0, flo
       const __m256i x0 = _mm256_loadu_si256((const __m256i*)x);
       const __m256i x1 = _mm256_loadu_si256((const __m256i*)(x + 16));
       for (int j = 0; j < NR; ++j) {
-        const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(lo[j], x0), _mm256_madd_epi16(hi[j], x1));
-        acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s),
-                                    _mm256_broadcast_ss(prod + (j * R + r) * G + g), acc[j][r]);
+        const float* p = prod + (j * R + r) * SG;
+        if (SPB == 2) {
+          acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(lo[j], x0)),
+                                      _mm256_broadcast_ss(p + 2 * g), acc[j][r]);
+          acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(hi[j], x1)),
+                                      _mm256_broadcast_ss(p + 2 * g + 1), acc[j][r]);
+        } else {
+          const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(lo[j], x0), _mm256_madd_epi16(hi[j], x1));
+          acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(p + g), acc[j][r]);
+        }
       }
     }
   }
@@ -193,37 +234,74 @@ void dot_tile(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0, flo
 
 """ + GEMM_SOURCE + r"""
 // Few rows: dot_tile over MR-row tiles (weights streamed from memory once per call).
-template <bool Q8>
+template <int F>
 void small_linear(const float* x, int64_t M, const Weights& W, float* y, int threads) {
   const Quantised& xq = quantise(x, M, W.K);
-  const int64_t N = W.N;
-  over_rows(N, threads, [&](int64_t n0, int64_t n1) {
+  const int64_t N = W.ld();
+  over_rows(W.N, threads, [&](int64_t n0, int64_t n1) {
     for (int64_t s0 = n0; s0 < n1; s0 += NB) {
       const int64_t s1 = s0 + NB < n1 ? s0 + NB : n1;
       int64_t m = 0;
       for (; m + MR <= M; m += MR)
-        for (int64_t n = s0; n < s1; ++n) dot_tile<1, MR, Q8>(W, n, xq, m, y + m * N + n, N);
+        for (int64_t n = s0; n < s1; ++n) dot_tile<1, MR, F>(W, n, xq, m, y + m * N + n, N);
       const int64_t R = M - m;
       int64_t n = s0;
       if (R == 1)
-        for (; n + 4 <= s1; n += 4) dot_tile<4, 1, Q8>(W, n, xq, m, y + m * N + n, N);
+        for (; n + 4 <= s1; n += 4) dot_tile<4, 1, F>(W, n, xq, m, y + m * N + n, N);
       if (R == 2)
-        for (; n + 2 <= s1; n += 2) dot_tile<2, 2, Q8>(W, n, xq, m, y + m * N + n, N);
+        for (; n + 2 <= s1; n += 2) dot_tile<2, 2, F>(W, n, xq, m, y + m * N + n, N);
       for (; R > 0 && n < s1; ++n) {
         float* out = y + m * N + n;
-        if (R == 3) dot_tile<1, 3, Q8>(W, n, xq, m, out, N);
-        else if (R == 2) dot_tile<1, 2, Q8>(W, n, xq, m, out, N);
-        else dot_tile<1, 1, Q8>(W, n, xq, m, out, N);
+        if (R == 3) dot_tile<1, 3, F>(W, n, xq, m, out, N);
+        else if (R == 2) dot_tile<1, 2, F>(W, n, xq, m, out, N);
+        else dot_tile<1, 1, F>(W, n, xq, m, out, N);
       }
     }
   });
 }
 
-template <bool Q8>
+template <int F>
 void linear(const float* x, int64_t M, const Weights& W, float* y, int threads) {
   // a long K (down_proj, 1536) keeps the row tiles up to 15 rows: 111 vs 153 us at 8 rows
-  if (M >= GEMM_FROM && (W.K <= 1024 || M >= 2 * GEMM_FROM)) gemm<Q8>(x, M, W, y, threads);
-  else small_linear<Q8>(x, M, W, y, threads);
+  if (M >= GEMM_FROM && (W.K <= 1024 || M >= 2 * GEMM_FROM)) gemm<F>(x, M, W, y, threads);
+  else small_linear<F>(x, M, W, y, threads);
+}
+
+// One row block of a projection in its own format ([Part] of a ctypes mirror: linear.py).
+struct Part {
+  const uint8_t* codes;
+  const uint16_t* scales;
+  const uint16_t* mins;
+  const float* bias;
+  int64_t rows;
+  int64_t fmt;
+};
+
+// A projection y[M, N] = x[M, K] @ W.T (+ bias): up to 3 row blocks, each in its own format
+// (a fused q/k/v whose v is Q6_K and q, k Q4_K stays one projection).
+struct Proj {
+  Part part[3];
+  int64_t n_parts, K, N;
+};
+
+template <int F>
+void part_call(int kind, const float* x, int64_t M, const Weights& W, float* y, int threads) {
+  if (kind == 0) linear<F>(x, M, W, y, threads);
+  else if (kind == 1) small_linear<F>(x, M, W, y, threads);
+  else gemm<F>(x, M, W, y, threads);
+}
+
+// kind: 0 picks by M (as linear), 1 forces the row tiles, 2 the panel GEMM (tests, benches).
+void proj_linear(const float* x, int64_t M, const Proj& p, float* y, int threads, int kind = 0) {
+  int64_t row = 0;
+  for (int64_t i = 0; i < p.n_parts; ++i) {
+    const Part& q = p.part[i];
+    const Weights W{q.codes, q.scales, q.mins, q.bias, p.K, q.rows, p.N};
+    if (q.fmt == F_Q4) part_call<F_Q4>(kind, x, M, W, y + row, threads);
+    else if (q.fmt == F_Q8) part_call<F_Q8>(kind, x, M, W, y + row, threads);
+    else part_call<F_Q8G16>(kind, x, M, W, y + row, threads);
+    row += q.rows;
+  }
 }
 
 // ------------------------------------------------------------------------- SwiGLU MLP
@@ -281,19 +359,22 @@ inline void store_scaled(const uint8_t* p, __m256 s, __m256 m, float* o, bool u4
   _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(hi, s, m));
 }
 
-// Float rows [n0, n1) of a q4 (Q8 = false) or q8 matrix, to out.
-template <bool Q8>
+// Float rows [n0, n1) of a matrix in format F, to out (rows K floats apart).
+template <int F>
 void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
-  const int64_t K = W.K, G = K / QK;
+  constexpr bool Q8 = F != F_Q4;
+  constexpr int SPB = scales_per_block(F);
+  const int64_t K = W.K, G = K / QK, SG = G * SPB;
   alignas(16) uint8_t half[2][16];
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t g = 0; g < G; ++g) {
-      const __m256 s = _mm256_set1_ps(_cvtsh_ss(W.scales[n * G + g]));
-      const __m256 m = Q8 ? _mm256_setzero_ps() : _mm256_set1_ps(_cvtsh_ss(W.mins[n * G + g]));
+      const __m256 s = _mm256_set1_ps(_cvtsh_ss(W.scales[n * SG + g * SPB]));
+      const __m256 s1 = SPB == 2 ? _mm256_set1_ps(_cvtsh_ss(W.scales[n * SG + g * SPB + 1])) : s;
+      const __m256 m = W.mins ? _mm256_set1_ps(_cvtsh_ss(W.mins[n * G + g])) : _mm256_setzero_ps();
       float* o = out + (n - n0) * K + g * QK;
       if (Q8) {
         store_scaled(W.codes + n * K + g * QK, s, m, o, false);
-        store_scaled(W.codes + n * K + g * QK + 16, s, m, o + 16, false);
+        store_scaled(W.codes + n * K + g * QK + 16, s1, m, o + 16, false);
       } else {
         const __m128i raw = _mm_loadu_si128((const __m128i*)(W.codes + n * (K / 2) + g * 16));
         const __m128i m4 = _mm_set1_epi8(0x0F);
@@ -309,18 +390,18 @@ void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
 
 extern "C" {
 
-int pq_abi_version() { return 11; }
+int pq_abi_version() { return 12; }
 
 // y[M, N] = x[M, K] @ W.T (+ bias) for q4 weights. K % 32 == 0; bias may be null.
 void pq4_linear(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
                 const uint16_t* mins, int64_t N, const float* bias, float* y, int threads) {
-  linear<false>(x, M, Weights{codes, scales, mins, bias, K, N}, y, threads);
+  linear<F_Q4>(x, M, Weights{codes, scales, mins, bias, K, N}, y, threads);
 }
 
 // y[M, N] = x[M, K] @ W.T (+ bias) for q8 weights. K % 32 == 0; bias may be null.
 void pq8_linear(const float* x, int64_t M, int64_t K, const int8_t* codes, const uint16_t* scales,
                 int64_t N, const float* bias, float* y, int threads) {
-  linear<true>(x, M, Weights{(const uint8_t*)codes, scales, nullptr, bias, K, N}, y, threads);
+  linear<F_Q8>(x, M, Weights{(const uint8_t*)codes, scales, nullptr, bias, K, N}, y, threads);
 }
 
 // y[M, H] = down(silu(gate) * up) with [gate | up] = x[M, H] @ gate_up.T: a Llama MLP in one
@@ -332,22 +413,72 @@ void pq4_mlp(const float* x, int64_t M, int64_t H, int64_t I, const uint8_t* gu_
   mlp_scratch.resize(M * 3 * I);
   float* h = mlp_scratch.data();
   float* a = h + M * 2 * I;
-  linear<false>(x, M, Weights{gu_codes, gu_scales, gu_mins, gu_bias, H, 2 * I}, h, threads);
+  linear<F_Q4>(x, M, Weights{gu_codes, gu_scales, gu_mins, gu_bias, H, 2 * I}, h, threads);
   silu_rows(h, M, I, a, threads);
-  linear<false>(a, M, Weights{d_codes, d_scales, d_mins, d_bias, I, H}, y, threads);
+  linear<F_Q4>(a, M, Weights{d_codes, d_scales, d_mins, d_bias, I, H}, y, threads);
+}
+
+// y[M, N] = x[M, K] @ W.T for a projection of row blocks in any formats (kind: see proj_linear).
+void pqx_linear(const float* x, int64_t M, const Proj* p, float* y, int threads, int kind) {
+  proj_linear(x, M, *p, y, threads, kind);
+}
+
+// y[M, H] = down(silu(gate) * up), [gate | up] = x @ gate_up.T, each projection in any format.
+void pqx_mlp(const float* x, int64_t M, const Proj* gu, const Proj* down, float* y, int threads) {
+  const int64_t I = down->K;
+  mlp_scratch.resize(M * 3 * I);
+  float* h = mlp_scratch.data();
+  float* a = h + M * 2 * I;
+  proj_linear(x, M, *gu, h, threads);
+  silu_rows(h, M, I, a, threads);
+  proj_linear(a, M, *down, y, threads);
+}
+
+// out[N, K] = a projection's float weights.
+void pqx_dequant(const Proj* p, float* out, int threads) {
+  const int64_t K = p->K;
+  int64_t row = 0;
+  for (int64_t i = 0; i < p->n_parts; ++i) {
+    const Part& q = p->part[i];
+    const Weights W{q.codes, q.scales, q.mins, nullptr, K, q.rows};
+    float* o = out + row * K;
+    over_rows(q.rows, threads, [&](int64_t n0, int64_t n1) {
+      if (q.fmt == F_Q4) dequant_rows<F_Q4>(W, n0, n1, o + n0 * K);
+      else if (q.fmt == F_Q8) dequant_rows<F_Q8>(W, n0, n1, o + n0 * K);
+      else dequant_rows<F_Q8G16>(W, n0, n1, o + n0 * K);
+    });
+    row += q.rows;
+  }
+}
+
+// out[T, K] = rows ids[T] of a one-part int8 projection (an embedding lookup); the position of
+// the first id outside [0, N) (its row left unwritten), or -1.
+int64_t pqx_rows(const Proj* p, const int64_t* ids, int64_t T, float* out) {
+  const Part& q = p->part[0];
+  const Weights W{q.codes, q.scales, q.mins, nullptr, p->K, q.rows};
+  int64_t bad = -1;
+  for (int64_t t = 0; t < T; ++t) {
+    if (ids[t] < 0 || ids[t] >= q.rows) {
+      if (bad < 0) bad = t;
+      continue;
+    }
+    if (q.fmt == F_Q8G16) dequant_rows<F_Q8G16>(W, ids[t], ids[t] + 1, out + t * p->K);
+    else dequant_rows<F_Q8>(W, ids[t], ids[t] + 1, out + t * p->K);
+  }
+  return bad;
 }
 
 // out[N, K] = the float weights (for large-M calls, which are compute-bound: a float GEMM).
 void pq4_dequant(const uint8_t* codes, const uint16_t* scales, const uint16_t* mins, int64_t N,
                  int64_t K, float* out, int threads) {
   const Weights W{codes, scales, mins, nullptr, K, N};
-  over_rows(N, threads, [&](int64_t n0, int64_t n1) { dequant_rows<false>(W, n0, n1, out + n0 * K); });
+  over_rows(N, threads, [&](int64_t n0, int64_t n1) { dequant_rows<F_Q4>(W, n0, n1, out + n0 * K); });
 }
 
 void pq8_dequant(const int8_t* codes, const uint16_t* scales, int64_t N, int64_t K, float* out,
                  int threads) {
   const Weights W{(const uint8_t*)codes, scales, nullptr, nullptr, K, N};
-  over_rows(N, threads, [&](int64_t n0, int64_t n1) { dequant_rows<true>(W, n0, n1, out + n0 * K); });
+  over_rows(N, threads, [&](int64_t n0, int64_t n1) { dequant_rows<F_Q8>(W, n0, n1, out + n0 * K); });
 }
 
 // out[T, K] = rows ids[T] of a q8 matrix of N rows (an embedding lookup). Returns the position
@@ -361,7 +492,7 @@ int64_t pq8_rows(const int8_t* codes, const uint16_t* scales, int64_t N, const i
       if (bad < 0) bad = t;
       continue;
     }
-    dequant_rows<true>(W, ids[t], ids[t] + 1, out + t * K);
+    dequant_rows<F_Q8>(W, ids[t], ids[t] + 1, out + t * K);
   }
   return bad;
 }

@@ -1,0 +1,181 @@
+"""A linear layer over row blocks of integer codes, each block in its own kernel format.
+
+GGUF files mix types inside one model, and inside one fused projection: a Q4_K_M file's q and
+k may be Q4_K while v is Q6_K, and a 0.5B model (hidden 896, no multiple of 256) falls back to
+Q5_0/Q8_0 on many tensors. Every such weight stays in its codes (``loaders/int4_codes.py``) and
+runs on the kernel of its format (``source.py``):
+
+* ``F_Q4`` — 4-bit nibbles, float16 scale and min per 32 (Q4_0, Q4_1, Q4_K);
+* ``F_Q8`` — int8 codes, float16 scale per 32 and optionally a float16 min per 32 (Q8_0, Q5_0,
+  Q5_1, Q5_K, IQ4_NL, IQ4_XS);
+* ``F_Q8G16`` — int8 codes, float16 scale per 16 (Q6_K).
+
+A ``Proj`` (mirrored from C) lists up to three row blocks; ``CodesLinear`` holds one, and
+``proj_of`` gives one for ``Q4Linear``/``Q8Linear`` too, so the fused MLP and the one-call
+decoder take any of them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pensieve.backends.cpu_quant.build import Kernels
+from pensieve.backends.cpu_quant.linear import (
+    DENSE_FROM, GROUP, Q4Linear, Q8Linear, _QuantisedLinear, _stack_rows, kernel_fits, pack_q4,
+)
+from pensieve.loaders.int4_codes import Int8Groups
+from pensieve.models.quant_linear import Int4Groups
+
+F_Q4, F_Q8, F_Q8G16 = 0, 1, 2
+MAX_PARTS = 3
+
+
+class Part(ctypes.Structure):
+    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("rows", ctypes.c_int64), ("fmt", ctypes.c_int64)]
+
+
+class Proj(ctypes.Structure):
+    """Mirror of the C ``Proj``: row blocks (``part``), their count, K and the total N."""
+
+    _fields_ = [("part", Part * MAX_PARTS), ("n_parts", ctypes.c_int64), ("K", ctypes.c_int64),
+                ("N", ctypes.c_int64)]
+
+
+Codes = Int4Groups | Int8Groups
+
+
+def codes_format(groups: Codes) -> tuple[int, bool] | None:
+    """(kernel format, has mins) of one weight, or None where no kernel takes it."""
+    k = groups.shape[1]
+    if isinstance(groups, Int4Groups):
+        return (F_Q4, True) if kernel_fits(k, groups.group_size) else None
+    if not kernel_fits(k):
+        return None
+    if groups.group_size == 16 and groups.offsets is None:
+        return F_Q8G16, False
+    if groups.group_size == GROUP:
+        return F_Q8, groups.offsets is not None
+    return None
+
+
+def blocks_fit(parts: Sequence[Codes]) -> bool:
+    """Whether ``CodesLinear`` takes these parts: every one a kernel format, one K, and at most
+    ``MAX_PARTS`` runs of differing formats."""
+    keys = [codes_format(p) for p in parts]
+    return (all(keys) and len({p.shape[1] for p in parts}) == 1
+            and len(_runs(keys)) <= MAX_PARTS)
+
+
+def _runs(keys: Sequence[object]) -> list[tuple[int, int]]:
+    """[start, end) index runs of equal consecutive keys."""
+    runs: list[tuple[int, int]] = []
+    for i, key in enumerate(keys):
+        if runs and keys[runs[-1][0]] == key:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _pack_block(kernels: Kernels, parts: Sequence[Codes]) -> tuple[int, list[torch.Tensor | None]]:
+    """Parts of one format stacked along N: (format, [codes, scales bits, mins bits or None])."""
+    fmt, has_min = codes_format(parts[0])
+    if fmt == F_Q4:
+        return fmt, list(pack_q4(kernels, parts))
+    bits = lambda ts: _stack_rows([t.view(torch.int16) for t in ts])  # noqa: E731
+    codes = _stack_rows([p.codes for p in parts])
+    scales = bits([p.scales.to(torch.float16) for p in parts])
+    mins = bits([p.offsets.to(torch.float16) for p in parts]) if has_min else None
+    return fmt, [codes, scales, mins]
+
+
+class CodesLinear(_QuantisedLinear):
+    """y = x @ W.T (+ b) with W as up to three row blocks of codes, each block in its own format
+    (consecutive parts of one format share a block)."""
+
+    KIND = "codes"
+
+    def __init__(self, kernels: Kernels, parts: Codes | Sequence[Codes],
+                 bias: torch.Tensor | None = None, dense_from: int = DENSE_FROM,
+                 threads: int | None = None) -> None:
+        super().__init__()
+        parts = [parts] if isinstance(parts, (Int4Groups, Int8Groups)) else list(parts)
+        if not blocks_fit(parts):
+            raise ValueError("no kernel format for these parts (K % 32, group 16/32, ≤ 3 formats)")
+        self.in_features = parts[0].shape[1]
+        self.out_features = sum(p.shape[0] for p in parts)
+        keys = [codes_format(p) for p in parts]
+        self.formats: list[int] = []
+        self.block_rows: list[int] = []
+        for i, (start, end) in enumerate(_runs(keys)):
+            fmt, (codes, scales, mins) = _pack_block(kernels, parts[start:end])
+            self.formats.append(fmt)
+            self.block_rows.append(codes.shape[0])
+            self.register_buffer(f"codes{i}", codes)
+            self.register_buffer(f"scales{i}", scales)
+            self.register_buffer(f"mins{i}", mins)
+        self.codes = self.codes0  # the device check of _Quantised
+        self.kinds = sorted({getattr(p, "ggml_type", "") or "q4" for p in parts})
+        self._init_common(kernels, bias, dense_from, threads)
+
+    def _refresh(self) -> None:
+        self.codes = self.codes0
+        self._bias = None if self.bias is None else self.bias.detach().float().contiguous()
+        self._on_cpu = self.codes0.device.type == "cpu"
+        self.proj = Proj(n_parts=len(self.formats), K=self.in_features, N=self.out_features)
+        row = 0
+        for i, (fmt, rows) in enumerate(zip(self.formats, self.block_rows)):
+            mins = getattr(self, f"mins{i}")
+            bias = None if self._bias is None else self._bias.data_ptr() + 4 * row
+            self.proj.part[i] = Part(getattr(self, f"codes{i}").data_ptr(),
+                                     getattr(self, f"scales{i}").data_ptr(),
+                                     None if mins is None else mins.data_ptr(), bias, rows, fmt)
+            row += rows
+        self._address = ctypes.addressof(self.proj)
+        self._fn = self.kernels.lib.pqx_linear
+
+    def dequantize(self) -> torch.Tensor:
+        self._check_cpu()
+        out = torch.empty(self.out_features, self.in_features)
+        self.kernels.pqx_dequant(self._address, out.data_ptr(), self.threads)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not torch.float32:
+            return self(x.float()).to(x.dtype)
+        if not self._on_cpu:
+            self._check_cpu()
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        m = rows.shape[0]
+        if m >= self.dense_from:
+            return nn.functional.linear(x, self.dequantize(), self._bias)
+        y = torch.empty(m, self.out_features)
+        self._fn(rows.data_ptr(), m, self._address, y.data_ptr(), self.threads, 0)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{'+'.join(self.kinds)} as {self.formats}")
+
+
+def proj_of(layer: nn.Module) -> Proj | None:
+    """The C projection of a ``CodesLinear``, ``Q4Linear`` or ``Q8Linear`` (CPU), else None.
+    Valid while the layer's buffers stay where they are (rebuild after ``.to()``)."""
+    if isinstance(layer, CodesLinear):
+        return layer.proj
+    if not isinstance(layer, (Q4Linear, Q8Linear)):
+        return None
+    bias = None if layer._bias is None else layer._bias.data_ptr()
+    mins = layer.mins.data_ptr() if isinstance(layer, Q4Linear) else None
+    fmt = F_Q4 if isinstance(layer, Q4Linear) else F_Q8
+    proj = Proj(n_parts=1, K=layer.in_features, N=layer.out_features)
+    proj.part[0] = Part(layer.codes.data_ptr(), layer.scales.data_ptr(), mins, bias,
+                        layer.out_features, fmt)
+    return proj
