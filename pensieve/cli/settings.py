@@ -113,6 +113,9 @@ def _check_scalable(args: ModelArgs) -> None:
 def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeSettings:
     from pensieve.loaders.default_model import default_model_path
 
+    if any(not key.strip() for key in ns.api_key):
+        raise ValueError("--api-key must not be empty: pass a non-empty key, or leave the flag "
+                         "out to serve without authentication on loopback")
     model = Path(ns.model).expanduser() if ns.model else default_model_path()
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = ns.dtype or ("bfloat16" if device == "cuda" else "float32")

@@ -5,6 +5,13 @@ to that thread and yields its deltas; leaving the loop early (client disconnect,
 aborts the request, which frees its KV within one step. A request identical to one still
 running (same prompt and sampling: a client resending after a timeout) attaches to it and
 gets the whole stream from the start instead of starting a second generation.
+
+Liveness: the whole loop is guarded. A failed step fails the requests it held and the loop
+goes on; a failure outside a step, or ``MAX_FAILED_STEPS`` failed steps in a row (a broken
+device), kills the loop: every waiting and streaming caller gets an error delta at once,
+later calls raise ``EngineDeadError``, ``dead_reason`` says why (``/health`` answers 503) and
+``on_death`` is called (the server exits non-zero for its supervisor). A watchdog thread logs
+a step still running after ``watchdog_s``.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from pensieve.engine.engine import Engine
@@ -25,6 +32,9 @@ from pensieve.engine.types import FinishReason, GenerationDelta, SamplingParams
 log = logging.getLogger(__name__)
 # engine steps longer than this are logged (0 logs every step: a timeline for diagnosis)
 SLOW_STEP_S = float(os.environ.get("PENSIEVE_LOG_STEPS_OVER_MS", "250")) / 1e3
+# a step still running after this long is reported by the watchdog (a hang, not a slow step)
+WATCHDOG_S = float(os.environ.get("PENSIEVE_STEP_WATCHDOG_S", "60"))
+MAX_FAILED_STEPS = 3  # consecutive failed steps that declare the engine dead
 
 
 @dataclass
@@ -51,10 +61,13 @@ class _Generation:
 
 
 class EngineClient:
-    def __init__(self, engine: Engine, model_name: str, max_waiting: int = 256) -> None:
+    def __init__(self, engine: Engine, model_name: str, max_waiting: int = 256, *,
+                 on_death: Callable[[str], None] | None = None, watchdog_s: float = WATCHDOG_S) -> None:
         self.engine = engine
         self.model_name = model_name
         self.max_waiting = max_waiting
+        self.on_death = on_death
+        self.watchdog_s = watchdog_s
         self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._generations: dict[str, _Generation] = {}  # engine request id → generation
@@ -63,6 +76,20 @@ class EngineClient:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dead: str | None = None
+        self._step_started: float | None = None  # monotonic start of the step running now
+        self._watchdog: threading.Thread | None = None
+        self.drained = False  # drain() was called: the server is shutting down on purpose
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine loop stopped for good; None while it serves."""
+        return self._dead
+
+    @property
+    def step_running_s(self) -> float:
+        """How long the step in progress has run (0 between steps)."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
 
     @property
     def context_length(self) -> int:
@@ -76,6 +103,9 @@ class EngineClient:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="pensieve-engine", daemon=True)
             self._thread.start()
+        if self._watchdog is None and self.watchdog_s > 0:
+            self._watchdog = threading.Thread(target=self._watch_steps, name="pensieve-watchdog", daemon=True)
+            self._watchdog.start()
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -107,6 +137,8 @@ class EngineClient:
 
     def _watch(self, key: tuple | None, request_id: str, watcher: tuple) -> tuple[_Generation, bool]:
         with self._lock:
+            if self._dead is not None:  # checked under the lock that _die takes
+                raise EngineDeadError(self._dead)
             gen = self._by_key.get(key) if key is not None else None
             if gen is not None:
                 log.info("request %s attaches to identical running %s", request_id, gen.request_id)
@@ -142,6 +174,14 @@ class EngineClient:
         self._wake.set()
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - whatever kills the loop must be reported
+            log.critical("the engine loop died", exc_info=True)
+            self._die(f"{type(exc).__name__}: {exc}")
+
+    def _serve(self) -> None:
+        failed_steps = 0
         while not self._stopping:
             self._drain_inbox()
             if not self.engine.has_work():
@@ -149,11 +189,18 @@ class EngineClient:
                 self._wake.clear()
                 continue
             started = time.perf_counter()
+            self._step_started = time.monotonic()
             try:
                 deltas = self.engine.step()
+                failed_steps = 0
             except Exception as exc:  # keep serving: fail what was running, go on
                 log.exception("engine step failed")
+                failed_steps += 1
+                if failed_steps >= MAX_FAILED_STEPS:
+                    raise
                 deltas = self.engine.fail_all(f"generation failed: {type(exc).__name__}: {exc}")
+            finally:
+                self._step_started = None
             took = time.perf_counter() - started
             if took >= SLOW_STEP_S:  # a first-use kernel compile, a long prefill chunk, a stall
                 log.info("engine step: %.1f ms, %d tokens run, %d deltas (%d running, %d waiting)",
@@ -161,6 +208,45 @@ class EngineClient:
                          len(self.engine.scheduler.running), self.engine.num_waiting)
             for delta in deltas:
                 self._dispatch(delta)
+
+    def drain(self, reason: str) -> None:
+        """Server shutdown: end every caller's generation with an error now and refuse new
+        ones (the engine thread keeps running until ``shutdown``). No-op once dead."""
+        if self._dead is not None:
+            return
+        self.drained = True
+        self._end_all(reason)
+
+    def _end_all(self, reason: str) -> None:
+        """End every caller's generation with an error and refuse new ones."""
+        with self._lock:
+            self._dead = reason
+            generations = list(self._generations.values())
+        for gen in generations:
+            self._dispatch(_error_delta(gen.request_id, f"the inference engine stopped: {reason}"))
+
+    def _die(self, reason: str) -> None:
+        self._end_all(reason)
+        if self.on_death is not None:
+            try:
+                self.on_death(reason)
+            except Exception:
+                log.exception("engine on_death callback failed")
+
+    def _watch_steps(self) -> None:
+        """Log a step that has run longer than ``watchdog_s`` (once per step)."""
+        reported: float | None = None
+        while not self._stopping and self._dead is None:
+            time.sleep(min(1.0, self.watchdog_s / 4))
+            started = self._step_started
+            if started is None or started == reported:
+                continue
+            running = time.monotonic() - started
+            if running >= self.watchdog_s:
+                reported = started
+                log.warning("engine step running for %.1f s (watchdog bound %.0f s): %d running, %d "
+                            "waiting; the engine may be stuck", running, self.watchdog_s,
+                            len(self.engine.scheduler.running), self.engine.num_waiting)
 
     def _drain_inbox(self) -> None:
         while True:
