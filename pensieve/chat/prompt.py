@@ -26,7 +26,7 @@ from pensieve.chat.thinking import (
     prompt_opens_thinking,
     thinking_key_from_env,
 )
-from pensieve.chat.tool_parsers import DEFAULT_TOOL_FORMAT, detect_tool_format
+from pensieve.chat.tool_formats import DEFAULT_TOOL_FORMAT, detect_tool_format, get_tool_format
 from pensieve.chat.tools_prompt import (
     ToolsPlan,
     builtin_tool_prompt,
@@ -44,6 +44,7 @@ _PROBE_TOOL = "pensieve_probe_tool"
 _PROBE_TOOL_DESC = "PENSIEVE-PROBE-TOOL-DESCRIPTION"
 _PROBE_ARG = "pensieve_probe_argument"
 _PROBE_RESULT = "PENSIEVE-PROBE-TOOL-RESULT"
+_PROBE_USER = "PENSIEVE-PROBE-USER"
 _PROBE_CALL_ID = "probe0001"  # 9 characters: Mistral templates check the length
 _PROBE_ERRORS = (ChatTemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError)
 
@@ -117,7 +118,7 @@ class PromptRenderer:
         markers = self.caps.thinking_markers
         self.history_style = HistoryStyle(
             native_tools=self.caps.native_tools,
-            short_tool_ids=self.caps.native_tools and self.caps.tool_format == "mistral",
+            short_tool_ids=self.caps.native_tools and get_tool_format(self.caps.tool_format).short_call_ids,
             thinking=ThinkingHistory(self.signer, markers, self.caps.reads_reasoning_content) if markers else None,
         )
 
@@ -221,12 +222,19 @@ class PromptRenderer:
             {"role": "user", "content": "bye"},
         ]
         source = self.template.source
-        native = self._renders_tools()
+        # The format is read off the probe call as the template renders it; a template that
+        # renders calls in a format we do not parse gets the built-in (Hermes) prompt.
+        call = self._rendered_tool_call()
+        fmt = detect_tool_format(source, call) if call is not None else None
+        if call is not None and fmt is None:
+            log.info("chat template renders tool calls in a format Pensieve does not parse; "
+                     "tools go through the built-in tool prompt")
+        native = fmt is not None
         caps = TemplateCaps(
             system_first=self._renders(first, _PROBE_SYSTEM),
             system_anywhere=self._renders(mid, _PROBE_MID_SYSTEM),
             native_tools=native,
-            tool_format=detect_tool_format(source) if native else DEFAULT_TOOL_FORMAT,
+            tool_format=fmt or DEFAULT_TOOL_FORMAT,
             thinking_markers=detect_thinking_markers(source),
             reads_enable_thinking="enable_thinking" in source,
             reads_reasoning_content="reasoning_content" in source,
@@ -240,20 +248,24 @@ class PromptRenderer:
         except _PROBE_ERRORS:
             return False
 
-    def _renders_tools(self) -> bool:
-        """Does the template list tools, and render a tool call and its result?"""
+    def _rendered_tool_call(self) -> str | None:
+        """The probe's assistant turn (its tool call) as the template renders it, if the
+        template lists tools and renders a tool call and its result (else None)."""
         schema = {"type": "object", "properties": {_PROBE_ARG: {"type": "string"}}}
         tool = {"type": "function",
                 "function": {"name": _PROBE_TOOL, "description": _PROBE_TOOL_DESC, "parameters": schema}}
         call = {"id": _PROBE_CALL_ID, "type": "function",
                 "function": {"name": _PROBE_TOOL, "arguments": {_PROBE_ARG: "x"}}}
         messages = [
-            {"role": "user", "content": "hi"},
+            {"role": "user", "content": _PROBE_USER},
             {"role": "assistant", "content": "", "tool_calls": [call]},
             {"role": "tool", "tool_call_id": _PROBE_CALL_ID, "name": _PROBE_TOOL, "content": _PROBE_RESULT},
         ]
         try:
             text = self._render(messages, [tool], add_generation_prompt=True)
         except _PROBE_ERRORS:
-            return False
-        return all(marker in text for marker in (_PROBE_TOOL_DESC, _PROBE_ARG, _PROBE_RESULT))
+            return None
+        if not all(marker in text for marker in (_PROBE_TOOL_DESC, _PROBE_ARG, _PROBE_RESULT)):
+            return None
+        start = text.find(_PROBE_USER)
+        return text[start + len(_PROBE_USER): text.rfind(_PROBE_RESULT)] if start >= 0 else text

@@ -3,8 +3,12 @@
 Same environment: sandboxed and immutable, ``trim_blocks`` and ``lstrip_blocks``, the
 ``loopcontrols`` extension, a ``tojson`` filter that keeps non-ASCII and HTML as they are,
 ``raise_exception`` and ``strftime_now`` globals, and the ``{% generation %}`` tag (rendered
-as its body). Variables: ``messages``, ``tools``, ``add_generation_prompt``, ``bos_token``,
-``eos_token`` and any extra keyword.
+as its body). Variables: ``messages``, ``tools``, ``documents`` (None), ``add_generation_prompt``,
+``bos_token``, ``eos_token`` and any extra keyword. Messages are prepared as transformers 5
+prepares them: keys whose value is None are dropped, and a message's reasoning is given under
+both ``reasoning_content`` and ``thinking`` (gpt-oss templates read the latter).
+tests/unit/test_chat_template_parity.py checks the output against transformers' own renderer
+on the real templates llama.cpp ships.
 """
 
 from __future__ import annotations
@@ -99,6 +103,20 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # transformers' order
+
+
+def _prepared(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``message`` without None values, its reasoning under both names templates read."""
+    if not isinstance(message, Mapping):
+        return message
+    out = {key: value for key, value in message.items() if value is not None}
+    reasoning = next((out[key] for key in REASONING_KEYS if key in out), None)
+    if reasoning is not None:
+        out = {"thinking": reasoning, **out, "reasoning_content": reasoning}
+    return out
+
+
 class ChatTemplate:
     """A compiled chat template. Thread-safe: rendering keeps no state."""
 
@@ -120,9 +138,10 @@ class ChatTemplate:
         **kwargs: Any,
     ) -> str:
         """The prompt text for ``messages`` (dicts with ``role`` and ``content``)."""
+        kwargs.setdefault("documents", None)
         try:
             return self._template.render(
-                messages=messages,
+                messages=[_prepared(m) for m in messages],
                 tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=bos_token,

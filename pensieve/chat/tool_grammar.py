@@ -8,14 +8,14 @@
 - ``auto`` (also when ``tool_choice`` is absent): free text, but once the model opens a call
   (``<tool_call>`` in Hermes) the name must be an offered tool's and the arguments must match
   its ``input_schema``; with ``disable_parallel_tool_use`` the turn ends after one call;
-- ``none``, no tools, or a format without a grammar here: no grammar.
+- ``none``, no tools, or an unknown format: no grammar.
 
-Arguments come out in one canonical layout (``{"command": "ls", "timeout": 5}``). Each
-tool's schema is vetted by xgrammar first; keywords it cannot compile are dropped (logged
-once per schema), stage by stage, until it compiles — a schema never fails a request.
-
-Formats register in ``TOOL_CALL_FORMATS``; the built-in (and Qwen/Hermes) one is ``hermes``:
-``<tool_call>\\n{"name": "Bash", "arguments": {"command": "ls"}}\\n</tool_call>``.
+Every format of ``pensieve.chat.tool_formats`` has a grammar: the format's builder
+(``tool_call_grammars.py``) lays out the calls, this module supplies each tool's arguments:
+JSON in one canonical layout (``{"command": "ls", "timeout": 5}``), or Qwen XML parameters
+for ``qwen3_coder``. Each tool's schema is vetted by xgrammar first; keywords it cannot
+compile are dropped (logged once per schema), stage by stage, until it compiles — a schema
+never fails a request.
 """
 
 from __future__ import annotations
@@ -24,10 +24,16 @@ import functools
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pensieve.engine.grammar import GrammarError, GrammarUnavailableError, grammar_available, json_schema_ebnf
+from pensieve.chat.tool_formats import DEFAULT_TOOL_FORMAT, TOOL_FORMATS, ArgumentsStyle
+from pensieve.engine.grammar import (
+    GrammarError,
+    GrammarUnavailableError,
+    check_structural_tag,
+    grammar_available,
+    json_schema_ebnf,
+)
 from pensieve.engine.types import GrammarSpec, ThinkingBudget
 from pensieve.protocol import ConversationParams, ToolParam
 
@@ -37,49 +43,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TagToolCallFormat:
-    """A format whose calls are ``begin(name) + arguments JSON + end``, one after another."""
-
-    name: str
-    trigger: str  # the text that opens a call under ``auto``; every call begins with it
-    separator: str  # between parallel calls
-    begin: Callable[[str], str]  # the call's text up to its arguments, for a tool name
-    end: str  # the call's text after its arguments
-
-    def tag(self, tool_name: str, arguments_ebnf: str) -> dict[str, Any]:
-        return {"type": "tag", "begin": self.begin(tool_name),
-                "content": {"type": "grammar", "grammar": arguments_ebnf}, "end": self.end}
-
-    def forced(self, tags: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
-        return {"type": "tags_with_separator", "tags": tags, "separator": self.separator,
-                "at_least_one": True, "stop_after_first": not parallel}
-
-    def auto(self, tags: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
-        return {"type": "triggered_tags", "triggers": [self.trigger], "tags": tags,
-                "at_least_one": False, "stop_after_first": not parallel}
-
-
-HERMES = TagToolCallFormat(
-    name="hermes",
-    trigger="<tool_call>",
-    separator="\n",
-    begin=lambda tool: '<tool_call>\n{"name": ' + json.dumps(tool) + ', "arguments": ',
-    end="}\n</tool_call>",
-)
-
-TOOL_CALL_FORMATS: dict[str, TagToolCallFormat] = {HERMES.name: HERMES}
-
-
 def tool_call_grammar(
     tools: Sequence[ToolParam],
     *,
     choice: str = "auto",
     forced_name: str | None = None,
     parallel: bool = True,
-    tool_format: str | None = "hermes",
+    tool_format: str | None = DEFAULT_TOOL_FORMAT,
 ) -> GrammarSpec | None:
-    """The grammar for calls of ``tools``, or None when nothing is constrained.
+    """The grammar for calls of ``tools`` in ``tool_format``, or None when nothing is constrained.
 
     ``choice`` is ``auto``/``any``/``tool`` (``forced_name`` then names the tool) or ``none``.
     Raises GrammarUnavailableError when a call is forced and xgrammar is not installed;
@@ -90,7 +62,7 @@ def tool_call_grammar(
         return None
     if choice not in ("auto", "any", "tool"):
         choice = "auto"  # a tool_choice newer than us: the API's default
-    fmt = TOOL_CALL_FORMATS.get(tool_format or "")
+    fmt = TOOL_FORMATS.get(tool_format or "")
     if fmt is None:
         log.warning("no tool-call grammar for format %r: tool calls are not constrained", tool_format)
         return None
@@ -104,17 +76,17 @@ def tool_call_grammar(
             log.warning("xgrammar is not installed: tool calls under tool_choice auto are not constrained")
             return None
         raise GrammarUnavailableError()
-    arguments = [arguments_ebnf(t.input_schema) for t in tools]
-    if None in arguments:
-        log.warning("xgrammar compiles no JSON object grammar: tool calls are not constrained")
+    contents = [arguments_content(t.input_schema, fmt.arguments) for t in tools]
+    if None in contents:
+        log.warning("xgrammar compiles no arguments grammar: tool calls are not constrained")
         return None
-    tags = [fmt.tag(t.name, ebnf) for t, ebnf in zip(tools, arguments)]
-    body = fmt.auto(tags, parallel) if choice == "auto" else fmt.forced(tags, parallel)
+    calls = [(t.name, content) for t, content in zip(tools, contents) if content is not None]
+    body = fmt.grammar.auto(calls, parallel) if choice == "auto" else fmt.grammar.forced(calls, parallel)
     payload = json.dumps({"type": "structural_tag", "format": body})
     return GrammarSpec("structural_tag", payload, label=f"{fmt.name} tool_choice={choice} over {len(tools)} tool(s)")
 
 
-def request_tool_grammar(request: ConversationParams, tool_format: str | None = "hermes") -> GrammarSpec | None:
+def request_tool_grammar(request: ConversationParams, tool_format: str | None = DEFAULT_TOOL_FORMAT) -> GrammarSpec | None:
     """``tool_call_grammar`` for a request's ``tools`` and ``tool_choice`` (absent → auto)."""
     choice = request.tool_choice
     return tool_call_grammar(
@@ -159,6 +131,16 @@ def decoding_constraints(prompt: RenderedPrompt, tokenizer: Any) -> tuple[Gramma
                                     open_marker=thinking.open_marker, starts_open=thinking.starts_open)
 
 
+def arguments_content(schema: Mapping[str, Any] | bool, style: ArgumentsStyle = "json") -> dict[str, Any] | None:
+    """The structural-tag content that matches a tool's arguments written in ``style``
+    (None: xgrammar compiles not even an object)."""
+    if style == "qwen_xml":
+        usable = _xml_schema(json.dumps(schema))
+        return None if usable is None else qwen_xml_content(usable)
+    ebnf = arguments_ebnf(schema)
+    return None if ebnf is None else {"type": "grammar", "grammar": ebnf}
+
+
 def arguments_ebnf(schema: Mapping[str, Any] | bool) -> str | None:
     """EBNF of a tool's arguments; ``schema`` degraded as needed (None: not even an object)."""
     return _arguments_ebnf(json.dumps(schema))  # key order kept: properties come out in it
@@ -175,6 +157,43 @@ def _arguments_ebnf(schema_json: str) -> str | None:
         log.warning("tool schema %s: dropped %s, which xgrammar cannot compile",
                     title or schema_json[:80], ", ".join(dropped))
     return json_schema_ebnf(usable)
+
+
+@functools.lru_cache(maxsize=1024)
+def _xml_schema(schema_json: str) -> Any | None:
+    """The schema, degraded until xgrammar builds Qwen XML parameters for it."""
+    schema = json.loads(schema_json)
+    usable, dropped = degrade_schema(schema, _compiles_xml)
+    if dropped and usable is not None:
+        title = schema.get("title", "") if isinstance(schema, dict) else ""
+        log.warning("tool schema %s: dropped %s, which xgrammar cannot compile as XML parameters",
+                    title or schema_json[:80], ", ".join(dropped))
+    return usable
+
+
+def qwen_xml_content(schema: Any) -> dict[str, Any]:
+    """Qwen XML parameters (``<parameter=key>value</parameter>``) that match ``schema``."""
+    if qwen_xml_style_supported():
+        return {"type": "json_schema", "json_schema": schema, "style": "qwen_xml"}
+    return {"type": "qwen_xml_parameter", "json_schema": schema}  # xgrammar 0.2.8's name
+
+
+@functools.cache
+def qwen_xml_style_supported() -> bool:
+    try:
+        check_structural_tag({"type": "json_schema", "json_schema": {"type": "object"}, "style": "qwen_xml"})
+    except GrammarError:
+        return False
+    return True
+
+
+def _compiles_xml(schema: Any) -> bool:
+    try:
+        check_structural_tag(qwen_xml_content(schema))
+    except GrammarError as exc:
+        log.debug("schema does not compile as XML parameters: %s", exc)
+        return False
+    return True
 
 
 def _compiles(schema: Any) -> bool:

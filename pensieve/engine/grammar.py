@@ -97,6 +97,17 @@ def json_schema_ebnf(schema: Mapping[str, Any] | bool) -> str:
     return _fix_bounded_strings(str(grammar))
 
 
+def check_structural_tag(format_: Mapping[str, Any]) -> None:
+    """GrammarError unless xgrammar builds a grammar from the structural-tag ``format_``.
+    Needs no tokenizer: used to vet schemas for formats that are not JSON (Qwen XML)."""
+    if _xgrammar() is None:
+        raise GrammarUnavailableError()
+    try:
+        xgr.Grammar.from_structural_tag(json.dumps({"type": "structural_tag", "format": format_}))
+    except Exception as exc:  # pydantic's ValidationError, or the C++ message
+        raise GrammarError(_last_line(exc)) from exc
+
+
 def _fix_bounded_strings(ebnf: str) -> str:
     if _BOUNDED_STRING_CHARACTER not in ebnf or "\nbasic_escape ::= " not in "\n" + ebnf:
         return ebnf

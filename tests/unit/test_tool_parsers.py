@@ -10,7 +10,7 @@ from jiter import from_json
 
 from pensieve.chat.segmenter import Segmenter
 from pensieve.chat.segments import TextSegment, ToolCallDelta, ToolCallEnd, ToolCallStart
-from pensieve.chat.tool_parsers import TOOL_PARSERS, detect_tool_format, make_tool_parser
+from pensieve.chat.tool_formats import TOOL_FORMATS, detect_tool_format, make_tool_parser
 from pensieve.chat.tool_parsers.json_scanner import JsonScanner, JsonSyntaxError
 
 VALUES = [
@@ -100,7 +100,8 @@ def test_scanner_closing_completes_partial_scalars() -> None:
 @pytest.mark.parametrize(("template", "fmt"), [
     ('{{- "<tool_call>\\n" }}{{ tool_call.arguments | tojson }}', "hermes"),
     ("<tool_call>\n<function={{ name }}>\n<parameter=", "qwen3_coder"),
-    ("[AVAILABLE_TOOLS]{{ tools }}[/AVAILABLE_TOOLS][TOOL_CALLS]", "mistral"),
+    ("[AVAILABLE_TOOLS]{{ tools }}[/AVAILABLE_TOOLS][TOOL_CALLS]", "mistral_list"),
+    ("[TOOL_CALLS]{{ call.name }}[ARGS]{{ call.arguments | tojson }}", "mistral"),
     ('{{- "<|python_tag|>" + tool_call.name }}', "llama3"),
     ('{"name": "{{ name }}", "parameters": {{ args }}}', "llama3"),
     ("{% for m in messages %}{{ m.content }}{% endfor %}", "hermes"),
@@ -111,7 +112,7 @@ def test_detect_tool_format(template: str | None, fmt: str) -> None:
 
 
 def test_registry() -> None:
-    assert set(TOOL_PARSERS) == {"hermes", "llama3", "mistral", "qwen3_coder"}
+    assert set(TOOL_FORMATS) == {"hermes", "llama3", "mistral", "mistral_list", "qwen3_coder", "json_fence"}
     assert make_tool_parser("mistral").name == "mistral"
     with pytest.raises(ValueError, match="unknown tool-call format"):
         make_tool_parser("nope")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, ClassVar
 
 from pensieve.chat.segments import Segment, TextSegment
@@ -95,14 +95,21 @@ class JsonObjectsSection(ToolSection):
     list_end = ""
     separators = ""
 
-    def __init__(self, marker: str, *, name_first: bool = False, marker_is_content: bool = False) -> None:
+    def __init__(
+        self, marker: str, *, name_first: bool = False, marker_is_content: bool = False,
+        known_names: Collection[str] | None = None,
+    ) -> None:
         super().__init__()
         self.name_first = name_first
+        self.known_names = known_names
         self._pending = marker if marker_is_content else ""
         self._raw = "" if marker_is_content else marker  # text of the call so far
-        self._reader: JsonCallReader | None = JsonCallReader(name_first=name_first)
+        self._reader: JsonCallReader | None = self._new_reader()
         self._tail = ""  # text after a call, before we know what follows it
         self._broken = False
+
+    def _new_reader(self) -> JsonCallReader:
+        return JsonCallReader(name_first=self.name_first, known_names=self.known_names)
 
     def feed(self, text: str) -> list[Segment]:
         text, self._pending = self._pending + text, ""
@@ -177,7 +184,7 @@ class JsonObjectsSection(ToolSection):
                 self._tail, self.done, self.rest = "", True, tail[len(token):]
                 return ""
         if tail[0] in self.separators:
-            self._tail, self._reader = "", JsonCallReader(name_first=self.name_first)
+            self._tail, self._reader = "", self._new_reader()
             return tail[1:]
         if any(token.startswith(tail) for token in ends):
             return ""  # could still become the end marker

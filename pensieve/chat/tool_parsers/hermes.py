@@ -5,12 +5,14 @@
     </tool_call>
 
 One block per call; parallel calls are several blocks. A ``<tool_response>`` after a call is
-the model inventing the result: the turn ends there.
+the model inventing the result: the turn ends there. A fenced ```` ```json ```` call (the
+drift of small Qwen models, ``json_fence.py``) is read as a call too.
 """
 
 from __future__ import annotations
 
 from pensieve.chat.tool_parsers.base import JsonObjectsSection, ToolParser, ToolSection
+from pensieve.chat.tool_parsers.json_fence import FENCE_START, open_fence
 
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
@@ -23,8 +25,10 @@ class HermesSection(JsonObjectsSection):
 
 class HermesParser(ToolParser):
     name = "hermes"
-    start_markers = (TOOL_CALL_START,)
+    start_markers = (TOOL_CALL_START, FENCE_START)
     stop_markers = (TOOL_RESPONSE_START,)
 
     def open_section(self, marker: str) -> ToolSection:
+        if marker == FENCE_START:
+            return open_fence(marker, self.schemas)
         return HermesSection(marker)

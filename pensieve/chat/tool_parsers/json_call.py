@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 
 from pensieve.chat.segments import Segment, ToolCallDelta, ToolCallEnd, ToolCallStart
 from pensieve.chat.tool_parsers.json_scanner import WHITESPACE, JsonScanner, JsonSyntaxError
@@ -39,10 +40,13 @@ class CallReadError(ValueError):
 
 class JsonCallReader:
     """One call object. ``name_first``: fail as soon as the first key is not ``name`` (for
-    formats where a bare JSON object may just be an answer)."""
+    formats where a bare JSON object may just be an answer). ``known_names``: fail when the
+    name is not one of them (for drift formats, where an object that names no offered tool
+    is data, not a call)."""
 
-    def __init__(self, *, name_first: bool = False) -> None:
+    def __init__(self, *, name_first: bool = False, known_names: Collection[str] | None = None) -> None:
         self.name_first = name_first
+        self.known_names = known_names
         self.name: str | None = None
         self.started = False  # ToolCallStart emitted
         self.done = False
@@ -151,6 +155,8 @@ class JsonCallReader:
             name = json.loads(raw)
             if not isinstance(name, str) or not name:
                 raise CallReadError(f"tool name is not a string: {raw}", 0)
+            if self.known_names is not None and name not in self.known_names:
+                raise CallReadError(f"{name!r} is not an offered tool", 0)
             self.name = name
         elif self._member == "arguments" and not self.started:
             self._args = raw
