@@ -120,10 +120,9 @@ def _q5_codes(blocks: torch.Tensor, data_at: int) -> torch.Tensor:
     """Q5_0/Q5_1's codes (0..31) as (n, 32) uint8: nibbles as Q4_0, and the fifth bit of value
     j in bit j of the little-endian uint32 before them."""
     low = _nibbles(blocks[:, data_at:])
-    qh = blocks[:, data_at - 4:data_at].to(torch.int64)
-    bits = qh[:, 0] | (qh[:, 1] << 8) | (qh[:, 2] << 16) | (qh[:, 3] << 24)
-    high = (bits[:, None] >> torch.arange(32)) & 1
-    return low | (high.to(torch.uint8) << 4)
+    qh = blocks[:, data_at - 4:data_at, None]  # byte b holds values 8b..8b+7, lowest bit first
+    high = ((qh >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1, 32)
+    return low | (high << 4)
 
 
 def _q5_0(blocks: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,24 @@ def cache_dir() -> Path:
     return Path(base) / "pensieve" / "kernels"
 
 
+FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+            "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> tuple[str, ...]:
+    """Which of ``FEATURES`` this CPU reports (``/proc/cpuinfo`` flags, as the kernel sees
+    them: a flag the hypervisor hides is absent); empty off Linux/x86-64."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return tuple(x for x in FEATURES if x in flags)
+    except OSError:
+        pass
+    return ()
+
+
 def cpu_supported() -> bool:
     """x86-64 with AVX2 (which every such CPU pairs with FMA and F16C)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
