@@ -21,6 +21,7 @@ from torch import nn
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.scheduler import ScheduledChunk
 from pensieve.models.args import ModelArgs
+from pensieve.models.family import FastPaths
 from pensieve.models.forward_context import ForwardContext, SequenceSlice
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ class ModelRunner:
     def __init__(self, model: nn.Module, args: ModelArgs, config: EngineConfig,
                  cuda_graphs: bool = True) -> None:
         self.model = model
+        # what the model declared it may take (models/<family>.py); nothing when it declared none
+        self.fast: FastPaths = getattr(model, "fast_paths", FastPaths())
+        windows = [w for w in map(args.window, range(args.num_layers)) if w is not None]
+        self.min_window = min(windows) if windows else None
         self.device = torch.device(config.device)
         self.block_size = config.block_size
         self.num_blocks = plan_num_blocks(args, config)
@@ -92,7 +97,7 @@ class ModelRunner:
         self.cuda_batches = self.graphs = self.chunk_graphs = None
         self.cpu_attention = self.cpu_decoder = None
         if on_cuda:
-            self._init_cuda(args, config, cuda_graphs)
+            self._init_cuda(args, config, cuda_graphs and self.fast.cuda_graphs)
         elif self.device.type == "cpu":
             self._init_cpu(config)
 
@@ -107,7 +112,7 @@ class ModelRunner:
             return
         self.cpu_attention = CpuAttention(kernels)
         swap_norms(self.model, kernels)
-        if CpuDecoder.fits(self.model):
+        if self.fast.cpu_decoder and CpuDecoder.fits(self.model):
             self.cpu_decoder = CpuDecoder(kernels, self.model, self.k_caches, self.v_caches)
 
     def _init_cuda(self, args: ModelArgs, config: EngineConfig, cuda_graphs: bool) -> None:
@@ -115,6 +120,8 @@ class ModelRunner:
         from pensieve.backends.cuda_chunk_graphs import CudaChunkGraphs
         from pensieve.backends.cuda_graph_runner import PREFILL_ROWS, CudaGraphRunner
 
+        if not self.fast.paged_kernels:
+            return  # the per-sequence path (windows masking within the context)
         self.cuda_batches = CudaBatchBuilder(config.block_size, args.num_kv_heads, self.device)
         if not cuda_graphs:
             return
@@ -141,7 +148,7 @@ class ModelRunner:
         step as a CUDA graph, or any CPU step): what async scheduling needs."""
         if self.graphs is not None:
             return self.graphs.can_run(chunks)
-        return self.cuda_batches is None
+        return self.cuda_batches is None  # the per-sequence path fills carried ids itself
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], carried: torch.Tensor | None = None,
@@ -191,7 +198,7 @@ class ModelRunner:
         input_ids = self._tensor(ids)
         if fill_at:
             input_ids[self._tensor(fill_at)] = carried[self._tensor(fill_from)]
-        step = self.cpu_attention.step(sequences) if self.cpu_attention else None
+        step = self.cpu_attention.step(sequences) if self._kernels_attend(sequences) else None
         if self.cpu_decoder and len(rows) == len(ids) and self.cpu_decoder.can_run(len(ids), step):
             return self.cpu_decoder(input_ids, self._tensor(positions),
                                     self._tensor(slots), step, bs)
@@ -209,6 +216,14 @@ class ModelRunner:
             attention=step,
         )
         return self.model(input_ids, self._tensor(positions), ctx)
+
+    def _kernels_attend(self, sequences: list[SequenceSlice]) -> bool:
+        """Whether the compiled attention may serve this step: the model declared it, or no
+        sequence has reached its shortest window yet (so no window masks)."""
+        if self.cpu_attention is None:
+            return False
+        return self.fast.paged_kernels or (
+            self.min_window is not None and all(s.context_len <= self.min_window for s in sequences))
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

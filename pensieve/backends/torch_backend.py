@@ -53,7 +53,7 @@ def build_model(checkpoint: Checkpoint, config: EngineConfig) -> nn.Module:
     if config.int8_lm_head:
         int8_lm_head(model, q8=head_q8)
     model = model.to(device=config.device, dtype=config.dtype).eval()
-    if on_cuda:
+    if on_cuda and model.fast_paths.cuda_fused_layers:
         fuse_cuda_layers(model)
         if int4_modules:
             prepare_for_cuda(model, config.dtype)

@@ -9,10 +9,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from pensieve.loaders.architectures import spec_for_hf, validate_shapes
+from pensieve.loaders.architectures import hf_family, read_args, validate_shapes
 from pensieve.loaders.checkpoint import Checkpoint, CheckpointError
 from pensieve.loaders.tokenizer import TextTokenizer
-from pensieve.models.args import ModelArgs
 
 INDEX_FILE = "model.safetensors.index.json"
 # buffers some exporters save alongside the weights; recomputed by the model
@@ -34,12 +33,13 @@ def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
     """Read an HF folder; CheckpointError if it is unsupported, incomplete or damaged."""
     path = Path(path)
     config = _read_json(path / "config.json")
-    spec = spec_for_hf(str(config.get("model_type")))
-    args = hf_model_args(config, spec.name)
+    family = hf_family(str(config.get("model_type")), str(path))
+    args = read_args(family.args_from_hf, config, str(path / "config.json"))
     files = weight_files(path)
     shapes = _tensor_shapes(files, args.tie_word_embeddings)
-    validate_shapes(args, shapes, str(path))
-    weights = _read_weights(files, set(shapes), dtype)
+    validate_shapes(family.expected_shapes(args), shapes, str(path))
+    weights = {name: family.from_hf_weight(name, w)
+               for name, w in _read_weights(files, set(shapes), dtype).items()}
     try:
         tokenizer = TextTokenizer.from_tokenizer_json(path)
     except (FileNotFoundError, ValueError) as exc:
@@ -53,50 +53,6 @@ def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
         chat_template=read_chat_template(path),
         context_length=args.max_position_embeddings,
     )
-
-
-def hf_model_args(config: dict[str, Any], architecture: str) -> ModelArgs:
-    """ModelArgs from config.json.
-
-    RoPE comes as transformers 4's ``rope_theta`` + ``rope_scaling`` or 5's ``rope_parameters``.
-    """
-    try:
-        hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        theta, scaling = _rope(config)
-        return ModelArgs(
-            architecture=architecture,
-            vocab_size=int(config["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(config["intermediate_size"]),
-            num_layers=int(config["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=bool(config.get("attention_bias", False)),
-            mlp_bias=bool(config.get("mlp_bias", False)),
-        )
-    except KeyError as exc:
-        raise CheckpointError(f"config.json lacks {exc.args[0]!r}") from exc
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"config.json has a malformed value ({exc})") from exc
-
-
-def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope_scaling in ``{"rope_type": ...}`` shape or None)."""
-    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", None) or config.get("rope_theta") or 10000.0)
-    if "type" in params and "rope_type" not in params:
-        params["rope_type"] = params.pop("type")  # transformers < 4.45 spelling
-    params.pop("type", None)
-    if params.get("rope_type", "default") == "default":
-        return theta, None
-    return theta, params
 
 
 def weight_files(path: Path) -> list[Path]:

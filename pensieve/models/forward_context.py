@@ -54,14 +54,16 @@ class ForwardContext:
 
 def paged_attention(
     layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
-    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None, *, window: int | None = None,
 ) -> torch.Tensor:
     """Apply RoPE (when ``cos_sin`` is given), store this step's K/V, then attend each
-    sequence over its whole cached context.
+    sequence over its cached context (the last ``window`` keys only, for a windowed layer).
 
     q: [T, Hq, D]; k, v: [T, Hk, D]. Returns [T, Hq, D]. Causal within the new tokens: the
-    i-th new token of a sequence sees keys up to ``context_len - query_len + i``. A backend
-    in ``ctx.attention`` may fuse RoPE with the cache writes.
+    i-th new token of a sequence sees keys up to ``context_len - query_len + i`` (and from
+    ``window - 1`` before it). A backend in ``ctx.attention`` may fuse RoPE with the cache
+    writes; it attends over everything, so the model runner gives none to a step where a
+    window masks (the per-sequence loop below does).
     """
     if ctx.attention is not None:
         return ctx.attention(layer, q, k, v, ctx, cos_sin)
@@ -73,16 +75,19 @@ def paged_attention(
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
     out = torch.empty_like(q)
     for seq in ctx.sequences:
-        attend_cached(q, k_cache, v_cache, seq, out)
+        attend_cached(q, k_cache, v_cache, seq, out, window)
     return out
 
 
 def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  seq: SequenceSlice, out: torch.Tensor) -> None:
+                  seq: SequenceSlice, out: torch.Tensor, window: int | None = None) -> None:
     """``out``'s rows of ``seq`` = its (rotated) queries in ``q`` [T, Hq, D] attending over its
     context, already in the cache; causal within the new tokens."""
     rows = slice(seq.query_start, seq.query_start + seq.query_len)
-    mask = _causal_mask(seq, q.device, q.dtype)
+    if window is not None and window < seq.context_len:
+        mask = _window_mask(seq.query_len, seq.context_len, window, str(q.device), q.dtype)
+    else:
+        mask = _causal_mask(seq, q.device, q.dtype)
     attn = F.scaled_dot_product_attention(
         q[rows].transpose(0, 1).unsqueeze(0),
         _gather(k_cache, seq).transpose(0, 1).unsqueeze(0).to(q.dtype),
@@ -104,6 +109,17 @@ def _causal_mask(seq: SequenceSlice, device: torch.device, dtype: torch.dtype) -
     if seq.query_len == 1 or seq.query_len == seq.context_len:
         return None
     return _offset_causal_mask(seq.query_len, seq.context_len, str(device), dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _window_mask(query_len: int, context_len: int, window: int, device: str,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask: the i-th new token (absolute position p) sees keys p - window + 1 .. p."""
+    offset = context_len - query_len
+    rows = torch.arange(query_len, device=device).unsqueeze(1) + offset
+    cols = torch.arange(context_len, device=device).unsqueeze(0)
+    hidden = (cols > rows) | (cols <= rows - window)
+    return torch.zeros(query_len, context_len, device=device, dtype=dtype).masked_fill_(hidden, float("-inf"))
 
 
 @functools.lru_cache(maxsize=4)

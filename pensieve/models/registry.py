@@ -1,14 +1,16 @@
-"""One table: architecture name → model class."""
+"""One table of model families; lookups by registry name, GGUF architecture, HF model_type."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from pensieve.models import gemma3, llama, mistral, phi3, qwen2, qwen3
 from pensieve.models.args import ModelArgs
-from pensieve.models.llama import LlamaForCausalLM
+from pensieve.models.family import Family
 
-MODELS: dict[str, type[nn.Module]] = {
-    "llama": LlamaForCausalLM,
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY, phi3.FAMILY,
+                        gemma3.FAMILY)
 }
 
 
@@ -16,11 +18,39 @@ class UnsupportedArchitectureError(ValueError):
     pass
 
 
-def model_class(args: ModelArgs) -> type[nn.Module]:
+def _supported(attr: str) -> str:
+    return ", ".join(sorted(n for f in FAMILIES.values() for n in getattr(f, attr)))
+
+
+def family(name: str) -> Family:
     try:
-        return MODELS[args.architecture]
+        return FAMILIES[name]
     except KeyError:
-        known = ", ".join(sorted(MODELS))
         raise UnsupportedArchitectureError(
-            f"unsupported architecture {args.architecture!r} (supported: {known})"
+            f"unsupported architecture {name!r} (supported: {', '.join(sorted(FAMILIES))})"
         ) from None
+
+
+def family_for_gguf(architecture: str) -> Family:
+    """The family whose GGUF ``general.architecture`` is ``architecture``."""
+    for f in FAMILIES.values():
+        if architecture in f.gguf_architectures:
+            return f
+    raise UnsupportedArchitectureError(
+        f"unsupported GGUF architecture {architecture!r}; supported: {_supported('gguf_architectures')}"
+    )
+
+
+def family_for_hf(model_type: str) -> Family:
+    """The family whose HF ``config.json`` ``model_type`` is ``model_type``."""
+    for f in FAMILIES.values():
+        if model_type in f.hf_model_types:
+            return f
+    raise UnsupportedArchitectureError(
+        f"unsupported model_type {model_type!r} in config.json; "
+        f"supported: {_supported('hf_model_types')}"
+    )
+
+
+def model_class(args: ModelArgs) -> type[nn.Module]:
+    return family(args.architecture).model

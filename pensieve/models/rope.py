@@ -46,8 +46,29 @@ def _yarn_inv_freq(
     return new, float(attention_factor)
 
 
+def _longrope_inv_freq(inv_freq: torch.Tensor, cfg: dict[str, Any], context_length: int | None
+                       ) -> tuple[torch.Tensor, float]:
+    """Phi-3's LongRoPE: per-dimension divisors, ``long_factor`` when the served context goes
+    past the trained ``original_max_position_embeddings`` (as llama.cpp decides it: by the
+    context, so every token of a sequence shares one rotation), ``short_factor`` otherwise;
+    cos/sin scaled by √(1 + ln(factor) / ln(original)) as transformers does."""
+    original = int(cfg["original_max_position_embeddings"])
+    long = context_length is not None and context_length > original
+    factors = torch.tensor(cfg["long_factor" if long else "short_factor"], dtype=torch.float32)
+    if factors.numel() != inv_freq.numel():
+        raise RopeConfigError(
+            f"longrope has {factors.numel()} factors for {inv_freq.numel()} frequencies")
+    attention_factor = cfg.get("attention_factor")
+    if attention_factor is None:
+        factor = float(cfg.get("factor") or cfg.get("max_position_embeddings", original) / original)
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(
+            1 + math.log(factor) / math.log(original))
+    return inv_freq / factors, float(attention_factor)
+
+
 def rope_inv_freq(
-    head_dim: int, base: float, scaling: dict[str, Any] | None
+    head_dim: int, base: float, scaling: dict[str, Any] | None,
+    context_length: int | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and the attention (magnitude) factor for a scaling config.
 
@@ -67,6 +88,11 @@ def rope_inv_freq(
         return _llama3_inv_freq(inv_freq, scaling), 1.0
     if kind == "yarn":
         return _yarn_inv_freq(inv_freq, scaling, base, head_dim)
+    if kind in ("longrope", "su"):
+        return _longrope_inv_freq(inv_freq, scaling, context_length)
+    if kind == "freq_factors":  # llama.cpp's rope_freqs tensor (Llama 3.1 GGUFs): divisors
+        factors = torch.tensor(scaling["factors"], dtype=torch.float32)
+        return inv_freq / factors, 1.0
     raise RopeConfigError(f"unsupported rope_scaling type {kind!r}")
 
 
@@ -74,16 +100,17 @@ class RotaryEmbedding(torch.nn.Module):
     """cos/sin tables for every position, looked up by absolute position."""
 
     def __init__(
-        self, head_dim: int, max_positions: int, base: float, scaling: dict[str, Any] | None
+        self, head_dim: int, max_positions: int, base: float, scaling: dict[str, Any] | None,
+        context_length: int | None = None,
     ) -> None:
         super().__init__()
-        self._spec = (head_dim, max_positions, base, scaling)
+        self._spec = (head_dim, max_positions, base, scaling, context_length or max_positions)
         self.materialize()
 
     def materialize(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the tables on ``device`` (None: the CPU, whatever the default device)."""
-        head_dim, max_positions, base, scaling = self._spec
-        inv_freq, attn_factor = rope_inv_freq(head_dim, base, scaling)
+        head_dim, max_positions, base, scaling, context = self._spec
+        inv_freq, attn_factor = rope_inv_freq(head_dim, base, scaling, context)
         t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
         emb = torch.outer(t, inv_freq).repeat(1, 2)
         self.register_buffer("cos", (emb.cos() * attn_factor).to(device), persistent=False)
@@ -97,8 +124,15 @@ class RotaryEmbedding(torch.nn.Module):
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``q`` [T, Hq, D] and ``k`` [T, Hk, D] (rotate-half layout)."""
+    """Rotate ``q`` [T, Hq, D] and ``k`` [T, Hk, D] (rotate-half layout); with tables
+    narrower than D (partial rotary), only the first dims rotate."""
     cos, sin = cos_sin
+    dim = cos.shape[-1]
+    if dim < q.shape[-1]:
+        (q_rot, q_pass), (k_rot, k_pass) = q.split([dim, q.shape[-1] - dim], -1), k.split(
+            [dim, k.shape[-1] - dim], -1)
+        q_rot, k_rot = apply_rope(q_rot, k_rot, cos_sin)
+        return torch.cat((q_rot, q_pass), -1), torch.cat((k_rot, k_pass), -1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pensieve.engine.config import EngineConfig
-from pensieve.engine.engine import Engine
+from pensieve.backends.torch_backend import torch_engine
 from pensieve.engine.types import SamplingParams
 from tests.helpers.tiny_engine import ByteTokenizer, tiny_args, tiny_model
 
@@ -148,7 +148,7 @@ def _engine(device, dtype, graphs=True, **overrides):
                device=device, dtype=dtype)
     cfg.update(overrides)
     model = tiny_model().to(device=device, dtype=dtype)
-    engine = Engine(model, tiny_args(), ByteTokenizer(), EngineConfig(**cfg))
+    engine = torch_engine(model, tiny_args(), ByteTokenizer(), EngineConfig(**cfg))
     if not graphs:
         engine.runner.graphs = engine.runner.chunk_graphs = None
     return engine

@@ -13,6 +13,7 @@ xgr = pytest.importorskip("xgrammar")
 
 from pensieve.engine import grammar as grammar_mod  # noqa: E402
 from pensieve.engine.config import EngineConfig  # noqa: E402
+from pensieve.backends.torch_backend import torch_engine  # noqa: E402
 from pensieve.engine.engine import Engine  # noqa: E402
 from pensieve.engine.grammar import (  # noqa: E402
     BitmaskApplier,
@@ -146,7 +147,7 @@ def bpe_engine(tok: TextTokenizer, **overrides) -> Engine:
     model = LlamaForCausalLM(args).eval()
     cfg = dict(context_length=512, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
     cfg.update(overrides)
-    return Engine(model, args, tok, EngineConfig(**cfg))
+    return torch_engine(model, args, tok, EngineConfig(**cfg))
 
 
 def run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]]):

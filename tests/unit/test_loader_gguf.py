@@ -12,7 +12,10 @@ from tests.unit.loader_fixtures import (Q, TinyLlama, llamacpp_permute, random_b
                              tiny_bpe_tokenizer, write_tiny_gguf)
 
 from pensieve.loaders.checkpoint import CheckpointError
-from pensieve.loaders.gguf import hf_name, load_gguf, model_name, unpermute_rows
+from pensieve.loaders.gguf import load_gguf, model_name, unpermute_rows
+from pensieve.models.llama import FAMILY as LLAMA
+
+hf_name = LLAMA.gguf_names.hf_name
 from pensieve.loaders.gguf_file import GGUFFile
 from pensieve.loaders.registry import load_checkpoint
 

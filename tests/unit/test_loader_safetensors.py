@@ -9,7 +9,9 @@ import torch
 
 from pensieve.loaders.checkpoint import CheckpointError
 from pensieve.loaders.registry import load_checkpoint
-from pensieve.loaders.safetensors import hf_model_args, read_chat_template
+from pensieve.loaders.safetensors import read_chat_template
+from pensieve.models.config import hf_args as hf_model_args
+from pensieve.models.family import ModelConfigError
 from tests.unit.loader_fixtures import tiny_bpe_tokenizer
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -97,7 +99,7 @@ def test_rope_config_shapes():
                           "llama")
     assert plain.rope_scaling is None and plain.rope_theta == 5.0
     assert plain.num_kv_heads == 2 and plain.head_dim == 4
-    with pytest.raises(CheckpointError, match="hidden_size"):
+    with pytest.raises(ModelConfigError, match="hidden_size"):
         hf_model_args({k: v for k, v in base.items() if k != "hidden_size"}, "llama")
 
 

@@ -1,0 +1,137 @@
+"""What a model family declares: its configs, its GGUF names, its module, its fast paths.
+
+Each ``models/<family>.py`` ends with one ``Family`` value; ``models/registry.py`` lists them.
+Loaders ask the family how to read a ``config.json`` or GGUF metadata into ``ModelArgs``,
+which GGUF tensor is which HF weight, which weights the module expects; backends ask it which
+fast paths the model may take (``FastPaths``) — never ``isinstance`` on a module.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pensieve.models.args import ModelArgs
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+class ModelConfigError(ValueError):
+    """A config or metadata value the family cannot build a model from (loaders add the path)."""
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Optimised paths a model may take; each is a promise that the path computes what the
+    module does for this model (same norms, attention, activation).
+
+    ``cpu_decoder``: the one-call C decoder of a q4 step (``backends/cpu_quant/decoder.py``:
+    RMSNorm → fused qkv (+bias) → RoPE → full attention → o → RMSNorm → SiLU-gated MLP).
+    ``cpu_fused_mlp``: the q4 SiLU-gated MLP in one kernel (``Q4MLP``).
+    ``paged_kernels``: the compiled paged-attention backends (CPU kernel, CUDA Triton), which
+    attend over the whole context (no windows).
+    ``cuda_graphs``: decode and chunk steps replayed as CUDA graphs (needs ``paged_kernels``).
+    ``cuda_fused_layers``: SiLU·mul and residual-add + RMSNorm kernels in the Llama block.
+    """
+
+    cpu_decoder: bool = False
+    cpu_fused_mlp: bool = False
+    paged_kernels: bool = False
+    cuda_graphs: bool = False
+    cuda_fused_layers: bool = False
+
+
+LLAMA_BLOCK = FastPaths(cpu_decoder=True, cpu_fused_mlp=True, paged_kernels=True,
+                        cuda_graphs=True, cuda_fused_layers=True)
+
+
+@dataclass(frozen=True)
+class GGUFNames:
+    """llama.cpp tensor names → HF names: ``globals`` whole names, ``blocks`` the part
+    between ``blk.N.`` and ``.weight``/``.bias``. ``permute_qk``: llama.cpp's converter
+    interleaved the rotary halves of Q/K rows for this family (undone on load)."""
+
+    globals: Mapping[str, str]
+    blocks: Mapping[str, str]
+    permute_qk: bool = False
+    ignored: frozenset[str] = frozenset()  # tensors read elsewhere (RoPE factors) or unused
+
+    _BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)")
+
+    def hf_name(self, gguf_name: str) -> str | None:
+        if gguf_name in self.globals:
+            return self.globals[gguf_name]
+        m = self._BLOCK_RE.fullmatch(gguf_name)
+        if m and m.group(2) in self.blocks:
+            return f"model.layers.{m.group(1)}.{self.blocks[m.group(2)]}.{m.group(3)}"
+        return None
+
+
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LLAMA_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+QK_NORM_NAMES = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """What a family reads from a GGUF: ``meta`` its key/value metadata, ``shapes`` every
+    tensor's torch shape by llama.cpp name, ``arch`` the ``general.architecture`` value,
+    ``vectors`` small float tensors the loader decoded for the family (RoPE factors)."""
+
+    arch: str
+    meta: Mapping[str, Any]
+    shapes: Mapping[str, tuple[int, ...]]
+    vectors: Mapping[str, list[float]] = field(default_factory=dict)
+
+    def key(self, suffix: str, default: Any = ...) -> Any:
+        """``{arch}.{suffix}``; ModelConfigError when absent without a default."""
+        value = self.meta.get(f"{self.arch}.{suffix}", default)
+        if value is ...:
+            raise ModelConfigError(f"GGUF metadata lacks {self.arch}.{suffix}")
+        return value
+
+    def scalar(self, suffix: str, default: Any = ...) -> Any:
+        value = self.key(suffix, default)
+        if isinstance(value, list):
+            if len(set(value)) != 1:
+                raise ModelConfigError(f"per-layer {self.arch}.{suffix} is not supported")
+            value = value[0]
+        return value
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture's home. ``model`` is built as ``model(args, max_positions=...)``."""
+
+    name: str
+    gguf_architectures: tuple[str, ...]
+    hf_model_types: tuple[str, ...]
+    model: type[nn.Module]
+    args_from_hf: Callable[[Mapping[str, Any]], ModelArgs]
+    args_from_gguf: Callable[[GGUFSource], ModelArgs]
+    gguf_names: GGUFNames
+    expected_shapes: Callable[[ModelArgs], Shapes]
+    fast_paths: Callable[[ModelArgs, int], FastPaths]
+    # an HF checkpoint's weight as the module holds it (e.g. Gemma's norms store w, we keep 1+w)
+    from_hf_weight: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, w: w
+    # a GGUF's weight as the module holds it, by HF name
+    from_gguf_weight: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, w: w
