@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.cpu_kernels --only kernels --rows 1 4 16 64 --aten
     .venv/bin/python -m bench.cpu_kernels --only decode --repeats 5 --tokens 128
     .venv/bin/python -m bench.cpu_kernels --only profile --repeats 3   # where prefill goes
+    .venv/bin/python -m bench.cpu_kernels --only types --shapes 1.5b_up 1.5b_down  # per GGUF type
 
 Kernels: x[M, K] @ W.T for the SmolLM2-135M shapes, float32 (PyTorch/MKL) against the q4
 (group-32 affine, the Q4_1 layers) and q8 (Q8_0, the tied output projection) kernels of
@@ -138,6 +139,55 @@ def bench_kernels(rows: list[int], repeats: int, aten: bool, cold_bytes: int,
             print(fmt_row(row), flush=True)
         del impls
     return results
+
+
+TYPES = ("Q4_K", "Q4_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL")
+
+
+def random_codes(qtype: str, n: int, k: int, seed: int = 0):
+    """A random [n, k] GGUF tensor of ``qtype`` (sane float16 scales) as the kernels keep it."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from pensieve.loaders.int4_codes import quant_groups
+
+    t = GGMLQuantizationType[qtype]
+    block, size = GGML_QUANT_SIZES[t]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n * k // block, size), dtype=np.uint8)
+    at = {"Q6_K": (208,), "Q5_1": (0, 2), "Q5_K": (0, 2), "Q4_K": (0, 2)}.get(qtype, (0,))
+    for a in at:
+        raw[:, a:a + 2] = rng.uniform(0.001, 0.01, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
+    return quant_groups(torch.from_numpy(raw.reshape(-1)), t, (n, k))
+
+
+def bench_types(rows: list[int], repeats: int, cold_bytes: int, shapes: list[str],
+                types: list[str]) -> None:
+    """µs per call of each GGUF type's kernel (``CodesLinear``) against float32, per shape."""
+    from pensieve.backends.cpu_quant import load_kernels
+    from pensieve.backends.cpu_quant.codes_linear import CodesLinear
+
+    kernels = load_kernels()
+    for name in shapes:
+        k, n = SHAPES[name]
+        if k % 256:
+            types_here = [t for t in types if t[-1] != "K"]
+        else:
+            types_here = types
+        makers = {"fp32": (lambda: (lambda x, w=torch.randn(n, k): F.linear(x, w)), n * k * 4)}
+        for t in types_here:
+            g = random_codes(t, n, k)
+            makers[t] = (lambda g=g: CodesLinear(kernels, g), n * k)
+        impls = {impl: _copies(make, nbytes, cold_bytes) for impl, (make, nbytes) in makers.items()}
+        for m in rows:
+            x = torch.randn(m, k)
+            cells = [f"{name:<13} {k:>5}×{n:<6} M={m:<4}"]
+            with torch.inference_mode():
+                for impl, layers in impls.items():
+                    wall, _ = timed([lambda f=f: f(x) for f in layers], repeats)
+                    cells.append(f"{impl} {wall * 1e6:7.0f}")
+            print(" | ".join(cells), flush=True)
+        del impls
 
 
 def fmt_row(row: dict) -> str:
@@ -282,7 +332,8 @@ def print_profile(res: dict[str, float]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", choices=("kernels", "decode", "profile"))
+    ap.add_argument("--only", choices=("kernels", "decode", "profile", "types"))
+    ap.add_argument("--types", nargs="+", default=list(TYPES), choices=list(TYPES))
     ap.add_argument("--chunk", type=int, default=512, help="profile: prefill chunk (tokens)")
     ap.add_argument("--prefill-tokens", type=int, default=1580, help="profile: prompt tokens")
     ap.add_argument("--rows", type=int, nargs="+", default=[1])
@@ -301,6 +352,8 @@ def main() -> None:
           f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()}")
     if args.only in (None, "kernels"):
         bench_kernels(args.rows, args.repeats, args.aten, args.cold_mb << 20, args.shapes)
+    if args.only == "types":
+        bench_types(args.rows, args.repeats, args.cold_mb << 20, args.shapes, args.types)
     if args.only == "profile":
         print_profile(profile_prefill(args.repeats, args.chunk, args.prefill_tokens))
     if args.only in (None, "decode"):
