@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from pensieve.chat.messages import HistoryStyle, TemplateMessage, conversation_messages, fit_roles
+from pensieve.chat.prompt_text import PromptText, unmark
 from pensieve.chat.segmenter import ThinkingMarkers
 from pensieve.chat.template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError
 from pensieve.chat.thinking import (
@@ -114,6 +115,7 @@ class PromptRenderer:
         self.template_kwargs = dict(template_kwargs or {})
         self.thinking_key = thinking_key or thinking_key_from_env()
         self.signer = ThinkingSigner(self.thinking_key)
+        self.prompt_text = PromptText(tokenizer)  # request text never becomes special tokens
         self.caps = self._probe_caps()
         markers = self.caps.thinking_markers
         self.history_style = HistoryStyle(
@@ -140,14 +142,16 @@ class PromptRenderer:
         caps = self.caps
         tool_format = caps.tool_format if native else DEFAULT_TOOL_FORMAT
         tools = plan_tools(request, tool_format=tool_format, native=native)
+        shown = self.prompt_text.mark(request)  # rendered; ``tools`` (unmarked) drive grammars
+        shown_tools = tools if shown is request else plan_tools(shown, tool_format=tool_format, native=native)
         thinking = plan_thinking(request, caps.thinking_markers)
         style = self.history_style if native else replace(self.history_style, native_tools=False)
         messages = fit_roles(
-            conversation_messages(request, style, system_suffix=self._tools_system(tools)),
+            conversation_messages(shown, style, system_suffix=self._tools_system(shown_tools)),
             system_first=caps.system_first,
             system_anywhere=caps.system_anywhere,
         )
-        hf_tools = template_tools(tools) if tools and native else None
+        hf_tools = template_tools(shown_tools) if shown_tools and native else None
         kwargs = self._kwargs(request, thinking)
         prefill = ""
         last = messages[-1] if messages else {}
@@ -159,8 +163,9 @@ class PromptRenderer:
             text = self._render_continuation(messages, hf_tools, prefill, kwargs)
         else:
             text = self._render(messages, hf_tools, add_generation_prompt=True, **kwargs)
+        text, ids = self._encode(text)
         thinking = replace(thinking, starts_open=prompt_opens_thinking(text, caps.thinking_markers))
-        return RenderedPrompt(text, self._encode(text), prefill, tools, thinking)
+        return RenderedPrompt(text, ids, unmark(prefill), tools, thinking)
 
     def count_tokens(self, request: ConversationParams) -> int:
         return self.render(request).num_tokens
@@ -205,13 +210,14 @@ class PromptRenderer:
         log.debug("prefill not found in the rendered template; appending it to a generation prompt")
         return self._render(messages[:-1], tools, add_generation_prompt=True, **kwargs) + prefill.rstrip()
 
-    def _encode(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text)
+    def _encode(self, text: str) -> tuple[str, list[int]]:
+        """The rendered text without marks, and its ids (BOS prepended where due)."""
+        text, ids = self.prompt_text.encode(text)
         tok = self.tokenizer
         bos = tok.bos_token
         if tok.add_bos and tok.bos_token_id is not None and not (bos and text.startswith(bos)):
             ids = [tok.bos_token_id, *ids]
-        return ids
+        return text, ids
 
     def _probe_caps(self) -> TemplateCaps:
         first = [{"role": "system", "content": _PROBE_SYSTEM}, {"role": "user", "content": "hi"}]

@@ -8,6 +8,7 @@ whether a raw prompt should start with it. ``decode`` keeps special tokens.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,13 @@ class TextTokenizer:
         self.eos_token_ids: frozenset[int] = frozenset(
             i for i in ends if i is not None and 0 <= i < self.vocab_size
         )
-        self._special_ids = frozenset(
-            i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special
-        )
+        added = tokenizer.get_added_tokens_decoder()
+        self._special_ids = frozenset(i for i, tok in added.items() if tok.special)
+        # the control tokens' strings: request text that spells one must stay text
+        self.special_tokens: tuple[str, ...] = tuple(
+            tok.content for tok in added.values() if tok.special and tok.content)
+        self._text_tok: Tokenizer | None = None  # specials read as text (built on first use)
+        self._text_lock = threading.Lock()
         self._prefix: PrefixEncoder | None = None
         if prefix_eligible(tokenizer):
             prefix = PrefixEncoder(self._encode_plain, encode_batch=self._encode_pieces)
@@ -66,12 +71,25 @@ class TextTokenizer:
         """The underlying ``tokenizers.Tokenizer`` (for grammar engines that need it)."""
         return self._tok
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of ``text``; specials written in it are parsed; no BOS is added. A long text
-        that starts like a recent one reuses that one's ids (``prefix_encoder.py``)."""
+    def encode(self, text: str, *, special: bool = True) -> list[int]:
+        """Ids of ``text``; specials written in it are parsed (``special=False``: read as
+        plain text); no BOS is added. A long text that starts like a recent one reuses that
+        one's ids (``prefix_encoder.py``)."""
+        if not special:
+            return self._specials_as_text().encode(text, add_special_tokens=False).ids
         if self._prefix is not None and len(text) >= PREFIX_MIN_CHARS:
             return self._prefix.encode(text)
         return self._encode_plain(text)
+
+    def _specials_as_text(self) -> Tokenizer:
+        """A copy of the tokenizer that encodes special-token strings as text (the flag is
+        per tokenizer, and encodes run on several threads: the shared one is never flipped)."""
+        with self._text_lock:
+            if self._text_tok is None:
+                plain = Tokenizer.from_str(self._tok.to_str())
+                plain.encode_special_tokens = True
+                self._text_tok = plain
+            return self._text_tok
 
     def _encode_plain(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
