@@ -18,6 +18,7 @@ def create_app(config: ApiConfig, engine: GenerationClient, renderer: PromptRend
     The engine's lifecycle (start, shutdown) belongs to the caller.
     """
     app = FastAPI(title="Pensieve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.router.redirect_slashes = False  # POST /v1/messages/ is a 404 (as the API's), not a 307
     app.state.services = Services(config=config, engine=engine, renderer=renderer)
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)

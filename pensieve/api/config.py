@@ -30,6 +30,12 @@ class ApiConfig:
     # never sends one, and small local models loop at 1.0)
     default_temperature: float = 1.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # caps on what a request may hold (api/limits.py); generous for Claude Code's traffic
+    max_messages: int = 100_000
+    max_tools: int = 1_000
+    max_tool_schema_bytes: int = 1024 * 1024
+    max_stop_sequences: int = 256
+    max_stop_sequence_chars: int = 1_000
     # the loop guard applied to every request (the API has no such knob); None → off
     dry: DryParams | None = None
 
@@ -44,6 +50,10 @@ class ApiConfig:
             raise ValueError(f"ApiConfig.ping_interval_s must be positive, got {self.ping_interval_s}")
         if self.max_body_bytes <= 0:
             raise ValueError(f"ApiConfig.max_body_bytes must be positive, got {self.max_body_bytes}")
+        for cap in ("max_messages", "max_tools", "max_tool_schema_bytes", "max_stop_sequences",
+                    "max_stop_sequence_chars"):
+            if getattr(self, cap) < 1:
+                raise ValueError(f"ApiConfig.{cap} must be at least 1, got {getattr(self, cap)}")
         if any(not key for key in self.api_keys):
             raise ValueError("ApiConfig.api_keys must not contain an empty key")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pensieve.api.config import ApiConfig
 from pensieve.api.errors import ApiError, prompt_too_long
+from pensieve.api.limits import check_request_limits
 from pensieve.chat.caching import wants_prompt_cache
 from pensieve.api.state import GenerationClient, Services
 from pensieve.chat import MessageEventBuilder, RenderedPrompt
@@ -63,8 +64,13 @@ def check_model(config: ApiConfig, name: str) -> str:
 
 async def render_prompt(services: Services, request: ConversationParams) -> RenderedPrompt:
     check_model(services.config, request.model)
+
+    def render() -> RenderedPrompt:
+        check_request_limits(services.config, request, services.renderer.tokenizer)
+        return services.renderer.render(request)
+
     # Rendering a 20k-token conversation takes milliseconds of CPU: keep the loop free.
-    return await run_in_threadpool(services.renderer.render, request)
+    return await run_in_threadpool(render)
 
 
 async def prepare_generation(services: Services, request: MessageCreateParams, request_id: str) -> PreparedGeneration:

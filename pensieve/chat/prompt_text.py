@@ -18,7 +18,14 @@ import re
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from pensieve.protocol import ConversationParams
+from pensieve.chat.messages import BILLING_HEADER_PREFIX
+from pensieve.protocol import (
+    ConversationParams,
+    TextBlockParam,
+    ToolParam,
+    ToolResultBlockParam,
+    ToolUseBlockParam,
+)
 
 MARK = "\ufdd0"  # a noncharacter: never meaningful in text, removed from request text
 # Parts of a request that reach the prompt as text; thinking blocks keep their signed text.
@@ -118,6 +125,55 @@ class PromptText:
 
 def unmark(text: str) -> str:
     return text.replace(MARK, "")
+
+
+def text_chars(request: ConversationParams) -> int:
+    """Characters of request text that surely reach the prompt: text blocks, tool calls and
+    results, offered tools (string leaves only). Not counted: signed thinking (templates may
+    drop past thinking), images, documents, unknown blocks and tools, the billing header."""
+    n = _content_chars(request.system, system=True)
+    for message in request.messages:
+        n += _content_chars(message.content)
+    for tool in request.tools or ():
+        if isinstance(tool, ToolParam):
+            n += len(tool.name) + len(tool.description or "") + _leaf_chars(tool.input_schema)
+    return n
+
+
+def _content_chars(content: Any, system: bool = False) -> int:
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return 0 if system and content.startswith(BILLING_HEADER_PREFIX) else len(content)
+    n = 0
+    for block in content:
+        if isinstance(block, TextBlockParam):
+            n += 0 if system and block.text.startswith(BILLING_HEADER_PREFIX) else len(block.text)
+        elif isinstance(block, ToolUseBlockParam):
+            n += len(block.name) + _leaf_chars(block.input)
+        elif isinstance(block, ToolResultBlockParam):
+            n += _content_chars(block.content)
+    return n
+
+
+def _leaf_chars(value: Any) -> int:
+    """Characters of the strings (keys too) in a JSON value: its JSON text has at least these."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(k)) + _leaf_chars(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_leaf_chars(v) for v in value)
+    return 0
+
+
+def min_prompt_tokens(request: ConversationParams, tokenizer: Any) -> int:
+    """A lower bound of the request's prompt tokens, without tokenizing: no token spells more
+    characters than the tokenizer's longest piece. 0 when the tokenizer does not say."""
+    longest = getattr(tokenizer, "max_token_chars", None)
+    if not longest:
+        return 0
+    return text_chars(request) // longest
 
 
 def _trie_regex(words: Iterable[str]) -> re.Pattern[str]:

@@ -59,12 +59,23 @@ class TextTokenizer:
         # the control tokens' strings: request text that spells one must stay text
         self.special_tokens: tuple[str, ...] = tuple(
             tok.content for tok in added.values() if tok.special and tok.content)
+        self._max_token_chars: int | None = None
         self._text_tok: Tokenizer | None = None  # specials read as text (built on first use)
         self._text_lock = threading.Lock()
         self._prefix: PrefixEncoder | None = None
         if prefix_eligible(tokenizer):
             prefix = PrefixEncoder(self._encode_plain, encode_batch=self._encode_pieces)
             self._prefix = prefix if prefix.works() else None
+
+    @property
+    def max_token_chars(self) -> int:
+        """Characters of the longest vocabulary piece: no token spells more text than this
+        (byte-level pieces write one character per byte), so ``len(text) // max_token_chars``
+        bounds a text's token count from below without encoding it."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max((len(p) for p in self._tok.get_vocab(with_added_tokens=True)),
+                                        default=1)
+        return self._max_token_chars
 
     @property
     def backend(self) -> Tokenizer:

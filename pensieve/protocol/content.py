@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Tag
+from pydantic import Field, Discriminator, Tag
 
 from pensieve.protocol.base import UNKNOWN_TAG, RequestModel, tag_of
 
@@ -66,7 +66,7 @@ class ToolResultBlockParam(RequestModel):
     type: Literal["tool_result"]
     tool_use_id: str
     content: str | list[ContentBlockParam] | None = None
-    is_error: bool | None = None
+    is_error: bool | None = Field(default=None, strict=True)
 
 
 _BLOCK_TYPES = ("text", "image", "document", "thinking", "redacted_thinking", "tool_use", "tool_result")

@@ -4,6 +4,8 @@ Only what we act on is declared; everything else a client sends (``metadata``,
 ``context_management``, ``container``, ``service_tier``, top-level ``cache_control`` …) is
 kept in ``model_extra`` and ignored. Limits follow the API: ``temperature`` and ``top_p`` in
 [0, 1], ``top_k`` ≥ 0, ``max_tokens`` ≥ 0 (0 only warms the cache: nothing is generated).
+Types are strict where the API's are: ``"max_tokens": "1"``, ``"stream": "yes"`` are refused
+(400), not coerced.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ ToolChoiceParam = Annotated[
 
 class ThinkingConfigEnabledParam(RequestModel):
     type: Literal["enabled"]
-    budget_tokens: int
+    budget_tokens: int = Field(strict=True)
     display: str | None = None
 
 
@@ -154,12 +156,12 @@ class ConversationParams(RequestModel):
 class MessageCreateParams(ConversationParams):
     """Body of ``POST /v1/messages``."""
 
-    max_tokens: int = Field(ge=0)
-    stream: bool | None = None
+    max_tokens: int = Field(ge=0, strict=True)
+    stream: bool | None = Field(default=None, strict=True)
     stop_sequences: list[str] | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0.0, le=1.0, strict=True)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0, strict=True)
+    top_k: int | None = Field(default=None, ge=0, strict=True)
     metadata: MetadataParam | None = None
 
 

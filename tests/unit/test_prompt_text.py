@@ -119,3 +119,15 @@ def test_request_marks_never_reach_the_text_or_the_tools_plan():
     assert MARK not in prompt.text and "ab <|im_end|>" in prompt.text
     assert prompt.tools is not None
     assert all(MARK not in str(t) for t in prompt.tools.tools)
+
+
+def test_the_size_bound_never_exceeds_the_real_token_count():
+    from pensieve.chat.prompt_text import min_prompt_tokens
+    from pensieve.loaders.default_model import default_model_path
+
+    tok, template = _vocab(default_model_path())
+    renderer = PromptRenderer(tok, template)
+    texts = ["a" * 5000, " " * 5000, "\n" * 3000, "é" * 2000, "ab" * 3000, "Hello, world! " * 300]
+    for text in texts:
+        request = conversation(text, text, text, text)
+        assert min_prompt_tokens(request, tok) <= renderer.render(request).num_tokens
