@@ -30,6 +30,7 @@ class ApiConfig:
     # never sends one, and small local models loop at 1.0)
     default_temperature: float = 1.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout_s: float = 60.0  # the whole request body must arrive within this
     # caps on what a request may hold (api/limits.py); generous for Claude Code's traffic
     max_messages: int = 100_000
     max_tools: int = 1_000
@@ -48,6 +49,8 @@ class ApiConfig:
             raise ValueError(f"default temperature must be in [0, 2], got {self.default_temperature}")
         if self.ping_interval_s <= 0:
             raise ValueError(f"ApiConfig.ping_interval_s must be positive, got {self.ping_interval_s}")
+        if self.body_timeout_s <= 0:
+            raise ValueError(f"ApiConfig.body_timeout_s must be positive, got {self.body_timeout_s}")
         if self.max_body_bytes <= 0:
             raise ValueError(f"ApiConfig.max_body_bytes must be positive, got {self.max_body_bytes}")
         for cap in ("max_messages", "max_tools", "max_tool_schema_bytes", "max_stop_sequences",

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 from pensieve.api.auth import require_api_key
-from pensieve.api.body import parse_body, read_body
+from pensieve.api.body import CLIENT_CLOSED_REQUEST, parse_body, read_body
 from pensieve.api.generation import prepare_generation, render_prompt, start_deltas
 from pensieve.api.responses import json_response
 from pensieve.api.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_stream, with_pings
@@ -32,13 +32,13 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 T = TypeVar("T")
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
 
 
 @router.post("/v1/messages")
 async def create_message(request: Request) -> Response:
     services = services_of(request)
-    body = parse_body(MessageCreateParams, await read_body(request, services.config.max_body_bytes))
+    body = parse_body(MessageCreateParams, await read_body(request, services.config.max_body_bytes,
+                                                                 services.config.body_timeout_s))
     request_id: str = request.state.request_id
     prepared = await prepare_generation(services, body, request_id)
     log.debug("%s: %d prompt tokens, max_tokens %d, stream=%s",
@@ -58,7 +58,8 @@ async def create_message(request: Request) -> Response:
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(request: Request) -> Response:
     services = services_of(request)
-    body = parse_body(MessageCountTokensParams, await read_body(request, services.config.max_body_bytes))
+    body = parse_body(MessageCountTokensParams, await read_body(request, services.config.max_body_bytes,
+                                                                 services.config.body_timeout_s))
     prompt = await render_prompt(services, body)
     return json_response(MessageTokensCount(input_tokens=prompt.num_tokens))
 
