@@ -4,7 +4,8 @@ The engine runs in its own thread, stepping while it has work. ``generate`` hand
 to that thread and yields its deltas; leaving the loop early (client disconnect, cancel)
 aborts the request, which frees its KV within one step. A request identical to one still
 running (same prompt and sampling: a client resending after a timeout) attaches to it and
-gets the whole stream from the start instead of starting a second generation.
+gets the whole stream from the start instead of starting a second generation, when the
+output is deterministic (greedy or seeded); unseeded sampling always runs its own.
 
 Liveness: the whole loop is guarded. A failed step fails the requests it held and the loop
 goes on; a failure outside a step, or ``MAX_FAILED_STEPS`` failed steps in a row (a broken
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 from pensieve.engine.engine import Engine
 from pensieve.engine.errors import EngineDeadError, EngineOverloadedError
+from pensieve.engine.sampler import is_greedy
 from pensieve.engine.types import FinishReason, GenerationDelta, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -283,7 +285,11 @@ class EngineClient:
 
 
 def _key(prompt_ids: list[int], params: SamplingParams) -> tuple | None:
-    """What makes two requests the same generation; None when params are not hashable."""
+    """What makes two requests the same generation; None when they may not share one: the
+    output is random (sampling without a seed: two such requests must get two samples), or
+    params are not hashable."""
+    if not is_greedy(params) and params.seed is None:
+        return None
     key = (tuple(prompt_ids), params)
     try:
         hash(key)

@@ -56,3 +56,16 @@ async def test_leaving_alone_aborts_and_frees_blocks(client):
             break
         await asyncio.sleep(0.01)
     assert client.engine.pool.num_free == client.engine.pool.num_blocks
+
+
+async def test_identical_unseeded_sampling_requests_each_get_their_own_sample(client):
+    params = SamplingParams(max_tokens=24, temperature=1.0, ignore_eos=True)
+
+    async def run(rid):
+        text = ""
+        async for d in client.generate(ByteTokenizer().encode("same prompt"), params, rid):
+            text += d.text
+        return text
+
+    await asyncio.gather(run("u1"), run("u2"))
+    assert client.added == ["u1", "u2"]  # two generations, not one shared sample
