@@ -2,7 +2,8 @@
 
 Running requests go first (decodes, then the rest of chunked prefills), then waiting ones:
 requests of a session that asked to keep its prefix (``retain_prefix``) before side requests,
-FIFO within each, all under one token budget. When KV blocks run out the newest running request is
+FIFO within each, all under one token budget, of which running prefills leave a quarter to
+waiting requests while any can be admitted. When KV blocks run out the newest running request is
 preempted: its blocks are freed and it waits to be recomputed from its tokens so far.
 """
 
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 
 from pensieve.engine.kv_manager import KVCacheManager
 from pensieve.engine.request import Request, RequestStatus
+
+
+WAITING_SHARE = 4  # 1/4 of a step's token budget is kept for waiting requests' first chunks
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,17 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
+        # While requests wait for a seat, running prefills leave them part of the budget, so
+        # a short request's first token does not wait for a long prefill to finish.
+        admissible = self.waiting and len(self.running) < self.max_num_seqs
+        reserve = self.max_num_batched_tokens // WAITING_SHARE if admissible else 0
         for req in sorted(self.running, key=lambda r: r.num_pending_tokens > 1):
             if req.status is not RequestStatus.RUNNING or budget == 0:
                 continue  # preempted below by an earlier request of this loop
-            n = min(req.num_pending_tokens, budget)
+            room = budget - reserve if req.num_pending_tokens > 1 else budget  # decodes: never held
+            if room <= 0:
+                continue
+            n = min(req.num_pending_tokens, room)
             if not self._reserve_or_preempt(req, n):
                 continue
             chunks.append(ScheduledChunk(req, n))
