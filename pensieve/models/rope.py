@@ -54,7 +54,8 @@ def _longrope_inv_freq(inv_freq: torch.Tensor, cfg: dict[str, Any], context_leng
     cos/sin scaled by √(1 + ln(factor) / ln(original)) as transformers does."""
     original = int(cfg["original_max_position_embeddings"])
     long = context_length is not None and context_length > original
-    factors = torch.tensor(cfg["long_factor" if long else "short_factor"], dtype=torch.float32)
+    factors = torch.tensor(cfg["long_factor" if long else "short_factor"], dtype=torch.float32,
+                           device="cpu")
     if factors.numel() != inv_freq.numel():
         raise RopeConfigError(
             f"longrope has {factors.numel()} factors for {inv_freq.numel()} frequencies")
@@ -91,7 +92,7 @@ def rope_inv_freq(
     if kind in ("longrope", "su"):
         return _longrope_inv_freq(inv_freq, scaling, context_length)
     if kind == "freq_factors":  # llama.cpp's rope_freqs tensor (Llama 3.1 GGUFs): divisors
-        factors = torch.tensor(scaling["factors"], dtype=torch.float32)
+        factors = torch.tensor(scaling["factors"], dtype=torch.float32, device="cpu")
         return inv_freq / factors, 1.0
     raise RopeConfigError(f"unsupported rope_scaling type {kind!r}")
 
