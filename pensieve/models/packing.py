@@ -17,8 +17,10 @@ def pack_weights(
     """
     out = dict(weights)
     for fused, parts in packed.items():
-        for name in [n for n in weights if n.endswith(f".{parts[0]}.weight")]:
-            prefix = name[: -len(f"{parts[0]}.weight")]
+        # by weight or by bias: a weight kept as quantised codes is not in ``weights``
+        prefixes = {n[: -len(f"{parts[0]}.{kind}")] for kind in ("weight", "bias")
+                    for n in weights if n.endswith(f".{parts[0]}.{kind}")}
+        for prefix in sorted(prefixes):
             for kind in ("weight", "bias"):
                 keys = [f"{prefix}{p}.{kind}" for p in parts]
                 if all(k in out for k in keys):
