@@ -25,10 +25,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextmanager
-def serve_app_in_thread(app: Any, *, host: str = "127.0.0.1", log_level: str = "warning") -> Iterator[str]:
-    """Serve ``app`` on a free port of ``host``; yields ``http://host:port``; stops at exit."""
+def serve_app_in_thread(app: Any, *, host: str = "127.0.0.1", log_level: str = "warning",
+                        **config_kwargs: Any) -> Iterator[str]:
+    """Serve ``app`` on a free port of ``host``; yields ``http://host:port``; stops at exit.
+    ``config_kwargs`` go to ``uvicorn.Config`` (e.g. ``http=`` a protocol class)."""
     port = free_port(host)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off", access_log=False)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                            access_log=False, **config_kwargs)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
