@@ -31,6 +31,9 @@ class ApiConfig:
     default_temperature: float = 1.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     body_timeout_s: float = 60.0  # the whole request body must arrive within this
+    # a generation still running this long after its request arrived is stopped (504
+    # timeout_error, or an error event mid-stream) and its KV freed; None → no deadline
+    request_timeout_s: float | None = 3600.0
     # caps on what a request may hold (api/limits.py); generous for Claude Code's traffic
     max_messages: int = 100_000
     max_tools: int = 1_000
@@ -51,6 +54,8 @@ class ApiConfig:
             raise ValueError(f"ApiConfig.ping_interval_s must be positive, got {self.ping_interval_s}")
         if self.body_timeout_s <= 0:
             raise ValueError(f"ApiConfig.body_timeout_s must be positive, got {self.body_timeout_s}")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError(f"ApiConfig.request_timeout_s must be positive, got {self.request_timeout_s}")
         if self.max_body_bytes <= 0:
             raise ValueError(f"ApiConfig.max_body_bytes must be positive, got {self.max_body_bytes}")
         for cap in ("max_messages", "max_tools", "max_tool_schema_bytes", "max_stop_sequences",

@@ -45,6 +45,7 @@ STATUS_ERROR_TYPES: dict[int, ErrorType] = {
 ERROR_TYPE_STATUS: dict[str, int] = {t: s for s, t in STATUS_ERROR_TYPES.items() if s != 405}
 
 MAX_REPORTED_ERRORS = 5
+OVERLOAD_RETRY_AFTER_S = 2  # the retry-after header of a 529 (Claude Code retries a 529 thrice)
 
 
 @dataclass
@@ -69,6 +70,15 @@ def prompt_too_long(num_tokens: int, max_tokens: int) -> ApiError:
     return invalid_request(f"prompt is too long: {num_tokens} tokens > {max_tokens} maximum")
 
 
+def overloaded(message: str) -> ApiError:
+    return ApiError(529, "overloaded_error", message, {"retry-after": str(OVERLOAD_RETRY_AFTER_S)})
+
+
+def request_timed_out(timeout_s: float) -> ApiError:
+    return ApiError(504, "timeout_error", f"the request did not finish within its {timeout_s:g}-second "
+                    "deadline and was stopped")
+
+
 def api_error_for(exc: BaseException) -> ApiError:
     """The client-facing error for any exception (unknown ones become a bare 500)."""
     if isinstance(exc, ApiError):
@@ -76,7 +86,7 @@ def api_error_for(exc: BaseException) -> ApiError:
     if isinstance(exc, PromptTooLongError):
         return prompt_too_long(exc.num_tokens, exc.max_tokens)
     if isinstance(exc, EngineOverloadedError):
-        return ApiError(529, "overloaded_error", str(exc) or "Overloaded")
+        return overloaded(str(exc) or "Overloaded")
     if isinstance(exc, EngineDeadError):
         return ApiError(500, "api_error", "the inference engine stopped; restart the server")
     if isinstance(exc, ChatTemplateError):

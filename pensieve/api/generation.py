@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from starlette.concurrency import run_in_threadpool
 
 from pensieve.api.config import ApiConfig
-from pensieve.api.errors import ApiError, prompt_too_long
+from pensieve.api.errors import ApiError, overloaded, prompt_too_long, request_timed_out
 from pensieve.api.limits import check_request_limits
 from pensieve.chat.caching import wants_prompt_cache
 from pensieve.api.state import GenerationClient, Services
@@ -22,7 +22,7 @@ from pensieve.chat import MessageEventBuilder, RenderedPrompt
 from pensieve.chat.stream import close_iterator
 from pensieve.chat.tool_grammar import decoding_constraints
 from pensieve.engine.grammar import GrammarUnavailableError
-from pensieve.engine.types import FinishReason, GenerationDelta, SamplingParams
+from pensieve.engine.types import FinishReason, GenerationDelta, GrammarSpec, SamplingParams, ThinkingBudget
 from pensieve.protocol import ConversationParams, MessageCreateParams
 
 # How long to wait for the engine's first answer before committing to a 200 stream: errors
@@ -62,19 +62,50 @@ def check_model(config: ApiConfig, name: str) -> str:
     return served
 
 
+def check_admission(services: Services) -> None:
+    """529 ``overloaded_error`` with ``retry-after`` when the engine's queue is full or its KV
+    is exhausted: asked before the body is read, so a refused request costs no parse or render."""
+    reason = services.engine.overload()
+    if reason is not None:
+        raise overloaded(f"the server is overloaded ({reason}); retry later")
+
+
+async def with_deadline(deltas: AsyncIterator[GenerationDelta], deadline: float,
+                        timeout_s: float) -> AsyncIterator[GenerationDelta]:
+    """``deltas`` until the event loop's clock reaches ``deadline``; then the generation is
+    stopped (closing ``deltas`` aborts the engine request, which frees its KV) and a 504
+    ``timeout_error`` raised: an ``error`` event when streaming."""
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    delta = await anext(deltas)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise request_timed_out(timeout_s) from None
+            yield delta
+            if delta.finish_reason is not None:
+                return
+    finally:
+        await close_iterator(deltas)
+
+
 async def render_prompt(services: Services, request: ConversationParams) -> RenderedPrompt:
     check_model(services.config, request.model)
-
-    def render() -> RenderedPrompt:
-        check_request_limits(services.config, request, services.renderer.tokenizer)
-        return services.renderer.render(request)
-
     # Rendering a 20k-token conversation takes milliseconds of CPU: keep the loop free.
-    return await run_in_threadpool(render)
+    return await run_in_threadpool(_render, services, request)
 
 
-async def prepare_generation(services: Services, request: MessageCreateParams, request_id: str) -> PreparedGeneration:
-    prompt = await render_prompt(services, request)
+def _render(services: Services, request: ConversationParams) -> RenderedPrompt:
+    check_request_limits(services.config, request, services.renderer.tokenizer)
+    return services.renderer.render(request)
+
+
+def _constrain(services: Services, request: MessageCreateParams) -> tuple[RenderedPrompt, GrammarSpec | None, ThinkingBudget | None]:
+    """On a worker thread: the prompt, then its grammar (vetting each tool schema with
+    xgrammar takes up to ~1 s for a new large schema: never on the event loop)."""
+    prompt = _render(services, request)
     context = services.config.context_length
     if prompt.num_tokens >= context:
         raise prompt_too_long(prompt.num_tokens, context)
@@ -82,6 +113,13 @@ async def prepare_generation(services: Services, request: MessageCreateParams, r
         grammar, thinking_budget = decoding_constraints(prompt, services.renderer.tokenizer)
     except GrammarUnavailableError as exc:  # a forced tool call, and xgrammar not installed
         raise ApiError(500, "api_error", str(exc)) from exc
+    return prompt, grammar, thinking_budget
+
+
+async def prepare_generation(services: Services, request: MessageCreateParams, request_id: str) -> PreparedGeneration:
+    check_model(services.config, request.model)
+    prompt, grammar, thinking_budget = await run_in_threadpool(_constrain, services, request)
+    context = services.config.context_length
     params = SamplingParams(
         # Claude Code asks for 32000+; what does not fit in the context is clamped, not refused.
         max_tokens=min(request.max_tokens, context - prompt.num_tokens),

@@ -20,6 +20,11 @@ class GenerationClient(Protocol):
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[GenerationDelta]: ...
 
+    def overload(self) -> str | None:
+        """Why a new request would be refused now (queue too long, KV full), or None. Cheap
+        and callable from the event loop: the routes ask before reading a body."""
+        ...
+
 
 @dataclass(frozen=True)
 class Services:

@@ -80,10 +80,21 @@ def tool_call_grammar(
     if None in contents:
         log.warning("xgrammar compiles no arguments grammar: tool calls are not constrained")
         return None
+    build = fmt.grammar.auto if choice == "auto" else fmt.grammar.forced
+    label = f"{fmt.name} tool_choice={choice} over {_tool_set(tools)}"
+    loose = arguments_content(FALLBACK_SCHEMA, fmt.arguments)  # compiles in milliseconds
+    fallback = None if loose is None else GrammarSpec(
+        "structural_tag", json.dumps({"type": "structural_tag", "format": build([(t.name, loose) for t in tools], parallel)}),
+        label=f"{label}, arguments unchecked")
     calls = [(t.name, content) for t, content in zip(tools, contents) if content is not None]
-    body = fmt.grammar.auto(calls, parallel) if choice == "auto" else fmt.grammar.forced(calls, parallel)
-    payload = json.dumps({"type": "structural_tag", "format": body})
-    return GrammarSpec("structural_tag", payload, label=f"{fmt.name} tool_choice={choice} over {len(tools)} tool(s)")
+    payload = json.dumps({"type": "structural_tag", "format": build(calls, parallel)})
+    return GrammarSpec("structural_tag", payload, label=label, fallback=fallback)
+
+
+def _tool_set(tools: Sequence[ToolParam], shown: int = 6) -> str:
+    """``3 tool(s) (Bash, Read, Edit)``: names the tool set in logs."""
+    names = [t.name for t in tools[:shown]] + (["…"] if len(tools) > shown else [])
+    return f"{len(tools)} tool(s) ({', '.join(names)})"
 
 
 def request_tool_grammar(request: ConversationParams, tool_format: str | None = DEFAULT_TOOL_FORMAT) -> GrammarSpec | None:

@@ -69,6 +69,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--async-scheduling", default="auto", choices=("auto", "on", "off"),
                    help="launch each decode step before the previous step's tokens are read, so "
                         "detokenising and streaming overlap the GPU's work (auto: on CUDA)")
+    p.add_argument("--max-waiting", type=int, default=None, metavar="N",
+                   help="requests that may wait for a seat; beyond them new requests get 529 "
+                        "overloaded_error with retry-after, before their body is read (default 64)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a generation still running this long after its request arrived is "
+                        "stopped with timeout_error and its KV freed (default 3600; 0: none)")
+    p.add_argument("--grammar-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a tool-call grammar still compiling after this long is replaced by a "
+                        "looser one (arguments unchecked), with a warning (default 5)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--weights", default=None, choices=WEIGHTS,
                    help="CPU weights of a 4-bit GGUF: int4 (own AVX2 kernels, int8 output "
@@ -189,6 +198,7 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
         context_length=engine_cfg.context_length,
         default_temperature=settings.default_temperature,
         dry=settings.dry,
+        request_timeout_s=settings.request_timeout_s,
     )
     renderer = PromptRenderer(ckpt.tokenizer, ckpt.chat_template)
     app = create_app(api_cfg, client, renderer)

@@ -34,6 +34,7 @@ class ServeSettings:
     default_temperature: float = 1.0
     weights: str = "auto"  # "auto" | "float" | "int4" (4-bit GGUF weights on the CPU kernels)
     dry: DryParams | None = None  # the loop guard of every request; None → off
+    request_timeout_s: float | None = 3600.0  # a generation's deadline from its arrival; None → none
 
     def context_plan(self, args: ModelArgs) -> ContextPlan:
         return plan_context(args, self.context_length, self.rope_scale, self.rope_type)
@@ -140,7 +141,10 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
         # 1.5k-token prefill measured no faster at 2048 (243–292 tok/s both, run to run)
         max_num_batched_tokens=batched or (2048 if device == "cuda" else 512),
         async_scheduling={"on": True, "off": False}.get(getattr(ns, "async_scheduling", "auto")),
+        max_waiting=_at_least(getattr(ns, "max_waiting", None), 64, 1, "--max-waiting"),
+        grammar_timeout_s=_positive(getattr(ns, "grammar_timeout", None), 5.0, "--grammar-timeout", zero=False),
     )
+    request_timeout = _positive(getattr(ns, "request_timeout", None), 3600.0, "--request-timeout")
     if ns.context_length is not None and ns.context_length < 16:
         raise ValueError("--context-length must be at least 16")
     rope_scale = getattr(ns, "rope_scale", None)
@@ -156,7 +160,20 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
         aliases=aliases, engine=engine, context_length=ns.context_length, threads=ns.threads,
         rope_scale=rope_scale, rope_type=getattr(ns, "rope_type", None) or "yarn",
         default_temperature=getattr(ns, "default_temperature", 1.0), weights=weights, dry=dry,
+        request_timeout_s=request_timeout or None,  # --request-timeout 0: no deadline
     )
+
+
+def _at_least(value: int | None, default: int, least: int, flag: str) -> int:
+    if value is not None and value < least:
+        raise ValueError(f"{flag} must be at least {least}, got {value}")
+    return default if value is None else value
+
+
+def _positive(value: float | None, default: float, flag: str, zero: bool = True) -> float:
+    if value is not None and (value < 0 or value == 0 and not zero):
+        raise ValueError(f"{flag} must be {'≥ 0' if zero else 'positive'}, got {value:g}")
+    return default if value is None else value
 
 
 def dry_params(multiplier: float | None, allowed_length: int | None) -> DryParams | None:

@@ -63,7 +63,7 @@ class _Generation:
 
 
 class EngineClient:
-    def __init__(self, engine: Engine, model_name: str, max_waiting: int = 256, *,
+    def __init__(self, engine: Engine, model_name: str, max_waiting: int = 64, *,
                  on_death: Callable[[str], None] | None = None, watchdog_s: float = WATCHDOG_S) -> None:
         self.engine = engine
         self.model_name = model_name
@@ -96,6 +96,20 @@ class EngineClient:
     @property
     def context_length(self) -> int:
         return self.engine.context_length
+
+    def overload(self) -> str | None:
+        """Why a new request would be refused now, or None: ``max_waiting`` requests already
+        wait (queued in the engine, waiting for a grammar, or not yet taken from the inbox),
+        or requests wait while every KV block is held. Lock-free reads of the engine's
+        counters, cheap enough for every request before its body is read."""
+        if self._dead is not None:
+            return None  # generate() answers that with its own error
+        waiting = self.engine.num_waiting + self._inbox.qsize()
+        if waiting >= self.max_waiting:
+            return f"{waiting} requests are waiting, the limit is {self.max_waiting}"
+        if waiting and self.engine.num_free_blocks == 0:
+            return f"the KV cache is full and {waiting} request(s) wait for it"
+        return None
 
     @property
     def tokenizer(self):  # noqa: ANN201 - the loader's TextTokenizer

@@ -20,7 +20,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # token budget of one step (prefill is chunked to fit)
     enable_prefix_cache: bool = True
     int8_lm_head: bool = False  # weight-only int8 output projection (CPU decode speed)
-    max_waiting: int = 256  # queued requests before new ones get "overloaded"
+    max_waiting: int = 64  # queued requests before new ones get "overloaded" (529)
+    grammar_workers: int = 2  # threads compiling grammars (never the engine's)
+    grammar_timeout_s: float = 5.0  # a compile still running after this degrades its request
+    aging_steps: int = 128  # a request waiting this many steps goes before newer arrivals
     async_scheduling: bool | None = None  # launch a decode step before the last one's ids are read; None → on CUDA
     seed: int = 0
 
@@ -32,6 +35,10 @@ class EngineConfig:
         return self.async_scheduling
 
     def __post_init__(self) -> None:
-        for name in ("context_length", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("context_length", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                     "grammar_workers", "aging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_waiting < 0 or self.grammar_timeout_s <= 0:
+            raise ValueError(f"max_waiting must be ≥ 0 and grammar_timeout_s positive, got "
+                             f"{self.max_waiting} and {self.grammar_timeout_s:g}")

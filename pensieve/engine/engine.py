@@ -9,11 +9,16 @@ runner can mix them in (short prompts on CUDA). A request that ends on the token
 wastes one step's row; the ids its extra row computed are dropped. Whenever that condition
 fails (KV is short, a request is one token from its limit, a step the runner cannot feed from
 the device) the step in flight lands first and the step runs synchronously.
+
+Grammars: a request whose grammar is still compiling waits in ``WAITING_FOR_GRAMMAR``, out of
+the scheduler's reach, while the others keep stepping; each step admits those whose compile
+finished, failed or timed out (``GrammarConstraint.ready``: a timeout degrades the constraint).
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +28,7 @@ from pensieve.engine.block_pool import BlockPool
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.engine.errors import PromptTooLongError
-from pensieve.engine.grammar import GrammarCompiler
+from pensieve.engine.grammar import GrammarCompiler, GrammarConstraint
 from pensieve.engine.kv_manager import KVCacheManager
 from pensieve.engine.logits_processors import LogitsProcessor, ThinkingBudgetProcessor, accept_token
 from pensieve.engine.repetition import DryProcessor, breaker_ids
@@ -40,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FAILED_ROW = -1  # the host's id for a row the sampler could not sample
+GRAMMAR_IDLE_WAIT_S = 0.01  # with nothing else to run, a step waits this long for a compile
 
 
 @dataclass
@@ -68,11 +74,14 @@ class Engine:
             )
         self.pool = BlockPool(self.runner.num_blocks)
         self.kv = KVCacheManager(self.pool, config.block_size, config.enable_prefix_cache)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.aging_steps)
         self._requests: dict[str, Request] = {}
         self._vocab_size = vocab_size
         self._grammars: GrammarCompiler | None = None  # built by the first constrained request
         self._processors: dict[str, list[LogitsProcessor]] = {}  # request id → its processors
+        # requests in WAITING_FOR_GRAMMAR, in arrival order, with the constraint they wait for
+        self._compiling: dict[str, tuple[Request, GrammarConstraint]] = {}
         self._dry_breakers: torch.Tensor | None = None  # built by the first loop-guarded request
         self._overlap = config.overlap_steps
         self.last_step_tokens = 0  # tokens the last step ran through the model (for logs)
@@ -117,7 +126,12 @@ class Engine:
         self._requests[request_id] = req
         if processors:
             self._processors[request_id] = processors
-        self.scheduler.add(req)
+        grammar = next((p for p in processors if isinstance(p, GrammarConstraint)), None)
+        if grammar is not None and not grammar.ready():
+            req.status = RequestStatus.WAITING_FOR_GRAMMAR
+            self._compiling[request_id] = (req, grammar)
+        else:
+            self.scheduler.add(req)
 
     def _logits_processors(self, req: Request) -> list[LogitsProcessor]:
         """The loop guard first (it sees every token, thinking included), then the thinking
@@ -132,7 +146,9 @@ class Engine:
             processors.append(ThinkingBudgetProcessor(params.thinking_budget))
         if params.grammar is not None:
             if self._grammars is None:  # raises GrammarUnavailableError without xgrammar
-                self._grammars = GrammarCompiler(self.tokenizer, self._vocab_size)
+                self._grammars = GrammarCompiler(self.tokenizer, self._vocab_size,
+                                                 workers=self.config.grammar_workers,
+                                                 timeout_s=self.config.grammar_timeout_s)
             processors.append(self._grammars.constraint(params.grammar, lambda: self._tokens_left(req)))
         return processors
 
@@ -145,6 +161,7 @@ class Engine:
         if req is None:
             return None
         self._processors.pop(request_id, None)
+        self._compiling.pop(request_id, None)
         self.scheduler.finish(req)
         req.finish(FinishReason.ABORTED)
         if self._inflight is not None and all(r.is_finished for r in self._inflight.requests):
@@ -152,17 +169,26 @@ class Engine:
         return self._delta(req, "")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._inflight is not None
+        return self.scheduler.has_work() or self._inflight is not None or bool(self._compiling)
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        """Requests not yet running: queued, or waiting for their grammar."""
+        return len(self.scheduler.waiting) + len(self._compiling)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """KV blocks free for new requests (cached prefixes among them may be evicted)."""
+        return self.pool.num_free
 
     def step(self) -> list[GenerationDelta]:
+        self._admit_compiled()
         deltas = self._land() if self._inflight is not None and not self._can_chain() else []
         chunks = self.scheduler.schedule()
         self.last_step_tokens = sum(c.num_tokens for c in chunks)
         if not chunks:
+            if self._inflight is None:
+                self._wait_for_compiles()
             return deltas + self._land()
         sampled = [c.request for c in chunks if c.completes]
         chain = (self._overlap and self.runner.can_carry(chunks)
@@ -191,6 +217,22 @@ class Engine:
                              for i, (req, tok) in enumerate(zip(sampled, rows.ids))]
         self._inflight = self._launch(sampled, *sample_ids(logits, params, generators))
         return deltas + (self._read(previous) if previous is not None else [])
+
+    def _admit_compiled(self) -> None:
+        """Hand the scheduler every request whose grammar is ready (compiled, failed or
+        degraded after its timeout), in arrival order."""
+        for rid, (req, grammar) in list(self._compiling.items()):
+            if grammar.ready():
+                del self._compiling[rid]
+                req.status = RequestStatus.WAITING
+                self.scheduler.add(req)
+
+    def _wait_for_compiles(self) -> None:
+        """Nothing to run but requests waiting for grammars: wait briefly for a compile rather
+        than spin (the caller's loop takes new requests and aborts between steps)."""
+        futures = [f for _, g in self._compiling.values() if (f := g.compiling) is not None]
+        if futures:
+            wait(futures, timeout=GRAMMAR_IDLE_WAIT_S, return_when=FIRST_COMPLETED)
 
     def _can_chain(self) -> bool:
         """Whether the next step may be scheduled before the step in flight lands: every
@@ -283,6 +325,7 @@ class Engine:
         self, req: Request, reason: FinishReason, text: str, stop: str | None = None
     ) -> GenerationDelta:
         self.scheduler.finish(req)
+        self._compiling.pop(req.request_id, None)
         self._requests.pop(req.request_id, None)
         self._processors.pop(req.request_id, None)
         req.finish(reason, stop)
@@ -304,6 +347,7 @@ class Engine:
     def _fail(self, req: Request, message: str) -> GenerationDelta:
         """End ``req`` alone with an error delta; the others keep running."""
         self.scheduler.finish(req)
+        self._compiling.pop(req.request_id, None)
         self._requests.pop(req.request_id, None)
         self._processors.pop(req.request_id, None)
         req.finish(FinishReason.ERROR)

@@ -1,9 +1,14 @@
 """Grammar-constrained decoding over xgrammar: compile a ``GrammarSpec`` once, mask per token.
 
 ``GrammarCompiler`` belongs to one engine (one tokenizer, one logits width). It compiles on
-its own thread — the GIL is released while xgrammar works — so a request's compile overlaps
-its prefill, and keeps compiled grammars in an LRU keyed by the spec: Claude Code sends the
-same tools every turn, and its largest schemas take ~1 s each to compile.
+a small pool of its own threads — the GIL is released while xgrammar works — never on the
+engine's, and keeps compiled grammars in an LRU keyed by the spec: Claude Code sends the same
+tools every turn, and its largest schemas take ~1 s each to compile. The engine holds a
+constrained request back (``WAITING_FOR_GRAMMAR``) until ``GrammarConstraint.ready()``; the
+other requests keep stepping meanwhile. A compile still running after ``timeout_s`` degrades
+the request: to the spec's ``fallback`` (the tool-call structure without argument schemas),
+else to no constraint, with a warning naming the grammar. The slow compile runs on and lands
+in the cache for the next request with the same tools.
 
 Each constrained request gets a ``GrammarConstraint`` (a ``LogitsProcessor``): before sampling
 it fills the matcher's next-token bitmask and adds -inf to the forbidden logits; after
@@ -173,19 +178,31 @@ def _adds_prefix_space(spec: dict[str, Any]) -> bool:
     return False
 
 
-class GrammarCompiler:
-    """Compiles specs for one tokenizer on a background thread; caches the results (LRU)."""
+DEFAULT_COMPILE_WORKERS = 2
+DEFAULT_COMPILE_TIMEOUT_S = 5.0
 
-    def __init__(self, tokenizer: "TextTokenizer", vocab_size: int, max_cached: int = 64) -> None:
+
+class GrammarCompiler:
+    """Compiles specs for one tokenizer on a bounded pool of background threads (``workers``);
+    caches the results (LRU). ``timeout_s`` is how long a request waits for its compile."""
+
+    def __init__(self, tokenizer: "TextTokenizer", vocab_size: int, max_cached: int = 64, *,
+                 workers: int = DEFAULT_COMPILE_WORKERS,
+                 timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S) -> None:
         if _xgrammar() is None:
             raise GrammarUnavailableError()
+        if workers < 1 or timeout_s <= 0:
+            raise ValueError(f"grammar compiles need workers ≥ 1 and a positive timeout, "
+                             f"got {workers} and {timeout_s:g} s")
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.timeout_s = timeout_s
         self._max_cached = max_cached
         self._cache: OrderedDict[GrammarSpec, Future] = OrderedDict()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pensieve-grammar")
-        self._xgr_compiler: Any = None  # built on the compile thread by the first job
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pensieve-grammar")
+        self._backend_lock = threading.Lock()
+        self._xgr_compiler: Any = None  # built on a compile thread by the first job
         self.masks = BitmaskApplier(vocab_size)
         stops = frozenset(tokenizer.eos_token_ids)
         self.stop_bits = _token_bits(stops, vocab_size)
@@ -211,7 +228,8 @@ class GrammarCompiler:
         return self.submit(spec).result()
 
     def constraint(self, spec: GrammarSpec, tokens_left: Callable[[], int] | None = None) -> GrammarConstraint:
-        return GrammarConstraint(spec, self.submit(spec), self, tokens_left)
+        """A matcher for ``spec``, its compile submitted now (``ready()`` says when it is done)."""
+        return GrammarConstraint(spec, self, tokens_left)
 
     def _set_closing_tokens(self, vocab: list[bytes]) -> None:
         closers = [i for i, piece in enumerate(vocab) if piece and not piece.strip(b'"]}')]
@@ -220,13 +238,19 @@ class GrammarCompiler:
         letters = {bytes([c]) for c in b"abcdfghijklmnopqrstuvwxyzABCDFGHIJKLMNOPQRSTUVWXYZ"}  # no e/E: numbers
         self.letter_bits = _token_bits(frozenset(i for i, piece in enumerate(vocab) if piece in letters), self.vocab_size)
 
+    def _backend(self) -> Any:
+        """xgrammar's compiler for this vocabulary (built by the first job, once)."""
+        with self._backend_lock:
+            if self._xgr_compiler is None:
+                info = build_tokenizer_info(self._tokenizer, self.vocab_size)
+                self._set_closing_tokens(info.decoded_vocab)
+                threads = max(1, min(8, os.cpu_count() or 1))
+                self._xgr_compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
+            return self._xgr_compiler
+
     def _compile(self, spec: GrammarSpec) -> Any:
-        if self._xgr_compiler is None:
-            info = build_tokenizer_info(self._tokenizer, self.vocab_size)
-            self._set_closing_tokens(info.decoded_vocab)
-            threads = max(1, min(8, os.cpu_count() or 1))
-            self._xgr_compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
-        comp = self._xgr_compiler
+        """Runs on a pool thread: ``spec`` → ``xgrammar.CompiledGrammar`` (GrammarError)."""
+        comp = self._backend()
         t0 = time.perf_counter()
         try:
             if spec.kind == "structural_tag":
@@ -242,7 +266,12 @@ class GrammarCompiler:
 
 
 class GrammarConstraint(LogitsProcessor):
-    """One request's matcher. Waits for its compile at the first ``apply`` (after prefill).
+    """One request's matcher. The engine runs the request once ``ready()``; a constraint used
+    before that (tests) waits for its compile at the first ``apply``.
+
+    Compile timeout: ``ready()`` past ``compiler.timeout_s`` without a compiled grammar falls
+    back to ``spec.fallback`` (compiled under a timeout of its own), else drops the constraint;
+    both are logged as warnings naming the grammar.
 
     Closing: when ``tokens_left()`` falls to the last quarter of the request's budget (at most
     ``CLOSING_RESERVE`` tokens), the answer is steered to its end. Inside a structure the
@@ -260,12 +289,14 @@ class GrammarConstraint(LogitsProcessor):
     CLOSING_RESERVE = 64
 
     def __init__(
-        self, spec: GrammarSpec, compiled: Future, compiler: GrammarCompiler,
+        self, spec: GrammarSpec, compiler: GrammarCompiler,
         tokens_left: Callable[[], int] | None = None,
     ) -> None:
         self.spec = spec
-        self._compiled = compiled
         self._compiler = compiler
+        self._compiled: Future | None = compiler.submit(spec)  # None: dropped before compiling
+        self._deadline = time.monotonic() + compiler.timeout_s
+        self._fell_back = False
         self._tokens_left = tokens_left
         self._reserve: int | None = None  # fixed at the first apply, from the budget then
         self._matcher: Any = None
@@ -277,6 +308,41 @@ class GrammarConstraint(LogitsProcessor):
     @property
     def done(self) -> bool:
         return self._done
+
+    @property
+    def compiling(self) -> Future | None:
+        """The compile this constraint waits for, while it is not done."""
+        future = self._compiled
+        return None if future is None or future.done() else future
+
+    @property
+    def degraded(self) -> bool:
+        """The grammar in force is not the one asked for (fallback, or none)."""
+        return self._fell_back or self._broken
+
+    def ready(self, now: float | None = None) -> bool:
+        """True once the request can run: compiled, failed (unconstrained), or degraded after
+        the compile timeout. Never blocks."""
+        if self.compiling is None:
+            return True
+        now = time.monotonic() if now is None else now
+        if now < self._deadline:
+            return False
+        waited = self._compiler.timeout_s
+        fallback = self.spec.fallback
+        if fallback is not None and not self._fell_back:
+            log.warning("grammar %s not compiled within %.1f s: its fallback %s is used for this "
+                        "request", self._name(), waited, fallback.label or fallback.kind)
+            self._fell_back = True
+            self._compiled = self._compiler.submit(fallback)
+            self._deadline = now + waited
+            return self.compiling is None
+        self._compiled = None
+        self._drop(f"not compiled within {waited:.1f} s")
+        return True
+
+    def _name(self) -> str:
+        return self.spec.label or self.spec.kind
 
     def apply(self, logits: torch.Tensor) -> None:
         matcher = self._ready_matcher()
@@ -321,7 +387,7 @@ class GrammarConstraint(LogitsProcessor):
             self._done = not bool((self._bitmask[0] & self._compiler.non_stop_bits).any())
 
     def _ready_matcher(self) -> Any:
-        if self._matcher is None and not self._broken:
+        if self._matcher is None and not self._broken and self._compiled is not None:
             try:
                 compiled = self._compiled.result()
             except Exception as exc:
@@ -332,7 +398,7 @@ class GrammarConstraint(LogitsProcessor):
         return self._matcher
 
     def _drop(self, why: str) -> None:
-        log.warning("grammar %s dropped, generating unconstrained: %s", self.spec.label or self.spec.kind, why)
+        log.warning("grammar %s dropped, generating unconstrained: %s", self._name(), why)
         self._broken = True
         self._matcher = None
 

@@ -13,6 +13,7 @@ from pensieve.engine.types import FinishReason, SamplingParams
 
 
 class RequestStatus(enum.Enum):
+    WAITING_FOR_GRAMMAR = "waiting_for_grammar"  # its grammar compiles; not yet schedulable
     WAITING = "waiting"  # queued, no KV yet (or preempted and waiting to recompute)
     RUNNING = "running"  # has KV blocks; prefilling or decoding
     FINISHED = "finished"  # finish_reason says why
@@ -34,6 +35,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_new_cached_tokens: int = 0  # prompt tokens this request added to the prefix cache
     num_inflight: int = 0  # tokens sampled on the device whose ids the host has not read yet
+    arrival_step: int = 0  # the scheduler step at which it was queued (ageing)
     finish_reason: FinishReason | None = None
     stop_sequence: str | None = None
     error: str | None = None

@@ -2,7 +2,9 @@
 
 Running requests go first (decodes, then the rest of chunked prefills), then waiting ones:
 requests of a session that asked to keep its prefix (``retain_prefix``) before side requests,
-FIFO within each, all under one token budget, of which running prefills leave a quarter to
+FIFO within each — except that a request waiting ``aging_steps`` steps or more goes before
+every newer arrival (ageing: a stream of session requests cannot starve a side request) —
+all under one token budget, of which running prefills leave a quarter to
 waiting requests while any can be admitted. When KV blocks run out the newest running request is
 preempted: its blocks are freed and it waits to be recomputed from its tokens so far.
 """
@@ -32,21 +34,26 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(
-        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int
+        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+        aging_steps: int = 128,
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.aging_steps = aging_steps
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_steps = 0  # schedule() calls so far: the clock of ageing
 
     def add(self, request: Request) -> None:
+        request.arrival_step = self.num_steps
         self.waiting.append(request)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[ScheduledChunk]:
+        self.num_steps += 1
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         # While requests wait for a seat, running prefills leave them part of the budget, so
@@ -79,7 +86,11 @@ class Scheduler:
         return chunks
 
     def _next_waiting(self) -> Request:
-        """The oldest session request, else the oldest request (preempted ones are in front)."""
+        """The longest-waiting request once it has waited ``aging_steps``; else the oldest
+        session request, else the oldest request (preempted ones are in front)."""
+        first = min(self.waiting, key=lambda r: r.arrival_step)
+        if self.num_steps - first.arrival_step >= self.aging_steps:
+            return first
         return next((r for r in self.waiting if r.params.retain_prefix), self.waiting[0])
 
     def finish(self, request: Request) -> None:

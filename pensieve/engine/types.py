@@ -27,11 +27,15 @@ class GrammarSpec:
     (output in one canonical form: ``{"a": 1, "b": [2, 3]}``), or EBNF with a ``root`` rule.
     Once the grammar is complete and nothing but an end of turn may follow, the request
     finishes as if the model had sampled EOS. ``label`` only names it in logs.
+    ``fallback`` is a looser grammar that compiles fast (tool calls without their argument
+    schemas), used when this one does not compile in time; it is not part of the spec's
+    identity (it follows from the payload).
     """
 
     kind: GrammarKind
     payload: str
     label: str = field(default="", compare=False)
+    fallback: GrammarSpec | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ("structural_tag", "json_schema", "ebnf"):

@@ -35,6 +35,9 @@ class ScriptedTokenEngine:
         self.reply = reply
         self.calls: list[ScriptedCall] = []
 
+    def overload(self) -> str | None:
+        return None
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[GenerationDelta]:
         prompt = self.tokenizer.decode(prompt_ids)

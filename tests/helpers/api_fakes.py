@@ -83,6 +83,10 @@ class ScriptedEngine:
         self.script = script
         self.start_error = start_error
         self.calls: list[Call] = []
+        self.overloaded: str | None = None  # what overload() answers
+
+    def overload(self) -> str | None:
+        return self.overloaded
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[GenerationDelta]:

@@ -15,7 +15,13 @@ from fastapi.responses import Response, StreamingResponse
 
 from pensieve.api.auth import require_api_key
 from pensieve.api.body import CLIENT_CLOSED_REQUEST, parse_body, read_body
-from pensieve.api.generation import prepare_generation, render_prompt, start_deltas
+from pensieve.api.generation import (
+    check_admission,
+    prepare_generation,
+    render_prompt,
+    start_deltas,
+    with_deadline,
+)
 from pensieve.api.responses import json_response
 from pensieve.api.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_stream, with_pings
 from pensieve.api.state import services_of
@@ -37,6 +43,8 @@ T = TypeVar("T")
 @router.post("/v1/messages")
 async def create_message(request: Request) -> Response:
     services = services_of(request)
+    arrived = asyncio.get_running_loop().time()
+    check_admission(services)  # before the body is read, parsed or rendered
     body = parse_body(MessageCreateParams, await read_body(request, services.config.max_body_bytes,
                                                                  services.config.body_timeout_s))
     request_id: str = request.state.request_id
@@ -44,6 +52,9 @@ async def create_message(request: Request) -> Response:
     log.debug("%s: %d prompt tokens, max_tokens %d, stream=%s",
               request_id, prepared.prompt.num_tokens, prepared.params.max_tokens, bool(body.stream))
     deltas = await start_deltas(services.engine, prepared)
+    timeout_s = services.config.request_timeout_s
+    if timeout_s is not None:
+        deltas = with_deadline(deltas, arrived + timeout_s, timeout_s)
     events = message_events(deltas, prepared.event_builder())
     if body.stream:
         stream = sse_stream(with_pings(events, services.config.ping_interval_s), request_id)
