@@ -6,12 +6,13 @@ or ``Int8Groups`` (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, IQ4_NL, IQ4_XS), see ``loaders/
 * ``"cpu_quant"`` — over the compiled kernels of ``backends/cpu_quant``: ``Q4Linear`` where every
   part is 4-bit, else ``CodesLinear`` (row blocks each in its own code format);
 * ``"aten"`` — ``Int4Linear`` over PyTorch's own int4 op (fast only with AVX-512);
-* ``"cuda_int4"`` — ``CudaInt4Linear`` over the Triton kernels of ``backends/cuda_int4``
-  (the model is moved to the GPU afterwards);
+* ``"cuda_int4"`` — ``CudaInt4Linear`` over the Triton kernels of ``backends/cuda_int4``,
+  ``CudaInt8Linear`` (``backends/cuda_int8``) for int8 codes, ``CudaMixedLinear`` where a fused
+  weight mixes both (the model is moved to the GPU afterwards);
 * ``"float"`` — a plain ``nn.Linear`` holding the dequantised weight;
 * ``"auto"`` — ``cpu_quant`` where it compiles and fits the shape, else ``aten``.
 
-Where no kernel takes a weight (``aten``/``cuda_int4`` given int8 codes, or an odd shape) it is
+Where no kernel takes a weight (``aten`` given int8 codes, or an odd shape) it is
 dequantised into a plain ``nn.Linear``. With ``cpu_quant``, a Llama MLP whose two projections
 both run on the kernels is itself replaced by ``Q4MLP`` (same children, same state dict), which
 runs it in one kernel call.
@@ -34,6 +35,7 @@ from pensieve.backends.cpu_quant import (
 from pensieve.backends.cpu_quant.codes_linear import CodesLinear, blocks_fit, proj_of
 from pensieve.backends.cpu_quant.mlp import Q4MLP
 from pensieve.backends.cuda_int4 import CudaInt4Linear
+from pensieve.backends.cuda_int8 import cuda_codes_linear
 from pensieve.models.llama import MLP
 from pensieve.loaders.int4_codes import Int8Groups
 from pensieve.models.quant_linear import Int4Groups, Int4Linear, Int8Linear, int4_supported
@@ -101,6 +103,8 @@ def _int4_module(parts: Parts, bias: torch.Tensor | None, kernel: str,
     int4 = all(isinstance(p, Int4Groups) for p in parts) and len({p.group_size for p in parts}) == 1
     if kernel == "cuda_int4" and int4 and group == 32:
         return CudaInt4Linear(parts, bias)
+    if kernel == "cuda_int4" and (layer := cuda_codes_linear(parts, bias)) is not None:
+        return layer  # int8 codes (Q8_0, Q5_x, Q6_K...), alone or beside int4 parts
     if kernel in ("auto", "cpu_quant") and kernels is not None:
         if int4 and kernel_fits(k, group):
             return Q4Linear(kernels, parts, bias)

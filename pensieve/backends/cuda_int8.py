@@ -1,0 +1,272 @@
+"""Weight-only linear layers on CUDA from GGUF's int8-coded types (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K,
+IQ4_NL, IQ4_XS), kept as their codes instead of dequantised.
+
+The loader gives those types as ``Int8Groups`` (``loaders/int4_codes.py``): int8 codes [N, K],
+a float16 scale per 32 columns (per 16 for Q6_K) and, for Q5_1/Q5_K, a float16 offset per 32.
+``CudaInt8Linear`` keeps exactly that: the codes as int8, the scales and offsets as their float16
+*bits* in int16 buffers (so ``model.to(dtype=...)`` leaves them alone), and runs the Triton
+kernels of ``cuda_int8_kernels.py`` on them:
+
+* 1 row (decode at batch 1): ``gemv``, float32 sums with exact float16 scales;
+* 2-16 rows: ``skinny``, the weight tile dequantised in registers, on the tensor cores;
+* up to ``MATMUL_MAX_ROWS``: ``matmul``, a GEMM tile dequantising the weight in the kernel;
+* beyond (long prefill, compute-bound): the weight dequantised into a temporary for the call,
+  then cuBLAS. No dense copy is kept anywhere.
+
+A fused projection (q/k/v, gate/up) whose parts differ in format is held as row blocks, one per
+run of parts sharing (group, offsets), each launched into its slice of one output. Where int4
+parts (Q4_0/Q4_1/Q4_K, ``cuda_int4.CudaInt4Linear``) and int8 parts mix — a Q4_K_M file's Q4_K q/k
+with a Q6_K v — ``cuda_codes_linear`` builds ``CudaMixedLinear``: one child per run, outputs
+concatenated.
+
+Every launch has a fixed grid for fixed shapes and nothing syncs with the host, so CUDA graphs
+capture them. Importing this module needs neither a GPU nor Triton (kernels load on first use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pensieve.backends.cuda_int4 import CudaInt4Linear, triton_cdiv
+from pensieve.loaders.int4_codes import Int8Groups
+from pensieve.models.quant_linear import Int4Groups
+
+GROUP = 32
+MATMUL_MAX_ROWS = 256  # beyond: dequantise into a temporary + cuBLAS
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One launch's tile sizes; ``block_k`` columns a step (cut to a divisor of K)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+GEMV = Tiles(1, 4, 512, 4, 3)
+SKINNY = Tiles(16, 32, 128, 4, 3)
+MATMUL = Tiles(64, 64, 64, 4, 3)
+MATMUL_SMALL = Tiles(32, 64, 64, 4, 3)  # up to 32 rows
+DEQUANT = Tiles(1, 16, 256, 4, 1)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Row block of one format: codes int8 [n, K], scales int16 (float16 bits) [n, K/group],
+    mins int16 [n, K/32] or None."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    group: int
+
+
+def _kernels() -> ModuleType:
+    from pensieve.backends import cuda_int8_kernels
+
+    return cuda_int8_kernels
+
+
+def _block_k(k: int, want: int) -> int:
+    """The largest 32 · 2^j ≤ want whose multiples tile K (K a multiple of 32)."""
+    b = want
+    while b > GROUP and k % b:
+        b //= 2
+    return b
+
+
+def _args(b: Block) -> tuple:
+    return (b.codes.view(torch.uint8), b.scales, b.scales if b.mins is None else b.mins)
+
+
+def _meta(b: Block) -> dict:
+    return {"GS": b.group, "HAS_MIN": b.mins is not None}
+
+
+def gemv(x: torch.Tensor, b: Block, y: torch.Tensor, t: Tiles = GEMV) -> torch.Tensor:
+    """y[:, :n] = x @ w.T (y may be a column slice of a wider output)."""
+    m, k = x.shape
+    n = b.codes.shape[0]
+    bk = _block_k(k, t.block_k)
+    _kernels().gemv[(m, triton_cdiv(n, t.block_n))](
+        x, *_args(b), y, n, k, x.stride(0), y.stride(0), **_meta(b), BLOCK_N=t.block_n,
+        BLOCK_S=bk // b.group, num_warps=t.num_warps, num_stages=t.num_stages)
+    return y
+
+
+def skinny(x: torch.Tensor, b: Block, y: torch.Tensor, t: Tiles = SKINNY) -> torch.Tensor:
+    m, k = x.shape
+    if m > 16:
+        raise ValueError(f"skinny: {m} rows (at most 16)")
+    n = b.codes.shape[0]
+    _kernels().skinny[(triton_cdiv(n, t.block_n),)](
+        x, *_args(b), y, m, n, k, x.stride(0), y.stride(0), **_meta(b), BLOCK_N=t.block_n,
+        BLOCK_K=_block_k(k, t.block_k), num_warps=t.num_warps, num_stages=t.num_stages)
+    return y
+
+
+def matmul(x: torch.Tensor, b: Block, y: torch.Tensor, t: Tiles | None = None) -> torch.Tensor:
+    m, k = x.shape
+    t = t or (MATMUL_SMALL if m <= 32 else MATMUL)
+    n = b.codes.shape[0]
+    grid = (triton_cdiv(n, t.block_n), triton_cdiv(m, t.block_m))
+    _kernels().matmul[grid](
+        x, *_args(b), y, m, n, k, x.stride(0), y.stride(0), **_meta(b), BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, BLOCK_K=_block_k(k, t.block_k), num_warps=t.num_warps,
+        num_stages=t.num_stages)
+    return y
+
+
+def dequantize(b: Block, out: torch.Tensor, t: Tiles = DEQUANT) -> torch.Tensor:
+    """out[:n] = the block's weight in out's dtype (out may be a row slice of a taller one)."""
+    n, k = b.codes.shape
+    bk = _block_k(k, t.block_k)
+    _kernels().dequantize[(triton_cdiv(n, t.block_n), k // bk)](
+        *_args(b), out, n, k, out.stride(0), **_meta(b), BLOCK_N=t.block_n, BLOCK_K=bk,
+        num_warps=t.num_warps, num_stages=t.num_stages)
+    return out
+
+
+def int8_linear(x: torch.Tensor, blocks: Sequence[Block], n: int) -> torch.Tensor:
+    """x [M, K] (contiguous rows) @ w.T for w the row blocks stacked, on the kernels (any device
+    Triton runs on: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``)."""
+    m, k = x.shape
+    if m > MATMUL_MAX_ROWS:
+        w = torch.empty(n, k, device=x.device, dtype=x.dtype)
+        row = 0
+        for b in blocks:
+            dequantize(b, w[row:row + b.codes.shape[0]])
+            row += b.codes.shape[0]
+        return F.linear(x, w)
+    run = gemv if m == 1 else skinny if m <= 16 else matmul
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    row = 0
+    for b in blocks:
+        rows = b.codes.shape[0]
+        run(x, b, y[:, row:row + rows])
+        row += rows
+    return y
+
+
+def block_key(p: Int8Groups) -> tuple[int, bool] | None:
+    """(group, has offsets) of a weight the kernels take, else None: groups of 16 or 32 along
+    a K that is a multiple of 32, offsets only per 32."""
+    has_min = p.offsets is not None
+    if p.shape[1] % GROUP or p.group_size not in (16, 32) or (has_min and p.group_size != GROUP):
+        return None
+    return p.group_size, has_min
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).contiguous().view(torch.int16)
+
+
+class CudaInt8Linear(nn.Module):
+    """y = x @ W.T (+ b) with W as int8 codes in row blocks (one per run of parts sharing a
+    format), built from one ``Int8Groups`` or the parts of a fused weight, in order."""
+
+    def __init__(self, parts: Int8Groups | Sequence[Int8Groups],
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        parts = [parts] if isinstance(parts, Int8Groups) else list(parts)
+        keys = [block_key(p) for p in parts]
+        if not all(keys) or len({p.shape[1] for p in parts}) != 1:
+            raise ValueError("CudaInt8Linear: groups of 16/32 (offsets per 32), one K, K % 32 == 0")
+        self.in_features = parts[0].shape[1]
+        self.out_features = sum(p.shape[0] for p in parts)
+        self.groups: list[int] = []
+        self.kinds = sorted({p.ggml_type or "int8" for p in parts})
+        start = 0
+        for i in range(1, len(parts) + 1):
+            if i < len(parts) and keys[i] == keys[start]:
+                continue
+            run = parts[start:i]
+            j = len(self.groups)
+            self.groups.append(keys[start][0])
+            self.register_buffer(f"codes{j}", torch.cat([p.codes for p in run]).to(torch.int8))
+            self.register_buffer(f"scales{j}", torch.cat([_bits(p.scales) for p in run]))
+            self.register_buffer(f"mins{j}", torch.cat([_bits(p.offsets) for p in run])
+                                 if keys[start][1] else None)
+            start = i
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def blocks(self) -> list[Block]:
+        return [Block(getattr(self, f"codes{j}"), getattr(self, f"scales{j}"),
+                      getattr(self, f"mins{j}"), g) for j, g in enumerate(self.groups)]
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (reference; the CPU forward)."""
+        out = []
+        for b in self.blocks():
+            n, k = b.codes.shape
+            w = b.codes.float().view(n, k // b.group, b.group) * b.scales.view(
+                torch.float16).float()[..., None]
+            if b.mins is not None:
+                w = w + b.mins.view(torch.float16).float()[..., None]
+            out.append(w.view(n, k))
+        return torch.cat(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.is_cuda:
+            y = int8_linear(x2.contiguous(), self.blocks(), self.out_features)
+        else:  # CPU (tests, a model not yet moved): the reference dequantisation
+            y = F.linear(x2, self.dequantize().to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{'+'.join(self.kinds)} int8 g{self.groups}")
+
+
+class CudaMixedLinear(nn.Module):
+    """A fused projection whose parts run on different layers (int4 and int8 codes): each
+    run of parts its own child, the outputs side by side, then the bias."""
+
+    def __init__(self, layers: Sequence[nn.Module], bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(layers)
+        self.in_features = layers[0].in_features
+        self.out_features = sum(m.out_features for m in layers)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([m(x) for m in self.parts], dim=-1)
+        return y if self.bias is None else y + self.bias
+
+
+def cuda_codes_linear(parts: Sequence[Int4Groups | Int8Groups],
+                      bias: torch.Tensor | None = None) -> nn.Module | None:
+    """The CUDA layer for a weight (or fused weight's parts) kept as codes: ``CudaInt4Linear``
+    where all are 4-bit, ``CudaInt8Linear`` where all are int8, ``CudaMixedLinear`` over runs
+    of each otherwise; None where a part fits neither (it is then dequantised)."""
+    def kind(p: Int4Groups | Int8Groups) -> str | None:
+        if isinstance(p, Int4Groups):
+            return "int4" if p.group_size == GROUP and p.shape[1] % GROUP == 0 else None
+        return "int8" if block_key(p) is not None else None
+
+    kinds = [kind(p) for p in parts]
+    if not all(kinds) or len({p.shape[1] for p in parts}) != 1:
+        return None
+    make = {"int4": CudaInt4Linear, "int8": CudaInt8Linear}
+    runs: list[list] = []
+    for p, kd in zip(parts, kinds):
+        if runs and runs[-1][0] == kd:
+            runs[-1][1].append(p)
+        else:
+            runs.append([kd, [p]])
+    if len(runs) == 1:
+        return make[runs[0][0]](runs[0][1], bias)
+    return CudaMixedLinear([make[kd](ps) for kd, ps in runs], bias)
