@@ -1,10 +1,12 @@
 """The engine: ``step()`` schedules, runs the model, samples and post-processes.
 
 Async scheduling (``EngineConfig.async_scheduling``, on by default on CUDA): while every
-running request is decoding with nothing that needs its last token on the host (grammar,
-loop guard, thinking budget), a step is launched with the previous step's sampled ids still
+running request is decoding, a step is launched with the previous step's sampled ids still
 on the device, and the previous step's tokens are read and post-processed (detokenise, stop
-checks, streaming) while the GPU runs the new one; new requests join such steps where the
+checks, streaming) while the GPU runs the new one. Requests with logits processors (grammar,
+loop guard, thinking budget) need their last token on the host before their next mask: then
+the previous step is read while the new step's forward runs, its tokens advance the
+processors, and only then are the new logits masked and sampled; new requests join such steps where the
 runner can mix them in (short prompts on CUDA). A request that ends on the token read late
 wastes one step's row; the ids its extra row computed are dropped. Whenever that condition
 fails (KV is short, a request is one token from its limit, a step the runner cannot feed from
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import FIRST_COMPLETED, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,7 +36,7 @@ from pensieve.engine.logits_processors import LogitsProcessor, ThinkingBudgetPro
 from pensieve.engine.repetition import DryProcessor, breaker_ids
 from pensieve.engine.request import Request, RequestStatus
 from pensieve.engine.runner import Runner
-from pensieve.engine.sampler import NON_FINITE, make_generator, sample_ids, sample_rows
+from pensieve.engine.sampler import NON_FINITE, apply_rows, make_generator, sample_ids, sample_rows
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
 from pensieve.engine.stop_checker import StopChecker
 from pensieve.engine.types import FinishReason, GenerationDelta, SamplingParams
@@ -56,6 +58,7 @@ class _InFlight:
     ids: torch.Tensor  # [S] int64 on the device: the next step's input
     host: torch.Tensor  # [S] int64, filled by a non-blocking copy (pinned on CUDA)
     ready: torch.cuda.Event | None  # recorded after that copy; None on CPU
+    failed: dict[int, str] = field(default_factory=dict)  # rows whose processors raised
 
 
 class Engine:
@@ -191,8 +194,7 @@ class Engine:
                 self._wait_for_compiles()
             return deltas + self._land()
         sampled = [c.request for c in chunks if c.completes]
-        chain = (self._overlap and self.runner.can_carry(chunks)
-                 and not any(self._processors.get(r.request_id) for r in sampled))
+        chain = self._overlap and self.runner.can_carry(chunks)
         if not chain and self._inflight is not None:  # scheduled on ids still in flight: read them
             deltas += self._land()
             chunks = [c for c in chunks if not c.request.is_finished]
@@ -215,7 +217,15 @@ class Engine:
                                [self._processors.get(r.request_id) for r in sampled])
             return deltas + [self._fail(req, rows.failed[i]) if i in rows.failed else self._post(req, tok)
                              for i, (req, tok) in enumerate(zip(sampled, rows.ids))]
-        self._inflight = self._launch(sampled, *sample_ids(logits, params, generators))
+        processors = [self._processors.get(r.request_id) for r in sampled]
+        if previous is not None and any(processors):
+            # the processors see the tokens in flight before they mask the next ones: read
+            # them now, while the model runs this step (requests they end waste their row)
+            deltas += self._read(previous)
+            previous = None
+            processors = [self._processors.get(r.request_id) for r in sampled]
+        failed = apply_rows(logits, processors)
+        self._inflight = self._launch(sampled, *sample_ids(logits, params, generators), failed)
         return deltas + (self._read(previous) if previous is not None else [])
 
     def _admit_compiled(self) -> None:
@@ -236,32 +246,35 @@ class Engine:
 
     def _can_chain(self) -> bool:
         """Whether the next step may be scheduled before the step in flight lands: every
-        running request is decoding on an id in flight, none has processors or is one token
-        from its limit, and KV has a block for each (so scheduling preempts nobody; waiting
+        running request is decoding on an id in flight, none is one token from its limit, and KV has a block for each (so scheduling preempts nobody; waiting
         requests are admitted only into free blocks)."""
         s = self.scheduler
         if self.pool.num_free < len(s.running):
             return False
         return all(
-            r.num_inflight and r.request_id not in self._processors
-            and len(r.output_ids) + r.num_inflight < r.params.max_tokens
+            r.num_inflight and len(r.output_ids) + r.num_inflight < r.params.max_tokens
             and r.num_tokens < self.context_length
             for r in s.running
         )
 
-    def _launch(self, sampled: list[Request], ids: torch.Tensor, bad: torch.Tensor) -> _InFlight:
-        """``bad`` rows (not sampleable) feed id 0 to the next step and read back as -1."""
+    def _launch(self, sampled: list[Request], ids: torch.Tensor, bad: torch.Tensor,
+                failed: dict[int, str]) -> _InFlight:
+        """``bad`` rows (not sampleable) feed id 0 to the next step and read back as -1, as do
+        the ``failed`` rows (their processors raised)."""
         for req in sampled:
             req.num_inflight += 1
+        if failed:
+            bad = bad.clone()
+            bad[list(failed)] = True
         marked = ids.masked_fill(bad, FAILED_ROW)
         if ids.device.type != "cuda":
-            return _InFlight(sampled, ids, marked, None)
+            return _InFlight(sampled, ids, marked, None, failed)
         host, ready = self._landing[self._steps_launched % 2]
         self._steps_launched += 1
         host = host[: ids.shape[0]]
         host.copy_(marked, non_blocking=True)
         ready.record()
-        return _InFlight(sampled, ids, host, ready)
+        return _InFlight(sampled, ids, host, ready, failed)
 
     def _land(self) -> list[GenerationDelta]:
         """Wait for the step in flight, if any, and post-process its tokens."""
@@ -273,12 +286,12 @@ class Engine:
         if flight.ready is not None:
             flight.ready.synchronize()
         deltas = []
-        for req, token in zip(flight.requests, flight.host.tolist()):
+        for row, (req, token) in enumerate(zip(flight.requests, flight.host.tolist())):
             req.num_inflight -= 1
             if req.is_finished:  # aborted, or ended on an earlier token: a wasted row
                 continue
             if token == FAILED_ROW:
-                deltas.append(self._fail(req, NON_FINITE))
+                deltas.append(self._fail(req, flight.failed.get(row, NON_FINITE)))
                 continue
             deltas.append(self._post(req, token))
             if not req.is_finished:  # its blocks that this token completes join the prefix cache

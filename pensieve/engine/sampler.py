@@ -60,19 +60,26 @@ def sample_rows(
     processors: Sequence[Sequence[LogitsProcessor] | None] | None = None,
 ) -> SampledRows:
     """Like ``sample``, with failed rows reported instead of raised."""
-    failed: dict[int, str] = {}
-    with torch.inference_mode():  # the model's logits are inference tensors: mask in place
-        for i, procs in enumerate(processors or ()):
-            if not procs:
-                continue
-            try:
-                apply_processors(procs, logits[i])
-            except Exception as exc:  # a grammar that cannot mask: this request's failure only
-                failed[i] = f"logits processor failed: {type(exc).__name__}: {exc}"
+    failed = apply_rows(logits, processors or ())
     ids, bad = sample_ids(logits, params, generators)
     for i in bad.nonzero().flatten().tolist():
         failed.setdefault(i, NON_FINITE)
     return SampledRows(ids.tolist(), failed)
+
+
+def apply_rows(logits: torch.Tensor, processors: Sequence[Sequence[LogitsProcessor] | None]) -> dict[int, str]:
+    """Mask each row of ``logits`` in place with its processors; the rows whose processors
+    raised (row → why): a grammar that cannot mask fails its request only."""
+    failed: dict[int, str] = {}
+    with torch.inference_mode():  # the model's logits are inference tensors: mask in place
+        for i, procs in enumerate(processors):
+            if not procs:
+                continue
+            try:
+                apply_processors(procs, logits[i])
+            except Exception as exc:
+                failed[i] = f"logits processor failed: {type(exc).__name__}: {exc}"
+    return failed
 
 
 def sample_ids(
