@@ -15,6 +15,12 @@ and the server log under ``--out``.
 
     python -m bench.gpu_bench --gguf /tmp/llama8b.gguf --tokenizer-from .gpu/tokenizer.gguf \\
         --out "$OUT" --hf
+
+``--url`` drives a server that is already running (llama.cpp's ``llama-server``, which speaks
+``/v1/messages`` too) with the same client and scenarios instead of starting Pensieve;
+``--server-pid`` names its process for the client's CPU guard:
+
+    python -m bench.gpu_bench --url http://127.0.0.1:8080 --server-pid $PID --out "$OUT/llama"
 """
 
 from __future__ import annotations
@@ -127,8 +133,8 @@ async def scenario_ttft(c: Client, repeat: int, words: int) -> list[Metric]:
     return [cold, rate, warm]
 
 
-async def pensieve_scenarios(a: argparse.Namespace, server_pid: int) -> list[Metric]:
-    c = Client(f"http://127.0.0.1:{a.port}", temperature=0.0, timeout=900)
+async def pensieve_scenarios(a: argparse.Namespace, server_pid: int | None) -> list[Metric]:
+    c = Client(a.url or f"http://127.0.0.1:{a.port}", temperature=0.0, timeout=900)
     g = Guard(server_pid=server_pid)
     out: list[Metric] = []
     try:
@@ -208,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_bench",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", default="/tmp/llama8b-random-f16.gguf")
+    p.add_argument("--url", default=None,
+                   help="drive this already-running server (e.g. llama-server) instead of "
+                        "starting Pensieve; --gguf is then only recorded")
+    p.add_argument("--server-pid", type=int, default=None, help="with --url: its process id")
     p.add_argument("--tokenizer-from", default=None, help="for writing the GGUF (see make_random_gguf)")
     p.add_argument("--gguf-dtype", default="f16", help="for writing the GGUF: f16, q4_0, q4_k")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -230,19 +240,25 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     info: dict = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(),
                   "argv": sys.argv[1:]}
-    if not Path(a.gguf).exists():
-        info["gguf_write_s"] = make_gguf(a)
-    info["gguf_bytes"] = Path(a.gguf).stat().st_size
-    proc, info["server_ready_s"] = start_server(a, out / "server.log")
-    print(f"server ready in {info['server_ready_s']:.1f} s", flush=True)
-    try:
-        metrics = asyncio.run(pensieve_scenarios(a, proc.pid))
-    finally:
-        proc.terminate()
+    if a.url:
+        info["url"] = a.url
+        if Path(a.gguf).exists():
+            info["gguf_bytes"] = Path(a.gguf).stat().st_size
+        metrics = asyncio.run(pensieve_scenarios(a, a.server_pid))
+    else:
+        if not Path(a.gguf).exists():
+            info["gguf_write_s"] = make_gguf(a)
+        info["gguf_bytes"] = Path(a.gguf).stat().st_size
+        proc, info["server_ready_s"] = start_server(a, out / "server.log")
+        print(f"server ready in {info['server_ready_s']:.1f} s", flush=True)
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            metrics = asyncio.run(pensieve_scenarios(a, proc.pid))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     if a.hf:
         try:
             metrics += hf_baseline(a)

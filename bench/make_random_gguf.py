@@ -1,4 +1,4 @@
-"""Write a random-weight Llama GGUF with a real tokenizer: big shapes without downloading weights.
+"""Write a random-weight Llama/Qwen2/Qwen3 GGUF with a real tokenizer: big shapes, no downloads.
 
 The default shape is Llama-3-8B's body (hidden 4096, 32 layers, 32 heads, 8 KV heads,
 intermediate 14336) with SmolLM2's 49152-token vocabulary: tokenizer.* keys and the chat
@@ -13,6 +13,19 @@ scales for a weight spread like N(0, 0.02)); embeddings and the output stay F16.
     python -m bench.make_random_gguf /tmp/llama8b-random.gguf          # ~15 GB, ~1 min on a GPU box
     python -m bench.make_random_gguf --dtype q4_0 /tmp/llama8b-q4_0.gguf   # ~4.7 GB
     python -m bench.make_random_gguf --tokenizer-only .gpu/tokenizer.gguf   # a few MB: to carry
+
+``--arch qwen2`` adds F32 q/k/v biases (Qwen2/2.5: rope theta 1e6, RMS eps 1e-6, untied output);
+``--arch qwen3`` adds the per-head q/k RMSNorm weights (``attn_q_norm``/``attn_k_norm``, F32
+near one) and writes ``key_length``/``value_length`` (``--head-dim``, Qwen3's 128). ``--dtype
+q4_k_m`` writes llama.cpp's Q4_K_M mix (``src/llama-quant.cpp``): Q4_K everywhere (token
+embeddings too) except Q6_K for ``attn_v`` and ``ffn_down`` of the layers llama.cpp's
+``use_more_bits`` picks (the first and last eighth and every third layer between: about half)
+and a Q6_K output; the codes are random bytes with scales for weights of std ~0.02.
+
+    python -m bench.make_random_gguf /tmp/qwen25-7b.gguf --arch qwen2 --dtype q4_k_m \
+        --hidden 3584 --layers 28 --heads 28 --kv-heads 4 --intermediate 18944   # Qwen2.5-7B
+    python -m bench.make_random_gguf /tmp/qwen3-8b.gguf --arch qwen3 --dtype q4_k_m \
+        --hidden 4096 --layers 36 --heads 32 --kv-heads 8 --head-dim 128 --intermediate 12288
 
 Weights are generated on CUDA when it is there (``--device``), tensor by tensor, and streamed
 to the file, so memory stays at one tensor.
@@ -33,8 +46,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 TOKEN_TYPE_NORMAL = 1
 DTYPES = {"f16": (torch.float16, np.float16, GGMLQuantizationType.F16),
           "bf16": (torch.bfloat16, np.uint16, GGMLQuantizationType.BF16)}
-Q4 = {"q4_0": GGMLQuantizationType.Q4_0, "q4_k": GGMLQuantizationType.Q4_K}
-FILE_TYPES = {"f16": 1, "bf16": 32, "q4_0": 2, "q4_k": 15}  # llama.cpp's LLAMA_FTYPE_*
+Q4 = {"q4_0": GGMLQuantizationType.Q4_0, "q4_k": GGMLQuantizationType.Q4_K,
+      "q4_k_m": GGMLQuantizationType.Q4_K}
+FILE_TYPES = {"f16": 1, "bf16": 32, "q4_0": 2, "q4_k": 15, "q4_k_m": 15}  # LLAMA_FTYPE_*
+ARCH_DEFAULTS = {"llama": {"rope_theta": 500000.0, "eps": 1e-5},  # Llama-3
+                 "qwen2": {"rope_theta": 1000000.0, "eps": 1e-6},
+                 "qwen3": {"rope_theta": 1000000.0, "eps": 1e-6}}
+Q6_K = GGMLQuantizationType.Q6_K
 
 
 def copy_tokenizer(src: Path, writer: GGUFWriter) -> tuple[int, list[int]]:
@@ -59,17 +77,29 @@ def copy_tokenizer(src: Path, writer: GGUFWriter) -> tuple[int, list[int]]:
     return vocab, special
 
 
+def head_dim(a: argparse.Namespace) -> int:
+    return a.head_dim or a.hidden // a.heads
+
+
 def tensor_specs(a: argparse.Namespace, vocab: int) -> Iterator[tuple[str, tuple[int, ...], bool]]:
-    """(GGUF name, torch-order shape, is_norm) in file order."""
-    h, kv = a.hidden, a.kv_heads * (a.hidden // a.heads)
+    """(GGUF name, torch-order shape, is_small_f32) in file order (small F32: norms, biases)."""
+    h, hd = a.hidden, head_dim(a)
+    q, kv = a.heads * hd, a.kv_heads * hd
     yield "token_embd.weight", (vocab, h), False
     for i in range(a.layers):
         p = f"blk.{i}."
         yield p + "attn_norm.weight", (h,), True
-        yield p + "attn_q.weight", (h, h), False
+        yield p + "attn_q.weight", (q, h), False
         yield p + "attn_k.weight", (kv, h), False
         yield p + "attn_v.weight", (kv, h), False
-        yield p + "attn_output.weight", (h, h), False
+        if a.arch == "qwen2":
+            yield p + "attn_q.bias", (q,), True
+            yield p + "attn_k.bias", (kv,), True
+            yield p + "attn_v.bias", (kv,), True
+        if a.arch == "qwen3":
+            yield p + "attn_q_norm.weight", (hd,), True
+            yield p + "attn_k_norm.weight", (hd,), True
+        yield p + "attn_output.weight", (h, q), False
         yield p + "ffn_norm.weight", (h,), True
         yield p + "ffn_gate.weight", (a.intermediate, h), False
         yield p + "ffn_up.weight", (a.intermediate, h), False
@@ -78,8 +108,28 @@ def tensor_specs(a: argparse.Namespace, vocab: int) -> Iterator[tuple[str, tuple
     yield "output.weight", (vocab, h), False
 
 
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's rule (src/llama-quant.cpp) for the layers whose attn_v / ffn_down get more
+    bits in the _M k-quant mixes: the first and last eighth, and every third layer between."""
+    return (i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8
+            or (i_layer - n_layers // 8) % 3 == 2)
+
+
+def quant_type(name: str, a: argparse.Namespace) -> GGMLQuantizationType | None:
+    """The block type a matrix is written as, None for float (``--dtype`` f16/bf16)."""
+    if a.dtype == "q4_k_m":
+        if name == "output.weight":
+            return Q6_K
+        if name.endswith(("attn_v.weight", "ffn_down.weight")):
+            return Q6_K if use_more_bits(int(name.split(".")[1]), a.layers) else Q4["q4_k_m"]
+        return Q4["q4_k_m"]
+    if a.dtype in Q4 and name.startswith("blk."):
+        return Q4[a.dtype]
+    return None
+
+
 def add_model_keys(w: GGUFWriter, a: argparse.Namespace, vocab: int) -> None:
-    w.add_name(f"random-llama-{a.layers}L-{a.hidden}")
+    w.add_name(f"random-{a.arch}-{a.layers}L-{a.hidden}")
     w.add_block_count(a.layers)
     w.add_context_length(a.context_length)
     w.add_embedding_length(a.hidden)
@@ -87,8 +137,11 @@ def add_model_keys(w: GGUFWriter, a: argparse.Namespace, vocab: int) -> None:
     w.add_head_count(a.heads)
     w.add_head_count_kv(a.kv_heads)
     w.add_rope_freq_base(a.rope_theta)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(a.hidden // a.heads)
+    w.add_layer_norm_rms_eps(ARCH_DEFAULTS[a.arch]["eps"])
+    w.add_rope_dimension_count(head_dim(a))
+    if a.arch == "qwen3" or head_dim(a) != a.hidden // a.heads:
+        w.add_key_length(head_dim(a))
+        w.add_value_length(head_dim(a))
     w.add_vocab_size(vocab)
     w.add_file_type(FILE_TYPES[a.dtype])
 
@@ -122,9 +175,28 @@ def random_q4_blocks(shape: tuple[int, ...], gen: torch.Generator, device: str,
     return blocks.reshape(rows, -1).cpu().numpy()
 
 
+def random_q6_k_blocks(shape: tuple[int, ...], gen: torch.Generator, device: str,
+                       zero_rows: list[int]) -> np.ndarray:
+    """Random Q6_K blocks (ql[128], qh[64], int8 scales[16], d f16; w = d·sc·(q − 32)):
+    uniform 6-bit codes, scales ±(8..15), d for weights of std ~0.02; zero_rows get d = 0."""
+    rows, cols = shape
+    nb = cols // 256
+    codes = torch.randint(0, 256, (rows, nb, 192), generator=gen, device=device, dtype=torch.uint8)
+    mag = torch.randint(8, 16, (rows, nb, 16), generator=gen, device=device, dtype=torch.int8)
+    sign = torch.randint(0, 2, (rows, nb, 16), generator=gen, device=device, dtype=torch.int8)
+    scales = (mag * (1 - 2 * sign)).view(torch.uint8)
+    d = torch.full((rows, nb, 1), 0.02 / 18.5 / 11.7, device=device, dtype=torch.float16)
+    if zero_rows:
+        d[zero_rows] = 0
+    blocks = torch.cat([codes, scales, d.view(torch.uint8)], dim=-1)
+    return blocks.reshape(rows, -1).cpu().numpy()
+
+
+
+
 def write(a: argparse.Namespace) -> None:
     out = Path(a.output)
-    w = GGUFWriter(out, "llama")
+    w = GGUFWriter(out, a.arch)
     vocab, special = copy_tokenizer(Path(a.tokenizer_from), w)
     if a.tokenizer_only:
         w.write_header_to_file()
@@ -139,12 +211,13 @@ def write(a: argparse.Namespace) -> None:
     specs = list(tensor_specs(a, vocab))
     for name, shape, is_norm in specs:
         n = int(np.prod(shape))
+        qtype = None if is_norm else quant_type(name, a)
         if is_norm:
             w.add_tensor_info(name, shape, np.dtype(np.float32), n * 4)
-        elif a.dtype in Q4 and name.startswith("blk."):
-            block, size = GGML_QUANT_SIZES[Q4[a.dtype]]
+        elif qtype is not None:
+            block, size = GGML_QUANT_SIZES[qtype]
             w.add_tensor_info(name, (shape[0], shape[1] // block * size), np.dtype(np.uint8),
-                              n // block * size, raw_dtype=Q4[a.dtype])
+                              n // block * size, raw_dtype=qtype)
         else:
             w.add_tensor_info(name, shape, np.dtype(np.float16), n * 2, raw_dtype=gtype)
     w.write_header_to_file()
@@ -154,12 +227,21 @@ def write(a: argparse.Namespace) -> None:
     gen.manual_seed(a.seed)
     started, total = time.perf_counter(), 0
     for name, shape, is_norm in specs:
-        if is_norm:
+        qtype = None if is_norm else quant_type(name, a)
+        zero = special if name == "output.weight" else []
+        if name.endswith(".bias"):  # qwen2's q/k/v biases
+            data = torch.randn(shape, generator=gen, device=a.device).mul_(0.02).cpu().numpy()
+        elif name.endswith(("attn_q_norm.weight", "attn_k_norm.weight")):  # qwen3: near one
+            data = torch.randn(shape, generator=gen, device=a.device).mul_(0.05).add_(1).cpu().numpy()
+        elif is_norm:
             data = np.ones(shape, dtype=np.float32)
-        elif a.dtype in Q4 and name.startswith("blk."):
-            data = random_q4_blocks(shape, gen, a.device, Q4[a.dtype])
+        elif qtype is Q6_K:
+            data = random_q6_k_blocks(shape, gen, a.device, zero)
+        elif qtype is not None:
+            data = random_q4_blocks(shape, gen, a.device, qtype)
+            if zero:  # Q4_K output rows of special tokens: d = dmin = 0
+                data.reshape(shape[0], -1, GGML_QUANT_SIZES[qtype][1])[zero, :, :4] = 0
         else:
-            zero = special if name == "output.weight" else []
             data = random_tensor(shape, gen, a.device, float_dtype, zero)
         w.write_tensor_data(data)
         total += data.nbytes
@@ -182,9 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--intermediate", type=int, default=14336)
     p.add_argument("--context-length", type=int, default=16384)
-    p.add_argument("--rope-theta", type=float, default=500000.0)
+    p.add_argument("--head-dim", type=int, default=None, help="default hidden / heads")
+    p.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), default="llama",
+                   help="qwen2: q/k/v biases; qwen3: q/k RMSNorm (GGUF general.architecture)")
+    p.add_argument("--rope-theta", type=float, default=None,
+                   help="default 5e5 for llama (Llama-3), 1e6 for qwen2/qwen3")
     p.add_argument("--dtype", choices=sorted(DTYPES) + sorted(Q4), default="f16",
-                   help="q4_0/q4_k: 4-bit projection matrices, F16 embeddings and output")
+                   help="q4_0/q4_k: 4-bit projection matrices, F16 embeddings and output; "
+                        "q4_k_m: llama.cpp's Q4_K_M mix (Q4_K + Q6_K, embeddings and output too)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
@@ -192,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if a.rope_theta is None:
+        a.rope_theta = ARCH_DEFAULTS[a.arch]["rope_theta"]
     if a.tokenizer_from is None:
         from pensieve.loaders.default_model import default_model_path
 
