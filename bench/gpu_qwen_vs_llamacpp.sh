@@ -14,7 +14,7 @@
 cd "$(dirname "$0")/.."
 T0=$(date +%s); BUDGET=${BUDGET:-560}
 left() { echo $((BUDGET - ($(date +%s) - T0))); }
-S=/tmp/qr; mkdir -p $S
+S=${STATE:-/tmp/qr}; mkdir -p $S
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 [ -d /tmp/site/fastapi ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -53,18 +53,19 @@ if [ -n "$BENCH" ]; then
       --scenarios $SC --gguf $2 --serve-args "--weights auto" --ready-timeout 240 > $S/bench_p_$1.log 2>&1 &
     local G=$!; wait $G; echo "pensieve $1 rc=$?"; kill -- -$G 2>/dev/null; grep -E "^\| (x|decode|prefill|followup|cold|warm)" $S/bench_p_$1.log | cut -c1-110
     grep -E "warmed up|captured|ready in|Traceback|Error" $S/p_$1/server.log | cut -c1-160 | head -6; }
-  llama() { [ -e $S/l_$1/gpu_bench.json ] && return; [ -x /tmp/llbuild/bin/llama-server ] || { echo "no llama-server"; return; }
+  # LLAMA_ARGS: extra llama-server flags (e.g. "--cache-ram 0"), LTAG: suffix of its result folder
+  llama() { [ -e $S/l_$1$LTAG/gpu_bench.json ] && return; [ -x /tmp/llbuild/bin/llama-server ] || { echo "no llama-server"; return; }
     [ $(left) -lt 120 ] && { echo "skip llama $1"; return; }
-    /tmp/llbuild/bin/llama-server -m $2 -ngl 99 -fa on --jinja -c 16384 -np 8 -kvu --port 8080 \
-      > $S/llama_server_$1.log 2>&1 & LP=$!
+    /tmp/llbuild/bin/llama-server -m $2 -ngl 99 -fa on --jinja -c 16384 -np 8 -kvu --port 8080 $LLAMA_ARGS \
+      > $S/llama_server_$1$LTAG.log 2>&1 & LP=$!
     for i in $(seq 120); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/health', timeout=2)" 2>/dev/null && break; sleep 1; done
     timeout $(( $(left) - 15 )) python3 -m bench.gpu_bench --url http://127.0.0.1:8080 --server-pid $LP \
-      --gguf $2 --out $S/l_$1 --repeat 3 --scenarios $SC > $S/bench_l_$1.log 2>&1
-    echo "llama.cpp $1 rc=$?"; grep -E "^\| (x|decode|prefill|followup|cold|warm)" $S/bench_l_$1.log | cut -c1-110
+      --gguf $2 --out $S/l_$1$LTAG --repeat 3 --scenarios ${LSC:-$SC} > $S/bench_l_$1$LTAG.log 2>&1
+    echo "llama.cpp $1$LTAG rc=$?"; grep -E "^\| (x|decode|prefill|followup|cold|warm)" $S/bench_l_$1$LTAG.log | cut -c1-110
     kill $LP; wait $LP 2>/dev/null; }
   for m in ${MODELS:-qwen25 qwen3}; do
     f=$Q2; [ $m = qwen3 ] && f=$Q3
-    pens $m $f; llama $m $f
+    [ -z "$NO_PENSIEVE" ] && pens $m $f; llama $m $f
   done
 fi
 tar czf $OUT/qwen_logs.tgz -C $S --exclude='*.gguf' . 2>/dev/null
