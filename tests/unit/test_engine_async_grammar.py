@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("xgrammar")
 
@@ -89,3 +90,31 @@ def test_a_processor_that_raises_under_async_fails_only_its_request(bpe, monkeyp
     assert final["d"].finish_reason is FinishReason.ERROR and "mask broke" in final["d"].error
     assert final["p"].finish_reason is FinishReason.MAX_TOKENS and len(out["p"]) == 30
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_async_with_grammars_gives_the_sync_tokens(bpe):
+    from pensieve.backends.torch_backend import torch_engine
+    from pensieve.engine.config import EngineConfig
+    from pensieve.models.llama import LlamaForCausalLM
+    from tests.helpers.tiny_engine import tiny_args
+
+    def engine(overlap: bool):
+        torch.manual_seed(0)
+        args = tiny_args(vocab_size=bpe.vocab_size)
+        model = LlamaForCausalLM(args).eval().to("cuda")
+        config = EngineConfig(context_length=512, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
+                              device="cuda", async_scheduling=overlap)
+        built = torch_engine(model, args, bpe, config)
+        built._grammars = GrammarCompiler(bpe, built.vocab_size)
+        for spec in (OBJECT, ARRAY):
+            built._grammars.compile(spec)
+        return built
+
+    sync, overlapped = engine(False), engine(True)
+    carried = count_constrained_carried(overlapped)
+    a, fa = run(sync, requests(bpe))
+    b, fb = run(overlapped, requests(bpe))
+    assert a == b
+    assert {k: f.finish_reason for k, f in fa.items()} == {k: f.finish_reason for k, f in fb.items()}
+    assert carried[0] >= 5
