@@ -188,6 +188,10 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
         log.info("warmed up the step shapes that compile kernels: %d steps in %.1f s", steps, seconds)
     if on_cpu:
         release_free_memory()
+    from pensieve.engine.grammar import grammar_available
+
+    if grammar_available():  # the vocabulary's grammar tables, built off the first tool request
+        engine.grammars.prepare()
     name = settings.served_name or ckpt.name
     client = EngineClient(engine, name, max_waiting=engine_cfg.max_waiting)
     client.start()

@@ -148,12 +148,17 @@ class Engine:
         if params.thinking_budget is not None:
             processors.append(ThinkingBudgetProcessor(params.thinking_budget))
         if params.grammar is not None:
-            if self._grammars is None:  # raises GrammarUnavailableError without xgrammar
-                self._grammars = GrammarCompiler(self.tokenizer, self._vocab_size,
-                                                 workers=self.config.grammar_workers,
-                                                 timeout_s=self.config.grammar_timeout_s)
-            processors.append(self._grammars.constraint(params.grammar, lambda: self._tokens_left(req)))
+            processors.append(self.grammars.constraint(params.grammar, lambda: self._tokens_left(req)))
         return processors
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The grammar compiler, built on first use (GrammarUnavailableError without xgrammar)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self._vocab_size,
+                                             workers=self.config.grammar_workers,
+                                             timeout_s=self.config.grammar_timeout_s)
+        return self._grammars
 
     def _tokens_left(self, req: Request) -> int:
         """Tokens ``req`` may still generate, counting the one about to be sampled."""

@@ -203,6 +203,10 @@ class GrammarCompiler:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pensieve-grammar")
         self._backend_lock = threading.Lock()
         self._xgr_compiler: Any = None  # built on a compile thread by the first job
+        # when the vocabulary's matcher tables were ready: compile deadlines count from then, so
+        # a large vocabulary's one-time build (~10 s for Gemma's 262k) degrades no request
+        self.backend_ready_at: float | None = None
+        self._backend_job: Future | None = None
         self.masks = BitmaskApplier(vocab_size)
         stops = frozenset(tokenizer.eos_token_ids)
         self.stop_bits = _token_bits(stops, vocab_size)
@@ -212,6 +216,7 @@ class GrammarCompiler:
 
     def submit(self, spec: GrammarSpec) -> Future:
         """The compiled grammar of ``spec``, from the cache or compiling now in the background."""
+        self.prepare()
         with self._lock:
             future = self._cache.get(spec)
             if future is not None:
@@ -222,6 +227,18 @@ class GrammarCompiler:
             while len(self._cache) > self._max_cached:
                 self._cache.popitem(last=False)
             return future
+
+    def prepare(self) -> Future:
+        """Build the vocabulary's tables in the background, once, as a job of its own (a
+        server calls this at start; the first compile otherwise)."""
+        with self._lock:
+            if self._backend_job is None:
+                self._backend_job = self._pool.submit(self._backend)
+            return self._backend_job
+
+    def backend_failed(self) -> bool:
+        job = self._backend_job
+        return job is not None and job.done() and job.exception() is not None
 
     def compile(self, spec: GrammarSpec) -> Any:
         """Blocking ``submit``: the ``xgrammar.CompiledGrammar`` (GrammarError if it fails)."""
@@ -246,6 +263,7 @@ class GrammarCompiler:
                 self._set_closing_tokens(info.decoded_vocab)
                 threads = max(1, min(8, os.cpu_count() or 1))
                 self._xgr_compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
+                self.backend_ready_at = time.monotonic()
             return self._xgr_compiler
 
     def _compile(self, spec: GrammarSpec) -> Any:
@@ -326,7 +344,12 @@ class GrammarConstraint(LogitsProcessor):
         if self.compiling is None:
             return True
         now = time.monotonic() if now is None else now
-        if now < self._deadline:
+        ready_at = self._compiler.backend_ready_at
+        if ready_at is None:
+            if not self._compiler.backend_failed():
+                return False  # the vocabulary's one-time build: bounded, not this grammar's cost
+            ready_at = now - self._compiler.timeout_s
+        if now < max(self._deadline, ready_at + self._compiler.timeout_s):
             return False
         waited = self._compiler.timeout_s
         fallback = self.spec.fallback

@@ -178,3 +178,27 @@ def test_forced_tool_choice_constrains_qwen(qwen15_client):
     calls = [b for b in msg.content if b.type == "tool_use"]
     assert len(calls) == 1 and calls[0].name == "Read"
     assert isinstance(calls[0].input.get("file_path"), str)
+
+
+@pytest.fixture(scope="module")
+def gemma_client(gemma3_270m_gguf):
+    with pensieve_server("--model", str(gemma3_270m_gguf), "--context-length", "2048") as url:
+        yield anthropic.Anthropic(base_url=url, api_key="local", max_retries=0)
+
+
+def test_gemma3_served_through_the_sdk_with_a_forced_tool(gemma_client):
+    """A base model with no chat template (ChatML and the built-in tool prompt stand in): the
+    grammar over its 262k vocabulary still makes a forced call valid for the tool's schema."""
+    msg = gemma_client.messages.create(
+        model="claude-haiku-4-5", max_tokens=60, extra_body=GREEDY, tools=[READ_TOOL],
+        tool_choice={"type": "tool", "name": "Read", "disable_parallel_tool_use": True},
+        messages=[{"role": "user", "content": "Open the file notes.txt"}])
+    calls = [b for b in msg.content if b.type == "tool_use"]
+    assert msg.stop_reason == "tool_use" and len(calls) == 1, msg.content
+    assert calls[0].name == "Read" and calls[0].input["file_path"] == "notes.txt"
+    counted = gemma_client.messages.count_tokens(
+        model="claude-haiku-4-5", tools=[READ_TOOL],
+        tool_choice={"type": "tool", "name": "Read", "disable_parallel_tool_use": True},
+        messages=[{"role": "user", "content": "Open the file notes.txt"}])
+    assert counted.input_tokens == msg.usage.input_tokens + msg.usage.cache_read_input_tokens \
+        + msg.usage.cache_creation_input_tokens
