@@ -75,6 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
                    help="a generation still running this long after its request arrived is "
                         "stopped with timeout_error and its KV freed (default 3600; 0: none)")
+    p.add_argument("--header-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a connection whose request line and headers are not complete this long "
+                        "after it opened (or after its previous response) is closed (default 30)")
     p.add_argument("--grammar-timeout", type=float, default=None, metavar="SECONDS",
                    help="a tool-call grammar still compiling after this long is replaced by a "
                         "looser one (arguments unchecked), with a warning (default 5)")
@@ -108,19 +111,23 @@ def run(ns: argparse.Namespace) -> int:
     started = time.perf_counter()
     app, client = build_app(settings)
     log.info("model %s ready in %.2f s", settings.served_name or "", time.perf_counter() - started)
-    return serve_http(app, client, settings.host, settings.port, ns.log_level.lower())
+    return serve_http(app, client, settings.host, settings.port, ns.log_level.lower(),
+                      header_timeout_s=settings.header_timeout_s)
 
 
 SHUTDOWN_GRACE_S = 5  # how long running responses may take to end after SIGTERM/SIGINT
 
 
-def serve_http(app, client, host: str, port: int, log_level: str) -> int:  # noqa: ANN001
+def serve_http(app, client, host: str, port: int, log_level: str,  # noqa: ANN001
+               header_timeout_s: float = 30.0) -> int:
     """uvicorn until SIGTERM/SIGINT or the engine's death. On the signal every running
     generation first ends with an error (streams get an ``error`` event, not a cut
     connection), then uvicorn shuts down gracefully (and re-raises the signal). When the engine
     loop dies its callers have already been ended: the server stops and 1 is returned, for a
     supervisor to restart it; a hard exit follows if the graceful shutdown hangs."""
     import uvicorn
+
+    from pensieve.cli.http_protocol import HeaderTimeoutProtocol
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001
@@ -129,7 +136,8 @@ def serve_http(app, client, host: str, port: int, log_level: str) -> int:  # noq
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                            http=HeaderTimeoutProtocol.with_timeout(header_timeout_s))
     server = DrainingServer(config)
 
     def on_death(reason: str) -> None:

@@ -35,6 +35,7 @@ class ServeSettings:
     weights: str = "auto"  # "auto" | "float" | "int4" (4-bit GGUF weights on the CPU kernels)
     dry: DryParams | None = None  # the loop guard of every request; None → off
     request_timeout_s: float | None = 3600.0  # a generation's deadline from its arrival; None → none
+    header_timeout_s: float = 30.0  # a connection's request head must be complete within this
 
     def context_plan(self, args: ModelArgs) -> ContextPlan:
         return plan_context(args, self.context_length, self.rope_scale, self.rope_type)
@@ -145,6 +146,7 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
         grammar_timeout_s=_positive(getattr(ns, "grammar_timeout", None), 5.0, "--grammar-timeout", zero=False),
     )
     request_timeout = _positive(getattr(ns, "request_timeout", None), 3600.0, "--request-timeout")
+    header_timeout = _positive(getattr(ns, "header_timeout", None), 30.0, "--header-timeout", zero=False)
     if ns.context_length is not None and ns.context_length < 16:
         raise ValueError("--context-length must be at least 16")
     rope_scale = getattr(ns, "rope_scale", None)
@@ -161,6 +163,7 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
         rope_scale=rope_scale, rope_type=getattr(ns, "rope_type", None) or "yarn",
         default_temperature=getattr(ns, "default_temperature", 1.0), weights=weights, dry=dry,
         request_timeout_s=request_timeout or None,  # --request-timeout 0: no deadline
+        header_timeout_s=header_timeout,
     )
 
 

@@ -85,3 +85,18 @@ def test_with_timeout_refuses_nonsense():
 
     with pytest.raises(ValueError, match="positive"):
         HeaderTimeoutProtocol.with_timeout(0)
+
+
+def test_serve_flag_sets_the_deadline():
+    import pytest
+
+    from pensieve.cli.main import build_parser
+    from pensieve.cli.settings import settings_from_args
+
+    def settings(*flags: str):
+        return settings_from_args(build_parser().parse_args(["serve", "--device", "cpu", *flags]), {})
+
+    assert settings().header_timeout_s == 30.0
+    assert settings("--header-timeout", "2.5").header_timeout_s == 2.5
+    with pytest.raises(ValueError, match="--header-timeout must be positive"):
+        settings("--header-timeout", "0")
