@@ -32,7 +32,9 @@ from torch import nn
 from pensieve.backends.cpu_quant import (
     Kernels, Q4Linear, Q8Embedding, Q8Linear, kernel_fits, load_kernels, pack_q8,
 )
-from pensieve.backends.cpu_quant.codes_linear import CodesLinear, blocks_fit, proj_of
+from pensieve.backends.cpu_quant.codes_linear import (
+    CodesEmbedding, CodesLinear, blocks_fit, proj_of,
+)
 from pensieve.backends.cpu_quant.mlp import Q4MLP
 from pensieve.backends.cuda_int4 import CudaInt4Linear
 from pensieve.backends.cuda_int8 import cuda_codes_linear
@@ -173,6 +175,49 @@ def plan_q8(int8: Mapping[str, Q8], tied: bool, int8_head: bool) -> tuple[Q8 | N
     return head, floats
 
 
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def plan_tables(int4: dict[str, Codes], tied: bool, head_codes: bool
+                ) -> tuple[dict[str, Codes], dict[str, torch.Tensor]]:
+    """Take the token embedding and output layer out of a checkpoint's kept codes (``int4``,
+    changed in place): (HF name → codes kept on the compiled kernels, HF name → float weight).
+
+    The embedding stays codes where the kernels take its format (``CodesEmbedding``: a
+    1.5B Qwen's Q4_K table is 130 MB, not 933 MB of float32); the output layer where
+    ``head_codes`` (the int8 head was chosen: a Q6_K head runs on its own codes instead of
+    being dequantised and re-packed to Q8_0). A tied pair stays codes only together.
+    """
+    tables = {n: int4.pop(n) for n in (EMBED, HEAD) if n in int4}
+    if not tables:
+        return {}, {}
+    kernels = load_kernels()
+    fits = lambda g: kernels is not None and blocks_fit((g,))  # noqa: E731
+    keep: dict[str, Codes] = {}
+    if EMBED in tables and fits(tables[EMBED]) and (not tied or head_codes):
+        keep[EMBED] = tables[EMBED]
+    if HEAD in tables and head_codes and fits(tables[HEAD]) and not tied:
+        keep[HEAD] = tables[HEAD]
+    return keep, {n: g.dequantize() for n, g in tables.items() if n not in keep}
+
+
+def swap_in_tables(model: nn.Module, tables: Mapping[str, Codes], tied: bool) -> None:
+    """Put the codes ``plan_tables`` kept in place: the embedding as ``CodesEmbedding``, the
+    output layer as ``CodesLinear`` (for a tied pair, one table shared by both)."""
+    if not tables:
+        return
+    kernels = load_kernels()
+    if EMBED in tables:
+        table = CodesLinear(kernels, tables[EMBED])
+        model.model.embed_tokens = CodesEmbedding(table)
+        if tied:
+            model.lm_head = table
+    if HEAD in tables:
+        model.lm_head = CodesLinear(kernels, tables[HEAD])
+    log.info("kept as codes: %s", ", ".join(
+        f"{n.split('.')[-2]} {getattr(g, 'ggml_type', '') or 'q4'}" for n, g in tables.items()))
+
+
 def int8_lm_head(model: nn.Module, kernel: str = "auto", q8: Q8 | None = None) -> None:
     """The output projection as int8: the largest single read of a small model's decode.
 
@@ -182,6 +227,8 @@ def int8_lm_head(model: nn.Module, kernel: str = "auto", q8: Q8 | None = None) -
     dropped from memory. Without them, PyTorch's per-row int8 op (``"aten"``).
     """
     head = model.lm_head
+    if not isinstance(head, nn.Linear):  # already codes (``swap_in_tables``)
+        return
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     tied = isinstance(embed, nn.Embedding) and embed.weight is head.weight
     kernels = load_kernels() if kernel in ("auto", "cpu_quant") else None

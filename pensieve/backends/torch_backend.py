@@ -15,7 +15,9 @@ from pensieve.loaders.tokenizer import TextTokenizer
 from pensieve.models.args import ModelArgs
 from pensieve.backends.cuda_int4 import prepare_for_cuda
 from pensieve.backends.cuda_layers import fuse_cuda_layers
-from pensieve.backends.quantize import int8_lm_head, plan_int4, plan_q8, swap_in
+from pensieve.backends.quantize import (
+    int8_lm_head, plan_int4, plan_q8, plan_tables, swap_in, swap_in_tables,
+)
 from pensieve.models.packing import pack_weights
 from pensieve.models.registry import model_class
 
@@ -29,10 +31,14 @@ def build_model(checkpoint: Checkpoint, config: EngineConfig) -> nn.Module:
         model = model_class(args)(args, max_positions=config.context_length)
     packed = getattr(model, "PACKED", {})
     on_cuda = torch.device(config.device).type == "cuda"
-    int4_modules, int4_floats = plan_int4(checkpoint.int4, packed)
+    int4 = dict(checkpoint.int4)
+    table_codes, table_floats = plan_tables(int4, args.tie_word_embeddings,
+                                            config.int8_lm_head and not on_cuda)
+    int4_modules, int4_floats = plan_int4(int4, packed)
     head_q8, q8_floats = plan_q8(checkpoint.int8, args.tie_word_embeddings,
                                  config.int8_lm_head and not on_cuda)
-    weights = pack_weights({**checkpoint.weights, **int4_floats, **q8_floats}, packed)
+    weights = pack_weights({**checkpoint.weights, **int4_floats, **q8_floats, **table_floats},
+                           packed)
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
@@ -41,14 +47,16 @@ def build_model(checkpoint: Checkpoint, config: EngineConfig) -> nn.Module:
         swapped.add("lm_head.weight")
     if head_q8 is not None:  # the int8 output layer and embedding are built from its codes
         swapped.add("model.embed_tokens.weight")
+    swapped |= set(table_codes)
     missing = [k for k in missing if k not in swapped]
     if missing or unexpected:
         raise ValueError(
             f"checkpoint does not fit {args.architecture}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
-    if args.tie_word_embeddings:
+    if args.tie_word_embeddings and not table_codes:
         model.lm_head.weight = model.model.embed_tokens.weight
+    swap_in_tables(model, table_codes, args.tie_word_embeddings)
     swap_in(model, int4_modules, kernel="cuda_int4" if on_cuda else "auto")
     if config.int8_lm_head:
         int8_lm_head(model, q8=head_q8)

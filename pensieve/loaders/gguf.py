@@ -45,9 +45,11 @@ def load_gguf(
 ) -> Checkpoint:
     """Read ``path`` (a .gguf file); CheckpointError if it is unsupported or damaged.
 
-    With ``keep_int4``, 4-bit linear weights (Q4_0/Q4_1/Q4_K) go to ``Checkpoint.int4`` as
-    exact codes instead of being dequantised into ``weights``, and a Q8_0 embedding or output
-    matrix to ``Checkpoint.int8`` (the int8 output layer takes its codes as they are).
+    With ``keep_int4``, quantised linear weights (``int4_codes.quant_groups``) go to
+    ``Checkpoint.int4`` as exact codes instead of being dequantised into ``weights``, a Q8_0
+    embedding or output matrix to ``Checkpoint.int8`` (the int8 output layer takes its codes as
+    they are), and an embedding or output matrix of another quantised type to ``int4`` too
+    (``backends.torch_backend.build_model`` keeps or dequantises them).
     """
     path = Path(path)
     gf = GGUFFile(path)
@@ -69,7 +71,9 @@ def load_gguf(
             info = gf.tensors[g]
             groups = int4_groups(raw, info.ggml_type, info.shape) if keep_int4 else None
             q8 = q8_0_codes(raw, info.ggml_type, info.shape) if keep_int4 and hf in Q8_NAMES else None
-            if groups is not None and hf.endswith("_proj.weight"):
+            if groups is not None and (hf.endswith("_proj.weight") or (hf in Q8_NAMES and q8 is None)):
+                # a Q4_K/Q6_K... embedding or output layer too: build_model keeps it as codes
+                # on the CPU kernels (CodesEmbedding / CodesLinear) or dequantises it
                 int4[hf] = groups
             elif q8 is not None:
                 int8[hf] = q8

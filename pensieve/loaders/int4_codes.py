@@ -130,6 +130,9 @@ def _int4_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int
     rows, cols = shape
     blocks = raw.reshape(-1, GGML_QUANT_SIZES[ggml_type][1])
     if ggml_type is Q.Q4_K:
+        packed = _q4_k_nibbles(blocks, rows, cols)
+        if packed is not None:
+            return packed
         qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
         codes = torch.cat((qs & 15, qs >> 4), dim=2).reshape(-1, 8, 32)
         sc, mins = _k_scales(blocks[:, 4:16])
@@ -164,6 +167,30 @@ def q8_0_codes(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]
     blocks = raw.reshape(-1, GGML_QUANT_SIZES[Q.Q8_0][1])
     scales = blocks[:, :2].contiguous().view(torch.float16).reshape(rows, cols // GROUP)
     return blocks[:, 2:].contiguous().view(torch.int8).reshape(rows, cols), scales
+
+
+def _q4_k_nibbles(blocks: torch.Tensor, rows: int, cols: int) -> Int4Groups | None:
+    """Q4_K blocks moved into ``Int4Groups.from_nibbles``' layout without unpacking a code a
+    byte: a block's 128 bytes hold sub-blocks 2j (low nibbles) and 2j+1 (high nibbles) of
+    bytes 32j..32j+31; the layout wants value i of a sub-block in the low nibble of its byte i
+    and value i+16 in the high one. The packed form's per-32 scale d·sc and offset −dmin·m
+    round to float16 (as ``pack_q4`` rounds them; None where one overflows it); ``scales`` and
+    ``offsets`` stay the exact float32 products."""
+    nb = blocks.shape[0]
+    qs = blocks[:, 16:].reshape(nb, 4, 2, 16)
+    lo, hi = qs[:, :, 0], qs[:, :, 1]
+    even = (lo & 0x0F) | ((hi & 0x0F) << 4)
+    odd = (lo >> 4) | (hi & 0xF0)
+    nibbles = torch.stack((even, odd), dim=2).reshape(rows, cols // 2)
+    sc, mins = _k_scales(blocks[:, 4:16])
+    exact_scales = (_scale(blocks, 0) * sc).reshape(rows, cols // GROUP)
+    exact_offsets = (-(_scale(blocks, 2) * mins)).reshape(rows, cols // GROUP)
+    scales, offsets = exact_scales.half(), exact_offsets.half()
+    if not (torch.isfinite(scales).all() and torch.isfinite(offsets).all()):
+        return None
+    groups = Int4Groups.from_nibbles(nibbles, scales, offsets, GROUP)
+    groups._scales, groups._offsets = exact_scales, exact_offsets
+    return groups
 
 
 def _packed(blocks: torch.Tensor, ggml_type: Q, rows: int, cols: int) -> Int4Groups | None:

@@ -103,12 +103,25 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def _q6_k_codes(blocks: torch.Tensor) -> torch.Tensor:
-    """Q6_K's signed codes (q − 32, in −32..31) as (n, 256) int8, in value order."""
-    ql = blocks[:, :128].reshape(-1, 2, 64)
-    qh = blocks[:, 128:192].reshape(-1, 2, 1, 32)
-    low = torch.cat((ql & 15, ql >> 4), dim=2).reshape(-1, 2, 4, 32)
-    high = torch.cat([(qh >> shift) & 3 for shift in (0, 2, 4, 6)], dim=2)
-    return ((low | (high << 4)).view(torch.int8) - 32).reshape(-1, 256)
+    """Q6_K's signed codes (q − 32, in −32..31) as (n, 256) int8, in value order.
+
+    Each half of a block: 64 bytes whose low nibbles are quarters 0-1 and high nibbles quarters
+    2-3 (of 32 values each), and 32 bytes of 2-bit high parts (quarter i at bits 2i). Written
+    into one output in place: the output layer alone is 233M codes in a 1.5B Qwen, so the
+    concatenations this replaces cost ~0.5 s of start-up."""
+    n = blocks.shape[0]
+    ql = blocks[:, :128].reshape(n, 2, 64)
+    qh = blocks[:, 128:192].reshape(n, 2, 32)
+    out = torch.empty(n, 2, 4, 32, dtype=torch.uint8)
+    low = out.view(n, 2, 2, 64)
+    torch.bitwise_and(ql, 15, out=low[:, :, 0])
+    torch.bitwise_right_shift(ql, 4, out=low[:, :, 1])
+    high = torch.empty(n, 2, 4, 32, dtype=torch.uint8)
+    high[:, :, 0].copy_(qh)
+    for i, shift in ((1, 2), (2, 4), (3, 6)):
+        torch.bitwise_right_shift(qh, shift, out=high[:, :, i])
+    out.bitwise_or_(high.bitwise_and_(3).bitwise_left_shift_(4))
+    return out.view(torch.int8).sub_(32).reshape(n, 256)
 
 
 def _q6_k_steps(blocks: torch.Tensor) -> torch.Tensor:

@@ -451,8 +451,8 @@ void pqx_dequant(const Proj* p, float* out, int threads) {
   }
 }
 
-// out[T, K] = rows ids[T] of a one-part int8 projection (an embedding lookup); the position of
-// the first id outside [0, N) (its row left unwritten), or -1.
+// out[T, K] = rows ids[T] of a one-part projection in any format (an embedding lookup kept as
+// the file's codes); the position of the first id outside [0, N) (its row left unwritten), or -1.
 int64_t pqx_rows(const Proj* p, const int64_t* ids, int64_t T, float* out) {
   const Part& q = p->part[0];
   const Weights W{q.codes, q.scales, q.mins, nullptr, p->K, q.rows};
@@ -462,7 +462,8 @@ int64_t pqx_rows(const Proj* p, const int64_t* ids, int64_t T, float* out) {
       if (bad < 0) bad = t;
       continue;
     }
-    if (q.fmt == F_Q8G16) dequant_rows<F_Q8G16>(W, ids[t], ids[t] + 1, out + t * p->K);
+    if (q.fmt == F_Q4) dequant_rows<F_Q4>(W, ids[t], ids[t] + 1, out + t * p->K);
+    else if (q.fmt == F_Q8G16) dequant_rows<F_Q8G16>(W, ids[t], ids[t] + 1, out + t * p->K);
     else dequant_rows<F_Q8>(W, ids[t], ids[t] + 1, out + t * p->K);
   }
   return bad;
