@@ -22,8 +22,9 @@ fi
 
 "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --upgrade pip wheel >/dev/null
-# Build from source for this CPU (GGML_NATIVE=ON is llama.cpp's default; be explicit).
-export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}"
+# Build from source. Not GGML_NATIVE (llama.cpp's default): on these VMs it enables AMX and the
+# build segfaults on its first forward pass; AVX-512 on, AMX off (ASSETS.md).
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 echo "building $SPEC in $VENV with CMAKE_ARGS=$CMAKE_ARGS (several minutes)..."
 "$VENV/bin/python" -m pip install --no-binary llama-cpp-python --no-cache-dir "$SPEC"
