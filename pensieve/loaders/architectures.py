@@ -17,9 +17,10 @@ from pensieve.models.registry import UnsupportedArchitectureError, family_for_gg
 T = TypeVar("T")
 
 
-def gguf_family(architecture: str, source: str) -> Family:
+def gguf_family(architecture: str, source: str, metadata: Mapping[str, Any] | None = None
+                ) -> Family:
     try:
-        return family_for_gguf(architecture)
+        return family_for_gguf(architecture, metadata)
     except UnsupportedArchitectureError as exc:
         raise CheckpointError(f"{source}: {exc}") from None
 

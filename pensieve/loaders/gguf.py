@@ -56,7 +56,7 @@ def load_gguf(
     arch = gf.get("general.architecture")
     if not isinstance(arch, str):
         raise CheckpointError(f"{path}: GGUF has no general.architecture")
-    family = gguf_family(arch, str(path))
+    family = gguf_family(arch, str(path), gf.metadata)
     names = _rename_all(gf, path, family)
     args = read_args(family.args_from_gguf, gguf_source(gf, arch, family), str(path))
     validate_shapes(family.expected_shapes(args),

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from pensieve.loaders import hf_experts
 from pensieve.loaders.architectures import hf_family, read_args, validate_shapes
 from pensieve.loaders.checkpoint import Checkpoint, CheckpointError
 from pensieve.loaders.tokenizer import TextTokenizer
@@ -36,10 +37,12 @@ def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
     family = hf_family(str(config.get("model_type")), str(path))
     args = read_args(family.args_from_hf, config, str(path / "config.json"))
     files = weight_files(path)
-    shapes = _tensor_shapes(files, args.tie_word_embeddings)
+    sources, shapes = hf_experts.plan(_tensor_shapes(files, args.tie_word_embeddings),
+                                      family.hf_renames)
     validate_shapes(family.expected_shapes(args), shapes, str(path))
-    weights = {name: family.from_hf_weight(name, w)
-               for name, w in _read_weights(files, set(shapes), dtype).items()}
+    wanted = {n for src in sources.values() for n in src.names}
+    weights = {name: family.from_hf_weight(name, w) for name, w in
+               hf_experts.assemble(_read_weights(files, wanted, dtype), sources).items()}
     try:
         tokenizer = TextTokenizer.from_tokenizer_json(path)
     except (FileNotFoundError, ValueError) as exc:

@@ -7,6 +7,34 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class MoEArgs:
+    """A mixture-of-experts MLP: a router picks ``top_k`` of ``num_experts`` SiLU-gated experts
+    (each ``expert_size`` wide) per token, capacity-free (every pick runs).
+
+    ``gating``: "softmax" (probabilities over all experts, top-k, optionally renormalised:
+    Qwen, Mixtral) or "sigmoid" (GLM-4.5 / DeepSeek-V3: per-expert sigmoid scores, chosen by
+    score + ``correction_bias``, within the ``topk_group`` best of ``n_group`` groups).
+    ``scale`` multiplies the routed weights (``routed_scaling_factor``). ``shared_size``: a
+    shared expert every token runs (0: none), gated by a sigmoid of one learned row where
+    ``shared_gate`` (Qwen2-MoE). ``dense_layers``: layers with a plain MLP of
+    ``ModelArgs.intermediate_size`` instead.
+    """
+
+    num_experts: int
+    top_k: int
+    expert_size: int
+    gating: str = "softmax"
+    norm_topk: bool = False
+    scale: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    correction_bias: bool = False
+    shared_size: int = 0
+    shared_gate: bool = False
+    dense_layers: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     """Everything a model file needs to build its modules.
 
@@ -44,6 +72,7 @@ class ModelArgs:
     partial_rotary_factor: float = 1.0  # RoPE on the first fraction of each head's dims
     query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (None: head_dim)
     hidden_act: str = "silu"  # the gated MLP's activation: "silu" or "gelu_pytorch_tanh"
+    moe: MoEArgs | None = None  # mixture-of-experts MLPs (models/moe.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def window(self, layer: int) -> int | None:

@@ -53,7 +53,8 @@ LLAMA_BLOCK = FastPaths(cpu_decoder=True, cpu_fused_mlp=True, paged_kernels=True
 @dataclass(frozen=True)
 class GGUFNames:
     """llama.cpp tensor names → HF names: ``globals`` whole names, ``blocks`` the part
-    between ``blk.N.`` and ``.weight``/``.bias``. ``permute_qk``: llama.cpp's converter
+    between ``blk.N.`` and ``.weight``/``.bias`` (or, keyed with that suffix, e.g.
+    ``exp_probs_b.bias``, the whole HF parameter name after ``model.layers.N.``). ``permute_qk``: llama.cpp's converter
     interleaved the rotary halves of Q/K rows for this family (undone on load)."""
 
     globals: Mapping[str, str]
@@ -67,6 +68,8 @@ class GGUFNames:
         if gguf_name in self.globals:
             return self.globals[gguf_name]
         m = self._BLOCK_RE.fullmatch(gguf_name)
+        if m and f"{m.group(2)}.{m.group(3)}" in self.blocks:
+            return f"model.layers.{m.group(1)}.{self.blocks[f'{m.group(2)}.{m.group(3)}']}"
         if m and m.group(2) in self.blocks:
             return f"model.layers.{m.group(1)}.{self.blocks[m.group(2)]}.{m.group(3)}"
         return None
@@ -135,3 +138,9 @@ class Family:
     from_hf_weight: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, w: w
     # a GGUF's weight as the module holds it, by HF name
     from_gguf_weight: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, w: w
+    # whether a GGUF of one of ``gguf_architectures`` is this family's (by its metadata):
+    # llama.cpp writes Mixtral as ``llama`` with ``llama.expert_count``
+    gguf_match: Callable[[Mapping[str, Any], str], bool] = lambda meta, arch: True
+    # an HF checkpoint's name segments → the module's (Mixtral's ``block_sparse_moe.w1`` →
+    # ``mlp.gate_proj``); per-expert matrices are stacked by the loader (loaders/hf_experts.py)
+    hf_renames: Mapping[str, str] = field(default_factory=dict)

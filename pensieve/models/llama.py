@@ -202,6 +202,11 @@ def _gguf(src: GGUFSource) -> ModelArgs:
     return gguf_args(src, "llama")
 
 
+def _dense(meta: Mapping[str, Any], arch: str) -> bool:
+    """llama.cpp writes Mixtral as ``llama`` too; those files (experts) are ``models/mixtral.py``'s."""
+    return not int(meta.get(f"{arch}.expert_count", 0) or 0)
+
+
 FAMILY = Family(
     name="llama",
     gguf_architectures=("llama",),
@@ -213,4 +218,5 @@ FAMILY = Family(
                          ignored=frozenset({"rope_freqs.weight"})),
     expected_shapes=decoder_shapes,
     fast_paths=llama_block_paths,
+    gguf_match=_dense,
 )

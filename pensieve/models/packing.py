@@ -10,7 +10,8 @@ import torch
 def pack_weights(
     weights: Mapping[str, torch.Tensor], packed: Mapping[str, tuple[str, ...]]
 ) -> dict[str, torch.Tensor]:
-    """Concatenate the rows of each group of HF parameters into the fused one.
+    """Concatenate the rows of each group of HF parameters into the fused one (a stacked
+    expert weight [E, rows, K] along its rows).
 
     ``packed`` maps a fused module suffix (``self_attn.qkv_proj``) to the HF module
     suffixes it replaces; weights and biases are both handled. Other names pass through.
@@ -24,5 +25,6 @@ def pack_weights(
             for kind in ("weight", "bias"):
                 keys = [f"{prefix}{p}.{kind}" for p in parts]
                 if all(k in out for k in keys):
-                    out[f"{prefix}{fused}.{kind}"] = torch.cat([out.pop(k) for k in keys], dim=0)
+                    out[f"{prefix}{fused}.{kind}"] = torch.cat([out.pop(k) for k in keys],
+                                                               dim=-2 if kind == "weight" else 0)
     return out

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
-from pensieve.models import gemma3, llama, mistral, phi3, qwen2, qwen3
+from pensieve.models import (
+    gemma3, glm4_moe, llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe,
+)
 from pensieve.models.args import ModelArgs
 from pensieve.models.family import Family
 
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY, phi3.FAMILY,
-                        gemma3.FAMILY)
+                        gemma3.FAMILY, qwen3_moe.FAMILY, qwen2_moe.FAMILY, mixtral.FAMILY,
+                        glm4_moe.FAMILY)
 }
 
 
@@ -31,10 +37,11 @@ def family(name: str) -> Family:
         ) from None
 
 
-def family_for_gguf(architecture: str) -> Family:
-    """The family whose GGUF ``general.architecture`` is ``architecture``."""
+def family_for_gguf(architecture: str, metadata: Mapping[str, Any] | None = None) -> Family:
+    """The family whose GGUF ``general.architecture`` is ``architecture`` and that claims a
+    file with this ``metadata`` (Mixtral and Llama share ``llama``)."""
     for f in FAMILIES.values():
-        if architecture in f.gguf_architectures:
+        if architecture in f.gguf_architectures and f.gguf_match(metadata or {}, architecture):
             return f
     raise UnsupportedArchitectureError(
         f"unsupported GGUF architecture {architecture!r}; supported: {_supported('gguf_architectures')}"
