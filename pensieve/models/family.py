@@ -54,8 +54,9 @@ LLAMA_BLOCK = FastPaths(cpu_decoder=True, cpu_fused_mlp=True, paged_kernels=True
 class GGUFNames:
     """llama.cpp tensor names → HF names: ``globals`` whole names, ``blocks`` the part
     between ``blk.N.`` and ``.weight``/``.bias`` (or, keyed with that suffix, e.g.
-    ``exp_probs_b.bias``, the whole HF parameter name after ``model.layers.N.``). ``permute_qk``: llama.cpp's converter
-    interleaved the rotary halves of Q/K rows for this family (undone on load)."""
+    ``exp_probs_b.bias``, the whole HF parameter name after ``model.layers.N.``).
+    ``permute_qk``: llama.cpp's converter interleaved the rotary halves of Q/K rows for this
+    family (undone on load)."""
 
     globals: Mapping[str, str]
     blocks: Mapping[str, str]

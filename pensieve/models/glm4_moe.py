@@ -64,7 +64,8 @@ FAMILY = Family(
     args_from_hf=_hf,
     args_from_gguf=_gguf,
     gguf_names=GGUFNames(GLOBAL_NAMES, {
-        **LLAMA_BLOCK_NAMES, **QK_NORM_NAMES, **MOE_GGUF_NAMES, **shared_gguf_names("shared_experts"),
+        **LLAMA_BLOCK_NAMES, **QK_NORM_NAMES, **MOE_GGUF_NAMES,
+        **shared_gguf_names("shared_experts"),
         "post_attention_norm": "post_attention_layernorm",
         "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
     }),

@@ -214,7 +214,8 @@ def hf_int(config: Mapping[str, Any], *keys: str) -> int:
 
 
 def qwen_dense_layers(config: Mapping[str, Any]) -> frozenset[int]:
-    """Qwen-MoE's dense layers: ``mlp_only_layers``, and all but every ``decoder_sparse_step``-th."""
+    """Qwen-MoE's dense layers: ``mlp_only_layers``, and all but every
+    ``decoder_sparse_step``-th."""
     step = int(config.get("decoder_sparse_step") or 1)
     only = set(config.get("mlp_only_layers") or ())
     return frozenset(i for i in range(int(config["num_hidden_layers"]))
