@@ -33,9 +33,9 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
+from pensieve.engine.bitmask import BitmaskApplier, token_bits as _token_bits
 from pensieve.engine.errors import EngineError
 from pensieve.engine.logits_processors import LogitsProcessor
 from pensieve.engine.types import GrammarSpec
@@ -424,43 +424,6 @@ class GrammarConstraint(LogitsProcessor):
         log.warning("grammar %s dropped, generating unconstrained: %s", self._name(), why)
         self._broken = True
         self._matcher = None
-
-
-class BitmaskApplier:
-    """Sets the logits a packed bitmask (32 tokens per int32, bit set = allowed) forbids to -inf.
-
-    On CPU through numpy (~40 µs for a 49k row): single-threaded on purpose, as torch's
-    OpenMP kernels for a row this small cost milliseconds when the cores are busy. Elsewhere
-    through a byte → 8 penalties table on the logits' device.
-    """
-
-    def __init__(self, vocab_size: int) -> None:
-        self.vocab_size = vocab_size
-        bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1
-        self._table = torch.zeros(256, 8).masked_fill_(bits == 0, float("-inf"))
-        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-        """``logits`` [V] in place; ``bitmask`` [ceil(V/32)] int32 on CPU."""
-        if logits.device.type == "cpu" and logits.dtype == torch.float32:
-            allowed = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")
-            np.putmask(logits.numpy(), allowed[: logits.shape[-1]] == 0, -np.inf)
-            return
-        key = (logits.device, logits.dtype)
-        table = self._tables.get(key)
-        if table is None:
-            table = self._tables[key] = self._table.to(device=logits.device, dtype=logits.dtype)
-        index = bitmask.view(torch.uint8).to(device=logits.device, dtype=torch.long)
-        logits += table.index_select(0, index).view(-1)[: logits.shape[-1]]
-
-
-def _token_bits(token_ids: frozenset[int], vocab_size: int) -> torch.Tensor:
-    """A packed bitmask (int32 words) with the bits of ``token_ids`` set."""
-    bits = torch.zeros((vocab_size + 31) // 32 * 32, dtype=torch.bool)
-    bits[[t for t in token_ids if 0 <= t < vocab_size]] = True
-    weights = torch.tensor([1 << i for i in range(32)], dtype=torch.int64)
-    words = (bits.view(-1, 32).to(torch.int64) * weights).sum(-1)
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
 def _last_line(exc: BaseException) -> str:

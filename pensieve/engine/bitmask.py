@@ -1,0 +1,44 @@
+"""Packed token bitmasks (32 tokens per int32 word, bit set = allowed), as xgrammar fills
+them, applied to a row of logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class BitmaskApplier:
+    """Sets the logits a packed bitmask (32 tokens per int32, bit set = allowed) forbids to -inf.
+
+    On CPU through numpy (~40 µs for a 49k row): single-threaded on purpose, as torch's
+    OpenMP kernels for a row this small cost milliseconds when the cores are busy. Elsewhere
+    through a byte → 8 penalties table on the logits' device.
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1
+        self._table = torch.zeros(256, 8).masked_fill_(bits == 0, float("-inf"))
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+        """``logits`` [V] in place; ``bitmask`` [ceil(V/32)] int32 on CPU."""
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            allowed = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")
+            np.putmask(logits.numpy(), allowed[: logits.shape[-1]] == 0, -np.inf)
+            return
+        key = (logits.device, logits.dtype)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = self._table.to(device=logits.device, dtype=logits.dtype)
+        index = bitmask.view(torch.uint8).to(device=logits.device, dtype=torch.long)
+        logits += table.index_select(0, index).view(-1)[: logits.shape[-1]]
+
+
+def token_bits(token_ids: frozenset[int], vocab_size: int) -> torch.Tensor:
+    """A packed bitmask (int32 words) with the bits of ``token_ids`` set."""
+    bits = torch.zeros((vocab_size + 31) // 32 * 32, dtype=torch.bool)
+    bits[[t for t in token_ids if 0 <= t < vocab_size]] = True
+    weights = torch.tensor([1 << i for i in range(32)], dtype=torch.int64)
+    words = (bits.view(-1, 32).to(torch.int64) * weights).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
