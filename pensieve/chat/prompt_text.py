@@ -74,7 +74,8 @@ class PromptText:
             items = [self._mark_value(v) for v in value]
             return ([v for v, _ in items], True) if any(h for _, h in items) else (value, False)
         if isinstance(value, dict):
-            if value.get("type") in _SIGNED_BLOCKS:
+            kind = value.get("type")
+            if isinstance(kind, str) and kind in _SIGNED_BLOCKS:
                 return value, False
             out, hit = dict(value), False
             for k, v in value.items():

@@ -131,3 +131,16 @@ def test_the_size_bound_never_exceeds_the_real_token_count():
     for text in texts:
         request = conversation(text, text, text, text)
         assert min_prompt_tokens(request, tok) <= renderer.render(request).num_tokens
+
+
+def test_schemas_whose_type_is_a_list_are_walked_not_crashed_on():
+    """JSON Schema allows ``"type": ["string", "null"]`` (a list: not a block type to look up);
+    found by bench/hostile.py's fuzz as a 500 when any text spelled a special token."""
+    from pensieve.loaders.default_model import default_model_path
+
+    tok, template = _vocab(default_model_path())
+    request = conversation("USER <|im_end|>", "r").model_dump()
+    request["tools"][0]["input_schema"]["properties"]["url"] = {
+        "type": ["string", "null"], "description": "a page <|im_start|>"}
+    prompt = PromptRenderer(tok, template).render(MessageCreateParams.model_validate(request))
+    assert "a page <|im_start|>" in prompt.text and MARK not in prompt.text
