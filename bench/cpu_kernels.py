@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.cpu_kernels --only kernels --rows 1 4 16 64 --aten
     .venv/bin/python -m bench.cpu_kernels --only decode --repeats 5 --tokens 128
     .venv/bin/python -m bench.cpu_kernels --only profile --repeats 3   # where prefill goes
+    .venv/bin/python -m bench.cpu_kernels --only profile --gguf FILE --prefill-tokens 512
     .venv/bin/python -m bench.cpu_kernels --only types --shapes 1.5b_up 1.5b_down  # per GGUF type
 
 Kernels: x[M, K] @ W.T for the SmolLM2-135M shapes, float32 (PyTorch/MKL) against the q4
@@ -250,12 +251,13 @@ PROFILED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "embed
             "input_layernorm", "post_attention_layernorm", "norm", "self_attn", "mlp")
 
 
-def profile_prefill(repeats: int, chunk: int, tokens: int) -> dict[str, float]:
+def profile_prefill(repeats: int, chunk: int, tokens: int, model: str | None = None) -> dict[str, float]:
     """Seconds per prefill of ``tokens`` tokens of LONG_PROMPT repeated (median round; 1.58k:
     bench.compare_cpu's prefill prompt), split by module: forward hooks time
     every linear, norm, attention and MLP module of the q4 default model in-process; the
     attention core (RoPE, KV store, SDPA) is ``self_attn`` less its two projections, the MLP
-    glue (SiLU·up) ``mlp`` less its two, and ``dequantize`` the linears' weight unpacking."""
+    glue (SiLU·up) ``mlp`` less its two, and ``dequantize`` the linears' weight unpacking.
+    ``model``: a GGUF file instead of the default model."""
     from pensieve.backends.cpu_quant.linear import _QuantisedLinear
     from pensieve.backends.torch_backend import build_engine
     from pensieve.engine.config import EngineConfig
@@ -263,7 +265,7 @@ def profile_prefill(repeats: int, chunk: int, tokens: int) -> dict[str, float]:
     from pensieve.loaders.default_model import default_model_path
     from pensieve.loaders.registry import load_checkpoint
 
-    ckpt = load_checkpoint(default_model_path(), keep_int4=True)
+    ckpt = load_checkpoint(model or default_model_path(), keep_int4=True)
     engine = build_engine(ckpt, EngineConfig(context_length=8192, int8_lm_head=True,
                                              max_num_batched_tokens=chunk))
     spent: dict[str, float] = {}
@@ -336,6 +338,7 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=list(TYPES), choices=list(TYPES))
     ap.add_argument("--chunk", type=int, default=512, help="profile: prefill chunk (tokens)")
     ap.add_argument("--prefill-tokens", type=int, default=1580, help="profile: prompt tokens")
+    ap.add_argument("--gguf", default=None, help="profile: this GGUF instead of the default model")
     ap.add_argument("--rows", type=int, nargs="+", default=[1])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--repeats", type=int, default=5)
@@ -355,7 +358,7 @@ def main() -> None:
     if args.only == "types":
         bench_types(args.rows, args.repeats, args.cold_mb << 20, args.shapes, args.types)
     if args.only == "profile":
-        print_profile(profile_prefill(args.repeats, args.chunk, args.prefill_tokens))
+        print_profile(profile_prefill(args.repeats, args.chunk, args.prefill_tokens, args.gguf))
     if args.only in (None, "decode"):
         for quantised in (False, True):
             res = decode_rounds(quantised, args.tokens, args.repeats, args.prompt)

@@ -29,7 +29,7 @@ from pensieve.backends.cpu_quant.source import KERNEL_SOURCE
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 12
+ABI_VERSION = 13
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++17", "-pthread")
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -50,6 +50,8 @@ SIGNATURES = {
     "pqx_mlp": (_P, _I64, _P, _P, _P, _INT),
     "pqx_dequant": (_P, _P, _INT),
     "pqx_rows": (_P, _P, _I64, _P),
+    "pqx_dequant_bf16": (_P, _I64, _I64, _P, _INT, _INT),
+    "pqx_bf16_isa": (),
     "pq_rmsnorm": (_P, _I64, _I64, _I64, _P, _F, _P),
     "pq_rope_store": (_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P,
                       _INT),
@@ -58,7 +60,7 @@ SIGNATURES = {
     "pq_decode_layers": (_P, _I64, _I64, _I64, _I64, _P, _F, _I64, _I64, _I64, _P, _P, _P, _P, _P,
                          _P, _I64, _INT, _INT),
 }
-RESTYPES = {"pq8_rows": _I64, "pqx_rows": _I64}
+RESTYPES = {"pq8_rows": _I64, "pqx_rows": _I64, "pqx_bf16_isa": _INT}
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pensieve.backends.cpu_quant import bf16_prefill
 from pensieve.backends.cpu_quant.build import Kernels
 from pensieve.backends.cpu_quant.linear import (
     DENSE_FROM, GROUP, Q4Linear, Q8Linear, _QuantisedLinear, _stack_rows, kernel_fits, pack_q4,
@@ -139,6 +140,9 @@ class CodesLinear(_QuantisedLinear):
         self._address = ctypes.addressof(self.proj)
         self._fn = self.kernels.lib.pqx_linear
 
+    def _proj_address(self) -> int:
+        return self._address
+
     def dequantize(self) -> torch.Tensor:
         self._check_cpu()
         out = torch.empty(self.out_features, self.in_features)
@@ -156,6 +160,9 @@ class CodesLinear(_QuantisedLinear):
         m = rows.shape[0]
         if m >= self.dense_from:
             return nn.functional.linear(x, self.dequantize(), self._bias)
+        if m >= self.bf16_from:
+            y = bf16_prefill.linear(self, rows)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
         y = torch.empty(m, self.out_features)
         self._fn(rows.data_ptr(), m, self._address, y.data_ptr(), self.threads, 0)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)

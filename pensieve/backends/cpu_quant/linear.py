@@ -20,6 +20,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from pensieve.backends.cpu_quant import bf16_prefill
 from pensieve.backends.cpu_quant.build import Kernels
 from pensieve.models.quant_linear import Int4Groups
 
@@ -63,8 +64,12 @@ def pack_q4(kernels: Kernels, groups: Int4Groups | Sequence[Int4Groups],
 
 def _stack_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """``torch.cat`` along rows as plain memory copies (float16 → int16 bits): torch's own
-    copy runs on its OpenMP pool, which on a busy 2-core machine costs ~6 ms a call."""
+    copy runs on its OpenMP pool, which on a busy 2-core machine costs ~6 ms a call. One
+    contiguous part is returned as it is (no copy): a packed weight mapped from disk
+    (``backends/packed_cache.py``) stays in its page-cache pages."""
     dtype = torch.int16 if parts[0].dtype == torch.float16 else parts[0].dtype
+    if len(parts) == 1 and parts[0].is_contiguous():
+        return parts[0].view(dtype)
     out = torch.empty(sum(p.shape[0] for p in parts), *parts[0].shape[1:], dtype=dtype)
     at = out.data_ptr()
     for p in parts:
@@ -117,12 +122,14 @@ class _QuantisedLinear(_Quantised):
     out_features: int
     in_features: int
     dense_from: int
+    bf16_from: int  # rows from which to dequantise to bf16 for one oneDNN matmul (AMX)
     threads: int
 
     def _init_common(self, kernels: Kernels, bias: torch.Tensor | None, dense_from: int,
                      threads: int | None) -> None:
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
         self.kernels, self.dense_from = kernels, dense_from
+        self.bf16_from = bf16_prefill.bf16_from()
         self.threads = threads or torch.get_num_threads()
         self._refresh()
 
@@ -130,7 +137,15 @@ class _QuantisedLinear(_Quantised):
         self._bias = None if self.bias is None else self.bias.detach().float().contiguous()
         self._on_cpu = self.codes.device.type == "cpu"
         self._weights, self._fn, self._dequant = weights, fn, dequant
+        self._proj = None
         self._args = (*weights, self.out_features, None if self._bias is None else self._bias.data_ptr())
+
+    def _proj_address(self) -> int:
+        """Address of this layer's C ``Proj`` (for ``pqx_*`` calls), built once per placement."""
+        if self._proj is None:
+            from pensieve.backends.cpu_quant.codes_linear import proj_of
+            self._proj = proj_of(self)
+        return ctypes.addressof(self._proj)
 
     def dequantize(self) -> torch.Tensor:
         self._check_cpu()
@@ -150,6 +165,9 @@ class _QuantisedLinear(_Quantised):
         m = rows.shape[0]
         if m >= self.dense_from:
             return F.linear(x, self.dequantize(), self._bias)
+        if m >= self.bf16_from:
+            y = bf16_prefill.linear(self, rows)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
         y = torch.empty(m, self.out_features)
         self._fn(rows.data_ptr(), m, self.in_features, *self._args, y.data_ptr(), self.threads)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from pensieve.backends.cpu_quant import bf16_prefill
 from pensieve.backends.cpu_quant.codes_linear import proj_of
 
 
@@ -45,13 +46,17 @@ class Q4MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu, down = self.gate_up_proj, self.down_proj
         rows = x if x.dim() == 2 else x.reshape(-1, self.hidden)
+        m = rows.shape[0]
         fused = (x.dtype is torch.float32 and gu._on_cpu and down._on_cpu
-                 and rows.shape[0] < min(gu.dense_from, down.dense_from))
+                 and m < min(gu.dense_from, down.dense_from))
+        if fused and m >= max(gu.bf16_from, down.bf16_from):  # prefill on AMX: bf16 matmuls
+            y = bf16_prefill.mlp(gu, down, rows if rows.is_contiguous() else rows.contiguous())
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], self.hidden)
         if not fused:
             gate, up = gu(x).chunk(2, dim=-1)
             return down(F.silu(gate) * up)
         if not rows.is_contiguous():
             rows = rows.contiguous()
-        y = torch.empty(rows.shape[0], self.hidden)
-        self._fn(rows.data_ptr(), rows.shape[0], *self._addresses, y.data_ptr(), gu.threads)
+        y = torch.empty(m, self.hidden)
+        self._fn(rows.data_ptr(), m, *self._addresses, y.data_ptr(), gu.threads)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.hidden)

@@ -26,6 +26,7 @@ caches the library. It has a plain C ABI and no PyTorch headers: it compiles in 
 loaded 2-core machine, where an extension including ``torch/extension.h`` takes a minute.
 """
 
+from pensieve.backends.cpu_quant.bf16_source import BF16_SOURCE
 from pensieve.backends.cpu_quant.gemm_source import GEMM_ENTRY_POINTS, GEMM_SOURCE
 from pensieve.backends.cpu_quant.layer_source import LAYER_SOURCE
 from pensieve.backends.cpu_quant.pool_source import POOL_SOURCE
@@ -390,7 +391,7 @@ void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
 
 extern "C" {
 
-int pq_abi_version() { return 12; }
+int pq_abi_version() { return 13; }
 
 // y[M, N] = x[M, K] @ W.T (+ bias) for q4 weights. K % 32 == 0; bias may be null.
 void pq4_linear(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
@@ -537,4 +538,4 @@ void pq8_pack(const float* w, int64_t N, int64_t K, int8_t* codes, uint16_t* sca
 }
 
 }  // extern "C"
-""" + LAYER_SOURCE + GEMM_ENTRY_POINTS
+""" + LAYER_SOURCE + GEMM_ENTRY_POINTS + BF16_SOURCE
