@@ -3,7 +3,8 @@
 Only what we act on is declared; everything else a client sends (``metadata``,
 ``context_management``, ``container``, ``service_tier``, top-level ``cache_control`` …) is
 kept in ``model_extra`` and ignored. Limits follow the API: ``temperature`` and ``top_p`` in
-[0, 1], ``top_k`` ≥ 0, ``max_tokens`` ≥ 0 (0 only warms the cache: nothing is generated).
+[0, 1], ``top_k`` ≥ 0, ``max_tokens`` in [0, 2³¹ − 1] (0 only warms the cache: nothing is
+generated).
 Types are strict where the API's are: ``"max_tokens": "1"``, ``"stream": "yes"`` are refused
 (400), not coerced.
 """
@@ -16,6 +17,10 @@ from pydantic import Discriminator, Field, Tag
 
 from pensieve.protocol.base import UNKNOWN_TAG, RequestModel, tag_of
 from pensieve.protocol.content import ContentBlockParam, MessageContentParam
+
+# No model writes more; beyond it a value is a mistake, refused (400) rather than run to the end
+# of the context. (Values up to it above the context are clamped: Claude Code sends 32k–64k.)
+MAX_TOKENS_LIMIT = 2**31 - 1
 
 
 class UserMessageParam(RequestModel):
@@ -156,7 +161,7 @@ class ConversationParams(RequestModel):
 class MessageCreateParams(ConversationParams):
     """Body of ``POST /v1/messages``."""
 
-    max_tokens: int = Field(ge=0, strict=True)
+    max_tokens: int = Field(ge=0, le=MAX_TOKENS_LIMIT, strict=True)
     stream: bool | None = Field(default=None, strict=True)
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=1.0, strict=True)

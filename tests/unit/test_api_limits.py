@@ -89,6 +89,7 @@ def test_caps(server, field, value, needle):
     ({"stream": "yes"}, "stream"),
     ({"max_tokens": "1"}, "max_tokens"),
     ({"max_tokens": 1.5}, "max_tokens"),
+    ({"max_tokens": 2**70}, "max_tokens"),  # the 10k fuzz: ran to the end of the context
     ({"temperature": "0.5"}, "temperature"),
     ({"top_k": "3"}, "top_k"),
     ({"thinking": {"type": "enabled", "budget_tokens": "1024"}}, "budget_tokens"),
@@ -100,7 +101,7 @@ def test_strict_types_are_refused_not_coerced(server, override, needle):
 
 
 def test_well_typed_values_still_pass(server):
-    r = post(server[0], body(stream=False, temperature=1, top_k=3, messages=[{"role": "user", "content": [
+    r = post(server[0], body(stream=False, temperature=1, top_k=3, max_tokens=64000, messages=[{"role": "user", "content": [
         {"type": "tool_result", "tool_use_id": "t1", "content": "x", "is_error": True}]}]))
     assert r.status_code == 200, r.text
 
