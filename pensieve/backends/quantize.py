@@ -222,7 +222,8 @@ def int8_lm_head(model: nn.Module, kernel: str = "auto", q8: Q8 | None = None) -
     """The output projection as int8: the largest single read of a small model's decode.
 
     With the compiled kernels it becomes ``Q8Linear`` (Q8_0 blocks, exact for a Q8_0 GGUF
-    tensor; ``q8``: a tied head's codes straight from the file, with its weight never loaded),
+    tensor; ``q8``: its codes as they are — a tied head's straight from the file, or an untied
+    one's packed before — with the weight never loaded),
     and a tied input embedding reads its rows from the same codes, so the float matrix is
     dropped from memory. Without them, PyTorch's per-row int8 op (``"aten"``).
     """
@@ -232,8 +233,8 @@ def int8_lm_head(model: nn.Module, kernel: str = "auto", q8: Q8 | None = None) -
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     tied = isinstance(embed, nn.Embedding) and embed.weight is head.weight
     kernels = load_kernels() if kernel in ("auto", "cpu_quant") else None
-    if q8 is not None and (kernels is None or not tied):
-        raise ValueError("Q8_0 codes need the compiled kernels and a tied embedding")
+    if q8 is not None and kernels is None:
+        raise ValueError("Q8_0 codes need the compiled kernels")
     weight = None if q8 is not None else head.weight.detach()
     if kernels is not None and kernel_fits(head.in_features):
         codes, scales = (q8[0], q8[1].view(torch.int16)) if q8 is not None else pack_q8(kernels, weight)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,7 +18,7 @@ from pensieve.models.args import ModelArgs
 from pensieve.backends.cuda_int4 import prepare_for_cuda
 from pensieve.backends.cuda_layers import fuse_cuda_layers
 from pensieve.backends.quantize import (
-    int8_lm_head, plan_int4, plan_q8, plan_tables, swap_in, swap_in_tables,
+    Codes, Parts, Q8, int8_lm_head, plan_int4, plan_q8, plan_tables, swap_in, swap_in_tables,
 )
 from pensieve.models.packing import pack_weights
 from pensieve.models.registry import model_class
@@ -24,12 +26,23 @@ from pensieve.models.registry import model_class
 log = logging.getLogger(__name__)
 
 
-def build_model(checkpoint: Checkpoint, config: EngineConfig) -> nn.Module:
-    """Instantiate the architecture and load the checkpoint's weights, strictly."""
+@dataclass
+class ModelWeights:
+    """What a model is assembled from: float parameters in the module's own (fused) names,
+    the token embedding / output layer kept as codes (``plan_tables``), module path → codes
+    parts (``plan_int4``), and a tied Q8_0 head's codes (``plan_q8``). ``plan_weights`` makes it
+    from a checkpoint; ``backends/packed_cache.py`` from a packed copy on disk."""
+
+    floats: dict[str, torch.Tensor]
+    tables: dict[str, Codes] = field(default_factory=dict)
+    modules: dict[str, Parts] = field(default_factory=dict)
+    head_q8: Q8 | None = None
+
+
+def plan_weights(checkpoint: Checkpoint, config: EngineConfig, *, packed: Mapping[str, tuple[str, ...]]
+                 ) -> ModelWeights:
+    """The checkpoint's weights planned onto the model's modules (``packed``: its fused ones)."""
     args = checkpoint.args
-    with torch.device("meta"):
-        model = model_class(args)(args, max_positions=config.context_length)
-    packed = getattr(model, "PACKED", {})
     on_cuda = torch.device(config.device).type == "cuda"
     int4 = dict(checkpoint.int4)
     table_codes, table_floats = plan_tables(int4, args.tie_word_embeddings,
@@ -41,12 +54,32 @@ def build_model(checkpoint: Checkpoint, config: EngineConfig) -> nn.Module:
                            packed)
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    return ModelWeights(weights, table_codes, int4_modules, head_q8)
+
+
+def build_model(checkpoint: Checkpoint, config: EngineConfig,
+                weights: ModelWeights | None = None) -> nn.Module:
+    """Instantiate the architecture and load the checkpoint's weights (or ``weights``, already
+    planned), strictly."""
+    args = checkpoint.args
+    with torch.device("meta"):
+        model = model_class(args)(args, max_positions=config.context_length)
+    if weights is None:
+        weights = plan_weights(checkpoint, config, packed=getattr(model, "PACKED", {}))
+    return assemble_model(model, args, config, weights)
+
+
+def assemble_model(model: nn.Module, args: ModelArgs, config: EngineConfig,
+                   planned: ModelWeights) -> nn.Module:
+    """``model`` (on meta) with ``planned``'s weights loaded and its codes swapped in."""
+    on_cuda = torch.device(config.device).type == "cuda"
+    table_codes, int4_modules, head_q8 = planned.tables, planned.modules, planned.head_q8
+    missing, unexpected = model.load_state_dict(planned.floats, strict=False, assign=True)
     swapped = {f"{path}.weight" for path in int4_modules}
     if args.tie_word_embeddings:
         swapped.add("lm_head.weight")
-    if head_q8 is not None:  # the int8 output layer and embedding are built from its codes
-        swapped.add("model.embed_tokens.weight")
+    if head_q8 is not None:  # the int8 output layer (and a tied embedding) from its codes
+        swapped.add("model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight")
     swapped |= set(table_codes)
     missing = [k for k in missing if k not in swapped]
     if missing or unexpected:
@@ -74,6 +107,7 @@ def torch_engine(model: nn.Module, args: ModelArgs, tokenizer: TextTokenizer,
     return Engine(ModelRunner(model, args, config), tokenizer, config, args.vocab_size)
 
 
-def build_engine(checkpoint: Checkpoint, config: EngineConfig) -> Engine:
-    model = build_model(checkpoint, config)
+def build_engine(checkpoint: Checkpoint, config: EngineConfig,
+                 weights: ModelWeights | None = None) -> Engine:
+    model = build_model(checkpoint, config, weights)
     return torch_engine(model, checkpoint.args, checkpoint.tokenizer, config)

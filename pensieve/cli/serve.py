@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -166,11 +167,10 @@ def _exit_later() -> None:
 def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient)
     from pensieve.api.app import create_app
     from pensieve.api.config import ApiConfig
-    from pensieve.backends.torch_backend import build_engine
+    from pensieve.backends.torch_backend import torch_engine
     from pensieve.chat.prompt import PromptRenderer
     from pensieve.engine.client import EngineClient
     from pensieve.loaders.checkpoint import CheckpointError
-    from pensieve.loaders.registry import load_checkpoint
 
     from pensieve.backends.cpu_memory import bound_heap, release_free_memory
 
@@ -180,15 +180,13 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
     if settings.threads:
         torch.set_num_threads(settings.threads)
     choice = choose_weights(settings)
+    entry = _packed_entry(settings, choice) if on_cpu else None
     try:
-        ckpt = load_checkpoint(settings.model_path, dtype=settings.engine.dtype,
-                               keep_int4=choice.keep_int4)
+        ckpt, engine_cfg, model, write_cache = _load_model(settings, choice, entry)
     except CheckpointError as exc:
         raise StartupError(str(exc)) from exc
-    ckpt, engine_cfg = _fit_context(settings, ckpt)
-    engine_cfg = replace(engine_cfg, int8_lm_head=_int8_head(settings, choice, ckpt))
-    engine = build_engine(ckpt, engine_cfg)
-    ckpt = replace(ckpt, weights={}, int4={})  # the model holds what it needs of them
+    engine = torch_engine(model, ckpt.args, ckpt.tokenizer, engine_cfg)
+    del model
     if torch.device(engine_cfg.device).type == "cuda":  # CPU start-up time matters more
         from pensieve.engine.warm_up import warm_up
 
@@ -196,10 +194,11 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
         log.info("warmed up the step shapes that compile kernels: %d steps in %.1f s", steps, seconds)
     if on_cpu:
         release_free_memory()
-    from pensieve.engine.grammar import grammar_available
-
-    if grammar_available():  # the vocabulary's grammar tables, built off the first tool request
-        engine.grammars.prepare()
+    # the vocabulary's grammar tables, built off the first tool request: xgrammar (which
+    # imports transformers, ~1.5 s) is imported on a thread a moment after the server is up
+    prepare = threading.Timer(GRAMMAR_PREPARE_DELAY_S, _prepare_grammars, args=(engine,))
+    prepare.daemon = True
+    prepare.start()
     name = settings.served_name or ckpt.name
     client = EngineClient(engine, name, max_waiting=engine_cfg.max_waiting)
     client.start()
@@ -214,10 +213,83 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
     )
     renderer = PromptRenderer(ckpt.tokenizer, ckpt.chat_template)
     app = create_app(api_cfg, client, renderer)
+    if write_cache is not None:  # first start of this model: its packed copy, off the ready path
+        write_cache()
     # Everything built so far lives as long as the server: keep the collector from walking it.
     # Measured on CUDA: a full collection mid-generation stalled one decode step for 127 ms.
     gc.freeze()
     return app, client
+
+
+GRAMMAR_PREPARE_DELAY_S = 1.0  # after build_app: uvicorn's start is not slowed by the import
+
+
+def _prepare_grammars(engine) -> None:  # noqa: ANN001
+    from pensieve.engine.grammar import grammar_available
+
+    if grammar_available():
+        engine.grammars.prepare()
+
+
+def _packed_entry(settings: ServeSettings, choice: WeightChoice):  # noqa: ANN202
+    """The packed-weights cache entry of a GGUF model on the CPU kernels, else None."""
+    from pensieve.backends import packed_cache
+    from pensieve.loaders.checkpoint import CheckpointError
+    from pensieve.loaders.registry import checkpoint_format
+
+    if not (choice.keep_int4 and choice.kernel == "cpu_quant"):
+        return None
+    try:
+        if checkpoint_format(Path(settings.model_path).expanduser()) != "gguf":
+            return None
+    except CheckpointError:
+        return None
+    return packed_cache.entry_for(
+        settings.model_path, dtype=settings.engine.dtype,
+        choice=f"{choice.kernel}/{choice.keep_int4}/{choice.int8_lm_head}/{settings.weights}")
+
+
+def _load_model(settings: ServeSettings, choice: WeightChoice, entry):  # noqa: ANN001, ANN202
+    """(checkpoint without its weights, engine config, built model, a callable that writes
+    the packed cache or None). With a packed copy in ``entry`` the GGUF's tensors are not read:
+    the model maps the copy; without one (or where it fails) the GGUF is converted and, on the
+    CPU kernels, a snapshot of the built model is kept for ``entry``."""
+    from pensieve.backends import packed_cache
+    from pensieve.backends.torch_backend import build_model, plan_weights
+    from pensieve.loaders.registry import load_checkpoint
+    from pensieve.models.registry import model_class
+
+    hit = packed_cache.read_packed(entry) if entry is not None else None
+    started = time.perf_counter()
+    ckpt = load_checkpoint(settings.model_path, dtype=settings.engine.dtype,
+                           keep_int4=choice.keep_int4, tensors=hit is None,
+                           tokenizer=None if hit is None else hit[2])
+    ckpt, engine_cfg = _fit_context(settings, ckpt)
+    if hit is not None:
+        planned, meta, _ = hit
+        engine_cfg = replace(engine_cfg, int8_lm_head=bool(meta["int8_lm_head"]))
+        try:
+            model = build_model(ckpt, engine_cfg, planned)
+        except Exception as exc:  # noqa: BLE001 - a cache: convert the GGUF instead
+            log.warning("packed weights %s did not build (%s): converting the GGUF", entry.path, exc)
+            packed_cache.discard(entry)
+            return _load_model(settings, choice, entry)
+        log.info("weights mapped from %s [%.2f s]", entry.path, time.perf_counter() - started)
+        return replace(ckpt, weights={}, int4={}, int8={}), engine_cfg, model, None
+    engine_cfg = replace(engine_cfg, int8_lm_head=_int8_head(settings, choice, ckpt))
+    planned = plan_weights(ckpt, engine_cfg, packed=getattr(model_class(ckpt.args), "PACKED", {}))
+    ckpt = replace(ckpt, weights={}, int4={}, int8={})  # the model holds what it needs of them
+    model = build_model(ckpt, engine_cfg, planned)
+    log.info("weights converted from the GGUF [%.2f s]", time.perf_counter() - started)
+    snap = None
+    if entry is not None:
+        snap = packed_cache.snapshot(model, planned, {"int8_lm_head": engine_cfg.int8_lm_head},
+                                     ckpt.tokenizer)
+        if snap is None:
+            log.info("packed weights: this model's layers are not all cacheable; not written")
+    del planned
+    write = None if snap is None else (lambda: packed_cache.write_in_background(entry, snap))
+    return ckpt, engine_cfg, model, write
 
 
 def choose_weights(settings: ServeSettings) -> WeightChoice:

@@ -41,7 +41,8 @@ def model_name(path: Path) -> str:
 
 
 def load_gguf(
-    path: str | Path, dtype: torch.dtype = torch.float32, *, keep_int4: bool = False
+    path: str | Path, dtype: torch.dtype = torch.float32, *, keep_int4: bool = False,
+    tensors: bool = True, tokenizer: TextTokenizer | None = None,
 ) -> Checkpoint:
     """Read ``path`` (a .gguf file); CheckpointError if it is unsupported or damaged.
 
@@ -49,7 +50,10 @@ def load_gguf(
     ``Checkpoint.int4`` as exact codes instead of being dequantised into ``weights``, a Q8_0
     embedding or output matrix to ``Checkpoint.int8`` (the int8 output layer takes its codes as
     they are), and an embedding or output matrix of another quantised type to ``int4`` too
-    (``backends.torch_backend.build_model`` keeps or dequantises them).
+    (``backends.torch_backend.build_model`` keeps or dequantises them). ``tensors=False``
+    reads everything but the weights (shapes still checked): for a model whose weights come
+    from a packed copy (``backends/packed_cache.py``); ``tokenizer``: the vocabulary as
+    built before (from the same copy), not built again.
     """
     path = Path(path)
     gf = GGUFFile(path)
@@ -61,12 +65,13 @@ def load_gguf(
     args = read_args(family.args_from_gguf, gguf_source(gf, arch, family), str(path))
     validate_shapes(family.expected_shapes(args),
                     {hf: gf.tensors[g].shape for g, hf in names.items()}, str(path))
-    tokenizer = TextTokenizer.from_gguf_metadata(gf.metadata)
+    if tokenizer is None:
+        tokenizer = TextTokenizer.from_gguf_metadata(gf.metadata)
     int4: dict[str, Int4Groups] = {}
     int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     weights: dict[str, torch.Tensor] = {}
     with _single_threaded():
-        for g, hf in names.items():
+        for g, hf in (names.items() if tensors else ()):
             raw = _raw_hf_order(gf, g, hf, args, family)
             info = gf.tensors[g]
             groups = int4_groups(raw, info.ggml_type, info.shape) if keep_int4 else None
@@ -80,6 +85,8 @@ def load_gguf(
             else:
                 weights[hf] = family.from_gguf_weight(
                     hf, dequantize(raw, info.ggml_type, info.shape, dtype, name=g))
+            del raw
+            gf.release(g)  # its file pages: what was kept is a copy (see GGUFFile.release)
     template = gf.get("tokenizer.chat_template")
     return Checkpoint(
         name=model_name(path),

@@ -101,6 +101,27 @@ class _Cursor:
         self.pos = pos
         return out
 
+    def _skip_strings(self, count: int, what: str) -> _Deferred:
+        """Step over ``count`` strings, reading only their lengths; their text is decoded when
+        the key is first read (``_Metadata``): a start that takes the vocabulary from a
+        cache never decodes its ~300k strings."""
+        self.need(count * 8, what)
+        buf, pos, size = self.buf, self.pos, self.size
+        length_at = _U64.unpack_from
+        start = pos
+        try:
+            for _ in range(count):
+                pos += 8 + length_at(buf, pos)[0]
+        except struct.error:
+            pos = size + 1
+        if pos > size:
+            raise CheckpointError(
+                f"{self.path}: GGUF file is truncated or malformed (string array {what} "
+                f"runs past the end of the file, {self.size} bytes)"
+            )
+        self.pos = pos
+        return _Deferred(self, start, count, what)
+
     def value(self, vtype: int, what: str) -> Any:
         if vtype == GGUFValueType.STRING:
             return self.string(what)
@@ -116,6 +137,8 @@ class _Cursor:
         etype = self.unpack("I", what)
         count = self.unpack("Q", what)
         if etype == GGUFValueType.STRING:
+            if count >= LAZY_STRINGS:
+                return self._skip_strings(count, what)
             return self._strings(count, what)
         if etype == GGUFValueType.ARRAY:
             return [self.array(what) for _ in range(count)]
@@ -128,6 +151,51 @@ class _Cursor:
         values = np.frombuffer(self.buf, dtype="<" + fmt, count=count, offset=self.pos)
         self.pos += n
         return values.tolist()
+
+
+LAZY_STRINGS = 4096  # string arrays of at least this many entries are decoded when first read
+
+
+@dataclass
+class _Deferred:
+    """A string array not decoded yet: where it starts."""
+
+    cursor: _Cursor
+    pos: int
+    count: int
+    what: str
+
+    def decode(self) -> list[str]:
+        cur = _Cursor(self.cursor.buf, self.cursor.path)
+        cur.pos = self.pos
+        return cur._strings(self.count, self.what)
+
+
+class _Metadata(dict):
+    """The key/value pairs; a large string array is decoded on its first read."""
+
+    def _resolve(self, key: str, value: Any) -> Any:
+        if isinstance(value, _Deferred):
+            value = value.decode()
+            super().__setitem__(key, value)
+        return value
+
+    def __getitem__(self, key: str) -> Any:
+        return self._resolve(key, super().__getitem__(key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._resolve(key, super().get(key, default))
+
+    def values(self):  # noqa: ANN201
+        return [self[k] for k in self]
+
+    def items(self):  # noqa: ANN201
+        return [(k, self[k]) for k in self]
+
+    def __eq__(self, other: object) -> bool:
+        return dict(self.items()) == other
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class GGUFFile:
@@ -143,7 +211,7 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: empty file, not a GGUF model") from exc
         cur = _Cursor(self._buf, self.path)
         self.version, kv_count, tensor_count = self._read_header(cur)
-        self.metadata: dict[str, Any] = {}
+        self.metadata: dict[str, Any] = _Metadata()
         for _ in range(kv_count):
             key = cur.string("metadata key")
             self.metadata[key] = cur.value(cur.unpack("I", f"type of {key}"), key)
@@ -204,6 +272,23 @@ class GGUFFile:
         info = self.tensors[name]
         return torch.frombuffer(self._buf, dtype=torch.uint8, count=info.nbytes,
                                 offset=info.offset)
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of ``name``'s bytes from this process (``MADV_DONTNEED``:
+        they were only read, so a later read maps them from the file again). Loading calls it
+        after each tensor is converted, so the whole file is never resident on top of the
+        converted copies (1 GB of a 1.5B Q4_K_M model's peak)."""
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is None:
+            return
+        info = self.tensors[name]
+        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = info.offset + info.nbytes
+        if end > start:
+            try:
+                self._buf.madvise(advice, start, end - start)
+            except (OSError, ValueError):
+                pass
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)

@@ -9,6 +9,7 @@ import torch
 from pensieve.loaders.checkpoint import Checkpoint, CheckpointError
 from pensieve.loaders.gguf import load_gguf
 from pensieve.loaders.safetensors import load_hf_folder
+from pensieve.loaders.tokenizer import TextTokenizer
 
 GGUF_MAGIC = b"GGUF"
 
@@ -35,14 +36,18 @@ def checkpoint_format(path: Path) -> str:
 
 
 def load_checkpoint(
-    path: str | Path, dtype: torch.dtype = torch.float32, *, keep_int4: bool = False
+    path: str | Path, dtype: torch.dtype = torch.float32, *, keep_int4: bool = False,
+    tensors: bool = True, tokenizer: TextTokenizer | None = None,
 ) -> Checkpoint:
     """Load ``path`` with weights in HF names, dequantised/cast to ``dtype``.
 
     Raises CheckpointError with the reason for a missing path, an unknown format, an
-    unsupported architecture or quant type, or a truncated/malformed file.
+    unsupported architecture or quant type, or a truncated/malformed file. ``tensors=False``
+    (GGUF only): everything but the weights, which come from a packed copy, as may the
+    ``tokenizer``.
     """
     path = Path(path).expanduser()
     if checkpoint_format(path) == "gguf":
-        return load_gguf(path, dtype, keep_int4=keep_int4)
+        return load_gguf(path, dtype, keep_int4=keep_int4, tensors=tensors,
+                         tokenizer=tokenizer)
     return load_hf_folder(path, dtype)
