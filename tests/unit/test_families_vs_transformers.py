@@ -20,14 +20,12 @@ from pensieve.backends.cpu_quant import load_kernels  # noqa: E402
 from pensieve.backends.cpu_quant.mlp import Q4MLP  # noqa: E402
 from pensieve.backends.torch_backend import build_model, torch_engine  # noqa: E402
 from pensieve.engine.config import EngineConfig  # noqa: E402
-from pensieve.engine.types import SamplingParams  # noqa: E402
 from pensieve.loaders.registry import load_checkpoint  # noqa: E402
-from pensieve.models.forward_context import ForwardContext, SequenceSlice  # noqa: E402
+from tests.helpers.paged_run import BLOCK, engine_tokens, paged_logits, prompt  # noqa: E402
 from tests.helpers.tiny_families import (  # noqa: E402
     VOCAB, Q, hf_model, quantize_like_gguf, save_hf, write_gguf,
 )
 
-BLOCK = 4
 ATOL = 1e-4
 DIMS = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -121,48 +119,14 @@ def ours(path: Path, context: int, **load: Any):
     return ckpt, build_model(ckpt, EngineConfig(context_length=context))
 
 
-def prompt(n: int, seed: int = 0) -> list[int]:
-    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 def reference_logits(ref: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return ref(torch.tensor([ids])).logits[0].float()
 
 
-def run(model, args, ids: list[int], start: int, blocks: list[int], kv) -> torch.Tensor:
-    """Feed ids[start:] of one sequence whose KV lives in ``blocks``; logits of every row."""
-    n = len(ids) - start
-    slots = torch.tensor([blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, len(ids))])
-    seq = SequenceSlice(0, n, len(ids), torch.tensor(blocks))
-    ctx = ForwardContext(kv[0], kv[1], slots, [seq], torch.arange(n))
-    with torch.no_grad():
-        return model(torch.tensor(ids[start:]), torch.arange(start, len(ids)), ctx)
-
-
-def paged_logits(model, args, ids: list[int], chunks: list[int]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(whole prefill, chunked prefill at ``chunks`` then one decode per remaining token),
-    each over its own cache with a shuffled block table."""
-    blocks = torch.randperm(64, generator=torch.Generator().manual_seed(1))[: -(-len(ids) // BLOCK)]
-    blocks = blocks.tolist()
-
-    def cache():
-        shape = (64, BLOCK, args.num_kv_heads, args.head_dim)
-        return [torch.zeros(shape) for _ in range(args.num_layers)], [
-            torch.zeros(shape) for _ in range(args.num_layers)]
-
-    whole = run(model, args, ids, 0, blocks, cache())
-    kv, parts, start = cache(), [], 0
-    for end in [*chunks, *range(chunks[-1] + 1, len(ids) + 1)]:
-        parts.append(run(model, args, ids[:end], start, blocks, kv))
-        start = end
-    return whole, torch.cat(parts)
-
-
 def compare(ref: torch.nn.Module, path: Path, case: Case, label: str) -> float:
     ckpt, model = ours(path, case.context)
-    ids = prompt(case.seq)
+    ids = prompt(case.seq, VOCAB)
     expected = reference_logits(ref, ids)
     whole, stepped = paged_logits(model, ckpt.args, ids, [case.seq // 3, case.seq - 5])
     err = max((whole - expected).abs().max().item(), (stepped - expected).abs().max().item())
@@ -194,17 +158,6 @@ def test_quantised_gguf_matches_transformers_on_dequantised_weights(root, name):
     compare(ref, path, CASES[name], f"{name} (GGUF {QUANTISED[name].name})")
 
 
-def engine_tokens(model, ckpt, context: int, ids: list[int], steps: int) -> list[int]:
-    engine = torch_engine(model, ckpt.args, ckpt.tokenizer, EngineConfig(
-        context_length=context, block_size=BLOCK, max_num_seqs=2, max_num_batched_tokens=16))
-    engine.add_request("r", ids, SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True))
-    out: list[int] = []
-    while engine.has_work():
-        for delta in engine.step():
-            out.extend(delta.token_ids)
-    return out
-
-
 @pytest.mark.parametrize("name, source", [
     *((name, "hf") for name in CASES), ("gemma3", "gguf"), ("phi3_long", "gguf"),
 ])
@@ -212,7 +165,7 @@ def test_engine_greedy_equals_generate(root, name, source):
     case = CASES[name]
     ref, path = (hf_case if source == "hf" else gguf_case)(root, name)
     ckpt, model = ours(path, case.context)
-    ids = prompt(case.seq - 8, seed=2)  # a prompt past the window; generation goes further
+    ids = prompt(case.seq - 8, VOCAB, seed=2)  # a prompt past the window; generation goes further
     steps = 6
     with torch.no_grad():
         expected = ref.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False,

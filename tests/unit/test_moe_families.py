@@ -19,19 +19,17 @@ from gguf import GGMLQuantizationType
 
 transformers = pytest.importorskip("transformers")
 
-from pensieve.backends.torch_backend import build_model, torch_engine  # noqa: E402
+from pensieve.backends.torch_backend import build_model  # noqa: E402
 from pensieve.engine.config import EngineConfig  # noqa: E402
-from pensieve.engine.types import SamplingParams  # noqa: E402
 from pensieve.loaders.registry import load_checkpoint  # noqa: E402
-from pensieve.models.forward_context import ForwardContext, SequenceSlice  # noqa: E402
 from pensieve.models.moe import Router  # noqa: E402
 from pensieve.models.registry import family_for_gguf, family_for_hf  # noqa: E402
+from tests.helpers.paged_run import engine_tokens, paged_logits, prompt  # noqa: E402
 from tests.helpers.tiny_families import VOCAB, save_hf  # noqa: E402
 from tests.helpers.tiny_moe import (  # noqa: E402
     quantize_experts_like_gguf, moe_model, save_fused_hf, write_moe_gguf,
 )
 
-BLOCK = 4
 ATOL = 1e-4
 CONTEXT, SEQ = 64, 36
 DIMS = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -107,37 +105,6 @@ def tie_routers(model: torch.nn.Module) -> None:
                 gate.e_score_correction_bias.zero_()
 
 
-def prompt(n: int, seed: int = 0) -> list[int]:
-    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def run(model, ids: list[int], start: int, blocks: list[int], kv) -> torch.Tensor:
-    n = len(ids) - start
-    slots = torch.tensor([blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, len(ids))])
-    seq = SequenceSlice(0, n, len(ids), torch.tensor(blocks))
-    ctx = ForwardContext(kv[0], kv[1], slots, [seq], torch.arange(n))
-    with torch.no_grad():
-        return model(torch.tensor(ids[start:]), torch.arange(start, len(ids)), ctx)
-
-
-def paged_logits(model, args, ids: list[int], chunks: list[int]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(whole prefill, chunked prefill at ``chunks`` then one decode per remaining token)."""
-    blocks = torch.randperm(64, generator=torch.Generator().manual_seed(1))[: -(-len(ids) // BLOCK)]
-
-    def kv_cache():
-        shape = (64, BLOCK, args.num_kv_heads, args.head_dim)
-        return ([torch.zeros(shape) for _ in range(args.num_layers)],
-                [torch.zeros(shape) for _ in range(args.num_layers)])
-
-    whole = run(model, ids, 0, blocks.tolist(), kv_cache())
-    kv, parts, start = kv_cache(), [], 0
-    for end in [*chunks, *range(chunks[-1] + 1, len(ids) + 1)]:
-        parts.append(run(model, ids[:end], start, blocks.tolist(), kv))
-        start = end
-    return whole, torch.cat(parts)
-
-
 def ours(path: Path, **load: Any):
     ckpt = load_checkpoint(path, **load)
     return ckpt, build_model(ckpt, EngineConfig(context_length=CONTEXT))
@@ -145,7 +112,7 @@ def ours(path: Path, **load: Any):
 
 def compare(ref: torch.nn.Module, path: Path, label: str, **load: Any) -> float:
     ckpt, model = ours(path, **load)
-    ids = prompt(SEQ)
+    ids = prompt(SEQ, VOCAB)
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0].float()
     whole, stepped = paged_logits(model, ckpt.args, ids, [SEQ // 3, SEQ - 5])
@@ -222,28 +189,17 @@ def reference_router(cfg) -> torch.nn.Module:
     return gate
 
 
-def engine_tokens(model, ckpt, ids: list[int], steps: int) -> list[int]:
-    engine = torch_engine(model, ckpt.args, ckpt.tokenizer, EngineConfig(
-        context_length=CONTEXT, block_size=BLOCK, max_num_seqs=2, max_num_batched_tokens=16))
-    engine.add_request("r", ids, SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True))
-    out: list[int] = []
-    while engine.has_work():
-        for delta in engine.step():
-            out.extend(delta.token_ids)
-    return out
-
-
 @pytest.mark.parametrize("name, source", [
     ("qwen3_moe", "hf"), ("qwen2_moe", "gguf"), ("mixtral", "gguf"), ("glm4_moe", "hf"),
 ])
 def test_engine_greedy_equals_generate(root, name, source):
     ref = reference(name)
     ckpt, model = ours(folder(root, name) if source == "hf" else gguf_file(root, name))
-    ids = prompt(SEQ - 8, seed=2)
+    ids = prompt(SEQ - 8, VOCAB, seed=2)
     with torch.no_grad():
         expected = ref.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-    assert engine_tokens(model, ckpt, ids, 6) == expected
+    assert engine_tokens(model, ckpt, CONTEXT, ids, 6) == expected
 
 
 @pytest.mark.parametrize("name, paged", [
