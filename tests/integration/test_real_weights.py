@@ -73,6 +73,9 @@ def test_logits_match_transformers_gguf_loading(fixture, request):
     codes = load_checkpoint(path, keep_int4=True)
     assert codes.int4, "the served path keeps the GGUF's 4-bit codes"
     served = build_engine(codes, EngineConfig(context_length=512, int8_lm_head=True))
+    # the declared fast path is taken, not silently the module path: Qwen2 on the one-call
+    # decoder; Gemma 3 (other norms, GELU) never on it
+    assert (served.runner.cpu_decoder is not None) == (codes.args.architecture == "qwen2")
     quant = _our_logits(served.runner.model, codes.args, ids)
     error = (quant - expected).abs().max().item()
     agree = (quant.argmax(-1) == expected.argmax(-1)).float().mean().item()
