@@ -23,9 +23,11 @@ from pensieve.api.generation import (
     with_deadline,
 )
 from pensieve.api.responses import json_response
+from pensieve.api.session_key import routing_hint_for
 from pensieve.api.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_stream, with_pings
 from pensieve.api.state import services_of
 from pensieve.chat import collect_message, message_events
+from pensieve.engine.routing import routing_hint
 from pensieve.protocol import (
     MessageCountTokensParams,
     MessageCreateParams,
@@ -51,6 +53,7 @@ async def create_message(request: Request) -> Response:
     prepared = await prepare_generation(services, body, request_id)
     log.debug("%s: %d prompt tokens, max_tokens %d, stream=%s",
               request_id, prepared.prompt.num_tokens, prepared.params.max_tokens, bool(body.stream))
+    routing_hint.set(routing_hint_for(request.headers, body))  # for an upstream backend's router
     deltas = await start_deltas(services.engine, prepared)
     timeout_s = services.config.request_timeout_s
     if timeout_s is not None:
