@@ -18,3 +18,7 @@ class EngineOverloadedError(EngineError):
 
 class EngineDeadError(EngineError):
     """The engine loop stopped after an unrecoverable error."""
+
+
+class EngineRequestRejected(EngineError):
+    """The backend refused this request as invalid (an upstream server's 4xx): a 400."""
