@@ -23,6 +23,7 @@ from pensieve.chat import ChatTemplateError, GenerationFailed
 from pensieve.engine.errors import (
     EngineDeadError,
     EngineOverloadedError,
+    EngineRequestRejected,
     PromptTooLongError,
 )
 from pensieve.protocol import ErrorObject, ErrorResponse, ErrorType
@@ -87,6 +88,8 @@ def api_error_for(exc: BaseException) -> ApiError:
         return prompt_too_long(exc.num_tokens, exc.max_tokens)
     if isinstance(exc, EngineOverloadedError):
         return overloaded(str(exc) or "Overloaded")
+    if isinstance(exc, EngineRequestRejected):
+        return invalid_request(str(exc))
     if isinstance(exc, EngineDeadError):
         return ApiError(500, "api_error", "the inference engine stopped; restart the server")
     if isinstance(exc, ChatTemplateError):
@@ -189,7 +192,7 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         return error_response(ApiError(exc.status_code, kind, message, headers), _request_id(request))
 
-    for exc_type in (ApiError, PromptTooLongError, EngineOverloadedError, EngineDeadError,
+    for exc_type in (ApiError, PromptTooLongError, EngineOverloadedError, EngineDeadError, EngineRequestRejected,
                      ChatTemplateError, GenerationFailed, ValidationError):
         app.add_exception_handler(exc_type, on_api_error)
     app.add_exception_handler(RequestValidationError, on_request_validation)  # type: ignore[arg-type]
