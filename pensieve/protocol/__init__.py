@@ -2,16 +2,21 @@
 
 from pensieve.protocol.content import (
     CacheControlEphemeralParam,
+    ContainerUploadBlockParam,
     ContentBlockParam,
     DocumentBlockParam,
     ImageBlockParam,
     MessageContentParam,
     RedactedThinkingBlockParam,
+    SearchResultBlockParam,
     TextBlockParam,
     ThinkingBlockParam,
+    ToolReferenceBlockParam,
     ToolResultBlockParam,
     ToolUseBlockParam,
     UnknownBlockParam,
+    WebFetchToolResultBlockParam,
+    WebSearchToolResultBlockParam,
 )
 from pensieve.protocol.errors import ErrorObject, ErrorResponse, ErrorType
 from pensieve.protocol.events import (
@@ -36,6 +41,7 @@ from pensieve.protocol.models import ModelInfo, ModelListResponse
 from pensieve.protocol.requests import (
     AssistantMessageParam,
     ConversationParams,
+    JSONOutputFormatParam,
     MessageCountTokensParams,
     MessageCreateParams,
     MessageParam,
@@ -59,11 +65,15 @@ from pensieve.protocol.requests import (
     UserMessageParam,
 )
 from pensieve.protocol.responses import (
+    CacheCreation,
     ContentBlock,
     Message,
     MessageDeltaUsage,
     MessageTokensCount,
+    OutputTokensDetails,
     RedactedThinkingBlock,
+    RefusalStopDetails,
+    ServerToolUsage,
     StopReason,
     TextBlock,
     ThinkingBlock,
@@ -74,6 +84,8 @@ from pensieve.protocol.responses import (
 __all__ = [
     "AssistantMessageParam",
     "CacheControlEphemeralParam",
+    "CacheCreation",
+    "ContainerUploadBlockParam",
     "ContentBlock",
     "ContentBlockParam",
     "ConversationParams",
@@ -84,6 +96,7 @@ __all__ = [
     "ErrorType",
     "ImageBlockParam",
     "InputJSONDelta",
+    "JSONOutputFormatParam",
     "Message",
     "MessageContentParam",
     "MessageCountTokensParams",
@@ -96,6 +109,7 @@ __all__ = [
     "ModelInfo",
     "ModelListResponse",
     "OutputConfigParam",
+    "OutputTokensDetails",
     "PingEvent",
     "RawContentBlockDelta",
     "RawContentBlockDeltaEvent",
@@ -107,6 +121,9 @@ __all__ = [
     "RawMessageStreamEvent",
     "RedactedThinkingBlock",
     "RedactedThinkingBlockParam",
+    "RefusalStopDetails",
+    "SearchResultBlockParam",
+    "ServerToolUsage",
     "SignatureDelta",
     "StopReason",
     "StreamEvent",
@@ -128,6 +145,7 @@ __all__ = [
     "ToolChoiceParam",
     "ToolChoiceToolParam",
     "ToolParam",
+    "ToolReferenceBlockParam",
     "ToolResultBlockParam",
     "ToolUnionParam",
     "ToolUseBlock",
@@ -137,4 +155,6 @@ __all__ = [
     "UnknownTypedParam",
     "Usage",
     "UserMessageParam",
+    "WebFetchToolResultBlockParam",
+    "WebSearchToolResultBlockParam",
 ]

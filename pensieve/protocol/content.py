@@ -1,8 +1,11 @@
 """Content blocks a request may carry, named as the anthropic SDK names them (``…Param``).
 
-``ContentBlockParam`` is keyed on ``type``; a block type we do not model (``search_result``,
-``server_tool_use``, ``container_upload``, anything newer) validates into
-``UnknownBlockParam`` and is ignored later, never refused.
+``ContentBlockParam`` is keyed on ``type``; a block type we do not model (``server_tool_use``,
+code-execution results, anything newer) validates into ``UnknownBlockParam`` and is ignored
+later, never refused. The blocks of the 2026 surface that carry text a model can read
+(``search_result``, ``web_search_tool_result``, ``web_fetch_tool_result``, ``tool_reference``,
+``container_upload``) are modelled loosely: their payloads stay plain JSON, so a variant newer
+than us still validates.
 """
 
 from __future__ import annotations
@@ -56,6 +59,37 @@ class ToolUseBlockParam(RequestModel):
     input: dict[str, Any]
 
 
+class SearchResultBlockParam(RequestModel):
+    type: Literal["search_result"]
+    source: str = ""
+    title: str = ""
+    content: list[dict[str, Any]] | str = Field(default_factory=list)
+
+
+class ToolReferenceBlockParam(RequestModel):
+    """Names a deferred tool (``defer_loading``) that tool search found: it is offered from here on."""
+
+    type: Literal["tool_reference"]
+    tool_name: str
+
+
+class ContainerUploadBlockParam(RequestModel):
+    type: Literal["container_upload"]
+    file_id: str = ""
+
+
+class WebSearchToolResultBlockParam(RequestModel):
+    type: Literal["web_search_tool_result"]
+    tool_use_id: str = ""
+    content: Any = None  # a list of web_search_result blocks, or an error object
+
+
+class WebFetchToolResultBlockParam(RequestModel):
+    type: Literal["web_fetch_tool_result"]
+    tool_use_id: str = ""
+    content: Any = None  # a web_fetch_result (url + document), or an error object
+
+
 class UnknownBlockParam(RequestModel):
     """Any block type we do not model; kept whole, ignored when rendering."""
 
@@ -69,7 +103,9 @@ class ToolResultBlockParam(RequestModel):
     is_error: bool | None = Field(default=None, strict=True)
 
 
-_BLOCK_TYPES = ("text", "image", "document", "thinking", "redacted_thinking", "tool_use", "tool_result")
+_BLOCK_TYPES = ("text", "image", "document", "thinking", "redacted_thinking", "tool_use", "tool_result",
+                "search_result", "tool_reference", "container_upload", "web_search_tool_result",
+                "web_fetch_tool_result")
 
 ContentBlockParam = Annotated[
     Union[
@@ -80,6 +116,11 @@ ContentBlockParam = Annotated[
         Annotated[RedactedThinkingBlockParam, Tag("redacted_thinking")],
         Annotated[ToolUseBlockParam, Tag("tool_use")],
         Annotated[ToolResultBlockParam, Tag("tool_result")],
+        Annotated[SearchResultBlockParam, Tag("search_result")],
+        Annotated[ToolReferenceBlockParam, Tag("tool_reference")],
+        Annotated[ContainerUploadBlockParam, Tag("container_upload")],
+        Annotated[WebSearchToolResultBlockParam, Tag("web_search_tool_result")],
+        Annotated[WebFetchToolResultBlockParam, Tag("web_fetch_tool_result")],
         Annotated[UnknownBlockParam, Tag(UNKNOWN_TAG)],
     ],
     Discriminator(tag_of(_BLOCK_TYPES)),

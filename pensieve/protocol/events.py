@@ -18,6 +18,7 @@ from pensieve.protocol.responses import (
     ContentBlock,
     Message,
     MessageDeltaUsage,
+    RefusalStopDetails,
     StopReason,
 )
 
@@ -75,6 +76,7 @@ class MessageDelta(ResponseModel):
 
     stop_reason: StopReason | None = None
     stop_sequence: str | None = None
+    stop_details: RefusalStopDetails | None = None
 
 
 class RawMessageDeltaEvent(ResponseModel):

@@ -1,8 +1,8 @@
 """Request bodies of ``POST /v1/messages`` and ``/v1/messages/count_tokens``.
 
-Only what we act on is declared; everything else a client sends (``metadata``,
-``context_management``, ``container``, ``service_tier``, top-level ``cache_control`` …) is
-kept in ``model_extra`` and ignored. Limits follow the API: ``temperature`` and ``top_p`` in
+Only what we act on is declared; everything else a client sends (``context_management``,
+``container``, ``service_tier``, ``inference_geo``, ``diagnostics``, ``speed`` …) is kept in
+``model_extra`` and ignored (logged at debug). Limits follow the API: ``temperature`` and ``top_p`` in
 [0, 1], ``top_k`` ≥ 0, ``max_tokens`` in [0, 2³¹ − 1] (0 only warms the cache: nothing is
 generated).
 Types are strict where the API's are: ``"max_tokens": "1"``, ``"stream": "yes"`` are refused
@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag
 
 from pensieve.protocol.base import UNKNOWN_TAG, RequestModel, tag_of
-from pensieve.protocol.content import ContentBlockParam, MessageContentParam
+from pensieve.protocol.content import CacheControlEphemeralParam, ContentBlockParam, MessageContentParam
 
 # No model writes more; beyond it a value is a mistake, refused (400) rather than run to the end
 # of the context. (Values up to it above the context are clamped: Claude Code sends 32k–64k.)
@@ -34,10 +34,17 @@ class AssistantMessageParam(RequestModel):
 
 
 class SystemMessageParam(RequestModel):
-    """A ``system`` entry inside ``messages`` (the mid-conversation-system beta)."""
+    """A ``system`` entry inside ``messages`` (the mid-conversation-system beta).
+
+    ``clear_at: "next_user_message"``: shown only until a later user message exists.
+    Its content may hold ``tool_addition``/``tool_removal`` directives (kept as unknown blocks).
+    ``output_config`` (per-turn effort) is accepted and ignored.
+    """
 
     role: Literal["system"]
     content: MessageContentParam
+    clear_at: str | None = None
+    output_config: dict[str, Any] | None = None
 
 
 MessageParam = Annotated[
@@ -53,6 +60,12 @@ class ToolParam(RequestModel):
     input_schema: dict[str, Any]
     description: str | None = None
     type: Literal["custom"] | None = None
+    strict: bool | None = None  # arguments are grammar-constrained whether or not it is set
+    defer_loading: bool | None = None  # offered only once a tool_reference names it
+    input_examples: list[Any] | None = None  # not rendered: templates have no place for them
+    eager_input_streaming: bool | None = None  # arguments always stream as they are generated
+    allowed_callers: list[str] | None = None  # only "direct" calls exist here
+    cache_control: CacheControlEphemeralParam | None = None
 
 
 class UnknownToolParam(RequestModel):
@@ -137,9 +150,16 @@ ThinkingConfigParam = Annotated[
 ]
 
 
+class JSONOutputFormatParam(RequestModel):
+    """Structured outputs: the answer is JSON that validates against ``schema``."""
+
+    type: str  # "json_schema" (another type is ignored)
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+
+
 class OutputConfigParam(RequestModel):
     effort: str | None = None  # low | medium | high | xhigh | max (newer values accepted)
-    format: dict[str, Any] | None = None  # {"type": "json_schema", "schema": …}
+    format: JSONOutputFormatParam | None = None
 
 
 class MetadataParam(RequestModel):
@@ -156,6 +176,7 @@ class ConversationParams(RequestModel):
     tool_choice: ToolChoiceParam | None = None
     thinking: ThinkingConfigParam | None = None
     output_config: OutputConfigParam | None = None
+    cache_control: CacheControlEphemeralParam | None = None  # automatic caching (top level)
 
 
 class MessageCreateParams(ConversationParams):

@@ -48,13 +48,35 @@ ContentBlock = Annotated[
 ]
 
 
+class CacheCreation(ResponseModel):
+    """``cache_creation_input_tokens`` split by the lifetime the request asked for."""
+
+    ephemeral_5m_input_tokens: int = 0
+    ephemeral_1h_input_tokens: int = 0
+
+
+class OutputTokensDetails(ResponseModel):
+    """Of ``output_tokens``, those generated while thinking (markers included)."""
+
+    thinking_tokens: int
+
+
+class ServerToolUsage(ResponseModel):
+    web_fetch_requests: int = 0
+    web_search_requests: int = 0
+
+
 class Usage(ResponseModel):
-    """Token counts. As in the API, ``input_tokens`` excludes tokens read from the cache."""
+    """Token counts. As in the API, ``input_tokens`` excludes tokens read from the cache.
+    ``server_tool_use`` is always null: no server tools run here."""
 
     input_tokens: int
     output_tokens: int
     cache_creation_input_tokens: int | None = 0
     cache_read_input_tokens: int | None = 0
+    cache_creation: CacheCreation | None = None
+    output_tokens_details: OutputTokensDetails | None = None
+    server_tool_use: ServerToolUsage | None = None
 
 
 class MessageDeltaUsage(ResponseModel):
@@ -64,6 +86,16 @@ class MessageDeltaUsage(ResponseModel):
     input_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
     cache_read_input_tokens: int | None = None
+    output_tokens_details: OutputTokensDetails | None = None
+    server_tool_use: ServerToolUsage | None = None
+
+
+class RefusalStopDetails(ResponseModel):
+    """Why a ``refusal`` stopped the answer. Never produced: no classifier runs here."""
+
+    type: Literal["refusal"] = "refusal"
+    category: str | None = None
+    explanation: str | None = None
 
 
 class Message(ResponseModel):
@@ -74,6 +106,7 @@ class Message(ResponseModel):
     model: str
     stop_reason: StopReason | None = None
     stop_sequence: str | None = None
+    stop_details: RefusalStopDetails | None = None
     usage: Usage
 
 

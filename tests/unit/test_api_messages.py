@@ -108,7 +108,7 @@ def test_sse_events_come_in_the_api_order() -> None:
     assert start["content"] == [] and start["stop_reason"] is None and start["usage"]["output_tokens"] == 0
     assert events[1][1] == {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
     assert events[2][1]["delta"] == {"type": "text_delta", "text": "a"}
-    assert events[6][1]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    assert events[6][1]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None, "stop_details": None}
     assert events[6][1]["usage"]["output_tokens"] == 4
 
 
