@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pensieve.cli.settings import WEIGHTS, ServeSettings, settings_from_args
+from pensieve.cli.serve_upstream import add_upstream_args
+from pensieve.cli.settings import BACKENDS, WEIGHTS, ServeSettings, settings_from_args
 from pensieve.engine.types import DEFAULT_DRY
 
 if TYPE_CHECKING:
@@ -87,6 +88,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="CPU weights of a 4-bit GGUF: int4 (own AVX2 kernels, int8 output "
                         "layer), float (dequantised), or auto: int4 where it times faster here "
                         "(default; also PENSIEVE_WEIGHTS)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="what runs the model: auto/torch (in this process), or upstream: vLLM or "
+                        "SGLang servers given by --upstream (docs/deployment.md)")
+    add_upstream_args(p)
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
 
@@ -110,7 +115,12 @@ def run(ns: argparse.Namespace) -> int:
     settings = settings_from_args(ns, os.environ)
     check_bind(settings.host, settings.api_keys)
     started = time.perf_counter()
-    app, client = build_app(settings)
+    if getattr(ns, "backend", "auto") == "upstream":
+        from pensieve.cli.serve_upstream import build_upstream_app
+
+        app, client = build_upstream_app(settings, ns)
+    else:
+        app, client = build_app(settings)
     log.info("model %s ready in %.2f s", settings.served_name or "", time.perf_counter() - started)
     return serve_http(app, client, settings.host, settings.port, ns.log_level.lower(),
                       header_timeout_s=settings.header_timeout_s)

@@ -16,6 +16,7 @@ from pensieve.models.args import ModelArgs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS = ("auto", "float", "int4")  # --weights: backends/kernel_choice.choose resolves it
+BACKENDS = ("auto", "torch", "upstream")  # --backend (upstream: cli/serve_upstream.py)
 
 
 @dataclass(frozen=True)
