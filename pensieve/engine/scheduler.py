@@ -5,7 +5,11 @@ requests of a session that asked to keep its prefix (``retain_prefix``) before s
 FIFO within each — except that a request waiting ``aging_steps`` steps or more goes before
 every newer arrival (ageing: a stream of session requests cannot starve a side request) —
 all under one token budget, of which running prefills leave a quarter to
-waiting requests while any can be admitted. When KV blocks run out the newest running request is
+waiting requests while any can be admitted. Priority classes (``SamplingParams.priority``, 0
+interactive, higher for background work such as Message Batches) come first: a waiting request
+of a higher class is admitted only where none of a lower one waits (ageing works within a
+class), and a waiting interactive request that finds every seat taken preempts the newest
+running background request. When KV blocks run out the newest running request is
 preempted: its blocks are freed and it waits to be recomputed from its tokens so far.
 """
 
@@ -58,9 +62,11 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         # While requests wait for a seat, running prefills leave them part of the budget, so
         # a short request's first token does not wait for a long prefill to finish.
+        if self.waiting and len(self.running) >= self.max_num_seqs:
+            self._seat_urgent()
         admissible = self.waiting and len(self.running) < self.max_num_seqs
         reserve = self.max_num_batched_tokens // WAITING_SHARE if admissible else 0
-        for req in sorted(self.running, key=lambda r: r.num_pending_tokens > 1):
+        for req in sorted(self.running, key=lambda r: (r.num_pending_tokens > 1, r.params.priority)):
             if req.status is not RequestStatus.RUNNING or budget == 0:
                 continue  # preempted below by an earlier request of this loop
             room = budget - reserve if req.num_pending_tokens > 1 else budget  # decodes: never held
@@ -86,12 +92,24 @@ class Scheduler:
         return chunks
 
     def _next_waiting(self) -> Request:
-        """The longest-waiting request once it has waited ``aging_steps``; else the oldest
-        session request, else the oldest request (preempted ones are in front)."""
-        first = min(self.waiting, key=lambda r: r.arrival_step)
+        """Within the most urgent priority class waiting: the longest-waiting request once it
+        has waited ``aging_steps``; else the oldest session request, else the oldest request
+        (preempted ones are in front)."""
+        top = min(r.params.priority for r in self.waiting)
+        candidates = [r for r in self.waiting if r.params.priority == top]
+        first = min(candidates, key=lambda r: r.arrival_step)
         if self.num_steps - first.arrival_step >= self.aging_steps:
             return first
-        return next((r for r in self.waiting if r.params.retain_prefix), self.waiting[0])
+        return next((r for r in candidates if r.params.retain_prefix), candidates[0])
+
+    def _seat_urgent(self) -> None:
+        """Every seat is taken: preempt the newest running request of a less urgent class
+        than the most urgent waiting one, so that an interactive request never waits behind
+        background work (the preempted request is recomputed later from its tokens)."""
+        top = min(r.params.priority for r in self.waiting)
+        behind = [r for r in self.running if r.params.priority > top]
+        if behind:
+            self._preempt(max(behind, key=lambda r: (r.params.priority, r.arrival_step)))
 
     def finish(self, request: Request) -> None:
         """Drop a finished or aborted request and free its KV."""

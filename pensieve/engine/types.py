@@ -98,6 +98,12 @@ class SamplingParams:
     grammar: GrammarSpec | None = None  # constrained decoding (tool calls, JSON output)
     thinking_budget: ThinkingBudget | None = None  # force the end of thinking after N tokens
     dry: DryParams | None = None  # loop guard: penalise repeating the output's own sequences
+    # scheduling class: 0 interactive; higher runs only where no lower class waits (batches
+    # use BACKGROUND_PRIORITY) and is preempted to seat a lower class
+    priority: int = 0
+
+
+BACKGROUND_PRIORITY = 1  # Message Batches: never ahead of an interactive request
 
 
 @dataclass
