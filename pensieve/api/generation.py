@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from starlette.concurrency import run_in_threadpool
 
 from pensieve.api.config import ApiConfig
-from pensieve.api.errors import ApiError, overloaded, prompt_too_long, request_timed_out
+from pensieve.api.errors import ApiError, invalid_request, overloaded, prompt_too_long, request_timed_out
 from pensieve.api.limits import check_request_limits
 from pensieve.chat.caching import wants_prompt_cache
 from pensieve.api.state import GenerationClient, Services
 from pensieve.chat import MessageEventBuilder, RenderedPrompt
+from pensieve.chat.output_format import OutputFormatError
 from pensieve.chat.stream import close_iterator
 from pensieve.chat.tool_grammar import decoding_constraints
 from pensieve.engine.grammar import GrammarUnavailableError
@@ -99,7 +100,10 @@ async def render_prompt(services: Services, request: ConversationParams) -> Rend
 
 def _render(services: Services, request: ConversationParams) -> RenderedPrompt:
     check_request_limits(services.config, request, services.renderer.tokenizer)
-    return services.renderer.render(request)
+    try:
+        return services.renderer.render(request)
+    except OutputFormatError as exc:
+        raise invalid_request(str(exc)) from exc
 
 
 def _constrain(services: Services, request: MessageCreateParams) -> tuple[RenderedPrompt, GrammarSpec | None, ThinkingBudget | None]:

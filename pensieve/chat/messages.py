@@ -1,6 +1,7 @@
 """Anthropic conversation → the message dicts a chat template renders.
 
-Text blocks are joined; images and documents become a short placeholder. Tool calls and
+Text blocks are joined; images become a short placeholder; documents, search and fetch
+results, tool references and uploads render as the text ``result_blocks`` gives them. Tool calls and
 results render the way the template expects (``HistoryStyle``):
 
 - native: an assistant ``tool_use`` becomes an entry of the message's ``tool_calls``
@@ -12,7 +13,8 @@ results render the way the template expects (``HistoryStyle``):
 Tool inputs are re-serialised byte-stably (fixed separators, keys in the order sent) so a
 resent history renders to the same tokens. Thinking blocks render back only when their
 signature verifies (``ThinkingHistory``); redacted thinking never does. The volatile
-billing header Claude Code puts first in ``system`` is dropped.
+billing header Claude Code puts first in ``system`` is dropped, and so is a mid-conversation
+system message with ``clear_at: "next_user_message"`` once a later user message exists.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pensieve.chat.result_blocks import RESULT_BLOCKS, result_block_text
 from pensieve.chat.thinking import ThinkingHistory
 from pensieve.protocol import (
     ContentBlockParam,
     ConversationParams,
-    DocumentBlockParam,
     ImageBlockParam,
     MessageContentParam,
     MessageParam,
@@ -90,18 +92,10 @@ def block_text(block: ContentBlockParam) -> str | None:
         return tool_response_text(block)
     if isinstance(block, ImageBlockParam):
         return "[image]"
-    if isinstance(block, DocumentBlockParam):
-        return _document_text(block)
+    if isinstance(block, RESULT_BLOCKS):
+        return result_block_text(block)
     log.debug("dropping a %s block from the prompt", block.type)
     return None
-
-
-def _document_text(block: DocumentBlockParam) -> str:
-    source = block.source
-    if source.get("type") == "text" and isinstance(source.get("data"), str):
-        title = f"{block.title}\n" if block.title else ""
-        return f"{title}{source['data']}"
-    return f"[document: {block.title}]" if block.title else "[document]"
 
 
 def join_blocks(blocks: Sequence[ContentBlockParam]) -> str:
@@ -145,7 +139,10 @@ def conversation_messages(
     if system:
         out.append({"role": "system", "content": system})
     names: dict[str, str] = {}  # tool_use id → tool name, for "tool" messages
-    for message in request.messages:
+    for i, message in enumerate(request.messages):
+        if _cleared(request.messages, i):
+            log.debug("system message %d: cleared at the next user message; not rendered", i)
+            continue
         if isinstance(message.content, str):
             out.append({"role": message.role, "content": message.content})
         elif message.role == "assistant":
@@ -153,6 +150,13 @@ def conversation_messages(
         else:
             out.extend(_user_messages(message, style, names))
     return out
+
+
+def _cleared(messages: Sequence[MessageParam], i: int) -> bool:
+    """A system message shown only until the next user message, which now exists."""
+    if getattr(messages[i], "clear_at", None) != "next_user_message":
+        return False
+    return any(m.role == "user" for m in messages[i + 1:])
 
 
 def _assistant_message(

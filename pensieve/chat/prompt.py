@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from pensieve.chat.messages import HistoryStyle, TemplateMessage, conversation_messages, fit_roles
+from pensieve.chat.output_format import answer_schema, format_instruction
 from pensieve.chat.prompt_text import PromptText, unmark
 from pensieve.chat.segmenter import ThinkingMarkers
 from pensieve.chat.template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError
@@ -67,7 +68,8 @@ class RenderedPrompt:
 
     ``tools``: the tools offered and the call format to parse (None: no tools offered, no
     tool parsing). ``thinking``: whether the request thinks, the model's markers, the
-    budget, and whether the prompt already opened a thinking section.
+    budget, and whether the prompt already opened a thinking section. ``output_schema``: the
+    JSON Schema the answer must follow (``output_config.format``), None when free.
     """
 
     text: str  # what the template produced (without a BOS the renderer prepended as an id)
@@ -75,6 +77,7 @@ class RenderedPrompt:
     prefill: str = ""  # the assistant text the model continues, "" when none
     tools: ToolsPlan | None = None
     thinking: ThinkingPlan = field(default_factory=ThinkingPlan)
+    output_schema: dict[str, Any] | bool | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -92,6 +95,10 @@ class TemplateCaps:
     thinking_markers: ThinkingMarkers | None = None
     reads_enable_thinking: bool = False
     reads_reasoning_content: bool = False
+
+
+def _joined(*parts: str) -> str:
+    return "\n\n".join(p for p in parts if p)
 
 
 class PromptRenderer:
@@ -145,9 +152,11 @@ class PromptRenderer:
         shown = self.prompt_text.mark(request)  # rendered; ``tools`` (unmarked) drive grammars
         shown_tools = tools if shown is request else plan_tools(shown, tool_format=tool_format, native=native)
         thinking = plan_thinking(request, caps.thinking_markers)
+        schema = answer_schema(request)  # OutputFormatError when malformed
+        suffix = _joined(self._tools_system(shown_tools), format_instruction(answer_schema(shown)))
         style = self.history_style if native else replace(self.history_style, native_tools=False)
         messages = fit_roles(
-            conversation_messages(shown, style, system_suffix=self._tools_system(shown_tools)),
+            conversation_messages(shown, style, system_suffix=suffix),
             system_first=caps.system_first,
             system_anywhere=caps.system_anywhere,
         )
@@ -165,7 +174,7 @@ class PromptRenderer:
             text = self._render(messages, hf_tools, add_generation_prompt=True, **kwargs)
         text, ids = self._encode(text)
         thinking = replace(thinking, starts_open=prompt_opens_thinking(text, caps.thinking_markers))
-        return RenderedPrompt(text, ids, unmark(prefill), tools, thinking)
+        return RenderedPrompt(text, ids, unmark(prefill), tools, thinking, schema)
 
     def count_tokens(self, request: ConversationParams) -> int:
         return self.render(request).num_tokens

@@ -50,10 +50,13 @@ def tool_call_grammar(
     forced_name: str | None = None,
     parallel: bool = True,
     tool_format: str | None = DEFAULT_TOOL_FORMAT,
+    answer: dict[str, Any] | None = None,
 ) -> GrammarSpec | None:
     """The grammar for calls of ``tools`` in ``tool_format``, or None when nothing is constrained.
 
     ``choice`` is ``auto``/``any``/``tool`` (``forced_name`` then names the tool) or ``none``.
+    ``answer``: under ``auto``, the structural-tag content a text answer must match instead
+    of free text (structured outputs): the turn is then calls or that answer.
     Raises GrammarUnavailableError when a call is forced and xgrammar is not installed;
     ``auto`` then runs unconstrained (with a warning).
     """
@@ -81,7 +84,10 @@ def tool_call_grammar(
         log.warning("xgrammar compiles no arguments grammar: tool calls are not constrained")
         return None
     build = fmt.grammar.auto if choice == "auto" else fmt.grammar.forced
-    label = f"{fmt.name} tool_choice={choice} over {_tool_set(tools)}"
+    if choice == "auto" and answer is not None:
+        forced = fmt.grammar.forced
+        build = lambda calls, par: {"type": "or", "elements": [forced(calls, par), answer]}  # noqa: E731
+    label = f"{fmt.name} tool_choice={choice} over {_tool_set(tools)}{' or a structured answer' if answer else ''}"
     loose = arguments_content(FALLBACK_SCHEMA, fmt.arguments)  # compiles in milliseconds
     fallback = None if loose is None else GrammarSpec(
         "structural_tag", json.dumps({"type": "structural_tag", "format": build([(t.name, loose) for t in tools], parallel)}),
@@ -126,14 +132,22 @@ def thinking_budget(
 
 
 def decoding_constraints(prompt: RenderedPrompt, tokenizer: Any) -> tuple[GrammarSpec | None, ThinkingBudget | None]:
-    """What the engine enforces for ``prompt``: the grammar of its tool calls (none when the
-    model continues a prefill: the grammar describes a whole answer) and its thinking budget
+    """What the engine enforces for ``prompt``: the grammar of its tool calls and of a
+    structured answer (``output_config.format``; none when the model continues a prefill:
+    the grammar describes a whole answer) and its thinking budget
     (also without a budget while a grammar is in force, so the grammar waits for thinking)."""
+    from pensieve.chat.output_format import answer_content, answer_grammar  # it imports this module
+
     plan = prompt.tools
     grammar = None
+    schema = None if prompt.prefill else prompt.output_schema
     if plan is not None and not prompt.prefill:
+        wants = schema is not None and plan.choice == "auto" and grammar_available()
+        answer = answer_content(schema) if wants else None
         grammar = tool_call_grammar(plan.tools, choice=plan.choice, forced_name=plan.forced_name,
-                                    parallel=plan.parallel, tool_format=plan.format)
+                                    parallel=plan.parallel, tool_format=plan.format, answer=answer)
+    elif schema is not None:
+        grammar = answer_grammar(schema)
     thinking = prompt.thinking
     budget = thinking.budget_tokens if thinking.enabled else None
     if thinking.markers is None or (budget is None and grammar is None):
