@@ -10,7 +10,7 @@ the request: to the spec's ``fallback`` (the tool-call structure without argumen
 else to no constraint, with a warning naming the grammar. The slow compile runs on and lands
 in the cache for the next request with the same tools.
 
-Each constrained request gets a ``GrammarConstraint`` (a ``LogitsProcessor``): before sampling
+Each constrained request gets a ``GrammarConstraint`` (a ``MaskingProcessor``): before sampling
 it fills the matcher's next-token bitmask and adds -inf to the forbidden logits; after
 sampling it advances the matcher. When the grammar is complete and only an end-of-turn
 token could follow, ``done`` turns True and the engine finishes the request as EOS without
@@ -37,7 +37,7 @@ import torch
 
 from pensieve.engine.bitmask import BitmaskApplier, token_bits as _token_bits
 from pensieve.engine.errors import EngineError
-from pensieve.engine.logits_processors import LogitsProcessor
+from pensieve.engine.logits_processors import MaskingProcessor
 from pensieve.engine.types import GrammarSpec
 
 _NOT_IMPORTED: Any = object()
@@ -283,7 +283,7 @@ class GrammarCompiler:
         return out
 
 
-class GrammarConstraint(LogitsProcessor):
+class GrammarConstraint(MaskingProcessor):
     """One request's matcher. The engine runs the request once ``ready()``; a constraint used
     before that (tests) waits for its compile at the first ``apply``.
 
@@ -312,6 +312,7 @@ class GrammarConstraint(LogitsProcessor):
     ) -> None:
         self.spec = spec
         self._compiler = compiler
+        self.masks = compiler.masks
         self._compiled: Future | None = compiler.submit(spec)  # None: dropped before compiling
         self._deadline = time.monotonic() + compiler.timeout_s
         self._fell_back = False
@@ -367,17 +368,15 @@ class GrammarConstraint(LogitsProcessor):
     def _name(self) -> str:
         return self.spec.label or self.spec.kind
 
-    def apply(self, logits: torch.Tensor) -> None:
+    def next_mask(self) -> torch.Tensor | None:
         matcher = self._ready_matcher()
         if matcher is None:
-            return
+            return None
         if not self._filled and not matcher.fill_next_token_bitmask(self._bitmask):
-            return  # everything allowed
+            return None  # everything allowed
         self._filled = False
         mask = self._bitmask[0]
-        if self._closing():
-            mask = self._closing_mask(mask)
-        self._compiler.masks.apply(logits, mask)
+        return self._closing_mask(mask) if self._closing() else mask
 
     def _closing_mask(self, mask: torch.Tensor) -> torch.Tensor:
         comp = self._compiler

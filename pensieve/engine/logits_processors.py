@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pensieve.engine.bitmask import BitmaskApplier
 from pensieve.engine.types import ThinkingBudget
 
 
@@ -36,11 +37,39 @@ class LogitsProcessor:
         return False
 
 
-def apply_processors(processors: Sequence[LogitsProcessor], logits: torch.Tensor) -> None:
+class MaskingProcessor(LogitsProcessor):
+    """A processor whose whole effect on a row is a packed allowed-token bitmask (a grammar).
+    The sampler collects a batch's masks and applies them together
+    (``BitmaskApplier.apply_rows``): one copy and a few kernels a step on a GPU, not per row."""
+
+    masks: BitmaskApplier
+
+    def next_mask(self) -> torch.Tensor | None:
+        """The packed mask (int32 words, on the CPU) for the next token; None: all allowed."""
+        return None
+
+    def apply(self, logits: torch.Tensor) -> None:
+        mask = self.next_mask()
+        if mask is not None:
+            self.masks.apply(logits, mask)
+
+
+def apply_processors(processors: Sequence[LogitsProcessor], logits: torch.Tensor, *,
+                     defer_masks: bool = False) -> list[tuple[BitmaskApplier, torch.Tensor]]:
+    """Run the processors not paused over one row. With ``defer_masks`` a masking processor's
+    mask is returned instead of applied (masks and the other processors' edits commute: a
+    mask only sets -inf), for the caller to apply a batch's masks at once."""
+    deferred: list[tuple[BitmaskApplier, torch.Tensor]] = []
     for proc in processors:
-        proc.apply(logits)
+        if defer_masks and isinstance(proc, MaskingProcessor):
+            mask = proc.next_mask()
+            if mask is not None:
+                deferred.append((proc.masks, mask))
+        else:
+            proc.apply(logits)
         if proc.holds:
-            return
+            break
+    return deferred
 
 
 def accept_token(processors: Sequence[LogitsProcessor], token_id: int) -> bool:

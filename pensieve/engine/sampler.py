@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pensieve.engine.bitmask import BitmaskApplier
 from pensieve.engine.logits_processors import LogitsProcessor, apply_processors
 from pensieve.engine.types import SamplingParams
 
@@ -71,14 +72,24 @@ def apply_rows(logits: torch.Tensor, processors: Sequence[Sequence[LogitsProcess
     """Mask each row of ``logits`` in place with its processors; the rows whose processors
     raised (row → why): a grammar that cannot mask fails its request only."""
     failed: dict[int, str] = {}
+    masks: dict[int, tuple[BitmaskApplier, list[int], list[torch.Tensor]]] = {}
     with torch.inference_mode():  # the model's logits are inference tensors: mask in place
         for i, procs in enumerate(processors):
             if not procs:
                 continue
             try:
-                apply_processors(procs, logits[i])
+                for applier, mask in apply_processors(procs, logits[i], defer_masks=True):
+                    group = masks.setdefault(id(applier), (applier, [], []))
+                    group[1].append(i)
+                    group[2].append(mask)
             except Exception as exc:
                 failed[i] = f"logits processor failed: {type(exc).__name__}: {exc}"
+        for applier, rows, row_masks in masks.values():  # a batch's grammar masks at once
+            try:
+                applier.apply_rows(logits, rows, row_masks)
+            except Exception as exc:
+                failed.update({i: f"applying a grammar mask failed: {type(exc).__name__}: {exc}"
+                               for i in rows})
     return failed
 
 
@@ -87,45 +98,71 @@ def sample_ids(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens as an int64 tensor on the logits' device, and a bool mask of rows that could
     not be sampled (their id is 0, a valid input for a next step), without waiting for the
-    device: async scheduling feeds the ids to the next step before the host reads them."""
+    device: async scheduling feeds the ids to the next step before the host reads them.
+
+    Batched: the rows that sample (temperature ≥ ``GREEDY_BELOW``) go through temperature,
+    top-k and top-p together and draw by the exponential race (argmax of p / E, E ~ Exp(1):
+    the same distribution as a multinomial draw), a few kernels a step whatever the batch. A
+    seeded row draws its E from its own generator, so its tokens depend only on its seed and
+    its logits — never on the rows batched with it."""
     with torch.inference_mode():
         bad = torch.isnan(logits).any(dim=-1) | (logits == float("inf")).any(dim=-1)
         bad |= ~(logits > float("-inf")).any(dim=-1)
-        if any(not is_greedy(p) for p in params):
-            # sanitise failed rows so multinomial never sees them (a device assert on CUDA)
-            logits = torch.where(bad.unsqueeze(-1), torch.zeros((), dtype=logits.dtype,
-                                                                device=logits.device), logits)
         ids = logits.argmax(dim=-1)
-        for i, p in enumerate(params):
-            if not is_greedy(p):
-                ids[i] = _sample_row(logits[i], p, generators[i])
+        rows = [i for i, p in enumerate(params) if not is_greedy(p)]
+        if rows:
+            # sanitise failed rows so sampling never sees them (a device assert on CUDA)
+            picked = logits[rows] if len(rows) < len(params) else logits
+            picked = torch.where(bad[rows].unsqueeze(-1), torch.zeros((), dtype=logits.dtype,
+                                                                      device=logits.device), picked)
+            drawn = _sample_batch(picked, [params[i] for i in rows], [generators[i] for i in rows])
+            ids[rows] = drawn
         ids = ids.masked_fill(bad, 0)
     return ids, bad
 
 
-def _sample_row(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
-    row = row / p.temperature
-    if 0 < p.top_k < row.shape[-1]:
-        kth = torch.topk(row, p.top_k).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    if p.top_p < 1.0:
-        row = _top_p_filter(row, p.top_p)
-    probs = torch.softmax(row, dim=-1)
+def _sample_batch(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One draw per row of ``logits`` [n, V] with each row's temperature, top-k and top-p."""
+    device, vocab = logits.device, logits.shape[-1]
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+    rows = logits.float() / temps.to(device, non_blocking=True).unsqueeze(-1)
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    top_p = [p.top_p if p.top_p < 1.0 else 2.0 for p in params]  # 2.0: keeps every token
+    if any(top_k) or any(p < 1.0 for p in top_p):
+        rows = _top_k_top_p(rows, top_k, top_p)
+    probs = torch.softmax(rows, dim=-1)
     # a finite row divided by a temperature ≥ GREEDY_BELOW can still overflow to inf for
-    # huge logits; then softmax is NaN: take the argmax rather than raise
-    # (no host sync: async scheduling samples without waiting for the device)
+    # huge logits; then softmax is NaN: take the row's argmax rather than raise
     probs = torch.nan_to_num(probs, nan=0.0)
-    argmax = torch.zeros_like(probs).scatter_(0, row.argmax().view(1), 1.0)
-    probs = torch.where(probs.sum() > 0, probs, argmax)
-    return torch.multinomial(probs, 1, generator=gen)[0]
-def _top_p_filter(row: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability mass reaches ``top_p``."""
-    sorted_logits, order = torch.sort(row, descending=True)
-    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-    drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token
-    drop[0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(row).scatter_(0, order, sorted_logits)
+    argmax = torch.zeros_like(probs).scatter_(1, rows.argmax(dim=-1, keepdim=True), 1.0)
+    probs = torch.where(probs.sum(dim=-1, keepdim=True) > 0, probs, argmax)
+    race = torch.empty_like(probs)
+    if any(g is None for g in generators):
+        race.exponential_()
+    for i, gen in enumerate(generators):
+        if gen is not None:
+            race[i].exponential_(generator=gen)
+    return (probs / race).argmax(dim=-1)
+
+
+def _top_k_top_p(rows: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Rows [n, V] with tokens outside each row's top-k (ties with the k-th kept) and outside
+    the smallest set reaching its top-p mass set to -inf; 0 / ≥ 1.0 leave a row whole."""
+    device = rows.device
+    ordered, order = torch.sort(rows, dim=-1, descending=True)
+    ks = torch.tensor(top_k, dtype=torch.long)
+    if bool((ks > 0).any()):
+        kth = ordered.gather(1, (ks.clamp(min=1) - 1).to(device).unsqueeze(-1))
+        kth = torch.where((ks > 0).to(device).unsqueeze(-1), kth, torch.full_like(kth, float("-inf")))
+        ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    ps = torch.tensor(top_p, dtype=torch.float32).to(device).unsqueeze(-1)
+    if bool((ps < 1.0).any()):
+        probs = torch.softmax(ordered, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= ps  # the mass before this token reached top_p
+        drop[:, 0] = False
+        ordered = ordered.masked_fill(drop, float("-inf"))
+    return torch.empty_like(rows).scatter_(1, order, ordered)
 
 
 def make_generator(seed: int | None, device: str) -> torch.Generator | None:
