@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pensieve.cli import claude, serve
+from pensieve.cli import claude, models_cmd, pull, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve.add_parser(sub)
     claude.add_parser(sub)
+    pull.add_parser(sub)
+    models_cmd.add_parser(sub)
     return parser
 
 

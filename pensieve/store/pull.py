@@ -49,7 +49,12 @@ def pull(source: str, store: ModelStore, options: PullOptions = PullOptions()) -
     name = check_name(options.name or _default_name(source, entry, kind))
     staging = store.partial_folder(name)
     staging.mkdir(parents=True, exist_ok=True)
-    fetched = _fetch(source, kind, entry, staging, options)
+    try:
+        fetched = _fetch(source, kind, entry, staging, options)
+    except BaseException:
+        if not any(staging.iterdir()):  # nothing to resume from
+            staging.rmdir()
+        raise
     path = staging / fetched.entry
     sha = fetched.sha256 or _hash(path)
     want = options.sha256 or (entry.sha256 if entry else None)
