@@ -27,6 +27,7 @@ from pensieve.engine.errors import (
     PromptTooLongError,
 )
 from pensieve.protocol import ErrorObject, ErrorResponse, ErrorType
+from pensieve.protocol.openai import OpenAIErrorObject, OpenAIErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ApiError(Exception):
     type: ErrorType
     message: str
     headers: dict[str, str] = field(default_factory=dict)
+    param: str | None = None  # the request field at fault (the OpenAI envelope names it)
 
     def __str__(self) -> str:
         return f"{self.status} {self.type}: {self.message}"
@@ -101,13 +103,17 @@ def api_error_for(exc: BaseException) -> ApiError:
     return ApiError(500, "api_error", "Internal server error")
 
 
-def error_body(error: ApiError, request_id: str | None) -> dict[str, Any]:
+def error_body(error: ApiError, request_id: str | None, path: str | None = None) -> dict[str, Any]:
+    """The envelope: OpenAI's ``{"error": {message, type, param, code}}`` on the OpenAI
+    routes (``path``), else the Anthropic one."""
+    if path is not None and is_openai_path(path):
+        return openai_error_body(error)
     envelope = ErrorResponse(error=ErrorObject(type=error.type, message=error.message), request_id=request_id)
     return envelope.model_dump(mode="json")
 
 
-def error_response(error: ApiError, request_id: str | None) -> Response:
-    return JSONResponse(error_body(error, request_id), status_code=error.status, headers=error.headers)
+def error_response(error: ApiError, request_id: str | None, path: str | None = None) -> Response:
+    return JSONResponse(error_body(error, request_id, path), status_code=error.status, headers=error.headers)
 
 
 def validation_message(errors: Sequence[Any], body: Any = None) -> str:
@@ -175,11 +181,11 @@ def install_error_handlers(app: FastAPI) -> None:
         error = api_error_for(exc)
         if error.status >= 500:
             log.error("request %s failed: %s", _request_id(request), exc)
-        return error_response(error, _request_id(request))
+        return error_response(error, _request_id(request), request.url.path)
 
     async def on_request_validation(request: Request, exc: RequestValidationError) -> Response:
         error = invalid_request(validation_message(exc.errors()))
-        return error_response(error, _request_id(request))
+        return error_response(error, _request_id(request), request.url.path)
 
     async def on_http_exception(request: Request, exc: StarletteHTTPException) -> Response:
         fallback: ErrorType = "api_error" if exc.status_code >= 500 else "invalid_request_error"
@@ -190,7 +196,8 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             message = f"Method {request.method} is not allowed for {request.url.path}"
         headers = dict(exc.headers or {})
-        return error_response(ApiError(exc.status_code, kind, message, headers), _request_id(request))
+        return error_response(ApiError(exc.status_code, kind, message, headers), _request_id(request),
+                              request.url.path)
 
     for exc_type in (ApiError, PromptTooLongError, EngineOverloadedError, EngineDeadError, EngineRequestRejected,
                      ChatTemplateError, GenerationFailed, ValidationError):
@@ -201,3 +208,27 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def _request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
+
+
+# The routes that answer in OpenAI's shape, errors included.
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")
+# Anthropic error types → OpenAI's (those not listed keep their name).
+_OPENAI_TYPES = {"api_error": "server_error", "overloaded_error": "server_error",
+                 "not_found_error": "invalid_request_error", "timeout_error": "timeout",
+                 "request_too_large": "invalid_request_error"}
+
+
+def is_openai_path(path: str) -> bool:
+    return path.rstrip("/") in OPENAI_PATHS
+
+
+def openai_error_body(error: ApiError) -> dict[str, Any]:
+    """``{"error": {message, type, param, code}}``; ``code`` keeps the Anthropic type where
+    OpenAI's is coarser (``overloaded_error``, ``not_found_error``)."""
+    kind = _OPENAI_TYPES.get(error.type, error.type)
+    code = None if kind == error.type else error.type
+    if error.type == "not_found_error" and error.message.startswith("model:"):
+        code = "model_not_found"
+    body = OpenAIErrorResponse(error=OpenAIErrorObject(message=error.message, type=kind,
+                                                       param=error.param, code=code))
+    return body.model_dump(mode="json")

@@ -52,11 +52,12 @@ class RequestIdMiddleware:
         except Exception:
             log.exception("request %s failed", request_id)
             if not started:
-                await _send_error(send_with_id, ApiError(500, "api_error", "Internal server error"), request_id)
+                await _send_error(send_with_id, ApiError(500, "api_error", "Internal server error"), request_id,
+                                  scope.get("path"))
 
 
-async def _send_error(send: Send, error: ApiError, request_id: str) -> None:
-    body = json.dumps(error_body(error, request_id)).encode()
+async def _send_error(send: Send, error: ApiError, request_id: str, path: str | None = None) -> None:
+    body = json.dumps(error_body(error, request_id, path)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
