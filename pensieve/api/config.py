@@ -29,6 +29,10 @@ class ApiConfig:
     # temperature for requests that send none (the API's own default is 1.0; Claude Code
     # never sends one, and small local models loop at 1.0)
     default_temperature: float = 1.0
+    # the model's own top_p / top_k (its store manifest or generation_config.json), likewise
+    # for requests that send none; 1.0 / 0 → off
+    default_top_p: float = 1.0
+    default_top_k: int = 0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     body_timeout_s: float = 60.0  # the whole request body must arrive within this
     # a generation still running this long after its request arrived is stopped (504
@@ -50,6 +54,9 @@ class ApiConfig:
             raise ValueError(f"ApiConfig.context_length must be at least 2, got {self.context_length}")
         if not 0.0 <= self.default_temperature <= 2.0:
             raise ValueError(f"default temperature must be in [0, 2], got {self.default_temperature}")
+        if not 0.0 < self.default_top_p <= 1.0 or self.default_top_k < 0:
+            raise ValueError(f"default top_p must be in (0, 1] and top_k ≥ 0, got "
+                             f"{self.default_top_p}, {self.default_top_k}")
         if self.ping_interval_s <= 0:
             raise ValueError(f"ApiConfig.ping_interval_s must be positive, got {self.ping_interval_s}")
         if self.body_timeout_s <= 0:
@@ -66,6 +73,14 @@ class ApiConfig:
             raise ValueError("ApiConfig.api_keys must not contain an empty key")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
         object.__setattr__(self, "model_aliases", MappingProxyType(dict(self.model_aliases)))
+
+    def sampling_defaults(self) -> dict[str, float | int]:
+        """What a request that sends no sampling fields gets (shown in ``/v1/models``)."""
+        out: dict[str, float | int] = {"temperature": self.default_temperature,
+                                       "top_p": self.default_top_p, "top_k": self.default_top_k}
+        if self.dry is not None:
+            out["repeat_guard"] = self.dry.multiplier
+        return out
 
     def resolve_model(self, name: str) -> str | None:
         """The served model id that ``name`` refers to, or None if it names no model here."""

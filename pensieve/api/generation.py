@@ -129,8 +129,8 @@ async def prepare_generation(services: Services, request: MessageCreateParams, r
         max_tokens=min(request.max_tokens, context - prompt.num_tokens),
         temperature=(services.config.default_temperature if request.temperature is None
                      else request.temperature),
-        top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=request.top_k or 0,
+        top_p=services.config.default_top_p if request.top_p is None else request.top_p,
+        top_k=services.config.default_top_k if request.top_k is None else request.top_k,
         stop_sequences=tuple(s for s in request.stop_sequences or () if s),
         retain_prefix=wants_prompt_cache(request),
         grammar=grammar,

@@ -34,7 +34,8 @@ class StartupError(Exception):
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over the Anthropic Messages API")
-    p.add_argument("--model", help="GGUF file or HF safetensors folder (default: SmolLM2-135M)")
+    p.add_argument("--model", help="GGUF file, HF safetensors folder or a model store name "
+                   "(pensieve pull; default: SmolLM2-135M)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7777)
     p.add_argument("--api-key", action="append", default=[], help="require this key (repeatable); "
@@ -53,8 +54,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="extend the context FACTOR times the trained length by RoPE scaling")
     p.add_argument("--rope-type", default="yarn", choices=["yarn", "linear"],
                    help="RoPE scaling method when the context is extended (default: yarn)")
-    p.add_argument("--default-temperature", type=float, default=1.0,
-                   help="temperature for requests that send none (Claude Code never does)")
+    p.add_argument("--default-temperature", type=float, default=None,
+                   help="temperature for requests that send none (Claude Code never does; "
+                        "default: the model's own, see `pensieve models`, else 1.0)")
+    p.add_argument("--store", default=None, metavar="DIR",
+                   help="the model store --model names are looked up in "
+                        "(default $PENSIEVE_HOME/models)")
     p.add_argument("--dry-multiplier", type=float, default=None, metavar="M",
                    help="loop guard (off by default; try 0.8 for very small models): a token "
                         "that would extend a sequence the answer already repeated loses "
@@ -218,6 +223,8 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
         model_aliases=settings.aliases,
         context_length=engine_cfg.context_length,
         default_temperature=settings.default_temperature,
+        default_top_p=settings.default_top_p,
+        default_top_k=settings.default_top_k,
         dry=settings.dry,
         request_timeout_s=settings.request_timeout_s,
     )

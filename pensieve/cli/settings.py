@@ -33,6 +33,8 @@ class ServeSettings:
     rope_scale: float | None = None  # None → scale only if context_length needs it
     rope_type: str = "yarn"
     default_temperature: float = 1.0
+    default_top_p: float = 1.0  # the model's sampling defaults (store manifest,
+    default_top_k: int = 0  # generation_config.json or catalogue) for requests that send none
     weights: str = "auto"  # "auto" | "float" | "int4" (4-bit GGUF weights on the CPU kernels)
     dry: DryParams | None = None  # the loop guard of every request; None → off
     request_timeout_s: float | None = 3600.0  # a generation's deadline from its arrival; None → none
@@ -119,7 +121,7 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
     if any(not key.strip() for key in ns.api_key):
         raise ValueError("--api-key must not be empty: pass a non-empty key, or leave the flag "
                          "out to serve without authentication on loopback")
-    model = Path(ns.model).expanduser() if ns.model else default_model_path()
+    model, sampling, store_name = _model_source(ns, env, default_model_path)
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = ns.dtype or ("bfloat16" if device == "cuda" else "float32")
     keys = tuple(ns.api_key) + tuple(k for k in env.get("PENSIEVE_API_KEY", "").split(",") if k)
@@ -158,14 +160,41 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
     if rope_scale is not None and rope_scale < 1:
         raise ValueError(f"--rope-scale must be at least 1, got {rope_scale:g}")
     dry = dry_params(getattr(ns, "dry_multiplier", None), getattr(ns, "dry_allowed_length", None))
+    if dry is None and getattr(ns, "dry_multiplier", None) is None and sampling.repeat_guard:
+        dry = replace(DEFAULT_DRY, multiplier=sampling.repeat_guard)  # the model's loop guard
+    flag_temperature = getattr(ns, "default_temperature", None)
     return ServeSettings(
-        model_path=model, host=ns.host, port=ns.port, api_keys=keys, served_name=ns.served_name,
+        model_path=model, host=ns.host, port=ns.port, api_keys=keys,
+        served_name=ns.served_name or store_name,
         aliases=aliases, engine=engine, context_length=ns.context_length, threads=ns.threads,
         rope_scale=rope_scale, rope_type=getattr(ns, "rope_type", None) or "yarn",
-        default_temperature=getattr(ns, "default_temperature", 1.0), weights=weights, dry=dry,
+        default_temperature=(flag_temperature if flag_temperature is not None
+                             else 1.0 if sampling.temperature is None else sampling.temperature),
+        default_top_p=1.0 if sampling.top_p is None else sampling.top_p,
+        default_top_k=sampling.top_k or 0, weights=weights, dry=dry,
         request_timeout_s=request_timeout or None,  # --request-timeout 0: no deadline
         header_timeout_s=header_timeout,
     )
+
+
+def _model_source(ns: argparse.Namespace, env: Mapping[str, str], default_path: Any
+                  ) -> tuple[Path, Any, str | None]:
+    """(path to load, its sampling defaults, its store name or None) for ``--model``: a path,
+    or a name in the model store (``pensieve pull``); none → the default model."""
+    from pensieve.store import StoreError, resolve_manifest
+    from pensieve.store.sampling import model_defaults
+    from pensieve.store.store import store_from
+
+    if not ns.model:
+        path = default_path()
+        return path, model_defaults(path), None
+    try:
+        path, manifest = resolve_manifest(ns.model, store_from(getattr(ns, "store", None), env))
+    except StoreError as exc:
+        raise ValueError(str(exc)) from None
+    if manifest is None:
+        return path, model_defaults(path), None
+    return path, manifest.params.over(model_defaults(path)), manifest.name
 
 
 def _at_least(value: int | None, default: int, least: int, flag: str) -> int:

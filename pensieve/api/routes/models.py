@@ -27,6 +27,7 @@ def model_info(config: ApiConfig, model_id: str) -> ModelInfo:
         created_at=UNKNOWN_RELEASE,
         max_input_tokens=config.context_length,
         max_tokens=config.context_length,
+        sampling_defaults=config.sampling_defaults(),
     )
 
 
