@@ -6,6 +6,7 @@
     .venv/bin/python -m bench.cpu_kernels --only profile --repeats 3   # where prefill goes
     .venv/bin/python -m bench.cpu_kernels --only profile --gguf FILE --prefill-tokens 512
     .venv/bin/python -m bench.cpu_kernels --only types --shapes 1.5b_up 1.5b_down  # per GGUF type
+    .venv/bin/python -m bench.cpu_kernels --only isa --shapes 1.5b_up --types Q4_K Q6_K  # AVX2 vs VNNI
 
 Kernels: x[M, K] @ W.T for the SmolLM2-135M shapes, float32 (PyTorch/MKL) against the q4
 (group-32 affine, the Q4_1 layers) and q8 (Q8_0, the tied output projection) kernels of
@@ -191,6 +192,38 @@ def bench_types(rows: list[int], repeats: int, cold_bytes: int, shapes: list[str
         del impls
 
 
+def bench_isa(rows: list[int], repeats: int, cold_bytes: int, shapes: list[str],
+              types: list[str], kind: int) -> None:
+    """µs per call of each GGUF type on the AVX2 and the AVX-512 VNNI kernels, interleaved
+    round by round in one process (so a busy machine slows both alike); kind 1: the row
+    tiles, 2: the panel GEMM."""
+    from pensieve.backends.cpu_quant import load_kernels
+    from pensieve.backends.cpu_quant.codes_linear import CodesLinear
+
+    kernels = load_kernels()
+    isas = ("avx2", "avx512_vnni")
+    for name in shapes:
+        k, n = SHAPES[name]
+        for t in [t for t in types if t[-1] != "K" or k % 256 == 0]:
+            g = random_codes(t, n, k)
+            layers = _copies(lambda g=g: CodesLinear(kernels, g), n * k, cold_bytes)
+            for m in rows:
+                x, y = torch.randn(m, k), torch.empty(m, n)
+                fns = [lambda f=f: kernels.pqx_linear(x.data_ptr(), m, f._address, y.data_ptr(),
+                                                      f.threads, kind) for f in layers]
+                times: dict[str, list[float]] = {isa: [] for isa in isas}
+                for _ in range(repeats):
+                    for isa in isas:
+                        kernels.set_isa(isa)
+                        times[isa].append(timed(fns, 1)[0])
+                med = {isa: statistics.median(v) * 1e6 for isa, v in times.items()}
+                print(f"{name:<13} {k:>5}×{n:<6} {t:<6} M={m:<4} | avx2 {med['avx2']:8.0f} µs | "
+                      f"vnni {med['avx512_vnni']:8.0f} µs | {med['avx2'] / med['avx512_vnni']:.2f}×",
+                      flush=True)
+            del layers
+    kernels.set_isa(isas[1])
+
+
 def fmt_row(row: dict) -> str:
     cells = [f"{row['shape']:<13} {row['K']:>5}×{row['N']:<6} M={row['M']:<4}"]
     for key, value in row.items():
@@ -334,7 +367,8 @@ def print_profile(res: dict[str, float]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", choices=("kernels", "decode", "profile", "types"))
+    ap.add_argument("--only", choices=("kernels", "decode", "profile", "types", "isa"))
+    ap.add_argument("--kind", type=int, default=1, help="isa: 1 row tiles, 2 panel GEMM")
     ap.add_argument("--types", nargs="+", default=list(TYPES), choices=list(TYPES))
     ap.add_argument("--chunk", type=int, default=512, help="profile: prefill chunk (tokens)")
     ap.add_argument("--prefill-tokens", type=int, default=1580, help="profile: prompt tokens")
@@ -357,6 +391,8 @@ def main() -> None:
         bench_kernels(args.rows, args.repeats, args.aten, args.cold_mb << 20, args.shapes)
     if args.only == "types":
         bench_types(args.rows, args.repeats, args.cold_mb << 20, args.shapes, args.types)
+    if args.only == "isa":
+        bench_isa(args.rows, args.repeats, args.cold_mb << 20, args.shapes, args.types, args.kind)
     if args.only == "profile":
         print_profile(profile_prefill(args.repeats, args.chunk, args.prefill_tokens, args.gguf))
     if args.only in (None, "decode"):

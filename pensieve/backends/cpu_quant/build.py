@@ -29,7 +29,7 @@ from pensieve.backends.cpu_quant.source import KERNEL_SOURCE
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 13
+ABI_VERSION = 14
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++17", "-pthread")
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -52,6 +52,7 @@ SIGNATURES = {
     "pqx_rows": (_P, _P, _I64, _P),
     "pqx_dequant_bf16": (_P, _I64, _I64, _P, _INT, _INT),
     "pqx_bf16_isa": (),
+    "pq_set_isa": (_INT,),
     "pq_rmsnorm": (_P, _I64, _I64, _I64, _P, _F, _P),
     "pq_rope_store": (_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P,
                       _INT),
@@ -60,7 +61,9 @@ SIGNATURES = {
     "pq_decode_layers": (_P, _I64, _I64, _I64, _I64, _P, _F, _I64, _I64, _I64, _P, _P, _P, _P, _P,
                          _P, _I64, _INT, _INT),
 }
-RESTYPES = {"pq8_rows": _I64, "pqx_rows": _I64, "pqx_bf16_isa": _INT}
+RESTYPES = {"pq8_rows": _I64, "pqx_rows": _I64, "pqx_bf16_isa": _INT, "pq_set_isa": _INT}
+ISAS = ("avx2", "avx512_vnni")  # the row tiles' instruction sets, as pq_set_isa numbers them
+VNNI_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,16 @@ class Kernels:
     lib: ctypes.CDLL
     path: Path
     build_seconds: float  # 0.0 when it came from the cache
+
+    @property
+    def isa(self) -> str:
+        """The instruction set the row tiles run on now (``ISAS``)."""
+        return ISAS[self.lib.pq_set_isa(-1)]
+
+    def set_isa(self, isa: str) -> str:
+        """Run the row tiles on ``isa`` (``ISAS``) where this CPU has it; the one in effect.
+        Process-wide (tests and benchmarks switch it to compare both)."""
+        return ISAS[self.lib.pq_set_isa(ISAS.index(isa))]
 
     def __getattr__(self, name: str):  # lib functions by name: kernels.pq4_linear(...)
         if name in SIGNATURES:
@@ -101,6 +114,17 @@ def cpu_features() -> tuple[str, ...]:
     except OSError:
         pass
     return ()
+
+
+def default_isa() -> str:
+    """The row tiles' instruction set for this CPU: AVX-512 VNNI where ``/proc/cpuinfo`` has
+    it, else AVX2; ``PENSIEVE_CPU_ISA=avx2`` forces the fallback (``avx512_vnni`` asks for
+    VNNI, still only where the CPU has it)."""
+    want = os.environ.get("PENSIEVE_CPU_ISA", "").strip().lower()
+    if want == "avx2":
+        return "avx2"
+    have = cpu_features()
+    return "avx512_vnni" if all(f in have for f in VNNI_FEATURES) else "avx2"
 
 
 def cpu_supported() -> bool:
@@ -168,7 +192,9 @@ def build_kernels(cache: Path | None = None, compiler: str | None = None) -> Ker
             _compile(compiler, FLAGS, target)
             seconds = time.perf_counter() - start
             log.info("CPU quantised kernels compiled in %.1f s", seconds)
-        return Kernels(_load(target), target, seconds)
+        kernels = Kernels(_load(target), target, seconds)
+        kernels.set_isa(default_isa())
+        return kernels
     except (OSError, RuntimeError, AttributeError) as e:
         raise KernelBuildError(str(e)) from e
 

@@ -30,6 +30,7 @@ from pensieve.backends.cpu_quant.bf16_source import BF16_SOURCE
 from pensieve.backends.cpu_quant.gemm_source import GEMM_ENTRY_POINTS, GEMM_SOURCE
 from pensieve.backends.cpu_quant.layer_source import LAYER_SOURCE
 from pensieve.backends.cpu_quant.pool_source import POOL_SOURCE
+from pensieve.backends.cpu_quant.vnni_source import VNNI_SOURCE
 
 KERNEL_SOURCE = POOL_SOURCE + r"""
 constexpr int64_t QK = 32;      // values per block
@@ -159,12 +160,12 @@ inline void prepare16(const uint16_t* ws, const float* xd, int64_t G, float* pro
   }
 }
 
-// y[r * ldy + j] for NR weight rows n0.. and R activation rows m0.. in format F. Per block:
-// codes widened to int16, two madd_epi16 against the int16 activations (int32 lanes of at
-// most 4 * 127 * 32767 < 2^24: the float conversion is exact), one FMA per scale group.
+// The part of a row tile both instruction sets share: prefetch rows PF_ROWS ahead, and per
+// (weight row, activation row) the block factors prod (weight scale x activation scale) and
+// the min term.
 template <int NR, int R, int F>
-void dot_tile(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0, float* y,
-              int64_t ldy) {
+inline void tile_prologue(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0,
+                          float* prod, float (&mterm)[NR][R]) {
   constexpr bool Q8 = F != F_Q4;
   constexpr int SPB = scales_per_block(F);
   const int64_t K = W.K, G = K / QK, row_bytes = Q8 ? K : K / 2, SG = G * SPB;
@@ -180,8 +181,6 @@ void dot_tile(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0, flo
       for (int64_t b = 0; b < NR * G * 2; b += 64)
         _mm_prefetch((const char*)(W.mins + (n0 + PF_ROWS) * G) + b, _MM_HINT_T0);
   }
-  float* prod = (float*)__builtin_alloca(sizeof(float) * NR * R * SG);
-  float mterm[NR][R];
   for (int j = 0; j < NR; ++j)
     for (int r = 0; r < R; ++r) {
       float* p = prod + (j * R + r) * SG;
@@ -193,6 +192,20 @@ void dot_tile(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0, flo
                               xq.d + (m0 + r) * G, xq.s + (m0 + r) * G, G, p);
       }
     }
+}
+
+// y[r * ldy + j] for NR weight rows n0.. and R activation rows m0.. in format F. Per block:
+// codes widened to int16, two madd_epi16 against the int16 activations (int32 lanes of at
+// most 4 * 127 * 32767 < 2^24: the float conversion is exact), one FMA per scale group.
+template <int NR, int R, int F>
+void dot_tile(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0, float* y,
+              int64_t ldy) {
+  constexpr bool Q8 = F != F_Q4;
+  constexpr int SPB = scales_per_block(F);
+  const int64_t K = W.K, G = K / QK, row_bytes = Q8 ? K : K / 2, SG = G * SPB;
+  float* prod = (float*)__builtin_alloca(sizeof(float) * NR * R * SG);
+  float mterm[NR][R];
+  tile_prologue<NR, R, F>(W, n0, xq, m0, prod, mterm);
   __m256 acc[NR][R];
   for (int j = 0; j < NR; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
@@ -233,7 +246,7 @@ void dot_tile(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0, flo
       y[r * ldy + j] = hsum(acc[j][r]) + mterm[j][r] + (W.bias ? W.bias[n0 + j] : 0.0f);
 }
 
-""" + GEMM_SOURCE + r"""
+""" + VNNI_SOURCE + GEMM_SOURCE + r"""
 // Few rows: dot_tile over MR-row tiles (weights streamed from memory once per call).
 template <int F>
 void small_linear(const float* x, int64_t M, const Weights& W, float* y, int threads) {
@@ -244,18 +257,18 @@ void small_linear(const float* x, int64_t M, const Weights& W, float* y, int thr
       const int64_t s1 = s0 + NB < n1 ? s0 + NB : n1;
       int64_t m = 0;
       for (; m + MR <= M; m += MR)
-        for (int64_t n = s0; n < s1; ++n) dot_tile<1, MR, F>(W, n, xq, m, y + m * N + n, N);
+        for (int64_t n = s0; n < s1; ++n) row_tile<1, MR, F>(W, n, xq, m, y + m * N + n, N);
       const int64_t R = M - m;
       int64_t n = s0;
       if (R == 1)
-        for (; n + 4 <= s1; n += 4) dot_tile<4, 1, F>(W, n, xq, m, y + m * N + n, N);
+        for (; n + 4 <= s1; n += 4) row_tile<4, 1, F>(W, n, xq, m, y + m * N + n, N);
       if (R == 2)
-        for (; n + 2 <= s1; n += 2) dot_tile<2, 2, F>(W, n, xq, m, y + m * N + n, N);
+        for (; n + 2 <= s1; n += 2) row_tile<2, 2, F>(W, n, xq, m, y + m * N + n, N);
       for (; R > 0 && n < s1; ++n) {
         float* out = y + m * N + n;
-        if (R == 3) dot_tile<1, 3, F>(W, n, xq, m, out, N);
-        else if (R == 2) dot_tile<1, 2, F>(W, n, xq, m, out, N);
-        else dot_tile<1, 1, F>(W, n, xq, m, out, N);
+        if (R == 3) row_tile<1, 3, F>(W, n, xq, m, out, N);
+        else if (R == 2) row_tile<1, 2, F>(W, n, xq, m, out, N);
+        else row_tile<1, 1, F>(W, n, xq, m, out, N);
       }
     }
   });
@@ -391,7 +404,14 @@ void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
 
 extern "C" {
 
-int pq_abi_version() { return 13; }
+int pq_abi_version() { return 14; }
+
+// The row tiles' instruction set: 0 AVX2, 1 AVX-512 VNNI (refused where the CPU lacks it),
+// -1 only asks. Returns the one in effect.
+int pq_set_isa(int isa) {
+  if (isa == 0 || (isa == 1 && vnni_supported())) g_vnni = isa;
+  return g_vnni;
+}
 
 // y[M, N] = x[M, K] @ W.T (+ bias) for q4 weights. K % 32 == 0; bias may be null.
 void pq4_linear(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,

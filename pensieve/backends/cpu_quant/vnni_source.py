@@ -1,0 +1,137 @@
+"""The C++ of the AVX-512 VNNI row-tile kernel (spliced into ``source.KERNEL_SOURCE`` after
+``dot_tile``), chosen at run time; the AVX2 ``dot_tile`` stays the fallback.
+
+Same numerics as ``dot_tile``: the int16 activation blocks of ``quantize_row`` and the same
+weight codes, multiplied by ``vpdpwssd`` (int16 pairs multiplied and added into int32 lanes:
+``madd_epi16`` and ``add_epi32`` in one instruction) on 512-bit registers. The int32 block
+sums are the exact integers the AVX2 kernel forms (|lane| ≤ 4·15·32767 for q4, 2·127·32767
+for int8 codes: < 2²⁴, so their float conversion is exact too), then scaled per block as
+there; only the float accumulation order differs, so results agree with the AVX2 kernel's to
+float rounding (~1e-7) and with float matmuls to ~2e-5 as before. int16 rather than
+``vpdpbusd``'s u8×s8 products with int8 activations: the int8 path would halve the
+multiply-adds again but costs ~5e-3 relative error (93% top-1 agreement with float on
+SmolLM2-135M, measured when the AVX2 kernels were written), which the decode-agreement
+tests (≥ 99%) refuse.
+
+Layouts per 512-bit step:
+
+* q4 (nibbles, value ``j`` low and ``j + 16`` high in byte ``j`` of a block): two blocks'
+  32 bytes widened to 32 int16; ``& 0xF`` gives values 0–15 of blocks g and g+1, ``>> 4``
+  values 16–31; the activations are gathered to match (two 256-bit halves). int32 lanes 0–7
+  hold block g, 8–15 block g+1, scaled by ``[p_g ×8, p_{g+1} ×8]``. An odd last block runs
+  on 256-bit registers.
+* int8 codes, one scale per 32: a block's 32 codes widened to 32 int16, natural order.
+* int8 codes, scales per 16 (Q6_K): as above; lanes 0–7 are the first half block, 8–15 the
+  second, scaled by ``[p_2g ×8, p_2g+1 ×8]``.
+
+Every function here carries ``VNNI_TARGET``; the rest of the library is compiled for AVX2,
+so a CPU without AVX-512 never executes an AVX-512 instruction as long as ``g_vnni`` stays 0
+(``pq_set_isa`` refuses 1 where ``__builtin_cpu_supports`` says no).
+"""
+
+VNNI_SOURCE = r"""
+// ------------------------------------------------------------------------- AVX-512 VNNI
+
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+int g_vnni = 0;  // 1: the row tiles run dot_tile_vnni (set by pq_set_isa)
+
+bool vnni_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+// [p[0] x8, p[1] x8]
+VNNI_TARGET inline __m512 expand2(const float* p) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(p[0])),
+                                             _mm256_castps_pd(_mm256_set1_ps(p[1])), 1));
+}
+
+// 16 int16 at a and 16 at b as one 512-bit register [a | b]
+VNNI_TARGET inline __m512i join16(const int16_t* a, const int16_t* b) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)a)),
+                            _mm256_loadu_si256((const __m256i*)b), 1);
+}
+
+// dot_tile on AVX-512 VNNI: the same tiles, prologue and result.
+template <int NR, int R, int F>
+VNNI_TARGET void dot_tile_vnni(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0,
+                               float* y, int64_t ldy) {
+  constexpr bool Q8 = F != F_Q4;
+  constexpr int SPB = scales_per_block(F);
+  const int64_t K = W.K, G = K / QK, row_bytes = Q8 ? K : K / 2, SG = G * SPB;
+  float* prod = (float*)__builtin_alloca(sizeof(float) * NR * R * SG);
+  float mterm[NR][R];
+  tile_prologue<NR, R, F>(W, n0, xq, m0, prod, mterm);
+  __m512 acc[NR][R];
+  __m256 tail[NR][R];
+  for (int j = 0; j < NR; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps(), tail[j][r] = _mm256_setzero_ps();
+  if (!Q8) {
+    const __m512i m4 = _mm512_set1_epi16(0x0F);
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2) {
+      __m512i lo[NR], hi[NR];
+      for (int j = 0; j < NR; ++j) {
+        const uint8_t* w = W.codes + (n0 + j) * row_bytes + g * 16;
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)w));
+        lo[j] = _mm512_and_si512(b, m4);
+        hi[j] = _mm512_srli_epi16(b, 4);
+      }
+      for (int r = 0; r < R; ++r) {
+        const int16_t* x = xq.q + (m0 + r) * K + g * QK;
+        const __m512i xlo = join16(x, x + QK), xhi = join16(x + 16, x + QK + 16);
+        for (int j = 0; j < NR; ++j) {
+          __m512i s = _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo[j], xlo);
+          s = _mm512_dpwssd_epi32(s, hi[j], xhi);
+          acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), expand2(prod + (j * R + r) * SG + g),
+                                      acc[j][r]);
+        }
+      }
+    }
+    if (g < G) {  // an odd last block, on 256-bit registers
+      const __m256i m4h = _mm256_set1_epi16(0x0F);
+      for (int j = 0; j < NR; ++j) {
+        const uint8_t* w = W.codes + (n0 + j) * row_bytes + g * 16;
+        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)w));
+        for (int r = 0; r < R; ++r) {
+          const int16_t* x = xq.q + (m0 + r) * K + g * QK;
+          __m256i s = _mm256_dpwssd_epi32(_mm256_setzero_si256(), _mm256_and_si256(b, m4h),
+                                          _mm256_loadu_si256((const __m256i*)x));
+          s = _mm256_dpwssd_epi32(s, _mm256_srli_epi16(b, 4), _mm256_loadu_si256((const __m256i*)(x + 16)));
+          tail[j][r] = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(prod[(j * R + r) * SG + g]));
+        }
+      }
+    }
+  } else {
+    for (int64_t g = 0; g < G; ++g) {
+      __m512i wv[NR];
+      for (int j = 0; j < NR; ++j)
+        wv[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(W.codes + (n0 + j) * row_bytes + g * QK)));
+      for (int r = 0; r < R; ++r) {
+        const __m512i x = _mm512_loadu_si512((const void*)(xq.q + (m0 + r) * K + g * QK));
+        for (int j = 0; j < NR; ++j) {
+          const float* p = prod + (j * R + r) * SG;
+          const __m512 sc = SPB == 2 ? expand2(p + 2 * g) : _mm512_set1_ps(p[g]);
+          const __m512i s = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv[j], x);
+          acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[j][r]);
+        }
+      }
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int r = 0; r < R; ++r)
+      y[r * ldy + j] = _mm512_reduce_add_ps(acc[j][r]) + hsum(tail[j][r]) + mterm[j][r] +
+                       (W.bias ? W.bias[n0 + j] : 0.0f);
+}
+
+// The row tile on the selected instruction set.
+template <int NR, int R, int F>
+inline void row_tile(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0, float* y,
+                     int64_t ldy) {
+  if (g_vnni) dot_tile_vnni<NR, R, F>(W, n0, xq, m0, y, ldy);
+  else dot_tile<NR, R, F>(W, n0, xq, m0, y, ldy);
+}
+
+"""
