@@ -119,7 +119,7 @@ class ReplicaSet:
             started = time.monotonic()
             self.check_all()
             took = time.monotonic() - started
-            if took > self.interval_s:
+            if took > max(5.0, self.interval_s):
                 log.warning("upstream health checks took %.1f s", took)
 
     def describe(self) -> str:
