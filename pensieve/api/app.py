@@ -12,8 +12,9 @@ from fastapi import FastAPI
 from pensieve.api.batches import BatchConfig
 from pensieve.api.config import ApiConfig
 from pensieve.api.errors import install_error_handlers
+from pensieve.api.metrics import MetricsMiddleware, ServerMetrics
 from pensieve.api.middleware import RequestIdMiddleware
-from pensieve.api.routes import health, messages, models, openai_chat, openai_completions
+from pensieve.api.routes import health, messages, metrics, models, openai_chat, openai_completions, status
 from pensieve.api.routes.batches import install_batches
 from pensieve.api.state import GenerationClient, Services
 from pensieve.chat import PromptRenderer
@@ -34,11 +35,21 @@ def create_app(config: ApiConfig, engine: GenerationClient, renderer: PromptRend
     app.router.redirect_slashes = False  # POST /v1/messages/ is a 404 (as the API's), not a 307
     app.state.services = Services(config=config, engine=engine, renderer=renderer)
     app.router.lifespan_context = install_batches(app, app.state.services, batches).lifespan
+    app.state.metrics = ServerMetrics(lambda: {config.model_id: _snapshot(engine)})
     install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(messages.router)
     app.include_router(models.router)
     app.include_router(openai_chat.router)
     app.include_router(openai_completions.router)
+    app.include_router(metrics.router)
+    app.include_router(status.router)
     app.include_router(health.router)
     return app
+
+
+def _snapshot(engine: object) -> object:
+    """The engine client's counters, where it keeps any (the upstream backend does not)."""
+    snapshot = getattr(engine, "snapshot", None)
+    return snapshot() if snapshot is not None else None

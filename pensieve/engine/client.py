@@ -39,6 +39,16 @@ WATCHDOG_S = float(os.environ.get("PENSIEVE_STEP_WATCHDOG_S", "60"))
 MAX_FAILED_STEPS = 3  # consecutive failed steps that declare the engine dead
 
 
+@dataclass(frozen=True)
+class EngineSnapshot:
+    running: int  # requests in the batch
+    waiting: int  # queued in the engine or waiting for their grammar
+    queued: int  # handed to the engine thread, not yet taken
+    kv_blocks_total: int
+    kv_blocks_free: int
+    kv_blocks_cached: int  # blocks holding a registered prefix (held or free)
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -110,6 +120,14 @@ class EngineClient:
         if waiting and self.engine.num_free_blocks == 0:
             return f"the KV cache is full and {waiting} request(s) wait for it"
         return None
+
+    def snapshot(self) -> EngineSnapshot:
+        """Counters for ``/metrics`` and the status page: plain reads of what the engine
+        thread keeps (a figure may be a step old; nothing decides anything from it)."""
+        engine, pool = self.engine, self.engine.pool
+        return EngineSnapshot(running=len(engine.scheduler.running), waiting=engine.num_waiting,
+                              queued=self._inbox.qsize(), kv_blocks_total=pool.num_blocks,
+                              kv_blocks_free=pool.num_free, kv_blocks_cached=pool.num_cached)
 
     @property
     def tokenizer(self):  # noqa: ANN201 - the loader's TextTokenizer

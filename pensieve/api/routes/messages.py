@@ -50,11 +50,13 @@ async def create_message(request: Request) -> Response:
     body = parse_body(MessageCreateParams, await read_body(request, services.config.max_body_bytes,
                                                                  services.config.body_timeout_s))
     request_id: str = request.state.request_id
+    request.state.model = services.config.resolve_model(body.model)  # the served id, for metrics
     prepared = await prepare_generation(services, body, request_id)
     log.debug("%s: %d prompt tokens, max_tokens %d, stream=%s",
               request_id, prepared.prompt.num_tokens, prepared.params.max_tokens, bool(body.stream))
     routing_hint.set(routing_hint_for(request.headers, body))  # for an upstream backend's router
     deltas = await start_deltas(services.engine, prepared)
+    deltas = request.app.state.metrics.observe_generation(deltas, prepared, services.config.model_id, "messages")
     timeout_s = services.config.request_timeout_s
     if timeout_s is not None:
         deltas = with_deadline(deltas, arrived + timeout_s, timeout_s)

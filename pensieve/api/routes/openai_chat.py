@@ -34,7 +34,7 @@ async def create_chat_completion(request: Request) -> Response:
     check_admission(services)
     body = parse_body(ChatCompletionCreateParams, await read_body(request, services.config.max_body_bytes,
                                                                   services.config.body_timeout_s))
-    request.state.model = body.model
+    request.state.model = services.config.resolve_model(body.model)  # the served id, for metrics
     request_id: str = request.state.request_id
     prepared = await prepare_generation(services, to_message_params(body), request_id)
     params = openai_sampling(prepared.params, body)
@@ -42,6 +42,7 @@ async def create_chat_completion(request: Request) -> Response:
     log.debug("%s: chat completion, %d prompt tokens, max_tokens %d, stream=%s",
               request_id, prepared.prompt.num_tokens, params.max_tokens, bool(body.stream))
     deltas = await start_deltas(services.engine, prepared)
+    deltas = request.app.state.metrics.observe_generation(deltas, prepared, services.config.model_id, "chat.completions")
     timeout_s = services.config.request_timeout_s
     if timeout_s is not None:
         deltas = with_deadline(deltas, arrived + timeout_s, timeout_s)

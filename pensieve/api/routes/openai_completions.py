@@ -45,13 +45,14 @@ async def create_completion(request: Request) -> Response:
     check_admission(services)
     body = parse_body(CompletionCreateParams, await read_body(request, services.config.max_body_bytes,
                                                               services.config.body_timeout_s))
-    request.state.model = body.model
+    request.state.model = services.config.resolve_model(body.model)  # the served id, for metrics
     check_unsupported(body)
     check_model(services.config, body.model)
     prompt = await run_in_threadpool(_prompt, services, body)
     prepared = PreparedGeneration(request.state.request_id, new_message_id(), body.model, prompt,
                                   _params(services, body, prompt.num_tokens))
     deltas = await start_deltas(services.engine, prepared)
+    deltas = request.app.state.metrics.observe_generation(deltas, prepared, services.config.model_id, "completions")
     timeout_s = services.config.request_timeout_s
     if timeout_s is not None:
         deltas = with_deadline(deltas, arrived + timeout_s, timeout_s)
