@@ -88,6 +88,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grammar-timeout", type=float, default=None, metavar="SECONDS",
                    help="a tool-call grammar still compiling after this long is replaced by a "
                         "looser one (arguments unchecked), with a warning (default 5)")
+    p.add_argument("--batch-dir", default=None, metavar="DIR",
+                   help="where Message Batches are kept, so a restart resumes them (default "
+                        "~/.pensieve/batches; also PENSIEVE_BATCH_DIR)")
+    p.add_argument("--batch-concurrency", type=int, default=None, metavar="N",
+                   help="batch requests handed to the engine at once, at a lower priority than "
+                        "interactive requests (default 4)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--weights", default=None, choices=WEIGHTS,
                    help="CPU weights of a 4-bit GGUF: int4 (own AVX2 kernels, int8 output "
@@ -229,7 +235,7 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
         request_timeout_s=settings.request_timeout_s,
     )
     renderer = PromptRenderer(ckpt.tokenizer, ckpt.chat_template)
-    app = create_app(api_cfg, client, renderer)
+    app = create_app(api_cfg, client, renderer, settings.batches)
     if write_cache is not None:  # first start of this model: its packed copy, off the ready path
         write_cache()
     # Everything built so far lives as long as the server: keep the collector from walking it.

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pensieve.api.batches.config import DEFAULT_BATCH_DIR, BatchConfig
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.types import DEFAULT_DRY, DryParams
 from pensieve.models.args import ModelArgs
@@ -39,6 +40,7 @@ class ServeSettings:
     dry: DryParams | None = None  # the loop guard of every request; None → off
     request_timeout_s: float | None = 3600.0  # a generation's deadline from its arrival; None → none
     header_timeout_s: float = 30.0  # a connection's request head must be complete within this
+    batches: BatchConfig = field(default_factory=BatchConfig)  # Message Batches: folder, concurrency
 
     def context_plan(self, args: ModelArgs) -> ContextPlan:
         return plan_context(args, self.context_length, self.rope_scale, self.rope_type)
@@ -174,14 +176,23 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
         default_top_k=sampling.top_k or 0, weights=weights, dry=dry,
         request_timeout_s=request_timeout or None,  # --request-timeout 0: no deadline
         header_timeout_s=header_timeout,
+        batches=batch_config(ns, env),
     )
+
+
+def batch_config(ns: argparse.Namespace, env: Mapping[str, str]) -> BatchConfig:
+    """``--batch-dir`` (or ``PENSIEVE_BATCH_DIR``, default ``~/.pensieve/batches``) and
+    ``--batch-concurrency``."""
+    folder = getattr(ns, "batch_dir", None) or env.get("PENSIEVE_BATCH_DIR") or DEFAULT_BATCH_DIR
+    concurrency = _at_least(getattr(ns, "batch_concurrency", None), 4, 1, "--batch-concurrency")
+    return BatchConfig(directory=Path(folder), concurrency=concurrency)
 
 
 def _model_source(ns: argparse.Namespace, env: Mapping[str, str], default_path: Any
                   ) -> tuple[Path, Any, str | None]:
     """(path to load, its sampling defaults, its store name or None) for ``--model``: a path,
     or a name in the model store (``pensieve pull``); none → the default model."""
-    from pensieve.store import StoreError, resolve_manifest
+    from pensieve.store import ModelNotPulled, StoreError, resolve_manifest
     from pensieve.store.sampling import model_defaults
     from pensieve.store.store import store_from
 
@@ -190,8 +201,10 @@ def _model_source(ns: argparse.Namespace, env: Mapping[str, str], default_path: 
         return path, model_defaults(path), None
     try:
         path, manifest = resolve_manifest(ns.model, store_from(getattr(ns, "store", None), env))
-    except StoreError as exc:
+    except ModelNotPulled as exc:
         raise ValueError(str(exc)) from None
+    except StoreError:  # not a store name either: the loader says what is wrong with the path
+        path, manifest = Path(ns.model).expanduser(), None
     if manifest is None:
         return path, model_defaults(path), None
     return path, manifest.params.over(model_defaults(path)), manifest.name
