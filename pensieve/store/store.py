@@ -122,12 +122,7 @@ def resolve_manifest(name_or_path: str | Path, store: ModelStore | None = None
     if path.exists():
         return path, None
     store = store or ModelStore()
-    try:
-        manifest = store.get(text)
-    except StoreError:
-        raise
-    except Exception:  # noqa: BLE001 - an invalid store name is simply not a store name
-        manifest = None
+    manifest = store.get(text) if NAME_RE.match(text) and ".." not in text else None
     if manifest is None:
         entry = lookup(text)
         if entry is not None and entry.name != text:

@@ -110,7 +110,9 @@ def _settings(*flags: str):
 
 
 def test_flags_switch_it_on_and_bad_values_are_refused() -> None:
-    assert _settings().dry is None
+    assert _settings("--model", "/m.gguf").dry is None  # off for a model that declares none
+    # the default SmolLM2 declares the guard (pensieve/store/catalogue.py); a flag still rules
+    assert _settings().dry == DryParams(multiplier=0.8)
     assert _settings("--dry-multiplier", "0").dry is None
     assert _settings("--dry-multiplier", "0.8").dry == DryParams(multiplier=0.8)
     assert _settings("--dry-multiplier", "1", "--dry-allowed-length", "4").dry == DryParams(1.0, 1.75, 4)
