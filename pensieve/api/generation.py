@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from pensieve.api.config import ApiConfig
 from pensieve.api.errors import ApiError, invalid_request, overloaded, prompt_too_long, request_timed_out
 from pensieve.api.limits import check_request_limits
-from pensieve.chat.caching import wants_prompt_cache
+from pensieve.chat.caching import cache_ttl, wants_prompt_cache
 from pensieve.api.state import GenerationClient, Services
 from pensieve.chat import MessageEventBuilder, RenderedPrompt
 from pensieve.chat.output_format import OutputFormatError
@@ -39,6 +39,8 @@ class PreparedGeneration:
     prompt: RenderedPrompt
     params: SamplingParams
     thinking_key: bytes | None = field(default=None, repr=False)  # the renderer's signing key
+    context_limited: bool = False  # max_tokens was clamped to what the context leaves
+    cache_ttl: str = "5m"  # where usage.cache_creation counts the tokens written to the cache
 
     def event_builder(self) -> MessageEventBuilder:
         return MessageEventBuilder(
@@ -48,6 +50,8 @@ class PreparedGeneration:
             tools=self.prompt.tools,
             thinking=self.prompt.thinking,
             thinking_key=self.thinking_key,
+            context_limited=self.context_limited,
+            cache_ttl=self.cache_ttl,
         )
 
 
@@ -124,9 +128,11 @@ async def prepare_generation(services: Services, request: MessageCreateParams, r
     check_model(services.config, request.model)
     prompt, grammar, thinking_budget = await run_in_threadpool(_constrain, services, request)
     context = services.config.context_length
+    room = context - prompt.num_tokens
     params = SamplingParams(
-        # Claude Code asks for 32000+; what does not fit in the context is clamped, not refused.
-        max_tokens=min(request.max_tokens, context - prompt.num_tokens),
+        # Claude Code asks for 32000+; what does not fit in the context is clamped, not refused
+        # (reaching the clamp is reported as model_context_window_exceeded).
+        max_tokens=min(request.max_tokens, room),
         temperature=(services.config.default_temperature if request.temperature is None
                      else request.temperature),
         top_p=services.config.default_top_p if request.top_p is None else request.top_p,
@@ -138,7 +144,8 @@ async def prepare_generation(services: Services, request: MessageCreateParams, r
         dry=services.config.dry,
     )
     return PreparedGeneration(request_id, new_message_id(), request.model, prompt, params,
-                              services.renderer.thinking_key)
+                              services.renderer.thinking_key, context_limited=request.max_tokens > room,
+                              cache_ttl=cache_ttl(request))
 
 
 async def start_deltas(engine: GenerationClient, prepared: PreparedGeneration) -> AsyncIterator[GenerationDelta]:

@@ -31,3 +31,17 @@ def _blocks(request: ConversationParams) -> Iterable[Any]:
 
 def wants_prompt_cache(request: ConversationParams) -> bool:
     return any(_has_cache_control(item) for item in _blocks(request))
+
+
+def cache_ttl(request: ConversationParams) -> str:
+    """The lifetime the request's cache writes are counted under in ``usage.cache_creation``:
+    ``"1h"`` when any ``cache_control`` (the top-level one included) asks for an hour, else
+    the API's default ``"5m"``."""
+    for item in _blocks(request):
+        control = getattr(item, "cache_control", None)
+        if control is None:
+            control = (getattr(item, "model_extra", None) or {}).get("cache_control")
+        ttl = control.get("ttl") if isinstance(control, dict) else getattr(control, "ttl", None)
+        if ttl == "1h":
+            return "1h"
+    return "5m"

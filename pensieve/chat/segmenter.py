@@ -58,6 +58,11 @@ class Segmenter:
         self._dropped = ""  # whitespace dropped before a marker: restored if no call follows
         self._as_text = False  # the last section segment was text (a malformed call)
 
+    @property
+    def in_thinking(self) -> bool:
+        """The text fed so far ends inside a thinking section."""
+        return self._mode == _THINKING
+
     def feed(self, text: str) -> list[Segment]:
         """Segments that ``text`` completes (maybe none: text can be held back)."""
         if self.done:

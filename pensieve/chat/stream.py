@@ -8,7 +8,14 @@ starts. A thinking block ends with a ``signature_delta`` (HMAC of its text); a t
 ``tool_use`` block whose arguments stream as ``input_json_delta``s.
 
 ``stop_reason`` is ``tool_use`` when the turn ended (end of turn, or the segmenter ending it
-after the last call allowed) with at least one complete call in it.
+after the last call allowed) with at least one complete call in it;
+``model_context_window_exceeded`` when the output filled the context window before the
+request's ``max_tokens`` (the engine's limit was clamped to what the context left). ``pause_turn``
+and ``refusal`` are never produced (no server tools run, no classifier), so ``stop_details``
+is always null. Usage as the API reports it: ``cache_creation`` splits the tokens written to
+the cache by the lifetime the request asked for (``cache_ttl``), ``output_tokens_details``
+counts the tokens generated inside thinking (markers included) when the request thinks on a
+reasoning model, ``server_tool_use`` is null.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ from pensieve.protocol import (
     ThinkingBlock,
     ThinkingDelta,
     ToolUseBlock,
+    CacheCreation,
+    OutputTokensDetails,
     Usage,
 )
 
@@ -98,7 +107,9 @@ class MessageEventBuilder:
     """The state of one message being streamed: the segmenter, the open block, counts.
 
     ``tools``/``thinking`` come from the ``RenderedPrompt``; ``thinking_key`` is the
-    renderer's (so signatures verify when the thinking comes back).
+    renderer's (so signatures verify when the thinking comes back). ``context_limited``: the
+    engine's max_tokens was clamped to the context, so reaching it means the window is full.
+    ``cache_ttl``: ``"5m"`` or ``"1h"``, where tokens written to the cache are counted.
     """
 
     def __init__(
@@ -110,6 +121,8 @@ class MessageEventBuilder:
         tools: ToolsPlan | None = None,
         thinking: ThinkingPlan | None = None,
         thinking_key: bytes | None = None,
+        context_limited: bool = False,
+        cache_ttl: str = "5m",
     ) -> None:
         self.message_id = message_id
         self.model = model
@@ -124,6 +137,11 @@ class MessageEventBuilder:
         self._thinking: list[str] = []  # the open thinking block's text
         self.tool_calls = 0  # complete tool_use blocks
         self.finished = False
+        self.context_limited = context_limited
+        self.cache_ttl = cache_ttl
+        self.counts_thinking = bool(thinking and thinking.enabled)
+        self.omit_thinking = bool(thinking and thinking.omitted)
+        self.thinking_tokens = 0
 
     def start(self) -> RawMessageStartEvent:
         message = Message(
@@ -138,9 +156,15 @@ class MessageEventBuilder:
         """Events for one engine delta; after a final delta the builder is ``finished`` (also
         when the segmenter ended the turn early: the caller then stops the generation)."""
         events: list[StreamEvent] = []
+        new_tokens = max(0, delta.num_output_tokens - self.output_tokens)
         self.output_tokens = max(self.output_tokens, delta.num_output_tokens)
+        thinking = self.segmenter.in_thinking
         if delta.text:
-            events.extend(self._segments(self.segmenter.feed(delta.text)))
+            segments = self.segmenter.feed(delta.text)
+            thinking = thinking or self.segmenter.in_thinking or any(isinstance(s, ThinkingSegment) for s in segments)
+            events.extend(self._segments(segments))
+        if thinking:
+            self.thinking_tokens += new_tokens
         if delta.finish_reason is not None:
             if delta.finish_reason in STOP_REASONS:
                 events.extend(self._segments(self.segmenter.finish()))
@@ -166,7 +190,8 @@ class MessageEventBuilder:
                 if self._open != "thinking":
                     events += self._start_block(ThinkingBlock(thinking="", signature=""))
                 self._thinking.append(segment.text)
-                events.append(self._delta(ThinkingDelta(thinking=segment.text)))
+                if not self.omit_thinking:
+                    events.append(self._delta(ThinkingDelta(thinking=segment.text)))
             elif isinstance(segment, ToolCallStart):
                 events += self._start_block(self._tool_use_block(segment.name))
             elif isinstance(segment, ToolCallDelta) and self._open == "tool_use":
@@ -196,7 +221,8 @@ class MessageEventBuilder:
             return []
         events: list[StreamEvent] = []
         if self._open == "thinking":
-            signature = self._signer.sign("".join(self._thinking))
+            text = "".join(self._thinking)
+            signature = self._signer.seal(text) if self.omit_thinking else self._signer.sign(text)
             events.append(self._delta(SignatureDelta(signature=signature)))
             self._thinking = []
         events.append(RawContentBlockStopEvent(index=self._open_index))
@@ -213,6 +239,8 @@ class MessageEventBuilder:
         stop_reason = STOP_REASONS[reason or FinishReason.EOS]
         if ended_turn and self.tool_calls:
             stop_reason = "tool_use"
+        elif reason is FinishReason.MAX_TOKENS and self.context_limited:
+            stop_reason = "model_context_window_exceeded"
         stop_sequence = delta.stop_sequence if reason is FinishReason.STOP_SEQUENCE else None
         events.append(
             RawMessageDeltaEvent(
@@ -235,7 +263,19 @@ class MessageEventBuilder:
             input_tokens=prompt - cached - created,
             cache_creation_input_tokens=created,
             cache_read_input_tokens=cached,
+            cache_creation=self.cache_creation(created),
+            output_tokens_details=self.output_details(),
         )
+
+    def output_details(self) -> OutputTokensDetails | None:
+        if not self.counts_thinking:
+            return None
+        return OutputTokensDetails(thinking_tokens=min(self.thinking_tokens, self.output_tokens))
+
+    def cache_creation(self, created: int) -> CacheCreation:
+        if self.cache_ttl == "1h":
+            return CacheCreation(ephemeral_1h_input_tokens=created)
+        return CacheCreation(ephemeral_5m_input_tokens=created)
 
 
 async def close_iterator(iterator: Any) -> None:
@@ -329,3 +369,7 @@ def _apply_message_delta(message: Message, event: RawMessageDeltaEvent) -> None:
         message.usage.cache_creation_input_tokens = usage.cache_creation_input_tokens
     if usage.cache_read_input_tokens is not None:
         message.usage.cache_read_input_tokens = usage.cache_read_input_tokens
+    if usage.cache_creation is not None:
+        message.usage.cache_creation = usage.cache_creation
+    if usage.output_tokens_details is not None:
+        message.usage.output_tokens_details = usage.output_tokens_details

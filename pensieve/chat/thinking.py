@@ -8,6 +8,11 @@ Signatures: a thinking block we stream ends with a ``signature_delta`` holding a
 of its text under a server key. When the block comes back in a later request's history, a
 valid signature means it is our model's own thinking and it is rendered back; anything else
 (another server's, edited, redacted) is dropped from the prompt, never refused.
+
+``display: "omitted"``: the thinking block streams with no ``thinking_delta`` (its text is
+``""``) and a signature that carries the text itself (compressed, under the same HMAC), so
+the block sent back unchanged still renders the model's thinking: continuity without
+transferring the text twice. Effort and thinking semantics: docs/thinking.md.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import hmac
 import logging
 import os
 import secrets
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -34,6 +40,8 @@ log = logging.getLogger(__name__)
 
 THINKING_KEY_ENV = "PENSIEVE_THINKING_KEY"
 SIGNATURE_PREFIX = "pensieve1:"
+SEALED_PREFIX = "pensieve1s:"  # an omitted block's signature: its text + the HMAC
+_MAX_SEALED_BYTES = 1 << 24  # inflating a forged signature stops here
 _MAC_CONTEXT = b"pensieve thinking v1\x00"
 
 # Adaptive thinking: output_config.effort → a thinking budget in tokens (None: no budget
@@ -48,12 +56,15 @@ class ThinkingPlan:
     ``markers`` None: the model has no reasoning markers (it never thinks). ``starts_open``:
     the prompt itself opened a thinking section (generation starts inside it).
     ``budget_tokens``: thinking tokens allowed before the engine forces ``close_marker``.
+    ``omitted``: ``display: "omitted"`` (the block's text is not streamed; it is sealed in
+    the signature).
     """
 
     requested: bool = False
     markers: ThinkingMarkers | None = None
     budget_tokens: int | None = None
     starts_open: bool = False
+    omitted: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -76,12 +87,16 @@ def detect_thinking_markers(template: str | None) -> ThinkingMarkers | None:
 
 
 def plan_thinking(request: ConversationParams, markers: ThinkingMarkers | None) -> ThinkingPlan:
+    """``enabled``: its ``budget_tokens``; ``adaptive``: the budget of ``output_config.effort``
+    (``EFFORT_BUDGETS``); ``between_tools``: no budget; absent, ``disabled`` or unknown: no
+    thinking — ``effort`` alone never turns it on."""
     config = request.thinking
+    omitted = getattr(config, "display", None) == "omitted"
     if isinstance(config, ThinkingConfigEnabledParam):
-        return ThinkingPlan(requested=True, markers=markers, budget_tokens=max(config.budget_tokens, 1))
+        return ThinkingPlan(True, markers, max(config.budget_tokens, 1), omitted=omitted)
     if isinstance(config, ThinkingConfigAdaptiveParam):
         effort = request.output_config.effort if request.output_config else None
-        return ThinkingPlan(requested=True, markers=markers, budget_tokens=EFFORT_BUDGETS.get(effort or ""))
+        return ThinkingPlan(True, markers, EFFORT_BUDGETS.get(effort or ""), omitted=omitted)
     if isinstance(config, ThinkingConfigBetweenToolsParam):
         return ThinkingPlan(requested=True, markers=markers)
     return ThinkingPlan(requested=False, markers=markers)  # absent, disabled, or unknown
@@ -117,6 +132,26 @@ class ThinkingSigner:
     def verify(self, thinking: str, signature: str) -> bool:
         return hmac.compare_digest(self.sign(thinking).encode(), signature.encode("utf-8", "replace"))
 
+    def seal(self, thinking: str) -> str:
+        """The signature of an omitted block: the text (zlib, base64) and its HMAC."""
+        packed = base64.urlsafe_b64encode(zlib.compress(thinking.encode("utf-8"))).decode("ascii")
+        return f"{SEALED_PREFIX}{packed}.{self.sign(thinking)[len(SIGNATURE_PREFIX):]}"
+
+    def unseal(self, signature: str) -> str | None:
+        """The text a ``seal`` signature carries, or None if it is not ours or was altered."""
+        if not signature.startswith(SEALED_PREFIX) or "." not in signature:
+            return None
+        packed, _, mac = signature[len(SEALED_PREFIX):].partition(".")
+        try:
+            inflate = zlib.decompressobj()
+            raw = inflate.decompress(base64.urlsafe_b64decode(packed), _MAX_SEALED_BYTES)
+            if inflate.unconsumed_tail:  # larger than any thinking we sealed: not ours
+                return None
+            thinking = raw.decode("utf-8")
+        except (ValueError, zlib.error, UnicodeDecodeError):
+            return None
+        return thinking if self.verify(thinking, SIGNATURE_PREFIX + mac) else None
+
 
 @dataclass(frozen=True)
 class ThinkingHistory:
@@ -130,6 +165,10 @@ class ThinkingHistory:
     def verified(self, block: ThinkingBlockParam) -> str | None:
         if block.thinking and self.signer.verify(block.thinking, block.signature):
             return block.thinking
+        if not block.thinking:  # display "omitted": the text travels in the signature
+            sealed = self.signer.unseal(block.signature)
+            if sealed:
+                return sealed
         log.debug("dropping a thinking block with an unknown signature from the prompt")
         return None
 

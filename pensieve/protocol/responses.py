@@ -86,6 +86,7 @@ class MessageDeltaUsage(ResponseModel):
     input_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
     cache_read_input_tokens: int | None = None
+    cache_creation: CacheCreation | None = None  # not in the SDK's delta type: raw clients see it
     output_tokens_details: OutputTokensDetails | None = None
     server_tool_use: ServerToolUsage | None = None
 
