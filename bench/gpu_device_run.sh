@@ -5,9 +5,11 @@
 # .gpu/tokenizer.gguf (`python -m bench.make_random_gguf --tokenizer-only .gpu/tokenizer.gguf`).
 # Usage there: OUT=<dir> BF16=1 bash bench/gpu_device_run.sh
 # `bash bench/gpu_device_run.sh qwen` runs bench/gpu_qwen_vs_llamacpp.sh instead (random Qwen2.5-7B
-# and Qwen3-8B shapes at Q4_K_M, Pensieve vs llama-server on the same files; see that script).
+# and Qwen3-8B shapes at Q4_K_M, Pensieve vs llama-server on the same files; see that script);
+# `bash bench/gpu_device_run.sh cc` runs bench/gpu_cc_load.sh (Claude Code load, tools vs none).
 cd "$(dirname "$0")/.."
 [ "$1" = qwen ] && exec bash bench/gpu_qwen_vs_llamacpp.sh
+[ "$1" = cc ] && exec bash bench/gpu_cc_load.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv,noheader
