@@ -82,3 +82,32 @@ def test_the_library_refuses_what_the_cpu_lacks(restore_isa):
     assert KERNELS.set_isa("avx2") == "avx2" and KERNELS.isa == "avx2"
     # the C side checks the CPU itself: VNNI only where __builtin_cpu_supports says so
     assert KERNELS.set_isa("avx512_vnni") == ("avx512_vnni" if HAS_VNNI else "avx2")
+
+
+@needs_vnni
+@pytest.mark.parametrize("qtype,k,n", [
+    (Q.Q4_K, 1536, 45), (Q.Q4_0, 96, 7), (Q.Q4_1, 32, 40), (Q.Q6_K, 256, 16), (Q.Q8_0, 896, 37),
+    (Q.Q5_1, 896, 77), (Q.Q5_K, 512, 200)])  # partial 32-wide panels, one block, odd blocks
+def test_vnni_gemm_is_bitwise_the_avx2_gemm(restore_isa, qtype, k, n):
+    raw = random_tensor(qtype, n, k, seed=k + n)
+    layer = CodesLinear(KERNELS, quant_groups(raw, qtype, (n, k)), bias=torch.randn(n))
+    exact = layer.dequantize()
+    for m in (1, 6, 16, 49, 300):
+        x = activations(m, k, seed=m)
+        vnni = run(layer, x, "avx512_vnni", kind=2)
+        # the same exact int32 block sums, scaled and summed by the same float operations
+        assert torch.equal(vnni, run(layer, x, "avx2", kind=2)), m
+        assert rel_err(vnni, x @ exact.T + layer.bias) < 3e-4, m
+
+
+@needs_vnni
+def test_vnni_gemm_rows_do_not_depend_on_the_batch(restore_isa):
+    k, n = 512, 100
+    raw = random_tensor(Q.Q4_K, n, k, seed=2)
+    layer = CodesLinear(KERNELS, quant_groups(raw, Q.Q4_K, (n, k)), bias=torch.randn(n))
+    x = activations(301, k, seed=4)
+    full = run(layer, x, "avx512_vnni", kind=2)
+    for m in (300, 49, 6):
+        assert torch.equal(run(layer, x[:m].contiguous(), "avx512_vnni", kind=2), full[:m]), m
+    for i in (0, 3, 4, 298):
+        assert torch.equal(run(layer, x[i:i + 1].contiguous(), "avx512_vnni", kind=2)[0], full[i])

@@ -46,6 +46,7 @@ constexpr int GJ = 2;              // 8-output groups per panel
 constexpr int GNR = 8 * GJ;        // weight rows (outputs) per panel
 constexpr int GMR = 4;             // activation rows per register tile
 constexpr int64_t GEMM_FROM = 8;   // rows from which gemm beats dot_tile (bench/cpu_kernels.py)
+constexpr int GNR_MAX = 32;        // the widest panel (the AVX-512 GEMM's, vnni_gemm_source.py)
 
 // GNR weight rows as int16 pairs: block g, pair p (values 2p, 2p+1), output i of the panel at
 // int32 index (g * 16 + p) * GNR + i; float scales at [(g * SPB + h) * GNR + i] (SPB scales
@@ -59,23 +60,23 @@ struct Panel {
     if (G <= cap) return;
     free(w); free(sc); free(mn);
     cap = G;
-    w = (int32_t*)aligned_alloc(64, sizeof(int32_t) * 16 * GNR * G);
-    sc = (float*)aligned_alloc(64, sizeof(float) * 2 * GNR * G);
-    mn = (float*)aligned_alloc(64, sizeof(float) * GNR * G);
+    w = (int32_t*)aligned_alloc(64, sizeof(int32_t) * 16 * GNR_MAX * G);
+    sc = (float*)aligned_alloc(64, sizeof(float) * 2 * GNR_MAX * G);
+    mn = (float*)aligned_alloc(64, sizeof(float) * GNR_MAX * G);
   }
 };
 thread_local Panel panel_buf;
 
-// Unpack weight rows [n0, n0 + GNR) (rows from `end` on as zeros) into P.
-template <int F>
+// Unpack weight rows [n0, n0 + NP) (rows from `end` on as zeros) into P, a panel NP wide.
+template <int F, int NP = GNR>
 void pack_panel(const Weights& W, int64_t n0, int64_t end, Panel& P) {
   constexpr bool Q8 = F != F_Q4;
   constexpr int SPB = scales_per_block(F);
   const int64_t K = W.K, G = K / QK, row_bytes = Q8 ? K : K / 2, SG = G * SPB;
   const __m256i m4 = _mm256_set1_epi16(0x0F);
-  alignas(32) int32_t t[GNR][16];  // one block of each row: 16 pairs
+  alignas(32) int32_t t[NP][16];  // one block of each row: 16 pairs
   for (int64_t g = 0; g < G; ++g) {
-    for (int i = 0; i < GNR; ++i) {
+    for (int i = 0; i < NP; ++i) {
       const int64_t n = n0 + i;
       __m256i lo = _mm256_setzero_si256(), hi = lo;
       float s = 0.0f, s1 = 0.0f, m = 0.0f;
@@ -95,13 +96,13 @@ void pack_panel(const Weights& W, int64_t n0, int64_t end, Panel& P) {
       }
       _mm256_store_si256((__m256i*)t[i], lo);
       _mm256_store_si256((__m256i*)(t[i] + 8), hi);
-      P.sc[g * SPB * GNR + i] = s;
-      if (SPB == 2) P.sc[(g * SPB + 1) * GNR + i] = s1;
-      P.mn[g * GNR + i] = m;
+      P.sc[g * SPB * NP + i] = s;
+      if (SPB == 2) P.sc[(g * SPB + 1) * NP + i] = s1;
+      P.mn[g * NP + i] = m;
     }
-    int32_t* dst = P.w + g * 16 * GNR;
+    int32_t* dst = P.w + g * 16 * NP;
     for (int p = 0; p < 16; ++p)
-      for (int i = 0; i < GNR; ++i) dst[p * GNR + i] = t[i][p];
+      for (int i = 0; i < NP; ++i) dst[p * NP + i] = t[i][p];
   }
 }
 
@@ -226,7 +227,7 @@ inline void gemm_tile_for(const TileArgs& a, bool min, int64_t m0, const float* 
 }
 
 template <int F>
-void gemm(const float* x, int64_t M, const Weights& W, float* y, int threads) {
+void gemm_avx2(const float* x, int64_t M, const Weights& W, float* y, int threads) {
   const Quantised& xq = quantise_rows(x, M, W.K, threads);
   const int64_t N = W.ld(), K = W.K;
   const bool min = W.mins != nullptr;

@@ -128,12 +128,13 @@ Pool& pool() {
   return p;
 }
 
-// Run tile(n0, n1) over [0, N) in row ranges of a multiple of NB, on up to `threads` threads.
+// Run tile(n0, n1) over [0, N) in row ranges of a multiple of `step` (NB unless given), on
+// up to `threads` threads.
 template <class F>
-void over_rows(int64_t N, int threads, F tile) {
+void over_rows(int64_t N, int threads, F tile, int64_t step = NB) {
   // ~16 ranges per thread: balance without a claim per 16 rows on a 50k-row matrix
   const int64_t per =
-      threads > 1 ? ((N + 16 * threads - 1) / (16 * threads) + NB - 1) / NB * NB : N;
+      threads > 1 ? ((N + 16 * threads - 1) / (16 * threads) + step - 1) / step * step : N;
   const int64_t tiles = (N + per - 1) / per;
   auto body = [&](int64_t t) { tile(t * per, t * per + per < N ? t * per + per : N); };
   using Body = decltype(body);

@@ -30,6 +30,7 @@ from pensieve.backends.cpu_quant.bf16_source import BF16_SOURCE
 from pensieve.backends.cpu_quant.gemm_source import GEMM_ENTRY_POINTS, GEMM_SOURCE
 from pensieve.backends.cpu_quant.layer_source import LAYER_SOURCE
 from pensieve.backends.cpu_quant.pool_source import POOL_SOURCE
+from pensieve.backends.cpu_quant.vnni_gemm_source import VNNI_GEMM_SOURCE
 from pensieve.backends.cpu_quant.vnni_source import VNNI_SOURCE
 
 KERNEL_SOURCE = POOL_SOURCE + r"""
@@ -246,7 +247,7 @@ void dot_tile(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0, flo
       y[r * ldy + j] = hsum(acc[j][r]) + mterm[j][r] + (W.bias ? W.bias[n0 + j] : 0.0f);
 }
 
-""" + VNNI_SOURCE + GEMM_SOURCE + r"""
+""" + VNNI_SOURCE + GEMM_SOURCE + VNNI_GEMM_SOURCE + r"""
 // Few rows: dot_tile over MR-row tiles (weights streamed from memory once per call).
 template <int F>
 void small_linear(const float* x, int64_t M, const Weights& W, float* y, int threads) {

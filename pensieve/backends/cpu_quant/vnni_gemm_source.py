@@ -1,0 +1,121 @@
+"""The C++ of the AVX-512 VNNI panel GEMM (spliced into ``source.KERNEL_SOURCE`` after
+``gemm_source.GEMM_SOURCE``), and ``gemm``, which picks it or the AVX2 one at run time.
+
+The AVX2 GEMM's scheme on 512-bit registers: a thread unpacks a panel of ``GNRV`` = 32
+weight rows to int16 pairs (``pack_panel``, the same layout 32 wide), then runs every
+activation row against it in 4 × 32 register tiles. Per value pair: two weight loads, one
+broadcast activation pair per row and eight ``vpdpwssd`` (multiply int16 pairs, add into
+int32 lanes: ``madd`` + ``add`` in one instruction), against 16 ``madd`` + 16 ``add`` for
+the same products on AVX2. With 32 vector registers the tile's float accumulators stay in
+registers too (AVX2 kept them in memory).
+
+Numerics: the int32 block sums are the same exact integers, and each is scaled and
+accumulated by the same float operations in the same order (``fma(float(s), sc·d, acc)``,
+then ``fma(min, Σx, ·)``, bias last), so results are bitwise the AVX2 GEMM's — and, as there,
+a row's result does not depend on the rows batched with it.
+"""
+
+VNNI_GEMM_SOURCE = r"""
+// ------------------------------------------------------------------------- AVX-512 VNNI GEMM
+
+constexpr int GNRV = 32;  // outputs per panel (two 512-bit registers)
+
+// One R x 32 tile: activation rows m0.. against the panel, y[r * ldy + i] for i < cols.
+template <int R, bool MIN, int SPB>
+VNNI_TARGET void gemm_tile_vnni(const TileArgs& a, int64_t m0, const float* bias, float* y,
+                                int64_t ldy, int cols) {
+  const int64_t K = a.K, G = K / QK;
+  constexpr int PAIRS = 16 / SPB;  // value pairs per scale group
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const int32_t* w = a.w + g * 16 * GNRV;
+    const int16_t* x = a.q + m0 * K + g * QK;
+    for (int h = 0; h < SPB; ++h) {
+      __m512i s[R][2];
+      for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm512_setzero_si512();
+#pragma GCC unroll 16
+      for (int p = 0; p < PAIRS; ++p) {
+        const int32_t* wp = w + (h * PAIRS + p) * GNRV;
+        const __m512i w0 = _mm512_load_si512((const void*)wp);
+        const __m512i w1 = _mm512_load_si512((const void*)(wp + 16));
+        for (int r = 0; r < R; ++r) {
+          int32_t pair;
+          __builtin_memcpy(&pair, x + r * K + 2 * (h * PAIRS + p), 4);
+          const __m512i xb = _mm512_set1_epi32(pair);
+          s[r][0] = _mm512_dpwssd_epi32(s[r][0], w0, xb);
+          s[r][1] = _mm512_dpwssd_epi32(s[r][1], w1, xb);
+        }
+      }
+      const float* sc = a.sc + (g * SPB + h) * GNRV;
+      const __m512 sc0 = _mm512_load_ps(sc), sc1 = _mm512_load_ps(sc + 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 d = _mm512_set1_ps(a.d[(m0 + r) * G + g]);
+        acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][0]), _mm512_mul_ps(sc0, d), acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][1]), _mm512_mul_ps(sc1, d), acc[r][1]);
+        if (MIN && SPB == 1) {
+          const __m512 xs = _mm512_set1_ps(a.s[(m0 + r) * G + g]);
+          acc[r][0] = _mm512_fmadd_ps(_mm512_load_ps(a.mn + g * GNRV), xs, acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(_mm512_load_ps(a.mn + g * GNRV + 16), xs, acc[r][1]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 2; ++j) {
+      __m512 v = acc[r][j];
+      if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + 16 * j));
+      const int left = cols - 16 * j;
+      if (left >= 16) _mm512_storeu_ps(y + r * ldy + 16 * j, v);
+      else if (left > 0) _mm512_mask_storeu_ps(y + r * ldy + 16 * j, (__mmask16)((1u << left) - 1), v);
+    }
+}
+
+template <int R, int F>
+VNNI_TARGET inline void gemm_tile_vnni_for(const TileArgs& a, bool min, int64_t m0,
+                                           const float* bias, float* y, int64_t ldy, int cols) {
+  constexpr int SPB = scales_per_block(F);
+  if (min) gemm_tile_vnni<R, true, SPB>(a, m0, bias, y, ldy, cols);
+  else gemm_tile_vnni<R, false, SPB>(a, m0, bias, y, ldy, cols);
+}
+
+template <int F>
+void gemm_vnni(const float* x, int64_t M, const Weights& W, float* y, int threads) {
+  const Quantised& xq = quantise_rows(x, M, W.K, threads);
+  const int64_t N = W.ld(), K = W.K;
+  const bool min = W.mins != nullptr;
+  over_rows(W.N, threads, [&](int64_t n0, int64_t n1) {
+    Panel& P = panel_buf;
+    P.reserve(K / QK);
+    alignas(64) float part_bias[GNRV] = {};
+    const TileArgs a{xq.q, xq.d, xq.s, P.w, P.sc, P.mn, nullptr, K};
+    for (int64_t p0 = n0; p0 < n1; p0 += GNRV) {
+      pack_panel<F, GNRV>(W, p0, n1, P);
+      const int cols = (int)(n1 - p0 < GNRV ? n1 - p0 : GNRV);
+      const float* bias = nullptr;
+      if (W.bias && cols == GNRV) bias = W.bias + p0;
+      else if (W.bias) {
+        for (int i = 0; i < GNRV; ++i) part_bias[i] = i < cols ? W.bias[p0 + i] : 0.0f;
+        bias = part_bias;
+      }
+      int64_t m = 0;
+      for (; m + GMR <= M; m += GMR) gemm_tile_vnni_for<GMR, F>(a, min, m, bias, y + m * N + p0, N, cols);
+      float* out = y + m * N + p0;
+      switch (M - m) {
+        case 3: gemm_tile_vnni_for<3, F>(a, min, m, bias, out, N, cols); break;
+        case 2: gemm_tile_vnni_for<2, F>(a, min, m, bias, out, N, cols); break;
+        case 1: gemm_tile_vnni_for<1, F>(a, min, m, bias, out, N, cols); break;
+        default: break;
+      }
+    }
+  }, GNRV);
+}
+
+// The panel GEMM on the selected instruction set.
+template <int F>
+void gemm(const float* x, int64_t M, const Weights& W, float* y, int threads) {
+  if (g_vnni) gemm_vnni<F>(x, M, W, y, threads);
+  else gemm_avx2<F>(x, M, W, y, threads);
+}
+
+"""
