@@ -2,10 +2,12 @@
 
 One GGUF (named, or picked by a quant tag such as ``Q4_K_M``; a split GGUF's shards are
 fetched and merged into one file), or a whole safetensors / MLX folder (the files a server
-needs: configs, tokenizer, weights). Downloads go to the pull's staging folder with
-``hf_hub_download(local_dir=…)``: an interrupted pull resumes from its ``.incomplete`` file
-with an HTTP Range request, and shows huggingface_hub's tqdm progress bars. Every file with an
-LFS sha256 on the hub is hashed after download and refused if it differs.
+needs: configs, tokenizer, weights). ``huggingface_hub`` lists the repo (``model_info`` with
+file metadata: sizes, LFS sha256, the commit), builds the ``resolve`` URLs, the auth headers
+and the HTTP session; the bytes stream into ``<file>.incomplete`` in the pull's staging folder
+(huggingface_hub 2.x deletes its own partial files on failure, so it cannot resume a pull
+across runs): a cut connection is retried from where it stopped, and a pull run again resumes
+with an HTTP Range request. Every file is checked against the hub's size and LFS sha256.
 
 ``HF_ENDPOINT`` (read at each call) points it at a mirror; ``HF_TOKEN`` authenticates.
 """
@@ -162,25 +164,67 @@ def _has_tag(name: str, tag: str) -> bool:
     return re.search(rf"(?:^|[-_.]){re.escape(tag.lower())}(?:[-_.]|$)", base) is not None
 
 
-def _download(source: HubSource, name: str, commit: str, staging: Path, meta: HubFile) -> Path:
-    from huggingface_hub import hf_hub_download
+_RETRIES = 3  # a connection cut mid-file is retried from where it stopped this many times
 
-    try:
-        path = Path(hf_hub_download(source.repo, name, revision=commit, local_dir=staging,
-                                    endpoint=endpoint()))
-    except Exception as exc:  # noqa: BLE001
-        raise hub_error(exc, source, name) from None
+
+def _download(source: HubSource, name: str, commit: str, staging: Path, meta: HubFile) -> Path:
+    """``name`` at ``commit`` into ``staging``, resuming ``<name>.incomplete`` left there by an
+    earlier attempt (HTTP Range); checked against the hub's size and LFS sha256."""
+    from huggingface_hub import hf_hub_url
+
+    target = staging / name
+    if target.is_file() and _matches(target, meta):
+        return target
+    url = hf_hub_url(source.repo, name, revision=commit, endpoint=endpoint())
+    partial = staging / f"{name}.incomplete"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(_RETRIES + 1):
+        try:
+            _stream(url, partial, meta, name)
+            break
+        except Exception as exc:  # noqa: BLE001
+            if attempt == _RETRIES or not _transient(exc) or not partial.exists():
+                raise hub_error(exc, source, name) from None
+    if not _matches(partial, meta):
+        partial.unlink()
+        raise StoreError(f"{name}: the downloaded file's size or sha256 differs from the hub's "
+                         f"({meta.size} bytes, {meta.sha256}); it was deleted, run the pull again")
+    partial.rename(target)
+    return target
+
+
+def _stream(url: str, partial: Path, meta: HubFile, name: str) -> None:
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    from pensieve.store.progress import bar
+
+    have = partial.stat().st_size if partial.exists() else 0
+    if meta.size is not None and have == meta.size:
+        return
+    headers = build_hf_headers()
+    headers["Accept-Encoding"] = "identity"
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    with get_session().stream("GET", url, headers=headers, timeout=30.0) as response:
+        hf_raise_for_status(response)
+        if have and response.status_code != 206:  # the server ignored the range: start over
+            have = 0
+        with open(partial, "ab" if have else "wb") as out, \
+                bar(meta.size, name, initial=have) as update:
+            for chunk in response.iter_bytes():  # as received: a cut keeps what arrived
+                out.write(chunk)
+                update(len(chunk))
+
+
+def _transient(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith(("httpx", "httpcore")) or isinstance(exc, OSError) \
+        and not isinstance(exc, FileNotFoundError) and _status(exc) is None
+
+
+def _matches(path: Path, meta: HubFile) -> bool:
     if meta.size is not None and path.stat().st_size != meta.size:
-        path.unlink(missing_ok=True)
-        raise StoreError(f"{name}: downloaded {path.stat().st_size if path.exists() else 0} bytes, "
-                         f"the hub lists {meta.size}; run the pull again")
-    if meta.sha256 is not None:
-        got = sha256_file(path)
-        if got != meta.sha256:
-            path.unlink()
-            raise StoreError(f"{name}: sha256 {got} differs from the hub's {meta.sha256}; the "
-                             "damaged file was deleted, run the pull again")
-    return path
+        return False
+    return meta.sha256 is None or sha256_file(path) == meta.sha256
 
 
 def hub_error(exc: BaseException, source: HubSource, name: str | None = None) -> StoreError:

@@ -17,14 +17,14 @@ def enabled() -> bool:
 
 
 @contextmanager
-def bar(total: int | None, desc: str) -> Iterator[Callable[[int], None]]:
+def bar(total: int | None, desc: str, initial: int = 0) -> Iterator[Callable[[int], None]]:
     """A byte-counting bar; yields ``update(n_bytes)``."""
     if not enabled():
         yield lambda n: None
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+    with tqdm(total=total, desc=desc, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
               file=sys.stderr, leave=True) as t:
         yield t.update
 

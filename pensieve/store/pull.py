@@ -108,7 +108,6 @@ def _fetch(source: str, kind: str, entry: CatalogueEntry | None, staging: Path,
 
 def _fetch_hub(src: hub.HubSource, staging: Path) -> Fetched:
     got = hub.fetch(src, staging)
-    shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
     if got.shards:
         merged = staging / hub.SHARD_RE.match(got.files[0].name).group("stem")
         merged = merged.with_name(merged.name + ".gguf")
