@@ -78,12 +78,20 @@ def _run(cmd: Sequence[str], out) -> None:  # type: ignore[no-untyped-def]
         raise VllmUnavailable(f"{' '.join(cmd[:6])} … failed (exit {done.returncode})")
 
 
+# A model loaded from a GGUF keeps a GGUF quantization config and refuses save_pretrained:
+# its dequantised weights go into a plain model built from the same config (bfloat16).
 CONVERT = """
-import sys
+import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 src, name, dst = sys.argv[1], sys.argv[2], sys.argv[3]
 AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(dst)
-AutoModelForCausalLM.from_pretrained(src, gguf_file=name).save_pretrained(dst)
+loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name)
+config = loaded.config
+if hasattr(config, "quantization_config"):
+    del config.quantization_config
+plain = AutoModelForCausalLM.from_config(config)
+plain.load_state_dict(loaded.state_dict())
+plain.to(torch.bfloat16).save_pretrained(dst)
 """
 
 
