@@ -40,6 +40,7 @@ from pensieve.chat.thinking import ThinkingPlan, ThinkingSigner
 from pensieve.chat.tool_parsers import make_tool_parser
 from pensieve.chat.tools_prompt import ToolsPlan
 from pensieve.engine.types import FinishReason, GenerationDelta
+from pensieve.protocol.context_management import BetaContextManagementResponse
 from pensieve.protocol import (
     ContentBlock,
     ErrorEvent,
@@ -123,7 +124,9 @@ class MessageEventBuilder:
         thinking_key: bytes | None = None,
         context_limited: bool = False,
         cache_ttl: str = "5m",
+        context_management: BetaContextManagementResponse | None = None,
     ) -> None:
+        self.context_management = context_management  # reported in message_delta
         self.message_id = message_id
         self.model = model
         self.input_tokens = input_tokens
@@ -142,6 +145,7 @@ class MessageEventBuilder:
         self.counts_thinking = bool(thinking and thinking.enabled)
         self.omit_thinking = bool(thinking and thinking.omitted)
         self.thinking_tokens = 0
+        self._undecided = 0  # output tokens not yet known to be thinking or not
 
     def start(self) -> RawMessageStartEvent:
         message = Message(
@@ -158,13 +162,9 @@ class MessageEventBuilder:
         events: list[StreamEvent] = []
         new_tokens = max(0, delta.num_output_tokens - self.output_tokens)
         self.output_tokens = max(self.output_tokens, delta.num_output_tokens)
-        thinking = self.segmenter.in_thinking
-        if delta.text:
-            segments = self.segmenter.feed(delta.text)
-            thinking = thinking or self.segmenter.in_thinking or any(isinstance(s, ThinkingSegment) for s in segments)
-            events.extend(self._segments(segments))
-        if thinking:
-            self.thinking_tokens += new_tokens
+        segments = self.segmenter.feed(delta.text) if delta.text else []
+        self._count_thinking(new_tokens, segments)
+        events.extend(self._segments(segments))
         if delta.finish_reason is not None:
             if delta.finish_reason in STOP_REASONS:
                 events.extend(self._segments(self.segmenter.finish()))
@@ -172,6 +172,19 @@ class MessageEventBuilder:
         elif self.segmenter.done:
             events.extend(self._finish(delta))
         return events
+
+    def _count_thinking(self, tokens: int, segments: list[Segment]) -> None:
+        """Attribute ``tokens`` to thinking when they were generated inside it. Tokens the
+        segmenter held back (a marker still incomplete) wait for what their text turns out to be."""
+        if not self.counts_thinking:
+            return
+        if self.segmenter.in_thinking or any(isinstance(s, ThinkingSegment) for s in segments):
+            self.thinking_tokens += tokens + self._undecided
+            self._undecided = 0
+        elif segments:
+            self._undecided = 0
+        else:
+            self._undecided += tokens
 
     def fail(self, error_type: ErrorType, message: str) -> ErrorEvent:
         self.finished = True
@@ -246,6 +259,7 @@ class MessageEventBuilder:
             RawMessageDeltaEvent(
                 delta=MessageDelta(stop_reason=stop_reason, stop_sequence=stop_sequence),
                 usage=self._final_usage(delta),
+                context_management=self.context_management,
             )
         )
         events.append(RawMessageStopEvent())
@@ -360,6 +374,8 @@ def _complete_block(block: ContentBlock, joined: str) -> None:
 
 def _apply_message_delta(message: Message, event: RawMessageDeltaEvent) -> None:
     message.stop_reason = event.delta.stop_reason
+    if event.context_management is not None:
+        message.context_management = event.context_management
     message.stop_sequence = event.delta.stop_sequence
     usage = event.usage
     message.usage.output_tokens = usage.output_tokens
