@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pensieve.chat import ChatTemplateError, GenerationFailed
+from pensieve.chat.context_edits import ContextManagementError
 from pensieve.engine.errors import (
     EngineDeadError,
     EngineOverloadedError,
@@ -94,6 +95,8 @@ def api_error_for(exc: BaseException) -> ApiError:
         return invalid_request(str(exc))
     if isinstance(exc, EngineDeadError):
         return ApiError(500, "api_error", "the inference engine stopped; restart the server")
+    if isinstance(exc, ContextManagementError):
+        return invalid_request(str(exc))
     if isinstance(exc, ChatTemplateError):
         return invalid_request(f"the conversation cannot be rendered for this model: {exc}")
     if isinstance(exc, GenerationFailed):
@@ -200,7 +203,7 @@ def install_error_handlers(app: FastAPI) -> None:
                               request.url.path)
 
     for exc_type in (ApiError, PromptTooLongError, EngineOverloadedError, EngineDeadError, EngineRequestRejected,
-                     ChatTemplateError, GenerationFailed, ValidationError):
+                     ChatTemplateError, ContextManagementError, GenerationFailed, ValidationError):
         app.add_exception_handler(exc_type, on_api_error)
     app.add_exception_handler(RequestValidationError, on_request_validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, on_http_exception)  # type: ignore[arg-type]

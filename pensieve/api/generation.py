@@ -52,6 +52,7 @@ class PreparedGeneration:
             thinking_key=self.thinking_key,
             context_limited=self.context_limited,
             cache_ttl=self.cache_ttl,
+            context_management=self.prompt.context_management,
         )
 
 

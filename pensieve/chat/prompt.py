@@ -36,7 +36,9 @@ from pensieve.chat.tools_prompt import (
     plan_tools,
     template_tools,
 )
+from pensieve.chat.context_edits import apply_context_edits, context_management_of, has_compaction
 from pensieve.protocol import ConversationParams
+from pensieve.protocol.context_management import BetaContextManagementConfigParam, BetaContextManagementResponse
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,10 @@ class RenderedPrompt:
     tools: ToolsPlan | None = None
     thinking: ThinkingPlan = field(default_factory=ThinkingPlan)
     output_schema: dict[str, Any] | bool | None = None
+    # context_management: the edits applied (reported in the response), and the prompt's
+    # length before them (count_tokens reports it); None when the request asked for none
+    context_management: BetaContextManagementResponse | None = None
+    original_input_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -132,7 +138,19 @@ class PromptRenderer:
         )
 
     def render(self, request: ConversationParams) -> RenderedPrompt:
-        """Prompt for ``request``. Raises ``ChatTemplateError`` if the template refuses it.
+        """Prompt for ``request``, its ``context_management`` edits applied
+        (``chat/context_edits.py``; ``ContextManagementError`` when malformed)."""
+        config = context_management_of(request)
+        if config is None and not has_compaction(request):
+            return self._render_as_is(request)
+        edited = apply_context_edits(request, config or BetaContextManagementConfigParam(), self._render_as_is)
+        if config is None:
+            return edited.prompt
+        return replace(edited.prompt, context_management=edited.applied,
+                       original_input_tokens=edited.original_input_tokens)
+
+    def _render_as_is(self, request: ConversationParams) -> RenderedPrompt:
+        """Prompt for ``request`` as it is. Raises ``ChatTemplateError`` if the template refuses it.
 
         A template that renders tools natively but refuses this history (Llama 3.1's allows
         one call per turn) gets the built-in tool rendering instead, rather than an error.

@@ -13,6 +13,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field
 
 from pensieve.protocol.base import ResponseModel
+from pensieve.protocol.context_management import BetaContextManagementResponse
 from pensieve.protocol.errors import ErrorObject
 from pensieve.protocol.responses import (
     ContentBlock,
@@ -83,6 +84,7 @@ class RawMessageDeltaEvent(ResponseModel):
     type: Literal["message_delta"] = "message_delta"
     delta: MessageDelta
     usage: MessageDeltaUsage
+    context_management: BetaContextManagementResponse | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class RawMessageStopEvent(ResponseModel):

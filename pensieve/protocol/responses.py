@@ -7,6 +7,10 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field
 
 from pensieve.protocol.base import ResponseModel
+from pensieve.protocol.context_management import (
+    BetaContextManagementResponse,
+    BetaCountTokensContextManagementResponse,
+)
 
 StopReason = Literal[
     "end_turn",
@@ -109,9 +113,13 @@ class Message(ResponseModel):
     stop_sequence: str | None = None
     stop_details: RefusalStopDetails | None = None
     usage: Usage
+    # only where the request asked for context management (absent otherwise, as in the API)
+    context_management: BetaContextManagementResponse | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class MessageTokensCount(ResponseModel):
     """Body returned by ``POST /v1/messages/count_tokens``."""
 
     input_tokens: int
+    context_management: BetaCountTokensContextManagementResponse | None = Field(
+        default=None, exclude_if=lambda v: v is None)

@@ -28,6 +28,7 @@ from pensieve.api.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_stream, with_pings
 from pensieve.api.state import services_of
 from pensieve.chat import collect_message, message_events
 from pensieve.engine.routing import routing_hint
+from pensieve.protocol.context_management import BetaCountTokensContextManagementResponse
 from pensieve.protocol import (
     MessageCountTokensParams,
     MessageCreateParams,
@@ -77,7 +78,11 @@ async def count_tokens(request: Request) -> Response:
     body = parse_body(MessageCountTokensParams, await read_body(request, services.config.max_body_bytes,
                                                                  services.config.body_timeout_s))
     prompt = await render_prompt(services, body)
-    return json_response(MessageTokensCount(input_tokens=prompt.num_tokens))
+    original = prompt.original_input_tokens  # set where context_management edited the prompt
+    return json_response(MessageTokensCount(
+        input_tokens=prompt.num_tokens,
+        context_management=(None if original is None
+                            else BetaCountTokensContextManagementResponse(original_input_tokens=original))))
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
