@@ -14,6 +14,7 @@ from pensieve.api.config import ApiConfig
 from pensieve.api.errors import install_error_handlers
 from pensieve.api.metrics import MetricsMiddleware, ServerMetrics
 from pensieve.api.middleware import RequestIdMiddleware
+from pensieve.api.model_pool import ModelPool
 from pensieve.api.routes import health, messages, metrics, models, openai_chat, openai_completions, status
 from pensieve.api.routes.batches import install_batches
 from pensieve.api.state import GenerationClient, Services
@@ -21,7 +22,7 @@ from pensieve.chat import PromptRenderer
 
 
 def create_app(config: ApiConfig, engine: GenerationClient, renderer: PromptRenderer,
-               batches: BatchConfig | None = None) -> FastAPI:
+               batches: BatchConfig | None = None, pool: ModelPool | None = None) -> FastAPI:
     """An app serving ``engine`` under the Anthropic Messages API.
 
     The engine's lifecycle (start, shutdown) belongs to the caller; the Message Batches runner's
@@ -35,7 +36,9 @@ def create_app(config: ApiConfig, engine: GenerationClient, renderer: PromptRend
     app.router.redirect_slashes = False  # POST /v1/messages/ is a 404 (as the API's), not a 307
     app.state.services = Services(config=config, engine=engine, renderer=renderer)
     app.router.lifespan_context = install_batches(app, app.state.services, batches).lifespan
-    app.state.metrics = ServerMetrics(lambda: {config.model_id: _snapshot(engine)})
+    app.state.pool = pool  # several models (pensieve serve --config); ``engine`` is its first
+    app.state.metrics = ServerMetrics(pool.snapshots if pool is not None
+                                      else lambda: {config.model_id: _snapshot(engine)})
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)

@@ -9,9 +9,10 @@ import logging
 import os
 import threading
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over the Anthropic Messages API")
     p.add_argument("--model", help="GGUF file, HF safetensors folder or a model store name "
                    "(pensieve pull; default: SmolLM2-135M)")
+    p.add_argument("--config", metavar="FILE", help="serve several models routed by name, as the TOML "
+                   "file lists them (docs/models.md); the other flags are every model's defaults")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7777)
     p.add_argument("--api-key", action="append", default=[], help="require this key (repeatable); "
@@ -126,7 +129,12 @@ def run(ns: argparse.Namespace) -> int:
     settings = settings_from_args(ns, os.environ)
     check_bind(settings.host, settings.api_keys)
     started = time.perf_counter()
-    if getattr(ns, "backend", "auto") == "upstream":
+    if getattr(ns, "config", None):
+        from pensieve.cli.config_file import load_config_file
+        from pensieve.cli.serve_pool import build_pool_app
+
+        app, client = build_pool_app(ns, os.environ, load_config_file(ns.config), settings)
+    elif getattr(ns, "backend", "auto") == "upstream":
         from pensieve.cli.serve_upstream import build_upstream_app
 
         app, client = build_upstream_app(settings, ns)
@@ -187,6 +195,35 @@ def _exit_later() -> None:
 
 def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient)
     from pensieve.api.app import create_app
+
+    served = load_served_model(settings)
+    app = create_app(served.config, served.client, served.renderer, settings.batches)
+    served.after_ready()
+    # Everything built so far lives as long as the server: keep the collector from walking it.
+    # Measured on CUDA: a full collection mid-generation stalled one decode step for 127 ms.
+    gc.freeze()
+    return app, served.client
+
+
+@dataclass
+class ServedModel:
+    """One model ready to serve: its running engine client, API config and renderer.
+    ``after_ready`` writes its packed-weights copy on first start (off the ready path)."""
+
+    client: Any
+    config: Any  # api.config.ApiConfig
+    renderer: Any  # chat.prompt.PromptRenderer
+    write_cache: Callable[[], None] | None = None
+
+    def after_ready(self) -> None:
+        if self.write_cache is not None:
+            self.write_cache()
+            self.write_cache = None
+
+
+def load_served_model(settings: ServeSettings, api_config: Callable[..., Any] | None = None) -> ServedModel:
+    """Load ``settings.model_path`` and start its engine; ``api_config`` builds its
+    ``ApiConfig`` from the keyword arguments (default: ``ApiConfig`` itself)."""
     from pensieve.api.config import ApiConfig
     from pensieve.backends.torch_backend import torch_engine
     from pensieve.chat.prompt import PromptRenderer
@@ -223,7 +260,7 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
     name = settings.served_name or ckpt.name
     client = EngineClient(engine, name, max_waiting=engine_cfg.max_waiting)
     client.start()
-    api_cfg = ApiConfig(
+    api_cfg = (api_config or ApiConfig)(
         api_keys=settings.api_keys,
         model_id=name,
         model_aliases=settings.aliases,
@@ -235,13 +272,7 @@ def build_app(settings: ServeSettings):  # noqa: ANN201 - (FastAPI, EngineClient
         request_timeout_s=settings.request_timeout_s,
     )
     renderer = PromptRenderer(ckpt.tokenizer, ckpt.chat_template)
-    app = create_app(api_cfg, client, renderer, settings.batches)
-    if write_cache is not None:  # first start of this model: its packed copy, off the ready path
-        write_cache()
-    # Everything built so far lives as long as the server: keep the collector from walking it.
-    # Measured on CUDA: a full collection mid-generation stalled one decode step for 127 ms.
-    gc.freeze()
-    return app, client
+    return ServedModel(client, api_cfg, renderer, write_cache)
 
 
 GRAMMAR_PREPARE_DELAY_S = 1.0  # after build_app: uvicorn's start is not slowed by the import

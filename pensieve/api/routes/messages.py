@@ -22,6 +22,7 @@ from pensieve.api.generation import (
     start_deltas,
     with_deadline,
 )
+from pensieve.api.model_pool import services_for
 from pensieve.api.responses import json_response
 from pensieve.api.session_key import routing_hint_for
 from pensieve.api.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_stream, with_pings
@@ -51,6 +52,7 @@ async def create_message(request: Request) -> Response:
     body = parse_body(MessageCreateParams, await read_body(request, services.config.max_body_bytes,
                                                                  services.config.body_timeout_s))
     request_id: str = request.state.request_id
+    services = await services_for(request, body.model)  # the model it names (several: a pool)
     request.state.model = services.config.resolve_model(body.model)  # the served id, for metrics
     prepared = await prepare_generation(services, body, request_id)
     log.debug("%s: %d prompt tokens, max_tokens %d, stream=%s",
@@ -77,7 +79,7 @@ async def count_tokens(request: Request) -> Response:
     services = services_of(request)
     body = parse_body(MessageCountTokensParams, await read_body(request, services.config.max_body_bytes,
                                                                  services.config.body_timeout_s))
-    prompt = await render_prompt(services, body)
+    prompt = await render_prompt(await services_for(request, body.model), body)
     original = prompt.original_input_tokens  # set where context_management edited the prompt
     return json_response(MessageTokensCount(
         input_tokens=prompt.num_tokens,

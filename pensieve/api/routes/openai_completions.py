@@ -23,6 +23,7 @@ from pensieve.api.generation import (
 )
 from pensieve.api.openai_request import check_unsupported, invalid_param, stop_list
 from pensieve.api.openai_stream import completion_sse, new_completion_id, openai_sse, text_completion
+from pensieve.api.model_pool import services_for
 from pensieve.api.responses import json_response
 from pensieve.api.routes.messages import _unless_disconnected
 from pensieve.api.sse import SSE_HEADERS, SSE_MEDIA_TYPE, with_pings
@@ -45,6 +46,7 @@ async def create_completion(request: Request) -> Response:
     check_admission(services)
     body = parse_body(CompletionCreateParams, await read_body(request, services.config.max_body_bytes,
                                                               services.config.body_timeout_s))
+    services = await services_for(request, body.model)  # the model it names (several: a pool)
     request.state.model = services.config.resolve_model(body.model)  # the served id, for metrics
     check_unsupported(body)
     check_model(services.config, body.model)
