@@ -57,10 +57,17 @@ def request_body(dialect: Dialect, model: str, prompt_ids: list[int], params: Sa
         body["seed"] = params.seed
     if stop_token_ids and not params.ignore_eos:
         body["stop_token_ids"] = sorted(stop_token_ids)
-    constraint = structured_outputs(params.grammar)
+    constraint = structured_outputs(upstream_grammar(params))
     if constraint is not None:
         body["structured_outputs"] = constraint
     return body
+
+
+def upstream_grammar(params: SamplingParams) -> GrammarSpec | None:
+    """The grammar the upstream can enforce: none while the model may think first (Pensieve's
+    own engine pauses a grammar during thinking; an upstream would constrain the thinking
+    text too), so such tool calls are parsed but not constrained."""
+    return params.grammar if params.thinking_budget is None else None
 
 
 def structured_outputs(grammar: GrammarSpec | None) -> dict[str, Any] | None:
@@ -90,9 +97,10 @@ def _sglang_body(prompt_ids: list[int], params: SamplingParams,
         sampling["stop_token_ids"] = sorted(stop_token_ids)
     if params.seed is not None:
         sampling["sampling_seed"] = params.seed
-    if params.grammar is not None:
-        key = {"json_schema": "json_schema", "ebnf": "ebnf"}.get(params.grammar.kind, "structural_tag")
-        sampling[key] = params.grammar.payload
+    grammar = upstream_grammar(params)
+    if grammar is not None:
+        key = {"json_schema": "json_schema", "ebnf": "ebnf"}.get(grammar.kind, "structural_tag")
+        sampling[key] = grammar.payload
     return {"input_ids": list(prompt_ids), "sampling_params": sampling, "stream": True}
 
 

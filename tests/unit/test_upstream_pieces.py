@@ -144,3 +144,12 @@ def test_sglang_chunks_are_cumulative() -> None:
     last = reader.read(json.dumps({"output_ids": [1, 2, 3], "meta_info": {
         "finish_reason": {"type": "stop"}, "prompt_tokens": 9, "cached_tokens": 8}}))
     assert last.token_ids == [3] and last.finish_reason == "stop" and last.cached_tokens == 8
+
+
+def test_no_grammar_goes_upstream_while_the_model_may_think() -> None:
+    from pensieve.engine.types import ThinkingBudget
+
+    grammar = GrammarSpec("ebnf", "root ::= \"a\"")
+    thinking = SamplingParams(grammar=grammar, thinking_budget=ThinkingBudget((7,), None, starts_open=True))
+    assert "structured_outputs" not in request_body("vllm", "m", [1], thinking, frozenset())
+    assert "ebnf" not in request_body("sglang", "m", [1], thinking, frozenset())["sampling_params"]
