@@ -5,29 +5,43 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pensieve.cli import claude, models_cmd, pull, serve
+from pensieve.cli import claude, daemon, models_cmd, pull, run
+
+# Store and daemon commands never import torch (serve does, ~7 s on 2 busy cores).
+LIGHT_COMMANDS = frozenset({"pull", "models", "rm", "start", "stop", "status", "logs", "ps",
+                            "run"})
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(light: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pensieve", description="Local LLM server speaking the Anthropic Messages API"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve.add_parser(sub)
+    if not light:
+        from pensieve.cli import serve
+
+        serve.add_parser(sub)
     claude.add_parser(sub)
     pull.add_parser(sub)
     models_cmd.add_parser(sub)
+    daemon.add_parser(sub)
+    run.add_parser(sub)
     return parser
+
+
+def _errors() -> tuple[type[Exception], ...]:
+    serve = sys.modules.get("pensieve.cli.serve")
+    return (ValueError,) if serve is None else (serve.StartupError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["claude"]:  # its arguments mostly belong to Claude Code: no argparse here
         return claude.run(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser(light=argv[:1] != [] and argv[0] in LIGHT_COMMANDS).parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (serve.StartupError, ValueError) as exc:
+    except _errors() as exc:
         print(f"pensieve: error: {exc}", file=sys.stderr)
         return 2
 
