@@ -1,0 +1,87 @@
+"""Structured outputs and strict tools at the grammar level: which grammar a request gets
+(``decoding_constraints``), degradation instead of errors, and the schema instruction in the
+prompt. The real model's answers are checked in tests/integration/test_structured_outputs.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pensieve.chat import PromptRenderer
+from pensieve.chat.output_format import FORMAT_INSTRUCTION, OutputFormatError
+from pensieve.chat.tool_grammar import decoding_constraints
+from pensieve.engine.grammar import grammar_available
+from pensieve.protocol import MessageCreateParams
+from tests.helpers.api_fakes import CharTokenizer
+
+pytestmark = pytest.mark.skipif(not grammar_available(), reason="xgrammar is not installed")
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "pattern": "^[a-z]+$"},
+                                           "n": {"type": "integer", "minimum": 0}},
+          "required": ["answer", "n"], "additionalProperties": False}
+WEATHER = {"name": "get_weather", "strict": True, "input_schema": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def constraints(**body: object):
+    renderer = PromptRenderer(CharTokenizer(), None)
+    request = MessageCreateParams.model_validate(
+        {"model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}], **body})
+    prompt = renderer.render(request)
+    grammar, _ = decoding_constraints(prompt, renderer.tokenizer)
+    return prompt, grammar
+
+
+def fmt(schema: object) -> dict:
+    return {"format": {"type": "json_schema", "schema": schema}}
+
+
+def test_a_format_alone_constrains_the_whole_answer_and_asks_for_it_in_the_prompt():
+    prompt, grammar = constraints(output_config=fmt(SCHEMA))
+    assert grammar is not None and grammar.kind == "ebnf" and grammar.fallback is not None
+    assert '\\"answer\\"' in grammar.payload and "root ::=" in grammar.payload
+    assert FORMAT_INSTRUCTION + json.dumps(SCHEMA, separators=(",", ":")) in prompt.text
+    assert prompt.output_schema == SCHEMA
+
+
+def test_with_auto_tools_the_grammar_is_calls_or_the_answer():
+    _, grammar = constraints(output_config=fmt(SCHEMA), tools=[WEATHER])
+    tag = json.loads(grammar.payload)["format"]
+    assert grammar.kind == "structural_tag" and tag["type"] == "or"
+    forced_calls, answer = tag["elements"]
+    assert forced_calls["type"] == "tags_with_separator" and '"get_weather"' in forced_calls["tags"][0]["begin"]
+    assert answer["type"] == "grammar" and '\\"answer\\"' in answer["grammar"]
+
+
+def test_a_forced_call_leaves_no_text_to_format_and_none_leaves_only_the_answer():
+    _, forced = constraints(output_config=fmt(SCHEMA), tools=[WEATHER], tool_choice={"type": "any"})
+    assert json.loads(forced.payload)["format"]["type"] == "tags_with_separator"
+    _, none = constraints(output_config=fmt(SCHEMA), tools=[WEATHER], tool_choice={"type": "none"})
+    assert none.kind == "ebnf" and '\\"answer\\"' in none.payload
+
+
+def test_a_strict_tool_under_auto_is_constrained_once_a_call_opens():
+    _, grammar = constraints(tools=[WEATHER])
+    tag = json.loads(grammar.payload)["format"]
+    assert tag["type"] == "triggered_tags" and tag["triggers"] == ["<tool_call>"]
+    assert '\\"city\\"' in tag["tags"][0]["content"]["grammar"]  # the arguments follow the schema
+
+
+def test_a_prefill_turns_the_constraint_off():
+    _, grammar = constraints(output_config=fmt(SCHEMA),
+                             messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "{"}])
+    assert grammar is None
+
+
+def test_a_schema_xgrammar_cannot_compile_degrades_instead_of_failing(caplog):
+    odd = {"type": "object", "properties": {"x": {"type": "string", "pattern": "(?<=a)b"}}, "required": ["x"]}
+    _, grammar = constraints(output_config=fmt(odd))
+    assert grammar is not None and '\\"x\\"' in grammar.payload  # the structure kept, the pattern dropped
+    assert "dropped pattern" in caplog.text
+
+
+def test_unknown_format_types_are_ignored_and_a_missing_schema_is_refused():
+    prompt, grammar = constraints(output_config={"format": {"type": "regex_2030", "regex": "a+"}})
+    assert grammar is None and FORMAT_INSTRUCTION not in prompt.text
+    with pytest.raises(OutputFormatError):
+        constraints(output_config={"format": {"type": "json_schema"}})
