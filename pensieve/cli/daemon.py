@@ -272,7 +272,7 @@ def summary(body: dict[str, Any], metrics: str, state: DaemonState) -> list[tupl
     models = body.get("models") or []
     loaded = [m.get("id", "?") for m in models if m.get("loaded", True)]
     requests = sum(float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
-                   if ln.startswith("pensieve_requests_total{"))
+                   if ln.startswith("pensieve_requests_total{") and _is_model_route(ln))
     recent = [b["tokens_per_s"] for b in body.get("throughput", [])][-12:]  # the last minute
     return [
         ("url", f"{state.url} (pid {state.pid})"),
@@ -283,6 +283,14 @@ def summary(body: dict[str, Any], metrics: str, state: DaemonState) -> list[tupl
         ("tokens/s", f"{sum(recent) / len(recent):.1f} (last minute)" if recent else "-"),
         ("cache hits", f"{100 * float(body.get('cache_hit_rate', 0)):.1f}% of prompt tokens"),
     ]
+
+
+MODEL_ROUTES = ("/v1/messages", "/v1/chat/completions", "/v1/completions")
+
+
+def _is_model_route(line: str) -> bool:
+    """A ``pensieve_requests_total`` sample of a generation route (not health/status/metrics)."""
+    return any(f'route="{r}' in line for r in MODEL_ROUTES)
 
 
 def _rss(pid: int) -> str:
