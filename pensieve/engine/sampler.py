@@ -111,22 +111,36 @@ def sample_ids(
         ids = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if not is_greedy(p)]
         if rows:
+            whole = len(rows) == len(params)
+            index = None if whole else _to_device(rows, torch.long, logits.device)
+            picked = logits if index is None else logits.index_select(0, index)
+            picked_bad = bad if index is None else bad.index_select(0, index)
             # sanitise failed rows so sampling never sees them (a device assert on CUDA)
-            picked = logits[rows] if len(rows) < len(params) else logits
-            picked = torch.where(bad[rows].unsqueeze(-1), torch.zeros((), dtype=logits.dtype,
-                                                                      device=logits.device), picked)
+            picked = torch.where(picked_bad.unsqueeze(-1), torch.zeros((), dtype=logits.dtype,
+                                                                       device=logits.device), picked)
             drawn = _sample_batch(picked, [params[i] for i in rows], [generators[i] for i in rows])
-            ids[rows] = drawn
+            ids = drawn if index is None else ids.index_copy_(0, index, drawn)
         ids = ids.masked_fill(bad, 0)
     return ids, bad
 
 
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on ``device`` without a sync: a pageable host-to-device copy waits
+    for the GPU's queue (the forward in flight), a pinned one with ``non_blocking`` does not."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _sample_batch(logits: torch.Tensor, params: list[SamplingParams],
                   generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One draw per row of ``logits`` [n, V] with each row's temperature, top-k and top-p."""
+    """One draw per row of ``logits`` [n, V] with each row's temperature, top-k and top-p.
+    Every decision is made on the host's copy of the parameters: nothing here waits for the
+    device."""
     device, vocab = logits.device, logits.shape[-1]
-    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-    rows = logits.float() / temps.to(device, non_blocking=True).unsqueeze(-1)
+    temps = _to_device([p.temperature for p in params], torch.float32, device)
+    rows = logits.float() / temps.unsqueeze(-1)
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     top_p = [p.top_p if p.top_p < 1.0 else 2.0 for p in params]  # 2.0: keeps every token
     if any(top_k) or any(p < 1.0 for p in top_p):
@@ -151,13 +165,15 @@ def _top_k_top_p(rows: torch.Tensor, top_k: list[int], top_p: list[float]) -> to
     the smallest set reaching its top-p mass set to -inf; 0 / ≥ 1.0 leave a row whole."""
     device = rows.device
     ordered, order = torch.sort(rows, dim=-1, descending=True)
-    ks = torch.tensor(top_k, dtype=torch.long)
-    if bool((ks > 0).any()):
-        kth = ordered.gather(1, (ks.clamp(min=1) - 1).to(device).unsqueeze(-1))
-        kth = torch.where((ks > 0).to(device).unsqueeze(-1), kth, torch.full_like(kth, float("-inf")))
+    if any(top_k):
+        at = _to_device([max(k, 1) - 1 for k in top_k], torch.long, device)
+        kth = ordered.gather(1, at.unsqueeze(-1))
+        if not all(top_k):
+            whole = _to_device([k == 0 for k in top_k], torch.bool, device)
+            kth = kth.masked_fill(whole.unsqueeze(-1), float("-inf"))
         ordered = ordered.masked_fill(ordered < kth, float("-inf"))
-    ps = torch.tensor(top_p, dtype=torch.float32).to(device).unsqueeze(-1)
-    if bool((ps < 1.0).any()):
+    if any(p < 1.0 for p in top_p):
+        ps = _to_device(top_p, torch.float32, device).unsqueeze(-1)
         probs = torch.softmax(ordered, dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= ps  # the mass before this token reached top_p
         drop[:, 0] = False

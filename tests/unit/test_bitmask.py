@@ -75,3 +75,32 @@ def test_apply_rows_on_cuda_equals_the_cpu_rows():
     for _ in range(3):  # pinned buffers reused by the caching host allocator
         applier.apply_rows(on_gpu, list(range(1, 9)), masks)
     assert torch.equal(on_gpu.cpu(), expected)
+
+
+def test_masks_and_sampling_never_wait_for_the_gpu():
+    """Async scheduling masks and samples step N+1's logits while the GPU still runs: neither
+    the batched masks nor the batched sampler may synchronise with the device."""
+    import pytest
+
+    from pensieve.engine.sampler import sample_ids
+    from pensieve.engine.types import SamplingParams
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    vocab = 151_936
+    masks = _masks(vocab, 3)
+    applier = BitmaskApplier(vocab)
+    logits = torch.randn(5, vocab, device="cuda")
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=50),
+              SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9),
+              SamplingParams(temperature=0.0)]
+    gens = [None, torch.Generator(device="cuda").manual_seed(1), None, None, None]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        applier.apply_rows(logits, [1, 2, 4], masks)
+        ids, bad = sample_ids(logits, params, gens)
+        every = sample_ids(logits, [SamplingParams(temperature=1.0)] * 5, [None] * 5)[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert ids.shape == (5,) and every.shape == (5,) and not bad.any().item()

@@ -21,7 +21,7 @@ from pensieve.backends.torch_backend import build_model, torch_engine  # noqa: E
 from pensieve.engine.config import EngineConfig  # noqa: E402
 from pensieve.engine.types import SamplingParams  # noqa: E402
 from pensieve.loaders.registry import load_checkpoint  # noqa: E402
-from tests.helpers.tiny_families import Q  # noqa: E402
+from tests.helpers.tiny_families import Q, VOCAB  # noqa: E402
 from tests.unit.test_families_vs_transformers import (  # noqa: E402
     BLOCK, CASES, gguf_case, prompt,
 )
@@ -55,7 +55,7 @@ def root(tmp_path_factory):
 def test_cuda_float32_greedy_equals_cpu(root, name):
     case = CASES[name]
     _, path = gguf_case(root, name)
-    ids = prompt(case.seq - 8, seed=3)  # past gemma3's window of 8
+    ids = prompt(case.seq - 8, VOCAB, seed=3)  # past gemma3's window of 8
     cpu = greedy(path, case.context, ids, "cpu", torch.float32)
     assert greedy(path, case.context, ids, "cuda", torch.float32) == cpu
 
@@ -67,7 +67,7 @@ def test_cuda_float32_greedy_equals_cpu(root, name):
 def test_cuda_bf16_first_token_equals_cpu(root, name, qtype, int4):
     case = CASES[name]
     _, path = gguf_case(root, name, qtype)
-    ids = prompt(case.seq - 8, seed=4)
+    ids = prompt(case.seq - 8, VOCAB, seed=4)
     cpu = greedy(path, case.context, ids, "cpu", torch.float32)
     got = greedy(path, case.context, ids, "cuda", torch.bfloat16, keep_int4=int4)
     print(f"{name} {qtype.name} int4={int4}: cpu {cpu} cuda-bf16 {got}")
