@@ -264,3 +264,61 @@ def _without_compaction_blocks(request: ConversationParams) -> ConversationParam
             messages[i] = message.model_copy(update={"content": kept or ""})
             changed = True
     return request.model_copy(update={"messages": messages}) if changed else request
+
+
+SUMMARY_INSTRUCTIONS = (
+    "Write a summary of the conversation so far that lets it continue from the summary alone: "
+    "the user's goals and requests, what has been done (tool calls and the results that still "
+    "matter), facts and decisions established, open questions, and where the task stands with "
+    "its next step. Be concise and specific. Write only the summary."
+)
+
+
+def summarization_request(body: dict[str, Any], instructions: str | None) -> dict[str, Any]:
+    """The request that asks the model for a compaction summary of ``body``'s conversation
+    (a JSON body): its messages, then the instructions (``instructions`` replace the default
+    ones unless blank) as a user turn; no tool may be called and nothing is edited."""
+    prompt = instructions if instructions and instructions.strip() else SUMMARY_INSTRUCTIONS
+    summary = {key: value for key, value in body.items()
+               if key not in ("context_management", "compaction", "stream", "output_config", "thinking",
+                              "tool_choice", "stop_sequences")}
+    messages = list(body["messages"])
+    last = messages[-1] if messages else None
+    if last is not None and last.get("role") == "user":
+        content = last["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+        messages[-1] = {**last, "content": [*blocks, {"type": "text", "text": prompt}]}
+    else:
+        messages.append({"role": "user", "content": prompt})
+    summary["messages"] = messages
+    if summary.get("tools"):
+        summary["tool_choice"] = {"type": "none"}
+    return summary
+
+
+def continuation_request(body: dict[str, Any], summary: str | None) -> dict[str, Any]:
+    """``body`` (a JSON body) after compaction: its conversation replaced by the summary, the
+    last user turn (the request being answered) kept after it; the compaction edit removed."""
+    messages = body["messages"]
+    last = messages[-1] if messages else None
+    opener: list[dict[str, Any]] = [{"type": "text", "text": COMPACTION_PREFIX + (summary or "")}]
+    if last is not None and last.get("role") == "user":
+        content = last["content"]
+        opener += [{"type": "text", "text": content}] if isinstance(content, str) else [
+            _as_text(block) for block in content]
+    out = {**body, "messages": [{"role": "user", "content": opener}]}
+    edits = [e for e in (body.get("context_management") or {}).get("edits", [])
+             if isinstance(e, dict) and e.get("type") != "compact_20260112"]
+    if "context_management" in body:
+        out["context_management"] = {**body["context_management"], "edits": edits}
+    return out
+
+
+def _as_text(block: Any) -> Any:
+    """A tool result kept after compaction loses its call (summarised away): its text stays."""
+    if not isinstance(block, dict) or block.get("type") != "tool_result":
+        return block
+    content = block.get("content")
+    if isinstance(content, list):
+        content = "\n".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return {"type": "text", "text": f"[result of the last tool call]\n{content or ''}"}

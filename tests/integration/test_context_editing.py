@@ -90,3 +90,62 @@ def test_malformed_edits_are_a_400(client):
                                     messages=[{"role": "user", "content": "Hi"}],
                                     context_management={"edits": [{"type": "clear_tool_uses_20250919",
                                                                    "keep": {"type": "tool_uses", "value": -2}}]})
+
+
+COMPACT_BETAS = ["compact-2026-01-12"]
+CHAT = [{"role": "user", "content": "My name is Ada and I am planning a trip to Paris in May."},
+        {"role": "assistant", "content": "That sounds lovely! Paris in May is beautiful."},
+        {"role": "user", "content": "What should I pack?"}]
+
+
+def test_a_compaction_request_answers_with_the_summary_block_alone(client):
+    msg = client.beta.messages.create(model="claude-sonnet-5", max_tokens=48, messages=CHAT, betas=COMPACT_BETAS,
+                                      compaction={"type": "summarize"}, extra_body={"temperature": 0})
+    assert msg.stop_reason == "compaction"
+    [block] = msg.content
+    assert block.type == "compaction" and block.content and block.content.strip()
+    assert msg.usage.output_tokens > 0
+    with client.beta.messages.stream(model="claude-sonnet-5", max_tokens=48, messages=CHAT, betas=COMPACT_BETAS,
+                                     compaction={"type": "summarize"}, extra_body={"temperature": 0}) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert final.stop_reason == "compaction" and final.content[0].content == block.content
+
+    sent_back = [{"role": "assistant", "content": [{"type": "compaction", "content": block.content}]},
+                 {"role": "user", "content": "And what about shoes?"}]
+    long_count = client.beta.messages.count_tokens(model="claude-sonnet-5", messages=[*CHAT, *sent_back],
+                                                   betas=COMPACT_BETAS)
+    alone = client.beta.messages.count_tokens(model="claude-sonnet-5", messages=sent_back, betas=COMPACT_BETAS)
+    assert long_count.input_tokens == alone.input_tokens  # what preceded the block was dropped
+    answer = client.beta.messages.create(model="claude-sonnet-5", max_tokens=8, betas=COMPACT_BETAS,
+                                         messages=[*CHAT, *sent_back])
+    assert answer.content and answer.stop_reason in ("end_turn", "max_tokens")
+
+
+def test_the_compact_edit_summarises_then_answers_in_the_same_response(client):
+    edit = {"type": "compact_20260112", "trigger": {"type": "input_tokens", "value": 10}}
+    kwargs = dict(model="claude-sonnet-5", max_tokens=24, messages=CHAT, betas=COMPACT_BETAS,
+                  context_management={"edits": [edit]}, extra_body={"temperature": 0})
+    msg = client.beta.messages.create(**kwargs)
+    assert [b.type for b in msg.content][:2] == ["compaction", "text"] and msg.content[0].content
+    assert msg.stop_reason in ("end_turn", "max_tokens")
+    with client.beta.messages.stream(**kwargs) as stream:
+        final = stream.get_final_message()
+    assert [b.type for b in final.content][:2] == ["compaction", "text"]
+    assert final.content[0].content == msg.content[0].content and final.content[1].text == msg.content[1].text
+
+    paused = client.beta.messages.create(**{**kwargs, "context_management": {
+        "edits": [{**edit, "pause_after_compaction": True}]}})
+    assert paused.stop_reason == "compaction" and [b.type for b in paused.content] == ["compaction"]
+
+    untriggered = client.beta.messages.create(**{**kwargs, "context_management": {
+        "edits": [{**edit, "trigger": {"type": "input_tokens", "value": 100_000}}]}})
+    assert all(b.type != "compaction" for b in untriggered.content)
+    assert untriggered.context_management.applied_edits == []
+
+
+def test_compaction_and_context_management_together_are_a_400(client):
+    with pytest.raises(anthropic.BadRequestError, match="cannot be combined"):
+        client.beta.messages.create(model="claude-sonnet-5", max_tokens=8, messages=CHAT, betas=COMPACT_BETAS,
+                                    compaction={"type": "summarize"}, context_management={"edits": []})

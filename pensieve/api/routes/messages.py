@@ -15,6 +15,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from pensieve.api.auth import require_api_key
 from pensieve.api.body import CLIENT_CLOSED_REQUEST, parse_body, read_body
+from pensieve.api.compaction import compaction_response
 from pensieve.api.generation import (
     check_admission,
     prepare_generation,
@@ -54,6 +55,9 @@ async def create_message(request: Request) -> Response:
     request_id: str = request.state.request_id
     services = await services_for(request, body.model)  # the model it names (several: a pool)
     request.state.model = services.config.resolve_model(body.model)  # the served id, for metrics
+    compacted = await compaction_response(services, body, request_id)  # the compaction beta
+    if compacted is not None:
+        return compacted
     prepared = await prepare_generation(services, body, request_id)
     log.debug("%s: %d prompt tokens, max_tokens %d, stream=%s",
               request_id, prepared.prompt.num_tokens, prepared.params.max_tokens, bool(body.stream))
