@@ -64,7 +64,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
         children.append(router)
         vllm_env.wait_ready(router, "/health", time.monotonic() + 120)
         with pensieve_server("--backend", "upstream", "--upstream", router.url,
-                             "--model", str(gguf)) as base:
+                             "--model", str(gguf), "--served-name", "smol") as base:
             yield {"base": base, "replicas": replicas, "router": router}
     finally:
         for child in reversed(children):
@@ -110,8 +110,8 @@ def test_sessions_stay_on_one_replica_and_hit_its_cache(world: dict[str, object]
 
 def test_forced_tool_call_is_schema_valid(world: dict[str, object]) -> None:
     reply = _sdk(world).messages.create(
-        model="smol", max_tokens=80, tools=[WEATHER],
-        tool_choice={"type": "tool", "name": "get_weather"},
+        model="smol", max_tokens=120, tools=[WEATHER],
+        tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
         messages=[{"role": "user", "content": "Is it raining in Paris?"}],
         extra_body={"temperature": 0})
     calls = [b for b in reply.content if b.type == "tool_use"]
