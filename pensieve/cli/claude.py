@@ -195,8 +195,33 @@ def server_is_up(url: str, timeout: float = 1.0) -> bool:
 
 def served_model(url: str, key: str | None) -> dict:
     """The first model of ``GET /v1/models`` (id, max_input_tokens …)."""
+    return served_models(url, key)[0]
+
+
+# Claude Code's tiers: the env slots each ``claude-<tier>…`` route fills (with several models)
+TIER_SLOTS = {
+    "haiku": ("ANTHROPIC_DEFAULT_HAIKU_MODEL", "ANTHROPIC_SMALL_FAST_MODEL"),
+    "sonnet": ("ANTHROPIC_DEFAULT_SONNET_MODEL", "ANTHROPIC_MODEL", "CLAUDE_CODE_SUBAGENT_MODEL"),
+    "opus": ("ANTHROPIC_DEFAULT_OPUS_MODEL",),
+}
+
+
+def tier_models(models: Sequence[Mapping[str, object]]) -> dict[str, str]:
+    """Env slot → model id from the server's routes: the first listed id starting with
+    ``claude-haiku`` fills the haiku slots, ``claude-sonnet`` the sonnet ones (the main and
+    subagent model too), ``claude-opus`` the opus one. Slots without a route are left out."""
+    out: dict[str, str] = {}
+    for tier, slots in TIER_SLOTS.items():
+        found = next((str(m["id"]) for m in models if str(m.get("id", "")).startswith(f"claude-{tier}")), None)
+        if found is not None:
+            out.update(dict.fromkeys(slots, found))
+    return out
+
+
+def served_models(url: str, key: str | None) -> list[dict]:
+    """``GET /v1/models?limit=1000``: every model id the server lists (routes first)."""
     try:
-        status, body = _get(f"{url}/v1/models", key, 10.0)
+        status, body = _get(f"{url}/v1/models?limit=1000", key, 10.0)
     except OSError as exc:
         raise LaunchError(f"{url}/v1/models did not answer: {exc}") from exc
     if status in (401, 403):
@@ -204,7 +229,8 @@ def served_model(url: str, key: str | None) -> dict:
                           "PENSIEVE_API_KEY")
     try:
         models = json.loads(body)["data"]
-        return dict(models[0])
+        first = dict(models[0])  # IndexError when the list is empty
+        return [first, *(dict(m) for m in models[1:])]
     except (ValueError, KeyError, IndexError, TypeError):
         raise LaunchError(f"{url}/v1/models answered {status} without a model list") from None
 
@@ -256,13 +282,15 @@ class BackgroundServer:
 
 
 def claude_env(base: Mapping[str, str], url: str, key: str, model: str,
-               config_dir: Path) -> dict[str, str]:
-    """The environment Claude Code runs in: this server, this model, nothing else."""
+               config_dir: Path, tiers: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment Claude Code runs in: this server, this model (or, with several, each
+    tier's: ``tiers`` maps slots to ids), nothing else."""
     env = {k: v for k, v in base.items() if k not in DROPPED_ENV}
     env.update(QUIET_ENV)
     env["ANTHROPIC_BASE_URL"] = url
     env["ANTHROPIC_API_KEY"] = key
     env.update(dict.fromkeys(MODEL_SLOTS, model))
+    env.update(tiers or {})
     env["CLAUDE_CONFIG_DIR"] = str(config_dir)
     env.setdefault("API_TIMEOUT_MS", LONG_REQUEST_TIMEOUT_MS)
     return env
@@ -314,13 +342,18 @@ def launch(settings: LaunchSettings, claude_args: Sequence[str], env: Mapping[st
         else:
             server = BackgroundServer(settings)
             server.start(settings.startup_timeout_s)
-        model = served_model(settings.url, settings.api_key)
+        models = served_models(settings.url, settings.api_key)
+        model, tiers = models[0], tier_models(models)
         _note(f"Claude Code → {settings.url} ({model.get('id')}, "
               f"context {model.get('max_input_tokens', '?')} tokens)")
         _warn_small_context(model.get("max_input_tokens"))
         key = settings.api_key or PLACEHOLDER_KEY
         prepare_config_dir(settings.config_dir, key)
-        child_env = claude_env(env, settings.url, key, str(model["id"]), settings.config_dir)
+        main = tiers.get("ANTHROPIC_MODEL", str(model["id"]))
+        if len({*tiers.values()}) > 1:
+            _note("Claude Code tiers: " + ", ".join(f"{t} → {tiers[slots[0]]}" for t, slots in TIER_SLOTS.items()
+                                                      if slots[0] in tiers))
+        child_env = claude_env(env, settings.url, key, main, settings.config_dir, tiers)
         return run_claude(claude_bin, claude_args, child_env)
     finally:
         if server is not None:

@@ -150,3 +150,24 @@ def test_idle_model_unloads_and_loads_again(base_url):
     assert state["small"] is False and state["main"] is True  # main is the first model: kept
     again = client.messages.create(model="claude-haiku-4-5", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
     assert again.usage.output_tokens > 0 and loaded(base_url)["small"] is True
+
+
+def test_pensieve_claude_sets_each_tier_from_the_routes(base_url, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dump = tmp_path / "env.txt"
+    fake = tmp_path / "claude"
+    fake.write_text(f"#!/bin/sh\nenv > {dump}\n")
+    fake.chmod(0o755)
+    done = subprocess.run([sys.executable, "-m", "pensieve.cli.main", "claude", "--url", base_url,
+                           "--claude-bin", str(fake), "--config-dir", str(tmp_path / "cc"), "-p", "hi"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    env = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
+    assert env["ANTHROPIC_DEFAULT_HAIKU_MODEL"] == env["ANTHROPIC_SMALL_FAST_MODEL"] == "claude-haiku-small"
+    assert env["ANTHROPIC_DEFAULT_SONNET_MODEL"] == env["ANTHROPIC_MODEL"] == "claude-sonnet-main"
+    assert env["CLAUDE_CODE_SUBAGENT_MODEL"] == "claude-sonnet-main"
+    assert env["ANTHROPIC_DEFAULT_OPUS_MODEL"] == "claude-opus-main"
+    assert "haiku → claude-haiku-small" in done.stderr
