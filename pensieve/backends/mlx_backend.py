@@ -5,19 +5,20 @@ with the same ``Engine`` as the PyTorch backend."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pensieve.engine.config import EngineConfig
-from pensieve.engine.engine import Engine
 from pensieve.loaders.checkpoint import CheckpointError
 from pensieve.loaders.safetensors import read_chat_template
 from pensieve.loaders.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from pensieve.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,8 @@ def load_mlx_model(path: str | Path, kv_itemsize: int = 2) -> MlxModel:
 def mlx_engine(loaded: MlxModel, config: EngineConfig) -> Engine:
     """The engine over an MLX model: the MLX runner composed with the shared ``Engine``."""
     from pensieve.backends.mlx_runner import MlxRunner
+    from pensieve.engine.engine import Engine
 
     runner = MlxRunner(loaded.model, config, loaded.kv_bytes_per_token)
     return Engine(runner, loaded.tokenizer, config, loaded.vocab_size)
 
-
-def read_config(folder: Path) -> dict[str, Any]:
-    with open(folder / "config.json", encoding="utf-8") as f:
-        return json.load(f)

@@ -57,6 +57,19 @@ def layer_windows(model: Any) -> list[int | None]:
     return windows
 
 
+class _LastRow:
+    """An mlx-lm decoder (``Model.model``) whose output keeps only the last position."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+        return self._inner(*args, **kwargs)[:, -1:, :]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 class MlxRunner:
     """Runs the engine's steps through an mlx-lm ``Model`` (``model(ids, cache=[...])``)."""
 
@@ -107,8 +120,16 @@ class MlxRunner:
                         for c in chunks])
         caches = [PagedLayerCache(self.pool, layer, layout, window)
                   for layer, window in enumerate(self.windows)]
-        hidden = self.model(ids, cache=caches)  # [B, L, V]
-        return hidden[:, -1, :]
+        inner = self.model.get("model") if chunks[0].num_tokens > 1 else None
+        if inner is None:  # a decode call, or a model not laid out as Model(model=...): all rows
+            return self.model(ids, cache=caches)[:, -1, :]
+        # the output layer only on the last row: the inner decoder's output is cut to it
+        # before the model's own head (tied or not, soft-capped or not) runs
+        self.model["model"] = _LastRow(inner)
+        try:
+            return self.model(ids, cache=caches)[:, -1, :]
+        finally:
+            self.model["model"] = inner
 
     def _layout(self, chunks: list[ScheduledChunk]) -> StepLayout:
         bs = self.block_size

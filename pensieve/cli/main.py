@@ -18,9 +18,10 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     if not light:
-        from pensieve.cli import serve
+        from pensieve.cli import convert, serve
 
         serve.add_parser(sub)
+        convert.add_parser(sub)
     claude.add_parser(sub)
     pull.add_parser(sub)
     models_cmd.add_parser(sub)

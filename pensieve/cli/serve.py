@@ -103,8 +103,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "layer), float (dequantised), or auto: int4 where it times faster here "
                         "(default; also PENSIEVE_WEIGHTS)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="what runs the model: auto/torch (in this process), or upstream: vLLM or "
-                        "SGLang servers given by --upstream (docs/deployment.md)")
+                   help="what runs the model: torch or mlx (in this process; auto: mlx on Apple "
+                        "silicon where pensieve[mlx] is installed, else torch), or upstream: vLLM "
+                        "or SGLang servers given by --upstream (docs/deployment.md)")
     add_upstream_args(p)
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
@@ -232,6 +233,10 @@ def load_served_model(settings: ServeSettings, api_config: Callable[..., Any] | 
 
     from pensieve.backends.cpu_memory import bound_heap, release_free_memory
 
+    if settings.backend == "mlx":
+        from pensieve.cli.serve_mlx import load_mlx_served_model
+
+        return load_mlx_served_model(settings, api_config)
     on_cpu = torch.device(settings.engine.device).type == "cpu"
     if on_cpu:
         bound_heap()  # before loading: see backends/cpu_memory.py

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import platform
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,7 +18,8 @@ from pensieve.models.args import ModelArgs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS = ("auto", "float", "int4")  # --weights: backends/kernel_choice.choose resolves it
-BACKENDS = ("auto", "torch", "upstream")  # --backend (upstream: cli/serve_upstream.py)
+BACKENDS = ("auto", "torch", "mlx", "upstream")  # --backend (upstream: cli/serve_upstream.py,
+# mlx: cli/serve_mlx.py; auto: mlx on Apple silicon where installed, else torch)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class ServeSettings:
     request_timeout_s: float | None = 3600.0  # a generation's deadline from its arrival; None → none
     header_timeout_s: float = 30.0  # a connection's request head must be complete within this
     batches: BatchConfig = field(default_factory=BatchConfig)  # Message Batches: folder, concurrency
+    backend: str = "torch"  # what runs the model, --backend resolved: "torch" | "mlx" | "upstream"
 
     def context_plan(self, args: ModelArgs) -> ContextPlan:
         return plan_context(args, self.context_length, self.rope_scale, self.rope_type)
@@ -125,7 +128,7 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
                          "out to serve without authentication on loopback")
     model, sampling, store_name = _model_source(ns, env, default_model_path)
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = ns.dtype or ("bfloat16" if device == "cuda" else "float32")
+    dtype_name = ns.dtype or default_dtype(device)
     keys = tuple(ns.api_key) + tuple(k for k in env.get("PENSIEVE_API_KEY", "").split(",") if k)
     aliases = {}
     for item in ns.alias:
@@ -177,7 +180,41 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
         request_timeout_s=request_timeout or None,  # --request-timeout 0: no deadline
         header_timeout_s=header_timeout,
         batches=batch_config(ns, env),
+        backend=resolve_backend(getattr(ns, "backend", None) or "auto"),
     )
+
+
+X86_64 = frozenset({"x86_64", "amd64"})
+
+
+def default_dtype(device: str, machine: str | None = None) -> str:
+    """The weights' float type when ``--dtype`` is not given: bfloat16 on CUDA, and on a CPU
+    without the x86-64 kernels (Linux arm64, a Mac without MLX), where float32 would read
+    twice the bytes per token for no gain; float32 on x86-64 CPUs, whose compiled kernels and
+    oneDNN paths take float32 activations."""
+    if device != "cpu":
+        return "bfloat16" if device == "cuda" else "float32"
+    machine = (machine or platform.machine()).lower()
+    return "float32" if machine in X86_64 else "bfloat16"
+
+
+def resolve_backend(requested: str, *, apple_silicon: bool | None = None,
+                    mlx_installed: bool | None = None) -> str:
+    """``--backend``: ``auto`` is mlx on Apple silicon where mlx and mlx-lm are installed
+    (``pip install "pensieve[mlx]"``), else torch; ``mlx`` without them is an error."""
+    from pensieve.backends.mlx_backend import apple_silicon as on_apple, mlx_available
+
+    if requested not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+    if requested in ("torch", "upstream"):
+        return requested
+    installed = mlx_available() if mlx_installed is None else mlx_installed
+    if requested == "mlx":
+        if not installed:
+            raise ValueError('--backend mlx needs mlx and mlx-lm: pip install "pensieve[mlx]"')
+        return "mlx"
+    apple = on_apple() if apple_silicon is None else apple_silicon
+    return "mlx" if apple and installed else "torch"
 
 
 def batch_config(ns: argparse.Namespace, env: Mapping[str, str]) -> BatchConfig:

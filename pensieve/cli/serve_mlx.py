@@ -1,0 +1,75 @@
+"""`pensieve serve --backend mlx` (the default on Apple silicon with pensieve[mlx]): the MLX
+engine behind the same engine client, API config and prompt renderer as the torch backend."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from pensieve.cli.serve import GRAMMAR_PREPARE_DELAY_S, ServedModel, StartupError, _prepare_grammars
+from pensieve.cli.settings import ServeSettings
+
+log = logging.getLogger("pensieve")
+
+
+def mlx_context(settings: ServeSettings, trained: int) -> int:
+    """The context to serve: ``--context-length`` up to the model's trained length (RoPE
+    scaling beyond it is not applied on MLX: a clear error instead)."""
+    if settings.rope_scale is not None and settings.rope_scale != 1:
+        raise StartupError("--rope-scale is not supported by the MLX backend; "
+                           "use --backend torch to extend the context")
+    requested = settings.context_length
+    if requested is not None and requested > trained:
+        raise StartupError(f"--context-length {requested} exceeds the model's trained {trained}: "
+                           "the MLX backend does not scale RoPE (use --backend torch)")
+    return requested or trained
+
+
+def load_mlx_served_model(settings: ServeSettings,
+                          api_config: Callable[..., Any] | None = None) -> ServedModel:
+    """Load ``settings.model_path`` (an MLX folder, or a GGUF converted once) and start its
+    engine; the KV pool keeps the model's own activation type and the ``kv_cache_bytes``
+    budget."""
+    from pensieve.api.config import ApiConfig
+    from pensieve.backends.mlx_backend import load_mlx_model, mlx_engine
+    from pensieve.chat.prompt import PromptRenderer
+    from pensieve.engine.client import EngineClient
+    from pensieve.loaders.checkpoint import CheckpointError
+
+    started = time.perf_counter()
+    try:
+        loaded = load_mlx_model(settings.model_path)
+    except (CheckpointError, ValueError) as exc:
+        raise StartupError(str(exc)) from exc
+    context = mlx_context(settings, loaded.context_length)
+    engine_cfg = replace(settings.engine, device="cpu", kv_dtype=None, context_length=context,
+                         async_scheduling=False)
+    try:
+        engine = mlx_engine(loaded, engine_cfg)
+    except ValueError as exc:  # an architecture whose layers are not all key/value attention
+        raise StartupError(f"{loaded.path}: {exc}") from exc
+    log.info("MLX model %s loaded from %s [%.2f s]; context %d tokens, KV pool up to %d blocks",
+             loaded.name, loaded.path, time.perf_counter() - started, context,
+             engine.runner.num_blocks)
+    prepare = threading.Timer(GRAMMAR_PREPARE_DELAY_S, _prepare_grammars, args=(engine,))
+    prepare.daemon = True
+    prepare.start()
+    name = settings.served_name or loaded.name
+    client = EngineClient(engine, name, max_waiting=engine_cfg.max_waiting)
+    client.start()
+    api_cfg = (api_config or ApiConfig)(
+        api_keys=settings.api_keys,
+        model_id=name,
+        model_aliases=settings.aliases,
+        context_length=context,
+        default_temperature=settings.default_temperature,
+        default_top_p=settings.default_top_p,
+        default_top_k=settings.default_top_k,
+        dry=settings.dry,
+        request_timeout_s=settings.request_timeout_s,
+    )
+    return ServedModel(client, api_cfg, PromptRenderer(loaded.tokenizer, loaded.chat_template))
