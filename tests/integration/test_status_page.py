@@ -51,7 +51,7 @@ def test_status_page_shows_model_running_request_and_chart(tmp_path: Path):
                 browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                              args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
                 page = browser.new_page(viewport={"width": 1200, "height": 900})
-                page.goto(f"{url}/ui")
+                page.goto(url)  # a browser asking for / is sent to the page
                 page.wait_for_selector("#running tr.request", timeout=PAGE_TIMEOUT_MS)
                 page.wait_for_function("Number(document.getElementById('chart').dataset.total) > 0",
                                        timeout=PAGE_TIMEOUT_MS)
@@ -62,6 +62,7 @@ def test_status_page_shows_model_running_request_and_chart(tmp_path: Path):
                 cells = row.locator("td").all_inner_texts()
                 line = page.get_attribute("#chart-line", "d")
                 hit_rate = page.inner_text("#hit-rate")
+                final_url = page.url
                 browser.close()
         finally:
             stop.set()
@@ -73,3 +74,4 @@ def test_status_page_shows_model_running_request_and_chart(tmp_path: Path):
     assert line and line.count("L") > 10  # a polyline over the window's buckets
     assert hit_rate.endswith("%")
     assert shot.stat().st_size > 10_000
+    assert final_url.endswith("/ui")

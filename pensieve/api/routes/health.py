@@ -8,7 +8,7 @@ reported as ``step_running_s``.
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from pensieve.api.state import services_of
 
@@ -36,4 +36,6 @@ async def health(request: Request) -> JSONResponse:
 async def root(request: Request) -> Response:
     if request.method == "HEAD":
         return Response(status_code=200)
+    if "text/html" in request.headers.get("accept", ""):  # a browser: the live status page
+        return RedirectResponse("/ui", status_code=307)
     return JSONResponse({"name": "pensieve", "model": services_of(request).config.model_id})
