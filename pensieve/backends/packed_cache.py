@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pensieve.backends.cpu_quant.codes_linear import F_Q4, F_Q8G16, CodesLinear
+from pensieve.backends.cpu_quant.codes_linear import F_Q4, F_Q6, F_Q8G16, CodesLinear, Q6Codes
 from pensieve.backends.cpu_quant.linear import Q4Linear, Q8Linear
 from pensieve.backends.quantize import EMBED, HEAD
 from pensieve.backends.torch_backend import ModelWeights
@@ -188,6 +188,8 @@ def _codes(tensors: dict[str, torch.Tensor], prefix: str, spec: dict[str, Any]
     mins = None if mins is None else mins.view(torch.float16)
     if spec["fmt"] == F_Q4:
         return Int4Groups.from_nibbles(codes, scales, mins, 32)
+    if spec["fmt"] == F_Q6:
+        return Q6Codes(codes, scales)
     return Int8Groups(codes, scales, mins, 16 if spec["fmt"] == F_Q8G16 else 32,
                       spec.get("kind", ""))
 

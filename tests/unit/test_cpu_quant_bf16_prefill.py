@@ -11,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from pensieve.backends.cpu_quant import bf16_prefill, load_kernels
-from pensieve.backends.cpu_quant.codes_linear import CodesLinear
+from pensieve.backends.cpu_quant.codes_linear import F_Q4, F_Q6, F_Q8, CodesLinear
 from pensieve.backends.cpu_quant.linear import Q4Linear, Q8Linear, pack_q8
 from pensieve.backends.cpu_quant.mlp import Q4MLP
 from pensieve.loaders.int4_codes import quant_groups
@@ -72,7 +72,7 @@ def test_mixed_three_blocks_and_tiles(monkeypatch):
     types = [(Q.Q4_K, 64), (Q.Q4_K, 32), (Q.Q6_K, 32), (Q.Q5_0, 19)]
     made = [codes(t, n, k, seed=i) for i, (t, n) in enumerate(types)]
     layer = CodesLinear(KERNELS, [g for g, _ in made], bias=torch.randn(147), threads=2)
-    assert layer.formats == [0, 2, 1]
+    assert layer.formats == [F_Q4, F_Q6, F_Q8]
     layer.bf16_from = 32
     ref_w = torch.cat([w for _, w in made])
     x = activations(70, k, seed=1)

@@ -9,7 +9,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from pensieve.backends.cpu_quant import load_kernels
-from pensieve.backends.cpu_quant.codes_linear import CodesLinear, blocks_fit
+from pensieve.backends.cpu_quant.codes_linear import F_Q4, F_Q6, F_Q8, CodesLinear, blocks_fit
 from pensieve.loaders.int4_codes import Int8Groups, quant_groups
 from pensieve.loaders.quants import dequantize, reference_dequantize
 from pensieve.models.quant_linear import Int4Groups
@@ -106,7 +106,7 @@ def test_a_fused_projection_mixes_formats_in_one_call():
     parts = [quant_groups(r, t, (n, k)) for r, (t, n) in zip(raws, types)]
     assert blocks_fit(parts)
     layer = CodesLinear(KERNELS, parts, bias=torch.randn(147))
-    assert layer.formats == [0, 2, 1] and layer.block_rows == [96, 32, 19]
+    assert layer.formats == [F_Q4, F_Q6, F_Q8] and layer.block_rows == [96, 32, 19]
     ref_w = torch.cat([reference_dequantize(r, t, (n, k)) for r, (t, n) in zip(raws, types)])
     for m in (1, 4, 64):
         x = activations(m, k, seed=m)

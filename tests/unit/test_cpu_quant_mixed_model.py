@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pensieve.backends.cpu_quant import load_kernels
-from pensieve.backends.cpu_quant.codes_linear import CodesLinear
+from pensieve.backends.cpu_quant.codes_linear import F_Q4, F_Q6, CodesLinear
 from pensieve.models.args import ModelArgs
 from tests.unit.test_cpu_quant_codes import Q, random_tensor
 
@@ -61,7 +61,7 @@ def mixed_engine(decoder: bool):
     cfg = EngineConfig(context_length=512, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
     engine = torch_engine(model, args, ByteTokenizer(), cfg)
     assert isinstance(model.model.layers[0].self_attn.qkv_proj, CodesLinear)
-    assert model.model.layers[0].self_attn.qkv_proj.formats == [0, 2]  # Q4_K q/k, Q6_K v
+    assert model.model.layers[0].self_attn.qkv_proj.formats == [F_Q4, F_Q6]  # Q4_K q/k, Q6_K v
     assert engine.runner.cpu_decoder is not None
     if not decoder:
         engine.runner.cpu_decoder = None

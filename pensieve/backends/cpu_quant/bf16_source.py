@@ -33,6 +33,14 @@ inline void bf16_scaled16(__m128i b, __m256 s, __m256 m, uint16_t* o, bool u4) {
   _mm_storeu_si128((__m128i*)(o + 8), bf16x8(_mm256_fmadd_ps(hi, s, m)));
 }
 
+// 16 int16 codes -> 16 bf16 code * s
+inline void bf16_scaled_i16(__m256i v, __m256 s, uint16_t* o) {
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)));
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)));
+  _mm_storeu_si128((__m128i*)o, bf16x8(_mm256_mul_ps(lo, s)));
+  _mm_storeu_si128((__m128i*)(o + 8), bf16x8(_mm256_mul_ps(hi, s)));
+}
+
 template <int F>
 void dequant_bf16_avx2(const Weights& W, int64_t n0, int64_t n1, uint16_t* out) {
   constexpr int SPB = scales_per_block(F);
@@ -44,7 +52,12 @@ void dequant_bf16_avx2(const Weights& W, int64_t n0, int64_t n1, uint16_t* out) 
       const __m256 s1 = SPB == 2 ? _mm256_set1_ps(_cvtsh_ss(W.scales[n * SG + g * SPB + 1])) : s;
       const __m256 m = W.mins ? _mm256_set1_ps(_cvtsh_ss(W.mins[n * G + g])) : _mm256_setzero_ps();
       uint16_t* o = out + (n - n0) * K + g * QK;
-      if (F != F_Q4) {
+      if (F == F_Q6) {
+        __m256i lo, hi;
+        load_block16<F>(W, n, g, lo, hi);
+        bf16_scaled_i16(lo, s, o);
+        bf16_scaled_i16(hi, s1, o + 16);
+      } else if (F != F_Q4) {
         const uint8_t* c = W.codes + n * K + g * QK;
         bf16_scaled16(_mm_loadu_si128((const __m128i*)c), s, m, o, false);
         bf16_scaled16(_mm_loadu_si128((const __m128i*)(c + 16)), s1, m, o + 16, false);
@@ -68,7 +81,12 @@ void dequant_bf16_avx512(const Weights& W, int64_t n0, int64_t n1, uint16_t* out
       const __m512 s1 = SPB == 2 ? _mm512_set1_ps(_cvtsh_ss(W.scales[n * SG + g * SPB + 1])) : s;
       const __m512 m = W.mins ? _mm512_set1_ps(_cvtsh_ss(W.mins[n * G + g])) : _mm512_setzero_ps();
       __m512 lo, hi;
-      if (F != F_Q4) {
+      if (F == F_Q6) {
+        __m256i l16, h16;
+        load_block16<F>(W, n, g, l16, h16);
+        lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(l16));
+        hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(h16));
+      } else if (F != F_Q4) {
         const uint8_t* c = W.codes + n * K + g * QK;
         lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)c)));
         hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(c + 16))));
@@ -116,6 +134,7 @@ void pqx_dequant_bf16(const Proj* p, int64_t n0, int64_t n1, uint16_t* out, int 
         uint16_t* o = out + (lo - n0) * K;
         if (q.fmt == F_Q4) dequant_bf16<F_Q4>(W, lo - start, hi - start, o, isa);
         else if (q.fmt == F_Q8) dequant_bf16<F_Q8>(W, lo - start, hi - start, o, isa);
+        else if (q.fmt == F_Q6) dequant_bf16<F_Q6>(W, lo - start, hi - start, o, isa);
         else dequant_bf16<F_Q8G16>(W, lo - start, hi - start, o, isa);
       }
       start += q.rows;

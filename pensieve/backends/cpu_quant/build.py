@@ -29,7 +29,7 @@ from pensieve.backends.cpu_quant.source import KERNEL_SOURCE
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 14
+ABI_VERSION = 15
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++17", "-pthread")
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -45,6 +45,7 @@ SIGNATURES = {
     "pq8_rows": (_P, _P, _I64, _P, _I64, _I64, _P),
     "pq4_pack": (_P, _P, _P, _I64, _I64, _P, _P, _P),
     "pq8_pack": (_P, _I64, _I64, _P, _P),
+    "pq6_pack": (_P, _I64, _I64, _P),
     "pq4_mlp": (_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT),
     "pqx_linear": (_P, _I64, _P, _P, _INT, _INT),
     "pqx_mlp": (_P, _I64, _P, _P, _P, _INT),

@@ -8,7 +8,9 @@ runs on the kernel of its format (``source.py``):
 * ``F_Q4`` — 4-bit nibbles, float16 scale and min per 32 (Q4_0, Q4_1, Q4_K);
 * ``F_Q8`` — int8 codes, float16 scale per 32 and optionally a float16 min per 32 (Q8_0, Q5_0,
   Q5_1, Q5_K, IQ4_NL, IQ4_XS);
-* ``F_Q8G16`` — int8 codes, float16 scale per 16 (Q6_K).
+* ``F_Q8G16`` — int8 codes, float16 scale per 16 (group-16 codes other than Q6_K's);
+* ``F_Q6`` — Q6_K's 6-bit codes packed 24 bytes per 32 (``source.py``: ``q6_unpack``), float16
+  scale per 16: 7 bits a weight against 9 as int8 codes (the file's own Q6_K is 6.56).
 
 A ``Proj`` (mirrored from C) lists up to three row blocks; ``CodesLinear`` holds one, and
 ``proj_of`` gives one for ``Q4Linear``/``Q8Linear`` too, so the fused MLP and the one-call
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,8 +34,25 @@ from pensieve.backends.cpu_quant.linear import (
 from pensieve.loaders.int4_codes import Int8Groups
 from pensieve.models.quant_linear import Int4Groups
 
-F_Q4, F_Q8, F_Q8G16 = 0, 1, 2
+F_Q4, F_Q8, F_Q8G16, F_Q6 = 0, 1, 2, 3
 MAX_PARTS = 3
+Q6_BLOCK_BYTES = 24  # F_Q6 bytes per 32 codes
+
+
+@dataclass(frozen=True)
+class Q6Codes:
+    """Q6_K codes already in the ``F_Q6`` layout (``packed`` [N, K/32 · 24] uint8) with their
+    float16 scales per 16 [N, K/16]: a ``CodesLinear`` block as the packed cache stores it."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    ggml_type: str = "Q6_K"
+    group_size: int = 16
+    offsets: None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] // Q6_BLOCK_BYTES * GROUP
 
 
 class Part(ctypes.Structure):
@@ -47,7 +67,7 @@ class Proj(ctypes.Structure):
                 ("N", ctypes.c_int64)]
 
 
-Codes = Int4Groups | Int8Groups
+Codes = Int4Groups | Int8Groups | Q6Codes
 
 
 def codes_format(groups: Codes) -> tuple[int, bool] | None:
@@ -57,6 +77,9 @@ def codes_format(groups: Codes) -> tuple[int, bool] | None:
         return (F_Q4, True) if kernel_fits(k, groups.group_size) else None
     if not kernel_fits(k):
         return None
+    if isinstance(groups, Q6Codes) or (groups.ggml_type == "Q6_K" and groups.group_size == 16
+                                       and groups.offsets is None):
+        return F_Q6, False  # codes in -32..31 by the type's construction
     if groups.group_size == 16 and groups.offsets is None:
         return F_Q8G16, False
     if groups.group_size == GROUP:
@@ -89,10 +112,24 @@ def _pack_block(kernels: Kernels, parts: Sequence[Codes]) -> tuple[int, list[tor
     if fmt == F_Q4:
         return fmt, list(pack_q4(kernels, parts))
     bits = lambda ts: _stack_rows([t.view(torch.int16) for t in ts])  # noqa: E731
+    if fmt == F_Q6:
+        return fmt, [_stack_rows([_q6_packed(kernels, p) for p in parts]),
+                     bits([p.scales.to(torch.float16) for p in parts]), None]
     codes = _stack_rows([p.codes for p in parts])
     scales = bits([p.scales.to(torch.float16) for p in parts])
     mins = bits([p.offsets.to(torch.float16) for p in parts]) if has_min else None
     return fmt, [codes, scales, mins]
+
+
+def _q6_packed(kernels: Kernels, part: Int8Groups | Q6Codes) -> torch.Tensor:
+    """Q6_K codes in the ``F_Q6`` layout (packed in C; as they are for ``Q6Codes``)."""
+    if isinstance(part, Q6Codes):
+        return part.packed
+    n, k = part.shape
+    codes = part.codes.contiguous()
+    out = torch.empty(n, k // GROUP * Q6_BLOCK_BYTES, dtype=torch.uint8)
+    kernels.pq6_pack(codes.data_ptr(), n, k, out.data_ptr())
+    return out
 
 
 class CodesLinear(_QuantisedLinear):
@@ -105,7 +142,7 @@ class CodesLinear(_QuantisedLinear):
                  bias: torch.Tensor | None = None, dense_from: int = DENSE_FROM,
                  threads: int | None = None) -> None:
         super().__init__()
-        parts = [parts] if isinstance(parts, (Int4Groups, Int8Groups)) else list(parts)
+        parts = [parts] if isinstance(parts, (Int4Groups, Int8Groups, Q6Codes)) else list(parts)
         if not blocks_fit(parts):
             raise ValueError("no kernel format for these parts (K % 32, group 16/32, ≤ 3 formats)")
         self.in_features = parts[0].shape[1]

@@ -70,10 +70,8 @@ thread_local Panel panel_buf;
 // Unpack weight rows [n0, n0 + NP) (rows from `end` on as zeros) into P, a panel NP wide.
 template <int F, int NP = GNR>
 void pack_panel(const Weights& W, int64_t n0, int64_t end, Panel& P) {
-  constexpr bool Q8 = F != F_Q4;
   constexpr int SPB = scales_per_block(F);
-  const int64_t K = W.K, G = K / QK, row_bytes = Q8 ? K : K / 2, SG = G * SPB;
-  const __m256i m4 = _mm256_set1_epi16(0x0F);
+  const int64_t K = W.K, G = K / QK, SG = G * SPB;
   alignas(32) int32_t t[NP][16];  // one block of each row: 16 pairs
   for (int64_t g = 0; g < G; ++g) {
     for (int i = 0; i < NP; ++i) {
@@ -81,15 +79,7 @@ void pack_panel(const Weights& W, int64_t n0, int64_t end, Panel& P) {
       __m256i lo = _mm256_setzero_si256(), hi = lo;
       float s = 0.0f, s1 = 0.0f, m = 0.0f;
       if (n < end) {
-        const uint8_t* c = W.codes + n * row_bytes;
-        if (Q8) {
-          lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(c + g * QK)));
-          hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(c + g * QK + 16)));
-        } else {
-          const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(c + g * 16)));
-          lo = _mm256_and_si256(b, m4);
-          hi = _mm256_srli_epi16(b, 4);
-        }
+        load_block16<F>(W, n, g, lo, hi);
         if (W.mins) m = _cvtsh_ss(W.mins[n * G + g]);
         s = _cvtsh_ss(W.scales[n * SG + g * SPB]);
         if (SPB == 2) s1 = _cvtsh_ss(W.scales[n * SG + g * SPB + 1]);

@@ -109,12 +109,13 @@ const Quantised& quantise(const float* x, int64_t M, int64_t K) {
 // ------------------------------------------------------------------------- matmul
 
 // Code formats (``Part::fmt``): q4 nibbles with scales and mins per 32; int8 codes with a
-// scale (and optionally a min) per 32; int8 codes with a scale per 16 and no mins.
-enum : int { F_Q4 = 0, F_Q8 = 1, F_Q8G16 = 2 };
+// scale (and optionally a min) per 32; int8 codes with a scale per 16 and no mins; 6-bit
+// codes (Q6_K's -32..31) with a scale per 16 and no mins, packed 24 bytes a block.
+enum : int { F_Q4 = 0, F_Q8 = 1, F_Q8G16 = 2, F_Q6 = 3 };
 
 struct Weights {
-  const uint8_t* codes;    // q4: [N, K/2] nibbles; q8: [N, K] int8
-  const uint16_t* scales;  // [N, G] float16 ([N, 2G] for F_Q8G16)
+  const uint8_t* codes;    // q4: [N, K/2] nibbles; q8: [N, K] int8; q6: [N, K/32 * 24]
+  const uint16_t* scales;  // [N, G] float16 ([N, 2G] for F_Q8G16 and F_Q6)
   const uint16_t* mins;    // [N, G] float16, or null (q4 always has them)
   const float* bias;       // [N] or null
   int64_t K, N;
@@ -122,7 +123,41 @@ struct Weights {
   int64_t ld() const { return ldy ? ldy : N; }
 };
 
-constexpr int scales_per_block(int F) { return F == F_Q8G16 ? 2 : 1; }
+constexpr int scales_per_block(int F) { return F == F_Q8G16 || F == F_Q6 ? 2 : 1; }
+constexpr int64_t block_bytes(int F) { return F == F_Q4 ? 16 : F == F_Q6 ? 24 : 32; }
+
+// F_Q6's block of 32 codes c = u - 32 (u in 0..63): bytes 0..15 hold u_j & 15 in the low
+// nibble of byte j and u_{j+16} & 15 in its high nibble (the q4 order), bytes 16..23 the top
+// two bits of u_j, u_{j+8}, u_{j+16}, u_{j+24} in bits 0-1, 2-3, 4-5, 6-7 of byte 16 + j.
+// Unpacked: values 0..15 (lo) and 16..31 (hi) as int16.
+inline void q6_unpack(const uint8_t* p, __m256i& lo, __m256i& hi) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p));
+  const __m128i h8 = _mm_loadl_epi64((const __m128i*)(p + 16));
+  const __m256i h = _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(h8, h8));  // [h0..h7, h0..h7]
+  const __m256i three = _mm256_set1_epi16(3), m4 = _mm256_set1_epi16(15);
+  const __m256i off = _mm256_set1_epi16(32);
+  const __m256i ha = _mm256_and_si256(_mm256_blend_epi32(h, _mm256_srli_epi16(h, 2), 0xF0), three);
+  const __m256i hb = _mm256_and_si256(
+      _mm256_blend_epi32(_mm256_srli_epi16(h, 4), _mm256_srli_epi16(h, 6), 0xF0), three);
+  lo = _mm256_sub_epi16(_mm256_or_si256(_mm256_and_si256(b, m4), _mm256_slli_epi16(ha, 4)), off);
+  hi = _mm256_sub_epi16(_mm256_or_si256(_mm256_srli_epi16(b, 4), _mm256_slli_epi16(hb, 4)), off);
+}
+
+// Values 0..15 (lo) and 16..31 (hi) of block g of weight row n in format F, as int16.
+template <int F>
+inline void load_block16(const Weights& W, int64_t n, int64_t g, __m256i& lo, __m256i& hi) {
+  const uint8_t* c = W.codes + (n * (W.K / QK) + g) * block_bytes(F);
+  if (F == F_Q4) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)c));
+    lo = _mm256_and_si256(b, _mm256_set1_epi16(0x0F));
+    hi = _mm256_srli_epi16(b, 4);
+  } else if (F == F_Q6) {
+    q6_unpack(c, lo, hi);
+  } else {
+    lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)c));
+    hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(c + 16)));
+  }
+}
 
 // prod[g] = weight scale[g] * activation scale[g]; returns (for q4, wm != null) the min term
 // sum_g min[g] * activation block sum[g].
@@ -167,9 +202,8 @@ inline void prepare16(const uint16_t* ws, const float* xd, int64_t G, float* pro
 template <int NR, int R, int F>
 inline void tile_prologue(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0,
                           float* prod, float (&mterm)[NR][R]) {
-  constexpr bool Q8 = F != F_Q4;
   constexpr int SPB = scales_per_block(F);
-  const int64_t K = W.K, G = K / QK, row_bytes = Q8 ? K : K / 2, SG = G * SPB;
+  const int64_t K = W.K, G = K / QK, row_bytes = G * block_bytes(F), SG = G * SPB;
   const bool has_min = W.mins != nullptr;
   // each row is its own stream (plus its scales), more than the hardware prefetcher follows
   // well: prefetching PF_ROWS ahead is worth ~30% of decode matmul time
@@ -201,29 +235,17 @@ inline void tile_prologue(const Weights& W, int64_t n0, const Quantised& xq, int
 template <int NR, int R, int F>
 void dot_tile(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0, float* y,
               int64_t ldy) {
-  constexpr bool Q8 = F != F_Q4;
   constexpr int SPB = scales_per_block(F);
-  const int64_t K = W.K, G = K / QK, row_bytes = Q8 ? K : K / 2, SG = G * SPB;
+  const int64_t K = W.K, G = K / QK, SG = G * SPB;
   float* prod = (float*)__builtin_alloca(sizeof(float) * NR * R * SG);
   float mterm[NR][R];
   tile_prologue<NR, R, F>(W, n0, xq, m0, prod, mterm);
   __m256 acc[NR][R];
   for (int j = 0; j < NR; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
-  const __m256i m4 = _mm256_set1_epi16(0x0F);
   for (int64_t g = 0; g < G; ++g) {
     __m256i lo[NR], hi[NR];  // values 0..15 and 16..31 of the block, as int16
-    for (int j = 0; j < NR; ++j) {
-      const uint8_t* w = W.codes + (n0 + j) * row_bytes;
-      if (Q8) {
-        lo[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + g * QK)));
-        hi[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + g * QK + 16)));
-      } else {
-        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(w + g * 16)));
-        lo[j] = _mm256_and_si256(b, m4);
-        hi[j] = _mm256_srli_epi16(b, 4);
-      }
-    }
+    for (int j = 0; j < NR; ++j) load_block16<F>(W, n0 + j, g, lo[j], hi[j]);
     for (int r = 0; r < R; ++r) {
       const int16_t* x = xq.q + (m0 + r) * K + g * QK;
       const __m256i x0 = _mm256_loadu_si256((const __m256i*)x);
@@ -314,6 +336,7 @@ void proj_linear(const float* x, int64_t M, const Proj& p, float* y, int threads
     const Weights W{q.codes, q.scales, q.mins, q.bias, p.K, q.rows, p.N};
     if (q.fmt == F_Q4) part_call<F_Q4>(kind, x, M, W, y + row, threads);
     else if (q.fmt == F_Q8) part_call<F_Q8>(kind, x, M, W, y + row, threads);
+    else if (q.fmt == F_Q6) part_call<F_Q6>(kind, x, M, W, y + row, threads);
     else part_call<F_Q8G16>(kind, x, M, W, y + row, threads);
     row += q.rows;
   }
@@ -374,6 +397,14 @@ inline void store_scaled(const uint8_t* p, __m256 s, __m256 m, float* o, bool u4
   _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(hi, s, m));
 }
 
+// 16 int16 codes -> 16 floats code * s
+inline void store_scaled_i16(__m256i v, __m256 s, float* o) {
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)));
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)));
+  _mm256_storeu_ps(o, _mm256_mul_ps(lo, s));
+  _mm256_storeu_ps(o + 8, _mm256_mul_ps(hi, s));
+}
+
 // Float rows [n0, n1) of a matrix in format F, to out (rows K floats apart).
 template <int F>
 void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
@@ -387,7 +418,12 @@ void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
       const __m256 s1 = SPB == 2 ? _mm256_set1_ps(_cvtsh_ss(W.scales[n * SG + g * SPB + 1])) : s;
       const __m256 m = W.mins ? _mm256_set1_ps(_cvtsh_ss(W.mins[n * G + g])) : _mm256_setzero_ps();
       float* o = out + (n - n0) * K + g * QK;
-      if (Q8) {
+      if (F == F_Q6) {
+        __m256i lo, hi;
+        load_block16<F>(W, n, g, lo, hi);
+        store_scaled_i16(lo, s, o);
+        store_scaled_i16(hi, s1, o + 16);
+      } else if (Q8) {
         store_scaled(W.codes + n * K + g * QK, s, m, o, false);
         store_scaled(W.codes + n * K + g * QK + 16, s1, m, o + 16, false);
       } else {
@@ -405,7 +441,7 @@ void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
 
 extern "C" {
 
-int pq_abi_version() { return 14; }
+int pq_abi_version() { return 15; }
 
 // The row tiles' instruction set: 0 AVX2, 1 AVX-512 VNNI (refused where the CPU lacks it),
 // -1 only asks. Returns the one in effect.
@@ -467,6 +503,7 @@ void pqx_dequant(const Proj* p, float* out, int threads) {
     over_rows(q.rows, threads, [&](int64_t n0, int64_t n1) {
       if (q.fmt == F_Q4) dequant_rows<F_Q4>(W, n0, n1, o + n0 * K);
       else if (q.fmt == F_Q8) dequant_rows<F_Q8>(W, n0, n1, o + n0 * K);
+      else if (q.fmt == F_Q6) dequant_rows<F_Q6>(W, n0, n1, o + n0 * K);
       else dequant_rows<F_Q8G16>(W, n0, n1, o + n0 * K);
     });
     row += q.rows;
@@ -486,6 +523,7 @@ int64_t pqx_rows(const Proj* p, const int64_t* ids, int64_t T, float* out) {
     }
     if (q.fmt == F_Q4) dequant_rows<F_Q4>(W, ids[t], ids[t] + 1, out + t * p->K);
     else if (q.fmt == F_Q8G16) dequant_rows<F_Q8G16>(W, ids[t], ids[t] + 1, out + t * p->K);
+    else if (q.fmt == F_Q6) dequant_rows<F_Q6>(W, ids[t], ids[t] + 1, out + t * p->K);
     else dequant_rows<F_Q8>(W, ids[t], ids[t] + 1, out + t * p->K);
   }
   return bad;
@@ -531,6 +569,19 @@ void pq4_pack(const uint8_t* codes, const float* scales, const float* mins, int6
     _mm_storeu_si128((__m128i*)(out + i * 16), _mm_or_si128(lo, _mm_slli_epi16(hi, 4)));
     out_scales[i] = _cvtss_sh(scales[i], _MM_FROUND_TO_NEAREST_INT);
     out_mins[i] = _cvtss_sh(mins[i], _MM_FROUND_TO_NEAREST_INT);
+  }
+}
+
+// q6: int8 codes [N, K] in -32..31 -> F_Q6 blocks [N, K/32 * 24] (layout at q6_unpack).
+void pq6_pack(const int8_t* codes, int64_t N, int64_t K, uint8_t* out) {
+  for (int64_t i = 0; i < N * K / QK; ++i) {
+    const int8_t* c = codes + i * QK;
+    uint8_t* o = out + i * 24;
+    uint8_t u[32];
+    for (int j = 0; j < 32; ++j) u[j] = (uint8_t)(c[j] + 32) & 63;
+    for (int j = 0; j < 16; ++j) o[j] = (u[j] & 15) | (u[j + 16] & 15) << 4;
+    for (int j = 0; j < 8; ++j)
+      o[16 + j] = (u[j] >> 4) | (u[j + 8] >> 4) << 2 | (u[j + 16] >> 4) << 4 | (u[j + 24] >> 4) << 6;
   }
 }
 

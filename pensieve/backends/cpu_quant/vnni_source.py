@@ -21,8 +21,10 @@ Layouts per 512-bit step:
   hold block g, 8–15 block g+1, scaled by ``[p_g ×8, p_{g+1} ×8]``. An odd last block runs
   on 256-bit registers.
 * int8 codes, one scale per 32: a block's 32 codes widened to 32 int16, natural order.
-* int8 codes, scales per 16 (Q6_K): as above; lanes 0–7 are the first half block, 8–15 the
+* int8 codes, scales per 16: as above; lanes 0–7 are the first half block, 8–15 the
   second, scaled by ``[p_2g ×8, p_2g+1 ×8]``.
+* 6-bit codes (``F_Q6``, Q6_K): unpacked to int16 on 256-bit registers (``q6_unpack``),
+  joined, then as int8 codes per 16.
 
 Every function here carries ``VNNI_TARGET``; the rest of the library is compiled for AVX2,
 so a CPU without AVX-512 never executes an AVX-512 instruction as long as ``g_vnni`` stays 0
@@ -60,7 +62,7 @@ VNNI_TARGET void dot_tile_vnni(const Weights& W, int64_t n0, const Quantised& xq
                                float* y, int64_t ldy) {
   constexpr bool Q8 = F != F_Q4;
   constexpr int SPB = scales_per_block(F);
-  const int64_t K = W.K, G = K / QK, row_bytes = Q8 ? K : K / 2, SG = G * SPB;
+  const int64_t K = W.K, G = K / QK, row_bytes = G * block_bytes(F), SG = G * SPB;
   float* prod = (float*)__builtin_alloca(sizeof(float) * NR * R * SG);
   float mterm[NR][R];
   tile_prologue<NR, R, F>(W, n0, xq, m0, prod, mterm);
@@ -107,8 +109,16 @@ VNNI_TARGET void dot_tile_vnni(const Weights& W, int64_t n0, const Quantised& xq
   } else {
     for (int64_t g = 0; g < G; ++g) {
       __m512i wv[NR];
-      for (int j = 0; j < NR; ++j)
-        wv[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(W.codes + (n0 + j) * row_bytes + g * QK)));
+      for (int j = 0; j < NR; ++j) {
+        if (F == F_Q6) {  // unpacked on 256-bit registers, joined
+          __m256i lo, hi;
+          load_block16<F>(W, n0 + j, g, lo, hi);
+          wv[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        } else {
+          wv[j] = _mm512_cvtepi8_epi16(
+              _mm256_loadu_si256((const __m256i*)(W.codes + (n0 + j) * row_bytes + g * QK)));
+        }
+      }
       for (int r = 0; r < R; ++r) {
         const __m512i x = _mm512_loadu_si512((const void*)(xq.q + (m0 + r) * K + g * QK));
         for (int j = 0; j < NR; ++j) {
