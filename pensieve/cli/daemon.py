@@ -118,7 +118,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def serve_command(ns: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "pensieve.cli.main", "serve", "--host", ns.host,
            "--port", str(ns.port)]
-    for flag in ("model", "store", "context_length", "api_key"):
+    for flag in ("model", "store", "context_length"):  # the key goes by environment, not argv
         value = getattr(ns, flag, None)
         if value is not None:
             cmd += ["--" + flag.replace("_", "-"), str(value)]
@@ -160,12 +160,22 @@ def start_daemon(cmd: list[str], url: str, timeout_s: float, *, api_key: str | N
                   f"{' '.join(cmd)}\n".encode())
         out.flush()
         offset = out.tell()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+        child_env = dict(os.environ if env is None else env)
+        if api_key:  # not on the command line, where `ps` would show it
+            child_env["PENSIEVE_API_KEY"] = api_key
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     state = DaemonState(proc.pid, url, str(log), cmd, time.time(), api_key)
     path = pid_path(env)
-    path.write_text(json.dumps(asdict(state)))
-    _wait_ready(proc, state, offset, timeout_s, path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold the key
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(asdict(state)))
+    try:
+        _wait_ready(proc, state, offset, timeout_s, path)
+    except KeyboardInterrupt:
+        _terminate(proc.pid)
+        path.unlink(missing_ok=True)
+        raise DaemonError("interrupted: the server was stopped") from None
     return state
 
 

@@ -62,7 +62,6 @@ def ensure_server(ns: argparse.Namespace, key: str | None) -> tuple[str, str]:
     cmd = [sys.executable, "-m", "pensieve.cli.main", "serve", "--host",
            parts.hostname or "127.0.0.1", "--port", str(parts.port or 7777)]
     cmd += ["--model", ns.model] if ns.model else []
-    cmd += ["--api-key", key] if key else []
     start_daemon(cmd, url, ns.timeout, api_key=key)
     print(f"pensieve: started a background server at {url} (`pensieve stop` stops it)",
           file=sys.stderr)

@@ -28,16 +28,21 @@ def cli(*args: str, home: Path, timeout: float = 900) -> subprocess.CompletedPro
 
 def test_start_status_ps_logs_stop(tmp_path: Path) -> None:
     port = free_port()
-    started = cli("start", "--port", str(port), "--serve-arg=--device=cpu", home=tmp_path)
+    started = cli("start", "--port", str(port), "--api-key", "sekrit", "--serve-arg=--device=cpu",
+                  home=tmp_path)
     try:
         assert started.returncode == 0, started.stderr
         assert f"running at http://127.0.0.1:{port}" in started.stdout
         state = read_state({"PENSIEVE_HOME": str(tmp_path)})
         assert state is not None and state.url == f"http://127.0.0.1:{port}"
         assert (tmp_path / "logs" / "server.log").stat().st_size > 0
+        assert (tmp_path / "server.pid").stat().st_mode & 0o077 == 0  # it holds the key
+        assert b"sekrit" not in Path(f"/proc/{state.pid}/cmdline").read_bytes()
         again = cli("start", "--port", str(port), home=tmp_path)
         assert again.returncode == 0 and "already running" in again.stderr
-        client = anthropic.Anthropic(base_url=state.url, api_key="local", max_retries=0)
+        client = anthropic.Anthropic(base_url=state.url, api_key="sekrit", max_retries=0)
+        with pytest.raises(anthropic.AuthenticationError):
+            anthropic.Anthropic(base_url=state.url, api_key="wrong", max_retries=0).models.list()
         reply = client.messages.create(model="claude-sonnet-5", max_tokens=16,
                                        messages=[{"role": "user", "content": "Hi!"}])
         assert reply.content[0].text
