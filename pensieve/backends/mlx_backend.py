@@ -94,6 +94,6 @@ def mlx_engine(loaded: MlxModel, config: EngineConfig) -> Engine:
     from pensieve.backends.mlx_runner import MlxRunner
     from pensieve.engine.engine import Engine
 
-    runner = MlxRunner(loaded.model, config, loaded.kv_bytes_per_token)
+    runner = MlxRunner(loaded.model, config, loaded.kv_bytes_per_token, loaded.vocab_size)
     return Engine(runner, loaded.tokenizer, config, loaded.vocab_size)
 

@@ -73,8 +73,10 @@ class _LastRow:
 class MlxRunner:
     """Runs the engine's steps through an mlx-lm ``Model`` (``model(ids, cache=[...])``)."""
 
-    def __init__(self, model: Any, config: EngineConfig, kv_bytes_per_token: int) -> None:
+    def __init__(self, model: Any, config: EngineConfig, kv_bytes_per_token: int,
+                 vocab_size: int) -> None:
         self.model = model
+        self.vocab_size = vocab_size
         self.windows = layer_windows(model)
         self.device = torch.device("cpu")  # where the logits it returns live
         self.block_size = config.block_size
@@ -106,7 +108,7 @@ class MlxRunner:
         out = mx.stack([rows[i] for i in order]).astype(mx.float32) if order else None
         mx.eval(*([out] if out is not None else []), *self.pool.arrays())
         if out is None:
-            return torch.empty((0, 0))
+            return torch.empty((0, self.vocab_size))
         return torch.from_numpy(np.array(out, copy=True))
 
     @staticmethod
