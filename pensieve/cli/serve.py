@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pensieve.cli.serve_upstream import add_upstream_args
+from pensieve.cli.progress_line import Phase
 from pensieve.cli.settings import BACKENDS, WEIGHTS, ServeSettings, settings_from_args
 from pensieve.engine.types import DEFAULT_DRY
 
@@ -242,10 +243,12 @@ def load_served_model(settings: ServeSettings, api_config: Callable[..., Any] | 
         bound_heap()  # before loading: see backends/cpu_memory.py
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    choice = choose_weights(settings)
+    with Phase("choosing the weight kernels (the first start compiles them)"):
+        choice = choose_weights(settings)
     entry = _packed_entry(settings, choice) if on_cpu else None
     try:
-        ckpt, engine_cfg, model, write_cache = _load_model(settings, choice, entry)
+        with Phase(f"loading {Path(settings.model_path).name}"):
+            ckpt, engine_cfg, model, write_cache = _load_model(settings, choice, entry)
     except CheckpointError as exc:
         raise StartupError(str(exc)) from exc
     engine = torch_engine(model, ckpt.args, ckpt.tokenizer, engine_cfg)
