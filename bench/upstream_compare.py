@@ -35,6 +35,8 @@ FOLLOW_UPS = ("Thanks. Now list the files in the current directory.",
               "Good. What does the README say about installation?",
               "Summarise what you found in one sentence.",
               "Which file would you change first, and why?")
+ASKS = {"Read": "Use the Read tool to read the file /etc/hostname.",
+        "Bash": "Run `ls -la` with the Bash tool."}
 HEADERS = {"x-api-key": "bench", "anthropic-version": "2023-06-01"}
 
 
@@ -103,9 +105,8 @@ def tool_rate(base: str, body: dict[str, Any], trials: int) -> tuple[int, int]:
     for i in range(trials):
         trial = fresh_billing(body)
         trial.update(temperature=1.0, max_tokens=160)
-        trial["messages"] = [*trial["messages"][:-1], {"role": "user", "content": (
-            "Use the Read tool to read the file /etc/hostname." if i % 2 == 0 else
-            "Run `ls -la` with the Bash tool.")}]
+        asks = [ASKS[name] for name in schemas if name in ASKS]
+        trial["messages"] = [*trial["messages"][:-1], {"role": "user", "content": asks[i % len(asks)]}]
         reply = post(base, "/v1/messages", trial)
         calls = [b for b in reply["content"] if b.get("type") == "tool_use" and b.get("name") in schemas]
         try:
@@ -123,9 +124,10 @@ def main() -> None:
     ap.add_argument("--pensieve-replica", required=True)
     ap.add_argument("--vllm", required=True)
     ap.add_argument("--model", default="claude-sonnet-5")
-    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--tool-trials", type=int, default=10)
-    ap.add_argument("--tools", default="Bash,Read")
+    ap.add_argument("--tools", default="Read", help="the captured request's tools kept (its 24 "
+                    "are ~19k tokens; Read alone keeps 3.7k, in SmolLM2's 4096 of the CPU test)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ns = ap.parse_args()
     body = base_request(set(ns.tools.split(",")), ns.max_tokens)
