@@ -6,7 +6,8 @@ Formats (blocks of 32 along the input dimension K, ``G = K / 32`` blocks per row
   value ``j + 16`` in its high nibble (GGUF's Q4_0/Q4_1 order); ``scales``/``mins [N, G]``
   float16; ``w = code · scale + min``.
 * q8: ``codes [N, K]`` int8 in −127..127, ``scales [N, G]`` float16; ``w = code · scale``
-  (GGUF's Q8_0).
+  (GGUF's Q8_0); ``codes_linear.py`` lists the other int8-code formats and Q6_K's packed
+  6-bit one (``F_Q6``, unpacked by ``q6_unpack``).
 
 Activations are quantised once per call to int16 per 32-block (``x ≈ d·q``, ``d = max|x| /
 32767``), so the inner loop is integer multiply-adds (``madd_epi16``) and one float FMA per
@@ -15,6 +16,11 @@ block; the q4 ``min`` term needs no products: ``Σ x·(c·s + m) = s·d·Σ q·c
 results match float32 matmuls to ~2e-5 (int8: ~5e-3, 93% top-1 agreement with float on
 the default model), for ~10% of decode matmul time (decode is memory-bound; on AVX2 without
 VNNI the int8 path needs ``maddubs`` + ``madd`` + sign tricks, not much cheaper).
+
+Instruction sets: this file's kernels are AVX2; ``vnni_source.py`` and ``vnni_gemm_source.py``
+hold the same tiles on AVX-512 VNNI (``vpdpwssd`` on the same int16 activations: the same
+exact block sums), compiled per function for that target and run only where the CPU has it
+(``pq_set_isa``, chosen by ``build.default_isa``).
 
 Threads: a small work-sharing pool of its own (``pool_source.py``, no OpenMP), which never
 waits for a worker that has not started — on a loaded 2-core machine (load average 7) an
