@@ -154,5 +154,5 @@ def build_upstream_app(settings: ServeSettings, ns: argparse.Namespace):  # noqa
         dry=None,  # the loop guard needs logits: not applied upstream
         request_timeout_s=settings.request_timeout_s,
     )
-    app = create_app(api_cfg, client, PromptRenderer(tokenizer, template))
+    app = create_app(api_cfg, client, PromptRenderer(tokenizer, template), settings.batches)
     return app, client
