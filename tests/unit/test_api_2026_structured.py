@@ -85,3 +85,21 @@ def test_unknown_format_types_are_ignored_and_a_missing_schema_is_refused():
     assert grammar is None and FORMAT_INSTRUCTION not in prompt.text
     with pytest.raises(OutputFormatError):
         constraints(output_config={"format": {"type": "json_schema"}})
+
+
+THINK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+
+
+def test_on_a_reasoning_model_the_answer_grammar_waits_for_thinking_to_close():
+    renderer = PromptRenderer(CharTokenizer(), THINK_TEMPLATE)
+    request = MessageCreateParams.model_validate({
+        "model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}],
+        "output_config": fmt(SCHEMA), "thinking": {"type": "adaptive"}})
+    prompt = renderer.render(request)
+    grammar, budget = decoding_constraints(prompt, renderer.tokenizer)
+    assert grammar is not None and grammar.kind == "ebnf"
+    assert budget is not None and budget.starts_open  # tracked, so the grammar starts after </think>
+    assert budget.close_ids == tuple(renderer.tokenizer.encode("</think>"))
