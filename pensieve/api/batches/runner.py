@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -47,9 +47,12 @@ class RetryLater(Exception):
 
 
 class BatchRunner:
-    def __init__(self, store: BatchStore, services: Services, concurrency: int) -> None:
+    def __init__(self, store: BatchStore, services: Services, concurrency: int,
+                 services_for: Callable[[str], Awaitable[Services]] | None = None) -> None:
         self.store = store
         self.services = services
+        # the Services of the model a request names (a model pool); default: ``services``
+        self.services_for = services_for
         self.concurrency = concurrency
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -166,9 +169,10 @@ class BatchRunner:
         body = parse_body(MessageCreateParams, json.dumps(request.params).encode())
         if body.stream:
             raise invalid_request("stream: batch requests cannot be streamed")
-        prepared = await prepare_generation(self.services, body, request_id)
+        services = self.services if self.services_for is None else await self.services_for(body.model)
+        prepared = await prepare_generation(services, body, request_id)
         prepared = replace(prepared, params=replace(prepared.params, priority=BACKGROUND_PRIORITY))
-        deltas = await start_deltas(self.services.engine, prepared)
+        deltas = await start_deltas(services.engine, prepared)
         message = await collect_message(message_events(deltas, prepared.event_builder()))
         return message.model_dump_json()
 

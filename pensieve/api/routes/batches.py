@@ -39,7 +39,12 @@ class Batches:
 def install_batches(app: FastAPI, services: Services, config: BatchConfig) -> BatchRunner:
     """Mount the routes; the returned runner's ``lifespan`` starts and stops the work."""
     store = BatchStore(config.directory, config.expiry_s)
-    runner = BatchRunner(store, services, config.concurrency)
+
+    async def services_for(name: str) -> Services:
+        pool = getattr(app.state, "pool", None)  # several models: the one the request names
+        return services if pool is None else await pool.acquire(name)
+
+    runner = BatchRunner(store, services, config.concurrency, services_for)
     app.state.batches = Batches(config, store, runner)
     app.include_router(router)
     return runner
