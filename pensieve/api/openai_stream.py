@@ -143,16 +143,21 @@ PING = b": ping\n\n"  # an SSE comment: clients skip it, proxies see the connect
 
 async def chat_sse(events: AsyncIterator[StreamEvent], writer: ChunkWriter) -> AsyncIterator[bytes | ErrorEvent]:
     """Encoded chunks for ``events``; an ``error`` event is passed through for the route to
-    encode in OpenAI's shape."""
-    async for event in events:
-        if isinstance(event, PingEvent):
-            yield PING
-        elif isinstance(event, ErrorEvent):
-            yield event
-            return
-        else:
-            for chunk in writer.on_event(event):
-                yield encode_chunk(chunk)
+    encode in OpenAI's shape. ``events`` is closed however this ends (which aborts the
+    generation when the client left)."""
+    try:
+        async for event in events:
+            if isinstance(event, PingEvent):
+                yield PING
+            elif isinstance(event, ErrorEvent):
+                yield event
+                return
+            else:
+                for chunk in writer.on_event(event):
+                    yield encode_chunk(chunk)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await close_iterator(events)
 
 
 def chat_completion(message: Message, completion_id: str, model: str) -> ChatCompletion:
@@ -190,23 +195,27 @@ async def completion_sse(events: AsyncIterator[StreamEvent], completion_id: str,
         return Completion(id=completion_id, created=created, model=model,
                           choices=[CompletionChoice(text=text, finish_reason=reason)])  # type: ignore[arg-type]
 
-    async for event in events:
-        if isinstance(event, PingEvent):
-            yield PING
-        elif isinstance(event, ErrorEvent):
-            yield event
-            return
-        elif isinstance(event, RawContentBlockDeltaEvent) and isinstance(event.delta, TextDelta):
-            yield encode_chunk(chunk(event.delta.text))
-        elif isinstance(event, RawMessageDeltaEvent):
-            reason = "length" if finish_reason(event.delta.stop_reason) == "length" else "stop"
-            yield encode_chunk(chunk("", reason))
-            if include_usage:
-                u = event.usage
-                usage = usage_of(u.input_tokens, u.cache_read_input_tokens, u.cache_creation_input_tokens,
-                                 u.output_tokens)
-                yield encode_chunk(Completion(id=completion_id, created=created, model=model, choices=[],
-                                              usage=usage))
+    try:
+        async for event in events:
+            if isinstance(event, PingEvent):
+                yield PING
+            elif isinstance(event, ErrorEvent):
+                yield event
+                return
+            elif isinstance(event, RawContentBlockDeltaEvent) and isinstance(event.delta, TextDelta):
+                yield encode_chunk(chunk(event.delta.text))
+            elif isinstance(event, RawMessageDeltaEvent):
+                reason = "length" if finish_reason(event.delta.stop_reason) == "length" else "stop"
+                yield encode_chunk(chunk("", reason))
+                if include_usage:
+                    u = event.usage
+                    usage = usage_of(u.input_tokens, u.cache_read_input_tokens,
+                                     u.cache_creation_input_tokens, u.output_tokens)
+                    yield encode_chunk(Completion(id=completion_id, created=created, model=model,
+                                                  choices=[], usage=usage))
+    finally:
+        with anyio.CancelScope(shield=True):
+            await close_iterator(events)
 
 
 async def openai_sse(parts: AsyncIterator[bytes | ErrorEvent], request_id: str) -> AsyncIterator[bytes]:

@@ -184,3 +184,23 @@ def test_openai_and_anthropic_render_the_same_prompt():
     mine = renderer.render(to_message_params(oai))
     theirs = renderer.render(anth)
     assert mine.token_ids == theirs.token_ids and "12 degrees" in mine.text and "Oslo" in mine.text
+
+
+def test_client_leaving_a_stream_stops_its_generation(base_url):
+    import time
+
+    body = {"model": MODEL, "stream": True, "max_tokens": 3000, "temperature": 0.9,
+            "messages": [{"role": "user", "content": "Write a very long story about a dragon."}]}
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as res:
+        assert res.status_code == 200
+        lines = res.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: {") for line in got)
+        running = httpx.get(f"{base_url}/v1/status").json()["running"]
+        assert [r["route"] for r in running] == ["chat.completions"]
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{base_url}/v1/status").json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert httpx.get(f"{base_url}/v1/status").json()["running"] == []
+    engine = next(iter(httpx.get(f"{base_url}/v1/status").json()["engines"].values()))
+    assert engine["running"] == 0 and engine["kv_blocks_free"] == engine["kv_blocks_total"]
