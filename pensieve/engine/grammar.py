@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -208,11 +208,25 @@ class GrammarCompiler:
         self.backend_ready_at: float | None = None
         self._backend_job: Future | None = None
         self.masks = BitmaskApplier(vocab_size)
+        self._batch_bitmask: torch.Tensor | None = None
+        self._batch_matcher: Any = None
         stops = frozenset(tokenizer.eos_token_ids)
         self.stop_bits = _token_bits(stops, vocab_size)
         self.non_stop_bits = _token_bits(frozenset(range(vocab_size)) - stops, vocab_size)
         # set from the tokenizer info by the first compile (see GrammarConstraint, closing)
         self.close_string_bits = self.close_bracket_bits = self.letter_bits = self.stop_bits
+
+    def batch_bitmask(self, rows: int) -> torch.Tensor:
+        """A scratch bitmask of at least ``rows`` rows for batch fills (engine thread only)."""
+        if self._batch_bitmask is None or self._batch_bitmask.shape[0] < rows:
+            self._batch_bitmask = xgr.allocate_token_bitmask(max(rows, 8), self.vocab_size)
+        return self._batch_bitmask
+
+    def batch_matcher(self) -> Any:
+        """xgrammar's multi-threaded batch filler, made on first use."""
+        if self._batch_matcher is None:
+            self._batch_matcher = xgr.BatchGrammarMatcher()
+        return self._batch_matcher
 
     def submit(self, spec: GrammarSpec) -> Future:
         """The compiled grammar of ``spec``, from the cache or compiling now in the background."""
@@ -322,6 +336,7 @@ class GrammarConstraint(MaskingProcessor):
         self._broken = False
         self._bitmask = torch.empty(0)
         self._filled = False  # the bitmask already holds the mask for the next token
+        self._free = False  # ... and that mask allows every token
         self._done = False
 
     @property
@@ -374,7 +389,9 @@ class GrammarConstraint(MaskingProcessor):
             return None
         if not self._filled and not matcher.fill_next_token_bitmask(self._bitmask):
             return None  # everything allowed
-        self._filled = False
+        free, self._filled, self._free = self._free, False, False
+        if free:
+            return None
         mask = self._bitmask[0]
         return self._closing_mask(mask) if self._closing() else mask
 
@@ -398,7 +415,7 @@ class GrammarConstraint(MaskingProcessor):
         matcher = self._ready_matcher()
         if matcher is None:
             return
-        self._filled = False
+        self._filled = self._free = False
         if not matcher.accept_token(token_id):
             self._drop(f"the grammar refused token {token_id}")
             return
@@ -407,6 +424,30 @@ class GrammarConstraint(MaskingProcessor):
             matcher.fill_next_token_bitmask(self._bitmask)
             self._filled = True
             self._done = not bool((self._bitmask[0] & self._compiler.non_stop_bits).any())
+
+    @classmethod
+    def fill_together(cls, processors: "Sequence[MaskingProcessor]") -> None:
+        """Fill the next masks of a step's constrained rows in one xgrammar call, on its own
+        threads (``BatchGrammarMatcher``) rather than one after another on the engine's: with
+        8 rows over a 128k vocabulary the serial fills outlasted the GPU's forward pass."""
+        groups: dict[int, tuple[GrammarCompiler, list[GrammarConstraint], list[Any]]] = {}
+        for proc in processors:
+            if not isinstance(proc, GrammarConstraint) or proc._filled:
+                continue
+            matcher = proc._ready_matcher()
+            if matcher is not None:
+                group = groups.setdefault(id(proc._compiler), (proc._compiler, [], []))
+                group[1].append(proc)
+                group[2].append(matcher)
+        for compiler, constraints, matchers in groups.values():
+            if len(matchers) < 2:
+                continue
+            bitmask = compiler.batch_bitmask(len(matchers))
+            compiler.batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask)
+            free = (bitmask[: len(matchers)] == -1).all(dim=-1).tolist()
+            for row, (constraint, is_free) in enumerate(zip(constraints, free)):
+                constraint._bitmask[0].copy_(bitmask[row])
+                constraint._filled, constraint._free = True, is_free
 
     def _ready_matcher(self) -> Any:
         if self._matcher is None and not self._broken and self._compiled is not None:

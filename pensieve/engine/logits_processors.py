@@ -44,6 +44,11 @@ class MaskingProcessor(LogitsProcessor):
 
     masks: BitmaskApplier
 
+    @classmethod
+    def fill_together(cls, processors: Sequence["MaskingProcessor"]) -> None:
+        """Compute the next masks of many processors of this class at once (a step's rows),
+        ahead of their ``next_mask`` calls; by default nothing (each fills its own)."""
+
     def next_mask(self) -> torch.Tensor | None:
         """The packed mask (int32 words, on the CPU) for the next token; None: all allowed."""
         return None
@@ -52,6 +57,17 @@ class MaskingProcessor(LogitsProcessor):
         mask = self.next_mask()
         if mask is not None:
             self.masks.apply(logits, mask)
+
+
+def active_masks(processors: Sequence[LogitsProcessor]) -> list[MaskingProcessor]:
+    """The masking processors that will mask this row now (not paused by a holding one)."""
+    active = []
+    for proc in processors:
+        if isinstance(proc, MaskingProcessor):
+            active.append(proc)
+        if proc.holds:
+            break
+    return active
 
 
 def apply_processors(processors: Sequence[LogitsProcessor], logits: torch.Tensor, *,

@@ -11,14 +11,19 @@ temperature overflows float32 (1e-40 is allowed by the API).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from pensieve.engine.bitmask import BitmaskApplier
-from pensieve.engine.logits_processors import LogitsProcessor, apply_processors
+from pensieve.engine.logits_processors import (
+    LogitsProcessor, MaskingProcessor, active_masks, apply_processors,
+)
 from pensieve.engine.types import SamplingParams
+
+log = logging.getLogger(__name__)
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
 NON_FINITE = "the model produced non-finite logits (NaN/inf) or no allowed token"
@@ -73,6 +78,7 @@ def apply_rows(logits: torch.Tensor, processors: Sequence[Sequence[LogitsProcess
     raised (row → why): a grammar that cannot mask fails its request only."""
     failed: dict[int, str] = {}
     masks: dict[int, tuple[BitmaskApplier, list[int], list[torch.Tensor]]] = {}
+    _fill_together(processors)
     with torch.inference_mode():  # the model's logits are inference tensors: mask in place
         for i, procs in enumerate(processors):
             if not procs:
@@ -91,6 +97,22 @@ def apply_rows(logits: torch.Tensor, processors: Sequence[Sequence[LogitsProcess
                 failed.update({i: f"applying a grammar mask failed: {type(exc).__name__}: {exc}"
                                for i in rows})
     return failed
+
+
+def _fill_together(processors: Sequence[Sequence[LogitsProcessor] | None]) -> None:
+    """Let each class of masking processor fill its rows' masks in one go (xgrammar fills a
+    batch on its own threads); a failure here only means each row fills its own later."""
+    by_class: dict[type, list[MaskingProcessor]] = {}
+    for procs in processors:
+        for proc in active_masks(procs) if procs else ():
+            by_class.setdefault(type(proc), []).append(proc)
+    for cls, group in by_class.items():
+        if len(group) > 1:
+            try:
+                cls.fill_together(group)
+            except Exception:
+                log.warning("filling %d masks together failed; each row fills its own",
+                            len(group), exc_info=True)
 
 
 def sample_ids(

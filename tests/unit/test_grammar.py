@@ -275,3 +275,41 @@ def test_closing_between_forced_calls_ends_the_turn(compiler, bpe):
     left[0] = 3
     constraint.apply(logits)
     assert int(logits.argmax()) in bpe.eos_token_ids
+
+
+def test_masks_filled_together_equal_masks_filled_one_by_one(compiler, bpe):
+    """A step's rows filled in one xgrammar batch call mask exactly as each row's own fill:
+    three pairs of constraints (two schemas and free text with a trigger) walked in lockstep,
+    one of each pair filled alone, the other in a batch."""
+    from pensieve.engine.sampler import apply_rows
+
+    specs = [GrammarSpec("json_schema", json.dumps(SCHEMA)),
+             GrammarSpec("ebnf", 'root ::= "ab" [a-z]* "."'),
+             GrammarSpec("json_schema", json.dumps({"type": "array", "items": {"type": "integer"}}))]
+    alone = [compiler.constraint(s) for s in specs]
+    together = [compiler.constraint(s) for s in specs]
+    for c in alone + together:
+        c._compiled.result(timeout=60)
+    gen = torch.Generator().manual_seed(0)
+    live = list(range(len(specs)))
+    for _ in range(40):
+        base = torch.randn(len(specs), bpe.vocab_size, generator=gen) * 3
+        one = base.clone()
+        for i in live:
+            alone[i].apply(one[i])
+        batch = base.clone()
+        assert apply_rows(batch, [[together[i]] if i in live else None for i in range(len(specs))]) == {}
+        assert torch.equal(torch.isinf(one), torch.isinf(batch))
+        for i in list(live):
+            token = int(one[i].argmax())
+            if token in bpe.eos_token_ids:
+                live.remove(i)
+                continue
+            alone[i].accept(token)
+            together[i].accept(token)
+            if alone[i].done:
+                assert together[i].done
+                live.remove(i)
+        if not live:
+            break
+    assert compiler._batch_matcher is not None  # the batch path ran
