@@ -14,9 +14,10 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv
 Q4=/tmp/llama8b-random-q4_0.gguf
 python3 -m bench.make_random_gguf $Q4 --dtype q4_0 --tokenizer-from .gpu/tokenizer.gguf --device cpu > $OUT/gguf.log 2>&1 &
 GPID=$!
-timeout ${TEST_TIMEOUT:-230} python3 -m pytest -q -p no:cacheprovider tests/unit/test_bitmask.py \
-  tests/unit/test_sampler.py tests/unit/test_engine_async_grammar.py tests/unit/test_cuda_int8.py \
-  tests/unit/test_cuda_families.py tests/unit/test_engine_async.py > $OUT/pytest.log 2>&1
+TESTS=${TESTS:-"tests/unit/test_bitmask.py tests/unit/test_sampler.py tests/unit/test_grammar.py
+  tests/unit/test_engine_async_grammar.py tests/unit/test_cuda_int8.py tests/unit/test_cuda_families.py
+  tests/unit/test_engine_async.py"}
+timeout ${TEST_TIMEOUT:-230} python3 -m pytest -q -p no:cacheprovider $TESTS > $OUT/pytest.log 2>&1
 echo "pytest rc=$? at $((SECONDS-T0)) s"; grep -E "passed|failed|^E |FAILED" $OUT/pytest.log | head -12 | cut -c1-300
 wait $GPID; tail -1 $OUT/gguf.log
 serve() {  # serve <tree> <log>: Pensieve with its defaults on the Q4_0 file, port 7799
