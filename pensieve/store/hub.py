@@ -76,10 +76,24 @@ def fetch(source: HubSource, staging: Path) -> HubFetch:
     """Download ``source``'s files into ``staging`` (resuming a previous attempt there)."""
     api_files, commit = _listing(source)
     names = choose_files(source, api_files)
+    _check_space(staging, [api_files[n] for n in names], source)
     paths = []
     for name in names:
         paths.append(_download(source, name, commit, staging, api_files[name]))
     return HubFetch(tuple(paths), commit, shards=len(names) > 1 and names[0].endswith(".gguf"))
+
+
+def _check_space(staging: Path, files: list[HubFile], source: HubSource) -> None:
+    """Refuse before downloading when the disk cannot hold the files (twice for a split GGUF,
+    which is joined beside its shards)."""
+    import shutil
+
+    need = sum(f.size or 0 for f in files) * (2 if len(files) > 1 and
+                                               files[0].name.endswith(".gguf") else 1)
+    free = shutil.disk_usage(staging).free
+    if need > free:
+        raise StoreError(f"{source.text} needs {need / 1e9:.1f} GB and {staging.parent} has "
+                         f"{free / 1e9:.1f} GB free; free some space (or set PENSIEVE_HOME)")
 
 
 def _listing(source: HubSource) -> tuple[dict[str, HubFile], str]:

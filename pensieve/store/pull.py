@@ -8,8 +8,11 @@ place with their manifest only once complete and checked.
 
 from __future__ import annotations
 
+import fcntl
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,6 +50,19 @@ def pull(source: str, store: ModelStore, options: PullOptions = PullOptions()) -
     entry = lookup(source)
     kind = _kind(source, entry)
     name = check_name(options.name or _default_name(source, entry, kind))
+    current = _up_to_date(store, name, entry, kind, options)
+    if current is not None:
+        if options.params != SamplingDefaults():
+            return with_params(store, name, options.params)
+        note(f"{name} is already pulled and verified ({current.sha256[:12]}…)")
+        return current
+    store.root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(store.root / f".{store.folder(name).name}.lock", name):
+        return _pull(source, kind, entry, name, store, options)
+
+
+def _pull(source: str, kind: str, entry: CatalogueEntry | None, name: str, store: ModelStore,
+          options: PullOptions) -> Manifest:
     staging = store.partial_folder(name)
     staging.mkdir(parents=True, exist_ok=True)
     try:
@@ -72,6 +88,32 @@ def pull(source: str, store: ModelStore, options: PullOptions = PullOptions()) -
         files=files, imported=fetched.imported, params=params)
     store.commit(staging, manifest)
     return manifest
+
+
+def _up_to_date(store: ModelStore, name: str, entry: CatalogueEntry | None, kind: str,
+                options: PullOptions) -> Manifest | None:
+    """The stored model when pulling it again would fetch the same pinned bytes (a catalogue
+    entry with a pinned hash, or ``--sha256``): its file is checked by size, not rehashed."""
+    pinned = options.sha256 or (entry.parted.sha256 if entry and entry.parted else None)
+    current = store.get(name) if kind in ("catalogue", "pypi", "hf") else None
+    if current is None or pinned is None or current.sha256 != pinned.lower():
+        return None
+    path = store.entry_path(current)
+    return current if path.is_file() and path.stat().st_size == current.size else None
+
+
+@contextmanager
+def _exclusive(lock: Path, name: str) -> Iterator[None]:
+    """One pull of ``name`` at a time: a second one says so instead of sharing the files."""
+    with open(lock, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"another `pensieve pull` of {name} is running; wait for it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _kind(source: str, entry: CatalogueEntry | None) -> str:

@@ -208,3 +208,27 @@ def test_split_gguf_merges_back_to_the_same_model(tmp_path: Path) -> None:
     assert dict(a.metadata.items()) == dict(b.metadata.items())  # split.* keys dropped
     with pytest.raises(StoreError, match="3 shards"):
         merge_gguf(shards[:2], tmp_path / "short.gguf")
+
+
+def test_a_pinned_pull_already_done_is_not_repeated_and_pulls_do_not_overlap(
+        tmp_path: Path) -> None:
+    import fcntl
+    import hashlib
+
+    model = tiny_gguf(tmp_path / "tiny.gguf")
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    store = ModelStore(tmp_path / "store")
+    source = f"pypi:unused=={1}"  # never fetched: the stored copy already has the pinned hash
+    first = pull(str(model), store, PullOptions(name="t", sha256=sha))
+    assert pull(source, store, PullOptions(name="t", sha256=sha)) == first
+    tuned = pull(source, store, PullOptions(name="t", sha256=sha,
+                                            params=SamplingDefaults(temperature=0.5)))
+    assert tuned.params.temperature == 0.5 and store.get("t").params.temperature == 0.5
+    with pytest.raises(StoreError, match="differs from the expected"):
+        pull(str(model), store, PullOptions(name="u", sha256="0" * 64))
+    assert store.get("u") is None
+    lock = store.root / f".{store.folder('v').name}.lock"
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(StoreError, match="another `pensieve pull` of v is running"):
+            pull(str(model), store, PullOptions(name="v"))
