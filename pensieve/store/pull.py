@@ -113,6 +113,7 @@ def _exclusive(lock: Path, name: str) -> Iterator[None]:
         try:
             yield
         finally:
+            lock.unlink(missing_ok=True)  # while still held: no second pull takes this one
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
