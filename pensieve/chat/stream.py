@@ -162,8 +162,9 @@ class MessageEventBuilder:
         events: list[StreamEvent] = []
         new_tokens = max(0, delta.num_output_tokens - self.output_tokens)
         self.output_tokens = max(self.output_tokens, delta.num_output_tokens)
+        was_thinking = self.segmenter.in_thinking
         segments = self.segmenter.feed(delta.text) if delta.text else []
-        self._count_thinking(new_tokens, segments)
+        self._count_thinking(new_tokens, segments, was_thinking)
         events.extend(self._segments(segments))
         if delta.finish_reason is not None:
             if delta.finish_reason in STOP_REASONS:
@@ -173,12 +174,13 @@ class MessageEventBuilder:
             events.extend(self._finish(delta))
         return events
 
-    def _count_thinking(self, tokens: int, segments: list[Segment]) -> None:
-        """Attribute ``tokens`` to thinking when they were generated inside it. Tokens the
-        segmenter held back (a marker still incomplete) wait for what their text turns out to be."""
+    def _count_thinking(self, tokens: int, segments: list[Segment], was_thinking: bool) -> None:
+        """Attribute ``tokens`` to thinking when they were generated inside it (the close
+        marker's included). Tokens the segmenter held back (an open marker still incomplete)
+        wait for what their text turns out to be."""
         if not self.counts_thinking:
             return
-        if self.segmenter.in_thinking or any(isinstance(s, ThinkingSegment) for s in segments):
+        if was_thinking or self.segmenter.in_thinking or any(isinstance(s, ThinkingSegment) for s in segments):
             self.thinking_tokens += tokens + self._undecided
             self._undecided = 0
         elif segments:
