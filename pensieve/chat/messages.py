@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pensieve.chat.result_blocks import RESULT_BLOCKS, result_block_text
+from pensieve.chat.tool_changes import directive_text
 from pensieve.chat.thinking import ThinkingHistory
 from pensieve.protocol import (
     ContentBlockParam,
@@ -94,6 +95,9 @@ def block_text(block: ContentBlockParam) -> str | None:
         return "[image]"
     if isinstance(block, RESULT_BLOCKS):
         return result_block_text(block)
+    directive = directive_text(block)
+    if directive is not None:
+        return directive
     log.debug("dropping a %s block from the prompt", block.type)
     return None
 

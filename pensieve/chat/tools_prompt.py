@@ -4,9 +4,9 @@ A template that renders ``tools`` (and tool calls and results) gets them in Hugg
 format; for any other template the tools go into the system prompt as the section below,
 which asks for the Hermes format. docs/tools.md shows it whole.
 
-Deferred tools (``defer_loading: true``) are not offered — neither listed nor callable —
-until the conversation loads them: a ``tool_reference`` block (what tool search returns) or a
-``tool_addition`` directive naming them. A large deferred tool set so keeps the prompt small.
+Which tools are offered is ``tool_changes.offered_tools``'s answer: deferred tools
+(``defer_loading: true``) only once a ``tool_reference`` or ``tool_addition`` loads them — a
+large deferred set so keeps the prompt small — and mid-conversation additions and removals.
 
 The section is byte-stable: tools are listed in request order as compact JSON with their
 keys as sent, and everything that depends on ``tool_choice`` comes last, so requests that
@@ -16,22 +16,18 @@ differ only there still share the prefix up to it.
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pensieve.chat.tool_changes import offered_tools
 from pensieve.protocol import (
     ConversationParams,
     ToolChoiceAnyParam,
     ToolChoiceNoneParam,
     ToolChoiceToolParam,
     ToolParam,
-    ToolReferenceBlockParam,
-    ToolResultBlockParam,
 )
-
-log = logging.getLogger(__name__)
 
 ToolChoiceMode = Literal["auto", "any", "tool"]
 
@@ -98,40 +94,6 @@ def plan_tools(request: ConversationParams, *, tool_format: str, native: bool) -
         mode, forced = "tool", choice.name
     parallel = not getattr(choice, "disable_parallel_tool_use", None)
     return ToolsPlan(tool_format, tools, mode, forced, parallel, native)
-
-
-def offered_tools(request: ConversationParams) -> tuple[ToolParam, ...]:
-    """The client tools of ``request`` the model sees: deferred ones only once loaded."""
-    tools = [t for t in request.tools or () if isinstance(t, ToolParam)]
-    deferred = {t.name for t in tools if t.defer_loading}
-    if not deferred:
-        return tuple(tools)
-    loaded = loaded_tool_names(request) & deferred
-    log.debug("%d deferred tool(s), %d loaded by a tool_reference", len(deferred), len(loaded))
-    return tuple(t for t in tools if not t.defer_loading or t.name in loaded)
-
-
-def loaded_tool_names(request: ConversationParams) -> set[str]:
-    """Tool names the conversation loaded: ``tool_reference`` blocks (anywhere, tool results
-    included) and ``tool_addition`` directives of system messages."""
-    names: set[str] = set()
-    for message in request.messages:
-        if isinstance(message.content, list):
-            names.update(_referenced(message.content))
-    return names
-
-
-def _referenced(blocks: Iterable[object]) -> Iterable[str]:
-    for block in blocks:
-        if isinstance(block, ToolReferenceBlockParam):
-            yield block.tool_name
-        elif isinstance(block, ToolResultBlockParam) and isinstance(block.content, list):
-            yield from _referenced(block.content)
-        elif getattr(block, "type", None) == "tool_addition":
-            tool = (getattr(block, "model_extra", None) or {}).get("tool")
-            name = tool.get("tool_name") or tool.get("name") if isinstance(tool, dict) else None
-            if isinstance(name, str):
-                yield name
 
 
 def tool_json(tool: ToolParam) -> str:

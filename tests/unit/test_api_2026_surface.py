@@ -184,3 +184,32 @@ def test_a_malformed_new_block_is_a_clear_400_not_a_500() -> None:
     assert reply.status_code == 400
     assert reply.json()["type"] == "error" and reply.json()["error"]["type"] == "invalid_request_error"
     assert "tool_name" in reply.json()["error"]["message"]
+
+
+def test_mid_conversation_tool_changes_apply_in_order_and_leave_a_note() -> None:
+    engine = ScriptedEngine(text_script("ok"))
+    inline = {"name": "InlineTool", "description": "INLINE-TOOL-DESCRIPTION",
+              "input_schema": {"type": "object", "properties": {}}}
+
+    def change(kind: str, tool: dict) -> dict:
+        return {"role": "system", "content": [{"type": kind, "tool": tool}]}
+
+    messages = [{"role": "user", "content": "hi"},
+                change("tool_addition", {"type": "tool_definition", "definition": inline}),
+                change("tool_removal", {"type": "tool_reference", "name": "Bash"}),
+                change("tool_addition", {"type": "mcp_toolset_reference", "server_name": "srv"}),
+                change("tool_removal", {"type": "tool_reference", "name": "NoSuchTool"}),
+                {"role": "user", "content": "go"}]
+    with fake_server(engine) as url:
+        client = sdk(url)
+        reply = client.messages.create(model=MODEL, max_tokens=20, messages=messages, tools=[BASH])
+        changed = prompt_of(engine)
+        back = [*messages[:-1], change("tool_addition", {"type": "tool_reference", "name": "Bash"}), messages[-1]]
+        client.messages.create(model=MODEL, max_tokens=20, messages=back, tools=[BASH])
+        restored = prompt_of(engine)
+        count = client.messages.count_tokens(model=MODEL, messages=messages, tools=[BASH]).input_tokens
+    tools_section = changed.split("</tools>")[0]
+    assert "INLINE-TOOL-DESCRIPTION" in tools_section and "Run a shell command" not in tools_section
+    assert "[tool added: InlineTool]" in changed and "[tool removed: Bash]" in changed
+    assert "Run a shell command" in restored.split("</tools>")[0]
+    assert count == reply.usage.input_tokens
