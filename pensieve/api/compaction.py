@@ -20,14 +20,20 @@ here).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fastapi.responses import Response, StreamingResponse
 from pydantic import Field
 
 from pensieve.api.errors import invalid_request
-from pensieve.api.generation import new_message_id, prepare_generation, render_prompt, start_deltas
+from pensieve.api.generation import (
+    PreparedGeneration,
+    new_message_id,
+    prepare_generation,
+    render_prompt,
+    start_deltas,
+)
 from pensieve.api.responses import json_response
 from pensieve.api.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_stream
 from pensieve.api.state import Services
@@ -118,21 +124,23 @@ async def compaction_plan(services: Services, body: MessageCreateParams) -> Comp
     return CompactionPlan(edit.instructions, pause=edit.pause_after_compaction)
 
 
-async def compaction_response(services: Services, body: MessageCreateParams, request_id: str) -> Response | None:
-    """The whole response of a request that compacts; None when ``body`` does not compact."""
+async def compaction_response(services: Services, body: MessageCreateParams, request_id: str,
+                              priority: int = 0) -> Response | None:
+    """The whole response of a request that compacts; None when ``body`` does not compact.
+    ``priority``: the engine's scheduling class for both generations (batches run lower)."""
     plan = await compaction_plan(services, body)
     if plan is None:
         return None
     raw = body.model_dump(mode="json", by_alias=True, exclude_none=True)
     summary_body = MessageCreateParams.model_validate(summarization_request(raw, plan.instructions))
-    prepared = await prepare_generation(services, summary_body, f"{request_id}-compaction")
+    prepared = _at(await prepare_generation(services, summary_body, f"{request_id}-compaction"), priority)
     summary_message = await collect_message(message_events(await start_deltas(services.engine, prepared),
                                                            prepared.event_builder()))
     text = "".join(getattr(b, "text", "") for b in summary_message.content).strip() or None
     if plan.pause:
         return _paused(body, text, summary_message)
     answer = MessageCreateParams.model_validate(continuation_request(raw, text))
-    prepared = await prepare_generation(services, answer, request_id)
+    prepared = _at(await prepare_generation(services, answer, request_id), priority)
     events = message_events(await start_deltas(services.engine, prepared), prepared.event_builder())
     if body.stream:
         stream = sse_stream(_continued_events(events, text), request_id)
@@ -140,6 +148,10 @@ async def compaction_response(services: Services, body: MessageCreateParams, req
     message = await collect_message(events)
     fields = message.model_dump(exclude={"content"})
     return json_response(CompactedMessage(**fields, content=[CompactionBlock(content=text), *message.content]))
+
+
+def _at(prepared: PreparedGeneration, priority: int) -> PreparedGeneration:
+    return prepared if priority == 0 else replace(prepared, params=replace(prepared.params, priority=priority))
 
 
 def _paused(body: MessageCreateParams, text: str | None, summary: Message) -> Response:

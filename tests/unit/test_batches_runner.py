@@ -127,3 +127,21 @@ def test_an_expired_batch_ends_its_unfinished_requests_as_expired(tmp_path):
     assert _results(store, record) == {"slow": {"type": "expired"}, "waiting": {"type": "expired"}}
     assert record.counts().expired == 2
     assert engine.calls[0].aborted.is_set()  # the running generation was stopped
+
+
+def test_a_compaction_entry_is_answered_with_the_compaction_block(tmp_path):
+    engine = ScriptedEngine(text_script("The user ", "said hi."))
+    store = BatchStore(tmp_path)
+    record = store.create([("compact", {**GOOD, "compaction": {"type": "summarize"}})])
+
+    async def run() -> None:
+        runner = BatchRunner(store, _services(engine), concurrency=1)
+        runner.ensure_started()
+        await _until(lambda: record.ended_at is not None)
+        await runner.stop()
+
+    asyncio.run(run())
+    message = _results(store, record)["compact"]["message"]
+    assert message["stop_reason"] == "compaction"
+    assert message["content"] == [{"type": "compaction", "content": "The user said hi."}]
+    assert engine.calls[0].params.priority == BACKGROUND_PRIORITY

@@ -25,6 +25,7 @@ from typing import Any
 
 from pensieve.api.batches.store import BatchRecord, BatchStore, PendingRequest, now
 from pensieve.api.body import parse_body
+from pensieve.api.compaction import compaction_response
 from pensieve.api.errors import api_error_for, error_body, invalid_request
 from pensieve.api.generation import prepare_generation, start_deltas
 from pensieve.api.state import Services
@@ -170,6 +171,9 @@ class BatchRunner:
         if body.stream:
             raise invalid_request("stream: batch requests cannot be streamed")
         services = self.services if self.services_for is None else await self.services_for(body.model)
+        compacted = await compaction_response(services, body, request_id, BACKGROUND_PRIORITY)
+        if compacted is not None:  # the compaction beta: the response is the compacted message
+            return bytes(compacted.body).decode()
         prepared = await prepare_generation(services, body, request_id)
         prepared = replace(prepared, params=replace(prepared.params, priority=BACKGROUND_PRIORITY))
         deltas = await start_deltas(services.engine, prepared)
