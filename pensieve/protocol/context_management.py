@@ -60,9 +60,12 @@ class BetaClearToolUses20250919EditParam(RequestModel):
     clear_tool_inputs: bool | list[str] | None = None
 
 
+ThinkingKeep = Annotated[Union[BetaThinkingTurnsParam, BetaAllThinkingTurnsParam], Field(discriminator="type")]
+
+
 class BetaClearThinking20251015EditParam(RequestModel):
     type: Literal["clear_thinking_20251015"]
-    keep: Annotated[Union[BetaThinkingTurnsParam, BetaAllThinkingTurnsParam], Field(discriminator="type")] | Literal["all"] = Field(
+    keep: ThinkingKeep | Literal["all"] = Field(
         default_factory=lambda: BetaThinkingTurnsParam(type="thinking_turns", value=1))
 
 
