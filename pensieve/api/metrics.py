@@ -92,14 +92,19 @@ class ServerMetrics:
         entry = RunningRequest(request_id, model, route, time.time(), prompt_tokens, max_tokens)
         self.running[request_id] = entry
         first: float | None = None
+        outputs = self.output_tokens.labels(model)  # children resolved once, not per delta
+        counts = self._tokens.setdefault(model, [0, 0, 0])
         try:
             async for delta in deltas:
-                if delta.num_output_tokens > entry.output_tokens:
+                new = delta.num_output_tokens - entry.output_tokens
+                if new > 0:
                     if first is None:
                         first = time.monotonic()
                         entry.first_token_s = round(first - start, 4)
                         self.ttft.labels(model).observe(first - start)
-                    self._add_output(model, delta.num_output_tokens - entry.output_tokens)
+                    outputs.inc(new)
+                    counts[2] += new
+                    self._add_throughput(new)
                     entry.output_tokens = delta.num_output_tokens
                 if delta.finish_reason is not None:
                     entry.cached_tokens = delta.num_cached_tokens
@@ -114,21 +119,18 @@ class ServerMetrics:
                 self.tpot.labels(model).observe((end - first) / (entry.output_tokens - 1))
             self.prompt_tokens.labels(model).inc(entry.prompt_tokens)
             self.cached_tokens.labels(model).inc(entry.cached_tokens)
-            counts = self._tokens.setdefault(model, [0, 0, 0])
             counts[0] += entry.prompt_tokens
             counts[1] += entry.cached_tokens
 
-    def _add_output(self, model: str, n: int) -> None:
-        self.output_tokens.labels(model).inc(n)
-        self._tokens.setdefault(model, [0, 0, 0])[2] += n
+    def _add_throughput(self, n: int) -> None:
         now = time.time()
         bucket = now - now % THROUGHPUT_BUCKET_S
         if self._buckets and self._buckets[-1][0] == bucket:
             self._buckets[-1][1] += n
         else:
             self._buckets.append([bucket, float(n)])
-        while self._buckets and self._buckets[0][0] < now - THROUGHPUT_WINDOW_S:
-            self._buckets.popleft()
+            while self._buckets[0][0] < now - THROUGHPUT_WINDOW_S:
+                self._buckets.popleft()
 
     def observe_generation(self, deltas: AsyncIterator[GenerationDelta], prepared: Any, model: str,
                            route: str) -> AsyncIterator[GenerationDelta]:
