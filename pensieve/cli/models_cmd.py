@@ -40,6 +40,7 @@ def list_models(ns: argparse.Namespace) -> int:
     if not manifests:
         print(f"no models in {store.root}; add one with `pensieve pull SOURCE` "
               "(`pensieve pull --list` shows the catalogue)")
+        _print_default()
         return 0
     rows = [("NAME", "SIZE", "FORMAT", "ARCH", "CONTEXT", "SAMPLING", "SOURCE")]
     for m in manifests:
@@ -48,7 +49,21 @@ def list_models(ns: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    _print_default()
     return 0
+
+
+def _print_default() -> None:
+    """The embedded model `pensieve serve` runs without --model, and its sampling defaults."""
+    from pensieve.loaders.default_model import DefaultModelMissing, default_model_path
+    from pensieve.store.sampling import known_file_params
+
+    try:
+        path = default_model_path()
+    except DefaultModelMissing:
+        return
+    print(f"\nwithout --model: {path.name} ({_size(path.stat().st_size)}, embedded), "
+          f"sampling {known_file_params(path).describe()}")
 
 
 def remove(ns: argparse.Namespace) -> int:

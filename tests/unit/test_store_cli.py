@@ -24,6 +24,8 @@ def test_store_and_daemon_commands_never_import_torch(tmp_path: Path) -> None:
     listed = _probe(tmp_path, "models")
     assert listed.stdout.splitlines()[-1] == "NO_TORCH 0", listed.stderr
     assert f"no models in {tmp_path / 'models'}" in listed.stdout
+    assert "without --model: SmolLM2-135M-Instruct.Q4_1.gguf" in listed.stdout
+    assert "sampling temperature=0 repeat_guard=0.8" in listed.stdout
     catalogue = _probe(tmp_path, "pull", "--list")
     assert catalogue.stdout.splitlines()[-1] == "NO_TORCH 0"
     assert "qwen2.5-coder:1.5b" in catalogue.stdout and "temperature=" in catalogue.stdout
