@@ -1,6 +1,7 @@
 """Several models from one TOML config (``pensieve serve --config``): the default SmolLM2 as
 ``main`` and a tiny random Qwen2 (an HF folder this test builds) as ``small``; ``claude-haiku-*``
-is routed to ``small``, ``claude-sonnet-*``/``claude-opus-*`` to ``main``. Driven by the
+is routed to ``small`` (pulled into a model store and named by its store name),
+``claude-sonnet-*``/``claude-opus-*`` to ``main``. Driven by the
 anthropic and openai SDKs; which model answered is read from ``/metrics`` (tokens by model)
 and ``/v1/status``. ``small`` loads on first use and unloads when idle."""
 
@@ -37,6 +38,14 @@ def small_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(small_model, tmp_path_factory):
+    import subprocess
+    import sys
+
+    home = tmp_path_factory.mktemp("home")  # the small model is served from a model store by name
+    pulled = subprocess.run([sys.executable, "-m", "pensieve.cli.main", "pull", str(small_model),
+                             "--name", "tiny-qwen", "--link", "symlink", "--store", str(home / "models")],
+                            capture_output=True, text=True, timeout=300)
+    assert pulled.returncode == 0, pulled.stderr
     config = tmp_path_factory.mktemp("cfg") / "models.toml"
     config.write_text(f'''
 idle_unload_s = {IDLE_UNLOAD_S}
@@ -49,7 +58,7 @@ context_length = 2048
 
 [[models]]
 name = "small"
-model = "{small_model}"
+model = "tiny-qwen"
 context_length = 512
 
 [[models]]
@@ -62,7 +71,7 @@ model = "{small_model}/does-not-exist.gguf"
 "claude-opus-*" = "main"
 "gpt-*" = "small"
 ''')
-    with pensieve_server("--config", str(config)) as url:
+    with pensieve_server("--config", str(config), env={"PENSIEVE_HOME": str(home)}) as url:
         yield url
 
 
