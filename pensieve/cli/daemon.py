@@ -355,7 +355,8 @@ def ps_cmd(ns: argparse.Namespace) -> int:
     if not running:
         print("no requests running")
         return 0
-    print(f"{'ID':28} {'MODEL':24} {'ROUTE':18} {'ELAPSED':>8} {'PROMPT':>7} {'OUTPUT':>7} {'PROGRESS':>8}")
+    print(f"{'ID':28} {'MODEL':24} {'ROUTE':18} {'ELAPSED':>8} {'PROMPT':>7} {'OUTPUT':>7} "
+          f"{'PROGRESS':>8}")
     for r in running:
         print(f"{str(r.get('id'))[:28]:28} {str(r.get('model'))[:24]:24} "
               f"{str(r.get('route'))[:18]:18} {r.get('elapsed_s', 0):>7.1f}s "

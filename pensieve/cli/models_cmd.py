@@ -76,6 +76,7 @@ def remove(ns: argparse.Namespace) -> int:
             print(f"pensieve: error: {exc}", file=sys.stderr)
             status = 1
             continue
-        note = " (a symlink: the original is kept)" if manifest and manifest.imported == "symlink" else ""
+        linked = manifest is not None and manifest.imported == "symlink"
+        note = " (a symlink: the original is kept)" if linked else ""
         print(f"removed {name}{note}")
     return status

@@ -87,7 +87,8 @@ ENTRIES: tuple[CatalogueEntry, ...] = (
                    "Gemma-3-270M base Q4_K_M (no chat template)",
                    SamplingDefaults(temperature=1.0, top_p=0.95, top_k=64), GEMMA3_270M),
     CatalogueEntry("qwen2.5-coder:7b", "hf:Qwen/Qwen2.5-Coder-7B-Instruct-GGUF:Q4_K_M",
-                   "Qwen2.5-Coder-7B-Instruct Q4_K_M (Qwen's GGUF repo; shards joined)", _QWEN_CODER),
+                   "Qwen2.5-Coder-7B-Instruct Q4_K_M (Qwen's GGUF repo; shards joined)",
+                   _QWEN_CODER),
     # Qwen3-Coder's generation_config.json: temperature 0.7, top_p 0.8, top_k 20.
     CatalogueEntry("qwen3-coder:30b", "hf:unsloth/Qwen3-Coder-30B-A3B-Instruct-GGUF:Q4_K_M",
                    "Qwen3-Coder-30B-A3B-Instruct Q4_K_M (MoE)",

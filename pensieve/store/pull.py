@@ -145,7 +145,9 @@ def _fetch(source: str, kind: str, entry: CatalogueEntry | None, staging: Path,
                                       options.pip)
         return Fetched(path.name, sha)
     rel, mode = local.import_path(Path(source), staging, options.link)
-    note(f"imported {source} ({'linked, not copied: it must stay where it is' if mode == 'symlink' else mode + 'ed' if mode == 'copy' else 'hard-linked: no extra space'})")
+    how = {"symlink": "linked, not copied: it must stay where it is", "copy": "copied",
+           "hardlink": "hard-linked: no extra space"}[mode]
+    note(f"imported {source} ({how})")
     return Fetched(rel, None, imported=mode)
 
 
