@@ -204,3 +204,17 @@ def test_client_leaving_a_stream_stops_its_generation(base_url):
     assert httpx.get(f"{base_url}/v1/status").json()["running"] == []
     engine = next(iter(httpx.get(f"{base_url}/v1/status").json()["engines"].values()))
     assert engine["running"] == 0 and engine["kv_blocks_free"] == engine["kv_blocks_total"]
+
+
+def test_stop_and_seed(client):
+    ask = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
+    full = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=40, messages=ask)
+    text = full.choices[0].message.content
+    assert "5" in text, text
+    cut = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=40, messages=ask, stop=["5"])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[:text.index("5")]
+    sampled = [client.chat.completions.create(model=MODEL, temperature=1.3, top_p=0.95, seed=1234, max_tokens=24,
+                                              messages=[{"role": "user", "content": "Tell me a story."}])
+               for _ in range(2)]
+    assert sampled[0].choices[0].message.content == sampled[1].choices[0].message.content
+    assert sampled[0].choices[0].message.content
