@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +26,10 @@ def pensieve_server(*args: str, env: dict[str, str] | None = None) -> Iterator[s
     log = open(log_path, "w")
     cmd = [sys.executable, "-m", "pensieve.cli.main", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--log-level", "warning", *args]
+    # batches of this server stay its own: never resume a user's ~/.pensieve/batches
+    own_batches = {"PENSIEVE_BATCH_DIR": str(Path(tempfile.gettempdir()) / f"pensieve-test-batches-{port}-{time.time_ns()}")}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **own_batches, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(proc, url, log_path)
