@@ -145,3 +145,24 @@ def test_a_compaction_entry_is_answered_with_the_compaction_block(tmp_path):
     assert message["stop_reason"] == "compaction"
     assert message["content"] == [{"type": "compaction", "content": "The user said hi."}]
     assert engine.calls[0].params.priority == BACKGROUND_PRIORITY
+
+
+def test_a_cancel_cut_short_by_a_crash_ends_after_the_restart(tmp_path):
+    store = BatchStore(tmp_path)
+    record = store.create([("a", GOOD), ("b", GOOD)])
+    store.record_result(record, "a", {"type": "succeeded", "message": {}})
+    store.mark_canceling(record)  # then the server died before ending it
+    engine = ScriptedEngine(text_script("x"))
+    again = BatchStore(tmp_path)
+    found = again.get(record.id)
+    assert found.processing_status == "canceling"
+
+    async def run() -> None:
+        runner = BatchRunner(again, _services(engine), concurrency=1)
+        runner.ensure_started()
+        await _until(lambda: found.ended_at is not None)
+        await runner.stop()
+
+    asyncio.run(run())
+    assert _results(again, found) == {"a": {"type": "succeeded", "message": {}}, "b": {"type": "canceled"}}
+    assert engine.calls == []

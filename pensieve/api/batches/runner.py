@@ -184,9 +184,15 @@ class BatchRunner:
         return getattr(self.services.engine, "dead_reason", None) is not None
 
     def _expire_due(self) -> None:
+        """End expired batches, and canceling ones with nothing left running (a cancel that a
+        crash interrupted ends after the restart)."""
         moment = now()
         for record in self.store.unfinished():
-            if record.expires_at <= moment and record.cancel_initiated_at is None:
+            if record.cancel_initiated_at is not None:
+                if not any(batch_id == record.id for batch_id, _ in self._inflight):
+                    self.store.end(record, "canceled")
+                continue
+            if record.expires_at <= moment:
                 for (batch_id, _), task in list(self._inflight.items()):
                     if batch_id == record.id:
                         task.cancel()
