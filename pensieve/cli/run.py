@@ -22,7 +22,8 @@ from pensieve.cli.claude import served_model, server_is_up
 from pensieve.cli.daemon import DaemonError, read_state, start_daemon
 
 DEFAULT_URL = "http://127.0.0.1:7777"
-HELP = "/bye ends the chat, /clear forgets it, Ctrl-C stops an answer"
+HELP = ('/bye ends the chat, /clear forgets it, """ starts and ends several lines, '
+        "Ctrl-C stops an answer")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -120,9 +121,10 @@ def _error_text(body: bytes, status: int) -> str:
 def chat(url: str, key: str | None, model: str, ns: argparse.Namespace) -> int:
     messages: list[dict] = []
     print(f"chatting with {model} at {url} — {HELP}", flush=True)
+    _line_editing()
     while True:
         try:
-            text = input(">>> ")
+            text = _read_turn()
         except EOFError:
             print()
             return 0
@@ -154,6 +156,26 @@ def chat(url: str, key: str | None, model: str, ns: argparse.Namespace) -> int:
             continue
         print("\n", flush=True)
         messages.append({"role": "assistant", "content": "".join(answer) or "(no answer)"})
+
+
+def _line_editing() -> None:
+    """Arrow keys and history in ``input()`` where the platform has readline."""
+    try:
+        import readline  # noqa: F401 - importing it is what turns line editing on
+    except ImportError:
+        pass
+
+
+def _read_turn() -> str:
+    """One user turn: a line, or several between a pair of triple quotes."""
+    text = input(">>> ")
+    if not text.lstrip().startswith('"""'):
+        return text
+    lines = [text.lstrip()[3:]]
+    while not lines[-1].rstrip().endswith('"""') or len(lines) == 1 and lines[0].strip() == "":
+        lines.append(input("... "))
+    lines[-1] = lines[-1].rstrip()[:-3]
+    return "\n".join(lines).strip()
 
 
 def run(ns: argparse.Namespace) -> int:

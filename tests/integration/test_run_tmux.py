@@ -73,7 +73,8 @@ def test_run_chats_streams_and_remembers(tmp_path: Path) -> None:
         text = pane.wait_for(lambda t: t.count(">>>") >= 3, 120, "the second answer")
         assert "Berlin" in _answer_after(text, q2)
 
-        q3 = "Write a long poem about the sea, with many verses."
+        pane.send('"""Write a long poem')  # several lines between triple quotes: one turn
+        q3 = 'about the sea, with many verses."""'
         pane.send(q3)
         partials = set()
         deadline = time.monotonic() + 300
