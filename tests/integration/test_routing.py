@@ -139,6 +139,9 @@ def test_openai_route_and_errors(base_url):
     assert broken.status_code == 500
     err = broken.json()["error"]
     assert err["type"] == "api_error" and "broken could not be loaded" in err["message"]
+    with pytest.raises(openai.InternalServerError) as failed:  # the OpenAI routes answer in OpenAI's shape
+        client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}])
+    assert failed.value.body["type"] == "server_error" and "broken could not be loaded" in failed.value.body["message"]
     anth = anthropic.Anthropic(base_url=base_url, api_key="local", max_retries=0)
     with pytest.raises(anthropic.NotFoundError) as info:
         anth.messages.create(model="llama-70b", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
