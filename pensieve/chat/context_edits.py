@@ -78,10 +78,6 @@ def context_management_of(request: ConversationParams) -> BetaContextManagementC
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ContextManagementError(f"context_management.{where}: {first['msg']}") from None
-    kinds = [edit.type for edit in config.edits]
-    if "clear_thinking_20251015" in kinds and kinds[0] != "clear_thinking_20251015":
-        raise ContextManagementError("context_management.edits: clear_thinking_20251015 must come "
-                                     "first when it is combined with other edits")
     return config
 
 

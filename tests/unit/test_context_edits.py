@@ -187,7 +187,6 @@ def test_both_edits_apply_in_order_and_each_reports_its_own_savings():
 
 
 @pytest.mark.parametrize("edits, fragment", [
-    ([_clear(), {"type": "clear_thinking_20251015"}], "must come first"),
     ([_clear(keep={"type": "tool_uses", "value": -1})], "keep"),
     ([_clear(trigger={"type": "seconds", "value": 3})], "trigger"),
     ([{"type": "clear_thinking_20251015", "keep": {"type": "thinking_turns", "value": 0}}], "keep"),
@@ -218,3 +217,13 @@ def test_a_compaction_block_sent_back_replaces_what_came_before_it():
                                                                  {"type": "text", "text": "Continuing."}]}, messages[-1]]
     kept = RENDERER.render(_request(failed, None))
     assert "RESULT-0" in kept.text and "Continuing." in kept.text  # a null summary is a no-op
+
+
+def test_edits_apply_in_the_order_given():
+    """The API wants clear_thinking first; given later it is applied later, not refused (a
+    server stricter than the API breaks clients)."""
+    messages = _conversation(3)
+    edits = [_clear(trigger={"type": "input_tokens", "value": 0}, keep={"type": "tool_uses", "value": 1}),
+             {"type": "clear_thinking_20251015"}]
+    prompt = RENDERER.render(_request(messages, edits))
+    assert [e.type for e in prompt.context_management.applied_edits] == ["clear_tool_uses_20250919"]
