@@ -51,7 +51,7 @@ def test_every_new_field_and_block_on_the_real_model(client):
 
 
 def test_output_that_fills_the_context_is_model_context_window_exceeded(client):
-    filler = "Count upwards from one, one number per line, and never stop. " * 12
+    filler = "Count upwards from one, one number per line, and never stop. " * 34
     messages = [{"role": "user", "content": filler + "Start now: 1, 2, 3,"}]
     counted = client.messages.count_tokens(model=MODEL, messages=messages).input_tokens
     assert counted < CONTEXT - 100
