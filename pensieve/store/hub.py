@@ -190,7 +190,8 @@ def _download(source: HubSource, name: str, commit: str, staging: Path, meta: Hu
     if target.is_file() and _matches(target, meta):
         return target
     url = hf_hub_url(source.repo, name, revision=commit, endpoint=endpoint())
-    partial = staging / f"{name}.incomplete"
+    # keyed by the content it will have: a pull resumed after the repo moved on starts over
+    partial = staging / f"{name}.{(meta.sha256 or commit)[:16]}.incomplete"
     partial.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(_RETRIES + 1):
         try:

@@ -153,6 +153,8 @@ def _fetch(source: str, kind: str, entry: CatalogueEntry | None, staging: Path,
 
 def _fetch_hub(src: hub.HubSource, staging: Path) -> Fetched:
     got = hub.fetch(src, staging)
+    for stale in staging.rglob("*.incomplete"):  # left by an attempt at an older revision
+        stale.unlink()
     if got.shards:
         merged = staging / hub.SHARD_RE.match(got.files[0].name).group("stem")
         merged = merged.with_name(merged.name + ".gguf")

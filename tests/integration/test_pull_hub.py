@@ -153,7 +153,8 @@ def test_a_quant_tag_picks_one_gguf_and_a_cut_download_resumes(hub: FakeHub, tmp
     assert manifest.sha256 == hashlib.sha256(q4).hexdigest()
     assert (manifest.architecture, manifest.context_length, manifest.size) == ("llama", 2048, len(q4))
     assert resolve_model("org/Tiny-GGUF:Q4_K_M", store).read_bytes() == q4
-    assert not list(store.folder(manifest.name).glob(".cache"))  # resume state cleaned up
+    assert sorted(p.name for p in store.folder(manifest.name).iterdir()) == [
+        "manifest.json", "tiny-Q4_K_M.gguf"]  # no resume state left behind
 
 
 def test_a_split_gguf_is_joined_into_one_file(hub: FakeHub, tmp_path: Path) -> None:
