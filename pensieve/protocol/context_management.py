@@ -36,7 +36,7 @@ class BetaInputTokensClearAtLeastParam(RequestModel):
 
 class BetaThinkingTurnsParam(RequestModel):
     type: Literal["thinking_turns"]
-    value: int = Field(ge=1, strict=True)
+    value: int = Field(ge=0, strict=True)
 
 
 class BetaAllThinkingTurnsParam(RequestModel):

@@ -162,6 +162,7 @@ def test_clear_thinking_keeps_the_most_recent_turns_tool_loops_included():
     assert _thinking_left(request, {"type": "thinking_turns", "value": 1}) == (["T3"], 2)
     assert _thinking_left(request, {"type": "thinking_turns", "value": 2}) == (["T2a", "T2b", "redacted_thinking", "T3"], 1)
     assert _thinking_left(request, {"type": "thinking_turns", "value": 5})[1] == 0
+    assert _thinking_left(request, {"type": "thinking_turns", "value": 0}) == ([], 3)
     assert _thinking_left(request, "all")[1] == 0
     assert _thinking_left(request, {"type": "all"})[1] == 0
 
@@ -189,7 +190,7 @@ def test_both_edits_apply_in_order_and_each_reports_its_own_savings():
 @pytest.mark.parametrize("edits, fragment", [
     ([_clear(keep={"type": "tool_uses", "value": -1})], "keep"),
     ([_clear(trigger={"type": "seconds", "value": 3})], "trigger"),
-    ([{"type": "clear_thinking_20251015", "keep": {"type": "thinking_turns", "value": 0}}], "keep"),
+    ([{"type": "clear_thinking_20251015", "keep": {"type": "thinking_turns", "value": -1}}], "keep"),
 ])
 def test_malformed_context_management_is_refused(edits, fragment):
     with pytest.raises(ContextManagementError, match=fragment):
