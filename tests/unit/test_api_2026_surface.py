@@ -213,3 +213,34 @@ def test_mid_conversation_tool_changes_apply_in_order_and_leave_a_note() -> None
     assert "[tool added: InlineTool]" in changed and "[tool removed: Bash]" in changed
     assert "Run a shell command" in restored.split("</tools>")[0]
     assert count == reply.usage.input_tokens
+
+
+ODD_BLOCKS = [
+    {"type": "search_result", "source": "s", "title": "t", "content": ["not a block", 3, {"type": "text"}]},
+    {"type": "web_search_tool_result", "tool_use_id": "x", "content": ["a string", None, {"title": 1}]},
+    {"type": "web_search_tool_result", "tool_use_id": "x", "content": "unexpected"},
+    {"type": "web_fetch_tool_result", "tool_use_id": "x", "content": {"type": "web_fetch_result", "content": "x"}},
+    {"type": "web_fetch_tool_result", "tool_use_id": "x", "content": {"type": "web_fetch_result",
+                                                                      "content": {"source": "not a dict"}}},
+    {"type": "document", "source": {"type": "content", "content": "plain string content"}},
+    {"type": "document", "source": {"type": "text"}},
+    {"type": "tool_addition", "tool": "Bash"},
+    {"type": "tool_addition", "tool": {"type": "tool_definition", "definition": {"name": "no schema"}}},
+    {"type": "tool_removal"},
+    {"type": "container_upload"},
+]
+
+
+@pytest.mark.parametrize("block", ODD_BLOCKS)
+def test_odd_shapes_of_new_blocks_are_served_or_refused_clearly(block: dict) -> None:
+    engine = ScriptedEngine(text_script("ok"))
+    with fake_server(engine) as url:
+        body = {"model": MODEL, "max_tokens": 5, "tools": [BASH],
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, block]}]}
+        reply = httpx.post(f"{url}/v1/messages", json=body, timeout=30)
+        count = httpx.post(f"{url}/v1/messages/count_tokens", json=body, timeout=30)
+    assert reply.status_code in (200, 400), reply.text  # never a 500
+    if reply.status_code == 400:  # a shape the API refuses too (a list of blocks holding a number)
+        assert reply.json()["error"]["type"] == "invalid_request_error" and count.status_code == 400
+    else:
+        assert count.json()["input_tokens"] == reply.json()["usage"]["input_tokens"]
