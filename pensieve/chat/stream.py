@@ -42,6 +42,7 @@ from pensieve.chat.tools_prompt import ToolsPlan
 from pensieve.engine.types import FinishReason, GenerationDelta
 from pensieve.protocol.context_management import BetaContextManagementResponse
 from pensieve.protocol import (
+    CacheCreation,
     ContentBlock,
     ErrorEvent,
     ErrorObject,
@@ -50,6 +51,7 @@ from pensieve.protocol import (
     Message,
     MessageDelta,
     MessageDeltaUsage,
+    OutputTokensDetails,
     RawContentBlockDeltaEvent,
     RawContentBlockStartEvent,
     RawContentBlockStopEvent,
@@ -64,8 +66,6 @@ from pensieve.protocol import (
     ThinkingBlock,
     ThinkingDelta,
     ToolUseBlock,
-    CacheCreation,
-    OutputTokensDetails,
     Usage,
 )
 
