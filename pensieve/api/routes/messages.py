@@ -23,7 +23,7 @@ from pensieve.api.generation import (
     start_deltas,
     with_deadline,
 )
-from pensieve.api.model_pool import services_for
+from pensieve.api.model_pool import pool_of, services_for
 from pensieve.api.responses import json_response
 from pensieve.api.session_key import routing_hint_for
 from pensieve.api.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_stream, with_pings
@@ -49,7 +49,8 @@ T = TypeVar("T")
 async def create_message(request: Request) -> Response:
     services = services_of(request)
     arrived = asyncio.get_running_loop().time()
-    check_admission(services)  # before the body is read, parsed or rendered
+    if pool_of(request) is None:  # several models: services_for asks the named model's engine
+        check_admission(services)  # before the body is read, parsed or rendered
     body = parse_body(MessageCreateParams, await read_body(request, services.config.max_body_bytes,
                                                                  services.config.body_timeout_s))
     request_id: str = request.state.request_id

@@ -15,7 +15,7 @@ from pensieve.api.body import CLIENT_CLOSED_REQUEST, parse_body, read_body
 from pensieve.api.generation import check_admission, prepare_generation, start_deltas, with_deadline
 from pensieve.api.openai_request import openai_sampling, to_message_params
 from pensieve.api.openai_stream import ChunkWriter, chat_completion, chat_sse, new_completion_id, openai_sse
-from pensieve.api.model_pool import services_for
+from pensieve.api.model_pool import pool_of, services_for
 from pensieve.api.responses import json_response
 from pensieve.api.routes.messages import _unless_disconnected
 from pensieve.api.sse import SSE_HEADERS, SSE_MEDIA_TYPE, with_pings
@@ -32,7 +32,8 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 async def create_chat_completion(request: Request) -> Response:
     services = services_of(request)
     arrived = asyncio.get_running_loop().time()
-    check_admission(services)
+    if pool_of(request) is None:  # several models: services_for asks the named model's engine
+        check_admission(services)  # before the body is read, parsed or rendered
     body = parse_body(ChatCompletionCreateParams, await read_body(request, services.config.max_body_bytes,
                                                                   services.config.body_timeout_s))
     services = await services_for(request, body.model)  # the model it names (several: a pool)

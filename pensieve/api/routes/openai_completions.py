@@ -23,7 +23,7 @@ from pensieve.api.generation import (
 )
 from pensieve.api.openai_request import check_unsupported, invalid_param, stop_list
 from pensieve.api.openai_stream import completion_sse, new_completion_id, openai_sse, text_completion
-from pensieve.api.model_pool import services_for
+from pensieve.api.model_pool import pool_of, services_for
 from pensieve.api.responses import json_response
 from pensieve.api.routes.messages import _unless_disconnected
 from pensieve.api.sse import SSE_HEADERS, SSE_MEDIA_TYPE, with_pings
@@ -43,7 +43,8 @@ DEFAULT_MAX_TOKENS = 16  # the API's default for completions
 async def create_completion(request: Request) -> Response:
     services = services_of(request)
     arrived = asyncio.get_running_loop().time()
-    check_admission(services)
+    if pool_of(request) is None:  # several models: services_for asks the named model's engine
+        check_admission(services)  # before the body is read, parsed or rendered
     body = parse_body(CompletionCreateParams, await read_body(request, services.config.max_body_bytes,
                                                               services.config.body_timeout_s))
     services = await services_for(request, body.model)  # the model it names (several: a pool)
