@@ -64,6 +64,8 @@ def load_mlx_model(path: str | Path, kv_itemsize: int = 2) -> MlxModel:
     """Load an MLX folder (or a GGUF, converted); CheckpointError with the reason if it fails."""
     from mlx_lm.utils import load_model
 
+    from pensieve.loaders.gguf import model_name as gguf_name
+
     source = Path(path).expanduser()
     folder = mlx_folder(source)
     try:
@@ -79,7 +81,7 @@ def load_mlx_model(path: str | Path, kv_itemsize: int = 2) -> MlxModel:
     head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
     kv_heads = int(text.get("num_key_value_heads") or heads)
     layers = len(model.layers)
-    name = source.stem if source.is_file() else source.resolve().name
+    name = gguf_name(source) if source.is_file() else source.resolve().name
     return MlxModel(
         name=name, path=folder, model=model, config=config, tokenizer=tokenizer,
         chat_template=read_chat_template(folder),
