@@ -95,11 +95,21 @@ def plan_thinking(request: ConversationParams, markers: ThinkingMarkers | None) 
     if isinstance(config, ThinkingConfigEnabledParam):
         return ThinkingPlan(True, markers, max(config.budget_tokens, 1), omitted=omitted)
     if isinstance(config, ThinkingConfigAdaptiveParam):
-        effort = request.output_config.effort if request.output_config else None
-        return ThinkingPlan(True, markers, EFFORT_BUDGETS.get(effort or ""), omitted=omitted)
+        return ThinkingPlan(True, markers, EFFORT_BUDGETS.get(request_effort(request) or ""), omitted=omitted)
     if isinstance(config, ThinkingConfigBetweenToolsParam):
         return ThinkingPlan(requested=True, markers=markers)
     return ThinkingPlan(requested=False, markers=markers)  # absent, disabled, or unknown
+
+
+def request_effort(request: ConversationParams) -> str | None:
+    """The effort of the turn being generated: the latest mid-conversation ``system`` message's
+    ``output_config.effort`` (per-turn, the mid-conversation-output-config beta), else the
+    top-level ``output_config.effort``."""
+    for message in reversed(request.messages):
+        per_turn = getattr(message, "output_config", None) if message.role == "system" else None
+        if isinstance(per_turn, dict) and isinstance(per_turn.get("effort"), str):
+            return per_turn["effort"]
+    return request.output_config.effort if request.output_config else None
 
 
 def prompt_opens_thinking(prompt_text: str, markers: ThinkingMarkers | None) -> bool:

@@ -38,7 +38,7 @@ class SystemMessageParam(RequestModel):
 
     ``clear_at: "next_user_message"``: shown only until a later user message exists.
     Its content may hold ``tool_addition``/``tool_removal`` directives (kept as unknown blocks).
-    ``output_config`` (per-turn effort) is accepted and ignored.
+    ``output_config.effort``: this turn's effort (the latest one overrides the top level).
     """
 
     role: Literal["system"]

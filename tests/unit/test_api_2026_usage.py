@@ -175,3 +175,17 @@ def test_adaptive_thinking_on_a_model_without_reasoning_gives_no_thinking_block(
     for m in (plain, streamed):
         assert [b.type for b in m.content] == ["text"] and m.usage.output_tokens_details is None
     assert engine.calls[0].params.thinking_budget is None
+
+
+def test_a_per_turn_effort_on_a_system_message_overrides_the_top_level_one() -> None:
+    engine = ScriptedEngine(text_script("ok"))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "system", "content": "Think less now.", "output_config": {"effort": "low"}},
+                {"role": "user", "content": "and now?"}]
+    with fake_server(engine, template=THINK_TEMPLATE) as url:
+        sdk(url).messages.create(model=MODEL, max_tokens=20000, messages=messages, thinking={"type": "adaptive"},
+                                 output_config={"effort": "high"})
+        per_turn = budget_of(engine)
+        sdk(url).messages.create(model=MODEL, max_tokens=20000, messages=messages[:2] + messages[3:],
+                                 thinking={"type": "adaptive"}, output_config={"effort": "high"})
+    assert per_turn == EFFORT_BUDGETS["low"] and budget_of(engine) == EFFORT_BUDGETS["high"]
