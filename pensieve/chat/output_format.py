@@ -1,4 +1,5 @@
-"""Structured outputs: ``output_config.format: {"type": "json_schema", "schema": …}``.
+"""Structured outputs: ``output_config.format: {"type": "json_schema", "schema": …}`` (or the
+top-level ``output_format`` of the structured-outputs-2025-11-13 beta, which older SDKs send).
 
 The answer is one JSON value that validates against the schema: the engine constrains it with
 the schema's grammar (the same xgrammar EBNF, canonical layout and per-keyword degradation as
@@ -22,7 +23,7 @@ from typing import Any
 from pensieve.chat.tool_grammar import FALLBACK_SCHEMA, arguments_ebnf
 from pensieve.engine.grammar import grammar_available
 from pensieve.engine.types import GrammarSpec
-from pensieve.protocol import ConversationParams, MessageCreateParams
+from pensieve.protocol import ConversationParams, JSONOutputFormatParam, MessageCreateParams
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,10 @@ def answer_schema(request: ConversationParams | MessageCreateParams) -> dict[str
     config = request.output_config
     fmt = config.format if config is not None else None
     if fmt is None:
-        return None
+        legacy = (request.model_extra or {}).get("output_format")  # the 2025-11-13 beta's place
+        if not isinstance(legacy, dict):
+            return None
+        fmt = JSONOutputFormatParam.model_validate(legacy)
     if fmt.type != JSON_SCHEMA_FORMAT:
         log.debug("output_config.format of type %r is not supported; ignored", fmt.type)
         return None

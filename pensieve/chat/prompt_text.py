@@ -29,7 +29,7 @@ from pensieve.protocol import (
 
 MARK = "\ufdd0"  # a noncharacter: never meaningful in text, removed from request text
 # Parts of a request that reach the prompt as text; thinking blocks keep their signed text.
-_TEXT_PARTS = ("system", "messages", "tools", "tool_choice", "output_config")
+_TEXT_PARTS = ("system", "messages", "tools", "tool_choice", "output_config", "output_format")
 _STRUCTURAL_KEYS = frozenset({"type", "role", "id", "tool_use_id", "signature", "data",
                               "cache_control", "source"})
 _SIGNED_BLOCKS = frozenset({"thinking", "redacted_thinking"})

@@ -103,3 +103,8 @@ def test_on_a_reasoning_model_the_answer_grammar_waits_for_thinking_to_close():
     assert grammar is not None and grammar.kind == "ebnf"
     assert budget is not None and budget.starts_open  # tracked, so the grammar starts after </think>
     assert budget.close_ids == tuple(renderer.tokenizer.encode("</think>"))
+
+
+def test_the_2025_beta_top_level_output_format_is_honoured_too():
+    prompt, grammar = constraints(output_format={"type": "json_schema", "schema": SCHEMA})
+    assert grammar is not None and grammar.kind == "ebnf" and prompt.output_schema == SCHEMA
