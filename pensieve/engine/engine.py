@@ -83,6 +83,8 @@ class Engine:
         self._vocab_size = vocab_size
         self._grammars: GrammarCompiler | None = None  # built by the first constrained request
         self._processors: dict[str, list[LogitsProcessor]] = {}  # request id → its processors
+        # request id → its processors' outcome for the token in flight, fed by _accept_early
+        self._accepted: dict[str, bool | Exception] = {}
         # requests in WAITING_FOR_GRAMMAR, in arrival order, with the constraint they wait for
         self._compiling: dict[str, tuple[Request, GrammarConstraint]] = {}
         self._dry_breakers: torch.Tensor | None = None  # built by the first loop-guarded request
@@ -161,14 +163,17 @@ class Engine:
         return self._grammars
 
     def _tokens_left(self, req: Request) -> int:
-        """Tokens ``req`` may still generate, counting the one about to be sampled."""
-        return min(req.params.max_tokens - len(req.output_ids), self.context_length - req.num_tokens)
+        """Tokens ``req`` may still generate, counting the one about to be sampled (and not
+        the ones sampled but not read yet: ``num_inflight``)."""
+        return min(req.params.max_tokens - len(req.output_ids) - req.num_inflight,
+                   self.context_length - req.num_tokens)
 
     def abort(self, request_id: str) -> GenerationDelta | None:
         req = self._requests.pop(request_id, None)
         if req is None:
             return None
         self._processors.pop(request_id, None)
+        self._accepted.pop(request_id, None)
         self._compiling.pop(request_id, None)
         self.scheduler.finish(req)
         req.finish(FinishReason.ABORTED)
@@ -224,11 +229,11 @@ class Engine:
                              for i, (req, tok) in enumerate(zip(sampled, rows.ids))]
         processors = [self._processors.get(r.request_id) for r in sampled]
         if previous is not None and any(processors):
-            # the processors see the tokens in flight before they mask the next ones: read
-            # them now, while the model runs this step (requests they end waste their row)
-            deltas += self._read(previous)
-            previous = None
-            processors = [self._processors.get(r.request_id) for r in sampled]
+            # the processors see the tokens in flight before they mask the next ones: feed
+            # them now, while the model runs this step; detokenising, stop checks and the
+            # deltas wait until this step's sampling is launched (requests ending waste a row)
+            ending = self._accept_early(previous)
+            processors = [None if id(r) in ending else p for r, p in zip(sampled, processors)]
         failed = apply_rows(logits, processors)
         self._inflight = self._launch(sampled, *sample_ids(logits, params, generators), failed)
         return deltas + (self._read(previous) if previous is not None else [])
@@ -303,6 +308,30 @@ class Engine:
                 self.kv.commit(req)
         return deltas
 
+    def _accept_early(self, flight: _InFlight) -> set[int]:
+        """Feed a landed step's tokens to their requests' processors ahead of ``_read`` (which
+        then takes the outcome from ``_accepted``); the ``id``s of requests that end on these
+        tokens (end of turn, grammar done, a processor failed): their next row is not masked."""
+        if flight.ready is not None:
+            flight.ready.synchronize()
+        ending: set[int] = set()
+        for req, token in zip(flight.requests, flight.host.tolist()):
+            processors = self._processors.get(req.request_id)
+            if req.is_finished or processors is None or token == FAILED_ROW:
+                continue
+            if token in self.tokenizer.eos_token_ids and not req.params.ignore_eos:
+                self._accepted[req.request_id] = False  # the turn ends on it: nothing to advance
+                ending.add(id(req))
+                continue
+            try:
+                done: bool | Exception = accept_token(processors, token)
+            except Exception as exc:
+                done = exc
+            self._accepted[req.request_id] = done
+            if done is not False:
+                ending.add(id(req))
+        return ending
+
     def _post(self, req: Request, token: int) -> GenerationDelta:
         """``_append``, with a failure there (grammar, detokenizer, stop check) ending only
         ``req``."""
@@ -319,7 +348,11 @@ class Engine:
             req.num_new_cached_tokens = max(0, cached_now - req.num_cached_tokens)
         req.output_ids.append(token)
         processors = self._processors.get(req.request_id)
-        constraint_done = processors is not None and accept_token(processors, token)
+        early = self._accepted.pop(req.request_id, None)  # fed by _accept_early already
+        if isinstance(early, Exception):
+            raise early
+        constraint_done = early if early is not None else (
+            processors is not None and accept_token(processors, token))
         if token in self.tokenizer.eos_token_ids and not req.params.ignore_eos:
             return self._finish(req, FinishReason.EOS, self._flush(req))
         text = req.stop_checker.feed(req.detokenizer.add(token))
@@ -346,6 +379,7 @@ class Engine:
         self._compiling.pop(req.request_id, None)
         self._requests.pop(req.request_id, None)
         self._processors.pop(req.request_id, None)
+        self._accepted.pop(req.request_id, None)
         req.finish(reason, stop)
         return self._delta(req, text, [req.output_ids[-1]])
 
@@ -368,6 +402,7 @@ class Engine:
         self._compiling.pop(req.request_id, None)
         self._requests.pop(req.request_id, None)
         self._processors.pop(req.request_id, None)
+        self._accepted.pop(req.request_id, None)
         req.finish(FinishReason.ERROR)
         req.error = message
         delta = self._delta(req, "")
