@@ -99,15 +99,27 @@ def conversation(base: str, replica: str, body: dict[str, Any], turns: int) -> l
     return rows
 
 
-def tool_rate(base: str, body: dict[str, Any], trials: int) -> tuple[int, int]:
+def tool_rate(base: str, body: dict[str, Any], trials: int, short: bool = False,
+              choice: str | None = None) -> tuple[int, int]:
+    """``short``: the ask alone with the tools (no Claude Code system prompt or history);
+    ``choice``: a ``tool_choice`` type (Claude Code sends none: auto)."""
     schemas = {t["name"]: t["input_schema"] for t in body["tools"]}
     ok = 0
     for i in range(trials):
         trial = fresh_billing(body)
         trial.update(temperature=1.0, max_tokens=160)
+        if choice is not None:
+            trial["tool_choice"] = {"type": choice}
         asks = [ASKS[name] for name in schemas if name in ASKS]
-        trial["messages"] = [*trial["messages"][:-1], {"role": "user", "content": asks[i % len(asks)]}]
-        reply = post(base, "/v1/messages", trial)
+        history = [] if short else trial["messages"][:-1]
+        if short:
+            trial.pop("system", None)
+        trial["messages"] = [*history, {"role": "user", "content": asks[i % len(asks)]}]
+        try:
+            reply = post(base, "/v1/messages", trial)
+        except RuntimeError as exc:  # the server failed the request: not a parsed call
+            print(f"  trial {i + 1}: {str(exc)[:160]}")
+            continue
         calls = [b for b in reply["content"] if b.get("type") == "tool_use" and b.get("name") in schemas]
         try:
             for call in calls:
@@ -129,23 +141,32 @@ def main() -> None:
     ap.add_argument("--tools", default="Read", help="the captured request's tools kept (its 24 "
                     "are ~19k tokens; Read alone keeps 3.7k, in SmolLM2's 4096 of the CPU test)")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--only", choices=("pensieve", "vllm"), help="run one path (each needs a fresh "
+                    "replica: a second run of the same path starts with the first run's cache)")
     ns = ap.parse_args()
     body = base_request(set(ns.tools.split(",")), ns.max_tokens)
     vllm_model = httpx.get(ns.vllm + "/v1/models", timeout=30).json()["data"][0]["id"]
     report = {}
     for name, base, replica, model in (("pensieve", ns.pensieve, ns.pensieve_replica, ns.model),
                                        ("vllm", ns.vllm, ns.vllm, vllm_model)):
+        if ns.only not in (None, name):
+            continue
         request = dict(body, model=model)
         rows = conversation(base, replica, request, ns.turns)
         ok, trials = tool_rate(base, request, ns.tool_trials)
-        report[name] = {"turns": rows, "tool_calls_valid": f"{ok}/{trials}"}
+        short_ok, _ = tool_rate(base, request, ns.tool_trials, short=True)
+        forced, _ = tool_rate(base, request, ns.tool_trials, short=True, choice="any")
+        report[name] = {"turns": rows, "tool_calls_valid": f"{ok}/{trials}",
+                        "tool_calls_valid_short": f"{short_ok}/{trials}",
+                        "tool_calls_valid_forced_any": f"{forced}/{trials}"}
         print(f"\n== {name} ({base})")
         print("turn  prompt  cached  re-prefilled  count_tokens  exact")
         for r in rows:
             exact = "yes" if r["count_tokens"] == r["prompt"] else f"off by {r['count_tokens'] - r['prompt']}"
             print(f"{r['turn']:>4}  {r['prompt']:>6}  {r['cached']:>6}  {r['reprefilled']:>12}  "
                   f"{r['count_tokens']:>12}  {exact}")
-        print(f"tool calls parsed and schema-valid: {ok}/{trials}")
+        print(f"tool calls parsed and schema-valid: {ok}/{trials} in the captured context, "
+              f"{short_ok}/{trials} asked alone, {forced}/{trials} with tool_choice any")
     print("\n" + json.dumps(report))
 
 
