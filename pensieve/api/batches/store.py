@@ -140,7 +140,18 @@ class BatchStore:
         return record
 
     def create(self, requests: list[tuple[str, dict[str, Any]]]) -> BatchRecord:
+        record = self.write_new(requests)
+        self.add(record)
+        return record
+
+    def add(self, record: BatchRecord) -> None:
+        """Register a batch ``write_new`` wrote (on the event loop's thread)."""
         self.load()
+        self._batches[record.id] = record
+
+    def write_new(self, requests: list[tuple[str, dict[str, Any]]]) -> BatchRecord:
+        """Write a new batch's folder (any thread: a big batch takes a while to write and
+        fsync); it is not served until ``add``."""
         batch_id = "msgbatch_" + secrets.token_hex(12)
         created = now()
         record = BatchRecord(id=batch_id, created_at=created, num_requests=len(requests),
@@ -155,7 +166,6 @@ class BatchStore:
             os.fsync(f.fileno())
         self._write_meta(tmp, record)
         os.rename(tmp, self.directory / batch_id)
-        self._batches[batch_id] = record
         return record
 
     def get(self, batch_id: str) -> BatchRecord | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from pensieve.api.auth import require_api_key
 from pensieve.api.batches import BatchConfig, BatchRunner, BatchStore
@@ -84,7 +85,9 @@ async def create_batch(request: Request) -> Response:
             raise invalid_request(f"requests: custom_id {entry.custom_id!r} is used more than once; "
                                   "each must be unique within the batch")
         seen.add(entry.custom_id)
-    record = batches.store.create([(entry.custom_id, entry.params) for entry in body.requests])
+    requests = [(entry.custom_id, entry.params) for entry in body.requests]
+    record = await run_in_threadpool(batches.store.write_new, requests)  # off the event loop
+    batches.store.add(record)
     batches.runner.wake()
     return _wire(request, record)
 
