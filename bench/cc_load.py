@@ -3,7 +3,9 @@
 S concurrent sessions × T turns. Every request is Claude Code's captured first request
 (tests/fixtures/claude_code_request.json: its system prompt, adaptive thinking, no temperature —
 Claude Code never sends one) with its tools cut to ``--tools`` of them (default Bash and Read),
-or with no tools at all (``--mode none``); each session's first message carries its own nonce
+or with no tools at all (``--mode none``), or with their definitions pasted into the system
+prompt as text (``--mode text``: about the same prompt length, no grammar — what isolates the
+grammar's cost from the longer prompt's attention); each session's first message carries its own nonce
 and each next turn appends the answer and a new user message. The measure is the aggregate
 output rate (all sessions' output tokens from ``usage`` over the wall time of the round), in
 rounds alternating tools / no tools so drift hits both alike; the ratio is the point.
@@ -29,9 +31,17 @@ from bench.client import Client, StreamResult
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "claude_code_request.json"
 
 
-def base_request(tools: list[str] | None, max_tokens: int) -> dict[str, Any]:
-    """The captured request with only ``tools`` (None: no tools) and ``max_tokens``."""
+def base_request(tools: list[str] | None, max_tokens: int, as_text: bool = False) -> dict[str, Any]:
+    """The captured request with only ``tools`` (None: no tools) and ``max_tokens``;
+    ``as_text``: the tools' definitions appended to the system prompt as plain text instead
+    (a prompt of about the same length, no tools: no grammar)."""
     body = json.loads(FIXTURE.read_text())
+    if as_text:
+        listed = [t for t in body["tools"] if t["name"] in (tools or [])]
+        body["system"] = list(body["system"]) + [{"type": "text", "text": "# Tools you may call\n"
+                                                  "Call a tool inside <tool_call></tool_call> tags.\n"
+                                                  + json.dumps(listed)}]
+        tools = None
     if tools is None:
         body.pop("tools", None)
         body.pop("tool_choice", None)
@@ -68,7 +78,9 @@ async def one_round(c: Client, base: dict[str, Any], sessions: int, turns: int) 
     bad = [r.error for r in flat if not r.ok]
     out = sum(r.output_tokens or 0 for r in flat if r.ok)
     ttfts = [r.ttft for r in flat if r.ok and r.ttft is not None]
+    inputs = [r.input_tokens for r in flat if r.ok and r.input_tokens]
     return {"wall_s": wall, "output_tokens": out, "tok_s": out / wall, "requests": len(flat),
+            "input_tokens_median": statistics.median(inputs) if inputs else None,
             "failed": len(bad), "errors": bad[:3],
             "tool_use_stops": sum(r.stop_reason == "tool_use" for r in flat),
             "ttft_median_ms": 1000 * statistics.median(ttfts) if ttfts else None}
@@ -77,8 +89,10 @@ async def one_round(c: Client, base: dict[str, Any], sessions: int, turns: int) 
 async def run(a: argparse.Namespace) -> dict[str, Any]:
     c = Client(a.url, temperature=None, timeout=a.timeout)
     await c.resolve_model()
-    modes = {"tools": base_request(a.tools.split(","), a.max_tokens), "none": base_request(None, a.max_tokens)}
-    order = ["tools", "none"] if a.mode == "both" else [a.mode]
+    names = a.tools.split(",")
+    modes = {"tools": base_request(names, a.max_tokens), "none": base_request(None, a.max_tokens),
+             "text": base_request(names, a.max_tokens, as_text=True)}
+    order = {"both": ["tools", "none"], "all": ["tools", "none", "text"]}.get(a.mode, [a.mode])
     for name in order:  # warm: each prompt prefix cached, each grammar compiled
         await one_round(c, modes[name], 1, 1)
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in order}
@@ -87,12 +101,15 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
             r = await one_round(c, modes[name], a.sessions, a.turns)
             rounds[name].append(r)
             print(f"round {i + 1} {name}: {r['tok_s']:.0f} tok/s ({r['output_tokens']} tokens in "
-                  f"{r['wall_s']:.1f} s, {r['failed']} failed, {r['tool_use_stops']} tool_use "
+                  f"{r['wall_s']:.1f} s, prompt median {r['input_tokens_median']}, "
+                  f"{r['failed']} failed, {r['tool_use_stops']} tool_use "
                   f"stops, TTFT median {r['ttft_median_ms'] or 0:.0f} ms)", flush=True)
     await c.aclose()
     summary = {name: statistics.median(r["tok_s"] for r in rs) for name, rs in rounds.items()}
-    if len(summary) == 2:
+    if "tools" in summary and "none" in summary:
         summary["ratio_tools_over_none"] = summary["tools"] / summary["none"]
+    if "tools" in summary and "text" in summary:
+        summary["ratio_tools_over_text"] = summary["tools"] / summary["text"]
     return {"args": vars(a), "rounds": rounds, "median_tok_s": summary}
 
 
@@ -104,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--tools", default="Bash,Read", help="the fixture's tools to keep")
-    p.add_argument("--mode", choices=["both", "tools", "none"], default="both")
+    p.add_argument("--mode", choices=["both", "all", "tools", "none", "text"], default="both",
+                   help="both: tools and none; all: also text (the tools' definitions as system "
+                        "text: the same prompt length without a grammar)")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", default=None, help="write the rounds here")
     a = p.parse_args(argv)

@@ -28,7 +28,7 @@ serve() {  # serve <tree> <log>: Pensieve with its defaults on the Q4_0 file, po
 }
 load() {  # load <name>
   timeout ${LOAD_TIMEOUT:-150} python3 -m bench.cc_load --url http://127.0.0.1:7799 --sessions 8 \
-    --turns 3 --rounds ${ROUNDS:-4} --max-tokens 256 --json $OUT/cc_$1.json 2>&1 | tail -12
+    --turns 3 --rounds ${ROUNDS:-4} --max-tokens 256 --mode ${MODE:-both} --json $OUT/cc_$1.json 2>&1 | tail -12
   pkill -f "pensieve.cli.main serve"; sleep 3
 }
 serve $PWD $OUT/server_new.log && { echo "== new (batched masks + sampler) ready at $((SECONDS-T0)) s"; load new; }
