@@ -46,7 +46,8 @@ class MlxModel:
     chat_template: str | None
     context_length: int
     vocab_size: int
-    kv_bytes_per_token: int  # keys and values of every layer for one token, in ``kv_itemsize``
+    kv_elements_per_token: int  # keys and values of every layer for one token
+    activation_itemsize: int  # bytes per element of its activations (and so of its KV)
 
 
 def mlx_folder(path: Path) -> Path:
@@ -60,7 +61,18 @@ def mlx_folder(path: Path) -> Path:
     return cached_conversion(path, MLX_CACHE, q_bits=4)
 
 
-def load_mlx_model(path: str | Path, kv_itemsize: int = 2) -> MlxModel:
+def activation_itemsize(model: Any) -> int:
+    """Bytes per element of the model's activations (what its KV holds): its norms' type,
+    which stays float in a quantised model; 2 if it has none."""
+    from mlx.utils import tree_flatten
+
+    for name, value in tree_flatten(model.parameters()):
+        if name.endswith("norm.weight"):
+            return value.dtype.size
+    return 2
+
+
+def load_mlx_model(path: str | Path) -> MlxModel:
     """Load an MLX folder (or a GGUF, converted); CheckpointError with the reason if it fails."""
     from mlx_lm.utils import load_model
 
@@ -87,15 +99,19 @@ def load_mlx_model(path: str | Path, kv_itemsize: int = 2) -> MlxModel:
         chat_template=read_chat_template(folder),
         context_length=int(text.get("max_position_embeddings") or 4096),
         vocab_size=int(text["vocab_size"]),
-        kv_bytes_per_token=2 * layers * kv_heads * head_dim * kv_itemsize,
+        kv_elements_per_token=2 * layers * kv_heads * head_dim,
+        activation_itemsize=activation_itemsize(model),
     )
 
 
 def mlx_engine(loaded: MlxModel, config: EngineConfig) -> Engine:
-    """The engine over an MLX model: the MLX runner composed with the shared ``Engine``."""
+    """The engine over an MLX model: the MLX runner composed with the shared ``Engine``; its
+    KV pool in ``config.kv_dtype``, or the model's activation type where that is None."""
     from pensieve.backends.mlx_runner import MlxRunner
     from pensieve.engine.engine import Engine
 
-    runner = MlxRunner(loaded.model, config, loaded.kv_bytes_per_token, loaded.vocab_size)
+    itemsize = config.kv_dtype.itemsize if config.kv_dtype is not None else loaded.activation_itemsize
+    runner = MlxRunner(loaded.model, config, loaded.kv_elements_per_token * itemsize,
+                       loaded.vocab_size)
     return Engine(runner, loaded.tokenizer, config, loaded.vocab_size)
 

@@ -66,6 +66,7 @@ def test_gguf_converted_float32_matches_torch_on_the_gguf(tmp_path: Path, family
     text = "<|im_start|>hello world"
     assert loaded.tokenizer.encode(text) == ckpt.tokenizer.encode(text)
     assert loaded.tokenizer.eos_token_ids == ckpt.tokenizer.eos_token_ids
+    assert loaded.activation_itemsize == 4  # float32 weights: a float32 KV pool is budgeted
 
 
 def test_a_gguf_served_on_mlx_is_converted_once(tmp_path: Path, monkeypatch) -> None:
@@ -74,6 +75,7 @@ def test_a_gguf_served_on_mlx_is_converted_once(tmp_path: Path, monkeypatch) -> 
     first = load_mlx_model(gguf)
     assert first.path.parent == tmp_path / "cache" and first.name == "tiny"
     assert json.loads((first.path / "config.json").read_text())["quantization"]["bits"] == 4
+    assert first.activation_itemsize == 2  # 4-bit codes, bfloat16 norms and activations
     stamp = (first.path / "config.json").stat().st_mtime_ns
     second = load_mlx_model(gguf)
     assert second.path == first.path
