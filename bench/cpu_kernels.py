@@ -7,6 +7,7 @@
     .venv/bin/python -m bench.cpu_kernels --only profile --gguf FILE --prefill-tokens 512
     .venv/bin/python -m bench.cpu_kernels --only types --shapes 1.5b_up 1.5b_down  # per GGUF type
     .venv/bin/python -m bench.cpu_kernels --only isa --shapes 1.5b_up --types Q4_K Q6_K  # AVX2 vs VNNI
+    .venv/bin/python -m bench.cpu_kernels --only decode-isa --gguf FILE --tokens 64 --repeats 3
 
 Kernels: x[M, K] @ W.T for the SmolLM2-135M shapes, float32 (PyTorch/MKL) against the q4
 (group-32 affine, the Q4_1 layers) and q8 (Q8_0, the tied output projection) kernels of
@@ -280,6 +281,53 @@ def decode_rounds(quantised: bool, tokens: int, repeats: int, prompt: str) -> di
             "prefill_tokens": len(long_ids), "text": text}
 
 
+def decode_isa(model: str | None, tokens: int, repeats: int, prompt: str) -> None:
+    """Greedy decode and a cold prefill of LONG_PROMPT on one engine, alternating the kernels'
+    instruction set (AVX2, AVX-512 VNNI) round by round: in-process ratios that a busy
+    machine slows alike."""
+    from pensieve.backends.cpu_quant import load_kernels
+    from pensieve.backends.torch_backend import build_engine
+    from pensieve.engine.config import EngineConfig
+    from pensieve.engine.types import SamplingParams
+    from pensieve.loaders.default_model import default_model_path
+    from pensieve.loaders.registry import load_checkpoint
+
+    kernels = load_kernels()
+    ckpt = load_checkpoint(model or default_model_path(), keep_int4=True)
+    engine = build_engine(ckpt, EngineConfig(context_length=8192, int8_lm_head=True))
+    greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    isas = ("avx2", "avx512_vnni")
+    dec: dict[str, list[float]] = {i: [] for i in isas}
+    pre: dict[str, list[float]] = {i: [] for i in isas}
+    texts: dict[str, str] = {}
+    for r in range(repeats + 1):  # round 0 warms up
+        for isa in isas if r % 2 else isas[::-1]:
+            kernels.set_isa(isa)
+            engine.add_request(f"d{r}{isa}", ckpt.tokenizer.encode(prompt), greedy)
+            pieces, n = [d.text for d in engine.step()], 0
+            t0 = time.perf_counter()
+            while engine.has_work():
+                pieces += [d.text for d in engine.step()]
+                n += 1
+            texts[isa] = "".join(pieces)
+            ids = ckpt.tokenizer.encode(f"[{r}{isa}] {LONG_PROMPT}")
+            engine.add_request(f"p{r}{isa}", ids, SamplingParams(max_tokens=1, temperature=0.0))
+            t1 = time.perf_counter()
+            while engine.has_work():
+                engine.step()
+            if r:
+                dec[isa].append(n / (t1 - t0))
+                pre[isa].append(len(ids) / (time.perf_counter() - t1))
+            print(f"round {r} {isa:<12} decode {n / (t1 - t0):6.2f} tok/s, prefill of {len(ids)} "
+                  f"tokens {len(ids) / (time.perf_counter() - t1):6.1f} tok/s, load {os.getloadavg()[0]:.1f}",
+                  flush=True)
+    for name, res in (("decode", dec), ("prefill", pre)):
+        a, v = statistics.median(res["avx2"]), statistics.median(res["avx512_vnni"])
+        print(f"{name}: avx2 {a:.2f} tok/s, vnni {v:.2f} tok/s (medians of {repeats}): {v / a:.2f}×")
+    same = texts["avx2"] == texts["avx512_vnni"]
+    print(f"greedy text {'identical' if same else 'DIFFERS'} across ISAs: {texts['avx512_vnni'][:80]!r}")
+
+
 PROFILED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "embed_tokens",
             "input_layernorm", "post_attention_layernorm", "norm", "self_attn", "mlp")
 
@@ -367,7 +415,7 @@ def print_profile(res: dict[str, float]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", choices=("kernels", "decode", "profile", "types", "isa"))
+    ap.add_argument("--only", choices=("kernels", "decode", "profile", "types", "isa", "decode-isa"))
     ap.add_argument("--kind", type=int, default=1, help="isa: 1 row tiles, 2 panel GEMM")
     ap.add_argument("--types", nargs="+", default=list(TYPES), choices=list(TYPES))
     ap.add_argument("--chunk", type=int, default=512, help="profile: prefill chunk (tokens)")
@@ -391,6 +439,8 @@ def main() -> None:
         bench_kernels(args.rows, args.repeats, args.aten, args.cold_mb << 20, args.shapes)
     if args.only == "types":
         bench_types(args.rows, args.repeats, args.cold_mb << 20, args.shapes, args.types)
+    if args.only == "decode-isa":
+        decode_isa(args.gguf, args.tokens, args.repeats, args.prompt)
     if args.only == "isa":
         bench_isa(args.rows, args.repeats, args.cold_mb << 20, args.shapes, args.types, args.kind)
     if args.only == "profile":
