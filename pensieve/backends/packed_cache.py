@@ -84,6 +84,10 @@ def _source_hash() -> str:
             h.update(rel.encode())
     for rel in sorted((_PKG / "models").glob("*.py")):  # families' weight fix-ups
         h.update(rel.read_bytes())
+    # the C sources hold the packing code (pq4_pack, pq6_pack): a layout change there must
+    # not meet a file packed by the old one (costs a re-pack after any kernel edit)
+    for rel in sorted((_PKG / "backends" / "cpu_quant").glob("*source.py")):
+        h.update(rel.read_bytes())
     return h.hexdigest()
 
 
