@@ -8,9 +8,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 TORCH_PIN=${PENSIEVE_TORCH:-torch==2.13.0}
-# headless Chromium for the status-page test: only when missing and apt is usable (cheap otherwise)
-bash scripts/install_chromium.sh
-bash scripts/install_tmux.sh  # the `pensieve run` terminal test
 stamp_src=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 stamp_file=$VENV/.pensieve-setup
 
