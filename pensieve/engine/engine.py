@@ -30,7 +30,8 @@ from pensieve.engine.block_pool import BlockPool
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.engine.errors import PromptTooLongError
-from pensieve.engine.grammar import GrammarCompiler, GrammarConstraint
+from pensieve.engine.grammar import GrammarCompiler
+from pensieve.engine.grammar_constraint import GrammarConstraint
 from pensieve.engine.kv_manager import KVCacheManager
 from pensieve.engine.logits_processors import LogitsProcessor, ThinkingBudgetProcessor, accept_token
 from pensieve.engine.repetition import DryProcessor, breaker_ids
