@@ -43,3 +43,12 @@ def gemma3_270m_gguf() -> Path:
 def llama_cpp_models_dir() -> Path:
     """llama.cpp's ``models/``: ggml-vocab-*.gguf with .inp/.out vectors, ``templates/``."""
     return _fetch(assets.llama_cpp_models_dir)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A session that will run the upstream backend's vLLM test starts building vLLM's venv in
+    the background at once: on a fresh machine the install overlaps the tests before it."""
+    if any("test_upstream_vllm" in item.nodeid for item in session.items):
+        from tests.helpers import vllm_env
+
+        vllm_env.start_background_build(vllm_env.CACHE / "vllm-venv-build.log")

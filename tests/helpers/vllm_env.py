@@ -12,6 +12,7 @@ both ahead of time (progress goes to the terminal).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -52,7 +53,31 @@ def _venv_works() -> bool:
 
 
 def ensure_venv(log: Path | None = None) -> Path:
-    """The vLLM venv's python, created and filled on first use (minutes, once)."""
+    """The vLLM venv's python, created and filled on first use (minutes, once). One builder
+    at a time (a file lock): a test waits for a build started ahead of it
+    (``start_background_build``) instead of starting its own."""
+    if (VENV / READY_MARK).is_file():
+        return venv_python()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "vllm-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_venv(log)
+
+
+def start_background_build(log: Path) -> subprocess.Popen[bytes] | None:
+    """Start building the venv in a child process now (a fresh machine's ~2.6 GB install takes
+    ~10 min, mostly download and unpacking) so that it overlaps the tests before the upstream
+    one; None when it is built already."""
+    if (VENV / READY_MARK).is_file():
+        return None
+    log.parent.mkdir(parents=True, exist_ok=True)
+    code = f"from pathlib import Path; from tests.helpers.vllm_env import ensure_venv; ensure_venv(Path({str(log)!r}))"
+    return subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _build_venv(log: Path | None) -> Path:
     if (VENV / READY_MARK).is_file() or _venv_works():
         (VENV / READY_MARK).touch()
         return venv_python()
