@@ -260,8 +260,8 @@ class Engine:
         running request is decoding on an id in flight, none is one token from its limit, and KV has a block for each (so scheduling preempts nobody; waiting
         requests are admitted only into free blocks)."""
         s = self.scheduler
-        if self.pool.num_free < len(s.running):
-            return False
+        if self.pool.num_free < len(s.running) or s.must_seat_urgent():
+            return False  # scheduling would preempt: never a request whose token is in flight
         return all(
             r.num_inflight and len(r.output_ids) + r.num_inflight < r.params.max_tokens
             and r.num_tokens < self.context_length

@@ -102,6 +102,14 @@ class Scheduler:
             return first
         return next((r for r in candidates if r.params.retain_prefix), candidates[0])
 
+    def must_seat_urgent(self) -> bool:
+        """Every seat is taken and a waiting request is more urgent than a running one: the
+        next ``schedule`` preempts (the engine lands any step in flight first)."""
+        if not self.waiting or len(self.running) < self.max_num_seqs:
+            return False
+        top = min(r.params.priority for r in self.waiting)
+        return any(r.params.priority > top for r in self.running)
+
     def _seat_urgent(self) -> None:
         """Every seat is taken: preempt the newest running request of a less urgent class
         than the most urgent waiting one, so that an interactive request never waits behind

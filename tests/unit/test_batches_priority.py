@@ -67,3 +67,39 @@ def test_background_requests_never_preempt_each_other_or_interactive_ones():
     assert [r.request_id for r in engine.scheduler.running] == ["chat"]
     finished, _ = _drain(engine)
     assert finished == ["chat", "batch"]
+
+
+def test_under_async_scheduling_a_request_is_preempted_only_once_its_token_landed():
+    """A step in flight holds a token of the running background request: the interactive
+    request's seat is taken only after that token is read (never by preempting a request whose
+    sampled id the host has not seen), and both outputs stay exact."""
+    tok = ByteTokenizer()
+    alone = tiny_engine(max_num_seqs=1, async_scheduling=True)
+    alone.add_request("batch", tok.encode("a background prompt"), BACKGROUND)
+    _, reference = _drain(alone)
+
+    engine = tiny_engine(max_num_seqs=1, async_scheduling=True)
+    in_flight_at_preemption: list[int] = []
+    preempt = engine.scheduler._preempt
+
+    def spy(req):
+        in_flight_at_preemption.append(req.num_inflight)
+        preempt(req)
+
+    engine.scheduler._preempt = spy
+    engine.add_request("batch", tok.encode("a background prompt"), BACKGROUND)
+    outputs: dict[str, list[int]] = {}
+    finished: list[str] = []
+    for step in range(40):
+        if step == 3:
+            engine.add_request("chat", tok.encode("interactive turn"), INTERACTIVE)
+        for d in engine.step():
+            outputs.setdefault(d.request_id, []).extend(d.token_ids)
+            if d.finish_reason:
+                finished.append(d.request_id)
+        if not engine.has_work():
+            break
+    assert in_flight_at_preemption and set(in_flight_at_preemption) == {0}
+    assert finished == ["chat", "batch"]
+    assert outputs["batch"] == reference["batch"] and len(outputs["chat"]) == 3
+    assert engine.pool.num_free == engine.pool.num_blocks
