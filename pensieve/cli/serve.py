@@ -226,10 +226,8 @@ class ServedModel:
 def load_served_model(settings: ServeSettings, api_config: Callable[..., Any] | None = None) -> ServedModel:
     """Load ``settings.model_path`` and start its engine; ``api_config`` builds its
     ``ApiConfig`` from the keyword arguments (default: ``ApiConfig`` itself)."""
-    from pensieve.api.config import ApiConfig
     from pensieve.backends.torch_backend import torch_engine
     from pensieve.chat.prompt import PromptRenderer
-    from pensieve.engine.client import EngineClient
     from pensieve.loaders.checkpoint import CheckpointError
 
     from pensieve.backends.cpu_memory import bound_heap, release_free_memory
@@ -260,27 +258,37 @@ def load_served_model(settings: ServeSettings, api_config: Callable[..., Any] | 
         log.info("warmed up the step shapes that compile kernels: %d steps in %.1f s", steps, seconds)
     if on_cpu:
         release_free_memory()
+    client, api_cfg = start_serving(engine, settings, settings.served_name or ckpt.name,
+                                    engine_cfg.context_length, engine_cfg.max_waiting, api_config)
+    renderer = PromptRenderer(ckpt.tokenizer, ckpt.chat_template)
+    return ServedModel(client, api_cfg, renderer, write_cache)
+
+
+def start_serving(engine, settings: ServeSettings, name: str, context_length: int,  # noqa: ANN001
+                  max_waiting: int, api_config: Callable[..., Any] | None) -> tuple[Any, Any]:
+    """A loaded engine (any backend) → its running ``EngineClient`` and the API's config."""
+    from pensieve.api.config import ApiConfig
+    from pensieve.engine.client import EngineClient
+
     # the vocabulary's grammar tables, built off the first tool request: xgrammar (which
     # imports transformers, ~1.5 s) is imported on a thread a moment after the server is up
     prepare = threading.Timer(GRAMMAR_PREPARE_DELAY_S, _prepare_grammars, args=(engine,))
     prepare.daemon = True
     prepare.start()
-    name = settings.served_name or ckpt.name
-    client = EngineClient(engine, name, max_waiting=engine_cfg.max_waiting)
+    client = EngineClient(engine, name, max_waiting=max_waiting)
     client.start()
     api_cfg = (api_config or ApiConfig)(
         api_keys=settings.api_keys,
         model_id=name,
         model_aliases=settings.aliases,
-        context_length=engine_cfg.context_length,
+        context_length=context_length,
         default_temperature=settings.default_temperature,
         default_top_p=settings.default_top_p,
         default_top_k=settings.default_top_k,
         dry=settings.dry,
         request_timeout_s=settings.request_timeout_s,
     )
-    renderer = PromptRenderer(ckpt.tokenizer, ckpt.chat_template)
-    return ServedModel(client, api_cfg, renderer, write_cache)
+    return client, api_cfg
 
 
 GRAMMAR_PREPARE_DELAY_S = 1.0  # after build_app: uvicorn's start is not slowed by the import

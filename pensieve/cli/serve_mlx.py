@@ -4,13 +4,12 @@ engine behind the same engine client, API config and prompt renderer as the torc
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from pensieve.cli.serve import GRAMMAR_PREPARE_DELAY_S, ServedModel, StartupError, _prepare_grammars
+from pensieve.cli.serve import ServedModel, StartupError, start_serving
 from pensieve.cli.settings import ServeSettings
 
 log = logging.getLogger("pensieve")
@@ -34,10 +33,8 @@ def load_mlx_served_model(settings: ServeSettings,
     """Load ``settings.model_path`` (an MLX folder, or a GGUF converted once) and start its
     engine; the KV pool keeps the model's own activation type and the ``kv_cache_bytes``
     budget."""
-    from pensieve.api.config import ApiConfig
     from pensieve.backends.mlx_backend import load_mlx_model, mlx_engine
     from pensieve.chat.prompt import PromptRenderer
-    from pensieve.engine.client import EngineClient
     from pensieve.loaders.checkpoint import CheckpointError
 
     started = time.perf_counter()
@@ -55,21 +52,6 @@ def load_mlx_served_model(settings: ServeSettings,
     log.info("MLX model %s loaded from %s [%.2f s]; context %d tokens, KV pool up to %d blocks",
              loaded.name, loaded.path, time.perf_counter() - started, context,
              engine.runner.num_blocks)
-    prepare = threading.Timer(GRAMMAR_PREPARE_DELAY_S, _prepare_grammars, args=(engine,))
-    prepare.daemon = True
-    prepare.start()
-    name = settings.served_name or loaded.name
-    client = EngineClient(engine, name, max_waiting=engine_cfg.max_waiting)
-    client.start()
-    api_cfg = (api_config or ApiConfig)(
-        api_keys=settings.api_keys,
-        model_id=name,
-        model_aliases=settings.aliases,
-        context_length=context,
-        default_temperature=settings.default_temperature,
-        default_top_p=settings.default_top_p,
-        default_top_k=settings.default_top_k,
-        dry=settings.dry,
-        request_timeout_s=settings.request_timeout_s,
-    )
+    client, api_cfg = start_serving(engine, settings, settings.served_name or loaded.name, context,
+                                    engine_cfg.max_waiting, api_config)
     return ServedModel(client, api_cfg, PromptRenderer(loaded.tokenizer, loaded.chat_template))
