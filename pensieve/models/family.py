@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pensieve.models.args import ModelArgs
+from pensieve.models.cache_spec import LayerCache, attention_layout
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -145,3 +146,5 @@ class Family:
     # an HF checkpoint's name segments → the module's (Mixtral's ``block_sparse_moe.w1`` →
     # ``mlp.gate_proj``); per-expert matrices are stacked by the loader (loaders/hf_experts.py)
     hf_renames: Mapping[str, str] = field(default_factory=dict)
+    # what each layer keeps between steps (models/cache_spec.py); default: paged K/V everywhere
+    cache_layout: Callable[[ModelArgs], tuple[LayerCache, ...]] = attention_layout

@@ -37,6 +37,20 @@ class AttentionBackend(Protocol):
 
 
 @dataclass(frozen=True)
+class RecurrentStates:
+    """The recurrent layers' per-request state (``models/cache_spec.RecurrentState``), indexed
+    by model layer (None for attention layers): ``conv[layer]`` ``[slots, *conv_shape]``,
+    ``ssm[layer]`` ``[slots, *state_shape]`` float32; ``slots[i]`` is the state slot of
+    ``ctx.sequences[i]``. A slot holds the state after the sequence's cached tokens when
+    ``context_len > query_len``, else it is read as zeros; the layer writes the state after
+    this step's tokens back into it."""
+
+    conv: list[torch.Tensor | None]
+    ssm: list[torch.Tensor | None]
+    slots: torch.Tensor  # [S] int64, on the model's device
+
+
+@dataclass(frozen=True)
 class ForwardContext:
     """What one forward pass needs beyond token ids and positions."""
 
@@ -46,6 +60,7 @@ class ForwardContext:
     sequences: list[SequenceSlice]  # read by the per-sequence path below
     logits_indices: torch.Tensor  # [S'] rows of the hidden states to turn into logits
     attention: AttentionBackend | None = None  # None → the per-sequence SDPA loop below
+    states: RecurrentStates | None = None  # recurrent layers' state (hybrid models only)
 
     @property
     def block_size(self) -> int:
