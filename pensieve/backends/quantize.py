@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from pensieve.backends.cpu_quant import (
     Kernels, Q4Linear, Q8Embedding, Q8Linear, kernel_fits, load_kernels, pack_q8,
@@ -35,11 +36,13 @@ from pensieve.backends.cpu_quant import (
 from pensieve.backends.cpu_quant.codes_linear import (
     CodesEmbedding, CodesLinear, blocks_fit, proj_of,
 )
+from pensieve.backends.cpu_quant.expert_linear import SlicedExperts
 from pensieve.backends.cpu_quant.mlp import Q4MLP
 from pensieve.backends.cuda_int4 import CudaInt4Linear
 from pensieve.backends.cuda_int8 import cuda_codes_linear
 from pensieve.models.llama import MLP
-from pensieve.loaders.int4_codes import Int8Groups
+from pensieve.models.moe import Experts
+from pensieve.loaders.int4_codes import ExpertCodes, Int8Groups
 from pensieve.models.quant_linear import Int4Groups, Int4Linear, Int8Linear, int4_supported
 
 log = logging.getLogger(__name__)
@@ -137,9 +140,59 @@ def swap_in(model: nn.Module, modules: Mapping[str, Codes | Sequence[Codes]],
         kinds[type(new).__name__] = kinds.get(type(new).__name__, 0) + 1
         setattr(model.get_submodule(parent_path), attr, new)
     fused = fuse_mlps(model)
+    sliced = slice_experts(model)
     if kinds:
-        log.info("quantised layers: %s; %d fused MLPs",
-                 ", ".join(f"{n} {c}" for n, c in sorted(kinds.items())), fused)
+        log.info("quantised layers: %s; %d fused MLPs%s",
+                 ", ".join(f"{n} {c}" for n, c in sorted(kinds.items())), fused,
+                 f"; {sliced} MoE layers' experts as codes" if sliced else "")
+
+
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def plan_experts(int4: dict[str, object], keep: bool, dtype: torch.dtype = torch.float32
+                 ) -> dict[str, torch.Tensor]:
+    """Take a checkpoint's stacked expert codes (``ExpertCodes``, a GGUF's 3-D ``ffn_*_exps``)
+    out of ``int4`` (changed in place): where ``keep`` (the family declared ``cpu_moe_codes``
+    and the model stays on the CPU) and the kernels take a layer's three projections, their
+    [E·N, K] codes go back into ``int4`` for ``plan_int4``/``swap_in`` (one stacked
+    ``CodesLinear``/``Q4Linear`` each, sliced per expert by ``slice_experts``); the rest are
+    returned dequantised, HF name → ``dtype`` [E, N, K]."""
+    experts = {n: int4.pop(n) for n in list(int4) if isinstance(int4[n], ExpertCodes)}
+    kernels = load_kernels() if keep and experts else None
+    layers: dict[str, list[str]] = {}
+    for name in experts:
+        layers.setdefault(name.rsplit(".", 2)[0], []).append(name)
+    floats: dict[str, torch.Tensor] = {}
+    for prefix, names in layers.items():
+        by_proj = {n.rsplit(".", 2)[1]: experts[n].groups for n in names}
+        fits = (kernels is not None and set(by_proj) == set(EXPERT_PROJS)
+                and blocks_fit((by_proj["gate_proj"], by_proj["up_proj"]))
+                and blocks_fit((by_proj["down_proj"],)))
+        for n in names:
+            if fits:
+                int4[n] = experts[n].groups
+            else:
+                floats[n] = experts[n].dequantize().to(dtype)
+    return floats
+
+
+def slice_experts(model: nn.Module) -> int:
+    """Replace each ``models.moe.Experts`` whose two projections are stacked code layers on the
+    compiled kernels by ``SlicedExperts`` (same children), where the model declared
+    ``fast_paths.cpu_moe_codes``; the number replaced."""
+    fast = getattr(model, "fast_paths", None)
+    if fast is None or not getattr(fast, "cpu_moe_codes", False):
+        return 0
+    targets = [name for name, m in model.named_modules() if type(m) is Experts
+               and proj_of(m.gate_up_proj) is not None and proj_of(m.down_proj) is not None]
+    for name in targets:
+        parent, _, attr = name.rpartition(".")
+        old = model.get_submodule(name)
+        silu = old.act is F.silu
+        setattr(model.get_submodule(parent), attr, SlicedExperts(
+            old.gate_up_proj, old.down_proj, old.num_experts, old.act, silu))
+    return len(targets)
 
 
 def fuse_mlps(model: nn.Module) -> int:

@@ -15,10 +15,12 @@ from pensieve.backends.model_runner import ModelRunner
 from pensieve.loaders.checkpoint import Checkpoint
 from pensieve.loaders.tokenizer import TextTokenizer
 from pensieve.models.args import ModelArgs
+from pensieve.models.llama import family_of
 from pensieve.backends.cuda_int4 import prepare_for_cuda
 from pensieve.backends.cuda_layers import fuse_cuda_layers
 from pensieve.backends.quantize import (
-    Codes, Parts, Q8, int8_lm_head, plan_int4, plan_q8, plan_tables, swap_in, swap_in_tables,
+    Codes, Parts, Q8, int8_lm_head, plan_experts, plan_int4, plan_q8, plan_tables, swap_in,
+    swap_in_tables,
 )
 from pensieve.models.packing import pack_weights
 from pensieve.models.registry import model_class
@@ -45,12 +47,15 @@ def plan_weights(checkpoint: Checkpoint, config: EngineConfig, *, packed: Mappin
     args = checkpoint.args
     on_cuda = torch.device(config.device).type == "cuda"
     int4 = dict(checkpoint.int4)
+    moe_codes = not on_cuda and family_of(args).fast_paths(args, config.context_length).cpu_moe_codes
+    expert_floats = plan_experts(int4, keep=moe_codes, dtype=config.dtype)
     table_codes, table_floats = plan_tables(int4, args.tie_word_embeddings,
                                             config.int8_lm_head and not on_cuda)
     int4_modules, int4_floats = plan_int4(int4, packed)
     head_q8, q8_floats = plan_q8(checkpoint.int8, args.tie_word_embeddings,
                                  config.int8_lm_head and not on_cuda)
-    weights = pack_weights({**checkpoint.weights, **int4_floats, **q8_floats, **table_floats},
+    weights = pack_weights({**checkpoint.weights, **expert_floats, **int4_floats, **q8_floats,
+                            **table_floats},
                            packed)
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)

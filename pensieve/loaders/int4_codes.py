@@ -72,10 +72,35 @@ class Int8Groups:
         return w
 
 
+@dataclass(frozen=True)
+class ExpertCodes:
+    """A stacked expert weight [E, N, K] (a GGUF's 3-D ``ffn_*_exps``) kept as codes:
+    ``groups`` is the 2-D form of its rows [E·N, K] (expert ``e``'s rows are ``e·N … e·N+N-1``,
+    as the file stores them), ``experts`` is E. ``backends/quantize.py`` keeps it for the CPU
+    kernels' expert slices or dequantises it where the family or device takes no such path."""
+
+    groups: Int4Groups | Int8Groups
+    experts: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        n, k = self.groups.shape
+        return self.experts, n // self.experts, k
+
+    def dequantize(self) -> torch.Tensor:
+        return self.groups.dequantize().view(self.shape)
+
+
 def quant_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]
-                 ) -> Int4Groups | Int8Groups | None:
+                 ) -> Int4Groups | Int8Groups | ExpertCodes | None:
     """The exact code form of a 2-D tensor of ``shape`` [N, K] stored as ``ggml_type``:
-    ``Int4Groups`` for 4-bit types, ``Int8Groups`` for the others above, else None."""
+    ``Int4Groups`` for 4-bit types, ``Int8Groups`` for the others above, else None; a 3-D
+    [E, N, K] one as ``ExpertCodes`` over its [E·N, K] rows."""
+    if len(shape) == 3:
+        if ggml_type not in INT4_TYPES | INT8_TYPES or shape[2] % GGML_QUANT_SIZES[ggml_type][0]:
+            return None
+        groups = quant_groups(raw, ggml_type, (shape[0] * shape[1], shape[2]))
+        return None if groups is None else ExpertCodes(groups, shape[0])
     if len(shape) != 2:
         return None
     if ggml_type in INT8_TYPES:

@@ -38,6 +38,9 @@ class FastPaths:
     attend over the whole context (no windows).
     ``cuda_graphs``: decode and chunk steps replayed as CUDA graphs (needs ``paged_kernels``).
     ``cuda_fused_layers``: SiLU·mul and residual-add + RMSNorm kernels in the Llama block.
+    ``cpu_moe_codes``: a GGUF's stacked expert weights stay codes on the CPU kernels, each
+    routed expert run on its slice (``backends/cpu_quant/expert_linear.py``: ``models.moe``'s
+    ``Experts`` semantics, any activation).
     """
 
     cpu_decoder: bool = False
@@ -45,6 +48,7 @@ class FastPaths:
     paged_kernels: bool = False
     cuda_graphs: bool = False
     cuda_fused_layers: bool = False
+    cpu_moe_codes: bool = False
 
 
 LLAMA_BLOCK = FastPaths(cpu_decoder=True, cpu_fused_mlp=True, paged_kernels=True,

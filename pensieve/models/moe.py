@@ -277,8 +277,8 @@ def moe_shapes(args: ModelArgs, shared: str = "shared_expert") -> Shapes:
 
 
 def moe_paths(args: ModelArgs, context_length: int) -> FastPaths:
-    """The compiled paged attention where no window masks and RoPE covers whole heads; none of
-    the Llama-block MLP/decoder kernels, and no CUDA graphs (the expert loop reads per-expert
-    counts on the host)."""
+    """The compiled paged attention where no window masks and RoPE covers whole heads; expert
+    codes sliced on the CPU kernels (``cpu_moe_codes``); none of the Llama-block MLP/decoder
+    kernels, and no CUDA graphs (the expert loop reads per-expert counts on the host)."""
     whole = not args.windows_bind(context_length) and rotary_dim(args) == args.head_dim
-    return FastPaths(paged_kernels=whole)
+    return FastPaths(paged_kernels=whole, cpu_moe_codes=True)

@@ -13,6 +13,7 @@ matrices.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,12 @@ def _hf_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_moe_gguf(path: Path, model: torch.nn.Module, arch: str, *,
-                   expert_qtype: GGMLQuantizationType = GGMLQuantizationType.F32) -> Path:
+                   expert_qtype: GGMLQuantizationType = GGMLQuantizationType.F32,
+                   expert_blocks: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> Path:
     """``model`` as llama.cpp's converter writes it for ``arch``; the 3-D expert tensors in
-    ``expert_qtype`` (round the model first with ``quantize_experts_like_gguf``)."""
+    ``expert_qtype`` (round the model first with ``quantize_experts_like_gguf``), or, with
+    ``expert_blocks``, the ``expert_qtype`` blocks it returns for a tensor's float shape (for
+    types gguf-py cannot quantise: the file's experts are then not the model's)."""
     cfg = model.config
     w = GGUFWriter(str(path), arch)
     heads, kv_heads, hidden = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
@@ -134,7 +138,9 @@ def write_moe_gguf(path: Path, model: torch.nn.Module, arch: str, *,
         elif arch == "llama" and ".k_proj." in hf:
             t = llamacpp_permute(t, kv_heads)
         a = t.numpy().astype(np.float32)
-        if a.ndim == 3 and expert_qtype != GGMLQuantizationType.F32:
+        if a.ndim == 3 and expert_blocks is not None:
+            w.add_tensor(name, expert_blocks(a.shape), raw_dtype=expert_qtype)
+        elif a.ndim == 3 and expert_qtype != GGMLQuantizationType.F32:
             w.add_tensor(name, quantize(a, expert_qtype), raw_dtype=expert_qtype)
         else:
             w.add_tensor(name, a)

@@ -140,13 +140,21 @@ def test_gguf_matches_transformers(root, name):
 
 @pytest.mark.parametrize("name, qtype", [("qwen3_moe", "Q8_0"), ("glm4_moe", "Q4_0")])
 def test_quantised_expert_gguf_matches_transformers_on_dequantised_weights(root, name, qtype):
-    """3-D quantised expert tensors are dequantised on load (``keep_int4`` keeps 2-D codes
-    only)."""
+    """3-D quantised expert tensors: with ``keep_int4`` they stay codes on the CPU kernels
+    (``FastPaths.cpu_moe_codes``; int16-quantised activations: the dense codes models' relative
+    1e-3, tests/unit/test_cpu_moe_codes.py), else they are dequantised on load (exact)."""
     ref = moe_model(config(CASES[name]))
     kind = getattr(GGMLQuantizationType, qtype)
     quantize_experts_like_gguf(ref, kind)
     path = write_moe_gguf(root / f"{name}-{qtype}.gguf", ref, CASES[name].gguf, expert_qtype=kind)
-    compare(ref, path, f"{name} (GGUF {qtype} experts)", keep_int4=True)
+    compare(ref, path, f"{name} (GGUF {qtype} experts)")
+    ckpt, model = ours(path, keep_int4=True)
+    ids = prompt(SEQ, VOCAB)
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].float()
+    whole, stepped = paged_logits(model, ckpt.args, ids, [SEQ // 3, SEQ - 5])
+    for got in (whole, stepped):
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-3
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -1,0 +1,231 @@
+"""MoE experts kept as their GGUF codes on the CPU kernels (``backends/cpu_quant/expert_linear.py``):
+each routed expert runs on its slice of one stacked code buffer per projection.
+
+Against the same experts dequantised and run in float (``models.moe.Experts``): the expert MLP
+output for decode-sized and prefill-sized batches (row tiles and panel GEMM) in each code type,
+at the tolerance the dense ``CodesLinear`` tests use; through the loader and the engine, a tiny
+Qwen3-MoE GGUF with Q4_0 / Q8_0 / Q4_K experts gives the greedy tokens of the dequantised
+path; the experts' bytes held are the codes' (no float copy), within the formats' overhead of
+the file's own bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+from pensieve.backends.cpu_quant import load_kernels
+from pensieve.backends.cpu_quant.codes_linear import CodesLinear
+from pensieve.backends.cpu_quant.expert_linear import SlicedExperts
+from pensieve.backends.cpu_quant.linear import Q4Linear
+from pensieve.backends.torch_backend import build_model
+from pensieve.engine.config import EngineConfig
+from pensieve.loaders.gguf_file import GGUFFile
+from pensieve.loaders.int4_codes import ExpertCodes, quant_groups
+from pensieve.loaders.quants import reference_dequantize
+from pensieve.loaders.registry import load_checkpoint
+from pensieve.models.moe import Experts
+from tests.helpers.paged_run import engine_tokens, prompt
+from tests.helpers.tiny_families import VOCAB
+
+transformers = pytest.importorskip("transformers")
+
+from tests.helpers.tiny_moe import moe_model, quantize_experts_like_gguf, write_moe_gguf  # noqa: E402
+
+KERNELS = load_kernels()
+pytestmark = pytest.mark.skipif(KERNELS is None, reason="CPU kernels cannot build here")
+
+# byte offsets of each type's float16 scales, and their range: weights ~ ±0.1-0.5
+SCALES = {Q.Q4_0: ((0,), 0.01), Q.Q8_0: ((0,), 0.002), Q.Q4_K: ((0, 2), 5e-4),
+          Q.Q5_K: ((0, 2), 2.5e-4), Q.Q6_K: ((208,), 5e-4)}
+
+
+def random_blocks(qtype: Q, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Random ``qtype`` blocks for a float tensor of ``shape`` (uint8 [..., bytes a row]) with
+    float16 scales in a sane range."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    rows = int(np.prod(shape[:-1]))
+    raw = rng.integers(0, 256, size=(rows * shape[-1] // block, size), dtype=np.uint8)
+    at_list, top = SCALES[qtype]
+    for at in at_list:
+        d = rng.uniform(top / 4, top, size=(raw.shape[0], 1)).astype(np.float16)
+        raw[:, at:at + 2] = d.view(np.uint8)
+    return raw.reshape(*shape[:-1], shape[-1] // block * size)
+
+
+def stacked(qtype: Q, e: int, n: int, k: int, seed: int) -> tuple[ExpertCodes, torch.Tensor]:
+    raw = torch.from_numpy(random_blocks(qtype, (e, n, k), seed)).reshape(-1)
+    codes = quant_groups(raw, qtype, (e, n, k))
+    assert isinstance(codes, ExpertCodes) and codes.shape == (e, n, k)
+    return codes, reference_dequantize(raw, qtype, (e * n, k)).view(e, n, k)
+
+
+def sliced_and_reference(qtypes: tuple[Q, Q, Q], e: int = 4, h: int = 256, i: int = 256,
+                         act=F.silu):  # noqa: ANN001
+    (gate, g), (up, u), (down, d) = (stacked(t, e, n, kk, seed) for seed, (t, n, kk) in
+                                     enumerate(zip(qtypes, (i, i, h), (h, h, i))))
+    gu_layer = (Q4Linear if all(t in (Q.Q4_0, Q.Q4_K) for t in qtypes[:2]) else CodesLinear)(
+        KERNELS, [gate.groups, up.groups])
+    layer = SlicedExperts(gu_layer, CodesLinear(KERNELS, down.groups), e, act, act is F.silu)
+    ref = Experts.__new__(Experts)
+    torch.nn.Module.__init__(ref)
+    ref.num_experts, ref.act = e, act
+    ref.gate_up_proj = torch.nn.Module()
+    ref.gate_up_proj.weight = torch.cat([g, u], dim=1)
+    ref.down_proj = torch.nn.Module()
+    ref.down_proj.weight = d
+    return layer, ref
+
+
+def routing(t: int, e: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    weights = torch.softmax(torch.randn(t, k, generator=g), dim=-1)
+    return weights, ids
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("qtypes", [
+    (Q.Q4_0, Q.Q4_0, Q.Q4_0), (Q.Q8_0, Q.Q8_0, Q.Q8_0), (Q.Q4_K, Q.Q4_K, Q.Q6_K),
+    (Q.Q5_K, Q.Q5_K, Q.Q5_K), (Q.Q4_K, Q.Q6_K, Q.Q8_0)])
+def test_sliced_experts_match_dequantised_float(qtypes):
+    """Decode (1-3 tokens: the row tiles) and prefill (96 tokens × top-2 over 4 experts: ~48
+    rows an expert, the panel GEMM); the dense CodesLinear tests' 1e-3."""
+    layer, ref = sliced_and_reference(qtypes)
+    for t in (1, 3, 96):
+        x = torch.randn(t, 256, generator=torch.Generator().manual_seed(t))
+        x[:, 3] *= 40  # an outlier channel, as RMSNorm outputs have
+        weights, ids = routing(t, 4, 2, seed=t)
+        want = Experts.forward(ref, x, weights, ids)
+        assert rel_err(layer(x, weights, ids), want) < 1e-3, t
+
+
+def test_another_activation_runs_between_the_projections():
+    layer, ref = sliced_and_reference((Q.Q8_0,) * 3, act=F.gelu)
+    x = torch.randn(20, 256, generator=torch.Generator().manual_seed(0))
+    weights, ids = routing(20, 4, 3, seed=0)
+    assert rel_err(layer(x, weights, ids), Experts.forward(ref, x, weights, ids)) < 1e-3
+
+
+def test_an_expert_reads_its_own_slice_of_the_stacked_buffer():
+    """Expert e's parts point into the one stacked buffer at its rows: no per-expert copy."""
+    layer, _ = sliced_and_reference((Q.Q4_K, Q.Q4_K, Q.Q6_K))
+    codes, row_bytes = layer.gate_up_proj.codes, layer.gate_up_proj.codes.stride(0)
+    down = layer.down_proj.codes0
+    for e in range(4):
+        assert layer._gu[e].part[0].codes == codes.data_ptr() + e * 256 * row_bytes
+        assert layer._gu[e].part[1].codes == codes.data_ptr() + (4 + e) * 256 * row_bytes
+        assert layer._down[e].part[0].codes == down.data_ptr() + e * 256 * down.stride(0)
+
+
+# --- through the loader and the engine --------------------------------------------------------
+
+DIMS = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, head_dim=64,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, norm_topk_prob=True,
+            tie_word_embeddings=False)
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("moe_codes")
+
+
+def moe_gguf(root: Path, qtype: Q) -> Path:
+    model = moe_model(transformers.Qwen3MoeConfig(**DIMS))
+    if qtype in (Q.Q4_0, Q.Q8_0):
+        quantize_experts_like_gguf(model, qtype)
+        return write_moe_gguf(root / f"{qtype.name}.gguf", model, "qwen3moe", expert_qtype=qtype)
+    seeds = iter(range(100))
+    return write_moe_gguf(root / f"{qtype.name}.gguf", model, "qwen3moe", expert_qtype=qtype,
+                          expert_blocks=lambda shape: random_blocks(qtype, shape, next(seeds)))
+
+
+def expert_bytes(model: torch.nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for m in model.modules()
+               if isinstance(m, SlicedExperts) for b in m.buffers())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q4_K])
+def test_engine_greedy_tokens_equal_the_dequantised_path(root, qtype):
+    path = moe_gguf(root, qtype)
+    codes_ckpt = load_checkpoint(path, keep_int4=True)
+    codes = build_model(codes_ckpt, EngineConfig(context_length=CONTEXT))
+    float_ckpt = load_checkpoint(path)  # every weight dequantised on load
+    reference = build_model(float_ckpt, EngineConfig(context_length=CONTEXT))
+    sliced = [m for m in codes.modules() if isinstance(m, SlicedExperts)]
+    assert len(sliced) == 2 and not any(isinstance(m, SlicedExperts) for m in reference.modules())
+    assert not any(isinstance(m, Experts) for m in codes.modules())
+    # the experts' bytes are the codes': no float [E, N, K] copy anywhere in the model
+    e, h, i = 8, 256, 256
+    assert not any(t.is_floating_point() and t.numel() >= e * h * i
+                   for t in [*codes.parameters(), *codes.buffers()])
+    gf = GGUFFile(path)
+    file_bytes = sum(gf.raw(n).numel() for n in gf.tensors if "_exps" in n)
+    assert file_bytes <= expert_bytes(codes) <= 1.12 * file_bytes
+    for seed in range(2):
+        ids = prompt(20, VOCAB, seed=seed)
+        assert engine_tokens(codes, codes_ckpt, CONTEXT, ids, 8) == engine_tokens(
+            reference, float_ckpt, CONTEXT, ids, 8)
+
+
+def test_a_family_without_the_path_dequantises(root, monkeypatch):
+    """``cpu_moe_codes`` is the family's promise: without it the experts are float again."""
+    from types import SimpleNamespace
+
+    from pensieve.backends import torch_backend
+    from pensieve.models.family import FastPaths
+
+    path = moe_gguf(root, Q.Q8_0)
+    ckpt = load_checkpoint(path, keep_int4=True)
+    monkeypatch.setattr(torch_backend, "family_of",
+                        lambda args: SimpleNamespace(fast_paths=lambda a, c: FastPaths()))
+    model = build_model(ckpt, EngineConfig(context_length=CONTEXT))
+    assert not any(isinstance(m, SlicedExperts) for m in model.modules())
+    assert sum(isinstance(m, Experts) for m in model.modules()) == 2
+
+
+def test_packed_cache_maps_the_expert_codes(root, tmp_path, monkeypatch):
+    """serve's load path: the first start writes the packed copy (the stacked expert layers are
+    ordinary code layers to it), the second maps it, slices the experts again and computes the
+    same logits bit for bit; the expert codes are the copy's pages."""
+    import argparse
+
+    from pensieve.backends.kernel_choice import choose
+    from pensieve.cli import serve
+    from pensieve.cli.settings import settings_from_args
+    from tests.helpers.paged_run import paged_logits
+    from tests.unit.test_packed_cache import mapping_of
+
+    monkeypatch.setenv("PENSIEVE_PACKED_CACHE", str(tmp_path / "packed"))
+    path = moe_gguf(root, Q.Q4_K)
+    parser = argparse.ArgumentParser()
+    serve.add_parser(parser.add_subparsers())
+    settings = settings_from_args(parser.parse_args(
+        ["serve", "--model", str(path), "--context-length", str(CONTEXT)]), {})
+    choice = choose("auto", device="cpu")
+    runs = []
+    for _ in range(2):
+        entry = serve._packed_entry(settings, choice)
+        ckpt, _, model, write = serve._load_model(settings, choice, entry)
+        if write is not None:
+            write().join()
+        runs.append((ckpt, model, write is None))
+    (ckpt, fresh, fresh_hit), (_, cached, cached_hit) = runs
+    assert not fresh_hit and cached_hit
+    ids = prompt(20, VOCAB, seed=5)
+    assert torch.equal(paged_logits(fresh, ckpt.args, ids, [12])[1],
+                       paged_logits(cached, ckpt.args, ids, [12])[1])
+    sliced = next(m for m in cached.modules() if isinstance(m, SlicedExperts))
+    assert mapping_of(sliced.gate_up_proj.codes.data_ptr()) == str(entry.path)
