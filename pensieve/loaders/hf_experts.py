@@ -10,6 +10,12 @@ Two things differ between a safetensors folder and the module:
   the stacked ``mlp.experts.{gate,up,down}_proj.weight`` [E, rows, K] that a GGUF's
   ``ffn_*_exps`` are too (``models/packing.py`` then fuses gate and up).
 
+gpt-oss (``layout="gpt_oss"``) holds its experts input-major with gate and up columns
+interleaved: ``gate_up_proj`` [E, H, 2I] (gate = even columns), ``down_proj`` [E, I, H], biases
+``gate_up_proj_bias`` [E, 2I] and ``down_proj_bias`` [E, H]; its released checkpoints store the
+matrices as MXFP4 ``*_blocks`` [E, rows, G, 16] + ``*_scales`` [E, rows, G] (already [E, out, in],
+gate/up rows interleaved). Each becomes the same stacked ``{gate,up,down}_proj.{weight,bias}``.
+
 ``plan`` works on shapes (headers only, for validation before reading); ``assemble`` builds the
 tensors. A dense checkpoint passes through unchanged, without copies.
 """
@@ -22,8 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
+from pensieve.loaders import mxfp4
+
 _PER_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight")
 _FUSED = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)")
+_OSS = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?")
 
 
 @dataclass(frozen=True)
@@ -34,21 +43,27 @@ class Source:
     names: tuple[str, ...]
     stacked: bool = False
     half: int | None = None
+    # gpt-oss: "T" (swap the last two dims), "even"/"odd" (every other column, then "T" for a
+    # matrix), "mxfp4" (names = blocks, scales), "mxfp4_even"/"mxfp4_odd" (every other row)
+    op: str | None = None
 
 
 def rename(name: str, renames: Mapping[str, str]) -> str:
     return ".".join(renames.get(part, part) for part in name.split("."))
 
 
-def plan(shapes: Mapping[str, tuple[int, ...]], renames: Mapping[str, str]
-         ) -> tuple[dict[str, Source], dict[str, tuple[int, ...]]]:
-    """(module name → its ``Source``, module name → shape) for a file's tensor ``shapes``."""
+def plan(shapes: Mapping[str, tuple[int, ...]], renames: Mapping[str, str],
+         layout: str = "stacked") -> tuple[dict[str, Source], dict[str, tuple[int, ...]]]:
+    """(module name → its ``Source``, module name → shape) for a file's tensor ``shapes``;
+    ``layout``: the family's ``hf_expert_layout``."""
     sources: dict[str, Source] = {}
     out: dict[str, tuple[int, ...]] = {}
     experts: dict[str, dict[int, str]] = {}
     for disk, shape in shapes.items():
         name = rename(disk, renames)
-        if m := _PER_EXPERT.fullmatch(name):
+        if layout == "gpt_oss" and (m := _OSS.fullmatch(name)):
+            _plan_gpt_oss(disk, shape, m, shapes, sources, out)
+        elif m := _PER_EXPERT.fullmatch(name):
             experts.setdefault(f"{m.group(1)}.{m.group(3)}.weight", {})[int(m.group(2))] = disk
         elif (m := _FUSED.fullmatch(name)) and len(shape) == 3:
             if m.group(2) == "down_proj":
@@ -78,10 +93,50 @@ def assemble(tensors: Mapping[str, torch.Tensor], sources: Mapping[str, Source]
     for name, src in sources.items():
         if not all(n in tensors for n in src.names):
             continue
-        if src.stacked:
+        if src.op is not None:
+            out[name] = _apply(src.op, [tensors[n] for n in src.names])
+        elif src.stacked:
             out[name] = torch.stack([tensors[n] for n in src.names])
         elif src.half is not None:
             out[name] = tensors[src.names[0]].chunk(2, dim=1)[src.half].contiguous()
         else:
             out[name] = tensors[src.names[0]]
     return out
+
+
+def _plan_gpt_oss(disk: str, shape: tuple[int, ...], m: re.Match[str],
+                  shapes: Mapping[str, tuple[int, ...]], sources: dict[str, Source],
+                  out: dict[str, tuple[int, ...]]) -> None:
+    """One gpt-oss expert tensor's module names (see the module docstring)."""
+    prefix, proj, kind = m.group(1), m.group(2), m.group(3) or ""
+    if kind == "_scales":
+        return  # read with its blocks
+    parts = (("gate_proj", "even"), ("up_proj", "odd")) if proj == "gate_up_proj" else (
+        ("down_proj", None),)
+    for part, pick in parts:
+        key = f"{prefix}.{part}." + ("bias" if kind == "_bias" else "weight")
+        if kind == "_blocks":
+            scales = disk[: -len("_blocks")] + "_scales"
+            rows = shape[1] // len(parts)
+            fits = len(shape) == 4 and shapes.get(scales) == shape[:3]
+            sources[key] = Source((disk, scales), op="mxfp4" + (f"_{pick}" if pick else ""))
+            out[key] = (shape[0], rows, shape[2] * shape[3] * 2) if fits else (-1,)
+        elif kind == "_bias":
+            sources[key] = Source((disk,), op=pick)
+            out[key] = (*shape[:-1], shape[-1] // len(parts))
+        else:  # [E, in, out]
+            sources[key] = Source((disk,), op=pick or "T")
+            out[key] = (shape[0], shape[2] // len(parts), shape[1])
+
+
+def _apply(op: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    first = 0 if op.endswith("even") else 1
+    if op.startswith("mxfp4"):  # [E, rows, in]: gate/up rows interleaved
+        w = mxfp4.hf_blocks(*tensors)
+        return w if op == "mxfp4" else w[:, first::2].contiguous()
+    t = tensors[0]
+    if op in ("even", "odd"):  # along the last dim: a bias [E, 2I] or a matrix [E, H, 2I]
+        t = t[..., first::2]
+        if t.ndim == 2:
+            return t.contiguous()
+    return t.transpose(-1, -2).contiguous()

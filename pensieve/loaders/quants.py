@@ -1,8 +1,8 @@
 """GGML tensor bytes → dense torch tensors.
 
 Float types (F32, F16, BF16) and the common block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; Q4_K,
-Q5_K, Q6_K of the ``Q4_K_M``/``Q5_K_M`` files; IQ4_NL, IQ4_XS) dequantise with vectorised
-torch ops, 3-10× faster than ``gguf.quants`` (which matters for the ready-in-3-s target); the
+Q5_K, Q6_K of the ``Q4_K_M``/``Q5_K_M`` files; IQ4_NL, IQ4_XS; gpt-oss's MXFP4) dequantise with
+vectorised torch ops, 3-10× faster than ``gguf.quants`` (which matters for the ready-in-3-s target); the
 rarer Q2_K and Q3_K use ``gguf.quants.dequantize``, the reference implementation, which every
 fast path is tested against bit for bit. The ``_*_codes`` helpers give the integer codes the
 CPU kernels keep (``int4_codes.py``).
@@ -11,6 +11,7 @@ Block layouts (all little-endian, ``d``/``m`` are float16):
 Q8_0 = d, 32 × int8                 → d·q
 Q4_0 = d, 16 bytes of nibbles       → d·(q − 8); low nibbles are values 0..15, high 16..31
 Q4_1 = d, m, 16 bytes of nibbles    → d·q + m
+MXFP4 = e (E8M0), 16 bytes of E2M1 nibbles, Q4_0's order → 2^(e−127)·fp4(q)  (``mxfp4.py``)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
+from pensieve.loaders import mxfp4
 from pensieve.loaders.checkpoint import CheckpointError
 
 Q = GGMLQuantizationType
@@ -190,6 +192,7 @@ _TORCH_BLOCKS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]
     Q.Q5_1: _q5_1,
     Q.IQ4_NL: _iq4_nl,
     Q.IQ4_XS: _iq4_xs,
+    Q.MXFP4: mxfp4.ggml_blocks,
 }
 _FLOATS: dict[GGMLQuantizationType, torch.dtype] = {
     Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16,

@@ -25,6 +25,7 @@ def pack_weights(
             for kind in ("weight", "bias"):
                 keys = [f"{prefix}{p}.{kind}" for p in parts]
                 if all(k in out for k in keys):
+                    # rows: a weight's second-last dim, a bias's last (stacked experts' [E, rows])
                     out[f"{prefix}{fused}.{kind}"] = torch.cat([out.pop(k) for k in keys],
-                                                               dim=-2 if kind == "weight" else 0)
+                                                               dim=-2 if kind == "weight" else -1)
     return out
