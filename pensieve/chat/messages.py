@@ -188,7 +188,7 @@ def _assistant_message(
     if thoughts and style.thinking is not None:
         thinking = BLOCK_SEPARATOR.join(thoughts)
         if style.thinking.as_field:
-            message["reasoning_content"] = thinking
+            message[style.thinking.field] = thinking
         else:
             message["content"] = style.thinking.wrap(thinking, message["content"])
     if calls:
@@ -282,9 +282,10 @@ def _merge_messages(first: TemplateMessage, second: TemplateMessage) -> Template
     calls = first.get("tool_calls", []) + second.get("tool_calls", [])
     if calls:
         merged["tool_calls"] = calls
-    reasoning = _merge(first.get("reasoning_content", ""), second.get("reasoning_content", ""))
-    if reasoning:
-        merged["reasoning_content"] = reasoning
+    for field in ("reasoning_content", "thinking"):  # the field templates read reasoning from
+        reasoning = _merge(first.get(field, ""), second.get(field, ""))
+        if reasoning:
+            merged[field] = reasoning
     return merged
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from pensieve.chat.harmony import THINKING_FIELD, one_call_per_message, reasoning_effort
 from pensieve.chat.messages import HistoryStyle, TemplateMessage, conversation_messages, fit_roles
 from pensieve.chat.output_format import answer_schema, format_instruction
 from pensieve.chat.prompt_text import PromptText, unmark
@@ -28,6 +29,7 @@ from pensieve.chat.thinking import (
     prompt_opens_thinking,
     thinking_key_from_env,
 )
+from pensieve.chat.tool_parsers.harmony import HARMONY_THINKING
 from pensieve.chat.tool_formats import DEFAULT_TOOL_FORMAT, detect_tool_format, get_tool_format
 from pensieve.chat.tools_prompt import (
     ToolsPlan,
@@ -131,10 +133,13 @@ class PromptRenderer:
         self.prompt_text = PromptText(tokenizer)  # request text never becomes special tokens
         self.caps = self._probe_caps()
         markers = self.caps.thinking_markers
+        self.harmony = markers == HARMONY_THINKING  # gpt-oss: chat/harmony.py
+        field = THINKING_FIELD if self.harmony else "reasoning_content"
         self.history_style = HistoryStyle(
             native_tools=self.caps.native_tools,
             short_tool_ids=self.caps.native_tools and get_tool_format(self.caps.tool_format).short_call_ids,
-            thinking=ThinkingHistory(self.signer, markers, self.caps.reads_reasoning_content) if markers else None,
+            thinking=ThinkingHistory(self.signer, markers, self.caps.reads_reasoning_content or self.harmony,
+                                     field) if markers else None,
         )
 
     def render(self, request: ConversationParams) -> RenderedPrompt:
@@ -178,6 +183,8 @@ class PromptRenderer:
             system_first=caps.system_first,
             system_anywhere=caps.system_anywhere,
         )
+        if self.harmony:
+            messages = one_call_per_message(messages)
         hf_tools = template_tools(shown_tools) if shown_tools and native else None
         kwargs = self._kwargs(request, thinking)
         prefill = ""
@@ -208,6 +215,9 @@ class PromptRenderer:
         kwargs = dict(self.template_kwargs)
         if self.caps.reads_enable_thinking and (request.thinking is not None or "enable_thinking" not in kwargs):
             kwargs["enable_thinking"] = thinking.requested
+        effort = reasoning_effort(request, thinking) if self.harmony else None
+        if effort is not None:
+            kwargs["reasoning_effort"] = effort
         return kwargs
 
     def _render(

@@ -38,6 +38,7 @@ from pensieve.chat.segments import (
 )
 from pensieve.chat.thinking import ThinkingPlan, ThinkingSigner
 from pensieve.chat.tool_parsers import make_tool_parser
+from pensieve.chat.tool_parsers.harmony import HARMONY_THINKING, HarmonyParser
 from pensieve.chat.tools_prompt import ToolsPlan
 from pensieve.engine.types import FinishReason, GenerationDelta
 from pensieve.protocol.context_management import BetaContextManagementResponse
@@ -86,8 +87,11 @@ def new_tool_use_id() -> str:
 
 
 def make_segmenter(tools: ToolsPlan | None, thinking: ThinkingPlan | None) -> Segmenter:
-    """The segmenter for a prompt's plans: no tools offered → no tool parsing at all."""
+    """The segmenter for a prompt's plans: no tools offered → no tool parsing at all (but a
+    harmony model's message headers are always read: they frame its text too)."""
     parser = make_tool_parser(tools.format, tools.schemas()) if tools else None
+    if parser is None and thinking is not None and thinking.markers == HARMONY_THINKING:
+        parser = HarmonyParser()
     return Segmenter(
         tool_parser=parser,
         thinking=thinking.markers if thinking else None,

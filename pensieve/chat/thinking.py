@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pensieve.chat.segmenter import ThinkingMarkers
+from pensieve.chat.tool_parsers.harmony import HARMONY_THINKING
 from pensieve.protocol import (
     ConversationParams,
     ThinkingBlockParam,
@@ -80,7 +81,9 @@ class ThinkingPlan:
 
 
 def detect_thinking_markers(template: str | None) -> ThinkingMarkers | None:
-    """The reasoning markers a chat template uses, or None."""
+    """The reasoning markers a chat template uses, or None (gpt-oss: its analysis channel)."""
+    if template and HARMONY_THINKING.open in template:
+        return HARMONY_THINKING
     if template and ("<think>" in template or "enable_thinking" in template):
         return ThinkingMarkers()
     return None
@@ -166,11 +169,13 @@ class ThinkingSigner:
 @dataclass(frozen=True)
 class ThinkingHistory:
     """How past thinking renders back into a prompt: verified blocks only, either in the
-    template's ``reasoning_content`` field or as ``<think>…</think>`` before the content."""
+    template's ``reasoning_content`` field (``field``: gpt-oss reads ``thinking``) or as
+    ``<think>…</think>`` before the content."""
 
     signer: ThinkingSigner
     markers: ThinkingMarkers
     as_field: bool = False
+    field: str = "reasoning_content"
 
     def verified(self, block: ThinkingBlockParam) -> str | None:
         if block.thinking and self.signer.verify(block.thinking, block.signature):

@@ -8,6 +8,9 @@ matches its arguments (JSON text through our EBNF, or Qwen XML parameters) — i
 - ``auto``: free text, but once the model writes a trigger (the text every call begins
   with) the call must be one of the tools' and its arguments must match.
 
+Builders: ``TaggedCalls`` (calls one after another: Hermes, Qwen3-Coder, Mistral, Llama 3,
+GLM), ``CallList`` (Mistral's ``[…]``), ``HarmonyCalls`` (gpt-oss's message headers).
+
 ``parallel`` False ends the grammar after the first call. The builders know nothing of
 schemas or of xgrammar's Python API: they write plain dicts, so they are cheap and testable.
 """
@@ -121,3 +124,44 @@ LLAMA3_GRAMMAR = TaggedCalls(
     trigger='{"name": ', begin=json_call_begin("", "parameters"), end="}", separator="; ", prefix="<|python_tag|>",
 )
 JSON_FENCE_GRAMMAR = TaggedCalls(trigger="```json", begin=json_call_begin("```json\n"), end="}\n```")
+GLM_GRAMMAR = TaggedCalls(trigger="<tool_call>", begin=literal_begin("<tool_call>", ""), end="</tool_call>")
+
+# Harmony (gpt-oss). The grammar sees the answer without the reasoning: the thinking tracker
+# pauses it from "<|channel|>analysis<|message|>" to "<|end|>", so an analysis message shows
+# as its header alone, followed by the next message's "<|start|>assistant". A call ends the
+# turn (<|call|> is an end-of-turn token): one call per turn, however parallel is set.
+HARMONY_ANALYSIS = "<|channel|>analysis<|message|>"
+HARMONY_NEXT = "<|start|>assistant"
+HARMONY_TRIGGERS = ("<|channel|>commentary to=", " to=functions.")
+
+
+def _harmony_heads(name: str) -> tuple[str, ...]:
+    """The headers a call of ``name`` may have: the channel first (as the model writes it),
+    the recipient first (as the chat template renders past calls), with or without
+    ``<|constrain|>``."""
+    return (f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>",
+            f" to=functions.{name}<|channel|>commentary <|constrain|>json<|message|>",
+            f" to=functions.{name}<|channel|>commentary json<|message|>")
+
+
+@dataclass(frozen=True)
+class HarmonyCalls(CallGrammar):
+    """gpt-oss calls: ``<header to=functions.NAME><|message|>{arguments}``, then <|call|>."""
+
+    def _tags(self, tools: ToolContents) -> list[dict[str, Any]]:
+        return [{"type": "tag", "begin": head, "content": content, "end": ""}
+                for name, content in tools for head in _harmony_heads(name)]
+
+    def forced(self, tools: ToolContents, parallel: bool) -> dict[str, Any]:
+        analysis = json.dumps(HARMONY_ANALYSIS + HARMONY_NEXT)
+        thinking = {"type": "grammar", "grammar": f"root ::= ({analysis})*"}
+        calls = {"type": "tags_with_separator", "tags": self._tags(tools), "separator": "",
+                 "at_least_one": True, "stop_after_first": True}
+        return {"type": "sequence", "elements": [thinking, calls]}
+
+    def auto(self, tools: ToolContents, parallel: bool) -> dict[str, Any]:
+        return {"type": "triggered_tags", "triggers": list(HARMONY_TRIGGERS), "tags": self._tags(tools),
+                "at_least_one": False, "stop_after_first": True}
+
+
+HARMONY_GRAMMAR = HarmonyCalls()

@@ -12,8 +12,8 @@
 
 Every format of ``pensieve.chat.tool_formats`` has a grammar: the format's builder
 (``tool_call_grammars.py``) lays out the calls, this module supplies each tool's arguments:
-JSON in one canonical layout (``{"command": "ls", "timeout": 5}``), or Qwen XML parameters
-for ``qwen3_coder``. Each tool's schema is vetted by xgrammar first; keywords it cannot
+JSON in one canonical layout (``{"command": "ls", "timeout": 5}``), Qwen XML parameters
+for ``qwen3_coder``, or GLM key/value pairs for ``glm``. Each tool's schema is vetted by xgrammar first; keywords it cannot
 compile are dropped (logged once per schema), stage by stage, until it compiles — a schema
 never fails a request.
 """
@@ -162,6 +162,9 @@ def arguments_content(schema: Mapping[str, Any] | bool, style: ArgumentsStyle = 
     if style == "qwen_xml":
         usable = _xml_schema(json.dumps(schema))
         return None if usable is None else qwen_xml_content(usable)
+    if style == "glm_xml":
+        usable = _glm_schema(json.dumps(schema))
+        return None if usable is None else glm_xml_content(usable)
     ebnf = arguments_ebnf(schema)
     return None if ebnf is None else {"type": "grammar", "grammar": ebnf}
 
@@ -194,6 +197,34 @@ def _xml_schema(schema_json: str) -> Any | None:
         log.warning("tool schema %s: dropped %s, which xgrammar cannot compile as XML parameters",
                     title or schema_json[:80], ", ".join(dropped))
     return usable
+
+
+@functools.lru_cache(maxsize=1024)
+def _glm_schema(schema_json: str) -> Any | None:
+    """The schema, degraded until xgrammar builds GLM key/value pairs for it (None: not even
+    an object, or an xgrammar without the ``glm_xml`` style)."""
+    schema = json.loads(schema_json)
+    usable, dropped = degrade_schema(schema, _compiles_glm)
+    if dropped and usable is not None:
+        title = schema.get("title", "") if isinstance(schema, dict) else ""
+        log.warning("tool schema %s: dropped %s, which xgrammar cannot compile as GLM arguments",
+                    title or schema_json[:80], ", ".join(dropped))
+    return usable
+
+
+def glm_xml_content(schema: Any) -> dict[str, Any]:
+    """GLM arguments (``<arg_key>k</arg_key><arg_value>v</arg_value>``) that match ``schema``:
+    string values raw, others JSON (xgrammar's ``glm_xml`` style)."""
+    return {"type": "json_schema", "json_schema": schema, "style": "glm_xml"}
+
+
+def _compiles_glm(schema: Any) -> bool:
+    try:
+        check_structural_tag(glm_xml_content(schema))
+    except GrammarError as exc:
+        log.debug("schema does not compile as GLM arguments: %s", exc)
+        return False
+    return True
 
 
 def qwen_xml_content(schema: Any) -> dict[str, Any]:

@@ -21,8 +21,12 @@ from pensieve.loaders.prefix_encoder import PrefixEncoder, eligible as prefix_el
 # End-of-turn markers of common chat formats: generation stops on any that the vocab has.
 END_OF_TURN_TOKENS: tuple[str, ...] = (
     "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-    "<|eom_id|>", "<|end_of_text|>",
+    "<|eom_id|>", "<|end_of_text|>", "<|return|>", "<|call|>",
 )
+# harmony (gpt-oss): <|end|> closes a message, not the turn — <|return|> and <|call|> do. As
+# llama.cpp does, a vocabulary with both of those does not end a turn on <|end|>.
+HARMONY_TURN_ENDS = ("<|return|>", "<|call|>")
+HARMONY_MESSAGE_END = "<|end|>"
 
 
 class TextTokenizer:
@@ -30,7 +34,7 @@ class TextTokenizer:
 
     ``eos_token_ids`` holds every id that ends a turn: the declared EOS, the extra ids a
     checkpoint declares (``generation_config.json``), and ``END_OF_TURN_TOKENS`` present
-    in the vocabulary.
+    in the vocabulary (a harmony vocabulary's ``<|end|>`` excepted).
     """
 
     def __init__(
@@ -51,6 +55,8 @@ class TextTokenizer:
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         ends = {tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS}
         ends |= {eos_id, *extra_eos_ids}
+        if all(tokenizer.token_to_id(t) is not None for t in HARMONY_TURN_ENDS):
+            ends.discard(tokenizer.token_to_id(HARMONY_MESSAGE_END))
         self.eos_token_ids: frozenset[int] = frozenset(
             i for i in ends if i is not None and 0 <= i < self.vocab_size
         )

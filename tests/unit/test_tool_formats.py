@@ -38,6 +38,11 @@ def xml_args(args: dict) -> str:
     return "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in args.items())
 
 
+def glm_args(args: dict) -> str:
+    return "".join(f"<arg_key>{k}</arg_key><arg_value>{v if isinstance(v, str) else json.dumps(v)}</arg_value>"
+                   for k, v in args.items())
+
+
 # The text each format's grammar lays out for one call (name, arguments).
 CALL_TEXT = {
     "hermes": lambda n, a: f'<tool_call>\n{{"name": "{n}", "arguments": {json_args(a)}}}\n</tool_call>',
@@ -46,8 +51,9 @@ CALL_TEXT = {
     "mistral_list": lambda n, a: f'[TOOL_CALLS][{{"name": "{n}", "arguments": {json_args(a)}}}]',
     "llama3": lambda n, a: f'{{"name": "{n}", "parameters": {json_args(a)}}}',
     "json_fence": lambda n, a: f'```json\n{{"name": "{n}", "arguments": {json_args(a)}}}\n```',
+    "glm": lambda n, a: f"<tool_call>{n}{glm_args(a)}</tool_call>",
 }
-SEPARATOR = {"hermes": "\n", "qwen3_coder": "\n", "mistral": "", "llama3": "; ", "json_fence": "\n"}
+SEPARATOR = {"hermes": "\n", "qwen3_coder": "\n", "mistral": "", "llama3": "; ", "json_fence": "\n", "glm": "\n"}
 
 
 def two_calls(fmt: str) -> str:
@@ -211,6 +217,9 @@ EXPECTED_FORMAT = {
     "mistralai-Ministral-3-14B-Reasoning-2512": "mistral", "mistralai-Mistral-Nemo-Instruct-2407": "mistral_list",
     "meta-llama-Llama-3.1-8B-Instruct": "llama3", "meta-llama-Llama-3.2-3B-Instruct": "llama3",
     "meta-llama-Llama-3.3-70B-Instruct": "llama3",
+    "GLM-4.6": "glm", "GLM-4.7-Flash": "glm", "Spark2.5": "glm", "inclusionai-ling-3.0-flash": "glm",
+    "poolside-Laguna-S-2.1": "glm", "poolside-Laguna-XS-2.1": "glm", "poolside-Laguna-XS.2": "glm",
+    "openai-gpt-oss-120b": "harmony",
 }
 TEMPLATE_NAMES = sorted(p.stem for p in real_templates_dir().glob("*.jinja"))
 

@@ -112,7 +112,8 @@ def test_detect_tool_format(template: str | None, fmt: str) -> None:
 
 
 def test_registry() -> None:
-    assert set(TOOL_FORMATS) == {"hermes", "llama3", "mistral", "mistral_list", "qwen3_coder", "json_fence"}
+    assert set(TOOL_FORMATS) == {"hermes", "llama3", "mistral", "mistral_list", "qwen3_coder", "json_fence", "glm",
+                                 "harmony"}
     assert make_tool_parser("mistral").name == "mistral"
     with pytest.raises(ValueError, match="unknown tool-call format"):
         make_tool_parser("nope")

@@ -149,7 +149,7 @@ class Qwen3CoderSection(ToolSection):
     def _start_value(self, out: list[Segment]) -> None:
         key = (", " if self._params else "") + json.dumps(self._param, ensure_ascii=False) + ": "
         self._params += 1
-        self._streaming = _is_string(self._properties.get(self._param))
+        self._streaming = is_string_schema(self._properties.get(self._param))
         self._collected = ""
         if self._streaming:
             out.append(ToolCallDelta(key + '"'))
@@ -166,7 +166,7 @@ class Qwen3CoderSection(ToolSection):
         if self._streaming:
             out.append(ToolCallDelta('"'))
         else:
-            out.append(ToolCallDelta(self._key + _typed_value(self._collected)))
+            out.append(ToolCallDelta(self._key + typed_value(self._collected)))
         self._collected = ""
 
     def _not_a_call(self, out: list[Segment]) -> bool:
@@ -176,7 +176,7 @@ class Qwen3CoderSection(ToolSection):
         return False
 
 
-def _is_string(schema: Any) -> bool:
+def is_string_schema(schema: Any) -> bool:
     """Does the parameter stream as a string? (untyped or unknown parameters do)."""
     if not isinstance(schema, dict):
         return True
@@ -186,7 +186,7 @@ def _is_string(schema: Any) -> bool:
     return kind == "string" or isinstance(kind, list) and "string" in kind
 
 
-def _typed_value(raw: str) -> str:
+def typed_value(raw: str) -> str:
     try:
         return json.dumps(json.loads(raw), ensure_ascii=False)
     except ValueError:
