@@ -27,7 +27,7 @@ from pensieve.loaders.quants import dequantize
 from pensieve.models.quant_linear import Int4Groups
 from pensieve.loaders.tokenizer import TextTokenizer
 from pensieve.models.args import ModelArgs
-from pensieve.models.family import Family, GGUFSource
+from pensieve.models.family import Family, GGUFSource, past_trunk
 
 _QUANT_SUFFIX = re.compile(r"[.\-_](?:I?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)
 
@@ -63,6 +63,8 @@ def load_gguf(
     family = gguf_family(arch, str(path), gf.metadata)
     names = _rename_all(gf, path, family)
     args = read_args(family.args_from_gguf, gguf_source(gf, arch, family), str(path))
+    if family.drops_mtp:  # the multi-token-prediction layers (blk.{n_layer}.*): not read
+        names = {g: hf for g, hf in names.items() if not past_trunk(hf, args)}
     validate_shapes(family.expected_shapes(args),
                     {hf: gf.tensors[g].shape for g, hf in names.items()}, str(path))
     if tokenizer is None:

@@ -13,6 +13,7 @@ from pensieve.loaders import hf_experts
 from pensieve.loaders.architectures import hf_family, read_args, validate_shapes
 from pensieve.loaders.checkpoint import Checkpoint, CheckpointError
 from pensieve.loaders.tokenizer import TextTokenizer
+from pensieve.models.family import past_trunk
 
 INDEX_FILE = "model.safetensors.index.json"
 # buffers some exporters save alongside the weights; recomputed by the model
@@ -37,8 +38,10 @@ def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
     family = hf_family(str(config.get("model_type")), str(path))
     args = read_args(family.args_from_hf, config, str(path / "config.json"))
     files = weight_files(path)
-    sources, shapes = hf_experts.plan(_tensor_shapes(files, args.tie_word_embeddings),
-                                      family.hf_renames)
+    file_shapes = _tensor_shapes(files, args.tie_word_embeddings)
+    if family.drops_mtp:  # the multi-token-prediction layers: not read
+        file_shapes = {n: s for n, s in file_shapes.items() if not past_trunk(n, args)}
+    sources, shapes = hf_experts.plan(file_shapes, family.hf_renames)
     validate_shapes(family.expected_shapes(args), shapes, str(path))
     wanted = {n for src in sources.values() for n in src.names}
     weights = {name: family.from_hf_weight(name, w) for name, w in

@@ -35,6 +35,26 @@ class MoEArgs:
 
 
 @dataclass(frozen=True)
+class MLAArgs:
+    """Multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash): q through a low-rank
+    ``q_lora_rank`` path (None: one ``q_proj``); keys and values compressed to one
+    ``kv_lora_rank`` latent a token plus a shared ``qk_rope_head_dim`` rotary key, expanded per
+    head by ``kv_b_proj`` into ``qk_nope_head_dim`` key and ``v_head_dim`` value dims.
+    ``rope_interleave``: the rotary dims rotate as adjacent pairs (llama.cpp's ``deepseek2``
+    files always do); ``softmax_scale`` includes YaRN's ``mscale_all_dim`` correction.
+    ``split_kv_b``: the checkpoint holds ``kv_b_proj`` as llama.cpp's ``attn_k_b``/``attn_v_b``."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    softmax_scale: float
+    rope_interleave: bool = True
+    split_kv_b: bool = False
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     """Everything a model file needs to build its modules.
 
@@ -73,6 +93,9 @@ class ModelArgs:
     query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (None: head_dim)
     hidden_act: str = "silu"  # the gated MLP's activation: "silu" or "gelu_pytorch_tanh"
     moe: MoEArgs | None = None  # mixture-of-experts MLPs (models/moe.py)
+    # latent attention (models/deepseek_mla.py); then the cache's one "KV head" is the latent:
+    # num_kv_heads 1, head_dim kv_lora_rank + qk_rope_head_dim
+    mla: MLAArgs | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def window(self, layer: int) -> int | None:

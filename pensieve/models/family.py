@@ -68,7 +68,7 @@ class GGUFNames:
     permute_qk: bool = False
     ignored: frozenset[str] = frozenset()  # tensors read elsewhere (RoPE factors) or unused
 
-    _BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)")
+    _BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z0-9_.]+)\.(weight|bias)")
 
     def hf_name(self, gguf_name: str) -> str | None:
         if gguf_name in self.globals:
@@ -98,6 +98,21 @@ LLAMA_BLOCK_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 QK_NORM_NAMES = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# GLM's / DeepSeek's multi-token-prediction block, written by llama.cpp after the trunk's
+# layers (``blk.{n_layer}.nextn.*``); its HF names are ``model.layers.{n_layer}.*``
+NEXTN_NAMES = {
+    "nextn.eh_proj": "eh_proj", "nextn.enorm": "enorm", "nextn.hnorm": "hnorm",
+    "nextn.embed_tokens": "embed_tokens", "nextn.shared_head_head": "shared_head.head",
+    "nextn.shared_head_norm": "shared_head.norm",
+}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def past_trunk(name: str, args: ModelArgs) -> bool:
+    """Whether HF weight ``name`` belongs to a layer after the model's ``num_layers`` (a
+    multi-token-prediction block)."""
+    m = _LAYER_RE.match(name)
+    return m is not None and int(m.group(1)) >= args.num_layers
 
 
 @dataclass(frozen=True)
@@ -152,3 +167,6 @@ class Family:
     hf_renames: Mapping[str, str] = field(default_factory=dict)
     # what each layer keeps between steps (models/cache_spec.py); default: paged K/V everywhere
     cache_layout: Callable[[ModelArgs], tuple[LayerCache, ...]] = attention_layout
+    # layers after ``num_layers`` in a checkpoint (GLM's / DeepSeek's multi-token-prediction
+    # block, ``past_trunk``) are skipped by the loaders: never read, never run
+    drops_mtp: bool = False

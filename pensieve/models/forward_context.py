@@ -146,3 +146,15 @@ def _offset_causal_mask(query_len: int, context_len: int, device: str, dtype: to
     rows = torch.arange(query_len, device=device).unsqueeze(1) + offset
     cols = torch.arange(context_len, device=device).unsqueeze(0)
     return torch.zeros(query_len, context_len, device=device, dtype=dtype).masked_fill_(cols > rows, float("-inf"))
+
+
+def gather_context(cache: torch.Tensor, seq: SequenceSlice) -> torch.Tensor:
+    """``seq``'s cached entries of one layer, in order: [context_len, heads, dim]."""
+    return _gather(cache, seq)
+
+
+def sequence_mask(seq: SequenceSlice, device: torch.device, dtype: torch.dtype
+                  ) -> torch.Tensor | None:
+    """The additive causal mask of ``seq``'s new tokens over its context; None where SDPA's
+    ``is_causal`` (a prefill with nothing cached) or no mask (one token) does it."""
+    return _causal_mask(seq, device, dtype)

@@ -5,7 +5,8 @@ scores, chosen by score + ``e_score_correction_bias`` within the best ``topk_gro
 ``n_group`` groups, renormalised, times ``routed_scaling_factor``) plus a shared expert.
 
 The module is ``models/moe.py``'s (``GLMForCausalLM``: the shared expert is ``shared_experts``).
-The multi-token-prediction layers (``num_nextn_predict_layers``) are not run.
+The multi-token-prediction layers (``num_nextn_predict_layers``: HF ``model.layers.{n}.*``,
+llama.cpp ``blk.{n}.*`` + ``blk.{n}.nextn.*``) are dropped on load, never run.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 from pensieve.models.args import ModelArgs, MoEArgs
 from pensieve.models.config import gguf_args, hf_args
 from pensieve.models.family import (
-    GLOBAL_NAMES, LLAMA_BLOCK_NAMES, QK_NORM_NAMES, Family, GGUFNames, GGUFSource, Shapes,
+    GLOBAL_NAMES, LLAMA_BLOCK_NAMES, NEXTN_NAMES, QK_NORM_NAMES, Family, GGUFNames, GGUFSource,
+    Shapes,
 )
 from pensieve.models.moe import (
     MOE_GGUF_NAMES, GLMForCausalLM, gguf_moe, hf_int, moe_paths, moe_shapes, shared_gguf_names,
@@ -65,10 +67,11 @@ FAMILY = Family(
     args_from_gguf=_gguf,
     gguf_names=GGUFNames(GLOBAL_NAMES, {
         **LLAMA_BLOCK_NAMES, **QK_NORM_NAMES, **MOE_GGUF_NAMES,
-        **shared_gguf_names("shared_experts"),
+        **shared_gguf_names("shared_experts"), **NEXTN_NAMES,
         "post_attention_norm": "post_attention_layernorm",
         "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
     }),
     expected_shapes=_shapes,
     fast_paths=moe_paths,
+    drops_mtp=True,
 )

@@ -37,13 +37,26 @@ def _yarn_inv_freq(
     def correction_dim(rotations: float) -> float:
         return (dim * math.log(old_ctx / (rotations * 2 * math.pi))) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if cfg.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     ramp = (torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / max(high - low, 1e-3)
     extrapolation = 1 - ramp.clamp(0, 1)
     new = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
-    attention_factor = cfg.get("attention_factor") or (0.1 * math.log(factor) + 1.0)
+    attention_factor = cfg.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = cfg.get("mscale"), cfg.get("mscale_all_dim")
+        if mscale and mscale_all_dim:  # DeepSeek: the cos/sin factor is their ratio
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
     return new, float(attention_factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction ``0.1 · mscale · ln(factor) + 1`` (1 when not scaled up)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def _longrope_inv_freq(inv_freq: torch.Tensor, cfg: dict[str, Any], context_length: int | None

@@ -1,0 +1,336 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2/V3 and GLM-4.7-Flash) over the engine's paged
+cache, the decoder block that carries it, and what the MLA families share (config keys, GGUF
+names, expected weights, the latent cache layout).
+
+Reads like the reference: rotary → attention → layer → model, then the shared tables.
+
+Per token the cache keeps one vector: the normalised KV latent (``kv_lora_rank``) followed by
+the rotated shared rotary key (``qk_rope_head_dim``) — ``PagedKV(1, rank + rope, 0)``. A prefill
+chunk expands the context's latents into per-head keys and values through ``kv_b_proj`` and
+attends as the reference does; a decode step (one new token) attends in latent space with the
+absorbed projections: ``q_nope · W_UK`` gives a query over the latent, the attention-weighted
+latent goes through ``W_UV`` — the same numbers up to float rounding, without expanding the
+context. ``kv_b_proj`` is held per head, ``[heads, nope + v, rank]``; an HF checkpoint's 2-D
+``[heads · (nope + v), rank]`` is reshaped on load, a llama.cpp file's ``attn_k_b`` (stored
+transposed) and ``attn_v_b`` are joined into it (``PACKED``).
+
+The latent norms use eps 1e-6 as the reference modules do (their RMSNorm default), the model's
+``rms_norm_eps`` elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from pensieve.models.args import MLAArgs, ModelArgs, MoEArgs
+from pensieve.models.cache_spec import LayerCache, PagedKV
+from pensieve.models.config import gguf_args, gguf_rope_scaling, hf_args, hf_rope
+from pensieve.models.family import (
+    NEXTN_NAMES, FastPaths, GGUFSource, ModelConfigError, Shapes,
+)
+from pensieve.models.forward_context import (
+    ForwardContext, SequenceSlice, gather_context, sequence_mask,
+)
+from pensieve.models.llama import MLP, CosSin, LlamaBody, RMSNorm
+from pensieve.models.moe import (
+    EXPERT_PACKED, MOE_GGUF_NAMES, GLMMoE, gguf_moe, hf_int, moe_shapes, shared_gguf_names,
+)
+from pensieve.models.rope import RotaryEmbedding, apply_rope, yarn_mscale
+
+LATENT_EPS = 1e-6  # the reference's q_a_layernorm / kv_a_layernorm
+
+
+def rotate_pairs(x: torch.Tensor, cos_sin: CosSin) -> torch.Tensor:
+    """RoPE on adjacent pairs (x0, x1), (x2, x3)…, written de-interleaved (the even dims'
+    results, then the odd dims'), as the reference's ``apply_rotary_pos_emb_interleave``."""
+    cos, sin = cos_sin
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+
+
+class LatentUp(nn.Module):
+    """``kv_b_proj``: the latent → each head's no-RoPE key and value, ``weight``
+    ``[heads, nope + v, rank]``; a 2-D checkpoint tensor is reshaped on load."""
+
+    def __init__(self, heads: int, rows: int, rank: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads, rows, rank))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN202
+        w = state_dict.get(prefix + "weight")
+        if w is not None and w.ndim == 2:
+            state_dict[prefix + "weight"] = w.reshape(self.weight.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class MLAttention(nn.Module):
+    """``absorb``: "decode" (latent-space attention for one-token steps, expanded K/V for
+    prefill chunks), "always" or "never" (for tests)."""
+
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        mla = args.mla
+        assert mla is not None
+        self.layer, self.mla, self.heads = layer, mla, args.num_heads
+        h, bias = args.hidden_size, args.attention_bias
+        self.qk_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+        if mla.q_lora_rank:
+            self.q_a_proj = nn.Linear(h, mla.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LATENT_EPS)
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, self.heads * self.qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(h, self.heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LATENT_EPS)
+        self.kv_b_proj = LatentUp(self.heads, mla.qk_nope_head_dim + mla.v_head_dim,
+                                  mla.kv_lora_rank)
+        self.o_proj = nn.Linear(self.heads * mla.v_head_dim, h, bias=bias)
+        self.absorb = "decode"
+
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, ctx: ForwardContext) -> torch.Tensor:
+        mla, t = self.mla, x.shape[0]
+        if mla.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q_nope, q_pe = q.view(t, self.heads, self.qk_dim).split(
+            [mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split(
+            [mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        k_pe = k_pe.unsqueeze(1)
+        if mla.rope_interleave:
+            q_pe, k_pe = rotate_pairs(q_pe, cos_sin), rotate_pairs(k_pe, cos_sin)
+        else:
+            q_pe, k_pe = apply_rope(q_pe, k_pe, cos_sin)
+        cache = ctx.k_caches[self.layer]
+        entries = torch.cat((latent, k_pe[:, 0]), dim=-1)
+        cache.view(-1, cache.shape[-1]).index_copy_(0, ctx.slot_mapping, entries.to(cache.dtype))
+        out = x.new_empty(t, self.heads, mla.v_head_dim)
+        for seq in ctx.sequences:
+            rows = slice(seq.query_start, seq.query_start + seq.query_len)
+            context = gather_context(cache, seq)[:, 0].to(x.dtype)  # [C, rank + rope]
+            latent_path = self.absorb == "always" or (
+                self.absorb == "decode" and seq.query_len == 1)
+            attend = self._absorbed if latent_path else self._expanded
+            out[rows] = attend(q_nope[rows], q_pe[rows], context, seq)
+        return self.o_proj(out.reshape(t, self.heads * mla.v_head_dim))
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceSlice
+              ) -> torch.Tensor:
+        """[n, Hq, D] over [C, Hk, D] / [C, Hk, Dv] → [n, Hq, Dv], causal, the model's scale."""
+        mask = sequence_mask(seq, q.device, q.dtype)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0), attn_mask=mask,
+            is_causal=mask is None and seq.query_len > 1, scale=self.mla.softmax_scale,
+            enable_gqa=k.shape[1] != q.shape[1])
+        return out[0].transpose(0, 1)
+
+    def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor,
+                  seq: SequenceSlice) -> torch.Tensor:
+        """The reference's way: every context token's latent → per-head keys and values."""
+        mla = self.mla
+        latent, k_pe = context.split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
+        w = self.kv_b_proj.weight
+        kv = F.linear(latent, w.reshape(-1, w.shape[-1])).view(latent.shape[0], self.heads, -1)
+        k_nope, v = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, self.heads, -1)), dim=-1)
+        return self._sdpa(torch.cat((q_nope, q_pe), dim=-1), k, v, seq)
+
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor,
+                  seq: SequenceSlice) -> torch.Tensor:
+        """Attention in latent space: one shared "head" of latent + rotary key, the values the
+        latents themselves; ``W_UK`` folded into the query, ``W_UV`` applied after."""
+        mla = self.mla
+        w_uk, w_uv = self.kv_b_proj.weight.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=1)
+        q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)
+        q = torch.cat((q_latent, q_pe), dim=-1)
+        keys = context.unsqueeze(1)
+        o_latent = self._sdpa(q, keys, keys[..., : mla.kv_lora_rank], seq)
+        return torch.einsum("thr,hvr->thv", o_latent, w_uv)
+
+
+class MLADecoderLayer(nn.Module):
+    """Latent attention, then a dense MLP (``MoEArgs.dense_layers``) or DeepSeek-V3 MoE."""
+
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.self_attn = MLAttention(args, layer)
+        self.mlp = MLP(args) if layer in args.moe.dense_layers else GLMMoE(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MLAForCausalLM(nn.Module):
+    PACKED: Mapping[str, tuple[str, ...]] = {
+        "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+        **EXPERT_PACKED,
+        # llama.cpp's split halves ([H, nope, rank] after from_gguf_weight, [H, v, rank])
+        "self_attn.kv_b_proj": ("self_attn.k_b", "self_attn.v_b"),
+    }
+
+    def __init__(self, args: ModelArgs, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.args = args
+        positions = max_positions or args.max_position_embeddings
+        # the body's rotary covers head_dim · partial_rotary_factor = the rotary key's dims
+        self.model = LlamaBody(args, positions, MLADecoderLayer)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.fast_paths = FastPaths()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        cos_sin = tuple(t.to(x.dtype) for t in self.model.rotary.lookup(positions))
+        for layer in self.model.layers:
+            x = layer(x, cos_sin, ctx)
+        return self.lm_head(self.model.norm(x[ctx.logits_indices])).float()
+
+
+# --- what the MLA families share -------------------------------------------------------------
+
+def latent_layout(args: ModelArgs) -> tuple[LayerCache, ...]:
+    """One latent + rotary key a token in every layer."""
+    return tuple(PagedKV(1, args.head_dim, 0) for _ in range(args.num_layers))
+
+
+def softmax_scale(qk_dim: int, scaling: Mapping[str, Any] | None) -> float:
+    """qk_dim^-½, times YaRN's ``mscale(factor, mscale_all_dim)²`` where configured."""
+    scale = qk_dim ** -0.5
+    if scaling and scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):
+        scale *= yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
+    return scale
+
+
+def _latent_dims(mla: MLAArgs) -> dict[str, Any]:
+    """The cache's one "head" as ``ModelArgs`` sees it; RoPE over its last ``rope`` dims."""
+    head = mla.kv_lora_rank + mla.qk_rope_head_dim
+    return dict(num_kv_heads=1, head_dim=head, partial_rotary_factor=mla.qk_rope_head_dim / head)
+
+
+def hf_mla_args(config: Mapping[str, Any], architecture: str, dense: frozenset[int]) -> ModelArgs:
+    """ModelArgs of a DeepSeek-V3-shaped config.json (``dense``: the plain-MLP layers)."""
+    theta, scaling = hf_rope(config.get("rope_parameters") or config.get("rope_scaling"),
+                             float(config.get("rope_theta") or 10000.0))
+    nope, rope = hf_int(config, "qk_nope_head_dim"), hf_int(config, "qk_rope_head_dim")
+    q_rank = config.get("q_lora_rank")
+    mla = MLAArgs(q_lora_rank=int(q_rank) if q_rank else None,
+                  kv_lora_rank=hf_int(config, "kv_lora_rank"), qk_nope_head_dim=nope,
+                  qk_rope_head_dim=rope, v_head_dim=hf_int(config, "v_head_dim"),
+                  softmax_scale=softmax_scale(nope + rope, scaling),
+                  rope_interleave=bool(config.get("rope_interleave", True)))
+    size = hf_int(config, "moe_intermediate_size")
+    if config.get("scoring_func", "sigmoid") != "sigmoid":
+        raise ModelConfigError("only sigmoid expert scoring (DeepSeek-V3) is supported")
+    moe = MoEArgs(
+        num_experts=hf_int(config, "n_routed_experts"), top_k=hf_int(config, "num_experts_per_tok"),
+        expert_size=size, gating="sigmoid", norm_topk=bool(config.get("norm_topk_prob", True)),
+        scale=float(config.get("routed_scaling_factor", 1.0)),
+        n_group=int(config.get("n_group") or 1), topk_group=int(config.get("topk_group") or 1),
+        correction_bias=True, shared_size=size * int(config.get("n_shared_experts") or 0),
+        dense_layers=dense)
+    return hf_args({**config, "rope_parameters": None, "rope_scaling": None}, architecture,
+                   rope_theta=theta, rope_scaling=scaling, mla=mla, moe=moe,
+                   rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)), **_latent_dims(mla))
+
+
+def gguf_mla_args(src: GGUFSource, architecture: str) -> ModelArgs:
+    """ModelArgs of llama.cpp's ``deepseek2`` metadata: ``key_length`` is the latent + rotary
+    width (MQA with one head), ``key_length_mla`` / ``value_length_mla`` the per-head dims
+    (older files: ``key_length`` / ``value_length`` with an unsplit ``attn_kv_b``)."""
+    rope = int(src.key("rope.dimension_count"))
+    split = "blk.0.attn_k_b.weight" in src.shapes
+    k_len = src.key("attention.key_length_mla", None) if split else None
+    v_len = src.key("attention.value_length_mla", None) if split else None
+    k_len = int(k_len or src.key("attention.key_length"))
+    v_len = int(v_len or src.key("attention.value_length"))
+    layers = int(src.key("block_count")) - int(src.key("nextn_predict_layers", 0) or 0)
+    scaling = gguf_rope_scaling(src)
+    log_mul = src.key("rope.scaling.yarn_log_multiplier", None)
+    if scaling and log_mul:  # the converter wrote 0.1 · mscale_all_dim; llama.cpp takes mscale = it
+        scaling["mscale"] = scaling["mscale_all_dim"] = float(log_mul) / 0.1
+    q_rank = src.key("attention.q_lora_rank", None)
+    mla = MLAArgs(q_lora_rank=int(q_rank) if q_rank else None,
+                  kv_lora_rank=int(src.key("attention.kv_lora_rank")),
+                  qk_nope_head_dim=k_len - rope, qk_rope_head_dim=rope, v_head_dim=v_len,
+                  softmax_scale=softmax_scale(k_len, scaling), split_kv_b=split)
+    gating = src.key("expert_gating_func", None)
+    vocab = src.shapes["token_embd.weight"][0] if "token_embd.weight" in src.shapes else 0
+    if gating is None and not (layers in (47, 48) and vocab == 154880):  # llama.cpp: GLM-4.7-Flash
+        raise ModelConfigError("deepseek2 files without sigmoid expert gating (DeepSeek-V2) "
+                               "are not supported")
+    if gating is not None and int(gating) != 2:
+        raise ModelConfigError("only sigmoid expert gating (DeepSeek-V3) is supported")
+    moe = gguf_moe(src, gating="sigmoid",
+                   correction_bias=any(n.endswith(".exp_probs_b.bias") for n in src.shapes))
+    return gguf_args(src, architecture, num_layers=layers, rope_scaling=scaling, mla=mla,
+                     moe=moe, attention_bias="blk.0.attn_kv_a_mqa.bias" in src.shapes,
+                     rms_norm_eps=float(src.key("attention.layer_norm_rms_epsilon", 1e-6)),
+                     **_latent_dims(mla))
+
+
+def mla_shapes(args: ModelArgs) -> Shapes:
+    """Every weight in HF names (``kv_b_proj`` 2-D, or llama.cpp's ``k_b``/``v_b`` halves)."""
+    mla, h, heads = args.mla, args.hidden_size, args.num_heads
+    shapes = {n: s for n, s in moe_shapes(args, shared="shared_experts").items()
+              if ".self_attn." not in n}
+    qk, rank = mla.qk_nope_head_dim + mla.qk_rope_head_dim, mla.kv_lora_rank
+    for i in range(args.num_layers):
+        p = f"model.layers.{i}.self_attn."
+        if mla.q_lora_rank:
+            shapes.update({p + "q_a_proj.weight": (mla.q_lora_rank, h),
+                           p + "q_a_layernorm.weight": (mla.q_lora_rank,),
+                           p + "q_b_proj.weight": (heads * qk, mla.q_lora_rank)})
+        else:
+            shapes[p + "q_proj.weight"] = (heads * qk, h)
+        shapes.update({p + "kv_a_proj_with_mqa.weight": (rank + mla.qk_rope_head_dim, h),
+                       p + "kv_a_layernorm.weight": (rank,),
+                       p + "o_proj.weight": (h, heads * mla.v_head_dim)})
+        if mla.split_kv_b:
+            shapes[p + "k_b.weight"] = (heads, rank, mla.qk_nope_head_dim)
+            shapes[p + "v_b.weight"] = (heads, mla.v_head_dim, rank)
+        else:
+            shapes[p + "kv_b_proj.weight"] = (heads * (mla.qk_nope_head_dim + mla.v_head_dim), rank)
+        if args.attention_bias:
+            shapes[p + "kv_a_proj_with_mqa.bias"] = (rank + mla.qk_rope_head_dim,)
+            shapes[p + "o_proj.bias"] = (h,)
+            if mla.q_lora_rank:
+                shapes[p + "q_a_proj.bias"] = (mla.q_lora_rank,)
+    return shapes
+
+
+def from_gguf_weight(name: str, w: torch.Tensor) -> torch.Tensor:
+    """llama.cpp stores ``attn_k_b`` transposed ([H, rank, nope]); ours is [H, nope, rank]."""
+    return w.transpose(-1, -2).contiguous() if name.endswith("self_attn.k_b.weight") else w
+
+
+def mla_paths(args: ModelArgs, context_length: int) -> FastPaths:
+    """None of the uniform paths: the compiled kernels attend over per-head K/V."""
+    return FastPaths()
+
+
+DEEPSEEK2_NAMES = {
+    **MOE_GGUF_NAMES, **shared_gguf_names("shared_experts"), **NEXTN_NAMES,
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_q_a": "self_attn.q_a_proj",
+    "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj", "attn_k_b": "self_attn.k_b", "attn_v_b": "self_attn.v_b",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
+}
