@@ -140,8 +140,11 @@ def choose_num_splits(batch: int, kv_heads: int, max_context: int, num_sms: int)
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 meta: DecodeBatch) -> torch.Tensor:
-    """q [B, Hq, D] (one new token per sequence) → [B, Hq, D], attending over its pages."""
+                 meta: DecodeBatch, window: int | None = None,
+                 sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, D] (one new token per sequence) → [B, Hq, D], attending over its pages (its
+    last ``window`` keys, where given); ``sinks`` [Hq]: a logit per head in the softmax's
+    denominator (gpt-oss). Not wired to a model yet: no family declares it (FastPaths)."""
     kernels = _kernels()
     b, hq, d = q.shape
     hk = k_cache.shape[2]
@@ -157,7 +160,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     bt = meta.block_tables
     kernels.partial[(b, hk, s)](
         q, k_cache, v_cache, bt, meta.context_lens, m, lse, acc,
-        1.0 / math.sqrt(d), s,
+        1.0 / math.sqrt(d), s, window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         bt.stride(0),
         GROUP=group, GROUP_PAD=_PAD_GROUP, D=d, D_PAD=_pow2(d), PAGE=k_cache.shape[1],
@@ -165,8 +168,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         num_warps=4, num_stages=2,
     )
     kernels.merge[(b, hq)](
-        m, lse, acc, out, s, out.stride(0), out.stride(1),
-        D=d, D_PAD=_pow2(d), S_PAD=_pow2(s), num_warps=4,
+        m, lse, acc, out, m if sinks is None else sinks.float().contiguous(), s,
+        out.stride(0), out.stride(1),
+        D=d, D_PAD=_pow2(d), S_PAD=_pow2(s), HAS_SINKS=sinks is not None, num_warps=4,
     )
     return out
 
@@ -198,8 +202,8 @@ def paged_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         num_warps=4, num_stages=2,
     )
     kernels.merge[(t, hq)](
-        m, lse, acc, out, s, out.stride(0), out.stride(1),
-        D=d, D_PAD=_pow2(d), S_PAD=_pow2(s), num_warps=4,
+        m, lse, acc, out, m, s, out.stride(0), out.stride(1),
+        D=d, D_PAD=_pow2(d), S_PAD=_pow2(s), HAS_SINKS=False, num_warps=4,
     )
     return out
 

@@ -2,9 +2,10 @@
 
 Imported only when a CUDA step first needs them. ``partial`` + ``merge`` are split-K
 (flash-decoding) attention for one query token per sequence: program (b, kv_head, split)
-reads its slice of sequence b's pages for all query heads of that KV head (padded to 16
-rows for ``tl.dot``) and writes an unnormalised partial result with its running max and
-sum; ``merge`` combines the splits. ``rope`` rotates q/k (rotate-half RoPE) and writes k/v
+reads its slice of sequence b's pages (of its last ``window`` keys, where windowed) for all
+query heads of that KV head (padded to 16 rows for ``tl.dot``) and writes an unnormalised
+partial result with its running max and sum; ``merge`` combines the splits, adding each head's
+sink logit to the denominator where given (gpt-oss). ``rope`` rotates q/k (rotate-half RoPE) and writes k/v
 into their cache slots, one program per token.
 """
 
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 
 @triton.jit
-def partial(Q, K, V, BT, CL, M, L, ACC, scale, num_splits,
+def partial(Q, K, V, BT, CL, M, L, ACC, scale, num_splits, window,
             sq_b, sq_h, sk_blk, sk_tok, sk_head, sbt,
             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
             D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -23,9 +24,10 @@ def partial(Q, K, V, BT, CL, M, L, ACC, scale, num_splits,
     kh = tl.program_id(1)
     s = tl.program_id(2)
     ctx = tl.load(CL + b)
-    pages = tl.cdiv(ctx, PAGE)
+    lo = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)  # a sliding window's first key
+    pages = tl.cdiv(ctx - lo, PAGE)
     per_split = tl.cdiv(pages, num_splits) * PAGE
-    start = s * per_split
+    start = lo + s * per_split
     end = tl.minimum(start + per_split, ctx)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D_PAD)
@@ -129,8 +131,8 @@ def chunk_partial(Q, K, V, BT, START, NQ, M, L, ACC, scale, num_splits, num_head
 
 
 @triton.jit
-def merge(M, L, ACC, O, num_splits, so_b, so_h,
-          D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
+def merge(M, L, ACC, O, SINKS, num_splits, so_b, so_h,
+          D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, HAS_SINKS: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, S_PAD)
@@ -143,7 +145,10 @@ def merge(M, L, ACC, O, num_splits, so_b, so_h,
     w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
     acc = tl.load(ACC + row[:, None] * D + d[None, :],
                   mask=smask[:, None] & (d < D)[None, :], other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    den = tl.sum(l * w, 0)
+    if HAS_SINKS:  # the head's sink logit joins the denominator (no value)
+        den += tl.exp(tl.load(SINKS + h).to(tl.float32) - m_max)
+    out = tl.sum(acc * w[:, None], 0) / den
     tl.store(O + b * so_b + h * so_h + d, out.to(O.dtype.element_ty), mask=d < D)
 
 @triton.jit
