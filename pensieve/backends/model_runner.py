@@ -18,9 +18,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pensieve.backends.hybrid_cache import HybridCaches, plan_cache
 from pensieve.engine.config import EngineConfig
+from pensieve.engine.kv_plan import CachePlan, uniform_full
 from pensieve.engine.scheduler import ScheduledChunk
 from pensieve.models.args import ModelArgs
+from pensieve.models.cache_spec import LayerCache, attention_layout
 from pensieve.models.family import FastPaths
 from pensieve.models.forward_context import ForwardContext, SequenceSlice
 
@@ -55,22 +58,40 @@ def kv_block_bytes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
     return per_token * block_size * torch.empty((), dtype=dtype).element_size()
 
 
-def plan_num_blocks(args: ModelArgs, config: EngineConfig) -> int:
-    """Enough blocks for one full context at least; more up to the memory cap.
-
-    On CUDA the cap is at least 60% of the memory still free after the weights (less a
-    headroom), as a GPU server has nothing else to spend it on.
-    """
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
-    per_seq = -(-config.context_length // config.block_size)
+def kv_budget(config: EngineConfig) -> int:
+    """Bytes the KV cache (and recurrent states) may take: ``kv_cache_bytes``; on CUDA at
+    least 60% of the memory still free after the weights (less a headroom), as a GPU server
+    has nothing else to spend it on."""
     budget = config.kv_cache_bytes
     device = torch.device(config.device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = max(budget, int(0.6 * (free - _CUDA_HEADROOM)))
+    return budget
+
+
+def plan_num_blocks(args: ModelArgs, config: EngineConfig) -> int:
+    """Enough blocks for one full context at least; more up to the memory cap (``kv_budget``)."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    per_seq = -(-config.context_length // config.block_size)
+    budget = kv_budget(config)
     by_bytes = budget // kv_block_bytes(args, config.block_size, config.kv_dtype or config.dtype)
     return max(per_seq, min(by_bytes, per_seq * config.max_num_seqs))
+
+
+def model_layout(model: nn.Module, args: ModelArgs) -> tuple[LayerCache, ...]:
+    """What each layer caches: the model's own ``cache_layout`` where it has one (a test model),
+    else its family's (``Family.cache_layout``), else paged K/V everywhere."""
+    layout = getattr(model, "cache_layout", None)
+    if layout is not None:
+        return tuple(layout)
+    from pensieve.models.registry import UnsupportedArchitectureError, family
+
+    try:
+        return tuple(family(args.architecture).cache_layout(args))
+    except UnsupportedArchitectureError:
+        return attention_layout(args)
 
 
 class ModelRunner:
@@ -83,6 +104,14 @@ class ModelRunner:
         self.min_window = min(windows) if windows else None
         self.device = torch.device(config.device)
         self.block_size = config.block_size
+        self.cache_plan: CachePlan | None = None  # read by the engine's KV manager
+        self.hybrid: HybridCaches | None = None
+        self.cuda_batches = self.graphs = self.chunk_graphs = None
+        self.cpu_attention = self.cpu_decoder = None
+        layout = model_layout(model, args)
+        if not uniform_full(layout, config.context_length):
+            self._init_hybrid(layout, config)
+            return
         self.num_blocks = plan_num_blocks(args, config)
         on_cuda = self.device.type == "cuda"
         scratch = 1 if on_cuda else 0  # a block past the pool's, for graph padding rows
@@ -94,12 +123,23 @@ class ModelRunner:
             for _ in range(args.num_layers)
         ]
         self.v_caches = [torch.empty_like(k) for k in self.k_caches]
-        self.cuda_batches = self.graphs = self.chunk_graphs = None
-        self.cpu_attention = self.cpu_decoder = None
         if on_cuda:
             self._init_cuda(args, config, cuda_graphs and self.fast.cuda_graphs)
         elif self.device.type == "cpu":
             self._init_cpu(config)
+
+    def _init_hybrid(self, layout: Sequence[LayerCache], config: EngineConfig) -> None:
+        """Per-layer caches, layer groups, recurrent state (``backends/hybrid_cache.py``): the
+        per-sequence path only, whatever fast paths the family declared (they assume one
+        uniform full-attention cache)."""
+        if self.fast != FastPaths():
+            log.info("the cache layout is not uniform full attention: fast paths %s stay off",
+                     self.fast)
+        self.fast = FastPaths()
+        self.cache_plan = plan_cache(layout, config, kv_budget(config))
+        self.hybrid = HybridCaches(layout, self.cache_plan, config, self.device)
+        self.num_blocks = self.cache_plan.paged[0].num_blocks
+        self.k_caches, self.v_caches = self.hybrid.k_caches, self.hybrid.v_caches
 
     def _init_cpu(self, config: EngineConfig) -> None:
         """RMSNorm and attention on the compiled CPU kernels where they build and fit."""
@@ -148,7 +188,7 @@ class ModelRunner:
         step as a CUDA graph, or any CPU step): what async scheduling needs."""
         if self.graphs is not None:
             return self.graphs.can_run(chunks)
-        return self.cuda_batches is None  # the per-sequence path fills carried ids itself
+        return self.cuda_batches is None and self.hybrid is None  # the per-sequence path fills carried ids itself
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], carried: torch.Tensor | None = None,
@@ -159,6 +199,8 @@ class ModelRunner:
         whose ``carried_rows[i] >= 0`` is a one-token decode of ``carried[carried_rows[i]]``,
         a token the host has not read yet (only where ``can_carry``).
         """
+        if self.hybrid is not None:
+            return self.hybrid.run(self.model, chunks)
         if self.graphs is not None and self.graphs.can_run(chunks):
             return self.graphs.run(chunks, carried, carried_rows)
         if self.chunk_graphs is not None and self.chunk_graphs.can_run(chunks):

@@ -77,6 +77,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "chunks of up to N tokens while other requests keep decoding between "
                         "chunks (default 2048 on CUDA, 512 on the CPU; smaller keeps their "
                         "streams smoother during a long prefill)")
+    p.add_argument("--state-checkpoint-interval", type=int, default=None, metavar="TOKENS",
+                   help="hybrid models: tokens between the recurrent-state checkpoints (and the "
+                        "sliding windows) kept for prefix hits, a multiple of the block size; a "
+                        "follow-up turn recomputes at most this many tokens of its shared prefix "
+                        "(default 512; docs/hybrid_cache.md)")
+    p.add_argument("--state-checkpoints", type=int, default=None, metavar="N",
+                   help="hybrid models: recurrent-state checkpoints kept (LRU; default: as many "
+                        "as fit a quarter of the KV budget, at most 256)")
     p.add_argument("--async-scheduling", default="auto", choices=("auto", "on", "off"),
                    help="launch each decode step before the previous step's tokens are read, so "
                         "detokenising and streaming overlap the GPU's work (auto: on CUDA)")

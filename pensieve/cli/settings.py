@@ -152,6 +152,9 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
         async_scheduling={"on": True, "off": False}.get(getattr(ns, "async_scheduling", "auto")),
         max_waiting=_at_least(getattr(ns, "max_waiting", None), 64, 1, "--max-waiting"),
         grammar_timeout_s=_positive(getattr(ns, "grammar_timeout", None), 5.0, "--grammar-timeout", zero=False),
+        state_checkpoint_interval=_at_least(getattr(ns, "state_checkpoint_interval", None), 512, 0,
+                                            "--state-checkpoint-interval"),
+        state_checkpoints=getattr(ns, "state_checkpoints", None),
     )
     request_timeout = _positive(getattr(ns, "request_timeout", None), 3600.0, "--request-timeout")
     header_timeout = _positive(getattr(ns, "header_timeout", None), 30.0, "--header-timeout", zero=False)

@@ -64,13 +64,20 @@ class BlockPool:
             self._hash[block] = block_hash
             self._by_hash[block_hash] = block
 
-    def release(self, blocks: list[int], retain: bool = False) -> None:
-        """Drop one reference to each; blocks reaching zero become free (most recent last)."""
+    def release(self, blocks: list[int], retain: bool = False, forget: bool = False) -> None:
+        """Drop one reference to each; blocks reaching zero become free (most recent last).
+        ``forget``: their content is of no further use (a window's past): dropped, and the
+        blocks are the first to be reused."""
         for b in blocks:
             if self._refs[b] < 1:
                 raise ValueError(f"block {b} released more often than held")
             self._refs[b] -= 1
             if self._refs[b] == 0:
+                if forget:
+                    self._forget(b)
+                    self._ordinary[b] = None
+                    self._ordinary.move_to_end(b, last=False)
+                    continue
                 queue = self._retained if retain and self._hash[b] is not None else self._ordinary
                 queue[b] = None
 

@@ -26,6 +26,11 @@ class EngineConfig:
     aging_steps: int = 128  # a request waiting this many steps goes before newer arrivals
     async_scheduling: bool | None = None  # launch a decode step before the last one's ids are read; None → on CUDA
     seed: int = 0
+    # hybrid models (engine/kv_groups.py): tokens between recurrent-state checkpoints (and
+    # between the windows a sliding-window layer keeps for prefix hits), a multiple of
+    # block_size; how many checkpoints (None → as many as fit a quarter of the KV budget, ≤ 256)
+    state_checkpoint_interval: int = 512
+    state_checkpoints: int | None = None
 
     @property
     def overlap_steps(self) -> bool:
@@ -39,6 +44,11 @@ class EngineConfig:
                      "grammar_workers", "aging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.state_checkpoint_interval < 0 or self.state_checkpoint_interval % self.block_size:
+            raise ValueError(f"state_checkpoint_interval must be a multiple of block_size "
+                             f"({self.block_size}), got {self.state_checkpoint_interval}")
+        if self.state_checkpoints is not None and self.state_checkpoints < 0:
+            raise ValueError(f"state_checkpoints must be ≥ 0, got {self.state_checkpoints}")
         if self.max_waiting < 0 or self.grammar_timeout_s <= 0:
             raise ValueError(f"max_waiting must be ≥ 0 and grammar_timeout_s positive, got "
                              f"{self.max_waiting} and {self.grammar_timeout_s:g}")

@@ -26,13 +26,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pensieve.engine.block_pool import BlockPool
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.engine.errors import PromptTooLongError
 from pensieve.engine.grammar import GrammarCompiler
 from pensieve.engine.grammar_constraint import GrammarConstraint
-from pensieve.engine.kv_manager import KVCacheManager
+from pensieve.engine.kv_groups import kv_manager_for
 from pensieve.engine.logits_processors import LogitsProcessor, ThinkingBudgetProcessor, accept_token
 from pensieve.engine.repetition import DryProcessor, breaker_ids
 from pensieve.engine.request import Request, RequestStatus
@@ -76,8 +75,9 @@ class Engine:
                 f"the KV cache holds {capacity} tokens, less than one context of "
                 f"{config.context_length}: raise num_kv_blocks or lower context_length"
             )
-        self.pool = BlockPool(self.runner.num_blocks)
-        self.kv = KVCacheManager(self.pool, config.block_size, config.enable_prefix_cache)
+        self.kv = kv_manager_for(getattr(runner, "cache_plan", None), runner.num_blocks,
+                                 config.block_size, config.enable_prefix_cache)
+        self.pool = self.kv.pool  # the first layer group's (full attention where there is any)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.aging_steps)
         self._requests: dict[str, Request] = {}
@@ -260,7 +260,7 @@ class Engine:
         running request is decoding on an id in flight, none is one token from its limit, and KV has a block for each (so scheduling preempts nobody; waiting
         requests are admitted only into free blocks)."""
         s = self.scheduler
-        if self.pool.num_free < len(s.running) or s.must_seat_urgent():
+        if not self.kv.num_free_for(len(s.running)) or s.must_seat_urgent():
             return False  # scheduling would preempt: never a request whose token is in flight
         return all(
             r.num_inflight and len(r.output_ids) + r.num_inflight < r.params.max_tokens

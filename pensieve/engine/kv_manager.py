@@ -49,6 +49,10 @@ class KVCacheManager:
             req.num_cached_tokens = hit
         return hit
 
+    def chunk_tokens(self, req: Request, n: int) -> int:
+        """Where the next chunk of ``n`` tokens must end early (never, with one table)."""
+        return n
+
     def reserve(self, req: Request, num_new_tokens: int) -> bool:
         """Make sure ``req`` has blocks for its next ``num_new_tokens`` tokens."""
         total = req.num_computed_tokens + num_new_tokens
@@ -79,3 +83,11 @@ class KVCacheManager:
         self.pool.release(list(reversed(req.block_ids)), retain=req.params.retain_prefix)
         req.block_ids = []
         req.block_hashes = []
+
+    def forget_free(self) -> None:
+        """Drop every free block's cached content (after a warm-up's synthetic requests)."""
+        self.pool.forget_free()
+
+    def num_free_for(self, num_requests: int) -> bool:
+        """Whether there is a block for each of ``num_requests`` decodes."""
+        return self.pool.num_free >= num_requests

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.engine.stop_checker import StopChecker
 from pensieve.engine.types import FinishReason, SamplingParams
+
+if TYPE_CHECKING:
+    from pensieve.engine.kv_groups import RequestCache
 
 
 class RequestStatus(enum.Enum):
@@ -31,6 +35,9 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of its full, cached blocks
+    # hybrid layouts (engine/kv_groups.py): the other layer groups' tables, its state slot and
+    # checkpoint copies; None where every layer is full attention
+    cache: RequestCache | None = None
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_new_cached_tokens: int = 0  # prompt tokens this request added to the prefix cache

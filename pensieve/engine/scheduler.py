@@ -17,8 +17,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pensieve.engine.kv_manager import KVCacheManager
+
+if TYPE_CHECKING:
+    from pensieve.engine.kv_groups import GroupedKVManager
 from pensieve.engine.request import Request, RequestStatus
 
 
@@ -38,7 +42,7 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(
-        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+        self, kv: KVCacheManager | GroupedKVManager, max_num_seqs: int, max_num_batched_tokens: int,
         aging_steps: int = 128,
     ) -> None:
         self.kv = kv
@@ -72,15 +76,17 @@ class Scheduler:
             room = budget - reserve if req.num_pending_tokens > 1 else budget  # decodes: never held
             if room <= 0:
                 continue
-            n = min(req.num_pending_tokens, room)
+            n = self.kv.chunk_tokens(req, min(req.num_pending_tokens, room))
             if not self._reserve_or_preempt(req, n):
                 continue
             chunks.append(ScheduledChunk(req, n))
             budget -= n
+        # a request scheduled above may have been preempted for a later one's blocks
+        chunks = [c for c in chunks if c.request.status is RequestStatus.RUNNING]
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self._next_waiting()
             self.kv.match_prefix(req)
-            n = min(req.num_pending_tokens, budget)
+            n = self.kv.chunk_tokens(req, min(req.num_pending_tokens, budget))
             if not self.kv.reserve(req, n):
                 self._free(req)  # give back the prefix hits too; retry next step
                 break

@@ -53,5 +53,5 @@ def warm_up(engine: "Engine", max_tokens: int = 3) -> tuple[int, float]:
             engine.step()
             steps += 1
             step_in_wave += 1
-    engine.pool.forget_free()
+    engine.kv.forget_free()
     return steps, time.perf_counter() - started
