@@ -68,7 +68,8 @@ def make_gguf(a: argparse.Namespace) -> float:
 def start_server(a: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, float]:
     cmd = [sys.executable, "-m", "pensieve.cli.main", "serve", "--model", a.gguf,
            "--device", "cuda", "--dtype", "bfloat16", "--port", str(a.port),
-           "--max-num-seqs", str(a.max_num_seqs), *a.serve_args.split()]
+           *(["--max-num-seqs", str(a.max_num_seqs)] if a.max_num_seqs > 0 else []),
+           *a.serve_args.split()]
     print("server:", " ".join(cmd), flush=True)
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
@@ -160,6 +161,10 @@ async def pensieve_scenarios(a: argparse.Namespace, server_pid: int | None) -> l
                 got = [Metric(f"{name} FAILED", "", note=str(exc)[:300])]
             out += got
             print(f"{name} ({time.perf_counter() - t0:.1f} s)\n{markdown_table(got)}", flush=True)
+        used = gpu_memory_used()
+        if used is not None:
+            out.append(Metric("GPU memory used after the scenarios (nvidia-smi, whole card)",
+                              "MiB", [used]))
     finally:
         await c.aclose()
     return out
@@ -201,6 +206,16 @@ def hf_baseline(a: argparse.Namespace) -> list[Metric]:
     return out
 
 
+def gpu_memory_used() -> float | None:
+    """MiB in use on GPU 0 (the server under test is the only program on it)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                              "-i", "0"], capture_output=True, text=True, check=True).stdout
+        return float(out.split()[0])
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return None
+
+
 def gpu_name() -> str:
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
@@ -222,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-dtype", default="f16", help="for writing the GGUF: f16, q4_0, q4_k")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--port", type=int, default=7799)
-    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=32,
+                   help="pensieve serve --max-num-seqs (0: leave it out, the server's default)")
     p.add_argument("--serve-args", default="", help="extra flags for pensieve serve")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--decode-tokens", type=int, default=256)

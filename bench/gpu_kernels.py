@@ -188,7 +188,7 @@ def int4_layers(model) -> None:
 
 
 def model_table(max_num_seqs: int, out_dir: str = ".", int4: bool = False,
-                dense: bool = False, fuse: bool = True) -> dict:
+                dense: bool = False, fuse: bool = True, keep_dense: bool = False) -> dict:
     from pensieve.engine.config import EngineConfig
     from pensieve.backends.model_runner import ModelRunner
     from pensieve.models.args import ModelArgs
@@ -213,7 +213,7 @@ def model_table(max_num_seqs: int, out_dir: str = ".", int4: bool = False,
         if dense:
             from pensieve.backends.cuda_int4 import prepare_for_cuda
 
-            prepare_for_cuda(model, torch.bfloat16)
+            prepare_for_cuda(model, torch.bfloat16, keep_dense=keep_dense)
     model.eval()
     cfg = EngineConfig(device="cuda", dtype=torch.bfloat16, context_length=16384,
                        max_num_seqs=max_num_seqs, max_num_batched_tokens=2048)
@@ -306,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--int4", action="store_true",
                    help="the model's projections as CUDA int4 layers (random codes)")
     p.add_argument("--dense", action="store_true",
-                   help="with --int4: prepare_for_cuda (tinygemm + dense copies)")
+                   help="with --int4: prepare_for_cuda (the timed per-shape kernel plans)")
+    p.add_argument("--keep-dense", action="store_true",
+                   help="with --dense: also the opt-in tinygemm + dense copies")
     p.add_argument("--skip-attention", action="store_true")
     p.add_argument("--unfused", action="store_true", help="without backends/cuda_layers fusion")
     a = p.parse_args(argv)
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         result["gemv"] = gemv_table()
     if not a.skip_model:
         result["model"] = model_table(a.max_num_seqs, a.out, int4=a.int4, dense=a.dense,
-                                      fuse=not a.unfused)
+                                      fuse=not a.unfused, keep_dense=a.keep_dense)
         print(json.dumps(result["model"], indent=1), flush=True)
     Path(a.out, "gpu_kernels.json").write_text(json.dumps(result, indent=2))
     return 0

@@ -35,6 +35,7 @@ gen() { [ -e $1.done ] && return; python3 -m bench.make_random_gguf $1 --dtype q
   tail -1 $S/gguf_$(basename $1).log; }
 gen $Q2 --arch qwen2 --hidden 3584 --layers 28 --heads 28 --kv-heads 4 --intermediate 18944
 gen $Q3 --arch qwen3 --hidden 4096 --layers 36 --heads 32 --kv-heads 8 --head-dim 128 --intermediate 12288
+[ -n "$QONLY" ] && exit 0  # the GGUFs only (bench/gpu_int4_device.sh writes them in the background)
 
 if [ -n "$TESTS" ] && [ ! -e $S/tests.done ]; then
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/unit/test_cuda_families.py \
@@ -50,9 +51,9 @@ if [ -n "$BENCH" ]; then
   SC=${SCENARIOS:-decode,x8,ttft1,followup}
   pens() { [ -e $S/p_$1/gpu_bench.json ] && return; [ $(left) -lt 150 ] && { echo "skip pensieve $1"; return; }
     setsid -w timeout $(( $(left) - 20 )) python3 -m bench.gpu_bench --out $S/p_$1 --repeat 3 \
-      --scenarios $SC --gguf $2 --serve-args "--weights auto" --ready-timeout 240 > $S/bench_p_$1.log 2>&1 &
-    local G=$!; wait $G; echo "pensieve $1 rc=$?"; kill -- -$G 2>/dev/null; grep -E "^\| (x|decode|prefill|followup|cold|warm)" $S/bench_p_$1.log | cut -c1-110
-    grep -E "warmed up|captured|ready in|Traceback|Error" $S/p_$1/server.log | cut -c1-160 | head -6; }
+      --max-num-seqs ${PENSIEVE_SEQS:-32} --scenarios $SC --gguf $2 --serve-args "--weights auto" --ready-timeout 240 > $S/bench_p_$1.log 2>&1 &
+    local G=$!; wait $G; echo "pensieve $1 rc=$?"; kill -- -$G 2>/dev/null; grep -E "^\| (x|decode|prefill|followup|cold|warm|GPU)" $S/bench_p_$1.log | cut -c1-110
+    grep -E "GPU memory|warmed up|captured|ready in|Traceback|Error" $S/p_$1/server.log | cut -c1-300 | head -6; }
   # LLAMA_ARGS: extra llama-server flags (e.g. "--cache-ram 0"), LTAG: suffix of its result folder
   llama() { [ -e $S/l_$1$LTAG/gpu_bench.json ] && return; [ -x /tmp/llbuild/bin/llama-server ] || { echo "no llama-server"; return; }
     [ $(left) -lt 120 ] && { echo "skip llama $1"; return; }
@@ -61,7 +62,7 @@ if [ -n "$BENCH" ]; then
     for i in $(seq 120); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/health', timeout=2)" 2>/dev/null && break; sleep 1; done
     timeout $(( $(left) - 15 )) python3 -m bench.gpu_bench --url http://127.0.0.1:8080 --server-pid $LP \
       --gguf $2 --out $S/l_$1$LTAG --repeat 3 --scenarios ${LSC:-$SC} > $S/bench_l_$1$LTAG.log 2>&1
-    echo "llama.cpp $1$LTAG rc=$?"; grep -E "^\| (x|decode|prefill|followup|cold|warm)" $S/bench_l_$1$LTAG.log | cut -c1-110
+    echo "llama.cpp $1$LTAG rc=$?"; grep -E "^\| (x|decode|prefill|followup|cold|warm|GPU)" $S/bench_l_$1$LTAG.log | cut -c1-110
     kill $LP; wait $LP 2>/dev/null; }
   for m in ${MODELS:-qwen25 qwen3}; do
     f=$Q2; [ $m = qwen3 ] && f=$Q3

@@ -5,22 +5,24 @@ Decode at small batch is memory-bound: a bf16 8B model reads 14.8 GB a token, it
 one (float16 scale, float16 offset) pair per 32 weights, packed into an int32 — so
 ``model.to(dtype=...)`` leaves them alone and a kernel reads both with one load. The codes
 are the file's own; the pair is exact for Q4_0 and Q4_1 (float16 in the file) and rounded to
-float16 for Q4_K (``d · sc`` needs up to 17 bits).
+float16 for Q4_K (``d · sc`` needs up to 17 bits). That is the weight's one layout on the GPU:
+4 + 1 bits a weight, no other copy (``--keep-dense-weights`` adds the old extra copies below).
 
-Which kernel runs depends on the rows of x. ``prepare_for_cuda`` (after the move to the GPU)
-adds a copy of the codes in the layout of PyTorch's int4 matmul ("tinygemm", ``tinygemm.py``)
-and, where GPU memory allows, dense copies; then, per weight shape, it picks the fastest tile
-of the ``skinny`` kernel and times the kernels that apply for 1, 2, 4, 8 and 16 rows and routes
-each bucket to the fastest (``route``): our Triton ``gemv`` (1 row, exact float16 scales,
-``cuda_int4_kernels.py``), ``skinny`` (2-16 rows on the tensor cores, split-K in one launch;
-it casts x to float16, so activations must stay below 65504), tinygemm (bfloat16 scales) or
-cuBLAS on the dense copy. On an H100 at the 8B shapes: tinygemm for 1-4 rows, skinny for 8
-and 16 (BENCHMARKS.md).
+Which kernel runs depends on the rows of x (``Plan``, timed per weight shape at start by
+``cuda_int4_tune.prepare``; kernels in ``cuda_int4_kernels.py``):
 
-Beyond 16 rows (larger batches, prefill) cuBLAS on the dense copy wins (the product turns
-compute-bound); without one, Triton ``matmul`` up to ``MATMUL_MAX_ROWS``, then the weight
-dequantised into a temporary for the call (11-20% over cuBLAS alone at 2048 rows;
-bench/gpu_int4.py).
+* 1-2 rows: ``gemv_words`` (codes read as 128-bit words, ``128 + code`` floats made with one
+  shift and one AND-OR a weight) or the older ``gemv``;
+* 2-16 rows: ``skinny`` (tensor cores, split-K in one launch; it casts x to float16, so
+  activations must stay below 65504);
+* more rows (prefill, large batches): ``gemm``, a tensor-core GEMM that dequantises each
+  weight tile in the kernel, several tile sizes timed per shape; or, where timing says it is
+  faster for the largest bucket, the weight dequantised into a temporary for the call + cuBLAS
+  (nothing is kept).
+
+Opt-in (``prepare(keep_dense=True)``, ``--keep-dense-weights``): a second copy of the codes in
+the layout of PyTorch's int4 matmul ("tinygemm", ``tinygemm.py``) and dense copies where GPU
+memory allows, timed against the above as before.
 
 All of them take fixed grids for fixed shapes, so CUDA graphs capture them. Importing this
 module needs neither a GPU nor Triton; the kernels are imported on first use.
@@ -28,20 +30,16 @@ module needs neither a GPU nor Triton; the kernels are imported on first use.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pensieve.backends import tinygemm
 from pensieve.backends.tinygemm import TinyGemm
 from pensieve.models.quant_linear import Int4Groups
-
-log = logging.getLogger(__name__)
 
 GROUP = 32
 
@@ -61,9 +59,46 @@ class Tiles:
 GEMV = Tiles(1, 2, 32, 2, 3)
 MATMUL = Tiles(16, 32, 2, 4, 3)
 DEQUANT = Tiles(1, 16, 8, 4, 1)
-ROUTE_BUCKETS = (1, 2, 4, 8, 16)  # row counts up to which prepare_for_cuda times a choice
+ROUTE_BUCKETS = (1, 2, 4, 8, 16)  # row counts up to which prepare times a small-row kernel
+GEMM_BUCKETS = (32, 256, 2048)  # past 16 rows: timed at these (the last for any more rows)
 SKINNY_MAX_ROWS = 16  # the skinny kernel pads x to 16 rows
-MATMUL_MAX_ROWS = 64  # without dense copies: Triton matmul up to here, then dequantise
+MATMUL_MAX_ROWS = 64  # the older Triton matmul (kept for checks and the sweeps)
+
+
+@dataclass(frozen=True)
+class Words:
+    """One launch of ``gemv_words``: BLOCK_N weight rows a program, BLOCK_G groups a step."""
+
+    block_n: int
+    block_g: int
+    num_warps: int
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """One launch of the dequantising ``gemm``: BLOCK_M rows of x × BLOCK_N outputs a program,
+    BLOCK_G groups of 32 columns a step (cut to a divisor of the groups)."""
+
+    block_m: int
+    block_n: int
+    block_g: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+WORDS = Words(8, 32, 1)
+# the candidates prepare times per weight shape (each distinct one is one Triton compile)
+# (threads run along the groups, 16 bytes of each of BLOCK_N rows a thread: a weight with N
+# rows has N·16·BLOCK_G bytes in flight a step, so short-N shapes want a wide BLOCK_G)
+WORDS_CANDIDATES = (Words(8, 32, 1), Words(4, 32, 1), Words(16, 32, 1), Words(4, 64, 2),
+                    Words(8, 64, 2), Words(2, 128, 4), Words(4, 128, 4), Words(8, 128, 4))
+GEMM_CANDIDATES = {  # per GEMM_BUCKETS entry, the first the untimed default
+    32: (Gemm(32, 64, 2, 4, 3), Gemm(32, 128, 2, 4, 3), Gemm(16, 64, 4, 4, 3)),
+    256: (Gemm(64, 128, 2, 4, 3), Gemm(128, 128, 2, 8, 3), Gemm(64, 64, 4, 4, 3)),
+    2048: (Gemm(128, 128, 2, 8, 3), Gemm(128, 256, 2, 8, 3), Gemm(128, 128, 4, 8, 3)),
+}
 
 
 @dataclass(frozen=True)
@@ -197,37 +232,89 @@ def dequantize(packed: torch.Tensor, so: torch.Tensor, dtype: torch.dtype,
     return out
 
 
+def gemv_words(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
+               t: Words = WORDS) -> torch.Tensor:
+    """x [M, K] @ w.T by ``gemv_words`` (meant for 1-2 rows: each row reads the weight)."""
+    m, k = x.shape
+    n = packed.shape[0]
+    groups = k // GROUP
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    grid = (triton_cdiv(n, t.block_n), m)
+    _kernels().gemv_words[grid](x, packed.view(torch.int32), so, y, n, groups, x.stride(0),
+                                y.stride(0), k // 8, BLOCK_N=t.block_n, BLOCK_G=t.block_g,
+                                EVEN=groups % t.block_g == 0, num_warps=t.num_warps,
+                                num_stages=t.num_stages)
+    return y
+
+
+def gemm(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Gemm) -> torch.Tensor:
+    """x [M, K] @ w.T by the dequantising tensor-core ``gemm``."""
+    m, k = x.shape
+    n = packed.shape[0]
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    grid = (triton_cdiv(m, t.block_m) * triton_cdiv(n, t.block_n),)
+    _kernels().gemm[grid](x, packed, so, y, m, n, k // GROUP, x.stride(0), y.stride(0), k // 2,
+                          BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                          BLOCK_G=_block_g(k // GROUP, t.block_g), GROUP_M=t.group_m,
+                          num_warps=t.num_warps, num_stages=t.num_stages)
+    return y
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def default_route(dense: torch.Tensor | None, tiny: TinyGemm | None) -> dict[int, str]:
-    """Kernel for each row bucket before ``prepare_for_cuda`` has timed any."""
-    few = "tinygemm" if tiny is not None else "dense" if dense is not None else "matmul"
-    return {1: "gemv", 2: few, 4: few, 8: few, 16: "dense"}
+@dataclass
+class Plan:
+    """Which kernel runs a weight for each row bucket (``ROUTE_BUCKETS`` then ``GEMM_BUCKETS``:
+    the first bucket ≥ the rows; past the last, the last), with its tiles. Kernels: ``words``,
+    ``gemv``, ``skinny``, ``tinygemm``, ``dense``, ``gemm``, ``dequant``."""
+
+    route: dict[int, str]
+    words: Words = WORDS
+    skinny: Skinny | None = None
+    gemm: dict[int, Gemm] = field(default_factory=dict)
+
+    def kernel(self, rows: int) -> tuple[str, int]:
+        bucket = next((b for b in ROUTE_BUCKETS + GEMM_BUCKETS if rows <= b), GEMM_BUCKETS[-1])
+        return self.route.get(bucket, "gemm"), bucket
+
+
+def default_plan(k: int, dense: torch.Tensor | None = None,
+                 tiny: TinyGemm | None = None) -> Plan:
+    """The plan before ``cuda_int4_tune.prepare`` has timed any: gemv_words for 1-2 rows, the
+    first skinny candidate that fits K (else gemm) to 16, gemm beyond."""
+    cfg = next((c for c in SKINNY_CANDIDATES if c.fits(k)), None)
+    few = "skinny" if cfg is not None else "gemm"
+    route = {1: "words", 2: "words", 4: few, 8: few, 16: few}
+    if tiny is not None:
+        route.update({2: "tinygemm", 4: "tinygemm"})
+    route.update({b: "dense" if dense is not None else "gemm" for b in GEMM_BUCKETS})
+    return Plan(route, WORDS, cfg, {b: c[0] for b, c in GEMM_CANDIDATES.items()})
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
                 dense: torch.Tensor | None = None, tiny: TinyGemm | None = None,
-                route: Mapping[int, str] | None = None,
-                skinny_cfg: Skinny | None = None) -> torch.Tensor:
-    """x [M, K] (bf16/fp16, contiguous rows) @ w.T by the kernel ``route`` names for the
-    first bucket (1, 2, 4, 8, 16 rows) that holds M; beyond: dense, Triton matmul,
-    dequantise."""
-    m = x.shape[0]
-    route = route or default_route(dense, tiny)
-    kind = next((route.get(b, "dense") for b in ROUTE_BUCKETS if m <= b), "dense")
+                plan: Plan | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32, contiguous rows) @ w.T by the kernel ``plan`` names for M's
+    bucket (a kernel whose copy or tiles are missing falls back to ``gemm``)."""
+    m, k = x.shape
+    plan = plan or default_plan(k, dense, tiny)
+    kind, bucket = plan.kernel(m)
+    if kind == "words":
+        return gemv_words(x, packed, so, plan.words)
     if kind == "gemv":
         return gemv(x, packed, so)
-    if kind == "skinny" and skinny_cfg is not None:
-        return skinny(x, packed, so, skinny_cfg)
+    if kind == "skinny" and plan.skinny is not None and m <= SKINNY_MAX_ROWS:
+        return skinny(x, packed, so, plan.skinny)
     if kind == "tinygemm" and tiny is not None:
         return tiny(x)
     if kind == "dense" and dense is not None:
         return F.linear(x, dense)
-    if m <= MATMUL_MAX_ROWS:
-        return matmul(x, packed, so, MATMUL)
-    return F.linear(x, dequantize(packed, so, x.dtype))
+    if kind == "dequant":
+        return F.linear(x, dequantize(packed, so, x.dtype))
+    cfg = plan.gemm.get(bucket) or GEMM_CANDIDATES[GEMM_BUCKETS[-1]][0]
+    return gemm(x, packed, so, cfg)
 
 
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
@@ -237,110 +324,13 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([b & 15, b >> 4], dim=2).reshape(n, half * 2)
 
 
-def prepare_for_cuda(model: nn.Module, dtype: torch.dtype, max_fraction: float = 0.4) -> None:
-    """After the model is on the GPU: tinygemm copies of the codes (2–8 rows, bfloat16 only,
-    where the op is there and passes ``tinygemm.works``), and dense copies for more rows if
-    all of them fit in ``max_fraction`` of the GPU memory still free (the KV cache is sized
-    after this)."""
-    layers = [m for m in model.modules() if isinstance(m, CudaInt4Linear)]
-    if not layers:
-        return
-    device = layers[0].packed.device
-    if dtype == torch.bfloat16 and tinygemm.works(str(device)):
-        for m in layers:
-            if tinygemm.supported(m.in_features):
-                pair = m.scale_offset.unsqueeze(-1).view(torch.float16)
-                m.tiny = tinygemm.pack(unpack_codes(m.packed), pair[..., 0], pair[..., 1])
-    need = sum(m.in_features * m.out_features for m in layers) * dtype.itemsize
-    free, _ = torch.cuda.mem_get_info(device)
-    dense = need <= max_fraction * free
-    if dense:
-        for m in layers:
-            m.dense = dequantize(m.packed, m.scale_offset, dtype)
-    for m in layers:
-        skinny_workspace(device, m.out_features)
-    routes = _choose_routes(layers, dtype)
-    log.info("int4 layers: %s; beyond 16 rows: %s (dense copies: %.1f GB, %.1f GB free before)",
-             routes, "cuBLAS on dense copies" if dense else
-             f"Triton matmul to {MATMUL_MAX_ROWS}, then dequantise + cuBLAS",
-             need / 1e9 if dense else 0.0, free / 1e9)
+def prepare_for_cuda(model: nn.Module, dtype: torch.dtype, keep_dense: bool = False) -> None:
+    """After the model is on the GPU: time each weight shape's kernels and tiles and route
+    every ``CudaInt4Linear`` (``cuda_int4_tune.prepare``); ``keep_dense``: also the tinygemm
+    and dense copies of before."""
+    from pensieve.backends.cuda_int4_tune import prepare
 
-
-def _gpu_us(run, layers: list[CudaInt4Linear], reps: int) -> float:
-    """Median GPU µs of ``run(layer)`` cycling through ``layers``, launches queued behind a
-    sleeping kernel so that Python's launch cost (a Triton launch costs more than an aten
-    one) stays out, as it does in a CUDA graph."""
-    for m in layers:  # compile, warm up
-        run(m)
-    samples = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(3_000_000)  # ~1.5 ms: the launches below queue up meanwhile
-        start.record()
-        for m in layers:
-            run(m)
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / len(layers))
-    return sorted(samples)[reps // 2] * 1e3
-
-
-def _choose_routes(layers: list[CudaInt4Linear], dtype: torch.dtype, reps: int = 20) -> str:
-    """Per weight shape and row bucket (1, 2, 4, 8, 16), the fastest of the kernels that
-    apply, timed here on up to 8 layers of the shape (as a decode step runs them back to back).
-    On an H100 at the 8B shapes: tinygemm for 1 row (4-18% ahead of our gemv) and 2-4 rows,
-    skinny for 8 and 16 (3-22% ahead of cuBLAS on the dense copy)."""
-    by_shape: dict[tuple[int, int], list[CudaInt4Linear]] = {}
-    for m in layers:
-        by_shape.setdefault((m.out_features, m.in_features), []).append(m)
-    notes = []
-    for (n, k), group in by_shape.items():
-        sample, first = group[:8], group[0]
-        route = default_route(first.dense, first.tiny)
-        cfg = _choose_skinny(sample, dtype, reps)
-        for m in group:
-            m.skinny_cfg = cfg
-        if cfg is not None:
-            notes.append(f"{n}x{k} skinny {cfg}")
-        for rows in ROUTE_BUCKETS:
-            x = torch.randn(rows, k, device=first.packed.device, dtype=dtype)
-            runs = {}
-            if rows == 1:
-                runs["gemv"] = lambda m, x=x: gemv(x, m.packed, m.scale_offset)
-            if first.tiny is not None:
-                runs["tinygemm"] = lambda m, x=x: m.tiny(x)
-            if first.dense is not None and rows > 1:
-                runs["dense"] = lambda m, x=x: F.linear(x, m.dense)
-            if cfg is not None and rows > 1:
-                runs["skinny"] = lambda m, x=x: skinny(x, m.packed, m.scale_offset, cfg)
-            if len(runs) < 2:
-                continue
-            times = {name: _gpu_us(run, sample, reps) for name, run in runs.items()}
-            route[rows] = min(times, key=times.get)
-            notes.append(f"{n}x{k} ×{rows}: " + ", ".join(
-                f"{name} {t:.1f}" for name, t in sorted(times.items(), key=lambda kv: kv[1])))
-        for m in group:
-            m.route = route
-    return "µs per call, fastest first: " + ("; ".join(notes) or "not timed")
-
-
-def _choose_skinny(sample: list[CudaInt4Linear], dtype: torch.dtype,
-                   reps: int) -> Skinny | None:
-    """The fastest of ``SKINNY_CANDIDATES`` that fit K, timed at 8 rows (the kernel pads to 16,
-    so its time hardly depends on the rows); None where none fits or the kernel fails."""
-    first = sample[0]
-    x = torch.randn(8, first.in_features, device=first.packed.device, dtype=dtype)
-    times = {}
-    for cfg in SKINNY_CANDIDATES:
-        if not cfg.fits(first.in_features):
-            continue
-        try:
-            times[cfg] = _gpu_us(lambda m, c=cfg: skinny(x, m.packed, m.scale_offset, c),
-                                 sample, reps)
-        except Exception as e:  # a Triton that cannot build it: leave it out
-            log.warning("skinny %s failed: %s", cfg, e)
-    return min(times, key=times.get) if times else None
+    prepare(model, dtype, keep_dense=keep_dense)
 
 
 def cuda_int4_available() -> bool:
@@ -367,18 +357,20 @@ class CudaInt4Linear(nn.Module):
         self.register_buffer("scale_offset", torch.cat(
             [pack_scale_offset(p.scales, p.offsets) for p in parts]))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        # prepare_for_cuda's extra copies; plain attributes: never saved or cast
+        # prepare_for_cuda's timed plan and (opt-in) extra copies; plain attributes: never
+        # saved or cast
+        self.plan: Plan | None = None
         self.dense: torch.Tensor | None = None
         self.tiny: TinyGemm | None = None
-        self.route: dict[int, str] | None = None  # prepare_for_cuda's timed choice
-        self.skinny_cfg: Skinny | None = None  # its tile choice for the skinny kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.is_cuda:
+            if self.plan is None:  # not prepared (a family without the fused CUDA layers)
+                self.plan = default_plan(self.in_features, self.dense, self.tiny)
             y = int4_linear(x2.contiguous(), self.packed, self.scale_offset, self.dense,
-                            self.tiny, self.route, self.skinny_cfg)
+                            self.tiny, self.plan)
         else:  # CPU (tests, a model not yet moved): the reference dequantisation
             y = F.linear(x2, unpack(self.packed, self.scale_offset).to(x.dtype))
         if self.bias is not None:

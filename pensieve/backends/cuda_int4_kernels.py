@@ -199,3 +199,125 @@ def skinny(X, W, SO, Y, WS, CNT, M, N, K, GROUPS, stride_x, stride_y, stride_w,
                 total += tl.load(ws + s_ * 16 * N, mask=omask, other=0.0, cache_modifier=".cg")
             tl.store(out, total.to(Y.dtype.element_ty), mask=omask)
             tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _code128(w, SHIFT: tl.constexpr):
+    """The nibble at bits [16 - SHIFT, 20 - SHIFT) of int32 ``w`` as float32 ``128 + code``: moved
+    to bits 16..19 and OR-ed under bfloat16's exponent of 128 (float32 0x43000000), whose
+    mantissa unit there is 1 — one shift and one AND-OR a weight, no conversion and no
+    subtraction (the 128s come off once per group)."""
+    if SHIFT > 0:
+        w = w << SHIFT
+    elif SHIFT < 0:
+        w = w >> -SHIFT
+    return ((w & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def gemv_words(X, W, SO, Y, N, GROUPS, stride_x, stride_y, stride_w,
+               BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
+    """y[row, n] = Σ_k x[row, k] · w[n, k] for few rows (decode); grid (cdiv(N, BLOCK_N), rows).
+
+    W is ``packed`` read as int32 words (``stride_w`` = K / 8 words a row): a group's 16 bytes
+    are 4 words, loaded as one 128-bit piece per thread; byte j of word q holds columns
+    32g + 4q + j (low nibble) and 32g + 16 + 4q + j (high). Each thread holds a group of
+    BLOCK_N rows (threads run along the groups), so the x values it loads serve BLOCK_N rows.
+    Per group, ``Σ (128 + c)·x`` in float32 (products of a 8-bit-mantissa code and a bfloat16
+    x are exact; sums of 32 terms lose ~1e-6 relative), then ``s·Σ(128+c)x + (o − 128·s)·Σx``.
+    EVEN: the number of groups is a multiple of BLOCK_G (else the last step is masked)."""
+    pid = tl.program_id(0)
+    row = tl.program_id(1)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    n = tl.where(nmask, n, 0).to(tl.int64)
+    gi = tl.arange(0, BLOCK_G)
+    q = tl.arange(0, 4)
+    w_ptrs = W + n[:, None, None] * stride_w + gi[None, :, None] * 4 + q[None, None, :]
+    so_ptrs = SO + n[:, None] * GROUPS + gi[None, :]
+    x_ptrs = X + row * stride_x + gi[:, None] * 32 + q[None, :] * 4
+    acc = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    for g0 in range(0, GROUPS, BLOCK_G):
+        if EVEN:
+            w = tl.load(w_ptrs)
+            so = tl.load(so_ptrs)
+        else:
+            gmask = (g0 + gi) < GROUPS
+            w = tl.load(w_ptrs, mask=gmask[None, :, None], other=0)
+            so = tl.load(so_ptrs, mask=gmask[None, :], other=0)
+            xmask = gmask[:, None]
+        part = tl.zeros([BLOCK_N, BLOCK_G, 4], tl.float32)
+        xs = tl.zeros([BLOCK_G, 4], tl.float32)
+        for j in tl.static_range(4):
+            if EVEN:
+                xl = tl.load(x_ptrs + j).to(tl.float32)
+                xh = tl.load(x_ptrs + 16 + j).to(tl.float32)
+            else:
+                xl = tl.load(x_ptrs + j, mask=xmask, other=0.0).to(tl.float32)
+                xh = tl.load(x_ptrs + 16 + j, mask=xmask, other=0.0).to(tl.float32)
+            part += _code128(w, 16 - 8 * j) * xl[None, :, :]
+            part += _code128(w, 12 - 8 * j) * xh[None, :, :]
+            xs += xl + xh
+        s, o = _scale_offset(so)
+        xsum = tl.sum(xs, 1)
+        acc += tl.sum(part, 2) * s + (o - 128.0 * s) * xsum[None, :]
+        w_ptrs += BLOCK_G * 4
+        so_ptrs += BLOCK_G
+        x_ptrs += BLOCK_G * 32
+    y = tl.sum(acc, 1)
+    tl.store(Y + row * stride_y + n, y.to(Y.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def gemm(X, W, SO, Y, M, N, GROUPS, stride_x, stride_y, stride_w,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+         GROUP_M: tl.constexpr):
+    """y = x @ w.T for many rows (prefill), the weight dequantised in the kernel: per step the
+    [BLOCK_N, 32·BLOCK_G] weight tile becomes ``code·scale + offset`` in float32, rounded once
+    to x's dtype (as a dense copy in that dtype would be), and meets x's tile on the tensor
+    cores with the weight as the left operand (``w @ x.T`` → [BLOCK_N, BLOCK_M], float32
+    sums; low and high nibbles are two products against x's matching columns). The weight
+    tile is dequantised once for BLOCK_M rows. Grid: cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N),
+    ordered GROUP_M row tiles at a time so that neighbouring programs share weight tiles in
+    L2. The number of groups must be a multiple of BLOCK_G (the launcher picks it)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = m < M
+    m_safe = tl.where(mmask, m, 0).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    n_safe = tl.where(nmask, n, 0).to(tl.int64)
+    gi = tl.arange(0, BLOCK_G)
+    i = tl.arange(0, 16)
+    w_ptrs = W + n_safe[:, None, None] * stride_w + gi[None, :, None] * 16 + i[None, None, :]
+    so_ptrs = SO + n_safe[:, None] * GROUPS + gi[None, :]
+    k_lo = tl.reshape(gi[:, None] * 32 + i[None, :], [BLOCK_G * 16])
+    x_ptrs = X + m_safe[None, :] * stride_x + k_lo[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for _ in range(0, GROUPS, BLOCK_G):
+        b = tl.load(w_ptrs).to(tl.int32)
+        s, o = _scale_offset(tl.load(so_ptrs))
+        s = s[:, :, None]
+        o = o[:, :, None]
+        lo = ((b & 15).to(tl.float32) * s + o).to(X.dtype.element_ty)
+        hi = ((b >> 4).to(tl.float32) * s + o).to(X.dtype.element_ty)
+        xlo = tl.load(x_ptrs, mask=mmask[None, :], other=0.0)
+        xhi = tl.load(x_ptrs + 16, mask=mmask[None, :], other=0.0)
+        if X.dtype.element_ty == tl.float32:  # tests, a float32 model: IEEE products
+            acc = tl.dot(tl.reshape(lo, [BLOCK_N, BLOCK_G * 16]), xlo, acc, input_precision="ieee")
+            acc = tl.dot(tl.reshape(hi, [BLOCK_N, BLOCK_G * 16]), xhi, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.reshape(lo, [BLOCK_N, BLOCK_G * 16]), xlo, acc)
+            acc = tl.dot(tl.reshape(hi, [BLOCK_N, BLOCK_G * 16]), xhi, acc)
+        w_ptrs += BLOCK_G * 16
+        so_ptrs += BLOCK_G
+        x_ptrs += BLOCK_G * 32
+    out = Y + m_safe[None, :] * stride_y + n_safe[:, None]
+    tl.store(out, acc.to(Y.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])

@@ -59,15 +59,30 @@ def kv_block_bytes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
 
 
 def kv_budget(config: EngineConfig) -> int:
-    """Bytes the KV cache (and recurrent states) may take: ``kv_cache_bytes``; on CUDA at
-    least 60% of the memory still free after the weights (less a headroom), as a GPU server
-    has nothing else to spend it on."""
-    budget = config.kv_cache_bytes
+    """Bytes the KV cache (and recurrent states) may take: ``kv_cache_bytes``; on CUDA what
+    ``gpu_memory_fraction`` of the card leaves once everything already on it (the weights,
+    other programs) and a headroom for activations and graphs are counted."""
     device = torch.device(config.device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = max(budget, int(0.6 * (free - _CUDA_HEADROOM)))
-    return budget
+    if device.type != "cuda":
+        return config.kv_cache_bytes
+    return max(0, cuda_kv_limit(device, config.gpu_memory_fraction))
+
+
+def cuda_kv_limit(device: torch.device, fraction: float) -> int:
+    """``fraction`` of the card's memory less what is in use on it now (this process's cached
+    but unused blocks handed back first) and ``_CUDA_HEADROOM``."""
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return int(fraction * total) - (total - free) - _CUDA_HEADROOM
+
+
+def log_gpu_memory(device: torch.device, weights: int, kv: int, blocks: int, block_size: int,
+                   fraction: float) -> None:
+    """The start log's line on what this process holds on the GPU."""
+    _, total = torch.cuda.mem_get_info(device)
+    log.info("GPU memory: weights %.2f GiB, KV cache %.2f GiB (%d blocks of %d tokens); "
+             "limit %.0f%% of %.1f GiB (--gpu-memory-fraction)", weights / 2**30, kv / 2**30,
+             blocks, block_size, 100 * fraction, total / 2**30)
 
 
 def plan_num_blocks(args: ModelArgs, config: EngineConfig) -> int:
@@ -124,6 +139,9 @@ class ModelRunner:
         ]
         self.v_caches = [torch.empty_like(k) for k in self.k_caches]
         if on_cuda:
+            kv = sum(c.nbytes for c in self.k_caches + self.v_caches)
+            log_gpu_memory(self.device, torch.cuda.memory_allocated(self.device) - kv, kv,
+                           self.num_blocks, config.block_size, config.gpu_memory_fraction)
             self._init_cuda(args, config, cuda_graphs and self.fast.cuda_graphs)
         elif self.device.type == "cpu":
             self._init_cpu(config)

@@ -102,7 +102,7 @@ def assemble_model(model: nn.Module, args: ModelArgs, config: EngineConfig,
     if on_cuda and model.fast_paths.cuda_fused_layers:
         fuse_cuda_layers(model)
         if int4_modules:
-            prepare_for_cuda(model, config.dtype)
+            prepare_for_cuda(model, config.dtype, keep_dense=config.keep_dense_weights)
     return model
 
 

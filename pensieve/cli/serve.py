@@ -85,6 +85,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-checkpoints", type=int, default=None, metavar="N",
                    help="hybrid models: recurrent-state checkpoints kept (LRU; default: as many "
                         "as fit a quarter of the KV budget, at most 256)")
+    p.add_argument("--gpu-memory-fraction", type=float, default=None, metavar="F",
+                   help="CUDA: the share of the GPU's memory this server may hold in all "
+                        "(weights, KV cache, working memory); the KV cache gets what the "
+                        "weights and anything else on the GPU leave of it (default 0.9)")
+    p.add_argument("--keep-dense-weights", action="store_true",
+                   help="CUDA, 4-bit GGUF: also keep tinygemm and dense bf16 copies of the "
+                        "weights (several times the memory; the kernels of before)")
     p.add_argument("--async-scheduling", default="auto", choices=("auto", "on", "off"),
                    help="launch each decode step before the previous step's tokens are read, so "
                         "detokenising and streaming overlap the GPU's work (auto: on CUDA)")

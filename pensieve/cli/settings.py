@@ -150,6 +150,8 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
         # 1.5k-token prefill measured no faster at 2048 (243–292 tok/s both, run to run)
         max_num_batched_tokens=batched or (2048 if device == "cuda" else 512),
         async_scheduling={"on": True, "off": False}.get(getattr(ns, "async_scheduling", "auto")),
+        gpu_memory_fraction=_fraction(getattr(ns, "gpu_memory_fraction", None)),
+        keep_dense_weights=bool(getattr(ns, "keep_dense_weights", False)),
         max_waiting=_at_least(getattr(ns, "max_waiting", None), 64, 1, "--max-waiting"),
         grammar_timeout_s=_positive(getattr(ns, "grammar_timeout", None), 5.0, "--grammar-timeout", zero=False),
         state_checkpoint_interval=_at_least(getattr(ns, "state_checkpoint_interval", None), 512, 0,
@@ -185,6 +187,14 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
         batches=batch_config(ns, env),
         backend=resolve_backend(getattr(ns, "backend", None) or "auto"),
     )
+
+
+def _fraction(value: float | None) -> float:
+    if value is None:
+        return 0.9
+    if not 0 < value <= 1:
+        raise ValueError(f"--gpu-memory-fraction must be in (0, 1], got {value:g}")
+    return value
 
 
 X86_64 = frozenset({"x86_64", "amd64"})

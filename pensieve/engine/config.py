@@ -16,6 +16,8 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None → enough for max_num_seqs full contexts, capped
     kv_cache_bytes: int = 1 << 30  # cap used when num_kv_blocks is None
+    gpu_memory_fraction: float = 0.9  # CUDA: this process's weights + KV cache + headroom ≤ this
+    keep_dense_weights: bool = False  # CUDA int4: also keep tinygemm + dense bf16 copies
     max_num_seqs: int = 8  # requests decoding in one step
     max_num_batched_tokens: int = 512  # token budget of one step (prefill is chunked to fit)
     enable_prefix_cache: bool = True
@@ -49,6 +51,8 @@ class EngineConfig:
                              f"({self.block_size}), got {self.state_checkpoint_interval}")
         if self.state_checkpoints is not None and self.state_checkpoints < 0:
             raise ValueError(f"state_checkpoints must be ≥ 0, got {self.state_checkpoints}")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction:g}")
         if self.max_waiting < 0 or self.grammar_timeout_s <= 0:
             raise ValueError(f"max_waiting must be ≥ 0 and grammar_timeout_s positive, got "
                              f"{self.max_waiting} and {self.grammar_timeout_s:g}")

@@ -127,8 +127,8 @@ def test_kernels_in_the_triton_interpreter():
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (96, 4096)])
 @pytest.mark.parametrize("copies", [False, True])
 def test_cuda_kernels_against_float64(rows, n, k, copies):
-    """Every route of int4_linear: without copies (gemv, Triton matmul, dequantise + cuBLAS)
-    and with the tinygemm and dense copies prepare_for_cuda makes."""
+    """Every default route of int4_linear: without copies (gemv_words, skinny, the
+    dequantising gemm) and with the tinygemm and dense copies of ``keep_dense``."""
     from pensieve.backends import tinygemm
 
     gen = torch.Generator().manual_seed(rows + n)
@@ -211,12 +211,13 @@ def int4_tiny_model(device: str, dtype: torch.dtype) -> torch.nn.Module:
 
 
 @needs_cuda
-@pytest.mark.parametrize("graphs,dense,force", [(True, False, None), (False, False, None),
-                                                (True, True, None), (True, True, "skinny")])
+@pytest.mark.parametrize("graphs,dense,force", [(True, None, None), (False, None, None),
+                                                (True, False, None), (False, False, None),
+                                                (True, True, None), (True, False, "skinny")])
 def test_tiny_int4_model_on_cuda_matches_cpu(graphs, dense, force):
-    """Greedy tokens of the int4 model: CUDA bf16 (graphs: gemv and matmul; eager prefill:
-    dequantise + cuBLAS; or tinygemm + the dense copies) against the same codes on CPU in
-    float32."""
+    """Greedy tokens of the int4 model: CUDA bf16 (untimed default plans; timed plans with
+    one layout; or with the opt-in tinygemm + dense copies; with graphs or eager) against the
+    same codes on CPU in float32."""
     from pensieve.backends.cuda_int4 import prepare_for_cuda
 
     from tests.unit.test_cuda_attention import PREFIX, _run
@@ -225,12 +226,12 @@ def test_tiny_int4_model_on_cuda_matches_cpu(graphs, dense, force):
         cfg = EngineConfig(context_length=512, block_size=4, max_num_seqs=4,
                            max_num_batched_tokens=128, device=device, dtype=dtype)
         model = int4_tiny_model(device, dtype)
-        if device == "cuda" and dense:
-            prepare_for_cuda(model, dtype)
+        if device == "cuda" and dense is not None:
+            prepare_for_cuda(model, dtype, keep_dense=dense)
             if force:  # every layer's 2-16 row buckets on one kernel
                 for m in model.modules():
-                    if isinstance(m, CudaInt4Linear) and m.skinny_cfg is not None:
-                        m.route = {**m.route, **{b: force for b in (2, 4, 8, 16)}}
+                    if isinstance(m, CudaInt4Linear) and m.plan.skinny is not None:
+                        m.plan.route.update({b: force for b in (2, 4, 8, 16)})
         eng = torch_engine(model, tiny_args(), ByteTokenizer(), cfg)
         if device == "cuda" and not graphs:
             eng.runner.graphs = eng.runner.chunk_graphs = None
