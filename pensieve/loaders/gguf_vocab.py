@@ -61,6 +61,17 @@ _DEEPSEEK_LLM_SPLITS = (
     r"\p{N}+",
 )
 _FALCON_SPLITS = (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_SPLIT, "[0-9][0-9][0-9]")
+# o200k (gpt-oss, GPT-4o; llama.cpp's ``gpt-4o``): cased word pieces with an optional
+# contraction, numbers of up to 3 digits, punctuation runs keeping a trailing newline or ``/``.
+# tokenizers' Oniguruma engine takes the tokenizer.json original ((?i:...)), which llama.cpp
+# rewrites with lookaheads for its own engine.
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # Gemma 4's BPE runs on raw UTF-8 with spaces as ▁; only newline runs are cut apart
 _GEMMA4_SPLIT = r"[^\n]+|[\n]+"
 
@@ -104,6 +115,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
     "deepseek-r1-qwen": _QWEN2,
     "stablelm2": _QWEN2,
     "qwen35": PreTokenizerSpec(splits=(_QWEN35_SPLIT,)),
+    "gpt-4o": PreTokenizerSpec(splits=(_GPT4O_SPLIT,)),
     "deepseek-coder": PreTokenizerSpec(splits=_DEEPSEEK_CODER_SPLITS),
     "deepseek-llm": PreTokenizerSpec(splits=_DEEPSEEK_LLM_SPLITS),
     "falcon": PreTokenizerSpec(splits=_FALCON_SPLITS),
