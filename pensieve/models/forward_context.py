@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pensieve.models.rope import apply_rope
+from pensieve.models.sink_attention import attend_with_sinks
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,17 @@ class RecurrentStates:
 
 
 @dataclass(frozen=True)
+class PagedGroups:
+    """Where layer groups page apart (hybrid layouts: full and sliding-window layers keep their
+    own block tables, ``engine/kv_plan.py``): ``layer_group[layer]`` indexes ``slot_mapping``
+    and ``sequences`` (None for a recurrent layer). Attention reads them via ``ctx.paged``."""
+
+    layer_group: tuple[int | None, ...]
+    slot_mapping: list[torch.Tensor]
+    sequences: list[list[SequenceSlice]]
+
+
+@dataclass(frozen=True)
 class ForwardContext:
     """What one forward pass needs beyond token ids and positions."""
 
@@ -61,6 +73,19 @@ class ForwardContext:
     logits_indices: torch.Tensor  # [S'] rows of the hidden states to turn into logits
     attention: AttentionBackend | None = None  # None → the per-sequence SDPA loop below
     states: RecurrentStates | None = None  # recurrent layers' state (hybrid models only)
+    # per-group slots and tables where groups page apart; ``slot_mapping``/``sequences`` above
+    # are then the first group's (the same positions and lengths, other block ids)
+    groups: PagedGroups | None = None
+
+    def paged(self, layer: int) -> tuple[torch.Tensor, list[SequenceSlice]]:
+        """``layer``'s slot mapping and sequences (with its group's block tables): what every
+        paged attention must read, rather than ``slot_mapping``/``sequences`` directly."""
+        if self.groups is None:
+            return self.slot_mapping, self.sequences
+        g = self.groups.layer_group[layer]
+        if g is None:
+            raise ValueError(f"layer {layer} keeps recurrent state, not paged K/V")
+        return self.groups.slot_mapping[g], self.groups.sequences[g]
 
     @property
     def block_size(self) -> int:
@@ -70,6 +95,7 @@ class ForwardContext:
 def paged_attention(
     layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
     cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None, *, window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply RoPE (when ``cos_sin`` is given), store this step's K/V, then attend each
     sequence over its cached context (the last ``window`` keys only, for a windowed layer).
@@ -78,31 +104,44 @@ def paged_attention(
     i-th new token of a sequence sees keys up to ``context_len - query_len + i`` (and from
     ``window - 1`` before it). A backend in ``ctx.attention`` may fuse RoPE with the cache
     writes; it attends over everything, so the model runner gives none to a step where a
-    window masks (the per-sequence loop below does).
+    window masks (the per-sequence loop below does). ``sinks`` [Hq] (gpt-oss): a learned
+    logit per head that joins each softmax's denominator with no value; no backend computes
+    them, so such a layer always takes the per-sequence loop.
     """
-    if ctx.attention is not None:
+    if ctx.attention is not None and sinks is None:
         return ctx.attention(layer, q, k, v, ctx, cos_sin)
     if cos_sin is not None:
         q, k = apply_rope(q, k, cos_sin)
     k_cache, v_cache = ctx.k_caches[layer], ctx.v_caches[layer]
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
+    slot_mapping, sequences = ctx.paged(layer)
+    if sinks is not None and not sequences and slot_mapping.numel():
+        raise RuntimeError("attention sinks need the per-sequence path (ctx.sequences)")
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
     out = torch.empty_like(q)
-    for seq in ctx.sequences:
-        attend_cached(q, k_cache, v_cache, seq, out, window)
+    for seq in sequences:
+        attend_cached(q, k_cache, v_cache, seq, out, window, sinks)
     return out
 
 
 def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  seq: SequenceSlice, out: torch.Tensor, window: int | None = None) -> None:
+                  seq: SequenceSlice, out: torch.Tensor, window: int | None = None,
+                  sinks: torch.Tensor | None = None) -> None:
     """``out``'s rows of ``seq`` = its (rotated) queries in ``q`` [T, Hq, D] attending over its
-    context, already in the cache; causal within the new tokens."""
+    context, already in the cache; causal within the new tokens; with ``sinks`` [Hq], each
+    head's sink logit joins its softmax's denominator (``sink_attention.py``)."""
     rows = slice(seq.query_start, seq.query_start + seq.query_len)
     if window is not None and window < seq.context_len:
         mask = _window_mask(seq.query_len, seq.context_len, window, str(q.device), q.dtype)
     else:
         mask = _causal_mask(seq, q.device, q.dtype)
+    if sinks is not None:
+        if mask is None and seq.query_len > 1:  # a whole prefill: plain causal
+            mask = _offset_causal_mask(seq.query_len, seq.context_len, str(q.device), q.dtype)
+        out[rows] = attend_with_sinks(q[rows], _gather(k_cache, seq).to(q.dtype),
+                                      _gather(v_cache, seq).to(q.dtype), sinks, mask)
+        return
     attn = F.scaled_dot_product_attention(
         q[rows].transpose(0, 1).unsqueeze(0),
         _gather(k_cache, seq).transpose(0, 1).unsqueeze(0).to(q.dtype),
