@@ -41,10 +41,10 @@ def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
     file_shapes = _tensor_shapes(files, args.tie_word_embeddings)
     if family.drops_mtp:  # the multi-token-prediction layers: not read
         file_shapes = {n: s for n, s in file_shapes.items() if not past_trunk(n, args)}
-    sources, shapes = hf_experts.plan(file_shapes, family.hf_renames)
+    sources, shapes = hf_experts.plan(file_shapes, family.hf_renames, family.hf_expert_layout)
     validate_shapes(family.expected_shapes(args), shapes, str(path))
     wanted = {n for src in sources.values() for n in src.names}
-    weights = {name: family.from_hf_weight(name, w) for name, w in
+    weights = {name: family.from_hf_weight(name, w.to(dtype)) for name, w in
                hf_experts.assemble(_read_weights(files, wanted, dtype), sources).items()}
     try:
         tokenizer = TextTokenizer.from_tokenizer_json(path)
@@ -98,8 +98,9 @@ def _read_weights(
         with _open(file) as st:
             try:
                 for name in st.keys():
-                    if name in wanted:
-                        weights[name] = st.get_tensor(name).to(dtype)
+                    if name in wanted:  # integer tensors (MXFP4 codes) as stored
+                        t = st.get_tensor(name)
+                        weights[name] = t.to(dtype) if t.is_floating_point() else t
             except SafetensorError as exc:
                 raise CheckpointError(f"{file}: unreadable tensor data ({exc})") from exc
     return weights

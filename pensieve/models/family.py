@@ -110,7 +110,10 @@ _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
 
 def past_trunk(name: str, args: ModelArgs) -> bool:
     """Whether HF weight ``name`` belongs to a layer after the model's ``num_layers`` (a
-    multi-token-prediction block)."""
+    multi-token-prediction block), to Qwen3-Next's / Qwen3.5's ``mtp.*`` block or to a
+    multimodal checkpoint's vision tower (``model.visual.*``)."""
+    if name.startswith(("mtp.", "model.visual.")):
+        return True
     m = _LAYER_RE.match(name)
     return m is not None and int(m.group(1)) >= args.num_layers
 
@@ -167,6 +170,10 @@ class Family:
     hf_renames: Mapping[str, str] = field(default_factory=dict)
     # what each layer keeps between steps (models/cache_spec.py); default: paged K/V everywhere
     cache_layout: Callable[[ModelArgs], tuple[LayerCache, ...]] = attention_layout
+    # how an HF checkpoint holds fused 3-D experts (loaders/hf_experts.py): "stacked"
+    # (transformers 5's [E, 2I, H] gate rows then up rows) or "gpt_oss" ([E, H, 2I] with
+    # gate/up columns interleaved, biases, MXFP4 blocks/scales)
+    hf_expert_layout: str = "stacked"
     # layers after ``num_layers`` in a checkpoint (GLM's / DeepSeek's multi-token-prediction
     # block, ``past_trunk``) are skipped by the loaders: never read, never run
     drops_mtp: bool = False
