@@ -38,6 +38,11 @@ class CallGrammar(ABC):
     def auto(self, tools: ToolContents, parallel: bool) -> dict[str, Any]:
         """Free text; constrained from a trigger on."""
 
+    def thinking(self) -> CallGrammar:
+        """This grammar for a request that thinks (most formats' thinking is outside the
+        grammar's view: the same grammar)."""
+        return self
+
 
 @dataclass(frozen=True)
 class TaggedCalls(CallGrammar):
@@ -146,17 +151,30 @@ def _harmony_heads(name: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class HarmonyCalls(CallGrammar):
-    """gpt-oss calls: ``<header to=functions.NAME><|message|>{arguments}``, then <|call|>."""
+    """gpt-oss calls: ``<header to=functions.NAME><|message|>{arguments}``, then <|call|>.
+
+    ``analysis``: a forced call may follow one analysis message — only for a request that
+    thinks (its budget bounds the analysis; a second one would be closed at once by the spent
+    budget, again and again); otherwise the call comes at once, as a forced tool_choice
+    without thinking asks (gpt-oss cannot switch its reasoning off otherwise).
+    """
+
+    analysis: bool = False
+
+    def thinking(self) -> CallGrammar:
+        return HarmonyCalls(analysis=True)
 
     def _tags(self, tools: ToolContents) -> list[dict[str, Any]]:
         return [{"type": "tag", "begin": head, "content": content, "end": ""}
                 for name, content in tools for head in _harmony_heads(name)]
 
     def forced(self, tools: ToolContents, parallel: bool) -> dict[str, Any]:
-        analysis = json.dumps(HARMONY_ANALYSIS + HARMONY_NEXT)
-        thinking = {"type": "grammar", "grammar": f"root ::= ({analysis})*"}
         calls = {"type": "tags_with_separator", "tags": self._tags(tools), "separator": "",
                  "at_least_one": True, "stop_after_first": True}
+        if not self.analysis:
+            return calls
+        analysis = json.dumps(HARMONY_ANALYSIS + HARMONY_NEXT)
+        thinking = {"type": "grammar", "grammar": f"root ::= ({analysis})?"}
         return {"type": "sequence", "elements": [thinking, calls]}
 
     def auto(self, tools: ToolContents, parallel: bool) -> dict[str, Any]:

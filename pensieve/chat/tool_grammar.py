@@ -51,12 +51,14 @@ def tool_call_grammar(
     parallel: bool = True,
     tool_format: str | None = DEFAULT_TOOL_FORMAT,
     answer: dict[str, Any] | None = None,
+    thinking: bool = False,
 ) -> GrammarSpec | None:
     """The grammar for calls of ``tools`` in ``tool_format``, or None when nothing is constrained.
 
     ``choice`` is ``auto``/``any``/``tool`` (``forced_name`` then names the tool) or ``none``.
     ``answer``: under ``auto``, the structural-tag content a text answer must match instead
-    of free text (structured outputs): the turn is then calls or that answer.
+    of free text (structured outputs): the turn is then calls or that answer. ``thinking``:
+    the request thinks (gpt-oss then may reason before a forced call).
     Raises GrammarUnavailableError when a call is forced and xgrammar is not installed;
     ``auto`` then runs unconstrained (with a warning).
     """
@@ -83,9 +85,10 @@ def tool_call_grammar(
     if None in contents:
         log.warning("xgrammar compiles no arguments grammar: tool calls are not constrained")
         return None
-    build = fmt.grammar.auto if choice == "auto" else fmt.grammar.forced
+    calls_grammar = fmt.grammar.thinking() if thinking else fmt.grammar
+    build = calls_grammar.auto if choice == "auto" else calls_grammar.forced
     if choice == "auto" and answer is not None:
-        forced = fmt.grammar.forced
+        forced = calls_grammar.forced
         build = lambda calls, par: {"type": "or", "elements": [forced(calls, par), answer]}  # noqa: E731
     label = f"{fmt.name} tool_choice={choice} over {_tool_set(tools)}{' or a structured answer' if answer else ''}"
     loose = arguments_content(FALLBACK_SCHEMA, fmt.arguments)  # compiles in milliseconds
@@ -145,7 +148,8 @@ def decoding_constraints(prompt: RenderedPrompt, tokenizer: Any) -> tuple[Gramma
         wants = schema is not None and plan.choice == "auto" and grammar_available()
         answer = answer_content(schema) if wants else None
         grammar = tool_call_grammar(plan.tools, choice=plan.choice, forced_name=plan.forced_name,
-                                    parallel=plan.parallel, tool_format=plan.format, answer=answer)
+                                    parallel=plan.parallel, tool_format=plan.format, answer=answer,
+                                    thinking=prompt.thinking.enabled)
     elif schema is not None:
         grammar = answer_grammar(schema)
     thinking = prompt.thinking

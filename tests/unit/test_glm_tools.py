@@ -157,3 +157,15 @@ def test_what_the_grammar_accepts_the_parser_reads_back(compiler) -> None:
     text = glm47("Bash", args) + "\n" + glm47("Read", {"file_path": "/x"})
     assert accepts(compiler, grammar(), text)
     assert segment(list(text)) == ("", "", [("Bash", args, True), ("Read", {"file_path": "/x"}, True)])
+
+
+def test_constrained_values_lose_the_padding_their_grammar_allows() -> None:
+    schema = {"type": "object", "properties": {"unit": {"type": "string", "enum": ["celsius", "kelvin"]},
+                                               "code": {"type": "string", "pattern": "^[0-9]+$"},
+                                               "days": {"type": "integer"}, "text": {"type": "string"}}}
+    seg = make_segmenter(ToolsPlan("glm", (ToolParam(name="W", input_schema=schema),)), None)
+    text = ("<tool_call>W<arg_key>unit</arg_key><arg_value>celsius </arg_value><arg_key>code</arg_key>"
+            "<arg_value>\n007</arg_value><arg_key>days</arg_key><arg_value> 3\n</arg_value>"
+            "<arg_key>text</arg_key><arg_value> keep me\n</arg_value></tool_call>")
+    args = "".join(s.partial_json for s in seg.feed(text) + seg.finish() if isinstance(s, ToolCallDelta))
+    assert json.loads(args) == {"unit": "celsius", "code": "007", "days": 3, "text": " keep me\n"}

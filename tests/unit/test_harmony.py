@@ -161,10 +161,10 @@ def accepts(compiler, spec, text: str, *, complete: bool = True) -> bool:
     return all(matcher.accept_token(i) for i in ids) and (matcher.is_completed() or not complete)
 
 
-def grammar(choice: str = "any", name: str | None = None):
+def grammar(choice: str = "any", name: str | None = None, thinking: bool = False):
     from pensieve.chat.tool_grammar import tool_call_grammar
 
-    spec = tool_call_grammar([BASH, READ], choice=choice, forced_name=name, tool_format="harmony")
+    spec = tool_call_grammar([BASH, READ], choice=choice, forced_name=name, tool_format="harmony", thinking=thinking)
     assert spec is not None
     return spec
 
@@ -180,10 +180,14 @@ def test_special_tokens_are_single_tokens(compiler) -> None:
     assert len(tok.encode("<|channel|><|message|><|call|>")) == 3
 
 
-def test_forced_grammar_takes_one_valid_call_after_any_analysis(compiler) -> None:
-    spec = grammar("any")
+def test_forced_grammar_takes_one_valid_call_after_analysis_only_when_thinking(compiler) -> None:
+    spec = grammar("any", thinking=True)
     for text in (call("Bash", ARGS), SEEN_ANALYSIS + call("Bash", ARGS), call("Read", {"file_path": "x"}, channel_first=False)):
         assert accepts(compiler, spec, text), text
+    assert not accepts(compiler, spec, SEEN_ANALYSIS * 2 + call("Bash", ARGS), complete=False)  # one, then the call
+    plain = grammar("any")  # no thinking asked for: the call comes at once
+    assert accepts(compiler, plain, call("Bash", ARGS))
+    assert not accepts(compiler, plain, SEEN_ANALYSIS + call("Bash", ARGS), complete=False)
     assert not accepts(compiler, spec, "")
     assert not accepts(compiler, spec, FINAL, complete=False)
     assert not accepts(compiler, spec, call("Bash", ARGS) + "<|start|>assistant", complete=False)  # one call

@@ -4,9 +4,11 @@
 
 GLM-4.5/4.6 put newlines between the pieces (``<tool_call>Bash\\n<arg_key>…``); both read.
 As the templates write them, a value the tool's schema types as a string is raw text and
-any other value is JSON. The arguments stream as JSON we write: a string value streams as a
-JSON string while it is generated; other values are parsed when complete (a value that is
-not JSON becomes a string).
+any other value is JSON. The arguments stream as JSON we write: a free string value streams
+as a JSON string while it is generated, whitespace and all (a file's text); a constrained
+string (enum, const, pattern, format, length) and any other value are read when complete,
+without the whitespace around them that the grammar (xgrammar's ``glm_xml``) allows there,
+and other values parsed as JSON (a value that is not JSON becomes a string).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ ARG_VALUE = "<arg_value>"
 ARG_VALUE_END = "</arg_value>"
 _NAME_ENDS = (ARG_KEY, TOOL_CALL_END, "\n")
 _MAX_NAME = 256
+_CONSTRAINED_STRING = ("enum", "const", "pattern", "format", "minLength", "maxLength")
 _NOT_IN_NAMES = '<>{}"'
 
 _HEAD, _BODY, _KEY, _BEFORE_VALUE, _VALUE, _DONE = range(6)
@@ -48,6 +51,7 @@ class GlmSection(ToolSection):
         self._params = 0
         self._key = ""
         self._held_key = ""
+        self._text = False  # the current value is a string
         self._streaming = False  # the current value streams as a JSON string
         self._collected = ""  # a non-string value's text, parsed when complete
 
@@ -139,7 +143,10 @@ class GlmSection(ToolSection):
     def _start_value(self, out: list[Segment]) -> None:
         key = (", " if self._params else "") + json.dumps(self._key, ensure_ascii=False) + ": "
         self._params += 1
-        self._streaming = is_string_schema(self._properties.get(self._key))
+        schema = self._properties.get(self._key)
+        self._text = is_string_schema(schema)  # the value is a string, not JSON
+        constrained = isinstance(schema, dict) and any(k in schema for k in _CONSTRAINED_STRING)
+        self._streaming = self._text and not constrained
         self._collected = ""
         if self._streaming:
             out.append(ToolCallDelta(key + '"'))
@@ -153,7 +160,12 @@ class GlmSection(ToolSection):
             out.append(ToolCallDelta(json.dumps(text, ensure_ascii=False)[1:-1]))
 
     def _close_value(self, out: list[Segment]) -> None:
-        out.append(ToolCallDelta('"' if self._streaming else self._held_key + typed_value(self._collected.strip())))
+        if self._streaming:
+            out.append(ToolCallDelta('"'))
+        else:
+            raw = self._collected.strip(WHITESPACE)
+            out.append(ToolCallDelta(self._held_key + (json.dumps(raw, ensure_ascii=False) if self._text
+                                                       else typed_value(raw))))
         self._collected = ""
 
     def _cut(self, body: str, out: list[Segment]) -> bool:
