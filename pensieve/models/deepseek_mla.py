@@ -111,10 +111,11 @@ class MLAttention(nn.Module):
         else:
             q_pe, k_pe = apply_rope(q_pe, k_pe, cos_sin)
         cache = ctx.k_caches[self.layer]
+        slot_mapping, sequences = ctx.paged(self.layer)
         entries = torch.cat((latent, k_pe[:, 0]), dim=-1)
-        cache.view(-1, cache.shape[-1]).index_copy_(0, ctx.slot_mapping, entries.to(cache.dtype))
+        cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, entries.to(cache.dtype))
         out = x.new_empty(t, self.heads, mla.v_head_dim)
-        for seq in ctx.sequences:
+        for seq in sequences:
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             context = gather_context(cache, seq)[:, 0].to(x.dtype)  # [C, rank + rope]
             latent_path = self.absorb == "always" or (

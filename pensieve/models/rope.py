@@ -104,6 +104,11 @@ def rope_inv_freq(
         return _yarn_inv_freq(inv_freq, scaling, base, head_dim)
     if kind in ("longrope", "su"):
         return _longrope_inv_freq(inv_freq, scaling, context_length)
+    if kind == "proportional":  # Gemma 4's global layers: the first angles of each half rotate
+        angles = int(float(scaling.get("partial_rotary_factor", 1.0)) * head_dim // 2)
+        inv_freq = inv_freq.clone()
+        inv_freq[angles:] = 0.0
+        return inv_freq / float(scaling.get("factor") or 1.0), 1.0
     if kind == "freq_factors":  # llama.cpp's rope_freqs tensor (Llama 3.1 GGUFs): divisors
         factors = torch.tensor(scaling["factors"], dtype=torch.float32, device="cpu")
         return inv_freq / factors, 1.0

@@ -29,14 +29,19 @@ def run(model, ids: list[int], start: int, blocks: list[int], kv) -> torch.Tenso
         return model(torch.tensor(ids[start:]), torch.arange(start, len(ids)), ctx)
 
 
-def paged_logits(model, args, ids: list[int], chunks: list[int]  # noqa: ANN001
+def paged_logits(model, args, ids: list[int], chunks: list[int], layout=None  # noqa: ANN001
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(whole prefill, chunked prefill at ``chunks`` then one decode per remaining token),
-    each over its own cache with a shuffled block table."""
+    each over its own cache with a shuffled block table. ``layout``: the family's per-layer
+    ``PagedKV`` shapes (``Family.cache_layout``); None: every layer
+    ``[num_kv_heads, head_dim]``."""
     blocks = torch.randperm(64, generator=torch.Generator().manual_seed(1))[: -(-len(ids) // BLOCK)]
     blocks = blocks.tolist()
 
     def cache():  # noqa: ANN202
+        if layout is not None:
+            return ([torch.zeros(64, BLOCK, c.kv_heads, c.head_dim) for c in layout],
+                    [torch.zeros(64, BLOCK, c.kv_heads, c.v_head_dim) for c in layout])
         shape = (64, BLOCK, args.num_kv_heads, args.head_dim)
         return [torch.zeros(shape) for _ in range(args.num_layers)], [
             torch.zeros(shape) for _ in range(args.num_layers)]

@@ -1,0 +1,386 @@
+"""Gemma 4 (text): Gemma 3's local/global layer pattern and sandwich norms, with what changed —
+
+- norms multiply by ``w`` (Gemma 3: ``1 + w``); values get a scale-free RMSNorm (``v_norm``)
+  after q/k norms; attention is unscaled (``scaling`` 1.0);
+- global layers have their own head size and KV heads (``global_head_dim``,
+  ``num_global_key_value_heads``), may take values = keys' projection (``attention_k_eq_v``) and
+  rotate only ``partial_rotary_factor`` of each half ("proportional" RoPE); local layers keep
+  default RoPE at base 10k;
+- per-layer embeddings (PLE, ``hidden_size_per_layer_input``): a per-layer token embedding plus a
+  projection of the input embedding, gated into each layer's output;
+- the last ``num_kv_shared_layers`` layers compute no K/V: each reads the cache of the last
+  earlier layer of its kind (their MLPs double in width with ``use_double_wide_mlp``);
+- an optional MoE block (26B-A4B) beside the dense MLP: a scaled RMSNorm router, softmax top-k
+  renormalised times a per-expert scale, GELU experts, each branch with its own norms;
+- a learned ``layer_scalar`` per layer, final logit soft-capping.
+
+Left out (vision/audio only): the vision and audio towers, their soft tokens, and bidirectional
+attention over vision tokens (``use_bidirectional_attention``). KV-shared layers still get a
+cache of their own in ``cache_layout`` (the contract has no "shared" kind yet): unused memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from pensieve.models.args import ModelArgs, MoEArgs
+from pensieve.models.cache_spec import LayerCache, PagedKV
+from pensieve.models.config import hf_args
+from pensieve.models.family import Family, FastPaths, GGUFNames, GGUFSource, ModelConfigError
+from pensieve.models.forward_context import ForwardContext, attend_cached, paged_attention
+from pensieve.models.gemma3 import LOCAL_ROPE_THETA, WINDOW_PATTERN, _layer_types
+from pensieve.models.llama import MLP, CosSin, RMSNorm, activation
+from pensieve.models.moe import Experts
+from pensieve.models.rope import RotaryEmbedding, apply_rope
+
+
+@dataclass(frozen=True)
+class Gemma4Options:
+    """What Gemma 4 adds to ``ModelArgs`` (kept in ``args.extra["gemma4"]``); ``ModelArgs``'
+    ``head_dim``/``num_kv_heads`` are the local layers'."""
+
+    global_head_dim: int
+    global_kv_heads: int
+    global_rope_theta: float
+    global_rope_partial: float
+    k_eq_v: bool = False
+    kv_shared_layers: int = 0
+    per_layer_dim: int = 0  # PLE width (0: none)
+    per_layer_vocab: int = 0
+    double_wide_mlp: bool = False
+    num_experts: int = 0  # the MoE block (0: none)
+    top_k: int = 0
+    expert_size: int = 0
+    softcap: float | None = None
+
+
+def options(args: ModelArgs) -> Gemma4Options:
+    return args.extra["gemma4"]
+
+
+def layer_dims(args: ModelArgs, layer: int) -> tuple[int, int]:
+    """(KV heads, head size) of ``layer``."""
+    if args.window(layer) is not None:
+        return args.num_kv_heads, args.head_dim
+    o = options(args)
+    return o.global_kv_heads, o.global_head_dim
+
+
+def kv_source(args: ModelArgs, layer: int) -> int:
+    """The layer whose cache ``layer`` attends over: itself, or for a KV-shared layer the last
+    non-shared layer of its kind."""
+    first_shared = args.num_layers - options(args).kv_shared_layers
+    if layer < first_shared:
+        return layer
+    kind = args.layer_types[layer] if args.layer_types else None
+    for i in range(first_shared - 1, -1, -1):
+        if (args.layer_types[i] if args.layer_types else None) == kind:
+            return i
+    raise ModelConfigError(f"KV-shared layer {layer} has no earlier {kind} layer")
+
+
+class Gemma4Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        o, h, bias = options(args), args.hidden_size, args.attention_bias
+        self.layer, self.heads, self.eps = layer, args.num_heads, args.rms_norm_eps
+        self.kv_heads, self.head_dim = layer_dims(args, layer)
+        self.window = args.window(layer)
+        self.source = kv_source(args, layer)
+        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        if self.source == layer:
+            kv = self.kv_heads * self.head_dim
+            self.k_proj = nn.Linear(h, kv, bias=bias)
+            self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+            if not (o.k_eq_v and self.window is None):
+                self.v_proj = nn.Linear(h, kv, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=bias)
+        self.q_scale = math.sqrt(self.head_dim)  # unscaled scores under SDPA's 1/√d
+
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, ctx: ForwardContext) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(t, self.heads, self.head_dim)) * self.q_scale
+        if self.source != self.layer:  # reads the earlier layer's keys and values
+            q = apply_rope(q, q[:, :1], cos_sin)[0]
+            out = torch.empty_like(q)
+            k_cache, v_cache = ctx.k_caches[self.source], ctx.v_caches[self.source]
+            for seq in ctx.paged(self.source)[1]:  # the source layer's block tables
+                attend_cached(q, k_cache, v_cache, seq, out, self.window)
+        else:
+            k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
+            v = self.v_proj(x).view(t, self.kv_heads, self.head_dim) if hasattr(
+                self, "v_proj") else k
+            k = self.k_norm(k)
+            v = F.rms_norm(v, (self.head_dim,), None, self.eps)
+            out = paged_attention(self.layer, q, k, v, ctx, cos_sin, window=self.window)
+        return self.o_proj(out.reshape(t, self.heads * self.head_dim))
+
+
+class Gemma4Router(nn.Module):
+    """Scale-free RMSNorm · ``scale`` / √hidden → expert logits → softmax top-k, renormalised,
+    times each chosen expert's ``per_expert_scale``."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        o = options(args)
+        self.proj = nn.Linear(args.hidden_size, o.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(args.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(o.num_experts))
+        self.top_k, self.eps, self.root = o.top_k, args.rms_norm_eps, args.hidden_size ** -0.5
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = F.rms_norm(x, (x.shape[-1],), None, self.eps) * self.scale * self.root
+        probs = torch.softmax(self.proj(x), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return (weights * self.per_expert_scale[ids]).to(x.dtype), ids
+
+
+class Gemma4DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        o, h, eps = options(args), args.hidden_size, args.rms_norm_eps
+        self.self_attn = Gemma4Attention(args, layer)
+        shared = self.self_attn.source != layer
+        wide = 2 if o.double_wide_mlp and shared else 1
+        self.mlp = MLP(replace(args, intermediate_size=args.intermediate_size * wide))
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            setattr(self, name, RMSNorm(h, eps))
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.moe = o.num_experts > 0
+        if self.moe:
+            self.router = Gemma4Router(args)
+            self.experts = Experts(replace(args, moe=MoEArgs(o.num_experts, o.top_k, o.expert_size)))
+            for name in ("post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
+                         "pre_feedforward_layernorm_2"):
+                setattr(self, name, RMSNorm(h, eps))
+        self.ple = o.per_layer_dim > 0
+        if self.ple:
+            self.act = activation(args.hidden_act)
+            self.per_layer_input_gate = nn.Linear(h, o.per_layer_dim, bias=False)
+            self.per_layer_projection = nn.Linear(o.per_layer_dim, h, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(h, eps)
+        self.local = self.self_attn.window is not None
+
+    def forward(self, x: torch.Tensor, ropes: tuple[CosSin, CosSin], per_layer: torch.Tensor | None,
+                ctx: ForwardContext) -> torch.Tensor:
+        rope = ropes[1] if self.local else ropes[0]
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, ctx))
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        if self.moe:
+            weights, ids = self.router(x)
+            routed = self.experts(self.pre_feedforward_layernorm_2(x), weights, ids)
+            h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(routed)
+        x = x + self.post_feedforward_layernorm(h)
+        if self.ple:
+            gate = self.act(self.per_layer_input_gate(x)) * per_layer
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(gate))
+        return x * self.layer_scalar
+
+
+class Gemma4Body(nn.Module):
+    """``model.*`` in HF naming."""
+
+    def __init__(self, args: ModelArgs, positions: int) -> None:
+        super().__init__()
+        o, h = options(args), args.hidden_size
+        self.embed_tokens = nn.Embedding(args.vocab_size, h)
+        self.layers = nn.ModuleList(Gemma4DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(h, args.rms_norm_eps)
+        self.rotary = RotaryEmbedding(
+            o.global_head_dim, positions, o.global_rope_theta,
+            {"rope_type": "proportional", "partial_rotary_factor": o.global_rope_partial},
+            context_length=positions)
+        self.local_rotary = RotaryEmbedding(args.head_dim, positions, args.local_rope_theta
+                                            or LOCAL_ROPE_THETA, args.local_rope_scaling,
+                                            context_length=positions)
+        if o.per_layer_dim:
+            n = args.num_layers * o.per_layer_dim
+            self.embed_tokens_per_layer = nn.Embedding(o.per_layer_vocab, n)
+            self.per_layer_model_projection = nn.Linear(h, n, bias=False)
+            self.per_layer_projection_norm = RMSNorm(o.per_layer_dim, args.rms_norm_eps)
+
+
+class Gemma4ForCausalLM(nn.Module):
+    PACKED = {"mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+              "experts.gate_up_proj": ("experts.gate_proj", "experts.up_proj")}
+
+    def __init__(self, args: ModelArgs, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.args, self.opts = args, options(args)
+        self.model = Gemma4Body(args, max_positions or args.max_position_embeddings)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.fast_paths = FastPaths()
+
+    def _per_layer_inputs(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[T, layers, ple]: the token's per-layer embedding and the projected input embedding,
+        each normalised/scaled as the reference does, averaged by 1/√2."""
+        o, m, t = self.opts, self.model, ids.shape[0]
+        scale = torch.tensor(o.per_layer_dim ** 0.5, dtype=x.dtype)
+        tokens = (m.embed_tokens_per_layer(ids) * scale).view(t, -1, o.per_layer_dim)
+        proj = m.per_layer_model_projection(x) * self.args.hidden_size ** -0.5
+        proj = m.per_layer_projection_norm(proj.view(t, -1, o.per_layer_dim))
+        return (proj + tokens) * 2.0 ** -0.5
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        m = self.model
+        x = m.embed_tokens(input_ids) * torch.tensor(self.args.hidden_size ** 0.5,
+                                                     dtype=m.embed_tokens.weight.dtype)
+        per_layer = self._per_layer_inputs(input_ids, x) if self.opts.per_layer_dim else None
+        ropes = tuple(tuple(t.to(x.dtype) for t in r.lookup(positions))
+                      for r in (m.rotary, m.local_rotary))
+        for i, layer in enumerate(m.layers):
+            x = layer(x, ropes, per_layer[:, i] if per_layer is not None else None, ctx)
+        logits = self.lm_head(m.norm(x[ctx.logits_indices])).float()
+        if self.opts.softcap:
+            logits = torch.tanh(logits / self.opts.softcap) * self.opts.softcap
+        return logits
+
+
+# --- config, weights, cache ------------------------------------------------------------------
+
+def _global(config: Mapping[str, Any], key: str, default: Any) -> Any:
+    """A full-attention layer's override from ``per_layer_config``, else the top-level
+    ``global_*`` key, else ``default``."""
+    types = config.get("layer_types") or []
+    for index, values in (config.get("per_layer_config") or {}).items():
+        if int(index) < len(types) and types[int(index)] == "full_attention" and key in values:
+            return values[key]
+    top = {"head_dim": "global_head_dim", "num_key_value_heads": "num_global_key_value_heads"}
+    return config.get(top[key]) or default
+
+
+def _hf(config: Mapping[str, Any]) -> ModelArgs:
+    if config.get("model_type") == "gemma4":
+        raise ModelConfigError("multimodal Gemma 4 checkpoints are not supported; "
+                               "use the text model (model_type gemma4_text)")
+    if config.get("attention_bias"):
+        raise ModelConfigError("Gemma 4 with attention biases is not supported")
+    if config.get("use_bidirectional_attention") == "all":
+        raise ModelConfigError("bidirectional Gemma 4 (use_bidirectional_attention=all) "
+                               "is not a causal LM")
+    n = int(config["num_hidden_layers"])
+    types = list(config.get("layer_types") or _layer_types(n, WINDOW_PATTERN))
+    types[-1] = "full_attention"  # as the reference forces
+    rope = config.get("rope_parameters") or {}
+    full = rope.get("full_attention") or {"rope_theta": 1_000_000.0, "partial_rotary_factor": 0.25}
+    local = rope.get("sliding_attention") or {"rope_theta": LOCAL_ROPE_THETA}
+    if full.get("rope_type", "proportional") != "proportional" or full.get("factor", 1.0) != 1.0:
+        raise ModelConfigError("Gemma 4's global RoPE must be unscaled 'proportional'")
+    if local.get("rope_type", "default") != "default":
+        raise ModelConfigError("Gemma 4's local RoPE must be 'default'")
+    kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    k_eq_v = bool(config.get("attention_k_eq_v", False))
+    moe = bool(config.get("enable_moe_block"))
+    opts = Gemma4Options(
+        global_head_dim=int(_global(config, "head_dim", 512)),
+        global_kv_heads=int(_global(config, "num_key_value_heads", kv) if k_eq_v else kv),
+        global_rope_theta=float(full.get("rope_theta", 1_000_000.0)),
+        global_rope_partial=float(full.get("partial_rotary_factor", 1.0)),
+        k_eq_v=k_eq_v, kv_shared_layers=int(config.get("num_kv_shared_layers") or 0),
+        per_layer_dim=int(config.get("hidden_size_per_layer_input") or 0),
+        per_layer_vocab=int(config.get("vocab_size_per_layer_input") or config["vocab_size"]),
+        double_wide_mlp=bool(config.get("use_double_wide_mlp", False)),
+        num_experts=int(config.get("num_experts") or 0) if moe else 0,
+        top_k=int(config.get("top_k_experts") or 0) if moe else 0,
+        expert_size=int(config.get("moe_intermediate_size") or 0) if moe else 0,
+        softcap=config.get("final_logit_softcapping"))
+    return hf_args(
+        {**config, "rope_parameters": None, "rope_scaling": None}, "gemma4",
+        num_kv_heads=kv, head_dim=int(config.get("head_dim") or 256),
+        rope_theta=opts.global_rope_theta, local_rope_theta=float(local["rope_theta"]),
+        layer_types=tuple(types), sliding_window=int(config.get("sliding_window") or 512),
+        hidden_act=str(config.get("hidden_activation") or "gelu_pytorch_tanh"),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+        extra={"gemma4": opts})
+
+
+def cache_layout(args: ModelArgs) -> tuple[LayerCache, ...]:
+    """Per-layer head counts and sizes, windows on local layers; a KV-shared layer declares
+    its source's shape (it writes nothing there)."""
+    layout = []
+    for i in range(args.num_layers):
+        kv, hd = layer_dims(args, i)
+        layout.append(PagedKV(kv, hd, hd, args.window(i)))
+    return tuple(layout)
+
+
+def _shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    o, h, heads = options(args), args.hidden_size, args.num_heads
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (args.vocab_size, h),
+                                          "model.norm.weight": (h,)}
+    if not args.tie_word_embeddings:
+        shapes["lm_head.weight"] = (args.vocab_size, h)
+    if o.per_layer_dim:
+        n = args.num_layers * o.per_layer_dim
+        shapes.update({"model.embed_tokens_per_layer.weight": (o.per_layer_vocab, n),
+                       "model.per_layer_model_projection.weight": (n, h),
+                       "model.per_layer_projection_norm.weight": (o.per_layer_dim,)})
+    for i in range(args.num_layers):
+        p, (kv, hd) = f"model.layers.{i}.", layer_dims(args, i)
+        shared = kv_source(args, i) != i
+        inner = args.intermediate_size * (2 if o.double_wide_mlp and shared else 1)
+        shapes.update({p + "self_attn.q_proj.weight": (heads * hd, h),
+                       p + "self_attn.q_norm.weight": (hd,),
+                       p + "self_attn.o_proj.weight": (h, heads * hd),
+                       p + "mlp.gate_proj.weight": (inner, h), p + "mlp.up_proj.weight": (inner, h),
+                       p + "mlp.down_proj.weight": (h, inner), p + "layer_scalar": (1,)})
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            shapes[f"{p}{norm}.weight"] = (h,)
+        if not shared:
+            shapes[p + "self_attn.k_proj.weight"] = (kv * hd, h)
+            shapes[p + "self_attn.k_norm.weight"] = (hd,)
+            if not (o.k_eq_v and args.window(i) is None):
+                shapes[p + "self_attn.v_proj.weight"] = (kv * hd, h)
+        if o.num_experts:
+            e, size = o.num_experts, o.expert_size
+            shapes.update({p + "router.proj.weight": (e, h), p + "router.scale": (h,),
+                           p + "router.per_expert_scale": (e,),
+                           p + "experts.gate_proj.weight": (e, size, h),
+                           p + "experts.up_proj.weight": (e, size, h),
+                           p + "experts.down_proj.weight": (e, h, size)})
+            for norm in ("post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
+                         "pre_feedforward_layernorm_2"):
+                shapes[f"{p}{norm}.weight"] = (h,)
+        if o.per_layer_dim:
+            shapes.update({p + "per_layer_input_gate.weight": (o.per_layer_dim, h),
+                           p + "per_layer_projection.weight": (h, o.per_layer_dim),
+                           p + "post_per_layer_input_norm.weight": (h,)})
+    return shapes
+
+
+def _gguf(src: GGUFSource) -> ModelArgs:
+    raise ModelConfigError("Gemma 4 GGUFs are not supported yet (the HF text model is)")
+
+
+def _paths(args: ModelArgs, context_length: int) -> FastPaths:
+    """None: the compiled kernels assume one head size, scaled scores and no PLE."""
+    return FastPaths()
+
+
+FAMILY = Family(
+    name="gemma4",
+    gguf_architectures=("gemma4",),
+    hf_model_types=("gemma4_text",),
+    model=Gemma4ForCausalLM,
+    args_from_hf=_hf,
+    args_from_gguf=_gguf,
+    gguf_names=GGUFNames({}, {}),
+    expected_shapes=_shapes,
+    fast_paths=_paths,
+    cache_layout=cache_layout,
+)

@@ -1,0 +1,115 @@
+"""Gemma 4 (text) against transformers on tiny random configs saved as HF folders: the dense
+shape (local/global layers with their own head sizes and KV heads, keys-as-values and
+"proportional" RoPE on global layers, per-layer embeddings, KV-shared last layers with
+double-wide MLPs, soft-capping) and the MoE shape (router + experts beside the dense MLP);
+logits for a whole prefill and chunked prefill + decodes over a shuffled paged cache of the
+family's per-layer shapes (windows binding), and the engine's greedy tokens against
+``generate``."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from pensieve.backends.torch_backend import build_model  # noqa: E402
+from pensieve.engine.config import EngineConfig  # noqa: E402
+from pensieve.loaders.registry import load_checkpoint  # noqa: E402
+from pensieve.models.cache_spec import PagedKV  # noqa: E402
+from pensieve.models.registry import family  # noqa: E402
+from tests.helpers.paged_run import engine_tokens, paged_logits, prompt  # noqa: E402
+from tests.helpers.tiny_families import VOCAB, hf_model, save_hf  # noqa: E402
+
+ATOL = 1e-4
+CONTEXT, SEQ = 64, 36
+TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+DIMS: dict[str, Any] = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+    num_global_key_value_heads=1, attention_k_eq_v=True, max_position_embeddings=256,
+    rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, sliding_window=8,
+    layer_types=TYPES, final_logit_softcapping=30.0, tie_word_embeddings=True,
+    hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                     "full_attention": {"rope_type": "proportional", "rope_theta": 1000.0,
+                                        "partial_rotary_factor": 0.25}})
+CASES: dict[str, dict[str, Any]] = {
+    # E2B/E4B-like: PLE, the last 3 layers read earlier layers' K/V with double-wide MLPs
+    "dense": dict(num_kv_shared_layers=3, use_double_wide_mlp=True),
+    # 26B-A4B-like: an MoE block in every layer, no PLE, no sharing
+    "moe": dict(hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=8,
+                top_k_experts=2, moe_intermediate_size=24),
+}
+
+
+def config(name: str):
+    return transformers.Gemma4TextConfig(**{**DIMS, **CASES[name]})
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gemma4")
+
+
+@cache
+def reference(name: str) -> torch.nn.Module:
+    """Norms at 1 ± 0.2 (Gemma 4 multiplies by w), the router's scales and each layer's
+    ``layer_scalar`` drawn too, experts at unit activation scale."""
+    model = hf_model(config(name))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight") or n.endswith(("router.scale", "per_expert_scale")):
+                p.add_(1.0)
+            elif p.ndim == 3:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[2] ** 0.5)
+        for n, b in model.named_buffers():
+            if n.endswith("layer_scalar"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+    return model
+
+
+@cache
+def folder(root: Path, name: str) -> Path:
+    return save_hf(root / name, reference(name))
+
+
+def ours(path: Path):
+    ckpt = load_checkpoint(path)
+    return ckpt, build_model(ckpt, EngineConfig(context_length=CONTEXT))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_hf_folder_matches_transformers(root, name):
+    ckpt, model = ours(folder(root, name))
+    ids = prompt(SEQ, VOCAB)
+    with torch.no_grad():
+        expected = reference(name)(torch.tensor([ids])).logits[0].float()
+    layout = family("gemma4").cache_layout(ckpt.args)
+    whole, stepped = paged_logits(model, ckpt.args, ids, [SEQ // 3, SEQ - 5], layout)
+    err = max((whole - expected).abs().max().item(), (stepped - expected).abs().max().item())
+    print(f"gemma4 {name}: max abs logit error {err:.2e} (|logits| ≤ {expected.abs().max():.1f})")
+    torch.testing.assert_close(whole, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(stepped, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_engine_greedy_equals_generate(root, name):
+    ckpt, model = ours(folder(root, name))
+    ids = prompt(SEQ - 8, VOCAB, seed=2)
+    with torch.no_grad():
+        expected = reference(name).generate(
+            torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    assert engine_tokens(model, ckpt, CONTEXT, ids, 6) == expected
+
+
+def test_cache_layout_per_layer_shapes():
+    args = family("gemma4").args_from_hf(config("dense").to_dict())
+    local, full = PagedKV(2, 16, 16, 8), PagedKV(1, 32, 32, None)
+    assert family("gemma4").cache_layout(args) == (local, local, full) * 2
