@@ -78,7 +78,7 @@ def load_gguf(
             info = gf.tensors[g]
             groups = int4_groups(raw, info.ggml_type, info.shape) if keep_int4 else None
             q8 = q8_0_codes(raw, info.ggml_type, info.shape) if keep_int4 and hf in Q8_NAMES else None
-            if groups is not None and (hf.endswith("_proj.weight") or (hf in Q8_NAMES and q8 is None)):
+            if groups is not None and (_projection(hf) or (hf in Q8_NAMES and q8 is None)):
                 # a Q4_K/Q6_K... embedding or output layer too: build_model keeps it as codes
                 # on the CPU kernels (CodesEmbedding / CodesLinear) or dequantises it
                 int4[hf] = groups
@@ -101,6 +101,11 @@ def load_gguf(
         int4=int4,
         int8=int8,
     )
+
+
+def _projection(hf: str) -> bool:
+    """A linear layer's weight (a Gated DeltaNet's ``in_proj_qkv``/``_z``/``_b``/``_a`` too)."""
+    return hf.endswith("_proj.weight") or ".linear_attn.in_proj_" in hf
 
 
 def _rename_all(gf: GGUFFile, path: Path, family: Family) -> dict[str, str]:

@@ -49,7 +49,9 @@ class Source:
 
 
 def rename(name: str, renames: Mapping[str, str]) -> str:
-    return ".".join(renames.get(part, part) for part in name.split("."))
+    """``name`` with each segment renamed; a segment renamed to "" is dropped (Qwen3.5's
+    ``model.language_model.layers…`` → ``model.layers…``)."""
+    return ".".join(p for p in (renames.get(part, part) for part in name.split(".")) if p)
 
 
 def plan(shapes: Mapping[str, tuple[int, ...]], renames: Mapping[str, str],
