@@ -7,12 +7,21 @@
 #                                           # kernel plans (bench.gpu_int4_plan); KERNELS=1: also
 #                                           # the in-process 8B model (bench.gpu_kernels)
 #   PHASE=2 bash bench/gpu_int4_device.sh   # served: 8B Q4_0 both servers, then the Qwen pair
+#   PHASE=one BUDGET=450 bash bench/gpu_int4_device.sh  # one short call: plans, 8B Q4_0 served by
+#                                           # both, the int4/int8 CUDA tests while llama.cpp builds
 # Needs .whl/, .gpu/tokenizer.gguf and .gpu/llama.cpp carried (see gpu_qwen_vs_llamacpp.sh).
 cd "$(dirname "$0")/.."
 T0=$(date +%s); BUDGET=${BUDGET:-560}
 left() { echo $((BUDGET - ($(date +%s) - T0))); }
 S=${STATE:-/tmp/qr}; mkdir -p $S; OUT=${OUT:-$S}
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+if [ "$PHASE" = one ] && [ ! -e $S/build.started ]; then  # the llama.cpp build first: it is the long pole
+  touch $S/build.started; rm -rf /tmp/llsrc; cp -rL .gpu/llama.cpp /tmp/llsrc
+  setsid nohup nice -n 5 bash -c "cmake -S /tmp/llsrc -B /tmp/llbuild -G Ninja -DGGML_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF && cmake --build /tmp/llbuild -j 16 --target llama-server; \
+    echo \$? > $S/build.rc" > $S/build.log 2>&1 < /dev/null &
+fi
 [ -d /tmp/site/fastapi ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .whl/*.whl || exit 1
 Q4=/tmp/llama8b-random-q4_0.gguf
@@ -65,6 +74,32 @@ if [ "$PHASE" = 2 ]; then
   # the Qwen pair: Pensieve at its defaults, llama-server with --cache-ram 0
   BENCH=1 BUDGET=$(left) SCENARIOS=decode,x8 LLAMA_ARGS="--cache-ram 0" PENSIEVE_SEQS=0 \
     MODELS="${MODELS:-qwen3 qwen25}" bash bench/gpu_qwen_vs_llamacpp.sh
+fi
+if [ "$PHASE" = one ]; then  # all in one call when device time is short: 8B Q4_0 only
+  nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv,noheader
+  python3 -m bench.make_random_gguf $Q4 --dtype q4_0 --tokenizer-from .gpu/tokenizer.gguf > $S/gguf_q4.log 2>&1
+  tail -1 $S/gguf_q4.log
+  timeout 60 python3 -m bench.gpu_int4_plan --models llama8b --out $OUT > $OUT/plan.log 2>&1
+  echo "plan rc=$?"; grep -E "x[0-9]+ \(|left out|Error" $OUT/plan.log | cut -c1-1800
+  setsid -w timeout 150 python3 -m bench.gpu_bench --out $S/p_q4 --repeat 3 --max-num-seqs 0 \
+    --scenarios decode,x8,ttft1 --gguf $Q4 --serve-args "--weights auto" --ready-timeout 110 > $S/bench_p_q4.log 2>&1
+  echo "pensieve q4_0 rc=$?"; grep -E "^\| (x|decode|prefill|cold|warm|GPU)" $S/bench_p_q4.log | cut -c1-140
+  grep -E "GPU memory|warmed up|captured|ready in|Traceback|Error" $S/p_q4/server.log | cut -c1-300 | head -8
+  cp $S/p_q4/server.log $OUT/server_q4.log 2>/dev/null
+  timeout ${TEST_TIMEOUT:-100} python3 -m pytest -q -p no:cacheprovider tests/unit/test_cuda_int4_gemm.py \
+    tests/unit/test_cuda_int4.py tests/unit/test_cuda_int8.py > $OUT/pytest.log 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|^E |FAILED|Error" $OUT/pytest.log | head -14 | cut -c1-300
+  while [ ! -e $S/build.rc ] && [ $(left) -gt 70 ]; do sleep 3; done
+  echo "build: $(cat $S/build.rc 2>/dev/null || echo unfinished) $(tail -1 $S/build.log | cut -c1-100)"
+  if [ -x /tmp/llbuild/bin/llama-server ]; then
+    /tmp/llbuild/bin/llama-server -m $Q4 -ngl 99 -fa on --jinja -c 16384 -np 8 -kvu --cache-ram 0 --port 8080 \
+      > $S/llama_server_q4.log 2>&1 & LP=$!
+    for i in $(seq 60); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/health', timeout=2)" 2>/dev/null && break; sleep 1; done
+    timeout $(( $(left) - 5 )) python3 -m bench.gpu_bench --url http://127.0.0.1:8080 --server-pid $LP --gguf $Q4 \
+      --out $S/l_q4 --repeat 3 --scenarios decode,x8 > $S/bench_l_q4.log 2>&1
+    echo "llama.cpp q4_0 rc=$?"; grep -E "^\| (x|decode|prefill|cold|warm|GPU)" $S/bench_l_q4.log | cut -c1-140
+    kill $LP; wait $LP 2>/dev/null
+  fi
 fi
 for d in $S/p_* $S/l_*; do [ -e $d/gpu_bench.md ] && { echo "## $(basename $d)"; cat $d/gpu_bench.md; }; done > $OUT/summary.md 2>/dev/null
 tar czf $OUT/logs.tgz -C $S --exclude='*.gguf' . 2>/dev/null
