@@ -1,9 +1,10 @@
 """The gpt-oss (harmony) chat template's side of a request: what it must be given.
 
 - ``reasoning_effort`` (low / medium / high: the template writes it into the system message)
-  from the request's ``output_config.effort``, else from its thinking budget; thinking
-  ``disabled`` is ``low`` (the model always reasons; low is the least). Absent: the
-  template's default (medium).
+  from the request's ``output_config.effort``, else from its thinking budget; a request that
+  does not think (thinking absent or ``disabled``) gets ``low``: gpt-oss always reasons, low
+  is the least (and the stream shows no thinking block for it, ``stream.py``). Thinking with
+  no budget and no effort: the template's default (medium).
 - Past turns: the template renders one call per assistant message (``tool_calls[0]``) and
   names a ``tool`` message after the latest call, so an assistant turn with several calls
   becomes one message per call, each followed by its result. Reasoning goes in the
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from pensieve.chat.messages import BLOCK_SEPARATOR, TemplateMessage
 from pensieve.chat.thinking import ThinkingPlan, request_effort
-from pensieve.protocol import ConversationParams, ThinkingConfigDisabledParam
+from pensieve.protocol import ConversationParams
 
 THINKING_FIELD = "thinking"  # where the template reads an assistant message's reasoning
 EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
@@ -35,7 +36,7 @@ def reasoning_effort(request: ConversationParams, plan: ThinkingPlan) -> str | N
     if plan.requested and plan.budget_tokens is not None:
         budget = plan.budget_tokens
         return "low" if budget < LOW_BUDGET else "medium" if budget < HIGH_BUDGET else "high"
-    if isinstance(request.thinking, ThinkingConfigDisabledParam):
+    if not plan.requested:
         return "low"
     return None
 

@@ -148,6 +148,9 @@ class MessageEventBuilder:
         self.cache_ttl = cache_ttl
         self.counts_thinking = bool(thinking and thinking.enabled)
         self.omit_thinking = bool(thinking and thinking.omitted)
+        # gpt-oss reasons whatever the request says: a request that did not ask for thinking
+        # gets no thinking block (its tokens still count as output)
+        self.drop_thinking = bool(thinking and thinking.markers == HARMONY_THINKING and not thinking.requested)
         self.thinking_tokens = 0
         self._undecided = 0  # output tokens not yet known to be thinking or not
 
@@ -206,6 +209,8 @@ class MessageEventBuilder:
                     events += self._start_block(TextBlock(text=""))
                 events.append(self._delta(TextDelta(text=segment.text)))
             elif isinstance(segment, ThinkingSegment):
+                if self.drop_thinking:
+                    continue
                 if self._open != "thinking":
                     events += self._start_block(ThinkingBlock(thinking="", signature=""))
                 self._thinking.append(segment.text)

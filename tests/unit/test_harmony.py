@@ -133,6 +133,18 @@ async def test_a_call_streams_as_a_signed_thinking_block_then_tool_use() -> None
     assert len(parts) > 3 and json.loads("".join(parts)) == ARGS  # incremental
 
 
+async def test_no_thinking_block_when_the_request_did_not_ask_for_thinking() -> None:
+    async def gen():
+        for d in deltas(ANALYSIS + FINAL, FinishReason.EOS):
+            yield d
+
+    plan = ThinkingPlan(requested=False, markers=HARMONY_THINKING)
+    builder = MessageEventBuilder(message_id="m", model="gpt-oss", input_tokens=7, thinking=plan)
+    message = await collect_message(message_events(gen(), builder))
+    assert [(b.type, b.text) for b in message.content] == [("text", "Here it is:\n\n- a\n- b")]
+    assert message.stop_reason == "end_turn" and message.usage.output_tokens > 0
+
+
 async def test_a_final_answer_ends_the_turn() -> None:
     _, message = await collect(ANALYSIS + FINAL)  # <|return|> is the EOS
     assert [b.type for b in message.content] == ["thinking", "text"]
@@ -290,14 +302,15 @@ def test_parallel_calls_render_one_per_message_each_before_its_result() -> None:
         {"role": "tool", "tool_call_id": "toolu_1", "name": "get_weather", "content": "Sunny"},
         {"role": "assistant", "content": "", "tool_calls": [hf_call("toolu_2", "Rome")]},
         {"role": "tool", "tool_call_id": "toolu_2", "name": "get_weather", "content": "Rainy"},
-    ])
+    ], reasoning_effort="low")  # no thinking asked for
     assert ours.text == expected
     assert ours.text.index('"Sunny"') < ours.text.index("functions.get_weather<|channel|>commentary json<|message|>"
                                                          '{"city": "Rome"}')
 
 
 @pytest.mark.parametrize(("extra", "effort"), [
-    ({}, "medium"),  # the template's default
+    ({}, "low"),  # no thinking asked for: the least reasoning
+    ({"thinking": {"type": "adaptive"}}, "medium"),  # thinking, no effort: the template's default
     ({"thinking": {"type": "disabled"}}, "low"),
     ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "low"),
     ({"thinking": {"type": "enabled", "budget_tokens": 32000}}, "high"),
