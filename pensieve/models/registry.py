@@ -8,8 +8,8 @@ from typing import Any
 from torch import nn
 
 from pensieve.models import (
-    deepseek_v3, gemma3, gemma4, glm4_moe, glm4_moe_lite, llama, mistral, mixtral, phi3,
-    qwen2, qwen2_moe, qwen3, qwen3_5, qwen3_moe, qwen3_next,
+    deepseek_v3, gemma3, gemma4, glm4_moe, glm4_moe_lite, gpt_oss, llama, mistral, mixtral,
+    phi3, qwen2, qwen2_moe, qwen3, qwen3_5, qwen3_moe, qwen3_next,
 )
 from pensieve.models.args import ModelArgs
 from pensieve.models.family import Family
@@ -17,8 +17,8 @@ from pensieve.models.family import Family
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY, phi3.FAMILY,
                         gemma3.FAMILY, qwen3_moe.FAMILY, qwen2_moe.FAMILY, mixtral.FAMILY,
-                        glm4_moe.FAMILY, glm4_moe_lite.FAMILY, deepseek_v3.FAMILY,
-                        gemma4.FAMILY, qwen3_next.FAMILY, qwen3_5.FAMILY, qwen3_5.MOE_FAMILY)
+                        glm4_moe.FAMILY, glm4_moe_lite.FAMILY, deepseek_v3.FAMILY, gemma4.FAMILY,
+                        qwen3_next.FAMILY, qwen3_5.FAMILY, qwen3_5.MOE_FAMILY, gpt_oss.FAMILY)
 }
 
 
