@@ -18,6 +18,9 @@ from pensieve.models.args import ModelArgs
 from pensieve.models.llama import family_of
 from pensieve.backends.cuda_int4 import prepare_for_cuda
 from pensieve.backends.cuda_layers import fuse_cuda_layers
+from pensieve.backends.cuda_moe import (
+    Experts3, expert_state_names, swap_in_experts, take_expert_codes,
+)
 from pensieve.backends.quantize import (
     Codes, Parts, Q8, int8_lm_head, plan_experts, plan_int4, plan_q8, plan_tables, swap_in,
     swap_in_tables,
@@ -39,6 +42,7 @@ class ModelWeights:
     tables: dict[str, Codes] = field(default_factory=dict)
     modules: dict[str, Parts] = field(default_factory=dict)
     head_q8: Q8 | None = None
+    experts: dict[str, Experts3] = field(default_factory=dict)  # CUDA: MoE experts as codes
 
 
 def plan_weights(checkpoint: Checkpoint, config: EngineConfig, *, packed: Mapping[str, tuple[str, ...]]
@@ -48,6 +52,10 @@ def plan_weights(checkpoint: Checkpoint, config: EngineConfig, *, packed: Mappin
     on_cuda = torch.device(config.device).type == "cuda"
     int4 = dict(checkpoint.int4)
     moe_codes = not on_cuda and family_of(args).fast_paths(args, config.context_length).cpu_moe_codes
+    # CUDA: the experts of a family whose MoE is models.moe's (the promise cpu_moe_codes makes)
+    # stay codes on the fused kernels (SiLU only); the rest are dequantised by plan_experts
+    cuda_experts = take_expert_codes(int4) if on_cuda and args.hidden_act == "silu" and family_of(
+        args).fast_paths(args, config.context_length).cpu_moe_codes else {}
     expert_floats = plan_experts(int4, keep=moe_codes, dtype=config.dtype)
     table_codes, table_floats = plan_tables(int4, args.tie_word_embeddings,
                                             config.int8_lm_head and not on_cuda)
@@ -59,7 +67,7 @@ def plan_weights(checkpoint: Checkpoint, config: EngineConfig, *, packed: Mappin
                            packed)
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-    return ModelWeights(weights, table_codes, int4_modules, head_q8)
+    return ModelWeights(weights, table_codes, int4_modules, head_q8, cuda_experts)
 
 
 def build_model(checkpoint: Checkpoint, config: EngineConfig,
@@ -85,7 +93,7 @@ def assemble_model(model: nn.Module, args: ModelArgs, config: EngineConfig,
         swapped.add("lm_head.weight")
     if head_q8 is not None:  # the int8 output layer (and a tied embedding) from its codes
         swapped.add("model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight")
-    swapped |= set(table_codes)
+    swapped |= set(table_codes) | expert_state_names(planned.experts)
     missing = [k for k in missing if k not in swapped]
     if missing or unexpected:
         raise ValueError(
@@ -96,6 +104,7 @@ def assemble_model(model: nn.Module, args: ModelArgs, config: EngineConfig,
         model.lm_head.weight = model.model.embed_tokens.weight
     swap_in_tables(model, table_codes, args.tie_word_embeddings)
     swap_in(model, int4_modules, kernel="cuda_int4" if on_cuda else "auto")
+    swap_in_experts(model, planned.experts, args.moe.num_experts if planned.experts else 0)
     if config.int8_lm_head:
         int8_lm_head(model, q8=head_q8)
     model = model.to(device=config.device, dtype=config.dtype).eval()

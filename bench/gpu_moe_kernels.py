@@ -1,0 +1,225 @@
+"""In-process GPU timings of one MoE layer's routed experts at Qwen3-30B-A3B's shapes
+(128 experts, top-8, hidden 2048, expert width 768): the fused kernels over GGUF codes
+(``backends/cuda_moe.py``) against the dequantised bfloat16 baselines.
+
+Per token count (1, 8, 32, 512, 2048 by default) and code mix (Q4_K gate/up with Q6_K or Q4_K
+down), the median GPU time of:
+
+* ``codes graph`` — ``moe_experts`` replayed from a CUDA graph (as the decode graphs run it: no
+  Python launch cost), and ``codes eager``;
+* ``bf16 loop`` — ``models.moe.Experts``' loop over bf16 stacked weights (one matmul pair per
+  expert, the counts read on the host: the float path today);
+* ``bf16 grouped_mm`` — ``torch._grouped_mm`` over the same bf16 weights on the sorted rows
+  (where this torch has it): a dense grouped GEMM baseline.
+
+Also the weight bytes the codes path must read (the distinct experts hit × their code bytes)
+and the bandwidth that time implies. Routing is random (uniform logits).
+
+    python -m bench.gpu_moe_kernels --out "$OUT"   # prints a markdown table, writes JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+from pensieve.backends import cuda_moe
+from pensieve.backends.cuda_moe import CudaMoEExperts
+from pensieve.loaders.int4_codes import quant_groups
+
+SCALES = {Q.Q4_K: (0, 2), Q.Q6_K: (208,), Q.Q8_0: (0,), Q.Q4_0: (0,)}
+
+
+def random_codes(qtype: Q, rows: int, cols: int, seed: int):
+    block, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    for at in SCALES[qtype]:
+        raw[:, at:at + 2] = rng.uniform(1e-4, 5e-4, size=(raw.shape[0], 1)).astype(
+            np.float16).view(np.uint8)
+    return quant_groups(torch.from_numpy(raw.reshape(-1)), qtype, (rows, cols))
+
+
+def gpu_ms(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graphed(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def float_loop(x, w, ids, gate_up, down):
+    """models.moe.Experts' forward (its loop reads the counts on the host)."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    tokens = order // k
+    rows = x[tokens]
+    out = torch.empty_like(rows)
+    start = 0
+    for e, n in enumerate(torch.bincount(flat, minlength=gate_up.shape[0]).tolist()):
+        if n:
+            g, u = F.linear(rows[start:start + n], gate_up[e]).chunk(2, dim=-1)
+            out[start:start + n] = F.linear(F.silu(g) * u, down[e])
+            start += n
+    out = out * w.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, tokens, out)
+
+
+def grouped_mm(x, w, ids, gate_up_t, down_t):
+    """torch._grouped_mm over sorted rows (offsets: each expert's end row)."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    offs = torch.bincount(flat, minlength=gate_up_t.shape[0]).cumsum(0).to(torch.int32)
+    rows = x[order // k]
+    h = torch._grouped_mm(rows, gate_up_t, offs=offs)
+    g, u = h.chunk(2, dim=-1)
+    y = torch._grouped_mm((F.silu(g) * u).contiguous(), down_t, offs=offs)
+    y = y * w.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, order // k, y)
+
+
+GEMV_SWEEP = [cuda_moe.Tiles(1, bn, bk, w, 2) for bn, bk, w in (
+    (8, 256, 4), (4, 256, 2), (16, 256, 4), (8, 512, 4), (16, 128, 4), (32, 128, 4), (4, 512, 4))]
+SMALL_SWEEP = [cuda_moe.Tiles(16, bn, bk, w, st) for bn, bk, w, st in (
+    (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4), (128, 128, 8, 3))]
+LARGE_SWEEP = [cuda_moe.Tiles(bm, bn, bk, w, st) for bm, bn, bk, w, st in (
+    (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+    (64, 128, 128, 8, 3))]
+
+
+def sweep(fn, picks: int, reps: int) -> tuple[float, str]:
+    """The fastest tile set (graph replay) of the route ``picks`` takes; the defaults restored."""
+    if picks <= cuda_moe.GEMV_MAX_PICKS:
+        name, cands = "GEMV", GEMV_SWEEP
+    elif picks <= cuda_moe.GROUPED_SMALL_MAX_PICKS:
+        name, cands = "GROUPED_SMALL", SMALL_SWEEP
+    else:
+        name, cands = "GROUPED", LARGE_SWEEP
+    default = getattr(cuda_moe, name)
+    best = (float("inf"), "")
+    try:
+        for t in cands:
+            setattr(cuda_moe, name, t)
+            try:
+                ms = gpu_ms(graphed(fn), reps)
+            except Exception as exc:  # noqa: BLE001 - a tile that does not compile: skip it
+                print(f"{name} {t}: {type(exc).__name__}", file=sys.stderr)
+                continue
+            best = min(best, (ms, f"{name} {t.block_m}/{t.block_n}/{t.block_k} w{t.num_warps} "
+                                  f"s{t.num_stages}"))
+    finally:
+        setattr(cuda_moe, name, default)
+    return best
+
+
+def run(a: argparse.Namespace) -> list[dict]:
+    e, h, i, k = a.experts, a.hidden, a.inner, a.top_k
+    results = []
+    for mix in a.mixes.split(","):
+        gu_t, dn_t = (Q[t.upper()] for t in mix.split("+"))
+        layer = CudaMoEExperts(random_codes(gu_t, e * i, h, 1), random_codes(gu_t, e * i, h, 2),
+                               random_codes(dn_t, e * h, i, 3), e).cuda()
+        code_bytes = sum(b.numel() * b.element_size() for b in layer.buffers()) / e
+        gate_up, down = (t.cuda().to(torch.bfloat16) for t in layer.dequantize())
+        has_gmm = hasattr(torch, "_grouped_mm")
+        gu_t_, dn_t_ = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+        for tokens in (int(t) for t in a.tokens.split(",")):
+            g = torch.Generator(device="cuda").manual_seed(tokens)
+            x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16, generator=g)
+            logits = torch.randn(tokens, e, device="cuda", generator=g)
+            w, ids = torch.topk(torch.softmax(logits, -1), k, dim=-1)
+            w = (w / w.sum(-1, keepdim=True)).to(torch.bfloat16)
+            hit = int(ids.unique().numel())
+            ours = lambda: layer(x, w, ids)  # noqa: E731
+            ref = float_loop(x, w, ids, gate_up, down)
+            err = ((ours().float() - ref.float()).norm() / ref.float().norm()).item()
+            row = {"mix": mix, "tokens": tokens, "experts_hit": hit, "rel_err": err,
+                   "codes_eager_ms": gpu_ms(ours, a.reps),
+                   "codes_graph_ms": gpu_ms(graphed(ours), a.reps),
+                   "bf16_loop_ms": gpu_ms(lambda: float_loop(x, w, ids, gate_up, down), a.reps)}
+            if has_gmm:
+                try:
+                    row["bf16_grouped_mm_ms"] = gpu_ms(
+                        lambda: grouped_mm(x, w, ids, gu_t_, dn_t_), a.reps)
+                except RuntimeError as exc:  # noqa: PERF203
+                    row["bf16_grouped_mm_ms"] = None
+                    print(f"_grouped_mm: {exc}", file=sys.stderr)
+            row["codes_GBps"] = hit * code_bytes / row["codes_graph_ms"] / 1e6
+            if a.sweep:
+                row["best_ms"], row["best_tiles"] = sweep(ours, tokens * k, a.reps)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        del layer, gate_up, down, gu_t_, dn_t_
+        torch.cuda.empty_cache()
+    return results
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| mix | tokens | experts hit | codes graph ms | codes eager ms | bf16 loop ms | "
+            "bf16 grouped_mm ms | codes GB/s | loop / codes | rel err | best tiles |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        gmm = r.get("bf16_grouped_mm_ms")
+        lines.append(
+            f"| {r['mix']} | {r['tokens']} | {r['experts_hit']} | {r['codes_graph_ms']:.3f} | "
+            f"{r['codes_eager_ms']:.3f} | {r['bf16_loop_ms']:.3f} | "
+            f"{'-' if gmm is None else f'{gmm:.3f}'} | {r['codes_GBps']:.0f} | "
+            f"{r['bf16_loop_ms'] / r['codes_graph_ms']:.2f}x | {r['rel_err']:.1e} | "
+            + (f"{r['best_ms']:.3f} {r['best_tiles']} |" if "best_ms" in r else "- |"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_moe_kernels",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--inner", type=int, default=768)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--tokens", default="1,8,32,512,2048")
+    p.add_argument("--mixes", default="q4_k+q6_k,q4_k+q4_k")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--sweep", action="store_true", help="also time a few tile sets per route")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = p.parse_args(argv)
+    rows = run(a)
+    md = table(rows)
+    print(f"\n{torch.cuda.get_device_name()}\n{md}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_moe_kernels.json").write_text(json.dumps(rows, indent=1))
+    (out / "gpu_moe_kernels.md").write_text(md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""The mixture-of-experts MLP on CUDA over expert weights kept as their GGUF codes.
+
+A GGUF's ``ffn_{gate,up,down}_exps`` are 3-D quantised tensors [E, rows, K]; the loader's exact
+code forms (``loaders/int4_codes.py``) of their 2-D view [E·rows, K] are held here stacked, in
+the dense CUDA layers' two layouts (``cuda_int4``: two 4-bit codes a byte + a float16
+scale/offset pair per 32 for Q4_0/Q4_1/Q4_K; ``cuda_int8``: int8 codes + float16 scales per
+16/32 + offsets per 32 for Q8_0/Q5_x/Q6_K/IQ4_x). ``CudaMoEExperts`` replaces a model's
+``models.moe.Experts`` (same call: x, routing weights, expert ids) and runs a layer's routed
+experts in two launches — gate/up fused (with SiLU·up in the epilogue) where gate and up share a
+format, then down (each pick's routing weight in the epilogue) — and a sum of each token's picks:
+
+* up to ``GEMV_MAX_PICKS`` picks (tokens × top-k: decode at small batch): ``pick_gemv``, one
+  program per (pick, outputs), no sorting (a GEMV over the pick's expert);
+* more: the picks sorted by expert on the device (``align``: one Triton program up to
+  ``ALIGN_MAX_PICKS``, else a few torch ops), each expert's run padded to blocks of BLOCK_M, and
+  ``grouped_gemm``: one program per (block, outputs), the expert's weight tile dequantised in
+  registers, on the tensor cores. The grid is sized for the worst case (``max_blocks``) and
+  blocks past the last exit at once.
+
+Nothing syncs with the host and every launch's grid is fixed by the number of picks, so the
+decode CUDA graphs capture the layer (``swap_in_experts`` turns on ``FastPaths.cuda_graphs``
+where the family's paged kernels allow). Off CUDA the module dequantises (the reference).
+Importing this module needs neither a GPU nor Triton.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pensieve.backends.cuda_int4 import pack_codes, pack_scale_offset, triton_cdiv, unpack
+from pensieve.backends.cuda_int8 import block_key
+from pensieve.loaders.int4_codes import Int8Groups
+from pensieve.models.quant_linear import Int4Groups
+
+log = logging.getLogger(__name__)
+
+Codes = Int4Groups | Int8Groups
+GEMV_MAX_PICKS = 32  # up to here pick_gemv (4 tokens × top-8); beyond, sorted + grouped
+ALIGN_MAX_PICKS = 512  # one-program sort up to here; beyond, torch ops (still on the device)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+GEMV = Tiles(1, 8, 256, 4, 2)
+GROUPED_SMALL = Tiles(16, 64, 64, 4, 3)  # few picks per expert (decode batches)
+GROUPED = Tiles(64, 64, 64, 4, 3)  # prefill
+GROUPED_SMALL_MAX_PICKS = 2048
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One projection of every expert: ``w`` [E·N, K/2] uint8 (int4) or [E·N, K] int8, ``s``
+    int32 scale/offset pairs [E·N, K/32] (int4) or int16 float16 bits [E·N, K/group], ``mn``
+    int16 offsets [E·N, K/32] or None; ``n`` rows per expert."""
+
+    w: torch.Tensor
+    s: torch.Tensor
+    mn: torch.Tensor | None
+    int4: bool
+    group: int
+    n: int
+    k: int
+
+
+def _kernels() -> ModuleType:
+    from pensieve.backends import cuda_moe_kernels
+
+    return cuda_moe_kernels
+
+
+def fmt(codes: Codes) -> tuple[str, int, bool] | None:
+    """The kernels' format of a projection's codes: ("int4", 32, True), ("int8", group, has
+    offsets), or None where they take it not (it is then dequantised)."""
+    if isinstance(codes, Int4Groups):
+        ok = codes.group_size == 32 and codes.shape[1] % 32 == 0
+        return ("int4", 32, True) if ok else None
+    key = block_key(codes)
+    return None if key is None else ("int8", key[0], key[1])
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).contiguous().view(torch.int16)
+
+
+def stack_tensors(codes: Codes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(w, s, mn) of ``Stack`` for codes of a 2-D view [E·N, K]."""
+    if isinstance(codes, Int4Groups):
+        if codes.nibbles is not None:  # GGUF's own order already: no unpacking
+            nib, scales, offsets = codes.nibbles
+            return nib.contiguous(), pack_scale_offset(scales, offsets), None
+        return pack_codes(codes.codes), pack_scale_offset(codes.scales, codes.offsets), None
+    mn = None if codes.offsets is None else _bits(codes.offsets)
+    return codes.codes.to(torch.int8).contiguous(), _bits(codes.scales), mn
+
+
+def _per_expert_cat(a: torch.Tensor, b: torch.Tensor, experts: int) -> torch.Tensor:
+    """Rows of expert e of a, then of b, for each e: [E·(Na+Nb), cols]."""
+    return torch.cat([a.view(experts, -1, a.shape[1]), b.view(experts, -1, b.shape[1])],
+                     dim=1).reshape(-1, a.shape[1])
+
+
+def _dequantize(st: Stack, experts: int) -> torch.Tensor:
+    """The float32 weights [E, N, K] a stack stands for."""
+    if st.int4:
+        w = unpack(st.w, st.s)
+    else:
+        rows = st.w.shape[0]
+        w = st.w.float().view(rows, -1, st.group) * st.s.view(torch.float16).float()[..., None]
+        w = w.view(rows, -1)
+        if st.mn is not None:
+            w = (w.view(rows, -1, 32) + st.mn.view(torch.float16).float()[..., None]).view(rows, -1)
+    return w.view(experts, st.n, st.k)
+
+
+def _block_k(k: int, want: int) -> int:
+    b = want
+    while b > 32 and k % b:
+        b //= 2
+    return b
+
+
+def _meta(st: Stack) -> tuple[tuple, dict]:
+    return ((st.w.view(torch.uint8) if not st.int4 else st.w, st.s,
+             st.s if st.mn is None else st.mn),
+            {"INT4": st.int4, "GS": st.group, "HAS_MIN": st.mn is not None})
+
+
+def pick_gemv(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, st: Stack, y: torch.Tensor,
+              *, topk: int, gather: bool, fuse: bool, routed: bool, t: Tiles | None = None
+              ) -> torch.Tensor:
+    """y [P, N_out] (see ``cuda_moe_kernels.pick_gemv``)."""
+    t = t or GEMV
+    p = ids.numel()
+    n_out = st.n // 2 if fuse else st.n
+    args, meta = _meta(st)
+    _kernels().pick_gemv[(p, triton_cdiv(n_out, t.block_n))](
+        x, ids, rw, *args, y, st.n, st.k, x.stride(0), y.stride(0), TOPK=topk, GATHER=gather,
+        FUSE=fuse, ROUTED=routed, **meta, BLOCK_N=t.block_n, BLOCK_K=_block_k(st.k, t.block_k),
+        num_warps=t.num_warps, num_stages=t.num_stages)
+    return y
+
+
+def max_blocks(picks: int, experts: int, block_m: int) -> int:
+    """The most blocks P picks over E experts can fill, each expert's run padded to block_m:
+    Σ ceil(c_e / m) ≤ P/m + (experts hit) ≤ cdiv(P, m) + min(E, P)."""
+    return triton_cdiv(picks, block_m) + min(experts, picks)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def align(ids: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat expert ids [P] → (sorted picks [max_blocks·block_m] int32, padded with P; each
+    block's expert [max_blocks] int32, E past the last), on the device, no host sync."""
+    p = ids.numel()
+    nb = max_blocks(p, experts, block_m)
+    if p <= ALIGN_MAX_PICKS:
+        mb = max(16, _pow2(nb))
+        sorted_ids = torch.empty(mb * block_m, device=ids.device, dtype=torch.int32)
+        bexp = torch.empty(nb, device=ids.device, dtype=torch.int32)
+        pb = max(16, _pow2(p))
+        _kernels().align[(1,)](ids, sorted_ids, bexp, p, experts, nb, BLOCK_M=block_m, PB=pb,
+                               EB=max(16, _pow2(experts)), MB=mb, CH=min(pb, 32),
+                               num_warps=8)
+        return sorted_ids, bexp
+    return align_torch(ids, experts, block_m)
+
+
+def align_torch(ids: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``align`` by torch ops (any number of picks; no host sync: no bincount, no nonzero)."""
+    p, dev = ids.numel(), ids.device
+    nb = max_blocks(p, experts, block_m)
+    flat = ids.reshape(-1).long()
+    counts = torch.zeros(experts, device=dev, dtype=torch.long).scatter_add_(
+        0, flat, torch.ones_like(flat))
+    blocks = (counts + block_m - 1) // block_m
+    ends = blocks.cumsum(0)
+    order = torch.sort(flat, stable=True)[1]
+    sorted_e = flat[order]
+    rank = torch.arange(p, device=dev) - (counts.cumsum(0) - counts)[sorted_e]
+    dest = (ends - blocks)[sorted_e] * block_m + rank
+    sorted_ids = torch.full((nb * block_m,), p, device=dev, dtype=torch.int32)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    bexp = torch.searchsorted(ends, torch.arange(nb, device=dev), right=True).to(torch.int32)
+    return sorted_ids, bexp
+
+
+def grouped(x: torch.Tensor, sorted_ids: torch.Tensor, bexp: torch.Tensor, rw: torch.Tensor,
+            st: Stack, y: torch.Tensor, *, picks: int, experts: int, topk: int, gather: bool,
+            fuse: bool, routed: bool, t: Tiles) -> torch.Tensor:
+    """y [P, N_out] over the sorted picks (see ``cuda_moe_kernels.grouped_gemm``)."""
+    n_out = st.n // 2 if fuse else st.n
+    args, meta = _meta(st)
+    _kernels().grouped_gemm[(bexp.numel(), triton_cdiv(n_out, t.block_n))](
+        x, sorted_ids, bexp, rw, *args, y, picks, experts, st.n, st.k, x.stride(0), y.stride(0),
+        TOPK=topk, GATHER=gather, FUSE=fuse, ROUTED=routed, **meta, BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, BLOCK_K=_block_k(st.k, t.block_k), num_warps=t.num_warps,
+        num_stages=t.num_stages)
+    return y
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: Stack,
+                down: Stack, experts: int, route: str | None = None) -> torch.Tensor:
+    """x [T, H], routing weights/ids [T, k] → Σ_picks weight · down(silu(gate)·up), [T, H], on
+    the kernels (any device Triton runs on). ``route``: "gemv" or "grouped" to force one."""
+    t, k = ids.shape
+    p = t * k
+    x = x.contiguous()
+    flat = ids.reshape(-1).contiguous()
+    rw = weights.reshape(-1).contiguous()
+    h = torch.empty(p, gate_up.n // 2, device=x.device, dtype=x.dtype)
+    out = torch.empty(p, down.n, device=x.device, dtype=x.dtype)
+    if (route or ("gemv" if p <= GEMV_MAX_PICKS else "grouped")) == "gemv":
+        pick_gemv(x, flat, rw, gate_up, h, topk=k, gather=True, fuse=True, routed=False)
+        pick_gemv(h, flat, rw, down, out, topk=k, gather=False, fuse=False, routed=True)
+    else:
+        tiles = GROUPED_SMALL if p <= GROUPED_SMALL_MAX_PICKS else GROUPED
+        sorted_ids, bexp = align(flat, experts, tiles.block_m)
+        common = dict(picks=p, experts=experts, topk=k, t=tiles)
+        grouped(x, sorted_ids, bexp, rw, gate_up, h, gather=True, fuse=True, routed=False,
+                **common)
+        grouped(h, sorted_ids, bexp, rw, down, out, gather=False, fuse=False, routed=True,
+                **common)
+    return out.view(t, k, -1).sum(1)
+
+
+class CudaMoEExperts(nn.Module):
+    """``models.moe.Experts`` over codes: gate/up fused as [E·2I, ·] (gate rows then up rows
+    of each expert), down [E·H, ·]; built from the 2-D views [E·rows, K] of the GGUF's
+    ``ffn_{gate,up,down}_exps`` codes. SiLU only (every MoE family here)."""
+
+    def __init__(self, gate: Codes, up: Codes, down: Codes, experts: int) -> None:
+        super().__init__()
+        fg, fu, fd = fmt(gate), fmt(up), fmt(down)
+        if fg is None or fd is None or fg != fu or gate.shape != up.shape:
+            raise ValueError(f"CudaMoEExperts: gate {fg}, up {fu}, down {fd} (gate and up "
+                             "must share a format the kernels take)")
+        self.num_experts = experts
+        self.hidden = gate.shape[1]
+        self.inner = gate.shape[0] // experts
+        self.formats = (fg, fd)
+        self.kinds = sorted({getattr(c, "ggml_type", "") or "4-bit" for c in (gate, down)})
+        gw, gs, gm = stack_tensors(gate)
+        uw, us, um = stack_tensors(up)
+        self.register_buffer("gate_up_w", _per_expert_cat(gw, uw, experts))
+        self.register_buffer("gate_up_s", _per_expert_cat(gs, us, experts))
+        self.register_buffer("gate_up_mn", None if gm is None else _per_expert_cat(gm, um, experts))
+        dw, ds, dm = stack_tensors(down)
+        self.register_buffer("down_w", dw)
+        self.register_buffer("down_s", ds)
+        self.register_buffer("down_mn", dm)
+
+    def stacks(self) -> tuple[Stack, Stack]:
+        (gkind, ggroup, _), (dkind, dgroup, _) = self.formats
+        gu = Stack(self.gate_up_w, self.gate_up_s, self.gate_up_mn, gkind == "int4", ggroup,
+                   2 * self.inner, self.hidden)
+        dn = Stack(self.down_w, self.down_s, self.down_mn, dkind == "int4", dgroup,
+                   self.hidden, self.inner)
+        return gu, dn
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (gate_up [E, 2I, H], down [E, H, I]): the reference."""
+        gu, dn = self.stacks()
+        return _dequantize(gu, self.num_experts), _dequantize(dn, self.num_experts)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return moe_experts(x, weights, ids, *self.stacks(), self.num_experts)
+        return reference_experts(x, weights, ids, *self.dequantize())
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, hidden={self.hidden}, inner={self.inner}, "
+                f"{'+'.join(self.kinds)}")
+
+
+def reference_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                      gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Σ_picks weight · down(silu(gate)·up) per token, one expert at a time (CPU, checks)."""
+    out = torch.zeros_like(x)
+    for e in ids.unique().tolist():
+        tok, pick = (ids == e).nonzero(as_tuple=True)
+        g, u = F.linear(x[tok], gate_up[e].to(x.dtype)).chunk(2, dim=-1)
+        y = F.linear(F.silu(g) * u, down[e].to(x.dtype))
+        out.index_add_(0, tok, y * weights[tok, pick, None])
+    return out
+
+
+EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
+Experts3 = tuple[Codes, Codes, Codes]  # one layer's gate, up, down codes ([E·rows, K] views)
+
+
+def takes(gate: Codes, up: Codes, down: Codes) -> bool:
+    """Whether ``CudaMoEExperts`` takes a layer's three projections."""
+    fg = fmt(gate)
+    return fg is not None and fg == fmt(up) and gate.shape == up.shape and fmt(down) is not None
+
+
+def take_expert_codes(int4: dict[str, object]) -> dict[str, Experts3]:
+    """Take the stacked expert codes (``loaders.int4_codes.ExpertCodes``) of each layer whose
+    three projections the kernels take out of a checkpoint's kept codes (``int4``, changed in
+    place): ``Experts`` module path → (gate, up, down). The rest stay for ``plan_experts``."""
+    from pensieve.loaders.int4_codes import ExpertCodes
+
+    out: dict[str, Experts3] = {}
+    for name in [n for n in int4 if n.endswith(".experts.gate_proj.weight")]:
+        path = name[: -len(".gate_proj.weight")]
+        keys = [f"{path}.{p}.weight" for p in EXPERT_PARTS]
+        parts = [int4.get(k) for k in keys]
+        if all(isinstance(c, ExpertCodes) for c in parts) and takes(*(c.groups for c in parts)):
+            out[path] = tuple(int4.pop(k).groups for k in keys)
+    return out
+
+
+def expert_state_names(experts: Mapping[str, Experts3]) -> set[str]:
+    """The float parameters ``swap_in_experts`` stands in for (not loaded: no error)."""
+    return {f"{path}.{p}.weight" for path in experts for p in ("gate_up_proj", "down_proj")}
+
+
+def swap_in_experts(model: nn.Module, experts: Mapping[str, Experts3], num_experts: int) -> int:
+    """Replace each named ``models.moe.Experts`` module by ``CudaMoEExperts`` over its codes
+    (``take_expert_codes``' choice); where no ``Experts`` is left, the model's CUDA graphs are
+    allowed (no host sync remains in its MLPs) as far as its paged kernels are."""
+    from pensieve.models.moe import Experts
+
+    for path, (gate, up, down) in experts.items():
+        if type(model.get_submodule(path)) is not Experts:
+            raise TypeError(f"{path} is not models.moe.Experts: its codes have no CUDA layer")
+        parent, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent), attr, CudaMoEExperts(gate, up, down, num_experts))
+    if not experts:
+        return 0
+    fast = getattr(model, "fast_paths", None)
+    left = sum(isinstance(m, Experts) for m in model.modules())
+    if not left and fast is not None and fast.paged_kernels:
+        model.fast_paths = replace(fast, cuda_graphs=True)
+    first = next(m for m in model.modules() if isinstance(m, CudaMoEExperts))
+    log.info("MoE experts as codes on CUDA: %d layers (%s)%s", len(experts), first.extra_repr(),
+             f"; {left} layers dequantised" if left else "")
+    return len(experts)

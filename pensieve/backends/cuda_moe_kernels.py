@@ -1,0 +1,253 @@
+"""Triton kernels of the fused mixture-of-experts MLP over expert weights kept as GGUF codes
+(see ``cuda_moe.py`` for the layouts and the launchers).
+
+Every expert's projection is one slice ``e`` of a stacked weight [E, N, K] held in one of the
+two code layouts of the dense CUDA layers:
+
+* ``INT4`` (Q4_0/Q4_1/Q4_K, ``cuda_int4``): ``W`` uint8 [E, N, K/2], byte ``i`` of group ``g``
+  holding column 32g+i (low nibble) and 32g+16+i (high nibble); ``S`` int32 [E, N, K/32], a
+  group's float16 scale (low half) and float16 offset (high half): ``w = code·scale + offset``;
+* int8 (Q8_0/Q5_x/Q6_K/..., ``cuda_int8``): ``W`` the codes read as uint8 [E, N, K], ``S``
+  float16 bits (int16) of a scale per ``GS`` columns, ``MN`` float16 bits of an offset per 32
+  where ``HAS_MIN``: ``w = code·scale (+ offset)``.
+
+A row of the MoE is a *pick*: (token t, its j-th expert), ``p = t·TOPK + j``. The first
+projection reads x's row ``p // TOPK`` (``GATHER``), the second the pick's own row of the
+activations. ``FUSE``: the weight is gate rows then up rows ([E, 2I, K]); a program computes
+output column n from rows n and I+n and stores ``silu(gate)·up``. ``ROUTED``: the output row is
+multiplied by the pick's routing weight (the down projection's epilogue). Outputs are per pick
+([P, ·]); the caller sums a token's TOPK rows.
+
+* ``pick_gemv`` — few picks (decode at small batch): one program per (pick, BLOCK_N outputs),
+  no sorting: it reads its pick's expert id and runs a float32 GEMV on that expert's slice.
+* ``align`` — one program sorts up to a few hundred picks by expert on the device: per expert
+  its rows padded to BLOCK_M, ``SORTED`` the pick of each padded slot (P where empty) and
+  ``BEXP`` each block's expert (E past the last block); the worst case fixes the grid.
+* ``grouped_gemm`` — one program per (block of BLOCK_M sorted picks of one expert, BLOCK_N
+  outputs): x's gathered rows times the expert's weight tile dequantised in registers to x's
+  dtype, on the tensor cores; blocks past the last exit at once.
+
+Nothing here syncs with the host and every grid is fixed by (picks, shapes): CUDA graphs
+capture them. float32 x (tests) takes IEEE products, never TF32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _half(bits):
+    """float16 bits (int16) → float32."""
+    return bits.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _codes8(b):
+    """uint8 bytes of int8 codes → the codes as float32, exactly (no conversion instruction)."""
+    u = (b.to(tl.int32) ^ 0x80) | 0x4B000000  # 2**23 + 128 + code
+    return u.to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _scale_offset(so):
+    s = (so & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    o = (so >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return s, o
+
+
+@triton.jit
+def _dot(a, b, acc):
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _row_dot(XR, W, S, MN, wrow, K, INT4: tl.constexpr, GS: tl.constexpr,
+             HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Σ_k x[k] · w[wrow, k] for the int64 weight rows ``wrow`` [BLOCK_N] of the stacked
+    weight (rows counted over all experts); x's row at ``XR``; BLOCK_K columns a step."""
+    if INT4:
+        BG: tl.constexpr = BLOCK_K // 32
+        gi = tl.arange(0, BG)
+        i = tl.arange(0, 16)
+        w_ptrs = W + wrow[:, None, None] * (K // 2) + gi[None, :, None] * 16 + i[None, None, :]
+        so_ptrs = S + wrow[:, None] * (K // 32) + gi[None, :]
+        x_ptrs = XR + gi[:, None] * 32 + i[None, :]
+        acc = tl.zeros([BLOCK_N, BG], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
+            xlo = tl.load(x_ptrs + k0).to(tl.float32)
+            xhi = tl.load(x_ptrs + k0 + 16).to(tl.float32)
+            lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            part = tl.sum(lo * xlo[None, :, :] + hi * xhi[None, :, :], 2)
+            s, o = _scale_offset(tl.load(so_ptrs + k0 // 32))
+            acc += part * s + o * tl.sum(xlo + xhi, 1)[None, :]
+    else:
+        BS: tl.constexpr = BLOCK_K // GS
+        si = tl.arange(0, BS)
+        i = tl.arange(0, GS)
+        c_ptrs = W + wrow[:, None, None] * K + si[None, :, None] * GS + i[None, None, :]
+        s_ptrs = S + wrow[:, None] * (K // GS) + si[None, :]
+        x_ptrs = XR + si[:, None] * GS + i[None, :]
+        acc = tl.zeros([BLOCK_N, BS], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = _codes8(tl.load(c_ptrs + k0))
+            x = tl.load(x_ptrs + k0).to(tl.float32)
+            part = tl.sum(w * x[None, :, :], 2) * _half(tl.load(s_ptrs + k0 // GS))
+            if HAS_MIN:  # GS == 32
+                part += _half(tl.load(MN + wrow[:, None] * (K // 32) + si[None, :] + k0 // 32)) \
+                    * tl.sum(x, 1)[None, :]
+            acc += part
+    return tl.sum(acc, 1)
+
+
+@triton.jit
+def pick_gemv(X, IDS, RW, W, S, MN, Y, N, K, stride_x, stride_y, TOPK: tl.constexpr,
+              GATHER: tl.constexpr, FUSE: tl.constexpr, ROUTED: tl.constexpr,
+              INT4: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[p, n] for pick p = program 0, outputs n in BLOCK_N; N: the expert's weight rows
+    (2I where FUSE, whose output has I columns); grid (P, cdiv(N_out, BLOCK_N))."""
+    p = tl.program_id(0)
+    pid = tl.program_id(1)
+    e = tl.load(IDS + p).to(tl.int64)
+    if GATHER:
+        row = p // TOPK
+    else:
+        row = p
+    if FUSE:
+        n_out = N // 2
+    else:
+        n_out = N
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < n_out
+    wrow = e * N + tl.where(nmask, n, 0).to(tl.int64)
+    XR = X + row.to(tl.int64) * stride_x
+    y = _row_dot(XR, W, S, MN, wrow, K, INT4, GS, HAS_MIN, BLOCK_N, BLOCK_K)
+    if FUSE:
+        u = _row_dot(XR, W, S, MN, wrow + n_out, K, INT4, GS, HAS_MIN, BLOCK_N, BLOCK_K)
+        y = y * tl.sigmoid(y) * u
+    if ROUTED:
+        y = y * tl.load(RW + p).to(tl.float32)
+    tl.store(Y + p.to(tl.int64) * stride_y + n, y.to(Y.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def align(IDS, SORTED, BEXP, P, E, MAX_BLOCKS, BLOCK_M: tl.constexpr, PB: tl.constexpr,
+          EB: tl.constexpr, MB: tl.constexpr, CH: tl.constexpr):
+    """One program: the P picks' expert ids (``IDS``) → ``SORTED`` [MB·BLOCK_M] (each expert's
+    picks in pick order, its run padded to whole blocks of BLOCK_M with P) and ``BEXP``
+    [MAX_BLOCKS] (each block's expert, E past the last). PB, EB, MB: powers of two ≥ P, E,
+    MAX_BLOCKS; CH divides PB."""
+    i = tl.arange(0, PB)
+    imask = i < P
+    ids_i = tl.load(IDS + i, mask=imask, other=E).to(tl.int32)
+    ex = tl.arange(0, EB)
+    hit = ids_i[:, None] == ex[None, :]
+    counts = tl.sum(hit.to(tl.int32), 0)
+    blocks = tl.where(ex < E, (counts + BLOCK_M - 1) // BLOCK_M, 0)
+    ends = tl.cumsum(blocks, 0)  # each expert's blocks end here (inclusive cumsum)
+    starts = ends - blocks
+    first = tl.sum(tl.where(hit, starts[None, :], 0), 1)  # the first block of each pick's expert
+    rank = tl.zeros([PB], tl.int32)  # picks of the same expert before it
+    for j0 in tl.static_range(0, PB, CH):
+        j = j0 + tl.arange(0, CH)
+        ids_j = tl.load(IDS + j, mask=j < P, other=E).to(tl.int32)
+        same = (ids_j[None, :] == ids_i[:, None]) & (j[None, :] < i[:, None])
+        rank += tl.sum(same.to(tl.int32), 1)
+    for s0 in tl.static_range(0, MB * BLOCK_M, 1024):
+        s = s0 + tl.arange(0, 1024)
+        tl.store(SORTED + s, tl.zeros([1024], tl.int32) + P, mask=s < MB * BLOCK_M)
+    tl.debug_barrier()  # the padding stored before the picks land over it
+    tl.store(SORTED + first * BLOCK_M + rank, i, mask=imask)
+    b = tl.arange(0, MB)
+    owner = tl.sum(((ends[None, :] <= b[:, None]) & (ex[None, :] < E)).to(tl.int32), 1)
+    tl.store(BEXP + b, owner, mask=b < MAX_BLOCKS)
+
+
+@triton.jit
+def _int4_tile(W, S, erow, byte, K):
+    """The float32 weights of 4-bit stacked rows ``erow`` at step bytes ``byte`` (broadcast int64
+    indices; byte b of a row: group b // 16): (low-nibble columns, high-nibble columns)."""
+    b = tl.load(W + erow * (K // 2) + byte).to(tl.int32)
+    s, o = _scale_offset(tl.load(S + erow * (K // 32) + byte // 16))
+    return (b & 15).to(tl.float32) * s + o, (b >> 4).to(tl.float32) * s + o
+
+
+@triton.jit
+def _int8_tile(W, S, MN, erow, k, K, GS: tl.constexpr, HAS_MIN: tl.constexpr):
+    """The float32 weights of int8-code stacked rows ``erow`` × columns ``k`` (broadcast)."""
+    w = _codes8(tl.load(W + erow * K + k)) * _half(tl.load(S + erow * (K // GS) + k // GS))
+    if HAS_MIN:
+        w += _half(tl.load(MN + erow * (K // 32) + k // 32))
+    return w
+
+
+@triton.jit
+def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, Y, P, E, N, K, stride_x, stride_y,
+                 TOPK: tl.constexpr, GATHER: tl.constexpr, FUSE: tl.constexpr,
+                 ROUTED: tl.constexpr, INT4: tl.constexpr, GS: tl.constexpr,
+                 HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """y[picks of block b, outputs of program 1] (see the module text); grid
+    (MAX_BLOCKS, cdiv(N_out, BLOCK_N))."""
+    blk = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(BEXP + blk).to(tl.int64)
+    if e >= E:
+        return
+    pick = tl.load(SORTED + blk * BLOCK_M + tl.arange(0, BLOCK_M))
+    mmask = pick < P
+    pick = tl.where(mmask, pick, 0).to(tl.int64)
+    if GATHER:
+        row = pick // TOPK
+    else:
+        row = pick
+    if FUSE:
+        n_out = N // 2
+    else:
+        n_out = N
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < n_out
+    erow = e * N + tl.where(nmask, n, 0).to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if INT4:
+        # a step: BLOCK_K // 32 groups = BLOCK_K // 2 bytes a row, contiguous; byte j of the step
+        # holds columns 32·(j // 16) + j % 16 (low nibble) and 16 more (high nibble)
+        j = tl.arange(0, BLOCK_K // 2)
+        xcol = (j // 16) * 32 + j % 16
+        x_ptrs = X + row[:, None] * stride_x + xcol[None, :]
+        for k0 in range(0, K, BLOCK_K):
+            xlo = tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
+            xhi = tl.load(x_ptrs + k0 + 16, mask=mmask[:, None], other=0.0)
+            lo, hi = _int4_tile(W, S, erow[None, :], j[:, None] + k0 // 2, K)
+            acc = _dot(xlo, lo.to(xlo.dtype), acc)
+            acc = _dot(xhi, hi.to(xhi.dtype), acc)
+            if FUSE:
+                lo, hi = _int4_tile(W, S, erow[None, :] + n_out, j[:, None] + k0 // 2, K)
+                acc_u = _dot(xlo, lo.to(xlo.dtype), acc_u)
+                acc_u = _dot(xhi, hi.to(xhi.dtype), acc_u)
+    else:
+        k = tl.arange(0, BLOCK_K)
+        x_ptrs = X + row[:, None] * stride_x + k[None, :]
+        for k0 in range(0, K, BLOCK_K):
+            xt = tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
+            kk = (k0 + k)[:, None].to(tl.int64)
+            w = _int8_tile(W, S, MN, erow[None, :], kk, K, GS, HAS_MIN)
+            acc = _dot(xt, w.to(xt.dtype), acc)
+            if FUSE:
+                wu = _int8_tile(W, S, MN, erow[None, :] + n_out, kk, K, GS, HAS_MIN)
+                acc_u = _dot(xt, wu.to(xt.dtype), acc_u)
+    if FUSE:
+        acc = acc * tl.sigmoid(acc) * acc_u
+    if ROUTED:
+        acc = acc * tl.load(RW + pick, mask=mmask, other=0.0).to(tl.float32)[:, None]
+    out = Y + pick[:, None] * stride_y + n[None, :]
+    tl.store(out, acc.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])

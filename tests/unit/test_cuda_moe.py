@@ -1,0 +1,382 @@
+"""The fused MoE layer over expert codes on CUDA (``backends/cuda_moe.py``).
+
+On CPU: the module's buffers dequantise to exactly the loader's codes (Q4_K, Q6_K, Q8_0, Q4_0,
+Q5_K), the module's reference forward against ``models.moe.Experts`` on the same dequantised
+weights, and every kernel (pick GEMV, the one-program sort, the grouped GEMM) in Triton's
+interpreter (a fresh process) against float64, both routes at 1, 3 and 40 tokens, the
+one-program sort against the torch-ops one, and a whole Qwen3-MoE ``MoE`` block (router + kernels)
+against its float module. With a GPU: the compiled kernels at Qwen3-30B-A3B's expert shapes in
+bfloat16 against float64, the layer under a CUDA graph, and a tiny Qwen3-MoE GGUF with Q4_K /
+Q6_K / Q8_0 experts served by ``torch_engine`` on CUDA against the float path's greedy tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from pensieve.backends import cuda_moe
+from pensieve.backends.cuda_moe import CudaMoEExperts, reference_experts
+from pensieve.loaders.int4_codes import quant_groups
+from tests.helpers.triton_interpreter import run_in_triton_interpreter
+from tests.unit.test_cuda_int8 import random_raw, rel
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# (gate/up type, down type, hidden, expert width): Q4_K_M's pair, the Q4_0/Q8_0 pair at
+# odd widths, int8 codes with offsets (Q5_K) on gate/up
+MIXES = [(Q.Q4_K, Q.Q6_K, 256, 256), (Q.Q4_0, Q.Q8_0, 96, 160), (Q.Q5_K, Q.Q4_K, 256, 256)]
+
+
+def expert_codes(qtype: Q, experts: int, rows: int, cols: int, seed: int):
+    """Random codes of a stacked [E, rows, cols] expert tensor, as its 2-D view's groups."""
+    return quant_groups(random_raw(qtype, experts * rows, cols, seed), qtype,
+                        (experts * rows, cols))
+
+
+def make_layer(gu: Q, dn: Q, hidden: int, inner: int, experts: int, seed: int = 0
+               ) -> CudaMoEExperts:
+    return CudaMoEExperts(expert_codes(gu, experts, inner, hidden, seed),
+                          expert_codes(gu, experts, inner, hidden, seed + 1),
+                          expert_codes(dn, experts, hidden, inner, seed + 2), experts)
+
+
+def routing(tokens: int, experts: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, experts, generator=g)
+    top, ids = torch.topk(torch.softmax(logits, -1), k, dim=-1)
+    return top / top.sum(-1, keepdim=True), ids
+
+
+@pytest.mark.parametrize("gu,dn,hidden,inner", MIXES)
+def test_layer_holds_the_codes_exactly(gu, dn, hidden, inner):
+    e = 3
+    layer = make_layer(gu, dn, hidden, inner, e, seed=5)
+    gate_up, down = layer.dequantize()
+    gate = expert_codes(gu, e, inner, hidden, 5).dequantize().view(e, inner, hidden)
+    up = expert_codes(gu, e, inner, hidden, 6).dequantize().view(e, inner, hidden)
+    ref_down = expert_codes(dn, e, hidden, inner, 7).dequantize().view(e, hidden, inner)
+    if gu is Q.Q4_K:  # its scale products are held as float16, as in the dense int4 layers
+        assert rel(gate_up, torch.cat([gate, up], 1).double()) < 1e-3
+    else:
+        assert torch.equal(gate_up, torch.cat([gate, up], 1))
+    assert torch.equal(down, ref_down) if dn is not Q.Q4_K else rel(down, ref_down.double()) < 1e-3
+    layer = layer.to(torch.bfloat16)  # the model's cast leaves codes and float16 bits alone
+    assert layer.gate_up_w.dtype in (torch.uint8, torch.int8) and layer.down_s.dtype in (
+        torch.int16, torch.int32)
+
+
+def test_reference_forward_is_the_float_experts():
+    from pensieve.models.args import ModelArgs, MoEArgs
+    from pensieve.models.moe import Experts
+
+    e, hidden, inner, k = 5, 256, 256, 3
+    layer = make_layer(Q.Q4_K, Q.Q6_K, hidden, inner, e, seed=3)
+    args = ModelArgs(architecture="qwen3_moe", vocab_size=10, hidden_size=hidden,
+                     intermediate_size=inner, num_layers=1, num_heads=4, num_kv_heads=2,
+                     head_dim=64, max_position_embeddings=64,
+                     moe=MoEArgs(num_experts=e, top_k=k, expert_size=inner))
+    ref = Experts(args)
+    gate_up, down = layer.dequantize()
+    ref.gate_up_proj.weight.data, ref.down_proj.weight.data = gate_up, down
+    x = torch.randn(7, hidden)
+    w, ids = routing(7, e, k, 1)
+    torch.testing.assert_close(layer(x, w, ids), ref(x, w, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_formats_are_refused():
+    gate = expert_codes(Q.Q4_K, 2, 256, 256, 1)
+    up = expert_codes(Q.Q8_0, 2, 256, 256, 2)  # gate and up must share a format to fuse
+    with pytest.raises(ValueError):
+        CudaMoEExperts(gate, up, expert_codes(Q.Q6_K, 2, 256, 256, 3), 2)
+
+
+def test_max_blocks_bounds_every_routing():
+    for p, e, m in ((8, 128, 16), (256, 128, 16), (300, 4, 64), (1, 1, 16)):
+        ids = torch.randint(0, e, (p,))
+        counts = torch.bincount(ids, minlength=e)
+        assert int(((counts + m - 1) // m).sum()) <= cuda_moe.max_blocks(p, e, m)
+        worst = torch.arange(p) % e  # picks spread over as many experts as possible
+        counts = torch.bincount(worst, minlength=e)
+        assert int(((counts + m - 1) // m).sum()) <= cuda_moe.max_blocks(p, e, m)
+
+
+def check_align(ids: torch.Tensor, experts: int, block_m: int, sorted_ids, bexp) -> None:
+    p = ids.numel()
+    nb = cuda_moe.max_blocks(p, experts, block_m)
+    slots = sorted_ids[: nb * block_m].view(nb, block_m).long()
+    real = slots < p
+    assert sorted(slots[real].tolist()) == list(range(p))  # every pick once
+    assert (sorted_ids[nb * block_m:] == p).all()
+    for b in range(nb):
+        e = int(bexp[b])
+        if e == experts:
+            assert not real[b].any()
+            continue
+        picks = slots[b][real[b]]
+        assert (ids[picks] == e).all() and picks.tolist() == sorted(picks.tolist())
+
+
+def interpreter_check() -> None:
+    """Run in a process started with TRITON_INTERPRET=1: the kernels on CPU tensors."""
+    from pensieve.backends.cuda_moe import Tiles, align, align_torch, moe_experts
+
+    cuda_moe.GEMV = Tiles(1, 64, 256, 4, 2)  # fewer programs: the interpreter runs each in turn
+
+    for p, e, m in ((4, 8, 16), (24, 6, 16), (160, 6, 16), (37, 128, 16), (100, 5, 64)):
+        ids = torch.randint(0, e, (p,), generator=torch.Generator().manual_seed(p))
+        s1, b1 = align(ids, e, m)
+        s2, b2 = align_torch(ids, e, m)
+        check_align(ids, e, m, s1, b1)
+        check_align(ids, e, m, s2, b2)
+        nb = cuda_moe.max_blocks(p, e, m)
+        assert torch.equal(s1[: nb * m], s2) and torch.equal(b1, b2), (p, e, m)
+    experts, k = 6, 4
+    for i, (gu, dn, hidden, inner) in enumerate(MIXES):
+        layer = make_layer(gu, dn, hidden, inner, experts, seed=20 + i)
+        gate_up, down = (w.double() for w in layer.dequantize())
+        for tokens in (1, 3, 40) if i == 0 else (3, 40):
+            w, ids = routing(tokens, experts, k, tokens)
+            x = torch.randn(tokens, hidden)
+            ref = reference_experts(x.double(), w.double(), ids, gate_up, down)
+            for route in ("gemv", "grouped") if tokens < 40 else ("grouped",):
+                y = moe_experts(x, w, ids, *layer.stacks(), experts, route=route)
+                r = rel(y, ref)
+                assert r < 1e-5, (gu.name, dn.name, tokens, route, r)
+    # float16 activations through the tensor-core tiles (small: random_raw's weights reach ±50)
+    xh = (torch.randn(5, 256) * 1e-3).half()
+    layer = make_layer(Q.Q4_K, Q.Q6_K, 256, 256, experts, seed=9)
+    gate_up, down = (t.double() for t in layer.dequantize())
+    w, ids = routing(5, experts, k, 9)
+    ref = reference_experts(xh.double(), w.double(), ids, gate_up, down)
+    for route in ("gemv", "grouped"):
+        r = rel(moe_experts(xh, w.half(), ids, *layer.stacks(), experts, route=route), ref)
+        assert r < 3e-3, (route, r)
+    moe_block_check()
+
+
+def moe_block_check() -> None:
+    """A Qwen3-MoE ``MoE`` block (router + float experts) against the same block with its
+    experts on the kernels over Q4_0 / Q8_0 codes of those weights."""
+    import numpy as np
+    from gguf.quants import quantize
+
+    from pensieve.models.args import ModelArgs, MoEArgs
+    from pensieve.models.moe import MoE
+
+    e, k, hidden, inner = 8, 2, 256, 256
+    args = ModelArgs(architecture="qwen3_moe", vocab_size=10, hidden_size=hidden,
+                     intermediate_size=inner, num_layers=1, num_heads=4, num_kv_heads=2,
+                     head_dim=64, max_position_embeddings=64,
+                     moe=MoEArgs(num_experts=e, top_k=k, expert_size=inner, norm_topk=True))
+    torch.manual_seed(0)
+    block = MoE(args)
+    codes = []
+    for rows, cols, qtype in ((inner, hidden, Q.Q4_0), (inner, hidden, Q.Q4_0),
+                              (hidden, inner, Q.Q8_0)):  # types gguf-py quantises
+        a = (torch.randn(e * rows, cols) / cols ** 0.5).numpy().astype(np.float32)
+        raw = torch.from_numpy(quantize(a, qtype).reshape(-1))
+        codes.append(quant_groups(raw, qtype, (e * rows, cols)))
+    layer = CudaMoEExperts(*codes, e)
+    gate_up, down = layer.dequantize()
+    with torch.no_grad():
+        block.gate.weight.normal_()
+        block.experts.gate_up_proj.weight.copy_(gate_up)
+        block.experts.down_proj.weight.copy_(down)
+    x = torch.randn(9, hidden)
+    with torch.no_grad():
+        ref = block(x).double()
+        weights, ids = block.gate(x)
+        for route in ("gemv", "grouped"):
+            y = cuda_moe.moe_experts(x, weights, ids, *layer.stacks(), e, route=route)
+            assert rel(y, ref) < 1e-5, route
+
+
+def test_kernels_in_the_triton_interpreter():
+    run_in_triton_interpreter("from tests.unit.test_cuda_moe import interpreter_check as c; "
+                              "c(); print('ok')")
+
+
+# --- on a GPU ----------------------------------------------------------------------------------
+
+A3B = dict(experts=128, hidden=2048, inner=768, k=8)  # Qwen3-30B-A3B's expert shapes
+
+
+@needs_cuda
+@pytest.mark.parametrize("gu,dn", [(Q.Q4_K, Q.Q6_K), (Q.Q4_K, Q.Q4_K), (Q.Q8_0, Q.Q8_0)])
+def test_cuda_kernels_against_float64_at_30b_a3b_shapes(gu, dn):
+    e, h, i, k = A3B["experts"], A3B["hidden"], A3B["inner"], A3B["k"]
+    layer = make_layer(gu, dn, h, i, e, seed=1).cuda()
+    gate_up, down = (w.cuda().double() for w in layer.dequantize())
+    for tokens in (1, 3, 8, 32, 100, 300):
+        w, ids = routing(tokens, e, k, tokens)
+        x = torch.randn(tokens, h, generator=torch.Generator().manual_seed(tokens))
+        ref = reference_experts(x.cuda().double(), w.cuda().double(), ids.cuda(), gate_up, down)
+        routes = ("gemv", "grouped") if tokens <= 32 else ("grouped",)
+        for route in routes + (None,):
+            y = cuda_moe.moe_experts(x.cuda().bfloat16(), w.cuda().bfloat16(), ids.cuda(),
+                                     *layer.stacks(), e, route=route)
+            assert y.dtype == torch.bfloat16 and not torch.isnan(y).any()
+            r = rel(y, ref.cpu())
+            assert r < 1e-2, (gu.name, dn.name, tokens, route, r)
+
+
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 4, 8, 40, 100])
+def test_layer_in_a_cuda_graph(tokens):
+    """The graph replays new activations and new routing (ids and weights changed in place):
+    the same bits as eager calls (1-4 tokens: pick GEMV; 8, 40: one-program sort; 100 tokens
+    × 8 picks: the torch-ops sort)."""
+    e, h, i, k = 64, 512, 256, 8
+    layer = make_layer(Q.Q4_K, Q.Q6_K, h, i, e, seed=2).cuda()
+    x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
+    w, ids = (t.cuda() for t in routing(tokens, e, k, 0))
+    w = w.bfloat16()
+    layer(x, w, ids)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer(x, w, ids)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x, w, ids)
+    for seed in range(1, 4):
+        x.normal_()
+        nw, nids = routing(tokens, e, k, seed)
+        w.copy_(nw)
+        ids.copy_(nids)
+        graph.replay()
+        torch.testing.assert_close(y, layer(x, w, ids), atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def gguf_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("cuda_moe")
+
+
+SANE_SCALES = {Q.Q4_0: ((0,), 0.01), Q.Q8_0: ((0,), 0.002), Q.Q4_K: ((0, 2), 5e-4),
+               Q.Q6_K: ((208,), 5e-4)}  # byte offsets of float16 scales, their top: w ~ 0.1-0.5
+
+
+def tiny_gguf(root, qtype: Q):  # noqa: ANN001, ANN201
+    """A 2-layer Qwen3-MoE GGUF (8 experts, top-2, hidden 256) whose experts are random
+    ``qtype`` blocks (Q4_0/Q8_0: the float model rounded through it)."""
+    import numpy as np
+    import transformers
+    from gguf import GGML_QUANT_SIZES
+
+    from tests.helpers.tiny_families import VOCAB
+    from tests.helpers.tiny_moe import moe_model, quantize_experts_like_gguf, write_moe_gguf
+
+    path = root / f"{qtype.name}.gguf"
+    if path.exists():
+        return path
+    model = moe_model(transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, head_dim=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000.0}, num_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=256, norm_topk_prob=True,
+        tie_word_embeddings=False))
+    if qtype in (Q.Q4_0, Q.Q8_0):
+        quantize_experts_like_gguf(model, qtype)
+        return write_moe_gguf(path, model, "qwen3moe", expert_qtype=qtype)
+    rng = np.random.default_rng(0)
+
+    def blocks(shape):  # noqa: ANN001, ANN202
+        block, size = GGML_QUANT_SIZES[qtype]
+        rows = int(np.prod(shape[:-1]))
+        raw = rng.integers(0, 256, size=(rows * shape[-1] // block, size), dtype=np.uint8)
+        at_list, top = SANE_SCALES[qtype]
+        for at in at_list:
+            d = rng.uniform(top / 4, top, size=(raw.shape[0], 1)).astype(np.float16)
+            raw[:, at:at + 2] = d.view(np.uint8)
+        return raw.reshape(*shape[:-1], shape[-1] // block * size)
+
+    return write_moe_gguf(path, model, "qwen3moe", expert_qtype=qtype, expert_blocks=blocks)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K])
+def test_gguf_experts_planned_for_cuda_give_the_float_models_logits(gguf_root, qtype):
+    """The wiring, on CPU: planned for CUDA, the GGUF's expert codes become ``CudaMoEExperts``
+    (no float expert weights planned, CUDA graphs allowed); run here on their reference
+    path they give the logits of the same file dequantised on load."""
+    from pensieve.backends.torch_backend import build_model, plan_weights
+    from pensieve.engine.config import EngineConfig
+    from pensieve.loaders.registry import load_checkpoint
+    from pensieve.models.registry import model_class
+    from tests.helpers.paged_run import paged_logits, prompt
+    from tests.helpers.tiny_families import VOCAB
+
+    path = tiny_gguf(gguf_root, qtype)
+    ckpt = load_checkpoint(path, keep_int4=True)
+    planned = plan_weights(ckpt, EngineConfig(context_length=64, device="cuda"),
+                           packed=model_class(ckpt.args).PACKED)
+    assert sorted(planned.experts) == [f"model.layers.{i}.mlp.experts" for i in (0, 1)]
+    assert not [n for n in planned.floats if ".experts." in n]
+    model = build_model(ckpt, EngineConfig(context_length=64), planned)
+    assert sum(isinstance(m, CudaMoEExperts) for m in model.modules()) == 2
+    assert model.fast_paths.cuda_graphs == model.fast_paths.paged_kernels
+    float_ckpt = load_checkpoint(path)
+    reference = build_model(float_ckpt, EngineConfig(context_length=64))
+    ids = prompt(24, VOCAB)
+    ours, _ = paged_logits(model, ckpt.args, ids, [8, 16])
+    theirs, _ = paged_logits(reference, float_ckpt.args, ids, [8, 16])
+    scale = theirs.abs().max().item()
+    tol = 1e-4 if qtype is Q.Q4_0 else 1e-2  # Q4_K: its scale products held as float16
+    assert (ours - theirs).abs().max().item() <= tol * scale
+
+
+def cuda_tokens(model, ckpt, ids: list[int], steps: int):  # noqa: ANN001, ANN201
+    from pensieve.backends.torch_backend import torch_engine
+    from pensieve.engine.config import EngineConfig
+    from pensieve.engine.types import SamplingParams
+
+    engine = torch_engine(model, ckpt.args, ckpt.tokenizer, EngineConfig(
+        context_length=64, block_size=4, max_num_seqs=2, max_num_batched_tokens=16,
+        device="cuda", dtype=torch.float32))
+    engine.add_request("r", ids, SamplingParams(max_tokens=steps, temperature=0.0,
+                                                ignore_eos=True))
+    out: list[int] = []
+    while engine.has_work():
+        for delta in engine.step():
+            out.extend(delta.token_ids)
+    return out, engine
+
+
+@needs_cuda
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q4_K])
+def test_qwen3_moe_gguf_on_cuda_gives_the_float_paths_greedy_tokens(gguf_root, qtype):
+    """A tiny Qwen3-MoE GGUF whose experts are ``qtype``: loaded with its codes kept, the experts
+    run on the kernels, under CUDA graphs; against the same file dequantised on load (the float
+    expert loop, eager), both float32 on the GPU. Q4_K's scale products are float16 here (as in
+    the dense int4 layers): its tokens may part on a near tie, so most must agree."""
+    from pensieve.backends.torch_backend import build_model
+    from pensieve.engine.config import EngineConfig
+    from pensieve.loaders.registry import load_checkpoint
+    from tests.helpers.paged_run import prompt
+    from tests.helpers.tiny_families import VOCAB
+
+    path = tiny_gguf(gguf_root, qtype)
+    cfg = EngineConfig(context_length=64, device="cuda", dtype=torch.float32)
+    codes_ckpt = load_checkpoint(path, keep_int4=True)
+    codes = build_model(codes_ckpt, cfg)
+    assert sum(isinstance(m, CudaMoEExperts) for m in codes.modules()) == 2
+    assert codes.fast_paths.cuda_graphs
+    float_ckpt = load_checkpoint(path)
+    reference = build_model(float_ckpt, cfg)
+    assert not reference.fast_paths.cuda_graphs
+    same = total = 0
+    for seed in range(3):
+        ids = prompt(20, VOCAB, seed=seed)
+        ours, engine = cuda_tokens(codes, codes_ckpt, ids, 8)
+        theirs, _ = cuda_tokens(reference, float_ckpt, ids, 8)
+        assert engine.runner.graphs is not None and engine.runner.graphs.replays > 0
+        if qtype is not Q.Q4_K:
+            assert ours == theirs, seed
+        assert ours[0] == theirs[0]
+        same += sum(a == b for a, b in zip(ours, theirs))
+        total += len(theirs)
+    assert same >= 0.8 * total
