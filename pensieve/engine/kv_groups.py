@@ -126,12 +126,13 @@ class GroupedKVManager:
 
     # ---- scheduling -----------------------------------------------------------------------
     def chunk_tokens(self, req: Request, n: int) -> int:
-        """``n`` cut so that a prefill chunk ends at the next checkpoint position (the state
-        is copied there after the step)."""
+        """``n`` cut so that a prefill chunk ends at the last checkpoint position it reaches
+        (the state is copied there after the step)."""
         if self.states is None or n <= 1:
             return n
         start = req.num_computed_tokens
-        return min(n, self.states.boundary(start, len(req.prompt_ids)) - start)
+        cut = self.states.last_boundary(start, start + n, len(req.prompt_ids))
+        return n if cut is None else cut - start
 
     def reserve(self, req: Request, num_new_tokens: int) -> bool:
         """Make sure every group has blocks for the request's next ``num_new_tokens`` tokens

@@ -2,8 +2,10 @@
 
 A recurrent layer (Gated DeltaNet, Mamba) keeps no per-token cache: its state after token ``p``
 cannot be rebuilt from blocks, so a prefix hit needs a copy of the state at exactly the hit
-point. The scheduler ends prefill chunks at checkpoint positions (every ``interval`` tokens, a
-multiple of the block size, and the prompt's last full block); after such a chunk the runner
+point. The scheduler ends prefill chunks at checkpoint positions (multiples of ``interval``, a
+multiple of the block size, and the prompt's last full block; a chunk spanning several ends at
+its last one, so checkpoints are an interval apart or a step's budget apart, whichever is
+more); after such a chunk the runner
 copies the slot into a checkpoint, registered under the prefix hash of the blocks before it
 (the same hash chain as the blocks'). Checkpoints live in a bounded pool with the blocks' rules
 (``BlockPool``): ref counted while being written or restored, then free but still findable,
@@ -62,12 +64,16 @@ class StateCheckpoints:
         assert self.pool is not None
         self.pool.release([checkpoint], retain=retain)
 
-    def boundary(self, start: int, prompt_len: int) -> int:
-        """The first checkpoint position after ``start``: the next multiple of the interval or
-        the prompt's last full block, whichever comes first."""
-        nxt = (start // self.interval + 1) * self.interval if self.interval else 1 << 62
+    def last_boundary(self, start: int, end: int, prompt_len: int) -> int | None:
+        """The last checkpoint position in ``(start, end]``: a multiple of the interval or the
+        prompt's last full block; None where there is none. A chunk is cut there, so one
+        chunk costs one checkpoint and a budget above the interval is not split into many."""
         prompt_end = prompt_len // self.block_size * self.block_size
-        return prompt_end if start < prompt_end < nxt else nxt
+        if start < prompt_end <= end:
+            return prompt_end
+        if self.interval and end // self.interval * self.interval > start:
+            return end // self.interval * self.interval
+        return None
 
     def is_boundary(self, position: int, prompt_len: int) -> bool:
         if position <= 0 or position % self.block_size:

@@ -61,7 +61,7 @@ def test_chunked_prefill_equals_one_go():
 
 
 def test_follow_up_resumes_from_a_checkpoint_and_matches_cold():
-    engine = tiny_recurrent_engine()
+    engine = tiny_recurrent_engine(max_num_batched_tokens=16)  # a chunk, a checkpoint: every 16
     one(engine, "t1", PREFIX + "Question one?")
     tokens, last = one(engine, "t2", PREFIX + "Question two?")
     assert tokens == whole_run(PREFIX + "Question two?")

@@ -100,7 +100,7 @@ def test_recurrent_chunks_end_on_checkpoints_and_a_follow_up_resumes_from_the_la
     kv = GroupedKVManager(plan(FULL, RECURRENT))
     first = ids(45)
     a = request(first)
-    assert run(kv, a) == [16, 16, 12, 1]  # interval multiples, then the prompt's last full block
+    assert run(kv, a, budget=16) == [16, 16, 12, 1]  # interval multiples, the prompt's last block
     assert kv.states.num_cached == 3  # 16, 32, 44
     kv.free(a)
     assert kv.states.num_free_slots == 4
@@ -111,6 +111,13 @@ def test_recurrent_chunks_end_on_checkpoints_and_a_follow_up_resumes_from_the_la
     assert kv.states.pool.ref_count(checkpoint) == 1  # held until the runner restored it
     run(kv, b)
     assert kv.states.pool.ref_count(checkpoint) == 0 and b.cache.restore is None
+
+
+def test_a_long_chunk_ends_on_its_last_boundary_only():
+    kv = GroupedKVManager(plan(FULL, RECURRENT))
+    a = request(ids(99))
+    assert run(kv, a, budget=40) == [32, 32, 32, 3]  # 96 is the prompt's last full block
+    assert kv.states.num_cached == 3
 
 
 def test_no_checkpoint_no_hit_even_with_every_block_cached():
@@ -135,7 +142,7 @@ def test_checkpoints_evict_lru_and_a_session_keeps_its_own():
 def test_preemption_mid_prefill_gives_everything_back():
     kv = GroupedKVManager(plan(FULL, WINDOW, RECURRENT))
     req = request(ids(50))
-    run(kv, req, upto=30)
+    run(kv, req, budget=16, upto=30)
     assert kv.reserve(req, 2) and req.cache.save is not None  # a chunk ending on 32, in flight
     kv.free(req)
     assert [held(p) for p in kv.pools] == [0, 0] and kv.states.num_free_slots == 4
