@@ -183,6 +183,17 @@ def run(a: argparse.Namespace) -> list[dict]:
     return results
 
 
+def align_times(experts: int, k: int, reps: int) -> str:
+    """The device sort alone (graph replay), one-program kernel vs torch ops, µs."""
+    out = ["| picks | align kernel µs | torch ops µs |", "|---|---|---|"]
+    for tokens in (4, 8, 32, 64):
+        ids = torch.randint(0, experts, (tokens * k,), device="cuda")
+        one = gpu_ms(graphed(lambda: cuda_moe.align(ids, experts, 16)), reps) * 1e3
+        ops = gpu_ms(graphed(lambda: cuda_moe.align_torch(ids, experts, 16)), reps) * 1e3
+        out.append(f"| {tokens * k} | {one:.1f} | {ops:.1f} |")
+    return "\n".join(out)
+
+
 def table(rows: list[dict]) -> str:
     head = ("| mix | tokens | experts hit | codes graph ms | codes eager ms | bf16 loop ms | "
             "bf16 grouped_mm ms | codes GB/s | loop / codes | rel err | best tiles |")
@@ -212,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args(argv)
     rows = run(a)
-    md = table(rows)
+    md = table(rows) + "\n\n" + align_times(a.experts, a.top_k, a.reps)
     print(f"\n{torch.cuda.get_device_name()}\n{md}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,10 @@
 #
 # One command, resumable across device calls (state in /tmp/moe; each phase skips what is done and
 # what BUDGET seconds no longer leave room for), e.g. on one warm machine:
-#   call 1:  TESTS=1 BUDGET=570 bash bench/gpu_moe_run.sh   # build starts, GGUF, tests, kernels
+#   call 1:  TESTS=1 GGUF=1 BUDGET=570 bash bench/gpu_moe_run.sh  # build starts, tests, kernels, GGUF
 #   call 2:  BENCH=1 BUDGET=570 bash bench/gpu_moe_run.sh   # waits for the build, both servers
-# (a fresh machine in call 2 redoes the GGUF and the build first). Needs in the copied tree: .whl/,
+# (a fresh machine in call 2 redoes the GGUF and the build first). TESTS=1 NO_LLAMA=1 alone: the
+# CUDA MoE tests and kernel timings only (KSWEEP=1: with the tile sweep). Needs in the tree: .whl/,
 # .gpu/tokenizer.gguf, .gpu/llama.cpp (see bench/gpu_qwen_vs_llamacpp.sh). Writes $OUT/summary.md,
 # $OUT/gpu_moe_kernels.md and $OUT/moe_logs.tgz.
 cd "$(dirname "$0")/.."
@@ -39,12 +40,13 @@ if [ -n "$TESTS" ] && [ ! -e $S/tests.done ] && [ $(left) -gt 200 ]; then
   touch $S/tests.done
 fi
 if [ -n "$TESTS" ] && [ ! -e $OUT/gpu_moe_kernels.md ] && [ $(left) -gt 150 ]; then
-  timeout $(( $(left) - 90 )) python3 -m bench.gpu_moe_kernels --out $OUT > $S/kernels.log 2>&1
+  timeout $(( $(left) - 90 )) python3 -m bench.gpu_moe_kernels --out $OUT ${KSWEEP:+--sweep} \
+    > $S/kernels.log 2>&1
   echo "kernels rc=$?"; tail -14 $S/kernels.log
 fi
 
 M=/tmp/qwen3-30b-a3b-q4_k_m.gguf
-if [ ! -e $M.done ] && [ $(left) -gt 240 ]; then
+if [ -n "$BENCH$GGUF" ] && [ ! -e $M.done ] && [ $(left) -gt 240 ]; then
   python3 -m bench.make_random_gguf $M --arch qwen3moe --dtype q4_k_m --hidden 2048 --layers 48 \
     --heads 32 --kv-heads 4 --head-dim 128 --intermediate 6144 --experts 128 --experts-used 8 \
     --expert-intermediate 768 --context-length 32768 --tokenizer-from .gpu/tokenizer.gguf \
