@@ -47,6 +47,8 @@ _MAC_CONTEXT = b"pensieve thinking v1\x00"
 
 # Adaptive thinking: output_config.effort → a thinking budget in tokens (None: no budget
 # beyond max_tokens). The API leaves the amount to the model; small local models need a cap.
+GEMMA4_THINKING = ThinkingMarkers(open="<|channel>thought\n", close="<channel|>")
+
 EFFORT_BUDGETS: dict[str, int | None] = {"low": 1024, "medium": 4096, "high": 16384, "xhigh": None, "max": None}
 
 
@@ -81,9 +83,12 @@ class ThinkingPlan:
 
 
 def detect_thinking_markers(template: str | None) -> ThinkingMarkers | None:
-    """The reasoning markers a chat template uses, or None (gpt-oss: its analysis channel)."""
+    """The reasoning markers a chat template uses, or None (gpt-oss: its analysis channel;
+    Gemma 4: its thought channel)."""
     if template and HARMONY_THINKING.open in template:
         return HARMONY_THINKING
+    if template and GEMMA4_THINKING.open.strip() in template:  # the source writes the newline escaped
+        return GEMMA4_THINKING
     if template and ("<think>" in template or "enable_thinking" in template):
         return ThinkingMarkers()
     return None

@@ -123,3 +123,18 @@ def test_native_templates_get_the_messages_a_transformers_user_writes(name: str)
     source, _, text, _ = rendered(name)
     assert text == transformers_render(source, hand_written(field), HF_TOOLS, **switches)
     assert THOUGHT in text  # the signed thinking went back where the template reads it
+
+
+@pytest.mark.parametrize("name", ["google-gemma-4-31B-it", "google-gemma-4-31B-it-interleaved"])
+def test_gemma4_thinks_in_its_thought_channel(name: str) -> None:
+    from pensieve.chat.segmenter import Segmenter
+    from pensieve.chat.segments import TextSegment, ThinkingSegment
+
+    source = (real_templates_dir() / f"{name}.jinja").read_text()
+    markers = PromptRenderer(CharTokenizer(), source, thinking_key=KEY).caps.thinking_markers
+    assert markers is not None and (markers.open, markers.close) == ("<|channel>thought\n", "<channel|>")
+    segmenter = Segmenter(thinking=markers)
+    text = "<|channel>thought\nThe user greets.<channel|>Hello!"
+    out = [s for c in text for s in segmenter.feed(c)] + segmenter.finish()
+    assert "".join(s.text for s in out if isinstance(s, ThinkingSegment)) == "The user greets."
+    assert "".join(s.text for s in out if isinstance(s, TextSegment)) == "Hello!"
