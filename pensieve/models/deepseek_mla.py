@@ -40,7 +40,7 @@ from pensieve.models.llama import MLP, CosSin, LlamaBody, RMSNorm
 from pensieve.models.moe import (
     EXPERT_PACKED, MOE_GGUF_NAMES, GLMMoE, gguf_moe, hf_int, moe_shapes, shared_gguf_names,
 )
-from pensieve.models.rope import RotaryEmbedding, apply_rope, yarn_mscale
+from pensieve.models.rope import apply_rope, yarn_mscale
 
 LATENT_EPS = 1e-6  # the reference's q_a_layernorm / kv_a_layernorm
 
@@ -262,7 +262,7 @@ def gguf_mla_args(src: GGUFSource, architecture: str) -> ModelArgs:
     layers = int(src.key("block_count")) - int(src.key("nextn_predict_layers", 0) or 0)
     scaling = gguf_rope_scaling(src)
     log_mul = src.key("rope.scaling.yarn_log_multiplier", None)
-    if scaling and log_mul:  # the converter wrote 0.1 · mscale_all_dim; llama.cpp takes mscale = it
+    if scaling and log_mul:  # the converter wrote 0.1 · mscale_all_dim; llama.cpp: mscale = it
         scaling["mscale"] = scaling["mscale_all_dim"] = float(log_mul) / 0.1
     q_rank = src.key("attention.q_lora_rank", None)
     mla = MLAArgs(q_lora_rank=int(q_rank) if q_rank else None,

@@ -68,7 +68,7 @@ class GGUFNames:
     permute_qk: bool = False
     ignored: frozenset[str] = frozenset()  # tensors read elsewhere (RoPE factors) or unused
 
-    _BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z0-9_.]+)\.(weight|bias)")
+    _BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z0-9_.]+)\.(weight|bias|scale)")
 
     def hf_name(self, gguf_name: str) -> str | None:
         if gguf_name in self.globals:

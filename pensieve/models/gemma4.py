@@ -14,6 +14,9 @@
   renormalised times a per-expert scale, GELU experts, each branch with its own norms;
 - a learned ``layer_scalar`` per layer, final logit soft-capping.
 
+Configs, llama.cpp ``gemma4`` metadata, per-layer shapes and the cache layout are
+``models/gemma4_config.py``'s; the GGUF tensor names are below with the family.
+
 Left out (vision/audio only): the vision and audio towers, their soft tokens, and bidirectional
 attention over vision tokens (``use_bidirectional_attention``). KV-shared layers still get a
 cache of their own in ``cache_layout`` (the contract has no "shared" kind yet): unused memory.
@@ -22,68 +25,24 @@ cache of their own in ``cache_layout`` (the contract has no "shared" kind yet): 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from pensieve.models.args import ModelArgs, MoEArgs
-from pensieve.models.cache_spec import LayerCache, PagedKV
-from pensieve.models.config import hf_args
-from pensieve.models.family import Family, FastPaths, GGUFNames, GGUFSource, ModelConfigError
+from pensieve.models.family import (
+    GLOBAL_NAMES, LLAMA_BLOCK_NAMES, QK_NORM_NAMES, Family, FastPaths, GGUFNames,
+)
 from pensieve.models.forward_context import ForwardContext, attend_cached, paged_attention
-from pensieve.models.gemma3 import LOCAL_ROPE_THETA, WINDOW_PATTERN, _layer_types
+from pensieve.models.gemma3 import LOCAL_ROPE_THETA
+from pensieve.models.gemma4_config import (
+    cache_layout, expected_shapes, gguf_config, hf_config, kv_source, layer_dims, options,
+)
 from pensieve.models.llama import MLP, CosSin, RMSNorm, activation
 from pensieve.models.moe import Experts
 from pensieve.models.rope import RotaryEmbedding, apply_rope
-
-
-@dataclass(frozen=True)
-class Gemma4Options:
-    """What Gemma 4 adds to ``ModelArgs`` (kept in ``args.extra["gemma4"]``); ``ModelArgs``'
-    ``head_dim``/``num_kv_heads`` are the local layers'."""
-
-    global_head_dim: int
-    global_kv_heads: int
-    global_rope_theta: float
-    global_rope_partial: float
-    k_eq_v: bool = False
-    kv_shared_layers: int = 0
-    per_layer_dim: int = 0  # PLE width (0: none)
-    per_layer_vocab: int = 0
-    double_wide_mlp: bool = False
-    num_experts: int = 0  # the MoE block (0: none)
-    top_k: int = 0
-    expert_size: int = 0
-    softcap: float | None = None
-
-
-def options(args: ModelArgs) -> Gemma4Options:
-    return args.extra["gemma4"]
-
-
-def layer_dims(args: ModelArgs, layer: int) -> tuple[int, int]:
-    """(KV heads, head size) of ``layer``."""
-    if args.window(layer) is not None:
-        return args.num_kv_heads, args.head_dim
-    o = options(args)
-    return o.global_kv_heads, o.global_head_dim
-
-
-def kv_source(args: ModelArgs, layer: int) -> int:
-    """The layer whose cache ``layer`` attends over: itself, or for a KV-shared layer the last
-    non-shared layer of its kind."""
-    first_shared = args.num_layers - options(args).kv_shared_layers
-    if layer < first_shared:
-        return layer
-    kind = args.layer_types[layer] if args.layer_types else None
-    for i in range(first_shared - 1, -1, -1):
-        if (args.layer_types[i] if args.layer_types else None) == kind:
-            return i
-    raise ModelConfigError(f"KV-shared layer {layer} has no earlier {kind} layer")
 
 
 class Gemma4Attention(nn.Module):
@@ -125,7 +84,7 @@ class Gemma4Attention(nn.Module):
 
 
 class Gemma4Router(nn.Module):
-    """Scale-free RMSNorm · ``scale`` / √hidden → expert logits → softmax top-k, renormalised,
+    """Scale-free RMSNorm · ``scale`` / √hidden → expert logits → softmax top-k renormalised,
     times each chosen expert's ``per_expert_scale``."""
 
     def __init__(self, args: ModelArgs) -> None:
@@ -159,7 +118,8 @@ class Gemma4DecoderLayer(nn.Module):
         self.moe = o.num_experts > 0
         if self.moe:
             self.router = Gemma4Router(args)
-            self.experts = Experts(replace(args, moe=MoEArgs(o.num_experts, o.top_k, o.expert_size)))
+            moe = MoEArgs(o.num_experts, o.top_k, o.expert_size)
+            self.experts = Experts(replace(args, moe=moe))
             for name in ("post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
                          "pre_feedforward_layernorm_2"):
                 setattr(self, name, RMSNorm(h, eps))
@@ -249,124 +209,6 @@ class Gemma4ForCausalLM(nn.Module):
         return logits
 
 
-# --- config, weights, cache ------------------------------------------------------------------
-
-def _global(config: Mapping[str, Any], key: str, default: Any) -> Any:
-    """A full-attention layer's override from ``per_layer_config``, else the top-level
-    ``global_*`` key, else ``default``."""
-    types = config.get("layer_types") or []
-    for index, values in (config.get("per_layer_config") or {}).items():
-        if int(index) < len(types) and types[int(index)] == "full_attention" and key in values:
-            return values[key]
-    top = {"head_dim": "global_head_dim", "num_key_value_heads": "num_global_key_value_heads"}
-    return config.get(top[key]) or default
-
-
-def _hf(config: Mapping[str, Any]) -> ModelArgs:
-    if config.get("model_type") == "gemma4":
-        raise ModelConfigError("multimodal Gemma 4 checkpoints are not supported; "
-                               "use the text model (model_type gemma4_text)")
-    if config.get("attention_bias"):
-        raise ModelConfigError("Gemma 4 with attention biases is not supported")
-    if config.get("use_bidirectional_attention") == "all":
-        raise ModelConfigError("bidirectional Gemma 4 (use_bidirectional_attention=all) "
-                               "is not a causal LM")
-    n = int(config["num_hidden_layers"])
-    types = list(config.get("layer_types") or _layer_types(n, WINDOW_PATTERN))
-    types[-1] = "full_attention"  # as the reference forces
-    rope = config.get("rope_parameters") or {}
-    full = rope.get("full_attention") or {"rope_theta": 1_000_000.0, "partial_rotary_factor": 0.25}
-    local = rope.get("sliding_attention") or {"rope_theta": LOCAL_ROPE_THETA}
-    if full.get("rope_type", "proportional") != "proportional" or full.get("factor", 1.0) != 1.0:
-        raise ModelConfigError("Gemma 4's global RoPE must be unscaled 'proportional'")
-    if local.get("rope_type", "default") != "default":
-        raise ModelConfigError("Gemma 4's local RoPE must be 'default'")
-    kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
-    k_eq_v = bool(config.get("attention_k_eq_v", False))
-    moe = bool(config.get("enable_moe_block"))
-    opts = Gemma4Options(
-        global_head_dim=int(_global(config, "head_dim", 512)),
-        global_kv_heads=int(_global(config, "num_key_value_heads", kv) if k_eq_v else kv),
-        global_rope_theta=float(full.get("rope_theta", 1_000_000.0)),
-        global_rope_partial=float(full.get("partial_rotary_factor", 1.0)),
-        k_eq_v=k_eq_v, kv_shared_layers=int(config.get("num_kv_shared_layers") or 0),
-        per_layer_dim=int(config.get("hidden_size_per_layer_input") or 0),
-        per_layer_vocab=int(config.get("vocab_size_per_layer_input") or config["vocab_size"]),
-        double_wide_mlp=bool(config.get("use_double_wide_mlp", False)),
-        num_experts=int(config.get("num_experts") or 0) if moe else 0,
-        top_k=int(config.get("top_k_experts") or 0) if moe else 0,
-        expert_size=int(config.get("moe_intermediate_size") or 0) if moe else 0,
-        softcap=config.get("final_logit_softcapping"))
-    return hf_args(
-        {**config, "rope_parameters": None, "rope_scaling": None}, "gemma4",
-        num_kv_heads=kv, head_dim=int(config.get("head_dim") or 256),
-        rope_theta=opts.global_rope_theta, local_rope_theta=float(local["rope_theta"]),
-        layer_types=tuple(types), sliding_window=int(config.get("sliding_window") or 512),
-        hidden_act=str(config.get("hidden_activation") or "gelu_pytorch_tanh"),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
-        extra={"gemma4": opts})
-
-
-def cache_layout(args: ModelArgs) -> tuple[LayerCache, ...]:
-    """Per-layer head counts and sizes, windows on local layers; a KV-shared layer declares
-    its source's shape (it writes nothing there)."""
-    layout = []
-    for i in range(args.num_layers):
-        kv, hd = layer_dims(args, i)
-        layout.append(PagedKV(kv, hd, hd, args.window(i)))
-    return tuple(layout)
-
-
-def _shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    o, h, heads = options(args), args.hidden_size, args.num_heads
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (args.vocab_size, h),
-                                          "model.norm.weight": (h,)}
-    if not args.tie_word_embeddings:
-        shapes["lm_head.weight"] = (args.vocab_size, h)
-    if o.per_layer_dim:
-        n = args.num_layers * o.per_layer_dim
-        shapes.update({"model.embed_tokens_per_layer.weight": (o.per_layer_vocab, n),
-                       "model.per_layer_model_projection.weight": (n, h),
-                       "model.per_layer_projection_norm.weight": (o.per_layer_dim,)})
-    for i in range(args.num_layers):
-        p, (kv, hd) = f"model.layers.{i}.", layer_dims(args, i)
-        shared = kv_source(args, i) != i
-        inner = args.intermediate_size * (2 if o.double_wide_mlp and shared else 1)
-        shapes.update({p + "self_attn.q_proj.weight": (heads * hd, h),
-                       p + "self_attn.q_norm.weight": (hd,),
-                       p + "self_attn.o_proj.weight": (h, heads * hd),
-                       p + "mlp.gate_proj.weight": (inner, h), p + "mlp.up_proj.weight": (inner, h),
-                       p + "mlp.down_proj.weight": (h, inner), p + "layer_scalar": (1,)})
-        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm"):
-            shapes[f"{p}{norm}.weight"] = (h,)
-        if not shared:
-            shapes[p + "self_attn.k_proj.weight"] = (kv * hd, h)
-            shapes[p + "self_attn.k_norm.weight"] = (hd,)
-            if not (o.k_eq_v and args.window(i) is None):
-                shapes[p + "self_attn.v_proj.weight"] = (kv * hd, h)
-        if o.num_experts:
-            e, size = o.num_experts, o.expert_size
-            shapes.update({p + "router.proj.weight": (e, h), p + "router.scale": (h,),
-                           p + "router.per_expert_scale": (e,),
-                           p + "experts.gate_proj.weight": (e, size, h),
-                           p + "experts.up_proj.weight": (e, size, h),
-                           p + "experts.down_proj.weight": (e, h, size)})
-            for norm in ("post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
-                         "pre_feedforward_layernorm_2"):
-                shapes[f"{p}{norm}.weight"] = (h,)
-        if o.per_layer_dim:
-            shapes.update({p + "per_layer_input_gate.weight": (o.per_layer_dim, h),
-                           p + "per_layer_projection.weight": (h, o.per_layer_dim),
-                           p + "post_per_layer_input_norm.weight": (h,)})
-    return shapes
-
-
-def _gguf(src: GGUFSource) -> ModelArgs:
-    raise ModelConfigError("Gemma 4 GGUFs are not supported yet (the HF text model is)")
-
-
 def _paths(args: ModelArgs, context_length: int) -> FastPaths:
     """None: the compiled kernels assume one head size, scaled scores and no PLE."""
     return FastPaths()
@@ -377,10 +219,28 @@ FAMILY = Family(
     gguf_architectures=("gemma4",),
     hf_model_types=("gemma4_text",),
     model=Gemma4ForCausalLM,
-    args_from_hf=_hf,
-    args_from_gguf=_gguf,
-    gguf_names=GGUFNames({}, {}),
-    expected_shapes=_shapes,
+    args_from_hf=hf_config,
+    args_from_gguf=gguf_config,
+    gguf_names=GGUFNames({
+        **GLOBAL_NAMES, "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
+        "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
+        "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight",
+    }, {
+        **LLAMA_BLOCK_NAMES, **QK_NORM_NAMES,
+        "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+        "layer_output_scale.weight": "layer_scalar",
+        "ffn_gate_inp": "router.proj", "ffn_gate_inp.scale": "router.scale",
+        "ffn_down_exps.scale": "router.per_expert_scale",
+        "ffn_gate_up_exps": "experts.gate_up_proj", "ffn_gate_exps": "experts.gate_proj",
+        "ffn_up_exps": "experts.up_proj", "ffn_down_exps": "experts.down_proj",
+        "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
+        "post_ffw_norm_1": "post_feedforward_layernorm_1",
+        "post_ffw_norm_2": "post_feedforward_layernorm_2",
+        "inp_gate": "per_layer_input_gate", "proj": "per_layer_projection",
+        "post_norm": "post_per_layer_input_norm",
+    }, ignored=frozenset({"rope_freqs.weight"})),
+    expected_shapes=expected_shapes,
     fast_paths=_paths,
     cache_layout=cache_layout,
 )

@@ -3,8 +3,8 @@ shape (local/global layers with their own head sizes and KV heads, keys-as-value
 "proportional" RoPE on global layers, per-layer embeddings, KV-shared last layers with
 double-wide MLPs, soft-capping) and the MoE shape (router + experts beside the dense MLP);
 logits for a whole prefill and chunked prefill + decodes over a shuffled paged cache of the
-family's per-layer shapes (windows binding), and the engine's greedy tokens against
-``generate``."""
+family's per-layer shapes (windows binding), from the HF folder and from a GGUF written as
+llama.cpp's converter writes it, and the engine's greedy tokens against ``generate``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from pensieve.models.cache_spec import PagedKV  # noqa: E402
 from pensieve.models.registry import family  # noqa: E402
 from tests.helpers.paged_run import engine_tokens, paged_logits, prompt  # noqa: E402
 from tests.helpers.tiny_families import VOCAB, hf_model, save_hf  # noqa: E402
+from tests.helpers.tiny_gemma4 import write_gemma4_gguf  # noqa: E402
 
 ATOL = 1e-4
 CONTEXT, SEQ = 64, 36
@@ -79,28 +80,35 @@ def folder(root: Path, name: str) -> Path:
     return save_hf(root / name, reference(name))
 
 
+@cache
+def gguf_file(root: Path, name: str) -> Path:
+    return write_gemma4_gguf(root / f"{name}.gguf", reference(name))
+
+
 def ours(path: Path):
     ckpt = load_checkpoint(path)
     return ckpt, build_model(ckpt, EngineConfig(context_length=CONTEXT))
 
 
+@pytest.mark.parametrize("source", ["hf", "gguf"])
 @pytest.mark.parametrize("name", CASES)
-def test_hf_folder_matches_transformers(root, name):
-    ckpt, model = ours(folder(root, name))
+def test_matches_transformers(root, name, source):
+    ckpt, model = ours(folder(root, name) if source == "hf" else gguf_file(root, name))
     ids = prompt(SEQ, VOCAB)
     with torch.no_grad():
         expected = reference(name)(torch.tensor([ids])).logits[0].float()
     layout = family("gemma4").cache_layout(ckpt.args)
     whole, stepped = paged_logits(model, ckpt.args, ids, [SEQ // 3, SEQ - 5], layout)
     err = max((whole - expected).abs().max().item(), (stepped - expected).abs().max().item())
-    print(f"gemma4 {name}: max abs logit error {err:.2e} (|logits| ≤ {expected.abs().max():.1f})")
+    print(f"gemma4 {name} ({source}): max abs logit error {err:.2e} "
+          f"(|logits| ≤ {expected.abs().max():.1f})")
     torch.testing.assert_close(whole, expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(stepped, expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_engine_greedy_equals_generate(root, name):
-    ckpt, model = ours(folder(root, name))
+@pytest.mark.parametrize("name, source", [("dense", "gguf"), ("moe", "hf")])
+def test_engine_greedy_equals_generate(root, name, source):
+    ckpt, model = ours(folder(root, name) if source == "hf" else gguf_file(root, name))
     ids = prompt(SEQ - 8, VOCAB, seed=2)
     with torch.no_grad():
         expected = reference(name).generate(
@@ -109,7 +117,10 @@ def test_engine_greedy_equals_generate(root, name):
     assert engine_tokens(model, ckpt, CONTEXT, ids, 6) == expected
 
 
-def test_cache_layout_per_layer_shapes():
+def test_cache_layout_per_layer_shapes(root):
     args = family("gemma4").args_from_hf(config("dense").to_dict())
     local, full = PagedKV(2, 16, 16, 8), PagedKV(1, 32, 32, None)
     assert family("gemma4").cache_layout(args) == (local, local, full) * 2
+    gguf_args = load_checkpoint(gguf_file(root, "dense"), tensors=False).args
+    assert family("gemma4").cache_layout(gguf_args) == (local, local, full) * 2
+    assert gguf_args.extra["gemma4"] == args.extra["gemma4"]
