@@ -174,6 +174,10 @@ def run(a: argparse.Namespace) -> list[dict]:
                     row["bf16_grouped_mm_ms"] = None
                     print(f"_grouped_mm: {exc}", file=sys.stderr)
             row["codes_GBps"] = hit * code_bytes / row["codes_graph_ms"] / 1e6
+            if tokens <= 32:  # where GEMV_MAX_PICKS should sit: both routes forced
+                for route in ("gemv", "grouped"):
+                    row[f"{route}_ms"] = gpu_ms(graphed(lambda r=route: cuda_moe.moe_experts(
+                        x, w, ids, *layer.stacks(), e, route=r)), a.reps)
             if a.sweep:
                 row["best_ms"], row["best_tiles"] = sweep(ours, tokens * k, a.reps)
             results.append(row)
@@ -196,8 +200,8 @@ def align_times(experts: int, k: int, reps: int) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| mix | tokens | experts hit | codes graph ms | codes eager ms | bf16 loop ms | "
-            "bf16 grouped_mm ms | codes GB/s | loop / codes | rel err | best tiles |")
-    lines = [head, "|" + "---|" * 11]
+            "bf16 grouped_mm ms | codes GB/s | loop / codes | rel err | best tiles | routes ms |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         gmm = r.get("bf16_grouped_mm_ms")
         lines.append(
@@ -205,7 +209,9 @@ def table(rows: list[dict]) -> str:
             f"{r['codes_eager_ms']:.3f} | {r['bf16_loop_ms']:.3f} | "
             f"{'-' if gmm is None else f'{gmm:.3f}'} | {r['codes_GBps']:.0f} | "
             f"{r['bf16_loop_ms'] / r['codes_graph_ms']:.2f}x | {r['rel_err']:.1e} | "
-            + (f"{r['best_ms']:.3f} {r['best_tiles']} |" if "best_ms" in r else "- |"))
+            + (f"{r['best_ms']:.3f} {r['best_tiles']} |" if "best_ms" in r else "- |")
+            + (f" gemv {r['gemv_ms']:.3f} / grouped {r['grouped_ms']:.3f} |" if "gemv_ms" in r
+               else " - |"))
     return "\n".join(lines)
 
 
@@ -216,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--inner", type=int, default=768)
     p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--tokens", default="1,8,32,512,2048")
+    p.add_argument("--tokens", default="1,4,8,32,512,2048")
     p.add_argument("--mixes", default="q4_k+q6_k,q4_k+q4_k")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--sweep", action="store_true", help="also time a few tile sets per route")
