@@ -5,7 +5,10 @@ prefill takes seconds), rendered by the real ``PromptRenderer``; turn 2 = turn 1
 tool call + its result, with a new billing header; a side request (another system prompt, not
 retained) runs between the turns. Turn 2 must prefill at most its new tokens plus one checkpoint
 interval (``num_prompt_tokens - num_cached_tokens``, what ``cache_read_input_tokens`` reports),
-and its tokens must equal a cold engine's.
+and its tokens must equal a cold engine's. Families: a tiny model with every cache kind
+(recurrent, full, windowed, latent), Gemma 3 and Gemma 4 (sliding windows; Gemma 4's shared
+K/V layers), gpt-oss (128-token-style windows with sinks, here 32), GLM-4.7-Flash (latent),
+Qwen3.5 and Qwen3-Next (Gated DeltaNet state checkpoints).
 """
 
 from __future__ import annotations
@@ -152,3 +155,34 @@ def test_replay_glm4_moe_lite_latent(tmp_path):
         tie_word_embeddings=False, q_lora_rank=24, rope_interleave=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1000.0}), moe=True)
     _replay_checkpoint(ckpt)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_next"])
+def test_replay_gated_deltanet(tmp_path, name):
+    """Qwen3.5 (dense) and Qwen3-Next (MoE): Gated DeltaNet layers resume from the state
+    checkpoint at turn 1's last full block, gated attention from its blocks."""
+    from pensieve.loaders.registry import load_checkpoint
+    from tests.helpers.tiny_hybrid import hybrid_config, hybrid_model, save_hybrid_hf
+
+    model = hybrid_model(hybrid_config(name, max_position_embeddings=8192))
+    _replay_checkpoint(load_checkpoint(save_hybrid_hf(tmp_path / "hf", model)))
+
+
+@pytest.mark.slow
+def test_replay_gpt_oss_windows_and_sinks(tmp_path):
+    from tests.helpers.tiny_gpt_oss import config as gpt_oss_config, gpt_oss_model
+
+    torch.manual_seed(0)
+    ckpt = _hf_checkpoint(tmp_path, gpt_oss_config(sliding_window=32, max_position_embeddings=8192))
+    _replay_checkpoint(ckpt)
+
+
+@pytest.mark.slow
+def test_replay_gemma4_windows_and_shared_kv(tmp_path):
+    from pensieve.loaders.registry import load_checkpoint
+    from tests.helpers.tiny_families import save_hf
+    from tests.unit.test_gemma4 import config as gemma4_config, reference
+
+    assert gemma4_config("dense").num_kv_shared_layers == 3
+    _replay_checkpoint(load_checkpoint(save_hf(tmp_path / "hf", reference("dense"))))
