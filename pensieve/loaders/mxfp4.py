@@ -16,32 +16,51 @@ Dequantised on load: MXFP4 is not kept as codes on any kernel yet.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 BLOCK = 32
+CHUNK = 1 << 18  # blocks decoded at a time: bounds the temporaries (a 20b layer's gate/up
+# experts are 16.6M blocks)
 # E2M1 codes 0..15, doubled (ggml's ``kvalues_mxfp4``): sign bit 3, then 0, .5, 1, 1.5, 2, 3, 4, 6
 DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 
 
-def _decode(codes: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
-    """codes [..., G, 32] (0..15) and exponents [..., G] (E8M0 bytes) → float32 [..., G, 32]."""
+def _pairs() -> torch.Tensor:
+    """[256, 2] float32: a byte's (low nibble, high nibble) doubled E2M1 values."""
     table = torch.tensor(DOUBLED, dtype=torch.float32)
-    values = table[codes.to(torch.int64)]
-    return torch.ldexp(values, exponents.to(torch.int32).sub_(128).unsqueeze(-1))
+    byte = torch.arange(256)
+    return torch.stack((table[byte & 0x0F], table[byte >> 4]), dim=1)
 
 
-def ggml_blocks(blocks: torch.Tensor) -> torch.Tensor:
+def _decode(qs: torch.Tensor, exponents: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """qs [n, 16] code bytes, exponents [n] (E8M0) → float32 [n, 32]: a byte's nibbles are
+    values j and j + 16 (GGML) or 2j and 2j + 1 (``interleaved``, HF). One lookup per byte
+    (``embedding`` takes int32 indices) and one scale per block: 2^(e − 128) × doubled code."""
+    values = F.embedding(qs.to(torch.int32), _pairs())  # [n, 16, 2]
+    if not interleaved:
+        values = values.transpose(1, 2)
+    scale = torch.ldexp(torch.ones(exponents.shape), exponents.to(torch.int32).sub_(128))
+    return values.reshape(-1, BLOCK).mul_(scale.unsqueeze(-1))
+
+
+def ggml_blocks(blocks: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     """(n, 17) GGML MXFP4 blocks → (n, 32) float32."""
-    qs = blocks[:, 1:]
-    codes = torch.cat((qs & 0x0F, qs >> 4), dim=1)
-    return _decode(codes, blocks[:, 0])
+    out = torch.empty(blocks.shape[0], BLOCK)
+    for start in range(0, blocks.shape[0], chunk):
+        part = blocks[start:start + chunk]
+        out[start:start + chunk] = _decode(part[:, 1:], part[:, 0], interleaved=False)
+    return out
 
 
-def hf_blocks(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def hf_blocks(blocks: torch.Tensor, scales: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     """An HF checkpoint's ``*_blocks`` [..., G, 16] uint8 and ``*_scales`` [..., G] uint8 →
     float32 [..., G * 32] (the rows as stored: ``[E, out, in]`` for gpt-oss's experts)."""
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not fit scales "
                          f"{tuple(scales.shape)}")
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2)
-    values = _decode(codes, scales)
-    return values.flatten(-2)
+    flat, exps = blocks.reshape(-1, BLOCK // 2), scales.reshape(-1)
+    out = torch.empty(flat.shape[0], BLOCK)
+    for start in range(0, flat.shape[0], chunk):
+        out[start:start + chunk] = _decode(flat[start:start + chunk], exps[start:start + chunk],
+                                           interleaved=True)
+    return out.reshape(*scales.shape[:-1], scales.shape[-1] * BLOCK)

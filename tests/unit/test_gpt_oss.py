@@ -159,3 +159,58 @@ def test_router_ties_pick_what_transformers_picks(root):
     expected = reference_logits(ref, ids)
     torch.testing.assert_close(whole, expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(stepped, expected, atol=ATOL, rtol=0)
+
+
+# gpt-oss-20b's config.json as released (openai/gpt-oss-20b), without its quantization_config
+GPT_OSS_20B = {
+    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "attention_bias": True,
+    "attention_dropout": 0.0, "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64,
+    "hidden_act": "silu", "hidden_size": 2880, "initial_context_length": 4096,
+    "initializer_range": 0.02, "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "max_position_embeddings": 131072, "num_attention_heads": 64, "num_experts_per_tok": 4,
+    "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32,
+    "output_router_logits": False, "pad_token_id": 199999, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                     "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                     "truncate": False},
+    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128,
+    "swiglu_limit": 7.0, "tie_word_embeddings": False, "use_cache": True, "vocab_size": 201088,
+}
+
+
+def test_the_released_20b_config_and_mxfp4_headers_validate():
+    """The real config parses as the reference reads it, and the released checkpoint's tensor
+    headers (MXFP4 ``*_blocks``/``*_scales`` experts) plan into exactly the expected weights."""
+    from pensieve.loaders import hf_experts
+    from pensieve.loaders.architectures import validate_shapes
+
+    fam = family("gpt_oss")
+    args = fam.args_from_hf(GPT_OSS_20B)
+    assert (args.num_layers, args.num_heads, args.num_kv_heads, args.head_dim) == (24, 64, 8, 64)
+    assert (args.moe.num_experts, args.moe.top_k, args.moe.expert_size) == (32, 4, 2880)
+    assert args.rope_theta == 150000.0 and args.rope_scaling == {
+        "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "original_max_position_embeddings": 4096, "truncate": False}
+    assert [args.window(i) for i in range(4)] == [128, None, 128, None]
+    headers = {"model.embed_tokens.weight": (201088, 2880), "model.norm.weight": (2880,),
+               "lm_head.weight": (201088, 2880)}
+    for i in range(24):
+        p = f"model.layers.{i}."
+        headers.update({
+            p + "input_layernorm.weight": (2880,), p + "post_attention_layernorm.weight": (2880,),
+            p + "self_attn.q_proj.weight": (4096, 2880), p + "self_attn.q_proj.bias": (4096,),
+            p + "self_attn.k_proj.weight": (512, 2880), p + "self_attn.k_proj.bias": (512,),
+            p + "self_attn.v_proj.weight": (512, 2880), p + "self_attn.v_proj.bias": (512,),
+            p + "self_attn.o_proj.weight": (2880, 4096), p + "self_attn.o_proj.bias": (2880,),
+            p + "self_attn.sinks": (64,),
+            p + "mlp.router.weight": (32, 2880), p + "mlp.router.bias": (32,),
+            p + "mlp.experts.gate_up_proj_blocks": (32, 5760, 90, 16),
+            p + "mlp.experts.gate_up_proj_scales": (32, 5760, 90),
+            p + "mlp.experts.gate_up_proj_bias": (32, 5760),
+            p + "mlp.experts.down_proj_blocks": (32, 2880, 90, 16),
+            p + "mlp.experts.down_proj_scales": (32, 2880, 90),
+            p + "mlp.experts.down_proj_bias": (32, 2880),
+        })
+    _, shapes = hf_experts.plan(headers, fam.hf_renames, fam.hf_expert_layout)
+    validate_shapes(fam.expected_shapes(args), shapes, "gpt-oss-20b")

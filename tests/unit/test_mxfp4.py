@@ -64,6 +64,15 @@ def test_hf_layout_equals_transformers_conversion():
     assert torch.equal(mxfp4.hf_blocks(blocks, scales).transpose(1, 2), ref)
 
 
+def test_chunked_decoding_equals_one_piece():
+    rng = np.random.default_rng(6)
+    ggml = torch.from_numpy(rng.integers(0, 256, size=(50, 17), dtype=np.uint8))
+    assert torch.equal(mxfp4.ggml_blocks(ggml, chunk=7), mxfp4.ggml_blocks(ggml))
+    blocks = torch.from_numpy(rng.integers(0, 256, size=(3, 5, 2, 16), dtype=np.uint8))
+    scales = torch.from_numpy(rng.integers(100, 150, size=(3, 5, 2), dtype=np.uint8))
+    assert torch.equal(mxfp4.hf_blocks(blocks, scales, chunk=4), mxfp4.hf_blocks(blocks, scales))
+
+
 def test_hf_and_ggml_layouts_hold_the_same_numbers():
     w = np.random.default_rng(4).standard_normal((2, 4, 64)).astype(np.float32)
     codes, exps = mxfp4_codes(w)
