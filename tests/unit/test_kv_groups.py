@@ -194,3 +194,19 @@ def test_sizing_counts_every_layer_latent_k_only_and_states():
 def test_interval_must_be_block_aligned():
     with pytest.raises(ValueError, match="multiple of block_size"):
         EngineConfig(block_size=16, state_checkpoint_interval=100)
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_a_sessions_kept_windows_outlive_side_requests(retain):
+    """A small window pool: side requests reuse the blocks they free and the ones a window
+    dropped, not the windows a session (``retain_prefix``) kept for its next turn."""
+    kv = GroupedKVManager(CachePlan((GroupPlan(FULL, (0,), None, 64), GroupPlan(WINDOW, (1,), W, 12)),
+                                    BS, checkpoint_interval=INTERVAL))
+    session = ids(40)
+    run(kv, a := request(session, "a", retain=retain), budget=4)
+    kv.free(a)
+    for i in range(4):
+        run(kv, side := request(ids(40, seed=20 + i), f"s{i}"), budget=4)
+        kv.free(side)
+    hit = kv.match_prefix(request(session + [9, 9], "c"))
+    assert hit == 40 if retain else hit < 40
