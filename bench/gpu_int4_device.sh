@@ -7,6 +7,8 @@
 #                                           # kernel plans (bench.gpu_int4_plan); KERNELS=1: also
 #                                           # the in-process 8B model (bench.gpu_kernels)
 #   PHASE=2 bash bench/gpu_int4_device.sh   # served: 8B Q4_0 both servers, then the Qwen pair
+#   PHASE=ab BUDGET=330 bash bench/gpu_int4_device.sh   # shortest: 8B Q4_0, one layout vs
+#                                           # --keep-dense-weights, plans, then CUDA tests
 #   PHASE=one BUDGET=450 bash bench/gpu_int4_device.sh  # one short call: plans, 8B Q4_0 served by
 #                                           # both, the int4/int8 CUDA tests while llama.cpp builds
 # Needs .whl/, .gpu/tokenizer.gguf and .gpu/llama.cpp carried (see gpu_qwen_vs_llamacpp.sh).
@@ -100,6 +102,24 @@ if [ "$PHASE" = one ]; then  # all in one call when device time is short: 8B Q4_
     echo "llama.cpp q4_0 rc=$?"; grep -E "^\| (x|decode|prefill|cold|warm|GPU)" $S/bench_l_q4.log | cut -c1-140
     kill $LP; wait $LP 2>/dev/null
   fi
+fi
+if [ "$PHASE" = ab ]; then  # shortest: the one layout against --keep-dense-weights (the kernels of before)
+  nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv,noheader
+  python3 -m bench.make_random_gguf $Q4 --dtype q4_0 --tokenizer-from .gpu/tokenizer.gguf > $S/gguf_q4.log 2>&1
+  tail -1 $S/gguf_q4.log
+  timeout 50 python3 -m bench.gpu_int4_plan --models llama8b --out $OUT > $OUT/plan.log 2>&1
+  echo "plan rc=$?"; grep -E "x[0-9]+ \(|left out|Error" $OUT/plan.log | cut -c1-1800
+  for v in one: dense:--keep-dense-weights; do
+    n=${v%%:*}
+    setsid -w timeout 120 python3 -m bench.gpu_bench --out $S/p_$n --repeat 3 --max-num-seqs 0 \
+      --scenarios decode,x8,ttft1 --gguf $Q4 --serve-args "--weights auto ${v#*:}" --ready-timeout 90 > $S/bench_$n.log 2>&1
+    echo "pensieve $n rc=$?"; grep -E "^\| (x|decode|prefill|cold|warm|GPU)" $S/bench_$n.log | cut -c1-140
+    grep -E "GPU memory|ready in|Traceback|Error" $S/p_$n/server.log | cut -c1-300 | head -5
+    cp $S/p_$n/server.log $OUT/server_$n.log 2>/dev/null
+  done
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/unit/test_cuda_int4_gemm.py \
+    tests/unit/test_cuda_int4.py tests/unit/test_cuda_int8.py > $OUT/pytest.log 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|^E |FAILED|Error" $OUT/pytest.log | head -14 | cut -c1-300
 fi
 for d in $S/p_* $S/l_*; do [ -e $d/gpu_bench.md ] && { echo "## $(basename $d)"; cat $d/gpu_bench.md; }; done > $OUT/summary.md 2>/dev/null
 tar czf $OUT/logs.tgz -C $S --exclude='*.gguf' . 2>/dev/null
