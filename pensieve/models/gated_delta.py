@@ -114,15 +114,17 @@ def recurrent_gated_delta_rule(
     dtype = v.dtype
     q, k = _prepare(q, k, v, order)
     v, g, beta = v.transpose(1, 2).float(), g.transpose(1, 2).float(), beta.transpose(1, 2).float()
-    state = (torch.zeros(b, hv, q.shape[-1], dv, dtype=torch.float32, device=q.device)
-             if initial_state is None else initial_state.float())
+    dk = q.shape[-1]
+    state = (torch.zeros(b, hv, dk, dv, dtype=torch.float32, device=q.device)
+             if initial_state is None else initial_state.float().clone())
+    s = state.view(b * hv, dk, dv)  # updated in place: a decode step reads and writes it once
     out = torch.empty_like(v)
     for i in range(t):
-        state = state * g[:, :, i].exp()[..., None, None]
-        k_i = k[:, :, i].unsqueeze(-1)
-        predicted = (state * k_i).sum(dim=-2)
-        state = state + k_i * ((v[:, :, i] - predicted) * beta[:, :, i].unsqueeze(-1)).unsqueeze(-2)
-        out[:, :, i] = (state * q[:, :, i].unsqueeze(-1)).sum(dim=-2)
+        s.mul_(g[:, :, i].exp().reshape(-1, 1, 1))
+        k_i = k[:, :, i].reshape(-1, 1, dk)
+        delta = (v[:, :, i].reshape(-1, 1, dv) - torch.bmm(k_i, s)) * beta[:, :, i].reshape(-1, 1, 1)
+        s.baddbmm_(k_i.transpose(1, 2), delta)
+        out[:, :, i] = torch.bmm(q[:, :, i].reshape(-1, 1, dk), s).view(b, hv, dv)
     return out.transpose(1, 2).to(dtype), state
 
 
