@@ -4,7 +4,9 @@ A GGUF's ``ffn_{gate,up,down}_exps`` are 3-D quantised tensors [E, rows, K]; the
 code forms (``loaders/int4_codes.py``) of their 2-D view [E·rows, K] are held here stacked, in
 the dense CUDA layers' two layouts (``cuda_int4``: two 4-bit codes a byte + a float16
 scale/offset pair per 32 for Q4_0/Q4_1/Q4_K; ``cuda_int8``: int8 codes + float16 scales per
-16/32 + offsets per 32 for Q8_0/Q5_x/Q6_K/IQ4_x). ``CudaMoEExperts`` replaces a model's
+16/32 + offsets per 32 for Q8_0/Q5_x/IQ4_x) or, for Q6_K, six bits a code (``pack_six``: the
+low four in the int4 layout, the high two four a byte; 0.875 bytes a weight, not int8's 1.125;
+the file's own Q6_K is 0.82). ``CudaMoEExperts`` replaces a model's
 ``models.moe.Experts`` (same call: x, routing weights, expert ids) and runs a layer's routed
 experts in two launches — gate/up fused (with SiLU·up in the epilogue) where gate and up share a
 format, then down (each pick's routing weight in the epilogue) — and a sum of each token's picks:
@@ -34,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pensieve.backends.cuda_int4 import pack_codes, pack_scale_offset, triton_cdiv, unpack
+from pensieve.backends.cuda_int4 import (
+    pack_codes, pack_scale_offset, triton_cdiv, unpack, unpack_codes,
+)
 from pensieve.backends.cuda_int8 import block_key
 from pensieve.loaders.int4_codes import Int8Groups
 from pensieve.models.quant_linear import Int4Groups
@@ -63,9 +67,10 @@ GROUPED_SMALL_MAX_PICKS = 2048
 
 @dataclass(frozen=True)
 class Stack:
-    """One projection of every expert: ``w`` [E·N, K/2] uint8 (int4) or [E·N, K] int8, ``s``
-    int32 scale/offset pairs [E·N, K/32] (int4) or int16 float16 bits [E·N, K/group], ``mn``
-    int16 offsets [E·N, K/32] or None; ``n`` rows per expert."""
+    """One projection of every expert: ``w`` [E·N, K/2] uint8 (int4, and the low 4 bits of
+    ``six``) or [E·N, K] int8, ``s`` int32 scale/offset pairs [E·N, K/32] (int4) or int16
+    float16 bits [E·N, K/group], ``mn`` int16 offsets [E·N, K/32] (int8 with offsets) or the
+    high-2-bit bytes [E·N, K/4] (``six``) or None; ``n`` rows per expert."""
 
     w: torch.Tensor
     s: torch.Tensor
@@ -74,6 +79,7 @@ class Stack:
     group: int
     n: int
     k: int
+    six: bool = False
 
 
 def _kernels() -> ModuleType:
@@ -83,13 +89,36 @@ def _kernels() -> ModuleType:
 
 
 def fmt(codes: Codes) -> tuple[str, int, bool] | None:
-    """The kernels' format of a projection's codes: ("int4", 32, True), ("int8", group, has
-    offsets), or None where they take it not (it is then dequantised)."""
+    """The kernels' format of a projection's codes: ("int4", 32, True), ("six", 16, False)
+    for Q6_K, ("int8", group, has offsets), or None where they take it not (it is then
+    dequantised)."""
     if isinstance(codes, Int4Groups):
         ok = codes.group_size == 32 and codes.shape[1] % 32 == 0
         return ("int4", 32, True) if ok else None
     key = block_key(codes)
-    return None if key is None else ("int8", key[0], key[1])
+    if key is None:
+        return None
+    if codes.ggml_type == "Q6_K" and key == (16, False):  # codes −32..31: six bits
+        return ("six", 16, False)
+    return ("int8", key[0], key[1])
+
+
+def pack_six(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes −32..31 [R, K] → (low 4 bits of ``code + 32`` in the int4 layout [R, K/2],
+    high 2 bits four a byte [R, K/4]: byte i of group g holds columns 32g+i, +8, +16, +24)."""
+    r, k = codes.shape
+    u = (codes.to(torch.int16) + 32).to(torch.uint8)
+    hi = (u >> 4).view(r, k // 32, 4, 8)
+    packed_hi = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    return pack_codes(u & 15), packed_hi.reshape(r, k // 4).contiguous()
+
+
+def unpack_six(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """int8 codes [R, K] back from ``pack_six``."""
+    r, k = lo.shape[0], lo.shape[1] * 2
+    h = hi.view(r, k // 32, 1, 8)
+    high = torch.cat([(h >> s) & 3 for s in (0, 2, 4, 6)], dim=2).reshape(r, k)
+    return ((unpack_codes(lo) | (high << 4)).to(torch.int16) - 32).to(torch.int8)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -98,6 +127,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def stack_tensors(codes: Codes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(w, s, mn) of ``Stack`` for codes of a 2-D view [E·N, K]."""
+    if fmt(codes) == ("six", 16, False):
+        lo, hi = pack_six(codes.codes)
+        return lo, _bits(codes.scales), hi
     if isinstance(codes, Int4Groups):
         if codes.nibbles is not None:  # GGUF's own order already: no unpacking
             nib, scales, offsets = codes.nibbles
@@ -117,6 +149,10 @@ def _dequantize(st: Stack, experts: int) -> torch.Tensor:
     """The float32 weights [E, N, K] a stack stands for."""
     if st.int4:
         w = unpack(st.w, st.s)
+    elif st.six:
+        rows = st.w.shape[0]
+        codes = unpack_six(st.w, st.mn).float().view(rows, -1, 16)
+        w = (codes * st.s.view(torch.float16).float()[..., None]).view(rows, -1)
     else:
         rows = st.w.shape[0]
         w = st.w.float().view(rows, -1, st.group) * st.s.view(torch.float16).float()[..., None]
@@ -134,9 +170,9 @@ def _block_k(k: int, want: int) -> int:
 
 
 def _meta(st: Stack) -> tuple[tuple, dict]:
-    return ((st.w.view(torch.uint8) if not st.int4 else st.w, st.s,
-             st.s if st.mn is None else st.mn),
-            {"INT4": st.int4, "GS": st.group, "HAS_MIN": st.mn is not None})
+    return ((st.w.view(torch.uint8), st.s, st.s if st.mn is None else st.mn),
+            {"INT4": st.int4, "SIX": st.six, "GS": st.group,
+             "HAS_MIN": st.mn is not None and not st.six})
 
 
 def pick_gemv(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, st: Stack, y: torch.Tensor,
@@ -268,9 +304,9 @@ class CudaMoEExperts(nn.Module):
     def stacks(self) -> tuple[Stack, Stack]:
         (gkind, ggroup, _), (dkind, dgroup, _) = self.formats
         gu = Stack(self.gate_up_w, self.gate_up_s, self.gate_up_mn, gkind == "int4", ggroup,
-                   2 * self.inner, self.hidden)
+                   2 * self.inner, self.hidden, gkind == "six")
         dn = Stack(self.down_w, self.down_s, self.down_mn, dkind == "int4", dgroup,
-                   self.hidden, self.inner)
+                   self.hidden, self.inner, dkind == "six")
         return gu, dn
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,14 +2,18 @@
 (see ``cuda_moe.py`` for the layouts and the launchers).
 
 Every expert's projection is one slice ``e`` of a stacked weight [E, N, K] held in one of the
-two code layouts of the dense CUDA layers:
+two code layouts of the dense CUDA layers, or a 6-bit one:
 
 * ``INT4`` (Q4_0/Q4_1/Q4_K, ``cuda_int4``): ``W`` uint8 [E, N, K/2], byte ``i`` of group ``g``
   holding column 32g+i (low nibble) and 32g+16+i (high nibble); ``S`` int32 [E, N, K/32], a
   group's float16 scale (low half) and float16 offset (high half): ``w = code·scale + offset``;
-* int8 (Q8_0/Q5_x/Q6_K/..., ``cuda_int8``): ``W`` the codes read as uint8 [E, N, K], ``S``
+* int8 (Q8_0/Q5_x/IQ4_x/..., ``cuda_int8``): ``W`` the codes read as uint8 [E, N, K], ``S``
   float16 bits (int16) of a scale per ``GS`` columns, ``MN`` float16 bits of an offset per 32
-  where ``HAS_MIN``: ``w = code·scale (+ offset)``.
+  where ``HAS_MIN``: ``w = code·scale (+ offset)``;
+* ``SIX`` (Q6_K, 6-bit codes ``u = code + 32``): ``W`` the low 4 bits in the int4 layout
+  [E, N, K/2], ``MN`` the high 2 bits four a byte [E, N, K/4] (byte ``i`` of group ``g``:
+  columns 32g+i, +8, +16, +24 in bits 0-1, 2-3, 4-5, 6-7), ``S`` float16 bits of a scale per 16:
+  ``w = (u − 32)·scale`` — 0.875 bytes a weight instead of int8's 1.125.
 
 A row of the MoE is a *pick*: (token t, its j-th expert), ``p = t·TOPK + j``. The first
 projection reads x's row ``p // TOPK`` (``GATHER``), the second the pick's own row of the
@@ -51,6 +55,12 @@ def _codes8(b):
 
 
 @triton.jit
+def _u6(u):
+    """int32 values 0..63 (or any below 2**23) → float32, exactly, without a conversion."""
+    return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _scale_offset(so):
     s = (so & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     o = (so >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -67,7 +77,7 @@ def _dot(a, b, acc):
 
 
 @triton.jit
-def _row_dot(XR, W, S, MN, wrow, K, INT4: tl.constexpr, GS: tl.constexpr,
+def _row_dot(XR, W, S, MN, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr,
              HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Σ_k x[k] · w[wrow, k] for the int64 weight rows ``wrow`` [BLOCK_N] of the stacked
     weight (rows counted over all experts); x's row at ``XR``; BLOCK_K columns a step."""
@@ -88,6 +98,28 @@ def _row_dot(XR, W, S, MN, wrow, K, INT4: tl.constexpr, GS: tl.constexpr,
             part = tl.sum(lo * xlo[None, :, :] + hi * xhi[None, :, :], 2)
             s, o = _scale_offset(tl.load(so_ptrs + k0 // 32))
             acc += part * s + o * tl.sum(xlo + xhi, 1)[None, :]
+    elif SIX:
+        BG6: tl.constexpr = BLOCK_K // 32
+        gi = tl.arange(0, BG6)
+        i = tl.arange(0, 16)
+        w_ptrs = W + wrow[:, None, None] * (K // 2) + gi[None, :, None] * 16 + i[None, None, :]
+        h_ptrs = (MN + wrow[:, None, None] * (K // 4) + gi[None, :, None] * 8
+                  + (i % 8)[None, None, :])
+        s_ptrs = S + wrow[:, None] * (K // 16) + gi[None, :] * 2
+        x_ptrs = XR + gi[:, None] * 32 + i[None, :]
+        sh = ((i // 8) * 2)[None, None, :]
+        acc = tl.zeros([BLOCK_N, BG6], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
+            h = tl.load(h_ptrs + k0 // 4).to(tl.int32)
+            ulo = _u6((b & 15) | (((h >> sh) & 3) << 4))
+            uhi = _u6((b >> 4) | (((h >> (sh + 4)) & 3) << 4))
+            xlo = tl.load(x_ptrs + k0).to(tl.float32)
+            xhi = tl.load(x_ptrs + k0 + 16).to(tl.float32)
+            plo = tl.sum(ulo * xlo[None, :, :], 2) - 32.0 * tl.sum(xlo, 1)[None, :]
+            phi = tl.sum(uhi * xhi[None, :, :], 2) - 32.0 * tl.sum(xhi, 1)[None, :]
+            acc += (plo * _half(tl.load(s_ptrs + k0 // 16))
+                    + phi * _half(tl.load(s_ptrs + k0 // 16 + 1)))
     else:
         BS: tl.constexpr = BLOCK_K // GS
         si = tl.arange(0, BS)
@@ -110,7 +142,7 @@ def _row_dot(XR, W, S, MN, wrow, K, INT4: tl.constexpr, GS: tl.constexpr,
 @triton.jit
 def pick_gemv(X, IDS, RW, W, S, MN, Y, N, K, stride_x, stride_y, TOPK: tl.constexpr,
               GATHER: tl.constexpr, FUSE: tl.constexpr, ROUTED: tl.constexpr,
-              INT4: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
+              INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[p, n] for pick p = program 0, outputs n in BLOCK_N; N: the expert's weight rows
     (2I where FUSE, whose output has I columns); grid (P, cdiv(N_out, BLOCK_N))."""
@@ -129,9 +161,9 @@ def pick_gemv(X, IDS, RW, W, S, MN, Y, N, K, stride_x, stride_y, TOPK: tl.conste
     nmask = n < n_out
     wrow = e * N + tl.where(nmask, n, 0).to(tl.int64)
     XR = X + row.to(tl.int64) * stride_x
-    y = _row_dot(XR, W, S, MN, wrow, K, INT4, GS, HAS_MIN, BLOCK_N, BLOCK_K)
+    y = _row_dot(XR, W, S, MN, wrow, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K)
     if FUSE:
-        u = _row_dot(XR, W, S, MN, wrow + n_out, K, INT4, GS, HAS_MIN, BLOCK_N, BLOCK_K)
+        u = _row_dot(XR, W, S, MN, wrow + n_out, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K)
         y = y * tl.sigmoid(y) * u
     if ROUTED:
         y = y * tl.load(RW + p).to(tl.float32)
@@ -181,6 +213,18 @@ def _int4_tile(W, S, erow, byte, K):
 
 
 @triton.jit
+def _six_tile(W, S, H, erow, byte, K):
+    """As ``_int4_tile`` for the 6-bit layout (``H``: the high-bit bytes): (low, high) columns."""
+    b = tl.load(W + erow * (K // 2) + byte).to(tl.int32)
+    h = tl.load(H + erow * (K // 4) + (byte // 16) * 8 + byte % 8).to(tl.int32)
+    sh = ((byte % 16) // 8) * 2
+    ulo = _u6((b & 15) | (((h >> sh) & 3) << 4)) - 32.0
+    uhi = _u6((b >> 4) | (((h >> (sh + 4)) & 3) << 4)) - 32.0
+    srow = S + erow * (K // 16) + (byte // 16) * 2
+    return ulo * _half(tl.load(srow)), uhi * _half(tl.load(srow + 1))
+
+
+@triton.jit
 def _int8_tile(W, S, MN, erow, k, K, GS: tl.constexpr, HAS_MIN: tl.constexpr):
     """The float32 weights of int8-code stacked rows ``erow`` × columns ``k`` (broadcast)."""
     w = _codes8(tl.load(W + erow * K + k)) * _half(tl.load(S + erow * (K // GS) + k // GS))
@@ -192,8 +236,9 @@ def _int8_tile(W, S, MN, erow, k, K, GS: tl.constexpr, HAS_MIN: tl.constexpr):
 @triton.jit
 def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, Y, P, E, N, K, stride_x, stride_y,
                  TOPK: tl.constexpr, GATHER: tl.constexpr, FUSE: tl.constexpr,
-                 ROUTED: tl.constexpr, INT4: tl.constexpr, GS: tl.constexpr,
-                 HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 ROUTED: tl.constexpr, INT4: tl.constexpr, SIX: tl.constexpr,
+                 GS: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     """y[picks of block b, outputs of program 1] (see the module text); grid
     (MAX_BLOCKS, cdiv(N_out, BLOCK_N))."""
@@ -218,7 +263,7 @@ def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, Y, P, E, N, K, stride_x, stride_
     erow = e * N + tl.where(nmask, n, 0).to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if INT4:
+    if INT4 or SIX:
         # a step: BLOCK_K // 32 groups = BLOCK_K // 2 bytes a row, contiguous; byte j of the step
         # holds columns 32·(j // 16) + j % 16 (low nibble) and 16 more (high nibble)
         j = tl.arange(0, BLOCK_K // 2)
@@ -227,11 +272,17 @@ def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, Y, P, E, N, K, stride_x, stride_
         for k0 in range(0, K, BLOCK_K):
             xlo = tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
             xhi = tl.load(x_ptrs + k0 + 16, mask=mmask[:, None], other=0.0)
-            lo, hi = _int4_tile(W, S, erow[None, :], j[:, None] + k0 // 2, K)
+            if SIX:
+                lo, hi = _six_tile(W, S, MN, erow[None, :], j[:, None] + k0 // 2, K)
+            else:
+                lo, hi = _int4_tile(W, S, erow[None, :], j[:, None] + k0 // 2, K)
             acc = _dot(xlo, lo.to(xlo.dtype), acc)
             acc = _dot(xhi, hi.to(xhi.dtype), acc)
             if FUSE:
-                lo, hi = _int4_tile(W, S, erow[None, :] + n_out, j[:, None] + k0 // 2, K)
+                if SIX:
+                    lo, hi = _six_tile(W, S, MN, erow[None, :] + n_out, j[:, None] + k0 // 2, K)
+                else:
+                    lo, hi = _int4_tile(W, S, erow[None, :] + n_out, j[:, None] + k0 // 2, K)
                 acc_u = _dot(xlo, lo.to(xlo.dtype), acc_u)
                 acc_u = _dot(xhi, hi.to(xhi.dtype), acc_u)
     else:
