@@ -214,3 +214,43 @@ def test_the_released_20b_config_and_mxfp4_headers_validate():
         })
     _, shapes = hf_experts.plan(headers, fam.hf_renames, fam.hf_expert_layout)
     validate_shapes(fam.expected_shapes(args), shapes, "gpt-oss-20b")
+
+
+def run_engine(engine, rid: str, ids: list[int], steps: int):  # noqa: ANN001, ANN201
+    """Greedy tokens, the last delta, and the most blocks each KV pool held meanwhile."""
+    from pensieve.engine.types import SamplingParams
+
+    engine.add_request(rid, ids, SamplingParams(max_tokens=steps, temperature=0.0,
+                                                ignore_eos=True))
+    tokens, last, most = [], None, [0] * len(engine.kv.pools)
+    while engine.has_work():
+        for d in engine.step():
+            tokens.extend(d.token_ids)
+            last = d
+        most = [max(m, p.num_blocks - p.num_free) for m, p in zip(most, engine.kv.pools)]
+    return tokens, last, most
+
+
+def test_engine_frees_window_blocks_and_a_follow_up_hits_the_prefix_cache(root):
+    """Through the KV manager over layer groups: the windowed layers hold about a window of
+    blocks, and a follow-up turn that extends the first prompt reads its prefix from the cache;
+    both turns' tokens equal ``generate``."""
+    from pensieve.backends.torch_backend import torch_engine
+
+    ref = reference()
+    ckpt = load_checkpoint(checkpoint(root, "gguf"))
+    config_ = EngineConfig(context_length=128, block_size=4, max_num_seqs=2,
+                           max_num_batched_tokens=16)
+    engine = torch_engine(build_model(ckpt, config_), ckpt.args, ckpt.tokenizer, config_)
+    first = prompt(70, VOCAB, seed=4)
+    follow = first + prompt(9, VOCAB, seed=5)
+    for rid, ids in (("turn1", first), ("turn2", follow)):
+        tokens, last, most = run_engine(engine, rid, ids, 6)
+        with torch.no_grad():
+            expected = ref.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        assert tokens == expected, rid
+        assert most[0] == -(-(len(ids) + 6 - 1) // 4)  # full attention keeps every block
+        assert most[1] <= 8 // 4 + 16 // 4 + 1  # the window + one chunk (seen: 3)
+    assert [g.kind for g in engine.kv.groups] == ["full", "window"]
+    assert last.num_cached_tokens >= 64  # of the follow-up's 79 (seen: 68)
