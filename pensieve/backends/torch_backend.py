@@ -110,8 +110,9 @@ def assemble_model(model: nn.Module, args: ModelArgs, config: EngineConfig,
     model = model.to(device=config.device, dtype=config.dtype).eval()
     if on_cuda and model.fast_paths.cuda_fused_layers:
         fuse_cuda_layers(model)
-        if int4_modules:
-            prepare_for_cuda(model, config.dtype, keep_dense=config.keep_dense_weights)
+    if on_cuda and int4_modules and (model.fast_paths.cuda_fused_layers or planned.experts):
+        # an MoE model's attention projections are planned too (its experts were swapped)
+        prepare_for_cuda(model, config.dtype, keep_dense=config.keep_dense_weights)
     return model
 
 
