@@ -383,3 +383,48 @@ def test_qwen3_moe_gguf_on_cuda_gives_the_float_paths_greedy_tokens(gguf_root, q
         same += sum(a == b for a, b in zip(ours, theirs))
         total += len(theirs)
     assert same >= 0.8 * total
+
+
+def with_q4_0_attention(codes_ckpt, float_ckpt):  # noqa: ANN001, ANN201
+    """Both checkpoints with every attention projection rounded through Q4_0: the codes one
+    holds them as codes (they become the int4 CUDA layers ``prepare_for_cuda`` plans), the
+    float one their dequantised values."""
+    from dataclasses import replace
+
+    import numpy as np
+    from gguf.quants import quantize
+
+    int4, floats, weights = dict(codes_ckpt.int4), dict(float_ckpt.weights), dict(
+        codes_ckpt.weights)
+    for name in [n for n in weights if ".self_attn." in n and n.endswith("_proj.weight")]:
+        w = weights.pop(name).float()
+        raw = torch.from_numpy(quantize(w.numpy().astype(np.float32), Q.Q4_0).reshape(-1))
+        int4[name] = quant_groups(raw, Q.Q4_0, tuple(w.shape))
+        floats[name] = int4[name].dequantize()
+    return replace(codes_ckpt, int4=int4, weights=weights), replace(float_ckpt, weights=floats)
+
+
+@needs_cuda
+def test_moe_model_with_int4_attention_on_cuda(gguf_root):
+    """Attention as int4 codes (planned by ``prepare_for_cuda``) beside Q8_0 experts on the
+    kernels, under CUDA graphs: the greedy tokens of the same weights in float on the GPU."""
+    from pensieve.backends.cuda_int4 import CudaInt4Linear
+    from pensieve.backends.torch_backend import build_model
+    from pensieve.engine.config import EngineConfig
+    from pensieve.loaders.registry import load_checkpoint
+    from tests.helpers.paged_run import prompt
+    from tests.helpers.tiny_families import VOCAB
+
+    path = tiny_gguf(gguf_root, Q.Q8_0)
+    codes_ckpt, float_ckpt = with_q4_0_attention(load_checkpoint(path, keep_int4=True),
+                                                 load_checkpoint(path))
+    cfg = EngineConfig(context_length=64, device="cuda", dtype=torch.float32)
+    codes = build_model(codes_ckpt, cfg)
+    attn = [m for m in codes.modules() if isinstance(m, CudaInt4Linear)]
+    assert attn and all(m.plan is not None for m in attn)
+    reference = build_model(float_ckpt, cfg)
+    for seed in range(2):
+        ids = prompt(20, VOCAB, seed=seed)
+        ours, engine = cuda_tokens(codes, codes_ckpt, ids, 8)
+        assert engine.runner.graphs is not None and engine.runner.graphs.replays > 0
+        assert ours == cuda_tokens(reference, float_ckpt, ids, 8)[0], seed
