@@ -107,7 +107,7 @@ def pack_six(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes −32..31 [R, K] → (low 4 bits of ``code + 32`` in the int4 layout [R, K/2],
     high 2 bits four a byte [R, K/4]: byte i of group g holds columns 32g+i, +8, +16, +24)."""
     r, k = codes.shape
-    u = (codes.to(torch.int16) + 32).to(torch.uint8)
+    u = (codes + 32).view(torch.uint8)  # −32..31 + 32 stays within int8
     hi = (u >> 4).view(r, k // 32, 4, 8)
     packed_hi = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
     return pack_codes(u & 15), packed_hi.reshape(r, k // 4).contiguous()
