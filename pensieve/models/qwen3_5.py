@@ -18,10 +18,11 @@ from typing import Any
 from pensieve.models.args import ModelArgs
 from pensieve.models.family import Family, GGUFSource
 from pensieve.models.moe import gguf_moe
-from pensieve.models.qwen3_next import (
-    HYBRID_GGUF_NAMES, HybridForCausalLM, from_gguf_weight, from_hf_weight, gguf_hybrid,
-    hf_delta, hf_hybrid, hf_shared_moe, hybrid_layout, hybrid_shapes, no_fast_paths,
+from pensieve.models.hybrid_config import (
+    HYBRID_GGUF_NAMES, from_gguf_weight, from_hf_weight, gguf_hybrid, hf_delta, hf_hybrid,
+    hf_shared_moe, hybrid_layout, hybrid_shapes, no_fast_paths,
 )
+from pensieve.models.qwen3_next import HybridForCausalLM
 
 
 def text_config(config: Mapping[str, Any]) -> dict[str, Any]:
