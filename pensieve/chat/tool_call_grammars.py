@@ -9,7 +9,7 @@ matches its arguments (JSON text through our EBNF, or Qwen XML parameters) — i
   with) the call must be one of the tools' and its arguments must match.
 
 Builders: ``TaggedCalls`` (calls one after another: Hermes, Qwen3-Coder, Mistral, Llama 3,
-GLM), ``CallList`` (Mistral's ``[…]``), ``HarmonyCalls`` (gpt-oss's message headers).
+GLM, Gemma 4), ``CallList`` (Mistral's ``[…]``), ``HarmonyCalls`` (gpt-oss's message headers).
 
 ``parallel`` False ends the grammar after the first call. The builders know nothing of
 schemas or of xgrammar's Python API: they write plain dicts, so they are cheap and testable.
@@ -129,6 +129,9 @@ LLAMA3_GRAMMAR = TaggedCalls(
     trigger='{"name": ', begin=json_call_begin("", "parameters"), end="}", separator="; ", prefix="<|python_tag|>",
 )
 JSON_FENCE_GRAMMAR = TaggedCalls(trigger="```json", begin=json_call_begin("```json\n"), end="}\n```")
+GEMMA4_GRAMMAR = TaggedCalls(
+    trigger="<|tool_call>", begin=literal_begin("<|tool_call>call:", ""), end="<tool_call|>", separator="",
+)
 GLM_GRAMMAR = TaggedCalls(trigger="<tool_call>", begin=literal_begin("<tool_call>", ""), end="</tool_call>")
 
 # Harmony (gpt-oss). The grammar sees the answer without the reasoning: the thinking tracker

@@ -9,7 +9,7 @@ rendered template (to pick it).
 Picking (``detect_tool_format``): the renderer renders a probe tool call through the
 model's template and the first format whose ``call_pattern`` matches that text is the
 model's. Fallback, documented in docs/tools.md: a template that does not render tools, or
-renders calls in a format not in this table (DeepSeek, Kimi, Gemma 4 …), gets
+renders calls in a format not in this table (DeepSeek, Kimi, MiniMax …), gets
 Pensieve's built-in tool prompt, which asks for ``hermes`` — the model is told the format we
 parse. Without a rendered call (a template source alone) the template's text is searched for
 ``template_signs``, ``hermes`` when none is found.
@@ -23,6 +23,7 @@ parse. Without a rendered call (a template source alone) the template's text is 
 | ``llama3`` | ``{"name": …, "parameters": {…}}`` as the answer (or after ``<\\|python_tag\\|>``) | Llama 3.1–3.3 |
 | ``glm`` | ``<tool_call>NAME<arg_key>k</arg_key><arg_value>v</arg_value>…</tool_call>`` (strings raw, other values JSON) | GLM-4.5, 4.6, 4.7 |
 | ``harmony`` | ``<\\|channel\\|>commentary to=functions.NAME <\\|constrain\\|>json<\\|message\\|>{…}<\\|call\\|>`` | gpt-oss (its reasoning and answer channels too: ``tool_parsers/harmony.py``) |
+| ``gemma4`` | ``<\\|tool_call>call:NAME{key:<\\|"\\|>text<\\|"\\|>,n:5}<tool_call\\|>`` | Gemma 4 |
 | ``json_fence`` | ````` ```json\\n{"name": …, "arguments": {…}}\\n``` ````` | the drift of small Qwen models (``hermes`` reads it too) |
 """
 
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pensieve.chat.tool_call_grammars import (
+    GEMMA4_GRAMMAR,
     GLM_GRAMMAR,
     HARMONY_GRAMMAR,
     HERMES_GRAMMAR,
@@ -45,6 +47,7 @@ from pensieve.chat.tool_call_grammars import (
     CallGrammar,
 )
 from pensieve.chat.tool_parsers.base import ToolParser
+from pensieve.chat.tool_parsers.gemma4 import Gemma4Parser
 from pensieve.chat.tool_parsers.glm import GlmParser
 from pensieve.chat.tool_parsers.harmony import HarmonyParser
 from pensieve.chat.tool_parsers.hermes import HermesParser
@@ -53,7 +56,7 @@ from pensieve.chat.tool_parsers.llama3 import Llama3Parser
 from pensieve.chat.tool_parsers.mistral import MistralParser
 from pensieve.chat.tool_parsers.qwen3_coder import Qwen3CoderParser
 
-ArgumentsStyle = Literal["json", "qwen_xml", "glm_xml"]
+ArgumentsStyle = Literal["json", "qwen_xml", "glm_xml", "gemma"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,8 @@ class ToolFormat:
     """One tool-call format. ``parser`` reads calls as they stream; ``grammar`` constrains
     them; ``arguments`` says how argument values are written (``json``: one JSON object in
     the canonical layout; ``qwen_xml``: ``<parameter=key>value</parameter>`` per key;
-    ``glm_xml``: ``<arg_key>key</arg_key><arg_value>value</arg_value>`` per key)."""
+    ``glm_xml``: ``<arg_key>key</arg_key><arg_value>value</arg_value>`` per key; ``gemma``:
+    Gemma 4's object syntax, keys bare and strings between ``<|"|>``)."""
 
     name: str
     parser: type[ToolParser]
@@ -109,6 +113,10 @@ GLM = ToolFormat(
     "glm", GlmParser, GLM_GRAMMAR, ("</tool_call>",),
     re.compile(rf"<tool_call>\s*{_NAME}\s*(<arg_key>|</tool_call>)"), ("<arg_key>",), arguments="glm_xml",
 )
+GEMMA4 = ToolFormat(
+    "gemma4", Gemma4Parser, GEMMA4_GRAMMAR, ("<tool_call|>",),
+    re.compile(rf"<\|tool_call>call:{_NAME}\{{"), ("<|tool_call>",), arguments="gemma",
+)
 HARMONY = ToolFormat(
     "harmony", HarmonyParser, HARMONY_GRAMMAR, ("<|call|>",),
     re.compile(rf"(to=functions\.{_NAME}\s*<\|channel\|>commentary|<\|channel\|>commentary to=functions\.)"),
@@ -118,7 +126,7 @@ JSON_FENCE = ToolFormat("json_fence", JsonFenceParser, JSON_FENCE_GRAMMAR, (FENC
 
 # Most specific first: the first match wins (Qwen3-Coder and Hermes both open <tool_call>).
 TOOL_FORMATS: dict[str, ToolFormat] = {
-    f.name: f for f in (QWEN3_CODER, GLM, HARMONY, MISTRAL, MISTRAL_LIST, HERMES, LLAMA3, JSON_FENCE)
+    f.name: f for f in (QWEN3_CODER, GLM, HARMONY, GEMMA4, MISTRAL, MISTRAL_LIST, HERMES, LLAMA3, JSON_FENCE)
 }
 DEFAULT_TOOL_FORMAT = HERMES.name  # the built-in tool prompt's
 

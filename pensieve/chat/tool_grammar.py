@@ -13,7 +13,7 @@
 Every format of ``pensieve.chat.tool_formats`` has a grammar: the format's builder
 (``tool_call_grammars.py``) lays out the calls, this module supplies each tool's arguments:
 JSON in one canonical layout (``{"command": "ls", "timeout": 5}``), Qwen XML parameters
-for ``qwen3_coder``, or GLM key/value pairs for ``glm``. Each tool's schema is vetted by xgrammar first; keywords it cannot
+for ``qwen3_coder``, GLM key/value pairs for ``glm``, Gemma's object syntax for ``gemma4``. Each tool's schema is vetted by xgrammar first; keywords it cannot
 compile are dropped (logged once per schema), stage by stage, until it compiles — a schema
 never fails a request.
 """
@@ -169,6 +169,9 @@ def arguments_content(schema: Mapping[str, Any] | bool, style: ArgumentsStyle = 
     if style == "glm_xml":
         usable = _glm_schema(json.dumps(schema))
         return None if usable is None else glm_xml_content(usable)
+    if style == "gemma":
+        usable = _gemma_schema(json.dumps(sorted_properties(schema)))
+        return None if usable is None else gemma_content(usable)
     ebnf = arguments_ebnf(schema)
     return None if ebnf is None else {"type": "grammar", "grammar": ebnf}
 
@@ -214,6 +217,44 @@ def _glm_schema(schema_json: str) -> Any | None:
         log.warning("tool schema %s: dropped %s, which xgrammar cannot compile as GLM arguments",
                     title or schema_json[:80], ", ".join(dropped))
     return usable
+
+
+@functools.lru_cache(maxsize=1024)
+def _gemma_schema(schema_json: str) -> Any | None:
+    """The schema, degraded until xgrammar builds Gemma 4 arguments for it."""
+    usable, dropped = degrade_schema(json.loads(schema_json), _compiles_gemma)
+    if dropped and usable is not None:
+        log.warning("tool schema %s: dropped %s, which xgrammar cannot compile as Gemma 4 arguments",
+                    schema_json[:80], ", ".join(dropped))
+    return usable
+
+
+def gemma_content(schema: Any) -> dict[str, Any]:
+    """Gemma 4 arguments (``{key:<|"|>text<|"|>,n:5}``) that match ``schema`` (no ``excludes``
+    for the markers: xgrammar drops a string's length limits where they are set)."""
+    return {"type": "json_schema", "json_schema": schema, "style": "gemma"}
+
+
+def sorted_properties(schema: Any) -> Any:
+    """``schema`` with every ``properties`` map in key order: Gemma 4's template writes
+    arguments sorted (``dictsort``), so the grammar asks for them in that order."""
+    if isinstance(schema, list):
+        return [sorted_properties(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: sorted_properties(v) if k != "enum" and k != "const" else v for k, v in schema.items()}
+    if isinstance(schema.get("properties"), dict):
+        out["properties"] = {k: sorted_properties(schema["properties"][k]) for k in sorted(schema["properties"])}
+    return out
+
+
+def _compiles_gemma(schema: Any) -> bool:
+    try:
+        check_structural_tag(gemma_content(schema))
+    except GrammarError as exc:
+        log.debug("schema does not compile as Gemma 4 arguments: %s", exc)
+        return False
+    return True
 
 
 def glm_xml_content(schema: Any) -> dict[str, Any]:

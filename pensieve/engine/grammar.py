@@ -265,9 +265,11 @@ class GrammarCompiler:
         return GrammarConstraint(spec, self, tokens_left)
 
     def _set_closing_tokens(self, vocab: list[bytes]) -> None:
-        closers = [i for i, piece in enumerate(vocab) if piece and not piece.strip(b'"]}')]
-        self.close_string_bits = _token_bits(frozenset(i for i in closers if vocab[i][:1] == b'"'), self.vocab_size)
-        self.close_bracket_bits = _token_bits(frozenset(i for i in closers if vocab[i][:1] != b'"'), self.vocab_size)
+        # Gemma 4 writes tool-call strings between <|"|> tokens: one closes a string too
+        pieces = [piece.replace(b'<|"|>', b'"') for piece in vocab]
+        closers = [i for i, piece in enumerate(pieces) if piece and not piece.strip(b'"]}')]
+        self.close_string_bits = _token_bits(frozenset(i for i in closers if pieces[i][:1] == b'"'), self.vocab_size)
+        self.close_bracket_bits = _token_bits(frozenset(i for i in closers if pieces[i][:1] != b'"'), self.vocab_size)
         letters = {bytes([c]) for c in b"abcdfghijklmnopqrstuvwxyzABCDFGHIJKLMNOPQRSTUVWXYZ"}  # no e/E: numbers
         self.letter_bits = _token_bits(frozenset(i for i, piece in enumerate(vocab) if piece in letters), self.vocab_size)
 

@@ -1,5 +1,5 @@
 """Tiny byte-level BPE tokenizers with a chat format's special tokens (gpt-oss's harmony
-markers, GLM's), as ``TextTokenizer``s: for grammar tests and tiny engines that must write
+markers, GLM's, Gemma 4's), as ``TextTokenizer``s: for grammar tests and tiny engines that must write
 those markers as single tokens, the way the real vocabularies do."""
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ HARMONY_SPECIALS = ("<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|c
 GLM_SPECIALS = ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
                 "<|observation|>", "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>",
                 "</arg_key>", "<arg_value>", "</arg_value>")
+GEMMA4_SPECIALS = ("<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|tool>", "<tool|>", "<|tool_call>",
+                   "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>', "<|channel>", "<channel|>",
+                   "<|think|>")
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Weather in Paris is sunny, 21 degrees.",
     'functions.get_weather commentary analysis final json {"city": "Paris", "days": 2}',
@@ -38,6 +41,11 @@ def tiny_special_tokenizer(specials: tuple[str, ...], *, eos: str, extra_eos: tu
 def harmony_tokenizer() -> TextTokenizer:
     """gpt-oss's markers; ``<|return|>`` is the EOS (as in its tokenizer_config)."""
     return tiny_special_tokenizer(HARMONY_SPECIALS, eos="<|return|>")
+
+
+def gemma4_tokenizer() -> TextTokenizer:
+    """Gemma 4's markers; a turn ends on ``<eos>`` or ``<turn|>``."""
+    return tiny_special_tokenizer(GEMMA4_SPECIALS, eos="<eos>", extra_eos=("<turn|>",))
 
 
 def glm_tokenizer() -> TextTokenizer:

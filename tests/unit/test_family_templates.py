@@ -42,7 +42,7 @@ FAMILIES: dict[str, tuple[str | None, str | None, dict[str, Any]]] = {
     "GLM-4.6": ("glm", "reasoning_content", {"enable_thinking": True}),
     "GLM-4.7-Flash": ("glm", "reasoning_content", {"enable_thinking": True}),
     "Qwen3.5-4B": ("qwen3_coder", "reasoning_content", {"enable_thinking": True}),
-    "google-gemma-4-31B-it": (NO_FORMAT, None, {}),
+    "google-gemma-4-31B-it": ("gemma4", "reasoning_content", {"enable_thinking": True}),
     "deepseek-ai-DeepSeek-V3.1": (NO_FORMAT, None, {}),
 }
 

@@ -38,6 +38,16 @@ def xml_args(args: dict) -> str:
     return "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in args.items())
 
 
+def gemma_value(v: object) -> str:
+    if isinstance(v, str):
+        return f'<|"|>{v}<|"|>'
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{gemma_value(x)}" for k, x in sorted(v.items())) + "}"
+    if isinstance(v, list):
+        return "[" + ",".join(gemma_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
 def glm_args(args: dict) -> str:
     return "".join(f"<arg_key>{k}</arg_key><arg_value>{v if isinstance(v, str) else json.dumps(v)}</arg_value>"
                    for k, v in args.items())
@@ -52,8 +62,10 @@ CALL_TEXT = {
     "llama3": lambda n, a: f'{{"name": "{n}", "parameters": {json_args(a)}}}',
     "json_fence": lambda n, a: f'```json\n{{"name": "{n}", "arguments": {json_args(a)}}}\n```',
     "glm": lambda n, a: f"<tool_call>{n}{glm_args(a)}</tool_call>",
+    "gemma4": lambda n, a: f"<|tool_call>call:{n}{gemma_value(a)}<tool_call|>",
 }
-SEPARATOR = {"hermes": "\n", "qwen3_coder": "\n", "mistral": "", "llama3": "; ", "json_fence": "\n", "glm": "\n"}
+SEPARATOR = {"hermes": "\n", "qwen3_coder": "\n", "mistral": "", "llama3": "; ", "json_fence": "\n", "glm": "\n",
+             "gemma4": ""}
 
 
 def two_calls(fmt: str) -> str:
@@ -219,7 +231,7 @@ EXPECTED_FORMAT = {
     "meta-llama-Llama-3.3-70B-Instruct": "llama3",
     "GLM-4.6": "glm", "GLM-4.7-Flash": "glm", "Spark2.5": "glm", "inclusionai-ling-3.0-flash": "glm",
     "poolside-Laguna-S-2.1": "glm", "poolside-Laguna-XS-2.1": "glm", "poolside-Laguna-XS.2": "glm",
-    "openai-gpt-oss-120b": "harmony",
+    "openai-gpt-oss-120b": "harmony", "google-gemma-4-31B-it": "gemma4", "google-gemma-4-31B-it-interleaved": "gemma4",
 }
 TEMPLATE_NAMES = sorted(p.stem for p in real_templates_dir().glob("*.jinja"))
 
@@ -251,5 +263,6 @@ def test_real_template_picks_its_format(name: str) -> None:
 
 def test_source_signs_when_no_call_was_rendered() -> None:
     assert detect_tool_format(None) == "hermes"
-    assert detect_tool_format("x", rendered_call="<|tool_call>call:Bash{}<tool_call|>") is None
+    assert detect_tool_format("x", rendered_call="<｜tool▁call▁begin｜>Bash<｜tool▁sep｜>{}<｜tool▁call▁end｜>") is None
+    assert detect_tool_format("x", rendered_call="<|tool_call>call:Bash{}<tool_call|>") == "gemma4"
     assert detect_tool_format(None, rendered_call='<tool_call>\n{"name": "x", "arguments": {}}') == "hermes"

@@ -113,7 +113,7 @@ def test_detect_tool_format(template: str | None, fmt: str) -> None:
 
 def test_registry() -> None:
     assert set(TOOL_FORMATS) == {"hermes", "llama3", "mistral", "mistral_list", "qwen3_coder", "json_fence", "glm",
-                                 "harmony"}
+                                 "harmony", "gemma4"}
     assert make_tool_parser("mistral").name == "mistral"
     with pytest.raises(ValueError, match="unknown tool-call format"):
         make_tool_parser("nope")
