@@ -222,6 +222,7 @@ HYBRID_BLOCK_NAMES = {
     **{k: v for k, v in LLAMA_BLOCK_NAMES.items() if k != "ffn_norm"}, **QK_NORM_NAMES,
     "post_attention_norm": "post_attention_layernorm",
     "attn_qkv": "linear_attn.in_proj_qkv", "attn_gate": "linear_attn.in_proj_z",
+    "ssm_in": "linear_attn.in_proj_qkvz",  # legacy Qwen3-Next files: HF's grouped qkvz
     "ssm_ba": "linear_attn.in_proj_ba", "ssm_beta": "linear_attn.in_proj_b",
     "ssm_alpha": "linear_attn.in_proj_a", "ssm_conv1d": "linear_attn.conv1d",
     "ssm_dt.bias": "linear_attn.dt_bias", "ssm_norm": "linear_attn.norm",

@@ -204,7 +204,9 @@ def _hf(config: Mapping[str, Any]) -> ModelArgs:
 
 def _gguf(src: GGUFSource) -> ModelArgs:
     moe = gguf_moe(src, norm_topk=True, shared_gate=True) if src.key("expert_count", 0) else None
-    return gguf_hybrid(src, "qwen3_next", {"ba": "interleaved"}, moe=moe)
+    legacy = any(name.endswith(".ssm_in.weight") for name in src.shapes)  # qkvz in one tensor
+    layout = {"ba": "interleaved", "qkvz": "interleaved" if legacy else "flat"}
+    return gguf_hybrid(src, "qwen3_next", layout, moe=moe)
 
 
 FAMILY = Family(

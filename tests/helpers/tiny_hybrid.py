@@ -112,7 +112,8 @@ def _v_tiled(t: torch.Tensor, dim: int, nk: int, nv: int, head: int) -> torch.Te
     return t.transpose(dim, dim + 1).reshape(shape)
 
 
-def _converter_tensors(model: torch.nn.Module, arch: str) -> dict[str, torch.Tensor]:
+def _converter_tensors(model: torch.nn.Module, arch: str, legacy: bool = False
+                       ) -> dict[str, torch.Tensor]:
     """The converter's output in HF-ish names that gguf-py's map turns into llama.cpp's."""
     cfg = model.config
     nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
@@ -133,6 +134,9 @@ def _converter_tensors(model: torch.nn.Module, arch: str) -> dict[str, torch.Ten
             continue
         if hf.endswith("experts.down_proj"):
             out[hf + ".weight"] = t
+            continue
+        if hf.endswith("in_proj_qkvz.weight") and legacy:  # early files: ssm_in, as HF holds it
+            out[hf.replace("linear_attn.in_proj_qkvz", "ssm_in")] = t
             continue
         if hf.endswith("in_proj_qkvz.weight"):  # Qwen3-Next: one group per key head
             q, k, v, z = t.t().reshape(-1, nk, 2 * dk + 2 * value // nk).split(
@@ -163,11 +167,13 @@ def _converter_tensors(model: torch.nn.Module, arch: str) -> dict[str, torch.Ten
 
 
 def write_hybrid_gguf(path: Path, model: torch.nn.Module, arch: str, *,
-                      recurrent_layers: bool = True, qtype: Q = Q.F32) -> Path:
+                      recurrent_layers: bool = True, qtype: Q = Q.F32,
+                      legacy_ssm_in: bool = False) -> Path:
     """``model`` as llama.cpp writes it, plus one MTP block (``blk.{n}.*``, ``nextn.*``).
     ``recurrent_layers``: write ``attention.recurrent_layers`` (else only the interval);
     ``qtype``: the 2-D projections' type (``tiny_families.quantize_like_gguf`` the model
-    first, so both sides compute with the same numbers)."""
+    first, so both sides compute with the same numbers); ``legacy_ssm_in``: Qwen3-Next's
+    ``in_proj_qkvz`` as one ``ssm_in`` tensor (files from before the qkv/gate split)."""
     cfg = model.config
     n, h = cfg.num_hidden_layers, cfg.hidden_size
     w = GGUFWriter(str(path), arch)
@@ -202,8 +208,9 @@ def write_hybrid_gguf(path: Path, model: torch.nn.Module, arch: str, *,
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     _add_bpe_vocab(w, TOKENIZER)
     names = gguf.get_tensor_name_map(ARCHS[arch], n + 1)
-    for hf, t in _converter_tensors(model, arch).items():
-        name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+    for hf, t in _converter_tensors(model, arch, legacy_ssm_in).items():
+        name = (hf.replace("model.layers.", "blk.")
+                if ".ssm_in." in hf else names.get_name(hf, try_suffixes=(".weight", ".bias")))
         if name is None:
             raise KeyError(f"no llama.cpp name for {hf}")
         a = t.numpy().astype(np.float32)

@@ -121,6 +121,18 @@ def test_two_sequences_batched_equal_each_alone(root, name):
     torch.testing.assert_close(got_b, want_b, atol=ATOL, rtol=0)
 
 
+def test_legacy_qwen3_next_gguf_with_one_ssm_in_tensor(root):
+    """Early llama.cpp Qwen3-Next files keep HF's grouped ``in_proj_qkvz`` as ``ssm_in``."""
+    path = write_hybrid_gguf(root / "qwen3_next-legacy.gguf", reference("qwen3_next"), "qwen3next",
+                             legacy_ssm_in=True)
+    ckpt = load_checkpoint(path)
+    assert "model.layers.0.linear_attn.in_proj_qkvz.weight" in ckpt.weights
+    model = build_model(ckpt, EngineConfig(context_length=CONTEXT))
+    ids, want = expected("qwen3_next")
+    torch.testing.assert_close(stepped_logits(model, ckpt.args, ids, [SEQ]), want,
+                               atol=ATOL, rtol=0)
+
+
 def test_gguf_without_recurrent_layers_key_uses_the_interval(root):
     ckpt, model = ours(root, "qwen3_5", "gguf", recurrent_layers=False)
     ids, want = expected("qwen3_5")
