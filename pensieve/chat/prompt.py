@@ -27,6 +27,7 @@ from pensieve.chat.thinking import (
     detect_thinking_markers,
     plan_thinking,
     prompt_opens_thinking,
+    request_effort,
     thinking_key_from_env,
 )
 from pensieve.chat.tool_parsers.harmony import HARMONY_THINKING
@@ -216,7 +217,8 @@ class PromptRenderer:
         if self.caps.reads_enable_thinking and (request.thinking is not None or "enable_thinking" not in kwargs):
             kwargs["enable_thinking"] = thinking.requested
         effort = reasoning_effort(request, thinking) if self.harmony else None
-        if effort is not None:
+        said = request.thinking is not None or request_effort(request) is not None
+        if effort is not None and (said or "reasoning_effort" not in kwargs):  # a renderer default yields to the request
             kwargs["reasoning_effort"] = effort
         return kwargs
 

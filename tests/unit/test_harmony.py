@@ -322,3 +322,10 @@ def test_reasoning_effort_reaches_the_template(extra: dict, effort: str) -> None
     text = PromptRenderer(CharTokenizer(), SOURCE, thinking_key=KEY).render(
         request([{"role": "user", "content": "hi"}], **extra)).text
     assert f"Reasoning: {effort}\n" in text
+
+
+def test_a_renderer_default_effort_yields_only_to_a_request_that_says() -> None:
+    renderer = PromptRenderer(CharTokenizer(), SOURCE, thinking_key=KEY, template_kwargs={"reasoning_effort": "high"})
+    plain = renderer.render(request([{"role": "user", "content": "hi"}])).text
+    said = renderer.render(request([{"role": "user", "content": "hi"}], output_config={"effort": "low"})).text
+    assert "Reasoning: high\n" in plain and "Reasoning: low\n" in said
