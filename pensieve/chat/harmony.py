@@ -10,7 +10,8 @@
   becomes one message per call, each followed by its result. Reasoning goes in the
   ``thinking`` field (the messages' ``ThinkingHistory`` is told so); the template refuses a
   call message with both ``content`` and ``thinking``, so such a message's text joins its
-  thinking (both are analysis there).
+  thinking (both are analysis there). It also refuses a ``tool`` message with no call before
+  it (a history whose call was cleared or compacted away): such a result becomes user text.
 
 The output side (channels → thinking, text and ``tool_use`` blocks) is
 ``tool_parsers/harmony.py``.
@@ -44,16 +45,21 @@ def reasoning_effort(request: ConversationParams, plan: ThinkingPlan) -> str | N
 def one_call_per_message(messages: list[TemplateMessage]) -> list[TemplateMessage]:
     """``messages`` with every assistant turn of several calls split into one message per
     call, each followed by its result (matched by ``tool_call_id``; results with no call
-    here keep their place after the turn)."""
+    here keep their place after the turn); a result with no call before it becomes user text."""
     out: list[TemplateMessage] = []
     i = 0
+    called = False  # a call since the last answer: the template names a result after it
     while i < len(messages):
         message = messages[i]
         calls = message.get("tool_calls") if message["role"] == "assistant" else None
         i += 1
         if not calls:
+            if message["role"] == "tool" and not called:
+                message = {"role": "user", "content": message.get("content", "")}
+            called = called and message["role"] != "assistant"
             out.append(message)
             continue
+        called = True
         results: list[TemplateMessage] = []
         while i < len(messages) and messages[i]["role"] == "tool":
             results.append(messages[i])

@@ -329,3 +329,11 @@ def test_a_renderer_default_effort_yields_only_to_a_request_that_says() -> None:
     plain = renderer.render(request([{"role": "user", "content": "hi"}])).text
     said = renderer.render(request([{"role": "user", "content": "hi"}], output_config={"effort": "low"})).text
     assert "Reasoning: high\n" in plain and "Reasoning: low\n" in said
+
+
+def test_a_result_whose_call_is_gone_renders_as_user_text_not_a_refusal() -> None:
+    prompt = PromptRenderer(CharTokenizer(), SOURCE, thinking_key=KEY).render(request([
+        {"role": "user", "content": [result("toolu_9", "Sunny"), {"type": "text", "text": "So?"}]},
+    ]))
+    assert prompt.tools is not None and prompt.tools.native  # no fallback to the built-in prompt
+    assert "<|start|>user<|message|>Sunny<|end|><|start|>user<|message|>So?<|end|>" in prompt.text
