@@ -193,16 +193,28 @@ def bench_types(rows: list[int], repeats: int, cold_bytes: int, shapes: list[str
         del impls
 
 
+# the kernels' modes compared in one process: instruction set, and the panel GEMM's int8
+# activations (``vnni8_gemm_source.py``; only the GEMM differs: row tiles are VNNI's)
+MODES = {"avx2": ("avx2", False), "avx512_vnni": ("avx512_vnni", False),
+         "vnni_int8": ("avx512_vnni", True)}
+
+
+def set_mode(kernels, mode: str) -> None:  # noqa: ANN001
+    isa, act8 = MODES[mode]
+    kernels.set_isa(isa)
+    kernels.set_act8(act8)
+
+
 def bench_isa(rows: list[int], repeats: int, cold_bytes: int, shapes: list[str],
               types: list[str], kind: int) -> None:
-    """µs per call of each GGUF type on the AVX2 and the AVX-512 VNNI kernels, interleaved
-    round by round in one process (so a busy machine slows both alike); kind 1: the row
-    tiles, 2: the panel GEMM."""
+    """µs per call of each GGUF type on the AVX2 and the AVX-512 VNNI kernels (and, for the
+    panel GEMM, VNNI on int8 activations), interleaved round by round in one process (so a
+    busy machine slows them alike); kind 1: the row tiles, 2: the panel GEMM."""
     from pensieve.backends.cpu_quant import load_kernels
     from pensieve.backends.cpu_quant.codes_linear import CodesLinear
 
     kernels = load_kernels()
-    isas = ("avx2", "avx512_vnni")
+    isas = tuple(MODES) if kind == 2 else ("avx2", "avx512_vnni")
     for name in shapes:
         k, n = SHAPES[name]
         for t in [t for t in types if t[-1] != "K" or k % 256 == 0]:
@@ -215,14 +227,17 @@ def bench_isa(rows: list[int], repeats: int, cold_bytes: int, shapes: list[str],
                 times: dict[str, list[float]] = {isa: [] for isa in isas}
                 for _ in range(repeats):
                     for isa in isas:
-                        kernels.set_isa(isa)
+                        set_mode(kernels, isa)
                         times[isa].append(timed(fns, 1)[0])
                 med = {isa: statistics.median(v) * 1e6 for isa, v in times.items()}
+                int8 = (f" | vnni int8 {med['vnni_int8']:8.0f} µs | int8/vnni "
+                        f"{med['avx512_vnni'] / med['vnni_int8']:.2f}×, int8/avx2 "
+                        f"{med['avx2'] / med['vnni_int8']:.2f}×") if "vnni_int8" in med else ""
                 print(f"{name:<13} {k:>5}×{n:<6} {t:<6} M={m:<4} | avx2 {med['avx2']:8.0f} µs | "
-                      f"vnni {med['avx512_vnni']:8.0f} µs | {med['avx2'] / med['avx512_vnni']:.2f}×",
-                      flush=True)
+                      f"vnni {med['avx512_vnni']:8.0f} µs | {med['avx2'] / med['avx512_vnni']:.2f}×"
+                      f"{int8}", flush=True)
             del layers
-    kernels.set_isa(isas[1])
+    set_mode(kernels, "avx512_vnni")
 
 
 def fmt_row(row: dict) -> str:
@@ -283,8 +298,8 @@ def decode_rounds(quantised: bool, tokens: int, repeats: int, prompt: str) -> di
 
 def decode_isa(model: str | None, tokens: int, repeats: int, prompt: str) -> None:
     """Greedy decode and a cold prefill of LONG_PROMPT on one engine, alternating the kernels'
-    instruction set (AVX2, AVX-512 VNNI) round by round: in-process ratios that a busy
-    machine slows alike."""
+    modes (AVX2, AVX-512 VNNI, VNNI with int8 activations in the panel GEMM) round by round:
+    in-process ratios that a busy machine slows alike."""
     from pensieve.backends.cpu_quant import load_kernels
     from pensieve.backends.torch_backend import build_engine
     from pensieve.engine.config import EngineConfig
@@ -296,13 +311,13 @@ def decode_isa(model: str | None, tokens: int, repeats: int, prompt: str) -> Non
     ckpt = load_checkpoint(model or default_model_path(), keep_int4=True)
     engine = build_engine(ckpt, EngineConfig(context_length=8192, int8_lm_head=True))
     greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    isas = ("avx2", "avx512_vnni")
+    isas = tuple(MODES)
     dec: dict[str, list[float]] = {i: [] for i in isas}
     pre: dict[str, list[float]] = {i: [] for i in isas}
     texts: dict[str, str] = {}
     for r in range(repeats + 1):  # round 0 warms up
         for isa in isas if r % 2 else isas[::-1]:
-            kernels.set_isa(isa)
+            set_mode(kernels, isa)
             engine.add_request(f"d{r}{isa}", ckpt.tokenizer.encode(prompt), greedy)
             pieces, n = [d.text for d in engine.step()], 0
             t0 = time.perf_counter()
@@ -321,11 +336,15 @@ def decode_isa(model: str | None, tokens: int, repeats: int, prompt: str) -> Non
             print(f"round {r} {isa:<12} decode {n / (t1 - t0):6.2f} tok/s, prefill of {len(ids)} "
                   f"tokens {len(ids) / (time.perf_counter() - t1):6.1f} tok/s, load {os.getloadavg()[0]:.1f}",
                   flush=True)
+    set_mode(kernels, "avx512_vnni")
     for name, res in (("decode", dec), ("prefill", pre)):
-        a, v = statistics.median(res["avx2"]), statistics.median(res["avx512_vnni"])
-        print(f"{name}: avx2 {a:.2f} tok/s, vnni {v:.2f} tok/s (medians of {repeats}): {v / a:.2f}×")
+        a, v, i8 = (statistics.median(res[m]) for m in MODES)
+        print(f"{name}: avx2 {a:.2f} tok/s, vnni {v:.2f} tok/s, vnni int8 {i8:.2f} tok/s (medians "
+              f"of {repeats}): vnni/avx2 {v / a:.2f}×, int8/vnni {i8 / v:.2f}×, int8/avx2 {i8 / a:.2f}×")
     same = texts["avx2"] == texts["avx512_vnni"]
     print(f"greedy text {'identical' if same else 'DIFFERS'} across ISAs: {texts['avx512_vnni'][:80]!r}")
+    print(f"greedy text with int8 activations {'identical' if texts['vnni_int8'] == texts['avx512_vnni'] else 'DIFFERS'}: "
+          f"{texts['vnni_int8'][:80]!r}")
 
 
 PROFILED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "embed_tokens",

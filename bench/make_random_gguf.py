@@ -27,6 +27,18 @@ and a Q6_K output; the codes are random bytes with scales for weights of std ~0.
     python -m bench.make_random_gguf /tmp/qwen3-8b.gguf --arch qwen3 --dtype q4_k_m \
         --hidden 4096 --layers 36 --heads 32 --kv-heads 8 --head-dim 128 --intermediate 12288
 
+``--arch qwen3moe`` writes Qwen3-MoE layers: Qwen3's attention, a router ``ffn_gate_inp``
+[experts, hidden] (F32, as llama.cpp keeps it) and 3-D ``ffn_{gate,up,down}_exps`` of
+``--experts`` experts of width ``--expert-intermediate`` (``--experts-used`` routed a token);
+under ``q4_k_m`` the experts are Q4_K with ``ffn_down_exps`` Q6_K on the ``use_more_bits``
+layers, as llama.cpp's rule names them. The CPU bench's ~1.5B, 8 experts, top-2 (Qwen2's real
+151936-token vocabulary from llama.cpp's ``ggml-vocab-qwen2.gguf`` fixture):
+
+    python -m bench.make_random_gguf /tmp/qwen3moe-1.5b.gguf --arch qwen3moe --dtype q4_k_m \
+        --hidden 1024 --layers 24 --heads 16 --kv-heads 4 --head-dim 128 --experts 8 \
+        --experts-used 2 --expert-intermediate 1792 --tokenizer-from \
+        ~/.cache/pensieve/fixtures/llama_cpp_python-0.3.36/models/ggml-vocab-qwen2.gguf
+
 Weights are generated on CUDA when it is there (``--device``), tensor by tensor, and streamed
 to the file, so memory stays at one tensor.
 """
@@ -51,7 +63,9 @@ Q4 = {"q4_0": GGMLQuantizationType.Q4_0, "q4_k": GGMLQuantizationType.Q4_K,
 FILE_TYPES = {"f16": 1, "bf16": 32, "q4_0": 2, "q4_k": 15, "q4_k_m": 15}  # LLAMA_FTYPE_*
 ARCH_DEFAULTS = {"llama": {"rope_theta": 500000.0, "eps": 1e-5},  # Llama-3
                  "qwen2": {"rope_theta": 1000000.0, "eps": 1e-6},
-                 "qwen3": {"rope_theta": 1000000.0, "eps": 1e-6}}
+                 "qwen3": {"rope_theta": 1000000.0, "eps": 1e-6},
+                 "qwen3moe": {"rope_theta": 1000000.0, "eps": 1e-6}}
+QK_NORM_ARCHS = ("qwen3", "qwen3moe")
 Q6_K = GGMLQuantizationType.Q6_K
 
 
@@ -96,11 +110,18 @@ def tensor_specs(a: argparse.Namespace, vocab: int) -> Iterator[tuple[str, tuple
             yield p + "attn_q.bias", (q,), True
             yield p + "attn_k.bias", (kv,), True
             yield p + "attn_v.bias", (kv,), True
-        if a.arch == "qwen3":
+        if a.arch in QK_NORM_ARCHS:
             yield p + "attn_q_norm.weight", (hd,), True
             yield p + "attn_k_norm.weight", (hd,), True
         yield p + "attn_output.weight", (h, q), False
         yield p + "ffn_norm.weight", (h,), True
+        if a.arch == "qwen3moe":
+            e, inner = a.experts, a.expert_intermediate
+            yield p + "ffn_gate_inp.weight", (e, h), True
+            yield p + "ffn_gate_exps.weight", (e, inner, h), False
+            yield p + "ffn_up_exps.weight", (e, inner, h), False
+            yield p + "ffn_down_exps.weight", (e, h, inner), False
+            continue
         yield p + "ffn_gate.weight", (a.intermediate, h), False
         yield p + "ffn_up.weight", (a.intermediate, h), False
         yield p + "ffn_down.weight", (h, a.intermediate), False
@@ -120,7 +141,7 @@ def quant_type(name: str, a: argparse.Namespace) -> GGMLQuantizationType | None:
     if a.dtype == "q4_k_m":
         if name == "output.weight":
             return Q6_K
-        if name.endswith(("attn_v.weight", "ffn_down.weight")):
+        if name.endswith(("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight")):
             return Q6_K if use_more_bits(int(name.split(".")[1]), a.layers) else Q4["q4_k_m"]
         return Q4["q4_k_m"]
     if a.dtype in Q4 and name.startswith("blk."):
@@ -139,9 +160,13 @@ def add_model_keys(w: GGUFWriter, a: argparse.Namespace, vocab: int) -> None:
     w.add_rope_freq_base(a.rope_theta)
     w.add_layer_norm_rms_eps(ARCH_DEFAULTS[a.arch]["eps"])
     w.add_rope_dimension_count(head_dim(a))
-    if a.arch == "qwen3" or head_dim(a) != a.hidden // a.heads:
+    if a.arch in QK_NORM_ARCHS or head_dim(a) != a.hidden // a.heads:
         w.add_key_length(head_dim(a))
         w.add_value_length(head_dim(a))
+    if a.arch == "qwen3moe":
+        w.add_expert_count(a.experts)
+        w.add_expert_used_count(a.experts_used)
+        w.add_expert_feed_forward_length(a.expert_intermediate)
     w.add_vocab_size(vocab)
     w.add_file_type(FILE_TYPES[a.dtype])
 
@@ -157,8 +182,9 @@ def random_tensor(shape: tuple[int, ...], gen: torch.Generator, device: str, dty
 
 def random_q4_blocks(shape: tuple[int, ...], gen: torch.Generator, device: str,
                      qtype: GGMLQuantizationType) -> np.ndarray:
-    """Random 4-bit blocks: uniform codes, scales giving weights of std ~0.02."""
-    rows, cols = shape
+    """Random 4-bit blocks: uniform codes, scales giving weights of std ~0.02 (a 3-D expert
+    tensor as its rows)."""
+    rows, cols = int(np.prod(shape[:-1])), shape[-1]
     if qtype is GGMLQuantizationType.Q4_0:  # d (f16), 16 bytes of codes: w = d·(q − 8)
         nb = cols // 32
         qs = torch.randint(0, 256, (rows, nb, 16), generator=gen, device=device, dtype=torch.uint8)
@@ -179,7 +205,7 @@ def random_q6_k_blocks(shape: tuple[int, ...], gen: torch.Generator, device: str
                        zero_rows: list[int]) -> np.ndarray:
     """Random Q6_K blocks (ql[128], qh[64], int8 scales[16], d f16; w = d·sc·(q − 32)):
     uniform 6-bit codes, scales ±(8..15), d for weights of std ~0.02; zero_rows get d = 0."""
-    rows, cols = shape
+    rows, cols = int(np.prod(shape[:-1])), shape[-1]
     nb = cols // 256
     codes = torch.randint(0, 256, (rows, nb, 192), generator=gen, device=device, dtype=torch.uint8)
     mag = torch.randint(8, 16, (rows, nb, 16), generator=gen, device=device, dtype=torch.int8)
@@ -216,7 +242,7 @@ def write(a: argparse.Namespace) -> None:
             w.add_tensor_info(name, shape, np.dtype(np.float32), n * 4)
         elif qtype is not None:
             block, size = GGML_QUANT_SIZES[qtype]
-            w.add_tensor_info(name, (shape[0], shape[1] // block * size), np.dtype(np.uint8),
+            w.add_tensor_info(name, (*shape[:-1], shape[-1] // block * size), np.dtype(np.uint8),
                               n // block * size, raw_dtype=qtype)
         else:
             w.add_tensor_info(name, shape, np.dtype(np.float16), n * 2, raw_dtype=gtype)
@@ -230,6 +256,8 @@ def write(a: argparse.Namespace) -> None:
         qtype = None if is_norm else quant_type(name, a)
         zero = special if name == "output.weight" else []
         if name.endswith(".bias"):  # qwen2's q/k/v biases
+            data = torch.randn(shape, generator=gen, device=a.device).mul_(0.02).cpu().numpy()
+        elif name.endswith("ffn_gate_inp.weight"):  # the MoE router (F32)
             data = torch.randn(shape, generator=gen, device=a.device).mul_(0.02).cpu().numpy()
         elif name.endswith(("attn_q_norm.weight", "attn_k_norm.weight")):  # qwen3: near one
             data = torch.randn(shape, generator=gen, device=a.device).mul_(0.05).add_(1).cpu().numpy()
@@ -265,8 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intermediate", type=int, default=14336)
     p.add_argument("--context-length", type=int, default=16384)
     p.add_argument("--head-dim", type=int, default=None, help="default hidden / heads")
+    p.add_argument("--experts", type=int, default=8, help="qwen3moe: experts a layer")
+    p.add_argument("--experts-used", type=int, default=2, help="qwen3moe: experts a token")
+    p.add_argument("--expert-intermediate", type=int, default=1792, help="qwen3moe: expert width")
     p.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), default="llama",
-                   help="qwen2: q/k/v biases; qwen3: q/k RMSNorm (GGUF general.architecture)")
+                   help="qwen2: q/k/v biases; qwen3: q/k RMSNorm; qwen3moe: Qwen3 attention + "
+                        "routed experts (GGUF general.architecture)")
     p.add_argument("--rope-theta", type=float, default=None,
                    help="default 5e5 for llama (Llama-3), 1e6 for qwen2/qwen3")
     p.add_argument("--dtype", choices=sorted(DTYPES) + sorted(Q4), default="f16",

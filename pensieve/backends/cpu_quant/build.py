@@ -29,7 +29,7 @@ from pensieve.backends.cpu_quant.source import KERNEL_SOURCE
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 15
+ABI_VERSION = 16
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++17", "-pthread")
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -54,6 +54,7 @@ SIGNATURES = {
     "pqx_dequant_bf16": (_P, _I64, _I64, _P, _INT, _INT),
     "pqx_bf16_isa": (),
     "pq_set_isa": (_INT,),
+    "pq_set_act8": (_INT,),
     "pq_rmsnorm": (_P, _I64, _I64, _I64, _P, _F, _P),
     "pq_rope_store": (_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P,
                       _INT),
@@ -62,7 +63,8 @@ SIGNATURES = {
     "pq_decode_layers": (_P, _I64, _I64, _I64, _I64, _P, _F, _I64, _I64, _I64, _P, _P, _P, _P, _P,
                          _P, _I64, _INT, _INT),
 }
-RESTYPES = {"pq8_rows": _I64, "pqx_rows": _I64, "pqx_bf16_isa": _INT, "pq_set_isa": _INT}
+RESTYPES = {"pq8_rows": _I64, "pqx_rows": _I64, "pqx_bf16_isa": _INT, "pq_set_isa": _INT,
+            "pq_set_act8": _INT}
 ISAS = ("avx2", "avx512_vnni")  # the row tiles' instruction sets, as pq_set_isa numbers them
 VNNI_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
@@ -84,6 +86,17 @@ class Kernels:
         """Run the row tiles on ``isa`` (``ISAS``) where this CPU has it; the one in effect.
         Process-wide (tests and benchmarks switch it to compare both)."""
         return ISAS[self.lib.pq_set_isa(ISAS.index(isa))]
+
+    @property
+    def act8(self) -> bool:
+        """Whether the panel GEMM (prefill) runs on int8 activations (``vnni8_gemm_source``)."""
+        return bool(self.lib.pq_set_act8(-1)) and self.isa == "avx512_vnni"
+
+    def set_act8(self, on: bool) -> bool:
+        """int8 activations in the VNNI panel GEMM (off: int16); only where the VNNI kernels run.
+        Process-wide; the setting in effect."""
+        self.lib.pq_set_act8(int(on))
+        return self.act8
 
     def __getattr__(self, name: str):  # lib functions by name: kernels.pq4_linear(...)
         if name in SIGNATURES:
@@ -195,6 +208,7 @@ def build_kernels(cache: Path | None = None, compiler: str | None = None) -> Ker
             log.info("CPU quantised kernels compiled in %.1f s", seconds)
         kernels = Kernels(_load(target), target, seconds)
         kernels.set_isa(default_isa())
+        kernels.set_act8(os.environ.get("PENSIEVE_CPU_ACT8", "0").strip() == "1")
         return kernels
     except (OSError, RuntimeError, AttributeError) as e:
         raise KernelBuildError(str(e)) from e

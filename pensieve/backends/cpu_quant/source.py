@@ -447,7 +447,7 @@ void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
 
 extern "C" {
 
-int pq_abi_version() { return 15; }
+int pq_abi_version() { return 16; }
 
 // The row tiles' instruction set: 0 AVX2, 1 AVX-512 VNNI (refused where the CPU lacks it),
 // -1 only asks. Returns the one in effect.

@@ -12,8 +12,11 @@ registers too (AVX2 kept them in memory).
 Numerics: the int32 block sums are the same exact integers, and each is scaled and
 accumulated by the same float operations in the same order (``fma(float(s), sc·d, acc)``,
 then ``fma(min, Σx, ·)``, bias last), so results are bitwise the AVX2 GEMM's — and, as there,
-a row's result does not depend on the rows batched with it.
+a row's result does not depend on the rows batched with it. ``vnni8_gemm_source.py``: the
+same panel GEMM on int8 activations (``vpdpbusd``), opt-in (``g_act8``).
 """
+
+from pensieve.backends.cpu_quant.vnni8_gemm_source import VNNI8_GEMM_SOURCE
 
 VNNI_GEMM_SOURCE = r"""
 // ------------------------------------------------------------------------- AVX-512 VNNI GEMM
@@ -111,10 +114,12 @@ void gemm_vnni(const float* x, int64_t M, const Weights& W, float* y, int thread
   }, GNRV);
 }
 
-// The panel GEMM on the selected instruction set.
+""" + VNNI8_GEMM_SOURCE + r"""
+// The panel GEMM on the selected instruction set (and activations: int8 where g_act8).
 template <int F>
 void gemm(const float* x, int64_t M, const Weights& W, float* y, int threads) {
-  if (g_vnni) gemm_vnni<F>(x, M, W, y, threads);
+  if (g_vnni && g_act8) gemm_vnni8<F>(x, M, W, y, threads);
+  else if (g_vnni) gemm_vnni<F>(x, M, W, y, threads);
   else gemm_avx2<F>(x, M, W, y, threads);
 }
 
