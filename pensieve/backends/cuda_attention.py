@@ -176,9 +176,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def paged_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: ChunkBatch) -> torch.Tensor:
+                meta: ChunkBatch, window: int | None = None,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, Hq, D], rows = one sequence's new tokens (first ``meta.num_tokens`` real) →
-    [T, Hq, D]; row i sees the cached prefix and new tokens up to itself."""
+    [T, Hq, D]; row i sees the cached prefix and new tokens up to itself (its last ``window``
+    keys, where given); ``sinks`` as in ``paged_decode``."""
     kernels = _kernels()
     t, hq, d = q.shape
     hk = k_cache.shape[2]
@@ -195,15 +197,16 @@ def paged_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     out = torch.empty_like(q)
     kernels.chunk_partial[(-(-t // tok), hk, s)](
         q, k_cache, v_cache, meta.block_table, meta.start, meta.num_tokens, m, lse, acc,
-        1.0 / math.sqrt(d), s, hq,
+        1.0 / math.sqrt(d), s, hq, window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_P2=group_p2, TOK=tok, D=d, D_PAD=_pow2(d), PAGE=k_cache.shape[1],
         BLOCK_N=_BLOCK_N, IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=2,
     )
     kernels.merge[(t, hq)](
-        m, lse, acc, out, m, s, out.stride(0), out.stride(1),
-        D=d, D_PAD=_pow2(d), S_PAD=_pow2(s), HAS_SINKS=False, num_warps=4,
+        m, lse, acc, out, m if sinks is None else sinks.float().contiguous(), s,
+        out.stride(0), out.stride(1),
+        D=d, D_PAD=_pow2(d), S_PAD=_pow2(s), HAS_SINKS=sinks is not None, num_warps=4,
     )
     return out
 

@@ -68,12 +68,13 @@ def partial(Q, K, V, BT, CL, M, L, ACC, scale, num_splits, window,
     tl.store(ACC + row[:, None] * D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
 
 @triton.jit
-def chunk_partial(Q, K, V, BT, START, NQ, M, L, ACC, scale, num_splits, num_heads,
+def chunk_partial(Q, K, V, BT, START, NQ, M, L, ACC, scale, num_splits, num_heads, window,
                   sq_t, sq_h, sk_blk, sk_tok, sk_head,
                   GROUP: tl.constexpr, GROUP_P2: tl.constexpr, TOK: tl.constexpr,
                   D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
                   BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    """``partial`` for TOK consecutive new tokens of one sequence: rows are (token, head)."""
+    """``partial`` for TOK consecutive new tokens of one sequence: rows are (token, head);
+    with a ``window`` (> 0), row r sees only its last ``window`` keys."""
     tile = tl.program_id(0)
     kh = tl.program_id(1)
     s = tl.program_id(2)
@@ -82,9 +83,10 @@ def chunk_partial(Q, K, V, BT, START, NQ, M, L, ACC, scale, num_splits, num_head
     first = tile * TOK
     last = tl.minimum(first + TOK, n) - 1
     ctx = start + last + 1  # keys the tile's last real row sees
-    pages = tl.cdiv(ctx, PAGE)
+    first_key = tl.where(window > 0, tl.maximum(start + first + 1 - window, 0), 0)
+    pages = tl.cdiv(ctx - first_key, PAGE)
     per_split = tl.cdiv(pages, num_splits) * PAGE
-    lo = s * per_split
+    lo = first_key + s * per_split
     hi = tl.where(first < n, tl.minimum(lo + per_split, ctx), lo)
     r = tl.arange(0, TOK * GROUP_P2)
     row = first + r // GROUP_P2
@@ -111,6 +113,7 @@ def chunk_partial(Q, K, V, BT, START, NQ, M, L, ACC, scale, num_splits, num_head
         else:
             qk = tl.dot(q, tl.trans(k))
         seen = kv_valid[None, :] & (offs[None, :] < row_ctx[:, None])
+        seen = seen & ((window <= 0) | (offs[None, :] >= row_ctx[:, None] - window))
         qk = tl.where(seen, qk * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet

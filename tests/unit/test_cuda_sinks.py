@@ -1,6 +1,6 @@
-"""The Triton paged decode kernel with a sliding window and attention sinks (gpt-oss), against
-``attend_with_sinks`` (the CPU path, itself checked against transformers' formula): in the
-Triton interpreter on the CPU, compiled where there is a GPU."""
+"""The Triton paged decode and short-chunk kernels with a sliding window and attention sinks
+(gpt-oss), against ``attend_with_sinks`` (the CPU path, itself checked against transformers'
+formula): in the Triton interpreter on the CPU, compiled where there is a GPU."""
 
 from __future__ import annotations
 
@@ -51,12 +51,49 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
             assert err < tol, (window, with_sinks, splits, n, err)
 
 
-def test_decode_with_window_and_sinks_in_the_triton_interpreter():
-    run_in_triton_interpreter("import torch; from tests.unit.test_cuda_sinks import check; "
-                              "check('cpu', torch.float32, 1e-5); print('ok')")
+def check_chunk(device: str, dtype: torch.dtype, tol: float) -> None:
+    """A follow-up chunk of new tokens after a cached prefix, padded rows included."""
+    from pensieve.backends.cuda_attention import ChunkBatch, paged_chunk
+    from pensieve.models.sink_attention import attend_with_sinks
+
+    g = torch.Generator().manual_seed(1)
+    hq, hk, d, page, total = 8, 2, 16, 4, 60
+    k = torch.randn(total // page + 2, page, hk, d, generator=g)
+    v = torch.randn(total // page + 2, page, hk, d, generator=g)
+    table = torch.randperm(k.shape[0], generator=g)[: total // page].to(torch.int32)
+    keys_all = k[table.long()].reshape(-1, hk, d)
+    values_all = v[table.long()].reshape(-1, hk, d)
+    sinks = 2 * torch.randn(hq, generator=g)
+    for start, n, rows, splits, window, with_sinks in (
+            (0, 5, 8, 1, 4, True), (37, 13, 16, 3, 8, True), (20, 7, 8, 2, None, True),
+            (29, 9, 16, 2, 6, False)):
+        q = torch.randn(rows, hq, d, generator=g)
+        meta = ChunkBatch(table.to(device), torch.tensor([start], dtype=torch.int32).to(device),
+                          torch.tensor([n], dtype=torch.int32).to(device), splits)
+        out = paged_chunk(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), meta,
+                          window=window, sinks=sinks.to(device) if with_sinks else None)
+        ctx = start + n
+        rows_ = torch.arange(n).unsqueeze(1) + start
+        cols = torch.arange(ctx).unsqueeze(0)
+        hidden = cols > rows_
+        if window is not None:
+            hidden |= cols <= rows_ - window
+        mask = torch.zeros(n, ctx, dtype=torch.float64).masked_fill(hidden, float("-inf"))
+        s = sinks if with_sinks else torch.full((hq,), -1e30)
+        ref = attend_with_sinks(q[:n].double(), keys_all[:ctx].double(),
+                                values_all[:ctx].double(), s.double(), mask)
+        err = ((out[:n].double().cpu() - ref).norm() / ref.norm()).item()
+        assert err < tol, (start, n, window, with_sinks, err)
+
+
+def test_decode_and_chunk_with_window_and_sinks_in_the_triton_interpreter():
+    run_in_triton_interpreter("import torch; from tests.unit.test_cuda_sinks import check, "
+                              "check_chunk; check('cpu', torch.float32, 1e-5); "
+                              "check_chunk('cpu', torch.float32, 1e-5); print('ok')")
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_compiled_decode_with_window_and_sinks(dtype, tol):
+def test_compiled_decode_and_chunk_with_window_and_sinks(dtype, tol):
     check("cuda", dtype, tol)
+    check_chunk("cuda", dtype, tol)
