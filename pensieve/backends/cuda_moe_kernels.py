@@ -82,13 +82,12 @@ def _row_dot(XR, W, S, MN, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS: t
     """Σ_k x[k] · w[wrow, k] for the int64 weight rows ``wrow`` [BLOCK_N] of the stacked
     weight (rows counted over all experts); x's row at ``XR``; BLOCK_K columns a step."""
     if INT4:
-        BG: tl.constexpr = BLOCK_K // 32
-        gi = tl.arange(0, BG)
+        gi = tl.arange(0, BLOCK_K // 32)
         i = tl.arange(0, 16)
         w_ptrs = W + wrow[:, None, None] * (K // 2) + gi[None, :, None] * 16 + i[None, None, :]
         so_ptrs = S + wrow[:, None] * (K // 32) + gi[None, :]
         x_ptrs = XR + gi[:, None] * 32 + i[None, :]
-        acc = tl.zeros([BLOCK_N, BG], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
             xlo = tl.load(x_ptrs + k0).to(tl.float32)
@@ -99,8 +98,7 @@ def _row_dot(XR, W, S, MN, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS: t
             s, o = _scale_offset(tl.load(so_ptrs + k0 // 32))
             acc += part * s + o * tl.sum(xlo + xhi, 1)[None, :]
     elif SIX:
-        BG6: tl.constexpr = BLOCK_K // 32
-        gi = tl.arange(0, BG6)
+        gi = tl.arange(0, BLOCK_K // 32)
         i = tl.arange(0, 16)
         w_ptrs = W + wrow[:, None, None] * (K // 2) + gi[None, :, None] * 16 + i[None, None, :]
         h_ptrs = (MN + wrow[:, None, None] * (K // 4) + gi[None, :, None] * 8
@@ -108,7 +106,7 @@ def _row_dot(XR, W, S, MN, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS: t
         s_ptrs = S + wrow[:, None] * (K // 16) + gi[None, :] * 2
         x_ptrs = XR + gi[:, None] * 32 + i[None, :]
         sh = ((i // 8) * 2)[None, None, :]
-        acc = tl.zeros([BLOCK_N, BG6], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
             h = tl.load(h_ptrs + k0 // 4).to(tl.int32)
@@ -121,13 +119,12 @@ def _row_dot(XR, W, S, MN, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS: t
             acc += (plo * _half(tl.load(s_ptrs + k0 // 16))
                     + phi * _half(tl.load(s_ptrs + k0 // 16 + 1)))
     else:
-        BS: tl.constexpr = BLOCK_K // GS
-        si = tl.arange(0, BS)
+        si = tl.arange(0, BLOCK_K // GS)
         i = tl.arange(0, GS)
         c_ptrs = W + wrow[:, None, None] * K + si[None, :, None] * GS + i[None, None, :]
         s_ptrs = S + wrow[:, None] * (K // GS) + si[None, :]
         x_ptrs = XR + si[:, None] * GS + i[None, :]
-        acc = tl.zeros([BLOCK_N, BS], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_K // GS], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             w = _codes8(tl.load(c_ptrs + k0))
             x = tl.load(x_ptrs + k0).to(tl.float32)
