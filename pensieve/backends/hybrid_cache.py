@@ -19,7 +19,9 @@ from torch import nn
 
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.kv_groups import NULL_BLOCK
-from pensieve.engine.kv_plan import RECURRENT, WINDOW, CachePlan, GroupPlan, group_layers
+from pensieve.engine.kv_plan import (
+    RECURRENT, WINDOW, CachePlan, GroupPlan, group_layers, window_resume_interval,
+)
 from pensieve.engine.scheduler import ScheduledChunk
 from pensieve.models.cache_spec import LayerCache, PagedKV, RecurrentState
 from pensieve.models.forward_context import (
@@ -51,7 +53,7 @@ def plan_cache(layout: Sequence[LayerCache], config: EngineConfig, budget: int) 
     The first paged group gets enough blocks for one full context at least, up to every seat's
     full context; another windowed group gets what the running requests' windows and chunks
     need plus, for prefix hits, about the share of blocks in the windows before the resume
-    points (``window / interval`` of the first group's). ``num_kv_blocks`` sets every paged group.
+    points (``window / window_resume_interval`` of the first group's, at most about a quarter). ``num_kv_blocks`` sets every paged group.
     """
     bs, dtype = config.block_size, config.kv_dtype or config.dtype
     grouped = group_layers(layout, config.context_length)
@@ -75,7 +77,8 @@ def plan_cache(layout: Sequence[LayerCache], config: EngineConfig, budget: int) 
         for kind, window, _ in paged[1:]:
             if kind == WINDOW and window is not None:
                 live.append(config.max_num_seqs * (-(-window // bs) + -(-config.max_num_batched_tokens // bs) + 1))
-                share.append(min(1.0, (window + bs) / interval) if interval else 0.0)
+                every = window_resume_interval(window, interval)
+                share.append(min(1.0, (window + bs) / every) if every else 0.0)
             else:
                 live.append(0)
                 share.append(1.0)

@@ -7,7 +7,8 @@ Same interface as ``KVCacheManager`` (``match_prefix``, ``chunk_tokens``, ``rese
 - sliding window: a block table whose blocks that left the window are given back to the pool
   while the request runs (``NULL_BLOCK`` takes their place in the table). What a later prefix
   hit at position P needs is the window before P; the blocks of the window before every
-  resume point (each multiple of the checkpoint interval and the prompt's last full block) are
+  resume point (each multiple of ``window_resume_interval`` — the checkpoint interval, or a
+  multiple of it spanning 4 windows — and the prompt's last full block) are
   released into the pool still registered under their hash (evictable, found again by a hit),
   the others are released forgotten, first in line for reuse;
 - recurrent state: a state slot per running request and state checkpoints
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 from pensieve.engine.block_pool import BlockPool
 from pensieve.engine.kv_manager import KVCacheManager, block_hash
-from pensieve.engine.kv_plan import FULL, WINDOW, CachePlan, first_live_block
+from pensieve.engine.kv_plan import FULL, WINDOW, CachePlan, first_live_block, window_resume_interval
 from pensieve.engine.request import Request
 from pensieve.engine.state_checkpoints import StateCheckpoints
 
@@ -58,8 +59,9 @@ class GroupedKVManager:
         rec = plan.recurrent
         self.states = None if rec is None else StateCheckpoints(
             plan.state_slots, plan.checkpoints, plan.checkpoint_interval, plan.block_size)
-        # windowed groups keep the window before each multiple of this for later hits
-        self.resume_interval = plan.checkpoint_interval
+        # windowed groups keep the window before each multiple of these for later hits
+        self.resume_intervals = [0 if w is None else window_resume_interval(w, plan.checkpoint_interval)
+                                 for w in self.windows]
 
     # ---- admission ------------------------------------------------------------------------
     def match_prefix(self, req: Request) -> int:
@@ -204,19 +206,19 @@ class GroupedKVManager:
             block, table[i] = table[i], NULL_BLOCK
             if block == NULL_BLOCK:
                 continue
-            if i < len(req.block_hashes) and self._resumes(req, i, window):
+            if i < len(req.block_hashes) and self._resumes(req, i, window, self.resume_intervals[g]):
                 pool.release([block], retain=req.params.retain_prefix)
             else:
                 pool.release([block], forget=True)
         cache.freed[g] = max(cache.freed[g], first)
 
-    def _resumes(self, req: Request, i: int, window: int) -> bool:
+    def _resumes(self, req: Request, i: int, window: int, interval: int) -> bool:
         """Whether block ``i`` is in the window before a resume point the request reached (a
-        multiple of the interval, or its prompt's last full block)."""
+        multiple of ``interval``, or its prompt's last full block)."""
         bs, reached = self.block_size, req.num_computed_tokens
         points = [len(req.prompt_ids) // bs * bs]
-        if self.resume_interval:
-            points.append(-(-(i + 1) * bs // self.resume_interval) * self.resume_interval)
+        if interval:
+            points.append(-(-(i + 1) * bs // interval) * interval)
         return any((i + 1) * bs <= p <= reached and first_live_block(p, window, bs) <= i
                    for p in points)
 

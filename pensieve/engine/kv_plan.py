@@ -94,3 +94,17 @@ def uniform_full(layout: Sequence[LayerCache], context_length: int) -> bool:
 def first_live_block(position: int, window: int, block_size: int) -> int:
     """The first block a query at ``position`` still reads in a ``window``-token layer."""
     return max(0, position - window + 1) // block_size
+
+
+WINDOW_RESUME_SPAN = 4  # a windowed group keeps the window before every 4 windows at most
+
+
+def window_resume_interval(window: int, interval: int) -> int:
+    """Tokens between the points before which a windowed group keeps its window for later hits:
+    the checkpoint interval, stretched to a multiple of it spanning ``WINDOW_RESUME_SPAN``
+    windows, so at most about a quarter of a long prompt's window blocks stay cached (0: the
+    prompt's end only)."""
+    if interval <= 0:
+        return 0
+    return -(-WINDOW_RESUME_SPAN * window // interval) * interval if window > interval // WINDOW_RESUME_SPAN \
+        else interval

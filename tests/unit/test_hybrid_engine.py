@@ -13,10 +13,11 @@ import torch
 from pensieve.backends.torch_backend import build_model, torch_engine
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.kv_groups import GroupedKVManager
+from pensieve.engine.kv_plan import window_resume_interval
 from pensieve.engine.types import SamplingParams
 from pensieve.models.family import FastPaths
 from tests.helpers.tiny_engine import ByteTokenizer
-from tests.helpers.tiny_recurrent import tiny_recurrent_engine
+from tests.helpers.tiny_recurrent import WINDOW, tiny_recurrent_engine
 
 TOK = ByteTokenizer()
 PREFIX = "You are a careful assistant. Tools: Bash, Read, Edit. " * 2
@@ -66,8 +67,9 @@ def test_follow_up_resumes_from_a_checkpoint_and_matches_cold():
     tokens, last = one(engine, "t2", PREFIX + "Question two?")
     assert tokens == whole_run(PREFIX + "Question two?")
     shared = len(TOK.encode(PREFIX + "Question "))
-    interval = engine.config.state_checkpoint_interval
-    assert last.num_cached_tokens == shared // interval * interval > 0
+    # the recurrent layers keep a state every 16, the windowed layer its window every 32
+    every = window_resume_interval(WINDOW, engine.config.state_checkpoint_interval)
+    assert every == 32 and last.num_cached_tokens == shared // every * every > 0
     assert all_free(engine) and engine.kv.states.num_cached > 0
 
 

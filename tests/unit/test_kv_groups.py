@@ -11,12 +11,14 @@ from pensieve.backends.hybrid_cache import HybridCaches, group_block_bytes, plan
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.kv_groups import NULL_BLOCK, GroupedKVManager, kv_manager_for
 from pensieve.engine.kv_manager import KVCacheManager
-from pensieve.engine.kv_plan import FULL, RECURRENT, WINDOW, CachePlan, GroupPlan, group_layers
+from pensieve.engine.kv_plan import (
+    FULL, RECURRENT, WINDOW, CachePlan, GroupPlan, group_layers, window_resume_interval,
+)
 from pensieve.engine.request import Request
 from pensieve.engine.types import SamplingParams
 from pensieve.models.cache_spec import PagedKV, RecurrentState
 
-BS, W, INTERVAL = 4, 8, 16
+BS, W, INTERVAL = 4, 4, 16  # a window of one block: its resume points are the interval
 
 
 def plan(*kinds: str, blocks: int = 64, checkpoints: int = 8) -> CachePlan:
@@ -78,13 +80,13 @@ def test_a_hit_lands_on_a_resume_point_whose_window_was_kept():
     kv.free(a)
     same = request(first + ids(10, seed=1), "b")  # shares all 40: the prompt's end was kept
     assert kv.match_prefix(same) == 40
-    assert same.cache.tables[1][:8] == [NULL_BLOCK] * 8 and NULL_BLOCK not in same.cache.tables[1][8:]
+    assert same.cache.tables[1][:9] == [NULL_BLOCK] * 9 and NULL_BLOCK not in same.cache.tables[1][9:]
     kv.free(same)
     # diverging at 30: the full layers have 28 tokens, but the window before 28 was not kept
     # (no resume point there); 16, a multiple of the interval, was
     other = request(first[:30] + ids(20, seed=2), "c")
     assert kv.match_prefix(other) == 16
-    assert len(other.cache.tables[0]) == 4 and other.cache.tables[1][:2] == [NULL_BLOCK] * 2
+    assert len(other.cache.tables[0]) == 4 and other.cache.tables[1][:3] == [NULL_BLOCK] * 3
 
 
 def test_window_only_layout_frees_and_hits():
@@ -159,6 +161,13 @@ def test_reserve_is_all_or_nothing_across_groups():
     assert not kv.reserve(req, 16)  # the window group has 3 blocks, a chunk of 16 needs 4
     assert held(kv.pools[0]) == 0 and req.cache.tables[0] == []
     assert kv.reserve(req, 12)
+
+
+def test_windows_keep_at_most_about_a_quarter_for_hits():
+    assert window_resume_interval(128, 512) == 512  # gpt-oss: 128 of every 512
+    assert window_resume_interval(1024, 512) == 4096  # Gemma 3: 1024 of every 4096
+    assert window_resume_interval(4, 16) == 16 and window_resume_interval(8, 16) == 32
+    assert window_resume_interval(1024, 0) == 0  # the prompt's end only
 
 
 def test_layers_group_by_policy_and_wide_windows_are_full():
