@@ -13,7 +13,11 @@ down), the median GPU time of:
   (where this torch has it): a dense grouped GEMM baseline.
 
 Also the weight bytes the codes path must read (the distinct experts hit × their code bytes)
-and the bandwidth that time implies. Routing is random (uniform logits).
+and the bandwidth that time implies. Routing is random (uniform logits); up to 32 tokens each
+timed call cycles through 8 routings (times are per routing), so that a call does not read the
+experts the previous one left in L2 (a token's 8 experts fit in an H100's 50 MB). Up to 32
+tokens both routes are also forced (pick GEMV vs sort + grouped GEMM); ``--sweep`` times a few
+tile sets of the route the default takes.
 
     python -m bench.gpu_moe_kernels --out "$OUT"   # prints a markdown table, writes JSON
 """
@@ -153,33 +157,49 @@ def run(a: argparse.Namespace) -> list[dict]:
         has_gmm = hasattr(torch, "_grouped_mm")
         gu_t_, dn_t_ = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
         for tokens in (int(t) for t in a.tokens.split(",")):
+            # R routings cycled per timed call, so that the experts a call reads are not the
+            # ones the previous call left in L2 (8 experts of a layer fit in an H100's 50 MB)
+            r_sets = 8 if tokens <= 32 else 1
             g = torch.Generator(device="cuda").manual_seed(tokens)
-            x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16, generator=g)
-            logits = torch.randn(tokens, e, device="cuda", generator=g)
-            w, ids = torch.topk(torch.softmax(logits, -1), k, dim=-1)
-            w = (w / w.sum(-1, keepdim=True)).to(torch.bfloat16)
-            hit = int(ids.unique().numel())
-            ours = lambda: layer(x, w, ids)  # noqa: E731
+            sets = []
+            for _ in range(r_sets):
+                x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16, generator=g)
+                logits = torch.randn(tokens, e, device="cuda", generator=g)
+                w, ids = torch.topk(torch.softmax(logits, -1), k, dim=-1)
+                sets.append((x, (w / w.sum(-1, keepdim=True)).to(torch.bfloat16), ids))
+            hit = sum(int(ids.unique().numel()) for _, _, ids in sets) / r_sets
+
+            def each(fn, sets=sets):  # noqa: ANN001, ANN202
+                return lambda: [fn(x, w, ids) for x, w, ids in sets]
+
+            def per_set(ms: float, r_sets: int = r_sets) -> float:
+                return ms / r_sets
+
+            x, w, ids = sets[0]
+            ours = each(layer)
             ref = float_loop(x, w, ids, gate_up, down)
-            err = ((ours().float() - ref.float()).norm() / ref.float().norm()).item()
+            err = ((layer(x, w, ids).float() - ref.float()).norm() / ref.float().norm()).item()
             row = {"mix": mix, "tokens": tokens, "experts_hit": hit, "rel_err": err,
-                   "codes_eager_ms": gpu_ms(ours, a.reps),
-                   "codes_graph_ms": gpu_ms(graphed(ours), a.reps),
-                   "bf16_loop_ms": gpu_ms(lambda: float_loop(x, w, ids, gate_up, down), a.reps)}
+                   "codes_eager_ms": per_set(gpu_ms(ours, a.reps)),
+                   "codes_graph_ms": per_set(gpu_ms(graphed(ours), a.reps)),
+                   "bf16_loop_ms": per_set(gpu_ms(each(
+                       lambda x, w, ids: float_loop(x, w, ids, gate_up, down)), a.reps))}
             if has_gmm:
                 try:
-                    row["bf16_grouped_mm_ms"] = gpu_ms(
-                        lambda: grouped_mm(x, w, ids, gu_t_, dn_t_), a.reps)
+                    row["bf16_grouped_mm_ms"] = per_set(gpu_ms(each(
+                        lambda x, w, ids: grouped_mm(x, w, ids, gu_t_, dn_t_)), a.reps))
                 except RuntimeError as exc:  # noqa: PERF203
                     row["bf16_grouped_mm_ms"] = None
                     print(f"_grouped_mm: {exc}", file=sys.stderr)
             row["codes_GBps"] = hit * code_bytes / row["codes_graph_ms"] / 1e6
             if tokens <= 32:  # where GEMV_MAX_PICKS should sit: both routes forced
                 for route in ("gemv", "grouped"):
-                    row[f"{route}_ms"] = gpu_ms(graphed(lambda r=route: cuda_moe.moe_experts(
-                        x, w, ids, *layer.stacks(), e, route=r)), a.reps)
+                    row[f"{route}_ms"] = per_set(gpu_ms(graphed(each(
+                        lambda x, w, ids, r=route: cuda_moe.moe_experts(
+                            x, w, ids, *layer.stacks(), e, route=r))), a.reps))
             if a.sweep:
-                row["best_ms"], row["best_tiles"] = sweep(ours, tokens * k, a.reps)
+                best, tiles = sweep(ours, tokens * k, a.reps)
+                row["best_ms"], row["best_tiles"] = per_set(best), tiles
             results.append(row)
             print(json.dumps(row), flush=True)
         del layer, gate_up, down, gu_t_, dn_t_
@@ -205,7 +225,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         gmm = r.get("bf16_grouped_mm_ms")
         lines.append(
-            f"| {r['mix']} | {r['tokens']} | {r['experts_hit']} | {r['codes_graph_ms']:.3f} | "
+            f"| {r['mix']} | {r['tokens']} | {r['experts_hit']:.1f} | {r['codes_graph_ms']:.3f} | "
             f"{r['codes_eager_ms']:.3f} | {r['bf16_loop_ms']:.3f} | "
             f"{'-' if gmm is None else f'{gmm:.3f}'} | {r['codes_GBps']:.0f} | "
             f"{r['bf16_loop_ms'] / r['codes_graph_ms']:.2f}x | {r['rel_err']:.1e} | "
