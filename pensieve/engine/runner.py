@@ -28,6 +28,9 @@ class Runner(Protocol):
 
     num_blocks: int
     device: torch.device
+    # optional ``cache_plan`` (``engine/kv_plan.CachePlan``): a runner whose layers do not all
+    # keep the same full-attention K/V says how they group; the engine then keeps one policy
+    # per group (``engine/kv_groups.py``) and ``num_blocks`` is the first group's
 
     def can_carry(self, chunks: list[ScheduledChunk]) -> bool:
         """Whether ``run`` can take these chunks' input ids from a device tensor (the previous
