@@ -52,10 +52,12 @@ class SinkAttention(Attention):
     def forward(self, x: torch.Tensor, cos_sin: CosSin, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        out = paged_attention(
-            self.layer, q.view(t, self.num_heads, self.head_dim),
-            k.view(t, self.num_kv_heads, self.head_dim), v.view(t, self.num_kv_heads, self.head_dim),
-            ctx, cos_sin, window=self.window, sinks=self.sinks)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        # applies RoPE to q and k
+        out = paged_attention(self.layer, q, k, v, ctx, cos_sin, window=self.window,
+                              sinks=self.sinks)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -210,9 +212,8 @@ def _gguf(src: GGUFSource) -> ModelArgs:
 
 
 def _shapes(args: ModelArgs) -> Shapes:
-    h, hd, moe = args.hidden_size, args.head_dim, args.moe
-    q_rows, kv_rows, e, inner = args.num_heads * hd, args.num_kv_heads * hd, moe.num_experts, \
-        moe.expert_size
+    h, hd, e, inner = args.hidden_size, args.head_dim, args.moe.num_experts, args.moe.expert_size
+    q_rows, kv_rows = args.num_heads * hd, args.num_kv_heads * hd
     shapes: Shapes = {"model.embed_tokens.weight": (args.vocab_size, h), "model.norm.weight": (h,),
                       "lm_head.weight": (args.vocab_size, h)}
     if args.tie_word_embeddings:

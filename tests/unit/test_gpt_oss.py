@@ -81,7 +81,8 @@ def test_logits_match_transformers(root, kind):
     expected = reference_logits(ref, ids)
     whole, stepped = paged_logits(model, ckpt.args, ids, [12, 31])
     err = max((whole - expected).abs().max().item(), (stepped - expected).abs().max().item())
-    print(f"gpt-oss {kind}: max abs logit error {err:.2e} (|logits| ≤ {expected.abs().max():.1f})")
+    print(f"gpt-oss {kind}: max abs logit error {err:.2e} "
+          f"(|logits| ≤ {expected.abs().max():.1f})")
     torch.testing.assert_close(whole, expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(stepped, expected, atol=ATOL, rtol=0)
 
