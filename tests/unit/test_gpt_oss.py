@@ -255,3 +255,15 @@ def test_engine_frees_window_blocks_and_a_follow_up_hits_the_prefix_cache(root):
         assert most[1] <= 8 // 4 + 16 // 4 + 1  # the window + one chunk (seen: 3)
     assert [g.kind for g in engine.kv.groups] == ["full", "window"]
     assert last.num_cached_tokens >= 64  # of the follow-up's 79 (seen: 68)
+
+
+def test_bfloat16_runs_close_to_float32(root):
+    """The sink paths, router and experts in bf16 (what a GPU serves): within bf16's noise of
+    the float32 logits (seen ≤ 0.16 of |logits| ≤ 4)."""
+    ckpt = load_checkpoint(checkpoint(root, "gguf-mxfp4"))
+    ids = prompt(SEQ, VOCAB)
+    exact = paged_logits(build_model(ckpt, EngineConfig(context_length=CONTEXT)), ckpt.args,
+                         ids, [12, 31])[0]
+    model = build_model(ckpt, EngineConfig(context_length=CONTEXT, dtype=torch.bfloat16))
+    for got in paged_logits(model, ckpt.args, ids, [12, 31]):
+        assert got.dtype == torch.float32 and (got - exact).abs().max() < 0.4
