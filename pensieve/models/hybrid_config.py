@@ -92,6 +92,9 @@ def hf_delta(config: Mapping[str, Any], **layout: Any) -> GatedDeltaArgs:
 
 def hf_hybrid(config: Mapping[str, Any], architecture: str, delta: GatedDeltaArgs,
               **overrides: Any) -> ModelArgs:
+    if "intermediate_size" not in config and "moe_intermediate_size" in config:
+        # Qwen3.5-MoE configs have no dense MLP width: every layer is sparse
+        config = {**config, "intermediate_size": config["moe_intermediate_size"]}
     n = int(config["num_hidden_layers"])
     kinds = tuple(config.get("layer_types") or layer_types(
         n, int(config.get("full_attention_interval", 4))))
@@ -119,6 +122,10 @@ def gguf_hybrid(src: GGUFSource, architecture: str, delta_layout: Mapping[str, A
                 **overrides: Any) -> ModelArgs:
     """The ``{arch}.ssm.*`` keys of llama.cpp's Qwen3-Next/3.5 files; MTP layers are counted in
     ``block_count`` (``nextn_predict_layers`` of them, after the decoder's) and left out."""
+    if src.key("feed_forward_length", None) is None and src.key("expert_feed_forward_length", None):
+        # Qwen3.5-MoE files: no dense MLP width (every layer is sparse)
+        src = replace(src, meta={**src.meta, f"{src.arch}.feed_forward_length":
+                                 src.key("expert_feed_forward_length")})
     n = int(src.key("block_count")) - int(src.key("nextn_predict_layers", 0) or 0)
     value_heads = int(src.key("ssm.time_step_rank"))
     delta = GatedDeltaArgs(

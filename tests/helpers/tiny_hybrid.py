@@ -48,7 +48,10 @@ MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
 CONFIGS = {
     "qwen3_next": ("Qwen3NextConfig", {**COMMON, **MOE, "norm_topk_prob": True}, "qwen3next"),
     "qwen3_5": ("Qwen3_5TextConfig", COMMON, "qwen35"),
-    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", {**COMMON, **MOE}, "qwen35moe"),
+    # Qwen3.5-MoE's configs have no dense intermediate_size (every layer is sparse)
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig",
+                    {k: v for k, v in {**COMMON, **MOE}.items() if k != "intermediate_size"},
+                    "qwen35moe"),
 }
 
 
@@ -181,7 +184,8 @@ def write_hybrid_gguf(path: Path, model: torch.nn.Module, arch: str, *,
     w.add_embedding_length(h)
     w.add_block_count(n + 1)
     w.add_nextn_predict_layers(1)
-    w.add_feed_forward_length(cfg.intermediate_size)
+    if "intermediate_size" in cfg.to_dict():  # the converter writes it only where the config has it
+        w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
