@@ -150,13 +150,21 @@ class MLAttention(nn.Module):
                   seq: SequenceSlice) -> torch.Tensor:
         """Attention in latent space: one shared "head" of latent + rotary key, the values the
         latents themselves; ``W_UK`` folded into the query, ``W_UV`` applied after."""
-        mla = self.mla
+        mla, (n, heads) = self.mla, q_nope.shape[:2]
         w_uk, w_uv = self.kv_b_proj.weight.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=1)
         q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)
-        q = torch.cat((q_latent, q_pe), dim=-1)
-        keys = context.unsqueeze(1)
-        o_latent = self._sdpa(q, keys, keys[..., : mla.kv_lora_rank], seq)
-        return torch.einsum("thr,hvr->thv", o_latent, w_uv)
+        # one shared key "head": every (head, token) query is a row of one single-head attention
+        q = torch.cat((q_latent, q_pe), dim=-1).transpose(0, 1).reshape(1, 1, heads * n, -1)
+        mask = None
+        if n > 1:
+            rows = torch.arange(n, device=q.device).unsqueeze(1) + seq.context_len - n
+            cols = torch.arange(seq.context_len, device=q.device).unsqueeze(0)
+            mask = torch.zeros(n, seq.context_len, dtype=q.dtype, device=q.device).masked_fill_(
+                cols > rows, float("-inf")).repeat(heads, 1)
+        o_latent = F.scaled_dot_product_attention(
+            q, context[None, None], context[None, None, :, : mla.kv_lora_rank], attn_mask=mask,
+            scale=mla.softmax_scale)
+        return torch.einsum("htr,hvr->thv", o_latent.view(heads, n, -1), w_uv)
 
 
 class MLADecoderLayer(nn.Module):

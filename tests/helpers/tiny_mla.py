@@ -21,7 +21,8 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from gguf import ExpertGatingFuncType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf.quants import quantize
 from safetensors.torch import save_file
 
 from tests.helpers.tiny_families import TOKENIZER
@@ -61,7 +62,11 @@ def add_hf_mtp(folder: Path, model: torch.nn.Module) -> Path:
 
 
 def write_mla_gguf(path: Path, model: torch.nn.Module, *, mtp: bool = False,
-                   split: bool = True) -> Path:
+                   split: bool = True, qtype: GGMLQuantizationType = GGMLQuantizationType.F32
+                   ) -> Path:
+    """``qtype``: the 2-D projections (not ``kv_b_proj``'s halves, whose blocks run along
+    another axis than the HF matrix's) in that type — round the model first with
+    ``tiny_families.quantize_like_gguf`` and restore ``kv_b_proj`` (``keep_kv_b``)."""
     cfg = model.config
     heads, hidden = cfg.num_attention_heads, cfg.hidden_size
     rank, rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim
@@ -120,7 +125,12 @@ def write_mla_gguf(path: Path, model: torch.nn.Module, *, mtp: bool = False,
         if hf == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         for name, a in _converted(hf, t.detach().float(), names, heads, nope, v_dim, split):
-            w.add_tensor(name, a.numpy().astype(np.float32))
+            a = a.numpy().astype(np.float32)
+            if qtype != GGMLQuantizationType.F32 and a.ndim == 2 and hf.endswith("_proj.weight") \
+                    and "kv_b_proj" not in hf and hf.startswith("model.layers."):
+                w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
+            else:
+                w.add_tensor(name, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -24,7 +24,7 @@ from pensieve.models.cache_spec import PagedKV  # noqa: E402
 from pensieve.models.deepseek_mla import MLAttention  # noqa: E402
 from pensieve.models.registry import family  # noqa: E402
 from tests.helpers.paged_run import engine_tokens, paged_logits, prompt  # noqa: E402
-from tests.helpers.tiny_families import VOCAB, save_hf  # noqa: E402
+from tests.helpers.tiny_families import Q, VOCAB, quantize_like_gguf, save_hf  # noqa: E402
 from tests.helpers.tiny_mla import add_hf_mtp, with_gguf_mtp, write_mla_gguf  # noqa: E402
 from tests.helpers.tiny_moe import moe_model, write_moe_gguf  # noqa: E402
 
@@ -120,6 +120,32 @@ GGUF_CASES = ["glm4_moe_lite", "deepseek_v3"]
 @pytest.mark.parametrize("name", GGUF_CASES)
 def test_gguf_matches_transformers(root, name):
     compare(name, gguf_file(root, name), f"{name} (GGUF deepseek2, split k_b/v_b)")
+
+
+def test_quantised_gguf_matches_transformers_on_dequantised_weights(root):
+    """Q8_0 projections, dequantised (exact) and kept as their codes (``keep_int4``: the CPU
+    code kernels round activations to 8 bits, so within 5e-3); ``kv_b_proj``'s halves dense.
+    Widths that are whole Q8_0 blocks: q/kv_lora_rank 32, heads × v_head_dim 64."""
+    cls, extra = CASES["glm4_moe_lite"]
+    ref = moe_model(getattr(transformers, cls)(
+        **{**DIMS, **extra, "q_lora_rank": 32, "kv_lora_rank": 32, "v_head_dim": 16}))
+    kv_b = {n: p.detach().clone() for n, p in ref.named_parameters() if "kv_b_proj" in n}
+    quantize_like_gguf(ref, Q.Q8_0)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if n in kv_b:
+                p.copy_(kv_b[n])
+    path = write_mla_gguf(root / "glm4_moe_lite-q8.gguf", ref, qtype=Q.Q8_0)
+    ids = prompt(SEQ, VOCAB)
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].float()
+    for keep, atol in ((False, ATOL), (True, 5e-3)):
+        ckpt = load_checkpoint(path, keep_int4=keep)
+        assert keep == any("q_b_proj" in n for n in [*ckpt.int4, *ckpt.int8])
+        model = build_model(ckpt, EngineConfig(context_length=CONTEXT))
+        whole, stepped = paged_logits(model, ckpt.args, ids, [SEQ // 3, SEQ - 5])
+        torch.testing.assert_close(whole, expected, atol=atol, rtol=0)
+        torch.testing.assert_close(stepped, expected, atol=atol, rtol=0)
 
 
 def test_legacy_unsplit_kv_b_gguf_matches_transformers(root):
