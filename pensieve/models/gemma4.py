@@ -18,8 +18,8 @@ Configs, llama.cpp ``gemma4`` metadata, per-layer shapes and the cache layout ar
 ``models/gemma4_config.py``'s; the GGUF tensor names are below with the family.
 
 Left out (vision/audio only): the vision and audio towers, their soft tokens, and bidirectional
-attention over vision tokens (``use_bidirectional_attention``). KV-shared layers still get a
-cache of their own in ``cache_layout`` (the contract has no "shared" kind yet): unused memory.
+attention over vision tokens (``use_bidirectional_attention``). A KV-shared layer declares an
+empty cache (``PagedKV(0, 0, 0, window)``: no memory) and reads its source layer's.
 """
 
 from __future__ import annotations

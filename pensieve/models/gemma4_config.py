@@ -120,12 +120,15 @@ def hf_config(config: Mapping[str, Any]) -> ModelArgs:
 
 
 def cache_layout(args: ModelArgs) -> tuple[LayerCache, ...]:
-    """Per-layer head counts and sizes, windows on local layers; a KV-shared layer declares
-    its source's shape (it writes nothing there)."""
+    """Per-layer head counts and sizes, windows on local layers; a KV-shared layer keeps
+    nothing of its own (an empty ``PagedKV`` in its source's window group: it reads the
+    source layer's cache)."""
     layout = []
     for i in range(args.num_layers):
         kv, hd = layer_dims(args, i)
-        layout.append(PagedKV(kv, hd, hd, args.window(i)))
+        empty = kv_source(args, i) != i
+        layout.append(PagedKV(0, 0, 0, args.window(i)) if empty else
+                      PagedKV(kv, hd, hd, args.window(i)))
     return tuple(layout)
 
 

@@ -118,9 +118,11 @@ def test_engine_greedy_equals_generate(root, name, source):
 
 
 def test_cache_layout_per_layer_shapes(root):
+    """Local and global shapes; the three KV-shared layers keep nothing of their own."""
     args = family("gemma4").args_from_hf(config("dense").to_dict())
     local, full = PagedKV(2, 16, 16, 8), PagedKV(1, 32, 32, None)
-    assert family("gemma4").cache_layout(args) == (local, local, full) * 2
+    layout = (local, local, full, PagedKV(0, 0, 0, 8), PagedKV(0, 0, 0, 8), PagedKV(0, 0, 0, None))
+    assert family("gemma4").cache_layout(args) == layout
     gguf_args = load_checkpoint(gguf_file(root, "dense"), tensors=False).args
-    assert family("gemma4").cache_layout(gguf_args) == (local, local, full) * 2
+    assert family("gemma4").cache_layout(gguf_args) == layout
     assert gguf_args.extra["gemma4"] == args.extra["gemma4"]
