@@ -56,6 +56,21 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: str
     return q * q.shape[-1] ** -0.5, k
 
 
+def _heads_first(x: torch.Tensor, value_heads: int, order: str, length: int) -> torch.Tensor:
+    """[B, T, H, *D] → float32 [B, Hv, length, *D] (key heads repeated per value head in
+    ``order``, zero rows past T): the expansion, transpose and padding in one copy."""
+    b, t, h = x.shape[:3]
+    r, rest = value_heads // h, x.shape[3:]
+    x = x.transpose(1, 2)  # [B, H, T, *D]
+    if order == "tiled":
+        out = x.new_zeros(b, r, h, length, *rest, dtype=torch.float32)
+        out[:, :, :, :t] = x.unsqueeze(1)
+    else:
+        out = x.new_zeros(b, h, r, length, *rest, dtype=torch.float32)
+        out[:, :, :, :t] = x.unsqueeze(2)
+    return out.view(b, value_heads, length, *rest)
+
+
 def chunk_gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor | None = None, *, order: str = "grouped", chunk: int = CHUNK,
@@ -64,18 +79,18 @@ def chunk_gated_delta_rule(
     initial_state [B, Hv, Dk, Dv] (None: zeros). Returns (out [B, T, Hv, Dv] in v's dtype,
     final state [B, Hv, Dk, Dv] float32)."""
     b, t, hv, dv = v.shape
-    dtype = v.dtype
-    q, k = _prepare(q, k, v, order)
-    dk = q.shape[-1]
-    v, g, beta = v.transpose(1, 2).float(), g.transpose(1, 2).float(), beta.transpose(1, 2).float()
-    pad = -t % chunk
-    if pad:
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
-    n = (t + pad) // chunk
+    dtype, dk = v.dtype, q.shape[-1]
+    n = -(-t // chunk)
+    length = n * chunk
+    # normalised per key head (the same rows the reference normalises after repeating them)
+    q, k = l2norm(q.float()), l2norm(k.float())
+    q = q * dk ** -0.5
+    q, k, v = (_heads_first(x, hv, order if x.shape[2] != hv else "grouped", length)
+               for x in (q, k, v))
+    g, beta = (_heads_first(x, hv, "grouped", length) for x in (g, beta))
 
     def chunks(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(b, hv, n, chunk, *x.shape[3:])
+        return x.view(b, hv, n, chunk, *x.shape[3:])
 
     q, k, v, g, beta = map(chunks, (q, k, v, g, beta))
     k_beta, v_beta = k * beta.unsqueeze(-1), v * beta.unsqueeze(-1)
