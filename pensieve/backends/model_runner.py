@@ -158,6 +158,13 @@ class ModelRunner:
         self.hybrid = HybridCaches(layout, self.cache_plan, config, self.device)
         self.num_blocks = self.cache_plan.paged[0].num_blocks
         self.k_caches, self.v_caches = self.hybrid.k_caches, self.hybrid.v_caches
+        if self.device.type == "cpu" and config.dtype == torch.float32:
+            from pensieve.backends.cpu_quant import load_kernels
+            from pensieve.backends.cpu_quant.layers import swap_norms
+
+            kernels = load_kernels()  # the compiled RMSNorm: the same op, whatever the cache
+            if kernels is not None:
+                swap_norms(self.model, kernels)
 
     def _init_cpu(self, config: EngineConfig) -> None:
         """RMSNorm and attention on the compiled CPU kernels where they build and fit."""
