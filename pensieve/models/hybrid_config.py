@@ -72,10 +72,14 @@ def hybrid_layout(args: ModelArgs) -> tuple[LayerCache, ...]:
                  for kind in args.layer_types)
 
 
-def no_fast_paths(args: ModelArgs, context_length: int) -> FastPaths:
-    """None: the compiled paged kernels rotate whole heads and attend over a uniform cache, the
-    Llama-block kernels know neither gates nor recurrent layers."""
-    return FastPaths()
+def hybrid_paths(args: ModelArgs, context_length: int) -> FastPaths:
+    """Only the per-module CPU kernels: the q4 SiLU MLP (dense models) or the experts kept as
+    codes (``models.moe``'s experts). None of the uniform-cache paths: the compiled paged kernels
+    rotate whole heads over one uniform cache, the one-call decoder and the Llama-block CUDA
+    kernels know neither gates nor recurrent layers."""
+    if args.moe is not None:
+        return FastPaths(cpu_moe_codes=True)
+    return FastPaths(cpu_fused_mlp=args.hidden_act == "silu")
 
 
 def hf_delta(config: Mapping[str, Any], **layout: Any) -> GatedDeltaArgs:

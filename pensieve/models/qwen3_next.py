@@ -33,7 +33,7 @@ from pensieve.models.forward_context import ForwardContext, paged_attention
 from pensieve.models.gated_delta import causal_conv1d, causal_conv1d_step, gated_delta_rule
 from pensieve.models.hybrid_config import (
     HYBRID_GGUF_NAMES, LINEAR, delta_args, from_gguf_weight, from_hf_weight, gguf_hybrid,
-    hf_delta, hf_hybrid, hf_shared_moe, hybrid_layout, hybrid_shapes, no_fast_paths,
+    hf_delta, hf_hybrid, hf_shared_moe, hybrid_layout, hybrid_shapes, hybrid_paths,
 )
 from pensieve.models.llama import MLP, CosSin, LlamaForCausalLM, RMSNorm
 from pensieve.models.moe import EXPERT_PACKED, MoE, gguf_moe
@@ -218,7 +218,7 @@ FAMILY = Family(
     args_from_gguf=_gguf,
     gguf_names=HYBRID_GGUF_NAMES,
     expected_shapes=hybrid_shapes,
-    fast_paths=no_fast_paths,
+    fast_paths=hybrid_paths,
     from_hf_weight=from_hf_weight,
     from_gguf_weight=from_gguf_weight,
     cache_layout=hybrid_layout,

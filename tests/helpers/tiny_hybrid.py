@@ -98,11 +98,12 @@ def is_projection(hf: str) -> bool:
 
 
 def quantize_hybrid_like_gguf(model: torch.nn.Module, qtype: Q) -> None:
-    """Round every projection through ``qtype`` in place (what the GGUF holds; blocks run
-    along rows, and the converter's value-head reorder moves whole 32-wide blocks here)."""
+    """Round every projection and the stacked experts through ``qtype`` in place (what the GGUF
+    holds; blocks run along rows, and the converter's value-head reorder moves whole 32-wide
+    blocks here)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if is_projection(name):
+            if is_projection(name) or (p.ndim == 3 and ".experts." in name):
                 a = p.detach().numpy().astype(np.float32)
                 p.copy_(torch.from_numpy(dequantize(quantize(a, qtype), qtype).reshape(a.shape)))
 
@@ -218,7 +219,7 @@ def write_hybrid_gguf(path: Path, model: torch.nn.Module, arch: str, *,
         if name is None:
             raise KeyError(f"no llama.cpp name for {hf}")
         a = t.numpy().astype(np.float32)
-        if qtype != Q.F32 and a.ndim == 2 and is_projection(hf):
+        if qtype != Q.F32 and (is_projection(hf) if a.ndim == 2 else ".experts." in hf):
             w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(name, a)

@@ -154,7 +154,8 @@ def test_cache_layout_and_fast_paths(root, name):
                 cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim))
         else:
             assert spec == PagedKV(cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim)
-    assert model.fast_paths == FastPaths()
+    moe = name != "qwen3_5"  # the per-module CPU kernels only, never the uniform-cache paths
+    assert model.fast_paths == FastPaths(cpu_fused_mlp=not moe, cpu_moe_codes=moe)
 
 
 @pytest.mark.parametrize("model_type, gguf_arch, name", [
@@ -227,6 +228,10 @@ def test_quantised_gguf_kept_as_codes(root, name, qtype):
             "model.layers.0.linear_attn.in_proj_b.weight"} <= set(codes.int4)
     model = build_model(codes, EngineConfig(context_length=CONTEXT))
     assert type(model.model.layers[0].linear_attn.in_proj_qkvz).__name__ != "Linear"
+    kinds = {type(layer.mlp).__name__ for layer in model.model.layers}
+    assert kinds == ({"MoE"} if "moe" in name else {"Q4MLP"})
+    if "moe" in name:  # the experts stay codes, each routed expert run on its slice
+        assert type(model.model.layers[0].mlp.experts).__name__ == "SlicedExperts"
     kept = stepped_logits(model, codes.args, ids, [25])
     err = (kept - dequantised).abs().max().item()
     print(f"{name} {qtype}: codes vs dequantised max abs logit difference {err:.2e}")
