@@ -199,7 +199,7 @@ class MLAForCausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.fast_paths = FastPaths()
+        self.fast_paths = mla_paths(args, positions)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
@@ -328,8 +328,9 @@ def from_gguf_weight(name: str, w: torch.Tensor) -> torch.Tensor:
 
 
 def mla_paths(args: ModelArgs, context_length: int) -> FastPaths:
-    """None of the uniform paths: the compiled kernels attend over per-head K/V."""
-    return FastPaths()
+    """None of the uniform paths (the compiled kernels attend over per-head K/V); a GGUF's
+    experts stay codes on the CPU kernels (the MoE is ``models.moe``'s)."""
+    return FastPaths(cpu_moe_codes=True)
 
 
 DEEPSEEK2_NAMES = {

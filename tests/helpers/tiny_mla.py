@@ -62,11 +62,12 @@ def add_hf_mtp(folder: Path, model: torch.nn.Module) -> Path:
 
 
 def write_mla_gguf(path: Path, model: torch.nn.Module, *, mtp: bool = False,
-                   split: bool = True, qtype: GGMLQuantizationType = GGMLQuantizationType.F32
-                   ) -> Path:
+                   split: bool = True, qtype: GGMLQuantizationType = GGMLQuantizationType.F32,
+                   expert_qtype: GGMLQuantizationType = GGMLQuantizationType.F32) -> Path:
     """``qtype``: the 2-D projections (not ``kv_b_proj``'s halves, whose blocks run along
     another axis than the HF matrix's) in that type — round the model first with
-    ``tiny_families.quantize_like_gguf`` and restore ``kv_b_proj`` (``keep_kv_b``)."""
+    ``tiny_families.quantize_like_gguf`` and restore ``kv_b_proj``; ``expert_qtype``: the 3-D
+    experts (``tiny_moe.quantize_experts_like_gguf`` first)."""
     cfg = model.config
     heads, hidden = cfg.num_attention_heads, cfg.hidden_size
     rank, rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim
@@ -129,6 +130,8 @@ def write_mla_gguf(path: Path, model: torch.nn.Module, *, mtp: bool = False,
             if qtype != GGMLQuantizationType.F32 and a.ndim == 2 and hf.endswith("_proj.weight") \
                     and "kv_b_proj" not in hf and hf.startswith("model.layers."):
                 w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
+            elif a.ndim == 3 and ".experts." in hf and expert_qtype != GGMLQuantizationType.F32:
+                w.add_tensor(name, quantize(a, expert_qtype), raw_dtype=expert_qtype)
             else:
                 w.add_tensor(name, a)
     w.write_header_to_file()

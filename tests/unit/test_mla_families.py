@@ -148,6 +148,34 @@ def test_quantised_gguf_matches_transformers_on_dequantised_weights(root):
         torch.testing.assert_close(stepped, expected, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_quantised_experts_stay_codes_on_the_cpu(root, qtype):
+    """A GGUF's 3-D experts kept as their codes (``keep_int4``: ``FastPaths.cpu_moe_codes``,
+    each routed expert on its slice) — what lets a real GLM-4.7-Flash file fit in memory;
+    within 2e-3 of transformers on the dequantised experts. Widths the kernels' blocks take:
+    hidden and expert width 256."""
+    from pensieve.backends.cpu_quant.expert_linear import SlicedExperts
+    from tests.helpers.tiny_moe import quantize_experts_like_gguf
+
+    kind = getattr(Q, qtype)
+    cls, extra = CASES["glm4_moe_lite"]
+    ref = moe_model(getattr(transformers, cls)(**{
+        **DIMS, **extra, "hidden_size": 256, "intermediate_size": 256,
+        "moe_intermediate_size": 256}))
+    quantize_experts_like_gguf(ref, kind)
+    path = write_mla_gguf(root / f"glm4_moe_lite-exps-{qtype}.gguf", ref, expert_qtype=kind)
+    ckpt = load_checkpoint(path, keep_int4=True)
+    model = build_model(ckpt, EngineConfig(context_length=CONTEXT))
+    assert sum(isinstance(m, SlicedExperts) for m in model.modules()) == 2  # the sparse layers
+    ids = prompt(SEQ, VOCAB)
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].float()
+    whole, stepped = paged_logits(model, ckpt.args, ids, [SEQ // 3, SEQ - 5])
+    err = max((g - expected).abs().max().item() for g in (whole, stepped))
+    print(f"glm4_moe_lite {qtype} experts as codes: max abs logit error {err:.2e}")
+    assert err < 2e-3  # the kernels round activations to 8 bits (4e-4 here, |logits| ≤ 4.3)
+
+
 def test_legacy_unsplit_kv_b_gguf_matches_transformers(root):
     compare("glm4_moe_lite", gguf_file(root, "glm4_moe_lite", split=False),
             "glm4_moe_lite (GGUF deepseek2, attn_kv_b)")
@@ -204,4 +232,4 @@ def test_family_declares_a_latent_cache_and_no_uniform_paths():
     assert layout == (PagedKV(1, 16 + 8, 0),) * 3 and layout[0].latent
     assert layout[0].token_elements() == 24  # vs 4 heads × (24 + 12) expanded
     fast = family("glm4_moe_lite").fast_paths(args, CONTEXT)
-    assert not (fast.paged_kernels or fast.cuda_graphs or fast.cpu_decoder)
+    assert not (fast.paged_kernels or fast.cuda_graphs or fast.cpu_decoder or fast.cpu_fused_mlp)
