@@ -12,7 +12,8 @@ chunk that ends on a checkpoint position. Runs the per-sequence path only: the f
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from pensieve.engine.kv_plan import (
 from pensieve.engine.scheduler import ScheduledChunk
 from pensieve.models.cache_spec import LayerCache, PagedKV, RecurrentState
 from pensieve.models.forward_context import (
-    ForwardContext, PagedGroups, RecurrentStates, SequenceSlice,
+    AttentionBackend, ForwardContext, PagedGroups, RecurrentStates, SequenceSlice,
 )
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,30 @@ def plan_cache(layout: Sequence[LayerCache], config: EngineConfig, budget: int) 
                      any(k == WINDOW for k, _, _ in grouped) else 0)
 
 
+AttentionFor = Callable[[Sequence[int | None], list[list[SequenceSlice]], list[torch.Tensor]],
+                        "AttentionBackend | None"]
+
+
+@dataclass(frozen=True)
+class GroupedAttention:
+    """An attention backend per layer group (each built over its group's block tables): a
+    layer's call goes to its group's, over a context with that group's slots and sequences."""
+
+    layer_group: Sequence[int | None]
+    backends: list[AttentionBackend]
+    slot_mapping: list[torch.Tensor]
+    sequences: list[list[SequenceSlice]]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 ctx: ForwardContext,
+                 cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        g = self.layer_group[layer]
+        assert g is not None
+        own = replace(ctx, slot_mapping=self.slot_mapping[g], sequences=self.sequences[g],
+                      groups=None, attention=None)
+        return self.backends[g](layer, q, k, v, own, cos_sin)
+
+
 class HybridCaches:
     """Per-layer caches of a hybrid layout and the step's context over them."""
 
@@ -139,7 +164,10 @@ class HybridCaches:
                            else f"recurrent {len(g.layers)} layers" for g in plan.groups),
                  plan.state_slots, plan.checkpoints, per_state / 2**20, plan.checkpoint_interval)
 
-    def run(self, model: nn.Module, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def run(self, model: nn.Module, chunks: list[ScheduledChunk],
+            attend: AttentionFor | None = None) -> torch.Tensor:
+        """One step; ``attend`` may give an attention backend for the step's per-group
+        sequences and slot mappings (None: the per-sequence path)."""
         bs, groups = self.block_size, len(self.plan.paged)
         ids: list[int] = []
         positions: list[int] = []
@@ -172,6 +200,7 @@ class HybridCaches:
             k_caches=self.k_caches, v_caches=self.v_caches, slot_mapping=slot_tensors[0],
             sequences=sequences[0], logits_indices=self._tensor(rows), states=states,
             groups=PagedGroups(tuple(self.layer_group), slot_tensors, sequences) if groups > 1 else None,
+            attention=attend(self.layer_group, sequences, slot_tensors) if attend is not None else None,
         )
         logits = model(self._tensor(ids), self._tensor(positions), ctx)
         for chunk in chunks:

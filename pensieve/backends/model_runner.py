@@ -18,14 +18,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pensieve.backends.hybrid_cache import HybridCaches, plan_cache
+from pensieve.backends.hybrid_cache import GroupedAttention, HybridCaches, plan_cache
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.kv_plan import CachePlan, uniform_full
 from pensieve.engine.scheduler import ScheduledChunk
 from pensieve.models.args import ModelArgs
-from pensieve.models.cache_spec import LayerCache, attention_layout
+from pensieve.models.cache_spec import LayerCache, PagedKV, attention_layout
 from pensieve.models.family import FastPaths
-from pensieve.models.forward_context import ForwardContext, SequenceSlice
+from pensieve.models.forward_context import AttentionBackend, ForwardContext, SequenceSlice
 
 log = logging.getLogger(__name__)
 _CUDA_HEADROOM = 4 << 30  # bytes left free for activations and graphs when sizing the cache
@@ -160,11 +160,28 @@ class ModelRunner:
         self.k_caches, self.v_caches = self.hybrid.k_caches, self.hybrid.v_caches
         if self.device.type == "cpu" and config.dtype == torch.float32:
             from pensieve.backends.cpu_quant import load_kernels
-            from pensieve.backends.cpu_quant.layers import swap_norms
+            from pensieve.backends.cpu_quant.layers import CpuAttention, swap_norms
 
             kernels = load_kernels()  # the compiled RMSNorm: the same op, whatever the cache
             if kernels is not None:
                 swap_norms(self.model, kernels)
+            # the compiled attention while no window masks yet (as for one table): only where
+            # every layer is plain K/V of one shape
+            plain = all(isinstance(s, PagedKV) and not s.latent for s in layout) and len(
+                {(s.kv_heads, s.head_dim, s.v_head_dim) for s in layout if isinstance(s, PagedKV)}) == 1
+            if kernels is not None and plain and CpuAttention.fits(self.k_caches, config.dtype):
+                self.cpu_attention = CpuAttention(kernels)
+
+    def _hybrid_attention(self, layer_group: Sequence[int | None],
+                          sequences: list[list[SequenceSlice]], slots: list[torch.Tensor]
+                          ) -> AttentionBackend | None:
+        """The compiled CPU attention, one step per group, where no sequence has reached the
+        shortest window (no window masks, no block was given back)."""
+        if self.cpu_attention is None or self.min_window is None or any(
+                s.context_len > self.min_window for s in sequences[0]):
+            return None
+        steps: list[AttentionBackend] = [self.cpu_attention.step(seqs) for seqs in sequences]
+        return steps[0] if len(steps) == 1 else GroupedAttention(layer_group, steps, slots, sequences)
 
     def _init_cpu(self, config: EngineConfig) -> None:
         """RMSNorm and attention on the compiled CPU kernels where they build and fit."""
@@ -225,7 +242,7 @@ class ModelRunner:
         a token the host has not read yet (only where ``can_carry``).
         """
         if self.hybrid is not None:
-            return self.hybrid.run(self.model, chunks)
+            return self.hybrid.run(self.model, chunks, self._hybrid_attention)
         if self.graphs is not None and self.graphs.can_run(chunks):
             return self.graphs.run(chunks, carried, carried_rows)
         if self.chunk_graphs is not None and self.chunk_graphs.can_run(chunks):

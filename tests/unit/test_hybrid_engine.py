@@ -145,3 +145,38 @@ def test_gemma3_windows_give_blocks_back_and_tokens_equal_generate(gemma):
     assert most[0] == -(-(len(ids) + steps - 1) // 4)  # full attention keeps every block
     assert most[1] <= 8 // 4 + 16 // 4 + 1  # the window + one chunk
 
+
+
+def test_gemma3_inside_its_window_takes_the_compiled_attention_per_group(gemma, tmp_path):
+    """Contexts within the shortest window: the compiled CPU attention serves both groups (a
+    step each, over its own tables), as it served the one table; tokens still equal generate."""
+    from pensieve.backends.cpu_quant import load_kernels
+    from pensieve.backends.hybrid_cache import GroupedAttention
+
+    if load_kernels() is None:
+        pytest.skip("CPU kernels cannot build here")
+    ref, ckpt, vocab = gemma
+    config = EngineConfig(context_length=128, block_size=4, max_num_seqs=2, max_num_batched_tokens=16)
+    engine = torch_engine(build_model(ckpt, config), ckpt.args, ckpt.tokenizer, config)
+    runner = engine.runner
+    assert runner.cpu_attention is not None
+    seen = []
+    original = runner._hybrid_attention
+
+    def spy(*a):  # noqa: ANN002, ANN202
+        backend = original(*a)
+        seen.append(type(backend).__name__)
+        return backend
+
+    runner._hybrid_attention = spy
+    ids = torch.randint(3, vocab, (5,), generator=torch.Generator().manual_seed(4)).tolist()
+    engine.add_request("r", ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    tokens = []
+    while engine.has_work():
+        for d in engine.step():
+            tokens.extend(d.token_ids)
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    assert tokens == expected
+    assert GroupedAttention.__name__ in seen and "NoneType" in seen  # inside, then past the window
