@@ -111,8 +111,10 @@ _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
 def past_trunk(name: str, args: ModelArgs) -> bool:
     """Whether HF weight ``name`` belongs to a layer after the model's ``num_layers`` (a
     multi-token-prediction block), to Qwen3-Next's / Qwen3.5's ``mtp.*`` block or to a
-    multimodal checkpoint's vision tower (``model.visual.*``)."""
-    if name.startswith(("mtp.", "model.visual.")):
+    multimodal checkpoint's vision or audio tower (``model.visual.*``, Gemma 4's
+    ``model.{vision,audio}_tower.*`` and ``model.embed_{vision,audio}.*``)."""
+    if name.startswith(("mtp.", "model.visual.", "model.vision_tower.", "model.audio_tower.",
+                        "model.embed_vision.", "model.embed_audio.")):
         return True
     m = _LAYER_RE.match(name)
     return m is not None and int(m.group(1)) >= args.num_layers

@@ -17,8 +17,9 @@
 Configs, llama.cpp ``gemma4`` metadata, per-layer shapes and the cache layout are
 ``models/gemma4_config.py``'s; the GGUF tensor names are below with the family.
 
-Left out (vision/audio only): the vision and audio towers, their soft tokens, and bidirectional
-attention over vision tokens (``use_bidirectional_attention``). A KV-shared layer declares an
+Left out (vision/audio only): the vision and audio towers (a multimodal ``gemma4`` checkpoint's
+language model loads, its towers are not read), their soft tokens, and bidirectional attention
+over vision tokens (``use_bidirectional_attention``). A KV-shared layer declares an
 empty cache (``PagedKV(0, 0, 0, window)``: no memory) and reads its source layer's.
 """
 
@@ -217,7 +218,7 @@ def _paths(args: ModelArgs, context_length: int) -> FastPaths:
 FAMILY = Family(
     name="gemma4",
     gguf_architectures=("gemma4",),
-    hf_model_types=("gemma4_text",),
+    hf_model_types=("gemma4_text", "gemma4"),
     model=Gemma4ForCausalLM,
     args_from_hf=hf_config,
     args_from_gguf=gguf_config,
@@ -243,4 +244,7 @@ FAMILY = Family(
     expected_shapes=expected_shapes,
     fast_paths=_paths,
     cache_layout=cache_layout,
+    # a multimodal checkpoint: model.language_model.* → model.*; its towers are not read
+    hf_renames={"language_model": ""},
+    drops_mtp=True,
 )

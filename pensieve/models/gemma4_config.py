@@ -74,9 +74,12 @@ def _global(config: Mapping[str, Any], key: str, default: Any) -> Any:
 
 
 def hf_config(config: Mapping[str, Any]) -> ModelArgs:
-    if config.get("model_type") == "gemma4":
-        raise ModelConfigError("multimodal Gemma 4 checkpoints are not supported; "
-                               "use the text model (model_type gemma4_text)")
+    """A ``gemma4_text`` config, or a multimodal ``gemma4`` one's ``text_config`` (the output
+    head's tying is the top level's; the towers are not loaded)."""
+    if isinstance(config.get("text_config"), Mapping):
+        text = config["text_config"]
+        config = {**text, "tie_word_embeddings": config.get(
+            "tie_word_embeddings", text.get("tie_word_embeddings", True))}
     if config.get("attention_bias"):
         raise ModelConfigError("Gemma 4 with attention biases is not supported")
     if config.get("use_bidirectional_attention") == "all":

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -115,6 +116,31 @@ def test_engine_greedy_equals_generate(root, name, source):
             torch.tensor([ids]), max_new_tokens=6, do_sample=False,
             attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
     assert engine_tokens(model, ckpt, CONTEXT, ids, 6) == expected
+
+
+def test_multimodal_checkpoint_loads_its_language_model(root):
+    """A ``gemma4`` (Gemma4ForConditionalGeneration) folder: ``text_config``, the weights under
+    ``model.language_model.*``, and tower tensors that are not read."""
+    text = reference("dense")
+    mm = transformers.Gemma4ForConditionalGeneration(transformers.Gemma4Config(
+        text_config=config("dense").to_dict(), vision_config=None, audio_config=None)).eval()
+    state = {k.replace("model.", "model.language_model.", 1): v
+             for k, v in text.state_dict().items() if k != "lm_head.weight"}
+    missing, unexpected = mm.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    path = save_hf(root / "multimodal", mm)
+    save_file({"model.vision_tower.encoder.weight": torch.ones(4, 4),
+               "model.embed_vision.embedding_projection.weight": torch.ones(4, 4)},
+              str(path / "towers.safetensors"), metadata={"format": "pt"})
+    ckpt, model = ours(path)
+    assert ckpt.args.num_layers == 6 and not any("tower" in k or "vision" in k for k in ckpt.weights)
+    ids = prompt(SEQ, VOCAB)
+    with torch.no_grad():
+        expected = mm(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(expected, text(torch.tensor([ids])).logits[0].float())
+    layout = family("gemma4").cache_layout(ckpt.args)
+    whole, _ = paged_logits(model, ckpt.args, ids, [SEQ - 5], layout)
+    torch.testing.assert_close(whole, expected, atol=ATOL, rtol=0)
 
 
 def test_cache_layout_per_layer_shapes(root):
