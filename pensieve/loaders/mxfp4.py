@@ -16,7 +16,6 @@ Dequantised on load: MXFP4 is not kept as codes on any kernel yet.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 BLOCK = 32
 CHUNK = 1 << 18  # blocks decoded at a time: bounds the temporaries (a 20b layer's gate/up
@@ -26,21 +25,30 @@ DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 
 
 def _pairs() -> torch.Tensor:
-    """[256, 2] float32: a byte's (low nibble, high nibble) doubled E2M1 values."""
+    """[256] int64: a byte's (low nibble, high nibble) doubled E2M1 values as two float32s."""
     table = torch.tensor(DOUBLED, dtype=torch.float32)
     byte = torch.arange(256)
-    return torch.stack((table[byte & 0x0F], table[byte >> 4]), dim=1)
+    pairs = torch.stack((table[byte & 0x0F], table[byte >> 4]), dim=1).contiguous()
+    return pairs.view(torch.int64).reshape(256)
 
 
-def _decode(qs: torch.Tensor, exponents: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """qs [n, 16] code bytes, exponents [n] (E8M0) → float32 [n, 32]: a byte's nibbles are
-    values j and j + 16 (GGML) or 2j and 2j + 1 (``interleaved``, HF). One lookup per byte
-    (``embedding`` takes int32 indices) and one scale per block: 2^(e − 128) × doubled code."""
-    values = F.embedding(qs.to(torch.int32), _pairs())  # [n, 16, 2]
-    if not interleaved:
-        values = values.transpose(1, 2)
-    scale = torch.ldexp(torch.ones(exponents.shape), exponents.to(torch.int32).sub_(128))
-    return values.reshape(-1, BLOCK).mul_(scale.unsqueeze(-1))
+_PAIRS = _pairs()
+
+
+def _decode_into(out: torch.Tensor, qs: torch.Tensor, exponents: torch.Tensor,
+                 interleaved: bool) -> None:
+    """out [n, 32] float32 ← qs [n, 16] code bytes and exponents [n] (E8M0): a byte's nibbles
+    are values j and j + 16 (GGML) or 2j and 2j + 1 (``interleaved``, HF). One 8-byte lookup
+    per code byte (``index_select`` takes int32 indices) and one scale per block,
+    2^(e − 128) × the doubled code, multiplied straight into ``out``."""
+    n = qs.shape[0]
+    values = torch.index_select(_PAIRS, 0, qs.reshape(-1).to(torch.int32))
+    values = values.view(torch.float32).view(n, BLOCK // 2, 2)
+    scale = torch.ldexp(torch.ones(n), exponents.to(torch.int32).sub_(128)).view(n, 1, 1)
+    if interleaved:
+        torch.mul(values, scale, out=out.view(n, BLOCK // 2, 2))
+    else:
+        torch.mul(values.transpose(1, 2), scale, out=out.view(n, 2, BLOCK // 2))
 
 
 def ggml_blocks(blocks: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
@@ -48,7 +56,7 @@ def ggml_blocks(blocks: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     out = torch.empty(blocks.shape[0], BLOCK)
     for start in range(0, blocks.shape[0], chunk):
         part = blocks[start:start + chunk]
-        out[start:start + chunk] = _decode(part[:, 1:], part[:, 0], interleaved=False)
+        _decode_into(out[start:start + chunk], part[:, 1:], part[:, 0], interleaved=False)
     return out
 
 
@@ -61,6 +69,6 @@ def hf_blocks(blocks: torch.Tensor, scales: torch.Tensor, chunk: int = CHUNK) ->
     flat, exps = blocks.reshape(-1, BLOCK // 2), scales.reshape(-1)
     out = torch.empty(flat.shape[0], BLOCK)
     for start in range(0, flat.shape[0], chunk):
-        out[start:start + chunk] = _decode(flat[start:start + chunk], exps[start:start + chunk],
-                                           interleaved=True)
+        _decode_into(out[start:start + chunk], flat[start:start + chunk],
+                     exps[start:start + chunk], interleaved=True)
     return out.reshape(*scales.shape[:-1], scales.shape[-1] * BLOCK)
