@@ -39,6 +39,16 @@ layers, as llama.cpp's rule names them. The CPU bench's ~1.5B, 8 experts, top-2 
         --experts-used 2 --expert-intermediate 1792 --tokenizer-from \
         ~/.cache/pensieve/fixtures/llama_cpp_python-0.3.36/models/ggml-vocab-qwen2.gguf
 
+``--arch qwen35moe`` (Qwen3.6-35B-A3B), ``--arch gpt-oss`` (gpt-oss-20b) and ``--arch deepseek2``
+(GLM-4.7-Flash) write the hybrid families' real shapes (``bench/random_hybrid_gguf.py`` holds
+them, where each value comes from and llama.cpp's layout): every shape option defaults to the
+real model's, ``--vocab`` pads the copied tokenizer with unreachable ``[PADn]`` tokens up to the
+real vocabulary (0: the tokenizer's own size); ``--dtype`` q4_k_m (default) or f16, gpt-oss
+``mxfp4`` (the released mix). A down-scaled file for a CPU check:
+
+    python -m bench.make_random_gguf /tmp/q36-small.gguf --arch qwen35moe --layers 4 \
+        --experts 8 --vocab 0 --tokenizer-from .gpu/tokenizer.gguf
+
 Weights are generated on CUDA when it is there (``--device``), tensor by tensor, and streamed
 to the file, so memory stays at one tensor.
 """
@@ -55,6 +65,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
+from bench import random_hybrid_gguf as hybrid
+
 TOKEN_TYPE_NORMAL = 1
 DTYPES = {"f16": (torch.float16, np.float16, GGMLQuantizationType.F16),
           "bf16": (torch.bfloat16, np.uint16, GGMLQuantizationType.BF16)}
@@ -66,18 +78,30 @@ ARCH_DEFAULTS = {"llama": {"rope_theta": 500000.0, "eps": 1e-5},  # Llama-3
                  "qwen3": {"rope_theta": 1000000.0, "eps": 1e-6},
                  "qwen3moe": {"rope_theta": 1000000.0, "eps": 1e-6}}
 QK_NORM_ARCHS = ("qwen3", "qwen3moe")
+LLAMA_SHAPE = dict(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336,  # Llama-3-8B
+                   context_length=16384, experts=8, experts_used=2, expert_intermediate=1792,
+                   dtype="f16")
 Q6_K = GGMLQuantizationType.Q6_K
 
 
-def copy_tokenizer(src: Path, writer: GGUFWriter) -> tuple[int, list[int]]:
-    """Copy every ``tokenizer.*`` key; returns (vocab size, ids of non-normal tokens)."""
+def copy_tokenizer(src: Path, writer: GGUFWriter, pad_to: int = 0) -> tuple[int, list[int]]:
+    """Copy every ``tokenizer.*`` key; returns (vocab size, ids of non-normal tokens).
+    ``pad_to``: append normal ``[PADn]`` tokens (no merge makes them) up to that many."""
     reader = GGUFReader(src)
     vocab, special = 0, []
+    n = len(reader.fields["tokenizer.ggml.tokens"].contents())
+    pad = max(0, pad_to - n)
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
         main = field.types[0]
         value = field.contents()
+        if pad and key == "tokenizer.ggml.tokens":
+            value = value + [f"[PAD{i}]" for i in range(n, n + pad)]
+        elif pad and key == "tokenizer.ggml.token_type":
+            value = value + [TOKEN_TYPE_NORMAL] * pad
+        elif pad and key == "tokenizer.ggml.scores":
+            value = value + [0.0] * pad
         if main == GGUFValueType.ARRAY:
             writer.add_key_value(key, value, main, sub_type=field.types[-1])
         else:
@@ -147,6 +171,16 @@ def quant_type(name: str, a: argparse.Namespace) -> GGMLQuantizationType | None:
     if a.dtype in Q4 and name.startswith("blk."):
         return Q4[a.dtype]
     return None
+
+
+def block_type(name: str, shape: tuple[int, ...], a: argparse.Namespace
+               ) -> GGMLQuantizationType | None:
+    """A matrix's GGML block type, None for float."""
+    if a.arch not in hybrid.SHAPES:
+        return quant_type(name, a)
+    more_bits = name.startswith("blk.") and use_more_bits(int(name.split(".")[1]), a.layers)
+    qtype = hybrid.block_type(name, shape, a, more_bits)
+    return None if qtype == hybrid.F16 else qtype
 
 
 def add_model_keys(w: GGUFWriter, a: argparse.Namespace, vocab: int) -> None:
@@ -223,7 +257,8 @@ def random_q6_k_blocks(shape: tuple[int, ...], gen: torch.Generator, device: str
 def write(a: argparse.Namespace) -> None:
     out = Path(a.output)
     w = GGUFWriter(out, a.arch)
-    vocab, special = copy_tokenizer(Path(a.tokenizer_from), w)
+    is_hybrid = a.arch in hybrid.SHAPES
+    vocab, special = copy_tokenizer(Path(a.tokenizer_from), w, a.vocab if is_hybrid else 0)
     if a.tokenizer_only:
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -231,13 +266,14 @@ def write(a: argparse.Namespace) -> None:
         w.close()
         print(f"wrote {out} (tokenizer only, {out.stat().st_size / 1e6:.1f} MB)")
         return
-    add_model_keys(w, a, vocab)
+    (hybrid.metadata if is_hybrid else add_model_keys)(w, a, vocab)
     float_dtype = a.dtype if a.dtype in DTYPES else "f16"
     _, _, gtype = DTYPES[float_dtype]
-    specs = list(tensor_specs(a, vocab))
+    specs = hybrid.tensor_specs(a, vocab) if is_hybrid else list(tensor_specs(a, vocab))
+    qtypes = {name: None if is_norm else block_type(name, shape, a) for name, shape, is_norm in specs}
     for name, shape, is_norm in specs:
         n = int(np.prod(shape))
-        qtype = None if is_norm else quant_type(name, a)
+        qtype = qtypes[name]
         if is_norm:
             w.add_tensor_info(name, shape, np.dtype(np.float32), n * 4)
         elif qtype is not None:
@@ -253,9 +289,15 @@ def write(a: argparse.Namespace) -> None:
     gen.manual_seed(a.seed)
     started, total = time.perf_counter(), 0
     for name, shape, is_norm in specs:
-        qtype = None if is_norm else quant_type(name, a)
+        qtype = qtypes[name]
         zero = special if name == "output.weight" else []
-        if name.endswith(".bias"):  # qwen2's q/k/v biases
+        if is_hybrid and is_norm:
+            data = hybrid.small_tensor(name, shape, gen, a.device)
+        elif qtype is GGMLQuantizationType.Q8_0:
+            data = hybrid.random_q8_0_blocks(shape, gen, a.device, zero)
+        elif qtype is GGMLQuantizationType.MXFP4:
+            data = hybrid.random_mxfp4_blocks(shape, gen, a.device)
+        elif name.endswith(".bias"):  # qwen2's q/k/v biases
             data = torch.randn(shape, generator=gen, device=a.device).mul_(0.02).cpu().numpy()
         elif name.endswith("ffn_gate_inp.weight"):  # the MoE router (F32)
             data = torch.randn(shape, generator=gen, device=a.device).mul_(0.02).cpu().numpy()
@@ -286,24 +328,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF whose tokenizer.* keys to copy (default: the default model's)")
     p.add_argument("--tokenizer-only", action="store_true",
                    help="write only the tokenizer keys (a small file to carry elsewhere)")
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=14336)
-    p.add_argument("--context-length", type=int, default=16384)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--intermediate", type=int, default=None)
+    p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=None, help="default hidden / heads")
-    p.add_argument("--experts", type=int, default=8, help="qwen3moe: experts a layer")
-    p.add_argument("--experts-used", type=int, default=2, help="qwen3moe: experts a token")
-    p.add_argument("--expert-intermediate", type=int, default=1792, help="qwen3moe: expert width")
-    p.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), default="llama",
+    p.add_argument("--experts", type=int, default=None, help="MoE: experts a layer")
+    p.add_argument("--experts-used", type=int, default=None, help="MoE: experts a token")
+    p.add_argument("--expert-intermediate", type=int, default=None, help="MoE: expert width")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="hybrid archs: pad the tokenizer to this many tokens (default the real "
+                        "model's; 0: the tokenizer's own)")
+    p.add_argument("--arch", choices=sorted([*ARCH_DEFAULTS, *hybrid.SHAPES]), default="llama",
                    help="qwen2: q/k/v biases; qwen3: q/k RMSNorm; qwen3moe: Qwen3 attention + "
                         "routed experts (GGUF general.architecture)")
     p.add_argument("--rope-theta", type=float, default=None,
                    help="default 5e5 for llama (Llama-3), 1e6 for qwen2/qwen3")
-    p.add_argument("--dtype", choices=sorted(DTYPES) + sorted(Q4), default="f16",
+    p.add_argument("--dtype", choices=sorted(DTYPES) + sorted(Q4) + ["mxfp4"], default=None,
                    help="q4_0/q4_k: 4-bit projection matrices, F16 embeddings and output; "
-                        "q4_k_m: llama.cpp's Q4_K_M mix (Q4_K + Q6_K, embeddings and output too)")
+                        "q4_k_m: llama.cpp's Q4_K_M mix (Q4_K + Q6_K, embeddings and output too); "
+                        "mxfp4: gpt-oss's release mix (default f16, hybrid archs q4_k_m/mxfp4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
@@ -311,8 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    if a.rope_theta is None:
-        a.rope_theta = ARCH_DEFAULTS[a.arch]["rope_theta"]
+    if a.arch in hybrid.SHAPES:
+        hybrid.defaults(a)
+    else:
+        for key, value in LLAMA_SHAPE.items():
+            if getattr(a, key) is None:
+                setattr(a, key, value)
+        if a.rope_theta is None:
+            a.rope_theta = ARCH_DEFAULTS[a.arch]["rope_theta"]
     if a.tokenizer_from is None:
         from pensieve.loaders.default_model import default_model_path
 
