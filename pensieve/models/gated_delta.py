@@ -183,7 +183,7 @@ def fla_gated_delta_rule(
     (in the checkpoint's order), L2 norm and the 1/√Dk scale inside the kernel."""
     ops = _fla()
     if ops is None:
-        raise RuntimeError("fla-core is not installed (pip install fla-core)")
+        raise RuntimeError("fla-core is not installed (pip install 'pensieve[fla]')")
     chunk, recurrent = ops
     hv = v.shape[2]
     q, k = expand_heads(q, hv, order).contiguous(), expand_heads(k, hv, order).contiguous()

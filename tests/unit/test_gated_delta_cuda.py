@@ -1,7 +1,7 @@
 """fla-core's CUDA gated-delta-rule kernels against our torch forms (``models/gated_delta.py``),
 with our conventions (grouped and tiled value heads, initial state in, final state out), and a
 hybrid model's logits with fla on and off. Skips without CUDA or without ``fla-core``
-(``pip install fla-core``); the GPU run script adds this file."""
+(``pip install fla-core==0.6.0``, the ``pensieve[fla]`` extra); the GPU run script adds this file."""
 
 from __future__ import annotations
 
