@@ -416,5 +416,14 @@ def _fit_context(settings: ServeSettings, ckpt: Checkpoint) -> tuple[Checkpoint,
 
 
 def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
-    """Keys and values of every layer for one token."""
-    return 2 * args.num_layers * args.num_kv_heads * args.head_dim * dtype.itemsize
+    """Keys and values of every attention layer for one token, as the family's cache layout
+    declares them (latent layers K only; recurrent layers keep a fixed state, no per-token
+    cache; a windowed layer's count is its peak, not what it holds past its window)."""
+    from pensieve.models.cache_spec import PagedKV
+    from pensieve.models.registry import UnsupportedArchitectureError, family
+
+    try:
+        layout = family(args.architecture).cache_layout(args)
+    except UnsupportedArchitectureError:
+        return 2 * args.num_layers * args.num_kv_heads * args.head_dim * dtype.itemsize
+    return sum(s.token_elements() for s in layout if isinstance(s, PagedKV)) * dtype.itemsize
