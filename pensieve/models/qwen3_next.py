@@ -53,6 +53,9 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
+    """One linear-attention layer: fused projections in the checkpoint's layout (``_split``),
+    conv + gated delta rule per sequence against its state slot (``_mix``), gated norm, out."""
+
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -61,7 +64,7 @@ class GatedDeltaNet(nn.Module):
         h = args.hidden_size
         self.in_proj_qkvz = nn.Linear(h, 2 * self.key_size + 2 * self.value_size, bias=False)
         self.in_proj_ba = nn.Linear(h, 2 * d.value_heads, bias=False)
-        self.conv1d = nn.Module()
+        self.conv1d = nn.Module()  # a holder, so the kernel keeps HF's name conv1d.weight
         self.conv1d.weight = nn.Parameter(torch.empty(d.conv_channels, 1, d.conv_kernel))
         self.dt_bias = nn.Parameter(torch.ones(d.value_heads))
         self.A_log = nn.Parameter(torch.zeros(d.value_heads))
