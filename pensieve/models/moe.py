@@ -108,8 +108,10 @@ class Experts(nn.Module):
                 gate, up = F.linear(part, self.gate_up_proj.weight[e]).chunk(2, dim=-1)
                 out[start:start + n] = F.linear(self.act(gate) * up, self.down_proj.weight[e])
                 start += n
+        # sigmoid routers weigh in float32 (as the reference): the product is cast back, as
+        # transformers casts it before its index_add
         out = out * weights.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add_(0, tokens, out)
+        return torch.zeros_like(x).index_add_(0, tokens, out.to(x.dtype))
 
 
 def shared_mlp(args: ModelArgs) -> MLP:

@@ -226,6 +226,17 @@ def test_engine_greedy_equals_generate(root, name):
     assert engine_tokens(model, ckpt, CONTEXT, ids, 6) == expected
 
 
+def test_bf16_engine_runs(root):
+    """bfloat16 weights and cache through the engine (the sigmoid router weighs in float32: the
+    experts' sum used to meet a bfloat16 accumulator and fail); finite logits, 6 tokens."""
+    ckpt = load_checkpoint(gguf_file(root, "glm4_moe_lite"))
+    model = build_model(ckpt, EngineConfig(context_length=CONTEXT, dtype=torch.bfloat16))
+    ids = prompt(SEQ, VOCAB)
+    whole, stepped = paged_logits(model, ckpt.args, ids, [SEQ // 3, SEQ - 5])
+    assert torch.isfinite(whole).all() and torch.isfinite(stepped).all()
+    assert len(engine_tokens(model, ckpt, CONTEXT, ids[:20], 6)) == 6
+
+
 def test_family_declares_a_latent_cache_and_no_uniform_paths():
     args = family("glm4_moe_lite").args_from_hf(config("glm4_moe_lite").to_dict())
     layout = family("glm4_moe_lite").cache_layout(args)
