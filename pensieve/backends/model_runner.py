@@ -123,6 +123,7 @@ class ModelRunner:
         self.hybrid: HybridCaches | None = None
         self.cuda_batches = self.graphs = self.chunk_graphs = None
         self.cpu_attention = self.cpu_decoder = None
+        self.cuda_hybrid = None  # backends/cuda_hybrid.CudaHybridBuilder for hybrid layouts
         layout = model_layout(model, args)
         if not uniform_full(layout, config.context_length):
             self._init_hybrid(layout, config)
@@ -158,6 +159,16 @@ class ModelRunner:
         self.hybrid = HybridCaches(layout, self.cache_plan, config, self.device)
         self.num_blocks = self.cache_plan.paged[0].num_blocks
         self.k_caches, self.v_caches = self.hybrid.k_caches, self.hybrid.v_caches
+        if self.device.type == "cuda":
+            from pensieve.backends import cuda_hybrid
+
+            if cuda_hybrid.enabled():  # the batched kernels per layer group
+                self.cuda_hybrid = cuda_hybrid.CudaHybridBuilder(
+                    self.k_caches, self.v_caches, self.hybrid.layer_group,
+                    [g.window for g in self.cache_plan.paged], config.block_size, self.device)
+                log.info("hybrid layout on the CUDA kernels for layers %s, the per-sequence "
+                         "loop for the rest (%s=0: every layer)", sorted(self.cuda_hybrid.kernels),
+                         cuda_hybrid.ENV_SWITCH)
         if self.device.type == "cpu" and config.dtype == torch.float32:
             from pensieve.backends.cpu_quant import load_kernels
             from pensieve.backends.cpu_quant.layers import CpuAttention, swap_norms
@@ -175,8 +186,11 @@ class ModelRunner:
     def _hybrid_attention(self, layer_group: Sequence[int | None],
                           sequences: list[list[SequenceSlice]], slots: list[torch.Tensor]
                           ) -> AttentionBackend | None:
-        """The compiled CPU attention, one step per group, where no sequence has reached the
-        shortest window (no window masks, no block was given back)."""
+        """On CUDA the batched kernels per group (``cuda_hybrid.py``); on the CPU the compiled
+        attention, one step per group, where no sequence has reached the shortest window (no
+        window masks, no block was given back)."""
+        if self.cuda_hybrid is not None:
+            return self.cuda_hybrid.build(layer_group, sequences, slots)
         if self.cpu_attention is None or self.min_window is None or any(
                 s.context_len > self.min_window for s in sequences[0]):
             return None
@@ -230,7 +244,8 @@ class ModelRunner:
         step as a CUDA graph, or any CPU step): what async scheduling needs."""
         if self.graphs is not None:
             return self.graphs.can_run(chunks)
-        return self.cuda_batches is None and self.hybrid is None  # the per-sequence path fills carried ids itself
+        # the per-sequence path fills carried ids itself; hybrid layouts run synchronously
+        return self.cuda_batches is None and self.hybrid is None
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], carried: torch.Tensor | None = None,

@@ -104,10 +104,14 @@ def paged_attention(
     i-th new token of a sequence sees keys up to ``context_len - query_len + i`` (and from
     ``window - 1`` before it). A backend in ``ctx.attention`` may fuse RoPE with the cache
     writes; it attends over everything, so the model runner gives none to a step where a
-    window masks (the per-sequence loop below does). ``sinks`` [Hq] (gpt-oss): a learned
-    logit per head that joins each softmax's denominator with no value; no backend computes
-    them, so such a layer always takes the per-sequence loop.
+    window masks (the per-sequence loop below does), unless the backend declares
+    ``masks_windows`` (``backends/cuda_hybrid.py``): it is then given the layer's ``window``
+    and ``sinks``. ``sinks`` [Hq] (gpt-oss): a learned logit per head that joins each
+    softmax's denominator with no value; with any other backend such a layer takes the
+    per-sequence loop.
     """
+    if ctx.attention is not None and getattr(ctx.attention, "masks_windows", False):
+        return ctx.attention(layer, q, k, v, ctx, cos_sin, window=window, sinks=sinks)
     if ctx.attention is not None and sinks is None:
         return ctx.attention(layer, q, k, v, ctx, cos_sin)
     if cos_sin is not None:

@@ -1,0 +1,224 @@
+"""A hybrid layout's attention layers on the batched CUDA kernels, one layer group at a time.
+
+``backends/hybrid_cache.py`` builds each step's per-group block tables and slot mappings
+(``ForwardContext.groups``); ``CudaHybridBuilder.build`` turns them into the batched metadata
+of ``cuda_attention.py`` per group (block tables, context lengths, the prefill rows' cache
+slots) and returns a ``CudaHybridAttention``: the backend ``paged_attention`` hands a layer's
+call to, with the layer's ``window`` and ``sinks``.
+
+- **Decode rows** (one new token of a sequence): the Triton split-K decode kernel over the
+  layer's group tables, the layer's window and sinks passed to it. A windowed group's tables
+  point freed blocks at its zeroed null block; the kernel starts at ``context_len - window``,
+  past every freed block, so it never reads one.
+- **Prefill rows**: the uniform path's varlen attention (FlashAttention-2 or SDPA) where no
+  window masks within the step's chunks and the layer has no sinks; otherwise the
+  per-sequence loop (``attend_cached``) for those rows only.
+- **Layers the kernels do not take**, decided per layer, never silently: latent (MLA, values
+  narrower than keys or none), head dims over 256, more than 16 query heads a KV head — the
+  whole layer goes through the per-sequence loop.
+
+Opt out with ``PENSIEVE_HYBRID_KERNELS=0`` (read when the model runner starts). No CUDA graphs
+for hybrid steps yet. Importing this module needs no GPU; Triton loads on first kernel use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from pensieve.backends.cuda_attention import (
+    _PAD_GROUP, DecodeBatch, PrefillBatch, choose_num_splits, paged_decode, prefill_attention,
+    rope_and_store, store_kv,
+)
+from pensieve.models.forward_context import (
+    ForwardContext, SequenceSlice, attend_cached, paged_attention,
+)
+from pensieve.models.rope import apply_rope
+
+MAX_HEAD_DIM = 256  # the decode kernel's [16, D] accumulator per program
+ENV_SWITCH = "PENSIEVE_HYBRID_KERNELS"
+
+
+def enabled(environ: dict[str, str] | None = None) -> bool:
+    """Whether hybrid layouts take the batched kernels on CUDA (``PENSIEVE_HYBRID_KERNELS=0``:
+    the per-sequence loop, as before)."""
+    return (os.environ if environ is None else environ).get(ENV_SWITCH, "1") != "0"
+
+
+def kernel_layers(k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor],
+                  layer_group: Sequence[int | None]) -> frozenset[int]:
+    """Layers whose K/V the kernels can attend over: plain paged K/V (values as wide as keys;
+    not latent, not an empty KV-shared placeholder) of at most ``MAX_HEAD_DIM`` dims."""
+    return frozenset(
+        i for i, g in enumerate(layer_group)
+        if g is not None and k_caches[i].dim() == 4 and k_caches[i].shape[2] > 0
+        and 0 < k_caches[i].shape[3] <= MAX_HEAD_DIM and v_caches[i].shape[3] == k_caches[i].shape[3])
+
+
+@dataclass(frozen=True)
+class GroupBatch:
+    """One layer group's batched metadata for a step."""
+
+    decode: DecodeBatch | None
+    prefill: PrefillBatch | None
+    sequences: list[SequenceSlice]  # the group's, for the per-sequence prefill
+    slot_mapping: torch.Tensor  # [T] int64
+
+
+Rows = slice | torch.Tensor
+
+
+class CudaHybridAttention:
+    """The step's attention backend: a layer's call runs over its group's batch (module
+    docstring). ``masks_windows``: ``paged_attention`` passes it the layer's window and sinks."""
+
+    masks_windows = True
+
+    def __init__(self, layer_group: Sequence[int | None], groups: list[GroupBatch],
+                 decode_rows: Rows | None, prefill_rows: Rows | None, max_prefill_context: int,
+                 kernels: frozenset[int]) -> None:
+        self.layer_group = layer_group
+        self.groups = groups
+        self.decode_rows = decode_rows
+        self.prefill_rows = prefill_rows
+        self.max_prefill_context = max_prefill_context
+        self.kernels = kernels
+
+    def takes(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        """Whether ``layer`` runs on the kernels (else the per-sequence loop)."""
+        return layer in self.kernels and q.shape[1] % k_cache.shape[2] == 0 and \
+            q.shape[1] // k_cache.shape[2] <= _PAD_GROUP and q.shape[2] == k_cache.shape[3]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 ctx: ForwardContext, cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 *, window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        k_cache, v_cache = ctx.k_caches[layer], ctx.v_caches[layer]
+        g = self.layer_group[layer]
+        if g is None or not self.takes(layer, q, k_cache):
+            return per_sequence(layer, q, k, v, ctx, cos_sin, window, sinks)
+        batch = self.groups[g]
+        q = _rope_and_store(q, k, v, cos_sin, batch.slot_mapping, k_cache, v_cache)
+        if self.prefill_rows is None:
+            assert batch.decode is not None
+            return paged_decode(q, k_cache, v_cache, batch.decode, window, sinks)
+        out = torch.empty_like(q)
+        if self.decode_rows is not None:
+            assert batch.decode is not None
+            out[self.decode_rows] = paged_decode(q[self.decode_rows], k_cache, v_cache,
+                                                 batch.decode, window, sinks)
+        if sinks is None and (window is None or self.max_prefill_context <= window):
+            assert batch.prefill is not None
+            out[self.prefill_rows] = prefill_attention(q[self.prefill_rows], k_cache, v_cache,
+                                                       batch.prefill)
+        else:  # a window masking within a chunk, or sinks: the loop, prefill rows only
+            for seq in batch.sequences:
+                if seq.query_len > 1:
+                    attend_cached(q, k_cache, v_cache, seq, out, window, sinks)
+        return out
+
+
+def per_sequence(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 ctx: ForwardContext, cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
+                 window: int | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """A layer the kernels do not take: the per-sequence SDPA loop over its group's tables."""
+    return paged_attention(layer, q, k, v, replace(ctx, attention=None), cos_sin,
+                           window=window, sinks=sinks)
+
+
+def _rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos_sin: tuple[torch.Tensor, torch.Tensor] | None, slots: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """RoPE (where given) and the K/V writes: the fused kernel for full-width rotate-half
+    tables over unit-stride inputs, else ``apply_rope`` (partial rotary) and index copies."""
+    if cos_sin is not None:
+        d = q.shape[-1]
+        fused = cos_sin[0].shape[-1] == d and cos_sin[0].numel() == q.shape[0] * d and all(
+            x.stride(-1) == 1 for x in (q, k, v, k_cache))
+        if fused:
+            return rope_and_store(q, k, v, cos_sin, slots, k_cache, v_cache)
+        q, k = apply_rope(q, k, cos_sin)
+    store_kv(k_cache, v_cache, k, v, slots)
+    return q
+
+
+class CudaHybridBuilder:
+    """Per step: the groups' sequences and slot mappings → ``CudaHybridAttention``."""
+
+    def __init__(self, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor],
+                 layer_group: Sequence[int | None], windows: Sequence[int | None],
+                 block_size: int, device: torch.device, num_sms: int | None = None) -> None:
+        self.layer_group = tuple(layer_group)
+        self.kernels = kernel_layers(k_caches, v_caches, layer_group)
+        self.windows = list(windows)  # per group (None: full attention)
+        self.kv_heads = [max((k_caches[i].shape[2] for i, gi in enumerate(layer_group)
+                              if gi == g and i in self.kernels), default=1)
+                         for g in range(len(windows))]
+        self.block_size = block_size
+        self.device = device
+        self.num_sms = num_sms if num_sms is not None else \
+            torch.cuda.get_device_properties(device).multi_processor_count
+
+    def build(self, layer_group: Sequence[int | None], sequences: list[list[SequenceSlice]],
+              slots: list[torch.Tensor]) -> CudaHybridAttention:
+        first = sequences[0]
+        dec = [i for i, s in enumerate(first) if s.query_len == 1]
+        pre = [i for i, s in enumerate(first) if s.query_len > 1]
+        decode_rows = _rows([first[i].query_start for i in dec], self.device) if dec else None
+        prefill_rows = _rows([r for i in pre for r in range(
+            first[i].query_start, first[i].query_start + first[i].query_len)],
+            self.device) if pre else None
+        groups = [self._group(seqs, dec, pre, slot_mapping, self.windows[g], self.kv_heads[g])
+                  for g, (seqs, slot_mapping) in enumerate(zip(sequences, slots))]
+        return CudaHybridAttention(layer_group, groups, decode_rows, prefill_rows,
+                                   max((first[i].context_len for i in pre), default=0),
+                                   self.kernels)
+
+    def _group(self, seqs: list[SequenceSlice], dec: list[int], pre: list[int],
+               slot_mapping: torch.Tensor, window: int | None, kv_heads: int) -> GroupBatch:
+        """Gather the sequences' device block tables once ([B, width] for the decode rows,
+        every context token's slot for the prefill rows) by host-built indices."""
+        bs = self.block_size
+        lens = [s.block_table.numel() for s in seqs]
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        width = max((lens[i] for i in dec), default=0)
+        table_idx = np.zeros((len(dec), width), dtype=np.int64)
+        for r, i in enumerate(dec):
+            table_idx[r] = offsets[i] + np.minimum(np.arange(width), lens[i] - 1)
+        ctx_lens = np.asarray([seqs[i].context_len for i in dec], dtype=np.int64)
+        k_lens = [seqs[i].context_len for i in pre]
+        q_lens = [seqs[i].query_len for i in pre]
+        pos = [np.arange(n) for n in k_lens]
+        kv_block = np.concatenate([offsets[i] + p // bs for i, p in zip(pre, pos)]) if pre else \
+            np.zeros(0, np.int64)
+        kv_off = np.concatenate([p % bs for p in pos]) if pre else np.zeros(0, np.int64)
+        cu_q = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int64)
+        cu_k = np.concatenate([[0], np.cumsum(k_lens)]).astype(np.int64)
+        host = np.concatenate([table_idx.reshape(-1), ctx_lens, kv_block, kv_off, cu_q, cu_k])
+        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+        o = np.cumsum([0, table_idx.size, len(dec), len(kv_block), len(kv_off), len(cu_q)])
+        flat = torch.cat([s.block_table for s in seqs])
+        decode = prefill = None
+        if dec:
+            table = flat[dev[o[0]:o[1]]].to(torch.int32).view(len(dec), width)
+            longest = max(min(n, window) if window else n for n in ctx_lens.tolist())
+            splits = choose_num_splits(len(dec), kv_heads, longest, self.num_sms)
+            decode = DecodeBatch(table, dev[o[1]:o[2]].to(torch.int32), splits)
+        if pre:
+            kv_slots = flat[dev[o[2]:o[3]]] * bs + dev[o[3]:o[4]]
+            i32 = dev[o[4]:].to(torch.int32)
+            prefill = PrefillBatch(
+                cu_seqlens_q=i32[: len(cu_q)], cu_seqlens_k=i32[len(cu_q):], kv_slots=kv_slots,
+                max_q=max(q_lens), max_k=max(k_lens), query_lens=tuple(q_lens),
+                context_lens=tuple(k_lens))
+        return GroupBatch(decode, prefill, seqs, slot_mapping)
+
+
+def _rows(rows: list[int], device: torch.device) -> Rows:
+    """A slice where the rows are consecutive (decodes first, as is usual), else an index."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows, dtype=torch.long, device=device)
