@@ -8,6 +8,8 @@ scenarios, as a client sees them:
 * aggregate output tok/s of 8 and 32 parallel streams;
 * cold prefill of a ~12k-token prompt (TTFT, tok/s);
 * warm follow-up TTFT: the same ~12k-token system prompt, another question.
+* ``cc`` (not in the defaults): Claude Code's ~20k-token first request cold vs its follow-up
+  turn's TTFT (``bench/cc_ttft.py``).
 
 Then, with ``--hf``, HF transformers (eager attention, bf16, the same shape with random
 weights) at b=1 and b=16 in the same process run. Prints a markdown table and writes JSON
@@ -37,6 +39,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench.cc_ttft import scenario_cc
 from bench.client import (
     DECODE_PROMPT,
     Client,
@@ -150,6 +153,7 @@ async def pensieve_scenarios(a: argparse.Namespace, server_pid: int | None) -> l
             ("prefill", lambda: scenario_prefill(c, g, a.repeat, a.prefill_words)),
             ("followup", lambda: scenario_followup(c, g, a.repeat, a.prefill_words)),
             ("ttft1", lambda: scenario_ttft(c, max(a.repeat, 5), a.prefill_words)),
+            ("cc", lambda: scenario_cc(c, a.repeat, tools=a.cc_tools)),  # Claude Code turns 1, 2
         ]
         for name, fn in steps:
             if name not in a.scenarios:
@@ -245,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-words", type=int, default=WORDS_12K)
     p.add_argument("--scenarios", default="decode,x8,x32,prefill,followup,ttft1")
     p.add_argument("--ready-timeout", type=float, default=600)
+    p.add_argument("--cc-tools", type=int, default=None,
+                   help="cc: keep the first N of the request's 24 tools (default all: ~20k tokens)")
     p.add_argument("--hf", action="store_true", help="also run the HF transformers baseline")
     p.add_argument("--hf-tokens", type=int, default=64)
     return p
