@@ -69,3 +69,30 @@ def test_down_scaled_file_loads_and_decodes(arch, tokenizer_gguf, tmp_path):
     tokens = engine_tokens(model, ckpt, 256, prompt(20, VOCAB), 6)
     assert len(tokens) == 6
     assert not set(tokens) & {0, 1, 2}  # the specials' output rows are zero
+
+
+@pytest.mark.parametrize("arch, gb", [("qwen35moe", (19, 23)), ("gpt-oss", (11.5, 13.5)),
+                                      ("deepseek2", (16, 19.5))])
+def test_real_shapes_fit_their_blocks_and_sizes(arch, gb):
+    """The full-size files (not written here): every block type divides its rows, and the total
+    is the released 4-bit files' (Qwen3.6-35B-A3B Q4_K_M ~21 GB, gpt-oss-20b MXFP4 ~12.8 GB,
+    GLM-4.7-Flash Q4_K_M ~18 GB)."""
+    from gguf import GGML_QUANT_SIZES
+
+    from bench import random_hybrid_gguf as hybrid
+
+    a = make_random_gguf.build_parser().parse_args(["x.gguf", "--arch", arch])
+    hybrid.defaults(a)
+    total = 0
+    for name, shape, small in hybrid.tensor_specs(a, a.vocab):
+        n = 1
+        for d in shape:
+            n *= d
+        qtype = None if small else make_random_gguf.block_type(name, shape, a)
+        if qtype is None:
+            total += n * (4 if small else 2)
+            continue
+        block, size = GGML_QUANT_SIZES[qtype]
+        assert shape[-1] % block == 0, (name, shape, qtype)
+        total += n // block * size
+    assert gb[0] < total / 1e9 < gb[1], total / 1e9
