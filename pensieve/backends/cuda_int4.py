@@ -3,10 +3,12 @@
 Decode at small batch is memory-bound: a bf16 8B model reads 14.8 GB a token, its 4-bit form
 ~4 GB. ``CudaInt4Linear`` keeps the codes packed two to a byte in GGUF's in-group order and
 one (float16 scale, float16 offset) pair per 32 weights, packed into an int32 — so
-``model.to(dtype=...)`` leaves them alone and a kernel reads both with one load. The codes
-are the file's own; the pair is exact for Q4_0 and Q4_1 (float16 in the file) and rounded to
-float16 for Q4_K (``d · sc`` needs up to 17 bits). That is the weight's one layout on the GPU:
-4 + 1 bits a weight, no other copy (``--keep-dense-weights`` adds the old extra copies below).
+``model.to(dtype=...)`` leaves them alone and a kernel reads both with one load — or, where
+every offset is −8 · scale (Q4_0), the float16 scales alone (int16 bits; ``symmetric``). The
+codes are the file's own; the pair is exact for Q4_0 and Q4_1 (float16 in the file) and rounded
+to float16 for Q4_K (``d · sc`` needs up to 17 bits). That is the weight's one layout on the
+GPU: 4.5 bits a weight for Q4_0 (the file's own size), 5 for Q4_1/Q4_K, no other copy
+(``--keep-dense-weights`` adds the old extra copies below).
 
 Which kernel runs depends on the rows of x (``Plan``, timed per weight shape at start by
 ``cuda_int4_tune.prepare``; kernels in ``cuda_int4_kernels.py``):
@@ -155,7 +157,7 @@ def skinny(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, cfg: Skinny)
     grid = (triton_cdiv(n, cfg.block_n), cfg.split_k)
     _kernels().skinny[grid](x, packed, so, y, ws, cnt, m, n, k, k // GROUP, x.stride(0),
                             y.stride(0), packed.stride(0), BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g,
-                            SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
+                            SPLIT_K=cfg.split_k, SYM=symmetric(so), num_warps=cfg.num_warps,
                             num_stages=cfg.num_stages,
                             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return y
@@ -175,13 +177,39 @@ def pack_scale_offset(scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tens
     return pair.contiguous().view(torch.int32).squeeze(-1)
 
 
+def pack_scales(scales: torch.Tensor) -> torch.Tensor:
+    """float scales [N, K/32] → int16 [N, K/32], their float16 bits (the symmetric form:
+    every offset is −8 · scale)."""
+    return scales.to(torch.float16).contiguous().view(torch.int16)
+
+
+def symmetric(scale_offset: torch.Tensor) -> bool:
+    """Whether a weight's ``scale_offset`` holds scales alone (int16; offsets −8 · scale)."""
+    return scale_offset.dtype == torch.int16
+
+
+def is_symmetric(scales: torch.Tensor, offsets: torch.Tensor) -> bool:
+    """Every offset is −8 · scale once both are float16 (Q4_0), so the scales suffice."""
+    s = scales.to(torch.float16).float()
+    return bool(torch.equal(offsets.to(torch.float16).float(), -8.0 * s))
+
+
+def scales_offsets(scale_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (scales, offsets) [N, K/32] of either form."""
+    if symmetric(scale_offset):
+        s = scale_offset.view(torch.float16).float()
+        return s, -8.0 * s
+    pair = scale_offset.unsqueeze(-1).view(torch.float16).float()  # [N, G, 2]
+    return pair[..., 0], pair[..., 1]
+
+
 def unpack(packed: torch.Tensor, scale_offset: torch.Tensor) -> torch.Tensor:
-    """The float32 weight [N, K] that a packed pair stands for (reference and fallback)."""
+    """The float32 weight [N, K] that packed codes stand for (reference and fallback)."""
     n, half = packed.shape
     b = packed.view(n, half // 16, 1, 16)
     codes = torch.cat([b & 15, b >> 4], dim=2).reshape(n, half // 16, GROUP).float()
-    pair = scale_offset.unsqueeze(-1).view(torch.float16).float()  # [N, G, 2]
-    return (codes * pair[..., :1] + pair[..., 1:]).reshape(n, half * 2)
+    s, o = scales_offsets(scale_offset)
+    return (codes * s[..., None] + o[..., None]).reshape(n, half * 2)
 
 
 def _kernels() -> ModuleType:
@@ -205,7 +233,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Tiles = GEM
     grid = (m, triton_cdiv(n, t.block_n))
     _kernels().gemv[grid](x, packed, so, y, n, k, k // GROUP, x.stride(0), y.stride(0),
                           BLOCK_N=t.block_n, BLOCK_G=_block_g(k // GROUP, t.block_g),
-                          num_warps=t.num_warps, num_stages=t.num_stages)
+                          SYM=symmetric(so), num_warps=t.num_warps, num_stages=t.num_stages)
     return y
 
 
@@ -216,7 +244,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Tiles) ->
     grid = (triton_cdiv(n, t.block_n), triton_cdiv(m, t.block_m))
     _kernels().matmul[grid](x, packed, so, y, m, n, k, k // GROUP, x.stride(0), y.stride(0),
                             BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                            BLOCK_G=_block_g(k // GROUP, t.block_g),
+                            BLOCK_G=_block_g(k // GROUP, t.block_g), SYM=symmetric(so),
                             num_warps=t.num_warps, num_stages=t.num_stages)
     return y
 
@@ -228,7 +256,7 @@ def dequantize(packed: torch.Tensor, so: torch.Tensor, dtype: torch.dtype,
     bg = _block_g(k // GROUP, t.block_g)
     grid = (triton_cdiv(n, t.block_n), k // GROUP // bg)
     _kernels().dequantize[grid](packed, so, out, n, k, k // GROUP, BLOCK_N=t.block_n, BLOCK_G=bg,
-                                num_warps=t.num_warps, num_stages=t.num_stages)
+                                SYM=symmetric(so), num_warps=t.num_warps, num_stages=t.num_stages)
     return out
 
 
@@ -242,7 +270,8 @@ def gemv_words(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
     grid = (triton_cdiv(n, t.block_n), m)
     _kernels().gemv_words[grid](x, packed.view(torch.int32), so, y, n, groups, x.stride(0),
                                 y.stride(0), k // 8, BLOCK_N=t.block_n, BLOCK_G=t.block_g,
-                                EVEN=groups % t.block_g == 0, num_warps=t.num_warps,
+                                EVEN=groups % t.block_g == 0, SYM=symmetric(so),
+                                num_warps=t.num_warps,
                                 num_stages=t.num_stages)
     return y
 
@@ -256,6 +285,7 @@ def gemm(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Gemm) -> to
     _kernels().gemm[grid](x, packed, so, y, m, n, k // GROUP, x.stride(0), y.stride(0), k // 2,
                           BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                           BLOCK_G=_block_g(k // GROUP, t.block_g), GROUP_M=t.group_m,
+                          SYM=symmetric(so),
                           num_warps=t.num_warps, num_stages=t.num_stages)
     return y
 
@@ -354,8 +384,11 @@ class CudaInt4Linear(nn.Module):
         self.in_features = parts[0].codes.shape[1]
         self.out_features = sum(p.codes.shape[0] for p in parts)
         self.register_buffer("packed", torch.cat([pack_codes(p.codes) for p in parts]))
+        # Q4_0 (every offset −8 · scale): the scales alone, as in the file; else the pairs
+        sym = all(is_symmetric(p.scales, p.offsets) for p in parts)
         self.register_buffer("scale_offset", torch.cat(
-            [pack_scale_offset(p.scales, p.offsets) for p in parts]))
+            [pack_scales(p.scales) if sym else pack_scale_offset(p.scales, p.offsets)
+             for p in parts]))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         # prepare_for_cuda's timed plan and (opt-in) extra copies; plain attributes: never
         # saved or cast

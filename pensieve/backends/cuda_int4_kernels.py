@@ -4,6 +4,8 @@ A weight [N, K] is held as ``packed`` uint8 [N, K/2] and ``scale_offset`` int32 
 byte ``i`` (0..15) of group ``g`` holds the code of column ``32g + i`` in its low nibble and
 of ``32g + 16 + i`` in its high nibble (GGUF's own Q4_0 order), and each group's int32 is
 its float16 scale (low half) and float16 offset (high half): ``w = code · scale + offset``.
+Where every offset is −8 · scale (Q4_0) the weight holds the scales alone, int16 [N, K/32] (the
+float16 bits), 4.5 bits a weight as in the file; kernels take ``SYM=True`` then.
 
 Both products factor each group's affine map out of the inner sum,
 ``Σ x·(c·s + o) = s·Σ x·c + o·Σ x``, and turn codes into floats without a conversion
@@ -29,16 +31,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _scale_offset(so):
-    """int32 pairs → (scale, offset) as float32."""
-    s = (so & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    o = (so >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+def _scale_offset(so, SYM: tl.constexpr):
+    """int32 pairs → (scale, offset) as float32; SYM: ``so`` holds int16 scales alone and the
+    offset is −8 · scale (Q4_0)."""
+    if SYM:
+        s = so.to(tl.float16, bitcast=True).to(tl.float32)
+        o = -8.0 * s
+    else:
+        s = (so & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        o = (so >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return s, o
 
 
 @triton.jit
 def gemv(X, W, SO, Y, N, K, GROUPS, stride_x, stride_y,
-         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SYM: tl.constexpr = False):
     """y[row, n] = Σ_k x[row, k] · w[n, k]; grid (rows, cdiv(N, BLOCK_N)): the rows of one
     weight tile run side by side, so a tile comes from memory once and from L2 after."""
     row = tl.program_id(0)
@@ -60,7 +67,7 @@ def gemv(X, W, SO, Y, N, K, GROUPS, stride_x, stride_y,
         lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + code
         hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True)
         part = tl.sum((lo - 8388608.0) * xlo[None, :, :] + (hi - 8388608.0) * xhi[None, :, :], 2)
-        s, o = _scale_offset(so)
+        s, o = _scale_offset(so, SYM)
         acc += part * s + o * tl.sum(xlo + xhi, 1)[None, :]
     y = tl.sum(acc, 1)
     tl.store(Y + row * stride_y + n, y.to(Y.dtype.element_ty), mask=nmask)
@@ -68,7 +75,8 @@ def gemv(X, W, SO, Y, N, K, GROUPS, stride_x, stride_y,
 
 @triton.jit
 def matmul(X, W, SO, Y, M, N, K, GROUPS, stride_x, stride_y,
-           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+           SYM: tl.constexpr = False):
     """y = x @ w.T for x [M, K]; grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)); BLOCK_G groups
     a loop step, unrolled, so that their loads are in flight together."""
     pid_n = tl.program_id(0)
@@ -105,14 +113,15 @@ def matmul(X, W, SO, Y, M, N, K, GROUPS, stride_x, stride_y,
             d = tl.dot(xlo, tl.trans(lo))
             d = tl.dot(xhi, tl.trans(hi), d)
             xs = tl.sum(xlo.to(tl.float32), 1) + tl.sum(xhi.to(tl.float32), 1)
-            s, o = _scale_offset(tl.load(so_rows + g))
+            s, o = _scale_offset(tl.load(so_rows + g), SYM)
             acc += (d - magic * xs[:, None]) * s[None, :] + xs[:, None] * o[None, :]
     out = Y + m[:, None] * stride_y + n[None, :]
     tl.store(out, acc.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
 @triton.jit
-def dequantize(W, SO, OUT, N, K, GROUPS, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+def dequantize(W, SO, OUT, N, K, GROUPS, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+               SYM: tl.constexpr = False):
     """out[n, k] = w[n, k] in OUT's dtype; grid (cdiv(N, BLOCK_N), K // (32 · BLOCK_G))."""
     pid_n = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -122,7 +131,7 @@ def dequantize(W, SO, OUT, N, K, GROUPS, BLOCK_N: tl.constexpr, BLOCK_G: tl.cons
     g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     i = tl.arange(0, 16)
     b = tl.load(W + n_safe[:, None, None] * (K // 2) + g[None, :, None] * 16 + i[None, None, :])
-    s, o = _scale_offset(tl.load(SO + n_safe[:, None] * GROUPS + g[None, :]))
+    s, o = _scale_offset(tl.load(SO + n_safe[:, None] * GROUPS + g[None, :]), SYM)
     lo = (b & 15).to(tl.float32) * s[:, :, None] + o[:, :, None]
     hi = (b >> 4).to(tl.float32) * s[:, :, None] + o[:, :, None]
     out = OUT + n_safe[:, None, None] * K + g[None, :, None] * 32 + i[None, None, :]
@@ -133,7 +142,8 @@ def dequantize(W, SO, OUT, N, K, GROUPS, BLOCK_N: tl.constexpr, BLOCK_G: tl.cons
 
 @triton.jit
 def skinny(X, W, SO, Y, WS, CNT, M, N, K, GROUPS, stride_x, stride_y, stride_w,
-           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr):
+           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr,
+           SYM: tl.constexpr = False):
     """y = x @ w.T for up to 16 rows of x on the tensor cores, the weight as the left operand
     ("swap AB": the product is computed as w @ x.T, [BLOCK_N, 16]), x's rows padded to 16
     (masked loads).
@@ -173,8 +183,12 @@ def skinny(X, W, SO, Y, WS, CNT, M, N, K, GROUPS, stride_x, stride_y, stride_w,
     for _ in range(0, g_per, BLOCK_G):
         b = tl.load(w_ptrs).to(tl.int16)
         so = tl.load(so_ptrs)
-        s = (so & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)[:, :, None]
-        o = (so >> 16).to(tl.int16).to(tl.float16, bitcast=True)[:, :, None]
+        if SYM:
+            s = so.to(tl.float16, bitcast=True)[:, :, None]
+            o = (s * -8.0).to(tl.float16)
+        else:
+            s = (so & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)[:, :, None]
+            o = (so >> 16).to(tl.int16).to(tl.float16, bitcast=True)[:, :, None]
         lo = (((b & 15) | 0x6400).to(tl.float16, bitcast=True) - 1024.0) * s + o
         hi = (((b >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1024.0) * s + o
         xlo = tl.load(x_ptrs, mask=mmask[None, :], other=0.0).to(tl.float16)
@@ -216,7 +230,8 @@ def _code128(w, SHIFT: tl.constexpr):
 
 @triton.jit
 def gemv_words(X, W, SO, Y, N, GROUPS, stride_x, stride_y, stride_w,
-               BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr,
+               SYM: tl.constexpr = False):
     """y[row, n] = Σ_k x[row, k] · w[n, k] for few rows (decode); grid (cdiv(N, BLOCK_N), rows).
 
     W is ``packed`` read as int32 words (``stride_w`` = K / 8 words a row): a group's 16 bytes
@@ -258,7 +273,7 @@ def gemv_words(X, W, SO, Y, N, GROUPS, stride_x, stride_y, stride_w,
             part += _code128(w, 16 - 8 * j) * xl[None, :, :]
             part += _code128(w, 12 - 8 * j) * xh[None, :, :]
             xs += xl + xh
-        s, o = _scale_offset(so)
+        s, o = _scale_offset(so, SYM)
         xsum = tl.sum(xs, 1)
         acc += tl.sum(part, 2) * s + (o - 128.0 * s) * xsum[None, :]
         w_ptrs += BLOCK_G * 4
@@ -271,7 +286,7 @@ def gemv_words(X, W, SO, Y, N, GROUPS, stride_x, stride_y, stride_w,
 @triton.jit
 def gemm(X, W, SO, Y, M, N, GROUPS, stride_x, stride_y, stride_w,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-         GROUP_M: tl.constexpr):
+         GROUP_M: tl.constexpr, SYM: tl.constexpr = False):
     """y = x @ w.T for many rows (prefill), the weight dequantised in the kernel: per step the
     [BLOCK_N, 32·BLOCK_G] weight tile becomes ``code·scale + offset`` in float32, rounded once
     to x's dtype (as a dense copy in that dtype would be), and meets x's tile on the tensor
@@ -303,7 +318,7 @@ def gemm(X, W, SO, Y, M, N, GROUPS, stride_x, stride_y, stride_w,
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for _ in range(0, GROUPS, BLOCK_G):
         b = tl.load(w_ptrs).to(tl.int32)
-        s, o = _scale_offset(tl.load(so_ptrs))
+        s, o = _scale_offset(tl.load(so_ptrs), SYM)
         s = s[:, :, None]
         o = o[:, :, None]
         lo = ((b & 15).to(tl.float32) * s + o).to(X.dtype.element_ty)

@@ -28,8 +28,8 @@ from torch import nn
 from pensieve.backends import tinygemm
 from pensieve.backends.cuda_int4 import (
     GEMM_BUCKETS, GEMM_CANDIDATES, ROUTE_BUCKETS, SKINNY_CANDIDATES, WORDS_CANDIDATES,
-    CudaInt4Linear, Plan, Skinny, default_plan, dequantize, gemm, gemv, gemv_words, skinny,
-    skinny_workspace, unpack_codes,
+    CudaInt4Linear, Plan, Skinny, default_plan, dequantize, gemm, gemv, gemv_words,
+    scales_offsets, skinny, skinny_workspace, unpack_codes,
 )
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,8 @@ def _keep_dense(layers: list[CudaInt4Linear], dtype: torch.dtype, device: torch.
     if dtype == torch.bfloat16 and tinygemm.works(str(device)):
         for m in layers:
             if tinygemm.supported(m.in_features):
-                pair = m.scale_offset.unsqueeze(-1).view(torch.float16)
-                m.tiny = tinygemm.pack(unpack_codes(m.packed), pair[..., 0], pair[..., 1])
+                scales, offsets = scales_offsets(m.scale_offset)
+                m.tiny = tinygemm.pack(unpack_codes(m.packed), scales, offsets)
     need = sum(m.in_features * m.out_features for m in layers) * dtype.itemsize
     free, _ = torch.cuda.mem_get_info(device)
     if need <= max_fraction * free:

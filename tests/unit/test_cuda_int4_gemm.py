@@ -19,14 +19,18 @@ from tests.helpers.triton_interpreter import run_in_triton_interpreter
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def random_weight(n: int, k: int, seed: int, device: str = "cpu"):
-    """Packed random codes with Q4_1-like scales/offsets, and the float32 weight they are."""
+def random_weight(n: int, k: int, seed: int, device: str = "cpu", sym: bool = False):
+    """Packed random codes with Q4_1-like scales/offsets (``sym``: Q4_0's, offsets −8 · scale,
+    held as the scales alone), and the float32 weight they are."""
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
-    scales = torch.rand(n, k // 32, generator=gen) * 0.02 + 1e-3
-    offsets = -8 * scales + torch.randn(n, k // 32, generator=gen) * 1e-3
+    scales = (torch.rand(n, k // 32, generator=gen) * 0.02 + 1e-3).half().float()
     packed = cuda_int4.pack_codes(codes).to(device)
-    so = cuda_int4.pack_scale_offset(scales, offsets).to(device)
+    if sym:
+        so = cuda_int4.pack_scales(scales).to(device)
+    else:
+        offsets = -8 * scales + torch.randn(n, k // 32, generator=gen) * 1e-3
+        so = cuda_int4.pack_scale_offset(scales, offsets).to(device)
     return packed, so, cuda_int4.unpack(packed, so)
 
 
@@ -38,8 +42,12 @@ def interpreter_check() -> None:
     """Run under TRITON_INTERPRET=1: N not a multiple of the tiles, K of 448 (14 groups: the
     gemv's masked last step, the gemm's BLOCK_G cut to 2) and 256 (even steps), float32 and
     float16 x, every route of ``int4_linear`` that needs no GPU copy."""
-    for n, k, dtype, tol in ((40, 448, torch.float32, 1e-5), (24, 256, torch.float16, 2e-3)):
-        packed, so, weight = random_weight(n, k, n)
+    for n, k, dtype, tol, sym in ((40, 448, torch.float32, 1e-5, False),
+                                  (24, 256, torch.float16, 2e-3, False),
+                                  (40, 448, torch.float32, 1e-5, True),
+                                  (24, 256, torch.float16, 2e-3, True)):
+        packed, so, weight = random_weight(n, k, n, sym=sym)
+        assert cuda_int4.symmetric(so) == sym
         x = torch.randn(3, k).to(dtype)
         ref = x.double() @ weight.double().T
         for t in (Words(8, 32, 1), Words(4, 4, 1)):
@@ -48,6 +56,14 @@ def interpreter_check() -> None:
         x = torch.randn(40, k).to(dtype)
         ref = x.double() @ weight.double().T
         assert _rel(cuda_int4.gemm(x, packed, so, Gemm(32, 16, 8, 4, 1, 2)), ref) < tol, (n, k)
+        if sym:  # the older kernels on the scales-only form
+            tiles = cuda_int4.Tiles(16, 16, 2, 4, 1)
+            assert _rel(cuda_int4.gemv(x[:2], packed, so, tiles), ref[:2]) < tol
+            assert _rel(cuda_int4.matmul(x, packed, so, tiles), ref) < tol
+            assert _rel(cuda_int4.skinny(x[:5], packed, so, cuda_int4.Skinny(16, 2, 2 if k == 256 else 1, 4, 1)),
+                        ref[:5]) < 2e-3
+            torch.testing.assert_close(cuda_int4.dequantize(packed, so, torch.float32, tiles),
+                                       weight)
     plan = cuda_int4.default_plan(k)
     plan.gemm = {b: Gemm(16, 16, 2, 4, 1) for b in GEMM_BUCKETS}
     for route in ("words", "gemv", "gemm", "dequant"):
@@ -61,6 +77,26 @@ def interpreter_check() -> None:
 def test_kernels_in_the_triton_interpreter():
     run_in_triton_interpreter("from tests.unit.test_cuda_int4_gemm import interpreter_check; "
                               "interpreter_check()")
+
+
+def test_q4_0_keeps_the_files_size_and_values():
+    """A Q4_0 weight (offsets −8 · scale) keeps its float16 scales alone: 18 bytes a 32-weight
+    block as in the file, the file's own values; a fused Q4_0 + Q4_1 keeps pairs."""
+    from gguf import GGMLQuantizationType as Q
+
+    from pensieve.loaders.int4_codes import int4_groups
+    from pensieve.loaders.quants import dequantize
+    from tests.unit.test_int4_codes import random_blocks
+
+    raw = random_blocks(Q.Q4_0, 48, 256, 5)
+    groups = int4_groups(raw, Q.Q4_0, (48, 256))
+    layer = CudaInt4Linear([groups]).to(torch.bfloat16)
+    assert layer.scale_offset.dtype == torch.int16
+    assert layer.packed.nbytes + layer.scale_offset.nbytes == raw.numel() == 48 * 256 * 18 // 32
+    assert torch.equal(cuda_int4.unpack(layer.packed, layer.scale_offset),
+                       dequantize(raw, Q.Q4_0, (48, 256)))
+    q4_1 = int4_groups(random_blocks(Q.Q4_1, 16, 256, 6), Q.Q4_1, (16, 256))
+    assert CudaInt4Linear([groups, q4_1]).scale_offset.dtype == torch.int32
 
 
 def test_plan_buckets_and_defaults():
@@ -101,11 +137,12 @@ def test_gpu_memory_fraction_is_checked():
 
 
 @needs_cuda
+@pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (4608, 3584), (96, 4096)])
-def test_words_and_gemm_against_float64_and_in_a_graph(n, k):
+def test_words_and_gemm_against_float64_and_in_a_graph(n, k, sym):
     """gemv_words (every candidate) at 1-2 rows and the gemm (every candidate) at 17-600 rows
-    on bf16 x, and gemv_words replayed from a CUDA graph."""
-    packed, so, weight = random_weight(n, k, n + k, "cuda")
+    on bf16 x, both weight forms, and gemv_words replayed from a CUDA graph."""
+    packed, so, weight = random_weight(n, k, n + k, "cuda", sym)
     weight = weight.double().cpu()
     for rows in (1, 2):
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
