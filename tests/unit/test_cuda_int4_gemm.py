@@ -186,3 +186,35 @@ def test_prepare_plans_one_layout_unless_asked(keep_dense):
     for rows in (1, 2, 5, 16, 30, 200, 3000):
         x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
         assert _rel(layer(x), x.double().cpu() @ weight.T) < 1e-2, (rows, layer.plan.kernel(rows))
+
+
+def test_prepare_leaves_out_wrong_and_failing_candidates(monkeypatch):
+    """``fastest`` keeps only candidates that build and give the dequantised product, then
+    the quickest of those (timing stubbed: the choice logic, on the CPU)."""
+    from pensieve.backends import cuda_int4_tune as tune
+    from pensieve.models.quant_linear import Int4Groups
+
+    torch.manual_seed(1)
+    layer = CudaInt4Linear([Int4Groups(torch.randint(0, 16, (32, 64), dtype=torch.uint8),
+                                       torch.rand(32, 2) * 0.02 + 1e-3, torch.randn(32, 2) * 0.01,
+                                       32)])
+    weight = cuda_int4.unpack(layer.packed, layer.scale_offset)
+    monkeypatch.setattr(tune, "dequantize", lambda packed, so, dtype: cuda_int4.unpack(packed, so))
+    x = torch.randn(3, 64)
+    times = {"right_slow": 9.0, "right_fast": 2.0, "wrong": 1.0, "broken": 0.5}
+    monkeypatch.setattr(tune, "gpu_us", lambda run, sample, reps: times[run.__name__])
+
+    def named(name, fn):
+        fn.__name__ = name
+        return fn
+
+    def broken(m):
+        raise RuntimeError("no such tile")
+
+    runs = {"right_slow": named("right_slow", lambda m: x @ weight.T),
+            "right_fast": named("right_fast", lambda m: x @ weight.T),
+            "wrong": named("wrong", lambda m: x @ weight.T * 1.1),
+            "broken": named("broken", broken)}
+    best, timed = tune.fastest(runs, [layer], x, 3)
+    assert best == "right_fast" and set(timed) == {"right_slow", "right_fast"}
+    assert tune.fastest({"wrong": runs["wrong"]}, [layer], x, 3) == (None, {})
