@@ -170,3 +170,63 @@ def test_group_metadata_from_the_sequences():
         assert batch.prefill.cu_seqlens_q.tolist() == [0, 5]
         assert batch.prefill.cu_seqlens_k.tolist() == [0, 11]
     assert (step.groups[1].decode.block_tables[0, :3] == BLOCKS).all()  # freed: the null block
+
+
+def engine_check() -> None:
+    """gpt-oss (a 32-token window and sinks) through the engine twice on the CPU, the second
+    time with the batched backend the CUDA runner builds: the same greedy tokens, a prefix hit
+    past freed blocks, every attention layer's decode rows on the kernel."""
+    import tempfile
+    from pathlib import Path
+
+    from pensieve.backends import cuda_hybrid
+    from pensieve.backends.torch_backend import build_model, torch_engine
+    from pensieve.engine.config import EngineConfig
+    from pensieve.engine.types import SamplingParams
+    from pensieve.loaders.registry import load_checkpoint
+    from tests.helpers.tiny_families import hf_model, save_hf
+    from tests.helpers.tiny_gpt_oss import config
+
+    torch.manual_seed(0)
+    ckpt = load_checkpoint(save_hf(Path(tempfile.mkdtemp()) / "hf", hf_model(config(
+        sliding_window=32, max_position_embeddings=1024))))
+    cfg = EngineConfig(device="cpu", dtype=torch.float32, context_length=1024, block_size=16,
+                       max_num_seqs=4, max_num_batched_tokens=256, num_kv_blocks=64,
+                       state_checkpoint_interval=64)
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, 250, (90,), generator=gen).tolist()
+    follow = prompt + torch.randint(3, 250, (10,), generator=gen).tolist()
+    calls = []
+    kernel = cuda_hybrid.paged_decode
+    cuda_hybrid.paged_decode = lambda *a, **kw: calls.append(1) or kernel(*a, **kw)
+
+    def turns(batched: bool) -> list[list[int]]:
+        engine = torch_engine(build_model(ckpt, cfg), ckpt.args, ckpt.tokenizer, cfg)
+        r = engine.runner
+        if batched:  # what ModelRunner._init_hybrid builds on CUDA
+            r.cuda_hybrid = cuda_hybrid.CudaHybridBuilder(
+                r.k_caches, r.v_caches, r.hybrid.layer_group,
+                [g.window for g in r.cache_plan.paged], r.block_size, torch.device("cpu"), 4)
+        out = []
+        for rid, ids in (("a", prompt), ("b", follow)):
+            engine.add_request(rid, ids, SamplingParams(max_tokens=4, temperature=0.0,
+                                                        ignore_eos=True, retain_prefix=True))
+            tokens, last = [], None
+            while engine.has_work():
+                for d in engine.step():
+                    tokens.extend(d.token_ids)
+                    last = d
+            out.append(tokens)
+        assert last.num_cached_tokens >= 64, last.num_cached_tokens
+        return out
+
+    want = turns(batched=False)
+    assert not calls
+    assert turns(batched=True) == want, want
+    assert len(calls) == 2 * 3 * 3, calls  # 2 turns × 3 decode steps × 3 layers
+
+
+@pytest.mark.slow
+def test_gpt_oss_engine_on_the_batched_backend_in_the_triton_interpreter():
+    run_in_triton_interpreter("from tests.unit.test_cuda_hybrid_kernels import engine_check; "
+                              "engine_check(); print('ok')")
