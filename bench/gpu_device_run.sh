@@ -18,7 +18,7 @@ Q4=/tmp/llama8b-random-q4_0.gguf; F16=/tmp/llama8b-random-f16.gguf
 ( python3 -m bench.make_random_gguf $Q4 --dtype q4_0 --tokenizer-from .gpu/tokenizer.gguf --device cpu > $OUT/gguf_q4.log 2>&1
   [ -n "$BF16" ] && python3 -m bench.make_random_gguf $F16 --tokenizer-from .gpu/tokenizer.gguf --device cpu > $OUT/gguf_f16.log 2>&1 ) &
 GPID=$!
-timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -x -p no:cacheprovider tests/unit/test_cuda_attention.py tests/unit/test_cuda_layers.py tests/unit/test_cuda_int4.py tests/unit/test_cuda_int8.py tests/unit/test_engine_async.py tests/unit/test_warm_up.py > $OUT/pytest.log 2>&1
+timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -x -p no:cacheprovider tests/unit/test_cuda_attention.py tests/unit/test_cuda_layers.py tests/unit/test_cuda_int4.py tests/unit/test_cuda_int4_gemm.py tests/unit/test_cuda_int8.py tests/unit/test_engine_async.py tests/unit/test_warm_up.py > $OUT/pytest.log 2>&1
 echo "pytest rc=$?"; grep -E "passed|failed|^E |FAILED" $OUT/pytest.log | head -12 | cut -c1-300
 wait $GPID; tail -1 $OUT/gguf_q4.log; rm -f $OUT/gguf_q4.log
 b() { timeout $1 python3 -m bench.gpu_bench --out $OUT/$2 --repeat $3 --scenarios $4 --gguf $5 --serve-args "$6" > $OUT/bench_$2.log 2>&1

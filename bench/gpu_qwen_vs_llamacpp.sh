@@ -40,6 +40,7 @@ gen $Q3 --arch qwen3 --hidden 4096 --layers 36 --heads 32 --kv-heads 8 --head-di
 if [ -n "$TESTS" ] && [ ! -e $S/tests.done ]; then
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/unit/test_cuda_families.py \
     tests/unit/test_cuda_attention.py tests/unit/test_cuda_layers.py tests/unit/test_cuda_int4.py \
+    tests/unit/test_cuda_int4_gemm.py tests/unit/test_cuda_int8.py \
     tests/unit/test_engine_async.py tests/unit/test_warm_up.py > $S/pytest.log 2>&1
   echo "pytest rc=$?"; grep -E "passed|failed|^E |FAILED|Error" $S/pytest.log | head -12 | cut -c1-300
   touch $S/tests.done
