@@ -144,7 +144,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, D] (one new token per sequence) → [B, Hq, D], attending over its pages (its
     last ``window`` keys, where given); ``sinks`` [Hq]: a logit per head in the softmax's
-    denominator (gpt-oss). Not wired to a model yet: no family declares it (FastPaths)."""
+    denominator (gpt-oss). Hybrid layouts pass them per layer (``cuda_hybrid.py``)."""
     kernels = _kernels()
     b, hq, d = q.shape
     hk = k_cache.shape[2]
