@@ -22,7 +22,7 @@ import gguf
 import numpy as np
 import torch
 from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
-from gguf.quants import quantize
+from gguf.quants import dequantize, quantize
 from safetensors.torch import save_file
 
 from tests.helpers.tiny_families import TOKENIZER
@@ -63,11 +63,13 @@ def add_hf_mtp(folder: Path, model: torch.nn.Module) -> Path:
 
 def write_mla_gguf(path: Path, model: torch.nn.Module, *, mtp: bool = False,
                    split: bool = True, qtype: GGMLQuantizationType = GGMLQuantizationType.F32,
-                   expert_qtype: GGMLQuantizationType = GGMLQuantizationType.F32) -> Path:
+                   expert_qtype: GGMLQuantizationType = GGMLQuantizationType.F32,
+                   kv_b_qtype: GGMLQuantizationType = GGMLQuantizationType.F32) -> Path:
     """``qtype``: the 2-D projections (not ``kv_b_proj``'s halves, whose blocks run along
     another axis than the HF matrix's) in that type — round the model first with
     ``tiny_families.quantize_like_gguf`` and restore ``kv_b_proj``; ``expert_qtype``: the 3-D
-    experts (``tiny_moe.quantize_experts_like_gguf`` first)."""
+    experts (``tiny_moe.quantize_experts_like_gguf`` first); ``kv_b_qtype``: ``attn_k_b`` /
+    ``attn_v_b`` (``round_kv_b_like_gguf`` first)."""
     cfg = model.config
     heads, hidden = cfg.num_attention_heads, cfg.hidden_size
     rank, rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim
@@ -132,6 +134,9 @@ def write_mla_gguf(path: Path, model: torch.nn.Module, *, mtp: bool = False,
                 w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
             elif a.ndim == 3 and ".experts." in hf and expert_qtype != GGMLQuantizationType.F32:
                 w.add_tensor(name, quantize(a, expert_qtype), raw_dtype=expert_qtype)
+            elif name.endswith(("attn_k_b.weight", "attn_v_b.weight")) \
+                    and kv_b_qtype != GGMLQuantizationType.F32:
+                w.add_tensor(name, quantize(a, kv_b_qtype), raw_dtype=kv_b_qtype)
             else:
                 w.add_tensor(name, a)
     w.write_header_to_file()
@@ -139,6 +144,23 @@ def write_mla_gguf(path: Path, model: torch.nn.Module, *, mtp: bool = False,
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def round_kv_b_like_gguf(model: torch.nn.Module, qtype: GGMLQuantizationType) -> None:
+    """Round each ``kv_b_proj`` through ``qtype`` as its llama.cpp halves hold it: ``attn_k_b``
+    [H, rank, nope] (blocks along nope) and ``attn_v_b`` [H, v, rank] (blocks along rank)."""
+    cfg = model.config
+    heads, nope, v_dim = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("kv_b_proj.weight"):
+                kv = p.view(heads, nope + v_dim, -1)
+                k_b = kv[:, :nope].transpose(1, 2).contiguous().numpy()
+                v_b = kv[:, nope:].contiguous().numpy()
+                k_b = dequantize(quantize(k_b, qtype), qtype).reshape(k_b.shape)
+                v_b = dequantize(quantize(v_b, qtype), qtype).reshape(v_b.shape)
+                p.copy_(torch.cat((torch.from_numpy(k_b).transpose(1, 2),
+                                   torch.from_numpy(v_b)), dim=1).reshape(p.shape))
 
 
 def _converted(hf: str, t: torch.Tensor, names: Any, heads: int, nope: int, v_dim: int,

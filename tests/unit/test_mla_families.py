@@ -25,7 +25,9 @@ from pensieve.models.deepseek_mla import MLAttention  # noqa: E402
 from pensieve.models.registry import family  # noqa: E402
 from tests.helpers.paged_run import engine_tokens, paged_logits, prompt  # noqa: E402
 from tests.helpers.tiny_families import Q, VOCAB, quantize_like_gguf, save_hf  # noqa: E402
-from tests.helpers.tiny_mla import add_hf_mtp, with_gguf_mtp, write_mla_gguf  # noqa: E402
+from tests.helpers.tiny_mla import (  # noqa: E402
+    add_hf_mtp, round_kv_b_like_gguf, with_gguf_mtp, write_mla_gguf,
+)
 from tests.helpers.tiny_moe import moe_model, write_moe_gguf  # noqa: E402
 
 ATOL = 1e-4
@@ -174,6 +176,26 @@ def test_quantised_experts_stay_codes_on_the_cpu(root, qtype):
     err = max((g - expected).abs().max().item() for g in (whole, stepped))
     print(f"glm4_moe_lite {qtype} experts as codes: max abs logit error {err:.2e}")
     assert err < 2e-3  # the kernels round activations to 8 bits (4e-4 here, |logits| ≤ 4.3)
+
+
+def test_quantised_k_b_v_b_gguf_matches_transformers(root):
+    """``attn_k_b``/``attn_v_b`` in Q8_0 (as real files carry them), dequantised on load with
+    and without ``keep_int4``: exact against transformers on the same rounded ``kv_b_proj``.
+    nope = v = rank = 32: whole Q8_0 blocks along both halves' rows."""
+    cls, extra = CASES["glm4_moe_lite"]
+    ref = moe_model(getattr(transformers, cls)(**{
+        **DIMS, **extra, "kv_lora_rank": 32, "qk_nope_head_dim": 32, "v_head_dim": 32}))
+    round_kv_b_like_gguf(ref, Q.Q8_0)
+    path = write_mla_gguf(root / "glm4_moe_lite-kvb-q8.gguf", ref, kv_b_qtype=Q.Q8_0)
+    ids = prompt(SEQ, VOCAB)
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].float()
+    for keep in (False, True):
+        ckpt = load_checkpoint(path, keep_int4=keep)
+        model = build_model(ckpt, EngineConfig(context_length=CONTEXT))
+        whole, stepped = paged_logits(model, ckpt.args, ids, [SEQ // 3, SEQ - 5])
+        torch.testing.assert_close(whole, expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(stepped, expected, atol=ATOL, rtol=0)
 
 
 def test_legacy_unsplit_kv_b_gguf_matches_transformers(root):
