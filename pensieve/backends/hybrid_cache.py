@@ -54,7 +54,8 @@ def plan_cache(layout: Sequence[LayerCache], config: EngineConfig, budget: int) 
     The first paged group gets enough blocks for one full context at least, up to every seat's
     full context; another windowed group gets what the running requests' windows and chunks
     need plus, for prefix hits, about the share of blocks in the windows before the resume
-    points (``window / window_resume_interval`` of the first group's, at most about a quarter). ``num_kv_blocks`` sets every paged group.
+    points (``window / window_resume_interval`` of the first group's, at most about a
+    quarter). ``num_kv_blocks`` sets every paged group.
     """
     bs, dtype = config.block_size, config.kv_dtype or config.dtype
     grouped = group_layers(layout, config.context_length)
@@ -77,7 +78,8 @@ def plan_cache(layout: Sequence[LayerCache], config: EngineConfig, budget: int) 
         live, share = [], []
         for kind, window, _ in paged[1:]:
             if kind == WINDOW and window is not None:
-                live.append(config.max_num_seqs * (-(-window // bs) + -(-config.max_num_batched_tokens // bs) + 1))
+                chunk = -(-config.max_num_batched_tokens // bs)
+                live.append(config.max_num_seqs * (-(-window // bs) + chunk + 1))
                 every = window_resume_interval(window, interval)
                 share.append(min(1.0, (window + bs) / every) if every else 0.0)
             else:
@@ -151,10 +153,11 @@ class HybridCaches:
         for layer in rec.layers if rec is not None else ():
             spec = layout[layer]
             assert isinstance(spec, RecurrentState)
-            self.conv[layer] = torch.zeros(plan.state_slots, *spec.conv_shape, dtype=STATE_DTYPE, device=device)
-            self.ssm[layer] = torch.zeros(plan.state_slots, *spec.state_shape, dtype=STATE_DTYPE, device=device)
-            self.saved_conv[layer] = torch.empty(plan.checkpoints, *spec.conv_shape, dtype=STATE_DTYPE, device=device)
-            self.saved_ssm[layer] = torch.empty(plan.checkpoints, *spec.state_shape, dtype=STATE_DTYPE, device=device)
+            f32 = dict(dtype=STATE_DTYPE, device=device)
+            self.conv[layer] = torch.zeros(plan.state_slots, *spec.conv_shape, **f32)
+            self.ssm[layer] = torch.zeros(plan.state_slots, *spec.state_shape, **f32)
+            self.saved_conv[layer] = torch.empty(plan.checkpoints, *spec.conv_shape, **f32)
+            self.saved_ssm[layer] = torch.empty(plan.checkpoints, *spec.state_shape, **f32)
         self.recurrent_layers = [i for i in range(n) if self.conv[i] is not None]
         per_state = state_bytes(layout)
         log.info("hybrid KV cache: %s; %d state slots and %d checkpoints of %.2f MiB each, "

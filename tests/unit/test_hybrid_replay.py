@@ -110,12 +110,12 @@ def test_replay_tiny_recurrent_hybrid():
            PromptRenderer(ByteTokenizer(), None))
 
 
-def _hf_checkpoint(tmp_path: Path, hf_config: Any, moe: bool = False):  # noqa: ANN202
+def _hf_checkpoint(tmp_path: Path, hf_config: Any, moe: bool = False, make=None):  # noqa: ANN001, ANN202
     from pensieve.loaders.registry import load_checkpoint
     from tests.helpers.tiny_families import hf_model, save_hf
     from tests.helpers.tiny_moe import moe_model
 
-    ref = moe_model(hf_config) if moe else hf_model(hf_config)
+    ref = make(hf_config) if make else moe_model(hf_config) if moe else hf_model(hf_config)
     return load_checkpoint(save_hf(tmp_path / "hf", ref))
 
 
@@ -174,7 +174,8 @@ def test_replay_gpt_oss_windows_and_sinks(tmp_path):
     from tests.helpers.tiny_gpt_oss import config as gpt_oss_config, gpt_oss_model
 
     torch.manual_seed(0)
-    ckpt = _hf_checkpoint(tmp_path, gpt_oss_config(sliding_window=32, max_position_embeddings=8192))
+    ckpt = _hf_checkpoint(tmp_path, gpt_oss_config(sliding_window=32, max_position_embeddings=8192),
+                          make=gpt_oss_model)  # sinks and experts drawn as gpt-oss's test draws them
     _replay_checkpoint(ckpt)
 
 
