@@ -6,7 +6,7 @@ and the weight fix-ups on load.
 
 llama.cpp's converter (conversion/qwen.py) writes ``ssm_a`` = −exp(A_log) (no suffix),
 ``ssm_dt.bias`` = dt_bias, the conv kernel squeezed to [C, K], the (1 + w) norms with the 1
-added, and counts its MTP blocks in ``block_count`` (``nextn_predict_layers``).
+added (taken off again: the module keeps HF's w), and counts its MTP blocks in ``block_count`` (``nextn_predict_layers``).
 """
 
 from __future__ import annotations
@@ -199,19 +199,20 @@ def _mlp_shapes(args: ModelArgs, i: int) -> dict[str, tuple[int, ...]]:
             p + "shared_expert.down_proj.weight": (h, s), p + "shared_expert_gate.weight": (1, h)}
 
 
-def from_hf_weight(name: str, weight: torch.Tensor) -> torch.Tensor:
-    """The (1 + w) norms' effective weight (the gated norm keeps its plain w)."""
-    if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
-        return weight + 1
-    return weight
+def offset_norm(name: str) -> bool:
+    """A (1 + w) RMSNorm's weight (every norm but the linear layers' gated one)."""
+    return name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight")
 
 
 def from_gguf_weight(name: str, weight: torch.Tensor) -> torch.Tensor:
-    """llama.cpp stores −exp(A_log) as ``ssm_a`` and the conv kernel as [C, K]."""
+    """llama.cpp stores −exp(A_log) as ``ssm_a``, the conv kernel as [C, K] and the (1 + w)
+    norms with the 1 added (the module keeps HF's w)."""
     if name.endswith("linear_attn.A_log"):
         return torch.log(-weight)
     if name.endswith("linear_attn.conv1d.weight") and weight.ndim == 2:
         return weight.unsqueeze(1)
+    if offset_norm(name):
+        return weight - 1
     return weight
 
 

@@ -19,7 +19,7 @@ from pensieve.models.args import ModelArgs
 from pensieve.models.family import Family, GGUFSource
 from pensieve.models.moe import gguf_moe
 from pensieve.models.hybrid_config import (
-    HYBRID_GGUF_NAMES, from_gguf_weight, from_hf_weight, gguf_hybrid, hf_delta, hf_hybrid,
+    HYBRID_GGUF_NAMES, from_gguf_weight, gguf_hybrid, hf_delta, hf_hybrid,
     hf_shared_moe, hybrid_layout, hybrid_shapes, hybrid_paths,
 )
 from pensieve.models.qwen3_next import HybridForCausalLM
@@ -66,7 +66,6 @@ def _family(name: str, gguf_arch: str, model_types: tuple[str, ...], hf: Any, gg
         gguf_names=HYBRID_GGUF_NAMES,
         expected_shapes=hybrid_shapes,
         fast_paths=hybrid_paths,
-        from_hf_weight=from_hf_weight,
         from_gguf_weight=from_gguf_weight,
         cache_layout=hybrid_layout,
         drops_mtp=True,

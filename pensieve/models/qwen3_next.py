@@ -9,8 +9,10 @@ blocks; what both read from configs and checkpoints is ``models/hybrid_config.py
   It keeps its conv inputs and its state per request in ``ctx.states`` (``cache_spec.RecurrentState``).
 - Gated attention: q_proj yields each head's query and a gate (interleaved per head), q/k
   RMSNorm, RoPE on the first quarter of each head (partial rotary), output · sigmoid(gate).
-- Every RMSNorm but the gated one multiplies by ``1 + w``; the module keeps the effective
-  weight: an HF checkpoint gets ``+ 1`` on load, a GGUF already stores it so.
+- Every RMSNorm but the gated one multiplies by ``1 + w`` (``OffsetRMSNorm``), in float32 as
+  the reference does: the module keeps HF's w (a GGUF's stored 1 + w gets the 1 taken off), so a
+  bf16 model does not round 1 + w to bf16 (that cost MoE routing picks: 1.5-2x the reference's
+  bf16 logit error on the tiny MoE configs).
 
 Checkpoint layouts, taken as they are (no row shuffles on load, so quantised codes stay whole):
 HF Qwen3-Next fuses ``in_proj_qkvz`` and ``in_proj_ba`` with one group per key head
@@ -32,11 +34,24 @@ from pensieve.models.family import Family, GGUFSource
 from pensieve.models.forward_context import ForwardContext, paged_attention
 from pensieve.models.gated_delta import causal_conv1d, causal_conv1d_step, gated_delta_rule
 from pensieve.models.hybrid_config import (
-    HYBRID_GGUF_NAMES, LINEAR, delta_args, from_gguf_weight, from_hf_weight, gguf_hybrid,
+    HYBRID_GGUF_NAMES, LINEAR, delta_args, from_gguf_weight, gguf_hybrid,
     hf_delta, hf_hybrid, hf_shared_moe, hybrid_layout, hybrid_shapes, hybrid_paths,
 )
-from pensieve.models.llama import MLP, CosSin, LlamaForCausalLM, RMSNorm
+from pensieve.models.llama import MLP, CosSin, LlamaForCausalLM
 from pensieve.models.moe import EXPERT_PACKED, MoE, gguf_moe
+
+
+class OffsetRMSNorm(nn.Module):
+    """RMSNorm times ``1 + w``, computed in float32 (``weight`` holds w, as HF does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -159,8 +174,8 @@ class GatedAttention(nn.Module):
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=args.attention_bias)
         self.o_proj = nn.Linear(args.num_heads * hd, args.hidden_size, bias=args.attention_bias)
-        self.q_norm = RMSNorm(hd, args.rms_norm_eps)
-        self.k_norm = RMSNorm(hd, args.rms_norm_eps)
+        self.q_norm = OffsetRMSNorm(hd, args.rms_norm_eps)
+        self.k_norm = OffsetRMSNorm(hd, args.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos_sin: CosSin, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
@@ -182,8 +197,8 @@ class HybridDecoderLayer(nn.Module):
         else:
             self.self_attn = GatedAttention(args, layer)
         self.mlp = MoE(args) if args.moe and layer not in args.moe.dense_layers else MLP(args)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.input_layernorm = OffsetRMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = OffsetRMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos_sin: CosSin, ctx: ForwardContext) -> torch.Tensor:
         h = self.input_layernorm(x)
@@ -198,6 +213,10 @@ class HybridForCausalLM(LlamaForCausalLM):
         "linear_attn.in_proj_ba": ("linear_attn.in_proj_b", "linear_attn.in_proj_a"),
     }
     LAYER = HybridDecoderLayer
+
+    def __init__(self, args: ModelArgs, max_positions: int | None = None) -> None:
+        super().__init__(args, max_positions)
+        self.model.norm = OffsetRMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
 def _hf(config: Mapping[str, Any]) -> ModelArgs:
@@ -222,7 +241,6 @@ FAMILY = Family(
     gguf_names=HYBRID_GGUF_NAMES,
     expected_shapes=hybrid_shapes,
     fast_paths=hybrid_paths,
-    from_hf_weight=from_hf_weight,
     from_gguf_weight=from_gguf_weight,
     cache_layout=hybrid_layout,
     drops_mtp=True,

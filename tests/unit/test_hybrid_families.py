@@ -236,3 +236,20 @@ def test_quantised_gguf_kept_as_codes(root, name, qtype):
     err = (kept - dequantised).abs().max().item()
     print(f"{name} {qtype}: codes vs dequantised max abs logit difference {err:.2e}")
     assert err < 1e-2 * dequantised.abs().max().item()
+
+
+def test_offset_norm_in_bf16_equals_the_reference():
+    """The (1 + w) norms compute as transformers' do in a bf16 model (w kept, 1 + w in float32):
+    storing 1 + w in bf16 rounded it 10x coarser and moved MoE routing picks."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNorm
+
+    from pensieve.models.qwen3_next import OffsetRMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    ref, ours_ = Qwen3NextRMSNorm(64, eps=1e-6), OffsetRMSNorm(64, 1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(0.2 * torch.randn(64, generator=g))
+        ours_.weight.copy_(ref.weight)
+    ref, ours_ = ref.bfloat16(), ours_.bfloat16()
+    x = torch.randn(16, 64, generator=g).bfloat16()
+    assert torch.equal(ours_(x), ref(x))
