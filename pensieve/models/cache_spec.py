@@ -7,7 +7,10 @@ declaration. A model reads and writes them only through ``ForwardContext``:
 
 - ``PagedKV`` layers: ``ctx.k_caches[layer]`` ``[blocks, block_size, kv_heads, head_dim]`` and
   ``ctx.v_caches[layer]`` ``[blocks, block_size, kv_heads, v_head_dim]`` — for a latent layer
-  (``v_head_dim == 0``) K holds the compressed latent and V is an empty placeholder;
+  (``v_head_dim == 0``) K holds the compressed latent and V is an empty placeholder. Layers
+  of different policies (full, each window) keep their own block tables: a layer reads its slot
+  mapping and sequences (block tables) through ``ctx.paged(layer)``, never
+  ``ctx.slot_mapping``/``ctx.sequences`` directly (``engine/kv_groups.py``, docs/hybrid_cache.md);
 - ``RecurrentState`` layers: ``ctx.states.conv[layer]`` ``[slots, *conv_shape]`` and
   ``ctx.states.ssm[layer]`` ``[slots, *state_shape]`` (float32), with ``ctx.states.slots[i]`` the
   slot of ``ctx.sequences[i]``. A slot's state is the state after the sequence's cached tokens
