@@ -64,7 +64,6 @@ DEQUANT = Tiles(1, 16, 8, 4, 1)
 ROUTE_BUCKETS = (1, 2, 4, 8, 16)  # row counts up to which prepare times a small-row kernel
 GEMM_BUCKETS = (32, 256, 2048)  # past 16 rows: timed at these (the last for any more rows)
 SKINNY_MAX_ROWS = 16  # the skinny kernel pads x to 16 rows
-MATMUL_MAX_ROWS = 64  # the older Triton matmul (kept for checks and the sweeps)
 
 
 @dataclass(frozen=True)
