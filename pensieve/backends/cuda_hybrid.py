@@ -11,8 +11,11 @@ call to, with the layer's ``window`` and ``sinks``.
   point freed blocks at its zeroed null block; the kernel starts at ``context_len - window``,
   past every freed block, so it never reads one.
 - **Prefill rows**: the uniform path's varlen attention (FlashAttention-2 or SDPA) where no
-  window masks within the step's chunks and the layer has no sinks; otherwise the
-  per-sequence loop (``attend_cached``) for those rows only.
+  window masks within the step's chunks and the layer has no sinks. Otherwise each chunk on
+  its own: the short-chunk kernel with the layer's window and sinks where the window masks
+  within it (each tile of rows reads only its rows' windows: work ∝ new tokens × window,
+  whatever the context) or the chunk has at most ``CHUNK_ROWS`` rows; a longer chunk of a
+  full-attention layer with sinks takes the per-sequence loop (``attend_cached``).
 - **Layers the kernels do not take**, decided per layer, never silently: latent (MLA, values
   narrower than keys or none), head dims over 256, more than 16 query heads a KV head — the
   whole layer goes through the per-sequence loop.
@@ -31,8 +34,8 @@ import numpy as np
 import torch
 
 from pensieve.backends.cuda_attention import (
-    _PAD_GROUP, DecodeBatch, PrefillBatch, choose_num_splits, paged_decode, prefill_attention,
-    rope_and_store, store_kv,
+    _PAD_GROUP, ChunkBatch, DecodeBatch, PrefillBatch, choose_num_splits, paged_chunk,
+    paged_decode, prefill_attention, rope_and_store, store_kv,
 )
 from pensieve.models.forward_context import (
     ForwardContext, SequenceSlice, attend_cached, paged_attention,
@@ -40,6 +43,7 @@ from pensieve.models.forward_context import (
 from pensieve.models.rope import apply_rope
 
 MAX_HEAD_DIM = 256  # the decode kernel's [16, D] accumulator per program
+CHUNK_ROWS = 64  # a chunk with sinks over its whole context: the chunk kernel up to this many rows
 ENV_SWITCH = "PENSIEVE_HYBRID_KERNELS"
 
 
@@ -67,6 +71,7 @@ class GroupBatch:
     prefill: PrefillBatch | None
     sequences: list[SequenceSlice]  # the group's, for the per-sequence prefill
     slot_mapping: torch.Tensor  # [T] int64
+    chunks: list[ChunkBatch]  # per prefill sequence, in order: the short-chunk kernel's
 
 
 Rows = slice | torch.Tensor
@@ -114,9 +119,17 @@ class CudaHybridAttention:
             assert batch.prefill is not None
             out[self.prefill_rows] = prefill_attention(q[self.prefill_rows], k_cache, v_cache,
                                                        batch.prefill)
-        else:  # a window masking within a chunk, or sinks: the loop, prefill rows only
+        else:  # a window masking within a chunk, or sinks: chunk by chunk
+            chunks = iter(batch.chunks)
             for seq in batch.sequences:
-                if seq.query_len > 1:
+                if seq.query_len == 1:
+                    continue
+                chunk = next(chunks)
+                if (window is not None and window < seq.context_len) or \
+                        seq.query_len <= CHUNK_ROWS:
+                    rows = slice(seq.query_start, seq.query_start + seq.query_len)
+                    out[rows] = paged_chunk(q[rows], k_cache, v_cache, chunk, window, sinks)
+                else:
                     attend_cached(q, k_cache, v_cache, seq, out, window, sinks)
         return out
 
@@ -197,11 +210,14 @@ class CudaHybridBuilder:
         kv_off = np.concatenate([p % bs for p in pos]) if pre else np.zeros(0, np.int64)
         cu_q = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int64)
         cu_k = np.concatenate([[0], np.cumsum(k_lens)]).astype(np.int64)
-        host = np.concatenate([table_idx.reshape(-1), ctx_lens, kv_block, kv_off, cu_q, cu_k])
+        starts = np.asarray([k - q for k, q in zip(k_lens, q_lens)] + q_lens, dtype=np.int64)
+        host = np.concatenate([table_idx.reshape(-1), ctx_lens, kv_block, kv_off, cu_q, cu_k,
+                               starts])
         dev = torch.from_numpy(host).to(self.device, non_blocking=True)
         o = np.cumsum([0, table_idx.size, len(dec), len(kv_block), len(kv_off), len(cu_q)])
         flat = torch.cat([s.block_table for s in seqs])
         decode = prefill = None
+        chunks: list[ChunkBatch] = []
         if dec:
             table = flat[dev[o[0]:o[1]]].to(torch.int32).view(len(dec), width)
             longest = max(min(n, window) if window else n for n in ctx_lens.tolist())
@@ -210,11 +226,18 @@ class CudaHybridBuilder:
         if pre:
             kv_slots = flat[dev[o[2]:o[3]]] * bs + dev[o[3]:o[4]]
             i32 = dev[o[4]:].to(torch.int32)
+            n_cu = len(cu_q)
             prefill = PrefillBatch(
-                cu_seqlens_q=i32[: len(cu_q)], cu_seqlens_k=i32[len(cu_q):], kv_slots=kv_slots,
+                cu_seqlens_q=i32[:n_cu], cu_seqlens_k=i32[n_cu:2 * n_cu], kv_slots=kv_slots,
                 max_q=max(q_lens), max_k=max(k_lens), query_lens=tuple(q_lens),
                 context_lens=tuple(k_lens))
-        return GroupBatch(decode, prefill, seqs, slot_mapping)
+            starts_d, lens_d = i32[2 * n_cu:2 * n_cu + len(pre)], i32[2 * n_cu + len(pre):]
+            for j, i in enumerate(pre):
+                keys = min(k_lens[j], window + q_lens[j]) if window else k_lens[j]
+                splits = choose_num_splits(max(1, q_lens[j] // 4), kv_heads, keys, self.num_sms)
+                chunks.append(ChunkBatch(seqs[i].block_table.to(torch.int32),
+                                         starts_d[j:j + 1], lens_d[j:j + 1], splits))
+        return GroupBatch(decode, prefill, seqs, slot_mapping, chunks)
 
 
 def _rows(rows: list[int], device: torch.device) -> Rows:

@@ -23,7 +23,7 @@ HQ, HK, D, PAGE, WINDOW = 4, 2, 16, 4, 8
 # rotary; the first two page in group 0 (full), the others in group 1 (windowed)
 LAYERS = [(None, False, D), (None, True, 0), (WINDOW, True, D), (WINDOW, False, 8)]
 LAYER_GROUP = (0, 0, 1, 1)
-BLOCKS = 24  # per group's pool; index BLOCKS is the null block
+BLOCKS = 40  # per group's pool; index BLOCKS is the null block
 
 
 def _cos_sin(positions: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,14 +65,17 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
     from pensieve.models.forward_context import ForwardContext, PagedGroups, paged_attention
 
     g = torch.Generator().manual_seed(0)
-    decode_calls = []
-    kernel = cuda_hybrid.paged_decode
-    cuda_hybrid.paged_decode = lambda *a, **kw: decode_calls.append(1) or kernel(*a, **kw)
+    calls: list[str] = []
+    real = {n: getattr(cuda_hybrid, n) for n in ("paged_decode", "paged_chunk", "attend_cached",
+                                                 "prefill_attention")}
+    for n, f in real.items():
+        setattr(cuda_hybrid, n, lambda *a, _n=n, _f=f, **kw: calls.append(_n) or _f(*a, **kw))
     sinks = 2 * torch.randn(HQ, generator=g)
     for steps in ([(22, 1), (6, 5), (4, 1), (36, 1)],  # decodes around a prefill chunk
                   [(22, 1), (36, 1), (0, 1)],  # decode only
                   [(30, 1), (0, 7), (9, 6)],  # decodes first, a window masks a chunk
-                  [(0, 5), (3, 1)]):  # within the window: varlen prefill for every layer
+                  [(0, 5), (3, 1)],  # within the window: varlen prefill for every layer
+                  [(2, 66), (40, 1)]):  # a long chunk: full + sinks on the loop
         seqs, slots, positions = _step(steps, g)
         t = positions.numel()
         base_k = [torch.randn(BLOCKS + 1, PAGE, HK, D, generator=g) for _ in LAYERS]
@@ -112,10 +115,17 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
                 written = new[layer].view(-1, HK, D)[dev_slots[LAYER_GROUP[layer]]]
                 assert torch.allclose(written.float(), old[layer].view(-1, HK, D)[
                     dev_slots[LAYER_GROUP[layer]]].float(), atol=tol), (steps, layer)
-    cuda_hybrid.paged_decode = kernel
-    assert len(decode_calls) == 4 * len(LAYERS), decode_calls  # every layer, every step
+    for n, f in real.items():
+        setattr(cuda_hybrid, n, f)
+    assert calls.count("paged_decode") == 5 * len(LAYERS), calls  # every layer, every step
+    # the chunk kernel: chunks with sinks up to CHUNK_ROWS rows and chunks a window masks
+    # within (13); the 66-row chunk of the full layer with sinks: the loop; the full layer
+    # without sinks: varlen, once a step with chunks, and layer 3 once within its window
+    assert calls.count("paged_chunk") == 13 and calls.count("attend_cached") == 1, calls
+    assert calls.count("prefill_attention") == 4 + 1, calls
 
 
+@pytest.mark.slow
 def test_batched_hybrid_attention_equals_the_loop_in_the_triton_interpreter():
     run_in_triton_interpreter("import torch; from tests.unit.test_cuda_hybrid_kernels import "
                               "check; check('cpu', torch.float32, 1e-5); print('ok')")
@@ -169,6 +179,9 @@ def test_group_metadata_from_the_sequences():
         assert torch.equal(batch.prefill.kv_slots, want)
         assert batch.prefill.cu_seqlens_q.tolist() == [0, 5]
         assert batch.prefill.cu_seqlens_k.tolist() == [0, 11]
+        (chunk,) = batch.chunks
+        assert chunk.start.tolist() == [6] and chunk.num_tokens.tolist() == [5]
+        assert torch.equal(chunk.block_table, b.int())
     assert (step.groups[1].decode.block_tables[0, :3] == BLOCKS).all()  # freed: the null block
 
 
