@@ -14,7 +14,8 @@ from pathlib import Path
 FAMILIES = ("qwen35moe", "gpt-oss", "glm47flash")
 SHOWN = ("decode", "x8 parallel streams: aggregate output", "Claude Code turn 1 (cold): TTFT",
          "Claude Code turn 1: prefill", "Claude Code turn 2 (follow-up on that prefix): TTFT",
-         "turn 2 TTFT / turn 1 TTFT (target ≤ 5%)", "turn 2 prompt tokens read from the cache (usage)")
+         "turn 2 TTFT / turn 1 TTFT (target ≤ 5%)", "turn 2 prompt tokens read from the cache (usage)",
+         "turn 1 / turn 2 prompt tokens")
 SERVERS = (("p", "Pensieve"), ("l", "llama.cpp"), ("l0", "llama.cpp --cache-ram 0"))
 
 
