@@ -57,10 +57,12 @@ def kernel_layers(k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Ten
                   layer_group: Sequence[int | None]) -> frozenset[int]:
     """Layers whose K/V the kernels can attend over: plain paged K/V (values as wide as keys;
     not latent, not an empty KV-shared placeholder) of at most ``MAX_HEAD_DIM`` dims."""
-    return frozenset(
-        i for i, g in enumerate(layer_group)
-        if g is not None and k_caches[i].dim() == 4 and k_caches[i].shape[2] > 0
-        and 0 < k_caches[i].shape[3] <= MAX_HEAD_DIM and v_caches[i].shape[3] == k_caches[i].shape[3])
+    def plain(k: torch.Tensor, v: torch.Tensor) -> bool:
+        return k.dim() == 4 and k.shape[2] > 0 and 0 < k.shape[3] <= MAX_HEAD_DIM and \
+            v.shape[3] == k.shape[3]
+
+    return frozenset(i for i, g in enumerate(layer_group)
+                     if g is not None and plain(k_caches[i], v_caches[i]))
 
 
 @dataclass(frozen=True)

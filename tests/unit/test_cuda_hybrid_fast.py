@@ -21,11 +21,25 @@ if not torch.cuda.is_available():
 transformers = pytest.importorskip("transformers")
 
 from pensieve.backends import cuda_hybrid  # noqa: E402
-from tests.unit.test_cuda_hybrid import FAMILIES, _engine, _run  # noqa: E402
+from tests.unit.test_cuda_hybrid import FAMILIES as HYBRID, _engine, _run  # noqa: E402
 
+
+def _gemma3(tmp):  # noqa: ANN001, ANN202 - windows of 32 (3 of 4 layers), query scale, 32 dims
+    from pensieve.loaders.registry import load_checkpoint
+    from tests.helpers.tiny_families import VOCAB, hf_model, save_hf
+
+    return load_checkpoint(save_hf(tmp / "hf", hf_model(transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, head_dim=32,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                     "sliding_attention"], sliding_window=32, query_pre_attn_scalar=24))))
+
+
+FAMILIES = {**HYBRID, "gemma3": _gemma3}
 # attention layers the kernels serve in each tiny config (KV-shared and latent layers: none)
 KERNEL_LAYERS = {"qwen3_5": {1, 3}, "qwen3_next": {1, 3}, "gpt_oss": {0, 1, 2},
-                 "gemma4": {0, 1, 2}, "glm4_moe_lite": set()}
+                 "gemma4": {0, 1, 2}, "glm4_moe_lite": set(), "gemma3": {0, 1, 2, 3}}
 
 
 def _count(monkeypatch: pytest.MonkeyPatch, calls: Counter) -> None:

@@ -84,7 +84,8 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
             c[BLOCKS] = 0.0  # the null block, as HybridCaches zeroes it
 
         def caches(nan: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-            ks, vs = [c.clone().to(device, dtype) for c in base_k], [c.clone().to(device, dtype) for c in base_v]
+            ks = [c.clone().to(device, dtype) for c in base_k]
+            vs = [c.clone().to(device, dtype) for c in base_v]
             if nan:
                 for c in ks + vs:
                     c[BLOCKS] = float("nan")
