@@ -123,7 +123,7 @@ LARGE_SWEEP = [cuda_moe.Tiles(bm, bn, bk, w, st) for bm, bn, bk, w, st in (
 def sweep(fn, picks: int, reps: int) -> tuple[float, str]:
     """The fastest tile set (graph replay) of the route ``picks`` takes; the defaults restored."""
     if picks <= cuda_moe.GEMV_MAX_PICKS:
-        name, cands = "GEMV", GEMV_SWEEP
+        name, cands = ("GEMV_FEW" if picks <= 16 else "GEMV"), GEMV_SWEEP
     elif picks <= cuda_moe.GROUPED_SMALL_MAX_PICKS:
         name, cands = "GROUPED_SMALL", SMALL_SWEEP
     else:
@@ -192,7 +192,7 @@ def run(a: argparse.Namespace) -> list[dict]:
                     row["bf16_grouped_mm_ms"] = None
                     print(f"_grouped_mm: {exc}", file=sys.stderr)
             row["codes_GBps"] = hit * code_bytes / row["codes_graph_ms"] / 1e6
-            if tokens <= 32:  # where GEMV_MAX_PICKS should sit: both routes forced
+            if tokens * k <= cuda_moe.GEMV_MAX_PICKS:  # both routes forced
                 for route in ("gemv", "grouped"):
                     row[f"{route}_ms"] = per_set(gpu_ms(graphed(each(
                         lambda x, w, ids, r=route: cuda_moe.moe_experts(

@@ -11,8 +11,8 @@ the file's own Q6_K is 0.82). ``CudaMoEExperts`` replaces a model's
 experts in two launches — gate/up fused (with SiLU·up in the epilogue) where gate and up share a
 format, then down (each pick's routing weight in the epilogue) — and a sum of each token's picks:
 
-* up to ``GEMV_MAX_PICKS`` picks (tokens × top-k: decode at small batch): ``pick_gemv``, one
-  program per (pick, outputs), no sorting (a GEMV over the pick's expert);
+* up to ``GEMV_MAX_PICKS`` picks (tokens × top-k: decode batches up to 32 tokens at top-8):
+  ``pick_gemv``, one program per (pick, outputs), no sorting (a GEMV over the pick's expert);
 * more: the picks sorted by expert on the device (``align``: one Triton program up to
   ``ALIGN_MAX_PICKS``, else a few torch ops), each expert's run padded to blocks of BLOCK_M, and
   ``grouped_gemm``: one program per (block, outputs), the expert's weight tile dequantised in
@@ -46,7 +46,10 @@ from pensieve.models.quant_linear import Int4Groups
 log = logging.getLogger(__name__)
 
 Codes = Int4Groups | Int8Groups
-GEMV_MAX_PICKS = 32  # up to here pick_gemv (4 tokens × top-8); beyond, sorted + grouped
+# up to here pick_gemv (32 tokens × top-8; on an H100 at 30B-A3B's shapes it beat the sorted
+# grouped GEMM 2.0x at 8 tokens and 1.2x at 32, though it reads a shared expert once a pick);
+# beyond, sorted + grouped (bench/gpu_moe_kernels.py, BENCHMARKS.md)
+GEMV_MAX_PICKS = 256
 ALIGN_MAX_PICKS = 512  # one-program sort up to here; beyond, torch ops (still on the device)
 
 
@@ -59,7 +62,8 @@ class Tiles:
     num_stages: int
 
 
-GEMV = Tiles(1, 8, 256, 4, 2)
+GEMV_FEW = Tiles(1, 8, 512, 4, 2)  # up to 16 picks (H100 sweep: 1 token 0.032 vs 0.039 ms)
+GEMV = Tiles(1, 16, 256, 4, 2)  # more picks (8 tokens: 0.149 vs 0.171 ms; 32: 0.534 vs 0.611)
 GROUPED_SMALL = Tiles(16, 64, 64, 4, 3)  # few picks per expert (decode batches)
 GROUPED = Tiles(64, 64, 64, 4, 3)  # prefill
 GROUPED_SMALL_MAX_PICKS = 2048
@@ -262,8 +266,9 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
     h = torch.empty(p, gate_up.n // 2, device=x.device, dtype=x.dtype)
     out = torch.empty(p, down.n, device=x.device, dtype=x.dtype)
     if (route or ("gemv" if p <= GEMV_MAX_PICKS else "grouped")) == "gemv":
-        pick_gemv(x, flat, rw, gate_up, h, topk=k, gather=True, fuse=True, routed=False)
-        pick_gemv(h, flat, rw, down, out, topk=k, gather=False, fuse=False, routed=True)
+        tiles = GEMV_FEW if p <= 16 else GEMV
+        pick_gemv(x, flat, rw, gate_up, h, topk=k, gather=True, fuse=True, routed=False, t=tiles)
+        pick_gemv(h, flat, rw, down, out, topk=k, gather=False, fuse=False, routed=True, t=tiles)
     else:
         tiles = GROUPED_SMALL if p <= GROUPED_SMALL_MAX_PICKS else GROUPED
         sorted_ids, bexp = align(flat, experts, tiles.block_m)

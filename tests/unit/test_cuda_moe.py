@@ -124,7 +124,8 @@ def interpreter_check() -> None:
     """Run in a process started with TRITON_INTERPRET=1: the kernels on CPU tensors."""
     from pensieve.backends.cuda_moe import Tiles, align, align_torch, moe_experts
 
-    cuda_moe.GEMV = Tiles(1, 64, 256, 4, 2)  # fewer programs: the interpreter runs each in turn
+    # fewer programs: the interpreter runs each in turn
+    cuda_moe.GEMV = cuda_moe.GEMV_FEW = Tiles(1, 64, 256, 4, 2)
 
     for p, e, m in ((4, 8, 16), (24, 6, 16), (160, 6, 16), (37, 128, 16), (100, 5, 64)):
         ids = torch.randint(0, e, (p,), generator=torch.Generator().manual_seed(p))
@@ -229,7 +230,7 @@ def test_cuda_kernels_against_float64_at_30b_a3b_shapes(gu, dn):
 @pytest.mark.parametrize("tokens", [1, 4, 8, 40, 100])
 def test_layer_in_a_cuda_graph(tokens):
     """The graph replays new activations and new routing (ids and weights changed in place):
-    the same bits as eager calls (1-4 tokens: pick GEMV; 8, 40: one-program sort; 100 tokens
+    the same bits as eager calls (1-8 tokens: pick GEMV; 40: the one-program sort; 100 tokens
     × 8 picks: the torch-ops sort)."""
     e, h, i, k = 64, 512, 256, 8
     layer = make_layer(Q.Q4_K, Q.Q6_K, h, i, e, seed=2).cuda()
