@@ -65,29 +65,35 @@ def load_gguf(
     args = read_args(family.args_from_gguf, gguf_source(gf, arch, family), str(path))
     if family.drops_mtp:  # the multi-token-prediction layers (blk.{n_layer}.*): not read
         names = {g: hf for g, hf in names.items() if not past_trunk(hf, args)}
+    pieces = {g: _pieces(gf.tensors[g].shape, hf, family) for g, hf in names.items()}
     validate_shapes(family.expected_shapes(args),
-                    {hf: gf.tensors[g].shape for g, hf in names.items()}, str(path))
+                    {name: shape for parts in pieces.values() for name, shape, _ in parts},
+                    str(path))
     if tokenizer is None:
         tokenizer = TextTokenizer.from_gguf_metadata(gf.metadata)
     int4: dict[str, Int4Groups] = {}
     int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     weights: dict[str, torch.Tensor] = {}
     with _single_threaded():
-        for g, hf in (names.items() if tensors else ()):
-            raw = _raw_hf_order(gf, g, hf, args, family)
+        for g, hf0 in (names.items() if tensors else ()):
+            whole = _raw_hf_order(gf, g, hf0, args, family)
             info = gf.tensors[g]
-            groups = int4_groups(raw, info.ggml_type, info.shape) if keep_int4 else None
-            q8 = q8_0_codes(raw, info.ggml_type, info.shape) if keep_int4 and hf in Q8_NAMES else None
-            if groups is not None and (_projection(hf) or (hf in Q8_NAMES and q8 is None)):
-                # a Q4_K/Q6_K... embedding or output layer too: build_model keeps it as codes
-                # on the CPU kernels (CodesEmbedding / CodesLinear) or dequantises it
-                int4[hf] = groups
-            elif q8 is not None:
-                int8[hf] = q8
-            else:
-                weights[hf] = family.from_gguf_weight(
-                    hf, dequantize(raw, info.ggml_type, info.shape, dtype, name=g))
-            del raw
+            for hf, shape, part in pieces[g]:
+                raw = whole if part is None else _rows_of_each(whole, info.shape, part)
+                groups = int4_groups(raw, info.ggml_type, shape) if keep_int4 else None
+                q8 = (q8_0_codes(raw, info.ggml_type, shape) if keep_int4 and hf in Q8_NAMES
+                      else None)
+                if groups is not None and (_projection(hf) or (hf in Q8_NAMES and q8 is None)):
+                    # a Q4_K/Q6_K... embedding or output layer too: build_model keeps it as
+                    # codes on the CPU kernels (CodesEmbedding / CodesLinear) or dequantises it
+                    int4[hf] = groups
+                elif q8 is not None:
+                    int8[hf] = q8
+                else:
+                    weights[hf] = family.from_gguf_weight(
+                        hf, dequantize(raw, info.ggml_type, shape, dtype, name=g))
+                del raw
+            del whole
             gf.release(g)  # its file pages: what was kept is a copy (see GGUFFile.release)
     template = gf.get("tokenizer.chat_template")
     return Checkpoint(
@@ -106,6 +112,30 @@ def load_gguf(
 def _projection(hf: str) -> bool:
     """A linear layer's weight (a Gated DeltaNet's ``in_proj_qkv``/``_z``/``_b``/``_a`` too)."""
     return hf.endswith("_proj.weight") or ".linear_attn.in_proj_" in hf
+
+
+def _pieces(shape: tuple[int, ...], hf: str, family: Family
+            ) -> list[tuple[str, tuple[int, ...], tuple[int, int] | None]]:
+    """(HF name, shape, (part, parts) or None) of what one GGUF tensor holds: itself, or for a
+    ``Family.gguf_splits`` tensor [E, rows, K] its parts, each every expert's next rows."""
+    for fused, parts in family.gguf_splits.items():
+        if hf.endswith(f".{fused}.weight") and len(shape) == 3 and shape[1] % len(parts) == 0:
+            stem = hf[: -len(f"{fused}.weight")]
+            rows = shape[1] // len(parts)
+            return [(f"{stem}{p}.weight", (shape[0], rows, shape[2]), (i, len(parts)))
+                    for i, p in enumerate(parts)]
+    return [(hf, shape, None)]
+
+
+def _rows_of_each(raw: torch.Tensor, shape: tuple[int, ...], part: tuple[int, int]
+                  ) -> torch.Tensor:
+    """Part ``i`` of ``n`` of each expert's rows of a 3-D tensor's bytes (rows are whole
+    quant blocks)."""
+    i, n = part
+    experts, rows = shape[0], shape[1]
+    per = raw.reshape(experts, rows, -1)
+    step = rows // n
+    return per[:, i * step:(i + 1) * step].reshape(-1).contiguous()
 
 
 def _rename_all(gf: GGUFFile, path: Path, family: Family) -> dict[str, str]:

@@ -176,6 +176,10 @@ class Family:
     # (transformers 5's [E, 2I, H] gate rows then up rows) or "gpt_oss" ([E, H, 2I] with
     # gate/up columns interleaved, biases, MXFP4 blocks/scales)
     hf_expert_layout: str = "stacked"
+    # a GGUF's fused 3-D tensor read as its parts (HF name suffix → the parts' suffixes), each
+    # every expert's next rows: Gemma 4's ffn_gate_up_exps → gate_proj, up_proj (so the
+    # experts can stay codes the way the other MoE families' do)
+    gguf_splits: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # layers after ``num_layers`` in a checkpoint (GLM's / DeepSeek's multi-token-prediction
     # block, ``past_trunk``) are skipped by the loaders: never read, never run
     drops_mtp: bool = False

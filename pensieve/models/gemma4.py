@@ -182,7 +182,7 @@ class Gemma4ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.fast_paths = FastPaths()
+        self.fast_paths = _paths(args, max_positions or args.max_position_embeddings)
 
     def _per_layer_inputs(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """[T, layers, ple]: the token's per-layer embedding and the projected input embedding,
@@ -211,8 +211,10 @@ class Gemma4ForCausalLM(nn.Module):
 
 
 def _paths(args: ModelArgs, context_length: int) -> FastPaths:
-    """None: the compiled kernels assume one head size, scaled scores and no PLE."""
-    return FastPaths()
+    """None of the attention/decoder paths (the compiled kernels assume one head size, scaled
+    scores, no PLE); a GGUF's experts stay codes on the CPU kernels (``models.moe.Experts``
+    with GELU: the sliced kernels take any activation)."""
+    return FastPaths(cpu_moe_codes=True)
 
 
 FAMILY = Family(
@@ -246,5 +248,6 @@ FAMILY = Family(
     cache_layout=cache_layout,
     # a multimodal checkpoint: model.language_model.* → model.*; its towers are not read
     hf_renames={"language_model": ""},
+    gguf_splits={"experts.gate_up_proj": ("experts.gate_proj", "experts.up_proj")},
     drops_mtp=True,
 )

@@ -34,7 +34,6 @@ class Gemma4Options:
     top_k: int = 0
     expert_size: int = 0
     softcap: float | None = None
-    fused_experts: bool = False  # a GGUF's ffn_gate_up_exps (HF: gate and up stacked apart)
 
 
 def options(args: ModelArgs) -> Gemma4Options:
@@ -168,11 +167,9 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             shapes.update({p + "router.proj.weight": (e, h), p + "router.scale": (h,),
                            p + "router.per_expert_scale": (e,),
                            p + "experts.down_proj.weight": (e, h, size)})
-            if o.fused_experts:
-                shapes[p + "experts.gate_up_proj.weight"] = (e, 2 * size, h)
-            else:
-                shapes[p + "experts.gate_proj.weight"] = (e, size, h)
-                shapes[p + "experts.up_proj.weight"] = (e, size, h)
+            # a GGUF's ffn_gate_up_exps is read as these two (Family.gguf_splits)
+            shapes[p + "experts.gate_proj.weight"] = (e, size, h)
+            shapes[p + "experts.up_proj.weight"] = (e, size, h)
             for norm in ("post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
                          "pre_feedforward_layernorm_2"):
                 shapes[f"{p}{norm}.weight"] = (h,)
@@ -220,8 +217,7 @@ def gguf_config(src: GGUFSource) -> ModelArgs:
         double_wide_mlp=shared > 0 and int(ff[-1]) == 2 * int(ff[0]),
         num_experts=experts, top_k=int(src.key("expert_used_count", 0) or 0),
         expert_size=int(src.key("expert_feed_forward_length", 0) or 0),
-        softcap=src.key("final_logit_softcapping", None),
-        fused_experts=any(k.endswith("ffn_gate_up_exps.weight") for k in src.shapes))
+        softcap=src.key("final_logit_softcapping", None))
     return ModelArgs(
         architecture="gemma4", vocab_size=src.shapes["token_embd.weight"][0],
         hidden_size=int(src.key("embedding_length")), intermediate_size=int(ff[0]),

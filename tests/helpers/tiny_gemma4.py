@@ -14,13 +14,17 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from gguf import GGUFWriter
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import quantize
 
 from tests.helpers.tiny_families import TOKENIZER
 from tests.unit.loader_fixtures import _add_bpe_vocab
 
 
-def write_gemma4_gguf(path: Path, model: torch.nn.Module) -> Path:
+def write_gemma4_gguf(path: Path, model: torch.nn.Module, *,
+                      expert_qtype: GGMLQuantizationType = GGMLQuantizationType.F32) -> Path:
+    """``expert_qtype``: the 3-D experts in that type (``tiny_moe.quantize_experts_like_gguf``
+    on the model first)."""
     cfg = model.config
     n, types = cfg.num_hidden_layers, cfg.layer_types
     swa = [t == "sliding_attention" for t in types]
@@ -66,7 +70,11 @@ def write_gemma4_gguf(path: Path, model: torch.nn.Module) -> Path:
     for hf, t in model.state_dict().items():
         if hf == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        w.add_tensor(_name(hf, names), t.detach().float().numpy().astype(np.float32))
+        a = t.detach().float().numpy().astype(np.float32)
+        if a.ndim == 3 and expert_qtype != GGMLQuantizationType.F32:
+            w.add_tensor(_name(hf, names), quantize(a, expert_qtype), raw_dtype=expert_qtype)
+        else:
+            w.add_tensor(_name(hf, names), a)
     rotated = int(global_dim * rope["full_attention"]["partial_rotary_factor"] / 2)
     freqs = [1.0] * rotated + [1e30] * (global_dim // 2 - rotated)
     w.add_tensor("rope_freqs.weight", np.asarray(freqs, dtype=np.float32))

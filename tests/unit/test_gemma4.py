@@ -133,7 +133,8 @@ def test_multimodal_checkpoint_loads_its_language_model(root):
                "model.embed_vision.embedding_projection.weight": torch.ones(4, 4)},
               str(path / "towers.safetensors"), metadata={"format": "pt"})
     ckpt, model = ours(path)
-    assert ckpt.args.num_layers == 6 and not any("tower" in k or "vision" in k for k in ckpt.weights)
+    assert ckpt.args.num_layers == 6
+    assert not any("tower" in k or "vision" in k for k in ckpt.weights)
     ids = prompt(SEQ, VOCAB)
     with torch.no_grad():
         expected = mm(torch.tensor([ids])).logits[0].float()
@@ -141,6 +142,46 @@ def test_multimodal_checkpoint_loads_its_language_model(root):
     layout = family("gemma4").cache_layout(ckpt.args)
     whole, _ = paged_logits(model, ckpt.args, ids, [SEQ - 5], layout)
     torch.testing.assert_close(whole, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_quantised_experts_stay_codes_on_the_cpu(root, qtype):
+    """The MoE block's GGUF experts (``ffn_gate_up_exps`` read as gate and up halves) kept as
+    codes (``keep_int4``: SlicedExperts with GELU; the kernels round activations to 8 bits:
+    within 5e-3, 1.8e-3 / 0.8e-3 measured), and dequantised on load (exact) — against
+    transformers on the dequantised experts. Widths the kernels' blocks take: 256."""
+    from gguf import GGMLQuantizationType
+
+    from pensieve.backends.cpu_quant.expert_linear import SlicedExperts
+    from tests.helpers.tiny_moe import quantize_experts_like_gguf
+
+    kind = getattr(GGMLQuantizationType, qtype)
+    ref = hf_model(transformers.Gemma4TextConfig(**{
+        **DIMS, **CASES["moe"], "hidden_size": 256, "intermediate_size": 256,
+        "moe_intermediate_size": 256}))
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if n.endswith("norm.weight") or n.endswith(("router.scale", "per_expert_scale")):
+                p.add_(1.0)
+    quantize_experts_like_gguf(ref, kind)
+    path = write_gemma4_gguf(root / f"moe-{qtype}.gguf", ref, expert_qtype=kind)
+    ids = prompt(SEQ, VOCAB)
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].float()
+    for keep, atol in ((False, ATOL), (True, 5e-3)):
+        ckpt, model = ours_kept(path, keep)
+        assert sum(isinstance(m, SlicedExperts) for m in model.modules()) == (6 if keep else 0)
+        layout = family("gemma4").cache_layout(ckpt.args)
+        whole, stepped = paged_logits(model, ckpt.args, ids, [SEQ // 3, SEQ - 5], layout)
+        err = max((g - expected).abs().max().item() for g in (whole, stepped))
+        print(f"gemma4 {qtype} experts (keep_int4={keep}): max abs logit error {err:.2e} "
+              f"(|logits| ≤ {expected.abs().max():.1f})")
+        assert err < atol
+
+
+def ours_kept(path: Path, keep: bool):
+    ckpt = load_checkpoint(path, keep_int4=keep)
+    return ckpt, build_model(ckpt, EngineConfig(context_length=CONTEXT))
 
 
 def test_cache_layout_per_layer_shapes(root):
