@@ -115,7 +115,7 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
             for new, old in ((k_caches, ref_k), (v_caches, ref_v)):
                 written = new[layer].view(-1, HK, D)[dev_slots[LAYER_GROUP[layer]]]
                 assert torch.allclose(written.float(), old[layer].view(-1, HK, D)[
-                    dev_slots[LAYER_GROUP[layer]]].float(), atol=tol), (steps, layer)
+                    dev_slots[LAYER_GROUP[layer]]].float(), atol=tol, rtol=tol), (steps, layer)
     for n, f in real.items():
         setattr(cuda_hybrid, n, f)
     assert calls.count("paged_decode") == 5 * len(LAYERS), calls  # every layer, every step
