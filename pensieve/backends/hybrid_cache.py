@@ -5,8 +5,10 @@ K only, V an empty placeholder), one block pool per layer group (``engine/kv_pla
 recurrent layers' state slots and checkpoints. Each step it builds the ``ForwardContext`` with
 every group's slots and block tables (``PagedGroups``) and the state slots, copies a restored
 checkpoint into a request's slot before its first chunk and the slot into a checkpoint after a
-chunk that ends on a checkpoint position. Runs the per-sequence path only: the fast paths
-(one-call CPU decoder, compiled paged kernels, CUDA graphs) assume one uniform cache.
+chunk that ends on a checkpoint position. The fast paths (one-call CPU decoder, compiled
+paged kernels, CUDA graphs) assume one uniform cache; the runner's ``attend`` may give a
+backend per step (on CUDA ``cuda_hybrid.py``'s batched kernels per group), else the
+per-sequence path.
 """
 
 from __future__ import annotations

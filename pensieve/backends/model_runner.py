@@ -148,9 +148,9 @@ class ModelRunner:
             self._init_cpu(config)
 
     def _init_hybrid(self, layout: Sequence[LayerCache], config: EngineConfig) -> None:
-        """Per-layer caches, layer groups, recurrent state (``backends/hybrid_cache.py``): the
-        per-sequence path only, whatever fast paths the family declared (they assume one
-        uniform full-attention cache)."""
+        """Per-layer caches, layer groups, recurrent state (``backends/hybrid_cache.py``): none
+        of the fast paths the family declared (they assume one uniform full-attention cache);
+        on CUDA the attention layers on the batched kernels per group (``cuda_hybrid.py``)."""
         if self.fast != FastPaths():
             log.info("the cache layout is not uniform full attention: fast paths %s stay off",
                      self.fast)
