@@ -45,7 +45,8 @@ def table(state: Path, family: str) -> str:
         unit = next((got[key][name][1] for key, _ in SERVERS if name in got[key]), "")
         if all(c is None for c in cells):
             continue
-        shown = ["—" if c is None else f"{c:.4g}" for c in cells]
+        shown = ["—" if c is None else f"{c:.0f}" if abs(c) >= 100 else f"{c:.3g}"
+                 for c in cells]
         lines.append(f"| {name} | {unit} | " + " | ".join(shown) + f" | "
                      f"{speedup(cells[0], cells[1], unit)} | {speedup(cells[0], cells[2], unit)} |")
     return "\n".join(lines) + "\n"
