@@ -18,7 +18,8 @@ block types of a random-weight GGUF as llama.cpp's converter writes each archite
   hidden 2048, 47 layers (the first dense, width 10240), 20 heads of multi-head latent attention
   (q rank 768, KV latent 512, nope 192 + rope 64, v 256), 64 experts of width 1536, top-4, one
   shared expert, sigmoid routing with a correction bias, routed scale 1.8, vocabulary 154880.
-  ``kv_b_proj`` written split as llama.cpp does (``attn_k_b`` transposed, ``attn_v_b``), F16.
+  ``kv_b_proj`` written split as llama.cpp does (``attn_k_b`` transposed, ``attn_v_b``), Q8_0 as
+  the released Q4_K_M files carry them.
 
 What llama.cpp requires of each (``.gpu/llama.cpp/src/models/{qwen35moe,openai-moe,deepseek2}.cpp``
 ``load_arch_hparams``/``load_arch_tensors``) is what ``metadata`` and ``tensor_specs`` write; the
@@ -26,8 +27,7 @@ tensor names are checked against the family's ``gguf_names`` (Pensieve's one map
 names), so a name neither loader knows fails at write time. No MTP block is written (both
 llama.cpp and Pensieve take a file without one). Under ``q4_k_m`` the matrices follow llama.cpp's
 Q4_K_M rule (Q6_K ``attn_v``/``ffn_down*`` on ``use_more_bits`` layers and the output, Q4_K the
-rest); a matrix whose rows are not a multiple of 256 (``attn_k_b``'s 192) falls back to Q8_0, as
-llama-quant.cpp does for k-quants.
+rest); a matrix whose rows are not a multiple of 256 falls back to Q8_0.
 """
 
 from __future__ import annotations
@@ -227,8 +227,10 @@ def block_type(name: str, shape: tuple[int, ...], a: argparse.Namespace,
     """The type a non-small tensor is written as: a GGML block type, or ``f16``."""
     if a.arch == "gpt-oss":
         return Q.MXFP4 if name.endswith("_exps.weight") else Q.Q8_0
-    if name.endswith(("attn_k_b.weight", "attn_v_b.weight")) or a.dtype == "f16":
+    if a.dtype == "f16":
         return F16
+    if name.endswith(("attn_k_b.weight", "attn_v_b.weight")):  # as the released files carry them
+        return Q.Q8_0
     if name == "output.weight":
         qtype = Q.Q6_K
     elif name.endswith(("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight")) and more_bits:
