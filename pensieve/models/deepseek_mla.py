@@ -5,10 +5,10 @@ names, expected weights, the latent cache layout).
 Reads like the reference: rotary → attention → layer → model, then the shared tables.
 
 Per token the cache keeps one vector: the normalised KV latent (``kv_lora_rank``) followed by
-the rotated shared rotary key (``qk_rope_head_dim``) — ``PagedKV(1, rank + rope, 0)``. A prefill
-chunk expands the context's latents into per-head keys and values through ``kv_b_proj`` and
-attends as the reference does; a decode step (one new token) attends in latent space with the
-absorbed projections: ``q_nope · W_UK`` gives a query over the latent, the attention-weighted
+the rotated shared rotary key (``qk_rope_head_dim``) — ``PagedKV(1, rank + rope, 0)``. A cold
+prefill chunk expands the context's latents into per-head keys and values through ``kv_b_proj``
+and attends as the reference does; a decode step, and a chunk short against its cached context
+(a follow-up turn's new tokens), attends in latent space with the absorbed projections: ``q_nope · W_UK`` gives a query over the latent, the attention-weighted
 latent goes through ``W_UV`` — the same numbers up to float rounding, without expanding the
 context. ``kv_b_proj`` is held per head, ``[heads, nope + v, rank]``; an HF checkpoint's 2-D
 ``[heads · (nope + v), rank]`` is reshaped on load, a llama.cpp file's ``attn_k_b`` (stored
@@ -71,8 +71,10 @@ class LatentUp(nn.Module):
 
 
 class MLAttention(nn.Module):
-    """``absorb``: "decode" (latent-space attention for one-token steps, expanded K/V for
-    prefill chunks), "always" or "never" (for tests)."""
+    """``absorb``: "auto" (latent-space attention where it reads less: one-token steps and
+    chunks short against their cached context, e.g. a follow-up turn's few new tokens over a long
+    prefix — expanding every cached latent through ``kv_b`` would cost the whole context;
+    expanded K/V for cold prefills), "always" or "never" (for tests)."""
 
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
@@ -92,7 +94,11 @@ class MLAttention(nn.Module):
         self.kv_b_proj = LatentUp(self.heads, mla.qk_nope_head_dim + mla.v_head_dim,
                                   mla.kv_lora_rank)
         self.o_proj = nn.Linear(self.heads * mla.v_head_dim, h, bias=bias)
-        self.absorb = "decode"
+        self.absorb = "auto"
+        # a chunk of n new tokens goes through the latent when 2·n·(rank + rope), its attention's
+        # extra width a token, is at most what expanding one cached token costs, rank·(nope + v)
+        self._absorb_rows = max(1, mla.kv_lora_rank * (mla.qk_nope_head_dim + mla.v_head_dim)
+                                // (2 * (mla.kv_lora_rank + mla.qk_rope_head_dim)))
 
     def forward(self, x: torch.Tensor, cos_sin: CosSin, ctx: ForwardContext) -> torch.Tensor:
         mla, t = self.mla, x.shape[0]
@@ -118,8 +124,9 @@ class MLAttention(nn.Module):
         for seq in sequences:
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             context = gather_context(cache, seq)[:, 0].to(x.dtype)  # [C, rank + rope]
-            latent_path = self.absorb == "always" or (
-                self.absorb == "decode" and seq.query_len == 1)
+            latent_path = self.absorb == "always" or (self.absorb == "auto" and (
+                seq.query_len == 1 or (seq.query_len <= self._absorb_rows
+                                       and seq.context_len >= 2 * seq.query_len)))
             attend = self._absorbed if latent_path else self._expanded
             out[rows] = attend(q_nope[rows], q_pe[rows], context, seq)
         return self.o_proj(out.reshape(t, self.heads * mla.v_head_dim))
