@@ -52,3 +52,15 @@ def glm_tokenizer() -> TextTokenizer:
     """GLM-4.x's markers; a turn ends on ``<|endoftext|>``, ``<|user|>`` or ``<|observation|>``
     (its generation_config's eos ids)."""
     return tiny_special_tokenizer(GLM_SPECIALS, eos="<|endoftext|>", extra_eos=("<|user|>", "<|observation|>"))
+
+
+def grammar_accepts(compiler, spec, text: str, *, complete: bool = True) -> bool:  # noqa: ANN001
+    """Whether the grammar compiled from ``spec`` by ``compiler`` (a ``(tokenizer,
+    GrammarCompiler)`` pair) accepts ``text`` token by token (and, with ``complete``, ends there)."""
+    import xgrammar as xgr
+
+    tok, comp = compiler
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    matcher = xgr.GrammarMatcher(comp.compile(spec))
+    return all(matcher.accept_token(i) for i in ids) and (matcher.is_completed() or not complete)

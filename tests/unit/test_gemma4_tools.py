@@ -69,6 +69,7 @@ def test_keys_may_also_come_quoted() -> None:
 
 
 xgr = pytest.importorskip("xgrammar")
+from tests.helpers.special_vocab import grammar_accepts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +81,7 @@ def compiler():
     return tok, GrammarCompiler(tok, tok.vocab_size)
 
 
-def accepts(compiler, spec, text: str, *, complete: bool = True) -> bool:
-    tok, comp = compiler
-    ids = tok.encode(text)
-    assert tok.decode(ids) == text
-    matcher = xgr.GrammarMatcher(comp.compile(spec))
-    return all(matcher.accept_token(i) for i in ids) and (matcher.is_completed() or not complete)
+accepts = grammar_accepts  # tests/helpers/special_vocab.py
 
 
 def grammar(choice: str = "any"):
