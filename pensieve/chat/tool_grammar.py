@@ -194,39 +194,34 @@ def _arguments_ebnf(schema_json: str) -> str | None:
     return json_schema_ebnf(usable)
 
 
+def _degraded(schema_json: str, compiles: Any, what: str) -> Any | None:
+    """The schema, degraded until ``compiles`` accepts it (None: not even an object, or an
+    xgrammar without that style); what was dropped is logged."""
+    schema = json.loads(schema_json)
+    usable, dropped = degrade_schema(schema, compiles)
+    if dropped and usable is not None:
+        title = schema.get("title", "") if isinstance(schema, dict) else ""
+        log.warning("tool schema %s: dropped %s, which xgrammar cannot compile as %s",
+                    title or schema_json[:80], ", ".join(dropped), what)
+    return usable
+
+
 @functools.lru_cache(maxsize=1024)
 def _xml_schema(schema_json: str) -> Any | None:
     """The schema, degraded until xgrammar builds Qwen XML parameters for it."""
-    schema = json.loads(schema_json)
-    usable, dropped = degrade_schema(schema, _compiles_xml)
-    if dropped and usable is not None:
-        title = schema.get("title", "") if isinstance(schema, dict) else ""
-        log.warning("tool schema %s: dropped %s, which xgrammar cannot compile as XML parameters",
-                    title or schema_json[:80], ", ".join(dropped))
-    return usable
+    return _degraded(schema_json, _compiles_xml, "XML parameters")
 
 
 @functools.lru_cache(maxsize=1024)
 def _glm_schema(schema_json: str) -> Any | None:
-    """The schema, degraded until xgrammar builds GLM key/value pairs for it (None: not even
-    an object, or an xgrammar without the ``glm_xml`` style)."""
-    schema = json.loads(schema_json)
-    usable, dropped = degrade_schema(schema, _compiles_glm)
-    if dropped and usable is not None:
-        title = schema.get("title", "") if isinstance(schema, dict) else ""
-        log.warning("tool schema %s: dropped %s, which xgrammar cannot compile as GLM arguments",
-                    title or schema_json[:80], ", ".join(dropped))
-    return usable
+    """The schema, degraded until xgrammar builds GLM key/value pairs for it."""
+    return _degraded(schema_json, _compiles_glm, "GLM arguments")
 
 
 @functools.lru_cache(maxsize=1024)
 def _gemma_schema(schema_json: str) -> Any | None:
     """The schema, degraded until xgrammar builds Gemma 4 arguments for it."""
-    usable, dropped = degrade_schema(json.loads(schema_json), _compiles_gemma)
-    if dropped and usable is not None:
-        log.warning("tool schema %s: dropped %s, which xgrammar cannot compile as Gemma 4 arguments",
-                    schema_json[:80], ", ".join(dropped))
-    return usable
+    return _degraded(schema_json, _compiles_gemma, "Gemma 4 arguments")
 
 
 def gemma_content(schema: Any) -> dict[str, Any]:
