@@ -1,0 +1,125 @@
+#!/bin/bash
+# One device session's GPU work as a pipeline that outlives each device call: the first call starts
+# it under its own process session (setsid) and every call (the first too) follows it for up to
+# BUDGET seconds, then copies what is done to $OUT. Calls made back to back on one warm machine
+# (it goes back after 30 s idle) therefore lose no time between phases, unlike per-call scripts.
+#   BUDGET=585 bash bench/gpu_session.sh     # call 1, 2, 3 … (the same command each time)
+# Steps, in order, each once (state in /tmp/gs; progress in /tmp/gs/progress):
+#   background: llama-server build (CUDA sm_90, from .gpu/llama.cpp), the random GGUFs (8B Llama
+#     Q4_0, Qwen3-8B Q4_K_M, Qwen3-30B-A3B Q4_K_M), each written once;
+#   tests   the CUDA tests not yet run on this tree (TESTS: the files; TESTS=none skips);
+#   dense   Pensieve at its defaults on the 8B Q4_0 and the Qwen3-8B Q4_K_M file, then llama-server
+#           (--cache-ram 0) on the same files: decode b=1, 8 streams, cold 12k / warm TTFT;
+#   moe     the same on the 30B-A3B file: decode, 8 and 32 streams, cold/warm TTFT, Claude Code load;
+#   hybrid  bench/gpu_hybrid_run.sh for HYBRID families (default qwen35moe), the dense files deleted.
+# STEPS (default "tests dense moe hybrid") picks and orders them. Needs .whl/, .gpu/tokenizer.gguf
+# and .gpu/llama.cpp carried (see bench/gpu_qwen_vs_llamacpp.sh). Writes $OUT/summary.md,
+# $OUT/progress.txt, $OUT/pytest_cuda.log and $OUT/gs_logs.tgz. The pipeline runs on a copy of the
+# first call's tree (/tmp/w): later calls may carry an edited tree without disturbing it.
+cd "$(dirname "$0")/.."
+S=/tmp/gs; mkdir -p $S
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+Q4=/tmp/llama8b-random-q4_0.gguf; Q3=/tmp/qwen3-8b-q4_k_m.gguf; M=/tmp/qwen3-30b-a3b-q4_k_m.gguf
+
+log() { echo "$(date +%T) $*" >> $S/progress; }
+wait_for() { while [ ! -e $1 ]; do sleep 3; done; }
+wait_gguf() { while [ ! -e $1.done ] && [ ! -e $S/gguf_chain.done ]; do sleep 3; done; [ -e $1.done ]; }
+
+gguf_chain() {  # CPU-bound writers, one after the other
+  python3 -m bench.make_random_gguf $Q4 --dtype q4_0 --tokenizer-from .gpu/tokenizer.gguf \
+    > $S/gguf_q4.log 2>&1 && touch $Q4.done; log "gguf 8B q4_0: $(tail -1 $S/gguf_q4.log | cut -c1-100)"
+  python3 -m bench.make_random_gguf $Q3 --dtype q4_k_m --tokenizer-from .gpu/tokenizer.gguf --arch qwen3 \
+    --hidden 4096 --layers 36 --heads 32 --kv-heads 8 --head-dim 128 --intermediate 12288 \
+    > $S/gguf_q3.log 2>&1 && touch $Q3.done; log "gguf qwen3-8b: $(tail -1 $S/gguf_q3.log | cut -c1-100)"
+  python3 -m bench.make_random_gguf $M --arch qwen3moe --dtype q4_k_m --hidden 2048 --layers 48 \
+    --heads 32 --kv-heads 4 --head-dim 128 --intermediate 6144 --experts 128 --experts-used 8 \
+    --expert-intermediate 768 --context-length 32768 --tokenizer-from .gpu/tokenizer.gguf \
+    > $S/gguf_moe.log 2>&1 && touch $M.done; log "gguf 30b-a3b: $(tail -1 $S/gguf_moe.log | cut -c1-100)"
+  touch $S/gguf_chain.done
+}
+
+pens() {  # $1 tag, $2 file, $3 scenarios
+  [ -e $S/p_$1/gpu_bench.json ] && return; log "pensieve $1 start"
+  setsid -w timeout 420 python3 -m bench.gpu_bench --out $S/p_$1 --repeat 3 --max-num-seqs 0 \
+    --scenarios $3 --gguf $2 --serve-args "--weights auto" --ready-timeout 300 > $S/bench_p_$1.log 2>&1
+  log "pensieve $1 rc=$?"
+  grep -E "GPU memory|weights|KV|warmed up|captured|ready in|Traceback|Error" $S/p_$1/server.log 2>/dev/null \
+    | cut -c1-300 | head -10 >> $S/progress; }
+
+llama() {  # $1 tag, $2 file, $3 scenarios, $4 context, $5 slots
+  [ -e $S/l_$1/gpu_bench.json ] && return; wait_for $S/build.rc
+  [ -x /tmp/llbuild/bin/llama-server ] || { log "no llama-server: $(tail -2 $S/build.log)"; return; }
+  log "llama $1 start"; local R0=$(date +%s)
+  /tmp/llbuild/bin/llama-server -m $2 -ngl 99 -fa on --jinja -c $4 -np $5 -kvu --cache-ram 0 --port 8080 \
+    > $S/llama_server_$1.log 2>&1 & local LP=$!
+  for i in $(seq 300); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/health', timeout=2)" 2>/dev/null && break; sleep 1; done
+  log "llama-server $1 ready in $(( $(date +%s) - R0 )) s"
+  timeout 420 python3 -m bench.gpu_bench --url http://127.0.0.1:8080 --server-pid $LP --gguf $2 \
+    --out $S/l_$1 --repeat 3 --scenarios $3 > $S/bench_l_$1.log 2>&1
+  log "llama $1 rc=$?"; kill $LP; wait $LP 2>/dev/null; }
+
+pipeline() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl > $S/pip.log 2>&1 || { log "pip failed"; return; }
+  nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv,noheader > $S/gpu.txt
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> $S/gpu.txt 2>&1
+  log "start on $(head -1 $S/gpu.txt)"
+  rm -rf /tmp/llsrc; cp -a .gpu/llama.cpp /tmp/llsrc
+  ( nice -n 5 cmake -S /tmp/llsrc -B /tmp/llbuild -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+      -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    && nice -n 5 cmake --build /tmp/llbuild -j 12 --target llama-server; echo $? > $S/build.rc
+    log "llama-server build rc=$(cat $S/build.rc)" ) > $S/build.log 2>&1 &
+  gguf_chain &
+  for step in ${STEPS:-tests dense moe hybrid}; do
+    case $step in
+      tests)
+        [ "$TESTS" = none ] && continue; log "tests start"
+        timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -p no:cacheprovider -rs --durations=10 \
+          ${TESTS:-tests/unit/test_cuda_moe.py tests/unit/test_cuda_sinks.py tests/unit/test_cuda_hybrid.py \
+          tests/unit/test_cuda_hybrid_fast.py tests/unit/test_cuda_hybrid_kernels.py \
+          tests/unit/test_gated_delta_cuda.py tests/unit/test_engine_async.py \
+          tests/unit/test_engine_async_grammar.py tests/unit/test_warm_up.py} > $S/pytest_cuda.log 2>&1
+        log "tests rc=$? $(tail -1 $S/pytest_cuda.log)";;
+      dense)
+        wait_gguf $Q4 && pens q4 $Q4 decode,x8,ttft1
+        wait_gguf $Q3 && pens qwen3 $Q3 decode,x8,ttft1
+        [ -e $Q4.done ] && llama q4 $Q4 decode,x8,ttft1 16384 8
+        [ -e $Q3.done ] && llama qwen3 $Q3 decode,x8,ttft1 16384 8;;
+      moe)
+        wait_gguf $M || continue; pens moe $M decode,x8,x32,ttft1,cc
+        llama moe $M decode,x8,x32,ttft1,cc 32768 32;;
+      hybrid)
+        rm -f $Q4 $Q3; rm -rf ~/.cache/pensieve/packed; wait_for $S/build.rc
+        mkdir -p $S/hy; touch $S/hy/build.started; cp $S/build.rc $S/hy/build.rc
+        for fam in ${HYBRID:-qwen35moe}; do
+          log "hybrid $fam start"; STATE=$S/hy OUT=$S/hy/out FAMILY=$fam BUDGET=900 \
+            LLAMA_SERVER=/tmp/llbuild/bin/llama-server bash bench/gpu_hybrid_run.sh > $S/hybrid_$fam.log 2>&1
+          log "hybrid $fam rc=$?"
+        done;;
+    esac
+  done
+  log "pipeline done"; touch $S/pipeline.done
+}
+
+if [ "$1" = pipeline ]; then pipeline; exit 0; fi
+T0=$(date +%s); BUDGET=${BUDGET:-585}
+if [ ! -e $S/started ]; then  # the pipeline runs on a frozen copy of the first call's tree
+  touch $S/started; rm -rf /tmp/w; cp -a . /tmp/w
+  (cd /tmp/w && setsid nohup bash bench/gpu_session.sh pipeline < /dev/null > $S/pipeline.log 2>&1 &)
+fi
+SEEN=0
+while [ ! -e $S/pipeline.done ] && [ $(( $(date +%s) - T0 )) -lt $(( BUDGET - 25 )) ]; do
+  sleep 5; N=$(wc -l < $S/progress 2>/dev/null || echo 0)
+  [ "$N" -gt "$SEEN" ] && { sed -n "$((SEEN + 1)),${N}p" $S/progress; SEEN=$N; }
+done
+summary() {
+  cat $S/gpu.txt 2>/dev/null
+  for d in $S/p_* $S/l_*; do [ -e $d/gpu_bench.md ] && { echo "## $(basename $d)"; cat $d/gpu_bench.md; }; done
+  [ -e $S/hy ] && PYTHONPATH=/tmp/site:$PWD python3 -m bench.gpu_hybrid_table $S/hy 2>/dev/null
+}
+summary > $OUT/summary.md 2>&1
+cp $S/progress $OUT/progress.txt 2>/dev/null; cp $S/pytest_cuda.log $OUT/ 2>/dev/null
+tar czf $OUT/gs_logs.tgz -C $S --exclude='*.gguf' --exclude='*.pack' --exclude=hy/out . 2>/dev/null
+echo "---- $(date +%T) progress so far:"; tail -25 $S/progress; echo "----"; cat $OUT/summary.md
+grep -E "passed|failed" $S/pytest_cuda.log 2>/dev/null | tail -3
+exit 0
