@@ -395,6 +395,10 @@ class CudaInt4Linear(nn.Module):
         self.dense: torch.Tensor | None = None
         self.tiny: TinyGemm | None = None
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 rows ``ids`` of the weight, dequantised alone (an embedding lookup)."""
+        return unpack(self.packed[ids], self.scale_offset[ids])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)

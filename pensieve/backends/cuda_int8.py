@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pensieve.backends import cuda_q6k
 from pensieve.backends.cuda_int4 import CudaInt4Linear, triton_cdiv
+from pensieve.backends.cuda_q6k import CudaQ6KLinear
 from pensieve.loaders.int4_codes import Int8Groups
 from pensieve.models.quant_linear import Int4Groups
 
@@ -215,6 +217,15 @@ class CudaInt8Linear(nn.Module):
             out.append(w.view(n, k))
         return torch.cat(out)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 rows ``ids`` of a one-block weight, dequantised alone (an embedding lookup)."""
+        (b,) = self.blocks()
+        w = b.codes[ids].float().view(len(ids), -1, b.group) * b.scales[ids].view(
+            torch.float16).float()[..., None]
+        if b.mins is not None:
+            w = w.view(len(ids), -1, 32) + b.mins[ids].view(torch.float16).float()[..., None]
+        return w.view(len(ids), self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
@@ -247,20 +258,26 @@ class CudaMixedLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def code_layout(p: Int4Groups | Int8Groups) -> str | None:
+    """The CUDA layout a weight's codes take: "int4" (Q4_0/Q4_1/Q4_K), "q6k" (Q6_K's 6-bit
+    codes, ``cuda_q6k``), "int8" (the other int8-code types), or None (dequantised)."""
+    if isinstance(p, Int4Groups):
+        return "int4" if p.group_size == GROUP and p.shape[1] % GROUP == 0 else None
+    if cuda_q6k.takes(p):
+        return "q6k"
+    return "int8" if block_key(p) is not None else None
+
+
 def cuda_codes_linear(parts: Sequence[Int4Groups | Int8Groups],
                       bias: torch.Tensor | None = None) -> nn.Module | None:
     """The CUDA layer for a weight (or fused weight's parts) kept as codes: ``CudaInt4Linear``
-    where all are 4-bit, ``CudaInt8Linear`` where all are int8, ``CudaMixedLinear`` over runs
-    of each otherwise; None where a part fits neither (it is then dequantised)."""
-    def kind(p: Int4Groups | Int8Groups) -> str | None:
-        if isinstance(p, Int4Groups):
-            return "int4" if p.group_size == GROUP and p.shape[1] % GROUP == 0 else None
-        return "int8" if block_key(p) is not None else None
-
-    kinds = [kind(p) for p in parts]
+    where all are 4-bit, ``CudaQ6KLinear`` where all are Q6_K, ``CudaInt8Linear`` where all are
+    other int8 codes, ``CudaMixedLinear`` over runs of each otherwise; None where a part fits
+    none (it is then dequantised)."""
+    kinds = [code_layout(p) for p in parts]
     if not all(kinds) or len({p.shape[1] for p in parts}) != 1:
         return None
-    make = {"int4": CudaInt4Linear, "int8": CudaInt8Linear}
+    make = {"int4": CudaInt4Linear, "int8": CudaInt8Linear, "q6k": CudaQ6KLinear}
     runs: list[list] = []
     for p, kd in zip(parts, kinds):
         if runs and runs[-1][0] == kd:

@@ -36,10 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pensieve.backends.cuda_int4 import (
-    pack_codes, pack_scale_offset, triton_cdiv, unpack, unpack_codes,
-)
+from pensieve.backends.cuda_int4 import pack_codes, pack_scale_offset, triton_cdiv, unpack
 from pensieve.backends.cuda_int8 import block_key
+from pensieve.backends.cuda_q6k import pack_six, unpack_six
 from pensieve.loaders.int4_codes import Int8Groups
 from pensieve.models.quant_linear import Int4Groups
 
@@ -105,24 +104,6 @@ def fmt(codes: Codes) -> tuple[str, int, bool] | None:
     if codes.ggml_type == "Q6_K" and key == (16, False):  # codes −32..31: six bits
         return ("six", 16, False)
     return ("int8", key[0], key[1])
-
-
-def pack_six(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes −32..31 [R, K] → (low 4 bits of ``code + 32`` in the int4 layout [R, K/2],
-    high 2 bits four a byte [R, K/4]: byte i of group g holds columns 32g+i, +8, +16, +24)."""
-    r, k = codes.shape
-    u = (codes + 32).view(torch.uint8)  # −32..31 + 32 stays within int8
-    hi = (u >> 4).view(r, k // 32, 4, 8)
-    packed_hi = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-    return pack_codes(u & 15), packed_hi.reshape(r, k // 4).contiguous()
-
-
-def unpack_six(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """int8 codes [R, K] back from ``pack_six``."""
-    r, k = lo.shape[0], lo.shape[1] * 2
-    h = hi.view(r, k // 32, 1, 8)
-    high = torch.cat([(h >> s) & 3 for s in (0, 2, 4, 6)], dim=2).reshape(r, k)
-    return ((unpack_codes(lo) | (high << 4)).to(torch.int16) - 32).to(torch.int8)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,9 @@ class Int8Groups:
     """A weight [N, K] as int8 codes with ``w = code · scale (+ offset)`` per group along K.
 
     ``scales`` [N, K / group_size] float16 (group 16 or 32); ``offsets`` [N, K / 32] float16 or
-    None; ``ggml_type`` names the source (for logs).
+    None; ``ggml_type`` names the source (for logs). ``k_scales`` (Q6_K only): the file's own
+    factors of ``scales`` — int8 sub-scales [N, K/16] and float16 ``d`` [N, K/256], exact where
+    ``scales`` is their product rounded — for layouts that keep the file's 210-byte budget.
     """
 
     codes: torch.Tensor
@@ -58,6 +60,7 @@ class Int8Groups:
     offsets: torch.Tensor | None
     group_size: int
     ggml_type: str = ""
+    k_scales: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -118,7 +121,7 @@ def int8_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int8
         return None
     rows, cols = shape
     blocks = raw.reshape(-1, GGML_QUANT_SIZES[ggml_type][1])
-    offsets, group = None, GROUP
+    offsets, group, k_scales = None, GROUP, None
     if ggml_type is Q.Q8_0:
         codes, scales = blocks[:, 2:].contiguous().view(torch.int8), _half(blocks, 0)
     elif ggml_type is Q.Q5_0:
@@ -131,6 +134,8 @@ def int8_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int8
         scales, offsets = (_scale(blocks, 0) * sc).half(), (-(_scale(blocks, 2) * mins)).half()
     elif ggml_type is Q.Q6_K:
         codes, scales, group = _q6_k_codes(blocks), _q6_k_steps(blocks).half(), 16
+        k_scales = (blocks[:, 192:208].contiguous().view(torch.int8).reshape(rows, cols // 16),
+                    _half(blocks, 208).reshape(rows, cols // 256))
     elif ggml_type is Q.IQ4_NL:
         codes, scales = _iq4_nl_codes(blocks[:, 2:]), _half(blocks, 0)
     else:  # IQ4_XS
@@ -141,7 +146,7 @@ def int8_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int8
         codes=codes.reshape(rows, cols).contiguous(),
         scales=scales.reshape(rows, cols // group).contiguous(),
         offsets=None if offsets is None else offsets.reshape(rows, cols // GROUP).contiguous(),
-        group_size=group, ggml_type=ggml_type.name)
+        group_size=group, ggml_type=ggml_type.name, k_scales=k_scales)
 
 
 def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ a tiny Qwen2-shaped model whose projections mix Q4_K, Q6_K, Q5_0 and more, serve
 
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from pensieve.backends import cuda_int8
 from pensieve.backends.cuda_int4 import CudaInt4Linear
+from pensieve.backends.cuda_q6k import CudaQ6KLinear
 from pensieve.backends.cuda_int8 import (
     CudaInt8Linear, CudaMixedLinear, cuda_codes_linear, int8_linear,
 )
@@ -75,8 +77,9 @@ def test_layer_keeps_the_codes_and_dequantises_exactly(qtype):
 
 def test_fused_parts_run_as_row_blocks_and_mix_with_int4():
     k = 768
-    parts = [groups(Q.Q8_0, 16, k, 1), groups(Q.Q8_0, 8, k, 2), groups(Q.Q6_K, 21, k, 3),
-             groups(Q.Q5_1, 7, k, 4)]
+    # a Q6_K without the file's scale factors stays int8 codes (with them: cuda_q6k's layout)
+    q6_int8 = dataclasses.replace(groups(Q.Q6_K, 21, k, 3), k_scales=None)
+    parts = [groups(Q.Q8_0, 16, k, 1), groups(Q.Q8_0, 8, k, 2), q6_int8, groups(Q.Q5_1, 7, k, 4)]
     bias = torch.randn(52)
     layer = cuda_codes_linear(parts, bias)
     assert isinstance(layer, CudaInt8Linear) and layer.groups == [32, 16, 32]
@@ -86,9 +89,9 @@ def test_fused_parts_run_as_row_blocks_and_mix_with_int4():
     torch.testing.assert_close(layer(x), x @ w.T + bias, atol=1e-4, rtol=1e-4)
     q4k = groups(Q.Q4_K, 32, k, 5)  # a Q4_K_M file: Q4_K q and k, Q6_K v
     bias = torch.randn(85)
-    mixed = cuda_codes_linear([q4k, q4k, parts[2]], bias)
+    mixed = cuda_codes_linear([q4k, q4k, groups(Q.Q6_K, 21, k, 3)], bias)
     assert isinstance(mixed, CudaMixedLinear)
-    assert [type(m) for m in mixed.parts] == [CudaInt4Linear, CudaInt8Linear]
+    assert [type(m) for m in mixed.parts] == [CudaInt4Linear, CudaQ6KLinear]
     assert mixed.out_features == 85
     w = torch.cat([q4k.dequantize(), q4k.dequantize(), parts[2].dequantize()])
     assert rel(mixed(x), (x @ w.T + bias).double()) < 1e-3  # Q4_K's scales to float16
@@ -250,7 +253,7 @@ def check_layer_types(model: torch.nn.Module) -> None:
     layer0, layer1 = model.model.layers
     assert isinstance(layer0.self_attn.qkv_proj, CudaMixedLinear)  # Q4_K q/k, Q6_K v
     assert isinstance(layer0.mlp.gate_up_proj, CudaMixedLinear)  # Q4_K gate, Q8_0 up
-    assert isinstance(layer0.mlp.down_proj, CudaInt8Linear)
+    assert isinstance(layer0.mlp.down_proj, CudaQ6KLinear)
     assert isinstance(layer1.self_attn.qkv_proj, CudaInt8Linear)  # Q5_K+Q5_1 | IQ4_NL
     assert layer1.self_attn.qkv_proj.groups == [32, 32]
 
