@@ -19,9 +19,14 @@ call to, with the layer's ``window`` and ``sinks``.
 - **Layers the kernels do not take**, decided per layer, never silently: latent (MLA, values
   narrower than keys or none), head dims over 256, more than 16 query heads a KV head — the
   whole layer goes through the per-sequence loop.
+- **Latent layers** of a model that declares ``FastPaths.cuda_latent_attention`` (the builder
+  is given ``latent_heads``): the model asks ``latent_rows`` which of its rows the latent kernel
+  serves this step (decode rows and short chunks over a cached context) and hands their
+  absorbed queries to ``attend_latent`` (``cuda_mla.py``); the rest stay on its own path.
 
-Opt out with ``PENSIEVE_HYBRID_KERNELS=0`` (read when the model runner starts). No CUDA graphs
-for hybrid steps yet. Importing this module needs no GPU; Triton loads on first kernel use.
+Opt out with ``PENSIEVE_HYBRID_KERNELS=0`` (read when the model runner starts; the latent
+kernel alone: ``PENSIEVE_LATENT_KERNEL=0``). No CUDA graphs for hybrid steps yet. Importing
+this module needs no GPU; Triton loads on first kernel use.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ import torch
 from pensieve.backends.cuda_attention import (
     _PAD_GROUP, ChunkBatch, DecodeBatch, PrefillBatch, choose_num_splits, paged_chunk,
     paged_decode, prefill_attention, rope_and_store, store_kv,
+)
+from pensieve.backends.cuda_mla import (
+    LatentBatch, Rows, build_latent, latent_attention, latent_layers, row_index as _rows,
 )
 from pensieve.models.forward_context import (
     ForwardContext, SequenceSlice, attend_cached, paged_attention,
@@ -74,9 +82,7 @@ class GroupBatch:
     sequences: list[SequenceSlice]  # the group's, for the per-sequence prefill
     slot_mapping: torch.Tensor  # [T] int64
     chunks: list[ChunkBatch]  # per prefill sequence, in order: the short-chunk kernel's
-
-
-Rows = slice | torch.Tensor
+    latent: LatentBatch | None = None  # the latent kernel's rows (``cuda_mla.py``)
 
 
 class CudaHybridAttention:
@@ -87,13 +93,31 @@ class CudaHybridAttention:
 
     def __init__(self, layer_group: Sequence[int | None], groups: list[GroupBatch],
                  decode_rows: Rows | None, prefill_rows: Rows | None, max_prefill_context: int,
-                 kernels: frozenset[int]) -> None:
+                 kernels: frozenset[int], latent: frozenset[int] = frozenset()) -> None:
         self.layer_group = layer_group
         self.groups = groups
         self.decode_rows = decode_rows
         self.prefill_rows = prefill_rows
         self.max_prefill_context = max_prefill_context
         self.kernels = kernels
+        self.latent = latent  # latent layers on ``cuda_mla``'s kernel
+
+    def latent_rows(self, layer: int) -> tuple[frozenset[int], Rows] | None:
+        """For a latent layer: the sequences (indices into ``ctx.paged(layer)``'s) and the flat
+        rows, sequence after sequence, that ``attend_latent`` serves this step; else None."""
+        g = self.layer_group[layer]
+        batch = self.groups[g].latent if g is not None and layer in self.latent else None
+        return None if batch is None else (batch.sequences, batch.rows)
+
+    def attend_latent(self, layer: int, q: torch.Tensor, cache: torch.Tensor, rank: int,
+                      scale: float) -> torch.Tensor:
+        """The absorbed queries [R, H, rank + rope] of ``latent_rows(layer)``'s rows over the
+        layer's paged latent cache → the attention-weighted latents [R, H, rank]."""
+        g = self.layer_group[layer]
+        assert g is not None
+        batch = self.groups[g].latent
+        assert batch is not None
+        return latent_attention(q, cache, batch, rank, scale)
 
     def takes(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
         """Whether ``layer`` runs on the kernels (else the per-sequence loop)."""
@@ -165,9 +189,16 @@ class CudaHybridBuilder:
 
     def __init__(self, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor],
                  layer_group: Sequence[int | None], windows: Sequence[int | None],
-                 block_size: int, device: torch.device, num_sms: int | None = None) -> None:
+                 block_size: int, device: torch.device, num_sms: int | None = None,
+                 latent_heads: int | None = None) -> None:
         self.layer_group = tuple(layer_group)
         self.kernels = kernel_layers(k_caches, v_caches, layer_group)
+        # the latent kernel: only for a model that declared it (its query heads given)
+        self.latent_heads = latent_heads
+        self.latent = latent_layers(k_caches, v_caches, layer_group) if latent_heads else \
+            frozenset()
+        self.plain_groups = {self.layer_group[i] for i in self.kernels}
+        self.latent_groups = {self.layer_group[i] for i in self.latent}
         self.windows = list(windows)  # per group (None: full attention)
         self.kv_heads = [max((k_caches[i].shape[2] for i, gi in enumerate(layer_group)
                               if gi == g and i in self.kernels), default=1)
@@ -187,10 +218,15 @@ class CudaHybridBuilder:
             first[i].query_start, first[i].query_start + first[i].query_len)],
             self.device) if pre else None
         groups = [self._group(seqs, dec, pre, slot_mapping, self.windows[g], self.kv_heads[g])
+                  if g in self.plain_groups else GroupBatch(None, None, seqs, slot_mapping, [])
                   for g, (seqs, slot_mapping) in enumerate(zip(sequences, slots))]
+        for g in self.latent_groups:
+            assert g is not None and self.latent_heads is not None
+            groups[g] = replace(groups[g], latent=build_latent(
+                sequences[g], self.latent_heads, self.device, self.num_sms))
         return CudaHybridAttention(layer_group, groups, decode_rows, prefill_rows,
                                    max((first[i].context_len for i in pre), default=0),
-                                   self.kernels)
+                                   self.kernels, self.latent)
 
     def _group(self, seqs: list[SequenceSlice], dec: list[int], pre: list[int],
                slot_mapping: torch.Tensor, window: int | None, kv_heads: int) -> GroupBatch:
@@ -240,10 +276,3 @@ class CudaHybridBuilder:
                 chunks.append(ChunkBatch(seqs[i].block_table.to(torch.int32),
                                          starts_d[j:j + 1], lens_d[j:j + 1], splits))
         return GroupBatch(decode, prefill, seqs, slot_mapping, chunks)
-
-
-def _rows(rows: list[int], device: torch.device) -> Rows:
-    """A slice where the rows are consecutive (decodes first, as is usual), else an index."""
-    if rows == list(range(rows[0], rows[0] + len(rows))):
-        return slice(rows[0], rows[0] + len(rows))
-    return torch.tensor(rows, dtype=torch.long, device=device)

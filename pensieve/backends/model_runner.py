@@ -126,7 +126,7 @@ class ModelRunner:
         self.cuda_hybrid = None  # backends/cuda_hybrid.CudaHybridBuilder for hybrid layouts
         layout = model_layout(model, args)
         if not uniform_full(layout, config.context_length):
-            self._init_hybrid(layout, config)
+            self._init_hybrid(layout, config, args)
             return
         self.num_blocks = plan_num_blocks(args, config)
         on_cuda = self.device.type == "cuda"
@@ -147,27 +147,33 @@ class ModelRunner:
         elif self.device.type == "cpu":
             self._init_cpu(config)
 
-    def _init_hybrid(self, layout: Sequence[LayerCache], config: EngineConfig) -> None:
+    def _init_hybrid(self, layout: Sequence[LayerCache], config: EngineConfig,
+                     args: ModelArgs) -> None:
         """Per-layer caches, layer groups, recurrent state (``backends/hybrid_cache.py``): none
-        of the fast paths the family declared (they assume one uniform full-attention cache);
-        on CUDA the attention layers on the batched kernels per group (``cuda_hybrid.py``)."""
-        if self.fast != FastPaths():
+        of the fast paths the family declared (they assume one uniform full-attention cache)
+        but the latent kernel; on CUDA the attention layers on the batched kernels per group
+        (``cuda_hybrid.py``), latent layers on ``cuda_mla.py``'s where the model declared it."""
+        kept = FastPaths(cuda_latent_attention=self.fast.cuda_latent_attention)
+        if self.fast != kept:
             log.info("the cache layout is not uniform full attention: fast paths %s stay off",
                      self.fast)
-        self.fast = FastPaths()
+        self.fast = kept
         self.cache_plan = plan_cache(layout, config, kv_budget(config))
         self.hybrid = HybridCaches(layout, self.cache_plan, config, self.device)
         self.num_blocks = self.cache_plan.paged[0].num_blocks
         self.k_caches, self.v_caches = self.hybrid.k_caches, self.hybrid.v_caches
         if self.device.type == "cuda":
-            from pensieve.backends import cuda_hybrid
+            from pensieve.backends import cuda_hybrid, cuda_mla
 
             if cuda_hybrid.enabled():  # the batched kernels per layer group
+                latent = self.fast.cuda_latent_attention and cuda_mla.enabled()
                 self.cuda_hybrid = cuda_hybrid.CudaHybridBuilder(
                     self.k_caches, self.v_caches, self.hybrid.layer_group,
-                    [g.window for g in self.cache_plan.paged], config.block_size, self.device)
-                log.info("hybrid layout on the CUDA kernels for layers %s, the per-sequence "
-                         "loop for the rest (%s=0: every layer)", sorted(self.cuda_hybrid.kernels),
+                    [g.window for g in self.cache_plan.paged], config.block_size, self.device,
+                    latent_heads=args.num_heads if latent else None)
+                log.info("hybrid layout on the CUDA kernels for layers %s, the latent kernel for "
+                         "layers %s, the per-sequence loop for the rest (%s=0: every layer)",
+                         sorted(self.cuda_hybrid.kernels), sorted(self.cuda_hybrid.latent),
                          cuda_hybrid.ENV_SWITCH)
         if self.device.type == "cpu" and config.dtype == torch.float32:
             from pensieve.backends.cpu_quant import load_kernels

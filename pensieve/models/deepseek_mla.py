@@ -8,11 +8,14 @@ Per token the cache keeps one vector: the normalised KV latent (``kv_lora_rank``
 the rotated shared rotary key (``qk_rope_head_dim``) — ``PagedKV(1, rank + rope, 0)``. A cold
 prefill chunk expands the context's latents into per-head keys and values through ``kv_b_proj``
 and attends as the reference does; a decode step, and a chunk short against its cached context
-(a follow-up turn's new tokens), attends in latent space with the absorbed projections: ``q_nope · W_UK`` gives a query over the latent, the attention-weighted
-latent goes through ``W_UV`` — the same numbers up to float rounding, without expanding the
-context. ``kv_b_proj`` is held per head, ``[heads, nope + v, rank]``; an HF checkpoint's 2-D
-``[heads · (nope + v), rank]`` is reshaped on load, a llama.cpp file's ``attn_k_b`` (stored
-transposed) and ``attn_v_b`` are joined into it (``PACKED``).
+(a follow-up turn's new tokens), attends in latent space with the absorbed projections:
+``q_nope · W_UK`` gives a query over the latent, the attention-weighted latent goes through
+``W_UV`` — the same numbers up to float rounding, without expanding the context. On CUDA a
+step's decode rows and short chunks attend in one batched kernel launch
+(``FastPaths.cuda_latent_attention``, ``backends/cuda_mla.py``). ``kv_b_proj`` is held per
+head, ``[heads, nope + v, rank]``; an HF checkpoint's 2-D ``[heads · (nope + v), rank]`` is
+reshaped on load, a llama.cpp file's ``attn_k_b`` (stored transposed) and ``attn_v_b`` are
+joined into it (``PACKED``).
 
 The latent norms use eps 1e-6 as the reference modules do (their RMSNorm default), the model's
 ``rms_norm_eps`` elsewhere.
@@ -121,7 +124,10 @@ class MLAttention(nn.Module):
         entries = torch.cat((latent, k_pe[:, 0]), dim=-1)
         cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, entries.to(cache.dtype))
         out = x.new_empty(t, self.heads, mla.v_head_dim)
-        for seq in sequences:
+        served = self._batched(q_nope, q_pe, cache, ctx, out)
+        for i, seq in enumerate(sequences):
+            if i in served:
+                continue
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             context = gather_context(cache, seq)[:, 0].to(x.dtype)  # [C, rank + rope]
             latent_path = self.absorb == "always" or (self.absorb == "auto" and (
@@ -130,6 +136,34 @@ class MLAttention(nn.Module):
             attend = self._absorbed if latent_path else self._expanded
             out[rows] = attend(q_nope[rows], q_pe[rows], context, seq)
         return self.o_proj(out.reshape(t, self.heads * mla.v_head_dim))
+
+    def _batched(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                 ctx: ForwardContext, out: torch.Tensor) -> frozenset[int]:
+        """The rows the step's backend attends in latent space in one launch (a backend with
+        ``latent_rows``/``attend_latent``, ``backends/cuda_mla.py``, given only to a model that
+        declared ``FastPaths.cuda_latent_attention``): their ``out``; returns the sequences
+        served (indices into ``ctx.paged(layer)``'s)."""
+        backend = ctx.attention
+        ask = getattr(backend, "latent_rows", None)
+        found = ask(self.layer) if ask is not None and self.absorb != "never" else None
+        if found is None:
+            return frozenset()
+        served, rows = found
+        q = self._latent_query(q_nope[rows], q_pe[rows])
+        o_latent = backend.attend_latent(self.layer, q, cache, self.mla.kv_lora_rank,
+                                         self.mla.softmax_scale)
+        out[rows] = self._latent_out(o_latent)
+        return served
+
+    def _latent_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """[n, H, nope], [n, H, rope] → [n, H, rank + rope]: ``W_UK`` folded into the query."""
+        w_uk = self.kv_b_proj.weight[:, : self.mla.qk_nope_head_dim]
+        return torch.cat((torch.einsum("thn,hnr->thr", q_nope, w_uk), q_pe), dim=-1)
+
+    def _latent_out(self, o_latent: torch.Tensor) -> torch.Tensor:
+        """[n, H, rank] attention-weighted latents → [n, H, v] through ``W_UV``."""
+        w_uv = self.kv_b_proj.weight[:, self.mla.qk_nope_head_dim:]
+        return torch.einsum("thr,hvr->thv", o_latent, w_uv)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceSlice
               ) -> torch.Tensor:
@@ -158,10 +192,8 @@ class MLAttention(nn.Module):
         """Attention in latent space: one shared "head" of latent + rotary key, the values the
         latents themselves; ``W_UK`` folded into the query, ``W_UV`` applied after."""
         mla, (n, heads) = self.mla, q_nope.shape[:2]
-        w_uk, w_uv = self.kv_b_proj.weight.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=1)
-        q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)
         # one shared key "head": every (head, token) query is a row of one single-head attention
-        q = torch.cat((q_latent, q_pe), dim=-1).transpose(0, 1).reshape(1, 1, heads * n, -1)
+        q = self._latent_query(q_nope, q_pe).transpose(0, 1).reshape(1, 1, heads * n, -1)
         mask = None
         if n > 1:
             rows = torch.arange(n, device=q.device).unsqueeze(1) + seq.context_len - n
@@ -171,7 +203,7 @@ class MLAttention(nn.Module):
         o_latent = F.scaled_dot_product_attention(
             q, context[None, None], context[None, None, :, : mla.kv_lora_rank], attn_mask=mask,
             scale=mla.softmax_scale)
-        return torch.einsum("htr,hvr->thv", o_latent.view(heads, n, -1), w_uv)
+        return self._latent_out(o_latent.view(heads, n, -1).transpose(0, 1))
 
 
 class MLADecoderLayer(nn.Module):
@@ -336,8 +368,9 @@ def from_gguf_weight(name: str, w: torch.Tensor) -> torch.Tensor:
 
 def mla_paths(args: ModelArgs, context_length: int) -> FastPaths:
     """None of the uniform paths (the compiled kernels attend over per-head K/V); a GGUF's
-    experts stay codes on the CPU kernels (the MoE is ``models.moe``'s)."""
-    return FastPaths(cpu_moe_codes=True)
+    experts stay codes on the CPU kernels (the MoE is ``models.moe``'s); on CUDA the batched
+    latent kernel computes ``MLAttention._absorbed`` for a step's decode rows and short chunks."""
+    return FastPaths(cpu_moe_codes=True, cuda_latent_attention=True)
 
 
 DEEPSEEK2_NAMES = {

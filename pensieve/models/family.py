@@ -41,6 +41,10 @@ class FastPaths:
     ``cpu_moe_codes``: a GGUF's stacked expert weights stay codes on the CPU kernels, each
     routed expert run on its slice (``backends/cpu_quant/expert_linear.py``: ``models.moe``'s
     ``Experts`` semantics, any activation).
+    ``cuda_latent_attention``: on CUDA, latent (MLA) layers hand a step's decode rows and short
+    chunks to one batched kernel over the paged latent cache (``backends/cuda_mla.py``: the
+    absorbed query against latent + rotary key, the latent as value); it stays on for the
+    hybrid cache layout latent models have.
     """
 
     cpu_decoder: bool = False
@@ -49,6 +53,7 @@ class FastPaths:
     cuda_graphs: bool = False
     cuda_fused_layers: bool = False
     cpu_moe_codes: bool = False
+    cuda_latent_attention: bool = False
 
 
 LLAMA_BLOCK = FastPaths(cpu_decoder=True, cpu_fused_mlp=True, paged_kernels=True,

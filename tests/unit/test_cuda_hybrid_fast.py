@@ -6,7 +6,8 @@ and a follow-up sharing it (a prefix hit: the windowed groups' freed blocks, the
 state checkpoints) through the real engine, once on the kernels and once on the loop. The
 kernel calls are counted: every attention layer's decode rows go through the Triton decode
 kernel (gpt-oss with its window and sinks, Gemma 4's windows); no layer the kernels take falls
-back; GLM-4.7-Flash's latent layers keep their own path. Skips without CUDA.
+back; GLM-4.7-Flash's latent layers take none of these (``cuda_mla``'s kernel instead:
+``test_cuda_mla.py``). Skips without CUDA.
 """
 
 from __future__ import annotations
