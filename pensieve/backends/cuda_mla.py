@@ -144,7 +144,8 @@ def latent_attention(q: torch.Tensor, cache: torch.Tensor, batch: LatentBatch, r
     )
     cuda_kernels.merge[(r, heads)](
         m, lse, acc, out, m, s, out.stride(0), out.stride(1),
-        D=rank, D_PAD=rank_pad, S_PAD=_pow2(s), HAS_SINKS=False, num_warps=4,
+        D=rank, D_PAD=rank_pad, S_PAD=_pow2(s), HAS_SINKS=False,
+        num_warps=8 if rank_pad * _pow2(s) >= 8192 else 4,  # [splits, rank] float32 a program
     )
     return out
 
