@@ -167,7 +167,13 @@ def test_latent_metadata_from_the_sequences():
     assert enabled({}) and not enabled({"PENSIEVE_LATENT_KERNEL": "0"})
 
 
-def test_mla_families_declare_the_latent_kernel():
+def test_the_kernel_serves_only_a_model_that_declares_it():
+    """The MLA families declare it and the hybrid runner keeps that one path on; a builder not
+    given the model's heads (a model that did not declare it) serves no latent rows."""
+    from pensieve.backends.cuda_hybrid import CudaHybridBuilder
+    from pensieve.backends.torch_backend import build_model, torch_engine
+    from pensieve.engine.config import EngineConfig
+    from pensieve.models.family import FastPaths
     from pensieve.models.registry import family
     from tests.unit.test_mla_families import config
 
@@ -175,6 +181,18 @@ def test_mla_families_declare_the_latent_kernel():
         fam = family(name)
         args = fam.args_from_hf(config(name).to_dict())
         assert fam.fast_paths(args, 64).cuda_latent_attention
+    ckpt = _glm_lite()
+    cfg = EngineConfig(device="cpu", dtype=torch.float32, context_length=256, block_size=16,
+                       max_num_seqs=2, num_kv_blocks=16)
+    runner = torch_engine(build_model(ckpt, cfg), ckpt.args, ckpt.tokenizer, cfg).runner
+    assert runner.hybrid is not None and runner.cuda_hybrid is None  # CPU: no kernels
+    assert runner.fast == FastPaths(cuda_latent_attention=True)
+    seqs, slots, _ = _step(torch.Generator().manual_seed(3))
+    cache = torch.empty(POOL + 1, PAGE, 1, 24), torch.empty(POOL + 1, PAGE, 1, 0)
+    undeclared = CudaHybridBuilder([cache[0]], [cache[1]], (0,), [None], PAGE,
+                                   torch.device("cpu"), num_sms=4)
+    assert not undeclared.latent
+    assert undeclared.build((0,), [seqs], [slots]).latent_rows(0) is None
 
 
 def _glm_lite():  # noqa: ANN202
