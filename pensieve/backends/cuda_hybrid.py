@@ -43,7 +43,7 @@ from pensieve.backends.cuda_attention import (
     paged_decode, prefill_attention, rope_and_store, store_kv,
 )
 from pensieve.backends.cuda_mla import (
-    LatentBatch, Rows, build_latent, latent_attention, latent_layers, row_index as _rows,
+    LatentBatch, Rows, build_latent, fits, latent_attention, latent_layers, row_index as _rows,
 )
 from pensieve.models.forward_context import (
     ForwardContext, SequenceSlice, attend_cached, paged_attention,
@@ -110,13 +110,16 @@ class CudaHybridAttention:
         return None if batch is None else (batch.sequences, batch.rows)
 
     def attend_latent(self, layer: int, q: torch.Tensor, cache: torch.Tensor, rank: int,
-                      scale: float) -> torch.Tensor:
+                      scale: float) -> torch.Tensor | None:
         """The absorbed queries [R, H, rank + rope] of ``latent_rows(layer)``'s rows over the
-        layer's paged latent cache → the attention-weighted latents [R, H, rank]."""
+        layer's paged latent cache → the attention-weighted latents [R, H, rank]; None where
+        the kernel does not take the latent's width (the model attends on its own)."""
         g = self.layer_group[layer]
         assert g is not None
         batch = self.groups[g].latent
         assert batch is not None
+        if not fits(rank, q.shape[-1]):
+            return None
         return latent_attention(q, cache, batch, rank, scale)
 
     def takes(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor) -> bool:

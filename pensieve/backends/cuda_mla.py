@@ -115,6 +115,11 @@ def build_latent(seqs: list[SequenceSlice], heads: int, device: torch.device, nu
                        tile[0], tile[1], tile[2], splits, heads)
 
 
+def fits(rank: int, dim: int) -> bool:
+    """Whether the kernel takes a latent of ``rank`` in a ``dim``-wide cache row."""
+    return 0 < rank <= MAX_RANK and 0 <= dim - rank <= MAX_ROPE
+
+
 def latent_attention(q: torch.Tensor, cache: torch.Tensor, batch: LatentBatch, rank: int,
                      scale: float) -> torch.Tensor:
     """q [R, H, rank + rope] (absorbed queries of ``batch.rows``) over the paged latent cache
@@ -123,7 +128,7 @@ def latent_attention(q: torch.Tensor, cache: torch.Tensor, batch: LatentBatch, r
 
     r, heads, dim = q.shape
     rope = dim - rank
-    if heads != batch.heads or cache.shape[-1] != dim or rank > MAX_RANK or rope > MAX_ROPE:
+    if heads != batch.heads or cache.shape[-1] != dim or not fits(rank, dim):
         raise ValueError(f"latent kernel: q {tuple(q.shape)}, rank {rank}, cache "
                          f"{tuple(cache.shape)}, {batch.heads} heads expected")
     q = q.contiguous()

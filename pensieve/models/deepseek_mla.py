@@ -142,7 +142,7 @@ class MLAttention(nn.Module):
         """The rows the step's backend attends in latent space in one launch (a backend with
         ``latent_rows``/``attend_latent``, ``backends/cuda_mla.py``, given only to a model that
         declared ``FastPaths.cuda_latent_attention``): their ``out``; returns the sequences
-        served (indices into ``ctx.paged(layer)``'s)."""
+        served (indices into ``ctx.paged(layer)``'s; none where the backend declines)."""
         backend = ctx.attention
         ask = getattr(backend, "latent_rows", None)
         found = ask(self.layer) if ask is not None and self.absorb != "never" else None
@@ -152,6 +152,8 @@ class MLAttention(nn.Module):
         q = self._latent_query(q_nope[rows], q_pe[rows])
         o_latent = backend.attend_latent(self.layer, q, cache, self.mla.kv_lora_rank,
                                          self.mla.softmax_scale)
+        if o_latent is None:  # a latent wider than the kernel takes
+            return frozenset()
         out[rows] = self._latent_out(o_latent)
         return served
 

@@ -167,6 +167,32 @@ def test_latent_metadata_from_the_sequences():
     assert enabled({}) and not enabled({"PENSIEVE_LATENT_KERNEL": "0"})
 
 
+def test_a_latent_wider_than_the_kernel_takes_keeps_the_models_path():
+    """rank 520 > 512: the backend declines (no kernel launch), every row on the loop."""
+    from pensieve.backends import cuda_hybrid
+    from pensieve.backends.cuda_mla import fits
+    from pensieve.models.forward_context import ForwardContext
+    from pensieve.models.rope import RotaryEmbedding
+
+    assert fits(512, 576) and not fits(520, 528) and not fits(512, 512 + 256)
+    g = torch.Generator().manual_seed(5)
+    module, args = _layer(4, 520)
+    seqs, slots, positions = _step(g)
+    cache = _cache(seqs, 520, g)
+    v = torch.empty(POOL + 1, PAGE, 1, 0)
+    cos_sin = RotaryEmbedding(8, 512, 1000.0, None).lookup(positions)
+    x = torch.randn(len(positions), args.hidden_size, generator=g)
+    ctx = ForwardContext([cache.clone()], [v], slots, seqs, torch.zeros(0, dtype=torch.long))
+    builder = cuda_hybrid.CudaHybridBuilder([cache], [v], (0,), [None], PAGE,
+                                            torch.device("cpu"), num_sms=4, latent_heads=4)
+    assert builder.latent == {0}  # the cache is a latent: asked, then declined
+    backend = builder.build((0,), [seqs], [slots])
+    with torch.no_grad():
+        want = module(x, cos_sin, ctx)
+        got = module(x, cos_sin, replace(ctx, k_caches=[cache], attention=backend))
+    assert torch.equal(got, want)
+
+
 def test_the_kernel_serves_only_a_model_that_declares_it():
     """The MLA families declare it and the hybrid runner keeps that one path on; a builder not
     given the model's heads (a model that did not declare it) serves no latent rows."""
