@@ -76,13 +76,18 @@ def cuda_kv_limit(device: torch.device, fraction: float) -> int:
     return int(fraction * total) - (total - free) - _CUDA_HEADROOM
 
 
-def log_gpu_memory(device: torch.device, weights: int, kv: int, blocks: int, block_size: int,
-                   fraction: float) -> None:
-    """The start log's line on what this process holds on the GPU."""
+def log_gpu_memory(device: torch.device, model: nn.Module, kv: int, blocks: int,
+                   block_size: int, fraction: float) -> None:
+    """The start log's line on what this process holds on the GPU: the weights as the model
+    holds them (``weight_bytes.held_bytes``), the rest allocated besides the KV cache."""
+    from pensieve.backends.weight_bytes import held_bytes
+
     _, total = torch.cuda.mem_get_info(device)
-    log.info("GPU memory: weights %.2f GiB, KV cache %.2f GiB (%d blocks of %d tokens); "
-             "limit %.0f%% of %.1f GiB (--gpu-memory-fraction)", weights / 2**30, kv / 2**30,
-             blocks, block_size, 100 * fraction, total / 2**30)
+    weights = held_bytes(model)
+    other = torch.cuda.memory_allocated(device) - kv - weights
+    log.info("GPU memory: weights %.2f GiB (+ %.2f GiB other), KV cache %.2f GiB (%d blocks of "
+             "%d tokens); limit %.0f%% of %.1f GiB (--gpu-memory-fraction)", weights / 2**30,
+             other / 2**30, kv / 2**30, blocks, block_size, 100 * fraction, total / 2**30)
 
 
 def plan_num_blocks(args: ModelArgs, config: EngineConfig) -> int:
@@ -141,8 +146,8 @@ class ModelRunner:
         self.v_caches = [torch.empty_like(k) for k in self.k_caches]
         if on_cuda:
             kv = sum(c.nbytes for c in self.k_caches + self.v_caches)
-            log_gpu_memory(self.device, torch.cuda.memory_allocated(self.device) - kv, kv,
-                           self.num_blocks, config.block_size, config.gpu_memory_fraction)
+            log_gpu_memory(self.device, self.model, kv, self.num_blocks, config.block_size,
+                           config.gpu_memory_fraction)
             self._init_cuda(args, config, cuda_graphs and self.fast.cuda_graphs)
         elif self.device.type == "cpu":
             self._init_cpu(config)

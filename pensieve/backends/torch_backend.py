@@ -16,6 +16,7 @@ from pensieve.loaders.checkpoint import Checkpoint
 from pensieve.loaders.tokenizer import TextTokenizer
 from pensieve.models.args import ModelArgs
 from pensieve.models.llama import family_of
+from pensieve.backends import cuda_tables
 from pensieve.backends.cuda_int4 import prepare_for_cuda
 from pensieve.backends.cuda_layers import fuse_cuda_layers
 from pensieve.backends.cuda_moe import (
@@ -57,8 +58,11 @@ def plan_weights(checkpoint: Checkpoint, config: EngineConfig, *, packed: Mappin
     cuda_experts = take_expert_codes(int4) if on_cuda and args.hidden_act == "silu" and family_of(
         args).fast_paths(args, config.context_length).cpu_moe_codes else {}
     expert_floats = plan_experts(int4, keep=moe_codes, dtype=config.dtype)
-    table_codes, table_floats = plan_tables(int4, args.tie_word_embeddings,
-                                            config.int8_lm_head and not on_cuda)
+    if on_cuda:  # the token table and output layer as their codes on the CUDA kernels
+        table_codes, table_floats = cuda_tables.plan(int4, args.tie_word_embeddings)
+    else:
+        table_codes, table_floats = plan_tables(int4, args.tie_word_embeddings,
+                                                config.int8_lm_head)
     int4_modules, int4_floats = plan_int4(int4, packed)
     head_q8, q8_floats = plan_q8(checkpoint.int8, args.tie_word_embeddings,
                                  config.int8_lm_head and not on_cuda)
@@ -86,6 +90,22 @@ def assemble_model(model: nn.Module, args: ModelArgs, config: EngineConfig,
                    planned: ModelWeights) -> nn.Module:
     """``model`` (on meta) with ``planned``'s weights loaded and its codes swapped in."""
     on_cuda = torch.device(config.device).type == "cuda"
+    place_weights(model, args, config, planned)
+    model = model.to(device=config.device, dtype=config.dtype).eval()
+    if on_cuda and model.fast_paths.cuda_fused_layers:
+        fuse_cuda_layers(model)
+    if on_cuda and planned.modules and (model.fast_paths.cuda_fused_layers or planned.experts):
+        # an MoE model's attention projections are planned too (its experts were swapped)
+        prepare_for_cuda(model, config.dtype, keep_dense=config.keep_dense_weights)
+    return model
+
+
+def place_weights(model: nn.Module, args: ModelArgs, config: EngineConfig,
+                  planned: ModelWeights) -> None:
+    """Load ``planned``'s float weights into ``model`` (on meta) and swap in the layers over its
+    codes for ``config.device`` — on the CPU still (so a CPU test can count what a CUDA model
+    will hold: ``weight_bytes.held_bytes``)."""
+    on_cuda = torch.device(config.device).type == "cuda"
     table_codes, int4_modules, head_q8 = planned.tables, planned.modules, planned.head_q8
     missing, unexpected = model.load_state_dict(planned.floats, strict=False, assign=True)
     swapped = {f"{path}.weight" for path in int4_modules}
@@ -102,18 +122,12 @@ def assemble_model(model: nn.Module, args: ModelArgs, config: EngineConfig,
         )
     if args.tie_word_embeddings and not table_codes:
         model.lm_head.weight = model.model.embed_tokens.weight
-    swap_in_tables(model, table_codes, args.tie_word_embeddings)
+    (cuda_tables.swap_in if on_cuda else swap_in_tables)(model, table_codes,
+                                                         args.tie_word_embeddings)
     swap_in(model, int4_modules, kernel="cuda_int4" if on_cuda else "auto")
     swap_in_experts(model, planned.experts, args.moe.num_experts if planned.experts else 0)
     if config.int8_lm_head:
         int8_lm_head(model, q8=head_q8)
-    model = model.to(device=config.device, dtype=config.dtype).eval()
-    if on_cuda and model.fast_paths.cuda_fused_layers:
-        fuse_cuda_layers(model)
-    if on_cuda and int4_modules and (model.fast_paths.cuda_fused_layers or planned.experts):
-        # an MoE model's attention projections are planned too (its experts were swapped)
-        prepare_for_cuda(model, config.dtype, keep_dense=config.keep_dense_weights)
-    return model
 
 
 def torch_engine(model: nn.Module, args: ModelArgs, tokenizer: TextTokenizer,

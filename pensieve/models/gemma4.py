@@ -197,8 +197,8 @@ class Gemma4ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         m = self.model
-        x = m.embed_tokens(input_ids) * torch.tensor(self.args.hidden_size ** 0.5,
-                                                     dtype=m.embed_tokens.weight.dtype)
+        x = m.embed_tokens(input_ids)  # an nn.Embedding or a table kept as codes
+        x = x * torch.tensor(self.args.hidden_size ** 0.5, dtype=x.dtype)
         per_layer = self._per_layer_inputs(input_ids, x) if self.opts.per_layer_dim else None
         ropes = tuple(tuple(t.to(x.dtype) for t in r.lookup(positions))
                       for r in (m.rotary, m.local_rotary))
