@@ -18,6 +18,35 @@ same panel GEMM on int8 activations (``vpdpbusd``), opt-in (``g_act8``).
 
 from pensieve.backends.cpu_quant.vnni8_gemm_source import VNNI8_GEMM_SOURCE
 
+# Activation row r of an 8-row tile, from three row pointers and the row stride (bytes).
+_ROW = {0: "(%[x0])", 1: "(%[x0],%[ld],1)", 2: "(%[x0],%[ld],2)", 3: "(%[x3])",
+        4: "(%[x0],%[ld],4)", 5: "(%[x3],%[ld],2)", 6: "(%[x6])", 7: "(%[x3],%[ld],4)"}
+
+
+def _block_sums8_asm(pairs: int) -> str:
+    """One scale group of an 8-row × 32-output tile as GCC extended asm (AT&T): the 16 int32
+    sums zeroed, then per value pair two panel loads, eight activation-pair broadcasts and 16
+    ``vpdpwssd``. Sixteen independent sums keep both VNNI ports busy (``vpdpwssd`` has a
+    latency of ~4 cycles at two a cycle: the 4-row tile's 8 sums cap it at ~70%); written
+    out because GCC, given the loop as intrinsics with 16 sums and 16 float accumulators,
+    spills. Reads only the panel and the activations (the memory clobber orders it after the
+    panel's packing)."""
+    lines = [f"vpxord %g[s{r}{j}], %g[s{r}{j}], %g[s{r}{j}]" for r in range(8) for j in range(2)]
+    for p in range(pairs):
+        lines += [f"vmovdqa32 {p * 128}(%[w]), %g[w0]", f"vmovdqa32 {p * 128 + 64}(%[w]), %g[w1]"]
+        for r in range(8):
+            lines += [f"vpbroadcastd {p * 4}{_ROW[r]}, %g[xb]",
+                      f"vpdpwssd %g[xb], %g[w0], %g[s{r}0]", f"vpdpwssd %g[xb], %g[w1], %g[s{r}1]"]
+    return "\\n\\t".join(lines)
+
+
+def _block_sums8(pairs: int) -> str:
+    outs = ", ".join(f'[s{r}{j}] "=&v"(s[{r}][{j}])' for r in range(8) for j in range(2))
+    return (f'asm volatile("{_block_sums8_asm(pairs)}"\n'
+            f'        : {outs}, [w0] "=&v"(w0), [w1] "=&v"(w1), [xb] "=&v"(xb)\n'
+            '        : [w] "r"(w), [x0] "r"(x), [x3] "r"(x + 3 * K), [x6] "r"(x + 6 * K), '
+            '[ld] "r"(2 * K)\n        : "memory");')
+
 VNNI_GEMM_SOURCE = r"""
 // ------------------------------------------------------------------------- AVX-512 VNNI GEMM
 
@@ -82,6 +111,52 @@ VNNI_TARGET inline void gemm_tile_vnni_for(const TileArgs& a, bool min, int64_t 
   else gemm_tile_vnni<R, false, SPB>(a, m0, bias, y, ldy, cols);
 }
 
+// One 8 x 32 tile (the bulk of a prefill's rows): the same numbers as gemm_tile_vnni<8>, by
+// the same float operations in the same order; its 16 int32 sums take the registers, so the
+// float accumulators live in a.acc (8 * 32 floats, L1), loaded and stored once per group.
+template <bool MIN, int SPB>
+VNNI_TARGET void gemm_tile_vnni8r(const TileArgs& a, int64_t m0, const float* bias, float* y,
+                                  int64_t ldy, int cols) {
+  const int64_t K = a.K, G = K / QK;
+  float* const facc = a.acc;
+  for (int i = 0; i < 8 * GNRV; i += 16) _mm512_store_ps(facc + i, _mm512_setzero_ps());
+  for (int64_t g = 0; g < G; ++g) {
+    for (int h = 0; h < SPB; ++h) {
+      const int32_t* w = a.w + (g * 16 + h * 8) * GNRV;
+      const int16_t* x = a.q + m0 * K + g * QK + h * 16;
+      __m512i s[8][2], w0, w1, xb;
+      if constexpr (SPB == 1) {
+        @BLOCK16@
+      } else {
+        @BLOCK8@
+      }
+      const float* sc = a.sc + (g * SPB + h) * GNRV;
+      const __m512 sc0 = _mm512_load_ps(sc), sc1 = _mm512_load_ps(sc + 16);
+      for (int r = 0; r < 8; ++r) {
+        const __m512 d = _mm512_set1_ps(a.d[(m0 + r) * G + g]);
+        float* f = facc + r * GNRV;
+        __m512 v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][0]), _mm512_mul_ps(sc0, d), _mm512_load_ps(f));
+        __m512 v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][1]), _mm512_mul_ps(sc1, d), _mm512_load_ps(f + 16));
+        if (MIN && SPB == 1) {
+          const __m512 xs = _mm512_set1_ps(a.s[(m0 + r) * G + g]);
+          v0 = _mm512_fmadd_ps(_mm512_load_ps(a.mn + g * GNRV), xs, v0);
+          v1 = _mm512_fmadd_ps(_mm512_load_ps(a.mn + g * GNRV + 16), xs, v1);
+        }
+        _mm512_store_ps(f, v0);
+        _mm512_store_ps(f + 16, v1);
+      }
+    }
+  }
+  for (int r = 0; r < 8; ++r)
+    for (int j = 0; j < 2; ++j) {
+      __m512 v = _mm512_load_ps(facc + r * GNRV + 16 * j);
+      if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + 16 * j));
+      const int left = cols - 16 * j;
+      if (left >= 16) _mm512_storeu_ps(y + r * ldy + 16 * j, v);
+      else if (left > 0) _mm512_mask_storeu_ps(y + r * ldy + 16 * j, (__mmask16)((1u << left) - 1), v);
+    }
+}
+
 template <int F>
 void gemm_vnni(const float* x, int64_t M, const Weights& W, float* y, int threads) {
   const Quantised& xq = quantise_rows(x, M, W.K, threads);
@@ -91,7 +166,8 @@ void gemm_vnni(const float* x, int64_t M, const Weights& W, float* y, int thread
     Panel& P = panel_buf;
     P.reserve(K / QK);
     alignas(64) float part_bias[GNRV] = {};
-    const TileArgs a{xq.q, xq.d, xq.s, P.w, P.sc, P.mn, nullptr, K};
+    alignas(64) float facc[8 * GNRV];
+    const TileArgs a{xq.q, xq.d, xq.s, P.w, P.sc, P.mn, facc, K};
     for (int64_t p0 = n0; p0 < n1; p0 += GNRV) {
       pack_panel<F, GNRV>(W, p0, n1, P);
       const int cols = (int)(n1 - p0 < GNRV ? n1 - p0 : GNRV);
@@ -102,6 +178,10 @@ void gemm_vnni(const float* x, int64_t M, const Weights& W, float* y, int thread
         bias = part_bias;
       }
       int64_t m = 0;
+      for (; m + 8 <= M; m += 8) {
+        if (min) gemm_tile_vnni8r<true, scales_per_block(F)>(a, m, bias, y + m * N + p0, N, cols);
+        else gemm_tile_vnni8r<false, scales_per_block(F)>(a, m, bias, y + m * N + p0, N, cols);
+      }
       for (; m + GMR <= M; m += GMR) gemm_tile_vnni_for<GMR, F>(a, min, m, bias, y + m * N + p0, N, cols);
       float* out = y + m * N + p0;
       switch (M - m) {
@@ -114,7 +194,7 @@ void gemm_vnni(const float* x, int64_t M, const Weights& W, float* y, int thread
   }, GNRV);
 }
 
-""" + VNNI8_GEMM_SOURCE + r"""
+""".replace("@BLOCK16@", _block_sums8(16)).replace("@BLOCK8@", _block_sums8(8)) + VNNI8_GEMM_SOURCE + r"""
 // The panel GEMM on the selected instruction set (and activations: int8 where g_act8).
 template <int F>
 void gemm(const float* x, int64_t M, const Weights& W, float* y, int threads) {
