@@ -4,9 +4,10 @@ A GGUF's ``ffn_{gate,up,down}_exps`` are 3-D quantised tensors [E, rows, K]; the
 code forms (``loaders/int4_codes.py``) of their 2-D view [E·rows, K] are held here stacked, in
 the dense CUDA layers' two layouts (``cuda_int4``: two 4-bit codes a byte + a float16
 scale/offset pair per 32 for Q4_0/Q4_1/Q4_K; ``cuda_int8``: int8 codes + float16 scales per
-16/32 + offsets per 32 for Q8_0/Q5_x/IQ4_x) or, for Q6_K, six bits a code (``pack_six``: the
-low four in the int4 layout, the high two four a byte; 0.875 bytes a weight, not int8's 1.125;
-the file's own Q6_K is 0.82). ``CudaMoEExperts`` replaces a model's
+16/32 + offsets per 32 for Q8_0/Q5_x/IQ4_x) or, for Q6_K, six bits a code (``cuda_q6k``'s
+layout: ``pack_six``'s low four bits in the int4 layout and high two four a byte, the file's
+int8 sub-scales and float16 ``d`` per 256: 210 bytes a 256 as in the file, not int8's 288).
+``CudaMoEExperts`` replaces a model's
 ``models.moe.Experts`` (same call: x, routing weights, expert ids) and runs a layer's routed
 experts in two launches — gate/up fused (with SiLU·up in the epilogue) where gate and up share a
 format, then down (each pick's routing weight in the epilogue) — and a sum of each token's picks:
@@ -38,7 +39,9 @@ from torch import nn
 
 from pensieve.backends.cuda_int4 import pack_codes, pack_scale_offset, triton_cdiv, unpack
 from pensieve.backends.cuda_int8 import block_key
-from pensieve.backends.cuda_q6k import pack_six, unpack_six
+from pensieve.backends.cuda_q6k import dequantize as q6k_dequantize
+from pensieve.backends.cuda_q6k import pack_six
+from pensieve.backends.cuda_q6k import takes as q6k_takes
 from pensieve.loaders.int4_codes import Int8Groups
 from pensieve.models.quant_linear import Int4Groups
 
@@ -71,9 +74,10 @@ GROUPED_SMALL_MAX_PICKS = 2048
 @dataclass(frozen=True)
 class Stack:
     """One projection of every expert: ``w`` [E·N, K/2] uint8 (int4, and the low 4 bits of
-    ``six``) or [E·N, K] int8, ``s`` int32 scale/offset pairs [E·N, K/32] (int4) or int16
-    float16 bits [E·N, K/group], ``mn`` int16 offsets [E·N, K/32] (int8 with offsets) or the
-    high-2-bit bytes [E·N, K/4] (``six``) or None; ``n`` rows per expert."""
+    ``six``) or [E·N, K] int8, ``s`` int32 scale/offset pairs [E·N, K/32] (int4), int8
+    sub-scales [E·N, K/16] (``six``) or int16 float16 bits [E·N, K/group], ``mn`` int16 offsets
+    [E·N, K/32] (int8 with offsets) or the high-2-bit bytes [E·N, K/4] (``six``) or None,
+    ``d`` the float16 bits of ``six``'s super-scales [E·N, K/256]; ``n`` rows per expert."""
 
     w: torch.Tensor
     s: torch.Tensor
@@ -83,6 +87,7 @@ class Stack:
     n: int
     k: int
     six: bool = False
+    d: torch.Tensor | None = None
 
 
 def _kernels() -> ModuleType:
@@ -101,7 +106,7 @@ def fmt(codes: Codes) -> tuple[str, int, bool] | None:
     key = block_key(codes)
     if key is None:
         return None
-    if codes.ggml_type == "Q6_K" and key == (16, False):  # codes −32..31: six bits
+    if q6k_takes(codes):  # codes −32..31: six bits, the file's own scale factors
         return ("six", 16, False)
     return ("int8", key[0], key[1])
 
@@ -110,18 +115,22 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).contiguous().view(torch.int16)
 
 
-def stack_tensors(codes: Codes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(w, s, mn) of ``Stack`` for codes of a 2-D view [E·N, K]."""
+Tensors4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+def stack_tensors(codes: Codes) -> Tensors4:
+    """(w, s, mn, d) of ``Stack`` for codes of a 2-D view [E·N, K]."""
     if fmt(codes) == ("six", 16, False):
         lo, hi = pack_six(codes.codes)
-        return lo, _bits(codes.scales), hi
+        sc, d = codes.k_scales
+        return lo, sc.contiguous(), hi, _bits(d)
     if isinstance(codes, Int4Groups):
         if codes.nibbles is not None:  # GGUF's own order already: no unpacking
             nib, scales, offsets = codes.nibbles
-            return nib.contiguous(), pack_scale_offset(scales, offsets), None
-        return pack_codes(codes.codes), pack_scale_offset(codes.scales, codes.offsets), None
+            return nib.contiguous(), pack_scale_offset(scales, offsets), None, None
+        return pack_codes(codes.codes), pack_scale_offset(codes.scales, codes.offsets), None, None
     mn = None if codes.offsets is None else _bits(codes.offsets)
-    return codes.codes.to(torch.int8).contiguous(), _bits(codes.scales), mn
+    return codes.codes.to(torch.int8).contiguous(), _bits(codes.scales), mn, None
 
 
 def _per_expert_cat(a: torch.Tensor, b: torch.Tensor, experts: int) -> torch.Tensor:
@@ -135,9 +144,7 @@ def _dequantize(st: Stack, experts: int) -> torch.Tensor:
     if st.int4:
         w = unpack(st.w, st.s)
     elif st.six:
-        rows = st.w.shape[0]
-        codes = unpack_six(st.w, st.mn).float().view(rows, -1, 16)
-        w = (codes * st.s.view(torch.float16).float()[..., None]).view(rows, -1)
+        w = q6k_dequantize(st.w, st.mn, st.s, st.d)
     else:
         rows = st.w.shape[0]
         w = st.w.float().view(rows, -1, st.group) * st.s.view(torch.float16).float()[..., None]
@@ -155,7 +162,8 @@ def _block_k(k: int, want: int) -> int:
 
 
 def _meta(st: Stack) -> tuple[tuple, dict]:
-    return ((st.w.view(torch.uint8), st.s, st.s if st.mn is None else st.mn),
+    return ((st.w.view(torch.uint8), st.s, st.s if st.mn is None else st.mn,
+             st.s if st.d is None else st.d),
             {"INT4": st.int4, "SIX": st.six, "GS": st.group,
              "HAS_MIN": st.mn is not None and not st.six})
 
@@ -277,22 +285,24 @@ class CudaMoEExperts(nn.Module):
         self.inner = gate.shape[0] // experts
         self.formats = (fg, fd)
         self.kinds = sorted({getattr(c, "ggml_type", "") or "4-bit" for c in (gate, down)})
-        gw, gs, gm = stack_tensors(gate)
-        uw, us, um = stack_tensors(up)
+        gw, gs, gm, gd = stack_tensors(gate)
+        uw, us, um, ud = stack_tensors(up)
         self.register_buffer("gate_up_w", _per_expert_cat(gw, uw, experts))
         self.register_buffer("gate_up_s", _per_expert_cat(gs, us, experts))
         self.register_buffer("gate_up_mn", None if gm is None else _per_expert_cat(gm, um, experts))
-        dw, ds, dm = stack_tensors(down)
+        self.register_buffer("gate_up_d", None if gd is None else _per_expert_cat(gd, ud, experts))
+        dw, ds, dm, dd = stack_tensors(down)
         self.register_buffer("down_w", dw)
         self.register_buffer("down_s", ds)
         self.register_buffer("down_mn", dm)
+        self.register_buffer("down_d", dd)
 
     def stacks(self) -> tuple[Stack, Stack]:
         (gkind, ggroup, _), (dkind, dgroup, _) = self.formats
         gu = Stack(self.gate_up_w, self.gate_up_s, self.gate_up_mn, gkind == "int4", ggroup,
-                   2 * self.inner, self.hidden, gkind == "six")
+                   2 * self.inner, self.hidden, gkind == "six", self.gate_up_d)
         dn = Stack(self.down_w, self.down_s, self.down_mn, dkind == "int4", dgroup,
-                   self.hidden, self.inner, dkind == "six")
+                   self.hidden, self.inner, dkind == "six", self.down_d)
         return gu, dn
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,8 +12,9 @@ two code layouts of the dense CUDA layers, or a 6-bit one:
   where ``HAS_MIN``: ``w = code·scale (+ offset)``;
 * ``SIX`` (Q6_K, 6-bit codes ``u = code + 32``): ``W`` the low 4 bits in the int4 layout
   [E, N, K/2], ``MN`` the high 2 bits four a byte [E, N, K/4] (byte ``i`` of group ``g``:
-  columns 32g+i, +8, +16, +24 in bits 0-1, 2-3, 4-5, 6-7), ``S`` float16 bits of a scale per 16:
-  ``w = (u − 32)·scale`` — 0.875 bytes a weight instead of int8's 1.125.
+  columns 32g+i, +8, +16, +24 in bits 0-1, 2-3, 4-5, 6-7), ``S`` the int8 sub-scale per 16 and
+  ``D`` the float16 bits of the super-scale per 256: ``w = (u − 32)·d·sc`` — the file's 210
+  bytes a 256 (``cuda_q6k``'s layout). Other formats take ``D`` as an unused argument.
 
 A row of the MoE is a *pick*: (token t, its j-th expert), ``p = t·TOPK + j``. The first
 projection reads x's row ``p // TOPK`` (``GATHER``), the second the pick's own row of the
@@ -77,7 +78,7 @@ def _dot(a, b, acc):
 
 
 @triton.jit
-def _row_dot(XR, W, S, MN, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr,
+def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr,
              HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Σ_k x[k] · w[wrow, k] for the int64 weight rows ``wrow`` [BLOCK_N] of the stacked
     weight (rows counted over all experts); x's row at ``XR``; BLOCK_K columns a step."""
@@ -116,8 +117,9 @@ def _row_dot(XR, W, S, MN, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS: t
             xhi = tl.load(x_ptrs + k0 + 16).to(tl.float32)
             plo = tl.sum(ulo * xlo[None, :, :], 2) - 32.0 * tl.sum(xlo, 1)[None, :]
             phi = tl.sum(uhi * xhi[None, :, :], 2) - 32.0 * tl.sum(xhi, 1)[None, :]
-            acc += (plo * _half(tl.load(s_ptrs + k0 // 16))
-                    + phi * _half(tl.load(s_ptrs + k0 // 16 + 1)))
+            d = _half(tl.load(D + wrow[:, None] * (K // 256) + (k0 // 32 + gi[None, :]) // 8))
+            acc += (plo * tl.load(s_ptrs + k0 // 16).to(tl.float32)
+                    + phi * tl.load(s_ptrs + k0 // 16 + 1).to(tl.float32)) * d
     else:
         si = tl.arange(0, BLOCK_K // GS)
         i = tl.arange(0, GS)
@@ -137,7 +139,7 @@ def _row_dot(XR, W, S, MN, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS: t
 
 
 @triton.jit
-def pick_gemv(X, IDS, RW, W, S, MN, Y, N, K, stride_x, stride_y, TOPK: tl.constexpr,
+def pick_gemv(X, IDS, RW, W, S, MN, D, Y, N, K, stride_x, stride_y, TOPK: tl.constexpr,
               GATHER: tl.constexpr, FUSE: tl.constexpr, ROUTED: tl.constexpr,
               INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -158,9 +160,9 @@ def pick_gemv(X, IDS, RW, W, S, MN, Y, N, K, stride_x, stride_y, TOPK: tl.conste
     nmask = n < n_out
     wrow = e * N + tl.where(nmask, n, 0).to(tl.int64)
     XR = X + row.to(tl.int64) * stride_x
-    y = _row_dot(XR, W, S, MN, wrow, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K)
+    y = _row_dot(XR, W, S, MN, D, wrow, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K)
     if FUSE:
-        u = _row_dot(XR, W, S, MN, wrow + n_out, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K)
+        u = _row_dot(XR, W, S, MN, D, wrow + n_out, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K)
         y = y * tl.sigmoid(y) * u
     if ROUTED:
         y = y * tl.load(RW + p).to(tl.float32)
@@ -210,15 +212,17 @@ def _int4_tile(W, S, erow, byte, K):
 
 
 @triton.jit
-def _six_tile(W, S, H, erow, byte, K):
-    """As ``_int4_tile`` for the 6-bit layout (``H``: the high-bit bytes): (low, high) columns."""
+def _six_tile(W, S, H, D, erow, byte, K):
+    """As ``_int4_tile`` for the 6-bit layout (``H``: the high-bit bytes, ``S`` int8 sub-scales,
+    ``D`` float16 super-scales): (low, high) columns."""
     b = tl.load(W + erow * (K // 2) + byte).to(tl.int32)
     h = tl.load(H + erow * (K // 4) + (byte // 16) * 8 + byte % 8).to(tl.int32)
     sh = ((byte % 16) // 8) * 2
     ulo = _u6((b & 15) | (((h >> sh) & 3) << 4)) - 32.0
     uhi = _u6((b >> 4) | (((h >> (sh + 4)) & 3) << 4)) - 32.0
     srow = S + erow * (K // 16) + (byte // 16) * 2
-    return ulo * _half(tl.load(srow)), uhi * _half(tl.load(srow + 1))
+    d = _half(tl.load(D + erow * (K // 256) + byte // 128))
+    return ulo * (d * tl.load(srow).to(tl.float32)), uhi * (d * tl.load(srow + 1).to(tl.float32))
 
 
 @triton.jit
@@ -231,7 +235,7 @@ def _int8_tile(W, S, MN, erow, k, K, GS: tl.constexpr, HAS_MIN: tl.constexpr):
 
 
 @triton.jit
-def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, Y, P, E, N, K, stride_x, stride_y,
+def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, D, Y, P, E, N, K, stride_x, stride_y,
                  TOPK: tl.constexpr, GATHER: tl.constexpr, FUSE: tl.constexpr,
                  ROUTED: tl.constexpr, INT4: tl.constexpr, SIX: tl.constexpr,
                  GS: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -270,14 +274,15 @@ def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, Y, P, E, N, K, stride_x, stride_
             xlo = tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
             xhi = tl.load(x_ptrs + k0 + 16, mask=mmask[:, None], other=0.0)
             if SIX:
-                lo, hi = _six_tile(W, S, MN, erow[None, :], j[:, None] + k0 // 2, K)
+                lo, hi = _six_tile(W, S, MN, D, erow[None, :], j[:, None] + k0 // 2, K)
             else:
                 lo, hi = _int4_tile(W, S, erow[None, :], j[:, None] + k0 // 2, K)
             acc = _dot(xlo, lo.to(xlo.dtype), acc)
             acc = _dot(xhi, hi.to(xhi.dtype), acc)
             if FUSE:
                 if SIX:
-                    lo, hi = _six_tile(W, S, MN, erow[None, :] + n_out, j[:, None] + k0 // 2, K)
+                    lo, hi = _six_tile(W, S, MN, D, erow[None, :] + n_out, j[:, None] + k0 // 2,
+                                       K)
                 else:
                     lo, hi = _int4_tile(W, S, erow[None, :] + n_out, j[:, None] + k0 // 2, K)
                 acc_u = _dot(xlo, lo.to(xlo.dtype), acc_u)

@@ -25,6 +25,7 @@ Triton.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -35,6 +36,8 @@ from torch import nn
 
 from pensieve.backends.cuda_int4 import pack_codes, triton_cdiv, unpack_codes
 from pensieve.loaders.int4_codes import Int8Groups
+
+log = logging.getLogger(__name__)
 
 BLOCK = 256  # values a Q6_K block; K must be a multiple
 GEMV_MAX_ROWS = 2
@@ -138,13 +141,56 @@ def gemm(x: torch.Tensor, w: Buffers, y: torch.Tensor, t: Tiles | None = None) -
     return y
 
 
+# routes whose kernel failed to build or gave a wrong product on this GPU (``check``): their
+# rows take the weight dequantised by torch ops for the call + cuBLAS instead
+BROKEN: set[str] = set()
+ROUTES = {"gemv": 1, "skinny": 8, "gemm_small": 64, "gemm": 300}  # a route: rows checked at
+
+
+def route(rows: int) -> str:
+    if rows <= GEMV_MAX_ROWS:
+        return "gemv"
+    return "skinny" if rows <= SKINNY_MAX_ROWS else "gemm_small" if rows <= 256 else "gemm"
+
+
 def q6k_linear(x: torch.Tensor, w: Buffers) -> torch.Tensor:
     """x [M, K] (contiguous rows) @ w.T on the kernels (CUDA, or CPU tensors under
     ``TRITON_INTERPRET=1``)."""
+    name = route(x.shape[0])
+    if name in BROKEN:
+        return F.linear(x, dequantize(*w).to(x.dtype))
     y = torch.empty(x.shape[0], w[0].shape[0], device=x.device, dtype=x.dtype)
-    if x.shape[0] <= GEMV_MAX_ROWS:
-        return gemv(x, w, y)
-    return gemm(x, w, y)
+    return gemv(x, w, y) if name == "gemv" else gemm(x, w, y)
+
+
+def check(model: nn.Module, dtype: torch.dtype) -> None:
+    """At start, on the GPU: each route once on the model's smallest ``CudaQ6KLinear`` against
+    its dequantised weight (relative error under 2e-2); a route that fails to build or is
+    wrong goes to ``BROKEN`` with a warning, so that a Triton that cannot compile a tile
+    slows a start's Q6_K layers down instead of breaking it."""
+    layers = [m for m in model.modules() if isinstance(m, CudaQ6KLinear)]
+    if not layers:
+        return
+    m = min(layers, key=lambda layer: layer.out_features * layer.in_features)
+    w = m.weight_buffers()
+    weight = dequantize(*w)
+    gen = torch.Generator(device=weight.device).manual_seed(0)
+    for name, rows in ROUTES.items():
+        x = torch.randn(rows, m.in_features, device=weight.device, generator=gen).to(dtype)
+        ref = F.linear(x.float(), weight)
+        try:
+            y = torch.empty(rows, m.out_features, device=x.device, dtype=dtype)
+            y = gemv(x, w, y) if name == "gemv" else gemm(
+                x, w, y, {"skinny": SKINNY, "gemm_small": GEMM_SMALL, "gemm": GEMM}[name])
+            err = ((y.float() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+        except Exception as e:  # a Triton that cannot build it
+            err, why = float("inf"), str(e).splitlines()[0] if str(e) else type(e).__name__
+        else:
+            why = f"relative error {err:.3g}"
+        if not err < 2e-2:
+            BROKEN.add(name)
+            log.warning("Q6_K %s route left out (%dx%d): %s; dequantise + cuBLAS instead", name,
+                        m.out_features, m.in_features, why)
 
 
 class CudaQ6KLinear(nn.Module):

@@ -51,11 +51,16 @@ class CudaCodesEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.table.extra_repr()}"
 
 
-def plan(int4: dict[str, Codes], tied: bool) -> tuple[dict[str, Codes], dict[str, torch.Tensor]]:
-    """Take the embedding and output layer out of a checkpoint's kept codes (``int4``, changed
-    in place): (HF name → codes kept for CUDA, HF name → float weight for the rest). A tied
-    pair's one table is kept under the embedding's name."""
-    tables = {n: int4.pop(n) for n in (EMBED, HEAD) if n in int4}
+def plan(int4: dict[str, Codes], int8: dict[str, tuple[torch.Tensor, torch.Tensor]], tied: bool
+         ) -> tuple[dict[str, Codes], dict[str, torch.Tensor]]:
+    """Take the embedding and output layer out of a checkpoint's kept codes (``int4``, and
+    ``int8``: its Q8_0 tables as (codes, float16 scales); both changed in place): (HF name →
+    codes kept for CUDA, HF name → float weight for the rest). A tied pair's one table is kept
+    under the embedding's name."""
+    tables: dict[str, Codes] = {n: int4.pop(n) for n in (EMBED, HEAD) if n in int4}
+    for n in [n for n in (EMBED, HEAD) if n in int8]:
+        codes, scales = int8.pop(n)
+        tables[n] = Int8Groups(codes, scales, None, 32, "Q8_0")
     keep = {n: g for n, g in tables.items()
             if code_layout(g) is not None and not (tied and n == HEAD)}
     return keep, {n: g.dequantize() for n, g in tables.items() if n not in keep}

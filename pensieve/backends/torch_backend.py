@@ -16,7 +16,7 @@ from pensieve.loaders.checkpoint import Checkpoint
 from pensieve.loaders.tokenizer import TextTokenizer
 from pensieve.models.args import ModelArgs
 from pensieve.models.llama import family_of
-from pensieve.backends import cuda_tables
+from pensieve.backends import cuda_q6k, cuda_tables
 from pensieve.backends.cuda_int4 import prepare_for_cuda
 from pensieve.backends.cuda_layers import fuse_cuda_layers
 from pensieve.backends.cuda_moe import (
@@ -51,7 +51,7 @@ def plan_weights(checkpoint: Checkpoint, config: EngineConfig, *, packed: Mappin
     """The checkpoint's weights planned onto the model's modules (``packed``: its fused ones)."""
     args = checkpoint.args
     on_cuda = torch.device(config.device).type == "cuda"
-    int4 = dict(checkpoint.int4)
+    int4, int8 = dict(checkpoint.int4), dict(checkpoint.int8)
     moe_codes = not on_cuda and family_of(args).fast_paths(args, config.context_length).cpu_moe_codes
     # CUDA: the experts of a family whose MoE is models.moe's (the promise cpu_moe_codes makes)
     # stay codes on the fused kernels (SiLU only); the rest are dequantised by plan_experts
@@ -59,12 +59,12 @@ def plan_weights(checkpoint: Checkpoint, config: EngineConfig, *, packed: Mappin
         args).fast_paths(args, config.context_length).cpu_moe_codes else {}
     expert_floats = plan_experts(int4, keep=moe_codes, dtype=config.dtype)
     if on_cuda:  # the token table and output layer as their codes on the CUDA kernels
-        table_codes, table_floats = cuda_tables.plan(int4, args.tie_word_embeddings)
+        table_codes, table_floats = cuda_tables.plan(int4, int8, args.tie_word_embeddings)
     else:
         table_codes, table_floats = plan_tables(int4, args.tie_word_embeddings,
                                                 config.int8_lm_head)
     int4_modules, int4_floats = plan_int4(int4, packed)
-    head_q8, q8_floats = plan_q8(checkpoint.int8, args.tie_word_embeddings,
+    head_q8, q8_floats = plan_q8(int8, args.tie_word_embeddings,
                                  config.int8_lm_head and not on_cuda)
     weights = pack_weights({**checkpoint.weights, **expert_floats, **int4_floats, **q8_floats,
                             **table_floats},
@@ -97,6 +97,8 @@ def assemble_model(model: nn.Module, args: ModelArgs, config: EngineConfig,
     if on_cuda and planned.modules and (model.fast_paths.cuda_fused_layers or planned.experts):
         # an MoE model's attention projections are planned too (its experts were swapped)
         prepare_for_cuda(model, config.dtype, keep_dense=config.keep_dense_weights)
+    if on_cuda:
+        cuda_q6k.check(model, config.dtype)
     return model
 
 

@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as Q
 from pensieve.backends import cuda_moe
 from pensieve.backends.cuda_moe import CudaMoEExperts, reference_experts
 from pensieve.loaders.int4_codes import quant_groups
+from pensieve.loaders.quants import dequantize
 from tests.helpers.triton_interpreter import run_in_triton_interpreter
 from tests.unit.test_cuda_int8 import random_raw, rel
 
@@ -55,9 +56,14 @@ def test_layer_holds_the_codes_exactly(gu, dn, hidden, inner):
     e = 3
     layer = make_layer(gu, dn, hidden, inner, e, seed=5)
     gate_up, down = layer.dequantize()
-    gate = expert_codes(gu, e, inner, hidden, 5).dequantize().view(e, inner, hidden)
-    up = expert_codes(gu, e, inner, hidden, 6).dequantize().view(e, inner, hidden)
-    ref_down = expert_codes(dn, e, hidden, inner, 7).dequantize().view(e, hidden, inner)
+    def ref(qtype: Q, rows: int, cols: int, seed: int) -> torch.Tensor:
+        if qtype is Q.Q6_K:  # held with the file's own d and sc: the file's values exactly
+            raw = random_raw(qtype, e * rows, cols, seed)
+            return dequantize(raw, qtype, (e * rows, cols)).view(e, rows, cols)
+        return expert_codes(qtype, e, rows, cols, seed).dequantize().view(e, rows, cols)
+
+    gate, up = ref(gu, inner, hidden, 5), ref(gu, inner, hidden, 6)
+    ref_down = ref(dn, hidden, inner, 7)
     if gu is Q.Q4_K:  # its scale products are held as float16, as in the dense int4 layers
         assert rel(gate_up, torch.cat([gate, up], 1).double()) < 1e-3
     else:
@@ -66,7 +72,7 @@ def test_layer_holds_the_codes_exactly(gu, dn, hidden, inner):
     assert layer.formats[1][0] == ("six" if dn is Q.Q6_K else "int8")  # Q6_K: 6 bits a code
     layer = layer.to(torch.bfloat16)  # the model's cast leaves codes and float16 bits alone
     assert layer.gate_up_w.dtype in (torch.uint8, torch.int8) and layer.down_s.dtype in (
-        torch.int16, torch.int32)
+        torch.int8, torch.int16, torch.int32)
 
 
 def test_reference_forward_is_the_float_experts():

@@ -93,6 +93,18 @@ def interpreter_check() -> None:
     for rows in (1, 7):
         xr = torch.randn(rows, k)
         assert rel(cuda_q6k.q6k_linear(xr, w), xr.double() @ weight.T) < 1e-5
+    cuda_q6k.check(torch.nn.Sequential(layer), torch.float32)  # every route builds, is right
+    assert not cuda_q6k.BROKEN
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such tile")
+
+    cuda_q6k.gemm = broken  # a Triton that cannot build the gemm: its routes fall back
+    cuda_q6k.check(torch.nn.Sequential(layer), torch.float32)
+    assert cuda_q6k.BROKEN == {"skinny", "gemm_small", "gemm"}
+    for rows in (1, 7, 40):
+        xr = torch.randn(rows, k)
+        assert rel(cuda_q6k.q6k_linear(xr, w), xr.double() @ weight.T) < 1e-5
 
 
 def test_kernels_in_the_triton_interpreter():

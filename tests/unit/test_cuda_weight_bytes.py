@@ -16,6 +16,7 @@ import argparse
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
 from torch import nn
 
 from pensieve.backends.cuda_int4 import CudaInt4Linear
@@ -91,6 +92,45 @@ def test_tables_hold_the_files_values(small_file):
     want = ref["model.embed_tokens.weight"][ids]
     assert ((rows.float() - want).norm() / want.norm()).item() < 5e-3  # bf16; Q4_K scales f16
     assert torch.equal(model.lm_head.dequantize(), ref["lm_head.weight"])
+
+
+def test_q8_0_and_tied_tables_stay_codes():
+    """A tied Q8_0 table (the loader's ``int8`` pair) is one CUDA table serving both ends; one
+    in a layout no CUDA layer takes (groups of 16 4-bit codes) is dequantised."""
+    from types import SimpleNamespace
+
+    from pensieve.backends import cuda_tables
+    from pensieve.backends.cuda_int8 import CudaInt8Linear
+    from tests.unit.test_cuda_int8 import groups
+
+    q8 = groups(Q.Q8_0, 40, 256, seed=4)
+    int4, int8 = {}, {cuda_tables.EMBED: (q8.codes, q8.scales)}
+    keep, floats = cuda_tables.plan(int4, int8, tied=True)
+    assert not int8 and not floats and set(keep) == {cuda_tables.EMBED}
+    model = SimpleNamespace(model=SimpleNamespace(embed_tokens=None), lm_head=None)
+    cuda_tables.swap_in(model, keep, tied=True)
+    assert isinstance(model.lm_head, CudaInt8Linear)
+    assert model.model.embed_tokens.table is model.lm_head
+    ids = torch.tensor([39, 0, 5])
+    assert torch.equal(model.model.embed_tokens(ids), q8.dequantize()[ids])
+    odd = groups(Q.Q4_K, 40, 256, seed=5)
+    odd = type(odd)(odd.codes[:, :80], torch.ones(40, 5), torch.zeros(40, 5), 16)  # groups of 16
+    keep, floats = cuda_tables.plan({cuda_tables.HEAD: odd}, {}, tied=False)
+    assert not keep and floats[cuda_tables.HEAD].shape == (40, 80)
+
+
+def test_moe_experts_hold_the_computed_bytes():
+    """A Q4_K_M MoE layer's experts (Q4_K gate/up, Q6_K down) as ``cuda_bytes`` counts them:
+    the Q6_K down in the file's own 210 bytes a 256."""
+    from pensieve.backends.cuda_moe import CudaMoEExperts
+    from tests.unit.test_cuda_moe import expert_codes
+
+    e, h, i = 4, 256, 512
+    layer = CudaMoEExperts(expert_codes(Q.Q4_K, e, i, h, 1), expert_codes(Q.Q4_K, e, i, h, 2),
+                           expert_codes(Q.Q6_K, e, h, i, 3), e)
+    down = sum(b.nbytes for n, b in layer.named_buffers() if n.startswith("down_"))
+    assert down == cuda_bytes(Q.Q6_K, (e, h, i)) == e * h * i // 256 * 210
+    assert held_bytes(layer) == 2 * cuda_bytes(Q.Q4_K, (e, i, h)) + down
 
 
 def test_qwen3_8b_q4_k_m_shape_is_within_1_1x():
