@@ -15,7 +15,8 @@
 # A family's GGUF and Pensieve's packed copy of it are deleted once its three runs are done
 # (KEEP=1 keeps them; the disk holds one family at a time). SCENARIOS (default decode,x8,cc),
 # REPEAT (2), CC_TOOLS (cc with fewer tools: a shorter prompt). Needs in the tree: .whl/,
-# .gpu/tokenizer.gguf, .gpu/llama.cpp (see bench/gpu_qwen_vs_llamacpp.sh). DRY=1: CPU only (no nvidia-smi, no build, pensieve on cpu).
+# .gpu/tokenizer.gguf, .gpu/llama.cpp (see bench/gpu_qwen_vs_llamacpp.sh), .gpu/templates (the
+# families' .jinja files from llama.cpp's models/templates: Qwen3.5-4B, openai-gpt-oss-120b, GLM-4.7-Flash). DRY=1: CPU only (no nvidia-smi, no build, pensieve on cpu).
 # Writes $OUT/summary.md and $OUT/hybrid_logs.tgz.
 cd "$(dirname "$0")/.."
 T0=$(date +%s); BUDGET=${BUDGET:-570}
@@ -43,11 +44,16 @@ DEVICE=cuda; [ -n "$DRY" ] && DEVICE=cpu
 file_of() { case $1 in qwen35moe) echo $S/q36-35b-a3b-q4_k_m.gguf;; gpt-oss) echo $S/gpt-oss-20b-mxfp4.gguf;;
   glm47flash) echo $S/glm-4.7-flash-q4_k_m.gguf;; esac; }
 arch_of() { case $1 in glm47flash) echo deepseek2;; *) echo $1;; esac; }
+# the family's real chat template (llama.cpp's models/templates, carried in .gpu/templates), so both
+# servers render Claude Code's 24 tools into the prompt as that family does (~20k tokens)
+template_of() { local t; case $1 in qwen35moe) t=Qwen3.5-4B;; gpt-oss) t=openai-gpt-oss-120b;;
+  glm47flash) t=GLM-4.7-Flash;; esac; [ -e ${TEMPLATES:-.gpu/templates}/$t.jinja ] \
+  && echo "--chat-template ${TEMPLATES:-.gpu/templates}/$t.jinja"; }
 
 gen() {  # $1 family
   local f=$(file_of $1); [ -e $f.done ] && return 0
   [ $(left) -lt 240 ] && { echo "skip writing $1 ($(left) s left)"; return 1; }
-  $PY -m bench.make_random_gguf $f --arch $(arch_of $1) --tokenizer-from $TOK $SHAPE \
+  $PY -m bench.make_random_gguf $f --arch $(arch_of $1) --tokenizer-from $TOK $(template_of $1) $SHAPE \
     > $S/gguf_$1.log 2>&1 && touch $f.done; tail -1 $S/gguf_$1.log; [ -e $f.done ]; }
 
 pens() {  # $1 family

@@ -4,7 +4,7 @@
 # BUDGET seconds, then copies what is done to $OUT. Calls made back to back on one warm machine
 # (it goes back after 30 s idle) therefore lose no time between phases, unlike per-call scripts.
 #   BUDGET=585 bash bench/gpu_session.sh     # call 1, 2, 3 … (the same command each time)
-# Steps, in order, each once (state in /tmp/gs; progress in /tmp/gs/progress):
+# DENSE: the dense files to bench (default "q4 qwen3"). Steps, in order, each once (state in /tmp/gs; progress in /tmp/gs/progress):
 #   background: llama-server build (CUDA sm_90, from .gpu/llama.cpp), the random GGUFs (8B Llama
 #     Q4_0, Qwen3-8B Q4_K_M, Qwen3-30B-A3B Q4_K_M), each written once;
 #   tests   the CUDA tests not yet run on this tree (TESTS: the files; TESTS=none skips);
@@ -13,7 +13,7 @@
 #   moe     the same on the 30B-A3B file: decode, 8 and 32 streams, cold/warm TTFT, Claude Code load;
 #   hybrid  bench/gpu_hybrid_run.sh for HYBRID families (default qwen35moe), the dense files deleted.
 # STEPS (default "tests dense moe hybrid") picks and orders them. Needs .whl/, .gpu/tokenizer.gguf
-# and .gpu/llama.cpp carried (see bench/gpu_qwen_vs_llamacpp.sh). Writes $OUT/summary.md,
+# .gpu/llama.cpp and .gpu/templates carried (see bench/gpu_qwen_vs_llamacpp.sh). Writes $OUT/summary.md,
 # $OUT/progress.txt, $OUT/pytest_cuda.log and $OUT/gs_logs.tgz. The pipeline runs on a copy of the
 # first call's tree (/tmp/w): later calls may carry an edited tree without disturbing it.
 cd "$(dirname "$0")/.."
@@ -34,6 +34,7 @@ gguf_chain() {  # CPU-bound writers, one after the other
   python3 -m bench.make_random_gguf $M --arch qwen3moe --dtype q4_k_m --hidden 2048 --layers 48 \
     --heads 32 --kv-heads 4 --head-dim 128 --intermediate 6144 --experts 128 --experts-used 8 \
     --expert-intermediate 768 --context-length 32768 --tokenizer-from .gpu/tokenizer.gguf \
+    $([ -e .gpu/templates/Qwen3-Coder.jinja ] && echo --chat-template .gpu/templates/Qwen3-Coder.jinja) \
     > $S/gguf_moe.log 2>&1 && touch $M.done; log "gguf 30b-a3b: $(tail -1 $S/gguf_moe.log | cut -c1-100)"
   touch $S/gguf_chain.done
 }
@@ -77,14 +78,15 @@ pipeline() {
         timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -p no:cacheprovider -rs --durations=10 \
           ${TESTS:-tests/unit/test_cuda_moe.py tests/unit/test_cuda_sinks.py tests/unit/test_cuda_hybrid.py \
           tests/unit/test_cuda_hybrid_fast.py tests/unit/test_cuda_hybrid_kernels.py \
-          tests/unit/test_gated_delta_cuda.py tests/unit/test_engine_async.py \
+          tests/unit/test_gated_delta_cuda.py tests/unit/test_cuda_mla.py tests/unit/test_engine_async.py \
           tests/unit/test_engine_async_grammar.py tests/unit/test_warm_up.py} > $S/pytest_cuda.log 2>&1
         log "tests rc=$? $(tail -1 $S/pytest_cuda.log)";;
       dense)
-        wait_gguf $Q4 && pens q4 $Q4 decode,x8,ttft1
-        wait_gguf $Q3 && pens qwen3 $Q3 decode,x8,ttft1
-        [ -e $Q4.done ] && llama q4 $Q4 decode,x8,ttft1 16384 8
-        [ -e $Q3.done ] && llama qwen3 $Q3 decode,x8,ttft1 16384 8;;
+        D=${DENSE:-q4 qwen3}
+        [[ $D == *q4* ]] && wait_gguf $Q4 && pens q4 $Q4 decode,x8,ttft1
+        [[ $D == *qwen3* ]] && wait_gguf $Q3 && pens qwen3 $Q3 decode,x8,ttft1
+        [[ $D == *q4* ]] && [ -e $Q4.done ] && llama q4 $Q4 decode,x8,ttft1 16384 8
+        [[ $D == *qwen3* ]] && [ -e $Q3.done ] && llama qwen3 $Q3 decode,x8,ttft1 16384 8;;
       moe)
         wait_gguf $M || continue; pens moe $M decode,x8,x32,ttft1,cc
         llama moe $M decode,x8,x32,ttft1,cc 32768 32;;

@@ -84,15 +84,19 @@ LLAMA_SHAPE = dict(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14
 Q6_K = GGMLQuantizationType.Q6_K
 
 
-def copy_tokenizer(src: Path, writer: GGUFWriter, pad_to: int = 0) -> tuple[int, list[int]]:
+def copy_tokenizer(src: Path, writer: GGUFWriter, pad_to: int = 0,
+                   chat_template: str | None = None) -> tuple[int, list[int]]:
     """Copy every ``tokenizer.*`` key; returns (vocab size, ids of non-normal tokens).
-    ``pad_to``: append normal ``[PADn]`` tokens (no merge makes them) up to that many."""
+    ``pad_to``: append normal ``[PADn]`` tokens (no merge makes them) up to that many;
+    ``chat_template``: written instead of the source's (a family's real template, so both
+    servers render Claude Code's tools into the prompt as that family would)."""
     reader = GGUFReader(src)
     vocab, special = 0, []
     n = len(reader.fields["tokenizer.ggml.tokens"].contents())
     pad = max(0, pad_to - n)
     for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
+        if not key.startswith("tokenizer.") or (chat_template is not None
+                                                and key == "tokenizer.chat_template"):
             continue
         main = field.types[0]
         value = field.contents()
@@ -112,6 +116,8 @@ def copy_tokenizer(src: Path, writer: GGUFWriter, pad_to: int = 0) -> tuple[int,
             special = [i for i, t in enumerate(value) if t != TOKEN_TYPE_NORMAL]
     if not vocab:
         raise SystemExit(f"{src} has no tokenizer.ggml.tokens")
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     return vocab, special
 
 
@@ -258,7 +264,8 @@ def write(a: argparse.Namespace) -> None:
     out = Path(a.output)
     w = GGUFWriter(out, a.arch)
     is_hybrid = a.arch in hybrid.SHAPES
-    vocab, special = copy_tokenizer(Path(a.tokenizer_from), w, a.vocab if is_hybrid else 0)
+    template = Path(a.chat_template).read_text() if a.chat_template else None
+    vocab, special = copy_tokenizer(Path(a.tokenizer_from), w, a.vocab if is_hybrid else 0, template)
     if a.tokenizer_only:
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -326,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--tokenizer-from", default=None,
                    help="GGUF whose tokenizer.* keys to copy (default: the default model's)")
+    p.add_argument("--chat-template", default=None,
+                   help="a .jinja file written as tokenizer.chat_template instead of the "
+                        "tokenizer source's (e.g. the family's real template from llama.cpp's "
+                        "models/templates, so Claude Code's tools render into the prompt)")
     p.add_argument("--tokenizer-only", action="store_true",
                    help="write only the tokenizer keys (a small file to carry elsewhere)")
     p.add_argument("--layers", type=int, default=None)

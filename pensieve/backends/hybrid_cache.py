@@ -72,6 +72,9 @@ def plan_cache(layout: Sequence[LayerCache], config: EngineConfig, budget: int) 
     else:
         checkpoints = min(MAX_CHECKPOINTS, max(4, budget // CHECKPOINT_SHARE // max(per_state, 1)))
     paged = [(kind, window, layers) for kind, window, layers in grouped if kind != RECURRENT]
+    if not paged:  # the prefix cache, checkpoints and accounting all count attention blocks
+        raise ValueError(f"every one of the model's {len(layout)} layers keeps recurrent state; "
+                         "Pensieve serves hybrid models with at least one attention layer")
     costs = [group_block_bytes(layout, layers, bs, dtype) for _, _, layers in paged]
     per_seq = -(-config.context_length // bs)
     if config.num_kv_blocks is not None:

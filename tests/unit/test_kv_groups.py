@@ -219,3 +219,10 @@ def test_a_sessions_kept_windows_outlive_side_requests(retain):
         kv.free(side)
     hit = kv.match_prefix(request(session + [9, 9], "c"))
     assert hit == 40 if retain else hit < 40
+
+
+def test_a_layout_of_recurrent_layers_only_is_refused_with_a_clear_error():
+    layout = (RecurrentState((3, 8), (4, 4)),) * 2
+    config = EngineConfig(context_length=256, block_size=BS, max_num_seqs=2, max_num_batched_tokens=32)
+    with pytest.raises(ValueError, match="at least one attention layer"):
+        plan_cache(layout, config, budget=1 << 20)

@@ -43,10 +43,15 @@ def tokenizer_gguf(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("arch", sorted(CASES))
 def test_down_scaled_file_loads_and_decodes(arch, tokenizer_gguf, tmp_path):
-    out = tmp_path / f"{arch}.gguf"
+    out, template = tmp_path / f"{arch}.gguf", tmp_path / "family.jinja"
+    template.write_text(f"{{{{ bos_token }}}}[{arch}]{{% for m in messages %}}{{{{ m.content }}}}{{% endfor %}}")
     assert make_random_gguf.main([str(out), "--arch", arch, "--tokenizer-from",
-                                  str(tokenizer_gguf), "--seed", "3", *SMALL]) == 0
+                                  str(tokenizer_gguf), "--seed", "3", "--chat-template",
+                                  str(template), *SMALL]) == 0
     reader = GGUFReader(str(out))
+    # --chat-template replaces the tokenizer source's template: one key, the family's text
+    assert [k for k in reader.fields if k == "tokenizer.chat_template"] == ["tokenizer.chat_template"]
+    assert reader.fields["tokenizer.chat_template"].contents() == template.read_text()
     types = {t.name: t.tensor_type for t in reader.tensors}
     if arch == "gpt-oss":  # the released mix: MXFP4 experts, Q8_0 matrices, F32 small ones
         assert types["blk.0.ffn_up_exps.weight"] == GGMLQuantizationType.MXFP4
