@@ -40,7 +40,8 @@ Run = Callable[[CudaInt4Linear], torch.Tensor]
 def prepare(model: nn.Module, dtype: torch.dtype, keep_dense: bool = False,
             reps: int = 15) -> None:
     """Plan every ``CudaInt4Linear`` of ``model`` (on the GPU, in ``dtype``)."""
-    layers = [m for m in model.modules() if isinstance(m, CudaInt4Linear)]
+    layers = [m for m in model.modules()  # an untied embedding's table is only looked up
+              if isinstance(m, CudaInt4Linear) and not getattr(m, "lookup_only", False)]
     if not layers:
         return
     device = layers[0].packed.device

@@ -76,6 +76,8 @@ def swap_in(model: nn.Module, tables: Mapping[str, Codes], tied: bool) -> None:
         model.model.embed_tokens = CudaCodesEmbedding(table)
         if tied:
             model.lm_head = table
+        else:  # looked up, never multiplied: no kernel plan or workspace for it
+            table.lookup_only = True
     if HEAD in tables:
         model.lm_head = cuda_codes_linear((tables[HEAD],))
     log.info("CUDA tables kept as codes: %s%s", ", ".join(

@@ -73,6 +73,7 @@ def test_held_bytes_match_the_layout_sizes_and_stay_within_1_1x(small_file):
     assert held <= 1.1 * stored, held / stored
     embed, head = model.model.embed_tokens, model.lm_head
     assert isinstance(embed, CudaCodesEmbedding) and isinstance(embed.table, CudaInt4Linear)
+    assert embed.table.lookup_only  # untied: cuda_int4_tune plans no kernels for it
     assert isinstance(head, CudaQ6KLinear)
     layer0 = model.model.layers[0]  # a use_more_bits layer: Q6_K v and down
     assert isinstance(layer0.self_attn.qkv_proj, CudaMixedLinear)
