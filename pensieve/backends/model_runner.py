@@ -39,6 +39,10 @@ _CUDA_HEADROOM = 4 << 30  # bytes left free for activations and graphs when sizi
 # row-keys SDPA wins (in-process: 40 new over 256 cached 86 vs 101 ms; 16 over 1000 118 vs 81).
 ROWS_AS_DECODE = 64
 ROW_KEYS = 8192
+# A CPU step of at least this many tokens that completes every chunk it ran (a prefill done)
+# hands the kernels' chunk-sized scratch back (``CpuAttention.release_scratch``): re-faulting
+# it costs ~20 ms at the next prefill, keeping it ~64 MB of RSS for good (1.5B, 512 rows).
+RELEASE_FROM = 64
 
 
 def row_keys(sequences: Sequence[SequenceSlice]) -> int:
@@ -128,6 +132,7 @@ class ModelRunner:
         self.hybrid: HybridCaches | None = None
         self.cuda_batches = self.graphs = self.chunk_graphs = None
         self.cpu_attention = self.cpu_decoder = None
+        self._scratch_held = False  # a prefill-sized CPU step grew the kernels' scratch
         self.cuda_hybrid = None  # backends/cuda_hybrid.CudaHybridBuilder for hybrid layouts
         layout = model_layout(model, args)
         if not uniform_full(layout, config.context_length):
@@ -309,12 +314,22 @@ class ModelRunner:
         if fill_at:
             input_ids[self._tensor(fill_at)] = carried[self._tensor(fill_from)]
         step = self.cpu_attention.step(sequences) if self._kernels_attend(sequences) else None
-        if self.cpu_decoder and len(rows) == len(ids) and self.cpu_decoder.can_run(len(ids), step):
+        logits = self._run_cpu(input_ids, positions, slots, sequences, rows, step)
+        if self._scratch_held and len(rows) == len(chunks):  # every prompt in the step done
+            self.cpu_attention.release_scratch()
+            self._scratch_held = False
+        return logits
+
+    def _run_cpu(self, input_ids: torch.Tensor, positions: list[int], slots: list[int],
+                 sequences: list[SequenceSlice], rows: list[int],
+                 step: AttentionBackend | None) -> torch.Tensor:
+        bs, n = self.block_size, input_ids.shape[0]
+        if self.cpu_decoder and len(rows) == n and self.cpu_decoder.can_run(n, step):
             return self.cpu_decoder(input_ids, self._tensor(positions),
                                     self._tensor(slots), step, bs)
-        if self.cpu_decoder and len(ids) <= ROWS_AS_DECODE and row_keys(sequences) <= ROW_KEYS:
+        if self.cpu_decoder and n <= ROWS_AS_DECODE and row_keys(sequences) <= ROW_KEYS:
             row_step = self.cpu_attention.step(as_rows(sequences))
-            if self.cpu_decoder.can_run(len(ids), row_step):
+            if self.cpu_decoder.can_run(n, row_step):
                 return self.cpu_decoder(input_ids, self._tensor(positions), self._tensor(slots),
                                         row_step, bs, logits_rows=self._tensor(rows))
         ctx = ForwardContext(
@@ -325,6 +340,9 @@ class ModelRunner:
             logits_indices=self._tensor(rows),
             attention=step,
         )
+        # a prefill chunk: the kernels' per-call buffers grow to its size, handed back (run)
+        # once every prompt of a step is done
+        self._scratch_held |= step is not None and n >= RELEASE_FROM
         return self.model(input_ids, self._tensor(positions), ctx)
 
     def _kernels_attend(self, sequences: list[SequenceSlice]) -> bool:

@@ -55,6 +55,7 @@ SIGNATURES = {
     "pqx_bf16_isa": (),
     "pq_set_isa": (_INT,),
     "pq_set_act8": (_INT,),
+    "pq_release_scratch": (),
     "pq_rmsnorm": (_P, _I64, _I64, _I64, _P, _F, _P),
     "pq_rope_store": (_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P,
                       _INT),

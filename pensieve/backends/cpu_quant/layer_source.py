@@ -15,6 +15,7 @@ token at long contexts; converted with F16C, rounding to nearest even as ``tenso
 * ``pq_paged_decode``: one query token per sequence attending over its whole cached context
   (GQA: each KV head's keys read once for its group of query heads), softmax in float32 with
   the running maximum subtracted; threads over (sequence, KV head).
+* ``pq_release_scratch``: the calling thread's per-call buffers handed back (after a prefill).
 * ``pq_decode_layers``: a decode step's every Llama layer in one call (each projection a
   ``Proj``: row blocks in any of the code formats, so Q4_K and Q6_K layers mix), out of the pieces above and ``linear``/``silu_mul``: no Python between layers.
 """
@@ -226,6 +227,18 @@ void pq_decode_layers(float* x, int64_t M, int64_t H, int64_t I, int64_t n_layer
     proj_linear(a, M, w.proj[3], o, threads);
     for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
   }
+}
+
+// Hand back the calling thread's per-call buffers (the fused MLP's gate/up scratch, the
+// quantised activations, attention scores): sized by the largest call so far, a prefill
+// chunk's ~64 MB would otherwise stay resident for good. The next call allocates again.
+void pq_release_scratch() {
+  std::vector<float>().swap(mlp_scratch);
+  std::vector<float>().swap(attn_scores);
+  free(qbuf.q); free(qbuf.d); free(qbuf.s);
+  qbuf = Quantised();
+  free(q8buf.q); free(q8buf.d); free(q8buf.s);
+  q8buf = Quantised8();
 }
 
 }  // extern "C"

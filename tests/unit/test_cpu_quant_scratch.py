@@ -1,0 +1,57 @@
+"""The kernels' per-call scratch (the fused MLP's gate/up buffer, the quantised activations) is
+handed back after a prefill: a chunk-sized buffer would otherwise stay resident for good, and
+the next call still computes the same numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pensieve.backends.cpu_quant import Q4Linear
+from tests.unit.test_cpu_quant import KERNELS, groups
+from tests.unit.test_cpu_quant_mixed_model import mixed_engine
+
+pytestmark = pytest.mark.skipif(KERNELS is None, reason="CPU kernels cannot build here")
+
+
+def rss_anon_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon"))
+
+
+def test_released_scratch_leaves_rss_and_the_next_call_is_the_same():
+    from pensieve.backends.cpu_quant.mlp import Q4MLP
+
+    hidden, inner, rows = 64, 4096, 800  # scratch: 800 × 3 × 4096 floats = 39 MB
+    mlp = Q4MLP(Q4Linear(KERNELS, groups(2 * inner, hidden, seed=1)),
+                Q4Linear(KERNELS, groups(hidden, inner, seed=2)))
+    x = torch.randn(rows, hidden)
+    few = mlp(x[:5].contiguous())  # row tiles: a decode-sized call
+    first = mlp(x)
+    held = rss_anon_kib()
+    KERNELS.lib.pq_release_scratch()
+    freed = held - rss_anon_kib()
+    assert freed > 30_000, f"released only {freed} KiB"  # the 39 MB buffer, not kept resident
+    assert torch.equal(mlp(x), first)  # allocated again on the next call: the same numbers
+    KERNELS.lib.pq_release_scratch()
+    KERNELS.lib.pq_release_scratch()  # twice in a row: nothing left to free, no double free
+    assert torch.equal(mlp(x[:5].contiguous()), few)
+
+
+def test_the_runner_releases_after_a_finished_prefill_only(monkeypatch):
+    from pensieve.backends.cpu_quant.layers import CpuAttention
+    from pensieve.engine.types import SamplingParams
+
+    engine = mixed_engine(decoder=True)
+    released = []
+    monkeypatch.setattr(CpuAttention, "release_scratch", lambda self: released.append(1))
+    # 300 tokens in chunks of 64: the first two run as rows of the one-call decoder (few
+    # row-keys), the next on the module path (prefill-sized scratch), the fifth ends the prompt
+    engine.add_request("long", [3 + i % 250 for i in range(300)], SamplingParams(max_tokens=4, temperature=0.0))
+    steps = []
+    while engine.has_work():
+        before = len(released)
+        engine.step()
+        steps.append(len(released) - before)
+    assert steps[:5] == [0, 0, 0, 0, 1]  # released once, when the prompt's last chunk ran
+    assert sum(steps[5:]) == 0  # decode steps keep their (small) buffers
