@@ -1,6 +1,7 @@
 """Q6_K kernels on CUDA at Qwen3-8B's Q6_K shapes (``backends/cuda_q6k.py``), in process.
 
 Per shape and row count: ``cuda_q6k``'s route (gemv for 1-2 rows, the dequantising gemm beyond)
+with the tiles ``cuda_q6k_tune`` picks at start
 against the int8 layout it replaced (``cuda_int8``: int8 codes + a float16 scale per 16, 1.4×
 the bytes) and cuBLAS on a dense bf16 copy (3.1× the bytes; what no default path keeps), GPU µs
 (medians, launches queued behind a sleep as in a CUDA graph: ``cuda_int4_tune.gpu_us``) and the
@@ -57,12 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     from pensieve.backends.cuda_int4_tune import gpu_us
     from pensieve.backends.cuda_int8 import CudaInt8Linear
     from pensieve.backends.cuda_q6k import CudaQ6KLinear
+    from pensieve.backends.cuda_q6k_tune import plan_shape
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(torch.cuda.get_device_name(dev), "torch", torch.__version__)
     for name, (n, k) in SHAPES.items():
         g = q6k_groups(n, k, seed=n)
         layers = [CudaQ6KLinear(g).to(dev, dt)]
+        layers[0].plan = plan_shape(layers, dt, a.reps, gpu_us)  # what a start would choose
+        print(name, "plan:", layers[0].plan)
         old = [CudaInt8Linear(g).to(dev, dt)]
         dense = layers[0].dequantize().to(dt)
         q6_bytes = cuda_q6k.layout_bytes(n, k)

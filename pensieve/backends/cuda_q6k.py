@@ -16,7 +16,8 @@ the kernel, exactly (the int8 layout rounds it to float16).
 
 Kernels (``cuda_q6k_kernels.py``) by the rows of x: ``gemv`` for 1-2 (decode at batch 1-2),
 ``gemm`` with 16-row tiles for 3-16 (decode batches, on the tensor cores), ``gemm`` with larger
-tiles beyond (prefill), the weight dequantised in the kernel; no dense copy is ever made. Fused
+tiles beyond (prefill), the weight dequantised in the kernel; no dense copy is ever made. Each
+route's tiles are checked and timed per weight shape at start (``cuda_q6k_tune.prepare``). Fused
 parts (a Q4_K_M layer's Q4_K q/k beside a Q6_K v) go through ``cuda_int8.cuda_codes_linear``,
 which builds ``CudaMixedLinear`` over runs of one layout each. Fixed grids for fixed shapes and
 no host sync: CUDA graphs capture every launch. Importing this module needs neither a GPU nor
@@ -25,7 +26,6 @@ Triton.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -36,8 +36,6 @@ from torch import nn
 
 from pensieve.backends.cuda_int4 import pack_codes, triton_cdiv, unpack_codes
 from pensieve.loaders.int4_codes import Int8Groups
-
-log = logging.getLogger(__name__)
 
 BLOCK = 256  # values a Q6_K block; K must be a multiple
 GEMV_MAX_ROWS = 2
@@ -57,7 +55,8 @@ class Tiles:
     group_m: int = 8
 
 
-# Not yet timed on a GPU (no device run since they were written): the int8/int4 kernels' sizes.
+# The untimed defaults (the int8/int4 kernels' sizes; no GPU run since they were written);
+# cuda_q6k_tune times these against other candidates per weight shape at start.
 GEMV = Tiles(1, 8, 8, 4, 2)
 SKINNY = Tiles(16, 32, 8, 4, 3)  # 3-16 rows
 GEMM_SMALL = Tiles(64, 64, 4, 4, 3)  # up to 256 rows
@@ -141,56 +140,32 @@ def gemm(x: torch.Tensor, w: Buffers, y: torch.Tensor, t: Tiles | None = None) -
     return y
 
 
-# routes whose kernel failed to build or gave a wrong product on this GPU (``check``): their
-# rows take the weight dequantised by torch ops for the call + cuBLAS instead
-BROKEN: set[str] = set()
-ROUTES = {"gemv": 1, "skinny": 8, "gemm_small": 64, "gemm": 300}  # a route: rows checked at
+ROUTES = ("gemv", "skinny", "gemm_small", "gemm")
+Plan = dict[str, Tiles | None]  # route → its tiles, None: dequantise + cuBLAS (none built here)
+DEFAULT_PLAN: Plan = {"gemv": GEMV, "skinny": SKINNY, "gemm_small": GEMM_SMALL, "gemm": GEMM}
 
 
 def route(rows: int) -> str:
+    """The route a call of ``rows`` rows of x takes."""
     if rows <= GEMV_MAX_ROWS:
         return "gemv"
     return "skinny" if rows <= SKINNY_MAX_ROWS else "gemm_small" if rows <= 256 else "gemm"
 
 
-def q6k_linear(x: torch.Tensor, w: Buffers) -> torch.Tensor:
-    """x [M, K] (contiguous rows) @ w.T on the kernels (CUDA, or CPU tensors under
-    ``TRITON_INTERPRET=1``)."""
-    name = route(x.shape[0])
-    if name in BROKEN:
-        return F.linear(x, dequantize(*w).to(x.dtype))
+def launch(name: str, x: torch.Tensor, w: Buffers, t: Tiles) -> torch.Tensor:
+    """x @ w.T by the kernel of route ``name`` with tiles ``t``."""
     y = torch.empty(x.shape[0], w[0].shape[0], device=x.device, dtype=x.dtype)
-    return gemv(x, w, y) if name == "gemv" else gemm(x, w, y)
+    return gemv(x, w, y, t) if name == "gemv" else gemm(x, w, y, t)
 
 
-def check(model: nn.Module, dtype: torch.dtype) -> None:
-    """At start, on the GPU: each route once on the model's smallest ``CudaQ6KLinear`` against
-    its dequantised weight (relative error under 2e-2); a route that fails to build or is
-    wrong goes to ``BROKEN`` with a warning, so that a Triton that cannot compile a tile
-    slows a start's Q6_K layers down instead of breaking it."""
-    layers = [m for m in model.modules() if isinstance(m, CudaQ6KLinear)]
-    if not layers:
-        return
-    m = min(layers, key=lambda layer: layer.out_features * layer.in_features)
-    w = m.weight_buffers()
-    weight = dequantize(*w)
-    gen = torch.Generator(device=weight.device).manual_seed(0)
-    for name, rows in ROUTES.items():
-        x = torch.randn(rows, m.in_features, device=weight.device, generator=gen).to(dtype)
-        ref = F.linear(x.float(), weight)
-        try:
-            y = torch.empty(rows, m.out_features, device=x.device, dtype=dtype)
-            y = gemv(x, w, y) if name == "gemv" else gemm(
-                x, w, y, {"skinny": SKINNY, "gemm_small": GEMM_SMALL, "gemm": GEMM}[name])
-            err = ((y.float() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
-        except Exception as e:  # a Triton that cannot build it
-            err, why = float("inf"), str(e).splitlines()[0] if str(e) else type(e).__name__
-        else:
-            why = f"relative error {err:.3g}"
-        if not err < 2e-2:
-            BROKEN.add(name)
-            log.warning("Q6_K %s route left out (%dx%d): %s; dequantise + cuBLAS instead", name,
-                        m.out_features, m.in_features, why)
+def q6k_linear(x: torch.Tensor, w: Buffers, plan: Plan | None = None) -> torch.Tensor:
+    """x [M, K] (contiguous rows) @ w.T on the kernels (CUDA, or CPU tensors under
+    ``TRITON_INTERPRET=1``) with ``plan``'s tiles (``cuda_q6k_tune``; else the defaults)."""
+    name = route(x.shape[0])
+    t = (plan or DEFAULT_PLAN)[name]
+    if t is None:  # no tile of this route built and gave the right product on this GPU
+        return F.linear(x, dequantize(*w).to(x.dtype))
+    return launch(name, x, w, t)
 
 
 class CudaQ6KLinear(nn.Module):
@@ -212,6 +187,7 @@ class CudaQ6KLinear(nn.Module):
         self.register_buffer("d", torch.cat(
             [p.k_scales[1].to(torch.float16) for p in parts]).contiguous().view(torch.int16))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.plan: Plan | None = None  # cuda_q6k_tune.prepare's, per weight shape; not saved
 
     def weight_buffers(self) -> Buffers:
         return self.lo, self.hi, self.sc, self.d
@@ -228,7 +204,7 @@ class CudaQ6KLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.is_cuda:
-            y = q6k_linear(x2.contiguous(), self.weight_buffers())
+            y = q6k_linear(x2.contiguous(), self.weight_buffers(), self.plan)
         else:  # CPU (tests, a model not yet moved): the reference dequantisation
             y = F.linear(x2, self.dequantize().to(x.dtype))
         if self.bias is not None:

@@ -16,7 +16,7 @@ from pensieve.loaders.checkpoint import Checkpoint
 from pensieve.loaders.tokenizer import TextTokenizer
 from pensieve.models.args import ModelArgs
 from pensieve.models.llama import family_of
-from pensieve.backends import cuda_q6k, cuda_tables
+from pensieve.backends import cuda_q6k_tune, cuda_tables
 from pensieve.backends.cuda_int4 import prepare_for_cuda
 from pensieve.backends.cuda_layers import fuse_cuda_layers
 from pensieve.backends.cuda_moe import (
@@ -97,8 +97,8 @@ def assemble_model(model: nn.Module, args: ModelArgs, config: EngineConfig,
     if on_cuda and planned.modules and (model.fast_paths.cuda_fused_layers or planned.experts):
         # an MoE model's attention projections are planned too (its experts were swapped)
         prepare_for_cuda(model, config.dtype, keep_dense=config.keep_dense_weights)
-    if on_cuda:
-        cuda_q6k.check(model, config.dtype)
+    if on_cuda:  # Q6_K layers' tiles per weight shape, checked and timed
+        cuda_q6k_tune.prepare(model, config.dtype)
     return model
 
 

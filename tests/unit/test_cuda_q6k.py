@@ -3,7 +3,9 @@
 On CPU: the layout against the GGUF bytes (exact values, exact size), the wiring through
 ``cuda_codes_linear`` (alone, beside Q4_K parts, a Q6_K without its scale factors as int8), and
 both kernels in Triton's interpreter (``TRITON_INTERPRET=1``, a fresh process) against
-dequantise + matmul at an odd N and K = 768 (three blocks) for 1-40 rows. With a GPU: the
+dequantise + matmul at an odd N and K = 768 (three blocks) for 1-40 rows, every tile candidate
+of ``cuda_q6k_tune`` and its choice (the fastest right one; a failing or wrong one left out, a
+route without any dequantised). With a GPU: the
 compiled kernels in bf16/fp16 against float64 at model shapes and under a CUDA graph.
 """
 
@@ -93,18 +95,35 @@ def interpreter_check() -> None:
     for rows in (1, 7):
         xr = torch.randn(rows, k)
         assert rel(cuda_q6k.q6k_linear(xr, w), xr.double() @ weight.T) < 1e-5
-    cuda_q6k.check(torch.nn.Sequential(layer), torch.float32)  # every route builds, is right
-    assert not cuda_q6k.BROKEN
+    from pensieve.backends import cuda_q6k_tune
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("no such tile")
+    calls = []
 
-    cuda_q6k.gemm = broken  # a Triton that cannot build the gemm: its routes fall back
-    cuda_q6k.check(torch.nn.Sequential(layer), torch.float32)
-    assert cuda_q6k.BROKEN == {"skinny", "gemm_small", "gemm"}
-    for rows in (1, 7, 40):
+    def timer(run, sample, reps):  # the later a candidate, the faster: the last must win
+        run(sample[0])
+        calls.append(1)
+        return 100.0 - len(calls)
+
+    rows = {"gemv": 1, "skinny": 8, "gemm_small": 40, "gemm": 70}
+    model = torch.nn.Sequential(layer, CudaQ6KLinear(groups(Q.Q6_K, 45, k, seed=13)))
+    cuda_q6k_tune.prepare(model, torch.float32, timer=timer, rows=rows)
+    assert layer.plan is model[1].plan  # one plan a weight shape
+    assert layer.plan == {r: c[-1] for r, c in cuda_q6k_tune.CANDIDATES.items()}
+    real = cuda_q6k.gemm
+
+    def broken(x, w, y, t=None):
+        if t is cuda_q6k.GEMM_SMALL:
+            return y.zero_()  # a wrong tile: left out
+        raise RuntimeError("no such tile")  # a Triton that cannot build it
+
+    cuda_q6k.gemm = broken
+    cuda_q6k_tune.prepare(model, torch.float32, timer=timer, rows=rows)
+    cuda_q6k.gemm = real
+    assert layer.plan["gemv"] is not None
+    assert layer.plan["skinny"] is layer.plan["gemm_small"] is layer.plan["gemm"] is None
+    for rows in (1, 7, 40, 300):  # routes without tiles: dequantise + matmul
         xr = torch.randn(rows, k)
-        assert rel(cuda_q6k.q6k_linear(xr, w), xr.double() @ weight.T) < 1e-5
+        assert rel(cuda_q6k.q6k_linear(xr, w, layer.plan), xr.double() @ weight.T) < 1e-5
 
 
 def test_kernels_in_the_triton_interpreter():
