@@ -353,6 +353,22 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([b & 15, b >> 4], dim=2).reshape(n, half * 2)
 
 
+def _packed_codes(p: Int4Groups) -> torch.Tensor:
+    """``pack_codes(p.codes)``: a GGUF tensor's nibbles (``Int4Groups.from_nibbles``) are that
+    layout already, so they are taken as they are — no unpacking to a byte a code and back."""
+    return p.nibbles[0].contiguous() if p.nibbles is not None else pack_codes(p.codes)
+
+
+def _scales_offsets(p: Int4Groups) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float scales and offsets the layout rounds to float16: a GGUF tensor's own float16
+    ones where it has them (Q4_K's are its exact products rounded once: the same values)."""
+    return (p.nibbles[1], p.nibbles[2]) if p.nibbles is not None else (p.scales, p.offsets)
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def prepare_for_cuda(model: nn.Module, dtype: torch.dtype, keep_dense: bool = False) -> None:
     """After the model is on the GPU: time each weight shape's kernels and tiles and route
     every ``CudaInt4Linear`` (``cuda_int4_tune.prepare``); ``keep_dense``: also the tinygemm
@@ -382,12 +398,12 @@ class CudaInt4Linear(nn.Module):
             raise ValueError(f"CudaInt4Linear needs groups of {GROUP}")
         self.in_features = parts[0].codes.shape[1]
         self.out_features = sum(p.codes.shape[0] for p in parts)
-        self.register_buffer("packed", torch.cat([pack_codes(p.codes) for p in parts]))
+        self.register_buffer("packed", _cat([_packed_codes(p) for p in parts]))
         # Q4_0 (every offset −8 · scale): the scales alone, as in the file; else the pairs
-        sym = all(is_symmetric(p.scales, p.offsets) for p in parts)
-        self.register_buffer("scale_offset", torch.cat(
-            [pack_scales(p.scales) if sym else pack_scale_offset(p.scales, p.offsets)
-             for p in parts]))
+        pairs = [_scales_offsets(p) for p in parts]
+        sym = all(is_symmetric(s, o) for s, o in pairs)
+        self.register_buffer("scale_offset", _cat(
+            [pack_scales(s) if sym else pack_scale_offset(s, o) for s, o in pairs]))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         # prepare_for_cuda's timed plan and (opt-in) extra copies; plain attributes: never
         # saved or cast

@@ -363,24 +363,29 @@ def expert_state_names(experts: Mapping[str, Experts3]) -> set[str]:
     return {f"{path}.{p}.weight" for path in experts for p in ("gate_up_proj", "down_proj")}
 
 
-def swap_in_experts(model: nn.Module, experts: Mapping[str, Experts3], num_experts: int) -> int:
+def swap_in_experts(model: nn.Module, experts: Mapping[str, Experts3], num_experts: int, *,
+                    consume: bool = False) -> int:
     """Replace each named ``models.moe.Experts`` module by ``CudaMoEExperts`` over its codes
     (``take_expert_codes``' choice); where no ``Experts`` is left, the model's CUDA graphs are
-    allowed (no host sync remains in its MLPs) as far as its paged kernels are."""
+    allowed (no host sync remains in its MLPs) as far as its paged kernels are. ``consume``:
+    each layer's codes are taken out of ``experts`` (a dict) once its module is built."""
     from pensieve.models.moe import Experts
 
-    for path, (gate, up, down) in experts.items():
+    count = len(experts)
+    for path in list(experts):
+        gate, up, down = experts.pop(path) if consume else experts[path]  # type: ignore[attr-defined]
         if type(model.get_submodule(path)) is not Experts:
             raise TypeError(f"{path} is not models.moe.Experts: its codes have no CUDA layer")
         parent, _, attr = path.rpartition(".")
         setattr(model.get_submodule(parent), attr, CudaMoEExperts(gate, up, down, num_experts))
-    if not experts:
+        del gate, up, down
+    if not count:
         return 0
     fast = getattr(model, "fast_paths", None)
     left = sum(isinstance(m, Experts) for m in model.modules())
     if not left and fast is not None and fast.paged_kernels:
         model.fast_paths = replace(fast, cuda_graphs=True)
     first = next(m for m in model.modules() if isinstance(m, CudaMoEExperts))
-    log.info("MoE experts as codes on CUDA: %d layers (%s)%s", len(experts), first.extra_repr(),
+    log.info("MoE experts as codes on CUDA: %d layers (%s)%s", count, first.extra_repr(),
              f"; {left} layers dequantised" if left else "")
-    return len(experts)
+    return count

@@ -124,14 +124,17 @@ def _int4_module(parts: Parts, bias: torch.Tensor | None, kernel: str,
 
 
 def swap_in(model: nn.Module, modules: Mapping[str, Codes | Sequence[Codes]],
-            kernel: str = "auto") -> None:
+            kernel: str = "auto", *, consume: bool = False) -> None:
     """Replace each named module (an ``nn.Linear`` on meta) by its quantised form, built from
-    one ``Int4Groups``/``Int8Groups`` or the parts ``plan_int4`` gives for it."""
+    one ``Int4Groups``/``Int8Groups`` or the parts ``plan_int4`` gives for it. ``consume``:
+    each entry is taken out of ``modules`` (a dict) as its layer is built, so that the codes'
+    intermediate forms are freed one layer at a time (a GPU's peak during a start)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     kernels = load_kernels() if modules and kernel in ("auto", "cpu_quant") else None
     kinds: dict[str, int] = {}
-    for path, groups in modules.items():
+    for path in list(modules):
+        groups = modules.pop(path) if consume else modules[path]  # type: ignore[attr-defined]
         parent_path, _, attr = path.rpartition(".")
         old = model.get_submodule(path)
         bias = old.bias if isinstance(old, nn.Linear) and old.bias is not None else None

@@ -90,16 +90,25 @@ def assemble_model(model: nn.Module, args: ModelArgs, config: EngineConfig,
                    planned: ModelWeights) -> nn.Module:
     """``model`` (on meta) with ``planned``'s weights loaded and its codes swapped in."""
     on_cuda = torch.device(config.device).type == "cuda"
+    # asked before place_weights, which lets a CUDA model's codes go as it builds the layers;
+    # an MoE model's attention projections are planned too (its experts were swapped)
+    tune_int4 = bool(planned.modules) and (model.fast_paths.cuda_fused_layers
+                                           or bool(planned.experts))
     place_weights(model, args, config, planned)
     model = model.to(device=config.device, dtype=config.dtype).eval()
-    if on_cuda and model.fast_paths.cuda_fused_layers:
-        fuse_cuda_layers(model)
-    if on_cuda and planned.modules and (model.fast_paths.cuda_fused_layers or planned.experts):
-        # an MoE model's attention projections are planned too (its experts were swapped)
-        prepare_for_cuda(model, config.dtype, keep_dense=config.keep_dense_weights)
-    if on_cuda:  # Q6_K layers' tiles per weight shape, checked and timed
-        cuda_q6k_tune.prepare(model, config.dtype)
+    if on_cuda:
+        finish_on_cuda(model, config, tune_int4)
     return model
+
+
+def finish_on_cuda(model: nn.Module, config: EngineConfig, tune_int4: bool) -> None:
+    """A model on its GPU: fused layers, the int4 layers' timed plans (``tune_int4``), the
+    Q6_K layers' tiles per weight shape, checked and timed."""
+    if model.fast_paths.cuda_fused_layers:
+        fuse_cuda_layers(model)
+    if tune_int4:
+        prepare_for_cuda(model, config.dtype, keep_dense=config.keep_dense_weights)
+    cuda_q6k_tune.prepare(model, config.dtype)
 
 
 def place_weights(model: nn.Module, args: ModelArgs, config: EngineConfig,
@@ -126,8 +135,10 @@ def place_weights(model: nn.Module, args: ModelArgs, config: EngineConfig,
         model.lm_head.weight = model.model.embed_tokens.weight
     (cuda_tables.swap_in if on_cuda else swap_in_tables)(model, table_codes,
                                                          args.tie_word_embeddings)
-    swap_in(model, int4_modules, kernel="cuda_int4" if on_cuda else "auto")
-    swap_in_experts(model, planned.experts, args.moe.num_experts if planned.experts else 0)
+    # CUDA: each layer's codes are let go once its buffers are built (the GPU's peak at start)
+    swap_in(model, int4_modules, kernel="cuda_int4" if on_cuda else "auto", consume=on_cuda)
+    swap_in_experts(model, planned.experts, args.moe.num_experts if planned.experts else 0,
+                    consume=on_cuda)
     if config.int8_lm_head:
         int8_lm_head(model, q8=head_q8)
 

@@ -348,7 +348,8 @@ def _load_model(settings: ServeSettings, choice: WeightChoice, entry):  # noqa: 
     started = time.perf_counter()
     ckpt = load_checkpoint(settings.model_path, dtype=settings.engine.dtype,
                            keep_int4=choice.keep_int4, tensors=hit is None,
-                           tokenizer=None if hit is None else hit[2])
+                           tokenizer=None if hit is None else hit[2],
+                           device=_convert_on(settings))
     ckpt, engine_cfg = _fit_context(settings, ckpt)
     if hit is not None:
         planned, meta, _ = hit
@@ -375,6 +376,15 @@ def _load_model(settings: ServeSettings, choice: WeightChoice, entry):  # noqa: 
     del planned
     write = None if snap is None else (lambda: packed_cache.write_in_background(entry, snap))
     return ckpt, engine_cfg, model, write
+
+
+def _convert_on(settings: ServeSettings) -> str | None:
+    """Where a GGUF's tensors are decoded: on the GPU that will hold them (their bytes copied
+    there as they are; ``PENSIEVE_CONVERT_ON=cpu`` keeps the host conversion), else the host."""
+    device = torch.device(settings.engine.device)
+    if device.type != "cuda" or os.environ.get("PENSIEVE_CONVERT_ON", "") == "cpu":
+        return None
+    return str(device)
 
 
 def choose_weights(settings: ServeSettings) -> WeightChoice:

@@ -22,6 +22,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from pensieve.loaders.checkpoint import CheckpointError
+from pensieve.loaders.device_read import DeviceReader
 
 _SCALARS: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b",
@@ -203,6 +204,7 @@ class GGUFFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._reader: DeviceReader | None = None
         try:
             with open(self.path, "rb") as f:
                 # ACCESS_COPY: writable private pages, so torch.frombuffer needs no copy
@@ -272,6 +274,14 @@ class GGUFFile:
         info = self.tensors[name]
         return torch.frombuffer(self._buf, dtype=torch.uint8, count=info.nbytes,
                                 offset=info.offset)
+
+    def raw_to(self, name: str, device: torch.device | str) -> torch.Tensor:
+        """The tensor's bytes as a new uint8 tensor on ``device``, read from the file through
+        pinned buffers (``device_read.DeviceReader``), not through the map."""
+        if self._reader is None or self._reader.device != torch.device(device):
+            self._reader = DeviceReader(self.path, device)
+        info = self.tensors[name]
+        return self._reader.read(info.offset, info.nbytes)
 
     def release(self, name: str) -> None:
         """Drop the mapped pages of ``name``'s bytes from this process (``MADV_DONTNEED``:

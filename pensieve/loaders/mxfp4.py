@@ -42,9 +42,9 @@ def _decode_into(out: torch.Tensor, qs: torch.Tensor, exponents: torch.Tensor,
     per code byte (``index_select`` takes int32 indices) and one scale per block,
     2^(e − 128) × the doubled code, multiplied straight into ``out``."""
     n = qs.shape[0]
-    values = torch.index_select(_PAIRS, 0, qs.reshape(-1).to(torch.int32))
+    values = torch.index_select(_PAIRS.to(qs.device), 0, qs.reshape(-1).to(torch.int32))
     values = values.view(torch.float32).view(n, BLOCK // 2, 2)
-    scale = torch.ldexp(torch.ones(n), exponents.to(torch.int32).sub_(128)).view(n, 1, 1)
+    scale = torch.ldexp(torch.ones(n, device=qs.device), exponents.to(torch.int32).sub_(128)).view(n, 1, 1)
     if interleaved:
         torch.mul(values, scale, out=out.view(n, BLOCK // 2, 2))
     else:
@@ -53,7 +53,7 @@ def _decode_into(out: torch.Tensor, qs: torch.Tensor, exponents: torch.Tensor,
 
 def ggml_blocks(blocks: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     """(n, 17) GGML MXFP4 blocks → (n, 32) float32."""
-    out = torch.empty(blocks.shape[0], BLOCK)
+    out = torch.empty(blocks.shape[0], BLOCK, device=blocks.device)
     for start in range(0, blocks.shape[0], chunk):
         part = blocks[start:start + chunk]
         _decode_into(out[start:start + chunk], part[:, 1:], part[:, 0], interleaved=False)
@@ -67,7 +67,7 @@ def hf_blocks(blocks: torch.Tensor, scales: torch.Tensor, chunk: int = CHUNK) ->
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not fit scales "
                          f"{tuple(scales.shape)}")
     flat, exps = blocks.reshape(-1, BLOCK // 2), scales.reshape(-1)
-    out = torch.empty(flat.shape[0], BLOCK)
+    out = torch.empty(flat.shape[0], BLOCK, device=flat.device)
     for start in range(0, flat.shape[0], chunk):
         _decode_into(out[start:start + chunk], flat[start:start + chunk],
                      exps[start:start + chunk], interleaved=True)

@@ -114,11 +114,11 @@ def _q6_k_codes(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     ql = blocks[:, :128].reshape(n, 2, 64)
     qh = blocks[:, 128:192].reshape(n, 2, 32)
-    out = torch.empty(n, 2, 4, 32, dtype=torch.uint8)
+    out = torch.empty(n, 2, 4, 32, dtype=torch.uint8, device=blocks.device)
     low = out.view(n, 2, 2, 64)
     torch.bitwise_and(ql, 15, out=low[:, :, 0])
     torch.bitwise_right_shift(ql, 4, out=low[:, :, 1])
-    high = torch.empty(n, 2, 4, 32, dtype=torch.uint8)
+    high = torch.empty(n, 2, 4, 32, dtype=torch.uint8, device=blocks.device)
     high[:, :, 0].copy_(qh)
     for i, shift in ((1, 2), (2, 4), (3, 6)):
         torch.bitwise_right_shift(qh, shift, out=high[:, :, i])
@@ -136,7 +136,7 @@ def _q5_codes(blocks: torch.Tensor, data_at: int) -> torch.Tensor:
     j in bit j of the little-endian uint32 before them."""
     low = _nibbles(blocks[:, data_at:])
     qh = blocks[:, data_at - 4:data_at, None]  # byte b holds values 8b..8b+7, lowest bit first
-    high = ((qh >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1, 32)
+    high = ((qh >> torch.arange(8, dtype=torch.uint8, device=qh.device)) & 1).reshape(-1, 32)
     return low | (high << 4)
 
 
@@ -153,7 +153,7 @@ IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 8
 
 def _iq4_nl_codes(qs: torch.Tensor) -> torch.Tensor:
     """(n, 16) IQ4 nibble bytes → (n, 32) int8 table values (low nibbles, then high)."""
-    table = torch.tensor(IQ4_VALUES, dtype=torch.int8)
+    table = torch.tensor(IQ4_VALUES, dtype=torch.int8, device=qs.device)
     return table[_nibbles(qs).to(torch.int64)]
 
 
@@ -167,7 +167,7 @@ def _iq4_xs_steps(blocks: torch.Tensor) -> torch.Tensor:
     4 bits in the nibbles of bytes 4..7, high 2 bits in the uint16 at byte 2."""
     low = torch.stack((blocks[:, 4:8] & 15, blocks[:, 4:8] >> 4), dim=2).reshape(-1, 8)
     high_bits = blocks[:, 2].to(torch.int64) | (blocks[:, 3].to(torch.int64) << 8)
-    high = (high_bits[:, None] >> (2 * torch.arange(8))) & 3
+    high = (high_bits[:, None] >> (2 * torch.arange(8, device=blocks.device))) & 3
     ls = low.to(torch.int64) | (high << 4)
     return _scale(blocks, 0) * (ls - 32).to(torch.float32)
 
@@ -234,7 +234,7 @@ def dequantize(
     if ggml_type in _TORCH_BLOCKS:
         values = _TORCH_BLOCKS[ggml_type](blocks)
     else:
-        values = torch.from_numpy(gguf_dequantize(blocks.numpy(), ggml_type))
+        values = torch.from_numpy(gguf_dequantize(blocks.cpu().numpy(), ggml_type)).to(raw.device)
     return values.reshape(shape).to(dtype)
 
 
