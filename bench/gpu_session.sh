@@ -15,7 +15,8 @@
 # STEPS (default "tests dense moe hybrid") picks and orders them. Needs .whl/, .gpu/tokenizer.gguf
 # .gpu/llama.cpp and .gpu/templates carried (see bench/gpu_qwen_vs_llamacpp.sh). Writes $OUT/summary.md,
 # $OUT/progress.txt, $OUT/pytest_cuda.log and $OUT/gs_logs.tgz. The pipeline runs on a copy of the
-# first call's tree (/tmp/w): later calls may carry an edited tree without disturbing it.
+# first call's tree (/tmp/w; or of .gpu/head.tar where carried): later calls may carry an edited tree
+# without disturbing it.
 cd "$(dirname "$0")/.."
 S=/tmp/gs; mkdir -p $S
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
@@ -75,12 +76,13 @@ pipeline() {
     case $step in
       tests)
         [ "$TESTS" = none ] && continue; log "tests start"
-        timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -p no:cacheprovider -rs --durations=10 \
+        timeout ${TEST_TIMEOUT:-330} python3 -m pytest -v -p no:cacheprovider -rs --durations=10 \
           ${TESTS:-tests/unit/test_cuda_moe.py tests/unit/test_cuda_sinks.py tests/unit/test_cuda_hybrid.py \
           tests/unit/test_cuda_hybrid_fast.py tests/unit/test_cuda_hybrid_kernels.py \
           tests/unit/test_gated_delta_cuda.py tests/unit/test_cuda_mla.py tests/unit/test_engine_async.py \
           tests/unit/test_engine_async_grammar.py tests/unit/test_warm_up.py} > $S/pytest_cuda.log 2>&1
-        log "tests rc=$? $(tail -1 $S/pytest_cuda.log)";;
+        log "tests rc=$? $(tail -1 $S/pytest_cuda.log)"
+        grep -E "FAILED|ERROR" $S/pytest_cuda.log | head -20 | cut -c1-250 >> $S/progress;;
       dense)
         D=${DENSE:-q4 qwen3}
         [[ $D == *q4* ]] && wait_gguf $Q4 && pens q4 $Q4 decode,x8,ttft1
@@ -106,7 +108,11 @@ pipeline() {
 if [ "$1" = pipeline ]; then pipeline; exit 0; fi
 T0=$(date +%s); BUDGET=${BUDGET:-585}
 if [ ! -e $S/started ]; then  # the pipeline runs on a frozen copy of the first call's tree
-  touch $S/started; rm -rf /tmp/w; cp -a . /tmp/w
+  touch $S/started; rm -rf /tmp/w
+  if [ -e .gpu/head.tar ]; then  # a commit (git archive HEAD -o .gpu/head.tar), not the live tree
+    mkdir -p /tmp/w/.gpu && tar -xf .gpu/head.tar -C /tmp/w && cp -a .whl /tmp/w/ \
+      && cp -a .gpu/llama.cpp .gpu/tokenizer.gguf .gpu/templates /tmp/w/.gpu/
+  else cp -a . /tmp/w; fi
   (cd /tmp/w && setsid nohup bash bench/gpu_session.sh pipeline < /dev/null > $S/pipeline.log 2>&1 &)
 fi
 SEEN=0
