@@ -435,3 +435,24 @@ def test_moe_model_with_int4_attention_on_cuda(gguf_root):
         ours, engine = cuda_tokens(codes, codes_ckpt, ids, 8)
         assert engine.runner.graphs is not None and engine.runner.graphs.replays > 0
         assert ours == cuda_tokens(reference, float_ckpt, ids, 8)[0], seed
+
+
+def test_six_bit_kernels_compile_for_the_h100():
+    """The 6-bit (Q6_K: d·sc) path of both kernels built for sm_90 in bfloat16 here, no GPU
+    needed (Triton's own ptxas): the decode pick GEMV fused and routed, the grouped GEMM."""
+    from pensieve.backends import cuda_moe_kernels as kernels
+    from tests.helpers.triton_compile import compile_for
+
+    types = {"X": "*bf16", "IDS": "*i32", "RW": "*bf16", "W": "*u8", "S": "*i8", "MN": "*u8",
+             "D": "*i16", "Y": "*bf16", "N": "i32", "K": "i32", "stride_x": "i32",
+             "stride_y": "i32", "SORTED": "*i32", "BEXP": "*i32", "P": "i32", "E": "i32"}
+    six = dict(TOPK=8, INT4=False, SIX=True, GS=16, HAS_MIN=False)
+    t = cuda_moe.GEMV_FEW
+    for fuse in (True, False):
+        consts = dict(six, GATHER=fuse, FUSE=fuse, ROUTED=not fuse, BLOCK_N=t.block_n,
+                      BLOCK_K=t.block_k)
+        assert compile_for(kernels.pick_gemv, types, consts, t.num_warps, t.num_stages)
+    g = cuda_moe.GROUPED_SMALL
+    consts = dict(six, GATHER=True, FUSE=True, ROUTED=False, BLOCK_M=g.block_m,
+                  BLOCK_N=g.block_n, BLOCK_K=g.block_k)
+    assert compile_for(kernels.grouped_gemm, types, consts, g.num_warps, g.num_stages)

@@ -171,3 +171,33 @@ def test_random_bytes_cover_every_code():
     g = groups(Q.Q6_K, 45, 768, seed=3)
     assert set(np.unique(g.codes.numpy())) == set(range(-32, 32))
     assert (g.k_scales[0] < 0).any() and (g.k_scales[0] > 0).any()
+
+
+def compile_tiles(dtype: str, tiles: dict) -> None:
+    from pensieve.backends import cuda_q6k_kernels as kernels
+    from tests.helpers.triton_compile import compile_for
+
+    types = {"X": f"*{dtype}", "LO": "*u8", "HI": "*u8", "SC": "*i8", "D": "*i16",
+             "Y": f"*{dtype}", "M": "i32", "N": "i32", "GROUPS": "i32", "stride_x": "i32",
+             "stride_y": "i32"}
+    for route, t in tiles:
+        if route == "gemv":
+            fn, consts = kernels.gemv, {"BLOCK_N": t.block_n, "BLOCK_G": t.block_g}
+        else:
+            fn, consts = kernels.gemm, {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n,
+                                        "BLOCK_G": max(2, t.block_g), "GROUP_M": t.group_m}
+        assert compile_for(fn, types, consts, t.num_warps, t.num_stages) is not None
+
+
+def test_default_tiles_compile_for_the_h100():
+    """Each route's default tiles built for sm_90 in bfloat16 here (no GPU needed: Triton's
+    own ptxas): what the interpreter cannot see (a layout or tile the compiler refuses)."""
+    compile_tiles("bf16", list(cuda_q6k.DEFAULT_PLAN.items()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_every_candidate_compiles_for_the_h100(dtype):
+    from pensieve.backends.cuda_q6k_tune import CANDIDATES
+
+    compile_tiles(dtype, [(r, t) for r, ts in CANDIDATES.items() for t in ts])

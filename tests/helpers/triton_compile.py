@@ -1,0 +1,40 @@
+"""Compile a Triton kernel for an NVIDIA GPU on a machine without one (Triton's own ptxas).
+
+Catches what the interpreter cannot — a tile or layout the compiler refuses, shared memory
+past the limit — before a device run. ``compile_for`` skips the test on a GPU machine (the
+kernels run there) and where this Triton lacks the ahead-of-time API.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+
+def compile_for(fn: Any, types: Mapping[str, str], consts: Mapping[str, Any], num_warps: int,
+                num_stages: int, arch: int = 90) -> Any:
+    """``fn`` (a ``@triton.jit`` function) compiled for ``sm_{arch}``: ``types`` the Triton type
+    of each runtime argument (``"*bf16"``, ``"i32"``...), ``consts`` the constexpr values."""
+    import torch
+
+    if torch.cuda.is_available():  # the kernels themselves run there (and its Triton may differ)
+        pytest.skip("the compiled kernels are checked on this GPU")
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ahead-of-time compile API")
+    names = list(inspect.signature(fn.fn).parameters)
+    signature, constexprs = {}, {}
+    for i, name in enumerate(names):
+        if name in consts:
+            signature[name], constexprs[(i,)] = "constexpr", consts[name]
+        else:
+            signature[name] = types[name]
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
