@@ -12,7 +12,9 @@
 #           (--cache-ram 0) on the same files: decode b=1, 8 streams, cold 12k / warm TTFT;
 #   moe     the same on the 30B-A3B file: decode, 8 and 32 streams, cold/warm TTFT, Claude Code load;
 #   hybrid  bench/gpu_hybrid_run.sh for HYBRID families (default qwen35moe), the dense files deleted.
-# STEPS (default "tests dense moe hybrid") picks and orders them. Needs .whl/, .gpu/tokenizer.gguf
+# STEPS (default "tests dense moe hybrid") picks and orders them; pdense/pmoe and ldense/lmoe are
+# the Pensieve and the llama-server halves of dense/moe (e.g. "pdense pmoe tests ldense lmoe": the
+# tests run while llama-server builds). Needs .whl/, .gpu/tokenizer.gguf
 # .gpu/llama.cpp and .gpu/templates carried (see bench/gpu_qwen_vs_llamacpp.sh). Writes $OUT/summary.md,
 # $OUT/progress.txt, $OUT/pytest_cuda.log and $OUT/gs_logs.tgz. The pipeline runs on a copy of the
 # first call's tree (/tmp/w; or of .gpu/head.tar where carried): later calls may carry an edited tree
@@ -83,15 +85,22 @@ pipeline() {
           tests/unit/test_engine_async_grammar.py tests/unit/test_warm_up.py} > $S/pytest_cuda.log 2>&1
         log "tests rc=$? $(tail -1 $S/pytest_cuda.log)"
         grep -E "FAILED|ERROR" $S/pytest_cuda.log | head -20 | cut -c1-250 >> $S/progress;;
-      dense)
+      dense|pdense)
         D=${DENSE:-q4 qwen3}
         [[ $D == *q4* ]] && wait_gguf $Q4 && pens q4 $Q4 decode,x8,ttft1
         [[ $D == *qwen3* ]] && wait_gguf $Q3 && pens qwen3 $Q3 decode,x8,ttft1
+        [ $step = pdense ] && continue
         [[ $D == *q4* ]] && [ -e $Q4.done ] && llama q4 $Q4 decode,x8,ttft1 16384 8
         [[ $D == *qwen3* ]] && [ -e $Q3.done ] && llama qwen3 $Q3 decode,x8,ttft1 16384 8;;
-      moe)
+      ldense)
+        D=${DENSE:-q4 qwen3}
+        [[ $D == *q4* ]] && [ -e $Q4.done ] && llama q4 $Q4 decode,x8,ttft1 16384 8
+        [[ $D == *qwen3* ]] && [ -e $Q3.done ] && llama qwen3 $Q3 decode,x8,ttft1 16384 8;;
+      moe|pmoe)
         wait_gguf $M || continue; pens moe $M decode,x8,x32,ttft1,cc
-        llama moe $M decode,x8,x32,ttft1,cc 32768 32;;
+        [ $step = moe ] && llama moe $M decode,x8,x32,ttft1,cc 32768 32;;
+      lmoe)
+        [ -e $M.done ] && llama moe $M decode,x8,x32,ttft1,cc 32768 32;;
       hybrid)
         rm -f $Q4 $Q3; rm -rf ~/.cache/pensieve/packed; wait_for $S/build.rc
         mkdir -p $S/hy; touch $S/hy/build.started; cp $S/build.rc $S/hy/build.rc
