@@ -378,11 +378,28 @@ def _load_model(settings: ServeSettings, choice: WeightChoice, entry):  # noqa: 
     return ckpt, engine_cfg, model, write
 
 
+# the decoded forms a GPU holds before the layers are built, per byte of the file (Q4_K 1.56,
+# Q6_K 1.46, Q4_0 1.11: codes, float16 and exact float32 scales), with room for one tensor's
+# temporaries
+DECODED_PER_FILE_BYTE = 1.6
+DECODE_HEADROOM = 2 << 30
+
+
 def _convert_on(settings: ServeSettings) -> str | None:
     """Where a GGUF's tensors are decoded: on the GPU that will hold them (their bytes copied
-    there as they are; ``PENSIEVE_CONVERT_ON=cpu`` keeps the host conversion), else the host."""
+    there as they are) where its free memory takes the decoded forms, else on the host (as
+    with ``PENSIEVE_CONVERT_ON=cpu``), which is slower but needs only the built layers' room."""
     device = torch.device(settings.engine.device)
     if device.type != "cuda" or os.environ.get("PENSIEVE_CONVERT_ON", "") == "cpu":
+        return None
+    path = Path(settings.model_path).expanduser()
+    if not path.is_file():  # an HF folder: its loader reads on the host
+        return None
+    need = path.stat().st_size * DECODED_PER_FILE_BYTE + DECODE_HEADROOM
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > free:
+        log.info("decoding the GGUF on the host: the GPU's %.1f GiB free take not its decoded "
+                 "forms (%.1f GiB)", free / 2**30, need / 2**30)
         return None
     return str(device)
 
