@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pensieve.backends import tinygemm
+from pensieve.backends import cuda_int4_plan_cache, tinygemm
 from pensieve.backends.cuda_int4 import (
     GEMM_BUCKETS, GEMM_CANDIDATES, ROUTE_BUCKETS, SKINNY_CANDIDATES, WORDS_CANDIDATES,
     CudaInt4Linear, Plan, Skinny, default_plan, dequantize, gemm, gemv, gemv_words,
@@ -128,7 +128,12 @@ def _plan_all(layers: list[CudaInt4Linear], dtype: torch.dtype, reps: int) -> st
         by_shape.setdefault((m.out_features, m.in_features), []).append(m)
     notes = []
     for (n, k), group in by_shape.items():
-        plan, note = plan_shape(group[:8], dtype, reps)
+        plan = cuda_int4_plan_cache.load(group[0], dtype)  # an earlier start's, checked
+        if plan is not None:
+            note = f"{plan.route} (timed at an earlier start)"
+        else:
+            plan, note = plan_shape(group[:8], dtype, reps)
+            cuda_int4_plan_cache.store(group[0], dtype, plan)
         for m in group:
             m.plan = plan
         notes.append(f"{n}x{k}: {note}")
