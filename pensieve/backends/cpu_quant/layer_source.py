@@ -21,6 +21,8 @@ token at long contexts; converted with F16C, rounding to nearest even as ``tenso
 """
 
 LAYER_SOURCE = r"""
+#include <malloc.h>
+
 namespace {
 
 inline void rope_row(float* x, const float* cos, const float* sin, int64_t D) {
@@ -239,6 +241,9 @@ void pq_release_scratch() {
   qbuf = Quantised();
   free(q8buf.q); free(q8buf.d); free(q8buf.s);
   q8buf = Quantised8();
+#ifdef __GLIBC__
+  malloc_trim(0);  // a buffer malloc placed inside its heap (a free chunk fit) leaves RSS only so
+#endif
 }
 
 }  // extern "C"

@@ -2,9 +2,10 @@
 
 ``CpuRMSNorm`` replaces ``models.llama.RMSNorm`` (same ``weight``); ``CpuAttention`` makes each
 step's ``ForwardContext.attention``: RoPE and the KV store in one call for every token, one
-call for all one-token (decode) sequences, and PyTorch's SDPA for longer chunks (prefill is
-compute-bound; SDPA's flash kernel does that better). Anything else — another dtype, an odd
-head size — takes the PyTorch path unchanged.
+call for all one-token (decode) sequences, and for longer chunks the compiled prefill attention
+(``prefill_attention_source.py``: AVX-512, head size 64 or 128; 2-4× SDPA on the 1.5B's
+shapes) or else PyTorch's SDPA. Anything else — another dtype, an odd head size — takes the
+PyTorch path unchanged.
 """
 
 from __future__ import annotations
@@ -116,6 +117,12 @@ class CpuAttentionStep:
                                 m[1].data_ptr(), m[2].data_ptr(), self.tables.data_ptr(), hq, hk,
                                 d, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1],
                                 d ** -0.5, out.data_ptr(), hq * d, self.owner.threads, half)
-        for seq in self.longer:
-            attend_cached(q, k_cache, v_cache, seq, out)
+        for seq in self.longer:  # the compiled prefill attention where it applies, else SDPA
+            table = seq.block_table
+            if table.dtype is not torch.long or not table.is_contiguous() or lib.pq_prefill_attention(
+                    q[seq.query_start].data_ptr(), q.stride(0), seq.query_len, seq.context_len,
+                    table.data_ptr(), k_cache.shape[1], hq, hk, d, k_cache.data_ptr(),
+                    v_cache.data_ptr(), d ** -0.5, out[seq.query_start].data_ptr(), hq * d,
+                    self.owner.threads, half) != 0:
+                attend_cached(q, k_cache, v_cache, seq, out)
         return out

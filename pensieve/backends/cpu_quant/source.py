@@ -36,6 +36,7 @@ from pensieve.backends.cpu_quant.bf16_source import BF16_SOURCE
 from pensieve.backends.cpu_quant.gemm_source import GEMM_ENTRY_POINTS, GEMM_SOURCE
 from pensieve.backends.cpu_quant.layer_source import LAYER_SOURCE
 from pensieve.backends.cpu_quant.pool_source import POOL_SOURCE
+from pensieve.backends.cpu_quant.prefill_attention_source import PREFILL_ATTENTION_SOURCE
 from pensieve.backends.cpu_quant.vnni_gemm_source import VNNI_GEMM_SOURCE
 from pensieve.backends.cpu_quant.vnni_source import VNNI_SOURCE
 
@@ -616,4 +617,4 @@ void pq8_pack(const float* w, int64_t N, int64_t K, int8_t* codes, uint16_t* sca
 }
 
 }  // extern "C"
-""" + LAYER_SOURCE + GEMM_ENTRY_POINTS + BF16_SOURCE
+""" + LAYER_SOURCE + PREFILL_ATTENTION_SOURCE + GEMM_ENTRY_POINTS + BF16_SOURCE
