@@ -8,13 +8,16 @@ the device and dtype) and, on a GPU, ``tune`` (fused layers, ``prepare_for_cuda`
 kernel plans, the Q6_K route check). ``--device cpu`` builds the CUDA model on this CPU (the
 layers' buffers exactly as on a GPU, as ``tests/unit/test_cuda_weight_bytes.py`` does): the host
 part of a start without a GPU. ``--convert-on`` picks where the codes are converted
-(``load_checkpoint(device=...)``): ``cuda`` moves each tensor's GGUF bytes to the GPU first.
+(``load_checkpoint(device=...)``): ``cuda`` moves each tensor's GGUF bytes to the GPU first;
+without it they are decoded on the host through the map (``PENSIEVE_CONVERT_ON=cpu``).
 
-    python -m bench.cuda_start /tmp/q3moe.gguf --device cpu            # host part, here
-    python -m bench.cuda_start /tmp/q3moe.gguf --device cuda           # the GPU machine
-    python -m bench.cuda_start /tmp/q3moe.gguf --device cuda --convert-on cpu   # the old way
+    python -m bench.cuda_start /tmp/q3moe.gguf --device cpu                     # host part, here
+    python -m bench.cuda_start /tmp/q3moe.gguf --device cuda --convert-on cuda  # as serve now
+    python -m bench.cuda_start /tmp/q3moe.gguf --device cuda                    # host decode
 
 ``--threads`` sets torch's intra-op threads; ``--profile`` prints cProfile's heaviest calls.
+``bench/gpu_start.sh`` runs it on the GPU machine for the three random files of
+``gpu_session.sh``: decoded on the GPU with a fresh and a warm tune cache, and on the host.
 """
 
 from __future__ import annotations
@@ -88,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("gguf")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--convert-on", default=None,
-                   help="where the codes are converted (default: the loader's choice)")
+                   help="decode the tensors on this device (load_checkpoint(device=...)); "
+                        "default: on the host through the map, as PENSIEVE_CONVERT_ON=cpu")
+    p.add_argument("--label", default="", help="a name for the run in the JSON line")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--top", type=int, default=30)
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         stats.sort_stats("tottime").print_stats(a.top)
         print(out.getvalue())
     size = Path(a.gguf).stat().st_size / 1e9
-    row = {"file": Path(a.gguf).name, "gb": round(size, 3), "device": a.device,
+    row = {"label": a.label, "file": Path(a.gguf).name, "gb": round(size, 3), "device": a.device,
            "convert_on": a.convert_on, "threads": torch.get_num_threads(),
            **{k: round(v, 2) for k, v in times.items()}, "peak_rss_gib": round(peak_rss_gib(), 2)}
     print(json.dumps(row))
