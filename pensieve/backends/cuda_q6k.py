@@ -55,11 +55,12 @@ class Tiles:
     group_m: int = 8
 
 
-# The untimed defaults (the int8/int4 kernels' sizes; no GPU run since they were written);
-# cuda_q6k_tune times these against other candidates per weight shape at start.
+# The untimed defaults (no GPU run since they were written; cuda_q6k_tune times them against
+# other candidates per weight shape at start): tiles that ptxas builds for sm_90 without a
+# register spill (bf16; Triton 3.9's AOT compile here: 72, 162, 168 and 222 registers).
 GEMV = Tiles(1, 8, 8, 4, 2)
-SKINNY = Tiles(16, 32, 8, 4, 3)  # 3-16 rows
-GEMM_SMALL = Tiles(64, 64, 4, 4, 3)  # up to 256 rows
+SKINNY = Tiles(16, 32, 4, 4, 3)  # 3-16 rows
+GEMM_SMALL = Tiles(64, 64, 2, 4, 3)  # up to 256 rows
 GEMM = Tiles(128, 128, 2, 8, 3)
 
 

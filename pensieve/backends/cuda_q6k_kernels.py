@@ -38,6 +38,21 @@ def _u6(u):
 
 
 @triton.jit
+def _code(b, h, Q: tl.constexpr):
+    """Quarter Q's codes ``u`` (float32) from its low-nibble bytes ``b`` (bytes 0-7 of the
+    group for quarters 0 and 2, 8-15 for 1 and 3) and the group's high-bit bytes ``h``."""
+    if Q == 0:
+        u = (b & 15) | ((h & 3) << 4)
+    elif Q == 1:
+        u = (b & 15) | ((h & 12) << 2)
+    elif Q == 2:
+        u = (b >> 4) | (h & 48)
+    else:
+        u = (b >> 4) | ((h >> 2) & 48)
+    return _u6(u)
+
+
+@triton.jit
 def _quarters(LO, HI, n, g, j, GROUPS):
     """The codes ``u`` (0..63, float32) of rows ``n`` × groups ``g`` × ``j`` (0..7; broadcast
     int64 indices): quarter q holds columns 32g + 8q + j."""
@@ -45,11 +60,7 @@ def _quarters(LO, HI, n, g, j, GROUPS):
     b0 = tl.load(lo).to(tl.int32)
     b1 = tl.load(lo + 8).to(tl.int32)
     h = tl.load(HI + n * (GROUPS * 8) + g * 8 + j).to(tl.int32)
-    u0 = _u6((b0 & 15) | ((h & 3) << 4))
-    u1 = _u6((b1 & 15) | ((h & 12) << 2))
-    u2 = _u6((b0 >> 4) | (h & 48))
-    u3 = _u6((b1 >> 4) | ((h >> 2) & 48))
-    return u0, u1, u2, u3
+    return _code(b0, h, 0), _code(b1, h, 1), _code(b0, h, 2), _code(b1, h, 3)
 
 
 @triton.jit
@@ -114,37 +125,45 @@ def gemm(X, LO, HI, SC, D, Y, M, N, GROUPS, stride_x, stride_y,
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = m < M
-    m_safe = tl.where(mmask, m, 0).to(tl.int64)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    n_safe = tl.where(nmask, n, 0).to(tl.int64)
+    # the tile's first row and column as 64-bit scalar bases, int32 offsets within it (fewer
+    # live registers than 64-bit pointer tensors); rows past M and N read row 0 of the tile
+    m_loc = tl.arange(0, BLOCK_M)
+    mmask = pid_m * BLOCK_M + m_loc < M
+    m_loc = tl.where(mmask, m_loc, 0)
+    n_loc = tl.arange(0, BLOCK_N)
+    nmask = pid_n * BLOCK_N + n_loc < N
+    n_loc = tl.where(nmask, n_loc, 0)
+    row0 = (pid_n * BLOCK_N).to(tl.int64)
+    LO = LO + row0 * (GROUPS * 16)
+    HI = HI + row0 * (GROUPS * 8)
+    SC = SC + row0 * (GROUPS * 2)
+    D = D + row0 * (GROUPS // 8)
+    X = X + (pid_m * BLOCK_M).to(tl.int64) * stride_x
     gi = tl.arange(0, BLOCK_G)
     j = tl.arange(0, 8)
     kq = tl.reshape(gi[:, None] * 32 + j[None, :], [BLOCK_G * 8])  # quarter 0's columns
-    x_ptrs = X + m_safe[None, :] * stride_x + kq[:, None]
+    x_off = m_loc[None, :] * stride_x + kq[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    nn = n_loc[:, None, None]
+    lo_off = nn * (GROUPS * 16) + gi[None, :, None] * 16 + j[None, None, :]
+    hi_off = nn * (GROUPS * 8) + gi[None, :, None] * 8 + j[None, None, :]
     for g0 in range(0, GROUPS, BLOCK_G):
-        g = g0 + gi
-        u0, u1, u2, u3 = _quarters(LO, HI, n_safe[:, None, None], g[None, :, None],
-                                   j[None, None, :], GROUPS)
-        s_lo, s_hi = _steps(SC, D, n_safe[:, None], g[None, :], GROUPS)
-        s_lo = s_lo[:, :, None]
-        s_hi = s_hi[:, :, None]
-        xp = x_ptrs + g0 * 32
-        x0 = tl.load(xp, mask=mmask[None, :], other=0.0)
-        dt = x0.dtype
-        w = tl.reshape(((u0 - 32.0) * s_lo).to(dt), [BLOCK_N, BLOCK_G * 8])
-        acc = _dot(w, x0, acc)
-        x1 = tl.load(xp + 8, mask=mmask[None, :], other=0.0)
-        w = tl.reshape(((u1 - 32.0) * s_lo).to(dt), [BLOCK_N, BLOCK_G * 8])
-        acc = _dot(w, x1, acc)
-        x2 = tl.load(xp + 16, mask=mmask[None, :], other=0.0)
-        w = tl.reshape(((u2 - 32.0) * s_hi).to(dt), [BLOCK_N, BLOCK_G * 8])
-        acc = _dot(w, x2, acc)
-        x3 = tl.load(xp + 24, mask=mmask[None, :], other=0.0)
-        w = tl.reshape(((u3 - 32.0) * s_hi).to(dt), [BLOCK_N, BLOCK_G * 8])
-        acc = _dot(w, x3, acc)
+        # one quarter's weights at a time, each just before its product
+        s_lo, s_hi = _steps(SC, D, n_loc[:, None], (g0 + gi)[None, :], GROUPS)
+        h = tl.load(HI + hi_off + g0 * 8).to(tl.int32)
+        for half in tl.static_range(2):  # bytes 0-7 (quarters 0, 2), then 8-15 (1, 3)
+            b = tl.load(LO + lo_off + g0 * 16 + half * 8).to(tl.int32)
+            for hi in tl.static_range(2):  # low nibbles (sub-scale 2g), high (2g + 1)
+                if hi == 0:
+                    s = s_lo[:, :, None]
+                else:
+                    s = s_hi[:, :, None]
+                xq = tl.load(X + x_off + g0 * 32 + 8 * (half + 2 * hi), mask=mmask[None, :],
+                             other=0.0)
+                u = _code(b, h, half + 2 * hi)
+                w = tl.reshape(((u - 32.0) * s).to(xq.dtype), [BLOCK_N, BLOCK_G * 8])
+                acc = _dot(w, xq, acc)
+    m_safe = (pid_m * BLOCK_M + m_loc).to(tl.int64)
+    n_safe = pid_n * BLOCK_N + n_loc
     out = Y + m_safe[None, :] * stride_y + n_safe[:, None]
     tl.store(out, acc.to(Y.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
