@@ -62,7 +62,7 @@ class DeviceReader:
             got += k
 
     def close(self) -> None:
-        if self._fd >= 0:
+        if getattr(self, "_fd", -1) >= 0:
             os.close(self._fd)
             self._fd = -1
         self._buffers = []

@@ -103,7 +103,8 @@ def load_gguf(
             del whole
             gf.release(g)  # its file pages: what was kept is a copy (see GGUFFile.release)
             progress.done(g)
-    progress.finish()
+    progress.finish()  # (on a GPU: after the last copy from the pinned buffers)
+    gf.close_reader()
     template = gf.get("tokenizer.chat_template")
     return Checkpoint(
         name=model_name(path),

@@ -283,6 +283,12 @@ class GGUFFile:
         info = self.tensors[name]
         return self._reader.read(info.offset, info.nbytes)
 
+    def close_reader(self) -> None:
+        """Let ``raw_to``'s file handle and pinned buffers go (the loader is done)."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
     def release(self, name: str) -> None:
         """Drop the mapped pages of ``name``'s bytes from this process (``MADV_DONTNEED``:
         they were only read, so a later read maps them from the file again). Loading calls it
