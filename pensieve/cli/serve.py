@@ -345,11 +345,15 @@ def _load_model(settings: ServeSettings, choice: WeightChoice, entry):  # noqa: 
     from pensieve.models.registry import model_class
 
     hit = packed_cache.read_packed(entry) if entry is not None else None
+    on_host = torch.device(settings.engine.device).type == "cpu"
     started = time.perf_counter()
     ckpt = load_checkpoint(settings.model_path, dtype=settings.engine.dtype,
                            keep_int4=choice.keep_int4, tensors=hit is None,
                            tokenizer=None if hit is None else hit[2],
-                           device=_convert_on(settings))
+                           device=_convert_on(settings),
+                           # a GPU server decoding on its host: every core (the CPU server's
+                           # busy cores: one)
+                           host_threads=1 if on_host else torch.get_num_threads())
     ckpt, engine_cfg = _fit_context(settings, ckpt)
     if hit is not None:
         planned, meta, _ = hit

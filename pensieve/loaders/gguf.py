@@ -44,7 +44,7 @@ def model_name(path: Path) -> str:
 def load_gguf(
     path: str | Path, dtype: torch.dtype = torch.float32, *, keep_int4: bool = False,
     tensors: bool = True, tokenizer: TextTokenizer | None = None,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = None, host_threads: int = 1,
 ) -> Checkpoint:
     """Read ``path`` (a .gguf file); CheckpointError if it is unsupported or damaged.
 
@@ -58,7 +58,9 @@ def load_gguf(
     built before (from the same copy), not built again. ``device`` (a GPU): each tensor's
     GGUF bytes are copied there first and decoded there — the codes, scales and dequantised
     floats come back on it, the same values bit for bit (the decoding is integer bit work and
-    single float16/float32 roundings) in a fraction of the host's time.
+    single float16/float32 roundings) in a fraction of the host's time. ``host_threads``: the
+    torch threads a host decode takes (1 by default: a CPU server's cores are busy serving;
+    a GPU server decoding on its host may take them all).
     """
     path = Path(path)
     gf = GGUFFile(path)
@@ -81,7 +83,7 @@ def load_gguf(
     weights: dict[str, torch.Tensor] = {}
     device = None if device is None else torch.device(device)
     progress = LoadProgress(gf, list(names) if tensors else [], device)
-    with _single_threaded() if device is None else nullcontext():
+    with _threads(host_threads) if device is None else nullcontext():
         for g, hf0 in (names.items() if tensors else ()):
             whole = _raw_hf_order(gf, g, hf0, args, family, device)
             info = gf.tensors[g]
@@ -208,11 +210,12 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 @contextmanager
-def _single_threaded() -> Iterator[None]:
-    """Dequantise on one intra-op thread: the per-tensor ops are small, and on a busy
-    2-core machine OpenMP workers spin-waiting for a core made loading 5-20× slower."""
+def _threads(n: int) -> Iterator[None]:
+    """Dequantise on ``n`` intra-op threads — one for a CPU server: the per-tensor ops are
+    small, and on a busy 2-core machine OpenMP workers spin-waiting for a core made loading
+    5-20× slower."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, n))
     try:
         yield
     finally:

@@ -38,17 +38,18 @@ def checkpoint_format(path: Path) -> str:
 def load_checkpoint(
     path: str | Path, dtype: torch.dtype = torch.float32, *, keep_int4: bool = False,
     tensors: bool = True, tokenizer: TextTokenizer | None = None,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = None, host_threads: int = 1,
 ) -> Checkpoint:
     """Load ``path`` with weights in HF names, dequantised/cast to ``dtype``.
 
     Raises CheckpointError with the reason for a missing path, an unknown format, an
     unsupported architecture or quant type, or a truncated/malformed file. ``tensors=False``
     (GGUF only): everything but the weights, which come from a packed copy, as may the
-    ``tokenizer``. ``device`` (GGUF only): decode the tensors there (``load_gguf``).
+    ``tokenizer``. ``device``, ``host_threads`` (GGUF only): where and on how many host
+    threads the tensors are decoded (``load_gguf``).
     """
     path = Path(path).expanduser()
     if checkpoint_format(path) == "gguf":
         return load_gguf(path, dtype, keep_int4=keep_int4, tensors=tensors,
-                         tokenizer=tokenizer, device=device)
+                         tokenizer=tokenizer, device=device, host_threads=host_threads)
     return load_hf_folder(path, dtype)
