@@ -12,16 +12,16 @@ OUT=${OUT:-/tmp/gpu_start}; mkdir -p $OUT
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-/tmp/site}:$PWD
 Q4=/tmp/llama8b-random-q4_0.gguf; Q3=/tmp/qwen3-8b-q4_k_m.gguf; M=/tmp/qwen3-30b-a3b-q4_k_m.gguf
 TOK=.gpu/tokenizer.gguf
-make() {  # $1 path, the rest: make_random_gguf's shape arguments
+gen() {  # $1 path, the rest: make_random_gguf's shape arguments
   [ -e $1 ] && return; local f=$1; shift
   python3 -m bench.make_random_gguf $f --tokenizer-from $TOK "$@" >> $OUT/start.log 2>&1
 }
 for tag in ${FILES:-q4 q3 moe}; do
   case $tag in
-    q4) F=$Q4; make $F --dtype q4_0 ;;
-    q3) F=$Q3; make $F --dtype q4_k_m --arch qwen3 --hidden 4096 --layers 36 --heads 32 --kv-heads 8 \
+    q4) F=$Q4; gen $F --dtype q4_0 ;;
+    q3) F=$Q3; gen $F --dtype q4_k_m --arch qwen3 --hidden 4096 --layers 36 --heads 32 --kv-heads 8 \
           --head-dim 128 --intermediate 12288 ;;
-    moe) F=$M; make $F --arch qwen3moe --dtype q4_k_m --hidden 2048 --layers 48 --heads 32 \
+    moe) F=$M; gen $F --arch qwen3moe --dtype q4_k_m --hidden 2048 --layers 48 --heads 32 \
           --kv-heads 4 --head-dim 128 --intermediate 6144 --experts 128 --experts-used 8 \
           --expert-intermediate 768 --context-length 32768 ;;
   esac
