@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -94,10 +95,15 @@ def assemble_model(model: nn.Module, args: ModelArgs, config: EngineConfig,
     # an MoE model's attention projections are planned too (its experts were swapped)
     tune_int4 = bool(planned.modules) and (model.fast_paths.cuda_fused_layers
                                            or bool(planned.experts))
+    started = time.perf_counter()
     place_weights(model, args, config, planned)
     model = model.to(device=config.device, dtype=config.dtype).eval()
-    if on_cuda:
+    if on_cuda:  # a start's phases in its log: tuning takes seconds on a first start
+        log.info("layers built on %s [%.2f s]; planning their kernels", config.device,
+                 time.perf_counter() - started)
+        started = time.perf_counter()
         finish_on_cuda(model, config, tune_int4)
+        log.info("kernels planned [%.2f s]", time.perf_counter() - started)
     return model
 
 
