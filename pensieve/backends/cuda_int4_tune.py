@@ -5,6 +5,8 @@ kernels and tiles that apply are checked against the dequantised weight and time
 layers of the shape back to back, as a decode step runs them:
 
 * 1 and 2 rows: ``gemv_words`` (its tiles timed at 1 row) against the older ``gemv``;
+* 1-4 rows: ``gemv_split`` too (``cuda_int4_gemv.candidates()`` timed at 1 row, the fastest
+  then against the others at 1, 2 and 4 rows);
 * 2-16 rows: ``skinny`` (its tiles timed at 8 rows);
 * 32, 256 and 2048 rows (and beyond): the dequantising ``gemm``'s tiles, and at 2048 rows the
   weight dequantised into a temporary + cuBLAS (nothing kept);
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pensieve.backends import cuda_int4_plan_cache, tinygemm
+from pensieve.backends import cuda_int4_gemv, cuda_int4_plan_cache, tinygemm
 from pensieve.backends.cuda_int4 import (
     GEMM_BUCKETS, GEMM_CANDIDATES, ROUTE_BUCKETS, SKINNY_CANDIDATES, WORDS_CANDIDATES,
     CudaInt4Linear, Plan, Skinny, default_plan, dequantize, gemm, gemv, gemv_words,
@@ -158,6 +160,10 @@ def plan_shape(sample: list[CudaInt4Linear], dtype: torch.dtype,
     if best is not None:
         plan.words = next(c for c in WORDS_CANDIDATES if str(c) == best)
     plan.skinny = _choose_skinny(sample, dtype, reps)
+    splits = {str(c): (lambda m, c=c: cuda_int4_gemv.gemv_split(x1, m.packed, m.scale_offset, c))
+              for c in cuda_int4_gemv.candidates()}
+    split, _ = fastest(splits, sample, x1, reps)
+    plan.split = next((c for c in cuda_int4_gemv.candidates() if str(c) == split), None)
     for rows in ROUTE_BUCKETS:
         x = torch.randn(rows, k, device=device, dtype=dtype)
         runs: dict[str, Run] = {}
@@ -165,6 +171,9 @@ def plan_shape(sample: list[CudaInt4Linear], dtype: torch.dtype,
             if best is not None:
                 runs["words"] = lambda m, x=x: gemv_words(x, m.packed, m.scale_offset, plan.words)
             runs["gemv"] = lambda m, x=x: gemv(x, m.packed, m.scale_offset)
+        if rows <= 4 and plan.split is not None:
+            runs["split"] = lambda m, x=x: cuda_int4_gemv.gemv_split(x, m.packed, m.scale_offset,
+                                                                     plan.split)
         if rows > 1 and plan.skinny is not None:
             runs["skinny"] = lambda m, x=x: skinny(x, m.packed, m.scale_offset, plan.skinny)
         if first.tiny is not None:
@@ -193,7 +202,8 @@ def plan_shape(sample: list[CudaInt4Linear], dtype: torch.dtype,
         name, choice = fastest(runs, few, x, r)
         plan.route[rows] = name or "dequant"
         notes.append(f"×{rows} {_fmt(choice)} (gemm tiles: {_fmt(times)})")
-    return plan, f"{plan.route}, words {plan.words}, skinny {plan.skinny}; " + "; ".join(notes)
+    return plan, (f"{plan.route}, words {plan.words}, split {plan.split}, skinny {plan.skinny}; "
+                  + "; ".join(notes))
 
 
 def _choose_skinny(sample: list[CudaInt4Linear], dtype: torch.dtype,

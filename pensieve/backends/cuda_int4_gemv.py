@@ -1,0 +1,140 @@
+"""The split-K int4 GEMV for 1-8 rows (``cuda_int4_gemv_kernels.gemv_split``): its tiles, the
+candidates ``cuda_int4_tune`` times per weight shape at start, and the launcher.
+
+Same weight layout as every other int4 kernel (``cuda_int4.py``). ``Split.q8`` candidates quantise
+x to int8 per 32 first (one small extra launch) and multiply with dp4a, as llama.cpp does;
+``PENSIEVE_INT4_Q8=0`` leaves them out of the timing (the float ones keep exact products).
+Importing this module needs neither a GPU nor Triton.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+GROUP = 32
+MAX_ROWS = 8  # rows of x a call takes (BLOCK_M ≤ 4 rows a program, row blocks beyond)
+MAX_SPLIT = 8
+
+
+@dataclass(frozen=True)
+class Split:
+    """One ``gemv_split`` launch: BLOCK_N weight rows × BLOCK_G groups of 32 columns a step, the
+    groups cut into SPLIT_K runs (one program each), int8 x with dp4a where ``q8``."""
+
+    block_n: int
+    block_g: int
+    split_k: int
+    num_warps: int
+    num_stages: int = 1
+    q8: bool = False
+
+
+# timed per weight shape at start (each one Triton compile per dtype and SYM): float and
+# int8-x variants of a 1-warp split-4, a 2-warp split-2 and a 4-warp unsplit, pipelined tile
+CANDIDATES = (
+    Split(8, 32, 4, 1), Split(16, 32, 2, 2, 2), Split(16, 64, 1, 4, 3),
+    Split(8, 32, 4, 1, q8=True), Split(16, 32, 2, 2, 2, q8=True), Split(32, 64, 1, 4, 3, q8=True),
+)
+# bench/gpu_int4_gemv.py's sweep (not timed at start)
+SWEEP = tuple(Split(bn, bg, sk, nw, ns, q8) for q8 in (False, True) for bn in (4, 8, 16, 32)
+              for bg in (32, 64) for sk in (1, 2, 4, 8) for nw in (1, 2, 4) for ns in (1, 3)
+              if bn * bg <= 2048 and nw * 32 <= bn * bg)
+
+
+def candidates() -> tuple[Split, ...]:
+    """``CANDIDATES``, without the int8-x ones where ``PENSIEVE_INT4_Q8=0``."""
+    if os.environ.get("PENSIEVE_INT4_Q8", "1") == "0":
+        return tuple(c for c in CANDIDATES if not c.q8)
+    return CANDIDATES
+
+
+def _kernels() -> ModuleType:
+    from pensieve.backends import cuda_int4_gemv_kernels
+
+    return cuda_int4_gemv_kernels
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_ws: dict[tuple[str, int, int], torch.Tensor] = {}
+
+
+def workspace(device: torch.device, n: int, slots: int) -> torch.Tensor:
+    """float32 [slots · n] partials for weights with N = n outputs (SPLIT_K × padded rows
+    slots), one a (device, N, slots), kept: a graph captured with it keeps using it."""
+    key = (str(device), n, slots)
+    if key not in _ws:
+        _ws[key] = torch.empty(slots * n, device=device, dtype=torch.float32)
+    return _ws[key]
+
+
+def counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 zeros, one a (row block, tile): 2 · N covers 8 rows at any BLOCK_N (the kernel
+    puts each back to 0)."""
+    key = (str(device), n, 0)
+    if key not in _ws:
+        _ws[key] = torch.zeros(2 * n, device=device, dtype=torch.int32)
+    return _ws[key]
+
+
+def prepare_workspace(device: torch.device, n: int, cfg: Split, rows: int = 4) -> None:
+    """Make the buffers a call of ``rows`` rows needs (before graph capture)."""
+    counters(device, n)
+    if cfg.split_k > 1:
+        workspace(device, n, cfg.split_k * _row_blocks(rows)[1])
+
+
+def _row_blocks(m: int) -> tuple[int, int]:
+    """(BLOCK_M, padded rows) for m rows."""
+    bm = 1 if m == 1 else 2 if m == 2 else 4
+    return bm, -(-m // bm) * bm
+
+
+def fits(cfg: Split, m: int) -> bool:
+    return 1 <= m <= MAX_ROWS and 1 <= cfg.split_k <= MAX_SPLIT
+
+
+def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] → (int8 codes [M, K], float32 scales [M, K/32], float32 sums [M, K/32])."""
+    m, k = x.shape
+    groups = k // GROUP
+    xq = torch.empty(m, k, device=x.device, dtype=torch.int8)
+    xd = torch.empty(m, groups, device=x.device, dtype=torch.float32)
+    xs = torch.empty(m, groups, device=x.device, dtype=torch.float32)
+    block = 16
+    _kernels().quantize_q8[(-(-groups // block), m)](x, xq, xd, xs, groups, x.stride(0), k,
+                                                      BLOCK_G=block, num_warps=4)
+    return xq, xd, xs
+
+
+def gemv_split(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
+               cfg: Split) -> torch.Tensor:
+    """x [M ≤ 8, K] (contiguous rows) @ w.T by ``gemv_split`` with ``cfg``."""
+    m, k = x.shape
+    n = packed.shape[0]
+    groups = k // GROUP
+    if not fits(cfg, m):
+        raise ValueError(f"gemv_split: {m} rows with {cfg}")
+    bm, rows = _row_blocks(m)
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    cnt = counters(x.device, n)
+    ws = workspace(x.device, n, cfg.split_k * rows) if cfg.split_k > 1 else cnt
+    if cfg.q8:
+        xq, xd, xs = quantize_q8(x)
+        args = (xq.view(torch.int32), xd, xs, k // 4)
+    else:
+        args = (x, x, x, x.stride(0))
+    even = groups % (cfg.block_g * cfg.split_k) == 0
+    grid = (-(-n // cfg.block_n), cfg.split_k, rows // bm)
+    _kernels().gemv_split[grid](
+        *args[:3], packed.view(torch.int32), so, y, ws, cnt, m, n, groups, args[3], y.stride(0),
+        k // 8, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g, SPLIT_K=cfg.split_k,
+        NUM_STAGES=cfg.num_stages, EVEN=even, Q8=cfg.q8, SYM=so.dtype == torch.int16,
+        ASM=not _interpreted(), num_warps=cfg.num_warps)
+    return y

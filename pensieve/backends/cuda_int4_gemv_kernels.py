@@ -1,0 +1,199 @@
+"""Split-K Triton GEMV for 1-8 activation rows over the int4 layout of ``cuda_int4.py``.
+
+The weight is ``packed`` read as int32 words (a group's 16 bytes are 4 words: byte j of word q
+holds column 32g + 4q + j in its low nibble and 32g + 16 + 4q + j in its high one) and the
+group's scale/offset (``SYM``: float16 scales alone, offset −8 · scale). One program reads
+BLOCK_N weight rows over one SPLIT_K-th of the groups, BLOCK_G groups a step (``tl.range``
+with NUM_STAGES), each thread a 128-bit word quad of BLOCK_N rows, the group's scale loaded once
+for the BLOCK_M rows of x it serves. More programs than ``gemv_words`` (SPLIT_K of them a
+weight tile) put more bytes in flight on short weights.
+
+Two products:
+
+* float (``Q8=False``): ``Σ (128 + c)·x`` in float32 as ``gemv_words`` (the code OR-ed under
+  bfloat16's exponent of 128: a shift and an AND-OR a weight), exact products.
+* int8 (``Q8=True``, llama.cpp's mmvq way): x quantised once per call to int8 with a float
+  scale per 32 (``quantize_q8``, the rounded x's sum beside), then per word
+  ``dp4a(w & 0x0F0F0F0F, x_lo)`` and ``dp4a((w >> 4) & 0x0F0F0F0F, x_hi)``: 8 multiply-adds in
+  five integer instructions instead of ~24, then ``s·dx·Σ c·q + o·Σ x`` per group. x's
+  rounding (~0.5% relative on a product) is llama.cpp's. ``ASM=False`` (Triton's interpreter,
+  which runs no PTX) does dp4a with shifts.
+
+SPLIT_K > 1: each program's float32 partials go to WS and a counter; the last of a tile's
+SPLIT_K programs sums them in a fixed order (deterministic), writes y and resets the counter:
+one launch, capturable in CUDA graphs (as ``cuda_int4_kernels.skinny``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from pensieve.backends.cuda_int4_kernels import _code128, _scale_offset
+
+
+@triton.jit
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """c + Σ_j a.byte[j] · b.byte[j], a's bytes unsigned, b's signed (PTX dp4a.u32.s32)."""
+    if ASM:
+        r = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = c
+        for j in tl.static_range(4):
+            r += ((a >> (8 * j)) & 0xFF) * ((b << (24 - 8 * j)) >> 24)
+    return r
+
+
+@triton.jit
+def _row(X, XD, XS, w, s, o, row, g, gmask, stride_x, GROUPS,
+         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr, Q8: tl.constexpr,
+         ASM: tl.constexpr):
+    """One row of x against the step's weight words w [BLOCK_N, BLOCK_G, 4]: the step's
+    [BLOCK_N, BLOCK_G] per-group sums, scale and offset applied."""
+    q = tl.arange(0, 4)
+    if Q8:  # X: int8 codes read as int32 words, XD/XS: float32 scale and sum per group
+        xp = X + row * stride_x + g[:, None] * 8 + q[None, :]
+        if EVEN:
+            xl = tl.load(xp)
+            xh = tl.load(xp + 4)
+            dx = tl.load(XD + row * GROUPS + g)
+            xs = tl.load(XS + row * GROUPS + g)
+        else:
+            xl = tl.load(xp, mask=gmask[:, None], other=0)
+            xh = tl.load(xp + 4, mask=gmask[:, None], other=0)
+            dx = tl.load(XD + row * GROUPS + g, mask=gmask, other=0.0)
+            xs = tl.load(XS + row * GROUPS + g, mask=gmask, other=0.0)
+        isum = _dp4a(w & 0x0F0F0F0F, xl[None, :, :], tl.zeros([BLOCK_N, BLOCK_G, 4], tl.int32),
+                     ASM)
+        isum = _dp4a((w >> 4) & 0x0F0F0F0F, xh[None, :, :], isum, ASM)
+        out = tl.sum(isum, 2).to(tl.float32) * (s * dx[None, :]) + o * xs[None, :]
+    else:
+        xp = X + row * stride_x + g[:, None] * 32 + q[None, :] * 4
+        part = tl.zeros([BLOCK_N, BLOCK_G, 4], tl.float32)
+        xsum = tl.zeros([BLOCK_G, 4], tl.float32)
+        for j in tl.static_range(4):
+            if EVEN:
+                xl = tl.load(xp + j).to(tl.float32)
+                xh = tl.load(xp + 16 + j).to(tl.float32)
+            else:
+                xl = tl.load(xp + j, mask=gmask[:, None], other=0.0).to(tl.float32)
+                xh = tl.load(xp + 16 + j, mask=gmask[:, None], other=0.0).to(tl.float32)
+            part += _code128(w, 16 - 8 * j) * xl[None, :, :]
+            part += _code128(w, 12 - 8 * j) * xh[None, :, :]
+            xsum += xl + xh
+        out = tl.sum(part, 2) * s + (o - 128.0 * s) * tl.sum(xsum, 1)[None, :]
+    return out
+
+
+@triton.jit
+def _put(Y, acc, row, M, n, nmask, stride_y):
+    tl.store(Y + row * stride_y + n, tl.sum(acc, 1).to(Y.dtype.element_ty),
+             mask=nmask & ((n * 0 + row) < M))
+
+
+@triton.jit
+def gemv_split(X, XD, XS, W, SO, Y, WS, CNT, M, N, GROUPS, stride_x, stride_y, stride_w,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+               SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN: tl.constexpr,
+               Q8: tl.constexpr, SYM: tl.constexpr, ASM: tl.constexpr):
+    """y[m, n] = Σ_k x[m, k] · w[n, k]; grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M)).
+
+    ``stride_w`` = K / 8 words a weight row. WS: float32 [SPLIT_K, grid_m · BLOCK_M, N],
+    CNT: int32 zeros, one a (row block, tile). EVEN: the groups split into SPLIT_K equal runs
+    of whole BLOCK_G steps (else the last steps are masked)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    n = tl.where(nmask, n, 0).to(tl.int64)
+    gi = tl.arange(0, BLOCK_G)
+    q = tl.arange(0, 4)
+    per = tl.cdiv(tl.cdiv(GROUPS, BLOCK_G), SPLIT_K) * BLOCK_G
+    g_lo = pid_k * per
+    g_hi = tl.minimum(GROUPS, g_lo + per)
+    w_ptrs = W + n[:, None, None] * stride_w + (g_lo + gi)[None, :, None] * 4 + q[None, None, :]
+    so_ptrs = SO + n[:, None] * GROUPS + (g_lo + gi)[None, :]
+    m0 = pid_m * BLOCK_M
+    r0 = tl.minimum(m0, M - 1)  # rows past M read row M - 1 and are not stored
+    r1 = tl.minimum(m0 + 1, M - 1)
+    r2 = tl.minimum(m0 + 2, M - 1)
+    r3 = tl.minimum(m0 + 3, M - 1)
+    acc0 = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    for g0 in tl.range(g_lo, g_hi, BLOCK_G, num_stages=NUM_STAGES):
+        g = g0 + gi
+        gmask = g < g_hi
+        if EVEN:
+            w = tl.load(w_ptrs)
+            so = tl.load(so_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=gmask[None, :, None], other=0)
+            so = tl.load(so_ptrs, mask=gmask[None, :], other=0)
+        s, o = _scale_offset(so, SYM)
+        acc0 += _row(X, XD, XS, w, s, o, r0, g, gmask, stride_x, GROUPS, BLOCK_N, BLOCK_G,
+                     EVEN, Q8, ASM)
+        if BLOCK_M > 1:
+            acc1 += _row(X, XD, XS, w, s, o, r1, g, gmask, stride_x, GROUPS, BLOCK_N, BLOCK_G,
+                         EVEN, Q8, ASM)
+        if BLOCK_M > 2:
+            acc2 += _row(X, XD, XS, w, s, o, r2, g, gmask, stride_x, GROUPS, BLOCK_N, BLOCK_G,
+                         EVEN, Q8, ASM)
+            acc3 += _row(X, XD, XS, w, s, o, r3, g, gmask, stride_x, GROUPS, BLOCK_N, BLOCK_G,
+                         EVEN, Q8, ASM)
+        w_ptrs += BLOCK_G * 4
+        so_ptrs += BLOCK_G
+    if SPLIT_K == 1:
+        _put(Y, acc0, m0, M, n, nmask, stride_y)
+        if BLOCK_M > 1:
+            _put(Y, acc1, m0 + 1, M, n, nmask, stride_y)
+        if BLOCK_M > 2:
+            _put(Y, acc2, m0 + 2, M, n, nmask, stride_y)
+            _put(Y, acc3, m0 + 3, M, n, nmask, stride_y)
+    else:
+        rows = tl.num_programs(2) * BLOCK_M
+        ws = WS + (pid_k * rows + m0) * N + n
+        tl.store(ws, tl.sum(acc0, 1), mask=nmask)
+        if BLOCK_M > 1:
+            tl.store(ws + N, tl.sum(acc1, 1), mask=nmask)
+        if BLOCK_M > 2:
+            tl.store(ws + 2 * N, tl.sum(acc2, 1), mask=nmask)
+            tl.store(ws + 3 * N, tl.sum(acc3, 1), mask=nmask)
+        tl.debug_barrier()  # this program's partials stored before the release below
+        cnt = CNT + pid_m * tl.num_programs(0) + pid_n
+        done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT_K - 1:
+            for r in tl.static_range(BLOCK_M):
+                total = tl.zeros([BLOCK_N], tl.float32)
+                for k_ in range(SPLIT_K):  # fixed order; .cg: from L2, never a stale L1 line
+                    total += tl.load(WS + (k_ * rows + m0 + r) * N + n, mask=nmask, other=0.0,
+                                     cache_modifier=".cg")
+                tl.store(Y + (m0 + r) * stride_y + n, total.to(Y.dtype.element_ty),
+                         mask=nmask & ((n * 0 + m0 + r) < M))
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def quantize_q8(X, XQ, XD, XS, GROUPS, stride_x, stride_q, BLOCK_G: tl.constexpr):
+    """x [M, K] → int8 codes XQ [M, K] (round to nearest of x · 127 / max|x| per 32), float32
+    scales XD = max|x| / 127 and the sums of the rounded x XS = XD · Σ codes [M, K/32] (the
+    offset term then sees the same x as the codes' term: the product is the weight's with the
+    rounded x, its error proportional to w, not to the codes); grid (cdiv(GROUPS, BLOCK_G), M)."""
+    pid = tl.program_id(0)
+    row = tl.program_id(1)
+    g = pid * BLOCK_G + tl.arange(0, BLOCK_G)
+    gmask = g < GROUPS
+    i = tl.arange(0, 32)
+    cols = g[:, None] * 32 + i[None, :]
+    x = tl.load(X + row * stride_x + cols, mask=gmask[:, None], other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), 1)
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    v = tl.floor(x * inv[:, None] + 0.5)
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    tl.store(XQ + row * stride_q + cols, v.to(tl.int8), mask=gmask[:, None])
+    d = amax / 127.0
+    tl.store(XD + row * GROUPS + g, d, mask=gmask)
+    tl.store(XS + row * GROUPS + g, tl.sum(v, 1) * d, mask=gmask)
