@@ -7,11 +7,13 @@
 # DENSE: the dense files to bench (default "q4 qwen3"). Steps, in order, each once (state in /tmp/gs; progress in /tmp/gs/progress):
 #   background: llama-server build (CUDA sm_90, from .gpu/llama.cpp), the random GGUFs (8B Llama
 #     Q4_0, Qwen3-8B Q4_K_M, Qwen3-30B-A3B Q4_K_M), each written once;
-#   tests   the CUDA tests not yet run on this tree (TESTS: the files; TESTS=none skips);
+#   tests   every CUDA test (~7+ min on an H100; TESTS: the files; TESTS=none skips);
 #   dense   Pensieve at its defaults on the 8B Q4_0 and the Qwen3-8B Q4_K_M file, then llama-server
 #           (--cache-ram 0) on the same files: decode b=1, 8 streams, cold 12k / warm TTFT;
 #   moe     the same on the 30B-A3B file: decode, 8 and 32 streams, cold/warm TTFT, Claude Code load;
-#   hybrid  bench/gpu_hybrid_run.sh for HYBRID families (default qwen35moe), the dense files deleted.
+#   kernels in-process kernel tables (KERNEL_BENCHES: bench/gpu_q6k.py, bench/mla_attention.py);
+#   start   bench/gpu_start.sh (a CUDA start phase by phase) on the files written;
+#   hybrid  bench/gpu_hybrid_run.sh for HYBRID families (default all three), the dense files deleted.
 # STEPS (default "tests dense moe hybrid") picks and orders them; pdense/pmoe and ldense/lmoe are
 # the Pensieve and the llama-server halves of dense/moe (e.g. "pdense pmoe tests ldense lmoe": the
 # tests run while llama-server builds). Needs .whl/, .gpu/tokenizer.gguf
@@ -79,10 +81,8 @@ pipeline() {
       tests)
         [ "$TESTS" = none ] && continue; log "tests start"
         timeout ${TEST_TIMEOUT:-330} python3 -m pytest -v -p no:cacheprovider -rs --durations=10 \
-          ${TESTS:-tests/unit/test_cuda_moe.py tests/unit/test_cuda_sinks.py tests/unit/test_cuda_hybrid.py \
-          tests/unit/test_cuda_hybrid_fast.py tests/unit/test_cuda_hybrid_kernels.py \
-          tests/unit/test_gated_delta_cuda.py tests/unit/test_cuda_mla.py tests/unit/test_engine_async.py \
-          tests/unit/test_engine_async_grammar.py tests/unit/test_warm_up.py} > $S/pytest_cuda.log 2>&1
+          ${TESTS:-tests/unit/test_cuda_*.py tests/unit/test_gated_delta_cuda.py tests/unit/test_engine_async*.py \
+          tests/unit/test_warm_up.py tests/unit/test_tune_cache.py} > $S/pytest_cuda.log 2>&1
         log "tests rc=$? $(tail -1 $S/pytest_cuda.log)"
         grep -E "FAILED|ERROR" $S/pytest_cuda.log | head -20 | cut -c1-250 >> $S/progress;;
       dense|pdense)
@@ -101,10 +101,17 @@ pipeline() {
         [ $step = moe ] && llama moe $M decode,x8,x32,ttft1,cc 32768 32;;
       lmoe)
         [ -e $M.done ] && llama moe $M decode,x8,x32,ttft1,cc 32768 32;;
+      kernels)  # in-process kernel tables (no server): Q6_K tiles, the latent-attention kernel
+        for b in ${KERNEL_BENCHES:-gpu_q6k mla_attention}; do
+          log "kernels $b start"; timeout ${KERNEL_TIMEOUT:-150} python3 -m bench.$b > $S/kernels_$b.log 2>&1
+          log "kernels $b rc=$?"; done;;
+      start)  # the CUDA start phase by phase on the files already written (bench/gpu_start.sh)
+        log "start bench"; OUT=$S/start FILES="${START_FILES:-q4 q3 moe}" timeout 400 bash bench/gpu_start.sh \
+          > $S/start.log 2>&1; log "start bench rc=$?";;
       hybrid)
         rm -f $Q4 $Q3; rm -rf ~/.cache/pensieve/packed; wait_for $S/build.rc
         mkdir -p $S/hy; touch $S/hy/build.started; cp $S/build.rc $S/hy/build.rc
-        for fam in ${HYBRID:-qwen35moe}; do
+        for fam in ${HYBRID:-qwen35moe gpt-oss glm47flash}; do
           log "hybrid $fam start"; STATE=$S/hy OUT=$S/hy/out FAMILY=$fam BUDGET=900 \
             LLAMA_SERVER=/tmp/llbuild/bin/llama-server bash bench/gpu_hybrid_run.sh > $S/hybrid_$fam.log 2>&1
           log "hybrid $fam rc=$?"
@@ -132,6 +139,8 @@ done
 summary() {
   cat $S/gpu.txt 2>/dev/null
   for d in $S/p_* $S/l_*; do [ -e $d/gpu_bench.md ] && { echo "## $(basename $d)"; cat $d/gpu_bench.md; }; done
+  for f in $S/kernels_*.log; do [ -e $f ] && { echo "## $(basename $f .log)"; tail -40 $f; }; done
+  [ -e $S/start/start.jsonl ] && { echo "## start"; cat $S/start/start.jsonl; }
   [ -e $S/hy ] && PYTHONPATH=/tmp/site:$PWD python3 -m bench.gpu_hybrid_table $S/hy 2>/dev/null
 }
 summary > $OUT/summary.md 2>&1
