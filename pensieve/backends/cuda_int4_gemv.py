@@ -33,16 +33,18 @@ class Split:
     q8: bool = False
 
 
-# timed per weight shape at start (each one Triton compile per dtype and SYM): float and
-# int8-x variants of a 1-warp split-4, a 2-warp split-2 and a 4-warp unsplit, pipelined tile
+# timed per weight shape at start (each one Triton compile per dtype and SYM; untimed on a
+# GPU so far): float x on a 1-warp split-4 and a 2-warp pipelined split-2 tile; int8 x on
+# those, a 1-warp split-8 of 4 rows and a 4-warp unsplit, pipelined tile
 CANDIDATES = (
-    Split(8, 32, 4, 1), Split(16, 32, 2, 2, 2), Split(16, 64, 1, 4, 3),
-    Split(8, 32, 4, 1, q8=True), Split(16, 32, 2, 2, 2, q8=True), Split(32, 64, 1, 4, 3, q8=True),
+    Split(8, 32, 4, 1), Split(16, 32, 2, 2, 2),
+    Split(8, 32, 4, 1, q8=True), Split(16, 32, 2, 2, 2, q8=True), Split(4, 32, 8, 1, q8=True),
+    Split(32, 64, 1, 4, 3, q8=True),
 )
-# bench/gpu_int4_gemv.py's sweep (not timed at start)
-SWEEP = tuple(Split(bn, bg, sk, nw, ns, q8) for q8 in (False, True) for bn in (4, 8, 16, 32)
-              for bg in (32, 64) for sk in (1, 2, 4, 8) for nw in (1, 2, 4) for ns in (1, 3)
-              if bn * bg <= 2048 and nw * 32 <= bn * bg)
+# bench/gpu_int4_gemv.py --sweep (never timed at start): 144 tiles, pipelined where several
+# warps share a program
+SWEEP = tuple(Split(bn, bg, sk, nw, 1 if nw == 1 else 3, q8) for q8 in (False, True)
+              for bn in (8, 16, 32) for bg in (32, 64) for sk in (1, 2, 4, 8) for nw in (1, 2, 4))
 
 
 def candidates() -> tuple[Split, ...]:

@@ -46,6 +46,35 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 
 @triton.jit
+def _four3(t, A: tl.constexpr, B: tl.constexpr):
+    """[A, B, 4] → its [A, B] slices 0, 2, 1, 3 (in-thread: a thread holds a group's 4)."""
+    even, odd = tl.split(tl.reshape(t, [A, B, 2, 2]))
+    t0, t2 = tl.split(even)
+    t1, t3 = tl.split(odd)
+    return t0, t2, t1, t3
+
+
+@triton.jit
+def _four2(t, B: tl.constexpr):
+    """[B, 4] → its [B] slices 0, 2, 1, 3."""
+    even, odd = tl.split(tl.reshape(t, [B, 2, 2]))
+    t0, t2 = tl.split(even)
+    t1, t3 = tl.split(odd)
+    return t0, t2, t1, t3
+
+
+@triton.jit
+def _opaque(x, ASM: tl.constexpr):
+    """x unchanged, but hidden from Triton's analysis of contiguous offsets: a per-group load
+    (scales, x's per-group scale and sum) then takes the weight words' layout (a thread per
+    group) instead of a vectorised one that a shared-memory conversion must undo each step."""
+    if ASM:
+        x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    return x
+
+
+@triton.jit
 def _row(X, XD, XS, w, s, o, row, g, gmask, stride_x, GROUPS,
          BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr, Q8: tl.constexpr,
          ASM: tl.constexpr):
@@ -54,20 +83,31 @@ def _row(X, XD, XS, w, s, o, row, g, gmask, stride_x, GROUPS,
     q = tl.arange(0, 4)
     if Q8:  # X: int8 codes read as int32 words, XD/XS: float32 scale and sum per group
         xp = X + row * stride_x + g[:, None] * 8 + q[None, :]
+        gp = row * GROUPS + _opaque(g, ASM)
         if EVEN:
             xl = tl.load(xp)
             xh = tl.load(xp + 4)
-            dx = tl.load(XD + row * GROUPS + g)
-            xs = tl.load(XS + row * GROUPS + g)
+            dx = tl.load(XD + gp)
+            xs = tl.load(XS + gp)
         else:
             xl = tl.load(xp, mask=gmask[:, None], other=0)
             xh = tl.load(xp + 4, mask=gmask[:, None], other=0)
-            dx = tl.load(XD + row * GROUPS + g, mask=gmask, other=0.0)
-            xs = tl.load(XS + row * GROUPS + g, mask=gmask, other=0.0)
-        isum = _dp4a(w & 0x0F0F0F0F, xl[None, :, :], tl.zeros([BLOCK_N, BLOCK_G, 4], tl.int32),
-                     ASM)
-        isum = _dp4a((w >> 4) & 0x0F0F0F0F, xh[None, :, :], isum, ASM)
-        out = tl.sum(isum, 2).to(tl.float32) * (s * dx[None, :]) + o * xs[None, :]
+            dx = tl.load(XD + gp, mask=gmask, other=0.0)
+            xs = tl.load(XS + gp, mask=gmask, other=0.0)
+        # the 4 words of a group are one thread's: one chain of 8 dp4a, no sums
+        w0, w2, w1, w3 = _four3(w, BLOCK_N, BLOCK_G)
+        l0, l2, l1, l3 = _four2(xl, BLOCK_G)
+        h0, h2, h1, h3 = _four2(xh, BLOCK_G)
+        isum = tl.zeros([BLOCK_N, BLOCK_G], tl.int32)
+        isum = _dp4a(w0 & 0x0F0F0F0F, l0[None, :], isum, ASM)
+        isum = _dp4a((w0 >> 4) & 0x0F0F0F0F, h0[None, :], isum, ASM)
+        isum = _dp4a(w1 & 0x0F0F0F0F, l1[None, :], isum, ASM)
+        isum = _dp4a((w1 >> 4) & 0x0F0F0F0F, h1[None, :], isum, ASM)
+        isum = _dp4a(w2 & 0x0F0F0F0F, l2[None, :], isum, ASM)
+        isum = _dp4a((w2 >> 4) & 0x0F0F0F0F, h2[None, :], isum, ASM)
+        isum = _dp4a(w3 & 0x0F0F0F0F, l3[None, :], isum, ASM)
+        isum = _dp4a((w3 >> 4) & 0x0F0F0F0F, h3[None, :], isum, ASM)
+        out = isum.to(tl.float32) * (s * dx[None, :]) + o * xs[None, :]
     else:
         xp = X + row * stride_x + g[:, None] * 32 + q[None, :] * 4
         part = tl.zeros([BLOCK_N, BLOCK_G, 4], tl.float32)
@@ -114,7 +154,7 @@ def gemv_split(X, XD, XS, W, SO, Y, WS, CNT, M, N, GROUPS, stride_x, stride_y, s
     g_lo = pid_k * per
     g_hi = tl.minimum(GROUPS, g_lo + per)
     w_ptrs = W + n[:, None, None] * stride_w + (g_lo + gi)[None, :, None] * 4 + q[None, None, :]
-    so_ptrs = SO + n[:, None] * GROUPS + (g_lo + gi)[None, :]
+    so_ptrs = SO + n[:, None] * GROUPS + _opaque(g_lo + gi, ASM)[None, :]
     m0 = pid_m * BLOCK_M
     r0 = tl.minimum(m0, M - 1)  # rows past M read row M - 1 and are not stored
     r1 = tl.minimum(m0 + 1, M - 1)

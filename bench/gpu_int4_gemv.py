@@ -1,0 +1,110 @@
+"""The int4 GEMV candidates for 1-8 rows, per weight shape: µs and GB/s of each against a
+pure-bandwidth roofline (a torch copy of the same bytes), GPU time only (8 layers of a shape
+back to back, launches queued behind a sleep as in ``cuda_int4_tune``).
+
+Shapes: the random Llama-3-8B Q4_0 body and Qwen3-8B's (N × K of the fused projections).
+Kernels: ``gemv_split``'s start-time candidates (``--sweep``: its larger sweep), the best
+``gemv_words`` tile, the older ``gemv`` and, from 2 rows, the ``skinny`` candidates' best.
+
+    python -m bench.gpu_int4_gemv --out "$OUT"            # table + gpu_int4_gemv.json
+    python -m bench.gpu_int4_gemv --sweep --rows 1 --shapes llama8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "llama8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
+    "qwen3_8b": [(5120, 4096), (4096, 4096), (24576, 4096), (4096, 12288)],
+}
+
+
+def layers_of(n: int, k: int, count: int, gen: torch.Generator) -> list:
+    from pensieve.backends.cuda_int4 import CudaInt4Linear
+    from pensieve.models.quant_linear import Int4Groups
+
+    out = []
+    for _ in range(count):  # Q4_0: float16 scales alone
+        scales = torch.rand(n, k // 32, device="cuda", generator=gen) * 0.004 + 0.001
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda", generator=gen)
+        out.append(CudaInt4Linear([Int4Groups(codes, scales, -8 * scales, 32)]).cuda())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pensieve.backends import cuda_int4, cuda_int4_gemv
+    from pensieve.backends.cuda_int4_tune import _checked, gpu_us
+
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_int4_gemv")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--rows", default="1,2,4,8")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--sweep", action="store_true", help="gemv_split's sweep, not the 6")
+    a = p.parse_args(argv)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cands = cuda_int4_gemv.SWEEP if a.sweep else cuda_int4_gemv.CANDIDATES
+    result = {"gpu": torch.cuda.get_device_name(0), "rows": {}, "shapes": {}}
+    seen = set()
+    for model in a.shapes.split(","):
+        for n, k in SHAPES[model]:
+            if (n, k) in seen:
+                continue
+            seen.add((n, k))
+            layers = layers_of(n, k, a.layers, gen)
+            nbytes = layers[0].packed.nbytes + layers[0].scale_offset.nbytes
+            src = [torch.empty(nbytes, dtype=torch.uint8, device="cuda") for _ in layers]
+            dst = [torch.empty_like(s) for s in src]
+            pairs = dict(zip(map(id, layers), zip(src, dst)))
+            copy_us = gpu_us(lambda m: pairs[id(m)][1].copy_(pairs[id(m)][0]), layers, a.reps)
+            roof = 2 * nbytes / copy_us / 1e3  # GB/s: a copy reads and writes the bytes
+            key = f"{n}x{k}"
+            entry = {"mb": nbytes / 1e6, "copy_us": copy_us, "copy_gbs": roof, "rows": {}}
+            print(f"{model} {key}: {nbytes / 1e6:.1f} MB a layer; copy {copy_us:.1f} µs "
+                  f"({roof:.0f} GB/s read+write)", flush=True)
+            for rows in map(int, a.rows.split(",")):
+                x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+                ref = torch.nn.functional.linear(
+                    x.float(), cuda_int4.dequantize(layers[0].packed, layers[0].scale_offset,
+                                                    torch.float32))
+                runs = {}
+                if rows <= cuda_int4_gemv.MAX_ROWS:
+                    for c in cands:
+                        runs[f"split {c}"] = (lambda m, c=c, x=x: cuda_int4_gemv.gemv_split(
+                            x, m.packed, m.scale_offset, c))
+                for c in cuda_int4.WORDS_CANDIDATES:
+                    runs[f"words {c}"] = (lambda m, c=c, x=x: cuda_int4.gemv_words(
+                        x, m.packed, m.scale_offset, c))
+                runs["gemv"] = lambda m, x=x: cuda_int4.gemv(x, m.packed, m.scale_offset)
+                if rows > 1:
+                    for c in cuda_int4.SKINNY_CANDIDATES:
+                        if c.fits(k):
+                            runs[f"skinny {c}"] = (lambda m, c=c, x=x: cuda_int4.skinny(
+                                x, m.packed, m.scale_offset, c))
+                times = {}
+                for name, run in runs.items():
+                    if _checked(run, layers[0], ref, name):
+                        times[name] = gpu_us(run, layers, a.reps)
+                best = sorted(times.items(), key=lambda kv: kv[1])
+                entry["rows"][rows] = {name: {"us": t, "gbs": nbytes / t / 1e3}
+                                       for name, t in best}
+                print(f"  ×{rows}:", flush=True)
+                for name, t in best[:12]:
+                    print(f"    {t:7.1f} µs {nbytes / t / 1e3:6.0f} GB/s "
+                          f"({nbytes / t / 1e3 / roof:4.0%} of copy)  {name}", flush=True)
+            result["shapes"][key] = entry
+            del layers, src, dst, pairs
+            torch.cuda.empty_cache()
+    Path(a.out, "gpu_int4_gemv.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
