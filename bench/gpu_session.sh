@@ -11,7 +11,7 @@
 #   dense   Pensieve at its defaults on the 8B Q4_0 and the Qwen3-8B Q4_K_M file, then llama-server
 #           (--cache-ram 0) on the same files: decode b=1, 8 streams, cold 12k / warm TTFT;
 #   moe     the same on the 30B-A3B file: decode, 8 and 32 streams, cold/warm TTFT, Claude Code load;
-#   kernels in-process kernel tables (KERNEL_BENCHES: bench/gpu_q6k.py, bench/mla_attention.py);
+#   kernels in-process kernel tables (KERNEL_BENCHES: bench/gpu_int4_gemv.py, gpu_q6k.py, mla_attention.py);
 #   start   bench/gpu_start.sh (a CUDA start phase by phase) on the files written;
 #   hybrid  bench/gpu_hybrid_run.sh for HYBRID families (default all three), the dense files deleted.
 # STEPS (default "tests dense moe hybrid") picks and orders them; pdense/pmoe and ldense/lmoe are
@@ -102,7 +102,7 @@ pipeline() {
       lmoe)
         [ -e $M.done ] && llama moe $M decode,x8,x32,ttft1,cc 32768 32;;
       kernels)  # in-process kernel tables (no server): Q6_K tiles, the latent-attention kernel
-        for b in ${KERNEL_BENCHES:-gpu_q6k mla_attention}; do
+        for b in ${KERNEL_BENCHES:-gpu_int4_gemv gpu_q6k mla_attention}; do
           log "kernels $b start"; timeout ${KERNEL_TIMEOUT:-150} python3 -m bench.$b > $S/kernels_$b.log 2>&1
           log "kernels $b rc=$?"; done;;
       start)  # the CUDA start phase by phase on the files already written (bench/gpu_start.sh)
