@@ -1,6 +1,6 @@
 """Where a CUDA start's weight conversion goes: a GGUF → the CUDA-planned model, phase by phase.
 
-The same steps ``pensieve serve --device cuda`` takes (``cli/serve.py::_load_model``), timed
+The same steps ``pensieve serve --device cuda`` takes (``cli/serve_torch.py::load_model``), timed
 one by one: ``read`` (the GGUF opened and every kept tensor turned into its code form,
 ``load_checkpoint(keep_int4=True)``), ``plan`` (``plan_weights``: codes onto modules, tables,
 experts), ``place`` (``place_weights``: the CUDA layers' buffers built), ``move`` (``.to``

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pensieve.cli import claude, daemon, models_cmd, pull, run
+from pensieve.cli.errors import StartupError
 
 # Store and daemon commands never import torch (serve does, ~7 s on 2 busy cores).
 LIGHT_COMMANDS = frozenset({"pull", "models", "rm", "start", "stop", "status", "logs", "ps",
@@ -30,11 +31,6 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def _errors() -> tuple[type[Exception], ...]:
-    serve = sys.modules.get("pensieve.cli.serve")
-    return (ValueError,) if serve is None else (serve.StartupError, ValueError)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["claude"]:  # its arguments mostly belong to Claude Code: no argparse here
@@ -42,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(light=argv[:1] != [] and argv[0] in LIGHT_COMMANDS).parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except _errors() as exc:
+    except (StartupError, ValueError) as exc:
         print(f"pensieve: error: {exc}", file=sys.stderr)
         return 2
 

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from pensieve.cli.serve import ServedModel, StartupError, start_serving
+from pensieve.cli.errors import StartupError
+from pensieve.cli.served_model import ServedModel, start_serving
 from pensieve.cli.settings import ServeSettings
 
 log = logging.getLogger("pensieve")

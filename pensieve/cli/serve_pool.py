@@ -1,6 +1,6 @@
 """`pensieve serve --config FILE`: the model pool (``api/model_pool.py``) over the models the
 file lists, each with its own settings (the serve flags, overridden per model), loaded by the
-same code as a single model (``serve.load_served_model``)."""
+same code as a single model (``served_model.load_served_model``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pensieve.cli.config_file import DEFAULT_BUDGET_FRACTION, ModelEntry, ServeConfigFile
-from pensieve.cli.serve import load_served_model
+from pensieve.cli.served_model import load_served_model
 from pensieve.cli.settings import ServeSettings, settings_from_args
 
 log = logging.getLogger("pensieve")

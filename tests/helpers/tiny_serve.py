@@ -10,7 +10,7 @@ import time
 
 from pensieve.api import ApiConfig, create_app
 from pensieve.chat import PromptRenderer
-from pensieve.cli.serve import serve_http
+from pensieve.cli.http_server import serve_http
 from pensieve.engine.client import EngineClient
 from tests.helpers.tiny_engine import ByteTokenizer, tiny_engine
 

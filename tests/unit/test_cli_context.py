@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pensieve.cli.main import build_parser
-from pensieve.cli.serve import kv_bytes_per_token
+from pensieve.cli.serve_torch import kv_bytes_per_token
 from pensieve.cli.settings import ContextPlan, plan_context, settings_from_args
 from pensieve.models.args import ModelArgs
 from pensieve.models.rope import RotaryEmbedding, rope_inv_freq

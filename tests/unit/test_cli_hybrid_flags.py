@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pensieve.cli.main import build_parser
-from pensieve.cli.serve import kv_bytes_per_token
+from pensieve.cli.serve_torch import kv_bytes_per_token
 from pensieve.cli.settings import settings_from_args
 from pensieve.models.registry import family
 

@@ -203,7 +203,7 @@ def test_packed_cache_maps_the_expert_codes(root, tmp_path, monkeypatch):
     import argparse
 
     from pensieve.backends.kernel_choice import choose
-    from pensieve.cli import serve
+    from pensieve.cli import serve, serve_torch
     from pensieve.cli.settings import settings_from_args
     from tests.helpers.paged_run import paged_logits
     from tests.unit.test_packed_cache import mapping_of
@@ -217,8 +217,8 @@ def test_packed_cache_maps_the_expert_codes(root, tmp_path, monkeypatch):
     choice = choose("auto", device="cpu")
     runs = []
     for _ in range(2):
-        entry = serve._packed_entry(settings, choice)
-        ckpt, _, model, write = serve._load_model(settings, choice, entry)
+        entry = serve_torch.packed_entry(settings, choice)
+        ckpt, _, model, write = serve_torch.load_model(settings, choice, entry)
         if write is not None:
             write().join()
         runs.append((ckpt, model, write is None))

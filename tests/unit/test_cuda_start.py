@@ -188,19 +188,19 @@ def test_a_gpu_decoded_model_is_tuned_and_runs(files):
 def test_serve_decodes_on_the_gpu_only_where_the_decoded_forms_fit(files, monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    from pensieve.cli import serve
+    from pensieve.cli import serve_torch
 
     size = files["moe"].stat().st_size
     free = {"bytes": 0}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 << 30))
     settings = lambda device, path=files["moe"]: SimpleNamespace(  # noqa: E731
         engine=SimpleNamespace(device=device), model_path=str(path))
-    assert serve._convert_on(settings("cpu")) is None
-    free["bytes"] = int(size * serve.DECODED_PER_FILE_BYTE + serve.DECODE_HEADROOM) + 1
-    assert serve._convert_on(settings("cuda")) == "cuda"
-    assert serve._convert_on(settings("cuda", tmp_path)) is None  # an HF folder
+    assert serve_torch.convert_on(settings("cpu")) is None
+    free["bytes"] = int(size * serve_torch.DECODED_PER_FILE_BYTE + serve_torch.DECODE_HEADROOM) + 1
+    assert serve_torch.convert_on(settings("cuda")) == "cuda"
+    assert serve_torch.convert_on(settings("cuda", tmp_path)) is None  # an HF folder
     monkeypatch.setenv("PENSIEVE_CONVERT_ON", "cpu")
-    assert serve._convert_on(settings("cuda")) is None
+    assert serve_torch.convert_on(settings("cuda")) is None
     monkeypatch.delenv("PENSIEVE_CONVERT_ON")
     free["bytes"] -= 2
-    assert serve._convert_on(settings("cuda")) is None  # too little room: the host decodes
+    assert serve_torch.convert_on(settings("cuda")) is None  # too little room: the host decodes

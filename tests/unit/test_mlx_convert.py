@@ -93,7 +93,7 @@ def test_convert_command(tmp_path: Path, capsys) -> None:
 
 
 def test_mlx_context_rules() -> None:
-    from pensieve.cli.serve import StartupError
+    from pensieve.cli.errors import StartupError
     from pensieve.cli.serve_mlx import mlx_context
 
     def settings(**kw):

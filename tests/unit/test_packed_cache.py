@@ -19,7 +19,7 @@ from pensieve.backends import packed_cache
 from pensieve.backends.cpu_quant import load_kernels
 from pensieve.backends.cpu_quant.codes_linear import CodesLinear
 from pensieve.backends.kernel_choice import choose
-from pensieve.cli import serve
+from pensieve.cli import serve, serve_torch
 from pensieve.cli.settings import settings_from_args
 from tests.unit.test_cpu_quant import logits
 
@@ -58,10 +58,10 @@ def load(path: Path, cache: Path):
     copy written (joined) when it did not."""
     settings = settings_for(path)
     choice = choose("auto", device="cpu")
-    entry = serve._packed_entry(settings, choice)
+    entry = serve_torch.packed_entry(settings, choice)
     assert entry is not None and entry.path.parent == cache
     hit = entry.path.exists()
-    ckpt, cfg, model, write = serve._load_model(settings, choice, entry)
+    ckpt, cfg, model, write = serve_torch.load_model(settings, choice, entry)
     if write is not None:
         write().join()
     return ckpt, model, entry, hit and write is None
