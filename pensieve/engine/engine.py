@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import FIRST_COMPLETED, wait
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,13 +30,14 @@ from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.engine.errors import PromptTooLongError
 from pensieve.engine.grammar import GrammarCompiler
 from pensieve.engine.grammar_constraint import GrammarConstraint
+from pensieve.engine.inflight import FAILED_ROW, InFlight, Landing
 from pensieve.engine.kv_groups import kv_manager_for
 from pensieve.engine.logits_processors import LogitsProcessor, ThinkingBudgetProcessor, accept_token
 from pensieve.engine.repetition import DryProcessor, breaker_ids
 from pensieve.engine.request import Request, RequestStatus
 from pensieve.engine.runner import Runner
 from pensieve.engine.sampler import NON_FINITE, apply_rows, make_generator, sample_ids, sample_rows
-from pensieve.engine.scheduler import ScheduledChunk, Scheduler
+from pensieve.engine.scheduler import Scheduler
 from pensieve.engine.stop_checker import StopChecker
 from pensieve.engine.types import FinishReason, GenerationDelta, SamplingParams
 
@@ -46,19 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FAILED_ROW = -1  # the host's id for a row the sampler could not sample
 GRAMMAR_IDLE_WAIT_S = 0.01  # with nothing else to run, a step waits this long for a compile
-
-
-@dataclass
-class _InFlight:
-    """A launched step whose sampled ids the host has not read yet."""
-
-    requests: list[Request]  # the requests it samples for, in row order
-    ids: torch.Tensor  # [S] int64 on the device: the next step's input
-    host: torch.Tensor  # [S] int64, filled by a non-blocking copy (pinned on CUDA)
-    ready: torch.cuda.Event | None  # recorded after that copy; None on CPU
-    failed: dict[int, str] = field(default_factory=dict)  # rows whose processors raised
 
 
 class Engine:
@@ -91,14 +79,9 @@ class Engine:
         self._dry_breakers: torch.Tensor | None = None  # built by the first loop-guarded request
         self._overlap = config.overlap_steps
         self.last_step_tokens = 0  # tokens the last step ran through the model (for logs)
-        self._inflight: _InFlight | None = None
-        # CUDA: two pinned buffers and events, alternating between the step in flight and the
-        # one being read (allocated once: no pinned allocation or free per step)
-        self._landing: list[tuple[torch.Tensor, torch.cuda.Event]] = []
-        if self._overlap and torch.device(config.device).type == "cuda":
-            self._landing = [(torch.empty(config.max_num_seqs, dtype=torch.long, pin_memory=True),
-                              torch.cuda.Event()) for _ in range(2)]
-        self._steps_launched = 0
+        self._inflight: InFlight | None = None
+        self._landing = Landing(config.max_num_seqs,
+                                pinned=self._overlap and torch.device(config.device).type == "cuda")
 
     @property
     def context_length(self) -> int:
@@ -173,14 +156,11 @@ class Engine:
         req = self._requests.pop(request_id, None)
         if req is None:
             return None
-        self._processors.pop(request_id, None)
-        self._accepted.pop(request_id, None)
-        self._compiling.pop(request_id, None)
-        self.scheduler.finish(req)
+        self._forget(req)
         req.finish(FinishReason.ABORTED)
         if self._inflight is not None and all(r.is_finished for r in self._inflight.requests):
             self._inflight = None  # nothing left to read from it (its pinned copy stays valid)
-        return self._delta(req, "")
+        return req.delta("")
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None or bool(self._compiling)
@@ -236,7 +216,7 @@ class Engine:
             ending = self._accept_early(previous)
             processors = [None if id(r) in ending else p for r, p in zip(sampled, processors)]
         failed = apply_rows(logits, processors)
-        self._inflight = self._launch(sampled, *sample_ids(logits, params, generators), failed)
+        self._inflight = self._landing.launch(sampled, *sample_ids(logits, params, generators), failed)
         return deltas + (self._read(previous) if previous is not None else [])
 
     def _admit_compiled(self) -> None:
@@ -268,36 +248,15 @@ class Engine:
             for r in s.running
         )
 
-    def _launch(self, sampled: list[Request], ids: torch.Tensor, bad: torch.Tensor,
-                failed: dict[int, str]) -> _InFlight:
-        """``bad`` rows (not sampleable) feed id 0 to the next step and read back as -1, as do
-        the ``failed`` rows (their processors raised)."""
-        for req in sampled:
-            req.num_inflight += 1
-        if failed:
-            bad = bad.clone()
-            bad[list(failed)] = True
-        marked = ids.masked_fill(bad, FAILED_ROW)
-        if ids.device.type != "cuda":
-            return _InFlight(sampled, ids, marked, None, failed)
-        host, ready = self._landing[self._steps_launched % 2]
-        self._steps_launched += 1
-        host = host[: ids.shape[0]]
-        host.copy_(marked, non_blocking=True)
-        ready.record()
-        return _InFlight(sampled, ids, host, ready, failed)
-
     def _land(self) -> list[GenerationDelta]:
         """Wait for the step in flight, if any, and post-process its tokens."""
         flight, self._inflight = self._inflight, None
         return self._read(flight) if flight is not None else []
 
-    def _read(self, flight: _InFlight) -> list[GenerationDelta]:
+    def _read(self, flight: InFlight) -> list[GenerationDelta]:
         """Read a launched step's sampled ids and post-process them."""
-        if flight.ready is not None:
-            flight.ready.synchronize()
         deltas = []
-        for row, (req, token) in enumerate(zip(flight.requests, flight.host.tolist())):
+        for row, (req, token) in enumerate(zip(flight.requests, flight.host_ids())):
             req.num_inflight -= 1
             if req.is_finished:  # aborted, or ended on an earlier token: a wasted row
                 continue
@@ -309,14 +268,12 @@ class Engine:
                 self.kv.commit(req)
         return deltas
 
-    def _accept_early(self, flight: _InFlight) -> set[int]:
+    def _accept_early(self, flight: InFlight) -> set[int]:
         """Feed a landed step's tokens to their requests' processors ahead of ``_read`` (which
         then takes the outcome from ``_accepted``); the ``id``s of requests that end on these
         tokens (end of turn, grammar done, a processor failed): their next row is not masked."""
-        if flight.ready is not None:
-            flight.ready.synchronize()
         ending: set[int] = set()
-        for req, token in zip(flight.requests, flight.host.tolist()):
+        for req, token in zip(flight.requests, flight.host_ids()):
             processors = self._processors.get(req.request_id)
             if req.is_finished or processors is None or token == FAILED_ROW:
                 continue
@@ -365,7 +322,7 @@ class Engine:
             return self._finish(req, FinishReason.MAX_TOKENS, text + self._flush(req))
         if req.num_known_tokens >= self.context_length:
             return self._finish(req, FinishReason.CONTEXT, text + self._flush(req))
-        return self._delta(req, text, [token])
+        return req.delta(text, [token])
 
     def _flush(self, req: Request) -> str:
         tail = req.stop_checker.feed(req.detokenizer.flush())
@@ -376,39 +333,22 @@ class Engine:
     def _finish(
         self, req: Request, reason: FinishReason, text: str, stop: str | None = None
     ) -> GenerationDelta:
-        self.scheduler.finish(req)
-        self._compiling.pop(req.request_id, None)
-        self._requests.pop(req.request_id, None)
-        self._processors.pop(req.request_id, None)
-        self._accepted.pop(req.request_id, None)
+        self._forget(req)
         req.finish(reason, stop)
-        return self._delta(req, text, [req.output_ids[-1]])
+        return req.delta(text, [req.output_ids[-1]])
 
-    def _delta(self, req: Request, text: str, token_ids: list[int] | None = None) -> GenerationDelta:
-        return GenerationDelta(
-            request_id=req.request_id,
-            text=text,
-            token_ids=token_ids or [],
-            finish_reason=req.finish_reason,
-            stop_sequence=req.stop_sequence,
-            num_prompt_tokens=len(req.prompt_ids),
-            num_cached_tokens=req.num_cached_tokens,
-            num_new_cached_tokens=req.num_new_cached_tokens,
-            num_output_tokens=len(req.output_ids),
-        )
+    def _forget(self, req: Request) -> None:
+        """Drop ``req`` from the scheduler and every table of the engine's (it is ending)."""
+        self.scheduler.finish(req)
+        for table in (self._requests, self._processors, self._accepted, self._compiling):
+            table.pop(req.request_id, None)
 
     def _fail(self, req: Request, message: str) -> GenerationDelta:
         """End ``req`` alone with an error delta; the others keep running."""
-        self.scheduler.finish(req)
-        self._compiling.pop(req.request_id, None)
-        self._requests.pop(req.request_id, None)
-        self._processors.pop(req.request_id, None)
-        self._accepted.pop(req.request_id, None)
+        self._forget(req)
         req.finish(FinishReason.ERROR)
         req.error = message
-        delta = self._delta(req, "")
-        delta.error = message
-        return delta
+        return req.delta("")
 
     def fail_all(self, message: str) -> list[GenerationDelta]:
         """After an unexpected error in ``step``: end every request with an error delta."""

@@ -10,7 +10,7 @@ import torch
 
 from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.engine.stop_checker import StopChecker
-from pensieve.engine.types import FinishReason, SamplingParams
+from pensieve.engine.types import FinishReason, GenerationDelta, SamplingParams
 
 if TYPE_CHECKING:
     from pensieve.engine.kv_groups import RequestCache
@@ -74,3 +74,19 @@ class Request:
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
         self.stop_sequence = stop_sequence
+
+    def delta(self, text: str, token_ids: list[int] | None = None) -> GenerationDelta:
+        """The news of this request for its caller: ``text`` and ``token_ids`` of this step,
+        with its cumulative counters, its finish reason and error once it has ended."""
+        return GenerationDelta(
+            request_id=self.request_id,
+            text=text,
+            token_ids=token_ids or [],
+            finish_reason=self.finish_reason,
+            stop_sequence=self.stop_sequence,
+            error=self.error,
+            num_prompt_tokens=len(self.prompt_ids),
+            num_cached_tokens=self.num_cached_tokens,
+            num_new_cached_tokens=self.num_new_cached_tokens,
+            num_output_tokens=len(self.output_ids),
+        )
