@@ -134,8 +134,9 @@ def int8_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int8
         scales, offsets = (_scale(blocks, 0) * sc).half(), (-(_scale(blocks, 2) * mins)).half()
     elif ggml_type is Q.Q6_K:
         codes, scales, group = _q6_k_codes(blocks), _q6_k_steps(blocks).half(), 16
-        k_scales = (blocks[:, 192:208].contiguous().view(torch.int8).reshape(rows, cols // 16),
-                    _half(blocks, 208).reshape(rows, cols // 256))
+        if cols % 256 == 0:  # the file's own factors, per row (a row of whole super-blocks)
+            k_scales = (blocks[:, 192:208].contiguous().view(torch.int8).reshape(rows, cols // 16),
+                        _half(blocks, 208).reshape(rows, cols // 256))
     elif ggml_type is Q.IQ4_NL:
         codes, scales = _iq4_nl_codes(blocks[:, 2:]), _half(blocks, 0)
     else:  # IQ4_XS
