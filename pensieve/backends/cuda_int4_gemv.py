@@ -1,9 +1,10 @@
 """The split-K int4 GEMV for 1-8 rows (``cuda_int4_gemv_kernels.gemv_split``): its tiles, the
 candidates ``cuda_int4_tune`` times per weight shape at start, and the launcher.
 
-Same weight layout as every other int4 kernel (``cuda_int4.py``). ``Split.q8`` candidates quantise
-x to int8 per 32 first (one small extra launch) and multiply with dp4a, as llama.cpp does;
-``PENSIEVE_INT4_Q8=0`` leaves them out of the timing (the float ones keep exact products).
+Same weight layout as every other int4 kernel (``cuda_int4.py``). ``Split.q8`` candidates round
+x to int8 per 32 — first, in one small extra launch (``q8=1``), or in each program for its own
+columns (``q8=2``) — and multiply with dp4a, as llama.cpp does; ``PENSIEVE_INT4_Q8=0`` leaves
+them out of the timing (the float ones keep exact products).
 Importing this module needs neither a GPU nor Triton.
 """
 
@@ -30,20 +31,21 @@ class Split:
     split_k: int
     num_warps: int
     num_stages: int = 1
-    q8: bool = False
+    q8: int = 0  # x as float (0); rounded to int8 by quantize_q8 first (1), or in-kernel (2)
 
 
 # timed per weight shape at start (each one Triton compile per dtype and SYM; untimed on a
-# GPU so far): float x on a 1-warp split-4 and a 2-warp pipelined split-2 tile; int8 x on
-# those, a 1-warp split-8 of 4 rows and a 4-warp unsplit, pipelined tile
+# GPU so far): float x on a 1-warp split-4 and a 2-warp pipelined split-2 tile; int8 x
+# rounded first on those, a 1-warp split-8 of 4 rows and a 4-warp unsplit pipelined tile;
+# int8 x rounded in the kernel on taller tiles (the rounding is repeated a tile)
 CANDIDATES = (
     Split(8, 32, 4, 1), Split(16, 32, 2, 2, 2),
-    Split(8, 32, 4, 1, q8=True), Split(16, 32, 2, 2, 2, q8=True), Split(4, 32, 8, 1, q8=True),
-    Split(32, 64, 1, 4, 3, q8=True),
+    Split(8, 32, 4, 1, q8=1), Split(16, 32, 2, 2, 2, q8=1), Split(4, 32, 8, 1, q8=1),
+    Split(32, 64, 1, 4, 3, q8=1), Split(16, 32, 4, 1, q8=2), Split(16, 64, 2, 2, 1, q8=2),
 )
-# bench/gpu_int4_gemv.py --sweep (never timed at start): 144 tiles, pipelined where several
+# bench/gpu_int4_gemv.py --sweep (never timed at start): 216 tiles, pipelined where several
 # warps share a program
-SWEEP = tuple(Split(bn, bg, sk, nw, 1 if nw == 1 else 3, q8) for q8 in (False, True)
+SWEEP = tuple(Split(bn, bg, sk, nw, 1 if nw == 1 else 3, q8) for q8 in (0, 1, 2)
               for bn in (8, 16, 32) for bg in (32, 64) for sk in (1, 2, 4, 8) for nw in (1, 2, 4))
 
 
@@ -127,7 +129,7 @@ def gemv_split(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     cnt = counters(x.device, n)
     ws = workspace(x.device, n, cfg.split_k * rows) if cfg.split_k > 1 else cnt
-    if cfg.q8:
+    if cfg.q8 == 1:
         xq, xd, xs = quantize_q8(x)
         args = (xq.view(torch.int32), xd, xs, k // 4)
     else:
@@ -137,6 +139,6 @@ def gemv_split(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
     _kernels().gemv_split[grid](
         *args[:3], packed.view(torch.int32), so, y, ws, cnt, m, n, groups, args[3], y.stride(0),
         k // 8, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g, SPLIT_K=cfg.split_k,
-        NUM_STAGES=cfg.num_stages, EVEN=even, Q8=cfg.q8, SYM=so.dtype == torch.int16,
+        NUM_STAGES=cfg.num_stages, EVEN=even, Q8=int(cfg.q8), SYM=so.dtype == torch.int16,
         ASM=not _interpreted(), num_warps=cfg.num_warps)
     return y

@@ -12,8 +12,9 @@ Two products:
 
 * float (``Q8=False``): ``Σ (128 + c)·x`` in float32 as ``gemv_words`` (the code OR-ed under
   bfloat16's exponent of 128: a shift and an AND-OR a weight), exact products.
-* int8 (``Q8=True``, llama.cpp's mmvq way): x quantised once per call to int8 with a float
-  scale per 32 (``quantize_q8``, the rounded x's sum beside), then per word
+* int8 (``Q8=1``, llama.cpp's mmvq way): x quantised once per call to int8 with a float
+  scale per 32 (``quantize_q8``, the rounded x's sum beside; ``Q8=2``: by each program for its
+  own columns instead, no extra launch), then per word
   ``dp4a(w & 0x0F0F0F0F, x_lo)`` and ``dp4a((w >> 4) & 0x0F0F0F0F, x_hi)``: 8 multiply-adds in
   five integer instructions instead of ~24, then ``s·dx·Σ c·q + o·Σ x`` per group. x's
   rounding (~0.5% relative on a product) is llama.cpp's. ``ASM=False`` (Triton's interpreter,
@@ -75,6 +76,32 @@ def _opaque(x, ASM: tl.constexpr):
 
 
 @triton.jit
+def _q8_inline(X, row, g, gmask, stride_x, EVEN: tl.constexpr):
+    """``quantize_q8`` of one row's groups g, done by the program itself (no extra launch,
+    repeated by each program of a column run): the int8 codes as the words the weight's
+    words meet (lo: columns 32g + 4q + j, hi: + 16), the scales and the rounded sums."""
+    q = tl.arange(0, 4)
+    j = tl.arange(0, 4)
+    off = row * stride_x + g[:, None, None] * 32 + q[None, :, None] * 4 + j[None, None, :]
+    if EVEN:
+        lo = tl.load(X + off).to(tl.float32)
+        hi = tl.load(X + off + 16).to(tl.float32)
+    else:
+        lo = tl.load(X + off, mask=gmask[:, None, None], other=0.0).to(tl.float32)
+        hi = tl.load(X + off + 16, mask=gmask[:, None, None], other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(lo), 2), 1), tl.max(tl.max(tl.abs(hi), 2), 1))
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)[:, None, None]
+    d = amax / 127.0
+    ql = tl.minimum(tl.maximum(tl.floor(lo * inv + 0.5), -127.0), 127.0).to(tl.int32)
+    qh = tl.minimum(tl.maximum(tl.floor(hi * inv + 0.5), -127.0), 127.0).to(tl.int32)
+    xs = (tl.sum(tl.sum(ql, 2), 1) + tl.sum(tl.sum(qh, 2), 1)).to(tl.float32) * d
+    shift = (8 * j)[None, None, :]
+    xl = tl.sum((ql & 0xFF) << shift, 2)  # disjoint bytes: the sum is their OR
+    xh = tl.sum((qh & 0xFF) << shift, 2)
+    return xl, xh, d, xs
+
+
+@triton.jit
 def _row(X, XD, XS, w, s, o, row, g, gmask, stride_x, GROUPS,
          BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr, Q8: tl.constexpr,
          ASM: tl.constexpr):
@@ -84,7 +111,9 @@ def _row(X, XD, XS, w, s, o, row, g, gmask, stride_x, GROUPS,
     if Q8:  # X: int8 codes read as int32 words, XD/XS: float32 scale and sum per group
         xp = X + row * stride_x + g[:, None] * 8 + q[None, :]
         gp = row * GROUPS + _opaque(g, ASM)
-        if EVEN:
+        if Q8 == 2:  # X: the float rows, rounded here
+            xl, xh, dx, xs = _q8_inline(X, row, g, gmask, stride_x, EVEN)
+        elif EVEN:
             xl = tl.load(xp)
             xh = tl.load(xp + 4)
             dx = tl.load(XD + gp)
