@@ -71,7 +71,9 @@ _ws: dict[tuple[str, int, int], torch.Tensor] = {}
 
 def workspace(device: torch.device, n: int, slots: int) -> torch.Tensor:
     """float32 [slots · n] partials for weights with N = n outputs (SPLIT_K × padded rows
-    slots), one a (device, N, slots), kept: a graph captured with it keeps using it."""
+    slots; at least 32: every split of up to 4 rows shares one, 128 bytes an output), kept: a
+    graph captured with it keeps using it."""
+    slots = max(slots, MAX_SPLIT * 4)
     key = (str(device), n, slots)
     if key not in _ws:
         _ws[key] = torch.empty(slots * n, device=device, dtype=torch.float32)
@@ -85,13 +87,6 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
     if key not in _ws:
         _ws[key] = torch.zeros(2 * n, device=device, dtype=torch.int32)
     return _ws[key]
-
-
-def prepare_workspace(device: torch.device, n: int, cfg: Split, rows: int = 4) -> None:
-    """Make the buffers a call of ``rows`` rows needs (before graph capture)."""
-    counters(device, n)
-    if cfg.split_k > 1:
-        workspace(device, n, cfg.split_k * _row_blocks(rows)[1])
 
 
 def _row_blocks(m: int) -> tuple[int, int]:
