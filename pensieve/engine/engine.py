@@ -32,9 +32,9 @@ from pensieve.engine.grammar import GrammarCompiler
 from pensieve.engine.grammar_constraint import GrammarConstraint
 from pensieve.engine.inflight import FAILED_ROW, InFlight, Landing
 from pensieve.engine.kv_groups import kv_manager_for
-from pensieve.engine.logits_processors import LogitsProcessor, ThinkingBudgetProcessor, accept_token
-from pensieve.engine.repetition import DryProcessor, breaker_ids
+from pensieve.engine.logits_processors import LogitsProcessor, accept_token
 from pensieve.engine.request import Request, RequestStatus
+from pensieve.engine.request_processors import RequestProcessors
 from pensieve.engine.runner import Runner
 from pensieve.engine.sampler import NON_FINITE, apply_rows, make_generator, sample_ids, sample_rows
 from pensieve.engine.scheduler import Scheduler
@@ -70,13 +70,12 @@ class Engine:
                                    config.aging_steps)
         self._requests: dict[str, Request] = {}
         self._vocab_size = vocab_size
-        self._grammars: GrammarCompiler | None = None  # built by the first constrained request
+        self._processor_source = RequestProcessors(tokenizer, vocab_size, config)
         self._processors: dict[str, list[LogitsProcessor]] = {}  # request id → its processors
         # request id → its processors' outcome for the token in flight, fed by _accept_early
         self._accepted: dict[str, bool | Exception] = {}
         # requests in WAITING_FOR_GRAMMAR, in arrival order, with the constraint they wait for
         self._compiling: dict[str, tuple[Request, GrammarConstraint]] = {}
-        self._dry_breakers: torch.Tensor | None = None  # built by the first loop-guarded request
         self._overlap = config.overlap_steps
         self.last_step_tokens = 0  # tokens the last step ran through the model (for logs)
         self._inflight: InFlight | None = None
@@ -111,7 +110,7 @@ class Engine:
             stop_checker=StopChecker(params.stop_sequences),
             generator=make_generator(params.seed, self.config.device),
         )
-        processors = self._logits_processors(req)
+        processors = self._processor_source.build(params, lambda: self._tokens_left(req))
         self._requests[request_id] = req
         if processors:
             self._processors[request_id] = processors
@@ -122,29 +121,10 @@ class Engine:
         else:
             self.scheduler.add(req)
 
-    def _logits_processors(self, req: Request) -> list[LogitsProcessor]:
-        """The loop guard first (it sees every token, thinking included), then the thinking
-        budget: while thinking is open it pauses the grammar after it."""
-        processors: list[LogitsProcessor] = []
-        params = req.params
-        if params.dry is not None and params.dry.multiplier > 0:
-            if self._dry_breakers is None:
-                self._dry_breakers = breaker_ids(lambda i: self.tokenizer.decode([i]), self._vocab_size)
-            processors.append(DryProcessor(params.dry, self._dry_breakers))
-        if params.thinking_budget is not None:
-            processors.append(ThinkingBudgetProcessor(params.thinking_budget))
-        if params.grammar is not None:
-            processors.append(self.grammars.constraint(params.grammar, lambda: self._tokens_left(req)))
-        return processors
-
     @property
     def grammars(self) -> GrammarCompiler:
         """The grammar compiler, built on first use (GrammarUnavailableError without xgrammar)."""
-        if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer, self._vocab_size,
-                                             workers=self.config.grammar_workers,
-                                             timeout_s=self.config.grammar_timeout_s)
-        return self._grammars
+        return self._processor_source.grammars
 
     def _tokens_left(self, req: Request) -> int:
         """Tokens ``req`` may still generate, counting the one about to be sampled (and not

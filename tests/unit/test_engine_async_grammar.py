@@ -59,9 +59,9 @@ def count_constrained_carried(engine) -> list[int]:
 def test_async_with_grammars_gives_the_sync_tokens_and_chains_steps(bpe):
     sync, overlapped = bpe_engine(bpe, async_scheduling=False), bpe_engine(bpe, async_scheduling=True)
     for engine in (sync, overlapped):  # compiled first: both admit every request at once
-        engine._grammars = GrammarCompiler(bpe, engine.vocab_size)
+        engine._processor_source.compiler = GrammarCompiler(bpe, engine.vocab_size)
         for spec in (OBJECT, ARRAY):
-            engine._grammars.compile(spec)
+            engine.grammars.compile(spec)
     carried = count_constrained_carried(overlapped)
     a, fa = run(sync, requests(bpe))
     b, fb = run(overlapped, requests(bpe))
@@ -106,9 +106,9 @@ def test_cuda_async_with_grammars_gives_the_sync_tokens(bpe):
         config = EngineConfig(context_length=512, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
                               device="cuda", async_scheduling=overlap)
         built = torch_engine(model, args, bpe, config)
-        built._grammars = GrammarCompiler(bpe, built.vocab_size)
+        built._processor_source.compiler = GrammarCompiler(bpe, built.vocab_size)
         for spec in (OBJECT, ARRAY):
-            built._grammars.compile(spec)
+            built.grammars.compile(spec)
         return built
 
     sync, overlapped = engine(False), engine(True)

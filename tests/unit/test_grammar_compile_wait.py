@@ -140,7 +140,7 @@ def test_without_a_fallback_a_timed_out_grammar_runs_unconstrained(bpe, gate, ca
 def test_a_compiled_grammar_is_cached_and_admitted_at_once(bpe):
     engine = bpe_engine(bpe)
     engine.add_request("a", bpe.encode("hi"), SamplingParams(max_tokens=3, grammar=LOOSE))
-    engine._grammars.compile(LOOSE)  # the cache's future, done
+    engine.grammars.compile(LOOSE)  # the cache's future, done
     engine.add_request("b", bpe.encode("hi"), SamplingParams(max_tokens=3, grammar=LOOSE))
     assert "b" not in engine._compiling  # straight to the scheduler
 
