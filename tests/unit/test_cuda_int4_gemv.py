@@ -126,12 +126,13 @@ def test_the_plan_cache_keeps_the_split_tiles():
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (45, 448)])
 @pytest.mark.parametrize("sym", [True, False])
 def test_cuda_candidates_against_float64(n, k, sym):
-    """Every candidate (and a few of the sweep) in bf16 at 1-8 rows, twice in a row."""
+    """Every candidate in bf16 at 1-8 rows (3: a masked row of a 4-row block; 8: two blocks),
+    twice in a row."""
     packed, so, w = weight(n, k, sym, seed=n + k)
     packed, so = packed.cuda(), so.cuda()
     gen = torch.Generator().manual_seed(k)
-    for cfg in CANDIDATES + cuda_int4_gemv.SWEEP[::37]:
-        for rows in (1, 2, 3, 4, 8):
+    for cfg in CANDIDATES:
+        for rows in (1, 2, 3, 8):
             x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
             ref = x.double() @ w.T
             for _ in range(2):
