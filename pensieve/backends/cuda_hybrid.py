@@ -25,7 +25,8 @@ call to, with the layer's ``window`` and ``sinks``.
   absorbed queries to ``attend_latent`` (``cuda_mla.py``); the rest stay on its own path.
 
 Opt out with ``PENSIEVE_HYBRID_KERNELS=0`` (read when the model runner starts; the latent
-kernel alone: ``PENSIEVE_LATENT_KERNEL=0``). No CUDA graphs for hybrid steps yet. Importing
+kernel alone: ``PENSIEVE_LATENT_KERNEL=0``). Decode steps as CUDA graphs over static buffers:
+``cuda_hybrid_graphs.py`` (opt-in). Importing
 this module needs no GPU; Triton loads on first kernel use.
 """
 

@@ -138,16 +138,20 @@ class HybridCaches:
         self.v_caches: list[torch.Tensor] = list(self.k_caches)
         self.layer_group: list[int | None] = [None] * n
         self.null_blocks: list[int] = []
+        # past the pool's blocks: a null block (zeroed, never written: freed window blocks point
+        # at it) and a scratch block, where the static decode step's padding rows write
+        self.scratch_blocks: list[int] = []
         for g, group in enumerate(plan.paged):
-            self.null_blocks.append(group.num_blocks)  # past the pool's: zeroed, never handed out
+            self.null_blocks.append(group.num_blocks)
+            self.scratch_blocks.append(group.num_blocks + 1)
             for layer in group.layers:
                 spec = layout[layer]
                 assert isinstance(spec, PagedKV)
-                shape = (group.num_blocks + 1, bs, spec.kv_heads)
+                shape = (group.num_blocks + 2, bs, spec.kv_heads)
                 k = torch.empty(*shape, spec.head_dim, dtype=dtype, device=device)
                 v = torch.empty(*shape, spec.v_head_dim, dtype=dtype, device=device)
-                k[-1].zero_()
-                v[-1].zero_()
+                k[-2:].zero_()
+                v[-2:].zero_()
                 self.k_caches[layer], self.v_caches[layer] = k, v
                 self.layer_group[layer] = g
         self.conv: list[torch.Tensor | None] = [None] * n
@@ -155,12 +159,14 @@ class HybridCaches:
         self.saved_conv: list[torch.Tensor | None] = [None] * n
         self.saved_ssm: list[torch.Tensor | None] = [None] * n
         rec: GroupPlan | None = plan.recurrent
+        # one state slot past the running requests': the static decode step's padding rows
+        self.scratch_slot = plan.state_slots
         for layer in rec.layers if rec is not None else ():
             spec = layout[layer]
             assert isinstance(spec, RecurrentState)
             f32 = dict(dtype=STATE_DTYPE, device=device)
-            self.conv[layer] = torch.zeros(plan.state_slots, *spec.conv_shape, **f32)
-            self.ssm[layer] = torch.zeros(plan.state_slots, *spec.state_shape, **f32)
+            self.conv[layer] = torch.zeros(plan.state_slots + 1, *spec.conv_shape, **f32)
+            self.ssm[layer] = torch.zeros(plan.state_slots + 1, *spec.state_shape, **f32)
             self.saved_conv[layer] = torch.empty(plan.checkpoints, *spec.conv_shape, **f32)
             self.saved_ssm[layer] = torch.empty(plan.checkpoints, *spec.state_shape, **f32)
         self.recurrent_layers = [i for i in range(n) if self.conv[i] is not None]
@@ -198,8 +204,7 @@ class HybridCaches:
             if self.recurrent_layers:
                 assert req.cache is not None and req.cache.slot is not None
                 state_slots.append(req.cache.slot)
-                if req.cache.restore is not None:
-                    self._copy(req.cache.restore, req.cache.slot, into_slot=True)
+        self.restore(chunks)
         slot_tensors = [self._tensor(s) for s in slots]
         states = None
         if self.recurrent_layers:
@@ -211,11 +216,23 @@ class HybridCaches:
             attention=attend(self.layer_group, sequences, slot_tensors) if attend is not None else None,
         )
         logits = model(self._tensor(ids), self._tensor(positions), ctx)
+        self.save(chunks)
+        return logits
+
+    def restore(self, chunks: Sequence[ScheduledChunk]) -> None:
+        """Before a step: a restored checkpoint into the state slot of a request's first chunk."""
+        for chunk in chunks:
+            cache = chunk.request.cache
+            if self.recurrent_layers and cache is not None and cache.restore is not None:
+                assert cache.slot is not None
+                self._copy(cache.restore, cache.slot, into_slot=True)
+
+    def save(self, chunks: Sequence[ScheduledChunk]) -> None:
+        """After a step: the state slot into a checkpoint where a chunk ended on one."""
         for chunk in chunks:
             cache = chunk.request.cache
             if cache is not None and cache.save is not None and cache.slot is not None:
                 self._copy(cache.save, cache.slot, into_slot=False)
-        return logits
 
     def _copy(self, checkpoint: int, slot: int, into_slot: bool) -> None:
         for layer in self.recurrent_layers:

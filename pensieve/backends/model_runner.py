@@ -134,9 +134,10 @@ class ModelRunner:
         self.cpu_attention = self.cpu_decoder = None
         self._scratch_held = False  # a prefill-sized CPU step grew the kernels' scratch
         self.cuda_hybrid = None  # backends/cuda_hybrid.CudaHybridBuilder for hybrid layouts
+        self.hybrid_graphs = None  # backends/cuda_hybrid_graphs.HybridGraphRunner (opt-in)
         layout = model_layout(model, args)
         if not uniform_full(layout, config.context_length):
-            self._init_hybrid(layout, config, args)
+            self._init_hybrid(layout, config, args, cuda_graphs)
             return
         self.num_blocks = plan_num_blocks(args, config)
         on_cuda = self.device.type == "cuda"
@@ -158,11 +159,12 @@ class ModelRunner:
             self._init_cpu(config)
 
     def _init_hybrid(self, layout: Sequence[LayerCache], config: EngineConfig,
-                     args: ModelArgs) -> None:
+                     args: ModelArgs, cuda_graphs: bool = True) -> None:
         """Per-layer caches, layer groups, recurrent state (``backends/hybrid_cache.py``): none
         of the fast paths the family declared (they assume one uniform full-attention cache)
         but the latent kernel; on CUDA the attention layers on the batched kernels per group
-        (``cuda_hybrid.py``), latent layers on ``cuda_mla.py``'s where the model declared it."""
+        (``cuda_hybrid.py``), latent layers on ``cuda_mla.py``'s where the model declared it;
+        with ``PENSIEVE_HYBRID_GRAPHS=1`` decode steps as CUDA graphs (``cuda_hybrid_graphs.py``)."""
         kept = FastPaths(cuda_latent_attention=self.fast.cuda_latent_attention)
         if self.fast != kept:
             log.info("the cache layout is not uniform full attention: fast paths %s stay off",
@@ -185,6 +187,12 @@ class ModelRunner:
                          "layers %s, the per-sequence loop for the rest (%s=0: every layer)",
                          sorted(self.cuda_hybrid.kernels), sorted(self.cuda_hybrid.latent),
                          cuda_hybrid.ENV_SWITCH)
+            from pensieve.backends import cuda_hybrid_graphs
+
+            if self.cuda_hybrid is not None and cuda_graphs and cuda_hybrid_graphs.enabled():
+                self.hybrid_graphs = cuda_hybrid_graphs.start(
+                    self.model, self.hybrid, self.cuda_hybrid, config.max_num_seqs,
+                    -(-config.context_length // config.block_size))
         if self.device.type == "cpu" and config.dtype == torch.float32:
             from pensieve.backends.cpu_quant import load_kernels
             from pensieve.backends.cpu_quant.layers import CpuAttention, swap_norms
@@ -260,6 +268,8 @@ class ModelRunner:
         step as a CUDA graph, or any CPU step): what async scheduling needs."""
         if self.graphs is not None:
             return self.graphs.can_run(chunks)
+        if self.hybrid_graphs is not None:
+            return self.hybrid_graphs.can_run(chunks)
         # the per-sequence path fills carried ids itself; hybrid layouts run synchronously
         return self.cuda_batches is None and self.hybrid is None
 
@@ -273,6 +283,8 @@ class ModelRunner:
         a token the host has not read yet (only where ``can_carry``).
         """
         if self.hybrid is not None:
+            if self.hybrid_graphs is not None and self.hybrid_graphs.can_run(chunks):
+                return self.hybrid_graphs.run(chunks, carried, carried_rows)
             return self.hybrid.run(self.model, chunks, self._hybrid_attention)
         if self.graphs is not None and self.graphs.can_run(chunks):
             return self.graphs.run(chunks, carried, carried_rows)

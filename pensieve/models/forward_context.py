@@ -49,6 +49,10 @@ class RecurrentStates:
     conv: list[torch.Tensor | None]
     ssm: list[torch.Tensor | None]
     slots: torch.Tensor  # [S] int64, on the model's device
+    # a pure-decode step over static buffers (``backends/hybrid_static.py``, a CUDA graph's):
+    # [S] bool, whether row i's slot holds a state (its context_len > 1); every sequence is
+    # then the one decode row i, and the layer reads no host lengths
+    cached: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

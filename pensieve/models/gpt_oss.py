@@ -37,7 +37,7 @@ from pensieve.models.family import (
 )
 from pensieve.models.forward_context import ForwardContext, paged_attention
 from pensieve.models.llama import Attention, CosSin, LlamaForCausalLM, RMSNorm
-from pensieve.models.moe import hf_int
+from pensieve.models.moe import capturing, hf_int, pick_linear
 
 SWIGLU_LIMIT, SWIGLU_ALPHA = 7.0, 1.702  # llama.cpp's constants; HF configs may say otherwise
 
@@ -99,6 +99,8 @@ class ClampedSwiGLUExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/ids [T, k] → Σ_picks weight · expert(x), [T, H]; (token, pick)
         rows grouped by expert, each expert's rows one matmul, summed in expert order."""
+        if capturing(x):
+            return self.gathered(x, weights, ids)
         k = ids.shape[1]
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)
@@ -112,13 +114,23 @@ class ClampedSwiGLUExperts(nn.Module):
             if n:
                 part = rows[start:start + n]
                 gate, up = F.linear(part, gu.weight[e], gu.bias[e]).chunk(2, dim=-1)
-                gate = gate.clamp(max=self.limit)
-                up = up.clamp(min=-self.limit, max=self.limit)
-                glu = (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
-                out[start:start + n] = F.linear(glu, down.weight[e], down.bias[e])
+                out[start:start + n] = F.linear(self._glu(gate, up), down.weight[e], down.bias[e])
                 start += n
         out = out * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, tokens, out)
+
+    def _glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``forward`` with no host counts (what a CUDA graph captures): each pick's expert
+        weights gathered (``moe.pick_linear``)."""
+        gu, down = self.gate_up_proj, self.down_proj
+        gate, up = pick_linear(x, ids, gu.weight, bias=gu.bias).chunk(2, dim=-1)
+        out = pick_linear(self._glu(gate, up), None, down.weight, ids, down.bias)
+        return (out * weights.reshape(-1, 1)).view(*ids.shape, -1).sum(dim=1)
 
 
 class GptOssMoE(nn.Module):

@@ -94,6 +94,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/ids [T, k] → Σ_picks weight · expert(x), [T, H]."""
+        if capturing(x):
+            return self.gathered(x, weights, ids)
         k = ids.shape[1]
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)  # (token, pick) rows grouped by expert
@@ -112,6 +114,30 @@ class Experts(nn.Module):
         # transformers casts it before its index_add
         out = out * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, tokens, out.to(x.dtype))
+
+    def gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``forward`` with no host counts (what a CUDA graph captures): each pick's expert
+        weights gathered and applied in one batched matmul (memory ∝ picks × expert size)."""
+        gate, up = pick_linear(x, ids, self.gate_up_proj.weight).chunk(2, dim=-1)
+        out = pick_linear(self.act(gate) * up, None, self.down_proj.weight, ids)
+        out = out * weights.reshape(-1, 1)
+        return out.to(x.dtype).view(*ids.shape, -1).sum(dim=1)
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Whether ``x``'s stream is being captured into a CUDA graph (no host syncs allowed)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def pick_linear(x: torch.Tensor, ids: torch.Tensor | None, weight: torch.Tensor,
+                picked: torch.Tensor | None = None, bias: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Per (token, pick) row its expert's linear map: x [T, K] with ``ids`` [T, k] (each token
+    repeated per pick), or x [T·k, K] already per pick with ``picked`` [T, k] → [T·k, N]."""
+    flat = (ids if ids is not None else picked).reshape(-1)
+    rows = x.repeat_interleave(ids.shape[1], dim=0) if ids is not None else x
+    out = torch.bmm(weight[flat], rows.unsqueeze(-1)).squeeze(-1)
+    return out if bias is None else out + bias[flat]
 
 
 def shared_mlp(args: ModelArgs) -> MLP:

@@ -126,20 +126,17 @@ class GatedDeltaNet(nn.Module):
         conv, ssm, weight = states.conv[self.layer], states.ssm[self.layer], self.conv1d.weight
         weight = weight.reshape(weight.shape[0], -1)
         out = mixed.new_empty(mixed.shape[0], self.d.value_heads, self.d.value_dim)
+        if states.cached is not None:  # static decode buffers: row i is sequence i's token
+            rows = slice(0, mixed.shape[0])
+            self._decode(mixed, g, beta, weight, conv, ssm, rows, states.slots, states.cached, out)
+            return out
         singles = [i for i, s in enumerate(ctx.sequences) if s.query_len == 1]
         if singles:
             rows = torch.tensor([ctx.sequences[i].query_start for i in singles], device=mixed.device)
-            slots = states.slots[singles]
             cached = torch.tensor([ctx.sequences[i].context_len > 1 for i in singles],
                                   device=mixed.device)
-            conv_in = torch.where(cached.view(-1, 1, 1), conv[slots], 0.0)
-            ssm_in = torch.where(cached.view(-1, 1, 1, 1), ssm[slots], 0.0)
-            y, conv_out = causal_conv1d_step(mixed[rows], weight, conv_in)
-            o, ssm_out = self._rule(y.unsqueeze(1), g[rows].unsqueeze(1), beta[rows].unsqueeze(1),
-                                    ssm_in, decode=True)
-            out[rows] = o[:, 0]
-            conv.index_copy_(0, slots, conv_out.to(conv.dtype))
-            ssm.index_copy_(0, slots, ssm_out.to(ssm.dtype))
+            self._decode(mixed, g, beta, weight, conv, ssm, rows, states.slots[singles], cached,
+                         out)
         for i, seq in enumerate(ctx.sequences):
             if seq.query_len == 1:
                 continue
@@ -153,6 +150,21 @@ class GatedDeltaNet(nn.Module):
             conv.index_copy_(0, slot, conv_out.unsqueeze(0).to(conv.dtype))
             ssm.index_copy_(0, slot, ssm_out.to(ssm.dtype))
         return out
+
+    def _decode(self, mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                weight: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
+                rows: slice | torch.Tensor, slots: torch.Tensor, cached: torch.Tensor,
+                out: torch.Tensor) -> None:
+        """One recurrent step of the decode ``rows`` from and back into their state ``slots``
+        (read as zeros where not ``cached``): no host values, so a CUDA graph captures it."""
+        conv_in = torch.where(cached.view(-1, 1, 1), conv[slots], 0.0)
+        ssm_in = torch.where(cached.view(-1, 1, 1, 1), ssm[slots], 0.0)
+        y, conv_out = causal_conv1d_step(mixed[rows], weight, conv_in)
+        o, ssm_out = self._rule(y.unsqueeze(1), g[rows].unsqueeze(1), beta[rows].unsqueeze(1),
+                                ssm_in, decode=True)
+        out[rows] = o[:, 0]
+        conv.index_copy_(0, slots, conv_out.to(conv.dtype))
+        ssm.index_copy_(0, slots, ssm_out.to(ssm.dtype))
 
     def _rule(self, y: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
               state: torch.Tensor | None, *, decode: bool) -> tuple[torch.Tensor, torch.Tensor]:
