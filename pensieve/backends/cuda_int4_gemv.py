@@ -135,5 +135,5 @@ def gemv_split(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
         *args[:3], packed.view(torch.int32), so, y, ws, cnt, m, n, groups, args[3], y.stride(0),
         k // 8, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g, SPLIT_K=cfg.split_k,
         NUM_STAGES=cfg.num_stages, EVEN=even, Q8=int(cfg.q8), SYM=so.dtype == torch.int16,
-        ASM=not _interpreted(), num_warps=cfg.num_warps)
+        ASM=not _interpreted(), num_warps=cfg.num_warps, num_stages=1)  # the loop: NUM_STAGES
     return y
