@@ -205,3 +205,51 @@ def test_static_latent_tiles_are_the_dynamic_ones_and_graphs_are_opt_in() -> Non
             assert torch.equal(got, want)
     assert not enabled({}) and not enabled({"PENSIEVE_HYBRID_GRAPHS": "0"})
     assert enabled({"PENSIEVE_HYBRID_GRAPHS": "1"})
+
+
+class EagerGraph:
+    """A captured graph's stand-in on the CPU: ``replay`` reruns the step into its output."""
+
+    def __init__(self, run: Any, out: torch.Tensor) -> None:
+        self.run, self.out = run, out
+
+    def replay(self) -> None:
+        self.out.copy_(self.run())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "gpt_oss"])
+def test_graph_runner_serves_decode_steps_under_async_scheduling(tmp_path: Path,
+                                                                  family: str) -> None:
+    """``ModelRunner`` with a ``HybridGraphRunner`` (its graphs replaced by eager reruns over
+    the same static buffers, torch attention): pure-decode steps go to it, chained by async
+    scheduling (their tokens carried on the device), with the greedy tokens of the eager
+    engine over both turns (the follow-up resuming from a checkpoint)."""
+    from pensieve.backends.cuda_hybrid import CudaHybridBuilder
+    from pensieve.backends.cuda_hybrid_graphs import HybridGraphRunner
+
+    ckpt = FAMILIES[family](tmp_path)
+    plain = _turns(_engine(ckpt))
+    cfg = EngineConfig(device="cpu", dtype=torch.float32, context_length=128, block_size=BLOCK,
+                       max_num_seqs=SEATS, max_num_batched_tokens=64,
+                       state_checkpoint_interval=INTERVAL, async_scheduling=True)
+    engine = torch_engine(build_model(ckpt, cfg), ckpt.args, ckpt.tokenizer, cfg)
+    runner, caches = engine.runner, engine.runner.hybrid
+    builder = CudaHybridBuilder(caches.k_caches, caches.v_caches, caches.layer_group,
+                                [g.window for g in caches.plan.paged], BLOCK,
+                                torch.device("cpu"), num_sms=4)
+    graphs = HybridGraphRunner(runner.model, caches, builder, SEATS, 128 // BLOCK)
+    carried = []
+    for b in graphs.buckets:
+        attention = graphs.static.torch_attention(b)
+        step = (lambda b=b, a=attention: graphs.static.forward(runner.model, b, a))
+        with torch.inference_mode():
+            graphs._graphs[b] = EagerGraph(step, step())
+        graphs._outputs[b] = graphs._graphs[b].out
+    fill = graphs.static.fill
+    graphs.static.fill = lambda chunks, bucket, ids=None, rows=(): (
+        carried.append(ids is not None and any(r >= 0 for r in rows)) or
+        fill(chunks, bucket, ids, rows))
+    runner.hybrid_graphs = graphs
+    assert _turns(engine) == plain
+    assert graphs.replays >= 10 and sum(carried) >= 5, (graphs.replays, sum(carried))
