@@ -193,11 +193,16 @@ def test_sizing_counts_every_layer_latent_k_only_and_states():
     small = plan_cache(layout, config, budget=20_000)
     assert small.paged[0].num_blocks == 64  # one full context at least
     caches = HybridCaches(layout, p, config, torch.device("cpu"))
-    assert caches.k_caches[2].shape == (p.paged[0].num_blocks + 1, BS, 1, 12)
+    # past the pool: the null block, then the static decode step's scratch block
+    assert caches.k_caches[2].shape == (p.paged[0].num_blocks + 2, BS, 1, 12)
     assert caches.v_caches[2].numel() == 0  # latent: K only
-    assert caches.k_caches[0].numel() == 0 and caches.conv[0].shape == (2, 3, 8)
+    # a state slot a seat, then the static decode step's scratch slot
+    assert caches.k_caches[0].numel() == 0 and caches.conv[0].shape == (3, 3, 8)
+    assert caches.scratch_slot == 2
     assert caches.saved_ssm[0].shape == (5, 4, 4)
-    assert caches.k_caches[3][-1].abs().sum() == 0  # the window group's null block reads zeros
+    null = caches.null_blocks[1]
+    assert null == p.paged[1].num_blocks and caches.scratch_blocks[1] == null + 1
+    assert caches.k_caches[3][null].abs().sum() == 0  # the window group's null block reads zeros
 
 
 def test_interval_must_be_block_aligned():
