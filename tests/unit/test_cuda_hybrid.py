@@ -9,8 +9,9 @@ without CUDA (CI has none; `bench/gpu_device_run.sh` runs it on the device).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -23,26 +24,9 @@ from pensieve.backends.torch_backend import build_model, torch_engine  # noqa: E
 from pensieve.engine.config import EngineConfig  # noqa: E402
 from pensieve.engine.types import SamplingParams  # noqa: E402
 from pensieve.loaders.registry import load_checkpoint  # noqa: E402
+from tests.helpers.tiny_hybrid_checkpoints import glm_lite, gpt_oss, qwen  # noqa: E402
 
 BLOCK, INTERVAL, NEW = 16, 64, 12
-
-
-def _qwen(name: str) -> Callable[[Path], Any]:
-    def make(tmp: Path) -> Any:
-        from tests.helpers.tiny_hybrid import hybrid_config, hybrid_model, save_hybrid_hf
-
-        return load_checkpoint(save_hybrid_hf(tmp / "hf", hybrid_model(
-            hybrid_config(name, max_position_embeddings=4096))))
-    return make
-
-
-def _gpt_oss(tmp: Path) -> Any:
-    from tests.helpers.tiny_families import hf_model, save_hf
-    from tests.helpers.tiny_gpt_oss import config
-
-    torch.manual_seed(0)
-    return load_checkpoint(save_hf(tmp / "hf", hf_model(config(
-        sliding_window=32, max_position_embeddings=4096))))
 
 
 def _gemma4(tmp: Path) -> Any:
@@ -52,24 +36,8 @@ def _gemma4(tmp: Path) -> Any:
     return load_checkpoint(save_hf(tmp / "hf", reference("dense")))
 
 
-def _glm_lite(tmp: Path) -> Any:
-    from tests.helpers.tiny_families import VOCAB, save_hf
-    from tests.helpers.tiny_moe import moe_model
-
-    torch.manual_seed(0)
-    return load_checkpoint(save_hf(tmp / "hf", moe_model(transformers.Glm4MoeLiteConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-        rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
-        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
-        n_group=2, topk_group=1, routed_scaling_factor=1.8, norm_topk_prob=True,
-        tie_word_embeddings=False, q_lora_rank=24, rope_interleave=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000.0}))))
-
-
-FAMILIES = {"qwen3_5": _qwen("qwen3_5"), "qwen3_next": _qwen("qwen3_next"),
-            "gpt_oss": _gpt_oss, "gemma4": _gemma4, "glm4_moe_lite": _glm_lite}
+FAMILIES = {"qwen3_5": qwen("qwen3_5"), "qwen3_next": qwen("qwen3_next"),
+            "gpt_oss": partial(gpt_oss, window=32), "gemma4": _gemma4, "glm4_moe_lite": glm_lite}
 
 
 def _engine(ckpt: Any, device: str):  # noqa: ANN202
