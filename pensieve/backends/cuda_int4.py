@@ -221,7 +221,7 @@ def _kernels() -> ModuleType:
     return cuda_int4_kernels
 
 
-def _block_g(groups: int, want: int) -> int:
+def block_g(groups: int, want: int) -> int:
     """The largest power of two ≤ want that divides the number of groups."""
     g = want
     while groups % g:
@@ -235,7 +235,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Tiles = GEM
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     grid = (m, triton_cdiv(n, t.block_n))
     _kernels().gemv[grid](x, packed, so, y, n, k, k // GROUP, x.stride(0), y.stride(0),
-                          BLOCK_N=t.block_n, BLOCK_G=_block_g(k // GROUP, t.block_g),
+                          BLOCK_N=t.block_n, BLOCK_G=block_g(k // GROUP, t.block_g),
                           SYM=symmetric(so), num_warps=t.num_warps, num_stages=t.num_stages)
     return y
 
@@ -247,7 +247,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Tiles) ->
     grid = (triton_cdiv(n, t.block_n), triton_cdiv(m, t.block_m))
     _kernels().matmul[grid](x, packed, so, y, m, n, k, k // GROUP, x.stride(0), y.stride(0),
                             BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                            BLOCK_G=_block_g(k // GROUP, t.block_g), SYM=symmetric(so),
+                            BLOCK_G=block_g(k // GROUP, t.block_g), SYM=symmetric(so),
                             num_warps=t.num_warps, num_stages=t.num_stages)
     return y
 
@@ -256,7 +256,7 @@ def dequantize(packed: torch.Tensor, so: torch.Tensor, dtype: torch.dtype,
                t: Tiles = DEQUANT) -> torch.Tensor:
     n, k = packed.shape[0], packed.shape[1] * 2
     out = torch.empty(n, k, device=packed.device, dtype=dtype)
-    bg = _block_g(k // GROUP, t.block_g)
+    bg = block_g(k // GROUP, t.block_g)
     grid = (triton_cdiv(n, t.block_n), k // GROUP // bg)
     _kernels().dequantize[grid](packed, so, out, n, k, k // GROUP, BLOCK_N=t.block_n, BLOCK_G=bg,
                                 SYM=symmetric(so), num_warps=t.num_warps, num_stages=t.num_stages)
@@ -287,7 +287,7 @@ def gemm(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Gemm) -> to
     grid = (triton_cdiv(m, t.block_m) * triton_cdiv(n, t.block_n),)
     _kernels().gemm[grid](x, packed, so, y, m, n, k // GROUP, x.stride(0), y.stride(0), k // 2,
                           BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                          BLOCK_G=_block_g(k // GROUP, t.block_g), GROUP_M=t.group_m,
+                          BLOCK_G=block_g(k // GROUP, t.block_g), GROUP_M=t.group_m,
                           SYM=symmetric(so),
                           num_warps=t.num_warps, num_stages=t.num_stages)
     return y
@@ -397,7 +397,35 @@ def cuda_int4_available() -> bool:
     return True
 
 
-class CudaInt4Linear(nn.Module):
+class CodesLinear(nn.Module):
+    """What the CUDA code layers share: ``y = x @ W.T (+ b)`` over ``[..., in_features]``, on
+    CUDA through the layer's kernels (``_cuda``), elsewhere (tests, a model not yet moved)
+    through its reference ``dequantize``."""
+
+    in_features: int
+    out_features: int
+    bias: nn.Parameter | None
+
+    def _cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [out_features, in_features] (reference; the CPU forward)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.is_cuda:
+            y = self._cuda(x2.contiguous())
+        else:
+            y = F.linear(x2, self.dequantize().to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
+class CudaInt4Linear(CodesLinear):
     """y = x @ W.T (+ b) with W as packed 4-bit codes; built from one ``Int4Groups`` or the
     row blocks of a fused weight (q, k, v / gate, up), in order."""
 
@@ -424,19 +452,13 @@ class CudaInt4Linear(nn.Module):
         """float32 rows ``ids`` of the weight, dequantised alone (an embedding lookup)."""
         return unpack(self.packed[ids], self.scale_offset[ids])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if x2.is_cuda:
-            if self.plan is None:  # not prepared (a family without the fused CUDA layers)
-                self.plan = default_plan(self.in_features, self.dense, self.tiny)
-            y = int4_linear(x2.contiguous(), self.packed, self.scale_offset, self.dense,
-                            self.tiny, self.plan)
-        else:  # CPU (tests, a model not yet moved): the reference dequantisation
-            y = F.linear(x2, unpack(self.packed, self.scale_offset).to(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+    def dequantize(self) -> torch.Tensor:
+        return unpack(self.packed, self.scale_offset)
+
+    def _cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.plan is None:  # not prepared (a family without the fused CUDA layers)
+            self.plan = default_plan(self.in_features, self.dense, self.tiny)
+        return int4_linear(x2, self.packed, self.scale_offset, self.dense, self.tiny, self.plan)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP}"

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pensieve.backends import cuda_q6k
-from pensieve.backends.cuda_int4 import CudaInt4Linear, triton_cdiv
+from pensieve.backends.cuda_int4 import CodesLinear, CudaInt4Linear, triton_cdiv
 from pensieve.backends.cuda_q6k import CudaQ6KLinear
 from pensieve.loaders.int4_codes import Int8Groups
 from pensieve.models.quant_linear import Int4Groups
@@ -172,7 +172,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).contiguous().view(torch.int16)
 
 
-class CudaInt8Linear(nn.Module):
+class CudaInt8Linear(CodesLinear):
     """y = x @ W.T (+ b) with W as int8 codes in row blocks (one per run of parts sharing a
     format), built from one ``Int8Groups`` or the parts of a fused weight, in order."""
 
@@ -226,16 +226,8 @@ class CudaInt8Linear(nn.Module):
             w = w.view(len(ids), -1, 32) + b.mins[ids].view(torch.float16).float()[..., None]
         return w.view(len(ids), self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if x2.is_cuda:
-            y = int8_linear(x2.contiguous(), self.blocks(), self.out_features)
-        else:  # CPU (tests, a model not yet moved): the reference dequantisation
-            y = F.linear(x2, self.dequantize().to(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+    def _cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x2, self.blocks(), self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pensieve.backends.cuda_int4 import pack_codes, triton_cdiv, unpack_codes
+from pensieve.backends.cuda_int4 import CodesLinear, block_g, pack_codes, triton_cdiv, unpack_codes
 from pensieve.loaders.int4_codes import Int8Groups
 
 BLOCK = 256  # values a Q6_K block; K must be a multiple
@@ -108,13 +108,6 @@ def _kernels() -> ModuleType:
     return cuda_q6k_kernels
 
 
-def _block_g(groups: int, want: int) -> int:
-    g = want
-    while groups % g:
-        g //= 2
-    return g
-
-
 Buffers = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # lo, hi, sc, d
 
 
@@ -124,7 +117,7 @@ def gemv(x: torch.Tensor, w: Buffers, y: torch.Tensor, t: Tiles = GEMV) -> torch
     n, groups = w[0].shape[0], k // 32
     _kernels().gemv[(triton_cdiv(n, t.block_n), m)](
         x, *w, y, n, groups, x.stride(0), y.stride(0), BLOCK_N=t.block_n,
-        BLOCK_G=_block_g(groups, t.block_g), num_warps=t.num_warps, num_stages=t.num_stages)
+        BLOCK_G=block_g(groups, t.block_g), num_warps=t.num_warps, num_stages=t.num_stages)
     return y
 
 
@@ -133,7 +126,7 @@ def gemm(x: torch.Tensor, w: Buffers, y: torch.Tensor, t: Tiles | None = None) -
     m, k = x.shape
     t = t or (SKINNY if m <= SKINNY_MAX_ROWS else GEMM_SMALL if m <= 256 else GEMM)
     n, groups = w[0].shape[0], k // 32
-    bg = max(2, _block_g(groups, t.block_g))
+    bg = max(2, block_g(groups, t.block_g))
     grid = (triton_cdiv(m, t.block_m) * triton_cdiv(n, t.block_n),)
     _kernels().gemm[grid](x, *w, y, m, n, groups, x.stride(0), y.stride(0), BLOCK_M=t.block_m,
                           BLOCK_N=t.block_n, BLOCK_G=bg, GROUP_M=t.group_m,
@@ -169,7 +162,7 @@ def q6k_linear(x: torch.Tensor, w: Buffers, plan: Plan | None = None) -> torch.T
     return launch(name, x, w, t)
 
 
-class CudaQ6KLinear(nn.Module):
+class CudaQ6KLinear(CodesLinear):
     """y = x @ W.T (+ b) with W as Q6_K's 6-bit codes, sub-scales and super-scales; built from
     one Q6_K ``Int8Groups`` (``takes``) or the parts of a fused weight, stacked by rows."""
 
@@ -201,16 +194,8 @@ class CudaQ6KLinear(nn.Module):
         """float32 rows ``ids`` of the weight, dequantised alone (an embedding lookup)."""
         return dequantize(self.lo[ids], self.hi[ids], self.sc[ids], self.d[ids])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if x2.is_cuda:
-            y = q6k_linear(x2.contiguous(), self.weight_buffers(), self.plan)
-        else:  # CPU (tests, a model not yet moved): the reference dequantisation
-            y = F.linear(x2, self.dequantize().to(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+    def _cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        return q6k_linear(x2, self.weight_buffers(), self.plan)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, Q6_K 6-bit"
