@@ -17,6 +17,7 @@ import torch
 
 from pensieve.backends import cuda_int4, cuda_int4_gemv
 from pensieve.backends.cuda_int4_gemv import CANDIDATES, Split, gemv_split
+from tests.helpers.cuda_graph_check import assert_replays_as_eager
 from tests.helpers.triton_interpreter import run_in_triton_interpreter
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -149,14 +150,7 @@ def test_split_k_in_a_cuda_graph(rows):
     packed, so = packed.cuda(), so.cuda()
     x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
     for cfg in (c for c in CANDIDATES if c.split_k > 1):
-        gemv_split(x, packed, so, cfg)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = gemv_split(x, packed, so, cfg)
-        for _ in range(3):
-            x.normal_()
-            graph.replay()
-            torch.testing.assert_close(y, gemv_split(x, packed, so, cfg), atol=0, rtol=0)
+        assert_replays_as_eager(lambda v, c=cfg: gemv_split(v, packed, so, c), x)
 
 
 @needs_cuda

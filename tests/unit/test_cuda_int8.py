@@ -27,6 +27,7 @@ from pensieve.backends.cuda_int8 import (
 )
 from pensieve.loaders.int4_codes import Int8Groups, quant_groups
 from pensieve.loaders.quants import dequantize
+from tests.helpers.cuda_graph_check import assert_replays_as_eager
 from tests.helpers.triton_interpreter import run_in_triton_interpreter
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -169,15 +170,7 @@ def test_fused_layer_in_a_cuda_graph(rows):
     bias = torch.randn(128)
     for layer in (cuda_codes_linear(parts, bias), cuda_codes_linear(parts[2:] + parts[2:], None)):
         layer = layer.to(device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-        layer(x)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = layer(x)
-        for _ in range(3):
-            x.normal_()
-            graph.replay()
-            torch.testing.assert_close(y, layer(x), atol=0, rtol=0)
+        assert_replays_as_eager(layer, torch.randn(rows, k, device="cuda", dtype=torch.bfloat16))
 
 
 LAYER_TYPES = [  # per layer: q, k, v, o, gate, up, down (as real GGUFs mix them)

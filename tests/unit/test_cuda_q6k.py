@@ -21,6 +21,7 @@ from pensieve.backends import cuda_q6k
 from pensieve.backends.cuda_int4 import CudaInt4Linear
 from pensieve.backends.cuda_int8 import CudaInt8Linear, CudaMixedLinear, cuda_codes_linear
 from pensieve.backends.cuda_q6k import CudaQ6KLinear, pack_six, unpack_six
+from tests.helpers.cuda_graph_check import assert_replays_as_eager
 from tests.helpers.triton_interpreter import run_in_triton_interpreter
 from tests.unit.test_cuda_int8 import groups, random_raw, rel
 
@@ -155,15 +156,7 @@ def test_q6k_layer_in_a_cuda_graph(rows):
     q4, q6 = groups(Q.Q4_K, 64, k, 1), groups(Q.Q6_K, 32, k, 2)
     for layer in (cuda_codes_linear([q4, q4, q6], torch.randn(160)), CudaQ6KLinear(q6)):
         layer = layer.to(device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-        layer(x)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = layer(x)
-        for _ in range(3):
-            x.normal_()
-            graph.replay()
-            torch.testing.assert_close(y, layer(x), atol=0, rtol=0)
+        assert_replays_as_eager(layer, torch.randn(rows, k, device="cuda", dtype=torch.bfloat16))
 
 
 def test_random_bytes_cover_every_code():
