@@ -23,8 +23,8 @@ Layouts per 512-bit step:
 * int8 codes, one scale per 32: a block's 32 codes widened to 32 int16, natural order.
 * int8 codes, scales per 16: as above; lanes 0–7 are the first half block, 8–15 the
   second, scaled by ``[p_2g ×8, p_2g+1 ×8]``.
-* 6-bit codes (``F_Q6``, Q6_K): unpacked to int16 on 256-bit registers (``q6_unpack``),
-  joined, then as int8 codes per 16.
+* 6-bit codes (``F_Q6``, Q6_K): unpacked straight to 32 int16 on one 512-bit register
+  (``q6_unpack512``: variable shifts and one ternary-logic op), then as int8 codes per 16.
 
 Every function here carries ``VNNI_TARGET``; the rest of the library is compiled for AVX2,
 so a CPU without AVX-512 never executes an AVX-512 instruction as long as ``g_vnni`` stays 0
@@ -54,6 +54,30 @@ VNNI_TARGET inline __m512 expand2(const float* p) {
 VNNI_TARGET inline __m512i join16(const int16_t* a, const int16_t* b) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)a)),
                             _mm256_loadu_si256((const __m256i*)b), 1);
+}
+
+// A F_Q6 block (layout at q6_unpack) as its 32 codes -32..31 in int16, on one 512-bit
+// register: the 16 nibble bytes widened twice ([b | b]) and the 8 high-bit bytes four times,
+// each lane's nibble shifted to bits 10-13 and its two high bits to 14-15, one ternary-logic
+// select, then an arithmetic shift right by 10. 7 vector ops against ~18 for the 256-bit
+// unpack and join; the same codes.
+VNNI_TARGET inline __m512i q6_unpack512(const uint8_t* p) {
+  int64_t h8;
+  __builtin_memcpy(&h8, p + 16, 8);
+  const __m512i b = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p)));
+  const __m512i h = _mm512_cvtepu8_epi16(_mm256_set1_epi64x(h8));
+  // the nibble to bits 10-13: values 0-15 (low nibbles) by 10, values 16-31 (high) by 6
+  const __m512i lo = _mm512_sllv_epi16(b, _mm512_set_epi64(
+      0x0006000600060006, 0x0006000600060006, 0x0006000600060006, 0x0006000600060006,
+      0x000A000A000A000A, 0x000A000A000A000A, 0x000A000A000A000A, 0x000A000A000A000A));
+  // the value's two high bits (bits 0-1, 2-3, 4-5, 6-7 of its byte by eights) to bits 14-15
+  const __m512i hi = _mm512_sllv_epi16(h, _mm512_set_epi64(
+      0x0008000800080008, 0x0008000800080008, 0x000A000A000A000A, 0x000A000A000A000A,
+      0x000C000C000C000C, 0x000C000C000C000C, 0x000E000E000E000E, 0x000E000E000E000E));
+  // bits 10-13 from lo, 14-15 from hi (below 10: discarded by the shift), the top bit flipped:
+  // u - 32 = (u ^ 32) read as a signed 6-bit number
+  const __m512i u = _mm512_ternarylogic_epi32(_mm512_set1_epi16(0x3C00), lo, hi, 0xCA);
+  return _mm512_srai_epi16(_mm512_xor_si512(u, _mm512_set1_epi16((short)0x8000)), 10);
 }
 
 // dot_tile on AVX-512 VNNI: the same tiles, prologue and result.
@@ -110,10 +134,8 @@ VNNI_TARGET void dot_tile_vnni(const Weights& W, int64_t n0, const Quantised& xq
     for (int64_t g = 0; g < G; ++g) {
       __m512i wv[NR];
       for (int j = 0; j < NR; ++j) {
-        if (F == F_Q6) {  // unpacked on 256-bit registers, joined
-          __m256i lo, hi;
-          load_block16<F>(W, n0 + j, g, lo, hi);
-          wv[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        if (F == F_Q6) {
+          wv[j] = q6_unpack512(W.codes + ((n0 + j) * G + g) * block_bytes(F));
         } else {
           wv[j] = _mm512_cvtepi8_epi16(
               _mm256_loadu_si256((const __m256i*)(W.codes + (n0 + j) * row_bytes + g * QK)));
