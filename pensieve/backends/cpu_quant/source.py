@@ -37,6 +37,7 @@ from pensieve.backends.cpu_quant.gemm_source import GEMM_ENTRY_POINTS, GEMM_SOUR
 from pensieve.backends.cpu_quant.layer_source import LAYER_SOURCE
 from pensieve.backends.cpu_quant.pool_source import POOL_SOURCE
 from pensieve.backends.cpu_quant.prefill_attention_source import PREFILL_ATTENTION_SOURCE
+from pensieve.backends.cpu_quant.swiglu_gemm_source import SWIGLU_GEMM_SOURCE
 from pensieve.backends.cpu_quant.vnni_gemm_source import VNNI_GEMM_SOURCE
 from pensieve.backends.cpu_quant.vnni_source import VNNI_SOURCE
 
@@ -444,6 +445,7 @@ void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
     }
 }
 
+""" + SWIGLU_GEMM_SOURCE + r"""
 }  // namespace
 
 extern "C" {
@@ -491,6 +493,12 @@ void pqx_linear(const float* x, int64_t M, const Proj* p, float* y, int threads,
 // y[M, H] = down(silu(gate) * up), [gate | up] = x @ gate_up.T, each projection in any format.
 void pqx_mlp(const float* x, int64_t M, const Proj* gu, const Proj* down, float* y, int threads) {
   const int64_t I = down->K;
+  if (swiglu_applies(M, *gu)) {  // prefill: gate/up and SiLU in one pass, no [M, 2I] scratch
+    mlp_scratch.resize(M * I);
+    swiglu_gemm(x, M, *gu, mlp_scratch.data(), threads);
+    proj_linear(mlp_scratch.data(), M, *down, y, threads);
+    return;
+  }
   mlp_scratch.resize(M * 3 * I);
   float* h = mlp_scratch.data();
   float* a = h + M * 2 * I;

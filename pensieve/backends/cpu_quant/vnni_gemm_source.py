@@ -59,6 +59,8 @@ VNNI_GEMM_SOURCE = r"""
 
 constexpr int GNRV = 32;  // outputs per panel (two 512-bit registers)
 
+void silu_mul(const float* g, const float* u, int64_t n, float* a);  // source.py's SwiGLU
+
 // dst[c * ld + i] = src[i * 16 + c] for a 16 x 16 int32 block (src rows 16 apart, 64-aligned).
 VNNI_TARGET inline void transpose16x16(const int32_t* src, int32_t* dst, int64_t ld) {
   __m512i r[16], t[16];
@@ -89,18 +91,22 @@ VNNI_TARGET inline void transpose16x16(const int32_t* src, int32_t* dst, int64_t
 
 // pack_panel<F, GNRV> with the transpose in two 16 x 16 register blocks instead of 512 scalar
 // moves a group: the same panel, bit for bit, in about half the time (a quarter to a tenth of
-// a 64-row GEMM's time went to packing).
+// a 64-row GEMM's time went to packing). Lanes 0-15 take rows a0.. of A and lanes 16-31 rows
+// b0.. of B (rows from ea / eb on as zeros): W's rows p0..p0 + 31 are (W, p0, W, p0 + 16); the
+// fused SwiGLU puts 16 gate rows beside the same 16 up rows (swiglu_gemm_source.py).
 template <int F>
-VNNI_TARGET void pack_panel_v(const Weights& W, int64_t n0, int64_t end, Panel& P) {
+VNNI_TARGET void pack_panel_2(const Weights& A, int64_t a0, int64_t ea, const Weights& B,
+                              int64_t b0, int64_t eb, Panel& P) {
   constexpr int NP = GNRV, SPB = scales_per_block(F);
-  const int64_t K = W.K, G = K / QK, SG = G * SPB;
+  const int64_t K = A.K, G = K / QK, SG = G * SPB;
   alignas(64) int32_t t[NP][16];
   for (int64_t g = 0; g < G; ++g) {
     for (int i = 0; i < NP; ++i) {
-      const int64_t n = n0 + i;
+      const Weights& W = i < 16 ? A : B;
+      const int64_t n = (i < 16 ? a0 : b0) + (i & 15);
       __m256i lo = _mm256_setzero_si256(), hi = lo;
       float s = 0.0f, s1 = 0.0f, m = 0.0f;
-      if (n < end) {
+      if (n < (i < 16 ? ea : eb)) {
         load_block16<F>(W, n, g, lo, hi);
         if (W.mins) m = _cvtsh_ss(W.mins[n * G + g]);
         s = _cvtsh_ss(W.scales[n * SG + g * SPB]);
@@ -118,8 +124,37 @@ VNNI_TARGET void pack_panel_v(const Weights& W, int64_t n0, int64_t end, Panel& 
   }
 }
 
+template <int F>
+VNNI_TARGET inline void pack_panel_v(const Weights& W, int64_t n0, int64_t end, Panel& P) {
+  pack_panel_2<F>(W, n0, end, W, n0 + 16, end, P);
+}
+
+// A finished tile row: y = v0 | v1 (+ bias), cols of them; SWIGLU: v0 are gates and v1 the
+// same outputs' ups, and y[i] = silu_mul(v0 + bias, v1 + bias[16..]) for i < cols (cols a
+// multiple of 8: the very function silu_rows applies, so bitwise the unfused MLP).
+template <bool SWIGLU>
+VNNI_TARGET inline void store_row(__m512 v0, __m512 v1, const float* bias, float* y, int cols) {
+  if (bias) {
+    v0 = _mm512_add_ps(v0, _mm512_loadu_ps(bias));
+    v1 = _mm512_add_ps(v1, _mm512_loadu_ps(bias + 16));
+  }
+  if constexpr (SWIGLU) {
+    alignas(64) float t[32];
+    _mm512_store_ps(t, v0);
+    _mm512_store_ps(t + 16, v1);
+    silu_mul(t, t + 16, cols, y);
+    return;
+  }
+  for (int j = 0; j < 2; ++j) {
+    const __m512 v = j ? v1 : v0;
+    const int left = cols - 16 * j;
+    if (left >= 16) _mm512_storeu_ps(y + 16 * j, v);
+    else if (left > 0) _mm512_mask_storeu_ps(y + 16 * j, (__mmask16)((1u << left) - 1), v);
+  }
+}
+
 // One R x 32 tile: activation rows m0.. against the panel, y[r * ldy + i] for i < cols.
-template <int R, bool MIN, int SPB>
+template <int R, bool MIN, int SPB, bool SWIGLU = false>
 VNNI_TARGET void gemm_tile_vnni(const TileArgs& a, int64_t m0, const float* bias, float* y,
                                 int64_t ldy, int cols) {
   const int64_t K = a.K, G = K / QK;
@@ -159,28 +194,21 @@ VNNI_TARGET void gemm_tile_vnni(const TileArgs& a, int64_t m0, const float* bias
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 2; ++j) {
-      __m512 v = acc[r][j];
-      if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + 16 * j));
-      const int left = cols - 16 * j;
-      if (left >= 16) _mm512_storeu_ps(y + r * ldy + 16 * j, v);
-      else if (left > 0) _mm512_mask_storeu_ps(y + r * ldy + 16 * j, (__mmask16)((1u << left) - 1), v);
-    }
+  for (int r = 0; r < R; ++r) store_row<SWIGLU>(acc[r][0], acc[r][1], bias, y + r * ldy, cols);
 }
 
-template <int R, int F>
+template <int R, int F, bool SWIGLU = false>
 VNNI_TARGET inline void gemm_tile_vnni_for(const TileArgs& a, bool min, int64_t m0,
                                            const float* bias, float* y, int64_t ldy, int cols) {
   constexpr int SPB = scales_per_block(F);
-  if (min) gemm_tile_vnni<R, true, SPB>(a, m0, bias, y, ldy, cols);
-  else gemm_tile_vnni<R, false, SPB>(a, m0, bias, y, ldy, cols);
+  if (min) gemm_tile_vnni<R, true, SPB, SWIGLU>(a, m0, bias, y, ldy, cols);
+  else gemm_tile_vnni<R, false, SPB, SWIGLU>(a, m0, bias, y, ldy, cols);
 }
 
 // One 8 x 32 tile (the bulk of a prefill's rows): the same numbers as gemm_tile_vnni<8>, by
 // the same float operations in the same order; its 16 int32 sums take the registers, so the
 // float accumulators live in a.acc (8 * 32 floats, L1), loaded and stored once per group.
-template <bool MIN, int SPB>
+template <bool MIN, int SPB, bool SWIGLU = false>
 VNNI_TARGET void gemm_tile_vnni8r(const TileArgs& a, int64_t m0, const float* bias, float* y,
                                   int64_t ldy, int cols) {
   const int64_t K = a.K, G = K / QK;
@@ -214,13 +242,8 @@ VNNI_TARGET void gemm_tile_vnni8r(const TileArgs& a, int64_t m0, const float* bi
     }
   }
   for (int r = 0; r < 8; ++r)
-    for (int j = 0; j < 2; ++j) {
-      __m512 v = _mm512_load_ps(facc + r * GNRV + 16 * j);
-      if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + 16 * j));
-      const int left = cols - 16 * j;
-      if (left >= 16) _mm512_storeu_ps(y + r * ldy + 16 * j, v);
-      else if (left > 0) _mm512_mask_storeu_ps(y + r * ldy + 16 * j, (__mmask16)((1u << left) - 1), v);
-    }
+    store_row<SWIGLU>(_mm512_load_ps(facc + r * GNRV), _mm512_load_ps(facc + r * GNRV + 16), bias,
+                      y + r * ldy, cols);
 }
 
 template <int F>
