@@ -80,7 +80,43 @@ VNNI_TARGET inline __m512i q6_unpack512(const uint8_t* p) {
   return _mm512_srai_epi16(_mm512_xor_si512(u, _mm512_set1_epi16((short)0x8000)), 10);
 }
 
-// dot_tile on AVX-512 VNNI: the same tiles, prologue and result.
+// The block factors of tile_prologue without its prefetch burst; the next tiles' scales and
+// mins prefetched (a few lines), their codes streamed by the tile's loop (vnni_ahead).
+template <int NR, int R, int F>
+inline void tile_factors(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0,
+                         float* prod, float (&mterm)[NR][R]) {
+  constexpr int SPB = scales_per_block(F);
+  const int64_t G = W.K / QK, SG = G * SPB;
+  const bool has_min = W.mins != nullptr;
+  if (n0 + PF_ROWS + NR <= W.N) {
+    for (int64_t b = 0; b < NR * SG * 2; b += 64)
+      _mm_prefetch((const char*)(W.scales + (n0 + PF_ROWS) * SG) + b, _MM_HINT_T0);
+    if (has_min)
+      for (int64_t b = 0; b < NR * G * 2; b += 64)
+        _mm_prefetch((const char*)(W.mins + (n0 + PF_ROWS) * G) + b, _MM_HINT_T0);
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int r = 0; r < R; ++r) {
+      float* p = prod + (j * R + r) * SG;
+      if (SPB == 2) {
+        prepare16(W.scales + (n0 + j) * SG, xq.d + (m0 + r) * G, G, p);
+        mterm[j][r] = 0.0f;
+      } else {
+        mterm[j][r] = prepare(W.scales + (n0 + j) * G, has_min ? W.mins + (n0 + j) * G : nullptr,
+                              xq.d + (m0 + r) * G, xq.s + (m0 + r) * G, G, p);
+      }
+    }
+}
+
+// Codes prefetch distance of the VNNI tile, in tiles: each step of its loop prefetches the
+// same bytes of the rows VNNI_AHEAD tiles on (one line a row per 64 bytes of codes), so the
+// reads ahead are spread over the tile instead of issued at its start (a burst of NR rows'
+// lines, 420 of them for a Q6_K down_proj tile: more than the L1 holds).
+#ifndef VNNI_AHEAD
+#define VNNI_AHEAD 2
+#endif
+
+// dot_tile on AVX-512 VNNI: the same tiles, block factors and result.
 template <int NR, int R, int F>
 VNNI_TARGET void dot_tile_vnni(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0,
                                float* y, int64_t ldy) {
@@ -89,7 +125,13 @@ VNNI_TARGET void dot_tile_vnni(const Weights& W, int64_t n0, const Quantised& xq
   const int64_t K = W.K, G = K / QK, row_bytes = G * block_bytes(F), SG = G * SPB;
   float* prod = (float*)__builtin_alloca(sizeof(float) * NR * R * SG);
   float mterm[NR][R];
+#if VNNI_AHEAD
+  tile_factors<NR, R, F>(W, n0, xq, m0, prod, mterm);
+  const int64_t ahead = n0 + VNNI_AHEAD * NR + NR <= W.N ? VNNI_AHEAD * NR * row_bytes : 0;
+#else
   tile_prologue<NR, R, F>(W, n0, xq, m0, prod, mterm);
+  const int64_t ahead = 0;
+#endif
   __m512 acc[NR][R];
   __m256 tail[NR][R];
   for (int j = 0; j < NR; ++j)
@@ -101,6 +143,7 @@ VNNI_TARGET void dot_tile_vnni(const Weights& W, int64_t n0, const Quantised& xq
       __m512i lo[NR], hi[NR];
       for (int j = 0; j < NR; ++j) {
         const uint8_t* w = W.codes + (n0 + j) * row_bytes + g * 16;
+        if (ahead && (g & 3) == 0) _mm_prefetch((const char*)w + ahead, _MM_HINT_T0);
         const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)w));
         lo[j] = _mm512_and_si512(b, m4);
         hi[j] = _mm512_srli_epi16(b, 4);
@@ -134,6 +177,16 @@ VNNI_TARGET void dot_tile_vnni(const Weights& W, int64_t n0, const Quantised& xq
     for (int64_t g = 0; g < G; ++g) {
       __m512i wv[NR];
       for (int j = 0; j < NR; ++j) {
+        // one prefetch a 64-byte line: every 8 / 3 / 2 blocks of 24 / 32 bytes (Q6 lines
+        // straddle blocks: every third block, one line ahead covers the next)
+        if (ahead && g % (F == F_Q6 ? 8 : 2) == 0) {
+          const char* w = (const char*)(W.codes + ((n0 + j) * G + g) * block_bytes(F)) + ahead;
+          _mm_prefetch(w, _MM_HINT_T0);
+          if (F == F_Q6) {
+            _mm_prefetch(w + 64, _MM_HINT_T0);
+            _mm_prefetch(w + 128, _MM_HINT_T0);
+          }
+        }
         if (F == F_Q6) {
           wv[j] = q6_unpack512(W.codes + ((n0 + j) * G + g) * block_bytes(F));
         } else {
