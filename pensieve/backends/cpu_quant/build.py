@@ -56,6 +56,7 @@ SIGNATURES = {
     "pq_set_isa": (_INT,),
     "pq_set_act8": (_INT,),
     "pq_release_scratch": (),
+    "pq_decode_profile": (_INT, _P),
     "pq_prefill_attention": (_P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _P, _F, _P,
                              _I64, _INT, _INT),
     "pq_rmsnorm": (_P, _I64, _I64, _I64, _P, _F, _P),
@@ -67,7 +68,7 @@ SIGNATURES = {
                          _P, _I64, _INT, _INT),
 }
 RESTYPES = {"pq8_rows": _I64, "pqx_rows": _I64, "pqx_bf16_isa": _INT, "pq_set_isa": _INT,
-            "pq_set_act8": _INT, "pq_prefill_attention": _INT}
+            "pq_set_act8": _INT, "pq_prefill_attention": _INT, "pq_decode_profile": _INT}
 ISAS = ("avx2", "avx512_vnni")  # the row tiles' instruction sets, as pq_set_isa numbers them
 VNNI_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 

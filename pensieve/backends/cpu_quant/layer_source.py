@@ -16,6 +16,8 @@ token at long contexts; converted with F16C, rounding to nearest even as ``tenso
   (GQA: each KV head's keys read once for its group of query heads), softmax in float32 with
   the running maximum subtracted; threads over (sequence, KV head).
 * ``pq_release_scratch``: the calling thread's per-call buffers handed back (after a prefill).
+* ``pq_decode_profile``: seconds per part of ``pq_decode_layers`` (norms, each projection,
+  RoPE + store, attention, SiLU, adds) while switched on (``bench/cpu_decode_profile.py``).
 * ``pq_decode_layers``: a decode step's every Llama layer in one call (each projection a
   ``Proj``: row blocks in any of the code formats, so Q4_K and Q6_K layers mix), out of the pieces above and ``linear``/``silu_mul``: no Python between layers.
 """
@@ -193,6 +195,12 @@ struct LayerWeights {
   void* v_cache;
 };
 
+// Seconds spent in each part of pq_decode_layers since the last read, while profiling is on
+// (pq_decode_profile): where a decoded token's time goes, without a profiler.
+enum { P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_GATE_UP, P_SILU, P_DOWN, P_ADD, P_PARTS };
+double g_decode_prof[P_PARTS];
+bool g_decode_prof_on = false;
+
 // x[M, H] (the residual stream of M decoding sequences, one token each; row m is sequence m)
 // through n_layers Llama layers: x += attn(norm(x)); x += mlp(norm(x)).
 void pq_decode_layers(float* x, int64_t M, int64_t H, int64_t I, int64_t n_layers,
@@ -213,22 +221,53 @@ void pq_decode_layers(float* x, int64_t M, int64_t H, int64_t I, int64_t n_layer
   float* gu = o + M * H;
   float* a = gu + M * 2 * I;
   const float scale = 1.0f / __builtin_sqrtf((float)D);
+  const bool prof = g_decode_prof_on;
+  auto last = std::chrono::steady_clock::now();
+  auto mark = [&](int part) {
+    if (!prof) return;
+    const auto now = std::chrono::steady_clock::now();
+    g_decode_prof[part] += std::chrono::duration<double>(now - last).count();
+    last = now;
+  };
   for (int64_t l = 0; l < n_layers; ++l) {
     const LayerWeights& w = layers[l];
     pq_rmsnorm(x, H, M, H, w.in_norm, eps, h);
+    mark(P_NORM);
     proj_linear(h, M, w.proj[0], qkv, threads);
+    mark(P_QKV);
     pq_rope_store(qkv, QKV, qkv + QD, QKV, qkv + QD + Hk * D, QKV, M, Hq, Hk, D, cos, sin, slots,
                   w.k_cache, w.v_cache, kv_half);
+    mark(P_ROPE);
     pq_paged_decode(qkv, QKV, M, rows.data(), lens, table_offsets, tables, Hq, Hk, D, w.k_cache,
                     w.v_cache, block_size, scale, att, QD, threads, kv_half);
+    mark(P_ATTN);
     proj_linear(att, M, w.proj[1], o, threads);
+    mark(P_O);
     for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
+    mark(P_ADD);
     pq_rmsnorm(x, H, M, H, w.post_norm, eps, h);
+    mark(P_NORM);
     proj_linear(h, M, w.proj[2], gu, threads);
+    mark(P_GATE_UP);
     silu_rows(gu, M, I, a, threads);
+    mark(P_SILU);
     proj_linear(a, M, w.proj[3], o, threads);
+    mark(P_DOWN);
     for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
+    mark(P_ADD);
   }
+}
+
+// Profiling of pq_decode_layers: on (1) / off (0) / unchanged (-1); out (P_PARTS doubles: norms,
+// qkv, RoPE + KV store, attention, o, gate/up, SiLU, down, residual adds; seconds) gets the
+// totals since the last call, which are then reset. Returns the number of parts.
+int pq_decode_profile(int on, double* out) {
+  if (on >= 0) g_decode_prof_on = on != 0;
+  for (int i = 0; i < P_PARTS; ++i) {
+    if (out) out[i] = g_decode_prof[i];
+    g_decode_prof[i] = 0.0;
+  }
+  return P_PARTS;
 }
 
 // Hand back the calling thread's per-call buffers (the fused MLP's gate/up scratch, the
