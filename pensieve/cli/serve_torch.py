@@ -109,21 +109,21 @@ def load_model(settings: ServeSettings, choice: WeightChoice, entry: PackedEntry
     started = time.perf_counter()
     ckpt = load_checkpoint(settings.model_path, dtype=settings.engine.dtype,
                            keep_int4=choice.keep_int4, tensors=hit is None,
-                           tokenizer=None if hit is None else hit[2],
+                           tokenizer=None if hit is None else hit.tokenizer,
                            device=convert_on(settings),
                            # a GPU server decoding on its host: every core (the CPU server's
                            # busy cores: one)
                            host_threads=1 if on_host else torch.get_num_threads())
     ckpt, engine_cfg = fit_context(settings, ckpt)
     if hit is not None:
-        planned, meta, _ = hit
-        engine_cfg = replace(engine_cfg, int8_lm_head=bool(meta["int8_lm_head"]))
+        engine_cfg = replace(engine_cfg, int8_lm_head=bool(hit.meta["int8_lm_head"]))
         try:
-            model = build_model(ckpt, engine_cfg, planned)
+            model = build_model(ckpt, engine_cfg, hit.weights)
         except Exception as exc:  # noqa: BLE001 - a cache: convert the GGUF instead
             log.warning("packed weights %s did not build (%s): converting the GGUF", entry.path, exc)
             packed_cache.discard(entry)
             return load_model(settings, choice, entry)
+        packed_cache.drop_lookup_pages(model, hit)
         log.info("weights mapped from %s [%.2f s]", entry.path, time.perf_counter() - started)
         return replace(ckpt, weights={}, int4={}, int8={}), engine_cfg, model, None
     engine_cfg = replace(engine_cfg, int8_lm_head=_int8_head(settings, choice, ckpt))
