@@ -80,7 +80,7 @@ pipeline() {
     case $step in
       tests)
         [ "$TESTS" = none ] && continue; log "tests start"
-        timeout ${TEST_TIMEOUT:-330} python3 -m pytest -v -p no:cacheprovider -rs --durations=10 \
+        timeout ${TEST_TIMEOUT:-540} python3 -m pytest -v -p no:cacheprovider -rs --durations=10 \
           ${TESTS:-tests/unit/test_cuda_*.py tests/unit/test_gated_delta_cuda.py tests/unit/test_engine_async*.py \
           tests/unit/test_warm_up.py tests/unit/test_tune_cache.py} > $S/pytest_cuda.log 2>&1
         log "tests rc=$? $(tail -1 $S/pytest_cuda.log)"

@@ -74,7 +74,7 @@ def main() -> None:
                                         latent_heads=args.num_heads)
             fast = replace(ctx, attention=builder.build((0,), [seqs], [slots]))
             assert fast.attention.latent_rows(0) is not None, "the kernel takes these rows"
-            cos_sin = tuple(c.to(dtype) for c in rope.lookup(positions))
+            cos_sin = tuple(c.to(device=device, dtype=dtype) for c in rope.lookup(positions.cpu()))
             x = torch.randn(len(positions), args.hidden_size, device=device, dtype=dtype)
 
             def run(c: ForwardContext) -> torch.Tensor:

@@ -11,8 +11,10 @@ checkpoint after (``HybridCaches.restore`` / ``save``), as the eager step does. 
 mixed steps stay eager. A decode row's token may come from the previous step's sampled ids
 on the device, so async scheduling chains these steps (``ModelRunner.can_carry``).
 
-Opt in with ``PENSIEVE_HYBRID_GRAPHS=1`` (read when the model runner starts): unvalidated on a
-GPU so far. Only where every paged layer runs on the kernels (a layer left to the per-sequence
+On by default (``PENSIEVE_HYBRID_GRAPHS=0`` turns it off; read when the model runner starts):
+on an H100 (2026-12-06) greedy tokens with the graphs equal the eager ones for Qwen3.5-MoE,
+gpt-oss and GLM-4.7-Flash, the graphs captured and replayed (``tests/unit/test_cuda_hybrid_graphs.py``),
+where the eager decode step ran 34–69 ms on the real shapes. Only where every paged layer runs on the kernels (a layer left to the per-sequence
 loop would loop over host lengths); a capture that fails (a host sync, such as the torch MoE
 path's expert counts, or a kernel that declines) logs a warning and leaves the eager path.
 Captures reuse ``cuda_capture.capture_graph`` and ``cuda_graph_runner.bucket_sizes``.
@@ -43,8 +45,8 @@ ENV_SWITCH = "PENSIEVE_HYBRID_GRAPHS"
 
 
 def enabled(environ: dict[str, str] | None = None) -> bool:
-    """Whether hybrid decode steps are captured (``PENSIEVE_HYBRID_GRAPHS=1``; off by default)."""
-    return (os.environ if environ is None else environ).get(ENV_SWITCH, "0") == "1"
+    """Whether hybrid decode steps are captured (on unless ``PENSIEVE_HYBRID_GRAPHS=0``)."""
+    return (os.environ if environ is None else environ).get(ENV_SWITCH, "1") != "0"
 
 
 class NotCapturable(RuntimeError):
@@ -169,6 +171,6 @@ def start(model: nn.Module, caches: HybridCaches, builder: CudaHybridBuilder, ma
         except RuntimeError as sync:  # a capture error the context keeps: the eager step will say
             log.warning("after the failed capture: %s", sync)
         return None
-    log.info("captured hybrid CUDA graphs for decode batches %s in %.1f s (%s=1)",
+    log.info("captured hybrid CUDA graphs for decode batches %s in %.1f s (%s=0: off)",
              runner.buckets, time.perf_counter() - started, ENV_SWITCH)
     return runner

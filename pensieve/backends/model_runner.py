@@ -164,7 +164,7 @@ class ModelRunner:
         of the fast paths the family declared (they assume one uniform full-attention cache)
         but the latent kernel; on CUDA the attention layers on the batched kernels per group
         (``cuda_hybrid.py``), latent layers on ``cuda_mla.py``'s where the model declared it;
-        with ``PENSIEVE_HYBRID_GRAPHS=1`` decode steps as CUDA graphs (``cuda_hybrid_graphs.py``)."""
+        decode steps as CUDA graphs (``cuda_hybrid_graphs.py``; ``PENSIEVE_HYBRID_GRAPHS=0``: off)."""
         kept = FastPaths(cuda_latent_attention=self.fast.cuda_latent_attention)
         if self.fast != kept:
             log.info("the cache layout is not uniform full attention: fast paths %s stay off",

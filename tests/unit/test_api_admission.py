@@ -137,6 +137,9 @@ def test_serve_flags_for_admission_deadline_and_grammar_timeout():
 
     default = settings()
     assert default.engine.max_waiting == 64 and default.request_timeout_s == 3600.0
+    assert default.engine.max_num_seqs == 8  # the CPU's steps grow with their rows
+    assert settings("--device", "cuda").engine.max_num_seqs == 32
+    assert settings("--device", "cuda", "--max-num-seqs", "4").engine.max_num_seqs == 4
     assert default.engine.grammar_timeout_s == 5.0
     custom = settings("--max-waiting", "8", "--request-timeout", "0", "--grammar-timeout", "0.5")
     assert custom.engine.max_waiting == 8 and custom.request_timeout_s is None

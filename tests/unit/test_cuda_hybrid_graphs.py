@@ -1,5 +1,5 @@
-"""Hybrid decode steps as CUDA graphs (``backends/cuda_hybrid_graphs.py``, opt-in with
-``PENSIEVE_HYBRID_GRAPHS=1``): greedy tokens with the graphs equal those without, for a tiny
+"""Hybrid decode steps as CUDA graphs (``backends/cuda_hybrid_graphs.py``, on by default,
+``PENSIEVE_HYBRID_GRAPHS=0`` off): greedy tokens with the graphs equal those without, for a tiny
 Qwen3.5-MoE (Gated DeltaNet + gated attention), gpt-oss (windows + sinks) and GLM-4.7-Flash
 (latent attention), over a first turn of several requests (async scheduling chaining the graph
 steps) and a follow-up turn that resumes from a state checkpoint / the prefix cache. The graphs

@@ -188,9 +188,9 @@ def test_gathered_experts_equal_the_grouped_ones(tmp_path: Path, family: str) ->
             torch.testing.assert_close(m.gathered(x, weights, ids), m(x, weights, ids))
 
 
-def test_static_latent_tiles_are_the_dynamic_ones_and_graphs_are_opt_in() -> None:
+def test_static_latent_tiles_are_the_dynamic_ones_and_graphs_are_on_by_default() -> None:
     """A bucket's latent tiles (fixed at capture) are ``build_latent``'s for as many decode
-    rows; the hybrid graphs are off unless ``PENSIEVE_HYBRID_GRAPHS=1``."""
+    rows; the hybrid graphs are on unless ``PENSIEVE_HYBRID_GRAPHS=0``."""
     from pensieve.backends.cuda_hybrid_graphs import enabled, latent_tiles
     from pensieve.backends.cuda_mla import build_latent
     from pensieve.models.forward_context import SequenceSlice
@@ -203,8 +203,8 @@ def test_static_latent_tiles_are_the_dynamic_ones_and_graphs_are_opt_in() -> Non
         for got, want in zip(latent_tiles(3, heads, cpu),
                              (batch.tile_seq, batch.tile_lo, batch.tile_hi)):
             assert torch.equal(got, want)
-    assert not enabled({}) and not enabled({"PENSIEVE_HYBRID_GRAPHS": "0"})
-    assert enabled({"PENSIEVE_HYBRID_GRAPHS": "1"})
+    assert enabled({}) and enabled({"PENSIEVE_HYBRID_GRAPHS": "1"})
+    assert not enabled({"PENSIEVE_HYBRID_GRAPHS": "0"})
 
 
 class EagerGraph:
