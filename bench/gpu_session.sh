@@ -24,6 +24,7 @@
 cd "$(dirname "$0")/.."
 S=/tmp/gs; mkdir -p $S
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+export PENSIEVE_PROFILE_SKIP=${PENSIEVE_PROFILE_SKIP:-100}  # past the warm-up: in the first decode run
 Q4=/tmp/llama8b-random-q4_0.gguf; Q3=/tmp/qwen3-8b-q4_k_m.gguf; M=/tmp/qwen3-30b-a3b-q4_k_m.gguf
 
 log() { echo "$(date +%T) $*" >> $S/progress; }
@@ -46,6 +47,7 @@ gguf_chain() {  # CPU-bound writers, one after the other
 
 pens() {  # $1 tag, $2 file, $3 scenarios
   [ -e $S/p_$1/gpu_bench.json ] && return; log "pensieve $1 start"
+  mkdir -p $S/p_$1; PENSIEVE_PROFILE_STEPS=${PROFILE_STEPS:-10}:$S/p_$1/profile.txt \
   setsid -w timeout 420 python3 -m bench.gpu_bench --out $S/p_$1 --repeat 3 --max-num-seqs 0 \
     --scenarios $3 --gguf $2 --serve-args "--weights auto" --ready-timeout 300 > $S/bench_p_$1.log 2>&1
   log "pensieve $1 rc=$?"
@@ -112,7 +114,9 @@ pipeline() {
         rm -f $Q4 $Q3; rm -rf ~/.cache/pensieve/packed; wait_for $S/build.rc
         mkdir -p $S/hy; touch $S/hy/build.started; cp $S/build.rc $S/hy/build.rc
         for fam in ${HYBRID:-qwen35moe gpt-oss glm47flash}; do
-          log "hybrid $fam start"; STATE=$S/hy OUT=$S/hy/out FAMILY=$fam BUDGET=900 \
+          log "hybrid $fam start"; mkdir -p $S/hy/prof
+          PENSIEVE_PROFILE_STEPS=${PROFILE_STEPS:-10}:$S/hy/prof/$fam.txt \
+            STATE=$S/hy OUT=$S/hy/out FAMILY=$fam BUDGET=900 \
             LLAMA_SERVER=/tmp/llbuild/bin/llama-server bash bench/gpu_hybrid_run.sh > $S/hybrid_$fam.log 2>&1
           log "hybrid $fam rc=$?"
         done;;
@@ -142,6 +146,8 @@ summary() {
   for f in $S/kernels_*.log; do [ -e $f ] && { echo "## $(basename $f .log)"; tail -40 $f; }; done
   [ -e $S/start/start.jsonl ] && { echo "## start"; cat $S/start/start.jsonl; }
   [ -e $S/hy ] && PYTHONPATH=/tmp/site:$PWD python3 -m bench.gpu_hybrid_table $S/hy 2>/dev/null
+  for f in $S/p_*/profile.txt $S/hy/prof/*.txt; do  # PENSIEVE_PROFILE_STEPS: each kind's head
+    [ -e $f ] && { echo "## profile $f"; grep -A2 "^## " $f; }; done
 }
 summary > $OUT/summary.md 2>&1
 cp $S/progress $OUT/progress.txt 2>/dev/null; cp $S/pytest_cuda.log $OUT/ 2>/dev/null

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pensieve.backends import step_profile
 from pensieve.backends.hybrid_cache import GroupedAttention, HybridCaches, plan_cache
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.kv_plan import CachePlan, uniform_full
@@ -134,7 +135,8 @@ class ModelRunner:
         self.cpu_attention = self.cpu_decoder = None
         self._scratch_held = False  # a prefill-sized CPU step grew the kernels' scratch
         self.cuda_hybrid = None  # backends/cuda_hybrid.CudaHybridBuilder for hybrid layouts
-        self.hybrid_graphs = None  # backends/cuda_hybrid_graphs.HybridGraphRunner (opt-in)
+        self.hybrid_graphs = None  # backends/cuda_hybrid_graphs.HybridGraphRunner
+        self.profiler = step_profile.from_env(self.device)  # PENSIEVE_PROFILE_STEPS, else None
         layout = model_layout(model, args)
         if not uniform_full(layout, config.context_length):
             self._init_hybrid(layout, config, args, cuda_graphs)
@@ -282,6 +284,12 @@ class ModelRunner:
         whose ``carried_rows[i] >= 0`` is a one-token decode of ``carried[carried_rows[i]]``,
         a token the host has not read yet (only where ``can_carry``).
         """
+        if self.profiler is not None:
+            return self.profiler.step(chunks, lambda: self._run(chunks, carried, carried_rows))
+        return self._run(chunks, carried, carried_rows)
+
+    def _run(self, chunks: list[ScheduledChunk], carried: torch.Tensor | None,
+             carried_rows: Sequence[int]) -> torch.Tensor:
         if self.hybrid is not None:
             if self.hybrid_graphs is not None and self.hybrid_graphs.can_run(chunks):
                 return self.hybrid_graphs.run(chunks, carried, carried_rows)
