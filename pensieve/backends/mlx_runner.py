@@ -34,7 +34,7 @@ def plan_blocks(kv_bytes_per_token: int, config: EngineConfig) -> int:
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     per_seq = -(-config.context_length // config.block_size)
-    by_bytes = config.kv_cache_bytes // (kv_bytes_per_token * config.block_size)
+    by_bytes = config.host_kv_bytes // (kv_bytes_per_token * config.block_size)
     return max(per_seq, min(by_bytes, per_seq * config.max_num_seqs))
 
 

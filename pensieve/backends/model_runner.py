@@ -64,13 +64,15 @@ def kv_block_bytes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
 
 
 def kv_budget(config: EngineConfig) -> int:
-    """Bytes the KV cache (and recurrent states) may take: ``kv_cache_bytes``; on CUDA what
-    ``gpu_memory_fraction`` of the card leaves once everything already on it (the weights,
-    other programs) and a headroom for activations and graphs are counted."""
+    """Bytes the KV cache (and recurrent states) may take: ``kv_cache_bytes`` (the host's
+    default where unset); on CUDA what ``gpu_memory_fraction`` of the card leaves once everything
+    already on it (the weights, other programs) and a headroom for activations and graphs are
+    counted, capped by ``kv_cache_bytes`` where set (``--kv-cache-gb``)."""
     device = torch.device(config.device)
     if device.type != "cuda":
-        return config.kv_cache_bytes
-    return max(0, cuda_kv_limit(device, config.gpu_memory_fraction))
+        return config.host_kv_bytes
+    room = max(0, cuda_kv_limit(device, config.gpu_memory_fraction))
+    return room if config.kv_cache_bytes is None else min(room, config.kv_cache_bytes)
 
 
 def cuda_kv_limit(device: torch.device, fraction: float) -> int:

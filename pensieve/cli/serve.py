@@ -74,6 +74,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="CUDA: the share of the GPU's memory this server may hold in all "
                         "(weights, KV cache, working memory); the KV cache gets what the "
                         "weights and anything else on the GPU leave of it (default 0.9)")
+    p.add_argument("--kv-cache-gb", type=float, default=None, metavar="GB",
+                   help="the KV cache's size in GiB (default: 1 on the CPU; on CUDA what "
+                        "--gpu-memory-fraction leaves, which a set size caps)")
     p.add_argument("--keep-dense-weights", action="store_true",
                    help="CUDA, 4-bit GGUF: also keep tinygemm and dense bf16 copies of the "
                         "weights (several times the memory; the kernels of before)")

@@ -49,7 +49,7 @@ def estimate_bytes(settings: ServeSettings) -> int:
         size = path.stat().st_size
     else:
         size = 0
-    return size + settings.engine.kv_cache_bytes
+    return size + settings.engine.host_kv_bytes
 
 
 def physical_memory_bytes() -> int:

@@ -154,6 +154,7 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str]) -> ServeS
         max_num_batched_tokens=batched or (2048 if device == "cuda" else 512),
         async_scheduling={"on": True, "off": False}.get(getattr(ns, "async_scheduling", "auto")),
         gpu_memory_fraction=_fraction(getattr(ns, "gpu_memory_fraction", None)),
+        kv_cache_bytes=_kv_bytes(getattr(ns, "kv_cache_gb", None)),
         keep_dense_weights=bool(getattr(ns, "keep_dense_weights", False)),
         max_waiting=_at_least(getattr(ns, "max_waiting", None), 64, 1, "--max-waiting"),
         grammar_timeout_s=_positive(getattr(ns, "grammar_timeout", None), 5.0, "--grammar-timeout", zero=False),
@@ -198,6 +199,14 @@ def _fraction(value: float | None) -> float:
     if not 0 < value <= 1:
         raise ValueError(f"--gpu-memory-fraction must be in (0, 1], got {value:g}")
     return value
+
+
+def _kv_bytes(gb: float | None) -> int | None:
+    if gb is None:
+        return None
+    if not gb > 0:
+        raise ValueError(f"--kv-cache-gb must be positive, got {gb:g}")
+    return int(gb * 2**30)
 
 
 X86_64 = frozenset({"x86_64", "amd64"})

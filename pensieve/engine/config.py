@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import torch
 
 
+HOST_KV_CACHE_BYTES = 1 << 30  # the CPU / MLX KV cache's default size
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "cpu"
@@ -15,7 +18,9 @@ class EngineConfig:
     context_length: int = 8192  # max prompt + output tokens of one request
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None → enough for max_num_seqs full contexts, capped
-    kv_cache_bytes: int = 1 << 30  # cap used when num_kv_blocks is None
+    # the KV cache's bytes when num_kv_blocks is None: None → HOST_KV_CACHE_BYTES on the CPU
+    # (and MLX), on CUDA what gpu_memory_fraction leaves; a set value caps CUDA's too
+    kv_cache_bytes: int | None = None
     gpu_memory_fraction: float = 0.9  # CUDA: this process's weights + KV cache + headroom ≤ this
     keep_dense_weights: bool = False  # CUDA int4: also keep tinygemm + dense bf16 copies
     max_num_seqs: int = 8  # requests decoding in one step
@@ -35,6 +40,11 @@ class EngineConfig:
     state_checkpoints: int | None = None
 
     @property
+    def host_kv_bytes(self) -> int:
+        """The KV cache's bytes where memory is the host's: the set size or the default."""
+        return HOST_KV_CACHE_BYTES if self.kv_cache_bytes is None else self.kv_cache_bytes
+
+    @property
     def overlap_steps(self) -> bool:
         """Whether async scheduling is on (by default where the device runs apart from the host)."""
         if self.async_scheduling is None:
@@ -51,6 +61,8 @@ class EngineConfig:
                              f"({self.block_size}), got {self.state_checkpoint_interval}")
         if self.state_checkpoints is not None and self.state_checkpoints < 0:
             raise ValueError(f"state_checkpoints must be ≥ 0, got {self.state_checkpoints}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction:g}")
         if self.max_waiting < 0 or self.grammar_timeout_s <= 0:

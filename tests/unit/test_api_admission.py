@@ -140,10 +140,17 @@ def test_serve_flags_for_admission_deadline_and_grammar_timeout():
     assert default.engine.max_num_seqs == 8  # the CPU's steps grow with their rows
     assert settings("--device", "cuda").engine.max_num_seqs == 32
     assert settings("--device", "cuda", "--max-num-seqs", "4").engine.max_num_seqs == 4
+    assert default.engine.kv_cache_bytes is None and default.engine.host_kv_bytes == 1 << 30
+    sized = settings("--kv-cache-gb", "2.5").engine
+    assert sized.kv_cache_bytes == sized.host_kv_bytes == int(2.5 * 2**30)
+    from pensieve.backends.model_runner import kv_budget
+
+    assert kv_budget(sized) == int(2.5 * 2**30) and kv_budget(default.engine) == 1 << 30
     assert default.engine.grammar_timeout_s == 5.0
     custom = settings("--max-waiting", "8", "--request-timeout", "0", "--grammar-timeout", "0.5")
     assert custom.engine.max_waiting == 8 and custom.request_timeout_s is None
     assert custom.engine.grammar_timeout_s == 0.5
-    for bad in (["--max-waiting", "0"], ["--request-timeout", "-1"], ["--grammar-timeout", "0"]):
+    for bad in (["--max-waiting", "0"], ["--request-timeout", "-1"], ["--grammar-timeout", "0"],
+                ["--kv-cache-gb", "0"]):
         with pytest.raises(ValueError, match=bad[0]):
             settings(*bad)
