@@ -73,8 +73,12 @@ llama() {  # $1 family, $2 tag (l: defaults, l0: --cache-ram 0), $3 extra llama-
   local d=$S/$2_$1 f=$(file_of $1); [ -e $d/gpu_bench.json ] && return
   [ -x ${LLAMA_SERVER:=/tmp/llbuild/bin/llama-server} ] || { echo "no llama-server"; return; }
   [ $(left) -lt 150 ] && { echo "skip llama $2 $1 ($(left) s left)"; return; }
-  local R0=$(date +%s) ngl="-ngl 99 -fa on"; [ -n "$DRY" ] && ngl="-ngl 0"
-  $LLAMA_SERVER -m $f $ngl --jinja -c 65536 -np 8 -kvu --port 8080 $3 > $S/llama_server_$2_$1.log 2>&1 & LP=$!
+  local R0=$(date +%s) ngl="-ngl 99 -fa on" tpl=""; [ -n "$DRY" ] && ngl="-ngl 0"
+  # random gpt-oss weights never write harmony: llama-server's harmony parser then throws and
+  # streams nothing ("unparsed peg-native output"), so it gets ChatML there (its prompt differs:
+  # compare decode and streams, and the CC row only by its own prompt token count)
+  [ $1 = gpt-oss ] && tpl="--chat-template chatml"
+  $LLAMA_SERVER -m $f $ngl --jinja $tpl -c 65536 -np 8 -kvu --port 8080 $3 > $S/llama_server_$2_$1.log 2>&1 & LP=$!
   for i in $(seq 300); do $PY -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/health', timeout=2)" 2>/dev/null && break; sleep 1; done
   echo "llama-server $2 $1 ready in $(( $(date +%s) - R0 )) s"
   timeout $(( $(left) - 15 )) $PY -m bench.gpu_bench --url http://127.0.0.1:8080 --server-pid $LP \
