@@ -259,6 +259,37 @@ LONG_PROMPT = (
 )
 
 
+def bench_swiglu(rows: list[int], repeats: int, threads: int, types: list[str]) -> None:
+    """The prefill MLP (``pqx_mlp``, Qwen2.5-1.5B's shapes) with gate/up and SiLU fused
+    (``swiglu_gemm_source.py``) and as two steps (``pq_set_swiglu(0)``), alternated round by
+    round in one process: min wall and min process-CPU time of each."""
+    from pensieve.backends.cpu_quant import load_kernels
+    from pensieve.backends.cpu_quant.codes_linear import CodesLinear
+
+    kernels = load_kernels()
+    h, inner = SHAPES["1.5b_up"]
+    for t in [t for t in types if t[-1] != "K" or h % 256 == 0]:
+        gu = CodesLinear(kernels, random_codes(t, 2 * inner, h))
+        down = CodesLinear(kernels, random_codes("Q4_K" if t[-1] == "K" else t, h, inner, seed=1))
+        for m in rows:
+            x, y = torch.randn(m, h), torch.empty(m, h)
+            wall: dict[int, list[float]] = {0: [], 1: []}
+            cpu: dict[int, list[float]] = {0: [], 1: []}
+            for _ in range(repeats + 1):  # the first round faults the scratch in
+                for fused in (0, 1):
+                    kernels.lib.pq_set_swiglu(fused)
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    kernels.pqx_mlp(x.data_ptr(), m, gu._address, down._address, y.data_ptr(), threads)
+                    wall[fused].append(time.perf_counter() - w0)
+                    cpu[fused].append(time.process_time() - c0)
+            kernels.lib.pq_set_swiglu(1)
+            w = {f: min(v[1:]) * 1e3 for f, v in wall.items()}
+            c = {f: min(v[1:]) * 1e3 for f, v in cpu.items()}
+            print(f"mlp {h}→2×{inner}→{h} {t:<5} M={m:<4} threads {threads} | two steps {w[0]:7.1f} ms "
+                  f"(cpu {c[0]:7.1f}) | fused {w[1]:7.1f} ms (cpu {c[1]:7.1f}) | {w[0] / w[1]:.2f}× "
+                  f"(cpu {c[0] / c[1]:.2f}×)", flush=True)
+
+
 def decode_rounds(quantised: bool, tokens: int, repeats: int, prompt: str) -> dict:
     from pensieve.backends.torch_backend import build_engine
     from pensieve.engine.config import EngineConfig
@@ -351,13 +382,16 @@ PROFILED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "embed
             "input_layernorm", "post_attention_layernorm", "norm", "self_attn", "mlp")
 
 
-def profile_prefill(repeats: int, chunk: int, tokens: int, model: str | None = None) -> dict[str, float]:
+def profile_prefill(repeats: int, chunk: int, tokens: int, model: str | None = None,
+                    clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Seconds per prefill of ``tokens`` tokens of LONG_PROMPT repeated (median round; 1.58k:
     bench.compare_cpu's prefill prompt), split by module: forward hooks time
     every linear, norm, attention and MLP module of the q4 default model in-process; the
     attention core (RoPE, KV store, SDPA) is ``self_attn`` less its two projections, the MLP
     glue (SiLU·up) ``mlp`` less its two, and ``dequantize`` the linears' weight unpacking.
-    ``model``: a GGUF file instead of the default model."""
+    ``model``: a GGUF file instead of the default model. ``clock``: ``time.thread_time`` on one
+    thread (``--threads 1 --cpu-clock``) counts this thread's CPU time, which a loaded machine
+    disturbs far less than wall time."""
     from pensieve.backends.cpu_quant.linear import _QuantisedLinear
     from pensieve.backends.torch_backend import build_engine
     from pensieve.engine.config import EngineConfig
@@ -372,11 +406,11 @@ def profile_prefill(repeats: int, chunk: int, tokens: int, model: str | None = N
     started: dict[int, float] = {}
 
     def pre(module, _args) -> None:  # noqa: ANN001 - hook signature
-        started[id(module)] = time.perf_counter()
+        started[id(module)] = clock()
 
     def post(kind: str):
         def hook(module, _args, _out) -> None:  # noqa: ANN001
-            spent[kind] = spent.get(kind, 0.0) + time.perf_counter() - started.pop(id(module))
+            spent[kind] = spent.get(kind, 0.0) + clock() - started.pop(id(module))
         return hook
 
     for name, module in engine.runner.model.named_modules():
@@ -387,9 +421,9 @@ def profile_prefill(repeats: int, chunk: int, tokens: int, model: str | None = N
     dequantize = _QuantisedLinear.dequantize
 
     def timed_dequantize(self):  # noqa: ANN001, ANN202
-        t0 = time.perf_counter()
+        t0 = clock()
         out = dequantize(self)
-        spent["dequantize"] = spent.get("dequantize", 0.0) + time.perf_counter() - t0
+        spent["dequantize"] = spent.get("dequantize", 0.0) + clock() - t0
         return out
 
     _QuantisedLinear.dequantize = timed_dequantize
@@ -399,11 +433,11 @@ def profile_prefill(repeats: int, chunk: int, tokens: int, model: str | None = N
             ids = ckpt.tokenizer.encode(f"[{r}] {LONG_PROMPT} {LONG_PROMPT}")[:tokens]
             spent.clear()
             engine.add_request(f"p{r}", ids, SamplingParams(max_tokens=1, temperature=0.0))
-            t0 = time.perf_counter()
+            t0 = clock()
             while engine.has_work():
                 engine.step()
             if r:
-                rounds.append({**spent, "total": time.perf_counter() - t0, "tokens": len(ids)})
+                rounds.append({**spent, "total": clock() - t0, "tokens": len(ids)})
     finally:
         _QuantisedLinear.dequantize = dequantize
     best = sorted(rounds, key=lambda r: r["total"])[len(rounds) // 2]
@@ -434,7 +468,8 @@ def print_profile(res: dict[str, float]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", choices=("kernels", "decode", "profile", "types", "isa", "decode-isa"))
+    ap.add_argument("--only", choices=("kernels", "decode", "profile", "types", "isa", "decode-isa",
+                                       "swiglu"))
     ap.add_argument("--kind", type=int, default=1, help="isa: 1 row tiles, 2 panel GEMM")
     ap.add_argument("--types", nargs="+", default=list(TYPES), choices=list(TYPES))
     ap.add_argument("--chunk", type=int, default=512, help="profile: prefill chunk (tokens)")
@@ -449,6 +484,10 @@ def main() -> None:
     ap.add_argument("--cold-mb", type=int, default=64,
                     help="cycle through this many MB of weight copies (0: cache-resident)")
     ap.add_argument("--prompt", default="What is the capital of France?")
+    ap.add_argument("--cpu-clock", action="store_true",
+                    help="profile: time by this thread's CPU time (with --threads 1)")
+    ap.add_argument("--no-swiglu", action="store_true",
+                    help="profile: gate/up and SiLU as two steps (pq_set_swiglu(0))")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -462,8 +501,15 @@ def main() -> None:
         decode_isa(args.gguf, args.tokens, args.repeats, args.prompt)
     if args.only == "isa":
         bench_isa(args.rows, args.repeats, args.cold_mb << 20, args.shapes, args.types, args.kind)
+    if args.only == "swiglu":
+        bench_swiglu(args.rows, args.repeats, torch.get_num_threads(), args.types)
     if args.only == "profile":
-        print_profile(profile_prefill(args.repeats, args.chunk, args.prefill_tokens, args.gguf))
+        if args.no_swiglu:
+            from pensieve.backends.cpu_quant import load_kernels
+
+            load_kernels().lib.pq_set_swiglu(0)
+        clock = time.thread_time if args.cpu_clock else time.perf_counter
+        print_profile(profile_prefill(args.repeats, args.chunk, args.prefill_tokens, args.gguf, clock))
     if args.only in (None, "decode"):
         for quantised in (False, True):
             res = decode_rounds(quantised, args.tokens, args.repeats, args.prompt)
