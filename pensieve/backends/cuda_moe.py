@@ -20,10 +20,16 @@ format, then down (each pick's routing weight in the epilogue) — and a sum of 
   registers, on the tensor cores. The grid is sized for the worst case (``max_blocks``) and
   blocks past the last exit at once.
 
+gpt-oss's experts (``models.gpt_oss.ClampedSwiGLUExperts``) run on the same launches: a bias
+per expert row on gate/up and on down (added in the epilogues, before the activation and before
+the routing weight) and the clamped SwiGLU (``glu`` = (alpha, limit)) in place of SiLU·up; its
+MXFP4 experts arrive as int8 codes with a float16 power of two per 32 (``loaders/mxfp4.py``),
+~1.06 bytes a weight.
+
 Nothing syncs with the host and every launch's grid is fixed by the number of picks, so the
 decode CUDA graphs capture the layer (``swap_in_experts`` turns on ``FastPaths.cuda_graphs``
-where the family's paged kernels allow). Off CUDA the module dequantises (the reference).
-Importing this module needs neither a GPU nor Triton.
+where the family's paged kernels allow; the hybrid decode graphs capture it too). Off CUDA the
+module dequantises (the reference). Importing this module needs neither a GPU nor Triton.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from pensieve.models.quant_linear import Int4Groups
 log = logging.getLogger(__name__)
 
 Codes = Int4Groups | Int8Groups
+Glu = tuple[float, float] | None  # gpt-oss's clamped SwiGLU (alpha, limit); None: SiLU·up
 # up to here pick_gemv (32 tokens × top-8; on an H100 at 30B-A3B's shapes it beat the sorted
 # grouped GEMM 2.0x at 8 tokens and 1.2x at 32, though it reads a shared expert once a pick);
 # beyond, sorted + grouped (bench/gpu_moe_kernels.py, BENCHMARKS.md)
@@ -77,7 +84,8 @@ class Stack:
     ``six``) or [E·N, K] int8, ``s`` int32 scale/offset pairs [E·N, K/32] (int4), int8
     sub-scales [E·N, K/16] (``six``) or int16 float16 bits [E·N, K/group], ``mn`` int16 offsets
     [E·N, K/32] (int8 with offsets) or the high-2-bit bytes [E·N, K/4] (``six``) or None,
-    ``d`` the float16 bits of ``six``'s super-scales [E·N, K/256]; ``n`` rows per expert."""
+    ``d`` the float16 bits of ``six``'s super-scales [E·N, K/256]; ``n`` rows per expert;
+    ``b`` a bias per row [E·N] (gpt-oss) or None."""
 
     w: torch.Tensor
     s: torch.Tensor
@@ -88,6 +96,7 @@ class Stack:
     k: int
     six: bool = False
     d: torch.Tensor | None = None
+    b: torch.Tensor | None = None
 
 
 def _kernels() -> ModuleType:
@@ -161,21 +170,23 @@ def _block_k(k: int, want: int) -> int:
     return b
 
 
-def _meta(st: Stack) -> tuple[tuple, dict]:
+def _meta(st: Stack, glu: Glu = None) -> tuple[tuple, dict]:
+    alpha, limit = glu or (0.0, 0.0)
     return ((st.w.view(torch.uint8), st.s, st.s if st.mn is None else st.mn,
-             st.s if st.d is None else st.d),
+             st.s if st.d is None else st.d, st.s if st.b is None else st.b),
             {"INT4": st.int4, "SIX": st.six, "GS": st.group,
-             "HAS_MIN": st.mn is not None and not st.six})
+             "HAS_MIN": st.mn is not None and not st.six, "HAS_BIAS": st.b is not None,
+             "SWIGLU": glu is not None, "ALPHA": float(alpha), "LIMIT": float(limit)})
 
 
 def pick_gemv(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, st: Stack, y: torch.Tensor,
-              *, topk: int, gather: bool, fuse: bool, routed: bool, t: Tiles | None = None
-              ) -> torch.Tensor:
+              *, topk: int, gather: bool, fuse: bool, routed: bool, t: Tiles | None = None,
+              glu: Glu = None) -> torch.Tensor:
     """y [P, N_out] (see ``cuda_moe_kernels.pick_gemv``)."""
     t = t or GEMV
     p = ids.numel()
     n_out = st.n // 2 if fuse else st.n
-    args, meta = _meta(st)
+    args, meta = _meta(st, glu if fuse else None)
     _kernels().pick_gemv[(p, triton_cdiv(n_out, t.block_n))](
         x, ids, rw, *args, y, st.n, st.k, x.stride(0), y.stride(0), TOPK=topk, GATHER=gather,
         FUSE=fuse, ROUTED=routed, **meta, BLOCK_N=t.block_n, BLOCK_K=_block_k(st.k, t.block_k),
@@ -231,10 +242,10 @@ def align_torch(ids: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Te
 
 def grouped(x: torch.Tensor, sorted_ids: torch.Tensor, bexp: torch.Tensor, rw: torch.Tensor,
             st: Stack, y: torch.Tensor, *, picks: int, experts: int, topk: int, gather: bool,
-            fuse: bool, routed: bool, t: Tiles) -> torch.Tensor:
+            fuse: bool, routed: bool, t: Tiles, glu: Glu = None) -> torch.Tensor:
     """y [P, N_out] over the sorted picks (see ``cuda_moe_kernels.grouped_gemm``)."""
     n_out = st.n // 2 if fuse else st.n
-    args, meta = _meta(st)
+    args, meta = _meta(st, glu if fuse else None)
     _kernels().grouped_gemm[(bexp.numel(), triton_cdiv(n_out, t.block_n))](
         x, sorted_ids, bexp, rw, *args, y, picks, experts, st.n, st.k, x.stride(0), y.stride(0),
         TOPK=topk, GATHER=gather, FUSE=fuse, ROUTED=routed, **meta, BLOCK_M=t.block_m,
@@ -244,9 +255,11 @@ def grouped(x: torch.Tensor, sorted_ids: torch.Tensor, bexp: torch.Tensor, rw: t
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: Stack,
-                down: Stack, experts: int, route: str | None = None) -> torch.Tensor:
+                down: Stack, experts: int, route: str | None = None, glu: Glu = None
+                ) -> torch.Tensor:
     """x [T, H], routing weights/ids [T, k] → Σ_picks weight · down(silu(gate)·up), [T, H], on
-    the kernels (any device Triton runs on). ``route``: "gemv" or "grouped" to force one."""
+    the kernels (any device Triton runs on); with the stacks' biases and ``glu`` gpt-oss's
+    Σ weight · (down(swiglu(gate + bg, up + bu)) + bd). ``route``: "gemv" or "grouped"."""
     t, k = ids.shape
     p = t * k
     x = x.contiguous()
@@ -256,14 +269,15 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
     out = torch.empty(p, down.n, device=x.device, dtype=x.dtype)
     if (route or ("gemv" if p <= GEMV_MAX_PICKS else "grouped")) == "gemv":
         tiles = GEMV_FEW if p <= 16 else GEMV
-        pick_gemv(x, flat, rw, gate_up, h, topk=k, gather=True, fuse=True, routed=False, t=tiles)
+        pick_gemv(x, flat, rw, gate_up, h, topk=k, gather=True, fuse=True, routed=False, t=tiles,
+                  glu=glu)
         pick_gemv(h, flat, rw, down, out, topk=k, gather=False, fuse=False, routed=True, t=tiles)
     else:
         tiles = GROUPED_SMALL if p <= GROUPED_SMALL_MAX_PICKS else GROUPED
         sorted_ids, bexp = align(flat, experts, tiles.block_m)
         common = dict(picks=p, experts=experts, topk=k, t=tiles)
         grouped(x, sorted_ids, bexp, rw, gate_up, h, gather=True, fuse=True, routed=False,
-                **common)
+                glu=glu, **common)
         grouped(h, sorted_ids, bexp, rw, down, out, gather=False, fuse=False, routed=True,
                 **common)
     return out.view(t, k, -1).sum(1)
@@ -272,9 +286,12 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
 class CudaMoEExperts(nn.Module):
     """``models.moe.Experts`` over codes: gate/up fused as [E·2I, ·] (gate rows then up rows
     of each expert), down [E·H, ·]; built from the 2-D views [E·rows, K] of the GGUF's
-    ``ffn_{gate,up,down}_exps`` codes. SiLU only (every MoE family here)."""
+    ``ffn_{gate,up,down}_exps`` codes. SiLU·up, or gpt-oss's ``ClampedSwiGLUExperts``: biases
+    ``gate_up_bias`` [E, 2I] (gate then up) and ``down_bias`` [E, H], ``glu`` (alpha, limit)."""
 
-    def __init__(self, gate: Codes, up: Codes, down: Codes, experts: int) -> None:
+    def __init__(self, gate: Codes, up: Codes, down: Codes, experts: int, *,
+                 gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+                 glu: Glu = None) -> None:
         super().__init__()
         fg, fu, fd = fmt(gate), fmt(up), fmt(down)
         if fg is None or fd is None or fg != fu or gate.shape != up.shape:
@@ -296,13 +313,18 @@ class CudaMoEExperts(nn.Module):
         self.register_buffer("down_s", ds)
         self.register_buffer("down_mn", dm)
         self.register_buffer("down_d", dd)
+        self.glu = glu
+        self.register_buffer("gate_up_b", None if gate_up_bias is None
+                             else gate_up_bias.detach().reshape(-1).clone())
+        self.register_buffer("down_b", None if down_bias is None
+                             else down_bias.detach().reshape(-1).clone())
 
     def stacks(self) -> tuple[Stack, Stack]:
         (gkind, ggroup, _), (dkind, dgroup, _) = self.formats
         gu = Stack(self.gate_up_w, self.gate_up_s, self.gate_up_mn, gkind == "int4", ggroup,
-                   2 * self.inner, self.hidden, gkind == "six", self.gate_up_d)
+                   2 * self.inner, self.hidden, gkind == "six", self.gate_up_d, self.gate_up_b)
         dn = Stack(self.down_w, self.down_s, self.down_mn, dkind == "int4", dgroup,
-                   self.hidden, self.inner, dkind == "six", self.down_d)
+                   self.hidden, self.inner, dkind == "six", self.down_d, self.down_b)
         return gu, dn
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,24 +332,46 @@ class CudaMoEExperts(nn.Module):
         gu, dn = self.stacks()
         return _dequantize(gu, self.num_experts), _dequantize(dn, self.num_experts)
 
+    def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(gate_up [E, 2I], down [E, H]) or Nones."""
+        e = self.num_experts
+        return (None if self.gate_up_b is None else self.gate_up_b.view(e, -1),
+                None if self.down_b is None else self.down_b.view(e, -1))
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            return moe_experts(x, weights, ids, *self.stacks(), self.num_experts)
-        return reference_experts(x, weights, ids, *self.dequantize())
+            return moe_experts(x, weights, ids, *self.stacks(), self.num_experts, glu=self.glu)
+        return reference_experts(x, weights, ids, *self.dequantize(), *self.biases(),
+                                 glu=self.glu)
 
     def extra_repr(self) -> str:
+        act = "silu" if self.glu is None else "clamped swiglu (alpha %g, limit %g)" % self.glu
+        biased = ", biased" if self.gate_up_b is not None else ""
         return (f"experts={self.num_experts}, hidden={self.hidden}, inner={self.inner}, "
-                f"{'+'.join(self.kinds)}")
+                f"{'+'.join(self.kinds)}, {act}{biased}")
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor, glu: Glu) -> torch.Tensor:
+    """The fused activation: silu(g)·u, or gpt-oss's clamped SwiGLU at ``glu`` = (alpha, limit)."""
+    if glu is None:
+        return F.silu(g) * u
+    alpha, limit = glu
+    g, u = g.clamp(max=limit), u.clamp(min=-limit, max=limit)
+    return (u + 1) * (g * torch.sigmoid(g * alpha))
 
 
 def reference_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                      gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """Σ_picks weight · down(silu(gate)·up) per token, one expert at a time (CPU, checks)."""
+                      gate_up: torch.Tensor, down: torch.Tensor,
+                      gate_up_bias: torch.Tensor | None = None,
+                      down_bias: torch.Tensor | None = None, glu: Glu = None) -> torch.Tensor:
+    """Σ_picks weight · (down(act(gate, up)) + bias) per token, one expert at a time (CPU,
+    checks); ``act``: ``swiglu``."""
     out = torch.zeros_like(x)
+    cast = lambda b, e: None if b is None else b[e].to(x.dtype)  # noqa: E731
     for e in ids.unique().tolist():
         tok, pick = (ids == e).nonzero(as_tuple=True)
-        g, u = F.linear(x[tok], gate_up[e].to(x.dtype)).chunk(2, dim=-1)
-        y = F.linear(F.silu(g) * u, down[e].to(x.dtype))
+        g, u = F.linear(x[tok], gate_up[e].to(x.dtype), cast(gate_up_bias, e)).chunk(2, dim=-1)
+        y = F.linear(swiglu(g, u, glu), down[e].to(x.dtype), cast(down_bias, e))
         out.index_add_(0, tok, y * weights[tok, pick, None])
     return out
 
@@ -363,26 +407,42 @@ def expert_state_names(experts: Mapping[str, Experts3]) -> set[str]:
     return {f"{path}.{p}.weight" for path in experts for p in ("gate_up_proj", "down_proj")}
 
 
+def _cuda_experts(old: nn.Module, path: str, codes: Experts3, num_experts: int
+                  ) -> CudaMoEExperts:
+    """``CudaMoEExperts`` standing in for ``old`` (``models.moe.Experts``, or gpt-oss's
+    ``ClampedSwiGLUExperts`` with its loaded biases and clamp)."""
+    from pensieve.models.gpt_oss import ClampedSwiGLUExperts
+    from pensieve.models.moe import Experts
+
+    if type(old) is Experts:
+        return CudaMoEExperts(*codes, num_experts)
+    if type(old) is ClampedSwiGLUExperts:
+        return CudaMoEExperts(*codes, num_experts, gate_up_bias=old.gate_up_proj.bias,
+                              down_bias=old.down_proj.bias, glu=(old.alpha, old.limit))
+    raise TypeError(f"{path} is {type(old).__name__}: its codes have no CUDA layer")
+
+
 def swap_in_experts(model: nn.Module, experts: Mapping[str, Experts3], num_experts: int, *,
                     consume: bool = False) -> int:
-    """Replace each named ``models.moe.Experts`` module by ``CudaMoEExperts`` over its codes
-    (``take_expert_codes``' choice); where no ``Experts`` is left, the model's CUDA graphs are
-    allowed (no host sync remains in its MLPs) as far as its paged kernels are. ``consume``:
-    each layer's codes are taken out of ``experts`` (a dict) once its module is built."""
+    """Replace each named ``models.moe.Experts`` (or gpt-oss ``ClampedSwiGLUExperts``) module
+    by ``CudaMoEExperts`` over its codes (``take_expert_codes``' choice); where no torch expert
+    loop is left, the model's CUDA graphs are allowed (no host sync remains in its MLPs) as far
+    as its paged kernels are. ``consume``: each layer's codes are taken out of ``experts`` (a
+    dict) once its module is built."""
+    from pensieve.models.gpt_oss import ClampedSwiGLUExperts
     from pensieve.models.moe import Experts
 
     count = len(experts)
     for path in list(experts):
-        gate, up, down = experts.pop(path) if consume else experts[path]  # type: ignore[attr-defined]
-        if type(model.get_submodule(path)) is not Experts:
-            raise TypeError(f"{path} is not models.moe.Experts: its codes have no CUDA layer")
+        codes = experts.pop(path) if consume else experts[path]  # type: ignore[attr-defined]
         parent, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent), attr, CudaMoEExperts(gate, up, down, num_experts))
-        del gate, up, down
+        setattr(model.get_submodule(parent), attr,
+                _cuda_experts(model.get_submodule(path), path, codes, num_experts))
+        del codes
     if not count:
         return 0
     fast = getattr(model, "fast_paths", None)
-    left = sum(isinstance(m, Experts) for m in model.modules())
+    left = sum(isinstance(m, (Experts, ClampedSwiGLUExperts)) for m in model.modules())
     if not left and fast is not None and fast.paged_kernels:
         model.fast_paths = replace(fast, cuda_graphs=True)
     first = next(m for m in model.modules() if isinstance(m, CudaMoEExperts))

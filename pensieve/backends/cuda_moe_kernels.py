@@ -21,7 +21,10 @@ projection reads x's row ``p // TOPK`` (``GATHER``), the second the pick's own r
 activations. ``FUSE``: the weight is gate rows then up rows ([E, 2I, K]); a program computes
 output column n from rows n and I+n and stores ``silu(gate)·up``. ``ROUTED``: the output row is
 multiplied by the pick's routing weight (the down projection's epilogue). Outputs are per pick
-([P, ·]); the caller sums a token's TOPK rows.
+([P, ·]); the caller sums a token's TOPK rows. ``HAS_BIAS``: ``B`` holds a bias per stacked
+weight row [E·N] (gpt-oss), added to each row's dot product before the activation / routing
+weight. ``SWIGLU``: gpt-oss's clamped activation instead of SiLU·up —
+``g = min(g, LIMIT); u = clamp(u, ±LIMIT); (u + 1)·g·σ(ALPHA·g)``.
 
 * ``pick_gemv`` — few picks (decode at small batch): one program per (pick, BLOCK_N outputs),
   no sorting: it reads its pick's expert id and runs a float32 GEMV on that expert's slice.
@@ -75,6 +78,18 @@ def _dot(a, b, acc):
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+@triton.jit
+def _glu(g, u, SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
+    """The fused activation of gate ``g`` and up ``u`` (float32)."""
+    if SWIGLU:
+        g = tl.minimum(g, LIMIT)
+        u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
+        out = (u + 1.0) * (g * tl.sigmoid(g * ALPHA))
+    else:
+        out = g * tl.sigmoid(g) * u
+    return out
 
 
 @triton.jit
@@ -139,10 +154,11 @@ def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS
 
 
 @triton.jit
-def pick_gemv(X, IDS, RW, W, S, MN, D, Y, N, K, stride_x, stride_y, TOPK: tl.constexpr,
+def pick_gemv(X, IDS, RW, W, S, MN, D, B, Y, N, K, stride_x, stride_y, TOPK: tl.constexpr,
               GATHER: tl.constexpr, FUSE: tl.constexpr, ROUTED: tl.constexpr,
               INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ALPHA: tl.constexpr,
+              LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[p, n] for pick p = program 0, outputs n in BLOCK_N; N: the expert's weight rows
     (2I where FUSE, whose output has I columns); grid (P, cdiv(N_out, BLOCK_N))."""
     p = tl.program_id(0)
@@ -161,9 +177,13 @@ def pick_gemv(X, IDS, RW, W, S, MN, D, Y, N, K, stride_x, stride_y, TOPK: tl.con
     wrow = e * N + tl.where(nmask, n, 0).to(tl.int64)
     XR = X + row.to(tl.int64) * stride_x
     y = _row_dot(XR, W, S, MN, D, wrow, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K)
+    if HAS_BIAS:
+        y += tl.load(B + wrow).to(tl.float32)
     if FUSE:
         u = _row_dot(XR, W, S, MN, D, wrow + n_out, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K)
-        y = y * tl.sigmoid(y) * u
+        if HAS_BIAS:
+            u += tl.load(B + wrow + n_out).to(tl.float32)
+        y = _glu(y, u, SWIGLU, ALPHA, LIMIT)
     if ROUTED:
         y = y * tl.load(RW + p).to(tl.float32)
     tl.store(Y + p.to(tl.int64) * stride_y + n, y.to(Y.dtype.element_ty), mask=nmask)
@@ -235,12 +255,12 @@ def _int8_tile(W, S, MN, erow, k, K, GS: tl.constexpr, HAS_MIN: tl.constexpr):
 
 
 @triton.jit
-def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, D, Y, P, E, N, K, stride_x, stride_y,
+def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, D, B, Y, P, E, N, K, stride_x, stride_y,
                  TOPK: tl.constexpr, GATHER: tl.constexpr, FUSE: tl.constexpr,
                  ROUTED: tl.constexpr, INT4: tl.constexpr, SIX: tl.constexpr,
-                 GS: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 GS: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[picks of block b, outputs of program 1] (see the module text); grid
     (MAX_BLOCKS, cdiv(N_out, BLOCK_N))."""
     blk = tl.program_id(0)
@@ -298,8 +318,12 @@ def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, D, Y, P, E, N, K, stride_x, stri
             if FUSE:
                 wu = _int8_tile(W, S, MN, erow[None, :] + n_out, kk, K, GS, HAS_MIN)
                 acc_u = _dot(xt, wu.to(xt.dtype), acc_u)
+    if HAS_BIAS:
+        acc += tl.load(B + erow).to(tl.float32)[None, :]
     if FUSE:
-        acc = acc * tl.sigmoid(acc) * acc_u
+        if HAS_BIAS:
+            acc_u += tl.load(B + erow + n_out).to(tl.float32)[None, :]
+        acc = _glu(acc, acc_u, SWIGLU, ALPHA, LIMIT)
     if ROUTED:
         acc = acc * tl.load(RW + pick, mask=mmask, other=0.0).to(tl.float32)[:, None]
     out = Y + pick[:, None] * stride_y + n[None, :]

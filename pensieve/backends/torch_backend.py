@@ -54,10 +54,12 @@ def plan_weights(checkpoint: Checkpoint, config: EngineConfig, *, packed: Mappin
     on_cuda = torch.device(config.device).type == "cuda"
     int4, int8 = dict(checkpoint.int4), dict(checkpoint.int8)
     moe_codes = not on_cuda and family_of(args).fast_paths(args, config.context_length).cpu_moe_codes
-    # CUDA: the experts of a family whose MoE is models.moe's (the promise cpu_moe_codes makes)
-    # stay codes on the fused kernels (SiLU only); the rest are dequantised by plan_experts
-    cuda_experts = take_expert_codes(int4) if on_cuda and args.hidden_act == "silu" and family_of(
-        args).fast_paths(args, config.context_length).cpu_moe_codes else {}
+    # CUDA: the experts of a family whose MoE is models.moe's (the promise cpu_moe_codes makes;
+    # SiLU only) or that declared cuda_moe_codes (gpt-oss) stay codes on the fused kernels; the
+    # rest are dequantised by plan_experts
+    paths = family_of(args).fast_paths(args, config.context_length)
+    cuda_experts = take_expert_codes(int4) if on_cuda and (
+        paths.cuda_moe_codes or (args.hidden_act == "silu" and paths.cpu_moe_codes)) else {}
     expert_floats = plan_experts(int4, keep=moe_codes, dtype=config.dtype)
     if on_cuda:  # the token table and output layer as their codes on the CUDA kernels
         table_codes, table_floats = cuda_tables.plan(int4, int8, args.tie_word_embeddings)

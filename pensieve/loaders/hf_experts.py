@@ -17,7 +17,9 @@ matrices as MXFP4 ``*_blocks`` [E, rows, G, 16] + ``*_scales`` [E, rows, G] (alr
 gate/up rows interleaved). Each becomes the same stacked ``{gate,up,down}_proj.{weight,bias}``.
 
 ``plan`` works on shapes (headers only, for validation before reading); ``assemble`` builds the
-tensors. A dense checkpoint passes through unchanged, without copies.
+tensors. A dense checkpoint passes through unchanged, without copies. Asked to (``codes``),
+``assemble`` keeps MXFP4 experts as exact int8 codes (``int4_codes.ExpertCodes``, the GGUF
+path's form; ``mxfp4.hf_int8``), gate/up rows split as for the floats.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from pensieve.loaders import mxfp4
+from pensieve.loaders.int4_codes import ExpertCodes, Int8Groups
 
 _PER_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight")
 _FUSED = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)")
@@ -88,14 +91,18 @@ def plan(shapes: Mapping[str, tuple[int, ...]], renames: Mapping[str, str],
     return sources, out
 
 
-def assemble(tensors: Mapping[str, torch.Tensor], sources: Mapping[str, Source]
-             ) -> dict[str, torch.Tensor]:
-    """Module name → tensor, from the file's ``tensors`` by name."""
+def assemble(tensors: Mapping[str, torch.Tensor], sources: Mapping[str, Source],
+             codes: dict[str, ExpertCodes] | None = None) -> dict[str, torch.Tensor]:
+    """Module name → tensor, from the file's ``tensors`` by name; with ``codes``, MXFP4
+    experts whose scales float16 holds go there instead (``expert_codes``)."""
     out: dict[str, torch.Tensor] = {}
     for name, src in sources.items():
         if not all(n in tensors for n in src.names):
             continue
-        if src.op is not None:
+        if codes is not None and src.op is not None and src.op.startswith("mxfp4") and (
+                kept := expert_codes(src.op, [tensors[n] for n in src.names], name)) is not None:
+            codes[name] = kept
+        elif src.op is not None:
             out[name] = _apply(src.op, [tensors[n] for n in src.names])
         elif src.stacked:
             out[name] = torch.stack([tensors[n] for n in src.names])
@@ -129,6 +136,24 @@ def _plan_gpt_oss(disk: str, shape: tuple[int, ...], m: re.Match[str],
         else:  # [E, in, out]
             sources[key] = Source((disk,), op=pick or "T")
             out[key] = (shape[0], shape[2] // len(parts), shape[1])
+
+
+def expert_codes(op: str, tensors: list[torch.Tensor], name: str = "") -> ExpertCodes | None:
+    """An "mxfp4[_even|_odd]" source (blocks [E, rows, G, 16], scales [E, rows, G]) as int8
+    codes [E·N, K] with float16 scales per 32, exactly; None where a scale is no float16 value
+    (``mxfp4.int8_codes`` logs why)."""
+    blocks, scales = tensors
+    kept = mxfp4.hf_int8(blocks, scales, name)
+    if kept is None:
+        return None
+    c, s = kept
+    if op != "mxfp4":  # gate/up rows interleaved: every other row
+        first = 0 if op.endswith("even") else 1
+        c, s = c[:, first::2], s[:, first::2]
+    e, rows, k = c.shape
+    return ExpertCodes(Int8Groups(c.reshape(e * rows, k).contiguous(),
+                                  s.reshape(e * rows, -1).contiguous(), None, mxfp4.BLOCK,
+                                  ggml_type="MXFP4"), e)
 
 
 def _apply(op: str, tensors: list[torch.Tensor]) -> torch.Tensor:

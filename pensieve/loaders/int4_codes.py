@@ -18,6 +18,7 @@ Q5_K       d·sc·q − dmin·m  (per 32)             q      d·sc /32     −dm
 Q6_K       d·sc·(q − 32)   (per 16)              q−32   d·sc /16     —
 IQ4_NL     d·T[q]  (T: a fixed int8 table)       T[q]   d /32        —
 IQ4_XS     d·(ls − 32)·T[q]  (per 32)            T[q]   d·(ls−32)    —
+MXFP4      2^(e−128)·2fp4(q)  (3-D experts)      2fp4   2^(e−128)    —
 =========  ====================================  =====  ===========  ======
 
 Scales that are products (``d·sc``) are rounded to float16 (relative error ≤ 2⁻¹¹, as Q4_K's
@@ -100,6 +101,8 @@ def quant_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]
     ``Int4Groups`` for 4-bit types, ``Int8Groups`` for the others above, else None; a 3-D
     [E, N, K] one as ``ExpertCodes`` over its [E·N, K] rows."""
     if len(shape) == 3:
+        if ggml_type is Q.MXFP4:  # gpt-oss's experts: int8 codes, exact (loaders/mxfp4.py)
+            return _mxfp4_experts(raw, shape)
         if ggml_type not in INT4_TYPES | INT8_TYPES or shape[2] % GGML_QUANT_SIZES[ggml_type][0]:
             return None
         groups = quant_groups(raw, ggml_type, (shape[0] * shape[1], shape[2]))
@@ -109,6 +112,20 @@ def quant_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]
     if ggml_type in INT8_TYPES:
         return int8_groups(raw, ggml_type, shape)
     return _int4_groups(raw, ggml_type, shape)
+
+
+def _mxfp4_experts(raw: torch.Tensor, shape: tuple[int, ...]) -> ExpertCodes | None:
+    """A 3-D MXFP4 tensor [E, N, K] as int8 codes × a float16 power of two per 32, exactly;
+    None where a scale is no float16 value (``mxfp4.int8_codes``: dequantised instead)."""
+    from pensieve.loaders import mxfp4
+
+    rows, cols = shape[0] * shape[1], shape[2]
+    if cols % GROUP:
+        return None
+    out = mxfp4.ggml_int8(raw, rows, cols, name=f"expert tensor {tuple(shape)}")
+    if out is None:
+        return None
+    return ExpertCodes(Int8Groups(out[0], out[1], None, GROUP, ggml_type="MXFP4"), shape[0])
 
 
 # The loader's name for it (``load_gguf(keep_int4=True)`` keeps every type above as codes).

@@ -10,18 +10,29 @@ the same numbers:
 - an HF checkpoint's ``*_blocks`` [..., G, 16] with ``*_scales`` [..., G]: byte i holds weights
   2i (low nibble) and 2i + 1 (high nibble) of its group.
 
-Dequantised on load: MXFP4 is not kept as codes on any kernel yet.
+Either dequantised here to float, or kept as the grouped kernels' int8 codes, exactly
+(``int8_codes``): doubled, every E2M1 value is an integer in [−12, 12], so a block is int8 codes
+times one power of two 2^(e − 128) — a float16 scale, exact while e − 128 is in [−24, 15]
+(float16's smallest subnormal to its largest power of two). An all-zero block's scale is 0 (its
+value is 0 whatever e says); a tensor with another block outside that range is not converted
+(None, with the reason logged): it stays on the dequantised path.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 BLOCK = 32
 CHUNK = 1 << 18  # blocks decoded at a time: bounds the temporaries (a 20b layer's gate/up
 # experts are 16.6M blocks)
 # E2M1 codes 0..15, doubled (ggml's ``kvalues_mxfp4``): sign bit 3, then 0, .5, 1, 1.5, 2, 3, 4, 6
 DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+# the exponents whose scale 2^(e − 128) float16 holds exactly: 2^-24 (its least subnormal) … 2^15
+F16_EXPONENTS = (128 - 24, 128 + 15)
 
 
 def _pairs() -> torch.Tensor:
@@ -72,3 +83,54 @@ def hf_blocks(blocks: torch.Tensor, scales: torch.Tensor, chunk: int = CHUNK) ->
         _decode_into(out[start:start + chunk], flat[start:start + chunk],
                      exps[start:start + chunk], interleaved=True)
     return out.reshape(*scales.shape[:-1], scales.shape[-1] * BLOCK)
+
+
+def int8_codes(qs: torch.Tensor, exponents: torch.Tensor, *, interleaved: bool,
+               name: str = "") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """qs [n, 16] code bytes and exponents [n] (E8M0) → (int8 codes [n, 32] in −12..12,
+    float16 scales [n]) with code · scale = the block's value exactly (``_decode_into``'s
+    doubled value and 2^(e − 128)); None (logged, with ``name``) where a block that is not
+    all zero has e − 128 outside [−24, 15]. Nibble order as ``_decode_into``'s."""
+    n = qs.shape[0]
+    table = torch.tensor(DOUBLED, dtype=torch.int8, device=qs.device)
+    lo, hi = table[(qs & 0x0F).long()], table[(qs >> 4).long()]
+    codes = torch.stack((lo, hi), dim=-1) if interleaved else torch.stack((lo, hi), dim=1)
+    codes = codes.reshape(n, BLOCK)
+    e = exponents.reshape(n).to(torch.int32)
+    zero = (codes == 0).all(dim=1)
+    low, high = F16_EXPONENTS
+    bad = ~zero & ((e < low) | (e > high))
+    if bool(bad.any()):  # one host sync a tensor, at load
+        first = int(e[bad][0])
+        log.info("MXFP4 %s: %d blocks' scales 2^(e-128) (e.g. e = %d) are not float16 "
+                 "values; dequantised instead of kept as int8 codes", name or "tensor",
+                 int(bad.sum()), first)
+        return None
+    scale = torch.ldexp(torch.ones(n, device=qs.device), e.clamp(low, high) - 128)
+    return codes, torch.where(zero, 0.0, scale).to(torch.float16)
+
+
+def ggml_int8(raw: torch.Tensor, rows: int, cols: int, name: str = ""
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A GGML MXFP4 tensor's bytes, rows × cols → (int8 codes [rows, cols], float16 scales
+    [rows, cols / 32]) or None (``int8_codes``)."""
+    blocks = raw.reshape(-1, 17)
+    out = int8_codes(blocks[:, 1:], blocks[:, 0], interleaved=False, name=name)
+    if out is None:
+        return None
+    return out[0].reshape(rows, cols), out[1].reshape(rows, cols // BLOCK)
+
+
+def hf_int8(blocks: torch.Tensor, scales: torch.Tensor, name: str = ""
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An HF ``*_blocks`` [..., G, 16] / ``*_scales`` [..., G] pair → (int8 codes
+    [..., G · 32], float16 scales [..., G]) or None (``int8_codes``)."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not fit scales "
+                         f"{tuple(scales.shape)}")
+    out = int8_codes(blocks.reshape(-1, BLOCK // 2), scales.reshape(-1), interleaved=True,
+                     name=name)
+    if out is None:
+        return None
+    return (out[0].reshape(*scales.shape[:-1], scales.shape[-1] * BLOCK),
+            out[1].reshape(scales.shape))

@@ -52,4 +52,4 @@ def load_checkpoint(
     if checkpoint_format(path) == "gguf":
         return load_gguf(path, dtype, keep_int4=keep_int4, tensors=tensors,
                          tokenizer=tokenizer, device=device, host_threads=host_threads)
-    return load_hf_folder(path, dtype)
+    return load_hf_folder(path, dtype, keep_int4=keep_int4)

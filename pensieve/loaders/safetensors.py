@@ -31,8 +31,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Read an HF folder; CheckpointError if it is unsupported, incomplete or damaged."""
+def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32, *,
+                   keep_int4: bool = False) -> Checkpoint:
+    """Read an HF folder; CheckpointError if it is unsupported, incomplete or damaged.
+    ``keep_int4``: MXFP4 experts (gpt-oss) go to ``Checkpoint.int4`` as exact int8 codes
+    (``hf_experts.expert_codes``), as a GGUF's quantised weights do."""
     path = Path(path)
     config = _read_json(path / "config.json")
     family = hf_family(str(config.get("model_type")), str(path))
@@ -44,8 +47,9 @@ def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
     sources, shapes = hf_experts.plan(file_shapes, family.hf_renames, family.hf_expert_layout)
     validate_shapes(family.expected_shapes(args), shapes, str(path))
     wanted = {n for src in sources.values() for n in src.names}
+    codes: dict[str, Any] | None = {} if keep_int4 else None
     weights = {name: family.from_hf_weight(name, w.to(dtype)) for name, w in
-               hf_experts.assemble(_read_weights(files, wanted, dtype), sources).items()}
+               hf_experts.assemble(_read_weights(files, wanted, dtype), sources, codes).items()}
     try:
         tokenizer = TextTokenizer.from_tokenizer_json(path)
     except (FileNotFoundError, ValueError) as exc:
@@ -58,6 +62,7 @@ def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
         tokenizer=tokenizer,
         chat_template=read_chat_template(path),
         context_length=args.max_position_embeddings,
+        int4=codes or {},
     )
 
 

@@ -45,6 +45,9 @@ class FastPaths:
     chunks to one batched kernel over the paged latent cache (``backends/cuda_mla.py``: the
     absorbed query against latent + rotary key, the latent as value); it stays on for the
     hybrid cache layout latent models have.
+    ``cuda_moe_codes``: on CUDA a checkpoint's stacked expert codes run on ``backends/cuda_moe``'s
+    fused kernels, biases and activation included (gpt-oss's ``ClampedSwiGLUExperts``; the
+    SiLU families get the kernels through ``cpu_moe_codes``).
     """
 
     cpu_decoder: bool = False
@@ -54,6 +57,7 @@ class FastPaths:
     cuda_fused_layers: bool = False
     cpu_moe_codes: bool = False
     cuda_latent_attention: bool = False
+    cuda_moe_codes: bool = False
 
 
 LLAMA_BLOCK = FastPaths(cpu_decoder=True, cpu_fused_mlp=True, paged_kernels=True,

@@ -13,11 +13,14 @@ softmax over those k; each expert a clamped SwiGLU with biases,
 [E, 2I, H] gate rows then up rows, plus biases); HF checkpoints hold them input-major with
 gate/up columns interleaved, often as MXFP4 blocks — ``loaders/hf_experts.py`` turns both into
 the stacked names, and a GGUF's ``ffn_{gate,up,down}_exps`` (MXFP4 or float) are them already.
-MXFP4 is dequantised on load.
+On CUDA MXFP4 experts stay int8 codes × a float16 power of two per 32 (exact, ~1.06 bytes a
+weight) on ``backends/cuda_moe``'s fused kernels, biases and clamp in their epilogues
+(``cuda_moe_codes``); elsewhere, or where a scale is no float16 value, MXFP4 is dequantised.
 
-Fast paths: none. The compiled paged kernels (CPU and Triton) have no sinks, the Llama-block
-kernels no biased clamped experts; ``paged_attention`` with sinks always takes the per-sequence
-path, also where the runner handed it a kernel backend.
+Fast paths: ``cuda_moe_codes`` only. The compiled paged kernels (CPU and Triton) have no sinks,
+the Llama-block kernels no biased clamped experts; ``paged_attention`` with sinks always takes
+the per-sequence path, also where the runner handed it a kernel backend (on CUDA the hybrid
+layout's kernels, ``backends/cuda_hybrid.py``, take the sinks).
 """
 
 from __future__ import annotations
@@ -251,7 +254,7 @@ def _shapes(args: ModelArgs) -> Shapes:
 
 
 def _paths(args: ModelArgs, context_length: int) -> FastPaths:
-    return FastPaths()
+    return FastPaths(cuda_moe_codes=True)
 
 
 GGUF_BLOCK_NAMES = {

@@ -444,9 +444,10 @@ def test_six_bit_kernels_compile_for_the_h100():
     from tests.helpers.triton_compile import compile_for
 
     types = {"X": "*bf16", "IDS": "*i32", "RW": "*bf16", "W": "*u8", "S": "*i8", "MN": "*u8",
-             "D": "*i16", "Y": "*bf16", "N": "i32", "K": "i32", "stride_x": "i32",
+             "D": "*i16", "B": "*i8", "Y": "*bf16", "N": "i32", "K": "i32", "stride_x": "i32",
              "stride_y": "i32", "SORTED": "*i32", "BEXP": "*i32", "P": "i32", "E": "i32"}
-    six = dict(TOPK=8, INT4=False, SIX=True, GS=16, HAS_MIN=False)
+    six = dict(TOPK=8, INT4=False, SIX=True, GS=16, HAS_MIN=False, HAS_BIAS=False, SWIGLU=False,
+               ALPHA=0.0, LIMIT=0.0)
     t = cuda_moe.GEMV_FEW
     for fuse in (True, False):
         consts = dict(six, GATHER=fuse, FUSE=fuse, ROUTED=not fuse, BLOCK_N=t.block_n,

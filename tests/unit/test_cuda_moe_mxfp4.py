@@ -1,0 +1,307 @@
+"""gpt-oss's MXFP4 experts kept as codes on CUDA (``loaders/mxfp4.py`` → ``backends/cuda_moe.py``).
+
+On CPU: MXFP4 blocks → int8 codes × a float16 power of two per 32, bit-exact against the float
+dequantisation for GGML's and HF's layouts at every exponent float16 holds (and all-zero blocks
+at any exponent); a block outside that range leaves the tensor on the dequantised path, with the
+reason logged. A tiny gpt-oss (GGUF and HF folder, MXFP4 experts) planned for CUDA holds its
+experts as ``CudaMoEExperts`` (biases, clamped SwiGLU) and gives the dequantised model's logits on
+the module's reference path. In Triton's interpreter: the fused kernels with gpt-oss's biases and
+clamp (both routes) against the torch ``ClampedSwiGLUExperts`` in float64, on random layers and on
+the tiny GGUF's own layers with its router; the kernels' bias/clamp variants compiled for sm_90.
+With a GPU: the tiny gpt-oss engine on codes (hybrid decode graphs on) against the dequantised
+path (eager), greedy tokens equal, graphs captured and replayed.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+
+from pensieve.backends import cuda_moe
+from pensieve.backends.cuda_moe import CudaMoEExperts
+from pensieve.loaders import mxfp4
+from pensieve.loaders.int4_codes import ExpertCodes, quant_groups
+from pensieve.loaders.quants import dequantize
+from tests.helpers.triton_interpreter import run_in_triton_interpreter
+
+Q = GGMLQuantizationType
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+LOW, HIGH = mxfp4.F16_EXPONENTS  # 104, 143
+
+
+def random_blocks(n: int, seed: int, low: int = LOW, high: int = HIGH) -> torch.Tensor:
+    """[n, 17] GGML MXFP4 blocks: random codes, exponents uniform in [low, high]."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (n, 17), generator=g, dtype=torch.uint8)
+    raw[:, 0] = torch.randint(low, high + 1, (n,), generator=g).to(torch.uint8)
+    return raw
+
+
+def test_ggml_and_hf_blocks_to_int8_codes_exactly():
+    raw = random_blocks(4096, 1)
+    raw[:2, 0] = torch.tensor([LOW, HIGH], dtype=torch.uint8)  # the extremes float16 holds
+    raw[2:6, 1:] = torch.tensor([0x00, 0x88, 0x80, 0x08], dtype=torch.uint8)[:, None]  # ±0 only
+    raw[2:6, 0] = torch.tensor([0, 1, 255, 200], dtype=torch.uint8)  # any exponent: value 0
+    codes, scales = mxfp4.ggml_int8(raw.reshape(-1), 64, 64 * 32)
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float16
+    assert int(codes.abs().max()) == 12
+    want = mxfp4.ggml_blocks(raw).view(64, -1)
+    got = (codes.float().view(64, -1, 32) * scales.float()[..., None]).view(64, -1)
+    assert torch.equal(got, want)
+    assert scales[0, 0].item() == 2.0 ** -24 and scales[0, 1].item() == 2.0 ** 15
+    # HF's layout: the same bytes read as [E, rows, G, 16] with byte i = weights 2i, 2i + 1
+    blocks, exps = raw[:, 1:].reshape(4, 32, 32, 16), raw[:, 0].reshape(4, 32, 32)
+    codes, scales = mxfp4.hf_int8(blocks, exps)
+    got = (codes.float().view(4, 32, 32, 32) * scales.float()[..., None]).view(4, 32, -1)
+    assert torch.equal(got, mxfp4.hf_blocks(blocks, exps))
+
+
+@pytest.mark.parametrize("e", [LOW - 1, HIGH + 1, 0, 255])
+def test_a_block_outside_float16_leaves_the_tensor_dequantised(e, caplog):
+    raw = random_blocks(2 * 4 * 2, 3)
+    raw[5, 0], raw[5, 1] = e, 0x17  # a block with non-zero codes at an exponent float16 lacks
+    with caplog.at_level(logging.INFO, logger="pensieve.loaders.mxfp4"):
+        assert mxfp4.ggml_int8(raw.reshape(-1), 8, 64) is None
+        assert quant_groups(raw.reshape(-1), Q.MXFP4, (2, 4, 64)) is None
+    assert "dequantised instead" in caplog.text and f"e = {e}" in caplog.text
+
+
+def test_experts_as_expert_codes_and_only_experts():
+    raw = random_blocks(3 * 8 * 4, 5).reshape(-1)
+    kept = quant_groups(raw, Q.MXFP4, (3, 8, 128))
+    assert isinstance(kept, ExpertCodes) and kept.experts == 3
+    g = kept.groups
+    assert g.ggml_type == "MXFP4" and g.group_size == 32 and g.offsets is None
+    assert torch.equal(kept.dequantize(), dequantize(raw, Q.MXFP4, (3, 8, 128)))
+    assert cuda_moe.fmt(g) == ("int8", 32, False)
+    assert quant_groups(raw, Q.MXFP4, (24, 128)) is None  # a 2-D MXFP4 weight: dequantised
+
+
+# --- a tiny gpt-oss ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gpt_oss_mxfp4")
+
+
+@cache
+def tiny(root: Path, kind: str) -> Path:
+    """The tiny gpt-oss (test_gpt_oss's: 3 layers, 4 experts, top-2, clamp binding) with MXFP4
+    experts, as llama.cpp's GGUF (``gguf``) or the released HF layout (``hf``)."""
+    from tests.helpers.tiny_gpt_oss import (
+        config, gpt_oss_model, round_experts_mxfp4, save_mxfp4_hf, write_gpt_oss_gguf,
+    )
+
+    model = gpt_oss_model(config(max_position_embeddings=512))
+    round_experts_mxfp4(model)
+    if kind == "hf":
+        return save_mxfp4_hf(root / "hf-mxfp4", model)
+    return write_gpt_oss_gguf(root / "mxfp4.gguf", model, mxfp4=True)
+
+
+def planned_model(path: Path):  # noqa: ANN201
+    """(checkpoint with codes, the model planned for CUDA but built here, the float model)."""
+    from pensieve.backends.torch_backend import build_model, plan_weights
+    from pensieve.engine.config import EngineConfig
+    from pensieve.loaders.registry import load_checkpoint
+    from pensieve.models.registry import model_class
+
+    ckpt = load_checkpoint(path, keep_int4=True)
+    planned = plan_weights(ckpt, EngineConfig(context_length=64, device="cuda"),
+                           packed=model_class(ckpt.args).PACKED)
+    assert sorted(planned.experts) == [f"model.layers.{i}.mlp.experts" for i in range(3)]
+    assert not [n for n in planned.floats if ".experts." in n and n.endswith(".weight")]
+    model = build_model(ckpt, EngineConfig(context_length=64), planned)
+    float_ckpt = load_checkpoint(path)
+    return ckpt, model, build_model(float_ckpt, EngineConfig(context_length=64))
+
+
+@pytest.mark.parametrize("kind", ["gguf", "hf"])
+def test_planned_for_cuda_the_experts_are_codes_with_the_dequantised_logits(root, kind):
+    """The wiring, on CPU: the MXFP4 experts stay int8 codes (1 + 2/32 bytes a weight) in
+    ``CudaMoEExperts`` with gpt-oss's biases and clamp; on the module's reference path the
+    logits are the dequantised model's."""
+    from pensieve.loaders.registry import load_checkpoint
+    from tests.helpers.paged_run import paged_logits, prompt
+    from tests.helpers.tiny_families import VOCAB
+
+    path = tiny(root, kind)
+    codes = load_checkpoint(path, keep_int4=True).int4
+    floats = load_checkpoint(path).weights
+    for name in ("gate_proj", "up_proj", "down_proj"):  # the codes are the file's values
+        key = f"model.layers.1.mlp.experts.{name}.weight"
+        assert isinstance(codes[key], ExpertCodes)
+        assert torch.equal(codes[key].dequantize(), floats[key])
+    ckpt, model, reference = planned_model(path)
+    layers = [m for m in model.modules() if isinstance(m, CudaMoEExperts)]
+    assert len(layers) == 3 and all(m.glu == (1.702, 7.0) for m in layers)
+    layer = layers[0]
+    assert layer.down_w.dtype == torch.int8 and layer.down_s.dtype == torch.int16
+    held = sum(b.numel() * b.element_size() for b in (layer.gate_up_w, layer.gate_up_s))
+    assert held == layer.gate_up_w.numel() * (1 + 2 / 32)
+    ref_experts = reference.model.layers[0].mlp.experts
+    assert torch.equal(layer.biases()[0], ref_experts.gate_up_proj.bias.detach())
+    assert torch.equal(layer.biases()[1], ref_experts.down_proj.bias.detach())
+    ids = prompt(36, VOCAB)
+    ours, _ = paged_logits(model, ckpt.args, ids, [12, 31])
+    theirs, _ = paged_logits(reference, ckpt.args, ids, [12, 31])
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+# --- the kernels in Triton's interpreter ---------------------------------------------------------
+
+def clamped_experts(layer: CudaMoEExperts):  # noqa: ANN201
+    """gpt-oss's torch experts (``ClampedSwiGLUExperts``) in float64 over ``layer``'s values."""
+    from pensieve.models.args import ModelArgs, MoEArgs
+    from pensieve.models.gpt_oss import ClampedSwiGLUExperts
+
+    e = layer.num_experts
+    args = ModelArgs(architecture="gpt_oss", vocab_size=10, hidden_size=layer.hidden,
+                     intermediate_size=layer.inner, num_layers=1, num_heads=4, num_kv_heads=2,
+                     head_dim=16, max_position_embeddings=64,
+                     moe=MoEArgs(num_experts=e, top_k=2, expert_size=layer.inner))
+    ref = ClampedSwiGLUExperts(args).double()
+    gate_up, down = layer.dequantize()
+    gb, db = layer.biases()
+    with torch.no_grad():
+        ref.gate_up_proj.weight.copy_(gate_up)
+        ref.gate_up_proj.bias.copy_(gb)
+        ref.down_proj.weight.copy_(down)
+        ref.down_proj.bias.copy_(db)
+    return ref
+
+
+def random_layer(experts: int, hidden: int, inner: int, seed: int) -> CudaMoEExperts:
+    """MXFP4 experts whose gate/up reach well past ±7 for unit activations, random biases."""
+    def codes(rows: int, cols: int, e: tuple[int, int], s: int):  # noqa: ANN202
+        raw = random_blocks(experts * rows * cols // 32, s, *e).reshape(-1)
+        return quant_groups(raw, Q.MXFP4, (experts, rows, cols)).groups
+
+    g = torch.Generator().manual_seed(seed)
+    return CudaMoEExperts(
+        codes(inner, hidden, (124, 127), seed), codes(inner, hidden, (124, 127), seed + 1),
+        codes(hidden, inner, (118, 122), seed + 2), experts,
+        gate_up_bias=torch.randn(experts, 2 * inner, generator=g),
+        down_bias=torch.randn(experts, hidden, generator=g), glu=(1.702, 7.0))
+
+
+def interpreter_check() -> None:
+    """Run with TRITON_INTERPRET=1: the kernels on CPU tensors against float64 torch."""
+    from pensieve.backends.cuda_moe import Tiles, moe_experts
+    from tests.unit.test_cuda_int8 import rel
+    from tests.unit.test_cuda_moe import routing
+
+    cuda_moe.GEMV = cuda_moe.GEMV_FEW = Tiles(1, 64, 256, 4, 2)
+    for experts, hidden, inner, tokens, seed in ((4, 64, 32, 3, 0), (8, 128, 96, 40, 1)):
+        layer = random_layer(experts, hidden, inner, seed)
+        ref = clamped_experts(layer)
+        w, ids = routing(tokens, experts, 2, seed)
+        x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            want = ref(x.double(), w.double(), ids)
+            gate_up = torch.einsum("th,ekh->tek", x.double(), ref.gate_up_proj.weight)
+            pre = gate_up + ref.gate_up_proj.bias[None]
+        # the clamp binds: gate past +7, up past both ±7
+        assert pre[..., :inner].max() > 7 and pre[..., inner:].min() < -7 < 7 < pre[..., inner:].max()
+        for route in ("gemv", "grouped"):
+            r = rel(moe_experts(x, w, ids, *layer.stacks(), experts, route=route, glu=layer.glu),
+                    want)
+            assert r < 1e-5, (experts, tokens, route, r)
+    gguf_layers_check()
+
+
+def gguf_layers_check() -> None:
+    """The tiny gpt-oss GGUF's own MoE blocks: its router, its experts as codes on the kernels,
+    against the float model's ``GptOssMoE`` (the torch expert path) in float64."""
+    import tempfile
+
+    from tests.unit.test_cuda_int8 import rel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _, model, reference = planned_model(tiny(Path(tmp), "gguf"))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(7)) * 2
+    for i in range(3):
+        block, ref_block = model.model.layers[i].mlp, reference.model.layers[i].mlp
+        with torch.no_grad():
+            want = ref_block.double()(x.double())
+            w, ids = block.router(x)
+            for route in ("gemv", "grouped"):
+                y = cuda_moe.moe_experts(x, w, ids, *block.experts.stacks(),
+                                         block.experts.num_experts, route=route,
+                                         glu=block.experts.glu)
+                assert rel(y, want) < 1e-5, (i, route)
+
+
+def test_kernels_with_biases_and_clamp_in_the_triton_interpreter():
+    run_in_triton_interpreter("from tests.unit.test_cuda_moe_mxfp4 import interpreter_check as c; "
+                              "c(); print('ok')")
+
+
+def test_biased_clamped_kernels_compile_for_the_h100():
+    """The int8 (MXFP4) path with biases and the clamped SwiGLU, built for sm_90 in bfloat16:
+    pick GEMV fused and routed, grouped GEMM fused and routed."""
+    from pensieve.backends import cuda_moe_kernels as kernels
+    from tests.helpers.triton_compile import compile_for
+
+    types = {"X": "*bf16", "IDS": "*i32", "RW": "*bf16", "W": "*u8", "S": "*i16", "MN": "*i16",
+             "D": "*i16", "B": "*bf16", "Y": "*bf16", "N": "i32", "K": "i32", "stride_x": "i32",
+             "stride_y": "i32", "SORTED": "*i32", "BEXP": "*i32", "P": "i32", "E": "i32"}
+    fmt = dict(TOPK=4, INT4=False, SIX=False, GS=32, HAS_MIN=False, HAS_BIAS=True)
+    for fuse in (True, False):
+        act = dict(SWIGLU=fuse, ALPHA=1.702 if fuse else 0.0, LIMIT=7.0 if fuse else 0.0)
+        t = cuda_moe.GEMV_FEW
+        consts = dict(fmt, **act, GATHER=fuse, FUSE=fuse, ROUTED=not fuse, BLOCK_N=t.block_n,
+                      BLOCK_K=t.block_k)
+        assert compile_for(kernels.pick_gemv, types, consts, t.num_warps, t.num_stages)
+        g = cuda_moe.GROUPED_SMALL
+        consts = dict(fmt, **act, GATHER=fuse, FUSE=fuse, ROUTED=not fuse, BLOCK_M=g.block_m,
+                      BLOCK_N=g.block_n, BLOCK_K=g.block_k)
+        assert compile_for(kernels.grouped_gemm, types, consts, g.num_warps, g.num_stages)
+
+
+# --- on a GPU ----------------------------------------------------------------------------------
+
+def gpu_tokens(path: Path, keep_codes: bool, graphs: bool, monkeypatch, device_read: bool = False):  # noqa: ANN001, ANN201
+    from pensieve.backends.torch_backend import build_model, torch_engine
+    from pensieve.engine.config import EngineConfig
+    from pensieve.engine.types import SamplingParams
+    from pensieve.loaders.registry import load_checkpoint
+    from tests.helpers.paged_run import prompt
+    from tests.helpers.tiny_families import VOCAB
+
+    monkeypatch.setenv("PENSIEVE_HYBRID_GRAPHS", "1" if graphs else "0")
+    cfg = EngineConfig(device="cuda", dtype=torch.float32, context_length=256, block_size=16,
+                       max_num_seqs=4, max_num_batched_tokens=128, num_kv_blocks=64)
+    ckpt = load_checkpoint(path, keep_int4=keep_codes,
+                           **({"device": "cuda"} if device_read else {}))
+    model = build_model(ckpt, cfg)
+    layers = sum(isinstance(m, CudaMoEExperts) for m in model.modules())
+    assert layers == (3 if keep_codes else 0)
+    engine = torch_engine(model, ckpt.args, ckpt.tokenizer, cfg)
+    for i, n in enumerate((40, 9, 1)):
+        engine.add_request(f"r{i}", prompt(n, VOCAB, seed=i), SamplingParams(
+            max_tokens=12, temperature=0.0, ignore_eos=True))
+    out: dict[str, list[int]] = {}
+    while engine.has_work():
+        for d in engine.step():
+            out.setdefault(d.request_id, []).extend(d.token_ids)
+    return out, engine
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["gguf", "hf"])
+def test_gpt_oss_on_codes_with_graphs_gives_the_dequantised_greedy_tokens(root, kind, monkeypatch):
+    """float32 on the GPU: the MXFP4 experts on the fused kernels under the hybrid decode graphs
+    against the same file dequantised on load (the torch expert loop, eager)."""
+    path = tiny(root, kind)
+    want, _ = gpu_tokens(path, False, False, monkeypatch)
+    got, engine = gpu_tokens(path, True, True, monkeypatch, device_read=kind == "gguf")
+    graphs = engine.runner.hybrid_graphs
+    assert graphs is not None, "the hybrid decode graphs were not captured (see the log)"
+    assert graphs.replays > 0
+    assert got == want
