@@ -67,7 +67,7 @@ MATMUL = Tiles(16, 32, 2, 4, 3)
 DEQUANT = Tiles(1, 16, 8, 4, 1)
 ROUTE_BUCKETS = (1, 2, 4, 8, 16)  # row counts up to which prepare times a small-row kernel
 GEMM_BUCKETS = (32, 256, 2048)  # past 16 rows: timed at these (the last for any more rows)
-SKINNY_MAX_ROWS = 16  # the skinny kernel pads x to 16 rows
+SKINNY_MAX_ROWS = 32  # the skinny kernel pads x to 16 rows (to 32 past 16)
 
 
 @dataclass(frozen=True)
@@ -148,20 +148,23 @@ def skinny_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.
 
 
 def skinny(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, cfg: Skinny) -> torch.Tensor:
-    """x [M ≤ 16, K] @ w.T by the tensor-core ``skinny`` kernel."""
+    """x [M ≤ 32, K] @ w.T by the tensor-core ``skinny`` kernel: rows padded to 16, or to 32
+    past 16 (then at most 4 K-splits: the split-K workspace holds 128 rows of partials)."""
     m, k = x.shape
     n = packed.shape[0]
     if m > SKINNY_MAX_ROWS or not cfg.fits(k) or cfg.split_k > 8:
         raise ValueError(f"skinny: {m} rows, K={k} with {cfg}")
+    block_m = 16 if m <= 16 else 32
+    split = min(cfg.split_k, 128 // block_m)  # a power of two: still divides K's groups
     if cfg.block_n < 16:
         raise ValueError("skinny: BLOCK_N of at least 16 (the MMA and the counters)")
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     ws, cnt = skinny_workspace(x.device, n)
-    grid = (triton_cdiv(n, cfg.block_n), cfg.split_k)
+    grid = (triton_cdiv(n, cfg.block_n), split)
     _kernels().skinny[grid](x, packed, so, y, ws, cnt, m, n, k, k // GROUP, x.stride(0),
                             y.stride(0), packed.stride(0), BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g,
-                            SPLIT_K=cfg.split_k, SYM=symmetric(so), num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages,
+                            SPLIT_K=split, SYM=symmetric(so), BLOCK_M=block_m,
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return y
 

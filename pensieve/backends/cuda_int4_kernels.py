@@ -143,10 +143,10 @@ def dequantize(W, SO, OUT, N, K, GROUPS, BLOCK_N: tl.constexpr, BLOCK_G: tl.cons
 @triton.jit
 def skinny(X, W, SO, Y, WS, CNT, M, N, K, GROUPS, stride_x, stride_y, stride_w,
            BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr,
-           SYM: tl.constexpr = False):
-    """y = x @ w.T for up to 16 rows of x on the tensor cores, the weight as the left operand
-    ("swap AB": the product is computed as w @ x.T, [BLOCK_N, 16]), x's rows padded to 16
-    (masked loads).
+           SYM: tl.constexpr = False, BLOCK_M: tl.constexpr = 16):
+    """y = x @ w.T for up to BLOCK_M (16 or 32) rows of x on the tensor cores, the weight as the
+    left operand ("swap AB": the product is computed as w @ x.T, [BLOCK_N, BLOCK_M]), x's rows
+    padded to BLOCK_M (masked loads): the weight is read and dequantised once for all rows.
 
     Grid (cdiv(N, BLOCK_N), SPLIT_K): program (n, s) reads groups [s·G/SPLIT_K, (s+1)·G/SPLIT_K)
     of its rows, BLOCK_G groups (32·BLOCK_G columns) a step. The codes dequantise to float16
@@ -165,7 +165,7 @@ def skinny(X, W, SO, Y, WS, CNT, M, N, K, GROUPS, stride_x, stride_y, stride_w,
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     n_safe = tl.where(nmask, n, 0).to(tl.int64)
-    m = tl.arange(0, 16)
+    m = tl.arange(0, BLOCK_M)
     mmask = m < M
     m_safe = tl.where(mmask, m, 0)
     gi = tl.arange(0, BLOCK_G)
@@ -179,7 +179,7 @@ def skinny(X, W, SO, Y, WS, CNT, M, N, K, GROUPS, stride_x, stride_y, stride_w,
     so_ptrs = SO + n_safe[:, None] * GROUPS + g_start + gi[None, :]
     k_lo = tl.reshape(gi[:, None] * 32 + i[None, :], [BLOCK_G * 16])
     x_ptrs = X + m_safe[None, :] * stride_x + g_start * 32 + k_lo[:, None]
-    acc = tl.zeros([BLOCK_N, 16], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for _ in range(0, g_per, BLOCK_G):
         b = tl.load(w_ptrs).to(tl.int16)
         so = tl.load(so_ptrs)
@@ -204,13 +204,14 @@ def skinny(X, W, SO, Y, WS, CNT, M, N, K, GROUPS, stride_x, stride_y, stride_w,
         tl.store(out, acc.to(Y.dtype.element_ty), mask=omask)
     else:
         ws = WS + m[None, :] * N + n_safe[:, None]
-        tl.store(ws + pid_k * 16 * N, acc, mask=omask)
+        tl.store(ws + pid_k * BLOCK_M * N, acc, mask=omask)  # SPLIT_K·BLOCK_M ≤ 128 rows of WS
         tl.debug_barrier()  # all of this program's partial stored before the release below
         done = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
         if done == SPLIT_K - 1:
-            total = tl.zeros([BLOCK_N, 16], tl.float32)
+            total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             for s_ in range(SPLIT_K):  # fixed order; .cg: from L2, never a stale L1 line
-                total += tl.load(ws + s_ * 16 * N, mask=omask, other=0.0, cache_modifier=".cg")
+                total += tl.load(ws + s_ * BLOCK_M * N, mask=omask, other=0.0,
+                                 cache_modifier=".cg")
             tl.store(out, total.to(Y.dtype.element_ty), mask=omask)
             tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")
 

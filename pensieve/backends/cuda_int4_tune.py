@@ -7,7 +7,7 @@ layers of the shape back to back, as a decode step runs them:
 * 1 and 2 rows: ``gemv_words`` (its tiles timed at 1 row) against the older ``gemv``;
 * 1-4 rows: ``gemv_split`` too (``cuda_int4_gemv.candidates()`` timed at 1 row, the fastest
   then against the others at 1, 2 and 4 rows);
-* 2-16 rows: ``skinny`` (its tiles timed at 8 rows);
+* 2-32 rows: ``skinny`` (its tiles timed at 8 rows; past 16 rows it pads to 32);
 * 32, 256 and 2048 rows (and beyond): the dequantising ``gemm``'s tiles, and at 2048 rows the
   weight dequantised into a temporary + cuBLAS (nothing kept);
 * with ``keep_dense`` (opt-in, ``--keep-dense-weights``): tinygemm and cuBLAS on dense copies too,
@@ -29,8 +29,8 @@ from torch import nn
 
 from pensieve.backends import cuda_int4_gemv, cuda_int4_plan_cache, tinygemm
 from pensieve.backends.cuda_int4 import (
-    GEMM_BUCKETS, GEMM_CANDIDATES, ROUTE_BUCKETS, SKINNY_CANDIDATES, WORDS_CANDIDATES,
-    CudaInt4Linear, Plan, Skinny, default_plan, dequantize, gemm, gemv, gemv_words,
+    GEMM_BUCKETS, GEMM_CANDIDATES, ROUTE_BUCKETS, SKINNY_CANDIDATES, SKINNY_MAX_ROWS,
+    WORDS_CANDIDATES, CudaInt4Linear, Plan, Skinny, default_plan, dequantize, gemm, gemv, gemv_words,
     scales_offsets, skinny, skinny_workspace, unpack_codes,
 )
 
@@ -194,6 +194,8 @@ def plan_shape(sample: list[CudaInt4Linear], dtype: torch.dtype,
         if tiles is not None:
             plan.gemm[rows] = next(c for c in GEMM_CANDIDATES[rows] if str(c) == tiles)
             runs["gemm"] = lambda m, x=x, c=plan.gemm[rows]: gemm(x, m.packed, m.scale_offset, c)
+        if rows <= SKINNY_MAX_ROWS and plan.skinny is not None:  # 17-32 rows: read the codes once
+            runs["skinny"] = lambda m, x=x: skinny(x, m.packed, m.scale_offset, plan.skinny)
         if rows == GEMM_BUCKETS[-1]:
             runs["dequant"] = lambda m, x=x: F.linear(x, dequantize(m.packed, m.scale_offset,
                                                                      x.dtype))

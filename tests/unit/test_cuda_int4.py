@@ -104,8 +104,9 @@ def interpreter_check(k: int) -> None:
     groups, weight = _groups(Q.Q4_1, 40, 256, seed=4)
     packed = pack_codes(groups.codes)
     so = pack_scale_offset(groups.scales, groups.offsets)
-    for cfg in (cuda_int4.Skinny(16, 4, 1, 4, 1), cuda_int4.Skinny(32, 4, 2, 4, 1)):
-        for rows in (1, 5):
+    for cfg in (cuda_int4.Skinny(16, 4, 1, 4, 1), cuda_int4.Skinny(32, 4, 2, 4, 1),
+                cuda_int4.Skinny(16, 1, 8, 4, 1)):  # 8 splits: 4 past 16 rows (the workspace)
+        for rows in (1, 5, 17, 32):
             k = 256
             x = torch.randn(rows, k)
             ref = x.double() @ weight.double().T
@@ -152,22 +153,22 @@ def test_skinny_configs_fit_the_8b_shapes():
         assert any(c.fits(k) for c in cuda_int4.SKINNY_CANDIDATES)
         assert all(c.split_k <= 8 for c in cuda_int4.SKINNY_SWEEP)
     assert not cuda_int4.Skinny(64, 8, 8, 4, 3).fits(32 * 96)  # 96 groups: not a multiple of 64
-    # rows past 16 are not the kernel's
+    # rows past 32 are not the kernel's
     with pytest.raises(ValueError):
-        cuda_int4.skinny(torch.zeros(17, 64), torch.zeros(4, 32, dtype=torch.uint8),
+        cuda_int4.skinny(torch.zeros(33, 64), torch.zeros(4, 32, dtype=torch.uint8),
                          torch.zeros(4, 2, dtype=torch.int32), cuda_int4.Skinny(64, 2, 1, 4, 3))
 
 
 @needs_cuda
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (96, 4096)])
 def test_skinny_against_float64_and_in_a_graph(n, k):
-    """The tensor-core skinny kernel, every sweep config that fits, 1-16 rows, bf16 x,
+    """The tensor-core skinny kernel, every sweep config that fits, 2-32 rows, bf16 x,
     twice in a row (split-K counters reset) and replayed from a CUDA graph."""
     gen = torch.Generator().manual_seed(n + k)
     _, _, _, packed, so, weight = _random_cuda_weight(n, k, gen)
     cfgs = [c for c in cuda_int4.SKINNY_SWEEP
             if c.fits(k) and c.num_stages == 3 and c.num_warps == 4]
-    for rows in (2, 8, 16):
+    for rows in (2, 8, 16, 24, 32):
         x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
         ref = x.double() @ weight.T
         xc = x.cuda()
@@ -247,3 +248,20 @@ def test_tiny_int4_model_on_cuda_matches_cpu(graphs, dense, force):
     assert same >= 0.8 * sum(len(t) for t in cpu_tokens.values())  # bf16 vs float32 ties
     if graphs:
         assert gpu.runner.graphs.replays > 0
+
+
+def test_skinny_compiles_for_the_h100_at_16_and_32_rows():
+    """Every start-time skinny candidate, rows padded to 16 and to 32 (the workspace's 4 splits
+    at most there), built for sm_90 here: the 32-row tile's registers and shared memory."""
+    from pensieve.backends import cuda_int4_kernels as kernels
+    from tests.helpers.triton_compile import compile_for
+
+    types = {"X": "*bf16", "W": "*u8", "SO": "*i32", "Y": "*bf16", "WS": "*fp32", "CNT": "*i32",
+             "M": "i32", "N": "i32", "K": "i32", "GROUPS": "i32", "stride_x": "i32",
+             "stride_y": "i32", "stride_w": "i32"}
+    for cfg in cuda_int4.SKINNY_CANDIDATES:
+        for block_m in (16, 32):
+            consts = {"BLOCK_N": cfg.block_n, "BLOCK_G": cfg.block_g, "BLOCK_M": block_m,
+                      "SPLIT_K": min(cfg.split_k, 128 // block_m), "SYM": False}
+            assert compile_for(kernels.skinny, types, consts, cfg.num_warps,
+                               cfg.num_stages) is not None, (cfg, block_m)
