@@ -267,6 +267,7 @@ class H2H:
         self.metrics: dict[tuple[str, str], Metric] = {}
 
     def start(self) -> float:
+        port_taken(self.spec.url)
         log = open(self.logdir / f"{self.spec.name}.log", "ab")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.spec.cmd, stdout=log, stderr=subprocess.STDOUT,
@@ -297,6 +298,9 @@ class H2H:
         deadline = time.perf_counter() + timeout
         try:
             while time.perf_counter() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    # e.g. its port taken: another server answered the readiness probe
+                    return f"exited with code {self.proc.returncode} (see {path})"
                 text = path.read_bytes()[before:].decode(errors="replace")
                 if "weights mapped from" in text:
                     return "packed weights mapped"
@@ -312,6 +316,20 @@ class H2H:
     def add(self, name: str, unit: str, v: float | None) -> None:
         if v is not None:
             self.metrics.setdefault((name, unit), Metric(name, unit)).values.append(float(v))
+
+
+def port_taken(url: str) -> None:
+    """Raise if something already listens on ``url``'s port (another run's server would answer
+    this one's readiness probes)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=0.5).close()
+    except OSError:
+        return
+    raise RuntimeError(f"{url}: the port is taken (another benchmark's server?): pass other ports")
 
 
 def _prompt(words: int, n: str) -> str:

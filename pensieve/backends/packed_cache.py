@@ -211,13 +211,18 @@ def drop_lookup_pages(model: nn.Module, packed: Packed) -> bool:
     if packed.embedding is None or not isinstance(embed, nn.Module):
         return False
     table = packed.embedding.addresses
-    inside = {t.data_ptr() for t in embed.buffers()}
-    outside = {t.data_ptr() for n, t in model.named_buffers(remove_duplicate=False)
-               if not n.startswith("model.embed_tokens.")}
-    outside |= {t.data_ptr() for n, t in model.named_parameters(remove_duplicate=False)
-                if not n.startswith("model.embed_tokens.")}
-    if not table or not table <= inside or table & outside:
+    if not table or not table <= {t.data_ptr() for t in embed.buffers()}:
         return False
+    base = torch.frombuffer(packed.embedding.buf, dtype=torch.uint8, count=1).data_ptr()
+    spans = [(base + start, base + start + length) for start, length in packed.embedding.spans]
+    others = [t for n, t in [*model.named_buffers(remove_duplicate=False),
+                             *model.named_parameters(remove_duplicate=False)]
+              if not n.startswith("model.embed_tokens.")]
+    for t in others:  # any other module's tensor on those pages (a view included): leave them
+        lo = t.data_ptr()
+        hi = lo + t.numel() * t.element_size()
+        if any(lo < b and a < hi for a, b in spans):
+            return False
     embed.register_forward_hook(lambda *_: packed.embedding.drop())
     return True
 
