@@ -27,16 +27,15 @@ MXFP4 experts arrive as int8 codes with a float16 power of two per 32 (``loaders
 ~1.06 bytes a weight.
 
 Nothing syncs with the host and every launch's grid is fixed by the number of picks, so the
-decode CUDA graphs capture the layer (``swap_in_experts`` turns on ``FastPaths.cuda_graphs``
-where the family's paged kernels allow; the hybrid decode graphs capture it too). Off CUDA the
-module dequantises (the reference). Importing this module needs neither a GPU nor Triton.
+decode CUDA graphs capture the layer (``cuda_moe_swap.swap_in_experts`` puts it in a model and
+turns on ``FastPaths.cuda_graphs`` where the family's paged kernels allow; the hybrid decode
+graphs capture it too). Off CUDA the module dequantises (the reference). Importing this module
+needs neither a GPU nor Triton.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -51,7 +50,6 @@ from pensieve.backends.cuda_q6k import takes as q6k_takes
 from pensieve.loaders.int4_codes import Int8Groups
 from pensieve.models.quant_linear import Int4Groups
 
-log = logging.getLogger(__name__)
 
 Codes = Int4Groups | Int8Groups
 Glu = tuple[float, float] | None  # gpt-oss's clamped SwiGLU (alpha, limit); None: SiLU·up
@@ -374,78 +372,3 @@ def reference_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
         y = F.linear(swiglu(g, u, glu), down[e].to(x.dtype), cast(down_bias, e))
         out.index_add_(0, tok, y * weights[tok, pick, None])
     return out
-
-
-EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
-Experts3 = tuple[Codes, Codes, Codes]  # one layer's gate, up, down codes ([E·rows, K] views)
-
-
-def takes(gate: Codes, up: Codes, down: Codes) -> bool:
-    """Whether ``CudaMoEExperts`` takes a layer's three projections."""
-    fg = fmt(gate)
-    return fg is not None and fg == fmt(up) and gate.shape == up.shape and fmt(down) is not None
-
-
-def take_expert_codes(int4: dict[str, object]) -> dict[str, Experts3]:
-    """Take the stacked expert codes (``loaders.int4_codes.ExpertCodes``) of each layer whose
-    three projections the kernels take out of a checkpoint's kept codes (``int4``, changed in
-    place): ``Experts`` module path → (gate, up, down). The rest stay for ``plan_experts``."""
-    from pensieve.loaders.int4_codes import ExpertCodes
-
-    out: dict[str, Experts3] = {}
-    for name in [n for n in int4 if n.endswith(".experts.gate_proj.weight")]:
-        path = name[: -len(".gate_proj.weight")]
-        keys = [f"{path}.{p}.weight" for p in EXPERT_PARTS]
-        parts = [int4.get(k) for k in keys]
-        if all(isinstance(c, ExpertCodes) for c in parts) and takes(*(c.groups for c in parts)):
-            out[path] = tuple(int4.pop(k).groups for k in keys)
-    return out
-
-
-def expert_state_names(experts: Mapping[str, Experts3]) -> set[str]:
-    """The float parameters ``swap_in_experts`` stands in for (not loaded: no error)."""
-    return {f"{path}.{p}.weight" for path in experts for p in ("gate_up_proj", "down_proj")}
-
-
-def _cuda_experts(old: nn.Module, path: str, codes: Experts3, num_experts: int
-                  ) -> CudaMoEExperts:
-    """``CudaMoEExperts`` standing in for ``old`` (``models.moe.Experts``, or gpt-oss's
-    ``ClampedSwiGLUExperts`` with its loaded biases and clamp)."""
-    from pensieve.models.gpt_oss import ClampedSwiGLUExperts
-    from pensieve.models.moe import Experts
-
-    if type(old) is Experts:
-        return CudaMoEExperts(*codes, num_experts)
-    if type(old) is ClampedSwiGLUExperts:
-        return CudaMoEExperts(*codes, num_experts, gate_up_bias=old.gate_up_proj.bias,
-                              down_bias=old.down_proj.bias, glu=(old.alpha, old.limit))
-    raise TypeError(f"{path} is {type(old).__name__}: its codes have no CUDA layer")
-
-
-def swap_in_experts(model: nn.Module, experts: Mapping[str, Experts3], num_experts: int, *,
-                    consume: bool = False) -> int:
-    """Replace each named ``models.moe.Experts`` (or gpt-oss ``ClampedSwiGLUExperts``) module
-    by ``CudaMoEExperts`` over its codes (``take_expert_codes``' choice); where no torch expert
-    loop is left, the model's CUDA graphs are allowed (no host sync remains in its MLPs) as far
-    as its paged kernels are. ``consume``: each layer's codes are taken out of ``experts`` (a
-    dict) once its module is built."""
-    from pensieve.models.gpt_oss import ClampedSwiGLUExperts
-    from pensieve.models.moe import Experts
-
-    count = len(experts)
-    for path in list(experts):
-        codes = experts.pop(path) if consume else experts[path]  # type: ignore[attr-defined]
-        parent, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent), attr,
-                _cuda_experts(model.get_submodule(path), path, codes, num_experts))
-        del codes
-    if not count:
-        return 0
-    fast = getattr(model, "fast_paths", None)
-    left = sum(isinstance(m, (Experts, ClampedSwiGLUExperts)) for m in model.modules())
-    if not left and fast is not None and fast.paged_kernels:
-        model.fast_paths = replace(fast, cuda_graphs=True)
-    first = next(m for m in model.modules() if isinstance(m, CudaMoEExperts))
-    log.info("MoE experts as codes on CUDA: %d layers (%s)%s", count, first.extra_repr(),
-             f"; {left} layers dequantised" if left else "")
-    return count

@@ -20,7 +20,7 @@ from pensieve.models.llama import family_of
 from pensieve.backends import cuda_q6k_tune, cuda_tables
 from pensieve.backends.cuda_int4 import prepare_for_cuda
 from pensieve.backends.cuda_layers import fuse_cuda_layers
-from pensieve.backends.cuda_moe import (
+from pensieve.backends.cuda_moe_swap import (
     Experts3, expert_state_names, swap_in_experts, take_expert_codes,
 )
 from pensieve.backends.quantize import (
