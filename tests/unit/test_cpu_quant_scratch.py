@@ -24,7 +24,7 @@ def test_released_scratch_leaves_rss_and_the_next_call_is_the_same(fused):
     from pensieve.backends.cpu_quant.mlp import Q4MLP
 
     # scratch: 800 × 3 × 4096 floats = 39 MB; with gate/up and SiLU fused (the VNNI GEMM,
-    # swiglu_gemm_source.py) 800 × 4096 floats = 13 MB, and 6.5 MB of int16 activations
+    # swiglu_gemm_source.py) only the down projection's int16 input: 800 × 4096 × 2 B = 6.5 MB
     hidden, inner, rows = 64, 4096, 800
     before = KERNELS.lib.pq_set_swiglu(-1)
     KERNELS.lib.pq_set_swiglu(fused)
@@ -40,7 +40,7 @@ def test_released_scratch_leaves_rss_and_the_next_call_is_the_same(fused):
     if not fused or KERNELS.isa != "avx512_vnni":  # the unfused two steps: the 39 MB buffer
         assert freed > 30_000, f"released only {freed} KiB"  # not kept resident
     else:
-        assert freed > 15_000, f"released only {freed} KiB"
+        assert freed > 6_000, f"released only {freed} KiB"
     assert torch.equal(mlp(x), first)  # allocated again on the next call: the same numbers
     KERNELS.lib.pq_release_scratch()
     KERNELS.lib.pq_release_scratch()  # twice in a row: nothing left to free, no double free

@@ -493,10 +493,8 @@ void pqx_linear(const float* x, int64_t M, const Proj* p, float* y, int threads,
 // y[M, H] = down(silu(gate) * up), [gate | up] = x @ gate_up.T, each projection in any format.
 void pqx_mlp(const float* x, int64_t M, const Proj* gu, const Proj* down, float* y, int threads) {
   const int64_t I = down->K;
-  if (swiglu_applies(M, *gu)) {  // prefill: gate/up and SiLU in one pass, no [M, 2I] scratch
-    mlp_scratch.resize(M * I);
-    swiglu_gemm(x, M, *gu, mlp_scratch.data(), threads);
-    proj_linear(mlp_scratch.data(), M, *down, y, threads);
+  if (swiglu_applies(M, *gu, *down)) {  // prefill: gate/up, SiLU·up and its quantising in one
+    swiglu_mlp(x, M, *gu, *down, y, threads);  // pass; no [M, 2I] or [M, I] float scratch
     return;
   }
   mlp_scratch.resize(M * 3 * I);

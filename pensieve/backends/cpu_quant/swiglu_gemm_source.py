@@ -23,45 +23,74 @@ SWIGLU_GEMM_SOURCE = r"""
 
 int g_swiglu = 1;  // 0: pqx_mlp runs gate/up and SiLU as two steps everywhere (benches)
 
-// a[M, I] = silu_mul(gate, up) of [gate | up] = x @ (Wg | Wu).T: panels of 16 gate + 16 up rows.
+thread_local Panel panel_buf2;  // the second panel of a pair
+
+// The rows [m, m + R) of both panels of a pair: 32 consecutive outputs of silu_mul(gate, up),
+// each row's 32 then quantised as quantise_rows would quantise them (one block).
+template <int R, int F>
+VNNI_TARGET inline void swiglu_rows(const TileArgs& ta, const TileArgs& tb, bool min, int64_t m,
+                                    const float* ba, const float* bb, Quantised& out, int64_t I,
+                                    int64_t p0) {
+  alignas(64) float t[8 * 32];
+  if constexpr (R == 8) {
+    if (min) {
+      gemm_tile_vnni8r<true, scales_per_block(F), true>(ta, m, ba, t, 32, 16);
+      gemm_tile_vnni8r<true, scales_per_block(F), true>(tb, m, bb, t + 16, 32, 16);
+    } else {
+      gemm_tile_vnni8r<false, scales_per_block(F), true>(ta, m, ba, t, 32, 16);
+      gemm_tile_vnni8r<false, scales_per_block(F), true>(tb, m, bb, t + 16, 32, 16);
+    }
+  } else {
+    gemm_tile_vnni_for<R, F, true>(ta, min, m, ba, t, 32, 16);
+    gemm_tile_vnni_for<R, F, true>(tb, min, m, bb, t + 16, 32, 16);
+  }
+  const int64_t G = I / QK, g = p0 / QK;
+  for (int r = 0; r < R; ++r)
+    quantize_row(t + r * 32, 32, out.q + (m + r) * I + p0, out.d + (m + r) * G + g,
+                 out.s + (m + r) * G + g);
+}
+
+// out = the down projection's input, quantised: silu_mul(gate, up) of [gate | up] = x @ (Wg |
+// Wu).T, never stored as floats. A thread takes outputs 32 at a time as two panels of 16 gate
+// + the same 16 up rows: one quantisation block per row and pair.
 template <int F>
-void swiglu_vnni(const float* x, int64_t M, const Weights& Wg, const Weights& Wu, float* a,
-                 int threads) {
+void swiglu_vnni(const float* x, int64_t M, const Weights& Wg, const Weights& Wu,
+                 Quantised& out, int threads) {
   const Quantised& xq = quantise_rows(x, M, Wg.K, threads);
   const int64_t I = Wg.N, K = Wg.K;
   const bool min = Wg.mins != nullptr;
   over_rows(I, threads, [&](int64_t n0, int64_t n1) {
-    Panel& P = panel_buf;
+    Panel &P = panel_buf, &P2 = panel_buf2;
     P.reserve(K / QK);
-    alignas(64) float bias[GNRV];
+    P2.reserve(K / QK);
+    alignas(64) float bias[2][GNRV];
     alignas(64) float facc[8 * GNRV];
-    const TileArgs t{xq.q, xq.d, xq.s, P.w, P.sc, P.mn, facc, K};
-    for (int64_t p0 = n0; p0 < n1; p0 += 16) {
+    const TileArgs ta{xq.q, xq.d, xq.s, P.w, P.sc, P.mn, facc, K};
+    const TileArgs tb{xq.q, xq.d, xq.s, P2.w, P2.sc, P2.mn, facc, K};
+    for (int64_t p0 = n0; p0 < n1; p0 += 32) {  // n0, n1 and I are multiples of 32
       pack_panel_2<F>(Wg, p0, n1, Wu, p0, n1, P);
-      const int cols = (int)(n1 - p0 < 16 ? n1 - p0 : 16);
-      const float* b = nullptr;
+      pack_panel_2<F>(Wg, p0 + 16, n1, Wu, p0 + 16, n1, P2);
+      const float *ba = nullptr, *bb = nullptr;
       if (Wg.bias || Wu.bias) {
-        for (int i = 0; i < 16; ++i) {
-          bias[i] = Wg.bias && i < cols ? Wg.bias[p0 + i] : 0.0f;
-          bias[16 + i] = Wu.bias && i < cols ? Wu.bias[p0 + i] : 0.0f;
-        }
-        b = bias;
+        for (int h = 0; h < 2; ++h)
+          for (int i = 0; i < 16; ++i) {
+            bias[h][i] = Wg.bias ? Wg.bias[p0 + 16 * h + i] : 0.0f;
+            bias[h][16 + i] = Wu.bias ? Wu.bias[p0 + 16 * h + i] : 0.0f;
+          }
+        ba = bias[0];
+        bb = bias[1];
       }
-      float* y = a + p0;
       int64_t m = 0;
-      for (; m + 8 <= M; m += 8) {
-        if (min) gemm_tile_vnni8r<true, scales_per_block(F), true>(t, m, b, y + m * I, I, cols);
-        else gemm_tile_vnni8r<false, scales_per_block(F), true>(t, m, b, y + m * I, I, cols);
-      }
-      for (; m + GMR <= M; m += GMR) gemm_tile_vnni_for<GMR, F, true>(t, min, m, b, y + m * I, I, cols);
+      for (; m + 8 <= M; m += 8) swiglu_rows<8, F>(ta, tb, min, m, ba, bb, out, I, p0);
+      for (; m + GMR <= M; m += GMR) swiglu_rows<GMR, F>(ta, tb, min, m, ba, bb, out, I, p0);
       switch (M - m) {
-        case 3: gemm_tile_vnni_for<3, F, true>(t, min, m, b, y + m * I, I, cols); break;
-        case 2: gemm_tile_vnni_for<2, F, true>(t, min, m, b, y + m * I, I, cols); break;
-        case 1: gemm_tile_vnni_for<1, F, true>(t, min, m, b, y + m * I, I, cols); break;
+        case 3: swiglu_rows<3, F>(ta, tb, min, m, ba, bb, out, I, p0); break;
+        case 2: swiglu_rows<2, F>(ta, tb, min, m, ba, bb, out, I, p0); break;
+        case 1: swiglu_rows<1, F>(ta, tb, min, m, ba, bb, out, I, p0); break;
         default: break;
       }
     }
-  }, 16);
+  }, 32);
 }
 
 // The gate and up halves of a [gate | up] projection as two Weights of one format, or false
@@ -88,25 +117,47 @@ bool swiglu_halves(const Proj& gu, Weights& Wg, Weights& Wu, int64_t& fmt) {
   return true;
 }
 
-// Whether pqx_mlp's gate/up step for M rows runs fused (swiglu_gemm): where the unfused step
-// would take the VNNI panel GEMM on int16 activations.
-bool swiglu_applies(int64_t M, const Proj& gu) {
-  Weights Wg{}, Wu{};
-  int64_t fmt = 0;
-  const int64_t K = gu.K;
-  return g_swiglu && g_vnni && !g_act8 && (gu.N / 2) % 16 == 0 && M >= GEMM_FROM &&
-         (K <= 1024 || M >= 2 * GEMM_FROM) && swiglu_halves(gu, Wg, Wu, fmt);
+// Whether the panel GEMM (not the row tiles) takes M rows at depth K, as linear picks.
+inline bool takes_gemm(int64_t M, int64_t K) {
+  return M >= GEMM_FROM && (K <= 1024 || M >= 2 * GEMM_FROM);
 }
 
-// a[M, I] = silu(gate) * up, [gate | up] = x @ gu.T; only where swiglu_applies.
-void swiglu_gemm(const float* x, int64_t M, const Proj& gu, float* a, int threads) {
+// Whether pqx_mlp runs fused (swiglu_mlp) for M rows: where both unfused steps would take the
+// VNNI panel GEMM on int16 activations, and gate and up share a format.
+bool swiglu_applies(int64_t M, const Proj& gu, const Proj& down) {
+  Weights Wg{}, Wu{};
+  int64_t fmt = 0;
+  return g_swiglu && g_vnni && !g_act8 && down.K == gu.N / 2 && down.K % 32 == 0 &&
+         takes_gemm(M, gu.K) && takes_gemm(M, down.K) && swiglu_halves(gu, Wg, Wu, fmt);
+}
+
+// y[M, H] = down(silu(gate) * up), [gate | up] = x @ gu.T; only where swiglu_applies. The
+// down projection's input exists only quantised, in mlp_scratch (handed back after a prefill).
+void swiglu_mlp(const float* x, int64_t M, const Proj& gu, const Proj& down, float* y,
+                int threads) {
   Weights Wg{}, Wu{};
   int64_t fmt = 0;
   swiglu_halves(gu, Wg, Wu, fmt);
+  const int64_t I = down.K, G = I / QK;
+  mlp_scratch.resize((M * I + 1) / 2 + 2 * M * G + 16);
+  Quantised a;  // a view of mlp_scratch (cap 0: never reserved or freed)
+  a.q = (int16_t*)mlp_scratch.data();
+  a.d = mlp_scratch.data() + (M * I + 1) / 2;
+  a.s = a.d + M * G;
   if (fmt == F_Q4) swiglu_vnni<F_Q4>(x, M, Wg, Wu, a, threads);
   else if (fmt == F_Q8) swiglu_vnni<F_Q8>(x, M, Wg, Wu, a, threads);
   else if (fmt == F_Q6) swiglu_vnni<F_Q6>(x, M, Wg, Wu, a, threads);
   else swiglu_vnni<F_Q8G16>(x, M, Wg, Wu, a, threads);
+  int64_t row = 0;
+  for (int64_t i = 0; i < down.n_parts; ++i) {  // proj_linear's loop, on the quantised input
+    const Part& q = down.part[i];
+    const Weights W{q.codes, q.scales, q.mins, q.bias, I, q.rows, down.N};
+    if (q.fmt == F_Q4) gemm_vnni_q<F_Q4>(a, M, W, y + row, threads);
+    else if (q.fmt == F_Q8) gemm_vnni_q<F_Q8>(a, M, W, y + row, threads);
+    else if (q.fmt == F_Q6) gemm_vnni_q<F_Q6>(a, M, W, y + row, threads);
+    else gemm_vnni_q<F_Q8G16>(a, M, W, y + row, threads);
+    row += q.rows;
+  }
 }
 
 }  // namespace

@@ -246,9 +246,9 @@ VNNI_TARGET void gemm_tile_vnni8r(const TileArgs& a, int64_t m0, const float* bi
                       y + r * ldy, cols);
 }
 
+// y = xq @ W.T on activations already quantised (the fused SwiGLU hands its output so).
 template <int F>
-void gemm_vnni(const float* x, int64_t M, const Weights& W, float* y, int threads) {
-  const Quantised& xq = quantise_rows(x, M, W.K, threads);
+void gemm_vnni_q(const Quantised& xq, int64_t M, const Weights& W, float* y, int threads) {
   const int64_t N = W.ld(), K = W.K;
   const bool min = W.mins != nullptr;
   over_rows(W.N, threads, [&](int64_t n0, int64_t n1) {
@@ -281,6 +281,11 @@ void gemm_vnni(const float* x, int64_t M, const Weights& W, float* y, int thread
       }
     }
   }, GNRV);
+}
+
+template <int F>
+void gemm_vnni(const float* x, int64_t M, const Weights& W, float* y, int threads) {
+  gemm_vnni_q<F>(quantise_rows(x, M, W.K, threads), M, W, y, threads);
 }
 
 """.replace("@BLOCK16@", _block_sums8(16)).replace("@BLOCK8@", _block_sums8(8)) + VNNI8_GEMM_SOURCE + r"""
