@@ -1,21 +1,26 @@
-"""The C++ of the fused SwiGLU prefill GEMM (spliced into ``source.KERNEL_SOURCE`` after the
-SwiGLU helpers, before the entry points): ``a = silu(gate) · up`` with ``[gate | up] = x @
-gate_up.T`` in one pass of the AVX-512 VNNI panel GEMM.
+"""The C++ of the fused SwiGLU prefill MLP (spliced into ``source.KERNEL_SOURCE`` after the
+SwiGLU helpers, before the entry points): ``down(silu(gate) · up)`` with ``[gate | up] = x @
+gate_up.T`` where gate/up, SiLU·up and the quantising of the down projection's input are one
+pass of the AVX-512 VNNI panel GEMM.
 
 The unfused MLP writes ``[gate | up]`` ([M, 2I] floats: 37 MB for a 512-row chunk of
-Qwen2.5-1.5B) and reads it back for ``silu_rows``: two sweeps of memory per layer that the
-cores wait on. Here a panel holds 16 gate rows in lanes 0-15 and the same 16 outputs' up rows
-in lanes 16-31 (``pack_panel_2``), so a finished tile row has each output's gate and up side
-by side in registers and ``store_row<true>`` writes ``silu_mul`` of them straight into ``a``
-([M, I]); the [M, 2I] scratch is never touched.
+Qwen2.5-1.5B), reads it back for ``silu_rows`` into ``a`` ([M, I], 18 MB), and reads that
+again to quantise it for the down GEMM: three sweeps of memory per layer that the cores wait
+on. Here a panel holds 16 gate rows in lanes 0-15 and the same 16 outputs' up rows in lanes
+16-31 (``pack_panel_2``), so a finished tile row has each output's gate and up side by side
+in registers and ``store_row<true>`` applies ``silu_mul``; a thread takes its outputs as pairs
+of such panels, so each row's 32 consecutive results are one quantisation block, quantised in
+L1 by ``quantize_row`` straight into the down GEMM's int16 input (``gemm_vnni_q``). No float
+[M, 2I] or [M, I] scratch: the chunk's MLP scratch is the int16 input (9 MB at 512 rows).
 
 Numerics: the same int16 activations, the same int32 block sums, scaled and accumulated by
 the same float operations in the same order as the panel GEMM's, the bias added as it adds
-it, and ``silu_mul`` itself on the result: bitwise the unfused ``proj_linear`` + ``silu_rows``
-(``tests/unit/test_cpu_swiglu_gemm.py``). Taken where the unfused path would run the VNNI
-GEMM (``g_vnni``, not ``g_act8``, ``linear``'s row threshold), gate and up share one code
-format, and I is a multiple of 16; elsewhere ``swiglu_applies`` says no and ``pqx_mlp`` runs
-the two steps as before.
+it, the very ``silu_mul`` and ``quantize_row`` on the results: bitwise the unfused
+``proj_linear`` + ``silu_rows`` + ``proj_linear`` (``tests/unit/test_cpu_swiglu_gemm.py``).
+Taken where both unfused GEMMs would run on VNNI with int16 activations (``g_vnni``, not
+``g_act8``, ``linear``'s row thresholds), gate and up share one code format and I is a
+multiple of 32; elsewhere ``swiglu_applies`` says no and ``pqx_mlp`` runs the steps as before
+(``pq_set_swiglu(0)`` forces that, for benches and tests).
 """
 
 SWIGLU_GEMM_SOURCE = r"""
