@@ -86,28 +86,35 @@ def hf_blocks(blocks: torch.Tensor, scales: torch.Tensor, chunk: int = CHUNK) ->
 
 
 def int8_codes(qs: torch.Tensor, exponents: torch.Tensor, *, interleaved: bool,
-               name: str = "") -> tuple[torch.Tensor, torch.Tensor] | None:
+               name: str = "", chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor] | None:
     """qs [n, 16] code bytes and exponents [n] (E8M0) → (int8 codes [n, 32] in −12..12,
     float16 scales [n]) with code · scale = the block's value exactly (``_decode_into``'s
     doubled value and 2^(e − 128)); None (logged, with ``name``) where a block that is not
-    all zero has e − 128 outside [−24, 15]. Nibble order as ``_decode_into``'s."""
+    all zero has e − 128 outside [−24, 15]. Nibble order as ``_decode_into``'s; ``chunk``
+    blocks at a time (bounds the temporaries: the result's size is the only large one)."""
     n = qs.shape[0]
     table = torch.tensor(DOUBLED, dtype=torch.int8, device=qs.device)
-    lo, hi = table[(qs & 0x0F).long()], table[(qs >> 4).long()]
-    codes = torch.stack((lo, hi), dim=-1) if interleaved else torch.stack((lo, hi), dim=1)
-    codes = codes.reshape(n, BLOCK)
-    e = exponents.reshape(n).to(torch.int32)
-    zero = (codes == 0).all(dim=1)
+    codes = torch.empty(n, BLOCK, dtype=torch.int8, device=qs.device)
+    scales = torch.empty(n, dtype=torch.float16, device=qs.device)
     low, high = F16_EXPONENTS
-    bad = ~zero & ((e < low) | (e > high))
-    if bool(bad.any()):  # one host sync a tensor, at load
-        first = int(e[bad][0])
-        log.info("MXFP4 %s: %d blocks' scales 2^(e-128) (e.g. e = %d) are not float16 "
-                 "values; dequantised instead of kept as int8 codes", name or "tensor",
-                 int(bad.sum()), first)
-        return None
-    scale = torch.ldexp(torch.ones(n, device=qs.device), e.clamp(low, high) - 128)
-    return codes, torch.where(zero, 0.0, scale).to(torch.float16)
+    for at in range(0, n, chunk):
+        q, out = qs[at:at + chunk], codes[at:at + chunk]
+        m = q.shape[0]
+        lo = torch.index_select(table, 0, (q & 0x0F).reshape(-1).to(torch.int32)).view(m, 16)
+        hi = torch.index_select(table, 0, (q >> 4).reshape(-1).to(torch.int32)).view(m, 16)
+        torch.stack((lo, hi), dim=-1 if interleaved else 1, out=out.view(
+            (m, 16, 2) if interleaved else (m, 2, 16)))
+        e = exponents.reshape(n)[at:at + chunk].to(torch.int32)
+        zero = (out == 0).all(dim=1)
+        bad = ~zero & ((e < low) | (e > high))
+        if bool(bad.any()):  # one host sync a chunk, at load
+            log.info("MXFP4 %s: blocks' scales 2^(e-128) (e.g. e = %d) are not float16 values; "
+                     "dequantised instead of kept as int8 codes", name or "tensor",
+                     int(e[bad][0]))
+            return None
+        scale = torch.ldexp(torch.ones(m, device=qs.device), e.clamp(low, high) - 128)
+        scales[at:at + chunk] = torch.where(zero, 0.0, scale)
+    return codes, scales
 
 
 def ggml_int8(raw: torch.Tensor, rows: int, cols: int, name: str = ""

@@ -54,6 +54,8 @@ def test_ggml_and_hf_blocks_to_int8_codes_exactly():
     got = (codes.float().view(64, -1, 32) * scales.float()[..., None]).view(64, -1)
     assert torch.equal(got, want)
     assert scales[0, 0].item() == 2.0 ** -24 and scales[0, 1].item() == 2.0 ** 15
+    small = mxfp4.int8_codes(raw[:, 1:], raw[:, 0], interleaved=False, chunk=7)  # chunked
+    assert torch.equal(small[0], codes.view(-1, 32)) and torch.equal(small[1], scales.view(-1))
     # HF's layout: the same bytes read as [E, rows, G, 16] with byte i = weights 2i, 2i + 1
     blocks, exps = raw[:, 1:].reshape(4, 32, 32, 16), raw[:, 0].reshape(4, 32, 32)
     codes, scales = mxfp4.hf_int8(blocks, exps)
