@@ -20,6 +20,8 @@ tokens both routes are also forced (pick GEMV vs sort + grouped GEMM); ``--sweep
 tile sets of the route the default takes.
 
     python -m bench.gpu_moe_kernels --out "$OUT"   # prints a markdown table, writes JSON
+    python -m bench.gpu_moe_kernels --experts 32 --hidden 2880 --inner 2880 --top-k 4 \
+        --mixes mxfp4+mxfp4 --out "$OUT"   # gpt-oss-20b's experts (int8 codes; SiLU here)
 """
 
 from __future__ import annotations
@@ -43,10 +45,14 @@ from pensieve.loaders.int4_codes import quant_groups
 SCALES = {Q.Q4_K: (0, 2), Q.Q6_K: (208,), Q.Q8_0: (0,), Q.Q4_0: (0,)}
 
 
-def random_codes(qtype: Q, rows: int, cols: int, seed: int):
+def random_codes(qtype: Q, rows: int, cols: int, seed: int, experts: int = 1):
     block, size = GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    if qtype is Q.MXFP4:  # E8M0 exponents of |w| ~ 0.01-0.1; kept as 3-D experts only
+        raw[:, 0] = rng.integers(118, 123, size=raw.shape[0])
+        return quant_groups(torch.from_numpy(raw.reshape(-1)), qtype,
+                            (experts, rows // experts, cols)).groups
     for at in SCALES[qtype]:
         raw[:, at:at + 2] = rng.uniform(1e-4, 5e-4, size=(raw.shape[0], 1)).astype(
             np.float16).view(np.uint8)
@@ -150,8 +156,9 @@ def run(a: argparse.Namespace) -> list[dict]:
     results = []
     for mix in a.mixes.split(","):
         gu_t, dn_t = (Q[t.upper()] for t in mix.split("+"))
-        layer = CudaMoEExperts(random_codes(gu_t, e * i, h, 1), random_codes(gu_t, e * i, h, 2),
-                               random_codes(dn_t, e * h, i, 3), e).cuda()
+        layer = CudaMoEExperts(random_codes(gu_t, e * i, h, 1, e),
+                               random_codes(gu_t, e * i, h, 2, e),
+                               random_codes(dn_t, e * h, i, 3, e), e).cuda()
         code_bytes = sum(b.numel() * b.element_size() for b in layer.buffers()) / e
         gate_up, down = (t.cuda().to(torch.bfloat16) for t in layer.dequantize())
         has_gmm = hasattr(torch, "_grouped_mm")
