@@ -177,6 +177,14 @@ def _meta(st: Stack, glu: Glu = None) -> tuple[tuple, dict]:
              "SWIGLU": glu is not None, "ALPHA": float(alpha), "LIMIT": float(limit)})
 
 
+def _gemv_block_k(st: Stack, want: int) -> int:
+    """``pick_gemv``'s step along K: the largest power of two ≤ ``want`` dividing K, except that
+    int8 rows whose K only 32 or 64 divides (gpt-oss's 2880: 45 steps of 64) take ``want``
+    whole, the last step masked (the int8 path reads groups past K as zeros)."""
+    b = _block_k(st.k, want)
+    return want if b < min(want, 128) and not (st.int4 or st.six) else b
+
+
 def pick_gemv(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, st: Stack, y: torch.Tensor,
               *, topk: int, gather: bool, fuse: bool, routed: bool, t: Tiles | None = None,
               glu: Glu = None) -> torch.Tensor:
@@ -187,8 +195,8 @@ def pick_gemv(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, st: Stack, y
     args, meta = _meta(st, glu if fuse else None)
     _kernels().pick_gemv[(p, triton_cdiv(n_out, t.block_n))](
         x, ids, rw, *args, y, st.n, st.k, x.stride(0), y.stride(0), TOPK=topk, GATHER=gather,
-        FUSE=fuse, ROUTED=routed, **meta, BLOCK_N=t.block_n, BLOCK_K=_block_k(st.k, t.block_k),
-        num_warps=t.num_warps, num_stages=t.num_stages)
+        FUSE=fuse, ROUTED=routed, **meta, BLOCK_N=t.block_n,
+        BLOCK_K=_gemv_block_k(st, t.block_k), num_warps=t.num_warps, num_stages=t.num_stages)
     return y
 
 

@@ -143,12 +143,16 @@ def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS
         x_ptrs = XR + si[:, None] * GS + i[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_K // GS], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            w = _codes8(tl.load(c_ptrs + k0))
-            x = tl.load(x_ptrs + k0).to(tl.float32)
-            part = tl.sum(w * x[None, :, :], 2) * _half(tl.load(s_ptrs + k0 // GS))
+            # whole groups (K % 32 == 0): a K that BLOCK_K does not divide (gpt-oss's 2880)
+            # reads its last step's groups past K as zeros
+            gm = k0 + si * GS < K
+            w = _codes8(tl.load(c_ptrs + k0, mask=gm[None, :, None], other=0))
+            x = tl.load(x_ptrs + k0, mask=gm[:, None], other=0.0).to(tl.float32)
+            part = tl.sum(w * x[None, :, :], 2) * _half(
+                tl.load(s_ptrs + k0 // GS, mask=gm[None, :], other=0))
             if HAS_MIN:  # GS == 32
-                part += _half(tl.load(MN + wrow[:, None] * (K // 32) + si[None, :] + k0 // 32)) \
-                    * tl.sum(x, 1)[None, :]
+                part += _half(tl.load(MN + wrow[:, None] * (K // 32) + si[None, :] + k0 // 32,
+                                      mask=gm[None, :], other=0)) * tl.sum(x, 1)[None, :]
             acc += part
     return tl.sum(acc, 1)
 

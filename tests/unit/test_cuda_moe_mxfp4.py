@@ -202,7 +202,10 @@ def interpreter_check() -> None:
     from tests.unit.test_cuda_moe import routing
 
     cuda_moe.GEMV = cuda_moe.GEMV_FEW = Tiles(1, 64, 256, 4, 2)
-    for experts, hidden, inner, tokens, seed in ((4, 64, 32, 3, 0), (8, 128, 96, 40, 1)):
+    # K = 64, 96: one masked step of the GEMV's 256; 2880 (gpt-oss-20b's): 12 steps, the last
+    # masked
+    for experts, hidden, inner, tokens, seed in ((4, 64, 32, 3, 0), (8, 128, 96, 40, 1),
+                                                 (2, 2880, 64, 2, 2)):
         layer = random_layer(experts, hidden, inner, seed)
         ref = clamped_experts(layer)
         w, ids = routing(tokens, experts, 2, seed)
@@ -311,3 +314,16 @@ def test_gpt_oss_on_codes_with_graphs_gives_the_dequantised_greedy_tokens(root, 
     assert graphs is not None, "the hybrid decode graphs were not captured (see the log)"
     assert graphs.replays > 0
     assert got == want
+
+
+def test_gemv_steps_whole_tiles_over_an_awkward_k():
+    """gpt-oss's K = 2880 (= 64 · 45): the int8 rows' GEMV steps 256 at a time (the last one
+    masked) instead of 45 steps of 64; a K a power of two divides keeps its exact steps; the
+    4-bit layouts always step by a divisor."""
+    def stack(k: int, int4: bool = False) -> cuda_moe.Stack:
+        return cuda_moe.Stack(torch.empty(0), torch.empty(0), None, int4, 32, 8, k)
+
+    assert cuda_moe._gemv_block_k(stack(2880), 256) == 256
+    assert cuda_moe._gemv_block_k(stack(768), 512) == 256
+    assert cuda_moe._gemv_block_k(stack(2048), 512) == 512
+    assert cuda_moe._gemv_block_k(stack(2880, int4=True), 256) == 64
