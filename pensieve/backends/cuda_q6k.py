@@ -14,10 +14,13 @@ That is 128 + 64 + 16 + 2 bytes a block, as in the file, against 288 for the int
 float16 scale per 16 (``cuda_int8``) the layer had before; and ``d · sc`` is formed in float32 in
 the kernel, exactly (the int8 layout rounds it to float16).
 
-Kernels (``cuda_q6k_kernels.py``) by the rows of x: ``gemv`` for 1-2 (decode at batch 1-2),
-``gemm`` with 16-row tiles for 3-16 (decode batches, on the tensor cores), ``gemm`` with larger
-tiles beyond (prefill), the weight dequantised in the kernel; no dense copy is ever made. Each
-route's tiles are checked and timed per weight shape at start (``cuda_q6k_tune.prepare``). Fused
+Kernels (``cuda_q6k_kernels.py``) by the rows of x, one ``Plan`` entry per row bucket
+(``BUCKETS``), each checked and timed per weight shape at start (``cuda_q6k_tune.prepare``):
+``gemv`` for 1-2 rows (float32 FMAs); ``skinny`` for 2-32 (the weight unpacked once for all
+rows as the tensor cores' left operand, 16 or 32-row tiles, split-K in one launch through a
+workspace per N); the dequantising tensor-core ``gemm``; ``dequant`` from 32 rows (the weight
+dequantised into a temporary for the call + cuBLAS, a vocabulary-sized weight a block of rows
+at a time: nothing is kept). No dense copy is ever kept. Fused
 parts (a Q4_K_M layer's Q4_K q/k beside a Q6_K v) go through ``cuda_int8.cuda_codes_linear``,
 which builds ``CudaMixedLinear`` over runs of one layout each. Fixed grids for fixed shapes and
 no host sync: CUDA graphs capture every launch. Importing this module needs neither a GPU nor
@@ -38,8 +41,10 @@ from pensieve.backends.cuda_int4 import CodesLinear, block_g, pack_codes, triton
 from pensieve.loaders.int4_codes import Int8Groups
 
 BLOCK = 256  # values a Q6_K block; K must be a multiple
-GEMV_MAX_ROWS = 2
-SKINNY_MAX_ROWS = 16
+BUCKETS = (1, 2, 4, 8, 16, 32, 256, 2048)  # rows up to which a plan entry serves (past: the last)
+SPLIT_MAX = 8  # the most programs a skinny launch splits K over
+SPLIT_MAX_N = 32768  # weights with as many outputs have tiles enough: no split-K, no workspace
+DEQUANT_CHUNK = 1 << 26  # weights one dequantised temporary holds (128 MiB in bf16)
 
 
 @dataclass(frozen=True)
@@ -55,13 +60,33 @@ class Tiles:
     group_m: int = 8
 
 
-# The untimed defaults (no GPU run since they were written; cuda_q6k_tune times them against
-# other candidates per weight shape at start): tiles that ptxas builds for sm_90 without a
-# register spill (bf16; Triton 3.9's AOT compile here: 72, 162, 168 and 222 registers).
+@dataclass(frozen=True)
+class Skinny:
+    """One launch of ``skinny``: up to BLOCK_M (16 or 32) rows of x, BLOCK_N outputs a program,
+    BLOCK_G groups of 32 columns a step, K split over SPLIT_K programs (one launch)."""
+
+    block_m: int
+    block_n: int
+    block_g: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+# The untimed defaults (cuda_q6k_tune times them against other candidates per weight shape at
+# start): tiles that ptxas builds for sm_90 without a register spill (bf16; Triton 3.9's AOT
+# compile here).
 GEMV = Tiles(1, 8, 8, 4, 2)
-SKINNY = Tiles(16, 32, 4, 4, 3)  # 3-16 rows
+GEMM16 = Tiles(16, 32, 4, 4, 3)  # the dequantising gemm's 16-row tile (3-16 rows until session 9)
 GEMM_SMALL = Tiles(64, 64, 2, 4, 3)  # up to 256 rows
 GEMM = Tiles(128, 128, 2, 8, 3)
+SKINNY16 = Skinny(16, 64, 4, 4, 4, 3)
+SKINNY32 = Skinny(32, 64, 4, 4, 4, 3)
+DEQUANT = Tiles(1, 16, 8, 4, 1)  # the weight into a temporary (block_n rows × block_g groups)
+
+Choice = tuple[str, "Tiles | Skinny | None"]  # kernel, its tiles
+Plan = dict[int, Choice]  # bucket → choice
+KERNELS = ("gemv", "skinny", "gemm", "dequant", "torch")  # torch: reference dequantise + matmul
 
 
 def pack_six(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +149,7 @@ def gemv(x: torch.Tensor, w: Buffers, y: torch.Tensor, t: Tiles = GEMV) -> torch
 def gemm(x: torch.Tensor, w: Buffers, y: torch.Tensor, t: Tiles | None = None) -> torch.Tensor:
     """y = x @ w.T by the dequantising ``gemm`` (tiles by the rows of x unless given)."""
     m, k = x.shape
-    t = t or (SKINNY if m <= SKINNY_MAX_ROWS else GEMM_SMALL if m <= 256 else GEMM)
+    t = t or (GEMM16 if m <= 16 else GEMM_SMALL if m <= 256 else GEMM)
     n, groups = w[0].shape[0], k // 32
     bg = max(2, block_g(groups, t.block_g))
     grid = (triton_cdiv(m, t.block_m) * triton_cdiv(n, t.block_n),)
@@ -134,32 +159,105 @@ def gemm(x: torch.Tensor, w: Buffers, y: torch.Tensor, t: Tiles | None = None) -
     return y
 
 
-ROUTES = ("gemv", "skinny", "gemm_small", "gemm")
-Plan = dict[str, Tiles | None]  # route → its tiles, None: dequantise + cuBLAS (none built here)
-DEFAULT_PLAN: Plan = {"gemv": GEMV, "skinny": SKINNY, "gemm_small": GEMM_SMALL, "gemm": GEMM}
+_workspaces: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def route(rows: int) -> str:
-    """The route a call of ``rows`` rows of x takes."""
-    if rows <= GEMV_MAX_ROWS:
-        return "gemv"
-    return "skinny" if rows <= SKINNY_MAX_ROWS else "gemm_small" if rows <= 256 else "gemm"
+def skinny_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K partials (float32 [SPLIT_MAX, 32, N]; one element where N ≥ SPLIT_MAX_N, which
+    never splits) and per-column-tile counters (int32, zero between calls: the kernel resets
+    them), one pair per (device, N) shared by the layers of that N (their launches are serial
+    on one stream). Made at ``cuda_q6k_tune.prepare``, before any graph capture."""
+    key = (str(device), n)
+    if key not in _workspaces:
+        size = SPLIT_MAX * 32 * n if n < SPLIT_MAX_N else 1
+        _workspaces[key] = (torch.empty(size, device=device, dtype=torch.float32),
+                            torch.zeros(triton_cdiv(n, 16), device=device, dtype=torch.int32))
+    return _workspaces[key]
 
 
-def launch(name: str, x: torch.Tensor, w: Buffers, t: Tiles) -> torch.Tensor:
-    """x @ w.T by the kernel of route ``name`` with tiles ``t``."""
+def skinny_fits(t: Skinny, n: int) -> bool:
+    """Whether ``t`` may run a weight with ``n`` outputs (split-K only below SPLIT_MAX_N)."""
+    return t.split_k == 1 or (n < SPLIT_MAX_N and t.split_k <= SPLIT_MAX)
+
+
+def skinny(x: torch.Tensor, w: Buffers, y: torch.Tensor, t: Skinny = SKINNY16) -> torch.Tensor:
+    """y = x @ w.T (x: up to ``t.block_m`` rows) by the tensor-core ``skinny`` kernel."""
+    m, k = x.shape
+    n, groups = w[0].shape[0], k // 32
+    if m > t.block_m or t.block_m not in (16, 32) or t.block_n < 16 or not skinny_fits(t, n):
+        raise ValueError(f"skinny: {m} rows, N={n} with {t}")
+    g_per = triton_cdiv(triton_cdiv(groups, t.split_k), t.block_g) * t.block_g
+    ws, cnt = skinny_workspace(x.device, n)
+    _kernels().skinny[(triton_cdiv(n, t.block_n), t.split_k)](
+        x, *w, y, ws, cnt, m, n, groups, g_per, x.stride(0), y.stride(0), BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, BLOCK_G=t.block_g, SPLIT_K=t.split_k,
+        EVEN=g_per * t.split_k == groups, num_warps=t.num_warps, num_stages=t.num_stages)
+    return y
+
+
+def dequant_weight(w: Buffers, dtype: torch.dtype, t: Tiles = DEQUANT) -> torch.Tensor:
+    """The weight [N, K] in ``dtype`` by the ``dequant`` kernel (one rounding from float32)."""
+    n, groups = w[0].shape[0], w[0].shape[1] // 16
+    out = torch.empty(n, groups * 32, device=w[0].device, dtype=dtype)
+    bg = block_g(groups, t.block_g)
+    _kernels().dequant[(triton_cdiv(n, t.block_n), groups // bg)](
+        *w, out, n, groups, BLOCK_N=t.block_n, BLOCK_G=bg, num_warps=t.num_warps,
+        num_stages=t.num_stages)
+    return out
+
+
+def dequant_linear(x: torch.Tensor, w: Buffers, t: Tiles = DEQUANT,
+                   chunk: int = DEQUANT_CHUNK) -> torch.Tensor:
+    """x @ w.T with the weight dequantised into a temporary (nothing kept) + cuBLAS; a weight
+    of more than ``chunk`` values (a vocabulary-sized head) a block of rows at a time."""
+    n, k = w[0].shape[0], x.shape[1]
+    rows = max(1, chunk // k)
+    if rows >= n:
+        return F.linear(x, dequant_weight(w, x.dtype, t))
+    y = torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
+    for n0 in range(0, n, rows):
+        part = tuple(b[n0:n0 + rows] for b in w)
+        y[:, n0:n0 + rows] = F.linear(x, dequant_weight(part, x.dtype, t))
+    return y
+
+
+def bucket(rows: int) -> int:
+    """The plan entry a call of ``rows`` rows of x takes: the first bucket ≥ rows, else the
+    last."""
+    return next((b for b in BUCKETS if rows <= b), BUCKETS[-1])
+
+
+def default_plan(n: int) -> Plan:
+    """The untimed plan for a weight with ``n`` outputs (tests; a layer ``prepare`` missed)."""
+    def fit(t: Skinny) -> Skinny:
+        return t if skinny_fits(t, n) else Skinny(t.block_m, t.block_n, t.block_g, 1,
+                                                  t.num_warps, t.num_stages)
+    plan: Plan = {1: ("gemv", GEMV), 2: ("gemv", GEMV), 32: ("skinny", fit(SKINNY32)),
+                  256: ("gemm", GEMM_SMALL), 2048: ("dequant", DEQUANT)}
+    plan.update({b: ("skinny", fit(SKINNY16)) for b in (4, 8, 16)})
+    return plan
+
+
+def launch(choice: Choice, x: torch.Tensor, w: Buffers) -> torch.Tensor:
+    """x @ w.T by ``choice``'s kernel and tiles."""
+    name, t = choice
+    if name == "dequant":
+        return dequant_linear(x, w, t or DEQUANT)
+    if name == "torch" or t is None:
+        return F.linear(x, dequantize(*w).to(x.dtype))
     y = torch.empty(x.shape[0], w[0].shape[0], device=x.device, dtype=x.dtype)
-    return gemv(x, w, y, t) if name == "gemv" else gemm(x, w, y, t)
+    if name == "gemv":
+        return gemv(x, w, y, t)
+    if name == "skinny" and isinstance(t, Skinny) and x.shape[0] <= t.block_m:
+        return skinny(x, w, y, t)
+    return gemm(x, w, y, t if isinstance(t, Tiles) else None)
 
 
 def q6k_linear(x: torch.Tensor, w: Buffers, plan: Plan | None = None) -> torch.Tensor:
     """x [M, K] (contiguous rows) @ w.T on the kernels (CUDA, or CPU tensors under
-    ``TRITON_INTERPRET=1``) with ``plan``'s tiles (``cuda_q6k_tune``; else the defaults)."""
-    name = route(x.shape[0])
-    t = (plan or DEFAULT_PLAN)[name]
-    if t is None:  # no tile of this route built and gave the right product on this GPU
-        return F.linear(x, dequantize(*w).to(x.dtype))
-    return launch(name, x, w, t)
+    ``TRITON_INTERPRET=1``) by ``plan``'s choice for M's bucket (``cuda_q6k_tune``; else the
+    defaults)."""
+    return launch((plan or default_plan(w[0].shape[0]))[bucket(x.shape[0])], x, w)
 
 
 class CudaQ6KLinear(CodesLinear):

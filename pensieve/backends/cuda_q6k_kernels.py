@@ -20,9 +20,14 @@ without a conversion instruction (OR-ed under the exponent of 2²³, the 2²³ s
   BLOCK_M]), float32 sums, one product per quarter. BLOCK_M = 16 is the decode-batch form (x's
   rows padded by masked loads); larger tiles serve prefill, ordered GROUP_M row tiles at a time
   so that neighbouring programs share weight tiles in L2.
+* ``skinny`` — 2-32 rows (decode batches): the weight tile unpacked once for all rows by
+  *halves* (below), in x's dtype (bfloat16/float16 bit tricks; float32 for tests), the tensor
+  cores' left operand against x padded to 16 or 32 rows; split-K with a one-launch reduction.
+* ``dequant`` — the weight in a dtype, for cuBLAS at many rows (nothing kept).
 
-The launcher picks BLOCK_G (groups of 32 a step) dividing K / 32; rows past N and M are clamped
-on load and masked on store. float32 x (tests, a float32 model) takes IEEE products, never TF32.
+The launcher picks BLOCK_G (groups of 32 a step) dividing K / 32 for gemv/gemm/dequant (skinny
+masks a last partial step); rows past N and M are clamped on load and masked on store. float32
+x (tests, a float32 model) takes IEEE products, never TF32.
 """
 
 from __future__ import annotations
@@ -167,3 +172,146 @@ def gemm(X, LO, HI, SC, D, Y, M, N, GROUPS, stride_x, stride_y,
     n_safe = pid_n * BLOCK_N + n_loc
     out = Y + m_safe[None, :] * stride_y + n_safe[:, None]
     tl.store(out, acc.to(Y.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
+
+
+# ---- skinny (2-32 rows) and dequant (the weight into a temporary for cuBLAS) ----------------
+# Both read a group's 16 low-nibble bytes as [2, 8] (a, j) and its 8 high-bit bytes once, and
+# make the group's two *halves*: columns 32g + i (low nibbles, sub-scale 2g) and 32g + 16 + i
+# (high nibbles, sub-scale 2g + 1), i = 8a + j, the high bit pair of column 32g + 8a + j sitting
+# at bits 2a of high byte j (4 + 2a for the second half). One sub-scale a half: the weight is
+# ``(u − 32) · d · sc`` with ``d · sc`` formed once per half in float32.
+
+
+@triton.jit
+def _unpack(b, h, d, sc0, sc1, DT: tl.constexpr):
+    """A tile's weights in DT from its loaded bytes: ``b`` low-nibble bytes [BN, BG, 2, 8],
+    ``h`` high-bit bytes [BN, BG, 1, 8] (both int16), ``d`` the float16 bits [BN, BG] and
+    ``sc0``/``sc1`` the sub-scales of the halves [BN, BG] → (first half, second half).
+
+    bfloat16/float16: ``u | magic`` read as DT is ``magic + u`` exactly (128 + u under
+    bfloat16's exponent of 2⁷, 1024 + u under float16's 2¹⁰), minus ``magic + 32`` gives
+    ``u − 32`` exactly, times ``d·sc`` rounded to DT: two roundings, in DT's paired
+    instructions. float32 (tests, a float32 model): one rounding, in float32."""
+    sh = (tl.arange(0, 2)[None, None, :, None] * 2).to(h.dtype)
+    hs = h >> sh  # bits 0-1: the first half's high pair, bits 4-5: the second's
+    u0 = (b & 15) | ((hs << 4) & 48)
+    u1 = (b >> 4) | (hs & 48)
+    d = d.to(tl.float16, bitcast=True).to(tl.float32)
+    s0 = (d * sc0.to(tl.float32))[:, :, None, None]
+    s1 = (d * sc1.to(tl.float32))[:, :, None, None]
+    if DT == tl.bfloat16:
+        w0 = ((u0 | 0x4300).to(tl.bfloat16, bitcast=True) - 160.0) * s0.to(tl.bfloat16)
+        w1 = ((u1 | 0x4300).to(tl.bfloat16, bitcast=True) - 160.0) * s1.to(tl.bfloat16)
+    elif DT == tl.float16:
+        w0 = ((u0 | 0x6400).to(tl.float16, bitcast=True) - 1056.0) * s0.to(tl.float16)
+        w1 = ((u1 | 0x6400).to(tl.float16, bitcast=True) - 1056.0) * s1.to(tl.float16)
+    else:  # 2**23 + u as float32, minus 2**23 + 32
+        w0 = ((u0.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388640.0) * s0
+        w1 = ((u1.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388640.0) * s1
+    return w0.to(DT), w1.to(DT)
+
+
+@triton.jit
+def skinny(X, LO, HI, SC, D, Y, WS, CNT, M, N, GROUPS, G_PER, stride_x, stride_y,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+           SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
+    """y = x @ w.T for up to BLOCK_M (16 or 32) rows of x, the weight as the tensor cores' left
+    operand (``w @ x.T`` → [BLOCK_N, BLOCK_M]; x's rows padded by masked loads), so each weight
+    byte is read and unpacked once for all rows. Each weight is ``(u − 32)·d·sc`` in float32,
+    rounded once to x's dtype (as a dense copy in that dtype), float32 sums.
+
+    Grid (cdiv(N, BLOCK_N), SPLIT_K): program (n, s) reads groups [s·G_PER, min((s+1)·G_PER,
+    GROUPS)), BLOCK_G a step (G_PER a multiple of BLOCK_G; EVEN: G_PER · SPLIT_K == GROUPS,
+    no masks). SPLIT_K > 1: float32 partials to WS [SPLIT_K, 32, N], the last program of a
+    column tile (counter CNT[n], zero between calls: that program resets it) sums them in a
+    fixed order — one launch, deterministic, capturable in a CUDA graph."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    n = tl.where(nmask, n, 0).to(tl.int64)
+    m = tl.arange(0, BLOCK_M)
+    mmask = m < M
+    m_safe = tl.where(mmask, m, 0)
+    gi = tl.arange(0, BLOCK_G)
+    a = tl.arange(0, 2)[None, None, :, None]
+    j = tl.arange(0, 8)[None, None, None, :]
+    kk = tl.arange(0, BLOCK_G * 16)
+    g_start = pid_k * G_PER
+    g_end = tl.minimum(GROUPS, g_start + G_PER)
+    # pointers at the program's first step, advanced a step at a time
+    lo_p = LO + (n * (GROUPS * 16) + g_start * 16)[:, None, None, None] \
+        + gi[None, :, None, None] * 16 + a * 8 + j
+    hi_p = HI + (n * (GROUPS * 8) + g_start * 8)[:, None, None, None] \
+        + gi[None, :, None, None] * 8 + j
+    sc_p = SC + (n * (GROUPS * 2) + g_start * 2)[:, None] + gi[None, :] * 2
+    d_row = D + (n * (GROUPS // 8))[:, None]
+    x_p = X + m_safe[None, :] * stride_x + (g_start * 32 + (kk // 16) * 32 + kk % 16)[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for g0 in range(g_start, g_start + G_PER, BLOCK_G):
+        g = g0 + gi
+        if EVEN:
+            b = tl.load(lo_p).to(tl.int16)
+            h = tl.load(hi_p).to(tl.int16)
+            sc0 = tl.load(sc_p)
+            sc1 = tl.load(sc_p + 1)
+            d = tl.load(d_row + g[None, :] // 8)
+            x0 = tl.load(x_p, mask=mmask[None, :], other=0.0)
+            x1 = tl.load(x_p + 16, mask=mmask[None, :], other=0.0)
+        else:
+            gm = (g < g_end)[None, :]
+            b = tl.load(lo_p, mask=gm[:, :, None, None], other=0).to(tl.int16)
+            h = tl.load(hi_p, mask=gm[:, :, None, None], other=0).to(tl.int16)
+            sc0 = tl.load(sc_p, mask=gm, other=0)
+            sc1 = tl.load(sc_p + 1, mask=gm, other=0)
+            d = tl.load(d_row + g[None, :] // 8, mask=gm, other=0)
+            xm = mmask[None, :] & ((g0 + kk // 16) < g_end)[:, None]
+            x0 = tl.load(x_p, mask=xm, other=0.0)
+            x1 = tl.load(x_p + 16, mask=xm, other=0.0)
+        w0, w1 = _unpack(b, h, d, sc0, sc1, X.dtype.element_ty)
+        acc = _dot(tl.reshape(w0, [BLOCK_N, BLOCK_G * 16]), x0, acc)
+        acc = _dot(tl.reshape(w1, [BLOCK_N, BLOCK_G * 16]), x1, acc)
+        lo_p += BLOCK_G * 16
+        hi_p += BLOCK_G * 8
+        sc_p += BLOCK_G * 2
+        x_p += BLOCK_G * 32
+    out = Y + m_safe[None, :] * stride_y + n[:, None]
+    omask = nmask[:, None] & mmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(Y.dtype.element_ty), mask=omask)
+    else:
+        ws = WS + m_safe[None, :] * N + n[:, None]
+        tl.store(ws + pid_k * 32 * N, acc, mask=omask)
+        tl.debug_barrier()  # this program's partial stored before the release below
+        done = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for s in range(SPLIT_K):  # fixed order; .cg: from L2, never a stale L1 line
+                total += tl.load(ws + s * 32 * N, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(out, total.to(Y.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def dequant(LO, HI, SC, D, OUT, N, GROUPS, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """OUT [N, 32·GROUPS] = the weight in OUT's dtype (rounded once from float32); grid
+    (cdiv(N, BLOCK_N), GROUPS // BLOCK_G), BLOCK_G dividing GROUPS."""
+    pid_n = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    n = tl.where(nmask, n, 0).to(tl.int64)
+    g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    a = tl.arange(0, 2)[None, None, :, None]
+    j = tl.arange(0, 8)[None, None, None, :]
+    nn = n[:, None, None, None]
+    gg = g[None, :, None, None]
+    b = tl.load(LO + nn * (GROUPS * 16) + gg * 16 + a * 8 + j).to(tl.int16)
+    h = tl.load(HI + nn * (GROUPS * 8) + gg * 8 + j).to(tl.int16)
+    sc = SC + n[:, None] * (GROUPS * 2) + g[None, :] * 2
+    d = tl.load(D + n[:, None] * (GROUPS // 8) + g[None, :] // 8)
+    w0, w1 = _unpack(b, h, d, tl.load(sc), tl.load(sc + 1), tl.float32)
+    out = OUT + n[:, None, None, None] * (GROUPS * 32) + g[None, :, None, None] * 32 + a * 8 + j
+    mask = nmask[:, None, None, None]
+    tl.store(out, w0.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out + 16, w1.to(OUT.dtype.element_ty), mask=mask)

@@ -1,46 +1,63 @@
-"""Route every ``CudaQ6KLinear`` of a model on the GPU to its fastest tiles (``cuda_q6k.Plan``).
+"""Route every ``CudaQ6KLinear`` of a model on the GPU to its fastest kernels (``cuda_q6k.Plan``).
 
-Per weight shape (the layers of a shape share one plan), each route's tile candidates run once
-against the dequantised weight (relative error under 2e-2) and those that build and are right
-are timed on up to 8 layers of the shape back to back (``cuda_int4_tune.gpu_us``: GPU time
-only, as in a CUDA graph): ``gemv`` at 1 row, the 16-row ``gemm`` at 8, the prefill ``gemm``
-tiles at 64 and 1024. A route none of whose candidates builds or is right gets None — its
-calls dequantise the weight for the call + cuBLAS — with a warning, so that a Triton that
-cannot compile a tile slows the start's Q6_K layers down instead of breaking it.
+Per weight shape (the layers of a shape share one plan; a vocabulary-sized head is a shape like
+any other), each candidate runs once against the dequantised weight (relative error under
+2e-2) and those that build and are right are timed on up to 8 layers of the shape back to back
+(``cuda_int4_tune.gpu_us``: GPU time only, as in a CUDA graph). First each family's tiles:
+
+* ``gemv`` at 1 row; ``skinny`` with 16-row tiles at 8 rows and with 32-row tiles at 32 (split-K
+  candidates only below ``SPLIT_MAX_N`` outputs); ``dequant`` (the weight into a temporary +
+  cuBLAS) at 32 rows, where the dequantisation is most of its time;
+
+then per row bucket the families that apply race: 1 row gemv; 2 rows gemv and skinny; 4-16
+skinny and the dequantising ``gemm``'s 16-row tile; 32 skinny, gemm and dequant; 256 and 2048
+(prefill) the gemm's tiles and dequant. A candidate that fails to build or is wrong is left out
+with a warning; a bucket with none right takes the reference dequantise + matmul ("torch"), so
+that a Triton that cannot compile a tile slows the start's Q6_K layers down instead of breaking
+it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pensieve.backends.cuda_q6k import (
-    GEMM, GEMM_SMALL, GEMV, SKINNY, CudaQ6KLinear, Plan, Tiles, dequantize, launch,
+    BUCKETS, DEQUANT, GEMM, GEMM16, GEMM_SMALL, GEMV, SKINNY16, SKINNY32, Choice, CudaQ6KLinear,
+    Plan, Skinny, Tiles, dequantize, launch, skinny_fits, skinny_workspace,
 )
 
 log = logging.getLogger(__name__)
 
-# the first: the untimed default; all build for sm_90 without a register spill (bf16)
-CANDIDATES: dict[str, tuple[Tiles, ...]] = {
-    "gemv": (GEMV, Tiles(1, 4, 8, 4, 2), Tiles(1, 16, 8, 4, 2), Tiles(1, 8, 16, 4, 2)),
-    "skinny": (SKINNY, Tiles(16, 64, 4, 4, 3), Tiles(16, 64, 2, 4, 3), Tiles(16, 128, 4, 8, 3)),
-    "gemm_small": (GEMM_SMALL, Tiles(64, 128, 2, 8, 3), Tiles(32, 64, 4, 4, 3)),
-    "gemm": (GEMM, Tiles(128, 64, 2, 8, 3), Tiles(64, 256, 2, 8, 3)),
+# per family, the first the untimed default
+GEMV_CANDIDATES = (GEMV, Tiles(1, 4, 8, 4, 2), Tiles(1, 16, 8, 4, 2), Tiles(1, 8, 16, 4, 2))
+SKINNY_CANDIDATES = {
+    16: (SKINNY16, Skinny(16, 64, 4, 1, 4, 3), Skinny(16, 64, 2, 8, 4, 3),
+         Skinny(16, 128, 4, 2, 8, 3), Skinny(16, 32, 8, 4, 4, 3)),
+    32: (SKINNY32, Skinny(32, 64, 4, 1, 4, 3), Skinny(32, 128, 2, 2, 8, 3)),
 }
-ROWS = {"gemv": 1, "skinny": 8, "gemm_small": 64, "gemm": 1024}  # rows each route is timed at
+GEMM_CANDIDATES = {
+    16: (GEMM16,),
+    32: (Tiles(32, 64, 4, 4, 3),),
+    256: (GEMM_SMALL, Tiles(64, 128, 2, 8, 3), Tiles(32, 64, 4, 4, 3)),
+    2048: (GEMM, Tiles(128, 64, 2, 8, 3), Tiles(64, 256, 2, 8, 3)),
+}
+DEQUANT_CANDIDATES = (DEQUANT, Tiles(1, 8, 16, 4, 1), Tiles(1, 32, 8, 8, 1))
+ROWS = {b: b for b in BUCKETS}  # rows each bucket is timed at (tests pass fewer)
 
-Timer = Callable[[Callable[[CudaQ6KLinear], torch.Tensor], list[CudaQ6KLinear], int], float]
+Run = Callable[[CudaQ6KLinear], torch.Tensor]
+Timer = Callable[[Run, list[CudaQ6KLinear], int], float]
 
 
 def prepare(model: nn.Module, dtype: torch.dtype, reps: int = 10, timer: Timer | None = None,
-            rows: Mapping[str, int] = ROWS) -> None:
+            rows: Mapping[int, int] = ROWS) -> None:
     """Plan every ``CudaQ6KLinear`` of ``model`` (on the GPU, in ``dtype``; an untied
-    embedding's table, only looked up, is left alone). ``timer``: GPU µs of a run over
-    layers (``cuda_int4_tune.gpu_us``; tests pass their own)."""
+    embedding's table, only looked up, is left alone) and make the skinny kernel's workspaces.
+    ``timer``: GPU µs of a run over layers (``cuda_int4_tune.gpu_us``; tests pass their own)."""
     if timer is None:
         from pensieve.backends.cuda_int4_tune import gpu_us as timer
     layers = [m for m in model.modules()
@@ -48,47 +65,101 @@ def prepare(model: nn.Module, dtype: torch.dtype, reps: int = 10, timer: Timer |
     shapes: dict[tuple[int, int], list[CudaQ6KLinear]] = {}
     for m in layers:
         shapes.setdefault((m.out_features, m.in_features), []).append(m)
+        skinny_workspace(m.lo.device, m.out_features)
     notes = []
     for (n, k), same in shapes.items():
         plan = plan_shape(same[:8], dtype, reps, timer, rows)
         for m in same:
             m.plan = plan
-        notes.append(f"{n}x{k}: " + ", ".join(
-            f"{r} " + (f"{t.block_m}x{t.block_n}x{t.block_g}" if t else "dequant")
-            for r, t in plan.items()))
+        notes.append(f"{n}x{k}: " + ", ".join(f"{b} {describe(c)}" for b, c in plan.items()))
     if layers:
         held = sum(sum(b.nbytes for b in m.weight_buffers()) for m in layers)
         log.info("Q6_K layers: %d, %.2f GiB of codes; %s", len(layers), held / 2**30,
                  "; ".join(notes))
 
 
+def describe(c: Choice) -> str:
+    """A choice in a few characters: ``skinny 16x64x4/4`` (block_m x block_n x block_g / split)."""
+    name, t = c
+    if t is None:
+        return name
+    if isinstance(t, Skinny):
+        return f"{name} {t.block_m}x{t.block_n}x{t.block_g}/{t.split_k}"
+    return f"{name} {t.block_m}x{t.block_n}x{t.block_g}"
+
+
 def plan_shape(sample: list[CudaQ6KLinear], dtype: torch.dtype, reps: int, timer: Timer,
-               rows: Mapping[str, int] = ROWS) -> Plan:
-    """Each route's fastest right candidate for the layers in ``sample`` (one shape)."""
+               rows: Mapping[int, int] = ROWS) -> Plan:
+    """Each bucket's fastest right choice for the layers in ``sample`` (one shape)."""
     first = sample[0]
+    n, k = first.out_features, first.in_features
     weight = dequantize(*first.weight_buffers())
     gen = torch.Generator(device=weight.device).manual_seed(0)
+    inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def case(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if b not in inputs:
+            x = torch.randn(rows.get(b, b), k, device=weight.device, generator=gen).to(dtype)
+            inputs[b] = x, F.linear(x.float(), weight)
+        return inputs[b]
+
+    def best(choices: Sequence[Choice], b: int) -> Choice | None:
+        x, ref = case(b)
+        few = sample[:4] if b > 256 else sample
+        r = max(3, reps // 3) if b > 256 else reps
+        return fastest(choices, few, x, ref, r, timer)
+
+    gemv = best([("gemv", t) for t in GEMV_CANDIDATES], 1)
+    sk16 = best([("skinny", t) for t in SKINNY_CANDIDATES[16] if skinny_fits(t, n)], 8)
+    sk32 = best([("skinny", t) for t in SKINNY_CANDIDATES[32] if skinny_fits(t, n)], 32)
+    dq = best([("dequant", t) for t in DEQUANT_CANDIDATES], 32)
     plan: Plan = {}
-    for name, cands in CANDIDATES.items():
-        x = torch.randn(rows[name], first.in_features, device=weight.device,
-                        generator=gen).to(dtype)
-        ref = F.linear(x.float(), weight)
-        timed: list[tuple[float, Tiles]] = []
-        why = ""
-        for t in cands:
-            def run(m: CudaQ6KLinear, t: Tiles = t) -> torch.Tensor:
-                return launch(name, x, m.weight_buffers(), t)
-            try:
-                err = ((run(first).float() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
-            except Exception as e:  # a Triton that cannot build it
-                why = str(e).splitlines()[0] if str(e) else type(e).__name__
-                continue
-            if not err < 2e-2:
-                why = f"relative error {err:.3g}"
-                continue
-            timed.append((timer(run, sample, reps), t))
-        plan[name] = min(timed, key=lambda r: r[0])[1] if timed else None
-        if not timed:
-            log.warning("Q6_K %s %dx%d: no tile builds and is right (%s); dequantise + cuBLAS",
-                        name, first.out_features, first.in_features, why)
+    for b in BUCKETS:
+        if b == 1:
+            cands = [gemv]
+        elif b == 2:
+            cands = [gemv, sk16]
+        elif b <= 16:
+            cands = [sk16] + [("gemm", t) for t in GEMM_CANDIDATES[16]]
+        else:
+            cands = [sk32] if b == 32 else []
+            cands += [("gemm", t) for t in GEMM_CANDIDATES[b]] + [dq]
+        choice = best([c for c in cands if c is not None], b)
+        if choice is None:
+            log.warning("Q6_K %dx%d at %d rows: no kernel builds and is right; dequantise "
+                        "+ matmul", n, k, b)
+        plan[b] = choice or ("torch", None)
+        inputs.pop(b, None)
     return plan
+
+
+def fastest(choices: Sequence[Choice], sample: list[CudaQ6KLinear], x: torch.Tensor,
+            ref: torch.Tensor, reps: int, timer: Timer) -> Choice | None:
+    """The fastest of ``choices`` that builds and gives ``ref`` (relative error under 2e-2)
+    on ``sample[0]``; None where none does. A single right choice is not timed."""
+    timed: list[tuple[float, Choice]] = []
+    right = [c for c in dict.fromkeys(choices) if checked(c, sample[0], x, ref)]
+    if len(right) == 1:
+        return right[0]
+    for c in right:
+        def run(m: CudaQ6KLinear, c: Choice = c) -> torch.Tensor:
+            return launch(c, x, m.weight_buffers())
+        run.choice = c  # type: ignore[attr-defined]  # what it runs (tests' timers read it)
+        timed.append((timer(run, sample, reps), c))
+    return min(timed, key=lambda r: r[0])[1] if timed else None
+
+
+def checked(c: Choice, first: CudaQ6KLinear, x: torch.Tensor, ref: torch.Tensor) -> bool:
+    """``c`` builds and gives ``ref`` on ``first``; else left out with a warning."""
+    try:
+        y = launch(c, x, first.weight_buffers())
+        err = ((y.float() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+    except Exception as e:  # a Triton that cannot build it
+        log.warning("Q6_K %s %dx%d left out: %s", describe(c), first.out_features,
+                    first.in_features, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return False
+    if not err < 2e-2:
+        log.warning("Q6_K %s %dx%d left out: relative error %.3g", describe(c),
+                    first.out_features, first.in_features, err)
+        return False
+    return True

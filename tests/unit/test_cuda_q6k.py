@@ -3,10 +3,9 @@
 On CPU: the layout against the GGUF bytes (exact values, exact size), the wiring through
 ``cuda_codes_linear`` (alone, beside Q4_K parts, a Q6_K without its scale factors as int8), and
 both kernels in Triton's interpreter (``TRITON_INTERPRET=1``, a fresh process) against
-dequantise + matmul at an odd N and K = 768 (three blocks) for 1-40 rows, every tile candidate
-of ``cuda_q6k_tune`` and its choice (the fastest right one; a failing or wrong one left out, a
-route without any dequantised). With a GPU: the
-compiled kernels in bf16/fp16 against float64 at model shapes and under a CUDA graph.
+dequantise + matmul at an odd N and K = 768 (three blocks) for 1-40 rows (the skinny and
+dequant kernels and the tuner: ``test_cuda_q6k_skinny.py``). With a GPU: the compiled kernels in
+bf16/fp16 against float64 at model shapes and under a CUDA graph.
 """
 
 from __future__ import annotations
@@ -96,35 +95,10 @@ def interpreter_check() -> None:
     for rows in (1, 7):
         xr = torch.randn(rows, k)
         assert rel(cuda_q6k.q6k_linear(xr, w), xr.double() @ weight.T) < 1e-5
-    from pensieve.backends import cuda_q6k_tune
-
-    calls = []
-
-    def timer(run, sample, reps):  # the later a candidate, the faster: the last must win
-        run(sample[0])
-        calls.append(1)
-        return 100.0 - len(calls)
-
-    rows = {"gemv": 1, "skinny": 8, "gemm_small": 40, "gemm": 70}
-    model = torch.nn.Sequential(layer, CudaQ6KLinear(groups(Q.Q6_K, 45, k, seed=13)))
-    cuda_q6k_tune.prepare(model, torch.float32, timer=timer, rows=rows)
-    assert layer.plan is model[1].plan  # one plan a weight shape
-    assert layer.plan == {r: c[-1] for r, c in cuda_q6k_tune.CANDIDATES.items()}
-    real = cuda_q6k.gemm
-
-    def broken(x, w, y, t=None):
-        if t is cuda_q6k.GEMM_SMALL:
-            return y.zero_()  # a wrong tile: left out
-        raise RuntimeError("no such tile")  # a Triton that cannot build it
-
-    cuda_q6k.gemm = broken
-    cuda_q6k_tune.prepare(model, torch.float32, timer=timer, rows=rows)
-    cuda_q6k.gemm = real
-    assert layer.plan["gemv"] is not None
-    assert layer.plan["skinny"] is layer.plan["gemm_small"] is layer.plan["gemm"] is None
-    for rows in (1, 7, 40, 300):  # routes without tiles: dequantise + matmul
+    for rows in (3, 16, 40, 300):  # a plan's "torch" entries: dequantise + matmul
         xr = torch.randn(rows, k)
-        assert rel(cuda_q6k.q6k_linear(xr, w, layer.plan), xr.double() @ weight.T) < 1e-5
+        plan = {b: ("torch", None) for b in cuda_q6k.BUCKETS}
+        assert rel(cuda_q6k.q6k_linear(xr, w, plan), xr.double() @ weight.T) < 1e-5
 
 
 def test_kernels_in_the_triton_interpreter():
@@ -166,31 +140,43 @@ def test_random_bytes_cover_every_code():
     assert (g.k_scales[0] < 0).any() and (g.k_scales[0] > 0).any()
 
 
-def compile_tiles(dtype: str, tiles: dict) -> None:
+def compile_tiles(dtype: str, choices: list) -> None:
+    """Each (kernel, tiles) of ``choices`` built for sm_90 with x in ``dtype``."""
     from pensieve.backends import cuda_q6k_kernels as kernels
     from tests.helpers.triton_compile import compile_for
 
     types = {"X": f"*{dtype}", "LO": "*u8", "HI": "*u8", "SC": "*i8", "D": "*i16",
-             "Y": f"*{dtype}", "M": "i32", "N": "i32", "GROUPS": "i32", "stride_x": "i32",
-             "stride_y": "i32"}
-    for route, t in tiles:
-        if route == "gemv":
+             "Y": f"*{dtype}", "OUT": f"*{dtype}", "WS": "*fp32", "CNT": "*i32", "M": "i32",
+             "N": "i32", "GROUPS": "i32", "G_PER": "i32", "stride_x": "i32", "stride_y": "i32"}
+    for name, t in choices:
+        if name == "gemv":
             fn, consts = kernels.gemv, {"BLOCK_N": t.block_n, "BLOCK_G": t.block_g}
+        elif name == "skinny":
+            fn, consts = kernels.skinny, {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n,
+                                          "BLOCK_G": t.block_g, "SPLIT_K": t.split_k,
+                                          "EVEN": t.split_k == 1}
+        elif name == "dequant":
+            fn, consts = kernels.dequant, {"BLOCK_N": t.block_n, "BLOCK_G": t.block_g}
         else:
             fn, consts = kernels.gemm, {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n,
                                         "BLOCK_G": max(2, t.block_g), "GROUP_M": t.group_m}
-        assert compile_for(fn, types, consts, t.num_warps, t.num_stages) is not None
+        assert compile_for(fn, types, consts, t.num_warps, t.num_stages) is not None, (name, t)
 
 
 def test_default_tiles_compile_for_the_h100():
-    """Each route's default tiles built for sm_90 in bfloat16 here (no GPU needed: Triton's
-    own ptxas): what the interpreter cannot see (a layout or tile the compiler refuses)."""
-    compile_tiles("bf16", list(cuda_q6k.DEFAULT_PLAN.items()))
+    """Each bucket's default kernel and tiles built for sm_90 in bfloat16 here (no GPU needed:
+    Triton's own ptxas): what the interpreter cannot see (a layout or tile the compiler
+    refuses, bfloat16 bit tricks the interpreter does not model)."""
+    compile_tiles("bf16", sorted(set(cuda_q6k.default_plan(4096).values()), key=str))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_every_candidate_compiles_for_the_h100(dtype):
-    from pensieve.backends.cuda_q6k_tune import CANDIDATES
+    from pensieve.backends import cuda_q6k_tune as tune
 
-    compile_tiles(dtype, [(r, t) for r, ts in CANDIDATES.items() for t in ts])
+    choices = [("gemv", t) for t in tune.GEMV_CANDIDATES]
+    choices += [("skinny", t) for ts in tune.SKINNY_CANDIDATES.values() for t in ts]
+    choices += [("gemm", t) for ts in tune.GEMM_CANDIDATES.values() for t in ts]
+    choices += [("dequant", t) for t in tune.DEQUANT_CANDIDATES]
+    compile_tiles(dtype, choices)
