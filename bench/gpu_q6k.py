@@ -1,15 +1,17 @@
-"""Q6_K kernels on CUDA at Qwen3-8B's Q6_K shapes (``backends/cuda_q6k.py``), in process.
+"""Q6_K kernels on CUDA at Qwen3-8B's Q6_K shapes and a Qwen vocabulary head, in process
+(``backends/cuda_q6k.py``).
 
-Per shape and row count: ``cuda_q6k``'s route (gemv for 1-2 rows, the dequantising gemm beyond)
-with the tiles ``cuda_q6k_tune`` picks at start
-against the int8 layout it replaced (``cuda_int8``: int8 codes + a float16 scale per 16, 1.4×
-the bytes) and cuBLAS on a dense bf16 copy (3.1× the bytes; what no default path keeps), GPU µs
-(medians, launches queued behind a sleep as in a CUDA graph: ``cuda_int4_tune.gpu_us``) and the
-bandwidth the Q6_K codes' bytes make of it. ``--sweep``: every tile candidate below for each
-(shape, rows), to choose ``cuda_q6k``'s GEMV/SKINNY/GEMM_SMALL/GEMM.
+Per shape: the plan ``cuda_q6k_tune`` makes at start (one choice per row bucket) and the
+``dequant`` kernel alone (the weight to bf16, what the dequant route pays before cuBLAS). Per row
+count: the planned route's GPU µs (medians, launches queued behind a sleep as in a CUDA graph:
+``cuda_int4_tune.gpu_us``) and the bandwidth the Q6_K bytes make of it, then each route on its
+own — ``gemv`` (≤ 4 rows), ``skinny`` (≤ 32, the plan's tiles), the dequantising ``gemm``,
+``dequant`` + cuBLAS — against the int8 layout Q6_K had before (``cuda_int8``, 1.4× the bytes)
+and cuBLAS on a dense bf16 copy (3.1× the bytes; what no default path keeps). ``--sweep``: every
+tuner candidate of the routes that apply, per row count.
 
     python -m bench.gpu_q6k                 # the table
-    python -m bench.gpu_q6k --sweep --reps 20
+    python -m bench.gpu_q6k --sweep --reps 20 --shapes ffn_down
 """
 
 from __future__ import annotations
@@ -35,17 +37,36 @@ def q6k_groups(n: int, k: int, seed: int):
     return quant_groups(raw, Q.Q6_K, (n, k))
 
 
-def candidates() -> dict[str, list]:
-    from pensieve.backends.cuda_q6k import Tiles
+def routes(rows: int, plan: dict) -> dict[str, tuple]:
+    """Each route that applies at ``rows`` rows, with the plan's tiles where it has them."""
+    from pensieve.backends import cuda_q6k as q
 
-    return {
-        "gemv": [Tiles(1, bn, bg, nw, 2) for bn in (4, 8, 16) for bg in (4, 8, 16)
-                 for nw in (2, 4)],
-        "gemm16": [Tiles(16, bn, bg, nw, ns) for bn in (32, 64, 128) for bg in (4, 8)
-                   for nw in (4,) for ns in (2, 3, 4)],
-        "gemm": [Tiles(bm, bn, bg, nw, 3) for bm in (64, 128) for bn in (64, 128, 256)
-                 for bg in (2, 4) for nw in (4, 8)],
-    }
+    def planned(name: str, b: int, default):
+        return plan[b][1] if plan[b][0] == name else default
+    out = {}
+    if rows <= 4:
+        out["gemv"] = ("gemv", planned("gemv", 1, q.GEMV))
+    if rows <= 16:
+        out["skinny"] = ("skinny", planned("skinny", 8, q.SKINNY16))
+    elif rows <= 32:
+        out["skinny"] = ("skinny", planned("skinny", 32, q.SKINNY32))
+    out["gemm"] = ("gemm", q.GEMM16 if rows <= 16 else q.GEMM_SMALL if rows <= 256 else q.GEMM)
+    out["dequant"] = ("dequant", planned("dequant", 2048, q.DEQUANT))
+    return out
+
+
+def sweep(rows: int, n: int) -> list[tuple]:
+    from pensieve.backends import cuda_q6k_tune as tune
+    from pensieve.backends.cuda_q6k import skinny_fits
+
+    out = [("dequant", t) for t in tune.DEQUANT_CANDIDATES]
+    if rows <= 2:
+        out += [("gemv", t) for t in tune.GEMV_CANDIDATES]
+    if rows <= 32:
+        out += [("skinny", t) for bm, ts in tune.SKINNY_CANDIDATES.items() for t in ts
+                if rows <= bm and skinny_fits(t, n)]
+    bucket = next((b for b in tune.GEMM_CANDIDATES if rows <= b), 2048)
+    return out + [("gemm", t) for t in tune.GEMM_CANDIDATES[bucket]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,51 +74,61 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--rows", default=",".join(map(str, ROWS)))
+    p.add_argument("--shapes", default=",".join(SHAPES))
     a = p.parse_args(argv)
     from pensieve.backends import cuda_q6k
     from pensieve.backends.cuda_int4_tune import gpu_us
     from pensieve.backends.cuda_int8 import CudaInt8Linear
-    from pensieve.backends.cuda_q6k import CudaQ6KLinear
-    from pensieve.backends.cuda_q6k_tune import plan_shape
+    from pensieve.backends.cuda_q6k import CudaQ6KLinear, launch
+    from pensieve.backends.cuda_q6k_tune import describe, plan_shape
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(torch.cuda.get_device_name(dev), "torch", torch.__version__)
-    for name, (n, k) in SHAPES.items():
+    for name in a.shapes.split(","):
+        n, k = SHAPES[name]
         g = q6k_groups(n, k, seed=n)
         layers = [CudaQ6KLinear(g).to(dev, dt)]
-        layers[0].plan = plan_shape(layers, dt, a.reps, gpu_us)  # what a start would choose
-        print(name, "plan:", layers[0].plan)
+        cuda_q6k.skinny_workspace(dev, n)
+        plan = plan_shape(layers, dt, a.reps, gpu_us)  # what a start would choose
+        layers[0].plan = plan
+        print(name, "plan:", ", ".join(f"{b}: {describe(c)}" for b, c in plan.items()))
+        w = layers[0].weight_buffers()
+        dq = routes(2048, plan)["dequant"][1]
+        t_dq = gpu_us(lambda m: cuda_q6k.dequant_weight(w, dt, dq), layers, a.reps)
+        print(f"  dequant to bf16 alone: {t_dq:.1f} µs ({n * k * 2 / t_dq / 1e3:.0f} GB/s "
+              f"written; {describe(('dequant', dq))})")
         old = [CudaInt8Linear(g).to(dev, dt)]
         dense = layers[0].dequantize().to(dt)
         q6_bytes = cuda_q6k.layout_bytes(n, k)
         for rows in map(int, a.rows.split(",")):
             x = torch.randn(rows, k, device=dev, dtype=dt)
             ref = F.linear(x.float(), dense.float())
-            y = layers[0](x)
-            err = ((y.float() - ref).norm() / ref.norm()).item()
+            err = ((layers[0](x).float() - ref).norm() / ref.norm()).item()
             t_new = gpu_us(lambda m: m(x), layers, a.reps)
+            each = []
+            for route, choice in routes(rows, plan).items():
+                try:
+                    us = gpu_us(lambda m, c=choice: launch(c, x, w), layers, a.reps)
+                    each.append(f"{route} {us:.1f}")
+                except Exception as e:  # a tile Triton cannot build here
+                    why = str(e).splitlines()[0][:60] if str(e) else repr(e)
+                    each.append(f"{route} failed ({why})")
             t_old = gpu_us(lambda m: m(x), old, a.reps)
             t_dense = gpu_us(lambda m: F.linear(x, dense), layers, a.reps)
             print(f"{name:8} {n:6}x{k:<5} rows {rows:4}: q6k {t_new:8.1f} µs "
-                  f"({q6_bytes / t_new / 1e3:6.0f} GB/s, {cuda_q6k.route(rows)}, err {err:.1e})"
-                  f"  int8 {t_old:8.1f}  bf16 cuBLAS {t_dense:8.1f}")
+                  f"({q6_bytes / t_new / 1e3:6.0f} GB/s, {describe(plan[cuda_q6k.bucket(rows)])}, "
+                  f"err {err:.1e})  int8 {t_old:8.1f}  bf16 cuBLAS {t_dense:8.1f}  | "
+                  + ", ".join(each))
             if not a.sweep:
                 continue
-            kind = "gemv" if rows <= 2 else "gemm16" if rows <= 16 else "gemm"
             times = []
-            w = layers[0].weight_buffers()
-            for t in candidates()[kind]:
-                run = (lambda m, t=t: cuda_q6k.gemv(x, w, torch.empty(rows, n, device=dev,
-                                                                      dtype=dt), t)) \
-                    if kind == "gemv" else \
-                    (lambda m, t=t: cuda_q6k.gemm(x, w, torch.empty(rows, n, device=dev,
-                                                                    dtype=dt), t))
+            for c in sweep(rows, n):
                 try:
-                    times.append((gpu_us(run, layers, a.reps), t))
+                    times.append((gpu_us(lambda m, c=c: launch(c, x, w), layers, a.reps), c))
                 except Exception as e:  # a tile Triton cannot build here
-                    print(f"    {t}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-            for us, t in sorted(times, key=lambda r: r[0])[:3]:
-                print(f"    {us:8.1f} µs  {t}")
+                    print(f"    {describe(c)}: {str(e).splitlines()[0] if str(e) else e!r}")
+            for us, c in sorted(times, key=lambda r: r[0])[:5]:
+                print(f"    {us:8.1f} µs  {describe(c)}  {c[1]}")
     return 0
 
 
