@@ -304,12 +304,15 @@ def gpu_tokens(path: Path, keep_codes: bool, graphs: bool, monkeypatch, device_r
 
 @needs_cuda
 @pytest.mark.parametrize("kind", ["gguf", "hf"])
-def test_gpt_oss_on_codes_with_graphs_gives_the_dequantised_greedy_tokens(root, kind, monkeypatch):
+def test_gpt_oss_on_codes_with_graphs_gives_the_dequantised_greedy_tokens(root, kind, monkeypatch,
+                                                                          caplog):
     """float32 on the GPU: the MXFP4 experts on the fused kernels under the hybrid decode graphs
     against the same file dequantised on load (the torch expert loop, eager)."""
     path = tiny(root, kind)
     want, _ = gpu_tokens(path, False, False, monkeypatch)
-    got, engine = gpu_tokens(path, True, True, monkeypatch, device_read=kind == "gguf")
+    with caplog.at_level(logging.INFO, logger="pensieve.backends.cuda_moe_swap"):
+        got, engine = gpu_tokens(path, True, True, monkeypatch, device_read=kind == "gguf")
+    assert "MoE experts as codes on CUDA: 3 layers" in caplog.text and "MXFP4" in caplog.text
     graphs = engine.runner.hybrid_graphs
     assert graphs is not None, "the hybrid decode graphs were not captured (see the log)"
     assert graphs.replays > 0
