@@ -35,10 +35,14 @@ log = logging.getLogger(__name__)
 
 # per family, the first the untimed default
 GEMV_CANDIDATES = (GEMV, Tiles(1, 4, 8, 4, 2), Tiles(1, 16, 8, 4, 2), Tiles(1, 8, 16, 4, 2))
+# (split-K where N is short, so that ~2+ programs run per SM; one split of wide tiles for a
+# head-sized N, where only split_k == 1 fits; all build for sm_90 without a spill, 72-128
+# registers with 16-divisible arguments)
 SKINNY_CANDIDATES = {
     16: (SKINNY16, Skinny(16, 64, 4, 1, 4, 3), Skinny(16, 64, 2, 8, 4, 3),
-         Skinny(16, 128, 4, 2, 8, 3), Skinny(16, 32, 8, 4, 4, 3)),
-    32: (SKINNY32, Skinny(32, 64, 4, 1, 4, 3), Skinny(32, 128, 2, 2, 8, 3)),
+         Skinny(16, 128, 4, 2, 8, 3), Skinny(16, 32, 8, 4, 4, 3), Skinny(16, 128, 4, 1, 8, 3)),
+    32: (SKINNY32, Skinny(32, 64, 4, 1, 4, 3), Skinny(32, 128, 2, 2, 8, 3),
+         Skinny(32, 128, 4, 1, 8, 3)),
 }
 GEMM_CANDIDATES = {
     16: (GEMM16,),

@@ -171,7 +171,13 @@ def test_default_tiles_compile_for_the_h100():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_default_tiles_compile_in_float32():
+    """A float32 model's kernels (IEEE products, the float32 unpack)."""
+    compile_tiles("fp32", sorted(set(cuda_q6k.default_plan(4096).values()), key=str))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_every_candidate_compiles_for_the_h100(dtype):
     from pensieve.backends import cuda_q6k_tune as tune
 
