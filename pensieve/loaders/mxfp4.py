@@ -85,25 +85,37 @@ def hf_blocks(blocks: torch.Tensor, scales: torch.Tensor, chunk: int = CHUNK) ->
     return out.reshape(*scales.shape[:-1], scales.shape[-1] * BLOCK)
 
 
+def _int8_pairs() -> torch.Tensor:
+    """[256] int16: a byte's (low nibble, high nibble) doubled E2M1 values as two int8s."""
+    table = torch.tensor(DOUBLED, dtype=torch.int8)
+    byte = torch.arange(256)
+    return torch.stack((table[byte & 0x0F], table[byte >> 4]), dim=1).contiguous().view(
+        torch.int16).reshape(256)
+
+
+_INT8_PAIRS = _int8_pairs()
+
+
 def int8_codes(qs: torch.Tensor, exponents: torch.Tensor, *, interleaved: bool,
                name: str = "", chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor] | None:
     """qs [n, 16] code bytes and exponents [n] (E8M0) → (int8 codes [n, 32] in −12..12,
     float16 scales [n]) with code · scale = the block's value exactly (``_decode_into``'s
     doubled value and 2^(e − 128)); None (logged, with ``name``) where a block that is not
-    all zero has e − 128 outside [−24, 15]. Nibble order as ``_decode_into``'s; ``chunk``
-    blocks at a time (bounds the temporaries: the result's size is the only large one)."""
+    all zero has e − 128 outside [−24, 15]. Nibble order as ``_decode_into``'s (one 2-byte
+    lookup per code byte); ``chunk`` blocks at a time (bounds the temporaries)."""
     n = qs.shape[0]
-    table = torch.tensor(DOUBLED, dtype=torch.int8, device=qs.device)
+    pairs = _INT8_PAIRS.to(qs.device)
     codes = torch.empty(n, BLOCK, dtype=torch.int8, device=qs.device)
     scales = torch.empty(n, dtype=torch.float16, device=qs.device)
     low, high = F16_EXPONENTS
     for at in range(0, n, chunk):
         q, out = qs[at:at + chunk], codes[at:at + chunk]
         m = q.shape[0]
-        lo = torch.index_select(table, 0, (q & 0x0F).reshape(-1).to(torch.int32)).view(m, 16)
-        hi = torch.index_select(table, 0, (q >> 4).reshape(-1).to(torch.int32)).view(m, 16)
-        torch.stack((lo, hi), dim=-1 if interleaved else 1, out=out.view(
-            (m, 16, 2) if interleaved else (m, 2, 16)))
+        both = torch.index_select(pairs, 0, q.reshape(-1).to(torch.int32)).view(torch.int8)
+        if interleaved:  # byte j: weights 2j, 2j + 1 — the lookup's order already
+            out.copy_(both.view(m, BLOCK))
+        else:  # byte j: weights j, j + 16
+            out.view(m, 2, 16).copy_(both.view(m, 16, 2).transpose(1, 2))
         e = exponents.reshape(n)[at:at + chunk].to(torch.int32)
         zero = (out == 0).all(dim=1)
         bad = ~zero & ((e < low) | (e > high))
