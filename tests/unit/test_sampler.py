@@ -79,3 +79,29 @@ def test_batched_draws_follow_the_distribution():
         for tok in sample(logits, [SamplingParams(temperature=1.0)] * 8, [gen] + [None] * 7):
             counts[tok] += 1
     assert torch.allclose(counts / counts.sum(), probs, atol=0.04)
+
+
+def test_the_windowed_nucleus_keeps_what_the_full_sort_keeps():
+    """The top-p cut looked for among each row's best tokens (widened while short, sorted
+    past a quarter of the vocabulary) keeps the tokens the full sort keeps: peaked and flat
+    rows, top-k with it, whole rows, a masked vocabulary, batched with each other."""
+    from pensieve.engine import sampler as S
+
+    gen = torch.Generator().manual_seed(7)
+    vocab = 8192
+    for trial in range(60):
+        rows = torch.randn(4, vocab, generator=gen) * (0.5 + trial % 5)
+        rows[0, torch.randperm(vocab, generator=gen)[:30]] += 12  # a peaked row: a short nucleus
+        if trial % 4 == 0:
+            rows[:, ::3] = float("-inf")  # a grammar's mask
+        top_k = [0, (0, 20, 300)[trial % 3], 0, 1000 if trial % 2 else 0]
+        top_p = [(0.9, 0.95, 0.5)[trial % 3], 0.8, 2.0, (0.99, 0.3)[trial % 2]]
+        got = ~torch.isinf(S._top_k_top_p(rows, top_k, top_p))
+        want = ~torch.isinf(S._sorted_cut(rows, top_k, top_p))
+        assert torch.equal(got, want), (trial, got.sum(1), want.sum(1))
+    peaked = torch.randn(1, vocab, generator=gen)
+    peaked[0, :5] += 20
+    assert S._window_cut(peaked, [0], [0.95], 256) is not None  # found in the first window
+    flat = torch.zeros(1, vocab)
+    assert S._window_cut(flat, [0], [0.95], 256) is None  # 95% of a flat row: sorted instead
+    assert int((~torch.isinf(S._top_k_top_p(flat, [0], [0.95]))).sum()) == int(0.95 * vocab) + 1
