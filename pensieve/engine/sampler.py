@@ -128,9 +128,10 @@ def sample_ids(
     seeded row draws its E from its own generator, so its tokens depend only on its seed and
     its logits — never on the rows batched with it."""
     with torch.inference_mode():
-        bad = torch.isnan(logits).any(dim=-1) | (logits == float("inf")).any(dim=-1)
-        bad |= ~(logits > float("-inf")).any(dim=-1)
-        ids = logits.argmax(dim=-1)
+        # one pass over the vocabulary: a row's max is NaN where it holds a NaN (max propagates
+        # it), +inf where it holds +inf, -inf where every token is masked; else its argmax's
+        top, ids = logits.max(dim=-1)
+        bad = torch.isnan(top) | torch.isinf(top)
         rows = [i for i, p in enumerate(params) if not is_greedy(p)]
         if rows:
             whole = len(rows) == len(params)
