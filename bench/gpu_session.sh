@@ -8,7 +8,7 @@
 #   background: llama-server build (CUDA sm_90, from .gpu/llama.cpp), the random GGUFs (8B Llama
 #     Q4_0, Qwen3-8B Q4_K_M, Qwen3-30B-A3B Q4_K_M), each written once;
 #   tests   every CUDA test (~7+ min on an H100; TESTS: the files; TESTS=none skips);
-#   dense   Pensieve at its defaults (but the KV cache sized as llama-server's context: --kv-cache-gb) on the 8B Q4_0 and the Qwen3-8B Q4_K_M file, then llama-server
+#   dense   Pensieve at its defaults (SAME_KV=1: the KV cache sized as llama-server's context, --kv-cache-gb, for the memory row only) on the 8B Q4_0 and the Qwen3-8B Q4_K_M file, then llama-server
 #           (--cache-ram 0) on the same files: decode b=1, 8 streams, cold 12k / warm TTFT;
 #   moe     the same on the 30B-A3B file: decode, 8 and 32 streams, cold/warm TTFT, Claude Code load;
 #   kernels in-process kernel tables (KERNEL_BENCHES: bench/gpu_int4_gemv.py, gpu_q6k.py, mla_attention.py);
@@ -49,7 +49,7 @@ pens() {  # $1 tag, $2 file, $3 scenarios, $4 the KV cache in GiB llama-server's
   [ -e $S/p_$1/gpu_bench.json ] && return; log "pensieve $1 start"
   mkdir -p $S/p_$1; PENSIEVE_PROFILE_STEPS=${PROFILE_STEPS:-10}:$S/p_$1/profile.txt \
   setsid -w timeout 420 python3 -m bench.gpu_bench --out $S/p_$1 --repeat 3 --max-num-seqs 0 \
-    --scenarios $3 --gguf $2 --serve-args "--weights auto --kv-cache-gb $4" --ready-timeout 300 > $S/bench_p_$1.log 2>&1
+    --scenarios $3 --gguf $2 --serve-args "--weights auto${SAME_KV:+ --kv-cache-gb $4}" --ready-timeout 300 > $S/bench_p_$1.log 2>&1
   log "pensieve $1 rc=$?"
   grep -E "GPU memory|weights|KV|warmed up|captured|ready in|Traceback|Error" $S/p_$1/server.log 2>/dev/null \
     | cut -c1-300 | head -10 >> $S/progress; }

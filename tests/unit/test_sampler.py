@@ -102,6 +102,12 @@ def test_the_windowed_nucleus_keeps_what_the_full_sort_keeps():
     peaked = torch.randn(1, vocab, generator=gen)
     peaked[0, :5] += 20
     assert S._window_cut(peaked, [0], [0.95], 256) is not None  # found in the first window
+    sort, want = S._sorted_cut, S._sorted_cut(peaked, [0], [0.95])
+    try:  # a peaked row never reaches the full sort (a silent fallback would fail here)
+        S._sorted_cut = None  # type: ignore[assignment]
+        assert torch.equal(torch.isinf(S._top_k_top_p(peaked, [0], [0.95])), torch.isinf(want))
+    finally:
+        S._sorted_cut = sort
     flat = torch.zeros(1, vocab)
     assert S._window_cut(flat, [0], [0.95], 256) is None  # 95% of a flat row: sorted instead
     assert int((~torch.isinf(S._top_k_top_p(flat, [0], [0.95]))).sum()) == int(0.95 * vocab) + 1
