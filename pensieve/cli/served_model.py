@@ -78,11 +78,22 @@ GRAMMAR_PREPARE_DELAY_S = 1.0  # after build_app: uvicorn's start is not slowed 
 
 
 def _prepare_grammars(engine) -> None:  # noqa: ANN001
-    from pensieve.backends.cpu_memory import release_free_memory
     from pensieve.engine.grammar import grammar_available
 
-    if grammar_available():
+    if grammar_available(server=True):  # xgrammar imported without transformers
         # building them (xgrammar's import, the vocabulary's tables) leaves ~30 MB of freed
         # heap resident (152k tokens) until something trims it: trimmed when done, so the
         # first prefill's peak does not hold it
-        engine.grammars.prepare().add_done_callback(lambda _job: release_free_memory())
+        engine.grammars.prepare().add_done_callback(lambda _job: _settle_memory(engine))
+    else:
+        _settle_memory(engine)
+
+
+def _settle_memory(engine) -> None:  # noqa: ANN001
+    """Start-up is over: malloc's free pages back; on a CPU server also the shared libraries'
+    pages only start-up touched (``backends/cpu_memory.py``)."""
+    from pensieve.backends.cpu_memory import drop_library_pages, release_free_memory
+
+    release_free_memory()
+    if str(getattr(getattr(engine, "config", None), "device", "")).split(":")[0] == "cpu":
+        drop_library_pages()

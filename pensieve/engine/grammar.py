@@ -64,20 +64,23 @@ class GrammarError(ValueError):
     """xgrammar could not turn a schema or grammar into a grammar."""
 
 
-def _xgrammar() -> Any:
-    """The xgrammar module (imported now if it was not yet), or None without it."""
+def _xgrammar(server: bool = False) -> Any:
+    """The xgrammar module (imported now if it was not yet), or None without it; ``server``:
+    imported without transformers (``xgrammar_import.py``)."""
     global xgr
     if xgr is _NOT_IMPORTED:
+        from pensieve.engine.xgrammar_import import import_xgrammar
+
         try:
-            import xgrammar
+            xgrammar = import_xgrammar(stand_in=server)
         except ImportError:  # optional: only constrained requests need it
             xgrammar = None
         xgr = xgrammar
     return xgr
 
 
-def grammar_available() -> bool:
-    return _xgrammar() is not None
+def grammar_available(server: bool = False) -> bool:
+    return _xgrammar(server) is not None
 
 
 # xgrammar 0.2.8 writes the characters of a string with minLength/maxLength as [^"\\\r\n]:
