@@ -4,7 +4,8 @@ back to back, launches queued behind a sleep as in ``cuda_int4_tune``).
 
 Shapes: the random Llama-3-8B Q4_0 body and Qwen3-8B's (N × K of the fused projections).
 Kernels: ``gemv_split``'s start-time candidates (``--sweep``: its larger sweep), the best
-``gemv_words`` tile, the older ``gemv`` and, from 2 rows, the ``skinny`` candidates' best.
+``gemv_words`` tile, the wide-x-load ``gemv_wide`` candidates (1-2 rows), the older ``gemv`` and,
+from 2 rows, the ``skinny`` candidates' best.
 
     python -m bench.gpu_int4_gemv --out "$OUT"            # table + gpu_int4_gemv.json
     python -m bench.gpu_int4_gemv --sweep --rows 1 --shapes llama8b
@@ -38,7 +39,7 @@ def layers_of(n: int, k: int, count: int, gen: torch.Generator) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pensieve.backends import cuda_int4, cuda_int4_gemv
+    from pensieve.backends import cuda_int4, cuda_int4_gemv, cuda_int4_gemv_wide
     from pensieve.backends.cuda_int4_tune import _checked, gpu_us
 
     p = argparse.ArgumentParser(prog="python -m bench.gpu_int4_gemv")
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                 for c in cuda_int4.WORDS_CANDIDATES:
                     runs[f"words {c}"] = (lambda m, c=c, x=x: cuda_int4.gemv_words(
                         x, m.packed, m.scale_offset, c))
+                if cuda_int4_gemv_wide.fits(x, k):
+                    for c in cuda_int4_gemv_wide.CANDIDATES:
+                        runs[f"wide {c}"] = (lambda m, c=c, x=x: cuda_int4_gemv_wide.gemv_wide(
+                            x, m.packed, m.scale_offset, c))
                 runs["gemv"] = lambda m, x=x: cuda_int4.gemv(x, m.packed, m.scale_offset)
                 if rows > 1:
                     for c in cuda_int4.SKINNY_CANDIDATES:

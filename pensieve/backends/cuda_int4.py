@@ -14,7 +14,8 @@ Which kernel runs depends on the rows of x (``Plan``, timed per weight shape at 
 ``cuda_int4_tune.prepare``; kernels in ``cuda_int4_kernels.py``):
 
 * 1-2 rows: ``gemv_words`` (codes read as 128-bit words, ``128 + code`` floats made with one
-  shift and one AND-OR a weight) or the older ``gemv``;
+  shift and one AND-OR a weight), the older ``gemv`` or, for bfloat16 x, ``gemv_wide``
+  (``cuda_int4_gemv_wide.py``: x read 8 bytes at a time);
 * 1-4 rows: ``gemv_split`` (``cuda_int4_gemv.py``: split-K programs, float products or int8 x
   with dp4a), where timing says it is faster;
 * 2-16 rows: ``skinny`` (tensor cores, split-K in one launch; it casts x to float16, so
@@ -44,6 +45,8 @@ from torch import nn
 
 from pensieve.backends.cuda_int4_gemv import MAX_ROWS as SPLIT_MAX_ROWS
 from pensieve.backends.cuda_int4_gemv import Split, gemv_split
+from pensieve.backends.cuda_int4_gemv_wide import Wide, gemv_wide
+from pensieve.backends.cuda_int4_gemv_wide import fits as wide_fits
 from pensieve.backends.tinygemm import TinyGemm
 from pensieve.models.quant_linear import Int4Groups
 
@@ -304,13 +307,14 @@ def triton_cdiv(a: int, b: int) -> int:
 class Plan:
     """Which kernel runs a weight for each row bucket (``ROUTE_BUCKETS`` then ``GEMM_BUCKETS``:
     the first bucket ≥ the rows; past the last, the last), with its tiles. Kernels: ``words``,
-    ``gemv``, ``split``, ``skinny``, ``tinygemm``, ``dense``, ``gemm``, ``dequant``."""
+    ``gemv``, ``wide``, ``split``, ``skinny``, ``tinygemm``, ``dense``, ``gemm``, ``dequant``."""
 
     route: dict[int, str]
     words: Words = WORDS
     skinny: Skinny | None = None
     gemm: dict[int, Gemm] = field(default_factory=dict)
     split: Split | None = None
+    wide: Wide | None = None
 
     def kernel(self, rows: int) -> tuple[str, int]:
         bucket = next((b for b in ROUTE_BUCKETS + GEMM_BUCKETS if rows <= b), GEMM_BUCKETS[-1])
@@ -342,6 +346,10 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
         return gemv_words(x, packed, so, plan.words)
     if kind == "gemv":
         return gemv(x, packed, so)
+    if kind == "wide" and plan.wide is not None and wide_fits(x, k):
+        return gemv_wide(x, packed, so, plan.wide)
+    if kind == "wide" and m <= 2:  # its tiles missing or x not bfloat16
+        return gemv_words(x, packed, so, plan.words)
     if kind == "split" and plan.split is not None and m <= SPLIT_MAX_ROWS:
         return gemv_split(x, packed, so, plan.split)
     if kind == "split" and m <= 2:  # its tiles missing (a plan from elsewhere)

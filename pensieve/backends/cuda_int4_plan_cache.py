@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from pensieve.backends.cuda_int4 import (
-    GEMM_BUCKETS, ROUTE_BUCKETS, CudaInt4Linear, Gemm, Plan, Skinny, Split, Words, dequantize,
-    int4_linear,
+    GEMM_BUCKETS, ROUTE_BUCKETS, CudaInt4Linear, Gemm, Plan, Skinny, Split, Wide, Words,
+    dequantize, int4_linear,
 )
 from pensieve.backends.cuda_int4_gemv import candidates
 from pensieve.backends.tune_cache import TuneCache, device_key
@@ -23,21 +23,24 @@ log = logging.getLogger(__name__)
 
 PLANS = TuneCache("int4", ("cuda_int4.py", "cuda_int4_kernels.py", "cuda_int4_tune.py",
                            "cuda_int4_plan_cache.py", "cuda_int4_gemv.py",
-                           "cuda_int4_gemv_kernels.py"))
+                           "cuda_int4_gemv_kernels.py", "cuda_int4_gemv_wide.py",
+                           "cuda_int4_gemv_wide_kernels.py"))
 
 
 def to_json(plan: Plan) -> dict[str, Any]:
     return {"route": {str(b): r for b, r in plan.route.items()}, "words": asdict(plan.words),
             "skinny": None if plan.skinny is None else asdict(plan.skinny),
             "gemm": {str(b): asdict(g) for b, g in plan.gemm.items()},
-            "split": None if plan.split is None else asdict(plan.split)}
+            "split": None if plan.split is None else asdict(plan.split),
+            "wide": None if plan.wide is None else asdict(plan.wide)}
 
 
 def from_json(d: dict[str, Any]) -> Plan:
     return Plan({int(b): r for b, r in d["route"].items()}, Words(**d["words"]),
                 None if d["skinny"] is None else Skinny(**d["skinny"]),
                 {int(b): Gemm(**g) for b, g in d["gemm"].items()},
-                None if d.get("split") is None else Split(**d["split"]))
+                None if d.get("split") is None else Split(**d["split"]),
+                None if d.get("wide") is None else Wide(**d["wide"]))
 
 
 def _key(layer: CudaInt4Linear, dtype: torch.dtype) -> str:

@@ -4,7 +4,8 @@ Per weight shape (q/k/v, o, gate/up, down each once: the layers of a shape share
 kernels and tiles that apply are checked against the dequantised weight and timed on up to 8
 layers of the shape back to back, as a decode step runs them:
 
-* 1 and 2 rows: ``gemv_words`` (its tiles timed at 1 row) against the older ``gemv``;
+* 1 and 2 rows: ``gemv_words`` (its tiles timed at 1 row) against the older ``gemv`` and, in
+  bfloat16, ``gemv_wide`` (``cuda_int4_gemv_wide.CANDIDATES`` timed at 1 row);
 * 1-4 rows: ``gemv_split`` too (``cuda_int4_gemv.candidates()`` timed at 1 row, the fastest
   then against the others at 1, 2 and 4 rows);
 * 2-32 rows: ``skinny`` (its tiles timed at 8 rows; past 16 rows it pads to 32);
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pensieve.backends import cuda_int4_gemv, cuda_int4_plan_cache, tinygemm
+from pensieve.backends import cuda_int4_gemv, cuda_int4_gemv_wide, cuda_int4_plan_cache, tinygemm
 from pensieve.backends.cuda_int4 import (
     GEMM_BUCKETS, GEMM_CANDIDATES, ROUTE_BUCKETS, SKINNY_CANDIDATES, SKINNY_MAX_ROWS,
     WORDS_CANDIDATES, CudaInt4Linear, Plan, Skinny, default_plan, dequantize, gemm, gemv, gemv_words,
@@ -159,6 +160,12 @@ def plan_shape(sample: list[CudaInt4Linear], dtype: torch.dtype,
     best, times = fastest(words, sample, x1, reps)
     if best is not None:
         plan.words = next(c for c in WORDS_CANDIDATES if str(c) == best)
+    if dtype == torch.bfloat16:
+        wides = {str(c): (lambda m, c=c: cuda_int4_gemv_wide.gemv_wide(x1, m.packed,
+                                                                        m.scale_offset, c))
+                 for c in cuda_int4_gemv_wide.CANDIDATES}
+        wide, _ = fastest(wides, sample, x1, reps)
+        plan.wide = next((c for c in cuda_int4_gemv_wide.CANDIDATES if str(c) == wide), None)
     plan.skinny = _choose_skinny(sample, dtype, reps)
     splits = {str(c): (lambda m, c=c: cuda_int4_gemv.gemv_split(x1, m.packed, m.scale_offset, c))
               for c in cuda_int4_gemv.candidates()}
@@ -171,6 +178,9 @@ def plan_shape(sample: list[CudaInt4Linear], dtype: torch.dtype,
             if best is not None:
                 runs["words"] = lambda m, x=x: gemv_words(x, m.packed, m.scale_offset, plan.words)
             runs["gemv"] = lambda m, x=x: gemv(x, m.packed, m.scale_offset)
+            if plan.wide is not None:
+                runs["wide"] = lambda m, x=x: cuda_int4_gemv_wide.gemv_wide(
+                    x, m.packed, m.scale_offset, plan.wide)
         if rows <= 4 and plan.split is not None:
             runs["split"] = lambda m, x=x: cuda_int4_gemv.gemv_split(x, m.packed, m.scale_offset,
                                                                      plan.split)
@@ -204,7 +214,8 @@ def plan_shape(sample: list[CudaInt4Linear], dtype: torch.dtype,
         name, choice = fastest(runs, few, x, r)
         plan.route[rows] = name or "dequant"
         notes.append(f"×{rows} {_fmt(choice)} (gemm tiles: {_fmt(times)})")
-    return plan, (f"{plan.route}, words {plan.words}, split {plan.split}, skinny {plan.skinny}; "
+    return plan, (f"{plan.route}, words {plan.words}, wide {plan.wide}, split {plan.split}, "
+                  f"skinny {plan.skinny}; "
                   + "; ".join(notes))
 
 

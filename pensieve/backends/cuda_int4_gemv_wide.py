@@ -1,0 +1,73 @@
+"""The wide-x-load int4 GEMV for 1-2 rows (``cuda_int4_gemv_wide_kernels.gemv_wide``): its tiles,
+the candidates ``cuda_int4_tune`` times per weight shape at start (bfloat16 models), the launcher.
+
+Same weight layout as every other int4 kernel (``cuda_int4.py``). Against ``gemv_words`` it
+loads x 8 bytes at a time (8 loads a group instead of 32) and turns bfloat16 into float32 with a
+shift instead of a conversion; whether that is faster on a given GPU is the tuner's to say.
+Importing this module needs neither a GPU nor Triton.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+GROUP = 32
+MAX_ROWS = 2  # each row reads the weight again: meant for decode at batch 1 (and 2)
+
+
+@dataclass(frozen=True)
+class Wide:
+    """One ``gemv_wide`` launch: BLOCK_N weight rows a program, BLOCK_G groups a step; the
+    weight a 16-byte piece (a group) a thread, or a word a thread (``word_threads``)."""
+
+    block_n: int
+    block_g: int
+    num_warps: int
+    num_stages: int = 2
+    word_threads: bool = False
+
+
+# timed per weight shape at start where the model runs in bfloat16 (one Triton compile each);
+# untimed on a GPU so far. gemv_words' best-known tiles, then word-a-thread forms and a
+# taller tile (more bytes in flight a thread on the short k/v and o shapes)
+CANDIDATES = (
+    Wide(8, 32, 1), Wide(4, 64, 2), Wide(2, 128, 4), Wide(16, 32, 2), Wide(8, 64, 4, 3),
+    Wide(8, 32, 1, word_threads=True), Wide(4, 64, 2, word_threads=True),
+    Wide(4, 32, 4, word_threads=True),
+)
+
+
+def fits(x: torch.Tensor, k: int) -> bool:
+    """bfloat16 x (the shift that makes its floats), whole groups, at most ``MAX_ROWS`` rows."""
+    return x.dtype == torch.bfloat16 and k % GROUP == 0 and 1 <= x.shape[0] <= MAX_ROWS
+
+
+def _kernels() -> ModuleType:
+    from pensieve.backends import cuda_int4_gemv_wide_kernels
+
+    return cuda_int4_gemv_wide_kernels
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def gemv_wide(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Wide) -> torch.Tensor:
+    """x [M ≤ 2, K] bfloat16 (contiguous rows) @ w.T by ``gemv_wide`` with tiles ``t``."""
+    m, k = x.shape
+    n = packed.shape[0]
+    if not fits(x, k):
+        raise ValueError(f"gemv_wide: {m} rows of {x.dtype} (bfloat16, ≤ {MAX_ROWS} rows)")
+    groups = k // GROUP
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    x2 = x.contiguous().view(torch.int32)  # two bfloat16 a word
+    _kernels().gemv_wide[(-(-n // t.block_n), m)](
+        x2, packed.view(torch.int32), so, y, n, groups, x2.stride(0), y.stride(0), k // 8,
+        BLOCK_N=t.block_n, BLOCK_G=t.block_g, EVEN=groups % t.block_g == 0,
+        SYM=so.dtype == torch.int16, WORD_THREADS=t.word_threads, ASM=not _interpreted(),
+        num_warps=t.num_warps, num_stages=t.num_stages)
+    return y

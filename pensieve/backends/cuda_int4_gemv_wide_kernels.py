@@ -1,0 +1,99 @@
+"""``gemv_wide``: a 1-2-row int4 GEMV whose x loads are 8 bytes wide (``cuda_int4.py`` layout).
+
+``gemv_words`` gives each thread a group's four 32-bit words of BLOCK_N rows and loads x's 32
+values of that group one bfloat16 at a time (32 two-byte loads a group: columns 32g + 4q + j
+of word q are 4 elements apart in its load tensor). Here x is read as int32 pairs (two
+bfloat16 a word, the launcher's ``x.view(int32)``): a word q of the weight meets columns
+32g + 4q .. 32g + 4q + 3 (low nibbles) and 32g + 16 + 4q .. (high nibbles), which are two
+contiguous int32 pairs each — one 8-byte load for the low half and one for the high half of a
+word, the bfloat16 turned float32 by a shift or a mask (bfloat16 is float32's top half).
+The weight's words are loaded one word a thread along q (``WORD_THREADS``: Triton then lays
+x's pairs out along the same threads, no shared-memory shuffle between the two) or a group a
+thread (``WORD_THREADS=False``, 16-byte weight loads as ``gemv_words``).
+
+Arithmetic as ``gemv_words``: ``Σ (128 + c)·x`` in float32 (exact products), then
+``s·Σ(128+c)x + (o − 128·s)·Σx`` a group. bfloat16 x only (the launcher refuses others).
+Grid (cdiv(N, BLOCK_N), rows). EVEN: the groups are a multiple of BLOCK_G.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from pensieve.backends.cuda_int4_kernels import _code128, _scale_offset
+
+
+@triton.jit
+def _bf16_pair(p):
+    """int32 holding two bfloat16 (element 2i low, 2i + 1 high) → both as float32."""
+    return (p << 16).to(tl.float32, bitcast=True), (p & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _hide(x, ASM: tl.constexpr):
+    """x unchanged, its contiguity hidden from Triton (loads through it stay one word a
+    thread instead of four: the layout x's pairs take)."""
+    if ASM:
+        x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    return x
+
+
+@triton.jit
+def gemv_wide(X2, W, SO, Y, N, GROUPS, stride_x2, stride_y, stride_w,
+              BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr,
+              SYM: tl.constexpr = False, WORD_THREADS: tl.constexpr = True,
+              ASM: tl.constexpr = True):
+    """y[row, n] = Σ_k x[row, k] · w[n, k]; X2: x's rows as int32 pairs (``stride_x2`` pairs a
+    row), W: ``packed`` as int32 words (``stride_w`` = K / 8 a row)."""
+    pid = tl.program_id(0)
+    row = tl.program_id(1)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    n = tl.where(nmask, n, 0).to(tl.int64)
+    gi = tl.arange(0, BLOCK_G)
+    q = tl.arange(0, 4)
+    c = tl.arange(0, 2)
+    word = gi[None, :, None] * 4 + q[None, None, :]
+    if WORD_THREADS:
+        word = _hide(word, ASM)
+    w_ptrs = W + n[:, None, None] * stride_w + word
+    so_ptrs = SO + n[:, None] * GROUPS + gi[None, :]
+    # pairs 16g + 2q + c (low nibbles' columns 32g + 4q + 2c, + 1) and 8 pairs on (high)
+    x_ptrs = X2 + row * stride_x2 + gi[:, None, None] * 16 + q[None, :, None] * 2 + c[None, None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    for g0 in range(0, GROUPS, BLOCK_G):
+        if EVEN:
+            w = tl.load(w_ptrs)
+            so = tl.load(so_ptrs)
+            lo = tl.load(x_ptrs)
+            hi = tl.load(x_ptrs + 8)
+        else:
+            gmask = (g0 + gi) < GROUPS
+            w = tl.load(w_ptrs, mask=gmask[None, :, None], other=0)
+            so = tl.load(so_ptrs, mask=gmask[None, :], other=0)
+            lo = tl.load(x_ptrs, mask=gmask[:, None, None], other=0)
+            hi = tl.load(x_ptrs + 8, mask=gmask[:, None, None], other=0)
+        l01, l23 = tl.split(lo)  # [BLOCK_G, 4]: columns 4q, 4q+1 | 4q+2, 4q+3 (+ 32g)
+        h01, h23 = tl.split(hi)
+        x0, x1 = _bf16_pair(l01)
+        x2, x3 = _bf16_pair(l23)
+        y0, y1 = _bf16_pair(h01)
+        y2, y3 = _bf16_pair(h23)
+        part = _code128(w, 16) * x0[None, :, :]  # byte j's low nibble meets column 4q + j
+        part += _code128(w, 12) * y0[None, :, :]  # its high nibble column 16 + 4q + j
+        part += _code128(w, 8) * x1[None, :, :]
+        part += _code128(w, 4) * y1[None, :, :]
+        part += _code128(w, 0) * x2[None, :, :]
+        part += _code128(w, -4) * y2[None, :, :]
+        part += _code128(w, -8) * x3[None, :, :]
+        part += _code128(w, -12) * y3[None, :, :]
+        xsum = tl.sum((x0 + x1) + (x2 + x3) + ((y0 + y1) + (y2 + y3)), 1)
+        s, o = _scale_offset(so, SYM)
+        acc += tl.sum(part, 2) * s + (o - 128.0 * s) * xsum[None, :]
+        w_ptrs += BLOCK_G * 4
+        so_ptrs += BLOCK_G
+        x_ptrs += BLOCK_G * 16
+    y = tl.sum(acc, 1)
+    tl.store(Y + row * stride_y + n, y.to(Y.dtype.element_ty), mask=nmask)
