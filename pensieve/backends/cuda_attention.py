@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+QKNorm = tuple[torch.Tensor, torch.Tensor, float]  # per-head RMSNorm: q weight, k weight, eps
 _PAD_GROUP = 16  # query heads per KV head, padded up to tl.dot's smallest M
 _BLOCK_N = 64  # keys per inner tile of the decode kernel
 
@@ -75,13 +76,16 @@ class CudaPagedAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  ctx, cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,  # noqa: ANN001
-                 ) -> torch.Tensor:
-        """q/k before RoPE when ``cos_sin`` is given: rotated and stored in one kernel."""
+                 qk_norm: QKNorm | None = None) -> torch.Tensor:
+        """q/k before RoPE when ``cos_sin`` is given: rotated and stored in one kernel (and
+        RMS-normed per head first, with ``qk_norm``'s weights: Qwen3, ``cuda_layers``)."""
         k_cache, v_cache = ctx.k_caches[layer], ctx.v_caches[layer]
         if cos_sin is None:
+            if qk_norm is not None:
+                q, k = _torch_qk_norm(q, k, qk_norm)
             store_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
         else:
-            q = rope_and_store(q, k, v, cos_sin, ctx.slot_mapping, k_cache, v_cache)
+            q = rope_and_store(q, k, v, cos_sin, ctx.slot_mapping, k_cache, v_cache, qk_norm)
         if self.chunk is not None:
             return paged_chunk(q, k_cache, v_cache, self.chunk)
         nd = self.num_decodes
@@ -101,13 +105,22 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, heads, dim).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
+def _torch_qk_norm(q: torch.Tensor, k: torch.Tensor,
+                   norm: QKNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    qw, kw, eps = norm
+    return F.rms_norm(q, (q.shape[-1],), qw, eps), F.rms_norm(k, (k.shape[-1],), kw, eps)
+
+
 def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    cos_sin: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                   k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   qk_norm: QKNorm | None = None) -> torch.Tensor:
     """RoPE (rotate-half) on q and k, k and v into their cache slots; returns rotated q.
 
     One launch instead of ~12 small ones (the elementwise RoPE ops and two index copies);
     q/k/v may be strided views of the fused qkv projection. Arithmetic in float32.
+    ``qk_norm`` (q weight, k weight, eps): each head RMS-normed first, in the same launch
+    (``cuda_rope_kernels.rope_norm``; two ``F.rms_norm`` launches fewer, same roundings).
     """
     t, hq, d = q.shape
     hk = k.shape[1]
@@ -118,6 +131,18 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for x in (q, k, v, k_cache):
         if x.stride(-1) != 1:
             raise ValueError("rope_and_store needs unit stride along head_dim")
+    if qk_norm is not None:
+        from pensieve.backends import cuda_rope_kernels
+
+        qw, kw, eps = qk_norm
+        cuda_rope_kernels.rope_norm[(t,)](
+            q, k, v, cos, sin, slots, out, k_cache, v_cache, qw, kw, eps,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            cos.stride(0), sin.stride(0), k_cache.stride(1), k_cache.stride(2),
+            HQ=hq, HK=hk, HQ_PAD=_pow2(hq), HK_PAD=_pow2(hk), HALF=d // 2,
+            HALF_PAD=_pow2(d // 2), num_warps=4,
+        )
+        return out
     _kernels().rope[(t,)](
         q, k, v, cos, sin, slots, out, k_cache, v_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -1,17 +1,42 @@
-"""Fused element-wise steps of the Llama block on CUDA (one Triton kernel each).
+"""Fused steps of the Llama block on CUDA (one Triton kernel each) and fewer launches a layer.
 
-``fuse_cuda_layers`` changes the class of each ``models.llama.MLP`` to ``CudaMLP`` and of each
-``DecoderLayer`` to ``CudaDecoderLayer`` — same children, same state dict, only ``forward``
-differs — so the model file keeps reading like the reference:
+``fuse_cuda_layers`` changes the class of each ``models.llama.MLP`` to ``CudaMLP``, of each
+``DecoderLayer`` to ``CudaDecoderLayer``, of each q/k-normed ``Attention`` (Qwen3) to
+``CudaAttention`` and of a ``LlamaBody`` whose layers all became ``CudaDecoderLayer`` to
+``CudaLlamaBody`` — same children, same state dict, only ``forward``/``run`` differ — so the
+model file keeps reading like the reference:
 
 * ``silu_mul``: SiLU(gate)·up straight from the fused gate/up output. PyTorch runs SiLU on the
   strided half, then the product: three passes over [T, 2I] instead of one and a half (~6%
   of a 2048-token prefill step on an H100).
-* ``add_rms_norm``: the residual add after attention and the post-attention RMSNorm in one
-  pass (PyTorch: an add, then a norm kernel with one block per row).
+* ``add_rms_norm``: a residual add and the RMSNorm after it in one pass — the post-attention
+  norm in each layer and, in ``CudaLlamaBody``, the end-of-layer add with the next layer's
+  input norm (the last layer's with the final norm).
+* Qwen3's per-head q/k RMSNorms inside ``rope_and_store`` (``cuda_rope_kernels.rope_norm``).
 
-Both compute in float32 and round where PyTorch rounds (the sum to x's dtype before the
-norm reads it). Importing this module needs no GPU; Triton is imported on first use.
+Kernel launches of one dense decode layer (CUDA graphs on; batch 1 or 8):
+
+======================  ================  =====================================================
+step                    unfused           fused
+======================  ================  =====================================================
+input RMSNorm           1 (F.rms_norm)    0 (the previous layer's end add + norm; layer 0: 1)
+qkv projection          1 GEMV (+1 bias)  1 GEMV (+1 bias: Qwen2)
+q_norm, k_norm (Qwen3)  2 (F.rms_norm)    0 (in rope_and_store)
+RoPE + K/V store        1                 1
+paged decode            2 (partial+merge) 2
+o projection            1 GEMV            1
+add + post-attn norm    1                 1
+gate/up projection      1 GEMV            1
+SiLU·up                 1                 1
+down projection         1 GEMV            1
+residual add            1                 1 (with the next layer's input norm)
+======================  ================  =====================================================
+
+Llama: 11 → 10 a layer, Qwen3: 13 → 10 (more unfused where ``F.rms_norm`` copies the strided
+q/k views first); the first layer's input norm stays separate, the last layer's add meets the
+final norm. Every fused step computes in float32 and rounds where
+PyTorch rounds (a sum to x's dtype before the norm reads it, a norm's output before RoPE).
+Importing this module needs no GPU; Triton is imported on first use.
 """
 
 from __future__ import annotations
@@ -21,7 +46,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from pensieve.models.llama import MLP, DecoderLayer
+from pensieve.backends.cuda_attention import CudaPagedAttention
+from pensieve.models.llama import MLP, Attention, DecoderLayer, LlamaBody, RMSNorm
 
 
 def _kernels() -> ModuleType:
@@ -61,17 +87,71 @@ class CudaMLP(MLP):
         return self.down_proj(act.view(*shape[:-1], shape[-1] // 2))
 
 
+class CudaAttention(Attention):
+    """Attention with per-head q/k RMSNorms (Qwen3): on the CUDA paged attention the norms
+    run inside ``rope_and_store``; elsewhere (no CUDA attention in the step) as the reference."""
+
+    def forward(self, x, cos_sin, ctx):  # noqa: ANN001, ANN201 - as Attention.forward
+        attention = ctx.attention
+        if type(attention) is not CudaPagedAttention or cos_sin is None:
+            return super().forward(x, cos_sin, ctx)
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        out = attention(self.layer, q.view(t, self.num_heads, self.head_dim),
+                        k.view(t, self.num_kv_heads, self.head_dim),
+                        v.view(t, self.num_kv_heads, self.head_dim), ctx, cos_sin,
+                        qk_norm=norms)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+def _fusable_attention(m: nn.Module) -> bool:
+    """An exact ``Attention`` with q/k norms of one eps and no extra query scale."""
+    return (type(m) is Attention and m.qk_norm and m.q_scale == 1.0
+            and type(m.q_norm) is RMSNorm and type(m.k_norm) is RMSNorm
+            and m.q_norm.eps == m.k_norm.eps)
+
+
 class CudaDecoderLayer(DecoderLayer):
     def forward(self, x, cos_sin, ctx):  # noqa: ANN001, ANN201 - as DecoderLayer.forward
-        attn = self.self_attn(self.input_layernorm(x), cos_sin, ctx)
+        x, mlp = self.fused(x, self.input_layernorm(x), cos_sin, ctx)
+        return x + mlp
+
+    def fused(self, x: torch.Tensor, h: torch.Tensor, cos_sin, ctx  # noqa: ANN001
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """From x and its input norm ``h``: (x + attention, the MLP's output) — the last
+        residual add left to the caller (``CudaLlamaBody`` fuses it with the next norm)."""
+        attn = self.self_attn(h, cos_sin, ctx)
         norm = self.post_attention_layernorm
         x, h = add_rms_norm(x.reshape(-1, x.shape[-1]), attn.reshape(-1, x.shape[-1]),
                             norm.weight, norm.eps)
-        return x + self.mlp(h)
+        return x, self.mlp(h)
+
+
+class CudaLlamaBody(LlamaBody):
+    """Each layer's last residual add fused with the next layer's input norm (the last
+    layer's with the final norm, over every row, then the engine's rows picked)."""
+
+    def run(self, x, cos_sin, ctx):  # noqa: ANN001, ANN201 - as LlamaBody.run
+        layers = list(self.layers)
+        x = x.reshape(-1, x.shape[-1])
+        h = layers[0].input_layernorm(x)
+        for i, layer in enumerate(layers):
+            x, mlp = layer.fused(x, h, cos_sin, ctx)
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            x, h = add_rms_norm(x, mlp.reshape(x.shape), norm.weight, norm.eps)
+        return h[ctx.logits_indices]
+
+
+def _fusable_body(m: nn.Module) -> bool:
+    return (type(m) is LlamaBody and len(m.layers) > 0 and type(m.norm) is RMSNorm
+            and all(type(layer) is CudaDecoderLayer and type(layer.input_layernorm) is RMSNorm
+                    for layer in m.layers))
 
 
 def fuse_cuda_layers(model: nn.Module) -> int:
-    """Switch the model's MLPs and decoder layers (exact classes only) to the fused forms."""
+    """Switch the model's MLPs, decoder layers, q/k-normed attentions and the body (exact
+    classes only) to the fused forms; returns the number of decoder layers switched."""
     count = 0
     for module in model.modules():
         if type(module) is MLP:
@@ -79,4 +159,9 @@ def fuse_cuda_layers(model: nn.Module) -> int:
         elif type(module) is DecoderLayer:
             module.__class__ = CudaDecoderLayer
             count += 1
+        elif _fusable_attention(module):
+            module.__class__ = CudaAttention
+    for module in model.modules():  # after the layers: the body needs all of them fused
+        if _fusable_body(module):
+            module.__class__ = CudaLlamaBody
     return count

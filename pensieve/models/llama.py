@@ -144,6 +144,13 @@ class LlamaBody(nn.Module):
         self.layers = nn.ModuleList(layer(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
+    def run(self, x: torch.Tensor, cos_sin: CosSin, ctx: ForwardContext) -> torch.Tensor:
+        """The decoder layers, then the final norm of the rows the engine asks for
+        (``backends/cuda_layers.py`` fuses each residual add into the next norm)."""
+        for layer in self.layers:
+            x = layer(x, cos_sin, ctx)
+        return self.norm(x[ctx.logits_indices])
+
 
 class LlamaForCausalLM(nn.Module):
     """Token ids in, logits for the rows the engine asks for out."""
@@ -171,10 +178,7 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T]. Returns float32 logits [len(ctx.logits_indices), V]."""
         x = self.model.embed_tokens(input_ids)
         cos_sin = tuple(t.to(x.dtype) for t in self.model.rotary.lookup(positions))
-        for layer in self.model.layers:
-            x = layer(x, cos_sin, ctx)
-        x = self.model.norm(x[ctx.logits_indices])
-        return self.lm_head(x).float()
+        return self.lm_head(self.model.run(x, cos_sin, ctx)).float()
 
 
 def family_of(args: ModelArgs) -> Family:

@@ -1,0 +1,155 @@
+"""Fewer launches a decode layer (backends/cuda_layers.py): the end-of-layer residual add fused
+with the next layer's input RMSNorm (``CudaLlamaBody``) and Qwen3's q/k RMSNorms inside
+``rope_and_store`` (``cuda_rope_kernels.rope_norm``), each against the unfused path.
+
+On CPU (Triton's interpreter, a fresh process): ``rope_and_store(qk_norm=...)`` against
+``F.rms_norm`` then the unfused RoPE kernel on strided q/k/v views (float32 and bfloat16:
+equal outputs and caches), tiny Llama and Qwen3 models with the fused body against the
+unfused model over a paged cache (whole and chunked prefill, decodes), and the kernel
+compiled for sm_90. With a GPU: the same checks compiled, and a tiny Qwen3 through the CUDA
+engine (graphs on) fused vs unfused.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pensieve.backends import cuda_layers
+from pensieve.models.args import ModelArgs
+from pensieve.models.llama import LlamaForCausalLM
+from tests.helpers.triton_interpreter import run_in_triton_interpreter
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny(arch: str, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer Llama-block model; ``qwen3``: q/k norms and a head_dim of its own."""
+    args = ModelArgs(architecture=arch, vocab_size=257, hidden_size=64, intermediate_size=128,
+                     num_layers=3, num_heads=4, num_kv_heads=2,
+                     head_dim=32 if arch == "qwen3" else 16, max_position_embeddings=512,
+                     qk_norm=arch == "qwen3")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(args).eval()
+    with torch.no_grad():  # norms away from 1, sharper logits
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+def check_rope_norm(device: str, dtype: torch.dtype) -> None:
+    from pensieve.backends.cuda_attention import rope_and_store
+    from pensieve.models.rope import RotaryEmbedding
+
+    gen = torch.Generator().manual_seed(0)
+    t, hq, hk, d = 5, 6, 2, 64
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen).to(device, dtype) * 3
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    q, k, v = q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d)
+    qw, kw = (torch.rand(d, generator=gen).add(0.5).to(device, dtype) for _ in range(2))
+    cos_sin = tuple(c.to(device, dtype) for c in
+                    RotaryEmbedding(d, 64, 10000.0, None).lookup(torch.arange(7, 7 + t)))
+    slots = torch.tensor([9, 2, 30, 17, 4], device=device)
+    caches = [torch.zeros(8, 4, hk, d, device=device, dtype=dtype) for _ in range(4)]
+    fused = rope_and_store(q, k, v, cos_sin, slots, caches[0], caches[1], (qw, kw, 1e-6))
+    ref = rope_and_store(F.rms_norm(q, (d,), qw, 1e-6), F.rms_norm(k, (d,), kw, 1e-6), v,
+                         cos_sin, slots, caches[2], caches[3])
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fused, ref, **tol)
+    torch.testing.assert_close(caches[0], caches[2], **tol)
+    assert torch.equal(caches[1], caches[3])  # v copied as is
+    assert caches[0].abs().sum() > 0
+    # the same rounding points: (nearly) every value equal (Triton's interpreter truncates
+    # float32 → bfloat16 instead of rounding, so only compiled kernels are held to it)
+    if dtype == torch.bfloat16 and device == "cuda":
+        assert (fused == ref).float().mean() > 0.99
+
+
+def check_fused_models() -> None:
+    from tests.helpers.paged_run import paged_logits, prompt
+
+    for arch in ("llama", "qwen3"):
+        model = tiny(arch)
+        fused = copy.deepcopy(model)
+        assert cuda_layers.fuse_cuda_layers(fused) == 3
+        assert type(fused.model) is cuda_layers.CudaLlamaBody
+        attn = type(fused.model.layers[0].self_attn)
+        assert attn is (cuda_layers.CudaAttention if arch == "qwen3" else
+                        type(model.model.layers[0].self_attn))
+        ids = prompt(11, 257, seed=3)
+        for a, b in zip(paged_logits(model, model.args, ids, [4, 8]),
+                        paged_logits(fused, model.args, ids, [4, 8])):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_rope_norm_and_fused_models_in_the_interpreter():
+    run_in_triton_interpreter(
+        "import torch; import tests.unit.test_cuda_fused_decode as t; "
+        "t.check_rope_norm('cpu', torch.float32); t.check_rope_norm('cpu', torch.bfloat16); "
+        "t.check_fused_models(); print('ok')")
+
+
+def test_fusing_keeps_the_state_dict_and_leaves_other_bodies():
+    for arch in ("llama", "qwen3"):
+        model = tiny(arch)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        cuda_layers.fuse_cuda_layers(model)
+        after = model.state_dict()
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    model = tiny("llama")
+    model.model.layers[1].__class__ = type("OtherLayer", (type(model.model.layers[1]),), {})
+    cuda_layers.fuse_cuda_layers(model)  # one layer not a plain DecoderLayer: body unfused
+    assert type(model.model) is not cuda_layers.CudaLlamaBody
+
+
+def test_rope_norm_compiles_for_the_h100():
+    from pensieve.backends import cuda_rope_kernels
+    from tests.helpers.triton_compile import compile_for
+
+    names = ("Q", "K", "V", "COS", "SIN", "SLOTS", "QO", "KC", "VC", "QW", "KW")
+    types = {n: "*bf16" for n in names} | {"SLOTS": "*i64", "eps": "fp32"}
+    types |= {n: "i32" for n in ("sq_t", "sq_h", "sk_t", "sk_h", "sv_t", "sv_h", "scos",
+                                 "ssin", "sc_tok", "sc_head")}
+    for hq, hk, d in ((32, 8, 128), (64, 4, 128), (40, 8, 128)):  # 8B / 32B-ish / padded
+        consts = dict(HQ=hq, HK=hk, HQ_PAD=1 << (hq - 1).bit_length(),
+                      HK_PAD=1 << (hk - 1).bit_length(), HALF=d // 2, HALF_PAD=d // 2)
+        assert compile_for(cuda_rope_kernels.rope_norm, types, consts, 4, 1) is not None
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_norm_compiled(dtype):
+    check_rope_norm("cuda", dtype)
+
+
+@needs_cuda
+def test_fused_qwen3_matches_unfused_through_the_cuda_engine():
+    from pensieve.backends.torch_backend import torch_engine
+    from pensieve.engine.config import EngineConfig
+    from tests.helpers.tiny_engine import ByteTokenizer
+    from tests.unit.test_cuda_attention import PREFIX, _run
+
+    def engine(fused: bool):  # noqa: ANN202 - fused before the engine captures its graphs
+        model = tiny("qwen3").to("cuda", torch.bfloat16)
+        if fused:
+            cuda_layers.fuse_cuda_layers(model)
+        cfg = EngineConfig(context_length=512, block_size=4, max_num_seqs=4,
+                           max_num_batched_tokens=64, device="cuda", dtype=torch.bfloat16)
+        return torch_engine(model, model.args, ByteTokenizer(), cfg)
+
+    prompts = {f"r{i}": PREFIX + f"q{i}" for i in range(3)}
+    _, plain = _run(engine(False), prompts, False)
+    fused_engine = engine(True)
+    _, fused = _run(fused_engine, prompts, False)
+    assert type(fused_engine.runner.model.model) is cuda_layers.CudaLlamaBody
+    assert fused_engine.runner.graphs.replays > 0
+    pairs = [(a, b) for a, b in zip(plain, fused) if a.numel()]
+    assert pairs
+    for a, b in pairs:
+        assert ((a - b).norm() / a.norm()).item() < 2e-2
