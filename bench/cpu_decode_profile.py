@@ -34,11 +34,13 @@ from pathlib import Path
 import torch
 
 PARTS = ("norms", "qkv", "rope+store", "attention", "o", "gate_up", "silu", "down", "adds")
-BYTES_PER_32 = {0: 16 + 4, 1: 32 + 2, 2: 32 + 4, 3: 24 + 4}  # codes + float16 scales/mins
+# codes + scales/mins a block of 32, by C format: q4 float16 scale + min; q8 (a Q5_1/Q5_K min
+# not counted); q8 per 16; Q6_K's 6-bit codes + 18 bytes a 256; Q4_K's nibbles + 16 bytes a 256
+BYTES_PER_32 = {0: 16 + 4, 1: 32 + 2, 2: 32 + 4, 3: 24 + 18 / 8, 4: 16 + 16 / 8}
 
 
 def proj_bytes(p) -> int:  # noqa: ANN001 - a codes_linear.Proj
-    return sum(p.part[i].rows * (p.K // 32) * BYTES_PER_32[p.part[i].fmt] for i in range(p.n_parts))
+    return int(sum(p.part[i].rows * (p.K // 32) * BYTES_PER_32[p.part[i].fmt] for i in range(p.n_parts)))
 
 
 SOURCE_AT = """

@@ -6,10 +6,13 @@ token reads, in the GGUF's own layout and in the CPU kernels' layout of it.
 Bandwidth: a STREAM-like read (AVX2 loads summed, no writes) over a 1 GiB buffer split
 between threads, best of 5, compiled with the system C compiler. Bytes per token: every
 tensor but the token embedding (one row a token), once. The kernels' layout (``source.py``):
-Q4_0/Q4_1/Q4_K as q4 — 16 code bytes + a float16 scale and min per 32 (Q4_K's 6-bit
-super-block scales are expanded); Q6_K as packed 6-bit codes, 24 bytes + two float16 scales
-per 32; other types are counted at their GGUF size (not in this file). A decode step at the
-roof runs at bandwidth / bytes tokens a second.
+Q4_0/Q4_1 as q4 — 16 code bytes + a float16 scale and min per 32; Q4_K as the same nibbles
+with the file's own super-block scales (6-bit, 12 bytes + float16 d, dmin a 256: 144 bytes a
+256, the file's size); Q6_K as packed 6-bit codes, 24 bytes per 32 + float16 d and 16 int8
+sub-scales a 256 (210 bytes a 256, the file's size); other types are counted at their GGUF
+size (not in this file). Before the super-block scales were kept (eadfa88 and earlier) Q4_K
+was 160 bytes a 256 and Q6_K 224. A decode step at the roof runs at bandwidth / bytes tokens
+a second.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ double read_gbs(int threads, size_t bytes, int repeats) {
 }
 """
 
-Q4 = {"Q4_0", "Q4_1", "Q4_K"}  # q4: 20 bytes a block of 32
+Q4 = {"Q4_0", "Q4_1"}  # q4: 20 bytes a block of 32
+SUPER = {"Q4_K": 144, "Q6_K": 210}  # bytes a 256 with the file's super-block scales
 
 
 def read_bandwidth(threads: int, bytes_: int = 1 << 30, repeats: int = 5) -> float:
@@ -80,7 +84,7 @@ def token_bytes(gguf: str) -> tuple[int, int]:
         n, kind = int(t.n_bytes), t.tensor_type.name
         file += n
         values = int(t.n_elements)
-        ours += values // 32 * 20 if kind in Q4 else values // 32 * 28 if kind == "Q6_K" else n
+        ours += values // 32 * 20 if kind in Q4 else values // 256 * SUPER[kind] if kind in SUPER else n
     return file, ours
 
 

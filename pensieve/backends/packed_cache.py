@@ -1,6 +1,6 @@
 """A GGUF model's weights in the CPU kernels' layout, cached on disk and mapped at start-up.
 
-Turning a GGUF file into the kernels' layout (Q4_K → nibbles with float16 scales and mins,
+Turning a GGUF file into the kernels' layout (Q4_K → nibbles with the file's 6-bit scales,
 Q6_K → int8 codes, q/k/v and gate/up stacked) took ~10 s of a 1.5B model's start on a busy
 2-core machine. After the first start the built model's tensors are written here, once, off
 the serving path (a background thread, to a temporary name renamed into place); later starts
@@ -36,7 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pensieve.backends.cpu_quant.codes_linear import F_Q4, F_Q6, F_Q8G16, CodesLinear, Q6Codes
+from pensieve.backends.cpu_quant.codes_linear import (
+    F_Q4, F_Q4K, F_Q6, F_Q8G16, CodesLinear, Q4KCodes, Q6Codes,
+)
 from pensieve.backends.cpu_quant.linear import Q4Linear, Q8Linear
 from pensieve.backends.quantize import EMBED, HEAD
 from pensieve.backends.torch_backend import ModelWeights
@@ -46,7 +48,8 @@ from pensieve.models.quant_linear import Int4Groups
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the file layout or the meaning of its tensors changes
+FORMAT = 2  # bump when the file layout or the meaning of its tensors changes (2: Q4_K's and
+# Q6_K's super-block scales kept as the file's integers)
 MAGIC = b"PNSVPACK"
 DATA_ALIGN = 4096
 TENSOR_ALIGN = 64
@@ -258,14 +261,16 @@ def _parse(buf: mmap.mmap, key: str) -> tuple[dict[str, torch.Tensor], dict[str,
 
 
 def _codes(tensors: dict[str, torch.Tensor], prefix: str, spec: dict[str, Any]
-           ) -> Int4Groups | Int8Groups:
-    codes, scales = tensors[f"{prefix}.codes"], tensors[f"{prefix}.scales"].view(torch.float16)
-    mins = tensors.get(f"{prefix}.mins")
+           ) -> Int4Groups | Int8Groups | Q4KCodes | Q6Codes:
+    codes, scales, mins = (tensors.get(f"{prefix}.{k}") for k in ("codes", "scales", "mins"))
+    if spec["fmt"] == F_Q4K:  # super-block scales: bytes, (d, dmin) as float16 bits
+        return Q4KCodes(codes, scales.view(torch.uint8), mins.view(torch.float16))
+    if spec["fmt"] == F_Q6:
+        return Q6Codes(codes, scales.view(torch.uint8))
+    scales = scales.view(torch.float16)
     mins = None if mins is None else mins.view(torch.float16)
     if spec["fmt"] == F_Q4:
         return Int4Groups.from_nibbles(codes, scales, mins, 32)
-    if spec["fmt"] == F_Q6:
-        return Q6Codes(codes, scales)
     return Int8Groups(codes, scales, mins, 16 if spec["fmt"] == F_Q8G16 else 32,
                       spec.get("kind", ""))
 
@@ -302,7 +307,7 @@ def _blocks(layer: nn.Module) -> list[tuple[dict[str, Any], dict[str, torch.Tens
     if type(layer) is not CodesLinear:
         return None
     out = []
-    for i, fmt in enumerate(layer.formats):
+    for i, fmt in enumerate(layer.part_formats):
         part = {"codes": getattr(layer, f"codes{i}"), "scales": getattr(layer, f"scales{i}")}
         if (mins := getattr(layer, f"mins{i}")) is not None:
             part["mins"] = mins

@@ -34,7 +34,7 @@ from pensieve.backends.cpu_quant import (
     Kernels, Q4Linear, Q8Embedding, Q8Linear, kernel_fits, load_kernels, pack_q8,
 )
 from pensieve.backends.cpu_quant.codes_linear import (
-    CodesEmbedding, CodesLinear, blocks_fit, proj_of,
+    CodesEmbedding, CodesLinear, blocks_fit, proj_of, super_scaled,
 )
 from pensieve.backends.cpu_quant.expert_linear import SlicedExperts
 from pensieve.backends.cpu_quant.mlp import Q4MLP
@@ -111,8 +111,8 @@ def _int4_module(parts: Parts, bias: torch.Tensor | None, kernel: str,
     if kernel == "cuda_int4" and (layer := cuda_codes_linear(parts, bias)) is not None:
         return layer  # int8 codes (Q8_0, Q5_x, Q6_K...), alone or beside int4 parts
     if kernel in ("auto", "cpu_quant") and kernels is not None:
-        if int4 and kernel_fits(k, group):
-            return Q4Linear(kernels, parts, bias)
+        if int4 and kernel_fits(k, group) and not all(map(super_scaled, parts)):
+            return Q4Linear(kernels, parts, bias)  # Q4_K with its own scales: CodesLinear
         if blocks_fit(parts):
             return CodesLinear(kernels, parts, bias)
     if kernel in ("auto", "aten") and int4 and int4_supported(group, k):

@@ -238,6 +238,10 @@ def _q4_k_nibbles(blocks: torch.Tensor, rows: int, cols: int) -> Int4Groups | No
         return None
     groups = Int4Groups.from_nibbles(nibbles, scales, offsets, GROUP)
     groups._scales, groups._offsets = exact_scales, exact_offsets
+    if cols % 256 == 0:  # the file's own factors (a row of whole super-blocks): 6-bit scale
+        # and min bytes [N, K/256 · 12], float16 d and dmin [N, K/256 · 2]
+        groups.k_scales = (blocks[:, 4:16].contiguous().reshape(rows, cols // 256 * 12),
+                           blocks[:, :4].contiguous().view(torch.float16).reshape(rows, cols // 128))
     return groups
 
 

@@ -24,6 +24,10 @@ class Int4Groups:
     them never unpacks 100M codes into bytes only to pack them again.
     """
 
+    # Q4_K only (``loaders/int4_codes.py``): the file's 6-bit scale/min bytes [N, K/256 · 12]
+    # and float16 (d, dmin) [N, K/256 · 2], for layouts that keep the file's 144 bytes a 256
+    k_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                  group_size: int) -> None:
         self._codes = codes  # [N, K] uint8 in 0..15

@@ -44,20 +44,20 @@ inline void bf16_scaled_i16(__m256i v, __m256 s, uint16_t* o) {
 template <int F>
 void dequant_bf16_avx2(const Weights& W, int64_t n0, int64_t n1, uint16_t* out) {
   constexpr int SPB = scales_per_block(F);
-  const int64_t K = W.K, G = K / QK, SG = G * SPB;
+  const int64_t K = W.K, G = K / QK;
   const __m128i m4 = _mm_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t g = 0; g < G; ++g) {
-      const __m256 s = _mm256_set1_ps(_cvtsh_ss(W.scales[n * SG + g * SPB]));
-      const __m256 s1 = SPB == 2 ? _mm256_set1_ps(_cvtsh_ss(W.scales[n * SG + g * SPB + 1])) : s;
-      const __m256 m = W.mins ? _mm256_set1_ps(_cvtsh_ss(W.mins[n * G + g])) : _mm256_setzero_ps();
+      float fs, fs1, fm;
+      block_params<F>(W, n, g, fs, fs1, fm);
+      const __m256 s = _mm256_set1_ps(fs), s1 = _mm256_set1_ps(fs1), m = _mm256_set1_ps(fm);
       uint16_t* o = out + (n - n0) * K + g * QK;
       if (F == F_Q6) {
         __m256i lo, hi;
         load_block16<F>(W, n, g, lo, hi);
         bf16_scaled_i16(lo, s, o);
         bf16_scaled_i16(hi, s1, o + 16);
-      } else if (F != F_Q4) {
+      } else if (codes_of(F) != F_Q4) {
         const uint8_t* c = W.codes + n * K + g * QK;
         bf16_scaled16(_mm_loadu_si128((const __m128i*)c), s, m, o, false);
         bf16_scaled16(_mm_loadu_si128((const __m128i*)(c + 16)), s1, m, o + 16, false);
@@ -73,20 +73,20 @@ template <int F>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 void dequant_bf16_avx512(const Weights& W, int64_t n0, int64_t n1, uint16_t* out) {
   constexpr int SPB = scales_per_block(F);
-  const int64_t K = W.K, G = K / QK, SG = G * SPB;
+  const int64_t K = W.K, G = K / QK;
   const __m128i m4 = _mm_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t g = 0; g < G; ++g) {
-      const __m512 s = _mm512_set1_ps(_cvtsh_ss(W.scales[n * SG + g * SPB]));
-      const __m512 s1 = SPB == 2 ? _mm512_set1_ps(_cvtsh_ss(W.scales[n * SG + g * SPB + 1])) : s;
-      const __m512 m = W.mins ? _mm512_set1_ps(_cvtsh_ss(W.mins[n * G + g])) : _mm512_setzero_ps();
+      float fs, fs1, fm;
+      block_params<F>(W, n, g, fs, fs1, fm);
+      const __m512 s = _mm512_set1_ps(fs), s1 = _mm512_set1_ps(fs1), m = _mm512_set1_ps(fm);
       __m512 lo, hi;
       if (F == F_Q6) {
         __m256i l16, h16;
         load_block16<F>(W, n, g, l16, h16);
         lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(l16));
         hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(h16));
-      } else if (F != F_Q4) {
+      } else if (codes_of(F) != F_Q4) {
         const uint8_t* c = W.codes + n * K + g * QK;
         lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)c)));
         hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(c + 16))));
@@ -133,6 +133,7 @@ void pqx_dequant_bf16(const Proj* p, int64_t n0, int64_t n1, uint16_t* out, int 
         const Weights W{q.codes, q.scales, q.mins, nullptr, K, q.rows};
         uint16_t* o = out + (lo - n0) * K;
         if (q.fmt == F_Q4) dequant_bf16<F_Q4>(W, lo - start, hi - start, o, isa);
+        else if (q.fmt == F_Q4K) dequant_bf16<F_Q4K>(W, lo - start, hi - start, o, isa);
         else if (q.fmt == F_Q8) dequant_bf16<F_Q8>(W, lo - start, hi - start, o, isa);
         else if (q.fmt == F_Q6) dequant_bf16<F_Q6>(W, lo - start, hi - start, o, isa);
         else dequant_bf16<F_Q8G16>(W, lo - start, hi - start, o, isa);

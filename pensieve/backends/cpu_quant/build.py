@@ -29,7 +29,7 @@ from pensieve.backends.cpu_quant.source import KERNEL_SOURCE
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 16
+ABI_VERSION = 17
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++17", "-pthread")
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float

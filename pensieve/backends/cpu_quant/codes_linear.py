@@ -5,12 +5,21 @@ k may be Q4_K while v is Q6_K, and a 0.5B model (hidden 896, no multiple of 256)
 Q5_0/Q8_0 on many tensors. Every such weight stays in its codes (``loaders/int4_codes.py``) and
 runs on the kernel of its format (``source.py``):
 
-* ``F_Q4`` — 4-bit nibbles, float16 scale and min per 32 (Q4_0, Q4_1, Q4_K);
+* ``F_Q4`` — 4-bit nibbles, float16 scale and min per 32 (Q4_0, Q4_1, Q4_K without its
+  super-block scales); a Q4_K weight that brings them (``super_scaled``) runs as ``F_Q4K``: the
+  same nibbles with the file's own 6-bit scales and mins (12 bytes a 256) and float16 d, dmin
+  — 144 bytes a 256 as in the file, against 160 with float16 per 32, and the file's weights
+  exactly (d·sc is exact in float32; float16 per 32 rounded it);
 * ``F_Q8`` — int8 codes, float16 scale per 32 and optionally a float16 min per 32 (Q8_0, Q5_0,
   Q5_1, Q5_K, IQ4_NL, IQ4_XS);
-* ``F_Q8G16`` — int8 codes, float16 scale per 16 (group-16 codes other than Q6_K's);
-* ``F_Q6`` — Q6_K's 6-bit codes packed 24 bytes per 32 (``source.py``: ``q6_unpack``), float16
-  scale per 16: 7 bits a weight against 9 as int8 codes (the file's own Q6_K is 6.56).
+* ``F_Q8G16`` — int8 codes, float16 scale per 16 (group-16 codes other than Q6_K's, and Q6_K
+  without its super-block factors);
+* ``F_Q6`` — Q6_K's 6-bit codes packed 24 bytes per 32 (``source.py``: ``q6_unpack``) with the
+  file's float16 d and 16 int8 sub-scales per 256 (18 bytes): 210 bytes a 256, the file's own
+  size, against 224 with a float16 scale per 16.
+
+``formats`` names each block's code format (``F_Q4`` for ``F_Q4K`` too); ``part_formats`` is
+what the C side is told (``F_Q4K`` where the block keeps Q4_K's scales).
 
 A ``Proj`` (mirrored from C) lists up to three row blocks; ``CodesLinear`` holds one, and
 ``proj_of`` gives one for ``Q4Linear``/``Q8Linear`` too, so the fused MLP and the one-call
@@ -34,15 +43,19 @@ from pensieve.backends.cpu_quant.linear import (
 from pensieve.loaders.int4_codes import Int8Groups
 from pensieve.models.quant_linear import Int4Groups
 
-F_Q4, F_Q8, F_Q8G16, F_Q6 = 0, 1, 2, 3
+F_Q4, F_Q8, F_Q8G16, F_Q6, F_Q4K = 0, 1, 2, 3, 4
 MAX_PARTS = 3
 Q6_BLOCK_BYTES = 24  # F_Q6 bytes per 32 codes
+Q6_SUPER_BYTES = 18  # F_Q6 scale bytes per 256 codes: float16 d, 16 int8 sub-scales
+Q4K_SUPER_BYTES = 12  # F_Q4K scale bytes per 256 codes (the file's 6-bit scales and mins)
+SUPER = 256
 
 
 @dataclass(frozen=True)
 class Q6Codes:
     """Q6_K codes already in the ``F_Q6`` layout (``packed`` [N, K/32 · 24] uint8) with their
-    float16 scales per 16 [N, K/16]: a ``CodesLinear`` block as the packed cache stores it."""
+    super-block scales (``scales`` [N, K/256 · 18] uint8: float16 d, 16 int8 sub-scales): a
+    ``CodesLinear`` block as the packed cache stores it."""
 
     packed: torch.Tensor
     scales: torch.Tensor
@@ -53,6 +66,32 @@ class Q6Codes:
     @property
     def shape(self) -> tuple[int, int]:
         return self.packed.shape[0], self.packed.shape[1] // Q6_BLOCK_BYTES * GROUP
+
+
+@dataclass(frozen=True)
+class Q4KCodes:
+    """Q4_K codes in the ``F_Q4K`` layout as the packed cache stores them: ``nibbles`` [N, K/2]
+    uint8 (the q4 order), ``scales`` [N, K/256 · 12] uint8 (the file's 6-bit scales and mins),
+    ``dmin`` [N, K/256 · 2] float16 (d, dmin of each super-block)."""
+
+    nibbles: torch.Tensor
+    scales: torch.Tensor
+    dmin: torch.Tensor
+    ggml_type: str = "Q4_K"
+    group_size: int = 32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.nibbles.shape[0], self.nibbles.shape[1] * 2
+
+
+def super_scaled(part: object) -> bool:
+    """Whether a part keeps its file's super-block scales (Q4_K's, Q6_K's) for the kernels."""
+    if isinstance(part, (Q4KCodes, Q6Codes)):
+        return True
+    k_scales = getattr(part, "k_scales", None)
+    return k_scales is not None and part.shape[1] % SUPER == 0 and (
+        isinstance(part, Int4Groups) and part.nibbles is not None or isinstance(part, Int8Groups))
 
 
 class Part(ctypes.Structure):
@@ -67,18 +106,18 @@ class Proj(ctypes.Structure):
                 ("N", ctypes.c_int64)]
 
 
-Codes = Int4Groups | Int8Groups | Q6Codes
+Codes = Int4Groups | Int8Groups | Q6Codes | Q4KCodes
 
 
 def codes_format(groups: Codes) -> tuple[int, bool] | None:
     """(kernel format, has mins) of one weight, or None where no kernel takes it."""
     k = groups.shape[1]
-    if isinstance(groups, Int4Groups):
+    if isinstance(groups, (Int4Groups, Q4KCodes)):
         return (F_Q4, True) if kernel_fits(k, groups.group_size) else None
     if not kernel_fits(k):
         return None
     if isinstance(groups, Q6Codes) or (groups.ggml_type == "Q6_K" and groups.group_size == 16
-                                       and groups.offsets is None):
+                                       and groups.offsets is None and super_scaled(groups)):
         return F_Q6, False  # codes in -32..31 by the type's construction
     if groups.group_size == 16 and groups.offsets is None:
         return F_Q8G16, False
@@ -107,18 +146,45 @@ def _runs(keys: Sequence[object]) -> list[tuple[int, int]]:
 
 
 def _pack_block(kernels: Kernels, parts: Sequence[Codes]) -> tuple[int, list[torch.Tensor | None]]:
-    """Parts of one format stacked along N: (format, [codes, scales bits, mins bits or None])."""
+    """Parts of one format stacked along N: (C format, [codes, scales, mins or None]) —
+    float16 scales and mins as int16 bits, super-block scales as bytes (``F_Q4K``, ``F_Q6``)."""
     fmt, has_min = codes_format(parts[0])
-    if fmt == F_Q4:
-        return fmt, list(pack_q4(kernels, parts))
     bits = lambda ts: _stack_rows([t.view(torch.int16) for t in ts])  # noqa: E731
+    if fmt == F_Q4 and all(super_scaled(p) for p in parts):
+        return F_Q4K, [_stack_rows([_q4k_parts(p)[i] for p in parts]) for i in range(3)]
+    if fmt == F_Q4:
+        return fmt, list(pack_q4(kernels, [_int4(p) for p in parts]))
     if fmt == F_Q6:
         return fmt, [_stack_rows([_q6_packed(kernels, p) for p in parts]),
-                     bits([p.scales.to(torch.float16) for p in parts]), None]
+                     _stack_rows([_q6_scales(p) for p in parts]), None]
     codes = _stack_rows([p.codes for p in parts])
     scales = bits([p.scales.to(torch.float16) for p in parts])
     mins = bits([p.offsets.to(torch.float16) for p in parts]) if has_min else None
     return fmt, [codes, scales, mins]
+
+
+def _q4k_parts(part: Int4Groups | Q4KCodes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(nibbles, 6-bit scale bytes, d/dmin as int16 bits) of a super-scaled Q4_K part."""
+    if isinstance(part, Q4KCodes):
+        return part.nibbles, part.scales, part.dmin.view(torch.int16)
+    six, dmin = part.k_scales
+    return part.nibbles[0], six, dmin.view(torch.int16)
+
+
+def _int4(part: Int4Groups | Q4KCodes) -> Int4Groups:
+    if isinstance(part, Int4Groups):
+        return part
+    raise ValueError("Q4_K codes with super-block scales stack only with their own kind")
+
+
+def _q6_scales(part: Int8Groups | Q6Codes) -> torch.Tensor:
+    """A Q6_K part's super-block scales in the ``F_Q6`` layout: [N, K/256 · 18] uint8."""
+    if isinstance(part, Q6Codes):
+        return part.scales
+    sub, d = part.k_scales  # int8 [N, K/16], float16 [N, K/256]
+    n = sub.shape[0]
+    return torch.cat((d.contiguous().view(torch.uint8).view(n, -1, 2),
+                      sub.contiguous().view(torch.uint8).view(n, -1, 16)), dim=2).view(n, -1)
 
 
 def _q6_packed(kernels: Kernels, part: Int8Groups | Q6Codes) -> torch.Tensor:
@@ -142,17 +208,20 @@ class CodesLinear(_QuantisedLinear):
                  bias: torch.Tensor | None = None, dense_from: int = DENSE_FROM,
                  threads: int | None = None) -> None:
         super().__init__()
-        parts = [parts] if isinstance(parts, (Int4Groups, Int8Groups, Q6Codes)) else list(parts)
+        parts = ([parts] if isinstance(parts, (Int4Groups, Int8Groups, Q6Codes, Q4KCodes))
+                 else list(parts))
         if not blocks_fit(parts):
             raise ValueError("no kernel format for these parts (K % 32, group 16/32, ≤ 3 formats)")
         self.in_features = parts[0].shape[1]
         self.out_features = sum(p.shape[0] for p in parts)
         keys = [codes_format(p) for p in parts]
-        self.formats: list[int] = []
+        self.formats: list[int] = []  # code formats (F_Q4 for F_Q4K)
+        self.part_formats: list[int] = []  # the C side's (F_Q4K where Q4_K keeps its scales)
         self.block_rows: list[int] = []
         for i, (start, end) in enumerate(_runs(keys)):
             fmt, (codes, scales, mins) = _pack_block(kernels, parts[start:end])
-            self.formats.append(fmt)
+            self.formats.append(F_Q4 if fmt == F_Q4K else fmt)
+            self.part_formats.append(fmt)
             self.block_rows.append(codes.shape[0])
             self.register_buffer(f"codes{i}", codes)
             self.register_buffer(f"scales{i}", scales)
@@ -167,7 +236,7 @@ class CodesLinear(_QuantisedLinear):
         self._on_cpu = self.codes0.device.type == "cpu"
         self.proj = Proj(n_parts=len(self.formats), K=self.in_features, N=self.out_features)
         row = 0
-        for i, (fmt, rows) in enumerate(zip(self.formats, self.block_rows)):
+        for i, (fmt, rows) in enumerate(zip(self.part_formats, self.block_rows)):
             mins = getattr(self, f"mins{i}")
             bias = None if self._bias is None else self._bias.data_ptr() + 4 * row
             self.proj.part[i] = Part(getattr(self, f"codes{i}").data_ptr(),
@@ -206,7 +275,7 @@ class CodesLinear(_QuantisedLinear):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"{'+'.join(self.kinds)} as {self.formats}")
+                f"{'+'.join(self.kinds)} as {self.part_formats}")
 
 
 def proj_of(layer: nn.Module) -> Proj | None:

@@ -34,7 +34,7 @@ def code_blocks(layer: nn.Module) -> list[Block]:
     if isinstance(layer, CodesLinear):
         return [(fmt, rows, getattr(layer, f"codes{i}"), getattr(layer, f"scales{i}"),
                  getattr(layer, f"mins{i}"))
-                for i, (fmt, rows) in enumerate(zip(layer.formats, layer.block_rows))]
+                for i, (fmt, rows) in enumerate(zip(layer.part_formats, layer.block_rows))]
     if isinstance(layer, Q4Linear):
         return [(F_Q4, layer.out_features, layer.codes, layer.scales, layer.mins)]
     raise TypeError(f"{type(layer).__name__} is not a layer of codes")

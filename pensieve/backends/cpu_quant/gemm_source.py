@@ -71,7 +71,7 @@ thread_local Panel panel_buf;
 template <int F, int NP = GNR>
 void pack_panel(const Weights& W, int64_t n0, int64_t end, Panel& P) {
   constexpr int SPB = scales_per_block(F);
-  const int64_t K = W.K, G = K / QK, SG = G * SPB;
+  const int64_t K = W.K, G = K / QK;
   alignas(32) int32_t t[NP][16];  // one block of each row: 16 pairs
   for (int64_t g = 0; g < G; ++g) {
     for (int i = 0; i < NP; ++i) {
@@ -80,9 +80,7 @@ void pack_panel(const Weights& W, int64_t n0, int64_t end, Panel& P) {
       float s = 0.0f, s1 = 0.0f, m = 0.0f;
       if (n < end) {
         load_block16<F>(W, n, g, lo, hi);
-        if (W.mins) m = _cvtsh_ss(W.mins[n * G + g]);
-        s = _cvtsh_ss(W.scales[n * SG + g * SPB]);
-        if (SPB == 2) s1 = _cvtsh_ss(W.scales[n * SG + g * SPB + 1]);
+        block_params<F>(W, n, g, s, s1, m);
       }
       _mm256_store_si256((__m256i*)t[i], lo);
       _mm256_store_si256((__m256i*)(t[i] + 8), hi);

@@ -116,23 +116,90 @@ const Quantised& quantise(const float* x, int64_t M, int64_t K) {
 
 // ------------------------------------------------------------------------- matmul
 
-// Code formats (``Part::fmt``): q4 nibbles with scales and mins per 32; int8 codes with a
-// scale (and optionally a min) per 32; int8 codes with a scale per 16 and no mins; 6-bit
-// codes (Q6_K's -32..31) with a scale per 16 and no mins, packed 24 bytes a block.
-enum : int { F_Q4 = 0, F_Q8 = 1, F_Q8G16 = 2, F_Q6 = 3 };
+// Code formats (``Part::fmt``): q4 nibbles with float16 scales and mins per 32; int8 codes
+// with a scale (and optionally a min) per 32; int8 codes with a scale per 16 and no mins;
+// 6-bit codes (Q6_K's -32..31) packed 24 bytes a block with the file's own super-block scales
+// (per 256: float16 d, then 16 int8 sub-scales: a scale per 16 is d * sc); q4 nibbles with
+// Q4_K's own super-block scales (F_Q4K: per 256, the file's 12 bytes of 6-bit scales and
+// mins in ``scales`` and float16 d, dmin in ``mins``; w = d * sc * q - dmin * m per 32).
+// The super-block scales are the file's integers, applied in float32 where d * sc is exact
+// (an 11-bit mantissa times at most 8 bits): the weights are the file's, bit for bit.
+enum : int { F_Q4 = 0, F_Q8 = 1, F_Q8G16 = 2, F_Q6 = 3, F_Q4K = 4 };
 
 struct Weights {
   const uint8_t* codes;    // q4: [N, K/2] nibbles; q8: [N, K] int8; q6: [N, K/32 * 24]
-  const uint16_t* scales;  // [N, G] float16 ([N, 2G] for F_Q8G16 and F_Q6)
-  const uint16_t* mins;    // [N, G] float16, or null (q4 always has them)
+  const uint16_t* scales;  // [N, G] float16 ([N, 2G] for F_Q8G16); F_Q6: [N, K/256 * 18]
+                           // bytes; F_Q4K: [N, K/256 * 12] bytes
+  const uint16_t* mins;    // [N, G] float16, or null (q4 always has them); F_Q4K: [N, K/256 * 2]
+                           // float16 (d, dmin)
   const float* bias;       // [N] or null
   int64_t K, N;
   int64_t ldy = 0;         // output row stride (0: N)
   int64_t ld() const { return ldy ? ldy : N; }
 };
 
+constexpr int codes_of(int F) { return F == F_Q4K ? F_Q4 : F; }  // the code layout of F
 constexpr int scales_per_block(int F) { return F == F_Q8G16 || F == F_Q6 ? 2 : 1; }
-constexpr int64_t block_bytes(int F) { return F == F_Q4 ? 16 : F == F_Q6 ? 24 : 32; }
+constexpr int64_t block_bytes(int F) { return codes_of(F) == F_Q4 ? 16 : F == F_Q6 ? 24 : 32; }
+constexpr int64_t Q6_SB = 18, Q4K_SB = 12;  // super-block scale bytes (F_Q6, F_Q4K)
+// A row's scales and mins, in uint16 units (what a row offset of those pointers moves by).
+constexpr int64_t scale_row(int F, int64_t K) {
+  return F == F_Q6 ? K / 256 * Q6_SB / 2 : F == F_Q4K ? K / 256 * Q4K_SB / 2
+                                                      : K / 32 * scales_per_block(F);
+}
+constexpr int64_t min_row(int F, int64_t K) { return F == F_Q4K ? K / 256 * 2 : K / 32; }
+
+// Every cache line of [p, p + bytes) (a row's super-block scales need not start on a line).
+inline void prefetch_span(const void* p, int64_t bytes) {
+  const uintptr_t end = (uintptr_t)p + bytes;
+  for (uintptr_t a = (uintptr_t)p & ~(uintptr_t)63; a < end; a += 64) _mm_prefetch((const char*)a, _MM_HINT_T0);
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  __builtin_memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// Q4_K's 12 bytes of 6-bit scales and mins (sub-blocks 0..7 of a super-block) as bytes: the
+// scales in the low 8 bytes, the mins in the high 8. Sub-blocks 0-3 keep the low 6 bits of
+// bytes 0-3 (scales) and 4-7 (mins); 4-7 take a nibble of bytes 8-11 and, as their top two
+// bits, the top bits of bytes 0-3 (scales) or 4-7 (mins).
+inline void k4_unpack(const uint8_t* q, uint64_t& sc, uint64_t& mn) {
+  uint32_t u0, u1, u2;
+  __builtin_memcpy(&u0, q, 4);
+  __builtin_memcpy(&u1, q + 4, 4);
+  __builtin_memcpy(&u2, q + 8, 4);
+  const uint32_t lo6 = 0x3F3F3F3Fu, lo4 = 0x0F0F0F0Fu, lo2 = 0x03030303u;
+  sc = (uint64_t)(u0 & lo6) | (uint64_t)((u2 & lo4) | ((u0 >> 6) & lo2) << 4) << 32;
+  mn = (uint64_t)(u1 & lo6) | (uint64_t)(((u2 >> 4) & lo4) | ((u1 >> 6) & lo2) << 4) << 32;
+}
+
+// Block g of weight row n: its scale s (s1: the second half's, group-16 formats) and min m.
+template <int F>
+inline void block_params(const Weights& W, int64_t n, int64_t g, float& s, float& s1, float& m) {
+  const int64_t G = W.K / QK;
+  if (F == F_Q4K) {
+    const int64_t sb = n * (G / 8) + g / 8;
+    uint64_t sc, mn;
+    k4_unpack((const uint8_t*)W.scales + sb * Q4K_SB, sc, mn);
+    const int j = (int)(g & 7) * 8;
+    s = _cvtsh_ss(W.mins[2 * sb]) * (float)((sc >> j) & 0xFF);
+    m = -(_cvtsh_ss(W.mins[2 * sb + 1]) * (float)((mn >> j) & 0xFF));
+    s1 = s;
+  } else if (F == F_Q6) {
+    const uint8_t* p = (const uint8_t*)W.scales + (n * (G / 8) + g / 8) * Q6_SB;
+    const float d = half_at(p);
+    s = d * (float)(int8_t)p[2 + 2 * (g & 7)];
+    s1 = d * (float)(int8_t)p[3 + 2 * (g & 7)];
+    m = 0.0f;
+  } else {
+    constexpr int SPB = scales_per_block(F);
+    s = _cvtsh_ss(W.scales[n * G * SPB + g * SPB]);
+    s1 = SPB == 2 ? _cvtsh_ss(W.scales[n * G * SPB + g * SPB + 1]) : s;
+    m = W.mins ? _cvtsh_ss(W.mins[n * G + g]) : 0.0f;
+  }
+}
 
 // F_Q6's block of 32 codes c = u - 32 (u in 0..63): bytes 0..15 hold u_j & 15 in the low
 // nibble of byte j and u_{j+16} & 15 in its high nibble (the q4 order), bytes 16..23 the top
@@ -155,7 +222,7 @@ inline void q6_unpack(const uint8_t* p, __m256i& lo, __m256i& hi) {
 template <int F>
 inline void load_block16(const Weights& W, int64_t n, int64_t g, __m256i& lo, __m256i& hi) {
   const uint8_t* c = W.codes + (n * (W.K / QK) + g) * block_bytes(F);
-  if (F == F_Q4) {
+  if (codes_of(F) == F_Q4) {
     const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)c));
     lo = _mm256_and_si256(b, _mm256_set1_epi16(0x0F));
     hi = _mm256_srli_epi16(b, 4);
@@ -204,6 +271,57 @@ inline void prepare16(const uint16_t* ws, const float* xd, int64_t G, float* pro
   }
 }
 
+// F_Q6's super-block scales: prod[2g + h] = d * sc[2g + h] * activation scale[g] (G % 8 == 0).
+inline void prepare_q6(const uint8_t* sb, const float* xd, int64_t G, float* prod) {
+  const __m256i dup_lo = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  const __m256i dup_hi = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+  for (int64_t g = 0; g < G; g += 8, sb += Q6_SB) {
+    const __m256 d = _mm256_set1_ps(half_at(sb));
+    const __m128i sc = _mm_loadu_si128((const __m128i*)(sb + 2));
+    const __m256 x = _mm256_loadu_ps(xd + g);
+    const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc));
+    const __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)));
+    _mm256_storeu_ps(prod + 2 * g, _mm256_mul_ps(_mm256_mul_ps(a, d), _mm256_permutevar8x32_ps(x, dup_lo)));
+    _mm256_storeu_ps(prod + 2 * g + 8, _mm256_mul_ps(_mm256_mul_ps(b, d), _mm256_permutevar8x32_ps(x, dup_hi)));
+  }
+}
+
+// F_Q4K's super-block scales: prod[g] = d * sc[g] * activation scale[g]; returns the min
+// term -sum_g dmin * m[g] * activation block sum[g] (G % 8 == 0).
+inline float prepare_q4k(const uint8_t* q, const uint16_t* dm, const float* xd, const float* xs,
+                         int64_t G, float* prod) {
+  __m256 macc = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; g += 8, q += Q4K_SB, dm += 2) {
+    uint64_t sc, mn;
+    k4_unpack(q, sc, mn);
+    const __m256 s = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sc)));
+    const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn)));
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(dm[0])), dmin = _mm256_set1_ps(_cvtsh_ss(dm[1]));
+    _mm256_storeu_ps(prod + g, _mm256_mul_ps(_mm256_mul_ps(s, d), _mm256_loadu_ps(xd + g)));
+    macc = _mm256_fnmadd_ps(_mm256_mul_ps(m, dmin), _mm256_loadu_ps(xs + g), macc);
+  }
+  return hsum(macc);
+}
+
+// The block factors of weight row n against one activation row (scales xd, block sums xs):
+// prod as prepare / prepare16 write it; returns the min term.
+template <int F>
+inline float prepare_row(const Weights& W, int64_t n, const float* xd, const float* xs, float* prod) {
+  const int64_t G = W.K / QK;
+  if (F == F_Q6) {
+    prepare_q6((const uint8_t*)(W.scales + n * scale_row(F, W.K)), xd, G, prod);
+    return 0.0f;
+  }
+  if (F == F_Q4K)
+    return prepare_q4k((const uint8_t*)(W.scales + n * scale_row(F, W.K)), W.mins + n * min_row(F, W.K),
+                       xd, xs, G, prod);
+  if (scales_per_block(F) == 2) {
+    prepare16(W.scales + n * 2 * G, xd, G, prod);
+    return 0.0f;
+  }
+  return prepare(W.scales + n * G, W.mins ? W.mins + n * G : nullptr, xd, xs, G, prod);
+}
+
 // The part of a row tile both instruction sets share: prefetch rows PF_ROWS ahead, and per
 // (weight row, activation row) the block factors prod (weight scale x activation scale) and
 // the min term.
@@ -212,29 +330,19 @@ inline void tile_prologue(const Weights& W, int64_t n0, const Quantised& xq, int
                           float* prod, float (&mterm)[NR][R]) {
   constexpr int SPB = scales_per_block(F);
   const int64_t K = W.K, G = K / QK, row_bytes = G * block_bytes(F), SG = G * SPB;
-  const bool has_min = W.mins != nullptr;
+  const int64_t SR = scale_row(F, K), MR_ = min_row(F, K);
   // each row is its own stream (plus its scales), more than the hardware prefetcher follows
   // well: prefetching PF_ROWS ahead is worth ~30% of decode matmul time
   if (n0 + PF_ROWS + NR <= W.N) {
     const char* ahead = (const char*)(W.codes + (n0 + PF_ROWS) * row_bytes);
     for (int64_t b = 0; b < NR * row_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
-    for (int64_t b = 0; b < NR * SG * 2; b += 64)
-      _mm_prefetch((const char*)(W.scales + (n0 + PF_ROWS) * SG) + b, _MM_HINT_T0);
-    if (has_min)
-      for (int64_t b = 0; b < NR * G * 2; b += 64)
-        _mm_prefetch((const char*)(W.mins + (n0 + PF_ROWS) * G) + b, _MM_HINT_T0);
+    prefetch_span(W.scales + (n0 + PF_ROWS) * SR, NR * SR * 2);
+    if (W.mins) prefetch_span(W.mins + (n0 + PF_ROWS) * MR_, NR * MR_ * 2);
   }
   for (int j = 0; j < NR; ++j)
-    for (int r = 0; r < R; ++r) {
-      float* p = prod + (j * R + r) * SG;
-      if (SPB == 2) {
-        prepare16(W.scales + (n0 + j) * SG, xq.d + (m0 + r) * G, G, p);
-        mterm[j][r] = 0.0f;
-      } else {
-        mterm[j][r] = prepare(W.scales + (n0 + j) * G, has_min ? W.mins + (n0 + j) * G : nullptr,
-                              xq.d + (m0 + r) * G, xq.s + (m0 + r) * G, G, p);
-      }
-    }
+    for (int r = 0; r < R; ++r)
+      mterm[j][r] = prepare_row<F>(W, n0 + j, xq.d + (m0 + r) * G, xq.s + (m0 + r) * G,
+                                   prod + (j * R + r) * SG);
 }
 
 // y[r * ldy + j] for NR weight rows n0.. and R activation rows m0.. in format F. Per block:
@@ -343,6 +451,7 @@ void proj_linear(const float* x, int64_t M, const Proj& p, float* y, int threads
     const Part& q = p.part[i];
     const Weights W{q.codes, q.scales, q.mins, q.bias, p.K, q.rows, p.N};
     if (q.fmt == F_Q4) part_call<F_Q4>(kind, x, M, W, y + row, threads);
+    else if (q.fmt == F_Q4K) part_call<F_Q4K>(kind, x, M, W, y + row, threads);
     else if (q.fmt == F_Q8) part_call<F_Q8>(kind, x, M, W, y + row, threads);
     else if (q.fmt == F_Q6) part_call<F_Q6>(kind, x, M, W, y + row, threads);
     else part_call<F_Q8G16>(kind, x, M, W, y + row, threads);
@@ -416,15 +525,14 @@ inline void store_scaled_i16(__m256i v, __m256 s, float* o) {
 // Float rows [n0, n1) of a matrix in format F, to out (rows K floats apart).
 template <int F>
 void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
-  constexpr bool Q8 = F != F_Q4;
-  constexpr int SPB = scales_per_block(F);
-  const int64_t K = W.K, G = K / QK, SG = G * SPB;
+  constexpr bool Q8 = codes_of(F) != F_Q4;
+  const int64_t K = W.K, G = K / QK;
   alignas(16) uint8_t half[2][16];
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t g = 0; g < G; ++g) {
-      const __m256 s = _mm256_set1_ps(_cvtsh_ss(W.scales[n * SG + g * SPB]));
-      const __m256 s1 = SPB == 2 ? _mm256_set1_ps(_cvtsh_ss(W.scales[n * SG + g * SPB + 1])) : s;
-      const __m256 m = W.mins ? _mm256_set1_ps(_cvtsh_ss(W.mins[n * G + g])) : _mm256_setzero_ps();
+      float fs, fs1, fm;
+      block_params<F>(W, n, g, fs, fs1, fm);
+      const __m256 s = _mm256_set1_ps(fs), s1 = _mm256_set1_ps(fs1), m = _mm256_set1_ps(fm);
       float* o = out + (n - n0) * K + g * QK;
       if (F == F_Q6) {
         __m256i lo, hi;
@@ -450,7 +558,7 @@ void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
 
 extern "C" {
 
-int pq_abi_version() { return 16; }
+int pq_abi_version() { return 17; }
 
 // The row tiles' instruction set: 0 AVX2, 1 AVX-512 VNNI (refused where the CPU lacks it),
 // -1 only asks. Returns the one in effect.
@@ -515,6 +623,7 @@ void pqx_dequant(const Proj* p, float* out, int threads) {
     float* o = out + row * K;
     over_rows(q.rows, threads, [&](int64_t n0, int64_t n1) {
       if (q.fmt == F_Q4) dequant_rows<F_Q4>(W, n0, n1, o + n0 * K);
+      else if (q.fmt == F_Q4K) dequant_rows<F_Q4K>(W, n0, n1, o + n0 * K);
       else if (q.fmt == F_Q8) dequant_rows<F_Q8>(W, n0, n1, o + n0 * K);
       else if (q.fmt == F_Q6) dequant_rows<F_Q6>(W, n0, n1, o + n0 * K);
       else dequant_rows<F_Q8G16>(W, n0, n1, o + n0 * K);
@@ -535,6 +644,7 @@ int64_t pqx_rows(const Proj* p, const int64_t* ids, int64_t T, float* out) {
       continue;
     }
     if (q.fmt == F_Q4) dequant_rows<F_Q4>(W, ids[t], ids[t] + 1, out + t * p->K);
+    else if (q.fmt == F_Q4K) dequant_rows<F_Q4K>(W, ids[t], ids[t] + 1, out + t * p->K);
     else if (q.fmt == F_Q8G16) dequant_rows<F_Q8G16>(W, ids[t], ids[t] + 1, out + t * p->K);
     else if (q.fmt == F_Q6) dequant_rows<F_Q6>(W, ids[t], ids[t] + 1, out + t * p->K);
     else dequant_rows<F_Q8>(W, ids[t], ids[t] + 1, out + t * p->K);

@@ -105,10 +105,11 @@ bool swiglu_halves(const Proj& gu, Weights& Wg, Weights& Wu, int64_t& fmt) {
   if (gu.N % 2) return false;
   if (gu.n_parts == 1) {
     const Part& q = gu.part[0];
-    const int64_t SPB = scales_per_block((int)q.fmt), bytes = block_bytes((int)q.fmt);
+    const int F = (int)q.fmt;
     fmt = q.fmt;
     Wg = Weights{q.codes, q.scales, q.mins, q.bias, K, I};
-    Wu = Weights{q.codes + I * G * bytes, q.scales + I * G * SPB, q.mins ? q.mins + I * G : nullptr,
+    Wu = Weights{q.codes + I * G * block_bytes(F), q.scales + I * scale_row(F, K),
+                 q.mins ? q.mins + I * min_row(F, K) : nullptr,
                  q.bias ? q.bias + I : nullptr, K, I};
     return true;
   }
@@ -150,6 +151,7 @@ void swiglu_mlp(const float* x, int64_t M, const Proj& gu, const Proj& down, flo
   a.d = mlp_scratch.data() + (M * I + 1) / 2;
   a.s = a.d + M * G;
   if (fmt == F_Q4) swiglu_vnni<F_Q4>(x, M, Wg, Wu, a, threads);
+  else if (fmt == F_Q4K) swiglu_vnni<F_Q4K>(x, M, Wg, Wu, a, threads);
   else if (fmt == F_Q8) swiglu_vnni<F_Q8>(x, M, Wg, Wu, a, threads);
   else if (fmt == F_Q6) swiglu_vnni<F_Q6>(x, M, Wg, Wu, a, threads);
   else swiglu_vnni<F_Q8G16>(x, M, Wg, Wu, a, threads);
@@ -158,6 +160,7 @@ void swiglu_mlp(const float* x, int64_t M, const Proj& gu, const Proj& down, flo
     const Part& q = down.part[i];
     const Weights W{q.codes, q.scales, q.mins, q.bias, I, q.rows, down.N};
     if (q.fmt == F_Q4) gemm_vnni_q<F_Q4>(a, M, W, y + row, threads);
+    else if (q.fmt == F_Q4K) gemm_vnni_q<F_Q4K>(a, M, W, y + row, threads);
     else if (q.fmt == F_Q8) gemm_vnni_q<F_Q8>(a, M, W, y + row, threads);
     else if (q.fmt == F_Q6) gemm_vnni_q<F_Q6>(a, M, W, y + row, threads);
     else gemm_vnni_q<F_Q8G16>(a, M, W, y + row, threads);

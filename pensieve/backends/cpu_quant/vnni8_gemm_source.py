@@ -111,7 +111,7 @@ template <int F>
 void pack_panel8(const Weights& W, int64_t n0, int64_t end, Panel8& P) {
   constexpr int SPB = scales_per_block(F);
   constexpr int NP = GNRV;
-  const int64_t K = W.K, G = K / QK, SG = G * SPB;
+  const int64_t K = W.K, G = K / QK;
   alignas(32) int32_t t[NP][8];  // one block of each row: 8 quads
   for (int64_t g = 0; g < G; ++g) {
     for (int i = 0; i < NP; ++i) {
@@ -120,10 +120,8 @@ void pack_panel8(const Weights& W, int64_t n0, int64_t end, Panel8& P) {
       float s = 0.0f, s1 = 0.0f, m = 0.0f;
       if (n < end) {
         load_block16<F>(W, n, g, lo, hi);
-        if (W.mins) m = _cvtsh_ss(W.mins[n * G + g]);
-        s = _cvtsh_ss(W.scales[n * SG + g * SPB]);
-        if (SPB == 2) s1 = _cvtsh_ss(W.scales[n * SG + g * SPB + 1]);
-        if (F == F_Q4) {  // codes 0..15 as c - 8 (centred: half the rounding error), min + 8·scale
+        block_params<F>(W, n, g, s, s1, m);
+        if (codes_of(F) == F_Q4) {  // codes 0..15 as c - 8 (centred: half the rounding error), min + 8·scale
           lo = _mm256_sub_epi16(lo, _mm256_set1_epi16(8));
           hi = _mm256_sub_epi16(hi, _mm256_set1_epi16(8));
           m += 8.0f * s;

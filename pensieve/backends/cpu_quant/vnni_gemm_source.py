@@ -98,7 +98,7 @@ template <int F>
 VNNI_TARGET void pack_panel_2(const Weights& A, int64_t a0, int64_t ea, const Weights& B,
                               int64_t b0, int64_t eb, Panel& P) {
   constexpr int NP = GNRV, SPB = scales_per_block(F);
-  const int64_t K = A.K, G = K / QK, SG = G * SPB;
+  const int64_t K = A.K, G = K / QK;
   alignas(64) int32_t t[NP][16];
   for (int64_t g = 0; g < G; ++g) {
     for (int i = 0; i < NP; ++i) {
@@ -108,9 +108,7 @@ VNNI_TARGET void pack_panel_2(const Weights& A, int64_t a0, int64_t ea, const We
       float s = 0.0f, s1 = 0.0f, m = 0.0f;
       if (n < (i < 16 ? ea : eb)) {
         load_block16<F>(W, n, g, lo, hi);
-        if (W.mins) m = _cvtsh_ss(W.mins[n * G + g]);
-        s = _cvtsh_ss(W.scales[n * SG + g * SPB]);
-        if (SPB == 2) s1 = _cvtsh_ss(W.scales[n * SG + g * SPB + 1]);
+        block_params<F>(W, n, g, s, s1, m);
       }
       _mm256_store_si256((__m256i*)t[i], lo);
       _mm256_store_si256((__m256i*)(t[i] + 8), hi);

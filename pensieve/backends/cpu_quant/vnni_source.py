@@ -80,32 +80,81 @@ VNNI_TARGET inline __m512i q6_unpack512(const uint8_t* p) {
   return _mm512_srai_epi16(_mm512_xor_si512(u, _mm512_set1_epi16((short)0x8000)), 10);
 }
 
+// prepare_q4k on AVX-512 (the same products in the same order): a super-block's 12 scale
+// bytes unpacked by two byte shuffles, two shifts and two ternary-logic ops into [sc x8 | m x8]
+// (layout at k4_unpack), widened to 16 floats and scaled by [d x8 | dmin x8] and
+// [activation scales | block sums] at once. ~20 vector ops a super-block against ~35 with
+// the scalar unpack: decode's row tiles are compute-bound per thread, so this is their cost.
+VNNI_TARGET inline float prepare_q4k_512(const uint8_t* q, const uint16_t* dm, const float* xd,
+                                         const float* xs, int64_t G, float* prod) {
+  const __m128i iL = _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11);
+  const __m128i iH = _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7);
+  const __m128i sel = _mm_setr_epi32(-1, -1, -1, 0);  // bytes 12-15 (mins 4-7) from L >> 4
+  const __m128i keep = _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15);
+  const __m128i top = _mm_set1_epi8(0x30);
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  __m512 macc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; g += 8, q += Q4K_SB, dm += 2) {
+    const __m128i b = _mm_maskz_loadu_epi8(0x0FFF, q);
+    const __m128i L = _mm_shuffle_epi8(b, iL), H = _mm_shuffle_epi8(b, iH);
+    __m128i v = _mm_and_si128(_mm_ternarylogic_epi32(sel, L, _mm_srli_epi16(L, 4), 0xCA), keep);
+    v = _mm_ternarylogic_epi32(v, _mm_srli_epi16(H, 2), top, 0xF8);  // v | (H >> 2 & 0x30)
+    const __m512 sm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
+    uint32_t d2;
+    __builtin_memcpy(&d2, dm, 4);
+    const __m512 f = _mm512_permutexvar_ps(
+        spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)d2))));
+    const __m512 x = _mm512_castpd_ps(_mm512_insertf64x4(
+        _mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(xd + g))),
+        _mm256_castps_pd(_mm256_loadu_ps(xs + g)), 1));
+    const __m512 t = _mm512_mul_ps(_mm512_mul_ps(sm, f), x);
+    _mm256_storeu_ps(prod + g, _mm512_castps512_ps256(t));
+    macc = _mm512_add_ps(macc, t);
+  }
+  return -hsum(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(macc), 1)));
+}
+
+// prepare_q6 on AVX-512 (the same products in the same order): a super-block's 16 sub-scales
+// in one register.
+VNNI_TARGET inline void prepare_q6_512(const uint8_t* sb, const float* xd, int64_t G, float* prod) {
+  const __m512i dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  for (int64_t g = 0; g < G; g += 8, sb += Q6_SB) {
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(sb + 2))));
+    const __m512 x = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(xd + g)));
+    _mm512_storeu_ps(prod + 2 * g, _mm512_mul_ps(_mm512_mul_ps(sc, _mm512_set1_ps(half_at(sb))), x));
+  }
+}
+
+// prepare_row with the AVX-512 super-block unpacks.
+template <int F>
+VNNI_TARGET inline float prepare_row_vnni(const Weights& W, int64_t n, const float* xd,
+                                          const float* xs, float* prod) {
+  const int64_t G = W.K / QK;
+  if (F == F_Q6) {
+    prepare_q6_512((const uint8_t*)(W.scales + n * scale_row(F, W.K)), xd, G, prod);
+    return 0.0f;
+  }
+  if (F == F_Q4K)
+    return prepare_q4k_512((const uint8_t*)(W.scales + n * scale_row(F, W.K)),
+                           W.mins + n * min_row(F, W.K), xd, xs, G, prod);
+  return prepare_row<F>(W, n, xd, xs, prod);
+}
+
 // The block factors of tile_prologue without its prefetch burst; the next tiles' scales and
 // mins prefetched (a few lines), their codes streamed by the tile's loop (vnni_ahead).
 template <int NR, int R, int F>
-inline void tile_factors(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0,
+VNNI_TARGET inline void tile_factors(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0,
                          float* prod, float (&mterm)[NR][R]) {
   constexpr int SPB = scales_per_block(F);
-  const int64_t G = W.K / QK, SG = G * SPB;
-  const bool has_min = W.mins != nullptr;
+  const int64_t G = W.K / QK, SG = G * SPB, SR = scale_row(F, W.K), MR_ = min_row(F, W.K);
   if (n0 + PF_ROWS + NR <= W.N) {
-    for (int64_t b = 0; b < NR * SG * 2; b += 64)
-      _mm_prefetch((const char*)(W.scales + (n0 + PF_ROWS) * SG) + b, _MM_HINT_T0);
-    if (has_min)
-      for (int64_t b = 0; b < NR * G * 2; b += 64)
-        _mm_prefetch((const char*)(W.mins + (n0 + PF_ROWS) * G) + b, _MM_HINT_T0);
+    prefetch_span(W.scales + (n0 + PF_ROWS) * SR, NR * SR * 2);
+    if (W.mins) prefetch_span(W.mins + (n0 + PF_ROWS) * MR_, NR * MR_ * 2);
   }
   for (int j = 0; j < NR; ++j)
-    for (int r = 0; r < R; ++r) {
-      float* p = prod + (j * R + r) * SG;
-      if (SPB == 2) {
-        prepare16(W.scales + (n0 + j) * SG, xq.d + (m0 + r) * G, G, p);
-        mterm[j][r] = 0.0f;
-      } else {
-        mterm[j][r] = prepare(W.scales + (n0 + j) * G, has_min ? W.mins + (n0 + j) * G : nullptr,
-                              xq.d + (m0 + r) * G, xq.s + (m0 + r) * G, G, p);
-      }
-    }
+    for (int r = 0; r < R; ++r)
+      mterm[j][r] = prepare_row_vnni<F>(W, n0 + j, xq.d + (m0 + r) * G, xq.s + (m0 + r) * G,
+                                        prod + (j * R + r) * SG);
 }
 
 // Codes prefetch distance of the VNNI tile, in tiles: each step of its loop prefetches the
@@ -120,7 +169,7 @@ inline void tile_factors(const Weights& W, int64_t n0, const Quantised& xq, int6
 template <int NR, int R, int F>
 VNNI_TARGET void dot_tile_vnni(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0,
                                float* y, int64_t ldy) {
-  constexpr bool Q8 = F != F_Q4;
+  constexpr bool Q8 = codes_of(F) != F_Q4;
   constexpr int SPB = scales_per_block(F);
   const int64_t K = W.K, G = K / QK, row_bytes = G * block_bytes(F), SG = G * SPB;
   float* prod = (float*)__builtin_alloca(sizeof(float) * NR * R * SG);
