@@ -48,8 +48,12 @@ class OffsetRMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim))
         self.eps = eps
+        # a backend's one-launch form (``backends/cuda_offset_norm.offset_rms_norm``)
+        self.kernel: Any = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.dtype != torch.float32:
+            return self.kernel(x, self.weight, self.eps)
         if x.dtype == torch.float32:  # one fused op
             return F.rms_norm(x, (x.shape[-1],), self.weight + 1.0, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
@@ -87,6 +91,9 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(d.value_heads))
         self.norm = GatedRMSNorm(d.value_dim, args.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_size, h, bias=False)
+        # a backend's fused step (``backends/cuda_gdn.GatedDeltaKernel``): (module, mixed, a, b,
+        # z, ctx) → the normed output [T, Hv, Dv]; None: the torch path below
+        self.step_kernel: Any = None
 
     def _split(self, x: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,11 +117,33 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
         mixed, z, b, a = self._split(x)
-        beta = b.sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        if self.step_kernel is not None and ctx.states is not None:
+            out = self.step_kernel(self, mixed, a, b, z, ctx)
+            return self.out_proj(out.reshape(t, self.value_size))
+        beta, g = self._gates(b, a)
         out = self._mix(mixed, g, beta, ctx)
         out = self.norm(out, z).reshape(t, self.value_size)
         return self.out_proj(out)
+
+    def _gates(self, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(β = sigmoid b, g = −exp(A_log)·softplus(a + dt_bias))."""
+        return b.sigmoid(), -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+
+    def torch_sequence(self, mixed: torch.Tensor, z: torch.Tensor, b: torch.Tensor,
+                       a: torch.Tensor, ctx: ForwardContext, i: int, out: torch.Tensor) -> None:
+        """Sequence ``i`` of the step on the torch path (a ``step_kernel`` leaves it the chunks
+        it does not take): its normed output into ``out`` [T, Hv, Dv], its state advanced."""
+        states = ctx.states
+        assert states is not None
+        seq = ctx.sequences[i]
+        rows = slice(seq.query_start, seq.query_start + seq.query_len)
+        beta, g = self._gates(b[rows], a[rows])
+        weight = self.conv1d.weight.reshape(self.conv1d.weight.shape[0], -1)
+        o = mixed.new_empty(seq.query_len, self.d.value_heads, self.d.value_dim)
+        self._chunk(mixed[rows], g, beta, weight, states.conv[self.layer],
+                    states.ssm[self.layer], states.slots[i:i + 1],
+                    seq.context_len > seq.query_len, o)
+        out[rows] = self.norm(o, z[rows])
 
     def _mix(self, mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
              ctx: ForwardContext) -> torch.Tensor:
@@ -141,15 +170,20 @@ class GatedDeltaNet(nn.Module):
             if seq.query_len == 1:
                 continue
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
-            slot = states.slots[i:i + 1]
-            cached = seq.context_len > seq.query_len
-            y, conv_out = causal_conv1d(mixed[rows], weight, conv[slot][0] if cached else None)
-            o, ssm_out = self._rule(y.unsqueeze(0), g[rows].unsqueeze(0), beta[rows].unsqueeze(0),
-                                    ssm[slot] if cached else None, decode=False)
-            out[rows] = o[0]
-            conv.index_copy_(0, slot, conv_out.unsqueeze(0).to(conv.dtype))
-            ssm.index_copy_(0, slot, ssm_out.to(ssm.dtype))
+            self._chunk(mixed[rows], g[rows], beta[rows], weight, conv, ssm,
+                        states.slots[i:i + 1], seq.context_len > seq.query_len, out[rows])
         return out
+
+    def _chunk(self, mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+               weight: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor, slot: torch.Tensor,
+               cached: bool, out: torch.Tensor) -> None:
+        """One sequence's chunk (rows of its own) from and back into its state ``slot``."""
+        y, conv_out = causal_conv1d(mixed, weight, conv[slot][0] if cached else None)
+        o, ssm_out = self._rule(y.unsqueeze(0), g.unsqueeze(0), beta.unsqueeze(0),
+                                ssm[slot] if cached else None, decode=False)
+        out.copy_(o[0])
+        conv.index_copy_(0, slot, conv_out.unsqueeze(0).to(conv.dtype))
+        ssm.index_copy_(0, slot, ssm_out.to(ssm.dtype))
 
     def _decode(self, mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                 weight: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
