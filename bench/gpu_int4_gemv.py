@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_int4_gemv")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--rows", default="1,2,4,8")
+    p.add_argument("--rows", default="1,8")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--sweep", action="store_true", help="gemv_split's sweep, not the 6")

@@ -7,8 +7,10 @@ count: the planned route's GPU µs (medians, launches queued behind a sleep as i
 ``cuda_int4_tune.gpu_us``) and the bandwidth the Q6_K bytes make of it, then each route on its
 own — ``gemv`` (≤ 4 rows), ``skinny`` (≤ 32, the plan's tiles), the dequantising ``gemm``,
 ``dequant`` + cuBLAS — against the int8 layout Q6_K had before (``cuda_int8``, 1.4× the bytes)
-and cuBLAS on a dense bf16 copy (3.1× the bytes; what no default path keeps). ``--sweep``: every
-tuner candidate of the routes that apply, per row count.
+and cuBLAS on a dense bf16 copy (3.1× the bytes; what no default path keeps). At 1 row every
+``gemv`` candidate and at 8 rows every 16-row ``skinny`` candidate, each in µs, GB/s of the Q6_K
+bytes and % of a device copy of the same bytes (read + write). ``--sweep``: every tuner
+candidate of the routes that apply, per row count.
 
     python -m bench.gpu_q6k                 # the table
     python -m bench.gpu_q6k --sweep --reps 20 --shapes ffn_down
@@ -69,6 +71,29 @@ def sweep(rows: int, n: int) -> list[tuple]:
     return out + [("gemm", t) for t in tune.GEMM_CANDIDATES[bucket]]
 
 
+def each_tile(rows: int, n: int, x, w, layers, reps: int, nbytes: int,  # noqa: ANN001
+              roof: float) -> None:
+    """1 row: every gemv candidate; 8 rows: every 16-row skinny one — µs, GB/s, % of a copy."""
+    from pensieve.backends import cuda_q6k_tune as tune
+    from pensieve.backends.cuda_int4_tune import gpu_us
+    from pensieve.backends.cuda_q6k import launch, skinny_fits
+    from pensieve.backends.cuda_q6k_tune import describe
+
+    if rows == 1:
+        cands = [("gemv", t) for t in tune.GEMV_CANDIDATES]
+    else:
+        cands = [("skinny", t) for t in tune.SKINNY_CANDIDATES[16] if skinny_fits(t, n)]
+    for c in cands:
+        try:
+            us = gpu_us(lambda m, c=c: launch(c, x, w), layers, reps)
+        except Exception as e:  # a tile Triton cannot build here
+            print(f"    {describe(c)}: failed ({str(e).splitlines()[0][:60] if str(e) else e!r})")
+            continue
+        gbs = nbytes / us / 1e3
+        print(f"    ×{rows} {us:8.1f} µs {gbs:6.0f} GB/s ({gbs / roof:4.0%} of copy)  "
+              f"{describe(c)} {c[1]}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_q6k", description=__doc__)
     p.add_argument("--reps", type=int, default=15)
@@ -100,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         old = [CudaInt8Linear(g).to(dev, dt)]
         dense = layers[0].dequantize().to(dt)
         q6_bytes = cuda_q6k.layout_bytes(n, k)
+        src = torch.empty(q6_bytes, dtype=torch.uint8, device=dev)
+        dst = torch.empty_like(src)
+        copy_us = gpu_us(lambda m: dst.copy_(src), layers, a.reps)
+        roof = 2 * q6_bytes / copy_us / 1e3
+        print(f"  copy of the {q6_bytes / 1e6:.1f} MB: {copy_us:.1f} µs "
+              f"({roof:.0f} GB/s read+write)")
         for rows in map(int, a.rows.split(",")):
             x = torch.randn(rows, k, device=dev, dtype=dt)
             ref = F.linear(x.float(), dense.float())
@@ -119,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"({q6_bytes / t_new / 1e3:6.0f} GB/s, {describe(plan[cuda_q6k.bucket(rows)])}, "
                   f"err {err:.1e})  int8 {t_old:8.1f}  bf16 cuBLAS {t_dense:8.1f}  | "
                   + ", ".join(each))
+            if rows in (1, 8) and not a.sweep:
+                each_tile(rows, n, x, w, layers, a.reps, q6_bytes, roof)
             if not a.sweep:
                 continue
             times = []

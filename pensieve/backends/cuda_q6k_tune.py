@@ -34,7 +34,10 @@ from pensieve.backends.cuda_q6k import (
 log = logging.getLogger(__name__)
 
 # per family, the first the untimed default
-GEMV_CANDIDATES = (GEMV, Tiles(1, 4, 8, 4, 2), Tiles(1, 16, 8, 4, 2), Tiles(1, 8, 16, 4, 2))
+# (the last two: 16 weights a thread a step — two 8-byte runs of each code buffer in flight —
+# instead of 4-8; unmeasured, bench/gpu_q6k.py lists every one at 1 row)
+GEMV_CANDIDATES = (GEMV, Tiles(1, 4, 8, 4, 2), Tiles(1, 16, 8, 4, 2), Tiles(1, 8, 16, 4, 2),
+                   Tiles(1, 16, 16, 4, 2), Tiles(1, 16, 8, 2, 2))
 # (split-K where N is short, so that ~2+ programs run per SM; one split of wide tiles for a
 # head-sized N, where only split_k == 1 fits; all build for sm_90 without a spill, 72-128
 # registers with 16-divisible arguments)
