@@ -56,11 +56,14 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def gemv_wide(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Wide) -> torch.Tensor:
-    """x [M ≤ 2, K] bfloat16 (contiguous rows) @ w.T by ``gemv_wide`` with tiles ``t``."""
+def gemv_wide(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Wide,
+              swiglu: bool = False) -> torch.Tensor:
+    """x [M ≤ 2, K] bfloat16 (contiguous rows) @ w.T by ``gemv_wide`` with tiles ``t``;
+    ``swiglu``: w is a fused gate/up weight [2I, K] and the result SiLU(gate) · up [M, I], as
+    the GEMV then ``cuda_layers.silu_mul`` would round it, in one launch."""
     m, k = x.shape
-    n = packed.shape[0]
-    if not fits(x, k):
+    n = packed.shape[0] // 2 if swiglu else packed.shape[0]
+    if not fits(x, k) or (swiglu and packed.shape[0] % 2):
         raise ValueError(f"gemv_wide: {m} rows of {x.dtype} (bfloat16, ≤ {MAX_ROWS} rows)")
     groups = k // GROUP
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -69,5 +72,5 @@ def gemv_wide(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Wide) 
         x2, packed.view(torch.int32), so, y, n, groups, x2.stride(0), y.stride(0), k // 8,
         BLOCK_N=t.block_n, BLOCK_G=t.block_g, EVEN=groups % t.block_g == 0,
         SYM=so.dtype == torch.int16, WORD_THREADS=t.word_threads, ASM=not _interpreted(),
-        num_warps=t.num_warps, num_stages=t.num_stages)
+        SWIGLU=swiglu, num_warps=t.num_warps, num_stages=t.num_stages)
     return y

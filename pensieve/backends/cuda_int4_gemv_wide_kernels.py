@@ -41,12 +41,33 @@ def _hide(x, ASM: tl.constexpr):
 
 
 @triton.jit
+def _words_times_x(w, so, x0, x1, x2, x3, y0, y1, y2, y3, xsum, SYM: tl.constexpr):
+    """One step's [BLOCK_N, BLOCK_G] group sums of words w [BLOCK_N, BLOCK_G, 4] against x's
+    columns (x_j: 32g + 4q + j, y_j: + 16; [BLOCK_G, 4] each; xsum: their sum a group)."""
+    part = _code128(w, 16) * x0[None, :, :]  # byte j's low nibble meets column 4q + j
+    part += _code128(w, 12) * y0[None, :, :]  # its high nibble column 16 + 4q + j
+    part += _code128(w, 8) * x1[None, :, :]
+    part += _code128(w, 4) * y1[None, :, :]
+    part += _code128(w, 0) * x2[None, :, :]
+    part += _code128(w, -4) * y2[None, :, :]
+    part += _code128(w, -8) * x3[None, :, :]
+    part += _code128(w, -12) * y3[None, :, :]
+    s, o = _scale_offset(so, SYM)
+    return tl.sum(part, 2) * s + (o - 128.0 * s) * xsum[None, :]
+
+
+@triton.jit
 def gemv_wide(X2, W, SO, Y, N, GROUPS, stride_x2, stride_y, stride_w,
               BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr,
               SYM: tl.constexpr = False, WORD_THREADS: tl.constexpr = True,
-              ASM: tl.constexpr = True):
+              ASM: tl.constexpr = True, SWIGLU: tl.constexpr = False):
     """y[row, n] = Σ_k x[row, k] · w[n, k]; X2: x's rows as int32 pairs (``stride_x2`` pairs a
-    row), W: ``packed`` as int32 words (``stride_w`` = K / 8 a row)."""
+    row), W: ``packed`` as int32 words (``stride_w`` = K / 8 a row).
+
+    SWIGLU: W is a fused gate/up weight of 2·N rows and y [rows, N] = SiLU(gate) · up, where
+    gate = row n's product and up = row N + n's, each rounded to Y's dtype first and the SiLU
+    too — the roundings of the gate/up GEMV's output followed by ``silu_mul``: one launch
+    fewer a decode MLP, no recomputation (a program reads both rows of its outputs)."""
     pid = tl.program_id(0)
     row = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,19 +81,28 @@ def gemv_wide(X2, W, SO, Y, N, GROUPS, stride_x2, stride_y, stride_w,
         word = _hide(word, ASM)
     w_ptrs = W + n[:, None, None] * stride_w + word
     so_ptrs = SO + n[:, None] * GROUPS + gi[None, :]
+    up_w = N * stride_w  # SWIGLU: the up rows, N rows on (int32: under 2**31 words)
+    up_so = N * GROUPS
     # pairs 16g + 2q + c (low nibbles' columns 32g + 4q + 2c, + 1) and 8 pairs on (high)
     x_ptrs = X2 + row * stride_x2 + gi[:, None, None] * 16 + q[None, :, None] * 2 + c[None, None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
     for g0 in range(0, GROUPS, BLOCK_G):
         if EVEN:
             w = tl.load(w_ptrs)
             so = tl.load(so_ptrs)
+            if SWIGLU:
+                w_up = tl.load(w_ptrs + up_w)
+                so_up = tl.load(so_ptrs + up_so)
             lo = tl.load(x_ptrs)
             hi = tl.load(x_ptrs + 8)
         else:
             gmask = (g0 + gi) < GROUPS
             w = tl.load(w_ptrs, mask=gmask[None, :, None], other=0)
             so = tl.load(so_ptrs, mask=gmask[None, :], other=0)
+            if SWIGLU:
+                w_up = tl.load(w_ptrs + up_w, mask=gmask[None, :, None], other=0)
+                so_up = tl.load(so_ptrs + up_so, mask=gmask[None, :], other=0)
             lo = tl.load(x_ptrs, mask=gmask[:, None, None], other=0)
             hi = tl.load(x_ptrs + 8, mask=gmask[:, None, None], other=0)
         l01, l23 = tl.split(lo)  # [BLOCK_G, 4]: columns 4q, 4q+1 | 4q+2, 4q+3 (+ 32g)
@@ -81,19 +111,17 @@ def gemv_wide(X2, W, SO, Y, N, GROUPS, stride_x2, stride_y, stride_w,
         x2, x3 = _bf16_pair(l23)
         y0, y1 = _bf16_pair(h01)
         y2, y3 = _bf16_pair(h23)
-        part = _code128(w, 16) * x0[None, :, :]  # byte j's low nibble meets column 4q + j
-        part += _code128(w, 12) * y0[None, :, :]  # its high nibble column 16 + 4q + j
-        part += _code128(w, 8) * x1[None, :, :]
-        part += _code128(w, 4) * y1[None, :, :]
-        part += _code128(w, 0) * x2[None, :, :]
-        part += _code128(w, -4) * y2[None, :, :]
-        part += _code128(w, -8) * x3[None, :, :]
-        part += _code128(w, -12) * y3[None, :, :]
         xsum = tl.sum((x0 + x1) + (x2 + x3) + ((y0 + y1) + (y2 + y3)), 1)
-        s, o = _scale_offset(so, SYM)
-        acc += tl.sum(part, 2) * s + (o - 128.0 * s) * xsum[None, :]
+        acc += _words_times_x(w, so, x0, x1, x2, x3, y0, y1, y2, y3, xsum, SYM)
+        if SWIGLU:
+            acc_up += _words_times_x(w_up, so_up, x0, x1, x2, x3, y0, y1, y2, y3, xsum, SYM)
         w_ptrs += BLOCK_G * 4
         so_ptrs += BLOCK_G
         x_ptrs += BLOCK_G * 16
     y = tl.sum(acc, 1)
+    if SWIGLU:  # as the GEMV's output then silu_mul round: gate, up, SiLU(gate), the product
+        gate = y.to(Y.dtype.element_ty).to(tl.float32)
+        up = tl.sum(acc_up, 1).to(Y.dtype.element_ty).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(Y.dtype.element_ty).to(tl.float32)
+        y = act * up
     tl.store(Y + row * stride_y + n, y.to(Y.dtype.element_ty), mask=nmask)

@@ -13,6 +13,7 @@ model file keeps reading like the reference:
   norm in each layer and, in ``CudaLlamaBody``, the end-of-layer add with the next layer's
   input norm (the last layer's with the final norm).
 * Qwen3's per-head q/k RMSNorms inside ``rope_and_store`` (``cuda_rope_kernels.rope_norm``).
+* at 1 row, SiLU·up in the int4 gate/up GEMV's epilogue (``plan_fused_mlps``, below).
 
 Kernel launches of one dense decode layer (CUDA graphs on; batch 1 or 8):
 
@@ -27,27 +28,36 @@ paged decode            2 (partial+merge) 2
 o projection            1 GEMV            1
 add + post-attn norm    1                 1
 gate/up projection      1 GEMV            1
-SiLU·up                 1                 1
+SiLU·up                 1                 0-1 (in the int4 gate/up GEMV: 1 row, timed)
 down projection         1 GEMV            1
 residual add            1                 1 (with the next layer's input norm)
 ======================  ================  =====================================================
 
-Llama: 11 → 10 a layer, Qwen3: 13 → 10 (more unfused where ``F.rms_norm`` copies the strided
-q/k views first); the first layer's input norm stays separate, the last layer's add meets the
-final norm. Every fused step computes in float32 and rounds where
-PyTorch rounds (a sum to x's dtype before the norm reads it, a norm's output before RoPE).
+Llama: 11 → 10 a layer (9 with the SiLU·up GEMV), Qwen3: 13 → 10 (9); more unfused where
+``F.rms_norm`` copies the strided q/k views first. The first layer's input norm stays separate,
+the last layer's add meets the final norm. ``plan_fused_mlps`` (at start, after the int4 plans):
+where a gate/up weight's 1-row route is the wide GEMV (bfloat16, no bias), its SwiGLU form
+(``gemv_wide(swiglu=True)``: a program reads the gate and the up rows of its outputs) is checked
+against the GEMV + ``silu_mul`` and timed against them; kept where faster. Every fused step
+computes in float32 and rounds where PyTorch rounds (a sum to x's dtype before the norm reads
+it, a norm's output before RoPE, the gate/up products and SiLU before their product).
 Importing this module needs no GPU; Triton is imported on first use.
 """
 
 from __future__ import annotations
 
+import logging
 from types import ModuleType
 
 import torch
 from torch import nn
 
 from pensieve.backends.cuda_attention import CudaPagedAttention
+from pensieve.backends.cuda_int4 import CudaInt4Linear
+from pensieve.backends.cuda_int4_gemv_wide import Wide, gemv_wide
 from pensieve.models.llama import MLP, Attention, DecoderLayer, LlamaBody, RMSNorm
+
+log = logging.getLogger(__name__)
 
 
 def _kernels() -> ModuleType:
@@ -80,7 +90,16 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
 
 
 class CudaMLP(MLP):
+    # the wide GEMV's tiles of a gate/up weight where its one-launch SiLU·up form was checked
+    # and timed faster at 1 row than the GEMV + silu_mul (``plan_fused_mlps``); else None
+    swiglu: Wide | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.swiglu is not None and x2.shape[0] == 1 and x.dtype == torch.bfloat16:
+            gu = self.gate_up_proj
+            act = gemv_wide(x2.contiguous(), gu.packed, gu.scale_offset, self.swiglu, swiglu=True)
+            return self.down_proj(act.view(*x.shape[:-1], act.shape[-1]))
         gate_up = self.gate_up_proj(x)
         shape = gate_up.shape
         act = silu_mul(gate_up.reshape(-1, shape[-1]).contiguous())
@@ -165,3 +184,47 @@ def fuse_cuda_layers(model: nn.Module) -> int:
         if _fusable_body(module):
             module.__class__ = CudaLlamaBody
     return count
+
+
+def plan_fused_mlps(model: nn.Module, dtype: torch.dtype, reps: int = 15) -> str:
+    """Per gate/up weight shape whose 1-row route is ``wide`` (bfloat16, no bias): the
+    one-launch SiLU·up form (``gemv_wide(swiglu=True)``) checked against the GEMV +
+    ``silu_mul`` and timed against them on up to 8 layers; kept where faster. Returns a note
+    for the start log (µs per call)."""
+    from pensieve.backends.cuda_int4_tune import gpu_us
+
+    if dtype != torch.bfloat16:
+        return ""
+    shapes: dict[tuple[int, int], list[CudaMLP]] = {}
+    for m in model.modules():
+        gu = getattr(m, "gate_up_proj", None)
+        if (type(m) is CudaMLP and isinstance(gu, CudaInt4Linear) and gu.bias is None
+                and gu.plan is not None and gu.plan.route.get(1) == "wide"
+                and gu.plan.wide is not None):
+            shapes.setdefault((gu.out_features, gu.in_features), []).append(m)
+    notes = []
+    for (n, k), group in shapes.items():
+        sample, t = group[:8], group[0].gate_up_proj.plan.wide
+        x = torch.randn(1, k, device=group[0].gate_up_proj.packed.device, dtype=dtype)
+
+        def fused(m: CudaMLP) -> torch.Tensor:
+            return gemv_wide(x, m.gate_up_proj.packed, m.gate_up_proj.scale_offset, t, True)
+
+        def unfused(m: CudaMLP) -> torch.Tensor:
+            return silu_mul(m.gate_up_proj(x))
+
+        try:
+            ref = unfused(group[0]).float()
+            err = ((fused(group[0]).float() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+        except Exception as e:  # a Triton that cannot build it: leave it out
+            log.warning("fused SiLU·up %dx%d left out: %s", n, k, str(e).splitlines()[0][:80])
+            continue
+        if not err < 2e-2:
+            log.warning("fused SiLU·up %dx%d left out: relative error %.3g", n, k, err)
+            continue
+        one, two = gpu_us(fused, sample, reps), gpu_us(unfused, sample, reps)
+        if one < two:
+            for m in group:
+                m.swiglu = t
+        notes.append(f"{n}x{k}: fused {one:.1f} vs GEMV + silu_mul {two:.1f}")
+    return "; ".join(notes)

@@ -19,7 +19,7 @@ from pensieve.models.args import ModelArgs
 from pensieve.models.llama import family_of
 from pensieve.backends import cuda_q6k_tune, cuda_tables
 from pensieve.backends.cuda_int4 import prepare_for_cuda
-from pensieve.backends.cuda_layers import fuse_cuda_layers
+from pensieve.backends.cuda_layers import fuse_cuda_layers, plan_fused_mlps
 from pensieve.backends.cuda_moe_swap import (
     Experts3, expert_state_names, swap_in_experts, take_expert_codes,
 )
@@ -116,6 +116,10 @@ def finish_on_cuda(model: nn.Module, config: EngineConfig, tune_int4: bool) -> N
         fuse_cuda_layers(model)
     if tune_int4:
         prepare_for_cuda(model, config.dtype, keep_dense=config.keep_dense_weights)
+        if model.fast_paths.cuda_fused_layers:  # the 1-row gate/up GEMV with SiLU·up in it
+            note = plan_fused_mlps(model, config.dtype)
+            if note:
+                log.info("gate/up GEMV with SiLU·up, µs per call: %s", note)
     cuda_q6k_tune.prepare(model, config.dtype)
 
 

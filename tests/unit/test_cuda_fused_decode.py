@@ -87,11 +87,37 @@ def check_fused_models() -> None:
             torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
+def check_swiglu_mlp() -> None:
+    """A CudaMLP over an int4 gate/up weight: the one-launch SiLU·up form (``swiglu`` set, 1
+    row) gives what the GEMV + silu_mul give (2 rows: the unfused path either way)."""
+    from pensieve.backends.cuda_int4 import CudaInt4Linear
+    from pensieve.backends.cuda_int4_gemv_wide import Wide, gemv_wide
+    from pensieve.models.quant_linear import Int4Groups
+
+    model = tiny("llama").to(torch.bfloat16)
+    cuda_layers.fuse_cuda_layers(model)
+    mlp = model.model.layers[0].mlp
+    gen = torch.Generator().manual_seed(5)
+    n, k = mlp.gate_up_proj.out_features, mlp.gate_up_proj.in_features
+    scales = torch.rand(n, k // 32, generator=gen) * 0.05 + 0.01
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+    gu = mlp.gate_up_proj = CudaInt4Linear([Int4Groups(codes, scales, -8 * scales, 32)])
+    tiles = Wide(8, 32, 1)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    mlp.swiglu = tiles
+    ref = mlp.down_proj(cuda_layers.silu_mul(gemv_wide(x, gu.packed, gu.scale_offset, tiles)))
+    torch.testing.assert_close(mlp(x), ref, atol=0, rtol=0)
+    x = torch.randn(2, k, generator=gen).to(torch.bfloat16)  # 2 rows: the plain path
+    fused_2 = mlp(x)
+    mlp.swiglu = None
+    torch.testing.assert_close(fused_2, mlp(x), atol=0, rtol=0)
+
+
 def test_rope_norm_and_fused_models_in_the_interpreter():
     run_in_triton_interpreter(
         "import torch; import tests.unit.test_cuda_fused_decode as t; "
         "t.check_rope_norm('cpu', torch.float32); t.check_rope_norm('cpu', torch.bfloat16); "
-        "t.check_fused_models(); print('ok')")
+        "t.check_fused_models(); t.check_swiglu_mlp(); print('ok')")
 
 
 def test_fusing_keeps_the_state_dict_and_leaves_other_bodies():

@@ -32,6 +32,15 @@ def interpreter_check() -> None:
                 assert y.dtype == torch.bfloat16 and y.shape == (rows, 45)
                 # float32 sums of exact products, then one bfloat16 rounding of y
                 assert rel(y, ref) < 6e-3, (k, sym, cfg, rows, rel(y, ref))
+    # SwiGLU form: SiLU(gate)·up of a fused gate/up weight, as the GEMV then silu_mul round
+    from pensieve.backends.cuda_layers import silu_mul
+    for k, sym in ((448, False), (256, True)):
+        packed, so, w = weight(2 * 45, k, sym, seed=k + 1)
+        for cfg in (CANDIDATES[0], CANDIDATES[5]):
+            x = torch.randn(1, k).to(torch.bfloat16)
+            fused = gemv_wide(x, packed, so, cfg, swiglu=True)
+            assert fused.shape == (1, 45)
+            assert torch.equal(fused, silu_mul(gemv_wide(x, packed, so, cfg))), (k, sym, cfg)
     # the route: a plan naming "wide" runs it on bfloat16 rows, gemv_words on others
     packed, so, w = weight(45, 256, True)
     plan = cuda_int4.Plan({1: "wide", 2: "wide"}, wide=CANDIDATES[1])
@@ -76,7 +85,7 @@ def test_candidates_compile_for_the_h100():
     for t in CANDIDATES:
         for even, sym in ((True, True), (False, False)):
             consts = dict(BLOCK_N=t.block_n, BLOCK_G=t.block_g, EVEN=even, SYM=sym,
-                          WORD_THREADS=t.word_threads, ASM=True)
+                          WORD_THREADS=t.word_threads, ASM=True, SWIGLU=not even)
             so_type = "*i16" if sym else "*i32"
             assert compile_for(kernels.gemv_wide, {**types, "SO": so_type}, consts,
                                t.num_warps, t.num_stages) is not None, t
@@ -92,6 +101,20 @@ def test_candidates_at_a_model_shape_on_the_gpu(sym):
             x = torch.randn(rows, 4096, device="cuda").to(torch.bfloat16)
             ref = x.double().cpu() @ w.T
             assert rel(gemv_wide(x, packed, so, cfg), ref) < 6e-3, (cfg, rows)
+
+
+@needs_cuda
+def test_swiglu_form_equals_the_gemv_then_silu_mul_on_the_gpu():
+    from pensieve.backends.cuda_layers import silu_mul
+
+    packed, so, _ = weight(2 * 1536, 4096, False)
+    packed, so = packed.cuda(), so.cuda()
+    x = torch.randn(1, 4096, device="cuda").to(torch.bfloat16)
+    for cfg in CANDIDATES:
+        ref = silu_mul(gemv_wide(x, packed, so, cfg))
+        fused = gemv_wide(x, packed, so, cfg, swiglu=True)
+        assert (fused == ref).float().mean() > 0.99, cfg  # same sums, same roundings
+        torch.testing.assert_close(fused, ref, atol=1e-2, rtol=1e-2)
 
 
 @needs_cuda
