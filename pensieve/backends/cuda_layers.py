@@ -36,9 +36,9 @@ residual add            1                 1 (with the next layer's input norm)
 Llama: 11 → 10 a layer (9 with the SiLU·up GEMV), Qwen3: 13 → 10 (9); more unfused where
 ``F.rms_norm`` copies the strided q/k views first. The first layer's input norm stays separate,
 the last layer's add meets the final norm. ``plan_fused_mlps`` (at start, after the int4 plans):
-where a gate/up weight's 1-row route is the wide GEMV (bfloat16, no bias), its SwiGLU form
+where an int4 gate/up weight has timed wide-GEMV tiles (bfloat16, no bias), their SwiGLU form
 (``gemv_wide(swiglu=True)``: a program reads the gate and the up rows of its outputs) is checked
-against the GEMV + ``silu_mul`` and timed against them; kept where faster. Every fused step
+against the planned 1-row GEMV + ``silu_mul`` and timed against them; kept where faster. Every fused step
 computes in float32 and rounds where PyTorch rounds (a sum to x's dtype before the norm reads
 it, a norm's output before RoPE, the gate/up products and SiLU before their product).
 Importing this module needs no GPU; Triton is imported on first use.
@@ -187,10 +187,10 @@ def fuse_cuda_layers(model: nn.Module) -> int:
 
 
 def plan_fused_mlps(model: nn.Module, dtype: torch.dtype, reps: int = 15) -> str:
-    """Per gate/up weight shape whose 1-row route is ``wide`` (bfloat16, no bias): the
-    one-launch SiLU·up form (``gemv_wide(swiglu=True)``) checked against the GEMV +
-    ``silu_mul`` and timed against them on up to 8 layers; kept where faster. Returns a note
-    for the start log (µs per call)."""
+    """Per int4 gate/up weight shape with timed wide-GEMV tiles (bfloat16, no bias): the
+    one-launch SiLU·up form on those tiles (``gemv_wide(swiglu=True)``) checked against the
+    planned 1-row GEMV (whichever kernel won) + ``silu_mul`` and timed against them on up to 8
+    layers; kept where faster. Returns a note for the start log (µs per call)."""
     from pensieve.backends.cuda_int4_tune import gpu_us
 
     if dtype != torch.bfloat16:
@@ -199,8 +199,7 @@ def plan_fused_mlps(model: nn.Module, dtype: torch.dtype, reps: int = 15) -> str
     for m in model.modules():
         gu = getattr(m, "gate_up_proj", None)
         if (type(m) is CudaMLP and isinstance(gu, CudaInt4Linear) and gu.bias is None
-                and gu.plan is not None and gu.plan.route.get(1) == "wide"
-                and gu.plan.wide is not None):
+                and gu.plan is not None and gu.plan.wide is not None):
             shapes.setdefault((gu.out_features, gu.in_features), []).append(m)
     notes = []
     for (n, k), group in shapes.items():
