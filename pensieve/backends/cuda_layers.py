@@ -38,9 +38,10 @@ Llama: 11 → 10 a layer (9 with the SiLU·up GEMV), Qwen3: 13 → 10 (9); more 
 the last layer's add meets the final norm. ``plan_fused_mlps`` (at start, after the int4 plans):
 where an int4 gate/up weight has timed wide-GEMV tiles (bfloat16, no bias), their SwiGLU form
 (``gemv_wide(swiglu=True)``: a program reads the gate and the up rows of its outputs) is checked
-against the planned 1-row GEMV + ``silu_mul`` and timed against them; kept where faster. Every fused step
-computes in float32 and rounds where PyTorch rounds (a sum to x's dtype before the norm reads
-it, a norm's output before RoPE, the gate/up products and SiLU before their product).
+against the planned 1-row GEMV + ``silu_mul`` and timed against them; kept where faster.
+Every fused step computes in float32 and rounds where PyTorch rounds (a sum to x's dtype
+before the norm reads it, a norm's output before RoPE, the gate/up products and SiLU before
+their product).
 Importing this module needs no GPU; Triton is imported on first use.
 """
 
