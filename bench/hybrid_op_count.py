@@ -8,15 +8,16 @@ layer is a fair proxy for the CUDA launches of the parts that stay torch, and ho
 counted apart. Where CUDA differs: attention runs ``cuda_hybrid``'s Triton kernels (the CPU
 runs the per-sequence SDPA loop, counted under ``attn``), the experts ``cuda_moe``'s (the CPU
 loops over the hit experts, counted under ``mlp.experts``), the Gated DeltaNet step
-``cuda_gdn``'s two Triton kernels (``--gdn-kernel``: run here under the Triton interpreter;
-its launches are counted as ``triton``, not torch ops).
+``cuda_gdn``'s two Triton kernels, the (1 + w) norms and softmax routers one each
+(``--kernels``: run here under the Triton interpreter; their launches are counted as
+``triton``, not torch ops).
 
 Tiny random checkpoints of each family (``tests/helpers/tiny_hybrid_checkpoints.py``): op
 counts per layer do not depend on the widths; the real shapes' layer mix multiplies them
 (Qwen3.6-35B-A3B: 30 Gated DeltaNet + 10 gated attention layers; gpt-oss-20b: 12 sliding + 12
 full; GLM-4.7-Flash: 47 MLA layers, the first dense).
 
-    .venv/bin/python -m bench.hybrid_op_count [--gdn-kernel] [--families qwen3_5_moe ...]
+    .venv/bin/python -m bench.hybrid_op_count [--kernels] [--families qwen3_5_moe ...]
 """
 
 from __future__ import annotations
@@ -105,12 +106,17 @@ class Launch:
 
 
 def count_triton() -> None:
-    """Patch the fused Gated DeltaNet kernels (``cuda_gdn_kernels``) to count their launches."""
-    from pensieve.backends import cuda_gdn_kernels as k
+    """Patch the hybrid kernels (``cuda_gdn_kernels``, ``cuda_offset_norm``, ``cuda_router``)
+    to count their launches."""
+    from pensieve.backends import cuda_gdn_kernels as k, cuda_offset_norm, cuda_router
 
     for name in ("conv_step", "delta_step"):
         if not isinstance(getattr(k, name), Launch):
             setattr(k, name, Launch(getattr(k, name)))
+    for mod in (cuda_offset_norm, cuda_router):
+        if not isinstance(mod._kernel(), Launch):
+            launch = Launch(mod._kernel())
+            mod._kernel = lambda launch=launch: launch
 
 
 def engine(ckpt: Any, seqs: int, gdn_kernel: bool) -> Any:
@@ -122,10 +128,12 @@ def engine(ckpt: Any, seqs: int, gdn_kernel: bool) -> Any:
                        dtype=torch.bfloat16)
     model = build_model(ckpt, cfg)
     eng = torch_engine(model, ckpt.args, ckpt.tokenizer, cfg)
-    if gdn_kernel:
-        from pensieve.backends import cuda_gdn
+    if gdn_kernel:  # what a CUDA hybrid runner installs (``ModelRunner._init_hybrid``)
+        from pensieve.backends import cuda_gdn, cuda_offset_norm, cuda_router
 
         cuda_gdn.install(model)
+        cuda_offset_norm.install(model)
+        cuda_router.install(model)
     return eng, model
 
 
@@ -181,8 +189,9 @@ def measure(name: str, make: Any, root: Path, gdn_kernel: bool) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--families", nargs="*", default=["qwen3_5_moe", "gpt_oss", "glm4_moe_lite"])
-    p.add_argument("--gdn-kernel", action="store_true",
-                   help="the fused Gated DeltaNet kernels (Triton interpreter on the CPU)")
+    p.add_argument("--kernels", dest="gdn_kernel", action="store_true",
+                   help="the hybrid Triton kernels a CUDA runner installs (Gated DeltaNet step, "
+                        "OffsetRMSNorm, softmax router), under the Triton interpreter here")
     a = p.parse_args()
     if a.gdn_kernel and os.environ.get("TRITON_INTERPRET") != "1" and \
             not torch.cuda.is_available():

@@ -191,12 +191,16 @@ class ModelRunner:
                          "layers %s, the per-sequence loop for the rest (%s=0: every layer)",
                          sorted(self.cuda_hybrid.kernels), sorted(self.cuda_hybrid.latent),
                          cuda_hybrid.ENV_SWITCH)
-            from pensieve.backends import cuda_gdn, cuda_hybrid_graphs, cuda_offset_norm
+            from pensieve.backends import (
+                cuda_gdn, cuda_hybrid_graphs, cuda_offset_norm, cuda_router,
+            )
 
             if cuda_gdn.enabled():  # Gated DeltaNet steps on the fused kernels
                 cuda_gdn.install(self.model)
             if cuda_offset_norm.enabled():  # Qwen3.5/Next's (1 + w) RMSNorms: one launch each
                 cuda_offset_norm.install(self.model)
+            if cuda_router.enabled():  # softmax routers' selection: one launch each
+                cuda_router.install(self.model)
             if self.cuda_hybrid is not None and cuda_graphs and cuda_hybrid_graphs.enabled():
                 self.hybrid_graphs = cuda_hybrid_graphs.start(
                     self.model, self.hybrid, self.cuda_hybrid, config.max_num_seqs,

@@ -43,12 +43,16 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(moe.num_experts, args.hidden_size))
         if moe.correction_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(moe.num_experts))
+        # a backend's one-launch softmax selection (``backends/cuda_router.softmax_topk``)
+        self.kernel: Any = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         moe = self.moe
         if moe.gating == "sigmoid":
             return self._sigmoid(F.linear(x.float(), self.weight.float()))
         logits = F.linear(x, self.weight)
+        if self.kernel is not None:
+            return self.kernel(logits, moe.top_k, moe.norm_topk, moe.scale, x.dtype)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float)
         top, ids = torch.topk(probs, moe.top_k, dim=-1)
         if moe.norm_topk:
