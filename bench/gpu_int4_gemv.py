@@ -5,7 +5,9 @@ back to back, launches queued behind a sleep as in ``cuda_int4_tune``).
 Shapes: the random Llama-3-8B Q4_0 body and Qwen3-8B's (N × K of the fused projections).
 Kernels: ``gemv_split``'s start-time candidates (``--sweep``: its larger sweep), the best
 ``gemv_words`` tile, the wide-x-load ``gemv_wide`` candidates (1-2 rows), the older ``gemv`` and,
-from 2 rows, the ``skinny`` candidates' best.
+from 2 rows, the ``skinny`` candidates; at the gate/up shapes, 1 row with SiLU·up (the wide
+tiles' one-launch SwiGLU form against the GEMVs + ``silu_mul``). Defaults: rows 1 and 8, every
+candidate printed (µs, GB/s, % of the copy), well under the gpu_session kernels step's limit.
 
     python -m bench.gpu_int4_gemv --out "$OUT"            # table + gpu_int4_gemv.json
     python -m bench.gpu_int4_gemv --sweep --rows 1 --shapes llama8b
@@ -36,6 +38,45 @@ def layers_of(n: int, k: int, count: int, gen: torch.Generator) -> list:
         codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda", generator=gen)
         out.append(CudaInt4Linear([Int4Groups(codes, scales, -8 * scales, 32)]).cuda())
     return out
+
+
+GATE_UP = (28672, 24576)  # the fused gate/up shapes: their SiLU·up form is timed too
+
+
+def swiglu_table(layers: list, k: int, reps: int, nbytes: int, roof: float) -> dict:
+    """1 row of a gate/up weight: each wide tile's one-launch SiLU·up form against the same
+    tile and ``gemv_words`` / ``gemv`` followed by ``silu_mul`` (what the decode MLP runs)."""
+    from pensieve.backends import cuda_int4, cuda_int4_gemv_wide
+    from pensieve.backends.cuda_int4_tune import gpu_us
+    from pensieve.backends.cuda_layers import silu_mul
+
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    first = layers[0]
+    runs = {"gemv + silu_mul": lambda m: silu_mul(cuda_int4.gemv(x, m.packed, m.scale_offset)),
+            "words + silu_mul": lambda m: silu_mul(cuda_int4.gemv_words(x, m.packed,
+                                                                        m.scale_offset))}
+    for c in cuda_int4_gemv_wide.CANDIDATES:
+        runs[f"wide {c} + silu_mul"] = (lambda m, c=c: silu_mul(cuda_int4_gemv_wide.gemv_wide(
+            x, m.packed, m.scale_offset, c)))
+        runs[f"swiglu {c}"] = (lambda m, c=c: cuda_int4_gemv_wide.gemv_wide(
+            x, m.packed, m.scale_offset, c, swiglu=True))
+    ref = runs["gemv + silu_mul"](first).float()
+    times = {}
+    for name, run in runs.items():
+        try:
+            err = ((run(first).float() - ref).norm() / ref.norm()).item()
+        except Exception as e:  # a tile Triton cannot build here
+            print(f"    {name}: failed ({str(e).splitlines()[0][:60] if str(e) else e!r})")
+            continue
+        if err < 2e-2:
+            times[name] = gpu_us(run, layers, reps)
+        else:
+            print(f"    {name}: relative error {err:.3g}")
+    print("  ×1 gate/up with SiLU·up:", flush=True)
+    for name, t in sorted(times.items(), key=lambda kv: kv[1])[:10]:
+        print(f"    {t:7.1f} µs {nbytes / t / 1e3:6.0f} GB/s "
+              f"({nbytes / t / 1e3 / roof:4.0%} of copy)  {name}", flush=True)
+    return {name: {"us": t} for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,9 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                 entry["rows"][rows] = {name: {"us": t, "gbs": nbytes / t / 1e3}
                                        for name, t in best}
                 print(f"  ×{rows}:", flush=True)
-                for name, t in best[:12]:
+                for name, t in best:
                     print(f"    {t:7.1f} µs {nbytes / t / 1e3:6.0f} GB/s "
                           f"({nbytes / t / 1e3 / roof:4.0%} of copy)  {name}", flush=True)
+            if n in GATE_UP:
+                entry["swiglu"] = swiglu_table(layers, k, a.reps, nbytes, roof)
             result["shapes"][key] = entry
             del layers, src, dst, pairs
             torch.cuda.empty_cache()
