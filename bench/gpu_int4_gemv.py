@@ -7,7 +7,7 @@ Kernels: ``gemv_split``'s start-time candidates (``--sweep``: its larger sweep),
 ``gemv_words`` tile, the wide-x-load ``gemv_wide`` candidates (1-2 rows), the older ``gemv`` and,
 from 2 rows, the ``skinny`` candidates; at the gate/up shapes, 1 row with SiLU·up (the wide
 tiles' one-launch SwiGLU form against the GEMVs + ``silu_mul``). Defaults: rows 1 and 8, every
-candidate printed (µs, GB/s, % of the copy), well under the gpu_session kernels step's limit.
+candidate printed (µs, GB/s, % of the copy); in gpu_session give it KERNEL_TIMEOUT=240.
 
     python -m bench.gpu_int4_gemv --out "$OUT"            # table + gpu_int4_gemv.json
     python -m bench.gpu_int4_gemv --sweep --rows 1 --shapes llama8b
