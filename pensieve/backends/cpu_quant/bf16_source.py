@@ -43,7 +43,6 @@ inline void bf16_scaled_i16(__m256i v, __m256 s, uint16_t* o) {
 
 template <int F>
 void dequant_bf16_avx2(const Weights& W, int64_t n0, int64_t n1, uint16_t* out) {
-  constexpr int SPB = scales_per_block(F);
   const int64_t K = W.K, G = K / QK;
   const __m128i m4 = _mm_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n)
@@ -72,7 +71,6 @@ void dequant_bf16_avx2(const Weights& W, int64_t n0, int64_t n1, uint16_t* out) 
 template <int F>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 void dequant_bf16_avx512(const Weights& W, int64_t n0, int64_t n1, uint16_t* out) {
-  constexpr int SPB = scales_per_block(F);
   const int64_t K = W.K, G = K / QK;
   const __m128i m4 = _mm_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n)

@@ -70,23 +70,16 @@ thread_local Panel panel_buf;
 // Unpack weight rows [n0, n0 + NP) (rows from `end` on as zeros) into P, a panel NP wide.
 template <int F, int NP = GNR>
 void pack_panel(const Weights& W, int64_t n0, int64_t end, Panel& P) {
-  constexpr int SPB = scales_per_block(F);
   const int64_t K = W.K, G = K / QK;
   alignas(32) int32_t t[NP][16];  // one block of each row: 16 pairs
+  for (int i = 0; i < NP; ++i) row_params<F>(n0 + i < end ? &W : nullptr, n0 + i, G, P.sc + i, P.mn + i, NP);
   for (int64_t g = 0; g < G; ++g) {
     for (int i = 0; i < NP; ++i) {
       const int64_t n = n0 + i;
       __m256i lo = _mm256_setzero_si256(), hi = lo;
-      float s = 0.0f, s1 = 0.0f, m = 0.0f;
-      if (n < end) {
-        load_block16<F>(W, n, g, lo, hi);
-        block_params<F>(W, n, g, s, s1, m);
-      }
+      if (n < end) load_block16<F>(W, n, g, lo, hi);
       _mm256_store_si256((__m256i*)t[i], lo);
       _mm256_store_si256((__m256i*)(t[i] + 8), hi);
-      P.sc[g * SPB * NP + i] = s;
-      if (SPB == 2) P.sc[(g * SPB + 1) * NP + i] = s1;
-      P.mn[g * NP + i] = m;
     }
     int32_t* dst = P.w + g * 16 * NP;
     for (int p = 0; p < 16; ++p)

@@ -271,6 +271,46 @@ inline void prepare16(const uint16_t* ws, const float* xd, int64_t G, float* pro
   }
 }
 
+// Every block's scale(s) and min of weight row n (null W: zeros), as a panel holds them:
+// sc[(g * SPB + h) * stride], mn[g * stride]. A super-block's scales are unpacked once.
+template <int F>
+inline void row_params(const Weights* W, int64_t n, int64_t G, float* sc, float* mn, int64_t stride) {
+  constexpr int SPB = scales_per_block(F);
+  if (!W) {
+    for (int64_t g = 0; g < G; ++g) {
+      for (int h = 0; h < SPB; ++h) sc[(g * SPB + h) * stride] = 0.0f;
+      mn[g * stride] = 0.0f;
+    }
+  } else if (F == F_Q4K) {
+    const uint8_t* q = (const uint8_t*)(W->scales + n * scale_row(F, W->K));
+    const uint16_t* dm = W->mins + n * min_row(F, W->K);
+    for (int64_t g = 0; g < G; g += 8, q += Q4K_SB, dm += 2) {
+      uint64_t s8, m8;
+      k4_unpack(q, s8, m8);
+      const float d = _cvtsh_ss(dm[0]), dmin = _cvtsh_ss(dm[1]);
+      for (int j = 0; j < 8; ++j) {
+        sc[(g + j) * stride] = d * (float)((s8 >> (8 * j)) & 0xFF);
+        mn[(g + j) * stride] = -(dmin * (float)((m8 >> (8 * j)) & 0xFF));
+      }
+    }
+  } else if (F == F_Q6) {
+    const uint8_t* p = (const uint8_t*)(W->scales + n * scale_row(F, W->K));
+    for (int64_t g = 0; g < G; g += 8, p += Q6_SB) {
+      const float d = half_at(p);
+      for (int j = 0; j < 16; ++j) sc[(2 * g + j) * stride] = d * (float)(int8_t)p[2 + j];
+      for (int j = 0; j < 8; ++j) mn[(g + j) * stride] = 0.0f;
+    }
+  } else {
+    for (int64_t g = 0; g < G; ++g) {
+      float s, s1, m;
+      block_params<F>(*W, n, g, s, s1, m);
+      sc[g * SPB * stride] = s;
+      if (SPB == 2) sc[(g * SPB + 1) * stride] = s1;
+      mn[g * stride] = m;
+    }
+  }
+}
+
 // F_Q6's super-block scales: prod[2g + h] = d * sc[2g + h] * activation scale[g] (G % 8 == 0).
 inline void prepare_q6(const uint8_t* sb, const float* xd, int64_t G, float* prod) {
   const __m256i dup_lo = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);

@@ -97,24 +97,21 @@ VNNI_TARGET inline void transpose16x16(const int32_t* src, int32_t* dst, int64_t
 template <int F>
 VNNI_TARGET void pack_panel_2(const Weights& A, int64_t a0, int64_t ea, const Weights& B,
                               int64_t b0, int64_t eb, Panel& P) {
-  constexpr int NP = GNRV, SPB = scales_per_block(F);
+  constexpr int NP = GNRV;
   const int64_t K = A.K, G = K / QK;
   alignas(64) int32_t t[NP][16];
+  for (int i = 0; i < NP; ++i) {
+    const int64_t n = (i < 16 ? a0 : b0) + (i & 15);
+    row_params<F>(n < (i < 16 ? ea : eb) ? (i < 16 ? &A : &B) : nullptr, n, G, P.sc + i, P.mn + i, NP);
+  }
   for (int64_t g = 0; g < G; ++g) {
     for (int i = 0; i < NP; ++i) {
       const Weights& W = i < 16 ? A : B;
       const int64_t n = (i < 16 ? a0 : b0) + (i & 15);
       __m256i lo = _mm256_setzero_si256(), hi = lo;
-      float s = 0.0f, s1 = 0.0f, m = 0.0f;
-      if (n < (i < 16 ? ea : eb)) {
-        load_block16<F>(W, n, g, lo, hi);
-        block_params<F>(W, n, g, s, s1, m);
-      }
+      if (n < (i < 16 ? ea : eb)) load_block16<F>(W, n, g, lo, hi);
       _mm256_store_si256((__m256i*)t[i], lo);
       _mm256_store_si256((__m256i*)(t[i] + 8), hi);
-      P.sc[g * SPB * NP + i] = s;
-      if (SPB == 2) P.sc[(g * SPB + 1) * NP + i] = s1;
-      P.mn[g * NP + i] = m;
     }
     int32_t* dst = P.w + g * 16 * NP;
     transpose16x16(t[0], dst, NP);
