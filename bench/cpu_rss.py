@@ -46,6 +46,7 @@ def anatomy(pid: int, kv_mib: float) -> dict[str, float]:
     maps = mappings(pid)
     kinds: dict[str, float] = collections.defaultdict(float)
     for name, size, rss in maps:
+        name = name.removesuffix(" (deleted)")  # a file replaced on disk while mapped
         if name.endswith((".pack", ".gguf")):
             kind = "weights (mapped file)"
         elif ".so" in name:
