@@ -112,8 +112,12 @@ pipeline() {
         log "start bench"; OUT=$S/start FILES="${START_FILES:-q4 q3 moe}" timeout 400 bash bench/gpu_start.sh \
           > $S/start.log 2>&1; log "start bench rc=$?";;
       hybrid)
-        rm -f $Q4 $Q3; rm -rf ~/.cache/pensieve/packed; wait_for $S/build.rc
-        mkdir -p $S/hy; touch $S/hy/build.started; cp $S/build.rc $S/hy/build.rc
+        rm -f $Q4 $Q3; rm -rf ~/.cache/pensieve/packed; mkdir -p $S/hy
+        for b in ${HYBRID_BENCHES:-gdn_step}; do  # in-process: one layer's step, torch vs fused
+          timeout 150 python3 -m bench.$b > $S/hy/bench_$b.log 2>&1
+          log "hybrid bench $b rc=$?"; grep -E "µs|GPU" $S/hy/bench_$b.log | cut -c1-230 >> $S/progress; done
+        wait_for $S/build.rc
+        touch $S/hy/build.started; cp $S/build.rc $S/hy/build.rc
         for fam in ${HYBRID:-qwen35moe gpt-oss glm47flash}; do
           log "hybrid $fam start"; mkdir -p $S/hy/prof
           PENSIEVE_PROFILE_STEPS=${PROFILE_STEPS:-10}:$S/hy/prof/$fam.txt \

@@ -1,19 +1,21 @@
 """A Gated DeltaNet layer's conv + gated delta rule + gated norm in two kernels on CUDA.
 
-The torch path (``models/qwen3_next.GatedDeltaNet``) runs a decode step as ~40 small ops per
-layer (conv step, L2 norms, gates, the recurrent update, the gated RMSNorm, state gathers and
-index copies) and a chunk as ~100 plus a loop; at b=1 on the real shapes that is most of a
-step's launches (``bench/hybrid_op_count.py``). Here, per layer and step, ``conv_step`` and
+The torch path (``models/qwen3_next.GatedDeltaNet``) runs a decode step as ~110 ATen ops a
+layer on the torch forms (conv step, L2 norms, gates, the recurrent update, the gated RMSNorm,
+state gathers and index copies; fewer with fla's recurrent kernel) and a 40-token chunk as
+~170: at b=1 on Qwen3.6's 30 such layers, most of a step's launches
+(``bench/hybrid_op_count.py``). Here, per layer and step, ``conv_step`` and
 ``delta_step`` (``cuda_gdn_kernels.py``) take every sequence of the step at once — decode rows
-and chunks of at most ``max_tokens`` new tokens (the follow-up turn's short prefill) — each
+and chunks of at most ``max_tokens`` new tokens (short prefills) — each
 from and back into its state slot in place; longer chunks stay on the module's torch path
 (the chunked form). No host reads: a static decode step (``RecurrentStates.cached``) is
 captured by ``cuda_hybrid_graphs`` as before.
 
 Installed on each ``GatedDeltaNet`` as ``step_kernel`` by ``install`` at a CUDA runner's start;
-``PENSIEVE_GDN_KERNEL=0`` leaves the torch path. ``PENSIEVE_GDN_KERNEL_MAX_TOKENS`` (256) bounds
-the chunks it takes (the kernel walks a chunk token by token); ``PENSIEVE_GDN_KERNEL_BV``
-splits a value head over programs (then the gated norm runs in torch). Importing this module
+``PENSIEVE_GDN_KERNEL=0`` leaves the torch path. ``PENSIEVE_GDN_KERNEL_MAX_TOKENS`` bounds the
+chunks it takes (the kernel walks a chunk token by token: 64 where fla-core's chunked kernels
+take the longer ones, else 256 — estimates, unmeasured; ``bench/gdn_step.py`` times both);
+``PENSIEVE_GDN_KERNEL_BV`` splits a value head over programs (then the gated norm runs in torch). Importing this module
 needs no GPU; Triton loads on first use.
 """
 
@@ -52,8 +54,12 @@ class GatedDeltaKernel:
 
     def __init__(self, max_tokens: int | None = None, block_v: int | None = None) -> None:
         env = os.environ
-        self.max_tokens = max_tokens if max_tokens is not None else \
-            int(env.get(ENV_MAX_TOKENS, "256"))
+        if max_tokens is None:
+            from pensieve.models.gated_delta import fla_available
+
+            # fla's chunked kernels take long chunks faster than a token-by-token walk
+            max_tokens = int(env.get(ENV_MAX_TOKENS, "64" if fla_available() else "256"))
+        self.max_tokens = max_tokens
         self.block_v = block_v if block_v is not None else int(env.get(ENV_BV, "0")) or None
         self._meta: tuple[Any, Any] | None = None  # (the step's states, its metadata)
 

@@ -102,7 +102,8 @@ def test_fused_gated_delta_equals_the_torch_path_on_cuda(dtype, tol):
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_kernels_compile_for_the_h100_at_the_real_shapes(dtype):
     """Qwen3.5/3.6's layer (16 key heads, 32 value heads, 128 dims, conv 4): both kernels
-    built for sm_90 (Triton's own ptxas, no GPU), the state tile held without spilling."""
+    built for sm_90 (Triton's own ptxas, no GPU), the state tile held without spilling; a
+    static decode step's ``cached`` flags are a bool tensor."""
     from tests.helpers.triton_compile import compile_for
 
     pytest.importorskip("triton")
@@ -119,7 +120,7 @@ def test_kernels_compile_for_the_h100_at_the_real_shapes(dtype):
                 "Y": f"*{dtype}", "A": f"*{dtype}", "B": f"*{dtype}", "Z": f"*{dtype}",
                 "A_LOG": f"*{dtype}", "DT_BIAS": f"*{dtype}", "NORM_W": f"*{dtype}",
                 "SSM": "*fp32", "OUT": f"*{dtype}", "STARTS": "*i64", "LENS": "*i64",
-                "SLOTS": "*i64", "CACHED": "*i64", "sy": "i32", "sab": "i32", "sz_row": "i32",
+                "SLOTS": "*i64", "CACHED": "*i1" if decode else "*i64", "sy": "i32", "sab": "i32", "sz_row": "i32",
                 "so_row": "i32", "ss_slot": "i32", "ss_head": "i32", "eps": "fp32"},
                 {"HK": 16, "DK": 128, "DK_PAD": 128, "HV": 32, "DV": 128, "BV": bv,
                  "TILED": True, "NORM": norm, "DECODE": decode}, warps, 1)
