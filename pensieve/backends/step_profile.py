@@ -1,7 +1,8 @@
 """Where a served step's time goes: ``PENSIEVE_PROFILE_STEPS`` profiles a few engine steps.
 
 ``PENSIEVE_PROFILE_STEPS=N`` (or ``N:PATH``) runs ``torch.profiler`` (CPU, and CUDA where the
-runner is on a GPU) over N steps of each kind — *decode* (every chunk one token) and *other*
+runner is on a GPU) over N steps of each kind — *decode* (one sequence, one token), *batched
+decode* (several sequences, every chunk one token: a bench's 8-stream scenario) and *other*
 (prefill or mixed) — after the first ``PENSIEVE_PROFILE_SKIP`` (default 8) steps of that kind,
 which the start-up warm-up and kernel compiles would dominate. Each finished kind appends to
 PATH (default ``pensieve-profile.txt`` in the working directory): the mean wall time of a
@@ -45,10 +46,12 @@ class StepProfiler:
 
     def __init__(self, count: int, path: Path, skip: int, cuda: bool) -> None:
         self.count, self.path, self.skip, self.cuda = count, path, skip, cuda
-        self.kinds = {k: _Kind(k) for k in ("decode", "other")}
+        self.kinds = {k: _Kind(k) for k in ("decode", "batched decode", "other")}
 
     def step(self, chunks: Sequence[Any], run: Callable[[], torch.Tensor]) -> torch.Tensor:
-        kind = self.kinds["decode" if all(c.num_tokens == 1 for c in chunks) else "other"]
+        decode = all(c.num_tokens == 1 for c in chunks)
+        kind = self.kinds[("decode" if len(chunks) == 1 else "batched decode") if decode
+                          else "other"]
         kind.seen += 1
         if kind.done or kind.seen <= self.skip:
             return run()

@@ -1,5 +1,5 @@
 """``PENSIEVE_PROFILE_STEPS`` (``backends/step_profile.py``): a served engine's steps profiled
-by kind (decode / other) after the skipped ones, written to the named file; tokens unchanged;
+by kind (decode / batched decode / other) after the skipped ones, written to the named file; tokens unchanged;
 a malformed value is refused with the variable's name."""
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ def test_profiled_steps_are_written_by_kind_and_change_no_token(tmp_path: Path,
     text = path.read_text()
     assert text.count("## decode steps: 3 profiled after 1") == 1
     assert text.count("## other steps: 3 profiled after 1") == 1  # 99 prompt tokens, 16 a step
+    # both requests decoding: their steps are their own kind, not mixed into one-row decode's
+    assert text.count("## batched decode steps: 3 profiled after 1 (last one 2 chunks)") == 1
+    assert "## decode steps: 3 profiled after 1 (last one 1 chunks)" in text
     assert "wall per step (synchronised)" in text and "aten::" in text
     kinds = engine.runner.profiler.kinds
     assert kinds["decode"].done and kinds["other"].done and kinds["decode"].seen > 4
