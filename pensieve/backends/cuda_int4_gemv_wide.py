@@ -29,15 +29,18 @@ class Wide:
     num_warps: int
     num_stages: int = 2
     word_threads: bool = False
+    prefetch: bool = False  # the next step's weight loaded before this step's products
 
 
 # timed per weight shape at start where the model runs in bfloat16 (one Triton compile each);
 # untimed on a GPU so far. gemv_words' best-known tiles, then word-a-thread forms and a
-# taller tile (more bytes in flight a thread on the short k/v and o shapes)
+# taller tile (more bytes in flight a thread on the short k/v and o shapes), then tiles that
+# load the next step's weight before this step's products (two steps in flight)
 CANDIDATES = (
     Wide(8, 32, 1), Wide(4, 64, 2), Wide(2, 128, 4), Wide(16, 32, 2), Wide(8, 64, 4, 3),
     Wide(8, 32, 1, word_threads=True), Wide(4, 64, 2, word_threads=True),
     Wide(4, 32, 4, word_threads=True),
+    Wide(8, 32, 1, prefetch=True), Wide(4, 64, 2, prefetch=True), Wide(4, 32, 2, prefetch=True),
 )
 
 
@@ -72,5 +75,5 @@ def gemv_wide(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Wide,
         x2, packed.view(torch.int32), so, y, n, groups, x2.stride(0), y.stride(0), k // 8,
         BLOCK_N=t.block_n, BLOCK_G=t.block_g, EVEN=groups % t.block_g == 0,
         SYM=so.dtype == torch.int16, WORD_THREADS=t.word_threads, ASM=not _interpreted(),
-        SWIGLU=swiglu, num_warps=t.num_warps, num_stages=t.num_stages)
+        SWIGLU=swiglu, PREFETCH=t.prefetch, num_warps=t.num_warps, num_stages=t.num_stages)
     return y

@@ -60,14 +60,18 @@ def _words_times_x(w, so, x0, x1, x2, x3, y0, y1, y2, y3, xsum, SYM: tl.constexp
 def gemv_wide(X2, W, SO, Y, N, GROUPS, stride_x2, stride_y, stride_w,
               BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr,
               SYM: tl.constexpr = False, WORD_THREADS: tl.constexpr = True,
-              ASM: tl.constexpr = True, SWIGLU: tl.constexpr = False):
+              ASM: tl.constexpr = True, SWIGLU: tl.constexpr = False,
+              PREFETCH: tl.constexpr = False):
     """y[row, n] = Σ_k x[row, k] · w[n, k]; X2: x's rows as int32 pairs (``stride_x2`` pairs a
     row), W: ``packed`` as int32 words (``stride_w`` = K / 8 a row).
 
     SWIGLU: W is a fused gate/up weight of 2·N rows and y [rows, N] = SiLU(gate) · up, where
     gate = row n's product and up = row N + n's, each rounded to Y's dtype first and the SiLU
     too — the roundings of the gate/up GEMV's output followed by ``silu_mul``: one launch
-    fewer a decode MLP, no recomputation (a program reads both rows of its outputs)."""
+    fewer a decode MLP, no recomputation (a program reads both rows of its outputs).
+
+    PREFETCH: the next step's weight words and scales are loaded before this step's products
+    (register double-buffering: two steps' weight bytes in flight a thread, masked at the end)."""
     pid = tl.program_id(0)
     row = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -87,8 +91,29 @@ def gemv_wide(X2, W, SO, Y, N, GROUPS, stride_x2, stride_y, stride_w,
     x_ptrs = X2 + row * stride_x2 + gi[:, None, None] * 16 + q[None, :, None] * 2 + c[None, None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    if PREFETCH:
+        gm = gi < GROUPS
+        w_nx = tl.load(w_ptrs, mask=gm[None, :, None], other=0)
+        so_nx = tl.load(so_ptrs, mask=gm[None, :], other=0)
+        if SWIGLU:
+            wu_nx = tl.load(w_ptrs + up_w, mask=gm[None, :, None], other=0)
+            sou_nx = tl.load(so_ptrs + up_so, mask=gm[None, :], other=0)
     for g0 in range(0, GROUPS, BLOCK_G):
-        if EVEN:
+        if PREFETCH:
+            w = w_nx
+            so = so_nx
+            gm = (g0 + BLOCK_G + gi) < GROUPS
+            w_nx = tl.load(w_ptrs + BLOCK_G * 4, mask=gm[None, :, None], other=0)
+            so_nx = tl.load(so_ptrs + BLOCK_G, mask=gm[None, :], other=0)
+            if SWIGLU:
+                w_up = wu_nx
+                so_up = sou_nx
+                wu_nx = tl.load(w_ptrs + BLOCK_G * 4 + up_w, mask=gm[None, :, None], other=0)
+                sou_nx = tl.load(so_ptrs + BLOCK_G + up_so, mask=gm[None, :], other=0)
+            gmask = (g0 + gi) < GROUPS
+            lo = tl.load(x_ptrs, mask=gmask[:, None, None], other=0)
+            hi = tl.load(x_ptrs + 8, mask=gmask[:, None, None], other=0)
+        elif EVEN:
             w = tl.load(w_ptrs)
             so = tl.load(so_ptrs)
             if SWIGLU:

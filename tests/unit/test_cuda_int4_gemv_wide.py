@@ -22,9 +22,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def interpreter_check() -> None:
-    for k, sym in ((448, True), (448, False), (256, True)):
+    for k, sym in ((448, True), (448, False), (256, True), (2240, False)):
         packed, so, w = weight(45, k, sym, seed=k)
-        for cfg in CANDIDATES:
+        # 70 groups: several steps, the last masked (the prefetching tiles' edge)
+        for cfg in CANDIDATES if k != 2240 else [c for c in CANDIDATES if c.prefetch]:
             for rows in (1, 2):
                 x = torch.randn(rows, k).to(torch.bfloat16)
                 ref = x.double() @ w.T
@@ -34,9 +35,9 @@ def interpreter_check() -> None:
                 assert rel(y, ref) < 6e-3, (k, sym, cfg, rows, rel(y, ref))
     # SwiGLU form: SiLU(gate)·up of a fused gate/up weight, as the GEMV then silu_mul round
     from pensieve.backends.cuda_layers import silu_mul
-    for k, sym in ((448, False), (256, True)):
+    for k, sym in ((448, False), (256, True), (2240, True)):
         packed, so, w = weight(2 * 45, k, sym, seed=k + 1)
-        for cfg in (CANDIDATES[0], CANDIDATES[5]):
+        for cfg in (CANDIDATES[0], CANDIDATES[5], CANDIDATES[-3]):
             x = torch.randn(1, k).to(torch.bfloat16)
             fused = gemv_wide(x, packed, so, cfg, swiglu=True)
             assert fused.shape == (1, 45)
@@ -85,7 +86,8 @@ def test_candidates_compile_for_the_h100():
     for t in CANDIDATES:
         for even, sym in ((True, True), (False, False)):
             consts = dict(BLOCK_N=t.block_n, BLOCK_G=t.block_g, EVEN=even, SYM=sym,
-                          WORD_THREADS=t.word_threads, ASM=True, SWIGLU=not even)
+                          WORD_THREADS=t.word_threads, ASM=True, SWIGLU=not even,
+                          PREFETCH=t.prefetch)
             so_type = "*i16" if sym else "*i32"
             assert compile_for(kernels.gemv_wide, {**types, "SO": so_type}, consts,
                                t.num_warps, t.num_stages) is not None, t
