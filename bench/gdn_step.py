@@ -44,6 +44,7 @@ def contexts(rows: list[tuple[int, int]], static: bool, device: str
     from pensieve.models.forward_context import ForwardContext, RecurrentStates, SequenceSlice
 
     c = 2 * HK * DK + HV * DV
+    torch.manual_seed(1)  # the same states for every path compared
     conv = torch.randn(SLOTS + 1, c, KERNEL - 1, device=device)
     ssm = torch.randn(SLOTS + 1, HV, DK, DV, device=device) * 0.1
     seqs, start = [], 0

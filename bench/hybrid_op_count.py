@@ -47,6 +47,15 @@ class Counter(TorchDispatchMode):
         self.ops: collections.Counter[str] = collections.Counter()
         self.syncs: collections.Counter[str] = collections.Counter()
         self.triton: collections.Counter[str] = collections.Counter()
+        self.on = False  # inside ``with counter`` (the Triton launches count only then)
+
+    def __enter__(self):  # noqa: ANN204
+        self.on = True
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.on = False
+        super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         label = self.stack[-1] if self.stack else "outside"
@@ -97,7 +106,7 @@ class Launch:
 
     def __getitem__(self, grid: Any) -> Any:
         def launch(*args: Any, **kwargs: Any) -> Any:
-            if ACTIVE:
+            if ACTIVE and ACTIVE[-1].on:
                 c = ACTIVE[-1]
                 c.triton[c.stack[-1] if c.stack else "outside"] += 1
             with _disable_current_modes():
@@ -181,6 +190,10 @@ def measure(name: str, make: Any, root: Path, gdn_kernel: bool) -> list[str]:
             tri = sum(v for k, v in counter.triton.items() if k.startswith(kind + ".")) / n
             detail = ", ".join(f"{p} {v / n:.0f}" for p, v in sorted(parts.items(),
                                                                       key=lambda x: -x[1]))
+            launches = {k.partition(".")[2]: v / n for k, v in counter.triton.items()
+                        if k.startswith(kind + ".")}
+            if launches:
+                detail += "; triton: " + ", ".join(f"{p} {v:.0f}" for p, v in launches.items())
             rows.append(f"- {kind} ×{n}: {layer_ops:.0f} ops/layer ({syncs:.1f} syncs, "
                         f"{tri:.0f} triton): {detail}")
     return rows
