@@ -35,12 +35,15 @@ class Wide:
 # timed per weight shape at start where the model runs in bfloat16 (one Triton compile each);
 # untimed on a GPU so far. gemv_words' best-known tiles, then word-a-thread forms and a
 # taller tile (more bytes in flight a thread on the short k/v and o shapes), then tiles that
-# load the next step's weight before this step's products (two steps in flight)
+# load the next step's weight before this step's products (two steps in flight); the last two
+# at ~80-100 registers (sm_90 build here) for more programs an SM: the older ``gemv``, the
+# 1-row winner of session 8, runs at 48 where gemv_words' 8-row tiles take ~170
 CANDIDATES = (
     Wide(8, 32, 1), Wide(4, 64, 2), Wide(2, 128, 4), Wide(16, 32, 2), Wide(8, 64, 4, 3),
     Wide(8, 32, 1, word_threads=True), Wide(4, 64, 2, word_threads=True),
     Wide(4, 32, 4, word_threads=True),
     Wide(8, 32, 1, prefetch=True), Wide(4, 64, 2, prefetch=True), Wide(4, 32, 2, prefetch=True),
+    Wide(2, 32, 1, prefetch=True), Wide(4, 64, 4, prefetch=True),
 )
 
 
