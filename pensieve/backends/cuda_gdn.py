@@ -118,11 +118,17 @@ class GatedDeltaKernel:
         weight = module.conv1d.weight.reshape(d.conv_channels, -1)
         k = weight.shape[1]
         assert conv.stride(-1) == 1 and ssm.is_contiguous() and conv.shape[-1] == k - 1
-        mixed, z = mixed.contiguous(), z.contiguous()
-        a, b = a.contiguous(), b.contiguous()
+        # the projections' split views as they lie (rows strided, each row's values packed):
+        # a copy only where a layout interleaves them
+        if mixed.stride(-1) != 1:
+            mixed = mixed.contiguous()
+        if z.stride(-1) != 1 or z.stride(1) != d.value_dim:
+            z = z.contiguous()
+        if a.stride(-1) != 1 or b.stride(-1) != 1 or a.stride(0) != b.stride(0):
+            a, b = a.contiguous(), b.contiguous()
         starts, lens = (meta[0], meta[1]) if meta is not None else (slots, slots)
         decode = meta is None
-        y = torch.empty_like(mixed)
+        y = torch.empty(mixed.shape, dtype=mixed.dtype, device=mixed.device)
         c = d.conv_channels
         block_c = min(CONV_BLOCK, _pow2(c))
         conv_step[(n, -(-c // block_c))](

@@ -1,8 +1,8 @@
 """The fused Gated DeltaNet kernels (``backends/cuda_gdn.py``) equal the layer's torch path
 (``models/qwen3_next.GatedDeltaNet`` without a ``step_kernel``): outputs and the conv and
 recurrent states left in the slots, for a step mixing decode rows and chunks, cached and fresh
-sequences, a chunk over ``max_tokens`` (left to the torch path), both value-head orders, the
-gated norm fused and not (``block_v``); and a static decode step (``RecurrentStates.cached``).
+sequences, a chunk over ``max_tokens`` (left to the torch path), both value-head orders and
+both projection layouts, the gated norm fused and not (``block_v``); and a static decode step (``RecurrentStates.cached``).
 
 Under the Triton interpreter on the CPU (tiny shapes), compiled for sm_90 ahead of time at the
 real Qwen3.5/3.6 shapes, and on a GPU where there is one."""
@@ -25,11 +25,11 @@ STEP = [(1, 9), (5, 12), (3, 3), (1, 1), (9, 20), (2, 7)]
 MAX_TOKENS = 6
 
 
-def _layer(order: str, dtype: torch.dtype, device: str, g: torch.Generator):
+def _layer(order: str, layout: str, dtype: torch.dtype, device: str, g: torch.Generator):
     from pensieve.models.hybrid_config import GatedDeltaArgs
     from pensieve.models.qwen3_next import GatedDeltaNet
 
-    d = GatedDeltaArgs(HK, HV, DK, DV, KERNEL, order=order)
+    d = GatedDeltaArgs(HK, HV, DK, DV, KERNEL, qkvz=layout, ba=layout, order=order)
     args = SimpleNamespace(hidden_size=HIDDEN, rms_norm_eps=1e-6, extra={"gated_delta": d})
     m = GatedDeltaNet(args, 0)  # type: ignore[arg-type]
     with torch.no_grad():
@@ -51,8 +51,10 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
     from pensieve.models.forward_context import ForwardContext, RecurrentStates, SequenceSlice
 
     g = torch.Generator().manual_seed(0)
-    for order in ("grouped", "tiled"):
-        m = _layer(order, dtype, device, g)
+    # Qwen3.5's flat projections (split views, no copies) in both head orders; Qwen3-Next's
+    # interleaved groups
+    for order, layout in (("grouped", "flat"), ("tiled", "flat"), ("grouped", "interleaved")):
+        m = _layer(order, layout, dtype, device, g)
         seqs, start = [], 0
         for q, c in STEP:
             seqs.append(SequenceSlice(start, q, c, torch.zeros(1, dtype=torch.int64)))
