@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                         runs[f"wide {c}"] = (lambda m, c=c, x=x: cuda_int4_gemv_wide.gemv_wide(
                             x, m.packed, m.scale_offset, c))
                 runs["gemv"] = lambda m, x=x: cuda_int4.gemv(x, m.packed, m.scale_offset)
+                runs["gemv prefetch"] = lambda m, x=x: cuda_int4.gemv(x, m.packed, m.scale_offset,
+                                                                      prefetch=True)
                 if rows > 1:
                     for c in cuda_int4.SKINNY_CANDIDATES:
                         if c.fits(k):

@@ -235,14 +235,18 @@ def block_g(groups: int, want: int) -> int:
     return g
 
 
-def gemv(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Tiles = GEMV) -> torch.Tensor:
+def gemv(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Tiles = GEMV,
+         prefetch: bool = False) -> torch.Tensor:
+    """x [M, K] @ w.T by the older ``gemv``; ``prefetch``: the next step's codes loaded
+    before this step's products (route ``gemv_pf``)."""
     m, k = x.shape
     n = packed.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     grid = (m, triton_cdiv(n, t.block_n))
     _kernels().gemv[grid](x, packed, so, y, n, k, k // GROUP, x.stride(0), y.stride(0),
                           BLOCK_N=t.block_n, BLOCK_G=block_g(k // GROUP, t.block_g),
-                          SYM=symmetric(so), num_warps=t.num_warps, num_stages=t.num_stages)
+                          SYM=symmetric(so), PREFETCH=prefetch, num_warps=t.num_warps,
+                          num_stages=t.num_stages)
     return y
 
 
@@ -307,7 +311,8 @@ def triton_cdiv(a: int, b: int) -> int:
 class Plan:
     """Which kernel runs a weight for each row bucket (``ROUTE_BUCKETS`` then ``GEMM_BUCKETS``:
     the first bucket ≥ the rows; past the last, the last), with its tiles. Kernels: ``words``,
-    ``gemv``, ``wide``, ``split``, ``skinny``, ``tinygemm``, ``dense``, ``gemm``, ``dequant``."""
+    ``gemv``, ``gemv_pf``, ``wide``, ``split``, ``skinny``, ``tinygemm``, ``dense``, ``gemm``,
+    ``dequant``."""
 
     route: dict[int, str]
     words: Words = WORDS
@@ -344,8 +349,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
     kind, bucket = plan.kernel(m)
     if kind == "words":
         return gemv_words(x, packed, so, plan.words)
-    if kind == "gemv":
-        return gemv(x, packed, so)
+    if kind in ("gemv", "gemv_pf"):
+        return gemv(x, packed, so, prefetch=kind == "gemv_pf")
     if kind == "wide" and plan.wide is not None and wide_fits(x, k):
         return gemv_wide(x, packed, so, plan.wide)
     if kind == "wide" and m <= 2:  # its tiles missing or x not bfloat16

@@ -45,9 +45,12 @@ def _scale_offset(so, SYM: tl.constexpr):
 
 @triton.jit
 def gemv(X, W, SO, Y, N, K, GROUPS, stride_x, stride_y,
-         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SYM: tl.constexpr = False):
+         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SYM: tl.constexpr = False,
+         PREFETCH: tl.constexpr = False):
     """y[row, n] = Σ_k x[row, k] · w[n, k]; grid (rows, cdiv(N, BLOCK_N)): the rows of one
-    weight tile run side by side, so a tile comes from memory once and from L2 after."""
+    weight tile run side by side, so a tile comes from memory once and from L2 after.
+    PREFETCH: the next step's codes and scales loaded before this step's products (two steps'
+    bytes in flight; the last step reloads itself instead of reading past the row)."""
     row = tl.program_id(0)
     pid = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -59,9 +62,19 @@ def gemv(X, W, SO, Y, N, K, GROUPS, stride_x, stride_y,
     so_rows = SO + n[:, None] * GROUPS + gi[None, :]
     x_cols = X + row * stride_x + gi[:, None] * 32 + i[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    if PREFETCH:
+        b_nx = tl.load(w_rows)
+        so_nx = tl.load(so_rows)
     for g0 in range(0, GROUPS, BLOCK_G):
-        b = tl.load(w_rows + g0 * 16).to(tl.int32)
-        so = tl.load(so_rows + g0)
+        if PREFETCH:
+            b = b_nx.to(tl.int32)
+            so = so_nx
+            nxt = tl.minimum(g0 + BLOCK_G, GROUPS - BLOCK_G)
+            b_nx = tl.load(w_rows + nxt * 16)
+            so_nx = tl.load(so_rows + nxt)
+        else:
+            b = tl.load(w_rows + g0 * 16).to(tl.int32)
+            so = tl.load(so_rows + g0)
         xlo = tl.load(x_cols + g0 * 32).to(tl.float32)
         xhi = tl.load(x_cols + g0 * 32 + 16).to(tl.float32)
         lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + code

@@ -4,8 +4,9 @@ Per weight shape (q/k/v, o, gate/up, down each once: the layers of a shape share
 kernels and tiles that apply are checked against the dequantised weight and timed on up to 8
 layers of the shape back to back, as a decode step runs them:
 
-* 1 and 2 rows: ``gemv_words`` (its tiles timed at 1 row) against the older ``gemv`` and, in
-  bfloat16, ``gemv_wide`` (``cuda_int4_gemv_wide.CANDIDATES`` timed at 1 row);
+* 1 and 2 rows: ``gemv_words`` (its tiles timed at 1 row) against the older ``gemv`` (with and
+  without prefetching the next step) and, in bfloat16, ``gemv_wide``
+  (``cuda_int4_gemv_wide.CANDIDATES`` timed at 1 row);
 * 1-4 rows: ``gemv_split`` too (``cuda_int4_gemv.candidates()`` timed at 1 row, the fastest
   then against the others at 1, 2 and 4 rows);
 * 2-32 rows: ``skinny`` (its tiles timed at 8 rows; past 16 rows it pads to 32);
@@ -178,6 +179,7 @@ def plan_shape(sample: list[CudaInt4Linear], dtype: torch.dtype,
             if best is not None:
                 runs["words"] = lambda m, x=x: gemv_words(x, m.packed, m.scale_offset, plan.words)
             runs["gemv"] = lambda m, x=x: gemv(x, m.packed, m.scale_offset)
+            runs["gemv_pf"] = lambda m, x=x: gemv(x, m.packed, m.scale_offset, prefetch=True)
             if plan.wide is not None:
                 runs["wide"] = lambda m, x=x: cuda_int4_gemv_wide.gemv_wide(
                     x, m.packed, m.scale_offset, plan.wide)

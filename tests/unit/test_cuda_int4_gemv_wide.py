@@ -1,4 +1,5 @@
-"""The wide-x-load int4 GEMV (``backends/cuda_int4_gemv_wide.py``) for 1-2 bfloat16 rows.
+"""The wide-x-load int4 GEMV (``backends/cuda_int4_gemv_wide.py``) for 1-2 bfloat16 rows, and
+the older ``gemv`` prefetching its next step (route ``gemv_pf``).
 
 On CPU: every start-time candidate in Triton's interpreter (a fresh process) against the
 dequantised weight's float64 product — N = 45 (no tile divides it), K of 14 groups (masked
@@ -43,6 +44,15 @@ def interpreter_check() -> None:
             fused = gemv_wide(x, packed, so, cfg, swiglu=True)
             assert fused.shape == (1, 45)
             assert torch.equal(fused, silu_mul(gemv_wide(x, packed, so, cfg))), (k, sym, cfg)
+    # the older gemv prefetching its next step (route gemv_pf), several steps: equal to plain
+    for k, sym in ((2240, True), (448, False)):
+        packed, so, w = weight(45, k, sym, seed=k + 2)
+        x = torch.randn(2, k).to(torch.bfloat16)
+        plain = cuda_int4.gemv(x, packed, so)
+        assert torch.equal(cuda_int4.gemv(x, packed, so, prefetch=True), plain)
+        plan = cuda_int4.Plan({1: "gemv_pf", 2: "gemv_pf"})
+        assert torch.equal(cuda_int4.int4_linear(x, packed, so, plan=plan), plain)
+        assert rel(plain, x.double() @ w.T) < 6e-3
     # the route: a plan naming "wide" runs it on bfloat16 rows, gemv_words on others
     packed, so, w = weight(45, 256, True)
     plan = cuda_int4.Plan({1: "wide", 2: "wide"}, wide=CANDIDATES[1])
@@ -96,6 +106,17 @@ def test_candidates_compile_for_the_h100():
                                t.num_warps, t.num_stages) is not None, t
 
 
+def test_prefetching_gemv_compiles_for_the_h100():
+    from pensieve.backends import cuda_int4_kernels as kernels
+    from tests.helpers.triton_compile import compile_for
+
+    types = dict(X="*bf16", W="*u8", SO="*i16", Y="*bf16", N="i32", K="i32", GROUPS="i32",
+                 stride_x="i32", stride_y="i32")
+    t = cuda_int4.GEMV
+    consts = dict(BLOCK_N=t.block_n, BLOCK_G=t.block_g, SYM=True, PREFETCH=True)
+    assert compile_for(kernels.gemv, types, consts, t.num_warps, t.num_stages) is not None
+
+
 @needs_cuda
 @pytest.mark.parametrize("sym", [True, False])
 def test_candidates_at_a_model_shape_on_the_gpu(sym):
@@ -106,6 +127,8 @@ def test_candidates_at_a_model_shape_on_the_gpu(sym):
             x = torch.randn(rows, 4096, device="cuda").to(torch.bfloat16)
             ref = x.double().cpu() @ w.T
             assert rel(gemv_wide(x, packed, so, cfg), ref) < 6e-3, (cfg, rows)
+    x = torch.randn(2, 4096, device="cuda").to(torch.bfloat16)
+    assert torch.equal(cuda_int4.gemv(x, packed, so, prefetch=True), cuda_int4.gemv(x, packed, so))
 
 
 @needs_cuda
