@@ -50,7 +50,8 @@ def _kernel() -> Any:
         ids = tl.zeros([K_PAD], tl.int64)
         for i in tl.static_range(K):
             best = tl.max(p, axis=0)
-            pick = tl.min(tl.where(p == best, e, E_PAD), axis=0)
+            # a NaN row (a padding row's garbage) matches nothing: expert E-1, never out of range
+            pick = tl.minimum(tl.min(tl.where(p == best, e, E_PAD), axis=0), E - 1)
             top = tl.where(slot == i, best, top)
             ids = tl.where(slot == i, pick.to(tl.int64), ids)
             p = tl.where(e == pick, -2.0, p)
