@@ -29,6 +29,7 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,8 @@ def _pages(buf: mmap.mmap, tensors: list[torch.Tensor]) -> Pages:
 
 
 def drop_lookup_pages(model: nn.Module, packed: Packed) -> bool:
-    """After every lookup of ``model``'s token embedding, hand the table's pages back, where
+    """During and after every lookup of ``model``'s token embedding, hand the table's pages
+    back (every ``LOOKUP_ROWS`` rows: ``_sliced_lookup``), where
     the embedding module alone holds the packed table (an output layer reading the same codes
     reads every row each step: nothing to gain). A lookup maps whole page-cache folios around
     the rows it reads — up to ~2 MB each here, 40+ MB of a 139 MB Q4_K table after one
@@ -226,8 +228,37 @@ def drop_lookup_pages(model: nn.Module, packed: Packed) -> bool:
         hi = lo + t.numel() * t.element_size()
         if any(lo < b and a < hi for a, b in spans):
             return False
-    embed.register_forward_hook(lambda *_: packed.embedding.drop())
+    if not getattr(embed.forward, "drops_pages", False):
+        embed.forward = _sliced_lookup(embed.forward, packed.embedding.drop)
     return True
+
+
+# Rows a lookup reads between two drops: each row read maps the page-cache folio around it (up
+# to 2 MB here), so a 512-token prefill chunk read at once mapped ~80 MB of the table for the
+# length of the call — the peak RSS of a served prefill; 8 rows bound that to ~16 MB, for ~64
+# madvise calls a chunk.
+LOOKUP_ROWS = 8
+
+
+def _sliced_lookup(lookup: Callable[[torch.Tensor], torch.Tensor], drop: Callable[[], None]
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``lookup`` that hands the table's pages back (``drop``) after every ``LOOKUP_ROWS`` ids."""
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if flat.numel() <= LOOKUP_ROWS:
+            out = lookup(ids)
+            drop()
+            return out
+        parts = []
+        for start in range(0, flat.numel(), LOOKUP_ROWS):
+            parts.append(lookup(flat[start:start + LOOKUP_ROWS]))
+            drop()
+        out = torch.cat(parts)
+        return out.view(*ids.shape, out.shape[-1])
+
+    forward.drops_pages = True  # type: ignore[attr-defined]
+    return forward
 
 
 def _parse(buf: mmap.mmap, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -105,3 +105,18 @@ def mappings_of(path: Path) -> list[int]:
             if len(fields) > 5 and fields[5].strip() == str(path) and int(fields[2], 16) == 0:
                 out.append(int(fields[0].split("-")[0], 16))
     return out
+
+
+def test_a_long_lookup_drops_the_pages_every_few_rows():
+    """A prefill chunk's lookup reads ``LOOKUP_ROWS`` rows between two drops (a 512-row read at
+    once mapped ~80 MB of folios for the call), with the rows of the one-call lookup."""
+    table = torch.randn(100, 6)
+    drops = []
+    lookup = packed_cache._sliced_lookup(lambda ids: table[ids], lambda: drops.append(1))
+    assert lookup.drops_pages
+    ids = torch.randint(0, 100, (3, 7 * packed_cache.LOOKUP_ROWS + 3))
+    out = lookup(ids)
+    assert out.shape == (*ids.shape, 6) and torch.equal(out, table[ids])
+    assert len(drops) == -(-ids.numel() // packed_cache.LOOKUP_ROWS)
+    drops.clear()
+    assert torch.equal(lookup(torch.tensor([5])), table[[5]]) and len(drops) == 1
