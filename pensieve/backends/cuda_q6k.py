@@ -58,6 +58,7 @@ class Tiles:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    prefetch: bool = False  # gemv: the next step's code bytes loaded before this step's products
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ def gemv(x: torch.Tensor, w: Buffers, y: torch.Tensor, t: Tiles = GEMV) -> torch
     n, groups = w[0].shape[0], k // 32
     _kernels().gemv[(triton_cdiv(n, t.block_n), m)](
         x, *w, y, n, groups, x.stride(0), y.stride(0), BLOCK_N=t.block_n,
-        BLOCK_G=block_g(groups, t.block_g), num_warps=t.num_warps, num_stages=t.num_stages)
+        BLOCK_G=block_g(groups, t.block_g), PREFETCH=t.prefetch, num_warps=t.num_warps,
+        num_stages=t.num_stages)
     return y
 
 

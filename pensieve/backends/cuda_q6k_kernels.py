@@ -69,6 +69,13 @@ def _quarters(LO, HI, n, g, j, GROUPS):
 
 
 @triton.jit
+def _quarter_bytes(LO, HI, n, g, j, GROUPS):
+    """The raw bytes ``_quarters`` reads (int8 loads: low runs 0-7 and 8-15, high bits)."""
+    lo = LO + n * (GROUPS * 16) + g * 16 + j
+    return tl.load(lo), tl.load(lo + 8), tl.load(HI + n * (GROUPS * 8) + g * 8 + j)
+
+
+@triton.jit
 def _steps(SC, D, n, g, GROUPS):
     """float32 (d·sc of columns 32g..32g+15, of 32g+16..32g+31) for rows ``n`` × groups ``g``."""
     d = tl.load(D + n * (GROUPS // 8) + g // 8).to(tl.float16, bitcast=True).to(tl.float32)
@@ -78,8 +85,10 @@ def _steps(SC, D, n, g, GROUPS):
 
 @triton.jit
 def gemv(X, LO, HI, SC, D, Y, N, GROUPS, stride_x, stride_y,
-         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    """y[row, n] = Σ_k x[row, k] · w[n, k]; grid (cdiv(N, BLOCK_N), rows)."""
+         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr = False):
+    """y[row, n] = Σ_k x[row, k] · w[n, k]; grid (cdiv(N, BLOCK_N), rows). PREFETCH: the next
+    step's code bytes loaded before this step's products (two steps in flight; the last step
+    reloads itself instead of reading past the row)."""
     pid = tl.program_id(0)
     row = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -89,10 +98,23 @@ def gemv(X, LO, HI, SC, D, Y, N, GROUPS, stride_x, stride_y,
     j = tl.arange(0, 8)
     x_ptrs = X + row.to(tl.int64) * stride_x + gi[:, None] * 32 + j[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    if PREFETCH:
+        b0n, b1n, hn = _quarter_bytes(LO, HI, n[:, None, None], gi[None, :, None],
+                                      j[None, None, :], GROUPS)
     for g0 in range(0, GROUPS, BLOCK_G):
         g = g0 + gi
-        u0, u1, u2, u3 = _quarters(LO, HI, n[:, None, None], g[None, :, None],
-                                   j[None, None, :], GROUPS)
+        if PREFETCH:
+            b0 = b0n.to(tl.int32)
+            b1 = b1n.to(tl.int32)
+            h = hn.to(tl.int32)
+            nxt = tl.minimum(g0 + BLOCK_G, GROUPS - BLOCK_G) + gi
+            b0n, b1n, hn = _quarter_bytes(LO, HI, n[:, None, None], nxt[None, :, None],
+                                          j[None, None, :], GROUPS)
+            u0, u1 = _code(b0, h, 0), _code(b1, h, 1)
+            u2, u3 = _code(b0, h, 2), _code(b1, h, 3)
+        else:
+            u0, u1, u2, u3 = _quarters(LO, HI, n[:, None, None], g[None, :, None],
+                                       j[None, None, :], GROUPS)
         x0 = tl.load(x_ptrs + g0 * 32).to(tl.float32)
         x1 = tl.load(x_ptrs + g0 * 32 + 8).to(tl.float32)
         x2 = tl.load(x_ptrs + g0 * 32 + 16).to(tl.float32)

@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 # per family, the first the untimed default
 # (the last two: 16 weights a thread a step — two 8-byte runs of each code buffer in flight —
 # instead of 4-8; unmeasured, bench/gpu_q6k.py lists every one at 1 row)
+# the last two load the next step's code bytes before this step's products (two in flight)
 GEMV_CANDIDATES = (GEMV, Tiles(1, 4, 8, 4, 2), Tiles(1, 16, 8, 4, 2), Tiles(1, 8, 16, 4, 2),
-                   Tiles(1, 16, 16, 4, 2), Tiles(1, 16, 8, 2, 2))
+                   Tiles(1, 16, 16, 4, 2), Tiles(1, 16, 8, 2, 2),
+                   Tiles(1, 8, 8, 4, 2, prefetch=True), Tiles(1, 16, 8, 4, 2, prefetch=True))
 # (split-K where N is short, so that ~2+ programs run per SM; one split of wide tiles for a
 # head-sized N, where only split_k == 1 fits; all build for sm_90 without a spill, 72-128
 # registers with 16-divisible arguments)
@@ -92,7 +94,7 @@ def describe(c: Choice) -> str:
         return name
     if isinstance(t, Skinny):
         return f"{name} {t.block_m}x{t.block_n}x{t.block_g}/{t.split_k}"
-    return f"{name} {t.block_m}x{t.block_n}x{t.block_g}"
+    return f"{name} {t.block_m}x{t.block_n}x{t.block_g}{' pf' if t.prefetch else ''}"
 
 
 def plan_shape(sample: list[CudaQ6KLinear], dtype: torch.dtype, reps: int, timer: Timer,

@@ -28,11 +28,15 @@ def compile_for(fn: Any, types: Mapping[str, str], consts: Mapping[str, Any], nu
         from triton.compiler import ASTSource
     except ImportError:
         pytest.skip("this Triton has no ahead-of-time compile API")
-    names = list(inspect.signature(fn.fn).parameters)
+    params = inspect.signature(fn.fn).parameters
+    names = list(params)
     signature, constexprs = {}, {}
     for i, name in enumerate(names):
         if name in consts:
             signature[name], constexprs[(i,)] = "constexpr", consts[name]
+        elif name not in types and params[name].default is not inspect.Parameter.empty:
+            # a constexpr the caller leaves at its default (a kernel's newer option)
+            signature[name], constexprs[(i,)] = "constexpr", params[name].default
         else:
             signature[name] = types[name]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
