@@ -36,16 +36,21 @@ def conv_step(X, Y, W, CONV, STARTS, LENS, SLOTS, CACHED, C, sx, sy, sc_slot, sc
     slot = tl.load(SLOTS + n).to(tl.int64)
     keep = (tl.zeros([BC], tl.int32) + tl.load(CACHED + n).to(tl.int32)) != 0
     state = CONV + slot * sc_slot + c * sc_ch
+    dt = X.dtype.element_ty  # the torch path's roundings to the input dtype (no-ops in float32)
     for t in range(0, length):
         acc = tl.zeros([BC], tl.float32)
         for j in tl.static_range(K):
             # the input's index among the new rows (< 0: a rolling one), per lane
             i = tl.zeros([BC], tl.int32) + (t + j - (K - 1))
-            w = tl.load(W + c * K + j, mask=cm, other=0.0).to(tl.float32)
+            w = tl.load(W + c * K + j, mask=cm, other=0.0).to(dt).to(tl.float32)
             new = tl.load(X + (start + i).to(tl.int64) * sx + c, mask=cm & (i >= 0),
                           other=0.0).to(tl.float32)
             old = tl.load(state + (K - 1 + i), mask=cm & (i < 0) & keep, other=0.0)
-            acc += w * (new + old)
+            prod = w * (new + old.to(dt).to(tl.float32))
+            # a decode row's products round one by one (the torch step multiplies in the
+            # dtype), a chunk's accumulate (a convolution)
+            acc += tl.where(length == 1, prod.to(dt).to(tl.float32), prod)
+        acc = acc.to(dt).to(tl.float32)
         y = acc / (1.0 + tl.exp(-acc))
         tl.store(Y + (start + t).to(tl.int64) * sy + c, y.to(Y.dtype.element_ty), mask=cm)
     # the last K-1 inputs, in increasing order: slot j takes input length+j, which is a new row
@@ -55,7 +60,7 @@ def conv_step(X, Y, W, CONV, STARTS, LENS, SLOTS, CACHED, C, sx, sy, sc_slot, sc
         new = tl.load(X + (start + i).to(tl.int64) * sx + c, mask=cm & (i >= 0),
                       other=0.0).to(tl.float32)
         old = tl.load(state + (K - 1 + i), mask=cm & (i < 0) & keep, other=0.0)
-        tl.store(state + j, new + old, mask=cm)
+        tl.store(state + j, new + old.to(dt).to(tl.float32), mask=cm)
 
 
 @triton.jit
@@ -102,6 +107,7 @@ def delta_step(Y, A, B, Z, A_LOG, DT_BIAS, NORM_W, SSM, OUT, STARTS, LENS, SLOTS
         a = tl.load(A + row * sab + h).to(tl.float32) + bias
         g = decay * tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))
         beta = 1.0 / (1.0 + tl.exp(-tl.load(B + row * sab + h).to(tl.float32)))
+        beta = beta.to(B.dtype.element_ty).to(tl.float32)  # the torch path's sigmoid in b's dtype
         s = s * tl.exp(g)
         delta = (v - tl.sum(s * k[:, None], axis=0)) * beta
         s = s + k[:, None] * delta[None, :]
@@ -111,6 +117,7 @@ def delta_step(Y, A, B, Z, A_LOG, DT_BIAS, NORM_W, SSM, OUT, STARTS, LENS, SLOTS
             ms = tl.sum(tl.where(vm, o * o, 0.0), axis=0) / DV
             zt = tl.load(Z + row * sz_row + h * DV + dv, mask=vm, other=0.0).to(tl.float32)
             normed = (o / tl.sqrt(ms + eps)).to(OUT.dtype.element_ty).to(tl.float32)
-            o = w * normed * (zt / (1.0 + tl.exp(-zt)))
+            # w · norm rounds in the dtype before the float32 SiLU(z) product (the torch order)
+            o = (w * normed).to(OUT.dtype.element_ty).to(tl.float32) * (zt / (1.0 + tl.exp(-zt)))
         tl.store(OUT + row * so_row + h * DV + dv, o.to(OUT.dtype.element_ty), mask=vm)
     tl.store(s_ptr, s, mask=sm)
