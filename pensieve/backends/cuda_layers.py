@@ -42,12 +42,14 @@ against the planned 1-row GEMV + ``silu_mul`` and timed against them; kept where
 Every fused step computes in float32 and rounds where PyTorch rounds (a sum to x's dtype
 before the norm reads it, a norm's output before RoPE, the gate/up products and SiLU before
 their product).
-Importing this module needs no GPU; Triton is imported on first use.
+``PENSIEVE_FUSED_DECODE=0`` keeps the per-layer fusions only (no cross-layer add + norm, no
+q/k norms in RoPE). Importing this module needs no GPU; Triton is imported on first use.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from types import ModuleType
 
 import torch
@@ -173,16 +175,20 @@ def fuse_cuda_layers(model: nn.Module) -> int:
     """Switch the model's MLPs, decoder layers, q/k-normed attentions and the body (exact
     classes only) to the fused forms; returns the number of decoder layers switched."""
     count = 0
+    # PENSIEVE_FUSED_DECODE=0: only the per-layer fusions (silu_mul, the post-attention
+    # add + norm), not the cross-layer add + norm or the q/k norms inside RoPE (session 9's
+    # additions, first checked on a GPU by tests/unit/test_cuda_fused_decode.py)
+    cross = os.environ.get("PENSIEVE_FUSED_DECODE", "1") != "0"
     for module in model.modules():
         if type(module) is MLP:
             module.__class__ = CudaMLP
         elif type(module) is DecoderLayer:
             module.__class__ = CudaDecoderLayer
             count += 1
-        elif _fusable_attention(module):
+        elif cross and _fusable_attention(module):
             module.__class__ = CudaAttention
     for module in model.modules():  # after the layers: the body needs all of them fused
-        if _fusable_body(module):
+        if cross and _fusable_body(module):
             module.__class__ = CudaLlamaBody
     return count
 

@@ -130,6 +130,20 @@ def test_fusing_keeps_the_state_dict_and_leaves_other_bodies():
     assert type(model.model) is not cuda_layers.CudaLlamaBody
 
 
+def test_opt_out_keeps_only_the_per_layer_fusions(monkeypatch):  # noqa: ANN001
+    monkeypatch.setenv("PENSIEVE_FUSED_DECODE", "0")
+    model = tiny("qwen3")
+    assert cuda_layers.fuse_cuda_layers(model) > 0
+    assert type(model.model) is not cuda_layers.CudaLlamaBody
+    assert not any(type(m) is cuda_layers.CudaAttention for m in model.modules())
+    assert all(type(layer) is cuda_layers.CudaDecoderLayer for layer in model.model.layers)
+    monkeypatch.delenv("PENSIEVE_FUSED_DECODE")
+    model = tiny("qwen3")
+    cuda_layers.fuse_cuda_layers(model)
+    assert type(model.model) is cuda_layers.CudaLlamaBody
+    assert any(type(m) is cuda_layers.CudaAttention for m in model.modules())
+
+
 def test_rope_norm_compiles_for_the_h100():
     from pensieve.backends import cuda_rope_kernels
     from tests.helpers.triton_compile import compile_for
