@@ -97,7 +97,12 @@ def test_fused_gated_delta_equals_the_torch_path_in_the_triton_interpreter():
 
 @needs_cuda
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
-def test_fused_gated_delta_equals_the_torch_path_on_cuda(dtype, tol):
+def test_fused_gated_delta_equals_the_torch_path_on_cuda(dtype, tol, monkeypatch):
+    # the reference is the plain torch delta rule: on CUDA the layer's torch path would otherwise
+    # take fla-core's chunked kernels, whose TF32 dots are ~3e-4 relative off in float32 (H100,
+    # 2026-12-07: 0.0108 on outputs of ~30) — the fused kernel walks tokens in exact float32
+    from pensieve.models import gated_delta
+    monkeypatch.setattr(gated_delta, "_fla", lambda: None)
     check("cuda", dtype, tol)
 
 
