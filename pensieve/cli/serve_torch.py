@@ -33,6 +33,7 @@ log = logging.getLogger("pensieve")
 def load_torch_engine(settings: ServeSettings) -> tuple[Engine, Checkpoint, Callable[[], None] | None]:
     """The running-ready engine of ``settings.model_path``, its checkpoint (tokenizer,
     template, name; no weights) and the callable that writes its packed copy, if one is due."""
+    from pensieve.backends import triton_compiles
     from pensieve.backends.cpu_memory import bound_heap, release_free_memory
     from pensieve.backends.torch_backend import torch_engine
     from pensieve.loaders.checkpoint import CheckpointError
@@ -40,6 +41,8 @@ def load_torch_engine(settings: ServeSettings) -> tuple[Engine, Checkpoint, Call
     on_cpu = torch.device(settings.engine.device).type == "cpu"
     if on_cpu:
         bound_heap()  # before loading: see backends/cpu_memory.py
+    else:
+        triton_compiles.watch()  # counts start-up's compiles; warns of any once serving
     if settings.threads:
         torch.set_num_threads(settings.threads)
     with Phase("choosing the weight kernels (the first start compiles them)"):
@@ -57,6 +60,10 @@ def load_torch_engine(settings: ServeSettings) -> tuple[Engine, Checkpoint, Call
 
         steps, seconds = warm_up(engine)
         log.info("warmed up the step shapes that compile kernels: %d steps in %.1f s", steps, seconds)
+        if triton_compiles.watch():
+            count, spent = triton_compiles.serving()
+            log.info("Triton compiled %d kernels at start (%.1f s); a compile while serving is a "
+                     "shape the warm-up missed and is logged as a warning", count, spent)
     if on_cpu:
         release_free_memory()
     return engine, ckpt, write_cache

@@ -29,6 +29,22 @@ WAVES: tuple[tuple[tuple[int, int, int], ...], ...] = (
     ((0, 40, 0), (0, 33, 0), (2, 260, 0), (2, 90, 0)),  # a long and a short prompt beside two decodes
     ((0, 300, 0), (2, 308, 288), (3, 319, 288), (4, 304, 288)),  # chunks over a cached prefix beside a decode
 )
+# A Claude Code follow-up turn: short chunks over a long cached prefix with nothing else in the
+# step — alone (41 and 32 new tokens: not and a multiple of 16), then two at once. Lengths past
+# LONG_PREFIX; the prefix is the wave's first prompt, finished (3 steps with its chunks) first.
+LONG_PREFIX = 4096
+LONG_WAVE: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (5, 41, 1), (9, 32, 1), (13, 100, 1), (13, 51, 1))
+
+
+def _long_wave(cap: int, chunk: int) -> tuple[tuple[int, int, int], ...]:
+    """``LONG_WAVE`` over a prefix of up to ``LONG_PREFIX`` tokens (a whole number of 16-token
+    blocks that leaves room for the longest follow-up), its steps shifted by its chunks."""
+    prefix = min(LONG_PREFIX, (cap - max(e for _, e, _ in LONG_WAVE)) // 16 * 16)
+    if prefix < 256:
+        return ()
+    shift = -(-prefix // max(1, chunk)) - 1  # the prefix's extra prefill steps
+    return tuple((s + (shift if s else 0), prefix + extra, prefix if shared else 0)
+                 for s, extra, shared in LONG_WAVE)
 
 
 def warm_up(engine: "Engine", max_tokens: int = 3) -> tuple[int, float]:
@@ -38,7 +54,8 @@ def warm_up(engine: "Engine", max_tokens: int = 3) -> tuple[int, float]:
     vocab = engine.vocab_size
     cap = engine.context_length - max_tokens - 1
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    for w, wave in enumerate(WAVES):
+    waves = WAVES + tuple(w for w in (_long_wave(cap, engine.config.max_num_batched_tokens),) if w)
+    for w, wave in enumerate(waves):
         first: list[int] = []
         pending = list(wave)
         step_in_wave = 0

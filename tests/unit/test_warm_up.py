@@ -18,6 +18,8 @@ def test_warm_up_leaves_the_engine_as_new(overlap):
     steps, _ = warm_up(engine)
     assert steps >= len(seen) >= 15  # async: some steps only read the last one's tokens
     assert max(seen) >= 300 and 1 in seen and any(16 < n <= 40 for n in seen)  # eager, decode, chunk shapes
+    # a follow-up turn's shape: short chunks alone over a long cached prefix, then two at once
+    assert {41, 32, 151} <= set(seen), seen
     assert engine.pool.num_free == engine.pool.num_blocks and engine.pool.num_cached == 0
     assert not engine.has_work() and not engine._requests
     engine.runner.run = inner
