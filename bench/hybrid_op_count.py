@@ -126,6 +126,9 @@ def count_triton() -> None:
         if not isinstance(mod._kernel(), Launch):
             launch = Launch(mod._kernel())
             mod._kernel = lambda launch=launch: launch
+    if not isinstance(cuda_router._sigmoid_kernel(), Launch):
+        launch = Launch(cuda_router._sigmoid_kernel())
+        cuda_router._sigmoid_kernel = lambda launch=launch: launch
 
 
 def engine(ckpt: Any, seqs: int, gdn_kernel: bool) -> Any:

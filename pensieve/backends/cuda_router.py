@@ -1,13 +1,25 @@
-"""A softmax MoE router's selection (softmax → top-k → renormalise → scale → dtype) as one Triton
-kernel on CUDA, for ``models/moe.Router`` with ``gating == "softmax"`` (Qwen3-MoE, Qwen3.5/3.6
-MoE, Qwen3-Next).
+"""A MoE router's selection after its GEMM as one Triton kernel on CUDA, for ``models/moe.Router``:
+softmax gating (Qwen3-MoE, Qwen3.5/3.6 MoE, Qwen3-Next) and sigmoid gating (GLM-4.5/4.7-Flash,
+DeepSeek-V3: ``sigmoid_topk``, below).
 
 The torch form after the router's GEMM is five launches (softmax, topk, sum, divide, cast); one
 program here takes one token's logits row: the softmax in float32, the top-k by k passes of
 max (the lowest index among equals, as ``torch.topk`` orders them on distinct values), the
 picked probabilities renormalised (``norm_topk``) and scaled, written in the input's dtype with
-the expert ids (int64, best first). Installed on each such router as ``kernel`` at a CUDA
-runner's start (``install``); ``PENSIEVE_ROUTER_KERNEL=0`` leaves the torch form.
+the expert ids (int64, best first).
+
+Sigmoid gating's torch form is ~12 launches a layer (sigmoid, + correction bias, the groups'
+top-2 sums, their top-k, a scatter and mask, the top-k, a gather, sum, divide, scale); one
+program here takes one token's float32 logits: sigmoid, the bias, per group the sum of its two
+best biased scores, the ``topk_group`` best groups kept (the lowest index among equal sums),
+``top_k`` passes of max over the kept experts' biased scores (the lowest index among equals),
+the picked *unbiased* scores renormalised (``+ 1e-20``) and scaled, written float32 (as the
+torch form returns them) best first. ``torch.topk(sorted=False)`` orders its picks its own way:
+the selection is the same set (and the same set among ties wherever torch takes the lowest
+indices). The router's weight is kept float32 (its GEMM ran ``weight.float()``, a cast a step).
+
+Installed on each router at a CUDA hybrid runner's start (``install``: ``kernel`` on softmax
+routers, ``sigmoid_kernel`` on sigmoid ones); ``PENSIEVE_ROUTER_KERNEL=0`` leaves the torch forms.
 """
 
 from __future__ import annotations
@@ -79,11 +91,110 @@ def softmax_topk(logits: torch.Tensor, top_k: int, norm: bool, scale: float,
     return weights, ids
 
 
+@functools.cache
+def _sigmoid_kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def sigmoid_topk(LOGITS, BIAS, WEIGHTS, IDS, s_row, scale, G: tl.constexpr,
+                     G_PAD: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
+                     KG: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
+        """One token: logits [G groups × S experts] → K (weight, id) best first."""
+        t = tl.program_id(0).to(tl.int64)
+        g = tl.arange(0, G_PAD)
+        s = tl.arange(0, S_PAD)
+        valid = (g[:, None] < G) & (s[None, :] < S)
+        idx = g[:, None] * S + s[None, :]  # the expert id
+        none = G * S  # past every expert
+        x = tl.load(LOGITS + t * s_row + idx, mask=valid, other=0.0).to(tl.float32)
+        score = tl.sigmoid(x)
+        choice = score
+        if HAS_BIAS:
+            choice = score + tl.load(BIAS + idx, mask=valid, other=0.0).to(tl.float32)
+        avail = valid
+        if KG < G:  # group-limited: keep the KG groups whose two best biased scores sum highest
+            c = tl.where(valid, choice, float("-inf"))
+            m1 = tl.max(c, axis=1)
+            i1 = tl.min(tl.where(c == m1[:, None], s[None, :], S_PAD), axis=1)
+            m2 = tl.max(tl.where(s[None, :] == i1[:, None], float("-inf"), c), axis=1)
+            worth = m1 + m2
+            gvalid = g < G
+            kept = g < 0
+            for _ in tl.static_range(KG):
+                best = tl.max(tl.where(gvalid & ~kept, worth, float("-inf")), axis=0)
+                pick = tl.min(tl.where(gvalid & ~kept & (worth == best), g, G_PAD), axis=0)
+                kept = kept | (g == pick)
+            avail = avail & kept[:, None]
+        slot = tl.arange(0, K_PAD)
+        top = tl.zeros([K_PAD], tl.float32)
+        ids = tl.zeros([K_PAD], tl.int64)
+        for i in tl.static_range(K):
+            best = tl.max(tl.max(tl.where(avail, choice, float("-inf")), axis=1), axis=0)
+            hit = avail & (choice == best)
+            # a NaN row (a padding row's garbage) matches nothing: expert none-1, in range
+            pick = tl.minimum(tl.min(tl.min(tl.where(hit, idx, none), axis=1), axis=0), none - 1)
+            w = tl.sum(tl.sum(tl.where(valid & (idx == pick), score, 0.0), axis=1), axis=0)
+            top = tl.where(slot == i, w, top)
+            ids = tl.where(slot == i, pick.to(tl.int64), ids)
+            avail = avail & (idx != pick)
+        if NORM:
+            top = top / (tl.sum(top, axis=0) + 1e-20)
+        keep = slot < K
+        tl.store(WEIGHTS + t * K + slot, top * scale, mask=keep)
+        tl.store(IDS + t * K + slot, ids, mask=keep)
+
+    return sigmoid_topk
+
+
+def sigmoid_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int,
+                 topk_group: int, norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 logits [T, E] (unit-stride rows), the correction bias [E] or None → (weights
+    [T, k] float32, ids [T, k] int64), best first; ``n_group`` groups of E / n_group experts,
+    the ``topk_group`` best kept (``n_group`` 1: no grouping)."""
+    t, e = logits.shape
+    assert logits.stride(-1) == 1 and e % n_group == 0
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int64, device=logits.device)
+    if t:
+        s = e // n_group
+        kg = min(topk_group, n_group) if n_group > 1 else 1
+        _sigmoid_kernel()[(t,)](
+            logits, logits if bias is None else bias, weights, ids, logits.stride(0),
+            float(scale), G=n_group, G_PAD=_pow2(n_group), S=s, S_PAD=_pow2(s), KG=kg, K=top_k,
+            K_PAD=_pow2(top_k), HAS_BIAS=bias is not None, NORM=norm,
+            num_warps=4 if e >= 512 else (2 if e >= 128 else 1))
+    return weights, ids
+
+
+def sigmoid_router(router: nn.Module) -> Any:
+    """``router``'s selection on the kernel: float32 logits → (weights, ids)."""
+    moe = router.moe
+
+    def select(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bias = router.e_score_correction_bias.float() if moe.correction_bias else None
+        return sigmoid_topk(logits, bias, moe.top_k, moe.n_group, moe.topk_group,
+                            moe.norm_topk, moe.scale)
+
+    return select
+
+
 def install(model: nn.Module) -> int:
-    """Set ``kernel`` on every softmax ``models.moe.Router`` of ``model``; returns how many."""
+    """Set ``kernel`` on every softmax ``models.moe.Router`` of ``model`` and ``sigmoid_kernel``
+    on every sigmoid one (its weight and bias kept float32: the values its torch form casts to
+    each step); returns how many."""
     from pensieve.models.moe import Router
 
-    routers = [m for m in model.modules() if isinstance(m, Router) and m.moe.gating != "sigmoid"]
+    routers = [m for m in model.modules() if isinstance(m, Router)]
     for m in routers:
-        m.kernel = softmax_topk
+        if m.moe.gating == "sigmoid":
+            with torch.no_grad():
+                if m.weight.dtype != torch.float32:
+                    m.weight.data = m.weight.data.float()
+                if m.moe.correction_bias and m.e_score_correction_bias.dtype != torch.float32:
+                    m.e_score_correction_bias = m.e_score_correction_bias.float()
+            m.sigmoid_kernel = sigmoid_router(m)
+        else:
+            m.kernel = softmax_topk
     return len(routers)

@@ -45,11 +45,16 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(moe.num_experts))
         # a backend's one-launch softmax selection (``backends/cuda_router.softmax_topk``)
         self.kernel: Any = None
+        # ... and sigmoid one: float32 logits → (weights, ids) (``cuda_router.sigmoid_router``)
+        self.sigmoid_kernel: Any = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         moe = self.moe
         if moe.gating == "sigmoid":
-            return self._sigmoid(F.linear(x.float(), self.weight.float()))
+            logits = F.linear(x.float(), self.weight.float())
+            if self.sigmoid_kernel is not None:
+                return self.sigmoid_kernel(logits)
+            return self._sigmoid(logits)
         logits = F.linear(x, self.weight)
         if self.kernel is not None:
             return self.kernel(logits, moe.top_k, moe.norm_topk, moe.scale, x.dtype)
