@@ -25,6 +25,7 @@ capture them. Importing this module needs neither a GPU nor Triton (kernels load
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -234,9 +235,27 @@ class CudaInt8Linear(CodesLinear):
                 f"{'+'.join(self.kinds)} int8 g{self.groups}")
 
 
+ENV_MIXED_STREAMS = "PENSIEVE_MIXED_STREAMS"  # "0": a mixed layer's parts one after the other
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(device=index)
+    return _side_streams[index]
+
+
 class CudaMixedLinear(nn.Module):
     """A fused projection whose parts run on different layers (int4 and int8 codes): each
-    run of parts its own child, the outputs side by side, then the bias."""
+    run of parts its own child, the outputs side by side, then the bias.
+
+    While a CUDA graph is captured, the parts after the first run on a side stream forked
+    from and joined back into the capturing one, so the graph holds them as parallel
+    branches: a Q4_K_M layer's small Q6_K v projection (1024 outputs: too few programs to
+    fill an H100 alone) runs beside its Q4_K q/k instead of after it. Only where the parts'
+    output widths differ (the split-K workspaces are kept per width and layout family); off
+    with ``PENSIEVE_MIXED_STREAMS=0``."""
 
     def __init__(self, layers: Sequence[nn.Module], bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -244,9 +263,21 @@ class CudaMixedLinear(nn.Module):
         self.in_features = layers[0].in_features
         self.out_features = sum(m.out_features for m in layers)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        widths = [m.out_features for m in layers]
+        self.concurrent = (len(set(widths)) == len(widths)
+                           and os.environ.get(ENV_MIXED_STREAMS, "1") != "0")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.cat([m(x) for m in self.parts], dim=-1)
+        if self.concurrent and x.is_cuda and torch.cuda.is_current_stream_capturing():
+            main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                rest = [m(x) for m in self.parts[1:]]
+            outs = [self.parts[0](x), *rest]
+            main.wait_stream(side)
+        else:
+            outs = [m(x) for m in self.parts]
+        y = torch.cat(outs, dim=-1)
         return y if self.bias is None else y + self.bias
 
 
