@@ -276,6 +276,8 @@ class CudaMixedLinear(nn.Module):
             outs = [self.parts[0](x), *rest]
             main.wait_stream(side)
         else:
+            if self.concurrent and x.is_cuda:
+                _side_stream(x.device)  # made before a capture needs it
             outs = [m(x) for m in self.parts]
         y = torch.cat(outs, dim=-1)
         return y if self.bias is None else y + self.bias
