@@ -14,7 +14,8 @@ call to, with the layer's ``window`` and ``sinks``.
   window masks within the step's chunks and the layer has no sinks. Otherwise each chunk on
   its own: the short-chunk kernel with the layer's window and sinks where the window masks
   within it (each tile of rows reads only its rows' windows: work ∝ new tokens × window,
-  whatever the context) or the chunk has at most ``CHUNK_ROWS`` rows; a longer chunk of a
+  whatever the context), the chunk has at most ``CHUNK_ROWS`` rows, or it is a follow-up
+  turn's new tokens over a long cached context (``chunk_kernel``); a longer chunk of a
   full-attention layer with sinks takes the per-sequence loop (``attend_cached``).
 - **Layers the kernels do not take**, decided per layer, never silently: latent (MLA, values
   narrower than keys or none), head dims over 256, more than 16 query heads a KV head — the
@@ -53,6 +54,11 @@ from pensieve.models.rope import apply_rope
 
 MAX_HEAD_DIM = 256  # the decode kernel's [16, D] accumulator per program
 CHUNK_ROWS = 64  # a chunk with sinks over its whole context: the chunk kernel up to this many rows
+# … and a follow-up chunk of up to FOLLOW_UP_ROWS rows over a context at least FOLLOW_UP_RATIO
+# times as long (gpt-oss's turn 2: 82 new tokens over a 17k prefix). The loop would gather the
+# whole context per layer and build a [heads, n, C + 1] float mask for SDPA's sink column —
+# the suspect for gpt-oss's turn 2 at 13.5% of turn 1 (issue 15, not yet measured on the GPU).
+FOLLOW_UP_ROWS, FOLLOW_UP_RATIO = 512, 4
 ENV_SWITCH = "PENSIEVE_HYBRID_KERNELS"
 
 
@@ -155,13 +161,19 @@ class CudaHybridAttention:
                 if seq.query_len == 1:
                     continue
                 chunk = next(chunks)
-                if (window is not None and window < seq.context_len) or \
-                        seq.query_len <= CHUNK_ROWS:
+                if (window is not None and window < seq.context_len) or chunk_kernel(seq):
                     rows = slice(seq.query_start, seq.query_start + seq.query_len)
                     out[rows] = paged_chunk(q[rows], k_cache, v_cache, chunk, window, sinks)
                 else:
                     attend_cached(q, k_cache, v_cache, seq, out, window, sinks)
         return out
+
+
+def chunk_kernel(seq: SequenceSlice) -> bool:
+    """Whether a chunk with sinks, no window masking within it, takes the chunk kernel: a
+    short one, or a follow-up turn's few new tokens over a long cached context."""
+    return seq.query_len <= CHUNK_ROWS or (seq.query_len <= FOLLOW_UP_ROWS and
+                                           seq.context_len >= FOLLOW_UP_RATIO * seq.query_len)
 
 
 def per_sequence(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

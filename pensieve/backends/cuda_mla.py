@@ -31,7 +31,15 @@ from pensieve.backends.cuda_attention import _pow2, choose_num_splits
 from pensieve.models.forward_context import SequenceSlice
 
 ENV_SWITCH = "PENSIEVE_LATENT_KERNEL"
-CHUNK_TOKENS = 16  # a chunk of at most this many tokens over a context at least twice as long
+# a chunk of at most this many tokens over a context at least twice as long: a follow-up turn's
+# new tokens (64-82 in Claude Code's turn 2 over a ~20k prefix). Up to session 10 the limit was
+# 16: such a chunk took the model's own absorbed path, one SDPA of heads·n single-head rows of
+# rank + rope (576) dims under a [heads·n, C] mask — on CUDA no flash kernel takes 576 dims,
+# and the rows fill only ~heads·n/32 programs (the suspect for GLM-4.7-Flash's turn 2 at 961 ms,
+# 20% of turn 1; not yet measured on the GPU). Here the rows tile the GPU with split-K. At
+# GLM-4.7-Flash's dims the latent path reads less than expanding the context through kv_b up to
+# ~200 new tokens (``MLAttention._absorb_rows``), about even at 256.
+CHUNK_TOKENS = 256
 MAX_RANK, MAX_ROPE = 512, 128  # the kernel's accumulator is [BLOCK_M, rank] per program
 BLOCK_N = 32  # keys per inner tile
 

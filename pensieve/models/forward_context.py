@@ -140,20 +140,24 @@ def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     context, already in the cache; causal within the new tokens; with ``sinks`` [Hq], each
     head's sink logit joins its softmax's denominator (``sink_attention.py``)."""
     rows = slice(seq.query_start, seq.query_start + seq.query_len)
+    first = 0  # the first key read: past every block wholly before the first row's window
     if window is not None and window < seq.context_len:
-        mask = _window_mask(seq.query_len, seq.context_len, window, str(q.device), q.dtype)
+        bs = k_cache.shape[1]
+        first = max(0, seq.context_len - seq.query_len + 1 - window) // bs * bs
+        mask = _window_mask(seq.query_len, seq.context_len, window, str(q.device), q.dtype,
+                            first)
     else:
         mask = _causal_mask(seq, q.device, q.dtype)
+    keys, values = _gather(k_cache, seq, first), _gather(v_cache, seq, first)
     if sinks is not None:
         if mask is None and seq.query_len > 1:  # a whole prefill: plain causal
             mask = _offset_causal_mask(seq.query_len, seq.context_len, str(q.device), q.dtype)
-        out[rows] = attend_with_sinks(q[rows], _gather(k_cache, seq).to(q.dtype),
-                                      _gather(v_cache, seq).to(q.dtype), sinks, mask)
+        out[rows] = attend_with_sinks(q[rows], keys.to(q.dtype), values.to(q.dtype), sinks, mask)
         return
     attn = F.scaled_dot_product_attention(
         q[rows].transpose(0, 1).unsqueeze(0),
-        _gather(k_cache, seq).transpose(0, 1).unsqueeze(0).to(q.dtype),
-        _gather(v_cache, seq).transpose(0, 1).unsqueeze(0).to(q.dtype),
+        keys.transpose(0, 1).unsqueeze(0).to(q.dtype),
+        values.transpose(0, 1).unsqueeze(0).to(q.dtype),
         attn_mask=mask,
         is_causal=mask is None and seq.query_len > 1,
         enable_gqa=q.shape[1] > k_cache.shape[2],
@@ -161,9 +165,11 @@ def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     out[rows] = attn[0].transpose(0, 1)
 
 
-def _gather(cache: torch.Tensor, seq: SequenceSlice) -> torch.Tensor:
-    blocks = cache.index_select(0, seq.block_table)
-    return blocks.view(-1, cache.shape[2], cache.shape[3])[: seq.context_len]
+def _gather(cache: torch.Tensor, seq: SequenceSlice, first: int = 0) -> torch.Tensor:
+    """``seq``'s cached entries from token ``first`` (a multiple of the block size) on."""
+    bs = cache.shape[1]
+    blocks = cache.index_select(0, seq.block_table[first // bs:])
+    return blocks.view(-1, cache.shape[2], cache.shape[3])[: seq.context_len - first]
 
 
 def _causal_mask(seq: SequenceSlice, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
@@ -175,13 +181,15 @@ def _causal_mask(seq: SequenceSlice, device: torch.device, dtype: torch.dtype) -
 
 @functools.lru_cache(maxsize=8)
 def _window_mask(query_len: int, context_len: int, window: int, device: str,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask: the i-th new token (absolute position p) sees keys p - window + 1 .. p."""
+                 dtype: torch.dtype, first: int = 0) -> torch.Tensor:
+    """Additive mask over keys ``first`` .. ``context_len - 1``: the i-th new token (absolute
+    position p) sees keys p - window + 1 .. p."""
     offset = context_len - query_len
     rows = torch.arange(query_len, device=device).unsqueeze(1) + offset
-    cols = torch.arange(context_len, device=device).unsqueeze(0)
+    cols = torch.arange(first, context_len, device=device).unsqueeze(0)
     hidden = (cols > rows) | (cols <= rows - window)
-    return torch.zeros(query_len, context_len, device=device, dtype=dtype).masked_fill_(hidden, float("-inf"))
+    return torch.zeros(query_len, context_len - first, device=device, dtype=dtype).masked_fill_(
+        hidden, float("-inf"))
 
 
 @functools.lru_cache(maxsize=4)

@@ -23,7 +23,7 @@ HQ, HK, D, PAGE, WINDOW = 4, 2, 16, 4, 8
 # rotary; the first two page in group 0 (full), the others in group 1 (windowed)
 LAYERS = [(None, False, D), (None, True, 0), (WINDOW, True, D), (WINDOW, False, 8)]
 LAYER_GROUP = (0, 0, 1, 1)
-BLOCKS = 40  # per group's pool; index BLOCKS is the null block
+BLOCKS = 100  # per group's pool; index BLOCKS is the null block
 
 
 def _cos_sin(positions: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +75,8 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
                   [(22, 1), (36, 1), (0, 1)],  # decode only
                   [(30, 1), (0, 7), (9, 6)],  # decodes first, a window masks a chunk
                   [(0, 5), (3, 1)],  # within the window: varlen prefill for every layer
-                  [(2, 66), (40, 1)]):  # a long chunk: full + sinks on the loop
+                  [(2, 66), (40, 1)],  # a long chunk: full + sinks on the loop
+                  [(280, 70), (40, 1)]):  # a follow-up turn: full + sinks on the chunk kernel
         seqs, slots, positions = _step(steps, g)
         t = positions.numel()
         base_k = [torch.randn(BLOCKS + 1, PAGE, HK, D, generator=g) for _ in LAYERS]
@@ -118,12 +119,13 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
                     dev_slots[LAYER_GROUP[layer]]].float(), atol=tol, rtol=tol), (steps, layer)
     for n, f in real.items():
         setattr(cuda_hybrid, n, f)
-    assert calls.count("paged_decode") == 5 * len(LAYERS), calls  # every layer, every step
-    # the chunk kernel: chunks with sinks up to CHUNK_ROWS rows and chunks a window masks
-    # within (13); the 66-row chunk of the full layer with sinks: the loop; the full layer
-    # without sinks: varlen, once a step with chunks, and layer 3 once within its window
-    assert calls.count("paged_chunk") == 13 and calls.count("attend_cached") == 1, calls
-    assert calls.count("prefill_attention") == 4 + 1, calls
+    assert calls.count("paged_decode") == 6 * len(LAYERS), calls  # every layer, every step
+    # the chunk kernel: chunks with sinks up to CHUNK_ROWS rows, chunks a window masks within
+    # and the 70-row follow-up over 280 cached tokens (16); the 66-row chunk of the full layer
+    # with sinks over 2 cached: the loop; the full layer without sinks: varlen, once a step
+    # with chunks, and layer 3 once within its window
+    assert calls.count("paged_chunk") == 16 and calls.count("attend_cached") == 1, calls
+    assert calls.count("prefill_attention") == 5 + 1, calls
 
 
 @pytest.mark.slow
@@ -136,6 +138,21 @@ def test_batched_hybrid_attention_equals_the_loop_in_the_triton_interpreter():
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_compiled_batched_hybrid_attention_equals_the_loop(dtype, tol):
     check("cuda", dtype, tol)
+
+
+def test_which_chunks_with_sinks_take_the_chunk_kernel():
+    """Short chunks, and a follow-up turn's new tokens over a long cached context (gpt-oss's
+    Claude Code turn 2: 82 over 17k); a cold or long chunk keeps the loop."""
+    from pensieve.backends.cuda_hybrid import chunk_kernel
+    from pensieve.models.forward_context import SequenceSlice
+
+    def seq(cached: int, new: int) -> SequenceSlice:
+        return SequenceSlice(0, new, cached + new, torch.zeros(1, dtype=torch.long))
+
+    assert chunk_kernel(seq(0, 64)) and chunk_kernel(seq(17392, 82))
+    assert chunk_kernel(seq(1536, 512)) and not chunk_kernel(seq(1535, 512))
+    assert not chunk_kernel(seq(0, 65)) and not chunk_kernel(seq(100, 2048))
+    assert not chunk_kernel(seq(20000, 513))
 
 
 def test_which_layers_take_the_kernels():

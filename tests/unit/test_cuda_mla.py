@@ -26,10 +26,12 @@ from tests.helpers.triton_interpreter import run_in_triton_interpreter
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 PAGE, POOL = 4, 160
-# (cached, new) per sequence; the kernel takes decodes and chunks of ≤ 16 tokens over a
-# context at least twice as long: all but the cold chunk (0, 7) and the long one (60, 17)
+# (cached, new) per sequence; the kernel takes decodes and chunks of ≤ CHUNK_TOKENS (256)
+# tokens over a context at least twice as long: all but the cold chunk (0, 7); with the limit
+# at 16 (``SHORT``) the 17-token chunk (60, 17) keeps the model's path too
 STEPS = [(22, 1), (30, 6), (0, 7), (4, 1), (0, 1), (300, 1), (60, 17), (9, 3)]
-TAKEN = {0, 1, 3, 4, 5, 7}
+TAKEN = {0, 1, 3, 4, 5, 6, 7}
+SHORT = 16
 
 
 def _layer(heads: int, rank: int):  # noqa: ANN202
@@ -117,7 +119,7 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
         assert torch.isfinite(got).all()
         err = ((got.double() - want.double()).norm() / want.double().norm()).item()
         assert err < tol, (heads, err)
-        for s in (seqs[2], seqs[6]):  # the loop's rows: the same numbers
+        for s in (seqs[2],):  # the loop's rows: the same numbers
             r = slice(s.query_start, s.query_start + s.query_len)
             assert torch.allclose(got[r].float(), want[r].float(), atol=tol, rtol=tol)
         assert cuda_mla.block_m(heads) == (16 if heads == 4 else 32)
@@ -140,11 +142,17 @@ def test_compiled_latent_kernel_equals_the_models_path(dtype, tol):
 def test_latent_metadata_from_the_sequences():
     """The chosen sequences, their rows of the flat batch, each row's causal key count, the
     tiles of (token, head) rows (never across sequences), padded tables (host logic)."""
+    from pensieve.backends import cuda_mla
     from pensieve.backends.cuda_mla import build_latent, enabled, latent_layers
 
     seqs, _, _ = _step(torch.Generator().manual_seed(3))
-    batch = build_latent(seqs, 20, torch.device("cpu"), num_sms=4)
-    assert batch.sequences == TAKEN
+    assert build_latent(seqs, 20, torch.device("cpu"), num_sms=4).sequences == TAKEN
+    default, cuda_mla.CHUNK_TOKENS = cuda_mla.CHUNK_TOKENS, SHORT
+    try:
+        batch = build_latent(seqs, 20, torch.device("cpu"), num_sms=4)
+    finally:
+        cuda_mla.CHUNK_TOKENS = default
+    assert batch.sequences == TAKEN - {6}
     # rows: seq 0 (row 0), seq 1 (1-6), seq 3 (14), seq 4 (15), seq 5 (16), seq 7 (34-36)
     assert torch.equal(batch.rows, torch.tensor([0, 1, 2, 3, 4, 5, 6, 14, 15, 16, 34, 35, 36]))
     assert batch.token_ctx.tolist() == [23, 31, 32, 33, 34, 35, 36, 5, 1, 301, 10, 11, 12]
@@ -153,18 +161,36 @@ def test_latent_metadata_from_the_sequences():
     assert tiles == [(0, 0, 20), (1, 20, 52), (1, 52, 84), (1, 84, 116), (1, 116, 140),
                      (2, 140, 160), (3, 160, 180), (4, 180, 200), (5, 200, 232),
                      (5, 232, 260)]
-    chosen = sorted(TAKEN)
+    chosen = sorted(TAKEN - {6})
     for k, i in enumerate(chosen):
         t = seqs[i].block_table
         assert torch.equal(batch.block_tables[k, :len(t)], t.int())
         assert (batch.block_tables[k, len(t):] == t[-1]).all()
     assert batch.block_tables.shape == (len(chosen), 76)  # the 301-token context's blocks
-    assert build_latent([seqs[2], seqs[6]], 20, torch.device("cpu"), 4) is None
+    assert build_latent([seqs[2]], 20, torch.device("cpu"), 4) is None
     latent = torch.empty(2, PAGE, 1, 24), torch.empty(2, PAGE, 1, 0)
     plain = torch.empty(2, PAGE, 2, 16), torch.empty(2, PAGE, 2, 16)
     assert latent_layers([latent[0], plain[0], latent[0]], [latent[1], plain[1], latent[1]],
                          (0, 0, None)) == {0}
     assert enabled({}) and not enabled({"PENSIEVE_LATENT_KERNEL": "0"})
+
+
+def test_a_follow_up_turns_chunk_takes_the_kernel():
+    """GLM-4.7-Flash's Claude Code turn 2 (64 new tokens over 20384 cached) and chunks up to
+    256 tokens over a context twice as long go to the kernel; a cold chunk, a 257-token one or
+    one over too short a context keep the model's own path."""
+    from pensieve.backends.cuda_mla import build_latent, takes
+    from pensieve.models.forward_context import SequenceSlice
+
+    def seq(cached: int, new: int) -> SequenceSlice:
+        return SequenceSlice(0, new, cached + new, torch.arange(-(-(cached + new) // PAGE)))
+
+    assert takes(seq(20384, 64)) and takes(seq(256, 256)) and takes(seq(17392, 82))
+    assert not takes(seq(255, 256)) and not takes(seq(20000, 257)) and not takes(seq(0, 64))
+    batch = build_latent([seq(2048, 64)], 20, torch.device("cpu"), num_sms=132)
+    assert batch.sequences == {0} and batch.rows == slice(0, 64)
+    assert batch.token_ctx.tolist() == list(range(2049, 2049 + 64))  # causal within the chunk
+    assert batch.tile_seq.numel() == 64 * 20 // 32 and batch.num_splits > 1  # fills the GPU
 
 
 def test_a_latent_wider_than_the_kernel_takes_keeps_the_models_path():
