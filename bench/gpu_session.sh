@@ -18,7 +18,8 @@
 # the Pensieve and the llama-server halves of dense/moe (e.g. "pdense pmoe tests ldense lmoe": the
 # tests run while llama-server builds). Needs .whl/, .gpu/tokenizer.gguf
 # .gpu/llama.cpp and .gpu/templates carried (see bench/gpu_qwen_vs_llamacpp.sh). Writes $OUT/summary.md,
-# $OUT/progress.txt, $OUT/pytest_cuda.log and $OUT/gs_logs.tgz. The pipeline runs on a copy of the
+# $OUT/progress.txt, $OUT/pytest_cuda.log and $OUT/gs_logs.tgz (every Pensieve server there writes
+# PENSIEVE_STEP_TIMES under $S/steps, summarised in summary.md). The pipeline runs on a copy of the
 # first call's tree (/tmp/w; or of .gpu/head.tar where carried): later calls may carry an edited tree
 # without disturbing it.
 cd "$(dirname "$0")/.."
@@ -48,7 +49,7 @@ gguf_chain() {  # CPU-bound writers, one after the other
 
 pens() {  # $1 tag, $2 file, $3 scenarios, $4 the KV cache in GiB llama-server's context takes (same memory row)
   [ -e $S/p_$1/gpu_bench.json ] && return; log "pensieve $1 start"
-  mkdir -p $S/p_$1; PENSIEVE_PROFILE_STEPS=${PROFILE_STEPS:-10}:$S/p_$1/profile.txt \
+  mkdir -p $S/p_$1; PENSIEVE_STEP_TIMES=$S/steps/p_$1 PENSIEVE_PROFILE_STEPS=${PROFILE_STEPS:-10}:$S/p_$1/profile.txt \
   setsid -w timeout 420 python3 -m bench.gpu_bench --out $S/p_$1 --repeat 3 --max-num-seqs 0 \
     --scenarios $3 --gguf $2 --serve-args "--weights auto${SAME_KV:+ --kv-cache-gb $4}" --ready-timeout 300 > $S/bench_p_$1.log 2>&1
   log "pensieve $1 rc=$?"
@@ -120,7 +121,7 @@ pipeline() {
         touch $S/hy/build.started; cp $S/build.rc $S/hy/build.rc
         for fam in ${HYBRID:-qwen35moe gpt-oss glm47flash}; do
           log "hybrid $fam start"; mkdir -p $S/hy/prof
-          PENSIEVE_PROFILE_STEPS=${PROFILE_STEPS:-10}:$S/hy/prof/$fam.txt \
+          PENSIEVE_STEP_TIMES=$S/steps/hy_$fam PENSIEVE_PROFILE_STEPS=${PROFILE_STEPS:-10}:$S/hy/prof/$fam.txt \
             STATE=$S/hy OUT=$S/hy/out FAMILY=$fam BUDGET=900 \
             LLAMA_SERVER=/tmp/llbuild/bin/llama-server bash bench/gpu_hybrid_run.sh > $S/hybrid_$fam.log 2>&1
           log "hybrid $fam rc=$?"
@@ -153,6 +154,8 @@ summary() {
   [ -e $S/hy ] && PYTHONPATH=/tmp/site:$PWD python3 -m bench.gpu_hybrid_table $S/hy 2>/dev/null
   for f in $S/p_*/profile.txt $S/hy/prof/*.txt; do  # PENSIEVE_PROFILE_STEPS: each kind's head
     [ -e $f ] && { echo "## profile $f"; grep -A2 "^## " $f; }; done
+  [ -e $S/steps ] && { echo "## served steps (PENSIEVE_STEP_TIMES: chained = async scheduling)"
+    for d in $S/steps/*; do PYTHONPATH=/tmp/site:$PWD python3 -m bench.step_times $d; done; }
 }
 summary > $OUT/summary.md 2>&1
 cp $S/progress $OUT/progress.txt 2>/dev/null; cp $S/pytest_cuda.log $OUT/ 2>/dev/null

@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from pensieve.engine import step_times
 from pensieve.engine.engine import Engine
 from pensieve.engine.errors import EngineDeadError, EngineOverloadedError
 from pensieve.engine.sampler import is_greedy
@@ -91,6 +92,7 @@ class EngineClient:
         self._step_started: float | None = None  # monotonic start of the step running now
         self._watchdog: threading.Thread | None = None
         self.drained = False  # drain() was called: the server is shutting down on purpose
+        self._step_times = step_times.from_env()  # PENSIEVE_STEP_TIMES: a CSV line a step
 
     @property
     def dead_reason(self) -> str | None:
@@ -213,6 +215,9 @@ class EngineClient:
         except BaseException as exc:  # noqa: BLE001 - whatever kills the loop must be reported
             log.critical("the engine loop died", exc_info=True)
             self._die(f"{type(exc).__name__}: {exc}")
+        finally:
+            if self._step_times is not None:
+                self._step_times.close()
 
     def _serve(self) -> None:
         failed_steps = 0
@@ -236,6 +241,10 @@ class EngineClient:
             finally:
                 self._step_started = None
             took = time.perf_counter() - started
+            if self._step_times is not None:
+                self._step_times.record(started, took, self.engine.last_step_tokens,
+                                        len(self.engine.scheduler.running),
+                                        self.engine.last_step_chained)
             if took >= SLOW_STEP_S:  # a first-use kernel compile, a long prefill chunk, a stall
                 log.info("engine step: %.1f ms, %d tokens run, %d deltas (%d running, %d waiting)",
                          took * 1e3, self.engine.last_step_tokens, len(deltas),

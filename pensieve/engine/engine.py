@@ -78,6 +78,7 @@ class Engine:
         self._compiling: dict[str, tuple[Request, GrammarConstraint]] = {}
         self._overlap = config.overlap_steps
         self.last_step_tokens = 0  # tokens the last step ran through the model (for logs)
+        self.last_step_chained = False  # launched on the previous step's ids still on the device
         self._inflight: InFlight | None = None
         self._landing = Landing(config.max_num_seqs,
                                 pinned=self._overlap and torch.device(config.device).type == "cuda")
@@ -166,6 +167,7 @@ class Engine:
             return deltas + self._land()
         sampled = [c.request for c in chunks if c.completes]
         chain = self._overlap and self.runner.can_carry(chunks)
+        self.last_step_chained = chain
         if not chain and self._inflight is not None:  # scheduled on ids still in flight: read them
             deltas += self._land()
             chunks = [c for c in chunks if not c.request.is_finished]
