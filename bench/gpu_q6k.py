@@ -5,14 +5,16 @@ Per shape: the plan ``cuda_q6k_tune`` makes at start (one choice per row bucket)
 ``dequant`` kernel alone (the weight to bf16, what the dequant route pays before cuBLAS). Per row
 count: the planned route's GPU µs (medians, launches queued behind a sleep as in a CUDA graph:
 ``cuda_int4_tune.gpu_us``) and the bandwidth the Q6_K bytes make of it, then each route on its
-own — ``gemv`` (≤ 4 rows), ``skinny`` (≤ 32, the plan's tiles), the dequantising ``gemm``,
+own — ``gemv`` (≤ 4 rows), ``split`` (≤ 16, the split-K FMA GEMV), ``skinny`` (≤ 32, the plan's tiles), the dequantising ``gemm``,
 ``dequant`` + cuBLAS — against the int8 layout Q6_K had before (``cuda_int8``, 1.4× the bytes)
-and cuBLAS on a dense bf16 copy (3.1× the bytes; what no default path keeps). At 1 row every
-``gemv`` candidate and at 8 rows every 16-row ``skinny`` candidate, each in µs, GB/s of the Q6_K
-bytes and % of a device copy of the same bytes (read + write). ``--sweep``: every tuner
-candidate of the routes that apply, per row count.
+and cuBLAS on a dense bf16 copy (3.1× the bytes; what no default path keeps). At each row count
+up to 16 every candidate the tuner races there — ``gemv`` (1-2 rows), ``split`` (that bucket's
+tiles), every 16-row ``skinny`` (2-16) — each in µs, GB/s of the Q6_K bytes and % of a device
+copy of the same bytes (read + write). ``--sweep``: every tuner candidate of the routes that
+apply, per row count, the fastest five.
 
-    python -m bench.gpu_q6k                 # the table
+    python -m bench.gpu_q6k                 # the table at 1, 2, 4, 8 rows (~90 s on an H100)
+    python -m bench.gpu_q6k --rows 1,2,4,8,16,32,256,2048
     python -m bench.gpu_q6k --sweep --reps 20 --shapes ffn_down
 """
 
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = {"attn_v": (1024, 4096), "ffn_down": (4096, 12288), "output": (151936, 4096)}
-ROWS = (1, 2, 4, 8, 16, 32, 256, 2048)
+ROWS = (1, 2, 4, 8)
 
 
 def q6k_groups(n: int, k: int, seed: int):
@@ -42,6 +44,7 @@ def q6k_groups(n: int, k: int, seed: int):
 def routes(rows: int, plan: dict) -> dict[str, tuple]:
     """Each route that applies at ``rows`` rows, with the plan's tiles where it has them."""
     from pensieve.backends import cuda_q6k as q
+    from pensieve.backends.cuda_q6k_tune import SPLIT_CANDIDATES
 
     def planned(name: str, b: int, default):
         return plan[b][1] if plan[b][0] == name else default
@@ -49,7 +52,9 @@ def routes(rows: int, plan: dict) -> dict[str, tuple]:
     if rows <= 4:
         out["gemv"] = ("gemv", planned("gemv", 1, q.GEMV))
     if rows <= 16:
-        out["skinny"] = ("skinny", planned("skinny", 8, q.SKINNY16))
+        b = q.bucket(rows)
+        out["split"] = ("split", planned("split", b, SPLIT_CANDIDATES[b][0]))
+        out["skinny"] = ("skinny", planned("skinny", b, q.SKINNY16))
     elif rows <= 32:
         out["skinny"] = ("skinny", planned("skinny", 32, q.SKINNY32))
     out["gemm"] = ("gemm", q.GEMM16 if rows <= 16 else q.GEMM_SMALL if rows <= 256 else q.GEMM)
@@ -64,6 +69,9 @@ def sweep(rows: int, n: int) -> list[tuple]:
     out = [("dequant", t) for t in tune.DEQUANT_CANDIDATES]
     if rows <= 2:
         out += [("gemv", t) for t in tune.GEMV_CANDIDATES]
+    if rows <= 16:
+        out += [("split", t) for t in tune.SPLIT_CANDIDATES[next(b for b in tune.SPLIT_CANDIDATES
+                                                                   if rows <= b)]]
     if rows <= 32:
         out += [("skinny", t) for bm, ts in tune.SKINNY_CANDIDATES.items() for t in ts
                 if rows <= bm and skinny_fits(t, n)]
@@ -73,16 +81,18 @@ def sweep(rows: int, n: int) -> list[tuple]:
 
 def each_tile(rows: int, n: int, x, w, layers, reps: int, nbytes: int,  # noqa: ANN001
               roof: float) -> None:
-    """1 row: every gemv candidate; 8 rows: every 16-row skinny one — µs, GB/s, % of a copy."""
+    """Every candidate the tuner races at ``rows`` (≤ 16) — µs, GB/s, % of a copy."""
     from pensieve.backends import cuda_q6k_tune as tune
     from pensieve.backends.cuda_int4_tune import gpu_us
     from pensieve.backends.cuda_q6k import launch, skinny_fits
     from pensieve.backends.cuda_q6k_tune import describe
 
-    if rows == 1:
-        cands = [("gemv", t) for t in tune.GEMV_CANDIDATES]
-    else:
-        cands = [("skinny", t) for t in tune.SKINNY_CANDIDATES[16] if skinny_fits(t, n)]
+    from pensieve.backends.cuda_q6k import bucket
+
+    cands = [("gemv", t) for t in tune.GEMV_CANDIDATES] if rows <= 2 else []
+    cands += [("split", t) for t in tune.SPLIT_CANDIDATES[bucket(rows)]]
+    if rows >= 2:
+        cands += [("skinny", t) for t in tune.SKINNY_CANDIDATES[16] if skinny_fits(t, n)]
     for c in cands:
         try:
             us = gpu_us(lambda m, c=c: launch(c, x, w), layers, reps)
@@ -105,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from pensieve.backends.cuda_int4_tune import gpu_us
     from pensieve.backends.cuda_int8 import CudaInt8Linear
     from pensieve.backends.cuda_q6k import CudaQ6KLinear, launch
+    from pensieve.backends.cuda_q6k_split import split_workspace
     from pensieve.backends.cuda_q6k_tune import describe, plan_shape
 
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -114,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         g = q6k_groups(n, k, seed=n)
         layers = [CudaQ6KLinear(g).to(dev, dt)]
         cuda_q6k.skinny_workspace(dev, n)
+        split_workspace(dev, n)
         plan = plan_shape(layers, dt, a.reps, gpu_us)  # what a start would choose
         layers[0].plan = plan
         print(name, "plan:", ", ".join(f"{b}: {describe(c)}" for b, c in plan.items()))
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({q6_bytes / t_new / 1e3:6.0f} GB/s, {describe(plan[cuda_q6k.bucket(rows)])}, "
                   f"err {err:.1e})  int8 {t_old:8.1f}  bf16 cuBLAS {t_dense:8.1f}  | "
                   + ", ".join(each))
-            if rows in (1, 8) and not a.sweep:
+            if rows <= 16 and not a.sweep:
                 each_tile(rows, n, x, w, layers, a.reps, q6_bytes, roof)
             if not a.sweep:
                 continue

@@ -16,7 +16,8 @@ the kernel, exactly (the int8 layout rounds it to float16).
 
 Kernels (``cuda_q6k_kernels.py``) by the rows of x, one ``Plan`` entry per row bucket
 (``BUCKETS``), each checked and timed per weight shape at start (``cuda_q6k_tune.prepare``):
-``gemv`` for 1-2 rows (float32 FMAs); ``skinny`` for 2-32 (the weight unpacked once for all
+``gemv`` for 1-2 rows (float32 FMAs); ``split`` for 1-16 (``cuda_q6k_split``: split-K FMA
+GEMV, the weight tile dequantised once for all rows; tuner candidates only); ``skinny`` for 2-32 (the weight unpacked once for all
 rows as the tensor cores' left operand, 16 or 32-row tiles, split-K in one launch through a
 workspace per N); the dequantising tensor-core ``gemm``; ``dequant`` from 32 rows (the weight
 dequantised into a temporary for the call + cuBLAS, a vocabulary-sized weight a block of rows
@@ -32,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,9 @@ from torch import nn
 
 from pensieve.backends.cuda_int4 import CodesLinear, block_g, pack_codes, triton_cdiv, unpack_codes
 from pensieve.loaders.int4_codes import Int8Groups
+
+if TYPE_CHECKING:
+    from pensieve.backends.cuda_q6k_split import Split  # noqa: F401  (the Choice alias)
 
 BLOCK = 256  # values a Q6_K block; K must be a multiple
 BUCKETS = (1, 2, 4, 8, 16, 32, 256, 2048)  # rows up to which a plan entry serves (past: the last)
@@ -85,9 +90,9 @@ SKINNY16 = Skinny(16, 64, 4, 4, 4, 3)
 SKINNY32 = Skinny(32, 64, 4, 4, 4, 3)
 DEQUANT = Tiles(1, 16, 8, 4, 1)  # the weight into a temporary (block_n rows × block_g groups)
 
-Choice = tuple[str, "Tiles | Skinny | None"]  # kernel, its tiles
+Choice = tuple[str, "Tiles | Skinny | Split | None"]  # kernel, its tiles (Split: cuda_q6k_split)
 Plan = dict[int, Choice]  # bucket → choice
-KERNELS = ("gemv", "skinny", "gemm", "dequant", "torch")  # torch: reference dequantise + matmul
+KERNELS = ("gemv", "split", "skinny", "gemm", "dequant", "torch")  # torch: reference dequantise + matmul
 
 
 def pack_six(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,6 +255,10 @@ def launch(choice: Choice, x: torch.Tensor, w: Buffers) -> torch.Tensor:
     y = torch.empty(x.shape[0], w[0].shape[0], device=x.device, dtype=x.dtype)
     if name == "gemv":
         return gemv(x, w, y, t)
+    if name == "split":  # the split-K FMA GEMV for 1-16 rows (its own module: candidates only)
+        from pensieve.backends.cuda_q6k_split import gemv_split
+
+        return gemv_split(x, w, y, t)  # type: ignore[arg-type]
     if name == "skinny" and isinstance(t, Skinny) and x.shape[0] <= t.block_m:
         return skinny(x, w, y, t)
     return gemm(x, w, y, t if isinstance(t, Tiles) else None)

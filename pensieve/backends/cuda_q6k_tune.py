@@ -5,13 +5,14 @@ any other), each candidate runs once against the dequantised weight (relative er
 2e-2) and those that build and are right are timed on up to 8 layers of the shape back to back
 (``cuda_int4_tune.gpu_us``: GPU time only, as in a CUDA graph). First each family's tiles:
 
-* ``gemv`` at 1 row; ``skinny`` with 16-row tiles at 8 rows and with 32-row tiles at 32 (split-K
-  candidates only below ``SPLIT_MAX_N`` outputs); ``dequant`` (the weight into a temporary +
-  cuBLAS) at 32 rows, where the dequantisation is most of its time;
+* ``gemv`` at 1 row; ``skinny`` with 32-row tiles at 32 (split-K candidates only below
+  ``SPLIT_MAX_N`` outputs); ``dequant`` (the weight into a temporary + cuBLAS) at 32 rows,
+  where the dequantisation is most of its time;
 
-then per row bucket the families that apply race: 1 row gemv; 2 rows gemv and skinny; 4-16
-skinny and the dequantising ``gemm``'s 16-row tile; 32 skinny, gemm and dequant; 256 and 2048
-(prefill) the gemm's tiles and dequant. A candidate that fails to build or is wrong is left out
+then per row bucket the families that apply race: 1 row gemv and ``split`` (the split-K FMA
+GEMV of ``cuda_q6k_split``, tiles of that bucket's rows); 2 rows gemv, split and every 16-row
+skinny tile; 4-16 split, every 16-row skinny tile and the dequantising ``gemm``'s 16-row tile;
+32 skinny, gemm and dequant; 256 and 2048 (prefill) the gemm's tiles and dequant. A candidate that fails to build or is wrong is left out
 with a warning; a bucket with none right takes the reference dequantise + matmul ("torch"), so
 that a Triton that cannot compile a tile slows the start's Q6_K layers down instead of breaking
 it.
@@ -30,6 +31,7 @@ from pensieve.backends.cuda_q6k import (
     BUCKETS, DEQUANT, GEMM, GEMM16, GEMM_SMALL, GEMV, SKINNY16, SKINNY32, Choice, CudaQ6KLinear,
     Plan, Skinny, Tiles, dequantize, launch, skinny_fits, skinny_workspace,
 )
+from pensieve.backends.cuda_q6k_split import Split, split_workspace
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,10 @@ GEMV_CANDIDATES = (GEMV, Tiles(1, 4, 8, 4, 2), Tiles(1, 16, 8, 4, 2), Tiles(1, 8
 # registers with 16-divisible arguments)
 SKINNY_CANDIDATES = {
     16: (SKINNY16, Skinny(16, 64, 4, 1, 4, 3), Skinny(16, 64, 2, 8, 4, 3),
-         Skinny(16, 128, 4, 2, 8, 3), Skinny(16, 32, 8, 4, 4, 3), Skinny(16, 128, 4, 1, 8, 3)),
+         Skinny(16, 128, 4, 2, 8, 3), Skinny(16, 32, 8, 4, 4, 3), Skinny(16, 128, 4, 1, 8, 3),
+         # more programs for a short N (1024-4096 outputs: 256-1024 programs), fewer stages
+         Skinny(16, 32, 4, 8, 4, 2), Skinny(16, 16, 4, 8, 2, 2), Skinny(16, 64, 4, 8, 4, 2),
+         Skinny(16, 32, 8, 8, 4, 2)),
     32: (SKINNY32, Skinny(32, 64, 4, 1, 4, 3), Skinny(32, 128, 2, 2, 8, 3),
          Skinny(32, 128, 4, 1, 8, 3)),
 }
@@ -54,6 +59,17 @@ GEMM_CANDIDATES = {
     32: (Tiles(32, 64, 4, 4, 3),),
     256: (GEMM_SMALL, Tiles(64, 128, 2, 8, 3), Tiles(32, 64, 4, 4, 3)),
     2048: (GEMM, Tiles(128, 64, 2, 8, 3), Tiles(64, 256, 2, 8, 3)),
+}
+# the split-K FMA GEMV per bucket (block_m = the bucket's rows): ~16 code bytes a thread a step,
+# K over up to 4-8 programs (cut to a divisor of the steps; none for a head-sized N); all
+# build for sm_90 without a spill (tests/unit/test_cuda_q6k_split.py)
+SPLIT_CANDIDATES = {
+    1: (Split(1, 8, 8, 4, 2), Split(1, 8, 8, 8, 2), Split(1, 16, 8, 4, 4), Split(1, 4, 16, 8, 2),
+        Split(1, 16, 4, 2, 2), Split(1, 32, 4, 1, 4)),
+    2: (Split(2, 8, 8, 4, 2), Split(2, 8, 8, 8, 2), Split(2, 16, 8, 4, 4), Split(2, 32, 4, 1, 4)),
+    4: (Split(4, 8, 4, 4, 2), Split(4, 8, 8, 4, 2), Split(4, 16, 4, 4, 4), Split(4, 8, 4, 8, 2)),
+    8: (Split(8, 8, 4, 4, 2), Split(8, 8, 4, 8, 2), Split(8, 16, 4, 4, 4), Split(8, 8, 2, 8, 2)),
+    16: (Split(16, 8, 2, 4, 2), Split(16, 8, 4, 4, 4), Split(16, 4, 4, 8, 2)),
 }
 DEQUANT_CANDIDATES = (DEQUANT, Tiles(1, 8, 16, 4, 1), Tiles(1, 32, 8, 8, 1))
 ROWS = {b: b for b in BUCKETS}  # rows each bucket is timed at (tests pass fewer)
@@ -75,6 +91,7 @@ def prepare(model: nn.Module, dtype: torch.dtype, reps: int = 10, timer: Timer |
     for m in layers:
         shapes.setdefault((m.out_features, m.in_features), []).append(m)
         skinny_workspace(m.lo.device, m.out_features)
+        split_workspace(m.lo.device, m.out_features)
     notes = []
     for (n, k), same in shapes.items():
         plan = plan_shape(same[:8], dtype, reps, timer, rows)
@@ -92,7 +109,7 @@ def describe(c: Choice) -> str:
     name, t = c
     if t is None:
         return name
-    if isinstance(t, Skinny):
+    if isinstance(t, (Skinny, Split)):
         return f"{name} {t.block_m}x{t.block_n}x{t.block_g}/{t.split_k}"
     return f"{name} {t.block_m}x{t.block_n}x{t.block_g}{' pf' if t.prefetch else ''}"
 
@@ -119,17 +136,18 @@ def plan_shape(sample: list[CudaQ6KLinear], dtype: torch.dtype, reps: int, timer
         return fastest(choices, few, x, ref, r, timer)
 
     gemv = best([("gemv", t) for t in GEMV_CANDIDATES], 1)
-    sk16 = best([("skinny", t) for t in SKINNY_CANDIDATES[16] if skinny_fits(t, n)], 8)
+    sk16 = [("skinny", t) for t in SKINNY_CANDIDATES[16] if skinny_fits(t, n)]
     sk32 = best([("skinny", t) for t in SKINNY_CANDIDATES[32] if skinny_fits(t, n)], 32)
     dq = best([("dequant", t) for t in DEQUANT_CANDIDATES], 32)
     plan: Plan = {}
     for b in BUCKETS:
+        split: list[Choice] = [("split", t) for t in SPLIT_CANDIDATES.get(b, ())]
         if b == 1:
-            cands = [gemv]
+            cands = [gemv, *split]
         elif b == 2:
-            cands = [gemv, sk16]
+            cands = [gemv, *split, *sk16]
         elif b <= 16:
-            cands = [sk16] + [("gemm", t) for t in GEMM_CANDIDATES[16]]
+            cands = split + sk16 + [("gemm", t) for t in GEMM_CANDIDATES[16]]
         else:
             cands = [sk32] if b == 32 else []
             cands += [("gemm", t) for t in GEMM_CANDIDATES[b]] + [dq]

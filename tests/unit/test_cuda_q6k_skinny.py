@@ -87,6 +87,11 @@ def tuner_check() -> None:
     tune.log.addHandler(Keep(level=logging.WARNING))
     # fewer gemv and gemm tiles (the interpreter is slow on them; their choice is the same code)
     tune.GEMV_CANDIDATES = (cuda_q6k.Tiles(1, 16, 8, 4, 2), cuda_q6k.GEMV)
+    tune.SPLIT_CANDIDATES = {}  # the split-K GEMV's place in the race: test_cuda_q6k_split.py
+    # three 16-row skinny tiles (each is raced at 2, 4, 8 and 16 rows)
+    tune.SKINNY_CANDIDATES = {16: (cuda_q6k.SKINNY16, Skinny(16, 32, 4, 8, 4, 2),
+                                   Skinny(16, 64, 2, 8, 4, 3)),
+                              32: tune.SKINNY_CANDIDATES[32]}
     tune.GEMM_CANDIDATES = {16: (cuda_q6k.GEMM16,), 32: (cuda_q6k.GEMM16,),
                             256: (cuda_q6k.GEMM_SMALL,), 2048: (cuda_q6k.GEMM_SMALL,)}
     price = {"gemv": 2.0, "skinny": 1.0, "gemm": 5.0, "dequant": 3.0}
