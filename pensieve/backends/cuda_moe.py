@@ -14,6 +14,9 @@ format, then down (each pick's routing weight in the epilogue) — and a sum of 
 
 * up to ``GEMV_MAX_PICKS`` picks (tokens × top-k: decode batches up to 32 tokens at top-8):
   ``pick_gemv``, one program per (pick, outputs), no sorting (a GEMV over the pick's expert);
+  at 2-16 tokens whose picks are expected to share experts, ``cuda_moe_expert``'s expert-major
+  GEMV instead (each picked expert's weights once for all its tokens;
+  ``PENSIEVE_MOE_EXPERT_GEMV=0`` off);
 * more: the picks sorted by expert on the device (``align``: one Triton program up to
   ``ALIGN_MAX_PICKS``, else a few torch ops), each expert's run padded to blocks of BLOCK_M, and
   ``grouped_gemm``: one program per (block, outputs), the expert's weight tile dequantised in
@@ -42,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pensieve.backends import cuda_moe_expert
 from pensieve.backends.cuda_int4 import pack_codes, pack_scale_offset, triton_cdiv, unpack
 from pensieve.backends.cuda_int8 import block_key
 from pensieve.backends.cuda_q6k import dequantize as q6k_dequantize
@@ -265,7 +269,8 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
                 ) -> torch.Tensor:
     """x [T, H], routing weights/ids [T, k] → Σ_picks weight · down(silu(gate)·up), [T, H], on
     the kernels (any device Triton runs on); with the stacks' biases and ``glu`` gpt-oss's
-    Σ weight · (down(swiglu(gate + bg, up + bu)) + bd). ``route``: "gemv" or "grouped"."""
+    Σ weight · (down(swiglu(gate + bg, up + bu)) + bd). ``route``: "gemv", "experts"
+    (``cuda_moe_expert``) or "grouped"; None: by the picks."""
     t, k = ids.shape
     p = t * k
     x = x.contiguous()
@@ -273,7 +278,15 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
     rw = weights.reshape(-1).contiguous()
     h = torch.empty(p, gate_up.n // 2, device=x.device, dtype=x.dtype)
     out = torch.empty(p, down.n, device=x.device, dtype=x.dtype)
-    if (route or ("gemv" if p <= GEMV_MAX_PICKS else "grouped")) == "gemv":
+    if route is None and p <= GEMV_MAX_PICKS and cuda_moe_expert.wanted(t, experts, k):
+        route = "experts"
+    if route == "experts":  # each picked expert's weights once for all its tokens
+        common = dict(tokens=t, experts=experts, topk=k)
+        cuda_moe_expert.expert_gemv(x, flat, rw, gate_up, h, gather=True, fuse=True,
+                                    routed=False, glu=glu, **common)
+        cuda_moe_expert.expert_gemv(h, flat, rw, down, out, gather=False, fuse=False,
+                                    routed=True, **common)
+    elif (route or ("gemv" if p <= GEMV_MAX_PICKS else "grouped")) == "gemv":
         tiles = GEMV_FEW if p <= 16 else GEMV
         pick_gemv(x, flat, rw, gate_up, h, topk=k, gather=True, fuse=True, routed=False, t=tiles,
                   glu=glu)

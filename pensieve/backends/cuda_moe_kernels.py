@@ -279,6 +279,21 @@ def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, D, B, Y, P, E, N, K, stride_x, s
         row = pick // TOPK
     else:
         row = pick
+    expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stride_x, stride_y,
+                FUSE, ROUTED, INT4, SIX, GS, HAS_MIN, HAS_BIAS, SWIGLU, ALPHA, LIMIT, BLOCK_M,
+                BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stride_x,
+                stride_y, FUSE: tl.constexpr, ROUTED: tl.constexpr, INT4: tl.constexpr,
+                SIX: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
+                HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ALPHA: tl.constexpr,
+                LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Expert ``e``'s outputs ``pid_n`` for BLOCK_M rows (x's ``row``, y's ``pick``, where
+    ``mmask``): its weight tile dequantised in registers once for all of them, on the tensor
+    cores (``grouped_gemm``'s and ``cuda_moe_expert_kernels.expert_gemv``'s body)."""
     if FUSE:
         n_out = N // 2
     else:

@@ -1,0 +1,62 @@
+"""The MoE expert GEMV at a few tokens, expert-major (``cuda_moe_expert_kernels.expert_gemv``):
+each routed expert's weights read once for every token that picked it, where ``pick_gemv``
+reads them once a pick. One launch a projection, the grid (experts, output tiles) fixed by the
+shapes, no host sync: the decode CUDA graphs capture it.
+
+``cuda_moe.moe_experts`` takes it at 2 to ``MAX_TOKENS`` tokens where the picks are expected to
+share experts (``shares``: uniform routing's expected picks per distinct expert ≥
+``MIN_SHARING`` — gpt-oss's 32 experts at top-4, GLM-4.7-Flash's 64 at top-4; not Qwen3.6's 256
+at top-8, whose 8 tokens' 64 picks land on ~57 experts). ``PENSIEVE_MOE_EXPERT_GEMV``: "0" never
+(``pick_gemv`` as before), "1" at every 2..MAX_TOKENS tokens, unset: by ``shares``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+ENV_SWITCH = "PENSIEVE_MOE_EXPERT_GEMV"
+MAX_TOKENS = 16  # rows of one tensor-core tile (BLOCK_M); beyond, pick_gemv / grouped
+MIN_SHARING = 1.2
+BLOCK_N = 32
+BLOCK_K = 128
+NUM_WARPS = 4
+NUM_STAGES = 3
+
+
+def expected_sharing(tokens: int, experts: int, top_k: int) -> float:
+    """Picks per distinct expert hit under uniform routing: T·k / (E·(1 − (1 − k/E)^T))."""
+    hit = experts * (1.0 - (1.0 - top_k / experts) ** tokens)
+    return tokens * top_k / max(hit, 1e-9)
+
+
+def wanted(tokens: int, experts: int, top_k: int, environ: dict[str, str] | None = None) -> bool:
+    """Whether ``moe_experts`` takes the expert-major GEMV at ``tokens`` decode rows."""
+    mode = (os.environ if environ is None else environ).get(ENV_SWITCH, "")
+    if mode == "0" or not 2 <= tokens <= MAX_TOKENS:
+        return False
+    return mode == "1" or expected_sharing(tokens, experts, top_k) >= MIN_SHARING
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def expert_gemv(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, st, y: torch.Tensor, *,
+                tokens: int, experts: int, topk: int, gather: bool, fuse: bool, routed: bool,
+                glu=None) -> torch.Tensor:  # noqa: ANN001 (st: cuda_moe.Stack, glu: cuda_moe.Glu)
+    """y [P, N_out] for the flat token-major picks ``ids`` [T·topk] (as ``cuda_moe.pick_gemv``,
+    the weights of each picked expert read once)."""
+    from pensieve.backends import cuda_moe_expert_kernels as k
+    from pensieve.backends.cuda_int4 import triton_cdiv
+    from pensieve.backends.cuda_moe import _block_k, _meta
+
+    n_out = st.n // 2 if fuse else st.n
+    args, meta = _meta(st, glu if fuse else None)
+    k.expert_gemv[(experts, triton_cdiv(n_out, BLOCK_N))](
+        x, ids, rw, *args, y, tokens, st.n, st.k, x.stride(0), y.stride(0), TOPK=topk,
+        K_PAD=_pow2(topk), GATHER=gather, FUSE=fuse, ROUTED=routed, **meta,
+        BLOCK_M=max(16, _pow2(tokens)), BLOCK_N=BLOCK_N, BLOCK_K=_block_k(st.k, BLOCK_K),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return y
