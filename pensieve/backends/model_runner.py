@@ -199,8 +199,12 @@ class ModelRunner:
                 cuda_gdn.install(self.model)
             if cuda_offset_norm.enabled():  # Qwen3.5/Next's (1 + w) RMSNorms: one launch each
                 cuda_offset_norm.install(self.model)
-            if cuda_router.enabled():  # softmax routers' selection: one launch each
+            if cuda_router.enabled():  # routers' selection (softmax, sigmoid): one launch each
                 cuda_router.install(self.model)
+            from pensieve.backends import cuda_hybrid_mla_rope
+
+            if cuda_hybrid_mla_rope.enabled():  # MLA: latent norm + RoPEs + cache write, one
+                cuda_hybrid_mla_rope.install(self.model)
             if self.cuda_hybrid is not None and cuda_graphs and cuda_hybrid_graphs.enabled():
                 self.hybrid_graphs = cuda_hybrid_graphs.start(
                     self.model, self.hybrid, self.cuda_hybrid, config.max_num_seqs,

@@ -98,6 +98,8 @@ class MLAttention(nn.Module):
                                   mla.kv_lora_rank)
         self.o_proj = nn.Linear(self.heads * mla.v_head_dim, h, bias=bias)
         self.absorb = "auto"
+        # a backend's one-launch norm + RoPE + cache write (``cuda_hybrid_mla_rope``)
+        self.rope_write: Any = None
         # a chunk of n new tokens goes through the latent when 2·n·(rank + rope), its attention's
         # extra width a token, is at most what expanding one cached token costs, rank·(nope + v)
         self._absorb_rows = max(1, mla.kv_lora_rank * (mla.qk_nope_head_dim + mla.v_head_dim)
@@ -111,18 +113,25 @@ class MLAttention(nn.Module):
             q = self.q_proj(x)
         q_nope, q_pe = q.view(t, self.heads, self.qk_dim).split(
             [mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split(
-            [mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)
-        k_pe = k_pe.unsqueeze(1)
-        if mla.rope_interleave:
-            q_pe, k_pe = rotate_pairs(q_pe, cos_sin), rotate_pairs(k_pe, cos_sin)
-        else:
-            q_pe, k_pe = apply_rope(q_pe, k_pe, cos_sin)
+        kv = self.kv_a_proj_with_mqa(x)
         cache = ctx.k_caches[self.layer]
         slot_mapping, sequences = ctx.paged(self.layer)
-        entries = torch.cat((latent, k_pe[:, 0]), dim=-1)
-        cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, entries.to(cache.dtype))
+        # one launch: the latent's norm, both RoPEs, the cache write (cuda_hybrid_mla_rope);
+        # None where it declines (a cache or tensors it does not take)
+        q_rot = None if self.rope_write is None else self.rope_write(
+            q_pe, kv, cos_sin, cache, slot_mapping)
+        if q_rot is not None:
+            q_pe = q_rot
+        else:
+            latent, k_pe = kv.split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
+            latent = self.kv_a_layernorm(latent)
+            k_pe = k_pe.unsqueeze(1)
+            if mla.rope_interleave:
+                q_pe, k_pe = rotate_pairs(q_pe, cos_sin), rotate_pairs(k_pe, cos_sin)
+            else:
+                q_pe, k_pe = apply_rope(q_pe, k_pe, cos_sin)
+            entries = torch.cat((latent, k_pe[:, 0]), dim=-1)
+            cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, entries.to(cache.dtype))
         out = x.new_empty(t, self.heads, mla.v_head_dim)
         served = self._batched(q_nope, q_pe, cache, ctx, out)
         for i, seq in enumerate(sequences):
