@@ -42,7 +42,10 @@ def gemv_split(X, LO, HI, SC, D, Y, WS, CNT, M, N, GROUPS, G_PER, stride_x, stri
     g_start = pid_k * G_PER
     nn = n[:, None, None, None]
     lo_p = LO + nn * (GROUPS * 16) + (g_start * 16 + gi * 16 + a * 8 + j)  # [BN, BG, 2, 8]
-    hi_p = HI + nn * (GROUPS * 8) + (g_start * 8 + gi * 8 + j)  # [BN, BG, 1, 8]
+    # the high bytes at the low bytes' shape [BN, BG, 2, 8] (a's two rows read the same 8
+    # bytes): the same layout as the low bytes', no shuffle between them
+    hi_p = tl.broadcast_to(HI + nn * (GROUPS * 8) + (g_start * 8 + gi * 8 + j),
+                           [BLOCK_N, BLOCK_G, 2, 8])
     shift = a * 2
     g2 = tl.arange(0, BLOCK_G)[None, :]
     sc_p = SC + n[:, None] * (GROUPS * 2) + (g_start * 2 + g2 * 2)

@@ -223,15 +223,20 @@ def test_candidates_compile_for_the_h100_without_spills():
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_split_gemv_against_float64(dtype):
-    """Every split candidate at Qwen3-8B's v / down shapes and a head-sized N (no split)."""
+    """Every split candidate (float16: each bucket's first) at Qwen3-8B's v / down shapes and a
+    head-sized N (no split)."""
     from pensieve.backends.cuda_q6k_split import gemv_split
+    from pensieve.backends.cuda_q6k_tune import SPLIT_CANDIDATES
+
+    tiles = candidates() if dtype == torch.bfloat16 else [ts[0] for ts in
+                                                          SPLIT_CANDIDATES.values()]
 
     for n, k in ((1024, 4096), (4096, 12288), (151936 // 4, 4096)):
         layer = CudaQ6KLinear(groups(Q.Q6_K, n, k, seed=n)).cuda()
         w = layer.weight_buffers()
         x = torch.randn(16, k, generator=torch.Generator().manual_seed(n)).to(dtype).cuda()
         ref = x.double() @ layer.dequantize().double().T
-        for t in candidates():
+        for t in tiles:
             for rows in sorted({1, max(1, t.block_m - 1), t.block_m}):
                 y = gemv_split(x[:rows], w, torch.empty(rows, n, device="cuda", dtype=dtype), t)
                 r = rel(y, ref[:rows].cpu())
