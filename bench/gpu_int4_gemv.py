@@ -1,15 +1,19 @@
-"""The int4 GEMV candidates for 1-8 rows, per weight shape: µs and GB/s of each against a
+"""The int4 GEMV candidates for 1-16 rows, per weight shape: µs and GB/s of each against a
 pure-bandwidth roofline (a torch copy of the same bytes), GPU time only (8 layers of a shape
 back to back, launches queued behind a sleep as in ``cuda_int4_tune``).
 
-Shapes: the random Llama-3-8B Q4_0 body and Qwen3-8B's (N × K of the fused projections).
-Kernels: ``gemv_split``'s start-time candidates (``--sweep``: its larger sweep), the best
-``gemv_words`` tile, the wide-x-load ``gemv_wide`` candidates (1-2 rows), the older ``gemv`` and,
-from 2 rows, the ``skinny`` candidates; at the gate/up shapes, 1 row with SiLU·up (the wide
-tiles' one-launch SwiGLU form against the GEMVs + ``silu_mul``). Defaults: rows 1 and 8, every
-candidate printed (µs, GB/s, % of the copy); in gpu_session give it KERNEL_TIMEOUT=240.
+Shapes: the random Llama-3-8B Q4_0 body (float16 scales alone) and Qwen3-8B's in Q4_K's form
+(scale and offset pairs), N × K of the fused projections.
+Kernels: ``gemv_split``'s start-time candidates (``--sweep``: its larger sweep; up to 8 rows),
+the ``gemv_words`` tiles, the wide-x-load ``gemv_wide`` candidates and the older ``gemv`` (1-2
+rows: they read the weight once a row), and from 2 rows the ``skinny`` candidates and the
+``gemv_rows`` candidates of the rows' bucket (``cuda_int4_rows``; ``--sweep``: its 8-row sweep
+too); at the gate/up shapes, 1 row with SiLU·up (the wide tiles' one-launch SwiGLU form against
+the GEMVs + ``silu_mul``). Defaults: rows 1, 2, 4 and 8, every candidate printed (µs, GB/s, %
+of the copy); in gpu_session give it KERNEL_TIMEOUT=240.
 
     python -m bench.gpu_int4_gemv --out "$OUT"            # table + gpu_int4_gemv.json
+    python -m bench.gpu_int4_gemv --rows 2,4,8 --out "$OUT"  # the multi-row kernels alone
     python -m bench.gpu_int4_gemv --sweep --rows 1 --shapes llama8b
 """
 
@@ -28,15 +32,21 @@ SHAPES = {
 }
 
 
-def layers_of(n: int, k: int, count: int, gen: torch.Generator) -> list:
+AFFINE = {"qwen3_8b"}  # Q4_K's form: a float16 (scale, offset) pair a group
+
+
+def layers_of(n: int, k: int, count: int, gen: torch.Generator, affine: bool = False) -> list:
     from pensieve.backends.cuda_int4 import CudaInt4Linear
     from pensieve.models.quant_linear import Int4Groups
 
     out = []
-    for _ in range(count):  # Q4_0: float16 scales alone
+    for _ in range(count):  # Q4_0: float16 scales alone; affine: Q4_K's pairs
         scales = torch.rand(n, k // 32, device="cuda", generator=gen) * 0.004 + 0.001
+        offsets = -8 * scales
+        if affine:
+            offsets = offsets + torch.randn(n, k // 32, device="cuda", generator=gen) * 1e-3
         codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda", generator=gen)
-        out.append(CudaInt4Linear([Int4Groups(codes, scales, -8 * scales, 32)]).cuda())
+        out.append(CudaInt4Linear([Int4Groups(codes, scales, offsets, 32)]).cuda())
     return out
 
 
@@ -80,16 +90,17 @@ def swiglu_table(layers: list, k: int, reps: int, nbytes: int, roof: float) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pensieve.backends import cuda_int4, cuda_int4_gemv, cuda_int4_gemv_wide
+    from pensieve.backends import cuda_int4, cuda_int4_gemv, cuda_int4_gemv_wide, cuda_int4_rows
     from pensieve.backends.cuda_int4_tune import _checked, gpu_us
 
     p = argparse.ArgumentParser(prog="python -m bench.gpu_int4_gemv")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--rows", default="1,8")
+    p.add_argument("--rows", default="1,2,4,8")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--sweep", action="store_true", help="gemv_split's sweep, not the 6")
+    p.add_argument("--sweep", action="store_true",
+                   help="gemv_split's sweep (and gemv_rows' at 8 rows), not the start-time ones")
     a = p.parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     cands = cuda_int4_gemv.SWEEP if a.sweep else cuda_int4_gemv.CANDIDATES
@@ -100,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             if (n, k) in seen:
                 continue
             seen.add((n, k))
-            layers = layers_of(n, k, a.layers, gen)
+            layers = layers_of(n, k, a.layers, gen, affine=model in AFFINE)
             nbytes = layers[0].packed.nbytes + layers[0].scale_offset.nbytes
             src = [torch.empty(nbytes, dtype=torch.uint8, device="cuda") for _ in layers]
             dst = [torch.empty_like(s) for s in src]
@@ -109,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             roof = 2 * nbytes / copy_us / 1e3  # GB/s: a copy reads and writes the bytes
             key = f"{n}x{k}"
             entry = {"mb": nbytes / 1e6, "copy_us": copy_us, "copy_gbs": roof, "rows": {}}
-            print(f"{model} {key}: {nbytes / 1e6:.1f} MB a layer; copy {copy_us:.1f} µs "
+            print(f"{model} {key} ({'Q4_K pairs' if model in AFFINE else 'Q4_0'}): "
+                  f"{nbytes / 1e6:.1f} MB a layer; copy {copy_us:.1f} µs "
                   f"({roof:.0f} GB/s read+write)", flush=True)
             for rows in map(int, a.rows.split(",")):
                 x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
@@ -121,16 +133,26 @@ def main(argv: list[str] | None = None) -> int:
                     for c in cands:
                         runs[f"split {c}"] = (lambda m, c=c, x=x: cuda_int4_gemv.gemv_split(
                             x, m.packed, m.scale_offset, c))
-                for c in cuda_int4.WORDS_CANDIDATES:
-                    runs[f"words {c}"] = (lambda m, c=c, x=x: cuda_int4.gemv_words(
-                        x, m.packed, m.scale_offset, c))
-                if cuda_int4_gemv_wide.fits(x, k):
-                    for c in cuda_int4_gemv_wide.CANDIDATES:
-                        runs[f"wide {c}"] = (lambda m, c=c, x=x: cuda_int4_gemv_wide.gemv_wide(
+                if rows <= 2:  # the 1-row kernels read the weight once a row
+                    for c in cuda_int4.WORDS_CANDIDATES:
+                        runs[f"words {c}"] = (lambda m, c=c, x=x: cuda_int4.gemv_words(
                             x, m.packed, m.scale_offset, c))
-                runs["gemv"] = lambda m, x=x: cuda_int4.gemv(x, m.packed, m.scale_offset)
-                runs["gemv prefetch"] = lambda m, x=x: cuda_int4.gemv(x, m.packed, m.scale_offset,
-                                                                      prefetch=True)
+                    if cuda_int4_gemv_wide.fits(x, k):
+                        for c in cuda_int4_gemv_wide.CANDIDATES:
+                            runs[f"wide {c}"] = (lambda m, c=c, x=x: cuda_int4_gemv_wide.gemv_wide(
+                                x, m.packed, m.scale_offset, c))
+                    runs["gemv"] = lambda m, x=x: cuda_int4.gemv(x, m.packed, m.scale_offset)
+                    runs["gemv prefetch"] = lambda m, x=x: cuda_int4.gemv(
+                        x, m.packed, m.scale_offset, prefetch=True)
+                if 1 < rows <= cuda_int4_rows.MAX_ROWS:
+                    bucket = next(b for b in sorted(cuda_int4_rows.CANDIDATES) if rows <= b)
+                    rcands = list(cuda_int4_rows.CANDIDATES[bucket])
+                    if a.sweep and rows == 8:
+                        rcands += [c for c in cuda_int4_rows.SWEEP if c not in rcands]
+                    for c in rcands:
+                        if cuda_int4_rows.fits(c, rows, n):
+                            runs[f"rows {c}"] = (lambda m, c=c, x=x: cuda_int4_rows.gemv_rows(
+                                x, m.packed, m.scale_offset, c))
                 if rows > 1:
                     for c in cuda_int4.SKINNY_CANDIDATES:
                         if c.fits(k):

@@ -18,6 +18,8 @@ Which kernel runs depends on the rows of x (``Plan``, timed per weight shape at 
   (``cuda_int4_gemv_wide.py``: x read 8 bytes at a time);
 * 1-4 rows: ``gemv_split`` (``cuda_int4_gemv.py``: split-K programs, float products or int8 x
   with dp4a), where timing says it is faster;
+* 2-16 rows: ``gemv_rows`` (``cuda_int4_rows.py``: up to 8 rows a program, each weight word
+  read once for them, float or int8 x), where timing says it is faster;
 * 2-16 rows: ``skinny`` (tensor cores, split-K in one launch; it casts x to float16, so
   activations must stay below 65504);
 * more rows (prefill, large batches): ``gemm``, a tensor-core GEMM that dequantises each
@@ -47,6 +49,8 @@ from pensieve.backends.cuda_int4_gemv import MAX_ROWS as SPLIT_MAX_ROWS
 from pensieve.backends.cuda_int4_gemv import Split, gemv_split
 from pensieve.backends.cuda_int4_gemv_wide import Wide, gemv_wide
 from pensieve.backends.cuda_int4_gemv_wide import fits as wide_fits
+from pensieve.backends.cuda_int4_rows import Rows, gemv_rows
+from pensieve.backends.cuda_int4_rows import fits as rows_fits
 from pensieve.backends.tinygemm import TinyGemm
 from pensieve.models.quant_linear import Int4Groups
 
@@ -130,6 +134,8 @@ class Skinny:
 SKINNY_CANDIDATES = (
     Skinny(64, 4, 4, 4, 3), Skinny(64, 4, 8, 4, 3), Skinny(64, 2, 4, 4, 3),
     Skinny(64, 4, 2, 4, 3), Skinny(64, 2, 8, 4, 3), Skinny(128, 4, 1, 4, 3),
+    # untimed on a GPU so far: narrower tiles (twice the programs) and deeper pipelines
+    Skinny(32, 4, 8, 4, 3), Skinny(32, 4, 4, 4, 4), Skinny(64, 4, 4, 4, 4),
 )
 SKINNY_SWEEP = tuple(
     Skinny(bn, bg, sk, nw, ns) for bn in (64, 128) for bg in (2, 4, 8) for sk in (1, 2, 4, 8)
@@ -311,8 +317,8 @@ def triton_cdiv(a: int, b: int) -> int:
 class Plan:
     """Which kernel runs a weight for each row bucket (``ROUTE_BUCKETS`` then ``GEMM_BUCKETS``:
     the first bucket ≥ the rows; past the last, the last), with its tiles. Kernels: ``words``,
-    ``gemv``, ``gemv_pf``, ``wide``, ``split``, ``skinny``, ``tinygemm``, ``dense``, ``gemm``,
-    ``dequant``."""
+    ``gemv``, ``gemv_pf``, ``wide``, ``split``, ``rows``, ``skinny``, ``tinygemm``, ``dense``,
+    ``gemm``, ``dequant``."""
 
     route: dict[int, str]
     words: Words = WORDS
@@ -320,6 +326,7 @@ class Plan:
     gemm: dict[int, Gemm] = field(default_factory=dict)
     split: Split | None = None
     wide: Wide | None = None
+    rows: dict[int, Rows] = field(default_factory=dict)  # per ROUTE_BUCKETS entry, 2-16 rows
 
     def kernel(self, rows: int) -> tuple[str, int]:
         bucket = next((b for b in ROUTE_BUCKETS + GEMM_BUCKETS if rows <= b), GEMM_BUCKETS[-1])
@@ -359,6 +366,9 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
         return gemv_split(x, packed, so, plan.split)
     if kind == "split" and m <= 2:  # its tiles missing (a plan from elsewhere)
         return gemv_words(x, packed, so, plan.words)
+    tiles = plan.rows.get(bucket)
+    if kind == "rows" and tiles is not None and rows_fits(tiles, m, packed.shape[0]):
+        return gemv_rows(x, packed, so, tiles)
     if kind == "skinny" and plan.skinny is not None and m <= SKINNY_MAX_ROWS:
         return skinny(x, packed, so, plan.skinny)
     if kind == "tinygemm" and tiny is not None:

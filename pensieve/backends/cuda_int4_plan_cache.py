@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pensieve.backends.cuda_int4 import (
-    GEMM_BUCKETS, ROUTE_BUCKETS, CudaInt4Linear, Gemm, Plan, Skinny, Split, Wide, Words,
+    GEMM_BUCKETS, ROUTE_BUCKETS, CudaInt4Linear, Gemm, Plan, Rows, Skinny, Split, Wide, Words,
     dequantize, int4_linear,
 )
 from pensieve.backends.cuda_int4_gemv import candidates
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 PLANS = TuneCache("int4", ("cuda_int4.py", "cuda_int4_kernels.py", "cuda_int4_tune.py",
                            "cuda_int4_plan_cache.py", "cuda_int4_gemv.py",
                            "cuda_int4_gemv_kernels.py", "cuda_int4_gemv_wide.py",
-                           "cuda_int4_gemv_wide_kernels.py"))
+                           "cuda_int4_gemv_wide_kernels.py", "cuda_int4_rows.py",
+                           "cuda_int4_rows_kernels.py"))
 
 
 def to_json(plan: Plan) -> dict[str, Any]:
@@ -32,7 +33,8 @@ def to_json(plan: Plan) -> dict[str, Any]:
             "skinny": None if plan.skinny is None else asdict(plan.skinny),
             "gemm": {str(b): asdict(g) for b, g in plan.gemm.items()},
             "split": None if plan.split is None else asdict(plan.split),
-            "wide": None if plan.wide is None else asdict(plan.wide)}
+            "wide": None if plan.wide is None else asdict(plan.wide),
+            "rows": {str(b): asdict(r) for b, r in plan.rows.items()}}
 
 
 def from_json(d: dict[str, Any]) -> Plan:
@@ -40,7 +42,8 @@ def from_json(d: dict[str, Any]) -> Plan:
                 None if d["skinny"] is None else Skinny(**d["skinny"]),
                 {int(b): Gemm(**g) for b, g in d["gemm"].items()},
                 None if d.get("split") is None else Split(**d["split"]),
-                None if d.get("wide") is None else Wide(**d["wide"]))
+                None if d.get("wide") is None else Wide(**d["wide"]),
+                {int(b): Rows(**r) for b, r in (d.get("rows") or {}).items()})
 
 
 def _key(layer: CudaInt4Linear, dtype: torch.dtype) -> str:

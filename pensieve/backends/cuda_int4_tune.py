@@ -9,6 +9,8 @@ layers of the shape back to back, as a decode step runs them:
   (``cuda_int4_gemv_wide.CANDIDATES`` timed at 1 row);
 * 1-4 rows: ``gemv_split`` too (``cuda_int4_gemv.candidates()`` timed at 1 row, the fastest
   then against the others at 1, 2 and 4 rows);
+* 2-16 rows: ``gemv_rows`` (``cuda_int4_rows.candidates(bucket)`` timed at the bucket's rows,
+  the fastest per bucket then against the others);
 * 2-32 rows: ``skinny`` (its tiles timed at 8 rows; past 16 rows it pads to 32);
 * 32, 256 and 2048 rows (and beyond): the dequantising ``gemm``'s tiles, and at 2048 rows the
   weight dequantised into a temporary + cuBLAS (nothing kept);
@@ -29,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pensieve.backends import cuda_int4_gemv, cuda_int4_gemv_wide, cuda_int4_plan_cache, tinygemm
+from pensieve.backends import (
+    cuda_int4_gemv, cuda_int4_gemv_wide, cuda_int4_plan_cache, cuda_int4_rows, tinygemm,
+)
 from pensieve.backends.cuda_int4 import (
     GEMM_BUCKETS, GEMM_CANDIDATES, ROUTE_BUCKETS, SKINNY_CANDIDATES, SKINNY_MAX_ROWS,
     WORDS_CANDIDATES, CudaInt4Linear, Plan, Skinny, default_plan, dequantize, gemm, gemv, gemv_words,
@@ -186,6 +190,12 @@ def plan_shape(sample: list[CudaInt4Linear], dtype: torch.dtype,
         if rows <= 4 and plan.split is not None:
             runs["split"] = lambda m, x=x: cuda_int4_gemv.gemv_split(x, m.packed, m.scale_offset,
                                                                      plan.split)
+        if rows > 1:
+            tiles = _choose_rows(sample, x, rows, reps)
+            if tiles is not None:
+                plan.rows[rows] = tiles
+                runs["rows"] = lambda m, x=x, t=tiles: cuda_int4_rows.gemv_rows(
+                    x, m.packed, m.scale_offset, t)
         if rows > 1 and plan.skinny is not None:
             runs["skinny"] = lambda m, x=x: skinny(x, m.packed, m.scale_offset, plan.skinny)
         if first.tiny is not None:
@@ -231,3 +241,15 @@ def _choose_skinny(sample: list[CudaInt4Linear], dtype: torch.dtype,
             for c in SKINNY_CANDIDATES if c.fits(first.in_features)}
     best, _ = fastest(runs, sample, x, reps)
     return next((c for c in SKINNY_CANDIDATES if str(c) == best), None)
+
+
+def _choose_rows(sample: list[CudaInt4Linear], x: torch.Tensor, bucket: int,
+                 reps: int) -> cuda_int4_rows.Rows | None:
+    """The fastest right ``gemv_rows`` tiles for a bucket of rows (x: that many rows); None
+    where none fits or builds."""
+    n = sample[0].out_features
+    cands = [c for c in cuda_int4_rows.candidates(bucket) if cuda_int4_rows.fits(c, bucket, n)]
+    runs = {str(c): (lambda m, c=c: cuda_int4_rows.gemv_rows(x, m.packed, m.scale_offset, c))
+            for c in cands}
+    best, _ = fastest(runs, sample, x, reps)
+    return next((c for c in cands if str(c) == best), None)
