@@ -7,7 +7,10 @@ wall time):
   the tile's float epilogue mixed in as the 8-row tile issues it (Q4_K: per scale group of 32
   and row, 32 ``vpdpwssd`` against convert ×2, scale product ×2, FMA ×2 and the min's FMA ×2;
   Q6_K: per 16, 16 against 2 + 2 + 2, no min) — those float operations share the two vector
-  ports, so they cap the tile below the bare instruction's rate;
+  ports, so they cap the tile below the bare instruction's rate — and in the mixes of two
+  layouts not built (BENCHMARKS.md): Q4_K's 6-bit scales folded into the codes with one
+  epilogue per 64 (64 against 2 + 2 + 2 and the mins' 4), Q6_K's int8 sub-scales folded with
+  one per 32 (32 against 6);
 * the GEMM: ``pqx_linear`` (kind 2, one thread) at 64 and 512 rows for Qwen2.5-1.5B's up and
   down shapes, alternated round by round; the per-row cost is the slope between the two (the
   panels' packing is per call, the intercept), converted to ``vpdpwssd`` a second (32 products
@@ -46,6 +49,9 @@ int main(void) {
   RUN("dpwssd", D16 D16, 32)
   RUN("q4k_mix", D16 D16 CV(16) CV(17) MU(18) MU(19) FM(20) FM(21) FM(22) FM(23), 32)
   RUN("q6k_mix", D16 CV(16) CV(17) MU(18) MU(19) FM(20) FM(21), 16)
+  RUN("q4k_fold64_mix", D16 D16 D16 D16 CV(16) CV(17) MU(18) MU(19) FM(20) FM(21)
+      FM(22) FM(23) FM(24) FM(25), 64)
+  RUN("q6k_fold32_mix", D16 D16 CV(16) CV(17) MU(18) MU(19) FM(20) FM(21), 32)
   return 0;
 }
 """
@@ -102,7 +108,8 @@ def main() -> None:
     print(f"load average {os.getloadavg()}", flush=True)
     ceiling = instruction_ceiling()
     print("vpdpwssd G/s on one core: alone {dpwssd:.2f}, in Q4_K's tile mix {q4k_mix:.2f}, "
-          "in Q6_K's {q6k_mix:.2f}".format(**ceiling), flush=True)
+          "in Q6_K's {q6k_mix:.2f}; folded layouts (not built): Q4_K per 64 {q4k_fold64_mix:.2f}, "
+          "Q6_K per 32 {q6k_fold32_mix:.2f}".format(**ceiling), flush=True)
     for (qtype, shape), r in gemm_rates(args.repeats).items():
         rate = r["gmacs"] / 32  # G vpdpwssd a second
         mix = ceiling["q4k_mix" if qtype == "Q4_K" else "q6k_mix"]
