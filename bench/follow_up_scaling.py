@@ -6,6 +6,12 @@ the top ops of turn 2. A turn 2 that grows with the prefix beyond attention's ow
 the bug this bench looks for.
 
     .venv/bin/python -m bench.follow_up_scaling --family glm --prefix 2048 4096 8192
+
+On the GPU, a real-shaped random GGUF (``bench/gpu_hybrid_run.sh`` writes them; ``KEEP=1`` keeps
+them), turn 2's step profiled by device time:
+
+    python -m bench.follow_up_scaling --gguf /tmp/hy/glm-4.7-flash-q4_k_m.gguf --device cuda \
+        --prefix 20384 --new 64 --profile
 """
 
 from __future__ import annotations
@@ -78,13 +84,21 @@ def main() -> None:
     p.add_argument("--absorb", default=None, help="MLA: force MLAttention.absorb")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gguf", default=None, help="a checkpoint instead of --family's tiny model")
+    p.add_argument("--device", default="cpu")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    cuda = a.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = FAMILIES[a.family](Path(tmp))
+        if a.gguf:
+            from pensieve.loaders.registry import load_checkpoint
+            ckpt = load_checkpoint(a.gguf)
+        else:
+            ckpt = FAMILIES[a.family](Path(tmp))
         vocab = ckpt.args.vocab_size
         for n in a.prefix:
-            cfg = EngineConfig(context_length=n + a.new + 64, max_num_seqs=2,
+            cfg = EngineConfig(device=a.device, dtype=torch.bfloat16 if cuda else torch.float32,
+                               context_length=n + a.new + 64, max_num_seqs=2,
                                max_num_batched_tokens=2048)
             eng = build_engine(ckpt, cfg)
             if a.absorb:
@@ -99,9 +113,15 @@ def main() -> None:
             run(eng, "w", two)  # warm: turn 2's shapes once
             eng_two = [*one, *torch.randint(3, vocab, (a.new,), generator=g).tolist()]
             if a.profile:
-                with torch.profiler.profile() as prof:
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if cuda:
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                with torch.profiler.profile(activities=acts) as prof:
                     t2, hit = run(eng, "t2", eng_two)
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+                table = prof.key_averages()
+                print(table.table(sort_by="self_cpu_time_total", row_limit=14))
+                if cuda:
+                    print(table.table(sort_by="self_device_time_total", row_limit=20))
             else:
                 t2, hit = run(eng, "t2", eng_two)
             print(f"{a.family} prefix {n}: turn 1 {t1 * 1e3:.0f} ms, turn 2 ({hit} cached, "
