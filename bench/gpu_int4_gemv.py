@@ -9,11 +9,12 @@ the ``gemv_words`` tiles, the wide-x-load ``gemv_wide`` candidates and the older
 rows: they read the weight once a row), and from 2 rows the ``skinny`` candidates and the
 ``gemv_rows`` candidates of the rows' bucket (``cuda_int4_rows``; ``--sweep``: its 8-row sweep
 too); at the gate/up shapes, 1 row with SiLU·up (the wide tiles' one-launch SwiGLU form against
-the GEMVs + ``silu_mul``). Defaults: rows 1, 2, 4 and 8, every candidate printed (µs, GB/s, %
-of the copy); in gpu_session give it KERNEL_TIMEOUT=240.
+the GEMVs + ``silu_mul``). Defaults: rows 1 and 8, every candidate printed (µs, GB/s, % of the
+copy); in gpu_session give it KERNEL_TIMEOUT=240. ``--kernels`` keeps some families (the first
+word of a line: split, words, wide, gemv, rows, skinny; swiglu for the SiLU·up table).
 
     python -m bench.gpu_int4_gemv --out "$OUT"            # table + gpu_int4_gemv.json
-    python -m bench.gpu_int4_gemv --rows 2,4,8 --out "$OUT"  # the multi-row kernels alone
+    python -m bench.gpu_int4_gemv --rows 2,4,8 --kernels rows,skinny,split --out "$OUT"
     python -m bench.gpu_int4_gemv --sweep --rows 1 --shapes llama8b
 """
 
@@ -96,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_int4_gemv")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--rows", default="1,2,4,8")
+    p.add_argument("--rows", default="1,8")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--kernels", default="",
+                   help="only these kernel families, e.g. rows,skinny (default: all)")
     p.add_argument("--sweep", action="store_true",
                    help="gemv_split's sweep (and gemv_rows' at 8 rows), not the start-time ones")
     a = p.parse_args(argv)
@@ -158,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
                         if c.fits(k):
                             runs[f"skinny {c}"] = (lambda m, c=c, x=x: cuda_int4.skinny(
                                 x, m.packed, m.scale_offset, c))
+                if a.kernels:
+                    keep = tuple(a.kernels.split(","))
+                    runs = {name: run for name, run in runs.items()
+                            if name.split(" ")[0] in keep}
                 times = {}
                 for name, run in runs.items():
                     if _checked(run, layers[0], ref, name):
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, t in best:
                     print(f"    {t:7.1f} µs {nbytes / t / 1e3:6.0f} GB/s "
                           f"({nbytes / t / 1e3 / roof:4.0%} of copy)  {name}", flush=True)
-            if n in GATE_UP:
+            if n in GATE_UP and (not a.kernels or "swiglu" in a.kernels.split(",")):
                 entry["swiglu"] = swiglu_table(layers, k, a.reps, nbytes, roof)
             result["shapes"][key] = entry
             del layers, src, dst, pairs
