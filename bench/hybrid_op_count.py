@@ -8,8 +8,8 @@ layer is a fair proxy for the CUDA launches of the parts that stay torch, and ho
 counted apart. Where CUDA differs: attention runs ``cuda_hybrid``'s Triton kernels (the CPU
 runs the per-sequence SDPA loop, counted under ``attn``), the experts ``cuda_moe``'s (the CPU
 loops over the hit experts, counted under ``mlp.experts``), the Gated DeltaNet step
-``cuda_gdn``'s two Triton kernels, the (1 + w) norms and softmax routers one each
-(``--kernels``: run here under the Triton interpreter; their launches are counted as
+``cuda_gdn``'s two Triton kernels, the (1 + w) norms, the routers (softmax, sigmoid,
+gpt-oss's) and the MLA head glue (``cuda_hybrid_mla_rope``) one each (``--kernels``: run here under the Triton interpreter; their launches are counted as
 ``triton``, not torch ops).
 
 Tiny random checkpoints of each family (``tests/helpers/tiny_hybrid_checkpoints.py``): op
@@ -126,9 +126,13 @@ def count_triton() -> None:
         if not isinstance(mod._kernel(), Launch):
             launch = Launch(mod._kernel())
             mod._kernel = lambda launch=launch: launch
-    if not isinstance(cuda_router._sigmoid_kernel(), Launch):
-        launch = Launch(cuda_router._sigmoid_kernel())
-        cuda_router._sigmoid_kernel = lambda launch=launch: launch
+    from pensieve.backends import cuda_hybrid_mla_rope
+
+    for mod, name in ((cuda_router, "_sigmoid_kernel"), (cuda_router, "_topk_softmax_kernel"),
+                      (cuda_hybrid_mla_rope, "_kernel")):
+        if not isinstance(getattr(mod, name)(), Launch):
+            launch = Launch(getattr(mod, name)())
+            setattr(mod, name, lambda launch=launch: launch)
 
 
 def engine(ckpt: Any, seqs: int, gdn_kernel: bool) -> Any:
@@ -146,6 +150,9 @@ def engine(ckpt: Any, seqs: int, gdn_kernel: bool) -> Any:
         cuda_gdn.install(model)
         cuda_offset_norm.install(model)
         cuda_router.install(model)
+        from pensieve.backends import cuda_hybrid_mla_rope
+
+        cuda_hybrid_mla_rope.install(model)
     return eng, model
 
 

@@ -18,6 +18,9 @@ torch form returns them) best first. ``torch.topk(sorted=False)`` orders its pic
 the selection is the same set (and the same set among ties wherever torch takes the lowest
 indices). The router's weight is kept float32 (its GEMM ran ``weight.float()``, a cast a step).
 
+gpt-oss's router (``models/gpt_oss.Router``: top-k of the biased logits, then a softmax over
+those k) is ``topk_softmax``: ~5 launches (topk's gather and sort, softmax) → one.
+
 Installed on each router at a CUDA hybrid runner's start (``install``: ``kernel`` on softmax
 routers, ``sigmoid_kernel`` on sigmoid ones); ``PENSIEVE_ROUTER_KERNEL=0`` leaves the torch forms.
 """
@@ -168,6 +171,53 @@ def sigmoid_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_
     return weights, ids
 
 
+@functools.cache
+def _topk_softmax_kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def topk_softmax(LOGITS, WEIGHTS, IDS, s_row, E: tl.constexpr, E_PAD: tl.constexpr,
+                     K: tl.constexpr, K_PAD: tl.constexpr):
+        """One token: the K largest logits (best first, the lowest index among equals), then
+        a softmax over those K alone (gpt-oss)."""
+        t = tl.program_id(0).to(tl.int64)
+        e = tl.arange(0, E_PAD)
+        avail = e < E
+        x = tl.load(LOGITS + t * s_row + e, mask=avail, other=0.0).to(tl.float32)
+        slot = tl.arange(0, K_PAD)
+        top = tl.full([K_PAD], float("-inf"), tl.float32)
+        ids = tl.zeros([K_PAD], tl.int64)
+        for i in tl.static_range(K):
+            best = tl.max(tl.where(avail, x, float("-inf")), axis=0)
+            # a NaN row (a padding row's garbage) matches nothing: expert E-1, in range
+            pick = tl.minimum(tl.min(tl.where(avail & (x == best), e, E_PAD), axis=0), E - 1)
+            top = tl.where(slot == i, best, top)
+            ids = tl.where(slot == i, pick.to(tl.int64), ids)
+            avail = avail & (e != pick)
+        p = tl.exp(top - tl.max(top, axis=0))
+        p = p / tl.sum(p, axis=0)
+        keep = slot < K
+        tl.store(WEIGHTS + t * K + slot, p.to(WEIGHTS.dtype.element_ty), mask=keep)
+        tl.store(IDS + t * K + slot, ids, mask=keep)
+
+    return topk_softmax
+
+
+def topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpt-oss's selection: logits [T, E] (unit-stride rows) → (softmax over the top-k logits
+    [T, k] in the logits' dtype, ids [T, k] int64), best first."""
+    t, e = logits.shape
+    assert logits.stride(-1) == 1
+    weights = torch.empty(t, top_k, dtype=logits.dtype, device=logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int64, device=logits.device)
+    if t:
+        _topk_softmax_kernel()[(t,)](logits, weights, ids, logits.stride(0), E=e,
+                                     E_PAD=_pow2(e), K=top_k, K_PAD=_pow2(top_k),
+                                     num_warps=4 if e >= 512 else 1)
+    return weights, ids
+
+
 def sigmoid_router(router: nn.Module) -> Any:
     """``router``'s selection on the kernel: float32 logits → (weights, ids)."""
     moe = router.moe
@@ -181,11 +231,15 @@ def sigmoid_router(router: nn.Module) -> Any:
 
 
 def install(model: nn.Module) -> int:
-    """Set ``kernel`` on every softmax ``models.moe.Router`` of ``model`` and ``sigmoid_kernel``
-    on every sigmoid one (its weight and bias kept float32: the values its torch form casts to
+    """Set ``kernel`` on every softmax ``models.moe.Router`` of ``model`` and on gpt-oss's
+    (``topk_softmax``), ``sigmoid_kernel`` on every sigmoid one (its weight and bias kept float32: the values its torch form casts to
     each step); returns how many."""
+    from pensieve.models import gpt_oss
     from pensieve.models.moe import Router
 
+    oss = [m for m in model.modules() if isinstance(m, gpt_oss.Router)]
+    for m in oss:
+        m.kernel = topk_softmax
     routers = [m for m in model.modules() if isinstance(m, Router)]
     for m in routers:
         if m.moe.gating == "sigmoid":
@@ -197,4 +251,4 @@ def install(model: nn.Module) -> int:
             m.sigmoid_kernel = sigmoid_router(m)
         else:
             m.kernel = softmax_topk
-    return len(routers)
+    return len(routers) + len(oss)

@@ -73,9 +73,14 @@ class Router(nn.Module):
         self.top_k = args.moe.top_k
         self.weight = nn.Parameter(torch.empty(args.moe.num_experts, args.hidden_size))
         self.bias = nn.Parameter(torch.empty(args.moe.num_experts))
+        # a backend's one-launch top-k + softmax (``backends/cuda_router.topk_softmax``)
+        self.kernel: Any = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        top, ids = torch.topk(F.linear(x, self.weight, self.bias), self.top_k, dim=-1)
+        logits = F.linear(x, self.weight, self.bias)
+        if self.kernel is not None:
+            return self.kernel(logits, self.top_k)
+        top, ids = torch.topk(logits, self.top_k, dim=-1)
         return torch.softmax(top, dim=1, dtype=top.dtype), ids
 
 
