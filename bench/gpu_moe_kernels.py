@@ -16,8 +16,9 @@ Also the weight bytes the codes path must read (the distinct experts hit × thei
 and the bandwidth that time implies. Routing is random (uniform logits); up to 32 tokens each
 timed call cycles through 8 routings (times are per routing), so that a call does not read the
 experts the previous one left in L2 (a token's 8 experts fit in an H100's 50 MB). Up to 32
-tokens both routes are also forced (pick GEMV vs sort + grouped GEMM); ``--sweep`` times a few
-tile sets of the route the default takes.
+tokens the routes are also forced (pick GEMV vs sort + grouped GEMM, and at 2-16 tokens the
+expert-major GEMV of ``cuda_moe_expert``); ``--sweep`` times a few tile sets of the route the
+default takes.
 
     python -m bench.gpu_moe_kernels --out "$OUT"   # prints a markdown table, writes JSON
     python -m bench.gpu_moe_kernels --experts 32 --hidden 2880 --inner 2880 --top-k 4 \
@@ -199,8 +200,8 @@ def run(a: argparse.Namespace) -> list[dict]:
                     row["bf16_grouped_mm_ms"] = None
                     print(f"_grouped_mm: {exc}", file=sys.stderr)
             row["codes_GBps"] = hit * code_bytes / row["codes_graph_ms"] / 1e6
-            if tokens * k <= cuda_moe.GEMV_MAX_PICKS:  # both routes forced
-                for route in ("gemv", "grouped"):
+            if tokens * k <= cuda_moe.GEMV_MAX_PICKS:  # the routes forced
+                for route in ("gemv", "grouped") + (("experts",) if 2 <= tokens <= 16 else ()):
                     row[f"{route}_ms"] = per_set(gpu_ms(graphed(each(
                         lambda x, w, ids, r=route: cuda_moe.moe_experts(
                             x, w, ids, *layer.stacks(), e, route=r))), a.reps))
@@ -237,8 +238,9 @@ def table(rows: list[dict]) -> str:
             f"{'-' if gmm is None else f'{gmm:.3f}'} | {r['codes_GBps']:.0f} | "
             f"{r['bf16_loop_ms'] / r['codes_graph_ms']:.2f}x | {r['rel_err']:.1e} | "
             + (f"{r['best_ms']:.3f} {r['best_tiles']} |" if "best_ms" in r else "- |")
-            + (f" gemv {r['gemv_ms']:.3f} / grouped {r['grouped_ms']:.3f} |" if "gemv_ms" in r
-               else " - |"))
+            + (f" gemv {r['gemv_ms']:.3f} / grouped {r['grouped_ms']:.3f}" if "gemv_ms" in r
+               else " -")
+            + (f" / experts {r['experts_ms']:.3f} |" if "experts_ms" in r else " |"))
     return "\n".join(lines)
 
 
