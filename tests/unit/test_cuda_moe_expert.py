@@ -104,16 +104,17 @@ def test_expert_gemv_compiles_for_the_h100(fmt):
 
 @needs_cuda
 def test_expert_gemv_on_cuda_in_bfloat16_and_under_a_graph():
-    """gpt-oss-20b's expert shapes (32 experts, top-4, 2880 wide, MXFP4 as int8 codes with
-    biases) at 8 tokens: the expert-major route against ``pick_gemv``'s and float64, and replayed
-    from a CUDA graph with new routing."""
+    """gpt-oss-20b's routing and hidden width (32 experts, top-4, K = 2880; the expert width
+    cut to 256 to keep the float64 reference small), MXFP4 as int8 codes with biases, at 8
+    tokens: the expert-major route against ``pick_gemv``'s and float64, and replayed from a
+    CUDA graph with new routing."""
     from pensieve.backends.cuda_moe import moe_experts
     from tests.unit.test_cuda_int8 import rel
     from tests.unit.test_cuda_moe import routing
     from tests.unit.test_cuda_moe_mxfp4 import clamped_experts, random_layer
 
     experts, tokens = 32, 8
-    layer = random_layer(experts, 2880, 2880, 0)
+    layer = random_layer(experts, 2880, 256, 0)
     ref = clamped_experts(layer)
     w, ids = routing(tokens, experts, 4, 0)
     x = torch.randn(tokens, 2880) * 0.05
