@@ -2,9 +2,10 @@
 
 A ``Split`` is one launch's tiles: up to BLOCK_M rows (1, 2, 4, 8, 16), BLOCK_N outputs and
 BLOCK_G groups of 32 columns a program step, K split over up to SPLIT_K programs of a column
-tile (one launch, partials reduced in it through a workspace per N). The split actually used is
-the largest that divides K's steps (``split_of``: G_PER · split == groups, no masks). A weight
-with ``SPLIT_MAX_N`` outputs or more (a head) has programs enough and never splits. These are
+tile (one launch, partials reduced in it through a workspace per N); ``words``: the kernel that
+reads the code bytes as int32 words, four codes an op. The split actually used is the largest
+that divides K's steps (``split_of``: G_PER · split == groups, no masks). A weight with
+``SPLIT_MAX_N`` outputs or more (a head) has programs enough and never splits. These are
 candidates only: ``cuda_q6k_tune`` checks and times them against the other kernels per weight
 shape and row bucket at start. Importing this module needs neither a GPU nor Triton.
 """
@@ -35,6 +36,7 @@ class Split:
     split_k: int
     num_warps: int
     num_stages: int = 1
+    words: bool = False  # gemv_split_words: the code bytes as int32 words, 4 codes an op
 
 
 def _kernels() -> ModuleType:
@@ -85,7 +87,11 @@ def gemv_split(x: torch.Tensor, w: tuple[torch.Tensor, ...], y: torch.Tensor,
         raise ValueError(f"gemv_split: {m} rows with {t}")
     bg, split = split_of(t, n, groups)
     ws, cnt = split_workspace(x.device, n)
-    _kernels().gemv_split[(triton_cdiv(n, t.block_n), split)](
+    kernel = _kernels().gemv_split
+    if t.words:  # int32 views of the code buffers (rows of K/2 and K/4 bytes: whole words)
+        kernel = _kernels().gemv_split_words
+        w = (w[0].view(torch.int32), w[1].view(torch.int32), *w[2:])
+    kernel[(triton_cdiv(n, t.block_n), split)](
         x, *w, y, ws, cnt, m, n, groups, groups // split, x.stride(0), y.stride(0),
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_G=bg, SPLIT_K=split,
         num_warps=t.num_warps, num_stages=t.num_stages)

@@ -16,6 +16,9 @@ SPLIT_K > 1: float32 partials to WS [SPLIT_K, 16, N]; the last program of a colu
 counter CNT[n] per tile, zero between calls: that program resets it) sums them in a fixed
 order — one launch, deterministic, capturable in a CUDA graph. Rows past M read row 0 and are
 not stored; outputs past N read row 0 of the weight and are not stored.
+
+``gemv_split_words`` — the same on the code bytes read as int32 words: the nibble masks and
+high-bit shifts run four codes at a time.
 """
 
 from __future__ import annotations
@@ -76,7 +79,15 @@ def gemv_split(X, LO, HI, SC, D, Y, WS, CNT, M, N, GROUPS, G_PER, stride_x, stri
         hi_p += BLOCK_G * 8
         sc_p += BLOCK_G * 2
         x_p += BLOCK_G * 32
-    y = tl.sum(acc, 2)
+    _finish(tl.sum(acc, 2), Y, WS, CNT, m_safe, mmask, n, nmask, N, pid_n, pid_k, stride_y,
+            BLOCK_M, BLOCK_N, SPLIT_K)
+
+
+@triton.jit
+def _finish(y, Y, WS, CNT, m_safe, mmask, n, nmask, N, pid_n, pid_k, stride_y,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store a program's [BLOCK_M, BLOCK_N] sums, or (split-K) its partial, and the last
+    program of the column tile the fixed-order total."""
     omask = mmask[:, None] & nmask[None, :]
     out = Y + m_safe[:, None] * stride_y + n[None, :]
     if SPLIT_K == 1:
@@ -92,3 +103,64 @@ def gemv_split(X, LO, HI, SC, D, Y, WS, CNT, M, N, GROUPS, G_PER, stride_x, stri
                 total += tl.load(ws + s * 16 * N, mask=omask, other=0.0, cache_modifier=".cg")
             tl.store(out, total.to(Y.dtype.element_ty), mask=omask)
             tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _floats(u, k):
+    """Byte ``k`` (a [1, 1, 1, 4] index) of int32 words ``u`` [..., 4] as float32 ``byte − 32``,
+    exactly (2**23 + byte read as float32, minus 2**23 + 32)."""
+    v = ((u[:, :, :, None] >> (k * 8)) & 0xFF) | 0x4B000000
+    return v.to(tl.float32, bitcast=True) - 8388640.0
+
+
+@triton.jit
+def gemv_split_words(X, LO, HI, SC, D, Y, WS, CNT, M, N, GROUPS, G_PER, stride_x, stride_y,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                     SPLIT_K: tl.constexpr):
+    """``gemv_split`` on the code bytes as int32 words (LO, HI: int32 views of the same
+    buffers, 4 and 2 words a group): the nibble masks and high-bit shifts run on four codes at
+    once (``0x0F0F0F0F``, ``0x03030303``), then each byte becomes a float. Word q of a group's
+    low bytes holds columns 32g + 4q + k (low nibbles) and 32g + 16 + 4q + k (high), k < 4,
+    whose high bit pairs sit in high word q % 2 at bits 2·(q // 2) (+ 4) of byte k."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    n = tl.where(nmask, n, 0).to(tl.int64)
+    m = tl.arange(0, BLOCK_M)
+    mmask = m < M
+    m_safe = tl.where(mmask, m, 0).to(tl.int64)
+    gi = tl.arange(0, BLOCK_G)[None, :, None]
+    q = tl.arange(0, 4)[None, None, :]
+    k = tl.arange(0, 4)[None, None, None, :]
+    g_start = pid_k * G_PER
+    nn = n[:, None, None]
+    lo_p = LO + nn * (GROUPS * 4) + (g_start * 4 + gi * 4 + q)  # [BN, BG, 4] words
+    hi_p = HI + nn * (GROUPS * 2) + (g_start * 2 + gi * 2 + q % 2)  # each high word twice
+    shift = (q // 2) * 2
+    g2 = tl.arange(0, BLOCK_G)[None, :]
+    sc_p = SC + n[:, None] * (GROUPS * 2) + (g_start * 2 + g2 * 2)
+    d_row = D + n[:, None] * (GROUPS // 8)
+    col = (g_start * 32 + gi * 32 + q * 4)[:, :, :, None] + k  # [1, BG, 4, 4]: the first half
+    x_p = tl.broadcast_to(X + m_safe[:, None, None, None, None] * stride_x + col[None],
+                          [BLOCK_M, BLOCK_N, BLOCK_G, 4, 4])
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_G], tl.float32)
+    for g0 in range(g_start, g_start + G_PER, BLOCK_G):
+        lo = tl.load(lo_p)
+        t = tl.load(hi_p) >> shift
+        ua = (lo & 0x0F0F0F0F) | ((t & 0x03030303) << 4)
+        ub = ((lo >> 4) & 0x0F0F0F0F) | (t & 0x30303030)
+        x0 = tl.load(x_p).to(tl.float32)
+        x1 = tl.load(x_p + 16).to(tl.float32)
+        p0 = tl.sum(tl.sum(_floats(ua, k)[None, :, :, :, :] * x0, 4), 3)
+        p1 = tl.sum(tl.sum(_floats(ub, k)[None, :, :, :, :] * x1, 4), 3)
+        d = tl.load(d_row + (g0 + g2) // 8).to(tl.float16, bitcast=True).to(tl.float32)
+        s0 = d * tl.load(sc_p).to(tl.float32)
+        s1 = d * tl.load(sc_p + 1).to(tl.float32)
+        acc += p0 * s0[None, :, :] + p1 * s1[None, :, :]
+        lo_p += BLOCK_G * 4
+        hi_p += BLOCK_G * 2
+        sc_p += BLOCK_G * 2
+        x_p += BLOCK_G * 32
+    _finish(tl.sum(acc, 2), Y, WS, CNT, m_safe, mmask, n, nmask, N, pid_n, pid_k, stride_y,
+            BLOCK_M, BLOCK_N, SPLIT_K)

@@ -58,7 +58,8 @@ def kernels_check() -> None:
     from pensieve.backends.cuda_q6k_split import gemv_split
 
     edge = [Split(2, 4, 16, 8, 2),  # BLOCK_G 16 cut to 8: 3 steps, split 3
-            Split(8, 16, 2, 8, 4)]  # 12 steps of 2 groups: split 6
+            Split(8, 16, 2, 8, 4),  # 12 steps of 2 groups: split 6
+            Split(4, 4, 16, 8, 2, words=True), Split(8, 16, 2, 8, 4, words=True)]
     for n, k, tiles in ((13, 512, candidates()), (45, 768, edge)):
         layer = layer_of(n, k, seed=k)
         w = layer.weight_buffers()
@@ -116,6 +117,7 @@ def tuner_check() -> None:
         assert plan[b] == ("split", Split(b, 8, 8, 4, 2)), (b, plan[b])
     assert plan[32][0] == "skinny" and not warnings
     assert tune.describe(plan[4]) == "split 4x8x8/4"
+    assert tune.describe(("split", Split(1, 8, 8, 4, 2, words=True))) == "split 1x8x8/4 w"
     weight = model[0].dequantize().double()
     for r in (1, 2, 3, 7, 16):  # the planned routes give the product
         x = torch.randn(r, k)
@@ -204,11 +206,15 @@ def test_candidates_compile_for_the_h100_without_spills():
              "WS": "*fp32", "CNT": "*i32", "M": "i32", "N": "i32", "GROUPS": "i32",
              "G_PER": "i32", "stride_x": "i32", "stride_y": "i32"}
     divisible = set(types) - {"M"}
+    words = {**types, "LO": "*i32", "HI": "*i32"}
+    assert any(t.words for t in candidates())
     for t in candidates():
         consts = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_G": t.block_g,
                   "SPLIT_K": t.split_k}
-        c, regs, local = compile_sm90(cuda_q6k_split_kernels.gemv_split, types, consts,
-                                      t.num_warps, t.num_stages, divisible)
+        fn = cuda_q6k_split_kernels.gemv_split_words if t.words else \
+            cuda_q6k_split_kernels.gemv_split
+        c, regs, local = compile_sm90(fn, words if t.words else types, consts, t.num_warps,
+                                      t.num_stages, divisible)
         assert local in (0, None), (t, regs, local)
         ptx = c.asm["ptx"]
         assert "ld.global.v2.b32" in ptx or "ld.global.v4.b32" in ptx, t
