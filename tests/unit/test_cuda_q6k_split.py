@@ -254,10 +254,14 @@ def test_split_gemv_against_float64(dtype):
 @needs_cuda
 @pytest.mark.parametrize("rows", [1, 2, 8, 16])
 def test_split_gemv_in_a_cuda_graph(rows):
+    import dataclasses
+
     from pensieve.backends.cuda_q6k_split import split_workspace
+    from pensieve.backends.cuda_q6k_tune import SPLIT_CANDIDATES
 
     layer = CudaQ6KLinear(groups(Q.Q6_K, 256, 4096, 5)).to(device="cuda", dtype=torch.bfloat16)
-    bm = cuda_q6k.bucket(rows)
-    layer.plan = {b: ("split", Split(bm, 8, 8, 8, 2)) for b in cuda_q6k.BUCKETS}
+    # the bucket's first tile with K over 8 programs
+    t = dataclasses.replace(SPLIT_CANDIDATES[cuda_q6k.bucket(rows)][0], split_k=8)
+    layer.plan = {b: ("split", t) for b in cuda_q6k.BUCKETS}
     split_workspace(torch.device("cuda"), 256)
     assert_replays_as_eager(layer, torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16))
