@@ -42,18 +42,17 @@ class Rows:
 
 
 # per route bucket (rows ≤ bucket), each one Triton compile per dtype and SYM; untimed on a
-# GPU so far. Registers (sm_90 build here, 8 rows a program): the 8 accumulators and x's int8
-# words of 8 rows leave little room, so narrow tiles (BLOCK_N 2: ~140, 4: ~245, no spills;
-# BLOCK_N 8 spills) with more splits to keep programs many; float x only on the narrowest
-# (~200 registers; its products are 4x the instructions of dp4a's)
+# GPU so far. Registers (sm_90 builds here with the launch's 16-divisible strides, 8 rows a
+# program, int8 x): BLOCK_N 2 ~80, 4 ~145, 8 ~245, no spills; 3 stages (cp.async) ~160 at
+# BLOCK_N 4. Float x loads x two bytes at a time and spills at 8 rows: 2-4 rows only.
 CANDIDATES = {
-    2: (Rows(2, 4, 32, 8, 1, q8=1), Rows(2, 2, 32, 8, 1, q8=1), Rows(2, 4, 32, 4, 1)),
-    4: (Rows(4, 4, 32, 8, 1, q8=1), Rows(4, 2, 32, 8, 1, q8=1), Rows(4, 4, 64, 4, 2, q8=1),
+    2: (Rows(2, 8, 32, 4, 1, q8=1), Rows(2, 4, 32, 8, 1, q8=1), Rows(2, 2, 32, 4, 1)),
+    4: (Rows(4, 4, 32, 8, 1, q8=1), Rows(4, 8, 32, 8, 1, q8=1), Rows(4, 8, 32, 4, 1, q8=1),
         Rows(4, 2, 32, 4, 1)),
-    8: (Rows(8, 2, 32, 8, 1, q8=1), Rows(8, 4, 32, 8, 1, q8=1), Rows(8, 2, 64, 4, 2, q8=1),
-        Rows(8, 4, 32, 4, 1, q8=1), Rows(8, 2, 32, 4, 1)),
-    16: (Rows(8, 2, 32, 4, 1, q8=1), Rows(8, 4, 32, 4, 1, q8=1), Rows(8, 2, 64, 4, 2, q8=1),
-         Rows(8, 2, 32, 2, 1, q8=1), Rows(8, 2, 32, 4, 1)),  # two row blocks: ≤ 4 splits
+    8: (Rows(8, 2, 32, 8, 1, q8=1), Rows(8, 4, 32, 8, 1, q8=1), Rows(8, 4, 32, 4, 1, q8=1),
+        Rows(8, 8, 32, 4, 1, q8=1), Rows(8, 4, 32, 8, 1, 3, q8=1), Rows(8, 2, 64, 4, 2, 2, q8=1)),
+    16: (Rows(8, 4, 32, 4, 1, q8=1), Rows(8, 2, 32, 4, 1, q8=1), Rows(8, 8, 32, 2, 1, q8=1),
+         Rows(8, 4, 32, 4, 1, 3, q8=1)),  # two row blocks: at most 4 splits (the workspace)
 }
 # bench/gpu_int4_gemv.py --sweep at 8 rows (never timed at start)
 SWEEP = tuple(Rows(8, bn, bg, sk, nw, 1 if nw == 1 else 2, 1)
@@ -61,7 +60,8 @@ SWEEP = tuple(Rows(8, bn, bg, sk, nw, 1 if nw == 1 else 2, 1)
 
 
 def candidates(bucket: int) -> tuple[Rows, ...]:
-    """``CANDIDATES[bucket]``, without the int8-x ones where ``PENSIEVE_INT4_Q8=0``."""
+    """``CANDIDATES[bucket]``, without the int8-x ones where ``PENSIEVE_INT4_Q8=0`` (none left
+    at 8 and 16 rows: ``skinny`` serves those)."""
     cands = CANDIDATES[bucket]
     if os.environ.get("PENSIEVE_INT4_Q8", "1") == "0":
         return tuple(c for c in cands if not c.q8)
