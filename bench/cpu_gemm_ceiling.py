@@ -10,7 +10,8 @@ wall time):
   ports, so they cap the tile below the bare instruction's rate — and in the mixes of two
   layouts not built (BENCHMARKS.md): Q4_K's 6-bit scales folded into the codes with one
   epilogue per 64 (64 against 2 + 2 + 2 and the mins' 4), Q6_K's int8 sub-scales folded with
-  one per 32 (32 against 6);
+  one per 32 (32 against 6); and the tile's int32 loop itself as the kernel issues it (panel
+  loads and activation broadcasts included, data in L1, no epilogue);
 * the GEMM: ``pqx_linear`` (kind 2, one thread) at 64 and 512 rows for Qwen2.5-1.5B's up and
   down shapes, alternated round by round; the per-row cost is the slope between the two (the
   panels' packing is per call, the intercept), converted to ``vpdpwssd`` a second (32 products
@@ -31,6 +32,7 @@ import torch
 
 _LOOP = r"""
 #include <stdio.h>
+#include <stdlib.h>
 #include <time.h>
 static double now(void) { struct timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
                           return t.tv_sec + t.tv_nsec * 1e-9; }
@@ -52,9 +54,27 @@ int main(void) {
   RUN("q4k_fold64_mix", D16 D16 D16 D16 CV(16) CV(17) MU(18) MU(19) FM(20) FM(21)
       FM(22) FM(23) FM(24) FM(25), 64)
   RUN("q6k_fold32_mix", D16 D16 CV(16) CV(17) MU(18) MU(19) FM(20) FM(21), 32)
+  { char* w = aligned_alloc(64, 1 << 16); char* x = aligned_alloc(64, 1 << 16);
+    for (int i = 0; i < 1 << 16; ++i) { w[i] = (char)i; x[i] = (char)(3 * i); }
+    long n = 2000000; double t0 = now();
+    __asm__ volatile("1:\n\t" @TILE@ "dec %0\n\tjnz 1b" : "+r"(n) : "S"(w), "D"(x) : "memory");
+    printf("tile8x32_l1 %.4f\n", 2000000.0 * 256 / (now() - t0) / 1e9); }
   return 0;
 }
 """
+
+
+def _tile_loop() -> str:
+    """The 8-row tile's int32 sums as the kernel issues them (per value pair two panel loads,
+    eight activation-pair broadcasts from rows 4 KB apart, 16 ``vpdpwssd``), 16 pairs, data in
+    L1, no float epilogue."""
+    lines = []
+    for p in range(16):
+        lines += [f"vmovdqa32 {p * 128 + 64 * j}(%%rsi), %%zmm{24 + j}" for j in range(2)]
+        for r in range(8):
+            lines.append(f"vpbroadcastd {p * 4 + r * 4096}(%%rdi), %%zmm28")
+            lines += [f"vpdpwssd %%zmm28, %%zmm{24 + j}, %%zmm{2 * r + j}" for j in range(2)]
+    return "".join(f'"{line}\\n\\t"' for line in lines)
 
 
 def instruction_ceiling() -> dict[str, float]:
@@ -62,7 +82,7 @@ def instruction_ceiling() -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = os.path.join(tmp, "loop.c"), os.path.join(tmp, "loop")
         with open(src, "w") as f:
-            f.write(_LOOP)
+            f.write(_LOOP.replace("@TILE@", _tile_loop()))
         subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
         out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
     return {name: float(rate) for name, rate in (line.split() for line in out.splitlines())}
@@ -109,7 +129,8 @@ def main() -> None:
     ceiling = instruction_ceiling()
     print("vpdpwssd G/s on one core: alone {dpwssd:.2f}, in Q4_K's tile mix {q4k_mix:.2f}, "
           "in Q6_K's {q6k_mix:.2f}; folded layouts (not built): Q4_K per 64 {q4k_fold64_mix:.2f}, "
-          "Q6_K per 32 {q6k_fold32_mix:.2f}".format(**ceiling), flush=True)
+          "Q6_K per 32 {q6k_fold32_mix:.2f}; the tile's int32 loop with its loads, data in L1 "
+          "{tile8x32_l1:.2f}".format(**ceiling), flush=True)
     for (qtype, shape), r in gemm_rates(args.repeats).items():
         rate = r["gmacs"] / 32  # G vpdpwssd a second
         mix = ceiling["q4k_mix" if qtype == "Q4_K" else "q6k_mix"]
