@@ -44,15 +44,17 @@ class Rows:
 # per route bucket (rows ≤ bucket), each one Triton compile per dtype and SYM; untimed on a
 # GPU so far. Registers (sm_90 builds here with the launch's 16-divisible strides, 8 rows a
 # program, int8 x): BLOCK_N 2 ~80, 4 ~145, 8 ~245, no spills; 3 stages (cp.async) ~160 at
-# BLOCK_N 4. Float x loads x two bytes at a time and spills at 8 rows: 2-4 rows only.
+# BLOCK_N 4 (split 2: several steps a program to pipeline; a K of 4096 is 4 steps of 32
+# groups, so split 8 leaves half the programs empty there — the long-K down projection's).
+# Float x loads x two bytes at a time and spills at 8 rows: 2-4 rows only.
 CANDIDATES = {
     2: (Rows(2, 8, 32, 4, 1, q8=1), Rows(2, 4, 32, 8, 1, q8=1), Rows(2, 2, 32, 4, 1)),
     4: (Rows(4, 4, 32, 8, 1, q8=1), Rows(4, 8, 32, 8, 1, q8=1), Rows(4, 8, 32, 4, 1, q8=1),
         Rows(4, 2, 32, 4, 1)),
     8: (Rows(8, 2, 32, 8, 1, q8=1), Rows(8, 4, 32, 8, 1, q8=1), Rows(8, 4, 32, 4, 1, q8=1),
-        Rows(8, 8, 32, 4, 1, q8=1), Rows(8, 4, 32, 8, 1, 3, q8=1), Rows(8, 2, 64, 4, 2, 2, q8=1)),
+        Rows(8, 8, 32, 4, 1, q8=1), Rows(8, 4, 32, 2, 1, 3, q8=1), Rows(8, 2, 64, 4, 2, 2, q8=1)),
     16: (Rows(8, 4, 32, 4, 1, q8=1), Rows(8, 2, 32, 4, 1, q8=1), Rows(8, 8, 32, 2, 1, q8=1),
-         Rows(8, 4, 32, 4, 1, 3, q8=1)),  # two row blocks: at most 4 splits (the workspace)
+         Rows(8, 4, 32, 2, 1, 3, q8=1)),  # two row blocks: at most 4 splits (the workspace)
 }
 # bench/gpu_int4_gemv.py --sweep at 8 rows (never timed at start)
 SWEEP = tuple(Rows(8, bn, bg, sk, nw, 1 if nw == 1 else 2, 1)
