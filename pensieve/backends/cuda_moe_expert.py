@@ -4,10 +4,12 @@ reads them once a pick. One launch a projection, the grid (experts, output tiles
 shapes, no host sync: the decode CUDA graphs capture it.
 
 ``cuda_moe.moe_experts`` takes it at 2 to ``MAX_TOKENS`` tokens where the picks are expected to
-share experts (``shares``: uniform routing's expected picks per distinct expert ≥
-``MIN_SHARING`` — gpt-oss's 32 experts at top-4, GLM-4.7-Flash's 64 at top-4; not Qwen3.6's 256
-at top-8, whose 8 tokens' 64 picks land on ~57 experts). ``PENSIEVE_MOE_EXPERT_GEMV``: "0" never
-(``pick_gemv`` as before), "1" at every 2..MAX_TOKENS tokens, unset: by ``shares``.
+share experts (``expected_sharing``: uniform routing's picks per distinct expert ≥
+``MIN_SHARING``): gpt-oss-20b's 32 experts at top-4 from 8 tokens (~1.5), GLM-4.7-Flash's 64 at
+top-4 and Qwen3-30B-A3B's 128 at top-8 only at 16 (~1.55; 1.24 at 8), never Qwen3.6's 256 at
+top-8 (~1.1 at 8). Conservative until measured (``bench/gpu_moe_kernels`` forces each route):
+``PENSIEVE_MOE_EXPERT_GEMV``: "0" never (``pick_gemv`` as before), "1" at every 2..MAX_TOKENS
+tokens, unset: by ``expected_sharing``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 ENV_SWITCH = "PENSIEVE_MOE_EXPERT_GEMV"
 MAX_TOKENS = 16  # rows of one tensor-core tile (BLOCK_M); beyond, pick_gemv / grouped
-MIN_SHARING = 1.2
+MIN_SHARING = 1.4  # unmeasured: gpt-oss-20b at 8 tokens is 1.52
 BLOCK_N = 32
 BLOCK_K = 128
 NUM_WARPS = 4

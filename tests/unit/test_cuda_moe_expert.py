@@ -19,7 +19,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_route_switch_and_sharing():
     assert cuda_moe_expert.wanted(8, 32, 4, {})  # gpt-oss-20b: ~1.5 picks an expert
-    assert cuda_moe_expert.wanted(8, 64, 4, {})  # GLM-4.7-Flash: ~1.24
+    assert not cuda_moe_expert.wanted(8, 64, 4, {})  # GLM-4.7-Flash: ~1.24 at 8 tokens
+    assert cuda_moe_expert.wanted(16, 64, 4, {})  # ~1.55 at 16
+    assert cuda_moe_expert.wanted(8, 64, 4, {cuda_moe_expert.ENV_SWITCH: "1"})
     assert not cuda_moe_expert.wanted(8, 256, 8, {})  # Qwen3.6-35B-A3B: ~1.11
     assert cuda_moe_expert.wanted(8, 256, 8, {cuda_moe_expert.ENV_SWITCH: "1"})
     assert not cuda_moe_expert.wanted(8, 32, 4, {cuda_moe_expert.ENV_SWITCH: "0"})
@@ -64,7 +66,8 @@ def interpreter_check() -> None:
             want = ref(x.double(), w.double(), ids)
         got = moe_experts(x, w, ids, *layer.stacks(), experts, route="experts", glu=layer.glu)
         assert rel(got, want) < 1e-5, (experts, hidden, rel(got, want))
-    # the default route: by expected sharing (7 experts at top-3: yes), the same result
+    # the default route: by expected sharing (7 experts at top-3, 4 tokens: 1.7), the same
+    # result
     x = torch.randn(4, 256)
     layer = make_layer(*MIXES[0], experts, seed=3)
     w, ids = routing(4, experts, k, 3)
