@@ -53,6 +53,7 @@ def rope_write(q_pe: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, 
     out = torch.empty(t, heads, rope, dtype=q_pe.dtype, device=q_pe.device)
     if t:
         cos, sin = cos.reshape(t, -1), sin.reshape(t, -1)
+        slots = slots.contiguous()  # read at unit stride (a no-op for the engine's)
         assert q_pe.stride(-1) == 1 and kv.stride(-1) == 1 and cos.stride() == sin.stride()
         assert cos.shape[-1] == rope and cache.shape[-1] == rank + rope and cache.is_contiguous()
         _kernel()[(t,)](q_pe, kv, norm_weight, cos, sin, slots, cache, out, q_pe.stride(0),
