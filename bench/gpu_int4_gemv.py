@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                     if a.sweep and rows == 8:
                         rcands += [c for c in cuda_int4_rows.SWEEP if c not in rcands]
                     for c in rcands:
-                        if cuda_int4_rows.fits(c, rows, n):
+                        if cuda_int4_rows.fits(c, rows, n, k):
                             runs[f"rows {c}"] = (lambda m, c=c, x=x: cuda_int4_rows.gemv_rows(
                                 x, m.packed, m.scale_offset, c))
                 if rows > 1:

@@ -1,6 +1,8 @@
-"""The int4 GEMV for 2-16 rows that reads each weight word once for up to 8 rows
-(``cuda_int4_rows_kernels.gemv_rows``): its tiles, the candidates ``cuda_int4_tune`` times per
-weight shape and row bucket at start, and the launcher.
+"""The int4 kernels for 2-16 rows (route ``rows``): ``gemv_rows``, a GEMV that reads each
+weight word once for up to 8 rows, and ``skinny_q8``, int8 x against the int8 codes on the
+tensor cores, 16 rows padded (``Rows.mma``; both in ``cuda_int4_rows_kernels.py``): their
+tiles, the candidates ``cuda_int4_tune`` times per weight shape and row bucket at start, and
+the launcher.
 
 Same weight layout as every other int4 kernel (``cuda_int4.py``). A candidate is used only for
 a bucket where the tuner found it right (against the dequantised weight) and fastest on the
@@ -39,8 +41,13 @@ class Rows:
     num_warps: int
     num_stages: int = 1
     q8: int = 0  # x as float (0) or rounded to int8 once per call (1)
+    mma: bool = False  # ``skinny_q8``: int8 tensor cores, rows padded to block_m = 16 (q8=1)
 
 
+# int8 tensor cores (``skinny_q8``, rows padded to 16): sm_90 builds here take wgmma
+# m64n16k32 at BLOCK_N ≥ 64 (mma.sync at 32), 80-105 registers, no spills
+MMA = (Rows(16, 64, 4, 4, 4, 3, q8=1, mma=True), Rows(16, 64, 2, 4, 4, 3, q8=1, mma=True),
+       Rows(16, 128, 2, 2, 4, 3, q8=1, mma=True))
 # per route bucket (rows ≤ bucket), each one Triton compile per dtype and SYM; untimed on a
 # GPU so far. Registers (sm_90 builds here with the launch's 16-divisible strides, 8 rows a
 # program, int8 x): BLOCK_N 2 ~80, 4 ~145, 8 ~245, no spills; 3 stages (cp.async) ~160 at
@@ -52,9 +59,11 @@ CANDIDATES = {
     4: (Rows(4, 4, 32, 8, 1, q8=1), Rows(4, 8, 32, 8, 1, q8=1), Rows(4, 8, 32, 4, 1, q8=1),
         Rows(4, 2, 32, 4, 1)),
     8: (Rows(8, 2, 32, 8, 1, q8=1), Rows(8, 4, 32, 8, 1, q8=1), Rows(8, 4, 32, 4, 1, q8=1),
-        Rows(8, 8, 32, 4, 1, q8=1), Rows(8, 4, 32, 2, 1, 3, q8=1), Rows(8, 2, 64, 4, 2, 2, q8=1)),
+        Rows(8, 8, 32, 4, 1, q8=1), Rows(8, 4, 32, 2, 1, 3, q8=1), Rows(8, 2, 64, 4, 2, 2, q8=1))
+    + MMA,
     16: (Rows(8, 4, 32, 4, 1, q8=1), Rows(8, 2, 32, 4, 1, q8=1), Rows(8, 8, 32, 2, 1, q8=1),
-         Rows(8, 4, 32, 2, 1, 3, q8=1)),  # two row blocks: at most 4 splits (the workspace)
+         Rows(8, 4, 32, 2, 1, 3, q8=1))  # two row blocks: at most 4 splits (the workspace)
+    + MMA,
 }
 # bench/gpu_int4_gemv.py --sweep at 8 rows (never timed at start)
 SWEEP = tuple(Rows(8, bn, bg, sk, nw, 1 if nw == 1 else 2, 1)
@@ -70,8 +79,13 @@ def candidates(bucket: int) -> tuple[Rows, ...]:
     return cands
 
 
-def fits(cfg: Rows, m: int, n: int) -> bool:
-    """At most ``MAX_ROWS`` rows, the workspace holds the partials, the grid fits."""
+def fits(cfg: Rows, m: int, n: int, k: int | None = None) -> bool:
+    """At most ``MAX_ROWS`` rows, the workspace holds the partials, the grid fits (``mma``:
+    16-row tiles, BLOCK_N ≥ 16 for the counters, K's groups a multiple of BLOCK_G · SPLIT_K)."""
+    if cfg.mma:
+        return (1 <= m <= 16 and cfg.block_m == 16 and cfg.q8 == 1 and cfg.block_n >= 16
+                and 1 <= cfg.split_k and cfg.split_k * 16 <= MAX_SLOTS
+                and (k is None or (k // GROUP) % (cfg.block_g * cfg.split_k) == 0))
     padded = -(-m // cfg.block_m) * cfg.block_m
     return (1 <= m <= MAX_ROWS and cfg.block_m in (2, 4, 8) and cfg.split_k >= 1
             and (cfg.split_k == 1 or cfg.split_k * padded <= MAX_SLOTS)
@@ -95,8 +109,10 @@ def gemv_rows(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
     m, k = x.shape
     n = packed.shape[0]
     groups = k // GROUP
-    if not fits(cfg, m, n):
-        raise ValueError(f"gemv_rows: {m} rows, N={n} with {cfg}")
+    if not fits(cfg, m, n, k):
+        raise ValueError(f"gemv_rows: {m} rows, N={n}, K={k} with {cfg}")
+    if cfg.mma:
+        return _skinny_q8(x, packed, so, cfg)
     blocks = -(-m // cfg.block_m)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     cnt = counters(x.device, n)  # 2·N: covers (tiles × ≤ 8 row blocks) at BLOCK_N ≥ 4
@@ -114,4 +130,19 @@ def gemv_rows(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
         SPLIT_K=cfg.split_k, NUM_STAGES=cfg.num_stages, EVEN=even, Q8=int(cfg.q8),
         SYM=so.dtype == torch.int16, ASM=not _interpreted(), num_warps=cfg.num_warps,
         num_stages=1)  # the loop's stages: NUM_STAGES
+    return y
+
+
+def _skinny_q8(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
+               cfg: Rows) -> torch.Tensor:
+    m, k = x.shape
+    n = packed.shape[0]
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    cnt = counters(x.device, n)  # one a BLOCK_N ≥ 16 tile
+    ws = workspace(x.device, n, MAX_SLOTS) if cfg.split_k > 1 else cnt
+    xq, xd, xs = quantize_q8(x)
+    _kernels().skinny_q8[(-(-n // cfg.block_n), cfg.split_k)](
+        xq, xd, xs, packed, so, y, ws, cnt, m, n, k // GROUP, k, y.stride(0), k // 2,
+        BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g, SPLIT_K=cfg.split_k,
+        SYM=so.dtype == torch.int16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y

@@ -15,6 +15,10 @@ in launch order, so past 8 rows the second block finds the tile in L2. SPLIT_K >
 float32 partials go to WS and a per-(tile, row block) counter; the last program of a tile sums
 them in a fixed order (deterministic), writes y and resets the counter — one launch, CUDA-graph
 capturable (as ``gemv_split`` and ``skinny``).
+
+``skinny_q8``: ``skinny``'s shape (16 rows padded, the weight the left operand) on the int8
+tensor cores — the codes are int8 after one AND or shift a byte, the scales applied per group
+to the int32 products — instead of dequantising every weight to float16.
 """
 
 from __future__ import annotations
@@ -134,3 +138,62 @@ def gemv_rows(X, XD, XS, W, SO, Y, WS, CNT, M, N, GROUPS, stride_x, stride_y, st
                 tl.store(Y + (m0 + r) * stride_y + n, total.to(Y.dtype.element_ty),
                          mask=nmask & ((n * 0 + m0 + r) < M))
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def skinny_q8(XQ, XD, XS, W, SO, Y, WS, CNT, M, N, GROUPS, stride_q, stride_y, stride_w,
+              BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr,
+              SYM: tl.constexpr, BLOCK_M: tl.constexpr = 16):
+    """y = x @ w.T for up to 16 rows on the int8 tensor cores: x rounded to int8 per 32 once
+    (``quantize_q8``: XQ codes, XD scales, XS rounded sums), the weight's codes as int8 with
+    one AND or shift a byte (no float dequantisation), one ``tl.dot`` of K = 32 a group (the
+    weight as the left operand, [BLOCK_N, 32] × [32, BLOCK_M] → int32), then
+    ``s·dx·Σ c·q + o·Σ x`` per group in float32 — the scale leaves the per-weight work.
+
+    Grid (cdiv(N, BLOCK_N), SPLIT_K): program (n, s) reads groups [s·G/SPLIT_K, (s+1)·G/SPLIT_K),
+    BLOCK_G a step (the number of groups a multiple of BLOCK_G · SPLIT_K). SPLIT_K > 1: partials
+    to WS [SPLIT_K · BLOCK_M, N] and a counter a tile, as ``cuda_int4_kernels.skinny``."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    n_safe = tl.where(nmask, n, 0).to(tl.int64)
+    m = tl.arange(0, BLOCK_M)
+    mmask = m < M
+    m_safe = tl.where(mmask, m, 0)
+    i = tl.arange(0, 16)
+    kk = tl.arange(0, 32)
+    g_per = GROUPS // SPLIT_K
+    g_start = pid_k * g_per
+    w_rows = W + n_safe[:, None] * stride_w + i[None, :]
+    x_cols = XQ + m_safe[None, :] * stride_q + kk[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for g0 in range(g_start, g_start + g_per, BLOCK_G):
+        for j in tl.static_range(BLOCK_G):
+            g = g0 + j
+            b = tl.load(w_rows + g * 16)
+            lo = (b & 15).to(tl.int8)
+            hi = (b >> 4).to(tl.int8)
+            codes = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), [BLOCK_N, 32])
+            xq = tl.load(x_cols + g * 32, mask=mmask[None, :], other=0)
+            d = tl.dot(codes, xq, out_dtype=tl.int32)
+            s, o = _scale_offset(tl.load(SO + n_safe * GROUPS + g), SYM)
+            dx = tl.load(XD + m_safe * GROUPS + g, mask=mmask, other=0.0)
+            xs = tl.load(XS + m_safe * GROUPS + g, mask=mmask, other=0.0)
+            acc += d.to(tl.float32) * (s[:, None] * dx[None, :]) + o[:, None] * xs[None, :]
+    out = Y + m_safe[None, :] * stride_y + n_safe[:, None]
+    omask = nmask[:, None] & mmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(Y.dtype.element_ty), mask=omask)
+    else:
+        ws = WS + m[None, :] * N + n_safe[:, None]
+        tl.store(ws + pid_k * BLOCK_M * N, acc, mask=omask)
+        tl.debug_barrier()  # all of this program's partial stored before the release below
+        done = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for s_ in range(SPLIT_K):  # fixed order; .cg: from L2, never a stale L1 line
+                total += tl.load(ws + s_ * BLOCK_M * N, mask=omask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out, total.to(Y.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")

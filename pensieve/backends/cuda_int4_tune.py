@@ -247,8 +247,9 @@ def _choose_rows(sample: list[CudaInt4Linear], x: torch.Tensor, bucket: int,
                  reps: int) -> cuda_int4_rows.Rows | None:
     """The fastest right ``gemv_rows`` tiles for a bucket of rows (x: that many rows); None
     where none fits or builds."""
-    n = sample[0].out_features
-    cands = [c for c in cuda_int4_rows.candidates(bucket) if cuda_int4_rows.fits(c, bucket, n)]
+    n, k = sample[0].out_features, sample[0].in_features
+    cands = [c for c in cuda_int4_rows.candidates(bucket)
+             if cuda_int4_rows.fits(c, bucket, n, k)]
     runs = {str(c): (lambda m, c=c: cuda_int4_rows.gemv_rows(x, m.packed, m.scale_offset, c))
             for c in cands}
     best, _ = fastest(runs, sample, x, reps)

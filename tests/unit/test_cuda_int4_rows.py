@@ -1,8 +1,10 @@
-"""The 2-16-row int4 GEMV (``backends/cuda_int4_rows.py``), its route and the tuner's guard.
+"""The 2-16-row int4 kernels (``backends/cuda_int4_rows.py``: ``gemv_rows`` and the int8
+tensor-core ``skinny_q8``), their route and the tuner's guard.
 
 On CPU: tiles of every row block (2, 4, 8) in Triton's interpreter (a fresh process) against
 the dequantised weight's float64 product — N = 45 (no tile divides it), K of 14 groups (uneven
-splits: masked and empty runs), Q4_0's scales alone and affine pairs, float and int8 x, rows
+splits: masked and empty runs), Q4_0's scales alone and affine pairs, float and int8 x (and
+int8 x on the int8 tensor cores, 5 and 16 rows), rows
 that leave a block part-empty and two row blocks, each call twice (the split-K counters
 reset); the route through ``int4_linear`` and the plan cache's round trip; each start-time
 candidate compiled for sm_90 by Triton's own ptxas at every row block. With a GPU: every
@@ -36,6 +38,8 @@ def interpreter_check() -> None:
         (448, True, Rows(4, 16, 64, 2, 2, 2), 3, torch.float16),  # a masked row
         (256, False, Rows(2, 16, 32, 1, 1, q8=1), 2, torch.float32),
         (448, False, Rows(8, 16, 64, 1, 4, 2, q8=1), 5, torch.float16),
+        (256, True, Rows(16, 16, 2, 2, 4, 1, q8=1, mma=True), 5, torch.float32),  # int8 MMA
+        (512, False, Rows(16, 32, 4, 1, 4, 1, q8=1, mma=True), 16, torch.float16),
     )
     for k, sym, cfg, rows, dtype in cases:
         packed, so, w = weight(45, k, sym, seed=k + rows)
@@ -69,7 +73,9 @@ def test_candidates_cover_the_buckets_and_limits_are_refused():
     assert set(CANDIDATES) == {2, 4, 8, 16}
     for bucket, cands in CANDIDATES.items():
         for c in cands:
-            assert fits(c, bucket, 45) and fits(c, bucket, 28672), (bucket, c)
+            for k in (4096, 12288, 14336):
+                assert fits(c, bucket, 45, k) and fits(c, bucket, 28672, k), (bucket, c, k)
+    assert not fits(cuda_int4_rows.MMA[0], 8, 64, 32 * 24)  # 24 groups: not a multiple of 16
     packed, so, _ = weight(8, 64, True)
     with pytest.raises(ValueError):
         gemv_rows(torch.zeros(17, 64), packed, so, Rows(8, 8, 32, 1, 1))
@@ -90,7 +96,7 @@ def test_the_plan_cache_keeps_the_rows_tiles():
 
     plan = cuda_int4.default_plan(4096)
     plan.route[8] = "rows"
-    plan.rows = {8: CANDIDATES[8][1], 16: CANDIDATES[16][0]}
+    plan.rows = {8: CANDIDATES[8][1], 16: cuda_int4_rows.MMA[0]}
     assert plan_cache.from_json(plan_cache.to_json(plan)) == plan
     old = plan_cache.to_json(plan)
     del old["rows"]  # a plan written before the rows kernel
@@ -107,6 +113,12 @@ def compile_candidates(block_ms, syms=(True,), dtype: str = "bf16", even: bool =
              "GROUPS": "i32", "stride_x": "i32", "stride_y": "i32", "stride_w": "i32"}
     seen = set()
     for cfg in cfgs or [c for cands in CANDIDATES.values() for c in cands]:
+        if cfg.mma:
+            for sym in syms:
+                if (cfg, sym) not in seen:
+                    seen.add((cfg, sym))
+                    compile_mma(cfg, sym, dtype)
+            continue
         for bm in block_ms:
             for sym in syms:
                 key = (cfg.block_n, cfg.block_g, cfg.split_k, cfg.num_warps, cfg.num_stages,
@@ -122,10 +134,24 @@ def compile_candidates(block_ms, syms=(True,), dtype: str = "bf16", even: bool =
                 assert compile_for(kernels.gemv_rows, t, consts, cfg.num_warps, 1) is not None
 
 
+def compile_mma(cfg: Rows, sym: bool, dtype: str) -> None:
+    from pensieve.backends import cuda_int4_rows_kernels as kernels
+    from tests.helpers.triton_compile import compile_for
+
+    types = {"XQ": "*i8", "XD": "*fp32", "XS": "*fp32", "W": "*u8",
+             "SO": "*i16" if sym else "*i32", "Y": f"*{dtype}", "WS": "*fp32", "CNT": "*i32",
+             "M": "i32", "N": "i32", "GROUPS": "i32", "stride_q": "i32", "stride_y": "i32",
+             "stride_w": "i32"}
+    consts = {"BLOCK_N": cfg.block_n, "BLOCK_G": cfg.block_g, "SPLIT_K": cfg.split_k,
+              "SYM": sym, "BLOCK_M": 16}
+    assert compile_for(kernels.skinny_q8, types, consts, cfg.num_warps,
+                       cfg.num_stages) is not None, cfg
+
+
 def test_candidates_compile_for_the_h100():
     """An int8-x start-time candidate at 8 rows a program and a float-x one at 4, bfloat16 on
     Q4_0 scales, built for sm_90 here (the dp4a PTX through ptxas)."""
-    compile_candidates((8,), cfgs=CANDIDATES[8][:1])
+    compile_candidates((8,), cfgs=CANDIDATES[8][:1] + cuda_int4_rows.MMA[:1])
     compile_candidates((4,), cfgs=CANDIDATES[4][-1:])
 
 
