@@ -42,6 +42,7 @@ ENV_SWITCH = "PENSIEVE_LATENT_KERNEL"
 CHUNK_TOKENS = 256
 MAX_RANK, MAX_ROPE = 512, 128  # the kernel's accumulator is [BLOCK_M, rank] per program
 BLOCK_N = 32  # keys per inner tile
+MAX_SPLITS = 32  # ``choose_num_splits``' cap
 
 Rows = slice | torch.Tensor
 
@@ -118,7 +119,7 @@ def build_latent(seqs: list[SequenceSlice], heads: int, device: torch.device, nu
     small = dev[n_tab:].to(torch.int32)
     tile = small[n_tok:].view(3, n_tiles)
     longest = max(seqs[i].context_len for i in chosen)
-    splits = choose_num_splits(n_tiles, 1, longest, num_sms)
+    splits = min(MAX_SPLITS, choose_num_splits(n_tiles, 1, longest, num_sms))
     return LatentBatch(frozenset(chosen), row_index(rows, device), table, small[:n_tok],
                        tile[0], tile[1], tile[2], splits, heads)
 
@@ -155,10 +156,12 @@ def latent_attention(q: torch.Tensor, cache: torch.Tensor, batch: LatentBatch, r
         PAGE=cache.shape[1], BLOCK_M=block_m(heads), BLOCK_N=BLOCK_N,
         IEEE=q.dtype == torch.float32, num_warps=8 if rank_pad >= 256 else 4, num_stages=2,
     )
+    # one merge specialisation whatever the step's splits (it masks past ``s``): a chunk's
+    # split count varies with its rows, and each new S_PAD would compile on first use (~0.5 s)
     cuda_kernels.merge[(r, heads)](
         m, lse, acc, out, m, s, out.stride(0), out.stride(1),
-        D=rank, D_PAD=rank_pad, S_PAD=_pow2(s), HAS_SINKS=False,
-        num_warps=8 if rank_pad * _pow2(s) >= 8192 else 4,  # [splits, rank] float32 a program
+        D=rank, D_PAD=rank_pad, S_PAD=MAX_SPLITS, HAS_SINKS=False,
+        num_warps=8 if rank_pad * MAX_SPLITS >= 8192 else 4,  # [splits, rank] float32 a program
     )
     return out
 
