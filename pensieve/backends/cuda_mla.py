@@ -110,18 +110,29 @@ def build_latent(seqs: list[SequenceSlice], heads: int, device: torch.device, nu
         rows.extend(range(s.query_start, s.query_start + s.query_len))
         end = len(token_ctx) * heads
         tiles.extend((k, lo, min(lo + bm, end)) for lo in range(first, end, bm))
-    tile_arr = np.asarray(tiles, dtype=np.int64).T.reshape(-1)
-    host = np.concatenate([table_idx.reshape(-1), np.asarray(token_ctx, np.int64), tile_arr])
-    dev = torch.from_numpy(host).to(device, non_blocking=True)
     n_tab, n_tok, n_tiles = table_idx.size, len(token_ctx), len(tiles)
+    # each int32 array the kernel reads starts 16-byte aligned, whatever the row and tile
+    # counts: Triton specialises a pointer on its alignment, so an unaligned start would be
+    # another compile (~0.5 s on first use) for some chunk lengths and not others
+    tok_pad, tiles_pad = _round4(n_tok), _round4(n_tiles)
+    segments = np.zeros(tok_pad + 3 * tiles_pad, dtype=np.int64)
+    segments[:n_tok] = token_ctx
+    for j, column in enumerate(np.asarray(tiles, dtype=np.int64).T):
+        segments[tok_pad + j * tiles_pad:tok_pad + j * tiles_pad + n_tiles] = column
+    host = np.concatenate([table_idx.reshape(-1), segments])
+    dev = torch.from_numpy(host).to(device, non_blocking=True)
     flat = torch.cat([seqs[i].block_table for i in chosen]).to(device)
     table = flat[dev[:n_tab]].to(torch.int32).view(len(chosen), width)
     small = dev[n_tab:].to(torch.int32)
-    tile = small[n_tok:].view(3, n_tiles)
+    tile = small[tok_pad:].view(3, tiles_pad)[:, :n_tiles]
     longest = max(seqs[i].context_len for i in chosen)
     splits = min(MAX_SPLITS, choose_num_splits(n_tiles, 1, longest, num_sms))
     return LatentBatch(frozenset(chosen), row_index(rows, device), table, small[:n_tok],
                        tile[0], tile[1], tile[2], splits, heads)
+
+
+def _round4(n: int) -> int:
+    return -(-n // 4) * 4
 
 
 def fits(rank: int, dim: int) -> bool:

@@ -337,3 +337,19 @@ def test_glm_lite_engine_on_the_latent_kernel_in_the_triton_interpreter():
 @needs_cuda
 def test_glm_lite_engine_greedy_tokens_with_the_kernel_equal_without():
     engine_check("cuda")
+
+
+def test_the_kernels_metadata_arrays_start_16_byte_aligned():
+    """Whatever a step's token and tile counts, each int32 array ``latent_partial`` reads starts
+    on 16 bytes (Triton would compile another specialisation for an unaligned one)."""
+    from pensieve.backends.cuda_mla import build_latent
+    from pensieve.models.forward_context import SequenceSlice
+
+    for new in (1, 3, 5, 64, 82, 120):
+        seqs = [SequenceSlice(0, new, 300 + new, torch.arange(-(-(300 + new) // PAGE)))]
+        batch = build_latent(seqs, 20, torch.device("cpu"), num_sms=132)
+        for t in (batch.token_ctx, batch.tile_seq, batch.tile_lo, batch.tile_hi):
+            assert t.data_ptr() % 16 == 0 and t.dtype == torch.int32, new
+        assert batch.token_ctx.numel() == new
+        assert batch.tile_hi[-1].item() == new * 20 and batch.tile_lo[0].item() == 0
+        assert (batch.tile_hi - batch.tile_lo).max().item() <= 32
