@@ -168,11 +168,14 @@ def test_candidates_compile_for_the_h100_at_every_row_block():
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (45, 448)])
 @pytest.mark.parametrize("sym", [True, False])
 def test_cuda_candidates_against_float64(n, k, sym):
-    """Every candidate in bf16 at each bucket's rows and one fewer, twice in a row."""
+    """Every candidate in bf16 at each bucket's rows and one fewer, twice in a row (N = 45, no
+    tile divides it: a bucket's first tile and an int8-MMA one, each another compile)."""
     packed, so, w = weight(n, k, sym, seed=n + k)
     packed, so = packed.cuda(), so.cuda()
     gen = torch.Generator().manual_seed(k)
     for bucket, cands in CANDIDATES.items():
+        if n % 16:
+            cands = (cands[0],) + tuple(c for c in cands[-1:] if c.mma)
         for cfg in cands:
             for rows in (bucket - 1, bucket):
                 x = torch.randn(max(rows, 1), k, generator=gen).to(torch.bfloat16)
