@@ -67,7 +67,9 @@ CANDIDATES = {
 }
 # bench/gpu_int4_gemv.py --sweep at 8 rows (never timed at start)
 SWEEP = tuple(Rows(8, bn, bg, sk, nw, 1 if nw == 1 else 2, 1)
-              for bn in (2, 4, 8) for bg in (32, 64) for sk in (2, 4, 8) for nw in (1, 2))
+              for bn in (2, 4, 8) for bg in (32, 64) for sk in (2, 4, 8) for nw in (1, 2)) + tuple(
+    Rows(16, bn, bg, sk, nw, st, q8=1, mma=True) for bn in (64, 128) for bg in (2, 4, 8)
+    for sk in (2, 4) for nw in (4, 8) for st in (3, 4))
 
 
 def candidates(bucket: int) -> tuple[Rows, ...]:
