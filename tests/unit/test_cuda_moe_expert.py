@@ -84,9 +84,11 @@ def test_expert_gemv_equals_float64_in_the_triton_interpreter():
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "six"])
 def test_expert_gemv_compiles_for_the_h100(fmt):
-    """bfloat16, gate/up fused (SiLU or gpt-oss's clamp, biased) and down routed, at 16 rows."""
+    """bfloat16, gate/up fused (SiLU or gpt-oss's clamp, biased) and down routed, at 16 rows,
+    without register spills."""
     from pensieve.backends import cuda_moe_expert_kernels as kernels
     from tests.helpers.triton_compile import compile_for
+    from tests.unit.test_cuda_gdn import _resources
 
     types = {"X": "*bf16", "IDS": "*i64", "RW": "*fp32", "W": "*u8", "S": "*i16", "MN": "*i16",
              "D": "*i16", "B": "*bf16", "Y": "*bf16", "T": "i32", "N": "i32", "K": "i32",
@@ -96,13 +98,14 @@ def test_expert_gemv_compiles_for_the_h100(fmt):
     gpt_oss = fmt == "int8"
     base = dict(TOPK=4, K_PAD=4, INT4=fmt == "int4", SIX=fmt == "six",
                 GS=32 if fmt != "six" else 16, HAS_MIN=False, HAS_BIAS=gpt_oss, BLOCK_M=16,
-                BLOCK_N=cuda_moe_expert.BLOCK_N, BLOCK_K=64 if gpt_oss else 128)
+                BLOCK_N=cuda_moe_expert.BLOCK_N, BLOCK_K=cuda_moe_expert.BLOCK_K)
     for fuse in (True, False):
         act = dict(SWIGLU=fuse and gpt_oss, ALPHA=1.702 if fuse and gpt_oss else 0.0,
                    LIMIT=7.0 if fuse and gpt_oss else 0.0)
         consts = dict(base, **act, GATHER=fuse, FUSE=fuse, ROUTED=not fuse)
-        assert compile_for(kernels.expert_gemv, types, consts, cuda_moe_expert.NUM_WARPS,
-                           cuda_moe_expert.NUM_STAGES)
+        built = compile_for(kernels.expert_gemv, types, consts, cuda_moe_expert.NUM_WARPS,
+                            cuda_moe_expert.NUM_STAGES)
+        assert "STACK:0 " in _resources(built), (fmt, fuse, _resources(built))  # no spills
 
 
 @needs_cuda
