@@ -72,7 +72,7 @@ def glm(device: str, dtype: torch.dtype, cached: int, new: int, small: bool, rep
     cache = torch.randn(n_blocks, PAGE, 1, rank + rope, device=device, dtype=dtype)
     vc = torch.empty(n_blocks, PAGE, 1, 0, device=device, dtype=dtype)
     cos_sin = tuple(c.to(device, dtype) for c in RotaryEmbedding(
-        rope, cached + new + 1, 10000.0, None).lookup(pos))
+        rope, cached + new + 1, 10000.0, None).lookup(pos.cpu()))  # a host table
     x = torch.randn(new, hidden, device=device, dtype=dtype)
     ctx = ForwardContext([cache], [vc], slots, [seq], torch.zeros(0, dtype=torch.long))
 
