@@ -41,13 +41,14 @@ class Rows:
     num_warps: int
     num_stages: int = 1
     q8: int = 0  # x as float (0) or rounded to int8 once per call (1)
-    mma: bool = False  # ``skinny_q8``: int8 tensor cores, rows padded to block_m = 16 (q8=1)
+    mma: int = 0  # ``skinny_q8``: int8 tensor cores, 16 rows padded (q8=1); 2: batched dot
 
 
 # int8 tensor cores (``skinny_q8``, rows padded to 16): sm_90 builds here take wgmma
-# m64n16k32 at BLOCK_N ≥ 64 (mma.sync at 32), 80-105 registers, no spills
-MMA = (Rows(16, 64, 4, 4, 4, 3, q8=1, mma=True), Rows(16, 64, 2, 4, 4, 3, q8=1, mma=True),
-       Rows(16, 128, 2, 2, 4, 3, q8=1, mma=True))
+# m64n16k32 at BLOCK_N ≥ 64 (mma.sync at 32), 80-105 registers, no spills; the batched-dot
+# form (a step's groups in one load) mma.sync, ~130 registers
+MMA = (Rows(16, 64, 4, 4, 4, 3, q8=1, mma=1), Rows(16, 64, 2, 4, 4, 3, q8=1, mma=1),
+       Rows(16, 128, 2, 2, 4, 3, q8=1, mma=1), Rows(16, 64, 4, 4, 4, 3, q8=1, mma=2))
 # per route bucket (rows ≤ bucket), each one Triton compile per dtype and SYM; untimed on a
 # GPU so far. Registers (sm_90 builds here with the launch's 16-divisible strides, 8 rows a
 # program, int8 x): BLOCK_N 2 ~80, 4 ~145, 8 ~245, no spills; 3 stages (cp.async) ~160 at
@@ -68,7 +69,8 @@ CANDIDATES = {
 # bench/gpu_int4_gemv.py --sweep at 8 rows (never timed at start)
 SWEEP = tuple(Rows(8, bn, bg, sk, nw, 1 if nw == 1 else 2, 1)
               for bn in (2, 4, 8) for bg in (32, 64) for sk in (2, 4, 8) for nw in (1, 2)) + tuple(
-    Rows(16, bn, bg, sk, nw, st, q8=1, mma=True) for bn in (64, 128) for bg in (2, 4, 8)
+    Rows(16, bn, bg, sk, nw, st, q8=1, mma=mma) for mma in (1, 2) for bn in (64, 128)
+    for bg in (2, 4, 8)
     for sk in (2, 4) for nw in (4, 8) for st in (3, 4))
 
 
@@ -146,5 +148,6 @@ def _skinny_q8(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
     _kernels().skinny_q8[(-(-n // cfg.block_n), cfg.split_k)](
         xq, xd, xs, packed, so, y, ws, cnt, m, n, k // GROUP, k, y.stride(0), k // 2,
         BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g, SPLIT_K=cfg.split_k,
-        SYM=so.dtype == torch.int16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SYM=so.dtype == torch.int16, BATCHED=cfg.mma == 2, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return y

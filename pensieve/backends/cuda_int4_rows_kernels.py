@@ -141,9 +141,40 @@ def gemv_rows(X, XD, XS, W, SO, Y, WS, CNT, M, N, GROUPS, stride_x, stride_y, st
 
 
 @triton.jit
+def _q8_batched(XQ, XD, XS, W, SO, acc, n_safe, m_safe, mmask, g_start, g_per, GROUPS, stride_q,
+                stride_w, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
+                SYM: tl.constexpr):
+    """``skinny_q8``'s loop with a step's groups in one load and one batched dot."""
+    g = g_start + tl.arange(0, BLOCK_G)
+    i = tl.arange(0, 16)
+    kk = tl.arange(0, 32)
+    w_ptrs = W + n_safe[None, :, None] * stride_w + g[:, None, None] * 16 + i[None, None, :]
+    x_ptrs = XQ + m_safe[None, None, :] * stride_q + g[:, None, None] * 32 + kk[None, :, None]
+    so_ptrs = SO + n_safe[None, :] * GROUPS + g[:, None]
+    d_off = m_safe[None, :] * GROUPS + g[:, None]
+    for _ in range(0, g_per, BLOCK_G):
+        b = tl.load(w_ptrs)  # [BLOCK_G, BLOCK_N, 16]
+        lo = (b & 15).to(tl.int8)
+        hi = (b >> 4).to(tl.int8)
+        codes = tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), [BLOCK_G, BLOCK_N, 32])
+        xq = tl.load(x_ptrs, mask=mmask[None, None, :], other=0)  # [BLOCK_G, 32, BLOCK_M]
+        d = tl.dot(codes, xq, out_dtype=tl.int32)
+        s, o = _scale_offset(tl.load(so_ptrs), SYM)  # [BLOCK_G, BLOCK_N]
+        dx = tl.load(XD + d_off, mask=mmask[None, :], other=0.0)  # [BLOCK_G, BLOCK_M]
+        xs = tl.load(XS + d_off, mask=mmask[None, :], other=0.0)
+        acc += tl.sum(d.to(tl.float32) * (s[:, :, None] * dx[:, None, :])
+                      + o[:, :, None] * xs[:, None, :], 0)
+        w_ptrs += BLOCK_G * 16
+        x_ptrs += BLOCK_G * 32
+        so_ptrs += BLOCK_G
+        d_off += BLOCK_G
+    return acc
+
+
+@triton.jit
 def skinny_q8(XQ, XD, XS, W, SO, Y, WS, CNT, M, N, GROUPS, stride_q, stride_y, stride_w,
               BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr,
-              SYM: tl.constexpr, BLOCK_M: tl.constexpr = 16):
+              SYM: tl.constexpr, BLOCK_M: tl.constexpr = 16, BATCHED: tl.constexpr = False):
     """y = x @ w.T for up to 16 rows on the int8 tensor cores: x rounded to int8 per 32 once
     (``quantize_q8``: XQ codes, XD scales, XS rounded sums), the weight's codes as int8 with
     one AND or shift a byte (no float dequantisation), one ``tl.dot`` of K = 32 a group (the
@@ -152,7 +183,10 @@ def skinny_q8(XQ, XD, XS, W, SO, Y, WS, CNT, M, N, GROUPS, stride_q, stride_y, s
 
     Grid (cdiv(N, BLOCK_N), SPLIT_K): program (n, s) reads groups [s·G/SPLIT_K, (s+1)·G/SPLIT_K),
     BLOCK_G a step (the number of groups a multiple of BLOCK_G · SPLIT_K). SPLIT_K > 1: partials
-    to WS [SPLIT_K · BLOCK_M, N] and a counter a tile, as ``cuda_int4_kernels.skinny``."""
+    to WS [SPLIT_K · BLOCK_M, N] and a counter a tile, as ``cuda_int4_kernels.skinny``.
+    BATCHED: a step's BLOCK_G groups loaded as one [BLOCK_G, BLOCK_N, 16] tile and multiplied
+    in one batched ``tl.dot`` ([BLOCK_G, BLOCK_N, 32] × [BLOCK_G, 32, BLOCK_M]), else one
+    load and one dot a group."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -165,22 +199,26 @@ def skinny_q8(XQ, XD, XS, W, SO, Y, WS, CNT, M, N, GROUPS, stride_q, stride_y, s
     kk = tl.arange(0, 32)
     g_per = GROUPS // SPLIT_K
     g_start = pid_k * g_per
-    w_rows = W + n_safe[:, None] * stride_w + i[None, :]
-    x_cols = XQ + m_safe[None, :] * stride_q + kk[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for g0 in range(g_start, g_start + g_per, BLOCK_G):
-        for j in tl.static_range(BLOCK_G):
-            g = g0 + j
-            b = tl.load(w_rows + g * 16)
-            lo = (b & 15).to(tl.int8)
-            hi = (b >> 4).to(tl.int8)
-            codes = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), [BLOCK_N, 32])
-            xq = tl.load(x_cols + g * 32, mask=mmask[None, :], other=0)
-            d = tl.dot(codes, xq, out_dtype=tl.int32)
-            s, o = _scale_offset(tl.load(SO + n_safe * GROUPS + g), SYM)
-            dx = tl.load(XD + m_safe * GROUPS + g, mask=mmask, other=0.0)
-            xs = tl.load(XS + m_safe * GROUPS + g, mask=mmask, other=0.0)
-            acc += d.to(tl.float32) * (s[:, None] * dx[None, :]) + o[:, None] * xs[None, :]
+    if BATCHED:
+        acc = _q8_batched(XQ, XD, XS, W, SO, acc, n_safe, m_safe, mmask, g_start, g_per,
+                          GROUPS, stride_q, stride_w, BLOCK_N, BLOCK_G, BLOCK_M, SYM)
+    else:
+        w_rows = W + n_safe[:, None] * stride_w + i[None, :]
+        x_cols = XQ + m_safe[None, :] * stride_q + kk[:, None]
+        for g0 in range(g_start, g_start + g_per, BLOCK_G):
+            for j in tl.static_range(BLOCK_G):
+                g = g0 + j
+                b = tl.load(w_rows + g * 16)
+                lo = (b & 15).to(tl.int8)
+                hi = (b >> 4).to(tl.int8)
+                codes = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), [BLOCK_N, 32])
+                xq = tl.load(x_cols + g * 32, mask=mmask[None, :], other=0)
+                d = tl.dot(codes, xq, out_dtype=tl.int32)
+                s, o = _scale_offset(tl.load(SO + n_safe * GROUPS + g), SYM)
+                dx = tl.load(XD + m_safe * GROUPS + g, mask=mmask, other=0.0)
+                xs = tl.load(XS + m_safe * GROUPS + g, mask=mmask, other=0.0)
+                acc += d.to(tl.float32) * (s[:, None] * dx[None, :]) + o[:, None] * xs[None, :]
     out = Y + m_safe[None, :] * stride_y + n_safe[:, None]
     omask = nmask[:, None] & mmask[None, :]
     if SPLIT_K == 1:

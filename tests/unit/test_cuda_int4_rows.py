@@ -38,8 +38,10 @@ def interpreter_check() -> None:
         (448, True, Rows(4, 16, 64, 2, 2, 2), 3, torch.float16),  # a masked row
         (256, False, Rows(2, 16, 32, 1, 1, q8=1), 2, torch.float32),
         (448, False, Rows(8, 16, 64, 1, 4, 2, q8=1), 5, torch.float16),
-        (256, True, Rows(16, 16, 2, 2, 4, 1, q8=1, mma=True), 5, torch.float32),  # int8 MMA
-        (512, False, Rows(16, 32, 4, 1, 4, 1, q8=1, mma=True), 16, torch.float16),
+        (256, True, Rows(16, 16, 2, 2, 4, 1, q8=1, mma=1), 5, torch.float32),  # int8 MMA
+        (512, False, Rows(16, 32, 4, 1, 4, 1, q8=1, mma=1), 16, torch.float16),
+        (512, True, Rows(16, 16, 4, 2, 4, 1, q8=1, mma=2), 9, torch.float32),  # batched dot
+        (256, False, Rows(16, 32, 2, 1, 4, 1, q8=1, mma=2), 16, torch.float32),
     )
     for k, sym, cfg, rows, dtype in cases:
         packed, so, w = weight(45, k, sym, seed=k + rows)
@@ -143,7 +145,7 @@ def compile_mma(cfg: Rows, sym: bool, dtype: str) -> None:
              "M": "i32", "N": "i32", "GROUPS": "i32", "stride_q": "i32", "stride_y": "i32",
              "stride_w": "i32"}
     consts = {"BLOCK_N": cfg.block_n, "BLOCK_G": cfg.block_g, "SPLIT_K": cfg.split_k,
-              "SYM": sym, "BLOCK_M": 16}
+              "SYM": sym, "BLOCK_M": 16, "BATCHED": cfg.mma == 2}
     assert compile_for(kernels.skinny_q8, types, consts, cfg.num_warps,
                        cfg.num_stages) is not None, cfg
 
