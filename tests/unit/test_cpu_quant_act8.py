@@ -79,3 +79,31 @@ def test_the_switch_is_vnni_only(act8):
     finally:
         KERNELS.set_isa("avx512_vnni")
     assert KERNELS.set_act8(True) and not torch.equal(run(layer, x, 2), on)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0])
+def test_a_massive_row_is_computed_on_int16(qtype, act8):
+    """A row one value of which holds most of its energy (a first token's massive activations
+    after RMSNorm) loses the rest of its int8 block: such rows run on int16 (the row tiles),
+    as close as the int16 GEMM; the other rows stay int8; past K = 4096 (the MLP's down input,
+    peaked in ordinary rows too) nothing falls back."""
+    k, n = 1536, 40
+    layer = CodesLinear(KERNELS, quant_groups(random_tensor(qtype, n, k, seed=7), qtype, (n, k)),
+                        bias=torch.randn(n), threads=2)
+    want_of = lambda x: x @ layer.dequantize().T + layer.bias  # noqa: E731
+    x = torch.randn(12, k, generator=torch.Generator().manual_seed(3))
+    x[4, 5] = 60.0  # 60² = 3600 > 0.6 · (3600 + ~1535): massive
+    x[7, 9] = 30.0  # 900 < 0.6 · (900 + ~1535): an ordinary outlier, stays int8
+    got, int16, want = gemm(layer, x, True), gemm(layer, x, False), want_of(x)
+    assert rel_err(got[4], want[4]) < 1e-4 and rel_err(int16[4], want[4]) < 1e-4
+    assert rel_err(got[7], want[7]) > 10 * rel_err(int16[7], want[7])  # int8 ran there
+    # that row in a batch of one (the row tiles: int16 anyway) matches the batched result
+    assert torch.allclose(gemm(layer, x[4:5].contiguous(), True)[0], got[4], rtol=1e-5, atol=1e-4)
+    if qtype == Q.Q4_K:  # K > 4096: no fallback, the row stays int8
+        k2 = 4608
+        wide = CodesLinear(KERNELS, quant_groups(random_tensor(qtype, n, k2, seed=8), qtype, (n, k2)),
+                           threads=2)
+        xw = torch.randn(9, k2, generator=torch.Generator().manual_seed(4))
+        xw[2, 5] = 200.0
+        ref = xw @ wide.dequantize().T
+        assert rel_err(gemm(wide, xw, True)[2], ref[2]) > 10 * rel_err(gemm(wide, xw, False)[2], ref[2])

@@ -17,7 +17,11 @@ is the int16 GEMM's.
 
 Numerics: the only difference from the int16 path is the activations' rounding: a value's
 error is ≤ d/2 = max|x|/254 of its block (int16: max|x|/65534), ~3e-3 relative on a matmul
-against ~1e-5 (``tests/unit/test_cpu_quant_act8.py`` states both).
+against ~1e-5 (``tests/unit/test_cpu_quant_act8.py`` states both). A row one value of which
+holds most of its energy (``massive_row``: a first token's massive activations, where int8
+blocks lose everything else — 2.1 of 21 on Qwen2.5-Coder-1.5B's position-0 logits, 0.4 with
+this) is recomputed on int16 by the row tiles; decided from the row alone, so a row's result
+still does not depend on its batch.
 """
 
 VNNI8_GEMM_SOURCE = r"""
@@ -56,6 +60,7 @@ struct Quantised8 {
   uint8_t* q = nullptr;
   float* d = nullptr;
   float* s = nullptr;
+  std::vector<char> massive;  // per row: massive_row (gemm_vnni8 recomputes those on int16)
   int64_t cap = 0;
   void reserve(int64_t M, int64_t K) {
     if (M * K <= cap) return;
@@ -68,12 +73,36 @@ struct Quantised8 {
 };
 thread_local Quantised8 q8buf;
 
+template <int F>
+void small_linear(const float* x, int64_t M, const Weights& W, float* y, int threads);  // source.py
+
+// A row one value of which holds most of its energy (max² > 0.6 Σx²): a first token's massive
+// activations after RMSNorm (Qwen2.5-Coder-1.5B's position 0: 0.77–0.92 on its qkv and gate/up
+// inputs, every other position ≤ 0.31). Its int8 blocks round the rest of its block to nothing,
+// which moved that position's logits by 2.1 of 21 (BENCHMARKS.md); gemm_vnni8 recomputes such
+// rows on int16 with the row tiles. Only where K <= 4096: the MLP's down input (K = 8960) is that
+// peaked in ordinary rows too (0.63 at the 99th percentile), and its int8 error stays small.
+VNNI_TARGET bool massive_row(const float* x, int64_t K) {
+  if (K > 4096) return false;
+  __m512 mx = _mm512_setzero_ps(), ss = mx;
+  for (int64_t i = 0; i < K; i += 16) {  // K % 32 == 0
+    const __m512 v = _mm512_loadu_ps(x + i), v2 = _mm512_mul_ps(v, v);
+    mx = _mm512_max_ps(mx, v2);
+    ss = _mm512_add_ps(ss, v2);
+  }
+  return _mm512_reduce_max_ps(mx) > 0.6f * _mm512_reduce_add_ps(ss);
+}
+
 const Quantised8& quantise_rows8(const float* x, int64_t M, int64_t K, int threads) {
   q8buf.reserve(M, K);
   const int64_t G = K / QK;
   Quantised8& q = q8buf;
+  q.massive.assign(M, 0);
   over_rows(M, threads, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) quantize_row8(x + m * K, K, q.q + m * K, q.d + m * G, q.s + m * G);
+    for (int64_t m = m0; m < m1; ++m) {
+      quantize_row8(x + m * K, K, q.q + m * K, q.d + m * G, q.s + m * G);
+      q.massive[m] = massive_row(x + m * K, K);
+    }
   });
   return q;
 }
@@ -251,6 +280,8 @@ void gemm_vnni8(const float* x, int64_t M, const Weights& W, float* y, int threa
       }
     }
   }, GNRV);
+  for (int64_t m = 0; m < M; ++m)  // rows int8 cannot hold: on int16, as the row tiles do them
+    if (xq.massive[m]) small_linear<F>(x + m * K, 1, W, y + m * N, threads);
 }
 
 extern "C" {
