@@ -442,7 +442,9 @@ class CodesLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x2.is_cuda:
+        if x2.shape[0] == 0:  # e.g. the head on a step where no chunk completes: no launch
+            y = x2.new_empty(0, self.out_features)
+        elif x2.is_cuda:
             y = self._cuda(x2.contiguous())
         else:
             y = F.linear(x2, self.dequantize().to(x.dtype))

@@ -248,6 +248,8 @@ def default_plan(n: int) -> Plan:
 def launch(choice: Choice, x: torch.Tensor, w: Buffers) -> torch.Tensor:
     """x @ w.T by ``choice``'s kernel and tiles."""
     name, t = choice
+    if x.shape[0] == 0:  # no rows (a step where no chunk completes): nothing to launch
+        return x.new_empty(0, w[0].shape[0])
     if name == "dequant":
         return dequant_linear(x, w, t or DEQUANT)
     if name == "torch" or t is None:

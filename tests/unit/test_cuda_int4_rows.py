@@ -87,6 +87,8 @@ def test_candidates_cover_the_buckets_and_limits_are_refused():
 
 
 def test_int8_x_candidates_can_be_left_out(monkeypatch):
+    assert not cuda_int4_rows.candidates(8)  # opt-in: PENSIEVE_INT4_ROWS=1
+    monkeypatch.setenv(cuda_int4_rows.ENV_ROWS, "1")
     assert any(c.q8 for c in cuda_int4_rows.candidates(8))
     monkeypatch.setenv("PENSIEVE_INT4_Q8", "0")
     assert not any(c.q8 for b in CANDIDATES for c in cuda_int4_rows.candidates(b))
@@ -200,7 +202,8 @@ def test_split_k_in_a_cuda_graph(rows):
 
 
 @needs_cuda
-def test_the_tuner_times_the_rows_candidates():
+def test_the_tuner_times_the_rows_candidates(monkeypatch):
+    monkeypatch.setenv(cuda_int4_rows.ENV_ROWS, "1")
     from pensieve.backends.cuda_int4 import CudaInt4Linear
     from pensieve.backends.cuda_int4_tune import plan_shape
     from pensieve.models.quant_linear import Int4Groups

@@ -265,3 +265,17 @@ def test_split_gemv_in_a_cuda_graph(rows):
     layer.plan = {b: ("split", t) for b in cuda_q6k.BUCKETS}
     split_workspace(torch.device("cuda"), 256)
     assert_replays_as_eager(layer, torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16))
+
+
+def test_no_rows_launch_nothing():
+    """A step where no chunk completes hands the head 0 rows (a long prompt's first chunk):
+    every route answers [0, N] without a launch — the split kernel raised here on the H100
+    (2026-12-07: the Qwen3-8B server died in its start-up warm-up)."""
+    from pensieve.backends.cuda_int4 import CudaInt4Linear
+
+    layer = layer_of(48, 512, 3)
+    x = torch.empty(0, 512)
+    for tile in candidates()[:2]:
+        assert cuda_q6k.launch(("split", tile), x, layer.weight_buffers()).shape == (0, 48)
+    assert layer(x).shape == (0, 48)
+    assert CudaInt4Linear([groups(Q.Q4_K, 32, 512, 1)])(torch.empty(2, 0, 512)).shape == (2, 0, 32)
