@@ -30,23 +30,14 @@ from pensieve.engine.types import SamplingParams
 
 
 def glm(tmp: Path) -> Any:
-    import transformers
+    from tests.helpers.tiny_hybrid_checkpoints import glm_lite
 
-    from pensieve.loaders.registry import load_checkpoint
-    from tests.helpers.tiny_families import VOCAB, save_hf
-    from tests.helpers.tiny_moe import moe_model
-
-    torch.manual_seed(0)
     # GLM-4.7-Flash's proportions (rank 512, rope 64, nope 192, v 256, 20 heads) scaled by 1/4
-    return load_checkpoint(save_hf(tmp / "glm", moe_model(transformers.Glm4MoeLiteConfig(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=5, num_key_value_heads=5, max_position_embeddings=16384,
-        rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        kv_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=48, v_head_dim=64,
-        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
-        n_group=1, topk_group=1, routed_scaling_factor=1.8, norm_topk_prob=True,
-        tie_word_embeddings=False, q_lora_rank=96, rope_interleave=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))))
+    return glm_lite(tmp, hidden_size=256, intermediate_size=384, num_hidden_layers=4,
+                    num_attention_heads=5, num_key_value_heads=5, max_position_embeddings=16384,
+                    kv_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=48, v_head_dim=64,
+                    n_routed_experts=8, moe_intermediate_size=64, n_group=1, q_lora_rank=96,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
 def gpt_oss(tmp: Path) -> Any:

@@ -32,15 +32,16 @@ def gpt_oss(tmp: Path, window: int = 8) -> Any:
         sliding_window=window, max_position_embeddings=4096))))
 
 
-def glm_lite(tmp: Path) -> Any:
-    """GLM-4.7-Flash's shape (``glm4_moe_lite``): latent attention + MoE."""
+def glm_lite(tmp: Path, **overrides: Any) -> Any:
+    """GLM-4.7-Flash's shape (``glm4_moe_lite``): latent attention + MoE; ``overrides``: config
+    fields to change (``bench/follow_up_scaling.py``'s wider layer)."""
     import transformers
 
     from tests.helpers.tiny_families import VOCAB, save_hf
     from tests.helpers.tiny_moe import moe_model
 
     torch.manual_seed(0)
-    return load_checkpoint(save_hf(tmp / "glm-lite-hf", moe_model(transformers.Glm4MoeLiteConfig(
+    fields: dict[str, Any] = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
         rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -48,7 +49,10 @@ def glm_lite(tmp: Path) -> Any:
         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
         n_group=2, topk_group=1, routed_scaling_factor=1.8, norm_topk_prob=True,
         tie_word_embeddings=False, q_lora_rank=24, rope_interleave=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000.0}))))
+        rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+    fields.update(overrides)
+    return load_checkpoint(save_hf(tmp / "glm-lite-hf",
+                                   moe_model(transformers.Glm4MoeLiteConfig(**fields))))
 
 
 FAMILIES: dict[str, Callable[[Path], Any]] = {
