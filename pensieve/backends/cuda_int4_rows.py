@@ -9,7 +9,10 @@ a bucket where the tuner found it right (against the dequantised weight) and fas
 GPU at hand, so it can only win over ``skinny`` / ``gemv_split``, never replace them blindly.
 ``Rows.q8`` candidates round x to int8 per 32 once per call (``cuda_int4_gemv.quantize_q8``)
 and multiply with dp4a (llama.cpp's mmvq for few columns); ``PENSIEVE_INT4_Q8=0`` leaves them
-out. Importing this module needs neither a GPU nor Triton.
+out. Opt-in (``PENSIEVE_INT4_ROWS=1``): its CUDA test failed at N = 45 on the H100
+(2026-12-07), cause unknown. ``gemv_rows`` is ``cuda_int4_gemv_kernels.gemv_split`` widened
+from 4 rows to 8 — fold the two into one kernel once the failure is understood. Importing this
+module needs neither a GPU nor Triton.
 """
 
 from __future__ import annotations

@@ -14,9 +14,8 @@ format, then down (each pick's routing weight in the epilogue) — and a sum of 
 
 * up to ``GEMV_MAX_PICKS`` picks (tokens × top-k: decode batches up to 32 tokens at top-8):
   ``pick_gemv``, one program per (pick, outputs), no sorting (a GEMV over the pick's expert);
-  at 2-16 tokens whose picks are expected to share experts, ``cuda_moe_expert``'s expert-major
-  GEMV instead (each picked expert's weights once for all its tokens;
-  ``PENSIEVE_MOE_EXPERT_GEMV=0`` off);
+  with ``PENSIEVE_MOE_EXPERT_GEMV=1|auto`` at 2-16 tokens, ``cuda_moe_expert``'s expert-major
+  GEMV instead (each picked expert's weights once for all its tokens; opt-in: slower on the H100);
 * more: the picks sorted by expert on the device (``align``: one Triton program up to
   ``ALIGN_MAX_PICKS``, else a few torch ops), each expert's run padded to blocks of BLOCK_M, and
   ``grouped_gemm``: one program per (block, outputs), the expert's weight tile dequantised in

@@ -3,13 +3,13 @@ each routed expert's weights read once for every token that picked it, where ``p
 reads them once a pick. One launch a projection, the grid (experts, output tiles) fixed by the
 shapes, no host sync: the decode CUDA graphs capture it.
 
-``cuda_moe.moe_experts`` takes it at 2 to ``MAX_TOKENS`` tokens where the picks are expected to
-share experts (``expected_sharing``: uniform routing's picks per distinct expert ≥
-``MIN_SHARING``): gpt-oss-20b's 32 experts at top-4 from 8 tokens (~1.5), GLM-4.7-Flash's 64 at
-top-4 and Qwen3-30B-A3B's 128 at top-8 only at 16 (~1.55; 1.24 at 8), never Qwen3.6's 256 at
-top-8 (~1.1 at 8). Conservative until measured (``bench/gpu_moe_kernels`` forces each route):
-``PENSIEVE_MOE_EXPERT_GEMV``: "0" never (``pick_gemv`` as before), "1" at every 2..MAX_TOKENS
-tokens, unset: by ``expected_sharing``.
+Opt-in: on the H100 (2026-12-07) it ran 271 µs a call against ``pick_gemv``'s 170 at
+gpt-oss-20b's 8 rows. ``PENSIEVE_MOE_EXPERT_GEMV``: unset or "0" never (``pick_gemv``), "1" at
+every 2..``MAX_TOKENS`` tokens, "auto" where the picks are expected to share experts
+(``expected_sharing``: uniform routing's picks per distinct expert ≥ ``MIN_SHARING`` —
+gpt-oss-20b's 32 experts at top-4 from 8 tokens (~1.5), GLM-4.7-Flash's 64 at top-4 and
+Qwen3-30B-A3B's 128 at top-8 only at 16 (~1.55; 1.24 at 8), never Qwen3.6's 256 at top-8).
+``bench/gpu_moe_kernels`` forces each route.
 """
 
 from __future__ import annotations
