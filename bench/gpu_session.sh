@@ -4,7 +4,7 @@
 # BUDGET seconds, then copies what is done to $OUT. Calls made back to back on one warm machine
 # (it goes back after 30 s idle) therefore lose no time between phases, unlike per-call scripts.
 #   BUDGET=585 bash bench/gpu_session.sh     # call 1, 2, 3 … (the same command each time)
-# DENSE: the dense files to bench (default "q4 qwen3"). Steps, in order, each once (state in /tmp/gs; progress in /tmp/gs/progress):
+# DENSE: the dense files to bench (default "q4 qwen3"; "qwen25" adds the Qwen2.5-7B Q4_K_M shape). Steps, in order, each once (state in /tmp/gs; progress in /tmp/gs/progress):
 #   background: llama-server build (CUDA sm_90, from .gpu/llama.cpp), the random GGUFs (8B Llama
 #     Q4_0, Qwen3-8B Q4_K_M, Qwen3-30B-A3B Q4_K_M), each written once;
 #   tests   every CUDA test (~7+ min on an H100; TESTS: the files; TESTS=none skips);
@@ -27,6 +27,7 @@ S=/tmp/gs; mkdir -p $S
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 export PENSIEVE_PROFILE_SKIP=${PENSIEVE_PROFILE_SKIP:-100}  # past the warm-up: in the first decode run
 Q4=/tmp/llama8b-random-q4_0.gguf; Q3=/tmp/qwen3-8b-q4_k_m.gguf; M=/tmp/qwen3-30b-a3b-q4_k_m.gguf
+Q2=/tmp/qwen25-7b-q4_k_m.gguf
 
 log() { echo "$(date +%T) $*" >> $S/progress; }
 wait_for() { while [ ! -e $1 ]; do sleep 3; done; }
@@ -38,6 +39,11 @@ gguf_chain() {  # CPU-bound writers, one after the other
   python3 -m bench.make_random_gguf $Q3 --dtype q4_k_m --tokenizer-from .gpu/tokenizer.gguf --arch qwen3 \
     --hidden 4096 --layers 36 --heads 32 --kv-heads 8 --head-dim 128 --intermediate 12288 \
     > $S/gguf_q3.log 2>&1 && touch $Q3.done; log "gguf qwen3-8b: $(tail -1 $S/gguf_q3.log | cut -c1-100)"
+  if [[ "${DENSE:-q4 qwen3}" == *qwen25* ]]; then
+    python3 -m bench.make_random_gguf $Q2 --dtype q4_k_m --tokenizer-from .gpu/tokenizer.gguf --arch qwen2 \
+      --hidden 3584 --layers 28 --heads 28 --kv-heads 4 --intermediate 18944 \
+      > $S/gguf_q2.log 2>&1 && touch $Q2.done; log "gguf qwen2.5-7b: $(tail -1 $S/gguf_q2.log | cut -c1-100)"
+  fi
   [[ "$STEPS" == *moe* || -z "$STEPS" ]] || { touch $S/gguf_chain.done; return; }  # no MoE step: skip its 17 GB file
   python3 -m bench.make_random_gguf $M --arch qwen3moe --dtype q4_k_m --hidden 2048 --layers 48 \
     --heads 32 --kv-heads 4 --head-dim 128 --intermediate 6144 --experts 128 --experts-used 8 \
@@ -74,11 +80,20 @@ pipeline() {
   nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv,noheader > $S/gpu.txt
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> $S/gpu.txt 2>&1
   log "start on $(head -1 $S/gpu.txt)"
+  if [ -e .gpu/llbuild.tar.xz ]; then  # a build an earlier call packed (below): no 4-5 min build
+    mkdir -p /tmp/llbuild && tar -xJf .gpu/llbuild.tar.xz -C /tmp/llbuild && /tmp/llbuild/bin/llama-server --version \
+      > $S/build.log 2>&1; echo $? > $S/build.rc; log "llama-server from .gpu/llbuild.tar.xz rc=$(cat $S/build.rc)"
+  else
   rm -rf /tmp/llsrc; cp -a .gpu/llama.cpp /tmp/llsrc
   ( nice -n 5 cmake -S /tmp/llsrc -B /tmp/llbuild -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
       -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     && nice -n 5 cmake --build /tmp/llbuild -j 12 --target llama-server; echo $? > $S/build.rc
-    log "llama-server build rc=$(cat $S/build.rc)" ) > $S/build.log 2>&1 &
+    log "llama-server build rc=$(cat $S/build.rc)"
+    # packed for later calls (PACK_LLAMA=1 sends it back in <= 15 MB parts: cat them into
+    # .gpu/llbuild.tar.xz here and carry that instead of .gpu/llama.cpp)
+    [ "$(cat $S/build.rc)" = 0 ] && (cd /tmp/llbuild && tar -cf - bin/llama-server $(ls bin/*.so* 2>/dev/null) | xz -T0 -6 > $S/llbuild.tar.xz) \
+      && log "llbuild.tar.xz $(du -h $S/llbuild.tar.xz | cut -f1)" ) > $S/build.log 2>&1 &
+  fi
   gguf_chain &
   for step in ${STEPS:-tests dense moe hybrid}; do
     case $step in
@@ -93,13 +108,16 @@ pipeline() {
         D=${DENSE:-q4 qwen3}
         [[ $D == *q4* ]] && wait_gguf $Q4 && pens q4 $Q4 decode,x8,ttft1 2
         [[ $D == *qwen3* ]] && wait_gguf $Q3 && pens qwen3 $Q3 decode,x8,ttft1 2.25
+        [[ $D == *qwen25* ]] && wait_gguf $Q2 && pens qwen25 $Q2 decode,x8,ttft1 0.9
         [ $step = pdense ] && continue
         [[ $D == *q4* ]] && [ -e $Q4.done ] && llama q4 $Q4 decode,x8,ttft1 16384 8
-        [[ $D == *qwen3* ]] && [ -e $Q3.done ] && llama qwen3 $Q3 decode,x8,ttft1 16384 8;;
+        [[ $D == *qwen3* ]] && [ -e $Q3.done ] && llama qwen3 $Q3 decode,x8,ttft1 16384 8
+        [[ $D == *qwen25* ]] && [ -e $Q2.done ] && llama qwen25 $Q2 decode,x8,ttft1 16384 8;;
       ldense)
         D=${DENSE:-q4 qwen3}
         [[ $D == *q4* ]] && [ -e $Q4.done ] && llama q4 $Q4 decode,x8,ttft1 16384 8
-        [[ $D == *qwen3* ]] && [ -e $Q3.done ] && llama qwen3 $Q3 decode,x8,ttft1 16384 8;;
+        [[ $D == *qwen3* ]] && [ -e $Q3.done ] && llama qwen3 $Q3 decode,x8,ttft1 16384 8
+        [[ $D == *qwen25* ]] && [ -e $Q2.done ] && llama qwen25 $Q2 decode,x8,ttft1 16384 8;;
       moe|pmoe)
         wait_gguf $M || continue; pens moe $M decode,x8,x32,ttft1,cc 3
         [ $step = moe ] && llama moe $M decode,x8,x32,ttft1,cc 32768 32;;
@@ -137,7 +155,7 @@ if [ ! -e $S/started ]; then  # the pipeline runs on a frozen copy of the first 
   touch $S/started; rm -rf /tmp/w
   if [ -e .gpu/head.tar ]; then  # a commit (git archive HEAD -o .gpu/head.tar), not the live tree
     mkdir -p /tmp/w/.gpu && tar -xf .gpu/head.tar -C /tmp/w && cp -a .whl /tmp/w/ \
-      && cp -a .gpu/llama.cpp .gpu/tokenizer.gguf .gpu/templates /tmp/w/.gpu/
+      && cp -a $(ls -d .gpu/llama.cpp .gpu/tokenizer.gguf .gpu/templates .gpu/llbuild.tar.xz 2>/dev/null) /tmp/w/.gpu/
   else cp -a . /tmp/w; fi
   (cd /tmp/w && setsid nohup bash bench/gpu_session.sh pipeline < /dev/null > $S/pipeline.log 2>&1 &)
 fi
@@ -159,6 +177,7 @@ summary() {
 }
 summary > $OUT/summary.md 2>&1
 cp $S/progress $OUT/progress.txt 2>/dev/null; cp $S/pytest_cuda.log $OUT/ 2>/dev/null
+[ -n "$PACK_LLAMA" ] && [ -e $S/llbuild.tar.xz ] && split -b 15M -d $S/llbuild.tar.xz $OUT/llbuild.tar.xz.part
 tar czf $OUT/gs_logs.tgz -C $S --exclude='*.gguf' --exclude='*.pack' --exclude=hy/out . 2>/dev/null
 echo "---- $(date +%T) progress so far:"; tail -25 $S/progress; echo "----"; cat $OUT/summary.md
 grep -E "passed|failed" $S/pytest_cuda.log 2>/dev/null | tail -3
