@@ -23,12 +23,16 @@ def summarise(path: Path) -> list[str]:
         if len(picked) < 8:
             continue
         took = sorted(rows[i][1] for i in picked)
-        periods = [rows[i + 1][0] - rows[i][0] for i in picked
-                   if i + 1 < len(rows) and rows[i + 1][2] == rows[i + 1][3] == width]
+        periods = [rows[i + 1][0] - rows[i][0] for i in picked  # < 0.1 s: not between requests
+                   if i + 1 < len(rows) and rows[i + 1][2] == rows[i + 1][3] == width
+                   and rows[i + 1][0] - rows[i][0] < 0.1]
         chained = sum(rows[i][4] for i in picked)
         out.append(f"  decode x{width}: {len(picked)} steps, {chained} chained; in step() median "
                    f"{statistics.median(took):.2f} ms, p90 {took[int(0.9 * (len(took) - 1))]:.2f} ms; "
-                   f"period median {1e3 * statistics.median(periods):.2f} ms" if periods else "")
+                   + (f"period median {1e3 * statistics.median(periods):.2f} ms, mean "
+                      f"{1e3 * statistics.fmean(periods):.2f} ms, max {1e3 * max(periods):.1f} ms, "
+                      f"{sum(p > 2 * statistics.median(periods) for p in periods)} over 2x the median"
+                      if periods else ""))
     return out
 
 
