@@ -25,8 +25,12 @@ format, then down (each pick's routing weight in the epilogue) — and a sum of 
 gpt-oss's experts (``models.gpt_oss.ClampedSwiGLUExperts``) run on the same launches: a bias
 per expert row on gate/up and on down (added in the epilogues, before the activation and before
 the routing weight) and the clamped SwiGLU (``glu`` = (alpha, limit)) in place of SiLU·up; its
-MXFP4 experts arrive as int8 codes with a float16 power of two per 32 (``loaders/mxfp4.py``),
-~1.06 bytes a weight.
+MXFP4 experts arrive as int8 codes with a float16 power of two per 32 (``loaders/mxfp4.py``) and
+are held as the file's bytes (``fp4``: two E2M1 codes a byte in GGML's order + the E8M0 byte per
+32, 17 bytes a 32 = 4.25 bits a weight; the kernels' ``FP4`` layout), converted back exactly
+once when the module is built; ``PENSIEVE_MXFP4_INT8=1`` keeps the int8 codes (~1.06 bytes a
+weight) instead. The expert-major GEMV takes no ``fp4`` stack (its route falls back to
+``pick_gemv``).
 
 Nothing syncs with the host and every launch's grid is fixed by the number of picks, so the
 decode CUDA graphs capture the layer (``cuda_moe_swap.swap_in_experts`` puts it in a model and
@@ -37,6 +41,7 @@ needs neither a GPU nor Triton.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -61,6 +66,12 @@ Glu = tuple[float, float] | None  # gpt-oss's clamped SwiGLU (alpha, limit); Non
 # beyond, sorted + grouped (bench/gpu_moe_kernels.py, BENCHMARKS.md)
 GEMV_MAX_PICKS = 256
 ALIGN_MAX_PICKS = 512  # one-program sort up to here; beyond, torch ops (still on the device)
+MXFP4_INT8_ENV = "PENSIEVE_MXFP4_INT8"  # "1": MXFP4 experts as int8 codes (the old layout)
+
+
+def mxfp4_packed(environ: dict[str, str] | None = None) -> bool:
+    """Whether MXFP4 experts are held packed (4.25 bits a weight; off: ``MXFP4_INT8_ENV``=1)."""
+    return (os.environ if environ is None else environ).get(MXFP4_INT8_ENV, "0") != "1"
 
 
 @dataclass(frozen=True)
@@ -86,7 +97,8 @@ class Stack:
     sub-scales [E·N, K/16] (``six``) or int16 float16 bits [E·N, K/group], ``mn`` int16 offsets
     [E·N, K/32] (int8 with offsets) or the high-2-bit bytes [E·N, K/4] (``six``) or None,
     ``d`` the float16 bits of ``six``'s super-scales [E·N, K/256]; ``n`` rows per expert;
-    ``b`` a bias per row [E·N] (gpt-oss) or None."""
+    ``b`` a bias per row [E·N] (gpt-oss) or None. ``fp4`` (MXFP4): ``w`` [E·N, K/2] uint8, two
+    E2M1 codes a byte in the int4 order, ``s`` the E8M0 bytes [E·N, K/32]."""
 
     w: torch.Tensor
     s: torch.Tensor
@@ -98,6 +110,7 @@ class Stack:
     six: bool = False
     d: torch.Tensor | None = None
     b: torch.Tensor | None = None
+    fp4: bool = False
 
 
 def _kernels() -> ModuleType:
@@ -108,8 +121,8 @@ def _kernels() -> ModuleType:
 
 def fmt(codes: Codes) -> tuple[str, int, bool] | None:
     """The kernels' format of a projection's codes: ("int4", 32, True), ("six", 16, False)
-    for Q6_K, ("int8", group, has offsets), or None where they take it not (it is then
-    dequantised)."""
+    for Q6_K, ("fp4", 32, False) for MXFP4 (unless ``mxfp4_packed()`` is off), ("int8", group,
+    has offsets), or None where they take it not (it is then dequantised)."""
     if isinstance(codes, Int4Groups):
         ok = codes.group_size == 32 and codes.shape[1] % 32 == 0
         return ("int4", 32, True) if ok else None
@@ -118,7 +131,15 @@ def fmt(codes: Codes) -> tuple[str, int, bool] | None:
         return None
     if q6k_takes(codes):  # codes −32..31: six bits, the file's own scale factors
         return ("six", 16, False)
+    if is_mxfp4(codes) and mxfp4_packed():
+        return ("fp4", 32, False)
     return ("int8", key[0], key[1])
+
+
+def is_mxfp4(codes: Codes) -> bool:
+    """MXFP4 kept as int8 codes (``loaders/mxfp4.int8_codes``: doubled E2M1 × 2^(e − 128))."""
+    return (isinstance(codes, Int8Groups) and codes.ggml_type == "MXFP4"
+            and codes.group_size == 32 and codes.offsets is None and codes.shape[1] % 32 == 0)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -130,7 +151,13 @@ Tensors4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor |
 
 def stack_tensors(codes: Codes) -> Tensors4:
     """(w, s, mn, d) of ``Stack`` for codes of a 2-D view [E·N, K]."""
-    if fmt(codes) == ("six", 16, False):
+    kind = fmt(codes)
+    if kind == ("fp4", 32, False):  # back to the file's bytes, exactly (loaders/mxfp4.py)
+        from pensieve.loaders.mxfp4 import packed_from_int8
+
+        packed, exps = packed_from_int8(codes.codes, codes.scales)
+        return packed, exps, None, None
+    if kind == ("six", 16, False):
         lo, hi = pack_six(codes.codes)
         sc, d = codes.k_scales
         return lo, sc.contiguous(), hi, _bits(d)
@@ -151,7 +178,11 @@ def _per_expert_cat(a: torch.Tensor, b: torch.Tensor, experts: int) -> torch.Ten
 
 def _dequantize(st: Stack, experts: int) -> torch.Tensor:
     """The float32 weights [E, N, K] a stack stands for."""
-    if st.int4:
+    if st.fp4:
+        from pensieve.loaders.mxfp4 import packed_dequantize
+
+        w = packed_dequantize(st.w, st.s)
+    elif st.int4:
         w = unpack(st.w, st.s)
     elif st.six:
         w = q6k_dequantize(st.w, st.mn, st.s, st.d)
@@ -177,13 +208,14 @@ def _meta(st: Stack, glu: Glu = None) -> tuple[tuple, dict]:
              st.s if st.d is None else st.d, st.s if st.b is None else st.b),
             {"INT4": st.int4, "SIX": st.six, "GS": st.group,
              "HAS_MIN": st.mn is not None and not st.six, "HAS_BIAS": st.b is not None,
-             "SWIGLU": glu is not None, "ALPHA": float(alpha), "LIMIT": float(limit)})
+             "SWIGLU": glu is not None, "ALPHA": float(alpha), "LIMIT": float(limit),
+             **({"FP4": True} if st.fp4 else {})})  # (only pick_gemv / grouped_gemm take it)
 
 
 def _gemv_block_k(st: Stack, want: int) -> int:
     """``pick_gemv``'s step along K: the largest power of two ≤ ``want`` dividing K, except that
     int8 rows whose K only 32 or 64 divides (gpt-oss's 2880: 45 steps of 64) take ``want``
-    whole, the last step masked (the int8 path reads groups past K as zeros)."""
+    whole, the last step masked (the int8 and fp4 paths read groups past K as zeros)."""
     b = _block_k(st.k, want)
     return want if b < min(want, 128) and not (st.int4 or st.six) else b
 
@@ -279,6 +311,8 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
     out = torch.empty(p, down.n, device=x.device, dtype=x.dtype)
     if route is None and p <= GEMV_MAX_PICKS and cuda_moe_expert.wanted(t, experts, k):
         route = "experts"
+    if route == "experts" and (gate_up.fp4 or down.fp4):  # its kernel takes no FP4 layout
+        route = "gemv"
     if route == "experts":  # each picked expert's weights once for all its tokens
         common = dict(tokens=t, experts=experts, topk=k)
         cuda_moe_expert.expert_gemv(x, flat, rw, gate_up, h, gather=True, fuse=True,
@@ -340,9 +374,11 @@ class CudaMoEExperts(nn.Module):
     def stacks(self) -> tuple[Stack, Stack]:
         (gkind, ggroup, _), (dkind, dgroup, _) = self.formats
         gu = Stack(self.gate_up_w, self.gate_up_s, self.gate_up_mn, gkind == "int4", ggroup,
-                   2 * self.inner, self.hidden, gkind == "six", self.gate_up_d, self.gate_up_b)
+                   2 * self.inner, self.hidden, gkind == "six", self.gate_up_d, self.gate_up_b,
+                   gkind == "fp4")
         dn = Stack(self.down_w, self.down_s, self.down_mn, dkind == "int4", dgroup,
-                   self.hidden, self.inner, dkind == "six", self.down_d, self.down_b)
+                   self.hidden, self.inner, dkind == "six", self.down_d, self.down_b,
+                   dkind == "fp4")
         return gu, dn
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:

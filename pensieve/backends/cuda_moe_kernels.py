@@ -15,6 +15,17 @@ two code layouts of the dense CUDA layers, or a 6-bit one:
   columns 32g+i, +8, +16, +24 in bits 0-1, 2-3, 4-5, 6-7), ``S`` the int8 sub-scale per 16 and
   ``D`` the float16 bits of the super-scale per 256: ``w = (u − 32)·d·sc`` — the file's 210
   bytes a 256 (``cuda_q6k``'s layout). Other formats take ``D`` as an unused argument.
+* ``FP4`` (MXFP4, gpt-oss's experts): ``W`` uint8 [E, N, K/2], two E2M1 codes a byte in the
+  int4 layout's order (GGML's own block order: byte ``i`` of group ``g`` holds column 32g+i in
+  the low nibble, 32g+16+i in the high one), ``S`` uint8 [E, N, K/32] the E8M0 exponent byte
+  ``e`` of each 32: ``w = e2m1(code) · 2^(e − 127)`` — the file's 17 bytes a 32 (``e`` = 0
+  reads as a zero scale). The decode (``_e2m1``) is bit arithmetic: the code's three magnitude
+  bits put at bits 9-11 of a float16 and its sign at bit 15 are that float16's exponent (bias
+  15) and top mantissa bit, whose value is e2m1 · 2^−14 exactly — subnormals included (0.5 is
+  a float16 subnormal here; the float16 → float32 conversion keeps them, where float32 bit
+  tricks would meet denormal flushing) — so a code costs two shifts, one three-input logic op
+  and one conversion, no table load or select chain; the 2^14 is folded into the group's
+  scale (the GEMV: once per row sum).
 
 A row of the MoE is a *pick*: (token t, its j-th expert), ``p = t·TOPK + j``. The first
 projection reads x's row ``p // TOPK`` (``GATHER``), the second the pick's own row of the
@@ -65,6 +76,20 @@ def _u6(u):
 
 
 @triton.jit
+def _e2m1(n):
+    """int32 ``n``'s low nibble (an E2M1 code; bits above 3 ignored) → float32 e2m1(code) ·
+    2^−14, exactly: the code's bits placed as a float16's (see the module text)."""
+    bits = ((n & 7) << 9) | ((n & 8) << 12)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _e8m0(e):
+    """E8M0 exponent bytes (int32 0..254) → float32 2^(e − 127); 0 → 0."""
+    return (e << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _scale_offset(so):
     s = (so & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     o = (so >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -94,10 +119,28 @@ def _glu(g, u, SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
 
 @triton.jit
 def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr,
-             HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+             HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             FP4: tl.constexpr = False):
     """Σ_k x[k] · w[wrow, k] for the int64 weight rows ``wrow`` [BLOCK_N] of the stacked
     weight (rows counted over all experts); x's row at ``XR``; BLOCK_K columns a step."""
-    if INT4:
+    if FP4:
+        gi = tl.arange(0, BLOCK_K // 32)
+        i = tl.arange(0, 16)
+        w_ptrs = W + wrow[:, None, None] * (K // 2) + gi[None, :, None] * 16 + i[None, None, :]
+        e_ptrs = S + wrow[:, None] * (K // 32) + gi[None, :]
+        x_ptrs = XR + gi[:, None] * 32 + i[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            # whole groups (K % 32 == 0); a K that BLOCK_K does not divide (gpt-oss's 2880 =
+            # 90 groups) reads its last step's groups past K as zeros
+            gm = k0 + gi * 32 < K
+            b = tl.load(w_ptrs + k0 // 2, mask=gm[None, :, None], other=0).to(tl.int32)
+            xlo = tl.load(x_ptrs + k0, mask=gm[:, None], other=0.0).to(tl.float32)
+            xhi = tl.load(x_ptrs + k0 + 16, mask=gm[:, None], other=0.0).to(tl.float32)
+            part = tl.sum(_e2m1(b) * xlo[None, :, :] + _e2m1(b >> 4) * xhi[None, :, :], 2)
+            e = tl.load(e_ptrs + k0 // 32, mask=gm[None, :], other=0).to(tl.int32)
+            acc += part * _e8m0(e)
+    elif INT4:
         gi = tl.arange(0, BLOCK_K // 32)
         i = tl.arange(0, 16)
         w_ptrs = W + wrow[:, None, None] * (K // 2) + gi[None, :, None] * 16 + i[None, None, :]
@@ -154,7 +197,10 @@ def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS
                 part += _half(tl.load(MN + wrow[:, None] * (K // 32) + si[None, :] + k0 // 32,
                                       mask=gm[None, :], other=0)) * tl.sum(x, 1)[None, :]
             acc += part
-    return tl.sum(acc, 1)
+    out = tl.sum(acc, 1)
+    if FP4:
+        out = out * 16384.0  # the decode's 2^-14 back (a power of two: exact)
+    return out
 
 
 @triton.jit
@@ -162,7 +208,8 @@ def pick_gemv(X, IDS, RW, W, S, MN, D, B, Y, N, K, stride_x, stride_y, TOPK: tl.
               GATHER: tl.constexpr, FUSE: tl.constexpr, ROUTED: tl.constexpr,
               INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
               HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ALPHA: tl.constexpr,
-              LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              FP4: tl.constexpr = False):
     """y[p, n] for pick p = program 0, outputs n in BLOCK_N; N: the expert's weight rows
     (2I where FUSE, whose output has I columns); grid (P, cdiv(N_out, BLOCK_N))."""
     p = tl.program_id(0)
@@ -180,11 +227,12 @@ def pick_gemv(X, IDS, RW, W, S, MN, D, B, Y, N, K, stride_x, stride_y, TOPK: tl.
     nmask = n < n_out
     wrow = e * N + tl.where(nmask, n, 0).to(tl.int64)
     XR = X + row.to(tl.int64) * stride_x
-    y = _row_dot(XR, W, S, MN, D, wrow, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K)
+    y = _row_dot(XR, W, S, MN, D, wrow, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K, FP4)
     if HAS_BIAS:
         y += tl.load(B + wrow).to(tl.float32)
     if FUSE:
-        u = _row_dot(XR, W, S, MN, D, wrow + n_out, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K)
+        u = _row_dot(XR, W, S, MN, D, wrow + n_out, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K,
+                     FP4)
         if HAS_BIAS:
             u += tl.load(B + wrow + n_out).to(tl.float32)
         y = _glu(y, u, SWIGLU, ALPHA, LIMIT)
@@ -236,6 +284,14 @@ def _int4_tile(W, S, erow, byte, K):
 
 
 @triton.jit
+def _fp4_tile(W, S, erow, byte, K):
+    """As ``_int4_tile`` for the MXFP4 layout (``S``: E8M0 exponent bytes): (low, high)."""
+    b = tl.load(W + erow * (K // 2) + byte).to(tl.int32)
+    s = _e8m0(tl.load(S + erow * (K // 32) + byte // 16).to(tl.int32))
+    return (_e2m1(b) * 16384.0) * s, (_e2m1(b >> 4) * 16384.0) * s
+
+
+@triton.jit
 def _six_tile(W, S, H, D, erow, byte, K):
     """As ``_int4_tile`` for the 6-bit layout (``H``: the high-bit bytes, ``S`` int8 sub-scales,
     ``D`` float16 super-scales): (low, high) columns."""
@@ -264,7 +320,8 @@ def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, D, B, Y, P, E, N, K, stride_x, s
                  ROUTED: tl.constexpr, INT4: tl.constexpr, SIX: tl.constexpr,
                  GS: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 FP4: tl.constexpr = False):
     """y[picks of block b, outputs of program 1] (see the module text); grid
     (MAX_BLOCKS, cdiv(N_out, BLOCK_N))."""
     blk = tl.program_id(0)
@@ -281,7 +338,7 @@ def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, D, B, Y, P, E, N, K, stride_x, s
         row = pick
     expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stride_x, stride_y,
                 FUSE, ROUTED, INT4, SIX, GS, HAS_MIN, HAS_BIAS, SWIGLU, ALPHA, LIMIT, BLOCK_M,
-                BLOCK_N, BLOCK_K)
+                BLOCK_N, BLOCK_K, FP4)
 
 
 @triton.jit
@@ -290,7 +347,7 @@ def expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stri
                 SIX: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ALPHA: tl.constexpr,
                 LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, FP4: tl.constexpr = False):
     """Expert ``e``'s outputs ``pid_n`` for BLOCK_M rows (x's ``row``, y's ``pick``, where
     ``mmask``): its weight tile dequantised in registers once for all of them, on the tensor
     cores (``grouped_gemm``'s and ``cuda_moe_expert_kernels.expert_gemv``'s body)."""
@@ -303,7 +360,7 @@ def expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stri
     erow = e * N + tl.where(nmask, n, 0).to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if INT4 or SIX:
+    if INT4 or SIX or FP4:
         # a step: BLOCK_K // 32 groups = BLOCK_K // 2 bytes a row, contiguous; byte j of the step
         # holds columns 32·(j // 16) + j % 16 (low nibble) and 16 more (high nibble)
         j = tl.arange(0, BLOCK_K // 2)
@@ -314,6 +371,8 @@ def expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stri
             xhi = tl.load(x_ptrs + k0 + 16, mask=mmask[:, None], other=0.0)
             if SIX:
                 lo, hi = _six_tile(W, S, MN, D, erow[None, :], j[:, None] + k0 // 2, K)
+            elif FP4:
+                lo, hi = _fp4_tile(W, S, erow[None, :], j[:, None] + k0 // 2, K)
             else:
                 lo, hi = _int4_tile(W, S, erow[None, :], j[:, None] + k0 // 2, K)
             acc = _dot(xlo, lo.to(xlo.dtype), acc)
@@ -322,6 +381,8 @@ def expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stri
                 if SIX:
                     lo, hi = _six_tile(W, S, MN, D, erow[None, :] + n_out, j[:, None] + k0 // 2,
                                        K)
+                elif FP4:
+                    lo, hi = _fp4_tile(W, S, erow[None, :] + n_out, j[:, None] + k0 // 2, K)
                 else:
                     lo, hi = _int4_tile(W, S, erow[None, :] + n_out, j[:, None] + k0 // 2, K)
                 acc_u = _dot(xlo, lo.to(xlo.dtype), acc_u)

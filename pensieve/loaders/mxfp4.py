@@ -10,7 +10,9 @@ the same numbers:
 - an HF checkpoint's ``*_blocks`` [..., G, 16] with ``*_scales`` [..., G]: byte i holds weights
   2i (low nibble) and 2i + 1 (high nibble) of its group.
 
-Either dequantised here to float, or kept as the grouped kernels' int8 codes, exactly
+Either dequantised here to float, kept as the file's own 17 bytes a 32 for the CUDA experts
+(``packed_*``: GGML's nibble order, two codes a byte, and the E8M0 byte apart — the form
+``backends/cuda_moe.py``'s ``FP4`` kernels read), or as the grouped kernels' int8 codes, exactly
 (``int8_codes``): doubled, every E2M1 value is an integer in [−12, 12], so a block is int8 codes
 times one power of two 2^(e − 128) — a float16 scale, exact while e − 128 is in [−24, 15]
 (float16's smallest subnormal to its largest power of two). An all-zero block's scale is 0 (its
@@ -153,3 +155,65 @@ def hf_int8(blocks: torch.Tensor, scales: torch.Tensor, name: str = ""
         return None
     return (out[0].reshape(*scales.shape[:-1], scales.shape[-1] * BLOCK),
             out[1].reshape(scales.shape))
+
+
+# --- the packed form: two E2M1 codes a byte + the E8M0 byte, the file's 4.25 bits a weight ------
+
+def ggml_packed(raw: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GGML MXFP4 tensor's bytes, rows × cols → (code bytes uint8 [rows, cols / 2], GGML's
+    order: byte i of group g holds column 32g + i (low nibble) and 32g + 16 + i (high); E8M0
+    exponents uint8 [rows, cols / 32]): the file's bytes, the exponent moved apart."""
+    blocks = raw.reshape(rows * (cols // BLOCK), 17)
+    return (blocks[:, 1:].contiguous().view(rows, cols // 2),
+            blocks[:, 0].contiguous().view(rows, cols // BLOCK))
+
+
+# int8 code (doubled E2M1, −12..12) + 12 → its E2M1 nibble; −1 where no code (e.g. 5)
+_NIBBLE_OF = torch.full((25,), -1, dtype=torch.int16)
+for _nib, _val in enumerate(DOUBLED):
+    if not (_val == 0 and _nib == 8):  # −0 → 0's nibble
+        _NIBBLE_OF[_val + 12] = _nib
+
+
+def packed_from_int8(codes: torch.Tensor, scales: torch.Tensor, chunk_rows: int = 4096
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``int8_codes``' form back to the packed one, exactly: int8 codes [R, K] (doubled E2M1)
+    and float16 scales [R, K / 32] (2^(e − 128), or 0 for an all-zero block) → (code bytes
+    uint8 [R, K / 2] in GGML's order, E8M0 bytes uint8 [R, K / 32]; a zero scale → e = 0).
+    Raises ValueError on a code no E2M1 value doubles to or a scale that is no power of two.
+    ``chunk_rows`` rows at a time (bounds the temporaries)."""
+    rows, cols = codes.shape
+    if cols % BLOCK or scales.shape != (rows, cols // BLOCK):
+        raise ValueError(f"MXFP4 codes {tuple(codes.shape)} do not fit scales "
+                         f"{tuple(scales.shape)}")
+    table = _NIBBLE_OF.to(codes.device)
+    packed = torch.empty(rows, cols // 2, dtype=torch.uint8, device=codes.device)
+    exps = torch.empty(rows, cols // BLOCK, dtype=torch.uint8, device=codes.device)
+    for at in range(0, rows, chunk_rows):
+        c = codes[at:at + chunk_rows]
+        m = c.shape[0]
+        ci = c.to(torch.int64) + 12
+        nib = table[ci.clamp(0, 24)]
+        if bool((nib < 0).any() or ((ci < 0) | (ci > 24)).any()):
+            raise ValueError("MXFP4 int8 codes: a code that is no doubled E2M1 value")
+        nib = nib.view(m, cols // BLOCK, 2, 16)
+        packed[at:at + m] = (nib[:, :, 0] | (nib[:, :, 1] << 4)).to(torch.uint8).view(m, -1)
+        s = scales[at:at + chunk_rows].float()
+        mant, ex = torch.frexp(s)  # s = 0.5 · 2^ex for a power of two
+        zero = s == 0
+        if bool((~zero & (mant != 0.5)).any()):
+            raise ValueError("MXFP4 int8 scales: a scale that is no power of two")
+        e = torch.where(zero, 0, ex.to(torch.int32) - 1 + 128)  # 2^(e − 128) = s
+        if bool(((e < 1) & ~zero).any() or (e > 254).any()):
+            raise ValueError("MXFP4 int8 scales: an exponent E8M0 does not hold")
+        exps[at:at + m] = e.to(torch.uint8)
+    return packed, exps
+
+
+def packed_dequantize(packed: torch.Tensor, exps: torch.Tensor) -> torch.Tensor:
+    """The packed form → float32 [R, K] (``ggml_blocks`` over the same bytes; e = 0 is read as
+    a zero scale, as the kernels read it)."""
+    rows = packed.shape[0]
+    blocks = torch.cat((exps.reshape(-1, 1), packed.reshape(-1, BLOCK // 2)), dim=1)
+    w = ggml_blocks(blocks).view(rows, -1, BLOCK)
+    return torch.where((exps == 0)[..., None], 0.0, w).view(rows, -1)
