@@ -11,8 +11,9 @@
 Sizes a weight in the CUDA layouts (``cuda_int4``, ``cuda_q6k``, ``cuda_int8``, ``cuda_moe``):
 Q4_0 18 bytes a 32 (the file's; MoE experts 20); Q4_1 and Q4_K 20 a 32 (a float16 scale and offset per 32; the
 file's Q4_K is 18); Q6_K 210 a 256 (the file's, experts too); the
-int8-code types one byte a code plus float16 scales (and offsets), MXFP4 experts too (34 bytes a
-32 for the file's 17). Other tensors (norms,
+int8-code types one byte a code plus float16 scales (and offsets); MXFP4 experts the file's 17
+bytes a 32 (``cuda_moe``'s packed ``fp4``; 34, int8 codes + a float16 scale, with
+``PENSIEVE_MXFP4_INT8=1``). Other tensors (norms,
 biases, routers, float matrices) are held in the model's dtype.
 """
 
@@ -54,7 +55,10 @@ def cuda_bytes(ggml_type: Q, shape: tuple[int, ...], float_bytes: int = 2) -> in
         if ggml_type is Q.Q4_0 and len(shape) == 3:
             return n // 32 * 20  # MoE experts keep Q4_0's offsets too
         if ggml_type is Q.MXFP4 and len(shape) == 3:
-            return n // 32 * 34  # gpt-oss's experts: int8 codes + a float16 scale (file: 17)
+            # gpt-oss's experts: the file's bytes, or int8 codes + a float16 scale (opt-out)
+            from pensieve.backends.cuda_moe import mxfp4_packed
+
+            return n // 32 * (17 if mxfp4_packed() else 34)
         if ggml_type in BYTES_PER_32:
             return n // 32 * BYTES_PER_32[ggml_type]
     return n * float_bytes

@@ -3,11 +3,15 @@
 On CPU: MXFP4 blocks → int8 codes × a float16 power of two per 32, bit-exact against the float
 dequantisation for GGML's and HF's layouts at every exponent float16 holds (and all-zero blocks
 at any exponent); a block outside that range leaves the tensor on the dequantised path, with the
-reason logged. A tiny gpt-oss (GGUF and HF folder, MXFP4 experts) planned for CUDA holds its
-experts as ``CudaMoEExperts`` (biases, clamped SwiGLU) and gives the dequantised model's logits on
-the module's reference path. In Triton's interpreter: the fused kernels with gpt-oss's biases and
-clamp (both routes) against the torch ``ClampedSwiGLUExperts`` in float64, on random layers and on
-the tiny GGUF's own layers with its router; the kernels' bias/clamp variants compiled for sm_90.
+reason logged. The int8 codes back to the packed form (the file's bytes: two E2M1 codes a byte +
+the E8M0 byte, ``CudaMoEExperts``' default layout, ``fp4``) exactly, and the kernels' E2M1 decode
+(bits placed in a float16) for all 16 codes. A tiny gpt-oss (GGUF and HF folder, MXFP4 experts)
+planned for CUDA holds its experts as ``CudaMoEExperts`` (biases, clamped SwiGLU; packed, 17
+bytes a 32, or int8 codes with ``PENSIEVE_MXFP4_INT8=1``) and gives the dequantised model's
+logits on the module's reference path. In Triton's interpreter: the fused kernels over both
+layouts with gpt-oss's biases and clamp (both routes) against the torch ``ClampedSwiGLUExperts``
+in float64, on random layers (K = 2880 too: 90 groups, the GEMV's last step masked) and on the
+tiny GGUF's own layers with its router; the kernels' bias/clamp variants compiled for sm_90.
 With a GPU: the tiny gpt-oss engine on codes (hybrid decode graphs on) against the dequantised
 path (eager), greedy tokens equal, graphs captured and replayed.
 """
@@ -15,6 +19,8 @@ path (eager), greedy tokens equal, graphs captured and replayed.
 from __future__ import annotations
 
 import logging
+import os
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -73,15 +79,74 @@ def test_a_block_outside_float16_leaves_the_tensor_dequantised(e, caplog):
     assert "dequantised instead" in caplog.text and f"e = {e}" in caplog.text
 
 
-def test_experts_as_expert_codes_and_only_experts():
+def test_experts_as_expert_codes_and_only_experts(monkeypatch):
     raw = random_blocks(3 * 8 * 4, 5).reshape(-1)
     kept = quant_groups(raw, Q.MXFP4, (3, 8, 128))
     assert isinstance(kept, ExpertCodes) and kept.experts == 3
     g = kept.groups
     assert g.ggml_type == "MXFP4" and g.group_size == 32 and g.offsets is None
     assert torch.equal(kept.dequantize(), dequantize(raw, Q.MXFP4, (3, 8, 128)))
+    assert cuda_moe.fmt(g) == ("fp4", 32, False)  # held packed on CUDA
+    monkeypatch.setenv(cuda_moe.MXFP4_INT8_ENV, "1")  # the opt-out: int8 codes
     assert cuda_moe.fmt(g) == ("int8", 32, False)
     assert quant_groups(raw, Q.MXFP4, (24, 128)) is None  # a 2-D MXFP4 weight: dequantised
+
+
+def test_int8_codes_back_to_the_files_bytes_exactly():
+    """``packed_from_int8`` (what ``CudaMoEExperts`` holds) gives the file's own code bytes and
+    exponents (−0 as +0; an all-zero block's exponent as 0) and dequantises to the file's
+    values; codes or scales that are no MXFP4 raise."""
+    raw = random_blocks(64 * 90, 11)  # 64 rows of gpt-oss's K = 2880 (90 groups)
+    raw[:2, 0] = torch.tensor([LOW, HIGH], dtype=torch.uint8)
+    raw[2:4, 1:] = torch.tensor([0x00, 0x88], dtype=torch.uint8)[:, None]  # all zero
+    codes, scales = mxfp4.ggml_int8(raw.reshape(-1), 64, 2880)
+    packed, exps = mxfp4.packed_from_int8(codes, scales, chunk_rows=7)
+    want_bytes, want_exps = mxfp4.ggml_packed(raw.reshape(-1), 64, 2880)
+    assert packed.shape == (64, 1440) and exps.shape == (64, 90) and packed.dtype == torch.uint8
+    assert packed.nbytes + exps.nbytes == raw.numel()  # 17 bytes a 32: the file's size
+    flat_b, flat_e = packed.view(-1, 16), exps.view(-1)
+    wb, we = want_bytes.view(-1, 16), want_exps.view(-1)
+    minus_zero = lambda b: torch.where((b & 0x0F) == 8, b & 0xF0, b)  # noqa: E731
+    positive = lambda b: minus_zero(torch.where((b >> 4) == 8, b & 0x0F, b))  # noqa: E731
+    assert torch.equal(flat_b, positive(wb))
+    live = ~(wb == 0).all(1) & ~(wb == 0x88).all(1)
+    assert torch.equal(flat_e[live], we[live]) and bool((flat_e[2:4] == 0).all())
+    want = mxfp4.ggml_blocks(raw).view(64, 2880)
+    assert torch.equal(mxfp4.packed_dequantize(packed, exps), want)
+    bad = codes.clone()
+    bad[0, 0] = 5  # no doubled E2M1 value
+    with pytest.raises(ValueError, match="no doubled E2M1"):
+        mxfp4.packed_from_int8(bad, scales)
+    odd = scales.clone()
+    odd[0, 0] = 3.0
+    with pytest.raises(ValueError, match="no power of two"):
+        mxfp4.packed_from_int8(codes, odd)
+
+
+def test_the_kernels_e2m1_decode_is_exact_for_every_code():
+    """``cuda_moe_kernels._e2m1``'s arithmetic, in torch: code bits 0-2 at float16 bits 9-11,
+    bit 3 at bit 15, read as float16 → e2m1(code) · 2^−14 (0.5 a float16 subnormal), exactly."""
+    n = torch.arange(256, dtype=torch.int32)  # a byte: low and high nibble as the kernels shift
+    for nib, b in ((n & 15, n), (n >> 4, n >> 4)):
+        bits = ((b & 7) << 9) | ((b & 8) << 12)
+        got = bits.to(torch.int16).view(torch.float16).float() * 16384.0
+        want = torch.tensor(mxfp4.DOUBLED, dtype=torch.float32)[nib.long()] / 2
+        assert torch.equal(got, want)
+    e = torch.tensor([1, 104, 127, 143, 254], dtype=torch.int32)  # _e8m0: the bits e << 23
+    assert torch.equal((e << 23).view(torch.float32), torch.ldexp(torch.ones(5), e - 127))
+    assert (torch.zeros(1, dtype=torch.int32) << 23).view(torch.float32).item() == 0.0
+
+
+def test_gpt_oss_20b_experts_held_at_the_files_size(monkeypatch):
+    """``weight_bytes.cuda_bytes`` of gpt-oss-20b's expert tensors: the file's 17 bytes a 32
+    (1.0×, issue 11 asks ≤ 1.1×); 2.0× with the int8 opt-out."""
+    from pensieve.backends.weight_bytes import cuda_bytes
+
+    shapes = ((32, 5760, 2880), (32, 2880, 2880))  # gate/up [E, 2I, H] (split: same bytes), down
+    file = sum(e * r * c // 32 * 17 for e, r, c in shapes)
+    assert sum(cuda_bytes(Q.MXFP4, s) for s in shapes) == file
+    monkeypatch.setenv(cuda_moe.MXFP4_INT8_ENV, "1")
+    assert sum(cuda_bytes(Q.MXFP4, s) for s in shapes) == 2 * file
 
 
 # --- a tiny gpt-oss ----------------------------------------------------------------------------
@@ -123,16 +188,20 @@ def planned_model(path: Path):  # noqa: ANN201
     return ckpt, model, build_model(float_ckpt, EngineConfig(context_length=64))
 
 
+@pytest.mark.parametrize("layout", ["fp4", "int8"])
 @pytest.mark.parametrize("kind", ["gguf", "hf"])
-def test_planned_for_cuda_the_experts_are_codes_with_the_dequantised_logits(root, kind):
-    """The wiring, on CPU: the MXFP4 experts stay int8 codes (1 + 2/32 bytes a weight) in
-    ``CudaMoEExperts`` with gpt-oss's biases and clamp; on the module's reference path the
-    logits are the dequantised model's."""
+def test_planned_for_cuda_the_experts_are_codes_with_the_dequantised_logits(root, kind, layout,
+                                                                            monkeypatch):
+    """The wiring, on CPU: the MXFP4 experts stay codes in ``CudaMoEExperts`` with gpt-oss's
+    biases and clamp — packed, the file's 17 bytes a 32 (default), or int8 codes, 1 + 2/32
+    bytes a weight (``PENSIEVE_MXFP4_INT8=1``); on the module's reference path the logits are
+    the dequantised model's."""
     from pensieve.backends.weight_bytes import cuda_bytes
     from pensieve.loaders.registry import load_checkpoint
     from tests.helpers.paged_run import paged_logits, prompt
     from tests.helpers.tiny_families import VOCAB
 
+    monkeypatch.setenv(cuda_moe.MXFP4_INT8_ENV, "1" if layout == "int8" else "0")
     path = tiny(root, kind)
     codes = load_checkpoint(path, keep_int4=True).int4
     floats = load_checkpoint(path).weights
@@ -144,11 +213,22 @@ def test_planned_for_cuda_the_experts_are_codes_with_the_dequantised_logits(root
     layers = [m for m in model.modules() if isinstance(m, CudaMoEExperts)]
     assert len(layers) == 3 and all(m.glu == (1.702, 7.0) for m in layers)
     layer = layers[0]
-    assert layer.down_w.dtype == torch.int8 and layer.down_s.dtype == torch.int16
-    held = sum(b.nbytes for b in (layer.gate_up_w, layer.gate_up_s, layer.down_w, layer.down_s))
     e, h, i = 4, 64, 32
+    held = sum(b.nbytes for b in (layer.gate_up_w, layer.gate_up_s, layer.down_w, layer.down_s))
     assert held == 2 * cuda_bytes(Q.MXFP4, (e, i, h)) + cuda_bytes(Q.MXFP4, (e, h, i))
-    assert held == 3 * e * h * i * (1 + 2 / 32)
+    if layout == "int8":
+        assert layer.formats == (("int8", 32, False),) * 2
+        assert layer.down_w.dtype == torch.int8 and layer.down_s.dtype == torch.int16
+        assert held == 3 * e * h * i * (1 + 2 / 32)
+    else:
+        assert layer.formats == (("fp4", 32, False),) * 2
+        assert layer.down_w.dtype == torch.uint8 and layer.down_s.dtype == torch.uint8
+        assert layer.down_w.shape == (e * h, i // 2) and layer.gate_up_s.shape == (e * 2 * i, h // 32)
+        assert held == 3 * e * h * i * 17 // 32
+    gate_up, down = layer.dequantize()  # the file's values, whichever layout
+    names = ("gate_proj", "up_proj", "down_proj")
+    want = [codes[f"model.layers.0.mlp.experts.{n}.weight"].dequantize() for n in names]
+    assert torch.equal(gate_up, torch.cat(want[:2], dim=1)) and torch.equal(down, want[2])
     ref_experts = reference.model.layers[0].mlp.experts
     assert torch.equal(layer.biases()[0], ref_experts.gate_up_proj.bias.detach())
     assert torch.equal(layer.biases()[1], ref_experts.down_proj.bias.detach())
@@ -181,18 +261,38 @@ def clamped_experts(layer: CudaMoEExperts):  # noqa: ANN201
     return ref
 
 
-def random_layer(experts: int, hidden: int, inner: int, seed: int) -> CudaMoEExperts:
-    """MXFP4 experts whose gate/up reach well past ±7 for unit activations, random biases."""
+@contextmanager
+def mxfp4_layout(packed: bool):  # noqa: ANN201
+    """``CudaMoEExperts`` built inside holds MXFP4 packed (``fp4``) or as int8 codes."""
+    old = os.environ.get(cuda_moe.MXFP4_INT8_ENV)
+    os.environ[cuda_moe.MXFP4_INT8_ENV] = "0" if packed else "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[cuda_moe.MXFP4_INT8_ENV]
+        else:
+            os.environ[cuda_moe.MXFP4_INT8_ENV] = old
+
+
+def random_layer(experts: int, hidden: int, inner: int, seed: int, packed: bool = False
+                 ) -> CudaMoEExperts:
+    """MXFP4 experts whose gate/up reach well past ±7 for unit activations, random biases;
+    held as int8 codes, or packed (``fp4``, the CUDA default) with ``packed``."""
     def codes(rows: int, cols: int, e: tuple[int, int], s: int):  # noqa: ANN202
         raw = random_blocks(experts * rows * cols // 32, s, *e).reshape(-1)
         return quant_groups(raw, Q.MXFP4, (experts, rows, cols)).groups
 
     g = torch.Generator().manual_seed(seed)
-    return CudaMoEExperts(
-        codes(inner, hidden, (124, 127), seed), codes(inner, hidden, (124, 127), seed + 1),
-        codes(hidden, inner, (118, 122), seed + 2), experts,
-        gate_up_bias=torch.randn(experts, 2 * inner, generator=g),
-        down_bias=torch.randn(experts, hidden, generator=g), glu=(1.702, 7.0))
+    with mxfp4_layout(packed):
+        layer = CudaMoEExperts(
+            codes(inner, hidden, (124, 127), seed), codes(inner, hidden, (124, 127), seed + 1),
+            codes(hidden, inner, (118, 122), seed + 2), experts,
+            gate_up_bias=torch.randn(experts, 2 * inner, generator=g),
+            down_bias=torch.randn(experts, hidden, generator=g), glu=(1.702, 7.0))
+    kind = "fp4" if packed else "int8"
+    assert layer.formats == ((kind, 32, False),) * 2
+    return layer
 
 
 def interpreter_check() -> None:
@@ -203,10 +303,16 @@ def interpreter_check() -> None:
 
     cuda_moe.GEMV = cuda_moe.GEMV_FEW = Tiles(1, 64, 256, 4, 2)
     # K = 64, 96: one masked step of the GEMV's 256; 2880 (gpt-oss-20b's): 12 steps, the last
-    # masked
-    for experts, hidden, inner, tokens, seed in ((4, 64, 32, 3, 0), (8, 128, 96, 40, 1),
-                                                 (2, 2880, 64, 2, 2)):
-        layer = random_layer(experts, hidden, inner, seed)
+    # masked; both layouts (int8 codes, packed E2M1 + E8M0), the packed layer's values checked
+    # against the file's dequantisation (random_layer's blocks, seeds as there)
+    for (experts, hidden, inner, tokens, seed), packed in (
+            ((4, 64, 32, 3, 0), False), ((8, 128, 96, 40, 1), False), ((2, 2880, 64, 2, 2), False),
+            ((4, 64, 32, 3, 0), True), ((8, 128, 96, 40, 1), True), ((3, 2880, 96, 2, 2), True)):
+        layer = random_layer(experts, hidden, inner, seed, packed=packed)
+        if packed:  # the reference below reads the layer's own values: tie them to the file
+            raw = random_blocks(experts * hidden * inner // 32, seed + 2, 118, 122).reshape(-1)
+            want_down = dequantize(raw, Q.MXFP4, (experts, hidden, inner))
+            assert torch.equal(layer.dequantize()[1], want_down)
         ref = clamped_experts(layer)
         w, ids = routing(tokens, experts, 2, seed)
         x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed))
@@ -230,8 +336,9 @@ def gguf_layers_check() -> None:
 
     from tests.unit.test_cuda_int8 import rel
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, mxfp4_layout(True):
         _, model, reference = planned_model(tiny(Path(tmp), "gguf"))
+    assert model.model.layers[0].mlp.experts.formats[0] == ("fp4", 32, False)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(7)) * 2
     for i in range(3):
         block, ref_block = model.model.layers[i].mlp, reference.model.layers[i].mlp
@@ -252,20 +359,30 @@ def test_kernels_with_biases_and_clamp_in_the_triton_interpreter():
 
 
 def test_biased_clamped_kernels_compile_for_the_h100():
-    """The int8 (MXFP4) path with biases and the clamped SwiGLU, built for sm_90 in bfloat16:
-    pick GEMV fused and routed, grouped GEMM fused and routed."""
-    from pensieve.backends import cuda_moe_kernels as kernels
-    from tests.helpers.triton_compile import compile_for
-
+    """The MXFP4 paths (int8 codes, packed) with biases and the clamped SwiGLU, built for
+    sm_90 in bfloat16: pick GEMV (both tiles) fused and routed, grouped GEMM fused and routed."""
     types = {"X": "*bf16", "IDS": "*i32", "RW": "*bf16", "W": "*u8", "S": "*i16", "MN": "*i16",
              "D": "*i16", "B": "*bf16", "Y": "*bf16", "N": "i32", "K": "i32", "stride_x": "i32",
              "stride_y": "i32", "SORTED": "*i32", "BEXP": "*i32", "P": "i32", "E": "i32"}
-    fmt = dict(TOPK=4, INT4=False, SIX=False, GS=32, HAS_MIN=False, HAS_BIAS=True)
+    for packed in (False, True):
+        compile_kernels(types, packed)
+
+
+def compile_kernels(types: dict[str, str], packed: bool) -> None:
+    from pensieve.backends import cuda_moe_kernels as kernels
+    from tests.helpers.triton_compile import compile_for
+
+    if packed:  # W the code bytes, S the E8M0 bytes
+        types = dict(types, S="*u8", MN="*u8", D="*u8")
+    fmt = dict(TOPK=4, INT4=False, SIX=False, GS=32, HAS_MIN=False, HAS_BIAS=True, FP4=packed)
     for fuse in (True, False):
         act = dict(SWIGLU=fuse, ALPHA=1.702 if fuse else 0.0, LIMIT=7.0 if fuse else 0.0)
         t = cuda_moe.GEMV_FEW
         consts = dict(fmt, **act, GATHER=fuse, FUSE=fuse, ROUTED=not fuse, BLOCK_N=t.block_n,
                       BLOCK_K=t.block_k)
+        assert compile_for(kernels.pick_gemv, types, consts, t.num_warps, t.num_stages)
+        t = cuda_moe.GEMV  # the tile past 16 picks
+        consts.update(BLOCK_N=t.block_n, BLOCK_K=t.block_k)
         assert compile_for(kernels.pick_gemv, types, consts, t.num_warps, t.num_stages)
         g = cuda_moe.GROUPED_SMALL
         consts = dict(fmt, **act, GATHER=fuse, FUSE=fuse, ROUTED=not fuse, BLOCK_M=g.block_m,
