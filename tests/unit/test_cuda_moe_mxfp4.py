@@ -18,6 +18,7 @@ path (eager), greedy tokens equal, graphs captured and replayed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -447,3 +448,75 @@ def test_gemv_steps_whole_tiles_over_an_awkward_k():
     assert cuda_moe._gemv_block_k(stack(768), 512) == 256
     assert cuda_moe._gemv_block_k(stack(2048), 512) == 512
     assert cuda_moe._gemv_block_k(stack(2880, int4=True), 256) == 64
+
+
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 8, 80])
+def test_packed_experts_at_gpt_oss_20b_shapes_on_cuda(tokens):
+    """gpt-oss-20b's expert shapes (32 experts, top-4, hidden 2880 = 90 groups; the expert width
+    cut to 512 to keep the float64 reference small) in bfloat16: the packed layout's GEMV
+    (1 and 8 tokens) and grouped GEMM (80 tokens: 320 picks) against float64 and against the
+    int8-code layout over the same blocks; then replayed from a CUDA graph with new routing."""
+    from pensieve.backends.cuda_moe import moe_experts
+    from tests.unit.test_cuda_int8 import rel
+    from tests.unit.test_cuda_moe import routing
+
+    experts = 32
+    packed = random_layer(experts, 2880, 512, 4, packed=True)
+    int8 = random_layer(experts, 2880, 512, 4, packed=False)
+    assert all(torch.equal(a, b) for a, b in zip(packed.dequantize(), int8.dequantize()))
+    ref = clamped_experts(packed)
+    w, ids = routing(tokens, experts, 4, tokens)
+    x = torch.randn(tokens, 2880, generator=torch.Generator().manual_seed(tokens)) * 0.05
+    with torch.no_grad():
+        want = ref(x.double(), w.double(), ids)
+    packed, int8 = packed.cuda(), int8.cuda()
+    assert packed.gate_up_w.dtype == torch.uint8 and packed.gate_up_w.shape[1] == 2880 // 2
+    xc, wc, ic = x.cuda().bfloat16(), w.cuda().bfloat16(), ids.cuda()
+    got = packed(xc, wc, ic)
+    assert rel(got.double().cpu(), want) < 2e-2
+    assert rel(got.double(), int8(xc, wc, ic).double()) < 2e-2
+    for route in ("gemv", "grouped"):  # both routes at any size
+        y = moe_experts(xc, wc, ic, *packed.stacks(), experts, route=route, glu=packed.glu)
+        assert rel(y.double().cpu(), want) < 2e-2, route
+    w2, ids2 = routing(tokens, experts, 4, tokens + 100)
+    with torch.no_grad():
+        want2 = ref(x.double(), w2.double(), ids2)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        packed(xc, wc, ic)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        out = packed(xc, wc, ic)
+    wc.copy_(w2.cuda().bfloat16())
+    ic.copy_(ids2.cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel(out.double().cpu(), want2) < 2e-2
+
+
+@needs_cuda
+def test_the_mxfp4_bench_runs_on_cuda(tmp_path):
+    """``bench/gpu_moe_mxfp4.py`` at a narrowed gpt-oss shape: both layouts, a JSON."""
+    from bench import gpu_moe_mxfp4
+
+    assert gpu_moe_mxfp4.main(["--experts", "8", "--inner", "256", "--tokens", "1,8",
+                               "--reps", "3", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "gpu_moe_mxfp4.json").read_text())["rows"]
+    assert {r["layout"] for r in rows} == {"int8", "fp4"} and all(r["us"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_the_mxfp4_bench_plumbing_in_the_triton_interpreter():
+    run_in_triton_interpreter(
+        "import contextlib, io\n"
+        "from bench import gpu_moe_mxfp4 as b\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    rc = b.main(['--device', 'cpu', '--experts', '4', '--hidden', '64', '--inner', '96',"
+        " '--top-k', '2', '--tokens', '1,3', '--reps', '1'])\n"
+        "assert rc == 0 and 'fp4 vs int8 output rel err' in out.getvalue(), out.getvalue()\n"
+        "print('ok')")
