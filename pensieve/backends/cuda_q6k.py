@@ -17,7 +17,8 @@ the kernel, exactly (the int8 layout rounds it to float16).
 Kernels (``cuda_q6k_kernels.py``) by the rows of x, one ``Plan`` entry per row bucket
 (``BUCKETS``), each checked and timed per weight shape at start (``cuda_q6k_tune.prepare``):
 ``gemv`` for 1-2 rows (float32 FMAs); ``split`` for 1-16 (``cuda_q6k_split``: split-K FMA
-GEMV, the weight tile dequantised once for all rows; tuner candidates only); ``skinny`` for 2-32 (the weight unpacked once for all
+GEMV, the weight tile dequantised once for all rows; tuner candidates only); ``rows`` for 4-16
+(``cuda_q6k_rows``: swap-AB tensor cores on the code words; tuner candidates only); ``skinny`` for 2-32 (the weight unpacked once for all
 rows as the tensor cores' left operand, 16 or 32-row tiles, split-K in one launch through a
 workspace per N); the dequantising tensor-core ``gemm``; ``dequant`` from 32 rows (the weight
 dequantised into a temporary for the call + cuBLAS, a vocabulary-sized weight a block of rows
@@ -43,7 +44,8 @@ from pensieve.backends.cuda_int4 import CodesLinear, block_g, pack_codes, triton
 from pensieve.loaders.int4_codes import Int8Groups
 
 if TYPE_CHECKING:
-    from pensieve.backends.cuda_q6k_split import Split  # noqa: F401  (the Choice alias)
+    from pensieve.backends.cuda_q6k_rows import Rows  # noqa: F401  (the Choice alias)
+    from pensieve.backends.cuda_q6k_split import Split  # noqa: F401
 
 BLOCK = 256  # values a Q6_K block; K must be a multiple
 BUCKETS = (1, 2, 4, 8, 16, 32, 256, 2048)  # rows up to which a plan entry serves (past: the last)
@@ -90,9 +92,10 @@ SKINNY16 = Skinny(16, 64, 4, 4, 4, 3)
 SKINNY32 = Skinny(32, 64, 4, 4, 4, 3)
 DEQUANT = Tiles(1, 16, 8, 4, 1)  # the weight into a temporary (block_n rows × block_g groups)
 
-Choice = tuple[str, "Tiles | Skinny | Split | None"]  # kernel, its tiles (Split: cuda_q6k_split)
+# kernel, its tiles (Split: cuda_q6k_split; Rows: cuda_q6k_rows)
+Choice = tuple[str, "Tiles | Skinny | Split | Rows | None"]
 Plan = dict[int, Choice]  # bucket → choice
-KERNELS = ("gemv", "split", "skinny", "gemm", "dequant", "torch")  # torch: reference dequantise + matmul
+KERNELS = ("gemv", "split", "rows", "skinny", "gemm", "dequant", "torch")  # torch: reference dequantise + matmul
 
 
 def pack_six(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,6 +264,10 @@ def launch(choice: Choice, x: torch.Tensor, w: Buffers) -> torch.Tensor:
         from pensieve.backends.cuda_q6k_split import gemv_split
 
         return gemv_split(x, w, y, t)  # type: ignore[arg-type]
+    if name == "rows":  # swap-AB tensor cores on the code words, 4-16 rows (candidates only)
+        from pensieve.backends.cuda_q6k_rows import gemm_rows
+
+        return gemm_rows(x, w, y, t)  # type: ignore[arg-type]
     if name == "skinny" and isinstance(t, Skinny) and x.shape[0] <= t.block_m:
         return skinny(x, w, y, t)
     return gemm(x, w, y, t if isinstance(t, Tiles) else None)

@@ -11,7 +11,8 @@ any other), each candidate runs once against the dequantised weight (relative er
 
 then per row bucket the families that apply race: 1 row gemv and ``split`` (the split-K FMA
 GEMV of ``cuda_q6k_split``, tiles of that bucket's rows); 2 rows gemv, split and every 16-row
-skinny tile; 4-16 split, every 16-row skinny tile and the dequantising ``gemm``'s 16-row tile;
+skinny tile; 4-16 split, ``rows`` (``cuda_q6k_rows``: swap-AB tensor cores on the code words,
+every tile), every 16-row skinny tile and the dequantising ``gemm``'s 16-row tile;
 32 skinny, gemm and dequant; 256 and 2048 (prefill) the gemm's tiles and dequant. A candidate that fails to build or is wrong is left out
 with a warning; a bucket with none right takes the reference dequantise + matmul ("torch"), so
 that a Triton that cannot compile a tile slows the start's Q6_K layers down instead of breaking
@@ -31,6 +32,7 @@ from pensieve.backends.cuda_q6k import (
     BUCKETS, DEQUANT, GEMM, GEMM16, GEMM_SMALL, GEMV, SKINNY16, SKINNY32, Choice, CudaQ6KLinear,
     Plan, Skinny, Tiles, dequantize, launch, skinny_fits, skinny_workspace,
 )
+from pensieve.backends.cuda_q6k_rows import Rows, rows_workspace
 from pensieve.backends.cuda_q6k_split import Split, split_workspace
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,17 @@ SPLIT_CANDIDATES = {
     8: (Split(8, 8, 4, 4, 2), Split(8, 8, 4, 8, 2), Split(8, 16, 4, 4, 4), Split(8, 8, 2, 8, 2)),
     16: (Split(16, 8, 2, 4, 2), Split(16, 8, 4, 4, 4), Split(16, 4, 4, 8, 2)),
 }
+# ``rows`` at 4-16 rows (16-row tiles; the same tiles each bucket): the code words a step loaded
+# into registers before the previous step's product (prefetch) — [64, 2 groups] and [128, 2]
+# tiles the least instructions a weight (sm_90, Triton 3.9: 6.3-7.3 in the loop, against ~9 for
+# skinny's, 64-127 registers, no spill); K over up to 16 programs where N is short (attn_v's
+# 1024 outputs: 16 × 16 programs), 32-output tiles there too (mma.sync); one with Triton's
+# shared-memory pipeline instead of the prefetch; 128/256-output tiles for a head (no split)
+ROWS_CANDIDATES = (Rows(16, 64, 2, 8, 4, 1, True), Rows(16, 64, 4, 8, 4, 1, True),
+                   Rows(16, 128, 2, 8, 8, 1, True), Rows(16, 128, 4, 8, 8, 1, True),
+                   Rows(16, 64, 2, 16, 4, 1, True), Rows(16, 32, 2, 16, 4, 1, True),
+                   Rows(16, 32, 4, 8, 4, 1, True), Rows(16, 64, 2, 4, 4, 3, False),
+                   Rows(16, 256, 2, 1, 8, 1, True))
 DEQUANT_CANDIDATES = (DEQUANT, Tiles(1, 8, 16, 4, 1), Tiles(1, 32, 8, 8, 1))
 ROWS = {b: b for b in BUCKETS}  # rows each bucket is timed at (tests pass fewer)
 
@@ -96,6 +109,7 @@ def prepare(model: nn.Module, dtype: torch.dtype, reps: int = 10, timer: Timer |
         shapes.setdefault((m.out_features, m.in_features), []).append(m)
         skinny_workspace(m.lo.device, m.out_features)
         split_workspace(m.lo.device, m.out_features)
+        rows_workspace(m.lo.device, m.out_features)
     notes = []
     for (n, k), same in shapes.items():
         plan = plan_shape(same[:8], dtype, reps, timer, rows)
@@ -113,9 +127,11 @@ def describe(c: Choice) -> str:
     name, t = c
     if t is None:
         return name
-    if isinstance(t, (Skinny, Split)):
+    if isinstance(t, (Skinny, Split, Rows)):
         words = " w" if getattr(t, "words", False) else ""
-        return f"{name} {t.block_m}x{t.block_n}x{t.block_g}/{t.split_k}{words}"
+        pf = f" pf{t.num_stages}" if getattr(t, "prefetch", False) else \
+            f" s{t.num_stages}" if isinstance(t, Rows) else ""
+        return f"{name} {t.block_m}x{t.block_n}x{t.block_g}/{t.split_k}{words}{pf}"
     return f"{name} {t.block_m}x{t.block_n}x{t.block_g}{' pf' if t.prefetch else ''}"
 
 
@@ -152,7 +168,8 @@ def plan_shape(sample: list[CudaQ6KLinear], dtype: torch.dtype, reps: int, timer
         elif b == 2:
             cands = [gemv, *split, *sk16]
         elif b <= 16:
-            cands = split + sk16 + [("gemm", t) for t in GEMM_CANDIDATES[16]]
+            rows_tc: list[Choice] = [("rows", t) for t in ROWS_CANDIDATES]
+            cands = split + rows_tc + sk16 + [("gemm", t) for t in GEMM_CANDIDATES[16]]
         else:
             cands = [sk32] if b == 32 else []
             cands += [("gemm", t) for t in GEMM_CANDIDATES[b]] + [dq]
