@@ -8,13 +8,15 @@ Kernels: ``gemv_split``'s start-time candidates (``--sweep``: its larger sweep; 
 the ``gemv_words`` tiles, the wide-x-load ``gemv_wide`` candidates and the older ``gemv`` (1-2
 rows: they read the weight once a row), and from 2 rows the ``skinny`` candidates and the
 ``gemv_rows`` candidates of the rows' bucket (``cuda_int4_rows``; ``--sweep``: its 8-row sweep
-too); at the gate/up shapes, 1 row with SiLU·up (the wide tiles' one-launch SwiGLU form against
-the GEMVs + ``silu_mul``). Defaults: rows 1 and 8, every candidate printed (µs, GB/s, % of the
-copy); in gpu_session give it KERNEL_TIMEOUT=240. ``--kernels`` keeps some families (the first
-word of a line: split, words, wide, gemv, rows, skinny; swiglu for the SiLU·up table).
+too) and the ``skinny2`` candidates (``cuda_int4_skinny2``; ``--sweep``: its sweep); at the
+gate/up shapes, 1 row with SiLU·up (the wide tiles' one-launch SwiGLU form against the GEMVs
++ ``silu_mul``). Defaults: rows 1 and 8, every candidate printed (µs, GB/s, % of the copy); in
+gpu_session give it KERNEL_TIMEOUT=240. ``--kernels`` keeps some families (the first
+word of a line: split, words, wide, gemv, rows, skinny, skinny2; swiglu for the SiLU·up table).
 
     python -m bench.gpu_int4_gemv --out "$OUT"            # table + gpu_int4_gemv.json
     python -m bench.gpu_int4_gemv --rows 2,4,8 --kernels rows,skinny,split --out "$OUT"
+    python -m bench.gpu_int4_gemv --rows 4,8,16 --kernels skinny2,skinny,rows --out "$OUT"
     python -m bench.gpu_int4_gemv --sweep --rows 1 --shapes llama8b
 """
 
@@ -91,7 +93,9 @@ def swiglu_table(layers: list, k: int, reps: int, nbytes: int, roof: float) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pensieve.backends import cuda_int4, cuda_int4_gemv, cuda_int4_gemv_wide, cuda_int4_rows
+    from pensieve.backends import (
+        cuda_int4, cuda_int4_gemv, cuda_int4_gemv_wide, cuda_int4_rows, cuda_int4_skinny2,
+    )
     from pensieve.backends.cuda_int4_tune import _checked, gpu_us
 
     p = argparse.ArgumentParser(prog="python -m bench.gpu_int4_gemv")
@@ -155,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                     for c in rcands:
                         if cuda_int4_rows.fits(c, rows, n, k):
                             runs[f"rows {c}"] = (lambda m, c=c, x=x: cuda_int4_rows.gemv_rows(
+                                x, m.packed, m.scale_offset, c))
+                if 1 < rows <= cuda_int4_skinny2.MAX_ROWS:
+                    s2 = cuda_int4_skinny2.SWEEP if a.sweep else cuda_int4_skinny2.CANDIDATES
+                    for c in s2:
+                        if cuda_int4_skinny2.fits(c, rows, k):
+                            runs[f"skinny2 {c}"] = (lambda m, c=c, x=x: cuda_int4_skinny2.skinny2(
                                 x, m.packed, m.scale_offset, c))
                 if rows > 1:
                     for c in cuda_int4.SKINNY_CANDIDATES:

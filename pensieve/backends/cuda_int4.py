@@ -22,6 +22,9 @@ Which kernel runs depends on the rows of x (``Plan``, timed per weight shape at 
   read once for them, float or int8 x), where timing says it is faster;
 * 2-16 rows: ``skinny`` (tensor cores, split-K in one launch; it casts x to float16, so
   activations must stay below 65504);
+* 2-16 rows: ``skinny2`` (``cuda_int4_skinny2.py``: tensor cores, codes made operands with
+  ~1 instruction a weight, each group's scale applied to its dot's sums), where timing says it
+  is faster;
 * more rows (prefill, large batches): ``gemm``, a tensor-core GEMM that dequantises each
   weight tile in the kernel, several tile sizes timed per shape; or, where timing says it is
   faster for the largest bucket, the weight dequantised into a temporary for the call + cuBLAS
@@ -51,6 +54,8 @@ from pensieve.backends.cuda_int4_gemv_wide import Wide, gemv_wide
 from pensieve.backends.cuda_int4_gemv_wide import fits as wide_fits
 from pensieve.backends.cuda_int4_rows import Rows, gemv_rows
 from pensieve.backends.cuda_int4_rows import fits as rows_fits
+from pensieve.backends.cuda_int4_skinny2 import Skinny2, skinny2
+from pensieve.backends.cuda_int4_skinny2 import fits as skinny2_fits
 from pensieve.backends.tinygemm import TinyGemm
 from pensieve.models.quant_linear import Int4Groups
 
@@ -317,8 +322,8 @@ def triton_cdiv(a: int, b: int) -> int:
 class Plan:
     """Which kernel runs a weight for each row bucket (``ROUTE_BUCKETS`` then ``GEMM_BUCKETS``:
     the first bucket ≥ the rows; past the last, the last), with its tiles. Kernels: ``words``,
-    ``gemv``, ``gemv_pf``, ``wide``, ``split``, ``rows``, ``skinny``, ``tinygemm``, ``dense``,
-    ``gemm``, ``dequant``."""
+    ``gemv``, ``gemv_pf``, ``wide``, ``split``, ``rows``, ``skinny``, ``skinny2``, ``tinygemm``,
+    ``dense``, ``gemm``, ``dequant``."""
 
     route: dict[int, str]
     words: Words = WORDS
@@ -327,6 +332,7 @@ class Plan:
     split: Split | None = None
     wide: Wide | None = None
     rows: dict[int, Rows] = field(default_factory=dict)  # per ROUTE_BUCKETS entry, 2-16 rows
+    skinny2: dict[int, Skinny2] = field(default_factory=dict)  # per ROUTE_BUCKETS entry, 2-16
 
     def kernel(self, rows: int) -> tuple[str, int]:
         bucket = next((b for b in ROUTE_BUCKETS + GEMM_BUCKETS if rows <= b), GEMM_BUCKETS[-1])
@@ -369,7 +375,10 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
     tiles = plan.rows.get(bucket)
     if kind == "rows" and tiles is not None and rows_fits(tiles, m, packed.shape[0]):
         return gemv_rows(x, packed, so, tiles)
-    if kind == "skinny" and plan.skinny is not None and m <= SKINNY_MAX_ROWS:
+    tiles2 = plan.skinny2.get(bucket)
+    if kind == "skinny2" and tiles2 is not None and skinny2_fits(tiles2, m, k):
+        return skinny2(x, packed, so, tiles2)
+    if kind in ("skinny", "skinny2") and plan.skinny is not None and m <= SKINNY_MAX_ROWS:
         return skinny(x, packed, so, plan.skinny)
     if kind == "tinygemm" and tiny is not None:
         return tiny(x)

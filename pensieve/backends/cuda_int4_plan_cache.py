@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from pensieve.backends.cuda_int4 import (
-    GEMM_BUCKETS, ROUTE_BUCKETS, CudaInt4Linear, Gemm, Plan, Rows, Skinny, Split, Wide, Words,
-    dequantize, int4_linear,
+    GEMM_BUCKETS, ROUTE_BUCKETS, CudaInt4Linear, Gemm, Plan, Rows, Skinny, Skinny2, Split, Wide,
+    Words, dequantize, int4_linear,
 )
 from pensieve.backends.cuda_int4_gemv import candidates
 from pensieve.backends.tune_cache import TuneCache, device_key
@@ -25,7 +25,8 @@ PLANS = TuneCache("int4", ("cuda_int4.py", "cuda_int4_kernels.py", "cuda_int4_tu
                            "cuda_int4_plan_cache.py", "cuda_int4_gemv.py",
                            "cuda_int4_gemv_kernels.py", "cuda_int4_gemv_wide.py",
                            "cuda_int4_gemv_wide_kernels.py", "cuda_int4_rows.py",
-                           "cuda_int4_rows_kernels.py"))
+                           "cuda_int4_rows_kernels.py", "cuda_int4_skinny2.py",
+                           "cuda_int4_skinny2_kernels.py"))
 
 
 def to_json(plan: Plan) -> dict[str, Any]:
@@ -34,7 +35,8 @@ def to_json(plan: Plan) -> dict[str, Any]:
             "gemm": {str(b): asdict(g) for b, g in plan.gemm.items()},
             "split": None if plan.split is None else asdict(plan.split),
             "wide": None if plan.wide is None else asdict(plan.wide),
-            "rows": {str(b): asdict(r) for b, r in plan.rows.items()}}
+            "rows": {str(b): asdict(r) for b, r in plan.rows.items()},
+            "skinny2": {str(b): asdict(r) for b, r in plan.skinny2.items()}}
 
 
 def from_json(d: dict[str, Any]) -> Plan:
@@ -43,7 +45,8 @@ def from_json(d: dict[str, Any]) -> Plan:
                 {int(b): Gemm(**g) for b, g in d["gemm"].items()},
                 None if d.get("split") is None else Split(**d["split"]),
                 None if d.get("wide") is None else Wide(**d["wide"]),
-                {int(b): Rows(**r) for b, r in (d.get("rows") or {}).items()})
+                {int(b): Rows(**r) for b, r in (d.get("rows") or {}).items()},
+                {int(b): Skinny2(**r) for b, r in (d.get("skinny2") or {}).items()})
 
 
 def _key(layer: CudaInt4Linear, dtype: torch.dtype) -> str:

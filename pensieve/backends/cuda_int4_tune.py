@@ -12,6 +12,8 @@ layers of the shape back to back, as a decode step runs them:
 * 2-16 rows: ``gemv_rows`` (``cuda_int4_rows.candidates(bucket)`` timed at the bucket's rows,
   the fastest per bucket then against the others);
 * 2-32 rows: ``skinny`` (its tiles timed at 8 rows; past 16 rows it pads to 32);
+* 4-16 rows: ``skinny2`` (``cuda_int4_skinny2.candidates()`` timed at the bucket's rows, the
+  fastest per bucket then against the others);
 * 32, 256 and 2048 rows (and beyond): the dequantising ``gemm``'s tiles, and at 2048 rows the
   weight dequantised into a temporary + cuBLAS (nothing kept);
 * with ``keep_dense`` (opt-in, ``--keep-dense-weights``): tinygemm and cuBLAS on dense copies too,
@@ -32,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pensieve.backends import (
-    cuda_int4_gemv, cuda_int4_gemv_wide, cuda_int4_plan_cache, cuda_int4_rows, tinygemm,
+    cuda_int4_gemv, cuda_int4_gemv_wide, cuda_int4_plan_cache, cuda_int4_rows, cuda_int4_skinny2,
+    tinygemm,
 )
 from pensieve.backends.cuda_int4 import (
     GEMM_BUCKETS, GEMM_CANDIDATES, ROUTE_BUCKETS, SKINNY_CANDIDATES, SKINNY_MAX_ROWS,
@@ -198,6 +201,12 @@ def plan_shape(sample: list[CudaInt4Linear], dtype: torch.dtype,
                     x, m.packed, m.scale_offset, t)
         if rows > 1 and plan.skinny is not None:
             runs["skinny"] = lambda m, x=x: skinny(x, m.packed, m.scale_offset, plan.skinny)
+        if rows >= 4:
+            tiles2 = _choose_skinny2(sample, x, reps)
+            if tiles2 is not None:
+                plan.skinny2[rows] = tiles2
+                runs["skinny2"] = lambda m, x=x, t=tiles2: cuda_int4_skinny2.skinny2(
+                    x, m.packed, m.scale_offset, t)
         if first.tiny is not None:
             runs["tinygemm"] = lambda m, x=x: m.tiny(x)
         if first.dense is not None and rows > 1:
@@ -251,6 +260,17 @@ def _choose_rows(sample: list[CudaInt4Linear], x: torch.Tensor, bucket: int,
     cands = [c for c in cuda_int4_rows.candidates(bucket)
              if cuda_int4_rows.fits(c, bucket, n, k)]
     runs = {str(c): (lambda m, c=c: cuda_int4_rows.gemv_rows(x, m.packed, m.scale_offset, c))
+            for c in cands}
+    best, _ = fastest(runs, sample, x, reps)
+    return next((c for c in cands if str(c) == best), None)
+
+
+def _choose_skinny2(sample: list[CudaInt4Linear], x: torch.Tensor,
+                    reps: int) -> cuda_int4_skinny2.Skinny2 | None:
+    """The fastest right ``skinny2`` tiles for x's rows; None where none fits or builds."""
+    rows, k = x.shape
+    cands = [c for c in cuda_int4_skinny2.candidates() if cuda_int4_skinny2.fits(c, rows, k)]
+    runs = {str(c): (lambda m, c=c: cuda_int4_skinny2.skinny2(x, m.packed, m.scale_offset, c))
             for c in cands}
     best, _ = fastest(runs, sample, x, reps)
     return next((c for c in cands if str(c) == best), None)

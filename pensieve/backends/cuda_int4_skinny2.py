@@ -1,0 +1,101 @@
+"""The ``skinny2`` route for 2-16 rows of x (decode with several streams): the int4 tensor-core
+product that makes operands of the codes with ~1 instruction a weight and applies each group's
+scale to the K = 32 dot's sums (``cuda_int4_skinny2_kernels.py`` says how and why), its tiles,
+the candidates ``cuda_int4_tune`` races per weight shape and row bucket at start, and the
+launcher. Same weight layout as every int4 kernel (``cuda_int4.py``), the same split-K
+workspace as ``skinny``.
+
+A candidate is routed only for a bucket where the tuner found it right (against the dequantised
+weight) and faster than ``skinny`` and the others on the GPU at hand. Tiles: sm_90 builds here
+(Triton 3.9) take ``mma.sync`` at 2 warps — at 4 warps Triton picks wgmma, whose per-group waits
+and operand shuffles cost ~20 instructions a code byte — and ~5-7 instructions a code byte in
+the loop for Q4_0 (``skinny``: ~11), 160-240 registers, no spills. Rows up to 8 pad to an
+8-row dot (m16n8k16's native N), more to 16. Importing this module needs neither a GPU nor
+Triton.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+GROUP = 32
+MAX_ROWS = 16
+MAX_SPLIT = 8  # skinny's workspace: 8 × 16 rows of partials
+
+
+@dataclass(frozen=True)
+class Skinny2:
+    """One ``skinny2`` launch: BLOCK_N weight rows a program, BLOCK_G groups of 32 columns a
+    loop step, the groups cut into SPLIT_K runs, the step's loads NUM_STAGES deep."""
+
+    block_n: int
+    block_g: int
+    split_k: int
+    num_warps: int = 2
+    num_stages: int = 3
+
+    def fits(self, k: int) -> bool:
+        return (k // GROUP) % (self.block_g * self.split_k) == 0 and self.split_k <= MAX_SPLIT
+
+
+# raced per weight shape and row bucket at start (each distinct tile one Triton compile per
+# dtype, scale form and row padding); the sm_90 loop's instructions a code byte (Q4_0, 8 rows)
+# in the comments, none timed on a GPU yet
+CANDIDATES = (
+    Skinny2(128, 4, 4, 2, 3),  # 5.6
+    Skinny2(128, 2, 8, 2, 4),  # 6.0; twice the programs
+    Skinny2(256, 2, 4, 2, 3),  # 5.3
+    Skinny2(128, 4, 8, 2, 3),  # 5.7
+)
+# bench/gpu_int4_gemv.py --sweep (never timed at start)
+SWEEP = tuple(Skinny2(bn, bg, sk, 2, st) for bn in (128, 256) for bg in (2, 4)
+              for sk in (2, 4, 8) for st in (3, 4))
+
+ENV = "PENSIEVE_INT4_SKINNY2"  # "0": left out of the race
+
+
+def candidates() -> tuple[Skinny2, ...]:
+    return () if os.environ.get(ENV, "1") == "0" else CANDIDATES
+
+
+def block_m(rows: int) -> int:
+    """The dot's padded rows: 8 (m16n8k16's own N) up to 8 rows, else 16."""
+    return 8 if rows <= 8 else 16
+
+
+def fits(cfg: Skinny2, m: int, k: int) -> bool:
+    return 1 <= m <= MAX_ROWS and cfg.fits(k) and cfg.block_n >= 16
+
+
+def _kernels() -> ModuleType:
+    from pensieve.backends import cuda_int4_skinny2_kernels
+
+    return cuda_int4_skinny2_kernels
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def skinny2(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
+            cfg: Skinny2) -> torch.Tensor:
+    """x [M ≤ 16, K] (contiguous rows) @ w.T by ``skinny2`` with ``cfg``."""
+    from pensieve.backends.cuda_int4 import skinny_workspace, symmetric
+
+    m, k = x.shape
+    n = packed.shape[0]
+    if not fits(cfg, m, k):
+        raise ValueError(f"skinny2: {m} rows, K={k} with {cfg}")
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    ws, cnt = skinny_workspace(x.device, n)
+    grid = (-(-n // cfg.block_n), cfg.split_k)
+    _kernels().skinny2[grid](
+        x, packed, so, y, ws, cnt, m, n, k // GROUP, x.stride(0), y.stride(0), packed.stride(0),
+        BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g, SPLIT_K=cfg.split_k,
+        NUM_STAGES=cfg.num_stages, SYM=symmetric(so), ASM=not _interpreted(),
+        BLOCK_M=block_m(m), num_warps=cfg.num_warps, num_stages=1)  # the loop's: NUM_STAGES
+    return y

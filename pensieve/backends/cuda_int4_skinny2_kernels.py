@@ -1,0 +1,145 @@
+"""``skinny2``: the int4 product for 4-16 rows on the tensor cores, one K = 32 group a pair of
+``tl.dot`` (``cuda_int4.py`` layout; the launcher and its tiles in ``cuda_int4_skinny2.py``).
+
+``cuda_int4_kernels.skinny`` dequantises a [BLOCK_N, 16·BLOCK_G] tile to ``code·scale + offset``
+in float16 (bytes widened to 16 bits one by one, a subtraction and an FMA a weight, x converted
+to float16) and accumulates every group in one chain: ~10 instructions a code byte in its sm_90
+loop, as many as the memory system's bytes take — the instruction issue, not DRAM, bounds it at
+8 rows. Here the per-weight work is only what makes a tensor-core operand of a code:
+
+* the codes become ``M + code`` (M = 128 in bfloat16, 1024 in float16: OR-ed into the mantissa)
+  — with ``ASM``, four bytes at a time in PTX: two byte permutes spread the bytes into 16-bit
+  lanes, then one AND+OR (a LOP3) a pair of low nibbles and a shift + LOP3 a pair of high ones,
+  ~1 instruction a weight; no subtraction, no scale;
+* x stays in its own dtype (bfloat16 x → bfloat16 products: no conversion, no 65504 limit);
+  float16 x → float16; float32 x (tests) is rounded to float16;
+* a group's two K = 16 dots (low nibbles against x[32g : 32g+16], high against the rest) give
+  ``d = Σ (M + c)·x`` in float32 (exact products), the same x tiles against ones give the
+  group's ``e = Σ x`` on the tensor cores (no cross-thread reduction), and then
+  ``acc += s·(d − M·e) + o·e`` — Q4_0's ``o = −8·s`` folded: ``s·(d − (M + 8)·e)``.
+
+Rows are padded to BLOCK_M = 16 (masked loads; the dot's smallest N). Grid (cdiv(N, BLOCK_N),
+SPLIT_K): program (n, s) reads groups [s·G/SPLIT_K, (s+1)·G/SPLIT_K) of its rows, BLOCK_G a
+loop step (the number of groups a multiple of BLOCK_G · SPLIT_K), the step's loads pipelined
+NUM_STAGES deep. SPLIT_K > 1: float32 partials to WS and a counter a tile; the last program sums
+them in a fixed order, writes y and resets the counter (``skinny``'s one-launch reduction,
+CUDA-graph capturable). ``ASM=False`` (the interpreter) does the same arithmetic in Triton ops.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# 4 bytes (one .b32) → their low nibbles and high nibbles as M + code in 16-bit lanes (two
+# .b32 each, element order kept: byte j → lane j). prmt 0x4140 / 0x4342: bytes (0, 1) / (2, 3)
+# into the low byte of each 16-bit half, zeros above; then & 0x000F000F | magic for the low
+# nibbles, >> 4 first for the high ones. MAGIC: 0x43004300 (bfloat16 128) or 0x64006400
+# (float16 1024).
+_UNPACK = """{
+.reg .b32 t0, t1, u0, u1;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+and.b32 $0, t0, 0x000F000F;
+or.b32 $0, $0, MAGIC;
+and.b32 $1, t1, 0x000F000F;
+or.b32 $1, $1, MAGIC;
+shr.u32 u0, t0, 4;
+shr.u32 u1, t1, 4;
+and.b32 $2, u0, 0x000F000F;
+or.b32 $2, $2, MAGIC;
+and.b32 $3, u1, 0x000F000F;
+or.b32 $3, $3, MAGIC;
+}"""
+ASM_BF16 = tl.constexpr(_UNPACK.replace("MAGIC", "0x43004300"))
+ASM_FP16 = tl.constexpr(_UNPACK.replace("MAGIC", "0x64006400"))
+
+
+@triton.jit
+def _codes(b, DT: tl.constexpr, ASM: tl.constexpr):
+    """uint8 [BLOCK_N, 16] → (low, high) nibbles as ``M + code`` in DT (M = 128 for bfloat16,
+    1024 for float16)."""
+    if DT == tl.bfloat16:
+        magic_bits: tl.constexpr = 0x4300
+    else:
+        magic_bits: tl.constexpr = 0x6400
+    if ASM:
+        if DT == tl.bfloat16:
+            lo, hi = tl.inline_asm_elementwise(
+                ASM_BF16, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+                pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                ASM_FP16, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16), is_pure=True,
+                pack=4)
+    else:
+        w = b.to(tl.int16)
+        lo = ((w & 15) | magic_bits).to(DT, bitcast=True)
+        hi = ((w >> 4) | magic_bits).to(DT, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def skinny2(X, W, SO, Y, WS, CNT, M, N, GROUPS, stride_x, stride_y, stride_w,
+            BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr,
+            NUM_STAGES: tl.constexpr, SYM: tl.constexpr, ASM: tl.constexpr,
+            BLOCK_M: tl.constexpr = 16):
+    """y = x @ w.T for up to BLOCK_M rows (see the module docstring). ``stride_w`` = K / 2
+    bytes a weight row (an argument so that Triton knows it divides by 16)."""
+    if X.dtype.element_ty == tl.bfloat16:
+        DT: tl.constexpr = tl.bfloat16
+        MAGIC: tl.constexpr = 128.0
+    else:
+        DT: tl.constexpr = tl.float16
+        MAGIC: tl.constexpr = 1024.0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    n_safe = tl.where(nmask, n, 0).to(tl.int64)
+    m = tl.arange(0, BLOCK_M)
+    mmask = m < M
+    m_safe = tl.where(mmask, m, 0)
+    i = tl.arange(0, 16)
+    g_per = GROUPS // SPLIT_K
+    g_start = pid_k * g_per
+    w_rows = W + n_safe[:, None] * stride_w + i[None, :]  # [BLOCK_N, 16] bytes of group 0
+    x_cols = X + m_safe[None, :] * stride_x + i[:, None]  # [16, BLOCK_M] columns of group 0
+    so_rows = SO + n_safe * GROUPS
+    ones = tl.full([BLOCK_N, 16], 1.0, DT)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for g0 in tl.range(g_start, g_start + g_per, BLOCK_G, num_stages=NUM_STAGES):
+        for j in tl.static_range(BLOCK_G):
+            g = g0 + j
+            b = tl.load(w_rows + g * 16)
+            xlo = tl.load(x_cols + g * 32, mask=mmask[None, :], other=0.0).to(DT)
+            xhi = tl.load(x_cols + g * 32 + 16, mask=mmask[None, :], other=0.0).to(DT)
+            so = tl.load(so_rows + g)
+            lo, hi = _codes(b, DT, ASM)
+            d = tl.dot(lo, xlo)
+            d = tl.dot(hi, xhi, d)
+            e = tl.dot(ones, xlo)
+            e = tl.dot(ones, xhi, e)
+            if SYM:
+                s = so.to(tl.float16, bitcast=True).to(tl.float32)
+                acc += (d - (MAGIC + 8.0) * e) * s[:, None]
+            else:
+                s = (so & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                o = (so >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                acc += (d - MAGIC * e) * s[:, None] + e * o[:, None]
+    out = Y + m_safe[None, :] * stride_y + n_safe[:, None]
+    omask = nmask[:, None] & mmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(Y.dtype.element_ty), mask=omask)
+    else:
+        ws = WS + m[None, :] * N + n_safe[:, None]
+        tl.store(ws + pid_k * BLOCK_M * N, acc, mask=omask)  # SPLIT_K·BLOCK_M ≤ 128 rows of WS
+        tl.debug_barrier()  # all of this program's partial stored before the release below
+        done = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for s_ in range(SPLIT_K):  # fixed order; .cg: from L2, never a stale L1 line
+                total += tl.load(ws + s_ * BLOCK_M * N, mask=omask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out, total.to(Y.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")
