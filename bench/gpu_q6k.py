@@ -5,15 +5,19 @@ Per shape: the plan ``cuda_q6k_tune`` makes at start (one choice per row bucket)
 ``dequant`` kernel alone (the weight to bf16, what the dequant route pays before cuBLAS). Per row
 count: the planned route's GPU µs (medians, launches queued behind a sleep as in a CUDA graph:
 ``cuda_int4_tune.gpu_us``) and the bandwidth the Q6_K bytes make of it, then each route on its
-own — ``gemv`` (≤ 4 rows), ``split`` (≤ 16, the split-K FMA GEMV), ``skinny`` (≤ 32, the plan's tiles), the dequantising ``gemm``,
+own — ``gemv`` (≤ 4 rows), ``split`` (≤ 16, the split-K FMA GEMV), ``rows`` (≤ 16, swap-AB
+tensor cores on the code words, ``cuda_q6k_rows``), ``skinny`` (≤ 32, the plan's tiles), the
+dequantising ``gemm``,
 ``dequant`` + cuBLAS — against the int8 layout Q6_K had before (``cuda_int8``, 1.4× the bytes)
 and cuBLAS on a dense bf16 copy (3.1× the bytes; what no default path keeps). At each row count
 up to 16 every candidate the tuner races there — ``gemv`` (1-2 rows), ``split`` (that bucket's
-tiles), every 16-row ``skinny`` (2-16) — each in µs, GB/s of the Q6_K bytes and % of a device
-copy of the same bytes (read + write). ``--sweep``: every tuner candidate of the routes that
-apply, per row count, the fastest five.
+tiles), ``rows`` (3-16), every 16-row ``skinny`` (2-16) — each in µs, GB/s of the Q6_K bytes and
+% of a device copy of the same bytes (read + write), then each family's best and rows' best
+against skinny's. ``--sweep``: every tuner candidate of the routes that apply, per row count,
+the fastest five.
 
-    python -m bench.gpu_q6k                 # the table at 1, 2, 4, 8 rows (~90 s on an H100)
+    python -m bench.gpu_q6k                 # the table at 1, 2, 4, 8, 16 rows
+    python -m bench.gpu_q6k --rows 4,8,16   # the 4-16 row race (rows vs skinny vs split)
     python -m bench.gpu_q6k --rows 1,2,4,8,16,32,256,2048
     python -m bench.gpu_q6k --sweep --reps 20 --shapes ffn_down
 """
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = {"attn_v": (1024, 4096), "ffn_down": (4096, 12288), "output": (151936, 4096)}
-ROWS = (1, 2, 4, 8)
+ROWS = (1, 2, 4, 8, 16)
 
 
 def q6k_groups(n: int, k: int, seed: int):
@@ -44,7 +48,7 @@ def q6k_groups(n: int, k: int, seed: int):
 def routes(rows: int, plan: dict) -> dict[str, tuple]:
     """Each route that applies at ``rows`` rows, with the plan's tiles where it has them."""
     from pensieve.backends import cuda_q6k as q
-    from pensieve.backends.cuda_q6k_tune import SPLIT_CANDIDATES
+    from pensieve.backends.cuda_q6k_tune import ROWS_CANDIDATES, SPLIT_CANDIDATES
 
     def planned(name: str, b: int, default):
         return plan[b][1] if plan[b][0] == name else default
@@ -54,6 +58,7 @@ def routes(rows: int, plan: dict) -> dict[str, tuple]:
     if rows <= 16:
         b = q.bucket(rows)
         out["split"] = ("split", planned("split", b, SPLIT_CANDIDATES[b][0]))
+        out["rows"] = ("rows", planned("rows", b, ROWS_CANDIDATES[0]))
         out["skinny"] = ("skinny", planned("skinny", b, q.SKINNY16))
     elif rows <= 32:
         out["skinny"] = ("skinny", planned("skinny", 32, q.SKINNY32))
@@ -72,6 +77,8 @@ def sweep(rows: int, n: int) -> list[tuple]:
     if rows <= 16:
         out += [("split", t) for t in tune.SPLIT_CANDIDATES[next(b for b in tune.SPLIT_CANDIDATES
                                                                    if rows <= b)]]
+    if 3 <= rows <= 16:
+        out += [("rows", t) for t in tune.ROWS_CANDIDATES]
     if rows <= 32:
         out += [("skinny", t) for bm, ts in tune.SKINNY_CANDIDATES.items() for t in ts
                 if rows <= bm and skinny_fits(t, n)]
@@ -80,8 +87,9 @@ def sweep(rows: int, n: int) -> list[tuple]:
 
 
 def each_tile(rows: int, n: int, x, w, layers, reps: int, nbytes: int,  # noqa: ANN001
-              roof: float) -> None:
-    """Every candidate the tuner races at ``rows`` (≤ 16) — µs, GB/s, % of a copy."""
+              roof: float, ref) -> None:
+    """Every candidate the tuner races at ``rows`` (≤ 16) — µs, GB/s, % of a copy, each
+    checked against ``ref`` (the float32 product) — then each family's best."""
     from pensieve.backends import cuda_q6k_tune as tune
     from pensieve.backends.cuda_int4_tune import gpu_us
     from pensieve.backends.cuda_q6k import launch, skinny_fits
@@ -91,17 +99,30 @@ def each_tile(rows: int, n: int, x, w, layers, reps: int, nbytes: int,  # noqa: 
 
     cands = [("gemv", t) for t in tune.GEMV_CANDIDATES] if rows <= 2 else []
     cands += [("split", t) for t in tune.SPLIT_CANDIDATES[bucket(rows)]]
+    if rows >= 3:
+        cands += [("rows", t) for t in tune.ROWS_CANDIDATES]
     if rows >= 2:
         cands += [("skinny", t) for t in tune.SKINNY_CANDIDATES[16] if skinny_fits(t, n)]
+    best: dict[str, tuple[float, str]] = {}
     for c in cands:
         try:
             us = gpu_us(lambda m, c=c: launch(c, x, w), layers, reps)
+            y = launch(c, x, w).float()
+            err = ((y - ref).norm() / ref.norm()).item()
         except Exception as e:  # a tile Triton cannot build here
             print(f"    {describe(c)}: failed ({str(e).splitlines()[0][:60] if str(e) else e!r})")
             continue
         gbs = nbytes / us / 1e3
+        wrong = "" if err < 2e-2 else f"  WRONG (rel err {err:.1e}: the tuner leaves it out)"
         print(f"    ×{rows} {us:8.1f} µs {gbs:6.0f} GB/s ({gbs / roof:4.0%} of copy)  "
-              f"{describe(c)} {c[1]}", flush=True)
+              f"{describe(c)} {c[1]}{wrong}", flush=True)
+        if not wrong and us < best.get(c[0], (float("inf"), ""))[0]:
+            best[c[0]] = (us, describe(c))
+    line = ", ".join(f"{name} {us:.1f} µs ({nbytes / us / 1e3:.0f} GB/s, {d})"
+                     for name, (us, d) in best.items())
+    if "rows" in best and "skinny" in best:
+        line += f"; rows/skinny speed-up {best['skinny'][0] / best['rows'][0]:.2f}×"
+    print(f"    ×{rows} best: {line}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     from pensieve.backends.cuda_int4_tune import gpu_us
     from pensieve.backends.cuda_int8 import CudaInt8Linear
     from pensieve.backends.cuda_q6k import CudaQ6KLinear, launch
+    from pensieve.backends.cuda_q6k_rows import rows_workspace
     from pensieve.backends.cuda_q6k_split import split_workspace
     from pensieve.backends.cuda_q6k_tune import describe, plan_shape
 
@@ -126,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         layers = [CudaQ6KLinear(g).to(dev, dt)]
         cuda_q6k.skinny_workspace(dev, n)
         split_workspace(dev, n)
+        rows_workspace(dev, n)
         plan = plan_shape(layers, dt, a.reps, gpu_us)  # what a start would choose
         layers[0].plan = plan
         print(name, "plan:", ", ".join(f"{b}: {describe(c)}" for b, c in plan.items()))
@@ -163,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"err {err:.1e})  int8 {t_old:8.1f}  bf16 cuBLAS {t_dense:8.1f}  | "
                   + ", ".join(each))
             if rows <= 16 and not a.sweep:
-                each_tile(rows, n, x, w, layers, a.reps, q6_bytes, roof)
+                each_tile(rows, n, x, w, layers, a.reps, q6_bytes, roof, ref)
             if not a.sweep:
                 continue
             times = []
