@@ -11,7 +11,7 @@ dequantising ``gemm``,
 ``dequant`` + cuBLAS — against the int8 layout Q6_K had before (``cuda_int8``, 1.4× the bytes)
 and cuBLAS on a dense bf16 copy (3.1× the bytes; what no default path keeps). At each row count
 up to 16 every candidate the tuner races there — ``gemv`` (1-2 rows), ``split`` (that bucket's
-tiles), ``rows`` (3-16), every 16-row ``skinny`` (2-16) — each in µs, GB/s of the Q6_K bytes and
+tiles), ``rows`` (1-16), every 16-row ``skinny`` (2-16) — each in µs, GB/s of the Q6_K bytes and
 % of a device copy of the same bytes (read + write), then each family's best and rows' best
 against skinny's. ``--sweep``: every tuner candidate of the routes that apply, per row count,
 the fastest five.
@@ -77,7 +77,7 @@ def sweep(rows: int, n: int) -> list[tuple]:
     if rows <= 16:
         out += [("split", t) for t in tune.SPLIT_CANDIDATES[next(b for b in tune.SPLIT_CANDIDATES
                                                                    if rows <= b)]]
-    if 3 <= rows <= 16:
+    if rows <= 16:
         out += [("rows", t) for t in tune.ROWS_CANDIDATES]
     if rows <= 32:
         out += [("skinny", t) for bm, ts in tune.SKINNY_CANDIDATES.items() for t in ts
@@ -99,8 +99,7 @@ def each_tile(rows: int, n: int, x, w, layers, reps: int, nbytes: int,  # noqa: 
 
     cands = [("gemv", t) for t in tune.GEMV_CANDIDATES] if rows <= 2 else []
     cands += [("split", t) for t in tune.SPLIT_CANDIDATES[bucket(rows)]]
-    if rows >= 3:
-        cands += [("rows", t) for t in tune.ROWS_CANDIDATES]
+    cands += [("rows", t) for t in tune.ROWS_CANDIDATES]
     if rows >= 2:
         cands += [("skinny", t) for t in tune.SKINNY_CANDIDATES[16] if skinny_fits(t, n)]
     best: dict[str, tuple[float, str]] = {}
@@ -120,8 +119,9 @@ def each_tile(rows: int, n: int, x, w, layers, reps: int, nbytes: int,  # noqa: 
             best[c[0]] = (us, describe(c))
     line = ", ".join(f"{name} {us:.1f} µs ({nbytes / us / 1e3:.0f} GB/s, {d})"
                      for name, (us, d) in best.items())
-    if "rows" in best and "skinny" in best:
-        line += f"; rows/skinny speed-up {best['skinny'][0] / best['rows'][0]:.2f}×"
+    for other in ("skinny", "split", "gemv"):
+        if "rows" in best and other in best:
+            line += f"; rows/{other} speed-up {best[other][0] / best['rows'][0]:.2f}×"
     print(f"    ×{rows} best: {line}", flush=True)
 
 

@@ -17,9 +17,9 @@ the kernel, exactly (the int8 layout rounds it to float16).
 Kernels (``cuda_q6k_kernels.py``) by the rows of x, one ``Plan`` entry per row bucket
 (``BUCKETS``), each checked and timed per weight shape at start (``cuda_q6k_tune.prepare``):
 ``gemv`` for 1-2 rows (float32 FMAs); ``split`` for 1-16 (``cuda_q6k_split``: split-K FMA
-GEMV, the weight tile dequantised once for all rows; tuner candidates only); ``rows`` for 4-16
-(``cuda_q6k_rows``: swap-AB tensor cores on the code words; tuner candidates only); ``skinny`` for 2-32 (the weight unpacked once for all
-rows as the tensor cores' left operand, 16 or 32-row tiles, split-K in one launch through a
+GEMV, the weight tile dequantised once for all rows; tuner candidates only); ``rows`` for 1-16
+(``cuda_q6k_rows``: swap-AB tensor cores on the code words; tuner candidates only); ``skinny``
+for 2-32 (the weight unpacked once for all rows as the tensor cores' left operand, 16 or 32-row tiles, split-K in one launch through a
 workspace per N); the dequantising tensor-core ``gemm``; ``dequant`` from 32 rows (the weight
 dequantised into a temporary for the call + cuBLAS, a vocabulary-sized weight a block of rows
 at a time: nothing is kept). No dense copy is ever kept. Fused
@@ -264,7 +264,7 @@ def launch(choice: Choice, x: torch.Tensor, w: Buffers) -> torch.Tensor:
         from pensieve.backends.cuda_q6k_split import gemv_split
 
         return gemv_split(x, w, y, t)  # type: ignore[arg-type]
-    if name == "rows":  # swap-AB tensor cores on the code words, 4-16 rows (candidates only)
+    if name == "rows":  # swap-AB tensor cores on the code words, 1-16 rows (candidates only)
         from pensieve.backends.cuda_q6k_rows import gemm_rows
 
         return gemm_rows(x, w, y, t)  # type: ignore[arg-type]

@@ -1,5 +1,5 @@
-"""Q6_K at 4-16 rows by ``rows`` (``cuda_q6k_rows_kernels``): swap-AB tensor cores on the code
-words.
+"""Q6_K at 1-16 rows (made for 4-16) by ``rows`` (``cuda_q6k_rows_kernels``): swap-AB tensor
+cores on the code words.
 
 A ``Rows`` is one launch's tiles: up to BLOCK_M (16) rows of x padded for the tensor cores,
 BLOCK_N outputs and BLOCK_G groups of 32 columns a step, K over up to SPLIT_K programs of a

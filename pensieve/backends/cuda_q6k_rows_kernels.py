@@ -1,5 +1,5 @@
-"""Triton kernel for Q6_K weights (``cuda_q6k``'s layout) at 4-16 rows: ``rows``, a swap-AB
-tensor-core GEMM on the code *words*.
+"""Triton kernel for Q6_K weights (``cuda_q6k``'s layout) at 1-16 rows (made for 4-16): ``rows``,
+a swap-AB tensor-core GEMM on the code *words*.
 
 ``rows`` — y = x @ w.T for up to BLOCK_M (16) rows of x, the weight tile as the tensor cores'
 left operand ([BLOCK_N, K] @ [K, BLOCK_M], x's rows padded by masked loads), like ``skinny``; it

@@ -9,10 +9,11 @@ any other), each candidate runs once against the dequantised weight (relative er
   ``SPLIT_MAX_N`` outputs); ``dequant`` (the weight into a temporary + cuBLAS) at 32 rows,
   where the dequantisation is most of its time;
 
-then per row bucket the families that apply race: 1 row gemv and ``split`` (the split-K FMA
-GEMV of ``cuda_q6k_split``, tiles of that bucket's rows); 2 rows gemv, split and every 16-row
-skinny tile; 4-16 split, ``rows`` (``cuda_q6k_rows``: swap-AB tensor cores on the code words,
-every tile), every 16-row skinny tile and the dequantising ``gemm``'s 16-row tile;
+then per row bucket the families that apply race: 1 row gemv, ``split`` (the split-K FMA
+GEMV of ``cuda_q6k_split``, tiles of that bucket's rows) and ``rows`` (``cuda_q6k_rows``:
+swap-AB tensor cores on the code words, every tile, 1-16 rows); 2 rows gemv, split, rows and
+every 16-row skinny tile; 4-16 split, rows, every 16-row skinny tile and the dequantising
+``gemm``'s 16-row tile;
 32 skinny, gemm and dequant; 256 and 2048 (prefill) the gemm's tiles and dequant. A candidate that fails to build or is wrong is left out
 with a warning; a bucket with none right takes the reference dequantise + matmul ("torch"), so
 that a Triton that cannot compile a tile slows the start's Q6_K layers down instead of breaking
@@ -77,7 +78,7 @@ SPLIT_CANDIDATES = {
     8: (Split(8, 8, 4, 4, 2), Split(8, 8, 4, 8, 2), Split(8, 16, 4, 4, 4), Split(8, 8, 2, 8, 2)),
     16: (Split(16, 8, 2, 4, 2), Split(16, 8, 4, 4, 4), Split(16, 4, 4, 8, 2)),
 }
-# ``rows`` at 4-16 rows (16-row tiles; the same tiles each bucket): the code words a step loaded
+# ``rows`` at 1-16 rows (16-row tiles; the same tiles each bucket; made for 4-16): the code words a step loaded
 # into registers before the previous step's product (prefetch) — [64, 2 groups] and [128, 2]
 # tiles the least instructions a weight (sm_90, Triton 3.9: 6.3-7.3 in the loop, against ~9 for
 # skinny's, 64-127 registers, no spill); K over up to 16 programs where N is short (attn_v's
@@ -163,12 +164,12 @@ def plan_shape(sample: list[CudaQ6KLinear], dtype: torch.dtype, reps: int, timer
     plan: Plan = {}
     for b in BUCKETS:
         split: list[Choice] = [("split", t) for t in SPLIT_CANDIDATES.get(b, ())]
+        rows_tc: list[Choice] = [("rows", t) for t in ROWS_CANDIDATES] if b <= 16 else []
         if b == 1:
-            cands = [gemv, *split]
+            cands = [gemv, *split, *rows_tc]
         elif b == 2:
-            cands = [gemv, *split, *sk16]
+            cands = [gemv, *split, *rows_tc, *sk16]
         elif b <= 16:
-            rows_tc: list[Choice] = [("rows", t) for t in ROWS_CANDIDATES]
             cands = split + rows_tc + sk16 + [("gemm", t) for t in GEMM_CANDIDATES[16]]
         else:
             cands = [sk32] if b == 32 else []
