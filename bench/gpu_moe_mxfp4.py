@@ -58,11 +58,14 @@ def mxfp4_codes(experts: int, rows: int, cols: int, seed: int, device: str):  # 
                         (experts, rows, cols)).groups
 
 
-def layer(codes: tuple, experts: int, biases: tuple, packed: bool, device: str
+def layer(shapes: tuple, experts: int, biases: tuple, packed: bool, device: str
           ) -> CudaMoEExperts:
+    """The experts in one layout: the loader's form and the module's under the env switch."""
     old = os.environ.get(cuda_moe.MXFP4_INT8_ENV)
     os.environ[cuda_moe.MXFP4_INT8_ENV] = "0" if packed else "1"
     try:
+        codes = [mxfp4_codes(experts, rows, cols, seed, device)
+                 for seed, (rows, cols) in enumerate(shapes, 1)]
         m = CudaMoEExperts(*codes, experts, gate_up_bias=biases[0], down_bias=biases[1],
                            glu=GLU).to(device)
     finally:
@@ -148,12 +151,10 @@ def calls(m: CudaMoEExperts, sets: list, tiles: Tiles | None):  # noqa: ANN201
 
 def run(a: argparse.Namespace) -> list[dict]:
     e, hd, inner, k, dev = a.experts, a.hidden, a.inner, a.top_k, a.device
-    codes = (mxfp4_codes(e, inner, hd, 1, dev), mxfp4_codes(e, inner, hd, 2, dev),
-             mxfp4_codes(e, hd, inner, 3, dev))
+    shapes = ((inner, hd), (inner, hd), (hd, inner))  # gate, up, down: the same blocks twice
     g = torch.Generator().manual_seed(0)
     biases = (torch.randn(e, 2 * inner, generator=g) * 0.1, torch.randn(e, hd, generator=g) * 0.1)
-    layers = {"int8": layer(codes, e, biases, False, dev), "fp4": layer(codes, e, biases, True, dev)}
-    del codes
+    layers = {"int8": layer(shapes, e, biases, False, dev), "fp4": layer(shapes, e, biases, True, dev)}
     gu8, dn8 = (t.float() for t in layers["int8"].dequantize())
     gu4, dn4 = (t.float() for t in layers["fp4"].dequantize())
     assert torch.equal(gu8, gu4) and torch.equal(dn8, dn4), "the layouts hold different values"

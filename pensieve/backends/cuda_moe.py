@@ -25,11 +25,11 @@ format, then down (each pick's routing weight in the epilogue) — and a sum of 
 gpt-oss's experts (``models.gpt_oss.ClampedSwiGLUExperts``) run on the same launches: a bias
 per expert row on gate/up and on down (added in the epilogues, before the activation and before
 the routing weight) and the clamped SwiGLU (``glu`` = (alpha, limit)) in place of SiLU·up; its
-MXFP4 experts arrive as int8 codes with a float16 power of two per 32 (``loaders/mxfp4.py``) and
-are held as the file's bytes (``fp4``: two E2M1 codes a byte in GGML's order + the E8M0 byte per
-32, 17 bytes a 32 = 4.25 bits a weight; the kernels' ``FP4`` layout), converted back exactly
-once when the module is built; ``PENSIEVE_MXFP4_INT8=1`` keeps the int8 codes (~1.06 bytes a
-weight) instead. The expert-major GEMV takes no ``fp4`` stack (its route falls back to
+MXFP4 experts are held as the file's bytes (``fp4``: two E2M1 codes a byte in GGML's order + the
+E8M0 byte per 32, 17 bytes a 32 = 4.25 bits a weight; the kernels' ``FP4`` layout) — the
+loader's ``mxfp4.Mxfp4Groups`` as they come, int8 codes (``loaders/mxfp4.int8_codes``) converted
+back exactly once when the module is built; with ``PENSIEVE_MXFP4_INT8=1`` the loader keeps int8
+codes with a float16 power of two per 32 and they stay so (~1.06 bytes a weight). The expert-major GEMV takes no ``fp4`` stack (its route falls back to
 ``pick_gemv``).
 
 Nothing syncs with the host and every launch's grid is fixed by the number of picks, so the
@@ -41,7 +41,6 @@ needs neither a GPU nor Triton.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -56,22 +55,19 @@ from pensieve.backends.cuda_q6k import dequantize as q6k_dequantize
 from pensieve.backends.cuda_q6k import pack_six
 from pensieve.backends.cuda_q6k import takes as q6k_takes
 from pensieve.loaders.int4_codes import Int8Groups
+from pensieve.loaders.mxfp4 import INT8_ENV, Mxfp4Groups, packed_wanted
 from pensieve.models.quant_linear import Int4Groups
 
 
-Codes = Int4Groups | Int8Groups
+Codes = Int4Groups | Int8Groups | Mxfp4Groups
 Glu = tuple[float, float] | None  # gpt-oss's clamped SwiGLU (alpha, limit); None: SiLU·up
 # up to here pick_gemv (32 tokens × top-8; on an H100 at 30B-A3B's shapes it beat the sorted
 # grouped GEMM 2.0x at 8 tokens and 1.2x at 32, though it reads a shared expert once a pick);
 # beyond, sorted + grouped (bench/gpu_moe_kernels.py, BENCHMARKS.md)
 GEMV_MAX_PICKS = 256
 ALIGN_MAX_PICKS = 512  # one-program sort up to here; beyond, torch ops (still on the device)
-MXFP4_INT8_ENV = "PENSIEVE_MXFP4_INT8"  # "1": MXFP4 experts as int8 codes (the old layout)
-
-
-def mxfp4_packed(environ: dict[str, str] | None = None) -> bool:
-    """Whether MXFP4 experts are held packed (4.25 bits a weight; off: ``MXFP4_INT8_ENV``=1)."""
-    return (os.environ if environ is None else environ).get(MXFP4_INT8_ENV, "0") != "1"
+MXFP4_INT8_ENV = INT8_ENV  # "1": MXFP4 experts as int8 codes (the old layout, 2x the file)
+mxfp4_packed = packed_wanted  # whether MXFP4 experts are held packed (4.25 bits a weight)
 
 
 @dataclass(frozen=True)
@@ -126,6 +122,8 @@ def fmt(codes: Codes) -> tuple[str, int, bool] | None:
     if isinstance(codes, Int4Groups):
         ok = codes.group_size == 32 and codes.shape[1] % 32 == 0
         return ("int4", 32, True) if ok else None
+    if isinstance(codes, Mxfp4Groups):  # kept packed by the loader (its choice stands)
+        return ("fp4", 32, False) if codes.shape[1] % 32 == 0 else None
     key = block_key(codes)
     if key is None:
         return None
@@ -152,7 +150,9 @@ Tensors4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor |
 def stack_tensors(codes: Codes) -> Tensors4:
     """(w, s, mn, d) of ``Stack`` for codes of a 2-D view [E·N, K]."""
     kind = fmt(codes)
-    if kind == ("fp4", 32, False):  # back to the file's bytes, exactly (loaders/mxfp4.py)
+    if isinstance(codes, Mxfp4Groups):  # the file's bytes already
+        return codes.packed.contiguous(), codes.exponents.contiguous(), None, None
+    if kind == ("fp4", 32, False):  # int8 codes back to the file's bytes, exactly
         from pensieve.loaders.mxfp4 import packed_from_int8
 
         packed, exps = packed_from_int8(codes.codes, codes.scales)

@@ -18,8 +18,9 @@ gate/up rows interleaved). Each becomes the same stacked ``{gate,up,down}_proj.{
 
 ``plan`` works on shapes (headers only, for validation before reading); ``assemble`` builds the
 tensors. A dense checkpoint passes through unchanged, without copies. Asked to (``codes``),
-``assemble`` keeps MXFP4 experts as exact int8 codes (``int4_codes.ExpertCodes``, the GGUF
-path's form; ``mxfp4.hf_int8``), gate/up rows split as for the floats.
+``assemble`` keeps MXFP4 experts packed (``int4_codes.ExpertCodes`` over ``mxfp4.Mxfp4Groups``,
+the GGUF path's form; ``mxfp4.hf_packed``), or as exact int8 codes with ``PENSIEVE_MXFP4_INT8=1``
+(``mxfp4.hf_int8``), gate/up rows split as for the floats.
 """
 
 from __future__ import annotations
@@ -139,10 +140,22 @@ def _plan_gpt_oss(disk: str, shape: tuple[int, ...], m: re.Match[str],
 
 
 def expert_codes(op: str, tensors: list[torch.Tensor], name: str = "") -> ExpertCodes | None:
-    """An "mxfp4[_even|_odd]" source (blocks [E, rows, G, 16], scales [E, rows, G]) as int8
-    codes [E·N, K] with float16 scales per 32, exactly; None where a scale is no float16 value
-    (``mxfp4.int8_codes`` logs why)."""
+    """An "mxfp4[_even|_odd]" source (blocks [E, rows, G, 16], scales [E, rows, G]) kept
+    packed (``mxfp4.Mxfp4Groups`` [E·N, K]), or with ``PENSIEVE_MXFP4_INT8=1`` as int8 codes
+    [E·N, K] with float16 scales per 32, exactly; None where an exponent does not fit the form
+    (``mxfp4.hf_packed`` / ``int8_codes`` log why)."""
     blocks, scales = tensors
+    if mxfp4.packed_wanted():  # the file's bytes (GGML's nibble order), not int8 codes
+        kept = mxfp4.hf_packed(blocks, scales, name)
+        if kept is None:
+            return None
+        p, s = kept
+        if op != "mxfp4":
+            first = 0 if op.endswith("even") else 1
+            p, s = p[:, first::2], s[:, first::2]
+        e, rows = p.shape[:2]
+        return ExpertCodes(mxfp4.Mxfp4Groups(p.reshape(e * rows, -1).contiguous(),
+                                             s.reshape(e * rows, -1).contiguous()), e)
     kept = mxfp4.hf_int8(blocks, scales, name)
     if kept is None:
         return None

@@ -21,6 +21,9 @@ IQ4_XS     d·(ls − 32)·T[q]  (per 32)            T[q]   d·(ls−32)    —
 MXFP4      2^(e−128)·2fp4(q)  (3-D experts)      2fp4   2^(e−128)    —
 =========  ====================================  =====  ===========  ======
 
+(3-D MXFP4 experts are kept packed instead, ``mxfp4.Mxfp4Groups``, unless
+``PENSIEVE_MXFP4_INT8=1``.)
+
 Scales that are products (``d·sc``) are rounded to float16 (relative error ≤ 2⁻¹¹, as Q4_K's
 in ``Int4Groups``); the rest are the file's own float16 values, so those types are exact. A
 tensor whose products overflow float16 returns None (it is dequantised as usual), as do
@@ -83,7 +86,7 @@ class ExpertCodes:
     as the file stores them), ``experts`` is E. ``backends/quantize.py`` keeps it for the CPU
     kernels' expert slices or dequantises it where the family or device takes no such path."""
 
-    groups: Int4Groups | Int8Groups
+    groups: Int4Groups | Int8Groups  # or mxfp4.Mxfp4Groups (gpt-oss's experts)
     experts: int
 
     @property
@@ -101,7 +104,7 @@ def quant_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]
     ``Int4Groups`` for 4-bit types, ``Int8Groups`` for the others above, else None; a 3-D
     [E, N, K] one as ``ExpertCodes`` over its [E·N, K] rows."""
     if len(shape) == 3:
-        if ggml_type is Q.MXFP4:  # gpt-oss's experts: int8 codes, exact (loaders/mxfp4.py)
+        if ggml_type is Q.MXFP4:  # gpt-oss's experts: packed or int8 codes (loaders/mxfp4.py)
             return _mxfp4_experts(raw, shape)
         if ggml_type not in INT4_TYPES | INT8_TYPES or shape[2] % GGML_QUANT_SIZES[ggml_type][0]:
             return None
@@ -115,13 +118,17 @@ def quant_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]
 
 
 def _mxfp4_experts(raw: torch.Tensor, shape: tuple[int, ...]) -> ExpertCodes | None:
-    """A 3-D MXFP4 tensor [E, N, K] as int8 codes × a float16 power of two per 32, exactly;
-    None where a scale is no float16 value (``mxfp4.int8_codes``: dequantised instead)."""
+    """A 3-D MXFP4 tensor [E, N, K] kept packed as the file holds it (``mxfp4.Mxfp4Groups``,
+    4.25 bits a weight), or with ``PENSIEVE_MXFP4_INT8=1`` as int8 codes × a float16 power of
+    two per 32, exactly; None where an exponent does not fit the form (dequantised instead)."""
     from pensieve.loaders import mxfp4
 
     rows, cols = shape[0] * shape[1], shape[2]
     if cols % GROUP:
         return None
+    if mxfp4.packed_wanted():
+        kept = mxfp4.ggml_packed(raw, rows, cols, name=f"expert tensor {tuple(shape)}")
+        return None if kept is None else ExpertCodes(mxfp4.Mxfp4Groups(*kept), shape[0])
     out = mxfp4.ggml_int8(raw, rows, cols, name=f"expert tensor {tuple(shape)}")
     if out is None:
         return None

@@ -10,10 +10,11 @@ the same numbers:
 - an HF checkpoint's ``*_blocks`` [..., G, 16] with ``*_scales`` [..., G]: byte i holds weights
   2i (low nibble) and 2i + 1 (high nibble) of its group.
 
-Either dequantised here to float, kept as the file's own 17 bytes a 32 for the CUDA experts
-(``packed_*``: GGML's nibble order, two codes a byte, and the E8M0 byte apart — the form
-``backends/cuda_moe.py``'s ``FP4`` kernels read), or as the grouped kernels' int8 codes, exactly
-(``int8_codes``): doubled, every E2M1 value is an integer in [−12, 12], so a block is int8 codes
+Either dequantised here to float, kept as the file's own 17 bytes a 32 (``Mxfp4Groups``: GGML's
+nibble order, two codes a byte, the E8M0 byte apart — the form ``backends/cuda_moe.py``'s
+``FP4`` kernels read; ``ggml_packed``/``hf_packed`` from either layout, ``packed_from_int8``
+from the int8 form), or as the grouped kernels' int8 codes, exactly (``int8_codes``; what
+3-D experts were kept as before, and still are with ``PENSIEVE_MXFP4_INT8=1``): doubled, every E2M1 value is an integer in [−12, 12], so a block is int8 codes
 times one power of two 2^(e − 128) — a float16 scale, exact while e − 128 is in [−24, 15]
 (float16's smallest subnormal to its largest power of two). An all-zero block's scale is 0 (its
 value is 0 whatever e says); a tensor with another block outside that range is not converted
@@ -23,10 +24,19 @@ value is 0 whatever e says); a tensor with another block outside that range is n
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 
 import torch
 
 log = logging.getLogger(__name__)
+INT8_ENV = "PENSIEVE_MXFP4_INT8"  # "1": experts kept as int8 codes (2x the file), not packed
+
+
+def packed_wanted(environ: dict[str, str] | None = None) -> bool:
+    """Whether 3-D MXFP4 experts are kept packed (``Mxfp4Groups``, the file's 4.25 bits a
+    weight) rather than as int8 codes (``INT8_ENV`` = 1: the layout before, a GPU opt-out)."""
+    return (os.environ if environ is None else environ).get(INT8_ENV, "0") != "1"
 
 BLOCK = 32
 CHUNK = 1 << 18  # blocks decoded at a time: bounds the temporaries (a 20b layer's gate/up
@@ -159,13 +169,66 @@ def hf_int8(blocks: torch.Tensor, scales: torch.Tensor, name: str = ""
 
 # --- the packed form: two E2M1 codes a byte + the E8M0 byte, the file's 4.25 bits a weight ------
 
-def ggml_packed(raw: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Mxfp4Groups:
+    """A weight [N, K] as MXFP4 kept packed: ``packed`` uint8 [N, K / 2], two E2M1 codes a byte
+    in GGML's order (byte i of group g: column 32g + i in the low nibble, 32g + 16 + i in the
+    high one), ``exponents`` uint8 [N, K / 32] the E8M0 bytes: w = e2m1 · 2^(e − 127). Only
+    exponents 1..254 occur where a block's codes are not all zero (``ggml_packed``/``hf_packed``
+    check); e = 0 reads as a zero scale. The stacked experts' form on CUDA (``ExpertCodes``)."""
+
+    packed: torch.Tensor
+    exponents: torch.Tensor
+    group_size: int = BLOCK
+    offsets: None = None
+    ggml_type: str = "MXFP4"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * 2
+
+    def dequantize(self) -> torch.Tensor:
+        return packed_dequantize(self.packed, self.exponents)
+
+
+def _checked(packed: torch.Tensor, exps: torch.Tensor, name: str) -> bool:
+    """Whether every block with a non-zero code has an exponent in 1..254 (0 would be 2^−127,
+    read as 0 by the kernels; 255 is NaN): else logged, and the caller keeps no packed form."""
+    live = (packed.reshape(-1, BLOCK // 2) & 0x77).amax(dim=1) > 0  # ±0 codes are zero
+    e = exps.reshape(-1)
+    bad = live & ((e == 0) | (e == 255))
+    if bool(bad.any()):  # one host sync a tensor, at load
+        log.info("MXFP4 %s: a block at exponent %d; not kept packed", name or "tensor",
+                 int(e[bad][0]))
+        return False
+    return True
+
+
+def ggml_packed(raw: torch.Tensor, rows: int, cols: int, name: str = ""
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A GGML MXFP4 tensor's bytes, rows × cols → (code bytes uint8 [rows, cols / 2], GGML's
     order: byte i of group g holds column 32g + i (low nibble) and 32g + 16 + i (high); E8M0
-    exponents uint8 [rows, cols / 32]): the file's bytes, the exponent moved apart."""
+    exponents uint8 [rows, cols / 32]): the file's bytes, the exponent moved apart; None
+    (logged) where a block's exponent is 0 or 255 (``Mxfp4Groups``)."""
     blocks = raw.reshape(rows * (cols // BLOCK), 17)
-    return (blocks[:, 1:].contiguous().view(rows, cols // 2),
-            blocks[:, 0].contiguous().view(rows, cols // BLOCK))
+    packed = blocks[:, 1:].contiguous().view(rows, cols // 2)
+    exps = blocks[:, 0].contiguous().view(rows, cols // BLOCK)
+    return (packed, exps) if _checked(packed, exps, name) else None
+
+
+def hf_packed(blocks: torch.Tensor, scales: torch.Tensor, name: str = ""
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An HF ``*_blocks`` [..., G, 16] / ``*_scales`` [..., G] pair → (code bytes uint8
+    [..., G · 16] in GGML's order, E8M0 bytes [..., G]) or None (``ggml_packed``): HF's byte i
+    holds weights 2i, 2i + 1; GGML's byte j weights j, j + 16 — the nibbles moved once here."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not fit scales "
+                         f"{tuple(scales.shape)}")
+    b = blocks.reshape(-1, BLOCK // 2)
+    codes = torch.stack((b & 0x0F, b >> 4), dim=2).reshape(-1, 2, BLOCK // 2)  # [n, 32] by col
+    packed = (codes[:, 0] | (codes[:, 1] << 4)).reshape(*scales.shape[:-1], -1)
+    exps = scales.contiguous()
+    return (packed, exps) if _checked(packed, exps, name) else None
 
 
 # int8 code (doubled E2M1, −12..12) + 12 → its E2M1 nibble; −1 where no code (e.g. 5)

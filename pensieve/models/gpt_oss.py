@@ -13,9 +13,11 @@ softmax over those k; each expert a clamped SwiGLU with biases,
 [E, 2I, H] gate rows then up rows, plus biases); HF checkpoints hold them input-major with
 gate/up columns interleaved, often as MXFP4 blocks — ``loaders/hf_experts.py`` turns both into
 the stacked names, and a GGUF's ``ffn_{gate,up,down}_exps`` (MXFP4 or float) are them already.
-On CUDA MXFP4 experts stay int8 codes × a float16 power of two per 32 (exact, ~1.06 bytes a
-weight) on ``backends/cuda_moe``'s fused kernels, biases and clamp in their epilogues
-(``cuda_moe_codes``); elsewhere, or where a scale is no float16 value, MXFP4 is dequantised.
+On CUDA MXFP4 experts stay the file's bytes (two E2M1 codes a byte + the E8M0 byte per 32, 4.25
+bits a weight; ``PENSIEVE_MXFP4_INT8=1``: int8 codes × a float16 power of two per 32, ~1.06 bytes
+a weight) on ``backends/cuda_moe``'s fused kernels, biases and clamp in their epilogues
+(``cuda_moe_codes``); elsewhere, or where an exponent does not fit the form, MXFP4 is
+dequantised.
 
 Fast paths: ``cuda_moe_codes`` only. The compiled paged kernels (CPU and Triton) have no sinks,
 the Llama-block kernels no biased clamped experts; ``paged_attention`` with sinks always takes

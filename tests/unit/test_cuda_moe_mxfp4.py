@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType
 from pensieve.backends import cuda_moe
 from pensieve.backends.cuda_moe import CudaMoEExperts
 from pensieve.loaders import mxfp4
-from pensieve.loaders.int4_codes import ExpertCodes, quant_groups
+from pensieve.loaders.int4_codes import ExpertCodes, Int8Groups, quant_groups
 from pensieve.loaders.quants import dequantize
 from tests.helpers.triton_interpreter import run_in_triton_interpreter
 
@@ -71,7 +71,9 @@ def test_ggml_and_hf_blocks_to_int8_codes_exactly():
 
 
 @pytest.mark.parametrize("e", [LOW - 1, HIGH + 1, 0, 255])
-def test_a_block_outside_float16_leaves_the_tensor_dequantised(e, caplog):
+def test_a_block_outside_float16_leaves_the_tensor_dequantised(e, caplog, monkeypatch):
+    """The int8 form (``PENSIEVE_MXFP4_INT8=1``); the packed one: ``test_packed_...``."""
+    monkeypatch.setenv(cuda_moe.MXFP4_INT8_ENV, "1")
     raw = random_blocks(2 * 4 * 2, 3)
     raw[5, 0], raw[5, 1] = e, 0x17  # a block with non-zero codes at an exponent float16 lacks
     with caplog.at_level(logging.INFO, logger="pensieve.loaders.mxfp4"):
@@ -82,15 +84,60 @@ def test_a_block_outside_float16_leaves_the_tensor_dequantised(e, caplog):
 
 def test_experts_as_expert_codes_and_only_experts(monkeypatch):
     raw = random_blocks(3 * 8 * 4, 5).reshape(-1)
-    kept = quant_groups(raw, Q.MXFP4, (3, 8, 128))
+    kept = quant_groups(raw, Q.MXFP4, (3, 8, 128))  # packed: the file's bytes
     assert isinstance(kept, ExpertCodes) and kept.experts == 3
     g = kept.groups
+    assert isinstance(g, mxfp4.Mxfp4Groups) and g.shape == (24, 128)
     assert g.ggml_type == "MXFP4" and g.group_size == 32 and g.offsets is None
+    assert g.packed.dtype == torch.uint8 and g.packed.shape == (24, 64)
+    assert g.packed.nbytes + g.exponents.nbytes == raw.numel()  # 17 bytes a 32
     assert torch.equal(kept.dequantize(), dequantize(raw, Q.MXFP4, (3, 8, 128)))
-    assert cuda_moe.fmt(g) == ("fp4", 32, False)  # held packed on CUDA
-    monkeypatch.setenv(cuda_moe.MXFP4_INT8_ENV, "1")  # the opt-out: int8 codes
-    assert cuda_moe.fmt(g) == ("int8", 32, False)
+    assert cuda_moe.fmt(g) == ("fp4", 32, False)
     assert quant_groups(raw, Q.MXFP4, (24, 128)) is None  # a 2-D MXFP4 weight: dequantised
+    monkeypatch.setenv(cuda_moe.MXFP4_INT8_ENV, "1")  # the opt-out: int8 codes, kept so
+    kept8 = quant_groups(raw, Q.MXFP4, (3, 8, 128))
+    assert isinstance(kept8.groups, Int8Groups) and cuda_moe.fmt(kept8.groups) == ("int8", 32, False)
+    assert torch.equal(kept8.dequantize(), kept.dequantize())
+    monkeypatch.delenv(cuda_moe.MXFP4_INT8_ENV)  # int8 codes met without it: packed at build
+    assert cuda_moe.fmt(kept8.groups) == ("fp4", 32, False)
+    w8, s8 = cuda_moe.stack_tensors(kept8.groups)[:2]  # the same values (−0 codes as +0)
+    assert w8.shape == g.packed.shape and s8.shape == g.exponents.shape
+    assert torch.equal(mxfp4.packed_dequantize(w8, s8), g.dequantize())
+
+
+@pytest.mark.parametrize("e", [0, 255])
+def test_packed_keeps_every_exponent_but_0_and_255(e, caplog):
+    """Packed, any exponent 1..254 is kept (the int8 form holds only 104..143); a block with
+    non-zero codes at 0 (2^−127: the kernels read 0) or 255 (NaN) leaves the tensor dequantised;
+    all-zero blocks (±0 codes) at any exponent are kept."""
+    raw = random_blocks(2 * 4 * 2, 3)
+    raw[0, 0], raw[1, 0] = 1, 254
+    raw[2, 0], raw[2, 1:] = e, 0x88  # −0 codes only: value 0 at any exponent
+    kept = quant_groups(raw.reshape(-1), Q.MXFP4, (2, 4, 64))
+    assert isinstance(kept.groups, mxfp4.Mxfp4Groups)
+    assert torch.equal(kept.dequantize(), dequantize(raw.reshape(-1), Q.MXFP4, (2, 4, 64)))
+    raw[5, 0], raw[5, 1] = e, 0x17
+    with caplog.at_level(logging.INFO, logger="pensieve.loaders.mxfp4"):
+        assert quant_groups(raw.reshape(-1), Q.MXFP4, (2, 4, 64)) is None
+    assert "not kept packed" in caplog.text and f"exponent {e}" in caplog.text
+
+
+def test_hf_blocks_packed_in_ggmls_order():
+    """HF's byte i = weights 2i, 2i + 1 → GGML's byte j = weights j, j + 16, once at load: the
+    same values as HF's dequantisation, and the same bytes as the GGUF of the same weights."""
+    raw = random_blocks(4 * 32 * 3, 9)
+    ggml_values = mxfp4.ggml_blocks(raw)  # [n, 32]: weights in column order
+    # the same weights written HF's way: byte i of a block holds columns 2i (low), 2i + 1 (high)
+    codes = torch.stack((raw[:, 1:] & 15, raw[:, 1:] >> 4), dim=1).reshape(-1, 32)  # GGML cols
+    hf = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(4, 32, 3, 16)
+    exps = raw[:, 0].reshape(4, 32, 3)
+    assert torch.equal(mxfp4.hf_blocks(hf, exps).reshape(-1, 32), ggml_values)
+    packed, e = mxfp4.hf_packed(hf, exps)
+    assert packed.shape == (4, 32, 48) and e.shape == (4, 32, 3)
+    want_packed, want_e = mxfp4.ggml_packed(raw.reshape(-1), 4 * 32, 96)
+    assert torch.equal(packed.reshape(128, 48), want_packed) and torch.equal(e.reshape(128, 3), want_e)
+    assert torch.equal(mxfp4.packed_dequantize(packed.reshape(128, 48), e.reshape(128, 3)),
+                       ggml_values.reshape(128, 96))
 
 
 def test_int8_codes_back_to_the_files_bytes_exactly():
