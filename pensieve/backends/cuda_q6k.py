@@ -19,8 +19,8 @@ Kernels (``cuda_q6k_kernels.py``) by the rows of x, one ``Plan`` entry per row b
 ``gemv`` for 1-2 rows (float32 FMAs); ``split`` for 1-16 (``cuda_q6k_split``: split-K FMA
 GEMV, the weight tile dequantised once for all rows; tuner candidates only); ``rows`` for 1-16
 (``cuda_q6k_rows``: swap-AB tensor cores on the code words; tuner candidates only); ``skinny``
-for 2-32 (the weight unpacked once for all rows as the tensor cores' left operand, 16 or 32-row tiles, split-K in one launch through a
-workspace per N); the dequantising tensor-core ``gemm``; ``dequant`` from 32 rows (the weight
+for 2-32 (the weight unpacked once for all rows as the tensor cores' left operand, 16 or 32-row
+tiles, split-K in one launch through a workspace per N); the dequantising tensor-core ``gemm``; ``dequant`` from 32 rows (the weight
 dequantised into a temporary for the call + cuBLAS, a vocabulary-sized weight a block of rows
 at a time: nothing is kept). No dense copy is ever kept. Fused
 parts (a Q4_K_M layer's Q4_K q/k beside a Q6_K v) go through ``cuda_int8.cuda_codes_linear``,

@@ -78,12 +78,12 @@ SPLIT_CANDIDATES = {
     8: (Split(8, 8, 4, 4, 2), Split(8, 8, 4, 8, 2), Split(8, 16, 4, 4, 4), Split(8, 8, 2, 8, 2)),
     16: (Split(16, 8, 2, 4, 2), Split(16, 8, 4, 4, 4), Split(16, 4, 4, 8, 2)),
 }
-# ``rows`` at 1-16 rows (16-row tiles; the same tiles each bucket; made for 4-16): the code words a step loaded
-# into registers before the previous step's product (prefetch) — [64, 2 groups] and [128, 2]
-# tiles the least instructions a weight (sm_90, Triton 3.9: 6.3-7.3 in the loop, against ~9 for
-# skinny's, 64-127 registers, no spill); K over up to 16 programs where N is short (attn_v's
-# 1024 outputs: 16 × 16 programs), 32-output tiles there too (mma.sync); one with Triton's
-# shared-memory pipeline instead of the prefetch; 128/256-output tiles for a head (no split)
+# ``rows`` at 1-16 rows (made for 4-16; 16-row tiles, the same each bucket): the next step's
+# code words loaded into registers before this step's product (prefetch); [64, 2 groups] and
+# [128, 2] tiles take the fewest instructions a weight (sm_90, Triton 3.9: 6.3-7.3 in the loop
+# against ~9 for skinny's, 64-127 registers, no spill); K over up to 16 programs where N is
+# short (attn_v's 1024 outputs: 16 × 16 programs), 32-output tiles there too (mma.sync); one
+# on Triton's shared-memory pipeline instead of the prefetch; 256 outputs for a head (no split)
 ROWS_CANDIDATES = (Rows(16, 64, 2, 8, 4, 1, True), Rows(16, 64, 4, 8, 4, 1, True),
                    Rows(16, 128, 2, 8, 8, 1, True), Rows(16, 128, 4, 8, 8, 1, True),
                    Rows(16, 64, 2, 16, 4, 1, True), Rows(16, 32, 2, 16, 4, 1, True),
