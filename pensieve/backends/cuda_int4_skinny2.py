@@ -30,30 +30,40 @@ MAX_SPLIT = 8  # skinny's workspace: 8 × 16 rows of partials
 @dataclass(frozen=True)
 class Skinny2:
     """One ``skinny2`` launch: BLOCK_N weight rows a program, BLOCK_G groups of 32 columns a
-    loop step, the groups cut into SPLIT_K runs, the step's loads NUM_STAGES deep."""
+    loop step, the groups cut into SPLIT_K runs, the codes' loads NUM_STAGES deep (Triton's
+    pipelined copies; x and the scales loaded in the step); ``prefetch``: one group a step
+    (BLOCK_G 1) with its codes, x and scales loaded steps ahead into registers by hand."""
 
     block_n: int
     block_g: int
     split_k: int
     num_warps: int = 2
     num_stages: int = 3
+    prefetch: int = 0
 
     def fits(self, k: int) -> bool:
-        return (k // GROUP) % (self.block_g * self.split_k) == 0 and self.split_k <= MAX_SPLIT
+        return ((k // GROUP) % (self.block_g * self.split_k) == 0 and self.split_k <= MAX_SPLIT
+                and (not self.prefetch or self.block_g == 1))
 
 
 # raced per weight shape and row bucket at start (each distinct tile one Triton compile per
-# dtype, scale form and row padding); the sm_90 loop's instructions a code byte (Q4_0, 8 rows)
-# in the comments, none timed on a GPU yet
+# dtype, scale form and row padding); the sm_90 loop's instructions a code byte (Q4_0, 8 rows;
+# ``skinny``: ~11) in the comments — the hand-prefetched form pays a layout change of the
+# unpacked codes through shared memory for having nothing in flight stall a step. None timed
+# on a GPU yet.
 CANDIDATES = (
-    Skinny2(128, 4, 4, 2, 3),  # 5.6
+    Skinny2(128, 4, 4, 2, 3),  # 5.8
     Skinny2(128, 2, 8, 2, 4),  # 6.0; twice the programs
     Skinny2(256, 2, 4, 2, 3),  # 5.3
-    Skinny2(128, 4, 8, 2, 3),  # 5.7
+    Skinny2(128, 1, 8, 2, 4),  # 6.3
+    Skinny2(128, 1, 4, 2, 1, prefetch=1),  # 12.2
+    Skinny2(64, 1, 8, 2, 1, prefetch=1),  # 16.4; 4 times the programs
 )
 # bench/gpu_int4_gemv.py --sweep (never timed at start)
-SWEEP = tuple(Skinny2(bn, bg, sk, 2, st) for bn in (128, 256) for bg in (2, 4)
-              for sk in (2, 4, 8) for st in (3, 4))
+SWEEP = tuple(Skinny2(bn, bg, sk, 2, st) for bn in (128, 256) for bg in (1, 2, 4)
+              for sk in (2, 4, 8) for st in (3, 4)) + tuple(
+    Skinny2(bn, 1, sk, nw, 1, prefetch=1) for bn in (64, 128, 256) for sk in (2, 4, 8)
+    for nw in (2, 4))
 
 ENV = "PENSIEVE_INT4_SKINNY2"  # "0": left out of the race
 
@@ -97,5 +107,6 @@ def skinny2(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
         x, packed, so, y, ws, cnt, m, n, k // GROUP, x.stride(0), y.stride(0), packed.stride(0),
         BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g, SPLIT_K=cfg.split_k,
         NUM_STAGES=cfg.num_stages, SYM=symmetric(so), ASM=not _interpreted(),
-        BLOCK_M=block_m(m), num_warps=cfg.num_warps, num_stages=1)  # the loop's: NUM_STAGES
+        BLOCK_M=block_m(m), PREFETCH=bool(cfg.prefetch), num_warps=cfg.num_warps,
+        num_stages=1)  # the loop's: NUM_STAGES
     return y

@@ -39,6 +39,9 @@ def interpreter_check() -> None:
         (256, True, Skinny2(32, 2, 4), 16, torch.float32),
         (256, False, Skinny2(16, 4, 1, 2, 2), 1, torch.float32),  # one split: y directly
         (256, True, Skinny2(64, 2, 2), 5, torch.float16),
+        (448, True, Skinny2(32, 1, 2, prefetch=1), 3, torch.float32),  # by-hand prefetch
+        (448, False, Skinny2(16, 1, 7, prefetch=1), 12, torch.float16),  # 2 groups a split
+        (256, False, Skinny2(32, 1, 1, prefetch=1), 8, torch.float32),
     )
     for k, sym, cfg, rows, dtype in cases:
         packed, so, w = weight(45, k, sym, seed=k + rows)
@@ -80,6 +83,7 @@ def test_candidates_fit_the_model_shapes_and_limits_are_refused():
     assert not fits(CANDIDATES[0], 17, 4096)
     assert not fits(Skinny2(64, 4, 4), 8, 32 * 24)  # 24 groups: not a multiple of 16
     assert not Skinny2(64, 1, 16).fits(4096)  # past the workspace's 8 splits
+    assert not Skinny2(64, 2, 4, prefetch=1).fits(4096)  # by hand: one group a step
     packed, so, _ = weight(8, 64, True)
     with pytest.raises(ValueError):
         skinny2(torch.zeros(17, 64), packed, so, Skinny2(16, 1, 1))
@@ -117,15 +121,16 @@ def compile_candidates(cfgs, block_ms=(8, 16), syms=(True, False), dtype: str = 
                          "stride_w": "i32"}
                 consts = {"BLOCK_N": cfg.block_n, "BLOCK_G": cfg.block_g,
                           "SPLIT_K": cfg.split_k, "NUM_STAGES": cfg.num_stages, "SYM": sym,
-                          "ASM": True, "BLOCK_M": bm}
+                          "ASM": True, "BLOCK_M": bm, "PREFETCH": bool(cfg.prefetch)}
                 assert compile_for(kernels.skinny2, types, consts, cfg.num_warps, 1) is not None
 
 
 def test_a_candidate_compiles_for_the_h100():
-    """The first start-time candidate, bfloat16 and float16 (the two PTX unpackings), both
-    paddings, both scale forms, built for sm_90 here."""
+    """The first start-time candidate, bfloat16 and float16 (the four PTX unpackings), both
+    paddings, both scale forms, built for sm_90 here; a by-hand prefetching one."""
     compile_candidates(CANDIDATES[:1])
-    compile_candidates(CANDIDATES[:1], block_ms=(8,), syms=(True,), dtype="fp16")
+    compile_candidates(CANDIDATES[:1], block_ms=(8,), dtype="fp16")
+    compile_candidates([c for c in CANDIDATES if c.prefetch][:1], block_ms=(8,), syms=(True,))
 
 
 @pytest.mark.slow
