@@ -26,8 +26,8 @@ unpacked tile through shared memory once — a 16-byte store and an ``ldmatrix``
 
 Grid (cdiv(N, BLOCK_N), SPLIT_K): program (n, s) reads groups [s·G_PER, (s+1)·G_PER), BLOCK_G
 a step (the launcher makes G_PER · SPLIT_K == GROUPS and G_PER a multiple of BLOCK_G: no masks
-on the codes). PREFETCH: the next step's code words, sub-scales and super-scales are loaded
-into registers before this step's unpacking and product (two steps of bytes in flight without
+on the codes). PREFETCH: the next step's code words, sub-scales, super-scales and x are
+loaded into registers before this step's unpacking and product (two steps of bytes in flight without
 the shared-memory pipeline; the last step reloads itself). SPLIT_K > 1: float32 partials to WS
 [SPLIT_K, 16, N]; the last program of a column tile (counter CNT[n], zero between calls: that
 program resets it) sums them in a fixed order — one launch, deterministic, capturable in a CUDA
@@ -108,7 +108,8 @@ def rows(X, LO, HI, SC, D, Y, WS, CNT, M, N, GROUPS, G_PER, stride_x, stride_y,
     hi_p = HI + n6 * (GROUPS * 2) + (g_start * 2 + g6 * 2 + q6 % 2)
     sc_p = SC + n[:, None, None] * (GROUPS * 2) + (g_start * 2 + gi[None, :, None] * 2
                                      + tl.arange(0, 2)[None, None, :])
-    d_p = D + n[:, None] * (GROUPS // 8) + (g_start + gi[None, :]) // 8
+    d_row = D + n[:, None] * (GROUPS // 8)
+    d_p = d_row + (g_start + gi[None, :]) // 8
     # x's rows in the tile's K order: tile column 32g + 16h + 8f + 2q + e is x's 32g + 16h +
     # 4q + 2f + e
     two = tl.arange(0, 2)
@@ -119,26 +120,30 @@ def rows(X, LO, HI, SC, D, Y, WS, CNT, M, N, GROUPS, G_PER, stride_x, stride_y,
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     if PREFETCH:
         lo, hi, sc, d = _load_step(lo_p, hi_p, sc_p, d_p)
+        xn = tl.load(x_p, mask=mmask[None, :], other=0.0)
     for g0 in range(g_start, g_start + G_PER, BLOCK_G):
         if PREFETCH:
-            cur_lo, cur_hi, cur_sc, cur_d = lo, hi, sc, d
-            # the next step's words (the last step reloads itself: never past the program)
+            cur_lo, cur_hi, cur_sc, cur_d, xt = lo, hi, sc, d, xn
+            # the next step's words and x (the last step reloads itself: never past the
+            # program's groups)
             step = tl.where(g0 + BLOCK_G < g_start + G_PER, BLOCK_G, 0)
             lo_p += step * 4
             hi_p += step * 2
             sc_p += step * 2
-            d_p = D + n[:, None] * (GROUPS // 8) + (g0 + step + gi[None, :]) // 8
+            d_p = d_row + (g0 + step + gi[None, :]) // 8
+            x_p += step * 32
             lo, hi, sc, d = _load_step(lo_p, hi_p, sc_p, d_p)
+            xn = tl.load(x_p, mask=mmask[None, :], other=0.0)
         else:
             cur_lo, cur_hi, cur_sc, cur_d = _load_step(lo_p, hi_p, sc_p, d_p)
+            xt = tl.load(x_p, mask=mmask[None, :], other=0.0)
             lo_p += BLOCK_G * 4
             hi_p += BLOCK_G * 2
             sc_p += BLOCK_G * 2
-            d_p = D + n[:, None] * (GROUPS // 8) + (g0 + BLOCK_G + gi[None, :]) // 8
-        xt = tl.load(x_p, mask=mmask[None, :], other=0.0)
+            d_p = d_row + (g0 + BLOCK_G + gi[None, :]) // 8
+            x_p += BLOCK_G * 32
         w = _tile(cur_lo, cur_hi, cur_sc, cur_d, BLOCK_N, BLOCK_G, X.dtype.element_ty)
         acc = _dot(w, xt, acc)
-        x_p += BLOCK_G * 32
     out = Y + m_safe[None, :] * stride_y + n[:, None]
     omask = nmask[:, None] & mmask[None, :]
     if SPLIT_K == 1:

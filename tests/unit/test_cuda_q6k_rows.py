@@ -248,4 +248,4 @@ def test_tuner_races_rows_on_the_gpu(monkeypatch):
     for r in (1, 4, 8, 16):
         x = torch.randn(r, 4096, device="cuda", dtype=torch.bfloat16)
         assert plan[cuda_q6k.bucket(r)][0] != "torch"
-        assert rel(model[0](x), x.double() @ weight.T) < 1e-2, r
+        assert rel(model[0](x), (x.double() @ weight.T).cpu()) < 1e-2, r
