@@ -129,18 +129,15 @@ def calls(m: CudaMoEExperts, sets: list, tiles: Tiles | None):  # noqa: ANN201
         y = torch.empty(t * k, dn.n, device=x.device, dtype=x.dtype)
         bufs.append((x, w.reshape(-1).contiguous(), ids.reshape(-1).contiguous(), k, h, y))
 
-    def t_of(p: int) -> Tiles:
-        return tiles or (cuda_moe.GEMV_FEW if p <= 16 else cuda_moe.GEMV)
-
     def gate_up() -> None:
         for x, rw, flat, k, h, _ in bufs:
             cuda_moe.pick_gemv(x, flat, rw, gu, h, topk=k, gather=True, fuse=True, routed=False,
-                               t=t_of(flat.numel()), glu=m.glu)
+                               t=tiles or cuda_moe.gemv_tiles(flat.numel(), gu.fp4), glu=m.glu)
 
     def down() -> None:
         for _, rw, flat, k, h, y in bufs:
             cuda_moe.pick_gemv(h, flat, rw, dn, y, topk=k, gather=False, fuse=False, routed=True,
-                               t=t_of(flat.numel()))
+                               t=tiles or cuda_moe.gemv_tiles(flat.numel(), dn.fp4))
 
     def moe() -> None:
         for x, w, ids in sets:

@@ -81,6 +81,10 @@ class Tiles:
 
 GEMV_FEW = Tiles(1, 8, 512, 4, 2)  # up to 16 picks (H100 sweep: 1 token 0.032 vs 0.039 ms)
 GEMV = Tiles(1, 16, 256, 4, 2)  # more picks (8 tokens: 0.149 vs 0.171 ms; 32: 0.534 vs 0.611)
+# packed MXFP4 (half the bytes a step of the same BLOCK_K): the int8 tiles until timed on a GPU
+# (bench/gpu_moe_mxfp4.py --sweep prints the best per token count)
+GEMV_FEW_FP4 = GEMV_FEW
+GEMV_FP4 = GEMV
 GROUPED_SMALL = Tiles(16, 64, 64, 4, 3)  # few picks per expert (decode batches)
 GROUPED = Tiles(64, 64, 64, 4, 3)  # prefill
 GROUPED_SMALL_MAX_PICKS = 2048
@@ -220,6 +224,13 @@ def _gemv_block_k(st: Stack, want: int) -> int:
     return want if b < min(want, 128) and not (st.int4 or st.six) else b
 
 
+def gemv_tiles(picks: int, fp4: bool = False) -> Tiles:
+    """``pick_gemv``'s tiles at ``picks`` (int8/int4/six or packed MXFP4 weights)."""
+    if fp4:
+        return GEMV_FEW_FP4 if picks <= 16 else GEMV_FP4
+    return GEMV_FEW if picks <= 16 else GEMV
+
+
 def pick_gemv(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, st: Stack, y: torch.Tensor,
               *, topk: int, gather: bool, fuse: bool, routed: bool, t: Tiles | None = None,
               glu: Glu = None) -> torch.Tensor:
@@ -320,10 +331,10 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
         cuda_moe_expert.expert_gemv(h, flat, rw, down, out, gather=False, fuse=False,
                                     routed=True, **common)
     elif (route or ("gemv" if p <= GEMV_MAX_PICKS else "grouped")) == "gemv":
-        tiles = GEMV_FEW if p <= 16 else GEMV
-        pick_gemv(x, flat, rw, gate_up, h, topk=k, gather=True, fuse=True, routed=False, t=tiles,
-                  glu=glu)
-        pick_gemv(h, flat, rw, down, out, topk=k, gather=False, fuse=False, routed=True, t=tiles)
+        pick_gemv(x, flat, rw, gate_up, h, topk=k, gather=True, fuse=True, routed=False,
+                  t=gemv_tiles(p, gate_up.fp4), glu=glu)
+        pick_gemv(h, flat, rw, down, out, topk=k, gather=False, fuse=False, routed=True,
+                  t=gemv_tiles(p, down.fp4))
     else:
         tiles = GROUPED_SMALL if p <= GROUPED_SMALL_MAX_PICKS else GROUPED
         sorted_ids, bexp = align(flat, experts, tiles.block_m)

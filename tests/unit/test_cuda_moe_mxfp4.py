@@ -350,6 +350,7 @@ def interpreter_check() -> None:
     from tests.unit.test_cuda_moe import routing
 
     cuda_moe.GEMV = cuda_moe.GEMV_FEW = Tiles(1, 64, 256, 4, 2)
+    cuda_moe.GEMV_FP4 = cuda_moe.GEMV_FEW_FP4 = Tiles(1, 64, 256, 4, 2)
     # K = 64, 96: one masked step of the GEMV's 256; 2880 (gpt-oss-20b's): 12 steps, the last
     # masked; both layouts (int8 codes, packed E2M1 + E8M0), the packed layer's values checked
     # against the file's dequantisation (random_layer's blocks, seeds as there)
@@ -425,11 +426,11 @@ def compile_kernels(types: dict[str, str], packed: bool) -> None:
     fmt = dict(TOPK=4, INT4=False, SIX=False, GS=32, HAS_MIN=False, HAS_BIAS=True, FP4=packed)
     for fuse in (True, False):
         act = dict(SWIGLU=fuse, ALPHA=1.702 if fuse else 0.0, LIMIT=7.0 if fuse else 0.0)
-        t = cuda_moe.GEMV_FEW
+        t = cuda_moe.gemv_tiles(16, packed)
         consts = dict(fmt, **act, GATHER=fuse, FUSE=fuse, ROUTED=not fuse, BLOCK_N=t.block_n,
                       BLOCK_K=t.block_k)
         assert compile_for(kernels.pick_gemv, types, consts, t.num_warps, t.num_stages)
-        t = cuda_moe.GEMV  # the tile past 16 picks
+        t = cuda_moe.gemv_tiles(17, packed)  # the tile past 16 picks
         consts.update(BLOCK_N=t.block_n, BLOCK_K=t.block_k)
         assert compile_for(kernels.pick_gemv, types, consts, t.num_warps, t.num_stages)
         g = cuda_moe.GROUPED_SMALL
