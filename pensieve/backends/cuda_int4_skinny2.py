@@ -7,11 +7,11 @@ workspace as ``skinny``.
 
 A candidate is routed only for a bucket where the tuner found it right (against the dequantised
 weight) and faster than ``skinny`` and the others on the GPU at hand. Tiles: sm_90 builds here
-(Triton 3.9) take ``mma.sync`` at 2 warps — at 4 warps Triton picks wgmma, whose per-group waits
-and operand shuffles cost ~20 instructions a code byte — and ~5-7 instructions a code byte in
-the loop for Q4_0 (``skinny``: ~11), 160-240 registers, no spills. Rows up to 8 pad to an
-8-row dot (m16n8k16's native N), more to 16. Importing this module needs neither a GPU nor
-Triton.
+(Triton 3.9) take ``mma.sync`` at 1-2 warps — at 4 warps Triton picks wgmma, whose per-group
+waits and operand shuffles cost ~16-20 instructions a code byte — and ~5-7 instructions a code
+byte in the loop (``skinny``: ~11), 96-250 registers, no spills; BLOCK_N 32, or 64 at 2 warps,
+take a layout change through shared memory (~17). Rows up to 8 pad to an 8-row dot
+(m16n8k16's native N), more to 16. Importing this module needs neither a GPU nor Triton.
 """
 
 from __future__ import annotations
@@ -47,17 +47,19 @@ class Skinny2:
 
 
 # raced per weight shape and row bucket at start (each distinct tile one Triton compile per
-# dtype, scale form and row padding); the sm_90 loop's instructions a code byte (Q4_0, 8 rows;
-# ``skinny``: ~11) in the comments — the hand-prefetched form pays a layout change of the
-# unpacked codes through shared memory for having nothing in flight stall a step. None timed
-# on a GPU yet.
+# dtype, scale form and row padding); the sm_90 loop's instructions a code byte at 8 rows (Q4_0
+# / the pair; ``skinny``: ~11) in the comments, from Triton 3.9's ptxas here — every one has
+# its codes and x in pipelined copies and no spills. The hand-prefetched form pays a layout
+# change of the unpacked codes through shared memory. None timed on a GPU yet.
 CANDIDATES = (
-    Skinny2(128, 4, 4, 2, 3),  # 5.8
-    Skinny2(128, 2, 8, 2, 4),  # 6.0; twice the programs
-    Skinny2(256, 2, 4, 2, 3),  # 5.3
-    Skinny2(128, 1, 8, 2, 4),  # 6.3
+    Skinny2(128, 4, 4, 2, 3),  # 5.6 / 6.5
+    Skinny2(128, 2, 8, 2, 4),  # 6.0 / 6.7
+    Skinny2(256, 2, 4, 2, 3),  # 5.4
+    Skinny2(128, 1, 8, 2, 4),  # 6.6 / 7.3
+    Skinny2(64, 2, 8, 1, 4),  # 5.7; one warp, twice the programs
+    Skinny2(64, 4, 4, 1, 3),  # 5.5
+    Skinny2(64, 1, 8, 1, 4),  # 6.3
     Skinny2(128, 1, 4, 2, 1, prefetch=1),  # 12.2
-    Skinny2(64, 1, 8, 2, 1, prefetch=1),  # 16.4; 4 times the programs
 )
 # bench/gpu_int4_gemv.py --sweep (never timed at start)
 SWEEP = tuple(Skinny2(bn, bg, sk, 2, st) for bn in (128, 256) for bg in (1, 2, 4)

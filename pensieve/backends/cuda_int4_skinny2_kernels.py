@@ -15,14 +15,17 @@ loop. Here the per-weight work is only what makes a tensor-core operand of a cod
   masks; their sums are never stored);
 * a group's two K = 16 dots (low nibbles against x[32g : 32g+16], high against the rest) give
   its exact sum in float32, then ``acc += s·Σ(c − 8)·x`` (Q4_0) or, for the (scale, offset)
-  pair, ``acc += s·(Σ(M + c)·x − M·Σx) + o·Σx`` with the group's ``Σx`` from the same x tiles
-  against ones on the tensor cores (no cross-thread reduction).
+  pair, ``acc += s·(Σ(M + c)·x − M·Σx) + o·Σx`` with the group's ``M·Σx`` from the same x
+  tiles against a tile of M on the tensor cores (no cross-thread reduction; the M tile is made
+  from the codes' own bytes so that Triton gives it their operand layout — a constant tile of
+  ones took another, and x then lost its pipelined copy).
 
-Loop: BLOCK_G groups a step, the codes through Triton's pipelined copies NUM_STAGES deep (x and
-the scales are plain loads in the step: Triton pipelines only what feeds a dot's operand
-through shared memory), or ``PREFETCH``: one group a step, its codes and x loaded two steps
-ahead and its scales three into registers by hand (then Triton changes the unpacked codes'
-layout for the dot through shared memory: more instructions, nothing waited on).
+Loop: BLOCK_G groups a step, the codes and x through Triton's pipelined copies NUM_STAGES deep;
+the scales feed no dot operand, so Triton leaves them a plain load, and they are loaded by hand
+one step ahead (two steps, two loop-carried tiles, and Triton 3.9 pipelines nothing). Or
+``PREFETCH``: one group a step, its codes and x loaded two steps ahead and its scales three,
+all by hand into registers (then Triton changes the unpacked codes' layout for the dot through
+shared memory: twice the instructions).
 
 Rows are padded to BLOCK_M (8 — m16n8k16's own N — or 16). Grid (cdiv(N, BLOCK_N), SPLIT_K):
 program (n, s) reads groups [s·G/SPLIT_K, (s+1)·G/SPLIT_K) of its rows (the number of groups a
@@ -113,10 +116,26 @@ def _codes(b, DT: tl.constexpr, SYM: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _group(acc, b, xlo, xhi, so, ones, DT: tl.constexpr, MAGIC: tl.constexpr,
+def _columns(t, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """The BLOCK_G (1, 2 or 4) columns of a [BLOCK_N, BLOCK_G] tile (unused ones: column 0)."""
+    if BLOCK_G == 1:
+        c0 = tl.reshape(t, [BLOCK_N])
+        return c0, c0, c0, c0
+    elif BLOCK_G == 2:
+        c0, c1 = tl.split(t)
+        return c0, c1, c0, c1
+    else:
+        even, odd = tl.split(tl.reshape(t, [BLOCK_N, 2, 2]))  # columns (0, 2) and (1, 3)
+        c0, c2 = tl.split(even)
+        c1, c3 = tl.split(odd)
+        return c0, c1, c2, c3
+
+
+@triton.jit
+def _group(acc, b, xlo, xhi, so, DT: tl.constexpr, MAGIC: tl.constexpr,
            SYM: tl.constexpr, ASM: tl.constexpr):
     """One group's products added to acc: Q4_0 ``s·Σ(c − 8)·x``, the pair ``s·(Σ(M + c)·x −
-    M·Σx) + o·Σx`` (Σx from the ones dot)."""
+    M·Σx) + o·Σx``."""
     lo, hi = _codes(b, DT, SYM, ASM)
     d = tl.dot(lo, xlo)
     d = tl.dot(hi, xhi, d)
@@ -124,11 +143,14 @@ def _group(acc, b, xlo, xhi, so, ones, DT: tl.constexpr, MAGIC: tl.constexpr,
         s = so.to(tl.float16, bitcast=True).to(tl.float32)
         acc += d * s[:, None]
     else:
-        e = tl.dot(ones, xlo)
-        e = tl.dot(ones, xhi, e)
+        # M·Σx: the same x tiles against M (a zero code's operand, made from the codes' own
+        # bytes so that it shares their operand layout and x's pipelined copy)
+        mtile, _ = _codes((b >> 4) >> 4, DT, False, ASM)
+        e = tl.dot(mtile, xlo)
+        e = tl.dot(mtile, xhi, e)
         s = (so & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         o = (so >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        acc += (d - MAGIC * e) * s[:, None] + e * o[:, None]
+        acc += (d - e) * s[:, None] + e * (o * (1.0 / MAGIC))[:, None]
     return acc
 
 
@@ -161,7 +183,6 @@ def skinny2(X, W, SO, Y, WS, CNT, M, N, GROUPS, stride_x, stride_y, stride_w,
     # stored), so the loads need no mask
     x_cols = X + m_safe[None, :] * stride_x + i[:, None]
     so_rows = SO + n_safe * GROUPS
-    ones = tl.full([BLOCK_N, 16], 1.0, DT)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     if PREFETCH:
         # one group a step, everything it reads loaded ahead into registers by hand — codes
@@ -184,19 +205,36 @@ def skinny2(X, W, SO, Y, WS, CNT, M, N, GROUPS, stride_x, stride_y, stride_w,
             x3 = tl.load(x_cols + g2 * 32).to(DT)
             x3h = tl.load(x_cols + g2 * 32 + 16).to(DT)
             s4 = tl.load(so_rows + tl.minimum(g + 3, g_last))
-            acc = _group(acc, b1, x1, x1h, s1, ones, DT, MAGIC, SYM, ASM)
+            acc = _group(acc, b1, x1, x1h, s1, DT, MAGIC, SYM, ASM)
             b1, b2 = b2, b3
             x1, x1h, x2, x2h = x2, x2h, x3, x3h
             s1, s2, s3 = s2, s3, s4
     else:
+        # the codes and x through Triton's pipelined copies; the scales (a plain load: they
+        # feed no dot operand) for the next step, loaded by hand (two steps ahead, two
+        # loop-carried tiles, and Triton 3.9 pipelines nothing)
+        gi = tl.arange(0, BLOCK_G)
+        so_tile = so_rows[:, None] + gi[None, :]  # [BLOCK_N, BLOCK_G]
+        g_top = g_start + g_per - BLOCK_G
+        so_nx = tl.load(so_tile + g_start)
         for g0 in tl.range(g_start, g_start + g_per, BLOCK_G, num_stages=NUM_STAGES):
+            so_now = so_nx
+            so_nx = tl.load(so_tile + tl.minimum(g0 + BLOCK_G, g_top))
+            s0, s1, s2, s3 = _columns(so_now, BLOCK_N, BLOCK_G)
             for j in tl.static_range(BLOCK_G):
                 g = g0 + j
                 b = tl.load(w_rows + g * 16)
                 xlo = tl.load(x_cols + g * 32).to(DT)
                 xhi = tl.load(x_cols + g * 32 + 16).to(DT)
-                so = tl.load(so_rows + g)
-                acc = _group(acc, b, xlo, xhi, so, ones, DT, MAGIC, SYM, ASM)
+                if j == 0:
+                    so = s0
+                elif j == 1:
+                    so = s1
+                elif j == 2:
+                    so = s2
+                else:
+                    so = s3
+                acc = _group(acc, b, xlo, xhi, so, DT, MAGIC, SYM, ASM)
     out = Y + m_safe[None, :] * stride_y + n_safe[:, None]
     omask = nmask[:, None] & mmask[None, :]
     if SPLIT_K == 1:
