@@ -20,9 +20,10 @@ q — and flattened: tile column 32g + 16h + 8f + 2q + e holds weight column 32g
 2f + e, and x is loaded in that order. Within a 16-column step of the tensor cores a thread's
 pairs (2t, 2t + 1) and (2t + 8, 2t + 9) then come from one code word t (the mma A fragment),
 so that layout needs no exchange between threads. (Triton 3.9 for sm_90 still stages the
-unpacked tile through shared memory once — a 16-byte store and an ``ldmatrix`` a thread per
-64 weights — but unpacks it in the load's layout: ~7.3 instructions a weight in the loop at
-[64, 64] tiles with PREFETCH, against ~9 for ``skinny``'s [64, 128], at 78 registers.)
+unpacked tile through shared memory once — 16-byte stores and ``ldmatrix`` loads — but
+unpacks it in the load's layout: 6.0-7.2 instructions a weight in the loop at 64-256 outputs
+with PREFETCH, 80-128 registers, against ~9 for ``skinny``'s tiles; counted in the sm_90
+SASS, not timed.)
 
 Grid (cdiv(N, BLOCK_N), SPLIT_K): program (n, s) reads groups [s·G_PER, (s+1)·G_PER), BLOCK_G
 a step (the launcher makes G_PER · SPLIT_K == GROUPS and G_PER a multiple of BLOCK_G: no masks
@@ -44,7 +45,7 @@ import triton.language as tl
 
 @triton.jit
 def _load_step(lo_p, hi_p, sc_p, d_p):
-    """A step's low words and high words [BN, BG, 1, 1, 4, 1] (each high word twice),
+    """A step's low words and high words [BN, BG, 1, 1, 4] (each high word twice),
     sub-scales [BN, BG, 2] and super-scale bits [BN, BG]."""
     return tl.load(lo_p), tl.load(hi_p), tl.load(sc_p), tl.load(d_p)
 
@@ -54,25 +55,30 @@ def _tile(lo, hi, sc, d, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, DT: tl.co
     """The weight tile [BLOCK_N, BLOCK_G · 32] in DT (columns in the module's K order) from a
     step's words (``_load_step``; loaded at the tile's rank, so that the unpacking stays in
     the layout the tensor cores' operand derives from — sm_90: no exchange but one pass
-    through shared memory before the product)."""
-    hh = tl.arange(0, 2)[None, None, :, None, None, None]
-    ff = tl.arange(0, 2)[None, None, None, :, None, None]
-    qq = tl.arange(0, 4)[None, None, None, None, :, None]
-    ee = tl.arange(0, 2)[None, None, None, None, None, :]
+    through shared memory before the product). A 16-bit DT takes bytes 2f and 2f + 1 of a
+    code word as one 32-bit pair under the magic exponent (``0x43004300``: two bfloat16),
+    joined as the last axis e, so the subtraction and the scale run on pairs."""
+    hh = tl.arange(0, 2)[None, None, :, None, None]
+    ff = tl.arange(0, 2)[None, None, None, :, None]
+    qq = tl.arange(0, 4)[None, None, None, None, :]
     # the code words of half h: four 6-bit codes a word
     u = ((lo >> (hh * 4)) & 0x0F0F0F0F) \
-        | (((hi >> (hh * 4 + (qq // 2) * 2)) & 0x03030303) << 4)  # [BN, BG, 2, 1, 4, 1]
-    byte = (u >> (ff * 16 + ee * 8)) & 0xFF  # [BN, BG, 2, 2, 4, 2]
+        | (((hi >> (hh * 4 + (qq // 2) * 2)) & 0x03030303) << 4)  # [BN, BG, 2, 1, 4]
+    v = u >> (ff * 16)  # bytes 2f, 2f + 1 at the bottom [BN, BG, 2, 2, 4]
+    # joined: [BN, BG, 2, 2, 4, 2], byte 2f + e of code word q
     s = d.to(tl.float16, bitcast=True).to(tl.float32)[:, :, None] * sc.to(tl.float32)
     s = s[:, :, :, None, None, None]  # d·sc of each half [BN, BG, 2, 1, 1, 1]
     if DT == tl.bfloat16:
-        w = ((byte | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 160.0) \
-            * s.to(tl.bfloat16)
+        p = (v & 0xFF) | ((v & 0xFF00) << 8) | 0x43004300
+        b = tl.join(p.to(tl.int16), (p >> 16).to(tl.int16))
+        w = (b.to(tl.bfloat16, bitcast=True) - 160.0) * s.to(tl.bfloat16)
     elif DT == tl.float16:
-        w = ((byte | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1056.0) \
-            * s.to(tl.float16)
+        p = (v & 0xFF) | ((v & 0xFF00) << 8) | 0x64006400
+        b = tl.join(p.to(tl.int16), (p >> 16).to(tl.int16))
+        w = (b.to(tl.float16, bitcast=True) - 1056.0) * s.to(tl.float16)
     else:  # 2**23 + u as float32, minus 2**23 + 32
-        w = ((byte | 0x4B000000).to(tl.float32, bitcast=True) - 8388640.0) * s
+        b = tl.join(v & 0xFF, (v >> 8) & 0xFF)
+        w = ((b | 0x4B000000).to(tl.float32, bitcast=True) - 8388640.0) * s
     return tl.reshape(w.to(DT), [BLOCK_N, BLOCK_G * 32])
 
 
@@ -101,9 +107,9 @@ def rows(X, LO, HI, SC, D, Y, WS, CNT, M, N, GROUPS, G_PER, stride_x, stride_y,
     gi = tl.arange(0, BLOCK_G)
     q = tl.arange(0, 4)
     # pointers at the program's first step, advanced a step at a time
-    g6 = gi[None, :, None, None, None, None]
-    q6 = q[None, None, None, None, :, None]
-    n6 = n[:, None, None, None, None, None]
+    g6 = gi[None, :, None, None, None]
+    q6 = q[None, None, None, None, :]
+    n6 = n[:, None, None, None, None]
     lo_p = LO + n6 * (GROUPS * 4) + (g_start * 4 + g6 * 4 + q6)
     hi_p = HI + n6 * (GROUPS * 2) + (g_start * 2 + g6 * 2 + q6 % 2)
     sc_p = SC + n[:, None, None] * (GROUPS * 2) + (g_start * 2 + gi[None, :, None] * 2

@@ -80,8 +80,8 @@ SPLIT_CANDIDATES = {
 }
 # ``rows`` at 1-16 rows (made for 4-16; 16-row tiles, the same each bucket): the next step's
 # code words loaded into registers before this step's product (prefetch); [64, 2 groups] and
-# [128, 2] tiles take the fewest instructions a weight (sm_90, Triton 3.9: 6.3-7.3 in the loop
-# against ~9 for skinny's, 64-127 registers, no spill); K over up to 16 programs where N is
+# [128, 2-4] tiles take the fewest instructions a weight (sm_90 SASS, Triton 3.9: 6.0-7.2 in the
+# loop against ~9 for skinny's, 72-128 registers, no spill); K over up to 16 programs where N is
 # short (attn_v's 1024 outputs: 16 × 16 programs), 32-output tiles there too (mma.sync); one
 # on Triton's shared-memory pipeline instead of the prefetch; 256 outputs for a head (no split)
 ROWS_CANDIDATES = (Rows(16, 64, 2, 8, 4, 1, True), Rows(16, 64, 4, 8, 4, 1, True),
