@@ -1,6 +1,8 @@
-"""gpt-oss-20b's routed experts on ``pick_gemv``: MXFP4 held as int8 codes (``PENSIEVE_MXFP4_INT8=1``,
-1.06 bytes a weight) against packed (``fp4``: the file's two E2M1 codes a byte + an E8M0 byte per
-32, 0.53 bytes a weight), GPU time and the bandwidth it implies.
+"""gpt-oss-20b's routed experts on ``pick_gemv``: MXFP4 as int8 codes against packed.
+
+Int8 codes (``PENSIEVE_MXFP4_INT8=1``, 1.06 bytes a weight) against packed (``fp4``: the file's
+two E2M1 codes a byte + an E8M0 byte per 32, 0.53 bytes a weight), GPU time and the bandwidth it
+implies.
 
 Shapes: hidden 2880, expert width 2880, 32 experts, top-4 (``--experts`` etc. change them), the
 same random MXFP4 blocks (E8M0 exponents 118-122, |w| ~ 0.01-0.1) in both layouts, gpt-oss's
@@ -151,7 +153,8 @@ def run(a: argparse.Namespace) -> list[dict]:
     shapes = ((inner, hd), (inner, hd), (hd, inner))  # gate, up, down: the same blocks twice
     g = torch.Generator().manual_seed(0)
     biases = (torch.randn(e, 2 * inner, generator=g) * 0.1, torch.randn(e, hd, generator=g) * 0.1)
-    layers = {"int8": layer(shapes, e, biases, False, dev), "fp4": layer(shapes, e, biases, True, dev)}
+    layers = {"int8": layer(shapes, e, biases, False, dev),
+              "fp4": layer(shapes, e, biases, True, dev)}
     gu8, dn8 = (t.float() for t in layers["int8"].dequantize())
     gu4, dn4 = (t.float() for t in layers["fp4"].dequantize())
     assert torch.equal(gu8, gu4) and torch.equal(dn8, dn4), "the layouts hold different values"
@@ -194,7 +197,8 @@ def run(a: argparse.Namespace) -> list[dict]:
                     if best[1] is not None:
                         t = best[1]
                         row["sweep_best_us"] = best[0]
-                        row["sweep_best_tiles"] = f"{t.block_n}/{t.block_k} w{t.num_warps} s{t.num_stages}"
+                        row["sweep_best_tiles"] = (f"{t.block_n}/{t.block_k} w{t.num_warps} "
+                                                   f"s{t.num_stages}")
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr)
     return results

@@ -29,8 +29,8 @@ MXFP4 experts are held as the file's bytes (``fp4``: two E2M1 codes a byte in GG
 E8M0 byte per 32, 17 bytes a 32 = 4.25 bits a weight; the kernels' ``FP4`` layout) — the
 loader's ``mxfp4.Mxfp4Groups`` as they come, int8 codes (``loaders/mxfp4.int8_codes``) converted
 back exactly once when the module is built; with ``PENSIEVE_MXFP4_INT8=1`` the loader keeps int8
-codes with a float16 power of two per 32 and they stay so (~1.06 bytes a weight). The expert-major GEMV takes no ``fp4`` stack (its route falls back to
-``pick_gemv``).
+codes with a float16 power of two per 32 and they stay so (~1.06 bytes a weight). The
+expert-major GEMV takes no ``fp4`` stack (its route falls back to ``pick_gemv``).
 
 Nothing syncs with the host and every launch's grid is fixed by the number of picks, so the
 decode CUDA graphs capture the layer (``cuda_moe_swap.swap_in_experts`` puts it in a model and

@@ -14,8 +14,8 @@ Either dequantised here to float, kept as the file's own 17 bytes a 32 (``Mxfp4G
 nibble order, two codes a byte, the E8M0 byte apart — the form ``backends/cuda_moe.py``'s
 ``FP4`` kernels read; ``ggml_packed``/``hf_packed`` from either layout, ``packed_from_int8``
 from the int8 form), or as the grouped kernels' int8 codes, exactly (``int8_codes``; what
-3-D experts were kept as before, and still are with ``PENSIEVE_MXFP4_INT8=1``): doubled, every E2M1 value is an integer in [−12, 12], so a block is int8 codes
-times one power of two 2^(e − 128) — a float16 scale, exact while e − 128 is in [−24, 15]
+3-D experts were kept as before, and still are with ``PENSIEVE_MXFP4_INT8=1``): doubled,
+every E2M1 value is an integer in [−12, 12], so a block is int8 codes times one power of two 2^(e − 128) — a float16 scale, exact while e − 128 is in [−24, 15]
 (float16's smallest subnormal to its largest power of two). An all-zero block's scale is 0 (its
 value is 0 whatever e says); a tensor with another block outside that range is not converted
 (None, with the reason logged): it stays on the dequantised path.

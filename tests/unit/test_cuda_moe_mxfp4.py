@@ -96,7 +96,8 @@ def test_experts_as_expert_codes_and_only_experts(monkeypatch):
     assert quant_groups(raw, Q.MXFP4, (24, 128)) is None  # a 2-D MXFP4 weight: dequantised
     monkeypatch.setenv(cuda_moe.MXFP4_INT8_ENV, "1")  # the opt-out: int8 codes, kept so
     kept8 = quant_groups(raw, Q.MXFP4, (3, 8, 128))
-    assert isinstance(kept8.groups, Int8Groups) and cuda_moe.fmt(kept8.groups) == ("int8", 32, False)
+    assert isinstance(kept8.groups, Int8Groups)
+    assert cuda_moe.fmt(kept8.groups) == ("int8", 32, False)
     assert torch.equal(kept8.dequantize(), kept.dequantize())
     monkeypatch.delenv(cuda_moe.MXFP4_INT8_ENV)  # int8 codes met without it: packed at build
     assert cuda_moe.fmt(kept8.groups) == ("fp4", 32, False)
@@ -135,7 +136,8 @@ def test_hf_blocks_packed_in_ggmls_order():
     packed, e = mxfp4.hf_packed(hf, exps)
     assert packed.shape == (4, 32, 48) and e.shape == (4, 32, 3)
     want_packed, want_e = mxfp4.ggml_packed(raw.reshape(-1), 4 * 32, 96)
-    assert torch.equal(packed.reshape(128, 48), want_packed) and torch.equal(e.reshape(128, 3), want_e)
+    assert torch.equal(packed.reshape(128, 48), want_packed)
+    assert torch.equal(e.reshape(128, 3), want_e)
     assert torch.equal(mxfp4.packed_dequantize(packed.reshape(128, 48), e.reshape(128, 3)),
                        ggml_values.reshape(128, 96))
 
