@@ -4,8 +4,8 @@ cores on the code words.
 A ``Rows`` is one launch's tiles: up to BLOCK_M (16) rows of x padded for the tensor cores,
 BLOCK_N outputs and BLOCK_G groups of 32 columns a step, K over up to SPLIT_K programs of a
 column tile (one launch, partials reduced in it through ``rows_workspace``: up to 16 splits
-of 16 rows, counters per 16 outputs), ``prefetch``: the next step's code words loaded into
-registers before this step's product. The split used is the largest ≤ SPLIT_K dividing K's
+of 16 rows, counters per 16 outputs), ``prefetch``: the next one or two steps' code words and
+x loaded into registers before this step's product. The split used is the largest ≤ SPLIT_K dividing K's
 steps (``split_of``: no masks on the codes); a weight with ``SPLIT_MAX_N`` outputs or more (a
 head) never splits. Candidates only: ``cuda_q6k_tune`` checks and times them against the other
 kernels per weight shape and row bucket at start. Importing this module needs neither a GPU
@@ -37,7 +37,7 @@ class Rows:
     split_k: int
     num_warps: int
     num_stages: int
-    prefetch: bool = False
+    prefetch: int = 0  # steps loaded into registers ahead (0, 1 / True, 2)
 
 
 _workspaces: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -91,5 +91,5 @@ def gemm_rows(x: torch.Tensor, w: tuple[torch.Tensor, ...], y: torch.Tensor,
     _kernels().rows[(triton_cdiv(n, t.block_n), split)](
         x, lo, hi, w[2], w[3], y, ws, cnt, m, n, groups, groups // split, x.stride(0),
         y.stride(0), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_G=bg, SPLIT_K=split,
-        PREFETCH=t.prefetch, num_warps=t.num_warps, num_stages=t.num_stages)
+        PREFETCH=int(t.prefetch), num_warps=t.num_warps, num_stages=t.num_stages)
     return y

@@ -21,15 +21,16 @@ q — and flattened: tile column 32g + 16h + 8f + 2q + e holds weight column 32g
 pairs (2t, 2t + 1) and (2t + 8, 2t + 9) then come from one code word t (the mma A fragment),
 so that layout needs no exchange between threads. (Triton 3.9 for sm_90 still stages the
 unpacked tile through shared memory once — 16-byte stores and ``ldmatrix`` loads — but
-unpacks it in the load's layout: 6.0-7.2 instructions a weight in the loop at 64-256 outputs
-with PREFETCH, 80-128 registers, against ~9 for ``skinny``'s tiles; counted in the sm_90
+unpacks it in the load's layout: 5.5-7.3 instructions a weight in the loop at 64-256 outputs
+with PREFETCH, 78-127 registers, against ~9 for ``skinny``'s tiles; counted in the sm_90
 SASS, not timed.)
 
 Grid (cdiv(N, BLOCK_N), SPLIT_K): program (n, s) reads groups [s·G_PER, (s+1)·G_PER), BLOCK_G
 a step (the launcher makes G_PER · SPLIT_K == GROUPS and G_PER a multiple of BLOCK_G: no masks
-on the codes). PREFETCH: the next step's code words, sub-scales, super-scales and x are
-loaded into registers before this step's unpacking and product (two steps of bytes in flight without
-the shared-memory pipeline; the last step reloads itself). SPLIT_K > 1: float32 partials to WS
+on the codes). PREFETCH (1 or 2): the next one or two steps' code words, sub-scales,
+super-scales and x are loaded into registers before this step's unpacking and product (two or
+three steps of bytes in flight without the shared-memory pipeline; past the program's last
+step it is reloaded). SPLIT_K > 1: float32 partials to WS
 [SPLIT_K, 16, N]; the last program of a column tile (counter CNT[n], zero between calls: that
 program resets it) sums them in a fixed order — one launch, deterministic, capturable in a CUDA
 graph (``cuda_q6k_rows.rows_workspace``; the scheme of ``skinny``). Rows past M
@@ -44,10 +45,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_step(lo_p, hi_p, sc_p, d_p):
-    """A step's low words and high words [BN, BG, 1, 1, 4] (each high word twice),
-    sub-scales [BN, BG, 2] and super-scale bits [BN, BG]."""
-    return tl.load(lo_p), tl.load(hi_p), tl.load(sc_p), tl.load(d_p)
+def _load_at(lo_b, hi_b, sc_b, d_row, x_b, off, g_start, gi, mmask):
+    """The step at ``off`` groups past the program's first: low and high words [BN, BG, 1, 1,
+    4] (each high word twice), sub-scales [BN, BG, 2], super-scale bits [BN, BG] and x's rows
+    [BG·32, BM]."""
+    lo = tl.load(lo_b + off * 4)
+    hi = tl.load(hi_b + off * 2)
+    sc = tl.load(sc_b + off * 2)
+    d = tl.load(d_row + (g_start + off + gi[None, :]) // 8)
+    x = tl.load(x_b + off * 32, mask=mmask[None, :], other=0.0)
+    return lo, hi, sc, d, x
 
 
 @triton.jit
@@ -106,48 +113,45 @@ def rows(X, LO, HI, SC, D, Y, WS, CNT, M, N, GROUPS, G_PER, stride_x, stride_y,
     g_start = pid_k * G_PER
     gi = tl.arange(0, BLOCK_G)
     q = tl.arange(0, 4)
-    # pointers at the program's first step, advanced a step at a time
+    # pointers at the program's first step
     g6 = gi[None, :, None, None, None]
     q6 = q[None, None, None, None, :]
     n6 = n[:, None, None, None, None]
-    lo_p = LO + n6 * (GROUPS * 4) + (g_start * 4 + g6 * 4 + q6)
-    hi_p = HI + n6 * (GROUPS * 2) + (g_start * 2 + g6 * 2 + q6 % 2)
-    sc_p = SC + n[:, None, None] * (GROUPS * 2) + (g_start * 2 + gi[None, :, None] * 2
-                                     + tl.arange(0, 2)[None, None, :])
+    lo_b = LO + n6 * (GROUPS * 4) + (g_start * 4 + g6 * 4 + q6)
+    hi_b = HI + n6 * (GROUPS * 2) + (g_start * 2 + g6 * 2 + q6 % 2)
+    sc_b = SC + n[:, None, None] * (GROUPS * 2) + (g_start * 2 + gi[None, :, None] * 2
+                                                   + tl.arange(0, 2)[None, None, :])
     d_row = D + n[:, None] * (GROUPS // 8)
-    d_p = d_row + (g_start + gi[None, :]) // 8
     # x's rows in the tile's K order: tile column 32g + 16h + 8f + 2q + e is x's 32g + 16h +
     # 4q + 2f + e
     two = tl.arange(0, 2)
     col = tl.reshape(gi[:, None, None, None, None] * 32 + two[None, :, None, None, None] * 16
                      + two[None, None, :, None, None] * 2 + q[None, None, None, :, None] * 4
                      + two[None, None, None, None, :], [BLOCK_G * 32])
-    x_p = X + m_safe[None, :] * stride_x + (g_start * 32 + col)[:, None]  # [BG·32, BM]
+    x_b = X + m_safe[None, :] * stride_x + (g_start * 32 + col)[:, None]  # [BG·32, BM]
+    last = G_PER - BLOCK_G  # the last step's offset: later prefetches reload it
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    if PREFETCH:
-        lo, hi, sc, d = _load_step(lo_p, hi_p, sc_p, d_p)
-        xn = tl.load(x_p, mask=mmask[None, :], other=0.0)
-    for g0 in range(g_start, g_start + G_PER, BLOCK_G):
-        if PREFETCH:
-            cur_lo, cur_hi, cur_sc, cur_d, xt = lo, hi, sc, d, xn
-            # the next step's words and x (the last step reloads itself: never past the
-            # program's groups)
-            step = tl.where(g0 + BLOCK_G < g_start + G_PER, BLOCK_G, 0)
-            lo_p += step * 4
-            hi_p += step * 2
-            sc_p += step * 2
-            d_p = d_row + (g0 + step + gi[None, :]) // 8
-            x_p += step * 32
-            lo, hi, sc, d = _load_step(lo_p, hi_p, sc_p, d_p)
-            xn = tl.load(x_p, mask=mmask[None, :], other=0.0)
+    if PREFETCH >= 1:
+        a_lo, a_hi, a_sc, a_d, a_x = _load_at(lo_b, hi_b, sc_b, d_row, x_b, 0, g_start, gi,
+                                              mmask)
+    if PREFETCH == 2:
+        b_lo, b_hi, b_sc, b_d, b_x = _load_at(lo_b, hi_b, sc_b, d_row, x_b,
+                                              tl.minimum(BLOCK_G, last), g_start, gi, mmask)
+    for off in range(0, G_PER, BLOCK_G):
+        if PREFETCH == 2:  # steps off + 1 and off + 2 in flight during this one
+            cur_lo, cur_hi, cur_sc, cur_d, xt = a_lo, a_hi, a_sc, a_d, a_x
+            a_lo, a_hi, a_sc, a_d, a_x = b_lo, b_hi, b_sc, b_d, b_x
+            b_lo, b_hi, b_sc, b_d, b_x = _load_at(lo_b, hi_b, sc_b, d_row, x_b,
+                                                  tl.minimum(off + 2 * BLOCK_G, last),
+                                                  g_start, gi, mmask)
+        elif PREFETCH == 1:  # step off + 1 in flight during this one
+            cur_lo, cur_hi, cur_sc, cur_d, xt = a_lo, a_hi, a_sc, a_d, a_x
+            a_lo, a_hi, a_sc, a_d, a_x = _load_at(lo_b, hi_b, sc_b, d_row, x_b,
+                                                  tl.minimum(off + BLOCK_G, last), g_start,
+                                                  gi, mmask)
         else:
-            cur_lo, cur_hi, cur_sc, cur_d = _load_step(lo_p, hi_p, sc_p, d_p)
-            xt = tl.load(x_p, mask=mmask[None, :], other=0.0)
-            lo_p += BLOCK_G * 4
-            hi_p += BLOCK_G * 2
-            sc_p += BLOCK_G * 2
-            d_p = d_row + (g0 + BLOCK_G + gi[None, :]) // 8
-            x_p += BLOCK_G * 32
+            cur_lo, cur_hi, cur_sc, cur_d, xt = _load_at(lo_b, hi_b, sc_b, d_row, x_b, off,
+                                                         g_start, gi, mmask)
         w = _tile(cur_lo, cur_hi, cur_sc, cur_d, BLOCK_N, BLOCK_G, X.dtype.element_ty)
         acc = _dot(w, xt, acc)
     out = Y + m_safe[None, :] * stride_y + n[:, None]

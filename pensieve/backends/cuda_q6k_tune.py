@@ -78,17 +78,18 @@ SPLIT_CANDIDATES = {
     8: (Split(8, 8, 4, 4, 2), Split(8, 8, 4, 8, 2), Split(8, 16, 4, 4, 4), Split(8, 8, 2, 8, 2)),
     16: (Split(16, 8, 2, 4, 2), Split(16, 8, 4, 4, 4), Split(16, 4, 4, 8, 2)),
 }
-# ``rows`` at 1-16 rows (made for 4-16; 16-row tiles, the same each bucket): the next step's
-# code words loaded into registers before this step's product (prefetch); [64, 2 groups] and
-# [128, 2-4] tiles take the fewest instructions a weight (sm_90 SASS, Triton 3.9: 6.0-7.2 in the
-# loop against ~9 for skinny's, 72-128 registers, no spill); K over up to 16 programs where N is
-# short (attn_v's 1024 outputs: 16 × 16 programs), 32-output tiles there too (mma.sync); one
-# on Triton's shared-memory pipeline instead of the prefetch; 256 outputs for a head (no split)
-ROWS_CANDIDATES = (Rows(16, 64, 2, 8, 4, 1, True), Rows(16, 64, 4, 8, 4, 1, True),
-                   Rows(16, 128, 2, 8, 8, 1, True), Rows(16, 128, 4, 8, 8, 1, True),
-                   Rows(16, 64, 2, 16, 4, 1, True), Rows(16, 32, 2, 16, 4, 1, True),
-                   Rows(16, 32, 4, 8, 4, 1, True), Rows(16, 64, 2, 4, 4, 3, False),
-                   Rows(16, 256, 2, 1, 8, 1, True))
+# ``rows`` at 1-16 rows (made for 4-16; 16-row tiles, the same each bucket): the next one or
+# two steps' code words and x loaded into registers before this step's product (prefetch 1/2);
+# [64, 2 groups] and [128, 2] tiles take the fewest instructions a weight (sm_90 SASS, Triton
+# 3.9: 5.5-7.3 in the loop against ~9 for skinny's, 78-127 registers, no spill); K over up to
+# 16 programs where N is short (attn_v's 1024 outputs: 16 × 16 programs), 32-output tiles there
+# too (mma.sync); one on Triton's shared-memory pipeline instead of registers; 256 outputs for
+# a head (no split)
+ROWS_CANDIDATES = (Rows(16, 64, 2, 8, 4, 1, 1), Rows(16, 64, 2, 8, 4, 1, 2),
+                   Rows(16, 64, 4, 8, 4, 1, 1), Rows(16, 128, 2, 8, 8, 1, 1),
+                   Rows(16, 128, 2, 8, 8, 1, 2), Rows(16, 128, 4, 8, 8, 1, 1),
+                   Rows(16, 64, 2, 16, 4, 1, 1), Rows(16, 32, 2, 16, 4, 1, 2),
+                   Rows(16, 64, 2, 4, 4, 3, 0), Rows(16, 256, 2, 1, 8, 1, 1))
 DEQUANT_CANDIDATES = (DEQUANT, Tiles(1, 8, 16, 4, 1), Tiles(1, 32, 8, 8, 1))
 ROWS = {b: b for b in BUCKETS}  # rows each bucket is timed at (tests pass fewer)
 
@@ -130,8 +131,10 @@ def describe(c: Choice) -> str:
         return name
     if isinstance(t, (Skinny, Split, Rows)):
         words = " w" if getattr(t, "words", False) else ""
-        pf = f" pf{t.num_stages}" if getattr(t, "prefetch", False) else \
-            f" s{t.num_stages}" if isinstance(t, Rows) else ""
+        pf = ""
+        if isinstance(t, Rows):  # registers' prefetch depth, Triton's pipeline stages
+            pf = (f" pf{int(t.prefetch)}" if t.prefetch else "") \
+                + (f" s{t.num_stages}" if t.num_stages != 1 or not t.prefetch else "")
         return f"{name} {t.block_m}x{t.block_n}x{t.block_g}/{t.split_k}{words}{pf}"
     return f"{name} {t.block_m}x{t.block_n}x{t.block_g}{' pf' if t.prefetch else ''}"
 

@@ -29,9 +29,10 @@ from tests.unit.test_cuda_int8 import groups, rel
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# tiles beyond the tuner's: a step of one group, 16 outputs (mma.sync), 8 warps on 128
+# tiles beyond the tuner's: a step of one group, 16 outputs (mma.sync), 8 warps on 128 with
+# two steps prefetched and Triton's pipeline
 EDGE = (Rows(16, 16, 1, 16, 4, 1, True), Rows(16, 16, 8, 8, 4, 1, False),
-        Rows(16, 128, 1, 3, 8, 2, True))
+        Rows(16, 128, 1, 3, 8, 2, 2))
 
 
 def candidates() -> tuple[Rows, ...]:
@@ -109,7 +110,7 @@ def tuner_check() -> None:
                             256: (cuda_q6k.GEMM_SMALL,), 2048: (cuda_q6k.GEMM_SMALL,)}
     tune.DEQUANT_CANDIDATES = (cuda_q6k.DEQUANT,)
     tune.SPLIT_CANDIDATES = {b: (tune.SPLIT_CANDIDATES[b][0],) for b in (1, 2, 4, 8, 16)}
-    cheap, other = Rows(16, 16, 2, 4, 4, 1, True), Rows(16, 32, 2, 8, 4, 1, True)
+    cheap, other = Rows(16, 16, 2, 4, 4, 1, 1), Rows(16, 32, 2, 8, 4, 1, 2)
     tune.ROWS_CANDIDATES = (other, cheap)
     price = {"gemv": 2.0, "split": 1.5, "rows": 1.0, "skinny": 1.8, "gemm": 5.0, "dequant": 3.0}
 
