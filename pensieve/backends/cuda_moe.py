@@ -32,6 +32,11 @@ back exactly once when the module is built; with ``PENSIEVE_MXFP4_INT8=1`` the l
 codes with a float16 power of two per 32 and they stay so (~1.06 bytes a weight). The
 expert-major GEMV takes no ``fp4`` stack (its route falls back to ``pick_gemv``).
 
+Which of the three runs is the start's choice per decode bucket where it was timed
+(``cuda_moe_tune.prepare``: a layer shape's ``plan``, {tokens up to: (route, tiles)}, each
+candidate checked against the reference and timed over random routings); past the plan's last
+bucket, without a plan, or with ``PENSIEVE_MOE_ROUTE=static``, the constant rule above.
+
 Nothing syncs with the host and every launch's grid is fixed by the number of picks, so the
 decode CUDA graphs capture the layer (``cuda_moe_swap.swap_in_experts`` puts it in a model and
 turns on ``FastPaths.cuda_graphs`` where the family's paged kernels allow; the hybrid decode
@@ -88,6 +93,7 @@ GEMV_FP4 = GEMV
 GROUPED_SMALL = Tiles(16, 64, 64, 4, 3)  # few picks per expert (decode batches)
 GROUPED = Tiles(64, 64, 64, 4, 3)  # prefill
 GROUPED_SMALL_MAX_PICKS = 2048
+ROUTES = ("gemv", "experts", "grouped")
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,20 @@ def gemv_tiles(picks: int, fp4: bool = False) -> Tiles:
     return GEMV_FEW if picks <= 16 else GEMV
 
 
+# ("gemv" | "grouped", tiles; None: the picks' defaults) or ("experts", None)
+Route = tuple[str, Tiles | None]
+Plan = dict[int, Route]  # tokens up to which (a decode bucket) → the route timed fastest there
+
+
+def plan_route(plan: Plan | None, tokens: int) -> Route | None:
+    """The route ``plan`` gives ``tokens`` rows: its smallest bucket ≥ ``tokens``; None (the
+    constant rule) past its last bucket or without a plan."""
+    if not plan:
+        return None
+    fits = [b for b in plan if b >= tokens]
+    return plan[min(fits)] if fits else None
+
+
 def pick_gemv(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, st: Stack, y: torch.Tensor,
               *, topk: int, gather: bool, fuse: bool, routed: bool, t: Tiles | None = None,
               glu: Glu = None) -> torch.Tensor:
@@ -307,12 +327,13 @@ def grouped(x: torch.Tensor, sorted_ids: torch.Tensor, bexp: torch.Tensor, rw: t
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: Stack,
-                down: Stack, experts: int, route: str | None = None, glu: Glu = None
-                ) -> torch.Tensor:
+                down: Stack, experts: int, route: str | None = None, glu: Glu = None,
+                tiles: Tiles | None = None) -> torch.Tensor:
     """x [T, H], routing weights/ids [T, k] → Σ_picks weight · down(silu(gate)·up), [T, H], on
     the kernels (any device Triton runs on); with the stacks' biases and ``glu`` gpt-oss's
     Σ weight · (down(swiglu(gate + bg, up + bu)) + bd). ``route``: "gemv", "experts"
-    (``cuda_moe_expert``) or "grouped"; None: by the picks."""
+    (``cuda_moe_expert``) or "grouped"; None: by the picks. ``tiles``: the gemv's or the
+    grouped GEMM's (None: the defaults for the picks)."""
     t, k = ids.shape
     p = t * k
     x = x.contiguous()
@@ -332,11 +353,11 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
                                     routed=True, **common)
     elif (route or ("gemv" if p <= GEMV_MAX_PICKS else "grouped")) == "gemv":
         pick_gemv(x, flat, rw, gate_up, h, topk=k, gather=True, fuse=True, routed=False,
-                  t=gemv_tiles(p, gate_up.fp4), glu=glu)
+                  t=tiles or gemv_tiles(p, gate_up.fp4), glu=glu)
         pick_gemv(h, flat, rw, down, out, topk=k, gather=False, fuse=False, routed=True,
-                  t=gemv_tiles(p, down.fp4))
+                  t=tiles or gemv_tiles(p, down.fp4))
     else:
-        tiles = GROUPED_SMALL if p <= GROUPED_SMALL_MAX_PICKS else GROUPED
+        tiles = tiles or (GROUPED_SMALL if p <= GROUPED_SMALL_MAX_PICKS else GROUPED)
         sorted_ids, bexp = align(flat, experts, tiles.block_m)
         common = dict(picks=p, experts=experts, topk=k, t=tiles)
         grouped(x, sorted_ids, bexp, rw, gate_up, h, gather=True, fuse=True, routed=False,
@@ -381,6 +402,8 @@ class CudaMoEExperts(nn.Module):
                              else gate_up_bias.detach().reshape(-1).clone())
         self.register_buffer("down_b", None if down_bias is None
                              else down_bias.detach().reshape(-1).clone())
+        self.top_k = 0  # the model's picks a token (swap_in_experts; 0: unknown, never tuned)
+        self.plan: Plan | None = None  # cuda_moe_tune.prepare's, per layer shape; not saved
 
     def stacks(self) -> tuple[Stack, Stack]:
         (gkind, ggroup, _), (dkind, dgroup, _) = self.formats
@@ -403,9 +426,15 @@ class CudaMoEExperts(nn.Module):
         return (None if self.gate_up_b is None else self.gate_up_b.view(e, -1),
                 None if self.down_b is None else self.down_b.view(e, -1))
 
+    def route(self, tokens: int) -> Route | None:
+        """The timed route at ``tokens`` rows (``plan_route``); None: the constant rule."""
+        return plan_route(self.plan, tokens)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            return moe_experts(x, weights, ids, *self.stacks(), self.num_experts, glu=self.glu)
+            name, tiles = self.route(ids.shape[0]) or (None, None)
+            return moe_experts(x, weights, ids, *self.stacks(), self.num_experts, route=name,
+                               glu=self.glu, tiles=tiles)
         return reference_experts(x, weights, ids, *self.dequantize(), *self.biases(),
                                  glu=self.glu)
 
@@ -414,6 +443,38 @@ class CudaMoEExperts(nn.Module):
         biased = ", biased" if self.gate_up_b is not None else ""
         return (f"experts={self.num_experts}, hidden={self.hidden}, inner={self.inner}, "
                 f"{'+'.join(self.kinds)}, {act}{biased}")
+
+
+def expert_weights(st: Stack, e: int) -> torch.Tensor:
+    """float32 [N, K]: expert ``e``'s rows of a stack, dequantised alone (every buffer of a
+    stack is indexed by the row first)."""
+    rows = slice(e * st.n, (e + 1) * st.n)
+    cut = lambda t: None if t is None else t[rows]  # noqa: E731
+    one = Stack(st.w[rows], st.s[rows], cut(st.mn), st.int4, st.group, st.n, st.k, st.six,
+                cut(st.d), cut(st.b), st.fp4)
+    return _dequantize(one, 1)[0]
+
+
+class _Experts:
+    """A stack's experts dequantised one at a time on indexing (``reference_experts``' weights
+    without a float copy of the whole layer)."""
+
+    def __init__(self, st: Stack) -> None:
+        self.st = st
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        return expert_weights(self.st, e)
+
+
+def reference_layer(layer: CudaMoEExperts, x: torch.Tensor, weights: torch.Tensor,
+                    ids: torch.Tensor) -> torch.Tensor:
+    """float32 [T, H]: ``reference_experts`` of a layer's picked experts only, each dequantised
+    in turn on the layer's device (checks at start: no float copy of the layer)."""
+    gu, dn = layer.stacks()
+    bg, bd = layer.biases()
+    return reference_experts(x.float(), weights.float(), ids, _Experts(gu), _Experts(dn),
+                             None if bg is None else bg.float(),
+                             None if bd is None else bd.float(), glu=layer.glu)
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor, glu: Glu) -> torch.Tensor:

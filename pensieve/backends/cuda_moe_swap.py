@@ -67,12 +67,13 @@ def _cuda_experts(old: nn.Module, path: str, codes: Experts3, num_experts: int
 
 
 def swap_in_experts(model: nn.Module, experts: Mapping[str, Experts3], num_experts: int, *,
-                    consume: bool = False) -> int:
+                    consume: bool = False, top_k: int = 0) -> int:
     """Replace each named ``models.moe.Experts`` (or gpt-oss ``ClampedSwiGLUExperts``) module
     by ``CudaMoEExperts`` over its codes (``take_expert_codes``' choice); where no torch expert
     loop is left, the model's CUDA graphs are allowed (no host sync remains in its MLPs) as far
     as its paged kernels are. ``consume``: each layer's codes are taken out of ``experts`` (a
-    dict) once its module is built."""
+    dict) once its module is built. ``top_k``: the picks a token, kept on each module for
+    ``cuda_moe_tune`` (0: unknown, its routes left to the constant rule)."""
     from pensieve.models.gpt_oss import ClampedSwiGLUExperts
     from pensieve.models.moe import Experts
 
@@ -80,8 +81,9 @@ def swap_in_experts(model: nn.Module, experts: Mapping[str, Experts3], num_exper
     for path in list(experts):
         codes = experts.pop(path) if consume else experts[path]  # type: ignore[attr-defined]
         parent, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent), attr,
-                _cuda_experts(model.get_submodule(path), path, codes, num_experts))
+        layer = _cuda_experts(model.get_submodule(path), path, codes, num_experts)
+        layer.top_k = top_k
+        setattr(model.get_submodule(parent), attr, layer)
         del codes
     if not count:
         return 0

@@ -17,7 +17,7 @@ from pensieve.loaders.checkpoint import Checkpoint
 from pensieve.loaders.tokenizer import TextTokenizer
 from pensieve.models.args import ModelArgs
 from pensieve.models.llama import family_of
-from pensieve.backends import cuda_q6k_tune, cuda_tables
+from pensieve.backends import cuda_moe_tune, cuda_q6k_tune, cuda_tables
 from pensieve.backends.cuda_int4 import prepare_for_cuda
 from pensieve.backends.cuda_layers import fuse_cuda_layers, plan_fused_mlps
 from pensieve.backends.cuda_moe_swap import (
@@ -111,7 +111,8 @@ def assemble_model(model: nn.Module, args: ModelArgs, config: EngineConfig,
 
 def finish_on_cuda(model: nn.Module, config: EngineConfig, tune_int4: bool) -> None:
     """A model on its GPU: fused layers, the int4 layers' timed plans (``tune_int4``), the
-    Q6_K layers' tiles per weight shape, checked and timed."""
+    Q6_K layers' tiles per weight shape, checked and timed, and the MoE experts' route per
+    decode bucket (``cuda_moe_tune``)."""
     if model.fast_paths.cuda_fused_layers:
         fuse_cuda_layers(model)
     if tune_int4:
@@ -121,6 +122,7 @@ def finish_on_cuda(model: nn.Module, config: EngineConfig, tune_int4: bool) -> N
             if note:
                 log.info("gate/up GEMV with SiLU·up, µs per call: %s", note)
     cuda_q6k_tune.prepare(model, config.dtype)
+    cuda_moe_tune.prepare(model, config.dtype)  # MoE experts' route per decode bucket
 
 
 def place_weights(model: nn.Module, args: ModelArgs, config: EngineConfig,
@@ -150,7 +152,7 @@ def place_weights(model: nn.Module, args: ModelArgs, config: EngineConfig,
     # CUDA: each layer's codes are let go once its buffers are built (the GPU's peak at start)
     swap_in(model, int4_modules, kernel="cuda_int4" if on_cuda else "auto", consume=on_cuda)
     swap_in_experts(model, planned.experts, args.moe.num_experts if planned.experts else 0,
-                    consume=on_cuda)
+                    consume=on_cuda, top_k=args.moe.top_k if planned.experts else 0)
     if config.int8_lm_head:
         int8_lm_head(model, q8=head_q8)
 

@@ -1,0 +1,195 @@
+"""Route every ``CudaMoEExperts`` of a model on the GPU, per decode bucket, to the fastest of its
+kernels (``cuda_moe.Plan``), timed at start over the layer's own weights.
+
+``cuda_moe.moe_experts`` has three ways to run a layer's picks: ``pick_gemv`` (one program per
+(pick, outputs): an expert's weights read once a pick), the expert-major GEMV of
+``cuda_moe_expert`` (each picked expert's weights once for all its tokens; 2-16 tokens, not
+packed MXFP4) and the sorted ``grouped_gemm`` (its ``align`` step included). Which wins at a
+few tokens depends on how often the picks repeat an expert (gpt-oss-20b's 32 experts at top-4:
+~1.56 picks an expert at 8 tokens; Qwen3.6's 256 at top-8: ~1.1) and on the GPU, so a constant
+(``GEMV_MAX_PICKS``) cannot be right everywhere. Per layer shape (experts, widths, formats,
+biases and activation, top-k; the layers of a shape share one plan) and per bucket of
+``BUCKETS`` (the decode graphs' row counts up to 64, ``cuda_graph_runner.bucket_sizes``):
+
+* ``ROUTINGS`` uniformly random top-k routings (distinct experts a token, random weights) and
+  random inputs, seeded (the same plan for the same weights and GPU timings);
+* each candidate — pick_gemv at each tile set of ``GEMV_CANDIDATES``, the expert GEMV where it
+  applies, the grouped GEMM at each of ``GROUPED_CANDIDATES`` — runs the whole layer once on
+  the first routing against ``cuda_moe.reference_layer`` (float32, the picked experts
+  dequantised one at a time; relative error under 2e-2); one that fails to build or is wrong is
+  left out with a warning;
+* the right ones are timed (``cuda_int4_tune.gpu_us``: GPU time only, as in a CUDA graph,
+  cycling the routings over up to ``ROUTINGS`` layers of the shape, so that a call does not find
+  the experts the previous one read in L2), the fastest taken. None right: no entry (the
+  constant rule, itself one of the candidates, at that bucket).
+
+Past the last bucket (prefill chunks) the constant rule stands. The choice per bucket is fixed
+after start, so the graphs captured at a bucket replay its route. Logged like the other tuners'
+plans; ``PENSIEVE_MOE_ROUTE=static`` skips the timing (the constant rule everywhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from pensieve.backends import cuda_moe, cuda_moe_expert
+from pensieve.backends.cuda_moe import CudaMoEExperts, Plan, Route, Tiles
+
+log = logging.getLogger(__name__)
+
+ENV = "PENSIEVE_MOE_ROUTE"  # "static": today's constant rule, no timing
+BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)  # tokens a plan entry serves up to (decode graph rows)
+ROUTINGS = 8  # random routings (and layers of the shape) a timed call cycles through
+# pick_gemv: the two tile sets of the constant rule (few picks / more), each raced at every bucket
+GEMV_CANDIDATES = (cuda_moe.GEMV_FEW, cuda_moe.GEMV)
+# grouped_gemm at decode sizes: 16-row blocks (the tensor cores' least), the default and two
+# from bench/gpu_moe_kernels.py's sweep (narrower outputs: more programs; wider)
+GROUPED_CANDIDATES = (cuda_moe.GROUPED_SMALL, Tiles(16, 32, 128, 4, 4), Tiles(16, 128, 64, 4, 3))
+
+Case = tuple[CudaMoEExperts, torch.Tensor, torch.Tensor, torch.Tensor]  # layer, x, weights, ids
+Run = Callable[[Case], torch.Tensor]
+Timer = Callable[[Run, list[Case], int], float]
+
+
+def static(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``PENSIEVE_MOE_ROUTE=static`` asks for the constant rule."""
+    return (os.environ if environ is None else environ).get(ENV, "").strip().lower() == "static"
+
+
+def launch(route: Route, case: Case) -> torch.Tensor:
+    """The layer of ``case`` on ``route`` (``cuda_moe.moe_experts``)."""
+    layer, x, w, ids = case
+    name, tiles = route
+    return cuda_moe.moe_experts(x, w, ids, *layer.stacks(), layer.num_experts, route=name,
+                                glu=layer.glu, tiles=tiles)
+
+
+def candidates(layer: CudaMoEExperts, tokens: int) -> list[Route]:
+    """The routes raced at ``tokens`` rows: every pick_gemv tile set, the expert-major GEMV at
+    2..16 tokens where the codes are not packed MXFP4 (its kernel has no FP4 layout), every
+    grouped tile set."""
+    gu, dn = layer.stacks()
+    out: list[Route] = [("gemv", t) for t in dict.fromkeys(GEMV_CANDIDATES)]
+    if 2 <= tokens <= cuda_moe_expert.MAX_TOKENS and not (gu.fp4 or dn.fp4):
+        out.append(("experts", None))
+    out += [("grouped", t) for t in dict.fromkeys(GROUPED_CANDIDATES)]
+    return out
+
+
+def describe(route: Route | None) -> str:
+    """A route in a few characters: ``gemv 1x16x256w4``, ``experts``, ``grouped 16x64x64w4``
+    (block_m x block_n x block_k, warps); None: the constant rule."""
+    if route is None:
+        return "static"
+    name, t = route
+    return name if t is None else f"{name} {t.block_m}x{t.block_n}x{t.block_k}w{t.num_warps}"
+
+
+def shape_key(m: CudaMoEExperts) -> tuple:
+    """What a plan is shared by: experts, widths, formats, activation, biases, picks a token."""
+    return (m.num_experts, m.hidden, m.inner, m.formats, m.glu, m.gate_up_b is not None,
+            m.down_b is not None, m.top_k)
+
+
+def prepare(model: nn.Module, dtype: torch.dtype, reps: int = 10, timer: Timer | None = None,
+            buckets: Sequence[int] = BUCKETS, environ: Mapping[str, str] | None = None
+            ) -> dict[tuple, Plan]:
+    """Plan every ``CudaMoEExperts`` of ``model`` on its GPU (in ``dtype``) whose ``top_k`` is
+    known; returns the plans by ``shape_key``. ``timer``: GPU µs of a run over cases
+    (``cuda_int4_tune.gpu_us``; tests pass their own)."""
+    layers = [m for m in model.modules() if isinstance(m, CudaMoEExperts) and m.top_k > 0]
+    if not layers:
+        return {}
+    if static(environ):
+        for m in layers:
+            m.plan = None
+        log.info("MoE routes: the constant rule (%s=static)", ENV)
+        return {}
+    if timer is None:
+        from pensieve.backends.cuda_int4_tune import gpu_us as timer
+    shapes: dict[tuple, list[CudaMoEExperts]] = {}
+    for m in layers:
+        shapes.setdefault(shape_key(m), []).append(m)
+    plans, notes = {}, []
+    for key, same in shapes.items():
+        plan, times = plan_layers(same[:ROUTINGS], dtype, reps, timer, buckets)
+        for m in same:
+            m.plan = plan
+        plans[key] = plan
+        notes.append(note(same[0], plan, times))
+    log.info("MoE routes per decode bucket (µs a layer call): %s", "; ".join(notes))
+    return plans
+
+
+def note(layer: CudaMoEExperts, plan: Plan, times: Mapping[int, Mapping[Route, float]]) -> str:
+    """A shape's plan for the log: ``32x2880x2880 top-4: 1 gemv 1x8x512w4 31 µs, …``."""
+    parts = []
+    for b, r in plan.items():
+        us = times.get(b, {}).get(r)
+        parts.append(f"{b} {describe(r)}" + ("" if us is None else f" {us:.0f} µs"))
+    return (f"{layer.num_experts}x{layer.inner}x{layer.hidden} top-{layer.top_k}: "
+            + (", ".join(parts) or "no route timed"))
+
+
+def routings(layer: CudaMoEExperts, tokens: int, dtype: torch.dtype, n: int, seed: int
+             ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``n`` (x, weights, ids) at ``tokens`` rows: uniformly random distinct experts a token,
+    softmax weights renormalised over the picks; seeded."""
+    dev = layer.gate_up_w.device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(tokens, layer.hidden, device=dev, generator=g).to(dtype)
+        scores = torch.rand(tokens, layer.num_experts, device=dev, generator=g)
+        ids = scores.topk(layer.top_k, dim=-1).indices  # uniform: k distinct experts a token
+        w = torch.softmax(torch.randn(tokens, layer.top_k, device=dev, generator=g), -1)
+        out.append((x, w.to(dtype), ids))
+    return out
+
+
+def plan_layers(sample: list[CudaMoEExperts], dtype: torch.dtype, reps: int, timer: Timer,
+                buckets: Sequence[int] = BUCKETS) -> tuple[Plan, dict[int, dict[Route, float]]]:
+    """Each bucket's fastest right route for the layers of ``sample`` (one shape), and every
+    right candidate's µs per bucket."""
+    first = sample[0]
+    plan: Plan = {}
+    times: dict[int, dict[Route, float]] = {}
+    for b in buckets:
+        sets = routings(first, b, dtype, ROUTINGS, seed=b)
+        cases = [(sample[i % len(sample)], *s) for i, s in enumerate(sets)]
+        ref = cuda_moe.reference_layer(cases[0][0], *cases[0][1:])
+        right = [r for r in candidates(first, b) if checked(r, cases[0], ref)]
+        times[b] = {}
+        for r in right:
+            def run(case: Case, r: Route = r) -> torch.Tensor:
+                return launch(r, case)
+            run.route = r  # type: ignore[attr-defined]  # what it runs (tests' timers read it)
+            times[b][r] = timer(run, cases, reps)
+        if times[b]:
+            plan[b] = min(times[b], key=times[b].__getitem__)
+        else:
+            log.warning("MoE %s at %d tokens: no route builds and is right; the constant rule",
+                        shape_key(first), b)
+    return plan, times
+
+
+def checked(route: Route, case: Case, ref: torch.Tensor) -> bool:
+    """``route`` builds and gives ``ref`` on ``case``; else left out with a warning."""
+    layer = case[0]
+    try:
+        y = launch(route, case)
+        err = ((y.float() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+    except Exception as e:  # a Triton that cannot build it
+        log.warning("MoE %s at %d tokens (%s) left out: %s", describe(route), case[1].shape[0],
+                    layer.extra_repr(), str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return False
+    if not err < 2e-2:
+        log.warning("MoE %s at %d tokens (%s) left out: relative error %.3g", describe(route),
+                    case[1].shape[0], layer.extra_repr(), err)
+        return False
+    return True

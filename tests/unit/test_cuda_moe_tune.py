@@ -1,0 +1,283 @@
+"""The MoE route per decode bucket, chosen at start (``backends/cuda_moe_tune.py``).
+
+On CPU with a fake timer and a fake launcher: each bucket takes its fastest right candidate, a
+wrong or unbuildable one is left out with a warning, the expert-major GEMV is raced only at
+2-16 tokens and never over packed MXFP4, layers of one shape share a plan, a layer of unknown
+top-k and ``PENSIEVE_MOE_ROUTE=static`` are left to the constant rule, and a plan's bucket
+lookup; the reference the start checks against (each expert dequantised alone) is the whole
+layer's. In Triton's interpreter (a fresh process): the real candidates all build and are right
+at 1-4 tokens on int4/int8 and packed MXFP4 layers (biases, clamp), grouped tiles passed
+through. With a GPU: layers at gpt-oss-20b's (packed MXFP4) and Qwen3-30B-A3B's (Q4_K + Q6_K)
+expert shapes tuned on the real timer, then every bucket eager and replayed from a CUDA graph
+with new routing against the float reference and the same bits as eager.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from torch import nn
+
+from pensieve.backends import cuda_moe, cuda_moe_tune
+from pensieve.backends.cuda_moe import GEMV, GEMV_FEW, GROUPED_SMALL, reference_layer
+from tests.helpers.triton_interpreter import run_in_triton_interpreter
+from tests.unit.test_cuda_int8 import rel
+from tests.unit.test_cuda_moe import make_layer, routing
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def small_layer(experts: int = 6, top_k: int = 2, seed: int = 0) -> cuda_moe.CudaMoEExperts:
+    layer = make_layer(Q.Q4_0, Q.Q8_0, 64, 32, experts, seed=seed)
+    layer.top_k = top_k
+    return layer
+
+
+def fake_world(monkeypatch, costs, wrong=(), broken=()):  # noqa: ANN001, ANN201
+    """``launch`` replaced by the reference (×1.5 for ``wrong`` routes, an error for
+    ``broken``); the timer returns ``costs(route, tokens)``; returns the calls' log."""
+    calls = []
+
+    def launch(route, case):  # noqa: ANN001, ANN202
+        calls.append((route, case[1].shape[0]))
+        if route in broken:
+            raise RuntimeError("out of shared memory\nmore")
+        y = reference_layer(*case)
+        return y * 1.5 if route in wrong else y
+
+    def timer(run, cases, reps):  # noqa: ANN001, ANN202
+        for c in cases:
+            run(c)
+        return costs(run.route, cases[0][1].shape[0])
+
+    monkeypatch.setattr(cuda_moe_tune, "launch", launch)
+    return timer, calls
+
+
+def test_each_bucket_takes_its_fastest_right_route(monkeypatch, caplog):
+    grouped_wide = ("grouped", cuda_moe_tune.GROUPED_CANDIDATES[2])
+    costs = {("gemv", GEMV_FEW): lambda t: 10 * t, ("gemv", GEMV): lambda t: 9 * t + 5,
+             ("experts", None): lambda t: 40 + t, ("grouped", GROUPED_SMALL): lambda t: 60 + t}
+
+    def cost(route, tokens):  # noqa: ANN001, ANN202
+        return costs.get(route, lambda t: 1.0)(tokens)  # the other grouped tiles: fastest...
+
+    grouped_narrow = ("grouped", cuda_moe_tune.GROUPED_CANDIDATES[1])
+    # ... but one is wrong and the other does not build: never chosen
+    timer, calls = fake_world(monkeypatch, cost, wrong={grouped_narrow}, broken={grouped_wide})
+    layer = small_layer()
+    model = nn.ModuleList([layer])
+    with caplog.at_level(logging.INFO, logger=cuda_moe_tune.log.name):
+        plans = cuda_moe_tune.prepare(model, torch.float32, reps=2, timer=timer,
+                                      buckets=(1, 2, 4, 8, 16, 32), environ={})
+    # 1: 10 vs 14 (no expert GEMV at one token); 2: 20 vs 23 vs 42; 4: 40 vs 41 vs 44;
+    # 8: 80 vs 77 vs 48; 16: 56; 32: 320 / 293 / (no expert GEMV past 16) 92 grouped
+    assert layer.plan == {1: ("gemv", GEMV_FEW), 2: ("gemv", GEMV_FEW), 4: ("gemv", GEMV_FEW),
+                          8: ("experts", None), 16: ("experts", None),
+                          32: ("grouped", GROUPED_SMALL)}
+    assert list(plans.values()) == [layer.plan]
+    tried = {(r, t) for r, t in calls}
+    assert (("experts", None), 1) not in tried and (("experts", None), 32) not in tried
+    assert (("experts", None), 2) in tried
+    text = caplog.text
+    assert "relative error 1.5" not in text and "relative error 0.5" in text
+    assert "out of shared memory" in text  # (its first line)
+    assert "MoE routes per decode bucket" in text and "6x32x64 top-2: 1 gemv 1x8x512w4" in text
+    # the bucket lookup: the smallest bucket at or above; past the last, the constant rule
+    assert layer.route(3) == ("gemv", GEMV_FEW) and layer.route(5) == ("experts", None)
+    assert layer.route(32) == ("grouped", GROUPED_SMALL) and layer.route(33) is None
+    assert cuda_moe.plan_route(None, 1) is None and cuda_moe.plan_route({}, 1) is None
+
+
+def test_a_plan_is_shared_by_a_shape_and_unknown_top_k_is_left_alone(monkeypatch):
+    timer, calls = fake_world(monkeypatch, lambda r, t: 1.0 if r[0] == "grouped" else 2.0)
+    a, b = small_layer(seed=1), small_layer(seed=2)
+    other = small_layer(experts=8, seed=3)  # another shape: its own plan
+    unknown = small_layer(seed=4)
+    unknown.top_k = 0
+    model = nn.ModuleList([a, b, other, unknown])
+    plans = cuda_moe_tune.prepare(model, torch.float32, reps=1, timer=timer, buckets=(1, 2),
+                                  environ={})
+    assert len(plans) == 2 and a.plan is b.plan and other.plan is not a.plan
+    assert a.plan == {1: ("grouped", GROUPED_SMALL), 2: ("grouped", GROUPED_SMALL)}
+    assert unknown.plan is None
+    # the timed cases cycle the shape's layers (each routing on the next layer)
+    assert len(calls) > 0
+
+
+def test_static_env_keeps_the_constant_rule(monkeypatch, caplog):
+    timer, calls = fake_world(monkeypatch, lambda r, t: 1.0)
+    layer = small_layer()
+    layer.plan = {1: ("grouped", GROUPED_SMALL)}
+    with caplog.at_level(logging.INFO, logger=cuda_moe_tune.log.name):
+        plans = cuda_moe_tune.prepare(nn.ModuleList([layer]), torch.float32, timer=timer,
+                                      environ={cuda_moe_tune.ENV: "static"})
+    assert plans == {} and layer.plan is None and calls == []
+    assert "static" in caplog.text
+    assert cuda_moe_tune.static({cuda_moe_tune.ENV: " Static "})
+    assert not cuda_moe_tune.static({}) and not cuda_moe_tune.static({cuda_moe_tune.ENV: "0"})
+
+
+def test_no_right_route_leaves_the_bucket_to_the_constant_rule(monkeypatch, caplog):
+    layer = small_layer()
+    every = {r for b in (1, 2) for r in cuda_moe_tune.candidates(layer, b)}
+    timer, _ = fake_world(monkeypatch, lambda r, t: 1.0, wrong=every)
+    cuda_moe_tune.prepare(nn.ModuleList([layer]), torch.float32, timer=timer, buckets=(1, 2),
+                          environ={})
+    assert layer.plan == {} and layer.route(1) is None
+    assert "no route builds and is right" in caplog.text
+
+
+def test_candidates_per_bucket_and_format():
+    from tests.unit.test_cuda_moe_mxfp4 import random_layer
+
+    layer = small_layer()
+    names = lambda t: [r[0] for r in cuda_moe_tune.candidates(layer, t)]  # noqa: E731
+    n_g, n_t = len(set(cuda_moe_tune.GEMV_CANDIDATES)), len(set(cuda_moe_tune.GROUPED_CANDIDATES))
+    assert names(1) == ["gemv"] * n_g + ["grouped"] * n_t
+    assert names(2) == names(16) == ["gemv"] * n_g + ["experts"] + ["grouped"] * n_t
+    assert "experts" not in names(32)
+    packed = random_layer(3, 64, 32, seed=1, packed=True)  # no FP4 layout in the expert GEMV
+    assert "experts" not in [r[0] for r in cuda_moe_tune.candidates(packed, 8)]
+    assert cuda_moe_tune.describe(("grouped", GROUPED_SMALL)) == "grouped 16x64x64w4"
+    assert cuda_moe_tune.describe(None) == "static"
+
+
+def test_routings_are_uniform_distinct_and_seeded():
+    layer = small_layer(experts=32, top_k=4)
+    a = cuda_moe_tune.routings(layer, 8, torch.float32, 3, seed=8)
+    b = cuda_moe_tune.routings(layer, 8, torch.float32, 3, seed=8)
+    for (x, w, ids), (x2, w2, ids2) in zip(a, b):
+        assert torch.equal(ids, ids2) and torch.equal(x, x2) and torch.equal(w, w2)
+        assert ids.shape == (8, 4) and all(len(set(r.tolist())) == 4 for r in ids)
+        torch.testing.assert_close(w.sum(-1), torch.ones(8))
+    assert not torch.equal(a[0][2], a[1][2])
+    many = cuda_moe_tune.routings(layer, 64, torch.float32, 8, seed=1)
+    hits = torch.bincount(torch.cat([ids.reshape(-1) for _, _, ids in many]), minlength=32)
+    assert hits.min() > 0  # 2048 picks over 32 experts: every one hit
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_reference_layer_dequantises_each_expert_alone(packed):
+    from tests.unit.test_cuda_moe_mxfp4 import clamped_experts, random_layer
+
+    if packed:
+        layer = random_layer(5, 64, 32, seed=3, packed=True)
+        ref_module = clamped_experts(layer)
+    else:
+        layer = make_layer(Q.Q4_K, Q.Q6_K, 256, 256, 5, seed=3)
+        gate_up, down = (t.double() for t in layer.dequantize())
+    w, ids = routing(4, 5, 2, 1)
+    x = torch.randn(4, layer.hidden, generator=torch.Generator().manual_seed(2))
+    got = reference_layer(layer, x, w, ids)
+    if packed:
+        want = ref_module(x.double(), w.double(), ids)
+    else:
+        want = cuda_moe.reference_experts(x.double(), w.double(), ids, gate_up, down)
+    assert got.dtype == torch.float32 and rel(got, want) < 1e-5
+
+
+def interpreter_check() -> None:
+    """Run with TRITON_INTERPRET=1: the real candidates over small layers, a fake timer."""
+    from pensieve.backends import cuda_moe_expert
+    from tests.unit.test_cuda_moe_mxfp4 import random_layer
+
+    cuda_moe_expert.BLOCK_N = 64  # fewer programs: the interpreter runs each in turn
+    cuda_moe_tune.GEMV_CANDIDATES = (cuda_moe.Tiles(1, 32, 256, 4, 2),
+                                     cuda_moe.Tiles(1, 64, 128, 4, 2))
+    warned = []
+    cuda_moe_tune.log.warning = lambda *a: warned.append(a)  # type: ignore[method-assign]
+    order = [("grouped", t) for t in cuda_moe_tune.GROUPED_CANDIDATES[::-1]]
+
+    def timer(run, cases, reps):  # noqa: ANN001, ANN202
+        for c in cases:
+            run(c)
+        return float(order.index(run.route)) if run.route in order else 10.0 + cases[0][1].shape[0]
+
+    cuda_moe_tune.ROUTINGS = 2
+    int8 = small_layer(experts=5, top_k=3, seed=7)
+    packed = random_layer(4, 64, 32, seed=5, packed=True)
+    packed.top_k = 2
+    for layer in (int8, packed):
+        plans = cuda_moe_tune.prepare(nn.ModuleList([layer]), torch.float32, reps=1,
+                                      timer=timer, buckets=(1, 4), environ={})
+        assert not warned, warned  # every candidate builds and is right
+        assert len(plans) == 1
+        # the last grouped tile set is the fake timer's fastest, at every bucket
+        assert layer.plan == {1: order[0], 4: order[0]}, layer.plan
+        w, ids = routing(3, layer.num_experts, layer.top_k, 4)
+        x = torch.randn(3, layer.hidden)
+        ref = reference_layer(layer, x, w, ids)
+        for r in cuda_moe_tune.candidates(layer, 3):
+            assert rel(cuda_moe_tune.launch(r, (layer, x, w, ids)), ref) < 1e-5, r
+    print("ok")
+
+
+@pytest.mark.slow
+def test_candidates_in_the_triton_interpreter():
+    run_in_triton_interpreter(
+        "from tests.unit.test_cuda_moe_tune import interpreter_check; interpreter_check()")
+
+
+def tuned_layers():  # noqa: ANN201
+    """gpt-oss-20b's experts (32, 2880 x 2880, top-4, packed MXFP4, biases, clamp) and
+    Qwen3-30B-A3B's (128, 2048 x 768, top-8, Q4_K gate/up + Q6_K down), on the GPU in bf16."""
+    from tests.unit.test_cuda_moe_mxfp4 import random_layer
+
+    oss = random_layer(32, 2880, 2880, seed=11, packed=True).cuda().to(torch.bfloat16)
+    oss.top_k = 4
+    qwen = make_layer(Q.Q4_K, Q.Q6_K, 2048, 768, 128, seed=12).cuda().to(torch.bfloat16)
+    qwen.top_k = 8
+    return oss, qwen
+
+
+@needs_cuda
+def test_tuned_layers_match_the_reference_at_every_bucket_graphs_included(caplog):
+    oss, qwen = tuned_layers()
+    with caplog.at_level(logging.INFO, logger=cuda_moe_tune.log.name):
+        plans = cuda_moe_tune.prepare(nn.ModuleList([oss, qwen]), torch.bfloat16, reps=3)
+    assert len(plans) == 2 and "MoE routes per decode bucket" in caplog.text
+    print(caplog.text)
+    for layer in (oss, qwen):
+        assert set(layer.plan) == set(cuda_moe_tune.BUCKETS), layer.plan  # every bucket right
+        for tokens in cuda_moe_tune.BUCKETS:
+            x = torch.randn(tokens, layer.hidden, device="cuda", dtype=torch.bfloat16)
+            w, ids = (t.cuda() for t in routing(tokens, layer.num_experts, layer.top_k, tokens))
+            w = w.bfloat16()
+            eager = layer(x, w, ids)
+            err = rel(eager, reference_layer(layer, x, w, ids).double())
+            assert err < 2e-2, (layer.num_experts, tokens, layer.route(tokens), err)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                layer(x, w, ids)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = layer(x, w, ids)
+            for seed in (100, 101):
+                x.normal_()
+                nw, nids = routing(tokens, layer.num_experts, layer.top_k, seed)
+                w.copy_(nw)
+                ids.copy_(nids)
+                graph.replay()
+                ref = reference_layer(layer, x, w, ids).double()
+                assert rel(y, ref) < 2e-2, (layer.num_experts, tokens, layer.route(tokens))
+                torch.testing.assert_close(y, layer(x, w, ids), atol=0, rtol=0)
+            del graph
+
+
+@needs_cuda
+def test_static_env_on_cuda_is_the_constant_rule(monkeypatch):
+    monkeypatch.setenv(cuda_moe_tune.ENV, "static")
+    oss, _ = tuned_layers()
+    assert cuda_moe_tune.prepare(nn.ModuleList([oss]), torch.bfloat16) == {}
+    assert oss.plan is None and oss.route(8) is None
+    x = torch.randn(8, oss.hidden, device="cuda", dtype=torch.bfloat16)
+    w, ids = (t.cuda() for t in routing(8, 32, 4, 0))
+    w = w.bfloat16()
+    same = cuda_moe.moe_experts(x, w, ids, *oss.stacks(), 32, glu=oss.glu)
+    torch.testing.assert_close(oss(x, w, ids), same, atol=0, rtol=0)
