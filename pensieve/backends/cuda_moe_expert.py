@@ -9,7 +9,9 @@ every 2..``MAX_TOKENS`` tokens, "auto" where the picks are expected to share exp
 (``expected_sharing``: uniform routing's picks per distinct expert ≥ ``MIN_SHARING`` —
 gpt-oss-20b's 32 experts at top-4 from 8 tokens (~1.5), GLM-4.7-Flash's 64 at top-4 and
 Qwen3-30B-A3B's 128 at top-8 only at 16 (~1.55; 1.24 at 8), never Qwen3.6's 256 at top-8).
-``bench/gpu_moe_kernels`` forces each route.
+``bench/gpu_moe_kernels`` forces each route. ``cuda_moe_tune`` races it against the others per
+decode bucket at start (where the codes are not packed MXFP4); its plan, where there is one,
+decides instead of this switch.
 """
 
 from __future__ import annotations

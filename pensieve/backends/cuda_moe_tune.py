@@ -18,10 +18,13 @@ biases and activation, top-k; the layers of a shape share one plan) and per buck
   the first routing against ``cuda_moe.reference_layer`` (float32, the picked experts
   dequantised one at a time; relative error under 2e-2); one that fails to build or is wrong is
   left out with a warning;
-* the right ones are timed (``cuda_int4_tune.gpu_us``: GPU time only, as in a CUDA graph,
-  cycling the routings over up to ``ROUTINGS`` layers of the shape, so that a call does not find
-  the experts the previous one read in L2), the fastest taken. None right: no entry (the
-  constant rule, itself one of the candidates, at that bucket).
+* the right ones are timed (``graph_us``: the calls over all routings captured in one CUDA
+  graph and replayed, GPU time only — as the decode graphs run them, with no launch cost to
+  hide behind ``cuda_int4_tune.gpu_us``'s sleeping kernel, which the grouped route's four
+  launches a call could outrun at 1-2 tokens; ``gpu_us`` where a capture fails), cycling the
+  routings over up to ``ROUTINGS`` layers of the shape so that a call does not find the
+  experts the previous one read in L2; the fastest taken. None right: no entry (the constant
+  rule, itself one of the candidates, at that bucket).
 
 Past the last bucket (prefill chunks) the constant rule stands. The choice per bucket is fixed
 after start, so the graphs captured at a bucket replay its route. Logged like the other tuners'
@@ -101,7 +104,7 @@ def prepare(model: nn.Module, dtype: torch.dtype, reps: int = 10, timer: Timer |
             ) -> dict[tuple, Plan]:
     """Plan every ``CudaMoEExperts`` of ``model`` on its GPU (in ``dtype``) whose ``top_k`` is
     known; returns the plans by ``shape_key``. ``timer``: GPU µs of a run over cases
-    (``cuda_int4_tune.gpu_us``; tests pass their own)."""
+    (``graph_us``; tests pass their own)."""
     layers = [m for m in model.modules() if isinstance(m, CudaMoEExperts) and m.top_k > 0]
     if not layers:
         return {}
@@ -110,8 +113,7 @@ def prepare(model: nn.Module, dtype: torch.dtype, reps: int = 10, timer: Timer |
             m.plan = None
         log.info("MoE routes: the constant rule (%s=static)", ENV)
         return {}
-    if timer is None:
-        from pensieve.backends.cuda_int4_tune import gpu_us as timer
+    timer = timer or graph_us
     shapes: dict[tuple, list[CudaMoEExperts]] = {}
     for m in layers:
         shapes.setdefault(shape_key(m), []).append(m)
@@ -124,6 +126,43 @@ def prepare(model: nn.Module, dtype: torch.dtype, reps: int = 10, timer: Timer |
         notes.append(note(same[0], plan, times))
     log.info("MoE routes per decode bucket (µs a layer call): %s", "; ".join(notes))
     return plans
+
+
+def graph_us(run: Run, cases: list[Case], reps: int) -> float:
+    """Median GPU µs a case of ``run`` over ``cases``, all of them captured in one CUDA graph
+    and replayed ``reps`` times (compiled and warmed up eagerly first, on a side stream);
+    ``cuda_int4_tune.gpu_us`` (eager launches behind a sleeping kernel) where capture fails."""
+    from pensieve.backends.cuda_int4_tune import gpu_us
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in cases:
+            run(c)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for c in cases:
+                run(c)
+    except Exception as e:  # noqa: BLE001 - time it eagerly instead
+        log.info("MoE route timing: graph capture failed (%s); eager", type(e).__name__)
+        del graph
+        torch.cuda.synchronize()
+        return gpu_us(run, cases, reps)  # type: ignore[arg-type]
+    graph.replay()
+    samples = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / len(cases))
+    del graph
+    return sorted(samples)[reps // 2] * 1e3
 
 
 def note(layer: CudaMoEExperts, plan: Plan, times: Mapping[int, Mapping[Route, float]]) -> str:
