@@ -10,9 +10,9 @@ at bits 2·(q // 2) (+ 4 for the second half) of byte k. So a half h (16 columns
 of a group is four *code words* ``U = ((lo >> 4h) & 0x0F0F0F0F) | (((hi >> 4h + 2(q // 2)) &
 0x03030303) << 4)`` — the masks and shifts run on four codes at once — and each byte of a code
 word becomes a weight by the exponent trick (``u | 0x4300`` read as bfloat16 is 128 + u
-exactly; 1024 + u under float16's ``0x6400``; 2²³ + u under float32's) minus ``magic + 32``,
-times ``d · sc`` (formed in float32, rounded to x's dtype: the ``skinny`` kernel's two
-roundings).
+exactly; 1024 + u under float16's ``0x6400``; 2²³ + u under float32's; 16-bit types two bytes
+at a time, as one 32-bit pair) minus ``magic + 32``, times ``d · sc`` (formed in float32,
+rounded to x's dtype: the ``skinny`` kernel's two roundings).
 
 K order: the dot sums over K, so the tile's columns may be in any order that x's rows share.
 The tile is built as [BLOCK_N, BLOCK_G, 2 (h), 2 (f), 4 (q), 2 (e)] — byte 2f + e of code word
@@ -30,11 +30,11 @@ a step (the launcher makes G_PER · SPLIT_K == GROUPS and G_PER a multiple of BL
 on the codes). PREFETCH (1 or 2): the next one or two steps' code words, sub-scales,
 super-scales and x are loaded into registers before this step's unpacking and product (two or
 three steps of bytes in flight without the shared-memory pipeline; past the program's last
-step it is reloaded). SPLIT_K > 1: float32 partials to WS
-[SPLIT_K, 16, N]; the last program of a column tile (counter CNT[n], zero between calls: that
-program resets it) sums them in a fixed order — one launch, deterministic, capturable in a CUDA
-graph (``cuda_q6k_rows.rows_workspace``; the scheme of ``skinny``). Rows past M
-read row 0 and are not stored; outputs past N read row 0 of the weight and are not stored.
+step it is reloaded). SPLIT_K > 1: float32 partials to WS [SPLIT_K, 16, N]; the last
+program of a column tile (counter CNT[n], zero between calls: that program resets it) sums them
+in a fixed order — one launch, deterministic, capturable in a CUDA graph
+(``cuda_q6k_rows.rows_workspace``; the scheme of ``skinny``). Rows past M read row 0 and are
+not stored; outputs past N read row 0 of the weight and are not stored.
 float32 x (tests) takes IEEE products, never TF32.
 """
 
@@ -60,7 +60,7 @@ def _load_at(lo_b, hi_b, sc_b, d_row, x_b, off, g_start, gi, mmask):
 @triton.jit
 def _tile(lo, hi, sc, d, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, DT: tl.constexpr):
     """The weight tile [BLOCK_N, BLOCK_G · 32] in DT (columns in the module's K order) from a
-    step's words (``_load_step``; loaded at the tile's rank, so that the unpacking stays in
+    step's words (``_load_at``; loaded at the tile's rank, so that the unpacking stays in
     the layout the tensor cores' operand derives from — sm_90: no exchange but one pass
     through shared memory before the product). A 16-bit DT takes bytes 2f and 2f + 1 of a
     code word as one 32-bit pair under the magic exponent (``0x43004300``: two bfloat16),
