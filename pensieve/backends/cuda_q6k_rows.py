@@ -5,9 +5,9 @@ A ``Rows`` is one launch's tiles: up to BLOCK_M (16) rows of x padded for the te
 BLOCK_N outputs and BLOCK_G groups of 32 columns a step, K over up to SPLIT_K programs of a
 column tile (one launch, partials reduced in it through ``rows_workspace``: up to 16 splits
 of 16 rows, counters per 16 outputs), ``prefetch``: the next one or two steps' code words and
-x loaded into registers before this step's product. The split used is the largest ≤ SPLIT_K dividing K's
-steps (``split_of``: no masks on the codes); a weight with ``SPLIT_MAX_N`` outputs or more (a
-head) never splits. Candidates only: ``cuda_q6k_tune`` checks and times them against the other
+x loaded into registers before this step's product. The split used is the largest ≤ SPLIT_K
+dividing K's steps (``split_of``: no masks on the codes); a weight with ``SPLIT_MAX_N`` outputs
+or more (a head) never splits. Candidates only: ``cuda_q6k_tune`` checks and times them against the other
 kernels per weight shape and row bucket at start. Importing this module needs neither a GPU
 nor Triton.
 """
