@@ -7,9 +7,9 @@ column tile (one launch, partials reduced in it through ``rows_workspace``: up t
 of 16 rows, counters per 16 outputs), ``prefetch``: the next one or two steps' code words and
 x loaded into registers before this step's product. The split used is the largest ≤ SPLIT_K
 dividing K's steps (``split_of``: no masks on the codes); a weight with ``SPLIT_MAX_N`` outputs
-or more (a head) never splits. Candidates only: ``cuda_q6k_tune`` checks and times them against the other
-kernels per weight shape and row bucket at start. Importing this module needs neither a GPU
-nor Triton.
+or more (a head) never splits. Candidates only: ``cuda_q6k_tune`` checks and times them
+against the other kernels per weight shape and row bucket at start. Importing this module
+needs neither a GPU nor Triton.
 """
 
 from __future__ import annotations
