@@ -77,8 +77,7 @@ def sweep(rows: int, n: int) -> list[tuple]:
     if rows <= 16:
         out += [("split", t) for t in tune.SPLIT_CANDIDATES[next(b for b in tune.SPLIT_CANDIDATES
                                                                    if rows <= b)]]
-    if rows <= 16:
-        out += [("rows", t) for t in tune.ROWS_CANDIDATES]
+    out += [("rows", t) for t in tune.ROWS_CANDIDATES if t.block_m >= rows]
     if rows <= 32:
         out += [("skinny", t) for bm, ts in tune.SKINNY_CANDIDATES.items() for t in ts
                 if rows <= bm and skinny_fits(t, n)]
@@ -99,7 +98,7 @@ def each_tile(rows: int, n: int, x, w, layers, reps: int, nbytes: int,  # noqa: 
 
     cands = [("gemv", t) for t in tune.GEMV_CANDIDATES] if rows <= 2 else []
     cands += [("split", t) for t in tune.SPLIT_CANDIDATES[bucket(rows)]]
-    cands += [("rows", t) for t in tune.ROWS_CANDIDATES]
+    cands += [("rows", t) for t in tune.ROWS_CANDIDATES if t.block_m >= rows]
     if rows >= 2:
         cands += [("skinny", t) for t in tune.SKINNY_CANDIDATES[16] if skinny_fits(t, n)]
     best: dict[str, tuple[float, str]] = {}

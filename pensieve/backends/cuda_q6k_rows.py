@@ -1,7 +1,7 @@
 """Q6_K at 1-16 rows (made for 4-16) by ``rows`` (``cuda_q6k_rows_kernels``): swap-AB tensor
 cores on the code words.
 
-A ``Rows`` is one launch's tiles: up to BLOCK_M (16) rows of x padded for the tensor cores,
+A ``Rows`` is one launch's tiles: up to BLOCK_M (8 or 16) rows of x padded for the tensor cores,
 BLOCK_N outputs and BLOCK_G groups of 32 columns a step, K over up to SPLIT_K programs of a
 column tile (one launch, partials reduced in it through ``rows_workspace``: up to 16 splits
 of 16 rows, counters per 16 outputs), ``prefetch``: the next one or two steps' code words and
@@ -23,13 +23,13 @@ from pensieve.backends.cuda_int4 import block_g, triton_cdiv
 
 SPLIT_MAX = 16  # the most programs a launch splits K over (a short N: 1024 outputs)
 SPLIT_MAX_N = 32768  # weights with as many outputs never split: no workspace for them
-WS_ROWS = 16  # rows of x a workspace holds partials for (BLOCK_M = 16)
+WS_ROWS = 16  # rows of x a workspace holds partials for (BLOCK_M ≤ 16)
 
 
 @dataclass(frozen=True)
 class Rows:
-    """One launch of ``rows``: BLOCK_M rows of x (16), BLOCK_N outputs (≥ 16), BLOCK_G groups
-    a step, K over up to SPLIT_K programs."""
+    """One launch of ``rows``: BLOCK_M rows of x (8 or 16), BLOCK_N outputs (≥ 16), BLOCK_G
+    groups a step, K over up to SPLIT_K programs."""
 
     block_m: int
     block_n: int
@@ -75,7 +75,8 @@ def split_of(t: Rows, n: int, groups: int) -> tuple[int, int]:
 def fits(t: Rows, rows: int) -> bool:
     """Whether ``t`` may run ``rows`` rows of x (the workspace holds 16 rows, counters per 16
     outputs)."""
-    return 0 < rows <= t.block_m == WS_ROWS and t.block_n >= 16 and t.block_n % 16 == 0
+    return 0 < rows <= t.block_m <= WS_ROWS and t.block_m in (8, 16) and t.block_n >= 16 \
+        and t.block_n % 16 == 0
 
 
 def gemm_rows(x: torch.Tensor, w: tuple[torch.Tensor, ...], y: torch.Tensor,

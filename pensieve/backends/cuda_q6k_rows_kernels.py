@@ -1,7 +1,7 @@
 """Triton kernel for Q6_K weights (``cuda_q6k``'s layout) at 1-16 rows (made for 4-16): ``rows``,
 a swap-AB tensor-core GEMM on the code *words*.
 
-``rows`` — y = x @ w.T for up to BLOCK_M (16) rows of x, the weight tile as the tensor cores'
+``rows`` — y = x @ w.T for up to BLOCK_M (8 or 16) rows of x, the weight tile as the tensor cores'
 left operand ([BLOCK_N, K] @ [K, BLOCK_M], x's rows padded by masked loads), like ``skinny``; it
 differs in how the tile is made. The code buffers are read as int32 words (``LO``: 4 a group,
 ``HI``: 2): word q of a group's low bytes holds columns 32g + 4q + k in its low nibbles and

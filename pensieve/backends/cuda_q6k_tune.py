@@ -78,8 +78,9 @@ SPLIT_CANDIDATES = {
     8: (Split(8, 8, 4, 4, 2), Split(8, 8, 4, 8, 2), Split(8, 16, 4, 4, 4), Split(8, 8, 2, 8, 2)),
     16: (Split(16, 8, 2, 4, 2), Split(16, 8, 4, 4, 4), Split(16, 4, 4, 8, 2)),
 }
-# ``rows`` at 1-16 rows (made for 4-16; 16-row tiles, the same each bucket): the next one or
-# two steps' code words and x loaded into registers before this step's product (prefetch 1/2);
+# ``rows`` at 1-16 rows (made for 4-16; 16-row tiles, 8-row ones up to 8 rows: wgmma's n = 8,
+# half the accumulators and x tile): the next one or two steps' code words and x loaded into
+# registers before this step's product (prefetch 1/2);
 # [64, 2 groups] and [128, 2] tiles take the fewest instructions a weight (sm_90 SASS, Triton
 # 3.9: 5.5-7.3 in the loop against ~9 for skinny's, 78-127 registers, no spill); K over up to
 # 16 programs where N is short (attn_v's 1024 outputs: 16 × 16 programs), 32-output tiles there
@@ -89,7 +90,8 @@ ROWS_CANDIDATES = (Rows(16, 64, 2, 8, 4, 1, 1), Rows(16, 64, 2, 8, 4, 1, 2),
                    Rows(16, 64, 4, 8, 4, 1, 1), Rows(16, 128, 2, 8, 8, 1, 1),
                    Rows(16, 128, 2, 8, 8, 1, 2), Rows(16, 128, 4, 8, 8, 1, 1),
                    Rows(16, 64, 2, 16, 4, 1, 1), Rows(16, 32, 2, 16, 4, 1, 2),
-                   Rows(16, 64, 2, 4, 4, 3, 0), Rows(16, 256, 2, 1, 8, 1, 1))
+                   Rows(16, 64, 2, 4, 4, 3, 0), Rows(16, 256, 2, 1, 8, 1, 1),
+                   Rows(8, 64, 2, 8, 4, 1, 1), Rows(8, 128, 2, 8, 8, 1, 1))
 DEQUANT_CANDIDATES = (DEQUANT, Tiles(1, 8, 16, 4, 1), Tiles(1, 32, 8, 8, 1))
 ROWS = {b: b for b in BUCKETS}  # rows each bucket is timed at (tests pass fewer)
 
@@ -167,7 +169,7 @@ def plan_shape(sample: list[CudaQ6KLinear], dtype: torch.dtype, reps: int, timer
     plan: Plan = {}
     for b in BUCKETS:
         split: list[Choice] = [("split", t) for t in SPLIT_CANDIDATES.get(b, ())]
-        rows_tc: list[Choice] = [("rows", t) for t in ROWS_CANDIDATES] if b <= 16 else []
+        rows_tc: list[Choice] = [("rows", t) for t in ROWS_CANDIDATES if t.block_m >= b]
         if b == 1:
             cands = [gemv, *split, *rows_tc]
         elif b == 2:

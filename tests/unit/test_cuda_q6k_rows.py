@@ -58,6 +58,7 @@ def test_split_is_a_divisor_of_the_steps_and_none_for_a_head():
     assert split_of(Rows(16, 64, 2, 8, 4, 1, True), 151936, 128) == (2, 1)  # a head: no split
     assert fits(Rows(16, 64, 2, 8, 4, 1), 16) and fits(Rows(16, 64, 2, 8, 4, 1), 1)
     assert not fits(Rows(16, 64, 2, 8, 4, 1), 17) and not fits(Rows(16, 64, 2, 8, 4, 1), 0)
+    assert fits(Rows(8, 64, 2, 8, 4, 1), 8) and not fits(Rows(8, 64, 2, 8, 4, 1), 9)
     assert not fits(Rows(32, 64, 2, 8, 4, 1), 4)  # the workspace holds 16 rows
     assert not fits(Rows(16, 8, 2, 8, 4, 1), 4)  # counters per 16 outputs
 
@@ -71,9 +72,9 @@ def kernels_check() -> None:
         w = layer.weight_buffers()
         weight = layer.dequantize().double()
         for i, t in enumerate(tiles):
-            cases = [(16, torch.float32, 1e-5), (5, torch.float32, 1e-5)]
+            cases = [(t.block_m, torch.float32, 1e-5), (5, torch.float32, 1e-5)]
             if i % 3 == 0:
-                cases += [(1, torch.float32, 1e-5), (15, torch.float16, 2e-3)]
+                cases += [(1, torch.float32, 1e-5), (t.block_m - 1, torch.float16, 2e-3)]
             for rows, dtype, tol in cases:
                 x = torch.randn(rows, k).to(dtype)
                 y = gemm_rows(x, w, torch.empty(rows, n, dtype=dtype), t)
@@ -81,6 +82,8 @@ def kernels_check() -> None:
                 assert r < tol, (n, k, t, rows, dtype, r)
         with pytest.raises(ValueError):  # more rows than the tile
             gemm_rows(torch.randn(17, k), w, torch.empty(17, n), candidates()[0])
+        with pytest.raises(ValueError):  # an 8-row tile
+            gemm_rows(torch.randn(9, k), w, torch.empty(9, n), Rows(8, 16, 2, 4, 4, 1, 1))
     # a strided output (a column slice of a wider y), through the module's router
     layer = layer_of(48, 512, 7)
     x = torch.randn(6, 512)
@@ -111,24 +114,25 @@ def tuner_check() -> None:
     tune.DEQUANT_CANDIDATES = (cuda_q6k.DEQUANT,)
     tune.SPLIT_CANDIDATES = {b: (tune.SPLIT_CANDIDATES[b][0],) for b in (1, 2, 4, 8, 16)}
     cheap, other = Rows(16, 16, 2, 4, 4, 1, 1), Rows(16, 32, 2, 8, 4, 1, 2)
-    tune.ROWS_CANDIDATES = (other, cheap)
+    tiny = Rows(8, 16, 2, 4, 4, 1, 1)  # the cheapest where it fits: 8 rows at most
+    tune.ROWS_CANDIDATES = (other, cheap, tiny)
     price = {"gemv": 2.0, "split": 1.5, "rows": 1.0, "skinny": 1.8, "gemm": 5.0, "dequant": 3.0}
 
     def timer(run, sample, reps):
         run(sample[0])
         name, t = run.choice
-        return price[name] + 0.01 * t.block_n / 16
+        return price[name] + 0.01 * t.block_n / 16 - 0.001 * (t.block_m == 8)
 
     k = 512
     rows = {1: 1, 2: 2, 4: 3, 8: 5, 16: 16, 32: 17, 256: 18, 2048: 19}
     model = torch.nn.Sequential(layer_of(45, k, 1))
     tune.prepare(model, torch.float32, timer=timer, rows=rows)
     plan = model[0].plan
-    for b in (1, 2, 4, 8, 16):
-        assert plan[b] == ("rows", cheap), (b, plan[b])
-    assert plan[32][0] == "skinny"
+    for b in (1, 2, 4, 8):
+        assert plan[b] == ("rows", tiny), (b, plan[b])
+    assert plan[16] == ("rows", cheap) and plan[32][0] == "skinny"
     assert not warnings
-    assert tune.describe(plan[4]) == "rows 16x16x2/4 pf1"
+    assert tune.describe(plan[16]) == "rows 16x16x2/4 pf1"
     assert tune.describe(("rows", Rows(16, 64, 2, 4, 4, 3))) == "rows 16x64x2/4 s3"
     weight = model[0].dequantize().double()
     for r in (1, 3, 7, 16, 20):  # the planned routes give the product
@@ -139,7 +143,7 @@ def tuner_check() -> None:
     real = cuda_q6k_rows.gemm_rows
 
     def broken(x, w, y, t):
-        if t == cheap:
+        if t in (cheap, tiny):
             return y.zero_()  # the one that would win: wrong, left out
         return real(x, w, y, t)
 
@@ -207,7 +211,7 @@ def test_rows_against_float64(dtype):
         x = torch.randn(16, k, generator=torch.Generator().manual_seed(n)).to(dtype).cuda()
         ref = x.double() @ layer.dequantize().double().T
         for t in tiles:
-            for rows in (1, 4, 8, 13, 16):
+            for rows in [r for r in (1, 4, 8, 13, 16) if r <= t.block_m]:
                 y = gemm_rows(x[:rows], w, torch.empty(rows, n, device="cuda", dtype=dtype), t)
                 r = rel(y, ref[:rows].cpu())
                 assert r < 1e-2, (n, k, t, rows, r)
