@@ -20,7 +20,16 @@ tokens the routes are also forced (pick GEMV vs sort + grouped GEMM, and at 2-16
 expert-major GEMV of ``cuda_moe_expert``); ``--sweep`` times a few tile sets of the route the
 default takes.
 
+``--routes``: instead, the candidates ``cuda_moe_tune`` races at start, per decode bucket
+(1-64 tokens), at gpt-oss-20b's (packed MXFP4, biases, clamped SwiGLU), GLM-4.7-Flash's and
+Qwen3-30B-A3B's (Q4_K gate/up + Q6_K down) expert shapes: each candidate's µs a layer call
+(``cuda_moe_tune.graph_us``: 8 uniform routings over ``--layers`` copies of the layer in one
+CUDA graph), the one the start would choose and the constant rule's, in ``gpu_moe_routes.md``
+/ ``.json``. (``--tiny --device cpu`` under ``TRITON_INTERPRET=1``: the same plumbing on tiny
+shapes, wall-clock "times"; the tests run it.)
+
     python -m bench.gpu_moe_kernels --out "$OUT"   # prints a markdown table, writes JSON
+    python -m bench.gpu_moe_kernels --routes --out "$OUT"   # the start's route race per bucket
     python -m bench.gpu_moe_kernels --experts 32 --hidden 2880 --inner 2880 --top-k 4 \
         --mixes mxfp4+mxfp4 --out "$OUT"   # gpt-oss-20b's experts (int8 codes; SiLU here)
 """
@@ -32,6 +41,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +254,77 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# (experts, hidden, expert width, top-k, gate/up + down types, gpt-oss's biases and clamp)
+PRESETS = {
+    "gpt-oss-20b": (32, 2880, 2880, 4, "mxfp4+mxfp4", True),
+    "glm-4.7-flash": (64, 2048, 1536, 4, "q4_k+q6_k", False),
+    "qwen3-30b-a3b": (128, 2048, 768, 8, "q4_k+q6_k", False),
+}
+
+
+def preset_layer(name: str, tiny: bool = False) -> CudaMoEExperts:
+    """A random layer of a preset's shape (``tiny``: 4 experts, hidden 64, width 32 or 64 —
+    the same formats, for the interpreter)."""
+    e, h, i, k, mix, oss = PRESETS[name]
+    if tiny:
+        e, h, i, k = 4, 64 if oss else 256, 32 if oss else 256, 2
+    gu_t, dn_t = (Q[t.upper()] for t in mix.split("+"))
+    extra = {}
+    if oss:
+        g = torch.Generator().manual_seed(7)
+        extra = dict(gate_up_bias=torch.randn(e, 2 * i, generator=g) * 0.1,
+                     down_bias=torch.randn(e, h, generator=g) * 0.1, glu=(1.702, 7.0))
+    layer = CudaMoEExperts(random_codes(gu_t, e * i, h, 1, e), random_codes(gu_t, e * i, h, 2, e),
+                           random_codes(dn_t, e * h, i, 3, e), e, **extra)
+    layer.top_k = k
+    return layer
+
+
+def wall_us(run, cases, reps):  # noqa: ANN001, ANN201
+    """The CPU plumbing's stand-in for ``graph_us``: wall µs a case (meaningless timings)."""
+    start = time.perf_counter()
+    for _ in range(reps):
+        for c in cases:
+            run(c)
+    return (time.perf_counter() - start) / (reps * len(cases)) * 1e6
+
+
+def routes(a: argparse.Namespace) -> tuple[list[dict], str]:
+    """Per preset and bucket: every right candidate's µs, the choice and the constant rule."""
+    import copy
+
+    from pensieve.backends import cuda_moe_tune as tune
+
+    buckets = tuple(int(b) for b in a.buckets.split(","))
+    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    timer = tune.graph_us if a.device == "cuda" else wall_us
+    rows, lines = [], []
+    for name in a.presets.split(","):
+        layer = preset_layer(name, a.tiny).to(a.device).to(dtype)
+        sample = [layer] + [copy.deepcopy(layer) for _ in range(a.layers - 1)]
+        plan, times = tune.plan_layers(sample, dtype, a.reps, timer, buckets)
+        cands = sorted({r for t in times.values() for r in t}, key=tune.describe)
+        lines += [f"\n{name} ({layer.extra_repr()}, top-{layer.top_k}), µs a layer call:",
+                  "| tokens | " + " | ".join(tune.describe(r) for r in cands)
+                  + " | chosen | constant rule | gain |", "|---" * (len(cands) + 4) + "|"]
+        for b in buckets:
+            t, was = times.get(b, {}), tune.static_route(layer, b)
+            best = plan.get(b)
+            gain = (t[was] / t[best]) if best in t and was in t else None
+            rows.append({"preset": name, "tokens": b, "chosen": tune.describe(best),
+                         "static": tune.describe(was), "gain": gain,
+                         "us": {tune.describe(r): us for r, us in t.items()}})
+            lines.append(f"| {b} | " + " | ".join(
+                f"{t[r]:.1f}" if r in t else "-" for r in cands)
+                + f" | {tune.describe(best)} | {tune.describe(was)} | "
+                + ("-" if gain is None else f"{gain:.2f}x") + " |")
+            print(json.dumps(rows[-1]), flush=True)
+        del layer, sample
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
+    return rows, "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_moe_kernels",
                                 description=__doc__.split("\n\n")[0])
@@ -256,7 +337,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--sweep", action="store_true", help="also time a few tile sets per route")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--routes", action="store_true",
+                   help="the start's route race per decode bucket at the presets' shapes")
+    p.add_argument("--presets", default=",".join(PRESETS))
+    p.add_argument("--buckets", default="1,2,4,8,16,32,48,64")
+    p.add_argument("--layers", type=int, default=4, help="--routes: copies of the layer cycled")
+    p.add_argument("--tiny", action="store_true", help="--routes: tiny shapes (plumbing)")
+    p.add_argument("--device", default="cuda")
     a = p.parse_args(argv)
+    if a.routes:
+        rows, md = routes(a)
+        dev = torch.cuda.get_device_name() if a.device == "cuda" else a.device
+        print(f"\n{dev}{md}")
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_moe_routes.json").write_text(json.dumps(rows, indent=1))
+        (out / "gpu_moe_routes.md").write_text(f"{dev}{md}\n")
+        return 0
     rows = run(a)
     md = table(rows) + "\n\n" + align_times(a.experts, a.top_k, a.reps)
     print(f"\n{torch.cuda.get_device_name()}\n{md}")

@@ -84,6 +84,16 @@ def candidates(layer: CudaMoEExperts, tokens: int) -> list[Route]:
     return out
 
 
+def static_route(layer: CudaMoEExperts, tokens: int) -> Route:
+    """What the constant rule runs at ``tokens`` rows (``PENSIEVE_MOE_EXPERT_GEMV`` unset):
+    pick_gemv up to ``GEMV_MAX_PICKS`` picks, else the grouped GEMM's decode tiles."""
+    p = tokens * layer.top_k
+    if p <= cuda_moe.GEMV_MAX_PICKS:
+        return "gemv", cuda_moe.gemv_tiles(p, layer.stacks()[0].fp4)
+    small = p <= cuda_moe.GROUPED_SMALL_MAX_PICKS
+    return "grouped", cuda_moe.GROUPED_SMALL if small else cuda_moe.GROUPED
+
+
 def describe(route: Route | None) -> str:
     """A route in a few characters: ``gemv 1x16x256w4``, ``experts``, ``grouped 16x64x64w4``
     (block_m x block_n x block_k, warps); None: the constant rule."""
@@ -166,11 +176,14 @@ def graph_us(run: Run, cases: list[Case], reps: int) -> float:
 
 
 def note(layer: CudaMoEExperts, plan: Plan, times: Mapping[int, Mapping[Route, float]]) -> str:
-    """A shape's plan for the log: ``32x2880x2880 top-4: 1 gemv 1x8x512w4 31 µs, …``."""
+    """A shape's plan for the log: ``32x2880x2880 top-4: 1 gemv 1x8x512w4 31 µs, …, 8
+    grouped 16x64x64w4 90 µs (static 140)`` (the constant rule's time where it lost)."""
     parts = []
     for b, r in plan.items():
-        us = times.get(b, {}).get(r)
-        parts.append(f"{b} {describe(r)}" + ("" if us is None else f" {us:.0f} µs"))
+        us, was = times.get(b, {}).get(r), times.get(b, {}).get(static_route(layer, b))
+        parts.append(f"{b} {describe(r)}" + ("" if us is None else f" {us:.0f} µs")
+                     + ("" if was is None or r == static_route(layer, b) else
+                        f" (static {was:.0f})"))
     return (f"{layer.num_experts}x{layer.inner}x{layer.hidden} top-{layer.top_k}: "
             + (", ".join(parts) or "no route timed"))
 

@@ -86,6 +86,8 @@ def test_each_bucket_takes_its_fastest_right_route(monkeypatch, caplog):
     assert "relative error 1.5" not in text and "relative error 0.5" in text
     assert "out of shared memory" in text  # (its first line)
     assert "MoE routes per decode bucket" in text and "6x32x64 top-2: 1 gemv 1x8x512w4" in text
+    assert "8 experts 48 µs (static 80)" in text  # 16 picks: the constant rule's few-pick GEMV
+    assert "32 grouped 16x64x64w4 92 µs (static 293)" in text
     # the bucket lookup: the smallest bucket at or above; past the last, the constant rule
     assert layer.route(3) == ("gemv", GEMV_FEW) and layer.route(5) == ("experts", None)
     assert layer.route(32) == ("grouped", GROUPED_SMALL) and layer.route(33) is None
@@ -281,3 +283,46 @@ def test_static_env_on_cuda_is_the_constant_rule(monkeypatch):
     w = w.bfloat16()
     same = cuda_moe.moe_experts(x, w, ids, *oss.stacks(), 32, glu=oss.glu)
     torch.testing.assert_close(oss(x, w, ids), same, atol=0, rtol=0)
+
+
+def bench_check(out: str) -> None:
+    """``bench.gpu_moe_kernels --routes`` on tiny gpt-oss-shaped layers (interpreter, CPU)."""
+    import json
+    from pathlib import Path
+
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from bench import gpu_moe_kernels
+
+    with redirect_stdout(StringIO()) as printed:  # (the snippet's stdout must be just "ok")
+        assert gpu_moe_kernels.main(["--routes", "--tiny", "--device", "cpu", "--presets",
+                                     "gpt-oss-20b", "--buckets", "1,2", "--reps", "1",
+                                     "--layers", "2", "--out", out]) == 0
+    assert "| 1 |" in printed.getvalue()
+    rows = json.loads((Path(out) / "gpu_moe_routes.json").read_text())
+    assert [r["tokens"] for r in rows] == [1, 2]
+    for r in rows:  # packed MXFP4: no expert GEMV; every pick_gemv and grouped tile right
+        assert len(r["us"]) == 5 and r["chosen"] in r["us"] and r["static"] in r["us"]
+    assert "| 2 |" in (Path(out) / "gpu_moe_routes.md").read_text()
+    print("ok")
+
+
+@pytest.mark.slow
+def test_the_routes_bench_plumbing_in_the_triton_interpreter(tmp_path):
+    run_in_triton_interpreter("from tests.unit.test_cuda_moe_tune import bench_check; "
+                              f"bench_check({str(tmp_path)!r})")
+
+
+@needs_cuda
+def test_the_routes_bench_runs_on_cuda(tmp_path):
+    import json
+
+    from bench import gpu_moe_kernels
+
+    assert gpu_moe_kernels.main(["--routes", "--presets", "qwen3-30b-a3b", "--buckets", "1,8",
+                                 "--reps", "3", "--layers", "2", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "gpu_moe_routes.json").read_text())
+    assert [r["tokens"] for r in rows] == [1, 8]
+    assert all(r["chosen"] != "static" and r["gain"] is not None for r in rows)
+    assert "experts" in rows[1]["us"]  # Q4_K/Q6_K at 8 tokens: the expert GEMV raced
