@@ -1,17 +1,18 @@
-"""Q6_K's ``rows`` kernel for 4-16 rows (``backends/cuda_q6k_rows.py``: swap-AB tensor cores on
-the code words) and its place in ``cuda_q6k_tune``'s race.
+"""Q6_K's ``rows`` kernel, made for 4-16 rows (``backends/cuda_q6k_rows.py``: swap-AB tensor
+cores on the code words, 8/16-row tiles), and its place in ``cuda_q6k_tune``'s race (1-16).
 
 On CPU: the split each tile takes at the real shapes (a divisor of the steps, none for a
 head-sized N, up to 16 for a short one); in Triton's interpreter (a fresh process) every tuner
 candidate against the float64 product at N = 45 (no multiple of a tile) and K = 768 / 512 (24 /
-16 groups: splits of 3, 6, 12 steps, BLOCK_G cut), 1 row up to 16, float32 (exact to rounding)
+16 groups: splits of 3, 6, 12 steps, BLOCK_G cut), 1 row up to the tile's 8 or 16, float32
+(exact to rounding)
 and float16 x — the bfloat16 bit trick is beyond the interpreter and checked on a GPU; the
 tuner's choice with a timer the test controls (rows where it is cheapest, a wrong tile left out
 with a warning); every candidate compiled for sm_90 in bfloat16 with the launch's 16-divisible
 arguments, without a register spill and (64+ outputs a tile) on wgmma. With a GPU: bf16/fp16
 against float64 at Qwen3-8B's Q6_K shapes and a head-sized N, the split-K reduction
 deterministic and in a CUDA graph (the counters reset between replays), and the tuner's real
-race at 4-16 rows.
+race at 1-16 rows.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def test_candidates_compile_for_the_h100_without_spills():
     for dt in ("bf16", "fp16"):
         for t in candidates() + EDGE[2:]:
             consts = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_G": t.block_g,
-                      "SPLIT_K": t.split_k, "PREFETCH": t.prefetch}
+                      "SPLIT_K": t.split_k, "PREFETCH": int(t.prefetch)}
             c, regs, local = compile_sm90(cuda_q6k_rows_kernels.rows,
                                           {**types, "X": f"*{dt}", "Y": f"*{dt}"}, consts,
                                           t.num_warps, t.num_stages, divisible)
