@@ -5,9 +5,8 @@ On CPU: the split each tile takes at the real shapes (a divisor of the steps, no
 head-sized N, up to 16 for a short one); in Triton's interpreter (a fresh process) every tuner
 candidate against the float64 product at N = 45 (no multiple of a tile) and K = 768 / 512 (24 /
 16 groups: splits of 3, 6, 12 steps, BLOCK_G cut), 1 row up to the tile's 8 or 16, float32
-(exact to rounding)
-and float16 x — the bfloat16 bit trick is beyond the interpreter and checked on a GPU; the
-tuner's choice with a timer the test controls (rows where it is cheapest, a wrong tile left out
+(exact to rounding) and float16 x — the bfloat16 bit trick is beyond the interpreter and
+checked on a GPU; the tuner's choice with a timer the test controls (rows where it is cheapest, a wrong tile left out
 with a warning); every candidate compiled for sm_90 in bfloat16 with the launch's 16-divisible
 arguments, without a register spill and (64+ outputs a tile) on wgmma. With a GPU: bf16/fp16
 against float64 at Qwen3-8B's Q6_K shapes and a head-sized N, the split-K reduction
