@@ -135,6 +135,8 @@ def prepare(model: nn.Module, dtype: torch.dtype, reps: int = 10, timer: Timer |
         plans[key] = plan
         notes.append(note(same[0], plan, times))
     log.info("MoE routes per decode bucket (µs a layer call): %s", "; ".join(notes))
+    if torch.cuda.is_available() and layers[0].gate_up_w.is_cuda:
+        torch.cuda.empty_cache()  # the timing graphs' pools and the references: not kept
     return plans
 
 
