@@ -80,17 +80,17 @@ SPLIT_CANDIDATES = {
 }
 # ``rows`` at 1-16 rows (made for 4-16; 16-row tiles, 8-row ones up to 8 rows: wgmma's n = 8,
 # half the accumulators and x tile): the next one or two steps' code words and x loaded into
-# registers before this step's product (prefetch 1/2);
-# [64, 2 groups] and [128, 2] tiles take the fewest instructions a weight (sm_90 SASS, Triton
-# 3.9: 5.5-7.3 in the loop against ~9 for skinny's, 78-127 registers, no spill); K over up to
-# 16 programs where N is short (attn_v's 1024 outputs: 16 × 16 programs), 32-output tiles there
-# too (mma.sync); one on Triton's shared-memory pipeline instead of registers; 256 outputs for
-# a head (no split)
+# registers before this step's product (prefetch 1/2) — 5.5-7.3 sm_90 SASS instructions a
+# weight in the loop (Triton 3.9) against ~9 for skinny's, 66-127 registers, no spill; K over
+# up to 16 programs where N is short (attn_v's 1024 outputs: 16 × 16 programs), 32-output tiles there
+# too (mma.sync); two on Triton's shared-memory pipeline (cp.async, 3 stages) instead of
+# registers (~7.6 a weight); 256 outputs for a head (no split)
 ROWS_CANDIDATES = (Rows(16, 64, 2, 8, 4, 1, 1), Rows(16, 64, 2, 8, 4, 1, 2),
                    Rows(16, 64, 4, 8, 4, 1, 1), Rows(16, 128, 2, 8, 8, 1, 1),
                    Rows(16, 128, 2, 8, 8, 1, 2), Rows(16, 128, 4, 8, 8, 1, 1),
                    Rows(16, 64, 2, 16, 4, 1, 1), Rows(16, 32, 2, 16, 4, 1, 2),
-                   Rows(16, 64, 2, 4, 4, 3, 0), Rows(16, 256, 2, 1, 8, 1, 1),
+                   Rows(16, 64, 4, 8, 4, 3, 0), Rows(16, 128, 4, 8, 8, 3, 0),
+                   Rows(16, 256, 2, 1, 8, 1, 1),
                    Rows(8, 64, 2, 8, 4, 1, 1), Rows(8, 128, 2, 8, 8, 1, 1))
 DEQUANT_CANDIDATES = (DEQUANT, Tiles(1, 8, 16, 4, 1), Tiles(1, 32, 8, 8, 1))
 ROWS = {b: b for b in BUCKETS}  # rows each bucket is timed at (tests pass fewer)
