@@ -82,9 +82,9 @@ SPLIT_CANDIDATES = {
 # half the accumulators and x tile): the next one or two steps' code words and x loaded into
 # registers before this step's product (prefetch 1/2) — 5.5-7.3 sm_90 SASS instructions a
 # weight in the loop (Triton 3.9) against ~9 for skinny's, 66-127 registers, no spill; K over
-# up to 16 programs where N is short (attn_v's 1024 outputs: 16 × 16 programs), 32-output tiles there
-# too (mma.sync); two on Triton's shared-memory pipeline (cp.async, 3 stages) instead of
-# registers (~7.6 a weight); 256 outputs for a head (no split)
+# up to 16 programs where N is short (attn_v's 1024 outputs: 16 × 16 programs), 32-output
+# tiles there too (mma.sync); two on Triton's shared-memory pipeline (cp.async, 3 stages)
+# instead of registers (~7.6 a weight); 256 outputs for a head (no split)
 ROWS_CANDIDATES = (Rows(16, 64, 2, 8, 4, 1, 1), Rows(16, 64, 2, 8, 4, 1, 2),
                    Rows(16, 64, 4, 8, 4, 1, 1), Rows(16, 128, 2, 8, 8, 1, 1),
                    Rows(16, 128, 2, 8, 8, 1, 2), Rows(16, 128, 4, 8, 8, 1, 1),
