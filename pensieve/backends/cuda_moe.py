@@ -82,6 +82,7 @@ class Tiles:
     block_k: int
     num_warps: int
     num_stages: int
+    swap: bool = False  # grouped GEMM only: swap-AB products (the weight tile as the left operand)
 
 
 GEMV_FEW = Tiles(1, 8, 512, 4, 2)  # up to 16 picks (H100 sweep: 1 token 0.032 vs 0.039 ms)
@@ -322,7 +323,7 @@ def grouped(x: torch.Tensor, sorted_ids: torch.Tensor, bexp: torch.Tensor, rw: t
         x, sorted_ids, bexp, rw, *args, y, picks, experts, st.n, st.k, x.stride(0), y.stride(0),
         TOPK=topk, GATHER=gather, FUSE=fuse, ROUTED=routed, **meta, BLOCK_M=t.block_m,
         BLOCK_N=t.block_n, BLOCK_K=_block_k(st.k, t.block_k), num_warps=t.num_warps,
-        num_stages=t.num_stages)
+        num_stages=t.num_stages, **({"SWAP": True} if t.swap else {}))
     return y
 
 

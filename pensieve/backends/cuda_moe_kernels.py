@@ -106,6 +106,17 @@ def _dot(a, b, acc):
 
 
 @triton.jit
+def _mma(x, w, acc, SWAP: tl.constexpr):
+    """acc += x·w ([M, K]·[K, N]), or with ``SWAP`` the transposed product w·x: the weight tile
+    [N, K] the left operand, the tokens' x [K, M] the right (acc [N, M])."""
+    if SWAP:
+        acc = _dot(w.to(x.dtype), x, acc)
+    else:
+        acc = _dot(x, w.to(x.dtype), acc)
+    return acc
+
+
+@triton.jit
 def _glu(g, u, SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
     """The fused activation of gate ``g`` and up ``u`` (float32)."""
     if SWIGLU:
@@ -321,9 +332,9 @@ def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, D, B, Y, P, E, N, K, stride_x, s
                  GS: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 FP4: tl.constexpr = False):
+                 FP4: tl.constexpr = False, SWAP: tl.constexpr = False):
     """y[picks of block b, outputs of program 1] (see the module text); grid
-    (MAX_BLOCKS, cdiv(N_out, BLOCK_N))."""
+    (MAX_BLOCKS, cdiv(N_out, BLOCK_N)). ``SWAP``: ``expert_rows``' swap-AB products."""
     blk = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(BEXP + blk).to(tl.int64)
@@ -338,7 +349,7 @@ def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, D, B, Y, P, E, N, K, stride_x, s
         row = pick
     expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stride_x, stride_y,
                 FUSE, ROUTED, INT4, SIX, GS, HAS_MIN, HAS_BIAS, SWIGLU, ALPHA, LIMIT, BLOCK_M,
-                BLOCK_N, BLOCK_K, FP4)
+                BLOCK_N, BLOCK_K, FP4, SWAP)
 
 
 @triton.jit
@@ -347,10 +358,13 @@ def expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stri
                 SIX: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ALPHA: tl.constexpr,
                 LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, FP4: tl.constexpr = False):
+                BLOCK_K: tl.constexpr, FP4: tl.constexpr = False, SWAP: tl.constexpr = False):
     """Expert ``e``'s outputs ``pid_n`` for BLOCK_M rows (x's ``row``, y's ``pick``, where
     ``mmask``): its weight tile dequantised in registers once for all of them, on the tensor
-    cores (``grouped_gemm``'s and ``cuda_moe_expert_kernels.expert_gemv``'s body)."""
+    cores (``grouped_gemm``'s and ``cuda_moe_expert_kernels.expert_gemv``'s body). ``SWAP``
+    (swap-AB, for 1-2 tokens an expert): the weight tile [BLOCK_N, step] is the product's left
+    operand and the rows' x [step, BLOCK_M] the right — the outputs fill the MMA's M side
+    instead of the 16 mostly padded rows — transposed back before the epilogue."""
     if FUSE:
         n_out = N // 2
     else:
@@ -358,46 +372,67 @@ def expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stri
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < n_out
     erow = e * N + tl.where(nmask, n, 0).to(tl.int64)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if SWAP:  # acc [BLOCK_N, BLOCK_M]; weight tiles [BLOCK_N, step], x [step, BLOCK_M]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        wrow = erow[:, None]
+        xmask = mmask[None, :]
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        wrow = erow[None, :]
+        xmask = mmask[:, None]
     if INT4 or SIX or FP4:
         # a step: BLOCK_K // 32 groups = BLOCK_K // 2 bytes a row, contiguous; byte j of the step
         # holds columns 32·(j // 16) + j % 16 (low nibble) and 16 more (high nibble)
         j = tl.arange(0, BLOCK_K // 2)
         xcol = (j // 16) * 32 + j % 16
-        x_ptrs = X + row[:, None] * stride_x + xcol[None, :]
+        if SWAP:
+            x_ptrs = X + row[None, :] * stride_x + xcol[:, None]
+            wcol = j[None, :]
+        else:
+            x_ptrs = X + row[:, None] * stride_x + xcol[None, :]
+            wcol = j[:, None]
         for k0 in range(0, K, BLOCK_K):
-            xlo = tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
-            xhi = tl.load(x_ptrs + k0 + 16, mask=mmask[:, None], other=0.0)
+            xlo = tl.load(x_ptrs + k0, mask=xmask, other=0.0)
+            xhi = tl.load(x_ptrs + k0 + 16, mask=xmask, other=0.0)
             if SIX:
-                lo, hi = _six_tile(W, S, MN, D, erow[None, :], j[:, None] + k0 // 2, K)
+                lo, hi = _six_tile(W, S, MN, D, wrow, wcol + k0 // 2, K)
             elif FP4:
-                lo, hi = _fp4_tile(W, S, erow[None, :], j[:, None] + k0 // 2, K)
+                lo, hi = _fp4_tile(W, S, wrow, wcol + k0 // 2, K)
             else:
-                lo, hi = _int4_tile(W, S, erow[None, :], j[:, None] + k0 // 2, K)
-            acc = _dot(xlo, lo.to(xlo.dtype), acc)
-            acc = _dot(xhi, hi.to(xhi.dtype), acc)
+                lo, hi = _int4_tile(W, S, wrow, wcol + k0 // 2, K)
+            acc = _mma(xlo, lo, acc, SWAP)
+            acc = _mma(xhi, hi, acc, SWAP)
             if FUSE:
                 if SIX:
-                    lo, hi = _six_tile(W, S, MN, D, erow[None, :] + n_out, j[:, None] + k0 // 2,
-                                       K)
+                    lo, hi = _six_tile(W, S, MN, D, wrow + n_out, wcol + k0 // 2, K)
                 elif FP4:
-                    lo, hi = _fp4_tile(W, S, erow[None, :] + n_out, j[:, None] + k0 // 2, K)
+                    lo, hi = _fp4_tile(W, S, wrow + n_out, wcol + k0 // 2, K)
                 else:
-                    lo, hi = _int4_tile(W, S, erow[None, :] + n_out, j[:, None] + k0 // 2, K)
-                acc_u = _dot(xlo, lo.to(xlo.dtype), acc_u)
-                acc_u = _dot(xhi, hi.to(xhi.dtype), acc_u)
+                    lo, hi = _int4_tile(W, S, wrow + n_out, wcol + k0 // 2, K)
+                acc_u = _mma(xlo, lo, acc_u, SWAP)
+                acc_u = _mma(xhi, hi, acc_u, SWAP)
     else:
         k = tl.arange(0, BLOCK_K)
-        x_ptrs = X + row[:, None] * stride_x + k[None, :]
+        if SWAP:
+            x_ptrs = X + row[None, :] * stride_x + k[:, None]
+        else:
+            x_ptrs = X + row[:, None] * stride_x + k[None, :]
         for k0 in range(0, K, BLOCK_K):
-            xt = tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
-            kk = (k0 + k)[:, None].to(tl.int64)
-            w = _int8_tile(W, S, MN, erow[None, :], kk, K, GS, HAS_MIN)
-            acc = _dot(xt, w.to(xt.dtype), acc)
+            xt = tl.load(x_ptrs + k0, mask=xmask, other=0.0)
+            if SWAP:
+                kk = (k0 + k)[None, :].to(tl.int64)
+            else:
+                kk = (k0 + k)[:, None].to(tl.int64)
+            w = _int8_tile(W, S, MN, wrow, kk, K, GS, HAS_MIN)
+            acc = _mma(xt, w, acc, SWAP)
             if FUSE:
-                wu = _int8_tile(W, S, MN, erow[None, :] + n_out, kk, K, GS, HAS_MIN)
-                acc_u = _dot(xt, wu.to(xt.dtype), acc_u)
+                wu = _int8_tile(W, S, MN, wrow + n_out, kk, K, GS, HAS_MIN)
+                acc_u = _mma(xt, wu, acc_u, SWAP)
+    if SWAP:  # back to [BLOCK_M, BLOCK_N] for the epilogue
+        acc = tl.trans(acc)
+        acc_u = tl.trans(acc_u)
     if HAS_BIAS:
         acc += tl.load(B + erow).to(tl.float32)[None, :]
     if FUSE:

@@ -14,7 +14,8 @@ biases and activation, top-k; the layers of a shape share one plan) and per buck
 * ``ROUTINGS`` uniformly random top-k routings (distinct experts a token, random weights) and
   random inputs, seeded (the same plan for the same weights and GPU timings);
 * each candidate — pick_gemv at each tile set of ``GEMV_CANDIDATES``, the expert GEMV where it
-  applies, the grouped GEMM at each of ``GROUPED_CANDIDATES`` — runs the whole layer once on
+  applies, the grouped GEMM at each of ``GROUPED_CANDIDATES`` (swap-AB tiles among them:
+  ``cuda_moe_kernels.expert_rows``' ``SWAP``) — runs the whole layer once on
   the first routing against ``cuda_moe.reference_layer`` (float32, the picked experts
   dequantised one at a time; relative error under 2e-2); one that fails to build or is wrong is
   left out with a warning;
@@ -51,8 +52,13 @@ ROUTINGS = 8  # random routings (and layers of the shape) a timed call cycles th
 # pick_gemv: the two tile sets of the constant rule (few picks / more), each raced at every bucket
 GEMV_CANDIDATES = (cuda_moe.GEMV_FEW, cuda_moe.GEMV)
 # grouped_gemm at decode sizes: 16-row blocks (the tensor cores' least), the default and two
-# from bench/gpu_moe_kernels.py's sweep (narrower outputs: more programs; wider)
-GROUPED_CANDIDATES = (cuda_moe.GROUPED_SMALL, Tiles(16, 32, 128, 4, 4), Tiles(16, 128, 64, 4, 3))
+# from bench/gpu_moe_kernels.py's sweep (narrower outputs: more programs; wider), then two
+# swap-AB tiles (the expert's 64/128 outputs the MMA's M side, the 1-2 tokens an expert picks
+# padded to 16 on its N side; interpreter-checked, untimed; sm_90 builds, Triton 3.9, fused
+# gate/up: 98-205 registers at 64 outputs, no spill; 166-255 at 128, int8 spills 184 bytes —
+# 64-step swap tiles spill 160-1800 bytes at 4 warps, so 32-wide steps and 8 warps)
+GROUPED_CANDIDATES = (cuda_moe.GROUPED_SMALL, Tiles(16, 32, 128, 4, 4), Tiles(16, 128, 64, 4, 3),
+                      Tiles(16, 64, 32, 8, 3, swap=True), Tiles(16, 128, 32, 8, 3, swap=True))
 
 Case = tuple[CudaMoEExperts, torch.Tensor, torch.Tensor, torch.Tensor]  # layer, x, weights, ids
 Run = Callable[[Case], torch.Tensor]
@@ -100,7 +106,9 @@ def describe(route: Route | None) -> str:
     if route is None:
         return "static"
     name, t = route
-    return name if t is None else f"{name} {t.block_m}x{t.block_n}x{t.block_k}w{t.num_warps}"
+    if t is None:
+        return name
+    return f"{name} {t.block_m}x{t.block_n}x{t.block_k}w{t.num_warps}{' swap' if t.swap else ''}"
 
 
 def shape_key(m: CudaMoEExperts) -> tuple:

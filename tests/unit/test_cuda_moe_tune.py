@@ -63,7 +63,9 @@ def test_each_bucket_takes_its_fastest_right_route(monkeypatch, caplog):
              ("experts", None): lambda t: 40 + t, ("grouped", GROUPED_SMALL): lambda t: 60 + t}
 
     def cost(route, tokens):  # noqa: ANN001, ANN202
-        return costs.get(route, lambda t: 1.0)(tokens)  # the other grouped tiles: fastest...
+        if route[1] is not None and route[1].swap:
+            return 1000.0
+        return costs.get(route, lambda t: 1.0)(tokens)  # two grouped tiles: fastest...
 
     grouped_narrow = ("grouped", cuda_moe_tune.GROUPED_CANDIDATES[1])
     # ... but one is wrong and the other does not build: never chosen
@@ -145,6 +147,9 @@ def test_candidates_per_bucket_and_format():
     packed = random_layer(3, 64, 32, seed=1, packed=True)  # no FP4 layout in the expert GEMV
     assert "experts" not in [r[0] for r in cuda_moe_tune.candidates(packed, 8)]
     assert cuda_moe_tune.describe(("grouped", GROUPED_SMALL)) == "grouped 16x64x64w4"
+    swap = cuda_moe.Tiles(16, 64, 32, 8, 3, swap=True)
+    assert cuda_moe_tune.describe(("grouped", swap)) == "grouped 16x64x32w8 swap"
+    assert ("grouped", swap) in cuda_moe_tune.candidates(layer, 1)
     assert cuda_moe_tune.describe(None) == "static"
 
 
@@ -215,6 +220,19 @@ def interpreter_check() -> None:
         ref = reference_layer(layer, x, w, ids)
         for r in cuda_moe_tune.candidates(layer, 3):
             assert rel(cuda_moe_tune.launch(r, (layer, x, w, ids)), ref) < 1e-5, r
+    # swap-AB grouped tiles over every code layout: Q4_K + Q6_K, 6-bit gate/up + Q5_K down
+    # (int8 codes with offsets), at 1 and 3 tokens (1-3 picks an expert), against float32
+    swaps = [t for t in cuda_moe_tune.GROUPED_CANDIDATES if t.swap]
+    for gu, dn in ((Q.Q4_K, Q.Q6_K), (Q.Q6_K, Q.Q5_K)):
+        layer = make_layer(gu, dn, 256, 256, 4, seed=8)
+        for tokens in (1, 3):
+            w, ids = routing(tokens, 4, 2, tokens)
+            x = torch.randn(tokens, 256)
+            ref = reference_layer(layer, x, w, ids)
+            for t in swaps:
+                got = cuda_moe.moe_experts(x, w, ids, *layer.stacks(), 4, route="grouped",
+                                           tiles=t)
+                assert rel(got, ref.double()) < 1e-5, (gu.name, dn.name, tokens, t)
     print("ok")
 
 
@@ -222,6 +240,38 @@ def interpreter_check() -> None:
 def test_candidates_in_the_triton_interpreter():
     run_in_triton_interpreter(
         "from tests.unit.test_cuda_moe_tune import interpreter_check; interpreter_check()")
+
+
+@pytest.mark.parametrize("fmt", ["int4", "six", "int8", "fp4"])
+def test_swap_ab_grouped_tiles_compile_for_the_h100(fmt):
+    """The swap-AB grouped GEMM (both raced tiles) built for sm_90 in bfloat16 here, no GPU
+    needed: fused gate/up and routed down, each code layout (MXFP4 with biases and the clamped
+    SwiGLU); no register spills but int8's (with offsets) fused at 128 outputs."""
+    from pensieve.backends import cuda_moe_kernels as kernels
+    from tests.helpers.triton_compile import compile_for
+    from tests.unit.test_cuda_gdn import _resources
+
+    types = {"X": "*bf16", "RW": "*bf16", "W": "*u8", "S": "*i16", "MN": "*i16", "D": "*i16",
+             "B": "*bf16", "Y": "*bf16", "N": "i32", "K": "i32", "stride_x": "i32",
+             "stride_y": "i32", "SORTED": "*i32", "BEXP": "*i32", "P": "i32", "E": "i32"}
+    base = dict(TOPK=4, INT4=fmt == "int4", SIX=fmt == "six", FP4=fmt == "fp4",
+                GS=16 if fmt == "six" else 32, HAS_MIN=fmt == "int8", HAS_BIAS=fmt == "fp4")
+    if fmt == "int4":
+        types.update(S="*i32")
+    elif fmt == "six":
+        types.update(S="*i8", MN="*u8")
+    elif fmt == "fp4":
+        types.update(S="*u8", MN="*u8", D="*u8")
+    for t in (t for t in cuda_moe_tune.GROUPED_CANDIDATES if t.swap):
+        for fuse in (True, False):
+            act = dict(SWIGLU=fuse and fmt == "fp4", ALPHA=1.702 if fuse else 0.0,
+                       LIMIT=7.0 if fuse else 0.0)
+            consts = dict(base, **act, GATHER=fuse, FUSE=fuse, ROUTED=not fuse, SWAP=True,
+                          BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k)
+            built = compile_for(kernels.grouped_gemm, types, consts, t.num_warps, t.num_stages)
+            assert built
+            if not (fmt == "int8" and fuse and t.block_n == 128):
+                assert "STACK:0 " in _resources(built), (fmt, t, fuse, _resources(built))
 
 
 def tuned_layers():  # noqa: ANN201
@@ -303,7 +353,8 @@ def bench_check(out: str) -> None:
     rows = json.loads((Path(out) / "gpu_moe_routes.json").read_text())
     assert [r["tokens"] for r in rows] == [1, 2]
     for r in rows:  # packed MXFP4: no expert GEMV; every pick_gemv and grouped tile right
-        assert len(r["us"]) == 5 and r["chosen"] in r["us"] and r["static"] in r["us"]
+        assert len(r["us"]) == 2 + len(cuda_moe_tune.GROUPED_CANDIDATES)
+        assert r["chosen"] in r["us"] and r["static"] in r["us"]
     assert "| 2 |" in (Path(out) / "gpu_moe_routes.md").read_text()
     print("ok")
 
