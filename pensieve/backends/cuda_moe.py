@@ -20,7 +20,8 @@ format, then down (each pick's routing weight in the epilogue) — and a sum of 
   ``ALIGN_MAX_PICKS``, else a few torch ops), each expert's run padded to blocks of BLOCK_M, and
   ``grouped_gemm``: one program per (block, outputs), the expert's weight tile dequantised in
   registers, on the tensor cores. The grid is sized for the worst case (``max_blocks``) and
-  blocks past the last exit at once.
+  blocks past the last exit at once. Swap-AB tiles (``Tiles.swap``: the weight tile the MMA's
+  left operand, for 1-2 tokens an expert) are ``cuda_moe_tune`` candidates only.
 
 gpt-oss's experts (``models.gpt_oss.ClampedSwiGLUExperts``) run on the same launches: a bias
 per expert row on gate/up and on down (added in the epilogues, before the activation and before
