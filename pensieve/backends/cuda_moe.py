@@ -30,8 +30,8 @@ MXFP4 experts are held as the file's bytes (``fp4``: two E2M1 codes a byte in GG
 E8M0 byte per 32, 17 bytes a 32 = 4.25 bits a weight; the kernels' ``FP4`` layout) — the
 loader's ``mxfp4.Mxfp4Groups`` as they come, int8 codes (``loaders/mxfp4.int8_codes``) converted
 back exactly once when the module is built; with ``PENSIEVE_MXFP4_INT8=1`` the loader keeps int8
-codes with a float16 power of two per 32 and they stay so (~1.06 bytes a weight). The
-expert-major GEMV takes no ``fp4`` stack (its route falls back to ``pick_gemv``).
+codes with a float16 power of two per 32 and they stay so (~1.06 bytes a weight). All three
+routes take every layout (the expert-major GEMV's ``fp4`` since ``cuda_moe_tune``).
 
 Which of the three runs is the start's choice per decode bucket where it was timed
 (``cuda_moe_tune.prepare``: a layer shape's ``plan``, {tokens up to: (route, tiles)}, each
@@ -345,10 +345,8 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
     out = torch.empty(p, down.n, device=x.device, dtype=x.dtype)
     if route is None and p <= GEMV_MAX_PICKS and cuda_moe_expert.wanted(t, experts, k):
         route = "experts"
-    if route == "experts" and (gate_up.fp4 or down.fp4):  # its kernel takes no FP4 layout
-        route = "gemv"
     if route == "experts":  # each picked expert's weights once for all its tokens
-        common = dict(tokens=t, experts=experts, topk=k)
+        common = dict(tokens=t, experts=experts, topk=k, t=tiles)
         cuda_moe_expert.expert_gemv(x, flat, rw, gate_up, h, gather=True, fuse=True,
                                     routed=False, glu=glu, **common)
         cuda_moe_expert.expert_gemv(h, flat, rw, down, out, gather=False, fuse=False,

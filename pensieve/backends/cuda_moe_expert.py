@@ -10,8 +10,8 @@ every 2..``MAX_TOKENS`` tokens, "auto" where the picks are expected to share exp
 gpt-oss-20b's 32 experts at top-4 from 8 tokens (~1.5), GLM-4.7-Flash's 64 at top-4 and
 Qwen3-30B-A3B's 128 at top-8 only at 16 (~1.55; 1.24 at 8), never Qwen3.6's 256 at top-8).
 ``bench/gpu_moe_kernels`` forces each route. ``cuda_moe_tune`` races it against the others per
-decode bucket at start (where the codes are not packed MXFP4); its plan, where there is one,
-decides instead of this switch.
+decode bucket at start (with a swap-AB tile too; packed MXFP4 included); its plan, where there
+is one, decides instead of this switch.
 """
 
 from __future__ import annotations
@@ -53,18 +53,21 @@ def _pow2(n: int) -> int:
 
 def expert_gemv(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, st, y: torch.Tensor, *,
                 tokens: int, experts: int, topk: int, gather: bool, fuse: bool, routed: bool,
-                glu=None) -> torch.Tensor:  # noqa: ANN001 (st: cuda_moe.Stack, glu: cuda_moe.Glu)
+                glu=None, t=None) -> torch.Tensor:  # noqa: ANN001 (cuda_moe's Stack, Glu, Tiles)
     """y [P, N_out] for the flat token-major picks ``ids`` [T·topk] (as ``cuda_moe.pick_gemv``,
-    the weights of each picked expert read once)."""
+    the weights of each picked expert read once). ``t``: tiles (block_n, block_k, warps,
+    stages, swap; block_m is the tokens' power of two) instead of the module's constants."""
     from pensieve.backends import cuda_moe_expert_kernels as k
     from pensieve.backends.cuda_int4 import triton_cdiv
     from pensieve.backends.cuda_moe import _block_k, _meta
 
     n_out = st.n // 2 if fuse else st.n
     args, meta = _meta(st, glu if fuse else None)
-    k.expert_gemv[(experts, triton_cdiv(n_out, BLOCK_N))](
+    bn, bk, warps, stages, swap = ((BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES, False) if t is None
+                                   else (t.block_n, t.block_k, t.num_warps, t.num_stages, t.swap))
+    k.expert_gemv[(experts, triton_cdiv(n_out, bn))](
         x, ids, rw, *args, y, tokens, st.n, st.k, x.stride(0), y.stride(0), TOPK=topk,
         K_PAD=_pow2(topk), GATHER=gather, FUSE=fuse, ROUTED=routed, **meta,
-        BLOCK_M=max(16, _pow2(tokens)), BLOCK_N=BLOCK_N, BLOCK_K=_block_k(st.k, BLOCK_K),
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        BLOCK_M=max(16, _pow2(tokens)), BLOCK_N=bn, BLOCK_K=_block_k(st.k, bk),
+        num_warps=warps, num_stages=stages, **({"SWAP": True} if swap else {}))
     return y

@@ -3,8 +3,8 @@ kernels (``cuda_moe.Plan``), timed at start over the layer's own weights.
 
 ``cuda_moe.moe_experts`` has three ways to run a layer's picks: ``pick_gemv`` (one program per
 (pick, outputs): an expert's weights read once a pick), the expert-major GEMV of
-``cuda_moe_expert`` (each picked expert's weights once for all its tokens; 2-16 tokens, not
-packed MXFP4) and the sorted ``grouped_gemm`` (its ``align`` step included). Which wins at a
+``cuda_moe_expert`` (each picked expert's weights once for all its tokens; 2-16 tokens) and
+the sorted ``grouped_gemm`` (its ``align`` step included). Which wins at a
 few tokens depends on how often the picks repeat an expert (gpt-oss-20b's 32 experts at top-4:
 ~1.56 picks an expert at 8 tokens; Qwen3.6's 256 at top-8: ~1.1) and on the GPU, so a constant
 (``GEMV_MAX_PICKS``) cannot be right everywhere. Per layer shape (experts, widths, formats,
@@ -59,6 +59,9 @@ GEMV_CANDIDATES = (cuda_moe.GEMV_FEW, cuda_moe.GEMV)
 # 64-step swap tiles spill 160-1800 bytes at 4 warps, so 32-wide steps and 8 warps)
 GROUPED_CANDIDATES = (cuda_moe.GROUPED_SMALL, Tiles(16, 32, 128, 4, 4), Tiles(16, 128, 64, 4, 3),
                       Tiles(16, 64, 32, 8, 3, swap=True), Tiles(16, 128, 32, 8, 3, swap=True))
+# the expert-major GEMV beside its constants (32 outputs, 64 a step, 8 warps): swap-AB, 64
+# outputs the MMA's M side, 32-wide steps (block_m: the tokens' power of two, not this)
+EXPERT_CANDIDATES = (Tiles(16, 64, 32, 8, 2, swap=True),)
 
 Case = tuple[CudaMoEExperts, torch.Tensor, torch.Tensor, torch.Tensor]  # layer, x, weights, ids
 Run = Callable[[Case], torch.Tensor]
@@ -80,12 +83,10 @@ def launch(route: Route, case: Case) -> torch.Tensor:
 
 def candidates(layer: CudaMoEExperts, tokens: int) -> list[Route]:
     """The routes raced at ``tokens`` rows: every pick_gemv tile set, the expert-major GEMV at
-    2..16 tokens where the codes are not packed MXFP4 (its kernel has no FP4 layout), every
-    grouped tile set."""
-    gu, dn = layer.stacks()
+    2..16 tokens (its constants and ``EXPERT_CANDIDATES``), every grouped tile set."""
     out: list[Route] = [("gemv", t) for t in dict.fromkeys(GEMV_CANDIDATES)]
-    if 2 <= tokens <= cuda_moe_expert.MAX_TOKENS and not (gu.fp4 or dn.fp4):
-        out.append(("experts", None))
+    if 2 <= tokens <= cuda_moe_expert.MAX_TOKENS:
+        out += [("experts", t) for t in dict.fromkeys((None, *EXPERT_CANDIDATES))]
     out += [("grouped", t) for t in dict.fromkeys(GROUPED_CANDIDATES)]
     return out
 

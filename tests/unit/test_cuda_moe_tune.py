@@ -141,11 +141,12 @@ def test_candidates_per_bucket_and_format():
     layer = small_layer()
     names = lambda t: [r[0] for r in cuda_moe_tune.candidates(layer, t)]  # noqa: E731
     n_g, n_t = len(set(cuda_moe_tune.GEMV_CANDIDATES)), len(set(cuda_moe_tune.GROUPED_CANDIDATES))
+    n_e = 1 + len(set(cuda_moe_tune.EXPERT_CANDIDATES))
     assert names(1) == ["gemv"] * n_g + ["grouped"] * n_t
-    assert names(2) == names(16) == ["gemv"] * n_g + ["experts"] + ["grouped"] * n_t
+    assert names(2) == names(16) == ["gemv"] * n_g + ["experts"] * n_e + ["grouped"] * n_t
     assert "experts" not in names(32)
-    packed = random_layer(3, 64, 32, seed=1, packed=True)  # no FP4 layout in the expert GEMV
-    assert "experts" not in [r[0] for r in cuda_moe_tune.candidates(packed, 8)]
+    packed = random_layer(3, 64, 32, seed=1, packed=True)  # the expert GEMV takes FP4 too
+    assert ("experts", None) in cuda_moe_tune.candidates(packed, 8)
     assert cuda_moe_tune.describe(("grouped", GROUPED_SMALL)) == "grouped 16x64x64w4"
     swap = cuda_moe.Tiles(16, 64, 32, 8, 3, swap=True)
     assert cuda_moe_tune.describe(("grouped", swap)) == "grouped 16x64x32w8 swap"
@@ -229,10 +230,11 @@ def interpreter_check() -> None:
             w, ids = routing(tokens, 4, 2, tokens)
             x = torch.randn(tokens, 256)
             ref = reference_layer(layer, x, w, ids)
-            for t in swaps:
-                got = cuda_moe.moe_experts(x, w, ids, *layer.stacks(), 4, route="grouped",
-                                           tiles=t)
-                assert rel(got, ref.double()) < 1e-5, (gu.name, dn.name, tokens, t)
+            runs = [("grouped", t) for t in swaps]
+            runs += [("experts", t) for t in cuda_moe_tune.EXPERT_CANDIDATES] if tokens > 1 else []
+            for route, t in runs:
+                got = cuda_moe.moe_experts(x, w, ids, *layer.stacks(), 4, route=route, tiles=t)
+                assert rel(got, ref.double()) < 1e-5, (gu.name, dn.name, tokens, route, t)
     print("ok")
 
 
@@ -244,9 +246,10 @@ def test_candidates_in_the_triton_interpreter():
 
 @pytest.mark.parametrize("fmt", ["int4", "six", "int8", "fp4"])
 def test_swap_ab_grouped_tiles_compile_for_the_h100(fmt):
-    """The swap-AB grouped GEMM (both raced tiles) built for sm_90 in bfloat16 here, no GPU
-    needed: fused gate/up and routed down, each code layout (MXFP4 with biases and the clamped
-    SwiGLU); no register spills but int8's (with offsets) fused at 128 outputs."""
+    """The swap-AB grouped GEMM (both raced tiles) and expert-major GEMV (its swap tile; its
+    constants over packed MXFP4) built for sm_90 in bfloat16 here, no GPU needed: fused gate/up
+    and routed down, each code layout (MXFP4 with biases and the clamped SwiGLU); no register
+    spills but the grouped int8's (with offsets) fused at 128 outputs."""
     from pensieve.backends import cuda_moe_kernels as kernels
     from tests.helpers.triton_compile import compile_for
     from tests.unit.test_cuda_gdn import _resources
@@ -272,6 +275,23 @@ def test_swap_ab_grouped_tiles_compile_for_the_h100(fmt):
             assert built
             if not (fmt == "int8" and fuse and t.block_n == 128):
                 assert "STACK:0 " in _resources(built), (fmt, t, fuse, _resources(built))
+    # the expert-major GEMV: its swap-AB candidate, and its constants over packed MXFP4
+    from pensieve.backends import cuda_moe_expert
+    from pensieve.backends import cuda_moe_expert_kernels as ek
+
+    const = cuda_moe.Tiles(16, cuda_moe_expert.BLOCK_N, cuda_moe_expert.BLOCK_K,
+                           cuda_moe_expert.NUM_WARPS, cuda_moe_expert.NUM_STAGES)
+    etypes = {**{n: types[n] for n in ("X", "RW", "W", "S", "MN", "D", "B", "Y", "N", "K",
+                                       "stride_x", "stride_y")}, "IDS": "*i64", "T": "i32"}
+    for t in (*cuda_moe_tune.EXPERT_CANDIDATES, *((const,) if fmt == "fp4" else ())):
+        for fuse in (True, False):
+            act = dict(SWIGLU=fuse and fmt == "fp4", ALPHA=1.702 if fuse else 0.0,
+                       LIMIT=7.0 if fuse else 0.0)
+            consts = dict(base, **act, K_PAD=4, GATHER=fuse, FUSE=fuse, ROUTED=not fuse,
+                          SWAP=t.swap, BLOCK_M=16, BLOCK_N=t.block_n, BLOCK_K=t.block_k)
+            built = compile_for(ek.expert_gemv, etypes, consts, t.num_warps, t.num_stages)
+            assert built
+            assert "STACK:0 " in _resources(built), ("experts", fmt, t, fuse, _resources(built))
 
 
 def tuned_layers():  # noqa: ANN201
@@ -353,7 +373,8 @@ def bench_check(out: str) -> None:
     rows = json.loads((Path(out) / "gpu_moe_routes.json").read_text())
     assert [r["tokens"] for r in rows] == [1, 2]
     for r in rows:  # packed MXFP4: no expert GEMV; every pick_gemv and grouped tile right
-        assert len(r["us"]) == 2 + len(cuda_moe_tune.GROUPED_CANDIDATES)
+        experts = 1 + len(cuda_moe_tune.EXPERT_CANDIDATES) if r["tokens"] >= 2 else 0
+        assert len(r["us"]) == 2 + experts + len(cuda_moe_tune.GROUPED_CANDIDATES)
         assert r["chosen"] in r["us"] and r["static"] in r["us"]
     assert "| 2 |" in (Path(out) / "gpu_moe_routes.md").read_text()
     print("ok")
