@@ -84,7 +84,10 @@ def launch(route: Route, case: Case) -> torch.Tensor:
 def candidates(layer: CudaMoEExperts, tokens: int) -> list[Route]:
     """The routes raced at ``tokens`` rows: every pick_gemv tile set, the expert-major GEMV at
     2..16 tokens (its constants and ``EXPERT_CANDIDATES``), every grouped tile set."""
-    out: list[Route] = [("gemv", t) for t in dict.fromkeys(GEMV_CANDIDATES)]
+    gemv = GEMV_CANDIDATES
+    if layer.stacks()[0].fp4:  # packed MXFP4's own tiles (the constant rule's) where they differ
+        gemv += (cuda_moe.GEMV_FEW_FP4, cuda_moe.GEMV_FP4)
+    out: list[Route] = [("gemv", t) for t in dict.fromkeys(gemv)]
     if 2 <= tokens <= cuda_moe_expert.MAX_TOKENS:
         out += [("experts", t) for t in dict.fromkeys((None, *EXPERT_CANDIDATES))]
     out += [("grouped", t) for t in dict.fromkeys(GROUPED_CANDIDATES)]
