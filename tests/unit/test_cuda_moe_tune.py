@@ -135,6 +135,23 @@ def test_no_right_route_leaves_the_bucket_to_the_constant_rule(monkeypatch, capl
     assert "no route builds and is right" in caplog.text
 
 
+def test_a_planned_model_keeps_top_k_on_its_experts_and_plans_them_as_one_shape(
+        tmp_path_factory, monkeypatch):
+    """The wiring on CPU: a tiny gpt-oss GGUF (3 layers, 4 experts, top-2, MXFP4) planned for
+    CUDA — ``swap_in_experts`` gives each ``CudaMoEExperts`` the model's top-k, and ``prepare``
+    (fake launcher and timer) plans the three layers as one shape."""
+    from tests.unit.test_cuda_moe_mxfp4 import planned_model, tiny
+
+    ckpt, model, _ = planned_model(tiny(tmp_path_factory.mktemp("tune_oss"), "gguf"))
+    layers = [m for m in model.modules() if isinstance(m, cuda_moe.CudaMoEExperts)]
+    assert len(layers) == 3 and {m.top_k for m in layers} == {ckpt.args.moe.top_k} == {2}
+    timer, _ = fake_world(monkeypatch, lambda r, t: 1.0 if r[0] == "gemv" else 2.0)
+    plans = cuda_moe_tune.prepare(model, torch.float32, reps=1, timer=timer, buckets=(1, 2),
+                                  environ={})
+    assert len(plans) == 1 and all(m.plan is layers[0].plan for m in layers)
+    assert {r[0] for r in layers[0].plan.values()} == {"gemv"}
+
+
 def test_candidates_per_bucket_and_format():
     from tests.unit.test_cuda_moe_mxfp4 import random_layer
 
