@@ -27,6 +27,11 @@ biases and activation, top-k; the layers of a shape share one plan) and per buck
   experts the previous one read in L2; the fastest taken. None right: no entry (the constant
   rule, itself one of the candidates, at that bucket).
 
+A shape's plan is kept between starts (``tune_cache``, kind "moe": keyed by the GPU, the
+software, the dtype, the shape and the buckets; the file named by these kernels' sources): a
+later start checks each bucket's kept route once against the reference instead of timing (and
+compiling) every candidate, and times afresh where one fails.
+
 Past the last bucket (prefill chunks) the constant rule stands. The choice per bucket is fixed
 after start, so the graphs captured at a bucket replay its route. Logged like the other tuners'
 plans; ``PENSIEVE_MOE_ROUTE=static`` skips the timing (the constant rule everywhere).
@@ -34,6 +39,7 @@ plans; ``PENSIEVE_MOE_ROUTE=static`` skips the timing (the constant rule everywh
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +49,7 @@ from torch import nn
 
 from pensieve.backends import cuda_moe, cuda_moe_expert
 from pensieve.backends.cuda_moe import CudaMoEExperts, Plan, Route, Tiles
+from pensieve.backends.tune_cache import TuneCache, device_key
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,8 @@ GROUPED_CANDIDATES = (cuda_moe.GROUPED_SMALL, Tiles(16, 32, 128, 4, 4), Tiles(16
 # the expert-major GEMV beside its constants (32 outputs, 64 a step, 8 warps): swap-AB, 64
 # outputs the MMA's M side, 32-wide steps (block_m: the tokens' power of two, not this)
 EXPERT_CANDIDATES = (Tiles(16, 64, 32, 8, 2, swap=True),)
+PLANS = TuneCache("moe", ("cuda_moe.py", "cuda_moe_kernels.py", "cuda_moe_expert.py",
+                          "cuda_moe_expert_kernels.py", "cuda_moe_tune.py"))
 
 Case = tuple[CudaMoEExperts, torch.Tensor, torch.Tensor, torch.Tensor]  # layer, x, weights, ids
 Run = Callable[[Case], torch.Tensor]
@@ -122,11 +131,12 @@ def shape_key(m: CudaMoEExperts) -> tuple:
 
 
 def prepare(model: nn.Module, dtype: torch.dtype, reps: int = 10, timer: Timer | None = None,
-            buckets: Sequence[int] = BUCKETS, environ: Mapping[str, str] | None = None
-            ) -> dict[tuple, Plan]:
+            buckets: Sequence[int] = BUCKETS, environ: Mapping[str, str] | None = None,
+            cache: TuneCache | None = None) -> dict[tuple, Plan]:
     """Plan every ``CudaMoEExperts`` of ``model`` on its GPU (in ``dtype``) whose ``top_k`` is
     known; returns the plans by ``shape_key``. ``timer``: GPU µs of a run over cases
-    (``graph_us``; tests pass their own)."""
+    (``graph_us``; tests pass their own); ``cache``: the kept plans (``PLANS``; tests pass
+    their own)."""
     layers = [m for m in model.modules() if isinstance(m, CudaMoEExperts) and m.top_k > 0]
     if not layers:
         return {}
@@ -141,7 +151,13 @@ def prepare(model: nn.Module, dtype: torch.dtype, reps: int = 10, timer: Timer |
         shapes.setdefault(shape_key(m), []).append(m)
     plans, notes = {}, []
     for key, same in shapes.items():
-        plan, times = plan_layers(same[:ROUTINGS], dtype, reps, timer, buckets)
+        kept = cache if cache is not None else PLANS if same[0].gate_up_w.is_cuda else None
+        plan = None if kept is None else load(same[0], dtype, buckets, kept)
+        times: dict[int, dict[Route, float]] = {}
+        if plan is None:
+            plan, times = plan_layers(same[:ROUTINGS], dtype, reps, timer, buckets)
+            if kept is not None:
+                store(same[0], dtype, buckets, plan, kept)
         for m in same:
             m.plan = plan
         plans[key] = plan
@@ -187,6 +203,51 @@ def graph_us(run: Run, cases: list[Case], reps: int) -> float:
         samples.append(start.elapsed_time(end) / len(cases))
     del graph
     return sorted(samples)[reps // 2] * 1e3
+
+
+def cache_key(layer: CudaMoEExperts, dtype: torch.dtype, buckets: Sequence[int]) -> str:
+    """A shape's key in the kept plans: the GPU and software (``device_key``), the shape, the
+    buckets."""
+    return (f"{device_key(layer.gate_up_w.device, dtype)}|{shape_key(layer)}|"
+            f"{','.join(map(str, buckets))}")
+
+
+def to_json(plan: Plan) -> dict[str, list]:
+    return {str(b): [name, None if t is None else list(dataclasses.astuple(t))]
+            for b, (name, t) in plan.items()}
+
+
+def from_json(raw: Mapping[str, list]) -> Plan:
+    plan: Plan = {}
+    for b, (name, t) in raw.items():
+        if name not in cuda_moe.ROUTES:
+            raise ValueError(name)
+        plan[int(b)] = (name, None if t is None else Tiles(*t))
+    return plan
+
+
+def load(layer: CudaMoEExperts, dtype: torch.dtype, buckets: Sequence[int],
+         cache: TuneCache | None = None) -> Plan | None:
+    """An earlier start's plan for ``layer``'s shape where every bucket's route still builds
+    and is right (checked once on a random routing); else None (time afresh)."""
+    raw = (cache or PLANS).get(cache_key(layer, dtype, buckets))
+    if raw is None:
+        return None
+    try:
+        plan = from_json(raw)
+    except (TypeError, ValueError):
+        return None
+    for b, route in plan.items():
+        case = (layer, *routings(layer, b, dtype, 1, seed=b)[0])
+        if not checked(route, case, cuda_moe.reference_layer(*case)):
+            return None
+    log.info("MoE routes of %s: kept from an earlier start, checked", shape_key(layer))
+    return plan
+
+
+def store(layer: CudaMoEExperts, dtype: torch.dtype, buckets: Sequence[int], plan: Plan,
+          cache: TuneCache | None = None) -> None:
+    (cache or PLANS).put(cache_key(layer, dtype, buckets), to_json(plan))
 
 
 def note(layer: CudaMoEExperts, plan: Plan, times: Mapping[int, Mapping[Route, float]]) -> str:

@@ -152,6 +152,40 @@ def test_a_planned_model_keeps_top_k_on_its_experts_and_plans_them_as_one_shape(
     assert {r[0] for r in layers[0].plan.values()} == {"gemv"}
 
 
+def test_a_kept_plan_is_checked_instead_of_timed_and_retimed_when_wrong(monkeypatch, tmp_path,
+                                                                         caplog):
+    from pensieve.backends.tune_cache import TuneCache
+
+    monkeypatch.setattr(cuda_moe_tune, "device_key", lambda device, dtype: f"fake|{dtype}")
+    swap = ("grouped", cuda_moe_tune.GROUPED_CANDIDATES[-1])
+    timer, calls = fake_world(monkeypatch, lambda r, t: 1.0 if r == swap else 2.0)
+    cache = TuneCache("moe", ("cuda_moe_tune.py",), root=tmp_path)
+    first = small_layer(seed=1)
+    cuda_moe_tune.prepare(nn.ModuleList([first]), torch.float32, reps=1, timer=timer,
+                          buckets=(1, 2), environ={}, cache=cache)
+    assert first.plan == {1: swap, 2: swap} and cache.path.exists()
+    # a later start (a fresh cache object over the same file): one check a bucket, no timing
+    again = TuneCache("moe", ("cuda_moe_tune.py",), root=tmp_path)
+    calls.clear()
+    later = small_layer(seed=2)
+    with caplog.at_level(logging.INFO, logger=cuda_moe_tune.log.name):
+        cuda_moe_tune.prepare(nn.ModuleList([later]), torch.float32, reps=1,
+                              timer=lambda *a: pytest.fail("timed"), buckets=(1, 2),
+                              environ={}, cache=again)
+    assert later.plan == first.plan and calls == [(swap, 1), (swap, 2)]
+    assert "kept from an earlier start" in caplog.text
+    # the kept route now wrong: timed afresh (and another choice kept)
+    timer, calls = fake_world(monkeypatch, lambda r, t: 1.0 if r[0] == "gemv" else 2.0,
+                              wrong={swap})
+    third = small_layer(seed=3)
+    cuda_moe_tune.prepare(nn.ModuleList([third]), torch.float32, reps=1, timer=timer,
+                          buckets=(1, 2), environ={}, cache=again)
+    assert {r[0] for r in third.plan.values()} == {"gemv"}
+    assert cuda_moe_tune.from_json(cuda_moe_tune.to_json(third.plan)) == third.plan
+    # other buckets: another key
+    assert again.get(cuda_moe_tune.cache_key(third, torch.float32, (1, 2, 4))) is None
+
+
 def test_candidates_per_bucket_and_format():
     from tests.unit.test_cuda_moe_mxfp4 import random_layer
 
