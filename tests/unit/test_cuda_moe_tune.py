@@ -358,12 +358,22 @@ def tuned_layers():  # noqa: ANN201
 
 
 @needs_cuda
-def test_tuned_layers_match_the_reference_at_every_bucket_graphs_included(caplog):
+def test_tuned_layers_match_the_reference_at_every_bucket_graphs_included(caplog, tmp_path):
+    from pensieve.backends.tune_cache import TuneCache
+
     oss, qwen = tuned_layers()
+    cache = TuneCache("moe", ("cuda_moe_tune.py",), root=tmp_path)  # timed here, not read back
     with caplog.at_level(logging.INFO, logger=cuda_moe_tune.log.name):
-        plans = cuda_moe_tune.prepare(nn.ModuleList([oss, qwen]), torch.bfloat16, reps=3)
+        plans = cuda_moe_tune.prepare(nn.ModuleList([oss, qwen]), torch.bfloat16, reps=3,
+                                      cache=cache)
     assert len(plans) == 2 and "MoE routes per decode bucket" in caplog.text
     print(caplog.text)
+    timed = (oss.plan, qwen.plan)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=cuda_moe_tune.log.name):  # a later start's read
+        cuda_moe_tune.prepare(nn.ModuleList([oss, qwen]), torch.bfloat16, cache=TuneCache(
+            "moe", ("cuda_moe_tune.py",), root=tmp_path), timer=lambda *a: pytest.fail("timed"))
+    assert (oss.plan, qwen.plan) == timed and "kept from an earlier start" in caplog.text
     for layer in (oss, qwen):
         assert set(layer.plan) == set(cuda_moe_tune.BUCKETS), layer.plan  # every bucket right
         for tokens in cuda_moe_tune.BUCKETS:
