@@ -156,7 +156,7 @@ def prepare(model: nn.Module, dtype: torch.dtype, reps: int = 10, timer: Timer |
         times: dict[int, dict[Route, float]] = {}
         if plan is None:
             plan, times = plan_layers(same[:ROUTINGS], dtype, reps, timer, buckets)
-            if kept is not None:
+            if kept is not None and plan:  # (none right anywhere: timed again next start)
                 store(same[0], dtype, buckets, plan, kept)
         for m in same:
             m.plan = plan
@@ -236,6 +236,8 @@ def load(layer: CudaMoEExperts, dtype: torch.dtype, buckets: Sequence[int],
     try:
         plan = from_json(raw)
     except (TypeError, ValueError):
+        return None
+    if not plan:
         return None
     for b, route in plan.items():
         case = (layer, *routings(layer, b, dtype, 1, seed=b)[0])
