@@ -53,7 +53,7 @@ if [ ! -d .gpu/llama.cpp ] || [ ! -d .gpu/templates ]; then
   tar xzf "$T"/llama_cpp_python-0.3.36.tar.gz -C "$T"
   V="$T"/llama_cpp_python-0.3.36/vendor/llama.cpp
   rm -rf .gpu/templates; cp -a "$V"/models/templates .gpu/templates
-  rm -rf "$V"/models "$V"/docs "$V"/tests "$V"/examples "$V"/media "$V"/app "$V"/benches
+  rm -rf "$V"/models "$V"/docs "$V"/tests "$V"/examples "$V"/media
   for b in "$V"/ggml/src/ggml-*/; do
     case $(basename "$b") in ggml-cpu|ggml-cuda) ;; *) rm -rf "$b";; esac
   done
