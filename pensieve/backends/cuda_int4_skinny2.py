@@ -47,25 +47,22 @@ class Skinny2:
 
 
 # raced per weight shape and row bucket at start (each distinct tile one Triton compile per
-# dtype, scale form and row padding); the sm_90 loop's instructions a code byte at 8 rows (Q4_0
-# / the pair; ``skinny``: ~11) in the comments, from Triton 3.9's ptxas here — every one has
-# its codes and x in pipelined copies and no spills. The hand-prefetched form pays a layout
-# change of the unpacked codes through shared memory. None timed on a GPU yet.
+# dtype, scale form and row padding: 4 tiles, ~16 compiles a scale form); the sm_90 loop's
+# instructions a code byte at 8 rows (Q4_0 / the pair; ``skinny``: ~11) in the comments, from
+# Triton 3.9's ptxas here — codes and x in pipelined copies, 96-250 registers, no spills at
+# either padding. None timed on a GPU yet.
 CANDIDATES = (
     Skinny2(128, 4, 4, 2, 3),  # 5.6 / 6.5
-    Skinny2(128, 2, 8, 2, 4),  # 6.0 / 6.7
-    Skinny2(256, 2, 4, 2, 3),  # 5.4
-    Skinny2(128, 1, 8, 2, 4),  # 6.6 / 7.3
-    Skinny2(64, 2, 8, 1, 4),  # 5.7; one warp, twice the programs
-    Skinny2(64, 4, 4, 1, 3),  # 5.5
-    Skinny2(64, 1, 8, 1, 4),  # 6.3
-    Skinny2(128, 1, 4, 2, 1, prefetch=1),  # 12.2
+    Skinny2(128, 2, 8, 2, 4),  # 6.0 / 6.7; twice the programs
+    Skinny2(64, 2, 8, 1, 4),  # 5.7 / 6.9; one warp, four times the programs
+    Skinny2(64, 4, 4, 1, 3),  # 5.5 / 6.6
 )
-# bench/gpu_int4_gemv.py --sweep (never timed at start)
-SWEEP = tuple(Skinny2(bn, bg, sk, 2, st) for bn in (128, 256) for bg in (1, 2, 4)
-              for sk in (2, 4, 8) for st in (3, 4)) + tuple(
-    Skinny2(bn, 1, sk, nw, 1, prefetch=1) for bn in (64, 128, 256) for sk in (2, 4, 8)
-    for nw in (2, 4))
+# bench/gpu_int4_gemv.py --sweep (never timed at start): wider tiles (BLOCK_N 256: 5.4, spills
+# at 16 rows in the pair form), a group a step, and the by-hand prefetching form (12.2: it pays
+# a layout change of the unpacked codes through shared memory)
+SWEEP = tuple(Skinny2(bn, bg, sk, nw, st) for bn, nw in ((64, 1), (128, 2), (256, 2))
+              for bg in (1, 2, 4) for sk in (2, 4, 8) for st in (3, 4)) + tuple(
+    Skinny2(bn, 1, sk, 2, 1, prefetch=1) for bn in (64, 128, 256) for sk in (4, 8))
 
 ENV = "PENSIEVE_INT4_SKINNY2"  # "0": left out of the race
 

@@ -23,6 +23,7 @@ from tests.helpers.triton_interpreter import run_in_triton_interpreter
 from tests.unit.test_cuda_int4_gemv import rel, weight
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+PREFETCHING = tuple(c for c in cuda_int4_skinny2.SWEEP if c.prefetch)
 
 
 def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -130,7 +131,7 @@ def test_a_candidate_compiles_for_the_h100():
     paddings, both scale forms, built for sm_90 here; a by-hand prefetching one."""
     compile_candidates(CANDIDATES[:1])
     compile_candidates(CANDIDATES[:1], block_ms=(8,), dtype="fp16")
-    compile_candidates([c for c in CANDIDATES if c.prefetch][:1], block_ms=(8,), syms=(True,))
+    compile_candidates(PREFETCHING[:1], block_ms=(8,), syms=(True,))
 
 
 @pytest.mark.slow
@@ -142,12 +143,12 @@ def test_every_candidate_compiles_for_the_h100():
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (45, 512)])
 @pytest.mark.parametrize("sym", [True, False])
 def test_cuda_candidates_against_float64(n, k, sym):
-    """Every candidate in bfloat16 at 1, 4, 7, 8, 9 and 16 rows (both paddings; float16 x at 8),
-    twice in a row; N = 45: no tile divides it."""
+    """Every candidate (and a by-hand prefetching sweep tile) in bfloat16 at 1, 4, 7, 8, 9 and 16
+    rows (both paddings; float16 x at 8), twice in a row; N = 45: no tile divides it."""
     packed, so, w = weight(n, k, sym, seed=n + k)
     packed, so = packed.cuda(), so.cuda()
     gen = torch.Generator().manual_seed(k)
-    for cfg in CANDIDATES:
+    for cfg in CANDIDATES + PREFETCHING[:1]:
         assert fits(cfg, 16, k)
         for rows, dtype in ((1, torch.bfloat16), (4, torch.bfloat16), (7, torch.bfloat16),
                             (8, torch.bfloat16), (8, torch.float16), (9, torch.bfloat16),
@@ -189,3 +190,69 @@ def test_the_tuner_times_the_skinny2_candidates():
                                                torch.float32).T
         y = cuda_int4.int4_linear(x, layers[0].packed, layers[0].scale_offset, plan=plan)
         assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
+    """A tiny interpreter for the PTX the unpacking uses (prmt's default mode, and / or / shr /
+    mov on .b32, sub on packed bfloat16 / float16 pairs) over 32-bit registers."""
+    regs = dict(inputs)
+
+    def val(tok: str) -> int:
+        tok = tok.strip()
+        return int(tok, 16) if tok.startswith("0x") else int(tok) if tok.isdigit() else regs[tok]
+
+    def sub_pairs(a: int, b: int, dtype: torch.dtype) -> int:
+        pa = torch.tensor([a & 0xFFFF, a >> 16], dtype=torch.int32).to(torch.int16).view(dtype)
+        pb = torch.tensor([b & 0xFFFF, b >> 16], dtype=torch.int32).to(torch.int16).view(dtype)
+        bits = (pa.float() - pb.float()).to(dtype).view(torch.int16).int() & 0xFFFF
+        return int(bits[0]) | int(bits[1]) << 16
+
+    for line in asm.replace("{", "").replace("}", "").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        d, *src = [a.strip() for a in args.split(",")]
+        if op == "prmt.b32":
+            a, b, sel = (val(x) for x in src)
+            pool = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+            regs[d] = sum(pool[(sel >> 4 * i) & 7] << 8 * i for i in range(4))
+        elif op == "and.b32":
+            regs[d] = val(src[0]) & val(src[1])
+        elif op == "or.b32":
+            regs[d] = val(src[0]) | val(src[1])
+        elif op == "shr.u32":
+            regs[d] = val(src[0]) >> val(src[1])
+        elif op == "mov.b32":
+            regs[d] = val(src[0])
+        elif op in ("sub.rn.bf16x2", "sub.rn.f16x2"):
+            dtype = torch.bfloat16 if "bf16" in op else torch.float16
+            regs[d] = sub_pairs(val(src[0]), val(src[1]), dtype)
+        else:
+            raise AssertionError(f"unexpected PTX: {line}")
+    return regs
+
+
+@pytest.mark.parametrize("name", ["ASM_BF16", "ASM_FP16", "ASM_BF16_SYM", "ASM_FP16_SYM"])
+def test_the_ptx_unpacking_gives_each_byte_its_lane(name):
+    """What the interpreter cannot run: the inline PTX, on every byte value in every position —
+    lane j of the low outputs ($0: bytes 0, 1; $1: bytes 2, 3) is byte j's low nibble as
+    ``M + code`` (or ``code − 8`` in the Q4_0 form), of the high outputs ($2, $3) its high one."""
+    from pensieve.backends import cuda_int4_skinny2_kernels as kernels
+
+    asm = getattr(kernels, name).value
+    dtype = torch.bfloat16 if "BF16" in name else torch.float16
+    magic = 128 if dtype == torch.bfloat16 else 1024
+    gen = torch.Generator().manual_seed(0)
+    words = [0, 0xFFFFFFFF, 0x0F1E2D3C] + [b * 0x01010101 for b in range(256)] + [
+        int(v) for v in torch.randint(0, 2**32, (64,), generator=gen, dtype=torch.int64)]
+    for w in words:
+        regs = run_ptx(asm, {"$4": w})
+        lanes = []
+        for r in ("$0", "$1", "$2", "$3"):
+            pair = torch.tensor([regs[r] & 0xFFFF, regs[r] >> 16], dtype=torch.int32)
+            lanes += pair.to(torch.int16).view(dtype).float().tolist()
+        data = [(w >> 8 * j) & 0xFF for j in range(4)]
+        codes = [b & 15 for b in data] + [b >> 4 for b in data]
+        want = [c - 8 if "SYM" in name else magic + c for c in codes]
+        assert lanes == want, (hex(w), lanes, want)
