@@ -9,10 +9,13 @@ a bucket where the tuner found it right (against the dequantised weight) and fas
 GPU at hand, so it can only win over ``skinny`` / ``gemv_split``, never replace them blindly.
 ``Rows.q8`` candidates round x to int8 per 32 once per call (``cuda_int4_gemv.quantize_q8``)
 and multiply with dp4a (llama.cpp's mmvq for few columns); ``PENSIEVE_INT4_Q8=0`` leaves them
-out. Opt-in (``PENSIEVE_INT4_ROWS=1``): its CUDA test failed at N = 45 on the H100
-(2026-12-07), cause unknown. ``gemv_rows`` is ``cuda_int4_gemv_kernels.gemv_split`` widened
-from 4 rows to 8 — fold the two into one kernel once the failure is understood. Importing this
-module needs neither a GPU nor Triton.
+out; ``PENSIEVE_INT4_ROWS=0`` leaves the route out of the race. (It was opt-in for a while:
+its CUDA test "failed at N = 45" on the H100, 2026-12-07 — the test itself ran the int8-MMA
+tile at K = 448, whose 14 groups are no multiple of its 16, and ``gemv_rows`` refused it with a
+ValueError, as the tuner would have skipped it; every other case of that test is exact in the
+interpreter. The test now skips tiles that do not fit.) ``gemv_rows`` is
+``cuda_int4_gemv_kernels.gemv_split`` widened from 4 rows to 8 — fold the two into one kernel.
+Importing this module needs neither a GPU nor Triton.
 """
 
 from __future__ import annotations
@@ -77,14 +80,14 @@ SWEEP = tuple(Rows(8, bn, bg, sk, nw, 1 if nw == 1 else 2, 1)
     for sk in (2, 4) for nw in (4, 8) for st in (3, 4))
 
 
-ENV_ROWS = "PENSIEVE_INT4_ROWS"  # "1": gemv_rows raced by the tuner (off by default, see candidates)
+ENV_ROWS = "PENSIEVE_INT4_ROWS"  # "0": gemv_rows and skinny_q8 left out of the tuner's race
 
 
 def candidates(bucket: int) -> tuple[Rows, ...]:
     """``CANDIDATES[bucket]``, without the int8-x ones where ``PENSIEVE_INT4_Q8=0`` (none left
-    at 8 and 16 rows: ``skinny`` serves those)."""
-    if os.environ.get(ENV_ROWS, "0") != "1":
-        return ()  # opt-in: its CUDA test failed at N = 45 on the H100 (2026-12-07), unexplained
+    at 8 and 16 rows: ``skinny`` serves those); none where ``PENSIEVE_INT4_ROWS=0``."""
+    if os.environ.get(ENV_ROWS, "1") == "0":
+        return ()
     cands = CANDIDATES[bucket]
     if os.environ.get("PENSIEVE_INT4_Q8", "1") == "0":
         return tuple(c for c in cands if not c.q8)

@@ -87,9 +87,11 @@ def test_candidates_cover_the_buckets_and_limits_are_refused():
 
 
 def test_int8_x_candidates_can_be_left_out(monkeypatch):
-    assert not cuda_int4_rows.candidates(8)  # opt-in: PENSIEVE_INT4_ROWS=1
+    monkeypatch.delenv(cuda_int4_rows.ENV_ROWS, raising=False)
+    assert any(c.q8 for c in cuda_int4_rows.candidates(8))  # raced by default
+    monkeypatch.setenv(cuda_int4_rows.ENV_ROWS, "0")
+    assert not cuda_int4_rows.candidates(8)
     monkeypatch.setenv(cuda_int4_rows.ENV_ROWS, "1")
-    assert any(c.q8 for c in cuda_int4_rows.candidates(8))
     monkeypatch.setenv("PENSIEVE_INT4_Q8", "0")
     assert not any(c.q8 for b in CANDIDATES for c in cuda_int4_rows.candidates(b))
     assert cuda_int4_rows.candidates(2) and cuda_int4_rows.candidates(4)
