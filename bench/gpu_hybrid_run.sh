@@ -38,7 +38,7 @@ if [ -z "$DRY$NO_LLAMA" ] && [ ! -e $S/build.started ] && [ -d .gpu/llama.cpp ];
     echo \$? > $S/build.rc" > $S/build.log 2>&1 < /dev/null &
 fi
 
-SC=${SCENARIOS:-decode,x8,cc}; REPEAT=${REPEAT:-2}; TOK=${TOKENIZER:-.gpu/tokenizer.gguf}
+SC=${SCENARIOS:-decode,x8,cc}; REPEAT=${REPEAT:-3}; TOK=${TOKENIZER:-.gpu/tokenizer.gguf}
 DEVICE=cuda; [ -n "$DRY" ] && DEVICE=cpu
 # family → GGUF path and make_random_gguf arguments (SHAPE: extra ones, e.g. a down-scaled dry run)
 file_of() { case $1 in qwen35moe) echo $S/q36-35b-a3b-q4_k_m.gguf;; gpt-oss) echo $S/gpt-oss-20b-mxfp4.gguf;;
