@@ -67,7 +67,9 @@ def partial(Q, K, V, BT, CL, M, L, ACC, scale, num_splits, window,
     tl.store(L + row, l_i, mask=gmask)
     tl.store(ACC + row[:, None] * D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
 
-@triton.jit
+# num_splits changes with a step's context lengths: not specialised on (a split count of 1, or one
+# divisible by 16, would otherwise compile another variant on first use — a compile while serving)
+@triton.jit(do_not_specialize=["num_splits"])
 def chunk_partial(Q, K, V, BT, START, NQ, M, L, ACC, scale, num_splits, num_heads, window,
                   sq_t, sq_h, sk_blk, sk_tok, sk_head,
                   GROUP: tl.constexpr, GROUP_P2: tl.constexpr, TOK: tl.constexpr,
@@ -133,7 +135,7 @@ def chunk_partial(Q, K, V, BT, START, NQ, M, L, ACC, scale, num_splits, num_head
     tl.store(ACC + out[:, None] * D + d[None, :], acc, mask=valid[:, None] & dmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # as chunk_partial's
 def merge(M, L, ACC, O, SINKS, num_splits, so_b, so_h,
           D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, HAS_SINKS: tl.constexpr):
     b = tl.program_id(0)

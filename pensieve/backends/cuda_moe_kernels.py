@@ -252,7 +252,10 @@ def pick_gemv(X, IDS, RW, W, S, MN, D, B, Y, N, K, stride_x, stride_y, TOPK: tl.
     tl.store(Y + p.to(tl.int64) * stride_y + n, y.to(Y.dtype.element_ty), mask=nmask)
 
 
-@triton.jit
+# P (the picks) and MAX_BLOCKS change with every step's token count: not specialised on (Triton
+# would compile another variant for a count divisible by 16, or equal to 1, on first use — a
+# compile while serving)
+@triton.jit(do_not_specialize=["P", "MAX_BLOCKS"])
 def align(IDS, SORTED, BEXP, P, E, MAX_BLOCKS, BLOCK_M: tl.constexpr, PB: tl.constexpr,
           EB: tl.constexpr, MB: tl.constexpr, CH: tl.constexpr):
     """One program: the P picks' expert ids (``IDS``) → ``SORTED`` [MB·BLOCK_M] (each expert's
@@ -325,7 +328,7 @@ def _int8_tile(W, S, MN, erow, k, K, GS: tl.constexpr, HAS_MIN: tl.constexpr):
     return w
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])  # the picks: as align's
 def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, D, B, Y, P, E, N, K, stride_x, stride_y,
                  TOPK: tl.constexpr, GATHER: tl.constexpr, FUSE: tl.constexpr,
                  ROUTED: tl.constexpr, INT4: tl.constexpr, SIX: tl.constexpr,
