@@ -140,10 +140,9 @@ def test_rows_below_the_threshold_keep_the_integer_kernels(monkeypatch):
     assert calls[1:] == [mlp.gate_up_proj, mlp.gate_up_proj, mlp.down_proj]
 
 
-def test_the_switch_follows_the_cpu_features(monkeypatch):
+def test_the_switch_is_opt_in(monkeypatch):
     monkeypatch.delenv("PENSIEVE_BF16_PREFILL", raising=False)
-    want = bf16_prefill.BF16_FROM if bf16_prefill.amx_bf16() else sys.maxsize
-    assert bf16_prefill.bf16_from() == want
+    assert bf16_prefill.bf16_from() == sys.maxsize  # opt-in, AMX or not
     monkeypatch.setenv("PENSIEVE_BF16_PREFILL", "0")
     assert bf16_prefill.bf16_from() == sys.maxsize
     monkeypatch.setenv("PENSIEVE_BF16_PREFILL", "1")

@@ -9,10 +9,11 @@ weight (each row block in its own format) into a per-process bf16 scratch buffer
 the result is converted back to float32 (the layers' dtype). Fewer rows keep the integer
 kernels.
 
-The choice is made from CPU features, never from a timing: without AMX, oneDNN's
+The path is opt-in (``PENSIEVE_BF16_PREFILL=1``; see ``bf16_from``): without AMX, oneDNN's
 AVX-512 BF16 matmul (``avx512_core_bf16``) was *slower* than the integer GEMM on the 2-core
-VM measured (512×1536 by 17920: 379 ms against 330 ms), so ``avx512_bf16`` alone does not
-turn it on. ``PENSIEVE_BF16_PREFILL=1`` forces the path (tests), ``=0`` turns it off.
+VM measured (512×1536 by 17920: 379 ms against 330 ms), and on AMX it is not yet measured
+against the integer GEMM while its error is ~5× the integer path's. ``amx_bf16`` reports
+whether this CPU would run it on AMX.
 
 The scratch holds at most ``TILE_ELEMS`` weights (32 MiB of bf16); a larger projection runs
 in tiles of output rows. The fused MLP computes gate and up as two matmuls (each half of
@@ -50,13 +51,12 @@ def amx_bf16() -> bool:
 
 
 def bf16_from() -> int:
-    """Rows from which the layers take the bf16 path: ``BF16_FROM`` with AMX, else never."""
-    env = os.environ.get("PENSIEVE_BF16_PREFILL", "")
-    if env == "0":
-        return sys.maxsize
-    if env == "1" or amx_bf16():
-        return BF16_FROM
-    return sys.maxsize
+    """Rows from which the layers take the bf16 path: ``BF16_FROM`` with ``PENSIEVE_BF16_PREFILL=1``,
+    else never (the integer GEMM). Opt-in: the path was written and tested on a VM without AMX,
+    and the first AMX machine it met (2026-12-07) gave 4.7e-3 relative error on a Q4_K/Q6_K/Q8_0
+    MLP where the integer path gives < 1e-3, and changed a real model's greedy answer in a test —
+    with no measurement yet that it is faster there (``bench/bf16_prefill.py`` is that check)."""
+    return BF16_FROM if os.environ.get("PENSIEVE_BF16_PREFILL", "") == "1" else sys.maxsize
 
 
 def _buffer(numel: int) -> torch.Tensor:
