@@ -29,6 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from pensieve.backends.cuda_splitk_kernels import finish
+
 
 @triton.jit
 def _scale_offset(so, SYM: tl.constexpr):
@@ -213,20 +215,9 @@ def skinny(X, W, SO, Y, WS, CNT, M, N, K, GROUPS, stride_x, stride_y, stride_w,
         x_ptrs += BLOCK_G * 32
     out = Y + m_safe[None, :] * stride_y + n_safe[:, None]
     omask = nmask[:, None] & mmask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(Y.dtype.element_ty), mask=omask)
-    else:
-        ws = WS + m[None, :] * N + n_safe[:, None]
-        tl.store(ws + pid_k * BLOCK_M * N, acc, mask=omask)  # SPLIT_K·BLOCK_M ≤ 128 rows of WS
-        tl.debug_barrier()  # all of this program's partial stored before the release below
-        done = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == SPLIT_K - 1:
-            total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            for s_ in range(SPLIT_K):  # fixed order; .cg: from L2, never a stale L1 line
-                total += tl.load(ws + s_ * BLOCK_M * N, mask=omask, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(out, total.to(Y.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")
+    # split s's partial: rows [s·BLOCK_M, (s+1)·BLOCK_M) of WS (SPLIT_K·BLOCK_M ≤ 128)
+    finish(acc, Y, out, omask, WS + m[None, :] * N + n_safe[:, None], BLOCK_M * N, CNT, pid_n,
+           pid_k, SPLIT_K)
 
 
 @triton.jit

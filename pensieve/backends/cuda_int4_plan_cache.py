@@ -26,7 +26,7 @@ PLANS = TuneCache("int4", ("cuda_int4.py", "cuda_int4_kernels.py", "cuda_int4_tu
                            "cuda_int4_gemv_kernels.py", "cuda_int4_gemv_wide.py",
                            "cuda_int4_gemv_wide_kernels.py", "cuda_int4_rows.py",
                            "cuda_int4_rows_kernels.py", "cuda_int4_skinny2.py",
-                           "cuda_int4_skinny2_kernels.py"))
+                           "cuda_int4_skinny2_kernels.py", "cuda_splitk_kernels.py"))
 
 
 def to_json(plan: Plan) -> dict[str, Any]:

@@ -35,6 +35,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from pensieve.backends.cuda_splitk_kernels import finish
+
 
 @triton.jit
 def _u6(u):
@@ -299,19 +301,8 @@ def skinny(X, LO, HI, SC, D, Y, WS, CNT, M, N, GROUPS, G_PER, stride_x, stride_y
         x_p += BLOCK_G * 32
     out = Y + m_safe[None, :] * stride_y + n[:, None]
     omask = nmask[:, None] & mmask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(Y.dtype.element_ty), mask=omask)
-    else:
-        ws = WS + m_safe[None, :] * N + n[:, None]
-        tl.store(ws + pid_k * 32 * N, acc, mask=omask)
-        tl.debug_barrier()  # this program's partial stored before the release below
-        done = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == SPLIT_K - 1:
-            total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            for s in range(SPLIT_K):  # fixed order; .cg: from L2, never a stale L1 line
-                total += tl.load(ws + s * 32 * N, mask=omask, other=0.0, cache_modifier=".cg")
-            tl.store(out, total.to(Y.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")
+    finish(acc, Y, out, omask, WS + m_safe[None, :] * N + n[:, None], 32 * N, CNT, pid_n, pid_k,
+           SPLIT_K)
 
 
 @triton.jit

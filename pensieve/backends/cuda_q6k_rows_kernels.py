@@ -43,6 +43,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from pensieve.backends.cuda_splitk_kernels import finish
+
 
 @triton.jit
 def _load_at(lo_b, hi_b, sc_b, d_row, x_b, off, g_start, gi, mmask):
@@ -156,16 +158,5 @@ def rows(X, LO, HI, SC, D, Y, WS, CNT, M, N, GROUPS, G_PER, stride_x, stride_y,
         acc = _dot(w, xt, acc)
     out = Y + m_safe[None, :] * stride_y + n[:, None]
     omask = nmask[:, None] & mmask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(Y.dtype.element_ty), mask=omask)
-    else:
-        ws = WS + m_safe[None, :] * N + n[:, None]
-        tl.store(ws + pid_k * 16 * N, acc, mask=omask)
-        tl.debug_barrier()  # this program's partial stored before the release below
-        done = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == SPLIT_K - 1:
-            total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            for s in range(SPLIT_K):  # fixed order; .cg: from L2, never a stale L1 line
-                total += tl.load(ws + s * 16 * N, mask=omask, other=0.0, cache_modifier=".cg")
-            tl.store(out, total.to(Y.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")
+    finish(acc, Y, out, omask, WS + m_safe[None, :] * N + n[:, None], 16 * N, CNT, pid_n, pid_k,
+           SPLIT_K)

@@ -26,6 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from pensieve.backends.cuda_splitk_kernels import finish
+
 
 @triton.jit
 def gemv_split(X, LO, HI, SC, D, Y, WS, CNT, M, N, GROUPS, G_PER, stride_x, stride_y,
@@ -80,29 +82,18 @@ def gemv_split(X, LO, HI, SC, D, Y, WS, CNT, M, N, GROUPS, G_PER, stride_x, stri
         sc_p += BLOCK_G * 2
         x_p += BLOCK_G * 32
     _finish(tl.sum(acc, 2), Y, WS, CNT, m_safe, mmask, n, nmask, N, pid_n, pid_k, stride_y,
-            BLOCK_M, BLOCK_N, SPLIT_K)
+            SPLIT_K)
 
 
 @triton.jit
 def _finish(y, Y, WS, CNT, m_safe, mmask, n, nmask, N, pid_n, pid_k, stride_y,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Store a program's [BLOCK_M, BLOCK_N] sums, or (split-K) its partial, and the last
-    program of the column tile the fixed-order total."""
+            SPLIT_K: tl.constexpr):
+    """Store a program's [rows, outputs] sums at their places in Y (split-K: through WS
+    [SPLIT_K, 16, N], ``cuda_splitk_kernels.finish``)."""
     omask = mmask[:, None] & nmask[None, :]
     out = Y + m_safe[:, None] * stride_y + n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, y.to(Y.dtype.element_ty), mask=omask)
-    else:
-        ws = WS + m_safe[:, None] * N + n[None, :]
-        tl.store(ws + pid_k * 16 * N, y, mask=omask)
-        tl.debug_barrier()  # this program's partial stored before the release below
-        done = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == SPLIT_K - 1:
-            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for s in range(SPLIT_K):  # fixed order; .cg: from L2, never a stale L1 line
-                total += tl.load(ws + s * 16 * N, mask=omask, other=0.0, cache_modifier=".cg")
-            tl.store(out, total.to(Y.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")
+    finish(y, Y, out, omask, WS + m_safe[:, None] * N + n[None, :], 16 * N, CNT, pid_n, pid_k,
+           SPLIT_K)
 
 
 @triton.jit
@@ -163,4 +154,4 @@ def gemv_split_words(X, LO, HI, SC, D, Y, WS, CNT, M, N, GROUPS, G_PER, stride_x
         sc_p += BLOCK_G * 2
         x_p += BLOCK_G * 32
     _finish(tl.sum(acc, 2), Y, WS, CNT, m_safe, mmask, n, nmask, N, pid_n, pid_k, stride_y,
-            BLOCK_M, BLOCK_N, SPLIT_K)
+            SPLIT_K)
