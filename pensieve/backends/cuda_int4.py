@@ -146,19 +146,13 @@ SKINNY_SWEEP = tuple(
     Skinny(bn, bg, sk, nw, ns) for bn in (64, 128) for bg in (2, 4, 8) for sk in (1, 2, 4, 8)
     for nw in (4, 8) for ns in (3, 4))
 
-_skinny_ws: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def skinny_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K partials (float32 [8, 16, N]) and per-tile counters (int32, zero between
     calls: the kernel resets them) for weights with N outputs; one pair per (device, N),
     shared by the layers of that shape (their launches are serial on one stream). Made before
     graph capture (``prepare_for_cuda``) so that graphs keep using the same memory."""
-    key = (str(device), n)
-    if key not in _skinny_ws:
-        _skinny_ws[key] = (torch.empty(8, 16, n, device=device, dtype=torch.float32),
-                           torch.zeros(triton_cdiv(n, 16), device=device, dtype=torch.int32))
-    return _skinny_ws[key]
+    from pensieve.backends.cuda_splitk import workspace
+    return workspace("int4_skinny", device, n, 8 * 16 * n, 16)
 
 
 def skinny(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, cfg: Skinny) -> torch.Tensor:

@@ -169,20 +169,13 @@ def gemm(x: torch.Tensor, w: Buffers, y: torch.Tensor, t: Tiles | None = None) -
     return y
 
 
-_workspaces: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def skinny_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K partials (float32 [SPLIT_MAX, 32, N]; one element where N ≥ SPLIT_MAX_N, which
     never splits) and per-column-tile counters (int32, zero between calls: the kernel resets
     them), one pair per (device, N) shared by the layers of that N (their launches are serial
     on one stream). Made at ``cuda_q6k_tune.prepare``, before any graph capture."""
-    key = (str(device), n)
-    if key not in _workspaces:
-        size = SPLIT_MAX * 32 * n if n < SPLIT_MAX_N else 1
-        _workspaces[key] = (torch.empty(size, device=device, dtype=torch.float32),
-                            torch.zeros(triton_cdiv(n, 16), device=device, dtype=torch.int32))
-    return _workspaces[key]
+    from pensieve.backends.cuda_splitk import workspace
+    return workspace("q6k_skinny", device, n, SPLIT_MAX * 32 * n if n < SPLIT_MAX_N else 1, 16)
 
 
 def skinny_fits(t: Skinny, n: int) -> bool:

@@ -40,20 +40,13 @@ class Rows:
     prefetch: int = 0  # steps loaded into registers ahead (0, 1 / True, 2)
 
 
-_workspaces: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def rows_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Partials (float32 [SPLIT_MAX, 16, N]; one element where N ≥ SPLIT_MAX_N) and counters
     (int32, one per 16 outputs, zero between calls: the kernel resets them), one pair per
     (device, N) shared by the layers of that N (serial on one stream). Made at
     ``cuda_q6k_tune.prepare``, before any graph capture."""
-    key = (str(device), n)
-    if key not in _workspaces:
-        size = SPLIT_MAX * WS_ROWS * n if n < SPLIT_MAX_N else 1
-        _workspaces[key] = (torch.empty(size, device=device, dtype=torch.float32),
-                            torch.zeros(triton_cdiv(n, 16), device=device, dtype=torch.int32))
-    return _workspaces[key]
+    from pensieve.backends.cuda_splitk import workspace
+    return workspace("q6k_rows", device, n, SPLIT_MAX * WS_ROWS * n if n < SPLIT_MAX_N else 1, 16)
 
 
 def _kernels() -> ModuleType:

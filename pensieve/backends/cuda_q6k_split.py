@@ -45,21 +45,14 @@ def _kernels() -> ModuleType:
     return cuda_q6k_split_kernels
 
 
-_workspaces: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def split_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Partials (float32 [SPLIT_MAX, 16, N]; one element where N ≥ SPLIT_MAX_N) and counters
     (int32, one per 4 outputs, zero between calls: the kernel resets them), one pair per
     (device, N) shared by the layers of that N (serial on one stream). Made at
     ``cuda_q6k_tune.prepare``, before any graph capture."""
-    key = (str(device), n)
-    if key not in _workspaces:
-        size = SPLIT_MAX * WS_ROWS * n if n < SPLIT_MAX_N else 1
-        _workspaces[key] = (torch.empty(size, device=device, dtype=torch.float32),
-                            torch.zeros(triton_cdiv(n, MIN_BLOCK_N), device=device,
-                                        dtype=torch.int32))
-    return _workspaces[key]
+    from pensieve.backends.cuda_splitk import workspace
+    return workspace("q6k_split", device, n, SPLIT_MAX * WS_ROWS * n if n < SPLIT_MAX_N else 1,
+                     MIN_BLOCK_N)
 
 
 def split_of(t: Split, n: int, groups: int) -> tuple[int, int]:
