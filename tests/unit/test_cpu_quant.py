@@ -15,6 +15,8 @@ from pensieve.models.args import ModelArgs
 from pensieve.models.forward_context import ForwardContext, SequenceSlice
 from pensieve.models.llama import LlamaForCausalLM
 from pensieve.models.quant_linear import Int4Groups
+from tests.helpers.integer_gemm import integer_gemm  # noqa: F401  (autouse)
+
 
 KERNELS = load_kernels()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason="CPU kernels cannot build here")

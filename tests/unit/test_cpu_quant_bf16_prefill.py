@@ -111,6 +111,7 @@ def test_mlp():
     x = activations(70, h, seed=4) * 0.05
     hid = x @ g_ref.T
     want = (torch.nn.functional.silu(hid) * (x @ u_ref.T)) @ d_ref.T
+    gu.bf16_from = dn.bf16_from = sys.maxsize
     fused = mlp(x)  # the C MLP: bf16 off
     gu.bf16_from = dn.bf16_from = 64
     got = mlp(x)
@@ -140,9 +141,14 @@ def test_rows_below_the_threshold_keep_the_integer_kernels(monkeypatch):
     assert calls[1:] == [mlp.gate_up_proj, mlp.gate_up_proj, mlp.down_proj]
 
 
-def test_the_switch_is_opt_in(monkeypatch):
+def test_the_switch_is_on_by_default_only_where_amx_runs_it(monkeypatch):
     monkeypatch.delenv("PENSIEVE_BF16_PREFILL", raising=False)
-    assert bf16_prefill.bf16_from() == sys.maxsize  # opt-in, AMX or not
+    want = bf16_prefill.BF16_FROM if bf16_prefill.amx_bf16() else sys.maxsize
+    assert bf16_prefill.bf16_from() == want
+    monkeypatch.setattr(bf16_prefill, "amx_bf16", lambda: False)
+    assert bf16_prefill.bf16_from() == sys.maxsize  # AVX-512 BF16 without AMX lost: off
+    monkeypatch.setattr(bf16_prefill, "amx_bf16", lambda: True)
+    assert bf16_prefill.bf16_from() == bf16_prefill.BF16_FROM
     monkeypatch.setenv("PENSIEVE_BF16_PREFILL", "0")
     assert bf16_prefill.bf16_from() == sys.maxsize
     monkeypatch.setenv("PENSIEVE_BF16_PREFILL", "1")

@@ -13,9 +13,11 @@ from pensieve.backends.cpu_quant.codes_linear import F_Q4, F_Q6, F_Q8, CodesLine
 from pensieve.loaders.int4_codes import Int8Groups, quant_groups
 from pensieve.loaders.quants import dequantize, reference_dequantize
 from pensieve.models.quant_linear import Int4Groups
+from tests.helpers.integer_gemm import integer_gemm  # noqa: F401  (autouse)
 
 KERNELS = load_kernels()
 pytestmark = pytest.mark.skipif(KERNELS is None, reason="CPU kernels cannot build here")
+
 
 # byte offsets of each type's float16 scales (kept in a sane range in the random blocks)
 SCALE_BYTES = {Q.Q8_0: (0,), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),

@@ -8,6 +8,7 @@ import torch
 from pensieve.backends.cpu_quant import Q4Linear, Q8Linear, load_kernels, pack_q8
 from pensieve.backends.cpu_quant.mlp import Q4MLP
 from tests.unit.test_cpu_quant import groups, rel_err
+from tests.helpers.integer_gemm import integer_gemm  # noqa: F401  (autouse)
 
 KERNELS = load_kernels()
 pytestmark = pytest.mark.skipif(KERNELS is None, reason="CPU kernels cannot build here")

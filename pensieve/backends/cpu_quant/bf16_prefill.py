@@ -9,11 +9,16 @@ weight (each row block in its own format) into a per-process bf16 scratch buffer
 the result is converted back to float32 (the layers' dtype). Fewer rows keep the integer
 kernels.
 
-The path is opt-in (``PENSIEVE_BF16_PREFILL=1``; see ``bf16_from``): without AMX, oneDNN's
-AVX-512 BF16 matmul (``avx512_core_bf16``) was *slower* than the integer GEMM on the 2-core
-VM measured (512×1536 by 17920: 379 ms against 330 ms), and on AMX it is not yet measured
-against the integer GEMM while its error is ~5× the integer path's. ``amx_bf16`` reports
-whether this CPU would run it on AMX.
+The path is on by default where ``amx_bf16`` says the CPU runs it on AMX (see ``bf16_from``;
+``PENSIEVE_BF16_PREFILL=0`` off, ``=1`` on anywhere). On the 2-core AMX VM, quiet
+(2026-12-07): a 1000-token Qwen2.5-Coder-1.5B Q4_K_M prefill 139 → 338 tok/s, the projections
+2.5-3.7× the integer GEMM from 512 rows. Without AMX, oneDNN's AVX-512 BF16 matmul
+(``avx512_core_bf16``) was *slower* than the integer GEMM (512×1536 by 17920: 379 ms against
+330 ms), so it stays off there. What it costs: bf16 rounding of activations and weights (~3e-3
+relative error on a layer, ~5× the integer path's) and row-count invariance — a prompt's
+last tokens give slightly different logits prefilled in a chunk of ≥ ``BF16_FROM`` rows than
+in a shorter one (after a prefix-cache hit), so a greedy answer may change with what was
+cached; ``PENSIEVE_BF16_PREFILL=0`` keeps the integer kernels' chunk-independent numbers.
 
 The scratch holds at most ``TILE_ELEMS`` weights (32 MiB of bf16); a larger projection runs
 in tiles of output rows. The fused MLP computes gate and up as two matmuls (each half of
@@ -51,12 +56,13 @@ def amx_bf16() -> bool:
 
 
 def bf16_from() -> int:
-    """Rows from which the layers take the bf16 path: ``BF16_FROM`` with ``PENSIEVE_BF16_PREFILL=1``,
-    else never (the integer GEMM). Opt-in: the path was written and tested on a VM without AMX,
-    and the first AMX machine it met (2026-12-07) gave 4.7e-3 relative error on a Q4_K/Q6_K/Q8_0
-    MLP where the integer path gives < 1e-3, and changed a real model's greedy answer in a test —
-    with no measurement yet that it is faster there (``bench/bf16_prefill.py`` is that check)."""
-    return BF16_FROM if os.environ.get("PENSIEVE_BF16_PREFILL", "") == "1" else sys.maxsize
+    """Rows from which the layers take the bf16 path: ``BF16_FROM`` where this CPU runs bf16
+    matmuls on AMX, else never (the integer GEMM); ``PENSIEVE_BF16_PREFILL=0`` never, ``=1``
+    ``BF16_FROM`` on any CPU."""
+    flag = os.environ.get("PENSIEVE_BF16_PREFILL", "")
+    if flag == "0":
+        return sys.maxsize
+    return BF16_FROM if flag == "1" or amx_bf16() else sys.maxsize
 
 
 def _buffer(numel: int) -> torch.Tensor:
