@@ -69,7 +69,14 @@ def choose(weights: str = "auto", *, device: str = "cpu") -> WeightChoice:
         return _choose_cuda()
     features = " ".join(cpu_features()) or "no x86 SIMD features"
     if load_kernels() is not None:
-        return WeightChoice(True, True, "cpu_quant", f"compiled kernels; CPU: {features}")
+        from pensieve.backends.cpu_quant import bf16_prefill
+
+        rows = bf16_prefill.bf16_from()
+        amx = "AMX" if bf16_prefill.amx_bf16() else "no AMX"
+        prefill = (f"from {rows} rows bf16 matmuls ({amx}; PENSIEVE_BF16_PREFILL=0 off)"
+                   if rows < 1 << 30 else "integer kernels at every row count")
+        detail = f"compiled kernels, {prefill}; CPU: {features}"
+        return WeightChoice(True, True, "cpu_quant", detail)
     if aten_int4_fast():
         return WeightChoice(True, True, "aten", f"PyTorch int4/int8 ops; CPU: {features}")
     if weights == "int4":

@@ -154,3 +154,33 @@ def test_the_switch_is_on_by_default_only_where_amx_runs_it(monkeypatch):
     monkeypatch.setenv("PENSIEVE_BF16_PREFILL", "1")
     assert bf16_prefill.bf16_from() == bf16_prefill.BF16_FROM
     assert CodesLinear(KERNELS, codes(Q.Q8_0, 4, 64)[0]).bf16_from == bf16_prefill.BF16_FROM
+
+
+def test_a_prefill_allocates_no_large_temporaries_and_release_hands_the_scratch_back():
+    """The MLP at 512 rows writes gate, up, SiLU·up and the dequantised weights into the path's
+    persistent scratch (a fresh mmap each call under ``bound_heap`` was 1.4× slower served);
+    ``release`` (the runner's, after a prefill) drops every buffer — under ``bound_heap`` large
+    blocks are their own mappings, so that is memory back to the system (``test_cpu_memory``)
+    — and the next call gives the same."""
+    import weakref
+
+    bf16_prefill.release()
+    h, i = 1536, 2048
+    gate, _ = codes(Q.Q4_K, 2 * i, h, seed=21)
+    down, _ = codes(Q.Q6_K, h, i, seed=22)
+    gu, dn = CodesLinear(KERNELS, gate, threads=2), CodesLinear(KERNELS, down, threads=2)
+    mlp = Q4MLP(gu, dn)
+    gu.bf16_from = dn.bf16_from = 64
+    x = activations(512, h, seed=5) * 0.05
+    first = mlp(x)
+    held = dict(bf16_prefill._scratch)
+    assert set(held) == {"w", "x", "gate", "up"}
+    assert held["gate"].numel() >= 512 * i and held["up"].numel() >= 512 * i
+    again = mlp(x)
+    assert torch.equal(again, first)
+    assert all(bf16_prefill._scratch[k] is held[k] for k in held)  # reused, not reallocated
+    alive = [weakref.ref(t) for t in held.values()]
+    del held
+    bf16_prefill.release()
+    assert bf16_prefill._scratch == {} and all(r() is None for r in alive)  # nothing else holds them
+    assert torch.equal(mlp(x), first)

@@ -9,6 +9,7 @@ import torch
 
 from pensieve.backends.cpu_quant import Q4Linear
 from tests.unit.test_cpu_quant import KERNELS, groups
+from tests.helpers.integer_gemm import integer_gemm  # noqa: F401  (autouse)
 from tests.unit.test_cpu_quant_mixed_model import mixed_engine
 
 pytestmark = pytest.mark.skipif(KERNELS is None, reason="CPU kernels cannot build here")

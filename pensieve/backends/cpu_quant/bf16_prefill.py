@@ -38,7 +38,11 @@ BF16_FROM = 64  # rows from which a step runs as a bf16 matmul (where enabled)
 TILE_ELEMS = 16 << 20  # the scratch's capacity, in weights
 
 _lock = threading.Lock()
-_scratch: list[torch.Tensor] = []  # the process's buffer, grown to the largest tile needed
+# the process's scratch buffers by use — "w" the dequantised weight tile, "x" the bf16 input,
+# "gate"/"up" the MLP's halves — each grown to the largest call seen: a prefill step allocates no
+# large temporaries (under ``cpu_memory.bound_heap`` each would be a fresh mmap, page-faulted in
+# and unmapped again, call after call)
+_scratch: dict[str, torch.Tensor] = {}
 
 
 @functools.cache
@@ -65,11 +69,18 @@ def bf16_from() -> int:
     return BF16_FROM if flag == "1" or amx_bf16() else sys.maxsize
 
 
-def _buffer(numel: int) -> torch.Tensor:
-    if not _scratch or _scratch[0].numel() < numel:
-        _scratch[:] = []  # free the old one first
-        _scratch.append(torch.empty(numel, dtype=torch.bfloat16))
-    return _scratch[0]
+def _buffer(use: str, numel: int) -> torch.Tensor:
+    buf = _scratch.get(use)
+    if buf is None or buf.numel() < numel:
+        _scratch.pop(use, None)  # free the old one first
+        buf = _scratch[use] = torch.empty(numel, dtype=torch.bfloat16)
+    return buf[:numel]
+
+
+def release() -> None:
+    """Hand the scratch buffers back (after a prefill; the next one allocates them again)."""
+    with _lock:
+        _scratch.clear()
 
 
 def dequant_bf16(kernels, address: int, K: int, n0: int, n1: int, threads: int,  # noqa: ANN001
@@ -82,43 +93,60 @@ def dequant_bf16(kernels, address: int, K: int, n0: int, n1: int, threads: int, 
     return out
 
 
-def project(layer, xb: torch.Tensor, n0: int, n1: int) -> torch.Tensor:  # noqa: ANN001
-    """xb [M, K] bf16 @ W[n0:n1].T → bf16 [M, n1 - n0] (no bias), W dequantised tile by tile
-    into the scratch buffer."""
+def project(layer, xb: torch.Tensor, n0: int, n1: int,  # noqa: ANN001
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """xb [M, K] bf16 @ W[n0:n1].T → bf16 [M, n1 - n0] (no bias; into ``out`` if given), W
+    dequantised tile by tile into the weight scratch. Call with ``_lock`` held."""
     K = layer.in_features
     address = layer._proj_address()
     per = max(16, TILE_ELEMS // K // 16 * 16)
-    with _lock:
-        buf = _buffer(min(n1 - n0, per) * K)
-        if n1 - n0 <= per:
-            w = buf[:(n1 - n0) * K].view(n1 - n0, K)
-            dequant_bf16(layer.kernels, address, K, n0, n1, layer.threads, w)
-            return torch.mm(xb, w.t())
-        y = torch.empty(xb.shape[0], n1 - n0, dtype=torch.bfloat16)
-        for a in range(n0, n1, per):
-            b = min(a + per, n1)
-            w = buf[:(b - a) * K].view(b - a, K)
-            dequant_bf16(layer.kernels, address, K, a, b, layer.threads, w)
-            y[:, a - n0:b - n0] = torch.mm(xb, w.t())
-        return y
+    buf = _buffer("w", min(n1 - n0, per) * K)
+    if out is None:
+        out = torch.empty(xb.shape[0], n1 - n0, dtype=torch.bfloat16)
+    for a in range(n0, n1, per):
+        b = min(a + per, n1)
+        w = buf[:(b - a) * K].view(b - a, K)
+        dequant_bf16(layer.kernels, address, K, a, b, layer.threads, w)
+        if b - a == n1 - n0:
+            torch.mm(xb, w.t(), out=out)
+        else:
+            out[:, a - n0:b - n0] = torch.mm(xb, w.t())
+    return out
+
+
+def _input(rows: torch.Tensor) -> torch.Tensor:
+    xb = _buffer("x", rows.numel()).view(rows.shape)
+    xb.copy_(rows)
+    return xb
+
+
+def _output(layer, y: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """bf16 [M, N] → a new float32 [M, N] with the layer's bias."""
+    out = y.float()
+    if layer._bias is not None:
+        out += layer._bias
+    return out
 
 
 def linear(layer, rows: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
     """rows [M, K] float32 @ W.T (+ bias) → float32 [M, N] on the bf16 path."""
-    y = project(layer, rows.to(torch.bfloat16), 0, layer.out_features).float()
-    if layer._bias is not None:
-        y += layer._bias
-    return y
+    with _lock:
+        return _output(layer, project(layer, _input(rows), 0, layer.out_features))
 
 
 def mlp(gate_up, down, rows: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-    """down(silu(gate) · up) on the bf16 path, gate and up as two matmuls (no [M, 2I] copy)."""
+    """down(silu(gate) · up) on the bf16 path: gate and up as two matmuls into their scratch
+    halves (no [M, 2I] copy), SiLU and the product in place in bf16 — the down projection's
+    input dtype — then down."""
     inner = down.in_features
-    xb = rows.to(torch.bfloat16)
-    gate = project(gate_up, xb, 0, inner).float()
-    up = project(gate_up, xb, inner, 2 * inner)
-    if gate_up._bias is not None:
-        gate += gate_up._bias[:inner]
-        up = up.float() + gate_up._bias[inner:]
-    act = torch.nn.functional.silu(gate).mul_(up)
-    return linear(down, act)
+    m = rows.shape[0]
+    with _lock:
+        xb = _input(rows)
+        gate = project(gate_up, xb, 0, inner, _buffer("gate", m * inner).view(m, inner))
+        up = project(gate_up, xb, inner, 2 * inner, _buffer("up", m * inner).view(m, inner))
+        if gate_up._bias is not None:  # no family's MLP has one today: in float32, as before
+            act = torch.nn.functional.silu(gate.float() + gate_up._bias[:inner])
+            act = act.mul_(up.float() + gate_up._bias[inner:]).to(torch.bfloat16)
+        else:
+            act = torch.nn.functional.silu(gate, inplace=True).mul_(up)
+        return _output(down, project(down, act, 0, down.out_features))

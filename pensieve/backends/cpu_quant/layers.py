@@ -67,8 +67,12 @@ class CpuAttention:
 
     def release_scratch(self) -> None:
         """Hand back the kernels' per-call buffers on this thread (after a prefill: sized by
-        its chunk, ~64 MB at 512 rows of a 1.5B model, they would stay resident)."""
+        its chunk, ~64 MB at 512 rows of a 1.5B model, they would stay resident) and the bf16
+        prefill path's scratch (~50 MB there)."""
+        from pensieve.backends.cpu_quant import bf16_prefill
+
         self.kernels.lib.pq_release_scratch()
+        bf16_prefill.release()
 
     def step(self, sequences: list[SequenceSlice]) -> CpuAttentionStep:
         decode = [s for s in sequences if s.query_len == 1]
