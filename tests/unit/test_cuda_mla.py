@@ -97,8 +97,8 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
         seqs = [replace(s, block_table=s.block_table.to(device)) for s in seqs]
         slots = slots.to(device)
         cache = _cache(seqs, rank, g).to(device, dtype)
-        cos_sin = tuple(c.to(device, dtype) for c in RotaryEmbedding(
-            8, 512, 1000.0, None).lookup(positions.to(device)))
+        cos_sin = tuple(c.to(device, dtype) for c in RotaryEmbedding(  # tables on the CPU
+            8, 512, 1000.0, None).lookup(positions))
         x = torch.randn(len(positions), args.hidden_size, generator=g).to(device, dtype)
         v = torch.empty(POOL + 1, PAGE, 1, 0, dtype=dtype, device=device)
         rows = torch.zeros(0, dtype=torch.long, device=device)
@@ -269,14 +269,15 @@ def _glm_lite():  # noqa: ANN202
             rope_interleave=True, rope_parameters={"rope_type": "default", "rope_theta": 1000.0}))))
 
 
-def engine_tokens(device: str, kernel: bool, ckpt=None) -> tuple[list[list[int]], int]:  # noqa: ANN001
+def engine_tokens(device: str, kernel: bool, ckpt=None,  # noqa: ANN001
+                  graphs: bool = False) -> tuple[list[list[int]], int]:
     """Two requests at once, then a follow-up sharing the first's prompt, greedy, through the
     engine; on the CPU ``kernel`` installs the builder the CUDA runner would (the interpreter
     runs its kernel), on CUDA it is the runner's own (``PENSIEVE_LATENT_KERNEL``). Returns the
     tokens and the kernel's calls."""
     import os
 
-    from pensieve.backends import cuda_hybrid, cuda_mla
+    from pensieve.backends import cuda_hybrid, cuda_hybrid_graphs, cuda_mla
     from pensieve.backends.torch_backend import build_model, torch_engine
     from pensieve.engine.config import EngineConfig
     from pensieve.engine.types import SamplingParams
@@ -285,8 +286,12 @@ def engine_tokens(device: str, kernel: bool, ckpt=None) -> tuple[list[list[int]]
     cfg = EngineConfig(device=device, dtype=torch.float32, context_length=1024, block_size=16,
                        max_num_seqs=4, max_num_batched_tokens=128, num_kv_blocks=64)
     os.environ[cuda_mla.ENV_SWITCH] = "1" if kernel else "0"
+    # graphs off unless asked: a captured decode step replays without calling the kernel's
+    # Python entry, so only eager steps are counted below
+    os.environ[cuda_hybrid_graphs.ENV_SWITCH] = "1" if graphs else "0"
     engine = torch_engine(build_model(ckpt, cfg), ckpt.args, ckpt.tokenizer, cfg)
     r = engine.runner
+    assert (r.hybrid_graphs is not None) == (graphs and kernel and device == "cuda")
     if device == "cpu" and kernel:  # what ModelRunner._init_hybrid builds on CUDA
         r.cuda_hybrid = cuda_hybrid.CudaHybridBuilder(
             r.k_caches, r.v_caches, r.hybrid.layer_group, [g.window for g in r.cache_plan.paged],
@@ -316,6 +321,9 @@ def engine_tokens(device: str, kernel: bool, ckpt=None) -> tuple[list[list[int]]
     finally:
         cuda_hybrid.latent_attention = real
         os.environ.pop(cuda_mla.ENV_SWITCH, None)
+        os.environ.pop(cuda_hybrid_graphs.ENV_SWITCH, None)
+    if r.hybrid_graphs is not None:
+        assert r.hybrid_graphs.replays > 0  # the decode steps ran as the captured graphs
     return out, len(calls)
 
 
@@ -326,6 +334,9 @@ def engine_check(device: str) -> None:
     assert none == 0 and got == want, (got, want)
     # 2 layers × the decode steps (4 with both a and b, 4 for c) and c's 5-token follow-up chunk
     assert calls >= 2 * 8, calls
+    if device == "cuda":  # the served default: the kernel inside the hybrid decode graphs
+        graphed, _ = engine_tokens(device, kernel=True, ckpt=ckpt, graphs=True)
+        assert graphed == want, (graphed, want)
 
 
 @pytest.mark.slow
