@@ -99,7 +99,8 @@ def project(layer, xb: torch.Tensor, n0: int, n1: int,  # noqa: ANN001
     dequantised tile by tile into the weight scratch. Call with ``_lock`` held."""
     K = layer.in_features
     address = layer._proj_address()
-    per = max(16, TILE_ELEMS // K // 16 * 16)
+    tiles = -(-(n1 - n0) * K // TILE_ELEMS)  # as few as fit, of equal height (16-row multiples)
+    per = -(-(-(-(n1 - n0) // tiles)) // 16) * 16
     buf = _buffer("w", min(n1 - n0, per) * K)
     if out is None:
         out = torch.empty(xb.shape[0], n1 - n0, dtype=torch.bfloat16)
