@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pensieve.backends import cuda_splitk as splitk
 from pensieve.backends.cuda_int4_gemv import MAX_ROWS as SPLIT_MAX_ROWS
 from pensieve.backends.cuda_int4_gemv import Split, gemv_split
 from pensieve.backends.cuda_int4_gemv_wide import Wide, gemv_wide
@@ -146,13 +147,13 @@ SKINNY_SWEEP = tuple(
     Skinny(bn, bg, sk, nw, ns) for bn in (64, 128) for bg in (2, 4, 8) for sk in (1, 2, 4, 8)
     for nw in (4, 8) for ns in (3, 4))
 
+
 def skinny_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K partials (float32 [8, 16, N]) and per-tile counters (int32, zero between
     calls: the kernel resets them) for weights with N outputs; one pair per (device, N),
     shared by the layers of that shape (their launches are serial on one stream). Made before
     graph capture (``prepare_for_cuda``) so that graphs keep using the same memory."""
-    from pensieve.backends.cuda_splitk import workspace
-    return workspace("int4_skinny", device, n, 8 * 16 * n, 16)
+    return splitk.workspace("int4_skinny", device, n, 8 * 16 * n, 16)
 
 
 def skinny(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, cfg: Skinny) -> torch.Tensor:

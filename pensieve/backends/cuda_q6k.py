@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pensieve.backends import cuda_splitk as splitk
 from pensieve.backends.cuda_int4 import CodesLinear, block_g, pack_codes, triton_cdiv, unpack_codes
 from pensieve.loaders.int4_codes import Int8Groups
 
@@ -174,8 +175,8 @@ def skinny_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.
     never splits) and per-column-tile counters (int32, zero between calls: the kernel resets
     them), one pair per (device, N) shared by the layers of that N (their launches are serial
     on one stream). Made at ``cuda_q6k_tune.prepare``, before any graph capture."""
-    from pensieve.backends.cuda_splitk import workspace
-    return workspace("q6k_skinny", device, n, SPLIT_MAX * 32 * n if n < SPLIT_MAX_N else 1, 16)
+    partials = SPLIT_MAX * 32 * n if n < SPLIT_MAX_N else 1
+    return splitk.workspace("q6k_skinny", device, n, partials, 16)
 
 
 def skinny_fits(t: Skinny, n: int) -> bool:

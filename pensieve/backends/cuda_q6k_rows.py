@@ -19,6 +19,7 @@ from types import ModuleType
 
 import torch
 
+from pensieve.backends import cuda_splitk as splitk
 from pensieve.backends.cuda_int4 import block_g, triton_cdiv
 
 SPLIT_MAX = 16  # the most programs a launch splits K over (a short N: 1024 outputs)
@@ -45,8 +46,8 @@ def rows_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Te
     (int32, one per 16 outputs, zero between calls: the kernel resets them), one pair per
     (device, N) shared by the layers of that N (serial on one stream). Made at
     ``cuda_q6k_tune.prepare``, before any graph capture."""
-    from pensieve.backends.cuda_splitk import workspace
-    return workspace("q6k_rows", device, n, SPLIT_MAX * WS_ROWS * n if n < SPLIT_MAX_N else 1, 16)
+    partials = SPLIT_MAX * WS_ROWS * n if n < SPLIT_MAX_N else 1
+    return splitk.workspace("q6k_rows", device, n, partials, 16)
 
 
 def _kernels() -> ModuleType:

@@ -17,6 +17,7 @@ from types import ModuleType
 
 import torch
 
+from pensieve.backends import cuda_splitk as splitk
 from pensieve.backends.cuda_int4 import block_g, triton_cdiv
 
 SPLIT_MAX = 8  # the most programs a launch splits K over
@@ -50,9 +51,8 @@ def split_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.T
     (int32, one per 4 outputs, zero between calls: the kernel resets them), one pair per
     (device, N) shared by the layers of that N (serial on one stream). Made at
     ``cuda_q6k_tune.prepare``, before any graph capture."""
-    from pensieve.backends.cuda_splitk import workspace
-    return workspace("q6k_split", device, n, SPLIT_MAX * WS_ROWS * n if n < SPLIT_MAX_N else 1,
-                     MIN_BLOCK_N)
+    partials = SPLIT_MAX * WS_ROWS * n if n < SPLIT_MAX_N else 1
+    return splitk.workspace("q6k_split", device, n, partials, MIN_BLOCK_N)
 
 
 def split_of(t: Split, n: int, groups: int) -> tuple[int, int]:

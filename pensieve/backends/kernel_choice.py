@@ -19,6 +19,7 @@ fits in cache, which favours float32 and flipped between runs on a busy machine 
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,7 @@ def choose(weights: str = "auto", *, device: str = "cpu") -> WeightChoice:
         rows = bf16_prefill.bf16_from()
         amx = "AMX" if bf16_prefill.amx_bf16() else "no AMX"
         prefill = (f"from {rows} rows bf16 matmuls ({amx}; PENSIEVE_BF16_PREFILL=0 off)"
-                   if rows < 1 << 30 else "integer kernels at every row count")
+                   if rows != sys.maxsize else "integer kernels at every row count")
         detail = f"compiled kernels, {prefill}; CPU: {features}"
         return WeightChoice(True, True, "cpu_quant", detail)
     if aten_int4_fast():
