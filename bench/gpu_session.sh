@@ -177,6 +177,8 @@ summary() {
   [ -e $S/hy ] && PYTHONPATH=/tmp/site:$PWD python3 -m bench.gpu_hybrid_table $S/hy 2>/dev/null
   for f in $S/p_*/profile.txt $S/hy/prof/*.txt; do  # PENSIEVE_PROFILE_STEPS: each kind's head
     [ -e $f ] && { echo "## profile $f"; grep -A2 "^## " $f; }; done
+  for f in $S/p_*/server.log; do  # the tuners' tables (which candidates win: what to prune)
+    [ -e $f ] && { echo "## tune lines $f"; grep -hoE "(int4 layers|Q6_K layers|MoE routes).*" $f | cut -c1-6000; }; done
   [ -e $S/steps ] && { echo "## served steps (PENSIEVE_STEP_TIMES: chained = async scheduling)"
     for d in $S/steps/*; do PYTHONPATH=/tmp/site:$PWD python3 -m bench.step_times $d; done; }
 }
