@@ -17,7 +17,8 @@
 # STEPS (default "tests dense moe hybrid") picks and orders them; pdense/pmoe and ldense/lmoe are
 # the Pensieve and the llama-server halves of dense/moe (e.g. "pdense pmoe tests ldense lmoe": the
 # tests run while llama-server builds). Needs .whl/, .gpu/tokenizer.gguf
-# .gpu/llama.cpp and .gpu/templates carried (see bench/gpu_qwen_vs_llamacpp.sh). Writes $OUT/summary.md,
+# .gpu/llama.cpp and .gpu/templates carried (see bench/gpu_qwen_vs_llamacpp.sh); .gpu/tune.tgz (an earlier
+# session's $OUT/tune.tgz: the kernel plans) where there is one. Writes $OUT/summary.md,
 # $OUT/progress.txt, $OUT/pytest_cuda.log and $OUT/gs_logs.tgz (every Pensieve server there writes
 # PENSIEVE_STEP_TIMES under $S/steps, summarised in summary.md). The pipeline runs on a copy of the
 # first call's tree (/tmp/w; or of .gpu/head.tar where carried): later calls may carry an edited tree
@@ -80,6 +81,10 @@ pipeline() {
   nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv,noheader > $S/gpu.txt
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> $S/gpu.txt 2>&1
   log "start on $(head -1 $S/gpu.txt)"
+  # kernel plans an earlier device session timed (keyed by GPU, software and kernel code, so a
+  # stale one is ignored): a cold start's ~150-200 s of tuner compiles become a check
+  [ -e .gpu/tune.tgz ] && mkdir -p ~/.cache/pensieve && tar -xzf .gpu/tune.tgz -C ~/.cache/pensieve \
+    && log "tune plans from .gpu/tune.tgz: $(ls ~/.cache/pensieve/tune | wc -l) files"
   if [ -e .gpu/llbuild.tar.xz ]; then  # a build an earlier call packed (below): no 4-5 min build
     mkdir -p /tmp/llbuild && tar -xJf .gpu/llbuild.tar.xz -C /tmp/llbuild && /tmp/llbuild/bin/llama-server --version \
       > $S/build.log 2>&1; echo $? > $S/build.rc; log "llama-server from .gpu/llbuild.tar.xz rc=$(cat $S/build.rc)"
@@ -160,7 +165,7 @@ if [ ! -e $S/started ]; then  # the pipeline runs on a frozen copy of the first 
   touch $S/started; rm -rf /tmp/w
   if [ -e .gpu/head.tar ]; then  # a commit (git archive HEAD -o .gpu/head.tar), not the live tree
     mkdir -p /tmp/w/.gpu && tar -xf .gpu/head.tar -C /tmp/w && cp -a .whl /tmp/w/ \
-      && cp -a $(ls -d .gpu/llama.cpp .gpu/tokenizer.gguf .gpu/templates .gpu/llbuild.tar.xz 2>/dev/null) /tmp/w/.gpu/
+      && cp -a $(ls -d .gpu/llama.cpp .gpu/tokenizer.gguf .gpu/templates .gpu/llbuild.tar.xz .gpu/tune.tgz 2>/dev/null) /tmp/w/.gpu/
   else cp -a . /tmp/w; fi
   (cd /tmp/w && setsid nohup bash bench/gpu_session.sh pipeline < /dev/null > $S/pipeline.log 2>&1 &)
 fi
@@ -184,6 +189,7 @@ summary() {
 }
 summary > $OUT/summary.md 2>&1
 cp $S/progress $OUT/progress.txt 2>/dev/null; cp $S/pytest_cuda.log $OUT/ 2>/dev/null
+[ -d ~/.cache/pensieve/tune ] && tar czf $OUT/tune.tgz -C ~/.cache/pensieve tune  # carry as .gpu/tune.tgz
 [ -n "$PACK_LLAMA" ] && [ -e $S/llbuild.tar.xz ] && split -b 15M -d $S/llbuild.tar.xz $OUT/llbuild.tar.xz.part
 tar czf $OUT/gs_logs.tgz -C $S --exclude='*.gguf' --exclude='*.pack' --exclude=hy/out . 2>/dev/null
 echo "---- $(date +%T) progress so far:"; tail -25 $S/progress; echo "----"; cat $OUT/summary.md
