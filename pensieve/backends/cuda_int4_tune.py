@@ -19,6 +19,13 @@ layers of the shape back to back, as a decode step runs them:
 * with ``keep_dense`` (opt-in, ``--keep-dense-weights``): tinygemm and cuBLAS on dense copies too,
   made where they fit in 40% of the free GPU memory.
 
+That is the whole race (``PENSIEVE_TUNE_FULL=1``). By default it is lean: the families that never
+won a bucket on an H100 in session 13's served runs (Qwen2.5-7B, GLM-4.7-Flash shapes) are left
+out — in bfloat16 ``gemv_words`` and the prefetching ``gemv`` (``gemv_wide``/``gemv_split`` serve
+1-2 rows), ``gemv_rows`` from 4 rows (``skinny``/``skinny2``), the GEMM's tiles at 32 rows where
+``skinny`` fits and at 2048 (dequantise + cuBLAS, ~3x faster) — the plain ``gemv`` staying in as
+a fallback: fewer compiles at a cold start.
+
 A candidate that fails to build or gives a wrong product (relative error over 2e-2 against the
 dequantised weight) is left out with a warning, so one bad tile cannot break a start. GPU time
 only: calls queue behind a sleep kernel, so Python's launch cost stays out, as in a CUDA graph.
@@ -42,6 +49,7 @@ from pensieve.backends.cuda_int4 import (
     WORDS_CANDIDATES, CudaInt4Linear, Plan, Skinny, default_plan, dequantize, gemm, gemv, gemv_words,
     scales_offsets, skinny, skinny_workspace, unpack_codes,
 )
+from pensieve.backends.tune_cache import full_race
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +170,14 @@ def plan_shape(sample: list[CudaInt4Linear], dtype: torch.dtype,
     k, device = first.in_features, first.packed.device
     plan = default_plan(k, first.dense, first.tiny)
     notes = []
+    full = full_race()
+    # in bfloat16 gemv_wide and gemv_split serve 1-2 rows: gemv_words and the prefetching gemv
+    # never won a bucket there (session 13's tables), so only the whole race times them
+    lean = dtype == torch.bfloat16 and not full
     x1 = torch.randn(1, k, device=device, dtype=dtype)
     words = {str(c): (lambda m, c=c: gemv_words(x1, m.packed, m.scale_offset, c))
              for c in WORDS_CANDIDATES}
-    best, times = fastest(words, sample, x1, reps)
+    best, times = (None, {}) if lean else fastest(words, sample, x1, reps)
     if best is not None:
         plan.words = next(c for c in WORDS_CANDIDATES if str(c) == best)
     if dtype == torch.bfloat16:
@@ -186,14 +198,15 @@ def plan_shape(sample: list[CudaInt4Linear], dtype: torch.dtype,
             if best is not None:
                 runs["words"] = lambda m, x=x: gemv_words(x, m.packed, m.scale_offset, plan.words)
             runs["gemv"] = lambda m, x=x: gemv(x, m.packed, m.scale_offset)
-            runs["gemv_pf"] = lambda m, x=x: gemv(x, m.packed, m.scale_offset, prefetch=True)
+            if not lean:
+                runs["gemv_pf"] = lambda m, x=x: gemv(x, m.packed, m.scale_offset, prefetch=True)
             if plan.wide is not None:
                 runs["wide"] = lambda m, x=x: cuda_int4_gemv_wide.gemv_wide(
                     x, m.packed, m.scale_offset, plan.wide)
         if rows <= 4 and plan.split is not None:
             runs["split"] = lambda m, x=x: cuda_int4_gemv.gemv_split(x, m.packed, m.scale_offset,
                                                                      plan.split)
-        if rows > 1:
+        if rows == 2 or (rows > 1 and full):  # from 4 rows skinny/skinny2 always won
             tiles = _choose_rows(sample, x, rows, reps)
             if tiles is not None:
                 plan.rows[rows] = tiles
@@ -218,8 +231,13 @@ def plan_shape(sample: list[CudaInt4Linear], dtype: torch.dtype,
         x = torch.randn(rows, k, device=device, dtype=dtype)
         few = sample[:4] if rows > 256 else sample
         r = max(3, reps // 3) if rows > 256 else reps
-        cands = {str(c): (lambda m, x=x, c=c: gemm(x, m.packed, m.scale_offset, c))
-                 for c in GEMM_CANDIDATES[rows]}
+        # the GEMM's tiles lost every race to skinny at 32 rows (~2x) and to dequantise +
+        # cuBLAS at 2048 (~3x): the lean race times them only at 256 (or where skinny fails)
+        skip = not full and (rows == GEMM_BUCKETS[-1]
+                             or (rows <= SKINNY_MAX_ROWS and plan.skinny is not None))
+        cands = {} if skip else {
+            str(c): (lambda m, x=x, c=c: gemm(x, m.packed, m.scale_offset, c))
+            for c in GEMM_CANDIDATES[rows]}
         tiles, times = fastest(cands, few, x, r)
         runs: dict[str, Run] = {}
         if tiles is not None:

@@ -14,7 +14,11 @@ GEMV of ``cuda_q6k_split``, tiles of that bucket's rows) and ``rows`` (``cuda_q6
 swap-AB tensor cores on the code words, every tile, 1-16 rows); 2 rows gemv, split, rows and
 every 16-row skinny tile; 4-16 split, rows, every 16-row skinny tile and the dequantising
 ``gemm``'s 16-row tile;
-32 skinny, gemm and dequant; 256 and 2048 (prefill) the gemm's tiles and dequant. A candidate that fails to build or is wrong is left out
+32 skinny, gemm and dequant; 256 and 2048 (prefill) the gemm's tiles and dequant. That is the
+whole race (``PENSIEVE_TUNE_FULL=1``); by default it is lean, leaving out what never won a
+bucket on an H100 in session 13's served runs (Qwen2.5-7B's, GLM-4.7-Flash's Q6_K shapes, heads
+included): the gemv's other tiles (its default stays as a fallback), skinny's 16-row tiles but
+the default, split from 4 rows (rows won) and the gemm at 256 and 2048 (dequant won). A candidate that fails to build or is wrong is left out
 with a warning; a bucket with none right takes the reference dequantise + matmul ("torch"), so
 that a Triton that cannot compile a tile slows the start's Q6_K layers down instead of breaking
 it.
@@ -35,6 +39,7 @@ from pensieve.backends.cuda_q6k import (
 )
 from pensieve.backends.cuda_q6k_rows import Rows, rows_workspace
 from pensieve.backends.cuda_q6k_split import Split, split_workspace
+from pensieve.backends.tune_cache import full_race
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +167,16 @@ def plan_shape(sample: list[CudaQ6KLinear], dtype: torch.dtype, reps: int, timer
         r = max(3, reps // 3) if b > 256 else reps
         return fastest(choices, few, x, ref, r, timer)
 
-    gemv = best([("gemv", t) for t in GEMV_CANDIDATES], 1)
-    sk16 = [("skinny", t) for t in SKINNY_CANDIDATES[16] if skinny_fits(t, n)]
+    full = full_race()
+    gemv = best([("gemv", t) for t in (GEMV_CANDIDATES if full else GEMV_CANDIDATES[:1])], 1)
+    sk16 = [("skinny", t) for t in (SKINNY_CANDIDATES[16] if full else SKINNY_CANDIDATES[16][:1])
+            if skinny_fits(t, n)]
     sk32 = best([("skinny", t) for t in SKINNY_CANDIDATES[32] if skinny_fits(t, n)], 32)
     dq = best([("dequant", t) for t in DEQUANT_CANDIDATES], 32)
     plan: Plan = {}
     for b in BUCKETS:
-        split: list[Choice] = [("split", t) for t in SPLIT_CANDIDATES.get(b, ())]
+        split: list[Choice] = [("split", t) for t in SPLIT_CANDIDATES.get(b, ())
+                               if full or b <= 2]
         rows_tc: list[Choice] = [("rows", t) for t in ROWS_CANDIDATES if t.block_m >= b]
         if b == 1:
             cands = [gemv, *split, *rows_tc]
@@ -178,7 +186,7 @@ def plan_shape(sample: list[CudaQ6KLinear], dtype: torch.dtype, reps: int, timer
             cands = split + rows_tc + sk16 + [("gemm", t) for t in GEMM_CANDIDATES[16]]
         else:
             cands = [sk32] if b == 32 else []
-            cands += [("gemm", t) for t in GEMM_CANDIDATES[b]] + [dq]
+            cands += [("gemm", t) for t in GEMM_CANDIDATES[b] if full or b == 32] + [dq]
         choice = best([c for c in cands if c is not None], b)
         if choice is None:
             log.warning("Q6_K %dx%d at %d rows: no kernel builds and is right; dequantise "

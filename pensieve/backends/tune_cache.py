@@ -36,6 +36,18 @@ def cache_dir() -> Path | None:
     return Path(base) / "pensieve" / "tune"
 
 
+FULL_ENV = "PENSIEVE_TUNE_FULL"
+
+
+def full_race() -> bool:
+    """Whether the tuners race every candidate (``PENSIEVE_TUNE_FULL=1``). By default they leave
+    out the families that never won a bucket on an H100 in the served runs of session 13
+    (Qwen2.5-7B, GLM-4.7-Flash and gpt-oss shapes: e.g. the dequantising GEMM at 2048 rows,
+    3x slower than dequantise + cuBLAS everywhere), keeping one fallback tile each; every
+    compile a candidate costs is start time (~0.4 s each, ~400 at a cold start)."""
+    return os.environ.get(FULL_ENV) == "1"
+
+
 def _code_hash(sources: tuple[str, ...]) -> str:
     h = hashlib.sha256()
     for name in sources:
@@ -64,14 +76,15 @@ class TuneCache:
     package: their contents are part of the file name, so an edit starts afresh)."""
 
     def __init__(self, kind: str, sources: tuple[str, ...], root: Path | None = None) -> None:
-        self._root, self._name = root, f"{kind}-{_code_hash(sources)}.json"
+        self._root, self._name = root, f"{kind}-{_code_hash(sources)}"
         self._plans: dict[str, Any] | None = None
 
     @property
     def path(self) -> Path | None:
         """The file (the environment is read when first asked: ``PENSIEVE_TUNE_CACHE``)."""
         root = cache_dir() if self._root is None else self._root
-        return None if root is None else root / self._name
+        race = "-full" if full_race() else ""  # a plan of the whole race is kept apart
+        return None if root is None else root / f"{self._name}{race}.json"
 
     def _load(self) -> dict[str, Any]:
         if self._plans is None:

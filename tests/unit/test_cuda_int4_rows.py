@@ -220,8 +220,12 @@ def test_the_tuner_times_the_rows_candidates(monkeypatch):
     codes = torch.randint(0, 16, (4096, 4096), dtype=torch.uint8, device="cuda")
     layers = [CudaInt4Linear([Int4Groups(codes, scales, -8 * scales, 32)]).cuda()
               for _ in range(2)]
+    monkeypatch.setenv("PENSIEVE_TUNE_FULL", "1")  # the whole race times rows at 2-16
     plan, note = plan_shape(layers, torch.bfloat16, 5)
     assert set(plan.rows) == {2, 4, 8, 16} and "rows" in note
+    monkeypatch.delenv("PENSIEVE_TUNE_FULL")  # the lean one: at 2 rows, no gemm at 2048
+    lean, note = plan_shape(layers, torch.bfloat16, 5)
+    assert set(lean.rows) == {2} and lean.route[2048] == "dequant" and "gemv_pf" not in note
     for rows in (2, 8, 16):
         x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ cuda_int4.dequantize(layers[0].packed, layers[0].scale_offset,

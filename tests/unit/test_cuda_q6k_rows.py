@@ -16,6 +16,8 @@ race at 1-16 rows.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -157,6 +159,11 @@ def tuner_check() -> None:
         assert plan[b] == ("rows", other), (b, plan[b])
     assert any("relative error" in m and "rows" in m for m in warnings)
     price["rows"] = 1.6  # dearer than split (1.5), cheaper than skinny (1.8) and gemv
+    tune.prepare(model, torch.float32, timer=timer, rows=rows)
+    plan = model[0].plan  # the lean race (the default) times split only at 1-2 rows
+    assert [plan[b][0] for b in (1, 2, 4, 8, 16)] == ["split"] * 2 + ["rows"] * 3, plan
+    assert plan[256][0] == plan[2048][0] == "dequant"  # the gemm raced only at 32 rows
+    os.environ["PENSIEVE_TUNE_FULL"] = "1"  # the whole race (a subprocess of its own)
     tune.prepare(model, torch.float32, timer=timer, rows=rows)
     assert all(model[0].plan[b][0] == "split" for b in (1, 2, 4, 8, 16))
 

@@ -15,6 +15,8 @@ graph (the split-K counters reset between replays), and the tuner with the real 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -74,6 +76,7 @@ def kernels_check() -> None:
 def tuner_check() -> None:
     """``cuda_q6k_tune.prepare`` with a timer that prices each kernel (the tiles tie-break),
     then with a candidate that is wrong and one that fails to build."""
+    os.environ["PENSIEVE_TUNE_FULL"] = "1"  # the whole race (the lean one: test_cuda_q6k_rows)
     import logging
 
     from pensieve.backends import cuda_q6k_tune as tune

@@ -14,6 +14,8 @@ Q6_K shapes, and the split-K reduction in a CUDA graph (the counters reset betwe
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -81,6 +83,7 @@ def tuner_check() -> None:
     """The split GEMV in the tuner's race: where priced cheapest it wins its buckets (its tiles
     of that bucket's rows), a wrong one is left out with a warning, and the planned routes give
     the product."""
+    os.environ["PENSIEVE_TUNE_FULL"] = "1"  # the whole race (the lean one: test_cuda_q6k_rows)
     import logging
 
     from pensieve.backends import cuda_q6k_split

@@ -49,6 +49,19 @@ def test_a_cache_file_persists_and_a_bad_one_is_ignored(tmp_path):
     assert TuneCache("int4", ("cuda_int4.py",), root=tmp_path).get("k") == {"x": 2}
 
 
+def test_plans_of_the_whole_race_are_kept_apart(tmp_path, monkeypatch):
+    """PENSIEVE_TUNE_FULL=1 races every candidate: its plans go to a file of their own, so
+    a lean start never reads them as its own, nor the reverse."""
+    monkeypatch.delenv("PENSIEVE_TUNE_FULL", raising=False)
+    TuneCache("int4", ("cuda_int4.py",), root=tmp_path).put("k", {"lean": 1})
+    monkeypatch.setenv("PENSIEVE_TUNE_FULL", "1")
+    full = TuneCache("int4", ("cuda_int4.py",), root=tmp_path)
+    assert full.get("k") is None and full.path.name.endswith("-full.json")
+    full.put("k", {"full": 1})
+    monkeypatch.delenv("PENSIEVE_TUNE_FULL")
+    assert TuneCache("int4", ("cuda_int4.py",), root=tmp_path).get("k") == {"lean": 1}
+
+
 @pytest.fixture
 def stand_ins(tmp_path, monkeypatch):
     """A cache in tmp_path, a key without a GPU, a timing that counts its calls and a check
