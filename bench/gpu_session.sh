@@ -10,7 +10,8 @@
 #   tests   every CUDA test (~7+ min on an H100; TESTS: the files; TESTS=none skips);
 #   dense   Pensieve at its defaults (SAME_KV=1: the KV cache sized as llama-server's context, --kv-cache-gb, for the memory row only) on the 8B Q4_0 and the Qwen3-8B Q4_K_M file, then llama-server
 #           (--cache-ram 0) on the same files: decode b=1, 8 streams, cold 12k / warm TTFT;
-#   moe     the same on the 30B-A3B file: decode, 8 and 32 streams, cold/warm TTFT, Claude Code load;
+#   moe     the same on the 30B-A3B file: decode, 8 and 32 streams, cold/warm TTFT, Claude Code load
+#           (MOE_SC: other scenarios, e.g. "decode,x8,ttft1");
 #   kernels in-process kernel tables (KERNEL_BENCHES: bench/gpu_int4_gemv.py, gpu_q6k.py, mla_attention.py);
 #   start   bench/gpu_start.sh (a CUDA start phase by phase) on the files written;
 #   hybrid  bench/gpu_hybrid_run.sh for HYBRID families (default all three), the dense files deleted.
@@ -129,10 +130,10 @@ pipeline() {
         [[ $D == *qwen3* ]] && [ -e $Q3.done ] && llama qwen3 $Q3 decode,x8,ttft1 16384 8
         [[ $D == *qwen25* ]] && [ -e $Q2.done ] && llama qwen25 $Q2 decode,x8,ttft1 16384 8;;
       moe|pmoe)
-        wait_gguf $M || continue; pens moe $M decode,x8,x32,ttft1,cc 3
-        [ $step = moe ] && llama moe $M decode,x8,x32,ttft1,cc 32768 32;;
+        wait_gguf $M || continue; pens moe $M ${MOE_SC:-decode,x8,x32,ttft1,cc} 3
+        [ $step = moe ] && llama moe $M ${MOE_SC:-decode,x8,x32,ttft1,cc} 32768 32;;
       lmoe)
-        [ -e $M.done ] && llama moe $M decode,x8,x32,ttft1,cc 32768 32;;
+        [ -e $M.done ] && llama moe $M ${MOE_SC:-decode,x8,x32,ttft1,cc} 32768 32;;
       kernels)  # in-process kernel tables (no server): Q6_K tiles, the latent-attention kernel
         for b in ${KERNEL_BENCHES:-gpu_int4_gemv gpu_q6k mla_attention}; do
           log "kernels $b start"; timeout ${KERNEL_TIMEOUT:-150} python3 -m bench.$b > $S/kernels_$b.log 2>&1
