@@ -22,8 +22,9 @@ call to, with the layer's ``window`` and ``sinks``.
   whole layer goes through the per-sequence loop.
 - **Latent layers** of a model that declares ``FastPaths.cuda_latent_attention`` (the builder
   is given ``latent_heads``): the model asks ``latent_rows`` which of its rows the latent kernel
-  serves this step (decode rows and short chunks over a cached context) and hands their
-  absorbed queries to ``attend_latent`` (``cuda_mla.py``); the rest stay on its own path.
+  serves this step (decode rows, short chunks over a cached context, short cold prompts:
+  ``cuda_mla.takes``) and hands their absorbed queries to ``attend_latent`` (``cuda_mla.py``);
+  the rest stay on its own path.
 
 Opt out with ``PENSIEVE_HYBRID_KERNELS=0`` (read when the model runner starts; the latent
 kernel alone: ``PENSIEVE_LATENT_KERNEL=0``). Decode steps as CUDA graphs over static buffers:

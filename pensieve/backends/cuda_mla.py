@@ -8,11 +8,16 @@ its own; here every decode row of the step, and every chunk short against its ca
 (a follow-up turn's new tokens), attends in one launch of ``cuda_mla_kernels.latent_partial``
 over the layer group's block tables (split-K, flash-decoding), then ``cuda_kernels.merge``
 combines the splits. ``W_UK`` before and ``W_UV`` after stay in the model, batched over the rows.
+A short cold prompt (nothing cached, at most ``COLD_TOKENS`` tokens) joins them: on the model's
+own path each such prompt is a per-sequence loop of ~10 launches a layer (gather, ``kv_b``, two
+concatenations, SDPA, the copy back), which a step of several short prompts (8 streams joining)
+paid once per prompt and layer.
 
 Where: a model that declares ``FastPaths.cuda_latent_attention`` on a CUDA hybrid runner
 (``cuda_hybrid.CudaHybridBuilder`` with ``latent_heads``); the step's ``CudaHybridAttention``
 then answers ``latent_rows`` / ``attend_latent``. Chunks longer than ``CHUNK_TOKENS`` or not
-short against their context (a cold prefill) keep the model's own per-sequence path.
+short against their context, and cold prompts past ``COLD_TOKENS``, keep the model's own
+per-sequence path (FlashAttention over the expanded keys and values).
 ``PENSIEVE_LATENT_KERNEL=0`` (or ``PENSIEVE_HYBRID_KERNELS=0``) keeps every row there.
 
 Importing this module needs no GPU; Triton loads on first kernel use.
@@ -40,6 +45,11 @@ ENV_SWITCH = "PENSIEVE_LATENT_KERNEL"
 # GLM-4.7-Flash's dims the latent path reads less than expanding the context through kv_b up to
 # ~200 new tokens (``MLAttention._absorb_rows``), about even at 256.
 CHUNK_TOKENS = 256
+# a prompt's first chunk (nothing cached) of at most this many tokens: the kernel's causal rows
+# over the chunk's own latents (issue 15: GLM-4.7-Flash's step of 6 new prompts, 366 tokens,
+# took 313 ms on the H100, its per-sequence loop ~47 layers × 6 prompts × ~10 launches; not yet
+# measured with this). Longer cold chunks expand through kv_b, where FlashAttention's FLOPs win.
+COLD_TOKENS = 64
 MAX_RANK, MAX_ROPE = 512, 128  # the kernel's accumulator is [BLOCK_M, rank] per program
 BLOCK_N = 32  # keys per inner tile
 MAX_SPLITS = 32  # ``choose_num_splits``' cap
@@ -67,9 +77,12 @@ def block_m(heads: int) -> int:
 
 
 def takes(seq: SequenceSlice) -> bool:
-    """A decode row, or a chunk short against its cached context."""
-    return seq.query_len == 1 or (seq.query_len <= CHUNK_TOKENS and
-                                  seq.context_len >= 2 * seq.query_len)
+    """A decode row, a chunk short against its cached context, or a short cold prompt."""
+    if seq.query_len == 1:
+        return True
+    if seq.context_len == seq.query_len:  # nothing cached
+        return seq.query_len <= COLD_TOKENS
+    return seq.query_len <= CHUNK_TOKENS and seq.context_len >= 2 * seq.query_len
 
 
 @dataclass(frozen=True)

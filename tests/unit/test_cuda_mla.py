@@ -4,7 +4,8 @@ per-sequence absorbed path (``MLAttention`` without a backend).
 One latent-attention layer (tiny GLM-4.7-Flash-shaped dims: 4 heads with a power-of-two latent,
 and 20 heads — a decode token's heads in one 32-row tile, a chunk's (token, head) rows across
 tiles — with a latent of 24, padded in the kernel) runs a step of decodes of different lengths,
-short chunks over a cached context, a cold prefill chunk and a chunk too long for the kernel,
+short chunks over a cached context, a short cold prompt (the kernel's since issue 15), a cold
+one past ``COLD_TOKENS`` and a chunk too long for the kernel,
 sequences in shuffled blocks of a pool, several blocks each, split-K over the context. Every
 cache slot outside the sequences' contexts holds NaN: a read past a context, or of a block
 not in a table, would come out NaN. Then the engine: a tiny GLM-4.7-Flash config's greedy
@@ -26,11 +27,12 @@ from tests.helpers.triton_interpreter import run_in_triton_interpreter
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 PAGE, POOL = 4, 160
-# (cached, new) per sequence; the kernel takes decodes and chunks of ≤ CHUNK_TOKENS (256)
-# tokens over a context at least twice as long: all but the cold chunk (0, 7); with the limit
-# at 16 (``SHORT``) the 17-token chunk (60, 17) keeps the model's path too
-STEPS = [(22, 1), (30, 6), (0, 7), (4, 1), (0, 1), (300, 1), (60, 17), (9, 3)]
-TAKEN = {0, 1, 3, 4, 5, 6, 7}
+# (cached, new) per sequence; the kernel takes decodes, chunks of ≤ CHUNK_TOKENS (256) tokens
+# over a context at least twice as long and cold prompts of ≤ COLD_TOKENS (64): all but the
+# 65-token cold prompt (0, 65); with the limit at 16 (``SHORT``) the 17-token chunk (60, 17)
+# keeps the model's path too
+STEPS = [(22, 1), (30, 6), (0, 7), (4, 1), (0, 1), (300, 1), (60, 17), (9, 3), (0, 65)]
+TAKEN = {0, 1, 2, 3, 4, 5, 6, 7}
 SHORT = 16
 
 
@@ -119,7 +121,7 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
         assert torch.isfinite(got).all()
         err = ((got.double() - want.double()).norm() / want.double().norm()).item()
         assert err < tol, (heads, err)
-        for s in (seqs[2],):  # the loop's rows: the same numbers
+        for s in (seqs[2], seqs[8]):  # a cold prompt's rows (kernel, loop): the same numbers
             r = slice(s.query_start, s.query_start + s.query_len)
             assert torch.allclose(got[r].float(), want[r].float(), atol=tol, rtol=tol)
         assert cuda_mla.block_m(heads) == (16 if heads == 4 else 32)
@@ -153,21 +155,24 @@ def test_latent_metadata_from_the_sequences():
     finally:
         cuda_mla.CHUNK_TOKENS = default
     assert batch.sequences == TAKEN - {6}
-    # rows: seq 0 (row 0), seq 1 (1-6), seq 3 (14), seq 4 (15), seq 5 (16), seq 7 (34-36)
-    assert torch.equal(batch.rows, torch.tensor([0, 1, 2, 3, 4, 5, 6, 14, 15, 16, 34, 35, 36]))
-    assert batch.token_ctx.tolist() == [23, 31, 32, 33, 34, 35, 36, 5, 1, 301, 10, 11, 12]
+    # rows: seq 0 (row 0), seq 1 (1-6), seq 2 (7-13, the cold prompt: keys 1..7, causal over
+    # its own), seq 3 (14), seq 4 (15), seq 5 (16), seq 7 (34-36); seq 8 (0, 65) is not taken
+    assert torch.equal(batch.rows, torch.tensor(list(range(17)) + [34, 35, 36]))
+    assert batch.token_ctx.tolist() == [23, 31, 32, 33, 34, 35, 36, 1, 2, 3, 4, 5, 6, 7,
+                                        5, 1, 301, 10, 11, 12]
     tiles = list(zip(batch.tile_seq.tolist(), batch.tile_lo.tolist(), batch.tile_hi.tolist()))
     # 20 heads a token, 32 rows a tile: seq 1's 6 tokens are flat rows 20-140 → 4 tiles
     assert tiles == [(0, 0, 20), (1, 20, 52), (1, 52, 84), (1, 84, 116), (1, 116, 140),
-                     (2, 140, 160), (3, 160, 180), (4, 180, 200), (5, 200, 232),
-                     (5, 232, 260)]
+                     (2, 140, 172), (2, 172, 204), (2, 204, 236), (2, 236, 268),
+                     (2, 268, 280), (3, 280, 300), (4, 300, 320), (5, 320, 340),
+                     (6, 340, 372), (6, 372, 400)]
     chosen = sorted(TAKEN - {6})
     for k, i in enumerate(chosen):
         t = seqs[i].block_table
         assert torch.equal(batch.block_tables[k, :len(t)], t.int())
         assert (batch.block_tables[k, len(t):] == t[-1]).all()
     assert batch.block_tables.shape == (len(chosen), 76)  # the 301-token context's blocks
-    assert build_latent([seqs[2]], 20, torch.device("cpu"), 4) is None
+    assert build_latent([seqs[8]], 20, torch.device("cpu"), 4) is None
     latent = torch.empty(2, PAGE, 1, 24), torch.empty(2, PAGE, 1, 0)
     plain = torch.empty(2, PAGE, 2, 16), torch.empty(2, PAGE, 2, 16)
     assert latent_layers([latent[0], plain[0], latent[0]], [latent[1], plain[1], latent[1]],
@@ -176,9 +181,11 @@ def test_latent_metadata_from_the_sequences():
 
 
 def test_a_follow_up_turns_chunk_takes_the_kernel():
-    """GLM-4.7-Flash's Claude Code turn 2 (64 new tokens over 20384 cached) and chunks up to
-    256 tokens over a context twice as long go to the kernel; a cold chunk, a 257-token one or
-    one over too short a context keep the model's own path."""
+    """GLM-4.7-Flash's Claude Code turn 2 (64 new tokens over 20384 cached), chunks up to 256
+    tokens over a context twice as long and cold prompts up to 64 tokens go to the kernel (a
+    step of several short prompts then attends in one launch a layer, not a loop over them); a
+    longer cold prompt, a 257-token chunk or one over too short a context keep the model's own
+    path."""
     from pensieve.backends.cuda_mla import build_latent, takes
     from pensieve.models.forward_context import SequenceSlice
 
@@ -186,7 +193,9 @@ def test_a_follow_up_turns_chunk_takes_the_kernel():
         return SequenceSlice(0, new, cached + new, torch.arange(-(-(cached + new) // PAGE)))
 
     assert takes(seq(20384, 64)) and takes(seq(256, 256)) and takes(seq(17392, 82))
-    assert not takes(seq(255, 256)) and not takes(seq(20000, 257)) and not takes(seq(0, 64))
+    assert takes(seq(0, 64)) and takes(seq(0, 2)) and takes(seq(0, 1))
+    assert not takes(seq(255, 256)) and not takes(seq(20000, 257)) and not takes(seq(0, 65))
+    assert not takes(seq(1, 64))  # a chunk over too short a cached context: not cold either
     batch = build_latent([seq(2048, 64)], 20, torch.device("cpu"), num_sms=132)
     assert batch.sequences == {0} and batch.rows == slice(0, 64)
     assert batch.token_ctx.tolist() == list(range(2049, 2049 + 64))  # causal within the chunk
