@@ -21,7 +21,7 @@ indices). The router's weight is kept float32 (its GEMM ran ``weight.float()``, 
 gpt-oss's router (``models/gpt_oss.Router``: top-k of the biased logits, then a softmax over
 those k) is ``topk_softmax``: ~5 launches (topk's gather and sort, softmax) → one.
 
-Installed on each router at a CUDA hybrid runner's start (``install``: ``kernel`` on softmax
+Installed on each router at every CUDA runner's start (uniform and hybrid layouts) (``install``: ``kernel`` on softmax
 routers, ``sigmoid_kernel`` on sigmoid ones); ``PENSIEVE_ROUTER_KERNEL=0`` leaves the torch forms.
 """
 

@@ -252,10 +252,13 @@ class ModelRunner:
             self.cpu_decoder = CpuDecoder(kernels, self.model, self.k_caches, self.v_caches)
 
     def _init_cuda(self, args: ModelArgs, config: EngineConfig, cuda_graphs: bool) -> None:
+        from pensieve.backends import cuda_router
         from pensieve.backends.cuda_batch import CudaBatchBuilder
         from pensieve.backends.cuda_chunk_graphs import CudaChunkGraphs
         from pensieve.backends.cuda_graph_runner import PREFILL_ROWS, CudaGraphRunner
 
+        if cuda_router.enabled():  # MoE routers' selection in one launch (before any capture)
+            cuda_router.install(self.model)
         if not self.fast.paged_kernels:
             return  # the per-sequence path (windows masking within the context)
         self.cuda_batches = CudaBatchBuilder(config.block_size, args.num_kv_heads, self.device)

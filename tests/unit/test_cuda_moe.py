@@ -375,6 +375,7 @@ def test_qwen3_moe_gguf_on_cuda_gives_the_float_paths_greedy_tokens(gguf_root, q
     codes = build_model(codes_ckpt, cfg)
     assert sum(isinstance(m, CudaMoEExperts) for m in codes.modules()) == 2
     assert codes.fast_paths.cuda_graphs
+    from pensieve.models.moe import Router
     float_ckpt = load_checkpoint(path)
     reference = build_model(float_ckpt, cfg)
     assert not reference.fast_paths.cuda_graphs
@@ -384,6 +385,8 @@ def test_qwen3_moe_gguf_on_cuda_gives_the_float_paths_greedy_tokens(gguf_root, q
         ours, engine = cuda_tokens(codes, codes_ckpt, ids, 8)
         theirs, _ = cuda_tokens(reference, float_ckpt, ids, 8)
         assert engine.runner.graphs is not None and engine.runner.graphs.replays > 0
+        # a uniform layout's runner selects on the router kernel too (not only hybrid ones)
+        assert all(m.kernel is not None for m in codes.modules() if isinstance(m, Router))
         if qtype is not Q.Q4_K:
             assert ours == theirs, seed
         assert ours[0] == theirs[0]
