@@ -59,6 +59,7 @@ from pensieve.backends.cuda_attention import CudaPagedAttention
 from pensieve.backends.cuda_int4 import CudaInt4Linear
 from pensieve.backends.cuda_int4_gemv_wide import Wide, gemv_wide
 from pensieve.models.llama import MLP, Attention, DecoderLayer, LlamaBody, RMSNorm
+from pensieve.models.moe import GLMDecoderLayer, MoEDecoderLayer
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,25 @@ class CudaDecoderLayer(DecoderLayer):
         return x, self.mlp(h)
 
 
+class CudaMoEDecoderLayer(MoEDecoderLayer):
+    """The MoE block's post-attention residual add and norm in one launch (``add_rms_norm``);
+    its MoE (router kernel, expert kernels) and attention as they are."""
+
+    def forward(self, x, cos_sin, ctx):  # noqa: ANN001, ANN201 - as MoEDecoderLayer.forward
+        h = x.shape[-1]
+        attn = self.self_attn(self.input_layernorm(x), cos_sin, ctx)
+        norm = self.post_attention_layernorm
+        x2, normed = add_rms_norm(x.reshape(-1, h), attn.reshape(-1, h), norm.weight, norm.eps)
+        return (x2 + self.mlp(normed)).view(x.shape)
+
+
+class CudaGLMDecoderLayer(CudaMoEDecoderLayer, GLMDecoderLayer):
+    pass
+
+
+_MOE_LAYERS = {MoEDecoderLayer: CudaMoEDecoderLayer, GLMDecoderLayer: CudaGLMDecoderLayer}
+
+
 class CudaLlamaBody(LlamaBody):
     """Each layer's last residual add fused with the next layer's input norm (the last
     layer's with the final norm, over every row, then the engine's rows picked)."""
@@ -184,6 +204,9 @@ def fuse_cuda_layers(model: nn.Module) -> int:
             module.__class__ = CudaMLP
         elif type(module) is DecoderLayer:
             module.__class__ = CudaDecoderLayer
+            count += 1
+        elif type(module) in _MOE_LAYERS and type(module.post_attention_layernorm) is RMSNorm:
+            module.__class__ = _MOE_LAYERS[type(module)]
             count += 1
         elif cross and _fusable_attention(module):
             module.__class__ = CudaAttention

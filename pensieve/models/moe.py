@@ -315,7 +315,10 @@ def moe_shapes(args: ModelArgs, shared: str = "shared_expert") -> Shapes:
 
 def moe_paths(args: ModelArgs, context_length: int) -> FastPaths:
     """The compiled paged attention where no window masks and RoPE covers whole heads; expert
-    codes sliced on the CPU kernels (``cpu_moe_codes``); none of the Llama-block MLP/decoder
-    kernels, and no CUDA graphs (the expert loop reads per-expert counts on the host)."""
+    codes sliced on the CPU kernels (``cpu_moe_codes``); on CUDA the block's fused kernels for
+    SiLU experts (``cuda_fused_layers``: q/k norms inside RoPE, the post-attention add + norm,
+    a dense or shared MLP's SiLU·mul — exact classes only); no CUDA graphs declared here (the
+    expert loop reads per-expert counts on the host: the CUDA expert kernels turn them on)."""
     whole = not args.windows_bind(context_length) and rotary_dim(args) == args.head_dim
-    return FastPaths(paged_kernels=whole, cpu_moe_codes=True)
+    return FastPaths(paged_kernels=whole, cpu_moe_codes=True,
+                     cuda_fused_layers=args.hidden_act == "silu")

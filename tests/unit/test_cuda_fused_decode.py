@@ -87,6 +87,52 @@ def check_fused_models() -> None:
             torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
+def tiny_moe(seed: int = 0):  # noqa: ANN201
+    """A 3-layer Qwen3-MoE-shaped model (q/k norms, 4 experts top-2 renormalised, a shared
+    expert, layer 0 dense)."""
+    from pensieve.models.args import MoEArgs
+    from pensieve.models.moe import MoEForCausalLM
+
+    args = ModelArgs(architecture="qwen3_moe", vocab_size=257, hidden_size=64,
+                     intermediate_size=128, num_layers=3, num_heads=4, num_kv_heads=2,
+                     head_dim=32, max_position_embeddings=512, qk_norm=True,
+                     moe=MoEArgs(4, 2, 32, norm_topk=True, shared_size=48,
+                                 dense_layers=frozenset({0})))
+    torch.manual_seed(seed)
+    model = MoEForCausalLM(args).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "experts" in name or name.endswith("mlp.gate.weight"):  # made as torch.empty
+                p.normal_(0, 0.1)
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+def check_fused_moe_model() -> None:
+    """A uniform MoE model fused (its declared ``cuda_fused_layers``): every block's
+    post-attention add + norm in one launch, q/k-normed attentions and the dense / shared
+    MLPs switched, the body left unfused (its layers are not Llama blocks); logits as before."""
+    from pensieve.models.moe import MoE
+    from tests.helpers.paged_run import paged_logits, prompt
+
+    model = tiny_moe()
+    assert model.fast_paths.cuda_fused_layers  # the family declares it
+    fused = copy.deepcopy(model)
+    assert cuda_layers.fuse_cuda_layers(fused) == 3
+    assert all(type(layer) is cuda_layers.CudaMoEDecoderLayer for layer in fused.model.layers)
+    assert all(type(layer.self_attn) is cuda_layers.CudaAttention for layer in fused.model.layers)
+    assert type(fused.model.layers[0].mlp) is cuda_layers.CudaMLP
+    assert isinstance(fused.model.layers[1].mlp, MoE)
+    assert type(fused.model.layers[1].mlp.shared_expert) is cuda_layers.CudaMLP
+    assert type(fused.model) is not cuda_layers.CudaLlamaBody
+    ids = prompt(11, 257, seed=3)
+    for a, b in zip(paged_logits(model, model.args, ids, [4, 8]),
+                    paged_logits(fused, model.args, ids, [4, 8])):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
 def check_swiglu_mlp() -> None:
     """A CudaMLP over an int4 gate/up weight: the one-launch SiLU·up form (``swiglu`` set, 1
     row) gives what the GEMV + silu_mul give (2 rows: the unfused path either way)."""
@@ -113,7 +159,7 @@ def test_rope_norm_and_fused_models_in_the_interpreter():
     run_in_triton_interpreter(
         "import torch; import tests.unit.test_cuda_fused_decode as t; "
         "t.check_rope_norm('cpu', torch.float32); t.check_rope_norm('cpu', torch.bfloat16); "
-        "t.check_fused_models(); t.check_swiglu_mlp(); print('ok')")
+        "t.check_fused_models(); t.check_fused_moe_model(); t.check_swiglu_mlp(); print('ok')")
 
 
 def test_fusing_keeps_the_state_dict_and_leaves_other_bodies():
