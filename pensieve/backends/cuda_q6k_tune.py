@@ -33,13 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pensieve.backends import cuda_q6k_plan_cache
 from pensieve.backends.cuda_q6k import (
     BUCKETS, DEQUANT, GEMM, GEMM16, GEMM_SMALL, GEMV, SKINNY16, SKINNY32, Choice, CudaQ6KLinear,
     Plan, Skinny, Tiles, dequantize, launch, skinny_fits, skinny_workspace,
 )
 from pensieve.backends.cuda_q6k_rows import Rows, rows_workspace
 from pensieve.backends.cuda_q6k_split import Split, split_workspace
-from pensieve.backends.tune_cache import full_race
+from pensieve.backends.tune_cache import TuneCache, full_race
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +106,16 @@ Timer = Callable[[Run, list[CudaQ6KLinear], int], float]
 
 
 def prepare(model: nn.Module, dtype: torch.dtype, reps: int = 10, timer: Timer | None = None,
-            rows: Mapping[int, int] = ROWS) -> None:
+            rows: Mapping[int, int] = ROWS, cache: TuneCache | None = None) -> None:
     """Plan every ``CudaQ6KLinear`` of ``model`` (on the GPU, in ``dtype``; an untied
     embedding's table, only looked up, is left alone) and make the skinny kernel's workspaces.
-    ``timer``: GPU µs of a run over layers (``cuda_int4_tune.gpu_us``; tests pass their own)."""
+    ``timer``: GPU µs of a run over layers (``cuda_int4_tune.gpu_us``; tests pass their own).
+    Plans timed on the GPU are kept between starts (``cuda_q6k_plan_cache``; ``cache``: where,
+    by default the plan cache of the GPU timer, none for a test's timer)."""
     if timer is None:
         from pensieve.backends.cuda_int4_tune import gpu_us as timer
+
+        cache = cache or cuda_q6k_plan_cache.PLANS
     layers = [m for m in model.modules()
               if isinstance(m, CudaQ6KLinear) and not getattr(m, "lookup_only", False)]
     shapes: dict[tuple[int, int], list[CudaQ6KLinear]] = {}
@@ -121,10 +126,16 @@ def prepare(model: nn.Module, dtype: torch.dtype, reps: int = 10, timer: Timer |
         rows_workspace(m.lo.device, m.out_features)
     notes = []
     for (n, k), same in shapes.items():
-        plan = plan_shape(same[:8], dtype, reps, timer, rows)
+        plan = None if cache is None else cuda_q6k_plan_cache.load(same[0], dtype, cache)
+        kept = " (timed at an earlier start)" if plan is not None else ""
+        if plan is None:
+            plan = plan_shape(same[:8], dtype, reps, timer, rows)
+            if cache is not None:
+                cuda_q6k_plan_cache.store(same[0], dtype, plan, cache)
         for m in same:
             m.plan = plan
-        notes.append(f"{n}x{k}: " + ", ".join(f"{b} {describe(c)}" for b, c in plan.items()))
+        notes.append(f"{n}x{k}: " + ", ".join(f"{b} {describe(c)}" for b, c in plan.items())
+                     + kept)
     if layers:
         held = sum(sum(b.nbytes for b in m.weight_buffers()) for m in layers)
         log.info("Q6_K layers: %d, %.2f GiB of codes; %s", len(layers), held / 2**30,
