@@ -56,10 +56,12 @@ def load_torch_engine(settings: ServeSettings) -> tuple[Engine, Checkpoint, Call
     engine = torch_engine(model, ckpt.args, ckpt.tokenizer, engine_cfg)
     del model
     if torch.device(engine_cfg.device).type == "cuda":  # CPU start-up time matters more
+        from pensieve.backends.model_runner import log_gpu_memory_use
         from pensieve.engine.warm_up import warm_up
 
         steps, seconds = warm_up(engine)
         log.info("warmed up the step shapes that compile kernels: %d steps in %.1f s", steps, seconds)
+        log_gpu_memory_use(torch.device(engine_cfg.device), "after the warm-up")
         if triton_compiles.watch():
             count, spent = triton_compiles.serving()
             log.info("Triton compiled %d kernels at start (%.1f s); a compile while serving is a "
