@@ -123,6 +123,9 @@ def finish_on_cuda(model: nn.Module, config: EngineConfig, tune_int4: bool) -> N
                 log.info("gate/up GEMV with SiLU·up, µs per call: %s", note)
     cuda_q6k_tune.prepare(model, config.dtype)
     cuda_moe_tune.prepare(model, config.dtype)  # MoE experts' route per decode bucket
+    # the tuners' temporaries (random inputs up to 2048 rows, float32 references of whole
+    # weights, a head's among them) back to the driver, not left in torch's cache
+    torch.cuda.empty_cache()
 
 
 def place_weights(model: nn.Module, args: ModelArgs, config: EngineConfig,

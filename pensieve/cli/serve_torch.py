@@ -61,6 +61,7 @@ def load_torch_engine(settings: ServeSettings) -> tuple[Engine, Checkpoint, Call
 
         steps, seconds = warm_up(engine)
         log.info("warmed up the step shapes that compile kernels: %d steps in %.1f s", steps, seconds)
+        torch.cuda.empty_cache()  # the warm-up's temporaries: what serving holds is what shows
         log_gpu_memory_use(torch.device(engine_cfg.device), "after the warm-up")
         if triton_compiles.watch():
             count, spent = triton_compiles.serving()
