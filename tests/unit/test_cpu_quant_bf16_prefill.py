@@ -82,6 +82,7 @@ def test_mixed_three_blocks_and_tiles(monkeypatch):
     w16 = bf16_prefill.dequant_bf16(KERNELS, layer._address, k, 0, 147, 2)
     assert torch.equal(w16, layer.dequantize().bfloat16())
     monkeypatch.setattr(bf16_prefill, "TILE_ELEMS", 48 * k)  # tiles of 48 rows: 48, 96, 144
+    monkeypatch.setattr(bf16_prefill, "WIDE_BELOW", 0)
     assert torch.equal(layer(x), whole)
 
 
@@ -128,8 +129,8 @@ def test_rows_below_the_threshold_keep_the_integer_kernels(monkeypatch):
     down, _ = codes(Q.Q8_0, 1536, 32, seed=2)
     mlp = Q4MLP(CodesLinear(KERNELS, gate), CodesLinear(KERNELS, down))
     calls = []
-    real = bf16_prefill.project
-    monkeypatch.setattr(bf16_prefill, "project", lambda *a: calls.append(a[0]) or real(*a))
+    real = bf16_prefill._weights  # every bf16 product dequantises its weight through it
+    monkeypatch.setattr(bf16_prefill, "_weights", lambda *a: calls.append(a[0]) or real(*a))
     for module in (layer, mlp.gate_up_proj, mlp.down_proj):
         module.bf16_from = 32
     layer(activations(31, 1536))
@@ -184,3 +185,26 @@ def test_a_prefill_allocates_no_large_temporaries_and_release_hands_the_scratch_
     bf16_prefill.release()
     assert bf16_prefill._scratch == {} and all(r() is None for r in alive)  # nothing else holds them
     assert torch.equal(mlp(x), first)
+
+
+def test_the_mlp_takes_up_in_tiles_through_a_tile_sized_scratch(monkeypatch):
+    """Tiled, each product lands in its columns in place (no temporaries) and up needs a
+    scratch only as wide as a tile, multiplied into SiLU(gate) as it lands: the same result
+    as one tile within bf16 rounding."""
+    h, i, m = 512, 256, 96
+    gate, _ = codes(Q.Q4_K, 2 * i, h, seed=31)
+    down, _ = codes(Q.Q6_K, h, i, seed=32)
+    mlp = Q4MLP(CodesLinear(KERNELS, gate, threads=2), CodesLinear(KERNELS, down, threads=2))
+    mlp.gate_up_proj.bf16_from = mlp.down_proj.bf16_from = 64
+    x = activations(m, h, seed=6) * 0.05
+    bf16_prefill.release()
+    whole = mlp(x)
+    assert bf16_prefill._scratch["up"].numel() == m * i
+    bf16_prefill.release()
+    monkeypatch.setattr(bf16_prefill, "TILE_ELEMS", 64 * h)  # gate/up in 4 tiles, down in 4
+    monkeypatch.setattr(bf16_prefill, "WIDE_BELOW", 0)
+    tiled = mlp(x)
+    assert out_err(tiled, whole) < 1e-2
+    assert bf16_prefill._scratch["up"].numel() == m * 64
+    assert bf16_prefill._scratch["w"].numel() == 64 * h
+    bf16_prefill.release()
