@@ -9,6 +9,8 @@ kernels of ``cuda_int8_kernels.py`` on them:
 
 * 1 row (decode at batch 1): ``gemv``, float32 sums with exact float16 scales;
 * 2-16 rows: ``skinny``, the weight tile dequantised in registers, on the tensor cores;
+  (on a GPU ``cuda_int8_tune`` races both routes' tiles per weight shape and row bucket at
+  start: ``CudaInt8Linear.plan``;)
 * up to ``MATMUL_MAX_ROWS``: ``matmul``, a GEMM tile dequantising the weight in the kernel;
 * beyond (long prefill, compute-bound): the weight dequantised into a temporary for the call,
   then cuBLAS. No dense copy is kept anywhere.
@@ -57,6 +59,9 @@ class Tiles:
 
 GEMV = Tiles(1, 4, 512, 4, 3)
 SKINNY = Tiles(16, 32, 128, 4, 3)
+# the row buckets a timed plan covers (``cuda_int8_tune``): a route and its tiles per bucket
+ROUTE_BUCKETS = (1, 2, 4, 8, 16)
+Plan = dict[int, tuple[str, Tiles]]
 MATMUL = Tiles(64, 64, 64, 4, 3)
 MATMUL_SMALL = Tiles(32, 64, 64, 4, 3)  # up to 32 rows
 DEQUANT = Tiles(1, 16, 256, 4, 1)
@@ -139,10 +144,33 @@ def dequantize(b: Block, out: torch.Tensor, t: Tiles = DEQUANT) -> torch.Tensor:
     return out
 
 
-def int8_linear(x: torch.Tensor, blocks: Sequence[Block], n: int) -> torch.Tensor:
+def bucket(m: int) -> int:
+    """The plan entry that serves m ≤ 16 rows: the smallest bucket that holds them."""
+    return next(b for b in ROUTE_BUCKETS if m <= b)
+
+
+def run_route(x: torch.Tensor, blocks: Sequence[Block], n: int, route: str, t: Tiles
+              ) -> torch.Tensor:
+    """x [M ≤ 16, K] @ w.T on one route with its tiles: ``gemv`` (a program a row and BLOCK_N
+    outputs: each row reads the weight, from L2 where it fits) or ``skinny``."""
+    run = gemv if route == "gemv" else skinny
+    y = torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
+    row = 0
+    for b in blocks:
+        rows = b.codes.shape[0]
+        run(x, b, y[:, row:row + rows], t)
+        row += rows
+    return y
+
+
+def int8_linear(x: torch.Tensor, blocks: Sequence[Block], n: int,
+                plan: Plan | None = None) -> torch.Tensor:
     """x [M, K] (contiguous rows) @ w.T for w the row blocks stacked, on the kernels (any device
-    Triton runs on: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``)."""
+    Triton runs on: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); up to 16 rows by
+    ``plan``'s route for their bucket where the layer has a timed one."""
     m, k = x.shape
+    if plan is not None and 1 <= m <= ROUTE_BUCKETS[-1]:
+        return run_route(x, blocks, n, *plan[bucket(m)])
     if m > MATMUL_MAX_ROWS:
         w = torch.empty(n, k, device=x.device, dtype=x.dtype)
         row = 0
@@ -201,6 +229,9 @@ class CudaInt8Linear(CodesLinear):
                                  if keys[start][1] else None)
             start = i
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # the route and tiles per row bucket timed at start (``cuda_int8_tune``); None: the
+        # fixed rule (gemv at 1 row, skinny at 2-16)
+        self.plan: Plan | None = None
 
     def blocks(self) -> list[Block]:
         return [Block(getattr(self, f"codes{j}"), getattr(self, f"scales{j}"),
@@ -228,7 +259,7 @@ class CudaInt8Linear(CodesLinear):
         return w.view(len(ids), self.in_features)
 
     def _cuda(self, x2: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x2, self.blocks(), self.out_features)
+        return int8_linear(x2, self.blocks(), self.out_features, self.plan)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
