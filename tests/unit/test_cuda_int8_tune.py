@@ -95,3 +95,33 @@ def tune_check(root: str) -> None:
 def test_the_race_in_the_triton_interpreter(tmp_path):
     run_in_triton_interpreter("from tests.unit.test_cuda_int8_tune import tune_check as c; "
                               f"c({str(tmp_path)!r}); print('ok')")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_race_on_the_gpu(tmp_path):
+    """gpt-oss-like Q8_0 shapes on the GPU in bfloat16: every bucket planned, the planned routes
+    give the dequantised product, and a second start reads the plan back (timing nothing)."""
+    from pensieve.backends import cuda_int8_tune as tune
+    from pensieve.backends.cuda_int8 import CudaInt8Linear, int8_linear
+    from pensieve.backends.tune_cache import TuneCache
+    from tests.unit.test_cuda_int8 import groups
+
+    model = torch.nn.Sequential(CudaInt8Linear(groups(Q.Q8_0, 5120, 2880, seed=1)),
+                                CudaInt8Linear(groups(Q.Q8_0, 5120, 2880, seed=2))).cuda()
+    tune.prepare(model, torch.bfloat16, reps=3, cache=TuneCache("int8", ("x",), root=tmp_path))
+    plan = model[0].plan
+    assert plan is not None and set(plan) == {1, 2, 4, 8, 16}
+    weight = model[0].dequantize()
+    for r in (1, 2, 3, 8, 13):
+        x = torch.randn(r, 2880, device="cuda", dtype=torch.bfloat16)
+        y = int8_linear(x, model[0].blocks(), 5120, plan)
+        ref = x.float() @ weight.T
+        assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-2, r
+    again = torch.nn.Sequential(CudaInt8Linear(groups(Q.Q8_0, 5120, 2880, seed=1))).cuda()
+
+    def no_timing(run, sample, reps):  # noqa: ANN001, ANN202
+        raise AssertionError("a kept plan is checked, not timed")
+
+    tune.prepare(again, torch.bfloat16, timer=no_timing,
+                 cache=TuneCache("int8", ("x",), root=tmp_path))
+    assert again[0].plan == plan

@@ -84,3 +84,26 @@ def cache_check(root: str) -> None:
 def test_a_later_start_reads_the_plan_back_in_the_triton_interpreter(tmp_path):
     run_in_triton_interpreter("from tests.unit.test_cuda_q6k_plan_cache import cache_check as c; "
                               f"c({str(tmp_path)!r}); print('ok')")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_later_start_reads_the_plan_back_on_the_gpu(tmp_path):
+    """An attn_v-shaped Q6_K weight in bfloat16: the first start races and stores, the second
+    gets the same plan without timing anything."""
+    from pensieve.backends import cuda_q6k_tune as tune
+    from pensieve.backends.tune_cache import TuneCache
+    from tests.unit.test_cuda_q6k_rows import layer_of
+
+    def model():  # noqa: ANN202
+        return torch.nn.Sequential(layer_of(1024, 4096, 1)).cuda()
+
+    first = model()
+    tune.prepare(first, torch.bfloat16, reps=3, cache=TuneCache("q6k", ("x",), root=tmp_path))
+
+    def no_timing(run, sample, reps):  # noqa: ANN001, ANN202
+        raise AssertionError("a kept plan is checked, not timed")
+
+    again = model()
+    tune.prepare(again, torch.bfloat16, timer=no_timing,
+                 cache=TuneCache("q6k", ("x",), root=tmp_path))
+    assert again[0].plan == first[0].plan and len(first[0].plan) == 8
