@@ -108,6 +108,27 @@ def test_sliced_experts_match_dequantised_float(qtypes):
         assert rel_err(layer(x, weights, ids), want) < 1e-3, t
 
 
+@pytest.mark.parametrize("act", [F.silu, F.gelu])
+def test_one_token_takes_its_picks_in_order_bitwise_as_the_grouped_path(act):
+    """A decode step's one token skips the grouping (argsort, bincount, gathers): the same
+    kernel calls and the same weighted sum, so the same bits as the grouped path gives it
+    where each expert there gets that one row too (disjoint picks: the kernels' row tiles differ
+    with the rows)."""
+    layer, _ = sliced_and_reference((Q.Q4_K, Q.Q4_K, Q.Q6_K), act=act)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(5))
+    weights, _ = routing(2, 4, 2, seed=5)
+    ids = torch.tensor([[3, 0], [1, 2]])  # picks out of expert order
+    both = layer(x, weights, ids)  # two tokens: the grouped path
+    grouped = torch.bincount
+    torch.bincount = None  # the one-token path never groups
+    try:
+        for t in range(2):
+            one = layer(x[t:t + 1], weights[t:t + 1], ids[t:t + 1])
+            assert torch.equal(one, both[t:t + 1]), t
+    finally:
+        torch.bincount = grouped
+
+
 def test_another_activation_runs_between_the_projections():
     layer, ref = sliced_and_reference((Q.Q8_0,) * 3, act=F.gelu)
     x = torch.randn(20, 256, generator=torch.Generator().manual_seed(0))
