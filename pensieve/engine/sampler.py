@@ -176,11 +176,21 @@ def _sample_batch(logits: torch.Tensor, params: list[SamplingParams],
     probs = torch.where(probs.sum(dim=-1, keepdim=True) > 0, probs, argmax)
     race = torch.empty_like(probs)
     if any(g is None for g in generators):
-        race.exponential_()
+        _exponential(race)
     for i, gen in enumerate(generators):
         if gen is not None:
-            race[i].exponential_(generator=gen)
+            _exponential(race[i], gen)
     return (probs / race).argmax(dim=-1)
+
+
+def _exponential(out: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    """``out`` filled with Exp(1) draws. On the CPU as -log(U), U uniform on [tiny, 1): never 0
+    (a zero draw would make p / E infinite, or NaN for a masked token) and not
+    ``exponential_``, which drew 152k floats in 2.4 ms against 0.4 this way — ~4% of a 1.5B
+    model's CPU decode step at the default temperature. On a GPU ``exponential_`` (one launch)."""
+    if out.device.type != "cpu":
+        return out.exponential_(generator=gen)
+    return out.uniform_(torch.finfo(out.dtype).tiny, 1.0, generator=gen).log_().neg_()
 
 
 WINDOW = 256  # the top-p cut is looked for among each row's WINDOW best tokens first

@@ -81,6 +81,25 @@ def test_batched_draws_follow_the_distribution():
     assert torch.allclose(counts / counts.sum(), probs, atol=0.04)
 
 
+def test_the_race_draws_are_exponential_and_never_zero(monkeypatch):
+    """Exp(1) draws (mean 1, P(E > 1) = 1/e), all positive and finite — also where the uniform
+    draw is its lowest value (a zero would make a masked token's p / E NaN, which argmax
+    takes), and a seeded generator repeats its draws."""
+    from pensieve.engine.sampler import _exponential
+
+    e = _exponential(torch.empty(400_000))
+    assert e.min() > 0 and torch.isfinite(e).all()
+    assert abs(e.mean().item() - 1) < 0.01 and abs((e > 1).float().mean().item() - 0.3679) < 0.005
+    lowest = torch.Tensor.uniform_
+    monkeypatch.setattr(torch.Tensor, "uniform_",
+                        lambda self, a, b, generator=None: self.fill_(a))  # every draw at its floor
+    edge = _exponential(torch.empty(8))
+    assert torch.isfinite(edge).all() and (edge > 0).all()
+    monkeypatch.setattr(torch.Tensor, "uniform_", lowest)
+    a = _exponential(torch.empty(16), torch.Generator().manual_seed(3))
+    assert torch.equal(a, _exponential(torch.empty(16), torch.Generator().manual_seed(3)))
+
+
 def test_the_windowed_nucleus_keeps_what_the_full_sort_keeps():
     """The top-p cut looked for among each row's best tokens (widened while short, sorted
     past a quarter of the vocabulary) keeps the tokens the full sort keeps: peaked and flat
