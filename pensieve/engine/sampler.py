@@ -124,7 +124,8 @@ def sample_ids(
 
     Batched: the rows that sample (temperature ≥ ``GREEDY_BELOW``) go through temperature,
     top-k and top-p together and draw by the exponential race (argmax of p / E, E ~ Exp(1):
-    the same distribution as a multinomial draw), a few kernels a step whatever the batch. A
+    the same distribution as a multinomial draw; taken in log space, no softmax), a few
+    kernels a step whatever the batch. A
     seeded row draws its E from its own generator, so its tokens depend only on its seed and
     its logits — never on the rows batched with it."""
     with torch.inference_mode():
@@ -168,19 +169,17 @@ def _sample_batch(logits: torch.Tensor, params: list[SamplingParams],
     top_p = [p.top_p if p.top_p < 1.0 else 2.0 for p in params]  # 2.0: keeps every token
     if any(top_k) or any(p < 1.0 for p in top_p):
         rows = _top_k_top_p(rows, top_k, top_p)
-    probs = torch.softmax(rows, dim=-1)
-    # a finite row divided by a temperature ≥ GREEDY_BELOW can still overflow to inf for
-    # huge logits; then softmax is NaN: take the row's argmax rather than raise
-    probs = torch.nan_to_num(probs, nan=0.0)
-    argmax = torch.zeros_like(probs).scatter_(1, rows.argmax(dim=-1, keepdim=True), 1.0)
-    probs = torch.where(probs.sum(dim=-1, keepdim=True) > 0, probs, argmax)
-    race = torch.empty_like(probs)
+    race = torch.empty_like(rows)
     if any(g is None for g in generators):
         _exponential(race)
     for i, gen in enumerate(generators):
         if gen is not None:
             _exponential(race[i], gen)
-    return (probs / race).argmax(dim=-1)
+    # the race in log space: argmax(p / E) = argmax(log p - log E), and log p is the row less
+    # its log-sum-exp, one constant a row — so no softmax. A masked token (-inf) never wins; a
+    # row that overflowed to +inf (huge logits over a temperature ≥ GREEDY_BELOW) takes its
+    # first +inf, its argmax, as the softmax form's NaN fallback did
+    return (rows - race.log_()).argmax(dim=-1)
 
 
 def _exponential(out: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:

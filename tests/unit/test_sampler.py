@@ -100,6 +100,28 @@ def test_the_race_draws_are_exponential_and_never_zero(monkeypatch):
     assert torch.equal(a, _exponential(torch.empty(16), torch.Generator().manual_seed(3)))
 
 
+def test_the_log_space_race_keeps_masks_and_overflow():
+    """Masked tokens (a grammar's -inf) are never drawn; a row whose logits overflow to +inf
+    over its temperature draws its first largest (its argmax) rather than failing; draws with
+    a top-k stay in it; a row masked but for one token draws that token."""
+    params = [SamplingParams(temperature=1.0)]
+    row = torch.randn(1, 50)
+    row[0, ::2] = float("-inf")
+    drawn = {int(sample(row, params, [make_generator(s, "cpu")])[0]) for s in range(200)}
+    assert drawn and all(t % 2 == 1 for t in drawn) and len(drawn) > 5
+    huge = torch.zeros(1, 50)
+    huge[0, [7, 30]] = torch.finfo(torch.float32).max  # over a temperature of 0.5: +inf
+    toks = sample(huge, [SamplingParams(temperature=0.5)], [None])
+    assert int(toks[0]) == 7
+    only = torch.full((1, 50), float("-inf"))
+    only[0, 42] = 0.0
+    assert all(int(sample(only, params, [None])[0]) == 42 for _ in range(20))
+    k3 = torch.arange(50.0).unsqueeze(0)
+    got = {int(sample(k3, [SamplingParams(temperature=5.0, top_k=3)], [None])[0])
+           for _ in range(100)}
+    assert got <= {47, 48, 49} and len(got) > 1
+
+
 def test_the_windowed_nucleus_keeps_what_the_full_sort_keeps():
     """The top-p cut looked for among each row's best tokens (widened while short, sorted
     past a quarter of the vocabulary) keeps the tokens the full sort keeps: peaked and flat
