@@ -149,16 +149,19 @@ def bucket(m: int) -> int:
     return next(b for b in ROUTE_BUCKETS if m <= b)
 
 
-def run_route(x: torch.Tensor, blocks: Sequence[Block], n: int, route: str, t: Tiles
-              ) -> torch.Tensor:
-    """x [M ≤ 16, K] @ w.T on one route with its tiles: ``gemv`` (a program a row and BLOCK_N
-    outputs: each row reads the weight, from L2 where it fits) or ``skinny``."""
-    run = gemv if route == "gemv" else skinny
+def run_route(x: torch.Tensor, blocks: Sequence[Block], n: int, route: str,
+              t: Tiles | None = None) -> torch.Tensor:
+    """x @ w.T for w the row blocks stacked, each block into its columns of one output, on one
+    route (``gemv``: a program a row and BLOCK_N outputs, each row reading the weight — from
+    L2 where it fits; ``skinny``: up to 16 rows; ``matmul``) with tiles ``t`` (None: the
+    route's own)."""
+    launch = {"gemv": gemv, "skinny": skinny, "matmul": matmul}[route]
     y = torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
     row = 0
     for b in blocks:
         rows = b.codes.shape[0]
-        run(x, b, y[:, row:row + rows], t)
+        out = y[:, row:row + rows]
+        launch(x, b, out) if t is None else launch(x, b, out, t)
         row += rows
     return y
 
@@ -178,14 +181,7 @@ def int8_linear(x: torch.Tensor, blocks: Sequence[Block], n: int,
             dequantize(b, w[row:row + b.codes.shape[0]])
             row += b.codes.shape[0]
         return F.linear(x, w)
-    run = gemv if m == 1 else skinny if m <= 16 else matmul
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    row = 0
-    for b in blocks:
-        rows = b.codes.shape[0]
-        run(x, b, y[:, row:row + rows])
-        row += rows
-    return y
+    return run_route(x, blocks, n, "gemv" if m == 1 else "skinny" if m <= 16 else "matmul")
 
 
 def block_key(p: Int8Groups) -> tuple[int, bool] | None:

@@ -57,7 +57,8 @@ def prepare(model: nn.Module, dtype: torch.dtype, reps: int = 10, timer: Timer |
             shapes.setdefault(_shape(m), []).append(m)
     notes = []
     for shape, same in shapes.items():
-        plan = None if cache is None else _load(same[0], dtype, cache)
+        plan = None if cache is None else cache.checked(
+            _key(same[0], dtype), from_json, lambda p, m=same[0]: works(p, m, dtype))
         kept = " (timed at an earlier start)" if plan is not None else ""
         if plan is None:
             plan = plan_shape(same[:8], dtype, reps, timer)
@@ -110,21 +111,18 @@ def _right(route: str, t: Tiles, layer: CudaInt8Linear, x: torch.Tensor, ref: to
     return True
 
 
-def _fastest(route: str, tiles: tuple[Tiles, ...], sample: list[CudaInt8Linear],
-             x: torch.Tensor, ref: torch.Tensor, reps: int, timer: Timer
-             ) -> tuple[Tiles, float] | None:
-    first = sample[0]
+def _race(cands: list[tuple[str, Tiles]], sample: list[CudaInt8Linear], x: torch.Tensor,
+          ref: torch.Tensor, reps: int, timer: Timer, warn: bool = True
+          ) -> tuple[str, Tiles] | None:
+    """The fastest of ``cands`` (route, tiles) that builds and gives ``ref`` on x's rows."""
     timed = []
-    for t in dict.fromkeys(tiles):
-        if _right(route, t, first, x, ref):
-            def run(m: CudaInt8Linear, t: Tiles = t) -> torch.Tensor:
+    for route, t in dict.fromkeys(cands):
+        if _right(route, t, sample[0], x, ref, warn):
+            def run(m: CudaInt8Linear, route: str = route, t: Tiles = t) -> torch.Tensor:
                 return run_route(x, m.blocks(), m.out_features, route, t)
             run.choice, run.rows = (route, t), x.shape[0]  # type: ignore[attr-defined]  # tests' timers read them
-            timed.append((timer(run, sample, reps), t))
-    if not timed:
-        return None
-    best = min(timed, key=lambda r: r[0])
-    return best[1], best[0]
+            timed.append((timer(run, sample, reps), (route, t)))
+    return min(timed, key=lambda r: r[0])[1] if timed else None
 
 
 def plan_shape(sample: list[CudaInt8Linear], dtype: torch.dtype, reps: int,
@@ -142,27 +140,21 @@ def plan_shape(sample: list[CudaInt8Linear], dtype: torch.dtype, reps: int,
 
     x1, r1 = case(1)
     x8, r8 = case(8)
-    g = _fastest("gemv", GEMV_CANDIDATES, sample, x1, r1, reps, timer)
-    s = _fastest("skinny", SKINNY_CANDIDATES, sample, x8, r8, reps, timer)
-    if g is None and s is None:
+    best = [c for c in (
+        _race([("gemv", t) for t in GEMV_CANDIDATES], sample, x1, r1, reps, timer),
+        _race([("skinny", t) for t in SKINNY_CANDIDATES], sample, x8, r8, reps, timer))
+        if c is not None]
+    if not best:
         return None
     plan: Plan = {}
     for b in ROUTE_BUCKETS:
         x, ref = (x1, r1) if b == 1 else (x8, r8) if b == 8 else case(b)
-        races = [(route, t[0]) for route, t in (("gemv", g), ("skinny", s)) if t is not None]
-        if b == 1:  # skinny pads a row to 16: gemv's, where it builds
-            races = [r for r in races if r[0] == "gemv"] or races
-        timed = []
-        for route, t in races:
-            if _right(route, t, first, x, ref, warn=False):
-                def run(m: CudaInt8Linear, route: str = route, t: Tiles = t,
-                        x: torch.Tensor = x) -> torch.Tensor:
-                    return run_route(x, m.blocks(), m.out_features, route, t)
-                run.choice, run.rows = (route, t), b  # type: ignore[attr-defined]
-                timed.append((timer(run, sample, reps), (route, t)))
-        if not timed:
+        # skinny pads a row to 16: at 1 row gemv's, where it builds
+        races = ([c for c in best if c[0] == "gemv"] or best) if b == 1 else best
+        choice = _race(races, sample, x, ref, reps, timer, warn=False)
+        if choice is None:
             return None
-        plan[b] = min(timed, key=lambda r: r[0])[1]
+        plan[b] = choice
     return plan
 
 
@@ -177,14 +169,3 @@ def works(plan: Plan, layer: CudaInt8Linear, dtype: torch.dtype) -> bool:
         if not _right(route, t, layer, x, F.linear(x.float(), weight)):
             return False
     return True
-
-
-def _load(layer: CudaInt8Linear, dtype: torch.dtype, cache: TuneCache) -> Plan | None:
-    raw = cache.get(_key(layer, dtype))
-    if raw is None:
-        return None
-    try:
-        plan = from_json(raw)
-    except (KeyError, TypeError, ValueError):
-        return None
-    return plan if works(plan, layer, dtype) else None

@@ -67,14 +67,8 @@ def works(plan: Plan, layer: CudaQ6KLinear, dtype: torch.dtype) -> bool:
 def load(layer: CudaQ6KLinear, dtype: torch.dtype, cache: TuneCache | None = None
          ) -> Plan | None:
     """The plan an earlier start timed for ``layer``'s shape, if it still checks out."""
-    raw = (cache or PLANS).get(_key(layer, dtype))
-    if raw is None:
-        return None
-    try:
-        plan = from_json(raw)
-    except (KeyError, TypeError, ValueError):
-        return None
-    return plan if works(plan, layer, dtype) else None
+    return (cache or PLANS).checked(_key(layer, dtype), from_json,
+                                    lambda plan: works(plan, layer, dtype))
 
 
 def store(layer: CudaQ6KLinear, dtype: torch.dtype, plan: Plan,

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -98,6 +99,19 @@ class TuneCache:
 
     def get(self, key: str) -> Any | None:
         return self._load().get(key)
+
+    def checked(self, key: str, decode: Callable[[Any], Any],
+                works: Callable[[Any], bool]) -> Any | None:
+        """The plan kept under ``key``, decoded, where it decodes and still ``works`` (its
+        kernels checked against the reference once); else None — a start then times afresh."""
+        raw = self.get(key)
+        if raw is None:
+            return None
+        try:
+            plan = decode(raw)
+        except (KeyError, TypeError, ValueError):
+            return None
+        return plan if works(plan) else None
 
     def put(self, key: str, value: Any) -> None:
         plans = self._load()
