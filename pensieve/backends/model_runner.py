@@ -149,6 +149,11 @@ class ModelRunner:
         self.cuda_hybrid = None  # backends/cuda_hybrid.CudaHybridBuilder for hybrid layouts
         self.hybrid_graphs = None  # backends/cuda_hybrid_graphs.HybridGraphRunner
         self.profiler = step_profile.from_env(self.device)  # PENSIEVE_PROFILE_STEPS, else None
+        if self.device.type == "cuda":
+            from pensieve.backends import cuda_router
+
+            if cuda_router.enabled():  # MoE routers' selection in one launch (before any capture)
+                cuda_router.install(self.model)
         layout = model_layout(model, args)
         if not uniform_full(layout, config.context_length):
             self._init_hybrid(layout, config, args, cuda_graphs)
@@ -202,15 +207,13 @@ class ModelRunner:
                          sorted(self.cuda_hybrid.kernels), sorted(self.cuda_hybrid.latent),
                          cuda_hybrid.ENV_SWITCH)
             from pensieve.backends import (
-                cuda_gdn, cuda_hybrid_graphs, cuda_offset_norm, cuda_router,
+                cuda_gdn, cuda_hybrid_graphs, cuda_offset_norm,
             )
 
             if cuda_gdn.enabled():  # Gated DeltaNet steps on the fused kernels
                 cuda_gdn.install(self.model)
             if cuda_offset_norm.enabled():  # Qwen3.5/Next's (1 + w) RMSNorms: one launch each
                 cuda_offset_norm.install(self.model)
-            if cuda_router.enabled():  # routers' selection (softmax, sigmoid): one launch each
-                cuda_router.install(self.model)
             from pensieve.backends import cuda_hybrid_mla_rope
 
             if cuda_hybrid_mla_rope.enabled():  # MLA: latent norm + RoPEs + cache write, one
@@ -262,13 +265,10 @@ class ModelRunner:
             self.cpu_decoder = CpuDecoder(kernels, self.model, self.k_caches, self.v_caches)
 
     def _init_cuda(self, args: ModelArgs, config: EngineConfig, cuda_graphs: bool) -> None:
-        from pensieve.backends import cuda_router
         from pensieve.backends.cuda_batch import CudaBatchBuilder
         from pensieve.backends.cuda_chunk_graphs import CudaChunkGraphs
         from pensieve.backends.cuda_graph_runner import PREFILL_ROWS, CudaGraphRunner
 
-        if cuda_router.enabled():  # MoE routers' selection in one launch (before any capture)
-            cuda_router.install(self.model)
         if not self.fast.paged_kernels:
             return  # the per-sequence path (windows masking within the context)
         self.cuda_batches = CudaBatchBuilder(config.block_size, args.num_kv_heads, self.device)
