@@ -128,8 +128,12 @@ def grouped_mm(x, w, ids, gate_up_t, down_t):
     return torch.zeros_like(x).index_add_(0, order // k, y)
 
 
-GEMV_SWEEP = [cuda_moe.Tiles(1, bn, bk, w, 2) for bn, bk, w in (
-    (8, 256, 4), (4, 256, 2), (16, 256, 4), (8, 512, 4), (16, 128, 4), (32, 128, 4), (4, 512, 4))]
+# (outputs, step, warps, prefetch), each with the fused gate/up loop (PAIR) and without
+GEMV_SWEEP = [cuda_moe.Tiles(1, bn, bk, w, 2, prefetch=pf) for bn, bk, w, pf in (
+    (8, 256, 4, False), (4, 256, 2, False), (16, 256, 4, False), (8, 512, 4, False),
+    (16, 128, 4, False), (32, 128, 4, False), (4, 512, 4, False), (4, 1024, 4, False),
+    (8, 1024, 8, False), (2, 2048, 4, False), (8, 256, 4, True), (4, 512, 4, True),
+    (16, 256, 4, True), (8, 512, 4, True), (4, 256, 2, True), (16, 128, 4, True))]
 SMALL_SWEEP = [cuda_moe.Tiles(16, bn, bk, w, st) for bn, bk, w, st in (
     (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4), (128, 128, 8, 3))]
 LARGE_SWEEP = [cuda_moe.Tiles(bm, bn, bk, w, st) for bm, bn, bk, w, st in (
@@ -147,18 +151,26 @@ def sweep(fn, picks: int, reps: int) -> tuple[float, str]:
         name, cands = "GROUPED", LARGE_SWEEP
     default = getattr(cuda_moe, name)
     best = (float("inf"), "")
+    pairs = (True, False) if name.startswith("GEMV") else (cuda_moe.GEMV_PAIR,)
     try:
         for t in cands:
             setattr(cuda_moe, name, t)
-            try:
-                ms = gpu_ms(graphed(fn), reps)
-            except Exception as exc:  # noqa: BLE001 - a tile that does not compile: skip it
-                print(f"{name} {t}: {type(exc).__name__}", file=sys.stderr)
-                continue
-            best = min(best, (ms, f"{name} {t.block_m}/{t.block_n}/{t.block_k} w{t.num_warps} "
-                                  f"s{t.num_stages}"))
+            for pair in pairs:
+                cuda_moe.GEMV_PAIR = pair
+                try:
+                    ms = gpu_ms(graphed(fn), reps)
+                except Exception as exc:  # noqa: BLE001 - a tile that does not compile: skip it
+                    print(f"{name} {t}: {type(exc).__name__}", file=sys.stderr)
+                    continue
+                tag = (f"{name} {t.block_m}/{t.block_n}/{t.block_k} w{t.num_warps} "
+                       f"s{t.num_stages}{' pf' if t.prefetch else ''}"
+                       f"{' pair' if pair and name.startswith('GEMV') else ''}")
+                print(f"  sweep {picks} picks: {tag} {ms * 1e3:.1f} µs (all routings)",
+                      file=sys.stderr, flush=True)
+                best = min(best, (ms, tag))
     finally:
         setattr(cuda_moe, name, default)
+        cuda_moe.GEMV_PAIR = True
     return best
 
 

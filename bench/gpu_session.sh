@@ -135,8 +135,9 @@ pipeline() {
       lmoe)
         [ -e $M.done ] && llama moe $M ${MOE_SC:-decode,x8,x32,ttft1,cc} 32768 32;;
       kernels)  # in-process kernel tables (no server): Q6_K tiles, the latent-attention kernel
-        for b in ${KERNEL_BENCHES:-gpu_int4_gemv gpu_q6k mla_attention}; do
-          log "kernels $b start"; timeout ${KERNEL_TIMEOUT:-150} python3 -m bench.$b > $S/kernels_$b.log 2>&1
+        # an entry's ':' are spaces: "gpu_moe_kernels:--sweep:--tokens:1,8" passes it arguments
+        for e in ${KERNEL_BENCHES:-gpu_int4_gemv gpu_q6k mla_attention}; do b=${e%%:*}
+          log "kernels $e start"; timeout ${KERNEL_TIMEOUT:-150} python3 -m bench.${e//:/ } > $S/kernels_$b.log 2>&1
           log "kernels $b rc=$?"; done;;
       start)  # the CUDA start phase by phase on the files already written (bench/gpu_start.sh)
         log "start bench"; OUT=$S/start FILES="${START_FILES:-q4 q3 moe}" timeout 400 bash bench/gpu_start.sh \

@@ -131,9 +131,11 @@ def _glu(g, u, SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
 @triton.jit
 def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr,
              HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             FP4: tl.constexpr = False):
+             FP4: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """Σ_k x[k] · w[wrow, k] for the int64 weight rows ``wrow`` [BLOCK_N] of the stacked
-    weight (rows counted over all experts); x's row at ``XR``; BLOCK_K columns a step."""
+    weight (rows counted over all experts); x's row at ``XR``; BLOCK_K columns a step.
+    ``PREFETCH`` (4- and 6-bit codes): the next step's code bytes are loaded before this step's
+    arithmetic — a register double buffer (Triton does not pipeline a loop without a dot)."""
     if FP4:
         gi = tl.arange(0, BLOCK_K // 32)
         i = tl.arange(0, 16)
@@ -158,8 +160,16 @@ def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS
         so_ptrs = S + wrow[:, None] * (K // 32) + gi[None, :]
         x_ptrs = XR + gi[:, None] * 32 + i[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
+        if PREFETCH:
+            b_next = tl.load(w_ptrs)
         for k0 in range(0, K, BLOCK_K):
-            b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
+            if PREFETCH:
+                b = b_next.to(tl.int32)
+                nxt = k0 + BLOCK_K
+                nxt -= (nxt >= K).to(tl.int32) * BLOCK_K  # the last step: its own bytes again
+                b_next = tl.load(w_ptrs + nxt // 2)
+            else:
+                b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
             xlo = tl.load(x_ptrs + k0).to(tl.float32)
             xhi = tl.load(x_ptrs + k0 + 16).to(tl.float32)
             lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
@@ -177,9 +187,20 @@ def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS
         x_ptrs = XR + gi[:, None] * 32 + i[None, :]
         sh = ((i // 8) * 2)[None, None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
+        if PREFETCH:
+            b_next = tl.load(w_ptrs)
+            h_next = tl.load(h_ptrs)
         for k0 in range(0, K, BLOCK_K):
-            b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
-            h = tl.load(h_ptrs + k0 // 4).to(tl.int32)
+            if PREFETCH:
+                b = b_next.to(tl.int32)
+                h = h_next.to(tl.int32)
+                nxt = k0 + BLOCK_K
+                nxt -= (nxt >= K).to(tl.int32) * BLOCK_K  # the last step: its own bytes again
+                b_next = tl.load(w_ptrs + nxt // 2)
+                h_next = tl.load(h_ptrs + nxt // 4)
+            else:
+                b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
+                h = tl.load(h_ptrs + k0 // 4).to(tl.int32)
             ulo = _u6((b & 15) | (((h >> sh) & 3) << 4))
             uhi = _u6((b >> 4) | (((h >> (sh + 4)) & 3) << 4))
             xlo = tl.load(x_ptrs + k0).to(tl.float32)
@@ -220,9 +241,14 @@ def pick_gemv(X, IDS, RW, W, S, MN, D, B, Y, N, K, stride_x, stride_y, TOPK: tl.
               INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
               HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ALPHA: tl.constexpr,
               LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              FP4: tl.constexpr = False):
+              FP4: tl.constexpr = False, PAIR: tl.constexpr = True,
+              PREFETCH: tl.constexpr = False):
     """y[p, n] for pick p = program 0, outputs n in BLOCK_N; N: the expert's weight rows
-    (2I where FUSE, whose output has I columns); grid (P, cdiv(N_out, BLOCK_N))."""
+    (2I where FUSE, whose output has I columns); grid (P, cdiv(N_out, BLOCK_N)). ``PAIR``
+    (with FUSE): the gate and up rows of an output are one row set of 2·BLOCK_N, interleaved,
+    run through one K loop — both rows' loads in flight together, half the serial load rounds
+    of a gate loop then an up loop (a decode GEMV waits on load latency, not arithmetic).
+    ``PREFETCH``: ``_row_dot``'s."""
     p = tl.program_id(0)
     pid = tl.program_id(1)
     e = tl.load(IDS + p).to(tl.int64)
@@ -238,10 +264,22 @@ def pick_gemv(X, IDS, RW, W, S, MN, D, B, Y, N, K, stride_x, stride_y, TOPK: tl.
     nmask = n < n_out
     wrow = e * N + tl.where(nmask, n, 0).to(tl.int64)
     XR = X + row.to(tl.int64) * stride_x
-    y = _row_dot(XR, W, S, MN, D, wrow, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K, FP4)
-    if HAS_BIAS:
-        y += tl.load(B + wrow).to(tl.float32)
-    if FUSE:
+    if FUSE and PAIR:
+        j = tl.arange(0, 2 * BLOCK_N)  # row j: output j // 2's gate (j even) or up (odd)
+        n2 = pid * BLOCK_N + j // 2
+        wrow2 = e * N + tl.where(n2 < n_out, n2, 0).to(tl.int64) + (j % 2) * n_out
+        gu = _row_dot(XR, W, S, MN, D, wrow2, K, INT4, SIX, GS, HAS_MIN, 2 * BLOCK_N, BLOCK_K,
+                      FP4, PREFETCH)
+        if HAS_BIAS:
+            gu += tl.load(B + wrow2).to(tl.float32)
+        y, u = tl.split(tl.reshape(gu, [BLOCK_N, 2]))
+        y = _glu(y, u, SWIGLU, ALPHA, LIMIT)
+    else:
+        y = _row_dot(XR, W, S, MN, D, wrow, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K, FP4,
+                     PREFETCH)
+        if HAS_BIAS:
+            y += tl.load(B + wrow).to(tl.float32)
+    if FUSE and not PAIR:
         u = _row_dot(XR, W, S, MN, D, wrow + n_out, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K,
                      FP4)
         if HAS_BIAS:
