@@ -101,10 +101,13 @@ def log_gpu_memory_use(device: torch.device, when: str) -> None:
     """What the process holds on the GPU beyond the start's plan: torch's allocated and
     reserved bytes (the allocator's cache, CUDA-graph pools included) against the card's use."""
     free, total = torch.cuda.mem_get_info(device)
+    settings = getattr(torch._C, "_accelerator_getAllocatorSettings", lambda: "?")
     log.info("GPU memory %s: torch allocated %.2f GiB (peak %.2f), reserved %.2f GiB; the card "
-             "%.2f of %.1f GiB used", when, torch.cuda.memory_allocated(device) / 2**30,
+             "%.2f of %.1f GiB used; allocator %s", when,
+             torch.cuda.memory_allocated(device) / 2**30,
              torch.cuda.max_memory_allocated(device) / 2**30,
-             torch.cuda.memory_reserved(device) / 2**30, (total - free) / 2**30, total / 2**30)
+             torch.cuda.memory_reserved(device) / 2**30, (total - free) / 2**30, total / 2**30,
+             settings() or "defaults")
 
 
 def plan_num_blocks(args: ModelArgs, config: EngineConfig) -> int:
