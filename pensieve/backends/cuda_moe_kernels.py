@@ -134,7 +134,7 @@ def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS
              FP4: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """Σ_k x[k] · w[wrow, k] for the int64 weight rows ``wrow`` [BLOCK_N] of the stacked
     weight (rows counted over all experts); x's row at ``XR``; BLOCK_K columns a step.
-    ``PREFETCH`` (4- and 6-bit codes): the next step's code bytes are loaded before this step's
+    ``PREFETCH`` (4-bit, MXFP4 and 6-bit codes): the next step's code bytes are loaded before this step's
     arithmetic — a register double buffer (Triton does not pipeline a loop without a dot)."""
     if FP4:
         gi = tl.arange(0, BLOCK_K // 32)
@@ -143,11 +143,18 @@ def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS
         e_ptrs = S + wrow[:, None] * (K // 32) + gi[None, :]
         x_ptrs = XR + gi[:, None] * 32 + i[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
+        if PREFETCH:
+            b_next = tl.load(w_ptrs, mask=(gi * 32 < K)[None, :, None], other=0)
         for k0 in range(0, K, BLOCK_K):
             # whole groups (K % 32 == 0); a K that BLOCK_K does not divide (gpt-oss's 2880 =
             # 90 groups) reads its last step's groups past K as zeros
             gm = k0 + gi * 32 < K
-            b = tl.load(w_ptrs + k0 // 2, mask=gm[None, :, None], other=0).to(tl.int32)
+            if PREFETCH:
+                b = b_next.to(tl.int32)
+                nm = k0 + BLOCK_K + gi * 32 < K  # past the last step: nothing loaded
+                b_next = tl.load(w_ptrs + (k0 + BLOCK_K) // 2, mask=nm[None, :, None], other=0)
+            else:
+                b = tl.load(w_ptrs + k0 // 2, mask=gm[None, :, None], other=0).to(tl.int32)
             xlo = tl.load(x_ptrs + k0, mask=gm[:, None], other=0.0).to(tl.float32)
             xhi = tl.load(x_ptrs + k0 + 16, mask=gm[:, None], other=0.0).to(tl.float32)
             part = tl.sum(_e2m1(b) * xlo[None, :, :] + _e2m1(b >> 4) * xhi[None, :, :], 2)
