@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from pensieve.backends.cpu_quant import load_kernels
+from pensieve.backends.cpu_quant import build
 from pensieve.backends.cpu_quant.codes_linear import CodesLinear
 from pensieve.backends.cpu_quant.expert_linear import SlicedExperts
 from pensieve.backends.cpu_quant.linear import Q4Linear
 from pensieve.backends.torch_backend import build_model
 from pensieve.engine.config import EngineConfig
 from pensieve.loaders.gguf_file import GGUFFile
-from pensieve.loaders.int4_codes import ExpertCodes, quant_groups
+from pensieve.loaders.int4_codes import ExpertCodes, Int8Groups, quant_groups
 from pensieve.loaders.quants import reference_dequantize
 from pensieve.loaders.registry import load_checkpoint
 from pensieve.models.moe import Experts
@@ -127,6 +128,75 @@ def test_one_token_takes_its_picks_in_order_bitwise_as_the_grouped_path(act):
             assert torch.equal(one, both[t:t + 1]), t
     finally:
         torch.bincount = grouped
+
+
+def g16_experts(e: int, n: int, k: int, seed: int) -> Int8Groups:
+    """Stacked experts [E·N, K] as int8 codes with a float16 scale per 16 (``F_Q8G16``)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (e * n, k), generator=g, dtype=torch.int8)
+    scales = (torch.rand(e * n, k // 16, generator=g) * 2e-3 + 5e-4).half()
+    return Int8Groups(codes, scales, None, 16, "test")
+
+
+def experts_of(kinds: tuple, e: int = 8, h: int = 256, i: int = 256) -> SlicedExperts:
+    """A SiLU SlicedExperts whose gate, up and down are ``kinds`` (a GGUF type, or "G16")."""
+    def codes(kind, n: int, k: int, seed: int):  # noqa: ANN001, ANN202
+        if kind == "G16":
+            return g16_experts(e, n, k, seed)
+        return stacked(kind, e, n, k, seed)[0].groups
+    gate, up, down = (codes(t, n, kk, seed) for seed, (t, n, kk) in
+                      enumerate(zip(kinds, (i, i, h), (h, h, i))))
+    gu_layer = (Q4Linear if all(t in (Q.Q4_0, Q.Q4_K) for t in kinds[:2]) else CodesLinear)(
+        KERNELS, [gate, up])
+    return SlicedExperts(gu_layer, CodesLinear(KERNELS, down), e, F.silu, True)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512_vnni"])
+@pytest.mark.parametrize("kinds, h, i", [
+    ((Q.Q4_0, Q.Q4_0, Q.Q8_0), 160, 96), ((Q.Q4_K, Q.Q6_K, Q.Q8_0), 256, 256),
+    ((Q.Q4_K, Q.Q4_K, Q.Q6_K), 256, 256), ((Q.Q5_K, "G16", Q.Q5_K), 256, 256),
+    ((Q.Q8_0, Q.Q4_K, "G16"), 256, 256)])
+def test_one_call_picks_are_bitwise_one_pqx_mlp_a_pick(kinds, h, i, isa):
+    """pqx_moe_rows (a token's k picks in one call: every pick's gate_up rows in one pass over
+    the threads, SiLU·up, every down in one more) against one pqx_mlp call a pick: the same
+    bits for k = 1, 2, 8 on 1 and 2 threads, in each format (gate and up in differing ones:
+    two parts), on both instruction sets; and a bad id is refused."""
+    if KERNELS.set_isa(isa) != isa:
+        pytest.skip(f"no {isa} here")
+    try:
+        layer = experts_of(kinds, 8, h, i)
+        x = torch.randn(1, h, generator=torch.Generator().manual_seed(h))
+        x[:, 3] *= 40
+        g = torch.Generator().manual_seed(1)
+        for k in (1, 2, 8):
+            ids = torch.randperm(8, generator=g)[:k]
+            want = torch.empty(k, h)
+            got = {}
+            for threads in (1, 2):
+                layer.gate_up_proj.threads = layer.down_proj.threads = threads
+                for j, e in enumerate(ids.tolist()):
+                    layer.expert_mlp(e, x, want[j:j + 1])
+                got[threads] = torch.full((k, h), float("nan"))
+                layer.picks_mlp(x, ids, got[threads])
+                assert torch.equal(got[threads], want), (k, threads)
+        with pytest.raises(IndexError):
+            layer.picks_mlp(x, torch.tensor([0, 8]), torch.empty(2, h))
+    finally:
+        KERNELS.set_isa(build.default_isa())
+
+
+def test_one_token_forward_takes_the_one_call_unless_switched_off(monkeypatch):
+    """A one-token SiLU forward runs pqx_moe_rows; PENSIEVE_CPU_MOE_ONE_CALL=0 keeps one
+    pqx_mlp call a pick (A/B benches); both give the same bits."""
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(2))
+    weights, ids = routing(1, 8, 2, seed=2)
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("PENSIEVE_CPU_MOE_ONE_CALL", flag)
+        layer = experts_of((Q.Q4_K, Q.Q4_K, Q.Q6_K))
+        assert layer.one_call == (flag == "1")
+        out[flag] = layer(x, weights, ids)
+    assert torch.equal(out["1"], out["0"])
 
 
 def test_another_activation_runs_between_the_projections():

@@ -29,7 +29,7 @@ from pensieve.backends.cpu_quant.source import KERNEL_SOURCE
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 17
+ABI_VERSION = 18
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++17", "-pthread")
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -49,6 +49,7 @@ SIGNATURES = {
     "pq4_mlp": (_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT),
     "pqx_linear": (_P, _I64, _P, _P, _INT, _INT),
     "pqx_mlp": (_P, _I64, _P, _P, _P, _INT),
+    "pqx_moe_rows": (_P, _P, _I64, _P, _P, _I64, _P, _INT),
     "pqx_dequant": (_P, _P, _INT),
     "pqx_rows": (_P, _P, _I64, _P),
     "pqx_dequant_bf16": (_P, _I64, _I64, _P, _INT, _INT),
@@ -67,8 +68,9 @@ SIGNATURES = {
     "pq_decode_layers": (_P, _I64, _I64, _I64, _I64, _P, _F, _I64, _I64, _I64, _P, _P, _P, _P, _P,
                          _P, _I64, _INT, _INT),
 }
-RESTYPES = {"pq8_rows": _I64, "pqx_rows": _I64, "pqx_bf16_isa": _INT, "pq_set_isa": _INT,
-            "pq_set_act8": _INT, "pq_prefill_attention": _INT, "pq_decode_profile": _INT}
+RESTYPES = {"pq8_rows": _I64, "pqx_rows": _I64, "pqx_moe_rows": _I64, "pqx_bf16_isa": _INT,
+            "pq_set_isa": _INT, "pq_set_act8": _INT, "pq_prefill_attention": _INT,
+            "pq_decode_profile": _INT}
 ISAS = ("avx2", "avx512_vnni")  # the row tiles' instruction sets, as pq_set_isa numbers them
 VNNI_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 

@@ -12,11 +12,15 @@ parts (its gate rows, its up rows), down as one. A forward groups the (token, pi
 expert as ``Experts`` does and runs each expert with tokens in one ``pqx_mlp`` call: the row
 tiles for a few rows, the panel GEMM from ``GEMM_FROM`` rows (the C side picks), SiLU·up in
 between. Other activations run the two projections with PyTorch's activation between them.
+A decode step's one token runs all its picks in one ``pqx_moe_rows`` call instead (SiLU:
+two fork/joins of the thread pool a layer instead of three a pick, bitwise the same outputs);
+``PENSIEVE_CPU_MOE_ONE_CALL=0`` keeps one ``pqx_mlp`` call a pick (A/B benches).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Callable
 
 import torch
@@ -73,6 +77,7 @@ class SlicedExperts(nn.Module):
         self.num_experts, self.silu, self.act = e, silu, act
         self.hidden, self.inner = gate_up_proj.in_features, down_proj.in_features
         self.kernels = gate_up_proj.kernels
+        self.one_call = silu and os.environ.get("PENSIEVE_CPU_MOE_ONE_CALL", "1") != "0"
         self._refresh()
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - the children's buffers may move
@@ -93,6 +98,9 @@ class SlicedExperts(nn.Module):
             self._down.append(d)
         self._gu_at = [ctypes.addressof(p) for p in self._gu]
         self._down_at = [ctypes.addressof(p) for p in self._down]
+        # pqx_moe_rows' tables of every expert's Proj (it indexes them by the picked ids)
+        self._gu_table = (ctypes.c_void_p * e)(*self._gu_at)
+        self._down_table = (ctypes.c_void_p * e)(*self._down_at)
         self._on_cpu = self.gate_up_proj.codes.device.type == "cpu"
 
     def expert_mlp(self, e: int, rows: torch.Tensor, out: torch.Tensor) -> None:
@@ -109,6 +117,18 @@ class SlicedExperts(nn.Module):
         a = (self.act(gate) * up).contiguous()
         self.kernels.pqx_linear(a.data_ptr(), n, self._down_at[e], out.data_ptr(), threads, 0)
 
+    def picks_mlp(self, row: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
+        """out[j] = expert ids[j]'s SwiGLU MLP of the one row [1, H] (float32, contiguous;
+        out [k, H] contiguous): all k picks in one ``pqx_moe_rows`` call, bitwise one
+        ``pqx_mlp`` call a pick."""
+        ids = ids.to(torch.int64).contiguous()
+        bad = self.kernels.pqx_moe_rows(
+            row.data_ptr(), ids.data_ptr(), ids.numel(), ctypes.addressof(self._gu_table),
+            ctypes.addressof(self._down_table), self.num_experts, out.data_ptr(),
+            self.gate_up_proj.threads)
+        if bad >= 0:
+            raise IndexError(f"expert id {ids[bad].item()} outside [0, {self.num_experts})")
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/ids [T, k] → Σ_picks weight · expert(x), [T, H] (as ``Experts``:
         rows grouped by expert for the kernels; contributions summed per token in pick
@@ -121,11 +141,16 @@ class SlicedExperts(nn.Module):
         if x.shape[0] == 1:  # one token (a decode step): its picks in pick order, no sorting —
             # the same kernel calls and sum as below (each expert there gets this one row), the
             # grouping's ~10 torch ops a layer gone (a 24-layer MoE's greedy decode on 2 cores:
-            # 29.2 → 29.6 tok/s, noise level; its 34 ms step is the kernel calls, not torch)
+            # 29.2 → 29.6 tok/s, noise level; its 34 ms step is the kernel calls, not torch).
+            # With SiLU all picks run in one pqx_moe_rows call (two pool fork/joins a layer, not
+            # three a pick; the same bits): the same model 29.2 → 30.7 tok/s (medians of 3, quiet)
             row = x.contiguous()
             picks = torch.empty(k, x.shape[1])
-            for j, e in enumerate(ids[0].tolist()):
-                self.expert_mlp(e, row, picks[j:j + 1])
+            if self.one_call:
+                self.picks_mlp(row, ids[0], picks)
+            else:
+                for j, e in enumerate(ids[0].tolist()):
+                    self.expert_mlp(e, row, picks[j:j + 1])
             return (picks.unsqueeze(0) * weights.to(picks.dtype).unsqueeze(-1)).sum(dim=1)
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)

@@ -35,6 +35,7 @@ loaded 2-core machine, where an extension including ``torch/extension.h`` takes 
 from pensieve.backends.cpu_quant.bf16_source import BF16_SOURCE
 from pensieve.backends.cpu_quant.gemm_source import GEMM_ENTRY_POINTS, GEMM_SOURCE
 from pensieve.backends.cpu_quant.layer_source import LAYER_SOURCE
+from pensieve.backends.cpu_quant.moe_rows_source import MOE_ROWS_ENTRY, MOE_ROWS_SOURCE
 from pensieve.backends.cpu_quant.pool_source import POOL_SOURCE
 from pensieve.backends.cpu_quant.prefill_attention_source import PREFILL_ATTENTION_SOURCE
 from pensieve.backends.cpu_quant.swiglu_gemm_source import SWIGLU_GEMM_SOURCE
@@ -426,6 +427,17 @@ void dot_tile(const Weights& W, int64_t n0, const Quantised& xq, int64_t m0, flo
 }
 
 """ + VNNI_SOURCE + GEMM_SOURCE + VNNI_GEMM_SOURCE + r"""
+// Activation row m against weight rows [s0, s1) (y: that row's outputs): 4-row tiles from s0,
+// then single rows. small_linear's one-row sub-tile, and pqx_moe_rows' (moe_rows_source.py),
+// whose bits match the per-expert calls because both run this on the same sub-tiles.
+template <int F>
+inline void one_row_tiles(const Weights& W, const Quantised& xq, int64_t m, float* y, int64_t s0,
+                          int64_t s1) {
+  int64_t n = s0;
+  for (; n + 4 <= s1; n += 4) row_tile<4, 1, F>(W, n, xq, m, y + n, W.ld());
+  for (; n < s1; ++n) row_tile<1, 1, F>(W, n, xq, m, y + n, W.ld());
+}
+
 // Few rows: dot_tile over MR-row tiles (weights streamed from memory once per call).
 template <int F>
 void small_linear(const float* x, int64_t M, const Weights& W, float* y, int threads) {
@@ -438,16 +450,17 @@ void small_linear(const float* x, int64_t M, const Weights& W, float* y, int thr
       for (; m + MR <= M; m += MR)
         for (int64_t n = s0; n < s1; ++n) row_tile<1, MR, F>(W, n, xq, m, y + m * N + n, N);
       const int64_t R = M - m;
+      if (R == 1) {
+        one_row_tiles<F>(W, xq, m, y + m * N, s0, s1);
+        continue;
+      }
       int64_t n = s0;
-      if (R == 1)
-        for (; n + 4 <= s1; n += 4) row_tile<4, 1, F>(W, n, xq, m, y + m * N + n, N);
       if (R == 2)
         for (; n + 2 <= s1; n += 2) row_tile<2, 2, F>(W, n, xq, m, y + m * N + n, N);
       for (; R > 0 && n < s1; ++n) {
         float* out = y + m * N + n;
         if (R == 3) row_tile<1, 3, F>(W, n, xq, m, out, N);
-        else if (R == 2) row_tile<1, 2, F>(W, n, xq, m, out, N);
-        else row_tile<1, 1, F>(W, n, xq, m, out, N);
+        else row_tile<1, 2, F>(W, n, xq, m, out, N);
       }
     }
   });
@@ -593,12 +606,12 @@ void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
     }
 }
 
-""" + SWIGLU_GEMM_SOURCE + r"""
+""" + SWIGLU_GEMM_SOURCE + MOE_ROWS_SOURCE + r"""
 }  // namespace
 
 extern "C" {
 
-int pq_abi_version() { return 17; }
+int pq_abi_version() { return 18; }
 
 // The row tiles' instruction set: 0 AVX2, 1 AVX-512 VNNI (refused where the CPU lacks it),
 // -1 only asks. Returns the one in effect.
@@ -773,4 +786,5 @@ void pq8_pack(const float* w, int64_t N, int64_t K, int8_t* codes, uint16_t* sca
 }
 
 }  // extern "C"
-""" + LAYER_SOURCE + PREFILL_ATTENTION_SOURCE + GEMM_ENTRY_POINTS + BF16_SOURCE
+""" + LAYER_SOURCE + PREFILL_ATTENTION_SOURCE + GEMM_ENTRY_POINTS + MOE_ROWS_ENTRY
+KERNEL_SOURCE += BF16_SOURCE
