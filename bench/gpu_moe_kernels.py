@@ -37,6 +37,7 @@ shapes, wall-clock "times"; the tests run it.)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -151,12 +152,12 @@ def sweep(fn, picks: int, reps: int) -> tuple[float, str]:
         name, cands = "GROUPED", LARGE_SWEEP
     default = getattr(cuda_moe, name)
     best = (float("inf"), "")
-    pairs = (True, False) if name.startswith("GEMV") else (cuda_moe.GEMV_PAIR,)
+    pairs = (True, False) if name.startswith("GEMV") else (False,)
     try:
-        for t in cands:
-            setattr(cuda_moe, name, t)
+        for t0 in cands:
             for pair in pairs:
-                cuda_moe.GEMV_PAIR = pair
+                t = dataclasses.replace(t0, pair=pair)
+                setattr(cuda_moe, name, t)
                 try:
                     ms = gpu_ms(graphed(fn), reps)
                 except Exception as exc:  # noqa: BLE001 - a tile that does not compile: skip it
@@ -170,7 +171,6 @@ def sweep(fn, picks: int, reps: int) -> tuple[float, str]:
                 best = min(best, (ms, tag))
     finally:
         setattr(cuda_moe, name, default)
-        cuda_moe.GEMV_PAIR = True
     return best
 
 

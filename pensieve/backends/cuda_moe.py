@@ -84,16 +84,14 @@ class Tiles:
     num_warps: int
     num_stages: int
     swap: bool = False  # grouped GEMM only: swap-AB products (the weight tile as the left operand)
-    prefetch: bool = False  # pick GEMV only: 4/6-bit code bytes loaded a step ahead
+    prefetch: bool = False  # pick GEMV only: the code bytes loaded a step ahead
+    pair: bool = False  # pick GEMV only: an output's gate and up rows in one K loop
 
 
 GEMV_FEW = Tiles(1, 8, 512, 4, 2)  # up to 16 picks (H100 sweep: 1 token 0.032 vs 0.039 ms)
 GEMV = Tiles(1, 16, 256, 4, 2)  # more picks (8 tokens: 0.149 vs 0.171 ms; 32: 0.534 vs 0.611)
 # packed MXFP4 (half the bytes a step of the same BLOCK_K): the int8 tiles until timed on a GPU
 # (bench/gpu_moe_mxfp4.py --sweep prints the best per token count)
-# pick_gemv's fused gate/up: both rows of an output in one K loop (``cuda_moe_kernels``' PAIR);
-# False: a gate loop then an up loop (the form before; bench/gpu_moe_kernels.py --sweep times both)
-GEMV_PAIR = True
 GEMV_FEW_FP4 = GEMV_FEW
 GEMV_FP4 = GEMV
 GROUPED_SMALL = Tiles(16, 64, 64, 4, 3)  # few picks per expert (decode batches)
@@ -268,7 +266,7 @@ def pick_gemv(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, st: Stack, y
     _kernels().pick_gemv[(p, triton_cdiv(n_out, t.block_n))](
         x, ids, rw, *args, y, st.n, st.k, x.stride(0), y.stride(0), TOPK=topk, GATHER=gather,
         FUSE=fuse, ROUTED=routed, **meta, BLOCK_N=t.block_n,
-        BLOCK_K=_gemv_block_k(st, t.block_k), PAIR=GEMV_PAIR, PREFETCH=t.prefetch,
+        BLOCK_K=_gemv_block_k(st, t.block_k), PAIR=t.pair, PREFETCH=t.prefetch,
         num_warps=t.num_warps, num_stages=t.num_stages)
     return y
 

@@ -134,8 +134,9 @@ def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS
              FP4: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """Σ_k x[k] · w[wrow, k] for the int64 weight rows ``wrow`` [BLOCK_N] of the stacked
     weight (rows counted over all experts); x's row at ``XR``; BLOCK_K columns a step.
-    ``PREFETCH`` (4-bit, MXFP4 and 6-bit codes): the next step's code bytes are loaded before this step's
-    arithmetic — a register double buffer (Triton does not pipeline a loop without a dot)."""
+    ``PREFETCH`` (4-bit, MXFP4 and 6-bit codes): the next step's code bytes are loaded before
+    this step's arithmetic — a register double buffer (Triton does not pipeline a loop without
+    a dot: ``num_stages`` changes nothing in these loops' sm_90 builds)."""
     if FP4:
         gi = tl.arange(0, BLOCK_K // 32)
         i = tl.arange(0, 16)
@@ -248,7 +249,7 @@ def pick_gemv(X, IDS, RW, W, S, MN, D, B, Y, N, K, stride_x, stride_y, TOPK: tl.
               INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
               HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ALPHA: tl.constexpr,
               LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              FP4: tl.constexpr = False, PAIR: tl.constexpr = True,
+              FP4: tl.constexpr = False, PAIR: tl.constexpr = False,
               PREFETCH: tl.constexpr = False):
     """y[p, n] for pick p = program 0, outputs n in BLOCK_N; N: the expert's weight rows
     (2I where FUSE, whose output has I columns); grid (P, cdiv(N_out, BLOCK_N)). ``PAIR``

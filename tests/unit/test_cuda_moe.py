@@ -149,15 +149,14 @@ def interpreter_check() -> None:
             w, ids = routing(tokens, experts, k, tokens)
             x = torch.randn(tokens, hidden)
             ref = reference_experts(x.double(), w.double(), ids, gate_up, down)
-            routes = ("gemv", "gemv_unpaired", "gemv_prefetch", "grouped")
-            for route in routes if tokens < 40 else ("grouped",):
-                cuda_moe.GEMV_PAIR = route != "gemv_unpaired"  # the fused gate/up loop, and not
-                tiles = Tiles(1, 16, 64, 4, 2, prefetch=True) if route == "gemv_prefetch" else None
-                y = moe_experts(x, w, ids, *layer.stacks(), experts, route=route.split("_")[0],
-                                tiles=tiles)
+            # the pick GEMV's tiles: as set above, the gate/up rows paired, codes prefetched too
+            paired = Tiles(1, 16, 64, 4, 2, pair=True)
+            fetched = Tiles(1, 16, 64, 4, 2, prefetch=True, pair=True)
+            routes = (("gemv", None), ("gemv", paired), ("gemv", fetched), ("grouped", None))
+            for route, tiles in routes if tokens < 40 else (("grouped", None),):
+                y = moe_experts(x, w, ids, *layer.stacks(), experts, route=route, tiles=tiles)
                 r = rel(y, ref)
-                assert r < 1e-5, (gu.name, dn.name, tokens, route, r)
-            cuda_moe.GEMV_PAIR = True
+                assert r < 1e-5, (gu.name, dn.name, tokens, route, tiles, r)
     # float16 activations through the tensor-core tiles (small: random_raw's weights reach ±50)
     xh = (torch.randn(5, 256) * 1e-3).half()
     layer = make_layer(Q.Q4_K, Q.Q6_K, 256, 256, experts, seed=9)

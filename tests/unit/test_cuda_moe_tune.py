@@ -63,7 +63,7 @@ def test_each_bucket_takes_its_fastest_right_route(monkeypatch, caplog):
              ("experts", None): lambda t: 40 + t, ("grouped", GROUPED_SMALL): lambda t: 60 + t}
 
     def cost(route, tokens):  # noqa: ANN001, ANN202
-        if route[1] is not None and route[1].swap:
+        if route[1] is not None and (route[1].swap or route[1].pair):  # slow here
             return 1000.0
         return costs.get(route, lambda t: 1.0)(tokens)  # two grouped tiles: fastest...
 
@@ -84,6 +84,7 @@ def test_each_bucket_takes_its_fastest_right_route(monkeypatch, caplog):
     tried = {(r, t) for r, t in calls}
     assert (("experts", None), 1) not in tried and (("experts", None), 32) not in tried
     assert (("experts", None), 2) in tried
+    assert {t for (r, t), _ in calls if r == "gemv"} == set(cuda_moe_tune.GEMV_CANDIDATES)
     text = caplog.text
     assert "relative error 1.5" not in text and "relative error 0.5" in text
     assert "out of shared memory" in text  # (its first line)
@@ -435,7 +436,8 @@ def bench_check(out: str) -> None:
     assert [r["tokens"] for r in rows] == [1, 2]
     for r in rows:  # packed MXFP4: no expert GEMV; every pick_gemv and grouped tile right
         experts = 1 + len(cuda_moe_tune.EXPERT_CANDIDATES) if r["tokens"] >= 2 else 0
-        assert len(r["us"]) == 2 + experts + len(cuda_moe_tune.GROUPED_CANDIDATES)
+        assert len(r["us"]) == (len(cuda_moe_tune.GEMV_CANDIDATES) + experts
+                                + len(cuda_moe_tune.GROUPED_CANDIDATES))
         assert r["chosen"] in r["us"] and r["static"] in r["us"]
     assert "| 2 |" in (Path(out) / "gpu_moe_routes.md").read_text()
     print("ok")
