@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pensieve.backends import step_profile
+from pensieve.backends import cuda_allocator, step_profile
 from pensieve.backends.hybrid_cache import GroupedAttention, HybridCaches, plan_cache
 from pensieve.engine.config import EngineConfig
 from pensieve.engine.kv_plan import CachePlan, uniform_full
@@ -101,13 +101,12 @@ def log_gpu_memory_use(device: torch.device, when: str) -> None:
     """What the process holds on the GPU beyond the start's plan: torch's allocated and
     reserved bytes (the allocator's cache, CUDA-graph pools included) against the card's use."""
     free, total = torch.cuda.mem_get_info(device)
-    settings = getattr(torch._C, "_accelerator_getAllocatorSettings", lambda: "?")
     log.info("GPU memory %s: torch allocated %.2f GiB (peak %.2f), reserved %.2f GiB; the card "
              "%.2f of %.1f GiB used; allocator %s", when,
              torch.cuda.memory_allocated(device) / 2**30,
              torch.cuda.max_memory_allocated(device) / 2**30,
              torch.cuda.memory_reserved(device) / 2**30, (total - free) / 2**30, total / 2**30,
-             settings() or "defaults")
+             cuda_allocator.describe())
 
 
 def plan_num_blocks(args: ModelArgs, config: EngineConfig) -> int:
@@ -255,7 +254,7 @@ class ModelRunner:
 
     def _init_cpu(self, config: EngineConfig) -> None:
         """RMSNorm and attention on the compiled CPU kernels where they build and fit."""
-        from pensieve.backends.cpu_quant import load_kernels
+        from pensieve.backends.cpu_quant import load_kernels, moe_decoder
         from pensieve.backends.cpu_quant.decoder import CpuDecoder
         from pensieve.backends.cpu_quant.layers import CpuAttention, swap_norms
 
@@ -264,7 +263,8 @@ class ModelRunner:
             return
         self.cpu_attention = CpuAttention(kernels)
         swap_norms(self.model, kernels)
-        if self.fast.cpu_decoder and CpuDecoder.fits(self.model):
+        moe = self.fast.cpu_moe_decoder and moe_decoder.enabled()
+        if (self.fast.cpu_decoder or moe) and CpuDecoder.fits(self.model, moe=moe):
             self.cpu_decoder = CpuDecoder(kernels, self.model, self.k_caches, self.v_caches)
 
     def _init_cuda(self, args: ModelArgs, config: EngineConfig, cuda_graphs: bool) -> None:

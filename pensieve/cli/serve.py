@@ -129,24 +129,11 @@ def check_bind(host: str, api_keys: tuple[str, ...]) -> None:
         )
 
 
-ALLOC_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
-
-
-def cuda_allocator_defaults(environ: dict[str, str]) -> None:
-    """Expandable segments for torch's CUDA allocator unless the user configured it: a start
-    decodes the GGUF through temporaries between the weights it keeps, and fixed segments that
-    still hold one weight stay reserved after ``empty_cache`` (vLLM made the same default).
-    Read when CUDA first allocates, so set before the load."""
-    if not any(k in environ for k in ALLOC_ENV):
-        environ[ALLOC_ENV[0]] = "expandable_segments:True"
-
-
 def run(ns: argparse.Namespace) -> int:
     # main() imported this command's modules with the collector off: what they made lives as
     # long as the server (a few thousand objects of import-time garbage kept with it)
     gc.freeze()
     gc.enable()
-    cuda_allocator_defaults(os.environ)
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(ns, os.environ)
     check_bind(settings.host, settings.api_keys)

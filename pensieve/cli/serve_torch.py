@@ -42,6 +42,9 @@ def load_torch_engine(settings: ServeSettings) -> tuple[Engine, Checkpoint, Call
     if on_cpu:
         bound_heap()  # before loading: see backends/cpu_memory.py
     else:
+        from pensieve.backends.cuda_allocator import use_expandable_segments
+
+        use_expandable_segments(os.environ)  # before the load allocates: see the module
         triton_compiles.watch()  # counts start-up's compiles; warns of any once serving
     if settings.threads:
         torch.set_num_threads(settings.threads)

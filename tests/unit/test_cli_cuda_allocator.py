@@ -1,39 +1,51 @@
-"""`pensieve serve` asks torch's CUDA allocator for expandable segments unless the user
-configured the allocator (either variable name), before anything touches CUDA."""
+"""A CUDA server asks torch's allocator for expandable segments unless the user configured the
+allocator (either variable name). The setter's effect shows only on a GPU (the start log's
+``GPU memory after the warm-up`` line); here: asked or not, and a torch without it tolerated."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import pytest
+import torch
 
-from pensieve.cli.serve import cuda_allocator_defaults
-
-
-def test_expandable_segments_by_default():
-    env: dict[str, str] = {}
-    cuda_allocator_defaults(env)
-    assert env == {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+from pensieve.backends import cuda_allocator
 
 
-def test_a_users_allocator_settings_are_kept():
-    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
-        env = {name: "max_split_size_mb:128"}
-        cuda_allocator_defaults(env)
-        assert env == {name: "max_split_size_mb:128"}
+@pytest.fixture
+def asked(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.setattr(cuda_allocator, "_asked", False)
+    return calls
 
 
-def test_the_serve_command_sets_it_before_loading(tmp_path):
-    """The command itself (not only the helper): a serve that fails at its bind check still
-    ran the default first — the process environment shows it."""
-    code = ("import os, sys\n"
-            "from pensieve.cli import main as m\n"
-            "rc = m.main(['serve', '--host', '0.0.0.0', '--port', '1'])\n"
-            "print('ALLOC=' + os.environ.get('PYTORCH_ALLOC_CONF', ''))\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF",
-                                                            "PYTORCH_CUDA_ALLOC_CONF",
-                                                            "PENSIEVE_API_KEY")}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=120, cwd=tmp_path)
-    assert "refusing to bind" in done.stderr + done.stdout
-    assert "ALLOC=expandable_segments:True" in done.stdout
+def test_expandable_segments_by_default(asked):
+    assert cuda_allocator.use_expandable_segments({})
+    assert asked == ["expandable_segments:True"]
+    assert cuda_allocator.describe() == "expandable segments"
+
+
+@pytest.mark.parametrize("name", cuda_allocator.USER_ENV)
+def test_a_users_allocator_settings_are_kept(asked, name):
+    assert not cuda_allocator.use_expandable_segments({name: "max_split_size_mb:128"})
+    assert asked == []
+    assert cuda_allocator.describe() != "expandable segments"
+
+
+def test_a_torch_that_refuses_is_logged_not_fatal(monkeypatch, caplog):
+    def refuse(_: str) -> None:
+        raise RuntimeError("no CUDA allocator here")
+
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", refuse)
+    monkeypatch.setattr(cuda_allocator, "_asked", False)
+    assert not cuda_allocator.use_expandable_segments({})
+    assert "could not ask" in caplog.text and "no CUDA allocator here" in caplog.text
+
+
+def test_the_cuda_start_asks_before_loading():
+    """The CUDA branch of the start calls it ahead of the weight kernels' choice and the load."""
+    import inspect
+
+    from pensieve.cli import serve_torch
+
+    src = inspect.getsource(serve_torch.load_torch_engine)
+    assert src.index("use_expandable_segments(os.environ)") < src.index("choose_weights(")
