@@ -153,14 +153,21 @@ class CudaDecoderLayer(DecoderLayer):
 
 class CudaMoEDecoderLayer(MoEDecoderLayer):
     """The MoE block's post-attention residual add and norm in one launch (``add_rms_norm``);
-    its MoE (router kernel, expert kernels) and attention as they are."""
+    its MoE (router kernel, expert kernels) and attention as they are. ``fused`` as
+    ``CudaDecoderLayer``'s: ``CudaLlamaBody`` adds its output into the next layer's norm."""
 
     def forward(self, x, cos_sin, ctx):  # noqa: ANN001, ANN201 - as MoEDecoderLayer.forward
-        h = x.shape[-1]
-        attn = self.self_attn(self.input_layernorm(x), cos_sin, ctx)
+        x2, mlp = self.fused(x, self.input_layernorm(x), cos_sin, ctx)
+        return (x2 + mlp).view(x.shape)
+
+    def fused(self, x: torch.Tensor, h: torch.Tensor, cos_sin, ctx  # noqa: ANN001
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """From x and its input norm ``h``: (x + attention, the MoE's output) [T, H]."""
+        d = x.shape[-1]
+        attn = self.self_attn(h, cos_sin, ctx)
         norm = self.post_attention_layernorm
-        x2, normed = add_rms_norm(x.reshape(-1, h), attn.reshape(-1, h), norm.weight, norm.eps)
-        return (x2 + self.mlp(normed)).view(x.shape)
+        x, normed = add_rms_norm(x.reshape(-1, d), attn.reshape(-1, d), norm.weight, norm.eps)
+        return x, self.mlp(normed)
 
 
 class CudaGLMDecoderLayer(CudaMoEDecoderLayer, GLMDecoderLayer):
@@ -185,9 +192,14 @@ class CudaLlamaBody(LlamaBody):
         return h[ctx.logits_indices]
 
 
+# the layers whose ``fused`` the body runs: Llama blocks and MoE blocks (a 30B-A3B b=1 step ran
+# 49 torch RMSNorms and 48 residual adds, ~0.2 ms of 3.3, before MoE blocks took the body)
+_BODY_LAYERS = (CudaDecoderLayer, CudaMoEDecoderLayer, CudaGLMDecoderLayer)
+
+
 def _fusable_body(m: nn.Module) -> bool:
     return (type(m) is LlamaBody and len(m.layers) > 0 and type(m.norm) is RMSNorm
-            and all(type(layer) is CudaDecoderLayer and type(layer.input_layernorm) is RMSNorm
+            and all(type(layer) in _BODY_LAYERS and type(layer.input_layernorm) is RMSNorm
                     for layer in m.layers))
 
 
