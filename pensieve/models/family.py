@@ -33,6 +33,9 @@ class FastPaths:
 
     ``cpu_decoder``: the one-call C decoder of a q4 step (``backends/cpu_quant/decoder.py``:
     RMSNorm → fused qkv (+bias) → RoPE → full attention → o → RMSNorm → SiLU-gated MLP).
+    ``cpu_moe_decoder``: the same one-call decoder for MoE layers: per-head q/k RMSNorms where
+    the layer has them, and a softmax top-k router (renormalised where ``norm_topk``) over SiLU
+    experts, no shared expert (``backends/cpu_quant/moe_decoder.py``).
     ``cpu_fused_mlp``: the q4 SiLU-gated MLP in one kernel (``Q4MLP``).
     ``paged_kernels``: the compiled paged-attention backends (CPU kernel, CUDA Triton), which
     attend over the whole context (no windows).
@@ -51,6 +54,7 @@ class FastPaths:
     """
 
     cpu_decoder: bool = False
+    cpu_moe_decoder: bool = False
     cpu_fused_mlp: bool = False
     paged_kernels: bool = False
     cuda_graphs: bool = False

@@ -318,7 +318,13 @@ def moe_paths(args: ModelArgs, context_length: int) -> FastPaths:
     codes sliced on the CPU kernels (``cpu_moe_codes``); on CUDA the block's fused kernels for
     SiLU experts (``cuda_fused_layers``: q/k norms inside RoPE, the post-attention add + norm,
     a dense or shared MLP's SiLU·mul — exact classes only); no CUDA graphs declared here (the
-    expert loop reads per-expert counts on the host: the CUDA expert kernels turn them on)."""
+    expert loop reads per-expert counts on the host: the CUDA expert kernels turn them on).
+    The CPU one-call decoder (``cpu_moe_decoder``) where a softmax router picks SiLU experts
+    and no shared expert runs beside them (Qwen3-MoE, Mixtral) and no query scale applies."""
     whole = not args.windows_bind(context_length) and rotary_dim(args) == args.head_dim
-    return FastPaths(paged_kernels=whole, cpu_moe_codes=True,
-                     cuda_fused_layers=args.hidden_act == "silu")
+    moe, silu = args.moe, args.hidden_act == "silu"
+    one_call = (whole and silu and moe.gating == "softmax" and not moe.correction_bias
+                and not moe.shared_size and not moe.shared_gate
+                and args.query_pre_attn_scalar is None)
+    return FastPaths(paged_kernels=whole, cpu_moe_codes=True, cuda_fused_layers=silu,
+                     cpu_moe_decoder=one_call)

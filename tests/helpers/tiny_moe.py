@@ -84,11 +84,13 @@ def _hf_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def write_moe_gguf(path: Path, model: torch.nn.Module, arch: str, *,
                    expert_qtype: GGMLQuantizationType = GGMLQuantizationType.F32,
-                   expert_blocks: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> Path:
+                   expert_blocks: Callable[[tuple[int, ...]], np.ndarray] | None = None,
+                   matrix_qtype: GGMLQuantizationType = GGMLQuantizationType.F32) -> Path:
     """``model`` as llama.cpp's converter writes it for ``arch``; the 3-D expert tensors in
     ``expert_qtype`` (round the model first with ``quantize_experts_like_gguf``), or, with
     ``expert_blocks``, the ``expert_qtype`` blocks it returns for a tensor's float shape (for
-    types gguf-py cannot quantise: the file's experts are then not the model's)."""
+    types gguf-py cannot quantise: the file's experts are then not the model's); the other
+    matrices but the router in ``matrix_qtype`` (so attention runs on the code kernels)."""
     cfg = model.config
     w = GGUFWriter(str(path), arch)
     heads, kv_heads, hidden = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
@@ -142,6 +144,9 @@ def write_moe_gguf(path: Path, model: torch.nn.Module, arch: str, *,
             w.add_tensor(name, expert_blocks(a.shape), raw_dtype=expert_qtype)
         elif a.ndim == 3 and expert_qtype != GGMLQuantizationType.F32:
             w.add_tensor(name, quantize(a, expert_qtype), raw_dtype=expert_qtype)
+        elif (a.ndim == 2 and matrix_qtype != GGMLQuantizationType.F32
+              and "ffn_gate_inp" not in name):
+            w.add_tensor(name, quantize(a, matrix_qtype), raw_dtype=matrix_qtype)
         else:
             w.add_tensor(name, a)
     w.write_header_to_file()

@@ -29,7 +29,7 @@ from pensieve.backends.cpu_quant.source import KERNEL_SOURCE
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 18
+ABI_VERSION = 19
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++17", "-pthread")
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -65,6 +65,7 @@ SIGNATURES = {
                       _INT),
     "pq_paged_decode": (_P, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _F, _P,
                         _I64, _INT, _INT),
+    "pq_moe_route": (_P, _I64, _I64, _P, _P, _P),
     "pq_decode_layers": (_P, _I64, _I64, _I64, _I64, _P, _F, _I64, _I64, _I64, _P, _P, _P, _P, _P,
                          _P, _I64, _INT, _INT),
 }

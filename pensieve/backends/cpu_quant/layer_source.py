@@ -19,11 +19,17 @@ token at long contexts; converted with F16C, rounding to nearest even as ``tenso
 * ``pq_decode_profile``: seconds per part of ``pq_decode_layers`` (norms, each projection,
   RoPE + store, attention, SiLU, adds) while switched on (``bench/cpu_decode_profile.py``).
 * ``pq_decode_layers``: a decode step's every Llama layer in one call (each projection a
-  ``Proj``: row blocks in any of the code formats, so Q4_K and Q6_K layers mix), out of the pieces above and ``linear``/``silu_mul``: no Python between layers.
+  ``Proj``: row blocks in any of the code formats, so Q4_K and Q6_K layers mix), out of the
+  pieces above and ``linear``/``silu_mul``: no Python between layers. A layer may add per-head
+  q/k RMSNorms (Qwen3) and take a softmax-routed MoE MLP instead of the dense one
+  (``moe_layer_source.py``).
 """
+
+from pensieve.backends.cpu_quant.moe_layer_source import MOE_LAYER_SOURCE
 
 LAYER_SOURCE = r"""
 #include <malloc.h>
+#include <algorithm>
 
 namespace {
 
@@ -126,6 +132,7 @@ void rope_store(float* q, int64_t q_stride, const float* k, int64_t k_stride, co
   }
 }
 
+""" + MOE_LAYER_SOURCE + r"""
 }  // namespace
 
 extern "C" {
@@ -193,6 +200,9 @@ struct LayerWeights {
   Proj proj[4];  // qkv, o, gate_up, down: each of row blocks in their own code formats
   void* k_cache;
   void* v_cache;
+  const float* q_norm;   // per-head RMSNorm of q and k before RoPE (Qwen3), or null: none
+  const float* k_norm;
+  const MoeWeights* moe;  // the MLP is this router + experts (gate_up, down unused), or null
 };
 
 // Seconds spent in each part of pq_decode_layers since the last read, while profiling is on
@@ -211,7 +221,10 @@ void pq_decode_layers(float* x, int64_t M, int64_t H, int64_t I, int64_t n_layer
   const int64_t QKV = (Hq + 2 * Hk) * D, QD = Hq * D;
   static thread_local std::vector<float> scratch;
   static thread_local std::vector<int64_t> rows;
-  scratch.resize(M * (H + QKV + QD + H + 3 * I));
+  int64_t k_max = 0;  // the most picks of an MoE layer: its picks' outputs, [k, H]
+  for (int64_t l = 0; l < n_layers; ++l)
+    if (layers[l].moe && layers[l].moe->k > k_max) k_max = layers[l].moe->k;
+  scratch.resize(M * (H + QKV + QD + H + 3 * I) + k_max * H);
   rows.resize(M);
   for (int64_t m = 0; m < M; ++m) rows[m] = m;
   float* h = scratch.data();
@@ -220,6 +233,7 @@ void pq_decode_layers(float* x, int64_t M, int64_t H, int64_t I, int64_t n_layer
   float* o = att + M * QD;
   float* gu = o + M * H;
   float* a = gu + M * 2 * I;
+  float* picks = a + M * I;
   const float scale = 1.0f / __builtin_sqrtf((float)D);
   const bool prof = g_decode_prof_on;
   auto last = std::chrono::steady_clock::now();
@@ -235,6 +249,12 @@ void pq_decode_layers(float* x, int64_t M, int64_t H, int64_t I, int64_t n_layer
     mark(P_NORM);
     proj_linear(h, M, w.proj[0], qkv, threads);
     mark(P_QKV);
+    if (w.q_norm) {  // in place, each head's D values a row (as the module's RMSNorm)
+      for (int64_t m = 0; m < M; ++m) {
+        pq_rmsnorm(qkv + m * QKV, D, Hq, D, w.q_norm, eps, qkv + m * QKV);
+        pq_rmsnorm(qkv + m * QKV + QD, D, Hk, D, w.k_norm, eps, qkv + m * QKV + QD);
+      }
+    }
     pq_rope_store(qkv, QKV, qkv + QD, QKV, qkv + QD + Hk * D, QKV, M, Hq, Hk, D, cos, sin, slots,
                   w.k_cache, w.v_cache, kv_half);
     mark(P_ROPE);
@@ -247,6 +267,13 @@ void pq_decode_layers(float* x, int64_t M, int64_t H, int64_t I, int64_t n_layer
     mark(P_ADD);
     pq_rmsnorm(x, H, M, H, w.post_norm, eps, h);
     mark(P_NORM);
+    if (w.moe) {  // router, picks and their weighted sum (profiled as gate_up), then the add
+      moe_mlp(h, M, H, *w.moe, o, picks, threads);
+      mark(P_GATE_UP);
+      for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
+      mark(P_ADD);
+      continue;
+    }
     proj_linear(h, M, w.proj[2], gu, threads);
     mark(P_GATE_UP);
     silu_rows(gu, M, I, a, threads);

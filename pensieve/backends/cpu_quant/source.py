@@ -35,6 +35,7 @@ loaded 2-core machine, where an extension including ``torch/extension.h`` takes 
 from pensieve.backends.cpu_quant.bf16_source import BF16_SOURCE
 from pensieve.backends.cpu_quant.gemm_source import GEMM_ENTRY_POINTS, GEMM_SOURCE
 from pensieve.backends.cpu_quant.layer_source import LAYER_SOURCE
+from pensieve.backends.cpu_quant.moe_layer_source import MOE_LAYER_ENTRY
 from pensieve.backends.cpu_quant.moe_rows_source import MOE_ROWS_ENTRY, MOE_ROWS_SOURCE
 from pensieve.backends.cpu_quant.pool_source import POOL_SOURCE
 from pensieve.backends.cpu_quant.prefill_attention_source import PREFILL_ATTENTION_SOURCE
@@ -611,7 +612,7 @@ void dequant_rows(const Weights& W, int64_t n0, int64_t n1, float* out) {
 
 extern "C" {
 
-int pq_abi_version() { return 18; }
+int pq_abi_version() { return 19; }
 
 // The row tiles' instruction set: 0 AVX2, 1 AVX-512 VNNI (refused where the CPU lacks it),
 // -1 only asks. Returns the one in effect.
@@ -787,4 +788,5 @@ void pq8_pack(const float* w, int64_t N, int64_t K, int8_t* codes, uint16_t* sca
 
 }  // extern "C"
 """ + LAYER_SOURCE + PREFILL_ATTENTION_SOURCE + GEMM_ENTRY_POINTS + MOE_ROWS_ENTRY
+KERNEL_SOURCE += MOE_LAYER_ENTRY
 KERNEL_SOURCE += BF16_SOURCE
