@@ -58,8 +58,9 @@ from torch import nn
 from pensieve.backends.cuda_attention import CudaPagedAttention
 from pensieve.backends.cuda_int4 import CudaInt4Linear
 from pensieve.backends.cuda_int4_gemv_wide import Wide, gemv_wide
+from pensieve.backends.cuda_moe import CudaMoEExperts
 from pensieve.models.llama import MLP, Attention, DecoderLayer, LlamaBody, RMSNorm
-from pensieve.models.moe import GLMDecoderLayer, MoEDecoderLayer
+from pensieve.models.moe import GLMDecoderLayer, MoE, MoEDecoderLayer
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,28 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + y, RMSNorm(x + y) · weight) for rows of width H."""
+    """(x + y, RMSNorm(x + y) · weight) for rows of width H; y [T, H], or [T, P, H] whose P
+    rows a token are summed first (an MoE's weighted picks: ``y.sum(1)`` in the same launch)."""
     t, h = x.shape
     total = torch.empty_like(x)
     normed = torch.empty_like(x)
     block = 1 << (h - 1).bit_length()
-    _kernels().add_rms_norm[(t,)](x, y, weight, total, normed, h, eps, BLOCK=block,
-                                  num_warps=8 if block >= 4096 else 4)
+    parts = y.shape[1] if y.dim() == 3 else 1
+    _kernels().add_rms_norm[(t,)](x, y.contiguous(), weight, total, normed, h, eps, BLOCK=block,
+                                  PARTS=parts, num_warps=8 if block >= 4096 else 4)
     return total, normed
+
+
+def moe_picks(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An MoE block's output on ``x`` [T, H]: its experts' weighted picks [T, k, H], unsummed,
+    where the block is a plain ``MoE`` (no shared expert) over CUDA expert codes on the GPU —
+    ``add_rms_norm`` sums them in the launch that adds them (torch's ``sum(1)`` was a 4 µs
+    kernel a layer) — else the block's own [T, H] output."""
+    experts = getattr(mlp, "experts", None)
+    if type(mlp) is MoE and not mlp.has_shared and type(experts) is CudaMoEExperts and x.is_cuda:
+        weights, ids = mlp.gate(x)
+        return experts.picks(x, weights, ids)
+    return mlp(x)
 
 
 class CudaMLP(MLP):
@@ -158,16 +173,17 @@ class CudaMoEDecoderLayer(MoEDecoderLayer):
 
     def forward(self, x, cos_sin, ctx):  # noqa: ANN001, ANN201 - as MoEDecoderLayer.forward
         x2, mlp = self.fused(x, self.input_layernorm(x), cos_sin, ctx)
-        return (x2 + mlp).view(x.shape)
+        return (x2 + (mlp.sum(1) if mlp.dim() == 3 else mlp)).view(x.shape)
 
     def fused(self, x: torch.Tensor, h: torch.Tensor, cos_sin, ctx  # noqa: ANN001
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """From x and its input norm ``h``: (x + attention, the MoE's output) [T, H]."""
+        """From x and its input norm ``h``: (x + attention, the MoE's output) — [T, H], or its
+        weighted picks [T, k, H] for the caller's ``add_rms_norm`` to sum (``moe_picks``)."""
         d = x.shape[-1]
         attn = self.self_attn(h, cos_sin, ctx)
         norm = self.post_attention_layernorm
         x, normed = add_rms_norm(x.reshape(-1, d), attn.reshape(-1, d), norm.weight, norm.eps)
-        return x, self.mlp(normed)
+        return x, moe_picks(self.mlp, normed)
 
 
 class CudaGLMDecoderLayer(CudaMoEDecoderLayer, GLMDecoderLayer):
@@ -188,7 +204,8 @@ class CudaLlamaBody(LlamaBody):
         for i, layer in enumerate(layers):
             x, mlp = layer.fused(x, h, cos_sin, ctx)
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
-            x, h = add_rms_norm(x, mlp.reshape(x.shape), norm.weight, norm.eps)
+            x, h = add_rms_norm(x, mlp if mlp.dim() == 3 else mlp.reshape(x.shape),
+                                norm.weight, norm.eps)
         return h[ctx.logits_indices]
 
 

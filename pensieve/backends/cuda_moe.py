@@ -333,12 +333,13 @@ def grouped(x: torch.Tensor, sorted_ids: torch.Tensor, bexp: torch.Tensor, rw: t
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: Stack,
                 down: Stack, experts: int, route: str | None = None, glu: Glu = None,
-                tiles: Tiles | None = None) -> torch.Tensor:
+                tiles: Tiles | None = None, summed: bool = True) -> torch.Tensor:
     """x [T, H], routing weights/ids [T, k] → Σ_picks weight · down(silu(gate)·up), [T, H], on
     the kernels (any device Triton runs on); with the stacks' biases and ``glu`` gpt-oss's
     Σ weight · (down(swiglu(gate + bg, up + bu)) + bd). ``route``: "gemv", "experts"
     (``cuda_moe_expert``) or "grouped"; None: by the picks. ``tiles``: the gemv's or the
-    grouped GEMM's (None: the defaults for the picks)."""
+    grouped GEMM's (None: the defaults for the picks). ``summed`` False: the weighted picks
+    [T, k, H] unsummed (a fused add + norm sums them: ``cuda_layers.add_rms_norm``)."""
     t, k = ids.shape
     p = t * k
     x = x.contiguous()
@@ -367,7 +368,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
                 glu=glu, **common)
         grouped(h, sorted_ids, bexp, rw, down, out, gather=False, fuse=False, routed=True,
                 **common)
-    return out.view(t, k, -1).sum(1)
+    return out.view(t, k, -1).sum(1) if summed else out.view(t, k, -1)
 
 
 class CudaMoEExperts(nn.Module):
@@ -435,11 +436,16 @@ class CudaMoEExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            name, tiles = self.route(ids.shape[0]) or (None, None)
-            return moe_experts(x, weights, ids, *self.stacks(), self.num_experts, route=name,
-                               glu=self.glu, tiles=tiles)
+            return self.picks(x, weights, ids).sum(1)
         return reference_experts(x, weights, ids, *self.dequantize(), *self.biases(),
                                  glu=self.glu)
+
+    def picks(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The weighted picks [T, k, H] on the kernels (``forward`` sums them), any device
+        Triton runs on."""
+        name, tiles = self.route(ids.shape[0]) or (None, None)
+        return moe_experts(x, weights, ids, *self.stacks(), self.num_experts, route=name,
+                           glu=self.glu, tiles=tiles, summed=False)
 
     def extra_repr(self) -> str:
         act = "silu" if self.glu is None else "clamped swiglu (alpha %g, limit %g)" % self.glu

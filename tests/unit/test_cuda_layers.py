@@ -30,6 +30,17 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
     assert torch.equal(total, x + y)
     ref = F.rms_norm(x + y, (300,), w, 1e-5).float()
     assert ((normed.float() - ref).norm() / ref.norm()).item() < tol
+    # an MoE's weighted picks [T, k, H] summed in the same launch, as y.sum(1) then the add
+    picks = torch.randn(5, 8, 300, generator=gen).to(device, dtype)
+    total3, normed3 = cuda_layers.add_rms_norm(x, picks, w, 1e-5)
+    total1, normed1 = cuda_layers.add_rms_norm(x, picks.sum(1), w, 1e-5)
+    if dtype == torch.float32:  # summation order aside, the same numbers
+        torch.testing.assert_close(total3, total1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(normed3, normed1, atol=1e-5, rtol=1e-5)
+    else:  # bfloat16: the float32 sum rounded once, as torch's sum(1) rounds it
+        assert ((total3.float() - total1.float()).norm() / total1.float().norm()).item() < tol
+        assert ((normed3.float() - normed1.float()).norm() / normed1.float().norm()).item() < tol
+    assert not torch.equal(total3, cuda_layers.add_rms_norm(x, picks[:, 0], w, 1e-5)[0])
 
 
 def test_kernels_in_the_triton_interpreter():

@@ -157,6 +157,9 @@ def interpreter_check() -> None:
                 y = moe_experts(x, w, ids, *layer.stacks(), experts, route=route, tiles=tiles)
                 r = rel(y, ref)
                 assert r < 1e-5, (gu.name, dn.name, tokens, route, tiles, r)
+                picks = moe_experts(x, w, ids, *layer.stacks(), experts, route=route,
+                                    tiles=tiles, summed=False)  # for a fused add + norm
+                assert picks.shape == (tokens, k, hidden) and torch.equal(picks.sum(1), y)
     # float16 activations through the tensor-core tiles (small: random_raw's weights reach ±50)
     xh = (torch.randn(5, 256) * 1e-3).half()
     layer = make_layer(Q.Q4_K, Q.Q6_K, 256, 256, experts, seed=9)
