@@ -60,6 +60,19 @@ inline float dot(const float* a, const T* b, int64_t D) {
   return hsum(acc);
 }
 
+// p[0, n) ← exp(p − max p); returns their sum (a softmax's denominator). Attention's scores and
+// the MoE router's probabilities.
+inline float exp_shifted(float* p, int64_t n) {
+  float m = p[0];
+  for (int64_t j = 1; j < n; ++j) m = p[j] > m ? p[j] : m;
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] = __builtin_expf(p[j] - m);
+    sum += p[j];
+  }
+  return sum;
+}
+
 thread_local std::vector<float> attn_scores;
 
 struct DecodeArgs {
@@ -86,14 +99,7 @@ void decode_item(const DecodeArgs& a, int64_t s, int64_t h) {
   }
   for (int64_t g = 0; g < G; ++g) {
     float* p = sc + g * L;
-    float m = p[0];
-    for (int64_t j = 1; j < L; ++j) m = p[j] > m ? p[j] : m;
-    float sum = 0.0f;
-    for (int64_t j = 0; j < L; ++j) {
-      p[j] = __builtin_expf(p[j] - m);
-      sum += p[j];
-    }
-    const float inv = 1.0f / sum;
+    const float inv = 1.0f / exp_shifted(p, L);
     for (int64_t j = 0; j < L; ++j) p[j] *= inv;
   }
   for (int64_t g = 0; g < G; ++g)

@@ -51,14 +51,7 @@ void moe_route(const float* x, int64_t H, const MoeWeights& mw, float* w, int64_
     for (; i < H; ++i) s += x[i] * r[i];
     p[e] = s;
   }
-  float m = p[0];
-  for (int64_t e = 1; e < E; ++e) m = p[e] > m ? p[e] : m;
-  float sum = 0.0f;
-  for (int64_t e = 0; e < E; ++e) {
-    p[e] = __builtin_expf(p[e] - m);
-    sum += p[e];
-  }
-  const float inv = 1.0f / sum;
+  const float inv = 1.0f / exp_shifted(p, E);
   std::vector<Pick>& q = route_queue;
   q.resize(E);
   for (int64_t e = 0; e < E; ++e) q[e] = Pick(p[e] * inv, e);
