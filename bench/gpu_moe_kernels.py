@@ -129,12 +129,10 @@ def grouped_mm(x, w, ids, gate_up_t, down_t):
     return torch.zeros_like(x).index_add_(0, order // k, y)
 
 
-# (outputs, step, warps, prefetch), each with the fused gate/up loop (PAIR) and without
-GEMV_SWEEP = [cuda_moe.Tiles(1, bn, bk, w, 2, prefetch=pf) for bn, bk, w, pf in (
-    (8, 256, 4, False), (4, 256, 2, False), (16, 256, 4, False), (8, 512, 4, False),
-    (16, 128, 4, False), (32, 128, 4, False), (4, 512, 4, False), (4, 1024, 4, False),
-    (8, 1024, 8, False), (2, 2048, 4, False), (8, 256, 4, True), (4, 512, 4, True),
-    (16, 256, 4, True), (8, 512, 4, True), (4, 256, 2, True), (16, 128, 4, True))]
+# (outputs, step, warps), each with the fused gate/up loop (PAIR) and without
+GEMV_SWEEP = [cuda_moe.Tiles(1, bn, bk, w, 2) for bn, bk, w in (
+    (8, 256, 4), (4, 256, 2), (16, 256, 4), (8, 512, 4), (16, 128, 4), (32, 128, 4), (4, 512, 4),
+    (4, 1024, 4), (8, 1024, 8), (2, 2048, 4))]
 SMALL_SWEEP = [cuda_moe.Tiles(16, bn, bk, w, st) for bn, bk, w, st in (
     (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4), (128, 128, 8, 3))]
 LARGE_SWEEP = [cuda_moe.Tiles(bm, bn, bk, w, st) for bm, bn, bk, w, st in (
@@ -164,7 +162,7 @@ def sweep(fn, picks: int, reps: int) -> tuple[float, str]:
                     print(f"{name} {t}: {type(exc).__name__}", file=sys.stderr)
                     continue
                 tag = (f"{name} {t.block_m}/{t.block_n}/{t.block_k} w{t.num_warps} "
-                       f"s{t.num_stages}{' pf' if t.prefetch else ''}"
+                       f"s{t.num_stages}"
                        f"{' pair' if pair and name.startswith('GEMV') else ''}")
                 print(f"  sweep {picks} picks: {tag} {ms * 1e3:.1f} µs (all routings)",
                       file=sys.stderr, flush=True)

@@ -84,7 +84,6 @@ class Tiles:
     num_warps: int
     num_stages: int
     swap: bool = False  # grouped GEMM only: swap-AB products (the weight tile as the left operand)
-    prefetch: bool = False  # pick GEMV only: the code bytes loaded a step ahead
     pair: bool = False  # pick GEMV only: an output's gate and up rows in one K loop
 
 
@@ -266,7 +265,7 @@ def pick_gemv(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, st: Stack, y
     _kernels().pick_gemv[(p, triton_cdiv(n_out, t.block_n))](
         x, ids, rw, *args, y, st.n, st.k, x.stride(0), y.stride(0), TOPK=topk, GATHER=gather,
         FUSE=fuse, ROUTED=routed, **meta, BLOCK_N=t.block_n,
-        BLOCK_K=_gemv_block_k(st, t.block_k), PAIR=t.pair, PREFETCH=t.prefetch,
+        BLOCK_K=_gemv_block_k(st, t.block_k), PAIR=t.pair,
         num_warps=t.num_warps, num_stages=t.num_stages)
     return y
 

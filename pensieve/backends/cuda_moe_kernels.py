@@ -131,12 +131,9 @@ def _glu(g, u, SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
 @triton.jit
 def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr,
              HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             FP4: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+             FP4: tl.constexpr = False):
     """Σ_k x[k] · w[wrow, k] for the int64 weight rows ``wrow`` [BLOCK_N] of the stacked
-    weight (rows counted over all experts); x's row at ``XR``; BLOCK_K columns a step.
-    ``PREFETCH`` (4-bit, MXFP4 and 6-bit codes): the next step's code bytes are loaded before
-    this step's arithmetic — a register double buffer (Triton does not pipeline a loop without
-    a dot: ``num_stages`` changes nothing in these loops' sm_90 builds)."""
+    weight (rows counted over all experts); x's row at ``XR``; BLOCK_K columns a step."""
     if FP4:
         gi = tl.arange(0, BLOCK_K // 32)
         i = tl.arange(0, 16)
@@ -144,18 +141,11 @@ def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS
         e_ptrs = S + wrow[:, None] * (K // 32) + gi[None, :]
         x_ptrs = XR + gi[:, None] * 32 + i[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
-        if PREFETCH:
-            b_next = tl.load(w_ptrs, mask=(gi * 32 < K)[None, :, None], other=0)
         for k0 in range(0, K, BLOCK_K):
             # whole groups (K % 32 == 0); a K that BLOCK_K does not divide (gpt-oss's 2880 =
             # 90 groups) reads its last step's groups past K as zeros
             gm = k0 + gi * 32 < K
-            if PREFETCH:
-                b = b_next.to(tl.int32)
-                nm = k0 + BLOCK_K + gi * 32 < K  # past the last step: nothing loaded
-                b_next = tl.load(w_ptrs + (k0 + BLOCK_K) // 2, mask=nm[None, :, None], other=0)
-            else:
-                b = tl.load(w_ptrs + k0 // 2, mask=gm[None, :, None], other=0).to(tl.int32)
+            b = tl.load(w_ptrs + k0 // 2, mask=gm[None, :, None], other=0).to(tl.int32)
             xlo = tl.load(x_ptrs + k0, mask=gm[:, None], other=0.0).to(tl.float32)
             xhi = tl.load(x_ptrs + k0 + 16, mask=gm[:, None], other=0.0).to(tl.float32)
             part = tl.sum(_e2m1(b) * xlo[None, :, :] + _e2m1(b >> 4) * xhi[None, :, :], 2)
@@ -168,16 +158,8 @@ def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS
         so_ptrs = S + wrow[:, None] * (K // 32) + gi[None, :]
         x_ptrs = XR + gi[:, None] * 32 + i[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
-        if PREFETCH:
-            b_next = tl.load(w_ptrs)
         for k0 in range(0, K, BLOCK_K):
-            if PREFETCH:
-                b = b_next.to(tl.int32)
-                nxt = k0 + BLOCK_K
-                nxt -= (nxt >= K).to(tl.int32) * BLOCK_K  # the last step: its own bytes again
-                b_next = tl.load(w_ptrs + nxt // 2)
-            else:
-                b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
+            b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
             xlo = tl.load(x_ptrs + k0).to(tl.float32)
             xhi = tl.load(x_ptrs + k0 + 16).to(tl.float32)
             lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
@@ -195,20 +177,9 @@ def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS
         x_ptrs = XR + gi[:, None] * 32 + i[None, :]
         sh = ((i // 8) * 2)[None, None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
-        if PREFETCH:
-            b_next = tl.load(w_ptrs)
-            h_next = tl.load(h_ptrs)
         for k0 in range(0, K, BLOCK_K):
-            if PREFETCH:
-                b = b_next.to(tl.int32)
-                h = h_next.to(tl.int32)
-                nxt = k0 + BLOCK_K
-                nxt -= (nxt >= K).to(tl.int32) * BLOCK_K  # the last step: its own bytes again
-                b_next = tl.load(w_ptrs + nxt // 2)
-                h_next = tl.load(h_ptrs + nxt // 4)
-            else:
-                b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
-                h = tl.load(h_ptrs + k0 // 4).to(tl.int32)
+            b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
+            h = tl.load(h_ptrs + k0 // 4).to(tl.int32)
             ulo = _u6((b & 15) | (((h >> sh) & 3) << 4))
             uhi = _u6((b >> 4) | (((h >> (sh + 4)) & 3) << 4))
             xlo = tl.load(x_ptrs + k0).to(tl.float32)
@@ -249,14 +220,12 @@ def pick_gemv(X, IDS, RW, W, S, MN, D, B, Y, N, K, stride_x, stride_y, TOPK: tl.
               INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
               HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ALPHA: tl.constexpr,
               LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              FP4: tl.constexpr = False, PAIR: tl.constexpr = False,
-              PREFETCH: tl.constexpr = False):
+              FP4: tl.constexpr = False, PAIR: tl.constexpr = False):
     """y[p, n] for pick p = program 0, outputs n in BLOCK_N; N: the expert's weight rows
     (2I where FUSE, whose output has I columns); grid (P, cdiv(N_out, BLOCK_N)). ``PAIR``
     (with FUSE): the gate and up rows of an output are one row set of 2·BLOCK_N, interleaved,
     run through one K loop — both rows' loads in flight together, half the serial load rounds
-    of a gate loop then an up loop (a decode GEMV waits on load latency, not arithmetic).
-    ``PREFETCH``: ``_row_dot``'s."""
+    of a gate loop then an up loop (a decode GEMV waits on load latency, not arithmetic)."""
     p = tl.program_id(0)
     pid = tl.program_id(1)
     e = tl.load(IDS + p).to(tl.int64)
@@ -277,22 +246,21 @@ def pick_gemv(X, IDS, RW, W, S, MN, D, B, Y, N, K, stride_x, stride_y, TOPK: tl.
         n2 = pid * BLOCK_N + j // 2
         wrow2 = e * N + tl.where(n2 < n_out, n2, 0).to(tl.int64) + (j % 2) * n_out
         gu = _row_dot(XR, W, S, MN, D, wrow2, K, INT4, SIX, GS, HAS_MIN, 2 * BLOCK_N, BLOCK_K,
-                      FP4, PREFETCH)
+                      FP4)
         if HAS_BIAS:
             gu += tl.load(B + wrow2).to(tl.float32)
         y, u = tl.split(tl.reshape(gu, [BLOCK_N, 2]))
         y = _glu(y, u, SWIGLU, ALPHA, LIMIT)
     else:
-        y = _row_dot(XR, W, S, MN, D, wrow, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K, FP4,
-                     PREFETCH)
+        y = _row_dot(XR, W, S, MN, D, wrow, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K, FP4)
         if HAS_BIAS:
             y += tl.load(B + wrow).to(tl.float32)
-    if FUSE and not PAIR:
-        u = _row_dot(XR, W, S, MN, D, wrow + n_out, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K,
-                     FP4)
-        if HAS_BIAS:
-            u += tl.load(B + wrow + n_out).to(tl.float32)
-        y = _glu(y, u, SWIGLU, ALPHA, LIMIT)
+        if FUSE:
+            u = _row_dot(XR, W, S, MN, D, wrow + n_out, K, INT4, SIX, GS, HAS_MIN, BLOCK_N,
+                         BLOCK_K, FP4)
+            if HAS_BIAS:
+                u += tl.load(B + wrow + n_out).to(tl.float32)
+            y = _glu(y, u, SWIGLU, ALPHA, LIMIT)
     if ROUTED:
         y = y * tl.load(RW + p).to(tl.float32)
     tl.store(Y + p.to(tl.int64) * stride_y + n, y.to(Y.dtype.element_ty), mask=nmask)

@@ -57,12 +57,9 @@ ENV = "PENSIEVE_MOE_ROUTE"  # "static": today's constant rule, no timing
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)  # tokens a plan entry serves up to (decode graph rows)
 ROUTINGS = 8  # random routings (and layers of the shape) a timed call cycles through
 # pick_gemv: the two tile sets of the constant rule (few picks / more), each raced at every bucket
-# and, untimed before this race, the first with an output's gate and up rows in one K loop
-# (``Tiles.pair``) and two that also load the next step's codes ahead (``Tiles.prefetch``; 80
-# registers at sm_90)
-GEMV_CANDIDATES = (cuda_moe.GEMV_FEW, cuda_moe.GEMV, Tiles(1, 8, 512, 4, 2, pair=True),
-                   Tiles(1, 4, 512, 4, 2, prefetch=True, pair=True),
-                   Tiles(1, 8, 256, 4, 2, prefetch=True, pair=True))
+# and the first with an output's gate and up rows in one K loop (``Tiles.pair``: won every
+# pick-GEMV bucket of the 30B-A3B's race on an H200, 28 vs 31 µs a layer at 1 token)
+GEMV_CANDIDATES = (cuda_moe.GEMV_FEW, cuda_moe.GEMV, Tiles(1, 8, 512, 4, 2, pair=True))
 # grouped_gemm at decode sizes: 16-row blocks (the tensor cores' least), the default and two
 # from bench/gpu_moe_kernels.py's sweep (narrower outputs: more programs; wider), then two
 # swap-AB tiles (the expert's 64/128 outputs the MMA's M side, the 1-2 tokens an expert picks
@@ -127,7 +124,7 @@ def describe(route: Route | None) -> str:
     if t is None:
         return name
     return (f"{name} {t.block_m}x{t.block_n}x{t.block_k}w{t.num_warps}"
-            f"{' swap' if t.swap else ''}{' pf' if t.prefetch else ''}{' pair' if t.pair else ''}")
+            f"{' swap' if t.swap else ''}{' pair' if t.pair else ''}")
 
 
 def shape_key(m: CudaMoEExperts) -> tuple:
