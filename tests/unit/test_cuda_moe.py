@@ -381,11 +381,12 @@ def test_qwen3_moe_gguf_on_cuda_gives_the_float_paths_greedy_tokens(gguf_root, q
     codes = build_model(codes_ckpt, cfg)
     assert sum(isinstance(m, CudaMoEExperts) for m in codes.modules()) == 2
     assert codes.fast_paths.cuda_graphs
-    from pensieve.backends.cuda_layers import CudaMoEDecoderLayer
+    from pensieve.backends.cuda_layers import CudaLlamaBody, CudaMoEDecoderLayer
     from pensieve.models.moe import Router
 
     # the family's fused block (post-attention add + norm in one launch) on this engine
     assert all(type(layer) is CudaMoEDecoderLayer for layer in codes.model.layers)
+    assert type(codes.model) is CudaLlamaBody  # the adds + norms fused, the picks' sum in them
     float_ckpt = load_checkpoint(path)
     reference = build_model(float_ckpt, cfg)
     assert not reference.fast_paths.cuda_graphs
