@@ -51,6 +51,7 @@ from __future__ import annotations
 import logging
 import os
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -60,7 +61,8 @@ from pensieve.backends.cuda_int4 import CudaInt4Linear
 from pensieve.backends.cuda_int4_gemv_wide import Wide, gemv_wide
 from pensieve.backends.cuda_moe import CudaMoEExperts
 from pensieve.models.llama import MLP, Attention, DecoderLayer, LlamaBody, RMSNorm
-from pensieve.models.moe import GLMDecoderLayer, MoE, MoEDecoderLayer
+from pensieve.models.deepseek_mla import MLADecoderLayer
+from pensieve.models.moe import GLMDecoderLayer, GLMMoE, MoE, MoEDecoderLayer
 
 log = logging.getLogger(__name__)
 
@@ -82,30 +84,56 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+class Picks(NamedTuple):
+    """An MoE block's output left unsummed for ``add_rms_norm``: the experts' weighted picks
+    [T, k, H] and a shared expert's output [T, H] (or None)."""
+
+    rows: torch.Tensor
+    shared: torch.Tensor | None
+
+    def total(self) -> torch.Tensor:
+        """[T, H] as the block's forward gives it (the picks' sum, then + shared)."""
+        out = self.rows.sum(1)
+        return out if self.shared is None else out + self.shared
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor | Picks, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + y, RMSNorm(x + y) · weight) for rows of width H; y [T, H], or [T, P, H] whose P
-    rows a token are summed first (an MoE's weighted picks: ``y.sum(1)`` in the same launch)."""
+    rows a token are summed first, or ``Picks`` (an MoE's weighted picks, summed, and its shared
+    expert's output added, in the same launch)."""
     t, h = x.shape
     total = torch.empty_like(x)
     normed = torch.empty_like(x)
     block = 1 << (h - 1).bit_length()
+    shared = None
+    if isinstance(y, Picks):
+        y, shared = y.rows, y.shared
     parts = y.shape[1] if y.dim() == 3 else 1
-    _kernels().add_rms_norm[(t,)](x, y.contiguous(), weight, total, normed, h, eps, BLOCK=block,
-                                  PARTS=parts, num_warps=8 if block >= 4096 else 4)
+    y = y.contiguous()
+    z = y if shared is None else shared.reshape(t, h).contiguous()
+    _kernels().add_rms_norm[(t,)](x, y, weight, total, normed, h, eps, BLOCK=block,
+                                  PARTS=parts, Z=z, EXTRA=shared is not None,
+                                  num_warps=8 if block >= 4096 else 4)
     return total, normed
 
 
-def moe_picks(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An MoE block's output on ``x`` [T, H]: its experts' weighted picks [T, k, H], unsummed,
-    where the block is a plain ``MoE`` (no shared expert) over CUDA expert codes on the GPU —
-    ``add_rms_norm`` sums them in the launch that adds them (torch's ``sum(1)`` was a 4 µs
-    kernel a layer) — else the block's own [T, H] output."""
+def moe_picks(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | Picks:
+    """An MoE block's output on ``x`` [T, H]: its experts' weighted picks unsummed (``Picks``)
+    where the block is a ``MoE`` whose shared expert, if any, is ungated, over CUDA expert
+    codes on the GPU — ``add_rms_norm`` sums them and adds the shared expert's output in the
+    launch that adds them to the residual (torch's ``sum(1)`` was a 4 µs kernel a layer, the
+    shared add another) — else the block's own [T, H] output."""
     experts = getattr(mlp, "experts", None)
-    if type(mlp) is MoE and not mlp.has_shared and type(experts) is CudaMoEExperts and x.is_cuda:
+    if (isinstance(mlp, MoE) and type(mlp) in _PICKED and not mlp.shared_gated
+            and type(experts) is CudaMoEExperts and x.is_cuda):
         weights, ids = mlp.gate(x)
-        return experts.picks(x, weights, ids)
+        shared = getattr(mlp, mlp.SHARED)(x) if mlp.has_shared else None
+        return Picks(experts.picks(x, weights, ids), shared)
     return mlp(x)
+
+
+_PICKED = (MoE, GLMMoE)  # exact classes whose forward is router + experts (+ shared)
 
 
 class CudaMLP(MLP):
@@ -166,19 +194,19 @@ class CudaDecoderLayer(DecoderLayer):
         return x, self.mlp(h)
 
 
-class CudaMoEDecoderLayer(MoEDecoderLayer):
+class _FusedMoEBlock:
     """The MoE block's post-attention residual add and norm in one launch (``add_rms_norm``);
     its MoE (router kernel, expert kernels) and attention as they are. ``fused`` as
     ``CudaDecoderLayer``'s: ``CudaLlamaBody`` adds its output into the next layer's norm."""
 
     def forward(self, x, cos_sin, ctx):  # noqa: ANN001, ANN201 - as MoEDecoderLayer.forward
         x2, mlp = self.fused(x, self.input_layernorm(x), cos_sin, ctx)
-        return (x2 + (mlp.sum(1) if mlp.dim() == 3 else mlp)).view(x.shape)
+        return (x2 + (mlp.total() if isinstance(mlp, Picks) else mlp)).view(x.shape)
 
     def fused(self, x: torch.Tensor, h: torch.Tensor, cos_sin, ctx  # noqa: ANN001
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, torch.Tensor | Picks]:
         """From x and its input norm ``h``: (x + attention, the MoE's output) — [T, H], or its
-        weighted picks [T, k, H] for the caller's ``add_rms_norm`` to sum (``moe_picks``)."""
+        weighted picks and shared output for the caller's ``add_rms_norm`` (``moe_picks``)."""
         d = x.shape[-1]
         attn = self.self_attn(h, cos_sin, ctx)
         norm = self.post_attention_layernorm
@@ -186,11 +214,22 @@ class CudaMoEDecoderLayer(MoEDecoderLayer):
         return x, moe_picks(self.mlp, normed)
 
 
-class CudaGLMDecoderLayer(CudaMoEDecoderLayer, GLMDecoderLayer):
+class CudaMoEDecoderLayer(_FusedMoEBlock, MoEDecoderLayer):
     pass
 
 
-_MOE_LAYERS = {MoEDecoderLayer: CudaMoEDecoderLayer, GLMDecoderLayer: CudaGLMDecoderLayer}
+class CudaGLMDecoderLayer(_FusedMoEBlock, GLMDecoderLayer):
+    pass
+
+
+class CudaMLADecoderLayer(_FusedMoEBlock, MLADecoderLayer):
+    """Latent attention (its own kernels, ``cuda_mla``) in the fused block (GLM-4.7-Flash,
+    DeepSeek-V3): a 47-layer GLM-4.7-Flash step ran 94 torch RMSNorms, 94 residual adds and 46
+    top-k sums + shared adds outside it."""
+
+
+_MOE_LAYERS = {MoEDecoderLayer: CudaMoEDecoderLayer, GLMDecoderLayer: CudaGLMDecoderLayer,
+               MLADecoderLayer: CudaMLADecoderLayer}
 
 
 class CudaLlamaBody(LlamaBody):
@@ -204,14 +243,15 @@ class CudaLlamaBody(LlamaBody):
         for i, layer in enumerate(layers):
             x, mlp = layer.fused(x, h, cos_sin, ctx)
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
-            x, h = add_rms_norm(x, mlp if mlp.dim() == 3 else mlp.reshape(x.shape),
+            x, h = add_rms_norm(x, mlp if isinstance(mlp, Picks) else mlp.reshape(x.shape),
                                 norm.weight, norm.eps)
         return h[ctx.logits_indices]
 
 
 # the layers whose ``fused`` the body runs: Llama blocks and MoE blocks (a 30B-A3B b=1 step ran
 # 49 torch RMSNorms and 48 residual adds, ~0.2 ms of 3.3, before MoE blocks took the body)
-_BODY_LAYERS = (CudaDecoderLayer, CudaMoEDecoderLayer, CudaGLMDecoderLayer)
+_BODY_LAYERS = (CudaDecoderLayer, CudaMoEDecoderLayer, CudaGLMDecoderLayer,
+                CudaMLADecoderLayer)
 
 
 def _fusable_body(m: nn.Module) -> bool:

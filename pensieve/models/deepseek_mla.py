@@ -255,9 +255,7 @@ class MLAForCausalLM(nn.Module):
                 ctx: ForwardContext) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         cos_sin = tuple(t.to(x.dtype) for t in self.model.rotary.lookup(positions))
-        for layer in self.model.layers:
-            x = layer(x, cos_sin, ctx)
-        return self.lm_head(self.model.norm(x[ctx.logits_indices])).float()
+        return self.lm_head(self.model.run(x, cos_sin, ctx)).float()
 
 
 # --- what the MLA families share -------------------------------------------------------------
@@ -380,8 +378,11 @@ def from_gguf_weight(name: str, w: torch.Tensor) -> torch.Tensor:
 def mla_paths(args: ModelArgs, context_length: int) -> FastPaths:
     """None of the uniform paths (the compiled kernels attend over per-head K/V); a GGUF's
     experts stay codes on the CPU kernels (the MoE is ``models.moe``'s); on CUDA the batched
-    latent kernel computes ``MLAttention._absorbed`` for a step's decode rows and short chunks."""
-    return FastPaths(cpu_moe_codes=True, cuda_latent_attention=True)
+    latent kernel computes ``MLAttention._absorbed`` for a step's decode rows and short chunks,
+    and SiLU blocks take the fused add + norm kernels (``cuda_fused_layers``: each residual add
+    with the next norm, the routed picks' sum and the shared expert's add inside it)."""
+    return FastPaths(cpu_moe_codes=True, cuda_latent_attention=True,
+                     cuda_fused_layers=args.hidden_act == "silu")
 
 
 DEEPSEEK2_NAMES = {
