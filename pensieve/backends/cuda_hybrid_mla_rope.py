@@ -90,14 +90,15 @@ def layer_rope_write(attn: nn.Module) -> Any:
 
 def install(model: nn.Module) -> int:
     """Set ``rope_write`` on every ``MLAttention`` of ``model`` whose latent norm is the plain
-    ``RMSNorm`` and whose rotary dims are twice a power of two (every MLA model's 64); returns
-    how many. At a call it declines (None: the torch form) tensors ``takes`` refuses."""
+    ``RMSNorm`` (or ``cuda_layers.CudaRMSNorm``, the same norm) and whose rotary dims are twice
+    a power of two (every MLA model's 64); returns how many. At a call it declines (None: the torch form) tensors ``takes`` refuses."""
+    from pensieve.backends.cuda_layers import CudaRMSNorm
     from pensieve.models.deepseek_mla import MLAttention
-
     from pensieve.models.llama import RMSNorm
 
     layers = [m for m in model.modules() if isinstance(m, MLAttention)
-              and type(m.kv_a_layernorm) is RMSNorm and m.mla.qk_rope_head_dim >= 2
+              and type(m.kv_a_layernorm) in (RMSNorm, CudaRMSNorm)
+              and m.mla.qk_rope_head_dim >= 2
               and _pow2(m.mla.qk_rope_head_dim // 2) == m.mla.qk_rope_head_dim // 2]
     for m in layers:
         m.rope_write = layer_rope_write(m)

@@ -20,29 +20,34 @@ def silu_mul(GU, OUT, INNER, stride_gu, BLOCK: tl.constexpr):
 
 @triton.jit
 def add_rms_norm(X, Y, W, SUM, OUT, H, eps, BLOCK: tl.constexpr, PARTS: tl.constexpr = 1,
-                 Z=None, EXTRA: tl.constexpr = False):
+                 Z=None, EXTRA: tl.constexpr = False, ADD: tl.constexpr = True):
     """sum = x + y (rounded to x's dtype); out = sum · rsqrt(mean(sum²) + eps) · w; grid (T,).
     ``PARTS`` > 1: y is the sum of a row's PARTS rows of Y [T·PARTS, H] (an MoE's weighted picks),
     summed in float32 and rounded to Y's dtype as ``Y.view(T, PARTS, H).sum(1)`` rounds.
     ``EXTRA``: y + Z's row [T, H] (a shared expert's output), rounded to Y's dtype, is added
-    instead of y — as ``routed + shared`` then ``x + that`` round in PyTorch."""
+    instead of y — as ``routed + shared`` then ``x + that`` round in PyTorch. ``ADD`` False: no
+    y and no sum, out = RMSNorm(x) · w (a plain norm: Y and SUM unused)."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
     x = tl.load(X + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-    if PARTS == 1:
-        y = tl.load(Y + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        if PARTS == 1:
+            y = tl.load(Y + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            y = tl.zeros([BLOCK], tl.float32)
+            for j in range(PARTS):
+                y += tl.load(Y + (row * PARTS + j) * H + cols, mask=mask,
+                             other=0.0).to(tl.float32)
+            y = y.to(Y.dtype.element_ty).to(tl.float32)
+        if EXTRA:
+            z = tl.load(Z + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+            y = (y + z).to(Y.dtype.element_ty).to(tl.float32)
+        s = (x + y).to(SUM.dtype.element_ty)
+        tl.store(SUM + row * H + cols, s, mask=mask)
+        sf = s.to(tl.float32)
     else:
-        y = tl.zeros([BLOCK], tl.float32)
-        for j in range(PARTS):
-            y += tl.load(Y + (row * PARTS + j) * H + cols, mask=mask, other=0.0).to(tl.float32)
-        y = y.to(Y.dtype.element_ty).to(tl.float32)
-    if EXTRA:
-        z = tl.load(Z + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-        y = (y + z).to(Y.dtype.element_ty).to(tl.float32)
-    s = (x + y).to(SUM.dtype.element_ty)
-    tl.store(SUM + row * H + cols, s, mask=mask)
-    sf = s.to(tl.float32)
+        sf = x
     rstd = tl.rsqrt(tl.sum(sf * sf, 0) / H + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + row * H + cols, (sf * rstd * w).to(OUT.dtype.element_ty), mask=mask)

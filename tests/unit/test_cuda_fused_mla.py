@@ -81,6 +81,12 @@ def check_fused_mla_model() -> None:
     assert type(layers[1].mlp) is GLMMoE
     assert type(layers[1].mlp.shared_experts) is cuda_layers.CudaMLP
     assert type(fused.model) is cuda_layers.CudaLlamaBody
+    # the norms no fused step absorbed: GLM's q_a_layernorm (and the latent one, which the MLA
+    # RoPE kernel still takes)
+    from pensieve.backends import cuda_hybrid_mla_rope
+
+    assert type(layers[1].self_attn.q_a_layernorm) is cuda_layers.CudaRMSNorm
+    assert cuda_hybrid_mla_rope.install(fused) == 3
     ids = prompt(19, VOCAB, seed=3)
     layout = latent_layout(ckpt.args)
     for a, b in zip(paged_logits(model, ckpt.args, ids, [4, 8], layout),

@@ -41,6 +41,9 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
         assert ((total3.float() - total1.float()).norm() / total1.float().norm()).item() < tol
         assert ((normed3.float() - normed1.float()).norm() / normed1.float().norm()).item() < tol
     assert not torch.equal(total3, cuda_layers.add_rms_norm(x, picks[:, 0], w, 1e-5)[0])
+    # the plain norm (no add) in the same kernel
+    ref = F.rms_norm(x, (300,), w, 1e-5).float()
+    assert ((cuda_layers.rms_norm(x, w, 1e-5).float() - ref).norm() / ref.norm()).item() < tol
 
 
 def test_kernels_in_the_triton_interpreter():
