@@ -21,6 +21,9 @@ indices). The router's weight is kept float32 (its GEMM ran ``weight.float()``, 
 gpt-oss's router (``models/gpt_oss.Router``: top-k of the biased logits, then a softmax over
 those k) is ``topk_softmax``: ~5 launches (topk's gather and sort, softmax) → one.
 
+The kernels (``cuda_router_kernels``) are one program a token around a selection helper that
+takes a block of tokens' rows.
+
 Installed on each router at every CUDA runner's start (uniform and hybrid layouts) (``install``: ``kernel`` on softmax
 routers, ``sigmoid_kernel`` on sigmoid ones); ``PENSIEVE_ROUTER_KERNEL=0`` leaves the torch forms.
 """
@@ -47,36 +50,9 @@ def _pow2(n: int) -> int:
 
 @functools.cache
 def _kernel() -> Any:
-    import triton
-    import triton.language as tl
+    from pensieve.backends import cuda_router_kernels
 
-    @triton.jit
-    def softmax_topk(LOGITS, WEIGHTS, IDS, s_row, scale, E: tl.constexpr, E_PAD: tl.constexpr,
-                     K: tl.constexpr, K_PAD: tl.constexpr, NORM: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
-        e = tl.arange(0, E_PAD)
-        valid = e < E
-        x = tl.load(LOGITS + t * s_row + e, mask=valid, other=float("-inf")).to(tl.float32)
-        p = tl.exp(x - tl.max(x, axis=0))
-        p = p / tl.sum(p, axis=0)
-        p = tl.where(valid, p, -1.0)
-        slot = tl.arange(0, K_PAD)
-        top = tl.zeros([K_PAD], tl.float32)
-        ids = tl.zeros([K_PAD], tl.int64)
-        for i in tl.static_range(K):
-            best = tl.max(p, axis=0)
-            # a NaN row (a padding row's garbage) matches nothing: expert E-1, never out of range
-            pick = tl.minimum(tl.min(tl.where(p == best, e, E_PAD), axis=0), E - 1)
-            top = tl.where(slot == i, best, top)
-            ids = tl.where(slot == i, pick.to(tl.int64), ids)
-            p = tl.where(e == pick, -2.0, p)
-        if NORM:
-            top = top / tl.sum(top, axis=0)
-        keep = slot < K
-        tl.store(WEIGHTS + t * K + slot, (top * scale).to(WEIGHTS.dtype.element_ty), mask=keep)
-        tl.store(IDS + t * K + slot, ids, mask=keep)
-
-    return softmax_topk
+    return cuda_router_kernels.softmax_topk
 
 
 def softmax_topk(logits: torch.Tensor, top_k: int, norm: bool, scale: float,
@@ -96,59 +72,9 @@ def softmax_topk(logits: torch.Tensor, top_k: int, norm: bool, scale: float,
 
 @functools.cache
 def _sigmoid_kernel() -> Any:
-    import triton
-    import triton.language as tl
+    from pensieve.backends import cuda_router_kernels
 
-    @triton.jit
-    def sigmoid_topk(LOGITS, BIAS, WEIGHTS, IDS, s_row, scale, G: tl.constexpr,
-                     G_PAD: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
-                     KG: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
-        """One token: logits [G groups × S experts] → K (weight, id) best first."""
-        t = tl.program_id(0).to(tl.int64)
-        g = tl.arange(0, G_PAD)
-        s = tl.arange(0, S_PAD)
-        valid = (g[:, None] < G) & (s[None, :] < S)
-        idx = g[:, None] * S + s[None, :]  # the expert id
-        none = G * S  # past every expert
-        x = tl.load(LOGITS + t * s_row + idx, mask=valid, other=0.0).to(tl.float32)
-        score = tl.sigmoid(x)
-        choice = score
-        if HAS_BIAS:
-            choice = score + tl.load(BIAS + idx, mask=valid, other=0.0).to(tl.float32)
-        avail = valid
-        if KG < G:  # group-limited: keep the KG groups whose two best biased scores sum highest
-            c = tl.where(valid, choice, float("-inf"))
-            m1 = tl.max(c, axis=1)
-            i1 = tl.min(tl.where(c == m1[:, None], s[None, :], S_PAD), axis=1)
-            m2 = tl.max(tl.where(s[None, :] == i1[:, None], float("-inf"), c), axis=1)
-            worth = m1 + m2
-            gvalid = g < G
-            kept = g < 0
-            for _ in tl.static_range(KG):
-                best = tl.max(tl.where(gvalid & ~kept, worth, float("-inf")), axis=0)
-                pick = tl.min(tl.where(gvalid & ~kept & (worth == best), g, G_PAD), axis=0)
-                kept = kept | (g == pick)
-            avail = avail & kept[:, None]
-        slot = tl.arange(0, K_PAD)
-        top = tl.zeros([K_PAD], tl.float32)
-        ids = tl.zeros([K_PAD], tl.int64)
-        for i in tl.static_range(K):
-            best = tl.max(tl.max(tl.where(avail, choice, float("-inf")), axis=1), axis=0)
-            hit = avail & (choice == best)
-            # a NaN row (a padding row's garbage) matches nothing: expert none-1, in range
-            pick = tl.minimum(tl.min(tl.min(tl.where(hit, idx, none), axis=1), axis=0), none - 1)
-            w = tl.sum(tl.sum(tl.where(valid & (idx == pick), score, 0.0), axis=1), axis=0)
-            top = tl.where(slot == i, w, top)
-            ids = tl.where(slot == i, pick.to(tl.int64), ids)
-            avail = avail & (idx != pick)
-        if NORM:
-            top = top / (tl.sum(top, axis=0) + 1e-20)
-        keep = slot < K
-        tl.store(WEIGHTS + t * K + slot, top * scale, mask=keep)
-        tl.store(IDS + t * K + slot, ids, mask=keep)
-
-    return sigmoid_topk
+    return cuda_router_kernels.sigmoid_topk
 
 
 def sigmoid_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int,
@@ -173,35 +99,9 @@ def sigmoid_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_
 
 @functools.cache
 def _topk_softmax_kernel() -> Any:
-    import triton
-    import triton.language as tl
+    from pensieve.backends import cuda_router_kernels
 
-    @triton.jit
-    def topk_softmax(LOGITS, WEIGHTS, IDS, s_row, E: tl.constexpr, E_PAD: tl.constexpr,
-                     K: tl.constexpr, K_PAD: tl.constexpr):
-        """One token: the K largest logits (best first, the lowest index among equals), then
-        a softmax over those K alone (gpt-oss)."""
-        t = tl.program_id(0).to(tl.int64)
-        e = tl.arange(0, E_PAD)
-        avail = e < E
-        x = tl.load(LOGITS + t * s_row + e, mask=avail, other=0.0).to(tl.float32)
-        slot = tl.arange(0, K_PAD)
-        top = tl.full([K_PAD], float("-inf"), tl.float32)
-        ids = tl.zeros([K_PAD], tl.int64)
-        for i in tl.static_range(K):
-            best = tl.max(tl.where(avail, x, float("-inf")), axis=0)
-            # a NaN row (a padding row's garbage) matches nothing: expert E-1, in range
-            pick = tl.minimum(tl.min(tl.where(avail & (x == best), e, E_PAD), axis=0), E - 1)
-            top = tl.where(slot == i, best, top)
-            ids = tl.where(slot == i, pick.to(tl.int64), ids)
-            avail = avail & (e != pick)
-        p = tl.exp(top - tl.max(top, axis=0))
-        p = p / tl.sum(p, axis=0)
-        keep = slot < K
-        tl.store(WEIGHTS + t * K + slot, p.to(WEIGHTS.dtype.element_ty), mask=keep)
-        tl.store(IDS + t * K + slot, ids, mask=keep)
-
-    return topk_softmax
+    return cuda_router_kernels.topk_softmax
 
 
 def topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
