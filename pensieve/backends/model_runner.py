@@ -186,7 +186,10 @@ class ModelRunner:
         but the latent kernel; on CUDA the attention layers on the batched kernels per group
         (``cuda_hybrid.py``), latent layers on ``cuda_mla.py``'s where the model declared it;
         decode steps as CUDA graphs (``cuda_hybrid_graphs.py``; ``PENSIEVE_HYBRID_GRAPHS=0``: off)."""
-        kept = FastPaths(cuda_latent_attention=self.fast.cuda_latent_attention)
+        # the fused layers (``cuda_layers``: MLA blocks' add + norm) were switched at build and
+        # assume no cache layout: kept, so the log below names only what stays off
+        kept = FastPaths(cuda_latent_attention=self.fast.cuda_latent_attention,
+                         cuda_fused_layers=self.fast.cuda_fused_layers)
         if self.fast != kept:
             log.info("the cache layout is not uniform full attention: fast paths %s stay off",
                      self.fast)

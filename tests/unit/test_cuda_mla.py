@@ -247,7 +247,8 @@ def test_the_kernel_serves_only_a_model_that_declares_it():
                        max_num_seqs=2, num_kv_blocks=16)
     runner = torch_engine(build_model(ckpt, cfg), ckpt.args, ckpt.tokenizer, cfg).runner
     assert runner.hybrid is not None and runner.cuda_hybrid is None  # CPU: no kernels
-    assert runner.fast == FastPaths(cuda_latent_attention=True)
+    # the latent kernel and the fused blocks (switched at a CUDA build) stay declared
+    assert runner.fast == FastPaths(cuda_latent_attention=True, cuda_fused_layers=True)
     seqs, slots, _ = _step(torch.Generator().manual_seed(3))
     cache = torch.empty(POOL + 1, PAGE, 1, 24), torch.empty(POOL + 1, PAGE, 1, 0)
     undeclared = CudaHybridBuilder([cache[0]], [cache[1]], (0,), [None], PAGE,
