@@ -25,7 +25,9 @@ MXFP4      2^(e−128)·2fp4(q)  (3-D experts)      2fp4   2^(e−128)    —
 ``PENSIEVE_MXFP4_INT8=1``.)
 
 Scales that are products (``d·sc``) are rounded to float16 (relative error ≤ 2⁻¹¹, as Q4_K's
-in ``Int4Groups``); the rest are the file's own float16 values, so those types are exact. A
+in ``Int4Groups``); the rest are the file's own float16 values, so those types are exact. Q4_K
+and Q6_K rows of whole super-blocks also keep the file's own factors (``k_scales``), exact:
+``q4_k_sub_scales`` unpacks Q4_K's per 32 for the CUDA MoE experts' ``q4k`` layout. A
 tensor whose products overflow float16 returns None (it is dequantised as usual), as do
 other types.
 """
@@ -39,7 +41,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from pensieve.loaders.quants import (
     _iq4_nl_codes, _iq4_xs_codes, _iq4_xs_steps, _k_scales, _nibbles, _q5_codes, _q5_k_codes,
-    _q6_k_codes, _q6_k_steps, _scale,
+    _q6_k_codes, _q6_k_steps, _scale, k_scale_codes,
 )
 from pensieve.models.quant_linear import Int4Groups
 
@@ -201,12 +203,15 @@ def _int4_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int
         codes = _nibbles(blocks[:, data_at:])
         scales = _scale(blocks, 0)
         offsets = -8.0 * scales if ggml_type is Q.Q4_0 else _scale(blocks, 2)
-    return Int4Groups(
+    groups = Int4Groups(
         codes=codes.reshape(rows, cols).contiguous(),
         scales=scales.reshape(rows, cols // GROUP).contiguous(),
         offsets=offsets.reshape(rows, cols // GROUP).contiguous(),
         group_size=GROUP,
     )
+    if ggml_type is Q.Q4_K and cols % 256 == 0:  # products past float16: the factors still fit
+        groups.k_scales = _q4_k_factors(blocks, rows, cols)
+    return groups
 
 
 Q8_NAMES = frozenset({"model.embed_tokens.weight", "lm_head.weight"})
@@ -245,11 +250,33 @@ def _q4_k_nibbles(blocks: torch.Tensor, rows: int, cols: int) -> Int4Groups | No
         return None
     groups = Int4Groups.from_nibbles(nibbles, scales, offsets, GROUP)
     groups._scales, groups._offsets = exact_scales, exact_offsets
-    if cols % 256 == 0:  # the file's own factors (a row of whole super-blocks): 6-bit scale
-        # and min bytes [N, K/256 · 12], float16 d and dmin [N, K/256 · 2]
-        groups.k_scales = (blocks[:, 4:16].contiguous().reshape(rows, cols // 256 * 12),
-                           blocks[:, :4].contiguous().view(torch.float16).reshape(rows, cols // 128))
+    if cols % 256 == 0:  # the file's own factors (a row of whole super-blocks)
+        groups.k_scales = _q4_k_factors(blocks, rows, cols)
     return groups
+
+
+def _q4_k_factors(blocks: torch.Tensor, rows: int, cols: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K's own factors per row (``Int4Groups.k_scales``): the 6-bit scale and min bytes
+    [N, K/256 · 12] and float16 (d, dmin) [N, K/256 · 2]."""
+    return (blocks[:, 4:16].contiguous().reshape(rows, cols // 256 * 12),
+            blocks[:, :4].contiguous().view(torch.float16).reshape(rows, cols // 128))
+
+
+def q4_k_sub_scales(groups: Int4Groups) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A Q4_K tensor's own factors (``Int4Groups.k_scales``) per row, unpacked for a kernel
+    that applies them per 32 (``backends/cuda_moe``'s ``q4k`` layout), by integer ops: the
+    sub-scale ``sc`` and sub-min ``m`` of each 32 as the low and high byte of an int16
+    [N, K/32], the float16 ``d`` and ``dmin`` of each 256 as the low and high half of an int32
+    [N, K/256] — ``w = float32(d)·sc·q − float32(dmin)·m``, the file's float32 values exactly.
+    None without them (Q4_0/Q4_1, a row of part super-blocks, a packed cache's groups)."""
+    if groups.k_scales is None:
+        return None
+    six, dmin = groups.k_scales  # uint8 [N, K/256 · 12], float16 [N, K/256 · 2]
+    rows = six.shape[0]
+    sc, m = k_scale_codes(six.reshape(-1, 12))  # uint8 [N·K/256, 8] each
+    sub = torch.stack((sc, m), dim=-1).reshape(rows, -1).view(torch.int16)
+    return sub, dmin.contiguous().view(torch.int32)
 
 
 def _packed(blocks: torch.Tensor, ggml_type: Q, rows: int, cols: int) -> Int4Groups | None:

@@ -53,8 +53,8 @@ def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
     return q.mul_(_scale(blocks, 0)).add_(_scale(blocks, 2))
 
 
-def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K's 12 bytes → 8 six-bit scales and 8 six-bit mins, as float32.
+def k_scale_codes(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes [n, 12] uint8 → 8 six-bit scales and 8 six-bit mins [n, 8], uint8.
 
     Bytes 0-3 hold scales 0-3 (low 6 bits), 4-7 mins 0-3; bytes 8-11 hold the low
     nibbles of scales 4-7 and high nibbles of mins 4-7, whose top 2 bits are the spare
@@ -63,6 +63,12 @@ def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a, b, c = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
     scales = torch.cat((a & 63, (c & 15) | ((a >> 6) << 4)), dim=1)
     mins = torch.cat((b & 63, (c >> 4) | ((b >> 6) << 4)), dim=1)
+    return scales, mins
+
+
+def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k_scale_codes`` as float32."""
+    scales, mins = k_scale_codes(packed)
     return scales.to(torch.float32), mins.to(torch.float32)
 
 

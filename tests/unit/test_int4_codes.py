@@ -79,3 +79,31 @@ def test_q4_0_and_q4_1_stay_packed_and_unpack_to_the_same_codes(qtype):
     unpacked = Int4Groups(groups.codes, groups.scales, groups.offsets, 32)
     assert unpacked.nibbles is None and unpacked.shape == groups.shape
     assert torch.equal(unpacked.dequantize(), groups.dequantize())
+
+
+def test_q4_k_sub_scales_rebuild_the_files_values():
+    """``q4_k_sub_scales``: each 32's (sc, m) bytes and each 256's float16 (d, dmin) word give
+    ``d·sc·q − dmin·m`` in float32 — the GGUF dequantisation bit for bit; kept too where the
+    products overflow float16 (the unpacked form)."""
+    from pensieve.loaders.int4_codes import q4_k_sub_scales
+
+    rows, cols = 6, 512
+    for big in (False, True):
+        raw = random_blocks(Q.Q4_K, rows, cols, seed=4)
+        if big:  # d = 65504: d·sc past float16
+            raw.view(-1, 144)[:, 0:2] = torch.tensor([0xFF, 0x7B], dtype=torch.uint8)
+        groups = int4_groups(raw, Q.Q4_K, (rows, cols))
+        assert (groups.nibbles is None) == big
+        sub, dd = q4_k_sub_scales(groups)
+        assert sub.shape == (rows, cols // 32) and sub.dtype == torch.int16
+        assert dd.shape == (rows, cols // 256) and dd.dtype == torch.int32
+        sc, m = (sub.int() & 255).float(), (sub.int() >> 8).float()
+        assert sc.max() <= 63 and m.max() <= 63
+        half = lambda bits: bits.to(torch.int16).view(torch.float16).float()  # noqa: E731
+        d = half((dd << 16) >> 16).repeat_interleave(8, 1)
+        dmin = half(dd >> 16).repeat_interleave(8, 1)
+        q = groups.codes.view(rows, cols // 32, 32).float()
+        w = (q * (d * sc)[..., None] - (dmin * m)[..., None]).view(rows, cols)
+        assert torch.equal(w, dequantize(raw, Q.Q4_K, (rows, cols)))
+    q4_0 = int4_groups(random_blocks(Q.Q4_0, rows, cols), Q.Q4_0, (rows, cols))
+    assert q4_k_sub_scales(q4_0) is None
