@@ -3,10 +3,16 @@
 A GGUF's ``ffn_{gate,up,down}_exps`` are 3-D quantised tensors [E, rows, K]; the loader's exact
 code forms (``loaders/int4_codes.py``) of their 2-D view [E·rows, K] are held here stacked, in
 the dense CUDA layers' two layouts (``cuda_int4``: two 4-bit codes a byte + a float16
-scale/offset pair per 32 for Q4_0/Q4_1/Q4_K; ``cuda_int8``: int8 codes + float16 scales per
-16/32 + offsets per 32 for Q8_0/Q5_x/IQ4_x) or, for Q6_K, six bits a code (``cuda_q6k``'s
-layout: ``pack_six``'s low four bits in the int4 layout and high two four a byte, the file's
-int8 sub-scales and float16 ``d`` per 256: 210 bytes a 256 as in the file, not int8's 288).
+scale/offset pair per 32 for Q4_0/Q4_1, 160 bytes a 256; ``cuda_int8``: int8 codes + float16
+scales per 16/32 + offsets per 32 for Q8_0/Q5_x/IQ4_x) or, for Q6_K, six bits a code
+(``cuda_q6k``'s layout: ``pack_six``'s low four bits in the int4 layout and high two four a
+byte, the file's int8 sub-scales and float16 ``d`` per 256: 210 bytes a 256 as in the file, not
+int8's 288). Q4_K keeps the file's own factors (``q4k``, the kernels' ``Q4K``): the codes in
+the int4 layout, the 6-bit sub-scale and sub-min of each 32 as the two bytes of an int16
+(``loaders/int4_codes.q4_k_sub_scales``) and the float16 ``d``/``dmin`` of each 256 as one
+int32 — 148 bytes a 256 (the file's 144; the int4 layout's 160), and ``float32(d)·sc·q −
+float32(dmin)·m`` in float32 is the file's dequantised value exactly (the int4 layout rounds
+``d·sc`` to float16). ``PENSIEVE_MOE_Q4K_SUPER=0`` holds Q4_K in the int4 layout instead.
 ``CudaMoEExperts`` replaces a model's
 ``models.moe.Experts`` (same call: x, routing weights, expert ids) and runs a layer's routed
 experts in two launches — gate/up fused (with SiLU·up in the epilogue) where gate and up share a
@@ -47,7 +53,8 @@ needs neither a GPU nor Triton.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import torch
@@ -60,7 +67,7 @@ from pensieve.backends.cuda_int8 import block_key
 from pensieve.backends.cuda_q6k import dequantize as q6k_dequantize
 from pensieve.backends.cuda_q6k import pack_six
 from pensieve.backends.cuda_q6k import takes as q6k_takes
-from pensieve.loaders.int4_codes import Int8Groups
+from pensieve.loaders.int4_codes import Int8Groups, q4_k_sub_scales
 from pensieve.loaders.mxfp4 import INT8_ENV, Mxfp4Groups, packed_wanted
 from pensieve.models.quant_linear import Int4Groups
 
@@ -74,6 +81,12 @@ GEMV_MAX_PICKS = 256
 ALIGN_MAX_PICKS = 512  # one-program sort up to here; beyond, torch ops (still on the device)
 MXFP4_INT8_ENV = INT8_ENV  # "1": MXFP4 experts as int8 codes (the old layout, 2x the file)
 mxfp4_packed = packed_wanted  # whether MXFP4 experts are held packed (4.25 bits a weight)
+Q4K_SUPER_ENV = "PENSIEVE_MOE_Q4K_SUPER"  # "0": Q4_K experts in the int4 layout (160 B a 256)
+
+
+def q4k_super(environ: dict[str, str] | None = None) -> bool:
+    """Whether Q4_K experts are held with the file's own factors (``q4k``: 148 bytes a 256)."""
+    return (os.environ if environ is None else environ).get(Q4K_SUPER_ENV, "1").strip() != "0"
 
 
 @dataclass(frozen=True)
@@ -107,7 +120,9 @@ class Stack:
     [E·N, K/32] (int8 with offsets) or the high-2-bit bytes [E·N, K/4] (``six``) or None,
     ``d`` the float16 bits of ``six``'s super-scales [E·N, K/256]; ``n`` rows per expert;
     ``b`` a bias per row [E·N] (gpt-oss) or None. ``fp4`` (MXFP4): ``w`` [E·N, K/2] uint8, two
-    E2M1 codes a byte in the int4 order, ``s`` the E8M0 bytes [E·N, K/32]."""
+    E2M1 codes a byte in the int4 order, ``s`` the E8M0 bytes [E·N, K/32]. ``q4k`` (Q4_K):
+    ``w`` as int4's, ``s`` int16 [E·N, K/32] (the sub-scale in its low byte, the sub-min in
+    its high one), ``d`` int32 [E·N, K/256] (float16 ``d`` low half, ``dmin`` high half)."""
 
     w: torch.Tensor
     s: torch.Tensor
@@ -120,6 +135,7 @@ class Stack:
     d: torch.Tensor | None = None
     b: torch.Tensor | None = None
     fp4: bool = False
+    q4k: bool = False
 
 
 def _kernels() -> ModuleType:
@@ -129,11 +145,14 @@ def _kernels() -> ModuleType:
 
 
 def fmt(codes: Codes) -> tuple[str, int, bool] | None:
-    """The kernels' format of a projection's codes: ("int4", 32, True), ("six", 16, False)
-    for Q6_K, ("fp4", 32, False) for MXFP4 (unless ``mxfp4_packed()`` is off), ("int8", group,
-    has offsets), or None where they take it not (it is then dequantised)."""
+    """The kernels' format of a projection's codes: ("int4", 32, True), ("q4k", 32, False) for
+    Q4_K with the file's factors (unless ``q4k_super()`` is off), ("six", 16, False) for Q6_K,
+    ("fp4", 32, False) for MXFP4 (unless ``mxfp4_packed()`` is off), ("int8", group, has
+    offsets), or None where they take it not (it is then dequantised)."""
     if isinstance(codes, Int4Groups):
         ok = codes.group_size == 32 and codes.shape[1] % 32 == 0
+        if ok and codes.k_scales is not None and q4k_super():
+            return ("q4k", 32, False)  # (k_scales: rows of whole super-blocks)
         return ("int4", 32, True) if ok else None
     if isinstance(codes, Mxfp4Groups):  # kept packed by the loader (its choice stands)
         return ("fp4", 32, False) if codes.shape[1] % 32 == 0 else None
@@ -145,6 +164,15 @@ def fmt(codes: Codes) -> tuple[str, int, bool] | None:
     if is_mxfp4(codes) and mxfp4_packed():
         return ("fp4", 32, False)
     return ("int8", key[0], key[1])
+
+
+def gate_up_format(gate: Codes, up: Codes) -> tuple[str, int, bool] | None:
+    """The one format gate and up are held in (they fuse), or None: Q4_K beside another
+    4-bit type both in the int4 layout."""
+    fg, fu = fmt(gate), fmt(up)
+    if fg != fu and {fg, fu} == {("int4", 32, True), ("q4k", 32, False)}:
+        return ("int4", 32, True)
+    return fg if fg == fu and gate.shape == up.shape else None
 
 
 def is_mxfp4(codes: Codes) -> bool:
@@ -160,9 +188,10 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 Tensors4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
-def stack_tensors(codes: Codes) -> Tensors4:
-    """(w, s, mn, d) of ``Stack`` for codes of a 2-D view [E·N, K]."""
-    kind = fmt(codes)
+def stack_tensors(codes: Codes, kind: tuple[str, int, bool] | None = None) -> Tensors4:
+    """(w, s, mn, d) of ``Stack`` for codes of a 2-D view [E·N, K] (in ``kind``; default
+    ``fmt``'s)."""
+    kind = kind or fmt(codes)
     if isinstance(codes, Mxfp4Groups):  # the file's bytes already
         return codes.packed.contiguous(), codes.exponents.contiguous(), None, None
     if kind == ("fp4", 32, False):  # int8 codes back to the file's bytes, exactly
@@ -174,6 +203,10 @@ def stack_tensors(codes: Codes) -> Tensors4:
         lo, hi = pack_six(codes.codes)
         sc, d = codes.k_scales
         return lo, sc.contiguous(), hi, _bits(d)
+    if kind == ("q4k", 32, False):  # the int4 layout's codes, the file's factors unpacked
+        sub, dd = q4_k_sub_scales(codes)
+        nib = codes.nibbles[0] if codes.nibbles is not None else pack_codes(codes.codes)
+        return nib.contiguous(), sub, None, dd
     if isinstance(codes, Int4Groups):
         if codes.nibbles is not None:  # GGUF's own order already: no unpacking
             nib, scales, offsets = codes.nibbles
@@ -195,6 +228,8 @@ def _dequantize(st: Stack, experts: int) -> torch.Tensor:
         from pensieve.loaders.mxfp4 import packed_dequantize
 
         w = packed_dequantize(st.w, st.s)
+    elif st.q4k:
+        w = _q4k_dequantize(st)
     elif st.int4:
         w = unpack(st.w, st.s)
     elif st.six:
@@ -206,6 +241,20 @@ def _dequantize(st: Stack, experts: int) -> torch.Tensor:
         if st.mn is not None:
             w = (w.view(rows, -1, 32) + st.mn.view(torch.float16).float()[..., None]).view(rows, -1)
     return w.view(experts, st.n, st.k)
+
+
+def _q4k_dequantize(st: Stack) -> torch.Tensor:
+    """float32 [rows, K] of a ``q4k`` stack: q·(d·sc) − dmin·m, the file's values exactly (the
+    products are exact in float32; one rounding, as ``loaders.quants``' own)."""
+    rows = st.w.shape[0]
+    b = st.w.view(rows, -1, 16)
+    q = torch.cat((b & 15, b >> 4), dim=2).float()  # [rows, K/32, 32]
+    sub = st.s.int()
+    half = lambda bits: bits.to(torch.int16).view(torch.float16).float()  # noqa: E731
+    d = half((st.d << 16) >> 16).repeat_interleave(8, dim=1)
+    dmin = half(st.d >> 16).repeat_interleave(8, dim=1)
+    scale, offset = d * (sub & 255).float(), dmin * (sub >> 8).float()
+    return (q * scale[..., None] - offset[..., None]).view(rows, -1)
 
 
 def _block_k(k: int, want: int) -> int:
@@ -222,7 +271,7 @@ def _meta(st: Stack, glu: Glu = None) -> tuple[tuple, dict]:
             {"INT4": st.int4, "SIX": st.six, "GS": st.group,
              "HAS_MIN": st.mn is not None and not st.six, "HAS_BIAS": st.b is not None,
              "SWIGLU": glu is not None, "ALPHA": float(alpha), "LIMIT": float(limit),
-             **({"FP4": True} if st.fp4 else {})})  # (only pick_gemv / grouped_gemm take it)
+             **({"FP4": True} if st.fp4 else {}), **({"Q4K": True} if st.q4k else {})})
 
 
 def _gemv_block_k(st: Stack, want: int) -> int:
@@ -230,7 +279,7 @@ def _gemv_block_k(st: Stack, want: int) -> int:
     int8 rows whose K only 32 or 64 divides (gpt-oss's 2880: 45 steps of 64) take ``want``
     whole, the last step masked (the int8 and fp4 paths read groups past K as zeros)."""
     b = _block_k(st.k, want)
-    return want if b < min(want, 128) and not (st.int4 or st.six) else b
+    return want if b < min(want, 128) and not (st.int4 or st.six or st.q4k) else b
 
 
 def gemv_tiles(picks: int, fp4: bool = False) -> Tiles:
@@ -380,17 +429,17 @@ class CudaMoEExperts(nn.Module):
                  gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
                  glu: Glu = None) -> None:
         super().__init__()
-        fg, fu, fd = fmt(gate), fmt(up), fmt(down)
-        if fg is None or fd is None or fg != fu or gate.shape != up.shape:
-            raise ValueError(f"CudaMoEExperts: gate {fg}, up {fu}, down {fd} (gate and up "
-                             "must share a format the kernels take)")
+        fg, fd = gate_up_format(gate, up), fmt(down)
+        if fg is None or fd is None:
+            raise ValueError(f"CudaMoEExperts: gate {fmt(gate)}, up {fmt(up)}, down {fd} (gate "
+                             "and up must share a format the kernels take)")
         self.num_experts = experts
         self.hidden = gate.shape[1]
         self.inner = gate.shape[0] // experts
         self.formats = (fg, fd)
         self.kinds = sorted({getattr(c, "ggml_type", "") or "4-bit" for c in (gate, down)})
-        gw, gs, gm, gd = stack_tensors(gate)
-        uw, us, um, ud = stack_tensors(up)
+        gw, gs, gm, gd = stack_tensors(gate, fg)
+        uw, us, um, ud = stack_tensors(up, fg)
         self.register_buffer("gate_up_w", _per_expert_cat(gw, uw, experts))
         self.register_buffer("gate_up_s", _per_expert_cat(gs, us, experts))
         self.register_buffer("gate_up_mn", None if gm is None else _per_expert_cat(gm, um, experts))
@@ -412,10 +461,10 @@ class CudaMoEExperts(nn.Module):
         (gkind, ggroup, _), (dkind, dgroup, _) = self.formats
         gu = Stack(self.gate_up_w, self.gate_up_s, self.gate_up_mn, gkind == "int4", ggroup,
                    2 * self.inner, self.hidden, gkind == "six", self.gate_up_d, self.gate_up_b,
-                   gkind == "fp4")
+                   gkind == "fp4", gkind == "q4k")
         dn = Stack(self.down_w, self.down_s, self.down_mn, dkind == "int4", dgroup,
                    self.hidden, self.inner, dkind == "six", self.down_d, self.down_b,
-                   dkind == "fp4")
+                   dkind == "fp4", dkind == "q4k")
         return gu, dn
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -458,8 +507,7 @@ def expert_weights(st: Stack, e: int) -> torch.Tensor:
     stack is indexed by the row first)."""
     rows = slice(e * st.n, (e + 1) * st.n)
     cut = lambda t: None if t is None else t[rows]  # noqa: E731
-    one = Stack(st.w[rows], st.s[rows], cut(st.mn), st.int4, st.group, st.n, st.k, st.six,
-                cut(st.d), cut(st.b), st.fp4)
+    one = replace(st, w=st.w[rows], s=st.s[rows], mn=cut(st.mn), d=cut(st.d), b=cut(st.b))
     return _dequantize(one, 1)[0]
 
 

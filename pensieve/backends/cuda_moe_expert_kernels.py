@@ -26,9 +26,10 @@ def expert_gemv(X, IDS, RW, W, S, MN, D, B, Y, T, N, K, stride_x, stride_y,
                 SIX: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ALPHA: tl.constexpr,
                 LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, FP4: tl.constexpr = False, SWAP: tl.constexpr = False):
+                BLOCK_K: tl.constexpr, FP4: tl.constexpr = False, SWAP: tl.constexpr = False,
+                Q4K: tl.constexpr = False):
     """y[picks of expert program 0, outputs of program 1]; ``IDS`` [T·TOPK] the picks' experts
-    (token-major); T ≤ BLOCK_M; K_PAD a power of two ≥ TOPK; ``FP4``, ``SWAP``: as
+    (token-major); T ≤ BLOCK_M; K_PAD a power of two ≥ TOPK; ``FP4``, ``SWAP``, ``Q4K``: as
     ``expert_rows``'."""
     e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -48,4 +49,4 @@ def expert_gemv(X, IDS, RW, W, S, MN, D, B, Y, T, N, K, stride_x, stride_y,
         row = pick
     expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e.to(tl.int64), pid_n, N, K,
                 stride_x, stride_y, FUSE, ROUTED, INT4, SIX, GS, HAS_MIN, HAS_BIAS, SWIGLU,
-                ALPHA, LIMIT, BLOCK_M, BLOCK_N, BLOCK_K, FP4, SWAP)
+                ALPHA, LIMIT, BLOCK_M, BLOCK_N, BLOCK_K, FP4, SWAP, Q4K)

@@ -10,6 +10,11 @@ two code layouts of the dense CUDA layers, or a 6-bit one:
 * int8 (Q8_0/Q5_x/IQ4_x/..., ``cuda_int8``): ``W`` the codes read as uint8 [E, N, K], ``S``
   float16 bits (int16) of a scale per ``GS`` columns, ``MN`` float16 bits of an offset per 32
   where ``HAS_MIN``: ``w = code·scale (+ offset)``;
+* ``Q4K`` (Q4_K with the file's own factors): ``W`` as ``INT4``'s, ``S`` int16 [E, N, K/32]
+  the 6-bit sub-scale ``sc`` (low byte) and sub-min ``m`` (high byte) of each 32, ``D`` int32
+  [E, N, K/256] the float16 ``d`` (low half) and ``dmin`` (high half) of each 256:
+  ``w = code·(d·sc) − dmin·m``, both products formed in float32 in the kernel (exact: 17 and
+  17 significant bits) — the file's value exactly, in 148 bytes a 256;
 * ``SIX`` (Q6_K, 6-bit codes ``u = code + 32``): ``W`` the low 4 bits in the int4 layout
   [E, N, K/2], ``MN`` the high 2 bits four a byte [E, N, K/4] (byte ``i`` of group ``g``:
   columns 32g+i, +8, +16, +24 in bits 0-1, 2-3, 4-5, 6-7), ``S`` the int8 sub-scale per 16 and
@@ -131,7 +136,7 @@ def _glu(g, u, SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
 @triton.jit
 def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr,
              HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             FP4: tl.constexpr = False):
+             FP4: tl.constexpr = False, Q4K: tl.constexpr = False):
     """Σ_k x[k] · w[wrow, k] for the int64 weight rows ``wrow`` [BLOCK_N] of the stacked
     weight (rows counted over all experts); x's row at ``XR``; BLOCK_K columns a step."""
     if FP4:
@@ -167,6 +172,25 @@ def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS
             part = tl.sum(lo * xlo[None, :, :] + hi * xhi[None, :, :], 2)
             s, o = _scale_offset(tl.load(so_ptrs + k0 // 32))
             acc += part * s + o * tl.sum(xlo + xhi, 1)[None, :]
+    elif Q4K:
+        gi = tl.arange(0, BLOCK_K // 32)
+        i = tl.arange(0, 16)
+        w_ptrs = W + wrow[:, None, None] * (K // 2) + gi[None, :, None] * 16 + i[None, None, :]
+        s_ptrs = S + wrow[:, None] * (K // 32) + gi[None, :]
+        # each group's super-block word, k0 // 256 + gi // 8 (BLOCK_K a power of two: a step
+        # shorter than 256 columns lies inside one); 8 groups of a row load one address
+        d_ptrs = D + wrow[:, None] * (K // 256) + gi[None, :] // 8
+        x_ptrs = XR + gi[:, None] * 32 + i[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
+            xlo = tl.load(x_ptrs + k0).to(tl.float32)
+            xhi = tl.load(x_ptrs + k0 + 16).to(tl.float32)
+            part = tl.sum(_u6(b & 15) * xlo[None, :, :] + _u6(b >> 4) * xhi[None, :, :], 2)
+            sub = tl.load(s_ptrs + k0 // 32).to(tl.int32)
+            d, dmin = _scale_offset(tl.load(d_ptrs + k0 // 256))
+            acc += (part * (d * _u6(sub & 255))
+                    - tl.sum(xlo + xhi, 1)[None, :] * (dmin * _u6(sub >> 8)))
     elif SIX:
         gi = tl.arange(0, BLOCK_K // 32)
         i = tl.arange(0, 16)
@@ -220,7 +244,8 @@ def pick_gemv(X, IDS, RW, W, S, MN, D, B, Y, N, K, stride_x, stride_y, TOPK: tl.
               INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
               HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ALPHA: tl.constexpr,
               LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              FP4: tl.constexpr = False, PAIR: tl.constexpr = False):
+              FP4: tl.constexpr = False, PAIR: tl.constexpr = False,
+              Q4K: tl.constexpr = False):
     """y[p, n] for pick p = program 0, outputs n in BLOCK_N; N: the expert's weight rows
     (2I where FUSE, whose output has I columns); grid (P, cdiv(N_out, BLOCK_N)). ``PAIR``
     (with FUSE): the gate and up rows of an output are one row set of 2·BLOCK_N, interleaved,
@@ -246,18 +271,19 @@ def pick_gemv(X, IDS, RW, W, S, MN, D, B, Y, N, K, stride_x, stride_y, TOPK: tl.
         n2 = pid * BLOCK_N + j // 2
         wrow2 = e * N + tl.where(n2 < n_out, n2, 0).to(tl.int64) + (j % 2) * n_out
         gu = _row_dot(XR, W, S, MN, D, wrow2, K, INT4, SIX, GS, HAS_MIN, 2 * BLOCK_N, BLOCK_K,
-                      FP4)
+                      FP4, Q4K)
         if HAS_BIAS:
             gu += tl.load(B + wrow2).to(tl.float32)
         y, u = tl.split(tl.reshape(gu, [BLOCK_N, 2]))
         y = _glu(y, u, SWIGLU, ALPHA, LIMIT)
     else:
-        y = _row_dot(XR, W, S, MN, D, wrow, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K, FP4)
+        y = _row_dot(XR, W, S, MN, D, wrow, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K, FP4,
+                     Q4K)
         if HAS_BIAS:
             y += tl.load(B + wrow).to(tl.float32)
         if FUSE:
             u = _row_dot(XR, W, S, MN, D, wrow + n_out, K, INT4, SIX, GS, HAS_MIN, BLOCK_N,
-                         BLOCK_K, FP4)
+                         BLOCK_K, FP4, Q4K)
             if HAS_BIAS:
                 u += tl.load(B + wrow + n_out).to(tl.float32)
             y = _glu(y, u, SWIGLU, ALPHA, LIMIT)
@@ -320,6 +346,22 @@ def _fp4_tile(W, S, erow, byte, K):
 
 
 @triton.jit
+def _q4k_tile(W, S, D, erow, byte, K, k0, BLOCK_K: tl.constexpr):
+    """As ``_int4_tile`` for the ``Q4K`` layout (``S`` the sub-scale/sub-min pairs, ``D`` the
+    float16 d/dmin words) at step ``k0``: (low, high) columns, code·(d·sc) − dmin·m in float32.
+    A step of at most 256 columns lies in one super-block: its word loaded once a row."""
+    b = tl.load(W + erow * (K // 2) + byte).to(tl.int32)
+    sub = tl.load(S + erow * (K // 32) + byte // 16).to(tl.int32)
+    if BLOCK_K <= 256:
+        d, dmin = _scale_offset(tl.load(D + erow * (K // 256) + k0 // 256))
+    else:
+        d, dmin = _scale_offset(tl.load(D + erow * (K // 256) + byte // 128))
+    s = d * _u6(sub & 255)
+    o = dmin * _u6(sub >> 8)
+    return _u6(b & 15) * s - o, _u6(b >> 4) * s - o
+
+
+@triton.jit
 def _six_tile(W, S, H, D, erow, byte, K):
     """As ``_int4_tile`` for the 6-bit layout (``H``: the high-bit bytes, ``S`` int8 sub-scales,
     ``D`` float16 super-scales): (low, high) columns."""
@@ -349,7 +391,8 @@ def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, D, B, Y, P, E, N, K, stride_x, s
                  GS: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 FP4: tl.constexpr = False, SWAP: tl.constexpr = False):
+                 FP4: tl.constexpr = False, SWAP: tl.constexpr = False,
+                 Q4K: tl.constexpr = False):
     """y[picks of block b, outputs of program 1] (see the module text); grid
     (MAX_BLOCKS, cdiv(N_out, BLOCK_N)). ``SWAP``: ``expert_rows``' swap-AB products."""
     blk = tl.program_id(0)
@@ -366,7 +409,7 @@ def grouped_gemm(X, SORTED, BEXP, RW, W, S, MN, D, B, Y, P, E, N, K, stride_x, s
         row = pick
     expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stride_x, stride_y,
                 FUSE, ROUTED, INT4, SIX, GS, HAS_MIN, HAS_BIAS, SWIGLU, ALPHA, LIMIT, BLOCK_M,
-                BLOCK_N, BLOCK_K, FP4, SWAP)
+                BLOCK_N, BLOCK_K, FP4, SWAP, Q4K)
 
 
 @triton.jit
@@ -375,7 +418,8 @@ def expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stri
                 SIX: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ALPHA: tl.constexpr,
                 LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, FP4: tl.constexpr = False, SWAP: tl.constexpr = False):
+                BLOCK_K: tl.constexpr, FP4: tl.constexpr = False, SWAP: tl.constexpr = False,
+                Q4K: tl.constexpr = False):
     """Expert ``e``'s outputs ``pid_n`` for BLOCK_M rows (x's ``row``, y's ``pick``, where
     ``mmask``): its weight tile dequantised in registers once for all of them, on the tensor
     cores (``grouped_gemm``'s and ``cuda_moe_expert_kernels.expert_gemv``'s body). ``SWAP``
@@ -399,7 +443,7 @@ def expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stri
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         wrow = erow[None, :]
         xmask = mmask[:, None]
-    if INT4 or SIX or FP4:
+    if INT4 or SIX or FP4 or Q4K:
         # a step: BLOCK_K // 32 groups = BLOCK_K // 2 bytes a row, contiguous; byte j of the step
         # holds columns 32·(j // 16) + j % 16 (low nibble) and 16 more (high nibble)
         j = tl.arange(0, BLOCK_K // 2)
@@ -415,6 +459,8 @@ def expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stri
             xhi = tl.load(x_ptrs + k0 + 16, mask=xmask, other=0.0)
             if SIX:
                 lo, hi = _six_tile(W, S, MN, D, wrow, wcol + k0 // 2, K)
+            elif Q4K:
+                lo, hi = _q4k_tile(W, S, D, wrow, wcol + k0 // 2, K, k0, BLOCK_K)
             elif FP4:
                 lo, hi = _fp4_tile(W, S, wrow, wcol + k0 // 2, K)
             else:
@@ -424,6 +470,8 @@ def expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stri
             if FUSE:
                 if SIX:
                     lo, hi = _six_tile(W, S, MN, D, wrow + n_out, wcol + k0 // 2, K)
+                elif Q4K:
+                    lo, hi = _q4k_tile(W, S, D, wrow + n_out, wcol + k0 // 2, K, k0, BLOCK_K)
                 elif FP4:
                     lo, hi = _fp4_tile(W, S, wrow + n_out, wcol + k0 // 2, K)
                 else:

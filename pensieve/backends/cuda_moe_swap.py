@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from torch import nn
 
-from pensieve.backends.cuda_moe import Codes, CudaMoEExperts, fmt
+from pensieve.backends.cuda_moe import Codes, CudaMoEExperts, fmt, gate_up_format
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,7 @@ Experts3 = tuple[Codes, Codes, Codes]  # one layer's gate, up, down codes ([E·r
 
 def takes(gate: Codes, up: Codes, down: Codes) -> bool:
     """Whether ``CudaMoEExperts`` takes a layer's three projections."""
-    fg = fmt(gate)
-    return fg is not None and fg == fmt(up) and gate.shape == up.shape and fmt(down) is not None
+    return gate_up_format(gate, up) is not None and fmt(down) is not None
 
 
 def take_expert_codes(int4: dict[str, object]) -> dict[str, Experts3]:

@@ -1,6 +1,6 @@
 """The expert-major MoE GEMV (``backends/cuda_moe_expert.py``): each picked expert's weights
 once for all the tokens that picked it. In Triton's interpreter against float64 torch experts:
-int4 / 6-bit / int8 codes at 2-16 tokens (tokens sharing experts, an expert nobody picked),
+int4 / q4k (Q4_K's own factors) / 6-bit / int8 codes at 2-16 tokens (tokens sharing experts, an expert nobody picked),
 gpt-oss's MXFP4 experts with biases and the clamped SwiGLU, the same picks as ``pick_gemv``;
 the route's switch; compiled for sm_90 at gpt-oss-20b's and GLM-4.7-Flash's expert shapes; on
 a GPU in bfloat16 and under a CUDA graph."""
@@ -87,7 +87,7 @@ def test_expert_gemv_equals_float64_in_the_triton_interpreter():
                               "as c; c(); print('ok')")
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "six"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "six", "q4k"])
 def test_expert_gemv_compiles_for_the_h100(fmt):
     """bfloat16, gate/up fused (SiLU or gpt-oss's clamp, biased) and down routed, at 16 rows,
     without register spills."""
@@ -99,9 +99,10 @@ def test_expert_gemv_compiles_for_the_h100(fmt):
              "D": "*i16", "B": "*bf16", "Y": "*bf16", "T": "i32", "N": "i32", "K": "i32",
              "stride_x": "i32", "stride_y": "i32"}
     if fmt != "int8":
-        types.update(S="*i32" if fmt == "int4" else "*i8", MN="*u8")
+        types.update(S={"int4": "*i32", "six": "*i8", "q4k": "*i16"}[fmt], MN="*u8",
+                     D="*i32" if fmt == "q4k" else "*i16")
     gpt_oss = fmt == "int8"
-    base = dict(TOPK=4, K_PAD=4, INT4=fmt == "int4", SIX=fmt == "six",
+    base = dict(TOPK=4, K_PAD=4, INT4=fmt == "int4", SIX=fmt == "six", Q4K=fmt == "q4k",
                 GS=32 if fmt != "six" else 16, HAS_MIN=False, HAS_BIAS=gpt_oss, BLOCK_M=16,
                 BLOCK_N=cuda_moe_expert.BLOCK_N, BLOCK_K=cuda_moe_expert.BLOCK_K)
     for fuse in (True, False):

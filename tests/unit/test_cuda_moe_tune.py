@@ -6,8 +6,8 @@ wrong or unbuildable one is left out with a warning, the expert-major GEMV is ra
 top-k and ``PENSIEVE_MOE_ROUTE=static`` are left to the constant rule, and a plan's bucket
 lookup; the reference the start checks against (each expert dequantised alone) is the whole
 layer's. In Triton's interpreter (a fresh process): the real candidates all build and are right
-at 1-4 tokens on int4/int8 and packed MXFP4 layers (biases, clamp), grouped tiles passed
-through. With a GPU: layers at gpt-oss-20b's (packed MXFP4) and Qwen3-30B-A3B's (Q4_K + Q6_K)
+at 1-4 tokens on int4/int8, Q4_K (q4k) and packed MXFP4 layers (biases, clamp), grouped tiles
+passed through. With a GPU: layers at gpt-oss-20b's (packed MXFP4) and Qwen3-30B-A3B's (Q4_K + Q6_K)
 expert shapes tuned on the real timer, then every bucket eager and replayed from a CUDA graph
 with new routing against the float reference and the same bits as eager.
 """
@@ -261,7 +261,9 @@ def interpreter_check() -> None:
     int8 = small_layer(experts=5, top_k=3, seed=7)
     packed = random_layer(4, 64, 32, seed=5, packed=True)
     packed.top_k = 2
-    for layer in (int8, packed):
+    q4k = make_layer(Q.Q4_K, Q.Q4_K, 256, 256, 4, seed=6)  # Q4_K's own factors (q4k)
+    q4k.top_k = 2
+    for layer in (int8, packed, q4k):
         plans = cuda_moe_tune.prepare(nn.ModuleList([layer]), torch.float32, reps=1,
                                       timer=timer, buckets=(1, 4), environ={})
         assert not warned, warned  # every candidate builds and is right
@@ -273,10 +275,11 @@ def interpreter_check() -> None:
         ref = reference_layer(layer, x, w, ids)
         for r in cuda_moe_tune.candidates(layer, 3):
             assert rel(cuda_moe_tune.launch(r, (layer, x, w, ids)), ref) < 1e-5, r
-    # swap-AB grouped tiles over every code layout: Q4_K + Q6_K, 6-bit gate/up + Q5_K down
-    # (int8 codes with offsets), at 1 and 3 tokens (1-3 picks an expert), against float32
+    # swap-AB grouped tiles over every code layout: Q4_K (q4k) + Q6_K, 6-bit gate/up + Q5_K down
+    # (int8 codes with offsets), Q4_K down (q4k routed), at 1 and 3 tokens (1-3 picks an
+    # expert), against float32
     swaps = [t for t in cuda_moe_tune.GROUPED_CANDIDATES if t.swap]
-    for gu, dn in ((Q.Q4_K, Q.Q6_K), (Q.Q6_K, Q.Q5_K)):
+    for gu, dn in ((Q.Q4_K, Q.Q6_K), (Q.Q6_K, Q.Q5_K), (Q.Q4_K, Q.Q4_K)):
         layer = make_layer(gu, dn, 256, 256, 4, seed=8)
         for tokens in (1, 3):
             w, ids = routing(tokens, 4, 2, tokens)
@@ -296,7 +299,7 @@ def test_candidates_in_the_triton_interpreter():
         "from tests.unit.test_cuda_moe_tune import interpreter_check; interpreter_check()")
 
 
-@pytest.mark.parametrize("fmt", ["int4", "six", "int8", "fp4"])
+@pytest.mark.parametrize("fmt", ["int4", "six", "int8", "fp4", "q4k"])
 def test_swap_ab_grouped_tiles_compile_for_the_h100(fmt):
     """The swap-AB grouped GEMM (both raced tiles) and expert-major GEMV (its swap tile; its
     constants over packed MXFP4) built for sm_90 in bfloat16 here, no GPU needed: fused gate/up
@@ -309,10 +312,12 @@ def test_swap_ab_grouped_tiles_compile_for_the_h100(fmt):
     types = {"X": "*bf16", "RW": "*bf16", "W": "*u8", "S": "*i16", "MN": "*i16", "D": "*i16",
              "B": "*bf16", "Y": "*bf16", "N": "i32", "K": "i32", "stride_x": "i32",
              "stride_y": "i32", "SORTED": "*i32", "BEXP": "*i32", "P": "i32", "E": "i32"}
-    base = dict(TOPK=4, INT4=fmt == "int4", SIX=fmt == "six", FP4=fmt == "fp4",
+    base = dict(TOPK=4, INT4=fmt == "int4", SIX=fmt == "six", FP4=fmt == "fp4", Q4K=fmt == "q4k",
                 GS=16 if fmt == "six" else 32, HAS_MIN=fmt == "int8", HAS_BIAS=fmt == "fp4")
     if fmt == "int4":
         types.update(S="*i32")
+    elif fmt == "q4k":
+        types.update(S="*i16", D="*i32")
     elif fmt == "six":
         types.update(S="*i8", MN="*u8")
     elif fmt == "fp4":

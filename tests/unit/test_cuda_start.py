@@ -135,7 +135,9 @@ def test_cuda_layers_from_nibbles_equal_the_unpacked_codes_route(files, name):
             return ExpertCodes(unpacked(c.groups), c.experts)
         if isinstance(c, Int4Groups):
             assert c.nibbles is not None  # the loader's 4-bit forms are all nibbles
-            return Int4Groups(c.codes.clone(), c.scales.clone(), c.offsets.clone(), c.group_size)
+            u = Int4Groups(c.codes.clone(), c.scales.clone(), c.offsets.clone(), c.group_size)
+            u.k_scales = c.k_scales  # Q4_K's own factors (the MoE experts' q4k layout)
+            return u
         return c
 
     ckpt = load_gguf(files[name], torch.bfloat16, keep_int4=True)
