@@ -3,7 +3,9 @@
 (``backends/cuda_moe.py``) against the dequantised bfloat16 baselines.
 
 Per token count (1, 8, 32, 512, 2048 by default) and code mix (Q4_K gate/up with Q6_K or Q4_K
-down), the median GPU time of:
+down; Q4_K in the kernels' ``q4k`` layout, the file's own factors, or with
+``PENSIEVE_MOE_Q4K_SUPER=0`` in the int4 layout: the ``layout`` column says which), the median
+GPU time of:
 
 * ``codes graph`` — ``moe_experts`` replayed from a CUDA graph (as the decode graphs run it: no
   Python launch cost), and ``codes eager``;
@@ -207,7 +209,8 @@ def run(a: argparse.Namespace) -> list[dict]:
             ours = each(layer)
             ref = float_loop(x, w, ids, gate_up, down)
             err = ((layer(x, w, ids).float() - ref.float()).norm() / ref.float().norm()).item()
-            row = {"mix": mix, "tokens": tokens, "experts_hit": hit, "rel_err": err,
+            row = {"mix": mix, "layout": "+".join(f[0] for f in layer.formats),
+                   "tokens": tokens, "experts_hit": hit, "rel_err": err,
                    "codes_eager_ms": per_set(gpu_ms(ours, a.reps)),
                    "codes_graph_ms": per_set(gpu_ms(graphed(ours), a.reps)),
                    "bf16_loop_ms": per_set(gpu_ms(each(
@@ -253,8 +256,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         gmm = r.get("bf16_grouped_mm_ms")
         lines.append(
-            f"| {r['mix']} | {r['tokens']} | {r['experts_hit']:.1f} | {r['codes_graph_ms']:.3f} | "
-            f"{r['codes_eager_ms']:.3f} | {r['bf16_loop_ms']:.3f} | "
+            f"| {r['mix']} ({r.get('layout', '?')}) | {r['tokens']} | {r['experts_hit']:.1f} | "
+            f"{r['codes_graph_ms']:.3f} | {r['codes_eager_ms']:.3f} | {r['bf16_loop_ms']:.3f} | "
             f"{'-' if gmm is None else f'{gmm:.3f}'} | {r['codes_GBps']:.0f} | "
             f"{r['bf16_loop_ms'] / r['codes_graph_ms']:.2f}x | {r['rel_err']:.1e} | "
             + (f"{r['best_ms']:.3f} {r['best_tiles']} |" if "best_ms" in r else "- |")
