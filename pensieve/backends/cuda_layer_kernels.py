@@ -36,7 +36,7 @@ def add_rms_norm(X, Y, W, SUM, OUT, H, eps, BLOCK: tl.constexpr, PARTS: tl.const
             y = tl.load(Y + row * H + cols, mask=mask, other=0.0).to(tl.float32)
         else:
             y = tl.zeros([BLOCK], tl.float32)
-            for j in range(PARTS):
+            for j in tl.static_range(PARTS):  # unrolled: the PARTS rows' loads in flight together
                 y += tl.load(Y + (row * PARTS + j) * H + cols, mask=mask,
                              other=0.0).to(tl.float32)
             y = y.to(Y.dtype.element_ty).to(tl.float32)
