@@ -107,6 +107,7 @@ def log_gpu_memory_use(device: torch.device, when: str) -> None:
              torch.cuda.max_memory_allocated(device) / 2**30,
              torch.cuda.memory_reserved(device) / 2**30, (total - free) / 2**30, total / 2**30,
              cuda_allocator.describe())
+    log.info("GPU memory %s by pool: %s", when, cuda_allocator.describe_pools(device))
 
 
 def plan_num_blocks(args: ModelArgs, config: EngineConfig) -> int:

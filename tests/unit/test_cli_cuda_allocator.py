@@ -49,3 +49,21 @@ def test_the_cuda_start_asks_before_loading():
 
     src = inspect.getsource(serve_torch.load_torch_engine)
     assert src.index("use_expandable_segments(os.environ)") < src.index("choose_weights(")
+
+
+def test_pool_use_splits_the_allocators_pool_from_graph_pools():
+    """The start log's by-pool line from a memory snapshot's segments: the default pool (id
+    (0, 0)) and private (graph) pools summed apart, other devices' segments left out."""
+    from pensieve.backends.cuda_allocator import pool_use
+
+    gib = 2**30
+    segments = [
+        {"device": 0, "segment_pool_id": (0, 0), "total_size": 4 * gib, "allocated_size": 3 * gib},
+        {"device": 0, "segment_pool_id": (0, 0), "total_size": gib, "allocated_size": gib},
+        {"device": 0, "segment_pool_id": (1, 0), "total_size": 2 * gib, "allocated_size": gib // 2},
+        {"device": 1, "segment_pool_id": (0, 0), "total_size": 9 * gib, "allocated_size": 0},
+    ]
+    line = pool_use(segments, 0)
+    assert "the allocator's pool 5.00 GiB reserved, 4.00 allocated (2 segments)" in line
+    assert "graph pools 2.00 GiB reserved, 0.50 allocated (1 segments)" in line
+    assert pool_use([], 0) == "none"
