@@ -22,7 +22,8 @@ gpt-oss's router (``models/gpt_oss.Router``: top-k of the biased logits, then a 
 those k) is ``topk_softmax``: ~5 launches (topk's gather and sort, softmax) → one.
 
 The kernels (``cuda_router_kernels``) are one program a token around a selection helper that
-takes a block of tokens' rows.
+takes a block of tokens' rows, which the fused router (``cuda_router_fused``: the GEMM and the
+selection in one launch for short batches, ``PENSIEVE_ROUTER_FUSED=0`` keeps two) shares.
 
 Installed on each router at every CUDA runner's start (uniform and hybrid layouts) (``install``: ``kernel`` on softmax
 routers, ``sigmoid_kernel`` on sigmoid ones); ``PENSIEVE_ROUTER_KERNEL=0`` leaves the torch forms.
@@ -130,16 +131,22 @@ def sigmoid_router(router: nn.Module) -> Any:
     return select
 
 
-def install(model: nn.Module) -> int:
+def install(model: nn.Module, fused: bool | None = None) -> int:
     """Set ``kernel`` on every softmax ``models.moe.Router`` of ``model`` and on gpt-oss's
-    (``topk_softmax``), ``sigmoid_kernel`` on every sigmoid one (its weight and bias kept float32: the values its torch form casts to
-    each step); returns how many."""
+    (``topk_softmax``), ``sigmoid_kernel`` on every sigmoid one (its weight and bias kept
+    float32: the values its torch form casts to each step); with ``fused`` (default: unless
+    ``PENSIEVE_ROUTER_FUSED=0``) each also gets ``fused``, its GEMM + selection in one launch
+    for short batches (``cuda_router_fused``: its workspace and counter made here, on the
+    router's device); returns how many."""
+    from pensieve.backends import cuda_router_fused
     from pensieve.models import gpt_oss
     from pensieve.models.moe import Router
 
+    fuse = cuda_router_fused.enabled() if fused is None else fused
     oss = [m for m in model.modules() if isinstance(m, gpt_oss.Router)]
     for m in oss:
         m.kernel = topk_softmax
+        m.fused = cuda_router_fused.FusedRouter(m, "gpt-oss") if fuse else None
     routers = [m for m in model.modules() if isinstance(m, Router)]
     for m in routers:
         if m.moe.gating == "sigmoid":
@@ -151,4 +158,5 @@ def install(model: nn.Module) -> int:
             m.sigmoid_kernel = sigmoid_router(m)
         else:
             m.kernel = softmax_topk
+        m.fused = cuda_router_fused.FusedRouter(m, m.moe.gating) if fuse else None
     return len(routers) + len(oss)

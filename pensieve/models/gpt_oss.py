@@ -77,8 +77,13 @@ class Router(nn.Module):
         self.bias = nn.Parameter(torch.empty(args.moe.num_experts))
         # a backend's one-launch top-k + softmax (``backends/cuda_router.topk_softmax``)
         self.kernel: Any = None
+        # ... and its GEMM + selection in one launch, None past its batch
+        # (``backends/cuda_router_fused.FusedRouter``)
+        self.fused: Any = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused is not None and (picked := self.fused(x)) is not None:
+            return picked
         logits = F.linear(x, self.weight, self.bias)
         if self.kernel is not None:
             return self.kernel(logits, self.top_k)

@@ -47,8 +47,13 @@ class Router(nn.Module):
         self.kernel: Any = None
         # ... and sigmoid one: float32 logits → (weights, ids) (``cuda_router.sigmoid_router``)
         self.sigmoid_kernel: Any = None
+        # a backend's GEMM + selection in one launch: x → (weights, ids), or None where the
+        # batch is too long for it (``backends/cuda_router_fused.FusedRouter``)
+        self.fused: Any = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused is not None and (picked := self.fused(x)) is not None:
+            return picked
         moe = self.moe
         if moe.gating == "sigmoid":
             logits = F.linear(x.float(), self.weight.float())
