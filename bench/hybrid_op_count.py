@@ -115,8 +115,8 @@ class Launch:
 
 
 def count_triton() -> None:
-    """Patch the hybrid kernels (``cuda_gdn_kernels``, ``cuda_offset_norm``, ``cuda_router``)
-    to count their launches."""
+    """Patch the hybrid kernels (``cuda_gdn_kernels``, ``cuda_offset_norm``, ``cuda_router``,
+    the fused routers of ``cuda_router_kernels``) to count their launches."""
     from pensieve.backends import cuda_gdn_kernels as k, cuda_offset_norm, cuda_router
 
     for name in ("conv_step", "delta_step"):
@@ -133,6 +133,11 @@ def count_triton() -> None:
         if not isinstance(getattr(mod, name)(), Launch):
             launch = Launch(getattr(mod, name)())
             setattr(mod, name, lambda launch=launch: launch)
+    from pensieve.backends import cuda_router_kernels  # the fused routers' GEMM + selection
+
+    for name in ("fused_softmax", "fused_sigmoid", "fused_topk_softmax"):
+        if not isinstance(getattr(cuda_router_kernels, name), Launch):
+            setattr(cuda_router_kernels, name, Launch(getattr(cuda_router_kernels, name)))
 
 
 def engine(ckpt: Any, seqs: int, gdn_kernel: bool) -> Any:
