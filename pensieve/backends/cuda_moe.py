@@ -100,6 +100,9 @@ class Tiles:
     pair: bool = False  # pick GEMV only: an output's gate and up rows in one K loop
 
 
+# pick_gemv's tiles: BLOCK_N · BLOCK_K / 32 = 128 (row, group) pairs, a thread each at 4 warps
+# (its group's codes one 16-byte load); BLOCK_K / 8 < 32 · warps keeps x's words in the
+# codes' layout (a larger step exchanges them through shared memory each step)
 GEMV_FEW = Tiles(1, 8, 512, 4, 2)  # up to 16 picks (H100 sweep: 1 token 0.032 vs 0.039 ms)
 GEMV = Tiles(1, 16, 256, 4, 2)  # more picks (8 tokens: 0.149 vs 0.171 ms; 32: 0.534 vs 0.611)
 # packed MXFP4 (half the bytes a step of the same BLOCK_K): the int8 tiles until timed on a GPU
@@ -309,6 +312,8 @@ def pick_gemv(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, st: Stack, y
     """y [P, N_out] (see ``cuda_moe_kernels.pick_gemv``)."""
     t = t or GEMV
     p = ids.numel()
+    if (x.data_ptr() | x.stride(0) * x.element_size()) % 8 or x.stride(1) != 1:
+        x = x.clone(memory_format=torch.contiguous_format)  # its rows are read as int64 words
     n_out = st.n // 2 if fuse else st.n
     args, meta = _meta(st, glu if fuse else None)
     _kernels().pick_gemv[(p, triton_cdiv(n_out, t.block_n))](

@@ -44,6 +44,17 @@ weight. ``SWIGLU``: gpt-oss's clamped activation instead of SiLU·up —
 
 * ``pick_gemv`` — few picks (decode at small batch): one program per (pick, BLOCK_N outputs),
   no sorting: it reads its pick's expert id and runs a float32 GEMV on that expert's slice.
+  Its codes come in as int32 words, a thread holding a row's group: the 4-bit layouts' 16
+  bytes as a word quad (byte j of word q: column 32g + 4q + j, low nibble, and + 16, high
+  nibble) in one 16-byte load (``ld.global.v4.b32``; SIX's high bit pairs 8 bytes,
+  ``.v2.b32``; int8: a quad a half group), row starts written (K // 32)·(words a group) so
+  that Triton sees them 16-byte aligned whatever K's specialisation (the byte tensors this
+  replaced took 8 bytes a load on the GPU, one with K unspecialised); x as int64 words, four
+  16-bit columns each — the quad a code word meets — a thread's quads contiguous: 16-byte
+  loads, in the words' layout, so the loop has no shared-memory exchange (``_x_group``). A
+  word's bytes become floats by OR-ing each in place under a float32 exponent whose unit is
+  1 there and taking the power of two off, E2M1 codes two at a time as a float16 pair
+  (``_quad_dot``): the same exact products as before, summed in another order.
 * ``align`` — one program sorts up to a few hundred picks by expert on the device: per expert
   its rows padded to BLOCK_M, ``SORTED`` the pick of each padded slot (P where empty) and
   ``BEXP`` each block's expert (E past the last block); the worst case fixes the grid.
@@ -134,104 +145,202 @@ def _glu(g, u, SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
 
 
 @triton.jit
+def _x_group(x_ptrs, mask, DT: tl.constexpr, MASKED: tl.constexpr):
+    """x[4·quad + j] and x[4·quad + 16 + j] for j < 4 at ``x_ptrs`` (x's int64 words at the
+    low half group's quads [G, 4]; ``MASKED``: where ``mask`` [G, 1]) as four float32 [1, G,
+    4, 2] (last axis: the half group). x is read as int64 words — four 16-bit columns a word
+    (bfloat16: a shift or a mask each, float16: a conversion), two a word for float32
+    (tests) — a thread's quads contiguous: 16 bytes a load. Fewer quads a half than a
+    program's threads (BLOCK_K / 8 < 32·num_warps), Triton loads them in the layout of the
+    weight words they meet: no shared-memory exchange. Masked quads read zeros."""
+    if DT == tl.float32:  # x_ptrs: 2·quad
+        if MASKED:
+            a0 = tl.load(x_ptrs, mask=mask, other=0)
+            a1 = tl.load(x_ptrs + 1, mask=mask, other=0)
+            b0 = tl.load(x_ptrs + 8, mask=mask, other=0)
+            b1 = tl.load(x_ptrs + 9, mask=mask, other=0)
+        else:
+            a0 = tl.load(x_ptrs)
+            a1 = tl.load(x_ptrs + 1)
+            b0 = tl.load(x_ptrs + 8)
+            b1 = tl.load(x_ptrs + 9)
+        v01 = tl.join(a0, b0)[None, :, :, :]
+        v23 = tl.join(a1, b1)[None, :, :, :]
+        x0 = v01.to(tl.int32).to(tl.float32, bitcast=True)
+        x1 = (v01 >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        x2 = v23.to(tl.int32).to(tl.float32, bitcast=True)
+        x3 = (v23 >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        if MASKED:
+            v = tl.join(tl.load(x_ptrs, mask=mask, other=0),
+                        tl.load(x_ptrs + 4, mask=mask, other=0))[None, :, :, :]
+        else:
+            v = tl.join(tl.load(x_ptrs), tl.load(x_ptrs + 4))[None, :, :, :]
+        lo = v.to(tl.int32)
+        hi = (v >> 32).to(tl.int32)
+        if DT == tl.bfloat16:  # float32's top half
+            x0 = (lo << 16).to(tl.float32, bitcast=True)
+            x1 = (lo & -65536).to(tl.float32, bitcast=True)
+            x2 = (hi << 16).to(tl.float32, bitcast=True)
+            x3 = (hi & -65536).to(tl.float32, bitcast=True)
+        else:
+            x0 = lo.to(tl.int16).to(DT, bitcast=True).to(tl.float32)
+            x1 = (lo >> 16).to(tl.int16).to(DT, bitcast=True).to(tl.float32)
+            x2 = hi.to(tl.int16).to(DT, bitcast=True).to(tl.float32)
+            x3 = (hi >> 16).to(tl.int16).to(DT, bitcast=True).to(tl.float32)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _quad_dot(u, x0, x1, x2, x3, CODE: tl.constexpr):
+    """[R, G, 2]: each half group's Σ_q Σ_j code(byte j of u[.., q, h]) · x_j[.., q, h] over
+    word quads u [R, G, 4, 2] (byte j of word q: column 4q + j of half h) and x's quads
+    (``_x_group``), and its Σ x (the second result, 0 for E2M1). ``CODE`` 0: codes below 128
+    (words whose bytes' top bits are clear: the 4- and 6-bit codes), 1: int8 codes in words
+    whose bytes' top bits are flipped (``u ^ 0x80808080``): each byte OR-ed in place under a
+    float32 exponent whose unit there is 1 (2^23 at bits 0-7, 2^15 at 8-15, 2^7 at 16-22) and
+    the power of two taken off — the code exactly, one logic op and one add (byte 3, and
+    int8's byte 2, shifted down first). ``CODE`` 2: E2M1 codes in the bytes' nibbles, low
+    nibbles in half 0 and high ones in half 1 of ``u`` (the same word twice; × 2^−14): two
+    codes a shift and logic op — the magnitude bits of bytes j and j + 2 moved to bits 9-11
+    and 25-27 and the sign bits to 15 and 31 are a pair of float16 whose values are
+    ``_e2m1``'s.
+
+    Σ x comes out in the words' layout: x minus a zero made from u (``(u & 0x0F0F0F0F) >> 28``,
+    folded to 0 by LLVM and the subtraction with it, x − 0.0 being x) — laid out alone, the
+    sums took other threads and a shared-memory exchange each step."""
+    if CODE == 2:
+        hb = tl.arange(0, 2)[None, None, None, :] * 4  # the high nibbles four bits on
+        v = u >> hb
+        h = ((v << 9) & 0x0E000E00) | ((v << 12) & -0x7FFF8000)  # bytes 0 | 2
+        p = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * x0
+        p += (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * x2
+        h = ((v << 1) & 0x0E000E00) | ((v << 4) & -0x7FFF8000)  # bytes 1 | 3
+        p += h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * x1
+        p += (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * x3
+        xs = tl.zeros([1, 1, 1], tl.float32)  # (unused: E2M1 has no offsets)
+    else:
+        FLIP: tl.constexpr = 128.0 if CODE == 1 else 0.0  # int8: the flipped top bit's 128
+        c = ((u & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + FLIP)
+        p = c * x0
+        c = ((u & 0xFF00) | 0x47000000).to(tl.float32, bitcast=True) - (32768.0 + FLIP)
+        p += c * x1
+        if CODE == 0:
+            c = ((u & 0x7F0000) | 0x43000000).to(tl.float32, bitcast=True) - 128.0
+        else:
+            c = (((u >> 16) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - (
+                8388608.0 + FLIP)
+        p += c * x2
+        c = (((u >> 24) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + FLIP)
+        p += c * x3
+        xs = tl.sum(((x0 + x1) + (x2 + x3)) - ((u & 0x0F0F0F0F) >> 28).to(tl.float32), 2)
+    return tl.sum(p, 2), xs
+
+
+@triton.jit
+def _nibble_step(w_ptrs, x_ptrs, s_ptrs, d_ptrs, h_ptrs, gm, q, DT: tl.constexpr,
+                 SIX: tl.constexpr, FP4: tl.constexpr, Q4K: tl.constexpr):
+    """One step's [R, G] sums over the 4-bit layouts (``INT4``, ``Q4K``, ``SIX``, ``FP4``) at
+    the step's pointers (``_row_dot``): a group's 16 code bytes are its word quad (byte j of
+    word q: columns 32g + 4q + j, low nibble, and + 16, high nibble), one 16-byte load."""
+    x0, x1, x2, x3 = _x_group(x_ptrs, gm[:, None], DT, FP4)
+    if FP4:  # FP4: a K that BLOCK_K does not divide (gpt-oss's 2880) reads zeros past it
+        w = tl.load(w_ptrs, mask=gm[None, :, None], other=0)
+        p, _ = _quad_dot(tl.join(w, w), x0, x1, x2, x3, 2)
+        e = tl.load(s_ptrs, mask=gm[None, :], other=0).to(tl.int32)
+        out = tl.sum(p, 2) * _e8m0(e)
+    else:
+        w = tl.load(w_ptrs)
+        lo = w & 0x0F0F0F0F
+        hi = (w >> 4) & 0x0F0F0F0F
+        if SIX:  # the high bit pairs: word q % 2 of the group's two holds word q's at
+            # 2·(q // 2) (loaded for q = 0, 1 and, from L1, again for q = 2, 3: as one tensor
+            # with the words it stays in their layout); 6-bit codes u = code + 32
+            h = tl.load(h_ptrs)
+            sh = ((q // 2) * 2)[None, None, :]
+            lo |= ((h >> sh) & 0x03030303) << 4
+            hi |= ((h >> (sh + 4)) & 0x03030303) << 4
+        p, xs = _quad_dot(tl.join(lo, hi), x0, x1, x2, x3, 0)  # [R, G, 2]: the half groups
+        if SIX:  # s_ptrs: the group's two int8 sub-scales (one a half group) as one int16
+            pa, pb = tl.split(p - 32.0 * xs)
+            sc = tl.load(s_ptrs).to(tl.int32)
+            d = _half(tl.load(d_ptrs))
+            out = (pa * ((sc << 24) >> 24).to(tl.float32) + pb * (sc >> 8).to(tl.float32)) * d
+        elif Q4K:  # d·sc·q − dmin·m
+            sub = tl.load(s_ptrs).to(tl.int32)
+            d, dmin = _scale_offset(tl.load(d_ptrs))
+            sc = ((sub & 255) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            m = ((sub >> 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            out = tl.sum(p, 2) * (d * sc) - tl.sum(xs, 2) * (dmin * m)
+        else:
+            s, o = _scale_offset(tl.load(s_ptrs))
+            out = tl.sum(p, 2) * s + o * tl.sum(xs, 2)
+    return out
+
+
+@triton.jit
+def _int8_step(w_ptrs, x_ptrs, s_ptrs, m_ptrs, gm, DT: tl.constexpr, GS: tl.constexpr,
+               HAS_MIN: tl.constexpr):
+    """One step's [R, G] sums over int8 codes at the step's pointers (``_row_dot``): a
+    group's 32 bytes are two word quads (one a half group), each one 16-byte load. Groups
+    past K (a K that BLOCK_K does not divide: gpt-oss's 2880) read zeros."""
+    x0, x1, x2, x3 = _x_group(x_ptrs, gm[:, None], DT, True)
+    wa = tl.load(w_ptrs, mask=gm[None, :, None], other=0)
+    wb = tl.load(w_ptrs + 4, mask=gm[None, :, None], other=0)
+    # each byte's top bit flipped: the codes + 128, unsigned
+    p, xs = _quad_dot(tl.join(wa, wb) ^ -0x7F7F7F80, x0, x1, x2, x3, 1)
+    if GS == 32:
+        part = tl.sum(p, 2) * _half(tl.load(s_ptrs, mask=gm[None, :], other=0))
+        if HAS_MIN:
+            part += _half(tl.load(m_ptrs, mask=gm[None, :], other=0)) * tl.sum(xs, 2)
+    else:  # a scale a half group: s_ptrs at the group's two as one int32
+        ss = tl.load(s_ptrs, mask=gm[None, :], other=0)
+        pa, pb = tl.split(p)
+        part = pa * _half(ss.to(tl.int16)) + pb * _half((ss >> 16).to(tl.int16))
+    return part
+
+
+@triton.jit
 def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr,
              HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
              FP4: tl.constexpr = False, Q4K: tl.constexpr = False):
     """Σ_k x[k] · w[wrow, k] for the int64 weight rows ``wrow`` [BLOCK_N] of the stacked
-    weight (rows counted over all experts); x's row at ``XR``; BLOCK_K columns a step."""
-    if FP4:
-        gi = tl.arange(0, BLOCK_K // 32)
-        i = tl.arange(0, 16)
-        w_ptrs = W + wrow[:, None, None] * (K // 2) + gi[None, :, None] * 16 + i[None, None, :]
-        e_ptrs = S + wrow[:, None] * (K // 32) + gi[None, :]
-        x_ptrs = XR + gi[:, None] * 32 + i[None, :]
-        acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            # whole groups (K % 32 == 0); a K that BLOCK_K does not divide (gpt-oss's 2880 =
-            # 90 groups) reads its last step's groups past K as zeros
-            gm = k0 + gi * 32 < K
-            b = tl.load(w_ptrs + k0 // 2, mask=gm[None, :, None], other=0).to(tl.int32)
-            xlo = tl.load(x_ptrs + k0, mask=gm[:, None], other=0.0).to(tl.float32)
-            xhi = tl.load(x_ptrs + k0 + 16, mask=gm[:, None], other=0.0).to(tl.float32)
-            part = tl.sum(_e2m1(b) * xlo[None, :, :] + _e2m1(b >> 4) * xhi[None, :, :], 2)
-            e = tl.load(e_ptrs + k0 // 32, mask=gm[None, :], other=0).to(tl.int32)
-            acc += part * _e8m0(e)
-    elif INT4:
-        gi = tl.arange(0, BLOCK_K // 32)
-        i = tl.arange(0, 16)
-        w_ptrs = W + wrow[:, None, None] * (K // 2) + gi[None, :, None] * 16 + i[None, None, :]
-        so_ptrs = S + wrow[:, None] * (K // 32) + gi[None, :]
-        x_ptrs = XR + gi[:, None] * 32 + i[None, :]
-        acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
-            xlo = tl.load(x_ptrs + k0).to(tl.float32)
-            xhi = tl.load(x_ptrs + k0 + 16).to(tl.float32)
-            lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            part = tl.sum(lo * xlo[None, :, :] + hi * xhi[None, :, :], 2)
-            s, o = _scale_offset(tl.load(so_ptrs + k0 // 32))
-            acc += part * s + o * tl.sum(xlo + xhi, 1)[None, :]
-    elif Q4K:
-        gi = tl.arange(0, BLOCK_K // 32)
-        i = tl.arange(0, 16)
-        w_ptrs = W + wrow[:, None, None] * (K // 2) + gi[None, :, None] * 16 + i[None, None, :]
-        s_ptrs = S + wrow[:, None] * (K // 32) + gi[None, :]
-        # each group's super-block word, k0 // 256 + gi // 8 (BLOCK_K a power of two: a step
-        # shorter than 256 columns lies inside one); 8 groups of a row load one address
-        d_ptrs = D + wrow[:, None] * (K // 256) + gi[None, :] // 8
-        x_ptrs = XR + gi[:, None] * 32 + i[None, :]
-        acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
-            xlo = tl.load(x_ptrs + k0).to(tl.float32)
-            xhi = tl.load(x_ptrs + k0 + 16).to(tl.float32)
-            part = tl.sum(_u6(b & 15) * xlo[None, :, :] + _u6(b >> 4) * xhi[None, :, :], 2)
-            sub = tl.load(s_ptrs + k0 // 32).to(tl.int32)
-            d, dmin = _scale_offset(tl.load(d_ptrs + k0 // 256))
-            acc += (part * (d * _u6(sub & 255))
-                    - tl.sum(xlo + xhi, 1)[None, :] * (dmin * _u6(sub >> 8)))
-    elif SIX:
-        gi = tl.arange(0, BLOCK_K // 32)
-        i = tl.arange(0, 16)
-        w_ptrs = W + wrow[:, None, None] * (K // 2) + gi[None, :, None] * 16 + i[None, None, :]
-        h_ptrs = (MN + wrow[:, None, None] * (K // 4) + gi[None, :, None] * 8
-                  + (i % 8)[None, None, :])
-        s_ptrs = S + wrow[:, None] * (K // 16) + gi[None, :] * 2
-        x_ptrs = XR + gi[:, None] * 32 + i[None, :]
-        sh = ((i // 8) * 2)[None, None, :]
-        acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            b = tl.load(w_ptrs + k0 // 2).to(tl.int32)
-            h = tl.load(h_ptrs + k0 // 4).to(tl.int32)
-            ulo = _u6((b & 15) | (((h >> sh) & 3) << 4))
-            uhi = _u6((b >> 4) | (((h >> (sh + 4)) & 3) << 4))
-            xlo = tl.load(x_ptrs + k0).to(tl.float32)
-            xhi = tl.load(x_ptrs + k0 + 16).to(tl.float32)
-            plo = tl.sum(ulo * xlo[None, :, :], 2) - 32.0 * tl.sum(xlo, 1)[None, :]
-            phi = tl.sum(uhi * xhi[None, :, :], 2) - 32.0 * tl.sum(xhi, 1)[None, :]
-            d = _half(tl.load(D + wrow[:, None] * (K // 256) + (k0 // 32 + gi[None, :]) // 8))
-            acc += (plo * tl.load(s_ptrs + k0 // 16).to(tl.float32)
-                    + phi * tl.load(s_ptrs + k0 // 16 + 1).to(tl.float32)) * d
+    weight (rows counted over all experts); x's row at ``XR``; BLOCK_K columns a step (the
+    module text: the codes read as int32 words, x as int64 words). Row starts are written
+    (K // 32)·(words a group): multiples of 4 words Triton sees, whatever K's
+    specialisation — 16-byte loads."""
+    NIBBLES: tl.constexpr = INT4 or Q4K or SIX or FP4
+    DT: tl.constexpr = XR.dtype.element_ty
+    WORDS: tl.constexpr = 4 if NIBBLES else 8  # code words a group
+    gi = tl.arange(0, BLOCK_K // 32)
+    q = tl.arange(0, 4)
+    w_ptrs = (W.to(tl.pointer_type(tl.int32)) + (wrow * ((K // 32) * WORDS))[:, None, None]
+              + (gi * WORDS)[None, :, None] + q[None, None, :])
+    XW: tl.constexpr = 2 if DT == tl.float32 else 4  # x's columns an int64 word
+    # x's words at the low half groups' quads (columns 32g + 4q; + 16: the high half's)
+    x_ptrs = (XR.to(tl.pointer_type(tl.int64)) + (gi * (32 // XW))[:, None]
+              + (q * (4 // XW))[None, :])
+    s_row = wrow[:, None] * (K // 32) + gi[None, :]  # a group's index over a row's groups
+    if SIX:  # the int8 sub-scales two a group: one int16
+        s_ptrs = S.to(tl.pointer_type(tl.int16)) + s_row
+    elif GS == 16 and not NIBBLES:  # int8 scales two a group: one int32
+        s_ptrs = S.to(tl.pointer_type(tl.int32)) + s_row
     else:
-        si = tl.arange(0, BLOCK_K // GS)
-        i = tl.arange(0, GS)
-        c_ptrs = W + wrow[:, None, None] * K + si[None, :, None] * GS + i[None, None, :]
-        s_ptrs = S + wrow[:, None] * (K // GS) + si[None, :]
-        x_ptrs = XR + si[:, None] * GS + i[None, :]
-        acc = tl.zeros([BLOCK_N, BLOCK_K // GS], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            # whole groups (K % 32 == 0): a K that BLOCK_K does not divide (gpt-oss's 2880)
-            # reads its last step's groups past K as zeros
-            gm = k0 + si * GS < K
-            w = _codes8(tl.load(c_ptrs + k0, mask=gm[None, :, None], other=0))
-            x = tl.load(x_ptrs + k0, mask=gm[:, None], other=0.0).to(tl.float32)
-            part = tl.sum(w * x[None, :, :], 2) * _half(
-                tl.load(s_ptrs + k0 // GS, mask=gm[None, :], other=0))
-            if HAS_MIN:  # GS == 32
-                part += _half(tl.load(MN + wrow[:, None] * (K // 32) + si[None, :] + k0 // 32,
-                                      mask=gm[None, :], other=0)) * tl.sum(x, 1)[None, :]
-            acc += part
+        s_ptrs = S + s_row
+    # each group's super-block word (Q4K: d/dmin; SIX: d), a row's 8 groups of one load one
+    d_ptrs = D + wrow[:, None] * (K // 256) + gi[None, :] // 8
+    h_ptrs = (MN.to(tl.pointer_type(tl.int32)) + (wrow * ((K // 32) * 2))[:, None, None]
+              + (gi * 2)[None, :, None] + (q % 2)[None, None, :])  # SIX: the high bit pairs
+    acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        gm = k0 + gi * 32 < K
+        g0 = k0 // 32  # the step's first group
+        if NIBBLES:
+            acc += _nibble_step(w_ptrs + g0 * 4, x_ptrs + k0 // XW, s_ptrs + g0,
+                                d_ptrs + k0 // 256, h_ptrs + g0 * 2, gm, q, DT, SIX, FP4, Q4K)
+        else:
+            acc += _int8_step(w_ptrs + g0 * 8, x_ptrs + k0 // XW, s_ptrs + g0,
+                              MN + s_row + g0, gm, DT, GS, HAS_MIN)
     out = tl.sum(acc, 1)
     if FP4:
         out = out * 16384.0  # the decode's 2^-14 back (a power of two: exact)
