@@ -60,7 +60,10 @@ weight. ``SWIGLU``: gpt-oss's clamped activation instead of SiLU·up —
   ``BEXP`` each block's expert (E past the last block); the worst case fixes the grid.
 * ``grouped_gemm`` — one program per (block of BLOCK_M sorted picks of one expert, BLOCK_N
   outputs): x's gathered rows times the expert's weight tile dequantised in registers to x's
-  dtype, on the tensor cores; blocks past the last exit at once.
+  dtype, on the tensor cores; blocks past the last exit at once. The 4-bit codes' rows are
+  written (K // 32)·16 bytes so that the pipeline's async copies take up to 16 bytes (8 at
+  most before; SIX's high bit pairs 8, one byte before); the scales are still loaded per
+  element of the tile (L1 hits).
 
 Nothing here syncs with the host and every grid is fixed by (picks, shapes): CUDA graphs
 capture them. float32 x (tests) takes IEEE products, never TF32.
@@ -441,7 +444,7 @@ def align(IDS, SORTED, BEXP, P, E, MAX_BLOCKS, BLOCK_M: tl.constexpr, PB: tl.con
 def _int4_tile(W, S, erow, byte, K):
     """The float32 weights of 4-bit stacked rows ``erow`` at step bytes ``byte`` (broadcast int64
     indices; byte b of a row: group b // 16): (low-nibble columns, high-nibble columns)."""
-    b = tl.load(W + erow * (K // 2) + byte).to(tl.int32)
+    b = tl.load(W + erow * ((K // 32) * 16) + byte).to(tl.int32)  # 16-byte aligned rows
     s, o = _scale_offset(tl.load(S + erow * (K // 32) + byte // 16))
     return (b & 15).to(tl.float32) * s + o, (b >> 4).to(tl.float32) * s + o
 
@@ -449,7 +452,7 @@ def _int4_tile(W, S, erow, byte, K):
 @triton.jit
 def _fp4_tile(W, S, erow, byte, K):
     """As ``_int4_tile`` for the MXFP4 layout (``S``: E8M0 exponent bytes): (low, high)."""
-    b = tl.load(W + erow * (K // 2) + byte).to(tl.int32)
+    b = tl.load(W + erow * ((K // 32) * 16) + byte).to(tl.int32)  # 16-byte aligned rows
     s = _e8m0(tl.load(S + erow * (K // 32) + byte // 16).to(tl.int32))
     return (_e2m1(b) * 16384.0) * s, (_e2m1(b >> 4) * 16384.0) * s
 
@@ -459,7 +462,7 @@ def _q4k_tile(W, S, D, erow, byte, K, k0, BLOCK_K: tl.constexpr):
     """As ``_int4_tile`` for the ``Q4K`` layout (``S`` the sub-scale/sub-min pairs, ``D`` the
     float16 d/dmin words) at step ``k0``: (low, high) columns, code·(d·sc) − dmin·m in float32.
     A step of at most 256 columns lies in one super-block: its word loaded once a row."""
-    b = tl.load(W + erow * (K // 2) + byte).to(tl.int32)
+    b = tl.load(W + erow * ((K // 32) * 16) + byte).to(tl.int32)  # 16-byte aligned rows
     sub = tl.load(S + erow * (K // 32) + byte // 16).to(tl.int32)
     if BLOCK_K <= 256:
         d, dmin = _scale_offset(tl.load(D + erow * (K // 256) + k0 // 256))
@@ -474,8 +477,8 @@ def _q4k_tile(W, S, D, erow, byte, K, k0, BLOCK_K: tl.constexpr):
 def _six_tile(W, S, H, D, erow, byte, K):
     """As ``_int4_tile`` for the 6-bit layout (``H``: the high-bit bytes, ``S`` int8 sub-scales,
     ``D`` float16 super-scales): (low, high) columns."""
-    b = tl.load(W + erow * (K // 2) + byte).to(tl.int32)
-    h = tl.load(H + erow * (K // 4) + (byte // 16) * 8 + byte % 8).to(tl.int32)
+    b = tl.load(W + erow * ((K // 32) * 16) + byte).to(tl.int32)  # 16-byte aligned rows
+    h = tl.load(H + erow * ((K // 32) * 8) + (byte // 16) * 8 + byte % 8).to(tl.int32)
     sh = ((byte % 16) // 8) * 2
     ulo = _u6((b & 15) | (((h >> sh) & 3) << 4)) - 32.0
     uhi = _u6((b >> 4) | (((h >> (sh + 4)) & 3) << 4)) - 32.0
