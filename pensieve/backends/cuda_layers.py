@@ -143,6 +143,9 @@ class CudaRMSNorm(RMSNorm):
         return super().forward(x)
 
 
+_PICKED = (MoE, GLMMoE)  # exact classes whose forward is router + experts (+ shared)
+
+
 def moe_picks(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | Picks:
     """An MoE block's output on ``x`` [T, H]: its experts' weighted picks unsummed (``Picks``)
     where the block is a ``MoE`` whose shared expert, if any, is ungated, over CUDA expert
@@ -150,15 +153,12 @@ def moe_picks(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | Picks:
     launch that adds them to the residual (torch's ``sum(1)`` was a 4 µs kernel a layer, the
     shared add another) — else the block's own [T, H] output."""
     experts = getattr(mlp, "experts", None)
-    if (isinstance(mlp, MoE) and type(mlp) in _PICKED and not mlp.shared_gated
-            and type(experts) is CudaMoEExperts and x.is_cuda):
+    if (type(mlp) in _PICKED and not mlp.shared_gated and type(experts) is CudaMoEExperts
+            and x.is_cuda):
         weights, ids = mlp.gate(x)
         shared = getattr(mlp, mlp.SHARED)(x) if mlp.has_shared else None
         return Picks(experts.picks(x, weights, ids), shared)
     return mlp(x)
-
-
-_PICKED = (MoE, GLMMoE)  # exact classes whose forward is router + experts (+ shared)
 
 
 class CudaMLP(MLP):
