@@ -44,6 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from pensieve.backends.cuda_int4 import triton_cdiv as _cdiv
+from pensieve.backends.cuda_router import _pow2
+
 ENV_SWITCH = "PENSIEVE_ROUTER_FUSED"
 MAX_TOKENS = 64
 BLOCK_E = 16
@@ -58,14 +61,6 @@ NUM_WARPS = 4
 
 def enabled(environ: dict[str, str] | None = None) -> bool:
     return (os.environ if environ is None else environ).get(ENV_SWITCH, "1") != "0"
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass(frozen=True)
