@@ -13,6 +13,8 @@
 #   moe     the same on the 30B-A3B file: decode, 8 and 32 streams, cold/warm TTFT, Claude Code load
 #           (MOE_SC: other scenarios, e.g. "decode,x8,ttft1");
 #   kernels in-process kernel tables (KERNEL_BENCHES: bench/gpu_int4_gemv.py, gpu_q6k.py, mla_attention.py);
+#   abkernels  KERNEL_AB's tables on this tree, on .gpu/base.tar's commit and on this tree with the
+#           old int4 layout for Q4_K experts (PENSIEVE_MOE_Q4K_SUPER=0), one after the other;
 #   start   bench/gpu_start.sh (a CUDA start phase by phase) on the files written;
 #   hybrid  bench/gpu_hybrid_run.sh for HYBRID families (default all three), the dense files deleted.
 # STEPS (default "tests dense moe hybrid") picks and orders them; pdense/pmoe and ldense/lmoe are
@@ -139,6 +141,16 @@ pipeline() {
         for e in ${KERNEL_BENCHES:-gpu_int4_gemv gpu_q6k mla_attention}; do b=${e%%:*}
           log "kernels $e start"; timeout ${KERNEL_TIMEOUT:-150} python3 -m bench.${e//:/ } > $S/kernels_$b.log 2>&1
           log "kernels $b rc=$?"; done;;
+      abkernels)  # the same in-process kernel table on this tree and on .gpu/base.tar (an older commit:
+        # git archive <commit> -o .gpu/base.tar), one after the other on this GPU: a kernel change's A/B
+        for e in ${KERNEL_AB:-gpu_moe_kernels:--sweep:--tokens:1,8:--mixes:q4_k+q6_k}; do b=${e%%:*}
+          for side in head base head_int4; do
+            D=/tmp/w; [ $side = base ] && D=/tmp/base; [ -d $D ] || continue
+            log "abkernels $e $side start"
+            (cd $D && mkdir -p $S/ab_$side && PYTHONPATH=/tmp/site:$D OUT=$S/ab_$side \
+              PENSIEVE_MOE_Q4K_SUPER=$([ $side = head_int4 ] && echo 0 || echo 1) \
+              timeout ${KERNEL_TIMEOUT:-150} python3 -m bench.${e//:/ } > $S/ab_${b}_$side.log 2>&1)
+            log "abkernels $b $side rc=$?"; done; done;;
       start)  # the CUDA start phase by phase on the files already written (bench/gpu_start.sh)
         log "start bench"; OUT=$S/start FILES="${START_FILES:-q4 q3 moe}" timeout 400 bash bench/gpu_start.sh \
           > $S/start.log 2>&1; log "start bench rc=$?";;
@@ -169,6 +181,7 @@ if [ ! -e $S/started ]; then  # the pipeline runs on a frozen copy of the first 
     mkdir -p /tmp/w/.gpu && tar -xf .gpu/head.tar -C /tmp/w && cp -a .whl /tmp/w/ \
       && cp -a $(ls -d .gpu/llama.cpp .gpu/tokenizer.gguf .gpu/templates .gpu/llbuild.tar.xz .gpu/tune.tgz 2>/dev/null) /tmp/w/.gpu/
   else cp -a . /tmp/w; fi
+  [ -e .gpu/base.tar ] && rm -rf /tmp/base && mkdir -p /tmp/base && tar -xf .gpu/base.tar -C /tmp/base
   (cd /tmp/w && setsid nohup bash bench/gpu_session.sh pipeline < /dev/null > $S/pipeline.log 2>&1 &)
 fi
 SEEN=0
@@ -179,7 +192,7 @@ done
 summary() {
   cat $S/gpu.txt 2>/dev/null
   for d in $S/p_* $S/l_*; do [ -e $d/gpu_bench.md ] && { echo "## $(basename $d)"; cat $d/gpu_bench.md; }; done
-  for f in $S/kernels_*.log; do [ -e $f ] && { echo "## $(basename $f .log)"; tail -40 $f; }; done
+  for f in $S/kernels_*.log $S/ab_*.log; do [ -e $f ] && { echo "## $(basename $f .log)"; tail -40 $f; }; done
   [ -e $S/start/start.jsonl ] && { echo "## start"; cat $S/start/start.jsonl; }
   [ -e $S/hy ] && PYTHONPATH=/tmp/site:$PWD python3 -m bench.gpu_hybrid_table $S/hy 2>/dev/null
   for f in $S/p_*/profile.txt $S/hy/prof/*.txt; do  # PENSIEVE_PROFILE_STEPS: each kind's head
