@@ -52,7 +52,9 @@ def pool_use(segments: list[Mapping], device: int) -> str:
         if seg.get("device", device) != device:
             continue
         own = tuple(seg.get("segment_pool_id") or (0, 0)) == (0, 0)
-        use = pools.setdefault("the allocator's pool" if own else "graph pools", [0, 0, 0])
+        kind = seg.get("segment_type", "")  # "small" (≤ 1 MiB blocks) or "large"
+        name = ("the allocator's pool" if own else "graph pools") + (f" ({kind})" if kind else "")
+        use = pools.setdefault(name, [0, 0, 0])
         use[0] += int(seg.get("total_size", 0))
         use[1] += int(seg.get("allocated_size", 0))
         use[2] += 1
