@@ -5,7 +5,14 @@ Same weight layout as every other int4 kernel (``cuda_int4.py``). ``Split.q8`` c
 x to int8 per 32 — first, in one small extra launch (``q8=1``), or in each program for its own
 columns (``q8=2``) — and multiply with dp4a, as llama.cpp does; ``PENSIEVE_INT4_Q8=0`` leaves
 them out of the timing (the float ones keep exact products).
-Importing this module needs neither a GPU nor Triton.
+
+``PENSIEVE_INT4_GEMV_V2`` (read at each call, so one process can time both): ``1`` (default)
+runs the kernel's V2 loop for float x (``q8=0``) and x rounded in the kernel (``q8=2``) — x
+read as 16-byte words in the weight words' layout, no shared-memory exchange in the loop, a
+code one ``prmt`` — ``0`` the loop before it (``q8=1`` is the same either way). Its sm_90
+build (Triton 3.9): no ``bar.sync`` in the unpipelined loops (was 4-36 a step), SASS loop
+808 vs 1200 instructions at 1 row (the 1-warp float tile) and 1862 vs 3047 with no spills at
+4 rows (was ~750 bytes). Importing this module needs neither a GPU nor Triton.
 """
 
 from __future__ import annotations
@@ -66,6 +73,18 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def v2() -> bool:
+    """The V2 loop (module text) unless ``PENSIEVE_INT4_GEMV_V2=0``."""
+    return os.environ.get("PENSIEVE_INT4_GEMV_V2", "1") != "0"
+
+
+def _word_rows(x: torch.Tensor) -> torch.Tensor:
+    """x whose 16-bit rows V2 may read as int32 words: 4-byte aligned rows (a copy if not)."""
+    if x.element_size() == 2 and (x.data_ptr() % 4 or x.stride(0) % 2 or x.stride(1) != 1):
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
 _ws: dict[tuple[str, int, int], torch.Tensor] = {}
 
 
@@ -124,10 +143,13 @@ def gemv_split(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     cnt = counters(x.device, n)
     ws = workspace(x.device, n, cfg.split_k * rows) if cfg.split_k > 1 else cnt
+    new = v2()
     if cfg.q8 == 1:
         xq, xd, xs = quantize_q8(x)
         args = (xq.view(torch.int32), xd, xs, k // 4)
     else:
+        if new:
+            x = _word_rows(x)
         args = (x, x, x, x.stride(0))
     even = groups % (cfg.block_g * cfg.split_k) == 0
     grid = (-(-n // cfg.block_n), cfg.split_k, rows // bm)
@@ -135,5 +157,6 @@ def gemv_split(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
         *args[:3], packed.view(torch.int32), so, y, ws, cnt, m, n, groups, args[3], y.stride(0),
         k // 8, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g, SPLIT_K=cfg.split_k,
         NUM_STAGES=cfg.num_stages, EVEN=even, Q8=int(cfg.q8), SYM=so.dtype == torch.int16,
-        ASM=not _interpreted(), num_warps=cfg.num_warps, num_stages=1)  # the loop: NUM_STAGES
+        ASM=not _interpreted(), V2=new and cfg.q8 != 1, num_warps=cfg.num_warps,
+        num_stages=1)  # the loop: NUM_STAGES
     return y

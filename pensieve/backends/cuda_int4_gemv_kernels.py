@@ -20,6 +20,14 @@ Two products:
   rounding (~0.5% relative on a product) is llama.cpp's. ``ASM=False`` (Triton's interpreter,
   which runs no PTX) does dp4a with shifts.
 
+``V2`` (the launcher's default; ``PENSIEVE_INT4_GEMV_V2=0`` runs the loop before it): for float x
+and ``Q8=2`` the step reads x as 16-byte loads laid out as the weight words are (16-bit x as
+int32 words of two columns, ``_x_words``): in the old loop x's loads took another layout and
+each step exchanged it through shared memory (4-36 ``bar.sync`` a step on sm_90, ~750 bytes of
+spills at 4 rows). A float code is one ``prmt`` (``_byte128``: the nibble's byte under
+0x43, the same 128 + code as ``_code128``'s shift and AND-OR), made once for every row; the
+products are the same exact float32 ones, summed in another order. ``Q8=1`` is unchanged.
+
 SPLIT_K > 1: each program's float32 partials go to WS and a counter; the last of a tile's
 SPLIT_K programs sums them in a fixed order (deterministic), writes y and resets the counter:
 one launch, capturable in CUDA graphs (as ``cuda_int4_kernels.skinny``).
@@ -73,6 +81,238 @@ def _opaque(x, ASM: tl.constexpr):
         x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
                                       is_pure=True, pack=1)
     return x
+
+
+@triton.jit
+def _byte128(t, J: tl.constexpr, sel, ASM: tl.constexpr):
+    """Byte J of ``t`` (a nibble: ``t``'s bytes are masked to 0-15) as float32 128 + nibble: the
+    byte moved to bits 16-23 under exponent byte 0x43 (float32 0x43000000 = 128, whose mantissa
+    unit there is 1) — one ``prmt`` a weight (selector ``sel`` = 0x4J55, in a register) instead
+    of a shift and an AND-OR, the same exact value (``_code128``'s)."""
+    if ASM:
+        c = tl.inline_asm_elementwise("prmt.b32 $0, $1, 67, $2;", "=r,r,r", [t, sel],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        c = (((t >> (8 * J)) & 0xFF) << 16) | 0x43000000
+    return c.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _selectors(gi, GROUPS):
+    """``_byte128``'s ``prmt`` selectors 0x4J55 (J < 4) as [BLOCK_G] values that ptxas cannot
+    see are constant (GROUPS ≥ 0 always): held in registers for the loop. As immediates, ptxas
+    put 0x43 in the instruction and copied each selector from a uniform register before every
+    ``prmt`` (~100 MOVs a step)."""
+    live = (gi + GROUPS) >= 0  # per thread: a uniform value would sit in a uniform register
+    return (tl.where(live, 0x4055, 0), tl.where(live, 0x4155, 0), tl.where(live, 0x4255, 0),
+            tl.where(live, 0x4355, 0))
+
+
+@triton.jit
+def _x_load(p, gmask, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(p)
+    else:
+        return tl.load(p, mask=gmask[:, None], other=0)
+
+
+@triton.jit
+def _f32_word(p, gmask, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
+    """float32 x of one word: columns p + j and p + 16 + j (j < 4), a 16-byte load each."""
+    a0, a2, a1, a3 = _four2(_x_load(p, gmask, EVEN), BLOCK_G)
+    b0, b2, b1, b3 = _four2(_x_load(p + 16, gmask, EVEN), BLOCK_G)
+    return a0, a1, a2, a3, b0, b1, b2, b3
+
+
+@triton.jit
+def _x_words(X, row, g, gmask, stride_x, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
+    """One row's x over groups g, loaded in the weight words' layout (a thread a group, 16
+    bytes a load, no shared-memory exchange), as the four words' x: word q's tuple holds x at
+    columns 32g + 4q + j and 32g + 16 + 4q + j (j < 4). 16-bit x: int32 words of two columns
+    (4 a word, converted where used: ``_xf``); float32 x: the floats (8 a word)."""
+    DT: tl.constexpr = X.dtype.element_ty
+    if DT == tl.float32:
+        i = tl.arange(0, 4)
+        p = X + row * stride_x + g[:, None] * 32 + i[None, :]
+        out = (_f32_word(p, gmask, BLOCK_G, EVEN), _f32_word(p + 4, gmask, BLOCK_G, EVEN),
+               _f32_word(p + 8, gmask, BLOCK_G, EVEN), _f32_word(p + 12, gmask, BLOCK_G, EVEN))
+    else:  # int32 words 16g + i: columns 32g + 2i, + 1; [BLOCK_G, 4]: a thread's 16 bytes
+        i = tl.arange(0, 4)
+        p = (X + row * stride_x).to(tl.pointer_type(tl.int32)) + g[:, None] * 16 + i[None, :]
+        a0, a2, a1, a3 = _four2(_x_load(p, gmask, EVEN), BLOCK_G)  # columns 0-7
+        b0, b2, b1, b3 = _four2(_x_load(p + 4, gmask, EVEN), BLOCK_G)  # 8-15
+        c0, c2, c1, c3 = _four2(_x_load(p + 8, gmask, EVEN), BLOCK_G)  # 16-23
+        d0, d2, d1, d3 = _four2(_x_load(p + 12, gmask, EVEN), BLOCK_G)  # 24-31
+        out = ((a0, a1, c0, c1), (a2, a3, c2, c3), (b0, b1, d0, d1), (b2, b3, d2, d3))
+    return out
+
+
+@triton.jit
+def _xf(xw, J: tl.constexpr, DT: tl.constexpr):
+    """Column J of a word's x tuple (``_x_words``; 4q + J, J < 4, then 16 + 4q + J − 4) as
+    float32: bfloat16 is float32's top half (a shift or a mask), float16 a conversion."""
+    if DT == tl.float32:
+        return xw[J]
+    else:
+        p = xw[(J // 4) * 2 + (J % 4) // 2]
+        if DT == tl.bfloat16:
+            if J % 2 == 0:
+                v = (p << 16).to(tl.float32, bitcast=True)
+            else:
+                v = (p & -65536).to(tl.float32, bitcast=True)
+        else:
+            if J % 2 == 0:
+                v = p.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            else:
+                v = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return v
+
+
+@triton.jit
+def _fma_x(c, xw, J: tl.constexpr, part, xsum, DT: tl.constexpr):
+    """``part`` + c · x_J (a product exact: 8-bit 128 + code times a 16-bit float), ``xsum`` + x_J
+    for one row's word x (``_x_words``)."""
+    x = _xf(xw, J, DT)
+    return part + c * x[None, :], xsum + x
+
+
+@triton.jit
+def _float_rows(X, w, s, o, r0, r1, r2, r3, g, gmask, stride_x, sels, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr,
+                ASM: tl.constexpr):
+    """V2, float x: the step's [BLOCK_N, BLOCK_G] group sums of each of BLOCK_M rows, scale and
+    offset applied. Each code is made once (``_byte128``) and met by every row's x (4 rows at
+    254 registers, no spills; the old loop spilled ~750 bytes there)."""
+    DT: tl.constexpr = X.dtype.element_ty
+    x0 = _x_words(X, r0, g, gmask, stride_x, BLOCK_G, EVEN)
+    x1 = x0
+    x2 = x0
+    x3 = x0
+    if BLOCK_M > 1:
+        x1 = _x_words(X, r1, g, gmask, stride_x, BLOCK_G, EVEN)
+    if BLOCK_M > 2:
+        x2 = _x_words(X, r2, g, gmask, stride_x, BLOCK_G, EVEN)
+        x3 = _x_words(X, r3, g, gmask, stride_x, BLOCK_G, EVEN)
+    w0, w2, w1, w3 = _four3(w, BLOCK_N, BLOCK_G)
+    ws = (w0, w1, w2, w3)
+    p0 = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    p1 = p0
+    p2 = p0
+    p3 = p0
+    s0 = tl.zeros([BLOCK_G], tl.float32)
+    s1 = s0
+    s2 = s0
+    s3 = s0
+    for q in tl.static_range(4):
+        t = ws[q] & 0x0F0F0F0F  # the low nibbles' bytes
+        u = (ws[q] >> 4) & 0x0F0F0F0F  # the high ones'
+        for j in tl.static_range(8):  # a code, then every row's product with it
+            c = _byte128(t if j < 4 else u, j % 4, sels[j % 4], ASM)
+            p0, s0 = _fma_x(c, x0[q], j, p0, s0, DT)
+            if BLOCK_M > 1:
+                p1, s1 = _fma_x(c, x1[q], j, p1, s1, DT)
+            if BLOCK_M > 2:
+                p2, s2 = _fma_x(c, x2[q], j, p2, s2, DT)
+                p3, s3 = _fma_x(c, x3[q], j, p3, s3, DT)
+    off = o - 128.0 * s
+    return (p0 * s + off * s0[None, :], p1 * s + off * s1[None, :], p2 * s + off * s2[None, :],
+            p3 * s + off * s3[None, :])
+
+
+@triton.jit
+def _round_q8(x, inv):
+    """x · inv rounded to the nearest int8 code in ±127 (``quantize_q8``'s rounding)."""
+    return tl.minimum(tl.maximum(tl.floor(x * inv + 0.5), -127.0), 127.0).to(tl.int32)
+
+
+@triton.jit
+def _q8_word(xw, inv, DT: tl.constexpr):
+    """One word's x (``_x_words``) as int8 codes: (the low nibbles' word, the high nibbles'
+    word — byte j: column 4q + j, 16 + 4q + j — and the sum of the 8 codes)."""
+    lo = tl.zeros_like(inv).to(tl.int32)
+    hi = lo
+    total = lo
+    for j in tl.static_range(4):
+        a = _round_q8(_xf(xw, j, DT), inv)
+        b = _round_q8(_xf(xw, j + 4, DT), inv)
+        lo = lo | ((a & 0xFF) << (8 * j))
+        hi = hi | ((b & 0xFF) << (8 * j))
+        total += a + b
+    return lo, hi, total
+
+
+@triton.jit
+def _q8_words(X, row, g, gmask, stride_x, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
+    """V2's ``_q8_inline``: one row's x over groups g rounded to int8 per group by the program,
+    read in the weight words' layout (``_x_words``: no shared-memory exchange): the four
+    words' low and high code words (each [BLOCK_G]), the scales and the rounded sums."""
+    DT: tl.constexpr = X.dtype.element_ty
+    xw = _x_words(X, row, g, gmask, stride_x, BLOCK_G, EVEN)
+    amax = tl.zeros([BLOCK_G], tl.float32)
+    for q in tl.static_range(4):
+        for j in tl.static_range(8):
+            amax = tl.maximum(amax, tl.abs(_xf(xw[q], j, DT)))
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    d = amax / 127.0
+    l0, h0, t0 = _q8_word(xw[0], inv, DT)
+    l1, h1, t1 = _q8_word(xw[1], inv, DT)
+    l2, h2, t2 = _q8_word(xw[2], inv, DT)
+    l3, h3, t3 = _q8_word(xw[3], inv, DT)
+    xs = ((t0 + t1) + (t2 + t3)).to(tl.float32) * d
+    return (l0, l1, l2, l3), (h0, h1, h2, h3), d, xs
+
+
+@triton.jit
+def _dp4a_words(w, xl, xh, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, ASM: tl.constexpr):
+    """Σ codes · int8 x over a group's four words w [BLOCK_N, BLOCK_G, 4] and x's code words
+    (xl/xh: the low/high nibbles' columns, a [BLOCK_G] a word): one chain of 8 dp4a."""
+    w0, w2, w1, w3 = _four3(w, BLOCK_N, BLOCK_G)
+    isum = tl.zeros([BLOCK_N, BLOCK_G], tl.int32)
+    isum = _dp4a(w0 & 0x0F0F0F0F, xl[0][None, :], isum, ASM)
+    isum = _dp4a((w0 >> 4) & 0x0F0F0F0F, xh[0][None, :], isum, ASM)
+    isum = _dp4a(w1 & 0x0F0F0F0F, xl[1][None, :], isum, ASM)
+    isum = _dp4a((w1 >> 4) & 0x0F0F0F0F, xh[1][None, :], isum, ASM)
+    isum = _dp4a(w2 & 0x0F0F0F0F, xl[2][None, :], isum, ASM)
+    isum = _dp4a((w2 >> 4) & 0x0F0F0F0F, xh[2][None, :], isum, ASM)
+    isum = _dp4a(w3 & 0x0F0F0F0F, xl[3][None, :], isum, ASM)
+    isum = _dp4a((w3 >> 4) & 0x0F0F0F0F, xh[3][None, :], isum, ASM)
+    return isum
+
+
+@triton.jit
+def _q8_rows(X, w, s, o, r0, r1, r2, r3, g, gmask, stride_x, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr,
+             ASM: tl.constexpr):
+    """V2, ``Q8=2``: the step's [BLOCK_N, BLOCK_G] group sums of each of BLOCK_M rows, x
+    rounded to int8 here (``_q8_words``), every row's x first (its floats then die before
+    the products: fewer registers live)."""
+    q0 = _q8_words(X, r0, g, gmask, stride_x, BLOCK_G, EVEN)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if BLOCK_M > 1:
+        q1 = _q8_words(X, r1, g, gmask, stride_x, BLOCK_G, EVEN)
+    if BLOCK_M > 2:
+        q2 = _q8_words(X, r2, g, gmask, stride_x, BLOCK_G, EVEN)
+        q3 = _q8_words(X, r3, g, gmask, stride_x, BLOCK_G, EVEN)
+    out0 = _q8_sums(w, s, o, q0, BLOCK_N, BLOCK_G, ASM)
+    out1 = out0
+    out2 = out0
+    out3 = out0
+    if BLOCK_M > 1:
+        out1 = _q8_sums(w, s, o, q1, BLOCK_N, BLOCK_G, ASM)
+    if BLOCK_M > 2:
+        out2 = _q8_sums(w, s, o, q2, BLOCK_N, BLOCK_G, ASM)
+        out3 = _q8_sums(w, s, o, q3, BLOCK_N, BLOCK_G, ASM)
+    return out0, out1, out2, out3
+
+
+@triton.jit
+def _q8_sums(w, s, o, xq, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, ASM: tl.constexpr):
+    """s · dx · Σ codes · x codes + o · Σ x over one row's rounded x ``xq`` (``_q8_words``)."""
+    xl, xh, d, xs = xq
+    isum = _dp4a_words(w, xl, xh, BLOCK_N, BLOCK_G, ASM)
+    return isum.to(tl.float32) * (s * d[None, :]) + o * xs[None, :]
 
 
 @triton.jit
@@ -165,7 +405,8 @@ def _put(Y, acc, row, M, n, nmask, stride_y):
 def gemv_split(X, XD, XS, W, SO, Y, WS, CNT, M, N, GROUPS, stride_x, stride_y, stride_w,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN: tl.constexpr,
-               Q8: tl.constexpr, SYM: tl.constexpr, ASM: tl.constexpr):
+               Q8: tl.constexpr, SYM: tl.constexpr, ASM: tl.constexpr,
+               V2: tl.constexpr = False):
     """y[m, n] = Σ_k x[m, k] · w[n, k]; grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M)).
 
     ``stride_w`` = K / 8 words a weight row. WS: float32 [SPLIT_K, grid_m · BLOCK_M, N],
@@ -193,6 +434,7 @@ def gemv_split(X, XD, XS, W, SO, Y, WS, CNT, M, N, GROUPS, stride_x, stride_y, s
     acc1 = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
     acc3 = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    sels = _selectors(gi, GROUPS)
     for g0 in tl.range(g_lo, g_hi, BLOCK_G, num_stages=NUM_STAGES):
         g = g0 + gi
         gmask = g < g_hi
@@ -203,16 +445,30 @@ def gemv_split(X, XD, XS, W, SO, Y, WS, CNT, M, N, GROUPS, stride_x, stride_y, s
             w = tl.load(w_ptrs, mask=gmask[None, :, None], other=0)
             so = tl.load(so_ptrs, mask=gmask[None, :], other=0)
         s, o = _scale_offset(so, SYM)
-        acc0 += _row(X, XD, XS, w, s, o, r0, g, gmask, stride_x, GROUPS, BLOCK_N, BLOCK_G,
-                     EVEN, Q8, ASM)
-        if BLOCK_M > 1:
-            acc1 += _row(X, XD, XS, w, s, o, r1, g, gmask, stride_x, GROUPS, BLOCK_N, BLOCK_G,
-                         EVEN, Q8, ASM)
-        if BLOCK_M > 2:
-            acc2 += _row(X, XD, XS, w, s, o, r2, g, gmask, stride_x, GROUPS, BLOCK_N, BLOCK_G,
-                         EVEN, Q8, ASM)
-            acc3 += _row(X, XD, XS, w, s, o, r3, g, gmask, stride_x, GROUPS, BLOCK_N, BLOCK_G,
-                         EVEN, Q8, ASM)
+        if V2 and Q8 != 1:  # x read in the words' layout: no exchange in the loop
+            if Q8 == 2:
+                o0, o1, o2, o3 = _q8_rows(X, w, s, o, r0, r1, r2, r3, g, gmask, stride_x,
+                                          BLOCK_M, BLOCK_N, BLOCK_G, EVEN, ASM)
+            else:
+                o0, o1, o2, o3 = _float_rows(X, w, s, o, r0, r1, r2, r3, g, gmask, stride_x,
+                                             sels, BLOCK_M, BLOCK_N, BLOCK_G, EVEN, ASM)
+            acc0 += o0
+            if BLOCK_M > 1:
+                acc1 += o1
+            if BLOCK_M > 2:
+                acc2 += o2
+                acc3 += o3
+        else:
+            acc0 += _row(X, XD, XS, w, s, o, r0, g, gmask, stride_x, GROUPS, BLOCK_N,
+                         BLOCK_G, EVEN, Q8, ASM)
+            if BLOCK_M > 1:
+                acc1 += _row(X, XD, XS, w, s, o, r1, g, gmask, stride_x, GROUPS, BLOCK_N,
+                             BLOCK_G, EVEN, Q8, ASM)
+            if BLOCK_M > 2:
+                acc2 += _row(X, XD, XS, w, s, o, r2, g, gmask, stride_x, GROUPS, BLOCK_N,
+                             BLOCK_G, EVEN, Q8, ASM)
+                acc3 += _row(X, XD, XS, w, s, o, r3, g, gmask, stride_x, GROUPS, BLOCK_N,
+                             BLOCK_G, EVEN, Q8, ASM)
         w_ptrs += BLOCK_G * 4
         so_ptrs += BLOCK_G
     if SPLIT_K == 1:
