@@ -136,15 +136,23 @@ def _x_words(X, row, g, gmask, stride_x, BLOCK_G: tl.constexpr, EVEN: tl.constex
         p = X + row * stride_x + g[:, None] * 32 + i[None, :]
         out = (_f32_word(p, gmask, BLOCK_G, EVEN), _f32_word(p + 4, gmask, BLOCK_G, EVEN),
                _f32_word(p + 8, gmask, BLOCK_G, EVEN), _f32_word(p + 12, gmask, BLOCK_G, EVEN))
-    else:  # int32 words 16g + i: columns 32g + 2i, + 1; [BLOCK_G, 4]: a thread's 16 bytes
-        i = tl.arange(0, 4)
-        p = (X + row * stride_x).to(tl.pointer_type(tl.int32)) + g[:, None] * 16 + i[None, :]
-        a0, a2, a1, a3 = _four2(_x_load(p, gmask, EVEN), BLOCK_G)  # columns 0-7
-        b0, b2, b1, b3 = _four2(_x_load(p + 4, gmask, EVEN), BLOCK_G)  # 8-15
-        c0, c2, c1, c3 = _four2(_x_load(p + 8, gmask, EVEN), BLOCK_G)  # 16-23
-        d0, d2, d1, d3 = _four2(_x_load(p + 12, gmask, EVEN), BLOCK_G)  # 24-31
-        out = ((a0, a1, c0, c1), (a2, a3, c2, c3), (b0, b1, d0, d1), (b2, b3, d2, d3))
+    else:
+        out = _x_pairs((X + row * stride_x).to(tl.pointer_type(tl.int32)), g, gmask, BLOCK_G,
+                       EVEN)
     return out
+
+
+@triton.jit
+def _x_pairs(XP, g, gmask, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
+    """16-bit x of groups g from its row's int32 words ``XP`` (word 16g + i: columns 32g + 2i
+    and + 1), as ``_x_words``: a [BLOCK_G, 4] quad a load, a thread's 16 bytes."""
+    i = tl.arange(0, 4)
+    p = XP + g[:, None] * 16 + i[None, :]
+    a0, a2, a1, a3 = _four2(_x_load(p, gmask, EVEN), BLOCK_G)  # columns 0-7
+    b0, b2, b1, b3 = _four2(_x_load(p + 4, gmask, EVEN), BLOCK_G)  # 8-15
+    c0, c2, c1, c3 = _four2(_x_load(p + 8, gmask, EVEN), BLOCK_G)  # 16-23
+    d0, d2, d1, d3 = _four2(_x_load(p + 12, gmask, EVEN), BLOCK_G)  # 24-31
+    return (a0, a1, c0, c1), (a2, a3, c2, c3), (b0, b1, d0, d1), (b2, b3, d2, d3)
 
 
 @triton.jit
@@ -174,6 +182,26 @@ def _fma_x(c, xw, J: tl.constexpr, part, xsum, DT: tl.constexpr):
     for one row's word x (``_x_words``)."""
     x = _xf(xw, J, DT)
     return part + c * x[None, :], xsum + x
+
+
+@triton.jit
+def _row_sums(w, so, xw, sels, SYM: tl.constexpr, DT: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_G: tl.constexpr, ASM: tl.constexpr):
+    """One row of x (its words' tuples, ``_x_words``) against the step's weight words w
+    [BLOCK_N, BLOCK_G, 4] with their scales ``so``: the [BLOCK_N, BLOCK_G] group sums
+    (``_float_rows`` for one row; ``gemv_wide``'s V2 step)."""
+    w0, w2, w1, w3 = _four3(w, BLOCK_N, BLOCK_G)
+    ws = (w0, w1, w2, w3)
+    part = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    xsum = tl.zeros([BLOCK_G], tl.float32)
+    for q in tl.static_range(4):
+        t = ws[q] & 0x0F0F0F0F
+        u = (ws[q] >> 4) & 0x0F0F0F0F
+        for j in tl.static_range(8):
+            c = _byte128(t if j < 4 else u, j % 4, sels[j % 4], ASM)
+            part, xsum = _fma_x(c, xw[q], j, part, xsum, DT)
+    s, o = _scale_offset(so, SYM)
+    return part * s + (o - 128.0 * s) * xsum[None, :]
 
 
 @triton.jit

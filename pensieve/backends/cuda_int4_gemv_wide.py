@@ -4,6 +4,10 @@ the candidates ``cuda_int4_tune`` times per weight shape at start (bfloat16 mode
 Same weight layout as every other int4 kernel (``cuda_int4.py``). Against ``gemv_words`` it
 loads x 8 bytes at a time (8 loads a group instead of 32) and turns bfloat16 into float32 with a
 shift instead of a conversion; whether that is faster on a given GPU is the tuner's to say.
+``PENSIEVE_INT4_GEMV_V2`` (``cuda_int4_gemv``'s switch, read at each call; default on) runs the
+kernel's V2 loop: x as 16-byte quads in the weight words' layout (no shared-memory exchange in
+the loop: the old one paid 2-26 ``bar.sync`` a step on sm_90), codes by ``prmt``, the weight a
+group a thread even on ``word_threads`` tiles; ``0``: the loop before it.
 Importing this module needs neither a GPU nor Triton.
 """
 
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+
+from pensieve.backends import cuda_int4_gemv
 
 GROUP = 32
 MAX_ROWS = 2  # each row reads the weight again: meant for decode at batch 1 (and 2)
@@ -78,5 +84,6 @@ def gemv_wide(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Wide,
         x2, packed.view(torch.int32), so, y, n, groups, x2.stride(0), y.stride(0), k // 8,
         BLOCK_N=t.block_n, BLOCK_G=t.block_g, EVEN=groups % t.block_g == 0,
         SYM=so.dtype == torch.int16, WORD_THREADS=t.word_threads, ASM=not _interpreted(),
-        SWIGLU=swiglu, PREFETCH=t.prefetch, num_warps=t.num_warps, num_stages=t.num_stages)
+        SWIGLU=swiglu, PREFETCH=t.prefetch, V2=cuda_int4_gemv.v2(), num_warps=t.num_warps,
+        num_stages=t.num_stages)
     return y

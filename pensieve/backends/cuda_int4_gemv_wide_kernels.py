@@ -21,6 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from pensieve.backends.cuda_int4_gemv_kernels import _row_sums, _selectors, _x_pairs
 from pensieve.backends.cuda_int4_kernels import _code128, _scale_offset
 
 
@@ -61,7 +62,7 @@ def gemv_wide(X2, W, SO, Y, N, GROUPS, stride_x2, stride_y, stride_w,
               BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr,
               SYM: tl.constexpr = False, WORD_THREADS: tl.constexpr = True,
               ASM: tl.constexpr = True, SWIGLU: tl.constexpr = False,
-              PREFETCH: tl.constexpr = False):
+              PREFETCH: tl.constexpr = False, V2: tl.constexpr = False):
     """y[row, n] = Σ_k x[row, k] · w[n, k]; X2: x's rows as int32 pairs (``stride_x2`` pairs a
     row), W: ``packed`` as int32 words (``stride_w`` = K / 8 a row).
 
@@ -71,7 +72,10 @@ def gemv_wide(X2, W, SO, Y, N, GROUPS, stride_x2, stride_y, stride_w,
     fewer a decode MLP, no recomputation (a program reads both rows of its outputs).
 
     PREFETCH: the next step's weight words and scales are loaded before this step's products
-    (register double-buffering: two steps' weight bytes in flight a thread, masked at the end)."""
+    (register double-buffering: two steps' weight bytes in flight a thread, masked at the end).
+
+    V2 (module text): x as 16-byte quads in the words' layout, codes by ``prmt``; the weight a
+    group a thread whatever WORD_THREADS."""
     pid = tl.program_id(0)
     row = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -81,10 +85,15 @@ def gemv_wide(X2, W, SO, Y, N, GROUPS, stride_x2, stride_y, stride_w,
     q = tl.arange(0, 4)
     c = tl.arange(0, 2)
     word = gi[None, :, None] * 4 + q[None, None, :]
-    if WORD_THREADS:
+    if WORD_THREADS and not V2:
         word = _hide(word, ASM)
     w_ptrs = W + n[:, None, None] * stride_w + word
-    so_ptrs = SO + n[:, None] * GROUPS + gi[None, :]
+    if V2:  # the scales a (row, group) a thread, as the words: not vectorised along groups
+        so_ptrs = SO + n[:, None] * GROUPS + _hide(gi, ASM)[None, :]
+    else:
+        so_ptrs = SO + n[:, None] * GROUPS + gi[None, :]
+    sels = _selectors(gi, GROUPS)
+    XR = X2 + row * stride_x2
     up_w = N * stride_w  # SWIGLU: the up rows, N rows on (int32: under 2**31 words)
     up_so = N * GROUPS
     # pairs 16g + 2q + c (low nibbles' columns 32g + 4q + 2c, + 1) and 8 pairs on (high)
@@ -130,16 +139,24 @@ def gemv_wide(X2, W, SO, Y, N, GROUPS, stride_x2, stride_y, stride_w,
                 so_up = tl.load(so_ptrs + up_so, mask=gmask[None, :], other=0)
             lo = tl.load(x_ptrs, mask=gmask[:, None, None], other=0)
             hi = tl.load(x_ptrs + 8, mask=gmask[:, None, None], other=0)
-        l01, l23 = tl.split(lo)  # [BLOCK_G, 4]: columns 4q, 4q+1 | 4q+2, 4q+3 (+ 32g)
-        h01, h23 = tl.split(hi)
-        x0, x1 = _bf16_pair(l01)
-        x2, x3 = _bf16_pair(l23)
-        y0, y1 = _bf16_pair(h01)
-        y2, y3 = _bf16_pair(h23)
-        xsum = tl.sum((x0 + x1) + (x2 + x3) + ((y0 + y1) + (y2 + y3)), 1)
-        acc += _words_times_x(w, so, x0, x1, x2, x3, y0, y1, y2, y3, xsum, SYM)
-        if SWIGLU:
-            acc_up += _words_times_x(w_up, so_up, x0, x1, x2, x3, y0, y1, y2, y3, xsum, SYM)
+        if V2:
+            xw = _x_pairs(XR, g0 + gi, (g0 + gi) < GROUPS, BLOCK_G, EVEN and not PREFETCH)
+            acc += _row_sums(w, so, xw, sels, SYM, tl.bfloat16, BLOCK_N, BLOCK_G, ASM)
+            if SWIGLU:
+                acc_up += _row_sums(w_up, so_up, xw, sels, SYM, tl.bfloat16, BLOCK_N, BLOCK_G,
+                                    ASM)
+        else:
+            l01, l23 = tl.split(lo)  # [BLOCK_G, 4]: columns 4q, 4q+1 | 4q+2, 4q+3 (+ 32g)
+            h01, h23 = tl.split(hi)
+            x0, x1 = _bf16_pair(l01)
+            x2, x3 = _bf16_pair(l23)
+            y0, y1 = _bf16_pair(h01)
+            y2, y3 = _bf16_pair(h23)
+            xsum = tl.sum((x0 + x1) + (x2 + x3) + ((y0 + y1) + (y2 + y3)), 1)
+            acc += _words_times_x(w, so, x0, x1, x2, x3, y0, y1, y2, y3, xsum, SYM)
+            if SWIGLU:
+                acc_up += _words_times_x(w_up, so_up, x0, x1, x2, x3, y0, y1, y2, y3, xsum,
+                                         SYM)
         w_ptrs += BLOCK_G * 4
         so_ptrs += BLOCK_G
         x_ptrs += BLOCK_G * 16
