@@ -117,6 +117,30 @@ def _x_load(p, gmask, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _xn_load(p, m, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(p)
+    else:
+        return tl.load(p, mask=m, other=0)
+
+
+@triton.jit
+def _x_pairs_n(XP, g, gmask, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
+    """``_x_pairs`` as [BLOCK_N, BLOCK_G] slices, each weight row's copy loaded from the same
+    address: for tiles with fewer groups a step than threads, whose [BLOCK_G, 4] quads Triton
+    would load 8 bytes a thread and exchange into the words' layout; shaped as the words, the
+    quads take their layout (16 bytes a thread, a thread's copies one load)."""
+    i = tl.arange(0, 4)
+    p = tl.broadcast_to((XP + g[:, None] * 16 + i[None, :])[None, :, :], [BLOCK_N, BLOCK_G, 4])
+    m = tl.broadcast_to(gmask[None, :, None], [BLOCK_N, BLOCK_G, 4])
+    a0, a2, a1, a3 = _four3(_xn_load(p, m, EVEN), BLOCK_N, BLOCK_G)
+    b0, b2, b1, b3 = _four3(_xn_load(p + 4, m, EVEN), BLOCK_N, BLOCK_G)
+    c0, c2, c1, c3 = _four3(_xn_load(p + 8, m, EVEN), BLOCK_N, BLOCK_G)
+    d0, d2, d1, d3 = _four3(_xn_load(p + 12, m, EVEN), BLOCK_N, BLOCK_G)
+    return (a0, a1, c0, c1), (a2, a3, c2, c3), (b0, b1, d0, d1), (b2, b3, d2, d3)
+
+
+@triton.jit
 def _f32_word(p, gmask, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
     """float32 x of one word: columns p + j and p + 16 + j (j < 4), a 16-byte load each."""
     a0, a2, a1, a3 = _four2(_x_load(p, gmask, EVEN), BLOCK_G)
@@ -177,31 +201,42 @@ def _xf(xw, J: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _fma_x(c, xw, J: tl.constexpr, part, xsum, DT: tl.constexpr):
+def _fma_x(c, xw, J: tl.constexpr, part, xsum, DT: tl.constexpr, XN: tl.constexpr = False):
     """``part`` + c · x_J (a product exact: 8-bit 128 + code times a 16-bit float), ``xsum`` + x_J
-    for one row's word x (``_x_words``)."""
+    for one row's word x (``_x_words``; ``XN``: ``_x_pairs_n``'s, one a weight row)."""
     x = _xf(xw, J, DT)
-    return part + c * x[None, :], xsum + x
+    if XN:
+        out = part + c * x
+    else:
+        out = part + c * x[None, :]
+    return out, xsum + x
 
 
 @triton.jit
 def _row_sums(w, so, xw, sels, SYM: tl.constexpr, DT: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_G: tl.constexpr, ASM: tl.constexpr):
+              BLOCK_G: tl.constexpr, ASM: tl.constexpr, XN: tl.constexpr = False):
     """One row of x (its words' tuples, ``_x_words``) against the step's weight words w
     [BLOCK_N, BLOCK_G, 4] with their scales ``so``: the [BLOCK_N, BLOCK_G] group sums
     (``_float_rows`` for one row; ``gemv_wide``'s V2 step)."""
     w0, w2, w1, w3 = _four3(w, BLOCK_N, BLOCK_G)
     ws = (w0, w1, w2, w3)
     part = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
-    xsum = tl.zeros([BLOCK_G], tl.float32)
+    if XN:
+        xsum = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    else:
+        xsum = tl.zeros([BLOCK_G], tl.float32)
     for q in tl.static_range(4):
         t = ws[q] & 0x0F0F0F0F
         u = (ws[q] >> 4) & 0x0F0F0F0F
         for j in tl.static_range(8):
             c = _byte128(t if j < 4 else u, j % 4, sels[j % 4], ASM)
-            part, xsum = _fma_x(c, xw[q], j, part, xsum, DT)
+            part, xsum = _fma_x(c, xw[q], j, part, xsum, DT, XN)
     s, o = _scale_offset(so, SYM)
-    return part * s + (o - 128.0 * s) * xsum[None, :]
+    if XN:
+        out = part * s + (o - 128.0 * s) * xsum
+    else:
+        out = part * s + (o - 128.0 * s) * xsum[None, :]
+    return out
 
 
 @triton.jit

@@ -68,6 +68,12 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _x_per_row(t: Wide) -> bool:
+    """V2's x loaded a copy a weight row (``_x_pairs_n``): tiles with fewer groups a step than
+    threads, whose x quads would otherwise be loaded 8 bytes a thread and exchanged."""
+    return t.block_g < 32 * t.num_warps
+
+
 def gemv_wide(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Wide,
               swiglu: bool = False) -> torch.Tensor:
     """x [M ≤ 2, K] bfloat16 (contiguous rows) @ w.T by ``gemv_wide`` with tiles ``t``;
@@ -84,6 +90,6 @@ def gemv_wide(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Wide,
         x2, packed.view(torch.int32), so, y, n, groups, x2.stride(0), y.stride(0), k // 8,
         BLOCK_N=t.block_n, BLOCK_G=t.block_g, EVEN=groups % t.block_g == 0,
         SYM=so.dtype == torch.int16, WORD_THREADS=t.word_threads, ASM=not _interpreted(),
-        SWIGLU=swiglu, PREFETCH=t.prefetch, V2=cuda_int4_gemv.v2(), num_warps=t.num_warps,
-        num_stages=t.num_stages)
+        SWIGLU=swiglu, PREFETCH=t.prefetch, V2=cuda_int4_gemv.v2(), XN=_x_per_row(t),
+        num_warps=t.num_warps, num_stages=t.num_stages)
     return y

@@ -21,7 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pensieve.backends.cuda_int4_gemv_kernels import _row_sums, _selectors, _x_pairs
+from pensieve.backends.cuda_int4_gemv_kernels import (_row_sums, _selectors, _x_pairs,
+                                                      _x_pairs_n)
 from pensieve.backends.cuda_int4_kernels import _code128, _scale_offset
 
 
@@ -62,7 +63,8 @@ def gemv_wide(X2, W, SO, Y, N, GROUPS, stride_x2, stride_y, stride_w,
               BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr,
               SYM: tl.constexpr = False, WORD_THREADS: tl.constexpr = True,
               ASM: tl.constexpr = True, SWIGLU: tl.constexpr = False,
-              PREFETCH: tl.constexpr = False, V2: tl.constexpr = False):
+              PREFETCH: tl.constexpr = False, V2: tl.constexpr = False,
+              XN: tl.constexpr = False):
     """y[row, n] = Σ_k x[row, k] · w[n, k]; X2: x's rows as int32 pairs (``stride_x2`` pairs a
     row), W: ``packed`` as int32 words (``stride_w`` = K / 8 a row).
 
@@ -75,7 +77,9 @@ def gemv_wide(X2, W, SO, Y, N, GROUPS, stride_x2, stride_y, stride_w,
     (register double-buffering: two steps' weight bytes in flight a thread, masked at the end).
 
     V2 (module text): x as 16-byte quads in the words' layout, codes by ``prmt``; the weight a
-    group a thread whatever WORD_THREADS."""
+    group a thread whatever WORD_THREADS. XN (V2, tiles with fewer groups a step than
+    threads): x loaded as [BLOCK_N, BLOCK_G, 4], a copy a weight row from one address — the
+    words' shape, so their layout (ptxas keeps one load a thread)."""
     pid = tl.program_id(0)
     row = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,11 +144,15 @@ def gemv_wide(X2, W, SO, Y, N, GROUPS, stride_x2, stride_y, stride_w,
             lo = tl.load(x_ptrs, mask=gmask[:, None, None], other=0)
             hi = tl.load(x_ptrs + 8, mask=gmask[:, None, None], other=0)
         if V2:
-            xw = _x_pairs(XR, g0 + gi, (g0 + gi) < GROUPS, BLOCK_G, EVEN and not PREFETCH)
-            acc += _row_sums(w, so, xw, sels, SYM, tl.bfloat16, BLOCK_N, BLOCK_G, ASM)
+            if XN:
+                xw = _x_pairs_n(XR, g0 + gi, (g0 + gi) < GROUPS, BLOCK_N, BLOCK_G,
+                                EVEN and not PREFETCH)
+            else:
+                xw = _x_pairs(XR, g0 + gi, (g0 + gi) < GROUPS, BLOCK_G, EVEN and not PREFETCH)
+            acc += _row_sums(w, so, xw, sels, SYM, tl.bfloat16, BLOCK_N, BLOCK_G, ASM, XN)
             if SWIGLU:
                 acc_up += _row_sums(w_up, so_up, xw, sels, SYM, tl.bfloat16, BLOCK_N, BLOCK_G,
-                                    ASM)
+                                    ASM, XN)
         else:
             l01, l23 = tl.split(lo)  # [BLOCK_G, 4]: columns 4q, 4q+1 | 4q+2, 4q+3 (+ 32g)
             h01, h23 = tl.split(hi)
