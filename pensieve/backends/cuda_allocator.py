@@ -46,14 +46,16 @@ def pool_use(segments: list[Mapping], device: int) -> str:
     """Reserved / allocated GiB of ``device``'s segments (``torch.cuda.memory_snapshot()``)
     by pool: the allocator's own (pool id (0, 0)) against the CUDA graphs' private pools —
     where reserved memory over allocated sits (the 30B-A3B start held 2.1 GiB more reserved
-    than allocated after ``empty_cache`` with expandable segments: graph pools keep theirs)."""
+    than allocated after ``empty_cache`` with expandable segments; session 16's line put 1.72
+    GiB of it free in the allocator's own large pool, 0.08 in the graph pools). Private pools
+    are the CUDA graphs' and the weights' own (``weights_pool``)."""
     pools: dict[str, list[int]] = {}
     for seg in segments:
         if seg.get("device", device) != device:
             continue
         own = tuple(seg.get("segment_pool_id") or (0, 0)) == (0, 0)
         kind = seg.get("segment_type", "")  # "small" (≤ 1 MiB blocks) or "large"
-        name = ("the allocator's pool" if own else "graph pools") + (f" ({kind})" if kind else "")
+        name = ("the allocator's pool" if own else "private pools") + (f" ({kind})" if kind else "")
         use = pools.setdefault(name, [0, 0, 0])
         use[0] += int(seg.get("total_size", 0))
         use[1] += int(seg.get("allocated_size", 0))

@@ -17,7 +17,9 @@ from pensieve.loaders.checkpoint import Checkpoint
 from pensieve.loaders.tokenizer import TextTokenizer
 from pensieve.models.args import ModelArgs
 from pensieve.models.llama import family_of
-from pensieve.backends import cuda_int8_tune, cuda_moe_tune, cuda_q6k_tune, cuda_tables
+from pensieve.backends import (
+    cuda_int8_tune, cuda_moe_tune, cuda_q6k_tune, cuda_tables, weights_pool,
+)
 from pensieve.backends.cuda_int4 import prepare_for_cuda
 from pensieve.backends.cuda_layers import fuse_cuda_layers, plan_fused_mlps
 from pensieve.backends.cuda_moe_swap import (
@@ -124,6 +126,9 @@ def finish_on_cuda(model: nn.Module, config: EngineConfig, tune_int4: bool) -> N
     cuda_q6k_tune.prepare(model, config.dtype)
     cuda_int8_tune.prepare(model, config.dtype)  # Q8_0/Q5_x/IQ4_x layers' route per row bucket
     cuda_moe_tune.prepare(model, config.dtype)  # MoE experts' route per decode bucket
+    # the weights into a pool of their own (before any CUDA graph records their addresses):
+    # what the load freed between them can then go back to the driver
+    weights_pool.compact_on_cuda(model, torch.device(config.device))
     # the tuners' temporaries (random inputs up to 2048 rows, float32 references of whole
     # weights, a head's among them) back to the driver, not left in torch's cache
     torch.cuda.empty_cache()

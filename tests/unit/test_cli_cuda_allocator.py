@@ -65,7 +65,7 @@ def test_pool_use_splits_the_allocators_pool_from_graph_pools():
     ]
     line = pool_use(segments, 0)
     assert "the allocator's pool 5.00 GiB reserved, 4.00 allocated (2 segments)" in line
-    assert "graph pools 2.00 GiB reserved, 0.50 allocated (1 segments)" in line
+    assert "private pools 2.00 GiB reserved, 0.50 allocated (1 segments)" in line
     assert pool_use([], 0) == "none"
     typed = pool_use([{"device": 0, "segment_pool_id": (0, 0), "segment_type": "small",
                        "total_size": gib, "allocated_size": gib // 4}], 0)
