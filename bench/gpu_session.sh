@@ -13,6 +13,9 @@
 #   moe     the same on the 30B-A3B file: decode, 8 and 32 streams, cold/warm TTFT, Claude Code load
 #           (MOE_SC: other scenarios, e.g. "decode,x8,ttft1");
 #   kernels in-process kernel tables (KERNEL_BENCHES: bench/gpu_int4_gemv.py, gpu_q6k.py, mla_attention.py);
+#   pvariants  Pensieve on VARIANT_FILES (q4 qwen3 moe; default qwen3) once more per VARIANTS entry
+#           "tag=VAR=value,VAR2=value" (e.g. "v2=PENSIEVE_INT4_GEMV_V2=1 nopool=PENSIEVE_WEIGHTS_POOL=0"):
+#           p_<file>_<tag> beside p_<file>, the same scenarios;
 #   abkernels  KERNEL_AB's tables on this tree, on .gpu/base.tar's commit and on this tree with the
 #           old int4 layout for Q4_K experts (PENSIEVE_MOE_Q4K_SUPER=0), one after the other;
 #   start   bench/gpu_start.sh (a CUDA start phase by phase) on the files written;
@@ -60,7 +63,7 @@ gguf_chain() {  # CPU-bound writers, one after the other
 pens() {  # $1 tag, $2 file, $3 scenarios, $4 the KV cache in GiB llama-server's context takes (same memory row)
   [ -e $S/p_$1/gpu_bench.json ] && return; log "pensieve $1 start"
   mkdir -p $S/p_$1; PENSIEVE_STEP_TIMES=$S/steps/p_$1 PENSIEVE_PROFILE_STEPS=${PROFILE_STEPS:-10}:$S/p_$1/profile.txt \
-  setsid -w timeout 420 python3 -m bench.gpu_bench --out $S/p_$1 --repeat 3 --max-num-seqs 0 \
+  env ${PENV:-PENSIEVE_NO_VARIANT=1} setsid -w timeout 420 python3 -m bench.gpu_bench --out $S/p_$1 --repeat 3 --max-num-seqs 0 \
     --scenarios $3 --gguf $2 --serve-args "--weights auto${SAME_KV:+ --kv-cache-gb $4}" --ready-timeout 300 > $S/bench_p_$1.log 2>&1
   log "pensieve $1 rc=$?"
   grep -E "GPU memory|weights|KV|warmed up|captured|ready in|Traceback|Error" $S/p_$1/server.log 2>/dev/null \
@@ -134,6 +137,11 @@ pipeline() {
       moe|pmoe)
         wait_gguf $M || continue; pens moe $M ${MOE_SC:-decode,x8,x32,ttft1,cc} 3
         [ $step = moe ] && llama moe $M ${MOE_SC:-decode,x8,x32,ttft1,cc} 32768 32;;
+      pvariants)  # Pensieve again under other settings, same files: VARIANTS="tag=VAR=1,VAR2=0 …"
+        for v in $VARIANTS; do tag=${v%%=*}; envs=${v#*=}
+          for f in ${VARIANT_FILES:-qwen3}; do
+            case $f in q4) F=$Q4; KV=2;; qwen3) F=$Q3; KV=2.25;; moe) F=$M; KV=3;; *) continue;; esac
+            wait_gguf $F && PENV="${envs//,/ }" pens ${f}_$tag $F decode,x8,ttft1 $KV; done; done;;
       lmoe)
         [ -e $M.done ] && llama moe $M ${MOE_SC:-decode,x8,x32,ttft1,cc} 32768 32;;
       kernels)  # in-process kernel tables (no server): Q6_K tiles, the latent-attention kernel
