@@ -7,7 +7,8 @@
 # DENSE: the dense files to bench (default "q4 qwen3"; "qwen25" adds the Qwen2.5-7B Q4_K_M shape). Steps, in order, each once (state in /tmp/gs; progress in /tmp/gs/progress):
 #   background: llama-server build (CUDA sm_90, from .gpu/llama.cpp), the random GGUFs (8B Llama
 #     Q4_0, Qwen3-8B Q4_K_M, Qwen3-30B-A3B Q4_K_M), each written once;
-#   tests   every CUDA test (~7+ min on an H100; TESTS: the files; TESTS=none skips);
+#   tests   every CUDA test (~7+ min on an H100; TESTS: the files; TESTS=none skips; TEST_ENV: settings
+#           for them, e.g. "PENSIEVE_INT4_GEMV_V2=1");
 #   dense   Pensieve at its defaults (SAME_KV=1: the KV cache sized as llama-server's context, --kv-cache-gb, for the memory row only) on the 8B Q4_0 and the Qwen3-8B Q4_K_M file, then llama-server
 #           (--cache-ram 0) on the same files: decode b=1, 8 streams, cold 12k / warm TTFT;
 #   moe     the same on the 30B-A3B file: decode, 8 and 32 streams, cold/warm TTFT, Claude Code load
@@ -116,7 +117,7 @@ pipeline() {
           tests/unit/test_warm_up.py tests/unit/test_tune_cache.py}); NF=$(echo $FILES | wc -w)
         PER=$(( ${TEST_TIMEOUT:-540} / NF > 30 ? ${TEST_TIMEOUT:-540} / NF : 30 )); : > $S/pytest_cuda.log
         for f in $FILES; do
-          timeout ${TEST_FILE_TIMEOUT:-$PER} python3 -m pytest -v -p no:cacheprovider -rs --tb=short $f \
+          env ${TEST_ENV:-PENSIEVE_NO_VARIANT=1} timeout ${TEST_FILE_TIMEOUT:-$PER} python3 -m pytest -v -p no:cacheprovider -rs --tb=short $f \
             >> $S/pytest_cuda.log 2>&1; echo "== $f rc=$?" >> $S/pytest_cuda.log; done
         log "tests: $(grep -c ' PASSED' $S/pytest_cuda.log) passed, $(grep -c ' FAILED' $S/pytest_cuda.log) failed, $(grep -c 'rc=124' $S/pytest_cuda.log) files cut at their limit"
         grep -E "FAILED|ERROR" $S/pytest_cuda.log | head -20 | cut -c1-250 >> $S/progress;;
