@@ -6,10 +6,12 @@ x to int8 per 32 — first, in one small extra launch (``q8=1``), or in each pro
 columns (``q8=2``) — and multiply with dp4a, as llama.cpp does; ``PENSIEVE_INT4_Q8=0`` leaves
 them out of the timing (the float ones keep exact products).
 
-``PENSIEVE_INT4_GEMV_V2`` (read at each call, so one process can time both): ``1`` (default)
-runs the kernel's V2 loop for float x (``q8=0``) and x rounded in the kernel (``q8=2``) — x
+``PENSIEVE_INT4_GEMV_V2`` (read at each call, so one process can time both): ``1`` runs the
+kernel's V2 loop for float x (``q8=0``) and x rounded in the kernel (``q8=2``) — x
 read as 16-byte words in the weight words' layout, no shared-memory exchange in the loop, a
-code one ``prmt`` — ``0`` the loop before it (``q8=1`` is the same either way). Its sm_90
+code one ``prmt`` — ``0`` (default) the loop before it (``q8=1`` is the same either way).
+Off by default until a GPU has run it: its ``prmt`` is inline PTX, which Triton's interpreter
+(the CPU tests) never executes — only its sm_90 build is checked here. Its sm_90
 build (Triton 3.9): no ``bar.sync`` in the unpipelined loops (was 4-36 a step), SASS loop
 808 vs 1200 instructions at 1 row (the 1-warp float tile) and 1862 vs 3047 with no spills at
 4 rows (was ~750 bytes). Importing this module needs neither a GPU nor Triton.
@@ -74,8 +76,9 @@ def _interpreted() -> bool:
 
 
 def v2() -> bool:
-    """The V2 loop (module text) unless ``PENSIEVE_INT4_GEMV_V2=0``."""
-    return os.environ.get("PENSIEVE_INT4_GEMV_V2", "1") != "0"
+    """The V2 loop (module text) where ``PENSIEVE_INT4_GEMV_V2=1`` (off by default: untimed and
+    unrun on a GPU)."""
+    return os.environ.get("PENSIEVE_INT4_GEMV_V2", "0") == "1"
 
 
 def _word_rows(x: torch.Tensor) -> torch.Tensor:

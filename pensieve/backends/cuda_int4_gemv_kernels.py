@@ -20,7 +20,7 @@ Two products:
   rounding (~0.5% relative on a product) is llama.cpp's. ``ASM=False`` (Triton's interpreter,
   which runs no PTX) does dp4a with shifts.
 
-``V2`` (the launcher's default; ``PENSIEVE_INT4_GEMV_V2=0`` runs the loop before it): for float x
+``V2`` (the launcher's with ``PENSIEVE_INT4_GEMV_V2=1``; the loop before it by default): for float x
 and ``Q8=2`` the step reads x as 16-byte loads laid out as the weight words are (16-bit x as
 int32 words of two columns, ``_x_words``): in the old loop x's loads took another layout and
 each step exchanged it through shared memory (4-36 ``bar.sync`` a step on sm_90, ~750 bytes of

@@ -4,7 +4,7 @@ the candidates ``cuda_int4_tune`` times per weight shape at start (bfloat16 mode
 Same weight layout as every other int4 kernel (``cuda_int4.py``). Against ``gemv_words`` it
 loads x 8 bytes at a time (8 loads a group instead of 32) and turns bfloat16 into float32 with a
 shift instead of a conversion; whether that is faster on a given GPU is the tuner's to say.
-``PENSIEVE_INT4_GEMV_V2`` (``cuda_int4_gemv``'s switch, read at each call; default on) runs the
+``PENSIEVE_INT4_GEMV_V2`` (``cuda_int4_gemv``'s switch, read at each call; default off) ``1`` runs the
 kernel's V2 loop: x as 16-byte quads in the weight words' layout (no shared-memory exchange in
 the loop: the old one paid 2-26 ``bar.sync`` a step on sm_90), codes by ``prmt``, the weight a
 group a thread even on ``word_threads`` tiles; ``0``: the loop before it.

@@ -11,8 +11,8 @@ shared-memory exchange (the old loop's x took another layout than the words and 
 register spills at 1 row, a few bytes at most at 4 rows (the old loop: 250-780). In Triton's
 interpreter: bfloat16 x through V2 and through the old loop against float64, the two within a
 rounding of each other (float x: the same exact products summed in another order) and
-bit-equal for int8 x rounded in the kernel; the other suites under the old loop
-(``PENSIEVE_INT4_GEMV_V2=0``). ``gemv_wide``'s V2 (the same step, a row a program) likewise
+bit-equal for int8 x rounded in the kernel; the other suites under V2
+(``PENSIEVE_INT4_GEMV_V2=1``; the default runs the old loop until a GPU has run V2). ``gemv_wide``'s V2 (the same step, a row a program) likewise
 on every candidate, SwiGLU's two weights too (tiles with fewer groups a step than threads load
 x a copy a weight row, one address: the PTX's loads, ptxas keeps one)."""
 
@@ -149,15 +149,16 @@ def test_v2_and_the_old_loop_on_bfloat16_x_in_the_triton_interpreter():
                               "interpreter_check as c; c()")
 
 
-def test_the_old_loop_in_the_triton_interpreter():
-    """``PENSIEVE_INT4_GEMV_V2=0``: the uneven tiles' float32/float16 suite on the old loop."""
-    run_in_triton_interpreter("import os; os.environ['PENSIEVE_INT4_GEMV_V2'] = '0'; "
+def test_the_v2_loop_in_the_triton_interpreter():
+    """``PENSIEVE_INT4_GEMV_V2=1`` (the default runs the old loop): the uneven tiles'
+    float32/float16 suite on V2."""
+    run_in_triton_interpreter("import os; os.environ['PENSIEVE_INT4_GEMV_V2'] = '1'; "
                               "from tests.unit.test_cuda_int4_gemv import interpreter_check "
                               "as c; c(False)")
 
 
-def test_the_old_wide_loop_in_the_triton_interpreter():
-    """``PENSIEVE_INT4_GEMV_V2=0``: ``gemv_wide``'s candidates on the old loop."""
-    run_in_triton_interpreter("import os; os.environ['PENSIEVE_INT4_GEMV_V2'] = '0'; "
+def test_the_v2_wide_loop_in_the_triton_interpreter():
+    """``PENSIEVE_INT4_GEMV_V2=1``: ``gemv_wide``'s candidates on V2."""
+    run_in_triton_interpreter("import os; os.environ['PENSIEVE_INT4_GEMV_V2'] = '1'; "
                               "from tests.unit.test_cuda_int4_gemv_wide import "
                               "interpreter_check as c; c(); print('ok')")
