@@ -395,13 +395,14 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 def _packed_codes(p: Int4Groups) -> torch.Tensor:
     """``pack_codes(p.codes)``: a GGUF tensor's nibbles (``Int4Groups.from_nibbles``) are that
     layout already, so they are taken as they are — no unpacking to a byte a code and back."""
-    return p.nibbles[0].contiguous() if p.nibbles is not None else pack_codes(p.codes)
+    return p.packed_codes.contiguous() if p.packed_codes is not None else pack_codes(p.codes)
 
 
 def _scales_offsets(p: Int4Groups) -> tuple[torch.Tensor, torch.Tensor]:
     """The float scales and offsets the layout rounds to float16: a GGUF tensor's own float16
-    ones where it has them (Q4_K's are its exact products rounded once: the same values)."""
-    return (p.nibbles[1], p.nibbles[2]) if p.nibbles is not None else (p.scales, p.offsets)
+    ones where it has them (Q4_K's are its exact products rounded once: the same values;
+    ``Q4KGroups`` derives them on each call, so this asks once)."""
+    return p.half_params() if p.packed_codes is not None else (p.scales, p.offsets)
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:

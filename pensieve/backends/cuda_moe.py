@@ -208,10 +208,11 @@ def stack_tensors(codes: Codes, kind: tuple[str, int, bool] | None = None) -> Te
         return lo, sc.contiguous(), hi, _bits(d)
     if kind == ("q4k", 32, False):  # the int4 layout's codes, the file's factors unpacked
         sub, dd = q4_k_sub_scales(codes)
-        nib = codes.nibbles[0] if codes.nibbles is not None else pack_codes(codes.codes)
+        nib = codes.packed_codes  # (not ``nibbles``: its float16 products are not needed)
+        nib = nib if nib is not None else pack_codes(codes.codes)
         return nib.contiguous(), sub, None, dd
     if isinstance(codes, Int4Groups):
-        if codes.nibbles is not None:  # GGUF's own order already: no unpacking
+        if codes.packed_codes is not None:  # GGUF's own order already: no unpacking
             nib, scales, offsets = codes.nibbles
             return nib.contiguous(), pack_scale_offset(scales, offsets), None, None
         return pack_codes(codes.codes), pack_scale_offset(codes.scales, codes.offsets), None, None

@@ -3,7 +3,8 @@
 4-bit types become ``Int4Groups`` (codes + per-32 scale/offset): Q4_0 (``d·(q−8)``), Q4_1
 (``d·q + m``) and Q4_K (``d·sc·q − dmin·m`` per 32-weight sub-block) are all 4-bit codes with
 one affine map per 32 weights, which is what PyTorch's int4 weight-only matmul takes. Q4_0/Q4_1
-keep their packed bytes (``Int4Groups.from_nibbles``).
+keep their packed bytes (``Int4Groups.from_nibbles``); Q4_K keeps its nibbles and own factors
+only (``Q4KGroups``: its per-32 products are derived when a layout asks for them).
 
 The other common types become ``Int8Groups`` (int8 codes, a float16 scale per 16 or 32 values,
 optionally a float16 offset per 32), the CPU kernels' int8 formats:
@@ -229,36 +230,82 @@ def q8_0_codes(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]
     return blocks[:, 2:].contiguous().view(torch.int8).reshape(rows, cols), scales
 
 
-def _q4_k_nibbles(blocks: torch.Tensor, rows: int, cols: int) -> Int4Groups | None:
+# A float32 value rounds to a finite float16 below this magnitude (65504 is the largest; the
+# tie at 65520 rounds to even, past it)
+HALF_LIMIT = 65520.0
+
+
+class Q4KGroups(Int4Groups):
+    """A Q4_K weight [N, K] as ``Int4Groups`` holding only what the file holds: its nibbles in
+    ``from_nibbles``' order and its own factors per 256 (12 bytes of 6-bit ``sc``/``m``,
+    float16 ``d``/``dmin``), 4.5 bits a weight. The per-32 products the other layouts take —
+    float16 ``d·sc``/``−dmin·m`` (``nibbles``' parameters, 1 bit a weight) and their exact
+    float32 values (``scales``/``offsets``, 2 bits) — are derived each time they are asked
+    for, not kept: loading holds every weight until the model is built (on the GPU too, where
+    it converts there), and the CUDA MoE experts' ``q4k`` layout reads only the nibbles and
+    factors (``packed_codes``, ``k_scales``), so keeping them held 3 more bits a weight of
+    every Q4_K tensor at that peak. Built only where every float16 product is finite
+    (``q4_k_fits_half``); the values are those of the eager products bit for bit."""
+
+    def __init__(self, nibbles: torch.Tensor, six: torch.Tensor, dd: torch.Tensor) -> None:
+        """nibbles [N, K/2] uint8; six [N·K/256, 12] uint8 and dd [N·K/256, 2] float16 (d,
+        dmin): each super-block's factors, in the blocks' order."""
+        super().__init__(None, None, None, GROUP)
+        rows, cols = nibbles.shape[0], nibbles.shape[1] * 2
+        self._packed, self._factors = nibbles, (six, dd)
+        if cols % 256 == 0:  # the file's own factors per row (a row of whole super-blocks)
+            self.k_scales = (six.reshape(rows, cols // 256 * 12), dd.reshape(rows, cols // 128))
+
+    def half_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scales.half(), self.offsets.half()
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """The exact float32 d·sc [N, K/32] (derived, not kept)."""
+        six, dd = self._factors
+        return (dd[:, 0:1].float() * _k_scales(six)[0]).reshape(self.shape[0], -1)
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """The exact float32 −dmin·m [N, K/32] (derived, not kept)."""
+        six, dd = self._factors
+        return (-(dd[:, 1:2].float() * _k_scales(six)[1])).reshape(self.shape[0], -1)
+
+
+def q4_k_fits_half(six: torch.Tensor, dd: torch.Tensor) -> bool:
+    """Whether every Q4_K product d·sc and dmin·m rounds to a finite float16, decided from each
+    super-block's largest 6-bit factors without making the products: a float16 times an
+    integer ≤ 63 is exact in float32 (17 significant bits), so the largest product of a block
+    is |d|·max(sc) exactly, and it is finite in float16 iff below ``HALF_LIMIT`` (a NaN or
+    infinite d/dmin fails the comparison, as its products fail ``isfinite``)."""
+    sc, m = k_scale_codes(six)  # uint8 [n, 8] each
+    top = torch.stack((sc.amax(dim=1), m.amax(dim=1)), dim=1).float()  # [n, 2]
+    return bool(((dd.float().abs() * top) < HALF_LIMIT).all())
+
+
+def _q4_k_nibbles(blocks: torch.Tensor, rows: int, cols: int) -> Q4KGroups | None:
     """Q4_K blocks moved into ``Int4Groups.from_nibbles``' layout without unpacking a code a
     byte: a block's 128 bytes hold sub-blocks 2j (low nibbles) and 2j+1 (high nibbles) of
     bytes 32j..32j+31; the layout wants value i of a sub-block in the low nibble of its byte i
     and value i+16 in the high one. The packed form's per-32 scale d·sc and offset −dmin·m
-    round to float16 (as ``pack_q4`` rounds them; None where one overflows it); ``scales`` and
-    ``offsets`` stay the exact float32 products."""
+    round to float16 (as ``pack_q4`` rounds them), derived when asked for (``Q4KGroups``);
+    None where one overflows it (the unpacked form with float32 products is kept instead)."""
+    six = blocks[:, 4:16].contiguous()
+    dd = blocks[:, :4].contiguous().view(torch.float16)
+    if not q4_k_fits_half(six, dd):
+        return None
     nb = blocks.shape[0]
     qs = blocks[:, 16:].reshape(nb, 4, 2, 16)
     lo, hi = qs[:, :, 0], qs[:, :, 1]
     even = (lo & 0x0F) | ((hi & 0x0F) << 4)
     odd = (lo >> 4) | (hi & 0xF0)
-    nibbles = torch.stack((even, odd), dim=2).reshape(rows, cols // 2)
-    sc, mins = _k_scales(blocks[:, 4:16])
-    exact_scales = (_scale(blocks, 0) * sc).reshape(rows, cols // GROUP)
-    exact_offsets = (-(_scale(blocks, 2) * mins)).reshape(rows, cols // GROUP)
-    scales, offsets = exact_scales.half(), exact_offsets.half()
-    if not (torch.isfinite(scales).all() and torch.isfinite(offsets).all()):
-        return None
-    groups = Int4Groups.from_nibbles(nibbles, scales, offsets, GROUP)
-    groups._scales, groups._offsets = exact_scales, exact_offsets
-    if cols % 256 == 0:  # the file's own factors (a row of whole super-blocks)
-        groups.k_scales = _q4_k_factors(blocks, rows, cols)
-    return groups
+    return Q4KGroups(torch.stack((even, odd), dim=2).reshape(rows, cols // 2), six, dd)
 
 
 def _q4_k_factors(blocks: torch.Tensor, rows: int, cols: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K's own factors per row (``Int4Groups.k_scales``): the 6-bit scale and min bytes
-    [N, K/256 · 12] and float16 (d, dmin) [N, K/256 · 2]."""
+    """Q4_K's own factors per row (``Int4Groups.k_scales``) of the unpacked form: the 6-bit
+    scale and min bytes [N, K/256 · 12] and float16 (d, dmin) [N, K/256 · 2]."""
     return (blocks[:, 4:16].contiguous().reshape(rows, cols // 256 * 12),
             blocks[:, :4].contiguous().view(torch.float16).reshape(rows, cols // 128))
 

@@ -21,7 +21,10 @@ class Int4Groups:
     of a block of 32 in the low nibble of byte ``j``, value ``j + 16`` in the high one) and
     float16 scales and offsets. Each form is derived from the other only when asked for
     (``codes`` / ``nibbles``): the CPU kernels take the packed one, so loading a Q4 GGUF for
-    them never unpacks 100M codes into bytes only to pack them again.
+    them never unpacks 100M codes into bytes only to pack them again. A packed form may also
+    derive its float16 parameters (``half_params``) and float32 ones from other factors, as
+    ``loaders/int4_codes.Q4KGroups`` does from Q4_K's own: ``packed_codes`` then gives the
+    nibbles without deriving them.
     """
 
     # Q4_K only (``loaders/int4_codes.py``): the file's 6-bit scale/min bytes [N, K/256 · 12]
@@ -32,7 +35,8 @@ class Int4Groups:
                  group_size: int) -> None:
         self._codes = codes  # [N, K] uint8 in 0..15
         self._scales, self._offsets = scales, offsets  # [N, K // group] float32
-        self._nibbles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._packed: torch.Tensor | None = None  # [N, K/2] uint8, GGUF block order
+        self._halves: tuple[torch.Tensor, torch.Tensor] | None = None  # float16 scale, offset
         self.group_size = group_size
 
     @classmethod
@@ -42,42 +46,50 @@ class Int4Groups:
         if group_size != 32 or scales.dtype != torch.float16 or offsets.dtype != torch.float16:
             raise ValueError("packed 4-bit groups are blocks of 32 with float16 parameters")
         groups = cls.__new__(cls)
-        groups._codes = groups._scales = groups._offsets = None
-        groups._nibbles = (nibbles, scales, offsets)
-        groups.group_size = group_size
+        Int4Groups.__init__(groups, None, None, None, group_size)
+        groups._packed, groups._halves = nibbles, (scales, offsets)
         return groups
 
     @property
     def shape(self) -> tuple[int, int]:
         if self._codes is not None:
             return tuple(self._codes.shape)
-        n, half = self._nibbles[0].shape
+        n, half = self._packed.shape
         return n, 2 * half
+
+    @property
+    def packed_codes(self) -> torch.Tensor | None:
+        """The nibbles [N, K/2] uint8 where built from them, else None; derives nothing (a
+        layout that takes other scales, e.g. Q4_K's own factors, reads this, not ``nibbles``)."""
+        return self._packed
 
     @property
     def nibbles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(nibbles, float16 scales, float16 offsets) where built from them, else None."""
-        return self._nibbles
+        return None if self._packed is None else (self._packed, *self.half_params())
+
+    def half_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed form's float16 (scales, offsets) [N, K/32]."""
+        return self._halves
 
     @property
     def codes(self) -> torch.Tensor:
         if self._codes is None:
-            packed = self._nibbles[0]
             n, k = self.shape
-            b = packed.view(n, k // 32, 16)
+            b = self._packed.view(n, k // 32, 16)
             self._codes = torch.cat((b & 0x0F, b >> 4), dim=2).view(n, k)
         return self._codes
 
     @property
     def scales(self) -> torch.Tensor:
         if self._scales is None:
-            self._scales = self._nibbles[1].float()
+            self._scales = self.half_params()[0].float()
         return self._scales
 
     @property
     def offsets(self) -> torch.Tensor:
         if self._offsets is None:
-            self._offsets = self._nibbles[2].float()
+            self._offsets = self.half_params()[1].float()
         return self._offsets
 
     def dequantize(self) -> torch.Tensor:

@@ -91,7 +91,8 @@ def super_scaled(part: object) -> bool:
         return True
     k_scales = getattr(part, "k_scales", None)
     return k_scales is not None and part.shape[1] % SUPER == 0 and (
-        isinstance(part, Int4Groups) and part.nibbles is not None or isinstance(part, Int8Groups))
+        isinstance(part, Int4Groups) and part.packed_codes is not None
+        or isinstance(part, Int8Groups))
 
 
 class Part(ctypes.Structure):
@@ -168,7 +169,7 @@ def _q4k_parts(part: Int4Groups | Q4KCodes) -> tuple[torch.Tensor, torch.Tensor,
     if isinstance(part, Q4KCodes):
         return part.nibbles, part.scales, part.dmin.view(torch.int16)
     six, dmin = part.k_scales
-    return part.nibbles[0], six, dmin.view(torch.int16)
+    return part.packed_codes, six, dmin.view(torch.int16)
 
 
 def _int4(part: Int4Groups | Q4KCodes) -> Int4Groups:

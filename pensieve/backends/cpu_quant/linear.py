@@ -45,8 +45,9 @@ def pack_q4(kernels: Kernels, groups: Int4Groups | Sequence[Int4Groups],
     k = parts[0].shape[1]
     if any(not kernel_fits(p.shape[1], p.group_size) or p.shape[1] != k for p in parts):
         raise ValueError(f"q4 kernel needs groups of {GROUP} along one K % {GROUP} == 0")
-    if all(p.nibbles is not None for p in parts):  # a Q4_0/Q4_1 GGUF's bytes: already packed
-        return tuple(_stack_rows([p.nibbles[i] for p in parts]) for i in range(3))
+    if all(p.packed_codes is not None for p in parts):  # a GGUF's bytes: already packed
+        packed = [p.nibbles for p in parts]  # (once a part: Q4_K's are derived on each call)
+        return tuple(_stack_rows([q[i] for q in packed]) for i in range(3))
     n = sum(p.shape[0] for p in parts)
     codes = torch.empty(n, k // 2, dtype=torch.uint8)
     scales = torch.empty(n, k // GROUP, dtype=torch.int16)
