@@ -137,7 +137,8 @@ def test_the_moe_q4k_layout_reads_no_products(monkeypatch):
     monkeypatch.setattr(Q4KGroups, "half_params", refuse)
     w, sub, mn, dd = cuda_moe.stack_tensors(groups, ("q4k", 32, False))
     assert torch.equal(w, groups.packed_codes) and mn is None
-    assert torch.equal(sub, q4_k_sub_scales(groups)[0]) and torch.equal(dd, q4_k_sub_scales(groups)[1])
+    want_sub, want_dd = q4_k_sub_scales(groups)
+    assert torch.equal(sub, want_sub) and torch.equal(dd, want_dd)
 
 
 def test_part_super_blocks_rows_keep_the_products_and_no_factors():
