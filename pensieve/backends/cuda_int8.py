@@ -9,8 +9,11 @@ kernels of ``cuda_int8_kernels.py`` on them:
 
 * 1 row (decode at batch 1): ``gemv``, float32 sums with exact float16 scales;
 * 2-16 rows: ``skinny``, the weight tile dequantised in registers, on the tensor cores;
-  (on a GPU ``cuda_int8_tune`` races both routes' tiles per weight shape and row bucket at
-  start: ``CudaInt8Linear.plan``;)
+  (on a GPU ``cuda_int8_tune`` races the routes' tiles per weight shape and row bucket at
+  start: ``CudaInt8Linear.plan``; a third route there, ``gemv2`` of
+  ``cuda_int8_gemv2_kernels.py``, is ``gemv`` with 16-byte code and x loads in one layout,
+  no shared-memory exchange, any K step — gpt-oss's K = 2880 is 90 groups, no power of two
+  — and up to 4 rows a program; only a plan picks it;)
 * up to ``MATMUL_MAX_ROWS``: ``matmul``, a GEMM tile dequantising the weight in the kernel;
 * beyond (long prefill, compute-bound): the weight dequantised into a temporary for the call,
   then cuBLAS. No dense copy is kept anywhere.
@@ -58,6 +61,8 @@ class Tiles:
 
 
 GEMV = Tiles(1, 4, 512, 4, 3)
+# gemv2: up to block_m (≤ 4) rows a program, block_k columns a step (any multiple of 16)
+GEMV2 = Tiles(4, 4, 1024, 4, 1)
 SKINNY = Tiles(16, 32, 128, 4, 3)
 # the row buckets a timed plan covers (``cuda_int8_tune``): a route and its tiles per bucket
 ROUTE_BUCKETS = (1, 2, 4, 8, 16)
@@ -84,6 +89,12 @@ def _kernels() -> ModuleType:
     return cuda_int8_kernels
 
 
+def _gemv2_kernels() -> ModuleType:
+    from pensieve.backends import cuda_int8_gemv2_kernels
+
+    return cuda_int8_gemv2_kernels
+
+
 def _block_k(k: int, want: int) -> int:
     """The largest 32 · 2^j ≤ want whose multiples tile K (K a multiple of 32)."""
     b = want
@@ -108,6 +119,32 @@ def gemv(x: torch.Tensor, b: Block, y: torch.Tensor, t: Tiles = GEMV) -> torch.T
     _kernels().gemv[(m, triton_cdiv(n, t.block_n))](
         x, *_args(b), y, n, k, x.stride(0), y.stride(0), **_meta(b), BLOCK_N=t.block_n,
         BLOCK_S=bk // b.group, num_warps=t.num_warps, num_stages=t.num_stages)
+    return y
+
+
+def gemv2_rows(m: int, most: int) -> int:
+    """x rows a ``gemv2`` program takes: the power of two ≥ min(m, most) (1, 2 or 4 — one
+    compiled kernel per bucket, none new for an odd m at run time)."""
+    r = 1
+    while r < min(m, most, 4):
+        r *= 2
+    return r
+
+
+def gemv2(x: torch.Tensor, b: Block, y: torch.Tensor, t: Tiles = GEMV2) -> torch.Tensor:
+    """y[:, :n] = x @ w.T on ``gemv2`` (16-byte loads in one layout; ``t.block_k`` columns a
+    step, any multiple of 16 — K's tail step masked; up to ``t.block_m`` ≤ 4 rows a program).
+    x is read as int32 words: rows not 16-byte aligned are copied first."""
+    m, k = x.shape
+    n = b.codes.shape[0]
+    if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
+        x = x.clone(memory_format=torch.contiguous_format)
+    rows = gemv2_rows(m, t.block_m)
+    bh = t.block_k // 16
+    _gemv2_kernels().gemv2[(triton_cdiv(m, rows), triton_cdiv(n, t.block_n))](
+        x, *_args(b), y, m, n, k, x.stride(0), y.stride(0), **_meta(b), ROWS=rows,
+        BLOCK_N=t.block_n, BLOCK_H=bh, EVEN=(k // 16) % bh == 0, num_warps=t.num_warps,
+        num_stages=t.num_stages)
     return y
 
 
@@ -155,7 +192,7 @@ def run_route(x: torch.Tensor, blocks: Sequence[Block], n: int, route: str,
     route (``gemv``: a program a row and BLOCK_N outputs, each row reading the weight — from
     L2 where it fits; ``skinny``: up to 16 rows; ``matmul``) with tiles ``t`` (None: the
     route's own)."""
-    launch = {"gemv": gemv, "skinny": skinny, "matmul": matmul}[route]
+    launch = {"gemv": gemv, "gemv2": gemv2, "skinny": skinny, "matmul": matmul}[route]
     y = torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
     row = 0
     for b in blocks:

@@ -18,6 +18,9 @@ the byte XOR 0x80 is ``code + 128`` in 0..255, OR-ed into the mantissa of 2²³ 
   ``tl.dot`` against x's tile; no dense copy is ever kept.
 * ``dequantize`` — the float weight (large prefill GEMMs go to cuBLAS on a temporary; checks).
 
+(``gemv2``, a start-time race candidate for ``gemv``'s buckets with 16-byte loads and any K
+step, is in ``cuda_int8_gemv2_kernels.py``.)
+
 K must be a multiple of the step each launcher picks (a power-of-two number of 32-column groups
 that divides K / 32); rows past N and M are clamped on load and masked on store. float32 x (tests,
 a float32 model) takes IEEE products, never TF32.

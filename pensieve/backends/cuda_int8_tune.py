@@ -11,6 +11,11 @@ vocabulary-sized head. Each candidate is checked against the dequantised weight 
 (relative error under 2e-2); one that fails to build or is wrong is left out with a warning.
 GPU time only (``cuda_int4_tune.gpu_us``). Plans are kept between starts (``tune_cache``, kind
 "int8"); the fixed rule's tiles are always in the race.
+
+``gemv2`` (``cuda_int8_gemv2_kernels``: 16-byte loads in one layout, any K step, up to 4 rows
+a program) is a third route: its best tile at 1 row joins the per-bucket races beside gemv's
+and skinny's — chosen only where it is right and faster on this GPU. Plans store route names
+as strings: a plan without gemv2 reads back as before.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pensieve.backends.cuda_int8 import (
-    GEMV, ROUTE_BUCKETS, SKINNY, CudaInt8Linear, Plan, Tiles, run_route,
+    GEMV, GEMV2, ROUTE_BUCKETS, SKINNY, CudaInt8Linear, Plan, Tiles, run_route,
 )
 from pensieve.backends.tune_cache import TuneCache, device_key
 
@@ -34,9 +39,13 @@ log = logging.getLogger(__name__)
 # the fixed rule's tiles first; the others unmeasured on a GPU (more outputs a program, a
 # shorter K step with a deeper pipeline, 8 warps on 128 outputs)
 GEMV_CANDIDATES = (GEMV, Tiles(1, 8, 256, 4, 3), Tiles(1, 16, 256, 8, 3), Tiles(1, 2, 512, 2, 3))
+# gemv2 (16-byte loads in one layout, any K step): few tiles, each a compile at start; block_m
+# the most rows a program takes (1, 2 or 4 by the bucket)
+GEMV2_CANDIDATES = (GEMV2, Tiles(4, 8, 512, 4, 1), Tiles(4, 2, 1024, 4, 1))
 SKINNY_CANDIDATES = (SKINNY, Tiles(16, 64, 128, 4, 3), Tiles(16, 64, 64, 4, 4),
                      Tiles(16, 128, 64, 8, 3), Tiles(16, 32, 256, 4, 3))
-PLANS = TuneCache("int8", ("cuda_int8.py", "cuda_int8_kernels.py", "cuda_int8_tune.py"))
+PLANS = TuneCache("int8", ("cuda_int8.py", "cuda_int8_kernels.py", "cuda_int8_gemv2_kernels.py",
+                         "cuda_int8_tune.py"))
 
 Run = Callable[[CudaInt8Linear], torch.Tensor]
 Timer = Callable[[Run, list[CudaInt8Linear], int], float]
@@ -142,6 +151,7 @@ def plan_shape(sample: list[CudaInt8Linear], dtype: torch.dtype, reps: int,
     x8, r8 = case(8)
     best = [c for c in (
         _race([("gemv", t) for t in GEMV_CANDIDATES], sample, x1, r1, reps, timer),
+        _race([("gemv2", t) for t in GEMV2_CANDIDATES], sample, x1, r1, reps, timer),
         _race([("skinny", t) for t in SKINNY_CANDIDATES], sample, x8, r8, reps, timer))
         if c is not None]
     if not best:
@@ -149,8 +159,8 @@ def plan_shape(sample: list[CudaInt8Linear], dtype: torch.dtype, reps: int,
     plan: Plan = {}
     for b in ROUTE_BUCKETS:
         x, ref = (x1, r1) if b == 1 else (x8, r8) if b == 8 else case(b)
-        # skinny pads a row to 16: at 1 row gemv's, where it builds
-        races = ([c for c in best if c[0] == "gemv"] or best) if b == 1 else best
+        # skinny pads a row to 16: at 1 row the GEMVs', where one builds
+        races = ([c for c in best if c[0] != "skinny"] or best) if b == 1 else best
         choice = _race(races, sample, x, ref, reps, timer, warn=False)
         if choice is None:
             return None

@@ -9,7 +9,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from pensieve.backends.cuda_int8 import GEMV, SKINNY, Tiles, bucket
+from pensieve.backends.cuda_int8 import GEMV, GEMV2, SKINNY, Tiles, bucket
 from pensieve.backends.cuda_int8_tune import from_json, to_json
 from tests.helpers.triton_interpreter import run_in_triton_interpreter
 
@@ -18,6 +18,8 @@ def test_buckets_and_plans_round_trip():
     assert [bucket(m) for m in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
     plan = {1: ("gemv", GEMV), 2: ("gemv", Tiles(1, 8, 256, 4, 3)), 4: ("skinny", SKINNY),
             8: ("skinny", SKINNY), 16: ("skinny", Tiles(16, 64, 64, 4, 4))}
+    assert from_json(to_json(plan)) == plan
+    plan[2] = ("gemv2", GEMV2)  # the third route's name round-trips too
     assert from_json(to_json(plan)) == plan
     with pytest.raises(TypeError):
         from_json({"1": ["gemv", {"block_n": 4}]})
@@ -35,6 +37,7 @@ def tune_check(root: str) -> None:
     tune._key = lambda m, dtype: f"{m.out_features}x{m.in_features}"  # no GPU to name
     tune.GEMV_CANDIDATES = (GEMV, Tiles(1, 8, 256, 4, 3))  # few tiles: the interpreter is slow
     tune.SKINNY_CANDIDATES = (SKINNY, Tiles(16, 64, 64, 4, 4))
+    tune.GEMV2_CANDIDATES = (GEMV2,)
     warnings: list[str] = []
 
     class Keep(logging.Handler):
@@ -49,7 +52,8 @@ def tune_check(root: str) -> None:
         route, t = run.choice
         rows = run.rows
         timed.append((route, t, rows))
-        return (1.0 * rows if route == "gemv" else 3.0) + 0.01 * t.block_n / 16
+        price = {"gemv": 1.0 * rows, "gemv2": 1.0 * rows + 0.5, "skinny": 3.0}[route]
+        return price + 0.01 * t.block_n / 16
 
     layers = [CudaInt8Linear(groups(Q.Q8_0, 45, 512, seed=s)) for s in (1, 2)]
     mixed = CudaInt8Linear([groups(Q.Q8_0, 16, 512, seed=3), groups(Q.Q5_1, 29, 512, seed=4)])
@@ -60,6 +64,8 @@ def tune_check(root: str) -> None:
     assert plan is layers[1].plan and mixed.plan is not None and mixed.plan is not plan
     assert [plan[b][0] for b in (1, 2, 4, 8, 16)] == ["gemv", "gemv", "skinny", "skinny", "skinny"]
     assert plan[1][1] == GEMV and plan[8][1] == SKINNY  # narrower tiles priced cheaper
+    # gemv2 raced (built, right) at 1 row, then in every bucket's race, priced slower here
+    assert {rows for r, t, rows in timed if r == "gemv2"} == {1, 2, 4, 8, 16}
     assert not warnings
     for m in (model[0], mixed):
         weight = m.dequantize().double()
