@@ -134,9 +134,12 @@ def gemv2_rows(m: int, most: int) -> int:
 def gemv2(x: torch.Tensor, b: Block, y: torch.Tensor, t: Tiles = GEMV2) -> torch.Tensor:
     """y[:, :n] = x @ w.T on ``gemv2`` (16-byte loads in one layout; ``t.block_k`` columns a
     step, any multiple of 16 — K's tail step masked; up to ``t.block_m`` ≤ 4 rows a program).
-    x is read as int32 words: rows not 16-byte aligned are copied first."""
+    x is read as int32 words: rows not 16-byte aligned are copied first; codes not 16-byte
+    aligned raise (the race then leaves gemv2 out) rather than read misaligned words."""
     m, k = x.shape
     n = b.codes.shape[0]
+    if b.codes.data_ptr() % 16 or not b.codes.is_contiguous():
+        raise ValueError("gemv2: codes must start 16-byte aligned, rows contiguous")
     if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
         x = x.clone(memory_format=torch.contiguous_format)
     rows = gemv2_rows(m, t.block_m)

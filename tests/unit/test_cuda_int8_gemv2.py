@@ -123,3 +123,15 @@ def test_gemv2_rows_a_program():
     assert [gemv2_rows(m, 4) for m in (1, 2, 3, 4, 5, 16)] == [1, 2, 4, 4, 4, 4]
     assert [gemv2_rows(m, 2) for m in (1, 2, 3)] == [1, 2, 2]
     assert gemv2_rows(3, 1) == 1
+
+
+def test_gemv2_refuses_misaligned_codes():
+    """Codes read as int32 words must start 16-byte aligned: a view off that raises (the
+    start-time race leaves gemv2 out) before any launch."""
+    from pensieve.backends import cuda_int8
+    from pensieve.backends.cuda_int8 import Block
+
+    codes = torch.zeros(2 * 64 + 1, dtype=torch.int8)[1:].view(2, 64)
+    b = Block(codes, torch.zeros(2, 2, dtype=torch.int16), None, 32)
+    with pytest.raises(ValueError, match="aligned"):
+        cuda_int8.gemv2(torch.zeros(1, 64), b, torch.empty(1, 2))
