@@ -6,12 +6,13 @@ x to int8 per 32 — first, in one small extra launch (``q8=1``), or in each pro
 columns (``q8=2``) — and multiply with dp4a, as llama.cpp does; ``PENSIEVE_INT4_Q8=0`` leaves
 them out of the timing (the float ones keep exact products).
 
-``PENSIEVE_INT4_GEMV_V2`` (read at each call, so one process can time both): ``1`` runs the
-kernel's V2 loop for float x (``q8=0``) and x rounded in the kernel (``q8=2``) — x
+The V2 loop (``Split.v2``, ``Wide.v2``): the same tiles with the kernel's V2 loop for float x (``q8=0``) and x rounded in the kernel (``q8=2``) — x
 read as 16-byte words in the weight words' layout, no shared-memory exchange in the loop, a
-code one ``prmt`` — ``0`` (default) the loop before it (``q8=1`` is the same either way).
-Off by default until a GPU has run it: its ``prmt`` is inline PTX, which Triton's interpreter
-(the CPU tests) never executes — only its sm_90 build is checked here. Its sm_90
+code one ``prmt`` (``q8=1`` is the same either way). Untimed and unrun on a GPU so far (its
+``prmt`` is inline PTX, which Triton's interpreter — the CPU tests — never executes), so its
+tiles are start-time race candidates beside the old ones: ``cuda_int4_tune`` checks each against
+the reference and keeps the fastest that agrees. ``PENSIEVE_INT4_GEMV_V2`` (read at each call,
+so one process can time both): ``1`` runs every tile on V2, ``0`` none (and races no V2 tile). Its sm_90
 build (Triton 3.9): no ``bar.sync`` in the unpipelined loops (was 4-36 a step), SASS loop
 808 vs 1200 instructions at 1 row (the 1-warp float tile) and 1862 vs 3047 with no spills at
 4 rows (was ~750 bytes). Importing this module needs neither a GPU nor Triton.
@@ -20,7 +21,7 @@ build (Triton 3.9): no ``bar.sync`` in the unpipelined loops (was 4-36 a step), 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import torch
@@ -41,6 +42,7 @@ class Split:
     num_warps: int
     num_stages: int = 1
     q8: int = 0  # x as float (0); rounded to int8 by quantize_q8 first (1), or in-kernel (2)
+    v2: bool = False  # the V2 loop (q8 0 and 2)
 
 
 # timed per weight shape at start (each one Triton compile per dtype and SYM; untimed on a
@@ -52,6 +54,8 @@ CANDIDATES = (
     Split(8, 32, 4, 1, q8=1), Split(16, 32, 2, 2, 2, q8=1), Split(4, 32, 8, 1, q8=1),
     Split(32, 64, 1, 4, 3, q8=1), Split(16, 32, 4, 1, q8=2), Split(16, 64, 2, 2, 1, q8=2),
 )
+# the V2 loop on the tiles it changes (q8 0 and 2): raced beside them
+V2_CANDIDATES = tuple(replace(c, v2=True) for c in CANDIDATES if c.q8 != 1)
 # bench/gpu_int4_gemv.py --sweep (never timed at start): 216 tiles, pipelined where several
 # warps share a program
 SWEEP = tuple(Split(bn, bg, sk, nw, 1 if nw == 1 else 3, q8) for q8 in (0, 1, 2)
@@ -59,10 +63,12 @@ SWEEP = tuple(Split(bn, bg, sk, nw, 1 if nw == 1 else 3, q8) for q8 in (0, 1, 2)
 
 
 def candidates() -> tuple[Split, ...]:
-    """``CANDIDATES``, without the int8-x ones where ``PENSIEVE_INT4_Q8=0``."""
+    """``CANDIDATES`` and ``V2_CANDIDATES`` (not where ``PENSIEVE_INT4_GEMV_V2`` is set: every
+    tile then runs one loop), without the int8-x ones where ``PENSIEVE_INT4_Q8=0``."""
+    cands = CANDIDATES + (V2_CANDIDATES if v2_forced() is None else ())
     if os.environ.get("PENSIEVE_INT4_Q8", "1") == "0":
-        return tuple(c for c in CANDIDATES if not c.q8)
-    return CANDIDATES
+        return tuple(c for c in cands if not c.q8)
+    return cands
 
 
 def _kernels() -> ModuleType:
@@ -75,10 +81,17 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def v2() -> bool:
-    """The V2 loop (module text) where ``PENSIEVE_INT4_GEMV_V2=1`` (off by default: untimed and
-    unrun on a GPU)."""
-    return os.environ.get("PENSIEVE_INT4_GEMV_V2", "0") == "1"
+def v2_forced() -> bool | None:
+    """``PENSIEVE_INT4_GEMV_V2``: True ("1": every tile on V2), False ("0": none), None (unset:
+    each tile's own ``v2``)."""
+    mode = os.environ.get("PENSIEVE_INT4_GEMV_V2", "").strip()
+    return None if mode not in ("0", "1") else mode == "1"
+
+
+def v2(tile_v2: bool) -> bool:
+    """Whether a launch of a tile whose ``v2`` is ``tile_v2`` runs the V2 loop."""
+    forced = v2_forced()
+    return tile_v2 if forced is None else forced
 
 
 def _word_rows(x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +159,7 @@ def gemv_split(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor,
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     cnt = counters(x.device, n)
     ws = workspace(x.device, n, cfg.split_k * rows) if cfg.split_k > 1 else cnt
-    new = v2()
+    new = v2(cfg.v2)
     if cfg.q8 == 1:
         xq, xd, xs = quantize_q8(x)
         args = (xq.view(torch.int32), xd, xs, k // 4)

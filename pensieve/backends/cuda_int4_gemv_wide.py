@@ -4,8 +4,8 @@ the candidates ``cuda_int4_tune`` times per weight shape at start (bfloat16 mode
 Same weight layout as every other int4 kernel (``cuda_int4.py``). Against ``gemv_words`` it
 loads x 8 bytes at a time (8 loads a group instead of 32) and turns bfloat16 into float32 with a
 shift instead of a conversion; whether that is faster on a given GPU is the tuner's to say.
-``PENSIEVE_INT4_GEMV_V2`` (``cuda_int4_gemv``'s switch, read at each call; default off) ``1`` runs the
-kernel's V2 loop: x as 16-byte quads in the weight words' layout (no shared-memory exchange in
+``Wide.v2`` tiles (race candidates beside the others; ``PENSIEVE_INT4_GEMV_V2``, ``cuda_int4_gemv``'s
+switch, 1/0 forces it on every tile / off) run the kernel's V2 loop: x as 16-byte quads in the weight words' layout (no shared-memory exchange in
 the loop: the old one paid 2-26 ``bar.sync`` a step on sm_90), codes by ``prmt``, the weight a
 group a thread even on ``word_threads`` tiles; ``0``: the loop before it.
 Importing this module needs neither a GPU nor Triton.
@@ -36,6 +36,7 @@ class Wide:
     num_stages: int = 2
     word_threads: bool = False
     prefetch: bool = False  # the next step's weight loaded before this step's products
+    v2: bool = False  # the V2 loop (``cuda_int4_gemv``'s docstring); word_threads then unused
 
 
 # timed per weight shape at start where the model runs in bfloat16 (one Triton compile each);
@@ -51,6 +52,15 @@ CANDIDATES = (
     Wide(8, 32, 1, prefetch=True), Wide(4, 64, 2, prefetch=True), Wide(4, 32, 2, prefetch=True),
     Wide(2, 32, 1, prefetch=True), Wide(4, 64, 4, prefetch=True),
 )
+# the V2 loop, raced beside them (unrun on a GPU so far): the plain tiles' shapes and a
+# prefetching one
+V2_CANDIDATES = (Wide(8, 32, 1, v2=True), Wide(4, 64, 2, v2=True), Wide(16, 32, 2, v2=True),
+                 Wide(4, 64, 2, prefetch=True, v2=True))
+
+
+def candidates() -> tuple[Wide, ...]:
+    """``CANDIDATES`` and ``V2_CANDIDATES`` (not where ``PENSIEVE_INT4_GEMV_V2`` is set)."""
+    return CANDIDATES + (V2_CANDIDATES if cuda_int4_gemv.v2_forced() is None else ())
 
 
 def fits(x: torch.Tensor, k: int) -> bool:
@@ -90,6 +100,6 @@ def gemv_wide(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, t: Wide,
         x2, packed.view(torch.int32), so, y, n, groups, x2.stride(0), y.stride(0), k // 8,
         BLOCK_N=t.block_n, BLOCK_G=t.block_g, EVEN=groups % t.block_g == 0,
         SYM=so.dtype == torch.int16, WORD_THREADS=t.word_threads, ASM=not _interpreted(),
-        SWIGLU=swiglu, PREFETCH=t.prefetch, V2=cuda_int4_gemv.v2(), XN=_x_per_row(t),
+        SWIGLU=swiglu, PREFETCH=t.prefetch, V2=cuda_int4_gemv.v2(t.v2), XN=_x_per_row(t),
         num_warps=t.num_warps, num_stages=t.num_stages)
     return y

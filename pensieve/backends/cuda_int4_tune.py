@@ -6,7 +6,7 @@ layers of the shape back to back, as a decode step runs them:
 
 * 1 and 2 rows: ``gemv_words`` (its tiles timed at 1 row) against the older ``gemv`` (with and
   without prefetching the next step) and, in bfloat16, ``gemv_wide``
-  (``cuda_int4_gemv_wide.CANDIDATES`` timed at 1 row);
+  (``cuda_int4_gemv_wide.candidates()`` timed at 1 row);
 * 1-4 rows: ``gemv_split`` too (``cuda_int4_gemv.candidates()`` timed at 1 row, the fastest
   then against the others at 1, 2 and 4 rows);
 * 2-16 rows: ``gemv_rows`` (``cuda_int4_rows.candidates(bucket)`` timed at the bucket's rows,
@@ -183,9 +183,9 @@ def plan_shape(sample: list[CudaInt4Linear], dtype: torch.dtype,
     if dtype == torch.bfloat16:
         wides = {str(c): (lambda m, c=c: cuda_int4_gemv_wide.gemv_wide(x1, m.packed,
                                                                         m.scale_offset, c))
-                 for c in cuda_int4_gemv_wide.CANDIDATES}
+                 for c in cuda_int4_gemv_wide.candidates()}
         wide, _ = fastest(wides, sample, x1, reps)
-        plan.wide = next((c for c in cuda_int4_gemv_wide.CANDIDATES if str(c) == wide), None)
+        plan.wide = next((c for c in cuda_int4_gemv_wide.candidates() if str(c) == wide), None)
     plan.skinny = _choose_skinny(sample, dtype, reps)
     splits = {str(c): (lambda m, c=c: cuda_int4_gemv.gemv_split(x1, m.packed, m.scale_offset, c))
               for c in cuda_int4_gemv.candidates()}

@@ -162,3 +162,31 @@ def test_the_v2_wide_loop_in_the_triton_interpreter():
     run_in_triton_interpreter("import os; os.environ['PENSIEVE_INT4_GEMV_V2'] = '1'; "
                               "from tests.unit.test_cuda_int4_gemv_wide import "
                               "interpreter_check as c; c(); print('ok')")
+
+
+def test_v2_tiles_are_race_candidates_and_the_switch_forces_one_loop(monkeypatch):
+    """Unset: the V2 tiles race beside the old ones (the start's check keeps only a tile that
+    agrees with the reference) and a launch follows its tile; "1"/"0": every tile on one loop
+    and no V2 duplicates raced. A plan cached with a V2 tile round-trips."""
+    from pensieve.backends import cuda_int4_gemv, cuda_int4_gemv_wide
+    from pensieve.backends.cuda_int4 import Plan
+    from pensieve.backends.cuda_int4_plan_cache import from_json, to_json
+
+    monkeypatch.delenv("PENSIEVE_INT4_GEMV_V2", raising=False)
+    splits, wides = cuda_int4_gemv.candidates(), cuda_int4_gemv_wide.candidates()
+    assert {c for c in splits if c.v2} == set(cuda_int4_gemv.V2_CANDIDATES) != set()
+    assert all(c.q8 != 1 for c in cuda_int4_gemv.V2_CANDIDATES)
+    assert {c for c in wides if c.v2} == set(cuda_int4_gemv_wide.V2_CANDIDATES) != set()
+    assert cuda_int4_gemv.v2(True) and not cuda_int4_gemv.v2(False)
+    for flag, forced in (("1", True), ("0", False)):
+        monkeypatch.setenv("PENSIEVE_INT4_GEMV_V2", flag)
+        assert not any(c.v2 for c in cuda_int4_gemv.candidates())
+        assert not any(c.v2 for c in cuda_int4_gemv_wide.candidates())
+        assert cuda_int4_gemv.v2(True) is forced and cuda_int4_gemv.v2(False) is forced
+    plan = Plan({1: "split"}, split=cuda_int4_gemv.V2_CANDIDATES[0],
+                wide=cuda_int4_gemv_wide.V2_CANDIDATES[1])
+    back = from_json(to_json(plan))
+    assert back.split == plan.split and back.split.v2 and back.wide == plan.wide
+    old = to_json(Plan({1: "split"}, split=cuda_int4_gemv.CANDIDATES[0]))
+    del old["split"]["v2"]  # a plan stored before the field: the old loop
+    assert from_json(old).split == cuda_int4_gemv.CANDIDATES[0]
