@@ -65,7 +65,7 @@ from pensieve.backends import cuda_moe_expert
 from pensieve.backends.cuda_int4 import pack_codes, pack_scale_offset, triton_cdiv, unpack
 from pensieve.backends.cuda_int8 import block_key
 from pensieve.backends.cuda_q6k import dequantize as q6k_dequantize
-from pensieve.backends.cuda_q6k import pack_six
+from pensieve.backends.cuda_q6k import six_of
 from pensieve.backends.cuda_q6k import takes as q6k_takes
 from pensieve.loaders.int4_codes import Int8Groups, q4_k_sub_scales
 from pensieve.loaders.mxfp4 import INT8_ENV, Mxfp4Groups, packed_wanted
@@ -203,7 +203,7 @@ def stack_tensors(codes: Codes, kind: tuple[str, int, bool] | None = None) -> Te
         packed, exps = packed_from_int8(codes.codes, codes.scales)
         return packed, exps, None, None
     if kind == ("six", 16, False):
-        lo, hi = pack_six(codes.codes)
+        lo, hi = six_of(codes)  # (Q6_K as loaded: from the file's bytes)
         sc, d = codes.k_scales
         return lo, sc.contiguous(), hi, _bits(d)
     if kind == ("q4k", 32, False):  # the int4 layout's codes, the file's factors unpacked

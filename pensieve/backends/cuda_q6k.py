@@ -42,7 +42,7 @@ from torch import nn
 
 from pensieve.backends import cuda_splitk as splitk
 from pensieve.backends.cuda_int4 import CodesLinear, block_g, pack_codes, triton_cdiv, unpack_codes
-from pensieve.loaders.int4_codes import Int8Groups
+from pensieve.loaders.int4_codes import Int8Groups, Q6KGroups
 
 if TYPE_CHECKING:
     from pensieve.backends.cuda_q6k_rows import Rows  # noqa: F401  (the Choice alias)
@@ -107,6 +107,12 @@ def pack_six(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     hi = (u >> 4).view(r, k // 32, 4, 8)
     packed_hi = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
     return pack_codes(u & 15), packed_hi.reshape(r, k // 4).contiguous()
+
+
+def six_of(p: Int8Groups) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pack_six(p.codes)``: a loaded Q6_K (``Q6KGroups``) packs straight from the file's
+    bytes, without deriving its int8 codes (8 bits a weight) on the way."""
+    return p.six_packed() if isinstance(p, Q6KGroups) else pack_six(p.codes)
 
 
 def unpack_six(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -286,7 +292,7 @@ class CudaQ6KLinear(CodesLinear):
             raise ValueError("CudaQ6KLinear: Q6_K weights with their k_scales, one K, K % 256 == 0")
         self.in_features = parts[0].shape[1]
         self.out_features = sum(p.shape[0] for p in parts)
-        lo, hi = zip(*(pack_six(p.codes) for p in parts))
+        lo, hi = zip(*(six_of(p) for p in parts))
         self.register_buffer("lo", torch.cat(lo))
         self.register_buffer("hi", torch.cat(hi))
         self.register_buffer("sc", torch.cat([p.k_scales[0] for p in parts]).contiguous())

@@ -28,9 +28,10 @@ MXFP4      2^(e−128)·2fp4(q)  (3-D experts)      2fp4   2^(e−128)    —
 Scales that are products (``d·sc``) are rounded to float16 (relative error ≤ 2⁻¹¹, as Q4_K's
 in ``Int4Groups``); the rest are the file's own float16 values, so those types are exact. Q4_K
 and Q6_K rows of whole super-blocks also keep the file's own factors (``k_scales``), exact:
-``q4_k_sub_scales`` unpacks Q4_K's per 32 for the CUDA MoE experts' ``q4k`` layout. A
-tensor whose products overflow float16 returns None (it is dequantised as usual), as do
-other types.
+``q4_k_sub_scales`` unpacks Q4_K's per 32 for the CUDA MoE experts' ``q4k`` layout. Q6_K is
+kept as the file's bytes only (``Q6KGroups``: its codes and float16 steps are derived when a
+layout asks for them). A tensor whose products overflow float16 returns None (it is
+dequantised as usual), as do other types.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from pensieve.loaders.quants import (
     _iq4_nl_codes, _iq4_xs_codes, _iq4_xs_steps, _k_scales, _nibbles, _q5_codes, _q5_k_codes,
-    _q6_k_codes, _q6_k_steps, _scale, k_scale_codes,
+    _q6_k_codes, _scale, k_scale_codes,
 )
 from pensieve.models.quant_linear import Int4Groups
 
@@ -59,7 +60,8 @@ class Int8Groups:
     ``scales`` [N, K / group_size] float16 (group 16 or 32); ``offsets`` [N, K / 32] float16 or
     None; ``ggml_type`` names the source (for logs). ``k_scales`` (Q6_K only): the file's own
     factors of ``scales`` — int8 sub-scales [N, K/16] and float16 ``d`` [N, K/256], exact where
-    ``scales`` is their product rounded — for layouts that keep the file's 210-byte budget.
+    ``scales`` is their product rounded — for layouts that keep the file's 210-byte budget. A
+    GGUF's Q6_K loads as the subclass ``Q6KGroups``, which derives codes and scales on demand.
     """
 
     codes: torch.Tensor
@@ -143,12 +145,13 @@ int4_groups = quant_groups
 
 
 def int8_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int8Groups | None:
-    """The int8 form of a 2-D tensor of ``shape`` [N, K] stored as one of ``INT8_TYPES``."""
+    """The int8 form of a 2-D tensor of ``shape`` [N, K] stored as one of ``INT8_TYPES``
+    (Q6_K as ``Q6KGroups``: an ``Int8Groups`` holding only the file's bytes)."""
     if ggml_type not in INT8_TYPES or len(shape) != 2:
         return None
     rows, cols = shape
     blocks = raw.reshape(-1, GGML_QUANT_SIZES[ggml_type][1])
-    offsets, group, k_scales = None, GROUP, None
+    offsets, group = None, GROUP
     if ggml_type is Q.Q8_0:
         codes, scales = blocks[:, 2:].contiguous().view(torch.int8), _half(blocks, 0)
     elif ggml_type is Q.Q5_0:
@@ -159,11 +162,8 @@ def int8_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int8
         sc, mins = _k_scales(blocks[:, 4:16])
         codes = _q5_k_codes(blocks).view(torch.int8)
         scales, offsets = (_scale(blocks, 0) * sc).half(), (-(_scale(blocks, 2) * mins)).half()
-    elif ggml_type is Q.Q6_K:
-        codes, scales, group = _q6_k_codes(blocks), _q6_k_steps(blocks).half(), 16
-        if cols % 256 == 0:  # the file's own factors, per row (a row of whole super-blocks)
-            k_scales = (blocks[:, 192:208].contiguous().view(torch.int8).reshape(rows, cols // 16),
-                        _half(blocks, 208).reshape(rows, cols // 256))
+    elif ggml_type is Q.Q6_K:  # the file's bytes only, the rest derived (Q6KGroups)
+        return Q6KGroups.from_blocks(blocks, rows, cols)
     elif ggml_type is Q.IQ4_NL:
         codes, scales = _iq4_nl_codes(blocks[:, 2:]), _half(blocks, 0)
     else:  # IQ4_XS
@@ -174,11 +174,122 @@ def int8_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int8
         codes=codes.reshape(rows, cols).contiguous(),
         scales=scales.reshape(rows, cols // group).contiguous(),
         offsets=None if offsets is None else offsets.reshape(rows, cols // GROUP).contiguous(),
-        group_size=group, ggml_type=ggml_type.name, k_scales=k_scales)
+        group_size=group, ggml_type=ggml_type.name)
 
 
 def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
     return blocks[:, at:at + 2].contiguous().view(torch.float16)
+
+
+class Q6KGroups(Int8Groups):
+    """A Q6_K weight [N, K] as ``Int8Groups`` holding only what the file holds: each 256-value
+    block's 192 bytes of 6-bit codes (128 of low nibbles, 64 of 2-bit high parts), its 16 int8
+    sub-scales and its float16 ``d`` — 210 bytes a 256, 6.56 bits a weight. ``codes`` (int8
+    [N, K], 8 bits a weight) and ``scales`` (float16 d·sc [N, K/16], 1 bit) are derived each
+    time they are asked for, not kept: loading holds every weight until the model is built
+    (on the GPU too, where it converts there), and the layouts that take Q6_K (``cuda_q6k``,
+    the CUDA MoE experts' ``six``, the CPU ``F_Q6``) repack the codes and read the file's own
+    factors (``k_scales``, views of what is held), so keeping them held 3 more bits a weight
+    of every Q6_K tensor at that peak. The values are those of the eager forms bit for bit.
+
+    A subclass, so ``isinstance(p, Int8Groups)`` holds; its fields ``codes``, ``scales`` and
+    ``k_scales`` are properties here (the dataclass ``__init__`` is not used; ``replace``
+    gives a plain ``Int8Groups``), and equality and hashing are by identity (the dataclass
+    ones would derive every form to compare).
+    Built only where every d·sc is a finite float16 (``q6_k_fits_half``)."""
+
+    offsets = None
+    group_size = 16
+    ggml_type = "Q6_K"
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __new__(cls, *args: object, **fields: object) -> Q6KGroups | Int8Groups:
+        """``dataclasses.replace`` calls the class with every field by name: that gives the
+        plain ``Int8Groups`` of those values (e.g. ``k_scales=None``: a Q6_K without its own
+        factors), which are no longer the file's bytes."""
+        if "codes" in fields:
+            return Int8Groups(**fields)
+        return super().__new__(cls)
+
+    def __init__(self, quants: torch.Tensor, sub: torch.Tensor, d: torch.Tensor,
+                 shape: tuple[int, int]) -> None:
+        """quants [n, 192] uint8 (ql, qh), sub [n, 16] int8, d [n] float16: the n blocks of a
+        weight of ``shape`` in the file's order (a frozen dataclass: its field names are not
+        set, these are not fields)."""
+        self._quants, self._sub, self._d = quants, sub, d
+        self._shape = (int(shape[0]), int(shape[1]))
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, rows: int, cols: int) -> Q6KGroups | None:
+        """From the file's blocks [n, 210] (copied: a view would keep the reader's buffer);
+        None where a d·sc overflows float16 (the tensor is then dequantised as usual)."""
+        sub = _copy(blocks[:, 192:208]).view(torch.int8)
+        d = _copy(blocks[:, 208:210]).view(torch.float16).reshape(-1)
+        if not q6_k_fits_half(sub, d):
+            return None
+        return cls(_copy(blocks[:, :192]), sub, d, (rows, cols))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """int8 q − 32 in −32..31 [N, K] (derived, not kept)."""
+        return _q6_k_codes(self._quants).reshape(self._shape)
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """float16 d·sc [N, K/16], the float32 product rounded once (derived, not kept)."""
+        steps = self._d.float()[:, None] * self._sub.float()
+        return steps.half().reshape(self._shape[0], -1)
+
+    @property
+    def k_scales(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The file's own factors per row, int8 sub-scales [N, K/16] and float16 d [N, K/256]
+        (views of what is held); None unless a row is whole super-blocks."""
+        rows, cols = self._shape
+        if cols % 256:
+            return None
+        return self._sub.view(rows, cols // 16), self._d.view(rows, cols // 256)
+
+    def six_packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cuda_q6k.pack_six(self.codes)`` straight from the file's bytes, without the int8
+        codes (8 bits a weight): (low 4 bits in the int4 layout [N, K/2], high 2 bits four a
+        byte [N, K/4]). A block half's 128 values are four groups of 32: the low nibbles of
+        ``ql[0:32]``, of ``ql[32:64]``, then their high nibbles; the int4 layout puts value i
+        of a group in the low nibble of byte i and value i+16 in the high one (as Q4_K's
+        ``_q4_k_nibbles``). Group q's high parts are bits 2q of ``qh[0:32]``, byte i of a
+        group holding values i, i+8, i+16, i+24 at bits 0, 2, 4, 6. (q − 32 + 32 = q.)"""
+        n = self._quants.shape[0]
+        ql = self._quants[:, :128].reshape(n, 2, 2, 2, 16)  # block half, ql half, value half
+        lo, hi = ql[:, :, :, 0], ql[:, :, :, 1]
+        low = torch.stack(((lo & 0x0F) | (hi << 4), (lo >> 4) | (hi & 0xF0)), dim=2)
+        qh = self._quants[:, 128:].reshape(n, 2, 1, 4, 8)  # block half, value i + 8j: j, i
+        two = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=qh.device
+                                  ).view(1, 1, 4, 1, 1)) & 3  # [n, 2, group, j, i]
+        high = two[:, :, :, 0] | (two[:, :, :, 1] << 2) | (two[:, :, :, 2] << 4) | (
+            two[:, :, :, 3] << 6)
+        rows, cols = self._shape
+        return low.reshape(rows, cols // 2), high.reshape(rows, cols // 4)
+
+    def __repr__(self) -> str:
+        return f"Q6KGroups(shape={self._shape}, device={self._quants.device})"
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy, never a view (even where ``t`` is contiguous already)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def q6_k_fits_half(sub: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether every Q6_K step d·sc rounds to a finite float16, without making the steps: a
+    float16 times an int8 is exact in float32 (19 significant bits), so a block's largest
+    |step| is |d|·max|sc| exactly, finite in float16 iff below ``HALF_LIMIT`` (a NaN or
+    infinite d fails the comparison, as its steps fail ``isfinite``; so does ∞·0)."""
+    top = sub.to(torch.int16).abs().amax(dim=1).float()  # (int16: |−128| fits)
+    return bool(((d.float().abs() * top) < HALF_LIMIT).all())
 
 
 def _int4_groups(raw: torch.Tensor, ggml_type: Q, shape: tuple[int, ...]) -> Int4Groups | None:
