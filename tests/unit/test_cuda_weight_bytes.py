@@ -102,6 +102,7 @@ def test_q8_0_and_tied_tables_stay_codes():
 
     from pensieve.backends import cuda_tables
     from pensieve.backends.cuda_int8 import CudaInt8Linear
+    from pensieve.models.quant_linear import Int4Groups
     from tests.unit.test_cuda_int8 import groups
 
     q8 = groups(Q.Q8_0, 40, 256, seed=4)
@@ -115,7 +116,7 @@ def test_q8_0_and_tied_tables_stay_codes():
     ids = torch.tensor([39, 0, 5])
     assert torch.equal(model.model.embed_tokens(ids), q8.dequantize()[ids])
     odd = groups(Q.Q4_K, 40, 256, seed=5)
-    odd = type(odd)(odd.codes[:, :80], torch.ones(40, 5), torch.zeros(40, 5), 16)  # groups of 16
+    odd = Int4Groups(odd.codes[:, :80], torch.ones(40, 5), torch.zeros(40, 5), 16)  # groups of 16
     keep, floats = cuda_tables.plan({cuda_tables.HEAD: odd}, {}, tied=False)
     assert not keep and floats[cuda_tables.HEAD].shape == (40, 80)
 
