@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -54,14 +55,12 @@ def held_bytes(obj: object) -> int:
     return sum(seen.values())
 
 
-def build_seconds(raw: torch.Tensor, shape: tuple[int, int], repeats: int) -> float:
-    """Median wall-clock seconds of ``repeats`` builds of the weight's code form."""
-    from pensieve.loaders.int4_codes import int4_groups
-
+def median_seconds(build: Callable[[], object], repeats: int) -> float:
+    """Median wall-clock seconds of ``repeats`` calls of ``build``."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        int4_groups(raw, Q4_K, shape)
+        build()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -87,7 +86,8 @@ def main() -> None:
     groups.scales, groups.offsets  # noqa: B018
     after = held_bytes(groups)
     print(f"held after accessors:  {after / 2**20:8.1f} MiB  {bits(after):.3f} bits a weight")
-    print(f"build: {build_seconds(raw, shape, args.repeats) * 1e3:.0f} ms "
+    seconds = median_seconds(lambda: int4_groups(raw, Q4_K, shape), args.repeats)
+    print(f"build: {seconds * 1e3:.0f} ms "
           f"(median of {args.repeats})")
 
 

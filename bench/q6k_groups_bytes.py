@@ -18,16 +18,13 @@ file's bytes (``Q6KGroups.six_packed``, what ``cuda_q6k.six_of`` takes).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from bench.q4k_groups_bytes import held_bytes
+from bench.q4k_groups_bytes import held_bytes, median_seconds
 
 if TYPE_CHECKING:
     from pensieve.loaders.int4_codes import Int8Groups
@@ -63,16 +60,6 @@ def eager_q6_k(raw: torch.Tensor, rows: int, cols: int) -> Int8Groups | None:
     return Int8Groups(codes=codes.reshape(rows, cols).contiguous(),
                       scales=scales.reshape(rows, cols // 16).contiguous(), offsets=None,
                       group_size=16, ggml_type="Q6_K", k_scales=k_scales)
-
-
-def median_seconds(build: Callable[[], object], repeats: int) -> float:
-    """Median wall-clock seconds of ``repeats`` calls of ``build``."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        build()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType as Q
 from pensieve.loaders.int4_codes import Q4KGroups, int4_groups, q4_k_sub_scales
 from pensieve.loaders.quants import _k_scales, _scale, dequantize
 from pensieve.models.quant_linear import Int4Groups
+from tests.helpers.bit_equal import bit_equal
 
 ROWS, COLS = 6, 512  # 12 super-blocks, two a row
 
@@ -70,9 +71,7 @@ def test_every_accessor_matches_the_eager_products(case):
     fits = ref["half_scales"] is not None
     assert isinstance(groups, Int4Groups) and isinstance(groups, Q4KGroups) == fits
     assert groups.shape == (ROWS, COLS)
-    same = lambda a, b: a.dtype == b.dtype and torch.equal(  # noqa: E731  (NaN == NaN too)
-        a.view(torch.uint8) if a.is_floating_point() else a,
-        b.view(torch.uint8) if b.is_floating_point() else b)
+    same = bit_equal
     assert same(groups.scales, ref["scales"]) and same(groups.offsets, ref["offsets"])
     assert same(groups.codes, ref["codes"])
     assert same(groups.k_scales[0], ref["six"]) and same(groups.k_scales[1], ref["dd"])

@@ -19,6 +19,7 @@ from pensieve.backends import cuda_moe, cuda_q6k
 from pensieve.backends.cuda_int8 import block_key, code_layout
 from pensieve.loaders.int4_codes import ExpertCodes, Int8Groups, Q6KGroups, quant_groups
 from pensieve.loaders.quants import reference_dequantize
+from tests.helpers.bit_equal import bit_equal
 
 ROWS, COLS = 6, 512  # 12 super-blocks, two a row
 
@@ -49,12 +50,6 @@ CASES = {
 }
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal dtype, shape and bytes (NaN == NaN, −0 ≠ +0)."""
-    bits = lambda t: t.view(torch.uint8) if t.is_floating_point() else t  # noqa: E731
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_accessor_matches_the_eager_form(case):
     raw = random_q6_k(ROWS, COLS, seed=7)
@@ -67,9 +62,9 @@ def test_every_accessor_matches_the_eager_form(case):
     assert isinstance(groups, Q6KGroups) and isinstance(groups, Int8Groups)
     assert groups.shape == ref.shape == (ROWS, COLS)
     assert (groups.group_size, groups.offsets, groups.ggml_type) == (16, None, "Q6_K")
-    assert _same(groups.codes, ref.codes) and _same(groups.scales, ref.scales)
-    assert all(_same(a, b) for a, b in zip(groups.k_scales, ref.k_scales, strict=True))
-    assert _same(groups.dequantize(), ref.dequantize())
+    assert bit_equal(groups.codes, ref.codes) and bit_equal(groups.scales, ref.scales)
+    assert all(bit_equal(a, b) for a, b in zip(groups.k_scales, ref.k_scales, strict=True))
+    assert bit_equal(groups.dequantize(), ref.dequantize())
 
 
 def test_rows_of_part_super_blocks_have_no_k_scales():
@@ -77,11 +72,11 @@ def test_rows_of_part_super_blocks_have_no_k_scales():
     raw = random_q6_k(2, 384, seed=1)  # 3 blocks: 6 rows of 128
     ref, groups = eager_q6_k(raw, 6, 128), quant_groups(raw, Q.Q6_K, (6, 128))
     assert groups.k_scales is None and ref.k_scales is None
-    assert _same(groups.codes, ref.codes) and _same(groups.scales, ref.scales)
+    assert bit_equal(groups.codes, ref.codes) and bit_equal(groups.scales, ref.scales)
     assert not cuda_q6k.takes(groups)  # the experts' int8 layout instead, as before
     assert cuda_moe.fmt(groups) == cuda_moe.fmt(ref) == ("int8", 16, False)
     got, want = cuda_moe.stack_tensors(groups), cuda_moe.stack_tensors(ref)
-    assert all(_same(a, b) for a, b in zip(got[:2], want[:2], strict=True))
+    assert all(bit_equal(a, b) for a, b in zip(got[:2], want[:2], strict=True))
     assert got[2] is want[2] is None
 
 
@@ -106,7 +101,7 @@ def test_identity_equality_repr_and_pickle():
     assert a == a and a != b and len({a, b}) == 2
     assert "Q6KGroups" in repr(a)
     back = pickle.loads(pickle.dumps(a))
-    assert isinstance(back, Q6KGroups) and _same(back.codes, a.codes)
+    assert isinstance(back, Q6KGroups) and bit_equal(back.codes, a.codes)
 
 
 def test_replace_gives_the_plain_eager_form():
@@ -115,7 +110,7 @@ def test_replace_gives_the_plain_eager_form():
     groups = quant_groups(raw, Q.Q6_K, (ROWS, COLS))
     bare = dataclasses.replace(groups, k_scales=None)
     assert type(bare) is Int8Groups and bare.k_scales is None and not cuda_q6k.takes(bare)
-    assert _same(bare.codes, groups.codes) and _same(bare.scales, groups.scales)
+    assert bit_equal(bare.codes, groups.codes) and bit_equal(bare.scales, groups.scales)
     assert (bare.group_size, bare.offsets, bare.ggml_type) == (16, None, "Q6_K")
 
 
@@ -138,7 +133,7 @@ def test_six_packed_is_pack_six_of_the_codes(shape, fill):
         raw.view(-1, 210)[:, :192] = fill
     groups = quant_groups(raw, Q.Q6_K, shape)
     got, want = groups.six_packed(), cuda_q6k.pack_six(eager_q6_k(raw, *shape).codes)
-    assert all(_same(a, b) and a.is_contiguous() for a, b in zip(got, want, strict=True))
+    assert all(bit_equal(a, b) and a.is_contiguous() for a, b in zip(got, want, strict=True))
     assert cuda_q6k.six_of(groups)[0] is not None
 
 
@@ -153,7 +148,7 @@ def test_the_cuda_moe_six_stack_is_the_same_tensors():
     stacked, ref = _expert_pair(4, 32, 512, seed=6)
     assert isinstance(stacked, ExpertCodes) and isinstance(stacked.groups, Q6KGroups)
     got, want = cuda_moe.stack_tensors(stacked.groups), cuda_moe.stack_tensors(ref)
-    assert all(_same(a, b) for a, b in zip(got, want, strict=True))
+    assert all(bit_equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def test_cuda_q6k_buffers_are_the_same_tensors():
@@ -161,7 +156,7 @@ def test_cuda_q6k_buffers_are_the_same_tensors():
     lazy = cuda_q6k.CudaQ6KLinear([quant_groups(p, Q.Q6_K, (r, 512))
                                    for p, r in zip(parts, (16, 8))])
     eager = cuda_q6k.CudaQ6KLinear([eager_q6_k(p, r, 512) for p, r in zip(parts, (16, 8))])
-    assert all(_same(a, b) for a, b in zip(lazy.weight_buffers(), eager.weight_buffers()))
+    assert all(bit_equal(a, b) for a, b in zip(lazy.weight_buffers(), eager.weight_buffers()))
 
 
 def test_the_cpu_blocks_are_the_same_tensors():
@@ -175,9 +170,9 @@ def test_the_cpu_blocks_are_the_same_tensors():
     groups, ref = quant_groups(raw, Q.Q6_K, (8, 768)), eager_q6_k(raw, 8, 768)
     got, want = _pack_block(kernels, [groups]), _pack_block(kernels, [ref])
     assert got[0] == want[0] == F_Q6
-    assert all(_same(a, b) for a, b in zip(got[1][:2], want[1][:2], strict=True))
+    assert all(bit_equal(a, b) for a, b in zip(got[1][:2], want[1][:2], strict=True))
     plain = Int8Groups(groups.codes, groups.scales, None, 16, "Q6_K")  # no factors: F_Q8G16
     got = _pack_block(kernels, [plain])
     want = _pack_block(kernels, [Int8Groups(ref.codes, ref.scales, None, 16, "Q6_K")])
     assert got[0] == want[0] == F_Q8G16
-    assert all(_same(a, b) for a, b in zip(got[1][:2], want[1][:2], strict=True))
+    assert all(bit_equal(a, b) for a, b in zip(got[1][:2], want[1][:2], strict=True))
