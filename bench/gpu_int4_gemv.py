@@ -3,7 +3,8 @@ pure-bandwidth roofline (a torch copy of the same bytes), GPU time only (8 layer
 back to back, launches queued behind a sleep as in ``cuda_int4_tune``).
 
 Shapes: the random Llama-3-8B Q4_0 body (float16 scales alone) and Qwen3-8B's in Q4_K's form
-(scale and offset pairs), N × K of the fused projections.
+(scale and offset pairs), N × K of the fused projections; ``qwen3_30b``: Qwen3-30B-A3B's
+attention projections (Q4_K's form).
 Kernels: ``gemv_split``'s start-time candidates (``--sweep``: its larger sweep; up to 8 rows),
 the ``gemv_words`` tiles, the wide-x-load ``gemv_wide`` candidates and the older ``gemv`` (1-2
 rows: they read the weight once a row), and from 2 rows the ``skinny`` candidates and the
@@ -32,10 +33,11 @@ import torch
 SHAPES = {
     "llama8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
     "qwen3_8b": [(5120, 4096), (4096, 4096), (24576, 4096), (4096, 12288)],
+    "qwen3_30b": [(5120, 2048), (2048, 4096)],  # Qwen3-30B-A3B's attention qkv and o
 }
 
 
-AFFINE = {"qwen3_8b"}  # Q4_K's form: a float16 (scale, offset) pair a group
+AFFINE = {"qwen3_8b", "qwen3_30b"}  # Q4_K's form: a float16 (scale, offset) pair a group
 
 
 def layers_of(n: int, k: int, count: int, gen: torch.Generator, affine: bool = False) -> list:
