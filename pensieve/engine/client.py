@@ -224,6 +224,8 @@ class EngineClient:
         while not self._stopping:
             self._drain_inbox()
             if not self.engine.has_work():
+                if self._step_times is not None:
+                    self._step_times.flush()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue

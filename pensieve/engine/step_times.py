@@ -34,6 +34,13 @@ class StepTimes:
             self._file.flush()
             self._pending = 0
 
+    def flush(self) -> None:
+        """Write what is buffered (the engine loop calls it when it goes idle: a server killed
+        after its last request still leaves every step of it in the file)."""
+        if self._pending:
+            self._file.flush()
+            self._pending = 0
+
     def close(self) -> None:
         self._file.close()
 

@@ -44,3 +44,23 @@ async def test_every_step_is_a_line_and_the_summary_reads_them(tmp_path, monkeyp
     lines = summarise(files[0])
     assert lines[0].endswith(f"{len(rows)} steps")
     assert any(line.strip().startswith("decode x1:") for line in lines)
+
+
+async def test_the_file_holds_every_step_once_the_loop_goes_idle(tmp_path, monkeypatch):
+    """A bench kills its server after the last request: the steps must be on disk by then, not
+    in the file's buffer (256 lines of it) until the loop closes it."""
+    monkeypatch.setenv(ENV, str(tmp_path / "steps"))
+    client = EngineClient(tiny_engine(), "tiny")
+    client.start()
+    try:
+        assert await _generate(client, "a", "short", 5) == 5
+        files, rows = [], []
+        for _ in range(40):  # the loop flushes when it finds no work (it then waits 0.5 s)
+            await asyncio.sleep(0.05)
+            files = list((tmp_path / "steps").glob("steps-*.csv"))
+            rows = list(csv.DictReader(files[0].open())) if files else []
+            if len(rows) >= 5:
+                break
+        assert len(rows) >= 5 and sum(int(r["tokens"]) for r in rows) >= 5
+    finally:
+        client.shutdown()
