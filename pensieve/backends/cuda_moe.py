@@ -41,8 +41,10 @@ routes take every layout (the expert-major GEMV's ``fp4`` since ``cuda_moe_tune`
 
 Which of the three runs is the start's choice per decode bucket where it was timed
 (``cuda_moe_tune.prepare``: a layer shape's ``plan``, {tokens up to: (route, tiles)}, each
-candidate checked against the reference and timed over random routings); past the plan's last
-bucket, without a plan, or with ``PENSIEVE_MOE_ROUTE=static``, the constant rule above.
+candidate checked against the reference and timed over random routings; the pick GEMV's tiles
+a ``GemvTiles`` pair, one for each launch: the fused gate/up's K = hidden and the down
+projection's K = inner are raced apart); past the plan's last bucket, without a plan, or with
+``PENSIEVE_MOE_ROUTE=static``, the constant rule above.
 
 Nothing syncs with the host and every launch's grid is fixed by the number of picks, so the
 decode CUDA graphs capture the layer (``cuda_moe_swap.swap_in_experts`` puts it in a model and
@@ -109,6 +111,18 @@ GEMV = Tiles(1, 16, 256, 4, 2)  # more picks (8 tokens: 0.149 vs 0.171 ms; 32: 0
 # (bench/gpu_moe_mxfp4.py --sweep prints the best per token count)
 GEMV_FEW_FP4 = GEMV_FEW
 GEMV_FP4 = GEMV
+
+
+@dataclass(frozen=True)
+class GemvTiles:
+    """The pick GEMV's tiles for each of a layer's two launches: the fused gate/up (``pair``
+    allowed) and the routed down. Their shapes differ (30B-A3B: K 2048 to 768 outputs, K 768
+    to 2048 outputs), so ``cuda_moe_tune`` races a tile for each."""
+
+    gate_up: Tiles
+    down: Tiles
+
+
 GROUPED_SMALL = Tiles(16, 64, 64, 4, 3)  # few picks per expert (decode batches)
 GROUPED = Tiles(64, 64, 64, 4, 3)  # prefill
 GROUPED_SMALL_MAX_PICKS = 2048
@@ -279,11 +293,21 @@ def _meta(st: Stack, glu: Glu = None) -> tuple[tuple, dict]:
 
 
 def _gemv_block_k(st: Stack, want: int) -> int:
-    """``pick_gemv``'s step along K: the largest power of two ≤ ``want`` dividing K, except that
-    int8 rows whose K only 32 or 64 divides (gpt-oss's 2880: 45 steps of 64) take ``want``
-    whole, the last step masked (the int8 and fp4 paths read groups past K as zeros)."""
+    """``pick_gemv``'s step along K: K's power of two where K ≤ ``want`` (the row whole in one
+    masked step: 30B-A3B's down, 768, in one 1024); else the largest power of two ≤ ``want``
+    dividing K, except that int8 and fp4 rows whose K only 32 or 64 divides (gpt-oss's 2880:
+    45 steps of 64) take ``want`` whole, the last step masked (those paths read groups past K
+    as zeros always; the 4-bit ones where ``_gemv_masked``)."""
+    if st.k <= want:
+        return _pow2(st.k)
     b = _block_k(st.k, want)
     return want if b < min(want, 128) and not (st.int4 or st.six or st.q4k) else b
+
+
+def _gemv_masked(st: Stack, block_k: int) -> bool:
+    """Whether a 4-bit layout's (INT4, Q4K, SIX) GEMV steps need masking past K (``MASK_K``:
+    a step that does not divide K); int8 and FP4 steps are masked always."""
+    return (st.int4 or st.six or st.q4k) and st.k % block_k != 0
 
 
 def gemv_tiles(picks: int, fp4: bool = False) -> Tiles:
@@ -293,8 +317,20 @@ def gemv_tiles(picks: int, fp4: bool = False) -> Tiles:
     return GEMV_FEW if picks <= 16 else GEMV
 
 
-# ("gemv" | "grouped", tiles; None: the picks' defaults) or ("experts", None)
-Route = tuple[str, Tiles | None]
+def gemv_pair(tiles: Tiles | GemvTiles | None, picks: int, gate_up: Stack,
+              down: Stack) -> GemvTiles:
+    """The pick GEMV's tiles for each launch: a plan's pair as it is, one ``Tiles`` for both
+    (sweeps, tests), or None: the constant rule for each stack (``gemv_tiles``)."""
+    if isinstance(tiles, GemvTiles):
+        return tiles
+    if tiles is not None:
+        return GemvTiles(tiles, tiles)
+    return GemvTiles(gemv_tiles(picks, gate_up.fp4), gemv_tiles(picks, down.fp4))
+
+
+# ("gemv", the pick GEMV's tiles a launch; None: the picks' defaults), ("grouped", tiles or
+# None) or ("experts", tiles or None)
+Route = tuple[str, Tiles | GemvTiles | None]
 Plan = dict[int, Route]  # tokens up to which (a decode bucket) → the route timed fastest there
 
 
@@ -313,14 +349,15 @@ def pick_gemv(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, st: Stack, y
     """y [P, N_out] (see ``cuda_moe_kernels.pick_gemv``)."""
     t = t or GEMV
     p = ids.numel()
+    bk = _gemv_block_k(st, t.block_k)
     if (x.data_ptr() | x.stride(0) * x.element_size()) % 8 or x.stride(1) != 1:
         x = x.clone(memory_format=torch.contiguous_format)  # its rows are read as int64 words
     n_out = st.n // 2 if fuse else st.n
     args, meta = _meta(st, glu if fuse else None)
     _kernels().pick_gemv[(p, triton_cdiv(n_out, t.block_n))](
         x, ids, rw, *args, y, st.n, st.k, x.stride(0), y.stride(0), TOPK=topk, GATHER=gather,
-        FUSE=fuse, ROUTED=routed, **meta, BLOCK_N=t.block_n,
-        BLOCK_K=_gemv_block_k(st, t.block_k), PAIR=t.pair,
+        FUSE=fuse, ROUTED=routed, **meta, BLOCK_N=t.block_n, BLOCK_K=bk, PAIR=t.pair,
+        **({"MASK_K": True} if _gemv_masked(st, bk) else {}),
         num_warps=t.num_warps, num_stages=t.num_stages)
     return y
 
@@ -387,12 +424,13 @@ def grouped(x: torch.Tensor, sorted_ids: torch.Tensor, bexp: torch.Tensor, rw: t
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: Stack,
                 down: Stack, experts: int, route: str | None = None, glu: Glu = None,
-                tiles: Tiles | None = None, summed: bool = True) -> torch.Tensor:
+                tiles: Tiles | GemvTiles | None = None, summed: bool = True) -> torch.Tensor:
     """x [T, H], routing weights/ids [T, k] → Σ_picks weight · down(silu(gate)·up), [T, H], on
     the kernels (any device Triton runs on); with the stacks' biases and ``glu`` gpt-oss's
     Σ weight · (down(swiglu(gate + bg, up + bu)) + bd). ``route``: "gemv", "experts"
-    (``cuda_moe_expert``) or "grouped"; None: by the picks. ``tiles``: the gemv's or the
-    grouped GEMM's (None: the defaults for the picks). ``summed`` False: the weighted picks
+    (``cuda_moe_expert``) or "grouped"; None: by the picks. ``tiles``: the route's (None: the
+    defaults for the picks); the gemv's a ``GemvTiles`` (a tile a launch) or one ``Tiles``
+    for both launches, the other routes' one ``Tiles``. ``summed`` False: the weighted picks
     [T, k, H] unsummed (a fused add + norm sums them: ``cuda_layers.add_rms_norm``)."""
     t, k = ids.shape
     p = t * k
@@ -403,17 +441,21 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
     out = torch.empty(p, down.n, device=x.device, dtype=x.dtype)
     if route is None and p <= GEMV_MAX_PICKS and cuda_moe_expert.wanted(t, experts, k):
         route = "experts"
+    route = route or ("gemv" if p <= GEMV_MAX_PICKS else "grouped")
+    if isinstance(tiles, GemvTiles) and route != "gemv":
+        raise TypeError(f"moe_experts: GemvTiles are the pick GEMV's, not the {route} route's")
     if route == "experts":  # each picked expert's weights once for all its tokens
         common = dict(tokens=t, experts=experts, topk=k, t=tiles)
         cuda_moe_expert.expert_gemv(x, flat, rw, gate_up, h, gather=True, fuse=True,
                                     routed=False, glu=glu, **common)
         cuda_moe_expert.expert_gemv(h, flat, rw, down, out, gather=False, fuse=False,
                                     routed=True, **common)
-    elif (route or ("gemv" if p <= GEMV_MAX_PICKS else "grouped")) == "gemv":
+    elif route == "gemv":
+        pair = gemv_pair(tiles, p, gate_up, down)
         pick_gemv(x, flat, rw, gate_up, h, topk=k, gather=True, fuse=True, routed=False,
-                  t=tiles or gemv_tiles(p, gate_up.fp4), glu=glu)
+                  t=pair.gate_up, glu=glu)
         pick_gemv(h, flat, rw, down, out, topk=k, gather=False, fuse=False, routed=True,
-                  t=tiles or gemv_tiles(p, down.fp4))
+                  t=pair.down)
     else:
         tiles = tiles or (GROUPED_SMALL if p <= GROUPED_SMALL_MAX_PICKS else GROUPED)
         sorted_ids, bexp = align(flat, experts, tiles.block_m)

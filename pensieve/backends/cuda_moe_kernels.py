@@ -241,42 +241,55 @@ def _quad_dot(u, x0, x1, x2, x3, CODE: tl.constexpr):
 
 
 @triton.jit
+def _load(ptrs, mask, MASKED: tl.constexpr):
+    """``tl.load`` of ``ptrs``: zeros where not ``mask`` if ``MASKED``, else unmasked."""
+    if MASKED:
+        v = tl.load(ptrs, mask=mask, other=0)
+    else:
+        v = tl.load(ptrs)
+    return v
+
+
+@triton.jit
 def _nibble_step(w_ptrs, x_ptrs, s_ptrs, d_ptrs, h_ptrs, gm, q, DT: tl.constexpr,
-                 SIX: tl.constexpr, FP4: tl.constexpr, Q4K: tl.constexpr):
+                 SIX: tl.constexpr, FP4: tl.constexpr, Q4K: tl.constexpr, MASKED: tl.constexpr):
     """One step's [R, G] sums over the 4-bit layouts (``INT4``, ``Q4K``, ``SIX``, ``FP4``) at
     the step's pointers (``_row_dot``): a group's 16 code bytes are its word quad (byte j of
-    word q: columns 32g + 4q + j, low nibble, and + 16, high nibble), one 16-byte load."""
-    x0, x1, x2, x3 = _x_group(x_ptrs, gm[:, None], DT, FP4)
-    if FP4:  # FP4: a K that BLOCK_K does not divide (gpt-oss's 2880) reads zeros past it
+    word q: columns 32g + 4q + j, low nibble, and + 16, high nibble), one 16-byte load.
+    ``MASKED`` (always for FP4): a K that BLOCK_K does not divide (gpt-oss's 2880, or a step
+    wider than K: 30B-A3B's down, 768, in one 1024-wide step) reads zeros past it — codes,
+    scales and x — so those groups add 0."""
+    x0, x1, x2, x3 = _x_group(x_ptrs, gm[:, None], DT, MASKED)
+    if FP4:
         w = tl.load(w_ptrs, mask=gm[None, :, None], other=0)
         p, _ = _quad_dot(tl.join(w, w), x0, x1, x2, x3, 2)
         e = tl.load(s_ptrs, mask=gm[None, :], other=0).to(tl.int32)
         out = tl.sum(p, 2) * _e8m0(e)
     else:
-        w = tl.load(w_ptrs)
+        w = _load(w_ptrs, gm[None, :, None], MASKED)
         lo = w & 0x0F0F0F0F
         hi = (w >> 4) & 0x0F0F0F0F
         if SIX:  # the high bit pairs: word q % 2 of the group's two holds word q's at
             # 2·(q // 2) (loaded for q = 0, 1 and, from L1, again for q = 2, 3: as one tensor
             # with the words it stays in their layout); 6-bit codes u = code + 32
-            h = tl.load(h_ptrs)
+            h = _load(h_ptrs, gm[None, :, None], MASKED)
             sh = ((q // 2) * 2)[None, None, :]
             lo |= ((h >> sh) & 0x03030303) << 4
             hi |= ((h >> (sh + 4)) & 0x03030303) << 4
         p, xs = _quad_dot(tl.join(lo, hi), x0, x1, x2, x3, 0)  # [R, G, 2]: the half groups
         if SIX:  # s_ptrs: the group's two int8 sub-scales (one a half group) as one int16
             pa, pb = tl.split(p - 32.0 * xs)
-            sc = tl.load(s_ptrs).to(tl.int32)
-            d = _half(tl.load(d_ptrs))
+            sc = _load(s_ptrs, gm[None, :], MASKED).to(tl.int32)
+            d = _half(_load(d_ptrs, gm[None, :], MASKED))
             out = (pa * ((sc << 24) >> 24).to(tl.float32) + pb * (sc >> 8).to(tl.float32)) * d
         elif Q4K:  # d·sc·q − dmin·m
-            sub = tl.load(s_ptrs).to(tl.int32)
-            d, dmin = _scale_offset(tl.load(d_ptrs))
+            sub = _load(s_ptrs, gm[None, :], MASKED).to(tl.int32)
+            d, dmin = _scale_offset(_load(d_ptrs, gm[None, :], MASKED))
             sc = ((sub & 255) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             m = ((sub >> 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             out = tl.sum(p, 2) * (d * sc) - tl.sum(xs, 2) * (dmin * m)
         else:
-            s, o = _scale_offset(tl.load(s_ptrs))
+            s, o = _scale_offset(_load(s_ptrs, gm[None, :], MASKED))
             out = tl.sum(p, 2) * s + o * tl.sum(xs, 2)
     return out
 
@@ -306,12 +319,14 @@ def _int8_step(w_ptrs, x_ptrs, s_ptrs, m_ptrs, gm, DT: tl.constexpr, GS: tl.cons
 @triton.jit
 def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS: tl.constexpr,
              HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             FP4: tl.constexpr = False, Q4K: tl.constexpr = False):
+             FP4: tl.constexpr = False, Q4K: tl.constexpr = False,
+             MASK_K: tl.constexpr = False):
     """Σ_k x[k] · w[wrow, k] for the int64 weight rows ``wrow`` [BLOCK_N] of the stacked
     weight (rows counted over all experts); x's row at ``XR``; BLOCK_K columns a step (the
     module text: the codes read as int32 words, x as int64 words). Row starts are written
     (K // 32)·(words a group): multiples of 4 words Triton sees, whatever K's
-    specialisation — 16-byte loads."""
+    specialisation — 16-byte loads. ``MASK_K``: the INT4/Q4K/SIX steps masked past K (a
+    BLOCK_K that does not divide K; the int8 and FP4 steps are masked always)."""
     NIBBLES: tl.constexpr = INT4 or Q4K or SIX or FP4
     DT: tl.constexpr = XR.dtype.element_ty
     WORDS: tl.constexpr = 4 if NIBBLES else 8  # code words a group
@@ -340,7 +355,8 @@ def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS
         g0 = k0 // 32  # the step's first group
         if NIBBLES:
             acc += _nibble_step(w_ptrs + g0 * 4, x_ptrs + k0 // XW, s_ptrs + g0,
-                                d_ptrs + k0 // 256, h_ptrs + g0 * 2, gm, q, DT, SIX, FP4, Q4K)
+                                d_ptrs + k0 // 256, h_ptrs + g0 * 2, gm, q, DT, SIX, FP4, Q4K,
+                                FP4 or MASK_K)
         else:
             acc += _int8_step(w_ptrs + g0 * 8, x_ptrs + k0 // XW, s_ptrs + g0,
                               MN + s_row + g0, gm, DT, GS, HAS_MIN)
@@ -357,12 +373,14 @@ def pick_gemv(X, IDS, RW, W, S, MN, D, B, Y, N, K, stride_x, stride_y, TOPK: tl.
               HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ALPHA: tl.constexpr,
               LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               FP4: tl.constexpr = False, PAIR: tl.constexpr = False,
-              Q4K: tl.constexpr = False):
+              Q4K: tl.constexpr = False, MASK_K: tl.constexpr = False):
     """y[p, n] for pick p = program 0, outputs n in BLOCK_N; N: the expert's weight rows
     (2I where FUSE, whose output has I columns); grid (P, cdiv(N_out, BLOCK_N)). ``PAIR``
     (with FUSE): the gate and up rows of an output are one row set of 2·BLOCK_N, interleaved,
     run through one K loop — both rows' loads in flight together, half the serial load rounds
-    of a gate loop then an up loop (a decode GEMV waits on load latency, not arithmetic)."""
+    of a gate loop then an up loop (a decode GEMV waits on load latency, not arithmetic).
+    ``MASK_K``: the 4-bit layouts' steps masked past K (``_row_dot``): a step wider than K
+    takes a row whole in one round of loads."""
     p = tl.program_id(0)
     pid = tl.program_id(1)
     e = tl.load(IDS + p).to(tl.int64)
@@ -383,19 +401,19 @@ def pick_gemv(X, IDS, RW, W, S, MN, D, B, Y, N, K, stride_x, stride_y, TOPK: tl.
         n2 = pid * BLOCK_N + j // 2
         wrow2 = e * N + tl.where(n2 < n_out, n2, 0).to(tl.int64) + (j % 2) * n_out
         gu = _row_dot(XR, W, S, MN, D, wrow2, K, INT4, SIX, GS, HAS_MIN, 2 * BLOCK_N, BLOCK_K,
-                      FP4, Q4K)
+                      FP4, Q4K, MASK_K)
         if HAS_BIAS:
             gu += tl.load(B + wrow2).to(tl.float32)
         y, u = tl.split(tl.reshape(gu, [BLOCK_N, 2]))
         y = _glu(y, u, SWIGLU, ALPHA, LIMIT)
     else:
         y = _row_dot(XR, W, S, MN, D, wrow, K, INT4, SIX, GS, HAS_MIN, BLOCK_N, BLOCK_K, FP4,
-                     Q4K)
+                     Q4K, MASK_K)
         if HAS_BIAS:
             y += tl.load(B + wrow).to(tl.float32)
         if FUSE:
             u = _row_dot(XR, W, S, MN, D, wrow + n_out, K, INT4, SIX, GS, HAS_MIN, BLOCK_N,
-                         BLOCK_K, FP4, Q4K)
+                         BLOCK_K, FP4, Q4K, MASK_K)
             if HAS_BIAS:
                 u += tl.load(B + wrow + n_out).to(tl.float32)
             y = _glu(y, u, SWIGLU, ALPHA, LIMIT)

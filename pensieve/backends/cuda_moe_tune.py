@@ -13,12 +13,20 @@ biases and activation, top-k; the layers of a shape share one plan) and per buck
 
 * ``ROUTINGS`` uniformly random top-k routings (distinct experts a token, random weights) and
   random inputs, seeded (the same plan for the same weights and GPU timings);
-* each candidate — pick_gemv at each tile set of ``GEMV_CANDIDATES``, the expert GEMV where it
-  applies, the grouped GEMM at each of ``GROUPED_CANDIDATES`` (swap-AB tiles among them:
-  ``cuda_moe_kernels.expert_rows``' ``SWAP``) — runs the whole layer once on
-  the first routing against ``cuda_moe.reference_layer`` (float32, the picked experts
-  dequantised one at a time; relative error under 2e-2); one that fails to build or is wrong is
-  left out with a warning;
+* each candidate — the expert GEMV where it applies, the grouped GEMM at each of
+  ``GROUPED_CANDIDATES`` (swap-AB tiles among them: ``cuda_moe_kernels.expert_rows``'
+  ``SWAP``) — runs the whole layer once on the first routing against
+  ``cuda_moe.reference_layer`` (float32, the picked experts dequantised one at a time;
+  relative error under 2e-2); one that fails to build or is wrong is left out with a warning;
+* pick_gemv's two launches differ in shape (30B-A3B: the fused gate/up K = 2048 to 768
+  outputs, two weight rows each; down K = 768 to 2048 outputs — 8192 programs of three
+  16-row steps at 8 tokens with the gate/up's tile), so its tiles are raced a projection at a
+  time (``gemv_candidates``: ``GEMV_CANDIDATES`` and ``GATE_UP_CANDIDATES`` for gate/up,
+  ``GEMV_CANDIDATES`` unpaired, ``DOWN_CANDIDATES`` and, where down's K fits one step,
+  ``DOWN_WHOLE_K`` for down): each checked in the whole layer beside the constant rule's tile
+  for the other launch, each right one's launch timed alone (down on random activations),
+  and the fastest of each paired (``cuda_moe.GemvTiles``), checked, then timed whole beside
+  the constant rule's pair as the other routes are;
 * the right ones are timed (``graph_us``: the calls over all routings captured in one CUDA
   graph and replayed, GPU time only — as the decode graphs run them, with no launch cost to
   hide behind ``cuda_int4_tune.gpu_us``'s sleeping kernel, which the grouped route's four
@@ -27,7 +35,8 @@ biases and activation, top-k; the layers of a shape share one plan) and per buck
   experts the previous one read in L2; the fastest taken. None right: no entry (the constant
   rule, itself one of the candidates, at that bucket).
 
-A shape's plan is kept between starts (``tune_cache``, kind "moe": keyed by the GPU, the
+(An earlier start's gemv entry of one tile set reads as that tile for both launches.) A
+shape's plan is kept between starts (``tune_cache``, kind "moe": keyed by the GPU, the
 software, the dtype, the shape and the buckets; the file named by these kernels' sources): a
 later start checks each bucket's kept route once against the reference instead of timing (and
 compiling) every candidate, and times afresh where one fails.
@@ -48,7 +57,7 @@ import torch
 from torch import nn
 
 from pensieve.backends import cuda_moe, cuda_moe_expert
-from pensieve.backends.cuda_moe import CudaMoEExperts, Plan, Route, Tiles
+from pensieve.backends.cuda_moe import CudaMoEExperts, GemvTiles, Plan, Route, Tiles
 from pensieve.backends.tune_cache import TuneCache, device_key
 
 log = logging.getLogger(__name__)
@@ -60,6 +69,17 @@ ROUTINGS = 8  # random routings (and layers of the shape) a timed call cycles th
 # and the first with an output's gate and up rows in one K loop (``Tiles.pair``: won every
 # pick-GEMV bucket of the 30B-A3B's race on an H200, 28 vs 31 µs a layer at 1 token)
 GEMV_CANDIDATES = (cuda_moe.GEMV_FEW, cuda_moe.GEMV, Tiles(1, 8, 512, 4, 2, pair=True))
+# the gate/up launch's own: paired rows a thread each at 8 warps (16 rows x 16 groups; 4 steps
+# of 2048) and two 1024-wide steps of 4 outputs (8 rows x 32 groups) — fewer serial rounds of
+# loads. The down launch's own (K = 768 at 30B-A3B: three 256-steps of 16 rows with the
+# constant rule's tile): 32 rows a program (half the programs) at 256 and at 128 a step, 16
+# rows at 128 on 2 warps (a (row, group) pair a thread in each), and DOWN_WHOLE_K, the row
+# whole in one step where K ≤ 1024 (the 4-bit layouts' ``MASK_K``: 768's last 256 masked).
+# sm_90 builds (Triton 3.9, bf16, aligned): 32-56 registers, no spill, the codes' 16-byte and
+# x's int64-word loads kept, int4/q4k/six/fp4/int8 (tests/unit/test_cuda_moe_loads.py)
+GATE_UP_CANDIDATES = (Tiles(1, 8, 512, 8, 2, pair=True), Tiles(1, 4, 1024, 8, 2, pair=True))
+DOWN_CANDIDATES = (Tiles(1, 32, 256, 8, 2), Tiles(1, 32, 128, 4, 2), Tiles(1, 16, 128, 2, 2))
+DOWN_WHOLE_K = Tiles(1, 8, 1024, 8, 2)
 # grouped_gemm at decode sizes: 16-row blocks (the tensor cores' least), the default and two
 # from bench/gpu_moe_kernels.py's sweep (narrower outputs: more programs; wider), then two
 # swap-AB tiles (the expert's 64/128 outputs the MMA's M side, the 1-2 tokens an expert picks
@@ -92,13 +112,42 @@ def launch(route: Route, case: Case) -> torch.Tensor:
                                 glu=layer.glu, tiles=tiles)
 
 
+def launch_projection(route: Route, case: Case) -> torch.Tensor:
+    """One pick_gemv launch of ``case``'s layer alone, as ``moe_experts`` runs it, at
+    ``route`` = (projection, tiles): "gate_up" (x [T, H] → [P, I], fused) or "down" (x the
+    picks' activations side by side, [T, k·I] → [P, H], routed)."""
+    (projection, tiles), (layer, x, w, ids) = route, case
+    assert isinstance(tiles, Tiles)
+    gu, dn = layer.stacks()
+    flat, rw = ids.reshape(-1).contiguous(), w.reshape(-1).contiguous()
+    if projection == "gate_up":
+        h = torch.empty(flat.numel(), gu.n // 2, device=x.device, dtype=x.dtype)
+        return cuda_moe.pick_gemv(x, flat, rw, gu, h, topk=ids.shape[1], gather=True, fuse=True,
+                                  routed=False, t=tiles, glu=layer.glu)
+    out = torch.empty(flat.numel(), dn.n, device=x.device, dtype=x.dtype)
+    return cuda_moe.pick_gemv(x.reshape(flat.numel(), dn.k), flat, rw, dn, out,
+                              topk=ids.shape[1], gather=False, fuse=False, routed=True, t=tiles)
+
+
+def gemv_candidates(layer: CudaMoEExperts) -> tuple[tuple[Tiles, ...], tuple[Tiles, ...]]:
+    """pick_gemv's tiles raced for each launch: (gate/up's, down's) — ``GEMV_CANDIDATES`` for
+    both (down's unpaired: ``pair`` is the fused launch's), ``GATE_UP_CANDIDATES``,
+    ``DOWN_CANDIDATES``, ``DOWN_WHOLE_K`` where down's K ≤ its step, and packed MXFP4's own
+    (the constant rule's) for an fp4 stack."""
+    gu, dn = layer.stacks()
+    fp4 = (cuda_moe.GEMV_FEW_FP4, cuda_moe.GEMV_FP4)
+    gate_up = GEMV_CANDIDATES + GATE_UP_CANDIDATES + (fp4 if gu.fp4 else ())
+    whole = (DOWN_WHOLE_K,) if dn.k <= DOWN_WHOLE_K.block_k else ()
+    down = tuple(dataclasses.replace(t, pair=False) for t in GEMV_CANDIDATES + (
+        fp4 if dn.fp4 else ())) + DOWN_CANDIDATES + whole
+    return tuple(dict.fromkeys(gate_up)), tuple(dict.fromkeys(down))
+
+
 def candidates(layer: CudaMoEExperts, tokens: int) -> list[Route]:
-    """The routes raced at ``tokens`` rows: every pick_gemv tile set, the expert-major GEMV at
-    2..16 tokens (its constants and ``EXPERT_CANDIDATES``), every grouped tile set."""
-    gemv = GEMV_CANDIDATES
-    if layer.stacks()[0].fp4:  # packed MXFP4's own tiles (the constant rule's) where they differ
-        gemv += (cuda_moe.GEMV_FEW_FP4, cuda_moe.GEMV_FP4)
-    out: list[Route] = [("gemv", t) for t in dict.fromkeys(gemv)]
+    """The routes raced whole at ``tokens`` rows besides pick_gemv (whose tiles are raced a
+    launch at a time: ``gemv_candidates``): the expert-major GEMV at 2..16 tokens (its
+    constants and ``EXPERT_CANDIDATES``), every grouped tile set."""
+    out: list[Route] = []
     if 2 <= tokens <= cuda_moe_expert.MAX_TOKENS:
         out += [("experts", t) for t in dict.fromkeys((None, *EXPERT_CANDIDATES))]
     out += [("grouped", t) for t in dict.fromkeys(GROUPED_CANDIDATES)]
@@ -110,20 +159,28 @@ def static_route(layer: CudaMoEExperts, tokens: int) -> Route:
     pick_gemv up to ``GEMV_MAX_PICKS`` picks, else the grouped GEMM's decode tiles."""
     p = tokens * layer.top_k
     if p <= cuda_moe.GEMV_MAX_PICKS:
-        return "gemv", cuda_moe.gemv_tiles(p, layer.stacks()[0].fp4)
+        return "gemv", cuda_moe.gemv_pair(None, p, *layer.stacks())
     small = p <= cuda_moe.GROUPED_SMALL_MAX_PICKS
     return "grouped", cuda_moe.GROUPED_SMALL if small else cuda_moe.GROUPED
 
 
 def describe(route: Route | None) -> str:
-    """A route in a few characters: ``gemv 1x16x256w4``, ``experts``, ``grouped 16x64x64w4``
-    (block_m x block_n x block_k, warps); None: the constant rule."""
+    """A route in a few characters: ``gemv 1x8x512w4 pair/1x32x256w8`` (gate/up's tiles, then
+    down's), ``experts``, ``grouped 16x64x64w4`` (block_m x block_n x block_k, warps); a
+    projection timed alone ``down 1x32x256w8``; None: the constant rule."""
     if route is None:
         return "static"
     name, t = route
     if t is None:
         return name
-    return (f"{name} {t.block_m}x{t.block_n}x{t.block_k}w{t.num_warps}"
+    if isinstance(t, GemvTiles):
+        return f"{name} {tile_text(t.gate_up)}/{tile_text(t.down)}"
+    return f"{name} {tile_text(t)}"
+
+
+def tile_text(t: Tiles) -> str:
+    """``1x16x256w4`` (block_m x block_n x block_k, warps), `` swap``/`` pair`` where set."""
+    return (f"{t.block_m}x{t.block_n}x{t.block_k}w{t.num_warps}"
             f"{' swap' if t.swap else ''}{' pair' if t.pair else ''}")
 
 
@@ -216,16 +273,34 @@ def cache_key(layer: CudaMoEExperts, dtype: torch.dtype, buckets: Sequence[int])
 
 
 def to_json(plan: Plan) -> dict[str, list]:
-    return {str(b): [name, None if t is None else list(dataclasses.astuple(t))]
-            for b, (name, t) in plan.items()}
+    """A plan as JSON: {bucket: [route, tiles]}, tiles None, a list of ``Tiles``' fields or,
+    for pick_gemv's pair, {"gate_up": fields, "down": fields}."""
+    def tiles(t: Tiles | GemvTiles | None) -> list | dict | None:
+        if isinstance(t, GemvTiles):
+            return {"gate_up": list(dataclasses.astuple(t.gate_up)),
+                    "down": list(dataclasses.astuple(t.down))}
+        return None if t is None else list(dataclasses.astuple(t))
+
+    return {str(b): [name, tiles(t)] for b, (name, t) in plan.items()}
 
 
 def from_json(raw: Mapping[str, list]) -> Plan:
+    """``to_json``'s inverse; an older gemv entry's one tile set reads as that set for both
+    launches (as it ran). Malformed: TypeError, ValueError or KeyError."""
     plan: Plan = {}
     for b, (name, t) in raw.items():
         if name not in cuda_moe.ROUTES:
             raise ValueError(name)
-        plan[int(b)] = (name, None if t is None else Tiles(*t))
+        tiles: Tiles | GemvTiles | None
+        if isinstance(t, dict):
+            if name != "gemv":
+                raise ValueError(f"{name}: a tile pair")
+            tiles = GemvTiles(Tiles(*t["gate_up"]), Tiles(*t["down"]))
+        else:
+            tiles = None if t is None else Tiles(*t)
+            if name == "gemv" and tiles is not None:
+                tiles = GemvTiles(tiles, tiles)
+        plan[int(b)] = (name, tiles)
     return plan
 
 
@@ -238,7 +313,7 @@ def load(layer: CudaMoEExperts, dtype: torch.dtype, buckets: Sequence[int],
         return None
     try:
         plan = from_json(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, KeyError):
         return None
     if not plan:
         return None
@@ -287,7 +362,8 @@ def routings(layer: CudaMoEExperts, tokens: int, dtype: torch.dtype, n: int, see
 def plan_layers(sample: list[CudaMoEExperts], dtype: torch.dtype, reps: int, timer: Timer,
                 buckets: Sequence[int] = BUCKETS) -> tuple[Plan, dict[int, dict[Route, float]]]:
     """Each bucket's fastest right route for the layers of ``sample`` (one shape), and every
-    right candidate's µs per bucket."""
+    right candidate's µs per bucket: the routes timed whole, and pick_gemv's launches timed
+    alone as ("gate_up", tiles) and ("down", tiles) (``race_gemv``)."""
     first = sample[0]
     plan: Plan = {}
     times: dict[int, dict[Route, float]] = {}
@@ -295,19 +371,60 @@ def plan_layers(sample: list[CudaMoEExperts], dtype: torch.dtype, reps: int, tim
         sets = routings(first, b, dtype, ROUTINGS, seed=b)
         cases = [(sample[i % len(sample)], *s) for i, s in enumerate(sets)]
         ref = cuda_moe.reference_layer(cases[0][0], *cases[0][1:])
-        right = [r for r in candidates(first, b) if checked(r, cases[0], ref)]
-        times[b] = {}
+        gemv, times[b] = race_gemv(cases, ref, reps, timer, seed=b)
+        right = gemv + [r for r in candidates(first, b) if checked(r, cases[0], ref)]
         for r in right:
-            def run(case: Case, r: Route = r) -> torch.Tensor:
-                return launch(r, case)
-            run.route = r  # type: ignore[attr-defined]  # what it runs (tests' timers read it)
-            times[b][r] = timer(run, cases, reps)
-        if times[b]:
-            plan[b] = min(times[b], key=times[b].__getitem__)
+            times[b][r] = timer(timed(launch, r), cases, reps)
+        if right:
+            plan[b] = min(right, key=times[b].__getitem__)
         else:
             log.warning("MoE %s at %d tokens: no route builds and is right; the constant rule",
                         shape_key(first), b)
     return plan, times
+
+
+def timed(fn: Callable[[Route, Case], torch.Tensor], route: Route) -> Run:
+    """A run of ``fn`` at ``route`` over a case, ``route`` on it (what it runs: tests' timers
+    read it)."""
+    def run(case: Case) -> torch.Tensor:
+        return fn(route, case)
+    run.route = route  # type: ignore[attr-defined]
+    return run
+
+
+def race_gemv(cases: list[Case], ref: torch.Tensor, reps: int, timer: Timer, seed: int
+              ) -> tuple[list[Route], dict[Route, float]]:
+    """pick_gemv's routes to time whole at ``cases``' bucket: the pair of each launch's
+    fastest right tiles (``gemv_candidates``) and the constant rule's pair, each right; and
+    every right tile's launch µs alone, as ("gate_up", tiles) / ("down", tiles). A tile is
+    right where the whole layer is with it beside the constant rule's tile for the other
+    launch; the down launch is timed on random activations (its time does not hang on them)."""
+    layer, x, w, ids = cases[0]
+    base = cuda_moe.gemv_pair(None, ids.numel(), *layer.stacks())
+    seen: dict[Route, bool] = {}
+
+    def right(route: Route) -> bool:
+        if route not in seen:
+            seen[route] = checked(route, cases[0], ref)
+        return seen[route]
+
+    gate_ups, downs = gemv_candidates(layer)
+    gate_ups = tuple(t for t in gate_ups if right(("gemv", GemvTiles(t, base.down))))
+    downs = tuple(t for t in downs if right(("gemv", GemvTiles(base.gate_up, t))))
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    acts = [(m, (torch.randn(xc.shape[0], ic.shape[1] * m.inner, device=x.device, generator=g)
+                 * 0.1).to(x.dtype), wc, ic) for m, xc, wc, ic in cases]
+    us: dict[Route, float] = {}
+    for projection, tiles, on in (("gate_up", gate_ups, cases), ("down", downs, acts)):
+        for t in tiles:
+            us[(projection, t)] = timer(timed(launch_projection, (projection, t)), on, reps)
+    routes: list[Route] = []
+    if gate_ups and downs:
+        routes.append(("gemv", GemvTiles(min(gate_ups, key=lambda t: us[("gate_up", t)]),
+                                         min(downs, key=lambda t: us[("down", t)]))))
+    if static_route(layer, x.shape[0])[0] == "gemv":  # its time whole: what the race gains
+        routes.append(("gemv", base))
+    return [r for r in dict.fromkeys(routes) if right(r)], us
 
 
 def checked(route: Route, case: Case, ref: torch.Tensor) -> bool:

@@ -6,7 +6,9 @@ and Q6_K in its 6-bit layout), Q4_K's 148 bytes a 256 (160 in the int4 layout it
 to), the module's reference forward against ``models.moe.Experts`` on the same dequantised
 weights, and every kernel (pick GEMV unpaired and paired, the one-program sort, the grouped
 GEMM) in Triton's interpreter (a fresh process) against float64 for int4, q4k, 6-bit and int8
-codes, both routes at 1-40 tokens, the one-program sort against the torch-ops one, a whole
+codes, both routes at 1-40 tokens, the pick GEMV with a tile a launch (``GemvTiles``: down in
+one step wider than its K, masked, in every layout), the one-program sort against the
+torch-ops one, a whole
 Qwen3-MoE
 ``MoE`` block (router + kernels) against its float module, and a GGUF planned for CUDA giving the
 dequantised file's logits. With a GPU: the compiled kernels at Qwen3-30B-A3B's expert shapes in
@@ -236,7 +238,36 @@ def interpreter_check() -> None:
     for route in ("gemv", "grouped"):
         r = rel(moe_experts(xh, w.half(), ids, *layer.stacks(), experts, route=route), ref)
         assert r < 3e-3, (route, r)
+    gemv_pair_check()
     moe_block_check()
+
+
+def gemv_pair_check() -> None:
+    """The pick GEMV with its own tile a launch (``GemvTiles``): gate/up paired, down at 32
+    rows a program, or its row whole in one step wider than K (768 in one 1024: the 6-bit and
+    q4k layouts' ``MASK_K``; 96 in 128: int4's; 160 in 256: int8's masking) against float64;
+    a tile pair is the pick GEMV's only."""
+    from pensieve.backends.cuda_moe import GemvTiles, Tiles, moe_experts
+
+    experts, k, tokens = 4, 2, 3
+    gate_up = Tiles(1, 16, 128, 4, 2, pair=True)
+    downs = (Tiles(1, 32, 1024, 8, 2), Tiles(1, 32, 128, 4, 2))
+    for i, (gu, dn, hidden, inner) in enumerate(((Q.Q4_K, Q.Q6_K, 256, 768),
+                                                 (Q.Q4_K, Q.Q4_K, 256, 768),
+                                                 (Q.Q4_0, Q.Q4_0, 64, 96),
+                                                 (Q.Q4_0, Q.Q8_0, 96, 160))):
+        layer = make_layer(gu, dn, hidden, inner, experts, seed=40 + i)
+        gate_up_w, down_w = (w.double() for w in layer.dequantize())
+        w, ids = routing(tokens, experts, k, i)
+        x = torch.randn(tokens, hidden)
+        ref = reference_experts(x.double(), w.double(), ids, gate_up_w, down_w)
+        for down in downs:
+            y = moe_experts(x, w, ids, *layer.stacks(), experts, route="gemv",
+                            tiles=GemvTiles(gate_up, down))
+            assert rel(y, ref) < 1e-5, (gu.name, dn.name, inner, down, rel(y, ref))
+    with pytest.raises(TypeError, match="pick GEMV"):
+        moe_experts(x, w, ids, *layer.stacks(), experts, route="grouped",
+                    tiles=GemvTiles(gate_up, downs[0]))
 
 
 def moe_block_check() -> None:

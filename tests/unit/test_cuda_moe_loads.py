@@ -7,7 +7,10 @@ the constant rule's and the tuner's tiles, fused (gate/up paired and not) and ro
 the codes come as 16-byte word loads (``ld.global.v4.b32``; the 6-bit layout's high bit
 pairs 8 bytes, ``.v2.b32``, twice), x as 16-byte loads of int64 words (``.v2.b64``), no code
 byte alone (MXFP4's one byte a row: its E8M0 exponent), no shared-memory exchange, no
-register spills. (An offline build without the specialisation loads the old byte-tensor
+register spills; likewise the tuner's own tiles for each launch (``cuda_moe_tune``'s
+``GATE_UP_CANDIDATES`` paired, ``DOWN_CANDIDATES`` and ``DOWN_WHOLE_K`` routed — the whole-row
+step with the 4-bit layouts' ``MASK_K``, as 30B-A3B's down K = 768 in one 1024 builds), a
+(row, group) pair a thread. (An offline build without the specialisation loads the old byte-tensor
 form one byte at a time — Triton cannot prove a row's alignment — while the GPU built it
 8 bytes a load; the word form loads codes 16 bytes at a time either way.) In Triton's
 interpreter: bfloat16 and float16 x through the kernel give what the same x in float32
@@ -93,6 +96,37 @@ def test_pick_gemv_reads_codes_and_x_in_16_byte_words(layout):
                 assert n["ld.v4.b32"] == v4 * rows and n["ld.v2.b32"] == v2 * rows, (where, n)
                 assert n["ld.v2.b64"] == 4 and n["ld.b64"] == 0, (where, n)  # x: 2 × 16 bytes
                 assert n["st.shared"] + n["ld.shared"] + n["bar.sync"] == 0, (where, n)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_tuners_tiles_a_launch_read_16_byte_words_without_spills(layout):
+    from pensieve.backends import cuda_moe_kernels as kernels
+    from pensieve.backends import cuda_moe_tune as tune
+    from tests.helpers.triton_compile import compile_for
+    from tests.unit.test_cuda_gdn import _resources
+
+    types, consts, (v4, v2), exps = LAYOUTS[layout]
+    types = dict(TYPES, **types)
+    aligned = [n for n, t in types.items() if t.startswith("*")] + ["N", "K", "stride_x",
+                                                                      "stride_y"]
+    nibbles = layout in ("int4", "q4k", "six")  # (int8 and fp4 steps are masked always)
+    runs = [(t, True, False) for t in tune.GATE_UP_CANDIDATES]
+    runs += [(t, False, False) for t in tune.DOWN_CANDIDATES]
+    runs += [(tune.DOWN_WHOLE_K, False, nibbles)]  # 768 in one 1024-wide step
+    for t, fuse, mask in runs:
+        c = dict(CONSTS, **consts, GATHER=fuse, FUSE=fuse, ROUTED=not fuse, BLOCK_N=t.block_n,
+                 BLOCK_K=t.block_k, PAIR=t.pair, **({"MASK_K": True} if mask else {}))
+        built = compile_for(kernels.pick_gemv, types, c, t.num_warps, t.num_stages,
+                            aligned=aligned)
+        where = (layout, t, mask)
+        assert "STACK:0 " in _resources(built), (where, _resources(built))
+        loops = [ops(body) for body in loop_bodies(built.asm["ptx"])]
+        assert len(loops) == 1, where  # (gate/up paired: one loop)
+        for n in loops:  # one (row, group) pair a thread
+            assert n["ld.b8"] + n["ld.u8"] == exps, (where, n)
+            assert n["ld.v4.b32"] == v4 and n["ld.v2.b32"] == v2, (where, n)
+            assert n["ld.v2.b64"] == 4 and n["ld.b64"] == 0, (where, n)
+            assert n["st.shared"] + n["ld.shared"] + n["bar.sync"] == 0, (where, n)
 
 
 def pick(x: torch.Tensor, layer, st, fuse: bool, ids: torch.Tensor, rw: torch.Tensor,

@@ -493,7 +493,8 @@ def test_gpt_oss_on_codes_with_graphs_gives_the_dequantised_greedy_tokens(root, 
 def test_gemv_steps_whole_tiles_over_an_awkward_k():
     """gpt-oss's K = 2880 (= 64 · 45): the int8 rows' GEMV steps 256 at a time (the last one
     masked) instead of 45 steps of 64; a K a power of two divides keeps its exact steps; the
-    4-bit layouts always step by a divisor."""
+    4-bit layouts step by a divisor, but for a step at least K wide: K's power of two, one
+    masked step (``MASK_K``; int8 and fp4 mask always)."""
     def stack(k: int, int4: bool = False) -> cuda_moe.Stack:
         return cuda_moe.Stack(torch.empty(0), torch.empty(0), None, int4, 32, 8, k)
 
@@ -501,6 +502,15 @@ def test_gemv_steps_whole_tiles_over_an_awkward_k():
     assert cuda_moe._gemv_block_k(stack(768), 512) == 256
     assert cuda_moe._gemv_block_k(stack(2048), 512) == 512
     assert cuda_moe._gemv_block_k(stack(2880, int4=True), 256) == 64
+    assert cuda_moe._gemv_block_k(stack(2880, int4=True), 1024) == 64
+    assert cuda_moe._gemv_block_k(stack(1536, int4=True), 1024) == 512  # GLM-4.7-Flash's down
+    for int4 in (False, True):  # 30B-A3B's down in one step; a power of two K as it is
+        assert cuda_moe._gemv_block_k(stack(768, int4), 1024) == 1024
+        assert cuda_moe._gemv_block_k(stack(512, int4), 1024) == 512
+        assert cuda_moe._gemv_block_k(stack(96, int4), 512) == 128
+    assert cuda_moe._gemv_masked(stack(768, int4=True), 1024)
+    assert not cuda_moe._gemv_masked(stack(768, int4=True), 256)
+    assert not cuda_moe._gemv_masked(stack(768), 1024)  # int8: masked always, no flag
 
 
 @needs_cuda

@@ -1,10 +1,11 @@
 """The MoE route per decode bucket, chosen at start (``backends/cuda_moe_tune.py``).
 
-On CPU with a fake timer and a fake launcher: each bucket takes its fastest right candidate, a
+On CPU with a fake timer and a fake launcher: each bucket takes its fastest right candidate, the
+pick GEMV's tiles raced a launch at a time (gate/up and down each their fastest right tile), a
 wrong or unbuildable one is left out with a warning, the expert-major GEMV is raced only at
 2-16 tokens and never over packed MXFP4, layers of one shape share a plan, a layer of unknown
 top-k and ``PENSIEVE_MOE_ROUTE=static`` are left to the constant rule, and a plan's bucket
-lookup; the reference the start checks against (each expert dequantised alone) is the whole
+lookup; a kept plan's JSON (an older one-tile gemv entry read as that tile for both launches); the reference the start checks against (each expert dequantised alone) is the whole
 layer's. In Triton's interpreter (a fresh process): the real candidates all build and are right
 at 1-4 tokens on int4/int8, Q4_K (q4k) and packed MXFP4 layers (biases, clamp), grouped tiles
 passed through. With a GPU: layers at gpt-oss-20b's (packed MXFP4) and Qwen3-30B-A3B's (Q4_K + Q6_K)
@@ -22,7 +23,7 @@ from gguf import GGMLQuantizationType as Q
 from torch import nn
 
 from pensieve.backends import cuda_moe, cuda_moe_tune
-from pensieve.backends.cuda_moe import GEMV, GEMV_FEW, GROUPED_SMALL, reference_layer
+from pensieve.backends.cuda_moe import GEMV, GEMV_FEW, GROUPED_SMALL, GemvTiles, reference_layer
 from tests.helpers.triton_interpreter import run_in_triton_interpreter
 from tests.unit.test_cuda_int8 import rel
 from tests.unit.test_cuda_moe import make_layer, routing
@@ -38,15 +39,25 @@ def small_layer(experts: int = 6, top_k: int = 2, seed: int = 0) -> cuda_moe.Cud
 
 def fake_world(monkeypatch, costs, wrong=(), broken=()):  # noqa: ANN001, ANN201
     """``launch`` replaced by the reference (×1.5 for ``wrong`` routes, an error for
-    ``broken``); the timer returns ``costs(route, tokens)``; returns the calls' log."""
+    ``broken``; either a set or a test of a route), ``launch_projection`` by a no-op; the
+    timer returns ``costs(route, tokens)`` (a pick GEMV launch alone: ("gate_up" | "down",
+    tiles)); returns the calls' log (route, tokens), the launches alone's included."""
     calls = []
+    is_wrong = wrong if callable(wrong) else wrong.__contains__
+    is_broken = broken if callable(broken) else broken.__contains__
 
     def launch(route, case):  # noqa: ANN001, ANN202
         calls.append((route, case[1].shape[0]))
-        if route in broken:
+        if is_broken(route):
             raise RuntimeError("out of shared memory\nmore")
         y = reference_layer(*case)
-        return y * 1.5 if route in wrong else y
+        return y * 1.5 if is_wrong(route) else y
+
+    def launch_projection(route, case):  # noqa: ANN001, ANN202
+        layer, x, w, ids = case
+        assert x.shape == (ids.shape[0], layer.hidden if route[0] == "gate_up"
+                           else ids.shape[1] * layer.inner)
+        calls.append((route, x.shape[0]))
 
     def timer(run, cases, reps):  # noqa: ANN001, ANN202
         for c in cases:
@@ -54,45 +65,72 @@ def fake_world(monkeypatch, costs, wrong=(), broken=()):  # noqa: ANN001, ANN201
         return costs(run.route, cases[0][1].shape[0])
 
     monkeypatch.setattr(cuda_moe_tune, "launch", launch)
+    monkeypatch.setattr(cuda_moe_tune, "launch_projection", launch_projection)
     return timer, calls
 
 
 def test_each_bucket_takes_its_fastest_right_route(monkeypatch, caplog):
     grouped_wide = ("grouped", cuda_moe_tune.GROUPED_CANDIDATES[2])
-    costs = {("gemv", GEMV_FEW): lambda t: 10 * t, ("gemv", GEMV): lambda t: 9 * t + 5,
-             ("experts", None): lambda t: 40 + t, ("grouped", GROUPED_SMALL): lambda t: 60 + t}
+    fast_down, wrong_down = cuda_moe_tune.DOWN_CANDIDATES[:2]
+    # each pick GEMV launch alone; the layer's gemv route costs its two launches'
+    alone = {("gate_up", GEMV_FEW): lambda t: 5 * t, ("gate_up", GEMV): lambda t: 4 * t + 3,
+             ("down", GEMV_FEW): lambda t: 5 * t, ("down", GEMV): lambda t: 5 * t + 2,
+             ("down", fast_down): lambda t: 3 * t + 3,
+             ("down", wrong_down): lambda t: 0.5}  # fastest, but wrong: never timed
+    costs = {("experts", None): lambda t: 40 + t, ("grouped", GROUPED_SMALL): lambda t: 60 + t}
 
     def cost(route, tokens):  # noqa: ANN001, ANN202
-        if route[1] is not None and (route[1].swap or route[1].pair):  # slow here
+        name, t = route
+        if name == "gemv":
+            return cost(("gate_up", t.gate_up), tokens) + cost(("down", t.down), tokens)
+        if name in ("gate_up", "down"):
+            return alone.get(route, lambda t: 1000.0)(tokens)  # the rest: slow here
+        if t is not None and t.swap:
             return 1000.0
         return costs.get(route, lambda t: 1.0)(tokens)  # two grouped tiles: fastest...
 
     grouped_narrow = ("grouped", cuda_moe_tune.GROUPED_CANDIDATES[1])
     # ... but one is wrong and the other does not build: never chosen
-    timer, calls = fake_world(monkeypatch, cost, wrong={grouped_narrow}, broken={grouped_wide})
+    timer, calls = fake_world(
+        monkeypatch, cost, broken={grouped_wide},
+        wrong=lambda r: r == grouped_narrow or (r[0] == "gemv" and r[1].down == wrong_down))
     layer = small_layer()
     model = nn.ModuleList([layer])
     with caplog.at_level(logging.INFO, logger=cuda_moe_tune.log.name):
         plans = cuda_moe_tune.prepare(model, torch.float32, reps=2, timer=timer,
                                       buckets=(1, 2, 4, 8, 16, 32), environ={})
-    # 1: 10 vs 14 (no expert GEMV at one token); 2: 20 vs 23 vs 42; 4: 40 vs 41 vs 44;
-    # 8: 80 vs 77 vs 48; 16: 56; 32: 320 / 293 / (no expert GEMV past 16) 92 grouped
-    assert layer.plan == {1: ("gemv", GEMV_FEW), 2: ("gemv", GEMV_FEW), 4: ("gemv", GEMV_FEW),
+    # gate/up: 5 vs 7, 10 vs 11, then GEMV (19 vs 20 at 4); down: 5 vs 6 at 1, then the
+    # 32-row tile (9 vs 10 at 2). Whole: 1: 10 (no expert GEMV at one token); 2: 19 vs 42;
+    # 4: 34 vs 44; 8: 62 vs 48 experts; 16: 56; 32: 230 / (no expert GEMV past 16) 92 grouped
+    assert layer.plan == {1: ("gemv", GemvTiles(GEMV_FEW, GEMV_FEW)),
+                          2: ("gemv", GemvTiles(GEMV_FEW, fast_down)),
+                          4: ("gemv", GemvTiles(GEMV, fast_down)),
                           8: ("experts", None), 16: ("experts", None),
                           32: ("grouped", GROUPED_SMALL)}
     assert list(plans.values()) == [layer.plan]
     tried = {(r, t) for r, t in calls}
     assert (("experts", None), 1) not in tried and (("experts", None), 32) not in tried
     assert (("experts", None), 2) in tried
-    assert {t for (r, t), _ in calls if r == "gemv"} == set(cuda_moe_tune.GEMV_CANDIDATES)
+    gate_ups, downs = cuda_moe_tune.gemv_candidates(layer)
+    # every tile of each launch timed alone at every bucket, but the wrong one
+    for b in (1, 2, 4, 8, 16, 32):
+        assert {t for (r, t), n in calls if r == "gate_up" and n == b} == set(gate_ups)
+        assert {t for (r, t), n in calls if r == "down" and n == b} == set(downs) - {wrong_down}
+    # each checked in the whole layer beside the constant rule's other tile
+    checks = {t for (r, t), n in calls if r == "gemv" and n == 1}
+    assert {GemvTiles(g, GEMV_FEW) for g in gate_ups} <= checks
+    assert {GemvTiles(GEMV_FEW, d) for d in downs} <= checks
     text = caplog.text
     assert "relative error 1.5" not in text and "relative error 0.5" in text
     assert "out of shared memory" in text  # (its first line)
-    assert "MoE routes per decode bucket" in text and "6x32x64 top-2: 1 gemv 1x8x512w4" in text
+    assert "MoE routes per decode bucket" in text
+    assert "6x32x64 top-2: 1 gemv 1x8x512w4/1x8x512w4 10 µs, 2 gemv 1x8x512w4/1x32x256w8 " \
+           "19 µs (static 20), 4 gemv 1x16x256w4/1x32x256w8 34 µs (static 40)" in text
     assert "8 experts 48 µs (static 80)" in text  # 16 picks: the constant rule's few-pick GEMV
     assert "32 grouped 16x64x64w4 92 µs (static 293)" in text
     # the bucket lookup: the smallest bucket at or above; past the last, the constant rule
-    assert layer.route(3) == ("gemv", GEMV_FEW) and layer.route(5) == ("experts", None)
+    assert layer.route(3) == ("gemv", GemvTiles(GEMV, fast_down))
+    assert layer.route(5) == ("experts", None)
     assert layer.route(32) == ("grouped", GROUPED_SMALL) and layer.route(33) is None
     assert cuda_moe.plan_route(None, 1) is None and cuda_moe.plan_route({}, 1) is None
 
@@ -128,8 +166,7 @@ def test_static_env_keeps_the_constant_rule(monkeypatch, caplog):
 
 def test_no_right_route_leaves_the_bucket_to_the_constant_rule(monkeypatch, caplog):
     layer = small_layer()
-    every = {r for b in (1, 2) for r in cuda_moe_tune.candidates(layer, b)}
-    timer, _ = fake_world(monkeypatch, lambda r, t: 1.0, wrong=every)
+    timer, _ = fake_world(monkeypatch, lambda r, t: 1.0, wrong=lambda r: True)
     cuda_moe_tune.prepare(nn.ModuleList([layer]), torch.float32, timer=timer, buckets=(1, 2),
                           environ={})
     assert layer.plan == {} and layer.route(1) is None
@@ -182,9 +219,47 @@ def test_a_kept_plan_is_checked_instead_of_timed_and_retimed_when_wrong(monkeypa
     cuda_moe_tune.prepare(nn.ModuleList([third]), torch.float32, reps=1, timer=timer,
                           buckets=(1, 2), environ={}, cache=again)
     assert {r[0] for r in third.plan.values()} == {"gemv"}
+    assert all(isinstance(t, GemvTiles) for _, t in third.plan.values())
     assert cuda_moe_tune.from_json(cuda_moe_tune.to_json(third.plan)) == third.plan
     # other buckets: another key
     assert again.get(cuda_moe_tune.cache_key(third, torch.float32, (1, 2, 4))) is None
+
+
+def test_a_kept_gemv_pair_round_trips_and_an_older_entry_reads_as_one_tile_for_both(
+        monkeypatch, tmp_path):
+    from pensieve.backends.tune_cache import TuneCache
+
+    monkeypatch.setattr(cuda_moe_tune, "device_key", lambda device, dtype: f"fake|{dtype}")
+    down = cuda_moe_tune.DOWN_CANDIDATES[0]
+    plan = {1: ("gemv", GemvTiles(cuda_moe_tune.GEMV_CANDIDATES[2], down)),
+            2: ("grouped", GROUPED_SMALL), 4: ("experts", None)}
+    raw = cuda_moe_tune.to_json(plan)
+    assert raw["1"] == ["gemv", {"gate_up": [1, 8, 512, 4, 2, False, True],
+                                 "down": [1, 32, 256, 8, 2, False, False]}]
+    assert cuda_moe_tune.from_json(raw) == plan
+    # an older start's entry: one tile set for both launches, as it ran then
+    old = {"1": ["gemv", [1, 16, 256, 4, 2, False, False]], "2": ["gemv", None]}
+    assert cuda_moe_tune.from_json(old) == {1: ("gemv", GemvTiles(GEMV, GEMV)), 2: ("gemv", None)}
+    for bad in ({"1": ["gemv", {"gate_up": [1, 8, 512, 4, 2]}]},  # no down
+                {"1": ["grouped", {"gate_up": [1, 8, 512, 4, 2], "down": [1, 8, 512, 4, 2]}]},
+                {"1": ["gemv", [1, 8], [1, 8]]}):
+        with pytest.raises((TypeError, ValueError, KeyError)):
+            cuda_moe_tune.from_json(bad)
+    # through the cache: the older entry kept and checked (as the pair), a malformed one
+    # ignored (timed afresh), neither a crash
+    timer, calls = fake_world(monkeypatch, lambda r, t: 1.0 if r[0] == "grouped" else 2.0)
+    cache = TuneCache("moe", ("cuda_moe_tune.py",), root=tmp_path)
+    layer = small_layer(seed=5)
+    cache.put(cuda_moe_tune.cache_key(layer, torch.float32, (1, 2)),
+              {"1": ["gemv", [1, 16, 256, 4, 2, False, False]], "2": ["experts", None]})
+    cuda_moe_tune.prepare(nn.ModuleList([layer]), torch.float32, reps=1, timer=lambda *a: 1 / 0,
+                          buckets=(1, 2), environ={}, cache=cache)
+    assert layer.plan == {1: ("gemv", GemvTiles(GEMV, GEMV)), 2: ("experts", None)}
+    cache.put(cuda_moe_tune.cache_key(layer, torch.float32, (1, 2)),
+              {"1": ["gemv", {"down": [1, 16, 256, 4, 2, False, False]}]})
+    cuda_moe_tune.prepare(nn.ModuleList([layer]), torch.float32, reps=1, timer=timer,
+                          buckets=(1, 2), environ={}, cache=cache)
+    assert layer.plan == {1: ("grouped", GROUPED_SMALL), 2: ("grouped", GROUPED_SMALL)}
 
 
 def test_candidates_per_bucket_and_format():
@@ -192,11 +267,32 @@ def test_candidates_per_bucket_and_format():
 
     layer = small_layer()
     names = lambda t: [r[0] for r in cuda_moe_tune.candidates(layer, t)]  # noqa: E731
-    n_g, n_t = len(set(cuda_moe_tune.GEMV_CANDIDATES)), len(set(cuda_moe_tune.GROUPED_CANDIDATES))
+    n_t = len(set(cuda_moe_tune.GROUPED_CANDIDATES))
     n_e = 1 + len(set(cuda_moe_tune.EXPERT_CANDIDATES))
-    assert names(1) == ["gemv"] * n_g + ["grouped"] * n_t
-    assert names(2) == names(16) == ["gemv"] * n_g + ["experts"] * n_e + ["grouped"] * n_t
+    assert names(1) == ["grouped"] * n_t  # (the pick GEMV's raced a launch at a time)
+    assert names(2) == names(16) == ["experts"] * n_e + ["grouped"] * n_t
     assert "experts" not in names(32)
+    # the pick GEMV's tiles: gate/up today's three and its two; down today's unpaired, its
+    # three and, K = 32 ≤ 1024, the whole-row step
+    gate_ups, downs = cuda_moe_tune.gemv_candidates(layer)
+    assert gate_ups == cuda_moe_tune.GEMV_CANDIDATES + cuda_moe_tune.GATE_UP_CANDIDATES
+    assert downs == (GEMV_FEW, GEMV, *cuda_moe_tune.DOWN_CANDIDATES, cuda_moe_tune.DOWN_WHOLE_K)
+    assert not any(t.pair for t in downs) and all(t.block_m == 1 for t in gate_ups + downs)
+    for t in gate_ups + downs:  # x's words in the codes' layout
+        assert t.block_k // 8 < 32 * t.num_warps, t
+    for t in (*cuda_moe_tune.GATE_UP_CANDIDATES, *cuda_moe_tune.DOWN_CANDIDATES,
+              cuda_moe_tune.DOWN_WHOLE_K):  # the new ones: a (row, group) pair a thread
+        assert t.block_n * (2 if t.pair else 1) * t.block_k // 32 == 32 * t.num_warps, t
+    wide = make_layer(Q.Q4_0, Q.Q8_0, 64, 1056, 2)  # down's K past the whole-row step
+    assert cuda_moe_tune.DOWN_WHOLE_K not in cuda_moe_tune.gemv_candidates(wide)[1]
+    # the static route: the constant rule's tile for each launch
+    assert cuda_moe_tune.static_route(layer, 8) == ("gemv", GemvTiles(GEMV_FEW, GEMV_FEW))
+    assert cuda_moe_tune.static_route(layer, 9) == ("gemv", GemvTiles(GEMV, GEMV))
+    pair = GemvTiles(cuda_moe.Tiles(1, 8, 512, 4, 2, pair=True), cuda_moe.Tiles(1, 32, 256, 8, 2))
+    assert cuda_moe_tune.describe(("gemv", pair)) == "gemv 1x8x512w4 pair/1x32x256w8"
+    assert cuda_moe_tune.describe(("gemv", GemvTiles(GEMV, cuda_moe_tune.DOWN_WHOLE_K))) == \
+        "gemv 1x16x256w4/1x8x1024w8"
+    assert cuda_moe_tune.describe(("down", GEMV)) == "down 1x16x256w4"
     packed = random_layer(3, 64, 32, seed=1, packed=True)  # the expert GEMV takes FP4 too
     assert ("experts", None) in cuda_moe_tune.candidates(packed, 8)
     assert cuda_moe_tune.describe(("grouped", GROUPED_SMALL)) == "grouped 16x64x64w4"
@@ -248,6 +344,9 @@ def interpreter_check() -> None:
     cuda_moe_expert.BLOCK_N = 64  # fewer programs: the interpreter runs each in turn
     cuda_moe_tune.GEMV_CANDIDATES = (cuda_moe.Tiles(1, 32, 256, 4, 2),
                                      cuda_moe.Tiles(1, 64, 128, 4, 2))
+    cuda_moe_tune.GATE_UP_CANDIDATES = (cuda_moe.Tiles(1, 16, 512, 8, 2, pair=True),)
+    cuda_moe_tune.DOWN_CANDIDATES = (cuda_moe.Tiles(1, 32, 256, 8, 2),)
+    cuda_moe_tune.DOWN_WHOLE_K = cuda_moe.Tiles(1, 32, 1024, 8, 2)
     warned = []
     cuda_moe_tune.log.warning = lambda *a: warned.append(a)  # type: ignore[method-assign]
     order = [("grouped", t) for t in cuda_moe_tune.GROUPED_CANDIDATES[::-1]]
@@ -273,7 +372,10 @@ def interpreter_check() -> None:
         w, ids = routing(3, layer.num_experts, layer.top_k, 4)
         x = torch.randn(3, layer.hidden)
         ref = reference_layer(layer, x, w, ids)
-        for r in cuda_moe_tune.candidates(layer, 3):
+        gate_ups, downs = cuda_moe_tune.gemv_candidates(layer)
+        pairs = [("gemv", GemvTiles(gate_ups[i % len(gate_ups)], downs[i % len(downs)]))
+                 for i in range(max(len(gate_ups), len(downs)))]  # each tile, others beside
+        for r in cuda_moe_tune.candidates(layer, 3) + pairs:
             assert rel(cuda_moe_tune.launch(r, (layer, x, w, ids)), ref) < 1e-5, r
     # swap-AB grouped tiles over every code layout: Q4_K (q4k) + Q6_K, 6-bit gate/up + Q5_K down
     # (int8 codes with offsets), Q4_K down (q4k routed), at 1 and 3 tokens (1-3 picks an
@@ -439,10 +541,14 @@ def bench_check(out: str) -> None:
     assert "| 1 |" in printed.getvalue()
     rows = json.loads((Path(out) / "gpu_moe_routes.json").read_text())
     assert [r["tokens"] for r in rows] == [1, 2]
-    for r in rows:  # packed MXFP4: no expert GEMV; every pick_gemv and grouped tile right
+    layer = gpu_moe_kernels.preset_layer("gpt-oss-20b", True)
+    gate_ups, downs = cuda_moe_tune.gemv_candidates(layer)
+    for r in rows:  # every pick_gemv launch's tile and grouped tile right
         experts = 1 + len(cuda_moe_tune.EXPERT_CANDIDATES) if r["tokens"] >= 2 else 0
-        assert len(r["us"]) == (len(cuda_moe_tune.GEMV_CANDIDATES) + experts
-                                + len(cuda_moe_tune.GROUPED_CANDIDATES))
+        alone = [k for k in r["us"] if k.startswith(("gate_up ", "down "))]
+        assert len(alone) == len(gate_ups) + len(downs)
+        whole = len(r["us"]) - len(alone) - experts - len(cuda_moe_tune.GROUPED_CANDIDATES)
+        assert whole in (1, 2)  # the gemv route's fastest pair, the constant rule's if other
         assert r["chosen"] in r["us"] and r["static"] in r["us"]
     assert "| 2 |" in (Path(out) / "gpu_moe_routes.md").read_text()
     print("ok")
