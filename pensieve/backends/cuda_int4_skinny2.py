@@ -24,8 +24,7 @@ import torch
 
 GROUP = 32
 MAX_ROWS = 16
-WORKSPACE_ROWS = 128  # skinny's workspace: 128 rows of partials (8 splits × 16 rows)
-MAX_SPLIT = 16  # the 8-row dot's: 16 splits × 8 rows (the 16-row dot's: 8)
+MAX_SPLIT = 8  # skinny's workspace: 8 × 16 rows of partials
 
 
 @dataclass(frozen=True)
@@ -57,12 +56,6 @@ CANDIDATES = (
     Skinny2(128, 2, 8, 2, 4),  # 6.0 / 6.7; twice the programs
     Skinny2(64, 2, 8, 1, 4),  # 5.7 / 6.9; one warp, four times the programs
     Skinny2(64, 4, 4, 1, 3),  # 5.5 / 6.6
-    # 16 splits (up to 8 rows: the 8-row dot's partials fill the workspace as 8 splits of 16
-    # rows do): the small shapes' programs. A 30B-A3B qkv (5120 × 2048) at 8 rows had 160-640
-    # programs of 1-2 warps on 132 SMs and ran at ~0.4 TB/s (12.5 µs a call, session 16's
-    # profile), its o (2048 × 4096) 256-512; twice the programs here
-    Skinny2(64, 2, 16, 1, 4),
-    Skinny2(128, 2, 16, 2, 4),
 )
 # bench/gpu_int4_gemv.py --sweep (never timed at start): wider tiles (BLOCK_N 256: 5.4, spills
 # at 16 rows in the pair form), a group a step, and the by-hand prefetching form (12.2: it pays
@@ -84,8 +77,7 @@ def block_m(rows: int) -> int:
 
 
 def fits(cfg: Skinny2, m: int, k: int) -> bool:
-    return (1 <= m <= MAX_ROWS and cfg.fits(k) and cfg.block_n >= 16
-            and cfg.split_k * block_m(m) <= WORKSPACE_ROWS)
+    return 1 <= m <= MAX_ROWS and cfg.fits(k) and cfg.block_n >= 16
 
 
 def _kernels() -> ModuleType:
