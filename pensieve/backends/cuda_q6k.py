@@ -18,7 +18,9 @@ Kernels (``cuda_q6k_kernels.py``) by the rows of x, one ``Plan`` entry per row b
 (``BUCKETS``), each checked and timed per weight shape at start (``cuda_q6k_tune.prepare``):
 ``gemv`` for 1-2 rows (float32 FMAs); ``split`` for 1-16 (``cuda_q6k_split``: split-K FMA
 GEMV, the weight tile dequantised once for all rows; tuner candidates only); ``rows`` for 1-16
-(``cuda_q6k_rows``: swap-AB tensor cores on the code words; tuner candidates only); ``skinny``
+(``cuda_q6k_rows``: swap-AB tensor cores on the code words; tuner candidates only); ``skinny2``
+for 4-16 (``cuda_q6k_skinny2``: the int4 skinny2's mma.sync product, the codes made operands
+in PTX; tuner candidates only); ``skinny``
 for 2-32 (the weight unpacked once for all rows as the tensor cores' left operand, 16 or 32-row
 tiles, split-K in one launch through a workspace per N); the dequantising tensor-core ``gemm``; ``dequant`` from 32 rows (the weight
 dequantised into a temporary for the call + cuBLAS, a vocabulary-sized weight a block of rows
@@ -46,6 +48,7 @@ from pensieve.loaders.int4_codes import Int8Groups, Q6KGroups
 
 if TYPE_CHECKING:
     from pensieve.backends.cuda_q6k_rows import Rows  # noqa: F401  (the Choice alias)
+    from pensieve.backends.cuda_q6k_skinny2 import Skinny2  # noqa: F401
     from pensieve.backends.cuda_q6k_split import Split  # noqa: F401
 
 BLOCK = 256  # values a Q6_K block; K must be a multiple
@@ -93,10 +96,10 @@ SKINNY16 = Skinny(16, 64, 4, 4, 4, 3)
 SKINNY32 = Skinny(32, 64, 4, 4, 4, 3)
 DEQUANT = Tiles(1, 16, 8, 4, 1)  # the weight into a temporary (block_n rows × block_g groups)
 
-# kernel, its tiles (Split: cuda_q6k_split; Rows: cuda_q6k_rows)
-Choice = tuple[str, "Tiles | Skinny | Split | Rows | None"]
+# kernel, its tiles (Split: cuda_q6k_split; Rows: cuda_q6k_rows; Skinny2: cuda_q6k_skinny2)
+Choice = tuple[str, "Tiles | Skinny | Split | Rows | Skinny2 | None"]
 Plan = dict[int, Choice]  # bucket → choice
-KERNELS = ("gemv", "split", "rows", "skinny", "gemm", "dequant", "torch")  # torch: reference dequantise + matmul
+KERNELS = ("gemv", "split", "rows", "skinny2", "skinny", "gemm", "dequant", "torch")  # torch: reference dequantise + matmul
 
 
 def pack_six(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,6 +271,10 @@ def launch(choice: Choice, x: torch.Tensor, w: Buffers) -> torch.Tensor:
         from pensieve.backends.cuda_q6k_rows import gemm_rows
 
         return gemm_rows(x, w, y, t)  # type: ignore[arg-type]
+    if name == "skinny2":  # the codes made mma operands in PTX, 1-16 rows (candidates only)
+        from pensieve.backends.cuda_q6k_skinny2 import gemm_skinny2
+
+        return gemm_skinny2(x, w, y, t)  # type: ignore[arg-type]
     if name == "skinny" and isinstance(t, Skinny) and x.shape[0] <= t.block_m:
         return skinny(x, w, y, t)
     return gemm(x, w, y, t if isinstance(t, Tiles) else None)

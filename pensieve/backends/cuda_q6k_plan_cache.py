@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from pensieve.backends.cuda_q6k import BUCKETS, CudaQ6KLinear, Plan, Skinny, Tiles, launch
 from pensieve.backends.cuda_q6k_rows import Rows
+from pensieve.backends.cuda_q6k_skinny2 import Skinny2
 from pensieve.backends.cuda_q6k_split import Split
 from pensieve.backends.tune_cache import TuneCache, device_key
 
@@ -23,10 +24,11 @@ log = logging.getLogger(__name__)
 PLANS = TuneCache("q6k", ("cuda_q6k.py", "cuda_q6k_kernels.py", "cuda_q6k_tune.py",
                           "cuda_q6k_plan_cache.py", "cuda_q6k_split.py",
                           "cuda_q6k_split_kernels.py", "cuda_q6k_rows.py",
-                          "cuda_q6k_rows_kernels.py", "cuda_splitk_kernels.py"))
+                          "cuda_q6k_rows_kernels.py", "cuda_q6k_skinny2.py",
+                          "cuda_q6k_skinny2_kernels.py", "cuda_splitk_kernels.py"))
 # a choice's tiles by its kernel's name ("torch", the reference fallback, has none)
 TILES: dict[str, type] = {"gemv": Tiles, "gemm": Tiles, "dequant": Tiles, "skinny": Skinny,
-                          "split": Split, "rows": Rows}
+                          "split": Split, "rows": Rows, "skinny2": Skinny2}
 
 
 def to_json(plan: Plan) -> dict[str, Any]:

@@ -12,8 +12,9 @@ any other), each candidate runs once against the dequantised weight (relative er
 then per row bucket the families that apply race: 1 row gemv, ``split`` (the split-K FMA
 GEMV of ``cuda_q6k_split``, tiles of that bucket's rows) and ``rows`` (``cuda_q6k_rows``:
 swap-AB tensor cores on the code words, every tile, 1-16 rows); 2 rows gemv, split, rows and
-every 16-row skinny tile; 4-16 split, rows, every 16-row skinny tile and the dequantising
-``gemm``'s 16-row tile;
+every 16-row skinny tile; 4-16 split, rows, ``skinny2`` (``cuda_q6k_skinny2``: the codes made
+mma.sync operands in PTX), every 16-row skinny tile and the dequantising ``gemm``'s 16-row
+tile;
 32 skinny, gemm and dequant; 256 and 2048 (prefill) the gemm's tiles and dequant. That is the
 whole race (``PENSIEVE_TUNE_FULL=1``); by default it is lean, leaving out what never won a
 bucket on an H100 in session 13's served runs (Qwen2.5-7B's, GLM-4.7-Flash's Q6_K shapes, heads
@@ -38,7 +39,9 @@ from pensieve.backends.cuda_q6k import (
     BUCKETS, DEQUANT, GEMM, GEMM16, GEMM_SMALL, GEMV, SKINNY16, SKINNY32, Choice, CudaQ6KLinear,
     Plan, Skinny, Tiles, dequantize, launch, skinny_fits, skinny_workspace,
 )
+from pensieve.backends import cuda_q6k_skinny2
 from pensieve.backends.cuda_q6k_rows import Rows, rows_workspace
+from pensieve.backends.cuda_q6k_skinny2 import Skinny2
 from pensieve.backends.cuda_q6k_split import Split, split_workspace
 from pensieve.backends.tune_cache import TuneCache, full_race
 
@@ -147,6 +150,8 @@ def describe(c: Choice) -> str:
     name, t = c
     if t is None:
         return name
+    if isinstance(t, Skinny2):  # rows padded at run time: block_n x block_g / split, warps
+        return f"{name} {t.block_n}x{t.block_g}/{t.split_k} w{t.num_warps} s{t.num_stages}"
     if isinstance(t, (Skinny, Split, Rows)):
         words = " w" if getattr(t, "words", False) else ""
         pf = ""
@@ -189,6 +194,9 @@ def plan_shape(sample: list[CudaQ6KLinear], dtype: torch.dtype, reps: int, timer
         split: list[Choice] = [("split", t) for t in SPLIT_CANDIDATES.get(b, ())
                                if full or b <= 2]
         rows_tc: list[Choice] = [("rows", t) for t in ROWS_CANDIDATES if t.block_m >= b]
+        # skinny2 at 4-16 rows (cuda_q6k_skinny2; PENSIEVE_Q6K_SKINNY2=0: left out)
+        rows_tc += [("skinny2", t) for t in cuda_q6k_skinny2.candidates()
+                    if 4 <= b <= 16 and cuda_q6k_skinny2.fits(t, b, k)]
         if b == 1:
             cands = [gemv, *split, *rows_tc]
         elif b == 2:

@@ -118,6 +118,7 @@ def tuner_check() -> None:
     cheap, other = Rows(16, 16, 2, 4, 4, 1, 1), Rows(16, 32, 2, 8, 4, 1, 2)
     tiny = Rows(8, 16, 2, 4, 4, 1, 1)  # the cheapest where it fits: 8 rows at most
     tune.ROWS_CANDIDATES = (other, cheap, tiny)
+    os.environ["PENSIEVE_Q6K_SKINNY2"] = "0"  # skinny2's race: test_cuda_q6k_skinny2.py
     price = {"gemv": 2.0, "split": 1.5, "rows": 1.0, "skinny": 1.8, "gemm": 5.0, "dequant": 3.0}
 
     def timer(run, sample, reps):

@@ -92,6 +92,7 @@ def tuner_check() -> None:
     tune.GEMV_CANDIDATES = (cuda_q6k.Tiles(1, 16, 8, 4, 2), cuda_q6k.GEMV)
     tune.SPLIT_CANDIDATES = {}  # the split-K GEMV's place in the race: test_cuda_q6k_split.py
     tune.ROWS_CANDIDATES = ()  # rows' place in the race: test_cuda_q6k_rows.py
+    os.environ["PENSIEVE_Q6K_SKINNY2"] = "0"  # skinny2's race: test_cuda_q6k_skinny2.py
     # three 16-row skinny tiles (each is raced at 2, 4, 8 and 16 rows)
     tune.SKINNY_CANDIDATES = {16: (cuda_q6k.SKINNY16, Skinny(16, 32, 4, 8, 4, 2),
                                    Skinny(16, 64, 2, 8, 4, 3)),

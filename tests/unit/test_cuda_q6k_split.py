@@ -103,6 +103,7 @@ def tuner_check() -> None:
                             256: (cuda_q6k.GEMM_SMALL,), 2048: (cuda_q6k.GEMM_SMALL,)}
     tune.DEQUANT_CANDIDATES = (cuda_q6k.DEQUANT,)
     tune.ROWS_CANDIDATES = ()  # rows' place in the race: test_cuda_q6k_rows.py
+    os.environ["PENSIEVE_Q6K_SKINNY2"] = "0"  # skinny2's race: test_cuda_q6k_skinny2.py
     tune.SPLIT_CANDIDATES = {b: (Split(b, 8, 8, 4, 2), Split(b, 16, 4, 2, 4))
                              for b in (1, 2, 4, 8, 16)}
     price = {"gemv": 2.0, "split": 1.0, "skinny": 1.5, "gemm": 5.0, "dequant": 3.0}
