@@ -6,7 +6,8 @@ Per shape: the plan ``cuda_q6k_tune`` makes at start (one choice per row bucket)
 count: the planned route's GPU µs (medians, launches queued behind a sleep as in a CUDA graph:
 ``cuda_int4_tune.gpu_us``) and the bandwidth the Q6_K bytes make of it, then each route on its
 own — ``gemv`` (≤ 4 rows), ``split`` (≤ 16, the split-K FMA GEMV), ``rows`` (≤ 16, swap-AB
-tensor cores on the code words, ``cuda_q6k_rows``), ``skinny`` (≤ 32, the plan's tiles), the
+tensor cores on the code words, ``cuda_q6k_rows``), ``skinny2`` (≤ 16, the codes made
+mma.sync operands, ``cuda_q6k_skinny2``), ``skinny`` (≤ 32, the plan's tiles), the
 dequantising ``gemm``,
 ``dequant`` + cuBLAS — against the int8 layout Q6_K had before (``cuda_int8``, 1.4× the bytes)
 and cuBLAS on a dense bf16 copy (3.1× the bytes; what no default path keeps). At each row count
@@ -59,6 +60,9 @@ def routes(rows: int, plan: dict) -> dict[str, tuple]:
         b = q.bucket(rows)
         out["split"] = ("split", planned("split", b, SPLIT_CANDIDATES[b][0]))
         out["rows"] = ("rows", planned("rows", b, ROWS_CANDIDATES[0]))
+        from pensieve.backends.cuda_q6k_skinny2 import CANDIDATES as SKINNY2
+
+        out["skinny2"] = ("skinny2", planned("skinny2", b, SKINNY2[0]))
         out["skinny"] = ("skinny", planned("skinny", b, q.SKINNY16))
     elif rows <= 32:
         out["skinny"] = ("skinny", planned("skinny", 32, q.SKINNY32))
@@ -68,6 +72,7 @@ def routes(rows: int, plan: dict) -> dict[str, tuple]:
 
 
 def sweep(rows: int, n: int) -> list[tuple]:
+    from pensieve.backends import cuda_q6k_skinny2
     from pensieve.backends import cuda_q6k_tune as tune
     from pensieve.backends.cuda_q6k import skinny_fits
 
@@ -78,6 +83,8 @@ def sweep(rows: int, n: int) -> list[tuple]:
         out += [("split", t) for t in tune.SPLIT_CANDIDATES[next(b for b in tune.SPLIT_CANDIDATES
                                                                    if rows <= b)]]
     out += [("rows", t) for t in tune.ROWS_CANDIDATES if t.block_m >= rows]
+    if rows <= 16:  # skinny2: the codes made mma.sync operands (cuda_q6k_skinny2)
+        out += [("skinny2", t) for t in cuda_q6k_skinny2.CANDIDATES]
     if rows <= 32:
         out += [("skinny", t) for bm, ts in tune.SKINNY_CANDIDATES.items() for t in ts
                 if rows <= bm and skinny_fits(t, n)]
@@ -89,6 +96,7 @@ def each_tile(rows: int, n: int, x, w, layers, reps: int, nbytes: int,  # noqa: 
               roof: float, ref) -> None:
     """Every candidate the tuner races at ``rows`` (≤ 16) — µs, GB/s, % of a copy, each
     checked against ``ref`` (the float32 product) — then each family's best."""
+    from pensieve.backends import cuda_q6k_skinny2
     from pensieve.backends import cuda_q6k_tune as tune
     from pensieve.backends.cuda_int4_tune import gpu_us
     from pensieve.backends.cuda_q6k import launch, skinny_fits
@@ -99,6 +107,7 @@ def each_tile(rows: int, n: int, x, w, layers, reps: int, nbytes: int,  # noqa: 
     cands = [("gemv", t) for t in tune.GEMV_CANDIDATES] if rows <= 2 else []
     cands += [("split", t) for t in tune.SPLIT_CANDIDATES[bucket(rows)]]
     cands += [("rows", t) for t in tune.ROWS_CANDIDATES if t.block_m >= rows]
+    cands += [("skinny2", t) for t in cuda_q6k_skinny2.CANDIDATES]  # raced at 4-16 rows
     if rows >= 2:
         cands += [("skinny", t) for t in tune.SKINNY_CANDIDATES[16] if skinny_fits(t, n)]
     best: dict[str, tuple[float, str]] = {}
@@ -121,6 +130,8 @@ def each_tile(rows: int, n: int, x, w, layers, reps: int, nbytes: int,  # noqa: 
     for other in ("skinny", "split", "gemv"):
         if "rows" in best and other in best:
             line += f"; rows/{other} speed-up {best[other][0] / best['rows'][0]:.2f}×"
+    if "skinny2" in best and "rows" in best:
+        line += f"; skinny2/rows speed-up {best['rows'][0] / best['skinny2'][0]:.2f}×"
     print(f"    ×{rows} best: {line}", flush=True)
 
 
