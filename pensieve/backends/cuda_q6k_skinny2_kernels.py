@@ -12,7 +12,8 @@ bytes, one DRAM read), so that every element i of the three tiles meets its own 
 and the unpacking is elementwise on loaded tiles only — Triton then unpacks in the dot
 operand's layout straight from the pipelined copy (a constant tile telling the halves apart,
 or a select against one, sends the unpacked 16-bit tiles through shared memory instead). With
-``ASM``, four lo bytes at a time in PTX (10 instructions, 8 weights, 6 code bytes):
+``ASM``, four lo bytes at a time in PTX (14 instructions for 8 weights, 6 code bytes: 10 to
+make the ``M + q`` lanes, 4 packed subtractions):
 
 * ``r = (ha | hb >> 2) & 0x33333333`` (a shift, a LOP3): each byte of r holds its low-half
   code's high pair in bits 0-1 and its high-half code's in bits 4-5;
