@@ -13,7 +13,8 @@ dividing the steps, none from ``SPLIT_MAX_N`` outputs (a head), through ``rows``
 tuner found them right and faster on the GPU at hand (sm_90 builds here, Triton 3.9, 1-2
 warps: mma.sync, 126-148 registers at 8 rows and 238-255 at 16, no spills, ~4.8-5.0 SASS
 instructions a code byte in the loop at 8 rows and ~5.6-5.9 at 16 — ``rows``: ~8.2-8.5, the
-int4 skinny2: ~5.6-6.4; none timed on a GPU yet). Importing this module needs neither a GPU nor Triton.
+int4 skinny2: ~5.6-6.4; none timed on a GPU yet). Importing this module needs neither a GPU
+nor Triton.
 """
 
 from __future__ import annotations
