@@ -8,11 +8,12 @@ scales per 16/32 + offsets per 32 for Q8_0/Q5_x/IQ4_x) or, for Q6_K, six bits a 
 (``cuda_q6k``'s layout: ``pack_six``'s low four bits in the int4 layout and high two four a
 byte, the file's int8 sub-scales and float16 ``d`` per 256: 210 bytes a 256 as in the file, not
 int8's 288). Q4_K keeps the file's own factors (``q4k``, the kernels' ``Q4K``): the codes in
-the int4 layout, the 6-bit sub-scale and sub-min of each 32 as the two bytes of an int16
-(``loaders/int4_codes.q4_k_sub_scales``) and the float16 ``d``/``dmin`` of each 256 as one
-int32 — 148 bytes a 256 (the file's 144; the int4 layout's 160), and ``float32(d)·sc·q −
-float32(dmin)·m`` in float32 is the file's dequantised value exactly (the int4 layout rounds
-``d·sc`` to float16). ``PENSIEVE_MOE_Q4K_SUPER=0`` holds Q4_K in the int4 layout instead.
+the int4 layout and a 16-byte word quad a super-block (``int4_codes.q4_k_super_words``):
+the float16 ``d``/``dmin`` as one int32, then the file's 12 bytes of packed 6-bit sub-scales
+and sub-mins verbatim — 144 bytes a 256, the file's (the int4 layout's 160), and
+``float32(d)·sc·q − float32(dmin)·m`` in float32 is the file's dequantised value exactly (the
+int4 layout rounds ``d·sc`` to float16). ``PENSIEVE_MOE_Q4K_SUPER=0`` holds Q4_K in the int4
+layout instead.
 ``CudaMoEExperts`` replaces a model's
 ``models.moe.Experts`` (same call: x, routing weights, expert ids) and runs a layer's routed
 experts in two launches — gate/up fused (with SiLU·up in the epilogue) where gate and up share a
@@ -69,7 +70,7 @@ from pensieve.backends.cuda_int8 import block_key
 from pensieve.backends.cuda_q6k import dequantize as q6k_dequantize
 from pensieve.backends.cuda_q6k import six_of
 from pensieve.backends.cuda_q6k import takes as q6k_takes
-from pensieve.loaders.int4_codes import Int8Groups, q4_k_sub_scales
+from pensieve.loaders.int4_codes import Int8Groups, q4_k_super_words, q4_k_word_factors
 from pensieve.loaders.mxfp4 import INT8_ENV, Mxfp4Groups, packed_wanted
 from pensieve.models.quant_linear import Int4Groups
 
@@ -87,7 +88,7 @@ Q4K_SUPER_ENV = "PENSIEVE_MOE_Q4K_SUPER"  # "0": Q4_K experts in the int4 layout
 
 
 def q4k_super(environ: dict[str, str] | None = None) -> bool:
-    """Whether Q4_K experts are held with the file's own factors (``q4k``: 148 bytes a 256)."""
+    """Whether Q4_K experts are held with the file's own factors (``q4k``: 144 bytes a 256)."""
     return (os.environ if environ is None else environ).get(Q4K_SUPER_ENV, "1").strip() != "0"
 
 
@@ -138,8 +139,9 @@ class Stack:
     ``d`` the float16 bits of ``six``'s super-scales [E·N, K/256]; ``n`` rows per expert;
     ``b`` a bias per row [E·N] (gpt-oss) or None. ``fp4`` (MXFP4): ``w`` [E·N, K/2] uint8, two
     E2M1 codes a byte in the int4 order, ``s`` the E8M0 bytes [E·N, K/32]. ``q4k`` (Q4_K):
-    ``w`` as int4's, ``s`` int16 [E·N, K/32] (the sub-scale in its low byte, the sub-min in
-    its high one), ``d`` int32 [E·N, K/256] (float16 ``d`` low half, ``dmin`` high half)."""
+    ``w`` as int4's, ``s`` int32 [E·N, K/256 · 4], a word quad a super-block (float16 ``d``
+    low half and ``dmin`` high half of word 0, the file's 12 scale bytes in words 1-3:
+    ``int4_codes.q4_k_super_words``), ``d`` None."""
 
     w: torch.Tensor
     s: torch.Tensor
@@ -220,11 +222,11 @@ def stack_tensors(codes: Codes, kind: tuple[str, int, bool] | None = None) -> Te
         lo, hi = six_of(codes)  # (Q6_K as loaded: from the file's bytes)
         sc, d = codes.k_scales
         return lo, sc.contiguous(), hi, _bits(d)
-    if kind == ("q4k", 32, False):  # the int4 layout's codes, the file's factors unpacked
-        sub, dd = q4_k_sub_scales(codes)
+    if kind == ("q4k", 32, False):  # the int4 layout's codes, the file's factors as they are
+        words = q4_k_super_words(codes)
         nib = codes.packed_codes  # (not ``nibbles``: its float16 products are not needed)
         nib = nib if nib is not None else pack_codes(codes.codes)
-        return nib.contiguous(), sub, None, dd
+        return nib.contiguous(), words, None, None
     if isinstance(codes, Int4Groups):
         if codes.packed_codes is not None:  # GGUF's own order already: no unpacking
             nib, scales, offsets = codes.nibbles
@@ -263,15 +265,14 @@ def _dequantize(st: Stack, experts: int) -> torch.Tensor:
 
 def _q4k_dequantize(st: Stack) -> torch.Tensor:
     """float32 [rows, K] of a ``q4k`` stack: q·(d·sc) − dmin·m, the file's values exactly (the
-    products are exact in float32; one rounding, as ``loaders.quants``' own)."""
+    products are exact in float32; one rounding, as ``loaders.quants``' own), the factors
+    read from the word quads as the kernels read them (``int4_codes.q4_k_word_factors``)."""
     rows = st.w.shape[0]
     b = st.w.view(rows, -1, 16)
     q = torch.cat((b & 15, b >> 4), dim=2).float()  # [rows, K/32, 32]
-    sub = st.s.int()
-    half = lambda bits: bits.to(torch.int16).view(torch.float16).float()  # noqa: E731
-    d = half((st.d << 16) >> 16).repeat_interleave(8, dim=1)
-    dmin = half(st.d >> 16).repeat_interleave(8, dim=1)
-    scale, offset = d * (sub & 255).float(), dmin * (sub >> 8).float()
+    d, dmin, sc, m = q4_k_word_factors(st.s)
+    scale = d.repeat_interleave(8, dim=1) * sc.float()
+    offset = dmin.repeat_interleave(8, dim=1) * m.float()
     return (q * scale[..., None] - offset[..., None]).view(rows, -1)
 
 

@@ -10,16 +10,19 @@ two code layouts of the dense CUDA layers, or a 6-bit one:
 * int8 (Q8_0/Q5_x/IQ4_x/..., ``cuda_int8``): ``W`` the codes read as uint8 [E, N, K], ``S``
   float16 bits (int16) of a scale per ``GS`` columns, ``MN`` float16 bits of an offset per 32
   where ``HAS_MIN``: ``w = code·scale (+ offset)``;
-* ``Q4K`` (Q4_K with the file's own factors): ``W`` as ``INT4``'s, ``S`` int16 [E, N, K/32]
-  the 6-bit sub-scale ``sc`` (low byte) and sub-min ``m`` (high byte) of each 32, ``D`` int32
-  [E, N, K/256] the float16 ``d`` (low half) and ``dmin`` (high half) of each 256:
+* ``Q4K`` (Q4_K with the file's own factors): ``W`` as ``INT4``'s, ``S`` int32
+  [E, N, K/256, 4], a word quad a super-block — word 0 the float16 ``d`` (low half) and
+  ``dmin`` (high half), words 1-3 the file's 12 bytes of packed 6-bit sub-scales and sub-mins
+  verbatim (``_q4k_factors``: sub-block j's ``sc``/``m`` from byte j % 4 of words 1-3) — one
+  16-byte load gives a row's d, dmin and all 8 groups' factors (the 8 groups share it: L1);
   ``w = code·(d·sc) − dmin·m``, both products formed in float32 in the kernel (exact: 17 and
-  17 significant bits) — the file's value exactly, in 148 bytes a 256;
+  17 significant bits) — the file's value exactly, in the file's 144 bytes a 256;
 * ``SIX`` (Q6_K, 6-bit codes ``u = code + 32``): ``W`` the low 4 bits in the int4 layout
   [E, N, K/2], ``MN`` the high 2 bits four a byte [E, N, K/4] (byte ``i`` of group ``g``:
   columns 32g+i, +8, +16, +24 in bits 0-1, 2-3, 4-5, 6-7), ``S`` the int8 sub-scale per 16 and
   ``D`` the float16 bits of the super-scale per 256: ``w = (u − 32)·d·sc`` — the file's 210
-  bytes a 256 (``cuda_q6k``'s layout). Other formats take ``D`` as an unused argument.
+  bytes a 256 (``cuda_q6k``'s layout). Other formats (Q4K too) take ``D`` as an unused
+  argument.
 * ``FP4`` (MXFP4, gpt-oss's experts): ``W`` uint8 [E, N, K/2], two E2M1 codes a byte in the
   int4 layout's order (GGML's own block order: byte ``i`` of group ``g`` holds column 32g+i in
   the low nibble, 32g+16+i in the high one), ``S`` uint8 [E, N, K/32] the E8M0 exponent byte
@@ -47,9 +50,10 @@ weight. ``SWIGLU``: gpt-oss's clamped activation instead of SiLU·up —
   Its codes come in as int32 words, a thread holding a row's group: the 4-bit layouts' 16
   bytes as a word quad (byte j of word q: column 32g + 4q + j, low nibble, and + 16, high
   nibble) in one 16-byte load (``ld.global.v4.b32``; SIX's high bit pairs 8 bytes,
-  ``.v2.b32``; int8: a quad a half group), row starts written (K // 32)·(words a group) so
-  that Triton sees them 16-byte aligned whatever K's specialisation (the byte tensors this
-  replaced took 8 bytes a load on the GPU, one with K unspecialised); x as int64 words, four
+  ``.v2.b32``; int8: a quad a half group; Q4K's super-block quad one more), row starts
+  written (K // 32)·(words a group) so that Triton sees them 16-byte aligned whatever K's
+  specialisation (the byte tensors this replaced took 8 bytes a load on the GPU, one with K
+  unspecialised); x as int64 words, four
   16-bit columns each — the quad a code word meets — a thread's quads contiguous: 16-byte
   loads, in the words' layout, so the loop has no shared-memory exchange (``_x_group``). A
   word's bytes become floats by OR-ing each in place under a float32 exponent whose unit is
@@ -63,7 +67,8 @@ weight. ``SWIGLU``: gpt-oss's clamped activation instead of SiLU·up —
   dtype, on the tensor cores; blocks past the last exit at once. The 4-bit codes' rows are
   written (K // 32)·16 bytes so that the pipeline's async copies take up to 16 bytes (8 at
   most before; SIX's high bit pairs 8, one byte before); the scales are still loaded per
-  element of the tile (L1 hits).
+  element of the tile (L1 hits), except Q4K's: a row's super-block words once a step (steps
+  of at most 256 columns), each element's factors picked from them by its column.
 
 Nothing here syncs with the host and every grid is fixed by (picks, shapes): CUDA graphs
 capture them. float32 x (tests) takes IEEE products, never TF32.
@@ -113,6 +118,31 @@ def _scale_offset(so):
     s = (so & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     o = (so >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return s, o
+
+
+@triton.jit
+def _q4k_factors(w0, w1, w2, w3, j):
+    """float32 (d·sc, dmin·m) of Q4_K sub-block ``j`` (0..7, broadcast against the words) of
+    a super-block's word quad (``Q4K``'s ``S``; the module text): whole-word masks give the 8
+    sub-scales as the bytes of two words (j < 4: the low 6 bits of word 1's byte j; j ≥ 4:
+    word 3's low nibbles with word 1's top bit pairs as bits 4-5), the sub-mins likewise
+    (words 2 and 3's high nibbles), and ``j`` picks one word and its byte. Both products
+    exact in float32 (a float16 times an integer < 64)."""
+    sh = (j % 4) * 8
+    hi = j >= 4
+    sc = tl.where(hi, (w3 & 0x0F0F0F0F) | ((w1 >> 2) & 0x30303030), w1 & 0x3F3F3F3F)
+    m = tl.where(hi, ((w3 >> 4) & 0x0F0F0F0F) | ((w2 >> 2) & 0x30303030), w2 & 0x3F3F3F3F)
+    d, dmin = _scale_offset(w0)
+    return d * _u6((sc >> sh) & 63), dmin * _u6((m >> sh) & 63)
+
+
+@triton.jit
+def _quad_words(v):
+    """A [R, G, 4] word quad tensor's four words, each [R, G] (in-thread: no exchange)."""
+    a, b = tl.split(tl.reshape(v, [v.shape[0], v.shape[1], 2, 2]))  # words (0, 2), (1, 3)
+    w0, w2 = tl.split(a)
+    w1, w3 = tl.split(b)
+    return w0, w1, w2, w3
 
 
 @triton.jit
@@ -251,14 +281,15 @@ def _load(ptrs, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _nibble_step(w_ptrs, x_ptrs, s_ptrs, d_ptrs, h_ptrs, gm, q, DT: tl.constexpr,
+def _nibble_step(w_ptrs, x_ptrs, s_ptrs, d_ptrs, h_ptrs, gm, q, j, DT: tl.constexpr,
                  SIX: tl.constexpr, FP4: tl.constexpr, Q4K: tl.constexpr, MASKED: tl.constexpr):
     """One step's [R, G] sums over the 4-bit layouts (``INT4``, ``Q4K``, ``SIX``, ``FP4``) at
     the step's pointers (``_row_dot``): a group's 16 code bytes are its word quad (byte j of
     word q: columns 32g + 4q + j, low nibble, and + 16, high nibble), one 16-byte load.
     ``MASKED`` (always for FP4): a K that BLOCK_K does not divide (gpt-oss's 2880, or a step
     wider than K: 30B-A3B's down, 768, in one 1024-wide step) reads zeros past it — codes,
-    scales and x — so those groups add 0."""
+    scales and x — so those groups add 0. Q4K: ``s_ptrs`` [R, G, 4] each group's super-block
+    word quad (one 16-byte load), ``j`` [G] the groups' sub-blocks in it."""
     x0, x1, x2, x3 = _x_group(x_ptrs, gm[:, None], DT, MASKED)
     if FP4:
         w = tl.load(w_ptrs, mask=gm[None, :, None], other=0)
@@ -283,11 +314,9 @@ def _nibble_step(w_ptrs, x_ptrs, s_ptrs, d_ptrs, h_ptrs, gm, q, DT: tl.constexpr
             d = _half(_load(d_ptrs, gm[None, :], MASKED))
             out = (pa * ((sc << 24) >> 24).to(tl.float32) + pb * (sc >> 8).to(tl.float32)) * d
         elif Q4K:  # d·sc·q − dmin·m
-            sub = _load(s_ptrs, gm[None, :], MASKED).to(tl.int32)
-            d, dmin = _scale_offset(_load(d_ptrs, gm[None, :], MASKED))
-            sc = ((sub & 255) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            m = ((sub >> 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            out = tl.sum(p, 2) * (d * sc) - tl.sum(xs, 2) * (dmin * m)
+            w0, w1, w2, w3 = _quad_words(_load(s_ptrs, gm[None, :, None], MASKED))
+            s, o = _q4k_factors(w0, w1, w2, w3, j[None, :])
+            out = tl.sum(p, 2) * s - tl.sum(xs, 2) * o
         else:
             s, o = _scale_offset(_load(s_ptrs, gm[None, :], MASKED))
             out = tl.sum(p, 2) * s + o * tl.sum(xs, 2)
@@ -341,11 +370,14 @@ def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS
     s_row = wrow[:, None] * (K // 32) + gi[None, :]  # a group's index over a row's groups
     if SIX:  # the int8 sub-scales two a group: one int16
         s_ptrs = S.to(tl.pointer_type(tl.int16)) + s_row
+    elif Q4K:  # each group's super-block word quad (16 bytes), a row's 8 groups of one load one
+        s_ptrs = (S.to(tl.pointer_type(tl.int32)) + (wrow * ((K // 256) * 4))[:, None, None]
+                  + ((gi // 8) * 4)[None, :, None] + q[None, None, :])
     elif GS == 16 and not NIBBLES:  # int8 scales two a group: one int32
         s_ptrs = S.to(tl.pointer_type(tl.int32)) + s_row
     else:
         s_ptrs = S + s_row
-    # each group's super-block word (Q4K: d/dmin; SIX: d), a row's 8 groups of one load one
+    # each group's super-block word (SIX: d), a row's 8 groups of one load one
     d_ptrs = D + wrow[:, None] * (K // 256) + gi[None, :] // 8
     h_ptrs = (MN.to(tl.pointer_type(tl.int32)) + (wrow * ((K // 32) * 2))[:, None, None]
               + (gi * 2)[None, :, None] + (q % 2)[None, None, :])  # SIX: the high bit pairs
@@ -354,8 +386,12 @@ def _row_dot(XR, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.constexpr, GS
         gm = k0 + gi * 32 < K
         g0 = k0 // 32  # the step's first group
         if NIBBLES:
-            acc += _nibble_step(w_ptrs + g0 * 4, x_ptrs + k0 // XW, s_ptrs + g0,
-                                d_ptrs + k0 // 256, h_ptrs + g0 * 2, gm, q, DT, SIX, FP4, Q4K,
+            if Q4K:  # the step's super-block(s): a quad each
+                sp = s_ptrs + (k0 // 256) * 4
+            else:
+                sp = s_ptrs + g0
+            acc += _nibble_step(w_ptrs + g0 * 4, x_ptrs + k0 // XW, sp, d_ptrs + k0 // 256,
+                                h_ptrs + g0 * 2, gm, q, (g0 + gi) % 8, DT, SIX, FP4, Q4K,
                                 FP4 or MASK_K)
         else:
             acc += _int8_step(w_ptrs + g0 * 8, x_ptrs + k0 // XW, s_ptrs + g0,
@@ -476,18 +512,18 @@ def _fp4_tile(W, S, erow, byte, K):
 
 
 @triton.jit
-def _q4k_tile(W, S, D, erow, byte, K, k0, BLOCK_K: tl.constexpr):
-    """As ``_int4_tile`` for the ``Q4K`` layout (``S`` the sub-scale/sub-min pairs, ``D`` the
-    float16 d/dmin words) at step ``k0``: (low, high) columns, code·(d·sc) − dmin·m in float32.
-    A step of at most 256 columns lies in one super-block: its word loaded once a row."""
+def _q4k_tile(W, S, erow, byte, K, k0, BLOCK_K: tl.constexpr):
+    """As ``_int4_tile`` for the ``Q4K`` layout (``S`` the super-blocks' word quads) at step
+    ``k0``: (low, high) columns, code·(d·sc) − dmin·m in float32. A step of at most 256
+    columns lies in one super-block: its four words loaded once a row (an element's group
+    picks its factors from them: ``_q4k_factors``); a wider step loads them per element."""
     b = tl.load(W + erow * ((K // 32) * 16) + byte).to(tl.int32)  # 16-byte aligned rows
-    sub = tl.load(S + erow * (K // 32) + byte // 16).to(tl.int32)
     if BLOCK_K <= 256:
-        d, dmin = _scale_offset(tl.load(D + erow * (K // 256) + k0 // 256))
+        quad = S.to(tl.pointer_type(tl.int32)) + (erow * (K // 256) + k0 // 256) * 4
     else:
-        d, dmin = _scale_offset(tl.load(D + erow * (K // 256) + byte // 128))
-    s = d * _u6(sub & 255)
-    o = dmin * _u6(sub >> 8)
+        quad = S.to(tl.pointer_type(tl.int32)) + (erow * (K // 256) + byte // 128) * 4
+    s, o = _q4k_factors(tl.load(quad), tl.load(quad + 1), tl.load(quad + 2),
+                        tl.load(quad + 3), (byte // 16) % 8)
     return _u6(b & 15) * s - o, _u6(b >> 4) * s - o
 
 
@@ -590,7 +626,7 @@ def expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stri
             if SIX:
                 lo, hi = _six_tile(W, S, MN, D, wrow, wcol + k0 // 2, K)
             elif Q4K:
-                lo, hi = _q4k_tile(W, S, D, wrow, wcol + k0 // 2, K, k0, BLOCK_K)
+                lo, hi = _q4k_tile(W, S, wrow, wcol + k0 // 2, K, k0, BLOCK_K)
             elif FP4:
                 lo, hi = _fp4_tile(W, S, wrow, wcol + k0 // 2, K)
             else:
@@ -601,7 +637,7 @@ def expert_rows(X, RW, W, S, MN, D, B, Y, row, pick, mmask, e, pid_n, N, K, stri
                 if SIX:
                     lo, hi = _six_tile(W, S, MN, D, wrow + n_out, wcol + k0 // 2, K)
                 elif Q4K:
-                    lo, hi = _q4k_tile(W, S, D, wrow + n_out, wcol + k0 // 2, K, k0, BLOCK_K)
+                    lo, hi = _q4k_tile(W, S, wrow + n_out, wcol + k0 // 2, K, k0, BLOCK_K)
                 elif FP4:
                     lo, hi = _fp4_tile(W, S, wrow + n_out, wcol + k0 // 2, K)
                 else:

@@ -37,8 +37,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pensieve.backends.cuda_moe_kernels import (_e8m0, _glu, _half, _scale_offset,
-                                                _x_group)
+from pensieve.backends.cuda_moe_kernels import (_e8m0, _glu, _half, _q4k_factors,
+                                                _quad_words, _scale_offset, _x_group)
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def _scaled(c0, c1, c2, c3, s, o, HAS_O: tl.constexpr):
 
 
 @triton.jit
-def _step_weights(w_ptrs, s_ptrs, d_ptrs, h_ptrs, m_ptrs, gm, q, NIBBLES: tl.constexpr,
+def _step_weights(w_ptrs, s_ptrs, d_ptrs, h_ptrs, m_ptrs, gm, q, j, NIBBLES: tl.constexpr,
                   SIX: tl.constexpr, FP4: tl.constexpr, Q4K: tl.constexpr, GS: tl.constexpr,
                   HAS_MIN: tl.constexpr, MASKED: tl.constexpr):
     """One step's codes at the step's pointers (as ``_row_dot``'s): four float32 [BN, G, 4, 2]
@@ -106,7 +106,8 @@ def _step_weights(w_ptrs, s_ptrs, d_ptrs, h_ptrs, m_ptrs, gm, q, NIBBLES: tl.con
     code·scale + offset, one FMA a code for all the rows, where a row's Σx per group would cost
     it more — and ``s`` is unused; else the raw codes (SIX's − 32, FP4's × 2^−14) and ``s`` the
     scale to multiply a row's sums by: [BN, G, 1], or [BN, G, 2] a half group each (SIX, int8
-    with 16-wide groups)."""
+    with 16-wide groups). Q4K: ``s_ptrs`` [BN, G, 4] each group's super-block word quad,
+    ``j`` [G] the groups' sub-blocks in it (``cuda_moe_kernels._q4k_factors``)."""
     if NIBBLES:
         w = _ld(w_ptrs, gm[None, :, None], MASKED)
         if FP4:
@@ -126,13 +127,10 @@ def _step_weights(w_ptrs, s_ptrs, d_ptrs, h_ptrs, m_ptrs, gm, q, NIBBLES: tl.con
                 s = tl.join(((sc << 24) >> 24).to(tl.float32) * d, (sc >> 8).to(tl.float32) * d)
             elif Q4K:  # code·(d·sc) − dmin·m: both products exact in float32
                 c0, c1, c2, c3 = _codes(tl.join(lo, hi), 0, 0.0)
-                sub = _ld(s_ptrs, gm[None, :], MASKED).to(tl.int32)
-                d, dmin = _scale_offset(_ld(d_ptrs, gm[None, :], MASKED))
-                sc = ((sub & 255) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                m = ((sub >> 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                s = (d * sc)[:, :, None, None]
-                c0, c1, c2, c3 = _scaled(c0, c1, c2, c3, s, (-(dmin * m))[:, :, None, None],
-                                         True)
+                w0, w1, w2, w3 = _quad_words(_ld(s_ptrs, gm[None, :, None], MASKED))
+                s, o = _q4k_factors(w0, w1, w2, w3, j[None, :])
+                s = s[:, :, None, None]
+                c0, c1, c2, c3 = _scaled(c0, c1, c2, c3, s, (-o)[:, :, None, None], True)
             else:
                 c0, c1, c2, c3 = _codes(tl.join(lo, hi), 0, 0.0)
                 s, o = _scale_offset(_ld(s_ptrs, gm[None, :], MASKED))
@@ -197,6 +195,9 @@ def _rows_dot(X0, X1, X2, X3, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.
     s_row = wrow[:, None] * (K // 32) + gi[None, :]
     if SIX:
         s_ptrs = S.to(tl.pointer_type(tl.int16)) + s_row
+    elif Q4K:  # each group's super-block word quad (``_row_dot``'s)
+        s_ptrs = (S.to(tl.pointer_type(tl.int32)) + (wrow * ((K // 256) * 4))[:, None, None]
+                  + ((gi // 8) * 4)[None, :, None] + q[None, None, :])
     elif GS == 16 and not NIBBLES:
         s_ptrs = S.to(tl.pointer_type(tl.int32)) + s_row
     else:
@@ -211,9 +212,14 @@ def _rows_dot(X0, X1, X2, X3, W, S, MN, D, wrow, K, INT4: tl.constexpr, SIX: tl.
     for k0 in range(0, K, BLOCK_K):
         gm = k0 + gi * 32 < K
         g0 = k0 // 32
-        c0, c1, c2, c3, s = _step_weights(w_ptrs + g0 * WORDS, s_ptrs + g0, d_ptrs + k0 // 256,
-                                          h_ptrs + g0 * 2, MN + s_row + g0, gm, q, NIBBLES,
-                                          SIX, FP4, Q4K, GS, HAS_MIN, MASKED)
+        if Q4K:  # the step's super-block(s): a quad each
+            sp = s_ptrs + (k0 // 256) * 4
+        else:
+            sp = s_ptrs + g0
+        c0, c1, c2, c3, s = _step_weights(w_ptrs + g0 * WORDS, sp, d_ptrs + k0 // 256,
+                                          h_ptrs + g0 * 2, MN + s_row + g0, gm, q,
+                                          (g0 + gi) % 8, NIBBLES, SIX, FP4, Q4K, GS, HAS_MIN,
+                                          MASKED)
         xk = k0 // XW
         a0 = _row_acc(a0, c0, c1, c2, c3, s, x0p + xk, gm, DT, MASKED, DEQ)
         if R > 1:

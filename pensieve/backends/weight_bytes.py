@@ -10,10 +10,10 @@
 
 Sizes a weight in the CUDA layouts (``cuda_int4``, ``cuda_q6k``, ``cuda_int8``, ``cuda_moe``):
 Q4_0 18 bytes a 32 (the file's; MoE experts 20); Q4_1 and Q4_K 20 a 32 (a float16 scale and
-offset per 32; the file's Q4_K is 18), except Q4_K MoE experts: 148 a 256 (``cuda_moe``'s
-``q4k``: the file's 144 with its 6-bit factors a byte each; 160 with
-``PENSIEVE_MOE_Q4K_SUPER=0``); Q6_K 210 a 256 (the file's, experts too); the int8-code types one
-byte a code plus float16 scales (and offsets); MXFP4 experts the file's 17 bytes a 32
+offset per 32; the file's Q4_K is 18), except Q4_K MoE experts: the file's 144 a 256
+(``cuda_moe``'s ``q4k``: the codes and each super-block's d, dmin and 12 scale bytes as they
+are; 160 with ``PENSIEVE_MOE_Q4K_SUPER=0``); Q6_K 210 a 256 (the file's, experts too); the
+int8-code types one byte a code plus float16 scales (and offsets); MXFP4 experts the file's 17 bytes a 32
 (``cuda_moe``'s packed ``fp4``; 34, int8 codes + a float16 scale, with ``PENSIEVE_MXFP4_INT8=1``).
 Other tensors (norms, biases, routers, float matrices) are held in the model's dtype.
 """
@@ -56,7 +56,7 @@ def cuda_bytes(ggml_type: Q, shape: tuple[int, ...], float_bytes: int = 2) -> in
         if ggml_type is Q.Q4_K and len(shape) == 3 and shape[-1] % 256 == 0:
             from pensieve.backends.cuda_moe import q4k_super
 
-            return n // 256 * (148 if q4k_super() else 160)
+            return n // 256 * (144 if q4k_super() else 160)
         if ggml_type is Q.Q4_0 and len(shape) == 3:
             return n // 32 * 20  # MoE experts keep Q4_0's offsets too
         if ggml_type is Q.MXFP4 and len(shape) == 3:

@@ -28,7 +28,8 @@ MXFP4      2^(e−128)·2fp4(q)  (3-D experts)      2fp4   2^(e−128)    —
 Scales that are products (``d·sc``) are rounded to float16 (relative error ≤ 2⁻¹¹, as Q4_K's
 in ``Int4Groups``); the rest are the file's own float16 values, so those types are exact. Q4_K
 and Q6_K rows of whole super-blocks also keep the file's own factors (``k_scales``), exact:
-``q4_k_sub_scales`` unpacks Q4_K's per 32 for the CUDA MoE experts' ``q4k`` layout. Q6_K is
+``q4_k_super_words`` holds Q4_K's as the file does, a 16-byte word quad a 256, for the CUDA MoE
+experts' ``q4k`` layout (``q4_k_word_factors`` reads them back per 32). Q6_K is
 kept as the file's bytes only (``Q6KGroups``: its codes and float16 steps are derived when a
 layout asks for them). A tensor whose products overflow float16 returns None (it is
 dequantised as usual), as do other types.
@@ -421,20 +422,39 @@ def _q4_k_factors(blocks: torch.Tensor, rows: int, cols: int
             blocks[:, :4].contiguous().view(torch.float16).reshape(rows, cols // 128))
 
 
-def q4_k_sub_scales(groups: Int4Groups) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A Q4_K tensor's own factors (``Int4Groups.k_scales``) per row, unpacked for a kernel
-    that applies them per 32 (``backends/cuda_moe``'s ``q4k`` layout), by integer ops: the
-    sub-scale ``sc`` and sub-min ``m`` of each 32 as the low and high byte of an int16
-    [N, K/32], the float16 ``d`` and ``dmin`` of each 256 as the low and high half of an int32
-    [N, K/256] — ``w = float32(d)·sc·q − float32(dmin)·m``, the file's float32 values exactly.
-    None without them (Q4_0/Q4_1, a row of part super-blocks, a packed cache's groups)."""
+def q4_k_super_words(groups: Int4Groups) -> torch.Tensor | None:
+    """A Q4_K tensor's own factors (``Int4Groups.k_scales``) per row as the file holds them,
+    for a kernel that applies them per 32 (``backends/cuda_moe``'s ``q4k`` layout): int32
+    [N, K/256 · 4], a word quad a super-block (16 bytes, one load) — word 0 the float16 ``d``
+    (low half) and ``dmin`` (high half), words 1-3 the file's 12 bytes of 6-bit scales and
+    mins verbatim (byte i of word 1 + i // 4), not unpacked: ``sc``/``m`` of sub-block j are
+    (with a_w = byte j % 4 of word w) a_1 & 63, a_2 & 63 for j < 4, else
+    (a_3 & 15) | (a_1 >> 6) << 4 and (a_3 >> 4) | (a_2 >> 6) << 4 (``k_scale_codes``) —
+    ``w = float32(d)·sc·q − float32(dmin)·m``, the file's float32 values exactly. None without
+    them (Q4_0/Q4_1, a row of part super-blocks, a packed cache's groups)."""
     if groups.k_scales is None:
         return None
-    six, dmin = groups.k_scales  # uint8 [N, K/256 · 12], float16 [N, K/256 · 2]
+    six, dd = groups.k_scales  # uint8 [N, K/256 · 12], float16 [N, K/256 · 2]
     rows = six.shape[0]
-    sc, m = k_scale_codes(six.reshape(-1, 12))  # uint8 [N·K/256, 8] each
-    sub = torch.stack((sc, m), dim=-1).reshape(rows, -1).view(torch.int16)
-    return sub, dmin.contiguous().view(torch.int32)
+    words = torch.cat((dd.reshape(-1, 2).view(torch.uint8), six.reshape(-1, 12)), dim=1)
+    return words.view(torch.int32).reshape(rows, -1)  # (the cat's own tensor: contiguous)
+
+
+def q4_k_word_factors(words: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q4_k_super_words``' quads [N, K/256 · 4] read back as the ``q4k`` kernels read them
+    (``backends/cuda_moe_kernels._q4k_factors``: whole-word masks, then sub-block j's byte):
+    float32 ``d``, ``dmin`` [N, K/256] and int32 ``sc``, ``m`` [N, K/32] (0..63)."""
+    rows = words.shape[0]
+    w = words.reshape(rows, -1, 4).int()
+    half = lambda bits: bits.to(torch.int16).view(torch.float16).float()  # noqa: E731
+    d, dmin = half((w[..., 0] << 16) >> 16), half(w[..., 0] >> 16)
+    w1, w2, w3 = w[..., 1:2], w[..., 2:3], w[..., 3:4]
+    j = torch.arange(8, device=w.device)
+    hi, shift = j >= 4, (j % 4) * 8
+    sc = torch.where(hi, (w3 & 0x0F0F0F0F) | ((w1 >> 2) & 0x30303030), w1 & 0x3F3F3F3F)
+    m = torch.where(hi, ((w3 >> 4) & 0x0F0F0F0F) | ((w2 >> 2) & 0x30303030), w2 & 0x3F3F3F3F)
+    return d, dmin, ((sc >> shift) & 63).reshape(rows, -1), ((m >> shift) & 63).reshape(rows, -1)
 
 
 def _packed(blocks: torch.Tensor, ggml_type: Q, rows: int, cols: int) -> Int4Groups | None:

@@ -2,7 +2,7 @@
 
 On CPU: the module's buffers dequantise to exactly the loader's codes (Q4_0, Q8_0, Q5_K) or the
 file's own float32 values (Q4_K in its ``q4k`` layout — any finite d and dmin, bit for bit —
-and Q6_K in its 6-bit layout), Q4_K's 148 bytes a 256 (160 in the int4 layout it falls back
+and Q6_K in its 6-bit layout), Q4_K's 144 bytes a 256 (160 in the int4 layout it falls back
 to), the module's reference forward against ``models.moe.Experts`` on the same dequantised
 weights, and every kernel (pick GEMV unpaired and paired, the one-program sort, the grouped
 GEMM) in Triton's interpreter (a fresh process) against float64 for int4, q4k, 6-bit and int8
@@ -133,8 +133,9 @@ def test_q4_k_experts_are_the_files_float32_values_bit_for_bit():
     assert torch.equal(cuda_moe.expert_weights(dn, 1), want[2].view(e, hidden, inner)[1])
 
 
-def test_q4_k_experts_hold_148_bytes_a_256(monkeypatch):
-    """The file's 144 bytes a 256 held as 148 (1.028x); ``PENSIEVE_MOE_Q4K_SUPER=0``: the int4
+def test_q4_k_experts_hold_the_files_144_bytes_a_256(monkeypatch):
+    """The file's 144 bytes a 256 held as 144 (a 16-byte word quad a super-block: d/dmin and
+    the 12 scale bytes, beside the 128 code bytes); ``PENSIEVE_MOE_Q4K_SUPER=0``: the int4
     layout's 160; Q4_K gate beside a Q4_0 up: both in the int4 layout (they fuse)."""
     from pensieve.backends.weight_bytes import cuda_bytes, held_bytes
 
@@ -142,12 +143,14 @@ def test_q4_k_experts_hold_148_bytes_a_256(monkeypatch):
     layer = make_layer(Q.Q4_K, Q.Q4_K, hidden, inner, e)
     weights = 3 * e * hidden * inner
     file_bytes = weights // 256 * 144
-    assert held_bytes(layer) * 144 == file_bytes * 148
+    assert held_bytes(layer) == file_bytes
     assert held_bytes(layer) == 2 * cuda_bytes(Q.Q4_K, (e, inner, hidden)) + cuda_bytes(
         Q.Q4_K, (e, hidden, inner))
     assert {n: b.dtype for n, b in layer.named_buffers()} == {
-        "gate_up_w": torch.uint8, "gate_up_s": torch.int16, "gate_up_d": torch.int32,
-        "down_w": torch.uint8, "down_s": torch.int16, "down_d": torch.int32}
+        "gate_up_w": torch.uint8, "gate_up_s": torch.int32, "down_w": torch.uint8,
+        "down_s": torch.int32}
+    assert layer.gate_up_s.shape == (e * 2 * inner, hidden // 256 * 4)  # a quad a super-block
+    assert layer.down_s.shape == (e * hidden, inner // 256 * 4)
     monkeypatch.setenv(cuda_moe.Q4K_SUPER_ENV, "0")
     old = make_layer(Q.Q4_K, Q.Q4_K, hidden, inner, e)
     assert old.formats == (("int4", 32, True),) * 2
@@ -309,6 +312,43 @@ def moe_block_check() -> None:
 
 def test_kernels_in_the_triton_interpreter():
     run_in_triton_interpreter("from tests.unit.test_cuda_moe import interpreter_check as c; "
+                              "c(); print('ok')")
+
+
+def q4k_check() -> None:
+    """The ``q4k`` layout's word quads (a super-block's d/dmin and the file's 12 scale bytes)
+    in every kernel that reads them, against float64: Q4_K gate/up and down of two super-blocks
+    a row; scale bytes all ones in some blocks (sc = m = 63 in all 8 sub-blocks, top bits
+    set) and random elsewhere. The pick GEMV at steps of 128 (a quad's sub-blocks 4-7 in the
+    second step of a super-block) and 512 (two quads a step) and down's 512 in one 1024-wide
+    masked step; the grouped GEMM at steps of 64 and 512 (a row's quad once a step; per
+    element past 256) and its swap-AB tile; the expert-major GEMV."""
+    from pensieve.backends.cuda_moe import GemvTiles, Tiles, moe_experts
+
+    experts, k, hidden, inner = 4, 2, 512, 512
+    codes = []
+    for rows, cols, seed in ((inner, hidden, 60), (inner, hidden, 61), (hidden, inner, 62)):
+        raw = random_raw(Q.Q4_K, experts * rows, cols, seed)
+        raw.view(-1, 144)[::3, 4:16] = 0xFF
+        codes.append(quant_groups(raw, Q.Q4_K, (experts * rows, cols)))
+    layer = CudaMoEExperts(*codes, experts)
+    assert layer.formats == (("q4k", 32, False),) * 2
+    gate_up, down = (w.double() for w in layer.dequantize())
+    w, ids = routing(5, experts, k, 7)
+    x = torch.randn(5, hidden) * 0.05
+    ref = reference_experts(x.double(), w.double(), ids, gate_up, down)
+    runs = [("gemv", GemvTiles(Tiles(1, 16, 128, 4, 2, pair=True), Tiles(1, 32, 128, 4, 2))),
+            ("gemv", GemvTiles(Tiles(1, 8, 512, 4, 2), Tiles(1, 32, 1024, 8, 2))),
+            ("grouped", Tiles(16, 32, 64, 4, 2)), ("grouped", Tiles(16, 32, 512, 4, 1)),
+            ("grouped", Tiles(16, 32, 32, 4, 2, swap=True)),
+            ("experts", Tiles(16, 32, 64, 4, 2, swap=True))]
+    for route, tiles in runs:
+        y = moe_experts(x, w, ids, *layer.stacks(), experts, route=route, tiles=tiles)
+        assert rel(y, ref) < 1e-5, (route, tiles, rel(y, ref))
+
+
+def test_q4k_word_quads_in_the_triton_interpreter():
+    run_in_triton_interpreter("from tests.unit.test_cuda_moe import q4k_check as c; "
                               "c(); print('ok')")
 
 
@@ -552,14 +592,14 @@ def test_q4k_kernels_compile_for_the_h100_without_spills():
     """The ``Q4K`` layout (Q4_K's own factors) built for sm_90 in bfloat16: the pick GEMV at
     the constant rule's tiles and the tuner's paired one (gate/up unpaired and paired, down
     routed), the grouped GEMM at its decode and prefill tiles; no register spills but the
-    prefill tile's, as the int4 layout's there (Triton 3.9: fused 232 vs int4's 240 bytes,
-    routed 16 vs 8)."""
+    prefill tile's, as the int4 layout's there (Triton 3.9, this unaligned build: fused 200 vs
+    int4's 240 bytes, routed 0 vs 8; 232 and 16 with the per-32 int16 factors before)."""
     from pensieve.backends import cuda_moe_kernels as kernels
     from pensieve.backends.cuda_moe_tune import GEMV_CANDIDATES
     from tests.helpers.triton_compile import compile_for
     from tests.unit.test_cuda_gdn import _resources
 
-    types = {"X": "*bf16", "IDS": "*i32", "RW": "*bf16", "W": "*u8", "S": "*i16", "MN": "*i16",
+    types = {"X": "*bf16", "IDS": "*i32", "RW": "*bf16", "W": "*u8", "S": "*i32", "MN": "*i16",
              "D": "*i32", "B": "*i16", "Y": "*bf16", "N": "i32", "K": "i32", "stride_x": "i32",
              "stride_y": "i32", "SORTED": "*i32", "BEXP": "*i32", "P": "i32", "E": "i32"}
     q4k = dict(TOPK=8, INT4=False, SIX=False, Q4K=True, GS=32, HAS_MIN=False, HAS_BIAS=False,

@@ -99,8 +99,7 @@ def test_expert_gemv_compiles_for_the_h100(fmt):
              "D": "*i16", "B": "*bf16", "Y": "*bf16", "T": "i32", "N": "i32", "K": "i32",
              "stride_x": "i32", "stride_y": "i32"}
     if fmt != "int8":
-        types.update(S={"int4": "*i32", "six": "*i8", "q4k": "*i16"}[fmt], MN="*u8",
-                     D="*i32" if fmt == "q4k" else "*i16")
+        types.update(S={"int4": "*i32", "six": "*i8", "q4k": "*i32"}[fmt], MN="*u8")
     gpt_oss = fmt == "int8"
     base = dict(TOPK=4, K_PAD=4, INT4=fmt == "int4", SIX=fmt == "six", Q4K=fmt == "q4k",
                 GS=32 if fmt != "six" else 16, HAS_MIN=False, HAS_BIAS=gpt_oss, BLOCK_M=16,

@@ -5,9 +5,11 @@ specialises at Qwen3-30B-A3B's shapes (pointers, N, K and the strides divisible 
 the K loop of every layout — int4, q4k, 6-bit, MXFP4, int8 with 32- and 16-wide groups — at
 the constant rule's and the tuner's tiles, fused (gate/up paired and not) and routed (down),
 the codes come as 16-byte word loads (``ld.global.v4.b32``; the 6-bit layout's high bit
-pairs 8 bytes, ``.v2.b32``, twice), x as 16-byte loads of int64 words (``.v2.b64``), no code
-byte alone (MXFP4's one byte a row: its E8M0 exponent), no shared-memory exchange, no
-register spills; likewise the tuner's own tiles for each launch (``cuda_moe_tune``'s
+pairs 8 bytes, ``.v2.b32``, twice; q4k's super-block word quad — d, dmin and the file's 12
+scale bytes — one more, and no other scale load), x as 16-byte loads of int64 words
+(``.v2.b64``), no code byte alone (MXFP4's one byte a row: its E8M0 exponent), no
+shared-memory exchange, no register spills; likewise the tuner's own tiles for each launch
+(``cuda_moe_tune``'s
 ``GATE_UP_CANDIDATES`` paired, ``DOWN_CANDIDATES`` and ``DOWN_WHOLE_K`` routed — the whole-row
 step with the 4-bit layouts' ``MASK_K``, as 30B-A3B's down K = 768 in one 1024 builds), a
 (row, group) pair a thread. (An offline build without the specialisation loads the old byte-tensor
@@ -34,7 +36,7 @@ ROUTES = {"paired": (True, True), "fused": (True, False), "down": (False, False)
 # layout: (pointer types, constexprs, code loads a row: (v4.b32, v2.b32), bytes a row)
 LAYOUTS = {
     "int4": (dict(S="*i32"), dict(INT4=True), (1, 0), 0),
-    "q4k": (dict(S="*i16", D="*i32"), dict(Q4K=True), (1, 0), 0),
+    "q4k": (dict(S="*i32"), dict(Q4K=True), (2, 0), 0),  # codes + the super-block quad
     "six": (dict(S="*i8", MN="*u8", D="*i16"), dict(SIX=True, GS=16), (1, 2), 0),  # 8 B twice
     "fp4": (dict(S="*u8"), dict(FP4=True), (1, 0), 1),  # the byte: the E8M0 exponent
     "int8": (dict(S="*i16", MN="*i16"), dict(GS=32, HAS_MIN=True), (2, 0), 0),
@@ -94,6 +96,8 @@ def test_pick_gemv_reads_codes_and_x_in_16_byte_words(layout):
             for n in loops:
                 assert n["ld.b8"] + n["ld.u8"] == exps * rows, (where, n)  # no code byte alone
                 assert n["ld.v4.b32"] == v4 * rows and n["ld.v2.b32"] == v2 * rows, (where, n)
+                if layout == "q4k":  # d, dmin and the scales: the quad only
+                    assert n["ld.b16"] + n["ld.b32"] == 0, (where, n)
                 assert n["ld.v2.b64"] == 4 and n["ld.b64"] == 0, (where, n)  # x: 2 × 16 bytes
                 assert n["st.shared"] + n["ld.shared"] + n["bar.sync"] == 0, (where, n)
 
@@ -125,6 +129,8 @@ def test_the_tuners_tiles_a_launch_read_16_byte_words_without_spills(layout):
         for n in loops:  # one (row, group) pair a thread
             assert n["ld.b8"] + n["ld.u8"] == exps, (where, n)
             assert n["ld.v4.b32"] == v4 and n["ld.v2.b32"] == v2, (where, n)
+            if layout == "q4k":
+                assert n["ld.b16"] + n["ld.b32"] == 0, (where, n)
             assert n["ld.v2.b64"] == 4 and n["ld.b64"] == 0, (where, n)
             assert n["st.shared"] + n["ld.shared"] + n["bar.sync"] == 0, (where, n)
 

@@ -123,7 +123,7 @@ def test_q8_0_and_tied_tables_stay_codes():
 
 def test_moe_experts_hold_the_computed_bytes():
     """A Q4_K_M MoE layer's experts (Q4_K gate/up, Q6_K down) as ``cuda_bytes`` counts them:
-    the Q6_K down in the file's own 210 bytes a 256."""
+    the Q6_K down in the file's own 210 bytes a 256, the Q4_K gate/up (``q4k``) in its 144."""
     from pensieve.backends.cuda_moe import CudaMoEExperts
     from tests.unit.test_cuda_moe import expert_codes
 
@@ -133,6 +133,9 @@ def test_moe_experts_hold_the_computed_bytes():
     down = sum(b.nbytes for n, b in layer.named_buffers() if n.startswith("down_"))
     assert down == cuda_bytes(Q.Q6_K, (e, h, i)) == e * h * i // 256 * 210
     assert held_bytes(layer) == 2 * cuda_bytes(Q.Q4_K, (e, i, h)) + down
+    assert cuda_bytes(Q.Q4_K, (e, i, h)) == e * i * h // 256 * 144
+    gate_up = sum(b.nbytes for n, b in layer.named_buffers() if n.startswith("gate_up_"))
+    assert gate_up == 2 * e * i * h // 256 * 144
 
 
 def test_qwen3_8b_q4_k_m_shape_is_within_1_1x():

@@ -81,29 +81,45 @@ def test_q4_0_and_q4_1_stay_packed_and_unpack_to_the_same_codes(qtype):
     assert torch.equal(unpacked.dequantize(), groups.dequantize())
 
 
-def test_q4_k_sub_scales_rebuild_the_files_values():
-    """``q4_k_sub_scales``: each 32's (sc, m) bytes and each 256's float16 (d, dmin) word give
+def test_q4_k_super_words_are_the_files_bytes_and_rebuild_its_values():
+    """``q4_k_super_words``: a 16-byte word quad a super-block — the block's first 16 bytes
+    (float16 d, dmin, then the 12 scale bytes) verbatim, 144 bytes a 256 with the codes — and
+    ``q4_k_word_factors`` (the kernels' decode: whole-word masks, then sub-block j's byte)
+    gives the file's sc/m for all 8 sub-blocks (``loaders.quants.k_scale_codes``; every scale
+    byte random: the top bit pairs that make sub-blocks 4-7's high bits set or not) and
     ``d·sc·q − dmin·m`` in float32 — the GGUF dequantisation bit for bit; kept too where the
     products overflow float16 (the unpacked form)."""
-    from pensieve.loaders.int4_codes import q4_k_sub_scales
+    from pensieve.loaders.int4_codes import q4_k_super_words, q4_k_word_factors
+    from pensieve.loaders.quants import k_scale_codes
 
     rows, cols = 6, 512
     for big in (False, True):
         raw = random_blocks(Q.Q4_K, rows, cols, seed=4)
+        blocks = raw.view(-1, 144)
         if big:  # d = 65504: d·sc past float16
-            raw.view(-1, 144)[:, 0:2] = torch.tensor([0xFF, 0x7B], dtype=torch.uint8)
+            blocks[:, 0:2] = torch.tensor([0xFF, 0x7B], dtype=torch.uint8)
+        blocks[0, 4:16] = 0xFF  # every bit of the scales set: sc = m = 63 in all 8
+        blocks[1, 4:16] = torch.tensor([0xC0] * 8 + [0] * 4, dtype=torch.uint8)  # 48s / 0s
         groups = int4_groups(raw, Q.Q4_K, (rows, cols))
         assert (groups.nibbles is None) == big
-        sub, dd = q4_k_sub_scales(groups)
-        assert sub.shape == (rows, cols // 32) and sub.dtype == torch.int16
-        assert dd.shape == (rows, cols // 256) and dd.dtype == torch.int32
-        sc, m = (sub.int() & 255).float(), (sub.int() >> 8).float()
-        assert sc.max() <= 63 and m.max() <= 63
-        half = lambda bits: bits.to(torch.int16).view(torch.float16).float()  # noqa: E731
-        d = half((dd << 16) >> 16).repeat_interleave(8, 1)
-        dmin = half(dd >> 16).repeat_interleave(8, 1)
+        words = q4_k_super_words(groups)
+        assert words.shape == (rows, cols // 256 * 4) and words.dtype == torch.int32
+        assert torch.equal(words.contiguous().view(torch.uint8).view(-1, 16), blocks[:, :16])
+        assert words.numel() * 4 + rows * cols // 2 == raw.numel()  # with the codes: 144 a 256
+        d, dmin, sc, m = q4_k_word_factors(words)
+        want_sc, want_m = k_scale_codes(blocks[:, 4:16])
+        assert torch.equal(sc, want_sc.int().view(rows, -1))
+        assert torch.equal(m, want_m.int().view(rows, -1))
+        assert (sc[0, :8] == 63).all() and (m[0, :8] == 63).all()  # (row 0: blocks 0 and 1)
+        assert sc[0, 8:].tolist() == [0] * 4 + [48] * 4 and m[0, 8:].tolist() == [0] * 4 + [48] * 4
+        assert int((sc >= 16).sum()) > 0 and int((m >= 16).sum()) > 0  # high bits in play
+        half = blocks[:, :4].contiguous().view(torch.float16).float()
+        assert torch.equal(d, half[:, 0].view(rows, -1))
+        assert torch.equal(dmin, half[:, 1].view(rows, -1))
         q = groups.codes.view(rows, cols // 32, 32).float()
-        w = (q * (d * sc)[..., None] - (dmin * m)[..., None]).view(rows, cols)
+        scale = d.repeat_interleave(8, 1) * sc.float()
+        offset = dmin.repeat_interleave(8, 1) * m.float()
+        w = (q * scale[..., None] - offset[..., None]).view(rows, cols)
         assert torch.equal(w, dequantize(raw, Q.Q4_K, (rows, cols)))
     q4_0 = int4_groups(random_blocks(Q.Q4_0, rows, cols), Q.Q4_0, (rows, cols))
-    assert q4_k_sub_scales(q4_0) is None
+    assert q4_k_super_words(q4_0) is None

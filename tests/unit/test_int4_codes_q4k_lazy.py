@@ -9,7 +9,7 @@ import torch
 from bench.q4k_groups_bytes import held_bytes, random_q4_k
 from gguf import GGMLQuantizationType as Q
 
-from pensieve.loaders.int4_codes import Q4KGroups, int4_groups, q4_k_sub_scales
+from pensieve.loaders.int4_codes import Q4KGroups, int4_groups, q4_k_super_words
 from pensieve.loaders.quants import _k_scales, _scale, dequantize
 from pensieve.models.quant_linear import Int4Groups
 from tests.helpers.bit_equal import bit_equal
@@ -90,8 +90,8 @@ def test_every_accessor_matches_the_eager_products(case):
     assert same(w, eager_w)
     if case == "random":
         assert torch.equal(w, dequantize(raw, Q.Q4_K, (ROWS, COLS)))
-    sub, dd = q4_k_sub_scales(groups)
-    assert sub.shape == (ROWS, COLS // 32) and dd.shape == (ROWS, COLS // 256)
+    words = q4_k_super_words(groups)
+    assert words.shape == (ROWS, COLS // 256 * 4) and words.dtype == torch.int32
 
 
 def test_a_fresh_q4_k_weight_holds_only_the_files_bytes():
@@ -134,10 +134,10 @@ def test_the_moe_q4k_layout_reads_no_products(monkeypatch):
     for name in ("scales", "offsets"):
         monkeypatch.setattr(Q4KGroups, name, property(refuse))
     monkeypatch.setattr(Q4KGroups, "half_params", refuse)
-    w, sub, mn, dd = cuda_moe.stack_tensors(groups, ("q4k", 32, False))
-    assert torch.equal(w, groups.packed_codes) and mn is None
-    want_sub, want_dd = q4_k_sub_scales(groups)
-    assert torch.equal(sub, want_sub) and torch.equal(dd, want_dd)
+    w, words, mn, dd = cuda_moe.stack_tensors(groups, ("q4k", 32, False))
+    assert torch.equal(w, groups.packed_codes) and mn is None and dd is None
+    assert torch.equal(words, q4_k_super_words(groups))
+    assert w.nbytes + words.nbytes == raw.numel()  # the file's 144 bytes a 256
 
 
 def test_part_super_blocks_rows_keep_the_products_and_no_factors():
@@ -147,7 +147,7 @@ def test_part_super_blocks_rows_keep_the_products_and_no_factors():
     raw = random_q4_k(rows, cols, seed=10)
     ref = eager(raw, rows, cols)
     groups = int4_groups(raw, Q.Q4_K, (rows, cols))
-    assert groups.k_scales is None and q4_k_sub_scales(groups) is None
+    assert groups.k_scales is None and q4_k_super_words(groups) is None
     assert torch.equal(groups.scales, ref["scales"]) and torch.equal(groups.offsets, ref["offsets"])
     assert torch.equal(groups.nibbles[1], ref["half_scales"])
     assert torch.equal(groups.nibbles[2], ref["half_offsets"])
