@@ -19,8 +19,10 @@ and the bandwidth that time implies. Routing is random (uniform logits); up to 3
 timed call cycles through 8 routings (times are per routing), so that a call does not read the
 experts the previous one left in L2 (a token's 8 experts fit in an H100's 50 MB). Up to 32
 tokens the routes are also forced (pick GEMV vs sort + grouped GEMM, and at 2-16 tokens the
-expert-major GEMV of ``cuda_moe_expert``); ``--sweep`` times a few tile sets of the route the
-default takes.
+expert-major GEMVs: ``cuda_moe_expert``'s on the tensor cores, ``experts``, and
+``cuda_moe_rows``' on the CUDA cores, ``rows`` — its constants, then each of
+``cuda_moe_tune.ROWS_CANDIDATES`` as ``rows RxNxKwW``); ``--sweep`` times a few tile sets of
+the route the default takes.
 
 ``--routes``: instead, the candidates ``cuda_moe_tune`` races at start, per decode bucket
 (1-64 tokens), at gpt-oss-20b's (packed MXFP4, biases, clamped SwiGLU), GLM-4.7-Flash's and
@@ -52,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from pensieve.backends import cuda_moe
+from pensieve.backends import cuda_moe, cuda_moe_tune
 from pensieve.backends.cuda_moe import CudaMoEExperts
 from pensieve.loaders.int4_codes import quant_groups
 
@@ -224,10 +226,15 @@ def run(a: argparse.Namespace) -> list[dict]:
                     print(f"_grouped_mm: {exc}", file=sys.stderr)
             row["codes_GBps"] = hit * code_bytes / row["codes_graph_ms"] / 1e6
             if tokens * k <= cuda_moe.GEMV_MAX_PICKS:  # the routes forced
-                for route in ("gemv", "grouped") + (("experts",) if 2 <= tokens <= 16 else ()):
+                few = 2 <= tokens <= 16
+                for route in ("gemv", "grouped") + (("experts", "rows") if few else ()):
                     row[f"{route}_ms"] = per_set(gpu_ms(graphed(each(
                         lambda x, w, ids, r=route: cuda_moe.moe_experts(
                             x, w, ids, *layer.stacks(), e, route=r))), a.reps))
+                for t in cuda_moe_tune.ROWS_CANDIDATES if few else ():  # its raced tiles
+                    row[f"{cuda_moe_tune.describe(('rows', t))}_ms"] = per_set(gpu_ms(graphed(
+                        each(lambda x, w, ids, t=t: cuda_moe.moe_experts(
+                            x, w, ids, *layer.stacks(), e, route="rows", tiles=t))), a.reps))
             if a.sweep:
                 best, tiles = sweep(ours, tokens * k, a.reps)
                 row["best_ms"], row["best_tiles"] = per_set(best), tiles
@@ -263,7 +270,9 @@ def table(rows: list[dict]) -> str:
             + (f"{r['best_ms']:.3f} {r['best_tiles']} |" if "best_ms" in r else "- |")
             + (f" gemv {r['gemv_ms']:.3f} / grouped {r['grouped_ms']:.3f}" if "gemv_ms" in r
                else " -")
-            + (f" / experts {r['experts_ms']:.3f} |" if "experts_ms" in r else " |"))
+            + (f" / experts {r['experts_ms']:.3f}" if "experts_ms" in r else "")
+            + "".join(f" / {key[:-3]} {ms:.3f}" for key, ms in r.items()
+                      if key.startswith("rows") and key.endswith("_ms")) + " |")
     return "\n".join(lines)
 
 

@@ -23,6 +23,8 @@ format, then down (each pick's routing weight in the epilogue) — and a sum of 
   ``pick_gemv``, one program per (pick, outputs), no sorting (a GEMV over the pick's expert);
   with ``PENSIEVE_MOE_EXPERT_GEMV=1|auto`` at 2-16 tokens, ``cuda_moe_expert``'s expert-major
   GEMV instead (each picked expert's weights once for all its tokens; opt-in: slower on the H100);
+  ``route="rows"`` (``cuda_moe_rows``, a ``cuda_moe_tune`` candidate at 2-16 tokens): the pick
+  GEMV's CUDA-core loop expert-major, an expert's weights once a pass of R of its tokens;
 * more: the picks sorted by expert on the device (``align``: one Triton program up to
   ``ALIGN_MAX_PICKS``, else a few torch ops), each expert's run padded to blocks of BLOCK_M, and
   ``grouped_gemm``: one program per (block, outputs), the expert's weight tile dequantised in
@@ -37,10 +39,10 @@ MXFP4 experts are held as the file's bytes (``fp4``: two E2M1 codes a byte in GG
 E8M0 byte per 32, 17 bytes a 32 = 4.25 bits a weight; the kernels' ``FP4`` layout) — the
 loader's ``mxfp4.Mxfp4Groups`` as they come, int8 codes (``loaders/mxfp4.int8_codes``) converted
 back exactly once when the module is built; with ``PENSIEVE_MXFP4_INT8=1`` the loader keeps int8
-codes with a float16 power of two per 32 and they stay so (~1.06 bytes a weight). All three
+codes with a float16 power of two per 32 and they stay so (~1.06 bytes a weight). All four
 routes take every layout (the expert-major GEMV's ``fp4`` since ``cuda_moe_tune``).
 
-Which of the three runs is the start's choice per decode bucket where it was timed
+Which of them runs is the start's choice per decode bucket where it was timed
 (``cuda_moe_tune.prepare``: a layer shape's ``plan``, {tokens up to: (route, tiles)}, each
 candidate checked against the reference and timed over random routings; the pick GEMV's tiles
 a ``GemvTiles`` pair, one for each launch: the fused gate/up's K = hidden and the down
@@ -64,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pensieve.backends import cuda_moe_expert
+from pensieve.backends import cuda_moe_expert, cuda_moe_rows
 from pensieve.backends.cuda_int4 import pack_codes, pack_scale_offset, triton_cdiv, unpack
 from pensieve.backends.cuda_int8 import block_key
 from pensieve.backends.cuda_q6k import dequantize as q6k_dequantize
@@ -127,7 +129,7 @@ class GemvTiles:
 GROUPED_SMALL = Tiles(16, 64, 64, 4, 3)  # few picks per expert (decode batches)
 GROUPED = Tiles(64, 64, 64, 4, 3)  # prefill
 GROUPED_SMALL_MAX_PICKS = 2048
-ROUTES = ("gemv", "experts", "grouped")
+ROUTES = ("gemv", "experts", "grouped", "rows")
 
 
 @dataclass(frozen=True)
@@ -429,10 +431,11 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
     """x [T, H], routing weights/ids [T, k] → Σ_picks weight · down(silu(gate)·up), [T, H], on
     the kernels (any device Triton runs on); with the stacks' biases and ``glu`` gpt-oss's
     Σ weight · (down(swiglu(gate + bg, up + bu)) + bd). ``route``: "gemv", "experts"
-    (``cuda_moe_expert``) or "grouped"; None: by the picks. ``tiles``: the route's (None: the
-    defaults for the picks); the gemv's a ``GemvTiles`` (a tile a launch) or one ``Tiles``
-    for both launches, the other routes' one ``Tiles``. ``summed`` False: the weighted picks
-    [T, k, H] unsummed (a fused add + norm sums them: ``cuda_layers.add_rms_norm``)."""
+    (``cuda_moe_expert``), "rows" (``cuda_moe_rows``) or "grouped"; None: by the picks.
+    ``tiles``: the route's (None: the defaults for the picks); the gemv's a ``GemvTiles`` (a
+    tile a launch) or one ``Tiles`` for both launches, the other routes' one ``Tiles``.
+    ``summed`` False: the weighted picks [T, k, H] unsummed (a fused add + norm sums them:
+    ``cuda_layers.add_rms_norm``)."""
     t, k = ids.shape
     p = t * k
     x = x.contiguous()
@@ -451,6 +454,12 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
                                     routed=False, glu=glu, **common)
         cuda_moe_expert.expert_gemv(h, flat, rw, down, out, gather=False, fuse=False,
                                     routed=True, **common)
+    elif route == "rows":  # the pick GEMV's loop once a pass of R tokens of an expert
+        common = dict(tokens=t, experts=experts, topk=k, t=tiles)
+        cuda_moe_rows.rows_gemv(x, flat, rw, gate_up, h, gather=True, fuse=True, routed=False,
+                                glu=glu, **common)
+        cuda_moe_rows.rows_gemv(h, flat, rw, down, out, gather=False, fuse=False, routed=True,
+                                **common)
     elif route == "gemv":
         pair = gemv_pair(tiles, p, gate_up, down)
         pick_gemv(x, flat, rw, gate_up, h, topk=k, gather=True, fuse=True, routed=False,

@@ -1,10 +1,12 @@
 """Route every ``CudaMoEExperts`` of a model on the GPU, per decode bucket, to the fastest of its
 kernels (``cuda_moe.Plan``), timed at start over the layer's own weights.
 
-``cuda_moe.moe_experts`` has three ways to run a layer's picks: ``pick_gemv`` (one program per
+``cuda_moe.moe_experts`` has four ways to run a layer's picks: ``pick_gemv`` (one program per
 (pick, outputs): an expert's weights read once a pick), the expert-major GEMV of
-``cuda_moe_expert`` (each picked expert's weights once for all its tokens; 2-16 tokens) and
-the sorted ``grouped_gemm`` (its ``align`` step included). Which wins at a
+``cuda_moe_expert`` (each picked expert's weights once for all its tokens, on the tensor
+cores; 2-16 tokens), ``cuda_moe_rows`` (pick_gemv's CUDA-core loop expert-major: an expert's
+weights once a pass of R of its tokens; 2-16 tokens, ``ROWS_CANDIDATES``) and the sorted
+``grouped_gemm`` (its ``align`` step included). Which wins at a
 few tokens depends on how often the picks repeat an expert (gpt-oss-20b's 32 experts at top-4:
 ~1.56 picks an expert at 8 tokens; Qwen3.6's 256 at top-8: ~1.1) and on the GPU, so a constant
 (``GEMV_MAX_PICKS``) cannot be right everywhere. Per layer shape (experts, widths, formats,
@@ -91,8 +93,17 @@ GROUPED_CANDIDATES = (cuda_moe.GROUPED_SMALL, Tiles(16, 32, 128, 4, 4), Tiles(16
 # the expert-major GEMV beside its constants (32 outputs, 64 a step, 8 warps): swap-AB, 64
 # outputs the MMA's M side, 32-wide steps (block_m: the tokens' power of two, not this)
 EXPERT_CANDIDATES = (Tiles(16, 64, 32, 8, 2, swap=True),)
+# the expert-major pick GEMV (``cuda_moe_rows``; block_m: the rows a pass over an expert's
+# weights, R): 2 and 4 rows at pick_gemv's constant-rule tile (a (row, group) pair a thread)
+# and 2 rows with the gate/up rows paired at 8 outputs x 512. sm_90 builds (Triton 3.9, bf16,
+# aligned): no spills, codes in 16-byte words, no shared memory in the K loops
+# (tests/unit/test_cuda_moe_rows.py); interpreter-checked, untimed on a GPU
+ROWS_CANDIDATES = (Tiles(2, 16, 256, 4, 2), Tiles(4, 16, 256, 4, 2),
+                   Tiles(2, 8, 512, 4, 2, pair=True))
+ROWS_MAX_TOKENS = 16
 PLANS = TuneCache("moe", ("cuda_moe.py", "cuda_moe_kernels.py", "cuda_moe_expert.py",
-                          "cuda_moe_expert_kernels.py", "cuda_moe_tune.py"))
+                          "cuda_moe_expert_kernels.py", "cuda_moe_tune.py", "cuda_moe_rows.py",
+                          "cuda_moe_rows_kernels.py"))
 
 Case = tuple[CudaMoEExperts, torch.Tensor, torch.Tensor, torch.Tensor]  # layer, x, weights, ids
 Run = Callable[[Case], torch.Tensor]
@@ -146,10 +157,13 @@ def gemv_candidates(layer: CudaMoEExperts) -> tuple[tuple[Tiles, ...], tuple[Til
 def candidates(layer: CudaMoEExperts, tokens: int) -> list[Route]:
     """The routes raced whole at ``tokens`` rows besides pick_gemv (whose tiles are raced a
     launch at a time: ``gemv_candidates``): the expert-major GEMV at 2..16 tokens (its
-    constants and ``EXPERT_CANDIDATES``), every grouped tile set."""
+    constants and ``EXPERT_CANDIDATES``), the expert-major pick GEMV at 2..16
+    (``ROWS_CANDIDATES``), every grouped tile set."""
     out: list[Route] = []
     if 2 <= tokens <= cuda_moe_expert.MAX_TOKENS:
         out += [("experts", t) for t in dict.fromkeys((None, *EXPERT_CANDIDATES))]
+    if 2 <= tokens <= ROWS_MAX_TOKENS:
+        out += [("rows", t) for t in dict.fromkeys(ROWS_CANDIDATES)]
     out += [("grouped", t) for t in dict.fromkeys(GROUPED_CANDIDATES)]
     return out
 

@@ -85,7 +85,7 @@ def test_each_bucket_takes_its_fastest_right_route(monkeypatch, caplog):
             return cost(("gate_up", t.gate_up), tokens) + cost(("down", t.down), tokens)
         if name in ("gate_up", "down"):
             return alone.get(route, lambda t: 1000.0)(tokens)  # the rest: slow here
-        if t is not None and t.swap:
+        if name == "rows" or t is not None and t.swap:
             return 1000.0
         return costs.get(route, lambda t: 1.0)(tokens)  # two grouped tiles: fastest...
 
@@ -270,8 +270,9 @@ def test_candidates_per_bucket_and_format():
     n_t = len(set(cuda_moe_tune.GROUPED_CANDIDATES))
     n_e = 1 + len(set(cuda_moe_tune.EXPERT_CANDIDATES))
     assert names(1) == ["grouped"] * n_t  # (the pick GEMV's raced a launch at a time)
-    assert names(2) == names(16) == ["experts"] * n_e + ["grouped"] * n_t
-    assert "experts" not in names(32)
+    n_r = len(set(cuda_moe_tune.ROWS_CANDIDATES))
+    assert names(2) == names(16) == ["experts"] * n_e + ["rows"] * n_r + ["grouped"] * n_t
+    assert "experts" not in names(32) and "rows" not in names(32)
     # the pick GEMV's tiles: gate/up today's three and its two; down today's unpaired, its
     # three and, K = 32 ≤ 1024, the whole-row step
     gate_ups, downs = cuda_moe_tune.gemv_candidates(layer)
@@ -347,6 +348,7 @@ def interpreter_check() -> None:
     cuda_moe_tune.GATE_UP_CANDIDATES = (cuda_moe.Tiles(1, 16, 512, 8, 2, pair=True),)
     cuda_moe_tune.DOWN_CANDIDATES = (cuda_moe.Tiles(1, 32, 256, 8, 2),)
     cuda_moe_tune.DOWN_WHOLE_K = cuda_moe.Tiles(1, 32, 1024, 8, 2)
+    cuda_moe_tune.ROWS_CANDIDATES = (cuda_moe.Tiles(4, 64, 128, 4, 2, pair=True),)
     warned = []
     cuda_moe_tune.log.warning = lambda *a: warned.append(a)  # type: ignore[method-assign]
     order = [("grouped", t) for t in cuda_moe_tune.GROUPED_CANDIDATES[::-1]]
@@ -544,7 +546,8 @@ def bench_check(out: str) -> None:
     layer = gpu_moe_kernels.preset_layer("gpt-oss-20b", True)
     gate_ups, downs = cuda_moe_tune.gemv_candidates(layer)
     for r in rows:  # every pick_gemv launch's tile and grouped tile right
-        experts = 1 + len(cuda_moe_tune.EXPERT_CANDIDATES) if r["tokens"] >= 2 else 0
+        experts = (1 + len(cuda_moe_tune.EXPERT_CANDIDATES)
+                   + len(set(cuda_moe_tune.ROWS_CANDIDATES))) if r["tokens"] >= 2 else 0
         alone = [k for k in r["us"] if k.startswith(("gate_up ", "down "))]
         assert len(alone) == len(gate_ups) + len(downs)
         whole = len(r["us"]) - len(alone) - experts - len(cuda_moe_tune.GROUPED_CANDIDATES)
