@@ -37,18 +37,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pensieve.backends.cuda_moe_kernels import (_e8m0, _glu, _half, _q4k_factors,
+from pensieve.backends.cuda_moe_kernels import (_e8m0, _glu, _half, _load, _q4k_factors,
                                                 _quad_words, _scale_offset, _x_group)
-
-
-@triton.jit
-def _ld(ptrs, mask, MASKED: tl.constexpr):
-    """``tl.load`` of ``ptrs``: zeros where not ``mask`` if ``MASKED``, else unmasked."""
-    if MASKED:
-        v = tl.load(ptrs, mask=mask, other=0)
-    else:
-        v = tl.load(ptrs)
-    return v
 
 
 @triton.jit
@@ -109,44 +99,44 @@ def _step_weights(w_ptrs, s_ptrs, d_ptrs, h_ptrs, m_ptrs, gm, q, j, NIBBLES: tl.
     with 16-wide groups). Q4K: ``s_ptrs`` [BN, G, 4] each group's super-block word quad,
     ``j`` [G] the groups' sub-blocks in it (``cuda_moe_kernels._q4k_factors``)."""
     if NIBBLES:
-        w = _ld(w_ptrs, gm[None, :, None], MASKED)
+        w = _load(w_ptrs, gm[None, :, None], MASKED)
         if FP4:
             c0, c1, c2, c3 = _codes(tl.join(w, w), 2, 0.0)
-            s = _e8m0(_ld(s_ptrs, gm[None, :], MASKED).to(tl.int32))[:, :, None]
+            s = _e8m0(_load(s_ptrs, gm[None, :], MASKED).to(tl.int32))[:, :, None]
         else:
             lo = w & 0x0F0F0F0F
             hi = (w >> 4) & 0x0F0F0F0F
             if SIX:  # the high bit pairs (``_nibble_step``'s); codes u − 32
-                h = _ld(h_ptrs, gm[None, :, None], MASKED)
+                h = _load(h_ptrs, gm[None, :, None], MASKED)
                 sh = ((q // 2) * 2)[None, None, :]
                 lo |= ((h >> sh) & 0x03030303) << 4
                 hi |= ((h >> (sh + 4)) & 0x03030303) << 4
                 c0, c1, c2, c3 = _codes(tl.join(lo, hi), 0, 32.0)
-                sc = _ld(s_ptrs, gm[None, :], MASKED).to(tl.int32)  # two int8 sub-scales
-                d = _half(_ld(d_ptrs, gm[None, :], MASKED))
+                sc = _load(s_ptrs, gm[None, :], MASKED).to(tl.int32)  # two int8 sub-scales
+                d = _half(_load(d_ptrs, gm[None, :], MASKED))
                 s = tl.join(((sc << 24) >> 24).to(tl.float32) * d, (sc >> 8).to(tl.float32) * d)
             elif Q4K:  # code·(d·sc) − dmin·m: both products exact in float32
                 c0, c1, c2, c3 = _codes(tl.join(lo, hi), 0, 0.0)
-                w0, w1, w2, w3 = _quad_words(_ld(s_ptrs, gm[None, :, None], MASKED))
+                w0, w1, w2, w3 = _quad_words(_load(s_ptrs, gm[None, :, None], MASKED))
                 s, o = _q4k_factors(w0, w1, w2, w3, j[None, :])
                 s = s[:, :, None, None]
                 c0, c1, c2, c3 = _scaled(c0, c1, c2, c3, s, (-o)[:, :, None, None], True)
             else:
                 c0, c1, c2, c3 = _codes(tl.join(lo, hi), 0, 0.0)
-                s, o = _scale_offset(_ld(s_ptrs, gm[None, :], MASKED))
+                s, o = _scale_offset(_load(s_ptrs, gm[None, :], MASKED))
                 s = s[:, :, None, None]
                 c0, c1, c2, c3 = _scaled(c0, c1, c2, c3, s, o[:, :, None, None], True)
     else:  # int8: a group's two word quads (a half group each), top bits flipped
-        wa = _ld(w_ptrs, gm[None, :, None], MASKED)
-        wb = _ld(w_ptrs + 4, gm[None, :, None], MASKED)
+        wa = _load(w_ptrs, gm[None, :, None], MASKED)
+        wb = _load(w_ptrs + 4, gm[None, :, None], MASKED)
         c0, c1, c2, c3 = _codes(tl.join(wa, wb) ^ -0x7F7F7F80, 1, 0.0)
         if GS == 32:
-            s = _half(_ld(s_ptrs, gm[None, :], MASKED))[:, :, None]
+            s = _half(_load(s_ptrs, gm[None, :], MASKED))[:, :, None]
             if HAS_MIN:
-                o = _half(_ld(m_ptrs, gm[None, :], MASKED))[:, :, None, None]
+                o = _half(_load(m_ptrs, gm[None, :], MASKED))[:, :, None, None]
                 c0, c1, c2, c3 = _scaled(c0, c1, c2, c3, s[:, :, :, None], o, True)
         else:  # a scale a half group: the group's two as one int32
-            ss = _ld(s_ptrs, gm[None, :], MASKED)
+            ss = _load(s_ptrs, gm[None, :], MASKED)
             s = tl.join(_half(ss.to(tl.int16)), _half((ss >> 16).to(tl.int16)))
     return c0, c1, c2, c3, s
 

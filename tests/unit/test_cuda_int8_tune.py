@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType as Q
 from pensieve.backends.cuda_int8 import GEMV, GEMV2, SKINNY, Tiles, bucket
 from pensieve.backends.cuda_int8_tune import from_json, to_json
 from tests.helpers.triton_interpreter import run_in_triton_interpreter
+from tests.helpers.tune_race import kept_warnings
 
 
 def test_buckets_and_plans_round_trip():
@@ -26,7 +27,6 @@ def test_buckets_and_plans_round_trip():
 
 
 def tune_check(root: str) -> None:
-    import logging
     from pathlib import Path
 
     from pensieve.backends import cuda_int8, cuda_int8_tune as tune
@@ -38,13 +38,7 @@ def tune_check(root: str) -> None:
     tune.GEMV_CANDIDATES = (GEMV, Tiles(1, 8, 256, 4, 3))  # few tiles: the interpreter is slow
     tune.SKINNY_CANDIDATES = (SKINNY, Tiles(16, 64, 64, 4, 4))
     tune.GEMV2_CANDIDATES = (GEMV2,)
-    warnings: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            warnings.append(record.getMessage())
-
-    tune.log.addHandler(Keep(logging.WARNING))
+    warnings = kept_warnings(tune.log)
     timed: list[tuple[str, Tiles, int]] = []
 
     def timer(run, sample, reps):  # noqa: ANN001, ANN202 - gemv costs a weight read a row

@@ -15,6 +15,7 @@ from pensieve.backends.cuda_q6k_plan_cache import from_json, to_json
 from pensieve.backends.cuda_q6k_rows import Rows
 from pensieve.backends.cuda_q6k_split import Split
 from tests.helpers.triton_interpreter import run_in_triton_interpreter
+from tests.helpers.tune_race import few_q6k_tiles, kept_warnings
 
 
 def test_plans_round_trip_through_json():
@@ -37,11 +38,7 @@ def cache_check(root: str) -> None:
     import pensieve.backends.cuda_q6k_plan_cache as plan_cache
 
     plan_cache._key = lambda m, dtype: f"{m.out_features}x{m.in_features}"  # no GPU to name
-    tune.GEMV_CANDIDATES = (cuda_q6k.GEMV,)  # few tiles: the interpreter is slow
-    tune.SKINNY_CANDIDATES = {16: (cuda_q6k.SKINNY16,), 32: (cuda_q6k.SKINNY32,)}
-    tune.GEMM_CANDIDATES = {16: (cuda_q6k.GEMM16,), 32: (cuda_q6k.GEMM16,),
-                            256: (cuda_q6k.GEMM_SMALL,), 2048: (cuda_q6k.GEMM_SMALL,)}
-    tune.DEQUANT_CANDIDATES = (cuda_q6k.DEQUANT,)
+    few_q6k_tiles(tune)  # the interpreter is slow
     tune.SPLIT_CANDIDATES = {b: (tune.SPLIT_CANDIDATES[b][0],) for b in (1, 2, 4, 8, 16)}
     tune.ROWS_CANDIDATES = (Rows(16, 16, 2, 4, 4, 1, 1),)
     os.environ["PENSIEVE_Q6K_SKINNY2"] = "0"  # skinny2's race: test_cuda_q6k_skinny2.py
@@ -64,13 +61,7 @@ def cache_check(root: str) -> None:
         "q6k", ("cuda_q6k.py",), root=cache.path.parent))
     assert not timed and again[0].plan == first[0].plan
     # a kept plan whose kernel no longer gives the product: raced afresh, with a warning
-    warnings: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            warnings.append(record.getMessage())
-
-    logging.getLogger("pensieve.backends.cuda_q6k_plan_cache").addHandler(Keep(logging.WARNING))
+    warnings = kept_warnings(logging.getLogger("pensieve.backends.cuda_q6k_plan_cache"))
     real = cuda_q6k.launch
     bucket_1 = first[0].plan[1]
     cuda_q6k.launch = lambda c, x, w: (real(c, x, w) * 0 if c == bucket_1 else real(c, x, w))

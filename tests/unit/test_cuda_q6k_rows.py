@@ -27,6 +27,7 @@ from pensieve.backends.cuda_q6k import CudaQ6KLinear
 from pensieve.backends.cuda_q6k_rows import SPLIT_MAX_N, Rows, fits, split_of
 from tests.helpers.cuda_graph_check import assert_replays_as_eager
 from tests.helpers.triton_interpreter import run_in_triton_interpreter
+from tests.helpers.tune_race import few_q6k_tiles, first_q6k_tiles, kept_warnings
 from tests.unit.test_cuda_int8 import groups, rel
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -96,24 +97,12 @@ def kernels_check() -> None:
 def tuner_check() -> None:
     """``rows`` in the tuner's race: priced cheapest it wins buckets 1-16 (never 32+),
     a wrong tile is left out with a warning, and the planned routes give the product."""
-    import logging
-
     from pensieve.backends import cuda_q6k_rows
     from pensieve.backends import cuda_q6k_tune as tune
 
-    warnings: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            warnings.append(record.getMessage())
-
-    tune.log.addHandler(Keep(level=logging.WARNING))
+    warnings = kept_warnings(tune.log)
     # fewer tiles (the interpreter is slow; the race is the same code)
-    tune.GEMV_CANDIDATES = (cuda_q6k.GEMV,)
-    tune.SKINNY_CANDIDATES = {16: (cuda_q6k.SKINNY16,), 32: (cuda_q6k.SKINNY32,)}
-    tune.GEMM_CANDIDATES = {16: (cuda_q6k.GEMM16,), 32: (cuda_q6k.GEMM16,),
-                            256: (cuda_q6k.GEMM_SMALL,), 2048: (cuda_q6k.GEMM_SMALL,)}
-    tune.DEQUANT_CANDIDATES = (cuda_q6k.DEQUANT,)
+    few_q6k_tiles(tune)
     tune.SPLIT_CANDIDATES = {b: (tune.SPLIT_CANDIDATES[b][0],) for b in (1, 2, 4, 8, 16)}
     cheap, other = Rows(16, 16, 2, 4, 4, 1, 1), Rows(16, 32, 2, 8, 4, 1, 2)
     tiny = Rows(8, 16, 2, 4, 4, 1, 1)  # the cheapest where it fits: 8 rows at most
@@ -245,14 +234,7 @@ def test_tuner_races_rows_on_the_gpu(monkeypatch):
     (fewer compiles): each bucket's choice is right; which one wins is the GPU's (printed)."""
     from pensieve.backends import cuda_q6k_tune as tune
 
-    monkeypatch.setattr(tune, "GEMV_CANDIDATES", tune.GEMV_CANDIDATES[:1])
-    monkeypatch.setattr(tune, "SPLIT_CANDIDATES",
-                        {b: ts[:1] for b, ts in tune.SPLIT_CANDIDATES.items()})
-    monkeypatch.setattr(tune, "SKINNY_CANDIDATES",
-                        {b: ts[:1] for b, ts in tune.SKINNY_CANDIDATES.items()})
-    monkeypatch.setattr(tune, "GEMM_CANDIDATES",
-                        {b: ts[:1] for b, ts in tune.GEMM_CANDIDATES.items()})
-    monkeypatch.setattr(tune, "DEQUANT_CANDIDATES", tune.DEQUANT_CANDIDATES[:1])
+    first_q6k_tiles(monkeypatch, tune)
     model = torch.nn.Sequential(layer_of(1024, 4096, 9)).to(device="cuda", dtype=torch.bfloat16)
     tune.prepare(model, torch.bfloat16, reps=3)
     plan = model[0].plan

@@ -25,6 +25,7 @@ from pensieve.backends import cuda_q6k
 from pensieve.backends.cuda_q6k import CudaQ6KLinear, Skinny
 from tests.helpers.cuda_graph_check import assert_replays_as_eager
 from tests.helpers.triton_interpreter import run_in_triton_interpreter
+from tests.helpers.tune_race import kept_warnings
 from tests.unit.test_cuda_int8 import groups, rel
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -77,17 +78,10 @@ def tuner_check() -> None:
     """``cuda_q6k_tune.prepare`` with a timer that prices each kernel (the tiles tie-break),
     then with a candidate that is wrong and one that fails to build."""
     os.environ["PENSIEVE_TUNE_FULL"] = "1"  # the whole race (the lean one: test_cuda_q6k_rows)
-    import logging
 
     from pensieve.backends import cuda_q6k_tune as tune
 
-    warnings: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            warnings.append(record.getMessage())
-
-    tune.log.addHandler(Keep(level=logging.WARNING))
+    warnings = kept_warnings(tune.log)
     # fewer gemv and gemm tiles (the interpreter is slow on them; their choice is the same code)
     tune.GEMV_CANDIDATES = (cuda_q6k.Tiles(1, 16, 8, 4, 2), cuda_q6k.GEMV)
     tune.SPLIT_CANDIDATES = {}  # the split-K GEMV's place in the race: test_cuda_q6k_split.py

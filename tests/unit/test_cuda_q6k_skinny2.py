@@ -25,6 +25,7 @@ from pensieve.backends.cuda_q6k import CudaQ6KLinear
 from pensieve.backends.cuda_q6k_skinny2 import CANDIDATES, Skinny2, fits, gemm_skinny2, split_of
 from tests.helpers.cuda_graph_check import assert_replays_as_eager
 from tests.helpers.triton_interpreter import run_in_triton_interpreter
+from tests.helpers.tune_race import few_q6k_tiles, first_q6k_tiles, kept_warnings
 from tests.unit.test_cuda_int8 import groups, rel
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -77,23 +78,11 @@ def tuner_check() -> None:
     """``skinny2`` in the tuner's race: priced cheapest it wins buckets 4-16 (never 1, 2, 32+),
     a wrong tile is left out with a warning, the planned routes give the product, and
     PENSIEVE_Q6K_SKINNY2=0 leaves it out."""
-    import logging
-
     from pensieve.backends import cuda_q6k_tune as tune
     from pensieve.backends.cuda_q6k_rows import Rows
 
-    warnings: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            warnings.append(record.getMessage())
-
-    tune.log.addHandler(Keep(level=logging.WARNING))
-    tune.GEMV_CANDIDATES = (cuda_q6k.GEMV,)  # few tiles: the interpreter is slow
-    tune.SKINNY_CANDIDATES = {16: (cuda_q6k.SKINNY16,), 32: (cuda_q6k.SKINNY32,)}
-    tune.GEMM_CANDIDATES = {16: (cuda_q6k.GEMM16,), 32: (cuda_q6k.GEMM16,),
-                            256: (cuda_q6k.GEMM_SMALL,), 2048: (cuda_q6k.GEMM_SMALL,)}
-    tune.DEQUANT_CANDIDATES = (cuda_q6k.DEQUANT,)
+    warnings = kept_warnings(tune.log)
+    few_q6k_tiles(tune)  # the interpreter is slow
     tune.SPLIT_CANDIDATES = {b: (tune.SPLIT_CANDIDATES[b][0],) for b in (1, 2, 4, 8, 16)}
     tune.ROWS_CANDIDATES = (Rows(16, 16, 2, 4, 4, 1, 1),)
     cheap, other = Skinny2(16, 2, 4, 1, 2), Skinny2(32, 4, 2, 1, 2)
@@ -361,14 +350,7 @@ def test_tuner_races_skinny2_on_the_gpu(monkeypatch):
     first: each bucket's choice is right; which one wins is the GPU's (printed)."""
     from pensieve.backends import cuda_q6k_tune as tune
 
-    monkeypatch.setattr(tune, "GEMV_CANDIDATES", tune.GEMV_CANDIDATES[:1])
-    monkeypatch.setattr(tune, "SPLIT_CANDIDATES",
-                        {b: ts[:1] for b, ts in tune.SPLIT_CANDIDATES.items()})
-    monkeypatch.setattr(tune, "SKINNY_CANDIDATES",
-                        {b: ts[:1] for b, ts in tune.SKINNY_CANDIDATES.items()})
-    monkeypatch.setattr(tune, "GEMM_CANDIDATES",
-                        {b: ts[:1] for b, ts in tune.GEMM_CANDIDATES.items()})
-    monkeypatch.setattr(tune, "DEQUANT_CANDIDATES", tune.DEQUANT_CANDIDATES[:1])
+    first_q6k_tiles(monkeypatch, tune)
     monkeypatch.setattr(tune, "ROWS_CANDIDATES", tune.ROWS_CANDIDATES[:2])
     model = torch.nn.Sequential(layer_of(4096, 12288, 9)).to(device="cuda",
                                                              dtype=torch.bfloat16)

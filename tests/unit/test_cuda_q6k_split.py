@@ -25,6 +25,7 @@ from pensieve.backends.cuda_q6k import CudaQ6KLinear
 from pensieve.backends.cuda_q6k_split import SPLIT_MAX_N, Split, fits, split_of
 from tests.helpers.cuda_graph_check import assert_replays_as_eager
 from tests.helpers.triton_interpreter import run_in_triton_interpreter
+from tests.helpers.tune_race import few_q6k_tiles, kept_warnings
 from tests.unit.test_cuda_int8 import groups, rel
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -84,24 +85,13 @@ def tuner_check() -> None:
     of that bucket's rows), a wrong one is left out with a warning, and the planned routes give
     the product."""
     os.environ["PENSIEVE_TUNE_FULL"] = "1"  # the whole race (the lean one: test_cuda_q6k_rows)
-    import logging
 
     from pensieve.backends import cuda_q6k_split
     from pensieve.backends import cuda_q6k_tune as tune
 
-    warnings: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            warnings.append(record.getMessage())
-
-    tune.log.addHandler(Keep(level=logging.WARNING))
+    warnings = kept_warnings(tune.log)
     # fewer tiles (the interpreter is slow; the race is the same code)
-    tune.GEMV_CANDIDATES = (cuda_q6k.GEMV,)
-    tune.SKINNY_CANDIDATES = {16: (cuda_q6k.SKINNY16,), 32: (cuda_q6k.SKINNY32,)}
-    tune.GEMM_CANDIDATES = {16: (cuda_q6k.GEMM16,), 32: (cuda_q6k.GEMM16,),
-                            256: (cuda_q6k.GEMM_SMALL,), 2048: (cuda_q6k.GEMM_SMALL,)}
-    tune.DEQUANT_CANDIDATES = (cuda_q6k.DEQUANT,)
+    few_q6k_tiles(tune)
     tune.ROWS_CANDIDATES = ()  # rows' place in the race: test_cuda_q6k_rows.py
     os.environ["PENSIEVE_Q6K_SKINNY2"] = "0"  # skinny2's race: test_cuda_q6k_skinny2.py
     tune.SPLIT_CANDIDATES = {b: (Split(b, 8, 8, 4, 2), Split(b, 16, 4, 2, 4))
